@@ -1,0 +1,1527 @@
+#!/usr/bin/env python3
+"""wxbot: any OpenAI-compatible model behind a WeChat Official Account (公众号).
+
+How a message travels:
+  WeChat --POST--> webhook: signature, decryption, XML --> SQLite queue --> answers "success"
+  worker thread --> claims the message with a lease --> "Typing" --> model (with the user's turns)
+  --> answer and its segments stored --> customer-service API (custom/send), each segment
+  marked sent as WeChat confirms it. A crash or restart resumes at the first unsent segment.
+
+Usage:
+  python wxbot.py [--env FILE]     serve (settings from the environment and FILE)
+  python wxbot.py --help           every setting with its default
+Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
+WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import hmac
+import json
+import logging
+import os
+import queue
+import random
+import re
+import signal
+import socket
+import socketserver
+import sqlite3
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+import xml.etree.ElementTree as ElementTree
+from typing import Callable, Iterator, Mapping
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import bottle
+import openai
+import requests
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("wxbot")
+log_web = logging.getLogger("wxbot.web")
+log_worker = logging.getLogger("wxbot.worker")
+log_wechat = logging.getLogger("wxbot.wechat")
+log_model = logging.getLogger("wxbot.model")
+
+
+###############################################################################
+# Settings ####################################################################
+###############################################################################
+
+#: Chinese by default: WeChat users read these lines.
+DEFAULT_SYSTEM_PROMPT = (
+    "你是微信公众号里的智能助手。请用简洁、友好的中文回答。"
+    "微信不显示 Markdown：只输出纯文本，不要使用 #、**、表格或代码块标记，"
+    "需要分点时用“1. 2. 3.”或换行即可。"
+)
+DEFAULT_WELCOME = "你好，欢迎关注！我是 AI 助手，直接发文字给我就能对话。发送 /help 查看用法。"
+TEXT_ONLY_LINE = "目前我只能理解文字消息，请直接发送文字。"
+APOLOGY_LINE = "抱歉，我暂时无法回答，请稍后再试。"
+CONTINUE_WORDS = ("继续",)
+CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
+
+
+class SettingsError(Exception):
+    """One or more settings are missing or invalid; each problem is one line."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value.strip()
+
+
+def _optional_text(value: str) -> str:
+    return value.strip()
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {value.strip()!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}, got {number}")
+        return number
+    return parse
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {value.strip()!r}") from None
+    if not 0 <= number <= 86400 * 7:
+        raise ValueError(f"must be between 0 and 604800 seconds, got {number}")
+    return number
+
+
+def _url(value: str) -> str:
+    value = value.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    return value
+
+
+def _optional_url(value: str) -> str:
+    return _url(value) if value.strip() else ""
+
+
+def _url_path(value: str) -> str:
+    value = value.strip()
+    if not value.startswith("/") or value in ("/healthz",) or any(c in value for c in "?# "):
+        raise ValueError(f"must be a path starting with '/' (like /wx), got {value!r}")
+    return value
+
+
+def _flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be 1 or 0, got {value.strip()!r}")
+
+
+def _aes_key(value: str) -> str:
+    value = value.strip()
+    if not value:
+        return ""
+    if len(value) != 43 or not re.fullmatch(r"[A-Za-z0-9+/]{43}", value):
+        raise ValueError(
+            "must be the 43-character EncodingAESKey from 公众号后台 → 设置与开发 → 基本配置 "
+            f"(letters and digits), got {len(value)} characters")
+    return value
+
+
+def _openids(value: str) -> tuple[str, ...]:
+    return tuple(part for part in re.split(r"[\s,]+", value.strip()) if part)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """How one setting is read: its variable, default (None: required), parser and help."""
+
+    env: str
+    default: str | None
+    parse: Callable[[str], object]
+    help: str
+    secret: bool = False
+
+
+#: Every setting, in the order --help and the start-up log show them.
+SETTINGS: dict[str, Setting] = {
+    "token": Setting("WXBOT_TOKEN", None, _text,
+                     "Token from 公众号后台 → 服务器配置 (signs every push)", secret=True),
+    "appid": Setting("WXBOT_APPID", None, _text, "AppID (开发者ID) of the account"),
+    "appsecret": Setting("WXBOT_APPSECRET", None, _text, "AppSecret (开发者密码)", secret=True),
+    "aes_key": Setting("WXBOT_AES_KEY", "", _aes_key,
+                       "EncodingAESKey, needed for 安全模式/兼容模式 (43 characters)", secret=True),
+    "api_base": Setting("WXBOT_API_BASE", "https://api.weixin.qq.com", _url,
+                        "WeChat API base URL (or a relay whose IP is whitelisted)"),
+    "openai_api_key": Setting("OPENAI_API_KEY", None, _text,
+                              "model provider's API key (any value for a local Ollama)",
+                              secret=True),
+    "openai_base_url": Setting("OPENAI_BASE_URL", "", _optional_url,
+                               "OpenAI-compatible base URL, e.g. https://api.deepseek.com/v1 "
+                               "(empty: OpenAI)"),
+    "model": Setting("WXBOT_MODEL", "gpt-4o-mini", _text, "model name"),
+    "system_prompt": Setting("WXBOT_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT, _text,
+                             "system prompt (the default asks for plain Chinese text)"),
+    "welcome": Setting("WXBOT_WELCOME", DEFAULT_WELCOME, _optional_text,
+                       "message sent on subscribe (empty: none)"),
+    "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file"),
+    "host": Setting("WXBOT_HOST", "0.0.0.0", _text, "address to listen on"),
+    "port": Setting("WXBOT_PORT", "8080", _int_between(0, 65535), "port to listen on"),
+    "path": Setting("WXBOT_PATH", "/wx", _url_path, "URL path WeChat calls"),
+    "workers": Setting("WXBOT_WORKERS", "4", _int_between(1, 64),
+                       "worker threads (model calls in parallel)"),
+    "history_turns": Setting("WXBOT_HISTORY_TURNS", "10", _int_between(0, 100),
+                             "earlier exchanges (question and answer) sent to the model"),
+    "max_skew": Setting("WXBOT_MAX_SKEW", "300", _int_between(0, 86400),
+                        "reject pushes whose timestamp is further than this from now, in "
+                        "seconds (0: off)"),
+    "model_timeout": Setting("WXBOT_MODEL_TIMEOUT", "120", _seconds,
+                             "seconds one model call may take"),
+    "max_tokens": Setting("WXBOT_MAX_TOKENS", "2000", _int_between(16, 100000),
+                          "cap on the tokens of one answer"),
+    "stop_timeout": Setting("WXBOT_STOP_TIMEOUT", "30", _seconds,
+                            "seconds to finish answers in flight on SIGTERM"),
+    "retry_base": Setting("WXBOT_RETRY_BASE", "2", _seconds,
+                          "first retry delay in seconds; doubles each attempt, with jitter"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The effective settings; build with Settings.from_env(mapping)."""
+
+    token: str
+    appid: str
+    appsecret: str
+    aes_key: str
+    api_base: str
+    openai_api_key: str
+    openai_base_url: str
+    model: str
+    system_prompt: str
+    welcome: str
+    db: str
+    host: str
+    port: int
+    path: str
+    workers: int
+    history_turns: int
+    max_skew: int
+    model_timeout: float
+    max_tokens: int
+    stop_timeout: float
+    retry_base: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Settings":
+        """Read every setting from env; raise SettingsError listing every problem."""
+        values, problems = {}, []
+        for name, setting in SETTINGS.items():
+            raw = env.get(setting.env)
+            if raw is None or (setting.default is None and not raw.strip()):
+                if setting.default is None:
+                    problems.append(f"{setting.env} is missing: {setting.help}")
+                    continue
+                raw = setting.default
+            try:
+                values[name] = setting.parse(raw)
+            except ValueError as error:
+                problems.append(f"{setting.env} {error}")
+        if problems:
+            raise SettingsError(problems)
+        return cls(**values)
+
+    def secrets(self) -> list[str]:
+        """The secret values, for the log filter that keeps them out of every line."""
+        return [getattr(self, name) for name, s in SETTINGS.items() if s.secret
+                and getattr(self, name)]
+
+    def describe(self) -> str:
+        """The effective settings for the start-up log, secrets masked."""
+        shown = []
+        for name, setting in SETTINGS.items():
+            value = getattr(self, name)
+            if setting.secret:
+                value = "(set)" if value else "(not set)"
+            elif name in ("system_prompt", "welcome"):
+                value = f"({len(value)} chars)"
+            shown.append(f"{setting.env}={value}")
+        return " ".join(shown)
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (comments, quotes)."""
+    values = {}
+    with open(path, encoding="utf-8") as env_file:
+        for number, line in enumerate(env_file, 1):
+            line = line.strip()
+            if not line or line[0] in "#;":
+                continue
+            key, sep, value = line.partition("=")
+            key = key.strip()
+            if key.startswith("export "):
+                key = key[len("export "):].strip()
+            if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise SettingsError([f"{path}:{number}: expected KEY=VALUE, got {line[:40]!r}"])
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+                if line.partition("=")[2].strip()[0] == '"':
+                    value = re.sub(r'\\(["\\$`n])',
+                                   lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+            values[key] = value
+    return values
+
+
+###############################################################################
+# Logging #####################################################################
+###############################################################################
+
+class SecretFilter(logging.Filter):
+    """Scrubs secrets and access tokens from every log record, whatever put them there."""
+
+    TOKEN_IN_URL = re.compile(r"(access_token=)[^&\s'\"]+")
+
+    def __init__(self):
+        super().__init__()
+        self._secrets: set[str] = set()
+
+    def add(self, secret: str) -> None:
+        if secret and len(secret) >= 6:
+            self._secrets.add(secret)
+
+    def scrub(self, text: str) -> str:
+        text = self.TOKEN_IN_URL.sub(r"\1***", text)
+        for secret in list(self._secrets):
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.exc_info, record.exc_text = None, None
+        record.msg, record.args = self.scrub(message), None
+        return True
+
+
+#: Installed on the root handlers by main() and by tests; the token client adds new tokens.
+SECRET_FILTER = SecretFilter()
+
+
+def short_id(openid: str) -> str:
+    """An openid shortened for the log: enough to tell users apart, not to contact one."""
+    return openid if len(openid) <= 10 else f"{openid[:4]}…{openid[-4:]}"
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+
+class State(str, enum.Enum):
+    """Where a stored push is on its way to an answer."""
+
+    QUEUED = "queued"    # waiting for a worker (maybe until not_before, after a failure)
+    LEASED = "leased"    # a worker holds it until lease_until
+    DONE = "done"        # answered (segments beyond the quota stay stored, unsent)
+    FAILED = "failed"    # the model failed; the user got the apology
+    DEAD = "dead"        # gave up after repeated delivery failures; kept for the operator
+
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS messages (
+    id          INTEGER PRIMARY KEY,
+    dedup_key   TEXT NOT NULL UNIQUE,
+    openid      TEXT NOT NULL,
+    msg_type    TEXT NOT NULL,
+    msg_id      TEXT,
+    event       TEXT,
+    content     TEXT,
+    fields      TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'queued'
+                CHECK (state IN ({", ".join(repr(s.value) for s in State)})),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    lease_until REAL,
+    not_before  REAL NOT NULL DEFAULT 0,
+    answered_at REAL,
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_state ON messages (state, id);
+CREATE INDEX IF NOT EXISTS messages_user ON messages (openid, state, id);
+
+CREATE TABLE IF NOT EXISTS segments (
+    message_id INTEGER NOT NULL REFERENCES messages (id),
+    seq        INTEGER NOT NULL,
+    content    TEXT NOT NULL CHECK (content != ''),
+    sent_at    REAL,
+    PRIMARY KEY (message_id, seq)
+);
+
+CREATE TABLE IF NOT EXISTS turns (
+    id         INTEGER PRIMARY KEY,
+    openid     TEXT NOT NULL,
+    role       TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content    TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    message_id INTEGER REFERENCES messages (id)
+);
+CREATE INDEX IF NOT EXISTS turns_user ON turns (openid, id);
+
+CREATE TABLE IF NOT EXISTS kv (
+    key        TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    expires_at REAL
+);
+"""
+SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """A claimed message as the worker sees it; `attempts` identifies the lease."""
+
+    id: int
+    openid: str
+    msg_type: str
+    msg_id: str | None
+    event: str | None
+    content: str | None
+    fields: dict
+    received_at: float
+    attempts: int
+
+
+class LeaseLost(Exception):
+    """The lease expired and the message went back to the queue: stop, another worker has it."""
+
+
+class Store:
+    """The SQLite database: queue, segments, history and the token cache."""
+
+    def __init__(self, path: str, busy_timeout: float = 15.0):
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        with self.connection() as conn:
+            # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
+            # commit through a process crash (kill -9), losing at most the last ones on power loss.
+            conn.execute("PRAGMA journal_mode=WAL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{path} was written by a newer wxbot (schema {version})")
+            conn.executescript(SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=self.busy_timeout)
+        conn.row_factory = sqlite3.Row
+        # Another process holding the file (a backup, sqlite3 shell) makes writers wait,
+        # not fail: a push is still answered "success" once the lock is gone.
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """A connection used by one thread at a time, returned to the pool afterwards."""
+        try:
+            conn = self._pool.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.rollback()
+            self._pool.put(conn)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
+        with self.connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._pool.get_nowait().close()
+            except queue.Empty:
+                return
+
+    # Queue ------------------------------------------------------------------
+
+    def store_push(self, push: "Push", now: float) -> bool:
+        """Store a push once under its dedup key; False when it was a retry already stored."""
+        with self.connection() as conn:
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO messages (dedup_key, openid, msg_type, msg_id, event,"
+                " content, fields, received_at) VALUES (:dedup_key, :openid, :msg_type, :msg_id,"
+                " :event, :content, :fields, :now)",
+                {"dedup_key": push.dedup_key, "openid": push.openid, "msg_type": push.msg_type,
+                 "msg_id": push.msg_id, "event": push.event, "content": push.content,
+                 "fields": json.dumps(push.fields, ensure_ascii=False), "now": now})
+            return cursor.rowcount == 1
+
+    def claim(self, now: float, lease_seconds: float) -> Message | None:
+        """Lease the oldest message whose user has nothing earlier queued or in hand."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE messages SET state = 'queued' WHERE state = 'leased'"
+                         " AND lease_until < :now", {"now": now})
+            row = conn.execute(
+                "UPDATE messages SET state = 'leased', lease_until = :until,"
+                " attempts = attempts + 1"
+                " WHERE id = (SELECT m.id FROM messages m WHERE m.state = 'queued'"
+                "   AND m.not_before <= :now"
+                "   AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
+                "     AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased'))"
+                "   ORDER BY m.id LIMIT 1)"
+                " RETURNING id, openid, msg_type, msg_id, event, content, fields, received_at,"
+                " attempts", {"now": now, "until": now + lease_seconds}).fetchone()
+        if row is None:
+            return None
+        return Message(**{**dict(row), "fields": json.loads(row["fields"])})
+
+    def next_due(self) -> float | None:
+        """When the earliest waiting message may be claimed (for the worker's sleep)."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT min(CASE state WHEN 'queued' THEN not_before ELSE lease_until END)"
+                " FROM messages WHERE state IN ('queued', 'leased')").fetchone()
+        return row[0]
+
+    def _leased(self, conn: sqlite3.Connection, message: Message, sql: str, **params) -> None:
+        """Run an UPDATE on the message only while the caller still holds its lease."""
+        cursor = conn.execute(
+            sql + " WHERE id = :id AND state = 'leased' AND attempts = :attempts",
+            {"id": message.id, "attempts": message.attempts, **params})
+        if cursor.rowcount != 1:
+            raise LeaseLost(message.id)
+
+    def extend_lease(self, message: Message, until: float) -> None:
+        with self.transaction() as conn:
+            self._leased(conn, message, "UPDATE messages SET lease_until = :until", until=until)
+
+    def release(self, message: Message, not_before: float, error: str) -> None:
+        """Put the message back in the queue, to be tried again from not_before."""
+        with self.transaction() as conn:
+            self._leased(conn, message, "UPDATE messages SET state = 'queued', lease_until = NULL,"
+                         " not_before = :not_before, error = :error",
+                         not_before=not_before, error=error)
+
+    def finish(self, message: Message, state: State, error: str | None = None) -> None:
+        with self.transaction() as conn:
+            self._leased(conn, message, "UPDATE messages SET state = :state, lease_until = NULL,"
+                         " error = :error", state=state.value, error=error)
+
+    def release_all_leases(self) -> int:
+        """Put every leased message back: called at start and stop, when no worker runs."""
+        with self.transaction() as conn:
+            return conn.execute("UPDATE messages SET state = 'queued', lease_until = NULL"
+                                " WHERE state = 'leased'").rowcount
+
+    # Answers ----------------------------------------------------------------
+
+    def save_answer(self, message: Message, segments: list[str], now: float,
+                    question: str | None = None, answer: str | None = None) -> None:
+        """Store the planned segments (and the exchange for the history) in one commit."""
+        with self.transaction() as conn:
+            self._leased(conn, message, "UPDATE messages SET answered_at = :now", now=now)
+            conn.executemany(
+                "INSERT INTO segments (message_id, seq, content) VALUES (?, ?, ?)",
+                [(message.id, seq, text) for seq, text in enumerate(segments)])
+            if question is not None and answer is not None:
+                conn.executemany(
+                    "INSERT INTO turns (openid, role, content, created_at, message_id)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(message.openid, "user", question, message.received_at, message.id),
+                     (message.openid, "assistant", answer, now, message.id)])
+
+    def has_answer(self, message_id: int) -> bool:
+        with self.connection() as conn:
+            return conn.execute("SELECT 1 FROM segments WHERE message_id = ? LIMIT 1",
+                                (message_id,)).fetchone() is not None
+
+    def segments(self, message_id: int) -> list[sqlite3.Row]:
+        with self.connection() as conn:
+            return conn.execute("SELECT seq, content, sent_at FROM segments WHERE message_id = ?"
+                                " ORDER BY seq", (message_id,)).fetchall()
+
+    def mark_sent(self, message: Message, seq: int, now: float) -> None:
+        with self.transaction() as conn:
+            self._leased(conn, message, "UPDATE messages SET lease_until = lease_until")
+            conn.execute("UPDATE segments SET sent_at = ? WHERE message_id = ? AND seq = ?",
+                         (now, message.id, seq))
+
+    def history(self, openid: str, turns: int) -> list[dict]:
+        """The user's last `turns` exchanges, oldest first, as chat messages."""
+        if turns <= 0:
+            return []
+        with self.connection() as conn:
+            rows = conn.execute("SELECT role, content FROM turns WHERE openid = ?"
+                                " ORDER BY id DESC LIMIT ?", (openid, turns * 2)).fetchall()
+        return [{"role": row["role"], "content": row["content"]} for row in reversed(rows)]
+
+    # Key-value (the access token) -------------------------------------------
+
+    def get_kv(self, key: str, now: float) -> str | None:
+        with self.connection() as conn:
+            row = conn.execute("SELECT value FROM kv WHERE key = ? AND (expires_at IS NULL"
+                               " OR expires_at > ?)", (key, now)).fetchone()
+        return row[0] if row else None
+
+    def set_kv(self, key: str, value: str, expires_at: float | None) -> None:
+        with self.connection() as conn:
+            conn.execute("INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
+                         (key, value, expires_at))
+
+    # Health -----------------------------------------------------------------
+
+    def health(self, now: float) -> dict:
+        with self.connection() as conn:
+            counts = dict(conn.execute("SELECT state, count(*) FROM messages"
+                                       " GROUP BY state").fetchall())
+            oldest = conn.execute("SELECT min(received_at) FROM messages"
+                                  " WHERE state IN ('queued', 'leased')").fetchone()[0]
+            unsent = conn.execute("SELECT count(*) FROM segments WHERE sent_at IS NULL"
+                                  ).fetchone()[0]
+        return {
+            "queued": counts.get("queued", 0) + counts.get("leased", 0),
+            "in_progress": counts.get("leased", 0),
+            "oldest_queued_age_s": round(now - oldest, 3) if oldest else 0,
+            "answered": counts.get("done", 0),
+            "failed": counts.get("failed", 0),
+            "dead": counts.get("dead", 0),
+            "unsent_segments": unsent,
+        }
+
+
+###############################################################################
+# WeChat protocol: signatures, encryption, XML ################################
+###############################################################################
+
+class BadPush(Exception):
+    """A push that is not a well-formed WeChat message; answered 400 and never stored."""
+
+
+class Forbidden(Exception):
+    """A request that fails a signature, age or AppID check; answered 403."""
+
+
+def wechat_signature(*parts: str) -> str:
+    """sha1 of the parts sorted as strings and joined (WECHAT.md §1, §2)."""
+    return hashlib.sha1("".join(sorted(parts)).encode("utf-8")).hexdigest()
+
+
+def check_signature(token: str, query: Mapping[str, str], now: float, max_skew: int) -> None:
+    """Raise Forbidden unless the query's signature is valid and its timestamp is fresh."""
+    signature, timestamp, nonce = (query.get(k, "") for k in ("signature", "timestamp", "nonce"))
+    if not (signature and timestamp and nonce):
+        raise Forbidden("signature, timestamp or nonce missing")
+    if not hmac.compare_digest(wechat_signature(token, timestamp, nonce).encode(),
+                               signature.lower().encode("utf-8", "replace")):
+        raise Forbidden("signature does not match WXBOT_TOKEN")
+    check_timestamp(timestamp, now, max_skew)
+
+
+def check_timestamp(timestamp: str, now: float, max_skew: int) -> None:
+    if not timestamp.isdigit() or len(timestamp) > 12:
+        raise Forbidden("timestamp is not a number")
+    if max_skew and abs(now - int(timestamp)) > max_skew:
+        raise Forbidden(f"timestamp is {int(now - int(timestamp))} s from now "
+                        f"(over WXBOT_MAX_SKEW={max_skew}; is this server's clock right?)")
+
+
+class WeChatCrypto:
+    """WXBizMsgCrypt framing: AES-256-CBC, IV = key[:16], PKCS#7 over 32-byte blocks.
+
+    plaintext = 16 random bytes + 4-byte big-endian length + xml + appid (WECHAT.md §2).
+    """
+
+    BLOCK = 32
+
+    def __init__(self, aes_key: str, appid: str):
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+        self.key = base64.b64decode(aes_key + "=")
+        if len(self.key) != 32:
+            raise ValueError("EncodingAESKey must decode to 32 bytes")
+        self.appid = appid.encode("utf-8")
+        self._cipher = Cipher(algorithms.AES(self.key), modes.CBC(self.key[:16]))
+
+    def encrypt(self, xml: bytes, random_prefix: bytes | None = None) -> str:
+        body = (random_prefix or os.urandom(16)) + struct.pack(">I", len(xml)) + xml + self.appid
+        pad = self.BLOCK - len(body) % self.BLOCK
+        encryptor = self._cipher.encryptor()
+        return base64.b64encode(encryptor.update(body + bytes([pad]) * pad)
+                                + encryptor.finalize()).decode("ascii")
+
+    def decrypt(self, encrypted: str) -> bytes:
+        """The inner XML; raises Forbidden when the ciphertext, padding or AppID is wrong."""
+        try:
+            data = base64.b64decode(encrypted, validate=True)
+        except ValueError:
+            raise Forbidden("Encrypt is not base64") from None
+        if not data or len(data) % 16:
+            raise Forbidden("Encrypt has the wrong length")
+        decryptor = self._cipher.decryptor()
+        plain = decryptor.update(data) + decryptor.finalize()
+        pad = plain[-1]
+        if not 1 <= pad <= self.BLOCK or plain[-pad:] != bytes([pad]) * pad:
+            raise Forbidden("bad padding: is WXBOT_AES_KEY the account's EncodingAESKey?")
+        plain = plain[:-pad]
+        if len(plain) < 20:
+            raise Forbidden("decrypted message too short")
+        length = struct.unpack(">I", plain[16:20])[0]
+        xml, appid = plain[20:20 + length], plain[20 + length:]
+        if len(xml) != length:
+            raise Forbidden("decrypted length field is wrong")
+        if not hmac.compare_digest(appid, self.appid):
+            raise Forbidden("decrypted AppID does not match WXBOT_APPID")
+        return xml
+
+    def reply(self, token: str, xml: bytes, timestamp: str, nonce: str) -> bytes:
+        """An encrypted passive reply: <xml><Encrypt/><MsgSignature/><TimeStamp/><Nonce/></xml>."""
+        encrypted = self.encrypt(xml)
+        signature = wechat_signature(token, timestamp, nonce, encrypted)
+        return (f"<xml><Encrypt><![CDATA[{encrypted}]]></Encrypt>"
+                f"<MsgSignature><![CDATA[{signature}]]></MsgSignature>"
+                f"<TimeStamp>{timestamp}</TimeStamp>"
+                f"<Nonce><![CDATA[{nonce}]]></Nonce></xml>").encode("utf-8")
+
+
+#: WeChat's XML is one flat <xml> of short fields; anything else is refused before parsing.
+MAX_FIELDS = 64
+DECLARATION = re.compile(rb"<!(?!\[CDATA\[)")
+
+
+def parse_xml(body: bytes) -> dict[str, str]:
+    """The fields of a flat <xml> push. No DOCTYPE or entity is ever read (billion laughs, XXE)."""
+    if DECLARATION.search(body):
+        raise BadPush("XML declarations (DOCTYPE, ENTITY) are not allowed")
+    try:
+        root = ElementTree.fromstring(body)
+    except (ElementTree.ParseError, ValueError) as error:
+        raise BadPush(f"malformed XML: {error}") from None
+    if root.tag != "xml":
+        raise BadPush(f"root element is <{root.tag[:20]}>, expected <xml>")
+    if len(root) > MAX_FIELDS:
+        raise BadPush("too many fields")
+    fields = {}
+    for child in root:
+        if len(child) and child.tag not in ("ScanCodeInfo", "SendPicsInfo", "SendLocationInfo"):
+            raise BadPush(f"<{child.tag[:20]}> is nested")
+        fields[child.tag] = (child.text or "").strip() if not len(child) else ""
+    return fields
+
+
+#: Events that never reach the model and get no message (LOCATION can fire every 5 s).
+SILENT_EVENTS = {"unsubscribe", "LOCATION", "VIEW", "TEMPLATESENDJOBFINISH",
+                 "MASSSENDJOBFINISH", "view_miniprogram"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Push:
+    """One push from WeChat, validated: a message (with MsgId) or an event."""
+
+    openid: str
+    account: str
+    msg_type: str
+    create_time: str
+    msg_id: str | None
+    event: str | None
+    content: str | None
+    fields: dict
+
+    @property
+    def dedup_key(self) -> str:
+        # MsgIds can collide across users; events have no MsgId (WECHAT.md §3).
+        if self.msg_id is not None:
+            return f"m:{self.openid}:{self.msg_id}"
+        return f"e:{self.openid}:{self.create_time}:{self.event}:{self.fields.get('EventKey', '')}"
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> "Push":
+        openid, account = fields.get("FromUserName", ""), fields.get("ToUserName", "")
+        msg_type, create_time = fields.get("MsgType", ""), fields.get("CreateTime", "")
+        if not openid or len(openid) > 128:
+            raise BadPush("FromUserName missing")
+        if not msg_type or len(msg_type) > 32:
+            raise BadPush("MsgType missing")
+        if not create_time.isdigit() or len(create_time) > 12:
+            raise BadPush("CreateTime is not a number")
+        msg_id, event = None, None
+        if msg_type == "event":
+            event = fields.get("Event", "")
+            if not event:
+                raise BadPush("event without Event")
+        else:
+            msg_id = fields.get("MsgId", "")
+            if not msg_id.isdigit() or len(msg_id) > 20:
+                raise BadPush("MsgId is not a number")
+        if msg_type == "text":
+            content = fields.get("Content", "")
+        elif msg_type == "voice":
+            content = fields.get("Recognition", "")
+        else:
+            content = None
+        return cls(openid, account, msg_type, create_time, msg_id, event, content, fields)
+
+
+###############################################################################
+# WeChat API client ###########################################################
+###############################################################################
+
+#: What the operator should do about a return code (WECHAT.md §5, §6).
+HINTS = {
+    40164: "add this server's IP ({ip}) to 公众号后台 → 设置与开发 → 基本配置 → IP白名单",
+    40013: "WXBOT_APPID is wrong: copy the AppID from 公众号后台 → 设置与开发 → 基本配置",
+    40125: "WXBOT_APPSECRET is wrong: reset and copy it in 公众号后台 → 设置与开发 → 基本配置",
+    40243: "the AppSecret is frozen: unfreeze it in 公众号后台 → 设置与开发 → 基本配置",
+    48001: "this account may not use the customer-service API (only verified accounts, or "
+           "the 测试号 sandbox, can): verify the account",
+    45047: "the user's 5 messages per question are used up; the rest waits for their next message",
+    45015: "the user has not written in 48 h or unfollowed; the answer stays stored",
+}
+TOKEN_INVALID = {40001, 40014, 42001}
+#: The message cannot be delivered now; keep what is unsent and move on (WECHAT.md §6).
+GIVE_UP = {40003, 43004, 45015, 45047, 48001}
+#: Worth trying again later.
+TRANSIENT = {-1, 45011, 40164}
+
+
+class WeChatError(Exception):
+    """WeChat answered with a non-zero errcode, or not at all (errcode None)."""
+
+    def __init__(self, errcode: int | None, errmsg: str):
+        super().__init__(f"errcode {errcode}: {errmsg}")
+        self.errcode, self.errmsg = errcode, errmsg
+
+    def hint(self) -> str:
+        template = HINTS.get(self.errcode, "")
+        if "{ip}" in template:
+            ip = re.search(r"invalid ip ([0-9a-fA-F.:]+)", self.errmsg or "")
+            template = template.format(ip=ip.group(1) if ip else "see errmsg")
+        return f"{self} — {template}" if template else str(self)
+
+
+class WeChatAPI:
+    """Calls to WeChat's API with an access token cached in SQLite across restarts."""
+
+    #: Refresh this long before WeChat says the token expires.
+    REFRESH_AHEAD = 300.0
+
+    def __init__(self, settings: Settings, store: Store, timeout: float = 10.0):
+        self.settings, self.store, self.timeout = settings, store, timeout
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def _post(self, path: str, body: dict, params: dict | None = None) -> dict:
+        """POST JSON as raw UTF-8 (escapes can fail with 40033); raise WeChatError on failure."""
+        url = self.settings.api_base + path
+        try:
+            response = self._session().post(
+                url, params=params, timeout=self.timeout,
+                data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                headers={"Content-Type": "application/json; charset=utf-8"})
+        except requests.RequestException as error:
+            raise WeChatError(None, f"{type(error).__name__} calling {path}") from None
+        if response.status_code != 200:
+            raise WeChatError(None, f"HTTP {response.status_code} from {path}")
+        try:
+            answer = response.json()
+        except ValueError:
+            raise WeChatError(None, f"{path} answered something that is not JSON") from None
+        errcode = answer.get("errcode", 0)
+        if errcode:
+            raise WeChatError(errcode, str(answer.get("errmsg", ""))[:200])
+        return answer
+
+    def access_token(self, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        token = self.store.get_kv("access_token", now + self.REFRESH_AHEAD)
+        if token:
+            SECRET_FILTER.add(token)
+            return token
+        with self._lock:  # one refresh at a time; the others use what it fetched
+            token = self.store.get_kv("access_token", now + self.REFRESH_AHEAD)
+            return token or self._fetch_token(force=False)
+
+    def _fetch_token(self, force: bool) -> str:
+        answer = self._post("/cgi-bin/stable_token", {
+            "grant_type": "client_credential", "appid": self.settings.appid,
+            "secret": self.settings.appsecret, "force_refresh": force})
+        token, expires_in = answer.get("access_token"), answer.get("expires_in", 7200)
+        if not isinstance(token, str) or not token:
+            raise WeChatError(None, "stable_token answered without access_token")
+        SECRET_FILTER.add(token)
+        self.store.set_kv("access_token", token, time.time() + float(expires_in))
+        log_wechat.info("fetched a new access token (valid %s s)", expires_in)
+        return token
+
+    def refresh_token(self, rejected: str) -> str:
+        """Replace a token WeChat rejected; threads that hit the same token share one refresh."""
+        with self._lock:
+            token = self.store.get_kv("access_token", time.time())
+            if token and token != rejected:
+                return token
+            token = self._fetch_token(force=False)
+            if token == rejected:  # stable_token still deems it valid: ask for a new one
+                token = self._fetch_token(force=True)
+            return token
+
+    def call(self, path: str, body: dict) -> dict:
+        """An authenticated call; on 40001, 40014 or 42001 refresh the token once and retry once."""
+        token = self.access_token()
+        try:
+            return self._post(path, body, {"access_token": token})
+        except WeChatError as error:
+            if error.errcode not in TOKEN_INVALID:
+                raise
+            log_wechat.warning("access token rejected (%s); refreshing once", error.errcode)
+        return self._post(path, body, {"access_token": self.refresh_token(token)})
+
+    def customer_service_send(self, openid: str, text: str) -> None:
+        self.call("/cgi-bin/message/custom/send",
+                  {"touser": openid, "msgtype": "text", "text": {"content": text}})
+
+    def typing(self, openid: str, command: str = "Typing") -> None:
+        """Show "typing"; every error is harmless (45080 too late, 45081 already shown)."""
+        try:
+            self.call("/cgi-bin/message/custom/typing", {"touser": openid, "command": command})
+        except WeChatError as error:
+            log_wechat.debug("typing for %s not shown: %s", short_id(openid), error)
+
+
+###############################################################################
+# Model client ################################################################
+###############################################################################
+
+class ModelError(Exception):
+    """The model gave no usable answer; `retryable` says whether trying again may help."""
+
+    def __init__(self, reason: str, retryable: bool = True, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retryable, self.retry_after = retryable, retry_after
+
+
+class Model:
+    """An OpenAI-compatible chat.completions endpoint (OpenAI, DeepSeek, Qwen, Ollama, ...)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.client = openai.OpenAI(api_key=settings.openai_api_key,
+                                    base_url=settings.openai_base_url or None,
+                                    timeout=settings.model_timeout, max_retries=0)
+
+    def answer(self, messages: list[dict]) -> str:
+        try:
+            completion = self.client.chat.completions.create(
+                model=self.settings.model, messages=messages,
+                max_tokens=self.settings.max_tokens)
+        except openai.APIStatusError as error:
+            raise self._status_error(error) from None
+        except openai.APIError as error:
+            raise ModelError(f"{type(error).__name__}: cannot reach the model at "
+                             f"{self.client.base_url}") from None
+        choice = completion.choices[0] if completion.choices else None
+        text = (choice.message.content or "").strip() if choice and choice.message else ""
+        if not text:
+            raise ModelError("the model returned an empty answer")
+        return text
+
+    def _status_error(self, error: openai.APIStatusError) -> ModelError:
+        status = error.status_code
+        hint = {401: "check OPENAI_API_KEY", 403: "check OPENAI_API_KEY and the account",
+                404: f"check WXBOT_MODEL ({self.settings.model}) and OPENAI_BASE_URL"}
+        retry_after = None
+        with contextlib.suppress(TypeError, ValueError):
+            retry_after = float(error.response.headers.get("retry-after"))
+        return ModelError(f"HTTP {status} from the model: {hint.get(status, 'provider error')}",
+                          retryable=status in (408, 409, 429) or status >= 500,
+                          retry_after=retry_after)
+
+
+###############################################################################
+# Reply shaping: segments #####################################################
+###############################################################################
+
+#: WeChat's practical limit for one customer-service text (45002 above it).
+SEGMENT_BYTES = 2048
+#: Customer-service messages allowed per user message within 48 h (45047).
+QUOTA = 5
+SENTENCE_END = re.compile(r"[。！？!?；;…]+[”’\"')）]*|\.(?=\s)")
+
+
+def utf8_len(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def _cut(text: str, limit: int) -> int:
+    """Where to cut text so its head fits limit bytes: a paragraph, line, sentence, or word end."""
+    head = text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+    floor = len(head) // 4  # a cut this early wastes a message of the quota
+    for boundary in ("\n\n", "\n"):
+        at = head.rfind(boundary)
+        if at > floor:
+            return at
+    ends = [m.end() for m in SENTENCE_END.finditer(head) if m.end() > floor]
+    if ends:
+        return ends[-1]
+    for boundary in (" ", "，", ","):
+        at = head.rfind(boundary)
+        if at > floor:
+            return at + len(boundary)
+    return len(head)
+
+
+def split_segments(text: str, limit: int = SEGMENT_BYTES) -> list[str]:
+    """Split text into pieces of at most limit UTF-8 bytes at the most natural boundary."""
+    segments = []
+    text = text.strip()
+    while utf8_len(text) > limit:
+        at = _cut(text, limit)
+        segments.append(text[:at].rstrip())
+        text = text[at:].strip()
+    if text:
+        segments.append(text)
+    return [segment for segment in segments if segment]
+
+
+def plan_segments(text: str) -> list[str]:
+    """Segments for an answer; past the quota, each leaves room for the "继续" line."""
+    segments = split_segments(text)
+    if len(segments) > QUOTA:
+        segments = split_segments(text, SEGMENT_BYTES - utf8_len(CONTINUE_TAIL))
+    return segments
+
+
+###############################################################################
+# Worker ######################################################################
+###############################################################################
+
+class Wakeup:
+    """Wakes idle workers the moment the webhook stores a message: no polling delay."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._pending = 0
+
+    def notify(self) -> None:
+        with self._condition:
+            self._pending += 1
+            self._condition.notify()
+
+    def notify_all(self) -> None:
+        with self._condition:
+            self._pending += 1000
+            self._condition.notify_all()
+
+    def wait(self, timeout: float | None) -> None:
+        with self._condition:
+            if not self._pending:
+                self._condition.wait(timeout)
+            self._pending = max(0, self._pending - 1)
+
+
+class Worker:
+    """Takes queued messages one at a time and answers them; one per thread."""
+
+    #: The model gets this many tries before the user gets the apology.
+    MODEL_TRIES = 3
+    #: Delivery gives up (state dead) after this many claims of one message.
+    MAX_ATTEMPTS = 10
+    #: Typing shows for 15 s; renew once while the model is still working (45081 before).
+    TYPING_RENEW = 15.5
+
+    def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
+                 wakeup: Wakeup, name: str = "worker"):
+        self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
+        self.wakeup, self.name = wakeup, name
+        self.stopping = threading.Event()
+        self.lease_seconds = settings.model_timeout * self.MODEL_TRIES + 120
+        self._warned_no_permission = False
+
+    # Loop -------------------------------------------------------------------
+
+    def loop(self, now: float | None = None) -> bool:
+        """Claim and handle one message; False when nothing was due."""
+        message = self.store.claim(time.time() if now is None else now, self.lease_seconds)
+        if message is None:
+            return False
+        try:
+            self.handle(message)
+        except LeaseLost:
+            log_worker.warning("message %s: lease lost, another worker has it", message.id)
+        except Exception:  # one bad message never kills the thread
+            log_worker.exception("message %s: unexpected error; will retry", message.id)
+            with contextlib.suppress(LeaseLost, sqlite3.Error):
+                self.store.release(message, time.time() + self._backoff(message.attempts),
+                                   "internal error")
+        return True
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                if self.loop():
+                    continue
+                due = self.store.next_due()
+            except sqlite3.Error as error:
+                log_worker.error("database error: %s; retrying in 1 s", error)
+                due = time.time() + 1
+            timeout = None if due is None else max(0.01, min(due - time.time(), 3600))
+            self.wakeup.wait(timeout)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _backoff(self, attempts: int) -> float:
+        delay = self.settings.retry_base * 2 ** max(0, attempts - 1)
+        return min(delay, 600) * random.uniform(0.5, 1.5)
+
+    # One message ------------------------------------------------------------
+
+    def handle(self, message: Message) -> None:
+        started = time.monotonic()
+        model_seconds = None
+        if not self.store.has_answer(message.id):
+            segments = self.reply_for(message)
+            if segments is None:  # the model failed and will be tried again
+                return
+            if not segments:
+                self.store.finish(message, State.DONE)
+                log_worker.info("message %s from %s: %s, nothing to send", message.id,
+                                short_id(message.openid), message.event or message.msg_type)
+                return
+            model_seconds = time.monotonic() - started
+        self.deliver(message, model_seconds)
+
+    def reply_for(self, message: Message) -> list[str] | None:
+        """Plan and store what to send; None when the model failed and the message went back."""
+        now = time.time()
+        if message.msg_type == "event":
+            text = self.settings.welcome if message.event == "subscribe" else ""
+            segments = plan_segments(text) if message.event not in SILENT_EVENTS else []
+            self.store.save_answer(message, segments, now)
+            return segments
+        if message.msg_type != "text" or not (message.content or "").strip():
+            segments = [TEXT_ONLY_LINE]
+            self.store.save_answer(message, segments, now)
+            return segments
+        return self.answer_text(message)
+
+    def answer_text(self, message: Message) -> list[str] | None:
+        question = message.content.strip()
+        self.wechat.typing(message.openid)
+        renew = threading.Timer(self.TYPING_RENEW, self.wechat.typing, (message.openid,))
+        renew.daemon = True
+        renew.start()
+        try:
+            chat = ([{"role": "system", "content": self.settings.system_prompt}]
+                    + self.store.history(message.openid, self.settings.history_turns)
+                    + [{"role": "user", "content": question}])
+            answer = self.model.answer(chat)
+        except ModelError as error:
+            return self._model_failed(message, error)
+        finally:
+            renew.cancel()
+        segments = plan_segments(answer)
+        self.store.save_answer(message, segments, time.time(), question, answer)
+        return segments
+
+    def _model_failed(self, message: Message, error: ModelError) -> list[str] | None:
+        if error.retryable and message.attempts < self.MODEL_TRIES:
+            delay = max(error.retry_after or 0, self._backoff(message.attempts))
+            log_worker.warning("message %s: model failed (%s); retry %d/%d in %.1f s",
+                               message.id, error, message.attempts, self.MODEL_TRIES - 1, delay)
+            self.store.release(message, time.time() + delay, str(error))
+            self.wakeup.notify()
+            return None
+        log_worker.error("message %s from %s: model failed (%s); sending the apology",
+                         message.id, short_id(message.openid), error)
+        self.store.save_answer(message, [APOLOGY_LINE], time.time())
+        return [APOLOGY_LINE]
+
+    def deliver(self, message: Message, model_seconds: float | None) -> None:
+        """Send the unsent segments in order, each marked sent as WeChat confirms it."""
+        rows = self.store.segments(message.id)
+        sent = sum(1 for row in rows if row["sent_at"] is not None)
+        apology = len(rows) == 1 and rows[0]["content"] == APOLOGY_LINE
+        for row in rows:
+            if row["sent_at"] is not None:
+                continue
+            if sent >= QUOTA:
+                break
+            text = row["content"]
+            if sent == QUOTA - 1 and len(rows) > QUOTA:
+                text += CONTINUE_TAIL
+            self.store.extend_lease(message, time.time() + self.lease_seconds)
+            try:
+                self.wechat.customer_service_send(message.openid, text)
+            except WeChatError as error:
+                self._send_failed(message, error)
+                return
+            self.store.mark_sent(message, row["seq"], time.time())
+            sent += 1
+        self.store.finish(message, State.FAILED if apology else State.DONE)
+        log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
+                        short_id(message.openid), message.msg_id or message.event,
+                        f"{model_seconds:.2f}s" if model_seconds is not None else "-",
+                        sent, len(rows))
+
+    def _send_failed(self, message: Message, error: WeChatError) -> None:
+        if error.errcode in GIVE_UP:
+            if error.errcode != 48001 or not self._warned_no_permission:
+                log_worker.error("message %s to %s not delivered: %s", message.id,
+                                 short_id(message.openid), error.hint())
+                self._warned_no_permission |= error.errcode == 48001
+            self.store.finish(message, State.DONE, f"errcode {error.errcode}")
+            return
+        if message.attempts >= self.MAX_ATTEMPTS:
+            log_worker.error("message %s: giving up after %d attempts: %s", message.id,
+                             message.attempts, error.hint())
+            self.store.finish(message, State.DEAD, str(error))
+            return
+        delay = self._backoff(message.attempts)
+        if error.errcode == 40164:
+            delay = max(delay, 60)
+        elif error.errcode == 45011:
+            delay = max(delay, 60)
+        log_worker.warning("message %s: send failed (%s); retry in %.1f s", message.id,
+                           error.hint(), delay)
+        self.store.release(message, time.time() + delay, str(error))
+
+
+###############################################################################
+# Web app: the webhook ########################################################
+###############################################################################
+
+#: WeChat's pushes are a few KB; anything bigger is refused unread.
+MAX_BODY = 1024 * 1024
+
+
+def query_dict(environ: dict) -> dict[str, str]:
+    query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+    return {key: values[0] for key, values in query.items()}
+
+
+class Webhook:
+    """Turns WeChat's HTTP calls into stored pushes; pure of I/O apart from the store."""
+
+    def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
+                 clock: Callable[[], float] = time.time):
+        self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
+        self.crypto = (WeChatCrypto(settings.aes_key, settings.appid)
+                       if settings.aes_key else None)
+        self.accepting = True
+
+    def verify(self, query: Mapping[str, str]) -> tuple[int, str]:
+        """GET: the server check WeChat makes when the URL is saved in 公众号后台."""
+        try:
+            check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
+        except Forbidden as error:
+            log_web.warning("verification refused: %s", error)
+            return 403, "forbidden"
+        return 200, query.get("echostr", "")
+
+    def receive(self, query: Mapping[str, str], body: bytes) -> tuple[int, str]:
+        """POST: check, decrypt, parse, store; (status, body) for WeChat."""
+        if not self.accepting:
+            return 503, "stopping"
+        try:
+            push = self.parse(query, body)
+        except Forbidden as error:
+            log_web.warning("push refused (403): %s", error)
+            return 403, "forbidden"
+        except BadPush as error:
+            log_web.warning("push refused (400): %s", error)
+            return 400, "bad request"
+        if self.store.store_push(push, self.clock()):
+            self.wakeup.notify()
+        else:
+            log_web.debug("retried push %s from %s already stored", push.dedup_key,
+                          short_id(push.openid))
+        return 200, "success"
+
+    def parse(self, query: Mapping[str, str], body: bytes) -> Push:
+        check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
+        fields = parse_xml(body)
+        if query.get("encrypt_type", "raw") == "aes":
+            fields = self.decrypt(query, fields)
+        elif query.get("encrypt_type", "raw") != "raw":
+            raise BadPush(f"unknown encrypt_type {query.get('encrypt_type')[:10]!r}")
+        return Push.from_fields(fields)
+
+    def decrypt(self, query: Mapping[str, str], fields: dict[str, str]) -> dict[str, str]:
+        if self.crypto is None:
+            raise Forbidden("an encrypted push arrived but WXBOT_AES_KEY is not set: set it to "
+                            "the EncodingAESKey from 公众号后台 → 设置与开发 → 基本配置")
+        encrypted = fields.get("Encrypt", "")
+        if not encrypted:
+            raise BadPush("encrypt_type=aes but no <Encrypt>")
+        expected = wechat_signature(self.settings.token, query.get("timestamp", ""),
+                                    query.get("nonce", ""), encrypted)
+        if not hmac.compare_digest(expected.encode(),
+                                   query.get("msg_signature", "").encode("utf-8", "replace")):
+            raise Forbidden("msg_signature does not match")
+        return parse_xml(self.crypto.decrypt(encrypted))
+
+
+def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottle:
+    """The WSGI app: the webhook at WXBOT_PATH and /healthz."""
+    app = bottle.Bottle(catchall=True)
+
+    def text(status: int, body: str) -> bottle.HTTPResponse:
+        return bottle.HTTPResponse(body, status, {"Content-Type": "text/plain; charset=utf-8"})
+
+    @app.get(settings.path)
+    def verify():
+        """WeChat's server check: the echostr back when the signature is valid."""
+        return text(*webhook.verify(query_dict(bottle.request.environ)))
+
+    @app.post(settings.path)
+    def receive():
+        """A push: stored and answered "success" at once."""
+        length = bottle.request.content_length
+        if length > MAX_BODY:
+            return text(413, "too large")
+        if length < 0:
+            return text(411, "length required")
+        body = bottle.request.environ["wsgi.input"].read(length)
+        try:
+            return text(*webhook.receive(query_dict(bottle.request.environ), body))
+        except sqlite3.Error as error:  # not answered: WeChat retries the push
+            log_web.error("could not store a push: %s", error)
+            return text(503, "busy")
+
+    @app.get("/healthz")
+    def healthz():
+        """Queue depth and the age of the oldest waiting message."""
+        health = {"status": "ok", **store.health(time.time())}
+        return bottle.HTTPResponse(json.dumps(health), 200,
+                                   {"Content-Type": "application/json"})
+
+    @app.error(404)
+    @app.error(405)
+    def not_here(error):
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return "not found" if error.status_code == 404 else "method not allowed"
+
+    @app.error(500)
+    def internal(error):
+        log_web.error("internal error: %s", error.exception)
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return "error"
+
+    return app
+
+
+###############################################################################
+# HTTP server #################################################################
+###############################################################################
+
+class QuietHandler(WSGIRequestHandler):
+    """Drops a stalled client after `timeout` seconds; access lines go to DEBUG."""
+
+    timeout = 10
+
+    def log_message(self, format, *args):
+        log_web.debug("%s %s", self.address_string(), format % args)
+
+    def handle(self):
+        with contextlib.suppress(socket.timeout, ConnectionError):
+            super().handle()
+
+
+class ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    """One thread per connection, so a slow client never holds up WeChat's next push."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    # Python's default backlog is 5: under a burst the kernel drops connection attempts and
+    # clients retry a second later, past WeChat's 5 s budget (BENCHMARKS.md).
+    request_queue_size = 1024
+
+
+class HttpServer:
+    """make_server + serve_forever in a thread, with a clean stop (bottle.run has none)."""
+
+    def __init__(self, app, host: str, port: int):
+        self.server = make_server(host, port, app, ThreadingServer, QuietHandler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="http",
+                                       kwargs={"poll_interval": 0.5}, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+###############################################################################
+# Lifecycle and main ##########################################################
+###############################################################################
+
+class Bot:
+    """Everything wired together: store, webhook, server, workers."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        for secret in settings.secrets():
+            SECRET_FILTER.add(secret)
+        self.store = Store(settings.db)
+        self.wakeup = Wakeup()
+        self.wechat = WeChatAPI(settings, self.store)
+        self.model = Model(settings)
+        self.webhook = Webhook(settings, self.store, self.wakeup)
+        self.server = HttpServer(make_app(settings, self.store, self.webhook),
+                                 settings.host, settings.port)
+        self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
+                               f"worker-{n}") for n in range(settings.workers)]
+        self.threads: list[threading.Thread] = []
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def start(self) -> None:
+        recovered = self.store.release_all_leases()
+        if recovered:
+            log.info("resuming %d message(s) that were in progress at the last stop", recovered)
+        self.server.start()
+        for worker in self.workers:
+            thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        log.info("listening on http://%s:%d%s with %d workers", self.settings.host, self.port,
+                 self.settings.path, len(self.workers))
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop taking pushes, let answers in flight finish; True when all finished in time."""
+        timeout = self.settings.stop_timeout if timeout is None else timeout
+        self.webhook.accepting = False
+        self.server.stop()
+        for worker in self.workers:
+            worker.stop()
+        self.wakeup.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        finished = not any(thread.is_alive() for thread in self.threads)
+        if not finished:
+            log.warning("stop timeout reached; unfinished answers resume at the next start")
+        self.store.release_all_leases()
+        self.store.close()
+        return finished
+
+
+def help_text() -> str:
+    lines = ["settings (environment variables, or KEY=VALUE lines in --env FILE):"]
+    for setting in SETTINGS.values():
+        default = "required" if setting.default is None else f"default {setting.default!r}"
+        if setting.default and len(setting.default) > 40:
+            default = "default: see README"
+        lines.append(f"  {setting.env:<22} {setting.help} ({default})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(SECRET_FILTER)
+    for noisy in ("httpx", "httpcore", "openai", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    env = dict(os.environ if environ is None else environ)
+    try:
+        if args.env:
+            env.update(read_env_file(args.env))
+        settings = Settings.from_env(env)
+    except SettingsError as error:
+        for problem in error.problems:
+            print(f"wxbot: {problem}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"wxbot: cannot read --env file: {error}", file=sys.stderr)
+        return 2
+
+    log.info("wxbot %s starting: %s", __version__, settings.describe())
+    try:
+        bot = Bot(settings)
+    except OSError as error:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
+        return 1
+    except sqlite3.Error as error:
+        log.error("cannot open the database %s: %s", settings.db, error)
+        return 1
+
+    stop_requested = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop_requested.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    bot.start()
+    while not stop_requested.wait(3600):
+        pass
+    log.info("stopping: no new pushes; finishing answers in flight (up to %.0f s)",
+             settings.stop_timeout)
+    bot.stop()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
