@@ -199,12 +199,13 @@ SETTINGS: dict[str, Setting] = {
     "max_skew": Setting("WXBOT_MAX_SKEW", "300", _int_between(0, 86400),
                         "reject pushes whose timestamp is further than this from now, in "
                         "seconds (0: off)"),
-    "model_timeout": Setting("WXBOT_MODEL_TIMEOUT", "120", _seconds,
+    "model_timeout": Setting("WXBOT_MODEL_TIMEOUT", "60", _seconds,
                              "seconds one model call may take"),
     "max_tokens": Setting("WXBOT_MAX_TOKENS", "2000", _int_between(16, 100000),
                           "cap on the tokens of one answer"),
-    "stop_timeout": Setting("WXBOT_STOP_TIMEOUT", "30", _seconds,
-                            "seconds to finish answers in flight on SIGTERM"),
+    "stop_timeout": Setting("WXBOT_STOP_TIMEOUT", "75", _seconds,
+                            "seconds to finish answers in flight on SIGTERM (above the model "
+                            "timeout)"),
     "retry_base": Setting("WXBOT_RETRY_BASE", "2", _seconds,
                           "first retry delay in seconds; doubles each attempt, with jitter"),
 }

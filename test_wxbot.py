@@ -1,0 +1,709 @@
+"""wxbot's promises, each a test.
+
+The WeChat API and the model are real HTTP servers on 127.0.0.1 (port 0) started here, speaking
+the real wire formats, so `requests` and the `openai` client run for real. Nothing here touches
+the internet, and nothing waits on a bare sleep: every wait is a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import pytest
+import requests
+
+import wxbot
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# Waiting ####################################################################
+
+def wait_for(condition, timeout=15.0, message="condition"):
+    """Poll condition() until it is truthy or the deadline passes; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(0.01)
+
+
+# Loopback fakes ##############################################################
+
+class FakeServer:
+    """A threaded HTTP server on 127.0.0.1:0 whose handler calls self.route(handler)."""
+
+    def __init__(self):
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                self.body = self.rfile.read(length)
+                fake.route(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def reply(handler, status, body: bytes, content_type="application/json", headers=None):
+        handler.send_response(status)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeWeChat(FakeServer):
+    """WeChat's API: stable_token, custom/send, custom/typing, with scripted errors.
+
+    `failures[path]` is a list of errcodes to answer, one per call, before succeeding.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.sent = []        # (openid, text) per accepted custom/send, in order
+        self.typing = []      # (openid, command)
+        self.token_calls = []
+        self.rejected_sends = 0
+        self.failures = {}
+        self.tokens_issued = 0
+        self.valid_tokens = set()
+        self.token_reply = None  # a dict to answer stable_token with instead of a token
+
+    def new_token(self):
+        self.tokens_issued += 1
+        token = f"ACCESS_TOKEN_{self.tokens_issued}_" + "x" * 100
+        self.valid_tokens.add(token)
+        return token
+
+    def expire_tokens(self):
+        with self.lock:
+            self.valid_tokens.clear()
+
+    def route(self, handler):
+        parts = urllib.parse.urlsplit(handler.path)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        body = json.loads(handler.body.decode("utf-8"))
+        with self.lock:
+            answer = self.answer(parts.path, query, body)
+        if answer is None:  # a dropped connection
+            handler.close_connection = True
+            with contextlib.suppress(OSError):
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if isinstance(answer, int):  # an HTTP error status
+            self.reply(handler, answer, b"<html>error</html>", "text/html")
+            return
+        self.reply(handler, 200, json.dumps(answer, ensure_ascii=False).encode("utf-8"))
+
+    def answer(self, path, query, body):
+        if path == "/cgi-bin/stable_token":
+            self.token_calls.append(body)
+            if self.token_reply:
+                return self.token_reply
+            if body.get("force_refresh") or not self.valid_tokens:
+                self.valid_tokens.clear()
+                return {"access_token": self.new_token(), "expires_in": 7200}
+            return {"access_token": sorted(self.valid_tokens)[0], "expires_in": 7200}
+        scripted = self.failures.get(path)
+        if scripted:
+            errcode = scripted.pop(0)
+            if errcode == "drop":
+                return None
+            if errcode == 500:
+                return 500
+            if path.endswith("/send"):
+                self.rejected_sends += 1
+            return {"errcode": errcode, "errmsg": f"scripted {errcode}"}
+        if query.get("access_token") not in self.valid_tokens:
+            return {"errcode": 40001, "errmsg": "invalid credential, access_token is invalid"}
+        if path == "/cgi-bin/message/custom/send":
+            content = body["text"]["content"]
+            if not content:
+                return {"errcode": 44004, "errmsg": "empty content"}
+            if len(content.encode("utf-8")) > 2048:
+                return {"errcode": 45002, "errmsg": "content size out of limit"}
+            self.sent.append((body["touser"], content))
+            return {"errcode": 0, "errmsg": "ok"}
+        if path == "/cgi-bin/message/custom/typing":
+            self.typing.append((body["touser"], body["command"]))
+            return {"errcode": 0, "errmsg": "ok"}
+        return 404
+
+    def texts_to(self, openid):
+        with self.lock:
+            return [text for to, text in self.sent if to == openid]
+
+
+class FakeModel(FakeServer):
+    """An OpenAI-compatible /v1/chat/completions endpoint.
+
+    `respond(request)` returns the answer text, or raises ModelFault(status) to fail; it may
+    block (a slow model). Every request's JSON is kept in `requests`.
+    """
+
+    def __init__(self, respond=None):
+        super().__init__()
+        self.requests = []
+        self.respond = respond or (lambda request: "答：" + request["messages"][-1]["content"])
+
+    def route(self, handler):
+        request = json.loads(handler.body)
+        with self.lock:
+            self.requests.append(request)
+        try:
+            text = self.respond(request)
+        except ModelFault as fault:
+            error = {"error": {"message": fault.message, "type": "server_error"}}
+            self.reply(handler, fault.status, json.dumps(error).encode(),
+                       headers=fault.headers)
+            return
+        completion = {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
+            "model": request["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+        self.reply(handler, 200, json.dumps(completion, ensure_ascii=False).encode("utf-8"))
+
+    def questions(self):
+        with self.lock:
+            return [request["messages"][-1]["content"] for request in self.requests]
+
+
+class ModelFault(Exception):
+    def __init__(self, status, message="scripted failure", headers=None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+# Fixtures ####################################################################
+
+TOKEN = "AAAAA"
+APPID = "wx2c2769f8efd9abc2"
+APPSECRET = "appsecret-0123456789abcdef0123456789"
+API_KEY = "sk-test-key-0123456789abcdefghij"
+
+
+@pytest.fixture
+def wechat():
+    fake = FakeWeChat()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def model():
+    fake = FakeModel()
+    yield fake
+    fake.close()
+
+
+def env_for(tmp_path, wechat, model, **overrides):
+    env = {
+        "WXBOT_TOKEN": TOKEN, "WXBOT_APPID": APPID, "WXBOT_APPSECRET": APPSECRET,
+        "WXBOT_API_BASE": wechat.url, "OPENAI_API_KEY": API_KEY,
+        "OPENAI_BASE_URL": model.url + "/v1", "WXBOT_DB": str(tmp_path / "wxbot.db"),
+        "WXBOT_HOST": "127.0.0.1", "WXBOT_PORT": "0", "WXBOT_MODEL_TIMEOUT": "5",
+        "WXBOT_RETRY_BASE": "0.05", "WXBOT_STOP_TIMEOUT": "5",
+    }
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+@pytest.fixture
+def start_bot(tmp_path, wechat, model):
+    """start_bot(**settings) -> a running Bot on a free port, stopped after the test."""
+    bots = []
+
+    def start(**overrides):
+        bot = wxbot.Bot(wxbot.Settings.from_env(env_for(tmp_path, wechat, model, **overrides)))
+        bot.start()
+        bots.append(bot)
+        return bot
+
+    yield start
+    for bot in bots:
+        if bot.webhook.accepting:
+            bot.stop(timeout=5)
+
+
+def signed_query(token=TOKEN, timestamp=None, nonce="1514711492", **extra):
+    timestamp = str(int(time.time())) if timestamp is None else timestamp
+    query = {"timestamp": timestamp, "nonce": nonce,
+             "signature": wxbot.wechat_signature(token, timestamp, nonce)}
+    query.update(extra)
+    return query
+
+
+def text_xml(openid, content, msg_id, account="gh_10f6c3c3ac5a", create_time=None):
+    create_time = int(time.time()) if create_time is None else create_time
+    return (f"<xml><ToUserName><![CDATA[{account}]]></ToUserName>"
+            f"<FromUserName><![CDATA[{openid}]]></FromUserName>"
+            f"<CreateTime>{create_time}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
+            f"<Content><![CDATA[{content}]]></Content><MsgId>{msg_id}</MsgId></xml>"
+            ).encode("utf-8")
+
+
+def event_xml(openid, event, create_time=1714036504, event_key=""):
+    return (f"<xml><ToUserName><![CDATA[gh_10f6c3c3ac5a]]></ToUserName>"
+            f"<FromUserName><![CDATA[{openid}]]></FromUserName>"
+            f"<CreateTime>{create_time}</CreateTime><MsgType><![CDATA[event]]></MsgType>"
+            f"<Event><![CDATA[{event}]]></Event><EventKey><![CDATA[{event_key}]]></EventKey>"
+            f"</xml>").encode("utf-8")
+
+
+def post_push(bot_or_port, body, query=None, path="/wx"):
+    port = bot_or_port if isinstance(bot_or_port, int) else bot_or_port.port
+    return requests.post(f"http://127.0.0.1:{port}{path}", params=signed_query() if query is None else query,
+                         data=body, timeout=5)
+
+
+def send_text(bot, openid, content, msg_id):
+    response = post_push(bot, text_xml(openid, content, msg_id))
+    assert (response.status_code, response.text) == (200, "success")
+    return response
+
+
+def stored_messages(db_path):
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        return conn.execute("SELECT openid, msg_id, state FROM messages").fetchall()
+
+
+# Settings ####################################################################
+
+def test_missing_settings_exit_2_with_one_line_each_before_binding(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "wxbot.py")], capture_output=True, text=True,
+        env={"PATH": os.environ["PATH"], "WXBOT_PORT": "not-a-port", "WXBOT_WORKERS": "0"},
+        cwd=tmp_path, timeout=30)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    for name in ("WXBOT_TOKEN", "WXBOT_APPID", "WXBOT_APPSECRET", "OPENAI_API_KEY",
+                 "WXBOT_PORT", "WXBOT_WORKERS"):
+        assert sum(name in line for line in lines) == 1, (name, lines)
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "wxbot.db").exists()
+    del port
+
+
+def test_invalid_values_are_named():
+    env = {"WXBOT_TOKEN": "t", "WXBOT_APPID": "a", "WXBOT_APPSECRET": "s",
+           "OPENAI_API_KEY": "k", "WXBOT_API_BASE": "api.weixin.qq.com",
+           "WXBOT_PATH": "wx", "WXBOT_AES_KEY": "short", "WXBOT_MODEL_TIMEOUT": "soon"}
+    with pytest.raises(wxbot.SettingsError) as caught:
+        wxbot.Settings.from_env(env)
+    text = "\n".join(caught.value.problems)
+    for name in ("WXBOT_API_BASE", "WXBOT_PATH", "WXBOT_AES_KEY", "WXBOT_MODEL_TIMEOUT"):
+        assert name in text
+    assert len(caught.value.problems) == 4
+
+
+def test_env_file_is_read_as_systemd_reads_it(tmp_path):
+    env_file = tmp_path / "wxbot.env"
+    env_file.write_text('# comment\n; also a comment\nWXBOT_TOKEN=tok\n'
+                        'WXBOT_APPID = "wx123"\nWXBOT_APPSECRET=\'se cret\'\n'
+                        'WXBOT_SYSTEM_PROMPT="say \\"hi\\""\n\nOPENAI_API_KEY=k\n',
+                        encoding="utf-8")
+    values = wxbot.read_env_file(str(env_file))
+    assert values == {"WXBOT_TOKEN": "tok", "WXBOT_APPID": "wx123",
+                      "WXBOT_APPSECRET": "se cret", "WXBOT_SYSTEM_PROMPT": 'say "hi"',
+                      "OPENAI_API_KEY": "k"}
+    settings = wxbot.Settings.from_env(values)
+    assert settings.appsecret == "se cret" and settings.workers == 4
+
+
+def test_example_env_file_lists_every_setting():
+    example = open(os.path.join(HERE, "wxbot.env.example"), encoding="utf-8").read()
+    for setting in wxbot.SETTINGS.values():
+        assert re.search(rf"^#?\s*{setting.env}=", example, re.M), setting.env
+
+
+def test_help_lists_every_setting_with_its_default():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "wxbot.py"), "--help"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    for setting in wxbot.SETTINGS.values():
+        assert setting.env in result.stdout
+    assert "'gpt-4o-mini'" in result.stdout and "'/wx'" in result.stdout
+
+
+# Signatures ##################################################################
+
+def test_signature_matches_wechat_vectors():
+    assert wxbot.wechat_signature("AAAAA", "1714036504", "1514711492") == \
+        "f464b24fc39322e44b38aa78f5edd27bd1441696"
+    assert wxbot.wechat_signature("AAAAA", "1714037059", "486452656") == \
+        "899cf89e464efb63f54ddac96b0a0a235f53aa78"
+
+
+def test_get_verification_answers_echostr_only_when_signed(start_bot):
+    bot = start_bot(WXBOT_MAX_SKEW=0)
+    url = f"http://127.0.0.1:{bot.port}/wx"
+    good = {"signature": "f464b24fc39322e44b38aa78f5edd27bd1441696",
+            "timestamp": "1714036504", "nonce": "1514711492", "echostr": "4375120948345356249"}
+    response = requests.get(url, params=good, timeout=5)
+    assert (response.status_code, response.text) == (200, "4375120948345356249")
+    bad = dict(good, signature="899cf89e464efb63f54ddac96b0a0a235f53aa78")
+    assert requests.get(url, params=bad, timeout=5).status_code == 403
+    assert requests.get(url, params={"echostr": "1"}, timeout=5).status_code == 403
+
+
+def test_unsigned_or_missigned_post_never_reaches_queue_or_model(start_bot, wechat, model,
+                                                                 tmp_path):
+    bot = start_bot()
+    body = text_xml("oUSER", "花掉你的额度", 1001)
+    assert post_push(bot, body, query={}).status_code == 403
+    assert post_push(bot, body, query=signed_query(token="wrong")).status_code == 403
+    forged = signed_query()
+    forged["nonce"] = "other"
+    assert post_push(bot, body, query=forged).status_code == 403
+    send_text(bot, "oOTHER", "你好", 1002)  # a valid push afterwards is answered...
+    wait_for(lambda: wechat.texts_to("oOTHER"))
+    assert model.questions() == ["你好"]  # ...and is the only thing the model ever saw
+    assert [row[0] for row in stored_messages(tmp_path / "wxbot.db")] == ["oOTHER"]
+
+
+def test_malformed_xml_is_400_not_500(start_bot, tmp_path):
+    bot = start_bot()
+    for body in (b"not xml", b"<xml><FromUserName>x</FromUserName>", b"",
+                 b"<xml><FromUserName>u</FromUserName><MsgType>text</MsgType>"
+                 b"<CreateTime>1</CreateTime><MsgId>abc</MsgId></xml>"):
+        assert post_push(bot, body).status_code == 400, body
+    assert stored_messages(tmp_path / "wxbot.db") == []
+
+
+def test_body_over_one_mib_is_413(start_bot):
+    bot = start_bot()
+    response = post_push(bot, b"<xml>" + b"a" * (1024 * 1024 + 1) + b"</xml>")
+    assert response.status_code == 413
+
+
+def test_healthz_reports_queue_depth_and_oldest_age(start_bot, model):
+    release = threading.Event()
+    model.respond = lambda request: release.wait(10) and "好"
+    bot = start_bot(WXBOT_WORKERS=1)
+    send_text(bot, "oA", "一", 1)
+    send_text(bot, "oB", "二", 2)
+    wait_for(lambda: model.requests, message="the first model call")
+    health = requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).json()
+    assert health["queued"] == 2 and health["in_progress"] == 1
+    assert 0 <= health["oldest_queued_age_s"] < 10
+    release.set()
+
+
+# The conversation ############################################################
+
+def test_text_message_gets_typing_then_answer_to_that_user(start_bot, wechat, model):
+    bot = start_bot()
+    started = time.monotonic()
+    response = send_text(bot, "oALICE", "今天天气怎么样", 7001)
+    assert response.elapsed.total_seconds() < 1
+    wait_for(lambda: wechat.texts_to("oALICE"))
+    assert wechat.sent == [("oALICE", "答：今天天气怎么样")]
+    assert wechat.typing[0] == ("oALICE", "Typing")
+    assert time.monotonic() - started < 10
+    request = model.requests[0]
+    assert request["messages"][0] == {"role": "system", "content": wxbot.DEFAULT_SYSTEM_PROMPT}
+    assert request["model"] == "gpt-4o-mini" and request["max_tokens"] == 2000
+
+
+def test_model_gets_the_users_earlier_turns_and_no_one_elses(start_bot, wechat, model):
+    bot = start_bot(WXBOT_HISTORY_TURNS=2)
+    for n, (openid, text) in enumerate([("oA", "我叫小明"), ("oB", "我叫小红"), ("oA", "我是谁"),
+                                        ("oA", "第三句"), ("oA", "第四句")]):
+        send_text(bot, openid, text, 100 + n)
+        wait_for(lambda: len(wechat.sent) == n + 1)
+    conversation = [m for m in model.requests[2]["messages"] if m["role"] != "system"]
+    assert conversation == [{"role": "user", "content": "我叫小明"},
+                            {"role": "assistant", "content": "答：我叫小明"},
+                            {"role": "user", "content": "我是谁"}]
+    last = [m["content"] for m in model.requests[4]["messages"] if m["role"] != "system"]
+    assert last == ["我是谁", "答：我是谁", "第三句", "答：第三句", "第四句"]  # 2 turns kept
+    assert not any("小红" in m["content"] for r in model.requests if r["messages"][-1]
+                   ["content"] != "我叫小红" for m in r["messages"])
+
+
+def test_push_delivered_three_times_is_answered_once(start_bot, wechat, model):
+    bot = start_bot()
+    body = text_xml("oRETRY", "重试的问题", 6054768590064713728)
+    for _ in range(3):
+        response = post_push(bot, body)
+        assert (response.status_code, response.text) == (200, "success")
+    send_text(bot, "oRETRY", "下一条", 6054768590064713729)
+    wait_for(lambda: len(wechat.texts_to("oRETRY")) == 2)
+    assert model.questions() == ["重试的问题", "下一条"]
+    assert wechat.texts_to("oRETRY") == ["答：重试的问题", "答：下一条"]
+
+
+def test_same_msg_id_from_two_users_is_two_messages(start_bot, wechat):
+    bot = start_bot()
+    send_text(bot, "oONE", "一", 42)
+    send_text(bot, "oTWO", "二", 42)
+    wait_for(lambda: len(wechat.sent) == 2)
+
+
+def chinese_answer(chars):
+    sentence = "微信公众号的客服消息接口一次最多发送两千零四十八字节的文字，所以长回答要分段发送。"
+    text, paragraph = "", 0
+    while len(text) < chars:
+        paragraph += 1
+        text += f"第{paragraph}段。" + sentence * 3 + "\n\n"
+    return text[:chars].strip()
+
+
+def without_space(text):
+    return re.sub(r"\s", "", text)
+
+
+def test_long_answer_arrives_in_at_most_five_segments_that_join_back(start_bot, wechat, model):
+    answer = chinese_answer(3000)
+    assert len(answer.encode("utf-8")) > 8500
+    model.respond = lambda request: answer
+    bot = start_bot()
+    send_text(bot, "oLONG", "讲个长故事", 9001)
+    wait_for(lambda: wechat.texts_to("oLONG"))
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    segments = wechat.texts_to("oLONG")
+    assert 1 < len(segments) <= 5
+    assert all(len(s.encode("utf-8")) <= 2048 for s in segments)
+    assert without_space("".join(segments)) == without_space(answer)
+
+
+def test_very_long_answer_sends_five_and_keeps_the_rest_intact(start_bot, wechat, model,
+                                                               tmp_path):
+    answer = chinese_answer(12000)
+    model.respond = lambda request: answer
+    bot = start_bot()
+    send_text(bot, "oHUGE", "写一本书", 9002)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    sent = wechat.texts_to("oHUGE")
+    assert len(sent) == 5
+    assert all(len(s.encode("utf-8")) <= 2048 for s in sent)
+    assert sent[4].endswith(wxbot.CONTINUE_TAIL.strip())
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
+        unsent = [row[0] for row in conn.execute(
+            "SELECT content FROM segments WHERE sent_at IS NULL ORDER BY seq")]
+    assert unsent
+    delivered = "".join(sent).replace(wxbot.CONTINUE_TAIL.strip(), "")
+    assert without_space(delivered + "".join(unsent)) == without_space(answer)
+
+
+def test_expired_token_on_send_is_refreshed_and_message_delivered_once(start_bot, wechat,
+                                                                       model):
+    bot = start_bot()
+    send_text(bot, "oTOK", "第一句", 1)
+    wait_for(lambda: wechat.texts_to("oTOK"))
+    first_token_calls = len(wechat.token_calls)
+    wechat.expire_tokens()  # WeChat now answers 40001 to the cached token
+    send_text(bot, "oTOK", "第二句", 2)
+    wait_for(lambda: len(wechat.texts_to("oTOK")) == 2)
+    assert wechat.texts_to("oTOK") == ["答：第一句", "答：第二句"]
+    assert len(wechat.token_calls) == first_token_calls + 1
+
+
+def test_token_is_cached_in_the_database_across_restarts(start_bot, wechat):
+    bot = start_bot()
+    send_text(bot, "oCACHE", "一", 1)
+    wait_for(lambda: wechat.texts_to("oCACHE"))
+    bot.stop(timeout=5)
+    bot = start_bot()
+    send_text(bot, "oCACHE", "二", 2)
+    wait_for(lambda: len(wechat.texts_to("oCACHE")) == 2)
+    assert len(wechat.token_calls) == 1
+
+
+def test_failing_model_gets_apology_then_next_message_is_answered(start_bot, wechat, model,
+                                                                  caplog):
+    failing = {"on": True}
+
+    def respond(request):
+        if failing["on"]:
+            raise ModelFault(503)
+        return "恢复了"
+    model.respond = respond
+    bot = start_bot()
+    send_text(bot, "oFAIL", "在吗", 1)
+    wait_for(lambda: wechat.texts_to("oFAIL"))
+    assert wechat.texts_to("oFAIL") == [wxbot.APOLOGY_LINE]
+    assert len(model.requests) == wxbot.Worker.MODEL_TRIES
+    assert "HTTP 503 from the model" in caplog.text
+    failing["on"] = False
+    send_text(bot, "oFAIL", "现在呢", 2)
+    wait_for(lambda: len(wechat.texts_to("oFAIL")) == 2)
+    assert wechat.texts_to("oFAIL")[1] == "恢复了"
+
+
+def test_two_users_in_parallel_one_users_messages_in_order(start_bot, wechat, model):
+    in_flight, peak, lock = set(), {"n": 0}, threading.Lock()
+    order = []
+
+    def respond(request):
+        question = request["messages"][-1]["content"]
+        user = question.split(":")[0]
+        with lock:
+            assert user not in in_flight, "two messages of one user at once"
+            in_flight.add(user)
+            peak["n"] = max(peak["n"], len(in_flight))
+            order.append(question)
+        time.sleep(0.3)  # a slow model, so that overlap would show
+        with lock:
+            in_flight.discard(user)
+        return "答" + question
+    model.respond = respond
+    bot = start_bot(WXBOT_WORKERS=4)
+    for n in range(3):
+        send_text(bot, "oA", f"A:{n}", 10 + n)
+        send_text(bot, "oB", f"B:{n}", 20 + n)
+    wait_for(lambda: len(wechat.sent) == 6)
+    assert peak["n"] == 2
+    assert wechat.texts_to("oA") == ["答A:0", "答A:1", "答A:2"]
+    assert wechat.texts_to("oB") == ["答B:0", "答B:1", "答B:2"]
+
+
+def test_events_and_other_types(start_bot, wechat, model):
+    bot = start_bot()
+    post_push(bot, event_xml("oEV", "subscribe", event_key="qrscene_1"))
+    post_push(bot, event_xml("oEV", "LOCATION", create_time=1714036505))
+    post_push(bot, event_xml("oEV", "unsubscribe", create_time=1714036506))
+    image = (b"<xml><ToUserName>gh</ToUserName><FromUserName>oEV</FromUserName>"
+             b"<CreateTime>1714036507</CreateTime><MsgType>image</MsgType>"
+             b"<PicUrl>http://x/y.jpg</PicUrl><MediaId>m</MediaId><MsgId>77</MsgId></xml>")
+    assert post_push(bot, image).text == "success"
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 4)
+    assert wechat.texts_to("oEV") == [wxbot.DEFAULT_WELCOME, wxbot.TEXT_ONLY_LINE]
+    assert model.requests == []
+
+
+def test_stop_finishes_the_answer_in_flight(start_bot, wechat, model):
+    model.respond = lambda request: time.sleep(1) or "慢慢来"
+    bot = start_bot()
+    send_text(bot, "oSTOP", "问", 1)
+    wait_for(lambda: model.requests)
+    assert bot.stop(timeout=10) is True
+    assert wechat.texts_to("oSTOP") == ["慢慢来"]
+
+
+# Processes ###################################################################
+
+def start_process(env, cwd):
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "wxbot.py")],
+                               env={**os.environ, **env}, cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines = []
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+    threading.Thread(target=read, daemon=True).start()
+    port = wait_for(lambda: next((int(m.group(1)) for line in lines for m in
+                                  [re.search(r"listening on http://[^:]+:(\d+)", line)] if m),
+                                 None), message="the server to listen")
+    return process, port, lines
+
+
+def test_killed_while_the_model_answers_is_answered_once_after_restart(tmp_path, wechat,
+                                                                       model):
+    calls = []
+
+    def respond(request):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            time.sleep(10)  # the first process is killed during this call
+        return "杀不死的回答"
+    model.respond = respond
+    env = env_for(tmp_path, wechat, model)
+    process, port, _ = start_process(env, tmp_path)
+    try:
+        post = post_push(port, text_xml("oKILL", "问题", 5001))
+        assert post.text == "success"
+        wait_for(lambda: calls, message="the model call")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        assert wechat.texts_to("oKILL") == []
+        process, port, _ = start_process(env, tmp_path)
+        wait_for(lambda: wechat.texts_to("oKILL"), message="the answer after restart")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    finally:
+        process.kill()
+    assert wechat.texts_to("oKILL") == ["杀不死的回答"]
+    assert len(calls) == 2
+
+
+def test_sigterm_exits_zero(tmp_path, wechat, model):
+    process, port, lines = start_process(env_for(tmp_path, wechat, model), tmp_path)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0
+    assert any("stopped" in line for line in lines)
+
+
+# Secrets #####################################################################
+
+def test_no_secret_in_log_at_debug(start_bot, wechat, model, caplog):
+    caplog.set_level(logging.DEBUG)
+    caplog.handler.addFilter(wxbot.SECRET_FILTER)
+    bot = start_bot()
+    send_text(bot, "oSECRET", "你好", 1)
+    wait_for(lambda: wechat.texts_to("oSECRET"))
+    wechat.failures["/cgi-bin/message/custom/send"] = ["drop"]
+    send_text(bot, "oSECRET", "再来", 2)
+    wait_for(lambda: len(wechat.texts_to("oSECRET")) == 2)
+    logging.getLogger("wxbot").info("settings: %s", bot.settings.describe())
+    text = caplog.text
+    assert "ConnectionError" in text or "send failed" in text
+    for secret in [APPSECRET, API_KEY, *wechat.valid_tokens]:
+        assert secret not in text
+
+
+# Files #######################################################################
+
+def test_readme_commands_use_the_shipped_files():
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    top = readme[:2500]
+    assert "pip install -r requirements.txt" in top and "python wxbot.py" in top
+    test_command = re.search(r"python -m pytest[^\n`]*", top).group(0)
+    ci = open(os.path.join(HERE, ".ci", "run"), encoding="utf-8").read()
+    assert test_command in ci
+    requirements = open(os.path.join(HERE, "requirements.txt"), encoding="utf-8").read()
+    for package in ("bottle", "requests", "openai", "cryptography"):
+        assert re.search(rf"^{package}\b", requirements, re.M), package
+    for setting in wxbot.SETTINGS.values():
+        assert f"| `{setting.env}` |" in readme, setting.env
