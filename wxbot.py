@@ -69,8 +69,12 @@ DEFAULT_SYSTEM_PROMPT = (
 DEFAULT_WELCOME = "你好，欢迎关注！我是 AI 助手，直接发文字给我就能对话。发送 /help 查看用法。"
 TEXT_ONLY_LINE = "目前我只能理解文字消息，请直接发送文字。"
 APOLOGY_LINE = "抱歉，我暂时无法回答，请稍后再试。"
-CONTINUE_WORDS = ("继续",)
 CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
+RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
+DAILY_LINE = "今天的提问次数已用完，请约 {hours} 小时后再来。"
+#: A question is cut to this many characters before it reaches the model (budget).
+MAX_QUESTION_CHARS = 4000
+TRUNCATED_NOTE = "\n\n（以上消息过长，已截断，只保留了前 {chars} 字。）"
 
 
 class SettingsError(Exception):
@@ -203,6 +207,12 @@ SETTINGS: dict[str, Setting] = {
                              "seconds one model call may take"),
     "max_tokens": Setting("WXBOT_MAX_TOKENS", "2000", _int_between(16, 100000),
                           "cap on the tokens of one answer"),
+    "user_rate": Setting("WXBOT_USER_RATE", "6", _int_between(0, 10000),
+                         "model calls one user may cause per minute (0: no limit)"),
+    "user_daily": Setting("WXBOT_USER_DAILY", "200", _int_between(0, 1000000),
+                          "model calls one user may cause per 24 h (0: no limit)"),
+    "context_chars": Setting("WXBOT_CONTEXT_CHARS", "8000", _int_between(0, 1000000),
+                             "earlier turns sent to the model are trimmed to this many characters"),
     "stop_timeout": Setting("WXBOT_STOP_TIMEOUT", "75", _seconds,
                             "seconds to finish answers in flight on SIGTERM (above the model "
                             "timeout)"),
@@ -234,6 +244,9 @@ class Settings:
     max_skew: int
     model_timeout: float
     max_tokens: int
+    user_rate: int
+    user_daily: int
+    context_chars: int
     stop_timeout: float
     retry_base: float
 
@@ -393,6 +406,13 @@ CREATE TABLE IF NOT EXISTS turns (
     message_id INTEGER REFERENCES messages (id)
 );
 CREATE INDEX IF NOT EXISTS turns_user ON turns (openid, id);
+
+CREATE TABLE IF NOT EXISTS model_calls (
+    message_id INTEGER PRIMARY KEY REFERENCES messages (id),
+    openid     TEXT NOT NULL,
+    called_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS model_calls_user ON model_calls (openid, called_at);
 
 CREATE TABLE IF NOT EXISTS kv (
     key        TEXT PRIMARY KEY,
@@ -587,14 +607,44 @@ class Store:
             conn.execute("UPDATE segments SET sent_at = ? WHERE message_id = ? AND seq = ?",
                          (now, message.id, seq))
 
-    def history(self, openid: str, turns: int) -> list[dict]:
-        """The user's last `turns` exchanges, oldest first, as chat messages."""
-        if turns <= 0:
-            return []
+    def history(self, openid: str, turns: int, max_chars: int) -> list[dict]:
+        """The user's last `turns` exchanges, oldest first, within max_chars in all."""
         with self.connection() as conn:
             rows = conn.execute("SELECT role, content FROM turns WHERE openid = ?"
                                 " ORDER BY id DESC LIMIT ?", (openid, turns * 2)).fetchall()
-        return [{"role": row["role"], "content": row["content"]} for row in reversed(rows)]
+        kept, chars = [], 0
+        for row in rows:  # newest first: the oldest turns are the ones dropped
+            chars += len(row["content"])
+            if chars > max_chars:
+                break
+            kept.append({"role": row["role"], "content": row["content"]})
+        while kept and kept[-1]["role"] != "user":  # start the history with a question
+            kept.pop()
+        return kept[::-1]
+
+    def count_model_call(self, message: Message, now: float, windows: list[tuple[float, int]]
+                         ) -> float | None:
+        """Record the model call a message causes, unless a (seconds, limit) window is full.
+
+        Returns None when the call may go ahead (a retry of the same message counts once),
+        else how many seconds until the fullest window frees a place.
+        """
+        with self.transaction() as conn:
+            if conn.execute("SELECT 1 FROM model_calls WHERE message_id = ?",
+                            (message.id,)).fetchone():
+                return None
+            for seconds, limit in windows:
+                if not limit:
+                    continue
+                calls = conn.execute(
+                    "SELECT called_at FROM model_calls WHERE openid = ? AND called_at > ?"
+                    " ORDER BY called_at DESC LIMIT ?",
+                    (message.openid, now - seconds, limit)).fetchall()
+                if len(calls) >= limit:
+                    return calls[-1][0] + seconds - now
+            conn.execute("INSERT INTO model_calls (message_id, openid, called_at) VALUES"
+                         " (?, ?, ?)", (message.id, message.openid, now))
+        return None
 
     # Key-value (the access token) -------------------------------------------
 
@@ -1150,13 +1200,21 @@ class Worker:
 
     def answer_text(self, message: Message) -> list[str] | None:
         question = message.content.strip()
+        if len(question) > MAX_QUESTION_CHARS:
+            question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
+                chars=MAX_QUESTION_CHARS)
+        wait = self.store.count_model_call(message, time.time(), [
+            (60, self.settings.user_rate), (86400, self.settings.user_daily)])
+        if wait is not None:
+            return self._over_limit(message, wait)
         self.wechat.typing(message.openid)
         renew = threading.Timer(self.TYPING_RENEW, self.wechat.typing, (message.openid,))
         renew.daemon = True
         renew.start()
         try:
             chat = ([{"role": "system", "content": self.settings.system_prompt}]
-                    + self.store.history(message.openid, self.settings.history_turns)
+                    + self.store.history(message.openid, self.settings.history_turns,
+                                         self.settings.context_chars)
                     + [{"role": "user", "content": question}])
             answer = self.model.answer(chat)
         except ModelError as error:
@@ -1165,6 +1223,21 @@ class Worker:
             renew.cancel()
         segments = plan_segments(answer)
         self.store.save_answer(message, segments, time.time(), question, answer)
+        return segments
+
+    def _over_limit(self, message: Message, wait: float) -> list[str]:
+        """One short notice per user and window; further messages in it get nothing."""
+        now = time.time()
+        line = (RATE_LINE.format(wait=max(1, round(wait))) if wait <= 60
+                else DAILY_LINE.format(hours=max(1, round(wait / 3600))))
+        notice_key = f"limit-notice:{message.openid}"
+        segments = [] if self.store.get_kv(notice_key, now) else [line]
+        if segments:
+            self.store.set_kv(notice_key, "1", now + wait)
+        log_worker.warning("message %s from %s: over the per-user limit (WXBOT_USER_RATE/"
+                           "WXBOT_USER_DAILY); no model call, %s", message.id,
+                           short_id(message.openid), "notice sent" if segments else "silent")
+        self.store.save_answer(message, segments, now)
         return segments
 
     def _model_failed(self, message: Message, error: ModelError) -> list[str] | None:
