@@ -86,6 +86,10 @@ class FakeServer:
         self.server.server_close()
 
 
+ERRMSGS = {40164: "invalid ip 203.0.113.9 ipv6 ::ffff:203.0.113.9, not in whitelist rid: 1",
+           45047: "out of response count limit", 48001: "api unauthorized"}
+
+
 class FakeWeChat(FakeServer):
     """WeChat's API: stable_token, custom/send, custom/typing, with scripted errors.
 
@@ -147,7 +151,7 @@ class FakeWeChat(FakeServer):
                 return 500
             if path.endswith("/send"):
                 self.rejected_sends += 1
-            return {"errcode": errcode, "errmsg": f"scripted {errcode}"}
+            return {"errcode": errcode, "errmsg": ERRMSGS.get(errcode, f"scripted {errcode}")}
         if query.get("access_token") not in self.valid_tokens:
             return {"errcode": 40001, "errmsg": "invalid credential, access_token is invalid"}
         if path == "/cgi-bin/message/custom/send":
@@ -677,22 +681,6 @@ def test_sigterm_exits_zero(tmp_path, wechat, model):
 
 # Secrets #####################################################################
 
-def test_no_secret_in_log_at_debug(start_bot, wechat, model, caplog):
-    caplog.set_level(logging.DEBUG)
-    caplog.handler.addFilter(wxbot.SECRET_FILTER)
-    bot = start_bot()
-    send_text(bot, "oSECRET", "你好", 1)
-    wait_for(lambda: wechat.texts_to("oSECRET"))
-    wechat.failures["/cgi-bin/message/custom/send"] = ["drop"]
-    send_text(bot, "oSECRET", "再来", 2)
-    wait_for(lambda: len(wechat.texts_to("oSECRET")) == 2)
-    logging.getLogger("wxbot").info("settings: %s", bot.settings.describe())
-    text = caplog.text
-    assert "ConnectionError" in text or "send failed" in text
-    for secret in [APPSECRET, API_KEY, *wechat.valid_tokens]:
-        assert secret not in text
-
-
 # Files #######################################################################
 
 def test_readme_commands_use_the_shipped_files():
@@ -707,3 +695,338 @@ def test_readme_commands_use_the_shipped_files():
         assert re.search(rf"^{package}\b", requirements, re.M), package
     for setting in wxbot.SETTINGS.values():
         assert f"| `{setting.env}` |" in readme, setting.env
+
+
+# 安全模式: encryption ###################################################
+
+VECTOR_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
+VECTOR_APPID = "wx2c2769f8efd9abc2"
+VECTOR_ENCRYPT = (
+    "hyzAe4OzmOMbd6TvGdIOO6uBmdJoD0Fk53REIHvxYtJlE2B655HuD0m8KUePWB3+LrPXo87wzQ1QLvbeUgmBM4x6F8P"
+    "GHQHFVAFmOD2LdJF9FrXpbUAh0B5GIItb52sn896wVsMSHGuPE328HnRGBcrS7C41IzDWyWNlZkyyXwon8T332jisa+"
+    "h6tEDYsVticbSnyU8dKOIbgU6ux5VTjg3yt+WGzjlpKn6NPhRjpA912xMezR4kw6KWwMrCVKSVCZciVGCgavjIQ6X8t"
+    "COp3yZbGpy0VxpAe+77TszTfRd5RJSVO/HTnifJpXgCSUdUue1v6h0EIBYYI1BD1DlD+C0CR8e6OewpusjZ4uBl9Fy"
+    "JvnhvQl+q5rv1ixrcpCumEPo5MJSgM9ehVsNPfUM669WuMyVWQLCzpu9GhglF2PE=")
+VECTOR_XML = "\n".join([
+    "<xml><ToUserName><![CDATA[gh_10f6c3c3ac5a]]></ToUserName>",
+    "<FromUserName><![CDATA[oyORnuP8q7ou2gfYjqLzSIWZf0rs]]></FromUserName>",
+    "<CreateTime>1409735668</CreateTime>",
+    "<MsgType><![CDATA[text]]></MsgType>",
+    "<Content><![CDATA[abcdteT]]></Content>",
+    "<MsgId>6054768590064713728</MsgId>",
+    "</xml>"])
+
+
+def test_official_vector_decrypts_and_reencrypts_exactly():
+    crypto = wxbot.WeChatCrypto(VECTOR_KEY, VECTOR_APPID)
+    assert wxbot.wechat_signature("spamtest", "1409735669", "1320562132", VECTOR_ENCRYPT) == \
+        "5d197aaffba7e9b25a30732f161a50dee96bd5fa"
+    xml = crypto.decrypt(VECTOR_ENCRYPT)
+    fields = wxbot.parse_xml(xml)
+    assert fields["FromUserName"] == "oyORnuP8q7ou2gfYjqLzSIWZf0rs"
+    assert fields["Content"] == "abcdteT" and fields["MsgId"] == "6054768590064713728"
+    assert xml.decode() == VECTOR_XML
+    assert crypto.encrypt(xml, random_prefix=b"89465c840c5f116f") == VECTOR_ENCRYPT
+
+
+def test_pad_above_sixteen_round_trips():
+    crypto = wxbot.WeChatCrypto(VECTOR_KEY, VECTOR_APPID)
+    seen_pads = set()
+    for size in range(0, 64):
+        xml = ("<xml>" + "字" * size + "</xml>").encode()
+        plain_length = 16 + 4 + len(xml) + len(VECTOR_APPID)
+        seen_pads.add(32 - plain_length % 32)
+        assert crypto.decrypt(crypto.encrypt(xml)) == xml
+    assert max(seen_pads) > 16
+
+
+def test_wrong_appid_or_padding_is_refused():
+    other = wxbot.WeChatCrypto(VECTOR_KEY, "wxOTHERAPPID00000")
+    with pytest.raises(wxbot.Forbidden, match="AppID"):
+        other.decrypt(VECTOR_ENCRYPT)
+    with pytest.raises(wxbot.Forbidden):
+        wxbot.WeChatCrypto("B" * 43, VECTOR_APPID).decrypt(VECTOR_ENCRYPT)
+    with pytest.raises(wxbot.Forbidden):
+        wxbot.WeChatCrypto(VECTOR_KEY, VECTOR_APPID).decrypt("not base64!!")
+
+
+def encrypted_push(xml, key=VECTOR_KEY, appid=APPID, token=TOKEN, safe=True):
+    """A push as WeChat sends it in 安全模式, encrypted by wechatpy (an independent coder)."""
+    from wechatpy.crypto import WeChatCrypto as WechatpyCrypto
+    timestamp, nonce = str(int(time.time())), "27452356"
+    envelope = WechatpyCrypto(token, key, appid).encrypt_message(xml.decode(), nonce, timestamp)
+    encrypt = re.search(r"<Encrypt><!\[CDATA\[(.*?)\]\]>", envelope).group(1)
+    msg_signature = re.search(r"<MsgSignature><!\[CDATA\[(.*?)\]\]>", envelope).group(1)
+    if safe:
+        body = (f"<xml><ToUserName><![CDATA[gh_10f6c3c3ac5a]]></ToUserName>"
+                f"<Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>").encode()
+    else:  # 兼容模式: the plain fields and <Encrypt>
+        body = xml.replace(b"</xml>", f"<Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>".encode())
+    query = signed_query(timestamp=timestamp, nonce=nonce, encrypt_type="aes",
+                         msg_signature=msg_signature)
+    return query, body
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["安全模式", "兼容模式"])
+def test_encrypted_pushes_from_wechatpy_are_answered(start_bot, wechat, model, safe):
+    bot = start_bot(WXBOT_AES_KEY=VECTOR_KEY)
+    query, body = encrypted_push(text_xml("oSAFE", "加密的问题", 3001), safe=safe)
+    response = post_push(bot, body, query=query)
+    assert (response.status_code, response.text) == (200, "success")
+    wait_for(lambda: wechat.texts_to("oSAFE"))
+    assert model.questions() == ["加密的问题"]
+
+
+def test_encrypted_push_with_bad_signature_key_or_appid_is_refused(start_bot, model, caplog,
+                                                                   tmp_path):
+    bot = start_bot(WXBOT_AES_KEY=VECTOR_KEY)
+    query, body = encrypted_push(text_xml("oBAD", "问", 1))
+    assert post_push(bot, body, query=dict(query, msg_signature="0" * 40)).status_code == 403
+    query, body = encrypted_push(text_xml("oBAD", "问", 2), appid="wxSOMEONEELSE0000")
+    assert post_push(bot, body, query=query).status_code == 403
+    query, body = encrypted_push(text_xml("oBAD", "问", 3), key="Z" * 43)
+    assert post_push(bot, body, query=query).status_code == 403
+    assert "msg_signature does not match" in caplog.text and "AppID" in caplog.text
+    assert stored_messages(tmp_path / "wxbot.db") == [] and model.requests == []
+
+
+def test_encrypted_push_without_aes_key_names_the_setting(start_bot, caplog):
+    bot = start_bot()
+    query, body = encrypted_push(text_xml("oNOKEY", "问", 1))
+    assert post_push(bot, body, query=query).status_code == 403
+    assert "WXBOT_AES_KEY is not set" in caplog.text
+
+
+def test_our_encrypted_reply_is_read_by_wechatpy():
+    from wechatpy.crypto import WeChatCrypto as WechatpyCrypto
+    reply = ("<xml><ToUserName><![CDATA[oUSER]]></ToUserName><FromUserName><![CDATA[gh_1]]>"
+             "</FromUserName><CreateTime>1714036504</CreateTime><MsgType><![CDATA[text]]>"
+             "</MsgType><Content><![CDATA[你好，" + "长" * 700 + "]]></Content></xml>")
+    ours = wxbot.WeChatCrypto(VECTOR_KEY, APPID).reply(TOKEN, reply.encode(), "1714036504",
+                                                       "nonce123")
+    signature = re.search(rb"<MsgSignature><!\[CDATA\[(.*?)\]\]>", ours).group(1).decode()
+    decrypted = WechatpyCrypto(TOKEN, VECTOR_KEY, APPID).decrypt_message(
+        ours.decode(), signature, "1714036504", "nonce123")
+    assert decrypted == reply
+
+
+# Hostile input ###############################################################
+
+def test_stale_timestamp_is_refused_even_when_signed(start_bot, model, caplog, tmp_path):
+    bot = start_bot(WXBOT_MAX_SKEW=300)
+    old = str(int(time.time()) - 301)
+    response = post_push(bot, text_xml("oOLD", "重放", 1), query=signed_query(timestamp=old))
+    assert response.status_code == 403
+    assert "WXBOT_MAX_SKEW" in caplog.text
+    assert stored_messages(tmp_path / "wxbot.db") == []
+
+
+def test_max_skew_zero_turns_the_age_check_off(start_bot, wechat):
+    bot = start_bot(WXBOT_MAX_SKEW=0)
+    response = post_push(bot, text_xml("oOLD", "旧", 1), query=signed_query(timestamp="1000"))
+    assert response.text == "success"
+
+
+BILLION_LAUGHS = b"""<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
+<xml><ToUserName>gh</ToUserName><FromUserName>oX</FromUserName><CreateTime>1</CreateTime>
+<MsgType>text</MsgType><Content>&lol3;</Content><MsgId>1</MsgId></xml>"""
+EXTERNAL_ENTITY = b"""<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]>
+<xml><ToUserName>gh</ToUserName><FromUserName>oX</FromUserName><CreateTime>1</CreateTime>
+<MsgType>text</MsgType><Content>&e;</Content><MsgId>1</MsgId></xml>"""
+
+
+@pytest.mark.parametrize("body", [
+    BILLION_LAUGHS,
+    EXTERNAL_ENTITY,
+    text_xml("oX", "hi", 1) + b"<xml>\xff\xfe",
+    b"<xml><Content>\xc3\x28</Content></xml>",
+    b"<xml>" + b"<a>" * 50000 + b"</a>" * 50000 + b"</xml>",
+    b"<xml><ToUserName>gh</ToUserName><CreateTime>1</CreateTime><MsgType>text</MsgType>"
+    b"<Content>hi</Content><MsgId>1</MsgId></xml>",
+    b"<xml><ToUserName>gh</ToUserName><FromUserName>oX</FromUserName><CreateTime>soon"
+    b"</CreateTime><MsgType>text</MsgType><Content>hi</Content><MsgId>1</MsgId></xml>",
+    b"<xml><ToUserName>gh</ToUserName><FromUserName>oX</FromUserName><CreateTime>1"
+    b"</CreateTime><MsgType>text</MsgType><Content>hi</Content><MsgId>1.5e3</MsgId></xml>",
+    b"<notxml><FromUserName>oX</FromUserName></notxml>",
+], ids=["billion-laughs", "external-entity", "trailing-garbage", "invalid-utf8",
+        "deep-nesting", "no-FromUserName", "CreateTime-not-a-number", "MsgId-not-a-number",
+        "wrong-root"])
+def test_hostile_xml_is_400_and_nothing_stored(start_bot, model, tmp_path, body):
+    bot = start_bot(WXBOT_MAX_SKEW=0)
+    assert post_push(bot, body).status_code == 400
+    assert stored_messages(tmp_path / "wxbot.db") == []
+    assert model.requests == []
+
+
+def test_unknown_msg_type_is_stored_and_answered_politely(start_bot, wechat, model):
+    bot = start_bot()
+    body = (b"<xml><ToUserName>gh</ToUserName><FromUserName>oNEW</FromUserName>"
+            b"<CreateTime>1714036504</CreateTime><MsgType>hologram</MsgType>"
+            b"<MsgId>88</MsgId></xml>")
+    assert post_push(bot, body).text == "success"
+    wait_for(lambda: wechat.texts_to("oNEW"))
+    assert wechat.texts_to("oNEW") == [wxbot.TEXT_ONLY_LINE] and model.requests == []
+
+
+def test_body_over_limit_is_refused_without_reading_it(start_bot):
+    bot = start_bot()
+    with socket.create_connection(("127.0.0.1", bot.port), timeout=5) as conn:
+        query = urllib.parse.urlencode(signed_query())
+        conn.sendall(f"POST /wx?{query} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n"
+                     f"\r\n".encode() + b"<xml>" * 10)
+        answer = conn.recv(200)
+    assert answer.startswith(b"HTTP/1.0 413") or answer.startswith(b"HTTP/1.1 413")
+
+
+def test_long_question_is_capped_before_the_model(start_bot, wechat, model):
+    bot = start_bot()
+    send_text(bot, "oLONGQ", "问" * 10000, 1)
+    wait_for(lambda: wechat.texts_to("oLONGQ"))
+    question = model.requests[0]["messages"][-1]["content"]
+    assert question.startswith("问" * wxbot.MAX_QUESTION_CHARS)
+    assert question.count("问") == wxbot.MAX_QUESTION_CHARS + 0 and "截断" in question
+
+
+def wsgi_call(app, method, query, body):
+    import io
+    environ = {
+        "REQUEST_METHOD": method, "PATH_INFO": "/wx", "QUERY_STRING": query,
+        "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body),
+        "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.url_scheme": "http", "wsgi.errors": io.StringIO(), "wsgi.version": (1, 0),
+        "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+    }
+    status = []
+    chunks = app(environ, lambda s, headers, exc_info=None: status.append(s))
+    b"".join(chunks)
+    return int(status[0].split()[0])
+
+
+def test_fuzzed_pushes_never_cause_5xx_and_store_only_valid_ones(tmp_path, wechat, model):
+    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+    settings = wxbot.Settings.from_env(env_for(tmp_path, wechat, model,
+                                               WXBOT_AES_KEY=VECTOR_KEY))
+    store = wxbot.Store(settings.db)
+    webhook = wxbot.Webhook(settings, store, wxbot.Wakeup())
+    app = wxbot.make_app(settings, store, webhook)
+    valid = text_xml("oFUZZ", "你好", 1)
+    stored = {"n": 0}
+
+    def count():
+        with store.connection() as conn:
+            return conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+
+    mutated = st.builds(
+        lambda data, at, insert: data[:at % (len(data) + 1)] + insert + data[at % (len(data)
+                                                                                 + 1) + 1:],
+        st.just(valid), st.integers(0, len(valid)), st.binary(max_size=8))
+    bodies = st.one_of(st.binary(max_size=300), mutated,
+                       st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")))
+    queries = st.one_of(
+        st.just(urllib.parse.urlencode(signed_query())),
+        st.just(urllib.parse.urlencode(signed_query(encrypt_type="aes", msg_signature="x"))),
+        st.text(max_size=80).map(lambda t: urllib.parse.quote(t, safe="=&")),
+        st.dictionaries(st.sampled_from(["signature", "timestamp", "nonce", "encrypt_type",
+                                         "msg_signature", "echostr"]),
+                        st.text(max_size=20)).map(urllib.parse.urlencode))
+
+    @hsettings(max_examples=2000, deadline=None, database=None,
+               suppress_health_check=list(HealthCheck))
+    @given(method=st.sampled_from(["GET", "POST", "PUT"]), query=queries, body=bodies)
+    def fuzz(method, query, body):
+        status = wsgi_call(app, method, query, body)
+        assert status < 500, (method, query, body)
+        now_stored = count()
+        if now_stored != stored["n"]:
+            assert status == 200 and method == "POST"
+            fields = wxbot.parse_xml(body)
+            wxbot.check_signature(TOKEN, dict(urllib.parse.parse_qsl(query)), time.time(), 300)
+            wxbot.Push.from_fields(fields)
+            stored["n"] = now_stored
+
+    fuzz()
+    store.close()
+
+
+def test_stalled_clients_do_not_block_a_signed_push(start_bot, wechat, monkeypatch):
+    monkeypatch.setattr(wxbot.QuietHandler, "timeout", 2)
+    bot = start_bot()
+    stalled = []
+    try:
+        for _ in range(200):
+            conn = socket.create_connection(("127.0.0.1", bot.port), timeout=10)
+            conn.sendall(b"POST /wx?signature=")  # half a request, then nothing
+            stalled.append(conn)
+        started = time.monotonic()
+        response = post_push(bot, text_xml("oSLOW", "还在吗", 1))
+        assert (response.status_code, response.text) == (200, "success")
+        assert time.monotonic() - started < 1.0
+        wait_for(lambda: wechat.texts_to("oSLOW"))
+        for conn in stalled:  # dropped by the server after its timeout
+            assert conn.recv(100) == b""
+    finally:
+        for conn in stalled:
+            conn.close()
+
+
+# Budget ######################################################################
+
+def test_user_rate_limit_skips_the_model_and_notices_once(start_bot, wechat, model):
+    bot = start_bot(WXBOT_USER_RATE=2)
+    for n in range(5):
+        send_text(bot, "oFLOOD", f"第{n}条", 100 + n)
+    send_text(bot, "oCALM", "别人", 200)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 6)
+    texts = wechat.texts_to("oFLOOD")
+    assert texts[:2] == ["答：第0条", "答：第1条"]
+    assert len(texts) == 3 and "秒后再问我" in texts[2]
+    assert sorted(model.questions()) == sorted(["第0条", "第1条", "别人"])
+
+
+def test_user_daily_limit(start_bot, wechat, model):
+    bot = start_bot(WXBOT_USER_DAILY=1, WXBOT_USER_RATE=0)
+    for n in range(3):
+        send_text(bot, "oDAY", f"第{n}条", 300 + n)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 3)
+    texts = wechat.texts_to("oDAY")
+    assert texts[0] == "答：第0条" and "今天的提问次数已用完" in texts[1] and len(texts) == 2
+    assert len(model.requests) == 1
+
+
+def test_history_is_trimmed_to_context_chars(start_bot, wechat, model):
+    bot = start_bot(WXBOT_CONTEXT_CHARS=30)
+    for n, text in enumerate(["一" * 20, "二" * 5, "三"]):
+        send_text(bot, "oCTX", text, 400 + n)
+        wait_for(lambda: len(wechat.texts_to("oCTX")) == n + 1)
+    history = model.requests[2]["messages"][1:-1]
+    assert history == [{"role": "user", "content": "二" * 5},
+                       {"role": "assistant", "content": "答：" + "二" * 5}]
+    assert sum(len(m["content"]) for m in history) <= 30
+
+
+def test_secrets_never_in_log_reply_or_healthz_at_debug(start_bot, wechat, model, caplog):
+    caplog.set_level(logging.DEBUG)
+    caplog.handler.addFilter(wxbot.SECRET_FILTER)
+    bot = start_bot(WXBOT_AES_KEY=VECTOR_KEY)
+    query, body = encrypted_push(text_xml("oSEC", "你好", 1))
+    replies = [post_push(bot, body, query=query).text]
+    wait_for(lambda: wechat.texts_to("oSEC"))
+    wechat.failures["/cgi-bin/message/custom/send"] = ["drop", 500, 40164]
+    send_text(bot, "oSEC", "再来", 2)
+    wait_for(lambda: len(wechat.texts_to("oSEC")) == 2, timeout=30)
+    wechat.expire_tokens()
+    model.respond = lambda request: (_ for _ in ()).throw(ModelFault(401, "bad key " + API_KEY))
+    send_text(bot, "oSEC", "坏钥匙", 3)
+    wait_for(lambda: bot.store.health(time.time())["failed"] == 1, timeout=30)
+    replies.append(post_push(bot, text_xml("oSEC", "x", 4), query={}).text)
+    replies.append(post_push(bot, b"<xml>", query=signed_query()).text)
+    replies.append(requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).text)
+    logging.getLogger("wxbot").info("settings: %s", bot.settings.describe())
+    text = caplog.text + "\n".join(replies)
+    assert "send failed" in text and "40164" in text and "HTTP 401" in text
+    assert wechat.tokens_issued == 2
+    for secret in [APPSECRET, API_KEY, VECTOR_KEY, "ACCESS_TOKEN_1_", "ACCESS_TOKEN_2_"]:
+        assert secret not in text, secret

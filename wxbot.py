@@ -1294,10 +1294,8 @@ class Worker:
             self.store.finish(message, State.DEAD, str(error))
             return
         delay = self._backoff(message.attempts)
-        if error.errcode == 40164:
-            delay = max(delay, 60)
-        elif error.errcode == 45011:
-            delay = max(delay, 60)
+        if error.errcode in (40164, 45011):  # whitelist or per-minute limit: not a hot loop
+            delay = max(delay, 30 * self.settings.retry_base)
         log_worker.warning("message %s: send failed (%s); retry in %.1f s", message.id,
                            error.hint(), delay)
         self.store.release(message, time.time() + delay, str(error))
