@@ -68,7 +68,8 @@ class FakeServer:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                       kwargs={"poll_interval": 0.05})
         self.thread.start()
 
     @staticmethod
@@ -679,8 +680,6 @@ def test_sigterm_exits_zero(tmp_path, wechat, model):
     assert any("stopped" in line for line in lines)
 
 
-# Secrets #####################################################################
-
 # Files #######################################################################
 
 def test_readme_commands_use_the_shipped_files():
@@ -1006,6 +1005,8 @@ def test_history_is_trimmed_to_context_chars(start_bot, wechat, model):
                        {"role": "assistant", "content": "答：" + "二" * 5}]
     assert sum(len(m["content"]) for m in history) <= 30
 
+
+# Secrets #####################################################################
 
 def test_secrets_never_in_log_reply_or_healthz_at_debug(start_bot, wechat, model, caplog):
     caplog.set_level(logging.DEBUG)
