@@ -69,6 +69,8 @@ DEFAULT_SYSTEM_PROMPT = (
 DEFAULT_WELCOME = "你好，欢迎关注！我是 AI 助手，直接发文字给我就能对话。发送 /help 查看用法。"
 TEXT_ONLY_LINE = "目前我只能理解文字消息，请直接发送文字。"
 APOLOGY_LINE = "抱歉，我暂时无法回答，请稍后再试。"
+REFUSED_LINE = "抱歉，这个问题我不方便回答，换个话题吧。"
+CONTINUE_WORDS = ("继续", "繼續", "/more")
 CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
 RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
 DAILY_LINE = "今天的提问次数已用完，请约 {hours} 小时后再来。"
@@ -394,6 +396,7 @@ CREATE TABLE IF NOT EXISTS segments (
     seq        INTEGER NOT NULL,
     content    TEXT NOT NULL CHECK (content != ''),
     sent_at    REAL,
+    moved_to   INTEGER REFERENCES messages (id),
     PRIMARY KEY (message_id, seq)
 );
 
@@ -577,19 +580,52 @@ class Store:
     # Answers ----------------------------------------------------------------
 
     def save_answer(self, message: Message, segments: list[str], now: float,
-                    question: str | None = None, answer: str | None = None) -> None:
-        """Store the planned segments (and the exchange for the history) in one commit."""
+                    question: str | None = None, answer: str | None = None,
+                    carry: bool = True, take_overflow: bool = False) -> int:
+        """Store what this message will send (and the exchange for the history) in one commit.
+
+        Unsent segments of the user's earlier answers come first: those a quota or window
+        error interrupted always, those beyond the 5-message quota when the user asked for
+        more ("继续"). They move to this message, whose 5 messages they then use. Events
+        (carry=False) open no quota that could take them.
+        Returns the number of segments now planned for the message.
+        """
         with self.transaction() as conn:
             self._leased(conn, message, "UPDATE messages SET answered_at = :now", now=now)
+            earlier = conn.execute(
+                "SELECT s.message_id, s.seq, s.content FROM segments s JOIN messages m"
+                " ON m.id = s.message_id WHERE m.openid = :openid AND m.id < :id"
+                " AND m.state = 'done' AND s.sent_at IS NULL AND s.moved_to IS NULL"
+                # 45047 (quota used up) and 45015 (window closed): the user's next message
+                # opens a new quota, so what they did not get goes out with it.
+                " AND (m.error IN ('errcode 45047', 'errcode 45015') OR :take_overflow)"
+                " AND :carry ORDER BY m.id, s.seq",
+                {"openid": message.openid, "id": message.id, "take_overflow": take_overflow,
+                 "carry": carry}).fetchall()
+            conn.executemany("UPDATE segments SET moved_to = ? WHERE message_id = ? AND seq = ?",
+                             [(message.id, row[0], row[1]) for row in earlier])
+            planned = [row[2] for row in earlier] + segments
+            if len(planned) > QUOTA:  # every segment must have room for the "继续" line
+                planned = [part for text in planned for part in
+                           split_segments(text, SEGMENT_BYTES - utf8_len(CONTINUE_TAIL))]
             conn.executemany(
                 "INSERT INTO segments (message_id, seq, content) VALUES (?, ?, ?)",
-                [(message.id, seq, text) for seq, text in enumerate(segments)])
+                [(message.id, seq, text) for seq, text in enumerate(planned)])
             if question is not None and answer is not None:
                 conn.executemany(
                     "INSERT INTO turns (openid, role, content, created_at, message_id)"
                     " VALUES (?, ?, ?, ?, ?)",
                     [(message.openid, "user", question, message.received_at, message.id),
                      (message.openid, "assistant", answer, now, message.id)])
+        return len(planned)
+
+    def has_overflow(self, openid: str, before_id: int) -> bool:
+        """Whether the user has unsent segments of earlier answers waiting for "继续"."""
+        with self.connection() as conn:
+            return conn.execute(
+                "SELECT 1 FROM segments s JOIN messages m ON m.id = s.message_id"
+                " WHERE m.openid = ? AND m.id < ? AND m.state = 'done' AND s.sent_at IS NULL"
+                " AND s.moved_to IS NULL LIMIT 1", (openid, before_id)).fetchone() is not None
 
     def has_answer(self, message_id: int) -> bool:
         with self.connection() as conn:
@@ -599,7 +635,7 @@ class Store:
     def segments(self, message_id: int) -> list[sqlite3.Row]:
         with self.connection() as conn:
             return conn.execute("SELECT seq, content, sent_at FROM segments WHERE message_id = ?"
-                                " ORDER BY seq", (message_id,)).fetchall()
+                                " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
     def mark_sent(self, message: Message, seq: int, now: float) -> None:
         with self.transaction() as conn:
@@ -668,7 +704,7 @@ class Store:
             oldest = conn.execute("SELECT min(received_at) FROM messages"
                                   " WHERE state IN ('queued', 'leased')").fetchone()[0]
             unsent = conn.execute("SELECT count(*) FROM segments WHERE sent_at IS NULL"
-                                  ).fetchone()[0]
+                                  " AND moved_to IS NULL").fetchone()[0]
         return {
             "queued": counts.get("queued", 0) + counts.get("leased", 0),
             "in_progress": counts.get("leased", 0),
@@ -798,11 +834,6 @@ def parse_xml(body: bytes) -> dict[str, str]:
     return fields
 
 
-#: Events that never reach the model and get no message (LOCATION can fire every 5 s).
-SILENT_EVENTS = {"unsubscribe", "LOCATION", "VIEW", "TEMPLATESENDJOBFINISH",
-                 "MASSSENDJOBFINISH", "view_miniprogram"}
-
-
 @dataclasses.dataclass(frozen=True)
 class Push:
     """One push from WeChat, validated: a message (with MsgId) or an event."""
@@ -867,6 +898,7 @@ HINTS = {
     45015: "the user has not written in 48 h or unfollowed; the answer stays stored",
 }
 TOKEN_INVALID = {40001, 40014, 42001}
+
 #: The message cannot be delivered now; keep what is unsent and move on (WECHAT.md §6).
 GIVE_UP = {40003, 43004, 45015, 45047, 48001}
 #: Worth trying again later.
@@ -898,6 +930,16 @@ class WeChatAPI:
         self.settings, self.store, self.timeout = settings, store, timeout
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._reported: set[int] = set()
+
+    def first_time(self, errcode: int) -> bool:
+        """False for an account-wide error already logged (48001 would flood the log)."""
+        if errcode != 48001:
+            return True
+        with self._lock:
+            first = errcode not in self._reported
+            self._reported.add(errcode)
+        return first
 
     def _session(self) -> requests.Session:
         if not hasattr(self._local, "session"):
@@ -986,11 +1028,19 @@ class WeChatAPI:
 ###############################################################################
 
 class ModelError(Exception):
-    """The model gave no usable answer; `retryable` says whether trying again may help."""
+    """The model gave no usable answer. kind: "transient" (try again later), "context" (the
+    conversation is too long), "refused" (a content filter), or "fatal" (a setting is wrong)."""
 
-    def __init__(self, reason: str, retryable: bool = True, retry_after: float | None = None):
+    def __init__(self, reason: str, kind: str = "transient", retry_after: float | None = None):
         super().__init__(reason)
-        self.retryable, self.retry_after = retryable, retry_after
+        self.kind, self.retry_after = kind, retry_after
+
+
+#: How providers say a request was too long, or blocked by their content filter (HTTP 400).
+CONTEXT_TOO_LONG = re.compile(r"context.length|context_length|maximum context|too long|"
+                              r"max_tokens|tokens? limit|超出|过长", re.I)
+CONTENT_FILTER = re.compile(r"content.filter|content_filter|content management|"
+                            r"data_inspection|inappropriate|sensitive|risk|违规|敏感", re.I)
 
 
 class Model:
@@ -1014,6 +1064,8 @@ class Model:
                              f"{self.client.base_url}") from None
         choice = completion.choices[0] if completion.choices else None
         text = (choice.message.content or "").strip() if choice and choice.message else ""
+        if not text and choice and choice.finish_reason == "content_filter":
+            raise ModelError("the model's content filter stopped the answer", "refused")
         if not text:
             raise ModelError("the model returned an empty answer")
         return text
@@ -1025,9 +1077,14 @@ class Model:
         retry_after = None
         with contextlib.suppress(TypeError, ValueError):
             retry_after = float(error.response.headers.get("retry-after"))
-        return ModelError(f"HTTP {status} from the model: {hint.get(status, 'provider error')}",
-                          retryable=status in (408, 409, 429) or status >= 500,
-                          retry_after=retry_after)
+        detail = str(getattr(error, "message", "") or "")[:300]
+        kind = "transient" if status in (408, 409, 429) or status >= 500 else "fatal"
+        if status == 400 and CONTEXT_TOO_LONG.search(detail):
+            kind = "context"
+        elif status == 400 and CONTENT_FILTER.search(detail):
+            kind = "refused"
+        return ModelError(f"HTTP {status} from the model: {hint.get(status, 'provider error')}"
+                          f" ({kind})", kind, retry_after)
 
 
 ###############################################################################
@@ -1127,8 +1184,7 @@ class Worker:
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
         self.wakeup, self.name = wakeup, name
         self.stopping = threading.Event()
-        self.lease_seconds = settings.model_timeout * self.MODEL_TRIES + 120
-        self._warned_no_permission = False
+        self.lease_seconds = settings.model_timeout * 2 + 120
 
     # Loop -------------------------------------------------------------------
 
@@ -1173,10 +1229,10 @@ class Worker:
         started = time.monotonic()
         model_seconds = None
         if not self.store.has_answer(message.id):
-            segments = self.reply_for(message)
-            if segments is None:  # the model failed and will be tried again
+            planned = self.plan(message)
+            if planned is None:  # the model failed and the message went back to the queue
                 return
-            if not segments:
+            if not planned:
                 self.store.finish(message, State.DONE)
                 log_worker.info("message %s from %s: %s, nothing to send", message.id,
                                 short_id(message.openid), message.event or message.msg_type)
@@ -1184,22 +1240,20 @@ class Worker:
             model_seconds = time.monotonic() - started
         self.deliver(message, model_seconds)
 
-    def reply_for(self, message: Message) -> list[str] | None:
-        """Plan and store what to send; None when the model failed and the message went back."""
+    def plan(self, message: Message) -> int | None:
+        """Decide and store what to send; the number of segments, or None to retry later."""
         now = time.time()
-        if message.msg_type == "event":
-            text = self.settings.welcome if message.event == "subscribe" else ""
-            segments = plan_segments(text) if message.event not in SILENT_EVENTS else []
-            self.store.save_answer(message, segments, now)
-            return segments
-        if message.msg_type != "text" or not (message.content or "").strip():
-            segments = [TEXT_ONLY_LINE]
-            self.store.save_answer(message, segments, now)
-            return segments
-        return self.answer_text(message)
+        text = (message.content or "").strip()
+        if message.msg_type == "event":  # LOCATION (every 5 s), VIEW and the rest: nothing
+            line = self.settings.welcome if message.event == "subscribe" else ""
+            return self.store.save_answer(message, split_segments(line), now, carry=False)
+        if message.msg_type != "text" or not text:
+            return self.store.save_answer(message, [TEXT_ONLY_LINE], now)
+        if text in CONTINUE_WORDS and self.store.has_overflow(message.openid, message.id):
+            return self.store.save_answer(message, [], now, take_overflow=True)
+        return self.answer_text(message, text)
 
-    def answer_text(self, message: Message) -> list[str] | None:
-        question = message.content.strip()
+    def answer_text(self, message: Message, question: str) -> int | None:
         if len(question) > MAX_QUESTION_CHARS:
             question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
                 chars=MAX_QUESTION_CHARS)
@@ -1207,25 +1261,37 @@ class Worker:
             (60, self.settings.user_rate), (86400, self.settings.user_daily)])
         if wait is not None:
             return self._over_limit(message, wait)
+        history = self.store.history(message.openid, self.settings.history_turns,
+                                     self.settings.context_chars)
         self.wechat.typing(message.openid)
-        renew = threading.Timer(self.TYPING_RENEW, self.wechat.typing, (message.openid,))
+        renew = threading.Timer(self.TYPING_RENEW, self._renew_typing, (message,))
         renew.daemon = True
         renew.start()
         try:
-            chat = ([{"role": "system", "content": self.settings.system_prompt}]
-                    + self.store.history(message.openid, self.settings.history_turns,
-                                         self.settings.context_chars)
-                    + [{"role": "user", "content": question}])
-            answer = self.model.answer(chat)
+            answer = self._ask(question, history)
         except ModelError as error:
             return self._model_failed(message, error)
         finally:
             renew.cancel()
-        segments = plan_segments(answer)
-        self.store.save_answer(message, segments, time.time(), question, answer)
-        return segments
+        return self.store.save_answer(message, plan_segments(answer), time.time(), question,
+                                      answer)
 
-    def _over_limit(self, message: Message, wait: float) -> list[str]:
+    def _ask(self, question: str, history: list[dict]) -> str:
+        system = {"role": "system", "content": self.settings.system_prompt}
+        try:
+            return self.model.answer([system, *history, {"role": "user", "content": question}])
+        except ModelError as error:
+            if error.kind != "context" or not history:
+                raise
+            log_worker.warning("context too long for the model; retrying without history")
+        return self.model.answer([system, {"role": "user", "content": question}])
+
+    def _renew_typing(self, message: Message) -> None:
+        # Typing needs an exchange with the user in the last 30 s (45080).
+        if time.time() - message.received_at < 30:
+            self.wechat.typing(message.openid)
+
+    def _over_limit(self, message: Message, wait: float) -> int:
         """One short notice per user and window; further messages in it get nothing."""
         now = time.time()
         line = (RATE_LINE.format(wait=max(1, round(wait))) if wait <= 60
@@ -1237,11 +1303,13 @@ class Worker:
         log_worker.warning("message %s from %s: over the per-user limit (WXBOT_USER_RATE/"
                            "WXBOT_USER_DAILY); no model call, %s", message.id,
                            short_id(message.openid), "notice sent" if segments else "silent")
-        self.store.save_answer(message, segments, now)
-        return segments
+        return self.store.save_answer(message, segments, now)
 
-    def _model_failed(self, message: Message, error: ModelError) -> list[str] | None:
-        if error.retryable and message.attempts < self.MODEL_TRIES:
+    def _model_failed(self, message: Message, error: ModelError) -> int | None:
+        if error.kind == "refused":
+            log_worker.warning("message %s: the model refused (content filter)", message.id)
+            return self.store.save_answer(message, [REFUSED_LINE], time.time())
+        if error.kind == "transient" and message.attempts < self.MODEL_TRIES:
             delay = max(error.retry_after or 0, self._backoff(message.attempts))
             log_worker.warning("message %s: model failed (%s); retry %d/%d in %.1f s",
                                message.id, error, message.attempts, self.MODEL_TRIES - 1, delay)
@@ -1250,14 +1318,15 @@ class Worker:
             return None
         log_worker.error("message %s from %s: model failed (%s); sending the apology",
                          message.id, short_id(message.openid), error)
-        self.store.save_answer(message, [APOLOGY_LINE], time.time())
-        return [APOLOGY_LINE]
+        return self.store.save_answer(message, [APOLOGY_LINE], time.time())
 
     def deliver(self, message: Message, model_seconds: float | None) -> None:
-        """Send the unsent segments in order, each marked sent as WeChat confirms it."""
+        """Send the unsent segments in order, each marked sent as WeChat confirms it.
+
+        WeChat allows 5 messages per user message (45047): the 5th says how to get the rest.
+        """
         rows = self.store.segments(message.id)
         sent = sum(1 for row in rows if row["sent_at"] is not None)
-        apology = len(rows) == 1 and rows[0]["content"] == APOLOGY_LINE
         for row in rows:
             if row["sent_at"] is not None:
                 continue
@@ -1274,6 +1343,7 @@ class Worker:
                 return
             self.store.mark_sent(message, row["seq"], time.time())
             sent += 1
+        apology = [row["content"] for row in rows] == [APOLOGY_LINE]
         self.store.finish(message, State.FAILED if apology else State.DONE)
         log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
                         short_id(message.openid), message.msg_id or message.event,
@@ -1282,15 +1352,14 @@ class Worker:
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
         if error.errcode in GIVE_UP:
-            if error.errcode != 48001 or not self._warned_no_permission:
+            if self.wechat.first_time(error.errcode):
                 log_worker.error("message %s to %s not delivered: %s", message.id,
                                  short_id(message.openid), error.hint())
-                self._warned_no_permission |= error.errcode == 48001
             self.store.finish(message, State.DONE, f"errcode {error.errcode}")
             return
         if message.attempts >= self.MAX_ATTEMPTS:
-            log_worker.error("message %s: giving up after %d attempts: %s", message.id,
-                             message.attempts, error.hint())
+            log_worker.error("message %s: giving up after %d attempts (state dead, kept in the"
+                             " database): %s", message.id, message.attempts, error.hint())
             self.store.finish(message, State.DEAD, str(error))
             return
         delay = self._backoff(message.attempts)
