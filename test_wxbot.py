@@ -66,6 +66,7 @@ class FakeServer:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: None  # a client hung up
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
@@ -107,6 +108,8 @@ class FakeWeChat(FakeServer):
         self.tokens_issued = 0
         self.valid_tokens = set()
         self.token_reply = None  # a dict to answer stable_token with instead of a token
+        self.intercept = None     # intercept(path, body) -> None (go on) or a scripted answer
+        self.hold = None
 
     def new_token(self):
         self.tokens_issued += 1
@@ -122,8 +125,10 @@ class FakeWeChat(FakeServer):
         parts = urllib.parse.urlsplit(handler.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
         body = json.loads(handler.body.decode("utf-8"))
+        # hold(path, body) may block this request, outside the lock, and script its answer.
+        held = self.hold(parts.path, body) if self.hold else None
         with self.lock:
-            answer = self.answer(parts.path, query, body)
+            answer = self.answer(parts.path, query, body, held)
         if answer is None:  # a dropped connection
             handler.close_connection = True
             with contextlib.suppress(OSError):
@@ -134,7 +139,7 @@ class FakeWeChat(FakeServer):
             return
         self.reply(handler, 200, json.dumps(answer, ensure_ascii=False).encode("utf-8"))
 
-    def answer(self, path, query, body):
+    def answer(self, path, query, body, errcode=None):
         if path == "/cgi-bin/stable_token":
             self.token_calls.append(body)
             if self.token_reply:
@@ -144,8 +149,11 @@ class FakeWeChat(FakeServer):
                 return {"access_token": self.new_token(), "expires_in": 7200}
             return {"access_token": sorted(self.valid_tokens)[0], "expires_in": 7200}
         scripted = self.failures.get(path)
-        if scripted:
+        if errcode is None and scripted:
             errcode = scripted.pop(0)
+        if errcode is None and self.intercept:
+            errcode = self.intercept(path, body)
+        if errcode is not None:
             if errcode == "drop":
                 return None
             if errcode == 500:
@@ -299,6 +307,7 @@ def post_push(bot_or_port, body, query=None, path="/wx"):
 
 
 def send_text(bot, openid, content, msg_id):
+    """Post a signed text push to a Bot or a port; assert it was acknowledged."""
     response = post_push(bot, text_xml(openid, content, msg_id))
     assert (response.status_code, response.text) == (200, "success")
     return response
@@ -624,6 +633,257 @@ def test_stop_finishes_the_answer_in_flight(start_bot, wechat, model):
     wait_for(lambda: model.requests)
     assert bot.stop(timeout=10) is True
     assert wechat.texts_to("oSTOP") == ["慢慢来"]
+
+
+# Delivery ####################################################################
+
+SEND = "/cgi-bin/message/custom/send"
+
+
+def test_an_ack_from_a_worker_that_lost_its_lease_is_refused(tmp_path):
+    store = wxbot.Store(str(tmp_path / "lease.db"))
+    push = wxbot.Push.from_fields(wxbot.parse_xml(text_xml("oLEASE", "问", 1)))
+    store.store_push(push, 1000.0)
+    first = store.claim(now=1000.0, lease_seconds=10)
+    assert store.claim(now=1005.0, lease_seconds=10) is None  # still leased
+    second = store.claim(now=1011.0, lease_seconds=10)      # the lease expired
+    assert second.id == first.id and second.attempts == first.attempts + 1
+    with pytest.raises(wxbot.LeaseLost):
+        store.save_answer(first, ["旧的"], 1012.0)
+    with pytest.raises(wxbot.LeaseLost):
+        store.finish(first, wxbot.State.DONE)
+    store.save_answer(second, ["新的"], 1012.0)
+    store.finish(second, wxbot.State.DONE)
+    assert [row["content"] for row in store.segments(first.id)] == ["新的"]
+    store.close()
+
+
+def test_restart_resumes_at_the_first_unsent_segment(tmp_path, wechat, model):
+    answer = chinese_answer(1800)  # three segments
+    model.respond = lambda request: answer
+    stuck, killed = threading.Event(), threading.Event()
+
+    def hold(path, body):
+        if path == SEND and len(wechat.sent) == 1 and not stuck.is_set():
+            stuck.set()
+            killed.wait(15)
+            return "drop"  # the process died before WeChat took the segment
+    wechat.hold = hold
+    env = env_for(tmp_path, wechat, model)
+    process, port, _ = start_process(env, tmp_path)
+    try:
+        send_text(port, "oRESUME", "长一点", 1)
+        wait_for(stuck.is_set, message="the second segment in flight")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        killed.set()
+        assert len(wechat.texts_to("oRESUME")) == 1
+        process, port, _ = start_process(env, tmp_path)
+        wait_for(lambda: len(wechat.texts_to("oRESUME")) == 3, message="the rest")
+    finally:
+        process.kill()
+    segments = wechat.texts_to("oRESUME")
+    assert without_space("".join(segments)) == without_space(answer)
+    assert len(model.requests) == 1  # the stored answer was not asked for again
+
+
+def test_more_than_five_segments_continue_on_request(start_bot, wechat, model):
+    answer = chinese_answer(12000)
+    model.respond = lambda request: answer if "书" in request["messages"][-1]["content"] \
+        else "答"
+    bot = start_bot()
+    send_text(bot, "oMORE", "写一本书", 1)
+    wait_for(lambda: len(wechat.texts_to("oMORE")) == 5)
+    msg_id = 2
+    while wechat.texts_to("oMORE")[-1].endswith(wxbot.CONTINUE_TAIL.strip()):
+        count = len(wechat.texts_to("oMORE"))
+        send_text(bot, "oMORE", "继续", msg_id)
+        msg_id += 1
+        wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and
+                 len(wechat.texts_to("oMORE")) > count)
+        assert len(wechat.texts_to("oMORE")) - count <= 5
+    texts = wechat.texts_to("oMORE")
+    delivered = "".join(texts).replace(wxbot.CONTINUE_TAIL.strip(), "")
+    assert without_space(delivered) == without_space(answer)
+    assert all(len(t.encode()) <= 2048 for t in texts)
+    assert len(model.requests) == 1
+    send_text(bot, "oMORE", "继续", msg_id)  # nothing left: 继续 is an ordinary question
+    wait_for(lambda: wechat.texts_to("oMORE")[-1] == "答")
+
+
+def test_quota_error_keeps_the_rest_for_the_next_message(start_bot, wechat, model):
+    answers = {"第一问": chinese_answer(1800), "第二问": "第二个回答"}
+    model.respond = lambda request: answers[request["messages"][-1]["content"]]
+    wechat.intercept = lambda path, body: 45047 if path == SEND and \
+        len(wechat.sent) == 1 and not wechat.rejected_sends else None
+    bot = start_bot()
+    send_text(bot, "oQUOTA", "第一问", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    assert len(wechat.texts_to("oQUOTA")) == 1 and wechat.rejected_sends == 1
+    send_text(bot, "oQUOTA", "第二问", 2)
+    wait_for(lambda: wechat.texts_to("oQUOTA")[-1:] == ["第二个回答"])
+    texts = wechat.texts_to("oQUOTA")
+    assert without_space("".join(texts[:-1])) == without_space(answers["第一问"])
+    assert len(texts) == 4
+
+
+@pytest.mark.parametrize("errcode", [45015, 40003, 43004])
+def test_undeliverable_stops_and_keeps_the_answer(start_bot, wechat, model, caplog, tmp_path,
+                                                  errcode):
+    wechat.failures[SEND] = [errcode]
+    bot = start_bot()
+    send_text(bot, "oGONE", "还在吗", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    assert wechat.sent == [] and wechat.rejected_sends == 1
+    assert f"errcode {errcode}" in caplog.text
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
+        assert conn.execute("SELECT content, sent_at FROM segments").fetchall() == \
+            [("答：还在吗", None)]
+
+
+def test_no_permission_is_logged_once_with_what_to_do(start_bot, wechat, model, caplog):
+    wechat.intercept = lambda path, body: 48001 if path == SEND else None
+    bot = start_bot()
+    for n in range(3):
+        send_text(bot, f"oU{n}", "你好", n)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 3)
+    assert caplog.text.count("verify the account") == 1
+    assert wechat.rejected_sends == 3  # one try per message, no retry loop
+
+
+def test_ip_whitelist_error_names_the_ip_and_retries_later(start_bot, wechat, model, caplog):
+    wechat.failures[SEND] = [40164]
+    bot = start_bot()
+    send_text(bot, "oIP", "问", 1)
+    wait_for(lambda: wechat.texts_to("oIP"))
+    assert "203.0.113.9" in caplog.text and "IP白名单" in caplog.text
+    assert wechat.texts_to("oIP") == ["答：问"]
+
+
+def test_transient_send_errors_are_retried_and_delivered_once(start_bot, wechat, model):
+    wechat.failures[SEND] = [-1, 500, "drop", 45011, -1]
+    bot = start_bot()
+    send_text(bot, "oFLAKY", "问", 1)
+    wait_for(lambda: wechat.texts_to("oFLAKY"), timeout=30)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    assert wechat.texts_to("oFLAKY") == ["答：问"]
+    assert len(model.requests) == 1
+
+
+def test_delivery_that_keeps_failing_ends_dead_and_is_kept(start_bot, wechat, model, caplog,
+                                                           monkeypatch):
+    monkeypatch.setattr(wxbot.Worker, "MAX_ATTEMPTS", 3)
+    wechat.intercept = lambda path, body: 500 if path == SEND else None
+    bot = start_bot()
+    send_text(bot, "oDEAD", "问", 1)
+    health = wait_for(lambda: (lambda h: h if h["dead"] == 1 else None)(
+        requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).json()))
+    assert health["unsent_segments"] == 1 and health["queued"] == 0
+    assert "giving up after 3 attempts" in caplog.text
+    assert len(model.requests) == 1
+
+
+def test_one_token_refresh_is_shared_by_all_threads(start_bot, wechat, model):
+    bot = start_bot(WXBOT_WORKERS=4)
+    send_text(bot, "oT0", "一", 1)
+    wait_for(lambda: wechat.texts_to("oT0"))
+    calls = len(wechat.token_calls)
+    wechat.expire_tokens()
+    for n in range(8):
+        send_text(bot, f"oT{n + 1}", "二", 10 + n)
+    wait_for(lambda: len(wechat.sent) == 9)
+    assert len(wechat.token_calls) == calls + 1
+
+
+def test_typing_is_renewed_once_while_the_model_works(start_bot, wechat, model, monkeypatch):
+    monkeypatch.setattr(wxbot.Worker, "TYPING_RENEW", 0.3)
+    model.respond = lambda request: time.sleep(1.0) or "想好了"
+    wechat.failures["/cgi-bin/message/custom/typing"] = [45081]
+    bot = start_bot()
+    send_text(bot, "oTYPE", "慢问题", 1)
+    wait_for(lambda: wechat.texts_to("oTYPE"))
+    assert wechat.typing == [("oTYPE", "Typing")]  # the first got 45081: ignored
+    assert wechat.texts_to("oTYPE") == ["想好了"]
+
+
+def test_model_retry_after_is_honoured(start_bot, wechat, model):
+    times = []
+
+    def respond(request):
+        times.append(time.monotonic())
+        if len(times) == 1:
+            raise ModelFault(429, "rate limited", headers={"Retry-After": "1"})
+        return "好了"
+    model.respond = respond
+    bot = start_bot()
+    send_text(bot, "o429", "问", 1)
+    wait_for(lambda: wechat.texts_to("o429"))
+    assert times[1] - times[0] >= 1.0
+
+
+def test_context_too_long_retries_once_without_history(start_bot, wechat, model):
+    def respond(request):
+        if len(request["messages"]) > 2:
+            raise ModelFault(400, "This model's maximum context length is 8192 tokens")
+        return "答：" + request["messages"][-1]["content"]
+    bot = start_bot()
+    send_text(bot, "oCTX", "一", 1)
+    wait_for(lambda: wechat.texts_to("oCTX"))
+    model.respond = respond
+    send_text(bot, "oCTX", "二", 2)
+    wait_for(lambda: len(wechat.texts_to("oCTX")) == 2)
+    assert wechat.texts_to("oCTX")[1] == "答：二"
+    assert [len(r["messages"]) for r in model.requests] == [2, 4, 2]
+
+
+def test_content_filter_gets_a_polite_line(start_bot, wechat, model):
+    model.respond = lambda request: (_ for _ in ()).throw(
+        ModelFault(400, "Input data may contain inappropriate content."))
+    bot = start_bot()
+    send_text(bot, "oFILTER", "敏感问题", 1)
+    wait_for(lambda: wechat.texts_to("oFILTER"))
+    assert wechat.texts_to("oFILTER") == [wxbot.REFUSED_LINE]
+    assert len(model.requests) == 1
+
+
+def test_pushes_during_stop_are_not_acknowledged(start_bot, wechat, model):
+    model.respond = lambda request: time.sleep(0.5) or "好"
+    bot = start_bot()
+    send_text(bot, "oSTOP", "问", 1)
+    wait_for(lambda: model.requests)
+    bot.webhook.accepting = False  # what stop() does first
+    assert post_push(bot, text_xml("oSTOP", "晚了", 2)).status_code == 503
+    bot.webhook.accepting = True
+
+
+def test_second_signal_exits_at_once(tmp_path, wechat, model):
+    model.respond = lambda request: time.sleep(20) or "太慢"
+    process, port, lines = start_process(env_for(tmp_path, wechat, model,
+                                                 WXBOT_STOP_TIMEOUT=60), tmp_path)
+    try:
+        send_text(port, "oSIG", "问", 1)
+        wait_for(lambda: model.requests)
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: any("stopping" in line for line in lines))
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(5) != 0
+        assert time.monotonic() - started < 5
+    finally:
+        process.kill()
+
+
+def test_sigterm_lets_the_answer_in_flight_finish(tmp_path, wechat, model):
+    model.respond = lambda request: time.sleep(1.5) or "答完再走"
+    process, port, lines = start_process(env_for(tmp_path, wechat, model), tmp_path)
+    try:
+        send_text(port, "oTERM", "问", 1)
+        wait_for(lambda: model.requests)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    finally:
+        process.kill()
+    assert wechat.texts_to("oTERM") == ["答完再走"]
 
 
 # Processes ###################################################################
@@ -1004,6 +1264,141 @@ def test_history_is_trimmed_to_context_chars(start_bot, wechat, model):
     assert history == [{"role": "user", "content": "二" * 5},
                        {"role": "assistant", "content": "答：" + "二" * 5}]
     assert sum(len(m["content"]) for m in history) <= 30
+
+
+# Fault injection #############################################################
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def push_like_wechat(port_of, pushes, deadline=120):
+    """Post each push until it is answered "success", as WeChat retries; in order."""
+    for openid, content, msg_id in pushes:
+        give_up = time.monotonic() + deadline
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if post_push(port_of(), text_xml(openid, content, msg_id)).text == "success":
+                    break
+            assert time.monotonic() < give_up, "push never acknowledged"
+            time.sleep(0.05)  # WeChat's retry interval, shortened
+
+
+def assert_each_answered_once_in_order(wechat, expected):
+    for openid, answers in expected.items():
+        assert wechat.texts_to(openid) == answers, openid
+
+
+def test_sigkill_at_random_points_loses_nothing_and_keeps_order(tmp_path, wechat, model):
+    import random
+    rng = random.Random(20261126)
+    model.respond = lambda request: time.sleep(rng.random() * 0.03) or \
+        "答:" + request["messages"][-1]["content"]
+    users = [f"oKILL{n:02d}" for n in range(20)]
+    pushes = [(user, f"{user}-{k}", 1000 * n + k) for k in range(10)
+              for n, user in enumerate(users)]
+    expected = {user: [f"答:{user}-{k}" for k in range(10)] for user in users}
+    env = env_for(tmp_path, wechat, model, WXBOT_PORT=free_port(), WXBOT_USER_RATE=0)
+    state, logs = {}, []
+    state["process"], state["port"], lines = start_process(env, tmp_path)
+    logs.append(lines)
+    pusher = threading.Thread(target=push_like_wechat, args=(lambda: state["port"], pushes))
+    pusher.start()
+    try:
+        for kill in range(5):
+            threshold = rng.randint(30 * kill + 10, 30 * kill + 35)
+            wait_for(lambda: len(model.requests) >= threshold, timeout=60)
+            state["process"].send_signal(signal.SIGKILL)
+            state["process"].wait(10)
+            state["process"], state["port"], lines = start_process(env, tmp_path)
+            logs.append(lines)
+        pusher.join(120)
+        wait_for(lambda: len(wechat.sent) >= 200, timeout=60, message="all 200 answers")
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{state['port']}/healthz",
+                                      timeout=5).json()["queued"] == 0)
+        state["process"].send_signal(signal.SIGTERM)
+        assert state["process"].wait(15) == 0
+    finally:
+        state["process"].kill()
+    # WeChat has no idempotency key: a segment WeChat took in the instant before a kill -9,
+    # not yet marked sent, goes out again. That, and only that, may repeat: once per kill,
+    # right after itself, and the log says so.
+    repeats = 0
+    for user in users:
+        texts = wechat.texts_to(user)
+        deduplicated = [t for i, t in enumerate(texts) if i == 0 or texts[i - 1] != t]
+        assert deduplicated == expected[user], user
+        repeats += len(texts) - len(deduplicated)
+    in_flight = sum("was in flight" in line for lines in logs for line in lines)
+    print(f"kills: 5, repeated segments: {repeats}, logged in flight: {in_flight}")
+    assert repeats <= in_flight <= 5 * 4  # at most one segment per worker per kill
+
+
+def test_wechat_failing_30_percent_still_delivers_everything_once(start_bot, wechat, model):
+    import random
+    rng, faults = random.Random(7), []
+
+    def intercept(path, body):
+        if path != "/cgi-bin/stable_token" and rng.random() < 0.3:
+            faults.append(rng.choice([-1, 500, "drop"]))
+            return faults[-1]
+    wechat.intercept = intercept
+    bot = start_bot(WXBOT_USER_RATE=0)
+    users = [f"oNET{n}" for n in range(6)]
+    for k in range(8):
+        for n, user in enumerate(users):
+            send_text(bot, user, f"{user}-{k}", 100 * n + k)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 48, timeout=90)
+    assert_each_answered_once_in_order(
+        wechat, {user: [f"答：{user}-{k}" for k in range(8)] for user in users})
+    assert len(faults) > 20 and {-1, 500, "drop"} <= set(faults)
+
+
+def test_model_failing_30_percent_answers_or_apologises_for_everything(start_bot, wechat,
+                                                                       model):
+    import random
+    rng = random.Random(11)
+
+    def respond(request):
+        if rng.random() < 0.3:
+            raise ModelFault(rng.choice([500, 502, 503, 429]))
+        return "答：" + request["messages"][-1]["content"]
+    model.respond = respond
+    bot = start_bot(WXBOT_USER_RATE=0)
+    users = [f"oMDL{n}" for n in range(6)]
+    for k in range(8):
+        for n, user in enumerate(users):
+            send_text(bot, user, f"{user}-{k}", 100 * n + k)
+    wait_for(lambda: len(wechat.sent) == 48, timeout=90)
+    for user in users:
+        texts = wechat.texts_to(user)
+        assert [t == wxbot.APOLOGY_LINE or t == f"答：{user}-{k}"
+                for k, t in enumerate(texts)] == [True] * 8, texts
+
+
+def test_database_locked_by_another_process_pushes_still_succeed(start_bot, wechat, tmp_path):
+    bot = start_bot()
+    locker = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys, time\n"
+         "conn = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+         "conn.execute('BEGIN EXCLUSIVE'); print('locked', flush=True)\n"
+         "time.sleep(3); conn.execute('COMMIT')", str(tmp_path / "wxbot.db")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        results = []
+        threads = [threading.Thread(target=lambda n=n: results.append(
+            post_push(bot, text_xml("oLOCK", f"锁{n}", n)).text)) for n in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(15)
+        assert results == ["success"] * 5
+    finally:
+        locker.wait(15)
+    wait_for(lambda: len(wechat.texts_to("oLOCK")) == 5)
 
 
 # Secrets #####################################################################

@@ -395,6 +395,7 @@ CREATE TABLE IF NOT EXISTS segments (
     message_id INTEGER NOT NULL REFERENCES messages (id),
     seq        INTEGER NOT NULL,
     content    TEXT NOT NULL CHECK (content != ''),
+    tried_at   REAL,
     sent_at    REAL,
     moved_to   INTEGER REFERENCES messages (id),
     PRIMARY KEY (message_id, seq)
@@ -555,9 +556,13 @@ class Store:
         if cursor.rowcount != 1:
             raise LeaseLost(message.id)
 
-    def extend_lease(self, message: Message, until: float) -> None:
+    def mark_trying(self, message: Message, seq: int, now: float, lease_until: float) -> None:
+        """Note that a segment is about to be sent, renewing the lease that allows it."""
         with self.transaction() as conn:
-            self._leased(conn, message, "UPDATE messages SET lease_until = :until", until=until)
+            self._leased(conn, message, "UPDATE messages SET lease_until = :until",
+                         until=lease_until)
+            conn.execute("UPDATE segments SET tried_at = ? WHERE message_id = ? AND seq = ?",
+                         (now, message.id, seq))
 
     def release(self, message: Message, not_before: float, error: str) -> None:
         """Put the message back in the queue, to be tried again from not_before."""
@@ -634,7 +639,8 @@ class Store:
 
     def segments(self, message_id: int) -> list[sqlite3.Row]:
         with self.connection() as conn:
-            return conn.execute("SELECT seq, content, sent_at FROM segments WHERE message_id = ?"
+            return conn.execute("SELECT seq, content, tried_at, sent_at FROM segments"
+                                " WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
     def mark_sent(self, message: Message, seq: int, now: float) -> None:
@@ -1335,7 +1341,14 @@ class Worker:
             text = row["content"]
             if sent == QUOTA - 1 and len(rows) > QUOTA:
                 text += CONTINUE_TAIL
-            self.store.extend_lease(message, time.time() + self.lease_seconds)
+            if row["tried_at"] is not None:
+                # WeChat has no idempotency key: a send cut off by a crash or a timeout may
+                # have arrived. Sending again risks a repeat; not sending risks a loss.
+                log_worker.warning("message %s: segment %d was in flight when its last try "
+                                   "ended; sending it again (the user may see it twice)",
+                                   message.id, row["seq"])
+            now = time.time()
+            self.store.mark_trying(message, row["seq"], now, now + self.lease_seconds)
             try:
                 self.wechat.customer_service_send(message.openid, text)
             except WeChatError as error:
