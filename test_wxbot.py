@@ -182,23 +182,33 @@ class FakeWeChat(FakeServer):
 
 
 class FakeModel(FakeServer):
-    """An OpenAI-compatible /v1/chat/completions endpoint.
+    """An OpenAI-compatible /v1/chat/completions endpoint, streaming (SSE) when asked to.
 
-    `respond(request)` returns the answer text, or raises ModelFault(status) to fail; it may
-    block (a slow model). Every request's JSON is kept in `requests`.
+    `respond(request)` returns the answer: a string, or an iterable of pieces that a stream
+    sends one chunk each (a generator may pause between them: a slow model). It raises
+    ModelFault(status) to fail. Every request's JSON is kept in `requests`.
     """
 
     def __init__(self, respond=None):
         super().__init__()
         self.requests = []
         self.respond = respond or (lambda request: "答：" + request["messages"][-1]["content"])
+        self.streams = True  # False: a provider that ignores stream=True
 
     def route(self, handler):
         request = json.loads(handler.body)
         with self.lock:
             self.requests.append(request)
         try:
-            text = self.respond(request)
+            answer = self.respond(request)
+            if request["messages"][-1]["content"] == wxbot.RESUME_PROMPT:
+                answer = continuation(answer, request["messages"][-2]["content"])
+            pieces = [answer[i:i + 40] for i in range(0, len(answer), 40)] \
+                if isinstance(answer, str) else answer
+            if request.get("stream") and self.streams:
+                self.stream(handler, request, pieces)
+                return
+            text = "".join(pieces)
         except ModelFault as fault:
             error = {"error": {"message": fault.message, "type": "server_error"}}
             self.reply(handler, fault.status, json.dumps(error).encode(),
@@ -213,9 +223,42 @@ class FakeModel(FakeServer):
         }
         self.reply(handler, 200, json.dumps(completion, ensure_ascii=False).encode("utf-8"))
 
+    @staticmethod
+    def stream(handler, request, pieces):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.close_connection = True
+
+        def event(delta, finish=None):
+            chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk",
+                     "created": int(time.time()), "model": request["model"],
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            handler.wfile.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode()
+                                + b"\n\n")
+            handler.wfile.flush()
+        event({"role": "assistant", "content": ""})
+        for piece in pieces:  # a ModelFault here breaks the stream off mid-answer
+            event({"content": piece})
+        event({}, "stop")
+        handler.wfile.write(b"data: [DONE]\n\n")
+        handler.wfile.flush()
+
     def questions(self):
         with self.lock:
             return [request["messages"][-1]["content"] for request in self.requests]
+
+
+def continuation(answer, partial):
+    """What a model asked to go on after `partial` writes: the rest of its answer."""
+    if not isinstance(answer, str):
+        answer = "".join(answer)
+    written, position = len(re.sub(r"\s", "", partial)), 0
+    while written and position < len(answer):
+        written -= not answer[position].isspace()
+        position += 1
+    return answer[position:]
 
 
 class ModelFault(Exception):
@@ -311,6 +354,12 @@ def send_text(bot, openid, content, msg_id):
     response = post_push(bot, text_xml(openid, content, msg_id))
     assert (response.status_code, response.text) == (200, "success")
     return response
+
+
+def sent_segments(db_path):
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        return conn.execute("SELECT count(*) FROM segments WHERE sent_at IS NOT NULL"
+                            ).fetchone()[0]
 
 
 def stored_messages(db_path):
@@ -603,9 +652,10 @@ def test_two_users_in_parallel_one_users_messages_in_order(start_bot, wechat, mo
         return "答" + question
     model.respond = respond
     bot = start_bot(WXBOT_WORKERS=4)
-    for n in range(3):
+    for n in range(3):  # each next message while the one before is still being answered
         send_text(bot, "oA", f"A:{n}", 10 + n)
         send_text(bot, "oB", f"B:{n}", 20 + n)
+        wait_for(lambda: len(order) >= 2 * n + 1)
     wait_for(lambda: len(wechat.sent) == 6)
     assert peak["n"] == 2
     assert wechat.texts_to("oA") == ["答A:0", "答A:1", "答A:2"]
@@ -663,8 +713,8 @@ def test_restart_resumes_at_the_first_unsent_segment(tmp_path, wechat, model):
     model.respond = lambda request: answer
     stuck, killed = threading.Event(), threading.Event()
 
-    def hold(path, body):
-        if path == SEND and len(wechat.sent) == 1 and not stuck.is_set():
+    def hold(path, body):  # the last segment goes out after the whole answer is stored
+        if path == SEND and len(wechat.sent) == 2 and not stuck.is_set():
             stuck.set()
             killed.wait(15)
             return "drop"  # the process died before WeChat took the segment
@@ -673,11 +723,11 @@ def test_restart_resumes_at_the_first_unsent_segment(tmp_path, wechat, model):
     process, port, _ = start_process(env, tmp_path)
     try:
         send_text(port, "oRESUME", "长一点", 1)
-        wait_for(stuck.is_set, message="the second segment in flight")
+        wait_for(stuck.is_set, message="the last segment in flight")
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         killed.set()
-        assert len(wechat.texts_to("oRESUME")) == 1
+        assert len(wechat.texts_to("oRESUME")) == 2
         process, port, _ = start_process(env, tmp_path)
         wait_for(lambda: len(wechat.texts_to("oRESUME")) == 3, message="the rest")
     finally:
@@ -685,6 +735,49 @@ def test_restart_resumes_at_the_first_unsent_segment(tmp_path, wechat, model):
     segments = wechat.texts_to("oRESUME")
     assert without_space("".join(segments)) == without_space(answer)
     assert len(model.requests) == 1  # the stored answer was not asked for again
+
+
+def test_stream_cut_off_by_a_crash_is_completed_not_repeated(tmp_path, wechat, model):
+    answer = chinese_answer(3000)
+    release = threading.Event()
+
+    def respond(request):
+        if len(model.requests) > 1:
+            return answer
+        def pieces():  # the first process dies while the model is half-way through
+            for i in range(0, 1500, 50):
+                yield answer[i:i + 50]
+            release.wait(30)
+            yield answer[1500:]
+        return pieces()
+    model.respond = respond
+    killed = threading.Event()
+
+    def hold(path, body):  # a later send is cut off by the kill: WeChat never takes it
+        if path == SEND and wechat.sent and not killed.is_set():
+            killed.wait(30)
+            return "drop"
+    wechat.hold = hold
+    env = env_for(tmp_path, wechat, model)
+    process, port, _ = start_process(env, tmp_path)
+    try:
+        send_text(port, "oCUT", "讲长一点", 1)
+        wait_for(lambda: sent_segments(tmp_path / "wxbot.db"),
+                 message="the first segment sent while the model still writes")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        killed.set()
+        release.set()
+        first = wechat.texts_to("oCUT")
+        process, port, _ = start_process(env, tmp_path)
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
+                 ["answered"] == 1, message="the rest after restart")
+    finally:
+        process.kill()
+    texts = wechat.texts_to("oCUT")
+    assert texts[:len(first)] == first
+    assert without_space("".join(texts)) == without_space(answer)  # nothing twice, nothing lost
+    assert model.requests[1]["messages"][-1]["content"] == wxbot.RESUME_PROMPT
 
 
 def test_more_than_five_segments_continue_on_request(start_bot, wechat, model):
@@ -714,12 +807,13 @@ def test_more_than_five_segments_continue_on_request(start_bot, wechat, model):
 def test_quota_error_keeps_the_rest_for_the_next_message(start_bot, wechat, model):
     answers = {"第一问": chinese_answer(1800), "第二问": "第二个回答"}
     model.respond = lambda request: answers[request["messages"][-1]["content"]]
-    wechat.intercept = lambda path, body: 45047 if path == SEND and \
-        len(wechat.sent) == 1 and not wechat.rejected_sends else None
+    # After the first segment, WeChat refuses until the user writes again.
+    wechat.intercept = lambda path, body: 45047 if path == SEND and wechat.sent and \
+        model.questions()[-1] == "第一问" else None
     bot = start_bot()
     send_text(bot, "oQUOTA", "第一问", 1)
     wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
-    assert len(wechat.texts_to("oQUOTA")) == 1 and wechat.rejected_sends == 1
+    assert len(wechat.texts_to("oQUOTA")) == 1 and wechat.rejected_sends >= 1
     send_text(bot, "oQUOTA", "第二问", 2)
     wait_for(lambda: wechat.texts_to("oQUOTA")[-1:] == ["第二个回答"])
     texts = wechat.texts_to("oQUOTA")
@@ -884,6 +978,108 @@ def test_sigterm_lets_the_answer_in_flight_finish(tmp_path, wechat, model):
     finally:
         process.kill()
     assert wechat.texts_to("oTERM") == ["答完再走"]
+
+
+# Streaming ###################################################################
+
+def paced(text, chars_per_second, marks):
+    """A model writing text at a set speed; marks[n] is when the n-th char was written."""
+    def pieces():
+        started = time.monotonic()
+        for i in range(0, len(text), 10):
+            delay = started + i / chars_per_second - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # the model's own pace, not a synchronisation
+            marks[i + 10] = time.monotonic()
+            yield text[i:i + 10]
+        marks["end"] = time.monotonic()
+    return pieces()
+
+
+def test_first_segment_goes_out_while_the_model_still_writes(start_bot, wechat, model):
+    answer, marks, arrivals = chinese_answer(3000), {}, []
+    model.respond = lambda request: paced(answer, 1000, marks)
+    wechat.hold = lambda path, body: arrivals.append(time.monotonic()) if path == SEND else None
+    bot = start_bot()
+    send_text(bot, "oFAST", "讲长一点", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    texts = wechat.texts_to("oFAST")
+    assert len(texts) <= 5 and without_space("".join(texts)) == without_space(answer)
+    assert all(len(t.encode()) <= 2048 for t in texts)
+    assert arrivals[0] < marks["end"] - 1.0  # well before the model finished
+    assert arrivals[0] - marks[610] < 1.0    # within a second of the first 600 characters
+
+
+def test_short_streamed_answer_is_one_message(start_bot, wechat, model):
+    model.respond = lambda request: iter(["你好", "，我在", "。"])
+    bot = start_bot()
+    send_text(bot, "oSHORT", "在吗", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    assert wechat.texts_to("oSHORT") == ["你好，我在。"]
+    assert model.requests[0]["stream"] is True
+
+
+def test_provider_that_does_not_stream_still_answers(start_bot, wechat, model):
+    model.streams = False
+    bot = start_bot()
+    send_text(bot, "oNOSTREAM", "问", 1)
+    wait_for(lambda: wechat.texts_to("oNOSTREAM"))
+    assert wechat.texts_to("oNOSTREAM") == ["答：问"]
+
+
+def test_stream_failing_midway_keeps_what_was_sent_and_completes(start_bot, wechat, model):
+    answer = chinese_answer(2500)
+
+    def respond(request):
+        if len(model.requests) > 1:
+            return answer
+        def pieces():
+            yield from (answer[i:i + 50] for i in range(0, 1400, 50))
+            raise ModelFault(500)  # the connection closes mid-answer
+        return pieces()
+    model.respond = respond
+    bot = start_bot()
+    send_text(bot, "oBROKEN", "讲讲", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    texts = wechat.texts_to("oBROKEN")
+    assert without_space("".join(texts)) == without_space(answer)
+    assert model.requests[1]["messages"][-1]["content"] == wxbot.RESUME_PROMPT
+
+
+def test_stream_failing_for_good_ends_with_a_note_not_a_repeat(start_bot, wechat, model):
+    answer = chinese_answer(2500)
+
+    def respond(request):
+        def pieces():
+            yield from (answer[i:i + 50] for i in range(0, 1400, 50))
+            raise ModelFault(500)
+        return pieces() if len(model.requests) == 1 else (_ for _ in ()).throw(ModelFault(503))
+    model.respond = respond
+    bot = start_bot()
+    send_text(bot, "oGIVEUP", "讲讲", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    texts = wechat.texts_to("oGIVEUP")
+    assert texts[-1] == wxbot.CUT_OFF_LINE
+    assert answer.replace("\n", "").startswith(without_space("".join(texts[:-1])))
+
+
+def test_quick_messages_waiting_together_get_one_answer(start_bot, wechat, model):
+    release = threading.Event()
+    model.respond = lambda request: (release.wait(10) if "占" in request["messages"][-1][
+        "content"] else True) and "答：" + request["messages"][-1]["content"]
+    bot = start_bot(WXBOT_WORKERS=1)
+    send_text(bot, "oBUSY", "占着", 1)
+    wait_for(lambda: model.requests)  # the only worker is busy
+    for n, part in enumerate(["我想问", "关于Python", "怎么学"]):
+        send_text(bot, "oSPLIT", part, 10 + n)
+    release.set()
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and wechat.texts_to("oSPLIT"))
+    assert wechat.texts_to("oSPLIT") == ["答：我想问\n关于Python\n怎么学"]
+    assert len(model.requests) == 2
+    send_text(bot, "oSPLIT", "下一个", 20)  # the merged turn is history like any other
+    wait_for(lambda: len(wechat.texts_to("oSPLIT")) == 2)
+    assert {"role": "user", "content": "我想问\n关于Python\n怎么学"} in \
+        model.requests[2]["messages"]
 
 
 # Processes ###################################################################
@@ -1235,8 +1431,9 @@ def test_stalled_clients_do_not_block_a_signed_push(start_bot, wechat, monkeypat
 
 def test_user_rate_limit_skips_the_model_and_notices_once(start_bot, wechat, model):
     bot = start_bot(WXBOT_USER_RATE=2)
-    for n in range(5):
+    for n in range(5):  # one after another: quick follow-ups would be asked together
         send_text(bot, "oFLOOD", f"第{n}条", 100 + n)
+        wait_for(lambda: bot.store.health(time.time())["answered"] == n + 1)
     send_text(bot, "oCALM", "别人", 200)
     wait_for(lambda: bot.store.health(time.time())["answered"] == 6)
     texts = wechat.texts_to("oFLOOD")
@@ -1249,7 +1446,7 @@ def test_user_daily_limit(start_bot, wechat, model):
     bot = start_bot(WXBOT_USER_DAILY=1, WXBOT_USER_RATE=0)
     for n in range(3):
         send_text(bot, "oDAY", f"第{n}条", 300 + n)
-    wait_for(lambda: bot.store.health(time.time())["answered"] == 3)
+        wait_for(lambda: bot.store.health(time.time())["answered"] == n + 1)
     texts = wechat.texts_to("oDAY")
     assert texts[0] == "答：第0条" and "今天的提问次数已用完" in texts[1] and len(texts) == 2
     assert len(model.requests) == 1
@@ -1274,21 +1471,23 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def push_like_wechat(port_of, pushes, deadline=120):
+def push_like_wechat(port_of, pushes, acknowledged, deadline=120):
     """Post each push until it is answered "success", as WeChat retries; in order."""
     for openid, content, msg_id in pushes:
         give_up = time.monotonic() + deadline
         while True:
             with contextlib.suppress(requests.RequestException):
                 if post_push(port_of(), text_xml(openid, content, msg_id)).text == "success":
+                    acknowledged.append(msg_id)
                     break
             assert time.monotonic() < give_up, "push never acknowledged"
             time.sleep(0.05)  # WeChat's retry interval, shortened
 
 
-def assert_each_answered_once_in_order(wechat, expected):
-    for openid, answers in expected.items():
-        assert wechat.texts_to(openid) == answers, openid
+def questions_answered(texts):
+    """The questions an echoing model answered, in order; quick follow-ups are asked together
+    (one answer to "q1\\nq2")."""
+    return [line for text in texts for line in re.sub(r"^答[:：]", "", text).split("\n")]
 
 
 def test_sigkill_at_random_points_loses_nothing_and_keeps_order(tmp_path, wechat, model):
@@ -1299,23 +1498,26 @@ def test_sigkill_at_random_points_loses_nothing_and_keeps_order(tmp_path, wechat
     users = [f"oKILL{n:02d}" for n in range(20)]
     pushes = [(user, f"{user}-{k}", 1000 * n + k) for k in range(10)
               for n, user in enumerate(users)]
-    expected = {user: [f"答:{user}-{k}" for k in range(10)] for user in users}
+    expected = {user: [f"{user}-{k}" for k in range(10)] for user in users}
     env = env_for(tmp_path, wechat, model, WXBOT_PORT=free_port(), WXBOT_USER_RATE=0)
     state, logs = {}, []
     state["process"], state["port"], lines = start_process(env, tmp_path)
     logs.append(lines)
-    pusher = threading.Thread(target=push_like_wechat, args=(lambda: state["port"], pushes))
+    acknowledged = []
+    pusher = threading.Thread(target=push_like_wechat,
+                              args=(lambda: state["port"], pushes, acknowledged))
     pusher.start()
     try:
-        for kill in range(5):
-            threshold = rng.randint(30 * kill + 10, 30 * kill + 35)
-            wait_for(lambda: len(model.requests) >= threshold, timeout=60)
+        for kill in range(5):  # while pushes arrive and workers answer
+            threshold = rng.randint(40 * kill + 10, 40 * kill + 40)
+            wait_for(lambda: len(acknowledged) >= threshold, timeout=60)
             state["process"].send_signal(signal.SIGKILL)
             state["process"].wait(10)
             state["process"], state["port"], lines = start_process(env, tmp_path)
             logs.append(lines)
         pusher.join(120)
-        wait_for(lambda: len(wechat.sent) >= 200, timeout=60, message="all 200 answers")
+        wait_for(lambda: sum(len(questions_answered(wechat.texts_to(u))) for u in users) >= 200,
+                 timeout=60, message="all 200 answers")
         wait_for(lambda: requests.get(f"http://127.0.0.1:{state['port']}/healthz",
                                       timeout=5).json()["queued"] == 0)
         state["process"].send_signal(signal.SIGTERM)
@@ -1329,7 +1531,7 @@ def test_sigkill_at_random_points_loses_nothing_and_keeps_order(tmp_path, wechat
     for user in users:
         texts = wechat.texts_to(user)
         deduplicated = [t for i, t in enumerate(texts) if i == 0 or texts[i - 1] != t]
-        assert deduplicated == expected[user], user
+        assert questions_answered(deduplicated) == expected[user], user
         repeats += len(texts) - len(deduplicated)
     in_flight = sum("was in flight" in line for lines in logs for line in lines)
     print(f"kills: 5, repeated segments: {repeats}, logged in flight: {in_flight}")
@@ -1350,9 +1552,10 @@ def test_wechat_failing_30_percent_still_delivers_everything_once(start_bot, wec
     for k in range(8):
         for n, user in enumerate(users):
             send_text(bot, user, f"{user}-{k}", 100 * n + k)
-    wait_for(lambda: bot.store.health(time.time())["answered"] == 48, timeout=90)
-    assert_each_answered_once_in_order(
-        wechat, {user: [f"答：{user}-{k}" for k in range(8)] for user in users})
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and
+             sum(len(questions_answered(wechat.texts_to(u))) for u in users) >= 48, timeout=90)
+    for user in users:
+        assert questions_answered(wechat.texts_to(user)) == [f"{user}-{k}" for k in range(8)]
     assert len(faults) > 20 and {-1, 500, "drop"} <= set(faults)
 
 
@@ -1367,15 +1570,14 @@ def test_model_failing_30_percent_answers_or_apologises_for_everything(start_bot
         return "答：" + request["messages"][-1]["content"]
     model.respond = respond
     bot = start_bot(WXBOT_USER_RATE=0)
-    users = [f"oMDL{n}" for n in range(6)]
-    for k in range(8):
-        for n, user in enumerate(users):
-            send_text(bot, user, f"{user}-{k}", 100 * n + k)
+    users = [f"oMDL{n}" for n in range(48)]
+    for n, user in enumerate(users):
+        send_text(bot, user, f"{user}-问", n)
     wait_for(lambda: len(wechat.sent) == 48, timeout=90)
-    for user in users:
-        texts = wechat.texts_to(user)
-        assert [t == wxbot.APOLOGY_LINE or t == f"答：{user}-{k}"
-                for k, t in enumerate(texts)] == [True] * 8, texts
+    outcomes = [wechat.texts_to(user) for user in users]
+    assert all(texts in ([f"答：{user}-问"], [wxbot.APOLOGY_LINE])
+               for user, texts in zip(users, outcomes)), outcomes
+    assert [wxbot.APOLOGY_LINE] in outcomes or len(model.requests) > 48  # faults did happen
 
 
 def test_database_locked_by_another_process_pushes_still_succeed(start_bot, wechat, tmp_path):
@@ -1390,7 +1592,7 @@ def test_database_locked_by_another_process_pushes_still_succeed(start_bot, wech
         assert locker.stdout.readline().strip() == "locked"
         results = []
         threads = [threading.Thread(target=lambda n=n: results.append(
-            post_push(bot, text_xml("oLOCK", f"锁{n}", n)).text)) for n in range(5)]
+            post_push(bot, text_xml(f"oLOCK{n}", "锁", n)).text)) for n in range(5)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -1398,7 +1600,7 @@ def test_database_locked_by_another_process_pushes_still_succeed(start_bot, wech
         assert results == ["success"] * 5
     finally:
         locker.wait(15)
-    wait_for(lambda: len(wechat.texts_to("oLOCK")) == 5)
+    wait_for(lambda: len(wechat.sent) == 5)
 
 
 # Secrets #####################################################################

@@ -70,10 +70,16 @@ DEFAULT_WELCOME = "你好，欢迎关注！我是 AI 助手，直接发文字给
 TEXT_ONLY_LINE = "目前我只能理解文字消息，请直接发送文字。"
 APOLOGY_LINE = "抱歉，我暂时无法回答，请稍后再试。"
 REFUSED_LINE = "抱歉，这个问题我不方便回答，换个话题吧。"
+CUT_OFF_LINE = "（回答中断了，抱歉。可以重新提问。）"
+#: Asked when a stream was cut off part-way, so the model completes rather than repeats.
+RESUME_PROMPT = "你上面的回答被中断了。请从中断处直接接着写，不要重复已经写过的内容，也不要加开场白。"
 CONTINUE_WORDS = ("继续", "繼續", "/more")
 CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
 RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
 DAILY_LINE = "今天的提问次数已用完，请约 {hours} 小时后再来。"
+#: Messages a user sends within this many seconds of each other, still waiting when the
+#: model is called, are one question split over several messages: asked and answered once.
+MERGE_WINDOW = 20.0
 #: A question is cut to this many characters before it reaches the model (budget).
 MAX_QUESTION_CHARS = 4000
 TRUNCATED_NOTE = "\n\n（以上消息过长，已截断，只保留了前 {chars} 字。）"
@@ -386,6 +392,7 @@ CREATE TABLE IF NOT EXISTS messages (
     lease_until REAL,
     not_before  REAL NOT NULL DEFAULT 0,
     answered_at REAL,
+    merged_into INTEGER REFERENCES messages (id),
     error       TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_state ON messages (state, id);
@@ -395,6 +402,7 @@ CREATE TABLE IF NOT EXISTS segments (
     message_id INTEGER NOT NULL REFERENCES messages (id),
     seq        INTEGER NOT NULL,
     content    TEXT NOT NULL CHECK (content != ''),
+    carried    INTEGER NOT NULL DEFAULT 0,
     tried_at   REAL,
     sent_at    REAL,
     moved_to   INTEGER REFERENCES messages (id),
@@ -584,45 +592,110 @@ class Store:
 
     # Answers ----------------------------------------------------------------
 
-    def save_answer(self, message: Message, segments: list[str], now: float,
-                    question: str | None = None, answer: str | None = None,
-                    carry: bool = True, take_overflow: bool = False) -> int:
-        """Store what this message will send (and the exchange for the history) in one commit.
+    def start_answer(self, message: Message, carry: bool = True,
+                     take_overflow: bool = False) -> None:
+        """Move the user's unsent segments of earlier answers to the front of this one.
 
-        Unsent segments of the user's earlier answers come first: those a quota or window
-        error interrupted always, those beyond the 5-message quota when the user asked for
-        more ("继续"). They move to this message, whose 5 messages they then use. Events
-        (carry=False) open no quota that could take them.
-        Returns the number of segments now planned for the message.
+        Those a quota or window error interrupted always come; those beyond the 5-message
+        quota come when the user asked for more ("继续"). This message's 5 messages then carry
+        them. Events (carry=False) open no quota that could. Done once per message.
         """
         with self.transaction() as conn:
-            self._leased(conn, message, "UPDATE messages SET answered_at = :now", now=now)
-            earlier = conn.execute(
-                "SELECT s.message_id, s.seq, s.content FROM segments s JOIN messages m"
-                " ON m.id = s.message_id WHERE m.openid = :openid AND m.id < :id"
-                " AND m.state = 'done' AND s.sent_at IS NULL AND s.moved_to IS NULL"
-                # 45047 (quota used up) and 45015 (window closed): the user's next message
-                # opens a new quota, so what they did not get goes out with it.
-                " AND (m.error IN ('errcode 45047', 'errcode 45015') OR :take_overflow)"
-                " AND :carry ORDER BY m.id, s.seq",
-                {"openid": message.openid, "id": message.id, "take_overflow": take_overflow,
-                 "carry": carry}).fetchall()
-            conn.executemany("UPDATE segments SET moved_to = ? WHERE message_id = ? AND seq = ?",
-                             [(message.id, row[0], row[1]) for row in earlier])
-            planned = [row[2] for row in earlier] + segments
-            if len(planned) > QUOTA:  # every segment must have room for the "继续" line
-                planned = [part for text in planned for part in
-                           split_segments(text, SEGMENT_BYTES - utf8_len(CONTINUE_TAIL))]
-            conn.executemany(
-                "INSERT INTO segments (message_id, seq, content) VALUES (?, ?, ?)",
-                [(message.id, seq, text) for seq, text in enumerate(planned)])
-            if question is not None and answer is not None:
+            self._start_answer(conn, message, carry, take_overflow)
+
+    def _start_answer(self, conn: sqlite3.Connection, message: Message, carry: bool,
+                      take_overflow: bool) -> None:
+        self._leased(conn, message, "UPDATE messages SET lease_until = lease_until")
+        if not carry or conn.execute("SELECT 1 FROM segments WHERE message_id = ? LIMIT 1",
+                                     (message.id,)).fetchone():
+            return
+        earlier = conn.execute(
+            "SELECT s.message_id, s.seq, s.content FROM segments s JOIN messages m"
+            " ON m.id = s.message_id WHERE m.openid = :openid AND m.id < :id"
+            " AND m.state = 'done' AND s.sent_at IS NULL AND s.moved_to IS NULL"
+            # 45047 (quota used up) and 45015 (window closed): the user's next message
+            # opens a new quota, so what they did not get goes out with it.
+            " AND (m.error IN ('errcode 45047', 'errcode 45015') OR :take_overflow)"
+            " ORDER BY m.id, s.seq",
+            {"openid": message.openid, "id": message.id, "take_overflow": take_overflow}
+        ).fetchall()
+        conn.executemany("UPDATE segments SET moved_to = ? WHERE message_id = ? AND seq = ?",
+                         [(message.id, row[0], row[1]) for row in earlier])
+        conn.executemany("INSERT INTO segments (message_id, seq, content, carried)"
+                         " VALUES (?, ?, ?, 1)",
+                         [(message.id, seq, row[2]) for seq, row in enumerate(earlier)])
+
+    def add_segments(self, message: Message, segments: list[str]) -> None:
+        """Append planned segments to the message's answer (durable before they are sent)."""
+        with self.transaction() as conn:
+            self._add_segments(conn, message, segments)
+
+    def _add_segments(self, conn: sqlite3.Connection, message: Message,
+                      segments: list[str]) -> None:
+        self._leased(conn, message, "UPDATE messages SET lease_until = lease_until")
+        first = conn.execute("SELECT coalesce(max(seq) + 1, 0) FROM segments"
+                             " WHERE message_id = ?", (message.id,)).fetchone()[0]
+        conn.executemany("INSERT INTO segments (message_id, seq, content) VALUES (?, ?, ?)",
+                         [(message.id, first + n, text) for n, text in enumerate(segments)])
+
+    def complete_answer(self, message: Message, now: float, segments: list[str] = (),
+                        question: str | None = None, answer: str | None = None) -> int:
+        """Add the last segments, mark the answer complete and keep the exchange as history.
+
+        Returns the number of segments the message has to send.
+        """
+        with self.transaction() as conn:
+            self._add_segments(conn, message, list(segments))
+            conn.execute("UPDATE messages SET answered_at = ? WHERE id = ?", (now, message.id))
+            if question is not None and answer:
                 conn.executemany(
                     "INSERT INTO turns (openid, role, content, created_at, message_id)"
                     " VALUES (?, ?, ?, ?, ?)",
                     [(message.openid, "user", question, message.received_at, message.id),
                      (message.openid, "assistant", answer, now, message.id)])
-        return len(planned)
+            return conn.execute("SELECT count(*) FROM segments WHERE message_id = ?"
+                                " AND moved_to IS NULL", (message.id,)).fetchone()[0]
+
+    def save_answer(self, message: Message, segments: list[str], now: float,
+                    carry: bool = True, take_overflow: bool = False) -> int:
+        """A whole reply that needs no model (a line, a notice, "继续"), in one commit."""
+        with self.transaction() as conn:
+            self._start_answer(conn, message, carry, take_overflow)
+        return self.complete_answer(message, now, segments)
+
+    def partial_answer(self, message_id: int) -> str:
+        """What a stream cut off by a failure or a crash had already produced."""
+        with self.connection() as conn:
+            rows = conn.execute("SELECT content FROM segments WHERE message_id = ?"
+                                " AND carried = 0 ORDER BY seq", (message_id,)).fetchall()
+        return "\n\n".join(row[0] for row in rows)
+
+    def merge_followups(self, message: Message, now: float) -> list[str]:
+        """Texts the user sent right after this one and that still wait: asked together.
+
+        Phones split one question over several quick messages; they get one answer.
+        Returns every text merged into this message so far, oldest first.
+        """
+        with self.transaction() as conn:
+            self._leased(conn, message, "UPDATE messages SET lease_until = lease_until")
+            waiting = conn.execute(
+                "SELECT id, msg_type, content, received_at FROM messages WHERE openid = ?"
+                " AND id > ? AND state = 'queued' AND not_before <= ? ORDER BY id",
+                (message.openid, message.id, now)).fetchall()
+            merged, previous = [], message.received_at
+            for row in waiting:  # up to the first that is no quick, plain follow-up
+                if row["msg_type"] != "text" or not (row["content"] or "").strip() or \
+                        row["content"].strip() in CONTINUE_WORDS or \
+                        row["received_at"] - previous > MERGE_WINDOW:
+                    break
+                merged.append(row["id"])
+                previous = row["received_at"]
+            conn.executemany("UPDATE messages SET state = 'done', merged_into = ?,"
+                             " answered_at = ? WHERE id = ?",
+                             [(message.id, now, merged_id) for merged_id in merged])
+            return [row[0] for row in conn.execute(
+                "SELECT content FROM messages WHERE merged_into = ? ORDER BY id",
+                (message.id,))]
 
     def has_overflow(self, openid: str, before_id: int) -> bool:
         """Whether the user has unsent segments of earlier answers waiting for "继续"."""
@@ -632,10 +705,10 @@ class Store:
                 " WHERE m.openid = ? AND m.id < ? AND m.state = 'done' AND s.sent_at IS NULL"
                 " AND s.moved_to IS NULL LIMIT 1", (openid, before_id)).fetchone() is not None
 
-    def has_answer(self, message_id: int) -> bool:
+    def answer_complete(self, message_id: int) -> bool:
         with self.connection() as conn:
-            return conn.execute("SELECT 1 FROM segments WHERE message_id = ? LIMIT 1",
-                                (message_id,)).fetchone() is not None
+            return conn.execute("SELECT answered_at FROM messages WHERE id = ?",
+                                (message_id,)).fetchone()[0] is not None
 
     def segments(self, message_id: int) -> list[sqlite3.Row]:
         with self.connection() as conn:
@@ -1021,6 +1094,11 @@ class WeChatAPI:
         self.call("/cgi-bin/message/custom/send",
                   {"touser": openid, "msgtype": "text", "text": {"content": text}})
 
+    def typing_soon(self, openid: str) -> None:
+        """Show "typing" from another thread, so the model call need not wait for WeChat."""
+        thread = threading.Thread(target=self.typing, args=(openid,), daemon=True)
+        thread.start()
+
     def typing(self, openid: str, command: str = "Typing") -> None:
         """Show "typing"; every error is harmless (45080 too late, 45081 already shown)."""
         try:
@@ -1076,6 +1154,43 @@ class Model:
             raise ModelError("the model returned an empty answer")
         return text
 
+    def stream(self, messages: list[dict]) -> Iterator[str]:
+        """The answer's text as the model writes it; one piece where streaming is not offered."""
+        try:
+            chunks = self.client.chat.completions.create(
+                model=self.settings.model, messages=messages,
+                max_tokens=self.settings.max_tokens, stream=True)
+        except openai.APIStatusError as error:
+            if error.status_code == 400 and "stream" in str(error.message).lower():
+                yield self.answer(messages)
+                return
+            raise self._status_error(error) from None
+        except openai.APIError as error:
+            raise ModelError(f"{type(error).__name__}: cannot reach the model at "
+                             f"{self.client.base_url}") from None
+        produced = finished = False
+        with contextlib.closing(chunks):
+            try:
+                for chunk in chunks:
+                    choice = chunk.choices[0] if chunk.choices else None
+                    text = choice.delta.content if choice and choice.delta else None
+                    if text:
+                        produced = True
+                        yield text
+                    if choice and choice.finish_reason == "content_filter":
+                        raise ModelError("the model's content filter stopped the answer",
+                                         "refused")
+                    finished |= bool(choice and choice.finish_reason)
+            except ModelError:
+                raise
+            except Exception as error:  # the stream broke off: network, timeout, bad chunk
+                raise ModelError(f"the answer stream broke off ({type(error).__name__})"
+                                 ) from None
+        if not produced:  # a provider that ignored stream=True, or sent nothing
+            yield self.answer(messages)
+        elif not finished:  # the connection ended without the model saying it was done
+            raise ModelError("the answer stream ended before the answer was finished")
+
     def _status_error(self, error: openai.APIStatusError) -> ModelError:
         status = error.status_code
         hint = {401: "check OPENAI_API_KEY", 403: "check OPENAI_API_KEY and the account",
@@ -1101,6 +1216,8 @@ class Model:
 SEGMENT_BYTES = 2048
 #: Customer-service messages allowed per user message within 48 h (45047).
 QUOTA = 5
+#: Every segment leaves room for the "继续" line, which the 5th gets when more follows.
+SEGMENT_LIMIT = SEGMENT_BYTES - len(CONTINUE_TAIL.encode("utf-8"))
 SENTENCE_END = re.compile(r"[。！？!?；;…]+[”’\"')）]*|\.(?=\s)")
 
 
@@ -1108,30 +1225,34 @@ def utf8_len(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-def _cut(text: str, limit: int) -> int:
-    """Where to cut text so its head fits limit bytes: a paragraph, line, sentence, or word end."""
+def _cut(text: str, limit: int, fill: float = 0.25) -> int:
+    """Where to cut text so its head fits limit bytes: a paragraph, line, sentence, or word end.
+
+    A boundary in the first `fill` of the head is passed over: a short segment wastes one of
+    the 5 messages of the quota.
+    """
     head = text.encode("utf-8")[:limit].decode("utf-8", "ignore")
-    floor = len(head) // 4  # a cut this early wastes a message of the quota
+    floor = int(len(head) * fill)
     for boundary in ("\n\n", "\n"):
         at = head.rfind(boundary)
         if at > floor:
             return at
-    ends = [m.end() for m in SENTENCE_END.finditer(head) if m.end() > floor]
+    ends = [m.end() for m in SENTENCE_END.finditer(head) if m.end() > floor // 2]
     if ends:
         return ends[-1]
     for boundary in (" ", "，", ","):
         at = head.rfind(boundary)
-        if at > floor:
+        if at > floor // 2:
             return at + len(boundary)
     return len(head)
 
 
-def split_segments(text: str, limit: int = SEGMENT_BYTES) -> list[str]:
+def split_segments(text: str, limit: int = SEGMENT_LIMIT, fill: float = 0.25) -> list[str]:
     """Split text into pieces of at most limit UTF-8 bytes at the most natural boundary."""
     segments = []
     text = text.strip()
     while utf8_len(text) > limit:
-        at = _cut(text, limit)
+        at = _cut(text, limit, fill)
         segments.append(text[:at].rstrip())
         text = text[at:].strip()
     if text:
@@ -1139,12 +1260,62 @@ def split_segments(text: str, limit: int = SEGMENT_BYTES) -> list[str]:
     return [segment for segment in segments if segment]
 
 
-def plan_segments(text: str) -> list[str]:
-    """Segments for an answer; past the quota, each leaves room for the "继续" line."""
-    segments = split_segments(text)
-    if len(segments) > QUOTA:
-        segments = split_segments(text, SEGMENT_BYTES - utf8_len(CONTINUE_TAIL))
-    return segments
+class StreamCutter:
+    """Cuts an answer into segments while the model is still writing it.
+
+    The first segment goes out as soon as it can stand alone: at a paragraph or sentence end
+    once FIRST_CHARS have come, or at a sentence end once the model has written for
+    FIRST_WAIT seconds. Later segments are filled close to the limit, so that a long answer
+    still fits the 5 messages of the quota.
+    """
+
+    FIRST_CHARS = 600
+    FIRST_WAIT = 8.0
+    #: Later segments are cut at a paragraph or line end in their last quarter, if any.
+    FILL = 0.75
+
+    def __init__(self, started: float, first_done: bool = False,
+                 limit: int = SEGMENT_LIMIT):
+        self.started, self.first_done, self.limit = started, first_done, limit
+        self.buffer = ""
+
+    def feed(self, text: str, now: float) -> list[str]:
+        """Take more of the answer; return the segments that are ready."""
+        self.buffer += text
+        ready = []
+        if not self.first_done:
+            first = self._first(now)
+            if first is None:
+                return ready
+            ready.append(first)
+            self.first_done = True
+        while utf8_len(self.buffer) > self.limit:
+            at = _cut(self.buffer, self.limit, self.FILL)
+            ready.append(self.buffer[:at].strip())
+            self.buffer = self.buffer[at:].lstrip()
+        return [segment for segment in ready if segment]
+
+    def _first(self, now: float) -> str | None:
+        body = self.buffer.strip()
+        if utf8_len(body) > self.limit:
+            at = _cut(body, self.limit, self.FILL)
+        elif len(body) >= self.FIRST_CHARS:
+            at = _cut(body, self.limit, 0.5)
+            at = at if at < len(body) else None
+        elif now - self.started >= self.FIRST_WAIT:
+            ends = [m.end() for m in SENTENCE_END.finditer(body)]
+            at = ends[-1] if ends else None
+        else:
+            at = None
+        if not at:
+            return None
+        self.buffer = body[at:].lstrip()
+        return body[:at].strip()
+
+    def finish(self) -> list[str]:
+        """The rest, once the model has finished."""
+        rest, self.buffer = self.buffer, ""
+        return split_segments(rest, self.limit, self.FILL if self.first_done else 0.25)
 
 
 ###############################################################################
@@ -1234,7 +1405,7 @@ class Worker:
     def handle(self, message: Message) -> None:
         started = time.monotonic()
         model_seconds = None
-        if not self.store.has_answer(message.id):
+        if not self.store.answer_complete(message.id):
             planned = self.plan(message)
             if planned is None:  # the model failed and the message went back to the queue
                 return
@@ -1260,6 +1431,8 @@ class Worker:
         return self.answer_text(message, text)
 
     def answer_text(self, message: Message, question: str) -> int | None:
+        """Ask the model, streaming: segments are stored and sent while it writes."""
+        question = "\n".join([question, *self.store.merge_followups(message, time.time())])
         if len(question) > MAX_QUESTION_CHARS:
             question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
                 chars=MAX_QUESTION_CHARS)
@@ -1267,30 +1440,48 @@ class Worker:
             (60, self.settings.user_rate), (86400, self.settings.user_daily)])
         if wait is not None:
             return self._over_limit(message, wait)
+        self.store.start_answer(message)
         history = self.store.history(message.openid, self.settings.history_turns,
                                      self.settings.context_chars)
-        self.wechat.typing(message.openid)
+        ask = [{"role": "user", "content": question}]
+        partial = self.store.partial_answer(message.id)
+        if partial:  # a stream cut off before: ask for the rest, never for all of it again
+            ask += [{"role": "assistant", "content": partial},
+                    {"role": "user", "content": RESUME_PROMPT}]
+        self.wechat.typing_soon(message.openid)
         renew = threading.Timer(self.TYPING_RENEW, self._renew_typing, (message,))
         renew.daemon = True
         renew.start()
+        cutter = StreamCutter(time.monotonic(), first_done=bool(partial))
+        written, sending = [], True
         try:
-            answer = self._ask(question, history)
+            for text in self._ask(history, ask):
+                written.append(text)
+                ready = cutter.feed(text, time.monotonic())
+                if ready:
+                    self.store.add_segments(message, ready)
+                    # After a failed send, the rest waits for the end of the answer.
+                    sending = sending and self.deliver(message, streaming=True)
+            rest = cutter.finish()
         except ModelError as error:
-            return self._model_failed(message, error)
+            self.store.add_segments(message, cutter.finish())
+            return self._model_failed(message, error, question)
         finally:
             renew.cancel()
-        return self.store.save_answer(message, plan_segments(answer), time.time(), question,
-                                      answer)
+        answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
+        return self.store.complete_answer(message, time.time(), rest, question, answer)
 
-    def _ask(self, question: str, history: list[dict]) -> str:
-        system = {"role": "system", "content": self.settings.system_prompt}
+    def _ask(self, history: list[dict], ask: list[dict]) -> Iterator[str]:
+        """The model's answer as it streams; a context-too-long error retries without history."""
+        system = [{"role": "system", "content": self.settings.system_prompt}]
         try:
-            return self.model.answer([system, *history, {"role": "user", "content": question}])
+            yield from self.model.stream(system + history + ask)
+            return
         except ModelError as error:
             if error.kind != "context" or not history:
                 raise
-            log_worker.warning("context too long for the model; retrying without history")
-        return self.model.answer([system, {"role": "user", "content": question}])
+        log_worker.warning("context too long for the model; retrying without history")
+        yield from self.model.stream(system + ask)
 
     def _renew_typing(self, message: Message) -> None:
         # Typing needs an exchange with the user in the last 30 s (45080).
@@ -1311,10 +1502,9 @@ class Worker:
                            short_id(message.openid), "notice sent" if segments else "silent")
         return self.store.save_answer(message, segments, now)
 
-    def _model_failed(self, message: Message, error: ModelError) -> int | None:
-        if error.kind == "refused":
-            log_worker.warning("message %s: the model refused (content filter)", message.id)
-            return self.store.save_answer(message, [REFUSED_LINE], time.time())
+    def _model_failed(self, message: Message, error: ModelError, question: str) -> int | None:
+        """Retry later, or end the answer with a polite line; what was sent stays sent."""
+        partial = self.store.partial_answer(message.id)
         if error.kind == "transient" and message.attempts < self.MODEL_TRIES:
             delay = max(error.retry_after or 0, self._backoff(message.attempts))
             log_worker.warning("message %s: model failed (%s); retry %d/%d in %.1f s",
@@ -1322,21 +1512,30 @@ class Worker:
             self.store.release(message, time.time() + delay, str(error))
             self.wakeup.notify()
             return None
-        log_worker.error("message %s from %s: model failed (%s); sending the apology",
-                         message.id, short_id(message.openid), error)
-        return self.store.save_answer(message, [APOLOGY_LINE], time.time())
+        if error.kind == "refused":
+            log_worker.warning("message %s: the model refused (content filter)", message.id)
+            line = REFUSED_LINE
+        else:
+            log_worker.error("message %s from %s: model failed (%s); sending the apology",
+                             message.id, short_id(message.openid), error)
+            line = CUT_OFF_LINE if partial else APOLOGY_LINE
+        return self.store.complete_answer(message, time.time(), [line], question,
+                                          partial or None)
 
-    def deliver(self, message: Message, model_seconds: float | None) -> None:
+    def deliver(self, message: Message, model_seconds: float | None = None,
+                streaming: bool = False) -> bool:
         """Send the unsent segments in order, each marked sent as WeChat confirms it.
 
-        WeChat allows 5 messages per user message (45047): the 5th says how to get the rest.
+        WeChat allows 5 messages per user message (45047): the 5th says how to get the rest,
+        so while the model still writes, the 5th waits until it is known whether more follows.
+        False when a send failed.
         """
         rows = self.store.segments(message.id)
         sent = sum(1 for row in rows if row["sent_at"] is not None)
         for row in rows:
             if row["sent_at"] is not None:
                 continue
-            if sent >= QUOTA:
+            if sent >= QUOTA or (streaming and sent == QUOTA - 1):
                 break
             text = row["content"]
             if sent == QUOTA - 1 and len(rows) > QUOTA:
@@ -1352,16 +1551,20 @@ class Worker:
             try:
                 self.wechat.customer_service_send(message.openid, text)
             except WeChatError as error:
-                self._send_failed(message, error)
-                return
+                if not streaming:  # while streaming, the final delivery deals with it
+                    self._send_failed(message, error)
+                return False
             self.store.mark_sent(message, row["seq"], time.time())
             sent += 1
+        if streaming:
+            return True
         apology = [row["content"] for row in rows] == [APOLOGY_LINE]
         self.store.finish(message, State.FAILED if apology else State.DONE)
         log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
                         short_id(message.openid), message.msg_id or message.event,
                         f"{model_seconds:.2f}s" if model_seconds is not None else "-",
                         sent, len(rows))
+        return True
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
         if error.errcode in GIVE_UP:
