@@ -980,6 +980,24 @@ def test_sigterm_lets_the_answer_in_flight_finish(tmp_path, wechat, model):
     assert wechat.texts_to("oTERM") == ["答完再走"]
 
 
+def test_workers_do_not_poll_while_a_users_next_message_waits(start_bot, wechat, model,
+                                                               monkeypatch):
+    claims, release = [], threading.Event()
+    original = wxbot.Store.claim
+    monkeypatch.setattr(wxbot.Store, "claim", lambda self, *args: claims.append(1) or
+                        original(self, *args))
+    model.respond = lambda request: release.wait(10) and "好"
+    bot = start_bot(WXBOT_WORKERS=4)
+    send_text(bot, "oWAIT", "一", 1)
+    wait_for(lambda: model.requests)
+    send_text(bot, "oWAIT", "二", 2)  # cannot be taken while the first is in hand
+    before = len(claims)
+    release.wait(1.0)  # a window in which idle workers must stay asleep (not a synchronisation)
+    assert len(claims) - before <= 4
+    release.set()
+    wait_for(lambda: len(wechat.texts_to("oWAIT")) == 2)
+
+
 # Streaming ###################################################################
 
 def paced(text, chars_per_second, marks):

@@ -461,6 +461,10 @@ class Store:
         self.path = path
         self.busy_timeout = busy_timeout
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        # SQLite makes a writer that finds the file locked sleep 1, 2, 5, 10... ms before it
+        # tries again; under a burst of pushes that sleep is the ack's p99. Our own writers
+        # queue on this lock instead, so only another process can make one wait.
+        self._write_lock = threading.Lock()
         with self.connection() as conn:
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
             # commit through a process crash (kill -9), losing at most the last ones on power loss.
@@ -498,8 +502,8 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
-        with self.connection() as conn:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error; one writer at a time."""
+        with self._write_lock, self.connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -519,7 +523,7 @@ class Store:
 
     def store_push(self, push: "Push", now: float) -> bool:
         """Store a push once under its dedup key; False when it was a retry already stored."""
-        with self.connection() as conn:
+        with self._write_lock, self.connection() as conn:
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO messages (dedup_key, openid, msg_type, msg_id, event,"
                 " content, fields, received_at) VALUES (:dedup_key, :openid, :msg_type, :msg_id,"
@@ -548,12 +552,15 @@ class Store:
             return None
         return Message(**{**dict(row), "fields": json.loads(row["fields"])})
 
-    def next_due(self) -> float | None:
-        """When the earliest waiting message may be claimed (for the worker's sleep)."""
+    def next_due(self, now: float) -> float | None:
+        """When a message that cannot be claimed now may become claimable: a retry's time or a
+        lease's end. (A message waiting behind its user's message in hand becomes claimable
+        when that one finishes, and the worker that finishes it wakes the others.)"""
         with self.connection() as conn:
             row = conn.execute(
                 "SELECT min(CASE state WHEN 'queued' THEN not_before ELSE lease_until END)"
-                " FROM messages WHERE state IN ('queued', 'leased')").fetchone()
+                " FROM messages WHERE state = 'leased' OR (state = 'queued' AND not_before > ?)",
+                (now,)).fetchone()
         return row[0]
 
     def _leased(self, conn: sqlite3.Connection, message: Message, sql: str, **params) -> None:
@@ -770,7 +777,7 @@ class Store:
         return row[0] if row else None
 
     def set_kv(self, key: str, value: str, expires_at: float | None) -> None:
-        with self.connection() as conn:
+        with self._write_lock, self.connection() as conn:
             conn.execute("INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
                          (key, value, expires_at))
 
@@ -1372,6 +1379,7 @@ class Worker:
             return False
         try:
             self.handle(message)
+            self.wakeup.notify()  # the user's next message, if any, may now be claimed
         except LeaseLost:
             log_worker.warning("message %s: lease lost, another worker has it", message.id)
         except Exception:  # one bad message never kills the thread
@@ -1386,7 +1394,7 @@ class Worker:
             try:
                 if self.loop():
                     continue
-                due = self.store.next_due()
+                due = self.store.next_due(time.time())
             except sqlite3.Error as error:
                 log_worker.error("database error: %s; retrying in 1 s", error)
                 due = time.time() + 1

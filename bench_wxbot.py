@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Measure wxbot on this machine: webhook, pickup, throughput, time to first message, memory.
+
+Everything runs on loopback: wxbot as its own process (as in production), against the tests'
+fake WeChat API and fake OpenAI-compatible model, whose latency and writing speed are set by
+flags. The webhook load comes from wrk (Debian package `wrk`) when installed, else from a
+Python generator (which shares the 2 cores with the server; the table says which).
+
+Usage:
+  python bench_wxbot.py            full run (about 3 minutes)
+  python bench_wxbot.py --quick    a short run that only checks that every phase works
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+import bottle
+import requests
+
+import wxbot
+from test_wxbot import (APPID, FakeModel, FakeWeChat, TOKEN, VECTOR_KEY, chinese_answer,
+                        env_for, paced, signed_query, start_process, text_xml, wait_for)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# Processes ##################################################################
+
+def serve_bare(port: int) -> None:
+    """The ceiling: a Bottle app that only answers "success", on wxbot's own server class."""
+    app = bottle.Bottle()
+    app.post("/wx")(lambda: "success")
+    server = wxbot.HttpServer(app, "127.0.0.1", port)
+    print(f"listening on http://127.0.0.1:{server.port}/wx", flush=True)
+    server.thread.run()
+
+
+def start_bare(workdir: str):
+    process = subprocess.Popen([sys.executable, __file__, "--bare-server", "0"], cwd=workdir,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = process.stdout.readline()
+    return process, int(re.search(r":(\d+)/wx", line).group(1))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+class Wxbot:
+    """wxbot.py in its own process, on a fresh database in a scratch folder."""
+
+    def __init__(self, workdir, wechat, model, **settings):
+        folder = tempfile.mkdtemp(dir=workdir)
+        env = env_for(_Path(folder), wechat, model, WXBOT_USER_RATE=0, WXBOT_USER_DAILY=0,
+                      WXBOT_MAX_SKEW=0, WXBOT_MODEL_TIMEOUT=120, **settings)
+        self.process, self.port, self.lines = start_process(env, folder)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(30)
+        self.process.kill()
+
+
+class _Path(str):
+    def __truediv__(self, name):
+        return os.path.join(self, name)
+
+
+# Webhook load ###############################################################
+
+WRK_SCRIPT = """
+local requests, n = {}, 0
+for line in io.lines("%s") do
+  local path, body = line:match("([^\\t]*)\\t(.*)")
+  requests[#requests + 1] = wrk.format("POST", path, {["Content-Type"] = "text/xml"}, body)
+end
+request = function()
+  n = n + 1
+  return requests[(n - 1) %% #requests + 1]
+end
+"""
+
+
+def pushes_file(workdir: str, count: int, encrypted: bool) -> str:
+    """count signed pushes, one per line (path TAB body), unique MsgIds from 100 openids."""
+    crypto = wxbot.WeChatCrypto(VECTOR_KEY, APPID)
+    path = os.path.join(workdir, f"pushes-{'aes' if encrypted else 'plain'}.txt")
+    timestamp = str(int(time.time()))
+    plain_query = urllib.parse.urlencode(signed_query(timestamp=timestamp))
+    with open(path, "w", encoding="utf-8") as out:
+        for n in range(count):
+            body = text_xml(f"oBENCH{n % 100:03d}", "你好，请问今天天气怎么样？", 10**12 + n,
+                            create_time=int(timestamp))
+            query = plain_query
+            if encrypted:
+                encrypt = crypto.encrypt(body)
+                query = urllib.parse.urlencode(signed_query(
+                    timestamp=timestamp, encrypt_type="aes",
+                    msg_signature=wxbot.wechat_signature(TOKEN, timestamp, "1514711492",
+                                                         encrypt)))
+                body = (f"<xml><ToUserName><![CDATA[gh_10f6c3c3ac5a]]></ToUserName>"
+                        f"<Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>").encode()
+            out.write(f"/wx?{query}\t{body.decode()}\n")
+    return path
+
+
+def load_wrk(port: int, pushes: str, connections: int, seconds: float) -> dict:
+    script = pushes + ".lua"
+    with open(script, "w") as out:
+        out.write(WRK_SCRIPT % pushes)
+    result = subprocess.run(
+        ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+         "--latency", "-s", script, f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=seconds + 60)
+    text = result.stdout
+
+    def ms(label):
+        value, unit = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", text).groups()
+        return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),
+            "p50": ms("50"), "p99": ms("99"), "errors": int(errors.group(1)) if errors else 0}
+
+
+def load_python(port: int, pushes: str, connections: int, seconds: float) -> dict:
+    lines = [line.rstrip("\n").split("\t", 1) for line in open(pushes, encoding="utf-8")]
+    latencies, errors, lock = [], [0], threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(offset):
+        n, mine = offset, []
+        while time.monotonic() < deadline:
+            path, body = lines[n % len(lines)]
+            n += connections
+            started = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", path, body.encode(), {"Content-Type": "text/xml"})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            mine.append((time.perf_counter() - started) * 1000)
+            if response.status != 200:
+                with lock:
+                    errors[0] += 1
+        with lock:
+            latencies.extend(mine)
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"rps": len(latencies) / seconds, "p50": percentile(latencies, 50),
+            "p99": percentile(latencies, 99), "errors": errors[0]}
+
+
+# Phases #####################################################################
+
+def bench_webhook(workdir, wechat, args) -> tuple[list[str], float]:
+    load = load_wrk if shutil.which("wrk") and not args.python_load else load_python
+    count = 30000 if not args.quick else 3000
+    files = {"plain": pushes_file(workdir, count, False),
+             "encrypted": pushes_file(workdir, count, True)}
+    stalled = FakeModel(lambda request: time.sleep(600) or "")  # workers out of the way
+    rows, peak = [], 0.0
+    try:
+        bare, bare_port = start_bare(workdir)
+        try:
+            load(bare_port, files["plain"], 16, 1)  # warm up
+            ceiling = {c: load(bare_port, files["plain"], c, args.seconds)
+                       for c in (1, 16, 64)}
+        finally:
+            bare.kill()
+        for kind, path in files.items():
+            bot = Wxbot(workdir, wechat, stalled, WXBOT_AES_KEY=VECTOR_KEY)
+            try:
+                load(bot.port, files[kind], 16, 1)  # warm up: imports, first token, pools
+                for connections in (1, 16, 64):
+                    result = load(bot.port, path, connections, args.seconds)
+                    top = ceiling[connections]
+                    rows.append(
+                        f"| {kind} | {connections} | {result['rps']:.0f} | {top['rps']:.0f} | "
+                        f"{result['rps'] / top['rps']:.0%} | {result['p50']:.1f} | "
+                        f"{result['p99']:.1f} | {top['p99']:.1f} | "
+                        f"{result['p99'] / top['p99']:.1f}x | {result['errors']} |")
+                peak = max(peak, peak_rss_mib(bot.process.pid))
+            finally:
+                bot.stop()
+    finally:
+        stalled.close()
+    header = [f"Webhook ack (load: {'wrk' if load is load_wrk else 'Python, sharing the cores'}"
+              f", {args.seconds:.0f} s per row; ceiling = bare Bottle on the same server):", "",
+              "| push | conns | req/s | ceiling req/s | ratio | p50 ms | p99 ms | ceiling p99 ms"
+              " | p99 ratio | non-2xx |", "|---|---|---|---|---|---|---|---|---|---|"]
+    return header + rows, peak
+
+
+def bench_pickup(workdir, wechat, args) -> tuple[list[str], float]:
+    arrivals = {}
+    model = FakeModel(lambda request: arrivals.setdefault(
+        request["messages"][-1]["content"], time.perf_counter()) and "好")
+    bot = Wxbot(workdir, wechat, model)
+    delays = []
+    try:
+        for n in range(200 if not args.quick else 20):
+            question = f"问题{n}"
+            response = requests.post(f"http://127.0.0.1:{bot.port}/wx", params=signed_query(),
+                                     data=text_xml(f"oPICK{n}", question, n), timeout=5)
+            acked = time.perf_counter()
+            assert response.text == "success"
+            wait_for(lambda: question in arrivals, timeout=10)
+            delays.append((arrivals[question] - acked) * 1000)
+        peak = peak_rss_mib(bot.process.pid)
+    finally:
+        bot.stop()
+        model.close()
+    return [f"Pickup, from `success` to the model request arriving ({len(delays)} pushes, one "
+            f"at a time): p50 {percentile(delays, 50):.1f} ms, p99 {percentile(delays, 99):.1f}"
+            f" ms"], peak
+
+
+def bench_throughput(workdir, wechat, args) -> tuple[list[str], float]:
+    users, workers = (200, 20) if not args.quick else (40, 20)
+    model = FakeModel(lambda request: time.sleep(args.latency) or "好")
+    wechat.sent.clear()
+    bot = Wxbot(workdir, wechat, model, WXBOT_WORKERS=workers)
+    try:
+        bodies = [text_xml(f"oTHRU{n:03d}", "问", n) for n in range(users)]
+        started = time.monotonic()
+        session = requests.Session()
+        for body in bodies:
+            session.post(f"http://127.0.0.1:{bot.port}/wx", params=signed_query(), data=body,
+                         timeout=5)
+        wait_for(lambda: len(wechat.sent) >= users, timeout=users * args.latency + 60)
+        makespan = time.monotonic() - started
+        peak = peak_rss_mib(bot.process.pid)
+    finally:
+        bot.stop()
+        model.close()
+    ideal = math.ceil(users / workers) * args.latency
+    return [f"Throughput: {users} users, one message each, model latency {args.latency:.1f} s, "
+            f"WXBOT_WORKERS={workers}: makespan {makespan:.2f} s against an ideal {ideal:.2f} s"
+            f" ({makespan / ideal - 1:+.0%})"], peak
+
+
+def bench_first_message(workdir, wechat, args) -> tuple[list[str], float, float]:
+    answer, marks, arrivals = chinese_answer(3000), {}, []
+    model = FakeModel(lambda request: paced(answer, args.chars_per_second, marks))
+    wechat.sent.clear()
+    wechat.hold = lambda path, body: arrivals.append(time.monotonic()) \
+        if path.endswith("/send") else None
+    bot = Wxbot(workdir, wechat, model)
+    try:
+        requests.post(f"http://127.0.0.1:{bot.port}/wx", params=signed_query(),
+                      data=text_xml("oTTFM", "讲个长故事", 1), timeout=5)
+        asked = time.monotonic()
+        wait_for(lambda: "end" in marks and wechat.sent and
+                 requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).json()[
+                     "queued"] == 0, timeout=3000 / args.chars_per_second + 60)
+        segments = len(wechat.sent)
+        idle_from = cpu_seconds(bot.process.pid)
+        idle_started = time.monotonic()
+        time.sleep(args.idle)  # measuring an idle process: nothing to wait for
+        idle = (cpu_seconds(bot.process.pid) - idle_from) / (time.monotonic() - idle_started)
+        peak = peak_rss_mib(bot.process.pid)
+    finally:
+        bot.stop()
+        model.close()
+        wechat.hold = None
+    first_600 = marks[610] - asked
+    return [f"Time to first message, a 3,000-character answer written at "
+            f"{args.chars_per_second:.0f} chars/s: first message {arrivals[0] - asked:.2f} s "
+            f"after the push ({arrivals[0] - marks[610]:+.2f} s from the first 600 characters "
+            f"at {first_600:.2f} s); whole answer written at {marks['end'] - asked:.2f} s; "
+            f"{segments} segments"], peak, idle
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run: every phase, briefly")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per webhook row")
+    parser.add_argument("--latency", type=float, default=1.0, help="model latency, seconds")
+    parser.add_argument("--chars-per-second", type=float, default=None,
+                        help="how fast the fake model writes (default 100; quick 1000)")
+    parser.add_argument("--idle", type=float, default=None, help="idle CPU window, seconds")
+    parser.add_argument("--python-load", action="store_true", help="use the Python load "
+                        "generator even where wrk is installed")
+    parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_server is not None:
+        serve_bare(args.bare_server)
+        return 0
+    args.seconds = args.seconds or (10.0 if not args.quick else 1.0)
+    args.chars_per_second = args.chars_per_second or (100.0 if not args.quick else 1000.0)
+    args.idle = args.idle or (10.0 if not args.quick else 2.0)
+    if args.quick:
+        args.latency = min(args.latency, 0.2)
+
+    wechat = FakeWeChat()
+    lines = [f"wxbot bench, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, Python "
+             f"{sys.version.split()[0]}, {'quick' if args.quick else 'full'} run", ""]
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            webhook, peak_webhook = bench_webhook(workdir, wechat, args)
+            pickup, peak_pickup = bench_pickup(workdir, wechat, args)
+            throughput, peak_throughput = bench_throughput(workdir, wechat, args)
+            first, peak_first, idle = bench_first_message(workdir, wechat, args)
+        finally:
+            wechat.close()
+    peak = max(peak_webhook, peak_pickup, peak_throughput, peak_first)
+    lines += webhook + ["", *pickup, "", *throughput, "", *first, "",
+                        f"Peak RSS of the wxbot process: {peak:.0f} MiB (under webhook load "
+                        f"{peak_webhook:.0f} MiB); CPU while idle for {args.idle:.0f} s: "
+                        f"{idle:.2%}"]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
