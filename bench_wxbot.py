@@ -78,6 +78,7 @@ class Wxbot:
         folder = tempfile.mkdtemp(dir=workdir)
         env = env_for(_Path(folder), wechat, model, WXBOT_USER_RATE=0, WXBOT_USER_DAILY=0,
                       WXBOT_MAX_SKEW=0, WXBOT_MODEL_TIMEOUT=120, **settings)
+        env["MALLOC_ARENA_MAX"] = "2"  # as wxbot.service runs it
         self.process, self.port, self.lines = start_process(env, folder)
 
     def stop(self) -> None:
@@ -227,14 +228,15 @@ def bench_pickup(workdir, wechat, args) -> tuple[list[str], float]:
     bot = Wxbot(workdir, wechat, model)
     delays = []
     try:
-        for n in range(200 if not args.quick else 20):
+        for n in range(-5, 200 if not args.quick else 20):  # the first 5 warm up
             question = f"问题{n}"
             response = requests.post(f"http://127.0.0.1:{bot.port}/wx", params=signed_query(),
                                      data=text_xml(f"oPICK{n}", question, n), timeout=5)
             acked = time.perf_counter()
             assert response.text == "success"
             wait_for(lambda: question in arrivals, timeout=10)
-            delays.append((arrivals[question] - acked) * 1000)
+            if n >= 0:
+                delays.append((arrivals[question] - acked) * 1000)
         peak = peak_rss_mib(bot.process.pid)
     finally:
         bot.stop()
