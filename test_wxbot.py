@@ -197,6 +197,7 @@ class FakeModel(FakeServer):
 
     def route(self, handler):
         request = json.loads(handler.body)
+        self.authorization = handler.headers.get("Authorization")
         with self.lock:
             self.requests.append(request)
         try:
@@ -655,7 +656,7 @@ def test_two_users_in_parallel_one_users_messages_in_order(start_bot, wechat, mo
     for n in range(3):  # each next message while the one before is still being answered
         send_text(bot, "oA", f"A:{n}", 10 + n)
         send_text(bot, "oB", f"B:{n}", 20 + n)
-        wait_for(lambda: len(order) >= 2 * n + 1)
+        wait_for(lambda: len(order) >= 2 * n + 2)  # both in the model: nothing to merge
     wait_for(lambda: len(wechat.sent) == 6)
     assert peak["n"] == 2
     assert wechat.texts_to("oA") == ["答A:0", "答A:1", "答A:2"]
@@ -1098,6 +1099,218 @@ def test_quick_messages_waiting_together_get_one_answer(start_bot, wechat, model
     wait_for(lambda: len(wechat.texts_to("oSPLIT")) == 2)
     assert {"role": "user", "content": "我想问\n关于Python\n怎么学"} in \
         model.requests[2]["messages"]
+
+
+# For the people chatting ####################################################
+
+@pytest.mark.parametrize("word", ["/reset", "新对话", "清除记忆"])
+def test_reset_forgets_the_users_history(start_bot, wechat, model, word):
+    bot = start_bot()
+    send_text(bot, "oRESET", "我叫小明", 1)
+    wait_for(lambda: wechat.texts_to("oRESET"))
+    send_text(bot, "oRESET", word, 2)
+    wait_for(lambda: len(wechat.texts_to("oRESET")) == 2)
+    assert wechat.texts_to("oRESET")[1] == wxbot.RESET_LINE
+    send_text(bot, "oRESET", "我是谁", 3)
+    wait_for(lambda: len(wechat.texts_to("oRESET")) == 3)
+    assert [m["role"] for m in model.requests[-1]["messages"]] == ["system", "user"]
+    assert len(model.requests) == 2  # the command never reached the model
+
+
+@pytest.mark.parametrize("word", ["/help", "帮助"])
+def test_help_says_what_the_bot_can_do(start_bot, wechat, model, word):
+    bot = start_bot()
+    send_text(bot, "oHELP", word, 1)
+    wait_for(lambda: wechat.texts_to("oHELP"))
+    assert wechat.texts_to("oHELP") == [wxbot.HELP_LINE] and model.requests == []
+
+
+def test_stats_only_for_admins(start_bot, wechat, model):
+    bot = start_bot(WXBOT_ADMINS="oBOSS, oOTHERBOSS")
+    send_text(bot, "oBOSS", "/stats", 1)
+    wait_for(lambda: wechat.texts_to("oBOSS"))
+    assert "排队中" in wechat.texts_to("oBOSS")[0] and "今日消息：1" in wechat.texts_to("oBOSS")[0]
+    send_text(bot, "oNOBODY", "/stats", 2)
+    wait_for(lambda: wechat.texts_to("oNOBODY"))
+    assert wechat.texts_to("oNOBODY") == ["答：/stats"]  # an ordinary question for others
+
+
+def voice_xml(openid, recognition, msg_id):
+    return (f"<xml><ToUserName>gh</ToUserName><FromUserName>{openid}</FromUserName>"
+            f"<CreateTime>1714036504</CreateTime><MsgType>voice</MsgType><MediaId>m</MediaId>"
+            f"<Format>amr</Format><Recognition><![CDATA[{recognition}]]></Recognition>"
+            f"<MsgId>{msg_id}</MsgId></xml>").encode()
+
+
+def test_voice_with_recognition_is_answered_as_text(start_bot, wechat, model):
+    bot = start_bot()
+    post_push(bot, voice_xml("oVOICE", "明天会下雨吗", 1))
+    wait_for(lambda: wechat.texts_to("oVOICE"))
+    assert wechat.texts_to("oVOICE") == ["答：明天会下雨吗"]
+
+
+def test_voice_without_recognition_asks_to_type(start_bot, wechat, model, caplog):
+    bot = start_bot()
+    post_push(bot, voice_xml("oMUTE", "", 1))
+    wait_for(lambda: wechat.texts_to("oMUTE"))
+    assert wechat.texts_to("oMUTE") == [wxbot.VOICE_UNRECOGNISED_LINE] and model.requests == []
+    assert "接收语音识别结果" in caplog.text
+
+
+def image_xml(openid, msg_id, url="https://mmbiz.qpic.cn/pic.jpg"):
+    return (f"<xml><ToUserName>gh</ToUserName><FromUserName>{openid}</FromUserName>"
+            f"<CreateTime>1714036504</CreateTime><MsgType>image</MsgType><PicUrl>{url}</PicUrl>"
+            f"<MediaId>m</MediaId><MsgId>{msg_id}</MsgId></xml>").encode()
+
+
+def test_image_goes_to_the_model_with_vision_on(start_bot, wechat, model):
+    model.respond = lambda request: "图里是一只猫"
+    bot = start_bot(WXBOT_VISION=1)
+    post_push(bot, image_xml("oPIC", 1))
+    wait_for(lambda: wechat.texts_to("oPIC"))
+    content = model.requests[0]["messages"][-1]["content"]
+    assert {"type": "image_url", "image_url": {"url": "https://mmbiz.qpic.cn/pic.jpg"}} in content
+    assert {"type": "text", "text": wxbot.IMAGE_PROMPT} in content
+
+
+def test_image_with_the_users_next_text(start_bot, wechat, model):
+    release = threading.Event()
+    model.respond = lambda request: (release.wait(10) if request["messages"][-1]["content"]
+                                     == "占着" else True) and "好"
+    bot = start_bot(WXBOT_VISION=1, WXBOT_WORKERS=1)
+    send_text(bot, "oBUSY", "占着", 1)
+    wait_for(lambda: model.requests)
+    post_push(bot, image_xml("oPIC2", 2))
+    send_text(bot, "oPIC2", "这是什么花？", 3)
+    release.set()
+    wait_for(lambda: wechat.texts_to("oPIC2"))
+    content = model.requests[1]["messages"][-1]["content"]
+    assert {"type": "text", "text": "这是什么花？"} in content and len(model.requests) == 2
+
+
+def test_image_with_vision_off_gets_the_polite_line(start_bot, wechat, model):
+    bot = start_bot()
+    post_push(bot, image_xml("oPIC3", 1))
+    wait_for(lambda: wechat.texts_to("oPIC3"))
+    assert wechat.texts_to("oPIC3") == [wxbot.TEXT_ONLY_LINE] and model.requests == []
+
+
+@pytest.mark.parametrize("markdown, plain", [
+    ("## 第一步\n内容", "第一步\n内容"),
+    ("这很**重要**，也很__关键__", "这很重要，也很关键"),
+    ("*斜体*和_强调_，但 snake_case_name 与 2*3*4 不变", "斜体和强调，但 snake_case_name 与 2*3*4 不变"),
+    ("* 苹果\n+ 香蕉\n- 梨", "- 苹果\n- 香蕉\n- 梨"),
+    ("1. 打开\n2. 关上", "1. 打开\n2. 关上"),
+    ("见[官方文档](https://developers.weixin.qq.com/doc)", "见官方文档 (https://developers.weixin.qq.com/doc)"),
+    ("运行 `pip install wxbot` 即可", "运行 pip install wxbot 即可"),
+    ("```python\nprint(\"**hi**\")\n    return 1\n```", "print(\"**hi**\")\n    return 1"),
+    ("| 名称 | 价格 |\n|:---|---:|\n| 苹果 | 5 |", "名称 | 价格\n苹果 | 5"),
+    ("> 引用的话", "引用的话"),
+    ("~~删除~~", "删除"),
+], ids=["heading", "bold", "italic", "list", "numbered", "link", "inline-code", "fenced-code",
+        "table", "quote", "strike"])
+def test_markdown_becomes_plain_text(markdown, plain):
+    assert wxbot.plain_text(markdown) == plain
+    assert wxbot.utf8_len(wxbot.plain_text(markdown)) <= wxbot.utf8_len(markdown)
+
+
+def test_answer_reaches_the_user_without_markdown(start_bot, wechat, model):
+    model.respond = lambda request: "# 标题\n\n**要点**：见 [链接](https://a.cn)"
+    bot = start_bot()
+    send_text(bot, "oMD", "问", 1)
+    wait_for(lambda: wechat.texts_to("oMD"))
+    assert wechat.texts_to("oMD") == ["标题\n\n要点：见 链接 (https://a.cn)"]
+
+
+def test_short_code_block_is_never_split():
+    code = "```\n" + "\n".join(f"line {n} = {n} * 2" for n in range(60)) + "\n```"
+    text = "说明。" * 500 + "\n\n" + code + "\n\n结束。"
+    segments = wxbot.split_segments(text)
+    holding = [s for s in segments if "line 0 =" in s]
+    assert holding and "line 59 =" in holding[0]
+
+
+def test_custom_welcome_on_subscribe(start_bot, wechat, model):
+    bot = start_bot(WXBOT_WELCOME="欢迎来到小店！")
+    post_push(bot, event_xml("oNEWFAN", "subscribe"))
+    wait_for(lambda: wechat.texts_to("oNEWFAN"))
+    assert wechat.texts_to("oNEWFAN") == ["欢迎来到小店！"]
+
+
+def test_turns_older_than_the_session_ttl_are_not_sent(start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_SESSION_TTL=3600)
+    send_text(bot, "oOLDTALK", "很久以前的话", 1)
+    wait_for(lambda: wechat.texts_to("oOLDTALK"))
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn, conn:
+        conn.execute("UPDATE turns SET created_at = created_at - 7200")
+    send_text(bot, "oOLDTALK", "现在的话", 2)
+    wait_for(lambda: len(wechat.texts_to("oOLDTALK")) == 2)
+    assert [m["role"] for m in model.requests[1]["messages"]] == ["system", "user"]
+
+
+# For the owner ##############################################################
+
+def run_wxbot(args, env, stdin="", cwd=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, "wxbot.py"), *args],
+                          env={"PATH": os.environ["PATH"], **env}, input=stdin,
+                          capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_check_passes_and_prints_what_to_paste(tmp_path, wechat, model):
+    result = run_wxbot(["check"], env_for(tmp_path, wechat, model))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all checks passed" in result.stdout
+    assert "URL:   http://" in result.stdout and f"Token: {TOKEN}" in result.stdout
+    assert model.requests[0]["max_tokens"] == 5
+
+
+def test_check_names_the_ip_to_whitelist(tmp_path, wechat, model):
+    wechat.token_reply = {"errcode": 40164, "errmsg": ERRMSGS[40164]}
+    result = run_wxbot(["check"], env_for(tmp_path, wechat, model))
+    assert result.returncode == 1
+    assert "203.0.113.9" in result.stdout and "IP白名单" in result.stdout
+
+
+@pytest.mark.parametrize("errcode, says", [(40013, "WXBOT_APPID"), (40125, "WXBOT_APPSECRET")])
+def test_check_says_which_credential_is_wrong(tmp_path, wechat, model, errcode, says):
+    wechat.token_reply = {"errcode": errcode, "errmsg": "invalid"}
+    result = run_wxbot(["check"], env_for(tmp_path, wechat, model))
+    assert result.returncode == 1 and says in result.stdout
+
+
+def test_check_tells_a_wrong_key_a_wrong_url_and_an_unknown_model_apart(tmp_path, wechat,
+                                                                        model):
+    def respond(request):
+        if model.authorization != f"Bearer {API_KEY}":
+            raise ModelFault(401, "Incorrect API key provided")
+        if request["model"] != "gpt-4o-mini":
+            raise ModelFault(404, f"The model `{request['model']}` does not exist")
+        return "pong"
+    model.respond = respond
+    outputs = {}
+    for case, overrides in {"key": {"OPENAI_API_KEY": "sk-wrong"},
+                            "model": {"WXBOT_MODEL": "gpt-9"},
+                            "url": {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}}.items():
+        result = run_wxbot(["check"], env_for(tmp_path, wechat, model, **overrides))
+        assert result.returncode == 1
+        outputs[case] = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(set(map(tuple, outputs.values()))) == 3
+    assert "OPENAI_API_KEY" in outputs["key"][0]
+    assert "WXBOT_MODEL" in outputs["model"][0] and "gpt-9" in outputs["model"][0]
+    assert "OPENAI_BASE_URL" in outputs["url"][0]
+
+
+def test_chat_talks_to_the_model_in_the_console(tmp_path, model):
+    env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": model.url + "/v1",
+           "WXBOT_DB": str(tmp_path / "wxbot.db")}
+    model.respond = lambda request: ("**你好**，小明" if len(request["messages"]) == 2
+                                     else f"你叫小明（我记得 {len(request['messages'])} 条）")
+    result = run_wxbot(["chat"], env, stdin="我叫小明\n我叫什么？\n帮助\n")
+    assert result.returncode == 0, result.stderr
+    assert "你好，小明" in result.stdout and "**" not in result.stdout
+    assert "你叫小明（我记得 4 条）" in result.stdout
+    assert wxbot.HELP_LINE in result.stdout and len(model.requests) == 2
+    assert not (tmp_path / "wxbot.db").exists()  # its own database, never WeChat's queue
 
 
 # Processes ###################################################################
@@ -1574,7 +1787,7 @@ def test_wechat_failing_30_percent_still_delivers_everything_once(start_bot, wec
              sum(len(questions_answered(wechat.texts_to(u))) for u in users) >= 48, timeout=90)
     for user in users:
         assert questions_answered(wechat.texts_to(user)) == [f"{user}-{k}" for k in range(8)]
-    assert len(faults) > 20 and {-1, 500, "drop"} <= set(faults)
+    assert len(faults) >= 10 and {-1, 500, "drop"} <= set(faults)
 
 
 def test_model_failing_30_percent_answers_or_apologises_for_everything(start_bot, wechat,

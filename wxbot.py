@@ -74,6 +74,15 @@ CUT_OFF_LINE = "（回答中断了，抱歉。可以重新提问。）"
 #: Asked when a stream was cut off part-way, so the model completes rather than repeats.
 RESUME_PROMPT = "你上面的回答被中断了。请从中断处直接接着写，不要重复已经写过的内容，也不要加开场白。"
 CONTINUE_WORDS = ("继续", "繼續", "/more")
+RESET_WORDS = ("/reset", "新对话", "清除记忆")
+HELP_WORDS = ("/help", "帮助")
+RESET_LINE = "好的，之前的对话我已经忘记了，我们重新开始吧。"
+HELP_LINE = ("我是 AI 助手，直接发文字或语音给我就能对话。\n"
+             "发送“新对话”或 /reset：忘记之前的对话，重新开始\n"
+             "回答太长时发送“继续”：查看剩余内容\n"
+             "发送“帮助”或 /help：显示这段说明")
+VOICE_UNRECOGNISED_LINE = "抱歉，没听清这条语音，请直接打字发给我。"
+IMAGE_PROMPT = "请看这张图片，简要说明图里有什么。"
 CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
 RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
 DAILY_LINE = "今天的提问次数已用完，请约 {hours} 小时后再来。"
@@ -200,6 +209,12 @@ SETTINGS: dict[str, Setting] = {
                              "system prompt (the default asks for plain Chinese text)"),
     "welcome": Setting("WXBOT_WELCOME", DEFAULT_WELCOME, _optional_text,
                        "message sent on subscribe (empty: none)"),
+    "admins": Setting("WXBOT_ADMINS", "", _openids,
+                      "openids (comma-separated) that may send /stats"),
+    "vision": Setting("WXBOT_VISION", "0", _flag,
+                      "1: send images to the model (it must accept image input)"),
+    "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
+                           "earlier turns older than this many seconds are not sent to the model"),
     "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file"),
     "host": Setting("WXBOT_HOST", "0.0.0.0", _text, "address to listen on"),
     "port": Setting("WXBOT_PORT", "8080", _int_between(0, 65535), "port to listen on"),
@@ -243,6 +258,9 @@ class Settings:
     model: str
     system_prompt: str
     welcome: str
+    admins: tuple
+    vision: bool
+    session_ttl: float
     db: str
     host: str
     port: int
@@ -289,6 +307,8 @@ class Settings:
             value = getattr(self, name)
             if setting.secret:
                 value = "(set)" if value else "(not set)"
+            elif name == "admins":
+                value = ",".join(short_id(openid) for openid in value)
             elif name in ("system_prompt", "welcome"):
                 value = f"({len(value)} chars)"
             shown.append(f"{setting.env}={value}")
@@ -761,11 +781,12 @@ class Store:
             conn.execute("UPDATE segments SET sent_at = ? WHERE message_id = ? AND seq = ?",
                          (now, message.id, seq))
 
-    def history(self, openid: str, turns: int, max_chars: int) -> list[dict]:
-        """The user's last `turns` exchanges, oldest first, within max_chars in all."""
+    def history(self, openid: str, turns: int, max_chars: int, since: float = 0) -> list[dict]:
+        """The user's last `turns` exchanges since `since`, oldest first, within max_chars."""
         with self.connection() as conn:
             rows = conn.execute("SELECT role, content FROM turns WHERE openid = ?"
-                                " ORDER BY id DESC LIMIT ?", (openid, turns * 2)).fetchall()
+                                " AND created_at >= ? ORDER BY id DESC LIMIT ?",
+                                (openid, since, turns * 2)).fetchall()
         kept, chars = [], 0
         for row in rows:  # newest first: the oldest turns are the ones dropped
             chars += len(row["content"])
@@ -775,6 +796,25 @@ class Store:
         while kept and kept[-1]["role"] != "user":  # start the history with a question
             kept.pop()
         return kept[::-1]
+
+    def forget(self, openid: str) -> int:
+        """Delete the user's conversation history (/reset): it is never sent to the model again."""
+        with self.transaction() as conn:
+            return conn.execute("DELETE FROM turns WHERE openid = ?", (openid,)).rowcount
+
+    def stats(self, now: float) -> dict:
+        """For /stats: today's traffic and the model's latency (since midnight, local time)."""
+        midnight = time.mktime(time.localtime(now)[:3] + (0, 0, 0, 0, 0, -1))
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT count(*), sum(state = 'failed'), sum(state = 'dead'),"
+                " avg(answered_at - received_at) FROM messages WHERE received_at >= ?"
+                " AND msg_type != 'event'", (midnight,)).fetchone()
+            token = conn.execute("SELECT expires_at FROM kv WHERE key = 'access_token'"
+                                 ).fetchone()
+        return {**self.health(now), "today": row[0], "failed_today": row[1] or 0,
+                "dead_today": row[2] or 0, "answer_seconds_avg": round(row[3] or 0, 2),
+                "token_valid_s": round(token[0] - now) if token else None}
 
     def count_model_call(self, message: Message, now: float, windows: list[tuple[float, int]]
                          ) -> float | None:
@@ -1154,9 +1194,10 @@ class ModelError(Exception):
     """The model gave no usable answer. kind: "transient" (try again later), "context" (the
     conversation is too long), "refused" (a content filter), or "fatal" (a setting is wrong)."""
 
-    def __init__(self, reason: str, kind: str = "transient", retry_after: float | None = None):
+    def __init__(self, reason: str, kind: str = "transient", retry_after: float | None = None,
+                 status: int | None = None, detail: str = ""):
         super().__init__(reason)
-        self.kind, self.retry_after = kind, retry_after
+        self.kind, self.retry_after, self.status, self.detail = kind, retry_after, status, detail
 
 
 #: How providers say a request was too long, or blocked by their content filter (HTTP 400).
@@ -1175,11 +1216,11 @@ class Model:
                                     base_url=settings.openai_base_url or None,
                                     timeout=settings.model_timeout, max_retries=0)
 
-    def answer(self, messages: list[dict]) -> str:
+    def answer(self, messages: list[dict], max_tokens: int | None = None) -> str:
         try:
             completion = self.client.chat.completions.create(
                 model=self.settings.model, messages=messages,
-                max_tokens=self.settings.max_tokens)
+                max_tokens=max_tokens or self.settings.max_tokens)
         except openai.APIStatusError as error:
             raise self._status_error(error) from None
         except openai.APIError as error:
@@ -1244,7 +1285,7 @@ class Model:
         elif status == 400 and CONTENT_FILTER.search(detail):
             kind = "refused"
         return ModelError(f"HTTP {status} from the model: {hint.get(status, 'provider error')}"
-                          f" ({kind})", kind, retry_after)
+                          f" ({kind})", kind, retry_after, status, detail)
 
 
 ###############################################################################
@@ -1258,6 +1299,7 @@ QUOTA = 5
 #: Every segment leaves room for the "继续" line, which the 5th gets when more follows.
 SEGMENT_LIMIT = SEGMENT_BYTES - len(CONTINUE_TAIL.encode("utf-8"))
 SENTENCE_END = re.compile(r"[。！？!?；;…]+[”’\"')）]*|\.(?=\s)")
+CODE_FENCE = re.compile(r"^[ \t]*(```|~~~)", re.M)
 
 
 def utf8_len(text: str) -> int:
@@ -1268,10 +1310,14 @@ def _cut(text: str, limit: int, fill: float = 0.25) -> int:
     """Where to cut text so its head fits limit bytes: a paragraph, line, sentence, or word end.
 
     A boundary in the first `fill` of the head is passed over: a short segment wastes one of
-    the 5 messages of the quota.
+    the 5 messages of the quota. A code block that would be split goes whole to the next
+    segment, unless it is too long for one.
     """
     head = text.encode("utf-8")[:limit].decode("utf-8", "ignore")
     floor = int(len(head) * fill)
+    fences = [m.start() for m in CODE_FENCE.finditer(head)]
+    if len(fences) % 2 and fences[-1] > floor:
+        return fences[-1]
     for boundary in ("\n\n", "\n"):
         at = head.rfind(boundary)
         if at > floor:
@@ -1299,6 +1345,55 @@ def split_segments(text: str, limit: int = SEGMENT_LIMIT, fill: float = 0.25) ->
     return [segment for segment in segments if segment]
 
 
+class Markdown:
+    """Turns a model's Markdown into plain text, since WeChat shows the marks as they are.
+
+    Nothing it does makes a line longer, so a segment still fits after cleaning. It keeps
+    whether a code block is open across the segments of one answer.
+    """
+
+    TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
+    RULES = [
+        (re.compile(r"^(\s*)#{1,6}\s+(.*?)[\s#]*$"), r"\1\2"),            # headings
+        (re.compile(r"^(\s*)[*+](\s+)"), r"\1-\2"),                        # bullets
+        (re.compile(r"^\s*>\s?"), ""),                                      # quotes
+        (re.compile(r"!\[([^\]]*)\]\(([^)\s]+)[^)]*\)"), r"\1 \2"),          # images
+        (re.compile(r"\[([^\]]+)\]\(([^)\s]+)[^)]*\)"), r"\1 (\2)"),         # links
+        (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),               # bold
+        # italic; not inside ASCII words (snake_case, 2*3*4), but next to Chinese
+        (re.compile(r"(?<![A-Za-z0-9*])\*(?=\S)(.+?)(?<=\S)\*(?![A-Za-z0-9*])"), r"\1"),
+        (re.compile(r"(?<![A-Za-z0-9_])_(?=\S)(.+?)(?<=\S)_(?![A-Za-z0-9_])"), r"\1"),
+        (re.compile(r"~~(.+?)~~"), r"\1"),                                 # strike-through
+        (re.compile(r"`([^`]+)`"), r"\1"),                                 # inline code
+    ]
+
+    def __init__(self):
+        self.in_code = False
+
+    def clean(self, text: str) -> str:
+        lines = []
+        for line in text.split("\n"):
+            if CODE_FENCE.match(line):
+                self.in_code = not self.in_code
+                continue
+            if self.in_code:  # code stays as written, indentation and all
+                lines.append(line)
+                continue
+            if "|" in line and self.TABLE_RULE.match(line):
+                continue
+            stripped = line.strip()
+            if len(stripped) > 1 and stripped[0] == "|" and stripped[-1] == "|":
+                line = " | ".join(cell.strip() for cell in stripped[1:-1].split("|"))
+            for pattern, replacement in self.RULES:
+                line = pattern.sub(replacement, line)
+            lines.append(line)
+        return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def plain_text(markdown: str) -> str:
+    return Markdown().clean(markdown)
+
+
 class StreamCutter:
     """Cuts an answer into segments while the model is still writing it.
 
@@ -1317,9 +1412,16 @@ class StreamCutter:
                  limit: int = SEGMENT_LIMIT):
         self.started, self.first_done, self.limit = started, first_done, limit
         self.buffer = ""
+        self.markdown = Markdown()
 
     def feed(self, text: str, now: float) -> list[str]:
-        """Take more of the answer; return the segments that are ready."""
+        """Take more of the answer; return the segments that are ready, as plain text."""
+        return self._plain(self._feed(text, now))
+
+    def _plain(self, segments: list[str]) -> list[str]:
+        return [plain for plain in map(self.markdown.clean, segments) if plain]
+
+    def _feed(self, text: str, now: float) -> list[str]:
         self.buffer += text
         ready = []
         if not self.first_done:
@@ -1354,12 +1456,25 @@ class StreamCutter:
     def finish(self) -> list[str]:
         """The rest, once the model has finished."""
         rest, self.buffer = self.buffer, ""
-        return split_segments(rest, self.limit, self.FILL if self.first_done else 0.25)
+        return self._plain(split_segments(rest, self.limit,
+                                          self.FILL if self.first_done else 0.25))
 
 
 ###############################################################################
 # Worker ######################################################################
 ###############################################################################
+
+def stats_text(stats: dict) -> str:
+    """/stats for an admin, in the owner's words."""
+    token = stats["token_valid_s"]
+    return "\n".join([
+        f"排队中：{stats['queued']}（处理中 {stats['in_progress']}，最久 "
+        f"{stats['oldest_queued_age_s']:.0f} 秒）",
+        f"今日消息：{stats['today']}，失败：{stats['failed_today']}，放弃：{stats['dead_today']}",
+        f"平均回答用时：{stats['answer_seconds_avg']} 秒",
+        f"access token：{'剩余 %d 秒' % token if token and token > 0 else '未获取或已过期'}",
+        f"未发送的分段：{stats['unsent_segments']}"])
+
 
 class Wakeup:
     """Wakes idle workers the moment the webhook stores a message: no polling delay."""
@@ -1464,15 +1579,35 @@ class Worker:
         if message.msg_type == "event":  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
             return self.store.save_answer(message, split_segments(line), now, carry=False)
-        if message.msg_type != "text" or not text:
-            return self.store.save_answer(message, [TEXT_ONLY_LINE], now)
+        command = text.lower() if message.msg_type == "text" else ""
+        if command in RESET_WORDS:
+            self.store.forget(message.openid)
+            return self.store.save_answer(message, [RESET_LINE], now)
+        if command in HELP_WORDS:
+            return self.store.save_answer(message, [HELP_LINE], now)
+        if command == "/stats" and message.openid in self.settings.admins:
+            return self.store.save_answer(message, [stats_text(self.store.stats(now))], now)
         if text in CONTINUE_WORDS and self.store.has_overflow(message.openid, message.id):
             return self.store.save_answer(message, [], now, take_overflow=True)
+        if message.msg_type == "voice" and not text:
+            log_worker.warning("message %s: a voice message without Recognition; turn on "
+                               "公众号后台 → 设置与开发 → 接口权限 → 接收语音识别结果", message.id)
+            return self.store.save_answer(message, [VOICE_UNRECOGNISED_LINE], now)
+        picture = message.fields.get("PicUrl", "") if message.msg_type == "image" else ""
+        if self.settings.vision and picture.startswith(("http://", "https://")):
+            return self.answer_text(message, "", picture)
+        if message.msg_type not in ("text", "voice") or not text:
+            return self.store.save_answer(message, [TEXT_ONLY_LINE], now)
         return self.answer_text(message, text)
 
-    def answer_text(self, message: Message, question: str) -> int | None:
-        """Ask the model, streaming: segments are stored and sent while it writes."""
-        question = "\n".join([question, *self.store.merge_followups(message, time.time())])
+    def answer_text(self, message: Message, question: str, picture: str = "") -> int | None:
+        """Ask the model, streaming: segments are stored and sent while it writes.
+
+        A picture (WXBOT_VISION) goes as an image part, with the texts that follow it or, on
+        its own, a short instruction.
+        """
+        question = "\n".join(part for part in [question, *self.store.merge_followups(
+            message, time.time())] if part) or IMAGE_PROMPT
         if len(question) > MAX_QUESTION_CHARS:
             question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
                 chars=MAX_QUESTION_CHARS)
@@ -1482,8 +1617,11 @@ class Worker:
             return self._over_limit(message, wait)
         self.store.start_answer(message)
         history = self.store.history(message.openid, self.settings.history_turns,
-                                     self.settings.context_chars)
-        ask = [{"role": "user", "content": question}]
+                                     self.settings.context_chars,
+                                     time.time() - self.settings.session_ttl)
+        ask = [{"role": "user", "content": question if not picture else [
+            {"type": "text", "text": question},
+            {"type": "image_url", "image_url": {"url": picture}}]}]
         partial = self.store.partial_answer(message.id)
         if partial:  # a stream cut off before: ask for the rest, never for all of it again
             ask += [{"role": "assistant", "content": partial},
@@ -1509,7 +1647,8 @@ class Worker:
         finally:
             renew.cancel()
         answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
-        return self.store.complete_answer(message, time.time(), rest, question, answer)
+        return self.store.complete_answer(message, time.time(), rest,
+                                          f"[图片] {question}" if picture else question, answer)
 
     def _ask(self, history: list[dict], ask: list[dict]) -> Iterator[str]:
         """The model's answer as it streams; a context-too-long error retries without history."""
@@ -1852,6 +1991,103 @@ class Bot:
         return finished
 
 
+class Console:
+    """Stands in for WeChat in `chat`: prints each segment as WeChat would show it."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def customer_service_send(self, openid: str, text: str) -> None:
+        print(f"\n{text}\n{'─' * 20}", file=self.out, flush=True)
+
+    def typing(self, openid: str, command: str = "Typing") -> None:
+        pass
+
+    def typing_soon(self, openid: str) -> None:
+        pass
+
+    def first_time(self, errcode: int) -> bool:
+        return True
+
+
+def chat(settings: Settings, lines, out) -> int:
+    """A console conversation with the real model, through wxbot's own worker."""
+    root, ext = os.path.splitext(settings.db)
+    settings = dataclasses.replace(settings, db=f"{root}-chat{ext or '.db'}", user_rate=0,
+                                   user_daily=0)
+    store = Store(settings.db)
+    worker = Worker(settings, store, Console(out), Model(settings), Wakeup(), "chat")
+    print(f"wxbot chat with {settings.model} (history in {settings.db}; /reset forgets it, "
+          f"Ctrl-D ends)", file=out, flush=True)
+    for line in lines:
+        if not line.strip():
+            continue
+        now = time.time()
+        store.store_push(Push("local-console", "local", "text", str(int(now)),
+                              str(time.time_ns()), None, line.strip(), {}), now)
+        while worker.loop():
+            pass
+    store.close()
+    return 0
+
+
+def check(settings: Settings, out) -> int:
+    """Try every setting for real: the database, an access token, one tiny model request."""
+    failures = 0
+
+    def report(ok: bool, text: str) -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"{'OK  ' if ok else 'FAIL'} {text}", file=out, flush=True)
+
+    try:
+        store = Store(settings.db)
+        report(True, f"database {settings.db} opens")
+    except (sqlite3.Error, OSError, RuntimeError) as error:
+        report(False, f"database {settings.db}: {error} (check WXBOT_DB and the folder's rights)")
+        store = Store(":memory:")
+    try:
+        WeChatAPI(settings, store)._fetch_token(force=False)
+        report(True, f"WeChat gave an access token for AppID {settings.appid}")
+    except WeChatError as error:
+        if error.errcode is None:
+            report(False, f"cannot reach WeChat at {settings.api_base}: {error.errmsg}")
+        elif error.errcode == 40164:
+            ip = re.search(r"invalid ip ([0-9a-fA-F.:]+)", error.errmsg or "")
+            report(False, f"WeChat saw this server as {ip.group(1) if ip else 'an IP'} and it "
+                          f"is not whitelisted: add it in 公众号后台 → 设置与开发 → 基本配置 → "
+                          f"IP白名单, then run check again")
+        elif error.errcode in (40013, 40125, 40243, 41004):
+            report(False, HINTS.get(error.errcode, "WXBOT_APPSECRET is missing or wrong"))
+        else:
+            report(False, f"WeChat refused the access token: {error.hint()}")
+    try:
+        Model(settings).answer([{"role": "user", "content": "ping"}], max_tokens=5)
+        report(True, f"the model {settings.model} answers")
+    except ModelError as error:
+        mentions_model = "model" in error.detail.lower()
+        if error.status in (401, 403):
+            report(False, "the model provider refused OPENAI_API_KEY: copy the key again")
+        elif error.status in (400, 404) and mentions_model:
+            report(False, f"the provider does not know the model {settings.model!r}: check "
+                          f"WXBOT_MODEL against the provider's model list")
+        elif error.status is None or error.status == 404:
+            report(False, f"no OpenAI-compatible API at "
+                          f"{settings.openai_base_url or 'https://api.openai.com/v1'}: check "
+                          f"OPENAI_BASE_URL (it usually ends in /v1)")
+        else:
+            report(False, f"the model failed: {error}")
+    store.close()
+    print(f"\nIn 公众号后台 → 设置与开发 → 基本配置 → 服务器配置, enter:\n"
+          f"  URL:   http://<this server's domain or IP>{settings.path}  (port 80, or 443 "
+          f"with https; wxbot listens on {settings.host}:{settings.port})\n"
+          f"  Token: {settings.token}\n"
+          f"  消息加解密方式: {'兼容模式 or 安全模式' if settings.aes_key else '明文模式'}",
+          file=out)
+    print("all checks passed" if not failures else f"{failures} check(s) failed", file=out)
+    return 0 if not failures else 1
+
+
 def help_text() -> str:
     lines = ["settings (environment variables, or KEY=VALUE lines in --env FILE):"]
     for setting in SETTINGS.values():
@@ -1866,6 +2102,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser = argparse.ArgumentParser(
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "check", "chat"],
+                        help="serve (default): run the bot; check: try the settings for real; "
+                             "chat: talk to the model in this console")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -1881,6 +2120,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     try:
         if args.env:
             env.update(read_env_file(args.env))
+        if args.command == "chat":  # no WeChat involved
+            env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-", **env}
         settings = Settings.from_env(env)
     except SettingsError as error:
         for problem in error.problems:
@@ -1890,6 +2131,11 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print(f"wxbot: cannot read --env file: {error}", file=sys.stderr)
         return 2
 
+    if args.command == "check":
+        return check(settings, sys.stdout)
+    if args.command == "chat":
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+        return chat(settings, sys.stdin, sys.stdout)
     log.info("wxbot %s starting: %s", __version__, settings.describe())
     try:
         bot = Bot(settings)
