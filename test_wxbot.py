@@ -838,7 +838,7 @@ def test_undeliverable_stops_and_keeps_the_answer(start_bot, wechat, model, capl
 
 def test_no_permission_is_logged_once_with_what_to_do(start_bot, wechat, model, caplog):
     wechat.intercept = lambda path, body: 48001 if path == SEND else None
-    bot = start_bot()
+    bot = start_bot(WXBOT_MODE="service")
     for n in range(3):
         send_text(bot, f"oU{n}", "你好", n)
     wait_for(lambda: bot.store.health(time.time())["answered"] == 3)

@@ -84,6 +84,7 @@ HELP_LINE = ("我是 AI 助手，直接发文字或语音给我就能对话。\n
 VOICE_UNRECOGNISED_LINE = "抱歉，没听清这条语音，请直接打字发给我。"
 IMAGE_PROMPT = "请看这张图片，简要说明图里有什么。"
 CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
+THINKING_LINE = "正在思考，请稍后回复“继续”获取回答。"
 RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
 DAILY_LINE = "今天的提问次数已用完，请约 {hours} 小时后再来。"
 #: Messages a user sends within this many seconds of each other, still waiting when the
@@ -173,6 +174,14 @@ def _aes_key(value: str) -> str:
     return value
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value.strip().lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value.strip()!r}")
+        return value.strip().lower()
+    return parse
+
+
 def _openids(value: str) -> tuple[str, ...]:
     return tuple(part for part in re.split(r"[\s,]+", value.strip()) if part)
 
@@ -196,6 +205,10 @@ SETTINGS: dict[str, Setting] = {
     "appsecret": Setting("WXBOT_APPSECRET", None, _text, "AppSecret (开发者密码)", secret=True),
     "aes_key": Setting("WXBOT_AES_KEY", "", _aes_key,
                        "EncodingAESKey, needed for 安全模式/兼容模式 (43 characters)", secret=True),
+    "mode": Setting("WXBOT_MODE", "auto", _choice("service", "passive", "auto"),
+                    "service: customer-service API; passive: answer in the reply to the "
+                    "user's message (unverified accounts); auto: service until WeChat says "
+                    "48001, then passive"),
     "api_base": Setting("WXBOT_API_BASE", "https://api.weixin.qq.com", _url,
                         "WeChat API base URL (or a relay whose IP is whitelisted)"),
     "openai_api_key": Setting("OPENAI_API_KEY", None, _text,
@@ -252,6 +265,7 @@ class Settings:
     appid: str
     appsecret: str
     aes_key: str
+    mode: str
     api_base: str
     openai_api_key: str
     openai_base_url: str
@@ -406,6 +420,7 @@ CREATE TABLE IF NOT EXISTS messages (
     content     TEXT,
     fields      TEXT NOT NULL,
     received_at REAL NOT NULL,
+    pushes      INTEGER NOT NULL DEFAULT 1,
     state       TEXT NOT NULL DEFAULT 'queued'
                 CHECK (state IN ({", ".join(repr(s.value) for s in State)})),
     attempts    INTEGER NOT NULL DEFAULT 0,
@@ -425,6 +440,7 @@ CREATE TABLE IF NOT EXISTS segments (
     carried    INTEGER NOT NULL DEFAULT 0,
     tried_at   REAL,
     sent_at    REAL,
+    replied_to INTEGER REFERENCES messages (id),
     moved_to   INTEGER REFERENCES messages (id),
     PRIMARY KEY (message_id, seq)
 );
@@ -487,6 +503,8 @@ class Store:
         self._write_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: list[dict] = []
+        #: Notified after every write, for webhook threads waiting for a passive reply.
+        self.changed = threading.Condition()
         with self.connection() as conn:
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
             # commit through a process crash (kill -9), losing at most the last ones on power loss.
@@ -536,6 +554,8 @@ class Store:
                 conn.rollback()
                 raise
             conn.execute("COMMIT")
+        with self.changed:
+            self.changed.notify_all()
 
     def close(self) -> None:
         while True:
@@ -546,8 +566,8 @@ class Store:
 
     # Queue ------------------------------------------------------------------
 
-    def store_push(self, push: "Push", now: float) -> bool:
-        """Commit a push once under its dedup key; False when it was a retry already stored.
+    def store_push(self, push: "Push", now: float) -> tuple[int, int]:
+        """Commit a push once under its dedup key: (message id, times WeChat pushed it).
 
         Group commit: whichever webhook thread gets the write lock first commits every push
         waiting at that moment in one transaction; the others find theirs done. Under a burst
@@ -571,15 +591,17 @@ class Store:
                 conn.execute("BEGIN IMMEDIATE")
                 for ticket in batch:
                     push = ticket["push"]
-                    ticket["stored"] = conn.execute(
-                        "INSERT OR IGNORE INTO messages (dedup_key, openid, msg_type, msg_id,"
-                        " event, content, fields, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    ticket["stored"] = tuple(conn.execute(
+                        "INSERT INTO messages (dedup_key, openid, msg_type, msg_id, event,"
+                        " content, fields, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                        " ON CONFLICT (dedup_key) DO UPDATE SET pushes = pushes + 1"
+                        " RETURNING id, pushes",
                         (push.dedup_key, push.openid, push.msg_type, push.msg_id, push.event,
                          push.content,
                          # A text's fields are all in the columns: the hot path skips the JSON.
                          "{}" if push.msg_type == "text" else
                          json.dumps(push.fields, ensure_ascii=False), ticket["now"])
-                    ).rowcount == 1
+                    ).fetchone())
                 conn.execute("COMMIT")
         except sqlite3.Error as error:
             for ticket in batch:
@@ -755,6 +777,39 @@ class Store:
             return [row[0] for row in conn.execute(
                 "SELECT content FROM messages WHERE merged_into = ? ORDER BY id",
                 (message.id,))]
+
+    def passive_reply(self, openid: str, message_id: int, now: float) -> tuple[str, bool] | None:
+        """The segment the reply to this push carries, and whether more waits after it.
+
+        The same push retried gets the same segment; otherwise the user's oldest unsent
+        segment, so that answers go out in order, one per message the user sends.
+        """
+        with self.transaction() as conn:
+            row = conn.execute("SELECT message_id, seq, content FROM segments"
+                               " WHERE replied_to = ?", (message_id,)).fetchone()
+            if row is None:
+                row = conn.execute(
+                    "SELECT s.message_id, s.seq, s.content FROM segments s JOIN messages m"
+                    " ON m.id = s.message_id WHERE m.openid = ? AND m.id <= ?"
+                    " AND s.sent_at IS NULL AND s.moved_to IS NULL ORDER BY m.id, s.seq"
+                    " LIMIT 1", (openid, message_id)).fetchone()
+                if row is None:
+                    return None
+                conn.execute("UPDATE segments SET sent_at = ?, replied_to = ?"
+                             " WHERE message_id = ? AND seq = ?", (now, message_id, row[0], row[1]))
+            more = conn.execute(
+                "SELECT 1 FROM segments s JOIN messages m ON m.id = s.message_id"
+                " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL"
+                " UNION ALL SELECT 1 FROM messages WHERE id = ? AND answered_at IS NULL"
+                " AND state IN ('queued', 'leased') LIMIT 1", (openid, row[0])).fetchone()
+        return row[2], more is not None
+
+    def settled(self, message_id: int) -> bool:
+        """Whether a message is answered (or needs no answer): nothing more will come of it."""
+        with self.connection() as conn:
+            row = conn.execute("SELECT state, merged_into FROM messages WHERE id = ?",
+                               (message_id,)).fetchone()
+        return row is not None and row[0] not in ("queued", "leased")
 
     def has_overflow(self, openid: str, before_id: int) -> bool:
         """Whether the user has unsent segments of earlier answers waiting for "继续"."""
@@ -1186,6 +1241,30 @@ class WeChatAPI:
             log_wechat.debug("typing for %s not shown: %s", short_id(openid), error)
 
 
+class DeliveryMode:
+    """Whether answers go out through the customer-service API or as passive replies.
+
+    Unverified accounts may not use the customer-service API (48001). With WXBOT_MODE=auto
+    the first 48001 switches to passive replies, remembered in the database.
+    """
+
+    def __init__(self, setting: str, store: Store):
+        self.setting, self.store = setting, store
+        self.passive = setting == "passive" or (
+            setting == "auto" and store.get_kv("mode", 0) == "passive")
+
+    def no_permission(self) -> bool:
+        """WeChat said 48001; True when that switched wxbot to passive replies."""
+        if self.setting != "auto" or self.passive:
+            return False
+        self.passive = True
+        self.store.set_kv("mode", "passive", None)
+        log_wechat.warning("WeChat refuses the customer-service API (48001: the account is not "
+                           "verified). Switching to passive replies for good (WXBOT_MODE=auto): "
+                           "each answer now goes out in the reply to the user's message.")
+        return True
+
+
 ###############################################################################
 # Model client ################################################################
 ###############################################################################
@@ -1511,9 +1590,9 @@ class Worker:
     TYPING_RENEW = 15.5
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
-                 wakeup: Wakeup, name: str = "worker"):
+                 wakeup: Wakeup, mode: DeliveryMode, name: str = "worker"):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
-        self.wakeup, self.name = wakeup, name
+        self.wakeup, self.mode, self.name = wakeup, mode, name
         self.stopping = threading.Event()
         self.lease_seconds = settings.model_timeout * 2 + 120
 
@@ -1626,7 +1705,8 @@ class Worker:
         if partial:  # a stream cut off before: ask for the rest, never for all of it again
             ask += [{"role": "assistant", "content": partial},
                     {"role": "user", "content": RESUME_PROMPT}]
-        self.wechat.typing_soon(message.openid)
+        if not self.mode.passive:
+            self.wechat.typing_soon(message.openid)
         renew = threading.Timer(self.TYPING_RENEW, self._renew_typing, (message,))
         renew.daemon = True
         renew.start()
@@ -1664,7 +1744,7 @@ class Worker:
 
     def _renew_typing(self, message: Message) -> None:
         # Typing needs an exchange with the user in the last 30 s (45080).
-        if time.time() - message.received_at < 30:
+        if time.time() - message.received_at < 30 and not self.mode.passive:
             self.wechat.typing(message.openid)
 
     def _over_limit(self, message: Message, wait: float) -> int:
@@ -1712,6 +1792,8 @@ class Worker:
         rows = self.store.segments(message.id)
         sent = sum(1 for row in rows if row["sent_at"] is not None)
         for row in rows:
+            if self.mode.passive:  # the webhook hands them out, one per push of the user
+                break
             if row["sent_at"] is not None:
                 continue
             if sent >= QUOTA or (streaming and sent == QUOTA - 1):
@@ -1746,6 +1828,9 @@ class Worker:
         return True
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
+        if error.errcode == 48001 and self.mode.no_permission():
+            self.store.finish(message, State.DONE)  # what is unsent goes out passively
+            return
         if error.errcode in GIVE_UP:
             if self.wechat.first_time(error.errcode):
                 log_worker.error("message %s to %s not delivered: %s", message.id,
@@ -1778,12 +1863,30 @@ def query_dict(environ: dict) -> dict[str, str]:
     return {key: values[0] for key, values in query.items()}
 
 
+#: Passive replies: WeChat waits 5 s for a reply, then pushes the same message again, three
+#: times in all. A reply not ready in time lets the try lapse so that the next one comes;
+#: the third try gets THINKING_LINE rather than nothing.
+WECHAT_TIMEOUT = 5.0
+PASSIVE_WAIT = 4.5
+PASSIVE_LAST_WAIT = 4.0
+
+
+def text_reply_xml(openid: str, account: str, content: str, now: float) -> bytes:
+    """WeChat's passive text reply; Content is never empty."""
+    content = (content or APOLOGY_LINE).replace("]]>", "]]]]><![CDATA[>")
+    return (f"<xml><ToUserName><![CDATA[{openid}]]></ToUserName>"
+            f"<FromUserName><![CDATA[{account}]]></FromUserName>"
+            f"<CreateTime>{int(now)}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
+            f"<Content><![CDATA[{content}]]></Content></xml>").encode("utf-8")
+
+
 class Webhook:
     """Turns WeChat's HTTP calls into stored pushes; pure of I/O apart from the store."""
 
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
-                 clock: Callable[[], float] = time.time):
+                 mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
+        self.mode = mode or DeliveryMode("service", store)
         self.crypto = (WeChatCrypto(settings.aes_key, settings.appid)
                        if settings.aes_key else None)
         self.accepting = True
@@ -1809,12 +1912,47 @@ class Webhook:
         except BadPush as error:
             log_web.warning("push refused (400): %s", error)
             return 400, "bad request"
-        if self.store.store_push(push, self.clock()):
+        message_id, pushes = self.store.store_push(push, self.clock())
+        if pushes == 1:
             self.wakeup.notify()
         else:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
+        if self.mode.passive:
+            return 200, self.passive_reply(push, message_id, pushes, query)
         return 200, "success"
+
+    def passive_reply(self, push: Push, message_id: int, pushes: int,
+                      query: Mapping[str, str]) -> str:
+        """The reply to this push: the user's next segment, once it is ready."""
+        started = time.monotonic()
+        last_try = pushes >= 3
+        deadline = started + (PASSIVE_LAST_WAIT if last_try else PASSIVE_WAIT)
+        while True:
+            settled = self.store.settled(message_id)  # before the look, so nothing is missed
+            reply = self.store.passive_reply(push.openid, message_id, time.time())
+            if reply:
+                text, more = reply
+                return self.reply_body(push, text + CONTINUE_TAIL if more else text, query)
+            if settled:
+                return "success"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with self.store.changed:
+                self.store.changed.wait(min(remaining, 0.5))
+        if last_try:
+            return self.reply_body(push, THINKING_LINE, query)
+        # Let this try lapse unanswered: WeChat then pushes the message again.
+        time.sleep(max(0.0, started + WECHAT_TIMEOUT + 0.5 - time.monotonic()))
+        return "success"
+
+    def reply_body(self, push: Push, text: str, query: Mapping[str, str]) -> str:
+        xml = text_reply_xml(push.openid, push.account, text, self.clock())
+        if query.get("encrypt_type") == "aes" and self.crypto:
+            xml = self.crypto.reply(self.settings.token, xml, query.get("timestamp", ""),
+                                    query.get("nonce", ""))
+        return xml.decode("utf-8")
 
     def parse(self, query: Mapping[str, str], body: bytes) -> Push:
         check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
@@ -1845,7 +1983,8 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     app = bottle.Bottle(catchall=True)
 
     def text(status: int, body: str) -> bottle.HTTPResponse:
-        return bottle.HTTPResponse(body, status, {"Content-Type": "text/plain; charset=utf-8"})
+        kind = "application/xml" if body.startswith("<xml>") else "text/plain"
+        return bottle.HTTPResponse(body, status, {"Content-Type": f"{kind}; charset=utf-8"})
 
     @app.get(settings.path)
     def verify():
@@ -1949,11 +2088,12 @@ class Bot:
         self.wakeup = Wakeup()
         self.wechat = WeChatAPI(settings, self.store)
         self.model = Model(settings)
-        self.webhook = Webhook(settings, self.store, self.wakeup)
+        self.mode = DeliveryMode(settings.mode, self.store)
+        self.webhook = Webhook(settings, self.store, self.wakeup, self.mode)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
-                               f"worker-{n}") for n in range(settings.workers)]
+                               self.mode, f"worker-{n}") for n in range(settings.workers)]
         self.threads: list[threading.Thread] = []
 
     @property
@@ -1969,8 +2109,9 @@ class Bot:
             thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
             thread.start()
             self.threads.append(thread)
-        log.info("listening on http://%s:%d%s with %d workers", self.settings.host, self.port,
-                 self.settings.path, len(self.workers))
+        log.info("listening on http://%s:%d%s with %d workers, answers by %s", self.settings.host,
+                 self.port, self.settings.path, len(self.workers),
+                 "passive reply" if self.mode.passive else "customer-service API")
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop taking pushes, let answers in flight finish; True when all finished in time."""
@@ -2016,7 +2157,8 @@ def chat(settings: Settings, lines, out) -> int:
     settings = dataclasses.replace(settings, db=f"{root}-chat{ext or '.db'}", user_rate=0,
                                    user_daily=0)
     store = Store(settings.db)
-    worker = Worker(settings, store, Console(out), Model(settings), Wakeup(), "chat")
+    worker = Worker(settings, store, Console(out), Model(settings), Wakeup(),
+                    DeliveryMode("service", store), "chat")
     print(f"wxbot chat with {settings.model} (history in {settings.db}; /reset forgets it, "
           f"Ctrl-D ends)", file=out, flush=True)
     for line in lines:
