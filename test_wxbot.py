@@ -344,10 +344,11 @@ def event_xml(openid, event, create_time=1714036504, event_key=""):
             f"</xml>").encode("utf-8")
 
 
-def post_push(bot_or_port, body, query=None, path="/wx"):
+def post_push(bot_or_port, body, query=None, path="/wx", timeout=5):
     port = bot_or_port if isinstance(bot_or_port, int) else bot_or_port.port
-    return requests.post(f"http://127.0.0.1:{port}{path}", params=signed_query() if query is None else query,
-                         data=body, timeout=5)
+    return requests.post(f"http://127.0.0.1:{port}{path}",
+                         params=signed_query() if query is None else query, data=body,
+                         timeout=timeout)
 
 
 def send_text(bot, openid, content, msg_id):
@@ -1311,6 +1312,150 @@ def test_chat_talks_to_the_model_in_the_console(tmp_path, model):
     assert "你叫小明（我记得 4 条）" in result.stdout
     assert wxbot.HELP_LINE in result.stdout and len(model.requests) == 2
     assert not (tmp_path / "wxbot.db").exists()  # its own database, never WeChat's queue
+
+
+# Passive replies #############################################################
+
+UNAVAILABLE = "该公众号暂时无法提供服务，请稍后再试"
+
+
+@pytest.fixture
+def quick_wechat_clock(monkeypatch):
+    """WeChat's 5 s, shortened: it waits 1 s for a reply before it pushes again."""
+    monkeypatch.setattr(wxbot, "WECHAT_TIMEOUT", 1.0)
+    monkeypatch.setattr(wxbot, "PASSIVE_WAIT", 0.8)
+    monkeypatch.setattr(wxbot, "PASSIVE_LAST_WAIT", 0.7)
+    return 1.0
+
+
+class WeChatUser:
+    """A user chatting through WeChat's servers as they behave: each message is pushed until a
+    reply comes within the timeout, three times at most; what the user then sees is returned."""
+
+    def __init__(self, bot, openid, timeout, key=None):
+        self.bot, self.openid, self.timeout, self.key = bot, openid, timeout, key
+        self.msg_id = 0
+
+    def says(self, text):
+        self.msg_id += 1
+        return self.push(text_xml(self.openid, text, self.msg_id))
+
+    def push(self, body):
+        for _ in range(3):
+            query = signed_query()
+            if self.key:
+                query, body_sent = encrypted_push(body, key=self.key)
+            else:
+                body_sent = body
+            try:
+                response = post_push(self.bot, body_sent, query=query, timeout=self.timeout)
+            except requests.Timeout:
+                continue
+            return self.shown(response, query)
+        return UNAVAILABLE
+
+    def shown(self, response, query):
+        if response.status_code != 200:
+            return UNAVAILABLE
+        if response.text in ("success", ""):
+            return None
+        xml = response.text
+        if self.key:
+            from wechatpy.crypto import WeChatCrypto as WechatpyCrypto
+            signature = re.search(r"<MsgSignature><!\[CDATA\[(.*?)\]\]>", xml).group(1)
+            xml = WechatpyCrypto(TOKEN, self.key, APPID).decrypt_message(
+                xml, signature, query["timestamp"], query["nonce"])
+        fields = wxbot.parse_xml(xml.encode())
+        assert fields["ToUserName"] == self.openid and fields["MsgType"] == "text"
+        return fields.get("Content") or UNAVAILABLE
+
+
+def test_passive_fast_answer_is_the_reply(start_bot, wechat, model, quick_wechat_clock):
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oP1", quick_wechat_clock)
+    assert user.says("你好") == "答：你好"
+    assert wechat.sent == [] and wechat.typing == []  # no customer-service API at all
+
+
+def test_passive_slow_answer_comes_with_a_retry(start_bot, wechat, model, quick_wechat_clock):
+    model.respond = lambda request: time.sleep(1.3) or "想了一会儿"
+    bot = start_bot(WXBOT_MODE="passive")
+    assert WeChatUser(bot, "oP2", quick_wechat_clock).says("难题") == "想了一会儿"
+    assert len(model.requests) == 1
+
+
+def test_passive_very_slow_answer_is_fetched_by_the_next_message(start_bot, wechat, model,
+                                                                 quick_wechat_clock):
+    model.respond = lambda request: (time.sleep(3.5) if request["messages"][-1]["content"]
+                                     == "很难的题" else None) or \
+        "答：" + request["messages"][-1]["content"]
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oP3", quick_wechat_clock)
+    assert user.says("很难的题") == wxbot.THINKING_LINE
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    assert user.says("第二个问题") == "答：很难的题" + wxbot.CONTINUE_TAIL  # more is coming
+    assert user.says("继续") == "答：第二个问题"  # the second message was answered too
+    assert model.questions() == ["很难的题", "第二个问题"]
+
+
+def test_passive_long_answer_goes_a_segment_per_message(start_bot, wechat, model,
+                                                        quick_wechat_clock):
+    answer = chinese_answer(2000)
+    model.respond = lambda request: answer
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oP4", quick_wechat_clock)
+    shown = [user.says("讲长一点")]
+    while shown[-1].endswith(wxbot.CONTINUE_TAIL):
+        shown.append(user.says("继续"))
+    assert len(shown) >= 3 and all(len(t.encode()) <= 2048 for t in shown)
+    text = "".join(shown).replace(wxbot.CONTINUE_TAIL, "")
+    assert without_space(text) == without_space(answer) and len(model.requests) == 1
+    assert user.says("继续") == wxbot.NOTHING_MORE_LINE  # a fetch, never a question
+    assert len(model.requests) == 1
+
+
+def test_passive_retry_of_an_answered_push_gets_the_same_reply(start_bot, wechat, model,
+                                                               quick_wechat_clock):
+    bot = start_bot(WXBOT_MODE="passive")
+    body = text_xml("oP5", "问一次", 1)
+    replies = [wxbot.parse_xml(post_push(bot, body).content)["Content"] for _ in range(3)]
+    assert replies == ["答：问一次"] * 3
+    assert len(model.requests) == 1
+
+
+def test_passive_replies_are_encrypted_in_safe_mode(start_bot, wechat, model,
+                                                    quick_wechat_clock):
+    bot = start_bot(WXBOT_MODE="passive", WXBOT_AES_KEY=VECTOR_KEY)
+    user = WeChatUser(bot, "oP6", quick_wechat_clock, key=VECTOR_KEY)
+    assert user.says("加密的问题") == "答：加密的问题"
+
+
+def test_auto_mode_switches_to_passive_on_48001_and_remembers(start_bot, wechat, model, caplog,
+                                                              quick_wechat_clock):
+    wechat.intercept = lambda path, body: 48001 if path.startswith("/cgi-bin/message") else None
+    bot = start_bot()  # WXBOT_MODE=auto
+    assert post_push(bot, text_xml("oP7", "第一问", 1)).text == "success"  # service mode
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    assert caplog.text.count("Switching to passive replies") == 1
+    user = WeChatUser(bot, "oP7", quick_wechat_clock)
+    user.msg_id = 1
+    assert user.says("第二问") == "答：第一问" + wxbot.CONTINUE_TAIL  # nothing lost
+    assert user.says("继续") == "答：第二问"
+    bot.stop(timeout=5)
+    bot = start_bot()
+    assert bot.mode.passive  # remembered across the restart
+
+
+def test_passive_answer_survives_a_restart(start_bot, wechat, model, quick_wechat_clock):
+    model.respond = lambda request: (time.sleep(3) if request["messages"][-1]["content"] ==
+                                     "慢问题" else None) or "答：" + request["messages"][-1]["content"]
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oP8", quick_wechat_clock)
+    assert user.says("慢问题") == wxbot.THINKING_LINE
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    bot.stop(timeout=5)
+    user.bot = start_bot(WXBOT_MODE="passive")
+    assert user.says("新问题") == "答：慢问题" + wxbot.CONTINUE_TAIL
 
 
 # Processes ###################################################################

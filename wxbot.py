@@ -84,6 +84,7 @@ HELP_LINE = ("我是 AI 助手，直接发文字或语音给我就能对话。\n
 VOICE_UNRECOGNISED_LINE = "抱歉，没听清这条语音，请直接打字发给我。"
 IMAGE_PROMPT = "请看这张图片，简要说明图里有什么。"
 CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
+NOTHING_MORE_LINE = "没有更多内容了，请直接提问吧。"
 THINKING_LINE = "正在思考，请稍后回复“继续”获取回答。"
 RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
 DAILY_LINE = "今天的提问次数已用完，请约 {hours} 小时后再来。"
@@ -778,11 +779,13 @@ class Store:
                 "SELECT content FROM messages WHERE merged_into = ? ORDER BY id",
                 (message.id,))]
 
-    def passive_reply(self, openid: str, message_id: int, now: float) -> tuple[str, bool] | None:
+    def passive_reply(self, openid: str, message_id: int, now: float,
+                      fetching: bool = False) -> tuple[str, bool] | None:
         """The segment the reply to this push carries, and whether more waits after it.
 
         The same push retried gets the same segment; otherwise the user's oldest unsent
-        segment, so that answers go out in order, one per message the user sends.
+        segment, so that answers go out in order, one per message the user sends. A push
+        that only fetches ("继续") is no question still to be answered.
         """
         with self.transaction() as conn:
             row = conn.execute("SELECT message_id, seq, content FROM segments"
@@ -797,11 +800,14 @@ class Store:
                     return None
                 conn.execute("UPDATE segments SET sent_at = ?, replied_to = ?"
                              " WHERE message_id = ? AND seq = ?", (now, message_id, row[0], row[1]))
+            # More: a segment waiting, or a message of the user still being answered.
             more = conn.execute(
                 "SELECT 1 FROM segments s JOIN messages m ON m.id = s.message_id"
-                " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL"
-                " UNION ALL SELECT 1 FROM messages WHERE id = ? AND answered_at IS NULL"
-                " AND state IN ('queued', 'leased') LIMIT 1", (openid, row[0])).fetchone()
+                " WHERE m.openid = :openid AND s.sent_at IS NULL AND s.moved_to IS NULL"
+                " UNION ALL SELECT 1 FROM messages WHERE openid = :openid"
+                " AND answered_at IS NULL AND state IN ('queued', 'leased')"
+                " AND NOT (id = :current AND :fetching) LIMIT 1",
+                {"openid": openid, "current": message_id, "fetching": fetching}).fetchone()
         return row[2], more is not None
 
     def settled(self, message_id: int) -> bool:
@@ -1666,7 +1672,9 @@ class Worker:
             return self.store.save_answer(message, [HELP_LINE], now)
         if command == "/stats" and message.openid in self.settings.admins:
             return self.store.save_answer(message, [stats_text(self.store.stats(now))], now)
-        if text in CONTINUE_WORDS and self.store.has_overflow(message.openid, message.id):
+        # "继续" fetches what waits; in passive mode it never is a question for the model.
+        if text in CONTINUE_WORDS and (self.mode.passive or
+                                       self.store.has_overflow(message.openid, message.id)):
             return self.store.save_answer(message, [], now, take_overflow=True)
         if message.msg_type == "voice" and not text:
             log_worker.warning("message %s: a voice message without Recognition; turn on "
@@ -1928,14 +1936,16 @@ class Webhook:
         started = time.monotonic()
         last_try = pushes >= 3
         deadline = started + (PASSIVE_LAST_WAIT if last_try else PASSIVE_WAIT)
+        fetching = push.msg_type == "text" and (push.content or "").strip() in CONTINUE_WORDS
         while True:
             settled = self.store.settled(message_id)  # before the look, so nothing is missed
-            reply = self.store.passive_reply(push.openid, message_id, time.time())
+            reply = self.store.passive_reply(push.openid, message_id, time.time(), fetching)
             if reply:
                 text, more = reply
                 return self.reply_body(push, text + CONTINUE_TAIL if more else text, query)
             if settled:
-                return "success"
+                return self.reply_body(push, NOTHING_MORE_LINE, query) if fetching \
+                    else "success"
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
