@@ -231,7 +231,7 @@ def bench_pickup(workdir, wechat, args) -> tuple[list[str], float]:
         for n in range(-5, 200 if not args.quick else 20):  # the first 5 warm up
             question = f"问题{n}"
             response = requests.post(f"http://127.0.0.1:{bot.port}/wx", params=signed_query(),
-                                     data=text_xml(f"oPICK{n}", question, n), timeout=5)
+                                     data=text_xml(f"oPICK{n}", question, n + 1000), timeout=5)
             acked = time.perf_counter()
             assert response.text == "success"
             wait_for(lambda: question in arrivals, timeout=10)
@@ -336,9 +336,10 @@ def main() -> int:
             wechat.close()
     peak = max(peak_webhook, peak_pickup, peak_throughput, peak_first)
     lines += webhook + ["", *pickup, "", *throughput, "", *first, "",
-                        f"Peak RSS of the wxbot process: {peak:.0f} MiB (under webhook load "
-                        f"{peak_webhook:.0f} MiB); CPU while idle for {args.idle:.0f} s: "
-                        f"{idle:.2%}"]
+                        f"Peak RSS of the wxbot process: {peak:.0f} MiB (webhook load "
+                        f"{peak_webhook:.0f}, pickup {peak_pickup:.0f}, throughput with 20 "
+                        f"workers {peak_throughput:.0f}, long answer {peak_first:.0f}); CPU "
+                        f"while idle for {args.idle:.0f} s: {idle:.2%}"]
     print("\n".join(lines))
     return 0
 

@@ -1211,8 +1211,8 @@ def test_image_with_vision_off_gets_the_polite_line(start_bot, wechat, model):
 ], ids=["heading", "bold", "italic", "list", "numbered", "link", "inline-code", "fenced-code",
         "table", "quote", "strike"])
 def test_markdown_becomes_plain_text(markdown, plain):
-    assert wxbot.plain_text(markdown) == plain
-    assert wxbot.utf8_len(wxbot.plain_text(markdown)) <= wxbot.utf8_len(markdown)
+    assert wxbot.Markdown().clean(markdown) == plain
+    assert wxbot.utf8_len(wxbot.Markdown().clean(markdown)) <= wxbot.utf8_len(markdown)
 
 
 def test_answer_reaches_the_user_without_markdown(start_bot, wechat, model):

@@ -518,7 +518,7 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                               timeout=self.busy_timeout)
+                               timeout=self.busy_timeout, cached_statements=32)
         conn.row_factory = sqlite3.Row
         # Another process holding the file (a backup, sqlite3 shell) makes writers wait,
         # not fail: a push is still answered "success" once the lock is gone.
@@ -980,6 +980,7 @@ class WeChatCrypto:
     BLOCK = 32
 
     def __init__(self, aes_key: str, appid: str):
+        # Imported here: only 安全模式 and 兼容模式 need the cryptography package.
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
         self.key = base64.b64decode(aes_key + "=")
         if len(self.key) != 32:
@@ -1120,8 +1121,6 @@ TOKEN_INVALID = {40001, 40014, 42001}
 
 #: The message cannot be delivered now; keep what is unsent and move on (WECHAT.md §6).
 GIVE_UP = {40003, 43004, 45015, 45047, 48001}
-#: Worth trying again later.
-TRANSIENT = {-1, 45011, 40164}
 
 
 class WeChatError(Exception):
@@ -1473,10 +1472,6 @@ class Markdown:
                 line = pattern.sub(replacement, line)
             lines.append(line)
         return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-def plain_text(markdown: str) -> str:
-    return Markdown().clean(markdown)
 
 
 class StreamCutter:
