@@ -779,13 +779,12 @@ class Store:
                 "SELECT content FROM messages WHERE merged_into = ? ORDER BY id",
                 (message.id,))]
 
-    def passive_reply(self, openid: str, message_id: int, now: float,
-                      fetching: bool = False) -> tuple[str, bool] | None:
+    def passive_reply(self, openid: str, message_id: int, now: float
+                      ) -> tuple[str, bool] | None:
         """The segment the reply to this push carries, and whether more waits after it.
 
         The same push retried gets the same segment; otherwise the user's oldest unsent
-        segment, so that answers go out in order, one per message the user sends. A push
-        that only fetches ("继续") is no question still to be answered.
+        segment, so that answers go out in order, one per message the user sends.
         """
         with self.transaction() as conn:
             row = conn.execute("SELECT message_id, seq, content FROM segments"
@@ -800,14 +799,15 @@ class Store:
                     return None
                 conn.execute("UPDATE segments SET sent_at = ?, replied_to = ?"
                              " WHERE message_id = ? AND seq = ?", (now, message_id, row[0], row[1]))
-            # More: a segment waiting, or a message of the user still being answered.
+            # More: a segment waiting, or a question of the user still being answered
+            # ("继续" only fetches: in passive mode it is no question).
             more = conn.execute(
                 "SELECT 1 FROM segments s JOIN messages m ON m.id = s.message_id"
-                " WHERE m.openid = :openid AND s.sent_at IS NULL AND s.moved_to IS NULL"
-                " UNION ALL SELECT 1 FROM messages WHERE openid = :openid"
-                " AND answered_at IS NULL AND state IN ('queued', 'leased')"
-                " AND NOT (id = :current AND :fetching) LIMIT 1",
-                {"openid": openid, "current": message_id, "fetching": fetching}).fetchone()
+                " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL"
+                " UNION ALL SELECT 1 FROM messages WHERE openid = ? AND answered_at IS NULL"
+                " AND state IN ('queued', 'leased') AND NOT (msg_type = 'text' AND"
+                f" trim(content) IN ({', '.join('?' * len(CONTINUE_WORDS))})) LIMIT 1",
+                (openid, openid, *CONTINUE_WORDS)).fetchone()
         return row[2], more is not None
 
     def settled(self, message_id: int) -> bool:
@@ -1934,7 +1934,7 @@ class Webhook:
         fetching = push.msg_type == "text" and (push.content or "").strip() in CONTINUE_WORDS
         while True:
             settled = self.store.settled(message_id)  # before the look, so nothing is missed
-            reply = self.store.passive_reply(push.openid, message_id, time.time(), fetching)
+            reply = self.store.passive_reply(push.openid, message_id, time.time())
             if reply:
                 text, more = reply
                 return self.reply_body(push, text + CONTINUE_TAIL if more else text, query)
