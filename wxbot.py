@@ -495,6 +495,9 @@ class Store:
     """The SQLite database: queue, segments, history and the token cache."""
 
     def __init__(self, path: str, busy_timeout: float = 15.0):
+        if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING claims a message
+            raise RuntimeError(f"SQLite 3.35 or newer is needed; this Python has "
+                               f"{sqlite3.sqlite_version} (use Debian 12 / Ubuntu 22.04 or newer)")
         self.path = path
         self.busy_timeout = busy_timeout
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
@@ -2289,7 +2292,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
         return 1
-    except sqlite3.Error as error:
+    except (sqlite3.Error, RuntimeError) as error:
         log.error("cannot open the database %s: %s", settings.db, error)
         return 1
 
