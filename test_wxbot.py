@@ -1314,6 +1314,15 @@ def test_chat_talks_to_the_model_in_the_console(tmp_path, model):
     assert not (tmp_path / "wxbot.db").exists()  # its own database, never WeChat's queue
 
 
+def test_chat_shows_the_apology_when_the_model_keeps_failing(tmp_path, model):
+    model.respond = lambda request: (_ for _ in ()).throw(ModelFault(503))
+    env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": model.url + "/v1",
+           "WXBOT_DB": str(tmp_path / "wxbot.db"), "WXBOT_RETRY_BASE": "0.01"}
+    result = run_wxbot(["chat"], env, stdin="在吗\n")
+    assert result.returncode == 0 and wxbot.APOLOGY_LINE in result.stdout
+    assert len(model.requests) == wxbot.Worker.MODEL_TRIES
+
+
 # Passive replies #############################################################
 
 UNAVAILABLE = "该公众号暂时无法提供服务，请稍后再试"

@@ -2173,10 +2173,12 @@ def chat(settings: Settings, lines, out) -> int:
         if not line.strip():
             continue
         now = time.time()
-        store.store_push(Push("local-console", "local", "text", str(int(now)),
-                              str(time.time_ns()), None, line.strip(), {}), now)
-        while worker.loop():
-            pass
+        message_id, _ = store.store_push(Push("local-console", "local", "text", str(int(now)),
+                                              str(time.time_ns()), None, line.strip(), {}), now)
+        while not store.settled(message_id):  # through the model's retries, as in serve
+            if not worker.loop():
+                due = store.next_due(time.time()) or time.time() + 0.1
+                time.sleep(min(1.0, max(0.01, due - time.time())))
     store.close()
     return 0
 
