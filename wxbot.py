@@ -470,6 +470,10 @@ CREATE TABLE IF NOT EXISTS kv (
 );
 """
 SCHEMA_VERSION = 1
+#: The user's segments of earlier, finished answers that never went out (:openid, :id).
+EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
+                  " WHERE m.openid = :openid AND m.id < :id AND m.state = 'done'"
+                  " AND s.sent_at IS NULL AND s.moved_to IS NULL")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,9 +552,9 @@ class Store:
             self._pool.put(conn)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error; one writer at a time."""
-        with self._write_lock, self.connection() as conn:
+    def _begin(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error; the caller holds the lock."""
+        with self.connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -558,6 +562,12 @@ class Store:
                 conn.rollback()
                 raise
             conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, one writer at a time; waiting webhook threads hear of it."""
+        with self._write_lock, self._begin() as conn:
+            yield conn
         with self.changed:
             self.changed.notify_all()
 
@@ -591,8 +601,7 @@ class Store:
 
     def _commit_pushes(self, batch: list[dict]) -> None:
         try:
-            with self.connection() as conn:
-                conn.execute("BEGIN IMMEDIATE")
+            with self._begin() as conn:
                 for ticket in batch:
                     push = ticket["push"]
                     ticket["stored"] = tuple(conn.execute(
@@ -606,7 +615,6 @@ class Store:
                          "{}" if push.msg_type == "text" else
                          json.dumps(push.fields, ensure_ascii=False), ticket["now"])
                     ).fetchone())
-                conn.execute("COMMIT")
         except sqlite3.Error as error:
             for ticket in batch:
                 ticket["stored"] = error
@@ -649,6 +657,10 @@ class Store:
         if cursor.rowcount != 1:
             raise LeaseLost(message.id)
 
+    def _check_lease(self, conn: sqlite3.Connection, message: Message) -> None:
+        """Raise LeaseLost unless the caller still holds the message's lease."""
+        self._leased(conn, message, "UPDATE messages SET lease_until = lease_until")
+
     def mark_trying(self, message: Message, seq: int, now: float, lease_until: float) -> None:
         """Note that a segment is about to be sent, renewing the lease that allows it."""
         with self.transaction() as conn:
@@ -690,14 +702,12 @@ class Store:
 
     def _start_answer(self, conn: sqlite3.Connection, message: Message, carry: bool,
                       take_overflow: bool) -> None:
-        self._leased(conn, message, "UPDATE messages SET lease_until = lease_until")
+        self._check_lease(conn, message)
         if not carry or conn.execute("SELECT 1 FROM segments WHERE message_id = ? LIMIT 1",
                                      (message.id,)).fetchone():
             return
         earlier = conn.execute(
-            "SELECT s.message_id, s.seq, s.content FROM segments s JOIN messages m"
-            " ON m.id = s.message_id WHERE m.openid = :openid AND m.id < :id"
-            " AND m.state = 'done' AND s.sent_at IS NULL AND s.moved_to IS NULL"
+            "SELECT s.message_id, s.seq, s.content" + EARLIER_UNSENT +
             # 45047 (quota used up) and 45015 (window closed): the user's next message
             # opens a new quota, so what they did not get goes out with it.
             " AND (m.error IN ('errcode 45047', 'errcode 45015') OR :take_overflow)"
@@ -717,7 +727,7 @@ class Store:
 
     def _add_segments(self, conn: sqlite3.Connection, message: Message,
                       segments: list[str]) -> None:
-        self._leased(conn, message, "UPDATE messages SET lease_until = lease_until")
+        self._check_lease(conn, message)
         first = conn.execute("SELECT coalesce(max(seq) + 1, 0) FROM segments"
                              " WHERE message_id = ?", (message.id,)).fetchone()[0]
         conn.executemany("INSERT INTO segments (message_id, seq, content) VALUES (?, ?, ?)",
@@ -730,23 +740,27 @@ class Store:
         Returns the number of segments the message has to send.
         """
         with self.transaction() as conn:
-            self._add_segments(conn, message, list(segments))
-            conn.execute("UPDATE messages SET answered_at = ? WHERE id = ?", (now, message.id))
-            if question is not None and answer:
-                conn.executemany(
-                    "INSERT INTO turns (openid, role, content, created_at, message_id)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    [(message.openid, "user", question, message.received_at, message.id),
-                     (message.openid, "assistant", answer, now, message.id)])
-            return conn.execute("SELECT count(*) FROM segments WHERE message_id = ?"
-                                " AND moved_to IS NULL", (message.id,)).fetchone()[0]
+            return self._complete_answer(conn, message, now, segments, question, answer)
+
+    def _complete_answer(self, conn: sqlite3.Connection, message: Message, now: float,
+                         segments: list[str], question: str | None, answer: str | None) -> int:
+        self._add_segments(conn, message, list(segments))
+        conn.execute("UPDATE messages SET answered_at = ? WHERE id = ?", (now, message.id))
+        if question is not None and answer:
+            conn.executemany(
+                "INSERT INTO turns (openid, role, content, created_at, message_id)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(message.openid, "user", question, message.received_at, message.id),
+                 (message.openid, "assistant", answer, now, message.id)])
+        return conn.execute("SELECT count(*) FROM segments WHERE message_id = ?"
+                            " AND moved_to IS NULL", (message.id,)).fetchone()[0]
 
     def save_answer(self, message: Message, segments: list[str], now: float,
                     carry: bool = True, take_overflow: bool = False) -> int:
         """A whole reply that needs no model (a line, a notice, "继续"), in one commit."""
         with self.transaction() as conn:
             self._start_answer(conn, message, carry, take_overflow)
-        return self.complete_answer(message, now, segments)
+            return self._complete_answer(conn, message, now, segments, None, None)
 
     def partial_answer(self, message_id: int) -> str:
         """What a stream cut off by a failure or a crash had already produced."""
@@ -762,7 +776,7 @@ class Store:
         Returns every text merged into this message so far, oldest first.
         """
         with self.transaction() as conn:
-            self._leased(conn, message, "UPDATE messages SET lease_until = lease_until")
+            self._check_lease(conn, message)
             waiting = conn.execute(
                 "SELECT id, msg_type, content, received_at FROM messages WHERE openid = ?"
                 " AND id > ? AND state = 'queued' AND not_before <= ? ORDER BY id",
@@ -816,17 +830,15 @@ class Store:
     def settled(self, message_id: int) -> bool:
         """Whether a message is answered (or needs no answer): nothing more will come of it."""
         with self.connection() as conn:
-            row = conn.execute("SELECT state, merged_into FROM messages WHERE id = ?",
+            row = conn.execute("SELECT state FROM messages WHERE id = ?",
                                (message_id,)).fetchone()
         return row is not None and row[0] not in ("queued", "leased")
 
     def has_overflow(self, openid: str, before_id: int) -> bool:
         """Whether the user has unsent segments of earlier answers waiting for "继续"."""
         with self.connection() as conn:
-            return conn.execute(
-                "SELECT 1 FROM segments s JOIN messages m ON m.id = s.message_id"
-                " WHERE m.openid = ? AND m.id < ? AND m.state = 'done' AND s.sent_at IS NULL"
-                " AND s.moved_to IS NULL LIMIT 1", (openid, before_id)).fetchone() is not None
+            return conn.execute("SELECT 1" + EARLIER_UNSENT + " LIMIT 1",
+                                {"openid": openid, "id": before_id}).fetchone() is not None
 
     def answer_complete(self, message_id: int) -> bool:
         with self.connection() as conn:
@@ -841,7 +853,7 @@ class Store:
 
     def mark_sent(self, message: Message, seq: int, now: float) -> None:
         with self.transaction() as conn:
-            self._leased(conn, message, "UPDATE messages SET lease_until = lease_until")
+            self._check_lease(conn, message)
             conn.execute("UPDATE segments SET sent_at = ? WHERE message_id = ? AND seq = ?",
                          (now, message.id, seq))
 
