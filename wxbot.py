@@ -1145,11 +1145,15 @@ class WeChatError(Exception):
         super().__init__(f"errcode {errcode}: {errmsg}")
         self.errcode, self.errmsg = errcode, errmsg
 
+    def ip(self) -> str | None:
+        """The server IP WeChat names in a 40164 ("invalid ip 1.2.3.4 ..., not in whitelist")."""
+        found = re.search(r"invalid ip ([0-9a-fA-F.:]+)", self.errmsg or "")
+        return found.group(1) if found else None
+
     def hint(self) -> str:
         template = HINTS.get(self.errcode, "")
         if "{ip}" in template:
-            ip = re.search(r"invalid ip ([0-9a-fA-F.:]+)", self.errmsg or "")
-            template = template.format(ip=ip.group(1) if ip else "see errmsg")
+            template = template.format(ip=self.ip() or "see errmsg")
         return f"{self} — {template}" if template else str(self)
 
 
@@ -1161,15 +1165,16 @@ class WeChatAPI:
 
     def __init__(self, settings: Settings, store: Store, timeout: float = 10.0):
         self.settings, self.store, self.timeout = settings, store, timeout
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one token refresh at a time
         self._local = threading.local()
         self._reported: set[int] = set()
+        self._reported_lock = threading.Lock()
 
     def first_time(self, errcode: int) -> bool:
         """False for an account-wide error already logged (48001 would flood the log)."""
         if errcode != 48001:
             return True
-        with self._lock:
+        with self._reported_lock:  # not the token lock: that one is held across a fetch
             first = errcode not in self._reported
             self._reported.add(errcode)
         return first
@@ -2217,8 +2222,7 @@ def check(settings: Settings, out) -> int:
         if error.errcode is None:
             report(False, f"cannot reach WeChat at {settings.api_base}: {error.errmsg}")
         elif error.errcode == 40164:
-            ip = re.search(r"invalid ip ([0-9a-fA-F.:]+)", error.errmsg or "")
-            report(False, f"WeChat saw this server as {ip.group(1) if ip else 'an IP'} and it "
+            report(False, f"WeChat saw this server as {error.ip() or 'an IP'} and it "
                           f"is not whitelisted: add it in 公众号后台 → 设置与开发 → 基本配置 → "
                           f"IP白名单, then run check again")
         elif error.errcode in (40013, 40125, 40243, 41004):
