@@ -1929,7 +1929,8 @@ def test_wechat_failing_30_percent_still_delivers_everything_once(start_bot, wec
 
     def intercept(path, body):
         if path != "/cgi-bin/stable_token" and rng.random() < 0.3:
-            faults.append(rng.choice([-1, 500, "drop"]))
+            # The kinds take turns: which calls fail is random, but every kind is met.
+            faults.append((-1, 500, "drop")[len(faults) % 3])
             return faults[-1]
     wechat.intercept = intercept
     bot = start_bot(WXBOT_USER_RATE=0)
