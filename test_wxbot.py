@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import io
 import json
 import logging
 import os
@@ -61,6 +62,10 @@ class FakeServer:
                 self.body = self.rfile.read(length)
                 fake.route(self)
 
+            def do_GET(self):
+                self.body = b""
+                fake.route(self)
+
             def log_message(self, *args):
                 pass
 
@@ -110,6 +115,8 @@ class FakeWeChat(FakeServer):
         self.token_reply = None  # a dict to answer stable_token with instead of a token
         self.intercept = None     # intercept(path, body) -> None (go on) or a scripted answer
         self.hold = None
+        self.menu = None          # the menu in force, as menu/create took it
+        self.menu_creates = []    # every menu/create body WeChat accepted
 
     def new_token(self):
         self.tokens_issued += 1
@@ -124,7 +131,7 @@ class FakeWeChat(FakeServer):
     def route(self, handler):
         parts = urllib.parse.urlsplit(handler.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
-        body = json.loads(handler.body.decode("utf-8"))
+        body = json.loads(handler.body.decode("utf-8")) if handler.body else None
         # hold(path, body) may block this request, outside the lock, and script its answer.
         held = self.hold(parts.path, body) if self.hold else None
         with self.lock:
@@ -174,6 +181,20 @@ class FakeWeChat(FakeServer):
         if path == "/cgi-bin/message/custom/typing":
             self.typing.append((body["touser"], body["command"]))
             return {"errcode": 0, "errmsg": "ok"}
+        if path == "/cgi-bin/menu/create":
+            self.menu_creates.append(body)
+            self.menu = body
+            return {"errcode": 0, "errmsg": "ok"}
+        if path == "/cgi-bin/menu/delete":
+            self.menu = None
+            return {"errcode": 0, "errmsg": "ok"}
+        if path == "/cgi-bin/get_current_selfmenu_info":
+            if self.menu is None:
+                return {"is_menu_open": 0}
+            # This API nests sub-buttons as {"list": [...]}, unlike menu/create.
+            return {"is_menu_open": 1, "selfmenu_info": {"button": [
+                {**button, "sub_button": {"list": button["sub_button"]}}
+                if button.get("sub_button") else button for button in self.menu["button"]]}}
         return 404
 
     def texts_to(self, openid):
@@ -2014,3 +2035,157 @@ def test_secrets_never_in_log_reply_or_healthz_at_debug(start_bot, wechat, model
     assert wechat.tokens_issued == 2
     for secret in [APPSECRET, API_KEY, VECTOR_KEY, "ACCESS_TOKEN_1_", "ACCESS_TOKEN_2_"]:
         assert secret not in text, secret
+
+
+# Menus, fixed replies and blocked words ######################################
+
+MENU = {"button": [
+    {"type": "click", "name": "今日推荐", "key": "TODAY"},
+    {"name": "菜单", "sub_button": [
+        {"type": "view", "name": "官网", "url": "https://example.com/"},
+        {"type": "miniprogram", "name": "小程序", "url": "https://example.com/mp",
+         "appid": "wx286b93c14bbf93aa", "pagepath": "pages/lunar/index"},
+        {"type": "click", "name": "问问 AI", "key": "ASK"}]}]}
+
+
+def menu_command(wechat, model, tmp_path, *args):
+    """`wxbot.py menu ...` run in this process: (exit status, what it printed)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = wxbot.main(["menu", *args], env_for(tmp_path, wechat, model))
+    return status, out.getvalue()
+
+
+def test_menu_file_becomes_the_menu_exactly_as_written(tmp_path, wechat, model):
+    (tmp_path / "menu.json").write_text(json.dumps(MENU, ensure_ascii=False), encoding="utf-8")
+    result = run_wxbot(["menu", str(tmp_path / "menu.json")], env_for(tmp_path, wechat, model))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert wechat.menu_creates == [MENU]
+    assert "in force" in result.stdout
+
+
+def test_menu_show_prints_the_menu_in_force_and_delete_removes_it(tmp_path, wechat, model):
+    wechat.menu = MENU
+    status, shown = menu_command(wechat, model, tmp_path, "--show")
+    assert status == 0 and json.loads(shown) == MENU  # a file `menu FILE` takes back
+    assert menu_command(wechat, model, tmp_path, "--delete")[0] == 0
+    assert wechat.menu is None
+    status, shown = menu_command(wechat, model, tmp_path, "--show")
+    assert status == 0 and "no menu" in shown
+
+
+def test_broken_menu_file_names_line_and_column_and_is_never_sent(tmp_path, wechat, model):
+    (tmp_path / "menu.json").write_text('{"button": [\n  {"name": "a", "type": "click",}\n]}')
+    status, said = menu_command(wechat, model, tmp_path, str(tmp_path / "menu.json"))
+    assert status == 1 and "line 2, column" in said
+    assert wechat.menu_creates == [] and wechat.token_calls == []
+
+
+@pytest.mark.parametrize("errcode, says", [
+    (48001, "unverified 订阅号"), (40018, "name length"), (40027, "sub-button's url")])
+def test_menu_errors_from_wechat_become_sentences(tmp_path, wechat, model, errcode, says):
+    (tmp_path / "menu.json").write_text(json.dumps(MENU), encoding="utf-8")
+    wechat.failures["/cgi-bin/menu/create"] = [errcode]
+    status, said = menu_command(wechat, model, tmp_path, str(tmp_path / "menu.json"))
+    assert status == 1 and says in said and str(errcode) in said
+
+
+def menu_strategies():
+    from hypothesis import strategies as st
+
+    def text(max_bytes, min_size=1):
+        return st.text(min_size=min_size, max_size=max_bytes).filter(
+            lambda value: value.strip() and wxbot.utf8_len(value) <= max_bytes)
+
+    fields = {"key": text(128), "appid": text(32), "pagepath": text(64),
+              "media_id": text(64), "article_id": text(64),
+              "url": st.builds(lambda scheme, rest: scheme + rest,
+                               st.sampled_from(["http://", "https://"]), st.text(max_size=60))}
+
+    def leaf(name_bytes):
+        return st.sampled_from(sorted(wxbot.MENU_TYPES)).flatmap(
+            lambda kind: st.fixed_dictionaries(
+                {"type": st.just(kind), "name": text(name_bytes),
+                 **{field: fields[field] for field in wxbot.MENU_TYPES[kind]}},
+                optional={"sub_button": st.just([])}))
+
+    top = st.one_of(leaf(16), st.fixed_dictionaries(
+        {"name": text(16), "sub_button": st.lists(leaf(60), min_size=1, max_size=5)}))
+    return st.fixed_dictionaries({"button": st.lists(top, min_size=1, max_size=3)})
+
+
+#: One way to break a valid menu each, and the path its problem must name.
+def break_menu(menu, how, at):
+    menu = json.loads(json.dumps(menu))
+    buttons = menu["button"]
+    n = at % len(buttons)
+    button = buttons[n]
+    subs = button.get("sub_button") or []
+    target, path = (subs[at % len(subs)], f"button[{n}].sub_button[{at % len(subs)}]") \
+        if subs else (button, f"button[{n}]")
+    leaf_limit = 60 if subs else 16
+    if how == "too many buttons":
+        buttons.extend([buttons[0]] * (4 - len(buttons)))
+        return menu, "button:"
+    if how == "too many sub-buttons":
+        button["sub_button"] = [{"type": "click", "name": "x", "key": "k"}] * 6
+        return menu, f"button[{n}].sub_button:"
+    if how == "long top name":
+        button["name"] = "字" * 6
+        return menu, f"button[{n}].name"
+    if how == "long name":
+        target["name"] = "a" * (leaf_limit + 1)
+        return menu, f"{path}.name"
+    if how == "no name":
+        target.pop("name")
+        return menu, f"{path}.name"
+    if how == "unknown type":
+        target["type"] = "news"
+        return menu, f"{path}.type"
+    if how == "missing field":
+        field = wxbot.MENU_TYPES[target["type"]][-1]
+        target.pop(field)
+        return menu, f"{path}.{field}"
+    if how == "long key":
+        target.update(type="click", key="k" * 129)
+        return menu, f"{path}.key"
+    if how == "long url":
+        target.update(type="view", url="https://" + "u" * 1017)
+        return menu, f"{path}.url"
+    if how == "third level":
+        third = [{"type": "click", "name": "x", "key": "k"}]
+        if not subs:
+            target["sub_button"] = [{"type": "click", "name": "x", "key": "k"}]
+            target, path = target["sub_button"][0], f"{path}.sub_button[0]"
+        target["sub_button"] = third
+        return menu, f"{path}.sub_button"
+    raise AssertionError(how)
+
+
+BREAKAGES = ["too many buttons", "too many sub-buttons", "long top name", "long name",
+             "no name", "unknown type", "missing field", "long key", "long url", "third level"]
+
+
+def test_generated_menus_valid_are_sent_exactly_invalid_never(tmp_path, wechat, model):
+    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+    path = tmp_path / "menu.json"
+
+    @hsettings(max_examples=60, deadline=None, database=None,
+               suppress_health_check=list(HealthCheck))
+    @given(menu=menu_strategies(), how=st.sampled_from([None, *BREAKAGES]),
+           at=st.integers(0, 100))
+    def menus(menu, how, at):
+        expected_path = None
+        if how:
+            menu, expected_path = break_menu(menu, how, at)
+        path.write_text(json.dumps(menu, ensure_ascii=False), encoding="utf-8")
+        wechat.menu_creates.clear()
+        status, said = menu_command(wechat, model, tmp_path, str(path))
+        if how is None:
+            assert status == 0, said
+            assert wechat.menu_creates == [menu]
+        else:
+            assert status == 1 and wechat.menu_creates == []
+            assert expected_path in said, (how, said)
+
+    menus()

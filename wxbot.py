@@ -10,6 +10,7 @@ How a message travels:
 Usage:
   python wxbot.py [--env FILE]     serve (settings from the environment and FILE)
   python wxbot.py --help           every setting with its default
+  python wxbot.py menu FILE.json   make FILE the account's custom menu (--show, --delete)
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -1184,14 +1185,18 @@ class WeChatAPI:
             self._local.session = requests.Session()
         return self._local.session
 
-    def _post(self, path: str, body: dict, params: dict | None = None) -> dict:
-        """POST JSON as raw UTF-8 (escapes can fail with 40033); raise WeChatError on failure."""
+    def _post(self, path: str, body: dict | None, params: dict | None = None) -> dict:
+        """POST JSON as raw UTF-8 (escapes can fail with 40033), or GET when body is None;
+        raise WeChatError on failure."""
         url = self.settings.api_base + path
         try:
-            response = self._session().post(
-                url, params=params, timeout=self.timeout,
-                data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
-                headers={"Content-Type": "application/json; charset=utf-8"})
+            if body is None:
+                response = self._session().get(url, params=params, timeout=self.timeout)
+            else:
+                response = self._session().post(
+                    url, params=params, timeout=self.timeout,
+                    data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                    headers={"Content-Type": "application/json; charset=utf-8"})
         except requests.RequestException as error:
             raise WeChatError(None, f"{type(error).__name__} calling {path}") from None
         if response.status_code != 200:
@@ -1238,8 +1243,9 @@ class WeChatAPI:
                 token = self._fetch_token(force=True)
             return token
 
-    def call(self, path: str, body: dict) -> dict:
-        """An authenticated call; on 40001, 40014 or 42001 refresh the token once and retry once."""
+    def call(self, path: str, body: dict | None = None) -> dict:
+        """An authenticated call (GET without a body); on 40001, 40014 or 42001 refresh the
+        token once and retry once."""
         token = self.access_token()
         try:
             return self._post(path, body, {"access_token": token})
@@ -1252,6 +1258,17 @@ class WeChatAPI:
     def customer_service_send(self, openid: str, text: str) -> None:
         self.call("/cgi-bin/message/custom/send",
                   {"touser": openid, "msgtype": "text", "text": {"content": text}})
+
+    def menu_create(self, menu: dict) -> None:
+        """Replace the custom menu (raw UTF-8 matters here too: escaped names show as \\u...)."""
+        self.call("/cgi-bin/menu/create", menu)
+
+    def menu_current(self) -> dict:
+        """The menu in force, as get_current_selfmenu_info describes it."""
+        return self.call("/cgi-bin/get_current_selfmenu_info")
+
+    def menu_delete(self) -> None:
+        self.call("/cgi-bin/menu/delete")
 
     def typing_soon(self, openid: str) -> None:
         """Show "typing" from another thread, so the model call need not wait for WeChat."""
@@ -1558,6 +1575,165 @@ class StreamCutter:
         rest, self.buffer = self.buffer, ""
         return self._plain(split_segments(rest, self.limit,
                                           self.FILL if self.first_done else 0.25))
+
+
+###############################################################################
+# Menus, fixed replies and blocked words ######################################
+###############################################################################
+
+# INFO: with 服务器配置 on, the 公众号后台's own menu editor and 自动回复 stop serving
+# (WECHAT.md §8): these give them back, from files the owner edits.
+
+#: What each menu button type needs besides its name (WECHAT.md §8).
+MENU_TYPES = {
+    "click": ("key",), "view": ("url",), "miniprogram": ("url", "appid", "pagepath"),
+    "scancode_push": ("key",), "scancode_waitmsg": ("key",), "pic_sysphoto": ("key",),
+    "pic_photo_or_album": ("key",), "pic_weixin": ("key",), "location_select": ("key",),
+    "media_id": ("media_id",), "article_id": ("article_id",),
+    "article_view_limited": ("article_id",),
+}
+#: Byte limits of the menu's fields (UTF-8), as WeChat counts them.
+MENU_LIMITS = {"key": 128, "url": 1024}
+MENU_TOP_BUTTONS, MENU_SUB_BUTTONS = 3, 5
+MENU_TOP_NAME, MENU_SUB_NAME = 16, 60
+#: The menu API's return codes in the owner's words (WeChat's global return codes).
+MENU_ERRORS = {
+    48001: "this account may not use the menu API: an unverified 订阅号 cannot; verify the "
+           "account, or set the menu in 公众号后台 with 服务器配置 turned off",
+    40015: "WeChat refused a button's type",
+    40016: "WeChat refused the number of top-level buttons (1 to 3)",
+    40017: "WeChat refused a top-level button's type",
+    40018: "WeChat refused a top-level button's name length (at most 16 bytes)",
+    40019: "WeChat refused a top-level button's key length (at most 128 bytes)",
+    40020: "WeChat refused a top-level button's url length (at most 1024 bytes)",
+    40022: "WeChat refused the menu's depth (sub-buttons cannot have sub-buttons)",
+    40023: "WeChat refused the number of sub-buttons of a button (1 to 5)",
+    40024: "WeChat refused a sub-button's type",
+    40025: "WeChat refused a sub-button's name length (at most 60 bytes)",
+    40026: "WeChat refused a sub-button's key length (at most 128 bytes)",
+    40027: "WeChat refused a sub-button's url length (at most 1024 bytes)",
+    40054: "WeChat refused a sub-button's url domain",
+    40055: "WeChat refused a top-level button's url domain",
+    46003: "there is no menu",
+    65316: "the menu links to too many domains (WeChat allows 3)",
+    65317: "WeChat refused a url of the menu",
+}
+
+
+class FileProblem(Exception):
+    """An owner's file (menu, replies, blocked words) that cannot be used; each problem a line."""
+
+    def __init__(self, path: str, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.path, self.problems = path, problems
+
+
+def read_json_file(path: str) -> object:
+    """A JSON file's value; FileProblem names the line and column of a syntax error."""
+    try:
+        with open(path, encoding="utf-8-sig") as json_file:
+            return json.load(json_file)
+    except json.JSONDecodeError as error:
+        raise FileProblem(path, [f"line {error.lineno}, column {error.colno}: "
+                                 f"not valid JSON ({error.msg})"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise FileProblem(path, [f"cannot read it: {error}"]) from None
+
+
+def menu_problems(menu: object) -> list[str]:
+    """Every reason WeChat would refuse this menu, each with its JSON path; [] when it is good."""
+    if not isinstance(menu, dict) or not isinstance(menu.get("button"), list):
+        return ['the file must be an object with a "button" list: {"button": [...]}']
+    problems = [f"{key}: unknown field (a menu has only \"button\")"
+                for key in menu if key != "button"]
+    buttons = menu["button"]
+    if not 1 <= len(buttons) <= MENU_TOP_BUTTONS:
+        problems.append(f"button: {len(buttons)} buttons, WeChat allows 1 to {MENU_TOP_BUTTONS}")
+    for n, button in enumerate(buttons):
+        path = f"button[{n}]"
+        if not isinstance(button, dict):
+            problems.append(f"{path}: must be an object")
+            continue
+        problems += _name_problems(button, path, MENU_TOP_NAME)
+        subs = button.get("sub_button")
+        if subs is None or subs == []:
+            problems += _action_problems(button, path)
+            continue
+        if not isinstance(subs, list):
+            problems.append(f"{path}.sub_button: must be a list")
+            continue
+        if len(subs) > MENU_SUB_BUTTONS:
+            problems.append(f"{path}.sub_button: {len(subs)} buttons, WeChat allows at most "
+                            f"{MENU_SUB_BUTTONS}")
+        for m, sub in enumerate(subs):
+            sub_path = f"{path}.sub_button[{m}]"
+            if not isinstance(sub, dict):
+                problems.append(f"{sub_path}: must be an object")
+                continue
+            problems += _name_problems(sub, sub_path, MENU_SUB_NAME)
+            if sub.get("sub_button") not in (None, []):
+                problems.append(f"{sub_path}.sub_button: a sub-button cannot have sub-buttons")
+            problems += _action_problems(sub, sub_path)
+    return problems
+
+
+def _name_problems(button: dict, path: str, limit: int) -> list[str]:
+    name = button.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return [f"{path}.name: missing (every button needs a name)"]
+    if utf8_len(name) > limit:
+        return [f"{path}.name: {name!r} is {utf8_len(name)} bytes, WeChat allows {limit} "
+                f"(a Chinese character is 3 bytes)"]
+    return []
+
+
+def _action_problems(button: dict, path: str) -> list[str]:
+    kind = button.get("type")
+    if kind not in MENU_TYPES:
+        return [f"{path}.type: {'missing' if kind is None else repr(kind) + ' is not a type'}; "
+                f"one of {', '.join(MENU_TYPES)} (or sub_button for a button that opens a list)"]
+    problems = []
+    for field in MENU_TYPES[kind]:
+        value = button.get(field)
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"{path}.{field}: missing (type {kind} needs it)")
+        elif field in MENU_LIMITS and utf8_len(value) > MENU_LIMITS[field]:
+            problems.append(f"{path}.{field}: {utf8_len(value)} bytes, WeChat allows "
+                            f"{MENU_LIMITS[field]}")
+        elif field == "url" and not value.startswith(("http://", "https://")):
+            problems.append(f"{path}.url: must start with http:// or https://")
+    return problems
+
+
+def load_menu(path: str) -> dict:
+    """The menu in a file, checked; FileProblem lists every problem."""
+    menu = read_json_file(path)
+    problems = menu_problems(menu)
+    if problems:
+        raise FileProblem(path, problems)
+    return menu
+
+
+def menu_in_force(info: dict) -> dict | None:
+    """get_current_selfmenu_info's answer as a menu file ({"button": [...]}), or None.
+
+    That API nests sub-buttons as {"sub_button": {"list": [...]}}; menu/create takes a list.
+    """
+    if not info.get("is_menu_open") or not info.get("selfmenu_info"):
+        return None
+    buttons = []
+    for button in info["selfmenu_info"].get("button", []):
+        button = dict(button)
+        if isinstance(button.get("sub_button"), dict):
+            button["sub_button"] = button["sub_button"].get("list", [])
+        buttons.append(button)
+    return {"button": buttons}
+
+
+def menu_error(error: WeChatError) -> str:
+    """A menu API error as a sentence for the owner."""
+    return f"{MENU_ERRORS.get(error.errcode, error.hint())} (errcode {error.errcode})" \
+        if error.errcode in MENU_ERRORS else f"WeChat refused: {error.hint()}"
 
 
 ###############################################################################
@@ -2256,6 +2432,42 @@ def check(settings: Settings, out) -> int:
     return 0 if not failures else 1
 
 
+def menu_command(settings: Settings, path: str | None, show: bool, delete: bool, out) -> int:
+    """`menu FILE`: check the file, then make it the menu; `--show`, `--delete`."""
+    if path is not None:
+        try:
+            menu = load_menu(path)
+        except FileProblem as error:
+            for problem in error.problems:
+                print(f"{path}: {problem}", file=out)
+            print(f"{path}: not sent to WeChat: {len(error.problems)} problem(s)", file=out)
+            return 1
+    store = Store(settings.db)  # the access token cache, shared with the running bot
+    wechat = WeChatAPI(settings, store)
+    try:
+        if show:
+            menu = menu_in_force(wechat.menu_current())
+            print(json.dumps(menu, ensure_ascii=False, indent=2) if menu else
+                  "no menu is in force", file=out)
+        elif delete:
+            wechat.menu_delete()
+            print("menu deleted (WeChat clients show the change within about 5 minutes, "
+                  "or when the user follows the account again)", file=out)
+        else:
+            wechat.menu_create(menu)
+            print(f"menu from {path} is in force ({len(menu['button'])} buttons; WeChat "
+                  f"clients show it within about 5 minutes)", file=out)
+        return 0
+    except WeChatError as error:
+        if error.errcode is None:
+            print(f"cannot reach WeChat at {settings.api_base}: {error.errmsg}", file=out)
+        else:
+            print(menu_error(error), file=out)
+        return 1
+    finally:
+        store.close()
+
+
 def help_text() -> str:
     lines = ["settings (environment variables, or KEY=VALUE lines in --env FILE):"]
     for setting in SETTINGS.values():
@@ -2270,13 +2482,22 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser = argparse.ArgumentParser(
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "check", "chat"],
+    parser.add_argument("command", nargs="?", default="serve",
+                        choices=["serve", "check", "chat", "menu"],
                         help="serve (default): run the bot; check: try the settings for real; "
-                             "chat: talk to the model in this console")
+                             "chat: talk to the model in this console; menu FILE.json: make "
+                             "the file the account's custom menu")
+    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
+    parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
+    if args.command == "menu" and (args.file is not None) + args.show + args.delete != 1:
+        parser.error("menu takes one of: FILE.json, --show, --delete")
+    elif args.command != "menu" and (args.file or args.show or args.delete):
+        parser.error("FILE, --show and --delete go with the menu command")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
@@ -2290,6 +2511,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             env.update(read_env_file(args.env))
         if args.command == "chat":  # no WeChat involved
             env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-", **env}
+        if args.command == "menu":  # no model involved
+            env = {"OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
     except SettingsError as error:
         for problem in error.problems:
@@ -2301,6 +2524,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
     if args.command == "check":
         return check(settings, sys.stdout)
+    if args.command == "menu":
+        return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
     if args.command == "chat":
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
         return chat(settings, sys.stdin, sys.stdout)
