@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 
 import pytest
@@ -2189,3 +2190,144 @@ def test_generated_menus_valid_are_sent_exactly_invalid_never(tmp_path, wechat, 
             assert expected_path in said, (how, said)
 
     menus()
+
+
+def blocked_oracle(text, words):
+    """mask() by brute force: each word tried at each character, spaces inside skipped."""
+    def fold(char):
+        if char == "\u3000" or "\uff01" <= char <= "\uffee":
+            normal = unicodedata.normalize("NFKC", char)
+            char = normal if len(normal) == 1 else char
+        return char.lower() if char.isascii() else char
+    folded = [fold(char) for char in text]
+    hidden = [False] * len(text)
+    for word in words:
+        word = [fold(char) for char in word if not fold(char).isspace()]
+        for start in range(len(text)):
+            at, matched = start, 0
+            while at < len(text) and matched < len(word):
+                if folded[at].isspace() and matched:
+                    at += 1
+                    continue
+                if folded[at] != word[matched]:
+                    break
+                at, matched = at + 1, matched + 1
+            if word and matched == len(word):
+                hidden[start:at] = [True] * (at - start)
+    return "".join("＊" if hide else char for char, hide in zip(text, hidden))
+
+
+def test_blocked_words_are_masked_in_any_chunking_of_an_answer():
+    from hypothesis import given, settings as hsettings, strategies as st
+    # Letters that come in both cases and widths, Chinese, and spaces of both widths.
+    alphabet = st.sampled_from(list("abAB坏词ａＢ \u3000") + ["\n"])
+
+    @hsettings(max_examples=400, deadline=None, database=None)
+    @given(words=st.lists(st.text(alphabet, min_size=1, max_size=5), max_size=4),
+           text=st.text(alphabet, max_size=40), cuts=st.lists(st.integers(0, 40), max_size=6))
+    def masking(words, text, cuts):
+        blocked = wxbot.BlockedWords(words)
+        expected = blocked_oracle(text, words)
+        assert blocked.mask(text) == expected
+        assert blocked.found(text) == ("＊" in expected)
+        stream = wxbot.StreamMask(blocked)
+        edges = [0, *sorted(cut % (len(text) + 1) for cut in cuts), len(text)]
+        shown = [stream.feed(text[a:b]) for a, b in zip(edges, edges[1:])]
+        assert "".join(shown) + stream.finish() == expected
+
+    masking()
+
+
+def words_file(tmp_path, *words, name="blocked.txt"):
+    path = tmp_path / name
+    path.write_text("# 屏蔽词\n" + "\n".join(words) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_question_with_a_blocked_word_never_reaches_the_model(start_bot, wechat, model,
+                                                              tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁 词", "bad word"),
+                    WXBOT_USER_RATE=1)
+    send_text(bot, "oBLOCKED123", "请问 ＢＡＤ  Word 怎么买？", 1)
+    send_text(bot, "oBLOCKED123", "违禁词是什么", 2)
+    wait_for(lambda: len(wechat.texts_to("oBLOCKED123")) == 2)
+    assert wechat.texts_to("oBLOCKED123") == [wxbot.REFUSED_LINE] * 2
+    assert model.requests == []
+    blocked_lines = [r.getMessage() for r in caplog.records if "blocked" in r.getMessage()]
+    assert len(blocked_lines) == 2 and all(wxbot.short_id("oBLOCKED123") in line and "违禁"
+                                           not in line for line in blocked_lines)
+    send_text(bot, "oBLOCKED123", "你好", 3)  # blocked questions spent none of the 1 a minute
+    wait_for(lambda: len(wechat.texts_to("oBLOCKED123")) == 3)
+    assert wechat.texts_to("oBLOCKED123")[2] == "答：你好"
+
+
+def test_blocked_reply_can_be_set(start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁"),
+                    WXBOT_BLOCKED_REPLY="这个话题我们不聊。")
+    send_text(bot, "oB2", "违禁", 1)
+    wait_for(lambda: wechat.texts_to("oB2"))
+    assert wechat.texts_to("oB2") == ["这个话题我们不聊。"] and model.requests == []
+
+
+def test_blocked_words_in_a_streamed_answer_are_masked_before_sent_and_stored(
+        start_bot, wechat, model, tmp_path):
+    # The word straddles two chunks of the stream, and the answer ends right after it.
+    model.respond = lambda request: ["这是一个敏", "感词，还有 Secret", "Plan"]
+    bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "敏感词", "secret plan"))
+    send_text(bot, "oM1", "说点什么", 1)
+    wait_for(lambda: wechat.texts_to("oM1"))
+    assert wechat.texts_to("oM1") == ["这是一个＊＊＊，还有 ＊＊＊＊＊＊＊＊＊＊"]
+    model.respond = lambda request: "好的"
+    send_text(bot, "oM1", "再说", 2)
+    wait_for(lambda: len(wechat.texts_to("oM1")) == 2)
+    history = [m["content"] for m in model.requests[-1]["messages"] if m["role"] == "assistant"]
+    assert history == ["这是一个＊＊＊，还有 ＊＊＊＊＊＊＊＊＊＊"]
+
+
+def test_blocked_words_file_is_reread_when_it_changes_and_a_broken_one_kept_out(
+        start_bot, wechat, model, tmp_path, caplog):
+    path = words_file(tmp_path, "旧词")
+    bot = start_bot(WXBOT_BLOCKED_WORDS=path)
+    os.utime(path, ns=(0, 0))
+    words_file(tmp_path, "新词")
+    os.utime(path, ns=(10**9, 10**9))
+    send_text(bot, "oR1", "新词", 1)
+    send_text(bot, "oR2", "旧词", 2)
+    wait_for(lambda: wechat.texts_to("oR1") and wechat.texts_to("oR2"))
+    assert wechat.texts_to("oR1") == [wxbot.REFUSED_LINE]
+    assert wechat.texts_to("oR2") == ["答：旧词"]
+    with open(path, "wb") as broken:
+        broken.write(b"\xff\xfe\x00bad")
+    send_text(bot, "oR3", "新词", 3)
+    wait_for(lambda: wechat.texts_to("oR3"))
+    assert wechat.texts_to("oR3") == [wxbot.REFUSED_LINE]  # the previous words stay
+    assert "previous version stays" in caplog.text and path in caplog.text
+
+
+def test_blocked_words_are_reread_on_sighup(tmp_path, wechat, model):
+    path = words_file(tmp_path, "旧词")
+    process = start_process(env_for(tmp_path, wechat, model, WXBOT_BLOCKED_WORDS=path),
+                            tmp_path)
+    process, port, lines = process
+    try:
+        stamp = os.stat(path)
+        words_file(tmp_path, "新词")  # same size, same inode, same time: looks unchanged
+        os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        send_text(port, "oH1", "新词", 1)
+        wait_for(lambda: wechat.texts_to("oH1"))
+        assert wechat.texts_to("oH1") == ["答：新词"]
+        process.send_signal(signal.SIGHUP)
+        asked = []
+
+        def refused_after_hangup():  # the handler runs soon after the signal, not at once
+            asked.append(len(asked) + 2)
+            send_text(port, "oH1", "新词", asked[-1])
+            wait_for(lambda: len(wechat.texts_to("oH1")) == len(asked) + 1)
+            return wechat.texts_to("oH1")[-1] == wxbot.REFUSED_LINE
+        wait_for(refused_after_hangup, message="the words re-read after SIGHUP")
+        wait_for(lambda: any("re-read" in line for line in lines))
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(15)

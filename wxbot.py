@@ -39,6 +39,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
 from typing import Callable, Iterator, Mapping
@@ -226,6 +227,14 @@ SETTINGS: dict[str, Setting] = {
                        "message sent on subscribe (empty: none)"),
     "admins": Setting("WXBOT_ADMINS", "", _openids,
                       "openids (comma-separated) that may send /stats"),
+    "replies": Setting("WXBOT_REPLIES", "", _optional_text,
+                       "JSON file of fixed replies to keywords and menu clicks, no model "
+                       "(empty: none; re-read when it changes)"),
+    "blocked_words": Setting("WXBOT_BLOCKED_WORDS", "", _optional_text,
+                             "file of blocked words, one a line: questions with one are not "
+                             "asked, answers have them masked (empty: none)"),
+    "blocked_reply": Setting("WXBOT_BLOCKED_REPLY", REFUSED_LINE, _text,
+                             "what a user whose question has a blocked word gets"),
     "vision": Setting("WXBOT_VISION", "0", _flag,
                       "1: send images to the model (it must accept image input)"),
     "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
@@ -275,6 +284,9 @@ class Settings:
     system_prompt: str
     welcome: str
     admins: tuple
+    replies: str
+    blocked_words: str
+    blocked_reply: str
     vision: bool
     session_ttl: float
     db: str
@@ -325,7 +337,7 @@ class Settings:
                 value = "(set)" if value else "(not set)"
             elif name == "admins":
                 value = ",".join(short_id(openid) for openid in value)
-            elif name in ("system_prompt", "welcome"):
+            elif name in ("system_prompt", "welcome", "blocked_reply"):
                 value = f"({len(value)} chars)"
             shown.append(f"{setting.env}={value}")
         return " ".join(shown)
@@ -891,7 +903,9 @@ class Store:
                                  ).fetchone()
         return {**self.health(now), "today": row[0], "failed_today": row[1] or 0,
                 "dead_today": row[2] or 0, "answer_seconds_avg": round(row[3] or 0, 2),
-                "token_valid_s": round(token[0] - now) if token else None}
+                "token_valid_s": round(token[0] - now) if token else None,
+                **{f"{counter}_today": self.counted(counter, now)
+                   for counter in ("keyword_replies", "click_replies", "blocked")}}
 
     def count_model_call(self, message: Message, now: float, windows: list[tuple[float, int]]
                          ) -> float | None:
@@ -929,6 +943,19 @@ class Store:
         with self._write_lock, self.connection() as conn:
             conn.execute("INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
                          (key, value, expires_at))
+
+    def bump(self, counter: str, now: float) -> None:
+        """Count one more today, for /stats (fixed replies, blocked questions)."""
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO kv (key, value, expires_at) VALUES (?, 1, ?)"
+                         " ON CONFLICT (key) DO UPDATE SET value = value + 1",
+                         (f"count:{counter}:{time.strftime('%Y-%m-%d', time.localtime(now))}",
+                          now + 2 * 86400))
+
+    def counted(self, counter: str, now: float) -> int:
+        """How many bump() counted today."""
+        day = time.strftime("%Y-%m-%d", time.localtime(now))
+        return int(self.get_kv(f"count:{counter}:{day}", now) or 0)
 
     # Health -----------------------------------------------------------------
 
@@ -1736,6 +1763,193 @@ def menu_error(error: WeChatError) -> str:
         if error.errcode in MENU_ERRORS else f"WeChat refused: {error.hint()}"
 
 
+#: Full-width forms and the ideographic space fold to their usual forms and ASCII to lower case,
+#: one character for one, so that a match's place in the folded text is its place in the text.
+_FOLD = {code: code + 32 for code in range(ord("A"), ord("Z") + 1)}
+for _code in (0x3000, *range(0xFF01, 0xFFEF)):
+    _folded = unicodedata.normalize("NFKC", chr(_code))
+    if len(_folded) == 1:
+        _FOLD[_code] = _folded.lower() if _folded.isascii() else _folded
+del _code, _folded
+_SPACES = re.compile(r"\s+")
+#: Replaces each character of a blocked word in an answer.
+MASK = "＊"
+
+
+class BlockedWords:
+    """Blocked words and phrases, found ignoring ASCII case, full/half width and spaces inside.
+
+    A trie walked from each character: 10,000 words cost one dict lookup per character of the
+    text, where one regular expression of them all would try every word at every character.
+    """
+
+    def __init__(self, words: list[str] = ()):
+        self.trie: dict = {}
+        self.count = self.longest = 0
+        for word in words:
+            word = _SPACES.sub("", word.translate(_FOLD))
+            if not word:
+                continue
+            node = self.trie
+            for char in word:
+                node = node.setdefault(char, {})
+            self.count += "" not in node
+            node[""] = True
+            self.longest = max(self.longest, len(word))
+
+    @classmethod
+    def read(cls, path: str) -> "BlockedWords":
+        """One word or phrase a line; blank lines and lines starting with # are skipped."""
+        try:
+            with open(path, encoding="utf-8-sig") as words_file:
+                lines = words_file.read().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise FileProblem(path, [f"cannot read it: {error}"]) from None
+        return cls([line for line in lines if not line.lstrip().startswith("#")])
+
+    def spans(self, text: str, first_only: bool = False) -> list[tuple[int, int]]:
+        """(start, end) in text of the longest blocked word starting at each character."""
+        if not self.trie:
+            return []
+        folded = text.translate(_FOLD)
+        squeezed = _SPACES.sub("", folded)
+        kept = None if len(squeezed) == len(folded) else \
+            [at for at, char in enumerate(folded) if not char.isspace()]
+        found, root, length = [], self.trie, len(squeezed)
+        for start, char in enumerate(squeezed):
+            node = root.get(char)
+            end, at = 0, start + 1
+            while node is not None:
+                if "" in node:
+                    end = at
+                if at == length:
+                    break
+                node = node.get(squeezed[at])
+                at += 1
+            if end:
+                found.append((start, end) if kept is None else (kept[start], kept[end - 1] + 1))
+                if first_only:
+                    break
+        return found
+
+    def found(self, text: str) -> bool:
+        return bool(self.spans(text, first_only=True))
+
+    def mask(self, text: str) -> str:
+        """text with every character of every blocked word replaced by ＊."""
+        return StreamMask(self).feed(text, final=True)
+
+
+class StreamMask:
+    """Masks blocked words in an answer that arrives in pieces, where a word may straddle two:
+    the last characters that could start a word are held back until the next piece shows
+    whether they do. Joined, the output is mask() of the whole answer."""
+
+    def __init__(self, words: BlockedWords):
+        self.words = words
+        self.held = ""
+        self.masked: list[bool] = []
+
+    def feed(self, piece: str, final: bool = False) -> str:
+        """The part of the answer so far that can be shown, masked."""
+        text = self.held + piece
+        masked = self.masked + [False] * len(piece)
+        for start, end in self.words.spans(text):
+            masked[start:end] = [True] * (end - start)
+        cut = len(text) if final else self._cut(text)
+        self.held, self.masked = text[cut:], masked[cut:]
+        return "".join(MASK if hide else char for char, hide in zip(text[:cut], masked))
+
+    def finish(self) -> str:
+        """What was held back, once the answer is complete (or broke off)."""
+        return self.feed("", final=True)
+
+    def _cut(self, text: str) -> int:
+        """Where the held-back tail starts: the last longest-1 characters other than spaces.
+        A word starting before it ends within the text, so it has been found."""
+        hold = self.words.longest - 1
+        at = len(text)
+        while hold > 0 and at > 0:
+            at -= 1
+            hold -= not text[at].isspace()
+        return at
+
+
+def masked_stream(pieces: Iterator[str], words: BlockedWords) -> Iterator[str]:
+    """The answer's pieces with blocked words masked; what is held back still comes out
+    when the stream breaks off, before the error."""
+    mask = StreamMask(words)
+    try:
+        for piece in pieces:
+            shown = mask.feed(piece)
+            if shown:
+                yield shown
+    except ModelError:
+        rest = mask.finish()
+        if rest:
+            yield rest
+        raise
+    rest = mask.finish()
+    if rest:
+        yield rest
+
+
+class OwnerFile:
+    """A file the owner edits while wxbot runs (replies, blocked words): re-read when its
+    modification time, size or inode changes, or on SIGHUP. A broken edit keeps what was
+    read before and the log says why; a broken file at start stops the start."""
+
+    def __init__(self, path: str, read: Callable[[str], object], empty: object):
+        self.path, self.read = path, read
+        self._lock = threading.Lock()
+        self.value, self._stamp = (read(path), self._look()) if path else (empty, None)
+
+    def _look(self) -> tuple | None:
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            return None
+        return found.st_mtime_ns, found.st_size, found.st_ino
+
+    def current(self) -> object:
+        """The file's value, re-read first when the file has changed."""
+        if self.path and self._look() != self._stamp:
+            self.reload()
+        return self.value
+
+    def reload(self) -> None:
+        with self._lock:
+            stamp = self._look()
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp  # a broken version is reported once, not at every message
+            try:
+                self.value = self.read(self.path)
+            except FileProblem as error:
+                log.error("%s is not used, the previous version stays in force: %s", self.path,
+                          "; ".join(error.problems))
+                return
+            log.info("%s re-read", self.path)
+
+    def stale(self) -> None:
+        """Re-read at the next look whatever the file's stamp (SIGHUP)."""
+        self._stamp = ()
+
+
+class OwnerFiles:
+    """The owner's fixed replies and blocked words, each re-read when its file changes."""
+
+    def __init__(self, settings: Settings):
+        self.blocked_file = OwnerFile(settings.blocked_words, BlockedWords.read, BlockedWords())
+
+    @property
+    def blocked(self) -> BlockedWords:
+        return self.blocked_file.current()
+
+    def stale(self) -> None:
+        self.blocked_file.stale()
+
+
 ###############################################################################
 # Worker ######################################################################
 ###############################################################################
@@ -1749,7 +1963,9 @@ def stats_text(stats: dict) -> str:
         f"今日消息：{stats['today']}，失败：{stats['failed_today']}，放弃：{stats['dead_today']}",
         f"平均回答用时：{stats['answer_seconds_avg']} 秒",
         f"access token：{'剩余 %d 秒' % token if token and token > 0 else '未获取或已过期'}",
-        f"未发送的分段：{stats['unsent_segments']}"])
+        f"未发送的分段：{stats['unsent_segments']}",
+        f"今日固定回复：关键词 {stats['keyword_replies_today']}，菜单 "
+        f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
 
 
 class Wakeup:
@@ -1787,9 +2003,11 @@ class Worker:
     TYPING_RENEW = 15.5
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
-                 wakeup: Wakeup, mode: DeliveryMode, name: str = "worker"):
+                 wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
+                 owner: OwnerFiles | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
         self.wakeup, self.mode, self.name = wakeup, mode, name
+        self.owner = owner or OwnerFiles(settings)
         self.stopping = threading.Event()
         self.lease_seconds = settings.model_timeout * 2 + 120
 
@@ -1889,6 +2107,12 @@ class Worker:
         if len(question) > MAX_QUESTION_CHARS:
             question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
                 chars=MAX_QUESTION_CHARS)
+        blocked = self.owner.blocked
+        if blocked.found(question):  # never reaches the model, nor counts against the limits
+            log_worker.warning("message %s from %s: question blocked (WXBOT_BLOCKED_WORDS)",
+                               message.id, short_id(message.openid))
+            self.store.bump("blocked", time.time())
+            return self.store.save_answer(message, [self.settings.blocked_reply], time.time())
         wait = self.store.count_model_call(message, time.time(), [
             (60, self.settings.user_rate), (86400, self.settings.user_daily)])
         if wait is not None:
@@ -1912,7 +2136,7 @@ class Worker:
         cutter = StreamCutter(time.monotonic(), first_done=bool(partial))
         written, sending = [], True
         try:
-            for text in self._ask(history, ask):
+            for text in masked_stream(self._ask(history, ask), blocked):
                 written.append(text)
                 ready = cutter.feed(text, time.monotonic())
                 if ready:
@@ -2281,10 +2505,11 @@ class HttpServer:
 class Bot:
     """Everything wired together: store, webhook, server, workers."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, owner: OwnerFiles | None = None):
         self.settings = settings
         for secret in settings.secrets():
             SECRET_FILTER.add(secret)
+        self.owner = owner or OwnerFiles(settings)
         self.store = Store(settings.db)
         self.wakeup = Wakeup()
         self.wechat = WeChatAPI(settings, self.store)
@@ -2294,7 +2519,8 @@ class Bot:
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
-                               self.mode, f"worker-{n}") for n in range(settings.workers)]
+                               self.mode, f"worker-{n}", self.owner)
+                        for n in range(settings.workers)]
         self.threads: list[threading.Thread] = []
 
     @property
@@ -2352,14 +2578,14 @@ class Console:
         return True
 
 
-def chat(settings: Settings, lines, out) -> int:
+def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int:
     """A console conversation with the real model, through wxbot's own worker."""
     root, ext = os.path.splitext(settings.db)
     settings = dataclasses.replace(settings, db=f"{root}-chat{ext or '.db'}", user_rate=0,
                                    user_daily=0)
     store = Store(settings.db)
     worker = Worker(settings, store, Console(out), Model(settings), Wakeup(),
-                    DeliveryMode("service", store), "chat")
+                    DeliveryMode("service", store), "chat", owner)
     print(f"wxbot chat with {settings.model} (history in {settings.db}; /reset forgets it, "
           f"Ctrl-D ends)", file=out, flush=True)
     for line in lines:
@@ -2526,12 +2752,18 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return check(settings, sys.stdout)
     if args.command == "menu":
         return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
+    try:
+        owner = OwnerFiles(settings)
+    except FileProblem as error:
+        for problem in error.problems:
+            print(f"wxbot: {error.path}: {problem}", file=sys.stderr)
+        return 2
     if args.command == "chat":
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
-        return chat(settings, sys.stdin, sys.stdout)
+        return chat(settings, sys.stdin, sys.stdout, owner)
     log.info("wxbot %s starting: %s", __version__, settings.describe())
     try:
-        bot = Bot(settings)
+        bot = Bot(settings, owner)
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
         return 1
@@ -2547,8 +2779,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             os._exit(1)
         stop_requested.set()
 
+    def on_hangup(signum, frame):  # systemctl reload: re-read the owner's files
+        bot.owner.stale()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     bot.start()
     while not stop_requested.wait(3600):
         pass
