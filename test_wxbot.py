@@ -2331,3 +2331,35 @@ def test_blocked_words_are_reread_on_sighup(tmp_path, wechat, model):
     finally:
         process.terminate()
         process.wait(15)
+
+
+def test_stats_counts_blocked_questions(start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_ADMINS="oBOSS", WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁"))
+    send_text(bot, "oU1", "违禁", 1)
+    wait_for(lambda: wechat.texts_to("oU1"))
+    send_text(bot, "oBOSS", "/stats", 2)
+    wait_for(lambda: wechat.texts_to("oBOSS"))
+    assert "拦截的提问：1" in wechat.texts_to("oBOSS")[0]
+
+
+def test_check_validates_the_owners_files(tmp_path, wechat, model):
+    good = run_wxbot(["check"], env_for(tmp_path, wechat, model,
+                                        WXBOT_BLOCKED_WORDS=words_file(tmp_path, "a", "b")))
+    assert good.returncode == 0 and "2 blocked words" in good.stdout
+    missing = run_wxbot(["check"], env_for(tmp_path, wechat, model,
+                                           WXBOT_BLOCKED_WORDS=str(tmp_path / "nope.txt")))
+    assert missing.returncode == 1
+    assert "FAIL WXBOT_BLOCKED_WORDS" in missing.stdout and "nope.txt" in missing.stdout
+
+
+def test_a_broken_owners_file_stops_the_start_with_its_reason(tmp_path, wechat, model):
+    result = run_wxbot([], env_for(tmp_path, wechat, model,
+                                   WXBOT_BLOCKED_WORDS=str(tmp_path / "nope.txt")))
+    assert result.returncode == 2 and "nope.txt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_example_files_are_valid():
+    assert wxbot.menu_problems(json.load(open(os.path.join(HERE, "menu.example.json"),
+                                              encoding="utf-8"))) == []
+    assert wxbot.BlockedWords.read(os.path.join(HERE, "blocked_words.example.txt")).count == 2

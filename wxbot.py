@@ -227,9 +227,6 @@ SETTINGS: dict[str, Setting] = {
                        "message sent on subscribe (empty: none)"),
     "admins": Setting("WXBOT_ADMINS", "", _openids,
                       "openids (comma-separated) that may send /stats"),
-    "replies": Setting("WXBOT_REPLIES", "", _optional_text,
-                       "JSON file of fixed replies to keywords and menu clicks, no model "
-                       "(empty: none; re-read when it changes)"),
     "blocked_words": Setting("WXBOT_BLOCKED_WORDS", "", _optional_text,
                              "file of blocked words, one a line: questions with one are not "
                              "asked, answers have them masked (empty: none)"),
@@ -284,7 +281,6 @@ class Settings:
     system_prompt: str
     welcome: str
     admins: tuple
-    replies: str
     blocked_words: str
     blocked_reply: str
     vision: bool
@@ -1832,6 +1828,9 @@ class BlockedWords:
                     break
         return found
 
+    def describe(self) -> str:
+        return f"{self.count} blocked words"
+
     def found(self, text: str) -> bool:
         return bool(self.spans(text, first_only=True))
 
@@ -2648,6 +2647,14 @@ def check(settings: Settings, out) -> int:
         else:
             report(False, f"the model failed: {error}")
     store.close()
+    for path, read, setting in [(settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
+        if not path:
+            continue
+        try:
+            report(True, f"{setting}: {path} has {read(path).describe()}")
+        except FileProblem as error:
+            for problem in error.problems:
+                report(False, f"{setting}: {path}: {problem}")
     print(f"\nIn 公众号后台 → 设置与开发 → 基本配置 → 服务器配置, enter:\n"
           f"  URL:   http://<this server's domain or IP>{settings.path}  (port 80, or 443 "
           f"with https; wxbot listens on {settings.host}:{settings.port})\n"
