@@ -2391,9 +2391,9 @@ class Worker:
                 streaming: bool = False) -> bool:
         """Send the unsent segments in order, each marked sent as WeChat confirms it.
 
-        WeChat allows 5 messages per user message, 3 per menu click or follow (45047): the
-        last says how to get the rest,
-        so while the model still writes, the 5th waits until it is known whether more follows.
+        WeChat allows 5 messages per user message and 3 per menu click or follow (45047):
+        the last says how to get the rest, so while the model still writes, the last waits
+        until it is known whether more follows.
         False when a send failed.
         """
         rows = self.store.segments(message.id)
@@ -2523,11 +2523,11 @@ class Webhook:
             log_web.warning("push refused (400): %s", error)
             return 400, "bad request"
         message_id, pushes = self.store.store_push(push, self.clock())
-        if pushes == 1 and not (self.mode.passive and self.fixed_reply(push, message_id)):
-            self.wakeup.notify()
-        else:
+        if pushes > 1:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
+        elif not (self.mode.passive and self.fixed_reply(push, message_id)):
+            self.wakeup.notify()
         if self.mode.passive:
             return 200, self.passive_reply(push, message_id, pushes, query)
         return 200, "success"
@@ -2845,8 +2845,9 @@ def check(settings: Settings, out) -> int:
         else:
             report(False, f"the model failed: {error}")
     store.close()
-    for path, read, setting in [(settings.replies, Replies.read, "WXBOT_REPLIES"),
-                                (settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
+    for path, read, setting in [
+            (settings.replies, Replies.read, "WXBOT_REPLIES"),
+            (settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
         if not path:
             continue
         try:
