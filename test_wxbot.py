@@ -7,9 +7,12 @@ the internet, and nothing waits on a bare sleep: every wait is a condition with 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
+import http.client
 import http.server
+import itertools
 import json
 import logging
 import os
@@ -270,7 +273,8 @@ class ModelFault(Exception):
 
 # Fixtures ####################################################################
 
-TOKEN = "AAAAA"
+#: WeChat allows 3-32 characters; wxbot wants at least 8 (a short one is guessed).
+TOKEN = "AAAAA12345"
 APPID = "wx2c2769f8efd9abc2"
 APPSECRET = "appsecret-0123456789abcdef0123456789"
 API_KEY = "sk-test-key-0123456789abcdefghij"
@@ -319,8 +323,13 @@ def start_bot(tmp_path, wechat, model):
             bot.stop(timeout=5)
 
 
-def signed_query(token=TOKEN, timestamp=None, nonce="1514711492", **extra):
+NONCES = itertools.count(1514711492)
+
+
+def signed_query(token=TOKEN, timestamp=None, nonce=None, **extra):
+    """A signed query string as WeChat sends it; each call has its own nonce, as each push."""
     timestamp = str(int(time.time())) if timestamp is None else timestamp
+    nonce = str(next(NONCES)) if nonce is None else nonce
     query = {"timestamp": timestamp, "nonce": nonce,
              "signature": wxbot.wechat_signature(token, timestamp, nonce)}
     query.update(extra)
@@ -349,6 +358,18 @@ def post_push(bot_or_port, body, query=None, path="/wx", timeout=5):
     return requests.post(f"http://127.0.0.1:{port}{path}",
                          params=signed_query() if query is None else query, data=body,
                          timeout=timeout)
+
+
+def post_from(source, bot, body, query):
+    """Post from another loopback address (127.0.0.0/8): refusals are logged per address."""
+    conn = http.client.HTTPConnection("127.0.0.1", bot.port, timeout=5,
+                                      source_address=(source, 0))
+    try:
+        conn.request("POST", "/wx?" + urllib.parse.urlencode(query), body)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
 
 
 def send_text(bot, openid, content, msg_id):
@@ -390,7 +411,7 @@ def test_missing_settings_exit_2_with_one_line_each_before_binding(tmp_path):
 
 
 def test_invalid_values_are_named():
-    env = {"WXBOT_TOKEN": "t", "WXBOT_APPID": "a", "WXBOT_APPSECRET": "s",
+    env = {"WXBOT_TOKEN": "token123", "WXBOT_APPID": "a", "WXBOT_APPSECRET": "s",
            "OPENAI_API_KEY": "k", "WXBOT_API_BASE": "api.weixin.qq.com",
            "WXBOT_PATH": "wx", "WXBOT_AES_KEY": "short", "WXBOT_MODEL_TIMEOUT": "soon"}
     with pytest.raises(wxbot.SettingsError) as caught:
@@ -403,12 +424,12 @@ def test_invalid_values_are_named():
 
 def test_env_file_is_read_as_systemd_reads_it(tmp_path):
     env_file = tmp_path / "wxbot.env"
-    env_file.write_text('# comment\n; also a comment\nWXBOT_TOKEN=tok\n'
+    env_file.write_text('# comment\n; also a comment\nWXBOT_TOKEN=tok12345\n'
                         'WXBOT_APPID = "wx123"\nWXBOT_APPSECRET=\'se cret\'\n'
                         'WXBOT_SYSTEM_PROMPT="say \\"hi\\""\n\nOPENAI_API_KEY=k\n',
                         encoding="utf-8")
     values = wxbot.read_env_file(str(env_file))
-    assert values == {"WXBOT_TOKEN": "tok", "WXBOT_APPID": "wx123",
+    assert values == {"WXBOT_TOKEN": "tok12345", "WXBOT_APPID": "wx123",
                       "WXBOT_APPSECRET": "se cret", "WXBOT_SYSTEM_PROMPT": 'say "hi"',
                       "OPENAI_API_KEY": "k"}
     settings = wxbot.Settings.from_env(values)
@@ -442,11 +463,10 @@ def test_signature_matches_wechat_vectors():
 def test_get_verification_answers_echostr_only_when_signed(start_bot):
     bot = start_bot(WXBOT_MAX_SKEW=0)
     url = f"http://127.0.0.1:{bot.port}/wx"
-    good = {"signature": "f464b24fc39322e44b38aa78f5edd27bd1441696",
-            "timestamp": "1714036504", "nonce": "1514711492", "echostr": "4375120948345356249"}
+    good = signed_query(timestamp="1714036504", echostr="4375120948345356249")
     response = requests.get(url, params=good, timeout=5)
     assert (response.status_code, response.text) == (200, "4375120948345356249")
-    bad = dict(good, signature="899cf89e464efb63f54ddac96b0a0a235f53aa78")
+    bad = dict(good, signature=signed_query(timestamp="1714037059")["signature"])
     assert requests.get(url, params=bad, timeout=5).status_code == 403
     assert requests.get(url, params={"echostr": "1"}, timeout=5).status_code == 403
 
@@ -1593,7 +1613,7 @@ def test_wrong_appid_or_padding_is_refused():
 def encrypted_push(xml, key=VECTOR_KEY, appid=APPID, token=TOKEN, safe=True):
     """A push as WeChat sends it in 安全模式, encrypted by wechatpy (an independent coder)."""
     from wechatpy.crypto import WeChatCrypto as WechatpyCrypto
-    timestamp, nonce = str(int(time.time())), "27452356"
+    timestamp, nonce = str(int(time.time())), str(next(NONCES))
     envelope = WechatpyCrypto(token, key, appid).encrypt_message(xml.decode(), nonce, timestamp)
     encrypt = re.search(r"<Encrypt><!\[CDATA\[(.*?)\]\]>", envelope).group(1)
     msg_signature = re.search(r"<MsgSignature><!\[CDATA\[(.*?)\]\]>", envelope).group(1)
@@ -1621,11 +1641,11 @@ def test_encrypted_push_with_bad_signature_key_or_appid_is_refused(start_bot, mo
                                                                    tmp_path):
     bot = start_bot(WXBOT_AES_KEY=VECTOR_KEY)
     query, body = encrypted_push(text_xml("oBAD", "问", 1))
-    assert post_push(bot, body, query=dict(query, msg_signature="0" * 40)).status_code == 403
+    assert post_from("127.0.0.2", bot, body, dict(query, msg_signature="0" * 40))[0] == 403
     query, body = encrypted_push(text_xml("oBAD", "问", 2), appid="wxSOMEONEELSE0000")
-    assert post_push(bot, body, query=query).status_code == 403
+    assert post_from("127.0.0.3", bot, body, query)[0] == 403
     query, body = encrypted_push(text_xml("oBAD", "问", 3), key="Z" * 43)
-    assert post_push(bot, body, query=query).status_code == 403
+    assert post_from("127.0.0.4", bot, body, query)[0] == 403
     assert "msg_signature does not match" in caplog.text and "AppID" in caplog.text
     assert stored_messages(tmp_path / "wxbot.db") == [] and model.requests == []
 
@@ -1747,27 +1767,49 @@ def wsgi_call(app, method, query, body):
 def test_fuzzed_pushes_never_cause_5xx_and_store_only_valid_ones(tmp_path, wechat, model):
     from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-    settings = wxbot.Settings.from_env(env_for(tmp_path, wechat, model,
-                                               WXBOT_AES_KEY=VECTOR_KEY))
-    store = wxbot.Store(settings.db)
-    webhook = wxbot.Webhook(settings, store, wxbot.Wakeup())
-    app = wxbot.make_app(settings, store, webhook)
-    valid = text_xml("oFUZZ", "你好", 1)
-    stored = {"n": 0}
+    apps, stores = {}, []
+    for mode, key in (("plain", ""), ("safe", VECTOR_KEY)):  # 明文模式 and 安全模式
+        settings = wxbot.Settings.from_env(env_for(tmp_path, wechat, model, WXBOT_AES_KEY=key,
+                                                   WXBOT_DB=tmp_path / f"{mode}.db"))
+        store = wxbot.Store(settings.db)
+        apps[mode] = (wxbot.make_app(settings, store, wxbot.Webhook(settings, store,
+                                                                   wxbot.Wakeup())), store)
+        stores.append(store)
+    crypto = wxbot.WeChatCrypto(VECTOR_KEY, APPID)
+    stored = {"plain": 0, "safe": 0}
+    msg_ids = itertools.count(1)
 
-    def count():
+    def count(store):
         with store.connection() as conn:
             return conn.execute("SELECT count(*) FROM messages").fetchone()[0]
 
+    def encrypted(body, query):
+        encrypt = crypto.encrypt(body)
+        signature = wxbot.wechat_signature(TOKEN, query["timestamp"], query["nonce"], encrypt)
+        return (f"<xml><ToUserName><![CDATA[gh_10f6c3c3ac5a]]></ToUserName><Encrypt>"
+                f"<![CDATA[{encrypt}]]></Encrypt></xml>").encode(), \
+            dict(query, encrypt_type="aes", msg_signature=signature)
+
+    valid = text_xml("oFUZZ", "你好", 1)
+    well_formed = st.one_of(
+        xml_texts().map(lambda content: quoting_xml("oFUZZ", content, next(msg_ids))),
+        st.sampled_from(sorted(NESTED_EVENTS)).map(
+            lambda event: nested_event(event, NESTED_EVENTS[event], f"oFUZZ{next(msg_ids)}")))
+    not_utf8 = st.one_of(
+        st.sampled_from([valid, BILLION_LAUGHS, EXTERNAL_ENTITY, UTF16_LAUGHS]).flatmap(
+            lambda body: st.sampled_from(["utf-16", "utf-16-le", "utf-16-be", "utf-32"]).map(
+                lambda encoding: body.decode().encode(encoding))),
+        well_formed.map(lambda body: codecs.BOM_UTF8 + body))
     mutated = st.builds(
         lambda data, at, insert: data[:at % (len(data) + 1)] + insert + data[at % (len(data)
                                                                                  + 1) + 1:],
         st.just(valid), st.integers(0, len(valid)), st.binary(max_size=8))
-    bodies = st.one_of(st.binary(max_size=300), mutated,
-                       st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")))
+    anything = st.one_of(st.binary(max_size=300), mutated, not_utf8,
+                         st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")))
     queries = st.one_of(
-        st.just(urllib.parse.urlencode(signed_query())),
-        st.just(urllib.parse.urlencode(signed_query(encrypt_type="aes", msg_signature="x"))),
+        st.builds(lambda: urllib.parse.urlencode(signed_query())),
+        st.builds(lambda: urllib.parse.urlencode(signed_query(encrypt_type="aes",
+                                                              msg_signature="x"))),
         st.text(max_size=80).map(lambda t: urllib.parse.quote(t, safe="=&")),
         st.dictionaries(st.sampled_from(["signature", "timestamp", "nonce", "encrypt_type",
                                          "msg_signature", "echostr"]),
@@ -1775,20 +1817,34 @@ def test_fuzzed_pushes_never_cause_5xx_and_store_only_valid_ones(tmp_path, wecha
 
     @hsettings(max_examples=2000, deadline=None, database=None,
                suppress_health_check=list(HealthCheck))
-    @given(method=st.sampled_from(["GET", "POST", "PUT"]), query=queries, body=bodies)
-    def fuzz(method, query, body):
+    @given(mode=st.sampled_from(["plain", "safe"]), method=st.sampled_from(["GET", "POST", "PUT"]),
+           query=queries, body=anything, push=well_formed, bad=not_utf8, pick=st.integers(0, 3))
+    def fuzz(mode, method, query, body, push, bad, pick):
+        app, store = apps[mode]
+        if pick < 2:  # signed as WeChat signs: a push it could send is taken, UTF-16 is not
+            query = signed_query()
+            body = push if pick == 0 else bad
+            if mode == "safe":
+                body, query = encrypted(body, query)
+            status = wsgi_call(app, "POST", urllib.parse.urlencode(query), body)
+            assert status == (200 if pick == 0 else 400), (mode, body)
+            if pick == 1:
+                assert count(store) == stored[mode]
+            stored[mode] = count(store)
+            return
         status = wsgi_call(app, method, query, body)
         assert status < 500, (method, query, body)
-        now_stored = count()
-        if now_stored != stored["n"]:
-            assert status == 200 and method == "POST"
+        now_stored = count(store)
+        if now_stored != stored[mode]:  # only a valid plaintext push, and only in 明文模式
+            assert status == 200 and method == "POST" and mode == "plain"
             fields = wxbot.parse_xml(body)
             wxbot.check_signature(TOKEN, dict(urllib.parse.parse_qsl(query)), time.time(), 300)
             wxbot.Push.from_fields(fields)
-            stored["n"] = now_stored
+            stored[mode] = now_stored
 
     fuzz()
-    store.close()
+    for store in stores:
+        store.close()
 
 
 def test_stalled_clients_do_not_block_a_signed_push(start_bot, wechat, monkeypatch):
@@ -1999,11 +2055,13 @@ def test_secrets_never_in_log_reply_or_healthz_at_debug(start_bot, wechat, model
     replies = [post_push(bot, body, query=query).text]
     wait_for(lambda: wechat.texts_to("oSEC"))
     wechat.failures["/cgi-bin/message/custom/send"] = ["drop", 500, 40164]
-    send_text(bot, "oSEC", "再来", 2)
+    query, body = encrypted_push(text_xml("oSEC", "再来", 2))
+    assert post_push(bot, body, query=query).text == "success"
     wait_for(lambda: len(wechat.texts_to("oSEC")) == 2, timeout=30)
     wechat.expire_tokens()
     model.respond = lambda request: (_ for _ in ()).throw(ModelFault(401, "bad key " + API_KEY))
-    send_text(bot, "oSEC", "坏钥匙", 3)
+    query, body = encrypted_push(text_xml("oSEC", "坏钥匙", 3))
+    assert post_push(bot, body, query=query).text == "success"
     wait_for(lambda: bot.store.health(time.time())["failed"] == 1, timeout=30)
     replies.append(post_push(bot, text_xml("oSEC", "x", 4), query={}).text)
     replies.append(post_push(bot, b"<xml>", query=signed_query()).text)
@@ -2014,3 +2072,196 @@ def test_secrets_never_in_log_reply_or_healthz_at_debug(start_bot, wechat, model
     assert wechat.tokens_issued == 2
     for secret in [APPSECRET, API_KEY, VECTOR_KEY, "ACCESS_TOKEN_1_", "ACCESS_TOKEN_2_"]:
         assert secret not in text, secret
+
+
+# Hostile pushes ##############################################################
+
+def cdata(text):
+    """text as one CDATA field, split where it holds "]]>" (the only thing CDATA cannot)."""
+    return "<![CDATA[" + text.replace("]]>", "]]]]><![CDATA[>") + "]]>"
+
+
+def quoting_xml(openid, content, msg_id):
+    return (f"<xml><ToUserName><![CDATA[gh_10f6c3c3ac5a]]></ToUserName>"
+            f"<FromUserName><![CDATA[{openid}]]></FromUserName>"
+            f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
+            f"<Content>{cdata(content)}</Content><MsgId>{msg_id}</MsgId></xml>").encode()
+
+
+QUOTED_MARKUP = [
+    "HTML 开头的 <!DOCTYPE html> 有什么用？",
+    "XML 注释怎么写：<!-- 注释 --> 对吗？",
+    "CDATA 是 <![CDATA[ 文本 ]]> 这样写的吗？",
+    "<!ENTITY lol \"lol\"> 和 &lol; 是什么？",
+    "]]>开头，中间]]]]>，结尾]]>",
+]
+
+
+def test_question_quoting_markup_reaches_the_model_as_written(start_bot, wechat, model):
+    bot = start_bot(WXBOT_USER_RATE=0)
+    for n, question in enumerate(QUOTED_MARKUP):
+        response = post_push(bot, quoting_xml(f"oQUOTE{n}", question, 7000 + n))
+        assert (response.status_code, response.text) == (200, "success"), question
+    wait_for(lambda: len(model.requests) == len(QUOTED_MARKUP), message="every question asked")
+    assert sorted(model.questions()) == sorted(QUOTED_MARKUP)
+
+
+def xml_texts():
+    """Any text XML can carry (no control characters but tab and newline: a CR becomes LF),
+    mixed with pieces of markup."""
+    from hypothesis import strategies as st
+    chars = st.text(st.characters(blacklist_categories=("Cs", "Cc"),
+                                  blacklist_characters="\ufffe\uffff"), max_size=10)
+    markup = st.sampled_from(["\n", "\t", "<!DOCTYPE x>", "<!--", "-->", "<![CDATA[", "]]>",
+                              "]]", "&lol;", "&amp;", "<xml>", "</Content>"])
+    return st.lists(chars | markup, max_size=8).map("".join)
+
+
+def test_any_text_in_cdata_is_read_back_as_written():
+    from hypothesis import given, settings as hsettings
+
+    @hsettings(max_examples=500, deadline=None, database=None)
+    @given(content=xml_texts())
+    def check(content):
+        fields = wxbot.parse_xml(quoting_xml("oANY", content, 1))
+        assert fields["Content"] == content.strip()
+    check()
+
+
+UTF16_LAUGHS = BILLION_LAUGHS.replace(b'<?xml version="1.0"?>',
+                                      b'<?xml version="1.0" encoding="UTF-16"?>')
+
+
+@pytest.mark.parametrize("body", [
+    UTF16_LAUGHS.decode().encode("utf-16"),
+    UTF16_LAUGHS.decode().encode("utf-16-le"),
+    text_xml("oENC", "你好", 1).decode().encode("utf-16"),
+    codecs.BOM_UTF8 + text_xml("oENC", "你好", 1),
+    b'<?xml version="1.0" encoding="GBK"?>' + text_xml("oENC", "你好", 1).decode().encode("gbk"),
+    b'<?xml version="1.0" encoding="ISO-8859-1"?>' + text_xml("oENC", "hi", 1),
+], ids=["utf16-billion-laughs", "utf16-no-bom-billion-laughs", "utf16", "utf8-bom", "gbk",
+        "latin1"])
+def test_a_body_that_is_not_utf8_is_400_and_nothing_stored(start_bot, model, tmp_path, body):
+    bot = start_bot(WXBOT_MAX_SKEW=0)
+    assert post_push(bot, body).status_code == 400
+    assert stored_messages(tmp_path / "wxbot.db") == [] and model.requests == []
+
+
+def nested_event(event, inner, openid="oNEST"):
+    return (f"<xml><ToUserName><![CDATA[gh_4d00ed8d6399]]></ToUserName>"
+            f"<FromUserName><![CDATA[{openid}]]></FromUserName>"
+            f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[event]]></MsgType>"
+            f"<Event><![CDATA[{event}]]></Event>{inner}</xml>").encode()
+
+
+#: The documented shapes of the events that nest XML (WECHAT.md §8), abridged.
+NESTED_EVENTS = {
+    "PUBLISHJOBFINISH": "<PublishEventInfo><publish_id>2247503051</publish_id><publish_status>0"
+    "</publish_status><article_id><![CDATA[b5O2OUs25HBxRceL7hfReg]]></article_id>"
+    "<article_detail><count>1</count><item><idx>1</idx><article_url><![CDATA[ARTICLE_URL]]>"
+    "</article_url></item></article_detail></PublishEventInfo>",
+    "MASSSENDJOBFINISH": "<MsgID>1000001625</MsgID><Status><![CDATA[err(30003)]]></Status>"
+    "<TotalCount>0</TotalCount><CopyrightCheckResult><Count>2</Count><ResultList><item>"
+    "<ArticleIdx>1</ArticleIdx><UserDeclareState>0</UserDeclareState><OriginalArticleUrl>"
+    "<![CDATA[Url_1]]></OriginalArticleUrl></item><item><ArticleIdx>2</ArticleIdx></item>"
+    "</ResultList><CheckState>2</CheckState></CopyrightCheckResult><ArticleUrlResult><Count>1"
+    "</Count><ResultList><item><ArticleIdx>1</ArticleIdx><ArticleUrl><![CDATA[URL]]>"
+    "</ArticleUrl></item></ResultList></ArticleUrlResult>",
+    "TEMPLATESENDJOBFINISH": "<MsgID>200163836</MsgID><Status><![CDATA[success]]></Status>",
+    "subscribe_msg_popup_event": "<SubscribeMsgPopupEvent><List><TemplateId><![CDATA[VRR0UEO9]]>"
+    "</TemplateId><SubscribeStatusString><![CDATA[accept]]></SubscribeStatusString><PopupScene>2"
+    "</PopupScene></List><List><TemplateId><![CDATA[9nLIlbOQ]]></TemplateId>"
+    "<SubscribeStatusString><![CDATA[reject]]></SubscribeStatusString><PopupScene>2</PopupScene>"
+    "</List></SubscribeMsgPopupEvent>",
+    "scancode_push": "<EventKey><![CDATA[6]]></EventKey><ScanCodeInfo><ScanType><![CDATA[qrcode]]>"
+    "</ScanType><ScanResult><![CDATA[1]]></ScanResult></ScanCodeInfo>",
+    "scancode_waitmsg": "<EventKey><![CDATA[6]]></EventKey><ScanCodeInfo><ScanType>"
+    "<![CDATA[qrcode]]></ScanType><ScanResult><![CDATA[2]]></ScanResult></ScanCodeInfo>",
+    "pic_sysphoto": "<EventKey><![CDATA[6]]></EventKey><SendPicsInfo><Count>1</Count><PicList>"
+    "<item><PicMd5Sum><![CDATA[1b5f7c23b5bf75682a53e7b6d163e185]]></PicMd5Sum></item></PicList>"
+    "</SendPicsInfo>",
+    "pic_photo_or_album": "<EventKey><![CDATA[6]]></EventKey><SendPicsInfo><Count>1</Count>"
+    "<PicList><item><PicMd5Sum><![CDATA[5a75aaca956d97be686719218f275c6b]]></PicMd5Sum></item>"
+    "</PicList></SendPicsInfo>",
+    "pic_weixin": "<EventKey><![CDATA[6]]></EventKey><SendPicsInfo><Count>1</Count><PicList>"
+    "<item><PicMd5Sum><![CDATA[5a75aaca956d97be686719218f275c6b]]></PicMd5Sum></item>"
+    "</PicList></SendPicsInfo>",
+    "location_select": "<EventKey><![CDATA[6]]></EventKey><SendLocationInfo><Location_X>"
+    "<![CDATA[23]]></Location_X><Location_Y><![CDATA[113]]></Location_Y><Scale><![CDATA[15]]>"
+    "</Scale><Label><![CDATA[ 广州市海珠区客村艺苑路 106号]]></Label><Poiname><![CDATA[]]>"
+    "</Poiname></SendLocationInfo>",
+}
+
+
+@pytest.mark.parametrize("event", sorted(NESTED_EVENTS))
+def test_platform_events_with_nested_xml_are_answered_success(start_bot, tmp_path, event):
+    bot = start_bot()
+    response = post_push(bot, nested_event(event, NESTED_EVENTS[event]))
+    assert (response.status_code, response.text) == (200, "success")
+    assert [row[0] for row in stored_messages(tmp_path / "wxbot.db")] == ["oNEST"]
+
+
+def test_with_aes_key_a_plaintext_push_is_403_and_says_what_to_do(start_bot, model, caplog,
+                                                                  tmp_path):
+    bot = start_bot(WXBOT_AES_KEY=VECTOR_KEY)
+    query, compatible = encrypted_push(text_xml("oPLAIN", "明文", 1), safe=False)
+    for body in (text_xml("oPLAIN", "明文", 2), compatible):  # no encrypt_type=aes in the URL
+        assert post_push(bot, body).status_code == 403
+    assert caplog.text.count("明文模式的推送被拒绝：已设置 WXBOT_AES_KEY") == 1
+    assert "安全模式或兼容模式" in caplog.text and "删除 WXBOT_AES_KEY" in caplog.text
+    assert stored_messages(tmp_path / "wxbot.db") == [] and model.requests == []
+
+
+def test_a_signed_url_is_good_for_one_body(start_bot, wechat, model, tmp_path):
+    bot = start_bot()
+    query = signed_query()
+    assert post_push(bot, text_xml("oONCE", "原来的问题", 1), query=query).text == "success"
+    for body in (text_xml("oONCE", "换了的问题", 2), text_xml("oINTRUDER", "花你的额度", 1)):
+        assert post_push(bot, body, query=query).status_code == 403
+    # WeChat's own retry: the same URL with the same body, taken and answered once.
+    assert post_push(bot, text_xml("oONCE", "原来的问题", 1), query=query).text == "success"
+    wait_for(lambda: wechat.texts_to("oONCE"))
+    assert model.questions() == ["原来的问题"]
+    assert [row[:2] for row in stored_messages(tmp_path / "wxbot.db")] == [("oONCE", "1")]
+
+
+def test_passive_retry_on_the_same_url_gets_the_same_reply(start_bot, wechat, model,
+                                                           quick_wechat_clock):
+    bot = start_bot(WXBOT_MODE="passive")
+    query, body = signed_query(), text_xml("oSAMEURL", "问一次", 1)
+    replies = [wxbot.parse_xml(post_push(bot, body, query=query).content)["Content"]
+               for _ in range(3)]
+    assert replies == ["答：问一次"] * 3 and len(model.requests) == 1
+
+
+def test_replay_record_refuses_exactly_a_pair_seen_with_another_body_and_forgets_it_in_time():
+    from hypothesis import given, settings as hsettings, strategies as st
+
+    @hsettings(max_examples=300, deadline=None, database=None)
+    @given(skew=st.sampled_from([0, 5, 300]), pushes=st.lists(st.tuples(
+        st.integers(0, 20), st.integers(-5, 5), st.sampled_from("abc"),
+        st.sampled_from([b"x", b"y"])), max_size=40))
+    def check(skew, pushes):
+        record, model_of, now = wxbot.ReplayRecord(skew), {}, 1_000_000.0
+        for wait, offset, nonce, body in pushes:
+            now += wait
+            timestamp = str(int(now) + (offset if skew else 0))
+            window = wxbot.UNCHECKED_REPLAY_WINDOW
+            model_of = {pair: seen for pair, seen in model_of.items() if seen[1] >= now}
+            seen = model_of.get((timestamp, nonce))
+            if seen and seen[0] != body:
+                with pytest.raises(wxbot.Forbidden, match="replayed"):
+                    record.check(timestamp, nonce, body, now)
+            else:
+                record.check(timestamp, nonce, body, now)
+                expires = int(timestamp) + skew if skew else now + window
+                model_of.setdefault((timestamp, nonce), (body, expires))
+            assert len(record) == len(model_of)  # memory: the live window only
+    check()
+
+
+def test_short_token_is_refused_at_start_with_where_to_change_it(tmp_path, wechat, model):
+    result = run_wxbot([], env_for(tmp_path, wechat, model, WXBOT_TOKEN="AAAAA"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "WXBOT_TOKEN" in result.stderr and "服务器配置" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "wxbot.db").exists()

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
+import collections
 import contextlib
 import dataclasses
 import enum
 import hashlib
+import heapq
 import hmac
 import json
 import logging
@@ -39,7 +42,7 @@ import sys
 import threading
 import time
 import urllib.parse
-import xml.etree.ElementTree as ElementTree
+import xml.parsers.expat
 from typing import Callable, Iterator, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -164,6 +167,18 @@ def _flag(value: str) -> bool:
     raise ValueError(f"must be 1 or 0, got {value.strip()!r}")
 
 
+def _token(value: str) -> str:
+    value = _text(value)
+    # WeChat allows 3 to 32 characters; one signed URL from a log is enough to recover a short
+    # token by trying every candidate, and with it to sign any push.
+    if not 8 <= len(value) <= 32:
+        raise ValueError(
+            f"must be 8 to 32 letters or digits, got {len(value)} characters: choose a new Token "
+            f"in 公众号后台 → 设置与开发 → 基本配置 → 服务器配置 → 修改配置, put the same value "
+            f"here, restart wxbot, then 提交 the 服务器配置")
+    return value
+
+
 def _aes_key(value: str) -> str:
     value = value.strip()
     if not value:
@@ -200,7 +215,7 @@ class Setting:
 
 #: Every setting, in the order --help and the start-up log show them.
 SETTINGS: dict[str, Setting] = {
-    "token": Setting("WXBOT_TOKEN", None, _text,
+    "token": Setting("WXBOT_TOKEN", None, _token,
                      "Token from 公众号后台 → 服务器配置 (signs every push)", secret=True),
     "appid": Setting("WXBOT_APPID", None, _text, "AppID (开发者ID) of the account"),
     "appsecret": Setting("WXBOT_APPSECRET", None, _text, "AppSecret (开发者密码)", secret=True),
@@ -389,6 +404,35 @@ class SecretFilter(logging.Filter):
 
 #: Installed on the root handlers by main() and by tests; the token client adds new tokens.
 SECRET_FILTER = SecretFilter()
+
+
+class LogThrottle:
+    """At most one log line per key (a client address) per `period` seconds.
+
+    Refused requests come at an attacker's pace; the log should not. At most `capacity` keys
+    are remembered; when all of them logged within the period, a new key stays quiet.
+    """
+
+    def __init__(self, period: float = 60.0, capacity: int = 10000):
+        self.period, self.capacity = period, capacity
+        # key -> [when it last logged, lines held back since], oldest line first
+        self._logged: collections.OrderedDict[str, list] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def allow(self, key: str, now: float) -> int | None:
+        """None: stay quiet; else log, with the number of lines held back since the last."""
+        with self._lock:
+            entry = self._logged.get(key)
+            if entry is not None and entry[0] > now - self.period:
+                entry[1] += 1
+                return None
+            if entry is None and len(self._logged) >= self.capacity:
+                if next(iter(self._logged.values()))[0] > now - self.period:
+                    return None
+                self._logged.popitem(last=False)
+            self._logged[key] = [now, 0]
+            self._logged.move_to_end(key)
+            return entry[1] if entry else 0
 
 
 def short_id(openid: str) -> str:
@@ -1044,28 +1088,69 @@ class WeChatCrypto:
                 f"<Nonce><![CDATA[{nonce}]]></Nonce></xml>").encode("utf-8")
 
 
-#: WeChat's XML is one flat <xml> of short fields; anything else is refused before parsing.
+#: WeChat's XML is one <xml> of short fields; some events nest a few levels (WECHAT.md §8).
 MAX_FIELDS = 64
-DECLARATION = re.compile(rb"<!(?!\[CDATA\[)")
+MAX_DEPTH = 8
+#: Byte-order marks: a push in UTF-16 or UTF-32 is refused, whatever it declares.
+BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def parse_xml(body: bytes) -> dict[str, str]:
-    """The fields of a flat <xml> push. No DOCTYPE or entity is ever read (billion laughs, XXE)."""
-    if DECLARATION.search(body):
-        raise BadPush("XML declarations (DOCTYPE, ENTITY) are not allowed")
+    """The fields of an <xml> push: each child's text; a child with children of its own is "".
+
+    UTF-8 only. The parser itself refuses a DOCTYPE or an entity declaration, so no entity is
+    ever expanded (billion laughs, XXE), while markup quoted inside CDATA stays the user's text.
+    """
+    # Expat detects UTF-16 on its own; "<" in UTF-16 or UTF-32 always holds a NUL byte, and
+    # NUL is never valid XML.
+    if body.startswith(BOMS) or b"\x00" in body:
+        raise BadPush("the body is not UTF-8 (a byte-order mark or a NUL byte)")
+    fields: dict[str, str] = {}
+    depth, text, nested = 0, [], False
+
+    def declaration(version, encoding, standalone):
+        if encoding and encoding.lower() not in ("utf-8", "utf8"):
+            raise BadPush(f"the XML declares encoding {encoding[:20]!r}; WeChat sends UTF-8")
+
+    def refuse_declaration(*args):
+        raise BadPush("DOCTYPE and ENTITY declarations are not allowed")
+
+    def start(tag, attributes):
+        nonlocal depth, nested
+        if depth == 0 and tag != "xml":
+            raise BadPush(f"root element is <{tag[:20]}>, expected <xml>")
+        if depth == MAX_DEPTH:
+            raise BadPush("elements nested too deeply")
+        if depth == 1:
+            if len(fields) >= MAX_FIELDS and tag not in fields:
+                raise BadPush("too many fields")
+            text.clear()
+            nested = False
+        nested = nested or depth >= 2
+        depth += 1
+
+    def end(tag):
+        nonlocal depth
+        depth -= 1
+        if depth == 1:
+            fields[tag] = "" if nested else "".join(text).strip()
+
+    def characters(data):
+        if depth == 2:
+            text.append(data)
+
+    parser = xml.parsers.expat.ParserCreate("utf-8")
+    parser.buffer_text = True
+    parser.XmlDeclHandler = declaration
+    parser.StartDoctypeDeclHandler = refuse_declaration
+    parser.EntityDeclHandler = refuse_declaration
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = characters
     try:
-        root = ElementTree.fromstring(body)
-    except (ElementTree.ParseError, ValueError) as error:
-        raise BadPush(f"malformed XML: {error}") from None
-    if root.tag != "xml":
-        raise BadPush(f"root element is <{root.tag[:20]}>, expected <xml>")
-    if len(root) > MAX_FIELDS:
-        raise BadPush("too many fields")
-    fields = {}
-    for child in root:
-        if len(child) and child.tag not in ("ScanCodeInfo", "SendPicsInfo", "SendLocationInfo"):
-            raise BadPush(f"<{child.tag[:20]}> is nested")
-        fields[child.tag] = (child.text or "").strip() if not len(child) else ""
+        parser.Parse(body, True)
+    except xml.parsers.expat.ExpatError as error:
+        raise BadPush(f"malformed XML: {xml.parsers.expat.ErrorString(error.code)}") from None
     return fields
 
 
@@ -1879,6 +1964,47 @@ class Worker:
 
 #: WeChat's pushes are a few KB; anything bigger is refused unread.
 MAX_BODY = 1024 * 1024
+#: What a refused request is answered; the log line (at most one a minute) says why.
+REFUSALS = {400: "bad request", 403: "forbidden", 411: "length required", 413: "too large"}
+#: With WXBOT_MAX_SKEW=0 no timestamp is too old; a used signed URL is remembered this long.
+UNCHECKED_REPLAY_WINDOW = 300
+
+
+class ReplayRecord:
+    """The (timestamp, nonce) pairs of recent pushes, each with a digest of its body.
+
+    WeChat's signature covers token, timestamp and nonce, not the body, so one captured query
+    string (an access log, a proxy) would sign any body. The same pair with the same body is
+    WeChat retrying; with another body it is a replay, refused. A pair is kept until its
+    timestamp is older than WXBOT_MAX_SKEW, when the signature check refuses it anyway: memory
+    holds one window of pushes. In memory only: a restart forgets it (see README, Security).
+    """
+
+    def __init__(self, max_skew: int):
+        self.max_skew = max_skew
+        self._digests: dict[tuple[str, str], bytes] = {}
+        self._expiry: list[tuple[float, tuple[str, str]]] = []  # a heap, soonest first
+        self._lock = threading.Lock()
+
+    def check(self, timestamp: str, nonce: str, body: bytes, now: float) -> None:
+        """Record this pair; raise Forbidden when it was seen with another body."""
+        digest = hashlib.blake2b(body, digest_size=16).digest()
+        pair = (timestamp, nonce)
+        expires = (int(timestamp) + self.max_skew if self.max_skew
+                   else now + UNCHECKED_REPLAY_WINDOW)
+        with self._lock:
+            while self._expiry and self._expiry[0][0] < now:
+                del self._digests[heapq.heappop(self._expiry)[1]]
+            seen = self._digests.setdefault(pair, digest)
+            if seen is digest:
+                heapq.heappush(self._expiry, (expires, pair))
+        if seen != digest:
+            raise Forbidden("this signed URL (timestamp and nonce) already came with another "
+                            "body: a replayed URL, refused")
+
+    def __len__(self) -> int:
+        """How many pairs are held: one window of pushes."""
+        return len(self._digests)
 
 
 def query_dict(environ: dict) -> dict[str, str]:
@@ -1912,29 +2038,58 @@ class Webhook:
         self.mode = mode or DeliveryMode("service", store)
         self.crypto = (WeChatCrypto(settings.aes_key, settings.appid)
                        if settings.aes_key else None)
+        self.replays = ReplayRecord(settings.max_skew)
+        self.refusals = LogThrottle()
         self.accepting = True
 
-    def verify(self, query: Mapping[str, str]) -> tuple[int, str]:
+    def verify(self, query: Mapping[str, str], client: str = "") -> tuple[int, str]:
         """GET: the server check WeChat makes when the URL is saved in 公众号后台."""
         try:
             check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
         except Forbidden as error:
-            log_web.warning("verification refused: %s", error)
-            return 403, "forbidden"
+            return self.refuse(client, "verification", 403, error)
         return 200, query.get("echostr", "")
 
-    def receive(self, query: Mapping[str, str], body: bytes) -> tuple[int, str]:
+    def before_body(self, query: Mapping[str, str], length: int,
+                    client: str = "") -> tuple[int, str] | None:
+        """POST, before its body is read: a refusal, or None to read the body and receive it.
+
+        A request that is unsigned, stale or too big costs no read: a client cannot make
+        wxbot wait for a body it will refuse anyway.
+        """
+        if not self.accepting:
+            return 503, "stopping"
+        try:
+            self.check_query(query)
+        except Forbidden as error:
+            return self.refuse(client, "push", 403, error)
+        except BadPush as error:
+            return self.refuse(client, "push", 400, error)
+        if length > MAX_BODY:
+            return self.refuse(client, "push", 413, f"Content-Length {length} over {MAX_BODY}")
+        if length < 0:
+            return self.refuse(client, "push", 411, "no Content-Length")
+        return None
+
+    def refuse(self, client: str, what: str, status: int, reason) -> tuple[int, str]:
+        """The answer to a refused request, and at most one log line a minute per client."""
+        held = self.refusals.allow(client, self.clock())
+        if held is not None:
+            log_web.warning("%s refused (%d) from %s: %s%s", what, status, client or "?", reason,
+                            f" ({held} more from this address since its last line)"
+                            if held else "")
+        return status, REFUSALS[status]
+
+    def receive(self, query: Mapping[str, str], body: bytes, client: str = "") -> tuple[int, str]:
         """POST: check, decrypt, parse, store; (status, body) for WeChat."""
         if not self.accepting:
             return 503, "stopping"
         try:
             push = self.parse(query, body)
         except Forbidden as error:
-            log_web.warning("push refused (403): %s", error)
-            return 403, "forbidden"
+            return self.refuse(client, "push", 403, error)
         except BadPush as error:
-            log_web.warning("push refused (400): %s", error)
-            return 400, "bad request"
+            return self.refuse(client, "push", 400, error)
         message_id, pushes = self.store.store_push(push, self.clock())
         if pushes == 1:
             self.wakeup.notify()
@@ -1979,19 +2134,31 @@ class Webhook:
                                     query.get("nonce", ""))
         return xml.decode("utf-8")
 
-    def parse(self, query: Mapping[str, str], body: bytes) -> Push:
+    def check_query(self, query: Mapping[str, str]) -> None:
+        """What the query string alone shows: signature, age, and the mode set in 公众号后台."""
         check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
+        encrypt_type = query.get("encrypt_type", "raw")
+        if encrypt_type not in ("raw", "aes"):
+            raise BadPush(f"unknown encrypt_type {encrypt_type[:10]!r}")
+        if encrypt_type == "aes" and self.crypto is None:
+            raise Forbidden("an encrypted push arrived but WXBOT_AES_KEY is not set: set it to "
+                            "the EncodingAESKey from 公众号后台 → 设置与开发 → 基本配置")
+        # With the key set, a plaintext push is no proof of anything but one signed URL.
+        if encrypt_type == "raw" and self.crypto is not None:
+            raise Forbidden("明文模式的推送被拒绝：已设置 WXBOT_AES_KEY。在公众号后台 → 设置与开发 → "
+                            "基本配置 → 服务器配置 把消息加解密方式改为安全模式或兼容模式；"
+                            "或者删除 WXBOT_AES_KEY 后重启 (plaintext push refused because "
+                            "WXBOT_AES_KEY is set)")
+
+    def parse(self, query: Mapping[str, str], body: bytes) -> Push:
+        self.check_query(query)
+        self.replays.check(query["timestamp"], query["nonce"], body, self.clock())
         fields = parse_xml(body)
-        if query.get("encrypt_type", "raw") == "aes":
+        if query.get("encrypt_type") == "aes":
             fields = self.decrypt(query, fields)
-        elif query.get("encrypt_type", "raw") != "raw":
-            raise BadPush(f"unknown encrypt_type {query.get('encrypt_type')[:10]!r}")
         return Push.from_fields(fields)
 
     def decrypt(self, query: Mapping[str, str], fields: dict[str, str]) -> dict[str, str]:
-        if self.crypto is None:
-            raise Forbidden("an encrypted push arrived but WXBOT_AES_KEY is not set: set it to "
-                            "the EncodingAESKey from 公众号后台 → 设置与开发 → 基本配置")
         encrypted = fields.get("Encrypt", "")
         if not encrypted:
             raise BadPush("encrypt_type=aes but no <Encrypt>")
@@ -2014,19 +2181,25 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     @app.get(settings.path)
     def verify():
         """WeChat's server check: the echostr back when the signature is valid."""
-        return text(*webhook.verify(query_dict(bottle.request.environ)))
+        environ = bottle.request.environ
+        return text(*webhook.verify(query_dict(environ), environ.get("REMOTE_ADDR", "")))
 
     @app.post(settings.path)
     def receive():
         """A push: stored and answered "success" at once."""
-        length = bottle.request.content_length
-        if length > MAX_BODY:
-            return text(413, "too large")
-        if length < 0:
-            return text(411, "length required")
-        body = bottle.request.environ["wsgi.input"].read(length)
+        environ = bottle.request.environ
+        query, client = query_dict(environ), environ.get("REMOTE_ADDR", "")
+        length = environ.get("CONTENT_LENGTH", "")
+        length = int(length) if length.isdigit() else -1
+        refusal = webhook.before_body(query, length, client)
+        if refusal:
+            return text(*refusal)
         try:
-            return text(*webhook.receive(query_dict(bottle.request.environ), body))
+            body = environ["wsgi.input"].read(length)
+        except OSError:  # the request's deadline passed mid-body (HTTP server)
+            return text(408, "request timeout")
+        try:
+            return text(*webhook.receive(query, body, client))
         except sqlite3.Error as error:  # not answered: WeChat retries the push
             log_web.error("could not store a push: %s", error)
             return text(503, "busy")
@@ -2289,7 +2462,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if args.env:
             env.update(read_env_file(args.env))
         if args.command == "chat":  # no WeChat involved
-            env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-", **env}
+            env = {"WXBOT_TOKEN": "not-used-in-chat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+                   **env}
         settings = Settings.from_env(env)
     except SettingsError as error:
         for problem in error.problems:
