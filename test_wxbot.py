@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import sqlite3
@@ -1847,27 +1848,6 @@ def test_fuzzed_pushes_never_cause_5xx_and_store_only_valid_ones(tmp_path, wecha
         store.close()
 
 
-def test_stalled_clients_do_not_block_a_signed_push(start_bot, wechat, monkeypatch):
-    monkeypatch.setattr(wxbot.QuietHandler, "timeout", 2)
-    bot = start_bot()
-    stalled = []
-    try:
-        for _ in range(200):
-            conn = socket.create_connection(("127.0.0.1", bot.port), timeout=10)
-            conn.sendall(b"POST /wx?signature=")  # half a request, then nothing
-            stalled.append(conn)
-        started = time.monotonic()
-        response = post_push(bot, text_xml("oSLOW", "还在吗", 1))
-        assert (response.status_code, response.text) == (200, "success")
-        assert time.monotonic() - started < 1.0
-        wait_for(lambda: wechat.texts_to("oSLOW"))
-        for conn in stalled:  # dropped by the server after its timeout
-            assert conn.recv(100) == b""
-    finally:
-        for conn in stalled:
-            conn.close()
-
-
 # Budget ######################################################################
 
 def test_user_rate_limit_skips_the_model_and_notices_once(start_bot, wechat, model):
@@ -2265,3 +2245,113 @@ def test_short_token_is_refused_at_start_with_where_to_change_it(tmp_path, wecha
     assert result.returncode == 2
     assert "WXBOT_TOKEN" in result.stderr and "服务器配置" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "wxbot.db").exists()
+
+
+# Hostile connections #########################################################
+
+def raw_connection(bot, data=b""):
+    conn = socket.create_connection(("127.0.0.1", bot.port), timeout=10)
+    if data:
+        conn.sendall(data)
+    return conn
+
+
+def closed_by_server(conn):
+    """True once the server has closed conn (whatever it answered first); never blocks."""
+    while select.select([conn], [], [], 0)[0]:
+        try:
+            if not conn.recv(4096):
+                return True
+        except OSError:
+            return True
+    return False
+
+
+def request_head(query, length):
+    return (f"POST /wx?{urllib.parse.urlencode(query)} HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def test_unsigned_or_stale_push_is_answered_without_waiting_for_its_body(start_bot, model):
+    bot = start_bot()
+    stale = signed_query(timestamp=str(int(time.time()) - 3600))
+    for query in ({}, signed_query(token="wrong-token"), stale):
+        with raw_connection(bot, request_head(query, 5000)) as conn:  # the body never comes
+            conn.settimeout(3)
+            assert conn.recv(100).split(b"\r\n")[0].endswith(b"403 Forbidden"), query
+    assert model.requests == []
+
+
+def test_hostile_connections_are_closed_and_a_signed_push_is_still_quick(start_bot, wechat,
+                                                                        monkeypatch):
+    monkeypatch.setattr(wxbot.QuietHandler, "idle_timeout", 1.0)
+    monkeypatch.setattr(wxbot.QuietHandler, "request_timeout", 2.0)
+    bot = start_bot()
+    silent, trickling = [], []
+    stop = threading.Event()
+    try:
+        for n in range(200):  # four kinds of slow loris, 50 each
+            if n % 4 == 0:
+                silent.append(raw_connection(bot))
+            elif n % 4 == 1:
+                trickling.append(raw_connection(bot, b"POST /wx?signature="))
+            elif n % 4 == 2:
+                trickling.append(raw_connection(bot, b"POST /wx HTTP/1.1\r\nHost: x\r\n"))
+            else:  # a signed head, then the body a byte at a time
+                trickling.append(raw_connection(bot, request_head(signed_query(), 5000)))
+
+        def trickle():  # one more byte on each, every 0.2 s: each read returns in time
+            while not stop.wait(0.2):
+                for conn in trickling:
+                    with contextlib.suppress(OSError):
+                        conn.send(b"a")
+        threading.Thread(target=trickle, daemon=True).start()
+        started = time.monotonic()
+        response = post_push(bot, text_xml("oSLOW", "还在吗", 1))
+        assert (response.status_code, response.text) == (200, "success")
+        assert time.monotonic() - started < 1.0
+        wait_for(lambda: wechat.texts_to("oSLOW"))
+        # Closed by the deadlines (idle 1 s, whole request 2 s) although bytes keep coming.
+        wait_for(lambda: all(closed_by_server(conn) for conn in silent + trickling),
+                 timeout=6, message="every hostile connection closed")
+    finally:
+        stop.set()
+        for conn in silent + trickling:
+            conn.close()
+
+
+def test_idle_connections_are_closed_and_answered_ones_are_not_kept_open(start_bot,
+                                                                          monkeypatch):
+    monkeypatch.setattr(wxbot.QuietHandler, "idle_timeout", 0.5)
+    bot = start_bot()
+    with raw_connection(bot) as idle:
+        wait_for(lambda: closed_by_server(idle), timeout=3, message="the idle connection closed")
+    body = text_xml("oKEEP", "你好", 1)
+    head = request_head(signed_query(), len(body)).replace(b"\r\n\r\n",
+                                                           b"\r\nConnection: keep-alive\r\n\r\n")
+    with raw_connection(bot, head + body) as answered:
+        answered.settimeout(3)
+        reply = b""
+        while chunk := answered.recv(4096):  # ends when the server closes the connection
+            reply += chunk
+        assert reply.split(b"\r\n")[0].endswith(b"200 OK") and reply.endswith(b"success")
+
+
+def test_refused_requests_log_one_line_per_address_per_minute(start_bot, caplog):
+    bot = start_bot()
+    for source, count in (("127.0.0.2", 20), ("127.0.0.3", 5)):
+        for n in range(count):
+            assert post_from(source, bot, text_xml("oNOISE", "x", n), {})[0] == 403
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert [line.split(" from ")[1].split(":")[0] for line in refusals] == ["127.0.0.2",
+                                                                         "127.0.0.3"]
+
+
+def test_log_throttle_says_how_many_lines_it_held_back_and_forgets_old_addresses():
+    throttle = wxbot.LogThrottle(period=60, capacity=2)
+    assert throttle.allow("1.1.1.1", 0) == 0
+    assert [throttle.allow("1.1.1.1", t) for t in (1, 30, 59)] == [None, None, None]
+    assert throttle.allow("2.2.2.2", 10) == 0
+    assert throttle.allow("3.3.3.3", 20) is None  # full of addresses heard within the minute
+    assert throttle.allow("1.1.1.1", 61) == 3     # a minute on: logs, counting what it held
+    assert throttle.allow("3.3.3.3", 71) == 0     # 2.2.2.2 is forgotten to make room

@@ -27,6 +27,7 @@ import enum
 import hashlib
 import heapq
 import hmac
+import io
 import json
 import logging
 import os
@@ -2230,10 +2231,54 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
 # HTTP server #################################################################
 ###############################################################################
 
-class QuietHandler(WSGIRequestHandler):
-    """Drops a stalled client after `timeout` seconds; access lines go to DEBUG."""
+class RequestReader(io.RawIOBase):
+    """The client's socket, read under deadlines rather than a timeout per read.
 
-    timeout = 10
+    The first byte must come within `idle` seconds of the connection, and the whole request
+    (headers and body) within `whole` seconds of that byte: a timeout per read alone lets a
+    client that sends a byte every few seconds hold its thread for ever (slow loris).
+    """
+
+    def __init__(self, sock: socket.socket, idle: float, whole: float, write_timeout: float):
+        self.sock, self.whole, self.write_timeout = sock, whole, write_timeout
+        self.deadline = time.monotonic() + idle
+        self.started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the request did not arrive in time")
+        self.sock.settimeout(remaining)
+        try:
+            count = self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.write_timeout)  # for the answer, written after
+        if count and not self.started:
+            self.started = True
+            self.deadline = time.monotonic() + self.whole
+        return count
+
+
+class QuietHandler(WSGIRequestHandler):
+    """One request per connection, read under deadlines; access lines go to DEBUG.
+
+    A connection is closed once its answer is written (HTTP/1.0 style: no idle keep-alive),
+    when no byte came within `idle_timeout`, or when the request was not complete within
+    `request_timeout` of its first byte.
+    """
+
+    idle_timeout = 5.0
+    request_timeout = 10.0
+    timeout = 10  # each write of the answer
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # the plain reader: it would keep the socket open after close()
+        self.rfile = io.BufferedReader(RequestReader(
+            self.connection, self.idle_timeout, self.request_timeout, self.timeout))
 
     def log_message(self, format, *args):
         log_web.debug("%s %s", self.address_string(), format % args)
