@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import sqlite3
@@ -2355,3 +2356,78 @@ def test_log_throttle_says_how_many_lines_it_held_back_and_forgets_old_addresses
     assert throttle.allow("3.3.3.3", 20) is None  # full of addresses heard within the minute
     assert throttle.allow("1.1.1.1", 61) == 3     # a minute on: logs, counting what it held
     assert throttle.allow("3.3.3.3", 71) == 0     # 2.2.2.2 is forgotten to make room
+
+
+# Small leaks #################################################################
+
+def test_log_masks_secrets_of_any_length_the_settings_allow():
+    from hypothesis import given, settings as hsettings, strategies as st
+    key_chars = st.characters(whitelist_categories=("Lu", "Ll", "Nd"), max_codepoint=127)
+
+    @hsettings(max_examples=300, deadline=None, database=None)
+    @given(secret=st.text(key_chars | st.sampled_from("-_."), min_size=1, max_size=64))
+    def check(secret):
+        env = {"WXBOT_TOKEN": TOKEN, "WXBOT_APPID": APPID, "WXBOT_APPSECRET": secret,
+               "OPENAI_API_KEY": secret}
+        secret_filter = wxbot.SecretFilter()
+        for value in wxbot.Settings.from_env(env).secrets():
+            secret_filter.add(value)
+        line = "调用失败：{s}。密钥「{s}」；地址 /?={s}&，“{s}”"
+        assert secret_filter.scrub(line.format(s=secret)) == line.format(s="***")
+    check()
+
+
+def test_only_the_current_and_previous_access_tokens_are_kept():
+    secret_filter = wxbot.SecretFilter()
+    tokens = [f"ACCESS_TOKEN_{n}_" + "y" * 100 for n in range(50)]
+    for token in tokens:
+        for _ in range(3):  # each use of a token adds it again
+            secret_filter.add_access_token(token)
+    text = " ".join(tokens)
+    assert secret_filter.scrub(text) == " ".join(tokens[:-2] + ["***", "***"])
+
+
+MODEL_URL_WITH_CREDENTIALS = "http://apiuser:pa55-word-x@127.0.0.1:1/v1?api-key=k3y-in-query&v=2"
+
+
+def test_credentials_in_openai_base_url_are_masked_in_the_log_and_in_check(tmp_path, wechat,
+                                                                            model):
+    env = env_for(tmp_path, wechat, model, OPENAI_BASE_URL=MODEL_URL_WITH_CREDENTIALS)
+    settings = wxbot.Settings.from_env(env)
+    secret_filter = wxbot.SecretFilter()
+    for secret in settings.secrets():
+        secret_filter.add(secret)
+    logged = secret_filter.scrub(f"settings: {settings.describe()}; POST "
+                                 f"{MODEL_URL_WITH_CREDENTIALS.replace('?', '/chat?')} failed")
+    result = run_wxbot(["check"], env, cwd=tmp_path)  # the model is unreachable: check says where
+    assert "no OpenAI-compatible API at http://***@127.0.0.1:1/v1?api-key=***&v=2" in result.stdout
+    for text in (logged, result.stdout + result.stderr):
+        for credential in ("apiuser", "pa55-word-x", "k3y-in-query"):
+            assert credential not in text
+    assert "OPENAI_BASE_URL=http://***@127.0.0.1:1/v1?api-key=***&v=2" in logged
+
+
+def test_database_and_its_wal_files_are_readable_by_the_owner_only(start_bot, wechat, tmp_path):
+    previous = os.umask(0o022)  # a permissive umask, as a login shell has
+    try:
+        bot = start_bot()
+        send_text(bot, "oPRIVATE", "私事", 1)
+        wait_for(lambda: wechat.texts_to("oPRIVATE"))
+        files = [tmp_path / name for name in ("wxbot.db", "wxbot.db-wal", "wxbot.db-shm")]
+        assert all(path.exists() for path in files)
+        assert {oct(path.stat().st_mode & 0o777) for path in files} == {"0o600"}
+    finally:
+        os.umask(previous)
+
+
+def test_systemd_unit_is_rated_ok_by_systemd_analyze():
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here")
+    result = subprocess.run([analyze, "security", "--offline=true", "wxbot.service"], cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
+    score = re.search(r"Overall exposure level for wxbot.service: ([\d.]+)", result.stdout)
+    assert score, result.stdout + result.stderr
+    assert float(score.group(1)) <= 2.5, result.stdout
+    unit = open(os.path.join(HERE, "wxbot.service"), encoding="utf-8").read()
+    assert re.search(r"^UMask=0077$", unit, re.M)

@@ -152,6 +152,31 @@ def _optional_url(value: str) -> str:
     return _url(value) if value.strip() else ""
 
 
+#: Query parameters that carry a credential (?api_key=..., Azure's ?code=...).
+CREDENTIAL_PARAM = re.compile(r"key|token|secret|sig|pass|auth|code|credential", re.I)
+
+
+def url_credentials(url: str) -> list[str]:
+    """The credentials written into a URL: user:password@ and key-like query values."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    found = userinfo.split(":", 1) if userinfo else []
+    found += [value for name, _, value in (pair.partition("=") for pair in parts.query.split("&"))
+              if CREDENTIAL_PARAM.search(name)]
+    return [form for raw in found if raw for form in {raw, urllib.parse.unquote(raw)}]
+
+
+def masked_url(url: str) -> str:
+    """The URL with its credentials replaced by ***, for the log and the console."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    query = "&".join(f"{name}=***" if sep and CREDENTIAL_PARAM.search(name) else pair
+                     for pair in parts.query.split("&") if pair
+                     for name, sep, _ in [pair.partition("=")])
+    return urllib.parse.urlunsplit(parts._replace(
+        netloc=host if host == parts.netloc else f"***@{host}", query=query))
+
+
 def _url_path(value: str) -> str:
     value = value.strip()
     if not value.startswith("/") or value in ("/healthz",) or any(c in value for c in "?# "):
@@ -329,7 +354,9 @@ class Settings:
     def secrets(self) -> list[str]:
         """The secret values, for the log filter that keeps them out of every line."""
         return [getattr(self, name) for name, s in SETTINGS.items() if s.secret
-                and getattr(self, name)]
+                and getattr(self, name)] + [
+            credential for name, s in SETTINGS.items() if s.parse in (_url, _optional_url)
+            for credential in url_credentials(getattr(self, name))]
 
     def describe(self) -> str:
         """The effective settings for the start-up log, secrets masked."""
@@ -338,6 +365,8 @@ class Settings:
             value = getattr(self, name)
             if setting.secret:
                 value = "(set)" if value else "(not set)"
+            elif setting.parse in (_url, _optional_url):
+                value = masked_url(value)
             elif name == "admins":
                 value = ",".join(short_id(openid) for openid in value)
             elif name in ("system_prompt", "welcome"):
@@ -375,24 +404,48 @@ def read_env_file(path: str) -> dict[str, str]:
 ###############################################################################
 
 class SecretFilter(logging.Filter):
-    """Scrubs secrets and access tokens from every log record, whatever put them there."""
+    """Scrubs secrets and access tokens from every log record, whatever put them there.
+
+    A secret of 8 characters or more is masked wherever it appears; a shorter one (a local
+    model's API key may be "ollama") only where it stands alone, so it does not garble words.
+    """
 
     TOKEN_IN_URL = re.compile(r"(access_token=)[^&\s'\"]+")
 
     def __init__(self):
         super().__init__()
         self._secrets: set[str] = set()
+        # A fetched access token replaces the one before, which expires in minutes at most:
+        # the current and the previous are masked, older ones are no longer kept.
+        self._access_tokens: collections.deque[str] = collections.deque(maxlen=2)
+        self._pattern: re.Pattern | None = None
+        self._lock = threading.Lock()
 
     def add(self, secret: str) -> None:
-        if secret and len(secret) >= 6:
-            self._secrets.add(secret)
+        """A secret from the settings, masked for the life of the process."""
+        if secret and secret not in self._secrets:
+            with self._lock:
+                self._secrets.add(secret)
+                self._compile()
+
+    def add_access_token(self, token: str) -> None:
+        """The access token in use; called on every use, so it costs nothing when unchanged."""
+        if token and token not in self._access_tokens:
+            with self._lock:
+                if token not in self._access_tokens:
+                    self._access_tokens.append(token)
+                    self._compile()
+
+    def _compile(self) -> None:
+        secrets = sorted(self._secrets | set(self._access_tokens), key=len, reverse=True)
+        self._pattern = re.compile("|".join(
+            re.escape(secret) if len(secret) >= 8 else rf"(?<![\w-]){re.escape(secret)}(?![\w-])"
+            for secret in secrets))
 
     def scrub(self, text: str) -> str:
         text = self.TOKEN_IN_URL.sub(r"\1***", text)
-        for secret in list(self._secrets):
-            if secret in text:
-                text = text.replace(secret, "***")
-        return text
+        pattern = self._pattern
+        return pattern.sub("***", text) if pattern else text
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -540,6 +593,20 @@ class LeaseLost(Exception):
     """The lease expired and the message went back to the queue: stop, another worker has it."""
 
 
+def create_private(path: str) -> None:
+    """Create the database file readable by its owner only, before SQLite opens it: SQLite
+    gives the -wal and -shm files the database file's permissions. Messages are private."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        mode = os.stat(path).st_mode & 0o777
+        if mode & 0o077:
+            log.warning("the database %s is readable by other users (mode %o): run "
+                        "chmod 600 %s*", path, mode, path)
+
+
 class Store:
     """The SQLite database: queue, segments, history and the token cache."""
 
@@ -547,6 +614,7 @@ class Store:
         if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING claims a message
             raise RuntimeError(f"SQLite 3.35 or newer is needed; this Python has "
                                f"{sqlite3.sqlite_version} (use Debian 12 / Ubuntu 22.04 or newer)")
+        create_private(path)
         self.path = path
         self.busy_timeout = busy_timeout
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
@@ -1295,7 +1363,7 @@ class WeChatAPI:
         now = time.time() if now is None else now
         token = self.store.get_kv("access_token", now + self.REFRESH_AHEAD)
         if token:
-            SECRET_FILTER.add(token)
+            SECRET_FILTER.add_access_token(token)
             return token
         with self._lock:  # one refresh at a time; the others use what it fetched
             token = self.store.get_kv("access_token", now + self.REFRESH_AHEAD)
@@ -1308,7 +1376,7 @@ class WeChatAPI:
         token, expires_in = answer.get("access_token"), answer.get("expires_in", 7200)
         if not isinstance(token, str) or not token:
             raise WeChatError(None, "stable_token answered without access_token")
-        SECRET_FILTER.add(token)
+        SECRET_FILTER.add_access_token(token)
         self.store.set_kv("access_token", token, time.time() + float(expires_in))
         log_wechat.info("fetched a new access token (valid %s s)", expires_in)
         return token
@@ -2438,7 +2506,8 @@ def check(settings: Settings, out) -> int:
         report(True, f"WeChat gave an access token for AppID {settings.appid}")
     except WeChatError as error:
         if error.errcode is None:
-            report(False, f"cannot reach WeChat at {settings.api_base}: {error.errmsg}")
+            report(False, f"cannot reach WeChat at {masked_url(settings.api_base)}: "
+                          f"{error.errmsg}")
         elif error.errcode == 40164:
             report(False, f"WeChat saw this server as {error.ip() or 'an IP'} and it "
                           f"is not whitelisted: add it in 公众号后台 → 设置与开发 → 基本配置 → "
@@ -2459,7 +2528,8 @@ def check(settings: Settings, out) -> int:
                           f"WXBOT_MODEL against the provider's model list")
         elif error.status is None or error.status == 404:
             report(False, f"no OpenAI-compatible API at "
-                          f"{settings.openai_base_url or 'https://api.openai.com/v1'}: check "
+                          f"{masked_url(settings.openai_base_url) or 'https://api.openai.com/v1'}"
+                          f": check "
                           f"OPENAI_BASE_URL (it usually ends in /v1)")
         else:
             report(False, f"the model failed: {error}")
