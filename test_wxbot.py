@@ -23,8 +23,10 @@ import threading
 import time
 import urllib.parse
 
+import hypothesis
 import pytest
 import requests
+from hypothesis import strategies as st
 
 import wxbot
 
@@ -185,7 +187,8 @@ class FakeModel(FakeServer):
     """An OpenAI-compatible /v1/chat/completions endpoint, streaming (SSE) when asked to.
 
     `respond(request)` returns the answer: a string, or an iterable of pieces that a stream
-    sends one chunk each (a generator may pause between them: a slow model). It raises
+    sends one chunk each (a generator may pause between them: a slow model; a dict piece is
+    sent as an event of its own). It raises
     ModelFault(status) to fail. Every request's JSON is kept in `requests`.
     """
 
@@ -241,6 +244,9 @@ class FakeModel(FakeServer):
             handler.wfile.flush()
         event({"role": "assistant", "content": ""})
         for piece in pieces:  # a ModelFault here breaks the stream off mid-answer
+            if isinstance(piece, dict):  # an event as it is, such as {"error": {...}}
+                handler.wfile.write(b"data: " + json.dumps(piece).encode() + b"\n\n")
+                continue
             event({"content": piece})
         event({}, "stop")
         handler.wfile.write(b"data: [DONE]\n\n")
@@ -2014,3 +2020,45 @@ def test_secrets_never_in_log_reply_or_healthz_at_debug(start_bot, wechat, model
     assert wechat.tokens_issued == 2
     for secret in [APPSECRET, API_KEY, VECTOR_KEY, "ACCESS_TOKEN_1_", "ACCESS_TOKEN_2_"]:
         assert secret not in text, secret
+
+
+# Bursts ######################################################################
+
+def sse_text(events, spaced, comments, multiline, final_blank):
+    """A stream of events framed in the ways the SSE format allows."""
+    out = [": keep-alive"] if comments else []
+    for number, event in enumerate(events):
+        if comments and number % 2:
+            out.append("event: completion.chunk")
+        body = json.dumps(event, ensure_ascii=False, indent=1 if multiline else None)
+        out += [("data: " if spaced else "data:") + line for line in body.split("\n")]
+        out.append("")
+    out.append("data: [DONE]")
+    if final_blank:
+        out.append("")
+    out.append("data: {\"after\": \"done\"}")  # nothing after [DONE] is read
+    return out
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+    events=st.lists(st.dictionaries(
+        st.text(min_size=1, max_size=5),
+        st.one_of(st.text(max_size=20), st.integers(), st.none()), max_size=4), max_size=6),
+    spaced=st.booleans(), comments=st.booleans(), multiline=st.booleans(),
+    final_blank=st.booleans())
+def test_stream_events_are_read_whatever_their_framing(events, spaced, comments, multiline,
+                                                       final_blank):
+    lines = sse_text(events, spaced, comments, multiline, final_blank)
+    assert list(wxbot.sse_events(iter(lines))) == events
+
+
+def test_error_event_in_the_stream_from_a_content_filter_gets_the_polite_line(start_bot, wechat,
+                                                                               model):
+    model.respond = lambda request: ["我来", {"error": {"message": "Output data may contain "
+                                                        "inappropriate content."}}]
+    bot = start_bot()
+    send_text(bot, "oSSEFILTER", "问", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    assert wechat.texts_to("oSSEFILTER")[-1] == wxbot.REFUSED_LINE
+    assert len(model.requests) == 1  # a refusal is not retried
