@@ -418,7 +418,7 @@ def test_env_file_is_read_as_systemd_reads_it(tmp_path):
                       "WXBOT_APPSECRET": "se cret", "WXBOT_SYSTEM_PROMPT": 'say "hi"',
                       "OPENAI_API_KEY": "k"}
     settings = wxbot.Settings.from_env(values)
-    assert settings.appsecret == "se cret" and settings.workers == 4
+    assert settings.appsecret == "se cret" and settings.workers == 32
 
 
 def test_example_env_file_lists_every_setting():
@@ -1890,7 +1890,8 @@ def test_sigkill_at_random_points_loses_nothing_and_keeps_order(tmp_path, wechat
     pushes = [(user, f"{user}-{k}", 1000 * n + k) for k in range(10)
               for n, user in enumerate(users)]
     expected = {user: [f"{user}-{k}" for k in range(10)] for user in users}
-    env = env_for(tmp_path, wechat, model, WXBOT_PORT=free_port(), WXBOT_USER_RATE=0)
+    env = env_for(tmp_path, wechat, model, WXBOT_PORT=free_port(), WXBOT_USER_RATE=0,
+                  WXBOT_WORKERS=4)
     state, logs = {}, []
     state["process"], state["port"], lines = start_process(env, tmp_path)
     logs.append(lines)
@@ -2062,3 +2063,43 @@ def test_error_event_in_the_stream_from_a_content_filter_gets_the_polite_line(st
     wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
     assert wechat.texts_to("oSSEFILTER")[-1] == wxbot.REFUSED_LINE
     assert len(model.requests) == 1  # a refusal is not retried
+
+
+def test_a_worker_with_nothing_to_claim_never_waits_for_the_write_lock(tmp_path):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"), busy_timeout=3)
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db", timeout=0)) as other:
+        other.execute("BEGIN IMMEDIATE")  # another process (a backup, a shell) writes
+        started = time.monotonic()
+        assert store.claim(time.time(), 60) is None
+        assert time.monotonic() - started < 1  # not the 3 s busy timeout, nor its error
+        other.rollback()
+    store.close()
+
+
+def test_pushes_are_stored_ahead_of_the_workers_queued_writes(tmp_path):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"))
+    entered, stop = [], threading.Event()
+
+    def worker():  # a worker whose every write takes a while
+        while not stop.is_set():
+            with store.transaction():
+                entered.append(time.monotonic())
+                time.sleep(0.01)
+    workers = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in workers:
+        thread.start()
+    overtaken = []
+    try:
+        for n in range(20):
+            started = time.monotonic()
+            push = wxbot.Push.from_fields(wxbot.parse_xml(text_xml(f"oPRIO{n}", "问", n)))
+            store.store_push(push, time.time())
+            done = time.monotonic()
+            # At most the write in progress and one that slipped in as the push returned.
+            overtaken.append(sum(started < at < done for at in entered))
+    finally:
+        stop.set()
+        for thread in workers:
+            thread.join()
+    store.close()
+    assert max(overtaken) <= 2, overtaken

@@ -471,6 +471,14 @@ CREATE TABLE IF NOT EXISTS kv (
 );
 """
 SCHEMA_VERSION = 1
+#: The oldest message a worker may take (:now): due, and its user has nothing earlier queued
+#: or in hand (one user's messages are answered in order).
+CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_before <= :now"
+             " AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
+             " AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased'))"
+             " ORDER BY m.id LIMIT 1")
+#: The kv key noting that the queue line went out for a message: it used one of the 5.
+QUEUE_LINE_KEY = "queue-line:{}"
 #: The user's segments of earlier, finished answers that never went out (:openid, :id).
 EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
                   " WHERE m.openid = :openid AND m.id < :id AND m.state = 'done'"
@@ -508,10 +516,15 @@ class Store:
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         # SQLite makes a writer that finds the file locked sleep 1, 2, 5, 10... ms before it
         # tries again; under a burst of pushes that sleep is the ack's p99. Our own writers
-        # queue on this lock instead, so only another process can make one wait.
-        self._write_lock = threading.Lock()
-        self._pending_lock = threading.Lock()
-        self._pending: list[dict] = []
+        # take turns here instead, so only another process can make one wait. Pushes go
+        # first: a webhook thread waits for the one write in progress at most, never behind
+        # the workers' writes (WeChat gives up after 5 s and retries).
+        self._turns = threading.Lock()
+        self._push_turn = threading.Condition(self._turns)
+        self._worker_turn = threading.Condition(self._turns)
+        self._writing = False
+        self._pending: list[dict] = []  # pushes waiting for their group commit
+        self._local = threading.local()  # the thread's open write transaction, if any
         #: Notified after every write, for webhook threads waiting for a passive reply.
         self.changed = threading.Condition()
         with self.connection() as conn:
@@ -540,7 +553,12 @@ class Store:
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
-        """A connection used by one thread at a time, returned to the pool afterwards."""
+        """A connection used by one thread at a time, returned to the pool afterwards; inside
+        the thread's write transaction, that transaction's (its reads see its writes)."""
+        joined = getattr(self._local, "conn", None)
+        if joined is not None:
+            yield joined
+            return
         try:
             conn = self._pool.get_nowait()
         except queue.Empty:
@@ -566,11 +584,38 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction, one writer at a time; waiting webhook threads hear of it."""
-        with self._write_lock, self._begin() as conn:
-            yield conn
+        """A write transaction, one writer at a time and after any waiting push; webhook
+        threads waiting for a passive reply hear of it.
+
+        Opened inside another of the same thread, it is part of that one: a worker joins the
+        writes of one step into one commit, one short turn of the write lock.
+        """
+        joined = getattr(self._local, "conn", None)
+        if joined is not None:
+            yield joined
+            return
+        with self._turns:
+            while self._writing or self._pending:
+                self._worker_turn.wait()
+            self._writing = True
+        try:
+            with self._begin() as conn:
+                self._local.conn = conn
+                try:
+                    yield conn
+                finally:
+                    self._local.conn = None
+        finally:
+            self._end_turn()
         with self.changed:
             self.changed.notify_all()
+
+    def _end_turn(self) -> None:
+        with self._turns:
+            self._writing = False
+            self._push_turn.notify_all()  # pushes now stored, or waiting to lead the next batch
+            if not self._pending:
+                self._worker_turn.notify()
 
     def close(self) -> None:
         while True:
@@ -584,18 +629,23 @@ class Store:
     def store_push(self, push: "Push", now: float) -> tuple[int, int]:
         """Commit a push once under its dedup key: (message id, times WeChat pushed it).
 
-        Group commit: whichever webhook thread gets the write lock first commits every push
+        Group commit: whichever webhook thread gets the next turn to write commits every push
         waiting at that moment in one transaction; the others find theirs done. Under a burst
         that is one commit for many pushes, each still committed before it is acknowledged.
         """
-        ticket = {"push": push, "now": now}
-        with self._pending_lock:
+        ticket, batch = {"push": push, "now": now}, []
+        with self._turns:
             self._pending.append(ticket)
-        with self._write_lock:
+            while self._writing and "stored" not in ticket:
+                self._push_turn.wait()
             if "stored" not in ticket:
-                with self._pending_lock:
-                    batch, self._pending = self._pending, []
+                self._writing = True
+                batch, self._pending = self._pending, []
+        if batch:
+            try:
                 self._commit_pushes(batch)
+            finally:
+                self._end_turn()
         if isinstance(ticket["stored"], Exception):
             raise ticket["stored"]
         return ticket["stored"]
@@ -622,17 +672,17 @@ class Store:
 
     def claim(self, now: float, lease_seconds: float) -> Message | None:
         """Lease the oldest message whose user has nothing earlier queued or in hand."""
+        with self.connection() as conn:  # a claim that finds nothing takes no turn to write
+            if not conn.execute(f"SELECT EXISTS ({CLAIMABLE}) OR EXISTS (SELECT 1 FROM"
+                                " messages WHERE state = 'leased' AND lease_until < :now)",
+                                {"now": now}).fetchone()[0]:
+                return None
         with self.transaction() as conn:
             conn.execute("UPDATE messages SET state = 'queued' WHERE state = 'leased'"
                          " AND lease_until < :now", {"now": now})
             row = conn.execute(
                 "UPDATE messages SET state = 'leased', lease_until = :until,"
-                " attempts = attempts + 1"
-                " WHERE id = (SELECT m.id FROM messages m WHERE m.state = 'queued'"
-                "   AND m.not_before <= :now"
-                "   AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
-                "     AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased'))"
-                "   ORDER BY m.id LIMIT 1)"
+                f" attempts = attempts + 1 WHERE id = ({CLAIMABLE})"
                 " RETURNING id, openid, msg_type, msg_id, event, content, fields, received_at,"
                 " attempts", {"now": now, "until": now + lease_seconds}).fetchone()
         if row is None:
@@ -852,6 +902,11 @@ class Store:
                                 " WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
+    def quota(self, message_id: int) -> int:
+        """Customer-service messages the answer to a message may use: WeChat's 5 per user
+        message (45047), less the queue line if one went out for it."""
+        return QUOTA - (self.get_kv(QUEUE_LINE_KEY.format(message_id), 0) is not None)
+
     def mark_sent(self, message: Message, seq: int, now: float) -> None:
         with self.transaction() as conn:
             self._check_lease(conn, message)
@@ -926,7 +981,7 @@ class Store:
         return row[0] if row else None
 
     def set_kv(self, key: str, value: str, expires_at: float | None) -> None:
-        with self._write_lock, self.connection() as conn:
+        with self.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
                          (key, value, expires_at))
 
@@ -1488,6 +1543,23 @@ def split_segments(text: str, limit: int = SEGMENT_LIMIT, fill: float = 0.25) ->
     return [segment for segment in segments if segment]
 
 
+def next_send(rows: list, quota: int, streaming: bool) -> tuple[sqlite3.Row, str] | None:
+    """The segment to send next and its text; None when none may go now.
+
+    WeChat allows `quota` customer-service messages for one user message (45047; Store.quota):
+    the last one allowed says how to get the rest ("继续"), so while the model still writes,
+    it waits until it is known whether more follows.
+    """
+    sent = sum(row["sent_at"] is not None for row in rows)
+    if sent >= quota or (streaming and sent == quota - 1):
+        return None
+    for row in rows:
+        if row["sent_at"] is None:
+            tail = CONTINUE_TAIL if sent == quota - 1 and len(rows) > quota else ""
+            return row, row["content"] + tail
+    return None
+
+
 class Markdown:
     """Turns a model's Markdown into plain text, since WeChat shows the marks as they are.
 
@@ -1747,16 +1819,18 @@ class Worker:
         A picture (WXBOT_VISION) goes as an image part, with the texts that follow it or, on
         its own, a short instruction.
         """
-        question = "\n".join(part for part in [question, *self.store.merge_followups(
-            message, time.time())] if part) or IMAGE_PROMPT
+        with self.store.transaction():  # one commit: follow-ups, the call counted, carried
+            followups = self.store.merge_followups(message, time.time())
+            wait = self.store.count_model_call(message, time.time(), [
+                (60, self.settings.user_rate), (86400, self.settings.user_daily)])
+            if wait is None:
+                self.store.start_answer(message)
+        if wait is not None:
+            return self._over_limit(message, wait)
+        question = "\n".join(part for part in [question, *followups] if part) or IMAGE_PROMPT
         if len(question) > MAX_QUESTION_CHARS:
             question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
                 chars=MAX_QUESTION_CHARS)
-        wait = self.store.count_model_call(message, time.time(), [
-            (60, self.settings.user_rate), (86400, self.settings.user_daily)])
-        if wait is not None:
-            return self._over_limit(message, wait)
-        self.store.start_answer(message)
         history = self.store.history(message.openid, self.settings.history_turns,
                                      self.settings.context_chars,
                                      time.time() - self.settings.session_ttl)
@@ -1778,10 +1852,10 @@ class Worker:
             for text in self._ask(history, ask):
                 written.append(text)
                 ready = cutter.feed(text, time.monotonic())
-                if ready:
+                if ready and sending:
+                    sending = self.deliver(message, streaming=True, add=ready)
+                elif ready:  # after a failed send, the rest waits for the end of the answer
                     self.store.add_segments(message, ready)
-                    # After a failed send, the rest waits for the end of the answer.
-                    sending = sending and self.deliver(message, streaming=True)
             rest = cutter.finish()
         except ModelError as error:
             self.store.add_segments(message, cutter.finish())
@@ -1844,49 +1918,51 @@ class Worker:
                                           partial or None)
 
     def deliver(self, message: Message, model_seconds: float | None = None,
-                streaming: bool = False) -> bool:
+                streaming: bool = False, add: list[str] = ()) -> bool:
         """Send the unsent segments in order, each marked sent as WeChat confirms it.
 
-        WeChat allows 5 messages per user message (45047): the 5th says how to get the rest,
-        so while the model still writes, the 5th waits until it is known whether more follows.
-        False when a send failed.
+        One commit a segment: the mark that WeChat took the last one and the note that the
+        next is about to go (after `add`, new segments of an answer still streaming, stored
+        first); the last also ends the message. False when a send failed.
         """
-        rows = self.store.segments(message.id)
-        sent = sum(1 for row in rows if row["sent_at"] is not None)
-        for row in rows:
-            if self.mode.passive:  # the webhook hands them out, one per push of the user
+        sent_seq = None
+        while True:
+            now = time.time()
+            with self.store.transaction():
+                if add:
+                    self.store.add_segments(message, add)
+                if sent_seq is not None:
+                    self.store.mark_sent(message, sent_seq, now)
+                rows = self.store.segments(message.id)
+                pick = None if self.mode.passive else next_send(  # passive: the webhook's
+                    rows, self.store.quota(message.id), streaming)
+                if pick:
+                    self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
+                elif not streaming:
+                    apology = [row["content"] for row in rows] == [APOLOGY_LINE]
+                    self.store.finish(message, State.FAILED if apology else State.DONE)
+            add = ()
+            if not pick:
                 break
-            if row["sent_at"] is not None:
-                continue
-            if sent >= QUOTA or (streaming and sent == QUOTA - 1):
-                break
-            text = row["content"]
-            if sent == QUOTA - 1 and len(rows) > QUOTA:
-                text += CONTINUE_TAIL
+            row, text = pick
             if row["tried_at"] is not None:
                 # WeChat has no idempotency key: a send cut off by a crash or a timeout may
                 # have arrived. Sending again risks a repeat; not sending risks a loss.
                 log_worker.warning("message %s: segment %d was in flight when its last try "
                                    "ended; sending it again (the user may see it twice)",
                                    message.id, row["seq"])
-            now = time.time()
-            self.store.mark_trying(message, row["seq"], now, now + self.lease_seconds)
             try:
                 self.wechat.customer_service_send(message.openid, text)
             except WeChatError as error:
                 if not streaming:  # while streaming, the final delivery deals with it
                     self._send_failed(message, error)
                 return False
-            self.store.mark_sent(message, row["seq"], time.time())
-            sent += 1
-        if streaming:
-            return True
-        apology = [row["content"] for row in rows] == [APOLOGY_LINE]
-        self.store.finish(message, State.FAILED if apology else State.DONE)
-        log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
-                        short_id(message.openid), message.msg_id or message.event,
-                        f"{model_seconds:.2f}s" if model_seconds is not None else "-",
-                        sent, len(rows))
+            sent_seq = row["seq"]
+        if not streaming:
+            log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
+                            short_id(message.openid), message.msg_id or message.event,
+                            f"{model_seconds:.2f}s" if model_seconds is not None else "-",
+                            sum(row["sent_at"] is not None for row in rows), len(rows))
         return True
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
