@@ -10,6 +10,7 @@ How a message travels:
 Usage:
   python wxbot.py [--env FILE]     serve (settings from the environment and FILE)
   python wxbot.py --help           every setting with its default
+  python wxbot.py menu FILE.json   make FILE the account's custom menu (--show, --delete)
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -42,6 +43,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 import xml.parsers.expat
 from typing import Callable, Iterator, Mapping
@@ -266,6 +268,11 @@ SETTINGS: dict[str, Setting] = {
                        "message sent on subscribe (empty: none)"),
     "admins": Setting("WXBOT_ADMINS", "", _openids,
                       "openids (comma-separated) that may send /stats"),
+    "blocked_words": Setting("WXBOT_BLOCKED_WORDS", "", _optional_text,
+                             "file of blocked words, one a line: questions with one are not "
+                             "asked, answers have them masked (empty: none)"),
+    "blocked_reply": Setting("WXBOT_BLOCKED_REPLY", REFUSED_LINE, _text,
+                             "what a user whose question has a blocked word gets"),
     "vision": Setting("WXBOT_VISION", "0", _flag,
                       "1: send images to the model (it must accept image input)"),
     "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
@@ -274,8 +281,9 @@ SETTINGS: dict[str, Setting] = {
     "host": Setting("WXBOT_HOST", "0.0.0.0", _text, "address to listen on"),
     "port": Setting("WXBOT_PORT", "8080", _int_between(0, 65535), "port to listen on"),
     "path": Setting("WXBOT_PATH", "/wx", _url_path, "URL path WeChat calls"),
-    "workers": Setting("WXBOT_WORKERS", "4", _int_between(1, 64),
-                       "worker threads (model calls in parallel)"),
+    "workers": Setting("WXBOT_WORKERS", "32", _int_between(1, 256),
+                       "worker threads: model calls in parallel (keep within the provider's "
+                       "concurrency and RPM limits; see README)"),
     "history_turns": Setting("WXBOT_HISTORY_TURNS", "10", _int_between(0, 100),
                              "earlier exchanges (question and answer) sent to the model"),
     "max_skew": Setting("WXBOT_MAX_SKEW", "300", _int_between(0, 86400),
@@ -315,6 +323,8 @@ class Settings:
     system_prompt: str
     welcome: str
     admins: tuple
+    blocked_words: str
+    blocked_reply: str
     vision: bool
     session_ttl: float
     db: str
@@ -369,7 +379,7 @@ class Settings:
                 value = masked_url(value)
             elif name == "admins":
                 value = ",".join(short_id(openid) for openid in value)
-            elif name in ("system_prompt", "welcome"):
+            elif name in ("system_prompt", "welcome", "blocked_reply"):
                 value = f"({len(value)} chars)"
             shown.append(f"{setting.env}={value}")
         return " ".join(shown)
@@ -495,6 +505,58 @@ def short_id(openid: str) -> str:
 
 
 ###############################################################################
+# What a message is ###########################################################
+###############################################################################
+
+class Kind(enum.Enum):
+    """What a user's message asks of wxbot."""
+
+    QUESTION = "question"  # for the model: a text, a voice message, a picture, anything else
+    CONTINUE = "continue"  # the rest of the most recent answer
+    RESET = "reset"        # forget the conversation and the rest of the last answer
+    HELP = "help"
+    STATS = "stats"        # for admins; an ordinary question for everyone else
+    EVENT = "event"        # subscribe, CLICK, LOCATION...: answered as an event, never a question
+
+
+@dataclasses.dataclass(frozen=True)
+class Intent:
+    """A message as classify() reads it: its kind, and its text as the user wrote it."""
+
+    kind: Kind
+    text: str
+
+
+#: Surrounding spaces, punctuation and symbols ("继续。", " /reset ", "「帮助」!"); a leading
+#: "/" stays, it belongs to the command.
+_EDGES = re.compile(r"^(?:[^\w/]|_)+|(?:\W|_)+$")
+_ASCII_LOWER = {code: code + 32 for code in range(ord("A"), ord("Z") + 1)}
+
+
+def normalise(text: str) -> str:
+    """The form in which a message is compared with the command words: full-width forms folded
+    (NFKC: "／ＲＥＳＥＴ" is "/RESET"), surrounding spaces and punctuation dropped, ASCII
+    lower-cased."""
+    return _EDGES.sub("", unicodedata.normalize("NFKC", text)).translate(_ASCII_LOWER)
+
+
+#: Each command word, normalised, and the kind of message it makes.
+WORDS: dict[str, Kind] = {normalise(word): kind for words, kind in [
+    (CONTINUE_WORDS, Kind.CONTINUE), (RESET_WORDS, Kind.RESET), (HELP_WORDS, Kind.HELP),
+    (("/stats",), Kind.STATS)] for word in words}
+
+
+def classify(msg_type: str, content: str | None) -> Intent:
+    """What a message is. The one place that decides it: service and passive replies and the
+    merging of quick follow-ups all ask here. A spoken command counts as typed."""
+    if msg_type == "event":
+        return Intent(Kind.EVENT, "")
+    text = (content or "").strip()
+    kind = WORDS.get(normalise(text)) if msg_type in ("text", "voice") else None
+    return Intent(kind or Kind.QUESTION, text)
+
+
+###############################################################################
 # Storage #####################################################################
 ###############################################################################
 
@@ -506,6 +568,14 @@ class State(str, enum.Enum):
     DONE = "done"        # answered (segments beyond the quota stay stored, unsent)
     FAILED = "failed"    # the model failed; the user got the apology
     DEAD = "dead"        # gave up after repeated delivery failures; kept for the operator
+
+
+class Leftovers(enum.Enum):
+    """What a new message does with the unsent rest of the user's earlier answers."""
+
+    KEEP = "keep"  # leave it for a later "继续" (/help, a notice)
+    TAKE = "take"  # "继续": carry the rest of the most recent answer; older rests are dropped
+    DROP = "drop"  # a new question, /reset: drop it (kept in the database, never sent)
 
 
 SCHEMA = f"""
@@ -568,6 +638,14 @@ CREATE TABLE IF NOT EXISTS kv (
 );
 """
 SCHEMA_VERSION = 1
+#: The oldest message a worker may take (:now): due, and its user has nothing earlier queued
+#: or in hand (one user's messages are answered in order).
+CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_before <= :now"
+             " AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
+             " AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased'))"
+             " ORDER BY m.id LIMIT 1")
+#: The kv key noting that the queue line went out for a message: it used one of the 5.
+QUEUE_LINE_KEY = "queue-line:{}"
 #: The user's segments of earlier, finished answers that never went out (:openid, :id).
 EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
                   " WHERE m.openid = :openid AND m.id < :id AND m.state = 'done'"
@@ -620,10 +698,15 @@ class Store:
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         # SQLite makes a writer that finds the file locked sleep 1, 2, 5, 10... ms before it
         # tries again; under a burst of pushes that sleep is the ack's p99. Our own writers
-        # queue on this lock instead, so only another process can make one wait.
-        self._write_lock = threading.Lock()
-        self._pending_lock = threading.Lock()
-        self._pending: list[dict] = []
+        # take turns here instead, so only another process can make one wait. Pushes go
+        # first: a webhook thread waits for the one write in progress at most, never behind
+        # the workers' writes (WeChat gives up after 5 s and retries).
+        self._turns = threading.Lock()
+        self._push_turn = threading.Condition(self._turns)
+        self._worker_turn = threading.Condition(self._turns)
+        self._writing = False
+        self._pending: list[dict] = []  # pushes waiting for their group commit
+        self._local = threading.local()  # the thread's open write transaction, if any
         #: Notified after every write, for webhook threads waiting for a passive reply.
         self.changed = threading.Condition()
         with self.connection() as conn:
@@ -652,7 +735,12 @@ class Store:
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
-        """A connection used by one thread at a time, returned to the pool afterwards."""
+        """A connection used by one thread at a time, returned to the pool afterwards; inside
+        the thread's write transaction, that transaction's (its reads see its writes)."""
+        joined = getattr(self._local, "conn", None)
+        if joined is not None:
+            yield joined
+            return
         try:
             conn = self._pool.get_nowait()
         except queue.Empty:
@@ -678,11 +766,38 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction, one writer at a time; waiting webhook threads hear of it."""
-        with self._write_lock, self._begin() as conn:
-            yield conn
+        """A write transaction, one writer at a time and after any waiting push; webhook
+        threads waiting for a passive reply hear of it.
+
+        Opened inside another of the same thread, it is part of that one: a worker joins the
+        writes of one step into one commit, one short turn of the write lock.
+        """
+        joined = getattr(self._local, "conn", None)
+        if joined is not None:
+            yield joined
+            return
+        with self._turns:
+            while self._writing or self._pending:
+                self._worker_turn.wait()
+            self._writing = True
+        try:
+            with self._begin() as conn:
+                self._local.conn = conn
+                try:
+                    yield conn
+                finally:
+                    self._local.conn = None
+        finally:
+            self._end_turn()
         with self.changed:
             self.changed.notify_all()
+
+    def _end_turn(self) -> None:
+        with self._turns:
+            self._writing = False
+            self._push_turn.notify_all()  # pushes now stored, or waiting to lead the next batch
+            if not self._pending:
+                self._worker_turn.notify()
 
     def close(self) -> None:
         while True:
@@ -696,18 +811,23 @@ class Store:
     def store_push(self, push: "Push", now: float) -> tuple[int, int]:
         """Commit a push once under its dedup key: (message id, times WeChat pushed it).
 
-        Group commit: whichever webhook thread gets the write lock first commits every push
+        Group commit: whichever webhook thread gets the next turn to write commits every push
         waiting at that moment in one transaction; the others find theirs done. Under a burst
         that is one commit for many pushes, each still committed before it is acknowledged.
         """
-        ticket = {"push": push, "now": now}
-        with self._pending_lock:
+        ticket, batch = {"push": push, "now": now}, []
+        with self._turns:
             self._pending.append(ticket)
-        with self._write_lock:
+            while self._writing and "stored" not in ticket:
+                self._push_turn.wait()
             if "stored" not in ticket:
-                with self._pending_lock:
-                    batch, self._pending = self._pending, []
+                self._writing = True
+                batch, self._pending = self._pending, []
+        if batch:
+            try:
                 self._commit_pushes(batch)
+            finally:
+                self._end_turn()
         if isinstance(ticket["stored"], Exception):
             raise ticket["stored"]
         return ticket["stored"]
@@ -734,17 +854,17 @@ class Store:
 
     def claim(self, now: float, lease_seconds: float) -> Message | None:
         """Lease the oldest message whose user has nothing earlier queued or in hand."""
+        with self.connection() as conn:  # a claim that finds nothing takes no turn to write
+            if not conn.execute(f"SELECT EXISTS ({CLAIMABLE}) OR EXISTS (SELECT 1 FROM"
+                                " messages WHERE state = 'leased' AND lease_until < :now)",
+                                {"now": now}).fetchone()[0]:
+                return None
         with self.transaction() as conn:
             conn.execute("UPDATE messages SET state = 'queued' WHERE state = 'leased'"
                          " AND lease_until < :now", {"now": now})
             row = conn.execute(
                 "UPDATE messages SET state = 'leased', lease_until = :until,"
-                " attempts = attempts + 1"
-                " WHERE id = (SELECT m.id FROM messages m WHERE m.state = 'queued'"
-                "   AND m.not_before <= :now"
-                "   AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
-                "     AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased'))"
-                "   ORDER BY m.id LIMIT 1)"
+                f" attempts = attempts + 1 WHERE id = ({CLAIMABLE})"
                 " RETURNING id, openid, msg_type, msg_id, event, content, fields, received_at,"
                 " attempts", {"now": now, "until": now + lease_seconds}).fetchone()
         if row is None:
@@ -803,35 +923,45 @@ class Store:
     # Answers ----------------------------------------------------------------
 
     def start_answer(self, message: Message, carry: bool = True,
-                     take_overflow: bool = False) -> None:
-        """Move the user's unsent segments of earlier answers to the front of this one.
+                     leftovers: Leftovers = Leftovers.KEEP) -> None:
+        """Put what the user is still owed at the front of this message's answer.
 
-        Those a quota or window error interrupted always come; those beyond the 5-message
-        quota come when the user asked for more ("继续"). This message's 5 messages then carry
-        them. Events (carry=False) open no quota that could. Done once per message.
+        Carried always: answers a quota or window error interrupted (45047, 45015), and
+        answers none of which went out yet (a passive reply nobody fetched, a 48001). The
+        rest of an answer that went out in part (beyond the 5-message quota, or one passive
+        reply) is a leftover, for "继续" only: `leftovers` says what this message does with
+        them (Leftovers). This message's 5 messages then carry them. Events (carry=False)
+        open no quota that could. Done once per message.
         """
         with self.transaction() as conn:
-            self._start_answer(conn, message, carry, take_overflow)
+            self._start_answer(conn, message, carry, leftovers)
 
     def _start_answer(self, conn: sqlite3.Connection, message: Message, carry: bool,
-                      take_overflow: bool) -> None:
+                      leftovers: Leftovers) -> int:
         self._check_lease(conn, message)
         if not carry or conn.execute("SELECT 1 FROM segments WHERE message_id = ? LIMIT 1",
                                      (message.id,)).fetchone():
-            return
+            return 0
         earlier = conn.execute(
-            "SELECT s.message_id, s.seq, s.content" + EARLIER_UNSENT +
-            # 45047 (quota used up) and 45015 (window closed): the user's next message
-            # opens a new quota, so what they did not get goes out with it.
-            " AND (m.error IN ('errcode 45047', 'errcode 45015') OR :take_overflow)"
-            " ORDER BY m.id, s.seq",
-            {"openid": message.openid, "id": message.id, "take_overflow": take_overflow}
-        ).fetchall()
+            "SELECT s.message_id, s.seq, s.content, m.msg_type, m.error, EXISTS (SELECT 1"
+            " FROM segments o WHERE o.message_id = m.id AND o.sent_at IS NOT NULL) AS begun"
+            + EARLIER_UNSENT + " ORDER BY m.id, s.seq",
+            {"openid": message.openid, "id": message.id}).fetchall()
+        left = [row for row in earlier if row["error"] is None and row["begun"]]
+        latest = left[-1]["message_id"] if left and leftovers is Leftovers.TAKE else None
+        carried = [row for row in earlier if row["error"] in ("errcode 45047", "errcode 45015")
+                   or (row["error"] is None and row["msg_type"] != "event" and
+                       (not row["begun"] or row["message_id"] == latest))]
+        # A superseded leftover is kept, never sent: moved_to names the message that
+        # superseded it, and no copy is made.
+        dropped = [row for row in left if row["message_id"] != latest] \
+            if leftovers is not Leftovers.KEEP else []
         conn.executemany("UPDATE segments SET moved_to = ? WHERE message_id = ? AND seq = ?",
-                         [(message.id, row[0], row[1]) for row in earlier])
+                         [(message.id, row[0], row[1]) for row in carried + dropped])
         conn.executemany("INSERT INTO segments (message_id, seq, content, carried)"
                          " VALUES (?, ?, ?, 1)",
-                         [(message.id, seq, row[2]) for seq, row in enumerate(earlier)])
+                         [(message.id, seq, row[2]) for seq, row in enumerate(carried)])
+        return len(carried)
 
     def add_segments(self, message: Message, segments: list[str]) -> None:
         """Append planned segments to the message's answer (durable before they are sent)."""
@@ -869,10 +999,13 @@ class Store:
                             " AND moved_to IS NULL", (message.id,)).fetchone()[0]
 
     def save_answer(self, message: Message, segments: list[str], now: float,
-                    carry: bool = True, take_overflow: bool = False) -> int:
-        """A whole reply that needs no model (a line, a notice, "继续"), in one commit."""
+                    carry: bool = True, leftovers: Leftovers = Leftovers.KEEP,
+                    if_nothing: list[str] = ()) -> int:
+        """A whole reply that needs no model (a line, a notice, "继续"), in one commit;
+        `if_nothing` is the reply when nothing else, carried or given, is to be sent."""
         with self.transaction() as conn:
-            self._start_answer(conn, message, carry, take_overflow)
+            if not self._start_answer(conn, message, carry, leftovers) and not segments:
+                segments = if_nothing
             return self._complete_answer(conn, message, now, segments, None, None)
 
     def partial_answer(self, message_id: int) -> str:
@@ -895,10 +1028,10 @@ class Store:
                 " AND id > ? AND state = 'queued' AND not_before <= ? ORDER BY id",
                 (message.openid, message.id, now)).fetchall()
             merged, previous = [], message.received_at
-            for row in waiting:  # up to the first that is no quick, plain follow-up
+            for row in waiting:  # up to the first that is no quick question typed
                 if row["msg_type"] != "text" or not (row["content"] or "").strip() or \
-                        row["content"].strip() in CONTINUE_WORDS or \
-                        row["received_at"] - previous > MERGE_WINDOW:
+                        classify(row["msg_type"], row["content"]).kind is not Kind.QUESTION \
+                        or row["received_at"] - previous > MERGE_WINDOW:
                     break
                 merged.append(row["id"])
                 previous = row["received_at"]
@@ -913,32 +1046,32 @@ class Store:
                       ) -> tuple[str, bool] | None:
         """The segment the reply to this push carries, and whether more waits after it.
 
-        The same push retried gets the same segment; otherwise the user's oldest unsent
-        segment, so that answers go out in order, one per message the user sends.
+        The same push retried gets the same segment; otherwise the next unsent segment of
+        this message's own answer (which carries what the user was still owed), or of the
+        answer it was merged into. An event never takes another message's answer.
         """
         with self.transaction() as conn:
             row = conn.execute("SELECT message_id, seq, content FROM segments"
                                " WHERE replied_to = ?", (message_id,)).fetchone()
             if row is None:
                 row = conn.execute(
-                    "SELECT s.message_id, s.seq, s.content FROM segments s JOIN messages m"
-                    " ON m.id = s.message_id WHERE m.openid = ? AND m.id <= ?"
-                    " AND s.sent_at IS NULL AND s.moved_to IS NULL ORDER BY m.id, s.seq"
-                    " LIMIT 1", (openid, message_id)).fetchone()
+                    "SELECT message_id, seq, content FROM segments WHERE message_id ="
+                    " (SELECT coalesce(merged_into, id) FROM messages WHERE id = ?)"
+                    " AND sent_at IS NULL AND moved_to IS NULL ORDER BY seq LIMIT 1",
+                    (message_id,)).fetchone()
                 if row is None:
                     return None
                 conn.execute("UPDATE segments SET sent_at = ?, replied_to = ?"
                              " WHERE message_id = ? AND seq = ?", (now, message_id, row[0], row[1]))
-            # More: a segment waiting, or a question of the user still being answered
-            # ("继续" only fetches: in passive mode it is no question).
+            # More: a segment waiting, or a question of the user still being answered.
             more = conn.execute(
                 "SELECT 1 FROM segments s JOIN messages m ON m.id = s.message_id"
-                " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL"
-                " UNION ALL SELECT 1 FROM messages WHERE openid = ? AND answered_at IS NULL"
-                " AND state IN ('queued', 'leased') AND NOT (msg_type = 'text' AND"
-                f" trim(content) IN ({', '.join('?' * len(CONTINUE_WORDS))})) LIMIT 1",
-                (openid, openid, *CONTINUE_WORDS)).fetchone()
-        return row[2], more is not None
+                " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL LIMIT 1",
+                (openid,)).fetchone() is not None or any(
+                classify(*waiting).kind is Kind.QUESTION for waiting in conn.execute(
+                    "SELECT msg_type, content FROM messages WHERE openid = ?"
+                    " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,)))
+        return row[2], more
 
     def settled(self, message_id: int) -> bool:
         """Whether a message is answered (or needs no answer): nothing more will come of it."""
@@ -946,12 +1079,6 @@ class Store:
             row = conn.execute("SELECT state FROM messages WHERE id = ?",
                                (message_id,)).fetchone()
         return row is not None and row[0] not in ("queued", "leased")
-
-    def has_overflow(self, openid: str, before_id: int) -> bool:
-        """Whether the user has unsent segments of earlier answers waiting for "继续"."""
-        with self.connection() as conn:
-            return conn.execute("SELECT 1" + EARLIER_UNSENT + " LIMIT 1",
-                                {"openid": openid, "id": before_id}).fetchone() is not None
 
     def answer_complete(self, message_id: int) -> bool:
         with self.connection() as conn:
@@ -963,6 +1090,11 @@ class Store:
             return conn.execute("SELECT seq, content, tried_at, sent_at FROM segments"
                                 " WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
+
+    def quota(self, message_id: int) -> int:
+        """Customer-service messages the answer to a message may use: WeChat's 5 per user
+        message (45047), less the queue line if one went out for it."""
+        return QUOTA - (self.get_kv(QUEUE_LINE_KEY.format(message_id), 0) is not None)
 
     def mark_sent(self, message: Message, seq: int, now: float) -> None:
         with self.transaction() as conn:
@@ -1003,7 +1135,9 @@ class Store:
                                  ).fetchone()
         return {**self.health(now), "today": row[0], "failed_today": row[1] or 0,
                 "dead_today": row[2] or 0, "answer_seconds_avg": round(row[3] or 0, 2),
-                "token_valid_s": round(token[0] - now) if token else None}
+                "token_valid_s": round(token[0] - now) if token else None,
+                **{f"{counter}_today": self.counted(counter, now)
+                   for counter in ("keyword_replies", "click_replies", "blocked")}}
 
     def count_model_call(self, message: Message, now: float, windows: list[tuple[float, int]]
                          ) -> float | None:
@@ -1038,9 +1172,22 @@ class Store:
         return row[0] if row else None
 
     def set_kv(self, key: str, value: str, expires_at: float | None) -> None:
-        with self._write_lock, self.connection() as conn:
+        with self.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
                          (key, value, expires_at))
+
+    def bump(self, counter: str, now: float) -> None:
+        """Count one more today, for /stats (fixed replies, blocked questions)."""
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO kv (key, value, expires_at) VALUES (?, 1, ?)"
+                         " ON CONFLICT (key) DO UPDATE SET value = value + 1",
+                         (f"count:{counter}:{time.strftime('%Y-%m-%d', time.localtime(now))}",
+                          now + 2 * 86400))
+
+    def counted(self, counter: str, now: float) -> int:
+        """How many bump() counted today."""
+        day = time.strftime("%Y-%m-%d", time.localtime(now))
+        return int(self.get_kv(f"count:{counter}:{day}", now) or 0)
 
     # Health -----------------------------------------------------------------
 
@@ -1338,14 +1485,18 @@ class WeChatAPI:
             self._local.session = requests.Session()
         return self._local.session
 
-    def _post(self, path: str, body: dict, params: dict | None = None) -> dict:
-        """POST JSON as raw UTF-8 (escapes can fail with 40033); raise WeChatError on failure."""
+    def _post(self, path: str, body: dict | None, params: dict | None = None) -> dict:
+        """POST JSON as raw UTF-8 (escapes can fail with 40033), or GET when body is None;
+        raise WeChatError on failure."""
         url = self.settings.api_base + path
         try:
-            response = self._session().post(
-                url, params=params, timeout=self.timeout,
-                data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
-                headers={"Content-Type": "application/json; charset=utf-8"})
+            if body is None:
+                response = self._session().get(url, params=params, timeout=self.timeout)
+            else:
+                response = self._session().post(
+                    url, params=params, timeout=self.timeout,
+                    data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                    headers={"Content-Type": "application/json; charset=utf-8"})
         except requests.RequestException as error:
             raise WeChatError(None, f"{type(error).__name__} calling {path}") from None
         if response.status_code != 200:
@@ -1392,8 +1543,9 @@ class WeChatAPI:
                 token = self._fetch_token(force=True)
             return token
 
-    def call(self, path: str, body: dict) -> dict:
-        """An authenticated call; on 40001, 40014 or 42001 refresh the token once and retry once."""
+    def call(self, path: str, body: dict | None = None) -> dict:
+        """An authenticated call (GET without a body); on 40001, 40014 or 42001 refresh the
+        token once and retry once."""
         token = self.access_token()
         try:
             return self._post(path, body, {"access_token": token})
@@ -1406,6 +1558,17 @@ class WeChatAPI:
     def customer_service_send(self, openid: str, text: str) -> None:
         self.call("/cgi-bin/message/custom/send",
                   {"touser": openid, "msgtype": "text", "text": {"content": text}})
+
+    def menu_create(self, menu: dict) -> None:
+        """Replace the custom menu (raw UTF-8 matters here too: escaped names show as \\u...)."""
+        self.call("/cgi-bin/menu/create", menu)
+
+    def menu_current(self) -> dict:
+        """The menu in force, as get_current_selfmenu_info describes it."""
+        return self.call("/cgi-bin/get_current_selfmenu_info")
+
+    def menu_delete(self) -> None:
+        self.call("/cgi-bin/menu/delete")
 
     def typing_soon(self, openid: str) -> None:
         """Show "typing" from another thread, so the model call need not wait for WeChat."""
@@ -1465,6 +1628,27 @@ CONTENT_FILTER = re.compile(r"content.filter|content_filter|content management|"
                             r"data_inspection|inappropriate|sensitive|risk|违规|敏感", re.I)
 
 
+def sse_events(lines: Iterator[str]) -> Iterator[dict]:
+    """The JSON of each server-sent event in a stream of lines, up to `data: [DONE]`.
+
+    An event is its `data:` lines joined, ended by a blank line; `event:`, `id:` and comment
+    lines (`: keep-alive`) carry nothing an answer needs.
+    """
+    data: list[str] = []
+    for line in lines:
+        if line.startswith("data:"):
+            data.append(line[6:] if line.startswith("data: ") else line[5:])
+            continue
+        if line or not data:
+            continue
+        event, data = "\n".join(data), []
+        if event.startswith("[DONE]"):
+            return
+        yield json.loads(event)
+    if data and not data[0].startswith("[DONE]"):  # the last event, without its blank line
+        yield json.loads("\n".join(data))
+
+
 class Model:
     """An OpenAI-compatible chat.completions endpoint (OpenAI, DeepSeek, Qwen, Ollama, ...)."""
 
@@ -1493,9 +1677,15 @@ class Model:
         return text
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
-        """The answer's text as the model writes it; one piece where streaming is not offered."""
+        """The answer's text as the model writes it; one piece where streaming is not offered.
+
+        The stream is read through the client's raw response (its base URL, auth, retries and
+        error types stay) and its server-sent events are parsed here: the SDK builds objects
+        for every chunk at about 0.2 ms of CPU each, json.loads takes a tenth of that, and a
+        burst streams hundreds of answers at once.
+        """
         try:
-            chunks = self.client.chat.completions.create(
+            response = self.client.chat.completions.with_raw_response.create(
                 model=self.settings.model, messages=messages,
                 max_tokens=self.settings.max_tokens, stream=True)
         except openai.APIStatusError as error:
@@ -1507,18 +1697,29 @@ class Model:
             raise ModelError(f"{type(error).__name__}: cannot reach the model at "
                              f"{self.client.base_url}") from None
         produced = finished = False
-        with contextlib.closing(chunks):
+        with contextlib.closing(response.http_response) as http:
             try:
-                for chunk in chunks:
-                    choice = chunk.choices[0] if chunk.choices else None
-                    text = choice.delta.content if choice and choice.delta else None
+                for chunk in sse_events(http.iter_lines()):
+                    problem = chunk.get("error")
+                    if problem:  # some providers report a failure inside the stream
+                        detail = str(problem.get("message", problem) if isinstance(
+                            problem, dict) else problem)[:300]
+                        raise ModelError("the model reported an error in the stream",
+                                         "refused" if CONTENT_FILTER.search(detail)
+                                         else "transient", detail=detail)
+                    choices = chunk.get("choices")
+                    choice = choices[0] if choices else None
+                    if not isinstance(choice, dict):
+                        continue
+                    text = (choice.get("delta") or {}).get("content")
                     if text:
                         produced = True
                         yield text
-                    if choice and choice.finish_reason == "content_filter":
+                    reason = choice.get("finish_reason")
+                    if reason == "content_filter":
                         raise ModelError("the model's content filter stopped the answer",
                                          "refused")
-                    finished |= bool(choice and choice.finish_reason)
+                    finished |= bool(reason)
             except ModelError:
                 raise
             except Exception as error:  # the stream broke off: network, timeout, bad chunk
@@ -1601,6 +1802,23 @@ def split_segments(text: str, limit: int = SEGMENT_LIMIT, fill: float = 0.25) ->
     if text:
         segments.append(text)
     return [segment for segment in segments if segment]
+
+
+def next_send(rows: list, quota: int, streaming: bool) -> tuple[sqlite3.Row, str] | None:
+    """The segment to send next and its text; None when none may go now.
+
+    WeChat allows `quota` customer-service messages for one user message (45047; Store.quota):
+    the last one allowed says how to get the rest ("继续"), so while the model still writes,
+    it waits until it is known whether more follows.
+    """
+    sent = sum(row["sent_at"] is not None for row in rows)
+    if sent >= quota or (streaming and sent == quota - 1):
+        return None
+    for row in rows:
+        if row["sent_at"] is None:
+            tail = CONTINUE_TAIL if sent == quota - 1 and len(rows) > quota else ""
+            return row, row["content"] + tail
+    return None
 
 
 class Markdown:
@@ -1715,6 +1933,355 @@ class StreamCutter:
 
 
 ###############################################################################
+# Menus, fixed replies and blocked words ######################################
+###############################################################################
+
+# INFO: with 服务器配置 on, the 公众号后台's own menu editor and 自动回复 stop serving
+# (WECHAT.md §8): these give them back, from files the owner edits.
+
+#: What each menu button type needs besides its name (WECHAT.md §8).
+MENU_TYPES = {
+    "click": ("key",), "view": ("url",), "miniprogram": ("url", "appid", "pagepath"),
+    "scancode_push": ("key",), "scancode_waitmsg": ("key",), "pic_sysphoto": ("key",),
+    "pic_photo_or_album": ("key",), "pic_weixin": ("key",), "location_select": ("key",),
+    "media_id": ("media_id",), "article_id": ("article_id",),
+    "article_view_limited": ("article_id",),
+}
+#: Byte limits of the menu's fields (UTF-8), as WeChat counts them.
+MENU_LIMITS = {"key": 128, "url": 1024}
+MENU_TOP_BUTTONS, MENU_SUB_BUTTONS = 3, 5
+MENU_TOP_NAME, MENU_SUB_NAME = 16, 60
+#: The menu API's return codes in the owner's words (WeChat's global return codes).
+MENU_ERRORS = {
+    48001: "this account may not use the menu API: an unverified 订阅号 cannot; verify the "
+           "account, or set the menu in 公众号后台 with 服务器配置 turned off",
+    40015: "WeChat refused a button's type",
+    40016: "WeChat refused the number of top-level buttons (1 to 3)",
+    40017: "WeChat refused a top-level button's type",
+    40018: "WeChat refused a top-level button's name length (at most 16 bytes)",
+    40019: "WeChat refused a top-level button's key length (at most 128 bytes)",
+    40020: "WeChat refused a top-level button's url length (at most 1024 bytes)",
+    40022: "WeChat refused the menu's depth (sub-buttons cannot have sub-buttons)",
+    40023: "WeChat refused the number of sub-buttons of a button (1 to 5)",
+    40024: "WeChat refused a sub-button's type",
+    40025: "WeChat refused a sub-button's name length (at most 60 bytes)",
+    40026: "WeChat refused a sub-button's key length (at most 128 bytes)",
+    40027: "WeChat refused a sub-button's url length (at most 1024 bytes)",
+    40054: "WeChat refused a sub-button's url domain",
+    40055: "WeChat refused a top-level button's url domain",
+    46003: "there is no menu",
+    65316: "the menu links to too many domains (WeChat allows 3)",
+    65317: "WeChat refused a url of the menu",
+}
+
+
+class FileProblem(Exception):
+    """An owner's file (menu, replies, blocked words) that cannot be used; each problem a line."""
+
+    def __init__(self, path: str, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.path, self.problems = path, problems
+
+
+def read_json_file(path: str) -> object:
+    """A JSON file's value; FileProblem names the line and column of a syntax error."""
+    try:
+        with open(path, encoding="utf-8-sig") as json_file:
+            return json.load(json_file)
+    except json.JSONDecodeError as error:
+        raise FileProblem(path, [f"line {error.lineno}, column {error.colno}: "
+                                 f"not valid JSON ({error.msg})"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise FileProblem(path, [f"cannot read it: {error}"]) from None
+
+
+def menu_problems(menu: object) -> list[str]:
+    """Every reason WeChat would refuse this menu, each with its JSON path; [] when it is good."""
+    if not isinstance(menu, dict) or not isinstance(menu.get("button"), list):
+        return ['the file must be an object with a "button" list: {"button": [...]}']
+    problems = [f"{key}: unknown field (a menu has only \"button\")"
+                for key in menu if key != "button"]
+    buttons = menu["button"]
+    if not 1 <= len(buttons) <= MENU_TOP_BUTTONS:
+        problems.append(f"button: {len(buttons)} buttons, WeChat allows 1 to {MENU_TOP_BUTTONS}")
+    for n, button in enumerate(buttons):
+        path = f"button[{n}]"
+        if not isinstance(button, dict):
+            problems.append(f"{path}: must be an object")
+            continue
+        problems += _name_problems(button, path, MENU_TOP_NAME)
+        subs = button.get("sub_button")
+        if subs is None or subs == []:
+            problems += _action_problems(button, path)
+            continue
+        if not isinstance(subs, list):
+            problems.append(f"{path}.sub_button: must be a list")
+            continue
+        if len(subs) > MENU_SUB_BUTTONS:
+            problems.append(f"{path}.sub_button: {len(subs)} buttons, WeChat allows at most "
+                            f"{MENU_SUB_BUTTONS}")
+        for m, sub in enumerate(subs):
+            sub_path = f"{path}.sub_button[{m}]"
+            if not isinstance(sub, dict):
+                problems.append(f"{sub_path}: must be an object")
+                continue
+            problems += _name_problems(sub, sub_path, MENU_SUB_NAME)
+            if sub.get("sub_button") not in (None, []):
+                problems.append(f"{sub_path}.sub_button: a sub-button cannot have sub-buttons")
+            problems += _action_problems(sub, sub_path)
+    return problems
+
+
+def _name_problems(button: dict, path: str, limit: int) -> list[str]:
+    name = button.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return [f"{path}.name: missing (every button needs a name)"]
+    if utf8_len(name) > limit:
+        return [f"{path}.name: {name!r} is {utf8_len(name)} bytes, WeChat allows {limit} "
+                f"(a Chinese character is 3 bytes)"]
+    return []
+
+
+def _action_problems(button: dict, path: str) -> list[str]:
+    kind = button.get("type")
+    if kind not in MENU_TYPES:
+        return [f"{path}.type: {'missing' if kind is None else repr(kind) + ' is not a type'}; "
+                f"one of {', '.join(MENU_TYPES)} (or sub_button for a button that opens a list)"]
+    problems = []
+    for field in MENU_TYPES[kind]:
+        value = button.get(field)
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"{path}.{field}: missing (type {kind} needs it)")
+        elif field in MENU_LIMITS and utf8_len(value) > MENU_LIMITS[field]:
+            problems.append(f"{path}.{field}: {utf8_len(value)} bytes, WeChat allows "
+                            f"{MENU_LIMITS[field]}")
+        elif field == "url" and not value.startswith(("http://", "https://")):
+            problems.append(f"{path}.url: must start with http:// or https://")
+    return problems
+
+
+def load_menu(path: str) -> dict:
+    """The menu in a file, checked; FileProblem lists every problem."""
+    menu = read_json_file(path)
+    problems = menu_problems(menu)
+    if problems:
+        raise FileProblem(path, problems)
+    return menu
+
+
+def menu_in_force(info: dict) -> dict | None:
+    """get_current_selfmenu_info's answer as a menu file ({"button": [...]}), or None.
+
+    That API nests sub-buttons as {"sub_button": {"list": [...]}}; menu/create takes a list.
+    """
+    if not info.get("is_menu_open") or not info.get("selfmenu_info"):
+        return None
+    buttons = []
+    for button in info["selfmenu_info"].get("button", []):
+        button = dict(button)
+        if isinstance(button.get("sub_button"), dict):
+            button["sub_button"] = button["sub_button"].get("list", [])
+        buttons.append(button)
+    return {"button": buttons}
+
+
+def menu_error(error: WeChatError) -> str:
+    """A menu API error as a sentence for the owner."""
+    return f"{MENU_ERRORS.get(error.errcode, error.hint())} (errcode {error.errcode})" \
+        if error.errcode in MENU_ERRORS else f"WeChat refused: {error.hint()}"
+
+
+#: Full-width forms and the ideographic space fold to their usual forms and ASCII to lower case,
+#: one character for one, so that a match's place in the folded text is its place in the text.
+_FOLD = {code: code + 32 for code in range(ord("A"), ord("Z") + 1)}
+for _code in (0x3000, *range(0xFF01, 0xFFEF)):
+    _folded = unicodedata.normalize("NFKC", chr(_code))
+    if len(_folded) == 1:
+        _FOLD[_code] = _folded.lower() if _folded.isascii() else _folded
+del _code, _folded
+_SPACES = re.compile(r"\s+")
+#: Replaces each character of a blocked word in an answer.
+MASK = "＊"
+
+
+class BlockedWords:
+    """Blocked words and phrases, found ignoring ASCII case, full/half width and spaces inside.
+
+    A trie walked from each character: 10,000 words cost one dict lookup per character of the
+    text, where one regular expression of them all would try every word at every character.
+    """
+
+    def __init__(self, words: list[str] = ()):
+        self.trie: dict = {}
+        self.count = self.longest = 0
+        for word in words:
+            word = _SPACES.sub("", word.translate(_FOLD))
+            if not word:
+                continue
+            node = self.trie
+            for char in word:
+                node = node.setdefault(char, {})
+            self.count += "" not in node
+            node[""] = True
+            self.longest = max(self.longest, len(word))
+
+    @classmethod
+    def read(cls, path: str) -> "BlockedWords":
+        """One word or phrase a line; blank lines and lines starting with # are skipped."""
+        try:
+            with open(path, encoding="utf-8-sig") as words_file:
+                lines = words_file.read().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise FileProblem(path, [f"cannot read it: {error}"]) from None
+        return cls([line for line in lines if not line.lstrip().startswith("#")])
+
+    def spans(self, text: str, first_only: bool = False) -> list[tuple[int, int]]:
+        """(start, end) in text of the longest blocked word starting at each character."""
+        if not self.trie:
+            return []
+        folded = text.translate(_FOLD)
+        squeezed = _SPACES.sub("", folded)
+        kept = None if len(squeezed) == len(folded) else \
+            [at for at, char in enumerate(folded) if not char.isspace()]
+        found, root, length = [], self.trie, len(squeezed)
+        for start, char in enumerate(squeezed):
+            node = root.get(char)
+            end, at = 0, start + 1
+            while node is not None:
+                if "" in node:
+                    end = at
+                if at == length:
+                    break
+                node = node.get(squeezed[at])
+                at += 1
+            if end:
+                found.append((start, end) if kept is None else (kept[start], kept[end - 1] + 1))
+                if first_only:
+                    break
+        return found
+
+    def describe(self) -> str:
+        return f"{self.count} blocked words"
+
+    def found(self, text: str) -> bool:
+        return bool(self.spans(text, first_only=True))
+
+    def mask(self, text: str) -> str:
+        """text with every character of every blocked word replaced by ＊."""
+        return StreamMask(self).feed(text, final=True)
+
+
+class StreamMask:
+    """Masks blocked words in an answer that arrives in pieces, where a word may straddle two:
+    the last characters that could start a word are held back until the next piece shows
+    whether they do. Joined, the output is mask() of the whole answer."""
+
+    def __init__(self, words: BlockedWords):
+        self.words = words
+        self.held = ""
+        self.masked: list[bool] = []
+
+    def feed(self, piece: str, final: bool = False) -> str:
+        """The part of the answer so far that can be shown, masked."""
+        text = self.held + piece
+        masked = self.masked + [False] * len(piece)
+        for start, end in self.words.spans(text):
+            masked[start:end] = [True] * (end - start)
+        cut = len(text) if final else self._cut(text)
+        self.held, self.masked = text[cut:], masked[cut:]
+        return "".join(MASK if hide else char for char, hide in zip(text[:cut], masked))
+
+    def finish(self) -> str:
+        """What was held back, once the answer is complete (or broke off)."""
+        return self.feed("", final=True)
+
+    def _cut(self, text: str) -> int:
+        """Where the held-back tail starts: the last longest-1 characters other than spaces.
+        A word starting before it ends within the text, so it has been found."""
+        hold = self.words.longest - 1
+        at = len(text)
+        while hold > 0 and at > 0:
+            at -= 1
+            hold -= not text[at].isspace()
+        return at
+
+
+def masked_stream(pieces: Iterator[str], words: BlockedWords) -> Iterator[str]:
+    """The answer's pieces with blocked words masked; what is held back still comes out
+    when the stream breaks off, before the error."""
+    mask = StreamMask(words)
+    try:
+        for piece in pieces:
+            shown = mask.feed(piece)
+            if shown:
+                yield shown
+    except ModelError:
+        rest = mask.finish()
+        if rest:
+            yield rest
+        raise
+    rest = mask.finish()
+    if rest:
+        yield rest
+
+
+class OwnerFile:
+    """A file the owner edits while wxbot runs (replies, blocked words): re-read when its
+    modification time, size or inode changes, or on SIGHUP. A broken edit keeps what was
+    read before and the log says why; a broken file at start stops the start."""
+
+    def __init__(self, path: str, read: Callable[[str], object], empty: object):
+        self.path, self.read = path, read
+        self._lock = threading.Lock()
+        self.value, self._stamp = (read(path), self._look()) if path else (empty, None)
+
+    def _look(self) -> tuple | None:
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            return None
+        return found.st_mtime_ns, found.st_size, found.st_ino
+
+    def current(self) -> object:
+        """The file's value, re-read first when the file has changed."""
+        if self.path and self._look() != self._stamp:
+            self.reload()
+        return self.value
+
+    def reload(self) -> None:
+        with self._lock:
+            stamp = self._look()
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp  # a broken version is reported once, not at every message
+            try:
+                self.value = self.read(self.path)
+            except FileProblem as error:
+                log.error("%s is not used, the previous version stays in force: %s", self.path,
+                          "; ".join(error.problems))
+                return
+            log.info("%s re-read", self.path)
+
+    def stale(self) -> None:
+        """Re-read at the next look whatever the file's stamp (SIGHUP)."""
+        self._stamp = ()
+
+
+class OwnerFiles:
+    """The owner's fixed replies and blocked words, each re-read when its file changes."""
+
+    def __init__(self, settings: Settings):
+        self.blocked_file = OwnerFile(settings.blocked_words, BlockedWords.read, BlockedWords())
+
+    @property
+    def blocked(self) -> BlockedWords:
+        return self.blocked_file.current()
+
+    def stale(self) -> None:
+        self.blocked_file.stale()
+
+
+###############################################################################
 # Worker ######################################################################
 ###############################################################################
 
@@ -1727,7 +2294,9 @@ def stats_text(stats: dict) -> str:
         f"今日消息：{stats['today']}，失败：{stats['failed_today']}，放弃：{stats['dead_today']}",
         f"平均回答用时：{stats['answer_seconds_avg']} 秒",
         f"access token：{'剩余 %d 秒' % token if token and token > 0 else '未获取或已过期'}",
-        f"未发送的分段：{stats['unsent_segments']}"])
+        f"未发送的分段：{stats['unsent_segments']}",
+        f"今日固定回复：关键词 {stats['keyword_replies_today']}，菜单 "
+        f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
 
 
 class Wakeup:
@@ -1765,9 +2334,11 @@ class Worker:
     TYPING_RENEW = 15.5
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
-                 wakeup: Wakeup, mode: DeliveryMode, name: str = "worker"):
+                 wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
+                 owner: OwnerFiles | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
         self.wakeup, self.mode, self.name = wakeup, mode, name
+        self.owner = owner or OwnerFiles(settings)
         self.stopping = threading.Event()
         self.lease_seconds = settings.model_timeout * 2 + 120
 
@@ -1829,22 +2400,21 @@ class Worker:
     def plan(self, message: Message) -> int | None:
         """Decide and store what to send; the number of segments, or None to retry later."""
         now = time.time()
-        text = (message.content or "").strip()
-        if message.msg_type == "event":  # LOCATION (every 5 s), VIEW and the rest: nothing
+        intent = classify(message.msg_type, message.content)
+        text = intent.text
+        if intent.kind is Kind.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
             return self.store.save_answer(message, split_segments(line), now, carry=False)
-        command = text.lower() if message.msg_type == "text" else ""
-        if command in RESET_WORDS:
+        if intent.kind is Kind.RESET:
             self.store.forget(message.openid)
-            return self.store.save_answer(message, [RESET_LINE], now)
-        if command in HELP_WORDS:
+            return self.store.save_answer(message, [RESET_LINE], now, leftovers=Leftovers.DROP)
+        if intent.kind is Kind.HELP:
             return self.store.save_answer(message, [HELP_LINE], now)
-        if command == "/stats" and message.openid in self.settings.admins:
+        if intent.kind is Kind.STATS and message.openid in self.settings.admins:
             return self.store.save_answer(message, [stats_text(self.store.stats(now))], now)
-        # "继续" fetches what waits; in passive mode it never is a question for the model.
-        if text in CONTINUE_WORDS and (self.mode.passive or
-                                       self.store.has_overflow(message.openid, message.id)):
-            return self.store.save_answer(message, [], now, take_overflow=True)
+        if intent.kind is Kind.CONTINUE:  # fetches the rest; never a question for the model
+            return self.store.save_answer(message, [], now, leftovers=Leftovers.TAKE,
+                                          if_nothing=[NOTHING_MORE_LINE])
         if message.msg_type == "voice" and not text:
             log_worker.warning("message %s: a voice message without Recognition; turn on "
                                "公众号后台 → 设置与开发 → 接口权限 → 接收语音识别结果", message.id)
@@ -1862,16 +2432,26 @@ class Worker:
         A picture (WXBOT_VISION) goes as an image part, with the texts that follow it or, on
         its own, a short instruction.
         """
-        question = "\n".join(part for part in [question, *self.store.merge_followups(
-            message, time.time())] if part) or IMAGE_PROMPT
-        if len(question) > MAX_QUESTION_CHARS:
-            question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
-                chars=MAX_QUESTION_CHARS)
-        wait = self.store.count_model_call(message, time.time(), [
-            (60, self.settings.user_rate), (86400, self.settings.user_daily)])
+        blocked = self.owner.blocked
+        with self.store.transaction():  # one commit: follow-ups, the call counted, carried
+            question = "\n".join(part for part in [question, *self.store.merge_followups(
+                message, time.time())] if part) or IMAGE_PROMPT
+            if len(question) > MAX_QUESTION_CHARS:
+                question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
+                    chars=MAX_QUESTION_CHARS)
+            # A blocked question never reaches the model, nor counts against the limits.
+            refused = blocked.found(question)
+            wait = None if refused else self.store.count_model_call(message, time.time(), [
+                (60, self.settings.user_rate), (86400, self.settings.user_daily)])
+            if not refused and wait is None:
+                self.store.start_answer(message, leftovers=Leftovers.DROP)
+        if refused:
+            log_worker.warning("message %s from %s: question blocked (WXBOT_BLOCKED_WORDS)",
+                               message.id, short_id(message.openid))
+            self.store.bump("blocked", time.time())
+            return self.store.save_answer(message, [self.settings.blocked_reply], time.time())
         if wait is not None:
             return self._over_limit(message, wait)
-        self.store.start_answer(message)
         history = self.store.history(message.openid, self.settings.history_turns,
                                      self.settings.context_chars,
                                      time.time() - self.settings.session_ttl)
@@ -1890,13 +2470,13 @@ class Worker:
         cutter = StreamCutter(time.monotonic(), first_done=bool(partial))
         written, sending = [], True
         try:
-            for text in self._ask(history, ask):
+            for text in masked_stream(self._ask(history, ask), blocked):
                 written.append(text)
                 ready = cutter.feed(text, time.monotonic())
-                if ready:
+                if ready and sending:
+                    sending = self.deliver(message, streaming=True, add=ready)
+                elif ready:  # after a failed send, the rest waits for the end of the answer
                     self.store.add_segments(message, ready)
-                    # After a failed send, the rest waits for the end of the answer.
-                    sending = sending and self.deliver(message, streaming=True)
             rest = cutter.finish()
         except ModelError as error:
             self.store.add_segments(message, cutter.finish())
@@ -1959,49 +2539,51 @@ class Worker:
                                           partial or None)
 
     def deliver(self, message: Message, model_seconds: float | None = None,
-                streaming: bool = False) -> bool:
+                streaming: bool = False, add: list[str] = ()) -> bool:
         """Send the unsent segments in order, each marked sent as WeChat confirms it.
 
-        WeChat allows 5 messages per user message (45047): the 5th says how to get the rest,
-        so while the model still writes, the 5th waits until it is known whether more follows.
-        False when a send failed.
+        One commit a segment: the mark that WeChat took the last one and the note that the
+        next is about to go (after `add`, new segments of an answer still streaming, stored
+        first); the last also ends the message. False when a send failed.
         """
-        rows = self.store.segments(message.id)
-        sent = sum(1 for row in rows if row["sent_at"] is not None)
-        for row in rows:
-            if self.mode.passive:  # the webhook hands them out, one per push of the user
+        sent_seq = None
+        while True:
+            now = time.time()
+            with self.store.transaction():
+                if add:
+                    self.store.add_segments(message, add)
+                if sent_seq is not None:
+                    self.store.mark_sent(message, sent_seq, now)
+                rows = self.store.segments(message.id)
+                pick = None if self.mode.passive else next_send(  # passive: the webhook's
+                    rows, self.store.quota(message.id), streaming)
+                if pick:
+                    self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
+                elif not streaming:
+                    apology = [row["content"] for row in rows] == [APOLOGY_LINE]
+                    self.store.finish(message, State.FAILED if apology else State.DONE)
+            add = ()
+            if not pick:
                 break
-            if row["sent_at"] is not None:
-                continue
-            if sent >= QUOTA or (streaming and sent == QUOTA - 1):
-                break
-            text = row["content"]
-            if sent == QUOTA - 1 and len(rows) > QUOTA:
-                text += CONTINUE_TAIL
+            row, text = pick
             if row["tried_at"] is not None:
                 # WeChat has no idempotency key: a send cut off by a crash or a timeout may
                 # have arrived. Sending again risks a repeat; not sending risks a loss.
                 log_worker.warning("message %s: segment %d was in flight when its last try "
                                    "ended; sending it again (the user may see it twice)",
                                    message.id, row["seq"])
-            now = time.time()
-            self.store.mark_trying(message, row["seq"], now, now + self.lease_seconds)
             try:
                 self.wechat.customer_service_send(message.openid, text)
             except WeChatError as error:
                 if not streaming:  # while streaming, the final delivery deals with it
                     self._send_failed(message, error)
                 return False
-            self.store.mark_sent(message, row["seq"], time.time())
-            sent += 1
-        if streaming:
-            return True
-        apology = [row["content"] for row in rows] == [APOLOGY_LINE]
-        self.store.finish(message, State.FAILED if apology else State.DONE)
-        log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
-                        short_id(message.openid), message.msg_id or message.event,
-                        f"{model_seconds:.2f}s" if model_seconds is not None else "-",
-                        sent, len(rows))
+            sent_seq = row["seq"]
+        if not streaming:
+            log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
+                            short_id(message.openid), message.msg_id or message.event,
+                            f"{model_seconds:.2f}s" if model_seconds is not None else "-",
+                            sum(row["sent_at"] is not None for row in rows), len(rows))
         return True
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
@@ -2175,7 +2757,6 @@ class Webhook:
         started = time.monotonic()
         last_try = pushes >= 3
         deadline = started + (PASSIVE_LAST_WAIT if last_try else PASSIVE_WAIT)
-        fetching = push.msg_type == "text" and (push.content or "").strip() in CONTINUE_WORDS
         while True:
             settled = self.store.settled(message_id)  # before the look, so nothing is missed
             reply = self.store.passive_reply(push.openid, message_id, time.time())
@@ -2183,8 +2764,7 @@ class Webhook:
                 text, more = reply
                 return self.reply_body(push, text + CONTINUE_TAIL if more else text, query)
             if settled:
-                return self.reply_body(push, NOTHING_MORE_LINE, query) if fetching \
-                    else "success"
+                return "success"
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -2391,10 +2971,11 @@ class HttpServer:
 class Bot:
     """Everything wired together: store, webhook, server, workers."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, owner: OwnerFiles | None = None):
         self.settings = settings
         for secret in settings.secrets():
             SECRET_FILTER.add(secret)
+        self.owner = owner or OwnerFiles(settings)
         self.store = Store(settings.db)
         self.wakeup = Wakeup()
         self.wechat = WeChatAPI(settings, self.store)
@@ -2404,7 +2985,8 @@ class Bot:
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
-                               self.mode, f"worker-{n}") for n in range(settings.workers)]
+                               self.mode, f"worker-{n}", self.owner)
+                        for n in range(settings.workers)]
         self.threads: list[threading.Thread] = []
 
     @property
@@ -2462,14 +3044,14 @@ class Console:
         return True
 
 
-def chat(settings: Settings, lines, out) -> int:
+def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int:
     """A console conversation with the real model, through wxbot's own worker."""
     root, ext = os.path.splitext(settings.db)
     settings = dataclasses.replace(settings, db=f"{root}-chat{ext or '.db'}", user_rate=0,
                                    user_daily=0)
     store = Store(settings.db)
     worker = Worker(settings, store, Console(out), Model(settings), Wakeup(),
-                    DeliveryMode("service", store), "chat")
+                    DeliveryMode("service", store), "chat", owner)
     print(f"wxbot chat with {settings.model} (history in {settings.db}; /reset forgets it, "
           f"Ctrl-D ends)", file=out, flush=True)
     for line in lines:
@@ -2534,6 +3116,14 @@ def check(settings: Settings, out) -> int:
         else:
             report(False, f"the model failed: {error}")
     store.close()
+    for path, read, setting in [(settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
+        if not path:
+            continue
+        try:
+            report(True, f"{setting}: {path} has {read(path).describe()}")
+        except FileProblem as error:
+            for problem in error.problems:
+                report(False, f"{setting}: {path}: {problem}")
     print(f"\nIn 公众号后台 → 设置与开发 → 基本配置 → 服务器配置, enter:\n"
           f"  URL:   http://<this server's domain or IP>{settings.path}  (port 80, or 443 "
           f"with https; wxbot listens on {settings.host}:{settings.port})\n"
@@ -2542,6 +3132,42 @@ def check(settings: Settings, out) -> int:
           file=out)
     print("all checks passed" if not failures else f"{failures} check(s) failed", file=out)
     return 0 if not failures else 1
+
+
+def menu_command(settings: Settings, path: str | None, show: bool, delete: bool, out) -> int:
+    """`menu FILE`: check the file, then make it the menu; `--show`, `--delete`."""
+    if path is not None:
+        try:
+            menu = load_menu(path)
+        except FileProblem as error:
+            for problem in error.problems:
+                print(f"{path}: {problem}", file=out)
+            print(f"{path}: not sent to WeChat: {len(error.problems)} problem(s)", file=out)
+            return 1
+    store = Store(settings.db)  # the access token cache, shared with the running bot
+    wechat = WeChatAPI(settings, store)
+    try:
+        if show:
+            menu = menu_in_force(wechat.menu_current())
+            print(json.dumps(menu, ensure_ascii=False, indent=2) if menu else
+                  "no menu is in force", file=out)
+        elif delete:
+            wechat.menu_delete()
+            print("menu deleted (WeChat clients show the change within about 5 minutes, "
+                  "or when the user follows the account again)", file=out)
+        else:
+            wechat.menu_create(menu)
+            print(f"menu from {path} is in force ({len(menu['button'])} buttons; WeChat "
+                  f"clients show it within about 5 minutes)", file=out)
+        return 0
+    except WeChatError as error:
+        if error.errcode is None:
+            print(f"cannot reach WeChat at {settings.api_base}: {error.errmsg}", file=out)
+        else:
+            print(menu_error(error), file=out)
+        return 1
+    finally:
+        store.close()
 
 
 def help_text() -> str:
@@ -2558,13 +3184,22 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser = argparse.ArgumentParser(
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "check", "chat"],
+    parser.add_argument("command", nargs="?", default="serve",
+                        choices=["serve", "check", "chat", "menu"],
                         help="serve (default): run the bot; check: try the settings for real; "
-                             "chat: talk to the model in this console")
+                             "chat: talk to the model in this console; menu FILE.json: make "
+                             "the file the account's custom menu")
+    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
+    parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
+    if args.command == "menu" and (args.file is not None) + args.show + args.delete != 1:
+        parser.error("menu takes one of: FILE.json, --show, --delete")
+    elif args.command != "menu" and (args.file or args.show or args.delete):
+        parser.error("FILE, --show and --delete go with the menu command")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
@@ -2579,6 +3214,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if args.command == "chat":  # no WeChat involved
             env = {"WXBOT_TOKEN": "not-used-in-chat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    **env}
+        if args.command == "menu":  # no model involved
+            env = {"OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
     except SettingsError as error:
         for problem in error.problems:
@@ -2590,12 +3227,20 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
     if args.command == "check":
         return check(settings, sys.stdout)
+    if args.command == "menu":
+        return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
+    try:
+        owner = OwnerFiles(settings)
+    except FileProblem as error:
+        for problem in error.problems:
+            print(f"wxbot: {error.path}: {problem}", file=sys.stderr)
+        return 2
     if args.command == "chat":
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
-        return chat(settings, sys.stdin, sys.stdout)
+        return chat(settings, sys.stdin, sys.stdout, owner)
     log.info("wxbot %s starting: %s", __version__, settings.describe())
     try:
-        bot = Bot(settings)
+        bot = Bot(settings, owner)
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
         return 1
@@ -2611,8 +3256,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             os._exit(1)
         stop_requested.set()
 
+    def on_hangup(signum, frame):  # systemctl reload: re-read the owner's files
+        bot.owner.stale()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     bot.start()
     while not stop_requested.wait(3600):
         pass
