@@ -920,7 +920,7 @@ def test_one_token_refresh_is_shared_by_all_threads(start_bot, wechat, model):
 
 
 def test_typing_is_renewed_once_while_the_model_works(start_bot, wechat, model, monkeypatch):
-    monkeypatch.setattr(wxbot.Worker, "TYPING_RENEW", 0.3)
+    monkeypatch.setattr(wxbot.Acknowledger, "TYPING_RENEW", 0.3)
     model.respond = lambda request: time.sleep(1.0) or "想好了"
     wechat.failures["/cgi-bin/message/custom/typing"] = [45081]
     bot = start_bot()
@@ -1913,7 +1913,7 @@ def test_sigkill_at_random_points_loses_nothing_and_keeps_order(tmp_path, wechat
               for n, user in enumerate(users)]
     expected = {user: [f"{user}-{k}" for k in range(10)] for user in users}
     env = env_for(tmp_path, wechat, model, WXBOT_PORT=free_port(), WXBOT_USER_RATE=0,
-                  WXBOT_WORKERS=4)
+                  WXBOT_WORKERS=4, WXBOT_QUEUE_NOTICE=0)  # the answers alone, in order
     state, logs = {}, []
     state["process"], state["port"], lines = start_process(env, tmp_path)
     logs.append(lines)
@@ -2615,3 +2615,77 @@ def test_pushes_are_stored_ahead_of_the_workers_queued_writes(tmp_path):
             thread.join()
     store.close()
     assert max(overtaken) <= 2, overtaken
+
+
+def test_every_user_sees_typing_at_once_however_deep_the_queue(start_bot, wechat, model):
+    release = threading.Event()
+    model.respond = lambda request: release.wait(10) and "好"
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=0)
+    users = [f"oEARLY{n}" for n in range(12)]
+    for n, user in enumerate(users):
+        send_text(bot, user, "问", n + 1)
+    try:  # the one worker is still on the first message: typing comes from elsewhere
+        wait_for(lambda: {to for to, command in wechat.typing} == set(users), timeout=5,
+                 message="typing for every user")
+        assert not wechat.sent  # no queue line with WXBOT_QUEUE_NOTICE=0
+    finally:
+        release.set()
+    wait_for(lambda: all(wechat.texts_to(user) == ["好"] for user in users))
+
+
+def test_a_long_wait_gets_one_queue_line_and_the_answer_keeps_within_five(start_bot, wechat,
+                                                                          model):
+    release, long_answer = threading.Event(), chinese_answer(12000)
+    model.respond = lambda request: {"一": lambda: release.wait(10) and "好",
+                                     "书": lambda: long_answer}.get(
+        request["messages"][-1]["content"], lambda: "答")()
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=5)
+    send_text(bot, "oFIRST", "一", 1)
+    wait_for(lambda: model.requests)  # the only worker is busy from here on
+    send_text(bot, "oSECOND", "二", 2)  # next in line: a short wait, typing only
+    send_text(bot, "oTHIRD", "书", 3)   # one ahead of it and one in hand: a long wait
+    send_text(bot, "oTHIRD", "书", 3)   # WeChat's retry of the same message
+    line = wait_for(lambda: wechat.texts_to("oTHIRD"), timeout=5)
+    assert line == [wxbot.QUEUE_LINE.format(ahead=1, minutes=1)]
+    assert ("oSECOND", "Typing") in wechat.typing and not wechat.texts_to("oSECOND")
+    release.set()
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    texts = wechat.texts_to("oTHIRD")
+    assert len(texts) == 5 and texts[0] == line[0]  # the line took one of WeChat's 5
+    assert texts[-1].endswith(wxbot.CONTINUE_TAIL) and all(
+        len(text.encode()) <= 2048 for text in texts)
+    msg_id = 4
+    while wechat.texts_to("oTHIRD")[-1].endswith(wxbot.CONTINUE_TAIL):  # the rest, intact
+        count = len(wechat.texts_to("oTHIRD"))
+        send_text(bot, "oTHIRD", "继续", msg_id)
+        msg_id += 1
+        wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and
+                 len(wechat.texts_to("oTHIRD")) > count)
+    delivered = "".join(wechat.texts_to("oTHIRD")[1:]).replace(wxbot.CONTINUE_TAIL, "")
+    assert without_space(delivered) == without_space(long_answer)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(segments=st.integers(0, 12), streamed=st.integers(0, 12), quota=st.integers(1, 5),
+       sent=st.integers(0, 5))
+def test_no_segment_ever_goes_past_the_quota(segments, streamed, quota, sent):
+    """Whatever is already sent and whatever streams in, next_send keeps to the quota and
+    puts the 继续 line on the last message allowed exactly when more waits."""
+    rows = [{"seq": n, "content": f"段{n}", "sent_at": 1.0 if n < min(sent, segments) else None}
+            for n in range(segments)]
+    shown = []
+
+    def deliver(streaming):
+        while (pick := wxbot.next_send(rows, quota, streaming)) is not None:
+            row, text = pick
+            row["sent_at"] = 1.0
+            shown.append(text)
+    for n in range(streamed):  # segments arriving while the model writes
+        rows.append({"seq": len(rows), "content": f"段{len(rows)}", "sent_at": None})
+        deliver(streaming=True)
+    deliver(streaming=False)
+    total_sent = sum(row["sent_at"] is not None for row in rows)
+    assert total_sent == min(len(rows), max(quota, min(sent, segments)))
+    tails = [text for text in shown if text.endswith(wxbot.CONTINUE_TAIL)]
+    assert len(tails) == (1 if len(rows) > quota > min(sent, segments) else 0)
+    assert not tails or shown[-1] == tails[0]

@@ -24,9 +24,11 @@ import contextlib
 import dataclasses
 import enum
 import hashlib
+import heapq
 import hmac
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -88,6 +90,8 @@ IMAGE_PROMPT = "请看这张图片，简要说明图里有什么。"
 CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
 NOTHING_MORE_LINE = "没有更多内容了，请直接提问吧。"
 THINKING_LINE = "正在思考，请稍后回复“继续”获取回答。"
+#: Sent at once when a message will wait longer than WXBOT_QUEUE_NOTICE seconds for a worker.
+QUEUE_LINE = "收到！前面还有 {ahead} 人在排队，预计 {minutes} 分钟内回复。"
 RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
 DAILY_LINE = "今天的提问次数已用完，请约 {hours} 小时后再来。"
 #: Messages a user sends within this many seconds of each other, still waiting when the
@@ -243,6 +247,9 @@ SETTINGS: dict[str, Setting] = {
     "workers": Setting("WXBOT_WORKERS", "32", _int_between(1, 256),
                        "worker threads: model calls in parallel (keep within the provider's "
                        "concurrency and RPM limits; see README)"),
+    "queue_notice": Setting("WXBOT_QUEUE_NOTICE", "20", _seconds,
+                            "a message that will wait longer than this many seconds for a "
+                            "worker gets a line saying how long, at once (0: never)"),
     "history_turns": Setting("WXBOT_HISTORY_TURNS", "10", _int_between(0, 100),
                              "earlier exchanges (question and answer) sent to the model"),
     "max_skew": Setting("WXBOT_MAX_SKEW", "300", _int_between(0, 86400),
@@ -291,6 +298,7 @@ class Settings:
     port: int
     path: str
     workers: int
+    queue_notice: float
     history_turns: int
     max_skew: int
     model_timeout: float
@@ -978,6 +986,26 @@ class Store:
                                 " WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
+    def waiting_ahead(self, message_id: int) -> int:
+        """Messages queued before this one that no worker has taken yet."""
+        with self.connection() as conn:
+            return conn.execute("SELECT count(*) FROM messages WHERE state = 'queued'"
+                                " AND id < ?", (message_id,)).fetchone()[0]
+
+    def note_queue_lines(self, message_ids: list[int], now: float) -> list[int]:
+        """Note, before it is sent, that the queue line goes out for these messages: it takes
+        one of their 5 messages (quota). Those whose answer began to go out get none.
+        Returns the ids noted."""
+        with self.transaction() as conn:
+            noted = [message_id for message_id in message_ids if not conn.execute(
+                "SELECT 1 FROM segments WHERE message_id = ? AND tried_at IS NOT NULL LIMIT 1",
+                (message_id,)).fetchone()]
+            # The quota of a user message lasts 48 h; the note need not outlive it.
+            conn.executemany("INSERT OR IGNORE INTO kv (key, value, expires_at) VALUES"
+                             " (?, ?, ?)", [(QUEUE_LINE_KEY.format(message_id), str(now),
+                                             now + 3 * 86400) for message_id in noted])
+        return noted
+
     def quota(self, message_id: int) -> int:
         """Customer-service messages the answer to a message may use: WeChat's 5 per user
         message (45047), less the queue line if one went out for it."""
@@ -1415,11 +1443,6 @@ class WeChatAPI:
 
     def menu_delete(self) -> None:
         self.call("/cgi-bin/menu/delete")
-
-    def typing_soon(self, openid: str) -> None:
-        """Show "typing" from another thread, so the model call need not wait for WeChat."""
-        thread = threading.Thread(target=self.typing, args=(openid,), daemon=True)
-        thread.start()
 
     def typing(self, openid: str, command: str = "Typing") -> None:
         """Show "typing"; every error is harmless (45080 too late, 45081 already shown)."""
@@ -2128,6 +2151,111 @@ class OwnerFiles:
 
 
 ###############################################################################
+# Acknowledgement: typing and the queue line ##################################
+###############################################################################
+
+def queue_line(ahead: int, wait: float, answer_seconds: float) -> str:
+    """The line for a message that waits: how many are ahead and when the answer comes."""
+    return QUEUE_LINE.format(ahead=ahead, minutes=max(1, math.ceil((wait + answer_seconds) / 60)))
+
+
+class Acknowledger:
+    """Shows every user at once that their message was seen, however deep the queue.
+
+    The worker that will answer may be minutes away in a burst, and WeChat refuses typing 30 s
+    after the user's message (45080); so typing goes out within moments of each push from a
+    few threads of this sender's own, and is renewed once after 15 s while the answer is
+    still coming. A message that will wait longer than WXBOT_QUEUE_NOTICE seconds gets one
+    short line instead, saying how long; it takes one of the message's 5 (Store.quota).
+    Passive mode has no customer-service API: nothing is sent.
+    """
+
+    #: Threads calling WeChat: a typing call takes about 50 ms from a VPS in China, so 8
+    #: acknowledge some 150 pushes a second.
+    THREADS = 8
+    #: Typing shows for 15 s and cannot be renewed while shown (45081).
+    TYPING_RENEW = 15.5
+    #: How long an answer is taken to need until workers have timed some (seconds).
+    ANSWER_GUESS = 10.0
+
+    def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, mode: DeliveryMode):
+        self.settings, self.store, self.wechat, self.mode = settings, store, wechat, mode
+        self.answer_seconds = self.ANSWER_GUESS
+        self._due: list[tuple[float, int, str, float, bool]] = []  # heap: when, id, openid, ...
+        self._condition = threading.Condition()  # notified when a job is added or on stop
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._run, name=f"acknowledger-{n}",
+                                          daemon=True) for n in range(self.THREADS)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        for thread in self._threads:
+            thread.join(5)
+
+    def pushed(self, message_id: int, openid: str, received_at: float) -> None:
+        """A new message was stored: acknowledge it now."""
+        self._add(received_at, message_id, openid, received_at, True)
+
+    def answered(self, seconds: float) -> None:
+        """A worker took this long over a message: the queue line's estimate follows."""
+        self.answer_seconds += 0.2 * (seconds - self.answer_seconds)  # recent ones weigh most
+
+    def _add(self, when: float, message_id: int, openid: str, received_at: float,
+             first: bool) -> None:
+        with self._condition:
+            heapq.heappush(self._due, (when, message_id, openid, received_at, first))
+            self._condition.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._stopping and (not self._due or self._due[0][0] > time.time()):
+                    self._condition.wait(self._due[0][0] - time.time() if self._due else None)
+                if self._stopping:
+                    return
+                # The first acks of a burst together: their queue lines are noted in one commit.
+                jobs = []
+                while self._due and self._due[0][0] <= time.time() and len(jobs) < 32:
+                    jobs.append(heapq.heappop(self._due))
+            try:
+                self._acknowledge(jobs)
+            except Exception:  # a typing line is never worth a thread
+                log_wechat.exception("typing or queue line for %d message(s) skipped", len(jobs))
+
+    def _acknowledge(self, jobs: list[tuple[float, int, str, float, bool]]) -> None:
+        if self.mode.passive:
+            return
+        lines = {}
+        for _, message_id, openid, received_at, first in jobs:
+            if self.store.settled(message_id):  # answered already: typing would mislead
+                continue
+            if first:
+                self._add(received_at + self.TYPING_RENEW, message_id, openid, received_at,
+                          False)
+                ahead = self.store.waiting_ahead(message_id)
+                wait = ahead / self.settings.workers * self.answer_seconds
+                if self.settings.queue_notice and wait > self.settings.queue_notice:
+                    lines[message_id] = (openid, queue_line(ahead, wait, self.answer_seconds))
+                    continue
+            elif time.time() - received_at >= 30:  # too late for typing (45080)
+                continue
+            self.wechat.typing(openid)
+        for message_id in self.store.note_queue_lines(list(lines), time.time()):
+            openid, line = lines[message_id]
+            try:
+                self.wechat.customer_service_send(openid, line)
+            except WeChatError as error:  # the answer still comes; the log says why not this
+                log_wechat.warning("queue line for message %s not sent: %s", message_id,
+                                   error.hint())
+
+
+###############################################################################
 # Worker ######################################################################
 ###############################################################################
 
@@ -2176,14 +2304,13 @@ class Worker:
     MODEL_TRIES = 3
     #: Delivery gives up (state dead) after this many claims of one message.
     MAX_ATTEMPTS = 10
-    #: Typing shows for 15 s; renew once while the model is still working (45081 before).
-    TYPING_RENEW = 15.5
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
-                 owner: OwnerFiles | None = None):
+                 owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
         self.wakeup, self.mode, self.name = wakeup, mode, name
+        self.acknowledger = acknowledger
         self.owner = owner or OwnerFiles(settings)
         self.stopping = threading.Event()
         self.lease_seconds = settings.model_timeout * 2 + 120
@@ -2195,9 +2322,12 @@ class Worker:
         message = self.store.claim(time.time() if now is None else now, self.lease_seconds)
         if message is None:
             return False
+        started = time.monotonic()
         try:
             self.handle(message)
             self.wakeup.notify()  # the user's next message, if any, may now be claimed
+            if self.acknowledger:
+                self.acknowledger.answered(time.monotonic() - started)
         except LeaseLost:
             log_worker.warning("message %s: lease lost, another worker has it", message.id)
         except Exception:  # one bad message never kills the thread
@@ -2308,11 +2438,6 @@ class Worker:
         if partial:  # a stream cut off before: ask for the rest, never for all of it again
             ask += [{"role": "assistant", "content": partial},
                     {"role": "user", "content": RESUME_PROMPT}]
-        if not self.mode.passive:
-            self.wechat.typing_soon(message.openid)
-        renew = threading.Timer(self.TYPING_RENEW, self._renew_typing, (message,))
-        renew.daemon = True
-        renew.start()
         cutter = StreamCutter(time.monotonic(), first_done=bool(partial))
         written, sending = [], True
         try:
@@ -2327,8 +2452,6 @@ class Worker:
         except ModelError as error:
             self.store.add_segments(message, cutter.finish())
             return self._model_failed(message, error, question)
-        finally:
-            renew.cancel()
         answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
         return self.store.complete_answer(message, time.time(), rest,
                                           f"[图片] {question}" if picture else question, answer)
@@ -2344,11 +2467,6 @@ class Worker:
                 raise
         log_worker.warning("context too long for the model; retrying without history")
         yield from self.model.stream(system + ask)
-
-    def _renew_typing(self, message: Message) -> None:
-        # Typing needs an exchange with the user in the last 30 s (45080).
-        if time.time() - message.received_at < 30 and not self.mode.passive:
-            self.wechat.typing(message.openid)
 
     def _over_limit(self, message: Message, wait: float) -> int:
         """One short notice per user and window; further messages in it get nothing."""
@@ -2489,9 +2607,11 @@ class Webhook:
     """Turns WeChat's HTTP calls into stored pushes; pure of I/O apart from the store."""
 
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
-                 mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time):
+                 mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
+                 acknowledger: Acknowledger | None = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
         self.mode = mode or DeliveryMode("service", store)
+        self.acknowledger = acknowledger
         self.crypto = (WeChatCrypto(settings.aes_key, settings.appid)
                        if settings.aes_key else None)
         self.accepting = True
@@ -2517,9 +2637,12 @@ class Webhook:
         except BadPush as error:
             log_web.warning("push refused (400): %s", error)
             return 400, "bad request"
-        message_id, pushes = self.store.store_push(push, self.clock())
+        now = self.clock()
+        message_id, pushes = self.store.store_push(push, now)
         if pushes == 1:
             self.wakeup.notify()
+            if self.acknowledger and push.msg_type != "event" and not self.mode.passive:
+                self.acknowledger.pushed(message_id, push.openid, now)
         else:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
@@ -2683,7 +2806,7 @@ class HttpServer:
 ###############################################################################
 
 class Bot:
-    """Everything wired together: store, webhook, server, workers."""
+    """Everything wired together: store, webhook, server, acknowledger, workers."""
 
     def __init__(self, settings: Settings, owner: OwnerFiles | None = None):
         self.settings = settings
@@ -2695,11 +2818,13 @@ class Bot:
         self.wechat = WeChatAPI(settings, self.store)
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
-        self.webhook = Webhook(settings, self.store, self.wakeup, self.mode)
+        self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
+        self.webhook = Webhook(settings, self.store, self.wakeup, self.mode,
+                               acknowledger=self.acknowledger)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
-                               self.mode, f"worker-{n}", self.owner)
+                               self.mode, f"worker-{n}", self.owner, self.acknowledger)
                         for n in range(settings.workers)]
         self.threads: list[threading.Thread] = []
 
@@ -2711,6 +2836,7 @@ class Bot:
         recovered = self.store.release_all_leases()
         if recovered:
             log.info("resuming %d message(s) that were in progress at the last stop", recovered)
+        self.acknowledger.start()
         self.server.start()
         for worker in self.workers:
             thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
@@ -2725,6 +2851,7 @@ class Bot:
         timeout = self.settings.stop_timeout if timeout is None else timeout
         self.webhook.accepting = False
         self.server.stop()
+        self.acknowledger.stop()
         for worker in self.workers:
             worker.stop()
         self.wakeup.notify_all()
@@ -2747,12 +2874,6 @@ class Console:
 
     def customer_service_send(self, openid: str, text: str) -> None:
         print(f"\n{text}\n{'─' * 20}", file=self.out, flush=True)
-
-    def typing(self, openid: str, command: str = "Typing") -> None:
-        pass
-
-    def typing_soon(self, openid: str) -> None:
-        pass
 
     def first_time(self, errcode: int) -> bool:
         return True
