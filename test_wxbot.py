@@ -868,14 +868,14 @@ def test_transient_send_errors_are_retried_and_delivered_once(start_bot, wechat,
 
 def test_delivery_that_keeps_failing_ends_dead_and_is_kept(start_bot, wechat, model, caplog,
                                                            monkeypatch):
-    monkeypatch.setattr(wxbot.Worker, "MAX_ATTEMPTS", 3)
+    monkeypatch.setattr(wxbot.Worker, "DELIVERY_TRIES", 3)
     wechat.intercept = lambda path, body: 500 if path == SEND else None
     bot = start_bot()
     send_text(bot, "oDEAD", "问", 1)
     health = wait_for(lambda: (lambda h: h if h["dead"] == 1 else None)(
         requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).json()))
     assert health["unsent_segments"] == 1 and health["queued"] == 0
-    assert "giving up after 3 attempts" in caplog.text
+    assert "giving up after 3 failed deliveries" in caplog.text
     assert len(model.requests) == 1
 
 
@@ -2014,3 +2014,175 @@ def test_secrets_never_in_log_reply_or_healthz_at_debug(start_bot, wechat, model
     assert wechat.tokens_issued == 2
     for secret in [APPSECRET, API_KEY, VECTOR_KEY, "ACCESS_TOKEN_1_", "ACCESS_TOKEN_2_"]:
         assert secret not in text, secret
+
+
+# Months in production ########################################################
+
+#: The schema of wxbot's first release (user_version 1), to test the migration from it.
+SCHEMA_V1 = """
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY, dedup_key TEXT NOT NULL UNIQUE, openid TEXT NOT NULL,
+    msg_type TEXT NOT NULL, msg_id TEXT, event TEXT, content TEXT, fields TEXT NOT NULL,
+    received_at REAL NOT NULL, pushes INTEGER NOT NULL DEFAULT 1,
+    state TEXT NOT NULL DEFAULT 'queued'
+          CHECK (state IN ('queued', 'leased', 'done', 'failed', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0, lease_until REAL, not_before REAL NOT NULL DEFAULT 0,
+    answered_at REAL, merged_into INTEGER REFERENCES messages (id), error TEXT);
+CREATE INDEX messages_state ON messages (state, id);
+CREATE INDEX messages_user ON messages (openid, state, id);
+CREATE TABLE segments (
+    message_id INTEGER NOT NULL REFERENCES messages (id), seq INTEGER NOT NULL,
+    content TEXT NOT NULL CHECK (content != ''), carried INTEGER NOT NULL DEFAULT 0,
+    tried_at REAL, sent_at REAL, replied_to INTEGER REFERENCES messages (id),
+    moved_to INTEGER REFERENCES messages (id), PRIMARY KEY (message_id, seq));
+CREATE TABLE turns (
+    id INTEGER PRIMARY KEY, openid TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), content TEXT NOT NULL,
+    created_at REAL NOT NULL, message_id INTEGER REFERENCES messages (id));
+CREATE INDEX turns_user ON turns (openid, id);
+CREATE TABLE model_calls (
+    message_id INTEGER PRIMARY KEY REFERENCES messages (id), openid TEXT NOT NULL,
+    called_at REAL NOT NULL);
+CREATE INDEX model_calls_user ON model_calls (openid, called_at);
+CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL);
+PRAGMA user_version = 1;
+"""
+
+
+def stored_push(store, openid, content, msg_id, now):
+    push = wxbot.Push.from_fields(wxbot.parse_xml(text_xml(openid, content, msg_id)))
+    return store.store_push(push, now)[0]
+
+
+def worker_for(tmp_path, wechat, model, store, **settings):
+    """A Worker on `store` driven by the test through loop(), as `chat` drives one."""
+    settings = wxbot.Settings.from_env(env_for(tmp_path, wechat, model, **settings))
+    return wxbot.Worker(settings, store, wxbot.WeChatAPI(settings, store), wxbot.Model(settings),
+                        wxbot.Wakeup(), wxbot.DeliveryMode("service", store))
+
+
+def run_until_settled(worker, store, message_id, timeout=30):
+    def settled():
+        if not worker.loop():
+            time.sleep(0.01)  # a retry's backoff: nothing to wake this thread but time
+        return store.settled(message_id)
+    wait_for(settled, timeout=timeout)
+
+
+def test_database_of_the_first_release_is_migrated_and_keeps_its_queue(tmp_path):
+    path = str(tmp_path / "old.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA_V1)
+        conn.executemany(
+            "INSERT INTO messages (dedup_key, openid, msg_type, content, fields, received_at,"
+            " state, attempts) VALUES (?, 'oOLD', 'text', '问', '{}', 1000, ?, ?)",
+            [("k1", "done", 1), ("k2", "dead", 10), ("k3", "queued", 2)])
+        conn.commit()
+    store = wxbot.Store(path)
+    with store.connection() as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == wxbot.SCHEMA_VERSION
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+    health = store.health(2000.0)
+    assert (health["answered"], health["dead"], health["queued"]) == (1, 1, 1)
+    message = store.claim(2000.0, 60)
+    assert (message.content, message.model_failures, message.delivery_failures,
+            message.interruptions) == ("问", 0, 0, 0)
+    stored_push(store, "oNEW", "新", 1, 2001.0)
+    assert store.health(2001.0)["queued"] == 2
+    store.close()
+    store = wxbot.Store(path)  # opening it again changes nothing
+    assert store.health(2001.0)["queued"] == 2
+    store.close()
+
+
+def test_restarts_do_not_use_up_the_model_tries(tmp_path, wechat, model):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"))
+    message_id = stored_push(store, "oRESTART", "问", 1, time.time())
+    for _ in range(2):  # two restarts while the message was in hand
+        store.claim(time.time(), 60)
+        assert store.release_all_leases() == 1
+    failed = []
+
+    def respond(request):
+        if not failed:
+            failed.append(1)
+            raise ModelFault(503)
+        return "答好了"
+    model.respond = respond
+    run_until_settled(worker_for(tmp_path, wechat, model, store), store, message_id)
+    assert wechat.texts_to("oRESTART") == ["答好了"]
+    store.close()
+
+
+def test_a_message_that_keeps_losing_its_lease_ends_dead_with_the_reason(tmp_path, caplog):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"))
+    message_id = stored_push(store, "oSTUCK", "问", 1, 1000.0)
+    now = 1000.0
+    for _ in range(wxbot.INTERRUPTIONS_LIMIT):
+        assert store.claim(now, 10).id == message_id
+        now += 11  # the worker holding it never comes back
+    assert store.claim(now, 10) is None
+    assert store.health(now)["dead"] == 1
+    assert f"interrupted {wxbot.INTERRUPTIONS_LIMIT} times" in caplog.text
+    assert "lease expired" in caplog.text and "state dead" in caplog.text
+    store.close()
+
+
+def test_an_error_in_the_worker_backs_off_and_ends_dead(start_bot, wechat, model, caplog,
+                                                        monkeypatch):
+    calls = []
+
+    def broken(self, message):
+        calls.append(time.monotonic())
+        raise KeyError("a bug")
+    monkeypatch.setattr(wxbot.Worker, "plan", broken)
+    bot = start_bot(WXBOT_WORKERS=2)
+    send_text(bot, "oBUG", "问", 1)
+    wait_for(lambda: bot.store.health(time.time())["dead"] == 1)
+    assert len(calls) == wxbot.INTERRUPTIONS_LIMIT
+    gaps = [later - earlier for earlier, later in zip(calls, calls[1:])]
+    assert gaps[-1] > gaps[0]  # backing off, not a hot loop
+    assert "internal error (KeyError)" in caplog.text
+
+
+def test_a_model_slower_than_the_lease_is_asked_once(start_bot, wechat, model):
+    model.respond = lambda request: (time.sleep(2.5) or "慢慢想好了"
+                                     if request["messages"][-1]["content"] == "难题" else "好")
+    bot = start_bot(WXBOT_WORKERS=2)
+    for worker in bot.workers:
+        worker.lease_seconds = 0.6  # the model takes four leases' time
+    send_text(bot, "oSLOW", "难题", 1)
+    wait_for(lambda: model.requests)
+    time.sleep(1.0)  # past the first lease: a claim now would find it expired, if not renewed
+    send_text(bot, "oOTHER", "简单", 2)  # wakes the idle worker, whose claim looks at leases
+    wait_for(lambda: bot.store.settled(1) and bot.store.settled(2))
+    assert wechat.texts_to("oSLOW") == ["慢慢想好了"]
+    assert model.questions() == ["难题", "简单"]
+
+
+def test_a_model_past_the_timeout_is_cut_and_not_asked_again(start_bot, wechat, model):
+    answer = chinese_answer(1500)
+
+    def respond(request):
+        yield answer[:700]
+        time.sleep(4)  # the model stalls past WXBOT_MODEL_TIMEOUT
+        yield answer[700:]
+    model.respond = respond
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1.5)
+    send_text(bot, "oCUT", "讲讲", 1)
+    wait_for(lambda: bot.store.settled(1))
+    texts = wechat.texts_to("oCUT")
+    assert texts[-1] == wxbot.CUT_OFF_LINE and len(texts) >= 2
+    assert without_space(answer).startswith(without_space("".join(texts[:-1])))
+    assert len(model.requests) == 1
+
+
+def test_a_model_that_starts_too_late_gets_the_apology_once(start_bot, wechat, model):
+    model.respond = lambda request: time.sleep(3) or "迟到的回答"
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1)
+    send_text(bot, "oLATE", "问", 1)
+    started = time.monotonic()
+    wait_for(lambda: bot.store.settled(1))
+    assert time.monotonic() - started < 2.5
+    assert wechat.texts_to("oLATE") == [wxbot.APOLOGY_LINE]
+    assert len(model.requests) == 1

@@ -241,7 +241,8 @@ SETTINGS: dict[str, Setting] = {
                         "reject pushes whose timestamp is further than this from now, in "
                         "seconds (0: off)"),
     "model_timeout": Setting("WXBOT_MODEL_TIMEOUT", "60", _seconds,
-                             "seconds one model call may take"),
+                             "deadline in seconds for one whole model call, first token to "
+                             "last; the answer is cut there"),
     "max_tokens": Setting("WXBOT_MAX_TOKENS", "2000", _int_between(16, 100000),
                           "cap on the tokens of one answer"),
     "user_rate": Setting("WXBOT_USER_RATE", "6", _int_between(0, 10000),
@@ -407,7 +408,7 @@ class State(str, enum.Enum):
     LEASED = "leased"    # a worker holds it until lease_until
     DONE = "done"        # answered (segments beyond the quota stay stored, unsent)
     FAILED = "failed"    # the model failed; the user got the apology
-    DEAD = "dead"        # gave up after repeated delivery failures; kept for the operator
+    DEAD = "dead"        # gave up (delivery failures or interruptions); kept for the operator
 
 
 SCHEMA = f"""
@@ -424,15 +425,41 @@ CREATE TABLE IF NOT EXISTS messages (
     pushes      INTEGER NOT NULL DEFAULT 1,
     state       TEXT NOT NULL DEFAULT 'queued'
                 CHECK (state IN ({", ".join(repr(s.value) for s in State)})),
-    attempts    INTEGER NOT NULL DEFAULT 0,
+    attempts    INTEGER NOT NULL DEFAULT 0,  -- claims so far: names the lease (fencing)
     lease_until REAL,
     not_before  REAL NOT NULL DEFAULT 0,
     answered_at REAL,
     merged_into INTEGER REFERENCES messages (id),
-    error       TEXT
+    error       TEXT,
+    model_failures    INTEGER NOT NULL DEFAULT 0,
+    delivery_failures INTEGER NOT NULL DEFAULT 0,
+    interruptions     INTEGER NOT NULL DEFAULT 0  -- lease expired, restart, internal error
 );
 CREATE INDEX IF NOT EXISTS messages_state ON messages (state, id);
 CREATE INDEX IF NOT EXISTS messages_user ON messages (openid, state, id);
+CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at);
+CREATE INDEX IF NOT EXISTS messages_merged ON messages (merged_into)
+    WHERE merged_into IS NOT NULL;
+
+-- /healthz counts messages by state from here, kept exact by the triggers below: counting
+-- a million rows on every health check would not be.
+CREATE TABLE IF NOT EXISTS state_counts (
+    state    TEXT PRIMARY KEY,
+    messages INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO state_counts (state, messages)
+    VALUES {", ".join(f"('{s.value}', 0)" for s in State)};
+CREATE TRIGGER IF NOT EXISTS messages_counted AFTER INSERT ON messages BEGIN
+    UPDATE state_counts SET messages = messages + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_recounted AFTER UPDATE OF state ON messages
+WHEN OLD.state != NEW.state BEGIN
+    UPDATE state_counts SET messages = messages - 1 WHERE state = OLD.state;
+    UPDATE state_counts SET messages = messages + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_uncounted AFTER DELETE ON messages BEGIN
+    UPDATE state_counts SET messages = messages - 1 WHERE state = OLD.state;
+END;
 
 CREATE TABLE IF NOT EXISTS segments (
     message_id INTEGER NOT NULL REFERENCES messages (id),
@@ -445,6 +472,10 @@ CREATE TABLE IF NOT EXISTS segments (
     moved_to   INTEGER REFERENCES messages (id),
     PRIMARY KEY (message_id, seq)
 );
+CREATE INDEX IF NOT EXISTS segments_replied ON segments (replied_to)
+    WHERE replied_to IS NOT NULL;
+CREATE INDEX IF NOT EXISTS segments_unsent ON segments (message_id)
+    WHERE sent_at IS NULL AND moved_to IS NULL;
 
 CREATE TABLE IF NOT EXISTS turns (
     id         INTEGER PRIMARY KEY,
@@ -469,7 +500,22 @@ CREATE TABLE IF NOT EXISTS kv (
     expires_at REAL
 );
 """
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: What brings a database written by an earlier wxbot up to date, by the version it has;
+#: SCHEMA then adds the tables and indexes that are new.
+MIGRATIONS = {
+    1: f"""
+ALTER TABLE messages ADD COLUMN model_failures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN delivery_failures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE state_counts (state TEXT PRIMARY KEY, messages INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO state_counts (state, messages) SELECT column1, (SELECT count(*) FROM messages
+    WHERE state = column1) FROM (VALUES {", ".join(f"('{s.value}')" for s in State)});
+""",
+}
+#: A message interrupted this often (its lease expired, a restart, an internal error) ends
+#: dead: something about it stops every worker, and trying forever would hide that.
+INTERRUPTIONS_LIMIT = 5
 #: The user's segments of earlier, finished answers that never went out (:openid, :id).
 EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
                   " WHERE m.openid = :openid AND m.id < :id AND m.state = 'done'"
@@ -478,7 +524,8 @@ EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-    """A claimed message as the worker sees it; `attempts` identifies the lease."""
+    """A claimed message as the worker sees it; `attempts` identifies the lease, and each
+    failure counter counts one kind of failure before this claim."""
 
     id: int
     openid: str
@@ -489,6 +536,9 @@ class Message:
     fields: dict
     received_at: float
     attempts: int
+    model_failures: int
+    delivery_failures: int
+    interruptions: int
 
 
 class LeaseLost(Exception):
@@ -514,14 +564,34 @@ class Store:
         #: Notified after every write, for webhook threads waiting for a passive reply.
         self.changed = threading.Condition()
         with self.connection() as conn:
+            self._compactable(conn)
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
             # commit through a process crash (kill -9), losing at most the last ones on power loss.
             conn.execute("PRAGMA journal_mode=WAL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{path} was written by a newer wxbot (schema {version})")
-            conn.executescript(SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            steps = [MIGRATIONS[n] for n in range(version, SCHEMA_VERSION)] if version else []
+            conn.executescript("BEGIN IMMEDIATE;" + "".join(steps) + SCHEMA +
+                               f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            if steps:
+                log.info("database %s brought up to date (schema %d to %d)", path, version,
+                         SCHEMA_VERSION)
+
+    @staticmethod
+    def _compactable(conn: sqlite3.Connection) -> None:
+        """Let the file shrink: rows deleted by retention give their pages back to the disk.
+
+        auto_vacuum must be chosen before the first table exists; a database made by an
+        earlier wxbot is rewritten once (VACUUM: it locks the file while it runs).
+        """
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL
+            return
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+            log.info("compacting the database once so that deleted rows free disk space "
+                     "(a large file takes a minute)")
+            conn.execute("VACUUM")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -622,8 +692,8 @@ class Store:
     def claim(self, now: float, lease_seconds: float) -> Message | None:
         """Lease the oldest message whose user has nothing earlier queued or in hand."""
         with self.transaction() as conn:
-            conn.execute("UPDATE messages SET state = 'queued' WHERE state = 'leased'"
-                         " AND lease_until < :now", {"now": now})
+            self._interrupt(conn, "state = 'leased' AND lease_until < :now",
+                            "its lease expired (the worker stopped or was too slow)", now=now)
             row = conn.execute(
                 "UPDATE messages SET state = 'leased', lease_until = :until,"
                 " attempts = attempts + 1"
@@ -633,7 +703,8 @@ class Store:
                 "     AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased'))"
                 "   ORDER BY m.id LIMIT 1)"
                 " RETURNING id, openid, msg_type, msg_id, event, content, fields, received_at,"
-                " attempts", {"now": now, "until": now + lease_seconds}).fetchone()
+                " attempts, model_failures, delivery_failures, interruptions",
+                {"now": now, "until": now + lease_seconds}).fetchone()
         if row is None:
             return None
         return Message(**{**dict(row), "fields": json.loads(row["fields"])})
@@ -669,12 +740,46 @@ class Store:
             conn.execute("UPDATE segments SET tried_at = ? WHERE message_id = ? AND seq = ?",
                          (now, message.id, seq))
 
-    def release(self, message: Message, not_before: float, error: str) -> None:
-        """Put the message back in the queue, to be tried again from not_before."""
+    def renew_lease(self, message: Message, lease_until: float) -> None:
+        """Keep the message while its answer takes long (a slow model): LeaseLost if too late."""
+        with self.transaction() as conn:
+            self._leased(conn, message, "UPDATE messages SET lease_until = :until",
+                         until=lease_until)
+
+    def release(self, message: Message, not_before: float, error: str, failure: str) -> None:
+        """Put the message back in the queue, to be tried again from not_before, counting the
+        failure ("model_failures" or "delivery_failures")."""
+        assert failure in ("model_failures", "delivery_failures")
         with self.transaction() as conn:
             self._leased(conn, message, "UPDATE messages SET state = 'queued', lease_until = NULL,"
-                         " not_before = :not_before, error = :error",
+                         f" not_before = :not_before, error = :error, {failure} = {failure} + 1",
                          not_before=not_before, error=error)
+
+    def interrupt(self, message: Message, not_before: float, reason: str) -> None:
+        """Give the message back after an error in the worker itself: an interruption."""
+        with self.transaction() as conn:
+            if not self._interrupt(conn, "id = :id AND state = 'leased' AND attempts = :attempts",
+                                   reason, id=message.id, attempts=message.attempts,
+                                   not_before=not_before):
+                raise LeaseLost(message.id)
+
+    def _interrupt(self, conn: sqlite3.Connection, where: str, reason: str,
+                   not_before: float = 0, **params) -> int:
+        """Requeue the leased messages `where` selects, counting an interruption; those
+        interrupted INTERRUPTIONS_LIMIT times end dead. Returns how many there were."""
+        rows = conn.execute(
+            "UPDATE messages SET lease_until = NULL, interruptions = interruptions + 1,"
+            " error = :reason, not_before = :not_before, state = CASE WHEN interruptions + 1"
+            f" >= {INTERRUPTIONS_LIMIT} THEN 'dead' ELSE 'queued' END WHERE {where}"
+            " RETURNING id, openid, state",
+            {"reason": f"interrupted: {reason}", "not_before": not_before, **params}).fetchall()
+        for row in rows:
+            if row["state"] == State.DEAD:
+                log_worker.error("message %s from %s: interrupted %d times, the last because "
+                                 "%s; giving up (state dead, kept: `python wxbot.py status`, "
+                                 "`python wxbot.py retry %s`)", row["id"],
+                                 short_id(row["openid"]), INTERRUPTIONS_LIMIT, reason, row["id"])
+        return len(rows)
 
     def finish(self, message: Message, state: State, error: str | None = None) -> None:
         with self.transaction() as conn:
@@ -684,8 +789,8 @@ class Store:
     def release_all_leases(self) -> int:
         """Put every leased message back: called at start and stop, when no worker runs."""
         with self.transaction() as conn:
-            return conn.execute("UPDATE messages SET state = 'queued', lease_until = NULL"
-                                " WHERE state = 'leased'").rowcount
+            return self._interrupt(conn, "state = 'leased'",
+                                   "wxbot stopped while answering it")
 
     # Answers ----------------------------------------------------------------
 
@@ -932,9 +1037,9 @@ class Store:
     # Health -----------------------------------------------------------------
 
     def health(self, now: float) -> dict:
+        """For /healthz: from the state counts and indexed queries only, however big the file."""
         with self.connection() as conn:
-            counts = dict(conn.execute("SELECT state, count(*) FROM messages"
-                                       " GROUP BY state").fetchall())
+            counts = dict(conn.execute("SELECT state, messages FROM state_counts").fetchall())
             oldest = conn.execute("SELECT min(received_at) FROM messages"
                                   " WHERE state IN ('queued', 'leased')").fetchone()[0]
             unsent = conn.execute("SELECT count(*) FROM segments WHERE sent_at IS NULL"
@@ -1296,7 +1401,8 @@ class DeliveryMode:
 
 class ModelError(Exception):
     """The model gave no usable answer. kind: "transient" (try again later), "context" (the
-    conversation is too long), "refused" (a content filter), or "fatal" (a setting is wrong)."""
+    conversation is too long), "refused" (a content filter), "deadline" (WXBOT_MODEL_TIMEOUT
+    passed: never asked again), or "fatal" (a setting is wrong)."""
 
     def __init__(self, reason: str, kind: str = "transient", retry_after: float | None = None,
                  status: int | None = None, detail: str = ""):
@@ -1605,8 +1711,8 @@ class Worker:
 
     #: The model gets this many tries before the user gets the apology.
     MODEL_TRIES = 3
-    #: Delivery gives up (state dead) after this many claims of one message.
-    MAX_ATTEMPTS = 10
+    #: Delivery gives up (state dead) after this many failed tries to send one message.
+    DELIVERY_TRIES = 10
     #: Typing shows for 15 s; renew once while the model is still working (45081 before).
     TYPING_RENEW = 15.5
 
@@ -1629,11 +1735,13 @@ class Worker:
             self.wakeup.notify()  # the user's next message, if any, may now be claimed
         except LeaseLost:
             log_worker.warning("message %s: lease lost, another worker has it", message.id)
-        except Exception:  # one bad message never kills the thread
-            log_worker.exception("message %s: unexpected error; will retry", message.id)
+        except Exception as error:  # one bad message never kills the thread
+            delay = self._backoff(message.interruptions + 1)
+            log_worker.exception("message %s: unexpected error; retry in %.1f s", message.id,
+                                 delay)
             with contextlib.suppress(LeaseLost, sqlite3.Error):
-                self.store.release(message, time.time() + self._backoff(message.attempts),
-                                   "internal error")
+                self.store.interrupt(message, time.time() + delay,
+                                     f"an internal error ({type(error).__name__})")
         return True
 
     def run(self) -> None:
@@ -1651,8 +1759,9 @@ class Worker:
     def stop(self) -> None:
         self.stopping.set()
 
-    def _backoff(self, attempts: int) -> float:
-        delay = self.settings.retry_base * 2 ** max(0, attempts - 1)
+    def _backoff(self, failures: int) -> float:
+        """The delay before the next try after `failures` failures of one kind."""
+        delay = self.settings.retry_base * 2 ** max(0, failures - 1)
         return min(delay, 600) * random.uniform(0.5, 1.5)
 
     # One message ------------------------------------------------------------
@@ -1736,7 +1845,7 @@ class Worker:
         cutter = StreamCutter(time.monotonic(), first_done=bool(partial))
         written, sending = [], True
         try:
-            for text in self._ask(history, ask):
+            for text in self._watched(message, self._ask(history, ask)):
                 written.append(text)
                 ready = cutter.feed(text, time.monotonic())
                 if ready:
@@ -1765,6 +1874,57 @@ class Worker:
         log_worker.warning("context too long for the model; retrying without history")
         yield from self.model.stream(system + ask)
 
+    def _watched(self, message: Message, answer: Iterator[str]) -> Iterator[str]:
+        """The answer within WXBOT_MODEL_TIMEOUT for the whole call, the lease kept meanwhile.
+
+        The HTTP client's timeout bounds each read, not the call: a model that writes slowly,
+        or starts late, would outlive the lease, and another worker would ask it again. So the
+        model is read in a thread of its own while this one renews the lease every third of
+        it and, at the deadline, stops and closes the stream (at its next piece, or when that
+        read times out), so the model stops writing and billing.
+        """
+        pieces: queue.SimpleQueue = queue.SimpleQueue()
+        abandoned = threading.Event()
+
+        def read() -> None:
+            try:
+                for text in answer:
+                    if abandoned.is_set():
+                        return
+                    pieces.put(("text", text))
+                pieces.put(("end", None))
+            except Exception as error:  # ModelError or a bug: this thread's caller decides
+                pieces.put(("error", error))
+            finally:
+                answer.close()
+
+        threading.Thread(target=read, name=f"{self.name}-model", daemon=True).start()
+        deadline = time.monotonic() + self.settings.model_timeout
+        renew_every = self.lease_seconds / 3
+        renew_at = time.monotonic() + renew_every
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= renew_at:
+                    self.store.renew_lease(message, time.time() + self.lease_seconds)
+                    renew_at = now + renew_every
+                try:
+                    kind, value = pieces.get(timeout=max(0.0, min(deadline, renew_at) - now))
+                except queue.Empty:
+                    kind, value = None, None
+                if kind == "text":
+                    yield value
+                elif kind == "end":
+                    return
+                elif time.monotonic() >= deadline:  # a read timeout is past it too
+                    raise ModelError(f"no complete answer within WXBOT_MODEL_TIMEOUT "
+                                     f"({self.settings.model_timeout:g} s); raise it for a "
+                                     f"slow model", "deadline")
+                elif kind == "error":
+                    raise value
+        finally:
+            abandoned.set()
+
     def _renew_typing(self, message: Message) -> None:
         # Typing needs an exchange with the user in the last 30 s (45080).
         if time.time() - message.received_at < 30 and not self.mode.passive:
@@ -1787,11 +1947,12 @@ class Worker:
     def _model_failed(self, message: Message, error: ModelError, question: str) -> int | None:
         """Retry later, or end the answer with a polite line; what was sent stays sent."""
         partial = self.store.partial_answer(message.id)
-        if error.kind == "transient" and message.attempts < self.MODEL_TRIES:
-            delay = max(error.retry_after or 0, self._backoff(message.attempts))
+        failures = message.model_failures + 1
+        if error.kind == "transient" and failures < self.MODEL_TRIES:
+            delay = max(error.retry_after or 0, self._backoff(failures))
             log_worker.warning("message %s: model failed (%s); retry %d/%d in %.1f s",
-                               message.id, error, message.attempts, self.MODEL_TRIES - 1, delay)
-            self.store.release(message, time.time() + delay, str(error))
+                               message.id, error, failures, self.MODEL_TRIES - 1, delay)
+            self.store.release(message, time.time() + delay, str(error), "model_failures")
             self.wakeup.notify()
             return None
         if error.kind == "refused":
@@ -1860,17 +2021,19 @@ class Worker:
                                  short_id(message.openid), error.hint())
             self.store.finish(message, State.DONE, f"errcode {error.errcode}")
             return
-        if message.attempts >= self.MAX_ATTEMPTS:
-            log_worker.error("message %s: giving up after %d attempts (state dead, kept in the"
-                             " database): %s", message.id, message.attempts, error.hint())
+        failures = message.delivery_failures + 1
+        if failures >= self.DELIVERY_TRIES:
+            log_worker.error("message %s: giving up after %d failed deliveries (state dead, "
+                             "kept: `python wxbot.py status`, `python wxbot.py retry %s`): %s",
+                             message.id, failures, message.id, error.hint())
             self.store.finish(message, State.DEAD, str(error))
             return
-        delay = self._backoff(message.attempts)
+        delay = self._backoff(failures)
         if error.errcode in (40164, 45011):  # whitelist or per-minute limit: not a hot loop
             delay = max(delay, 30 * self.settings.retry_base)
         log_worker.warning("message %s: send failed (%s); retry in %.1f s", message.id,
                            error.hint(), delay)
-        self.store.release(message, time.time() + delay, str(error))
+        self.store.release(message, time.time() + delay, str(error), "delivery_failures")
 
 
 ###############################################################################
