@@ -2186,3 +2186,205 @@ def test_a_model_that_starts_too_late_gets_the_apology_once(start_bot, wechat, m
     assert time.monotonic() - started < 2.5
     assert wechat.texts_to("oLATE") == [wxbot.APOLOGY_LINE]
     assert len(model.requests) == 1
+
+
+HOT_TABLES = ("messages", "segments", "turns")
+SQL_WORDS = {"WHERE", "SET", "ON", "JOIN", "LEFT", "INNER", "ORDER", "GROUP", "LIMIT", "AS",
+             "VALUES", "USING", "UNION", "DEFAULT", "RETURNING", "AND", "OR", "NOT"}
+
+
+def full_scans(conn, statement):
+    """The steps of a statement's query plan that read a whole hot table or a whole index of
+    it. (A partial index holds only the rows its WHERE selects: reading it all is no scan.)"""
+    partial = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type ="
+                                              " 'index' AND sql LIKE '% WHERE %'")}
+    names = set(HOT_TABLES)
+    for table, alias in re.findall(r"\b(messages|segments|turns)\s+(?:AS\s+)?(\w+)",
+                                   statement, re.I):
+        if alias.upper() not in SQL_WORDS:
+            names.add(alias)
+    plan = conn.execute("EXPLAIN QUERY PLAN " + statement).fetchall()
+    return [row[3] for row in plan
+            if (scan := re.match(r"SCAN (\w+)(?: USING (?:COVERING )?INDEX (\w+))?", row[3]))
+            and scan.group(1) in names and scan.group(2) not in partial]
+
+
+def test_every_query_on_the_hot_paths_uses_an_index(start_bot, wechat, model, tmp_path,
+                                                    quick_wechat_clock, monkeypatch):
+    statements = set()
+    connect = wxbot.Store._connect
+
+    def traced(self):
+        conn = connect(self)
+        conn.set_trace_callback(statements.add)  # every statement, with its values
+        return conn
+    monkeypatch.setattr(wxbot.Store, "_connect", traced)
+    bot = start_bot(WXBOT_ADMINS="oADMIN", WXBOT_RETENTION_DAYS=0)
+    model.respond = lambda request: chinese_answer(12000)  # more than 5 segments
+    send_text(bot, "oHOT", "讲讲", 1)
+    send_text(bot, "oHOT", "还有", 2)  # a follow-up, merged
+    wait_for(lambda: bot.store.settled(2) and bot.store.settled(1))
+    send_text(bot, "oHOT", "继续", 3)
+    send_text(bot, "oADMIN", "/stats", 4)
+    wait_for(lambda: wechat.texts_to("oADMIN"))
+    assert requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).ok
+    passive = start_bot(WXBOT_MODE="passive", WXBOT_DB=tmp_path / "passive.db",
+                        WXBOT_RETENTION_DAYS=0)
+    model.respond = lambda request: "答：" + request["messages"][-1]["content"]
+    assert WeChatUser(passive, "oPASSIVE", quick_wechat_clock).says("你好") == "答：你好"
+    checked = [s for s in statements if re.match(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)", s,
+                                                  re.I)]
+    assert any("state_counts" in s for s in checked) and any("replied_to" in s for s in checked)
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
+        scans = {statement: full_scans(conn, statement) for statement in checked}
+    assert {statement: plan for statement, plan in scans.items() if plan} == {}
+
+
+def test_full_scans_are_found_in_a_plan(tmp_path):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"))
+    with store.connection() as conn:
+        assert full_scans(conn, "SELECT count(*) FROM messages m WHERE m.content = 'x'")
+        assert full_scans(conn, "SELECT * FROM turns WHERE content = 'x'")
+        assert not full_scans(conn, "SELECT * FROM messages WHERE id = 1")
+        assert not full_scans(conn, "SELECT count(*) FROM segments WHERE sent_at IS NULL"
+                                    " AND moved_to IS NULL")  # the partial index's rows only
+    store.close()
+
+
+def settings_for(tmp_path, **overrides):
+    return wxbot.Settings.from_env({
+        "WXBOT_TOKEN": TOKEN, "WXBOT_APPID": APPID, "WXBOT_APPSECRET": APPSECRET,
+        "OPENAI_API_KEY": API_KEY, "WXBOT_DB": str(tmp_path / "wxbot.db"),
+        **{key: str(value) for key, value in overrides.items()}})
+
+
+def fill_history(path, openid, count, received_at, first_id):
+    """count answered exchanges of `openid` at received_at, as the worker stores them."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        for n in range(first_id, first_id + count):
+            conn.execute("INSERT INTO messages (id, dedup_key, openid, msg_type, content, fields,"
+                         " received_at, state, answered_at) VALUES (?, ?, ?, 'text', '问', '{}',"
+                         " ?, 'done', ?)", (n, f"{openid}:{n}", openid, received_at,
+                                            received_at + 2))
+            conn.executemany("INSERT INTO segments (message_id, seq, content, sent_at) VALUES"
+                             " (?, ?, ?, ?)", [(n, seq, "答" * 700, received_at + 2)
+                                               for seq in range(2)])
+            conn.executemany("INSERT INTO turns (openid, role, content, created_at, message_id)"
+                             " VALUES (?, ?, ?, ?, ?)", [(openid, "user", "问", received_at, n),
+                                                         (openid, "assistant", "答" * 1400,
+                                                          received_at + 2, n)])
+            conn.execute("INSERT INTO model_calls VALUES (?, ?, ?)", (n, openid, received_at))
+
+
+def test_retention_deletes_old_rows_in_batches_and_the_file_shrinks(tmp_path):
+    day, now = 86400.0, 1_000_000_000.0
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path)
+    fill_history(path, "oOLD", 1200, now - 10 * day, 1)
+    fill_history(path, "oWEEK", 1200, now - 3 * day, 2001)  # past retention, within the TTL
+    fill_history(path, "oNEW", 20, now - day / 2, 4001)
+    with store.connection() as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    assert store.prune(now, day, 5 * day, batch=500) == 500  # one batch, then on
+    janitor = wxbot.Janitor(settings_for(tmp_path, WXBOT_RETENTION_DAYS=1,
+                                         WXBOT_SESSION_TTL=5 * day), store)
+    janitor.PAUSE = 0
+    janitor.sweep(now)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT DISTINCT openid FROM messages").fetchall() == [("oNEW",)]
+        assert conn.execute("SELECT count(*) FROM segments").fetchone()[0] == 40
+        assert conn.execute("SELECT count(*) FROM model_calls").fetchone()[0] == 20
+        assert dict(conn.execute("SELECT openid, count(*) FROM turns GROUP BY openid")) == {
+            "oWEEK": 2400, "oNEW": 40}
+        assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        assert conn.execute("PRAGMA page_count").fetchone()[0] < pages * 0.7
+    assert store.health(now)["answered"] == 20
+    store.close()
+
+
+def test_retention_zero_keeps_everything(tmp_path):
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path)
+    fill_history(path, "oKEEP", 10, 1000.0, 1)
+    wxbot.Janitor(settings_for(tmp_path, WXBOT_RETENTION_DAYS=0), store).sweep(10.0 ** 10)
+    assert store.health(10.0 ** 10)["answered"] == 10
+    store.close()
+
+
+def test_reset_blanks_the_texts_of_earlier_questions_and_answers(start_bot, wechat, model,
+                                                                   tmp_path):
+    bot = start_bot()
+    body = text_xml("oPRIVATE", "我的手机号是13800000000", 1)
+    post_push(bot, body)
+    wait_for(lambda: bot.store.settled(1))
+    send_text(bot, "oPRIVATE", "新对话", 2)
+    wait_for(lambda: bot.store.settled(2))
+    assert post_push(bot, body).text == "success"  # WeChat's retry: still known, not asked
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
+        dump = "\n".join(conn.iterdump())
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
+    assert "13800000000" not in dump
+    assert len(model.requests) == 1
+
+
+@pytest.fixture
+def disk(monkeypatch):
+    """A disk that can be filled: every connection's max_page_count is set as it is taken,
+    to the pages the file has (SQLite keeps it at least that) or to no limit."""
+    limit = [1 << 30]
+    connection = wxbot.Store.connection
+
+    @contextlib.contextmanager
+    def limited(self):
+        with connection(self) as conn:
+            conn.execute(f"PRAGMA max_page_count = {limit[0]}")
+            yield conn
+    monkeypatch.setattr(wxbot.Store, "connection", limited)
+
+    class Disk:
+        def fill(self, store):
+            with store._write_lock, connection(store) as conn:
+                conn.executescript("PRAGMA incremental_vacuum")  # no free page left inside
+            limit[0] = 1
+
+        def free(self):
+            limit[0] = 1 << 30
+    return Disk()
+
+
+def test_a_push_meeting_a_full_disk_gets_503_and_its_retry_is_answered(start_bot, wechat,
+                                                                       model, disk, caplog):
+    model.respond = lambda request: "收到"
+    bot = start_bot()
+    send_text(bot, "oDISK", "先来一条", 1)
+    wait_for(lambda: wechat.texts_to("oDISK"))
+    disk.fill(bot.store)
+    body = text_xml("oDISK", "一个很长的问题。" * 400, 2)  # needs new pages
+    assert post_push(bot, body).status_code == 503
+    assert "disk" in caplog.text and "is full" in caplog.text
+    disk.free()
+    assert post_push(bot, body).text == "success"  # WeChat tries again
+    wait_for(lambda: wechat.texts_to("oDISK") == ["收到", "收到"])
+    assert len(model.requests) == 2
+
+
+def test_workers_pause_while_the_disk_is_full_and_go_on(start_bot, wechat, model, disk, caplog,
+                                                       monkeypatch):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(wxbot.Worker, "DISK_FULL_PAUSE", 0.1)
+    answer, go = chinese_answer(3000), threading.Event()
+    model.respond = lambda request: go.wait(10) and answer
+    bot = start_bot()
+    send_text(bot, "oFULL", "讲个长故事", 1)
+    wait_for(lambda: model.requests)
+    disk.fill(bot.store)
+    go.set()
+    wait_for(lambda: bot.store.disk_full)
+    assert not bot.store.settled(1)
+    disk.free()
+    wait_for(lambda: bot.store.settled(1))
+    assert without_space("".join(wechat.texts_to("oFULL"))) == without_space(answer)
+    health = bot.store.health(time.time())
+    assert health["answered"] == 1 and health["dead"] == 0
+    assert "there is room on the disk again" in caplog.text

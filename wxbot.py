@@ -24,6 +24,7 @@ import dataclasses
 import enum
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -230,6 +231,9 @@ SETTINGS: dict[str, Setting] = {
     "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
                            "earlier turns older than this many seconds are not sent to the model"),
     "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file"),
+    "retention_days": Setting("WXBOT_RETENTION_DAYS", "30", _int_between(0, 36500),
+                              "days messages, answers and history are kept (0: for ever); "
+                              "older ones are deleted every hour, a few hundred at a time"),
     "host": Setting("WXBOT_HOST", "0.0.0.0", _text, "address to listen on"),
     "port": Setting("WXBOT_PORT", "8080", _int_between(0, 65535), "port to listen on"),
     "path": Setting("WXBOT_PATH", "/wx", _url_path, "URL path WeChat calls"),
@@ -278,6 +282,7 @@ class Settings:
     vision: bool
     session_ttl: float
     db: str
+    retention_days: int
     host: str
     port: int
     path: str
@@ -541,6 +546,11 @@ class Message:
     interruptions: int
 
 
+def disk_full(error: Exception) -> bool:
+    """Whether SQLite failed for want of space (SQLITE_FULL): the disk or max_page_count."""
+    return isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)
+
+
 class LeaseLost(Exception):
     """The lease expired and the message went back to the queue: stop, another worker has it."""
 
@@ -563,6 +573,8 @@ class Store:
         self._pending: list[dict] = []
         #: Notified after every write, for webhook threads waiting for a passive reply.
         self.changed = threading.Condition()
+        #: Set while writes fail for want of space; workers pause, the webhook answers 503.
+        self.disk_full = False
         with self.connection() as conn:
             self._compactable(conn)
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
@@ -625,13 +637,45 @@ class Store:
     def _begin(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error; the caller holds the lock."""
         with self.connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                conn.rollback()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.rollback()
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as error:
+                if disk_full(error):
+                    self._note_disk(full=True)
                 raise
-            conn.execute("COMMIT")
+        if self.disk_full:
+            self._note_disk(full=False)
+
+    def _note_disk(self, full: bool) -> None:
+        """Say once when the disk fills up, and once when there is room again."""
+        with self._pending_lock:
+            if self.disk_full == full:
+                return
+            self.disk_full = full
+        if full:
+            log.error("the disk holding %s is full: pushes are answered 503 so that WeChat "
+                      "tries them again, and workers pause; free some space (df -h)", self.path)
+        else:
+            log.info("there is room on the disk again: pushes are stored and answered")
+
+    def has_room(self) -> bool:
+        """Whether a write that needs new space succeeds now (after the disk was full)."""
+        try:
+            with self._write_lock, self._begin() as conn:
+                conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES ('disk-probe',"
+                             " zeroblob(16384))")
+                conn.execute("DELETE FROM kv WHERE key = 'disk-probe'")
+        except sqlite3.OperationalError as error:
+            if disk_full(error):
+                return False
+            raise
+        return True
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -746,13 +790,15 @@ class Store:
             self._leased(conn, message, "UPDATE messages SET lease_until = :until",
                          until=lease_until)
 
-    def release(self, message: Message, not_before: float, error: str, failure: str) -> None:
+    def release(self, message: Message, not_before: float, error: str,
+                failure: str | None) -> None:
         """Put the message back in the queue, to be tried again from not_before, counting the
-        failure ("model_failures" or "delivery_failures")."""
-        assert failure in ("model_failures", "delivery_failures")
+        failure ("model_failures" or "delivery_failures"; None: no fault of the message's)."""
+        assert failure in ("model_failures", "delivery_failures", None)
+        counted = f", {failure} = {failure} + 1" if failure else ""
         with self.transaction() as conn:
             self._leased(conn, message, "UPDATE messages SET state = 'queued', lease_until = NULL,"
-                         f" not_before = :not_before, error = :error, {failure} = {failure} + 1",
+                         " not_before = :not_before, error = :error" + counted,
                          not_before=not_before, error=error)
 
     def interrupt(self, message: Message, not_before: float, reason: str) -> None:
@@ -978,9 +1024,18 @@ class Store:
             kept.pop()
         return kept[::-1]
 
-    def forget(self, openid: str) -> int:
-        """Delete the user's conversation history (/reset): it is never sent to the model again."""
+    def forget(self, openid: str, before_id: int) -> int:
+        """Forget the user's conversation before this message (/reset): the history sent to the
+        model, and the texts of their earlier messages and answers. The message rows stay (they
+        count in /stats and keep WeChat's retries from being answered twice); their answers'
+        segments go. Returns the number of turns forgotten."""
         with self.transaction() as conn:
+            earlier = ("SELECT id FROM messages WHERE openid = :openid AND id < :id"
+                       " AND state NOT IN ('queued', 'leased')")
+            params = {"openid": openid, "id": before_id}
+            conn.execute(f"DELETE FROM segments WHERE message_id IN ({earlier})", params)
+            conn.execute(f"UPDATE messages SET content = NULL, fields = '{{}}' WHERE id IN"
+                         f" ({earlier}) AND (content IS NOT NULL OR fields != '{{}}')", params)
             return conn.execute("DELETE FROM turns WHERE openid = ?", (openid,)).rowcount
 
     def stats(self, now: float) -> dict:
@@ -1020,6 +1075,54 @@ class Store:
             conn.execute("INSERT INTO model_calls (message_id, openid, called_at) VALUES"
                          " (?, ?, ?)", (message.id, message.openid, now))
         return None
+
+    # Retention ---------------------------------------------------------------
+
+    def prune(self, now: float, keep_seconds: float, history_seconds: float,
+              after_id: int = 0, batch: int = 500) -> int | None:
+        """Delete one batch of what is older than keep_seconds: finished messages with their
+        segments and model calls, turns (those within history_seconds stay: they are still
+        sent to the model), expired keys; then give the freed pages back to the filesystem.
+        Returns the message id to go on after, or None when nothing old is left.
+
+        A few hundred rows a transaction keep the write lock short, so pushes arriving
+        meanwhile wait milliseconds. Rows are walked oldest first by id, never found by a
+        scan. The newest message is kept, so that an id is never used twice.
+        """
+        before = now - keep_seconds
+        turns_before = min(before, now - history_seconds)
+        with self._write_lock, self.connection() as conn:
+            # Links into deleted history (a segment carried to a later message, a follow-up
+            # merged into an earlier one) may point nowhere: nothing reads them any more.
+            conn.execute("PRAGMA foreign_keys=OFF")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                rows = conn.execute(
+                    "SELECT id, received_at, state FROM messages WHERE id > ?"
+                    " AND id < (SELECT max(id) FROM messages) ORDER BY id LIMIT ?",
+                    (after_id, batch)).fetchall()
+                old = list(itertools.takewhile(lambda row: row[1] < before, rows))
+                gone = [(row[0],) for row in old if row[2] not in ("queued", "leased")]
+                conn.executemany("DELETE FROM segments WHERE message_id = ?", gone)
+                conn.executemany("DELETE FROM model_calls WHERE message_id = ?", gone)
+                conn.executemany("DELETE FROM messages WHERE id = ?", gone)
+                turns = conn.execute("SELECT id, created_at FROM turns ORDER BY id LIMIT ?",
+                                     (batch,)).fetchall()
+                old_turns = list(itertools.takewhile(lambda row: row[1] < turns_before, turns))
+                conn.executemany("DELETE FROM turns WHERE id = ?",
+                                 [(row[0],) for row in old_turns])
+                conn.execute("DELETE FROM kv WHERE expires_at < ?", (now,))
+                conn.execute("COMMIT")
+                # sqlite3's execute() steps this once, freeing one page; executescript runs it
+                # to the end.
+                conn.executescript("PRAGMA incremental_vacuum")
+            finally:
+                if conn.in_transaction:
+                    conn.rollback()
+                conn.execute("PRAGMA foreign_keys=ON")
+        if len(old) == batch:
+            return old[-1][0]
+        return after_id if len(old_turns) == batch else None
 
     # Key-value (the access token) -------------------------------------------
 
@@ -1715,6 +1818,10 @@ class Worker:
     DELIVERY_TRIES = 10
     #: Typing shows for 15 s; renew once while the model is still working (45081 before).
     TYPING_RENEW = 15.5
+    #: Seconds between tries to write while the disk is full.
+    DISK_FULL_PAUSE = 5.0
+    #: An idle worker looks at the queue this often even when nothing wakes it.
+    IDLE_LOOK = 60.0
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker"):
@@ -1736,6 +1843,9 @@ class Worker:
         except LeaseLost:
             log_worker.warning("message %s: lease lost, another worker has it", message.id)
         except Exception as error:  # one bad message never kills the thread
+            if disk_full(error):
+                self._hold_until_room(message)
+                return True
             delay = self._backoff(message.interruptions + 1)
             log_worker.exception("message %s: unexpected error; retry in %.1f s", message.id,
                                  delay)
@@ -1746,15 +1856,36 @@ class Worker:
 
     def run(self) -> None:
         while not self.stopping.is_set():
+            if self.store.disk_full and not self._room_again():
+                continue
             try:
                 if self.loop():
                     continue
                 due = self.store.next_due(time.time())
             except sqlite3.Error as error:
-                log_worker.error("database error: %s; retrying in 1 s", error)
+                if not disk_full(error):
+                    log_worker.error("database error: %s; retrying in 1 s", error)
                 due = time.time() + 1
-            timeout = None if due is None else max(0.01, min(due - time.time(), 3600))
+            # Another process (`wxbot.py retry`) may queue a message: look once a minute.
+            timeout = max(0.01, min(due - time.time(), self.IDLE_LOOK)) if due else \
+                self.IDLE_LOOK
             self.wakeup.wait(timeout)
+
+    def _room_again(self) -> bool:
+        """While the disk is full, wait; True once a write that needs space succeeds."""
+        self.stopping.wait(self.DISK_FULL_PAUSE)
+        with contextlib.suppress(sqlite3.Error):
+            return self.store.has_room()
+        return False
+
+    def _hold_until_room(self, message: Message) -> None:
+        """The disk filled up while this message was in hand: no fault of the message's, so
+        it goes back uncounted once there is room (what was not stored is asked again)."""
+        while not self.stopping.is_set():
+            if self._room_again():
+                with contextlib.suppress(LeaseLost, sqlite3.Error):
+                    self.store.release(message, time.time(), "the disk was full", None)
+                return
 
     def stop(self) -> None:
         self.stopping.set()
@@ -1790,7 +1921,7 @@ class Worker:
             return self.store.save_answer(message, split_segments(line), now, carry=False)
         command = text.lower() if message.msg_type == "text" else ""
         if command in RESET_WORDS:
-            self.store.forget(message.openid)
+            self.store.forget(message.openid, message.id)
             return self.store.save_answer(message, [RESET_LINE], now)
         if command in HELP_WORDS:
             return self.store.save_answer(message, [HELP_LINE], now)
@@ -2265,6 +2396,36 @@ class HttpServer:
 # Lifecycle and main ##########################################################
 ###############################################################################
 
+class Janitor:
+    """Keeps the database bounded: deletes what WXBOT_RETENTION_DAYS no longer keeps, at start
+    and every hour, in small batches off the webhook's path."""
+
+    EVERY = 3600.0
+    #: Between batches: the webhook and the workers get the write lock in between.
+    PAUSE = 0.05
+
+    def __init__(self, settings: Settings, store: Store):
+        self.settings, self.store = settings, store
+        self.stopping = threading.Event()
+
+    def sweep(self, now: float | None = None) -> None:
+        """Delete everything that is past retention now, batch by batch."""
+        after: int | None = 0 if self.settings.retention_days else None
+        while after is not None and not self.stopping.is_set():
+            after = self.store.prune(time.time() if now is None else now,
+                                     self.settings.retention_days * 86400.0,
+                                     self.settings.session_ttl, after)
+            self.stopping.wait(self.PAUSE)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.sweep()
+            except sqlite3.Error as error:
+                log.error("deleting old messages failed: %s; trying again in an hour", error)
+            self.stopping.wait(self.EVERY)
+
+
 class Bot:
     """Everything wired together: store, webhook, server, workers."""
 
@@ -2282,6 +2443,7 @@ class Bot:
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
                                self.mode, f"worker-{n}") for n in range(settings.workers)]
+        self.janitor = Janitor(settings, self.store)
         self.threads: list[threading.Thread] = []
 
     @property
@@ -2297,6 +2459,7 @@ class Bot:
             thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
             thread.start()
             self.threads.append(thread)
+        threading.Thread(target=self.janitor.run, name="janitor", daemon=True).start()
         log.info("listening on http://%s:%d%s with %d workers, answers by %s", self.settings.host,
                  self.port, self.settings.path, len(self.workers),
                  "passive reply" if self.mode.passive else "customer-service API")
@@ -2308,6 +2471,7 @@ class Bot:
         self.server.stop()
         for worker in self.workers:
             worker.stop()
+        self.janitor.stopping.set()
         self.wakeup.notify_all()
         deadline = time.monotonic() + timeout
         for thread in self.threads:
