@@ -25,6 +25,7 @@ import urllib.parse
 
 import pytest
 import requests
+from hypothesis import given, settings as hsettings, strategies as st
 
 import wxbot
 
@@ -802,8 +803,9 @@ def test_more_than_five_segments_continue_on_request(start_bot, wechat, model):
     assert without_space(delivered) == without_space(answer)
     assert all(len(t.encode()) <= 2048 for t in texts)
     assert len(model.requests) == 1
-    send_text(bot, "oMORE", "继续", msg_id)  # nothing left: 继续 is an ordinary question
-    wait_for(lambda: wechat.texts_to("oMORE")[-1] == "答")
+    send_text(bot, "oMORE", "继续", msg_id)  # nothing left: one short line, no model call
+    wait_for(lambda: wechat.texts_to("oMORE")[-1] == wxbot.NOTHING_MORE_LINE)
+    assert len(model.requests) == 1
 
 
 def test_quota_error_keeps_the_rest_for_the_next_message(start_bot, wechat, model):
@@ -2014,6 +2016,169 @@ def test_secrets_never_in_log_reply_or_healthz_at_debug(start_bot, wechat, model
     assert wechat.tokens_issued == 2
     for secret in [APPSECRET, API_KEY, VECTOR_KEY, "ACCESS_TOKEN_1_", "ACCESS_TOKEN_2_"]:
         assert secret not in text, secret
+
+
+# What a message is, 继续 and leftovers #######################################
+
+COMMANDS = {"继续": "continue", "繼續": "continue", "/more": "continue", "/reset": "reset",
+            "新对话": "reset", "清除记忆": "reset", "/help": "help", "帮助": "help",
+            "/stats": "stats"}
+EDGE_CHARS = " \t\n\u3000。，！？!?.,~～、…「」“”\"'()（）👍"
+
+
+def full_width(char):
+    return chr(ord(char) + 0xFEE0) if "!" <= char <= "~" else char
+
+
+@st.composite
+def typed_loosely(draw, word):
+    """The word as people type it: any ASCII case, any char full-width, wrapped in spaces and
+    punctuation."""
+    chars = [draw(st.sampled_from([c, c.upper(), full_width(c), full_width(c.upper())]))
+             for c in word]
+    edges = st.text(st.sampled_from(EDGE_CHARS), max_size=4)
+    return draw(edges) + "".join(chars) + draw(edges)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.data())
+def test_one_function_reads_every_command_however_it_is_typed(data):
+    word = data.draw(st.sampled_from(sorted(COMMANDS)))
+    text = data.draw(typed_loosely(word))
+    for msg_type in ("text", "voice"):
+        assert wxbot.classify(msg_type, text).kind.value == COMMANDS[word], text
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_command_word_inside_a_sentence_is_a_question(data):
+    word = data.draw(st.sampled_from(sorted(COMMANDS)))
+    around = st.text(st.characters(whitelist_categories=("Lo", "Ll", "Nd")), min_size=1,
+                     max_size=5)
+    text = data.draw(st.one_of(around.map(lambda a: a + word), around.map(lambda a: word + a)))
+    assert wxbot.classify("text", text) == wxbot.Intent(wxbot.Kind.QUESTION, text)
+    assert wxbot.classify("image", word).kind is wxbot.Kind.QUESTION
+    assert wxbot.classify("event", word).kind is wxbot.Kind.EVENT
+
+
+def hold_first_question(model, first):
+    """The model holds `first` until released; every other question is answered at once."""
+    release = threading.Event()
+    model.respond = lambda request: (
+        release.wait(10) if request["messages"][-1]["content"] == first else True) and \
+        "答：" + request["messages"][-1]["content"]
+    return release
+
+
+@pytest.mark.parametrize("followups", [["第二问"], ["第二问", "补充一句"]])
+@pytest.mark.parametrize("reset", ["新对话", "／ＲＥＳＥＴ！"])
+def test_quick_followups_never_swallow_a_command(start_bot, wechat, model, followups, reset):
+    release = hold_first_question(model, "第一问")
+    bot = start_bot()
+    send_text(bot, "oSWALLOW", "第一问", 1)
+    wait_for(lambda: model.requests)  # the first question is being answered
+    for n, text in enumerate([*followups, reset]):
+        send_text(bot, "oSWALLOW", text, 2 + n)
+    release.set()
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    asked = "\n".join(followups)
+    assert wechat.texts_to("oSWALLOW") == ["答：第一问", "答：" + asked, wxbot.RESET_LINE]
+    assert model.questions() == ["第一问", asked]
+    send_text(bot, "oSWALLOW", "我是谁", 9)  # the reset happened after the answer
+    wait_for(lambda: len(wechat.texts_to("oSWALLOW")) == 4)
+    assert [m["role"] for m in model.requests[-1]["messages"]] == ["system", "user"]
+
+
+def long_answers(model, answers):
+    model.respond = lambda request: answers.get(request["messages"][-1]["content"],
+                                                "答：" + request["messages"][-1]["content"])
+
+
+def leftovers_in_db(db_path):
+    """Segments never sent nor carried on: kept, waiting or dropped."""
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        return conn.execute("SELECT count(*) FROM segments WHERE sent_at IS NULL"
+                            " AND carried = 0").fetchone()[0]
+
+
+def test_continue_follows_the_most_recent_answer_only(start_bot, wechat, model, tmp_path):
+    book_a, book_b = chinese_answer(12000), chinese_answer(12000).replace("段", "节")
+    long_answers(model, {"写书A": book_a, "写书B": book_b})
+    bot = start_bot()
+    settle = lambda n: wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and  # noqa
+                                len(wechat.texts_to("oLATEST")) == n)
+    send_text(bot, "oLATEST", "写书A", 1)
+    settle(5)
+    send_text(bot, "oLATEST", "写书B", 2)
+    settle(10)
+    send_text(bot, "oLATEST", "继续", 3)
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and
+             len(wechat.texts_to("oLATEST")) > 10)
+    texts = wechat.texts_to("oLATEST")
+    b_so_far = without_space("".join(texts[5:]).replace(wxbot.CONTINUE_TAIL.strip(), ""))
+    assert without_space(book_b).startswith(b_so_far)  # B goes on; nothing of A comes back
+    assert len(b_so_far) > len(without_space("".join(texts[5:10])))
+    before = leftovers_in_db(tmp_path / "wxbot.db")
+    send_text(bot, "oLATEST", "短问题", 4)
+    settle(len(texts) + 1)
+    send_text(bot, "oLATEST", "继续", 5)
+    settle(len(texts) + 2)
+    assert wechat.texts_to("oLATEST")[-2:] == ["答：短问题", wxbot.NOTHING_MORE_LINE]
+    assert leftovers_in_db(tmp_path / "wxbot.db") == before  # dropped, yet kept
+    assert bot.store.health(time.time())["unsent_segments"] == 0
+    assert model.questions() == ["写书A", "写书B", "短问题"]
+
+
+@pytest.mark.parametrize("reset", ["新对话", "/reset"])
+def test_reset_drops_what_was_left_of_the_last_answer(start_bot, wechat, model, reset):
+    long_answers(model, {"写书": chinese_answer(12000)})
+    bot = start_bot()
+    send_text(bot, "oDROP", "写书", 1)
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and
+             len(wechat.texts_to("oDROP")) == 5)
+    send_text(bot, "oDROP", reset, 2)
+    send_text(bot, "oDROP", "继续", 3)
+    wait_for(lambda: len(wechat.texts_to("oDROP")) == 7)
+    assert wechat.texts_to("oDROP")[5:] == [wxbot.RESET_LINE, wxbot.NOTHING_MORE_LINE]
+    assert len(model.requests) == 1
+
+
+def test_passive_continue_follows_the_most_recent_answer_only(start_bot, wechat, model,
+                                                              quick_wechat_clock):
+    long_answers(model, {"讲长一点": chinese_answer(3000), "再讲一个": chinese_answer(2500)})
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oPLATEST", quick_wechat_clock)
+    first = user.says("讲长一点")
+    assert first.endswith(wxbot.CONTINUE_TAIL)
+    assert user.says("短问题") == "答：短问题"  # not the rest of the first answer
+    assert user.says("继续") == wxbot.NOTHING_MORE_LINE
+    shown = [user.says("再讲一个")]
+    while shown[-1].endswith(wxbot.CONTINUE_TAIL):
+        shown.append(user.says("继续"))
+    assert without_space("".join(shown).replace(wxbot.CONTINUE_TAIL, "")) == \
+        without_space(chinese_answer(2500))
+    first = user.says("讲长一点")
+    assert user.says("新对话") == wxbot.RESET_LINE
+    assert user.says("继续") == wxbot.NOTHING_MORE_LINE
+    assert model.questions() == ["讲长一点", "短问题", "再讲一个", "讲长一点"]
+
+
+@pytest.mark.parametrize("event, key", [("unsubscribe", ""), ("subscribe", "qrscene_7"),
+                                        ("CLICK", "MENU_1"), ("VIEW", "https://a.cn"),
+                                        ("SCAN", "7"), ("LOCATION", "")])
+def test_passive_events_never_take_a_waiting_answer(start_bot, wechat, model,
+                                                    quick_wechat_clock, event, key):
+    long_answers(model, {"讲长一点": chinese_answer(3000)})
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oPEVENT", quick_wechat_clock)
+    shown = [user.says("讲长一点")]
+    reply = user.push(event_xml("oPEVENT", event, int(time.time()), key))
+    welcome = wxbot.DEFAULT_WELCOME + wxbot.CONTINUE_TAIL  # the rest still waits for 继续
+    assert reply == (welcome if event == "subscribe" else None)
+    while shown[-1].endswith(wxbot.CONTINUE_TAIL):
+        shown.append(user.says("继续"))
+    assert without_space("".join(shown).replace(wxbot.CONTINUE_TAIL, "")) == \
+        without_space(chinese_answer(3000))
 
 
 # Months in production ########################################################

@@ -39,6 +39,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
 from typing import Callable, Iterator, Mapping
@@ -403,6 +404,58 @@ def short_id(openid: str) -> str:
 
 
 ###############################################################################
+# What a message is ###########################################################
+###############################################################################
+
+class Kind(enum.Enum):
+    """What a user's message asks of wxbot."""
+
+    QUESTION = "question"  # for the model: a text, a voice message, a picture, anything else
+    CONTINUE = "continue"  # the rest of the most recent answer
+    RESET = "reset"        # forget the conversation and the rest of the last answer
+    HELP = "help"
+    STATS = "stats"        # for admins; an ordinary question for everyone else
+    EVENT = "event"        # subscribe, CLICK, LOCATION...: answered as an event, never a question
+
+
+@dataclasses.dataclass(frozen=True)
+class Intent:
+    """A message as classify() reads it: its kind, and its text as the user wrote it."""
+
+    kind: Kind
+    text: str
+
+
+#: Surrounding spaces, punctuation and symbols ("继续。", " /reset ", "「帮助」!"); a leading
+#: "/" stays, it belongs to the command.
+_EDGES = re.compile(r"^(?:[^\w/]|_)+|(?:\W|_)+$")
+_ASCII_LOWER = {code: code + 32 for code in range(ord("A"), ord("Z") + 1)}
+
+
+def normalise(text: str) -> str:
+    """The form in which a message is compared with the command words: full-width forms folded
+    (NFKC: "／ＲＥＳＥＴ" is "/RESET"), surrounding spaces and punctuation dropped, ASCII
+    lower-cased."""
+    return _EDGES.sub("", unicodedata.normalize("NFKC", text)).translate(_ASCII_LOWER)
+
+
+#: Each command word, normalised, and the kind of message it makes.
+WORDS: dict[str, Kind] = {normalise(word): kind for words, kind in [
+    (CONTINUE_WORDS, Kind.CONTINUE), (RESET_WORDS, Kind.RESET), (HELP_WORDS, Kind.HELP),
+    (("/stats",), Kind.STATS)] for word in words}
+
+
+def classify(msg_type: str, content: str | None) -> Intent:
+    """What a message is. The one place that decides it: service and passive replies and the
+    merging of quick follow-ups all ask here. A spoken command counts as typed."""
+    if msg_type == "event":
+        return Intent(Kind.EVENT, "")
+    text = (content or "").strip()
+    kind = WORDS.get(normalise(text)) if msg_type in ("text", "voice") else None
+    return Intent(kind or Kind.QUESTION, text)
+
+
+###############################################################################
 # Storage #####################################################################
 ###############################################################################
 
@@ -414,6 +467,14 @@ class State(str, enum.Enum):
     DONE = "done"        # answered (segments beyond the quota stay stored, unsent)
     FAILED = "failed"    # the model failed; the user got the apology
     DEAD = "dead"        # gave up (delivery failures or interruptions); kept for the operator
+
+
+class Leftovers(enum.Enum):
+    """What a new message does with the unsent rest of the user's earlier answers."""
+
+    KEEP = "keep"  # leave it for a later "继续" (/help, a notice)
+    TAKE = "take"  # "继续": carry the rest of the most recent answer; older rests are dropped
+    DROP = "drop"  # a new question, /reset: drop it (kept in the database, never sent)
 
 
 SCHEMA = f"""
@@ -841,35 +902,45 @@ class Store:
     # Answers ----------------------------------------------------------------
 
     def start_answer(self, message: Message, carry: bool = True,
-                     take_overflow: bool = False) -> None:
-        """Move the user's unsent segments of earlier answers to the front of this one.
+                     leftovers: Leftovers = Leftovers.KEEP) -> None:
+        """Put what the user is still owed at the front of this message's answer.
 
-        Those a quota or window error interrupted always come; those beyond the 5-message
-        quota come when the user asked for more ("继续"). This message's 5 messages then carry
-        them. Events (carry=False) open no quota that could. Done once per message.
+        Carried always: answers a quota or window error interrupted (45047, 45015), and
+        answers none of which went out yet (a passive reply nobody fetched, a 48001). The
+        rest of an answer that went out in part (beyond the 5-message quota, or one passive
+        reply) is a leftover, for "继续" only: `leftovers` says what this message does with
+        them (Leftovers). This message's 5 messages then carry them. Events (carry=False)
+        open no quota that could. Done once per message.
         """
         with self.transaction() as conn:
-            self._start_answer(conn, message, carry, take_overflow)
+            self._start_answer(conn, message, carry, leftovers)
 
     def _start_answer(self, conn: sqlite3.Connection, message: Message, carry: bool,
-                      take_overflow: bool) -> None:
+                      leftovers: Leftovers) -> int:
         self._check_lease(conn, message)
         if not carry or conn.execute("SELECT 1 FROM segments WHERE message_id = ? LIMIT 1",
                                      (message.id,)).fetchone():
-            return
+            return 0
         earlier = conn.execute(
-            "SELECT s.message_id, s.seq, s.content" + EARLIER_UNSENT +
-            # 45047 (quota used up) and 45015 (window closed): the user's next message
-            # opens a new quota, so what they did not get goes out with it.
-            " AND (m.error IN ('errcode 45047', 'errcode 45015') OR :take_overflow)"
-            " ORDER BY m.id, s.seq",
-            {"openid": message.openid, "id": message.id, "take_overflow": take_overflow}
-        ).fetchall()
+            "SELECT s.message_id, s.seq, s.content, m.msg_type, m.error, EXISTS (SELECT 1"
+            " FROM segments o WHERE o.message_id = m.id AND o.sent_at IS NOT NULL) AS begun"
+            + EARLIER_UNSENT + " ORDER BY m.id, s.seq",
+            {"openid": message.openid, "id": message.id}).fetchall()
+        left = [row for row in earlier if row["error"] is None and row["begun"]]
+        latest = left[-1]["message_id"] if left and leftovers is Leftovers.TAKE else None
+        carried = [row for row in earlier if row["error"] in ("errcode 45047", "errcode 45015")
+                   or (row["error"] is None and row["msg_type"] != "event" and
+                       (not row["begun"] or row["message_id"] == latest))]
+        # A superseded leftover is kept, never sent: moved_to names the message that
+        # superseded it, and no copy is made.
+        dropped = [row for row in left if row["message_id"] != latest] \
+            if leftovers is not Leftovers.KEEP else []
         conn.executemany("UPDATE segments SET moved_to = ? WHERE message_id = ? AND seq = ?",
-                         [(message.id, row[0], row[1]) for row in earlier])
+                         [(message.id, row[0], row[1]) for row in carried + dropped])
         conn.executemany("INSERT INTO segments (message_id, seq, content, carried)"
                          " VALUES (?, ?, ?, 1)",
-                         [(message.id, seq, row[2]) for seq, row in enumerate(earlier)])
+                         [(message.id, seq, row[2]) for seq, row in enumerate(carried)])
+        return len(carried)
 
     def add_segments(self, message: Message, segments: list[str]) -> None:
         """Append planned segments to the message's answer (durable before they are sent)."""
@@ -907,10 +978,13 @@ class Store:
                             " AND moved_to IS NULL", (message.id,)).fetchone()[0]
 
     def save_answer(self, message: Message, segments: list[str], now: float,
-                    carry: bool = True, take_overflow: bool = False) -> int:
-        """A whole reply that needs no model (a line, a notice, "继续"), in one commit."""
+                    carry: bool = True, leftovers: Leftovers = Leftovers.KEEP,
+                    if_nothing: list[str] = ()) -> int:
+        """A whole reply that needs no model (a line, a notice, "继续"), in one commit;
+        `if_nothing` is the reply when nothing else, carried or given, is to be sent."""
         with self.transaction() as conn:
-            self._start_answer(conn, message, carry, take_overflow)
+            if not self._start_answer(conn, message, carry, leftovers) and not segments:
+                segments = if_nothing
             return self._complete_answer(conn, message, now, segments, None, None)
 
     def partial_answer(self, message_id: int) -> str:
@@ -933,10 +1007,10 @@ class Store:
                 " AND id > ? AND state = 'queued' AND not_before <= ? ORDER BY id",
                 (message.openid, message.id, now)).fetchall()
             merged, previous = [], message.received_at
-            for row in waiting:  # up to the first that is no quick, plain follow-up
+            for row in waiting:  # up to the first that is no quick question typed
                 if row["msg_type"] != "text" or not (row["content"] or "").strip() or \
-                        row["content"].strip() in CONTINUE_WORDS or \
-                        row["received_at"] - previous > MERGE_WINDOW:
+                        classify(row["msg_type"], row["content"]).kind is not Kind.QUESTION \
+                        or row["received_at"] - previous > MERGE_WINDOW:
                     break
                 merged.append(row["id"])
                 previous = row["received_at"]
@@ -951,32 +1025,32 @@ class Store:
                       ) -> tuple[str, bool] | None:
         """The segment the reply to this push carries, and whether more waits after it.
 
-        The same push retried gets the same segment; otherwise the user's oldest unsent
-        segment, so that answers go out in order, one per message the user sends.
+        The same push retried gets the same segment; otherwise the next unsent segment of
+        this message's own answer (which carries what the user was still owed), or of the
+        answer it was merged into. An event never takes another message's answer.
         """
         with self.transaction() as conn:
             row = conn.execute("SELECT message_id, seq, content FROM segments"
                                " WHERE replied_to = ?", (message_id,)).fetchone()
             if row is None:
                 row = conn.execute(
-                    "SELECT s.message_id, s.seq, s.content FROM segments s JOIN messages m"
-                    " ON m.id = s.message_id WHERE m.openid = ? AND m.id <= ?"
-                    " AND s.sent_at IS NULL AND s.moved_to IS NULL ORDER BY m.id, s.seq"
-                    " LIMIT 1", (openid, message_id)).fetchone()
+                    "SELECT message_id, seq, content FROM segments WHERE message_id ="
+                    " (SELECT coalesce(merged_into, id) FROM messages WHERE id = ?)"
+                    " AND sent_at IS NULL AND moved_to IS NULL ORDER BY seq LIMIT 1",
+                    (message_id,)).fetchone()
                 if row is None:
                     return None
                 conn.execute("UPDATE segments SET sent_at = ?, replied_to = ?"
                              " WHERE message_id = ? AND seq = ?", (now, message_id, row[0], row[1]))
-            # More: a segment waiting, or a question of the user still being answered
-            # ("继续" only fetches: in passive mode it is no question).
+            # More: a segment waiting, or a question of the user still being answered.
             more = conn.execute(
                 "SELECT 1 FROM segments s JOIN messages m ON m.id = s.message_id"
-                " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL"
-                " UNION ALL SELECT 1 FROM messages WHERE openid = ? AND answered_at IS NULL"
-                " AND state IN ('queued', 'leased') AND NOT (msg_type = 'text' AND"
-                f" trim(content) IN ({', '.join('?' * len(CONTINUE_WORDS))})) LIMIT 1",
-                (openid, openid, *CONTINUE_WORDS)).fetchone()
-        return row[2], more is not None
+                " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL LIMIT 1",
+                (openid,)).fetchone() is not None or any(
+                classify(*waiting).kind is Kind.QUESTION for waiting in conn.execute(
+                    "SELECT msg_type, content FROM messages WHERE openid = ?"
+                    " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,)))
+        return row[2], more
 
     def settled(self, message_id: int) -> bool:
         """Whether a message is answered (or needs no answer): nothing more will come of it."""
@@ -984,12 +1058,6 @@ class Store:
             row = conn.execute("SELECT state FROM messages WHERE id = ?",
                                (message_id,)).fetchone()
         return row is not None and row[0] not in ("queued", "leased")
-
-    def has_overflow(self, openid: str, before_id: int) -> bool:
-        """Whether the user has unsent segments of earlier answers waiting for "继续"."""
-        with self.connection() as conn:
-            return conn.execute("SELECT 1" + EARLIER_UNSENT + " LIMIT 1",
-                                {"openid": openid, "id": before_id}).fetchone() is not None
 
     def answer_complete(self, message_id: int) -> bool:
         with self.connection() as conn:
@@ -1915,22 +1983,21 @@ class Worker:
     def plan(self, message: Message) -> int | None:
         """Decide and store what to send; the number of segments, or None to retry later."""
         now = time.time()
-        text = (message.content or "").strip()
-        if message.msg_type == "event":  # LOCATION (every 5 s), VIEW and the rest: nothing
+        intent = classify(message.msg_type, message.content)
+        text = intent.text
+        if intent.kind is Kind.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
             return self.store.save_answer(message, split_segments(line), now, carry=False)
-        command = text.lower() if message.msg_type == "text" else ""
-        if command in RESET_WORDS:
+        if intent.kind is Kind.RESET:
             self.store.forget(message.openid, message.id)
-            return self.store.save_answer(message, [RESET_LINE], now)
-        if command in HELP_WORDS:
+            return self.store.save_answer(message, [RESET_LINE], now, leftovers=Leftovers.DROP)
+        if intent.kind is Kind.HELP:
             return self.store.save_answer(message, [HELP_LINE], now)
-        if command == "/stats" and message.openid in self.settings.admins:
+        if intent.kind is Kind.STATS and message.openid in self.settings.admins:
             return self.store.save_answer(message, [stats_text(self.store.stats(now))], now)
-        # "继续" fetches what waits; in passive mode it never is a question for the model.
-        if text in CONTINUE_WORDS and (self.mode.passive or
-                                       self.store.has_overflow(message.openid, message.id)):
-            return self.store.save_answer(message, [], now, take_overflow=True)
+        if intent.kind is Kind.CONTINUE:  # fetches the rest; never a question for the model
+            return self.store.save_answer(message, [], now, leftovers=Leftovers.TAKE,
+                                          if_nothing=[NOTHING_MORE_LINE])
         if message.msg_type == "voice" and not text:
             log_worker.warning("message %s: a voice message without Recognition; turn on "
                                "公众号后台 → 设置与开发 → 接口权限 → 接收语音识别结果", message.id)
@@ -1957,7 +2024,7 @@ class Worker:
             (60, self.settings.user_rate), (86400, self.settings.user_daily)])
         if wait is not None:
             return self._over_limit(message, wait)
-        self.store.start_answer(message)
+        self.store.start_answer(message, leftovers=Leftovers.DROP)
         history = self.store.history(message.openid, self.settings.history_turns,
                                      self.settings.context_chars,
                                      time.time() - self.settings.session_ttl)
@@ -2245,7 +2312,6 @@ class Webhook:
         started = time.monotonic()
         last_try = pushes >= 3
         deadline = started + (PASSIVE_LAST_WAIT if last_try else PASSIVE_WAIT)
-        fetching = push.msg_type == "text" and (push.content or "").strip() in CONTINUE_WORDS
         while True:
             settled = self.store.settled(message_id)  # before the look, so nothing is missed
             reply = self.store.passive_reply(push.openid, message_id, time.time())
@@ -2253,8 +2319,7 @@ class Webhook:
                 text, more = reply
                 return self.reply_body(push, text + CONTINUE_TAIL if more else text, query)
             if settled:
-                return self.reply_body(push, NOTHING_MORE_LINE, query) if fetching \
-                    else "success"
+                return "success"
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
