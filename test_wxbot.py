@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import io
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 
 import pytest
@@ -60,6 +62,10 @@ class FakeServer:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 self.body = self.rfile.read(length)
+                fake.route(self)
+
+            def do_GET(self):
+                self.body = b""
                 fake.route(self)
 
             def log_message(self, *args):
@@ -111,6 +117,8 @@ class FakeWeChat(FakeServer):
         self.token_reply = None  # a dict to answer stable_token with instead of a token
         self.intercept = None     # intercept(path, body) -> None (go on) or a scripted answer
         self.hold = None
+        self.menu = None          # the menu in force, as menu/create took it
+        self.menu_creates = []    # every menu/create body WeChat accepted
 
     def new_token(self):
         self.tokens_issued += 1
@@ -125,7 +133,7 @@ class FakeWeChat(FakeServer):
     def route(self, handler):
         parts = urllib.parse.urlsplit(handler.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
-        body = json.loads(handler.body.decode("utf-8"))
+        body = json.loads(handler.body.decode("utf-8")) if handler.body else None
         # hold(path, body) may block this request, outside the lock, and script its answer.
         held = self.hold(parts.path, body) if self.hold else None
         with self.lock:
@@ -175,6 +183,20 @@ class FakeWeChat(FakeServer):
         if path == "/cgi-bin/message/custom/typing":
             self.typing.append((body["touser"], body["command"]))
             return {"errcode": 0, "errmsg": "ok"}
+        if path == "/cgi-bin/menu/create":
+            self.menu_creates.append(body)
+            self.menu = body
+            return {"errcode": 0, "errmsg": "ok"}
+        if path == "/cgi-bin/menu/delete":
+            self.menu = None
+            return {"errcode": 0, "errmsg": "ok"}
+        if path == "/cgi-bin/get_current_selfmenu_info":
+            if self.menu is None:
+                return {"is_menu_open": 0}
+            # This API nests sub-buttons as {"list": [...]}, unlike menu/create.
+            return {"is_menu_open": 1, "selfmenu_info": {"button": [
+                {**button, "sub_button": {"list": button["sub_button"]}}
+                if button.get("sub_button") else button for button in self.menu["button"]]}}
         return 404
 
     def texts_to(self, openid):
@@ -186,7 +208,8 @@ class FakeModel(FakeServer):
     """An OpenAI-compatible /v1/chat/completions endpoint, streaming (SSE) when asked to.
 
     `respond(request)` returns the answer: a string, or an iterable of pieces that a stream
-    sends one chunk each (a generator may pause between them: a slow model). It raises
+    sends one chunk each (a generator may pause between them: a slow model; a dict piece is
+    sent as an event of its own). It raises
     ModelFault(status) to fail. Every request's JSON is kept in `requests`.
     """
 
@@ -242,6 +265,9 @@ class FakeModel(FakeServer):
             handler.wfile.flush()
         event({"role": "assistant", "content": ""})
         for piece in pieces:  # a ModelFault here breaks the stream off mid-answer
+            if isinstance(piece, dict):  # an event as it is, such as {"error": {...}}
+                handler.wfile.write(b"data: " + json.dumps(piece).encode() + b"\n\n")
+                continue
             event({"content": piece})
         event({}, "stop")
         handler.wfile.write(b"data: [DONE]\n\n")
@@ -413,7 +439,7 @@ def test_env_file_is_read_as_systemd_reads_it(tmp_path):
                       "WXBOT_APPSECRET": "se cret", "WXBOT_SYSTEM_PROMPT": 'say "hi"',
                       "OPENAI_API_KEY": "k"}
     settings = wxbot.Settings.from_env(values)
-    assert settings.appsecret == "se cret" and settings.workers == 4
+    assert settings.appsecret == "se cret" and settings.workers == 32
 
 
 def test_example_env_file_lists_every_setting():
@@ -1886,7 +1912,8 @@ def test_sigkill_at_random_points_loses_nothing_and_keeps_order(tmp_path, wechat
     pushes = [(user, f"{user}-{k}", 1000 * n + k) for k in range(10)
               for n, user in enumerate(users)]
     expected = {user: [f"{user}-{k}" for k in range(10)] for user in users}
-    env = env_for(tmp_path, wechat, model, WXBOT_PORT=free_port(), WXBOT_USER_RATE=0)
+    env = env_for(tmp_path, wechat, model, WXBOT_PORT=free_port(), WXBOT_USER_RATE=0,
+                  WXBOT_WORKERS=4)
     state, logs = {}, []
     state["process"], state["port"], lines = start_process(env, tmp_path)
     logs.append(lines)
@@ -2179,6 +2206,415 @@ def test_passive_events_never_take_a_waiting_answer(start_bot, wechat, model,
         shown.append(user.says("继续"))
     assert without_space("".join(shown).replace(wxbot.CONTINUE_TAIL, "")) == \
         without_space(chinese_answer(3000))
+
+
+# Menus, fixed replies and blocked words ######################################
+
+MENU = {"button": [
+    {"type": "click", "name": "今日推荐", "key": "TODAY"},
+    {"name": "菜单", "sub_button": [
+        {"type": "view", "name": "官网", "url": "https://example.com/"},
+        {"type": "miniprogram", "name": "小程序", "url": "https://example.com/mp",
+         "appid": "wx286b93c14bbf93aa", "pagepath": "pages/lunar/index"},
+        {"type": "click", "name": "问问 AI", "key": "ASK"}]}]}
+
+
+def menu_command(wechat, model, tmp_path, *args):
+    """`wxbot.py menu ...` run in this process: (exit status, what it printed)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = wxbot.main(["menu", *args], env_for(tmp_path, wechat, model))
+    return status, out.getvalue()
+
+
+def test_menu_file_becomes_the_menu_exactly_as_written(tmp_path, wechat, model):
+    (tmp_path / "menu.json").write_text(json.dumps(MENU, ensure_ascii=False), encoding="utf-8")
+    result = run_wxbot(["menu", str(tmp_path / "menu.json")], env_for(tmp_path, wechat, model))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert wechat.menu_creates == [MENU]
+    assert "in force" in result.stdout
+
+
+def test_menu_show_prints_the_menu_in_force_and_delete_removes_it(tmp_path, wechat, model):
+    wechat.menu = MENU
+    status, shown = menu_command(wechat, model, tmp_path, "--show")
+    assert status == 0 and json.loads(shown) == MENU  # a file `menu FILE` takes back
+    assert menu_command(wechat, model, tmp_path, "--delete")[0] == 0
+    assert wechat.menu is None
+    status, shown = menu_command(wechat, model, tmp_path, "--show")
+    assert status == 0 and "no menu" in shown
+
+
+def test_broken_menu_file_names_line_and_column_and_is_never_sent(tmp_path, wechat, model):
+    (tmp_path / "menu.json").write_text('{"button": [\n  {"name": "a", "type": "click",}\n]}')
+    status, said = menu_command(wechat, model, tmp_path, str(tmp_path / "menu.json"))
+    assert status == 1 and "line 2, column" in said
+    assert wechat.menu_creates == [] and wechat.token_calls == []
+
+
+@pytest.mark.parametrize("errcode, says", [
+    (48001, "unverified 订阅号"), (40018, "name length"), (40027, "sub-button's url")])
+def test_menu_errors_from_wechat_become_sentences(tmp_path, wechat, model, errcode, says):
+    (tmp_path / "menu.json").write_text(json.dumps(MENU), encoding="utf-8")
+    wechat.failures["/cgi-bin/menu/create"] = [errcode]
+    status, said = menu_command(wechat, model, tmp_path, str(tmp_path / "menu.json"))
+    assert status == 1 and says in said and str(errcode) in said
+
+
+def menu_strategies():
+    from hypothesis import strategies as st
+
+    def text(max_bytes, min_size=1):
+        return st.text(min_size=min_size, max_size=max_bytes).filter(
+            lambda value: value.strip() and wxbot.utf8_len(value) <= max_bytes)
+
+    fields = {"key": text(128), "appid": text(32), "pagepath": text(64),
+              "media_id": text(64), "article_id": text(64),
+              "url": st.builds(lambda scheme, rest: scheme + rest,
+                               st.sampled_from(["http://", "https://"]), st.text(max_size=60))}
+
+    def leaf(name_bytes):
+        return st.sampled_from(sorted(wxbot.MENU_TYPES)).flatmap(
+            lambda kind: st.fixed_dictionaries(
+                {"type": st.just(kind), "name": text(name_bytes),
+                 **{field: fields[field] for field in wxbot.MENU_TYPES[kind]}},
+                optional={"sub_button": st.just([])}))
+
+    top = st.one_of(leaf(16), st.fixed_dictionaries(
+        {"name": text(16), "sub_button": st.lists(leaf(60), min_size=1, max_size=5)}))
+    return st.fixed_dictionaries({"button": st.lists(top, min_size=1, max_size=3)})
+
+
+#: One way to break a valid menu each, and the path its problem must name.
+def break_menu(menu, how, at):
+    menu = json.loads(json.dumps(menu))
+    buttons = menu["button"]
+    n = at % len(buttons)
+    button = buttons[n]
+    subs = button.get("sub_button") or []
+    target, path = (subs[at % len(subs)], f"button[{n}].sub_button[{at % len(subs)}]") \
+        if subs else (button, f"button[{n}]")
+    leaf_limit = 60 if subs else 16
+    if how == "too many buttons":
+        buttons.extend([buttons[0]] * (4 - len(buttons)))
+        return menu, "button:"
+    if how == "too many sub-buttons":
+        button["sub_button"] = [{"type": "click", "name": "x", "key": "k"}] * 6
+        return menu, f"button[{n}].sub_button:"
+    if how == "long top name":
+        button["name"] = "字" * 6
+        return menu, f"button[{n}].name"
+    if how == "long name":
+        target["name"] = "a" * (leaf_limit + 1)
+        return menu, f"{path}.name"
+    if how == "no name":
+        target.pop("name")
+        return menu, f"{path}.name"
+    if how == "unknown type":
+        target["type"] = "news"
+        return menu, f"{path}.type"
+    if how == "missing field":
+        field = wxbot.MENU_TYPES[target["type"]][-1]
+        target.pop(field)
+        return menu, f"{path}.{field}"
+    if how == "long key":
+        target.update(type="click", key="k" * 129)
+        return menu, f"{path}.key"
+    if how == "long url":
+        target.update(type="view", url="https://" + "u" * 1017)
+        return menu, f"{path}.url"
+    if how == "third level":
+        third = [{"type": "click", "name": "x", "key": "k"}]
+        if not subs:
+            target["sub_button"] = [{"type": "click", "name": "x", "key": "k"}]
+            target, path = target["sub_button"][0], f"{path}.sub_button[0]"
+        target["sub_button"] = third
+        return menu, f"{path}.sub_button"
+    raise AssertionError(how)
+
+
+BREAKAGES = ["too many buttons", "too many sub-buttons", "long top name", "long name",
+             "no name", "unknown type", "missing field", "long key", "long url", "third level"]
+
+
+def test_generated_menus_valid_are_sent_exactly_invalid_never(tmp_path, wechat, model):
+    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+    path = tmp_path / "menu.json"
+
+    @hsettings(max_examples=60, deadline=None, database=None,
+               suppress_health_check=list(HealthCheck))
+    @given(menu=menu_strategies(), how=st.sampled_from([None, *BREAKAGES]),
+           at=st.integers(0, 100))
+    def menus(menu, how, at):
+        expected_path = None
+        if how:
+            menu, expected_path = break_menu(menu, how, at)
+        path.write_text(json.dumps(menu, ensure_ascii=False), encoding="utf-8")
+        wechat.menu_creates.clear()
+        status, said = menu_command(wechat, model, tmp_path, str(path))
+        if how is None:
+            assert status == 0, said
+            assert wechat.menu_creates == [menu]
+        else:
+            assert status == 1 and wechat.menu_creates == []
+            assert expected_path in said, (how, said)
+
+    menus()
+
+
+def blocked_oracle(text, words):
+    """mask() by brute force: each word tried at each character, spaces inside skipped."""
+    def fold(char):
+        if char == "\u3000" or "\uff01" <= char <= "\uffee":
+            normal = unicodedata.normalize("NFKC", char)
+            char = normal if len(normal) == 1 else char
+        return char.lower() if char.isascii() else char
+    folded = [fold(char) for char in text]
+    hidden = [False] * len(text)
+    for word in words:
+        word = [fold(char) for char in word if not fold(char).isspace()]
+        for start in range(len(text)):
+            at, matched = start, 0
+            while at < len(text) and matched < len(word):
+                if folded[at].isspace() and matched:
+                    at += 1
+                    continue
+                if folded[at] != word[matched]:
+                    break
+                at, matched = at + 1, matched + 1
+            if word and matched == len(word):
+                hidden[start:at] = [True] * (at - start)
+    return "".join("＊" if hide else char for char, hide in zip(text, hidden))
+
+
+def test_blocked_words_are_masked_in_any_chunking_of_an_answer():
+    from hypothesis import given, settings as hsettings, strategies as st
+    # Letters that come in both cases and widths, Chinese, and spaces of both widths.
+    alphabet = st.sampled_from(list("abAB坏词ａＢ \u3000") + ["\n"])
+
+    @hsettings(max_examples=400, deadline=None, database=None)
+    @given(words=st.lists(st.text(alphabet, min_size=1, max_size=5), max_size=4),
+           text=st.text(alphabet, max_size=40), cuts=st.lists(st.integers(0, 40), max_size=6))
+    def masking(words, text, cuts):
+        blocked = wxbot.BlockedWords(words)
+        expected = blocked_oracle(text, words)
+        assert blocked.mask(text) == expected
+        assert blocked.found(text) == ("＊" in expected)
+        stream = wxbot.StreamMask(blocked)
+        edges = [0, *sorted(cut % (len(text) + 1) for cut in cuts), len(text)]
+        shown = [stream.feed(text[a:b]) for a, b in zip(edges, edges[1:])]
+        assert "".join(shown) + stream.finish() == expected
+
+    masking()
+
+
+def words_file(tmp_path, *words, name="blocked.txt"):
+    path = tmp_path / name
+    path.write_text("# 屏蔽词\n" + "\n".join(words) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_question_with_a_blocked_word_never_reaches_the_model(start_bot, wechat, model,
+                                                              tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁 词", "bad word"),
+                    WXBOT_USER_RATE=1)
+    send_text(bot, "oBLOCKED123", "请问 ＢＡＤ  Word 怎么买？", 1)
+    send_text(bot, "oBLOCKED123", "违禁词是什么", 2)
+    wait_for(lambda: len(wechat.texts_to("oBLOCKED123")) == 2)
+    assert wechat.texts_to("oBLOCKED123") == [wxbot.REFUSED_LINE] * 2
+    assert model.requests == []
+    blocked_lines = [r.getMessage() for r in caplog.records if "blocked" in r.getMessage()]
+    assert len(blocked_lines) == 2 and all(wxbot.short_id("oBLOCKED123") in line and "违禁"
+                                           not in line for line in blocked_lines)
+    send_text(bot, "oBLOCKED123", "你好", 3)  # blocked questions spent none of the 1 a minute
+    wait_for(lambda: len(wechat.texts_to("oBLOCKED123")) == 3)
+    assert wechat.texts_to("oBLOCKED123")[2] == "答：你好"
+
+
+def test_blocked_reply_can_be_set(start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁"),
+                    WXBOT_BLOCKED_REPLY="这个话题我们不聊。")
+    send_text(bot, "oB2", "违禁", 1)
+    wait_for(lambda: wechat.texts_to("oB2"))
+    assert wechat.texts_to("oB2") == ["这个话题我们不聊。"] and model.requests == []
+
+
+def test_blocked_words_in_a_streamed_answer_are_masked_before_sent_and_stored(
+        start_bot, wechat, model, tmp_path):
+    # The word straddles two chunks of the stream, and the answer ends right after it.
+    model.respond = lambda request: ["这是一个敏", "感词，还有 Secret", "Plan"]
+    bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "敏感词", "secret plan"))
+    send_text(bot, "oM1", "说点什么", 1)
+    wait_for(lambda: wechat.texts_to("oM1"))
+    assert wechat.texts_to("oM1") == ["这是一个＊＊＊，还有 ＊＊＊＊＊＊＊＊＊＊"]
+    model.respond = lambda request: "好的"
+    send_text(bot, "oM1", "再说", 2)
+    wait_for(lambda: len(wechat.texts_to("oM1")) == 2)
+    history = [m["content"] for m in model.requests[-1]["messages"] if m["role"] == "assistant"]
+    assert history == ["这是一个＊＊＊，还有 ＊＊＊＊＊＊＊＊＊＊"]
+
+
+def test_blocked_words_file_is_reread_when_it_changes_and_a_broken_one_kept_out(
+        start_bot, wechat, model, tmp_path, caplog):
+    path = words_file(tmp_path, "旧词")
+    bot = start_bot(WXBOT_BLOCKED_WORDS=path)
+    os.utime(path, ns=(0, 0))
+    words_file(tmp_path, "新词")
+    os.utime(path, ns=(10**9, 10**9))
+    send_text(bot, "oR1", "新词", 1)
+    send_text(bot, "oR2", "旧词", 2)
+    wait_for(lambda: wechat.texts_to("oR1") and wechat.texts_to("oR2"))
+    assert wechat.texts_to("oR1") == [wxbot.REFUSED_LINE]
+    assert wechat.texts_to("oR2") == ["答：旧词"]
+    with open(path, "wb") as broken:
+        broken.write(b"\xff\xfe\x00bad")
+    send_text(bot, "oR3", "新词", 3)
+    wait_for(lambda: wechat.texts_to("oR3"))
+    assert wechat.texts_to("oR3") == [wxbot.REFUSED_LINE]  # the previous words stay
+    assert "previous version stays" in caplog.text and path in caplog.text
+
+
+def test_blocked_words_are_reread_on_sighup(tmp_path, wechat, model):
+    path = words_file(tmp_path, "旧词")
+    process = start_process(env_for(tmp_path, wechat, model, WXBOT_BLOCKED_WORDS=path),
+                            tmp_path)
+    process, port, lines = process
+    try:
+        stamp = os.stat(path)
+        words_file(tmp_path, "新词")  # same size, same inode, same time: looks unchanged
+        os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        send_text(port, "oH1", "新词", 1)
+        wait_for(lambda: wechat.texts_to("oH1"))
+        assert wechat.texts_to("oH1") == ["答：新词"]
+        process.send_signal(signal.SIGHUP)
+        asked = []
+
+        def refused_after_hangup():  # the handler runs soon after the signal, not at once
+            asked.append(len(asked) + 2)
+            send_text(port, "oH1", "新词", asked[-1])
+            wait_for(lambda: len(wechat.texts_to("oH1")) == len(asked) + 1)
+            return wechat.texts_to("oH1")[-1] == wxbot.REFUSED_LINE
+        wait_for(refused_after_hangup, message="the words re-read after SIGHUP")
+        wait_for(lambda: any("re-read" in line for line in lines))
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def test_stats_counts_blocked_questions(start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_ADMINS="oBOSS", WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁"))
+    send_text(bot, "oU1", "违禁", 1)
+    wait_for(lambda: wechat.texts_to("oU1"))
+    send_text(bot, "oBOSS", "/stats", 2)
+    wait_for(lambda: wechat.texts_to("oBOSS"))
+    assert "拦截的提问：1" in wechat.texts_to("oBOSS")[0]
+
+
+def test_check_validates_the_owners_files(tmp_path, wechat, model):
+    good = run_wxbot(["check"], env_for(tmp_path, wechat, model,
+                                        WXBOT_BLOCKED_WORDS=words_file(tmp_path, "a", "b")))
+    assert good.returncode == 0 and "2 blocked words" in good.stdout
+    missing = run_wxbot(["check"], env_for(tmp_path, wechat, model,
+                                           WXBOT_BLOCKED_WORDS=str(tmp_path / "nope.txt")))
+    assert missing.returncode == 1
+    assert "FAIL WXBOT_BLOCKED_WORDS" in missing.stdout and "nope.txt" in missing.stdout
+
+
+def test_a_broken_owners_file_stops_the_start_with_its_reason(tmp_path, wechat, model):
+    result = run_wxbot([], env_for(tmp_path, wechat, model,
+                                   WXBOT_BLOCKED_WORDS=str(tmp_path / "nope.txt")))
+    assert result.returncode == 2 and "nope.txt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_example_files_are_valid():
+    assert wxbot.menu_problems(json.load(open(os.path.join(HERE, "menu.example.json"),
+                                              encoding="utf-8"))) == []
+    assert wxbot.BlockedWords.read(os.path.join(HERE, "blocked_words.example.txt")).count == 2
+
+
+# Bursts ######################################################################
+
+def sse_text(events, spaced, comments, multiline, final_blank):
+    """A stream of events framed in the ways the SSE format allows."""
+    out = [": keep-alive"] if comments else []
+    for number, event in enumerate(events):
+        if comments and number % 2:
+            out.append("event: completion.chunk")
+        body = json.dumps(event, ensure_ascii=False, indent=1 if multiline else None)
+        out += [("data: " if spaced else "data:") + line for line in body.split("\n")]
+        out.append("")
+    out.append("data: [DONE]")
+    if final_blank:
+        out.append("")
+    out.append("data: {\"after\": \"done\"}")  # nothing after [DONE] is read
+    return out
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(
+    events=st.lists(st.dictionaries(
+        st.text(min_size=1, max_size=5),
+        st.one_of(st.text(max_size=20), st.integers(), st.none()), max_size=4), max_size=6),
+    spaced=st.booleans(), comments=st.booleans(), multiline=st.booleans(),
+    final_blank=st.booleans())
+def test_stream_events_are_read_whatever_their_framing(events, spaced, comments, multiline,
+                                                       final_blank):
+    lines = sse_text(events, spaced, comments, multiline, final_blank)
+    assert list(wxbot.sse_events(iter(lines))) == events
+
+
+def test_error_event_in_the_stream_from_a_content_filter_gets_the_polite_line(start_bot, wechat,
+                                                                               model):
+    model.respond = lambda request: ["我来", {"error": {"message": "Output data may contain "
+                                                        "inappropriate content."}}]
+    bot = start_bot()
+    send_text(bot, "oSSEFILTER", "问", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    assert wechat.texts_to("oSSEFILTER")[-1] == wxbot.REFUSED_LINE
+    assert len(model.requests) == 1  # a refusal is not retried
+
+
+def test_a_worker_with_nothing_to_claim_never_waits_for_the_write_lock(tmp_path):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"), busy_timeout=3)
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db", timeout=0)) as other:
+        other.execute("BEGIN IMMEDIATE")  # another process (a backup, a shell) writes
+        started = time.monotonic()
+        assert store.claim(time.time(), 60) is None
+        assert time.monotonic() - started < 1  # not the 3 s busy timeout, nor its error
+        other.rollback()
+    store.close()
+
+
+def test_pushes_are_stored_ahead_of_the_workers_queued_writes(tmp_path):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"))
+    entered, stop = [], threading.Event()
+
+    def worker():  # a worker whose every write takes a while
+        while not stop.is_set():
+            with store.transaction():
+                entered.append(time.monotonic())
+                time.sleep(0.01)
+    workers = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in workers:
+        thread.start()
+    overtaken = []
+    try:
+        for n in range(20):
+            started = time.monotonic()
+            push = wxbot.Push.from_fields(wxbot.parse_xml(text_xml(f"oPRIO{n}", "问", n)))
+            store.store_push(push, time.time())
+            done = time.monotonic()
+            # At most the write in progress and one that slipped in as the push returned.
+            overtaken.append(sum(started < at < done for at in entered))
+    finally:
+        stop.set()
+        for thread in workers:
+            thread.join()
+    store.close()
+    assert max(overtaken) <= 2, overtaken
 
 
 # Months in production ########################################################
@@ -2509,7 +2945,7 @@ def disk(monkeypatch):
 
     class Disk:
         def fill(self, store):
-            with store._write_lock, connection(store) as conn:
+            with store._turn(), connection(store) as conn:
                 conn.executescript("PRAGMA incremental_vacuum")  # no free page left inside
             limit[0] = 1
 

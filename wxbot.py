@@ -10,6 +10,7 @@ How a message travels:
 Usage:
   python wxbot.py [--env FILE]     serve (settings from the environment and FILE)
   python wxbot.py --help           every setting with its default
+  python wxbot.py menu FILE.json   make FILE the account's custom menu (--show, --delete)
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -227,6 +228,11 @@ SETTINGS: dict[str, Setting] = {
                        "message sent on subscribe (empty: none)"),
     "admins": Setting("WXBOT_ADMINS", "", _openids,
                       "openids (comma-separated) that may send /stats"),
+    "blocked_words": Setting("WXBOT_BLOCKED_WORDS", "", _optional_text,
+                             "file of blocked words, one a line: questions with one are not "
+                             "asked, answers have them masked (empty: none)"),
+    "blocked_reply": Setting("WXBOT_BLOCKED_REPLY", REFUSED_LINE, _text,
+                             "what a user whose question has a blocked word gets"),
     "vision": Setting("WXBOT_VISION", "0", _flag,
                       "1: send images to the model (it must accept image input)"),
     "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
@@ -238,8 +244,9 @@ SETTINGS: dict[str, Setting] = {
     "host": Setting("WXBOT_HOST", "0.0.0.0", _text, "address to listen on"),
     "port": Setting("WXBOT_PORT", "8080", _int_between(0, 65535), "port to listen on"),
     "path": Setting("WXBOT_PATH", "/wx", _url_path, "URL path WeChat calls"),
-    "workers": Setting("WXBOT_WORKERS", "4", _int_between(1, 64),
-                       "worker threads (model calls in parallel)"),
+    "workers": Setting("WXBOT_WORKERS", "32", _int_between(1, 256),
+                       "worker threads: model calls in parallel (keep within the provider's "
+                       "concurrency and RPM limits; see README)"),
     "history_turns": Setting("WXBOT_HISTORY_TURNS", "10", _int_between(0, 100),
                              "earlier exchanges (question and answer) sent to the model"),
     "max_skew": Setting("WXBOT_MAX_SKEW", "300", _int_between(0, 86400),
@@ -280,6 +287,8 @@ class Settings:
     system_prompt: str
     welcome: str
     admins: tuple
+    blocked_words: str
+    blocked_reply: str
     vision: bool
     session_ttl: float
     db: str
@@ -331,7 +340,7 @@ class Settings:
                 value = "(set)" if value else "(not set)"
             elif name == "admins":
                 value = ",".join(short_id(openid) for openid in value)
-            elif name in ("system_prompt", "welcome"):
+            elif name in ("system_prompt", "welcome", "blocked_reply"):
                 value = f"({len(value)} chars)"
             shown.append(f"{setting.env}={value}")
         return " ".join(shown)
@@ -582,6 +591,14 @@ INSERT INTO state_counts (state, messages) SELECT column1, (SELECT count(*) FROM
 #: A message interrupted this often (its lease expired, a restart, an internal error) ends
 #: dead: something about it stops every worker, and trying forever would hide that.
 INTERRUPTIONS_LIMIT = 5
+#: The oldest message a worker may take (:now): due, and its user has nothing earlier queued
+#: or in hand (one user's messages are answered in order).
+CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_before <= :now"
+             " AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
+             " AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased'))"
+             " ORDER BY m.id LIMIT 1")
+#: The kv key noting that the queue line went out for a message: it used one of the 5.
+QUEUE_LINE_KEY = "queue-line:{}"
 #: The user's segments of earlier, finished answers that never went out (:openid, :id).
 EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
                   " WHERE m.openid = :openid AND m.id < :id AND m.state = 'done'"
@@ -628,14 +645,20 @@ class Store:
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         # SQLite makes a writer that finds the file locked sleep 1, 2, 5, 10... ms before it
         # tries again; under a burst of pushes that sleep is the ack's p99. Our own writers
-        # queue on this lock instead, so only another process can make one wait.
-        self._write_lock = threading.Lock()
-        self._pending_lock = threading.Lock()
-        self._pending: list[dict] = []
+        # take turns here instead, so only another process can make one wait. Pushes go
+        # first: a webhook thread waits for the one write in progress at most, never behind
+        # the workers' writes (WeChat gives up after 5 s and retries).
+        self._turns = threading.Lock()
+        self._push_turn = threading.Condition(self._turns)
+        self._worker_turn = threading.Condition(self._turns)
+        self._writing = False
+        self._pending: list[dict] = []  # pushes waiting for their group commit
+        self._local = threading.local()  # the thread's open write transaction, if any
         #: Notified after every write, for webhook threads waiting for a passive reply.
         self.changed = threading.Condition()
         #: Set while writes fail for want of space; workers pause, the webhook answers 503.
         self.disk_full = False
+        self._disk_lock = threading.Lock()
         with self.connection() as conn:
             self._compactable(conn)
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
@@ -682,7 +705,12 @@ class Store:
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
-        """A connection used by one thread at a time, returned to the pool afterwards."""
+        """A connection used by one thread at a time, returned to the pool afterwards; inside
+        the thread's write transaction, that transaction's (its reads see its writes)."""
+        joined = getattr(self._local, "conn", None)
+        if joined is not None:
+            yield joined
+            return
         try:
             conn = self._pool.get_nowait()
         except queue.Empty:
@@ -715,7 +743,7 @@ class Store:
 
     def _note_disk(self, full: bool) -> None:
         """Say once when the disk fills up, and once when there is room again."""
-        with self._pending_lock:
+        with self._disk_lock:
             if self.disk_full == full:
                 return
             self.disk_full = full
@@ -728,7 +756,7 @@ class Store:
     def has_room(self) -> bool:
         """Whether a write that needs new space succeeds now (after the disk was full)."""
         try:
-            with self._write_lock, self._begin() as conn:
+            with self.transaction() as conn:
                 conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES ('disk-probe',"
                              " zeroblob(16384))")
                 conn.execute("DELETE FROM kv WHERE key = 'disk-probe'")
@@ -740,11 +768,44 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction, one writer at a time; waiting webhook threads hear of it."""
-        with self._write_lock, self._begin() as conn:
-            yield conn
+        """A write transaction, one writer at a time and after any waiting push; webhook
+        threads waiting for a passive reply hear of it.
+
+        Opened inside another of the same thread, it is part of that one: a worker joins the
+        writes of one step into one commit, one short turn of the write lock.
+        """
+        joined = getattr(self._local, "conn", None)
+        if joined is not None:
+            yield joined
+            return
+        with self._turn(), self._begin() as conn:
+            self._local.conn = conn
+            try:
+                yield conn
+            finally:
+                self._local.conn = None
         with self.changed:
             self.changed.notify_all()
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """A turn to write that is not a push's: after the write in progress and any waiting
+        push."""
+        with self._turns:
+            while self._writing or self._pending:
+                self._worker_turn.wait()
+            self._writing = True
+        try:
+            yield
+        finally:
+            self._end_turn()
+
+    def _end_turn(self) -> None:
+        with self._turns:
+            self._writing = False
+            self._push_turn.notify_all()  # pushes now stored, or waiting to lead the next batch
+            if not self._pending:
+                self._worker_turn.notify()
 
     def close(self) -> None:
         while True:
@@ -758,18 +819,23 @@ class Store:
     def store_push(self, push: "Push", now: float) -> tuple[int, int]:
         """Commit a push once under its dedup key: (message id, times WeChat pushed it).
 
-        Group commit: whichever webhook thread gets the write lock first commits every push
+        Group commit: whichever webhook thread gets the next turn to write commits every push
         waiting at that moment in one transaction; the others find theirs done. Under a burst
         that is one commit for many pushes, each still committed before it is acknowledged.
         """
-        ticket = {"push": push, "now": now}
-        with self._pending_lock:
+        ticket, batch = {"push": push, "now": now}, []
+        with self._turns:
             self._pending.append(ticket)
-        with self._write_lock:
+            while self._writing and "stored" not in ticket:
+                self._push_turn.wait()
             if "stored" not in ticket:
-                with self._pending_lock:
-                    batch, self._pending = self._pending, []
+                self._writing = True
+                batch, self._pending = self._pending, []
+        if batch:
+            try:
                 self._commit_pushes(batch)
+            finally:
+                self._end_turn()
         if isinstance(ticket["stored"], Exception):
             raise ticket["stored"]
         return ticket["stored"]
@@ -796,17 +862,17 @@ class Store:
 
     def claim(self, now: float, lease_seconds: float) -> Message | None:
         """Lease the oldest message whose user has nothing earlier queued or in hand."""
+        with self.connection() as conn:  # a claim that finds nothing takes no turn to write
+            if not conn.execute(f"SELECT EXISTS ({CLAIMABLE}) OR EXISTS (SELECT 1 FROM"
+                                " messages WHERE state = 'leased' AND lease_until < :now)",
+                                {"now": now}).fetchone()[0]:
+                return None
         with self.transaction() as conn:
             self._interrupt(conn, "state = 'leased' AND lease_until < :now",
                             "its lease expired (the worker stopped or was too slow)", now=now)
             row = conn.execute(
                 "UPDATE messages SET state = 'leased', lease_until = :until,"
-                " attempts = attempts + 1"
-                " WHERE id = (SELECT m.id FROM messages m WHERE m.state = 'queued'"
-                "   AND m.not_before <= :now"
-                "   AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
-                "     AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased'))"
-                "   ORDER BY m.id LIMIT 1)"
+                f" attempts = attempts + 1 WHERE id = ({CLAIMABLE})"
                 " RETURNING id, openid, msg_type, msg_id, event, content, fields, received_at,"
                 " attempts, model_failures, delivery_failures, interruptions",
                 {"now": now, "until": now + lease_seconds}).fetchone()
@@ -1070,6 +1136,11 @@ class Store:
                                 " WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
+    def quota(self, message_id: int) -> int:
+        """Customer-service messages the answer to a message may use: WeChat's 5 per user
+        message (45047), less the queue line if one went out for it."""
+        return QUOTA - (self.get_kv(QUEUE_LINE_KEY.format(message_id), 0) is not None)
+
     def mark_sent(self, message: Message, seq: int, now: float) -> None:
         with self.transaction() as conn:
             self._check_lease(conn, message)
@@ -1118,7 +1189,9 @@ class Store:
                                  ).fetchone()
         return {**self.health(now), "today": row[0], "failed_today": row[1] or 0,
                 "dead_today": row[2] or 0, "answer_seconds_avg": round(row[3] or 0, 2),
-                "token_valid_s": round(token[0] - now) if token else None}
+                "token_valid_s": round(token[0] - now) if token else None,
+                **{f"{counter}_today": self.counted(counter, now)
+                   for counter in ("keyword_replies", "click_replies", "blocked")}}
 
     def count_model_call(self, message: Message, now: float, windows: list[tuple[float, int]]
                          ) -> float | None:
@@ -1159,7 +1232,7 @@ class Store:
         """
         before = now - keep_seconds
         turns_before = min(before, now - history_seconds)
-        with self._write_lock, self.connection() as conn:
+        with self._turn(), self.connection() as conn:
             # Links into deleted history (a segment carried to a later message, a follow-up
             # merged into an earlier one) may point nowhere: nothing reads them any more.
             conn.execute("PRAGMA foreign_keys=OFF")
@@ -1201,9 +1274,22 @@ class Store:
         return row[0] if row else None
 
     def set_kv(self, key: str, value: str, expires_at: float | None) -> None:
-        with self._write_lock, self.connection() as conn:
+        with self.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
                          (key, value, expires_at))
+
+    def bump(self, counter: str, now: float) -> None:
+        """Count one more today, for /stats (fixed replies, blocked questions)."""
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO kv (key, value, expires_at) VALUES (?, 1, ?)"
+                         " ON CONFLICT (key) DO UPDATE SET value = value + 1",
+                         (f"count:{counter}:{time.strftime('%Y-%m-%d', time.localtime(now))}",
+                          now + 2 * 86400))
+
+    def counted(self, counter: str, now: float) -> int:
+        """How many bump() counted today."""
+        day = time.strftime("%Y-%m-%d", time.localtime(now))
+        return int(self.get_kv(f"count:{counter}:{day}", now) or 0)
 
     # Health -----------------------------------------------------------------
 
@@ -1460,14 +1546,18 @@ class WeChatAPI:
             self._local.session = requests.Session()
         return self._local.session
 
-    def _post(self, path: str, body: dict, params: dict | None = None) -> dict:
-        """POST JSON as raw UTF-8 (escapes can fail with 40033); raise WeChatError on failure."""
+    def _post(self, path: str, body: dict | None, params: dict | None = None) -> dict:
+        """POST JSON as raw UTF-8 (escapes can fail with 40033), or GET when body is None;
+        raise WeChatError on failure."""
         url = self.settings.api_base + path
         try:
-            response = self._session().post(
-                url, params=params, timeout=self.timeout,
-                data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
-                headers={"Content-Type": "application/json; charset=utf-8"})
+            if body is None:
+                response = self._session().get(url, params=params, timeout=self.timeout)
+            else:
+                response = self._session().post(
+                    url, params=params, timeout=self.timeout,
+                    data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                    headers={"Content-Type": "application/json; charset=utf-8"})
         except requests.RequestException as error:
             raise WeChatError(None, f"{type(error).__name__} calling {path}") from None
         if response.status_code != 200:
@@ -1514,8 +1604,9 @@ class WeChatAPI:
                 token = self._fetch_token(force=True)
             return token
 
-    def call(self, path: str, body: dict) -> dict:
-        """An authenticated call; on 40001, 40014 or 42001 refresh the token once and retry once."""
+    def call(self, path: str, body: dict | None = None) -> dict:
+        """An authenticated call (GET without a body); on 40001, 40014 or 42001 refresh the
+        token once and retry once."""
         token = self.access_token()
         try:
             return self._post(path, body, {"access_token": token})
@@ -1528,6 +1619,17 @@ class WeChatAPI:
     def customer_service_send(self, openid: str, text: str) -> None:
         self.call("/cgi-bin/message/custom/send",
                   {"touser": openid, "msgtype": "text", "text": {"content": text}})
+
+    def menu_create(self, menu: dict) -> None:
+        """Replace the custom menu (raw UTF-8 matters here too: escaped names show as \\u...)."""
+        self.call("/cgi-bin/menu/create", menu)
+
+    def menu_current(self) -> dict:
+        """The menu in force, as get_current_selfmenu_info describes it."""
+        return self.call("/cgi-bin/get_current_selfmenu_info")
+
+    def menu_delete(self) -> None:
+        self.call("/cgi-bin/menu/delete")
 
     def typing_soon(self, openid: str) -> None:
         """Show "typing" from another thread, so the model call need not wait for WeChat."""
@@ -1588,6 +1690,27 @@ CONTENT_FILTER = re.compile(r"content.filter|content_filter|content management|"
                             r"data_inspection|inappropriate|sensitive|risk|违规|敏感", re.I)
 
 
+def sse_events(lines: Iterator[str]) -> Iterator[dict]:
+    """The JSON of each server-sent event in a stream of lines, up to `data: [DONE]`.
+
+    An event is its `data:` lines joined, ended by a blank line; `event:`, `id:` and comment
+    lines (`: keep-alive`) carry nothing an answer needs.
+    """
+    data: list[str] = []
+    for line in lines:
+        if line.startswith("data:"):
+            data.append(line[6:] if line.startswith("data: ") else line[5:])
+            continue
+        if line or not data:
+            continue
+        event, data = "\n".join(data), []
+        if event.startswith("[DONE]"):
+            return
+        yield json.loads(event)
+    if data and not data[0].startswith("[DONE]"):  # the last event, without its blank line
+        yield json.loads("\n".join(data))
+
+
 class Model:
     """An OpenAI-compatible chat.completions endpoint (OpenAI, DeepSeek, Qwen, Ollama, ...)."""
 
@@ -1616,9 +1739,15 @@ class Model:
         return text
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
-        """The answer's text as the model writes it; one piece where streaming is not offered."""
+        """The answer's text as the model writes it; one piece where streaming is not offered.
+
+        The stream is read through the client's raw response (its base URL, auth, retries and
+        error types stay) and its server-sent events are parsed here: the SDK builds objects
+        for every chunk at about 0.2 ms of CPU each, json.loads takes a tenth of that, and a
+        burst streams hundreds of answers at once.
+        """
         try:
-            chunks = self.client.chat.completions.create(
+            response = self.client.chat.completions.with_raw_response.create(
                 model=self.settings.model, messages=messages,
                 max_tokens=self.settings.max_tokens, stream=True)
         except openai.APIStatusError as error:
@@ -1630,18 +1759,29 @@ class Model:
             raise ModelError(f"{type(error).__name__}: cannot reach the model at "
                              f"{self.client.base_url}") from None
         produced = finished = False
-        with contextlib.closing(chunks):
+        with contextlib.closing(response.http_response) as http:
             try:
-                for chunk in chunks:
-                    choice = chunk.choices[0] if chunk.choices else None
-                    text = choice.delta.content if choice and choice.delta else None
+                for chunk in sse_events(http.iter_lines()):
+                    problem = chunk.get("error")
+                    if problem:  # some providers report a failure inside the stream
+                        detail = str(problem.get("message", problem) if isinstance(
+                            problem, dict) else problem)[:300]
+                        raise ModelError("the model reported an error in the stream",
+                                         "refused" if CONTENT_FILTER.search(detail)
+                                         else "transient", detail=detail)
+                    choices = chunk.get("choices")
+                    choice = choices[0] if choices else None
+                    if not isinstance(choice, dict):
+                        continue
+                    text = (choice.get("delta") or {}).get("content")
                     if text:
                         produced = True
                         yield text
-                    if choice and choice.finish_reason == "content_filter":
+                    reason = choice.get("finish_reason")
+                    if reason == "content_filter":
                         raise ModelError("the model's content filter stopped the answer",
                                          "refused")
-                    finished |= bool(choice and choice.finish_reason)
+                    finished |= bool(reason)
             except ModelError:
                 raise
             except Exception as error:  # the stream broke off: network, timeout, bad chunk
@@ -1724,6 +1864,23 @@ def split_segments(text: str, limit: int = SEGMENT_LIMIT, fill: float = 0.25) ->
     if text:
         segments.append(text)
     return [segment for segment in segments if segment]
+
+
+def next_send(rows: list, quota: int, streaming: bool) -> tuple[sqlite3.Row, str] | None:
+    """The segment to send next and its text; None when none may go now.
+
+    WeChat allows `quota` customer-service messages for one user message (45047; Store.quota):
+    the last one allowed says how to get the rest ("继续"), so while the model still writes,
+    it waits until it is known whether more follows.
+    """
+    sent = sum(row["sent_at"] is not None for row in rows)
+    if sent >= quota or (streaming and sent == quota - 1):
+        return None
+    for row in rows:
+        if row["sent_at"] is None:
+            tail = CONTINUE_TAIL if sent == quota - 1 and len(rows) > quota else ""
+            return row, row["content"] + tail
+    return None
 
 
 class Markdown:
@@ -1838,6 +1995,355 @@ class StreamCutter:
 
 
 ###############################################################################
+# Menus, fixed replies and blocked words ######################################
+###############################################################################
+
+# INFO: with 服务器配置 on, the 公众号后台's own menu editor and 自动回复 stop serving
+# (WECHAT.md §8): these give them back, from files the owner edits.
+
+#: What each menu button type needs besides its name (WECHAT.md §8).
+MENU_TYPES = {
+    "click": ("key",), "view": ("url",), "miniprogram": ("url", "appid", "pagepath"),
+    "scancode_push": ("key",), "scancode_waitmsg": ("key",), "pic_sysphoto": ("key",),
+    "pic_photo_or_album": ("key",), "pic_weixin": ("key",), "location_select": ("key",),
+    "media_id": ("media_id",), "article_id": ("article_id",),
+    "article_view_limited": ("article_id",),
+}
+#: Byte limits of the menu's fields (UTF-8), as WeChat counts them.
+MENU_LIMITS = {"key": 128, "url": 1024}
+MENU_TOP_BUTTONS, MENU_SUB_BUTTONS = 3, 5
+MENU_TOP_NAME, MENU_SUB_NAME = 16, 60
+#: The menu API's return codes in the owner's words (WeChat's global return codes).
+MENU_ERRORS = {
+    48001: "this account may not use the menu API: an unverified 订阅号 cannot; verify the "
+           "account, or set the menu in 公众号后台 with 服务器配置 turned off",
+    40015: "WeChat refused a button's type",
+    40016: "WeChat refused the number of top-level buttons (1 to 3)",
+    40017: "WeChat refused a top-level button's type",
+    40018: "WeChat refused a top-level button's name length (at most 16 bytes)",
+    40019: "WeChat refused a top-level button's key length (at most 128 bytes)",
+    40020: "WeChat refused a top-level button's url length (at most 1024 bytes)",
+    40022: "WeChat refused the menu's depth (sub-buttons cannot have sub-buttons)",
+    40023: "WeChat refused the number of sub-buttons of a button (1 to 5)",
+    40024: "WeChat refused a sub-button's type",
+    40025: "WeChat refused a sub-button's name length (at most 60 bytes)",
+    40026: "WeChat refused a sub-button's key length (at most 128 bytes)",
+    40027: "WeChat refused a sub-button's url length (at most 1024 bytes)",
+    40054: "WeChat refused a sub-button's url domain",
+    40055: "WeChat refused a top-level button's url domain",
+    46003: "there is no menu",
+    65316: "the menu links to too many domains (WeChat allows 3)",
+    65317: "WeChat refused a url of the menu",
+}
+
+
+class FileProblem(Exception):
+    """An owner's file (menu, replies, blocked words) that cannot be used; each problem a line."""
+
+    def __init__(self, path: str, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.path, self.problems = path, problems
+
+
+def read_json_file(path: str) -> object:
+    """A JSON file's value; FileProblem names the line and column of a syntax error."""
+    try:
+        with open(path, encoding="utf-8-sig") as json_file:
+            return json.load(json_file)
+    except json.JSONDecodeError as error:
+        raise FileProblem(path, [f"line {error.lineno}, column {error.colno}: "
+                                 f"not valid JSON ({error.msg})"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise FileProblem(path, [f"cannot read it: {error}"]) from None
+
+
+def menu_problems(menu: object) -> list[str]:
+    """Every reason WeChat would refuse this menu, each with its JSON path; [] when it is good."""
+    if not isinstance(menu, dict) or not isinstance(menu.get("button"), list):
+        return ['the file must be an object with a "button" list: {"button": [...]}']
+    problems = [f"{key}: unknown field (a menu has only \"button\")"
+                for key in menu if key != "button"]
+    buttons = menu["button"]
+    if not 1 <= len(buttons) <= MENU_TOP_BUTTONS:
+        problems.append(f"button: {len(buttons)} buttons, WeChat allows 1 to {MENU_TOP_BUTTONS}")
+    for n, button in enumerate(buttons):
+        path = f"button[{n}]"
+        if not isinstance(button, dict):
+            problems.append(f"{path}: must be an object")
+            continue
+        problems += _name_problems(button, path, MENU_TOP_NAME)
+        subs = button.get("sub_button")
+        if subs is None or subs == []:
+            problems += _action_problems(button, path)
+            continue
+        if not isinstance(subs, list):
+            problems.append(f"{path}.sub_button: must be a list")
+            continue
+        if len(subs) > MENU_SUB_BUTTONS:
+            problems.append(f"{path}.sub_button: {len(subs)} buttons, WeChat allows at most "
+                            f"{MENU_SUB_BUTTONS}")
+        for m, sub in enumerate(subs):
+            sub_path = f"{path}.sub_button[{m}]"
+            if not isinstance(sub, dict):
+                problems.append(f"{sub_path}: must be an object")
+                continue
+            problems += _name_problems(sub, sub_path, MENU_SUB_NAME)
+            if sub.get("sub_button") not in (None, []):
+                problems.append(f"{sub_path}.sub_button: a sub-button cannot have sub-buttons")
+            problems += _action_problems(sub, sub_path)
+    return problems
+
+
+def _name_problems(button: dict, path: str, limit: int) -> list[str]:
+    name = button.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return [f"{path}.name: missing (every button needs a name)"]
+    if utf8_len(name) > limit:
+        return [f"{path}.name: {name!r} is {utf8_len(name)} bytes, WeChat allows {limit} "
+                f"(a Chinese character is 3 bytes)"]
+    return []
+
+
+def _action_problems(button: dict, path: str) -> list[str]:
+    kind = button.get("type")
+    if kind not in MENU_TYPES:
+        return [f"{path}.type: {'missing' if kind is None else repr(kind) + ' is not a type'}; "
+                f"one of {', '.join(MENU_TYPES)} (or sub_button for a button that opens a list)"]
+    problems = []
+    for field in MENU_TYPES[kind]:
+        value = button.get(field)
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"{path}.{field}: missing (type {kind} needs it)")
+        elif field in MENU_LIMITS and utf8_len(value) > MENU_LIMITS[field]:
+            problems.append(f"{path}.{field}: {utf8_len(value)} bytes, WeChat allows "
+                            f"{MENU_LIMITS[field]}")
+        elif field == "url" and not value.startswith(("http://", "https://")):
+            problems.append(f"{path}.url: must start with http:// or https://")
+    return problems
+
+
+def load_menu(path: str) -> dict:
+    """The menu in a file, checked; FileProblem lists every problem."""
+    menu = read_json_file(path)
+    problems = menu_problems(menu)
+    if problems:
+        raise FileProblem(path, problems)
+    return menu
+
+
+def menu_in_force(info: dict) -> dict | None:
+    """get_current_selfmenu_info's answer as a menu file ({"button": [...]}), or None.
+
+    That API nests sub-buttons as {"sub_button": {"list": [...]}}; menu/create takes a list.
+    """
+    if not info.get("is_menu_open") or not info.get("selfmenu_info"):
+        return None
+    buttons = []
+    for button in info["selfmenu_info"].get("button", []):
+        button = dict(button)
+        if isinstance(button.get("sub_button"), dict):
+            button["sub_button"] = button["sub_button"].get("list", [])
+        buttons.append(button)
+    return {"button": buttons}
+
+
+def menu_error(error: WeChatError) -> str:
+    """A menu API error as a sentence for the owner."""
+    return f"{MENU_ERRORS.get(error.errcode, error.hint())} (errcode {error.errcode})" \
+        if error.errcode in MENU_ERRORS else f"WeChat refused: {error.hint()}"
+
+
+#: Full-width forms and the ideographic space fold to their usual forms and ASCII to lower case,
+#: one character for one, so that a match's place in the folded text is its place in the text.
+_FOLD = {code: code + 32 for code in range(ord("A"), ord("Z") + 1)}
+for _code in (0x3000, *range(0xFF01, 0xFFEF)):
+    _folded = unicodedata.normalize("NFKC", chr(_code))
+    if len(_folded) == 1:
+        _FOLD[_code] = _folded.lower() if _folded.isascii() else _folded
+del _code, _folded
+_SPACES = re.compile(r"\s+")
+#: Replaces each character of a blocked word in an answer.
+MASK = "＊"
+
+
+class BlockedWords:
+    """Blocked words and phrases, found ignoring ASCII case, full/half width and spaces inside.
+
+    A trie walked from each character: 10,000 words cost one dict lookup per character of the
+    text, where one regular expression of them all would try every word at every character.
+    """
+
+    def __init__(self, words: list[str] = ()):
+        self.trie: dict = {}
+        self.count = self.longest = 0
+        for word in words:
+            word = _SPACES.sub("", word.translate(_FOLD))
+            if not word:
+                continue
+            node = self.trie
+            for char in word:
+                node = node.setdefault(char, {})
+            self.count += "" not in node
+            node[""] = True
+            self.longest = max(self.longest, len(word))
+
+    @classmethod
+    def read(cls, path: str) -> "BlockedWords":
+        """One word or phrase a line; blank lines and lines starting with # are skipped."""
+        try:
+            with open(path, encoding="utf-8-sig") as words_file:
+                lines = words_file.read().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise FileProblem(path, [f"cannot read it: {error}"]) from None
+        return cls([line for line in lines if not line.lstrip().startswith("#")])
+
+    def spans(self, text: str, first_only: bool = False) -> list[tuple[int, int]]:
+        """(start, end) in text of the longest blocked word starting at each character."""
+        if not self.trie:
+            return []
+        folded = text.translate(_FOLD)
+        squeezed = _SPACES.sub("", folded)
+        kept = None if len(squeezed) == len(folded) else \
+            [at for at, char in enumerate(folded) if not char.isspace()]
+        found, root, length = [], self.trie, len(squeezed)
+        for start, char in enumerate(squeezed):
+            node = root.get(char)
+            end, at = 0, start + 1
+            while node is not None:
+                if "" in node:
+                    end = at
+                if at == length:
+                    break
+                node = node.get(squeezed[at])
+                at += 1
+            if end:
+                found.append((start, end) if kept is None else (kept[start], kept[end - 1] + 1))
+                if first_only:
+                    break
+        return found
+
+    def describe(self) -> str:
+        return f"{self.count} blocked words"
+
+    def found(self, text: str) -> bool:
+        return bool(self.spans(text, first_only=True))
+
+    def mask(self, text: str) -> str:
+        """text with every character of every blocked word replaced by ＊."""
+        return StreamMask(self).feed(text, final=True)
+
+
+class StreamMask:
+    """Masks blocked words in an answer that arrives in pieces, where a word may straddle two:
+    the last characters that could start a word are held back until the next piece shows
+    whether they do. Joined, the output is mask() of the whole answer."""
+
+    def __init__(self, words: BlockedWords):
+        self.words = words
+        self.held = ""
+        self.masked: list[bool] = []
+
+    def feed(self, piece: str, final: bool = False) -> str:
+        """The part of the answer so far that can be shown, masked."""
+        text = self.held + piece
+        masked = self.masked + [False] * len(piece)
+        for start, end in self.words.spans(text):
+            masked[start:end] = [True] * (end - start)
+        cut = len(text) if final else self._cut(text)
+        self.held, self.masked = text[cut:], masked[cut:]
+        return "".join(MASK if hide else char for char, hide in zip(text[:cut], masked))
+
+    def finish(self) -> str:
+        """What was held back, once the answer is complete (or broke off)."""
+        return self.feed("", final=True)
+
+    def _cut(self, text: str) -> int:
+        """Where the held-back tail starts: the last longest-1 characters other than spaces.
+        A word starting before it ends within the text, so it has been found."""
+        hold = self.words.longest - 1
+        at = len(text)
+        while hold > 0 and at > 0:
+            at -= 1
+            hold -= not text[at].isspace()
+        return at
+
+
+def masked_stream(pieces: Iterator[str], words: BlockedWords) -> Iterator[str]:
+    """The answer's pieces with blocked words masked; what is held back still comes out
+    when the stream breaks off, before the error."""
+    mask = StreamMask(words)
+    try:
+        for piece in pieces:
+            shown = mask.feed(piece)
+            if shown:
+                yield shown
+    except ModelError:
+        rest = mask.finish()
+        if rest:
+            yield rest
+        raise
+    rest = mask.finish()
+    if rest:
+        yield rest
+
+
+class OwnerFile:
+    """A file the owner edits while wxbot runs (replies, blocked words): re-read when its
+    modification time, size or inode changes, or on SIGHUP. A broken edit keeps what was
+    read before and the log says why; a broken file at start stops the start."""
+
+    def __init__(self, path: str, read: Callable[[str], object], empty: object):
+        self.path, self.read = path, read
+        self._lock = threading.Lock()
+        self.value, self._stamp = (read(path), self._look()) if path else (empty, None)
+
+    def _look(self) -> tuple | None:
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            return None
+        return found.st_mtime_ns, found.st_size, found.st_ino
+
+    def current(self) -> object:
+        """The file's value, re-read first when the file has changed."""
+        if self.path and self._look() != self._stamp:
+            self.reload()
+        return self.value
+
+    def reload(self) -> None:
+        with self._lock:
+            stamp = self._look()
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp  # a broken version is reported once, not at every message
+            try:
+                self.value = self.read(self.path)
+            except FileProblem as error:
+                log.error("%s is not used, the previous version stays in force: %s", self.path,
+                          "; ".join(error.problems))
+                return
+            log.info("%s re-read", self.path)
+
+    def stale(self) -> None:
+        """Re-read at the next look whatever the file's stamp (SIGHUP)."""
+        self._stamp = ()
+
+
+class OwnerFiles:
+    """The owner's fixed replies and blocked words, each re-read when its file changes."""
+
+    def __init__(self, settings: Settings):
+        self.blocked_file = OwnerFile(settings.blocked_words, BlockedWords.read, BlockedWords())
+
+    @property
+    def blocked(self) -> BlockedWords:
+        return self.blocked_file.current()
+
+    def stale(self) -> None:
+        self.blocked_file.stale()
+
+
+###############################################################################
 # Worker ######################################################################
 ###############################################################################
 
@@ -1850,7 +2356,9 @@ def stats_text(stats: dict) -> str:
         f"今日消息：{stats['today']}，失败：{stats['failed_today']}，放弃：{stats['dead_today']}",
         f"平均回答用时：{stats['answer_seconds_avg']} 秒",
         f"access token：{'剩余 %d 秒' % token if token and token > 0 else '未获取或已过期'}",
-        f"未发送的分段：{stats['unsent_segments']}"])
+        f"未发送的分段：{stats['unsent_segments']}",
+        f"今日固定回复：关键词 {stats['keyword_replies_today']}，菜单 "
+        f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
 
 
 class Wakeup:
@@ -1892,9 +2400,11 @@ class Worker:
     IDLE_LOOK = 60.0
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
-                 wakeup: Wakeup, mode: DeliveryMode, name: str = "worker"):
+                 wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
+                 owner: OwnerFiles | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
         self.wakeup, self.mode, self.name = wakeup, mode, name
+        self.owner = owner or OwnerFiles(settings)
         self.stopping = threading.Event()
         self.lease_seconds = settings.model_timeout * 2 + 120
 
@@ -2015,16 +2525,26 @@ class Worker:
         A picture (WXBOT_VISION) goes as an image part, with the texts that follow it or, on
         its own, a short instruction.
         """
-        question = "\n".join(part for part in [question, *self.store.merge_followups(
-            message, time.time())] if part) or IMAGE_PROMPT
-        if len(question) > MAX_QUESTION_CHARS:
-            question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
-                chars=MAX_QUESTION_CHARS)
-        wait = self.store.count_model_call(message, time.time(), [
-            (60, self.settings.user_rate), (86400, self.settings.user_daily)])
+        blocked = self.owner.blocked
+        with self.store.transaction():  # one commit: follow-ups, the call counted, carried
+            question = "\n".join(part for part in [question, *self.store.merge_followups(
+                message, time.time())] if part) or IMAGE_PROMPT
+            if len(question) > MAX_QUESTION_CHARS:
+                question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
+                    chars=MAX_QUESTION_CHARS)
+            # A blocked question never reaches the model, nor counts against the limits.
+            refused = blocked.found(question)
+            wait = None if refused else self.store.count_model_call(message, time.time(), [
+                (60, self.settings.user_rate), (86400, self.settings.user_daily)])
+            if not refused and wait is None:
+                self.store.start_answer(message, leftovers=Leftovers.DROP)
+        if refused:
+            log_worker.warning("message %s from %s: question blocked (WXBOT_BLOCKED_WORDS)",
+                               message.id, short_id(message.openid))
+            self.store.bump("blocked", time.time())
+            return self.store.save_answer(message, [self.settings.blocked_reply], time.time())
         if wait is not None:
             return self._over_limit(message, wait)
-        self.store.start_answer(message, leftovers=Leftovers.DROP)
         history = self.store.history(message.openid, self.settings.history_turns,
                                      self.settings.context_chars,
                                      time.time() - self.settings.session_ttl)
@@ -2043,13 +2563,14 @@ class Worker:
         cutter = StreamCutter(time.monotonic(), first_done=bool(partial))
         written, sending = [], True
         try:
-            for text in self._watched(message, self._ask(history, ask)):
+            for text in masked_stream(self._watched(message, self._ask(history, ask)),
+                                      blocked):
                 written.append(text)
                 ready = cutter.feed(text, time.monotonic())
-                if ready:
+                if ready and sending:
+                    sending = self.deliver(message, streaming=True, add=ready)
+                elif ready:  # after a failed send, the rest waits for the end of the answer
                     self.store.add_segments(message, ready)
-                    # After a failed send, the rest waits for the end of the answer.
-                    sending = sending and self.deliver(message, streaming=True)
             rest = cutter.finish()
         except ModelError as error:
             self.store.add_segments(message, cutter.finish())
@@ -2164,49 +2685,51 @@ class Worker:
                                           partial or None)
 
     def deliver(self, message: Message, model_seconds: float | None = None,
-                streaming: bool = False) -> bool:
+                streaming: bool = False, add: list[str] = ()) -> bool:
         """Send the unsent segments in order, each marked sent as WeChat confirms it.
 
-        WeChat allows 5 messages per user message (45047): the 5th says how to get the rest,
-        so while the model still writes, the 5th waits until it is known whether more follows.
-        False when a send failed.
+        One commit a segment: the mark that WeChat took the last one and the note that the
+        next is about to go (after `add`, new segments of an answer still streaming, stored
+        first); the last also ends the message. False when a send failed.
         """
-        rows = self.store.segments(message.id)
-        sent = sum(1 for row in rows if row["sent_at"] is not None)
-        for row in rows:
-            if self.mode.passive:  # the webhook hands them out, one per push of the user
+        sent_seq = None
+        while True:
+            now = time.time()
+            with self.store.transaction():
+                if add:
+                    self.store.add_segments(message, add)
+                if sent_seq is not None:
+                    self.store.mark_sent(message, sent_seq, now)
+                rows = self.store.segments(message.id)
+                pick = None if self.mode.passive else next_send(  # passive: the webhook's
+                    rows, self.store.quota(message.id), streaming)
+                if pick:
+                    self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
+                elif not streaming:
+                    apology = [row["content"] for row in rows] == [APOLOGY_LINE]
+                    self.store.finish(message, State.FAILED if apology else State.DONE)
+            add = ()
+            if not pick:
                 break
-            if row["sent_at"] is not None:
-                continue
-            if sent >= QUOTA or (streaming and sent == QUOTA - 1):
-                break
-            text = row["content"]
-            if sent == QUOTA - 1 and len(rows) > QUOTA:
-                text += CONTINUE_TAIL
+            row, text = pick
             if row["tried_at"] is not None:
                 # WeChat has no idempotency key: a send cut off by a crash or a timeout may
                 # have arrived. Sending again risks a repeat; not sending risks a loss.
                 log_worker.warning("message %s: segment %d was in flight when its last try "
                                    "ended; sending it again (the user may see it twice)",
                                    message.id, row["seq"])
-            now = time.time()
-            self.store.mark_trying(message, row["seq"], now, now + self.lease_seconds)
             try:
                 self.wechat.customer_service_send(message.openid, text)
             except WeChatError as error:
                 if not streaming:  # while streaming, the final delivery deals with it
                     self._send_failed(message, error)
                 return False
-            self.store.mark_sent(message, row["seq"], time.time())
-            sent += 1
-        if streaming:
-            return True
-        apology = [row["content"] for row in rows] == [APOLOGY_LINE]
-        self.store.finish(message, State.FAILED if apology else State.DONE)
-        log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
-                        short_id(message.openid), message.msg_id or message.event,
-                        f"{model_seconds:.2f}s" if model_seconds is not None else "-",
-                        sent, len(rows))
+            sent_seq = row["seq"]
+        if not streaming:
+            log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
+                            short_id(message.openid), message.msg_id or message.event,
+                            f"{model_seconds:.2f}s" if model_seconds is not None else "-",
+                            sum(row["sent_at"] is not None for row in rows), len(rows))
         return True
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
@@ -2494,10 +3017,11 @@ class Janitor:
 class Bot:
     """Everything wired together: store, webhook, server, workers."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, owner: OwnerFiles | None = None):
         self.settings = settings
         for secret in settings.secrets():
             SECRET_FILTER.add(secret)
+        self.owner = owner or OwnerFiles(settings)
         self.store = Store(settings.db)
         self.wakeup = Wakeup()
         self.wechat = WeChatAPI(settings, self.store)
@@ -2507,7 +3031,8 @@ class Bot:
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
-                               self.mode, f"worker-{n}") for n in range(settings.workers)]
+                               self.mode, f"worker-{n}", self.owner)
+                        for n in range(settings.workers)]
         self.janitor = Janitor(settings, self.store)
         self.threads: list[threading.Thread] = []
 
@@ -2568,14 +3093,14 @@ class Console:
         return True
 
 
-def chat(settings: Settings, lines, out) -> int:
+def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int:
     """A console conversation with the real model, through wxbot's own worker."""
     root, ext = os.path.splitext(settings.db)
     settings = dataclasses.replace(settings, db=f"{root}-chat{ext or '.db'}", user_rate=0,
                                    user_daily=0)
     store = Store(settings.db)
     worker = Worker(settings, store, Console(out), Model(settings), Wakeup(),
-                    DeliveryMode("service", store), "chat")
+                    DeliveryMode("service", store), "chat", owner)
     print(f"wxbot chat with {settings.model} (history in {settings.db}; /reset forgets it, "
           f"Ctrl-D ends)", file=out, flush=True)
     for line in lines:
@@ -2638,6 +3163,14 @@ def check(settings: Settings, out) -> int:
         else:
             report(False, f"the model failed: {error}")
     store.close()
+    for path, read, setting in [(settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
+        if not path:
+            continue
+        try:
+            report(True, f"{setting}: {path} has {read(path).describe()}")
+        except FileProblem as error:
+            for problem in error.problems:
+                report(False, f"{setting}: {path}: {problem}")
     print(f"\nIn 公众号后台 → 设置与开发 → 基本配置 → 服务器配置, enter:\n"
           f"  URL:   http://<this server's domain or IP>{settings.path}  (port 80, or 443 "
           f"with https; wxbot listens on {settings.host}:{settings.port})\n"
@@ -2646,6 +3179,42 @@ def check(settings: Settings, out) -> int:
           file=out)
     print("all checks passed" if not failures else f"{failures} check(s) failed", file=out)
     return 0 if not failures else 1
+
+
+def menu_command(settings: Settings, path: str | None, show: bool, delete: bool, out) -> int:
+    """`menu FILE`: check the file, then make it the menu; `--show`, `--delete`."""
+    if path is not None:
+        try:
+            menu = load_menu(path)
+        except FileProblem as error:
+            for problem in error.problems:
+                print(f"{path}: {problem}", file=out)
+            print(f"{path}: not sent to WeChat: {len(error.problems)} problem(s)", file=out)
+            return 1
+    store = Store(settings.db)  # the access token cache, shared with the running bot
+    wechat = WeChatAPI(settings, store)
+    try:
+        if show:
+            menu = menu_in_force(wechat.menu_current())
+            print(json.dumps(menu, ensure_ascii=False, indent=2) if menu else
+                  "no menu is in force", file=out)
+        elif delete:
+            wechat.menu_delete()
+            print("menu deleted (WeChat clients show the change within about 5 minutes, "
+                  "or when the user follows the account again)", file=out)
+        else:
+            wechat.menu_create(menu)
+            print(f"menu from {path} is in force ({len(menu['button'])} buttons; WeChat "
+                  f"clients show it within about 5 minutes)", file=out)
+        return 0
+    except WeChatError as error:
+        if error.errcode is None:
+            print(f"cannot reach WeChat at {settings.api_base}: {error.errmsg}", file=out)
+        else:
+            print(menu_error(error), file=out)
+        return 1
+    finally:
+        store.close()
 
 
 def help_text() -> str:
@@ -2662,13 +3231,22 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser = argparse.ArgumentParser(
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "check", "chat"],
+    parser.add_argument("command", nargs="?", default="serve",
+                        choices=["serve", "check", "chat", "menu"],
                         help="serve (default): run the bot; check: try the settings for real; "
-                             "chat: talk to the model in this console")
+                             "chat: talk to the model in this console; menu FILE.json: make "
+                             "the file the account's custom menu")
+    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
+    parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
+    if args.command == "menu" and (args.file is not None) + args.show + args.delete != 1:
+        parser.error("menu takes one of: FILE.json, --show, --delete")
+    elif args.command != "menu" and (args.file or args.show or args.delete):
+        parser.error("FILE, --show and --delete go with the menu command")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
@@ -2682,6 +3260,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             env.update(read_env_file(args.env))
         if args.command == "chat":  # no WeChat involved
             env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-", **env}
+        if args.command == "menu":  # no model involved
+            env = {"OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
     except SettingsError as error:
         for problem in error.problems:
@@ -2693,12 +3273,20 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
     if args.command == "check":
         return check(settings, sys.stdout)
+    if args.command == "menu":
+        return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
+    try:
+        owner = OwnerFiles(settings)
+    except FileProblem as error:
+        for problem in error.problems:
+            print(f"wxbot: {error.path}: {problem}", file=sys.stderr)
+        return 2
     if args.command == "chat":
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
-        return chat(settings, sys.stdin, sys.stdout)
+        return chat(settings, sys.stdin, sys.stdout, owner)
     log.info("wxbot %s starting: %s", __version__, settings.describe())
     try:
-        bot = Bot(settings)
+        bot = Bot(settings, owner)
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
         return 1
@@ -2714,8 +3302,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             os._exit(1)
         stop_requested.set()
 
+    def on_hangup(signum, frame):  # systemctl reload: re-read the owner's files
+        bot.owner.stale()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     bot.start()
     while not stop_requested.wait(3600):
         pass
