@@ -918,14 +918,14 @@ def test_transient_send_errors_are_retried_and_delivered_once(start_bot, wechat,
 
 def test_delivery_that_keeps_failing_ends_dead_and_is_kept(start_bot, wechat, model, caplog,
                                                            monkeypatch):
-    monkeypatch.setattr(wxbot.Worker, "MAX_ATTEMPTS", 3)
+    monkeypatch.setattr(wxbot.Worker, "DELIVERY_TRIES", 3)
     wechat.intercept = lambda path, body: 500 if path == SEND else None
     bot = start_bot()
     send_text(bot, "oDEAD", "问", 1)
     health = wait_for(lambda: (lambda h: h if h["dead"] == 1 else None)(
         requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).json()))
     assert health["unsent_segments"] == 1 and health["queued"] == 0
-    assert "giving up after 3 attempts" in caplog.text
+    assert "giving up after 3 failed deliveries" in caplog.text
     assert len(model.requests) == 1
 
 
@@ -942,7 +942,7 @@ def test_one_token_refresh_is_shared_by_all_threads(start_bot, wechat, model):
 
 
 def test_typing_is_renewed_once_while_the_model_works(start_bot, wechat, model, monkeypatch):
-    monkeypatch.setattr(wxbot.Worker, "TYPING_RENEW", 0.3)
+    monkeypatch.setattr(wxbot.Acknowledger, "TYPING_RENEW", 0.3)
     model.respond = lambda request: time.sleep(1.0) or "想好了"
     wechat.failures["/cgi-bin/message/custom/typing"] = [45081]
     bot = start_bot()
@@ -1950,7 +1950,7 @@ def test_sigkill_at_random_points_loses_nothing_and_keeps_order(tmp_path, wechat
               for n, user in enumerate(users)]
     expected = {user: [f"{user}-{k}" for k in range(10)] for user in users}
     env = env_for(tmp_path, wechat, model, WXBOT_PORT=free_port(), WXBOT_USER_RATE=0,
-                  WXBOT_WORKERS=4)
+                  WXBOT_WORKERS=4, WXBOT_QUEUE_NOTICE=0)  # the answers alone, in order
     state, logs = {}, []
     state["process"], state["port"], lines = start_process(env, tmp_path)
     logs.append(lines)
@@ -2654,6 +2654,454 @@ def test_pushes_are_stored_ahead_of_the_workers_queued_writes(tmp_path):
             thread.join()
     store.close()
     assert max(overtaken) <= 2, overtaken
+
+
+def test_every_user_sees_typing_at_once_however_deep_the_queue(start_bot, wechat, model):
+    release = threading.Event()
+    model.respond = lambda request: release.wait(10) and "好"
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=0)
+    users = [f"oEARLY{n}" for n in range(12)]
+    for n, user in enumerate(users):
+        send_text(bot, user, "问", n + 1)
+    try:  # the one worker is still on the first message: typing comes from elsewhere
+        wait_for(lambda: {to for to, command in wechat.typing} == set(users), timeout=5,
+                 message="typing for every user")
+        assert not wechat.sent  # no queue line with WXBOT_QUEUE_NOTICE=0
+    finally:
+        release.set()
+    wait_for(lambda: all(wechat.texts_to(user) == ["好"] for user in users))
+
+
+def test_a_long_wait_gets_one_queue_line_and_the_answer_keeps_within_five(start_bot, wechat,
+                                                                          model):
+    release, long_answer = threading.Event(), chinese_answer(12000)
+    model.respond = lambda request: {"一": lambda: release.wait(10) and "好",
+                                     "书": lambda: long_answer}.get(
+        request["messages"][-1]["content"], lambda: "答")()
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=5)
+    send_text(bot, "oFIRST", "一", 1)
+    wait_for(lambda: model.requests)  # the only worker is busy from here on
+    send_text(bot, "oSECOND", "二", 2)  # next in line: a short wait, typing only
+    send_text(bot, "oTHIRD", "书", 3)   # one ahead of it and one in hand: a long wait
+    send_text(bot, "oTHIRD", "书", 3)   # WeChat's retry of the same message
+    line = wait_for(lambda: wechat.texts_to("oTHIRD"), timeout=5)
+    assert line == [wxbot.QUEUE_LINE.format(ahead=1, minutes=1)]
+    assert ("oSECOND", "Typing") in wechat.typing and not wechat.texts_to("oSECOND")
+    release.set()
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    texts = wechat.texts_to("oTHIRD")
+    assert len(texts) == 5 and texts[0] == line[0]  # the line took one of WeChat's 5
+    assert texts[-1].endswith(wxbot.CONTINUE_TAIL) and all(
+        len(text.encode()) <= 2048 for text in texts)
+    msg_id = 4
+    while wechat.texts_to("oTHIRD")[-1].endswith(wxbot.CONTINUE_TAIL):  # the rest, intact
+        count = len(wechat.texts_to("oTHIRD"))
+        send_text(bot, "oTHIRD", "继续", msg_id)
+        msg_id += 1
+        wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and
+                 len(wechat.texts_to("oTHIRD")) > count)
+    delivered = "".join(wechat.texts_to("oTHIRD")[1:]).replace(wxbot.CONTINUE_TAIL, "")
+    assert without_space(delivered) == without_space(long_answer)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(segments=st.integers(0, 12), streamed=st.integers(0, 12), quota=st.integers(1, 5),
+       sent=st.integers(0, 5))
+def test_no_segment_ever_goes_past_the_quota(segments, streamed, quota, sent):
+    """Whatever is already sent and whatever streams in, next_send keeps to the quota and
+    puts the 继续 line on the last message allowed exactly when more waits."""
+    rows = [{"seq": n, "content": f"段{n}", "sent_at": 1.0 if n < min(sent, segments) else None}
+            for n in range(segments)]
+    shown = []
+
+    def deliver(streaming):
+        while (pick := wxbot.next_send(rows, quota, streaming)) is not None:
+            row, text = pick
+            row["sent_at"] = 1.0
+            shown.append(text)
+    for n in range(streamed):  # segments arriving while the model writes
+        rows.append({"seq": len(rows), "content": f"段{len(rows)}", "sent_at": None})
+        deliver(streaming=True)
+    deliver(streaming=False)
+    total_sent = sum(row["sent_at"] is not None for row in rows)
+    assert total_sent == min(len(rows), max(quota, min(sent, segments)))
+    tails = [text for text in shown if text.endswith(wxbot.CONTINUE_TAIL)]
+    assert len(tails) == (1 if len(rows) > quota > min(sent, segments) else 0)
+    assert not tails or shown[-1] == tails[0]
+
+
+# Months in production ########################################################
+
+#: The schema of wxbot's first release (user_version 1), to test the migration from it.
+SCHEMA_V1 = """
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY, dedup_key TEXT NOT NULL UNIQUE, openid TEXT NOT NULL,
+    msg_type TEXT NOT NULL, msg_id TEXT, event TEXT, content TEXT, fields TEXT NOT NULL,
+    received_at REAL NOT NULL, pushes INTEGER NOT NULL DEFAULT 1,
+    state TEXT NOT NULL DEFAULT 'queued'
+          CHECK (state IN ('queued', 'leased', 'done', 'failed', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0, lease_until REAL, not_before REAL NOT NULL DEFAULT 0,
+    answered_at REAL, merged_into INTEGER REFERENCES messages (id), error TEXT);
+CREATE INDEX messages_state ON messages (state, id);
+CREATE INDEX messages_user ON messages (openid, state, id);
+CREATE TABLE segments (
+    message_id INTEGER NOT NULL REFERENCES messages (id), seq INTEGER NOT NULL,
+    content TEXT NOT NULL CHECK (content != ''), carried INTEGER NOT NULL DEFAULT 0,
+    tried_at REAL, sent_at REAL, replied_to INTEGER REFERENCES messages (id),
+    moved_to INTEGER REFERENCES messages (id), PRIMARY KEY (message_id, seq));
+CREATE TABLE turns (
+    id INTEGER PRIMARY KEY, openid TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), content TEXT NOT NULL,
+    created_at REAL NOT NULL, message_id INTEGER REFERENCES messages (id));
+CREATE INDEX turns_user ON turns (openid, id);
+CREATE TABLE model_calls (
+    message_id INTEGER PRIMARY KEY REFERENCES messages (id), openid TEXT NOT NULL,
+    called_at REAL NOT NULL);
+CREATE INDEX model_calls_user ON model_calls (openid, called_at);
+CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL);
+PRAGMA user_version = 1;
+"""
+
+
+def stored_push(store, openid, content, msg_id, now):
+    push = wxbot.Push.from_fields(wxbot.parse_xml(text_xml(openid, content, msg_id)))
+    return store.store_push(push, now)[0]
+
+
+def worker_for(tmp_path, wechat, model, store, **settings):
+    """A Worker on `store` driven by the test through loop(), as `chat` drives one."""
+    settings = wxbot.Settings.from_env(env_for(tmp_path, wechat, model, **settings))
+    return wxbot.Worker(settings, store, wxbot.WeChatAPI(settings, store), wxbot.Model(settings),
+                        wxbot.Wakeup(), wxbot.DeliveryMode("service", store))
+
+
+def run_until_settled(worker, store, message_id, timeout=30):
+    def settled():
+        if not worker.loop():
+            time.sleep(0.01)  # a retry's backoff: nothing to wake this thread but time
+        return store.settled(message_id)
+    wait_for(settled, timeout=timeout)
+
+
+def test_database_of_the_first_release_is_migrated_and_keeps_its_queue(tmp_path):
+    path = str(tmp_path / "old.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA_V1)
+        conn.executemany(
+            "INSERT INTO messages (dedup_key, openid, msg_type, content, fields, received_at,"
+            " state, attempts) VALUES (?, 'oOLD', 'text', '问', '{}', 1000, ?, ?)",
+            [("k1", "done", 1), ("k2", "dead", 10), ("k3", "queued", 2)])
+        conn.commit()
+    store = wxbot.Store(path)
+    with store.connection() as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == wxbot.SCHEMA_VERSION
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+    health = store.health(2000.0)
+    assert (health["answered"], health["dead"], health["queued"]) == (1, 1, 1)
+    message = store.claim(2000.0, 60)
+    assert (message.content, message.model_failures, message.delivery_failures,
+            message.interruptions) == ("问", 0, 0, 0)
+    stored_push(store, "oNEW", "新", 1, 2001.0)
+    assert store.health(2001.0)["queued"] == 2
+    store.close()
+    store = wxbot.Store(path)  # opening it again changes nothing
+    assert store.health(2001.0)["queued"] == 2
+    store.close()
+
+
+def test_restarts_do_not_use_up_the_model_tries(tmp_path, wechat, model):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"))
+    message_id = stored_push(store, "oRESTART", "问", 1, time.time())
+    for _ in range(2):  # two restarts while the message was in hand
+        store.claim(time.time(), 60)
+        assert store.release_all_leases() == 1
+    failed = []
+
+    def respond(request):
+        if not failed:
+            failed.append(1)
+            raise ModelFault(503)
+        return "答好了"
+    model.respond = respond
+    run_until_settled(worker_for(tmp_path, wechat, model, store), store, message_id)
+    assert wechat.texts_to("oRESTART") == ["答好了"]
+    store.close()
+
+
+def test_a_message_that_keeps_losing_its_lease_ends_dead_with_the_reason(tmp_path, caplog):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"))
+    message_id = stored_push(store, "oSTUCK", "问", 1, 1000.0)
+    now = 1000.0
+    for _ in range(wxbot.INTERRUPTIONS_LIMIT):
+        assert store.claim(now, 10).id == message_id
+        now += 11  # the worker holding it never comes back
+    assert store.claim(now, 10) is None
+    assert store.health(now)["dead"] == 1
+    assert f"interrupted {wxbot.INTERRUPTIONS_LIMIT} times" in caplog.text
+    assert "lease expired" in caplog.text and "state dead" in caplog.text
+    store.close()
+
+
+def test_an_error_in_the_worker_backs_off_and_ends_dead(start_bot, wechat, model, caplog,
+                                                        monkeypatch):
+    calls = []
+
+    def broken(self, message):
+        calls.append(time.monotonic())
+        raise KeyError("a bug")
+    monkeypatch.setattr(wxbot.Worker, "plan", broken)
+    bot = start_bot(WXBOT_WORKERS=2)
+    send_text(bot, "oBUG", "问", 1)
+    wait_for(lambda: bot.store.health(time.time())["dead"] == 1)
+    assert len(calls) == wxbot.INTERRUPTIONS_LIMIT
+    gaps = [later - earlier for earlier, later in zip(calls, calls[1:])]
+    assert gaps[-1] > gaps[0]  # backing off, not a hot loop
+    assert "internal error (KeyError)" in caplog.text
+
+
+def test_a_model_slower_than_the_lease_is_asked_once(start_bot, wechat, model):
+    model.respond = lambda request: (time.sleep(2.5) or "慢慢想好了"
+                                     if request["messages"][-1]["content"] == "难题" else "好")
+    bot = start_bot(WXBOT_WORKERS=2)
+    for worker in bot.workers:
+        worker.lease_seconds = 0.6  # the model takes four leases' time
+    send_text(bot, "oSLOW", "难题", 1)
+    wait_for(lambda: model.requests)
+    time.sleep(1.0)  # past the first lease: a claim now would find it expired, if not renewed
+    send_text(bot, "oOTHER", "简单", 2)  # wakes the idle worker, whose claim looks at leases
+    wait_for(lambda: bot.store.settled(1) and bot.store.settled(2))
+    assert wechat.texts_to("oSLOW") == ["慢慢想好了"]
+    assert model.questions() == ["难题", "简单"]
+
+
+def test_a_model_past_the_timeout_is_cut_and_not_asked_again(start_bot, wechat, model):
+    answer = chinese_answer(1500)
+
+    def respond(request):
+        yield answer[:700]
+        time.sleep(4)  # the model stalls past WXBOT_MODEL_TIMEOUT
+        yield answer[700:]
+    model.respond = respond
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1.5)
+    send_text(bot, "oCUT", "讲讲", 1)
+    wait_for(lambda: bot.store.settled(1))
+    texts = wechat.texts_to("oCUT")
+    assert texts[-1] == wxbot.CUT_OFF_LINE and len(texts) >= 2
+    assert without_space(answer).startswith(without_space("".join(texts[:-1])))
+    assert len(model.requests) == 1
+
+
+def test_a_model_that_starts_too_late_gets_the_apology_once(start_bot, wechat, model):
+    model.respond = lambda request: time.sleep(3) or "迟到的回答"
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1)
+    send_text(bot, "oLATE", "问", 1)
+    started = time.monotonic()
+    wait_for(lambda: bot.store.settled(1))
+    assert time.monotonic() - started < 2.5
+    assert wechat.texts_to("oLATE") == [wxbot.APOLOGY_LINE]
+    assert len(model.requests) == 1
+
+
+HOT_TABLES = ("messages", "segments", "turns")
+SQL_WORDS = {"WHERE", "SET", "ON", "JOIN", "LEFT", "INNER", "ORDER", "GROUP", "LIMIT", "AS",
+             "VALUES", "USING", "UNION", "DEFAULT", "RETURNING", "AND", "OR", "NOT"}
+
+
+def full_scans(conn, statement):
+    """The steps of a statement's query plan that read a whole hot table or a whole index of
+    it. (A partial index holds only the rows its WHERE selects: reading it all is no scan.)"""
+    partial = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type ="
+                                              " 'index' AND sql LIKE '% WHERE %'")}
+    names = set(HOT_TABLES)
+    for table, alias in re.findall(r"\b(messages|segments|turns)\s+(?:AS\s+)?(\w+)",
+                                   statement, re.I):
+        if alias.upper() not in SQL_WORDS:
+            names.add(alias)
+    plan = conn.execute("EXPLAIN QUERY PLAN " + statement).fetchall()
+    return [row[3] for row in plan
+            if (scan := re.match(r"SCAN (\w+)(?: USING (?:COVERING )?INDEX (\w+))?", row[3]))
+            and scan.group(1) in names and scan.group(2) not in partial]
+
+
+def test_every_query_on_the_hot_paths_uses_an_index(start_bot, wechat, model, tmp_path,
+                                                    quick_wechat_clock, monkeypatch):
+    statements = set()
+    connect = wxbot.Store._connect
+
+    def traced(self):
+        conn = connect(self)
+        conn.set_trace_callback(statements.add)  # every statement, with its values
+        return conn
+    monkeypatch.setattr(wxbot.Store, "_connect", traced)
+    bot = start_bot(WXBOT_ADMINS="oADMIN", WXBOT_RETENTION_DAYS=0)
+    model.respond = lambda request: chinese_answer(12000)  # more than 5 segments
+    send_text(bot, "oHOT", "讲讲", 1)
+    send_text(bot, "oHOT", "还有", 2)  # a follow-up, merged
+    wait_for(lambda: bot.store.settled(2) and bot.store.settled(1))
+    send_text(bot, "oHOT", "继续", 3)
+    send_text(bot, "oADMIN", "/stats", 4)
+    wait_for(lambda: wechat.texts_to("oADMIN"))
+    assert requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).ok
+    passive = start_bot(WXBOT_MODE="passive", WXBOT_DB=tmp_path / "passive.db",
+                        WXBOT_RETENTION_DAYS=0)
+    model.respond = lambda request: "答：" + request["messages"][-1]["content"]
+    assert WeChatUser(passive, "oPASSIVE", quick_wechat_clock).says("你好") == "答：你好"
+    checked = [s for s in statements if re.match(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)", s,
+                                                  re.I)]
+    assert any("state_counts" in s for s in checked) and any("replied_to" in s for s in checked)
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
+        scans = {statement: full_scans(conn, statement) for statement in checked}
+    assert {statement: plan for statement, plan in scans.items() if plan} == {}
+
+
+def test_full_scans_are_found_in_a_plan(tmp_path):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"))
+    with store.connection() as conn:
+        assert full_scans(conn, "SELECT count(*) FROM messages m WHERE m.content = 'x'")
+        assert full_scans(conn, "SELECT * FROM turns WHERE content = 'x'")
+        assert not full_scans(conn, "SELECT * FROM messages WHERE id = 1")
+        assert not full_scans(conn, "SELECT count(*) FROM segments WHERE sent_at IS NULL"
+                                    " AND moved_to IS NULL")  # the partial index's rows only
+    store.close()
+
+
+def settings_for(tmp_path, **overrides):
+    return wxbot.Settings.from_env({
+        "WXBOT_TOKEN": TOKEN, "WXBOT_APPID": APPID, "WXBOT_APPSECRET": APPSECRET,
+        "OPENAI_API_KEY": API_KEY, "WXBOT_DB": str(tmp_path / "wxbot.db"),
+        **{key: str(value) for key, value in overrides.items()}})
+
+
+def fill_history(path, openid, count, received_at, first_id):
+    """count answered exchanges of `openid` at received_at, as the worker stores them."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        for n in range(first_id, first_id + count):
+            conn.execute("INSERT INTO messages (id, dedup_key, openid, msg_type, content, fields,"
+                         " received_at, state, answered_at) VALUES (?, ?, ?, 'text', '问', '{}',"
+                         " ?, 'done', ?)", (n, f"{openid}:{n}", openid, received_at,
+                                            received_at + 2))
+            conn.executemany("INSERT INTO segments (message_id, seq, content, sent_at) VALUES"
+                             " (?, ?, ?, ?)", [(n, seq, "答" * 700, received_at + 2)
+                                               for seq in range(2)])
+            conn.executemany("INSERT INTO turns (openid, role, content, created_at, message_id)"
+                             " VALUES (?, ?, ?, ?, ?)", [(openid, "user", "问", received_at, n),
+                                                         (openid, "assistant", "答" * 1400,
+                                                          received_at + 2, n)])
+            conn.execute("INSERT INTO model_calls VALUES (?, ?, ?)", (n, openid, received_at))
+
+
+def test_retention_deletes_old_rows_in_batches_and_the_file_shrinks(tmp_path):
+    day, now = 86400.0, 1_000_000_000.0
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path)
+    fill_history(path, "oOLD", 1200, now - 10 * day, 1)
+    fill_history(path, "oWEEK", 1200, now - 3 * day, 2001)  # past retention, within the TTL
+    fill_history(path, "oNEW", 20, now - day / 2, 4001)
+    with store.connection() as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    assert store.prune(now, day, 5 * day, batch=500) == 500  # one batch, then on
+    janitor = wxbot.Janitor(settings_for(tmp_path, WXBOT_RETENTION_DAYS=1,
+                                         WXBOT_SESSION_TTL=5 * day), store)
+    janitor.PAUSE = 0
+    janitor.sweep(now)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT DISTINCT openid FROM messages").fetchall() == [("oNEW",)]
+        assert conn.execute("SELECT count(*) FROM segments").fetchone()[0] == 40
+        assert conn.execute("SELECT count(*) FROM model_calls").fetchone()[0] == 20
+        assert dict(conn.execute("SELECT openid, count(*) FROM turns GROUP BY openid")) == {
+            "oWEEK": 2400, "oNEW": 40}
+        assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        assert conn.execute("PRAGMA page_count").fetchone()[0] < pages * 0.7
+    assert store.health(now)["answered"] == 20
+    store.close()
+
+
+def test_retention_zero_keeps_everything(tmp_path):
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path)
+    fill_history(path, "oKEEP", 10, 1000.0, 1)
+    wxbot.Janitor(settings_for(tmp_path, WXBOT_RETENTION_DAYS=0), store).sweep(10.0 ** 10)
+    assert store.health(10.0 ** 10)["answered"] == 10
+    store.close()
+
+
+def test_reset_blanks_the_texts_of_earlier_questions_and_answers(start_bot, wechat, model,
+                                                                   tmp_path):
+    bot = start_bot()
+    body = text_xml("oPRIVATE", "我的手机号是13800000000", 1)
+    post_push(bot, body)
+    wait_for(lambda: bot.store.settled(1))
+    send_text(bot, "oPRIVATE", "新对话", 2)
+    wait_for(lambda: bot.store.settled(2))
+    assert post_push(bot, body).text == "success"  # WeChat's retry: still known, not asked
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
+        dump = "\n".join(conn.iterdump())
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
+    assert "13800000000" not in dump
+    assert len(model.requests) == 1
+
+
+@pytest.fixture
+def disk(monkeypatch):
+    """A disk that can be filled: every connection's max_page_count is set as it is taken,
+    to the pages the file has (SQLite keeps it at least that) or to no limit."""
+    limit = [1 << 30]
+    connection = wxbot.Store.connection
+
+    @contextlib.contextmanager
+    def limited(self):
+        with connection(self) as conn:
+            conn.execute(f"PRAGMA max_page_count = {limit[0]}")
+            yield conn
+    monkeypatch.setattr(wxbot.Store, "connection", limited)
+
+    class Disk:
+        def fill(self, store):
+            with store._turn(), connection(store) as conn:
+                conn.executescript("PRAGMA incremental_vacuum")  # no free page left inside
+            limit[0] = 1
+
+        def free(self):
+            limit[0] = 1 << 30
+    return Disk()
+
+
+def test_a_push_meeting_a_full_disk_gets_503_and_its_retry_is_answered(start_bot, wechat,
+                                                                       model, disk, caplog):
+    model.respond = lambda request: "收到"
+    bot = start_bot()
+    send_text(bot, "oDISK", "先来一条", 1)
+    wait_for(lambda: wechat.texts_to("oDISK"))
+    disk.fill(bot.store)
+    body = text_xml("oDISK", "一个很长的问题。" * 400, 2)  # needs new pages
+    assert post_push(bot, body).status_code == 503
+    assert "disk" in caplog.text and "is full" in caplog.text
+    disk.free()
+    assert post_push(bot, body).text == "success"  # WeChat tries again
+    wait_for(lambda: wechat.texts_to("oDISK") == ["收到", "收到"])
+    assert len(model.requests) == 2
+
+
+def test_workers_pause_while_the_disk_is_full_and_go_on(start_bot, wechat, model, disk, caplog,
+                                                       monkeypatch):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(wxbot.Worker, "DISK_FULL_PAUSE", 0.1)
+    answer, go = chinese_answer(3000), threading.Event()
+    model.respond = lambda request: go.wait(10) and answer
+    bot = start_bot()
+    send_text(bot, "oFULL", "讲个长故事", 1)
+    wait_for(lambda: model.requests)
+    disk.fill(bot.store)
+    go.set()
+    wait_for(lambda: bot.store.disk_full)
+    assert not bot.store.settled(1)
+    disk.free()
+    wait_for(lambda: bot.store.settled(1))
+    assert without_space("".join(wechat.texts_to("oFULL"))) == without_space(answer)
+    health = bot.store.health(time.time())
+    assert health["answered"] == 1 and health["dead"] == 0
+    assert "there is room on the disk again" in caplog.text
 
 
 # Hostile pushes ##############################################################

@@ -3,7 +3,8 @@
 
 How a message travels:
   WeChat --POST--> webhook: signature, decryption, XML --> SQLite queue --> answers "success"
-  worker thread --> claims the message with a lease --> "Typing" --> model (with the user's turns)
+  acknowledger --> "Typing" at once (or a line with the wait, when the queue is long)
+  worker thread --> claims the message with a lease --> model (with the user's turns)
   --> answer and its segments stored --> customer-service API (custom/send), each segment
   marked sent as WeChat confirms it. A crash or restart resumes at the first unsent segment.
 
@@ -29,8 +30,10 @@ import hashlib
 import heapq
 import hmac
 import io
+import itertools
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -92,6 +95,8 @@ IMAGE_PROMPT = "请看这张图片，简要说明图里有什么。"
 CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
 NOTHING_MORE_LINE = "没有更多内容了，请直接提问吧。"
 THINKING_LINE = "正在思考，请稍后回复“继续”获取回答。"
+#: Sent at once when a message will wait longer than WXBOT_QUEUE_NOTICE seconds for a worker.
+QUEUE_LINE = "收到！前面还有 {ahead} 人在排队，预计 {minutes} 分钟内回复。"
 RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
 DAILY_LINE = "今天的提问次数已用完，请约 {hours} 小时后再来。"
 #: Messages a user sends within this many seconds of each other, still waiting when the
@@ -278,19 +283,26 @@ SETTINGS: dict[str, Setting] = {
     "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
                            "earlier turns older than this many seconds are not sent to the model"),
     "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file"),
+    "retention_days": Setting("WXBOT_RETENTION_DAYS", "30", _int_between(0, 36500),
+                              "days messages, answers and history are kept (0: for ever); "
+                              "older ones are deleted every hour, a few hundred at a time"),
     "host": Setting("WXBOT_HOST", "0.0.0.0", _text, "address to listen on"),
     "port": Setting("WXBOT_PORT", "8080", _int_between(0, 65535), "port to listen on"),
     "path": Setting("WXBOT_PATH", "/wx", _url_path, "URL path WeChat calls"),
     "workers": Setting("WXBOT_WORKERS", "32", _int_between(1, 256),
                        "worker threads: model calls in parallel (keep within the provider's "
                        "concurrency and RPM limits; see README)"),
+    "queue_notice": Setting("WXBOT_QUEUE_NOTICE", "20", _seconds,
+                            "a message that will wait longer than this many seconds for a "
+                            "worker gets a line saying how long, at once (0: never)"),
     "history_turns": Setting("WXBOT_HISTORY_TURNS", "10", _int_between(0, 100),
                              "earlier exchanges (question and answer) sent to the model"),
     "max_skew": Setting("WXBOT_MAX_SKEW", "300", _int_between(0, 86400),
                         "reject pushes whose timestamp is further than this from now, in "
                         "seconds (0: off)"),
     "model_timeout": Setting("WXBOT_MODEL_TIMEOUT", "60", _seconds,
-                             "seconds one model call may take"),
+                             "deadline in seconds for one whole model call, first token to "
+                             "last; the answer is cut there"),
     "max_tokens": Setting("WXBOT_MAX_TOKENS", "2000", _int_between(16, 100000),
                           "cap on the tokens of one answer"),
     "user_rate": Setting("WXBOT_USER_RATE", "6", _int_between(0, 10000),
@@ -328,10 +340,12 @@ class Settings:
     vision: bool
     session_ttl: float
     db: str
+    retention_days: int
     host: str
     port: int
     path: str
     workers: int
+    queue_notice: float
     history_turns: int
     max_skew: int
     model_timeout: float
@@ -567,7 +581,7 @@ class State(str, enum.Enum):
     LEASED = "leased"    # a worker holds it until lease_until
     DONE = "done"        # answered (segments beyond the quota stay stored, unsent)
     FAILED = "failed"    # the model failed; the user got the apology
-    DEAD = "dead"        # gave up after repeated delivery failures; kept for the operator
+    DEAD = "dead"        # gave up (delivery failures or interruptions); kept for the operator
 
 
 class Leftovers(enum.Enum):
@@ -592,15 +606,41 @@ CREATE TABLE IF NOT EXISTS messages (
     pushes      INTEGER NOT NULL DEFAULT 1,
     state       TEXT NOT NULL DEFAULT 'queued'
                 CHECK (state IN ({", ".join(repr(s.value) for s in State)})),
-    attempts    INTEGER NOT NULL DEFAULT 0,
+    attempts    INTEGER NOT NULL DEFAULT 0,  -- claims so far: names the lease (fencing)
     lease_until REAL,
     not_before  REAL NOT NULL DEFAULT 0,
     answered_at REAL,
     merged_into INTEGER REFERENCES messages (id),
-    error       TEXT
+    error       TEXT,
+    model_failures    INTEGER NOT NULL DEFAULT 0,
+    delivery_failures INTEGER NOT NULL DEFAULT 0,
+    interruptions     INTEGER NOT NULL DEFAULT 0  -- lease expired, restart, internal error
 );
 CREATE INDEX IF NOT EXISTS messages_state ON messages (state, id);
 CREATE INDEX IF NOT EXISTS messages_user ON messages (openid, state, id);
+CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at);
+CREATE INDEX IF NOT EXISTS messages_merged ON messages (merged_into)
+    WHERE merged_into IS NOT NULL;
+
+-- /healthz counts messages by state from here, kept exact by the triggers below: counting
+-- a million rows on every health check would not be.
+CREATE TABLE IF NOT EXISTS state_counts (
+    state    TEXT PRIMARY KEY,
+    messages INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO state_counts (state, messages)
+    VALUES {", ".join(f"('{s.value}', 0)" for s in State)};
+CREATE TRIGGER IF NOT EXISTS messages_counted AFTER INSERT ON messages BEGIN
+    UPDATE state_counts SET messages = messages + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_recounted AFTER UPDATE OF state ON messages
+WHEN OLD.state != NEW.state BEGIN
+    UPDATE state_counts SET messages = messages - 1 WHERE state = OLD.state;
+    UPDATE state_counts SET messages = messages + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_uncounted AFTER DELETE ON messages BEGIN
+    UPDATE state_counts SET messages = messages - 1 WHERE state = OLD.state;
+END;
 
 CREATE TABLE IF NOT EXISTS segments (
     message_id INTEGER NOT NULL REFERENCES messages (id),
@@ -613,6 +653,10 @@ CREATE TABLE IF NOT EXISTS segments (
     moved_to   INTEGER REFERENCES messages (id),
     PRIMARY KEY (message_id, seq)
 );
+CREATE INDEX IF NOT EXISTS segments_replied ON segments (replied_to)
+    WHERE replied_to IS NOT NULL;
+CREATE INDEX IF NOT EXISTS segments_unsent ON segments (message_id)
+    WHERE sent_at IS NULL AND moved_to IS NULL;
 
 CREATE TABLE IF NOT EXISTS turns (
     id         INTEGER PRIMARY KEY,
@@ -637,7 +681,22 @@ CREATE TABLE IF NOT EXISTS kv (
     expires_at REAL
 );
 """
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: What brings a database written by an earlier wxbot up to date, by the version it has;
+#: SCHEMA then adds the tables and indexes that are new.
+MIGRATIONS = {
+    1: f"""
+ALTER TABLE messages ADD COLUMN model_failures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN delivery_failures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE state_counts (state TEXT PRIMARY KEY, messages INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO state_counts (state, messages) SELECT column1, (SELECT count(*) FROM messages
+    WHERE state = column1) FROM (VALUES {", ".join(f"('{s.value}')" for s in State)});
+""",
+}
+#: A message interrupted this often (its lease expired, a restart, an internal error) ends
+#: dead: something about it stops every worker, and trying forever would hide that.
+INTERRUPTIONS_LIMIT = 5
 #: The oldest message a worker may take (:now): due, and its user has nothing earlier queued
 #: or in hand (one user's messages are answered in order).
 CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_before <= :now"
@@ -654,7 +713,8 @@ EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-    """A claimed message as the worker sees it; `attempts` identifies the lease."""
+    """A claimed message as the worker sees it; `attempts` identifies the lease, and each
+    failure counter counts one kind of failure before this claim."""
 
     id: int
     openid: str
@@ -665,6 +725,14 @@ class Message:
     fields: dict
     received_at: float
     attempts: int
+    model_failures: int
+    delivery_failures: int
+    interruptions: int
+
+
+def disk_full(error: Exception) -> bool:
+    """Whether SQLite failed for want of space (SQLITE_FULL): the disk or max_page_count."""
+    return isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)
 
 
 class LeaseLost(Exception):
@@ -709,15 +777,38 @@ class Store:
         self._local = threading.local()  # the thread's open write transaction, if any
         #: Notified after every write, for webhook threads waiting for a passive reply.
         self.changed = threading.Condition()
+        #: Set while writes fail for want of space; workers pause, the webhook answers 503.
+        self.disk_full = False
+        self._disk_lock = threading.Lock()
         with self.connection() as conn:
+            self._compactable(conn)
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
             # commit through a process crash (kill -9), losing at most the last ones on power loss.
             conn.execute("PRAGMA journal_mode=WAL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{path} was written by a newer wxbot (schema {version})")
-            conn.executescript(SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            steps = [MIGRATIONS[n] for n in range(version, SCHEMA_VERSION)] if version else []
+            conn.executescript("BEGIN IMMEDIATE;" + "".join(steps) + SCHEMA +
+                               f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            if steps:
+                log.info("database %s brought up to date (schema %d to %d)", path, version,
+                         SCHEMA_VERSION)
+
+    @staticmethod
+    def _compactable(conn: sqlite3.Connection) -> None:
+        """Let the file shrink: rows deleted by retention give their pages back to the disk.
+
+        auto_vacuum must be chosen before the first table exists; a database made by an
+        earlier wxbot is rewritten once (VACUUM: it locks the file while it runs).
+        """
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL
+            return
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+            log.info("compacting the database once so that deleted rows free disk space "
+                     "(a large file takes a minute)")
+            conn.execute("VACUUM")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -756,13 +847,45 @@ class Store:
     def _begin(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error; the caller holds the lock."""
         with self.connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                conn.rollback()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.rollback()
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as error:
+                if disk_full(error):
+                    self._note_disk(full=True)
                 raise
-            conn.execute("COMMIT")
+        if self.disk_full:
+            self._note_disk(full=False)
+
+    def _note_disk(self, full: bool) -> None:
+        """Say once when the disk fills up, and once when there is room again."""
+        with self._disk_lock:
+            if self.disk_full == full:
+                return
+            self.disk_full = full
+        if full:
+            log.error("the disk holding %s is full: pushes are answered 503 so that WeChat "
+                      "tries them again, and workers pause; free some space (df -h)", self.path)
+        else:
+            log.info("there is room on the disk again: pushes are stored and answered")
+
+    def has_room(self) -> bool:
+        """Whether a write that needs new space succeeds now (after the disk was full)."""
+        try:
+            with self.transaction() as conn:
+                conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES ('disk-probe',"
+                             " zeroblob(16384))")
+                conn.execute("DELETE FROM kv WHERE key = 'disk-probe'")
+        except sqlite3.OperationalError as error:
+            if disk_full(error):
+                return False
+            raise
+        return True
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -776,21 +899,27 @@ class Store:
         if joined is not None:
             yield joined
             return
+        with self._turn(), self._begin() as conn:
+            self._local.conn = conn
+            try:
+                yield conn
+            finally:
+                self._local.conn = None
+        with self.changed:
+            self.changed.notify_all()
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """A turn to write that is not a push's: after the write in progress and any waiting
+        push."""
         with self._turns:
             while self._writing or self._pending:
                 self._worker_turn.wait()
             self._writing = True
         try:
-            with self._begin() as conn:
-                self._local.conn = conn
-                try:
-                    yield conn
-                finally:
-                    self._local.conn = None
+            yield
         finally:
             self._end_turn()
-        with self.changed:
-            self.changed.notify_all()
 
     def _end_turn(self) -> None:
         with self._turns:
@@ -860,13 +989,14 @@ class Store:
                                 {"now": now}).fetchone()[0]:
                 return None
         with self.transaction() as conn:
-            conn.execute("UPDATE messages SET state = 'queued' WHERE state = 'leased'"
-                         " AND lease_until < :now", {"now": now})
+            self._interrupt(conn, "state = 'leased' AND lease_until < :now",
+                            "its lease expired (the worker stopped or was too slow)", now=now)
             row = conn.execute(
                 "UPDATE messages SET state = 'leased', lease_until = :until,"
                 f" attempts = attempts + 1 WHERE id = ({CLAIMABLE})"
                 " RETURNING id, openid, msg_type, msg_id, event, content, fields, received_at,"
-                " attempts", {"now": now, "until": now + lease_seconds}).fetchone()
+                " attempts, model_failures, delivery_failures, interruptions",
+                {"now": now, "until": now + lease_seconds}).fetchone()
         if row is None:
             return None
         return Message(**{**dict(row), "fields": json.loads(row["fields"])})
@@ -902,12 +1032,48 @@ class Store:
             conn.execute("UPDATE segments SET tried_at = ? WHERE message_id = ? AND seq = ?",
                          (now, message.id, seq))
 
-    def release(self, message: Message, not_before: float, error: str) -> None:
-        """Put the message back in the queue, to be tried again from not_before."""
+    def renew_lease(self, message: Message, lease_until: float) -> None:
+        """Keep the message while its answer takes long (a slow model): LeaseLost if too late."""
+        with self.transaction() as conn:
+            self._leased(conn, message, "UPDATE messages SET lease_until = :until",
+                         until=lease_until)
+
+    def release(self, message: Message, not_before: float, error: str,
+                failure: str | None) -> None:
+        """Put the message back in the queue, to be tried again from not_before, counting the
+        failure ("model_failures" or "delivery_failures"; None: no fault of the message's)."""
+        assert failure in ("model_failures", "delivery_failures", None)
+        counted = f", {failure} = {failure} + 1" if failure else ""
         with self.transaction() as conn:
             self._leased(conn, message, "UPDATE messages SET state = 'queued', lease_until = NULL,"
-                         " not_before = :not_before, error = :error",
+                         " not_before = :not_before, error = :error" + counted,
                          not_before=not_before, error=error)
+
+    def interrupt(self, message: Message, not_before: float, reason: str) -> None:
+        """Give the message back after an error in the worker itself: an interruption."""
+        with self.transaction() as conn:
+            if not self._interrupt(conn, "id = :id AND state = 'leased' AND attempts = :attempts",
+                                   reason, id=message.id, attempts=message.attempts,
+                                   not_before=not_before):
+                raise LeaseLost(message.id)
+
+    def _interrupt(self, conn: sqlite3.Connection, where: str, reason: str,
+                   not_before: float = 0, **params) -> int:
+        """Requeue the leased messages `where` selects, counting an interruption; those
+        interrupted INTERRUPTIONS_LIMIT times end dead. Returns how many there were."""
+        rows = conn.execute(
+            "UPDATE messages SET lease_until = NULL, interruptions = interruptions + 1,"
+            " error = :reason, not_before = :not_before, state = CASE WHEN interruptions + 1"
+            f" >= {INTERRUPTIONS_LIMIT} THEN 'dead' ELSE 'queued' END WHERE {where}"
+            " RETURNING id, openid, state",
+            {"reason": f"interrupted: {reason}", "not_before": not_before, **params}).fetchall()
+        for row in rows:
+            if row["state"] == State.DEAD:
+                log_worker.error("message %s from %s: interrupted %d times, the last because "
+                                 "%s; giving up (state dead, kept: `python wxbot.py status`, "
+                                 "`python wxbot.py retry %s`)", row["id"],
+                                 short_id(row["openid"]), INTERRUPTIONS_LIMIT, reason, row["id"])
+        return len(rows)
 
     def finish(self, message: Message, state: State, error: str | None = None) -> None:
         with self.transaction() as conn:
@@ -917,8 +1083,8 @@ class Store:
     def release_all_leases(self) -> int:
         """Put every leased message back: called at start and stop, when no worker runs."""
         with self.transaction() as conn:
-            return conn.execute("UPDATE messages SET state = 'queued', lease_until = NULL"
-                                " WHERE state = 'leased'").rowcount
+            return self._interrupt(conn, "state = 'leased'",
+                                   "wxbot stopped while answering it")
 
     # Answers ----------------------------------------------------------------
 
@@ -1091,6 +1257,26 @@ class Store:
                                 " WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
+    def waiting_ahead(self, message_id: int) -> int:
+        """Messages queued before this one that no worker has taken yet."""
+        with self.connection() as conn:
+            return conn.execute("SELECT count(*) FROM messages WHERE state = 'queued'"
+                                " AND id < ?", (message_id,)).fetchone()[0]
+
+    def note_queue_lines(self, message_ids: list[int], now: float) -> list[int]:
+        """Note, before it is sent, that the queue line goes out for these messages: it takes
+        one of their 5 messages (quota). Those whose answer began to go out get none.
+        Returns the ids noted."""
+        with self.transaction() as conn:
+            noted = [message_id for message_id in message_ids if not conn.execute(
+                "SELECT 1 FROM segments WHERE message_id = ? AND tried_at IS NOT NULL LIMIT 1",
+                (message_id,)).fetchone()]
+            # The quota of a user message lasts 48 h; the note need not outlive it.
+            conn.executemany("INSERT OR IGNORE INTO kv (key, value, expires_at) VALUES"
+                             " (?, ?, ?)", [(QUEUE_LINE_KEY.format(message_id), str(now),
+                                             now + 3 * 86400) for message_id in noted])
+        return noted
+
     def quota(self, message_id: int) -> int:
         """Customer-service messages the answer to a message may use: WeChat's 5 per user
         message (45047), less the queue line if one went out for it."""
@@ -1118,9 +1304,18 @@ class Store:
             kept.pop()
         return kept[::-1]
 
-    def forget(self, openid: str) -> int:
-        """Delete the user's conversation history (/reset): it is never sent to the model again."""
+    def forget(self, openid: str, before_id: int) -> int:
+        """Forget the user's conversation before this message (/reset): the history sent to the
+        model, and the texts of their earlier messages and answers. The message rows stay (they
+        count in /stats and keep WeChat's retries from being answered twice); their answers'
+        segments go. Returns the number of turns forgotten."""
         with self.transaction() as conn:
+            earlier = ("SELECT id FROM messages WHERE openid = :openid AND id < :id"
+                       " AND state NOT IN ('queued', 'leased')")
+            params = {"openid": openid, "id": before_id}
+            conn.execute(f"DELETE FROM segments WHERE message_id IN ({earlier})", params)
+            conn.execute(f"UPDATE messages SET content = NULL, fields = '{{}}' WHERE id IN"
+                         f" ({earlier}) AND (content IS NOT NULL OR fields != '{{}}')", params)
             return conn.execute("DELETE FROM turns WHERE openid = ?", (openid,)).rowcount
 
     def stats(self, now: float) -> dict:
@@ -1163,6 +1358,54 @@ class Store:
                          " (?, ?, ?)", (message.id, message.openid, now))
         return None
 
+    # Retention ---------------------------------------------------------------
+
+    def prune(self, now: float, keep_seconds: float, history_seconds: float,
+              after_id: int = 0, batch: int = 500) -> int | None:
+        """Delete one batch of what is older than keep_seconds: finished messages with their
+        segments and model calls, turns (those within history_seconds stay: they are still
+        sent to the model), expired keys; then give the freed pages back to the filesystem.
+        Returns the message id to go on after, or None when nothing old is left.
+
+        A few hundred rows a transaction keep the write lock short, so pushes arriving
+        meanwhile wait milliseconds. Rows are walked oldest first by id, never found by a
+        scan. The newest message is kept, so that an id is never used twice.
+        """
+        before = now - keep_seconds
+        turns_before = min(before, now - history_seconds)
+        with self._turn(), self.connection() as conn:
+            # Links into deleted history (a segment carried to a later message, a follow-up
+            # merged into an earlier one) may point nowhere: nothing reads them any more.
+            conn.execute("PRAGMA foreign_keys=OFF")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                rows = conn.execute(
+                    "SELECT id, received_at, state FROM messages WHERE id > ?"
+                    " AND id < (SELECT max(id) FROM messages) ORDER BY id LIMIT ?",
+                    (after_id, batch)).fetchall()
+                old = list(itertools.takewhile(lambda row: row[1] < before, rows))
+                gone = [(row[0],) for row in old if row[2] not in ("queued", "leased")]
+                conn.executemany("DELETE FROM segments WHERE message_id = ?", gone)
+                conn.executemany("DELETE FROM model_calls WHERE message_id = ?", gone)
+                conn.executemany("DELETE FROM messages WHERE id = ?", gone)
+                turns = conn.execute("SELECT id, created_at FROM turns ORDER BY id LIMIT ?",
+                                     (batch,)).fetchall()
+                old_turns = list(itertools.takewhile(lambda row: row[1] < turns_before, turns))
+                conn.executemany("DELETE FROM turns WHERE id = ?",
+                                 [(row[0],) for row in old_turns])
+                conn.execute("DELETE FROM kv WHERE expires_at < ?", (now,))
+                conn.execute("COMMIT")
+                # sqlite3's execute() steps this once, freeing one page; executescript runs it
+                # to the end.
+                conn.executescript("PRAGMA incremental_vacuum")
+            finally:
+                if conn.in_transaction:
+                    conn.rollback()
+                conn.execute("PRAGMA foreign_keys=ON")
+        if len(old) == batch:
+            return old[-1][0]
+        return after_id if len(old_turns) == batch else None
+
     # Key-value (the access token) -------------------------------------------
 
     def get_kv(self, key: str, now: float) -> str | None:
@@ -1192,9 +1435,9 @@ class Store:
     # Health -----------------------------------------------------------------
 
     def health(self, now: float) -> dict:
+        """For /healthz: from the state counts and indexed queries only, however big the file."""
         with self.connection() as conn:
-            counts = dict(conn.execute("SELECT state, count(*) FROM messages"
-                                       " GROUP BY state").fetchall())
+            counts = dict(conn.execute("SELECT state, messages FROM state_counts").fetchall())
             oldest = conn.execute("SELECT min(received_at) FROM messages"
                                   " WHERE state IN ('queued', 'leased')").fetchone()[0]
             unsent = conn.execute("SELECT count(*) FROM segments WHERE sent_at IS NULL"
@@ -1570,11 +1813,6 @@ class WeChatAPI:
     def menu_delete(self) -> None:
         self.call("/cgi-bin/menu/delete")
 
-    def typing_soon(self, openid: str) -> None:
-        """Show "typing" from another thread, so the model call need not wait for WeChat."""
-        thread = threading.Thread(target=self.typing, args=(openid,), daemon=True)
-        thread.start()
-
     def typing(self, openid: str, command: str = "Typing") -> None:
         """Show "typing"; every error is harmless (45080 too late, 45081 already shown)."""
         try:
@@ -1613,7 +1851,8 @@ class DeliveryMode:
 
 class ModelError(Exception):
     """The model gave no usable answer. kind: "transient" (try again later), "context" (the
-    conversation is too long), "refused" (a content filter), or "fatal" (a setting is wrong)."""
+    conversation is too long), "refused" (a content filter), "deadline" (WXBOT_MODEL_TIMEOUT
+    passed: never asked again), or "fatal" (a setting is wrong)."""
 
     def __init__(self, reason: str, kind: str = "transient", retry_after: float | None = None,
                  status: int | None = None, detail: str = ""):
@@ -2282,6 +2521,111 @@ class OwnerFiles:
 
 
 ###############################################################################
+# Acknowledgement: typing and the queue line ##################################
+###############################################################################
+
+def queue_line(ahead: int, wait: float, answer_seconds: float) -> str:
+    """The line for a message that waits: how many are ahead and when the answer comes."""
+    return QUEUE_LINE.format(ahead=ahead, minutes=max(1, math.ceil((wait + answer_seconds) / 60)))
+
+
+class Acknowledger:
+    """Shows every user at once that their message was seen, however deep the queue.
+
+    The worker that will answer may be minutes away in a burst, and WeChat refuses typing 30 s
+    after the user's message (45080); so typing goes out within moments of each push from a
+    few threads of this sender's own, and is renewed once after 15 s while the answer is
+    still coming. A message that will wait longer than WXBOT_QUEUE_NOTICE seconds gets one
+    short line instead, saying how long; it takes one of the message's 5 (Store.quota).
+    Passive mode has no customer-service API: nothing is sent.
+    """
+
+    #: Threads calling WeChat: a typing call takes about 50 ms from a VPS in China, so 8
+    #: acknowledge some 150 pushes a second.
+    THREADS = 8
+    #: Typing shows for 15 s and cannot be renewed while shown (45081).
+    TYPING_RENEW = 15.5
+    #: How long an answer is taken to need until workers have timed some (seconds).
+    ANSWER_GUESS = 10.0
+
+    def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, mode: DeliveryMode):
+        self.settings, self.store, self.wechat, self.mode = settings, store, wechat, mode
+        self.answer_seconds = self.ANSWER_GUESS
+        self._due: list[tuple[float, int, str, float, bool]] = []  # heap: when, id, openid, ...
+        self._condition = threading.Condition()  # notified when a job is added or on stop
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._run, name=f"acknowledger-{n}",
+                                          daemon=True) for n in range(self.THREADS)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        for thread in self._threads:
+            thread.join(5)
+
+    def pushed(self, message_id: int, openid: str, received_at: float) -> None:
+        """A new message was stored: acknowledge it now."""
+        self._add(received_at, message_id, openid, received_at, True)
+
+    def answered(self, seconds: float) -> None:
+        """A worker took this long over a message: the queue line's estimate follows."""
+        self.answer_seconds += 0.2 * (seconds - self.answer_seconds)  # recent ones weigh most
+
+    def _add(self, when: float, message_id: int, openid: str, received_at: float,
+             first: bool) -> None:
+        with self._condition:
+            heapq.heappush(self._due, (when, message_id, openid, received_at, first))
+            self._condition.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._stopping and (not self._due or self._due[0][0] > time.time()):
+                    self._condition.wait(self._due[0][0] - time.time() if self._due else None)
+                if self._stopping:
+                    return
+                # The first acks of a burst together: their queue lines are noted in one commit.
+                jobs = []
+                while self._due and self._due[0][0] <= time.time() and len(jobs) < 32:
+                    jobs.append(heapq.heappop(self._due))
+            try:
+                self._acknowledge(jobs)
+            except Exception:  # a typing line is never worth a thread
+                log_wechat.exception("typing or queue line for %d message(s) skipped", len(jobs))
+
+    def _acknowledge(self, jobs: list[tuple[float, int, str, float, bool]]) -> None:
+        if self.mode.passive:
+            return
+        lines = {}
+        for _, message_id, openid, received_at, first in jobs:
+            if self.store.settled(message_id):  # answered already: typing would mislead
+                continue
+            if first:
+                self._add(received_at + self.TYPING_RENEW, message_id, openid, received_at,
+                          False)
+                ahead = self.store.waiting_ahead(message_id)
+                wait = ahead / self.settings.workers * self.answer_seconds
+                if self.settings.queue_notice and wait > self.settings.queue_notice:
+                    lines[message_id] = (openid, queue_line(ahead, wait, self.answer_seconds))
+                    continue
+            elif time.time() - received_at >= 30:  # too late for typing (45080)
+                continue
+            self.wechat.typing(openid)
+        for message_id in self.store.note_queue_lines(list(lines), time.time()):
+            openid, line = lines[message_id]
+            try:
+                self.wechat.customer_service_send(openid, line)
+            except WeChatError as error:  # the answer still comes; the log says why not this
+                log_wechat.warning("queue line for message %s not sent: %s", message_id,
+                                   error.hint())
+
+
+###############################################################################
 # Worker ######################################################################
 ###############################################################################
 
@@ -2328,16 +2672,19 @@ class Worker:
 
     #: The model gets this many tries before the user gets the apology.
     MODEL_TRIES = 3
-    #: Delivery gives up (state dead) after this many claims of one message.
-    MAX_ATTEMPTS = 10
-    #: Typing shows for 15 s; renew once while the model is still working (45081 before).
-    TYPING_RENEW = 15.5
+    #: Delivery gives up (state dead) after this many failed tries to send one message.
+    DELIVERY_TRIES = 10
+    #: Seconds between tries to write while the disk is full.
+    DISK_FULL_PAUSE = 5.0
+    #: An idle worker looks at the queue this often even when nothing wakes it.
+    IDLE_LOOK = 60.0
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
-                 owner: OwnerFiles | None = None):
+                 owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
         self.wakeup, self.mode, self.name = wakeup, mode, name
+        self.acknowledger = acknowledger
         self.owner = owner or OwnerFiles(settings)
         self.stopping = threading.Event()
         self.lease_seconds = settings.model_timeout * 2 + 120
@@ -2349,35 +2696,65 @@ class Worker:
         message = self.store.claim(time.time() if now is None else now, self.lease_seconds)
         if message is None:
             return False
+        started = time.monotonic()
         try:
             self.handle(message)
             self.wakeup.notify()  # the user's next message, if any, may now be claimed
+            if self.acknowledger:
+                self.acknowledger.answered(time.monotonic() - started)
         except LeaseLost:
             log_worker.warning("message %s: lease lost, another worker has it", message.id)
-        except Exception:  # one bad message never kills the thread
-            log_worker.exception("message %s: unexpected error; will retry", message.id)
+        except Exception as error:  # one bad message never kills the thread
+            if disk_full(error):
+                self._hold_until_room(message)
+                return True
+            delay = self._backoff(message.interruptions + 1)
+            log_worker.exception("message %s: unexpected error; retry in %.1f s", message.id,
+                                 delay)
             with contextlib.suppress(LeaseLost, sqlite3.Error):
-                self.store.release(message, time.time() + self._backoff(message.attempts),
-                                   "internal error")
+                self.store.interrupt(message, time.time() + delay,
+                                     f"an internal error ({type(error).__name__})")
         return True
 
     def run(self) -> None:
         while not self.stopping.is_set():
+            if self.store.disk_full and not self._room_again():
+                continue
             try:
                 if self.loop():
                     continue
                 due = self.store.next_due(time.time())
             except sqlite3.Error as error:
-                log_worker.error("database error: %s; retrying in 1 s", error)
+                if not disk_full(error):
+                    log_worker.error("database error: %s; retrying in 1 s", error)
                 due = time.time() + 1
-            timeout = None if due is None else max(0.01, min(due - time.time(), 3600))
+            # Another process (`wxbot.py retry`) may queue a message: look once a minute.
+            timeout = max(0.01, min(due - time.time(), self.IDLE_LOOK)) if due else \
+                self.IDLE_LOOK
             self.wakeup.wait(timeout)
+
+    def _room_again(self) -> bool:
+        """While the disk is full, wait; True once a write that needs space succeeds."""
+        self.stopping.wait(self.DISK_FULL_PAUSE)
+        with contextlib.suppress(sqlite3.Error):
+            return self.store.has_room()
+        return False
+
+    def _hold_until_room(self, message: Message) -> None:
+        """The disk filled up while this message was in hand: no fault of the message's, so
+        it goes back uncounted once there is room (what was not stored is asked again)."""
+        while not self.stopping.is_set():
+            if self._room_again():
+                with contextlib.suppress(LeaseLost, sqlite3.Error):
+                    self.store.release(message, time.time(), "the disk was full", None)
+                return
 
     def stop(self) -> None:
         self.stopping.set()
 
-    def _backoff(self, attempts: int) -> float:
-        delay = self.settings.retry_base * 2 ** max(0, attempts - 1)
+    def _backoff(self, failures: int) -> float:
+        """The delay before the next try after `failures` failures of one kind."""
+        delay = self.settings.retry_base * 2 ** max(0, failures - 1)
         return min(delay, 600) * random.uniform(0.5, 1.5)
 
     # One message ------------------------------------------------------------
@@ -2406,7 +2783,7 @@ class Worker:
             line = self.settings.welcome if message.event == "subscribe" else ""
             return self.store.save_answer(message, split_segments(line), now, carry=False)
         if intent.kind is Kind.RESET:
-            self.store.forget(message.openid)
+            self.store.forget(message.openid, message.id)
             return self.store.save_answer(message, [RESET_LINE], now, leftovers=Leftovers.DROP)
         if intent.kind is Kind.HELP:
             return self.store.save_answer(message, [HELP_LINE], now)
@@ -2462,15 +2839,11 @@ class Worker:
         if partial:  # a stream cut off before: ask for the rest, never for all of it again
             ask += [{"role": "assistant", "content": partial},
                     {"role": "user", "content": RESUME_PROMPT}]
-        if not self.mode.passive:
-            self.wechat.typing_soon(message.openid)
-        renew = threading.Timer(self.TYPING_RENEW, self._renew_typing, (message,))
-        renew.daemon = True
-        renew.start()
         cutter = StreamCutter(time.monotonic(), first_done=bool(partial))
         written, sending = [], True
         try:
-            for text in masked_stream(self._ask(history, ask), blocked):
+            for text in masked_stream(self._watched(message, self._ask(history, ask)),
+                                      blocked):
                 written.append(text)
                 ready = cutter.feed(text, time.monotonic())
                 if ready and sending:
@@ -2481,8 +2854,6 @@ class Worker:
         except ModelError as error:
             self.store.add_segments(message, cutter.finish())
             return self._model_failed(message, error, question)
-        finally:
-            renew.cancel()
         answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
         return self.store.complete_answer(message, time.time(), rest,
                                           f"[图片] {question}" if picture else question, answer)
@@ -2499,10 +2870,56 @@ class Worker:
         log_worker.warning("context too long for the model; retrying without history")
         yield from self.model.stream(system + ask)
 
-    def _renew_typing(self, message: Message) -> None:
-        # Typing needs an exchange with the user in the last 30 s (45080).
-        if time.time() - message.received_at < 30 and not self.mode.passive:
-            self.wechat.typing(message.openid)
+    def _watched(self, message: Message, answer: Iterator[str]) -> Iterator[str]:
+        """The answer within WXBOT_MODEL_TIMEOUT for the whole call, the lease kept meanwhile.
+
+        The HTTP client's timeout bounds each read, not the call: a model that writes slowly,
+        or starts late, would outlive the lease, and another worker would ask it again. So the
+        model is read in a thread of its own while this one renews the lease every third of
+        it and, at the deadline, stops and closes the stream (at its next piece, or when that
+        read times out), so the model stops writing and billing.
+        """
+        pieces: queue.SimpleQueue = queue.SimpleQueue()
+        abandoned = threading.Event()
+
+        def read() -> None:
+            try:
+                for text in answer:
+                    if abandoned.is_set():
+                        return
+                    pieces.put(("text", text))
+                pieces.put(("end", None))
+            except Exception as error:  # ModelError or a bug: this thread's caller decides
+                pieces.put(("error", error))
+            finally:
+                answer.close()
+
+        threading.Thread(target=read, name=f"{self.name}-model", daemon=True).start()
+        deadline = time.monotonic() + self.settings.model_timeout
+        renew_every = self.lease_seconds / 3
+        renew_at = time.monotonic() + renew_every
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= renew_at:
+                    self.store.renew_lease(message, time.time() + self.lease_seconds)
+                    renew_at = now + renew_every
+                try:
+                    kind, value = pieces.get(timeout=max(0.0, min(deadline, renew_at) - now))
+                except queue.Empty:
+                    kind, value = None, None
+                if kind == "text":
+                    yield value
+                elif kind == "end":
+                    return
+                elif time.monotonic() >= deadline:  # a read timeout is past it too
+                    raise ModelError(f"no complete answer within WXBOT_MODEL_TIMEOUT "
+                                     f"({self.settings.model_timeout:g} s); raise it for a "
+                                     f"slow model", "deadline")
+                elif kind == "error":
+                    raise value
+        finally:
+            abandoned.set()
 
     def _over_limit(self, message: Message, wait: float) -> int:
         """One short notice per user and window; further messages in it get nothing."""
@@ -2521,11 +2938,12 @@ class Worker:
     def _model_failed(self, message: Message, error: ModelError, question: str) -> int | None:
         """Retry later, or end the answer with a polite line; what was sent stays sent."""
         partial = self.store.partial_answer(message.id)
-        if error.kind == "transient" and message.attempts < self.MODEL_TRIES:
-            delay = max(error.retry_after or 0, self._backoff(message.attempts))
+        failures = message.model_failures + 1
+        if error.kind == "transient" and failures < self.MODEL_TRIES:
+            delay = max(error.retry_after or 0, self._backoff(failures))
             log_worker.warning("message %s: model failed (%s); retry %d/%d in %.1f s",
-                               message.id, error, message.attempts, self.MODEL_TRIES - 1, delay)
-            self.store.release(message, time.time() + delay, str(error))
+                               message.id, error, failures, self.MODEL_TRIES - 1, delay)
+            self.store.release(message, time.time() + delay, str(error), "model_failures")
             self.wakeup.notify()
             return None
         if error.kind == "refused":
@@ -2596,17 +3014,19 @@ class Worker:
                                  short_id(message.openid), error.hint())
             self.store.finish(message, State.DONE, f"errcode {error.errcode}")
             return
-        if message.attempts >= self.MAX_ATTEMPTS:
-            log_worker.error("message %s: giving up after %d attempts (state dead, kept in the"
-                             " database): %s", message.id, message.attempts, error.hint())
+        failures = message.delivery_failures + 1
+        if failures >= self.DELIVERY_TRIES:
+            log_worker.error("message %s: giving up after %d failed deliveries (state dead, "
+                             "kept: `python wxbot.py status`, `python wxbot.py retry %s`): %s",
+                             message.id, failures, message.id, error.hint())
             self.store.finish(message, State.DEAD, str(error))
             return
-        delay = self._backoff(message.attempts)
+        delay = self._backoff(failures)
         if error.errcode in (40164, 45011):  # whitelist or per-minute limit: not a hot loop
             delay = max(delay, 30 * self.settings.retry_base)
         log_worker.warning("message %s: send failed (%s); retry in %.1f s", message.id,
                            error.hint(), delay)
-        self.store.release(message, time.time() + delay, str(error))
+        self.store.release(message, time.time() + delay, str(error), "delivery_failures")
 
 
 ###############################################################################
@@ -2684,9 +3104,11 @@ class Webhook:
     """Turns WeChat's HTTP calls into stored pushes; pure of I/O apart from the store."""
 
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
-                 mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time):
+                 mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
+                 acknowledger: Acknowledger | None = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
         self.mode = mode or DeliveryMode("service", store)
+        self.acknowledger = acknowledger
         self.crypto = (WeChatCrypto(settings.aes_key, settings.appid)
                        if settings.aes_key else None)
         self.replays = ReplayRecord(settings.max_skew)
@@ -2741,9 +3163,12 @@ class Webhook:
             return self.refuse(client, "push", 403, error)
         except BadPush as error:
             return self.refuse(client, "push", 400, error)
-        message_id, pushes = self.store.store_push(push, self.clock())
+        now = self.clock()
+        message_id, pushes = self.store.store_push(push, now)
         if pushes == 1:
             self.wakeup.notify()
+            if self.acknowledger and push.msg_type != "event" and not self.mode.passive:
+                self.acknowledger.pushed(message_id, push.openid, now)
         else:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
@@ -2968,8 +3393,38 @@ class HttpServer:
 # Lifecycle and main ##########################################################
 ###############################################################################
 
+class Janitor:
+    """Keeps the database bounded: deletes what WXBOT_RETENTION_DAYS no longer keeps, at start
+    and every hour, in small batches off the webhook's path."""
+
+    EVERY = 3600.0
+    #: Between batches: the webhook and the workers get the write lock in between.
+    PAUSE = 0.05
+
+    def __init__(self, settings: Settings, store: Store):
+        self.settings, self.store = settings, store
+        self.stopping = threading.Event()
+
+    def sweep(self, now: float | None = None) -> None:
+        """Delete everything that is past retention now, batch by batch."""
+        after: int | None = 0 if self.settings.retention_days else None
+        while after is not None and not self.stopping.is_set():
+            after = self.store.prune(time.time() if now is None else now,
+                                     self.settings.retention_days * 86400.0,
+                                     self.settings.session_ttl, after)
+            self.stopping.wait(self.PAUSE)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.sweep()
+            except sqlite3.Error as error:
+                log.error("deleting old messages failed: %s; trying again in an hour", error)
+            self.stopping.wait(self.EVERY)
+
+
 class Bot:
-    """Everything wired together: store, webhook, server, workers."""
+    """Everything wired together: store, webhook, server, acknowledger, workers."""
 
     def __init__(self, settings: Settings, owner: OwnerFiles | None = None):
         self.settings = settings
@@ -2981,12 +3436,15 @@ class Bot:
         self.wechat = WeChatAPI(settings, self.store)
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
-        self.webhook = Webhook(settings, self.store, self.wakeup, self.mode)
+        self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
+        self.webhook = Webhook(settings, self.store, self.wakeup, self.mode,
+                               acknowledger=self.acknowledger)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
-                               self.mode, f"worker-{n}", self.owner)
+                               self.mode, f"worker-{n}", self.owner, self.acknowledger)
                         for n in range(settings.workers)]
+        self.janitor = Janitor(settings, self.store)
         self.threads: list[threading.Thread] = []
 
     @property
@@ -2997,11 +3455,13 @@ class Bot:
         recovered = self.store.release_all_leases()
         if recovered:
             log.info("resuming %d message(s) that were in progress at the last stop", recovered)
+        self.acknowledger.start()
         self.server.start()
         for worker in self.workers:
             thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
             thread.start()
             self.threads.append(thread)
+        threading.Thread(target=self.janitor.run, name="janitor", daemon=True).start()
         log.info("listening on http://%s:%d%s with %d workers, answers by %s", self.settings.host,
                  self.port, self.settings.path, len(self.workers),
                  "passive reply" if self.mode.passive else "customer-service API")
@@ -3011,8 +3471,10 @@ class Bot:
         timeout = self.settings.stop_timeout if timeout is None else timeout
         self.webhook.accepting = False
         self.server.stop()
+        self.acknowledger.stop()
         for worker in self.workers:
             worker.stop()
+        self.janitor.stopping.set()
         self.wakeup.notify_all()
         deadline = time.monotonic() + timeout
         for thread in self.threads:
@@ -3033,12 +3495,6 @@ class Console:
 
     def customer_service_send(self, openid: str, text: str) -> None:
         print(f"\n{text}\n{'─' * 20}", file=self.out, flush=True)
-
-    def typing(self, openid: str, command: str = "Typing") -> None:
-        pass
-
-    def typing_soon(self, openid: str) -> None:
-        pass
 
     def first_time(self, errcode: int) -> bool:
         return True
