@@ -3255,6 +3255,23 @@ def test_a_signed_url_is_good_for_one_body(start_bot, wechat, model, tmp_path):
     assert [row[:2] for row in stored_messages(tmp_path / "wxbot.db")] == [("oONCE", "1")]
 
 
+def test_in_safe_mode_a_retry_encrypted_afresh_is_a_retry_and_another_message_is_not(
+        start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_AES_KEY=VECTOR_KEY)
+    crypto, query = wxbot.WeChatCrypto(VECTOR_KEY, APPID), signed_query(encrypt_type="aes")
+
+    def post(xml):  # encrypted with a fresh random prefix each time, signed for this URL
+        encrypt = crypto.encrypt(xml)
+        signature = wxbot.wechat_signature(TOKEN, query["timestamp"], query["nonce"], encrypt)
+        body = f"<xml><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>".encode()
+        return post_push(bot, body, query=dict(query, msg_signature=signature))
+    assert [post(text_xml("oAES", "加密的问题", 1)).text for _ in range(2)] == ["success"] * 2
+    assert post(text_xml("oAES", "另一个问题", 2)).status_code == 403
+    wait_for(lambda: wechat.texts_to("oAES"))
+    assert model.questions() == ["加密的问题"]
+    assert [row[:2] for row in stored_messages(tmp_path / "wxbot.db")] == [("oAES", "1")]
+
+
 def test_passive_retry_on_the_same_url_gets_the_same_reply(start_bot, wechat, model,
                                                            quick_wechat_clock):
     bot = start_bot(WXBOT_MODE="passive")

@@ -3042,7 +3042,7 @@ UNCHECKED_REPLAY_WINDOW = 300
 
 
 class ReplayRecord:
-    """The (timestamp, nonce) pairs of recent pushes, each with a digest of its body.
+    """The (timestamp, nonce) pairs of recent pushes, each with a digest of its message.
 
     WeChat's signature covers token, timestamp and nonce, not the body, so one captured query
     string (an access log, a proxy) would sign any body. The same pair with the same body is
@@ -3226,13 +3226,16 @@ class Webhook:
 
     def parse(self, query: Mapping[str, str], body: bytes) -> Push:
         self.check_query(query)
-        self.replays.check(query["timestamp"], query["nonce"], body, self.clock())
-        fields = parse_xml(body)
+        message = body
         if query.get("encrypt_type") == "aes":
-            fields = self.decrypt(query, fields)
-        return Push.from_fields(fields)
+            message = self.decrypt(query, parse_xml(body))
+        # The message as the signature vouches for it: in 安全模式 the decrypted XML, so a
+        # retry that WeChat encrypted afresh is still the same message.
+        self.replays.check(query["timestamp"], query["nonce"], message, self.clock())
+        return Push.from_fields(parse_xml(message))
 
-    def decrypt(self, query: Mapping[str, str], fields: dict[str, str]) -> dict[str, str]:
+    def decrypt(self, query: Mapping[str, str], fields: dict[str, str]) -> bytes:
+        """The XML inside <Encrypt>, once msg_signature shows WeChat wrote it."""
         encrypted = fields.get("Encrypt", "")
         if not encrypted:
             raise BadPush("encrypt_type=aes but no <Encrypt>")
@@ -3241,7 +3244,7 @@ class Webhook:
         if not hmac.compare_digest(expected.encode(),
                                    query.get("msg_signature", "").encode("utf-8", "replace")):
             raise Forbidden("msg_signature does not match")
-        return parse_xml(self.crypto.decrypt(encrypted))
+        return self.crypto.decrypt(encrypted)
 
 
 def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottle:
