@@ -1155,6 +1155,8 @@ class Store:
         """Note, before it is sent, that the queue line goes out for these messages: it takes
         one of their 5 messages (quota). Those whose answer began to go out get none.
         Returns the ids noted."""
+        if not message_ids:
+            return []
         with self.transaction() as conn:
             noted = [message_id for message_id in message_ids if not conn.execute(
                 "SELECT 1 FROM segments WHERE message_id = ? AND tried_at IS NOT NULL LIMIT 1",
