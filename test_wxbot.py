@@ -124,6 +124,7 @@ class FakeWeChat(FakeServer):
         self.hold = None
         self.menu = None          # the menu in force, as menu/create took it
         self.menu_creates = []    # every menu/create body WeChat accepted
+        self.raw = {}
 
     def new_token(self):
         self.tokens_issued += 1
@@ -139,6 +140,7 @@ class FakeWeChat(FakeServer):
         parts = urllib.parse.urlsplit(handler.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
         body = json.loads(handler.body.decode("utf-8")) if handler.body else None
+        self.raw[parts.path] = handler.body  # the last body each path got, as sent
         # hold(path, body) may block this request, outside the lock, and script its answer.
         held = self.hold(parts.path, body) if self.hold else None
         with self.lock:
@@ -2272,6 +2274,8 @@ def test_menu_file_becomes_the_menu_exactly_as_written(tmp_path, wechat, model):
     assert result.returncode == 0, result.stdout + result.stderr
     assert wechat.menu_creates == [MENU]
     assert "in force" in result.stdout
+    # Raw UTF-8, as every call to WeChat: \u escapes can fail (40033, WECHAT.md §4).
+    assert "今日推荐".encode() in wechat.raw["/cgi-bin/menu/create"]
 
 
 def test_menu_show_prints_the_menu_in_force_and_delete_removes_it(tmp_path, wechat, model):

@@ -1828,7 +1828,7 @@ class WeChatAPI:
                   {"touser": openid, "msgtype": "text", "text": {"content": text}})
 
     def menu_create(self, menu: dict) -> None:
-        """Replace the custom menu (raw UTF-8 matters here too: escaped names show as \\u...)."""
+        """Replace the custom menu with exactly this one (sent as raw UTF-8, as every call)."""
         self.call("/cgi-bin/menu/create", menu)
 
     def menu_current(self) -> dict:
