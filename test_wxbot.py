@@ -3013,7 +3013,7 @@ def test_status_shows_the_queue_and_retry_requeues_a_dead_message(start_bot, wec
     assert waiting.strip() == "0"
     assert busy.startswith("1\n") and "#2 " in busy and wxbot.short_id("oBUSYUSER2") in busy
     assert dead.startswith("1\n") and "#1 " in dead and wxbot.short_id("oDEADUSER1") in dead
-    assert "errcode -1" in dead and "delivery 1" in dead and "retry ID" in dead
+    assert "errcode -1" in dead and "delivery 2" in dead and "retry ID" in dead
     wechat.intercept = None
     hold.set()
     requeued = run_wxbot(["retry", "1"], env)

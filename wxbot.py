@@ -956,10 +956,14 @@ class Store:
                                  short_id(row["openid"]), INTERRUPTIONS_LIMIT, reason, row["id"])
         return len(rows)
 
-    def finish(self, message: Message, state: State, error: str | None = None) -> None:
+    def finish(self, message: Message, state: State, error: str | None = None,
+               failure: str | None = None) -> None:
+        """End the message in `state`; `failure` names the count the last failure adds to."""
+        assert failure in ("model_failures", "delivery_failures", None)
+        counted = f", {failure} = {failure} + 1" if failure else ""
         with self.transaction() as conn:
             self._leased(conn, message, "UPDATE messages SET state = :state, lease_until = NULL,"
-                         " error = :error", state=state.value, error=error)
+                         " error = :error" + counted, state=state.value, error=error)
 
     def release_all_leases(self) -> int:
         """Put every leased message back: called at start and stop, when no worker runs."""
@@ -2749,7 +2753,7 @@ class Worker:
             log_worker.error("message %s: giving up after %d failed deliveries (state dead, "
                              "kept: `python wxbot.py status`, `python wxbot.py retry %s`): %s",
                              message.id, failures, message.id, error.hint())
-            self.store.finish(message, State.DEAD, str(error))
+            self.store.finish(message, State.DEAD, str(error), "delivery_failures")
             return
         delay = self._backoff(failures)
         if error.errcode in (40164, 45011):  # whitelist or per-minute limit: not a hot loop
@@ -3179,7 +3183,7 @@ def status(settings: Settings, out, now: float | None = None) -> int:
                             if row["model_failures"] + row["delivery_failures"] +
                             row["interruptions"] else "")
                 reason = "; ".join(part for part in (note, failures, row["error"] or "") if part)
-                print(f"  #{row['id']:<8} {age_text(now - row['received_at']):>7} old  "
+                print(f"  #{row['id']:<6} {age_text(now - row['received_at']):>7} old  "
                       f"{short_id(row['openid']):<10} {row['event'] or row['msg_type']:<10}"
                       f" {reason}".rstrip(), file=out)
             if total > STATUS_ROWS:
