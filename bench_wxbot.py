@@ -114,25 +114,26 @@ end
 
 
 def pushes_file(workdir: str, count: int, encrypted: bool) -> str:
-    """count signed pushes, one per line (path TAB body), unique MsgIds from 100 openids."""
+    """count signed pushes, one per line (path TAB body), unique MsgIds from 100 openids.
+
+    Each push has its own nonce, as WeChat's do: wxbot refuses a signed URL used for a second
+    body. wrk cycles through the file, so a long run also sends WeChat-style retries.
+    """
     crypto = wxbot.WeChatCrypto(VECTOR_KEY, APPID)
     path = os.path.join(workdir, f"pushes-{'aes' if encrypted else 'plain'}.txt")
     timestamp = str(int(time.time()))
-    plain_query = urllib.parse.urlencode(signed_query(timestamp=timestamp))
     with open(path, "w", encoding="utf-8") as out:
         for n in range(count):
             body = text_xml(f"oBENCH{n % 100:03d}", "你好，请问今天天气怎么样？", 10**12 + n,
                             create_time=int(timestamp))
-            query = plain_query
+            query = signed_query(timestamp=timestamp, nonce=str(n))
             if encrypted:
                 encrypt = crypto.encrypt(body)
-                query = urllib.parse.urlencode(signed_query(
-                    timestamp=timestamp, encrypt_type="aes",
-                    msg_signature=wxbot.wechat_signature(TOKEN, timestamp, "1514711492",
-                                                         encrypt)))
+                query.update(encrypt_type="aes", msg_signature=wxbot.wechat_signature(
+                    TOKEN, timestamp, str(n), encrypt))
                 body = (f"<xml><ToUserName><![CDATA[gh_10f6c3c3ac5a]]></ToUserName>"
                         f"<Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>").encode()
-            out.write(f"/wx?{query}\t{body.decode()}\n")
+            out.write(f"/wx?{urllib.parse.urlencode(query)}\t{body.decode()}\n")
     return path
 
 
@@ -203,7 +204,9 @@ def bench_webhook(workdir, wechat, args) -> tuple[list[str], float]:
         finally:
             bare.kill()
         for kind, path in files.items():
-            bot = Wxbot(workdir, wechat, stalled, WXBOT_AES_KEY=VECTOR_KEY)
+            # With WXBOT_AES_KEY set only encrypted pushes are taken (安全模式 means encrypted).
+            key = VECTOR_KEY if kind == "encrypted" else ""
+            bot = Wxbot(workdir, wechat, stalled, WXBOT_AES_KEY=key)
             try:
                 load(bot.port, files[kind], 16, 1)  # warm up: imports, first token, pools
                 for connections in (1, 16, 64):

@@ -3,7 +3,8 @@
 
 How a message travels:
   WeChat --POST--> webhook: signature, decryption, XML --> SQLite queue --> answers "success"
-  worker thread --> claims the message with a lease --> "Typing" --> model (with the user's turns)
+  acknowledger --> "Typing" at once (or a line with the wait, when the queue is long)
+  worker thread --> claims the message with a lease --> model (with the user's turns)
   --> answer and its segments stored --> customer-service API (custom/send), each segment
   marked sent as WeChat confirms it. A crash or restart resumes at the first unsent segment.
 
@@ -22,14 +23,19 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
+import collections
 import contextlib
 import dataclasses
 import enum
 import hashlib
+import heapq
 import hmac
+import io
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -44,7 +50,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-import xml.etree.ElementTree as ElementTree
+import xml.parsers.expat
 from typing import Callable, Iterator, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -91,6 +97,8 @@ IMAGE_PROMPT = "请看这张图片，简要说明图里有什么。"
 CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
 NOTHING_MORE_LINE = "没有更多内容了，请直接提问吧。"
 THINKING_LINE = "正在思考，请稍后回复“继续”获取回答。"
+#: Sent at once when a message will wait longer than WXBOT_QUEUE_NOTICE seconds for a worker.
+QUEUE_LINE = "收到！前面还有 {ahead} 人在排队，预计 {minutes} 分钟内回复。"
 RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
 DAILY_LINE = "今天的提问次数已用完，请约 {hours} 小时后再来。"
 #: Messages a user sends within this many seconds of each other, still waiting when the
@@ -153,6 +161,31 @@ def _optional_url(value: str) -> str:
     return _url(value) if value.strip() else ""
 
 
+#: Query parameters that carry a credential (?api_key=..., Azure's ?code=...).
+CREDENTIAL_PARAM = re.compile(r"key|token|secret|sig|pass|auth|code|credential", re.I)
+
+
+def url_credentials(url: str) -> list[str]:
+    """The credentials written into a URL: user:password@ and key-like query values."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    found = userinfo.split(":", 1) if userinfo else []
+    found += [value for name, _, value in (pair.partition("=") for pair in parts.query.split("&"))
+              if CREDENTIAL_PARAM.search(name)]
+    return [form for raw in found if raw for form in {raw, urllib.parse.unquote(raw)}]
+
+
+def masked_url(url: str) -> str:
+    """The URL with its credentials replaced by ***, for the log and the console."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    query = "&".join(f"{name}=***" if sep and CREDENTIAL_PARAM.search(name) else pair
+                     for pair in parts.query.split("&") if pair
+                     for name, sep, _ in [pair.partition("=")])
+    return urllib.parse.urlunsplit(parts._replace(
+        netloc=host if host == parts.netloc else f"***@{host}", query=query))
+
+
 def _url_path(value: str) -> str:
     value = value.strip()
     if not value.startswith("/") or value in ("/healthz",) or any(c in value for c in "?# "):
@@ -167,6 +200,18 @@ def _flag(value: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"must be 1 or 0, got {value.strip()!r}")
+
+
+def _token(value: str) -> str:
+    value = _text(value)
+    # WeChat allows 3 to 32 characters; one signed URL from a log is enough to recover a short
+    # token by trying every candidate, and with it to sign any push.
+    if not 8 <= len(value) <= 32:
+        raise ValueError(
+            f"must be 8 to 32 letters or digits, got {len(value)} characters: choose a new Token "
+            f"in 公众号后台 → 设置与开发 → 基本配置 → 服务器配置 → 修改配置, put the same value "
+            f"here, restart wxbot, then 提交 the 服务器配置")
+    return value
 
 
 def _aes_key(value: str) -> str:
@@ -205,7 +250,7 @@ class Setting:
 
 #: Every setting, in the order --help and the start-up log show them.
 SETTINGS: dict[str, Setting] = {
-    "token": Setting("WXBOT_TOKEN", None, _text,
+    "token": Setting("WXBOT_TOKEN", None, _token,
                      "Token from 公众号后台 → 服务器配置 (signs every push)", secret=True),
     "appid": Setting("WXBOT_APPID", None, _text, "AppID (开发者ID) of the account"),
     "appsecret": Setting("WXBOT_APPSECRET", None, _text, "AppSecret (开发者密码)", secret=True),
@@ -249,6 +294,9 @@ SETTINGS: dict[str, Setting] = {
     "workers": Setting("WXBOT_WORKERS", "32", _int_between(1, 256),
                        "worker threads: model calls in parallel (keep within the provider's "
                        "concurrency and RPM limits; see README)"),
+    "queue_notice": Setting("WXBOT_QUEUE_NOTICE", "20", _seconds,
+                            "a message that will wait longer than this many seconds for a "
+                            "worker gets a line saying how long, at once (0: never)"),
     "history_turns": Setting("WXBOT_HISTORY_TURNS", "10", _int_between(0, 100),
                              "earlier exchanges (question and answer) sent to the model"),
     "max_skew": Setting("WXBOT_MAX_SKEW", "300", _int_between(0, 86400),
@@ -299,6 +347,7 @@ class Settings:
     port: int
     path: str
     workers: int
+    queue_notice: float
     history_turns: int
     max_skew: int
     model_timeout: float
@@ -331,7 +380,9 @@ class Settings:
     def secrets(self) -> list[str]:
         """The secret values, for the log filter that keeps them out of every line."""
         return [getattr(self, name) for name, s in SETTINGS.items() if s.secret
-                and getattr(self, name)]
+                and getattr(self, name)] + [
+            credential for name, s in SETTINGS.items() if s.parse in (_url, _optional_url)
+            for credential in url_credentials(getattr(self, name))]
 
     def describe(self) -> str:
         """The effective settings for the start-up log, secrets masked."""
@@ -340,6 +391,8 @@ class Settings:
             value = getattr(self, name)
             if setting.secret:
                 value = "(set)" if value else "(not set)"
+            elif setting.parse in (_url, _optional_url):
+                value = masked_url(value)
             elif name == "admins":
                 value = ",".join(short_id(openid) for openid in value)
             elif name in ("system_prompt", "welcome", "blocked_reply"):
@@ -377,24 +430,48 @@ def read_env_file(path: str) -> dict[str, str]:
 ###############################################################################
 
 class SecretFilter(logging.Filter):
-    """Scrubs secrets and access tokens from every log record, whatever put them there."""
+    """Scrubs secrets and access tokens from every log record, whatever put them there.
+
+    A secret of 8 characters or more is masked wherever it appears; a shorter one (a local
+    model's API key may be "ollama") only where it stands alone, so it does not garble words.
+    """
 
     TOKEN_IN_URL = re.compile(r"(access_token=)[^&\s'\"]+")
 
     def __init__(self):
         super().__init__()
         self._secrets: set[str] = set()
+        # A fetched access token replaces the one before, which expires in minutes at most:
+        # the current and the previous are masked, older ones are no longer kept.
+        self._access_tokens: collections.deque[str] = collections.deque(maxlen=2)
+        self._pattern: re.Pattern | None = None
+        self._lock = threading.Lock()
 
     def add(self, secret: str) -> None:
-        if secret and len(secret) >= 6:
-            self._secrets.add(secret)
+        """A secret from the settings, masked for the life of the process."""
+        if secret and secret not in self._secrets:
+            with self._lock:
+                self._secrets.add(secret)
+                self._compile()
+
+    def add_access_token(self, token: str) -> None:
+        """The access token in use; called on every use, so it costs nothing when unchanged."""
+        if token and token not in self._access_tokens:
+            with self._lock:
+                if token not in self._access_tokens:
+                    self._access_tokens.append(token)
+                    self._compile()
+
+    def _compile(self) -> None:
+        secrets = sorted(self._secrets | set(self._access_tokens), key=len, reverse=True)
+        self._pattern = re.compile("|".join(
+            re.escape(secret) if len(secret) >= 8 else rf"(?<![\w-]){re.escape(secret)}(?![\w-])"
+            for secret in secrets))
 
     def scrub(self, text: str) -> str:
         text = self.TOKEN_IN_URL.sub(r"\1***", text)
-        for secret in list(self._secrets):
-            if secret in text:
-                text = text.replace(secret, "***")
-        return text
+        pattern = self._pattern
+        return pattern.sub("***", text) if pattern else text
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -407,6 +484,35 @@ class SecretFilter(logging.Filter):
 
 #: Installed on the root handlers by main() and by tests; the token client adds new tokens.
 SECRET_FILTER = SecretFilter()
+
+
+class LogThrottle:
+    """At most one log line per key (a client address) per `period` seconds.
+
+    Refused requests come at an attacker's pace; the log should not. At most `capacity` keys
+    are remembered; when all of them logged within the period, a new key stays quiet.
+    """
+
+    def __init__(self, period: float = 60.0, capacity: int = 10000):
+        self.period, self.capacity = period, capacity
+        # key -> [when it last logged, lines held back since], oldest line first
+        self._logged: collections.OrderedDict[str, list] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def allow(self, key: str, now: float) -> int | None:
+        """None: stay quiet; else log, with the number of lines held back since the last."""
+        with self._lock:
+            entry = self._logged.get(key)
+            if entry is not None and entry[0] > now - self.period:
+                entry[1] += 1
+                return None
+            if entry is None and len(self._logged) >= self.capacity:
+                if next(iter(self._logged.values()))[0] > now - self.period:
+                    return None
+                self._logged.popitem(last=False)
+            self._logged[key] = [now, 0]
+            self._logged.move_to_end(key)
+            return entry[1] if entry else 0
 
 
 def short_id(openid: str) -> str:
@@ -635,6 +741,20 @@ class LeaseLost(Exception):
     """The lease expired and the message went back to the queue: stop, another worker has it."""
 
 
+def create_private(path: str) -> None:
+    """Create the database file readable by its owner only, before SQLite opens it: SQLite
+    gives the -wal and -shm files the database file's permissions. Messages are private."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        mode = os.stat(path).st_mode & 0o777
+        if mode & 0o077:
+            log.warning("the database %s is readable by other users (mode %o): run "
+                        "chmod 600 %s*", path, mode, path)
+
+
 class Store:
     """The SQLite database: queue, segments, history and the token cache."""
 
@@ -642,6 +762,7 @@ class Store:
         if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING claims a message
             raise RuntimeError(f"SQLite 3.35 or newer is needed; this Python has "
                                f"{sqlite3.sqlite_version} (use Debian 12 / Ubuntu 22.04 or newer)")
+        create_private(path)
         self.path = path
         self.busy_timeout = busy_timeout
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
@@ -1142,6 +1263,26 @@ class Store:
                                 " WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
+    def waiting_ahead(self, message_id: int) -> int:
+        """Messages queued before this one that no worker has taken yet."""
+        with self.connection() as conn:
+            return conn.execute("SELECT count(*) FROM messages WHERE state = 'queued'"
+                                " AND id < ?", (message_id,)).fetchone()[0]
+
+    def note_queue_lines(self, message_ids: list[int], now: float) -> list[int]:
+        """Note, before it is sent, that the queue line goes out for these messages: it takes
+        one of their 5 messages (quota). Those whose answer began to go out get none.
+        Returns the ids noted."""
+        with self.transaction() as conn:
+            noted = [message_id for message_id in message_ids if not conn.execute(
+                "SELECT 1 FROM segments WHERE message_id = ? AND tried_at IS NOT NULL LIMIT 1",
+                (message_id,)).fetchone()]
+            # The quota of a user message lasts 48 h; the note need not outlive it.
+            conn.executemany("INSERT OR IGNORE INTO kv (key, value, expires_at) VALUES"
+                             " (?, ?, ?)", [(QUEUE_LINE_KEY.format(message_id), str(now),
+                                             now + 3 * 86400) for message_id in noted])
+        return noted
+
     def quota(self, message_id: int) -> int:
         """Customer-service messages the answer to a message may use: WeChat's 5 per user
         message (45047), less the queue line if one went out for it."""
@@ -1412,28 +1553,69 @@ class WeChatCrypto:
                 f"<Nonce><![CDATA[{nonce}]]></Nonce></xml>").encode("utf-8")
 
 
-#: WeChat's XML is one flat <xml> of short fields; anything else is refused before parsing.
+#: WeChat's XML is one <xml> of short fields; some events nest a few levels (WECHAT.md §8).
 MAX_FIELDS = 64
-DECLARATION = re.compile(rb"<!(?!\[CDATA\[)")
+MAX_DEPTH = 8
+#: Byte-order marks: a push in UTF-16 or UTF-32 is refused, whatever it declares.
+BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def parse_xml(body: bytes) -> dict[str, str]:
-    """The fields of a flat <xml> push. No DOCTYPE or entity is ever read (billion laughs, XXE)."""
-    if DECLARATION.search(body):
-        raise BadPush("XML declarations (DOCTYPE, ENTITY) are not allowed")
+    """The fields of an <xml> push: each child's text; a child with children of its own is "".
+
+    UTF-8 only. The parser itself refuses a DOCTYPE or an entity declaration, so no entity is
+    ever expanded (billion laughs, XXE), while markup quoted inside CDATA stays the user's text.
+    """
+    # Expat detects UTF-16 on its own; "<" in UTF-16 or UTF-32 always holds a NUL byte, and
+    # NUL is never valid XML.
+    if body.startswith(BOMS) or b"\x00" in body:
+        raise BadPush("the body is not UTF-8 (a byte-order mark or a NUL byte)")
+    fields: dict[str, str] = {}
+    depth, text, nested = 0, [], False
+
+    def declaration(version, encoding, standalone):
+        if encoding and encoding.lower() not in ("utf-8", "utf8"):
+            raise BadPush(f"the XML declares encoding {encoding[:20]!r}; WeChat sends UTF-8")
+
+    def refuse_declaration(*args):
+        raise BadPush("DOCTYPE and ENTITY declarations are not allowed")
+
+    def start(tag, attributes):
+        nonlocal depth, nested
+        if depth == 0 and tag != "xml":
+            raise BadPush(f"root element is <{tag[:20]}>, expected <xml>")
+        if depth == MAX_DEPTH:
+            raise BadPush("elements nested too deeply")
+        if depth == 1:
+            if len(fields) >= MAX_FIELDS and tag not in fields:
+                raise BadPush("too many fields")
+            text.clear()
+            nested = False
+        nested = nested or depth >= 2
+        depth += 1
+
+    def end(tag):
+        nonlocal depth
+        depth -= 1
+        if depth == 1:
+            fields[tag] = "" if nested else "".join(text).strip()
+
+    def characters(data):
+        if depth == 2:
+            text.append(data)
+
+    parser = xml.parsers.expat.ParserCreate("utf-8")
+    parser.buffer_text = True
+    parser.XmlDeclHandler = declaration
+    parser.StartDoctypeDeclHandler = refuse_declaration
+    parser.EntityDeclHandler = refuse_declaration
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = characters
     try:
-        root = ElementTree.fromstring(body)
-    except (ElementTree.ParseError, ValueError) as error:
-        raise BadPush(f"malformed XML: {error}") from None
-    if root.tag != "xml":
-        raise BadPush(f"root element is <{root.tag[:20]}>, expected <xml>")
-    if len(root) > MAX_FIELDS:
-        raise BadPush("too many fields")
-    fields = {}
-    for child in root:
-        if len(child) and child.tag not in ("ScanCodeInfo", "SendPicsInfo", "SendLocationInfo"):
-            raise BadPush(f"<{child.tag[:20]}> is nested")
-        fields[child.tag] = (child.text or "").strip() if not len(child) else ""
+        parser.Parse(body, True)
+    except xml.parsers.expat.ExpatError as error:
+        raise BadPush(f"malformed XML: {xml.parsers.expat.ErrorString(error.code)}") from None
     return fields
 
 
@@ -1581,7 +1763,7 @@ class WeChatAPI:
         now = time.time() if now is None else now
         token = self.store.get_kv("access_token", now + self.REFRESH_AHEAD)
         if token:
-            SECRET_FILTER.add(token)
+            SECRET_FILTER.add_access_token(token)
             return token
         with self._lock:  # one refresh at a time; the others use what it fetched
             token = self.store.get_kv("access_token", now + self.REFRESH_AHEAD)
@@ -1594,7 +1776,7 @@ class WeChatAPI:
         token, expires_in = answer.get("access_token"), answer.get("expires_in", 7200)
         if not isinstance(token, str) or not token:
             raise WeChatError(None, "stable_token answered without access_token")
-        SECRET_FILTER.add(token)
+        SECRET_FILTER.add_access_token(token)
         self.store.set_kv("access_token", token, time.time() + float(expires_in))
         log_wechat.info("fetched a new access token (valid %s s)", expires_in)
         return token
@@ -1636,11 +1818,6 @@ class WeChatAPI:
 
     def menu_delete(self) -> None:
         self.call("/cgi-bin/menu/delete")
-
-    def typing_soon(self, openid: str) -> None:
-        """Show "typing" from another thread, so the model call need not wait for WeChat."""
-        thread = threading.Thread(target=self.typing, args=(openid,), daemon=True)
-        thread.start()
 
     def typing(self, openid: str, command: str = "Typing") -> None:
         """Show "typing"; every error is harmless (45080 too late, 45081 already shown)."""
@@ -2350,6 +2527,111 @@ class OwnerFiles:
 
 
 ###############################################################################
+# Acknowledgement: typing and the queue line ##################################
+###############################################################################
+
+def queue_line(ahead: int, wait: float, answer_seconds: float) -> str:
+    """The line for a message that waits: how many are ahead and when the answer comes."""
+    return QUEUE_LINE.format(ahead=ahead, minutes=max(1, math.ceil((wait + answer_seconds) / 60)))
+
+
+class Acknowledger:
+    """Shows every user at once that their message was seen, however deep the queue.
+
+    The worker that will answer may be minutes away in a burst, and WeChat refuses typing 30 s
+    after the user's message (45080); so typing goes out within moments of each push from a
+    few threads of this sender's own, and is renewed once after 15 s while the answer is
+    still coming. A message that will wait longer than WXBOT_QUEUE_NOTICE seconds gets one
+    short line instead, saying how long; it takes one of the message's 5 (Store.quota).
+    Passive mode has no customer-service API: nothing is sent.
+    """
+
+    #: Threads calling WeChat: a typing call takes about 50 ms from a VPS in China, so 8
+    #: acknowledge some 150 pushes a second.
+    THREADS = 8
+    #: Typing shows for 15 s and cannot be renewed while shown (45081).
+    TYPING_RENEW = 15.5
+    #: How long an answer is taken to need until workers have timed some (seconds).
+    ANSWER_GUESS = 10.0
+
+    def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, mode: DeliveryMode):
+        self.settings, self.store, self.wechat, self.mode = settings, store, wechat, mode
+        self.answer_seconds = self.ANSWER_GUESS
+        self._due: list[tuple[float, int, str, float, bool]] = []  # heap: when, id, openid, ...
+        self._condition = threading.Condition()  # notified when a job is added or on stop
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._run, name=f"acknowledger-{n}",
+                                          daemon=True) for n in range(self.THREADS)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        for thread in self._threads:
+            thread.join(5)
+
+    def pushed(self, message_id: int, openid: str, received_at: float) -> None:
+        """A new message was stored: acknowledge it now."""
+        self._add(received_at, message_id, openid, received_at, True)
+
+    def answered(self, seconds: float) -> None:
+        """A worker took this long over a message: the queue line's estimate follows."""
+        self.answer_seconds += 0.2 * (seconds - self.answer_seconds)  # recent ones weigh most
+
+    def _add(self, when: float, message_id: int, openid: str, received_at: float,
+             first: bool) -> None:
+        with self._condition:
+            heapq.heappush(self._due, (when, message_id, openid, received_at, first))
+            self._condition.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._stopping and (not self._due or self._due[0][0] > time.time()):
+                    self._condition.wait(self._due[0][0] - time.time() if self._due else None)
+                if self._stopping:
+                    return
+                # The first acks of a burst together: their queue lines are noted in one commit.
+                jobs = []
+                while self._due and self._due[0][0] <= time.time() and len(jobs) < 32:
+                    jobs.append(heapq.heappop(self._due))
+            try:
+                self._acknowledge(jobs)
+            except Exception:  # a typing line is never worth a thread
+                log_wechat.exception("typing or queue line for %d message(s) skipped", len(jobs))
+
+    def _acknowledge(self, jobs: list[tuple[float, int, str, float, bool]]) -> None:
+        if self.mode.passive:
+            return
+        lines = {}
+        for _, message_id, openid, received_at, first in jobs:
+            if self.store.settled(message_id):  # answered already: typing would mislead
+                continue
+            if first:
+                self._add(received_at + self.TYPING_RENEW, message_id, openid, received_at,
+                          False)
+                ahead = self.store.waiting_ahead(message_id)
+                wait = ahead / self.settings.workers * self.answer_seconds
+                if self.settings.queue_notice and wait > self.settings.queue_notice:
+                    lines[message_id] = (openid, queue_line(ahead, wait, self.answer_seconds))
+                    continue
+            elif time.time() - received_at >= 30:  # too late for typing (45080)
+                continue
+            self.wechat.typing(openid)
+        for message_id in self.store.note_queue_lines(list(lines), time.time()):
+            openid, line = lines[message_id]
+            try:
+                self.wechat.customer_service_send(openid, line)
+            except WeChatError as error:  # the answer still comes; the log says why not this
+                log_wechat.warning("queue line for message %s not sent: %s", message_id,
+                                   error.hint())
+
+
+###############################################################################
 # Worker ######################################################################
 ###############################################################################
 
@@ -2398,8 +2680,6 @@ class Worker:
     MODEL_TRIES = 3
     #: Delivery gives up (state dead) after this many failed tries to send one message.
     DELIVERY_TRIES = 10
-    #: Typing shows for 15 s; renew once while the model is still working (45081 before).
-    TYPING_RENEW = 15.5
     #: Seconds between tries to write while the disk is full.
     DISK_FULL_PAUSE = 5.0
     #: An idle worker looks at the queue this often even when nothing wakes it.
@@ -2407,9 +2687,10 @@ class Worker:
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
-                 owner: OwnerFiles | None = None):
+                 owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
         self.wakeup, self.mode, self.name = wakeup, mode, name
+        self.acknowledger = acknowledger
         self.owner = owner or OwnerFiles(settings)
         self.stopping = threading.Event()
         self.lease_seconds = settings.model_timeout * 2 + 120
@@ -2421,9 +2702,12 @@ class Worker:
         message = self.store.claim(time.time() if now is None else now, self.lease_seconds)
         if message is None:
             return False
+        started = time.monotonic()
         try:
             self.handle(message)
             self.wakeup.notify()  # the user's next message, if any, may now be claimed
+            if self.acknowledger:
+                self.acknowledger.answered(time.monotonic() - started)
         except LeaseLost:
             log_worker.warning("message %s: lease lost, another worker has it", message.id)
         except Exception as error:  # one bad message never kills the thread
@@ -2561,11 +2845,6 @@ class Worker:
         if partial:  # a stream cut off before: ask for the rest, never for all of it again
             ask += [{"role": "assistant", "content": partial},
                     {"role": "user", "content": RESUME_PROMPT}]
-        if not self.mode.passive:
-            self.wechat.typing_soon(message.openid)
-        renew = threading.Timer(self.TYPING_RENEW, self._renew_typing, (message,))
-        renew.daemon = True
-        renew.start()
         cutter = StreamCutter(time.monotonic(), first_done=bool(partial))
         written, sending = [], True
         try:
@@ -2581,8 +2860,6 @@ class Worker:
         except ModelError as error:
             self.store.add_segments(message, cutter.finish())
             return self._model_failed(message, error, question)
-        finally:
-            renew.cancel()
         answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
         return self.store.complete_answer(message, time.time(), rest,
                                           f"[图片] {question}" if picture else question, answer)
@@ -2649,11 +2926,6 @@ class Worker:
                     raise value
         finally:
             abandoned.set()
-
-    def _renew_typing(self, message: Message) -> None:
-        # Typing needs an exchange with the user in the last 30 s (45080).
-        if time.time() - message.received_at < 30 and not self.mode.passive:
-            self.wechat.typing(message.openid)
 
     def _over_limit(self, message: Message, wait: float) -> int:
         """One short notice per user and window; further messages in it get nothing."""
@@ -2769,6 +3041,47 @@ class Worker:
 
 #: WeChat's pushes are a few KB; anything bigger is refused unread.
 MAX_BODY = 1024 * 1024
+#: What a refused request is answered; the log line (at most one a minute) says why.
+REFUSALS = {400: "bad request", 403: "forbidden", 411: "length required", 413: "too large"}
+#: With WXBOT_MAX_SKEW=0 no timestamp is too old; a used signed URL is remembered this long.
+UNCHECKED_REPLAY_WINDOW = 300
+
+
+class ReplayRecord:
+    """The (timestamp, nonce) pairs of recent pushes, each with a digest of its body.
+
+    WeChat's signature covers token, timestamp and nonce, not the body, so one captured query
+    string (an access log, a proxy) would sign any body. The same pair with the same body is
+    WeChat retrying; with another body it is a replay, refused. A pair is kept until its
+    timestamp is older than WXBOT_MAX_SKEW, when the signature check refuses it anyway: memory
+    holds one window of pushes. In memory only: a restart forgets it (see README, Security).
+    """
+
+    def __init__(self, max_skew: int):
+        self.max_skew = max_skew
+        self._digests: dict[tuple[str, str], bytes] = {}
+        self._expiry: list[tuple[float, tuple[str, str]]] = []  # a heap, soonest first
+        self._lock = threading.Lock()
+
+    def check(self, timestamp: str, nonce: str, body: bytes, now: float) -> None:
+        """Record this pair; raise Forbidden when it was seen with another body."""
+        digest = hashlib.blake2b(body, digest_size=16).digest()
+        pair = (timestamp, nonce)
+        expires = (int(timestamp) + self.max_skew if self.max_skew
+                   else now + UNCHECKED_REPLAY_WINDOW)
+        with self._lock:
+            while self._expiry and self._expiry[0][0] < now:
+                del self._digests[heapq.heappop(self._expiry)[1]]
+            seen = self._digests.setdefault(pair, digest)
+            if seen is digest:
+                heapq.heappush(self._expiry, (expires, pair))
+        if seen != digest:
+            raise Forbidden("this signed URL (timestamp and nonce) already came with another "
+                            "body: a replayed URL, refused")
+
+    def __len__(self) -> int:
+        """How many pairs are held: one window of pushes."""
+        return len(self._digests)
 
 
 def query_dict(environ: dict) -> dict[str, str]:
@@ -2797,37 +3110,71 @@ class Webhook:
     """Turns WeChat's HTTP calls into stored pushes; pure of I/O apart from the store."""
 
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
-                 mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time):
+                 mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
+                 acknowledger: Acknowledger | None = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
         self.mode = mode or DeliveryMode("service", store)
+        self.acknowledger = acknowledger
         self.crypto = (WeChatCrypto(settings.aes_key, settings.appid)
                        if settings.aes_key else None)
+        self.replays = ReplayRecord(settings.max_skew)
+        self.refusals = LogThrottle()
         self.accepting = True
 
-    def verify(self, query: Mapping[str, str]) -> tuple[int, str]:
+    def verify(self, query: Mapping[str, str], client: str = "") -> tuple[int, str]:
         """GET: the server check WeChat makes when the URL is saved in 公众号后台."""
         try:
             check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
         except Forbidden as error:
-            log_web.warning("verification refused: %s", error)
-            return 403, "forbidden"
+            return self.refuse(client, "verification", 403, error)
         return 200, query.get("echostr", "")
 
-    def receive(self, query: Mapping[str, str], body: bytes) -> tuple[int, str]:
+    def before_body(self, query: Mapping[str, str], length: int,
+                    client: str = "") -> tuple[int, str] | None:
+        """POST, before its body is read: a refusal, or None to read the body and receive it.
+
+        A request that is unsigned, stale or too big costs no read: a client cannot make
+        wxbot wait for a body it will refuse anyway.
+        """
+        if not self.accepting:
+            return 503, "stopping"
+        try:
+            self.check_query(query)
+        except Forbidden as error:
+            return self.refuse(client, "push", 403, error)
+        except BadPush as error:
+            return self.refuse(client, "push", 400, error)
+        if length > MAX_BODY:
+            return self.refuse(client, "push", 413, f"Content-Length {length} over {MAX_BODY}")
+        if length < 0:
+            return self.refuse(client, "push", 411, "no Content-Length")
+        return None
+
+    def refuse(self, client: str, what: str, status: int, reason) -> tuple[int, str]:
+        """The answer to a refused request, and at most one log line a minute per client."""
+        held = self.refusals.allow(client, self.clock())
+        if held is not None:
+            log_web.warning("%s refused (%d) from %s: %s%s", what, status, client or "?", reason,
+                            f" ({held} more from this address since its last line)"
+                            if held else "")
+        return status, REFUSALS[status]
+
+    def receive(self, query: Mapping[str, str], body: bytes, client: str = "") -> tuple[int, str]:
         """POST: check, decrypt, parse, store; (status, body) for WeChat."""
         if not self.accepting:
             return 503, "stopping"
         try:
             push = self.parse(query, body)
         except Forbidden as error:
-            log_web.warning("push refused (403): %s", error)
-            return 403, "forbidden"
+            return self.refuse(client, "push", 403, error)
         except BadPush as error:
-            log_web.warning("push refused (400): %s", error)
-            return 400, "bad request"
-        message_id, pushes = self.store.store_push(push, self.clock())
+            return self.refuse(client, "push", 400, error)
+        now = self.clock()
+        message_id, pushes = self.store.store_push(push, now)
         if pushes == 1:
             self.wakeup.notify()
+            if self.acknowledger and push.msg_type != "event" and not self.mode.passive:
+                self.acknowledger.pushed(message_id, push.openid, now)
         else:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
@@ -2867,19 +3214,31 @@ class Webhook:
                                     query.get("nonce", ""))
         return xml.decode("utf-8")
 
-    def parse(self, query: Mapping[str, str], body: bytes) -> Push:
+    def check_query(self, query: Mapping[str, str]) -> None:
+        """What the query string alone shows: signature, age, and the mode set in 公众号后台."""
         check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
+        encrypt_type = query.get("encrypt_type", "raw")
+        if encrypt_type not in ("raw", "aes"):
+            raise BadPush(f"unknown encrypt_type {encrypt_type[:10]!r}")
+        if encrypt_type == "aes" and self.crypto is None:
+            raise Forbidden("an encrypted push arrived but WXBOT_AES_KEY is not set: set it to "
+                            "the EncodingAESKey from 公众号后台 → 设置与开发 → 基本配置")
+        # With the key set, a plaintext push is no proof of anything but one signed URL.
+        if encrypt_type == "raw" and self.crypto is not None:
+            raise Forbidden("明文模式的推送被拒绝：已设置 WXBOT_AES_KEY。在公众号后台 → 设置与开发 → "
+                            "基本配置 → 服务器配置 把消息加解密方式改为安全模式或兼容模式；"
+                            "或者删除 WXBOT_AES_KEY 后重启 (plaintext push refused because "
+                            "WXBOT_AES_KEY is set)")
+
+    def parse(self, query: Mapping[str, str], body: bytes) -> Push:
+        self.check_query(query)
+        self.replays.check(query["timestamp"], query["nonce"], body, self.clock())
         fields = parse_xml(body)
-        if query.get("encrypt_type", "raw") == "aes":
+        if query.get("encrypt_type") == "aes":
             fields = self.decrypt(query, fields)
-        elif query.get("encrypt_type", "raw") != "raw":
-            raise BadPush(f"unknown encrypt_type {query.get('encrypt_type')[:10]!r}")
         return Push.from_fields(fields)
 
     def decrypt(self, query: Mapping[str, str], fields: dict[str, str]) -> dict[str, str]:
-        if self.crypto is None:
-            raise Forbidden("an encrypted push arrived but WXBOT_AES_KEY is not set: set it to "
-                            "the EncodingAESKey from 公众号后台 → 设置与开发 → 基本配置")
         encrypted = fields.get("Encrypt", "")
         if not encrypted:
             raise BadPush("encrypt_type=aes but no <Encrypt>")
@@ -2902,19 +3261,25 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     @app.get(settings.path)
     def verify():
         """WeChat's server check: the echostr back when the signature is valid."""
-        return text(*webhook.verify(query_dict(bottle.request.environ)))
+        environ = bottle.request.environ
+        return text(*webhook.verify(query_dict(environ), environ.get("REMOTE_ADDR", "")))
 
     @app.post(settings.path)
     def receive():
         """A push: stored and answered "success" at once."""
-        length = bottle.request.content_length
-        if length > MAX_BODY:
-            return text(413, "too large")
-        if length < 0:
-            return text(411, "length required")
-        body = bottle.request.environ["wsgi.input"].read(length)
+        environ = bottle.request.environ
+        query, client = query_dict(environ), environ.get("REMOTE_ADDR", "")
+        length = environ.get("CONTENT_LENGTH", "")
+        length = int(length) if length.isdigit() else -1
+        refusal = webhook.before_body(query, length, client)
+        if refusal:
+            return text(*refusal)
         try:
-            return text(*webhook.receive(query_dict(bottle.request.environ), body))
+            body = environ["wsgi.input"].read(length)
+        except OSError:  # the request's deadline passed mid-body (HTTP server)
+            return text(408, "request timeout")
+        try:
+            return text(*webhook.receive(query, body, client))
         except sqlite3.Error as error:  # not answered: WeChat retries the push
             log_web.error("could not store a push: %s", error)
             return text(503, "busy")
@@ -2945,10 +3310,54 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
 # HTTP server #################################################################
 ###############################################################################
 
-class QuietHandler(WSGIRequestHandler):
-    """Drops a stalled client after `timeout` seconds; access lines go to DEBUG."""
+class RequestReader(io.RawIOBase):
+    """The client's socket, read under deadlines rather than a timeout per read.
 
-    timeout = 10
+    The first byte must come within `idle` seconds of the connection, and the whole request
+    (headers and body) within `whole` seconds of that byte: a timeout per read alone lets a
+    client that sends a byte every few seconds hold its thread for ever (slow loris).
+    """
+
+    def __init__(self, sock: socket.socket, idle: float, whole: float, write_timeout: float):
+        self.sock, self.whole, self.write_timeout = sock, whole, write_timeout
+        self.deadline = time.monotonic() + idle
+        self.started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the request did not arrive in time")
+        self.sock.settimeout(remaining)
+        try:
+            count = self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.write_timeout)  # for the answer, written after
+        if count and not self.started:
+            self.started = True
+            self.deadline = time.monotonic() + self.whole
+        return count
+
+
+class QuietHandler(WSGIRequestHandler):
+    """One request per connection, read under deadlines; access lines go to DEBUG.
+
+    A connection is closed once its answer is written (HTTP/1.0 style: no idle keep-alive),
+    when no byte came within `idle_timeout`, or when the request was not complete within
+    `request_timeout` of its first byte.
+    """
+
+    idle_timeout = 5.0
+    request_timeout = 10.0
+    timeout = 10  # each write of the answer
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # the plain reader: it would keep the socket open after close()
+        self.rfile = io.BufferedReader(RequestReader(
+            self.connection, self.idle_timeout, self.request_timeout, self.timeout))
 
     def log_message(self, format, *args):
         log_web.debug("%s %s", self.address_string(), format % args)
@@ -3021,7 +3430,7 @@ class Janitor:
 
 
 class Bot:
-    """Everything wired together: store, webhook, server, workers."""
+    """Everything wired together: store, webhook, server, acknowledger, workers."""
 
     def __init__(self, settings: Settings, owner: OwnerFiles | None = None):
         self.settings = settings
@@ -3033,11 +3442,13 @@ class Bot:
         self.wechat = WeChatAPI(settings, self.store)
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
-        self.webhook = Webhook(settings, self.store, self.wakeup, self.mode)
+        self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
+        self.webhook = Webhook(settings, self.store, self.wakeup, self.mode,
+                               acknowledger=self.acknowledger)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
-                               self.mode, f"worker-{n}", self.owner)
+                               self.mode, f"worker-{n}", self.owner, self.acknowledger)
                         for n in range(settings.workers)]
         self.janitor = Janitor(settings, self.store)
         self.threads: list[threading.Thread] = []
@@ -3050,6 +3461,7 @@ class Bot:
         recovered = self.store.release_all_leases()
         if recovered:
             log.info("resuming %d message(s) that were in progress at the last stop", recovered)
+        self.acknowledger.start()
         self.server.start()
         for worker in self.workers:
             thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
@@ -3065,6 +3477,7 @@ class Bot:
         timeout = self.settings.stop_timeout if timeout is None else timeout
         self.webhook.accepting = False
         self.server.stop()
+        self.acknowledger.stop()
         for worker in self.workers:
             worker.stop()
         self.janitor.stopping.set()
@@ -3088,12 +3501,6 @@ class Console:
 
     def customer_service_send(self, openid: str, text: str) -> None:
         print(f"\n{text}\n{'─' * 20}", file=self.out, flush=True)
-
-    def typing(self, openid: str, command: str = "Typing") -> None:
-        pass
-
-    def typing_soon(self, openid: str) -> None:
-        pass
 
     def first_time(self, errcode: int) -> bool:
         return True
@@ -3236,7 +3643,8 @@ def check(settings: Settings, out) -> int:
         report(True, f"WeChat gave an access token for AppID {settings.appid}")
     except WeChatError as error:
         if error.errcode is None:
-            report(False, f"cannot reach WeChat at {settings.api_base}: {error.errmsg}")
+            report(False, f"cannot reach WeChat at {masked_url(settings.api_base)}: "
+                          f"{error.errmsg}")
         elif error.errcode == 40164:
             report(False, f"WeChat saw this server as {error.ip() or 'an IP'} and it "
                           f"is not whitelisted: add it in 公众号后台 → 设置与开发 → 基本配置 → "
@@ -3257,7 +3665,8 @@ def check(settings: Settings, out) -> int:
                           f"WXBOT_MODEL against the provider's model list")
         elif error.status is None or error.status == 404:
             report(False, f"no OpenAI-compatible API at "
-                          f"{settings.openai_base_url or 'https://api.openai.com/v1'}: check "
+                          f"{masked_url(settings.openai_base_url) or 'https://api.openai.com/v1'}"
+                          f": check "
                           f"OPENAI_BASE_URL (it usually ends in /v1)")
         else:
             report(False, f"the model failed: {error}")
@@ -3361,7 +3770,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if args.env:
             env.update(read_env_file(args.env))
         if args.command == "chat":  # no WeChat involved
-            env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-", **env}
+            env = {"WXBOT_TOKEN": "not-used-in-chat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+                   **env}
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
         if args.command in ("status", "retry"):  # the database only
