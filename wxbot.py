@@ -51,7 +51,7 @@ import time
 import unicodedata
 import urllib.parse
 import xml.parsers.expat
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Container, Iterator, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
@@ -275,6 +275,9 @@ SETTINGS: dict[str, Setting] = {
                        "message sent on subscribe (empty: none)"),
     "admins": Setting("WXBOT_ADMINS", "", _openids,
                       "openids (comma-separated) that may send /stats"),
+    "replies": Setting("WXBOT_REPLIES", "", _optional_text,
+                       "JSON file of fixed replies to keywords and menu clicks, no model "
+                       "(empty: none; re-read when it changes)"),
     "blocked_words": Setting("WXBOT_BLOCKED_WORDS", "", _optional_text,
                              "file of blocked words, one a line: questions with one are not "
                              "asked, answers have them masked (empty: none)"),
@@ -337,6 +340,7 @@ class Settings:
     system_prompt: str
     welcome: str
     admins: tuple
+    replies: str
     blocked_words: str
     blocked_reply: str
     vision: bool
@@ -532,6 +536,7 @@ class Kind(enum.Enum):
     RESET = "reset"        # forget the conversation and the rest of the last answer
     HELP = "help"
     STATS = "stats"        # for admins; an ordinary question for everyone else
+    KEYWORD = "keyword"    # one of the owner's keywords (WXBOT_REPLIES): a fixed reply
     EVENT = "event"        # subscribe, CLICK, LOCATION...: answered as an event, never a question
 
 
@@ -562,14 +567,18 @@ WORDS: dict[str, Kind] = {normalise(word): kind for words, kind in [
     (("/stats",), Kind.STATS)] for word in words}
 
 
-def classify(msg_type: str, content: str | None) -> Intent:
-    """What a message is. The one place that decides it: service and passive replies and the
-    merging of quick follow-ups all ask here. A spoken command counts as typed."""
+def classify(msg_type: str, content: str | None, keywords: Container[str] = ()) -> Intent:
+    """What a message is. The one place that decides it: service and passive replies, the
+    merging of quick follow-ups and the fixed replies all ask here. A spoken command counts
+    as typed. `keywords` are the owner's, normalised (Replies.keywords)."""
     if msg_type == "event":
         return Intent(Kind.EVENT, "")
     text = (content or "").strip()
-    kind = WORDS.get(normalise(text)) if msg_type in ("text", "voice") else None
-    return Intent(kind or Kind.QUESTION, text)
+    if msg_type not in ("text", "voice"):
+        return Intent(Kind.QUESTION, text)
+    word = normalise(text)
+    kind = WORDS.get(word) or (Kind.KEYWORD if word in keywords else Kind.QUESTION)
+    return Intent(kind, text)
 
 
 ###############################################################################
@@ -1187,11 +1196,13 @@ class Store:
                                 " AND carried = 0 ORDER BY seq", (message_id,)).fetchall()
         return "\n\n".join(row[0] for row in rows)
 
-    def merge_followups(self, message: Message, now: float) -> list[str]:
+    def merge_followups(self, message: Message, now: float,
+                        keywords: Container[str] = ()) -> list[str]:
         """Texts the user sent right after this one and that still wait: asked together.
 
         Phones split one question over several quick messages; they get one answer.
-        Returns every text merged into this message so far, oldest first.
+        Returns every text merged into this message so far, oldest first. `keywords` (the
+        owner's) are no question: they keep their fixed reply.
         """
         with self.transaction() as conn:
             self._check_lease(conn, message)
@@ -1202,7 +1213,8 @@ class Store:
             merged, previous = [], message.received_at
             for row in waiting:  # up to the first that is no quick question typed
                 if row["msg_type"] != "text" or not (row["content"] or "").strip() or \
-                        classify(row["msg_type"], row["content"]).kind is not Kind.QUESTION \
+                        classify(row["msg_type"], row["content"], keywords).kind \
+                        is not Kind.QUESTION \
                         or row["received_at"] - previous > MERGE_WINDOW:
                     break
                 merged.append(row["id"])
@@ -1245,6 +1257,18 @@ class Store:
                     " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,)))
         return row[2], more
 
+    def reply_at_once(self, message_id: int, text: str, now: float) -> bool:
+        """Answer a message no worker has taken with one passive reply, sent as this push's
+        reply (its retries get it again); False when a worker took it first."""
+        with self.transaction() as conn:
+            if conn.execute("UPDATE messages SET state = 'done', answered_at = :now"
+                            " WHERE id = :id AND state = 'queued'",
+                            {"id": message_id, "now": now}).rowcount != 1:
+                return False
+            conn.execute("INSERT INTO segments (message_id, seq, content, sent_at, replied_to)"
+                         " VALUES (?, 0, ?, ?, ?)", (message_id, text, now, message_id))
+        return True
+
     def settled(self, message_id: int) -> bool:
         """Whether a message is answered (or needs no answer): nothing more will come of it."""
         with self.connection() as conn:
@@ -1283,10 +1307,11 @@ class Store:
                                              now + 3 * 86400) for message_id in noted])
         return noted
 
-    def quota(self, message_id: int) -> int:
+    def quota(self, message: Message) -> int:
         """Customer-service messages the answer to a message may use: WeChat's 5 per user
-        message (45047), less the queue line if one went out for it."""
-        return QUOTA - (self.get_kv(QUEUE_LINE_KEY.format(message_id), 0) is not None)
+        message, 3 per menu click or follow (45047), less the queue line if one went out."""
+        allowed = EVENT_QUOTA if message.msg_type == "event" else QUOTA
+        return allowed - (self.get_kv(QUEUE_LINE_KEY.format(message.id), 0) is not None)
 
     def mark_sent(self, message: Message, seq: int, now: float) -> None:
         with self.transaction() as conn:
@@ -2000,6 +2025,8 @@ class Model:
 SEGMENT_BYTES = 2048
 #: Customer-service messages allowed per user message within 48 h (45047).
 QUOTA = 5
+#: A follow, a menu click or a QR scan allows 3 messages within a minute (WECHAT.md §4).
+EVENT_QUOTA = 3
 #: Every segment leaves room for the "继续" line, which the 5th gets when more follows.
 SEGMENT_LIMIT = SEGMENT_BYTES - len(CONTINUE_TAIL.encode("utf-8"))
 SENTENCE_END = re.compile(r"[。！？!?；;…]+[”’\"')）]*|\.(?=\s)")
@@ -2470,6 +2497,83 @@ def masked_stream(pieces: Iterator[str], words: BlockedWords) -> Iterator[str]:
         yield rest
 
 
+@dataclasses.dataclass
+class Replies:
+    """The owner's fixed replies (WXBOT_REPLIES): to keywords, compared as classify() compares
+    words, and to menu clicks by EventKey: a text, or a question the model answers."""
+
+    keywords: dict = dataclasses.field(default_factory=dict)  # normalised keyword -> text
+    clicks: dict = dataclasses.field(default_factory=dict)    # EventKey -> text
+    prompts: dict = dataclasses.field(default_factory=dict)   # EventKey -> question
+
+    @classmethod
+    def read(cls, path: str) -> "Replies":
+        """The replies in a file, checked; FileProblem names every problem with its path."""
+        value = read_json_file(path)
+        if not isinstance(value, dict):
+            raise FileProblem(path, ['the file must be an object: {"keywords": {...}, '
+                                     '"clicks": {...}}'])
+        problems = [f"{key}: unknown field (use keywords and clicks)" for key in value
+                    if key not in ("keywords", "clicks")]
+        replies = cls()
+        for section in ("keywords", "clicks"):
+            entries = value.get(section, {})
+            if not isinstance(entries, dict):
+                problems.append(f"{section}: must be an object")
+                continue
+            for key, reply in entries.items():
+                problems += replies._add(section, key, reply)
+        if problems:
+            raise FileProblem(path, problems)
+        return replies
+
+    def _add(self, section: str, key: str, reply: object) -> list[str]:
+        path = f"{section}.{key}"
+        if section == "clicks" and isinstance(reply, dict):
+            prompt = reply.get("prompt")
+            if set(reply) != {"prompt"} or not isinstance(prompt, str) or not prompt.strip():
+                return [f'{path}: a click for the model is {{"prompt": "the question"}}']
+            self.prompts[key] = prompt.strip()
+            return []
+        if not isinstance(reply, str) or not reply.strip():
+            return [f"{path}: the reply must be a text" + (
+                ' or {"prompt": "a question for the model"}' if section == "clicks" else "")]
+        if utf8_len(reply.strip()) > SEGMENT_BYTES:
+            return [f"{path}: the reply is {utf8_len(reply.strip())} bytes; one WeChat message "
+                    f"holds {SEGMENT_BYTES}"]
+        if section == "clicks":
+            self.clicks[key] = reply.strip()
+            return []
+        word = normalise(key)
+        if not word:
+            return [f"{path}: a keyword needs a letter or a character, not only punctuation"]
+        if classify("text", key).kind is not Kind.QUESTION:
+            return [f"{path}: {key!r} is one of wxbot's own commands"]
+        if word in self.keywords:
+            return [f"{path}: the same keyword as another one (spaces, punctuation, case "
+                    f"and width do not count)"]
+        self.keywords[word] = reply.strip()
+        return []
+
+    def describe(self) -> str:
+        return (f"{len(self.keywords)} keyword replies, {len(self.clicks)} click replies, "
+                f"{len(self.prompts)} clicks for the model")
+
+    def prompt_for(self, event: str | None, event_key: str) -> str | None:
+        """The question a menu click asks the model for the user, if it is one that does."""
+        return self.prompts.get(event_key) if event == "CLICK" else None
+
+    def fixed_reply(self, msg_type: str, content: str | None, event: str | None,
+                    event_key: str) -> tuple[str, str] | None:
+        """(counter, text) when the message gets a fixed reply without the model."""
+        if msg_type == "event":
+            reply = self.clicks.get(event_key) if event == "CLICK" else None
+            return ("click_replies", reply) if reply else None
+        if classify(msg_type, content, self.keywords).kind is Kind.KEYWORD:
+            return "keyword_replies", self.keywords[normalise(content)]
+        return None
+
+
 class OwnerFile:
     """A file the owner edits while wxbot runs (replies, blocked words): re-read when its
     modification time, size or inode changes, or on SIGHUP. A broken edit keeps what was
@@ -2516,13 +2620,19 @@ class OwnerFiles:
     """The owner's fixed replies and blocked words, each re-read when its file changes."""
 
     def __init__(self, settings: Settings):
+        self.replies_file = OwnerFile(settings.replies, Replies.read, Replies())
         self.blocked_file = OwnerFile(settings.blocked_words, BlockedWords.read, BlockedWords())
+
+    @property
+    def replies(self) -> Replies:
+        return self.replies_file.current()
 
     @property
     def blocked(self) -> BlockedWords:
         return self.blocked_file.current()
 
     def stale(self) -> None:
+        self.replies_file.stale()
         self.blocked_file.stale()
 
 
@@ -2783,7 +2893,19 @@ class Worker:
     def plan(self, message: Message) -> int | None:
         """Decide and store what to send; the number of segments, or None to retry later."""
         now = time.time()
-        intent = classify(message.msg_type, message.content)
+        replies = self.owner.replies
+        event_key = message.fields.get("EventKey", "")
+        fixed = replies.fixed_reply(message.msg_type, message.content, message.event, event_key)
+        if fixed:  # no model, and no count against the user's limits
+            counter, line = fixed
+            planned = self.store.save_answer(message, [line], now,
+                                             carry=message.msg_type != "event")
+            self.store.bump(counter, now)
+            return planned
+        prompt = replies.prompt_for(message.event, event_key)
+        if prompt:
+            return self.answer_text(message, prompt)
+        intent = classify(message.msg_type, message.content, replies.keywords)
         text = intent.text
         if intent.kind is Kind.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
@@ -2818,7 +2940,7 @@ class Worker:
         blocked = self.owner.blocked
         with self.store.transaction():  # one commit: follow-ups, the call counted, carried
             question = "\n".join(part for part in [question, *self.store.merge_followups(
-                message, time.time())] if part) or IMAGE_PROMPT
+                message, time.time(), self.owner.replies.keywords)] if part) or IMAGE_PROMPT
             if len(question) > MAX_QUESTION_CHARS:
                 question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
                     chars=MAX_QUESTION_CHARS)
@@ -2827,7 +2949,9 @@ class Worker:
             wait = None if refused else self.store.count_model_call(message, time.time(), [
                 (60, self.settings.user_rate), (86400, self.settings.user_daily)])
             if not refused and wait is None:
-                self.store.start_answer(message, leftovers=Leftovers.DROP)
+                # A menu click's answer opens no quota that earlier answers could use.
+                self.store.start_answer(message, carry=message.msg_type != "event",
+                                        leftovers=Leftovers.DROP)
         if refused:
             log_worker.warning("message %s from %s: question blocked (WXBOT_BLOCKED_WORDS)",
                                message.id, short_id(message.openid))
@@ -2980,7 +3104,7 @@ class Worker:
                     self.store.mark_sent(message, sent_seq, now)
                 rows = self.store.segments(message.id)
                 pick = None if self.mode.passive else next_send(  # passive: the webhook's
-                    rows, self.store.quota(message.id), streaming)
+                    rows, self.store.quota(message), streaming)
                 if pick:
                     self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
                 elif not streaming:
@@ -3111,10 +3235,11 @@ class Webhook:
 
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
-                 acknowledger: Acknowledger | None = None):
+                 acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
         self.mode = mode or DeliveryMode("service", store)
         self.acknowledger = acknowledger
+        self.owner = owner or OwnerFiles(settings)
         self.crypto = (WeChatCrypto(settings.aes_key, settings.appid)
                        if settings.aes_key else None)
         self.replays = ReplayRecord(settings.max_skew)
@@ -3171,16 +3296,29 @@ class Webhook:
             return self.refuse(client, "push", 400, error)
         now = self.clock()
         message_id, pushes = self.store.store_push(push, now)
-        if pushes == 1:
-            self.wakeup.notify()
-            if self.acknowledger and push.msg_type != "event" and not self.mode.passive:
-                self.acknowledger.pushed(message_id, push.openid, now)
-        else:
+        if pushes > 1:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
+        elif not (self.mode.passive and self.fixed_reply(push, message_id)):
+            self.wakeup.notify()
+            if self.acknowledger and not self.mode.passive and (push.msg_type != "event" or
+                    self.owner.replies.prompt_for(push.event, push.fields.get("EventKey", ""))):
+                self.acknowledger.pushed(message_id, push.openid, now)
         if self.mode.passive:
             return 200, self.passive_reply(push, message_id, pushes, query)
         return 200, "success"
+
+    def fixed_reply(self, push: Push, message_id: int) -> bool:
+        """Store a keyword's or a click's fixed reply as this push's passive reply, so that
+        it goes out at once, even while the user's question before it is being answered;
+        False when there is none, or a worker took the message first (its answer comes as
+        any other)."""
+        fixed = self.owner.replies.fixed_reply(push.msg_type, push.content, push.event,
+                                               push.fields.get("EventKey", ""))
+        if not fixed or not self.store.reply_at_once(message_id, fixed[1], self.clock()):
+            return False
+        self.store.bump(fixed[0], self.clock())
+        return True
 
     def passive_reply(self, push: Push, message_id: int, pushes: int,
                       query: Mapping[str, str]) -> str:
@@ -3444,7 +3582,7 @@ class Bot:
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode,
-                               acknowledger=self.acknowledger)
+                               acknowledger=self.acknowledger, owner=self.owner)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
@@ -3671,7 +3809,9 @@ def check(settings: Settings, out) -> int:
         else:
             report(False, f"the model failed: {error}")
     store.close()
-    for path, read, setting in [(settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
+    for path, read, setting in [
+            (settings.replies, Replies.read, "WXBOT_REPLIES"),
+            (settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
         if not path:
             continue
         try:
