@@ -3281,6 +3281,40 @@ def test_workers_pause_while_the_disk_is_full_and_go_on(start_bot, wechat, model
     assert "there is room on the disk again" in caplog.text
 
 
+def test_status_shows_the_queue_and_retry_requeues_a_dead_message(start_bot, wechat, model,
+                                                                  tmp_path, monkeypatch):
+    monkeypatch.setattr(wxbot.Worker, "DELIVERY_TRIES", 2)
+    monkeypatch.setattr(wxbot.Worker, "IDLE_LOOK", 0.5)
+    wechat.intercept = lambda path, body: -1 if body.get("touser") == "oDEADUSER1" else None
+    hold = threading.Event()
+    model.respond = lambda request: ("答：" + request["messages"][-1]["content"]
+                                     if hold.wait(20) else "")
+    bot = start_bot(WXBOT_WORKERS=2)
+    send_text(bot, "oDEADUSER1", "问", 1)
+    hold.set()
+    wait_for(lambda: bot.store.health(time.time())["dead"] == 1)
+    hold.clear()
+    send_text(bot, "oBUSYUSER2", "慢", 2)
+    wait_for(lambda: len(model.requests) == 2)
+    env = env_for(tmp_path, wechat, model)
+    shown = run_wxbot(["status"], env)  # beside the running service
+    assert shown.returncode == 0, shown.stderr
+    waiting, busy, dead = re.split(r"\n(?:in progress|dead): ", shown.stdout.split("waiting: ")[1])
+    assert waiting.strip() == "0"
+    assert busy.startswith("1\n") and "#2 " in busy and wxbot.short_id("oBUSYUSER2") in busy
+    assert dead.startswith("1\n") and "#1 " in dead and wxbot.short_id("oDEADUSER1") in dead
+    assert "errcode -1" in dead and "delivery 2" in dead and "retry ID" in dead
+    wechat.intercept = None
+    hold.set()
+    requeued = run_wxbot(["retry", "1"], env)
+    assert requeued.returncode == 0 and "queued again" in requeued.stdout
+    wait_for(lambda: wechat.texts_to("oDEADUSER1") == ["答：问"])
+    assert model.questions().count("问") == 1  # the stored answer went out; no new question
+    again = run_wxbot(["retry", "1"], env)
+    assert again.returncode == 1 and "not dead" in again.stdout
+    assert run_wxbot(["retry", "x"], env).returncode == 2
+
+
 # Hostile pushes ##############################################################
 
 def cdata(text):

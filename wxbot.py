@@ -12,6 +12,8 @@ Usage:
   python wxbot.py [--env FILE]     serve (settings from the environment and FILE)
   python wxbot.py --help           every setting with its default
   python wxbot.py menu FILE.json   make FILE the account's custom menu (--show, --delete)
+  python wxbot.py status           the queue: waiting, in progress, dead (safe while serving)
+  python wxbot.py retry ID         queue a dead message again
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -1084,10 +1086,14 @@ class Store:
                                  short_id(row["openid"]), INTERRUPTIONS_LIMIT, reason, row["id"])
         return len(rows)
 
-    def finish(self, message: Message, state: State, error: str | None = None) -> None:
+    def finish(self, message: Message, state: State, error: str | None = None,
+               failure: str | None = None) -> None:
+        """End the message in `state`; `failure` names the count the last failure adds to."""
+        assert failure in ("model_failures", "delivery_failures", None)
+        counted = f", {failure} = {failure} + 1" if failure else ""
         with self.transaction() as conn:
             self._leased(conn, message, "UPDATE messages SET state = :state, lease_until = NULL,"
-                         " error = :error", state=state.value, error=error)
+                         " error = :error" + counted, state=state.value, error=error)
 
     def release_all_leases(self) -> int:
         """Put every leased message back: called at start and stop, when no worker runs."""
@@ -3143,7 +3149,7 @@ class Worker:
             log_worker.error("message %s: giving up after %d failed deliveries (state dead, "
                              "kept: `python wxbot.py status`, `python wxbot.py retry %s`): %s",
                              message.id, failures, message.id, error.hint())
-            self.store.finish(message, State.DEAD, str(error))
+            self.store.finish(message, State.DEAD, str(error), "delivery_failures")
             return
         delay = self._backoff(failures)
         if error.errcode in (40164, 45011):  # whitelist or per-minute limit: not a hot loop
@@ -3662,6 +3668,99 @@ def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int
     return 0
 
 
+def age_text(seconds: float) -> str:
+    """A duration as an operator reads it at a glance: 45s, 12m, 3h 05m, 2d 4h."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+#: `status` lists at most this many messages of each state, oldest first.
+STATUS_ROWS = 20
+
+
+def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
+    """The database of a service that may be running: no migration, readers never block it."""
+    if not os.path.exists(settings.db):
+        print(f"no database at {settings.db} (check WXBOT_DB, or --env FILE)", file=out)
+        return None
+    conn = sqlite3.connect(settings.db, timeout=15, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version != SCHEMA_VERSION:
+        print(f"{settings.db} has schema {version}, this wxbot reads {SCHEMA_VERSION}: start "
+              f"this wxbot once to bring it up to date", file=out)
+        conn.close()
+        return None
+    return conn
+
+
+def status(settings: Settings, out, now: float | None = None) -> int:
+    """The queue from the database: waiting, in progress and dead messages, oldest first."""
+    now = time.time() if now is None else now
+    conn = open_for_operator(settings, out)
+    if conn is None:
+        return 1
+    with contextlib.closing(conn):
+        print(f"queue in {settings.db} at {time.strftime('%Y-%m-%d %H:%M:%S')}", file=out)
+        for state, title in ((State.QUEUED, "waiting"), (State.LEASED, "in progress"),
+                             (State.DEAD, "dead")):
+            total = conn.execute("SELECT messages FROM state_counts WHERE state = ?",
+                                 (state.value,)).fetchone()[0]
+            print(f"\n{title}: {total}", file=out)
+            for row in conn.execute(
+                    "SELECT id, openid, msg_type, event, received_at, not_before, lease_until,"
+                    " error, model_failures, delivery_failures, interruptions FROM messages"
+                    " WHERE state = ? ORDER BY id LIMIT ?", (state.value, STATUS_ROWS)):
+                if state is State.LEASED:
+                    note = f"lease ends in {age_text(row['lease_until'] - now)}"
+                elif state is State.QUEUED and row["not_before"] > now:
+                    note = f"next try in {age_text(row['not_before'] - now)}"
+                else:
+                    note = ""
+                failures = (f"failures: model {row['model_failures']}, delivery "
+                            f"{row['delivery_failures']}, interrupted {row['interruptions']}"
+                            if row["model_failures"] + row["delivery_failures"] +
+                            row["interruptions"] else "")
+                reason = "; ".join(part for part in (note, failures, row["error"] or "") if part)
+                print(f"  #{row['id']:<6} {age_text(now - row['received_at']):>7} old  "
+                      f"{short_id(row['openid']):<10} {row['event'] or row['msg_type']:<10}"
+                      f" {reason}".rstrip(), file=out)
+            if total > STATUS_ROWS:
+                print(f"  ... and {total - STATUS_ROWS} more", file=out)
+        if conn.execute("SELECT 1 FROM messages WHERE state = 'dead' LIMIT 1").fetchone():
+            print("\nto try a dead message again: python wxbot.py retry ID", file=out)
+    return 0
+
+
+def retry(settings: Settings, message_id: int, out) -> int:
+    """Queue a dead message again, its failure counts cleared; the service takes it within
+    a minute (Worker.IDLE_LOOK)."""
+    conn = open_for_operator(settings, out)
+    if conn is None:
+        return 1
+    with contextlib.closing(conn):
+        conn.execute("PRAGMA foreign_keys=ON")
+        requeued = conn.execute(
+            "UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
+            " model_failures = 0, delivery_failures = 0, interruptions = 0, error = NULL"
+            " WHERE id = ? AND state = 'dead'", (message_id,)).rowcount
+        if not requeued:
+            row = conn.execute("SELECT state FROM messages WHERE id = ?",
+                               (message_id,)).fetchone()
+            print(f"message {message_id} " + (f"is {row[0]}, not dead: nothing to do" if row
+                                              else "is not in the database"), file=out)
+            return 1
+    print(f"message {message_id} is queued again; the running wxbot takes it within a minute",
+          file=out)
+    return 0
+
+
 def check(settings: Settings, out) -> int:
     """Try every setting for real: the database, an access token, one tiny model request."""
     failures = 0
@@ -3781,11 +3880,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="serve",
-                        choices=["serve", "check", "chat", "menu"],
+                        choices=["serve", "check", "chat", "menu", "status", "retry"],
                         help="serve (default): run the bot; check: try the settings for real; "
                              "chat: talk to the model in this console; menu FILE.json: make "
-                             "the file the account's custom menu")
-    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)
+                             "the file the account's custom menu; status: the queue, with "
+                             "dead messages and why; retry ID: queue a dead message again")
+    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)  # menu's FILE, retry's ID
     parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
     parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
@@ -3794,7 +3894,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     args = parser.parse_args(argv)
     if args.command == "menu" and (args.file is not None) + args.show + args.delete != 1:
         parser.error("menu takes one of: FILE.json, --show, --delete")
-    elif args.command != "menu" and (args.file or args.show or args.delete):
+    elif args.command == "retry" and not (args.file or "").isdigit():
+        parser.error("retry takes the id of a dead message, as `status` shows it")
+    elif args.command not in ("menu", "retry") and (args.file or args.show or args.delete):
         parser.error("FILE, --show and --delete go with the menu command")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -3812,6 +3914,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                    **env}
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
+        if args.command in ("status", "retry"):  # the database only
+            env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+                   "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
     except SettingsError as error:
         for problem in error.problems:
@@ -3823,6 +3928,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
     if args.command == "check":
         return check(settings, sys.stdout)
+    if args.command == "status":
+        return status(settings, sys.stdout)
+    if args.command == "retry":
+        return retry(settings, int(args.file), sys.stdout)
     if args.command == "menu":
         return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
     try:
