@@ -12,6 +12,8 @@ Usage:
   python wxbot.py [--env FILE]     serve (settings from the environment and FILE)
   python wxbot.py --help           every setting with its default
   python wxbot.py menu FILE.json   make FILE the account's custom menu (--show, --delete)
+  python wxbot.py status           the queue: waiting, in progress, dead (safe while serving)
+  python wxbot.py retry ID         queue a dead message again
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -21,12 +23,15 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
+import collections
 import contextlib
 import dataclasses
 import enum
 import hashlib
 import heapq
 import hmac
+import io
 import itertools
 import json
 import logging
@@ -45,8 +50,8 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-import xml.etree.ElementTree as ElementTree
-from typing import Callable, Iterator, Mapping
+import xml.parsers.expat
+from typing import Callable, Container, Iterator, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
@@ -156,6 +161,31 @@ def _optional_url(value: str) -> str:
     return _url(value) if value.strip() else ""
 
 
+#: Query parameters that carry a credential (?api_key=..., Azure's ?code=...).
+CREDENTIAL_PARAM = re.compile(r"key|token|secret|sig|pass|auth|code|credential", re.I)
+
+
+def url_credentials(url: str) -> list[str]:
+    """The credentials written into a URL: user:password@ and key-like query values."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    found = userinfo.split(":", 1) if userinfo else []
+    found += [value for name, _, value in (pair.partition("=") for pair in parts.query.split("&"))
+              if CREDENTIAL_PARAM.search(name)]
+    return [form for raw in found if raw for form in {raw, urllib.parse.unquote(raw)}]
+
+
+def masked_url(url: str) -> str:
+    """The URL with its credentials replaced by ***, for the log and the console."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    query = "&".join(f"{name}=***" if sep and CREDENTIAL_PARAM.search(name) else pair
+                     for pair in parts.query.split("&") if pair
+                     for name, sep, _ in [pair.partition("=")])
+    return urllib.parse.urlunsplit(parts._replace(
+        netloc=host if host == parts.netloc else f"***@{host}", query=query))
+
+
 def _url_path(value: str) -> str:
     value = value.strip()
     if not value.startswith("/") or value in ("/healthz",) or any(c in value for c in "?# "):
@@ -170,6 +200,18 @@ def _flag(value: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"must be 1 or 0, got {value.strip()!r}")
+
+
+def _token(value: str) -> str:
+    value = _text(value)
+    # WeChat allows 3 to 32 characters; one signed URL from a log is enough to recover a short
+    # token by trying every candidate, and with it to sign any push.
+    if not 8 <= len(value) <= 32:
+        raise ValueError(
+            f"must be 8 to 32 letters or digits, got {len(value)} characters: choose a new Token "
+            f"in 公众号后台 → 设置与开发 → 基本配置 → 服务器配置 → 修改配置, put the same value "
+            f"here, restart wxbot, then 提交 the 服务器配置")
+    return value
 
 
 def _aes_key(value: str) -> str:
@@ -208,7 +250,7 @@ class Setting:
 
 #: Every setting, in the order --help and the start-up log show them.
 SETTINGS: dict[str, Setting] = {
-    "token": Setting("WXBOT_TOKEN", None, _text,
+    "token": Setting("WXBOT_TOKEN", None, _token,
                      "Token from 公众号后台 → 服务器配置 (signs every push)", secret=True),
     "appid": Setting("WXBOT_APPID", None, _text, "AppID (开发者ID) of the account"),
     "appsecret": Setting("WXBOT_APPSECRET", None, _text, "AppSecret (开发者密码)", secret=True),
@@ -233,6 +275,9 @@ SETTINGS: dict[str, Setting] = {
                        "message sent on subscribe (empty: none)"),
     "admins": Setting("WXBOT_ADMINS", "", _openids,
                       "openids (comma-separated) that may send /stats"),
+    "replies": Setting("WXBOT_REPLIES", "", _optional_text,
+                       "JSON file of fixed replies to keywords and menu clicks, no model "
+                       "(empty: none; re-read when it changes)"),
     "blocked_words": Setting("WXBOT_BLOCKED_WORDS", "", _optional_text,
                              "file of blocked words, one a line: questions with one are not "
                              "asked, answers have them masked (empty: none)"),
@@ -295,6 +340,7 @@ class Settings:
     system_prompt: str
     welcome: str
     admins: tuple
+    replies: str
     blocked_words: str
     blocked_reply: str
     vision: bool
@@ -338,7 +384,9 @@ class Settings:
     def secrets(self) -> list[str]:
         """The secret values, for the log filter that keeps them out of every line."""
         return [getattr(self, name) for name, s in SETTINGS.items() if s.secret
-                and getattr(self, name)]
+                and getattr(self, name)] + [
+            credential for name, s in SETTINGS.items() if s.parse in (_url, _optional_url)
+            for credential in url_credentials(getattr(self, name))]
 
     def describe(self) -> str:
         """The effective settings for the start-up log, secrets masked."""
@@ -347,6 +395,8 @@ class Settings:
             value = getattr(self, name)
             if setting.secret:
                 value = "(set)" if value else "(not set)"
+            elif setting.parse in (_url, _optional_url):
+                value = masked_url(value)
             elif name == "admins":
                 value = ",".join(short_id(openid) for openid in value)
             elif name in ("system_prompt", "welcome", "blocked_reply"):
@@ -384,24 +434,48 @@ def read_env_file(path: str) -> dict[str, str]:
 ###############################################################################
 
 class SecretFilter(logging.Filter):
-    """Scrubs secrets and access tokens from every log record, whatever put them there."""
+    """Scrubs secrets and access tokens from every log record, whatever put them there.
+
+    A secret of 8 characters or more is masked wherever it appears; a shorter one (a local
+    model's API key may be "ollama") only where it stands alone, so it does not garble words.
+    """
 
     TOKEN_IN_URL = re.compile(r"(access_token=)[^&\s'\"]+")
 
     def __init__(self):
         super().__init__()
         self._secrets: set[str] = set()
+        # A fetched access token replaces the one before, which expires in minutes at most:
+        # the current and the previous are masked, older ones are no longer kept.
+        self._access_tokens: collections.deque[str] = collections.deque(maxlen=2)
+        self._pattern: re.Pattern | None = None
+        self._lock = threading.Lock()
 
     def add(self, secret: str) -> None:
-        if secret and len(secret) >= 6:
-            self._secrets.add(secret)
+        """A secret from the settings, masked for the life of the process."""
+        if secret and secret not in self._secrets:
+            with self._lock:
+                self._secrets.add(secret)
+                self._compile()
+
+    def add_access_token(self, token: str) -> None:
+        """The access token in use; called on every use, so it costs nothing when unchanged."""
+        if token and token not in self._access_tokens:
+            with self._lock:
+                if token not in self._access_tokens:
+                    self._access_tokens.append(token)
+                    self._compile()
+
+    def _compile(self) -> None:
+        secrets = sorted(self._secrets | set(self._access_tokens), key=len, reverse=True)
+        self._pattern = re.compile("|".join(
+            re.escape(secret) if len(secret) >= 8 else rf"(?<![\w-]){re.escape(secret)}(?![\w-])"
+            for secret in secrets))
 
     def scrub(self, text: str) -> str:
         text = self.TOKEN_IN_URL.sub(r"\1***", text)
-        for secret in list(self._secrets):
-            if secret in text:
-                text = text.replace(secret, "***")
-        return text
+        pattern = self._pattern
+        return pattern.sub("***", text) if pattern else text
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -414,6 +488,35 @@ class SecretFilter(logging.Filter):
 
 #: Installed on the root handlers by main() and by tests; the token client adds new tokens.
 SECRET_FILTER = SecretFilter()
+
+
+class LogThrottle:
+    """At most one log line per key (a client address) per `period` seconds.
+
+    Refused requests come at an attacker's pace; the log should not. At most `capacity` keys
+    are remembered; when all of them logged within the period, a new key stays quiet.
+    """
+
+    def __init__(self, period: float = 60.0, capacity: int = 10000):
+        self.period, self.capacity = period, capacity
+        # key -> [when it last logged, lines held back since], oldest line first
+        self._logged: collections.OrderedDict[str, list] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def allow(self, key: str, now: float) -> int | None:
+        """None: stay quiet; else log, with the number of lines held back since the last."""
+        with self._lock:
+            entry = self._logged.get(key)
+            if entry is not None and entry[0] > now - self.period:
+                entry[1] += 1
+                return None
+            if entry is None and len(self._logged) >= self.capacity:
+                if next(iter(self._logged.values()))[0] > now - self.period:
+                    return None
+                self._logged.popitem(last=False)
+            self._logged[key] = [now, 0]
+            self._logged.move_to_end(key)
+            return entry[1] if entry else 0
 
 
 def short_id(openid: str) -> str:
@@ -433,6 +536,7 @@ class Kind(enum.Enum):
     RESET = "reset"        # forget the conversation and the rest of the last answer
     HELP = "help"
     STATS = "stats"        # for admins; an ordinary question for everyone else
+    KEYWORD = "keyword"    # one of the owner's keywords (WXBOT_REPLIES): a fixed reply
     EVENT = "event"        # subscribe, CLICK, LOCATION...: answered as an event, never a question
 
 
@@ -463,14 +567,18 @@ WORDS: dict[str, Kind] = {normalise(word): kind for words, kind in [
     (("/stats",), Kind.STATS)] for word in words}
 
 
-def classify(msg_type: str, content: str | None) -> Intent:
-    """What a message is. The one place that decides it: service and passive replies and the
-    merging of quick follow-ups all ask here. A spoken command counts as typed."""
+def classify(msg_type: str, content: str | None, keywords: Container[str] = ()) -> Intent:
+    """What a message is. The one place that decides it: service and passive replies, the
+    merging of quick follow-ups and the fixed replies all ask here. A spoken command counts
+    as typed. `keywords` are the owner's, normalised (Replies.keywords)."""
     if msg_type == "event":
         return Intent(Kind.EVENT, "")
     text = (content or "").strip()
-    kind = WORDS.get(normalise(text)) if msg_type in ("text", "voice") else None
-    return Intent(kind or Kind.QUESTION, text)
+    if msg_type not in ("text", "voice"):
+        return Intent(Kind.QUESTION, text)
+    word = normalise(text)
+    kind = WORDS.get(word) or (Kind.KEYWORD if word in keywords else Kind.QUESTION)
+    return Intent(kind, text)
 
 
 ###############################################################################
@@ -642,6 +750,20 @@ class LeaseLost(Exception):
     """The lease expired and the message went back to the queue: stop, another worker has it."""
 
 
+def create_private(path: str) -> None:
+    """Create the database file readable by its owner only, before SQLite opens it: SQLite
+    gives the -wal and -shm files the database file's permissions. Messages are private."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        mode = os.stat(path).st_mode & 0o777
+        if mode & 0o077:
+            log.warning("the database %s is readable by other users (mode %o): run "
+                        "chmod 600 %s*", path, mode, path)
+
+
 class Store:
     """The SQLite database: queue, segments, history and the token cache."""
 
@@ -649,6 +771,7 @@ class Store:
         if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING claims a message
             raise RuntimeError(f"SQLite 3.35 or newer is needed; this Python has "
                                f"{sqlite3.sqlite_version} (use Debian 12 / Ubuntu 22.04 or newer)")
+        create_private(path)
         self.path = path
         self.busy_timeout = busy_timeout
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
@@ -963,10 +1086,14 @@ class Store:
                                  short_id(row["openid"]), INTERRUPTIONS_LIMIT, reason, row["id"])
         return len(rows)
 
-    def finish(self, message: Message, state: State, error: str | None = None) -> None:
+    def finish(self, message: Message, state: State, error: str | None = None,
+               failure: str | None = None) -> None:
+        """End the message in `state`; `failure` names the count the last failure adds to."""
+        assert failure in ("model_failures", "delivery_failures", None)
+        counted = f", {failure} = {failure} + 1" if failure else ""
         with self.transaction() as conn:
             self._leased(conn, message, "UPDATE messages SET state = :state, lease_until = NULL,"
-                         " error = :error", state=state.value, error=error)
+                         " error = :error" + counted, state=state.value, error=error)
 
     def release_all_leases(self) -> int:
         """Put every leased message back: called at start and stop, when no worker runs."""
@@ -1069,11 +1196,13 @@ class Store:
                                 " AND carried = 0 ORDER BY seq", (message_id,)).fetchall()
         return "\n\n".join(row[0] for row in rows)
 
-    def merge_followups(self, message: Message, now: float) -> list[str]:
+    def merge_followups(self, message: Message, now: float,
+                        keywords: Container[str] = ()) -> list[str]:
         """Texts the user sent right after this one and that still wait: asked together.
 
         Phones split one question over several quick messages; they get one answer.
-        Returns every text merged into this message so far, oldest first.
+        Returns every text merged into this message so far, oldest first. `keywords` (the
+        owner's) are no question: they keep their fixed reply.
         """
         with self.transaction() as conn:
             self._check_lease(conn, message)
@@ -1084,7 +1213,8 @@ class Store:
             merged, previous = [], message.received_at
             for row in waiting:  # up to the first that is no quick question typed
                 if row["msg_type"] != "text" or not (row["content"] or "").strip() or \
-                        classify(row["msg_type"], row["content"]).kind is not Kind.QUESTION \
+                        classify(row["msg_type"], row["content"], keywords).kind \
+                        is not Kind.QUESTION \
                         or row["received_at"] - previous > MERGE_WINDOW:
                     break
                 merged.append(row["id"])
@@ -1127,6 +1257,18 @@ class Store:
                     " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,)))
         return row[2], more
 
+    def reply_at_once(self, message_id: int, text: str, now: float) -> bool:
+        """Answer a message no worker has taken with one passive reply, sent as this push's
+        reply (its retries get it again); False when a worker took it first."""
+        with self.transaction() as conn:
+            if conn.execute("UPDATE messages SET state = 'done', answered_at = :now"
+                            " WHERE id = :id AND state = 'queued'",
+                            {"id": message_id, "now": now}).rowcount != 1:
+                return False
+            conn.execute("INSERT INTO segments (message_id, seq, content, sent_at, replied_to)"
+                         " VALUES (?, 0, ?, ?, ?)", (message_id, text, now, message_id))
+        return True
+
     def settled(self, message_id: int) -> bool:
         """Whether a message is answered (or needs no answer): nothing more will come of it."""
         with self.connection() as conn:
@@ -1167,10 +1309,11 @@ class Store:
                                              now + 3 * 86400) for message_id in noted])
         return noted
 
-    def quota(self, message_id: int) -> int:
+    def quota(self, message: Message) -> int:
         """Customer-service messages the answer to a message may use: WeChat's 5 per user
-        message (45047), less the queue line if one went out for it."""
-        return QUOTA - (self.get_kv(QUEUE_LINE_KEY.format(message_id), 0) is not None)
+        message, 3 per menu click or follow (45047), less the queue line if one went out."""
+        allowed = EVENT_QUOTA if message.msg_type == "event" else QUOTA
+        return allowed - (self.get_kv(QUEUE_LINE_KEY.format(message.id), 0) is not None)
 
     def mark_sent(self, message: Message, seq: int, now: float) -> None:
         with self.transaction() as conn:
@@ -1437,28 +1580,69 @@ class WeChatCrypto:
                 f"<Nonce><![CDATA[{nonce}]]></Nonce></xml>").encode("utf-8")
 
 
-#: WeChat's XML is one flat <xml> of short fields; anything else is refused before parsing.
+#: WeChat's XML is one <xml> of short fields; some events nest a few levels (WECHAT.md §8).
 MAX_FIELDS = 64
-DECLARATION = re.compile(rb"<!(?!\[CDATA\[)")
+MAX_DEPTH = 8
+#: Byte-order marks: a push in UTF-16 or UTF-32 is refused, whatever it declares.
+BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def parse_xml(body: bytes) -> dict[str, str]:
-    """The fields of a flat <xml> push. No DOCTYPE or entity is ever read (billion laughs, XXE)."""
-    if DECLARATION.search(body):
-        raise BadPush("XML declarations (DOCTYPE, ENTITY) are not allowed")
+    """The fields of an <xml> push: each child's text; a child with children of its own is "".
+
+    UTF-8 only. The parser itself refuses a DOCTYPE or an entity declaration, so no entity is
+    ever expanded (billion laughs, XXE), while markup quoted inside CDATA stays the user's text.
+    """
+    # Expat detects UTF-16 on its own; "<" in UTF-16 or UTF-32 always holds a NUL byte, and
+    # NUL is never valid XML.
+    if body.startswith(BOMS) or b"\x00" in body:
+        raise BadPush("the body is not UTF-8 (a byte-order mark or a NUL byte)")
+    fields: dict[str, str] = {}
+    depth, text, nested = 0, [], False
+
+    def declaration(version, encoding, standalone):
+        if encoding and encoding.lower() not in ("utf-8", "utf8"):
+            raise BadPush(f"the XML declares encoding {encoding[:20]!r}; WeChat sends UTF-8")
+
+    def refuse_declaration(*args):
+        raise BadPush("DOCTYPE and ENTITY declarations are not allowed")
+
+    def start(tag, attributes):
+        nonlocal depth, nested
+        if depth == 0 and tag != "xml":
+            raise BadPush(f"root element is <{tag[:20]}>, expected <xml>")
+        if depth == MAX_DEPTH:
+            raise BadPush("elements nested too deeply")
+        if depth == 1:
+            if len(fields) >= MAX_FIELDS and tag not in fields:
+                raise BadPush("too many fields")
+            text.clear()
+            nested = False
+        nested = nested or depth >= 2
+        depth += 1
+
+    def end(tag):
+        nonlocal depth
+        depth -= 1
+        if depth == 1:
+            fields[tag] = "" if nested else "".join(text).strip()
+
+    def characters(data):
+        if depth == 2:
+            text.append(data)
+
+    parser = xml.parsers.expat.ParserCreate("utf-8")
+    parser.buffer_text = True
+    parser.XmlDeclHandler = declaration
+    parser.StartDoctypeDeclHandler = refuse_declaration
+    parser.EntityDeclHandler = refuse_declaration
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = characters
     try:
-        root = ElementTree.fromstring(body)
-    except (ElementTree.ParseError, ValueError) as error:
-        raise BadPush(f"malformed XML: {error}") from None
-    if root.tag != "xml":
-        raise BadPush(f"root element is <{root.tag[:20]}>, expected <xml>")
-    if len(root) > MAX_FIELDS:
-        raise BadPush("too many fields")
-    fields = {}
-    for child in root:
-        if len(child) and child.tag not in ("ScanCodeInfo", "SendPicsInfo", "SendLocationInfo"):
-            raise BadPush(f"<{child.tag[:20]}> is nested")
-        fields[child.tag] = (child.text or "").strip() if not len(child) else ""
+        parser.Parse(body, True)
+    except xml.parsers.expat.ExpatError as error:
+        raise BadPush(f"malformed XML: {xml.parsers.expat.ErrorString(error.code)}") from None
     return fields
 
 
@@ -1606,7 +1790,7 @@ class WeChatAPI:
         now = time.time() if now is None else now
         token = self.store.get_kv("access_token", now + self.REFRESH_AHEAD)
         if token:
-            SECRET_FILTER.add(token)
+            SECRET_FILTER.add_access_token(token)
             return token
         with self._lock:  # one refresh at a time; the others use what it fetched
             token = self.store.get_kv("access_token", now + self.REFRESH_AHEAD)
@@ -1619,7 +1803,7 @@ class WeChatAPI:
         token, expires_in = answer.get("access_token"), answer.get("expires_in", 7200)
         if not isinstance(token, str) or not token:
             raise WeChatError(None, "stable_token answered without access_token")
-        SECRET_FILTER.add(token)
+        SECRET_FILTER.add_access_token(token)
         self.store.set_kv("access_token", token, time.time() + float(expires_in))
         log_wechat.info("fetched a new access token (valid %s s)", expires_in)
         return token
@@ -1652,7 +1836,7 @@ class WeChatAPI:
                   {"touser": openid, "msgtype": "text", "text": {"content": text}})
 
     def menu_create(self, menu: dict) -> None:
-        """Replace the custom menu (raw UTF-8 matters here too: escaped names show as \\u...)."""
+        """Replace the custom menu with exactly this one (sent as raw UTF-8, as every call)."""
         self.call("/cgi-bin/menu/create", menu)
 
     def menu_current(self) -> dict:
@@ -1843,6 +2027,8 @@ class Model:
 SEGMENT_BYTES = 2048
 #: Customer-service messages allowed per user message within 48 h (45047).
 QUOTA = 5
+#: A follow, a menu click or a QR scan allows 3 messages within a minute (WECHAT.md §4).
+EVENT_QUOTA = 3
 #: Every segment leaves room for the "继续" line, which the 5th gets when more follows.
 SEGMENT_LIMIT = SEGMENT_BYTES - len(CONTINUE_TAIL.encode("utf-8"))
 SENTENCE_END = re.compile(r"[。！？!?；;…]+[”’\"')）]*|\.(?=\s)")
@@ -2313,6 +2499,83 @@ def masked_stream(pieces: Iterator[str], words: BlockedWords) -> Iterator[str]:
         yield rest
 
 
+@dataclasses.dataclass
+class Replies:
+    """The owner's fixed replies (WXBOT_REPLIES): to keywords, compared as classify() compares
+    words, and to menu clicks by EventKey: a text, or a question the model answers."""
+
+    keywords: dict = dataclasses.field(default_factory=dict)  # normalised keyword -> text
+    clicks: dict = dataclasses.field(default_factory=dict)    # EventKey -> text
+    prompts: dict = dataclasses.field(default_factory=dict)   # EventKey -> question
+
+    @classmethod
+    def read(cls, path: str) -> "Replies":
+        """The replies in a file, checked; FileProblem names every problem with its path."""
+        value = read_json_file(path)
+        if not isinstance(value, dict):
+            raise FileProblem(path, ['the file must be an object: {"keywords": {...}, '
+                                     '"clicks": {...}}'])
+        problems = [f"{key}: unknown field (use keywords and clicks)" for key in value
+                    if key not in ("keywords", "clicks")]
+        replies = cls()
+        for section in ("keywords", "clicks"):
+            entries = value.get(section, {})
+            if not isinstance(entries, dict):
+                problems.append(f"{section}: must be an object")
+                continue
+            for key, reply in entries.items():
+                problems += replies._add(section, key, reply)
+        if problems:
+            raise FileProblem(path, problems)
+        return replies
+
+    def _add(self, section: str, key: str, reply: object) -> list[str]:
+        path = f"{section}.{key}"
+        if section == "clicks" and isinstance(reply, dict):
+            prompt = reply.get("prompt")
+            if set(reply) != {"prompt"} or not isinstance(prompt, str) or not prompt.strip():
+                return [f'{path}: a click for the model is {{"prompt": "the question"}}']
+            self.prompts[key] = prompt.strip()
+            return []
+        if not isinstance(reply, str) or not reply.strip():
+            return [f"{path}: the reply must be a text" + (
+                ' or {"prompt": "a question for the model"}' if section == "clicks" else "")]
+        if utf8_len(reply.strip()) > SEGMENT_BYTES:
+            return [f"{path}: the reply is {utf8_len(reply.strip())} bytes; one WeChat message "
+                    f"holds {SEGMENT_BYTES}"]
+        if section == "clicks":
+            self.clicks[key] = reply.strip()
+            return []
+        word = normalise(key)
+        if not word:
+            return [f"{path}: a keyword needs a letter or a character, not only punctuation"]
+        if classify("text", key).kind is not Kind.QUESTION:
+            return [f"{path}: {key!r} is one of wxbot's own commands"]
+        if word in self.keywords:
+            return [f"{path}: the same keyword as another one (spaces, punctuation, case "
+                    f"and width do not count)"]
+        self.keywords[word] = reply.strip()
+        return []
+
+    def describe(self) -> str:
+        return (f"{len(self.keywords)} keyword replies, {len(self.clicks)} click replies, "
+                f"{len(self.prompts)} clicks for the model")
+
+    def prompt_for(self, event: str | None, event_key: str) -> str | None:
+        """The question a menu click asks the model for the user, if it is one that does."""
+        return self.prompts.get(event_key) if event == "CLICK" else None
+
+    def fixed_reply(self, msg_type: str, content: str | None, event: str | None,
+                    event_key: str) -> tuple[str, str] | None:
+        """(counter, text) when the message gets a fixed reply without the model."""
+        if msg_type == "event":
+            reply = self.clicks.get(event_key) if event == "CLICK" else None
+            return ("click_replies", reply) if reply else None
+        if classify(msg_type, content, self.keywords).kind is Kind.KEYWORD:
+            return "keyword_replies", self.keywords[normalise(content)]
+        return None
+
+
 class OwnerFile:
     """A file the owner edits while wxbot runs (replies, blocked words): re-read when its
     modification time, size or inode changes, or on SIGHUP. A broken edit keeps what was
@@ -2359,13 +2622,19 @@ class OwnerFiles:
     """The owner's fixed replies and blocked words, each re-read when its file changes."""
 
     def __init__(self, settings: Settings):
+        self.replies_file = OwnerFile(settings.replies, Replies.read, Replies())
         self.blocked_file = OwnerFile(settings.blocked_words, BlockedWords.read, BlockedWords())
+
+    @property
+    def replies(self) -> Replies:
+        return self.replies_file.current()
 
     @property
     def blocked(self) -> BlockedWords:
         return self.blocked_file.current()
 
     def stale(self) -> None:
+        self.replies_file.stale()
         self.blocked_file.stale()
 
 
@@ -2626,7 +2895,19 @@ class Worker:
     def plan(self, message: Message) -> int | None:
         """Decide and store what to send; the number of segments, or None to retry later."""
         now = time.time()
-        intent = classify(message.msg_type, message.content)
+        replies = self.owner.replies
+        event_key = message.fields.get("EventKey", "")
+        fixed = replies.fixed_reply(message.msg_type, message.content, message.event, event_key)
+        if fixed:  # no model, and no count against the user's limits
+            counter, line = fixed
+            planned = self.store.save_answer(message, [line], now,
+                                             carry=message.msg_type != "event")
+            self.store.bump(counter, now)
+            return planned
+        prompt = replies.prompt_for(message.event, event_key)
+        if prompt:
+            return self.answer_text(message, prompt)
+        intent = classify(message.msg_type, message.content, replies.keywords)
         text = intent.text
         if intent.kind is Kind.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
@@ -2661,7 +2942,7 @@ class Worker:
         blocked = self.owner.blocked
         with self.store.transaction():  # one commit: follow-ups, the call counted, carried
             question = "\n".join(part for part in [question, *self.store.merge_followups(
-                message, time.time())] if part) or IMAGE_PROMPT
+                message, time.time(), self.owner.replies.keywords)] if part) or IMAGE_PROMPT
             if len(question) > MAX_QUESTION_CHARS:
                 question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
                     chars=MAX_QUESTION_CHARS)
@@ -2670,7 +2951,9 @@ class Worker:
             wait = None if refused else self.store.count_model_call(message, time.time(), [
                 (60, self.settings.user_rate), (86400, self.settings.user_daily)])
             if not refused and wait is None:
-                self.store.start_answer(message, leftovers=Leftovers.DROP)
+                # A menu click's answer opens no quota that earlier answers could use.
+                self.store.start_answer(message, carry=message.msg_type != "event",
+                                        leftovers=Leftovers.DROP)
         if refused:
             log_worker.warning("message %s from %s: question blocked (WXBOT_BLOCKED_WORDS)",
                                message.id, short_id(message.openid))
@@ -2823,7 +3106,7 @@ class Worker:
                     self.store.mark_sent(message, sent_seq, now)
                 rows = self.store.segments(message.id)
                 pick = None if self.mode.passive else next_send(  # passive: the webhook's
-                    rows, self.store.quota(message.id), streaming)
+                    rows, self.store.quota(message), streaming)
                 if pick:
                     self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
                 elif not streaming:
@@ -2868,7 +3151,7 @@ class Worker:
             log_worker.error("message %s: giving up after %d failed deliveries (state dead, "
                              "kept: `python wxbot.py status`, `python wxbot.py retry %s`): %s",
                              message.id, failures, message.id, error.hint())
-            self.store.finish(message, State.DEAD, str(error))
+            self.store.finish(message, State.DEAD, str(error), "delivery_failures")
             return
         delay = self._backoff(failures)
         if error.errcode in (40164, 45011):  # whitelist or per-minute limit: not a hot loop
@@ -2884,6 +3167,47 @@ class Worker:
 
 #: WeChat's pushes are a few KB; anything bigger is refused unread.
 MAX_BODY = 1024 * 1024
+#: What a refused request is answered; the log line (at most one a minute) says why.
+REFUSALS = {400: "bad request", 403: "forbidden", 411: "length required", 413: "too large"}
+#: With WXBOT_MAX_SKEW=0 no timestamp is too old; a used signed URL is remembered this long.
+UNCHECKED_REPLAY_WINDOW = 300
+
+
+class ReplayRecord:
+    """The (timestamp, nonce) pairs of recent pushes, each with a digest of its body.
+
+    WeChat's signature covers token, timestamp and nonce, not the body, so one captured query
+    string (an access log, a proxy) would sign any body. The same pair with the same body is
+    WeChat retrying; with another body it is a replay, refused. A pair is kept until its
+    timestamp is older than WXBOT_MAX_SKEW, when the signature check refuses it anyway: memory
+    holds one window of pushes. In memory only: a restart forgets it (see README, Security).
+    """
+
+    def __init__(self, max_skew: int):
+        self.max_skew = max_skew
+        self._digests: dict[tuple[str, str], bytes] = {}
+        self._expiry: list[tuple[float, tuple[str, str]]] = []  # a heap, soonest first
+        self._lock = threading.Lock()
+
+    def check(self, timestamp: str, nonce: str, body: bytes, now: float) -> None:
+        """Record this pair; raise Forbidden when it was seen with another body."""
+        digest = hashlib.blake2b(body, digest_size=16).digest()
+        pair = (timestamp, nonce)
+        expires = (int(timestamp) + self.max_skew if self.max_skew
+                   else now + UNCHECKED_REPLAY_WINDOW)
+        with self._lock:
+            while self._expiry and self._expiry[0][0] < now:
+                del self._digests[heapq.heappop(self._expiry)[1]]
+            seen = self._digests.setdefault(pair, digest)
+            if seen is digest:
+                heapq.heappush(self._expiry, (expires, pair))
+        if seen != digest:
+            raise Forbidden("this signed URL (timestamp and nonce) already came with another "
+                            "body: a replayed URL, refused")
+
+    def __len__(self) -> int:
+        """How many pairs are held: one window of pushes."""
+        return len(self._digests)
 
 
 def query_dict(environ: dict) -> dict[str, str]:
@@ -2913,47 +3237,90 @@ class Webhook:
 
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
-                 acknowledger: Acknowledger | None = None):
+                 acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
         self.mode = mode or DeliveryMode("service", store)
         self.acknowledger = acknowledger
+        self.owner = owner or OwnerFiles(settings)
         self.crypto = (WeChatCrypto(settings.aes_key, settings.appid)
                        if settings.aes_key else None)
+        self.replays = ReplayRecord(settings.max_skew)
+        self.refusals = LogThrottle()
         self.accepting = True
 
-    def verify(self, query: Mapping[str, str]) -> tuple[int, str]:
+    def verify(self, query: Mapping[str, str], client: str = "") -> tuple[int, str]:
         """GET: the server check WeChat makes when the URL is saved in 公众号后台."""
         try:
             check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
         except Forbidden as error:
-            log_web.warning("verification refused: %s", error)
-            return 403, "forbidden"
+            return self.refuse(client, "verification", 403, error)
         return 200, query.get("echostr", "")
 
-    def receive(self, query: Mapping[str, str], body: bytes) -> tuple[int, str]:
+    def before_body(self, query: Mapping[str, str], length: int,
+                    client: str = "") -> tuple[int, str] | None:
+        """POST, before its body is read: a refusal, or None to read the body and receive it.
+
+        A request that is unsigned, stale or too big costs no read: a client cannot make
+        wxbot wait for a body it will refuse anyway.
+        """
+        if not self.accepting:
+            return 503, "stopping"
+        try:
+            self.check_query(query)
+        except Forbidden as error:
+            return self.refuse(client, "push", 403, error)
+        except BadPush as error:
+            return self.refuse(client, "push", 400, error)
+        if length > MAX_BODY:
+            return self.refuse(client, "push", 413, f"Content-Length {length} over {MAX_BODY}")
+        if length < 0:
+            return self.refuse(client, "push", 411, "no Content-Length")
+        return None
+
+    def refuse(self, client: str, what: str, status: int, reason) -> tuple[int, str]:
+        """The answer to a refused request, and at most one log line a minute per client."""
+        held = self.refusals.allow(client, self.clock())
+        if held is not None:
+            log_web.warning("%s refused (%d) from %s: %s%s", what, status, client or "?", reason,
+                            f" ({held} more from this address since its last line)"
+                            if held else "")
+        return status, REFUSALS[status]
+
+    def receive(self, query: Mapping[str, str], body: bytes, client: str = "") -> tuple[int, str]:
         """POST: check, decrypt, parse, store; (status, body) for WeChat."""
         if not self.accepting:
             return 503, "stopping"
         try:
             push = self.parse(query, body)
         except Forbidden as error:
-            log_web.warning("push refused (403): %s", error)
-            return 403, "forbidden"
+            return self.refuse(client, "push", 403, error)
         except BadPush as error:
-            log_web.warning("push refused (400): %s", error)
-            return 400, "bad request"
+            return self.refuse(client, "push", 400, error)
         now = self.clock()
         message_id, pushes = self.store.store_push(push, now)
-        if pushes == 1:
-            self.wakeup.notify()
-            if self.acknowledger and push.msg_type != "event" and not self.mode.passive:
-                self.acknowledger.pushed(message_id, push.openid, now)
-        else:
+        if pushes > 1:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
+        elif not (self.mode.passive and self.fixed_reply(push, message_id)):
+            self.wakeup.notify()
+            if self.acknowledger and not self.mode.passive and (push.msg_type != "event" or
+                    self.owner.replies.prompt_for(push.event, push.fields.get("EventKey", ""))):
+                self.acknowledger.pushed(message_id, push.openid, now)
         if self.mode.passive:
             return 200, self.passive_reply(push, message_id, pushes, query)
         return 200, "success"
+
+    def fixed_reply(self, push: Push, message_id: int) -> bool:
+        """Store a keyword's or a click's fixed reply as this push's passive reply, so that
+        it goes out at once, even while the user's question before it is being answered;
+        False when there is none, or a worker took the message first (its answer comes as
+        any other)."""
+        fixed = self.owner.replies.fixed_reply(push.msg_type, push.content, push.event,
+                                               push.fields.get("EventKey", ""))
+        if not fixed or not self.store.reply_at_once(message_id, fixed[1], self.clock()):
+            return False
+        self.store.bump(fixed[0], self.clock())
+        return True
 
     def passive_reply(self, push: Push, message_id: int, pushes: int,
                       query: Mapping[str, str]) -> str:
@@ -2987,19 +3354,31 @@ class Webhook:
                                     query.get("nonce", ""))
         return xml.decode("utf-8")
 
-    def parse(self, query: Mapping[str, str], body: bytes) -> Push:
+    def check_query(self, query: Mapping[str, str]) -> None:
+        """What the query string alone shows: signature, age, and the mode set in 公众号后台."""
         check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
+        encrypt_type = query.get("encrypt_type", "raw")
+        if encrypt_type not in ("raw", "aes"):
+            raise BadPush(f"unknown encrypt_type {encrypt_type[:10]!r}")
+        if encrypt_type == "aes" and self.crypto is None:
+            raise Forbidden("an encrypted push arrived but WXBOT_AES_KEY is not set: set it to "
+                            "the EncodingAESKey from 公众号后台 → 设置与开发 → 基本配置")
+        # With the key set, a plaintext push is no proof of anything but one signed URL.
+        if encrypt_type == "raw" and self.crypto is not None:
+            raise Forbidden("明文模式的推送被拒绝：已设置 WXBOT_AES_KEY。在公众号后台 → 设置与开发 → "
+                            "基本配置 → 服务器配置 把消息加解密方式改为安全模式或兼容模式；"
+                            "或者删除 WXBOT_AES_KEY 后重启 (plaintext push refused because "
+                            "WXBOT_AES_KEY is set)")
+
+    def parse(self, query: Mapping[str, str], body: bytes) -> Push:
+        self.check_query(query)
+        self.replays.check(query["timestamp"], query["nonce"], body, self.clock())
         fields = parse_xml(body)
-        if query.get("encrypt_type", "raw") == "aes":
+        if query.get("encrypt_type") == "aes":
             fields = self.decrypt(query, fields)
-        elif query.get("encrypt_type", "raw") != "raw":
-            raise BadPush(f"unknown encrypt_type {query.get('encrypt_type')[:10]!r}")
         return Push.from_fields(fields)
 
     def decrypt(self, query: Mapping[str, str], fields: dict[str, str]) -> dict[str, str]:
-        if self.crypto is None:
-            raise Forbidden("an encrypted push arrived but WXBOT_AES_KEY is not set: set it to "
-                            "the EncodingAESKey from 公众号后台 → 设置与开发 → 基本配置")
         encrypted = fields.get("Encrypt", "")
         if not encrypted:
             raise BadPush("encrypt_type=aes but no <Encrypt>")
@@ -3022,19 +3401,25 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     @app.get(settings.path)
     def verify():
         """WeChat's server check: the echostr back when the signature is valid."""
-        return text(*webhook.verify(query_dict(bottle.request.environ)))
+        environ = bottle.request.environ
+        return text(*webhook.verify(query_dict(environ), environ.get("REMOTE_ADDR", "")))
 
     @app.post(settings.path)
     def receive():
         """A push: stored and answered "success" at once."""
-        length = bottle.request.content_length
-        if length > MAX_BODY:
-            return text(413, "too large")
-        if length < 0:
-            return text(411, "length required")
-        body = bottle.request.environ["wsgi.input"].read(length)
+        environ = bottle.request.environ
+        query, client = query_dict(environ), environ.get("REMOTE_ADDR", "")
+        length = environ.get("CONTENT_LENGTH", "")
+        length = int(length) if length.isdigit() else -1
+        refusal = webhook.before_body(query, length, client)
+        if refusal:
+            return text(*refusal)
         try:
-            return text(*webhook.receive(query_dict(bottle.request.environ), body))
+            body = environ["wsgi.input"].read(length)
+        except OSError:  # the request's deadline passed mid-body (HTTP server)
+            return text(408, "request timeout")
+        try:
+            return text(*webhook.receive(query, body, client))
         except sqlite3.Error as error:  # not answered: WeChat retries the push
             log_web.error("could not store a push: %s", error)
             return text(503, "busy")
@@ -3065,10 +3450,54 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
 # HTTP server #################################################################
 ###############################################################################
 
-class QuietHandler(WSGIRequestHandler):
-    """Drops a stalled client after `timeout` seconds; access lines go to DEBUG."""
+class RequestReader(io.RawIOBase):
+    """The client's socket, read under deadlines rather than a timeout per read.
 
-    timeout = 10
+    The first byte must come within `idle` seconds of the connection, and the whole request
+    (headers and body) within `whole` seconds of that byte: a timeout per read alone lets a
+    client that sends a byte every few seconds hold its thread for ever (slow loris).
+    """
+
+    def __init__(self, sock: socket.socket, idle: float, whole: float, write_timeout: float):
+        self.sock, self.whole, self.write_timeout = sock, whole, write_timeout
+        self.deadline = time.monotonic() + idle
+        self.started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the request did not arrive in time")
+        self.sock.settimeout(remaining)
+        try:
+            count = self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.write_timeout)  # for the answer, written after
+        if count and not self.started:
+            self.started = True
+            self.deadline = time.monotonic() + self.whole
+        return count
+
+
+class QuietHandler(WSGIRequestHandler):
+    """One request per connection, read under deadlines; access lines go to DEBUG.
+
+    A connection is closed once its answer is written (HTTP/1.0 style: no idle keep-alive),
+    when no byte came within `idle_timeout`, or when the request was not complete within
+    `request_timeout` of its first byte.
+    """
+
+    idle_timeout = 5.0
+    request_timeout = 10.0
+    timeout = 10  # each write of the answer
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # the plain reader: it would keep the socket open after close()
+        self.rfile = io.BufferedReader(RequestReader(
+            self.connection, self.idle_timeout, self.request_timeout, self.timeout))
 
     def log_message(self, format, *args):
         log_web.debug("%s %s", self.address_string(), format % args)
@@ -3155,7 +3584,7 @@ class Bot:
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode,
-                               acknowledger=self.acknowledger)
+                               acknowledger=self.acknowledger, owner=self.owner)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
@@ -3241,6 +3670,99 @@ def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int
     return 0
 
 
+def age_text(seconds: float) -> str:
+    """A duration as an operator reads it at a glance: 45s, 12m, 3h 05m, 2d 4h."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+#: `status` lists at most this many messages of each state, oldest first.
+STATUS_ROWS = 20
+
+
+def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
+    """The database of a service that may be running: no migration, readers never block it."""
+    if not os.path.exists(settings.db):
+        print(f"no database at {settings.db} (check WXBOT_DB, or --env FILE)", file=out)
+        return None
+    conn = sqlite3.connect(settings.db, timeout=15, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version != SCHEMA_VERSION:
+        print(f"{settings.db} has schema {version}, this wxbot reads {SCHEMA_VERSION}: start "
+              f"this wxbot once to bring it up to date", file=out)
+        conn.close()
+        return None
+    return conn
+
+
+def status(settings: Settings, out, now: float | None = None) -> int:
+    """The queue from the database: waiting, in progress and dead messages, oldest first."""
+    now = time.time() if now is None else now
+    conn = open_for_operator(settings, out)
+    if conn is None:
+        return 1
+    with contextlib.closing(conn):
+        print(f"queue in {settings.db} at {time.strftime('%Y-%m-%d %H:%M:%S')}", file=out)
+        for state, title in ((State.QUEUED, "waiting"), (State.LEASED, "in progress"),
+                             (State.DEAD, "dead")):
+            total = conn.execute("SELECT messages FROM state_counts WHERE state = ?",
+                                 (state.value,)).fetchone()[0]
+            print(f"\n{title}: {total}", file=out)
+            for row in conn.execute(
+                    "SELECT id, openid, msg_type, event, received_at, not_before, lease_until,"
+                    " error, model_failures, delivery_failures, interruptions FROM messages"
+                    " WHERE state = ? ORDER BY id LIMIT ?", (state.value, STATUS_ROWS)):
+                if state is State.LEASED:
+                    note = f"lease ends in {age_text(row['lease_until'] - now)}"
+                elif state is State.QUEUED and row["not_before"] > now:
+                    note = f"next try in {age_text(row['not_before'] - now)}"
+                else:
+                    note = ""
+                failures = (f"failures: model {row['model_failures']}, delivery "
+                            f"{row['delivery_failures']}, interrupted {row['interruptions']}"
+                            if row["model_failures"] + row["delivery_failures"] +
+                            row["interruptions"] else "")
+                reason = "; ".join(part for part in (note, failures, row["error"] or "") if part)
+                print(f"  #{row['id']:<6} {age_text(now - row['received_at']):>7} old  "
+                      f"{short_id(row['openid']):<10} {row['event'] or row['msg_type']:<10}"
+                      f" {reason}".rstrip(), file=out)
+            if total > STATUS_ROWS:
+                print(f"  ... and {total - STATUS_ROWS} more", file=out)
+        if conn.execute("SELECT 1 FROM messages WHERE state = 'dead' LIMIT 1").fetchone():
+            print("\nto try a dead message again: python wxbot.py retry ID", file=out)
+    return 0
+
+
+def retry(settings: Settings, message_id: int, out) -> int:
+    """Queue a dead message again, its failure counts cleared; the service takes it within
+    a minute (Worker.IDLE_LOOK)."""
+    conn = open_for_operator(settings, out)
+    if conn is None:
+        return 1
+    with contextlib.closing(conn):
+        conn.execute("PRAGMA foreign_keys=ON")
+        requeued = conn.execute(
+            "UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
+            " model_failures = 0, delivery_failures = 0, interruptions = 0, error = NULL"
+            " WHERE id = ? AND state = 'dead'", (message_id,)).rowcount
+        if not requeued:
+            row = conn.execute("SELECT state FROM messages WHERE id = ?",
+                               (message_id,)).fetchone()
+            print(f"message {message_id} " + (f"is {row[0]}, not dead: nothing to do" if row
+                                              else "is not in the database"), file=out)
+            return 1
+    print(f"message {message_id} is queued again; the running wxbot takes it within a minute",
+          file=out)
+    return 0
+
+
 def check(settings: Settings, out) -> int:
     """Try every setting for real: the database, an access token, one tiny model request."""
     failures = 0
@@ -3261,7 +3783,8 @@ def check(settings: Settings, out) -> int:
         report(True, f"WeChat gave an access token for AppID {settings.appid}")
     except WeChatError as error:
         if error.errcode is None:
-            report(False, f"cannot reach WeChat at {settings.api_base}: {error.errmsg}")
+            report(False, f"cannot reach WeChat at {masked_url(settings.api_base)}: "
+                          f"{error.errmsg}")
         elif error.errcode == 40164:
             report(False, f"WeChat saw this server as {error.ip() or 'an IP'} and it "
                           f"is not whitelisted: add it in 公众号后台 → 设置与开发 → 基本配置 → "
@@ -3282,12 +3805,15 @@ def check(settings: Settings, out) -> int:
                           f"WXBOT_MODEL against the provider's model list")
         elif error.status is None or error.status == 404:
             report(False, f"no OpenAI-compatible API at "
-                          f"{settings.openai_base_url or 'https://api.openai.com/v1'}: check "
+                          f"{masked_url(settings.openai_base_url) or 'https://api.openai.com/v1'}"
+                          f": check "
                           f"OPENAI_BASE_URL (it usually ends in /v1)")
         else:
             report(False, f"the model failed: {error}")
     store.close()
-    for path, read, setting in [(settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
+    for path, read, setting in [
+            (settings.replies, Replies.read, "WXBOT_REPLIES"),
+            (settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
         if not path:
             continue
         try:
@@ -3356,11 +3882,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="serve",
-                        choices=["serve", "check", "chat", "menu"],
+                        choices=["serve", "check", "chat", "menu", "status", "retry"],
                         help="serve (default): run the bot; check: try the settings for real; "
                              "chat: talk to the model in this console; menu FILE.json: make "
-                             "the file the account's custom menu")
-    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)
+                             "the file the account's custom menu; status: the queue, with "
+                             "dead messages and why; retry ID: queue a dead message again")
+    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)  # menu's FILE, retry's ID
     parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
     parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
@@ -3369,7 +3896,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     args = parser.parse_args(argv)
     if args.command == "menu" and (args.file is not None) + args.show + args.delete != 1:
         parser.error("menu takes one of: FILE.json, --show, --delete")
-    elif args.command != "menu" and (args.file or args.show or args.delete):
+    elif args.command == "retry" and not (args.file or "").isdigit():
+        parser.error("retry takes the id of a dead message, as `status` shows it")
+    elif args.command not in ("menu", "retry") and (args.file or args.show or args.delete):
         parser.error("FILE, --show and --delete go with the menu command")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -3383,9 +3912,13 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if args.env:
             env.update(read_env_file(args.env))
         if args.command == "chat":  # no WeChat involved
-            env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-", **env}
+            env = {"WXBOT_TOKEN": "not-used-in-chat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+                   **env}
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
+        if args.command in ("status", "retry"):  # the database only
+            env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+                   "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
     except SettingsError as error:
         for problem in error.problems:
@@ -3397,6 +3930,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
     if args.command == "check":
         return check(settings, sys.stdout)
+    if args.command == "status":
+        return status(settings, sys.stdout)
+    if args.command == "retry":
+        return retry(settings, int(args.file), sys.stdout)
     if args.command == "menu":
         return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
     try:
