@@ -124,6 +124,7 @@ class FakeWeChat(FakeServer):
         self.hold = None
         self.menu = None          # the menu in force, as menu/create took it
         self.menu_creates = []    # every menu/create body WeChat accepted
+        self.raw = {}
 
     def new_token(self):
         self.tokens_issued += 1
@@ -139,6 +140,7 @@ class FakeWeChat(FakeServer):
         parts = urllib.parse.urlsplit(handler.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
         body = json.loads(handler.body.decode("utf-8")) if handler.body else None
+        self.raw[parts.path] = handler.body  # the last body each path got, as sent
         # hold(path, body) may block this request, outside the lock, and script its answer.
         held = self.hold(parts.path, body) if self.hold else None
         with self.lock:
@@ -2272,6 +2274,8 @@ def test_menu_file_becomes_the_menu_exactly_as_written(tmp_path, wechat, model):
     assert result.returncode == 0, result.stdout + result.stderr
     assert wechat.menu_creates == [MENU]
     assert "in force" in result.stdout
+    # Raw UTF-8, as every call to WeChat: \u escapes can fail (40033, WECHAT.md §4).
+    assert "今日推荐".encode() in wechat.raw["/cgi-bin/menu/create"]
 
 
 def test_menu_show_prints_the_menu_in_force_and_delete_removes_it(tmp_path, wechat, model):
@@ -2572,6 +2576,179 @@ def test_example_files_are_valid():
     assert wxbot.menu_problems(json.load(open(os.path.join(HERE, "menu.example.json"),
                                               encoding="utf-8"))) == []
     assert wxbot.BlockedWords.read(os.path.join(HERE, "blocked_words.example.txt")).count == 2
+    assert wxbot.Replies.read(os.path.join(HERE, "replies.example.json")).prompts
+
+
+PRICE = '基础版每月 9 元。<a href="https://example.com/p">详情</a>'
+MINI = ('<a href="https://example.com/mp" data-miniprogram-appid="wx286b93c14bbf93aa" '
+        'data-miniprogram-path="pages/index/index">打开小程序</a>')
+REPLIES = {"keywords": {"价格": PRICE, "Mini Program": MINI},
+           "clicks": {"TODAY": "今日推荐：<a href=\"https://example.com/t\">读一读</a>",
+                      "ASK": {"prompt": "请介绍一下你自己"}}}
+
+
+def replies_file(tmp_path, replies=REPLIES, name="replies.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(replies, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+def test_keyword_gets_its_fixed_reply_at_once_without_the_model_or_the_limits(
+        start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_REPLIES=replies_file(tmp_path), WXBOT_USER_RATE=1)
+    send_text(bot, "oK1", " 价格？", 1)
+    send_text(bot, "oK1", "ＭＩＮＩ program!", 2)
+    send_text(bot, "oK1", "你好", 3)
+    wait_for(lambda: len(wechat.texts_to("oK1")) == 3)
+    assert wechat.texts_to("oK1") == [PRICE, MINI, "答：你好"]  # links verbatim
+    assert model.questions() == ["你好"]
+
+
+def test_keyword_typed_right_after_a_question_keeps_its_own_reply(start_bot, wechat, model,
+                                                                   tmp_path):
+    bot = start_bot(WXBOT_REPLIES=replies_file(tmp_path))
+    bot.stop(timeout=5)  # both wait in the queue, as when the user types fast
+    store = wxbot.Store(bot.settings.db)
+    for msg_id, text in enumerate(["怎么收费", "价格"]):
+        store.store_push(wxbot.Push.from_fields(wxbot.parse_xml(text_xml("oK2", text, msg_id))),
+                         time.time())
+    store.close()
+    start_bot(WXBOT_REPLIES=replies_file(tmp_path))
+    wait_for(lambda: len(wechat.texts_to("oK2")) == 2)
+    assert wechat.texts_to("oK2") == ["答：怎么收费", PRICE]
+
+
+def test_keyword_matching_ignores_spaces_punctuation_case_and_width_around_it():
+    from hypothesis import given, settings as hsettings, strategies as st
+    width = {chr(code): chr(code + 0xFEE0) for code in range(0x21, 0x7F)}
+
+    @hsettings(max_examples=300, deadline=None, database=None)
+    @given(keyword=st.text(st.sampled_from(list("abcXYZ价格问 ")), min_size=1, max_size=8)
+           .filter(lambda k: k.strip()),
+           before=st.text(st.sampled_from(list(" \u3000，。！？!?…「」")), max_size=3),
+           after=st.text(st.sampled_from(list(" \u3000，。！？!?…「」~")), max_size=3),
+           flips=st.lists(st.booleans(), min_size=8, max_size=8),
+           wide=st.lists(st.booleans(), min_size=8, max_size=8))
+    def matching(keyword, before, after, flips, wide):
+        replies = wxbot.Replies()
+        assert replies._add("keywords", keyword, "回复") == []
+        typed = "".join((width.get(c, c) if w else c).swapcase() if f else
+                        (width.get(c, c) if w else c)
+                        for c, f, w in zip(keyword.strip(), flips * 2, wide * 2))
+        message = before + typed + after
+        assert wxbot.classify("text", message, replies.keywords).kind is wxbot.Kind.KEYWORD
+        assert replies.fixed_reply("text", message, None, "") == ("keyword_replies", "回复")
+        assert wxbot.classify("text", message + "吗", replies.keywords).kind is \
+            wxbot.Kind.QUESTION
+
+    matching()
+
+
+def click_xml(openid, key, create_time=None):
+    return event_xml(openid, "CLICK", int(time.time()) if create_time is None else create_time,
+                     key)
+
+
+def test_click_gets_its_reply_and_a_prompt_click_asks_the_model(start_bot, wechat, model,
+                                                                tmp_path):
+    bot = start_bot(WXBOT_REPLIES=replies_file(tmp_path))
+    post_push(bot, click_xml("oC1", "TODAY", 1714036504))
+    wait_for(lambda: wechat.texts_to("oC1"))
+    post_push(bot, click_xml("oC1", "UNLISTED", 1714036505))
+    post_push(bot, click_xml("oC1", "ASK", 1714036506))
+    wait_for(lambda: len(wechat.texts_to("oC1")) == 2)
+    assert wechat.texts_to("oC1") == [REPLIES["clicks"]["TODAY"], "答：请介绍一下你自己"]
+    assert model.questions() == ["请介绍一下你自己"]
+    assert ("oC1", "Typing") in wechat.typing
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 3)
+    assert len(wechat.texts_to("oC1")) == 2  # the unlisted click: nothing
+
+
+def test_a_clicks_answer_keeps_to_three_messages(start_bot, wechat, model, tmp_path):
+    model.respond = lambda request: chinese_answer(9000)
+    bot = start_bot(WXBOT_REPLIES=replies_file(tmp_path))
+    post_push(bot, click_xml("oC2", "ASK"))
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    sent = wechat.texts_to("oC2")
+    assert len(sent) == 3 and sent[-1].endswith(wxbot.CONTINUE_TAIL)
+
+
+def test_passive_keyword_and_click_are_answered_in_the_reply_itself(
+        start_bot, wechat, model, tmp_path, quick_wechat_clock):
+    answering = threading.Event()
+    model.respond = lambda request: (answering.wait(10), "答：故事")[1]
+    bot = start_bot(WXBOT_MODE="passive", WXBOT_REPLIES=replies_file(tmp_path))
+    with contextlib.suppress(requests.Timeout):  # a question the model takes long to answer
+        post_push(bot, text_xml("oP1", "讲个故事", 100), timeout=0.3)
+    wait_for(lambda: model.requests)
+    try:
+        user = WeChatUser(bot, "oP1", quick_wechat_clock)
+        started = time.monotonic()
+        price = user.says("价格")  # not behind the question still being answered
+        assert price == PRICE + wxbot.CONTINUE_TAIL  # and the answer to it waits for 继续
+        assert user.push(click_xml("oP1", "TODAY")).startswith(REPLIES["clicks"]["TODAY"])
+        assert time.monotonic() - started < quick_wechat_clock  # each on its first try
+        retried = post_push(bot, text_xml("oP1", "价格", user.msg_id))  # WeChat's retry
+        assert user.shown(retried, {}) == price
+    finally:
+        answering.set()
+    assert len(model.requests) == 1 and wechat.sent == []
+
+
+def test_stats_counts_keyword_and_click_replies(start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_ADMINS="oBOSS", WXBOT_REPLIES=replies_file(tmp_path))
+    send_text(bot, "oS1", "价格", 1)
+    send_text(bot, "oS1", "价格。", 2)
+    post_push(bot, click_xml("oS1", "TODAY"))
+    wait_for(lambda: len(wechat.texts_to("oS1")) == 3)
+    send_text(bot, "oBOSS", "/stats", 3)
+    wait_for(lambda: wechat.texts_to("oBOSS"))
+    assert "关键词 2，菜单 1" in wechat.texts_to("oBOSS")[0]
+
+
+@pytest.mark.parametrize("replies, says", [
+    ('{"keywords": {"价格": "9 元",}}', "line 1, column 27"),
+    ({"keywords": {"帮助": "x"}}, "keywords.帮助: '帮助' is one of wxbot's own commands"),
+    ({"keywords": {"Price": "a", " price！": "b"}}, "keywords. price！: the same keyword"),
+    ({"keywords": {"价格": ""}}, "keywords.价格: the reply must be a text"),
+    ({"keywords": {"长": "字" * 683}}, "keywords.长: the reply is 2049 bytes"),
+    ({"clicks": {"ASK": {"question": "x"}}}, 'clicks.ASK: a click for the model is'),
+    ({"keyword": {}}, "keyword: unknown field"),
+    ([], "must be an object"),
+])
+def test_replies_file_problems_are_named(tmp_path, replies, says):
+    path = tmp_path / "replies.json"
+    path.write_text(replies if isinstance(replies, str) else
+                    json.dumps(replies, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(wxbot.FileProblem) as problem:
+        wxbot.Replies.read(str(path))
+    assert any(says in line for line in problem.value.problems), problem.value.problems
+
+
+def test_replies_file_is_reread_when_it_changes_and_a_broken_edit_is_kept_out(
+        start_bot, wechat, model, tmp_path, caplog):
+    path = replies_file(tmp_path)
+    bot = start_bot(WXBOT_REPLIES=path)
+    replies_file(tmp_path, {"keywords": {"价格": "新价格：19 元"}})
+    os.utime(path, ns=(10**9, 10**9))
+    send_text(bot, "oF1", "价格", 1)
+    wait_for(lambda: wechat.texts_to("oF1"))
+    (tmp_path / "replies.json").write_text('{"keywords": {\n  "价格": "29 元"\n  "x": 1}')
+    send_text(bot, "oF1", "价格", 2)
+    wait_for(lambda: len(wechat.texts_to("oF1")) == 2)
+    assert wechat.texts_to("oF1") == ["新价格：19 元"] * 2
+    assert "line 3, column 3" in caplog.text and "previous version stays" in caplog.text
+
+
+def test_check_validates_the_replies_file(tmp_path, wechat, model):
+    good = run_wxbot(["check"], env_for(tmp_path, wechat, model,
+                                        WXBOT_REPLIES=replies_file(tmp_path)))
+    assert good.returncode == 0 and "2 keyword replies" in good.stdout
+    (tmp_path / "replies.json").write_text('{"keywords": []}')
+    bad = run_wxbot(["check"], env_for(tmp_path, wechat, model,
+                                       WXBOT_REPLIES=str(tmp_path / "replies.json")))
+    assert bad.returncode == 1 and "FAIL WXBOT_REPLIES" in bad.stdout
+    assert "keywords: must be an object" in bad.stdout
 
 
 # Bursts ######################################################################
@@ -3102,6 +3279,40 @@ def test_workers_pause_while_the_disk_is_full_and_go_on(start_bot, wechat, model
     health = bot.store.health(time.time())
     assert health["answered"] == 1 and health["dead"] == 0
     assert "there is room on the disk again" in caplog.text
+
+
+def test_status_shows_the_queue_and_retry_requeues_a_dead_message(start_bot, wechat, model,
+                                                                  tmp_path, monkeypatch):
+    monkeypatch.setattr(wxbot.Worker, "DELIVERY_TRIES", 2)
+    monkeypatch.setattr(wxbot.Worker, "IDLE_LOOK", 0.5)
+    wechat.intercept = lambda path, body: -1 if body.get("touser") == "oDEADUSER1" else None
+    hold = threading.Event()
+    model.respond = lambda request: ("答：" + request["messages"][-1]["content"]
+                                     if hold.wait(20) else "")
+    bot = start_bot(WXBOT_WORKERS=2)
+    send_text(bot, "oDEADUSER1", "问", 1)
+    hold.set()
+    wait_for(lambda: bot.store.health(time.time())["dead"] == 1)
+    hold.clear()
+    send_text(bot, "oBUSYUSER2", "慢", 2)
+    wait_for(lambda: len(model.requests) == 2)
+    env = env_for(tmp_path, wechat, model)
+    shown = run_wxbot(["status"], env)  # beside the running service
+    assert shown.returncode == 0, shown.stderr
+    waiting, busy, dead = re.split(r"\n(?:in progress|dead): ", shown.stdout.split("waiting: ")[1])
+    assert waiting.strip() == "0"
+    assert busy.startswith("1\n") and "#2 " in busy and wxbot.short_id("oBUSYUSER2") in busy
+    assert dead.startswith("1\n") and "#1 " in dead and wxbot.short_id("oDEADUSER1") in dead
+    assert "errcode -1" in dead and "delivery 2" in dead and "retry ID" in dead
+    wechat.intercept = None
+    hold.set()
+    requeued = run_wxbot(["retry", "1"], env)
+    assert requeued.returncode == 0 and "queued again" in requeued.stdout
+    wait_for(lambda: wechat.texts_to("oDEADUSER1") == ["答：问"])
+    assert model.questions().count("问") == 1  # the stored answer went out; no new question
+    again = run_wxbot(["retry", "1"], env)
+    assert again.returncode == 1 and "not dead" in again.stdout
+    assert run_wxbot(["retry", "x"], env).returncode == 2
 
 
 # Hostile pushes ##############################################################

@@ -12,6 +12,8 @@ Usage:
   python wxbot.py [--env FILE]     serve (settings from the environment and FILE)
   python wxbot.py --help           every setting with its default
   python wxbot.py menu FILE.json   make FILE the account's custom menu (--show, --delete)
+  python wxbot.py status           the queue: waiting, in progress, dead (safe while serving)
+  python wxbot.py retry ID         queue a dead message again
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -49,7 +51,7 @@ import time
 import unicodedata
 import urllib.parse
 import xml.parsers.expat
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Container, Iterator, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
@@ -273,6 +275,9 @@ SETTINGS: dict[str, Setting] = {
                        "message sent on subscribe (empty: none)"),
     "admins": Setting("WXBOT_ADMINS", "", _openids,
                       "openids (comma-separated) that may send /stats"),
+    "replies": Setting("WXBOT_REPLIES", "", _optional_text,
+                       "JSON file of fixed replies to keywords and menu clicks, no model "
+                       "(empty: none; re-read when it changes)"),
     "blocked_words": Setting("WXBOT_BLOCKED_WORDS", "", _optional_text,
                              "file of blocked words, one a line: questions with one are not "
                              "asked, answers have them masked (empty: none)"),
@@ -335,6 +340,7 @@ class Settings:
     system_prompt: str
     welcome: str
     admins: tuple
+    replies: str
     blocked_words: str
     blocked_reply: str
     vision: bool
@@ -530,6 +536,7 @@ class Kind(enum.Enum):
     RESET = "reset"        # forget the conversation and the rest of the last answer
     HELP = "help"
     STATS = "stats"        # for admins; an ordinary question for everyone else
+    KEYWORD = "keyword"    # one of the owner's keywords (WXBOT_REPLIES): a fixed reply
     EVENT = "event"        # subscribe, CLICK, LOCATION...: answered as an event, never a question
 
 
@@ -560,14 +567,18 @@ WORDS: dict[str, Kind] = {normalise(word): kind for words, kind in [
     (("/stats",), Kind.STATS)] for word in words}
 
 
-def classify(msg_type: str, content: str | None) -> Intent:
-    """What a message is. The one place that decides it: service and passive replies and the
-    merging of quick follow-ups all ask here. A spoken command counts as typed."""
+def classify(msg_type: str, content: str | None, keywords: Container[str] = ()) -> Intent:
+    """What a message is. The one place that decides it: service and passive replies, the
+    merging of quick follow-ups and the fixed replies all ask here. A spoken command counts
+    as typed. `keywords` are the owner's, normalised (Replies.keywords)."""
     if msg_type == "event":
         return Intent(Kind.EVENT, "")
     text = (content or "").strip()
-    kind = WORDS.get(normalise(text)) if msg_type in ("text", "voice") else None
-    return Intent(kind or Kind.QUESTION, text)
+    if msg_type not in ("text", "voice"):
+        return Intent(Kind.QUESTION, text)
+    word = normalise(text)
+    kind = WORDS.get(word) or (Kind.KEYWORD if word in keywords else Kind.QUESTION)
+    return Intent(kind, text)
 
 
 ###############################################################################
@@ -1075,10 +1086,14 @@ class Store:
                                  short_id(row["openid"]), INTERRUPTIONS_LIMIT, reason, row["id"])
         return len(rows)
 
-    def finish(self, message: Message, state: State, error: str | None = None) -> None:
+    def finish(self, message: Message, state: State, error: str | None = None,
+               failure: str | None = None) -> None:
+        """End the message in `state`; `failure` names the count the last failure adds to."""
+        assert failure in ("model_failures", "delivery_failures", None)
+        counted = f", {failure} = {failure} + 1" if failure else ""
         with self.transaction() as conn:
             self._leased(conn, message, "UPDATE messages SET state = :state, lease_until = NULL,"
-                         " error = :error", state=state.value, error=error)
+                         " error = :error" + counted, state=state.value, error=error)
 
     def release_all_leases(self) -> int:
         """Put every leased message back: called at start and stop, when no worker runs."""
@@ -1181,11 +1196,13 @@ class Store:
                                 " AND carried = 0 ORDER BY seq", (message_id,)).fetchall()
         return "\n\n".join(row[0] for row in rows)
 
-    def merge_followups(self, message: Message, now: float) -> list[str]:
+    def merge_followups(self, message: Message, now: float,
+                        keywords: Container[str] = ()) -> list[str]:
         """Texts the user sent right after this one and that still wait: asked together.
 
         Phones split one question over several quick messages; they get one answer.
-        Returns every text merged into this message so far, oldest first.
+        Returns every text merged into this message so far, oldest first. `keywords` (the
+        owner's) are no question: they keep their fixed reply.
         """
         with self.transaction() as conn:
             self._check_lease(conn, message)
@@ -1196,7 +1213,8 @@ class Store:
             merged, previous = [], message.received_at
             for row in waiting:  # up to the first that is no quick question typed
                 if row["msg_type"] != "text" or not (row["content"] or "").strip() or \
-                        classify(row["msg_type"], row["content"]).kind is not Kind.QUESTION \
+                        classify(row["msg_type"], row["content"], keywords).kind \
+                        is not Kind.QUESTION \
                         or row["received_at"] - previous > MERGE_WINDOW:
                     break
                 merged.append(row["id"])
@@ -1239,6 +1257,18 @@ class Store:
                     " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,)))
         return row[2], more
 
+    def reply_at_once(self, message_id: int, text: str, now: float) -> bool:
+        """Answer a message no worker has taken with one passive reply, sent as this push's
+        reply (its retries get it again); False when a worker took it first."""
+        with self.transaction() as conn:
+            if conn.execute("UPDATE messages SET state = 'done', answered_at = :now"
+                            " WHERE id = :id AND state = 'queued'",
+                            {"id": message_id, "now": now}).rowcount != 1:
+                return False
+            conn.execute("INSERT INTO segments (message_id, seq, content, sent_at, replied_to)"
+                         " VALUES (?, 0, ?, ?, ?)", (message_id, text, now, message_id))
+        return True
+
     def settled(self, message_id: int) -> bool:
         """Whether a message is answered (or needs no answer): nothing more will come of it."""
         with self.connection() as conn:
@@ -1267,6 +1297,8 @@ class Store:
         """Note, before it is sent, that the queue line goes out for these messages: it takes
         one of their 5 messages (quota). Those whose answer began to go out get none.
         Returns the ids noted."""
+        if not message_ids:
+            return []
         with self.transaction() as conn:
             noted = [message_id for message_id in message_ids if not conn.execute(
                 "SELECT 1 FROM segments WHERE message_id = ? AND tried_at IS NOT NULL LIMIT 1",
@@ -1277,10 +1309,11 @@ class Store:
                                              now + 3 * 86400) for message_id in noted])
         return noted
 
-    def quota(self, message_id: int) -> int:
+    def quota(self, message: Message) -> int:
         """Customer-service messages the answer to a message may use: WeChat's 5 per user
-        message (45047), less the queue line if one went out for it."""
-        return QUOTA - (self.get_kv(QUEUE_LINE_KEY.format(message_id), 0) is not None)
+        message, 3 per menu click or follow (45047), less the queue line if one went out."""
+        allowed = EVENT_QUOTA if message.msg_type == "event" else QUOTA
+        return allowed - (self.get_kv(QUEUE_LINE_KEY.format(message.id), 0) is not None)
 
     def mark_sent(self, message: Message, seq: int, now: float) -> None:
         with self.transaction() as conn:
@@ -1803,7 +1836,7 @@ class WeChatAPI:
                   {"touser": openid, "msgtype": "text", "text": {"content": text}})
 
     def menu_create(self, menu: dict) -> None:
-        """Replace the custom menu (raw UTF-8 matters here too: escaped names show as \\u...)."""
+        """Replace the custom menu with exactly this one (sent as raw UTF-8, as every call)."""
         self.call("/cgi-bin/menu/create", menu)
 
     def menu_current(self) -> dict:
@@ -1994,6 +2027,8 @@ class Model:
 SEGMENT_BYTES = 2048
 #: Customer-service messages allowed per user message within 48 h (45047).
 QUOTA = 5
+#: A follow, a menu click or a QR scan allows 3 messages within a minute (WECHAT.md §4).
+EVENT_QUOTA = 3
 #: Every segment leaves room for the "继续" line, which the 5th gets when more follows.
 SEGMENT_LIMIT = SEGMENT_BYTES - len(CONTINUE_TAIL.encode("utf-8"))
 SENTENCE_END = re.compile(r"[。！？!?；;…]+[”’\"')）]*|\.(?=\s)")
@@ -2464,6 +2499,83 @@ def masked_stream(pieces: Iterator[str], words: BlockedWords) -> Iterator[str]:
         yield rest
 
 
+@dataclasses.dataclass
+class Replies:
+    """The owner's fixed replies (WXBOT_REPLIES): to keywords, compared as classify() compares
+    words, and to menu clicks by EventKey: a text, or a question the model answers."""
+
+    keywords: dict = dataclasses.field(default_factory=dict)  # normalised keyword -> text
+    clicks: dict = dataclasses.field(default_factory=dict)    # EventKey -> text
+    prompts: dict = dataclasses.field(default_factory=dict)   # EventKey -> question
+
+    @classmethod
+    def read(cls, path: str) -> "Replies":
+        """The replies in a file, checked; FileProblem names every problem with its path."""
+        value = read_json_file(path)
+        if not isinstance(value, dict):
+            raise FileProblem(path, ['the file must be an object: {"keywords": {...}, '
+                                     '"clicks": {...}}'])
+        problems = [f"{key}: unknown field (use keywords and clicks)" for key in value
+                    if key not in ("keywords", "clicks")]
+        replies = cls()
+        for section in ("keywords", "clicks"):
+            entries = value.get(section, {})
+            if not isinstance(entries, dict):
+                problems.append(f"{section}: must be an object")
+                continue
+            for key, reply in entries.items():
+                problems += replies._add(section, key, reply)
+        if problems:
+            raise FileProblem(path, problems)
+        return replies
+
+    def _add(self, section: str, key: str, reply: object) -> list[str]:
+        path = f"{section}.{key}"
+        if section == "clicks" and isinstance(reply, dict):
+            prompt = reply.get("prompt")
+            if set(reply) != {"prompt"} or not isinstance(prompt, str) or not prompt.strip():
+                return [f'{path}: a click for the model is {{"prompt": "the question"}}']
+            self.prompts[key] = prompt.strip()
+            return []
+        if not isinstance(reply, str) or not reply.strip():
+            return [f"{path}: the reply must be a text" + (
+                ' or {"prompt": "a question for the model"}' if section == "clicks" else "")]
+        if utf8_len(reply.strip()) > SEGMENT_BYTES:
+            return [f"{path}: the reply is {utf8_len(reply.strip())} bytes; one WeChat message "
+                    f"holds {SEGMENT_BYTES}"]
+        if section == "clicks":
+            self.clicks[key] = reply.strip()
+            return []
+        word = normalise(key)
+        if not word:
+            return [f"{path}: a keyword needs a letter or a character, not only punctuation"]
+        if classify("text", key).kind is not Kind.QUESTION:
+            return [f"{path}: {key!r} is one of wxbot's own commands"]
+        if word in self.keywords:
+            return [f"{path}: the same keyword as another one (spaces, punctuation, case "
+                    f"and width do not count)"]
+        self.keywords[word] = reply.strip()
+        return []
+
+    def describe(self) -> str:
+        return (f"{len(self.keywords)} keyword replies, {len(self.clicks)} click replies, "
+                f"{len(self.prompts)} clicks for the model")
+
+    def prompt_for(self, event: str | None, event_key: str) -> str | None:
+        """The question a menu click asks the model for the user, if it is one that does."""
+        return self.prompts.get(event_key) if event == "CLICK" else None
+
+    def fixed_reply(self, msg_type: str, content: str | None, event: str | None,
+                    event_key: str) -> tuple[str, str] | None:
+        """(counter, text) when the message gets a fixed reply without the model."""
+        if msg_type == "event":
+            reply = self.clicks.get(event_key) if event == "CLICK" else None
+            return ("click_replies", reply) if reply else None
+        if classify(msg_type, content, self.keywords).kind is Kind.KEYWORD:
+            return "keyword_replies", self.keywords[normalise(content)]
+        return None
+
+
 class OwnerFile:
     """A file the owner edits while wxbot runs (replies, blocked words): re-read when its
     modification time, size or inode changes, or on SIGHUP. A broken edit keeps what was
@@ -2510,13 +2622,19 @@ class OwnerFiles:
     """The owner's fixed replies and blocked words, each re-read when its file changes."""
 
     def __init__(self, settings: Settings):
+        self.replies_file = OwnerFile(settings.replies, Replies.read, Replies())
         self.blocked_file = OwnerFile(settings.blocked_words, BlockedWords.read, BlockedWords())
+
+    @property
+    def replies(self) -> Replies:
+        return self.replies_file.current()
 
     @property
     def blocked(self) -> BlockedWords:
         return self.blocked_file.current()
 
     def stale(self) -> None:
+        self.replies_file.stale()
         self.blocked_file.stale()
 
 
@@ -2777,7 +2895,19 @@ class Worker:
     def plan(self, message: Message) -> int | None:
         """Decide and store what to send; the number of segments, or None to retry later."""
         now = time.time()
-        intent = classify(message.msg_type, message.content)
+        replies = self.owner.replies
+        event_key = message.fields.get("EventKey", "")
+        fixed = replies.fixed_reply(message.msg_type, message.content, message.event, event_key)
+        if fixed:  # no model, and no count against the user's limits
+            counter, line = fixed
+            planned = self.store.save_answer(message, [line], now,
+                                             carry=message.msg_type != "event")
+            self.store.bump(counter, now)
+            return planned
+        prompt = replies.prompt_for(message.event, event_key)
+        if prompt:
+            return self.answer_text(message, prompt)
+        intent = classify(message.msg_type, message.content, replies.keywords)
         text = intent.text
         if intent.kind is Kind.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
@@ -2812,7 +2942,7 @@ class Worker:
         blocked = self.owner.blocked
         with self.store.transaction():  # one commit: follow-ups, the call counted, carried
             question = "\n".join(part for part in [question, *self.store.merge_followups(
-                message, time.time())] if part) or IMAGE_PROMPT
+                message, time.time(), self.owner.replies.keywords)] if part) or IMAGE_PROMPT
             if len(question) > MAX_QUESTION_CHARS:
                 question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
                     chars=MAX_QUESTION_CHARS)
@@ -2821,7 +2951,9 @@ class Worker:
             wait = None if refused else self.store.count_model_call(message, time.time(), [
                 (60, self.settings.user_rate), (86400, self.settings.user_daily)])
             if not refused and wait is None:
-                self.store.start_answer(message, leftovers=Leftovers.DROP)
+                # A menu click's answer opens no quota that earlier answers could use.
+                self.store.start_answer(message, carry=message.msg_type != "event",
+                                        leftovers=Leftovers.DROP)
         if refused:
             log_worker.warning("message %s from %s: question blocked (WXBOT_BLOCKED_WORDS)",
                                message.id, short_id(message.openid))
@@ -2974,7 +3106,7 @@ class Worker:
                     self.store.mark_sent(message, sent_seq, now)
                 rows = self.store.segments(message.id)
                 pick = None if self.mode.passive else next_send(  # passive: the webhook's
-                    rows, self.store.quota(message.id), streaming)
+                    rows, self.store.quota(message), streaming)
                 if pick:
                     self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
                 elif not streaming:
@@ -3019,7 +3151,7 @@ class Worker:
             log_worker.error("message %s: giving up after %d failed deliveries (state dead, "
                              "kept: `python wxbot.py status`, `python wxbot.py retry %s`): %s",
                              message.id, failures, message.id, error.hint())
-            self.store.finish(message, State.DEAD, str(error))
+            self.store.finish(message, State.DEAD, str(error), "delivery_failures")
             return
         delay = self._backoff(failures)
         if error.errcode in (40164, 45011):  # whitelist or per-minute limit: not a hot loop
@@ -3105,10 +3237,11 @@ class Webhook:
 
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
-                 acknowledger: Acknowledger | None = None):
+                 acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
         self.mode = mode or DeliveryMode("service", store)
         self.acknowledger = acknowledger
+        self.owner = owner or OwnerFiles(settings)
         self.crypto = (WeChatCrypto(settings.aes_key, settings.appid)
                        if settings.aes_key else None)
         self.replays = ReplayRecord(settings.max_skew)
@@ -3165,16 +3298,29 @@ class Webhook:
             return self.refuse(client, "push", 400, error)
         now = self.clock()
         message_id, pushes = self.store.store_push(push, now)
-        if pushes == 1:
-            self.wakeup.notify()
-            if self.acknowledger and push.msg_type != "event" and not self.mode.passive:
-                self.acknowledger.pushed(message_id, push.openid, now)
-        else:
+        if pushes > 1:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
+        elif not (self.mode.passive and self.fixed_reply(push, message_id)):
+            self.wakeup.notify()
+            if self.acknowledger and not self.mode.passive and (push.msg_type != "event" or
+                    self.owner.replies.prompt_for(push.event, push.fields.get("EventKey", ""))):
+                self.acknowledger.pushed(message_id, push.openid, now)
         if self.mode.passive:
             return 200, self.passive_reply(push, message_id, pushes, query)
         return 200, "success"
+
+    def fixed_reply(self, push: Push, message_id: int) -> bool:
+        """Store a keyword's or a click's fixed reply as this push's passive reply, so that
+        it goes out at once, even while the user's question before it is being answered;
+        False when there is none, or a worker took the message first (its answer comes as
+        any other)."""
+        fixed = self.owner.replies.fixed_reply(push.msg_type, push.content, push.event,
+                                               push.fields.get("EventKey", ""))
+        if not fixed or not self.store.reply_at_once(message_id, fixed[1], self.clock()):
+            return False
+        self.store.bump(fixed[0], self.clock())
+        return True
 
     def passive_reply(self, push: Push, message_id: int, pushes: int,
                       query: Mapping[str, str]) -> str:
@@ -3441,7 +3587,7 @@ class Bot:
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode,
-                               acknowledger=self.acknowledger)
+                               acknowledger=self.acknowledger, owner=self.owner)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
@@ -3527,6 +3673,99 @@ def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int
     return 0
 
 
+def age_text(seconds: float) -> str:
+    """A duration as an operator reads it at a glance: 45s, 12m, 3h 05m, 2d 4h."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+#: `status` lists at most this many messages of each state, oldest first.
+STATUS_ROWS = 20
+
+
+def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
+    """The database of a service that may be running: no migration, readers never block it."""
+    if not os.path.exists(settings.db):
+        print(f"no database at {settings.db} (check WXBOT_DB, or --env FILE)", file=out)
+        return None
+    conn = sqlite3.connect(settings.db, timeout=15, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version != SCHEMA_VERSION:
+        print(f"{settings.db} has schema {version}, this wxbot reads {SCHEMA_VERSION}: start "
+              f"this wxbot once to bring it up to date", file=out)
+        conn.close()
+        return None
+    return conn
+
+
+def status(settings: Settings, out, now: float | None = None) -> int:
+    """The queue from the database: waiting, in progress and dead messages, oldest first."""
+    now = time.time() if now is None else now
+    conn = open_for_operator(settings, out)
+    if conn is None:
+        return 1
+    with contextlib.closing(conn):
+        print(f"queue in {settings.db} at {time.strftime('%Y-%m-%d %H:%M:%S')}", file=out)
+        for state, title in ((State.QUEUED, "waiting"), (State.LEASED, "in progress"),
+                             (State.DEAD, "dead")):
+            total = conn.execute("SELECT messages FROM state_counts WHERE state = ?",
+                                 (state.value,)).fetchone()[0]
+            print(f"\n{title}: {total}", file=out)
+            for row in conn.execute(
+                    "SELECT id, openid, msg_type, event, received_at, not_before, lease_until,"
+                    " error, model_failures, delivery_failures, interruptions FROM messages"
+                    " WHERE state = ? ORDER BY id LIMIT ?", (state.value, STATUS_ROWS)):
+                if state is State.LEASED:
+                    note = f"lease ends in {age_text(row['lease_until'] - now)}"
+                elif state is State.QUEUED and row["not_before"] > now:
+                    note = f"next try in {age_text(row['not_before'] - now)}"
+                else:
+                    note = ""
+                failures = (f"failures: model {row['model_failures']}, delivery "
+                            f"{row['delivery_failures']}, interrupted {row['interruptions']}"
+                            if row["model_failures"] + row["delivery_failures"] +
+                            row["interruptions"] else "")
+                reason = "; ".join(part for part in (note, failures, row["error"] or "") if part)
+                print(f"  #{row['id']:<6} {age_text(now - row['received_at']):>7} old  "
+                      f"{short_id(row['openid']):<10} {row['event'] or row['msg_type']:<10}"
+                      f" {reason}".rstrip(), file=out)
+            if total > STATUS_ROWS:
+                print(f"  ... and {total - STATUS_ROWS} more", file=out)
+        if conn.execute("SELECT 1 FROM messages WHERE state = 'dead' LIMIT 1").fetchone():
+            print("\nto try a dead message again: python wxbot.py retry ID", file=out)
+    return 0
+
+
+def retry(settings: Settings, message_id: int, out) -> int:
+    """Queue a dead message again, its failure counts cleared; the service takes it within
+    a minute (Worker.IDLE_LOOK)."""
+    conn = open_for_operator(settings, out)
+    if conn is None:
+        return 1
+    with contextlib.closing(conn):
+        conn.execute("PRAGMA foreign_keys=ON")
+        requeued = conn.execute(
+            "UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
+            " model_failures = 0, delivery_failures = 0, interruptions = 0, error = NULL"
+            " WHERE id = ? AND state = 'dead'", (message_id,)).rowcount
+        if not requeued:
+            row = conn.execute("SELECT state FROM messages WHERE id = ?",
+                               (message_id,)).fetchone()
+            print(f"message {message_id} " + (f"is {row[0]}, not dead: nothing to do" if row
+                                              else "is not in the database"), file=out)
+            return 1
+    print(f"message {message_id} is queued again; the running wxbot takes it within a minute",
+          file=out)
+    return 0
+
+
 def check(settings: Settings, out) -> int:
     """Try every setting for real: the database, an access token, one tiny model request."""
     failures = 0
@@ -3575,7 +3814,9 @@ def check(settings: Settings, out) -> int:
         else:
             report(False, f"the model failed: {error}")
     store.close()
-    for path, read, setting in [(settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
+    for path, read, setting in [
+            (settings.replies, Replies.read, "WXBOT_REPLIES"),
+            (settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
         if not path:
             continue
         try:
@@ -3644,11 +3885,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="serve",
-                        choices=["serve", "check", "chat", "menu"],
+                        choices=["serve", "check", "chat", "menu", "status", "retry"],
                         help="serve (default): run the bot; check: try the settings for real; "
                              "chat: talk to the model in this console; menu FILE.json: make "
-                             "the file the account's custom menu")
-    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)
+                             "the file the account's custom menu; status: the queue, with "
+                             "dead messages and why; retry ID: queue a dead message again")
+    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)  # menu's FILE, retry's ID
     parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
     parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
@@ -3657,7 +3899,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     args = parser.parse_args(argv)
     if args.command == "menu" and (args.file is not None) + args.show + args.delete != 1:
         parser.error("menu takes one of: FILE.json, --show, --delete")
-    elif args.command != "menu" and (args.file or args.show or args.delete):
+    elif args.command == "retry" and not (args.file or "").isdigit():
+        parser.error("retry takes the id of a dead message, as `status` shows it")
+    elif args.command not in ("menu", "retry") and (args.file or args.show or args.delete):
         parser.error("FILE, --show and --delete go with the menu command")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -3675,6 +3919,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                    **env}
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
+        if args.command in ("status", "retry"):  # the database only
+            env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+                   "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
     except SettingsError as error:
         for problem in error.problems:
@@ -3686,6 +3933,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
     if args.command == "check":
         return check(settings, sys.stdout)
+    if args.command == "status":
+        return status(settings, sys.stdout)
+    if args.command == "retry":
+        return retry(settings, int(args.file), sys.stdout)
     if args.command == "menu":
         return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
     try:
