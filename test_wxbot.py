@@ -1764,10 +1764,7 @@ def test_unknown_msg_type_is_stored_and_answered_politely(start_bot, wechat, mod
 
 def test_body_over_limit_is_refused_without_reading_it(start_bot):
     bot = start_bot()
-    with socket.create_connection(("127.0.0.1", bot.port), timeout=5) as conn:
-        query = urllib.parse.urlencode(signed_query())
-        conn.sendall(f"POST /wx?{query} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n"
-                     f"\r\n".encode() + b"<xml>" * 10)
+    with raw_connection(bot, request_head(signed_query(), 100_000_000) + b"<xml>" * 10) as conn:
         answer = conn.recv(200)
     assert answer.startswith(b"HTTP/1.0 413") or answer.startswith(b"HTTP/1.1 413")
 
