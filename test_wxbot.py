@@ -25,6 +25,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -3141,7 +3142,7 @@ def test_full_scans_are_found_in_a_plan(tmp_path):
 def settings_for(tmp_path, **overrides):
     return wxbot.Settings.from_env({
         "WXBOT_TOKEN": TOKEN, "WXBOT_APPID": APPID, "WXBOT_APPSECRET": APPSECRET,
-        "OPENAI_API_KEY": API_KEY, "WXBOT_DB": str(tmp_path / "wxbot.db"),
+        "OPENAI_API_KEY": API_KEY, "WXBOT_DB": os.path.join(tmp_path, "wxbot.db"),
         **{key: str(value) for key, value in overrides.items()}})
 
 
@@ -3186,6 +3187,50 @@ def test_retention_deletes_old_rows_in_batches_and_the_file_shrinks(tmp_path):
         assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
         assert conn.execute("PRAGMA page_count").fetchone()[0] < pages * 0.7
     assert store.health(now)["answered"] == 20
+    store.close()
+
+
+@hsettings(max_examples=40, deadline=None)
+@given(ages=st.lists(st.tuples(st.floats(0, 12), st.sampled_from(list(wxbot.State)),
+                               st.integers(0, 3)), max_size=40),
+       retention_days=st.integers(1, 8), ttl_days=st.integers(0, 7), batch=st.integers(1, 9))
+def test_retention_keeps_exactly_what_it_promises(ages, retention_days, ttl_days, batch):
+    with tempfile.TemporaryDirectory() as folder:
+        check_retention(folder, ages, retention_days, ttl_days, batch)
+
+
+def check_retention(folder, ages, retention_days, ttl_days, batch):
+    day, now = 86400.0, 1_000_000_000.0
+    path = os.path.join(folder, "wxbot.db")
+    store = wxbot.Store(path)
+    ages.sort(key=lambda age: -age[0])  # ids follow arrival: the oldest first
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        for n, (age, state, turns) in enumerate(ages, 1):
+            conn.execute("INSERT INTO messages (id, dedup_key, openid, msg_type, content, fields,"
+                         " received_at, state) VALUES (?, ?, 'oPROP', 'text', '问', '{}', ?, ?)",
+                         (n, str(n), now - age * day, state.value))
+            conn.execute("INSERT INTO segments (message_id, seq, content) VALUES (?, 0, '答')",
+                         (n,))
+            conn.executemany("INSERT INTO turns (openid, role, content, created_at, message_id)"
+                             " VALUES ('oPROP', 'user', '问', ?, ?)",
+                             [(now - age * day, n)] * turns)
+    janitor = wxbot.Janitor(settings_for(folder, WXBOT_RETENTION_DAYS=retention_days,
+                                         WXBOT_SESSION_TTL=ttl_days * day), store)
+    janitor.BATCH, janitor.PAUSE = batch, 0
+    janitor.sweep(now)
+    kept = {n for n, (age, state, _) in enumerate(ages, 1)
+            if age <= retention_days or state in (wxbot.State.QUEUED, wxbot.State.LEASED)
+            or n == len(ages)}
+    turns_kept = sum(turns for age, _, turns in ages if age <= max(retention_days, ttl_days))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert {row[0] for row in conn.execute("SELECT id FROM messages")} == kept
+        assert {row[0] for row in conn.execute("SELECT message_id FROM segments")} == kept
+        assert conn.execute("SELECT count(*) FROM turns").fetchone()[0] == turns_kept
+        counts = dict(conn.execute("SELECT state, count(*) FROM messages GROUP BY state"))
+    health = store.health(now)
+    assert (health["answered"], health["failed"], health["dead"], health["queued"]) == (
+        counts.get("done", 0), counts.get("failed", 0), counts.get("dead", 0),
+        counts.get("queued", 0) + counts.get("leased", 0))
     store.close()
 
 

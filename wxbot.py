@@ -3542,6 +3542,8 @@ class Janitor:
     and every hour, in small batches off the webhook's path."""
 
     EVERY = 3600.0
+    #: Messages looked at in one transaction (with their segments, turns and model calls).
+    BATCH = 500
     #: Between batches: the webhook and the workers get the write lock in between.
     PAUSE = 0.05
 
@@ -3555,7 +3557,7 @@ class Janitor:
         while after is not None and not self.stopping.is_set():
             after = self.store.prune(time.time() if now is None else now,
                                      self.settings.retention_days * 86400.0,
-                                     self.settings.session_ttl, after)
+                                     self.settings.session_ttl, after, self.BATCH)
             self.stopping.wait(self.PAUSE)
 
     def run(self) -> None:
