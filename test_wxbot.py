@@ -7,13 +7,19 @@ the internet, and nothing waits on a bare sleep: every wait is a condition with 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
+import http.client
 import http.server
+import io
+import itertools
 import json
 import logging
 import os
 import re
+import select
+import shutil
 import signal
 import socket
 import sqlite3
@@ -21,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 
 import pytest
@@ -60,6 +67,10 @@ class FakeServer:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 self.body = self.rfile.read(length)
+                fake.route(self)
+
+            def do_GET(self):
+                self.body = b""
                 fake.route(self)
 
             def log_message(self, *args):
@@ -111,6 +122,9 @@ class FakeWeChat(FakeServer):
         self.token_reply = None  # a dict to answer stable_token with instead of a token
         self.intercept = None     # intercept(path, body) -> None (go on) or a scripted answer
         self.hold = None
+        self.menu = None          # the menu in force, as menu/create took it
+        self.menu_creates = []    # every menu/create body WeChat accepted
+        self.raw = {}
 
     def new_token(self):
         self.tokens_issued += 1
@@ -125,7 +139,8 @@ class FakeWeChat(FakeServer):
     def route(self, handler):
         parts = urllib.parse.urlsplit(handler.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
-        body = json.loads(handler.body.decode("utf-8"))
+        body = json.loads(handler.body.decode("utf-8")) if handler.body else None
+        self.raw[parts.path] = handler.body  # the last body each path got, as sent
         # hold(path, body) may block this request, outside the lock, and script its answer.
         held = self.hold(parts.path, body) if self.hold else None
         with self.lock:
@@ -175,6 +190,20 @@ class FakeWeChat(FakeServer):
         if path == "/cgi-bin/message/custom/typing":
             self.typing.append((body["touser"], body["command"]))
             return {"errcode": 0, "errmsg": "ok"}
+        if path == "/cgi-bin/menu/create":
+            self.menu_creates.append(body)
+            self.menu = body
+            return {"errcode": 0, "errmsg": "ok"}
+        if path == "/cgi-bin/menu/delete":
+            self.menu = None
+            return {"errcode": 0, "errmsg": "ok"}
+        if path == "/cgi-bin/get_current_selfmenu_info":
+            if self.menu is None:
+                return {"is_menu_open": 0}
+            # This API nests sub-buttons as {"list": [...]}, unlike menu/create.
+            return {"is_menu_open": 1, "selfmenu_info": {"button": [
+                {**button, "sub_button": {"list": button["sub_button"]}}
+                if button.get("sub_button") else button for button in self.menu["button"]]}}
         return 404
 
     def texts_to(self, openid):
@@ -186,7 +215,8 @@ class FakeModel(FakeServer):
     """An OpenAI-compatible /v1/chat/completions endpoint, streaming (SSE) when asked to.
 
     `respond(request)` returns the answer: a string, or an iterable of pieces that a stream
-    sends one chunk each (a generator may pause between them: a slow model). It raises
+    sends one chunk each (a generator may pause between them: a slow model; a dict piece is
+    sent as an event of its own). It raises
     ModelFault(status) to fail. Every request's JSON is kept in `requests`.
     """
 
@@ -242,6 +272,9 @@ class FakeModel(FakeServer):
             handler.wfile.flush()
         event({"role": "assistant", "content": ""})
         for piece in pieces:  # a ModelFault here breaks the stream off mid-answer
+            if isinstance(piece, dict):  # an event as it is, such as {"error": {...}}
+                handler.wfile.write(b"data: " + json.dumps(piece).encode() + b"\n\n")
+                continue
             event({"content": piece})
         event({}, "stop")
         handler.wfile.write(b"data: [DONE]\n\n")
@@ -271,7 +304,8 @@ class ModelFault(Exception):
 
 # Fixtures ####################################################################
 
-TOKEN = "AAAAA"
+#: WeChat allows 3-32 characters; wxbot wants at least 8 (a short one is guessed).
+TOKEN = "AAAAA12345"
 APPID = "wx2c2769f8efd9abc2"
 APPSECRET = "appsecret-0123456789abcdef0123456789"
 API_KEY = "sk-test-key-0123456789abcdefghij"
@@ -320,8 +354,13 @@ def start_bot(tmp_path, wechat, model):
             bot.stop(timeout=5)
 
 
-def signed_query(token=TOKEN, timestamp=None, nonce="1514711492", **extra):
+NONCES = itertools.count(1514711492)
+
+
+def signed_query(token=TOKEN, timestamp=None, nonce=None, **extra):
+    """A signed query string as WeChat sends it; each call has its own nonce, as each push."""
     timestamp = str(int(time.time())) if timestamp is None else timestamp
+    nonce = str(next(NONCES)) if nonce is None else nonce
     query = {"timestamp": timestamp, "nonce": nonce,
              "signature": wxbot.wechat_signature(token, timestamp, nonce)}
     query.update(extra)
@@ -350,6 +389,18 @@ def post_push(bot_or_port, body, query=None, path="/wx", timeout=5):
     return requests.post(f"http://127.0.0.1:{port}{path}",
                          params=signed_query() if query is None else query, data=body,
                          timeout=timeout)
+
+
+def post_from(source, bot, body, query):
+    """Post from another loopback address (127.0.0.0/8): refusals are logged per address."""
+    conn = http.client.HTTPConnection("127.0.0.1", bot.port, timeout=5,
+                                      source_address=(source, 0))
+    try:
+        conn.request("POST", "/wx?" + urllib.parse.urlencode(query), body)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
 
 
 def send_text(bot, openid, content, msg_id):
@@ -391,7 +442,7 @@ def test_missing_settings_exit_2_with_one_line_each_before_binding(tmp_path):
 
 
 def test_invalid_values_are_named():
-    env = {"WXBOT_TOKEN": "t", "WXBOT_APPID": "a", "WXBOT_APPSECRET": "s",
+    env = {"WXBOT_TOKEN": "token123", "WXBOT_APPID": "a", "WXBOT_APPSECRET": "s",
            "OPENAI_API_KEY": "k", "WXBOT_API_BASE": "api.weixin.qq.com",
            "WXBOT_PATH": "wx", "WXBOT_AES_KEY": "short", "WXBOT_MODEL_TIMEOUT": "soon"}
     with pytest.raises(wxbot.SettingsError) as caught:
@@ -404,16 +455,16 @@ def test_invalid_values_are_named():
 
 def test_env_file_is_read_as_systemd_reads_it(tmp_path):
     env_file = tmp_path / "wxbot.env"
-    env_file.write_text('# comment\n; also a comment\nWXBOT_TOKEN=tok\n'
+    env_file.write_text('# comment\n; also a comment\nWXBOT_TOKEN=tok12345\n'
                         'WXBOT_APPID = "wx123"\nWXBOT_APPSECRET=\'se cret\'\n'
                         'WXBOT_SYSTEM_PROMPT="say \\"hi\\""\n\nOPENAI_API_KEY=k\n',
                         encoding="utf-8")
     values = wxbot.read_env_file(str(env_file))
-    assert values == {"WXBOT_TOKEN": "tok", "WXBOT_APPID": "wx123",
+    assert values == {"WXBOT_TOKEN": "tok12345", "WXBOT_APPID": "wx123",
                       "WXBOT_APPSECRET": "se cret", "WXBOT_SYSTEM_PROMPT": 'say "hi"',
                       "OPENAI_API_KEY": "k"}
     settings = wxbot.Settings.from_env(values)
-    assert settings.appsecret == "se cret" and settings.workers == 4
+    assert settings.appsecret == "se cret" and settings.workers == 32
 
 
 def test_example_env_file_lists_every_setting():
@@ -443,11 +494,10 @@ def test_signature_matches_wechat_vectors():
 def test_get_verification_answers_echostr_only_when_signed(start_bot):
     bot = start_bot(WXBOT_MAX_SKEW=0)
     url = f"http://127.0.0.1:{bot.port}/wx"
-    good = {"signature": "f464b24fc39322e44b38aa78f5edd27bd1441696",
-            "timestamp": "1714036504", "nonce": "1514711492", "echostr": "4375120948345356249"}
+    good = signed_query(timestamp="1714036504", echostr="4375120948345356249")
     response = requests.get(url, params=good, timeout=5)
     assert (response.status_code, response.text) == (200, "4375120948345356249")
-    bad = dict(good, signature="899cf89e464efb63f54ddac96b0a0a235f53aa78")
+    bad = dict(good, signature=signed_query(timestamp="1714037059")["signature"])
     assert requests.get(url, params=bad, timeout=5).status_code == 403
     assert requests.get(url, params={"echostr": "1"}, timeout=5).status_code == 403
 
@@ -870,14 +920,14 @@ def test_transient_send_errors_are_retried_and_delivered_once(start_bot, wechat,
 
 def test_delivery_that_keeps_failing_ends_dead_and_is_kept(start_bot, wechat, model, caplog,
                                                            monkeypatch):
-    monkeypatch.setattr(wxbot.Worker, "MAX_ATTEMPTS", 3)
+    monkeypatch.setattr(wxbot.Worker, "DELIVERY_TRIES", 3)
     wechat.intercept = lambda path, body: 500 if path == SEND else None
     bot = start_bot()
     send_text(bot, "oDEAD", "问", 1)
     health = wait_for(lambda: (lambda h: h if h["dead"] == 1 else None)(
         requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).json()))
     assert health["unsent_segments"] == 1 and health["queued"] == 0
-    assert "giving up after 3 attempts" in caplog.text
+    assert "giving up after 3 failed deliveries" in caplog.text
     assert len(model.requests) == 1
 
 
@@ -894,7 +944,7 @@ def test_one_token_refresh_is_shared_by_all_threads(start_bot, wechat, model):
 
 
 def test_typing_is_renewed_once_while_the_model_works(start_bot, wechat, model, monkeypatch):
-    monkeypatch.setattr(wxbot.Worker, "TYPING_RENEW", 0.3)
+    monkeypatch.setattr(wxbot.Acknowledger, "TYPING_RENEW", 0.3)
     model.respond = lambda request: time.sleep(1.0) or "想好了"
     wechat.failures["/cgi-bin/message/custom/typing"] = [45081]
     bot = start_bot()
@@ -1595,7 +1645,7 @@ def test_wrong_appid_or_padding_is_refused():
 def encrypted_push(xml, key=VECTOR_KEY, appid=APPID, token=TOKEN, safe=True):
     """A push as WeChat sends it in 安全模式, encrypted by wechatpy (an independent coder)."""
     from wechatpy.crypto import WeChatCrypto as WechatpyCrypto
-    timestamp, nonce = str(int(time.time())), "27452356"
+    timestamp, nonce = str(int(time.time())), str(next(NONCES))
     envelope = WechatpyCrypto(token, key, appid).encrypt_message(xml.decode(), nonce, timestamp)
     encrypt = re.search(r"<Encrypt><!\[CDATA\[(.*?)\]\]>", envelope).group(1)
     msg_signature = re.search(r"<MsgSignature><!\[CDATA\[(.*?)\]\]>", envelope).group(1)
@@ -1623,11 +1673,11 @@ def test_encrypted_push_with_bad_signature_key_or_appid_is_refused(start_bot, mo
                                                                    tmp_path):
     bot = start_bot(WXBOT_AES_KEY=VECTOR_KEY)
     query, body = encrypted_push(text_xml("oBAD", "问", 1))
-    assert post_push(bot, body, query=dict(query, msg_signature="0" * 40)).status_code == 403
+    assert post_from("127.0.0.2", bot, body, dict(query, msg_signature="0" * 40))[0] == 403
     query, body = encrypted_push(text_xml("oBAD", "问", 2), appid="wxSOMEONEELSE0000")
-    assert post_push(bot, body, query=query).status_code == 403
+    assert post_from("127.0.0.3", bot, body, query)[0] == 403
     query, body = encrypted_push(text_xml("oBAD", "问", 3), key="Z" * 43)
-    assert post_push(bot, body, query=query).status_code == 403
+    assert post_from("127.0.0.4", bot, body, query)[0] == 403
     assert "msg_signature does not match" in caplog.text and "AppID" in caplog.text
     assert stored_messages(tmp_path / "wxbot.db") == [] and model.requests == []
 
@@ -1749,27 +1799,49 @@ def wsgi_call(app, method, query, body):
 def test_fuzzed_pushes_never_cause_5xx_and_store_only_valid_ones(tmp_path, wechat, model):
     from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-    settings = wxbot.Settings.from_env(env_for(tmp_path, wechat, model,
-                                               WXBOT_AES_KEY=VECTOR_KEY))
-    store = wxbot.Store(settings.db)
-    webhook = wxbot.Webhook(settings, store, wxbot.Wakeup())
-    app = wxbot.make_app(settings, store, webhook)
-    valid = text_xml("oFUZZ", "你好", 1)
-    stored = {"n": 0}
+    apps, stores = {}, []
+    for mode, key in (("plain", ""), ("safe", VECTOR_KEY)):  # 明文模式 and 安全模式
+        settings = wxbot.Settings.from_env(env_for(tmp_path, wechat, model, WXBOT_AES_KEY=key,
+                                                   WXBOT_DB=tmp_path / f"{mode}.db"))
+        store = wxbot.Store(settings.db)
+        apps[mode] = (wxbot.make_app(settings, store, wxbot.Webhook(settings, store,
+                                                                   wxbot.Wakeup())), store)
+        stores.append(store)
+    crypto = wxbot.WeChatCrypto(VECTOR_KEY, APPID)
+    stored = {"plain": 0, "safe": 0}
+    msg_ids = itertools.count(1)
 
-    def count():
+    def count(store):
         with store.connection() as conn:
             return conn.execute("SELECT count(*) FROM messages").fetchone()[0]
 
+    def encrypted(body, query):
+        encrypt = crypto.encrypt(body)
+        signature = wxbot.wechat_signature(TOKEN, query["timestamp"], query["nonce"], encrypt)
+        return (f"<xml><ToUserName><![CDATA[gh_10f6c3c3ac5a]]></ToUserName><Encrypt>"
+                f"<![CDATA[{encrypt}]]></Encrypt></xml>").encode(), \
+            dict(query, encrypt_type="aes", msg_signature=signature)
+
+    valid = text_xml("oFUZZ", "你好", 1)
+    well_formed = st.one_of(
+        xml_texts().map(lambda content: quoting_xml("oFUZZ", content, next(msg_ids))),
+        st.sampled_from(sorted(NESTED_EVENTS)).map(
+            lambda event: nested_event(event, NESTED_EVENTS[event], f"oFUZZ{next(msg_ids)}")))
+    not_utf8 = st.one_of(
+        st.sampled_from([valid, BILLION_LAUGHS, EXTERNAL_ENTITY, UTF16_LAUGHS]).flatmap(
+            lambda body: st.sampled_from(["utf-16", "utf-16-le", "utf-16-be", "utf-32"]).map(
+                lambda encoding: body.decode().encode(encoding))),
+        well_formed.map(lambda body: codecs.BOM_UTF8 + body))
     mutated = st.builds(
         lambda data, at, insert: data[:at % (len(data) + 1)] + insert + data[at % (len(data)
                                                                                  + 1) + 1:],
         st.just(valid), st.integers(0, len(valid)), st.binary(max_size=8))
-    bodies = st.one_of(st.binary(max_size=300), mutated,
-                       st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")))
+    anything = st.one_of(st.binary(max_size=300), mutated, not_utf8,
+                         st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")))
     queries = st.one_of(
-        st.just(urllib.parse.urlencode(signed_query())),
-        st.just(urllib.parse.urlencode(signed_query(encrypt_type="aes", msg_signature="x"))),
+        st.builds(lambda: urllib.parse.urlencode(signed_query())),
+        st.builds(lambda: urllib.parse.urlencode(signed_query(encrypt_type="aes",
+                                                              msg_signature="x"))),
         st.text(max_size=80).map(lambda t: urllib.parse.quote(t, safe="=&")),
         st.dictionaries(st.sampled_from(["signature", "timestamp", "nonce", "encrypt_type",
                                          "msg_signature", "echostr"]),
@@ -1777,41 +1849,34 @@ def test_fuzzed_pushes_never_cause_5xx_and_store_only_valid_ones(tmp_path, wecha
 
     @hsettings(max_examples=2000, deadline=None, database=None,
                suppress_health_check=list(HealthCheck))
-    @given(method=st.sampled_from(["GET", "POST", "PUT"]), query=queries, body=bodies)
-    def fuzz(method, query, body):
+    @given(mode=st.sampled_from(["plain", "safe"]), method=st.sampled_from(["GET", "POST", "PUT"]),
+           query=queries, body=anything, push=well_formed, bad=not_utf8, pick=st.integers(0, 3))
+    def fuzz(mode, method, query, body, push, bad, pick):
+        app, store = apps[mode]
+        if pick < 2:  # signed as WeChat signs: a push it could send is taken, UTF-16 is not
+            query = signed_query()
+            body = push if pick == 0 else bad
+            if mode == "safe":
+                body, query = encrypted(body, query)
+            status = wsgi_call(app, "POST", urllib.parse.urlencode(query), body)
+            assert status == (200 if pick == 0 else 400), (mode, body)
+            if pick == 1:
+                assert count(store) == stored[mode]
+            stored[mode] = count(store)
+            return
         status = wsgi_call(app, method, query, body)
         assert status < 500, (method, query, body)
-        now_stored = count()
-        if now_stored != stored["n"]:
-            assert status == 200 and method == "POST"
+        now_stored = count(store)
+        if now_stored != stored[mode]:  # only a valid plaintext push, and only in 明文模式
+            assert status == 200 and method == "POST" and mode == "plain"
             fields = wxbot.parse_xml(body)
             wxbot.check_signature(TOKEN, dict(urllib.parse.parse_qsl(query)), time.time(), 300)
             wxbot.Push.from_fields(fields)
-            stored["n"] = now_stored
+            stored[mode] = now_stored
 
     fuzz()
-    store.close()
-
-
-def test_stalled_clients_do_not_block_a_signed_push(start_bot, wechat, monkeypatch):
-    monkeypatch.setattr(wxbot.QuietHandler, "timeout", 2)
-    bot = start_bot()
-    stalled = []
-    try:
-        for _ in range(200):
-            conn = socket.create_connection(("127.0.0.1", bot.port), timeout=10)
-            conn.sendall(b"POST /wx?signature=")  # half a request, then nothing
-            stalled.append(conn)
-        started = time.monotonic()
-        response = post_push(bot, text_xml("oSLOW", "还在吗", 1))
-        assert (response.status_code, response.text) == (200, "success")
-        assert time.monotonic() - started < 1.0
-        wait_for(lambda: wechat.texts_to("oSLOW"))
-        for conn in stalled:  # dropped by the server after its timeout
-            assert conn.recv(100) == b""
-    finally:
-        for conn in stalled:
-            conn.close()
+    for store in stores:
+        store.close()
 
 
 # Budget ######################################################################
@@ -1886,7 +1951,8 @@ def test_sigkill_at_random_points_loses_nothing_and_keeps_order(tmp_path, wechat
     pushes = [(user, f"{user}-{k}", 1000 * n + k) for k in range(10)
               for n, user in enumerate(users)]
     expected = {user: [f"{user}-{k}" for k in range(10)] for user in users}
-    env = env_for(tmp_path, wechat, model, WXBOT_PORT=free_port(), WXBOT_USER_RATE=0)
+    env = env_for(tmp_path, wechat, model, WXBOT_PORT=free_port(), WXBOT_USER_RATE=0,
+                  WXBOT_WORKERS=4, WXBOT_QUEUE_NOTICE=0)  # the answers alone, in order
     state, logs = {}, []
     state["process"], state["port"], lines = start_process(env, tmp_path)
     logs.append(lines)
@@ -2001,11 +2067,13 @@ def test_secrets_never_in_log_reply_or_healthz_at_debug(start_bot, wechat, model
     replies = [post_push(bot, body, query=query).text]
     wait_for(lambda: wechat.texts_to("oSEC"))
     wechat.failures["/cgi-bin/message/custom/send"] = ["drop", 500, 40164]
-    send_text(bot, "oSEC", "再来", 2)
+    query, body = encrypted_push(text_xml("oSEC", "再来", 2))
+    assert post_push(bot, body, query=query).text == "success"
     wait_for(lambda: len(wechat.texts_to("oSEC")) == 2, timeout=30)
     wechat.expire_tokens()
     model.respond = lambda request: (_ for _ in ()).throw(ModelFault(401, "bad key " + API_KEY))
-    send_text(bot, "oSEC", "坏钥匙", 3)
+    query, body = encrypted_push(text_xml("oSEC", "坏钥匙", 3))
+    assert post_push(bot, body, query=query).text == "success"
     wait_for(lambda: bot.store.health(time.time())["failed"] == 1, timeout=30)
     replies.append(post_push(bot, text_xml("oSEC", "x", 4), query={}).text)
     replies.append(post_push(bot, b"<xml>", query=signed_query()).text)
@@ -2401,3 +2469,1464 @@ def test_code_identifiers_and_arithmetic_are_never_read_as_emphasis(tokens):
 ], ids=["inline-dunder", "main-guard", "identifiers", "marks-in-code", "fenced"])
 def test_code_arrives_as_written(markdown, plain):
     assert wxbot.split_segments(markdown) == [plain]
+
+
+# Menus, fixed replies and blocked words ######################################
+
+MENU = {"button": [
+    {"type": "click", "name": "今日推荐", "key": "TODAY"},
+    {"name": "菜单", "sub_button": [
+        {"type": "view", "name": "官网", "url": "https://example.com/"},
+        {"type": "miniprogram", "name": "小程序", "url": "https://example.com/mp",
+         "appid": "wx286b93c14bbf93aa", "pagepath": "pages/lunar/index"},
+        {"type": "click", "name": "问问 AI", "key": "ASK"}]}]}
+
+
+def menu_command(wechat, model, tmp_path, *args):
+    """`wxbot.py menu ...` run in this process: (exit status, what it printed)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = wxbot.main(["menu", *args], env_for(tmp_path, wechat, model))
+    return status, out.getvalue()
+
+
+def test_menu_file_becomes_the_menu_exactly_as_written(tmp_path, wechat, model):
+    (tmp_path / "menu.json").write_text(json.dumps(MENU, ensure_ascii=False), encoding="utf-8")
+    result = run_wxbot(["menu", str(tmp_path / "menu.json")], env_for(tmp_path, wechat, model))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert wechat.menu_creates == [MENU]
+    assert "in force" in result.stdout
+    # Raw UTF-8, as every call to WeChat: \u escapes can fail (40033, WECHAT.md §4).
+    assert "今日推荐".encode() in wechat.raw["/cgi-bin/menu/create"]
+
+
+def test_menu_show_prints_the_menu_in_force_and_delete_removes_it(tmp_path, wechat, model):
+    wechat.menu = MENU
+    status, shown = menu_command(wechat, model, tmp_path, "--show")
+    assert status == 0 and json.loads(shown) == MENU  # a file `menu FILE` takes back
+    assert menu_command(wechat, model, tmp_path, "--delete")[0] == 0
+    assert wechat.menu is None
+    status, shown = menu_command(wechat, model, tmp_path, "--show")
+    assert status == 0 and "no menu" in shown
+
+
+def test_broken_menu_file_names_line_and_column_and_is_never_sent(tmp_path, wechat, model):
+    (tmp_path / "menu.json").write_text('{"button": [\n  {"name": "a", "type": "click",}\n]}')
+    status, said = menu_command(wechat, model, tmp_path, str(tmp_path / "menu.json"))
+    assert status == 1 and "line 2, column" in said
+    assert wechat.menu_creates == [] and wechat.token_calls == []
+
+
+@pytest.mark.parametrize("errcode, says", [
+    (48001, "unverified 订阅号"), (40018, "name length"), (40027, "sub-button's url")])
+def test_menu_errors_from_wechat_become_sentences(tmp_path, wechat, model, errcode, says):
+    (tmp_path / "menu.json").write_text(json.dumps(MENU), encoding="utf-8")
+    wechat.failures["/cgi-bin/menu/create"] = [errcode]
+    status, said = menu_command(wechat, model, tmp_path, str(tmp_path / "menu.json"))
+    assert status == 1 and says in said and str(errcode) in said
+
+
+def menu_strategies():
+    from hypothesis import strategies as st
+
+    def text(max_bytes, min_size=1):
+        return st.text(min_size=min_size, max_size=max_bytes).filter(
+            lambda value: value.strip() and wxbot.utf8_len(value) <= max_bytes)
+
+    fields = {"key": text(128), "appid": text(32), "pagepath": text(64),
+              "media_id": text(64), "article_id": text(64),
+              "url": st.builds(lambda scheme, rest: scheme + rest,
+                               st.sampled_from(["http://", "https://"]), st.text(max_size=60))}
+
+    def leaf(name_bytes):
+        return st.sampled_from(sorted(wxbot.MENU_TYPES)).flatmap(
+            lambda kind: st.fixed_dictionaries(
+                {"type": st.just(kind), "name": text(name_bytes),
+                 **{field: fields[field] for field in wxbot.MENU_TYPES[kind]}},
+                optional={"sub_button": st.just([])}))
+
+    top = st.one_of(leaf(16), st.fixed_dictionaries(
+        {"name": text(16), "sub_button": st.lists(leaf(60), min_size=1, max_size=5)}))
+    return st.fixed_dictionaries({"button": st.lists(top, min_size=1, max_size=3)})
+
+
+#: One way to break a valid menu each, and the path its problem must name.
+def break_menu(menu, how, at):
+    menu = json.loads(json.dumps(menu))
+    buttons = menu["button"]
+    n = at % len(buttons)
+    button = buttons[n]
+    subs = button.get("sub_button") or []
+    target, path = (subs[at % len(subs)], f"button[{n}].sub_button[{at % len(subs)}]") \
+        if subs else (button, f"button[{n}]")
+    leaf_limit = 60 if subs else 16
+    if how == "too many buttons":
+        buttons.extend([buttons[0]] * (4 - len(buttons)))
+        return menu, "button:"
+    if how == "too many sub-buttons":
+        button["sub_button"] = [{"type": "click", "name": "x", "key": "k"}] * 6
+        return menu, f"button[{n}].sub_button:"
+    if how == "long top name":
+        button["name"] = "字" * 6
+        return menu, f"button[{n}].name"
+    if how == "long name":
+        target["name"] = "a" * (leaf_limit + 1)
+        return menu, f"{path}.name"
+    if how == "no name":
+        target.pop("name")
+        return menu, f"{path}.name"
+    if how == "unknown type":
+        target["type"] = "news"
+        return menu, f"{path}.type"
+    if how == "missing field":
+        field = wxbot.MENU_TYPES[target["type"]][-1]
+        target.pop(field)
+        return menu, f"{path}.{field}"
+    if how == "long key":
+        target.update(type="click", key="k" * 129)
+        return menu, f"{path}.key"
+    if how == "long url":
+        target.update(type="view", url="https://" + "u" * 1017)
+        return menu, f"{path}.url"
+    if how == "third level":
+        third = [{"type": "click", "name": "x", "key": "k"}]
+        if not subs:
+            target["sub_button"] = [{"type": "click", "name": "x", "key": "k"}]
+            target, path = target["sub_button"][0], f"{path}.sub_button[0]"
+        target["sub_button"] = third
+        return menu, f"{path}.sub_button"
+    raise AssertionError(how)
+
+
+BREAKAGES = ["too many buttons", "too many sub-buttons", "long top name", "long name",
+             "no name", "unknown type", "missing field", "long key", "long url", "third level"]
+
+
+def test_generated_menus_valid_are_sent_exactly_invalid_never(tmp_path, wechat, model):
+    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+    path = tmp_path / "menu.json"
+
+    @hsettings(max_examples=60, deadline=None, database=None,
+               suppress_health_check=list(HealthCheck))
+    @given(menu=menu_strategies(), how=st.sampled_from([None, *BREAKAGES]),
+           at=st.integers(0, 100))
+    def menus(menu, how, at):
+        expected_path = None
+        if how:
+            menu, expected_path = break_menu(menu, how, at)
+        path.write_text(json.dumps(menu, ensure_ascii=False), encoding="utf-8")
+        wechat.menu_creates.clear()
+        status, said = menu_command(wechat, model, tmp_path, str(path))
+        if how is None:
+            assert status == 0, said
+            assert wechat.menu_creates == [menu]
+        else:
+            assert status == 1 and wechat.menu_creates == []
+            assert expected_path in said, (how, said)
+
+    menus()
+
+
+def blocked_oracle(text, words):
+    """mask() by brute force: each word tried at each character, spaces inside skipped."""
+    def fold(char):
+        if char == "\u3000" or "\uff01" <= char <= "\uffee":
+            normal = unicodedata.normalize("NFKC", char)
+            char = normal if len(normal) == 1 else char
+        return char.lower() if char.isascii() else char
+    folded = [fold(char) for char in text]
+    hidden = [False] * len(text)
+    for word in words:
+        word = [fold(char) for char in word if not fold(char).isspace()]
+        for start in range(len(text)):
+            at, matched = start, 0
+            while at < len(text) and matched < len(word):
+                if folded[at].isspace() and matched:
+                    at += 1
+                    continue
+                if folded[at] != word[matched]:
+                    break
+                at, matched = at + 1, matched + 1
+            if word and matched == len(word):
+                hidden[start:at] = [True] * (at - start)
+    return "".join("＊" if hide else char for char, hide in zip(text, hidden))
+
+
+def test_blocked_words_are_masked_in_any_chunking_of_an_answer():
+    from hypothesis import given, settings as hsettings, strategies as st
+    # Letters that come in both cases and widths, Chinese, and spaces of both widths.
+    alphabet = st.sampled_from(list("abAB坏词ａＢ \u3000") + ["\n"])
+
+    @hsettings(max_examples=400, deadline=None, database=None)
+    @given(words=st.lists(st.text(alphabet, min_size=1, max_size=5), max_size=4),
+           text=st.text(alphabet, max_size=40), cuts=st.lists(st.integers(0, 40), max_size=6))
+    def masking(words, text, cuts):
+        blocked = wxbot.BlockedWords(words)
+        expected = blocked_oracle(text, words)
+        assert blocked.mask(text) == expected
+        assert blocked.found(text) == ("＊" in expected)
+        stream = wxbot.StreamMask(blocked)
+        edges = [0, *sorted(cut % (len(text) + 1) for cut in cuts), len(text)]
+        shown = [stream.feed(text[a:b]) for a, b in zip(edges, edges[1:])]
+        assert "".join(shown) + stream.finish() == expected
+
+    masking()
+
+
+def words_file(tmp_path, *words, name="blocked.txt"):
+    path = tmp_path / name
+    path.write_text("# 屏蔽词\n" + "\n".join(words) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_question_with_a_blocked_word_never_reaches_the_model(start_bot, wechat, model,
+                                                              tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁 词", "bad word"),
+                    WXBOT_USER_RATE=1)
+    send_text(bot, "oBLOCKED123", "请问 ＢＡＤ  Word 怎么买？", 1)
+    send_text(bot, "oBLOCKED123", "违禁词是什么", 2)
+    wait_for(lambda: len(wechat.texts_to("oBLOCKED123")) == 2)
+    assert wechat.texts_to("oBLOCKED123") == [wxbot.REFUSED_LINE] * 2
+    assert model.requests == []
+    blocked_lines = [r.getMessage() for r in caplog.records if "blocked" in r.getMessage()]
+    assert len(blocked_lines) == 2 and all(wxbot.short_id("oBLOCKED123") in line and "违禁"
+                                           not in line for line in blocked_lines)
+    send_text(bot, "oBLOCKED123", "你好", 3)  # blocked questions spent none of the 1 a minute
+    wait_for(lambda: len(wechat.texts_to("oBLOCKED123")) == 3)
+    assert wechat.texts_to("oBLOCKED123")[2] == "答：你好"
+
+
+def test_blocked_reply_can_be_set(start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁"),
+                    WXBOT_BLOCKED_REPLY="这个话题我们不聊。")
+    send_text(bot, "oB2", "违禁", 1)
+    wait_for(lambda: wechat.texts_to("oB2"))
+    assert wechat.texts_to("oB2") == ["这个话题我们不聊。"] and model.requests == []
+
+
+def test_blocked_words_in_a_streamed_answer_are_masked_before_sent_and_stored(
+        start_bot, wechat, model, tmp_path):
+    # The word straddles two chunks of the stream, and the answer ends right after it.
+    model.respond = lambda request: ["这是一个敏", "感词，还有 Secret", "Plan"]
+    bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "敏感词", "secret plan"))
+    send_text(bot, "oM1", "说点什么", 1)
+    wait_for(lambda: wechat.texts_to("oM1"))
+    assert wechat.texts_to("oM1") == ["这是一个＊＊＊，还有 ＊＊＊＊＊＊＊＊＊＊"]
+    model.respond = lambda request: "好的"
+    send_text(bot, "oM1", "再说", 2)
+    wait_for(lambda: len(wechat.texts_to("oM1")) == 2)
+    history = [m["content"] for m in model.requests[-1]["messages"] if m["role"] == "assistant"]
+    assert history == ["这是一个＊＊＊，还有 ＊＊＊＊＊＊＊＊＊＊"]
+
+
+def test_blocked_words_file_is_reread_when_it_changes_and_a_broken_one_kept_out(
+        start_bot, wechat, model, tmp_path, caplog):
+    path = words_file(tmp_path, "旧词")
+    bot = start_bot(WXBOT_BLOCKED_WORDS=path)
+    os.utime(path, ns=(0, 0))
+    words_file(tmp_path, "新词")
+    os.utime(path, ns=(10**9, 10**9))
+    send_text(bot, "oR1", "新词", 1)
+    send_text(bot, "oR2", "旧词", 2)
+    wait_for(lambda: wechat.texts_to("oR1") and wechat.texts_to("oR2"))
+    assert wechat.texts_to("oR1") == [wxbot.REFUSED_LINE]
+    assert wechat.texts_to("oR2") == ["答：旧词"]
+    with open(path, "wb") as broken:
+        broken.write(b"\xff\xfe\x00bad")
+    send_text(bot, "oR3", "新词", 3)
+    wait_for(lambda: wechat.texts_to("oR3"))
+    assert wechat.texts_to("oR3") == [wxbot.REFUSED_LINE]  # the previous words stay
+    assert "previous version stays" in caplog.text and path in caplog.text
+
+
+def test_blocked_words_are_reread_on_sighup(tmp_path, wechat, model):
+    path = words_file(tmp_path, "旧词")
+    process = start_process(env_for(tmp_path, wechat, model, WXBOT_BLOCKED_WORDS=path),
+                            tmp_path)
+    process, port, lines = process
+    try:
+        stamp = os.stat(path)
+        words_file(tmp_path, "新词")  # same size, same inode, same time: looks unchanged
+        os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        send_text(port, "oH1", "新词", 1)
+        wait_for(lambda: wechat.texts_to("oH1"))
+        assert wechat.texts_to("oH1") == ["答：新词"]
+        process.send_signal(signal.SIGHUP)
+        asked = []
+
+        def refused_after_hangup():  # the handler runs soon after the signal, not at once
+            asked.append(len(asked) + 2)
+            send_text(port, "oH1", "新词", asked[-1])
+            wait_for(lambda: len(wechat.texts_to("oH1")) == len(asked) + 1)
+            return wechat.texts_to("oH1")[-1] == wxbot.REFUSED_LINE
+        wait_for(refused_after_hangup, message="the words re-read after SIGHUP")
+        wait_for(lambda: any("re-read" in line for line in lines))
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def test_stats_counts_blocked_questions(start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_ADMINS="oBOSS", WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁"))
+    send_text(bot, "oU1", "违禁", 1)
+    wait_for(lambda: wechat.texts_to("oU1"))
+    send_text(bot, "oBOSS", "/stats", 2)
+    wait_for(lambda: wechat.texts_to("oBOSS"))
+    assert "拦截的提问：1" in wechat.texts_to("oBOSS")[0]
+
+
+def test_check_validates_the_owners_files(tmp_path, wechat, model):
+    good = run_wxbot(["check"], env_for(tmp_path, wechat, model,
+                                        WXBOT_BLOCKED_WORDS=words_file(tmp_path, "a", "b")))
+    assert good.returncode == 0 and "2 blocked words" in good.stdout
+    missing = run_wxbot(["check"], env_for(tmp_path, wechat, model,
+                                           WXBOT_BLOCKED_WORDS=str(tmp_path / "nope.txt")))
+    assert missing.returncode == 1
+    assert "FAIL WXBOT_BLOCKED_WORDS" in missing.stdout and "nope.txt" in missing.stdout
+
+
+def test_a_broken_owners_file_stops_the_start_with_its_reason(tmp_path, wechat, model):
+    result = run_wxbot([], env_for(tmp_path, wechat, model,
+                                   WXBOT_BLOCKED_WORDS=str(tmp_path / "nope.txt")))
+    assert result.returncode == 2 and "nope.txt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_example_files_are_valid():
+    assert wxbot.menu_problems(json.load(open(os.path.join(HERE, "menu.example.json"),
+                                              encoding="utf-8"))) == []
+    assert wxbot.BlockedWords.read(os.path.join(HERE, "blocked_words.example.txt")).count == 2
+    assert wxbot.Replies.read(os.path.join(HERE, "replies.example.json")).prompts
+
+
+PRICE = '基础版每月 9 元。<a href="https://example.com/p">详情</a>'
+MINI = ('<a href="https://example.com/mp" data-miniprogram-appid="wx286b93c14bbf93aa" '
+        'data-miniprogram-path="pages/index/index">打开小程序</a>')
+REPLIES = {"keywords": {"价格": PRICE, "Mini Program": MINI},
+           "clicks": {"TODAY": "今日推荐：<a href=\"https://example.com/t\">读一读</a>",
+                      "ASK": {"prompt": "请介绍一下你自己"}}}
+
+
+def replies_file(tmp_path, replies=REPLIES, name="replies.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(replies, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+def test_keyword_gets_its_fixed_reply_at_once_without_the_model_or_the_limits(
+        start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_REPLIES=replies_file(tmp_path), WXBOT_USER_RATE=1)
+    send_text(bot, "oK1", " 价格？", 1)
+    send_text(bot, "oK1", "ＭＩＮＩ program!", 2)
+    send_text(bot, "oK1", "你好", 3)
+    wait_for(lambda: len(wechat.texts_to("oK1")) == 3)
+    assert wechat.texts_to("oK1") == [PRICE, MINI, "答：你好"]  # links verbatim
+    assert model.questions() == ["你好"]
+
+
+def test_keyword_typed_right_after_a_question_keeps_its_own_reply(start_bot, wechat, model,
+                                                                   tmp_path):
+    bot = start_bot(WXBOT_REPLIES=replies_file(tmp_path))
+    bot.stop(timeout=5)  # both wait in the queue, as when the user types fast
+    store = wxbot.Store(bot.settings.db)
+    for msg_id, text in enumerate(["怎么收费", "价格"]):
+        store.store_push(wxbot.Push.from_fields(wxbot.parse_xml(text_xml("oK2", text, msg_id))),
+                         time.time())
+    store.close()
+    start_bot(WXBOT_REPLIES=replies_file(tmp_path))
+    wait_for(lambda: len(wechat.texts_to("oK2")) == 2)
+    assert wechat.texts_to("oK2") == ["答：怎么收费", PRICE]
+
+
+def test_keyword_matching_ignores_spaces_punctuation_case_and_width_around_it():
+    from hypothesis import given, settings as hsettings, strategies as st
+    width = {chr(code): chr(code + 0xFEE0) for code in range(0x21, 0x7F)}
+
+    @hsettings(max_examples=300, deadline=None, database=None)
+    @given(keyword=st.text(st.sampled_from(list("abcXYZ价格问 ")), min_size=1, max_size=8)
+           .filter(lambda k: k.strip()),
+           before=st.text(st.sampled_from(list(" \u3000，。！？!?…「」")), max_size=3),
+           after=st.text(st.sampled_from(list(" \u3000，。！？!?…「」~")), max_size=3),
+           flips=st.lists(st.booleans(), min_size=8, max_size=8),
+           wide=st.lists(st.booleans(), min_size=8, max_size=8))
+    def matching(keyword, before, after, flips, wide):
+        replies = wxbot.Replies()
+        assert replies._add("keywords", keyword, "回复") == []
+        typed = "".join((width.get(c, c) if w else c).swapcase() if f else
+                        (width.get(c, c) if w else c)
+                        for c, f, w in zip(keyword.strip(), flips * 2, wide * 2))
+        message = before + typed + after
+        assert wxbot.classify("text", message, replies.keywords).kind is wxbot.Kind.KEYWORD
+        assert replies.fixed_reply("text", message, None, "") == ("keyword_replies", "回复")
+        assert wxbot.classify("text", message + "吗", replies.keywords).kind is \
+            wxbot.Kind.QUESTION
+
+    matching()
+
+
+def click_xml(openid, key, create_time=None):
+    return event_xml(openid, "CLICK", int(time.time()) if create_time is None else create_time,
+                     key)
+
+
+def test_click_gets_its_reply_and_a_prompt_click_asks_the_model(start_bot, wechat, model,
+                                                                tmp_path):
+    bot = start_bot(WXBOT_REPLIES=replies_file(tmp_path))
+    post_push(bot, click_xml("oC1", "TODAY", 1714036504))
+    wait_for(lambda: wechat.texts_to("oC1"))
+    post_push(bot, click_xml("oC1", "UNLISTED", 1714036505))
+    post_push(bot, click_xml("oC1", "ASK", 1714036506))
+    wait_for(lambda: len(wechat.texts_to("oC1")) == 2)
+    assert wechat.texts_to("oC1") == [REPLIES["clicks"]["TODAY"], "答：请介绍一下你自己"]
+    assert model.questions() == ["请介绍一下你自己"]
+    assert ("oC1", "Typing") in wechat.typing
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 3)
+    assert len(wechat.texts_to("oC1")) == 2  # the unlisted click: nothing
+
+
+def test_a_clicks_answer_keeps_to_three_messages(start_bot, wechat, model, tmp_path):
+    model.respond = lambda request: chinese_answer(9000)
+    bot = start_bot(WXBOT_REPLIES=replies_file(tmp_path))
+    post_push(bot, click_xml("oC2", "ASK"))
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    sent = wechat.texts_to("oC2")
+    assert len(sent) == 3 and sent[-1].endswith(wxbot.CONTINUE_TAIL)
+
+
+def test_passive_keyword_and_click_are_answered_in_the_reply_itself(
+        start_bot, wechat, model, tmp_path, quick_wechat_clock):
+    answering = threading.Event()
+    model.respond = lambda request: (answering.wait(10), "答：故事")[1]
+    bot = start_bot(WXBOT_MODE="passive", WXBOT_REPLIES=replies_file(tmp_path))
+    with contextlib.suppress(requests.Timeout):  # a question the model takes long to answer
+        post_push(bot, text_xml("oP1", "讲个故事", 100), timeout=0.3)
+    wait_for(lambda: model.requests)
+    try:
+        user = WeChatUser(bot, "oP1", quick_wechat_clock)
+        started = time.monotonic()
+        price = user.says("价格")  # not behind the question still being answered
+        assert price == PRICE + wxbot.CONTINUE_TAIL  # and the answer to it waits for 继续
+        assert user.push(click_xml("oP1", "TODAY")).startswith(REPLIES["clicks"]["TODAY"])
+        assert time.monotonic() - started < quick_wechat_clock  # each on its first try
+        retried = post_push(bot, text_xml("oP1", "价格", user.msg_id))  # WeChat's retry
+        assert user.shown(retried, {}) == price
+    finally:
+        answering.set()
+    assert len(model.requests) == 1 and wechat.sent == []
+
+
+def test_stats_counts_keyword_and_click_replies(start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_ADMINS="oBOSS", WXBOT_REPLIES=replies_file(tmp_path))
+    send_text(bot, "oS1", "价格", 1)
+    send_text(bot, "oS1", "价格。", 2)
+    post_push(bot, click_xml("oS1", "TODAY"))
+    wait_for(lambda: len(wechat.texts_to("oS1")) == 3)
+    send_text(bot, "oBOSS", "/stats", 3)
+    wait_for(lambda: wechat.texts_to("oBOSS"))
+    assert "关键词 2，菜单 1" in wechat.texts_to("oBOSS")[0]
+
+
+@pytest.mark.parametrize("replies, says", [
+    ('{"keywords": {"价格": "9 元",}}', "line 1, column 27"),
+    ({"keywords": {"帮助": "x"}}, "keywords.帮助: '帮助' is one of wxbot's own commands"),
+    ({"keywords": {"Price": "a", " price！": "b"}}, "keywords. price！: the same keyword"),
+    ({"keywords": {"价格": ""}}, "keywords.价格: the reply must be a text"),
+    ({"keywords": {"长": "字" * 683}}, "keywords.长: the reply is 2049 bytes"),
+    ({"clicks": {"ASK": {"question": "x"}}}, 'clicks.ASK: a click for the model is'),
+    ({"keyword": {}}, "keyword: unknown field"),
+    ([], "must be an object"),
+])
+def test_replies_file_problems_are_named(tmp_path, replies, says):
+    path = tmp_path / "replies.json"
+    path.write_text(replies if isinstance(replies, str) else
+                    json.dumps(replies, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(wxbot.FileProblem) as problem:
+        wxbot.Replies.read(str(path))
+    assert any(says in line for line in problem.value.problems), problem.value.problems
+
+
+def test_replies_file_is_reread_when_it_changes_and_a_broken_edit_is_kept_out(
+        start_bot, wechat, model, tmp_path, caplog):
+    path = replies_file(tmp_path)
+    bot = start_bot(WXBOT_REPLIES=path)
+    replies_file(tmp_path, {"keywords": {"价格": "新价格：19 元"}})
+    os.utime(path, ns=(10**9, 10**9))
+    send_text(bot, "oF1", "价格", 1)
+    wait_for(lambda: wechat.texts_to("oF1"))
+    (tmp_path / "replies.json").write_text('{"keywords": {\n  "价格": "29 元"\n  "x": 1}')
+    send_text(bot, "oF1", "价格", 2)
+    wait_for(lambda: len(wechat.texts_to("oF1")) == 2)
+    assert wechat.texts_to("oF1") == ["新价格：19 元"] * 2
+    assert "line 3, column 3" in caplog.text and "previous version stays" in caplog.text
+
+
+def test_check_validates_the_replies_file(tmp_path, wechat, model):
+    good = run_wxbot(["check"], env_for(tmp_path, wechat, model,
+                                        WXBOT_REPLIES=replies_file(tmp_path)))
+    assert good.returncode == 0 and "2 keyword replies" in good.stdout
+    (tmp_path / "replies.json").write_text('{"keywords": []}')
+    bad = run_wxbot(["check"], env_for(tmp_path, wechat, model,
+                                       WXBOT_REPLIES=str(tmp_path / "replies.json")))
+    assert bad.returncode == 1 and "FAIL WXBOT_REPLIES" in bad.stdout
+    assert "keywords: must be an object" in bad.stdout
+
+
+# Bursts ######################################################################
+
+def sse_text(events, spaced, comments, multiline, final_blank):
+    """A stream of events framed in the ways the SSE format allows."""
+    out = [": keep-alive"] if comments else []
+    for number, event in enumerate(events):
+        if comments and number % 2:
+            out.append("event: completion.chunk")
+        body = json.dumps(event, ensure_ascii=False, indent=1 if multiline else None)
+        out += [("data: " if spaced else "data:") + line for line in body.split("\n")]
+        out.append("")
+    out.append("data: [DONE]")
+    if final_blank:
+        out.append("")
+    out.append("data: {\"after\": \"done\"}")  # nothing after [DONE] is read
+    return out
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(
+    events=st.lists(st.dictionaries(
+        st.text(min_size=1, max_size=5),
+        st.one_of(st.text(max_size=20), st.integers(), st.none()), max_size=4), max_size=6),
+    spaced=st.booleans(), comments=st.booleans(), multiline=st.booleans(),
+    final_blank=st.booleans())
+def test_stream_events_are_read_whatever_their_framing(events, spaced, comments, multiline,
+                                                       final_blank):
+    lines = sse_text(events, spaced, comments, multiline, final_blank)
+    assert list(wxbot.sse_events(iter(lines))) == events
+
+
+def test_error_event_in_the_stream_from_a_content_filter_gets_the_polite_line(start_bot, wechat,
+                                                                               model):
+    model.respond = lambda request: ["我来", {"error": {"message": "Output data may contain "
+                                                        "inappropriate content."}}]
+    bot = start_bot()
+    send_text(bot, "oSSEFILTER", "问", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    assert wechat.texts_to("oSSEFILTER")[-1] == wxbot.REFUSED_LINE
+    assert len(model.requests) == 1  # a refusal is not retried
+
+
+def test_a_worker_with_nothing_to_claim_never_waits_for_the_write_lock(tmp_path):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"), busy_timeout=3)
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db", timeout=0)) as other:
+        other.execute("BEGIN IMMEDIATE")  # another process (a backup, a shell) writes
+        started = time.monotonic()
+        assert store.claim(time.time(), 60) is None
+        assert time.monotonic() - started < 1  # not the 3 s busy timeout, nor its error
+        other.rollback()
+    store.close()
+
+
+def test_pushes_are_stored_ahead_of_the_workers_queued_writes(tmp_path):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"))
+    entered, stop = [], threading.Event()
+
+    def worker():  # a worker whose every write takes a while
+        while not stop.is_set():
+            with store.transaction():
+                entered.append(time.monotonic())
+                time.sleep(0.01)
+    workers = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in workers:
+        thread.start()
+    overtaken = []
+    try:
+        for n in range(20):
+            started = time.monotonic()
+            push = wxbot.Push.from_fields(wxbot.parse_xml(text_xml(f"oPRIO{n}", "问", n)))
+            store.store_push(push, time.time())
+            done = time.monotonic()
+            # At most the write in progress and one that slipped in as the push returned.
+            overtaken.append(sum(started < at < done for at in entered))
+    finally:
+        stop.set()
+        for thread in workers:
+            thread.join()
+    store.close()
+    assert max(overtaken) <= 2, overtaken
+
+
+def test_every_user_sees_typing_at_once_however_deep_the_queue(start_bot, wechat, model):
+    release = threading.Event()
+    model.respond = lambda request: release.wait(10) and "好"
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=0)
+    users = [f"oEARLY{n}" for n in range(12)]
+    for n, user in enumerate(users):
+        send_text(bot, user, "问", n + 1)
+    try:  # the one worker is still on the first message: typing comes from elsewhere
+        wait_for(lambda: {to for to, command in wechat.typing} == set(users), timeout=5,
+                 message="typing for every user")
+        assert not wechat.sent  # no queue line with WXBOT_QUEUE_NOTICE=0
+    finally:
+        release.set()
+    wait_for(lambda: all(wechat.texts_to(user) == ["好"] for user in users))
+
+
+def test_a_long_wait_gets_one_queue_line_and_the_answer_keeps_within_five(start_bot, wechat,
+                                                                          model):
+    release, long_answer = threading.Event(), chinese_answer(12000)
+    model.respond = lambda request: {"一": lambda: release.wait(10) and "好",
+                                     "书": lambda: long_answer}.get(
+        request["messages"][-1]["content"], lambda: "答")()
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=5)
+    send_text(bot, "oFIRST", "一", 1)
+    wait_for(lambda: model.requests)  # the only worker is busy from here on
+    send_text(bot, "oSECOND", "二", 2)  # next in line: a short wait, typing only
+    send_text(bot, "oTHIRD", "书", 3)   # one ahead of it and one in hand: a long wait
+    send_text(bot, "oTHIRD", "书", 3)   # WeChat's retry of the same message
+    line = wait_for(lambda: wechat.texts_to("oTHIRD"), timeout=5)
+    assert line == [wxbot.QUEUE_LINE.format(ahead=1, minutes=1)]
+    assert ("oSECOND", "Typing") in wechat.typing and not wechat.texts_to("oSECOND")
+    release.set()
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    texts = wechat.texts_to("oTHIRD")
+    assert len(texts) == 5 and texts[0] == line[0]  # the line took one of WeChat's 5
+    assert texts[-1].endswith(wxbot.CONTINUE_TAIL) and all(
+        len(text.encode()) <= 2048 for text in texts)
+    msg_id = 4
+    while wechat.texts_to("oTHIRD")[-1].endswith(wxbot.CONTINUE_TAIL):  # the rest, intact
+        count = len(wechat.texts_to("oTHIRD"))
+        send_text(bot, "oTHIRD", "继续", msg_id)
+        msg_id += 1
+        wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and
+                 len(wechat.texts_to("oTHIRD")) > count)
+    delivered = "".join(wechat.texts_to("oTHIRD")[1:]).replace(wxbot.CONTINUE_TAIL, "")
+    assert without_space(delivered) == without_space(long_answer)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(segments=st.integers(0, 12), streamed=st.integers(0, 12), quota=st.integers(1, 5),
+       sent=st.integers(0, 5))
+def test_no_segment_ever_goes_past_the_quota(segments, streamed, quota, sent):
+    """Whatever is already sent and whatever streams in, next_send keeps to the quota and
+    puts the 继续 line on the last message allowed exactly when more waits."""
+    rows = [{"seq": n, "content": f"段{n}", "sent_at": 1.0 if n < min(sent, segments) else None}
+            for n in range(segments)]
+    shown = []
+
+    def deliver(streaming):
+        while (pick := wxbot.next_send(rows, quota, streaming)) is not None:
+            row, text = pick
+            row["sent_at"] = 1.0
+            shown.append(text)
+    for n in range(streamed):  # segments arriving while the model writes
+        rows.append({"seq": len(rows), "content": f"段{len(rows)}", "sent_at": None})
+        deliver(streaming=True)
+    deliver(streaming=False)
+    total_sent = sum(row["sent_at"] is not None for row in rows)
+    assert total_sent == min(len(rows), max(quota, min(sent, segments)))
+    tails = [text for text in shown if text.endswith(wxbot.CONTINUE_TAIL)]
+    assert len(tails) == (1 if len(rows) > quota > min(sent, segments) else 0)
+    assert not tails or shown[-1] == tails[0]
+
+
+# Months in production ########################################################
+
+#: The schema of wxbot's first release (user_version 1), to test the migration from it.
+SCHEMA_V1 = """
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY, dedup_key TEXT NOT NULL UNIQUE, openid TEXT NOT NULL,
+    msg_type TEXT NOT NULL, msg_id TEXT, event TEXT, content TEXT, fields TEXT NOT NULL,
+    received_at REAL NOT NULL, pushes INTEGER NOT NULL DEFAULT 1,
+    state TEXT NOT NULL DEFAULT 'queued'
+          CHECK (state IN ('queued', 'leased', 'done', 'failed', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0, lease_until REAL, not_before REAL NOT NULL DEFAULT 0,
+    answered_at REAL, merged_into INTEGER REFERENCES messages (id), error TEXT);
+CREATE INDEX messages_state ON messages (state, id);
+CREATE INDEX messages_user ON messages (openid, state, id);
+CREATE TABLE segments (
+    message_id INTEGER NOT NULL REFERENCES messages (id), seq INTEGER NOT NULL,
+    content TEXT NOT NULL CHECK (content != ''), carried INTEGER NOT NULL DEFAULT 0,
+    tried_at REAL, sent_at REAL, replied_to INTEGER REFERENCES messages (id),
+    moved_to INTEGER REFERENCES messages (id), PRIMARY KEY (message_id, seq));
+CREATE TABLE turns (
+    id INTEGER PRIMARY KEY, openid TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), content TEXT NOT NULL,
+    created_at REAL NOT NULL, message_id INTEGER REFERENCES messages (id));
+CREATE INDEX turns_user ON turns (openid, id);
+CREATE TABLE model_calls (
+    message_id INTEGER PRIMARY KEY REFERENCES messages (id), openid TEXT NOT NULL,
+    called_at REAL NOT NULL);
+CREATE INDEX model_calls_user ON model_calls (openid, called_at);
+CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL);
+PRAGMA user_version = 1;
+"""
+
+
+def stored_push(store, openid, content, msg_id, now):
+    push = wxbot.Push.from_fields(wxbot.parse_xml(text_xml(openid, content, msg_id)))
+    return store.store_push(push, now)[0]
+
+
+def worker_for(tmp_path, wechat, model, store, **settings):
+    """A Worker on `store` driven by the test through loop(), as `chat` drives one."""
+    settings = wxbot.Settings.from_env(env_for(tmp_path, wechat, model, **settings))
+    return wxbot.Worker(settings, store, wxbot.WeChatAPI(settings, store), wxbot.Model(settings),
+                        wxbot.Wakeup(), wxbot.DeliveryMode("service", store))
+
+
+def run_until_settled(worker, store, message_id, timeout=30):
+    def settled():
+        if not worker.loop():
+            time.sleep(0.01)  # a retry's backoff: nothing to wake this thread but time
+        return store.settled(message_id)
+    wait_for(settled, timeout=timeout)
+
+
+def test_database_of_the_first_release_is_migrated_and_keeps_its_queue(tmp_path):
+    path = str(tmp_path / "old.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA_V1)
+        conn.executemany(
+            "INSERT INTO messages (dedup_key, openid, msg_type, content, fields, received_at,"
+            " state, attempts) VALUES (?, 'oOLD', 'text', '问', '{}', 1000, ?, ?)",
+            [("k1", "done", 1), ("k2", "dead", 10), ("k3", "queued", 2)])
+        conn.commit()
+    store = wxbot.Store(path)
+    with store.connection() as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == wxbot.SCHEMA_VERSION
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+    health = store.health(2000.0)
+    assert (health["answered"], health["dead"], health["queued"]) == (1, 1, 1)
+    message = store.claim(2000.0, 60)
+    assert (message.content, message.model_failures, message.delivery_failures,
+            message.interruptions) == ("问", 0, 0, 0)
+    stored_push(store, "oNEW", "新", 1, 2001.0)
+    assert store.health(2001.0)["queued"] == 2
+    store.close()
+    store = wxbot.Store(path)  # opening it again changes nothing
+    assert store.health(2001.0)["queued"] == 2
+    store.close()
+
+
+def test_restarts_do_not_use_up_the_model_tries(tmp_path, wechat, model):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"))
+    message_id = stored_push(store, "oRESTART", "问", 1, time.time())
+    for _ in range(2):  # two restarts while the message was in hand
+        store.claim(time.time(), 60)
+        assert store.release_all_leases() == 1
+    failed = []
+
+    def respond(request):
+        if not failed:
+            failed.append(1)
+            raise ModelFault(503)
+        return "答好了"
+    model.respond = respond
+    run_until_settled(worker_for(tmp_path, wechat, model, store), store, message_id)
+    assert wechat.texts_to("oRESTART") == ["答好了"]
+    store.close()
+
+
+def test_a_message_that_keeps_losing_its_lease_ends_dead_with_the_reason(tmp_path, caplog):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"))
+    message_id = stored_push(store, "oSTUCK", "问", 1, 1000.0)
+    now = 1000.0
+    for _ in range(wxbot.INTERRUPTIONS_LIMIT):
+        assert store.claim(now, 10).id == message_id
+        now += 11  # the worker holding it never comes back
+    assert store.claim(now, 10) is None
+    assert store.health(now)["dead"] == 1
+    assert f"interrupted {wxbot.INTERRUPTIONS_LIMIT} times" in caplog.text
+    assert "lease expired" in caplog.text and "state dead" in caplog.text
+    store.close()
+
+
+def test_an_error_in_the_worker_backs_off_and_ends_dead(start_bot, wechat, model, caplog,
+                                                        monkeypatch):
+    calls = []
+
+    def broken(self, message):
+        calls.append(time.monotonic())
+        raise KeyError("a bug")
+    monkeypatch.setattr(wxbot.Worker, "plan", broken)
+    bot = start_bot(WXBOT_WORKERS=2)
+    send_text(bot, "oBUG", "问", 1)
+    wait_for(lambda: bot.store.health(time.time())["dead"] == 1)
+    assert len(calls) == wxbot.INTERRUPTIONS_LIMIT
+    gaps = [later - earlier for earlier, later in zip(calls, calls[1:])]
+    assert gaps[-1] > gaps[0]  # backing off, not a hot loop
+    assert "internal error (KeyError)" in caplog.text
+
+
+def test_a_model_slower_than_the_lease_is_asked_once(start_bot, wechat, model):
+    model.respond = lambda request: (time.sleep(2.5) or "慢慢想好了"
+                                     if request["messages"][-1]["content"] == "难题" else "好")
+    bot = start_bot(WXBOT_WORKERS=2)
+    for worker in bot.workers:
+        worker.lease_seconds = 0.6  # the model takes four leases' time
+    send_text(bot, "oSLOW", "难题", 1)
+    wait_for(lambda: model.requests)
+    time.sleep(1.0)  # past the first lease: a claim now would find it expired, if not renewed
+    send_text(bot, "oOTHER", "简单", 2)  # wakes the idle worker, whose claim looks at leases
+    wait_for(lambda: bot.store.settled(1) and bot.store.settled(2))
+    assert wechat.texts_to("oSLOW") == ["慢慢想好了"]
+    assert model.questions() == ["难题", "简单"]
+
+
+def test_a_model_past_the_timeout_is_cut_and_not_asked_again(start_bot, wechat, model):
+    answer = chinese_answer(1500)
+
+    def respond(request):
+        yield answer[:700]
+        time.sleep(4)  # the model stalls past WXBOT_MODEL_TIMEOUT
+        yield answer[700:]
+    model.respond = respond
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1.5)
+    send_text(bot, "oCUT", "讲讲", 1)
+    wait_for(lambda: bot.store.settled(1))
+    texts = wechat.texts_to("oCUT")
+    assert texts[-1] == wxbot.CUT_OFF_LINE and len(texts) >= 2
+    assert without_space(answer).startswith(without_space("".join(texts[:-1])))
+    assert len(model.requests) == 1
+
+
+def test_a_model_that_starts_too_late_gets_the_apology_once(start_bot, wechat, model):
+    model.respond = lambda request: time.sleep(3) or "迟到的回答"
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1)
+    send_text(bot, "oLATE", "问", 1)
+    started = time.monotonic()
+    wait_for(lambda: bot.store.settled(1))
+    assert time.monotonic() - started < 2.5
+    assert wechat.texts_to("oLATE") == [wxbot.APOLOGY_LINE]
+    assert len(model.requests) == 1
+
+
+HOT_TABLES = ("messages", "segments", "turns")
+SQL_WORDS = {"WHERE", "SET", "ON", "JOIN", "LEFT", "INNER", "ORDER", "GROUP", "LIMIT", "AS",
+             "VALUES", "USING", "UNION", "DEFAULT", "RETURNING", "AND", "OR", "NOT"}
+
+
+def full_scans(conn, statement):
+    """The steps of a statement's query plan that read a whole hot table or a whole index of
+    it. (A partial index holds only the rows its WHERE selects: reading it all is no scan.)"""
+    partial = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type ="
+                                              " 'index' AND sql LIKE '% WHERE %'")}
+    names = set(HOT_TABLES)
+    for table, alias in re.findall(r"\b(messages|segments|turns)\s+(?:AS\s+)?(\w+)",
+                                   statement, re.I):
+        if alias.upper() not in SQL_WORDS:
+            names.add(alias)
+    plan = conn.execute("EXPLAIN QUERY PLAN " + statement).fetchall()
+    return [row[3] for row in plan
+            if (scan := re.match(r"SCAN (\w+)(?: USING (?:COVERING )?INDEX (\w+))?", row[3]))
+            and scan.group(1) in names and scan.group(2) not in partial]
+
+
+def test_every_query_on_the_hot_paths_uses_an_index(start_bot, wechat, model, tmp_path,
+                                                    quick_wechat_clock, monkeypatch):
+    statements = set()
+    connect = wxbot.Store._connect
+
+    def traced(self):
+        conn = connect(self)
+        conn.set_trace_callback(statements.add)  # every statement, with its values
+        return conn
+    monkeypatch.setattr(wxbot.Store, "_connect", traced)
+    bot = start_bot(WXBOT_ADMINS="oADMIN", WXBOT_RETENTION_DAYS=0)
+    model.respond = lambda request: chinese_answer(12000)  # more than 5 segments
+    send_text(bot, "oHOT", "讲讲", 1)
+    send_text(bot, "oHOT", "还有", 2)  # a follow-up, merged
+    wait_for(lambda: bot.store.settled(2) and bot.store.settled(1))
+    send_text(bot, "oHOT", "继续", 3)
+    send_text(bot, "oADMIN", "/stats", 4)
+    wait_for(lambda: wechat.texts_to("oADMIN"))
+    assert requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).ok
+    passive = start_bot(WXBOT_MODE="passive", WXBOT_DB=tmp_path / "passive.db",
+                        WXBOT_RETENTION_DAYS=0)
+    model.respond = lambda request: "答：" + request["messages"][-1]["content"]
+    assert WeChatUser(passive, "oPASSIVE", quick_wechat_clock).says("你好") == "答：你好"
+    checked = [s for s in statements if re.match(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)", s,
+                                                  re.I)]
+    assert any("state_counts" in s for s in checked) and any("replied_to" in s for s in checked)
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
+        scans = {statement: full_scans(conn, statement) for statement in checked}
+    assert {statement: plan for statement, plan in scans.items() if plan} == {}
+
+
+def test_full_scans_are_found_in_a_plan(tmp_path):
+    store = wxbot.Store(str(tmp_path / "wxbot.db"))
+    with store.connection() as conn:
+        assert full_scans(conn, "SELECT count(*) FROM messages m WHERE m.content = 'x'")
+        assert full_scans(conn, "SELECT * FROM turns WHERE content = 'x'")
+        assert not full_scans(conn, "SELECT * FROM messages WHERE id = 1")
+        assert not full_scans(conn, "SELECT count(*) FROM segments WHERE sent_at IS NULL"
+                                    " AND moved_to IS NULL")  # the partial index's rows only
+    store.close()
+
+
+def settings_for(tmp_path, **overrides):
+    return wxbot.Settings.from_env({
+        "WXBOT_TOKEN": TOKEN, "WXBOT_APPID": APPID, "WXBOT_APPSECRET": APPSECRET,
+        "OPENAI_API_KEY": API_KEY, "WXBOT_DB": str(tmp_path / "wxbot.db"),
+        **{key: str(value) for key, value in overrides.items()}})
+
+
+def fill_history(path, openid, count, received_at, first_id):
+    """count answered exchanges of `openid` at received_at, as the worker stores them."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        for n in range(first_id, first_id + count):
+            conn.execute("INSERT INTO messages (id, dedup_key, openid, msg_type, content, fields,"
+                         " received_at, state, answered_at) VALUES (?, ?, ?, 'text', '问', '{}',"
+                         " ?, 'done', ?)", (n, f"{openid}:{n}", openid, received_at,
+                                            received_at + 2))
+            conn.executemany("INSERT INTO segments (message_id, seq, content, sent_at) VALUES"
+                             " (?, ?, ?, ?)", [(n, seq, "答" * 700, received_at + 2)
+                                               for seq in range(2)])
+            conn.executemany("INSERT INTO turns (openid, role, content, created_at, message_id)"
+                             " VALUES (?, ?, ?, ?, ?)", [(openid, "user", "问", received_at, n),
+                                                         (openid, "assistant", "答" * 1400,
+                                                          received_at + 2, n)])
+            conn.execute("INSERT INTO model_calls VALUES (?, ?, ?)", (n, openid, received_at))
+
+
+def test_retention_deletes_old_rows_in_batches_and_the_file_shrinks(tmp_path):
+    day, now = 86400.0, 1_000_000_000.0
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path)
+    fill_history(path, "oOLD", 1200, now - 10 * day, 1)
+    fill_history(path, "oWEEK", 1200, now - 3 * day, 2001)  # past retention, within the TTL
+    fill_history(path, "oNEW", 20, now - day / 2, 4001)
+    with store.connection() as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    assert store.prune(now, day, 5 * day, batch=500) == 500  # one batch, then on
+    janitor = wxbot.Janitor(settings_for(tmp_path, WXBOT_RETENTION_DAYS=1,
+                                         WXBOT_SESSION_TTL=5 * day), store)
+    janitor.PAUSE = 0
+    janitor.sweep(now)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT DISTINCT openid FROM messages").fetchall() == [("oNEW",)]
+        assert conn.execute("SELECT count(*) FROM segments").fetchone()[0] == 40
+        assert conn.execute("SELECT count(*) FROM model_calls").fetchone()[0] == 20
+        assert dict(conn.execute("SELECT openid, count(*) FROM turns GROUP BY openid")) == {
+            "oWEEK": 2400, "oNEW": 40}
+        assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        assert conn.execute("PRAGMA page_count").fetchone()[0] < pages * 0.7
+    assert store.health(now)["answered"] == 20
+    store.close()
+
+
+def test_retention_zero_keeps_everything(tmp_path):
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path)
+    fill_history(path, "oKEEP", 10, 1000.0, 1)
+    wxbot.Janitor(settings_for(tmp_path, WXBOT_RETENTION_DAYS=0), store).sweep(10.0 ** 10)
+    assert store.health(10.0 ** 10)["answered"] == 10
+    store.close()
+
+
+def test_reset_blanks_the_texts_of_earlier_questions_and_answers(start_bot, wechat, model,
+                                                                   tmp_path):
+    bot = start_bot()
+    body = text_xml("oPRIVATE", "我的手机号是13800000000", 1)
+    post_push(bot, body)
+    wait_for(lambda: bot.store.settled(1))
+    send_text(bot, "oPRIVATE", "新对话", 2)
+    wait_for(lambda: bot.store.settled(2))
+    assert post_push(bot, body).text == "success"  # WeChat's retry: still known, not asked
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
+        dump = "\n".join(conn.iterdump())
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
+    assert "13800000000" not in dump
+    assert len(model.requests) == 1
+
+
+@pytest.fixture
+def disk(monkeypatch):
+    """A disk that can be filled: every connection's max_page_count is set as it is taken,
+    to the pages the file has (SQLite keeps it at least that) or to no limit."""
+    limit = [1 << 30]
+    connection = wxbot.Store.connection
+
+    @contextlib.contextmanager
+    def limited(self):
+        with connection(self) as conn:
+            conn.execute(f"PRAGMA max_page_count = {limit[0]}")
+            yield conn
+    monkeypatch.setattr(wxbot.Store, "connection", limited)
+
+    class Disk:
+        def fill(self, store):
+            with store._turn(), connection(store) as conn:
+                conn.executescript("PRAGMA incremental_vacuum")  # no free page left inside
+            limit[0] = 1
+
+        def free(self):
+            limit[0] = 1 << 30
+    return Disk()
+
+
+def test_a_push_meeting_a_full_disk_gets_503_and_its_retry_is_answered(start_bot, wechat,
+                                                                       model, disk, caplog):
+    model.respond = lambda request: "收到"
+    bot = start_bot()
+    send_text(bot, "oDISK", "先来一条", 1)
+    wait_for(lambda: wechat.texts_to("oDISK"))
+    disk.fill(bot.store)
+    body = text_xml("oDISK", "一个很长的问题。" * 400, 2)  # needs new pages
+    assert post_push(bot, body).status_code == 503
+    assert "disk" in caplog.text and "is full" in caplog.text
+    disk.free()
+    assert post_push(bot, body).text == "success"  # WeChat tries again
+    wait_for(lambda: wechat.texts_to("oDISK") == ["收到", "收到"])
+    assert len(model.requests) == 2
+
+
+def test_workers_pause_while_the_disk_is_full_and_go_on(start_bot, wechat, model, disk, caplog,
+                                                       monkeypatch):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(wxbot.Worker, "DISK_FULL_PAUSE", 0.1)
+    answer, go = chinese_answer(3000), threading.Event()
+    model.respond = lambda request: go.wait(10) and answer
+    bot = start_bot()
+    send_text(bot, "oFULL", "讲个长故事", 1)
+    wait_for(lambda: model.requests)
+    disk.fill(bot.store)
+    go.set()
+    wait_for(lambda: bot.store.disk_full)
+    assert not bot.store.settled(1)
+    disk.free()
+    wait_for(lambda: bot.store.settled(1))
+    assert without_space("".join(wechat.texts_to("oFULL"))) == without_space(answer)
+    health = bot.store.health(time.time())
+    assert health["answered"] == 1 and health["dead"] == 0
+    assert "there is room on the disk again" in caplog.text
+
+
+def test_status_shows_the_queue_and_retry_requeues_a_dead_message(start_bot, wechat, model,
+                                                                  tmp_path, monkeypatch):
+    monkeypatch.setattr(wxbot.Worker, "DELIVERY_TRIES", 2)
+    monkeypatch.setattr(wxbot.Worker, "IDLE_LOOK", 0.5)
+    wechat.intercept = lambda path, body: -1 if body.get("touser") == "oDEADUSER1" else None
+    hold = threading.Event()
+    model.respond = lambda request: ("答：" + request["messages"][-1]["content"]
+                                     if hold.wait(20) else "")
+    bot = start_bot(WXBOT_WORKERS=2)
+    send_text(bot, "oDEADUSER1", "问", 1)
+    hold.set()
+    wait_for(lambda: bot.store.health(time.time())["dead"] == 1)
+    hold.clear()
+    send_text(bot, "oBUSYUSER2", "慢", 2)
+    wait_for(lambda: len(model.requests) == 2)
+    env = env_for(tmp_path, wechat, model)
+    shown = run_wxbot(["status"], env)  # beside the running service
+    assert shown.returncode == 0, shown.stderr
+    waiting, busy, dead = re.split(r"\n(?:in progress|dead): ", shown.stdout.split("waiting: ")[1])
+    assert waiting.strip() == "0"
+    assert busy.startswith("1\n") and "#2 " in busy and wxbot.short_id("oBUSYUSER2") in busy
+    assert dead.startswith("1\n") and "#1 " in dead and wxbot.short_id("oDEADUSER1") in dead
+    assert "errcode -1" in dead and "delivery 2" in dead and "retry ID" in dead
+    wechat.intercept = None
+    hold.set()
+    requeued = run_wxbot(["retry", "1"], env)
+    assert requeued.returncode == 0 and "queued again" in requeued.stdout
+    wait_for(lambda: wechat.texts_to("oDEADUSER1") == ["答：问"])
+    assert model.questions().count("问") == 1  # the stored answer went out; no new question
+    again = run_wxbot(["retry", "1"], env)
+    assert again.returncode == 1 and "not dead" in again.stdout
+    assert run_wxbot(["retry", "x"], env).returncode == 2
+
+
+# Hostile pushes ##############################################################
+
+def cdata(text):
+    """text as one CDATA field, split where it holds "]]>" (the only thing CDATA cannot)."""
+    return "<![CDATA[" + text.replace("]]>", "]]]]><![CDATA[>") + "]]>"
+
+
+def quoting_xml(openid, content, msg_id):
+    return (f"<xml><ToUserName><![CDATA[gh_10f6c3c3ac5a]]></ToUserName>"
+            f"<FromUserName><![CDATA[{openid}]]></FromUserName>"
+            f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
+            f"<Content>{cdata(content)}</Content><MsgId>{msg_id}</MsgId></xml>").encode()
+
+
+QUOTED_MARKUP = [
+    "HTML 开头的 <!DOCTYPE html> 有什么用？",
+    "XML 注释怎么写：<!-- 注释 --> 对吗？",
+    "CDATA 是 <![CDATA[ 文本 ]]> 这样写的吗？",
+    "<!ENTITY lol \"lol\"> 和 &lol; 是什么？",
+    "]]>开头，中间]]]]>，结尾]]>",
+]
+
+
+def test_question_quoting_markup_reaches_the_model_as_written(start_bot, wechat, model):
+    bot = start_bot(WXBOT_USER_RATE=0)
+    for n, question in enumerate(QUOTED_MARKUP):
+        response = post_push(bot, quoting_xml(f"oQUOTE{n}", question, 7000 + n))
+        assert (response.status_code, response.text) == (200, "success"), question
+    wait_for(lambda: len(model.requests) == len(QUOTED_MARKUP), message="every question asked")
+    assert sorted(model.questions()) == sorted(QUOTED_MARKUP)
+
+
+def xml_texts():
+    """Any text XML can carry (no control characters but tab and newline: a CR becomes LF),
+    mixed with pieces of markup."""
+    from hypothesis import strategies as st
+    chars = st.text(st.characters(blacklist_categories=("Cs", "Cc"),
+                                  blacklist_characters="\ufffe\uffff"), max_size=10)
+    markup = st.sampled_from(["\n", "\t", "<!DOCTYPE x>", "<!--", "-->", "<![CDATA[", "]]>",
+                              "]]", "&lol;", "&amp;", "<xml>", "</Content>"])
+    return st.lists(chars | markup, max_size=8).map("".join)
+
+
+def test_any_text_in_cdata_is_read_back_as_written():
+    from hypothesis import given, settings as hsettings
+
+    @hsettings(max_examples=500, deadline=None, database=None)
+    @given(content=xml_texts())
+    def check(content):
+        fields = wxbot.parse_xml(quoting_xml("oANY", content, 1))
+        assert fields["Content"] == content.strip()
+    check()
+
+
+UTF16_LAUGHS = BILLION_LAUGHS.replace(b'<?xml version="1.0"?>',
+                                      b'<?xml version="1.0" encoding="UTF-16"?>')
+
+
+@pytest.mark.parametrize("body", [
+    UTF16_LAUGHS.decode().encode("utf-16"),
+    UTF16_LAUGHS.decode().encode("utf-16-le"),
+    text_xml("oENC", "你好", 1).decode().encode("utf-16"),
+    codecs.BOM_UTF8 + text_xml("oENC", "你好", 1),
+    b'<?xml version="1.0" encoding="GBK"?>' + text_xml("oENC", "你好", 1).decode().encode("gbk"),
+    b'<?xml version="1.0" encoding="ISO-8859-1"?>' + text_xml("oENC", "hi", 1),
+], ids=["utf16-billion-laughs", "utf16-no-bom-billion-laughs", "utf16", "utf8-bom", "gbk",
+        "latin1"])
+def test_a_body_that_is_not_utf8_is_400_and_nothing_stored(start_bot, model, tmp_path, body):
+    bot = start_bot(WXBOT_MAX_SKEW=0)
+    assert post_push(bot, body).status_code == 400
+    assert stored_messages(tmp_path / "wxbot.db") == [] and model.requests == []
+
+
+def nested_event(event, inner, openid="oNEST"):
+    return (f"<xml><ToUserName><![CDATA[gh_4d00ed8d6399]]></ToUserName>"
+            f"<FromUserName><![CDATA[{openid}]]></FromUserName>"
+            f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[event]]></MsgType>"
+            f"<Event><![CDATA[{event}]]></Event>{inner}</xml>").encode()
+
+
+#: The documented shapes of the events that nest XML (WECHAT.md §8), abridged.
+NESTED_EVENTS = {
+    "PUBLISHJOBFINISH": "<PublishEventInfo><publish_id>2247503051</publish_id><publish_status>0"
+    "</publish_status><article_id><![CDATA[b5O2OUs25HBxRceL7hfReg]]></article_id>"
+    "<article_detail><count>1</count><item><idx>1</idx><article_url><![CDATA[ARTICLE_URL]]>"
+    "</article_url></item></article_detail></PublishEventInfo>",
+    "MASSSENDJOBFINISH": "<MsgID>1000001625</MsgID><Status><![CDATA[err(30003)]]></Status>"
+    "<TotalCount>0</TotalCount><CopyrightCheckResult><Count>2</Count><ResultList><item>"
+    "<ArticleIdx>1</ArticleIdx><UserDeclareState>0</UserDeclareState><OriginalArticleUrl>"
+    "<![CDATA[Url_1]]></OriginalArticleUrl></item><item><ArticleIdx>2</ArticleIdx></item>"
+    "</ResultList><CheckState>2</CheckState></CopyrightCheckResult><ArticleUrlResult><Count>1"
+    "</Count><ResultList><item><ArticleIdx>1</ArticleIdx><ArticleUrl><![CDATA[URL]]>"
+    "</ArticleUrl></item></ResultList></ArticleUrlResult>",
+    "TEMPLATESENDJOBFINISH": "<MsgID>200163836</MsgID><Status><![CDATA[success]]></Status>",
+    "subscribe_msg_popup_event": "<SubscribeMsgPopupEvent><List><TemplateId><![CDATA[VRR0UEO9]]>"
+    "</TemplateId><SubscribeStatusString><![CDATA[accept]]></SubscribeStatusString><PopupScene>2"
+    "</PopupScene></List><List><TemplateId><![CDATA[9nLIlbOQ]]></TemplateId>"
+    "<SubscribeStatusString><![CDATA[reject]]></SubscribeStatusString><PopupScene>2</PopupScene>"
+    "</List></SubscribeMsgPopupEvent>",
+    "scancode_push": "<EventKey><![CDATA[6]]></EventKey><ScanCodeInfo><ScanType><![CDATA[qrcode]]>"
+    "</ScanType><ScanResult><![CDATA[1]]></ScanResult></ScanCodeInfo>",
+    "scancode_waitmsg": "<EventKey><![CDATA[6]]></EventKey><ScanCodeInfo><ScanType>"
+    "<![CDATA[qrcode]]></ScanType><ScanResult><![CDATA[2]]></ScanResult></ScanCodeInfo>",
+    "pic_sysphoto": "<EventKey><![CDATA[6]]></EventKey><SendPicsInfo><Count>1</Count><PicList>"
+    "<item><PicMd5Sum><![CDATA[1b5f7c23b5bf75682a53e7b6d163e185]]></PicMd5Sum></item></PicList>"
+    "</SendPicsInfo>",
+    "pic_photo_or_album": "<EventKey><![CDATA[6]]></EventKey><SendPicsInfo><Count>1</Count>"
+    "<PicList><item><PicMd5Sum><![CDATA[5a75aaca956d97be686719218f275c6b]]></PicMd5Sum></item>"
+    "</PicList></SendPicsInfo>",
+    "pic_weixin": "<EventKey><![CDATA[6]]></EventKey><SendPicsInfo><Count>1</Count><PicList>"
+    "<item><PicMd5Sum><![CDATA[5a75aaca956d97be686719218f275c6b]]></PicMd5Sum></item>"
+    "</PicList></SendPicsInfo>",
+    "location_select": "<EventKey><![CDATA[6]]></EventKey><SendLocationInfo><Location_X>"
+    "<![CDATA[23]]></Location_X><Location_Y><![CDATA[113]]></Location_Y><Scale><![CDATA[15]]>"
+    "</Scale><Label><![CDATA[ 广州市海珠区客村艺苑路 106号]]></Label><Poiname><![CDATA[]]>"
+    "</Poiname></SendLocationInfo>",
+}
+
+
+@pytest.mark.parametrize("event", sorted(NESTED_EVENTS))
+def test_platform_events_with_nested_xml_are_answered_success(start_bot, tmp_path, event):
+    bot = start_bot()
+    response = post_push(bot, nested_event(event, NESTED_EVENTS[event]))
+    assert (response.status_code, response.text) == (200, "success")
+    assert [row[0] for row in stored_messages(tmp_path / "wxbot.db")] == ["oNEST"]
+
+
+def test_with_aes_key_a_plaintext_push_is_403_and_says_what_to_do(start_bot, model, caplog,
+                                                                  tmp_path):
+    bot = start_bot(WXBOT_AES_KEY=VECTOR_KEY)
+    query, compatible = encrypted_push(text_xml("oPLAIN", "明文", 1), safe=False)
+    for body in (text_xml("oPLAIN", "明文", 2), compatible):  # no encrypt_type=aes in the URL
+        assert post_push(bot, body).status_code == 403
+    assert caplog.text.count("明文模式的推送被拒绝：已设置 WXBOT_AES_KEY") == 1
+    assert "安全模式或兼容模式" in caplog.text and "删除 WXBOT_AES_KEY" in caplog.text
+    assert stored_messages(tmp_path / "wxbot.db") == [] and model.requests == []
+
+
+def test_a_signed_url_is_good_for_one_body(start_bot, wechat, model, tmp_path):
+    bot = start_bot()
+    query = signed_query()
+    assert post_push(bot, text_xml("oONCE", "原来的问题", 1), query=query).text == "success"
+    for body in (text_xml("oONCE", "换了的问题", 2), text_xml("oINTRUDER", "花你的额度", 1)):
+        assert post_push(bot, body, query=query).status_code == 403
+    # WeChat's own retry: the same URL with the same body, taken and answered once.
+    assert post_push(bot, text_xml("oONCE", "原来的问题", 1), query=query).text == "success"
+    wait_for(lambda: wechat.texts_to("oONCE"))
+    assert model.questions() == ["原来的问题"]
+    assert [row[:2] for row in stored_messages(tmp_path / "wxbot.db")] == [("oONCE", "1")]
+
+
+def test_in_safe_mode_a_retry_encrypted_afresh_is_a_retry_and_another_message_is_not(
+        start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_AES_KEY=VECTOR_KEY)
+    crypto, query = wxbot.WeChatCrypto(VECTOR_KEY, APPID), signed_query(encrypt_type="aes")
+
+    def post(xml):  # encrypted with a fresh random prefix each time, signed for this URL
+        encrypt = crypto.encrypt(xml)
+        signature = wxbot.wechat_signature(TOKEN, query["timestamp"], query["nonce"], encrypt)
+        body = f"<xml><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>".encode()
+        return post_push(bot, body, query=dict(query, msg_signature=signature))
+    assert [post(text_xml("oAES", "加密的问题", 1)).text for _ in range(2)] == ["success"] * 2
+    assert post(text_xml("oAES", "另一个问题", 2)).status_code == 403
+    wait_for(lambda: wechat.texts_to("oAES"))
+    assert model.questions() == ["加密的问题"]
+    assert [row[:2] for row in stored_messages(tmp_path / "wxbot.db")] == [("oAES", "1")]
+
+
+def test_passive_retry_on_the_same_url_gets_the_same_reply(start_bot, wechat, model,
+                                                           quick_wechat_clock):
+    bot = start_bot(WXBOT_MODE="passive")
+    query, body = signed_query(), text_xml("oSAMEURL", "问一次", 1)
+    replies = [wxbot.parse_xml(post_push(bot, body, query=query).content)["Content"]
+               for _ in range(3)]
+    assert replies == ["答：问一次"] * 3 and len(model.requests) == 1
+
+
+def test_replay_record_refuses_exactly_a_pair_seen_with_another_body_and_forgets_it_in_time():
+    from hypothesis import given, settings as hsettings, strategies as st
+
+    @hsettings(max_examples=300, deadline=None, database=None)
+    @given(skew=st.sampled_from([0, 5, 300]), pushes=st.lists(st.tuples(
+        st.integers(0, 20), st.integers(-5, 5), st.sampled_from("abc"),
+        st.sampled_from([b"x", b"y"])), max_size=40))
+    def check(skew, pushes):
+        record, model_of, now = wxbot.ReplayRecord(skew), {}, 1_000_000.0
+        for wait, offset, nonce, body in pushes:
+            now += wait
+            timestamp = str(int(now) + (offset if skew else 0))
+            window = wxbot.UNCHECKED_REPLAY_WINDOW
+            model_of = {pair: seen for pair, seen in model_of.items() if seen[1] >= now}
+            seen = model_of.get((timestamp, nonce))
+            if seen and seen[0] != body:
+                with pytest.raises(wxbot.Forbidden, match="replayed"):
+                    record.check(timestamp, nonce, body, now)
+            else:
+                record.check(timestamp, nonce, body, now)
+                expires = int(timestamp) + skew if skew else now + window
+                model_of.setdefault((timestamp, nonce), (body, expires))
+            assert len(record) == len(model_of)  # memory: the live window only
+    check()
+
+
+def test_short_token_is_refused_at_start_with_where_to_change_it(tmp_path, wechat, model):
+    result = run_wxbot([], env_for(tmp_path, wechat, model, WXBOT_TOKEN="AAAAA"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "WXBOT_TOKEN" in result.stderr and "服务器配置" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "wxbot.db").exists()
+
+
+# Hostile connections #########################################################
+
+def raw_connection(bot, data=b""):
+    conn = socket.create_connection(("127.0.0.1", bot.port), timeout=10)
+    if data:
+        conn.sendall(data)
+    return conn
+
+
+def closed_by_server(conn):
+    """True once the server has closed conn (whatever it answered first); never blocks."""
+    while select.select([conn], [], [], 0)[0]:
+        try:
+            if not conn.recv(4096):
+                return True
+        except OSError:
+            return True
+    return False
+
+
+def request_head(query, length):
+    return (f"POST /wx?{urllib.parse.urlencode(query)} HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def test_unsigned_or_stale_push_is_answered_without_waiting_for_its_body(start_bot, model):
+    bot = start_bot()
+    stale = signed_query(timestamp=str(int(time.time()) - 3600))
+    for query in ({}, signed_query(token="wrong-token"), stale):
+        with raw_connection(bot, request_head(query, 5000)) as conn:  # the body never comes
+            conn.settimeout(3)
+            assert conn.recv(100).split(b"\r\n")[0].endswith(b"403 Forbidden"), query
+    assert model.requests == []
+
+
+def test_hostile_connections_are_closed_and_a_signed_push_is_still_quick(start_bot, wechat,
+                                                                        monkeypatch):
+    monkeypatch.setattr(wxbot.QuietHandler, "idle_timeout", 1.0)
+    monkeypatch.setattr(wxbot.QuietHandler, "request_timeout", 2.0)
+    bot = start_bot()
+    silent, trickling = [], []
+    stop = threading.Event()
+    try:
+        for n in range(200):  # four kinds of slow loris, 50 each
+            if n % 4 == 0:
+                silent.append(raw_connection(bot))
+            elif n % 4 == 1:
+                trickling.append(raw_connection(bot, b"POST /wx?signature="))
+            elif n % 4 == 2:
+                trickling.append(raw_connection(bot, b"POST /wx HTTP/1.1\r\nHost: x\r\n"))
+            else:  # a signed head, then the body a byte at a time
+                trickling.append(raw_connection(bot, request_head(signed_query(), 5000)))
+
+        def trickle():  # one more byte on each, every 0.2 s: each read returns in time
+            while not stop.wait(0.2):
+                for conn in trickling:
+                    with contextlib.suppress(OSError):
+                        conn.send(b"a")
+        threading.Thread(target=trickle, daemon=True).start()
+        started = time.monotonic()
+        response = post_push(bot, text_xml("oSLOW", "还在吗", 1))
+        assert (response.status_code, response.text) == (200, "success")
+        assert time.monotonic() - started < 1.0
+        wait_for(lambda: wechat.texts_to("oSLOW"))
+        # Closed by the deadlines (idle 1 s, whole request 2 s) although bytes keep coming.
+        wait_for(lambda: all(closed_by_server(conn) for conn in silent + trickling),
+                 timeout=6, message="every hostile connection closed")
+    finally:
+        stop.set()
+        for conn in silent + trickling:
+            conn.close()
+
+
+def test_idle_connections_are_closed_and_answered_ones_are_not_kept_open(start_bot,
+                                                                          monkeypatch):
+    monkeypatch.setattr(wxbot.QuietHandler, "idle_timeout", 0.5)
+    bot = start_bot()
+    with raw_connection(bot) as idle:
+        wait_for(lambda: closed_by_server(idle), timeout=3, message="the idle connection closed")
+    body = text_xml("oKEEP", "你好", 1)
+    head = request_head(signed_query(), len(body)).replace(b"\r\n\r\n",
+                                                           b"\r\nConnection: keep-alive\r\n\r\n")
+    with raw_connection(bot, head + body) as answered:
+        answered.settimeout(3)
+        reply = b""
+        while chunk := answered.recv(4096):  # ends when the server closes the connection
+            reply += chunk
+        assert reply.split(b"\r\n")[0].endswith(b"200 OK") and reply.endswith(b"success")
+
+
+def test_refused_requests_log_one_line_per_address_per_minute(start_bot, caplog):
+    bot = start_bot()
+    for source, count in (("127.0.0.2", 20), ("127.0.0.3", 5)):
+        for n in range(count):
+            assert post_from(source, bot, text_xml("oNOISE", "x", n), {})[0] == 403
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert [line.split(" from ")[1].split(":")[0] for line in refusals] == ["127.0.0.2",
+                                                                         "127.0.0.3"]
+
+
+def test_log_throttle_says_how_many_lines_it_held_back_and_forgets_old_addresses():
+    throttle = wxbot.LogThrottle(period=60, capacity=2)
+    assert throttle.allow("1.1.1.1", 0) == 0
+    assert [throttle.allow("1.1.1.1", t) for t in (1, 30, 59)] == [None, None, None]
+    assert throttle.allow("2.2.2.2", 10) == 0
+    assert throttle.allow("3.3.3.3", 20) is None  # full of addresses heard within the minute
+    assert throttle.allow("1.1.1.1", 61) == 3     # a minute on: logs, counting what it held
+    assert throttle.allow("3.3.3.3", 71) == 0     # 2.2.2.2 is forgotten to make room
+
+
+# Small leaks #################################################################
+
+def test_log_masks_secrets_of_any_length_the_settings_allow():
+    from hypothesis import given, settings as hsettings, strategies as st
+    key_chars = st.characters(whitelist_categories=("Lu", "Ll", "Nd"), max_codepoint=127)
+
+    @hsettings(max_examples=300, deadline=None, database=None)
+    @given(secret=st.text(key_chars | st.sampled_from("-_."), min_size=1, max_size=64))
+    def check(secret):
+        env = {"WXBOT_TOKEN": TOKEN, "WXBOT_APPID": APPID, "WXBOT_APPSECRET": secret,
+               "OPENAI_API_KEY": secret}
+        secret_filter = wxbot.SecretFilter()
+        for value in wxbot.Settings.from_env(env).secrets():
+            secret_filter.add(value)
+        line = "调用失败：{s}。密钥「{s}」；地址 /?={s}&，“{s}”"
+        assert secret_filter.scrub(line.format(s=secret)) == line.format(s="***")
+    check()
+
+
+def test_only_the_current_and_previous_access_tokens_are_kept():
+    secret_filter = wxbot.SecretFilter()
+    tokens = [f"ACCESS_TOKEN_{n}_" + "y" * 100 for n in range(50)]
+    for token in tokens:
+        for _ in range(3):  # each use of a token adds it again
+            secret_filter.add_access_token(token)
+    text = " ".join(tokens)
+    assert secret_filter.scrub(text) == " ".join(tokens[:-2] + ["***", "***"])
+
+
+MODEL_URL_WITH_CREDENTIALS = "http://apiuser:pa55-word-x@127.0.0.1:1/v1?api-key=k3y-in-query&v=2"
+
+
+def test_credentials_in_openai_base_url_are_masked_in_the_log_and_in_check(tmp_path, wechat,
+                                                                            model):
+    env = env_for(tmp_path, wechat, model, OPENAI_BASE_URL=MODEL_URL_WITH_CREDENTIALS)
+    settings = wxbot.Settings.from_env(env)
+    secret_filter = wxbot.SecretFilter()
+    for secret in settings.secrets():
+        secret_filter.add(secret)
+    logged = secret_filter.scrub(f"settings: {settings.describe()}; POST "
+                                 f"{MODEL_URL_WITH_CREDENTIALS.replace('?', '/chat?')} failed")
+    result = run_wxbot(["check"], env, cwd=tmp_path)  # the model is unreachable: check says where
+    assert "no OpenAI-compatible API at http://***@127.0.0.1:1/v1?api-key=***&v=2" in result.stdout
+    for text in (logged, result.stdout + result.stderr):
+        for credential in ("apiuser", "pa55-word-x", "k3y-in-query"):
+            assert credential not in text
+    assert "OPENAI_BASE_URL=http://***@127.0.0.1:1/v1?api-key=***&v=2" in logged
+
+
+def test_database_and_its_wal_files_are_readable_by_the_owner_only(start_bot, wechat, tmp_path):
+    previous = os.umask(0o022)  # a permissive umask, as a login shell has
+    try:
+        bot = start_bot()
+        send_text(bot, "oPRIVATE", "私事", 1)
+        wait_for(lambda: wechat.texts_to("oPRIVATE"))
+        files = [tmp_path / name for name in ("wxbot.db", "wxbot.db-wal", "wxbot.db-shm")]
+        assert all(path.exists() for path in files)
+        assert {oct(path.stat().st_mode & 0o777) for path in files} == {"0o600"}
+    finally:
+        os.umask(previous)
+
+
+def test_systemd_unit_is_rated_ok_by_systemd_analyze():
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here")
+    result = subprocess.run([analyze, "security", "--offline=true", "wxbot.service"], cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
+    score = re.search(r"Overall exposure level for wxbot.service: ([\d.]+)", result.stdout)
+    assert score, result.stdout + result.stderr
+    assert float(score.group(1)) <= 2.5, result.stdout
+    unit = open(os.path.join(HERE, "wxbot.service"), encoding="utf-8").read()
+    assert re.search(r"^UMask=0077$", unit, re.M)

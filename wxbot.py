@@ -3,13 +3,17 @@
 
 How a message travels:
   WeChat --POST--> webhook: signature, decryption, XML --> SQLite queue --> answers "success"
-  worker thread --> claims the message with a lease --> "Typing" --> model (with the user's turns)
+  acknowledger --> "Typing" at once (or a line with the wait, when the queue is long)
+  worker thread --> claims the message with a lease --> model (with the user's turns)
   --> answer and its segments stored --> customer-service API (custom/send), each segment
   marked sent as WeChat confirms it. A crash or restart resumes at the first unsent segment.
 
 Usage:
   python wxbot.py [--env FILE]     serve (settings from the environment and FILE)
   python wxbot.py --help           every setting with its default
+  python wxbot.py menu FILE.json   make FILE the account's custom menu (--show, --delete)
+  python wxbot.py status           the queue: waiting, in progress, dead (safe while serving)
+  python wxbot.py retry ID         queue a dead message again
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -19,13 +23,19 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
+import collections
 import contextlib
 import dataclasses
 import enum
 import hashlib
+import heapq
 import hmac
+import io
+import itertools
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -40,8 +50,8 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-import xml.etree.ElementTree as ElementTree
-from typing import Callable, Iterator, Mapping
+import xml.parsers.expat
+from typing import Callable, Container, Iterator, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
@@ -87,6 +97,8 @@ IMAGE_PROMPT = "请看这张图片，简要说明图里有什么。"
 CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
 NOTHING_MORE_LINE = "没有更多内容了，请直接提问吧。"
 THINKING_LINE = "正在思考，请稍后回复“继续”获取回答。"
+#: Sent at once when a message will wait longer than WXBOT_QUEUE_NOTICE seconds for a worker.
+QUEUE_LINE = "收到！前面还有 {ahead} 人在排队，预计 {minutes} 分钟内回复。"
 RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
 DAILY_LINE = "今天的提问次数已用完，请约 {hours} 小时后再来。"
 #: Messages a user sends within this many seconds of each other, still waiting when the
@@ -149,6 +161,31 @@ def _optional_url(value: str) -> str:
     return _url(value) if value.strip() else ""
 
 
+#: Query parameters that carry a credential (?api_key=..., Azure's ?code=...).
+CREDENTIAL_PARAM = re.compile(r"key|token|secret|sig|pass|auth|code|credential", re.I)
+
+
+def url_credentials(url: str) -> list[str]:
+    """The credentials written into a URL: user:password@ and key-like query values."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    found = userinfo.split(":", 1) if userinfo else []
+    found += [value for name, _, value in (pair.partition("=") for pair in parts.query.split("&"))
+              if CREDENTIAL_PARAM.search(name)]
+    return [form for raw in found if raw for form in {raw, urllib.parse.unquote(raw)}]
+
+
+def masked_url(url: str) -> str:
+    """The URL with its credentials replaced by ***, for the log and the console."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    query = "&".join(f"{name}=***" if sep and CREDENTIAL_PARAM.search(name) else pair
+                     for pair in parts.query.split("&") if pair
+                     for name, sep, _ in [pair.partition("=")])
+    return urllib.parse.urlunsplit(parts._replace(
+        netloc=host if host == parts.netloc else f"***@{host}", query=query))
+
+
 def _url_path(value: str) -> str:
     value = value.strip()
     if not value.startswith("/") or value in ("/healthz",) or any(c in value for c in "?# "):
@@ -163,6 +200,18 @@ def _flag(value: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"must be 1 or 0, got {value.strip()!r}")
+
+
+def _token(value: str) -> str:
+    value = _text(value)
+    # WeChat allows 3 to 32 characters; one signed URL from a log is enough to recover a short
+    # token by trying every candidate, and with it to sign any push.
+    if not 8 <= len(value) <= 32:
+        raise ValueError(
+            f"must be 8 to 32 letters or digits, got {len(value)} characters: choose a new Token "
+            f"in 公众号后台 → 设置与开发 → 基本配置 → 服务器配置 → 修改配置, put the same value "
+            f"here, restart wxbot, then 提交 the 服务器配置")
+    return value
 
 
 def _aes_key(value: str) -> str:
@@ -201,7 +250,7 @@ class Setting:
 
 #: Every setting, in the order --help and the start-up log show them.
 SETTINGS: dict[str, Setting] = {
-    "token": Setting("WXBOT_TOKEN", None, _text,
+    "token": Setting("WXBOT_TOKEN", None, _token,
                      "Token from 公众号后台 → 服务器配置 (signs every push)", secret=True),
     "appid": Setting("WXBOT_APPID", None, _text, "AppID (开发者ID) of the account"),
     "appsecret": Setting("WXBOT_APPSECRET", None, _text, "AppSecret (开发者密码)", secret=True),
@@ -226,23 +275,39 @@ SETTINGS: dict[str, Setting] = {
                        "message sent on subscribe (empty: none)"),
     "admins": Setting("WXBOT_ADMINS", "", _openids,
                       "openids (comma-separated) that may send /stats"),
+    "replies": Setting("WXBOT_REPLIES", "", _optional_text,
+                       "JSON file of fixed replies to keywords and menu clicks, no model "
+                       "(empty: none; re-read when it changes)"),
+    "blocked_words": Setting("WXBOT_BLOCKED_WORDS", "", _optional_text,
+                             "file of blocked words, one a line: questions with one are not "
+                             "asked, answers have them masked (empty: none)"),
+    "blocked_reply": Setting("WXBOT_BLOCKED_REPLY", REFUSED_LINE, _text,
+                             "what a user whose question has a blocked word gets"),
     "vision": Setting("WXBOT_VISION", "0", _flag,
                       "1: send images to the model (it must accept image input)"),
     "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
                            "earlier turns older than this many seconds are not sent to the model"),
     "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file"),
+    "retention_days": Setting("WXBOT_RETENTION_DAYS", "30", _int_between(0, 36500),
+                              "days messages, answers and history are kept (0: for ever); "
+                              "older ones are deleted every hour, a few hundred at a time"),
     "host": Setting("WXBOT_HOST", "0.0.0.0", _text, "address to listen on"),
     "port": Setting("WXBOT_PORT", "8080", _int_between(0, 65535), "port to listen on"),
     "path": Setting("WXBOT_PATH", "/wx", _url_path, "URL path WeChat calls"),
-    "workers": Setting("WXBOT_WORKERS", "4", _int_between(1, 64),
-                       "worker threads (model calls in parallel)"),
+    "workers": Setting("WXBOT_WORKERS", "32", _int_between(1, 256),
+                       "worker threads: model calls in parallel (keep within the provider's "
+                       "concurrency and RPM limits; see README)"),
+    "queue_notice": Setting("WXBOT_QUEUE_NOTICE", "20", _seconds,
+                            "a message that will wait longer than this many seconds for a "
+                            "worker gets a line saying how long, at once (0: never)"),
     "history_turns": Setting("WXBOT_HISTORY_TURNS", "10", _int_between(0, 100),
                              "earlier exchanges (question and answer) sent to the model"),
     "max_skew": Setting("WXBOT_MAX_SKEW", "300", _int_between(0, 86400),
                         "reject pushes whose timestamp is further than this from now, in "
                         "seconds (0: off)"),
     "model_timeout": Setting("WXBOT_MODEL_TIMEOUT", "60", _seconds,
-                             "seconds one model call may take"),
+                             "deadline in seconds for one whole model call, first token to "
+                             "last; the answer is cut there"),
     "max_tokens": Setting("WXBOT_MAX_TOKENS", "2000", _int_between(16, 100000),
                           "cap on the tokens of one answer"),
     "user_rate": Setting("WXBOT_USER_RATE", "6", _int_between(0, 10000),
@@ -275,13 +340,18 @@ class Settings:
     system_prompt: str
     welcome: str
     admins: tuple
+    replies: str
+    blocked_words: str
+    blocked_reply: str
     vision: bool
     session_ttl: float
     db: str
+    retention_days: int
     host: str
     port: int
     path: str
     workers: int
+    queue_notice: float
     history_turns: int
     max_skew: int
     model_timeout: float
@@ -314,7 +384,9 @@ class Settings:
     def secrets(self) -> list[str]:
         """The secret values, for the log filter that keeps them out of every line."""
         return [getattr(self, name) for name, s in SETTINGS.items() if s.secret
-                and getattr(self, name)]
+                and getattr(self, name)] + [
+            credential for name, s in SETTINGS.items() if s.parse in (_url, _optional_url)
+            for credential in url_credentials(getattr(self, name))]
 
     def describe(self) -> str:
         """The effective settings for the start-up log, secrets masked."""
@@ -323,9 +395,11 @@ class Settings:
             value = getattr(self, name)
             if setting.secret:
                 value = "(set)" if value else "(not set)"
+            elif setting.parse in (_url, _optional_url):
+                value = masked_url(value)
             elif name == "admins":
                 value = ",".join(short_id(openid) for openid in value)
-            elif name in ("system_prompt", "welcome"):
+            elif name in ("system_prompt", "welcome", "blocked_reply"):
                 value = f"({len(value)} chars)"
             shown.append(f"{setting.env}={value}")
         return " ".join(shown)
@@ -360,24 +434,48 @@ def read_env_file(path: str) -> dict[str, str]:
 ###############################################################################
 
 class SecretFilter(logging.Filter):
-    """Scrubs secrets and access tokens from every log record, whatever put them there."""
+    """Scrubs secrets and access tokens from every log record, whatever put them there.
+
+    A secret of 8 characters or more is masked wherever it appears; a shorter one (a local
+    model's API key may be "ollama") only where it stands alone, so it does not garble words.
+    """
 
     TOKEN_IN_URL = re.compile(r"(access_token=)[^&\s'\"]+")
 
     def __init__(self):
         super().__init__()
         self._secrets: set[str] = set()
+        # A fetched access token replaces the one before, which expires in minutes at most:
+        # the current and the previous are masked, older ones are no longer kept.
+        self._access_tokens: collections.deque[str] = collections.deque(maxlen=2)
+        self._pattern: re.Pattern | None = None
+        self._lock = threading.Lock()
 
     def add(self, secret: str) -> None:
-        if secret and len(secret) >= 6:
-            self._secrets.add(secret)
+        """A secret from the settings, masked for the life of the process."""
+        if secret and secret not in self._secrets:
+            with self._lock:
+                self._secrets.add(secret)
+                self._compile()
+
+    def add_access_token(self, token: str) -> None:
+        """The access token in use; called on every use, so it costs nothing when unchanged."""
+        if token and token not in self._access_tokens:
+            with self._lock:
+                if token not in self._access_tokens:
+                    self._access_tokens.append(token)
+                    self._compile()
+
+    def _compile(self) -> None:
+        secrets = sorted(self._secrets | set(self._access_tokens), key=len, reverse=True)
+        self._pattern = re.compile("|".join(
+            re.escape(secret) if len(secret) >= 8 else rf"(?<![\w-]){re.escape(secret)}(?![\w-])"
+            for secret in secrets))
 
     def scrub(self, text: str) -> str:
         text = self.TOKEN_IN_URL.sub(r"\1***", text)
-        for secret in list(self._secrets):
-            if secret in text:
-                text = text.replace(secret, "***")
-        return text
+        pattern = self._pattern
+        return pattern.sub("***", text) if pattern else text
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -390,6 +488,35 @@ class SecretFilter(logging.Filter):
 
 #: Installed on the root handlers by main() and by tests; the token client adds new tokens.
 SECRET_FILTER = SecretFilter()
+
+
+class LogThrottle:
+    """At most one log line per key (a client address) per `period` seconds.
+
+    Refused requests come at an attacker's pace; the log should not. At most `capacity` keys
+    are remembered; when all of them logged within the period, a new key stays quiet.
+    """
+
+    def __init__(self, period: float = 60.0, capacity: int = 10000):
+        self.period, self.capacity = period, capacity
+        # key -> [when it last logged, lines held back since], oldest line first
+        self._logged: collections.OrderedDict[str, list] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def allow(self, key: str, now: float) -> int | None:
+        """None: stay quiet; else log, with the number of lines held back since the last."""
+        with self._lock:
+            entry = self._logged.get(key)
+            if entry is not None and entry[0] > now - self.period:
+                entry[1] += 1
+                return None
+            if entry is None and len(self._logged) >= self.capacity:
+                if next(iter(self._logged.values()))[0] > now - self.period:
+                    return None
+                self._logged.popitem(last=False)
+            self._logged[key] = [now, 0]
+            self._logged.move_to_end(key)
+            return entry[1] if entry else 0
 
 
 def short_id(openid: str) -> str:
@@ -409,6 +536,7 @@ class Kind(enum.Enum):
     RESET = "reset"        # forget the conversation and the rest of the last answer
     HELP = "help"
     STATS = "stats"        # for admins; an ordinary question for everyone else
+    KEYWORD = "keyword"    # one of the owner's keywords (WXBOT_REPLIES): a fixed reply
     EVENT = "event"        # subscribe, CLICK, LOCATION...: answered as an event, never a question
 
 
@@ -439,14 +567,18 @@ WORDS: dict[str, Kind] = {normalise(word): kind for words, kind in [
     (("/stats",), Kind.STATS)] for word in words}
 
 
-def classify(msg_type: str, content: str | None) -> Intent:
-    """What a message is. The one place that decides it: service and passive replies and the
-    merging of quick follow-ups all ask here. A spoken command counts as typed."""
+def classify(msg_type: str, content: str | None, keywords: Container[str] = ()) -> Intent:
+    """What a message is. The one place that decides it: service and passive replies, the
+    merging of quick follow-ups and the fixed replies all ask here. A spoken command counts
+    as typed. `keywords` are the owner's, normalised (Replies.keywords)."""
     if msg_type == "event":
         return Intent(Kind.EVENT, "")
     text = (content or "").strip()
-    kind = WORDS.get(normalise(text)) if msg_type in ("text", "voice") else None
-    return Intent(kind or Kind.QUESTION, text)
+    if msg_type not in ("text", "voice"):
+        return Intent(Kind.QUESTION, text)
+    word = normalise(text)
+    kind = WORDS.get(word) or (Kind.KEYWORD if word in keywords else Kind.QUESTION)
+    return Intent(kind, text)
 
 
 ###############################################################################
@@ -460,7 +592,7 @@ class State(str, enum.Enum):
     LEASED = "leased"    # a worker holds it until lease_until
     DONE = "done"        # answered (segments beyond the quota stay stored, unsent)
     FAILED = "failed"    # the model failed; the user got the apology
-    DEAD = "dead"        # gave up after repeated delivery failures; kept for the operator
+    DEAD = "dead"        # gave up (delivery failures or interruptions); kept for the operator
 
 
 class Leftovers(enum.Enum):
@@ -485,15 +617,41 @@ CREATE TABLE IF NOT EXISTS messages (
     pushes      INTEGER NOT NULL DEFAULT 1,
     state       TEXT NOT NULL DEFAULT 'queued'
                 CHECK (state IN ({", ".join(repr(s.value) for s in State)})),
-    attempts    INTEGER NOT NULL DEFAULT 0,
+    attempts    INTEGER NOT NULL DEFAULT 0,  -- claims so far: names the lease (fencing)
     lease_until REAL,
     not_before  REAL NOT NULL DEFAULT 0,
     answered_at REAL,
     merged_into INTEGER REFERENCES messages (id),
-    error       TEXT
+    error       TEXT,
+    model_failures    INTEGER NOT NULL DEFAULT 0,
+    delivery_failures INTEGER NOT NULL DEFAULT 0,
+    interruptions     INTEGER NOT NULL DEFAULT 0  -- lease expired, restart, internal error
 );
 CREATE INDEX IF NOT EXISTS messages_state ON messages (state, id);
 CREATE INDEX IF NOT EXISTS messages_user ON messages (openid, state, id);
+CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at);
+CREATE INDEX IF NOT EXISTS messages_merged ON messages (merged_into)
+    WHERE merged_into IS NOT NULL;
+
+-- /healthz counts messages by state from here, kept exact by the triggers below: counting
+-- a million rows on every health check would not be.
+CREATE TABLE IF NOT EXISTS state_counts (
+    state    TEXT PRIMARY KEY,
+    messages INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO state_counts (state, messages)
+    VALUES {", ".join(f"('{s.value}', 0)" for s in State)};
+CREATE TRIGGER IF NOT EXISTS messages_counted AFTER INSERT ON messages BEGIN
+    UPDATE state_counts SET messages = messages + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_recounted AFTER UPDATE OF state ON messages
+WHEN OLD.state != NEW.state BEGIN
+    UPDATE state_counts SET messages = messages - 1 WHERE state = OLD.state;
+    UPDATE state_counts SET messages = messages + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_uncounted AFTER DELETE ON messages BEGIN
+    UPDATE state_counts SET messages = messages - 1 WHERE state = OLD.state;
+END;
 
 CREATE TABLE IF NOT EXISTS segments (
     message_id INTEGER NOT NULL REFERENCES messages (id),
@@ -506,6 +664,10 @@ CREATE TABLE IF NOT EXISTS segments (
     moved_to   INTEGER REFERENCES messages (id),
     PRIMARY KEY (message_id, seq)
 );
+CREATE INDEX IF NOT EXISTS segments_replied ON segments (replied_to)
+    WHERE replied_to IS NOT NULL;
+CREATE INDEX IF NOT EXISTS segments_unsent ON segments (message_id)
+    WHERE sent_at IS NULL AND moved_to IS NULL;
 
 CREATE TABLE IF NOT EXISTS turns (
     id         INTEGER PRIMARY KEY,
@@ -530,7 +692,30 @@ CREATE TABLE IF NOT EXISTS kv (
     expires_at REAL
 );
 """
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: What brings a database written by an earlier wxbot up to date, by the version it has;
+#: SCHEMA then adds the tables and indexes that are new.
+MIGRATIONS = {
+    1: f"""
+ALTER TABLE messages ADD COLUMN model_failures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN delivery_failures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE state_counts (state TEXT PRIMARY KEY, messages INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO state_counts (state, messages) SELECT column1, (SELECT count(*) FROM messages
+    WHERE state = column1) FROM (VALUES {", ".join(f"('{s.value}')" for s in State)});
+""",
+}
+#: A message interrupted this often (its lease expired, a restart, an internal error) ends
+#: dead: something about it stops every worker, and trying forever would hide that.
+INTERRUPTIONS_LIMIT = 5
+#: The oldest message a worker may take (:now): due, and its user has nothing earlier queued
+#: or in hand (one user's messages are answered in order).
+CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_before <= :now"
+             " AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
+             " AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased'))"
+             " ORDER BY m.id LIMIT 1")
+#: The kv key noting that the queue line went out for a message: it used one of the 5.
+QUEUE_LINE_KEY = "queue-line:{}"
 #: The user's segments of earlier, finished answers that never went out (:openid, :id).
 EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
                   " WHERE m.openid = :openid AND m.id < :id AND m.state = 'done'"
@@ -539,7 +724,8 @@ EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-    """A claimed message as the worker sees it; `attempts` identifies the lease."""
+    """A claimed message as the worker sees it; `attempts` identifies the lease, and each
+    failure counter counts one kind of failure before this claim."""
 
     id: int
     openid: str
@@ -550,10 +736,32 @@ class Message:
     fields: dict
     received_at: float
     attempts: int
+    model_failures: int
+    delivery_failures: int
+    interruptions: int
+
+
+def disk_full(error: Exception) -> bool:
+    """Whether SQLite failed for want of space (SQLITE_FULL): the disk or max_page_count."""
+    return isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)
 
 
 class LeaseLost(Exception):
     """The lease expired and the message went back to the queue: stop, another worker has it."""
+
+
+def create_private(path: str) -> None:
+    """Create the database file readable by its owner only, before SQLite opens it: SQLite
+    gives the -wal and -shm files the database file's permissions. Messages are private."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        mode = os.stat(path).st_mode & 0o777
+        if mode & 0o077:
+            log.warning("the database %s is readable by other users (mode %o): run "
+                        "chmod 600 %s*", path, mode, path)
 
 
 class Store:
@@ -563,26 +771,55 @@ class Store:
         if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING claims a message
             raise RuntimeError(f"SQLite 3.35 or newer is needed; this Python has "
                                f"{sqlite3.sqlite_version} (use Debian 12 / Ubuntu 22.04 or newer)")
+        create_private(path)
         self.path = path
         self.busy_timeout = busy_timeout
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         # SQLite makes a writer that finds the file locked sleep 1, 2, 5, 10... ms before it
         # tries again; under a burst of pushes that sleep is the ack's p99. Our own writers
-        # queue on this lock instead, so only another process can make one wait.
-        self._write_lock = threading.Lock()
-        self._pending_lock = threading.Lock()
-        self._pending: list[dict] = []
+        # take turns here instead, so only another process can make one wait. Pushes go
+        # first: a webhook thread waits for the one write in progress at most, never behind
+        # the workers' writes (WeChat gives up after 5 s and retries).
+        self._turns = threading.Lock()
+        self._push_turn = threading.Condition(self._turns)
+        self._worker_turn = threading.Condition(self._turns)
+        self._writing = False
+        self._pending: list[dict] = []  # pushes waiting for their group commit
+        self._local = threading.local()  # the thread's open write transaction, if any
         #: Notified after every write, for webhook threads waiting for a passive reply.
         self.changed = threading.Condition()
+        #: Set while writes fail for want of space; workers pause, the webhook answers 503.
+        self.disk_full = False
+        self._disk_lock = threading.Lock()
         with self.connection() as conn:
+            self._compactable(conn)
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
             # commit through a process crash (kill -9), losing at most the last ones on power loss.
             conn.execute("PRAGMA journal_mode=WAL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{path} was written by a newer wxbot (schema {version})")
-            conn.executescript(SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            steps = [MIGRATIONS[n] for n in range(version, SCHEMA_VERSION)] if version else []
+            conn.executescript("BEGIN IMMEDIATE;" + "".join(steps) + SCHEMA +
+                               f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            if steps:
+                log.info("database %s brought up to date (schema %d to %d)", path, version,
+                         SCHEMA_VERSION)
+
+    @staticmethod
+    def _compactable(conn: sqlite3.Connection) -> None:
+        """Let the file shrink: rows deleted by retention give their pages back to the disk.
+
+        auto_vacuum must be chosen before the first table exists; a database made by an
+        earlier wxbot is rewritten once (VACUUM: it locks the file while it runs).
+        """
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL
+            return
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+            log.info("compacting the database once so that deleted rows free disk space "
+                     "(a large file takes a minute)")
+            conn.execute("VACUUM")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -600,7 +837,12 @@ class Store:
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
-        """A connection used by one thread at a time, returned to the pool afterwards."""
+        """A connection used by one thread at a time, returned to the pool afterwards; inside
+        the thread's write transaction, that transaction's (its reads see its writes)."""
+        joined = getattr(self._local, "conn", None)
+        if joined is not None:
+            yield joined
+            return
         try:
             conn = self._pool.get_nowait()
         except queue.Empty:
@@ -616,21 +858,86 @@ class Store:
     def _begin(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error; the caller holds the lock."""
         with self.connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                conn.rollback()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.rollback()
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as error:
+                if disk_full(error):
+                    self._note_disk(full=True)
                 raise
-            conn.execute("COMMIT")
+        if self.disk_full:
+            self._note_disk(full=False)
+
+    def _note_disk(self, full: bool) -> None:
+        """Say once when the disk fills up, and once when there is room again."""
+        with self._disk_lock:
+            if self.disk_full == full:
+                return
+            self.disk_full = full
+        if full:
+            log.error("the disk holding %s is full: pushes are answered 503 so that WeChat "
+                      "tries them again, and workers pause; free some space (df -h)", self.path)
+        else:
+            log.info("there is room on the disk again: pushes are stored and answered")
+
+    def has_room(self) -> bool:
+        """Whether a write that needs new space succeeds now (after the disk was full)."""
+        try:
+            with self.transaction() as conn:
+                conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES ('disk-probe',"
+                             " zeroblob(16384))")
+                conn.execute("DELETE FROM kv WHERE key = 'disk-probe'")
+        except sqlite3.OperationalError as error:
+            if disk_full(error):
+                return False
+            raise
+        return True
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction, one writer at a time; waiting webhook threads hear of it."""
-        with self._write_lock, self._begin() as conn:
-            yield conn
+        """A write transaction, one writer at a time and after any waiting push; webhook
+        threads waiting for a passive reply hear of it.
+
+        Opened inside another of the same thread, it is part of that one: a worker joins the
+        writes of one step into one commit, one short turn of the write lock.
+        """
+        joined = getattr(self._local, "conn", None)
+        if joined is not None:
+            yield joined
+            return
+        with self._turn(), self._begin() as conn:
+            self._local.conn = conn
+            try:
+                yield conn
+            finally:
+                self._local.conn = None
         with self.changed:
             self.changed.notify_all()
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """A turn to write that is not a push's: after the write in progress and any waiting
+        push."""
+        with self._turns:
+            while self._writing or self._pending:
+                self._worker_turn.wait()
+            self._writing = True
+        try:
+            yield
+        finally:
+            self._end_turn()
+
+    def _end_turn(self) -> None:
+        with self._turns:
+            self._writing = False
+            self._push_turn.notify_all()  # pushes now stored, or waiting to lead the next batch
+            if not self._pending:
+                self._worker_turn.notify()
 
     def close(self) -> None:
         while True:
@@ -644,18 +951,23 @@ class Store:
     def store_push(self, push: "Push", now: float) -> tuple[int, int]:
         """Commit a push once under its dedup key: (message id, times WeChat pushed it).
 
-        Group commit: whichever webhook thread gets the write lock first commits every push
+        Group commit: whichever webhook thread gets the next turn to write commits every push
         waiting at that moment in one transaction; the others find theirs done. Under a burst
         that is one commit for many pushes, each still committed before it is acknowledged.
         """
-        ticket = {"push": push, "now": now}
-        with self._pending_lock:
+        ticket, batch = {"push": push, "now": now}, []
+        with self._turns:
             self._pending.append(ticket)
-        with self._write_lock:
+            while self._writing and "stored" not in ticket:
+                self._push_turn.wait()
             if "stored" not in ticket:
-                with self._pending_lock:
-                    batch, self._pending = self._pending, []
+                self._writing = True
+                batch, self._pending = self._pending, []
+        if batch:
+            try:
                 self._commit_pushes(batch)
+            finally:
+                self._end_turn()
         if isinstance(ticket["stored"], Exception):
             raise ticket["stored"]
         return ticket["stored"]
@@ -682,19 +994,20 @@ class Store:
 
     def claim(self, now: float, lease_seconds: float) -> Message | None:
         """Lease the oldest message whose user has nothing earlier queued or in hand."""
+        with self.connection() as conn:  # a claim that finds nothing takes no turn to write
+            if not conn.execute(f"SELECT EXISTS ({CLAIMABLE}) OR EXISTS (SELECT 1 FROM"
+                                " messages WHERE state = 'leased' AND lease_until < :now)",
+                                {"now": now}).fetchone()[0]:
+                return None
         with self.transaction() as conn:
-            conn.execute("UPDATE messages SET state = 'queued' WHERE state = 'leased'"
-                         " AND lease_until < :now", {"now": now})
+            self._interrupt(conn, "state = 'leased' AND lease_until < :now",
+                            "its lease expired (the worker stopped or was too slow)", now=now)
             row = conn.execute(
                 "UPDATE messages SET state = 'leased', lease_until = :until,"
-                " attempts = attempts + 1"
-                " WHERE id = (SELECT m.id FROM messages m WHERE m.state = 'queued'"
-                "   AND m.not_before <= :now"
-                "   AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
-                "     AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased'))"
-                "   ORDER BY m.id LIMIT 1)"
+                f" attempts = attempts + 1 WHERE id = ({CLAIMABLE})"
                 " RETURNING id, openid, msg_type, msg_id, event, content, fields, received_at,"
-                " attempts", {"now": now, "until": now + lease_seconds}).fetchone()
+                " attempts, model_failures, delivery_failures, interruptions",
+                {"now": now, "until": now + lease_seconds}).fetchone()
         if row is None:
             return None
         return Message(**{**dict(row), "fields": json.loads(row["fields"])})
@@ -730,23 +1043,63 @@ class Store:
             conn.execute("UPDATE segments SET tried_at = ? WHERE message_id = ? AND seq = ?",
                          (now, message.id, seq))
 
-    def release(self, message: Message, not_before: float, error: str) -> None:
-        """Put the message back in the queue, to be tried again from not_before."""
+    def renew_lease(self, message: Message, lease_until: float) -> None:
+        """Keep the message while its answer takes long (a slow model): LeaseLost if too late."""
+        with self.transaction() as conn:
+            self._leased(conn, message, "UPDATE messages SET lease_until = :until",
+                         until=lease_until)
+
+    def release(self, message: Message, not_before: float, error: str,
+                failure: str | None) -> None:
+        """Put the message back in the queue, to be tried again from not_before, counting the
+        failure ("model_failures" or "delivery_failures"; None: no fault of the message's)."""
+        assert failure in ("model_failures", "delivery_failures", None)
+        counted = f", {failure} = {failure} + 1" if failure else ""
         with self.transaction() as conn:
             self._leased(conn, message, "UPDATE messages SET state = 'queued', lease_until = NULL,"
-                         " not_before = :not_before, error = :error",
+                         " not_before = :not_before, error = :error" + counted,
                          not_before=not_before, error=error)
 
-    def finish(self, message: Message, state: State, error: str | None = None) -> None:
+    def interrupt(self, message: Message, not_before: float, reason: str) -> None:
+        """Give the message back after an error in the worker itself: an interruption."""
+        with self.transaction() as conn:
+            if not self._interrupt(conn, "id = :id AND state = 'leased' AND attempts = :attempts",
+                                   reason, id=message.id, attempts=message.attempts,
+                                   not_before=not_before):
+                raise LeaseLost(message.id)
+
+    def _interrupt(self, conn: sqlite3.Connection, where: str, reason: str,
+                   not_before: float = 0, **params) -> int:
+        """Requeue the leased messages `where` selects, counting an interruption; those
+        interrupted INTERRUPTIONS_LIMIT times end dead. Returns how many there were."""
+        rows = conn.execute(
+            "UPDATE messages SET lease_until = NULL, interruptions = interruptions + 1,"
+            " error = :reason, not_before = :not_before, state = CASE WHEN interruptions + 1"
+            f" >= {INTERRUPTIONS_LIMIT} THEN 'dead' ELSE 'queued' END WHERE {where}"
+            " RETURNING id, openid, state",
+            {"reason": f"interrupted: {reason}", "not_before": not_before, **params}).fetchall()
+        for row in rows:
+            if row["state"] == State.DEAD:
+                log_worker.error("message %s from %s: interrupted %d times, the last because "
+                                 "%s; giving up (state dead, kept: `python wxbot.py status`, "
+                                 "`python wxbot.py retry %s`)", row["id"],
+                                 short_id(row["openid"]), INTERRUPTIONS_LIMIT, reason, row["id"])
+        return len(rows)
+
+    def finish(self, message: Message, state: State, error: str | None = None,
+               failure: str | None = None) -> None:
+        """End the message in `state`; `failure` names the count the last failure adds to."""
+        assert failure in ("model_failures", "delivery_failures", None)
+        counted = f", {failure} = {failure} + 1" if failure else ""
         with self.transaction() as conn:
             self._leased(conn, message, "UPDATE messages SET state = :state, lease_until = NULL,"
-                         " error = :error", state=state.value, error=error)
+                         " error = :error" + counted, state=state.value, error=error)
 
     def release_all_leases(self) -> int:
         """Put every leased message back: called at start and stop, when no worker runs."""
         with self.transaction() as conn:
-            return conn.execute("UPDATE messages SET state = 'queued', lease_until = NULL"
-                                " WHERE state = 'leased'").rowcount
+            return self._interrupt(conn, "state = 'leased'",
+                                   "wxbot stopped while answering it")
 
     # Answers ----------------------------------------------------------------
 
@@ -843,11 +1196,13 @@ class Store:
                                 " AND carried = 0 ORDER BY seq", (message_id,)).fetchall()
         return "\n\n".join(row[0] for row in rows)
 
-    def merge_followups(self, message: Message, now: float) -> list[str]:
+    def merge_followups(self, message: Message, now: float,
+                        keywords: Container[str] = ()) -> list[str]:
         """Texts the user sent right after this one and that still wait: asked together.
 
         Phones split one question over several quick messages; they get one answer.
-        Returns every text merged into this message so far, oldest first.
+        Returns every text merged into this message so far, oldest first. `keywords` (the
+        owner's) are no question: they keep their fixed reply.
         """
         with self.transaction() as conn:
             self._check_lease(conn, message)
@@ -858,7 +1213,8 @@ class Store:
             merged, previous = [], message.received_at
             for row in waiting:  # up to the first that is no quick question typed
                 if row["msg_type"] != "text" or not (row["content"] or "").strip() or \
-                        classify(row["msg_type"], row["content"]).kind is not Kind.QUESTION \
+                        classify(row["msg_type"], row["content"], keywords).kind \
+                        is not Kind.QUESTION \
                         or row["received_at"] - previous > MERGE_WINDOW:
                     break
                 merged.append(row["id"])
@@ -901,6 +1257,18 @@ class Store:
                     " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,)))
         return row[2], more
 
+    def reply_at_once(self, message_id: int, text: str, now: float) -> bool:
+        """Answer a message no worker has taken with one passive reply, sent as this push's
+        reply (its retries get it again); False when a worker took it first."""
+        with self.transaction() as conn:
+            if conn.execute("UPDATE messages SET state = 'done', answered_at = :now"
+                            " WHERE id = :id AND state = 'queued'",
+                            {"id": message_id, "now": now}).rowcount != 1:
+                return False
+            conn.execute("INSERT INTO segments (message_id, seq, content, sent_at, replied_to)"
+                         " VALUES (?, 0, ?, ?, ?)", (message_id, text, now, message_id))
+        return True
+
     def settled(self, message_id: int) -> bool:
         """Whether a message is answered (or needs no answer): nothing more will come of it."""
         with self.connection() as conn:
@@ -918,6 +1286,34 @@ class Store:
             return conn.execute("SELECT seq, content, tried_at, sent_at FROM segments"
                                 " WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
+
+    def waiting_ahead(self, message_id: int) -> int:
+        """Messages queued before this one that no worker has taken yet."""
+        with self.connection() as conn:
+            return conn.execute("SELECT count(*) FROM messages WHERE state = 'queued'"
+                                " AND id < ?", (message_id,)).fetchone()[0]
+
+    def note_queue_lines(self, message_ids: list[int], now: float) -> list[int]:
+        """Note, before it is sent, that the queue line goes out for these messages: it takes
+        one of their 5 messages (quota). Those whose answer began to go out get none.
+        Returns the ids noted."""
+        if not message_ids:
+            return []
+        with self.transaction() as conn:
+            noted = [message_id for message_id in message_ids if not conn.execute(
+                "SELECT 1 FROM segments WHERE message_id = ? AND tried_at IS NOT NULL LIMIT 1",
+                (message_id,)).fetchone()]
+            # The quota of a user message lasts 48 h; the note need not outlive it.
+            conn.executemany("INSERT OR IGNORE INTO kv (key, value, expires_at) VALUES"
+                             " (?, ?, ?)", [(QUEUE_LINE_KEY.format(message_id), str(now),
+                                             now + 3 * 86400) for message_id in noted])
+        return noted
+
+    def quota(self, message: Message) -> int:
+        """Customer-service messages the answer to a message may use: WeChat's 5 per user
+        message, 3 per menu click or follow (45047), less the queue line if one went out."""
+        allowed = EVENT_QUOTA if message.msg_type == "event" else QUOTA
+        return allowed - (self.get_kv(QUEUE_LINE_KEY.format(message.id), 0) is not None)
 
     def mark_sent(self, message: Message, seq: int, now: float) -> None:
         with self.transaction() as conn:
@@ -941,9 +1337,18 @@ class Store:
             kept.pop()
         return kept[::-1]
 
-    def forget(self, openid: str) -> int:
-        """Delete the user's conversation history (/reset): it is never sent to the model again."""
+    def forget(self, openid: str, before_id: int) -> int:
+        """Forget the user's conversation before this message (/reset): the history sent to the
+        model, and the texts of their earlier messages and answers. The message rows stay (they
+        count in /stats and keep WeChat's retries from being answered twice); their answers'
+        segments go. Returns the number of turns forgotten."""
         with self.transaction() as conn:
+            earlier = ("SELECT id FROM messages WHERE openid = :openid AND id < :id"
+                       " AND state NOT IN ('queued', 'leased')")
+            params = {"openid": openid, "id": before_id}
+            conn.execute(f"DELETE FROM segments WHERE message_id IN ({earlier})", params)
+            conn.execute(f"UPDATE messages SET content = NULL, fields = '{{}}' WHERE id IN"
+                         f" ({earlier}) AND (content IS NOT NULL OR fields != '{{}}')", params)
             return conn.execute("DELETE FROM turns WHERE openid = ?", (openid,)).rowcount
 
     def stats(self, now: float) -> dict:
@@ -958,7 +1363,9 @@ class Store:
                                  ).fetchone()
         return {**self.health(now), "today": row[0], "failed_today": row[1] or 0,
                 "dead_today": row[2] or 0, "answer_seconds_avg": round(row[3] or 0, 2),
-                "token_valid_s": round(token[0] - now) if token else None}
+                "token_valid_s": round(token[0] - now) if token else None,
+                **{f"{counter}_today": self.counted(counter, now)
+                   for counter in ("keyword_replies", "click_replies", "blocked")}}
 
     def count_model_call(self, message: Message, now: float, windows: list[tuple[float, int]]
                          ) -> float | None:
@@ -984,6 +1391,54 @@ class Store:
                          " (?, ?, ?)", (message.id, message.openid, now))
         return None
 
+    # Retention ---------------------------------------------------------------
+
+    def prune(self, now: float, keep_seconds: float, history_seconds: float,
+              after_id: int = 0, batch: int = 500) -> int | None:
+        """Delete one batch of what is older than keep_seconds: finished messages with their
+        segments and model calls, turns (those within history_seconds stay: they are still
+        sent to the model), expired keys; then give the freed pages back to the filesystem.
+        Returns the message id to go on after, or None when nothing old is left.
+
+        A few hundred rows a transaction keep the write lock short, so pushes arriving
+        meanwhile wait milliseconds. Rows are walked oldest first by id, never found by a
+        scan. The newest message is kept, so that an id is never used twice.
+        """
+        before = now - keep_seconds
+        turns_before = min(before, now - history_seconds)
+        with self._turn(), self.connection() as conn:
+            # Links into deleted history (a segment carried to a later message, a follow-up
+            # merged into an earlier one) may point nowhere: nothing reads them any more.
+            conn.execute("PRAGMA foreign_keys=OFF")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                rows = conn.execute(
+                    "SELECT id, received_at, state FROM messages WHERE id > ?"
+                    " AND id < (SELECT max(id) FROM messages) ORDER BY id LIMIT ?",
+                    (after_id, batch)).fetchall()
+                old = list(itertools.takewhile(lambda row: row[1] < before, rows))
+                gone = [(row[0],) for row in old if row[2] not in ("queued", "leased")]
+                conn.executemany("DELETE FROM segments WHERE message_id = ?", gone)
+                conn.executemany("DELETE FROM model_calls WHERE message_id = ?", gone)
+                conn.executemany("DELETE FROM messages WHERE id = ?", gone)
+                turns = conn.execute("SELECT id, created_at FROM turns ORDER BY id LIMIT ?",
+                                     (batch,)).fetchall()
+                old_turns = list(itertools.takewhile(lambda row: row[1] < turns_before, turns))
+                conn.executemany("DELETE FROM turns WHERE id = ?",
+                                 [(row[0],) for row in old_turns])
+                conn.execute("DELETE FROM kv WHERE expires_at < ?", (now,))
+                conn.execute("COMMIT")
+                # sqlite3's execute() steps this once, freeing one page; executescript runs it
+                # to the end.
+                conn.executescript("PRAGMA incremental_vacuum")
+            finally:
+                if conn.in_transaction:
+                    conn.rollback()
+                conn.execute("PRAGMA foreign_keys=ON")
+        if len(old) == batch:
+            return old[-1][0]
+        return after_id if len(old_turns) == batch else None
+
     # Key-value (the access token) -------------------------------------------
 
     def get_kv(self, key: str, now: float) -> str | None:
@@ -993,16 +1448,29 @@ class Store:
         return row[0] if row else None
 
     def set_kv(self, key: str, value: str, expires_at: float | None) -> None:
-        with self._write_lock, self.connection() as conn:
+        with self.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
                          (key, value, expires_at))
+
+    def bump(self, counter: str, now: float) -> None:
+        """Count one more today, for /stats (fixed replies, blocked questions)."""
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO kv (key, value, expires_at) VALUES (?, 1, ?)"
+                         " ON CONFLICT (key) DO UPDATE SET value = value + 1",
+                         (f"count:{counter}:{time.strftime('%Y-%m-%d', time.localtime(now))}",
+                          now + 2 * 86400))
+
+    def counted(self, counter: str, now: float) -> int:
+        """How many bump() counted today."""
+        day = time.strftime("%Y-%m-%d", time.localtime(now))
+        return int(self.get_kv(f"count:{counter}:{day}", now) or 0)
 
     # Health -----------------------------------------------------------------
 
     def health(self, now: float) -> dict:
+        """For /healthz: from the state counts and indexed queries only, however big the file."""
         with self.connection() as conn:
-            counts = dict(conn.execute("SELECT state, count(*) FROM messages"
-                                       " GROUP BY state").fetchall())
+            counts = dict(conn.execute("SELECT state, messages FROM state_counts").fetchall())
             oldest = conn.execute("SELECT min(received_at) FROM messages"
                                   " WHERE state IN ('queued', 'leased')").fetchone()[0]
             unsent = conn.execute("SELECT count(*) FROM segments WHERE sent_at IS NULL"
@@ -1112,28 +1580,69 @@ class WeChatCrypto:
                 f"<Nonce><![CDATA[{nonce}]]></Nonce></xml>").encode("utf-8")
 
 
-#: WeChat's XML is one flat <xml> of short fields; anything else is refused before parsing.
+#: WeChat's XML is one <xml> of short fields; some events nest a few levels (WECHAT.md §8).
 MAX_FIELDS = 64
-DECLARATION = re.compile(rb"<!(?!\[CDATA\[)")
+MAX_DEPTH = 8
+#: Byte-order marks: a push in UTF-16 or UTF-32 is refused, whatever it declares.
+BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def parse_xml(body: bytes) -> dict[str, str]:
-    """The fields of a flat <xml> push. No DOCTYPE or entity is ever read (billion laughs, XXE)."""
-    if DECLARATION.search(body):
-        raise BadPush("XML declarations (DOCTYPE, ENTITY) are not allowed")
+    """The fields of an <xml> push: each child's text; a child with children of its own is "".
+
+    UTF-8 only. The parser itself refuses a DOCTYPE or an entity declaration, so no entity is
+    ever expanded (billion laughs, XXE), while markup quoted inside CDATA stays the user's text.
+    """
+    # Expat detects UTF-16 on its own; "<" in UTF-16 or UTF-32 always holds a NUL byte, and
+    # NUL is never valid XML.
+    if body.startswith(BOMS) or b"\x00" in body:
+        raise BadPush("the body is not UTF-8 (a byte-order mark or a NUL byte)")
+    fields: dict[str, str] = {}
+    depth, text, nested = 0, [], False
+
+    def declaration(version, encoding, standalone):
+        if encoding and encoding.lower() not in ("utf-8", "utf8"):
+            raise BadPush(f"the XML declares encoding {encoding[:20]!r}; WeChat sends UTF-8")
+
+    def refuse_declaration(*args):
+        raise BadPush("DOCTYPE and ENTITY declarations are not allowed")
+
+    def start(tag, attributes):
+        nonlocal depth, nested
+        if depth == 0 and tag != "xml":
+            raise BadPush(f"root element is <{tag[:20]}>, expected <xml>")
+        if depth == MAX_DEPTH:
+            raise BadPush("elements nested too deeply")
+        if depth == 1:
+            if len(fields) >= MAX_FIELDS and tag not in fields:
+                raise BadPush("too many fields")
+            text.clear()
+            nested = False
+        nested = nested or depth >= 2
+        depth += 1
+
+    def end(tag):
+        nonlocal depth
+        depth -= 1
+        if depth == 1:
+            fields[tag] = "" if nested else "".join(text).strip()
+
+    def characters(data):
+        if depth == 2:
+            text.append(data)
+
+    parser = xml.parsers.expat.ParserCreate("utf-8")
+    parser.buffer_text = True
+    parser.XmlDeclHandler = declaration
+    parser.StartDoctypeDeclHandler = refuse_declaration
+    parser.EntityDeclHandler = refuse_declaration
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = characters
     try:
-        root = ElementTree.fromstring(body)
-    except (ElementTree.ParseError, ValueError) as error:
-        raise BadPush(f"malformed XML: {error}") from None
-    if root.tag != "xml":
-        raise BadPush(f"root element is <{root.tag[:20]}>, expected <xml>")
-    if len(root) > MAX_FIELDS:
-        raise BadPush("too many fields")
-    fields = {}
-    for child in root:
-        if len(child) and child.tag not in ("ScanCodeInfo", "SendPicsInfo", "SendLocationInfo"):
-            raise BadPush(f"<{child.tag[:20]}> is nested")
-        fields[child.tag] = (child.text or "").strip() if not len(child) else ""
+        parser.Parse(body, True)
+    except xml.parsers.expat.ExpatError as error:
+        raise BadPush(f"malformed XML: {xml.parsers.expat.ErrorString(error.code)}") from None
     return fields
 
 
@@ -1252,14 +1761,18 @@ class WeChatAPI:
             self._local.session = requests.Session()
         return self._local.session
 
-    def _post(self, path: str, body: dict, params: dict | None = None) -> dict:
-        """POST JSON as raw UTF-8 (escapes can fail with 40033); raise WeChatError on failure."""
+    def _post(self, path: str, body: dict | None, params: dict | None = None) -> dict:
+        """POST JSON as raw UTF-8 (escapes can fail with 40033), or GET when body is None;
+        raise WeChatError on failure."""
         url = self.settings.api_base + path
         try:
-            response = self._session().post(
-                url, params=params, timeout=self.timeout,
-                data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
-                headers={"Content-Type": "application/json; charset=utf-8"})
+            if body is None:
+                response = self._session().get(url, params=params, timeout=self.timeout)
+            else:
+                response = self._session().post(
+                    url, params=params, timeout=self.timeout,
+                    data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                    headers={"Content-Type": "application/json; charset=utf-8"})
         except requests.RequestException as error:
             raise WeChatError(None, f"{type(error).__name__} calling {path}") from None
         if response.status_code != 200:
@@ -1277,7 +1790,7 @@ class WeChatAPI:
         now = time.time() if now is None else now
         token = self.store.get_kv("access_token", now + self.REFRESH_AHEAD)
         if token:
-            SECRET_FILTER.add(token)
+            SECRET_FILTER.add_access_token(token)
             return token
         with self._lock:  # one refresh at a time; the others use what it fetched
             token = self.store.get_kv("access_token", now + self.REFRESH_AHEAD)
@@ -1290,7 +1803,7 @@ class WeChatAPI:
         token, expires_in = answer.get("access_token"), answer.get("expires_in", 7200)
         if not isinstance(token, str) or not token:
             raise WeChatError(None, "stable_token answered without access_token")
-        SECRET_FILTER.add(token)
+        SECRET_FILTER.add_access_token(token)
         self.store.set_kv("access_token", token, time.time() + float(expires_in))
         log_wechat.info("fetched a new access token (valid %s s)", expires_in)
         return token
@@ -1306,8 +1819,9 @@ class WeChatAPI:
                 token = self._fetch_token(force=True)
             return token
 
-    def call(self, path: str, body: dict) -> dict:
-        """An authenticated call; on 40001, 40014 or 42001 refresh the token once and retry once."""
+    def call(self, path: str, body: dict | None = None) -> dict:
+        """An authenticated call (GET without a body); on 40001, 40014 or 42001 refresh the
+        token once and retry once."""
         token = self.access_token()
         try:
             return self._post(path, body, {"access_token": token})
@@ -1321,10 +1835,16 @@ class WeChatAPI:
         self.call("/cgi-bin/message/custom/send",
                   {"touser": openid, "msgtype": "text", "text": {"content": text}})
 
-    def typing_soon(self, openid: str) -> None:
-        """Show "typing" from another thread, so the model call need not wait for WeChat."""
-        thread = threading.Thread(target=self.typing, args=(openid,), daemon=True)
-        thread.start()
+    def menu_create(self, menu: dict) -> None:
+        """Replace the custom menu with exactly this one (sent as raw UTF-8, as every call)."""
+        self.call("/cgi-bin/menu/create", menu)
+
+    def menu_current(self) -> dict:
+        """The menu in force, as get_current_selfmenu_info describes it."""
+        return self.call("/cgi-bin/get_current_selfmenu_info")
+
+    def menu_delete(self) -> None:
+        self.call("/cgi-bin/menu/delete")
 
     def typing(self, openid: str, command: str = "Typing") -> None:
         """Show "typing"; every error is harmless (45080 too late, 45081 already shown)."""
@@ -1364,7 +1884,8 @@ class DeliveryMode:
 
 class ModelError(Exception):
     """The model gave no usable answer. kind: "transient" (try again later), "context" (the
-    conversation is too long), "refused" (a content filter), or "fatal" (a setting is wrong)."""
+    conversation is too long), "refused" (a content filter), "deadline" (WXBOT_MODEL_TIMEOUT
+    passed: never asked again), or "fatal" (a setting is wrong)."""
 
     def __init__(self, reason: str, kind: str = "transient", retry_after: float | None = None,
                  status: int | None = None, detail: str = ""):
@@ -1377,6 +1898,27 @@ CONTEXT_TOO_LONG = re.compile(r"context.length|context_length|maximum context|to
                               r"max_tokens|tokens? limit|超出|过长", re.I)
 CONTENT_FILTER = re.compile(r"content.filter|content_filter|content management|"
                             r"data_inspection|inappropriate|sensitive|risk|违规|敏感", re.I)
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[dict]:
+    """The JSON of each server-sent event in a stream of lines, up to `data: [DONE]`.
+
+    An event is its `data:` lines joined, ended by a blank line; `event:`, `id:` and comment
+    lines (`: keep-alive`) carry nothing an answer needs.
+    """
+    data: list[str] = []
+    for line in lines:
+        if line.startswith("data:"):
+            data.append(line[6:] if line.startswith("data: ") else line[5:])
+            continue
+        if line or not data:
+            continue
+        event, data = "\n".join(data), []
+        if event.startswith("[DONE]"):
+            return
+        yield json.loads(event)
+    if data and not data[0].startswith("[DONE]"):  # the last event, without its blank line
+        yield json.loads("\n".join(data))
 
 
 class Model:
@@ -1407,9 +1949,15 @@ class Model:
         return text
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
-        """The answer's text as the model writes it; one piece where streaming is not offered."""
+        """The answer's text as the model writes it; one piece where streaming is not offered.
+
+        The stream is read through the client's raw response (its base URL, auth, retries and
+        error types stay) and its server-sent events are parsed here: the SDK builds objects
+        for every chunk at about 0.2 ms of CPU each, json.loads takes a tenth of that, and a
+        burst streams hundreds of answers at once.
+        """
         try:
-            chunks = self.client.chat.completions.create(
+            response = self.client.chat.completions.with_raw_response.create(
                 model=self.settings.model, messages=messages,
                 max_tokens=self.settings.max_tokens, stream=True)
         except openai.APIStatusError as error:
@@ -1421,18 +1969,29 @@ class Model:
             raise ModelError(f"{type(error).__name__}: cannot reach the model at "
                              f"{self.client.base_url}") from None
         produced = finished = False
-        with contextlib.closing(chunks):
+        with contextlib.closing(response.http_response) as http:
             try:
-                for chunk in chunks:
-                    choice = chunk.choices[0] if chunk.choices else None
-                    text = choice.delta.content if choice and choice.delta else None
+                for chunk in sse_events(http.iter_lines()):
+                    problem = chunk.get("error")
+                    if problem:  # some providers report a failure inside the stream
+                        detail = str(problem.get("message", problem) if isinstance(
+                            problem, dict) else problem)[:300]
+                        raise ModelError("the model reported an error in the stream",
+                                         "refused" if CONTENT_FILTER.search(detail)
+                                         else "transient", detail=detail)
+                    choices = chunk.get("choices")
+                    choice = choices[0] if choices else None
+                    if not isinstance(choice, dict):
+                        continue
+                    text = (choice.get("delta") or {}).get("content")
                     if text:
                         produced = True
                         yield text
-                    if choice and choice.finish_reason == "content_filter":
+                    reason = choice.get("finish_reason")
+                    if reason == "content_filter":
                         raise ModelError("the model's content filter stopped the answer",
                                          "refused")
-                    finished |= bool(choice and choice.finish_reason)
+                    finished |= bool(reason)
             except ModelError:
                 raise
             except Exception as error:  # the stream broke off: network, timeout, bad chunk
@@ -1468,6 +2027,8 @@ class Model:
 SEGMENT_BYTES = 2048
 #: Customer-service messages allowed per user message within 48 h (45047).
 QUOTA = 5
+#: A follow, a menu click or a QR scan allows 3 messages within a minute (WECHAT.md §4).
+EVENT_QUOTA = 3
 #: Every segment leaves room for the "继续" line, which the 5th gets when more follows.
 SEGMENT_LIMIT = SEGMENT_BYTES - len(CONTINUE_TAIL.encode("utf-8"))
 #: Segments between the first and the last are at least this long wherever the text allows,
@@ -1536,6 +2097,23 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
         if long_blocks and ends and pattern is LINE_END:
             return ends[-1]  # a line end of the code, though early: never inside a line
     return end
+
+
+def next_send(rows: list, quota: int, streaming: bool) -> tuple[sqlite3.Row, str] | None:
+    """The segment to send next and its text; None when none may go now.
+
+    WeChat allows `quota` customer-service messages for one user message (45047; Store.quota):
+    the last one allowed says how to get the rest ("继续"), so while the model still writes,
+    it waits until it is known whether more follows.
+    """
+    sent = sum(row["sent_at"] is not None for row in rows)
+    if sent >= quota or (streaming and sent == quota - 1):
+        return None
+    for row in rows:
+        if row["sent_at"] is None:
+            tail = CONTINUE_TAIL if sent == quota - 1 and len(rows) > quota else ""
+            return row, row["content"] + tail
+    return None
 
 
 class Markdown:
@@ -1710,6 +2288,543 @@ def split_segments(text: str, limit: int = SEGMENT_LIMIT) -> list[str]:
 
 
 ###############################################################################
+# Menus, fixed replies and blocked words ######################################
+###############################################################################
+
+# INFO: with 服务器配置 on, the 公众号后台's own menu editor and 自动回复 stop serving
+# (WECHAT.md §8): these give them back, from files the owner edits.
+
+#: What each menu button type needs besides its name (WECHAT.md §8).
+MENU_TYPES = {
+    "click": ("key",), "view": ("url",), "miniprogram": ("url", "appid", "pagepath"),
+    "scancode_push": ("key",), "scancode_waitmsg": ("key",), "pic_sysphoto": ("key",),
+    "pic_photo_or_album": ("key",), "pic_weixin": ("key",), "location_select": ("key",),
+    "media_id": ("media_id",), "article_id": ("article_id",),
+    "article_view_limited": ("article_id",),
+}
+#: Byte limits of the menu's fields (UTF-8), as WeChat counts them.
+MENU_LIMITS = {"key": 128, "url": 1024}
+MENU_TOP_BUTTONS, MENU_SUB_BUTTONS = 3, 5
+MENU_TOP_NAME, MENU_SUB_NAME = 16, 60
+#: The menu API's return codes in the owner's words (WeChat's global return codes).
+MENU_ERRORS = {
+    48001: "this account may not use the menu API: an unverified 订阅号 cannot; verify the "
+           "account, or set the menu in 公众号后台 with 服务器配置 turned off",
+    40015: "WeChat refused a button's type",
+    40016: "WeChat refused the number of top-level buttons (1 to 3)",
+    40017: "WeChat refused a top-level button's type",
+    40018: "WeChat refused a top-level button's name length (at most 16 bytes)",
+    40019: "WeChat refused a top-level button's key length (at most 128 bytes)",
+    40020: "WeChat refused a top-level button's url length (at most 1024 bytes)",
+    40022: "WeChat refused the menu's depth (sub-buttons cannot have sub-buttons)",
+    40023: "WeChat refused the number of sub-buttons of a button (1 to 5)",
+    40024: "WeChat refused a sub-button's type",
+    40025: "WeChat refused a sub-button's name length (at most 60 bytes)",
+    40026: "WeChat refused a sub-button's key length (at most 128 bytes)",
+    40027: "WeChat refused a sub-button's url length (at most 1024 bytes)",
+    40054: "WeChat refused a sub-button's url domain",
+    40055: "WeChat refused a top-level button's url domain",
+    46003: "there is no menu",
+    65316: "the menu links to too many domains (WeChat allows 3)",
+    65317: "WeChat refused a url of the menu",
+}
+
+
+class FileProblem(Exception):
+    """An owner's file (menu, replies, blocked words) that cannot be used; each problem a line."""
+
+    def __init__(self, path: str, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.path, self.problems = path, problems
+
+
+def read_json_file(path: str) -> object:
+    """A JSON file's value; FileProblem names the line and column of a syntax error."""
+    try:
+        with open(path, encoding="utf-8-sig") as json_file:
+            return json.load(json_file)
+    except json.JSONDecodeError as error:
+        raise FileProblem(path, [f"line {error.lineno}, column {error.colno}: "
+                                 f"not valid JSON ({error.msg})"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise FileProblem(path, [f"cannot read it: {error}"]) from None
+
+
+def menu_problems(menu: object) -> list[str]:
+    """Every reason WeChat would refuse this menu, each with its JSON path; [] when it is good."""
+    if not isinstance(menu, dict) or not isinstance(menu.get("button"), list):
+        return ['the file must be an object with a "button" list: {"button": [...]}']
+    problems = [f"{key}: unknown field (a menu has only \"button\")"
+                for key in menu if key != "button"]
+    buttons = menu["button"]
+    if not 1 <= len(buttons) <= MENU_TOP_BUTTONS:
+        problems.append(f"button: {len(buttons)} buttons, WeChat allows 1 to {MENU_TOP_BUTTONS}")
+    for n, button in enumerate(buttons):
+        path = f"button[{n}]"
+        if not isinstance(button, dict):
+            problems.append(f"{path}: must be an object")
+            continue
+        problems += _name_problems(button, path, MENU_TOP_NAME)
+        subs = button.get("sub_button")
+        if subs is None or subs == []:
+            problems += _action_problems(button, path)
+            continue
+        if not isinstance(subs, list):
+            problems.append(f"{path}.sub_button: must be a list")
+            continue
+        if len(subs) > MENU_SUB_BUTTONS:
+            problems.append(f"{path}.sub_button: {len(subs)} buttons, WeChat allows at most "
+                            f"{MENU_SUB_BUTTONS}")
+        for m, sub in enumerate(subs):
+            sub_path = f"{path}.sub_button[{m}]"
+            if not isinstance(sub, dict):
+                problems.append(f"{sub_path}: must be an object")
+                continue
+            problems += _name_problems(sub, sub_path, MENU_SUB_NAME)
+            if sub.get("sub_button") not in (None, []):
+                problems.append(f"{sub_path}.sub_button: a sub-button cannot have sub-buttons")
+            problems += _action_problems(sub, sub_path)
+    return problems
+
+
+def _name_problems(button: dict, path: str, limit: int) -> list[str]:
+    name = button.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return [f"{path}.name: missing (every button needs a name)"]
+    if utf8_len(name) > limit:
+        return [f"{path}.name: {name!r} is {utf8_len(name)} bytes, WeChat allows {limit} "
+                f"(a Chinese character is 3 bytes)"]
+    return []
+
+
+def _action_problems(button: dict, path: str) -> list[str]:
+    kind = button.get("type")
+    if kind not in MENU_TYPES:
+        return [f"{path}.type: {'missing' if kind is None else repr(kind) + ' is not a type'}; "
+                f"one of {', '.join(MENU_TYPES)} (or sub_button for a button that opens a list)"]
+    problems = []
+    for field in MENU_TYPES[kind]:
+        value = button.get(field)
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"{path}.{field}: missing (type {kind} needs it)")
+        elif field in MENU_LIMITS and utf8_len(value) > MENU_LIMITS[field]:
+            problems.append(f"{path}.{field}: {utf8_len(value)} bytes, WeChat allows "
+                            f"{MENU_LIMITS[field]}")
+        elif field == "url" and not value.startswith(("http://", "https://")):
+            problems.append(f"{path}.url: must start with http:// or https://")
+    return problems
+
+
+def load_menu(path: str) -> dict:
+    """The menu in a file, checked; FileProblem lists every problem."""
+    menu = read_json_file(path)
+    problems = menu_problems(menu)
+    if problems:
+        raise FileProblem(path, problems)
+    return menu
+
+
+def menu_in_force(info: dict) -> dict | None:
+    """get_current_selfmenu_info's answer as a menu file ({"button": [...]}), or None.
+
+    That API nests sub-buttons as {"sub_button": {"list": [...]}}; menu/create takes a list.
+    """
+    if not info.get("is_menu_open") or not info.get("selfmenu_info"):
+        return None
+    buttons = []
+    for button in info["selfmenu_info"].get("button", []):
+        button = dict(button)
+        if isinstance(button.get("sub_button"), dict):
+            button["sub_button"] = button["sub_button"].get("list", [])
+        buttons.append(button)
+    return {"button": buttons}
+
+
+def menu_error(error: WeChatError) -> str:
+    """A menu API error as a sentence for the owner."""
+    return f"{MENU_ERRORS.get(error.errcode, error.hint())} (errcode {error.errcode})" \
+        if error.errcode in MENU_ERRORS else f"WeChat refused: {error.hint()}"
+
+
+#: Full-width forms and the ideographic space fold to their usual forms and ASCII to lower case,
+#: one character for one, so that a match's place in the folded text is its place in the text.
+_FOLD = {code: code + 32 for code in range(ord("A"), ord("Z") + 1)}
+for _code in (0x3000, *range(0xFF01, 0xFFEF)):
+    _folded = unicodedata.normalize("NFKC", chr(_code))
+    if len(_folded) == 1:
+        _FOLD[_code] = _folded.lower() if _folded.isascii() else _folded
+del _code, _folded
+_SPACES = re.compile(r"\s+")
+#: Replaces each character of a blocked word in an answer.
+MASK = "＊"
+
+
+class BlockedWords:
+    """Blocked words and phrases, found ignoring ASCII case, full/half width and spaces inside.
+
+    A trie walked from each character: 10,000 words cost one dict lookup per character of the
+    text, where one regular expression of them all would try every word at every character.
+    """
+
+    def __init__(self, words: list[str] = ()):
+        self.trie: dict = {}
+        self.count = self.longest = 0
+        for word in words:
+            word = _SPACES.sub("", word.translate(_FOLD))
+            if not word:
+                continue
+            node = self.trie
+            for char in word:
+                node = node.setdefault(char, {})
+            self.count += "" not in node
+            node[""] = True
+            self.longest = max(self.longest, len(word))
+
+    @classmethod
+    def read(cls, path: str) -> "BlockedWords":
+        """One word or phrase a line; blank lines and lines starting with # are skipped."""
+        try:
+            with open(path, encoding="utf-8-sig") as words_file:
+                lines = words_file.read().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise FileProblem(path, [f"cannot read it: {error}"]) from None
+        return cls([line for line in lines if not line.lstrip().startswith("#")])
+
+    def spans(self, text: str, first_only: bool = False) -> list[tuple[int, int]]:
+        """(start, end) in text of the longest blocked word starting at each character."""
+        if not self.trie:
+            return []
+        folded = text.translate(_FOLD)
+        squeezed = _SPACES.sub("", folded)
+        kept = None if len(squeezed) == len(folded) else \
+            [at for at, char in enumerate(folded) if not char.isspace()]
+        found, root, length = [], self.trie, len(squeezed)
+        for start, char in enumerate(squeezed):
+            node = root.get(char)
+            end, at = 0, start + 1
+            while node is not None:
+                if "" in node:
+                    end = at
+                if at == length:
+                    break
+                node = node.get(squeezed[at])
+                at += 1
+            if end:
+                found.append((start, end) if kept is None else (kept[start], kept[end - 1] + 1))
+                if first_only:
+                    break
+        return found
+
+    def describe(self) -> str:
+        return f"{self.count} blocked words"
+
+    def found(self, text: str) -> bool:
+        return bool(self.spans(text, first_only=True))
+
+    def mask(self, text: str) -> str:
+        """text with every character of every blocked word replaced by ＊."""
+        return StreamMask(self).feed(text, final=True)
+
+
+class StreamMask:
+    """Masks blocked words in an answer that arrives in pieces, where a word may straddle two:
+    the last characters that could start a word are held back until the next piece shows
+    whether they do. Joined, the output is mask() of the whole answer."""
+
+    def __init__(self, words: BlockedWords):
+        self.words = words
+        self.held = ""
+        self.masked: list[bool] = []
+
+    def feed(self, piece: str, final: bool = False) -> str:
+        """The part of the answer so far that can be shown, masked."""
+        text = self.held + piece
+        masked = self.masked + [False] * len(piece)
+        for start, end in self.words.spans(text):
+            masked[start:end] = [True] * (end - start)
+        cut = len(text) if final else self._cut(text)
+        self.held, self.masked = text[cut:], masked[cut:]
+        return "".join(MASK if hide else char for char, hide in zip(text[:cut], masked))
+
+    def finish(self) -> str:
+        """What was held back, once the answer is complete (or broke off)."""
+        return self.feed("", final=True)
+
+    def _cut(self, text: str) -> int:
+        """Where the held-back tail starts: the last longest-1 characters other than spaces.
+        A word starting before it ends within the text, so it has been found."""
+        hold = self.words.longest - 1
+        at = len(text)
+        while hold > 0 and at > 0:
+            at -= 1
+            hold -= not text[at].isspace()
+        return at
+
+
+def masked_stream(pieces: Iterator[str], words: BlockedWords) -> Iterator[str]:
+    """The answer's pieces with blocked words masked; what is held back still comes out
+    when the stream breaks off, before the error."""
+    mask = StreamMask(words)
+    try:
+        for piece in pieces:
+            shown = mask.feed(piece)
+            if shown:
+                yield shown
+    except ModelError:
+        rest = mask.finish()
+        if rest:
+            yield rest
+        raise
+    rest = mask.finish()
+    if rest:
+        yield rest
+
+
+@dataclasses.dataclass
+class Replies:
+    """The owner's fixed replies (WXBOT_REPLIES): to keywords, compared as classify() compares
+    words, and to menu clicks by EventKey: a text, or a question the model answers."""
+
+    keywords: dict = dataclasses.field(default_factory=dict)  # normalised keyword -> text
+    clicks: dict = dataclasses.field(default_factory=dict)    # EventKey -> text
+    prompts: dict = dataclasses.field(default_factory=dict)   # EventKey -> question
+
+    @classmethod
+    def read(cls, path: str) -> "Replies":
+        """The replies in a file, checked; FileProblem names every problem with its path."""
+        value = read_json_file(path)
+        if not isinstance(value, dict):
+            raise FileProblem(path, ['the file must be an object: {"keywords": {...}, '
+                                     '"clicks": {...}}'])
+        problems = [f"{key}: unknown field (use keywords and clicks)" for key in value
+                    if key not in ("keywords", "clicks")]
+        replies = cls()
+        for section in ("keywords", "clicks"):
+            entries = value.get(section, {})
+            if not isinstance(entries, dict):
+                problems.append(f"{section}: must be an object")
+                continue
+            for key, reply in entries.items():
+                problems += replies._add(section, key, reply)
+        if problems:
+            raise FileProblem(path, problems)
+        return replies
+
+    def _add(self, section: str, key: str, reply: object) -> list[str]:
+        path = f"{section}.{key}"
+        if section == "clicks" and isinstance(reply, dict):
+            prompt = reply.get("prompt")
+            if set(reply) != {"prompt"} or not isinstance(prompt, str) or not prompt.strip():
+                return [f'{path}: a click for the model is {{"prompt": "the question"}}']
+            self.prompts[key] = prompt.strip()
+            return []
+        if not isinstance(reply, str) or not reply.strip():
+            return [f"{path}: the reply must be a text" + (
+                ' or {"prompt": "a question for the model"}' if section == "clicks" else "")]
+        if utf8_len(reply.strip()) > SEGMENT_BYTES:
+            return [f"{path}: the reply is {utf8_len(reply.strip())} bytes; one WeChat message "
+                    f"holds {SEGMENT_BYTES}"]
+        if section == "clicks":
+            self.clicks[key] = reply.strip()
+            return []
+        word = normalise(key)
+        if not word:
+            return [f"{path}: a keyword needs a letter or a character, not only punctuation"]
+        if classify("text", key).kind is not Kind.QUESTION:
+            return [f"{path}: {key!r} is one of wxbot's own commands"]
+        if word in self.keywords:
+            return [f"{path}: the same keyword as another one (spaces, punctuation, case "
+                    f"and width do not count)"]
+        self.keywords[word] = reply.strip()
+        return []
+
+    def describe(self) -> str:
+        return (f"{len(self.keywords)} keyword replies, {len(self.clicks)} click replies, "
+                f"{len(self.prompts)} clicks for the model")
+
+    def prompt_for(self, event: str | None, event_key: str) -> str | None:
+        """The question a menu click asks the model for the user, if it is one that does."""
+        return self.prompts.get(event_key) if event == "CLICK" else None
+
+    def fixed_reply(self, msg_type: str, content: str | None, event: str | None,
+                    event_key: str) -> tuple[str, str] | None:
+        """(counter, text) when the message gets a fixed reply without the model."""
+        if msg_type == "event":
+            reply = self.clicks.get(event_key) if event == "CLICK" else None
+            return ("click_replies", reply) if reply else None
+        if classify(msg_type, content, self.keywords).kind is Kind.KEYWORD:
+            return "keyword_replies", self.keywords[normalise(content)]
+        return None
+
+
+class OwnerFile:
+    """A file the owner edits while wxbot runs (replies, blocked words): re-read when its
+    modification time, size or inode changes, or on SIGHUP. A broken edit keeps what was
+    read before and the log says why; a broken file at start stops the start."""
+
+    def __init__(self, path: str, read: Callable[[str], object], empty: object):
+        self.path, self.read = path, read
+        self._lock = threading.Lock()
+        self.value, self._stamp = (read(path), self._look()) if path else (empty, None)
+
+    def _look(self) -> tuple | None:
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            return None
+        return found.st_mtime_ns, found.st_size, found.st_ino
+
+    def current(self) -> object:
+        """The file's value, re-read first when the file has changed."""
+        if self.path and self._look() != self._stamp:
+            self.reload()
+        return self.value
+
+    def reload(self) -> None:
+        with self._lock:
+            stamp = self._look()
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp  # a broken version is reported once, not at every message
+            try:
+                self.value = self.read(self.path)
+            except FileProblem as error:
+                log.error("%s is not used, the previous version stays in force: %s", self.path,
+                          "; ".join(error.problems))
+                return
+            log.info("%s re-read", self.path)
+
+    def stale(self) -> None:
+        """Re-read at the next look whatever the file's stamp (SIGHUP)."""
+        self._stamp = ()
+
+
+class OwnerFiles:
+    """The owner's fixed replies and blocked words, each re-read when its file changes."""
+
+    def __init__(self, settings: Settings):
+        self.replies_file = OwnerFile(settings.replies, Replies.read, Replies())
+        self.blocked_file = OwnerFile(settings.blocked_words, BlockedWords.read, BlockedWords())
+
+    @property
+    def replies(self) -> Replies:
+        return self.replies_file.current()
+
+    @property
+    def blocked(self) -> BlockedWords:
+        return self.blocked_file.current()
+
+    def stale(self) -> None:
+        self.replies_file.stale()
+        self.blocked_file.stale()
+
+
+###############################################################################
+# Acknowledgement: typing and the queue line ##################################
+###############################################################################
+
+def queue_line(ahead: int, wait: float, answer_seconds: float) -> str:
+    """The line for a message that waits: how many are ahead and when the answer comes."""
+    return QUEUE_LINE.format(ahead=ahead, minutes=max(1, math.ceil((wait + answer_seconds) / 60)))
+
+
+class Acknowledger:
+    """Shows every user at once that their message was seen, however deep the queue.
+
+    The worker that will answer may be minutes away in a burst, and WeChat refuses typing 30 s
+    after the user's message (45080); so typing goes out within moments of each push from a
+    few threads of this sender's own, and is renewed once after 15 s while the answer is
+    still coming. A message that will wait longer than WXBOT_QUEUE_NOTICE seconds gets one
+    short line instead, saying how long; it takes one of the message's 5 (Store.quota).
+    Passive mode has no customer-service API: nothing is sent.
+    """
+
+    #: Threads calling WeChat: a typing call takes about 50 ms from a VPS in China, so 8
+    #: acknowledge some 150 pushes a second.
+    THREADS = 8
+    #: Typing shows for 15 s and cannot be renewed while shown (45081).
+    TYPING_RENEW = 15.5
+    #: How long an answer is taken to need until workers have timed some (seconds).
+    ANSWER_GUESS = 10.0
+
+    def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, mode: DeliveryMode):
+        self.settings, self.store, self.wechat, self.mode = settings, store, wechat, mode
+        self.answer_seconds = self.ANSWER_GUESS
+        self._due: list[tuple[float, int, str, float, bool]] = []  # heap: when, id, openid, ...
+        self._condition = threading.Condition()  # notified when a job is added or on stop
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._run, name=f"acknowledger-{n}",
+                                          daemon=True) for n in range(self.THREADS)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        for thread in self._threads:
+            thread.join(5)
+
+    def pushed(self, message_id: int, openid: str, received_at: float) -> None:
+        """A new message was stored: acknowledge it now."""
+        self._add(received_at, message_id, openid, received_at, True)
+
+    def answered(self, seconds: float) -> None:
+        """A worker took this long over a message: the queue line's estimate follows."""
+        self.answer_seconds += 0.2 * (seconds - self.answer_seconds)  # recent ones weigh most
+
+    def _add(self, when: float, message_id: int, openid: str, received_at: float,
+             first: bool) -> None:
+        with self._condition:
+            heapq.heappush(self._due, (when, message_id, openid, received_at, first))
+            self._condition.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._stopping and (not self._due or self._due[0][0] > time.time()):
+                    self._condition.wait(self._due[0][0] - time.time() if self._due else None)
+                if self._stopping:
+                    return
+                # The first acks of a burst together: their queue lines are noted in one commit.
+                jobs = []
+                while self._due and self._due[0][0] <= time.time() and len(jobs) < 32:
+                    jobs.append(heapq.heappop(self._due))
+            try:
+                self._acknowledge(jobs)
+            except Exception:  # a typing line is never worth a thread
+                log_wechat.exception("typing or queue line for %d message(s) skipped", len(jobs))
+
+    def _acknowledge(self, jobs: list[tuple[float, int, str, float, bool]]) -> None:
+        if self.mode.passive:
+            return
+        lines = {}
+        for _, message_id, openid, received_at, first in jobs:
+            if self.store.settled(message_id):  # answered already: typing would mislead
+                continue
+            if first:
+                self._add(received_at + self.TYPING_RENEW, message_id, openid, received_at,
+                          False)
+                ahead = self.store.waiting_ahead(message_id)
+                wait = ahead / self.settings.workers * self.answer_seconds
+                if self.settings.queue_notice and wait > self.settings.queue_notice:
+                    lines[message_id] = (openid, queue_line(ahead, wait, self.answer_seconds))
+                    continue
+            elif time.time() - received_at >= 30:  # too late for typing (45080)
+                continue
+            self.wechat.typing(openid)
+        for message_id in self.store.note_queue_lines(list(lines), time.time()):
+            openid, line = lines[message_id]
+            try:
+                self.wechat.customer_service_send(openid, line)
+            except WeChatError as error:  # the answer still comes; the log says why not this
+                log_wechat.warning("queue line for message %s not sent: %s", message_id,
+                                   error.hint())
+
+
+###############################################################################
 # Worker ######################################################################
 ###############################################################################
 
@@ -1722,7 +2837,9 @@ def stats_text(stats: dict) -> str:
         f"今日消息：{stats['today']}，失败：{stats['failed_today']}，放弃：{stats['dead_today']}",
         f"平均回答用时：{stats['answer_seconds_avg']} 秒",
         f"access token：{'剩余 %d 秒' % token if token and token > 0 else '未获取或已过期'}",
-        f"未发送的分段：{stats['unsent_segments']}"])
+        f"未发送的分段：{stats['unsent_segments']}",
+        f"今日固定回复：关键词 {stats['keyword_replies_today']}，菜单 "
+        f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
 
 
 class Wakeup:
@@ -1754,15 +2871,20 @@ class Worker:
 
     #: The model gets this many tries before the user gets the apology.
     MODEL_TRIES = 3
-    #: Delivery gives up (state dead) after this many claims of one message.
-    MAX_ATTEMPTS = 10
-    #: Typing shows for 15 s; renew once while the model is still working (45081 before).
-    TYPING_RENEW = 15.5
+    #: Delivery gives up (state dead) after this many failed tries to send one message.
+    DELIVERY_TRIES = 10
+    #: Seconds between tries to write while the disk is full.
+    DISK_FULL_PAUSE = 5.0
+    #: An idle worker looks at the queue this often even when nothing wakes it.
+    IDLE_LOOK = 60.0
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
-                 wakeup: Wakeup, mode: DeliveryMode, name: str = "worker"):
+                 wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
+                 owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
         self.wakeup, self.mode, self.name = wakeup, mode, name
+        self.acknowledger = acknowledger
+        self.owner = owner or OwnerFiles(settings)
         self.stopping = threading.Event()
         self.lease_seconds = settings.model_timeout * 2 + 120
 
@@ -1773,35 +2895,65 @@ class Worker:
         message = self.store.claim(time.time() if now is None else now, self.lease_seconds)
         if message is None:
             return False
+        started = time.monotonic()
         try:
             self.handle(message)
             self.wakeup.notify()  # the user's next message, if any, may now be claimed
+            if self.acknowledger:
+                self.acknowledger.answered(time.monotonic() - started)
         except LeaseLost:
             log_worker.warning("message %s: lease lost, another worker has it", message.id)
-        except Exception:  # one bad message never kills the thread
-            log_worker.exception("message %s: unexpected error; will retry", message.id)
+        except Exception as error:  # one bad message never kills the thread
+            if disk_full(error):
+                self._hold_until_room(message)
+                return True
+            delay = self._backoff(message.interruptions + 1)
+            log_worker.exception("message %s: unexpected error; retry in %.1f s", message.id,
+                                 delay)
             with contextlib.suppress(LeaseLost, sqlite3.Error):
-                self.store.release(message, time.time() + self._backoff(message.attempts),
-                                   "internal error")
+                self.store.interrupt(message, time.time() + delay,
+                                     f"an internal error ({type(error).__name__})")
         return True
 
     def run(self) -> None:
         while not self.stopping.is_set():
+            if self.store.disk_full and not self._room_again():
+                continue
             try:
                 if self.loop():
                     continue
                 due = self.store.next_due(time.time())
             except sqlite3.Error as error:
-                log_worker.error("database error: %s; retrying in 1 s", error)
+                if not disk_full(error):
+                    log_worker.error("database error: %s; retrying in 1 s", error)
                 due = time.time() + 1
-            timeout = None if due is None else max(0.01, min(due - time.time(), 3600))
+            # Another process (`wxbot.py retry`) may queue a message: look once a minute.
+            timeout = max(0.01, min(due - time.time(), self.IDLE_LOOK)) if due else \
+                self.IDLE_LOOK
             self.wakeup.wait(timeout)
+
+    def _room_again(self) -> bool:
+        """While the disk is full, wait; True once a write that needs space succeeds."""
+        self.stopping.wait(self.DISK_FULL_PAUSE)
+        with contextlib.suppress(sqlite3.Error):
+            return self.store.has_room()
+        return False
+
+    def _hold_until_room(self, message: Message) -> None:
+        """The disk filled up while this message was in hand: no fault of the message's, so
+        it goes back uncounted once there is room (what was not stored is asked again)."""
+        while not self.stopping.is_set():
+            if self._room_again():
+                with contextlib.suppress(LeaseLost, sqlite3.Error):
+                    self.store.release(message, time.time(), "the disk was full", None)
+                return
 
     def stop(self) -> None:
         self.stopping.set()
 
-    def _backoff(self, attempts: int) -> float:
-        delay = self.settings.retry_base * 2 ** max(0, attempts - 1)
+    def _backoff(self, failures: int) -> float:
+        """The delay before the next try after `failures` failures of one kind."""
+        delay = self.settings.retry_base * 2 ** max(0, failures - 1)
         return min(delay, 600) * random.uniform(0.5, 1.5)
 
     # One message ------------------------------------------------------------
@@ -1824,13 +2976,25 @@ class Worker:
     def plan(self, message: Message) -> int | None:
         """Decide and store what to send; the number of segments, or None to retry later."""
         now = time.time()
-        intent = classify(message.msg_type, message.content)
+        replies = self.owner.replies
+        event_key = message.fields.get("EventKey", "")
+        fixed = replies.fixed_reply(message.msg_type, message.content, message.event, event_key)
+        if fixed:  # no model, and no count against the user's limits
+            counter, line = fixed
+            planned = self.store.save_answer(message, [line], now,
+                                             carry=message.msg_type != "event")
+            self.store.bump(counter, now)
+            return planned
+        prompt = replies.prompt_for(message.event, event_key)
+        if prompt:
+            return self.answer_text(message, prompt)
+        intent = classify(message.msg_type, message.content, replies.keywords)
         text = intent.text
         if intent.kind is Kind.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
             return self.store.save_answer(message, split_segments(line), now, carry=False)
         if intent.kind is Kind.RESET:
-            self.store.forget(message.openid)
+            self.store.forget(message.openid, message.id)
             return self.store.save_answer(message, [RESET_LINE], now, leftovers=Leftovers.DROP)
         if intent.kind is Kind.HELP:
             return self.store.save_answer(message, [HELP_LINE], now)
@@ -1856,16 +3020,28 @@ class Worker:
         A picture (WXBOT_VISION) goes as an image part, with the texts that follow it or, on
         its own, a short instruction.
         """
-        question = "\n".join(part for part in [question, *self.store.merge_followups(
-            message, time.time())] if part) or IMAGE_PROMPT
-        if len(question) > MAX_QUESTION_CHARS:
-            question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
-                chars=MAX_QUESTION_CHARS)
-        wait = self.store.count_model_call(message, time.time(), [
-            (60, self.settings.user_rate), (86400, self.settings.user_daily)])
+        blocked = self.owner.blocked
+        with self.store.transaction():  # one commit: follow-ups, the call counted, carried
+            question = "\n".join(part for part in [question, *self.store.merge_followups(
+                message, time.time(), self.owner.replies.keywords)] if part) or IMAGE_PROMPT
+            if len(question) > MAX_QUESTION_CHARS:
+                question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
+                    chars=MAX_QUESTION_CHARS)
+            # A blocked question never reaches the model, nor counts against the limits.
+            refused = blocked.found(question)
+            wait = None if refused else self.store.count_model_call(message, time.time(), [
+                (60, self.settings.user_rate), (86400, self.settings.user_daily)])
+            if not refused and wait is None:
+                # A menu click's answer opens no quota that earlier answers could use.
+                self.store.start_answer(message, carry=message.msg_type != "event",
+                                        leftovers=Leftovers.DROP)
+        if refused:
+            log_worker.warning("message %s from %s: question blocked (WXBOT_BLOCKED_WORDS)",
+                               message.id, short_id(message.openid))
+            self.store.bump("blocked", time.time())
+            return self.store.save_answer(message, [self.settings.blocked_reply], time.time())
         if wait is not None:
             return self._over_limit(message, wait)
-        self.store.start_answer(message, leftovers=Leftovers.DROP)
         history = self.store.history(message.openid, self.settings.history_turns,
                                      self.settings.context_chars,
                                      time.time() - self.settings.session_ttl)
@@ -1876,27 +3052,21 @@ class Worker:
         if partial:  # a stream cut off before: ask for the rest, never for all of it again
             ask += [{"role": "assistant", "content": partial},
                     {"role": "user", "content": RESUME_PROMPT}]
-        if not self.mode.passive:
-            self.wechat.typing_soon(message.openid)
-        renew = threading.Timer(self.TYPING_RENEW, self._renew_typing, (message,))
-        renew.daemon = True
-        renew.start()
         cutter = StreamCutter(first_done=bool(partial))
         written, sending = [], True
         try:
-            for text in self._ask(history, ask):
+            for text in masked_stream(self._watched(message, self._ask(history, ask)),
+                                      blocked):
                 written.append(text)
                 ready = cutter.feed(text)
-                if ready:
+                if ready and sending:
+                    sending = self.deliver(message, streaming=True, add=ready)
+                elif ready:  # after a failed send, the rest waits for the end of the answer
                     self.store.add_segments(message, ready)
-                    # After a failed send, the rest waits for the end of the answer.
-                    sending = sending and self.deliver(message, streaming=True)
             rest = cutter.finish()
         except ModelError as error:
             self.store.add_segments(message, cutter.finish())
             return self._model_failed(message, error, question)
-        finally:
-            renew.cancel()
         answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
         return self.store.complete_answer(message, time.time(), rest,
                                           f"[图片] {question}" if picture else question, answer)
@@ -1913,10 +3083,56 @@ class Worker:
         log_worker.warning("context too long for the model; retrying without history")
         yield from self.model.stream(system + ask)
 
-    def _renew_typing(self, message: Message) -> None:
-        # Typing needs an exchange with the user in the last 30 s (45080).
-        if time.time() - message.received_at < 30 and not self.mode.passive:
-            self.wechat.typing(message.openid)
+    def _watched(self, message: Message, answer: Iterator[str]) -> Iterator[str]:
+        """The answer within WXBOT_MODEL_TIMEOUT for the whole call, the lease kept meanwhile.
+
+        The HTTP client's timeout bounds each read, not the call: a model that writes slowly,
+        or starts late, would outlive the lease, and another worker would ask it again. So the
+        model is read in a thread of its own while this one renews the lease every third of
+        it and, at the deadline, stops and closes the stream (at its next piece, or when that
+        read times out), so the model stops writing and billing.
+        """
+        pieces: queue.SimpleQueue = queue.SimpleQueue()
+        abandoned = threading.Event()
+
+        def read() -> None:
+            try:
+                for text in answer:
+                    if abandoned.is_set():
+                        return
+                    pieces.put(("text", text))
+                pieces.put(("end", None))
+            except Exception as error:  # ModelError or a bug: this thread's caller decides
+                pieces.put(("error", error))
+            finally:
+                answer.close()
+
+        threading.Thread(target=read, name=f"{self.name}-model", daemon=True).start()
+        deadline = time.monotonic() + self.settings.model_timeout
+        renew_every = self.lease_seconds / 3
+        renew_at = time.monotonic() + renew_every
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= renew_at:
+                    self.store.renew_lease(message, time.time() + self.lease_seconds)
+                    renew_at = now + renew_every
+                try:
+                    kind, value = pieces.get(timeout=max(0.0, min(deadline, renew_at) - now))
+                except queue.Empty:
+                    kind, value = None, None
+                if kind == "text":
+                    yield value
+                elif kind == "end":
+                    return
+                elif time.monotonic() >= deadline:  # a read timeout is past it too
+                    raise ModelError(f"no complete answer within WXBOT_MODEL_TIMEOUT "
+                                     f"({self.settings.model_timeout:g} s); raise it for a "
+                                     f"slow model", "deadline")
+                elif kind == "error":
+                    raise value
+        finally:
+            abandoned.set()
 
     def _over_limit(self, message: Message, wait: float) -> int:
         """One short notice per user and window; further messages in it get nothing."""
@@ -1935,11 +3151,12 @@ class Worker:
     def _model_failed(self, message: Message, error: ModelError, question: str) -> int | None:
         """Retry later, or end the answer with a polite line; what was sent stays sent."""
         partial = self.store.partial_answer(message.id)
-        if error.kind == "transient" and message.attempts < self.MODEL_TRIES:
-            delay = max(error.retry_after or 0, self._backoff(message.attempts))
+        failures = message.model_failures + 1
+        if error.kind == "transient" and failures < self.MODEL_TRIES:
+            delay = max(error.retry_after or 0, self._backoff(failures))
             log_worker.warning("message %s: model failed (%s); retry %d/%d in %.1f s",
-                               message.id, error, message.attempts, self.MODEL_TRIES - 1, delay)
-            self.store.release(message, time.time() + delay, str(error))
+                               message.id, error, failures, self.MODEL_TRIES - 1, delay)
+            self.store.release(message, time.time() + delay, str(error), "model_failures")
             self.wakeup.notify()
             return None
         if error.kind == "refused":
@@ -1953,49 +3170,51 @@ class Worker:
                                           partial or None)
 
     def deliver(self, message: Message, model_seconds: float | None = None,
-                streaming: bool = False) -> bool:
+                streaming: bool = False, add: list[str] = ()) -> bool:
         """Send the unsent segments in order, each marked sent as WeChat confirms it.
 
-        WeChat allows 5 messages per user message (45047): the 5th says how to get the rest,
-        so while the model still writes, the 5th waits until it is known whether more follows.
-        False when a send failed.
+        One commit a segment: the mark that WeChat took the last one and the note that the
+        next is about to go (after `add`, new segments of an answer still streaming, stored
+        first); the last also ends the message. False when a send failed.
         """
-        rows = self.store.segments(message.id)
-        sent = sum(1 for row in rows if row["sent_at"] is not None)
-        for row in rows:
-            if self.mode.passive:  # the webhook hands them out, one per push of the user
+        sent_seq = None
+        while True:
+            now = time.time()
+            with self.store.transaction():
+                if add:
+                    self.store.add_segments(message, add)
+                if sent_seq is not None:
+                    self.store.mark_sent(message, sent_seq, now)
+                rows = self.store.segments(message.id)
+                pick = None if self.mode.passive else next_send(  # passive: the webhook's
+                    rows, self.store.quota(message), streaming)
+                if pick:
+                    self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
+                elif not streaming:
+                    apology = [row["content"] for row in rows] == [APOLOGY_LINE]
+                    self.store.finish(message, State.FAILED if apology else State.DONE)
+            add = ()
+            if not pick:
                 break
-            if row["sent_at"] is not None:
-                continue
-            if sent >= QUOTA or (streaming and sent == QUOTA - 1):
-                break
-            text = row["content"]
-            if sent == QUOTA - 1 and len(rows) > QUOTA:
-                text += CONTINUE_TAIL
+            row, text = pick
             if row["tried_at"] is not None:
                 # WeChat has no idempotency key: a send cut off by a crash or a timeout may
                 # have arrived. Sending again risks a repeat; not sending risks a loss.
                 log_worker.warning("message %s: segment %d was in flight when its last try "
                                    "ended; sending it again (the user may see it twice)",
                                    message.id, row["seq"])
-            now = time.time()
-            self.store.mark_trying(message, row["seq"], now, now + self.lease_seconds)
             try:
                 self.wechat.customer_service_send(message.openid, text)
             except WeChatError as error:
                 if not streaming:  # while streaming, the final delivery deals with it
                     self._send_failed(message, error)
                 return False
-            self.store.mark_sent(message, row["seq"], time.time())
-            sent += 1
-        if streaming:
-            return True
-        apology = [row["content"] for row in rows] == [APOLOGY_LINE]
-        self.store.finish(message, State.FAILED if apology else State.DONE)
-        log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
-                        short_id(message.openid), message.msg_id or message.event,
-                        f"{model_seconds:.2f}s" if model_seconds is not None else "-",
-                        sent, len(rows))
+            sent_seq = row["seq"]
+        if not streaming:
+            log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
+                            short_id(message.openid), message.msg_id or message.event,
+                            f"{model_seconds:.2f}s" if model_seconds is not None else "-",
+                            sum(row["sent_at"] is not None for row in rows), len(rows))
         return True
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
@@ -2008,17 +3227,19 @@ class Worker:
                                  short_id(message.openid), error.hint())
             self.store.finish(message, State.DONE, f"errcode {error.errcode}")
             return
-        if message.attempts >= self.MAX_ATTEMPTS:
-            log_worker.error("message %s: giving up after %d attempts (state dead, kept in the"
-                             " database): %s", message.id, message.attempts, error.hint())
-            self.store.finish(message, State.DEAD, str(error))
+        failures = message.delivery_failures + 1
+        if failures >= self.DELIVERY_TRIES:
+            log_worker.error("message %s: giving up after %d failed deliveries (state dead, "
+                             "kept: `python wxbot.py status`, `python wxbot.py retry %s`): %s",
+                             message.id, failures, message.id, error.hint())
+            self.store.finish(message, State.DEAD, str(error), "delivery_failures")
             return
-        delay = self._backoff(message.attempts)
+        delay = self._backoff(failures)
         if error.errcode in (40164, 45011):  # whitelist or per-minute limit: not a hot loop
             delay = max(delay, 30 * self.settings.retry_base)
         log_worker.warning("message %s: send failed (%s); retry in %.1f s", message.id,
                            error.hint(), delay)
-        self.store.release(message, time.time() + delay, str(error))
+        self.store.release(message, time.time() + delay, str(error), "delivery_failures")
 
 
 ###############################################################################
@@ -2027,6 +3248,47 @@ class Worker:
 
 #: WeChat's pushes are a few KB; anything bigger is refused unread.
 MAX_BODY = 1024 * 1024
+#: What a refused request is answered; the log line (at most one a minute) says why.
+REFUSALS = {400: "bad request", 403: "forbidden", 411: "length required", 413: "too large"}
+#: With WXBOT_MAX_SKEW=0 no timestamp is too old; a used signed URL is remembered this long.
+UNCHECKED_REPLAY_WINDOW = 300
+
+
+class ReplayRecord:
+    """The (timestamp, nonce) pairs of recent pushes, each with a digest of its message.
+
+    WeChat's signature covers token, timestamp and nonce, not the body, so one captured query
+    string (an access log, a proxy) would sign any body. The same pair with the same body is
+    WeChat retrying; with another body it is a replay, refused. A pair is kept until its
+    timestamp is older than WXBOT_MAX_SKEW, when the signature check refuses it anyway: memory
+    holds one window of pushes. In memory only: a restart forgets it (see README, Security).
+    """
+
+    def __init__(self, max_skew: int):
+        self.max_skew = max_skew
+        self._digests: dict[tuple[str, str], bytes] = {}
+        self._expiry: list[tuple[float, tuple[str, str]]] = []  # a heap, soonest first
+        self._lock = threading.Lock()
+
+    def check(self, timestamp: str, nonce: str, body: bytes, now: float) -> None:
+        """Record this pair; raise Forbidden when it was seen with another body."""
+        digest = hashlib.blake2b(body, digest_size=16).digest()
+        pair = (timestamp, nonce)
+        expires = (int(timestamp) + self.max_skew if self.max_skew
+                   else now + UNCHECKED_REPLAY_WINDOW)
+        with self._lock:
+            while self._expiry and self._expiry[0][0] < now:
+                del self._digests[heapq.heappop(self._expiry)[1]]
+            seen = self._digests.setdefault(pair, digest)
+            if seen is digest:
+                heapq.heappush(self._expiry, (expires, pair))
+        if seen != digest:
+            raise Forbidden("this signed URL (timestamp and nonce) already came with another "
+                            "body: a replayed URL, refused")
+
+    def __len__(self) -> int:
+        """How many pairs are held: one window of pushes."""
+        return len(self._digests)
 
 
 def query_dict(environ: dict) -> dict[str, str]:
@@ -2055,43 +3317,91 @@ class Webhook:
     """Turns WeChat's HTTP calls into stored pushes; pure of I/O apart from the store."""
 
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
-                 mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time):
+                 mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
+                 acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
         self.mode = mode or DeliveryMode("service", store)
+        self.acknowledger = acknowledger
+        self.owner = owner or OwnerFiles(settings)
         self.crypto = (WeChatCrypto(settings.aes_key, settings.appid)
                        if settings.aes_key else None)
+        self.replays = ReplayRecord(settings.max_skew)
+        self.refusals = LogThrottle()
         self.accepting = True
 
-    def verify(self, query: Mapping[str, str]) -> tuple[int, str]:
+    def verify(self, query: Mapping[str, str], client: str = "") -> tuple[int, str]:
         """GET: the server check WeChat makes when the URL is saved in 公众号后台."""
         try:
             check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
         except Forbidden as error:
-            log_web.warning("verification refused: %s", error)
-            return 403, "forbidden"
+            return self.refuse(client, "verification", 403, error)
         return 200, query.get("echostr", "")
 
-    def receive(self, query: Mapping[str, str], body: bytes) -> tuple[int, str]:
+    def before_body(self, query: Mapping[str, str], length: int,
+                    client: str = "") -> tuple[int, str] | None:
+        """POST, before its body is read: a refusal, or None to read the body and receive it.
+
+        A request that is unsigned, stale or too big costs no read: a client cannot make
+        wxbot wait for a body it will refuse anyway.
+        """
+        if not self.accepting:
+            return 503, "stopping"
+        try:
+            self.check_query(query)
+        except Forbidden as error:
+            return self.refuse(client, "push", 403, error)
+        except BadPush as error:
+            return self.refuse(client, "push", 400, error)
+        if length > MAX_BODY:
+            return self.refuse(client, "push", 413, f"Content-Length {length} over {MAX_BODY}")
+        if length < 0:
+            return self.refuse(client, "push", 411, "no Content-Length")
+        return None
+
+    def refuse(self, client: str, what: str, status: int, reason) -> tuple[int, str]:
+        """The answer to a refused request, and at most one log line a minute per client."""
+        held = self.refusals.allow(client, self.clock())
+        if held is not None:
+            log_web.warning("%s refused (%d) from %s: %s%s", what, status, client or "?", reason,
+                            f" ({held} more from this address since its last line)"
+                            if held else "")
+        return status, REFUSALS[status]
+
+    def receive(self, query: Mapping[str, str], body: bytes, client: str = "") -> tuple[int, str]:
         """POST: check, decrypt, parse, store; (status, body) for WeChat."""
         if not self.accepting:
             return 503, "stopping"
         try:
             push = self.parse(query, body)
         except Forbidden as error:
-            log_web.warning("push refused (403): %s", error)
-            return 403, "forbidden"
+            return self.refuse(client, "push", 403, error)
         except BadPush as error:
-            log_web.warning("push refused (400): %s", error)
-            return 400, "bad request"
-        message_id, pushes = self.store.store_push(push, self.clock())
-        if pushes == 1:
-            self.wakeup.notify()
-        else:
+            return self.refuse(client, "push", 400, error)
+        now = self.clock()
+        message_id, pushes = self.store.store_push(push, now)
+        if pushes > 1:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
+        elif not (self.mode.passive and self.fixed_reply(push, message_id)):
+            self.wakeup.notify()
+            if self.acknowledger and not self.mode.passive and (push.msg_type != "event" or
+                    self.owner.replies.prompt_for(push.event, push.fields.get("EventKey", ""))):
+                self.acknowledger.pushed(message_id, push.openid, now)
         if self.mode.passive:
             return 200, self.passive_reply(push, message_id, pushes, query)
         return 200, "success"
+
+    def fixed_reply(self, push: Push, message_id: int) -> bool:
+        """Store a keyword's or a click's fixed reply as this push's passive reply, so that
+        it goes out at once, even while the user's question before it is being answered;
+        False when there is none, or a worker took the message first (its answer comes as
+        any other)."""
+        fixed = self.owner.replies.fixed_reply(push.msg_type, push.content, push.event,
+                                               push.fields.get("EventKey", ""))
+        if not fixed or not self.store.reply_at_once(message_id, fixed[1], self.clock()):
+            return False
+        self.store.bump(fixed[0], self.clock())
+        return True
 
     def passive_reply(self, push: Push, message_id: int, pushes: int,
                       query: Mapping[str, str]) -> str:
@@ -2125,19 +3435,34 @@ class Webhook:
                                     query.get("nonce", ""))
         return xml.decode("utf-8")
 
-    def parse(self, query: Mapping[str, str], body: bytes) -> Push:
+    def check_query(self, query: Mapping[str, str]) -> None:
+        """What the query string alone shows: signature, age, and the mode set in 公众号后台."""
         check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
-        fields = parse_xml(body)
-        if query.get("encrypt_type", "raw") == "aes":
-            fields = self.decrypt(query, fields)
-        elif query.get("encrypt_type", "raw") != "raw":
-            raise BadPush(f"unknown encrypt_type {query.get('encrypt_type')[:10]!r}")
-        return Push.from_fields(fields)
-
-    def decrypt(self, query: Mapping[str, str], fields: dict[str, str]) -> dict[str, str]:
-        if self.crypto is None:
+        encrypt_type = query.get("encrypt_type", "raw")
+        if encrypt_type not in ("raw", "aes"):
+            raise BadPush(f"unknown encrypt_type {encrypt_type[:10]!r}")
+        if encrypt_type == "aes" and self.crypto is None:
             raise Forbidden("an encrypted push arrived but WXBOT_AES_KEY is not set: set it to "
                             "the EncodingAESKey from 公众号后台 → 设置与开发 → 基本配置")
+        # With the key set, a plaintext push is no proof of anything but one signed URL.
+        if encrypt_type == "raw" and self.crypto is not None:
+            raise Forbidden("明文模式的推送被拒绝：已设置 WXBOT_AES_KEY。在公众号后台 → 设置与开发 → "
+                            "基本配置 → 服务器配置 把消息加解密方式改为安全模式或兼容模式；"
+                            "或者删除 WXBOT_AES_KEY 后重启 (plaintext push refused because "
+                            "WXBOT_AES_KEY is set)")
+
+    def parse(self, query: Mapping[str, str], body: bytes) -> Push:
+        self.check_query(query)
+        message = body
+        if query.get("encrypt_type") == "aes":
+            message = self.decrypt(query, parse_xml(body))
+        # The message as the signature vouches for it: in 安全模式 the decrypted XML, so a
+        # retry that WeChat encrypted afresh is still the same message.
+        self.replays.check(query["timestamp"], query["nonce"], message, self.clock())
+        return Push.from_fields(parse_xml(message))
+
+    def decrypt(self, query: Mapping[str, str], fields: dict[str, str]) -> bytes:
+        """The XML inside <Encrypt>, once msg_signature shows WeChat wrote it."""
         encrypted = fields.get("Encrypt", "")
         if not encrypted:
             raise BadPush("encrypt_type=aes but no <Encrypt>")
@@ -2146,7 +3471,7 @@ class Webhook:
         if not hmac.compare_digest(expected.encode(),
                                    query.get("msg_signature", "").encode("utf-8", "replace")):
             raise Forbidden("msg_signature does not match")
-        return parse_xml(self.crypto.decrypt(encrypted))
+        return self.crypto.decrypt(encrypted)
 
 
 def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottle:
@@ -2160,19 +3485,25 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     @app.get(settings.path)
     def verify():
         """WeChat's server check: the echostr back when the signature is valid."""
-        return text(*webhook.verify(query_dict(bottle.request.environ)))
+        environ = bottle.request.environ
+        return text(*webhook.verify(query_dict(environ), environ.get("REMOTE_ADDR", "")))
 
     @app.post(settings.path)
     def receive():
         """A push: stored and answered "success" at once."""
-        length = bottle.request.content_length
-        if length > MAX_BODY:
-            return text(413, "too large")
-        if length < 0:
-            return text(411, "length required")
-        body = bottle.request.environ["wsgi.input"].read(length)
+        environ = bottle.request.environ
+        query, client = query_dict(environ), environ.get("REMOTE_ADDR", "")
+        length = environ.get("CONTENT_LENGTH", "")
+        length = int(length) if length.isdigit() else -1
+        refusal = webhook.before_body(query, length, client)
+        if refusal:
+            return text(*refusal)
         try:
-            return text(*webhook.receive(query_dict(bottle.request.environ), body))
+            body = environ["wsgi.input"].read(length)
+        except OSError:  # the request's deadline passed mid-body (HTTP server)
+            return text(408, "request timeout")
+        try:
+            return text(*webhook.receive(query, body, client))
         except sqlite3.Error as error:  # not answered: WeChat retries the push
             log_web.error("could not store a push: %s", error)
             return text(503, "busy")
@@ -2203,10 +3534,54 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
 # HTTP server #################################################################
 ###############################################################################
 
-class QuietHandler(WSGIRequestHandler):
-    """Drops a stalled client after `timeout` seconds; access lines go to DEBUG."""
+class RequestReader(io.RawIOBase):
+    """The client's socket, read under deadlines rather than a timeout per read.
 
-    timeout = 10
+    The first byte must come within `idle` seconds of the connection, and the whole request
+    (headers and body) within `whole` seconds of that byte: a timeout per read alone lets a
+    client that sends a byte every few seconds hold its thread for ever (slow loris).
+    """
+
+    def __init__(self, sock: socket.socket, idle: float, whole: float, write_timeout: float):
+        self.sock, self.whole, self.write_timeout = sock, whole, write_timeout
+        self.deadline = time.monotonic() + idle
+        self.started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the request did not arrive in time")
+        self.sock.settimeout(remaining)
+        try:
+            count = self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.write_timeout)  # for the answer, written after
+        if count and not self.started:
+            self.started = True
+            self.deadline = time.monotonic() + self.whole
+        return count
+
+
+class QuietHandler(WSGIRequestHandler):
+    """One request per connection, read under deadlines; access lines go to DEBUG.
+
+    A connection is closed once its answer is written (HTTP/1.0 style: no idle keep-alive),
+    when no byte came within `idle_timeout`, or when the request was not complete within
+    `request_timeout` of its first byte.
+    """
+
+    idle_timeout = 5.0
+    request_timeout = 10.0
+    timeout = 10  # each write of the answer
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # the plain reader: it would keep the socket open after close()
+        self.rfile = io.BufferedReader(RequestReader(
+            self.connection, self.idle_timeout, self.request_timeout, self.timeout))
 
     def log_message(self, format, *args):
         log_web.debug("%s %s", self.address_string(), format % args)
@@ -2248,23 +3623,58 @@ class HttpServer:
 # Lifecycle and main ##########################################################
 ###############################################################################
 
-class Bot:
-    """Everything wired together: store, webhook, server, workers."""
+class Janitor:
+    """Keeps the database bounded: deletes what WXBOT_RETENTION_DAYS no longer keeps, at start
+    and every hour, in small batches off the webhook's path."""
 
-    def __init__(self, settings: Settings):
+    EVERY = 3600.0
+    #: Between batches: the webhook and the workers get the write lock in between.
+    PAUSE = 0.05
+
+    def __init__(self, settings: Settings, store: Store):
+        self.settings, self.store = settings, store
+        self.stopping = threading.Event()
+
+    def sweep(self, now: float | None = None) -> None:
+        """Delete everything that is past retention now, batch by batch."""
+        after: int | None = 0 if self.settings.retention_days else None
+        while after is not None and not self.stopping.is_set():
+            after = self.store.prune(time.time() if now is None else now,
+                                     self.settings.retention_days * 86400.0,
+                                     self.settings.session_ttl, after)
+            self.stopping.wait(self.PAUSE)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.sweep()
+            except sqlite3.Error as error:
+                log.error("deleting old messages failed: %s; trying again in an hour", error)
+            self.stopping.wait(self.EVERY)
+
+
+class Bot:
+    """Everything wired together: store, webhook, server, acknowledger, workers."""
+
+    def __init__(self, settings: Settings, owner: OwnerFiles | None = None):
         self.settings = settings
         for secret in settings.secrets():
             SECRET_FILTER.add(secret)
+        self.owner = owner or OwnerFiles(settings)
         self.store = Store(settings.db)
         self.wakeup = Wakeup()
         self.wechat = WeChatAPI(settings, self.store)
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
-        self.webhook = Webhook(settings, self.store, self.wakeup, self.mode)
+        self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
+        self.webhook = Webhook(settings, self.store, self.wakeup, self.mode,
+                               acknowledger=self.acknowledger, owner=self.owner)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
-                               self.mode, f"worker-{n}") for n in range(settings.workers)]
+                               self.mode, f"worker-{n}", self.owner, self.acknowledger)
+                        for n in range(settings.workers)]
+        self.janitor = Janitor(settings, self.store)
         self.threads: list[threading.Thread] = []
 
     @property
@@ -2275,11 +3685,13 @@ class Bot:
         recovered = self.store.release_all_leases()
         if recovered:
             log.info("resuming %d message(s) that were in progress at the last stop", recovered)
+        self.acknowledger.start()
         self.server.start()
         for worker in self.workers:
             thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
             thread.start()
             self.threads.append(thread)
+        threading.Thread(target=self.janitor.run, name="janitor", daemon=True).start()
         log.info("listening on http://%s:%d%s with %d workers, answers by %s", self.settings.host,
                  self.port, self.settings.path, len(self.workers),
                  "passive reply" if self.mode.passive else "customer-service API")
@@ -2289,8 +3701,10 @@ class Bot:
         timeout = self.settings.stop_timeout if timeout is None else timeout
         self.webhook.accepting = False
         self.server.stop()
+        self.acknowledger.stop()
         for worker in self.workers:
             worker.stop()
+        self.janitor.stopping.set()
         self.wakeup.notify_all()
         deadline = time.monotonic() + timeout
         for thread in self.threads:
@@ -2312,24 +3726,18 @@ class Console:
     def customer_service_send(self, openid: str, text: str) -> None:
         print(f"\n{text}\n{'─' * 20}", file=self.out, flush=True)
 
-    def typing(self, openid: str, command: str = "Typing") -> None:
-        pass
-
-    def typing_soon(self, openid: str) -> None:
-        pass
-
     def first_time(self, errcode: int) -> bool:
         return True
 
 
-def chat(settings: Settings, lines, out) -> int:
+def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int:
     """A console conversation with the real model, through wxbot's own worker."""
     root, ext = os.path.splitext(settings.db)
     settings = dataclasses.replace(settings, db=f"{root}-chat{ext or '.db'}", user_rate=0,
                                    user_daily=0)
     store = Store(settings.db)
     worker = Worker(settings, store, Console(out), Model(settings), Wakeup(),
-                    DeliveryMode("service", store), "chat")
+                    DeliveryMode("service", store), "chat", owner)
     print(f"wxbot chat with {settings.model} (history in {settings.db}; /reset forgets it, "
           f"Ctrl-D ends)", file=out, flush=True)
     for line in lines:
@@ -2343,6 +3751,99 @@ def chat(settings: Settings, lines, out) -> int:
                 due = store.next_due(time.time()) or time.time() + 0.1
                 time.sleep(min(1.0, max(0.01, due - time.time())))
     store.close()
+    return 0
+
+
+def age_text(seconds: float) -> str:
+    """A duration as an operator reads it at a glance: 45s, 12m, 3h 05m, 2d 4h."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+#: `status` lists at most this many messages of each state, oldest first.
+STATUS_ROWS = 20
+
+
+def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
+    """The database of a service that may be running: no migration, readers never block it."""
+    if not os.path.exists(settings.db):
+        print(f"no database at {settings.db} (check WXBOT_DB, or --env FILE)", file=out)
+        return None
+    conn = sqlite3.connect(settings.db, timeout=15, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version != SCHEMA_VERSION:
+        print(f"{settings.db} has schema {version}, this wxbot reads {SCHEMA_VERSION}: start "
+              f"this wxbot once to bring it up to date", file=out)
+        conn.close()
+        return None
+    return conn
+
+
+def status(settings: Settings, out, now: float | None = None) -> int:
+    """The queue from the database: waiting, in progress and dead messages, oldest first."""
+    now = time.time() if now is None else now
+    conn = open_for_operator(settings, out)
+    if conn is None:
+        return 1
+    with contextlib.closing(conn):
+        print(f"queue in {settings.db} at {time.strftime('%Y-%m-%d %H:%M:%S')}", file=out)
+        for state, title in ((State.QUEUED, "waiting"), (State.LEASED, "in progress"),
+                             (State.DEAD, "dead")):
+            total = conn.execute("SELECT messages FROM state_counts WHERE state = ?",
+                                 (state.value,)).fetchone()[0]
+            print(f"\n{title}: {total}", file=out)
+            for row in conn.execute(
+                    "SELECT id, openid, msg_type, event, received_at, not_before, lease_until,"
+                    " error, model_failures, delivery_failures, interruptions FROM messages"
+                    " WHERE state = ? ORDER BY id LIMIT ?", (state.value, STATUS_ROWS)):
+                if state is State.LEASED:
+                    note = f"lease ends in {age_text(row['lease_until'] - now)}"
+                elif state is State.QUEUED and row["not_before"] > now:
+                    note = f"next try in {age_text(row['not_before'] - now)}"
+                else:
+                    note = ""
+                failures = (f"failures: model {row['model_failures']}, delivery "
+                            f"{row['delivery_failures']}, interrupted {row['interruptions']}"
+                            if row["model_failures"] + row["delivery_failures"] +
+                            row["interruptions"] else "")
+                reason = "; ".join(part for part in (note, failures, row["error"] or "") if part)
+                print(f"  #{row['id']:<6} {age_text(now - row['received_at']):>7} old  "
+                      f"{short_id(row['openid']):<10} {row['event'] or row['msg_type']:<10}"
+                      f" {reason}".rstrip(), file=out)
+            if total > STATUS_ROWS:
+                print(f"  ... and {total - STATUS_ROWS} more", file=out)
+        if conn.execute("SELECT 1 FROM messages WHERE state = 'dead' LIMIT 1").fetchone():
+            print("\nto try a dead message again: python wxbot.py retry ID", file=out)
+    return 0
+
+
+def retry(settings: Settings, message_id: int, out) -> int:
+    """Queue a dead message again, its failure counts cleared; the service takes it within
+    a minute (Worker.IDLE_LOOK)."""
+    conn = open_for_operator(settings, out)
+    if conn is None:
+        return 1
+    with contextlib.closing(conn):
+        conn.execute("PRAGMA foreign_keys=ON")
+        requeued = conn.execute(
+            "UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
+            " model_failures = 0, delivery_failures = 0, interruptions = 0, error = NULL"
+            " WHERE id = ? AND state = 'dead'", (message_id,)).rowcount
+        if not requeued:
+            row = conn.execute("SELECT state FROM messages WHERE id = ?",
+                               (message_id,)).fetchone()
+            print(f"message {message_id} " + (f"is {row[0]}, not dead: nothing to do" if row
+                                              else "is not in the database"), file=out)
+            return 1
+    print(f"message {message_id} is queued again; the running wxbot takes it within a minute",
+          file=out)
     return 0
 
 
@@ -2366,7 +3867,8 @@ def check(settings: Settings, out) -> int:
         report(True, f"WeChat gave an access token for AppID {settings.appid}")
     except WeChatError as error:
         if error.errcode is None:
-            report(False, f"cannot reach WeChat at {settings.api_base}: {error.errmsg}")
+            report(False, f"cannot reach WeChat at {masked_url(settings.api_base)}: "
+                          f"{error.errmsg}")
         elif error.errcode == 40164:
             report(False, f"WeChat saw this server as {error.ip() or 'an IP'} and it "
                           f"is not whitelisted: add it in 公众号后台 → 设置与开发 → 基本配置 → "
@@ -2387,11 +3889,22 @@ def check(settings: Settings, out) -> int:
                           f"WXBOT_MODEL against the provider's model list")
         elif error.status is None or error.status == 404:
             report(False, f"no OpenAI-compatible API at "
-                          f"{settings.openai_base_url or 'https://api.openai.com/v1'}: check "
+                          f"{masked_url(settings.openai_base_url) or 'https://api.openai.com/v1'}"
+                          f": check "
                           f"OPENAI_BASE_URL (it usually ends in /v1)")
         else:
             report(False, f"the model failed: {error}")
     store.close()
+    for path, read, setting in [
+            (settings.replies, Replies.read, "WXBOT_REPLIES"),
+            (settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
+        if not path:
+            continue
+        try:
+            report(True, f"{setting}: {path} has {read(path).describe()}")
+        except FileProblem as error:
+            for problem in error.problems:
+                report(False, f"{setting}: {path}: {problem}")
     print(f"\nIn 公众号后台 → 设置与开发 → 基本配置 → 服务器配置, enter:\n"
           f"  URL:   http://<this server's domain or IP>{settings.path}  (port 80, or 443 "
           f"with https; wxbot listens on {settings.host}:{settings.port})\n"
@@ -2400,6 +3913,42 @@ def check(settings: Settings, out) -> int:
           file=out)
     print("all checks passed" if not failures else f"{failures} check(s) failed", file=out)
     return 0 if not failures else 1
+
+
+def menu_command(settings: Settings, path: str | None, show: bool, delete: bool, out) -> int:
+    """`menu FILE`: check the file, then make it the menu; `--show`, `--delete`."""
+    if path is not None:
+        try:
+            menu = load_menu(path)
+        except FileProblem as error:
+            for problem in error.problems:
+                print(f"{path}: {problem}", file=out)
+            print(f"{path}: not sent to WeChat: {len(error.problems)} problem(s)", file=out)
+            return 1
+    store = Store(settings.db)  # the access token cache, shared with the running bot
+    wechat = WeChatAPI(settings, store)
+    try:
+        if show:
+            menu = menu_in_force(wechat.menu_current())
+            print(json.dumps(menu, ensure_ascii=False, indent=2) if menu else
+                  "no menu is in force", file=out)
+        elif delete:
+            wechat.menu_delete()
+            print("menu deleted (WeChat clients show the change within about 5 minutes, "
+                  "or when the user follows the account again)", file=out)
+        else:
+            wechat.menu_create(menu)
+            print(f"menu from {path} is in force ({len(menu['button'])} buttons; WeChat "
+                  f"clients show it within about 5 minutes)", file=out)
+        return 0
+    except WeChatError as error:
+        if error.errcode is None:
+            print(f"cannot reach WeChat at {settings.api_base}: {error.errmsg}", file=out)
+        else:
+            print(menu_error(error), file=out)
+        return 1
+    finally:
+        store.close()
 
 
 def help_text() -> str:
@@ -2416,13 +3965,25 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser = argparse.ArgumentParser(
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "check", "chat"],
+    parser.add_argument("command", nargs="?", default="serve",
+                        choices=["serve", "check", "chat", "menu", "status", "retry"],
                         help="serve (default): run the bot; check: try the settings for real; "
-                             "chat: talk to the model in this console")
+                             "chat: talk to the model in this console; menu FILE.json: make "
+                             "the file the account's custom menu; status: the queue, with "
+                             "dead messages and why; retry ID: queue a dead message again")
+    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)  # menu's FILE, retry's ID
+    parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
+    parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
+    if args.command == "menu" and (args.file is not None) + args.show + args.delete != 1:
+        parser.error("menu takes one of: FILE.json, --show, --delete")
+    elif args.command == "retry" and not (args.file or "").isdigit():
+        parser.error("retry takes the id of a dead message, as `status` shows it")
+    elif args.command not in ("menu", "retry") and (args.file or args.show or args.delete):
+        parser.error("FILE, --show and --delete go with the menu command")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
@@ -2435,7 +3996,13 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if args.env:
             env.update(read_env_file(args.env))
         if args.command == "chat":  # no WeChat involved
-            env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-", **env}
+            env = {"WXBOT_TOKEN": "not-used-in-chat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+                   **env}
+        if args.command == "menu":  # no model involved
+            env = {"OPENAI_API_KEY": "-", **env}
+        if args.command in ("status", "retry"):  # the database only
+            env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+                   "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
     except SettingsError as error:
         for problem in error.problems:
@@ -2447,12 +4014,24 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
     if args.command == "check":
         return check(settings, sys.stdout)
+    if args.command == "status":
+        return status(settings, sys.stdout)
+    if args.command == "retry":
+        return retry(settings, int(args.file), sys.stdout)
+    if args.command == "menu":
+        return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
+    try:
+        owner = OwnerFiles(settings)
+    except FileProblem as error:
+        for problem in error.problems:
+            print(f"wxbot: {error.path}: {problem}", file=sys.stderr)
+        return 2
     if args.command == "chat":
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
-        return chat(settings, sys.stdin, sys.stdout)
+        return chat(settings, sys.stdin, sys.stdout, owner)
     log.info("wxbot %s starting: %s", __version__, settings.describe())
     try:
-        bot = Bot(settings)
+        bot = Bot(settings, owner)
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
         return 1
@@ -2468,8 +4047,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             os._exit(1)
         stop_requested.set()
 
+    def on_hangup(signum, frame):  # systemctl reload: re-read the owner's files
+        bot.owner.stale()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     bot.start()
     while not stop_requested.wait(3600):
         pass
