@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Measure wxbot on this machine: webhook, pickup, throughput, time to first message, memory.
+"""Measure wxbot on this machine: webhook, pickup, throughput, time to first message, bursts,
+memory.
 
 Everything runs on loopback: wxbot as its own process (as in production), against the tests'
 fake WeChat API and fake OpenAI-compatible model, whose latency and writing speed are set by
@@ -12,6 +13,7 @@ Usage:
   python bench_wxbot.py --soak     ack and pickup with a million messages stored (builds the
                                    database once, about 9 GiB, in the temp folder)
   python bench_wxbot.py --blocked-words   only the blocked-words row
+  python bench_wxbot.py --burst    only the burst rows (--burst-users N to try them small)
 """
 
 from __future__ import annotations
@@ -316,6 +318,120 @@ def bench_first_message(workdir, wechat, args) -> tuple[list[str], float, float]
             f"{segments} segments"], peak, idle
 
 
+class BurstWatch:
+    """What the fake WeChat saw of a burst: each user's first typing or message, each answer."""
+
+    def __init__(self, wechat, is_answer):
+        self.first, self.answered, self.lock = {}, {}, threading.Lock()
+        self.is_answer = is_answer
+        wechat.hold = self.seen
+
+    def seen(self, path, body):
+        now = time.monotonic()
+        if path.endswith(("/typing", "/send")):
+            with self.lock:
+                self.first.setdefault(body["touser"], now)
+                if path.endswith("/send") and self.is_answer(body["text"]["content"]):
+                    self.answered[body["touser"]] = now
+        return None  # let the fake answer as usual
+
+
+def push_burst(port: int, users: list[str], spread: float) -> dict[str, tuple[float, float]]:
+    """One text push per user, spread evenly over `spread` seconds, each on a new connection
+    as WeChat makes them; {user: (when pushed, ack ms)}."""
+    timestamp = str(int(time.time()))
+    started, acks, lock = time.monotonic() + 0.2, {}, threading.Lock()
+
+    def client(offset):
+        for n in range(offset, len(users), 32):
+            body = text_xml(users[n], "讲讲", 10**9 + n, create_time=int(timestamp))
+            # Each push has its own nonce, as WeChat's do (a signed URL is used once).
+            query = urllib.parse.urlencode(signed_query(timestamp=timestamp, nonce=str(n)))
+            time.sleep(max(0.0, started + spread * n / len(users) - time.monotonic()))
+            pushed = time.monotonic()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", f"/wx?{query}", body, {"Content-Type": "text/xml"})
+            response = conn.getresponse()
+            assert response.read() == b"success", response.status
+            conn.close()
+            with lock:
+                acks[users[n]] = (pushed, (time.monotonic() - pushed) * 1000)
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return acks
+
+
+def run_burst(workdir, wechat, model, users: int, answer_ok, timeout: float, **settings):
+    """A burst against wxbot in its own process: acks, first signs, answers, CPU and memory."""
+    names = [f"oBURST{n:04d}" for n in range(users)]
+    watch = BurstWatch(wechat, answer_ok)
+    bot = Wxbot(workdir, wechat, model, **settings)
+    try:
+        cpu_before = cpu_seconds(bot.process.pid)
+        acks = push_burst(bot.port, names, 1.0)
+        wait_for(lambda: len(watch.answered) == users, timeout=timeout,
+                 message="every user's answer")
+        cpu = cpu_seconds(bot.process.pid) - cpu_before
+        peak = peak_rss_mib(bot.process.pid)
+    finally:
+        bot.stop()
+        wechat.hold = None
+    first_push = min(pushed for pushed, _ in acks.values())
+    signs = [watch.first[name] - acks[name][0] for name in names]
+    ack_ms = [ms for _, ms in acks.values()]
+    return {"makespan": max(watch.answered.values()) - first_push, "cpu": cpu, "peak": peak,
+            "ack_p99": percentile(ack_ms, 99), "ack_max": max(ack_ms),
+            "sign_max": max(signs), "late_signs": sum(sign > 2 for sign in signs)}
+
+
+def bench_bursts(workdir, wechat, args) -> tuple[list[str], float]:
+    """Two bursts of users in one second: short answers with the defaults, and long streamed
+    answers with 200 workers."""
+    users_a, users_b = (300, 200) if not args.quick else (30, 20)
+    users_a, users_b = args.burst_users or users_a, args.burst_users or users_b
+    seconds = 5.0 if not args.quick else 0.5
+    model = FakeModel(lambda request: time.sleep(seconds) or "好")
+    try:
+        a = run_burst(workdir, wechat, model, users_a, lambda text: text == "好",
+                      users_a * seconds + 60)
+    finally:
+        model.close()
+    workers = int(wxbot.SETTINGS["workers"].default)
+    ideal_a = math.ceil(users_a / workers) * seconds
+    answer = chinese_answer(1500)
+    chunks = math.ceil(len(answer) / 10)  # paced() writes 10 characters a chunk
+    model = FakeModel(lambda request: paced(answer, args.chars_per_second, {}))
+    try:
+        b = run_burst(workdir, wechat, model, users_b, lambda text: "第" in text and
+                      text.rstrip().endswith(answer.rstrip()[-8:]),
+                      len(answer) / args.chars_per_second * 4 + 60, WXBOT_WORKERS=users_b)
+    finally:
+        model.close()
+    ideal_b = len(answer) / args.chars_per_second
+    rows = [
+        f"| {users_a} users, {seconds:g} s answers, defaults ({workers} workers) | "
+        f"{a['makespan']:.1f} s ({ideal_a:g}) | {a['makespan'] / ideal_a:.2f}x | "
+        f"{a['sign_max']:.2f} s ({a['late_signs']} late) | {a['ack_p99']:.1f} / "
+        f"{a['ack_max']:.1f} ms | - | {a['peak']:.0f} MiB | "
+        f"{a['cpu'] / a['makespan']:.0%} |",
+        f"| {users_b} users, {len(answer):,}-char answers streamed at "
+        f"{args.chars_per_second:.0f} chars/s, {users_b} workers | {b['makespan']:.1f} s "
+        f"({ideal_b:g}) | {b['makespan'] / ideal_b:.2f}x | {b['sign_max']:.2f} s "
+        f"({b['late_signs']} late) | {b['ack_p99']:.1f} / {b['ack_max']:.1f} ms | "
+        f"{b['cpu'] / (users_b * chunks) * 1000:.3f} ms | {b['peak']:.0f} MiB | "
+        f"{b['cpu'] / b['makespan']:.0%} |"]
+    return ["Bursts: users pushing within one second, wxbot in one process; makespan from the "
+            "first push to the last answer (targets: makespan "
+            "≤ 1.1x ideal with short answers, ≤ 1.15x streamed; typing or queue line within "
+            "2 s; ack p99 < 100 ms; CPU < 0.1 ms a streamed chunk; RSS < 150 MiB):", "",
+            "| burst | makespan (ideal) | ratio | first sign max (over 2 s) | ack p99 / max |"
+            " wxbot CPU a chunk | peak RSS | wxbot CPU |",
+            "|---|---|---|---|---|---|---|---|", *rows], max(a["peak"], b["peak"])
+
+
 def bench_blocked_words(args) -> list[str]:
     """In this process: the cost of 10,000 blocked words per question and per streamed answer."""
     rng = random.Random(13)
@@ -488,6 +604,10 @@ def main() -> int:
                         help="messages stored for --soak (default 1,000,000)")
     parser.add_argument("--soak-db", help="the soak database: built once, reused after "
                                           "(default: wxbot-soak-N.db in the temp folder)")
+    parser.add_argument("--burst", action="store_true",
+                        help="only the burst rows (300 and 200 users; about 2 minutes)")
+    parser.add_argument("--burst-users", type=int, default=None,
+                        help="users in each burst instead of 300 and 200 (to try it small)")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.blocked_words:
@@ -509,6 +629,14 @@ def main() -> int:
     args.idle = args.idle or (10.0 if not args.quick else 2.0)
     if args.quick:
         args.latency = min(args.latency, 0.2)
+    if args.burst:
+        wechat = FakeWeChat()
+        with tempfile.TemporaryDirectory() as workdir:
+            try:
+                print("\n".join(bench_bursts(workdir, wechat, args)[0]))
+            finally:
+                wechat.close()
+        return 0
 
     wechat = FakeWeChat()
     lines = [f"wxbot bench, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, Python "
@@ -519,14 +647,16 @@ def main() -> int:
             pickup, peak_pickup = bench_pickup(workdir, wechat, args)
             throughput, peak_throughput = bench_throughput(workdir, wechat, args)
             first, peak_first, idle = bench_first_message(workdir, wechat, args)
+            bursts, peak_bursts = bench_bursts(workdir, wechat, args)
         finally:
             wechat.close()
     blocked = bench_blocked_words(args)
     peak = max(peak_webhook, peak_pickup, peak_throughput, peak_first)
-    lines += webhook + ["", *pickup, "", *throughput, "", *first, "", *blocked, "",
+    lines += webhook + ["", *pickup, "", *throughput, "", *first, "", *bursts, "", *blocked, "",
                         f"Peak RSS of the wxbot process: {peak:.0f} MiB (webhook load "
                         f"{peak_webhook:.0f}, pickup {peak_pickup:.0f}, throughput with 20 "
-                        f"workers {peak_throughput:.0f}, long answer {peak_first:.0f}); CPU "
+                        f"workers {peak_throughput:.0f}, long answer {peak_first:.0f}; bursts: "
+                        f"{peak_bursts:.0f}, target < 150); CPU "
                         f"while idle for {args.idle:.0f} s: {idle:.2%}"]
     print("\n".join(lines))
     return 0
