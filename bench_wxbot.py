@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Measure wxbot on this machine: webhook, pickup, throughput, time to first message, memory.
+"""Measure wxbot on this machine: webhook, pickup, throughput, time to first message, bursts,
+memory.
 
 Everything runs on loopback: wxbot as its own process (as in production), against the tests'
 fake WeChat API and fake OpenAI-compatible model, whose latency and writing speed are set by
@@ -9,7 +10,10 @@ Python generator (which shares the 2 cores with the server; the table says which
 Usage:
   python bench_wxbot.py            full run (about 3 minutes)
   python bench_wxbot.py --quick    a short run that only checks that every phase works
+  python bench_wxbot.py --soak     ack and pickup with a million messages stored (builds the
+                                   database once, about 9 GiB, in the temp folder)
   python bench_wxbot.py --blocked-words   only the blocked-words row
+  python bench_wxbot.py --burst    only the burst rows (--burst-users N to try them small)
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -226,14 +231,15 @@ def bench_webhook(workdir, wechat, args) -> tuple[list[str], float]:
     return header + rows, peak
 
 
-def bench_pickup(workdir, wechat, args) -> tuple[list[str], float]:
+def pickup_delays(workdir, wechat, pushes: int, **settings) -> tuple[list[float], float]:
+    """ms from `success` to the model request, one push at a time; and the peak RSS."""
     arrivals = {}
     model = FakeModel(lambda request: arrivals.setdefault(
         request["messages"][-1]["content"], time.perf_counter()) and "好")
-    bot = Wxbot(workdir, wechat, model)
+    bot = Wxbot(workdir, wechat, model, **settings)
     delays = []
     try:
-        for n in range(-5, 200 if not args.quick else 20):  # the first 5 warm up
+        for n in range(-5, pushes):  # the first 5 warm up
             question = f"问题{n}"
             response = requests.post(f"http://127.0.0.1:{bot.port}/wx", params=signed_query(),
                                      data=text_xml(f"oPICK{n}", question, n + 1000), timeout=5)
@@ -246,6 +252,11 @@ def bench_pickup(workdir, wechat, args) -> tuple[list[str], float]:
     finally:
         bot.stop()
         model.close()
+    return delays, peak
+
+
+def bench_pickup(workdir, wechat, args) -> tuple[list[str], float]:
+    delays, peak = pickup_delays(workdir, wechat, 200 if not args.quick else 20)
     return [f"Pickup, from `success` to the model request arriving ({len(delays)} pushes, one "
             f"at a time): p50 {percentile(delays, 50):.1f} ms, p99 {percentile(delays, 99):.1f}"
             f" ms"], peak
@@ -307,6 +318,120 @@ def bench_first_message(workdir, wechat, args) -> tuple[list[str], float, float]
             f"{segments} segments"], peak, idle
 
 
+class BurstWatch:
+    """What the fake WeChat saw of a burst: each user's first typing or message, each answer."""
+
+    def __init__(self, wechat, is_answer):
+        self.first, self.answered, self.lock = {}, {}, threading.Lock()
+        self.is_answer = is_answer
+        wechat.hold = self.seen
+
+    def seen(self, path, body):
+        now = time.monotonic()
+        if path.endswith(("/typing", "/send")):
+            with self.lock:
+                self.first.setdefault(body["touser"], now)
+                if path.endswith("/send") and self.is_answer(body["text"]["content"]):
+                    self.answered[body["touser"]] = now
+        return None  # let the fake answer as usual
+
+
+def push_burst(port: int, users: list[str], spread: float) -> dict[str, tuple[float, float]]:
+    """One text push per user, spread evenly over `spread` seconds, each on a new connection
+    as WeChat makes them; {user: (when pushed, ack ms)}."""
+    timestamp = str(int(time.time()))
+    started, acks, lock = time.monotonic() + 0.2, {}, threading.Lock()
+
+    def client(offset):
+        for n in range(offset, len(users), 32):
+            body = text_xml(users[n], "讲讲", 10**9 + n, create_time=int(timestamp))
+            # Each push has its own nonce, as WeChat's do (a signed URL is used once).
+            query = urllib.parse.urlencode(signed_query(timestamp=timestamp, nonce=str(n)))
+            time.sleep(max(0.0, started + spread * n / len(users) - time.monotonic()))
+            pushed = time.monotonic()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", f"/wx?{query}", body, {"Content-Type": "text/xml"})
+            response = conn.getresponse()
+            assert response.read() == b"success", response.status
+            conn.close()
+            with lock:
+                acks[users[n]] = (pushed, (time.monotonic() - pushed) * 1000)
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return acks
+
+
+def run_burst(workdir, wechat, model, users: int, answer_ok, timeout: float, **settings):
+    """A burst against wxbot in its own process: acks, first signs, answers, CPU and memory."""
+    names = [f"oBURST{n:04d}" for n in range(users)]
+    watch = BurstWatch(wechat, answer_ok)
+    bot = Wxbot(workdir, wechat, model, **settings)
+    try:
+        cpu_before = cpu_seconds(bot.process.pid)
+        acks = push_burst(bot.port, names, 1.0)
+        wait_for(lambda: len(watch.answered) == users, timeout=timeout,
+                 message="every user's answer")
+        cpu = cpu_seconds(bot.process.pid) - cpu_before
+        peak = peak_rss_mib(bot.process.pid)
+    finally:
+        bot.stop()
+        wechat.hold = None
+    first_push = min(pushed for pushed, _ in acks.values())
+    signs = [watch.first[name] - acks[name][0] for name in names]
+    ack_ms = [ms for _, ms in acks.values()]
+    return {"makespan": max(watch.answered.values()) - first_push, "cpu": cpu, "peak": peak,
+            "ack_p99": percentile(ack_ms, 99), "ack_max": max(ack_ms),
+            "sign_max": max(signs), "late_signs": sum(sign > 2 for sign in signs)}
+
+
+def bench_bursts(workdir, wechat, args) -> tuple[list[str], float]:
+    """Two bursts of users in one second: short answers with the defaults, and long streamed
+    answers with 200 workers."""
+    users_a, users_b = (300, 200) if not args.quick else (30, 20)
+    users_a, users_b = args.burst_users or users_a, args.burst_users or users_b
+    seconds = 5.0 if not args.quick else 0.5
+    model = FakeModel(lambda request: time.sleep(seconds) or "好")
+    try:
+        a = run_burst(workdir, wechat, model, users_a, lambda text: text == "好",
+                      users_a * seconds + 60)
+    finally:
+        model.close()
+    workers = int(wxbot.SETTINGS["workers"].default)
+    ideal_a = math.ceil(users_a / workers) * seconds
+    answer = chinese_answer(1500)
+    chunks = math.ceil(len(answer) / 10)  # paced() writes 10 characters a chunk
+    model = FakeModel(lambda request: paced(answer, args.chars_per_second, {}))
+    try:
+        b = run_burst(workdir, wechat, model, users_b, lambda text: "第" in text and
+                      text.rstrip().endswith(answer.rstrip()[-8:]),
+                      len(answer) / args.chars_per_second * 4 + 60, WXBOT_WORKERS=users_b)
+    finally:
+        model.close()
+    ideal_b = len(answer) / args.chars_per_second
+    rows = [
+        f"| {users_a} users, {seconds:g} s answers, defaults ({workers} workers) | "
+        f"{a['makespan']:.1f} s ({ideal_a:g}) | {a['makespan'] / ideal_a:.2f}x | "
+        f"{a['sign_max']:.2f} s ({a['late_signs']} late) | {a['ack_p99']:.1f} / "
+        f"{a['ack_max']:.1f} ms | - | {a['peak']:.0f} MiB | "
+        f"{a['cpu'] / a['makespan']:.0%} |",
+        f"| {users_b} users, {len(answer):,}-char answers streamed at "
+        f"{args.chars_per_second:.0f} chars/s, {users_b} workers | {b['makespan']:.1f} s "
+        f"({ideal_b:g}) | {b['makespan'] / ideal_b:.2f}x | {b['sign_max']:.2f} s "
+        f"({b['late_signs']} late) | {b['ack_p99']:.1f} / {b['ack_max']:.1f} ms | "
+        f"{b['cpu'] / (users_b * chunks) * 1000:.3f} ms | {b['peak']:.0f} MiB | "
+        f"{b['cpu'] / b['makespan']:.0%} |"]
+    return ["Bursts: users pushing within one second, wxbot in one process; makespan from the "
+            "first push to the last answer (targets: makespan "
+            "≤ 1.1x ideal with short answers, ≤ 1.15x streamed; typing or queue line within "
+            "2 s; ack p99 < 100 ms; CPU < 0.1 ms a streamed chunk; RSS < 150 MiB):", "",
+            "| burst | makespan (ideal) | ratio | first sign max (over 2 s) | ack p99 / max |"
+            " wxbot CPU a chunk | peak RSS | wxbot CPU |",
+            "|---|---|---|---|---|---|---|---|", *rows], max(a["peak"], b["peak"])
+
+
 def bench_blocked_words(args) -> list[str]:
     """In this process: the cost of 10,000 blocked words per question and per streamed answer."""
     rng = random.Random(13)
@@ -334,6 +459,132 @@ def bench_blocked_words(args) -> list[str]:
             f"{per_answer * 1000:.2f} ms"]
 
 
+# Soak: a database after months of traffic #####################################
+
+#: What one stored exchange looks like: a question, its answer in segments, two turns.
+SOAK_QUESTION = "请问公众号的客服消息最多能发多长？"
+SOAK_ANSWER = chinese_answer(1200)
+
+
+def build_soak_db(path: str, messages: int) -> float:
+    """A database holding `messages` answered questions from 10,000 users over the last
+    29 days, with their segments and turns, built in big transactions; seconds taken.
+    One answer in fifty keeps a segment unsent (beyond the 5-message quota)."""
+    started = time.monotonic()
+    wxbot.Store(path).close()  # the real schema
+    segments = wxbot.split_segments(SOAK_ANSWER, 1500)
+    now = time.time()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA synchronous=OFF")
+        for first in range(1, messages + 1, 100_000):
+            ids = range(first, min(messages + 1, first + 100_000))
+            at = {n: now - 29 * 86400 * (1 - n / messages) for n in ids}
+            openid = {n: f"oSOAK{n % 10000:05d}" + "x" * 18 for n in ids}
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT INTO messages (id, dedup_key, openid, msg_type, msg_id, content, fields,"
+                " received_at, state, attempts, answered_at) VALUES (?, ?, ?, 'text', ?, ?,"
+                " '{}', ?, 'done', 1, ?)",
+                ((n, f"{openid[n]}:{10**18 + n}", openid[n], str(10**18 + n), SOAK_QUESTION,
+                  at[n], at[n] + 3) for n in ids))
+            conn.executemany(
+                "INSERT INTO segments (message_id, seq, content, tried_at, sent_at) VALUES"
+                " (?, ?, ?, ?, ?)", ((n, seq, text, at[n] + 2, at[n] + 2 if seq < len(segments)
+                                      else None) for n in ids for seq, text in
+                                     enumerate(segments + segments[:1] * (n % 50 == 0))))
+            conn.executemany(
+                "INSERT INTO turns (openid, role, content, created_at, message_id) VALUES"
+                " (?, ?, ?, ?, ?)", ((openid[n], role, text, at[n], n) for n in ids
+                                     for role, text in (("user", SOAK_QUESTION),
+                                                        ("assistant", SOAK_ANSWER))))
+            conn.executemany("INSERT INTO model_calls VALUES (?, ?, ?)",
+                             ((n, openid[n], at[n]) for n in ids))
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return time.monotonic() - started
+
+
+def restore_soak_db(path: str, messages: int) -> None:
+    """Remove what a run added (pushes, their answers), so that the next run starts alike."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("BEGIN")
+        for table, column in (("segments", "message_id"), ("turns", "message_id"),
+                              ("model_calls", "message_id"), ("messages", "id")):
+            conn.execute(f"DELETE FROM {table} WHERE {column} > ?", (messages,))
+        conn.execute("DELETE FROM kv")
+        conn.execute("COMMIT")
+        conn.executescript("PRAGMA incremental_vacuum")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def ack_p99(workdir, wechat, pushes: str, args, **settings) -> float:
+    """ms, p99 of the webhook's answer at 16 connections, workers out of the way."""
+    load = load_wrk if shutil.which("wrk") and not args.python_load else load_python
+    stalled = FakeModel(lambda request: time.sleep(600) or "")
+    bot = Wxbot(workdir, wechat, stalled, **settings)
+    try:
+        load(bot.port, pushes, 16, 1)  # warm up
+        return load(bot.port, pushes, 16, args.seconds)["p99"]
+    finally:
+        bot.stop()
+        stalled.close()
+
+
+def healthz_ms(workdir, wechat, count: int, **settings) -> list[float]:
+    model = FakeModel()
+    bot = Wxbot(workdir, wechat, model, **settings)
+    times = []
+    try:
+        session = requests.Session()
+        for _ in range(count):
+            started = time.perf_counter()
+            assert session.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).ok
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        bot.stop()
+        model.close()
+    return times
+
+
+def bench_soak(wechat, args) -> list[str]:
+    """Ack and pickup on a database holding a million messages, against an empty one."""
+    path = args.soak_db or os.path.join(tempfile.gettempdir(),
+                                        f"wxbot-soak-{args.soak_messages}.db")
+    if os.path.exists(path):
+        built = "reused"
+        restore_soak_db(path, args.soak_messages)
+    else:
+        built = f"built in {build_soak_db(path, args.soak_messages):.0f} s"
+    size = os.path.getsize(path)
+    pickups = 200 if not args.quick else 20
+    # Retention off: the stored rows stay as they are for the whole run.
+    soak = {"WXBOT_DB": path, "WXBOT_RETENTION_DAYS": 0}
+    acks, delays = {"empty": [], "soak": []}, {"empty": [], "soak": []}
+    with tempfile.TemporaryDirectory() as workdir:
+        pushes = pushes_file(workdir, 30000 if not args.quick else 3000, False)
+        # Two rounds each, taking turns, so that the machine's noise falls on both sides.
+        for _ in range(2):
+            for side, settings in (("empty", {}), ("soak", soak)):
+                acks[side].append(ack_p99(workdir, wechat, pushes, args, **settings))
+                restore_soak_db(path, args.soak_messages)
+                delays[side] += pickup_delays(workdir, wechat, pickups, **settings)[0]
+                restore_soak_db(path, args.soak_messages)
+        health = healthz_ms(workdir, wechat, 200, **soak)
+    empty_ack, full_ack = statistics.mean(acks["empty"]), statistics.mean(acks["soak"])
+    empty_pickup, full_pickup = percentile(delays["empty"], 99), percentile(delays["soak"], 99)
+    per_message = size / args.soak_messages
+    return [f"Soak: {args.soak_messages:,} messages with segments and turns stored ({path}, "
+            f"{size / 2**30:.2f} GiB, {per_message / 1024:.1f} KiB a message, {built}), against "
+            f"an empty database in the same run (two rounds each, in turn): ack p99 at 16 "
+            f"connections {full_ack:.1f} ms (empty {empty_ack:.1f} ms, {full_ack / empty_ack:.2f}"
+            f"x); pickup p50 {percentile(delays['soak'], 50):.1f} ms, p99 {full_pickup:.1f} ms "
+            f"(empty p50 {percentile(delays['empty'], 50):.1f} ms, p99 {empty_pickup:.1f} ms, "
+            f"{full_pickup / empty_pickup:.2f}x); /healthz p50 {percentile(health, 50):.1f} ms, p99 {percentile(health, 99):.1f}"
+            f" ms, max {max(health):.1f} ms. At 10,000 messages a day, WXBOT_RETENTION_DAYS=30 "
+            f"keeps about {per_message * 10000 * 30 / 2**30:.1f} GiB on disk, this year and "
+            f"every year."]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run: every phase, briefly")
@@ -346,10 +597,29 @@ def main() -> int:
                         "generator even where wrk is installed")
     parser.add_argument("--blocked-words", action="store_true",
                         help="only the blocked-words row (in this process, a few seconds)")
+    parser.add_argument("--soak", action="store_true",
+                        help="only the soak row: ack and pickup on a database holding "
+                             "--soak-messages messages, against an empty one")
+    parser.add_argument("--soak-messages", type=int, default=1_000_000,
+                        help="messages stored for --soak (default 1,000,000)")
+    parser.add_argument("--soak-db", help="the soak database: built once, reused after "
+                                          "(default: wxbot-soak-N.db in the temp folder)")
+    parser.add_argument("--burst", action="store_true",
+                        help="only the burst rows (300 and 200 users; about 2 minutes)")
+    parser.add_argument("--burst-users", type=int, default=None,
+                        help="users in each burst instead of 300 and 200 (to try it small)")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.blocked_words:
         print("\n".join(bench_blocked_words(args)))
+        return 0
+    if args.soak:
+        args.seconds = args.seconds or (10.0 if not args.quick else 1.0)
+        wechat = FakeWeChat()
+        try:
+            print("\n".join(bench_soak(wechat, args)))
+        finally:
+            wechat.close()
         return 0
     if args.bare_server is not None:
         serve_bare(args.bare_server)
@@ -359,6 +629,14 @@ def main() -> int:
     args.idle = args.idle or (10.0 if not args.quick else 2.0)
     if args.quick:
         args.latency = min(args.latency, 0.2)
+    if args.burst:
+        wechat = FakeWeChat()
+        with tempfile.TemporaryDirectory() as workdir:
+            try:
+                print("\n".join(bench_bursts(workdir, wechat, args)[0]))
+            finally:
+                wechat.close()
+        return 0
 
     wechat = FakeWeChat()
     lines = [f"wxbot bench, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, Python "
@@ -369,14 +647,16 @@ def main() -> int:
             pickup, peak_pickup = bench_pickup(workdir, wechat, args)
             throughput, peak_throughput = bench_throughput(workdir, wechat, args)
             first, peak_first, idle = bench_first_message(workdir, wechat, args)
+            bursts, peak_bursts = bench_bursts(workdir, wechat, args)
         finally:
             wechat.close()
     blocked = bench_blocked_words(args)
     peak = max(peak_webhook, peak_pickup, peak_throughput, peak_first)
-    lines += webhook + ["", *pickup, "", *throughput, "", *first, "", *blocked, "",
+    lines += webhook + ["", *pickup, "", *throughput, "", *first, "", *bursts, "", *blocked, "",
                         f"Peak RSS of the wxbot process: {peak:.0f} MiB (webhook load "
                         f"{peak_webhook:.0f}, pickup {peak_pickup:.0f}, throughput with 20 "
-                        f"workers {peak_throughput:.0f}, long answer {peak_first:.0f}); CPU "
+                        f"workers {peak_throughput:.0f}, long answer {peak_first:.0f}; bursts: "
+                        f"{peak_bursts:.0f}, target < 150); CPU "
                         f"while idle for {args.idle:.0f} s: {idle:.2%}"]
     print("\n".join(lines))
     return 0

@@ -28,6 +28,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -35,7 +36,7 @@ import urllib.parse
 
 import pytest
 import requests
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 import wxbot
 
@@ -130,6 +131,7 @@ class FakeWeChat(FakeServer):
         self.menu_creates = []    # every menu/create body WeChat accepted
         self.uploads = []         # every media/upload WeChat accepted: its multipart field
         self.images = []          # (openid, media_id) per accepted image send, in order
+        self.raw = {}
 
     def new_token(self):
         self.tokens_issued += 1
@@ -148,6 +150,7 @@ class FakeWeChat(FakeServer):
             body = self.multipart_field(handler, "media")
         else:
             body = json.loads(handler.body.decode("utf-8")) if handler.body else None
+        self.raw[parts.path] = handler.body  # the last body each path got, as sent
         # hold(path, body) may block this request, outside the lock, and script its answer.
         held = self.hold(parts.path, body) if self.hold else None
         with self.lock:
@@ -1339,8 +1342,8 @@ def test_image_with_vision_off_gets_the_polite_line(start_bot, wechat, model):
 ], ids=["heading", "bold", "italic", "list", "numbered", "link", "inline-code", "fenced-code",
         "table", "quote", "strike"])
 def test_markdown_becomes_plain_text(markdown, plain):
-    assert wxbot.Markdown().clean(markdown) == plain
-    assert wxbot.utf8_len(wxbot.Markdown().clean(markdown)) <= wxbot.utf8_len(markdown)
+    assert wxbot.split_segments(markdown) == [plain]
+    assert wxbot.utf8_len(plain) <= wxbot.utf8_len(markdown)
 
 
 def test_answer_reaches_the_user_without_markdown(start_bot, wechat, model):
@@ -1840,10 +1843,7 @@ def test_unknown_msg_type_is_stored_and_answered_politely(start_bot, wechat, mod
 
 def test_body_over_limit_is_refused_without_reading_it(start_bot):
     bot = start_bot()
-    with socket.create_connection(("127.0.0.1", bot.port), timeout=5) as conn:
-        query = urllib.parse.urlencode(signed_query())
-        conn.sendall(f"POST /wx?{query} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n"
-                     f"\r\n".encode() + b"<xml>" * 10)
+    with raw_connection(bot, request_head(signed_query(), 100_000_000) + b"<xml>" * 10) as conn:
         answer = conn.recv(200)
     assert answer.startswith(b"HTTP/1.0 413") or answer.startswith(b"HTTP/1.1 413")
 
@@ -2325,6 +2325,228 @@ def test_passive_events_never_take_a_waiting_answer(start_bot, wechat, model,
         without_space(chinese_answer(3000))
 
 
+# Segments as full as the text allows #########################################
+
+CJK = st.characters(min_codepoint=0x4E00, max_codepoint=0x9FA5)
+ASCII_WORD = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789"),
+                     min_size=1, max_size=12)
+SENTENCE_ENDS = ["。", "！", "？", "!", "?", "；", ";", "。”", "！」", "？）", "?)", "！？"]
+
+
+@st.composite
+def prose(draw, chinese_only=False, paragraphs=14):
+    """Text of paragraphs, lines and sentences of any length (a sentence may run on for
+    hundreds of characters, or end without a mark), and where each of them ends."""
+    word = st.text(CJK, min_size=1, max_size=15) if chinese_only else \
+        st.one_of(st.text(CJK, min_size=1, max_size=15), ASCII_WORD)
+    joiner = st.sampled_from(["", "，", "、", "："] if chinese_only else
+                             ["", "，", "、", " ", "：", ", "])
+    ends = st.sampled_from([e for e in SENTENCE_ENDS if not chinese_only or not e.isascii()]
+                           + [""])
+    text, marks = "", {"paragraph": set(), "line": set(), "sentence": set()}
+    for p in range(draw(st.integers(1, paragraphs))):
+        if p:
+            marks["paragraph"].add(len(text))
+            marks["line"].update({len(text), len(text) + 1})
+            text += "\n\n"
+        for n in range(draw(st.integers(1, 4))):
+            if n:
+                marks["line"].add(len(text))
+                text += "\n"
+            for _ in range(draw(st.integers(1, 10))):
+                words = draw(st.lists(word, min_size=1, max_size=draw(st.sampled_from([6, 60]))))
+                text += words[0] + "".join(draw(joiner) + w for w in words[1:])
+                end = draw(ends)
+                text += end
+                if end:
+                    marks["sentence"].add(len(text))
+    return text, marks
+
+
+def cut_positions(text, segments):
+    """Where each segment starts and ends in the text it was cut from."""
+    spans, position = [], 0
+    for segment in segments:
+        start = text.index(segment, position)
+        assert not text[position:start].strip(), "text lost between segments"
+        spans.append((start, start + len(segment)))
+        position = start + len(segment)
+    assert not text[position:].strip(), "text lost at the end"
+    return spans
+
+
+def stream(text, chunks):
+    """The streaming path: the answer fed to a cutter in pieces of the given sizes."""
+    cutter, segments, position = wxbot.StreamCutter(), [], 0
+    for size in chunks * (len(text) // max(1, sum(chunks)) + 1):
+        segments += cutter.feed(text[position:position + size])
+        position += size
+        if position >= len(text):
+            break
+    return segments + cutter.finish()
+
+
+def assert_full_and_natural(text, marks, segments, first_is_early):
+    """Every segment fits; every one but the first (if early) and the last is at least
+    SEGMENT_LEAST bytes; each cut is at the last paragraph end that fits, else line end,
+    else sentence end; the segments join back to the text."""
+    spans = cut_positions(text, segments)
+    limit, least = wxbot.SEGMENT_LIMIT, wxbot.SEGMENT_LEAST
+    for n, (start, end) in enumerate(spans):
+        size = wxbot.utf8_len(text[start:end])
+        assert 0 < size <= limit
+        if n == len(spans) - 1:
+            continue
+        if n == 0 and first_is_early:
+            assert size >= wxbot.FIRST_LEAST
+            continue
+        assert size >= least, (n, size)
+        for kind in ("paragraph", "line", "sentence"):
+            fits = [at for at in marks[kind] if at > start and
+                    wxbot.utf8_len(text[start:at].rstrip()) >= least and
+                    wxbot.utf8_len(text[start:at]) <= limit]
+            if fits:
+                assert text[start:end] == text[start:max(fits)].rstrip(), (n, kind)
+                break
+
+
+BIG_INPUTS = [HealthCheck.data_too_large, HealthCheck.too_slow]
+
+
+@hsettings(max_examples=80, deadline=None, suppress_health_check=BIG_INPUTS)
+@given(prose(), st.lists(st.integers(1, 300), min_size=1, max_size=8))
+def test_segments_are_as_full_as_the_text_allows(shaped, chunks):
+    text, marks = shaped
+    assert_full_and_natural(text, marks, wxbot.split_segments(text), first_is_early=False)
+    assert_full_and_natural(text, marks, stream(text, chunks), first_is_early=True)
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=BIG_INPUTS)
+@given(prose(chinese_only=True), st.lists(st.integers(1, 300), min_size=1,
+                                                            max_size=8))
+def test_a_3000_character_chinese_answer_fits_five_messages(shaped, chunks):
+    text = shaped[0]
+    while len(text) < 3000:
+        text += "\n\n" + shaped[0]
+    text = text[:3000].strip()
+    for segments in (wxbot.split_segments(text), stream(text, chunks)):
+        assert len(segments) <= wxbot.QUOTA
+        assert without_space("".join(segments)) == without_space(text)
+
+
+def hesitating(text, pause):
+    """A model that writes a little, thinks for `pause` seconds, then writes the rest."""
+    def pieces():
+        yield text[:60]
+        time.sleep(pause)  # the model's own pace, not a synchronisation
+        yield from (text[i:i + 40] for i in range(60, len(text), 40))
+    return pieces()
+
+
+@pytest.mark.parametrize("pause", [0, 8.5], ids=["fast", "slow"])
+def test_3000_characters_arrive_whole_in_five_messages_fast_model_or_slow(start_bot, wechat,
+                                                                          model, pause):
+    sentence = "客服消息一次最多两千零四十八字节，长回答分段发送；每段尽量装满。"
+    answer = "".join(sentence if n % 7 else sentence + "\n\n" for n in range(200))[:3000]
+    assert wxbot.utf8_len(answer) > 8900
+    model.respond = lambda request: hesitating(answer, pause)
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=20)
+    send_text(bot, "oFIVE", "讲长一点", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1, timeout=30)
+    texts = wechat.texts_to("oFIVE")
+    assert len(texts) == 5 and all(wxbot.utf8_len(t) <= 2048 for t in texts)
+    assert without_space("".join(texts)) == without_space(answer)
+
+
+CODE_CHARS = st.sampled_from("abcdefxyz_0123456789 =+-*/()[]{}:#'\"<>.,|`~")
+
+
+@st.composite
+def filler(draw):
+    """Chinese prose of any length from a few drawn sentences, repeated: cheap to draw."""
+    sentences = draw(st.lists(st.text(CJK, min_size=1, max_size=40).map(lambda s: s + "。"),
+                              min_size=1, max_size=4))
+    per_paragraph, chars = draw(st.integers(1, 12)), draw(st.integers(0, 2500))
+    paragraphs, n = [], 0
+    while sum(map(len, paragraphs)) < chars:
+        paragraphs.append("".join(sentences[(n + i) % len(sentences)]
+                                  for i in range(per_paragraph)))
+        n += per_paragraph
+    return "\n\n".join(paragraphs)
+
+
+@st.composite
+def prose_with_code(draw):
+    """Chinese prose with fenced code blocks of any size between its paragraphs."""
+    parts, blocks = [], []
+    for _ in range(draw(st.integers(1, 4))):
+        parts.append(draw(filler()))
+        count = draw(st.sampled_from([3, 30, 60, 120]))  # under and over a segment
+        lines = draw(st.lists(st.tuples(st.integers(0, 8), st.text(CODE_CHARS, min_size=8,
+                                                                   max_size=50)),
+                              min_size=count, max_size=count + 5))
+        code = [" " * indent + line.rstrip() for indent, line in lines]
+        code = [line for line in code if line.strip() and "```" not in line] or ["x = 1"]
+        blocks.append(code)
+        parts.append("```python\n" + "\n".join(code) + "\n```")
+    parts.append(draw(filler()))
+    return "\n\n".join(part for part in parts if part), blocks
+
+
+@hsettings(max_examples=50, deadline=None, suppress_health_check=BIG_INPUTS)
+@given(prose_with_code(), st.lists(st.integers(1, 300), min_size=1, max_size=8))
+def test_code_blocks_are_whole_or_cut_at_line_ends(shaped, chunks):
+    text, blocks = shaped
+    for segments in (wxbot.split_segments(text), stream(text, chunks)):
+        assert all(0 < wxbot.utf8_len(s) <= wxbot.SEGMENT_LIMIT for s in segments)
+        lines = {line for segment in segments for line in segment.split("\n")}
+        for code in blocks:
+            assert set(code) <= lines  # each line of code whole, indentation and all
+            if wxbot.utf8_len("\n".join(code)) <= wxbot.SEGMENT_LIMIT:
+                assert any("\n".join(code) in segment for segment in segments)
+
+
+# Plain text that keeps code intact ###########################################
+
+IDENTIFIER = st.from_regex(r"_{0,2}[a-z]+(_[a-z0-9]+){0,3}_{0,2}", fullmatch=True).filter(
+    lambda name: "_" in name)
+ARITHMETIC = st.from_regex(r"[0-9a-z]+(\*{1,2}[0-9a-z]+){1,3}", fullmatch=True)
+INLINE_CODE = st.text(st.characters(blacklist_characters="`\n\r", blacklist_categories=(
+    "Cs", "Co")), min_size=1, max_size=30).filter(lambda code: code.strip() == code)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    IDENTIFIER.map(lambda name: ("kept", name)),
+    ARITHMETIC.map(lambda sum_: ("kept", sum_)),
+    INLINE_CODE.map(lambda code: ("code", code)),
+    st.text(CJK, min_size=1, max_size=6).map(lambda word: ("emphasis", word))),
+    min_size=1, max_size=12))
+def test_code_identifiers_and_arithmetic_are_never_read_as_emphasis(tokens):
+    marks = iter(["**", "*", "__", "_"] * len(tokens))
+    written = {"kept": lambda text: text, "code": lambda text: f"`{text}`",
+               "emphasis": lambda text: (lambda mark: mark + text + mark)(next(marks))}
+    line = "讲解 " + " ".join(written[kind](text) for kind, text in tokens) + " 完"
+    plain = wxbot.split_segments(line)[0]
+    position = 0
+    for kind, text in tokens:  # each in order, exactly as written (code without its marks)
+        position = plain.index(text, position) + len(text)
+    assert all(mark not in plain for kind, text in tokens if kind == "emphasis"
+               for mark in ("**" + text, "*" + text + "*", "_" + text + "_"))
+
+
+@pytest.mark.parametrize("markdown, plain", [
+    ("调用 `__init__` 初始化", "调用 __init__ 初始化"),
+    ("写 if __name__ == '__main__': 即可", "写 if __name__ == '__main__': 即可"),
+    ("变量 snake_case_names 与 2*3*4、2**10", "变量 snake_case_names 与 2*3*4、2**10"),
+    ("用 `a **b** c` 和 **重点**", "用 a **b** c 和 重点"),
+    ("```\ndef __init__(self, *args, **kwargs):\n    self._x = 2*3*4\n```",
+     "def __init__(self, *args, **kwargs):\n    self._x = 2*3*4"),
+], ids=["inline-dunder", "main-guard", "identifiers", "marks-in-code", "fenced"])
+def test_code_arrives_as_written(markdown, plain):
+    assert wxbot.split_segments(markdown) == [plain]
+
+
 # Menus, fixed replies and blocked words ######################################
 
 MENU = {"button": [
@@ -2350,6 +2572,8 @@ def test_menu_file_becomes_the_menu_exactly_as_written(tmp_path, wechat, model):
     assert result.returncode == 0, result.stdout + result.stderr
     assert wechat.menu_creates == [MENU]
     assert "in force" in result.stdout
+    # Raw UTF-8, as every call to WeChat: \u escapes can fail (40033, WECHAT.md §4).
+    assert "今日推荐".encode() in wechat.raw["/cgi-bin/menu/create"]
 
 
 def test_menu_show_prints_the_menu_in_force_and_delete_removes_it(tmp_path, wechat, model):
@@ -3219,7 +3443,7 @@ def test_full_scans_are_found_in_a_plan(tmp_path):
 def settings_for(tmp_path, **overrides):
     return wxbot.Settings.from_env({
         "WXBOT_TOKEN": TOKEN, "WXBOT_APPID": APPID, "WXBOT_APPSECRET": APPSECRET,
-        "OPENAI_API_KEY": API_KEY, "WXBOT_DB": str(tmp_path / "wxbot.db"),
+        "OPENAI_API_KEY": API_KEY, "WXBOT_DB": os.path.join(tmp_path, "wxbot.db"),
         **{key: str(value) for key, value in overrides.items()}})
 
 
@@ -3264,6 +3488,50 @@ def test_retention_deletes_old_rows_in_batches_and_the_file_shrinks(tmp_path):
         assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
         assert conn.execute("PRAGMA page_count").fetchone()[0] < pages * 0.7
     assert store.health(now)["answered"] == 20
+    store.close()
+
+
+@hsettings(max_examples=40, deadline=None)
+@given(ages=st.lists(st.tuples(st.floats(0, 12), st.sampled_from(list(wxbot.State)),
+                               st.integers(0, 3)), max_size=40),
+       retention_days=st.integers(1, 8), ttl_days=st.integers(0, 7), batch=st.integers(1, 9))
+def test_retention_keeps_exactly_what_it_promises(ages, retention_days, ttl_days, batch):
+    with tempfile.TemporaryDirectory() as folder:
+        check_retention(folder, ages, retention_days, ttl_days, batch)
+
+
+def check_retention(folder, ages, retention_days, ttl_days, batch):
+    day, now = 86400.0, 1_000_000_000.0
+    path = os.path.join(folder, "wxbot.db")
+    store = wxbot.Store(path)
+    ages.sort(key=lambda age: -age[0])  # ids follow arrival: the oldest first
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        for n, (age, state, turns) in enumerate(ages, 1):
+            conn.execute("INSERT INTO messages (id, dedup_key, openid, msg_type, content, fields,"
+                         " received_at, state) VALUES (?, ?, 'oPROP', 'text', '问', '{}', ?, ?)",
+                         (n, str(n), now - age * day, state.value))
+            conn.execute("INSERT INTO segments (message_id, seq, content) VALUES (?, 0, '答')",
+                         (n,))
+            conn.executemany("INSERT INTO turns (openid, role, content, created_at, message_id)"
+                             " VALUES ('oPROP', 'user', '问', ?, ?)",
+                             [(now - age * day, n)] * turns)
+    janitor = wxbot.Janitor(settings_for(folder, WXBOT_RETENTION_DAYS=retention_days,
+                                         WXBOT_SESSION_TTL=ttl_days * day), store)
+    janitor.BATCH, janitor.PAUSE = batch, 0
+    janitor.sweep(now)
+    kept = {n for n, (age, state, _) in enumerate(ages, 1)
+            if age <= retention_days or state in (wxbot.State.QUEUED, wxbot.State.LEASED)
+            or n == len(ages)}
+    turns_kept = sum(turns for age, _, turns in ages if age <= max(retention_days, ttl_days))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert {row[0] for row in conn.execute("SELECT id FROM messages")} == kept
+        assert {row[0] for row in conn.execute("SELECT message_id FROM segments")} == kept
+        assert conn.execute("SELECT count(*) FROM turns").fetchone()[0] == turns_kept
+        counts = dict(conn.execute("SELECT state, count(*) FROM messages GROUP BY state"))
+    health = store.health(now)
+    assert (health["answered"], health["failed"], health["dead"], health["queued"]) == (
+        counts.get("done", 0), counts.get("failed", 0), counts.get("dead", 0),
+        counts.get("queued", 0) + counts.get("leased", 0))
     store.close()
 
 
@@ -3353,6 +3621,40 @@ def test_workers_pause_while_the_disk_is_full_and_go_on(start_bot, wechat, model
     health = bot.store.health(time.time())
     assert health["answered"] == 1 and health["dead"] == 0
     assert "there is room on the disk again" in caplog.text
+
+
+def test_status_shows_the_queue_and_retry_requeues_a_dead_message(start_bot, wechat, model,
+                                                                  tmp_path, monkeypatch):
+    monkeypatch.setattr(wxbot.Worker, "DELIVERY_TRIES", 2)
+    monkeypatch.setattr(wxbot.Worker, "IDLE_LOOK", 0.5)
+    wechat.intercept = lambda path, body: -1 if body.get("touser") == "oDEADUSER1" else None
+    hold = threading.Event()
+    model.respond = lambda request: ("答：" + request["messages"][-1]["content"]
+                                     if hold.wait(20) else "")
+    bot = start_bot(WXBOT_WORKERS=2)
+    send_text(bot, "oDEADUSER1", "问", 1)
+    hold.set()
+    wait_for(lambda: bot.store.health(time.time())["dead"] == 1)
+    hold.clear()
+    send_text(bot, "oBUSYUSER2", "慢", 2)
+    wait_for(lambda: len(model.requests) == 2)
+    env = env_for(tmp_path, wechat, model)
+    shown = run_wxbot(["status"], env)  # beside the running service
+    assert shown.returncode == 0, shown.stderr
+    waiting, busy, dead = re.split(r"\n(?:in progress|dead): ", shown.stdout.split("waiting: ")[1])
+    assert waiting.strip() == "0"
+    assert busy.startswith("1\n") and "#2 " in busy and wxbot.short_id("oBUSYUSER2") in busy
+    assert dead.startswith("1\n") and "#1 " in dead and wxbot.short_id("oDEADUSER1") in dead
+    assert "errcode -1" in dead and "delivery 2" in dead and "retry ID" in dead
+    wechat.intercept = None
+    hold.set()
+    requeued = run_wxbot(["retry", "1"], env)
+    assert requeued.returncode == 0 and "queued again" in requeued.stdout
+    wait_for(lambda: wechat.texts_to("oDEADUSER1") == ["答：问"])
+    assert model.questions().count("问") == 1  # the stored answer went out; no new question
+    again = run_wxbot(["retry", "1"], env)
+    assert again.returncode == 1 and "not dead" in again.stdout
+    assert run_wxbot(["retry", "x"], env).returncode == 2
 
 
 # Hostile pushes ##############################################################
@@ -3504,6 +3806,23 @@ def test_a_signed_url_is_good_for_one_body(start_bot, wechat, model, tmp_path):
     wait_for(lambda: wechat.texts_to("oONCE"))
     assert model.questions() == ["原来的问题"]
     assert [row[:2] for row in stored_messages(tmp_path / "wxbot.db")] == [("oONCE", "1")]
+
+
+def test_in_safe_mode_a_retry_encrypted_afresh_is_a_retry_and_another_message_is_not(
+        start_bot, wechat, model, tmp_path):
+    bot = start_bot(WXBOT_AES_KEY=VECTOR_KEY)
+    crypto, query = wxbot.WeChatCrypto(VECTOR_KEY, APPID), signed_query(encrypt_type="aes")
+
+    def post(xml):  # encrypted with a fresh random prefix each time, signed for this URL
+        encrypt = crypto.encrypt(xml)
+        signature = wxbot.wechat_signature(TOKEN, query["timestamp"], query["nonce"], encrypt)
+        body = f"<xml><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>".encode()
+        return post_push(bot, body, query=dict(query, msg_signature=signature))
+    assert [post(text_xml("oAES", "加密的问题", 1)).text for _ in range(2)] == ["success"] * 2
+    assert post(text_xml("oAES", "另一个问题", 2)).status_code == 403
+    wait_for(lambda: wechat.texts_to("oAES"))
+    assert model.questions() == ["加密的问题"]
+    assert [row[:2] for row in stored_messages(tmp_path / "wxbot.db")] == [("oAES", "1")]
 
 
 def test_passive_retry_on_the_same_url_gets_the_same_reply(start_bot, wechat, model,

@@ -12,6 +12,8 @@ Usage:
   python wxbot.py [--env FILE]     serve (settings from the environment and FILE)
   python wxbot.py --help           every setting with its default
   python wxbot.py menu FILE.json   make FILE the account's custom menu (--show, --delete)
+  python wxbot.py status           the queue: waiting, in progress, dead (safe while serving)
+  python wxbot.py retry ID         queue a dead message again
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -1138,10 +1140,14 @@ class Store:
                                  short_id(row["openid"]), INTERRUPTIONS_LIMIT, reason, row["id"])
         return len(rows)
 
-    def finish(self, message: Message, state: State, error: str | None = None) -> None:
+    def finish(self, message: Message, state: State, error: str | None = None,
+               failure: str | None = None) -> None:
+        """End the message in `state`; `failure` names the count the last failure adds to."""
+        assert failure in ("model_failures", "delivery_failures", None)
+        counted = f", {failure} = {failure} + 1" if failure else ""
         with self.transaction() as conn:
             self._leased(conn, message, "UPDATE messages SET state = :state, lease_until = NULL,"
-                         " error = :error", state=state.value, error=error)
+                         " error = :error" + counted, state=state.value, error=error)
 
     def release_all_leases(self) -> int:
         """Put every leased message back: called at start and stop, when no worker runs."""
@@ -1350,6 +1356,8 @@ class Store:
         """Note, before it is sent, that the queue line goes out for these messages: it takes
         one of their 5 messages (quota). Those whose answer began to go out get none.
         Returns the ids noted."""
+        if not message_ids:
+            return []
         with self.transaction() as conn:
             noted = [message_id for message_id in message_ids if not conn.execute(
                 "SELECT 1 FROM segments WHERE message_id = ? AND tried_at IS NOT NULL LIMIT 1",
@@ -1994,7 +2002,7 @@ class WeChatAPI:
                   {"touser": openid, "msgtype": "image", "image": {"media_id": media_id}})
 
     def menu_create(self, menu: dict) -> None:
-        """Replace the custom menu (raw UTF-8 matters here too: escaped names show as \\u...)."""
+        """Replace the custom menu with exactly this one (sent as raw UTF-8, as every call)."""
         self.call("/cgi-bin/menu/create", menu)
 
     def menu_current(self) -> dict:
@@ -2244,51 +2252,72 @@ QUOTA = 5
 EVENT_QUOTA = 3
 #: Every segment leaves room for the "继续" line, which the 5th gets when more follows.
 SEGMENT_LIMIT = SEGMENT_BYTES - len(CONTINUE_TAIL.encode("utf-8"))
-SENTENCE_END = re.compile(r"[。！？!?；;…]+[”’\"')）]*|\.(?=\s)")
-CODE_FENCE = re.compile(r"^[ \t]*(```|~~~)", re.M)
+#: Segments between the first and the last are at least this long wherever the text allows,
+#: and the first at least FIRST_LEAST, so that five hold a 3,000-character Chinese answer
+#: (9,000 bytes): 1650 + 3 × 1800 + 2007 ≥ 9000.
+SEGMENT_LEAST = 1800
+FIRST_LEAST = 1650
+#: A sentence ends at 。！？!?；; (or … or ". "), with its closing quotes and brackets.
+SENTENCE_END = re.compile(r"[。！？!?；;…]+[”’」』）)\]】\"']*|\.(?=\s)")
+LINE_END = re.compile("\n")
+PARAGRAPH_END = re.compile(r"\n[ \t]*(?=\n)")
+#: After a comma or colon, or before a space.
+CLAUSE_END = re.compile(r"[，、,：:]+|(?<=\S)(?=[ \t])")
+#: Where a segment may end, best first; a line end cuts before its newline.
+BOUNDARIES = [(PARAGRAPH_END, True), (LINE_END, True), (SENTENCE_END, False),
+              (CLAUSE_END, False)]
+CODE_FENCE = re.compile(r"^[ \t]*(```|~~~)")
+#: A line being written is cut at a sentence end each time it grows by this many characters:
+#: a paragraph longer than a segment must not hold the segments back until it ends.
+LONG_LINE = 100
 
 
 def utf8_len(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-def _cut(text: str, limit: int, fill: float = 0.25) -> int:
-    """Where to cut text so its head fits limit bytes: a paragraph, line, sentence, or word end.
+def _chars_within(text: str, limit: int) -> int:
+    """How many characters of text fit in limit bytes of UTF-8."""
+    return len(text.encode("utf-8")[:max(0, limit)].decode("utf-8", "ignore"))
 
-    A boundary in the first `fill` of the head is passed over: a short segment wastes one of
-    the 5 messages of the quota. A code block that would be split goes whole to the next
-    segment, unless it is too long for one.
+
+def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
+         early: bool = False) -> int | None:
+    """Where the next segment of text ends (a character index).
+
+    The last paragraph end that fits, failing that the last line end, then the last sentence
+    end, then a comma or space, and only then a character boundary; each at least `least`
+    bytes in, wherever the text allows. A code block (start, end) that fits one segment is
+    never split: the segment ends before it. A longer one is cut at one of its line ends.
+    `early`: the text goes on beyond what is here, so only a real end will do, else None.
     """
-    head = text.encode("utf-8")[:limit].decode("utf-8", "ignore")
-    floor = int(len(head) * fill)
-    fences = [m.start() for m in CODE_FENCE.finditer(head)]
-    if len(fences) % 2 and fences[-1] > floor:
-        return fences[-1]
-    for boundary in ("\n\n", "\n"):
-        at = head.rfind(boundary)
-        if at > floor:
-            return at
-    ends = [m.end() for m in SENTENCE_END.finditer(head) if m.end() > floor // 2]
-    if ends:
-        return ends[-1]
-    for boundary in (" ", "，", ","):
-        at = head.rfind(boundary)
-        if at > floor // 2:
-            return at + len(boundary)
-    return len(head)
+    end = _chars_within(text, limit)
+    low = _chars_within(text, least - 1) + 1
+    long_blocks = []
+    for start, stop in blocks:
+        if start < end < stop:  # the cut would split this block
+            if utf8_len(text[start:stop]) <= limit and text[:start].strip():
+                return start
+            long_blocks.append((start, stop))
 
+    def allowed(at: int, line_end: bool) -> bool:
+        inside = [(start, stop) for start, stop in blocks if start < at < stop]
+        return not inside or (line_end and inside[0] in long_blocks)
 
-def split_segments(text: str, limit: int = SEGMENT_LIMIT, fill: float = 0.25) -> list[str]:
-    """Split text into pieces of at most limit UTF-8 bytes at the most natural boundary."""
-    segments = []
-    text = text.strip()
-    while utf8_len(text) > limit:
-        at = _cut(text, limit, fill)
-        segments.append(text[:at].rstrip())
-        text = text[at:].strip()
-    if text:
-        segments.append(text)
-    return [segment for segment in segments if segment]
+    near = text[:end + 16]  # a little beyond: a closing quote that does not fit stays
+    for pattern, line_end in BOUNDARIES:
+        if early and pattern is CLAUSE_END:
+            return None
+        ends = [match.start() if line_end else match.end() for match in pattern.finditer(near)]
+        ends = [at for at in ends if 0 < at <= end and allowed(at, line_end)]
+        for at in reversed(ends):
+            if at < low:
+                break
+            if utf8_len(text[:at].rstrip()) >= least:
+                return at
+        if long_blocks and ends and pattern is LINE_END:
+            return ends[-1]  # a line end of the code, though early: never inside a line
+    return end
 
 
 def next_send(rows: list, quota: int, streaming: bool) -> tuple[sqlite3.Row, str] | None:
@@ -2309,114 +2338,174 @@ def next_send(rows: list, quota: int, streaming: bool) -> tuple[sqlite3.Row, str
 
 
 class Markdown:
-    """Turns a model's Markdown into plain text, since WeChat shows the marks as they are.
-
-    Nothing it does makes a line longer, so a segment still fits after cleaning. It keeps
-    whether a code block is open across the segments of one answer.
-    """
+    """Turns a model's Markdown into plain text, one line at a time, since WeChat shows the
+    marks as they are. Code (inline and fenced) is taken out before any rule runs and put
+    back as written. Nothing it does makes a line longer."""
 
     TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
-    RULES = [
+    INLINE_CODE = re.compile(r"(`+)(.+?)\1")
+    #: Inline code waits in the Private Use Area while the rules run.
+    PLACEHOLDER = re.compile("[\ue000-\uf8ff]")
+    LINE_RULES = [
         (re.compile(r"^(\s*)#{1,6}\s+(.*?)[\s#]*$"), r"\1\2"),            # headings
         (re.compile(r"^(\s*)[*+](\s+)"), r"\1-\2"),                        # bullets
         (re.compile(r"^\s*>\s?"), ""),                                      # quotes
+    ]
+    # Emphasis never inside ASCII words: snake_case_names, 2*3*4 and 2**10 stay as written.
+    # Underscores mark emphasis only around Chinese (_强调_): __init__, _a and b_ are code.
+    RULES = [
         (re.compile(r"!\[([^\]]*)\]\(([^)\s]+)[^)]*\)"), r"\1 \2"),          # images
         (re.compile(r"\[([^\]]+)\]\(([^)\s]+)[^)]*\)"), r"\1 (\2)"),         # links
-        (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),               # bold
-        # italic; not inside ASCII words (snake_case, 2*3*4), but next to Chinese
-        (re.compile(r"(?<![A-Za-z0-9*])\*(?=\S)(.+?)(?<=\S)\*(?![A-Za-z0-9*])"), r"\1"),
-        (re.compile(r"(?<![A-Za-z0-9_])_(?=\S)(.+?)(?<=\S)_(?![A-Za-z0-9_])"), r"\1"),
-        (re.compile(r"~~(.+?)~~"), r"\1"),                                 # strike-through
-        (re.compile(r"`([^`]+)`"), r"\1"),                                 # inline code
+        (re.compile(r"(?<![A-Za-z0-9*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?![A-Za-z0-9*])"), r"\1"),
+        (re.compile(r"(?<![A-Za-z0-9_])__(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])__"
+                    r"(?![A-Za-z0-9_])"), r"\1"),
+        (re.compile(r"(?<![A-Za-z0-9*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![A-Za-z0-9*])"), r"\1"),
+        (re.compile(r"(?<![A-Za-z0-9_])_(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])_"
+                    r"(?![A-Za-z0-9_])"), r"\1"),
+        (re.compile(r"~~(?=\S)(.+?)(?<=\S)~~"), r"\1"),                     # strike-through
     ]
 
     def __init__(self):
         self.in_code = False
 
-    def clean(self, text: str) -> str:
-        lines = []
-        for line in text.split("\n"):
-            if CODE_FENCE.match(line):
-                self.in_code = not self.in_code
-                continue
-            if self.in_code:  # code stays as written, indentation and all
-                lines.append(line)
-                continue
-            if "|" in line and self.TABLE_RULE.match(line):
-                continue
+    def line(self, raw: str, line_start: bool = True) -> str | None:
+        """One line as plain text; None for a line that goes (a code fence, a table rule).
+        `line_start`: False for the rest of a line whose beginning was taken already."""
+        if line_start and CODE_FENCE.match(raw):
+            self.in_code = not self.in_code
+            return None
+        if self.in_code:  # code stays as written, indentation and all
+            return raw
+        if line_start and "|" in raw and self.TABLE_RULE.match(raw):
+            return None
+        if self.PLACEHOLDER.search(raw):  # nowhere to park inline code: leave it as it is
+            codes, line = [], raw
+        else:
+            codes = [match.group(2) for match in self.INLINE_CODE.finditer(raw)]
+            places = iter(range(len(codes)))
+            line = self.INLINE_CODE.sub(lambda match: chr(0xE000 + next(places)), raw)
+        if line_start:
             stripped = line.strip()
             if len(stripped) > 1 and stripped[0] == "|" and stripped[-1] == "|":
                 line = " | ".join(cell.strip() for cell in stripped[1:-1].split("|"))
-            for pattern, replacement in self.RULES:
+            for pattern, replacement in self.LINE_RULES:
                 line = pattern.sub(replacement, line)
-            lines.append(line)
-        return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+        for pattern, replacement in self.RULES:
+            line = pattern.sub(replacement, line)
+        return self.PLACEHOLDER.sub(lambda match: codes[ord(match.group()) - 0xE000], line) \
+            if codes else line
 
 
 class StreamCutter:
-    """Cuts an answer into segments while the model is still writing it.
+    """Cuts an answer into plain-text segments while the model is still writing it.
 
-    The first segment goes out as soon as it can stand alone: at a paragraph or sentence end
-    once FIRST_CHARS have come, or at a sentence end once the model has written for
-    FIRST_WAIT seconds. Later segments are filled close to the limit, so that a long answer
-    still fits the 5 messages of the quota.
+    Lines are turned into plain text as they complete (a long one at its sentence ends), so
+    that segments are measured as the user gets them. The first segment goes out at the first
+    paragraph, line or sentence end past FIRST_LEAST bytes; later ones once the limit is
+    reached, as full as the text allows (_cut).
     """
 
-    FIRST_CHARS = 600
-    FIRST_WAIT = 8.0
-    #: Later segments are cut at a paragraph or line end in their last quarter, if any.
-    FILL = 0.75
-
-    def __init__(self, started: float, first_done: bool = False,
-                 limit: int = SEGMENT_LIMIT):
-        self.started, self.first_done, self.limit = started, first_done, limit
-        self.buffer = ""
+    def __init__(self, first_done: bool = False, limit: int = SEGMENT_LIMIT):
+        self.first_done, self.limit = first_done, limit
         self.markdown = Markdown()
+        self.line = ""           # the raw line being written
+        self.line_start = True   # False once the start of self.line has been taken
+        self.looked = 0          # how long self.line was when last looked at for a cut
+        self.plain = ""          # plain text not cut into segments yet
+        self.blocks: list[list[int | None]] = []  # code blocks in self.plain: [start, end]
 
-    def feed(self, text: str, now: float) -> list[str]:
-        """Take more of the answer; return the segments that are ready, as plain text."""
-        return self._plain(self._feed(text, now))
-
-    def _plain(self, segments: list[str]) -> list[str]:
-        return [plain for plain in map(self.markdown.clean, segments) if plain]
-
-    def _feed(self, text: str, now: float) -> list[str]:
-        self.buffer += text
-        ready = []
-        if not self.first_done:
-            first = self._first(now)
-            if first is None:
-                return ready
-            ready.append(first)
-            self.first_done = True
-        while utf8_len(self.buffer) > self.limit:
-            at = _cut(self.buffer, self.limit, self.FILL)
-            ready.append(self.buffer[:at].strip())
-            self.buffer = self.buffer[at:].lstrip()
-        return [segment for segment in ready if segment]
-
-    def _first(self, now: float) -> str | None:
-        body = self.buffer.strip()
-        if utf8_len(body) > self.limit:
-            at = _cut(body, self.limit, self.FILL)
-        elif len(body) >= self.FIRST_CHARS:
-            at = _cut(body, self.limit, 0.5)
-            at = at if at < len(body) else None
-        elif now - self.started >= self.FIRST_WAIT:
-            ends = [m.end() for m in SENTENCE_END.finditer(body)]
-            at = ends[-1] if ends else None
+    def feed(self, text: str) -> list[str]:
+        """Take more of the answer; return the segments that are ready."""
+        taken = "\n" in text
+        if taken:
+            *lines, self.line = (self.line + text).split("\n")
+            for line in lines:
+                self._take(line, whole=True)
+            self.looked = 0
         else:
-            at = None
-        if not at:
-            return None
-        self.buffer = body[at:].lstrip()
-        return body[:at].strip()
+            self.line += text
+        if len(self.line) >= self.looked + LONG_LINE and not self.markdown.in_code:
+            self.looked = len(self.line)
+            at = self._sentence_end(self.line)
+            if at:
+                self._take(self.line[:at], whole=False)
+                self.line = self.line[at:]
+                self.looked, taken = 0, True
+        return self._segments(final=False) if taken else []  # nothing new to cut
 
     def finish(self) -> list[str]:
         """The rest, once the model has finished."""
-        rest, self.buffer = self.buffer, ""
-        return self._plain(split_segments(rest, self.limit,
-                                          self.FILL if self.first_done else 0.25))
+        if self.line:
+            self._take(self.line, whole=True)
+            self.line = ""
+        if self.blocks and self.blocks[-1][1] is None:  # a code block never closed
+            self.blocks[-1][1] = len(self.plain.rstrip("\n"))
+        return self._segments(final=True)
+
+    @staticmethod
+    def _sentence_end(line: str) -> int | None:
+        """The last sentence end of a line being written where no inline code, emphasis or
+        link is open, so that both parts read the same as the whole."""
+        for match in reversed(list(SENTENCE_END.finditer(line))):
+            head = line[:match.end()]
+            if head.count("`") % 2 == 0 and head.count("**") % 2 == 0 and \
+                    head.count("[") == head.count("]") and head.count("(") == head.count(")"):
+                return match.end()
+        return None
+
+    def _take(self, raw: str, whole: bool) -> None:
+        was_code = self.markdown.in_code
+        plain = self.markdown.line(raw, self.line_start)
+        self.line_start = whole
+        if plain is None:
+            if self.markdown.in_code and not was_code:
+                self.blocks.append([len(self.plain), None])
+            elif was_code and not self.markdown.in_code:
+                self.blocks[-1][1] = max(self.blocks[-1][0], len(self.plain) - 1)
+            return
+        if whole and not plain.strip() and not self.markdown.in_code and \
+                (not self.plain or self.plain.endswith("\n\n")):
+            return  # one blank line between paragraphs is enough
+        self.plain += plain + ("\n" if whole else "")
+
+    def _segments(self, final: bool) -> list[str]:
+        ready = []
+        while self.plain.strip():
+            size = utf8_len(self.plain)
+            blocks = [(start, len(self.plain) if end is None else end)
+                      for start, end in self.blocks]
+            if size <= self.limit and (final or self.first_done):
+                if not final:
+                    break
+                at = len(self.plain)
+            elif not self.first_done and size < FIRST_LEAST and not final:
+                break
+            else:
+                least = SEGMENT_LEAST if self.first_done else FIRST_LEAST
+                at = _cut(self.plain, self.limit, least, blocks, early=size <= self.limit)
+                if at is None:
+                    break
+            ready.append(self.plain[:at].rstrip())
+            self.first_done = True
+            code_next = [start for start, _ in blocks
+                         if start >= at and not self.plain[at:start].strip()]
+            if code_next:  # the next segment starts with code: its indentation stays
+                rest = self.plain[code_next[0]:]
+            elif any(start < at < end for start, end in blocks):  # cut at a line of code
+                rest = self.plain[at:].lstrip("\n")
+            else:
+                rest = self.plain[at:].lstrip()
+            gone = len(self.plain) - len(rest)
+            self.plain = rest
+            self.blocks = [[max(0, start - gone), None if end is None else end - gone]
+                           for start, end in self.blocks if end is None or end > gone]
+        return [segment for segment in ready if segment]
+
+
+def split_segments(text: str, limit: int = SEGMENT_LIMIT) -> list[str]:
+    """A whole answer as plain-text segments of at most limit UTF-8 bytes (see _cut)."""
+    cutter = StreamCutter(first_done=True, limit=limit)
+    return cutter.feed(text) + cutter.finish()
 
 
 ###############################################################################
@@ -3205,13 +3294,13 @@ class Worker:
         if partial:  # a stream cut off before: ask for the rest, never for all of it again
             ask += [{"role": "assistant", "content": partial},
                     {"role": "user", "content": RESUME_PROMPT}]
-        cutter = StreamCutter(time.monotonic(), first_done=bool(partial))
+        cutter = StreamCutter(first_done=bool(partial))
         written, sending = [], True
         try:
             for text in masked_stream(self._watched(message, self._ask(history, ask)),
                                       blocked):
                 written.append(text)
-                ready = cutter.feed(text, time.monotonic())
+                ready = cutter.feed(text)
                 if ready and sending:
                     sending = self.deliver(message, streaming=True, add=ready)
                 elif ready:  # after a failed send, the rest waits for the end of the answer
@@ -3465,7 +3554,7 @@ class Worker:
             log_worker.error("message %s: giving up after %d failed deliveries (state dead, "
                              "kept: `python wxbot.py status`, `python wxbot.py retry %s`): %s",
                              message.id, failures, message.id, error.hint())
-            self.store.finish(message, State.DEAD, str(error))
+            self.store.finish(message, State.DEAD, str(error), "delivery_failures")
             return
         delay = self._backoff(failures)
         if error.errcode in (40164, 45011):  # whitelist or per-minute limit: not a hot loop
@@ -3488,7 +3577,7 @@ UNCHECKED_REPLAY_WINDOW = 300
 
 
 class ReplayRecord:
-    """The (timestamp, nonce) pairs of recent pushes, each with a digest of its body.
+    """The (timestamp, nonce) pairs of recent pushes, each with a digest of its message.
 
     WeChat's signature covers token, timestamp and nonce, not the body, so one captured query
     string (an access log, a proxy) would sign any body. The same pair with the same body is
@@ -3715,13 +3804,16 @@ class Webhook:
 
     def parse(self, query: Mapping[str, str], body: bytes) -> Push:
         self.check_query(query)
-        self.replays.check(query["timestamp"], query["nonce"], body, self.clock())
-        fields = parse_xml(body)
+        message = body
         if query.get("encrypt_type") == "aes":
-            fields = self.decrypt(query, fields)
-        return Push.from_fields(fields)
+            message = self.decrypt(query, parse_xml(body))
+        # The message as the signature vouches for it: in 安全模式 the decrypted XML, so a
+        # retry that WeChat encrypted afresh is still the same message.
+        self.replays.check(query["timestamp"], query["nonce"], message, self.clock())
+        return Push.from_fields(parse_xml(message))
 
-    def decrypt(self, query: Mapping[str, str], fields: dict[str, str]) -> dict[str, str]:
+    def decrypt(self, query: Mapping[str, str], fields: dict[str, str]) -> bytes:
+        """The XML inside <Encrypt>, once msg_signature shows WeChat wrote it."""
         encrypted = fields.get("Encrypt", "")
         if not encrypted:
             raise BadPush("encrypt_type=aes but no <Encrypt>")
@@ -3730,7 +3822,7 @@ class Webhook:
         if not hmac.compare_digest(expected.encode(),
                                    query.get("msg_signature", "").encode("utf-8", "replace")):
             raise Forbidden("msg_signature does not match")
-        return parse_xml(self.crypto.decrypt(encrypted))
+        return self.crypto.decrypt(encrypted)
 
 
 def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottle:
@@ -3887,6 +3979,8 @@ class Janitor:
     and every hour, in small batches off the webhook's path."""
 
     EVERY = 3600.0
+    #: Messages looked at in one transaction (with their segments, turns and model calls).
+    BATCH = 500
     #: Between batches: the webhook and the workers get the write lock in between.
     PAUSE = 0.05
 
@@ -3900,7 +3994,7 @@ class Janitor:
         while after is not None and not self.stopping.is_set():
             after = self.store.prune(time.time() if now is None else now,
                                      self.settings.retention_days * 86400.0,
-                                     self.settings.session_ttl, after)
+                                     self.settings.session_ttl, after, self.BATCH)
             self.stopping.wait(self.PAUSE)
 
     def run(self) -> None:
@@ -4011,6 +4105,99 @@ def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int
                 due = store.next_due(time.time()) or time.time() + 0.1
                 time.sleep(min(1.0, max(0.01, due - time.time())))
     store.close()
+    return 0
+
+
+def age_text(seconds: float) -> str:
+    """A duration as an operator reads it at a glance: 45s, 12m, 3h 05m, 2d 4h."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+#: `status` lists at most this many messages of each state, oldest first.
+STATUS_ROWS = 20
+
+
+def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
+    """The database of a service that may be running: no migration, readers never block it."""
+    if not os.path.exists(settings.db):
+        print(f"no database at {settings.db} (check WXBOT_DB, or --env FILE)", file=out)
+        return None
+    conn = sqlite3.connect(settings.db, timeout=15, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version != SCHEMA_VERSION:
+        print(f"{settings.db} has schema {version}, this wxbot reads {SCHEMA_VERSION}: start "
+              f"this wxbot once to bring it up to date", file=out)
+        conn.close()
+        return None
+    return conn
+
+
+def status(settings: Settings, out, now: float | None = None) -> int:
+    """The queue from the database: waiting, in progress and dead messages, oldest first."""
+    now = time.time() if now is None else now
+    conn = open_for_operator(settings, out)
+    if conn is None:
+        return 1
+    with contextlib.closing(conn):
+        print(f"queue in {settings.db} at {time.strftime('%Y-%m-%d %H:%M:%S')}", file=out)
+        for state, title in ((State.QUEUED, "waiting"), (State.LEASED, "in progress"),
+                             (State.DEAD, "dead")):
+            total = conn.execute("SELECT messages FROM state_counts WHERE state = ?",
+                                 (state.value,)).fetchone()[0]
+            print(f"\n{title}: {total}", file=out)
+            for row in conn.execute(
+                    "SELECT id, openid, msg_type, event, received_at, not_before, lease_until,"
+                    " error, model_failures, delivery_failures, interruptions FROM messages"
+                    " WHERE state = ? ORDER BY id LIMIT ?", (state.value, STATUS_ROWS)):
+                if state is State.LEASED:
+                    note = f"lease ends in {age_text(row['lease_until'] - now)}"
+                elif state is State.QUEUED and row["not_before"] > now:
+                    note = f"next try in {age_text(row['not_before'] - now)}"
+                else:
+                    note = ""
+                failures = (f"failures: model {row['model_failures']}, delivery "
+                            f"{row['delivery_failures']}, interrupted {row['interruptions']}"
+                            if row["model_failures"] + row["delivery_failures"] +
+                            row["interruptions"] else "")
+                reason = "; ".join(part for part in (note, failures, row["error"] or "") if part)
+                print(f"  #{row['id']:<6} {age_text(now - row['received_at']):>7} old  "
+                      f"{short_id(row['openid']):<10} {row['event'] or row['msg_type']:<10}"
+                      f" {reason}".rstrip(), file=out)
+            if total > STATUS_ROWS:
+                print(f"  ... and {total - STATUS_ROWS} more", file=out)
+        if conn.execute("SELECT 1 FROM messages WHERE state = 'dead' LIMIT 1").fetchone():
+            print("\nto try a dead message again: python wxbot.py retry ID", file=out)
+    return 0
+
+
+def retry(settings: Settings, message_id: int, out) -> int:
+    """Queue a dead message again, its failure counts cleared; the service takes it within
+    a minute (Worker.IDLE_LOOK)."""
+    conn = open_for_operator(settings, out)
+    if conn is None:
+        return 1
+    with contextlib.closing(conn):
+        conn.execute("PRAGMA foreign_keys=ON")
+        requeued = conn.execute(
+            "UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
+            " model_failures = 0, delivery_failures = 0, interruptions = 0, error = NULL"
+            " WHERE id = ? AND state = 'dead'", (message_id,)).rowcount
+        if not requeued:
+            row = conn.execute("SELECT state FROM messages WHERE id = ?",
+                               (message_id,)).fetchone()
+            print(f"message {message_id} " + (f"is {row[0]}, not dead: nothing to do" if row
+                                              else "is not in the database"), file=out)
+            return 1
+    print(f"message {message_id} is queued again; the running wxbot takes it within a minute",
+          file=out)
     return 0
 
 
@@ -4148,11 +4335,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="serve",
-                        choices=["serve", "check", "chat", "menu"],
+                        choices=["serve", "check", "chat", "menu", "status", "retry"],
                         help="serve (default): run the bot; check: try the settings for real; "
                              "chat: talk to the model in this console; menu FILE.json: make "
-                             "the file the account's custom menu")
-    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)
+                             "the file the account's custom menu; status: the queue, with "
+                             "dead messages and why; retry ID: queue a dead message again")
+    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)  # menu's FILE, retry's ID
     parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
     parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
@@ -4161,7 +4349,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     args = parser.parse_args(argv)
     if args.command == "menu" and (args.file is not None) + args.show + args.delete != 1:
         parser.error("menu takes one of: FILE.json, --show, --delete")
-    elif args.command != "menu" and (args.file or args.show or args.delete):
+    elif args.command == "retry" and not (args.file or "").isdigit():
+        parser.error("retry takes the id of a dead message, as `status` shows it")
+    elif args.command not in ("menu", "retry") and (args.file or args.show or args.delete):
         parser.error("FILE, --show and --delete go with the menu command")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -4179,6 +4369,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                    **env}
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
+        if args.command in ("status", "retry"):  # the database only
+            env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+                   "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
     except SettingsError as error:
         for problem in error.problems:
@@ -4190,6 +4383,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
     if args.command == "check":
         return check(settings, sys.stdout)
+    if args.command == "status":
+        return status(settings, sys.stdout)
+    if args.command == "retry":
+        return retry(settings, int(args.file), sys.stdout)
     if args.command == "menu":
         return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
     try:
