@@ -2761,6 +2761,7 @@ def test_question_with_a_blocked_word_never_reaches_the_model(start_bot, wechat,
     bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁 词", "bad word"),
                     WXBOT_USER_RATE=1)
     send_text(bot, "oBLOCKED123", "请问 ＢＡＤ  Word 怎么买？", 1)
+    wait_for(lambda: wechat.texts_to("oBLOCKED123"))  # answered alone, not merged with the next
     send_text(bot, "oBLOCKED123", "违禁词是什么", 2)
     wait_for(lambda: len(wechat.texts_to("oBLOCKED123")) == 2)
     assert wechat.texts_to("oBLOCKED123") == [wxbot.REFUSED_LINE] * 2
