@@ -4304,3 +4304,20 @@ def test_database_of_schema_2_gets_pictures_and_keeps_its_answers(tmp_path):
         [("旧回答", None)]
     assert store.image(message_id) is None
     store.close()
+
+
+# Request heads ##############################################################
+
+@pytest.mark.parametrize("length, signed_status", [("\xb2", 411), ("9" * 5000, 413)])
+def test_odd_content_length_is_refused_not_an_internal_error(start_bot, caplog, length,
+                                                              signed_status):
+    """A Content-Length of "²" (a digit to str.isdigit(), not to int()) or of 5,000 digits
+    (too many for int()) is refused like any other bad length, before the body is read."""
+    bot = start_bot()
+    for query, status in (({}, 403), (signed_query(), signed_status)):
+        head = request_head(query, 0).replace(b"Content-Length: 0",
+                                              b"Content-Length: " + length.encode("latin-1"))
+        with raw_connection(bot, head) as conn:
+            conn.settimeout(5)
+            assert conn.recv(100).split(b"\r\n")[0].split(b" ")[1] == str(status).encode()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
