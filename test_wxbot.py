@@ -4321,3 +4321,19 @@ def test_odd_content_length_is_refused_not_an_internal_error(start_bot, caplog, 
             conn.settimeout(5)
             assert conn.recv(100).split(b"\r\n")[0].split(b" ")[1] == str(status).encode()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_status_never_shows_the_model_urls_credentials(start_bot, tmp_path):
+    with socket.socket() as closed:  # a port nothing listens on: the model is unreachable
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    bot = start_bot(OPENAI_BASE_URL=f"http://bob:hunter2pass@127.0.0.1:{port}/v1"
+                                    f"?api-key=KEYINQUERY9", WXBOT_RETRY_BASE=60)
+    send_text(bot, "oUNREACH", "你好", 1)
+
+    def status_text():
+        out = io.StringIO()
+        wxbot.status(bot.settings, out)
+        return out.getvalue() if "cannot reach the model" in out.getvalue() else ""
+    shown = wait_for(status_text, message="the failure in status")
+    assert "hunter2pass" not in shown and "KEYINQUERY9" not in shown and "bob" not in shown

@@ -2108,8 +2108,7 @@ class Model:
         except openai.APIStatusError as error:
             raise self._status_error(error) from None
         except openai.APIError as error:
-            raise ModelError(f"{type(error).__name__}: cannot reach the model at "
-                             f"{self.client.base_url}") from None
+            raise self._unreachable(error) from None
         choice = completion.choices[0] if completion.choices else None
         text = (choice.message.content or "").strip() if choice and choice.message else ""
         if not text and choice and choice.finish_reason == "content_filter":
@@ -2136,8 +2135,7 @@ class Model:
                 return
             raise self._status_error(error) from None
         except openai.APIError as error:
-            raise ModelError(f"{type(error).__name__}: cannot reach the model at "
-                             f"{self.client.base_url}") from None
+            raise self._unreachable(error) from None
         produced = finished = False
         with contextlib.closing(response.http_response) as http:
             try:
@@ -2171,6 +2169,12 @@ class Model:
             yield self.answer(messages)
         elif not finished:  # the connection ended without the model saying it was done
             raise ModelError("the answer stream ended before the answer was finished")
+
+    def _unreachable(self, error: openai.APIError, what: str = "the model") -> ModelError:
+        """No answer at all. The URL's credentials are masked here, not only in the log: the
+        reason is also stored with the message, and `status` prints it."""
+        return ModelError(f"{type(error).__name__}: cannot reach {what} at "
+                          f"{masked_url(str(self.client.base_url))}")
 
     def _status_error(self, error: openai.APIStatusError) -> ModelError:
         status = error.status_code
@@ -2213,8 +2217,7 @@ class ImageModel(Model):
         except openai.APIStatusError as error:
             raise self._status_error(error) from None
         except openai.APIError as error:
-            raise ModelError(f"{type(error).__name__}: cannot reach the Images API at "
-                             f"{self.client.base_url}") from None
+            raise self._unreachable(error, "the Images API") from None
         picture = result.data[0] if result.data else None
         if picture is not None and picture.b64_json:
             try:
