@@ -2782,6 +2782,30 @@ def test_stream_events_are_read_whatever_their_framing(events, spaced, comments,
     assert list(wxbot.sse_events(iter(lines))) == events
 
 
+@hsettings(max_examples=80, deadline=None)
+@given(lines=st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n"), max_size=30),
+                      max_size=8),
+       crlf=st.booleans(), cuts=st.lists(st.integers(0, 400), max_size=10))
+def test_stream_lines_survive_any_split_of_the_bytes(lines, crlf, cuts):
+    """A network read may end anywhere, inside a line or a UTF-8 character."""
+    data = "".join(line + ("\r\n" if crlf else "\n") for line in lines).encode()
+    edges = sorted({0, len(data), *(cut for cut in cuts if cut < len(data))})
+    reads = [data[start:end] for start, end in zip(edges, edges[1:])]
+    assert list(wxbot.paced_lines(iter(reads), 0)) == lines
+
+
+def test_a_stream_is_read_at_most_once_every_interval():
+    pulled = []
+
+    def reads():
+        for n in range(4):
+            pulled.append(time.monotonic())
+            yield f"data: {n}\n\n".encode()
+    assert list(wxbot.paced_lines(reads(), 0.05)) == ["data: 0", "", "data: 1", "", "data: 2",
+                                                      "", "data: 3", ""]
+    assert all(later - earlier >= 0.05 for earlier, later in zip(pulled, pulled[1:]))
+
+
 def test_error_event_in_the_stream_from_a_content_filter_gets_the_polite_line(start_bot, wechat,
                                                                                model):
     model.respond = lambda request: ["我来", {"error": {"message": "Output data may contain "
