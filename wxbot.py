@@ -94,6 +94,17 @@ HELP_LINE = ("我是 AI 助手，直接发文字或语音给我就能对话。\n
              "发送“帮助”或 /help：显示这段说明")
 VOICE_UNRECOGNISED_LINE = "抱歉，没听清这条语音，请直接打字发给我。"
 IMAGE_PROMPT = "请看这张图片，简要说明图里有什么。"
+#: A message starting with one of these asks for a picture (WXBOT_IMAGE_MODEL); longest first.
+DRAW_WORDS = ("画一张", "画", "/draw")
+DRAW_HOW_LINE = "想画什么？请在“画”后面写上画面，例如：画一只在窗台上晒太阳的橘猫"
+DRAW_REFUSED_LINE = "抱歉，这个画面我不能画，换个描述试试吧。"
+DRAW_DAILY_LINE = "今天的画图次数已用完（每天 {limit} 张），请约 {hours} 小时后再来。"
+#: The account may not upload media (48001: unverified): a line instead of the picture.
+IMAGE_NOT_ALLOWED_LINE = "抱歉，这个公众号暂时不能发送图片。"
+IMAGE_UNUSABLE_LINE = "抱歉，这张图片的格式或大小微信发不了，请稍后再试。"
+IMAGE_GONE_LINE = "这张图片已经过期了，请重新画一次。"
+#: What an image stands as among the segments of an answer, where a text is needed.
+IMAGE_SEGMENT = "[图片]"
 CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
 NOTHING_MORE_LINE = "没有更多内容了，请直接提问吧。"
 THINKING_LINE = "正在思考，请稍后回复“继续”获取回答。"
@@ -285,6 +296,18 @@ SETTINGS: dict[str, Setting] = {
                              "what a user whose question has a blocked word gets"),
     "vision": Setting("WXBOT_VISION", "0", _flag,
                       "1: send images to the model (it must accept image input)"),
+    "image_model": Setting("WXBOT_IMAGE_MODEL", "", _optional_text,
+                           "model of the Images API that draws for 画 / 画一张 / /draw, e.g. "
+                           "dall-e-3 (empty: no drawing, 画 ... is a question)"),
+    "image_base_url": Setting("WXBOT_IMAGE_BASE_URL", "", _optional_url,
+                              "base URL of the Images API when the chat provider has none "
+                              "(empty: OPENAI_BASE_URL)"),
+    "image_api_key": Setting("WXBOT_IMAGE_API_KEY", "", _optional_text,
+                             "API key for WXBOT_IMAGE_BASE_URL (empty: OPENAI_API_KEY)",
+                             secret=True),
+    "image_daily": Setting("WXBOT_IMAGE_DAILY", "10", _int_between(0, 10000),
+                           "images one user may have drawn per 24 h, on top of the model call "
+                           "limits (0: no limit)"),
     "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
                            "earlier turns older than this many seconds are not sent to the model"),
     "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file"),
@@ -344,6 +367,10 @@ class Settings:
     blocked_words: str
     blocked_reply: str
     vision: bool
+    image_model: str
+    image_base_url: str
+    image_api_key: str
+    image_daily: int
     session_ttl: float
     db: str
     retention_days: int
@@ -537,6 +564,7 @@ class Kind(enum.Enum):
     HELP = "help"
     STATS = "stats"        # for admins; an ordinary question for everyone else
     KEYWORD = "keyword"    # one of the owner's keywords (WXBOT_REPLIES): a fixed reply
+    DRAW = "draw"          # 画 / 画一张 / /draw, when drawing is on: text is what to draw
     EVENT = "event"        # subscribe, CLICK, LOCATION...: answered as an event, never a question
 
 
@@ -567,18 +595,25 @@ WORDS: dict[str, Kind] = {normalise(word): kind for words, kind in [
     (("/stats",), Kind.STATS)] for word in words}
 
 
-def classify(msg_type: str, content: str | None, keywords: Container[str] = ()) -> Intent:
+def classify(msg_type: str, content: str | None, keywords: Container[str] = (),
+             drawing: bool = False) -> Intent:
     """What a message is. The one place that decides it: service and passive replies, the
     merging of quick follow-ups and the fixed replies all ask here. A spoken command counts
-    as typed. `keywords` are the owner's, normalised (Replies.keywords)."""
+    as typed. `keywords` are the owner's, normalised (Replies.keywords); `drawing`: whether
+    WXBOT_IMAGE_MODEL is set (when it is not, 画 ... is a question like any other)."""
     if msg_type == "event":
         return Intent(Kind.EVENT, "")
     text = (content or "").strip()
     if msg_type not in ("text", "voice"):
         return Intent(Kind.QUESTION, text)
     word = normalise(text)
-    kind = WORDS.get(word) or (Kind.KEYWORD if word in keywords else Kind.QUESTION)
-    return Intent(kind, text)
+    kind = WORDS.get(word) or (Kind.KEYWORD if word in keywords else None)
+    if kind is None and drawing:
+        folded = unicodedata.normalize("NFKC", text).translate(_ASCII_LOWER)
+        for draw_word in DRAW_WORDS:
+            if folded.startswith(draw_word):
+                return Intent(Kind.DRAW, folded[len(draw_word):].strip(" :：,，。.!！"))
+    return Intent(kind or Kind.QUESTION, text)
 
 
 ###############################################################################
@@ -662,6 +697,7 @@ CREATE TABLE IF NOT EXISTS segments (
     sent_at    REAL,
     replied_to INTEGER REFERENCES messages (id),
     moved_to   INTEGER REFERENCES messages (id),
+    image      INTEGER,  -- images.message_id: this segment is that picture, not its content
     PRIMARY KEY (message_id, seq)
 );
 CREATE INDEX IF NOT EXISTS segments_replied ON segments (replied_to)
@@ -686,13 +722,28 @@ CREATE TABLE IF NOT EXISTS model_calls (
 );
 CREATE INDEX IF NOT EXISTS model_calls_user ON model_calls (openid, called_at);
 
+-- A drawing (WXBOT_IMAGE_MODEL), one per message. Each step is stored before the next is
+-- taken, so a restart never pays for a second picture nor uploads one twice: the row
+-- (counted in WXBOT_IMAGE_DAILY), then the picture's bytes, then WeChat's media_id, which
+-- lives 3 days. The bytes are dropped once the picture went out.
+CREATE TABLE IF NOT EXISTS images (
+    message_id  INTEGER PRIMARY KEY REFERENCES messages (id),
+    openid      TEXT NOT NULL,
+    prompt      TEXT NOT NULL,
+    asked_at    REAL NOT NULL,
+    bytes       BLOB,
+    media_id    TEXT,
+    uploaded_at REAL
+);
+CREATE INDEX IF NOT EXISTS images_user ON images (openid, asked_at);
+
 CREATE TABLE IF NOT EXISTS kv (
     key        TEXT PRIMARY KEY,
     value      TEXT NOT NULL,
     expires_at REAL
 );
 """
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: What brings a database written by an earlier wxbot up to date, by the version it has;
 #: SCHEMA then adds the tables and indexes that are new.
 MIGRATIONS = {
@@ -703,6 +754,9 @@ ALTER TABLE messages ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE state_counts (state TEXT PRIMARY KEY, messages INTEGER NOT NULL) WITHOUT ROWID;
 INSERT INTO state_counts (state, messages) SELECT column1, (SELECT count(*) FROM messages
     WHERE state = column1) FROM (VALUES {", ".join(f"('{s.value}')" for s in State)});
+""",
+    2: """
+ALTER TABLE segments ADD COLUMN image INTEGER;
 """,
 }
 #: A message interrupted this often (its lease expired, a restart, an internal error) ends
@@ -1124,7 +1178,8 @@ class Store:
                                      (message.id,)).fetchone():
             return 0
         earlier = conn.execute(
-            "SELECT s.message_id, s.seq, s.content, m.msg_type, m.error, EXISTS (SELECT 1"
+            "SELECT s.message_id, s.seq, s.content, s.image, m.msg_type, m.error, EXISTS"
+            " (SELECT 1"
             " FROM segments o WHERE o.message_id = m.id AND o.sent_at IS NOT NULL) AS begun"
             + EARLIER_UNSENT + " ORDER BY m.id, s.seq",
             {"openid": message.openid, "id": message.id}).fetchall()
@@ -1139,9 +1194,10 @@ class Store:
             if leftovers is not Leftovers.KEEP else []
         conn.executemany("UPDATE segments SET moved_to = ? WHERE message_id = ? AND seq = ?",
                          [(message.id, row[0], row[1]) for row in carried + dropped])
-        conn.executemany("INSERT INTO segments (message_id, seq, content, carried)"
-                         " VALUES (?, ?, ?, 1)",
-                         [(message.id, seq, row[2]) for seq, row in enumerate(carried)])
+        conn.executemany("INSERT INTO segments (message_id, seq, content, image, carried)"
+                         " VALUES (?, ?, ?, ?, 1)",
+                         [(message.id, seq, row["content"], row["image"])
+                          for seq, row in enumerate(carried)])
         return len(carried)
 
     def add_segments(self, message: Message, segments: list[str]) -> None:
@@ -1197,12 +1253,12 @@ class Store:
         return "\n\n".join(row[0] for row in rows)
 
     def merge_followups(self, message: Message, now: float,
-                        keywords: Container[str] = ()) -> list[str]:
+                        keywords: Container[str] = (), drawing: bool = False) -> list[str]:
         """Texts the user sent right after this one and that still wait: asked together.
 
         Phones split one question over several quick messages; they get one answer.
         Returns every text merged into this message so far, oldest first. `keywords` (the
-        owner's) are no question: they keep their fixed reply.
+        owner's) are no question: they keep their fixed reply; nor is a drawing (`drawing`).
         """
         with self.transaction() as conn:
             self._check_lease(conn, message)
@@ -1213,7 +1269,7 @@ class Store:
             merged, previous = [], message.received_at
             for row in waiting:  # up to the first that is no quick question typed
                 if row["msg_type"] != "text" or not (row["content"] or "").strip() or \
-                        classify(row["msg_type"], row["content"], keywords).kind \
+                        classify(row["msg_type"], row["content"], keywords, drawing).kind \
                         is not Kind.QUESTION \
                         or row["received_at"] - previous > MERGE_WINDOW:
                     break
@@ -1227,19 +1283,20 @@ class Store:
                 (message.id,))]
 
     def passive_reply(self, openid: str, message_id: int, now: float
-                      ) -> tuple[str, bool] | None:
-        """The segment the reply to this push carries, and whether more waits after it.
+                      ) -> tuple[str, bool, int | None] | None:
+        """The segment the reply to this push carries, whether more waits after it, and the
+        picture it is (images.message_id), if it is one.
 
         The same push retried gets the same segment; otherwise the next unsent segment of
         this message's own answer (which carries what the user was still owed), or of the
         answer it was merged into. An event never takes another message's answer.
         """
         with self.transaction() as conn:
-            row = conn.execute("SELECT message_id, seq, content FROM segments"
+            row = conn.execute("SELECT message_id, seq, content, image FROM segments"
                                " WHERE replied_to = ?", (message_id,)).fetchone()
             if row is None:
                 row = conn.execute(
-                    "SELECT message_id, seq, content FROM segments WHERE message_id ="
+                    "SELECT message_id, seq, content, image FROM segments WHERE message_id ="
                     " (SELECT coalesce(merged_into, id) FROM messages WHERE id = ?)"
                     " AND sent_at IS NULL AND moved_to IS NULL ORDER BY seq LIMIT 1",
                     (message_id,)).fetchone()
@@ -1247,15 +1304,17 @@ class Store:
                     return None
                 conn.execute("UPDATE segments SET sent_at = ?, replied_to = ?"
                              " WHERE message_id = ? AND seq = ?", (now, message_id, row[0], row[1]))
-            # More: a segment waiting, or a question of the user still being answered.
+            # More: a segment waiting, or a question (or a drawing: with drawing off it is a
+            # question) of the user still being answered.
             more = conn.execute(
                 "SELECT 1 FROM segments s JOIN messages m ON m.id = s.message_id"
                 " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL LIMIT 1",
                 (openid,)).fetchone() is not None or any(
-                classify(*waiting).kind is Kind.QUESTION for waiting in conn.execute(
+                classify(*waiting, drawing=True).kind in (Kind.QUESTION, Kind.DRAW)
+                for waiting in conn.execute(
                     "SELECT msg_type, content FROM messages WHERE openid = ?"
                     " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,)))
-        return row[2], more
+        return row["content"], more, row["image"]
 
     def reply_at_once(self, message_id: int, text: str, now: float) -> bool:
         """Answer a message no worker has taken with one passive reply, sent as this push's
@@ -1283,7 +1342,7 @@ class Store:
 
     def segments(self, message_id: int) -> list[sqlite3.Row]:
         with self.connection() as conn:
-            return conn.execute("SELECT seq, content, tried_at, sent_at FROM segments"
+            return conn.execute("SELECT seq, content, image, tried_at, sent_at FROM segments"
                                 " WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
@@ -1391,6 +1450,77 @@ class Store:
                          " (?, ?, ?)", (message.id, message.openid, now))
         return None
 
+    # Drawings ----------------------------------------------------------------
+
+    def reserve_image(self, message: Message, prompt: str, now: float, daily: int,
+                      windows: list[tuple[float, int]]) -> tuple[str, float] | None:
+        """Count the picture a message asks for, and the model call it is, unless the user's
+        WXBOT_IMAGE_DAILY or a call window is full: ("images" or "calls", seconds until a
+        place frees) then. None when it may be drawn (asked again after a restart: counted
+        once). The user's earlier answer's rest is dropped, as for a question."""
+        with self.transaction() as conn:
+            if conn.execute("SELECT 1 FROM images WHERE message_id = ?",
+                            (message.id,)).fetchone():
+                return None
+            if daily:
+                drawn = conn.execute(
+                    "SELECT asked_at FROM images WHERE openid = ? AND asked_at > ?"
+                    " ORDER BY asked_at DESC LIMIT ?",
+                    (message.openid, now - 86400, daily)).fetchall()
+                if len(drawn) >= daily:
+                    return "images", drawn[-1][0] + 86400 - now
+            wait = self.count_model_call(message, now, windows)
+            if wait is not None:
+                return "calls", wait
+            conn.execute("INSERT INTO images (message_id, openid, prompt, asked_at)"
+                         " VALUES (?, ?, ?, ?)", (message.id, message.openid, prompt, now))
+            self._start_answer(conn, message, True, Leftovers.DROP)
+        return None
+
+    def image(self, image_id: int) -> sqlite3.Row | None:
+        with self.connection() as conn:
+            return conn.execute("SELECT bytes, media_id, uploaded_at FROM images"
+                                " WHERE message_id = ?", (image_id,)).fetchone()
+
+    def keep_image(self, message: Message, data: bytes) -> None:
+        """The picture as the provider drew it, stored before anything else is done with it."""
+        with self.transaction() as conn:
+            self._check_lease(conn, message)
+            conn.execute("UPDATE images SET bytes = ? WHERE message_id = ?",
+                         (data, message.id))
+
+    def keep_media(self, image_id: int, media_id: str, now: float) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE images SET media_id = ?, uploaded_at = ? WHERE message_id = ?",
+                         (media_id, now, image_id))
+
+    def image_sent(self, image_id: int) -> None:
+        """The picture went out: its bytes are no longer needed (a retry reuses media_id)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE images SET bytes = NULL WHERE message_id = ?"
+                         " AND bytes IS NOT NULL", (image_id,))
+
+    def unreserve_image(self, message: Message) -> None:
+        """Nothing was drawn (refused, failed for good): it does not count as one of the day's."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM images WHERE message_id = ?", (message.id,))
+
+    def add_image(self, message: Message, now: float) -> int:
+        """End the message's answer with its picture; the number of segments it has to send."""
+        with self.transaction() as conn:
+            self._check_lease(conn, message)
+            conn.execute("INSERT INTO segments (message_id, seq, content, image) VALUES"
+                         " (?, (SELECT coalesce(max(seq) + 1, 0) FROM segments"
+                         " WHERE message_id = ?), ?, ?)",
+                         (message.id, message.id, IMAGE_SEGMENT, message.id))
+            return self._complete_answer(conn, message, now, [], None, None)
+
+    def image_as_text(self, message_id: int, seq: int, line: str) -> None:
+        """A picture that cannot be sent becomes a line saying so, sent in its place."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE segments SET content = ?, image = NULL WHERE message_id = ?"
+                         " AND seq = ?", (line, message_id, seq))
+
     # Retention ---------------------------------------------------------------
 
     def prune(self, now: float, keep_seconds: float, history_seconds: float,
@@ -1420,6 +1550,7 @@ class Store:
                 gone = [(row[0],) for row in old if row[2] not in ("queued", "leased")]
                 conn.executemany("DELETE FROM segments WHERE message_id = ?", gone)
                 conn.executemany("DELETE FROM model_calls WHERE message_id = ?", gone)
+                conn.executemany("DELETE FROM images WHERE message_id = ?", gone)
                 conn.executemany("DELETE FROM messages WHERE id = ?", gone)
                 turns = conn.execute("SELECT id, created_at FROM turns ORDER BY id LIMIT ?",
                                      (batch,)).fetchall()
@@ -1715,6 +1846,21 @@ TOKEN_INVALID = {40001, 40014, 42001}
 GIVE_UP = {40003, 43004, 45015, 45047, 48001}
 
 
+#: Temporary media: JPEG or PNG up to 10 MB, kept by WeChat for 3 days (WECHAT.md §8); an
+#: upload older than MEDIA_LIFETIME is made again (an hour's margin for the send).
+IMAGE_BYTES = 10 * 1024 * 1024
+MEDIA_LIFETIME = 3 * 86400 - 3600
+
+
+def image_type(data: bytes) -> str | None:
+    """The format ("jpeg" or "png") by the file's first bytes; None for any other."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    return None
+
+
 class WeChatError(Exception):
     """WeChat answered with a non-zero errcode, or not at all (errcode None)."""
 
@@ -1761,12 +1907,16 @@ class WeChatAPI:
             self._local.session = requests.Session()
         return self._local.session
 
-    def _post(self, path: str, body: dict | None, params: dict | None = None) -> dict:
-        """POST JSON as raw UTF-8 (escapes can fail with 40033), or GET when body is None;
-        raise WeChatError on failure."""
+    def _post(self, path: str, body: dict | None, params: dict | None = None,
+               files: dict | None = None) -> dict:
+        """POST JSON as raw UTF-8 (escapes can fail with 40033), or `files` as multipart, or
+        GET when there is neither; raise WeChatError on failure."""
         url = self.settings.api_base + path
         try:
-            if body is None:
+            if files is not None:  # up to 10 MB: more time than a JSON call
+                response = self._session().post(url, params=params, files=files,
+                                                timeout=self.timeout * 6)
+            elif body is None:
                 response = self._session().get(url, params=params, timeout=self.timeout)
             else:
                 response = self._session().post(
@@ -1819,21 +1969,37 @@ class WeChatAPI:
                 token = self._fetch_token(force=True)
             return token
 
-    def call(self, path: str, body: dict | None = None) -> dict:
+    def call(self, path: str, body: dict | None = None, params: dict | None = None,
+             files: dict | None = None) -> dict:
         """An authenticated call (GET without a body); on 40001, 40014 or 42001 refresh the
         token once and retry once."""
         token = self.access_token()
         try:
-            return self._post(path, body, {"access_token": token})
+            return self._post(path, body, {**(params or {}), "access_token": token}, files)
         except WeChatError as error:
             if error.errcode not in TOKEN_INVALID:
                 raise
             log_wechat.warning("access token rejected (%s); refreshing once", error.errcode)
-        return self._post(path, body, {"access_token": self.refresh_token(token)})
+        return self._post(path, body, {**(params or {}), "access_token":
+                                       self.refresh_token(token)}, files)
 
     def customer_service_send(self, openid: str, text: str) -> None:
         self.call("/cgi-bin/message/custom/send",
                   {"touser": openid, "msgtype": "text", "text": {"content": text}})
+
+    def upload_image(self, data: bytes) -> str:
+        """Upload a JPEG or PNG as temporary media (lives 3 days); its media_id."""
+        kind = image_type(data)
+        answer = self.call("/cgi-bin/media/upload", params={"type": "image"}, files={
+            "media": (f"image.{kind}", data, f"image/{kind}")})
+        media_id = answer.get("media_id")
+        if not isinstance(media_id, str) or not media_id:
+            raise WeChatError(None, "media/upload answered without media_id")
+        return media_id
+
+    def send_image(self, openid: str, media_id: str) -> None:
+        self.call("/cgi-bin/message/custom/send",
+                  {"touser": openid, "msgtype": "image", "image": {"media_id": media_id}})
 
     def menu_create(self, menu: dict) -> None:
         """Replace the custom menu with exactly this one (sent as raw UTF-8, as every call)."""
@@ -1897,7 +2063,8 @@ class ModelError(Exception):
 CONTEXT_TOO_LONG = re.compile(r"context.length|context_length|maximum context|too long|"
                               r"max_tokens|tokens? limit|超出|过长", re.I)
 CONTENT_FILTER = re.compile(r"content.filter|content_filter|content management|"
-                            r"data_inspection|inappropriate|sensitive|risk|违规|敏感", re.I)
+                            r"data_inspection|inappropriate|sensitive|risk|违规|敏感|"
+                            r"safety system|content.policy|moderation", re.I)
 
 
 def paced_lines(chunks: Iterator[bytes], every: float) -> Iterator[str]:
@@ -1948,12 +2115,14 @@ HTTP_RESPONSE = sys.modules[openai.DefaultHttpxClient.__base__.__module__.partit
 class Model:
     """An OpenAI-compatible chat.completions endpoint (OpenAI, DeepSeek, Qwen, Ollama, ...)."""
 
+    #: The settings an operator fixes when the provider refuses (named in the log).
+    KEY_SETTING, MODEL_SETTING, URL_SETTING = "OPENAI_API_KEY", "WXBOT_MODEL", "OPENAI_BASE_URL"
     #: Seconds between reads of a stream: WeChat only ever sees whole segments of hundreds
     #: of characters, so reading each token as it comes costs CPU and gains nothing.
     READ_EVERY = 0.25
 
     def __init__(self, settings: Settings):
-        self.settings = settings
+        self.settings, self.name = settings, settings.model
         self.client = openai.OpenAI(api_key=settings.openai_api_key,
                                     base_url=settings.openai_base_url or None,
                                     timeout=settings.model_timeout, max_retries=0)
@@ -2033,8 +2202,9 @@ class Model:
 
     def _status_error(self, error: openai.APIStatusError) -> ModelError:
         status = error.status_code
-        hint = {401: "check OPENAI_API_KEY", 403: "check OPENAI_API_KEY and the account",
-                404: f"check WXBOT_MODEL ({self.settings.model}) and OPENAI_BASE_URL"}
+        hint = {401: f"check {self.KEY_SETTING}",
+                403: f"check {self.KEY_SETTING} and the account",
+                404: f"check {self.MODEL_SETTING} ({self.name}) and {self.URL_SETTING}"}
         retry_after = None
         with contextlib.suppress(TypeError, ValueError):
             retry_after = float(error.response.headers.get("retry-after"))
@@ -2046,6 +2216,56 @@ class Model:
             kind = "refused"
         return ModelError(f"HTTP {status} from the model: {hint.get(status, 'provider error')}"
                           f" ({kind})", kind, retry_after, status, detail)
+
+
+class ImageModel(Model):
+    """An OpenAI-compatible Images API (images.generate): WXBOT_IMAGE_BASE_URL with its key,
+    or the chat provider's. Drawing takes longer than writing: twice WXBOT_MODEL_TIMEOUT."""
+
+    KEY_SETTING = "WXBOT_IMAGE_API_KEY (or OPENAI_API_KEY)"
+    MODEL_SETTING = "WXBOT_IMAGE_MODEL"
+    URL_SETTING = "WXBOT_IMAGE_BASE_URL (or OPENAI_BASE_URL)"
+
+    def __init__(self, settings: Settings):
+        self.settings, self.name = settings, settings.image_model
+        self.client = openai.OpenAI(
+            api_key=settings.image_api_key or settings.openai_api_key,
+            base_url=settings.image_base_url or settings.openai_base_url or None,
+            timeout=settings.model_timeout * 2, max_retries=0)
+
+    def draw(self, prompt: str) -> bytes:
+        """The picture's bytes, whether the provider returns them (b64_json) or a link (url);
+        ModelError "refused" when its safety system declines the prompt."""
+        try:
+            result = self.client.images.generate(model=self.name, prompt=prompt, n=1)
+        except openai.APIStatusError as error:
+            raise self._status_error(error) from None
+        except openai.APIError as error:
+            raise ModelError(f"{type(error).__name__}: cannot reach the Images API at "
+                             f"{self.client.base_url}") from None
+        picture = result.data[0] if result.data else None
+        if picture is not None and picture.b64_json:
+            try:
+                return base64.b64decode(picture.b64_json, validate=True)
+            except ValueError:
+                raise ModelError("the Images API returned b64_json that is not base64") \
+                    from None
+        if picture is not None and picture.url:
+            return self._download(picture.url)
+        raise ModelError("the Images API returned no image")
+
+    def _download(self, url: str) -> bytes:
+        """The picture behind the provider's link, read up to one byte over WeChat's limit."""
+        try:
+            with requests.get(url, stream=True, timeout=self.settings.model_timeout) as response:
+                if response.status_code != 200:
+                    raise ModelError(f"HTTP {response.status_code} fetching the image the "
+                                     f"Images API linked to")
+                data = response.raw.read(IMAGE_BYTES + 1, decode_content=True)
+        except requests.RequestException as error:
+            raise ModelError(f"{type(error).__name__} fetching the image the Images API "
+                             f"linked to") from None
+        return data
 
 
 ###############################################################################
@@ -2060,51 +2280,72 @@ QUOTA = 5
 EVENT_QUOTA = 3
 #: Every segment leaves room for the "继续" line, which the 5th gets when more follows.
 SEGMENT_LIMIT = SEGMENT_BYTES - len(CONTINUE_TAIL.encode("utf-8"))
-SENTENCE_END = re.compile(r"[。！？!?；;…]+[”’\"')）]*|\.(?=\s)")
-CODE_FENCE = re.compile(r"^[ \t]*(```|~~~)", re.M)
+#: Segments between the first and the last are at least this long wherever the text allows,
+#: and the first at least FIRST_LEAST, so that five hold a 3,000-character Chinese answer
+#: (9,000 bytes): 1650 + 3 × 1800 + 2007 ≥ 9000.
+SEGMENT_LEAST = 1800
+FIRST_LEAST = 1650
+#: A sentence ends at 。！？!?；; (or … or ". "), with its closing quotes and brackets.
+SENTENCE_END = re.compile(r"[。！？!?；;…]+[”’」』）)\]】\"']*|\.(?=\s)")
+LINE_END = re.compile("\n")
+PARAGRAPH_END = re.compile(r"\n[ \t]*(?=\n)")
+#: After a comma or colon, or before a space.
+CLAUSE_END = re.compile(r"[，、,：:]+|(?<=\S)(?=[ \t])")
+#: Where a segment may end, best first; a line end cuts before its newline.
+BOUNDARIES = [(PARAGRAPH_END, True), (LINE_END, True), (SENTENCE_END, False),
+              (CLAUSE_END, False)]
+CODE_FENCE = re.compile(r"^[ \t]*(```|~~~)")
+#: A line being written is cut at a sentence end each time it grows by this many characters:
+#: a paragraph longer than a segment must not hold the segments back until it ends.
+LONG_LINE = 100
 
 
 def utf8_len(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-def _cut(text: str, limit: int, fill: float = 0.25) -> int:
-    """Where to cut text so its head fits limit bytes: a paragraph, line, sentence, or word end.
+def _chars_within(text: str, limit: int) -> int:
+    """How many characters of text fit in limit bytes of UTF-8."""
+    return len(text.encode("utf-8")[:max(0, limit)].decode("utf-8", "ignore"))
 
-    A boundary in the first `fill` of the head is passed over: a short segment wastes one of
-    the 5 messages of the quota. A code block that would be split goes whole to the next
-    segment, unless it is too long for one.
+
+def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
+         early: bool = False) -> int | None:
+    """Where the next segment of text ends (a character index).
+
+    The last paragraph end that fits, failing that the last line end, then the last sentence
+    end, then a comma or space, and only then a character boundary; each at least `least`
+    bytes in, wherever the text allows. A code block (start, end) that fits one segment is
+    never split: the segment ends before it. A longer one is cut at one of its line ends.
+    `early`: the text goes on beyond what is here, so only a real end will do, else None.
     """
-    head = text.encode("utf-8")[:limit].decode("utf-8", "ignore")
-    floor = int(len(head) * fill)
-    fences = [m.start() for m in CODE_FENCE.finditer(head)]
-    if len(fences) % 2 and fences[-1] > floor:
-        return fences[-1]
-    for boundary in ("\n\n", "\n"):
-        at = head.rfind(boundary)
-        if at > floor:
-            return at
-    ends = [m.end() for m in SENTENCE_END.finditer(head) if m.end() > floor // 2]
-    if ends:
-        return ends[-1]
-    for boundary in (" ", "，", ","):
-        at = head.rfind(boundary)
-        if at > floor // 2:
-            return at + len(boundary)
-    return len(head)
+    end = _chars_within(text, limit)
+    low = _chars_within(text, least - 1) + 1
+    long_blocks = []
+    for start, stop in blocks:
+        if start < end < stop:  # the cut would split this block
+            if utf8_len(text[start:stop]) <= limit and text[:start].strip():
+                return start
+            long_blocks.append((start, stop))
 
+    def allowed(at: int, line_end: bool) -> bool:
+        inside = [(start, stop) for start, stop in blocks if start < at < stop]
+        return not inside or (line_end and inside[0] in long_blocks)
 
-def split_segments(text: str, limit: int = SEGMENT_LIMIT, fill: float = 0.25) -> list[str]:
-    """Split text into pieces of at most limit UTF-8 bytes at the most natural boundary."""
-    segments = []
-    text = text.strip()
-    while utf8_len(text) > limit:
-        at = _cut(text, limit, fill)
-        segments.append(text[:at].rstrip())
-        text = text[at:].strip()
-    if text:
-        segments.append(text)
-    return [segment for segment in segments if segment]
+    near = text[:end + 16]  # a little beyond: a closing quote that does not fit stays
+    for pattern, line_end in BOUNDARIES:
+        if early and pattern is CLAUSE_END:
+            return None
+        ends = [match.start() if line_end else match.end() for match in pattern.finditer(near)]
+        ends = [at for at in ends if 0 < at <= end and allowed(at, line_end)]
+        for at in reversed(ends):
+            if at < low:
+                break
+            if utf8_len(text[:at].rstrip()) >= least:
+                return at
+        if long_blocks and ends and pattern is LINE_END:
+            return ends[-1]  # a line end of the code, though early: never inside a line
+    return end
 
 
 def next_send(rows: list, quota: int, streaming: bool) -> tuple[sqlite3.Row, str] | None:
@@ -2125,114 +2366,174 @@ def next_send(rows: list, quota: int, streaming: bool) -> tuple[sqlite3.Row, str
 
 
 class Markdown:
-    """Turns a model's Markdown into plain text, since WeChat shows the marks as they are.
-
-    Nothing it does makes a line longer, so a segment still fits after cleaning. It keeps
-    whether a code block is open across the segments of one answer.
-    """
+    """Turns a model's Markdown into plain text, one line at a time, since WeChat shows the
+    marks as they are. Code (inline and fenced) is taken out before any rule runs and put
+    back as written. Nothing it does makes a line longer."""
 
     TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
-    RULES = [
+    INLINE_CODE = re.compile(r"(`+)(.+?)\1")
+    #: Inline code waits in the Private Use Area while the rules run.
+    PLACEHOLDER = re.compile("[\ue000-\uf8ff]")
+    LINE_RULES = [
         (re.compile(r"^(\s*)#{1,6}\s+(.*?)[\s#]*$"), r"\1\2"),            # headings
         (re.compile(r"^(\s*)[*+](\s+)"), r"\1-\2"),                        # bullets
         (re.compile(r"^\s*>\s?"), ""),                                      # quotes
+    ]
+    # Emphasis never inside ASCII words: snake_case_names, 2*3*4 and 2**10 stay as written.
+    # Underscores mark emphasis only around Chinese (_强调_): __init__, _a and b_ are code.
+    RULES = [
         (re.compile(r"!\[([^\]]*)\]\(([^)\s]+)[^)]*\)"), r"\1 \2"),          # images
         (re.compile(r"\[([^\]]+)\]\(([^)\s]+)[^)]*\)"), r"\1 (\2)"),         # links
-        (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),               # bold
-        # italic; not inside ASCII words (snake_case, 2*3*4), but next to Chinese
-        (re.compile(r"(?<![A-Za-z0-9*])\*(?=\S)(.+?)(?<=\S)\*(?![A-Za-z0-9*])"), r"\1"),
-        (re.compile(r"(?<![A-Za-z0-9_])_(?=\S)(.+?)(?<=\S)_(?![A-Za-z0-9_])"), r"\1"),
-        (re.compile(r"~~(.+?)~~"), r"\1"),                                 # strike-through
-        (re.compile(r"`([^`]+)`"), r"\1"),                                 # inline code
+        (re.compile(r"(?<![A-Za-z0-9*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?![A-Za-z0-9*])"), r"\1"),
+        (re.compile(r"(?<![A-Za-z0-9_])__(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])__"
+                    r"(?![A-Za-z0-9_])"), r"\1"),
+        (re.compile(r"(?<![A-Za-z0-9*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![A-Za-z0-9*])"), r"\1"),
+        (re.compile(r"(?<![A-Za-z0-9_])_(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])_"
+                    r"(?![A-Za-z0-9_])"), r"\1"),
+        (re.compile(r"~~(?=\S)(.+?)(?<=\S)~~"), r"\1"),                     # strike-through
     ]
 
     def __init__(self):
         self.in_code = False
 
-    def clean(self, text: str) -> str:
-        lines = []
-        for line in text.split("\n"):
-            if CODE_FENCE.match(line):
-                self.in_code = not self.in_code
-                continue
-            if self.in_code:  # code stays as written, indentation and all
-                lines.append(line)
-                continue
-            if "|" in line and self.TABLE_RULE.match(line):
-                continue
+    def line(self, raw: str, line_start: bool = True) -> str | None:
+        """One line as plain text; None for a line that goes (a code fence, a table rule).
+        `line_start`: False for the rest of a line whose beginning was taken already."""
+        if line_start and CODE_FENCE.match(raw):
+            self.in_code = not self.in_code
+            return None
+        if self.in_code:  # code stays as written, indentation and all
+            return raw
+        if line_start and "|" in raw and self.TABLE_RULE.match(raw):
+            return None
+        if self.PLACEHOLDER.search(raw):  # nowhere to park inline code: leave it as it is
+            codes, line = [], raw
+        else:
+            codes = [match.group(2) for match in self.INLINE_CODE.finditer(raw)]
+            places = iter(range(len(codes)))
+            line = self.INLINE_CODE.sub(lambda match: chr(0xE000 + next(places)), raw)
+        if line_start:
             stripped = line.strip()
             if len(stripped) > 1 and stripped[0] == "|" and stripped[-1] == "|":
                 line = " | ".join(cell.strip() for cell in stripped[1:-1].split("|"))
-            for pattern, replacement in self.RULES:
+            for pattern, replacement in self.LINE_RULES:
                 line = pattern.sub(replacement, line)
-            lines.append(line)
-        return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+        for pattern, replacement in self.RULES:
+            line = pattern.sub(replacement, line)
+        return self.PLACEHOLDER.sub(lambda match: codes[ord(match.group()) - 0xE000], line) \
+            if codes else line
 
 
 class StreamCutter:
-    """Cuts an answer into segments while the model is still writing it.
+    """Cuts an answer into plain-text segments while the model is still writing it.
 
-    The first segment goes out as soon as it can stand alone: at a paragraph or sentence end
-    once FIRST_CHARS have come, or at a sentence end once the model has written for
-    FIRST_WAIT seconds. Later segments are filled close to the limit, so that a long answer
-    still fits the 5 messages of the quota.
+    Lines are turned into plain text as they complete (a long one at its sentence ends), so
+    that segments are measured as the user gets them. The first segment goes out at the first
+    paragraph, line or sentence end past FIRST_LEAST bytes; later ones once the limit is
+    reached, as full as the text allows (_cut).
     """
 
-    FIRST_CHARS = 600
-    FIRST_WAIT = 8.0
-    #: Later segments are cut at a paragraph or line end in their last quarter, if any.
-    FILL = 0.75
-
-    def __init__(self, started: float, first_done: bool = False,
-                 limit: int = SEGMENT_LIMIT):
-        self.started, self.first_done, self.limit = started, first_done, limit
-        self.buffer = ""
+    def __init__(self, first_done: bool = False, limit: int = SEGMENT_LIMIT):
+        self.first_done, self.limit = first_done, limit
         self.markdown = Markdown()
+        self.line = ""           # the raw line being written
+        self.line_start = True   # False once the start of self.line has been taken
+        self.looked = 0          # how long self.line was when last looked at for a cut
+        self.plain = ""          # plain text not cut into segments yet
+        self.blocks: list[list[int | None]] = []  # code blocks in self.plain: [start, end]
 
-    def feed(self, text: str, now: float) -> list[str]:
-        """Take more of the answer; return the segments that are ready, as plain text."""
-        return self._plain(self._feed(text, now))
-
-    def _plain(self, segments: list[str]) -> list[str]:
-        return [plain for plain in map(self.markdown.clean, segments) if plain]
-
-    def _feed(self, text: str, now: float) -> list[str]:
-        self.buffer += text
-        ready = []
-        if not self.first_done:
-            first = self._first(now)
-            if first is None:
-                return ready
-            ready.append(first)
-            self.first_done = True
-        while utf8_len(self.buffer) > self.limit:
-            at = _cut(self.buffer, self.limit, self.FILL)
-            ready.append(self.buffer[:at].strip())
-            self.buffer = self.buffer[at:].lstrip()
-        return [segment for segment in ready if segment]
-
-    def _first(self, now: float) -> str | None:
-        body = self.buffer.strip()
-        if utf8_len(body) > self.limit:
-            at = _cut(body, self.limit, self.FILL)
-        elif len(body) >= self.FIRST_CHARS:
-            at = _cut(body, self.limit, 0.5)
-            at = at if at < len(body) else None
-        elif now - self.started >= self.FIRST_WAIT:
-            ends = [m.end() for m in SENTENCE_END.finditer(body)]
-            at = ends[-1] if ends else None
+    def feed(self, text: str) -> list[str]:
+        """Take more of the answer; return the segments that are ready."""
+        taken = "\n" in text
+        if taken:
+            *lines, self.line = (self.line + text).split("\n")
+            for line in lines:
+                self._take(line, whole=True)
+            self.looked = 0
         else:
-            at = None
-        if not at:
-            return None
-        self.buffer = body[at:].lstrip()
-        return body[:at].strip()
+            self.line += text
+        if len(self.line) >= self.looked + LONG_LINE and not self.markdown.in_code:
+            self.looked = len(self.line)
+            at = self._sentence_end(self.line)
+            if at:
+                self._take(self.line[:at], whole=False)
+                self.line = self.line[at:]
+                self.looked, taken = 0, True
+        return self._segments(final=False) if taken else []  # nothing new to cut
 
     def finish(self) -> list[str]:
         """The rest, once the model has finished."""
-        rest, self.buffer = self.buffer, ""
-        return self._plain(split_segments(rest, self.limit,
-                                          self.FILL if self.first_done else 0.25))
+        if self.line:
+            self._take(self.line, whole=True)
+            self.line = ""
+        if self.blocks and self.blocks[-1][1] is None:  # a code block never closed
+            self.blocks[-1][1] = len(self.plain.rstrip("\n"))
+        return self._segments(final=True)
+
+    @staticmethod
+    def _sentence_end(line: str) -> int | None:
+        """The last sentence end of a line being written where no inline code, emphasis or
+        link is open, so that both parts read the same as the whole."""
+        for match in reversed(list(SENTENCE_END.finditer(line))):
+            head = line[:match.end()]
+            if head.count("`") % 2 == 0 and head.count("**") % 2 == 0 and \
+                    head.count("[") == head.count("]") and head.count("(") == head.count(")"):
+                return match.end()
+        return None
+
+    def _take(self, raw: str, whole: bool) -> None:
+        was_code = self.markdown.in_code
+        plain = self.markdown.line(raw, self.line_start)
+        self.line_start = whole
+        if plain is None:
+            if self.markdown.in_code and not was_code:
+                self.blocks.append([len(self.plain), None])
+            elif was_code and not self.markdown.in_code:
+                self.blocks[-1][1] = max(self.blocks[-1][0], len(self.plain) - 1)
+            return
+        if whole and not plain.strip() and not self.markdown.in_code and \
+                (not self.plain or self.plain.endswith("\n\n")):
+            return  # one blank line between paragraphs is enough
+        self.plain += plain + ("\n" if whole else "")
+
+    def _segments(self, final: bool) -> list[str]:
+        ready = []
+        while self.plain.strip():
+            size = utf8_len(self.plain)
+            blocks = [(start, len(self.plain) if end is None else end)
+                      for start, end in self.blocks]
+            if size <= self.limit and (final or self.first_done):
+                if not final:
+                    break
+                at = len(self.plain)
+            elif not self.first_done and size < FIRST_LEAST and not final:
+                break
+            else:
+                least = SEGMENT_LEAST if self.first_done else FIRST_LEAST
+                at = _cut(self.plain, self.limit, least, blocks, early=size <= self.limit)
+                if at is None:
+                    break
+            ready.append(self.plain[:at].rstrip())
+            self.first_done = True
+            code_next = [start for start, _ in blocks
+                         if start >= at and not self.plain[at:start].strip()]
+            if code_next:  # the next segment starts with code: its indentation stays
+                rest = self.plain[code_next[0]:]
+            elif any(start < at < end for start, end in blocks):  # cut at a line of code
+                rest = self.plain[at:].lstrip("\n")
+            else:
+                rest = self.plain[at:].lstrip()
+            gone = len(self.plain) - len(rest)
+            self.plain = rest
+            self.blocks = [[max(0, start - gone), None if end is None else end - gone]
+                           for start, end in self.blocks if end is None or end > gone]
+        return [segment for segment in ready if segment]
+
+
+def split_segments(text: str, limit: int = SEGMENT_LIMIT) -> list[str]:
+    """A whole answer as plain-text segments of at most limit UTF-8 bytes (see _cut)."""
+    cutter = StreamCutter(first_done=True, limit=limit)
+    return cutter.feed(text) + cutter.finish()
 
 
 ###############################################################################
@@ -2790,6 +3091,22 @@ def stats_text(stats: dict) -> str:
         f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
 
 
+def image_media_id(store: Store, wechat: WeChatAPI, image_id: int) -> str | None:
+    """A drawn picture's media_id, uploaded now if it never was or has expired (3 days), and
+    stored before it is used; None when its bytes are gone (it went out long ago)."""
+    image = store.image(image_id)
+    if image is None:
+        return None
+    if image["media_id"] and image["uploaded_at"] > time.time() - MEDIA_LIFETIME:
+        return image["media_id"]
+    if image["bytes"] is None:
+        return None
+    now = time.time()
+    media_id = wechat.upload_image(image["bytes"])
+    store.keep_media(image_id, media_id, now)
+    return media_id
+
+
 class Wakeup:
     """Wakes idle workers the moment the webhook stores a message: no polling delay."""
 
@@ -2833,6 +3150,7 @@ class Worker:
         self.wakeup, self.mode, self.name = wakeup, mode, name
         self.acknowledger = acknowledger
         self.owner = owner or OwnerFiles(settings)
+        self.image_model = ImageModel(settings) if settings.image_model else None
         self.stopping = threading.Event()
         self.lease_seconds = settings.model_timeout * 2 + 120
 
@@ -2936,7 +3254,8 @@ class Worker:
         prompt = replies.prompt_for(message.event, event_key)
         if prompt:
             return self.answer_text(message, prompt)
-        intent = classify(message.msg_type, message.content, replies.keywords)
+        intent = classify(message.msg_type, message.content, replies.keywords,
+                          drawing=bool(self.settings.image_model))
         text = intent.text
         if intent.kind is Kind.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
@@ -2951,6 +3270,8 @@ class Worker:
         if intent.kind is Kind.CONTINUE:  # fetches the rest; never a question for the model
             return self.store.save_answer(message, [], now, leftovers=Leftovers.TAKE,
                                           if_nothing=[NOTHING_MORE_LINE])
+        if intent.kind is Kind.DRAW:
+            return self.draw(message, intent.text)
         if message.msg_type == "voice" and not text:
             log_worker.warning("message %s: a voice message without Recognition; turn on "
                                "公众号后台 → 设置与开发 → 接口权限 → 接收语音识别结果", message.id)
@@ -2971,7 +3292,8 @@ class Worker:
         blocked = self.owner.blocked
         with self.store.transaction():  # one commit: follow-ups, the call counted, carried
             question = "\n".join(part for part in [question, *self.store.merge_followups(
-                message, time.time(), self.owner.replies.keywords)] if part) or IMAGE_PROMPT
+                message, time.time(), self.owner.replies.keywords,
+                bool(self.settings.image_model))] if part) or IMAGE_PROMPT
             if len(question) > MAX_QUESTION_CHARS:
                 question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
                     chars=MAX_QUESTION_CHARS)
@@ -3000,13 +3322,13 @@ class Worker:
         if partial:  # a stream cut off before: ask for the rest, never for all of it again
             ask += [{"role": "assistant", "content": partial},
                     {"role": "user", "content": RESUME_PROMPT}]
-        cutter = StreamCutter(time.monotonic(), first_done=bool(partial))
+        cutter = StreamCutter(first_done=bool(partial))
         written, sending = [], True
         try:
             for text in masked_stream(self._watched(message, self._ask(history, ask)),
                                       blocked):
                 written.append(text)
-                ready = cutter.feed(text, time.monotonic())
+                ready = cutter.feed(text)
                 if ready and sending:
                     sending = self.deliver(message, streaming=True, add=ready)
                 elif ready:  # after a failed send, the rest waits for the end of the answer
@@ -3018,6 +3340,64 @@ class Worker:
         answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
         return self.store.complete_answer(message, time.time(), rest,
                                           f"[图片] {question}" if picture else question, answer)
+
+    def draw(self, message: Message, prompt: str) -> int | None:
+        """Have the Images API draw the prompt and upload the picture, each step stored before
+        the next; the answer is the picture (or the line that says why not).
+
+        Typing shows meanwhile, as for any message (Acknowledger); a restart resumes at the
+        first step not stored: it never pays for a second picture nor uploads it twice.
+        """
+        now = time.time()
+        if not prompt:
+            return self.store.save_answer(message, [DRAW_HOW_LINE], now)
+        if self.owner.blocked.found(prompt):
+            log_worker.warning("message %s from %s: drawing blocked (WXBOT_BLOCKED_WORDS)",
+                               message.id, short_id(message.openid))
+            self.store.bump("blocked", now)
+            return self.store.save_answer(message, [self.settings.blocked_reply], now)
+        full = self.store.reserve_image(message, prompt, now, self.settings.image_daily, [
+            (60, self.settings.user_rate), (86400, self.settings.user_daily)])
+        if full and full[0] == "images":
+            return self._over_limit(message, full[1], DRAW_DAILY_LINE.format(
+                limit=self.settings.image_daily, hours=max(1, round(full[1] / 3600))))
+        if full:
+            return self._over_limit(message, full[1])
+        image = self.store.image(message.id)
+        if image["bytes"] is None and image["media_id"] is None:
+            try:
+                data = self.image_model.draw(prompt)
+            except ModelError as error:
+                if error.kind != "transient" or message.model_failures + 1 >= self.MODEL_TRIES:
+                    self.store.unreserve_image(message)
+                return self._model_failed(message, error, None, DRAW_REFUSED_LINE)
+            if image_type(data) is None or len(data) > IMAGE_BYTES:
+                log_worker.error("message %s: the Images API returned %s; WeChat takes JPEG or "
+                                 "PNG up to 10 MB: choose a WXBOT_IMAGE_MODEL (or provider) "
+                                 "that returns one", message.id, f"{len(data)} bytes over "
+                                 "10 MB" if len(data) > IMAGE_BYTES else
+                                 f"another format (starting {data[:8]!r})")
+                return self.store.complete_answer(message, time.time(), [IMAGE_UNUSABLE_LINE])
+            self.store.keep_image(message, data)
+        try:
+            image_media_id(self.store, self.wechat, message.id)
+        except WeChatError as error:
+            if error.errcode != 48001:  # not sent yet: delivery retries the upload
+                log_worker.warning("message %s: picture not uploaded yet (%s)", message.id,
+                                   error.hint())
+            else:
+                return self.store.complete_answer(message, time.time(), [
+                    self._no_media(message)])
+        return self.store.add_image(message, time.time())
+
+    def _no_media(self, message: Message) -> str:
+        """WeChat refused the upload (48001): the line the user gets instead, logged once."""
+        if self.wechat.first_time(48001):
+            log_worker.error("message %s: WeChat refuses to take pictures (48001 from "
+                             "media/upload: only verified accounts, or the 测试号, may upload "
+                             "media): verify the account, or unset WXBOT_IMAGE_MODEL",
+                             message.id)
+        return IMAGE_NOT_ALLOWED_LINE
 
     def _ask(self, history: list[dict], ask: list[dict]) -> Iterator[str]:
         """The model's answer as it streams; a context-too-long error retries without history."""
@@ -3082,12 +3462,12 @@ class Worker:
         finally:
             abandoned.set()
 
-    def _over_limit(self, message: Message, wait: float) -> int:
+    def _over_limit(self, message: Message, wait: float, line: str = "") -> int:
         """One short notice per user and window; further messages in it get nothing."""
         now = time.time()
-        line = (RATE_LINE.format(wait=max(1, round(wait))) if wait <= 60
-                else DAILY_LINE.format(hours=max(1, round(wait / 3600))))
-        notice_key = f"limit-notice:{message.openid}"
+        line = line or (RATE_LINE.format(wait=max(1, round(wait))) if wait <= 60
+                        else DAILY_LINE.format(hours=max(1, round(wait / 3600))))
+        notice_key = f"limit-notice:{message.openid}:{'own' if line else 'calls'}"
         segments = [] if self.store.get_kv(notice_key, now) else [line]
         if segments:
             self.store.set_kv(notice_key, "1", now + wait)
@@ -3096,7 +3476,8 @@ class Worker:
                            short_id(message.openid), "notice sent" if segments else "silent")
         return self.store.save_answer(message, segments, now)
 
-    def _model_failed(self, message: Message, error: ModelError, question: str) -> int | None:
+    def _model_failed(self, message: Message, error: ModelError, question: str | None,
+                      refused_line: str = REFUSED_LINE) -> int | None:
         """Retry later, or end the answer with a polite line; what was sent stays sent."""
         partial = self.store.partial_answer(message.id)
         failures = message.model_failures + 1
@@ -3109,7 +3490,7 @@ class Worker:
             return None
         if error.kind == "refused":
             log_worker.warning("message %s: the model refused (content filter)", message.id)
-            line = REFUSED_LINE
+            line = refused_line
         else:
             log_worker.error("message %s from %s: model failed (%s); sending the apology",
                              message.id, short_id(message.openid), error)
@@ -3152,7 +3533,10 @@ class Worker:
                                    "ended; sending it again (the user may see it twice)",
                                    message.id, row["seq"])
             try:
-                self.wechat.customer_service_send(message.openid, text)
+                if row["image"]:
+                    self._send_image(message, row)
+                else:
+                    self.wechat.customer_service_send(message.openid, text)
             except WeChatError as error:
                 if not streaming:  # while streaming, the final delivery deals with it
                     self._send_failed(message, error)
@@ -3164,6 +3548,24 @@ class Worker:
                             f"{model_seconds:.2f}s" if model_seconds is not None else "-",
                             sum(row["sent_at"] is not None for row in rows), len(rows))
         return True
+
+    def _send_image(self, message: Message, row: sqlite3.Row) -> None:
+        """Send a picture, uploaded again if its media_id expired; a line in its place when
+        WeChat refuses the upload (48001) or the picture is gone."""
+        try:
+            media_id = image_media_id(self.store, self.wechat, row["image"])
+        except WeChatError as error:
+            if error.errcode != 48001:
+                raise
+            media_id, line = None, self._no_media(message)
+        else:
+            line = IMAGE_GONE_LINE
+        if media_id is None:
+            self.store.image_as_text(message.id, row["seq"], line)
+            self.wechat.customer_service_send(message.openid, line)
+            return
+        self.wechat.send_image(message.openid, media_id)
+        self.store.image_sent(row["image"])
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
         if error.errcode == 48001 and self.mode.no_permission():
@@ -3203,7 +3605,7 @@ UNCHECKED_REPLAY_WINDOW = 300
 
 
 class ReplayRecord:
-    """The (timestamp, nonce) pairs of recent pushes, each with a digest of its body.
+    """The (timestamp, nonce) pairs of recent pushes, each with a digest of its message.
 
     WeChat's signature covers token, timestamp and nonce, not the body, so one captured query
     string (an access log, a proxy) would sign any body. The same pair with the same body is
@@ -3261,13 +3663,23 @@ def text_reply_xml(openid: str, account: str, content: str, now: float) -> bytes
             f"<Content><![CDATA[{content}]]></Content></xml>").encode("utf-8")
 
 
+def image_reply_xml(openid: str, account: str, media_id: str, now: float) -> bytes:
+    """WeChat's passive image reply (WECHAT.md §8)."""
+    return (f"<xml><ToUserName><![CDATA[{openid}]]></ToUserName>"
+            f"<FromUserName><![CDATA[{account}]]></FromUserName>"
+            f"<CreateTime>{int(now)}</CreateTime><MsgType><![CDATA[image]]></MsgType>"
+            f"<Image><MediaId><![CDATA[{media_id}]]></MediaId></Image></xml>").encode("utf-8")
+
+
 class Webhook:
     """Turns WeChat's HTTP calls into stored pushes; pure of I/O apart from the store."""
 
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
-                 acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None):
+                 acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None,
+                 wechat: WeChatAPI | None = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
+        self.wechat = wechat  # uploads a drawn picture again when its media_id expired
         self.mode = mode or DeliveryMode("service", store)
         self.acknowledger = acknowledger
         self.owner = owner or OwnerFiles(settings)
@@ -3361,7 +3773,9 @@ class Webhook:
             settled = self.store.settled(message_id)  # before the look, so nothing is missed
             reply = self.store.passive_reply(push.openid, message_id, time.time())
             if reply:
-                text, more = reply
+                text, more, image = reply
+                if image:
+                    return self.image_reply(push, image, query)
                 return self.reply_body(push, text + CONTINUE_TAIL if more else text, query)
             if settled:
                 return "success"
@@ -3376,8 +3790,25 @@ class Webhook:
         time.sleep(max(0.0, started + WECHAT_TIMEOUT + 0.5 - time.monotonic()))
         return "success"
 
-    def reply_body(self, push: Push, text: str, query: Mapping[str, str]) -> str:
-        xml = text_reply_xml(push.openid, push.account, text, self.clock())
+    def image_reply(self, push: Push, image_id: int, query: Mapping[str, str]) -> str:
+        """A drawn picture as the reply; a line instead when it cannot be sent."""
+        try:
+            media_id = image_media_id(self.store, self.wechat, image_id) if self.wechat \
+                else None
+        except WeChatError as error:
+            log_web.error("a drawn picture was not uploaded: %s", error.hint())
+            return self.reply_body(push, IMAGE_NOT_ALLOWED_LINE if error.errcode == 48001
+                                   else APOLOGY_LINE, query)
+        if media_id is None:
+            return self.reply_body(push, IMAGE_GONE_LINE, query)
+        self.store.image_sent(image_id)
+        return self.reply_body(push, "", query, image_reply_xml(
+            push.openid, push.account, media_id, self.clock()))
+
+    def reply_body(self, push: Push, text: str, query: Mapping[str, str],
+                   xml: bytes = b"") -> str:
+        """The reply as WeChat takes it: `text` (or a ready `xml`), encrypted in 安全模式."""
+        xml = xml or text_reply_xml(push.openid, push.account, text, self.clock())
         if query.get("encrypt_type") == "aes" and self.crypto:
             xml = self.crypto.reply(self.settings.token, xml, query.get("timestamp", ""),
                                     query.get("nonce", ""))
@@ -3401,13 +3832,16 @@ class Webhook:
 
     def parse(self, query: Mapping[str, str], body: bytes) -> Push:
         self.check_query(query)
-        self.replays.check(query["timestamp"], query["nonce"], body, self.clock())
-        fields = parse_xml(body)
+        message = body
         if query.get("encrypt_type") == "aes":
-            fields = self.decrypt(query, fields)
-        return Push.from_fields(fields)
+            message = self.decrypt(query, parse_xml(body))
+        # The message as the signature vouches for it: in 安全模式 the decrypted XML, so a
+        # retry that WeChat encrypted afresh is still the same message.
+        self.replays.check(query["timestamp"], query["nonce"], message, self.clock())
+        return Push.from_fields(parse_xml(message))
 
-    def decrypt(self, query: Mapping[str, str], fields: dict[str, str]) -> dict[str, str]:
+    def decrypt(self, query: Mapping[str, str], fields: dict[str, str]) -> bytes:
+        """The XML inside <Encrypt>, once msg_signature shows WeChat wrote it."""
         encrypted = fields.get("Encrypt", "")
         if not encrypted:
             raise BadPush("encrypt_type=aes but no <Encrypt>")
@@ -3416,7 +3850,7 @@ class Webhook:
         if not hmac.compare_digest(expected.encode(),
                                    query.get("msg_signature", "").encode("utf-8", "replace")):
             raise Forbidden("msg_signature does not match")
-        return parse_xml(self.crypto.decrypt(encrypted))
+        return self.crypto.decrypt(encrypted)
 
 
 def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottle:
@@ -3573,6 +4007,8 @@ class Janitor:
     and every hour, in small batches off the webhook's path."""
 
     EVERY = 3600.0
+    #: Messages looked at in one transaction (with their segments, turns and model calls).
+    BATCH = 500
     #: Between batches: the webhook and the workers get the write lock in between.
     PAUSE = 0.05
 
@@ -3586,7 +4022,7 @@ class Janitor:
         while after is not None and not self.stopping.is_set():
             after = self.store.prune(time.time() if now is None else now,
                                      self.settings.retention_days * 86400.0,
-                                     self.settings.session_ttl, after)
+                                     self.settings.session_ttl, after, self.BATCH)
             self.stopping.wait(self.PAUSE)
 
     def run(self) -> None:
@@ -3612,7 +4048,7 @@ class Bot:
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
-        self.webhook = Webhook(settings, self.store, self.wakeup, self.mode,
+        self.webhook = Webhook(settings, self.store, self.wakeup, self.mode, wechat=self.wechat,
                                acknowledger=self.acknowledger, owner=self.owner)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
@@ -3678,8 +4114,9 @@ class Console:
 def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int:
     """A console conversation with the real model, through wxbot's own worker."""
     root, ext = os.path.splitext(settings.db)
+    # No drawing here: the console shows no pictures.
     settings = dataclasses.replace(settings, db=f"{root}-chat{ext or '.db'}", user_rate=0,
-                                   user_daily=0)
+                                   user_daily=0, image_model="")
     store = Store(settings.db)
     worker = Worker(settings, store, Console(out), Model(settings), Wakeup(),
                     DeliveryMode("service", store), "chat", owner)
@@ -3792,6 +4229,11 @@ def retry(settings: Settings, message_id: int, out) -> int:
     return 0
 
 
+#: A 1x1 PNG that `check` uploads to learn whether WeChat takes pictures from this account.
+CHECK_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kg"
+             "AAAABJRU5ErkJggg==")
+
+
 def check(settings: Settings, out) -> int:
     """Try every setting for real: the database, an access token, one tiny model request."""
     failures = 0
@@ -3839,6 +4281,16 @@ def check(settings: Settings, out) -> int:
                           f"OPENAI_BASE_URL (it usually ends in /v1)")
         else:
             report(False, f"the model failed: {error}")
+    if settings.image_model:
+        try:  # a 1x1 PNG: temporary media costs nothing and is gone in 3 days
+            WeChatAPI(settings, store).upload_image(base64.b64decode(CHECK_PNG))
+            report(True, f"WeChat takes pictures (media/upload): 画 draws with "
+                         f"{settings.image_model}")
+        except WeChatError as error:
+            report(False, "drawing will not work: WeChat refuses media/upload (48001: only "
+                          "verified accounts, or the 测试号, may upload pictures); verify the "
+                          "account or unset WXBOT_IMAGE_MODEL" if error.errcode == 48001
+                   else f"drawing: WeChat refused a picture upload: {error.hint()}")
     store.close()
     for path, read, setting in [
             (settings.replies, Replies.read, "WXBOT_REPLIES"),
