@@ -3013,8 +3013,9 @@ class Acknowledger:
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
+        deadline = time.monotonic() + 5  # in all; a call still in flight ends with the process
         for thread in self._threads:
-            thread.join(5)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def pushed(self, message_id: int, openid: str, received_at: float) -> None:
         """A new message was stored: acknowledge it now."""
