@@ -8,7 +8,10 @@ the internet, and nothing waits on a bare sleep: every wait is a condition with 
 from __future__ import annotations
 
 import codecs
+import base64
 import contextlib
+import email.parser
+import email.policy
 import hashlib
 import http.client
 import http.server
@@ -25,6 +28,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -105,7 +109,8 @@ ERRMSGS = {40164: "invalid ip 203.0.113.9 ipv6 ::ffff:203.0.113.9, not in whitel
 
 
 class FakeWeChat(FakeServer):
-    """WeChat's API: stable_token, custom/send, custom/typing, with scripted errors.
+    """WeChat's API: stable_token, custom/send (text and image), custom/typing, media/upload,
+    with scripted errors.
 
     `failures[path]` is a list of errcodes to answer, one per call, before succeeding.
     """
@@ -124,6 +129,8 @@ class FakeWeChat(FakeServer):
         self.hold = None
         self.menu = None          # the menu in force, as menu/create took it
         self.menu_creates = []    # every menu/create body WeChat accepted
+        self.uploads = []         # every media/upload WeChat accepted: its multipart field
+        self.images = []          # (openid, media_id) per accepted image send, in order
         self.raw = {}
 
     def new_token(self):
@@ -139,7 +146,10 @@ class FakeWeChat(FakeServer):
     def route(self, handler):
         parts = urllib.parse.urlsplit(handler.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
-        body = json.loads(handler.body.decode("utf-8")) if handler.body else None
+        if parts.path == "/cgi-bin/media/upload":
+            body = self.multipart_field(handler, "media")
+        else:
+            body = json.loads(handler.body.decode("utf-8")) if handler.body else None
         self.raw[parts.path] = handler.body  # the last body each path got, as sent
         # hold(path, body) may block this request, outside the lock, and script its answer.
         held = self.hold(parts.path, body) if self.hold else None
@@ -179,6 +189,21 @@ class FakeWeChat(FakeServer):
             return {"errcode": errcode, "errmsg": ERRMSGS.get(errcode, f"scripted {errcode}")}
         if query.get("access_token") not in self.valid_tokens:
             return {"errcode": 40001, "errmsg": "invalid credential, access_token is invalid"}
+        if path == "/cgi-bin/media/upload":
+            if query.get("type") != "image" or body is None:
+                return {"errcode": 40004, "errmsg": "invalid media type"}
+            if len(body["data"]) > 10 * 1024 * 1024:
+                return {"errcode": 40009, "errmsg": "invalid image size"}
+            self.uploads.append(body)
+            return {"type": "image", "media_id": f"MEDIA_{len(self.uploads)}",
+                    "created_at": int(time.time())}
+        if path == "/cgi-bin/message/custom/send" and body.get("msgtype") == "image":
+            media_id = body["image"]["media_id"]
+            if not media_id.startswith("MEDIA_") or \
+                    int(media_id[6:]) > len(self.uploads):
+                return {"errcode": 40007, "errmsg": "invalid media_id"}
+            self.images.append((body["touser"], media_id))
+            return {"errcode": 0, "errmsg": "ok"}
         if path == "/cgi-bin/message/custom/send":
             content = body["text"]["content"]
             if not content:
@@ -210,23 +235,58 @@ class FakeWeChat(FakeServer):
         with self.lock:
             return [text for to, text in self.sent if to == openid]
 
+    def images_to(self, openid):
+        """The bytes of each picture sent to openid, in order."""
+        with self.lock:
+            return [self.uploads[int(media_id[6:]) - 1]["data"] for to, media_id in self.images
+                    if to == openid]
+
+    @staticmethod
+    def multipart_field(handler, name):
+        """A multipart/form-data field as {"filename", "content_type", "data"}, or None."""
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + handler.headers["Content-Type"].encode() + b"\r\n\r\n" +
+            handler.body)
+        for part in message.iter_parts():
+            if part.get_param("name", header="content-disposition") == name:
+                return {"filename": part.get_filename(), "content_type": part.get_content_type(),
+                        "data": part.get_payload(decode=True)}
+        return None
+
 
 class FakeModel(FakeServer):
-    """An OpenAI-compatible /v1/chat/completions endpoint, streaming (SSE) when asked to.
+    """An OpenAI-compatible /v1/chat/completions endpoint, streaming (SSE) when asked to, and
+    /v1/images/generations.
 
     `respond(request)` returns the answer: a string, or an iterable of pieces that a stream
     sends one chunk each (a generator may pause between them: a slow model; a dict piece is
     sent as an event of its own). It raises
     ModelFault(status) to fail. Every request's JSON is kept in `requests`.
+
+    `draw(request)` answers an Images API request with one picture's item: {"b64_json": ...}
+    or {"url": ...} (self.url + "/files/NAME" serves `files[NAME]`), or raises ModelFault.
+    Every Images API request's JSON is kept in `drawings`.
     """
 
     def __init__(self, respond=None):
         super().__init__()
+        self.drawings = []
+        self.files = {}
+        self.draw = lambda request: {"b64_json": base64.b64encode(
+            PNG + request["prompt"].encode()).decode()}
         self.requests = []
         self.respond = respond or (lambda request: "答：" + request["messages"][-1]["content"])
         self.streams = True  # False: a provider that ignores stream=True
 
     def route(self, handler):
+        if handler.command == "GET" and handler.path.startswith("/files/"):
+            data = self.files.get(handler.path[7:])
+            self.reply(handler, 200 if data else 404, data or b"not found",
+                       "application/octet-stream")
+            return
+        if handler.path.endswith("/images/generations"):
+            self.images_route(handler)
+            return
         request = json.loads(handler.body)
         self.authorization = handler.headers.get("Authorization")
         with self.lock:
@@ -254,6 +314,21 @@ class FakeModel(FakeServer):
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
         self.reply(handler, 200, json.dumps(completion, ensure_ascii=False).encode("utf-8"))
+
+    def images_route(self, handler):
+        request = json.loads(handler.body)
+        self.images_authorization = handler.headers.get("Authorization")
+        with self.lock:
+            self.drawings.append(request)
+        try:
+            item = self.draw(request)
+        except ModelFault as fault:
+            error = {"error": {"message": fault.message, "type": "invalid_request_error",
+                               "code": fault.code}}
+            self.reply(handler, fault.status, json.dumps(error).encode(), headers=fault.headers)
+            return
+        self.reply(handler, 200, json.dumps({"created": int(time.time()), "data": [item]}
+                                            ).encode())
 
     @staticmethod
     def stream(handler, request, pieces):
@@ -297,9 +372,13 @@ def continuation(answer, partial):
 
 
 class ModelFault(Exception):
-    def __init__(self, status, message="scripted failure", headers=None):
+    def __init__(self, status, message="scripted failure", headers=None, code=None):
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
+        self.status, self.message, self.headers, self.code = status, message, headers or {}, code
+
+
+#: The start of every PNG file; the fake Images API draws it followed by the prompt.
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 # Fixtures ####################################################################
@@ -1763,10 +1842,7 @@ def test_unknown_msg_type_is_stored_and_answered_politely(start_bot, wechat, mod
 
 def test_body_over_limit_is_refused_without_reading_it(start_bot):
     bot = start_bot()
-    with socket.create_connection(("127.0.0.1", bot.port), timeout=5) as conn:
-        query = urllib.parse.urlencode(signed_query())
-        conn.sendall(f"POST /wx?{query} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n"
-                     f"\r\n".encode() + b"<xml>" * 10)
+    with raw_connection(bot, request_head(signed_query(), 100_000_000) + b"<xml>" * 10) as conn:
         answer = conn.recv(200)
     assert answer.startswith(b"HTTP/1.0 413") or answer.startswith(b"HTTP/1.1 413")
 
@@ -2684,6 +2760,7 @@ def test_question_with_a_blocked_word_never_reaches_the_model(start_bot, wechat,
     bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁 词", "bad word"),
                     WXBOT_USER_RATE=1)
     send_text(bot, "oBLOCKED123", "请问 ＢＡＤ  Word 怎么买？", 1)
+    wait_for(lambda: wechat.texts_to("oBLOCKED123"))  # answered alone, not merged with the next
     send_text(bot, "oBLOCKED123", "违禁词是什么", 2)
     wait_for(lambda: len(wechat.texts_to("oBLOCKED123")) == 2)
     assert wechat.texts_to("oBLOCKED123") == [wxbot.REFUSED_LINE] * 2
@@ -3001,6 +3078,31 @@ def test_stream_events_are_read_whatever_their_framing(events, spaced, comments,
                                                        final_blank):
     lines = sse_text(events, spaced, comments, multiline, final_blank)
     assert list(wxbot.sse_events(iter(lines))) == events
+
+
+@hsettings(max_examples=80, deadline=None)
+@given(lines=st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n",
+                                                     blacklist_categories=("Cs",)), max_size=30),
+                      max_size=8),
+       crlf=st.booleans(), cuts=st.lists(st.integers(0, 400), max_size=10))
+def test_stream_lines_survive_any_split_of_the_bytes(lines, crlf, cuts):
+    """A network read may end anywhere, inside a line or a UTF-8 character."""
+    data = "".join(line + ("\r\n" if crlf else "\n") for line in lines).encode()
+    edges = sorted({0, len(data), *(cut for cut in cuts if cut < len(data))})
+    reads = [data[start:end] for start, end in zip(edges, edges[1:])]
+    assert list(wxbot.paced_lines(iter(reads), 0)) == lines
+
+
+def test_a_stream_is_read_at_most_once_every_interval():
+    pulled = []
+
+    def reads():
+        for n in range(4):
+            pulled.append(time.monotonic())
+            yield f"data: {n}\n\n".encode()
+    assert list(wxbot.paced_lines(reads(), 0.05)) == ["data: 0", "", "data: 1", "", "data: 2",
+                                                      "", "data: 3", ""]
+    assert all(later - earlier >= 0.05 for earlier, later in zip(pulled, pulled[1:]))
 
 
 def test_error_event_in_the_stream_from_a_content_filter_gets_the_polite_line(start_bot, wechat,
@@ -3366,7 +3468,7 @@ def test_full_scans_are_found_in_a_plan(tmp_path):
 def settings_for(tmp_path, **overrides):
     return wxbot.Settings.from_env({
         "WXBOT_TOKEN": TOKEN, "WXBOT_APPID": APPID, "WXBOT_APPSECRET": APPSECRET,
-        "OPENAI_API_KEY": API_KEY, "WXBOT_DB": str(tmp_path / "wxbot.db"),
+        "OPENAI_API_KEY": API_KEY, "WXBOT_DB": os.path.join(tmp_path, "wxbot.db"),
         **{key: str(value) for key, value in overrides.items()}})
 
 
@@ -3411,6 +3513,50 @@ def test_retention_deletes_old_rows_in_batches_and_the_file_shrinks(tmp_path):
         assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
         assert conn.execute("PRAGMA page_count").fetchone()[0] < pages * 0.7
     assert store.health(now)["answered"] == 20
+    store.close()
+
+
+@hsettings(max_examples=40, deadline=None)
+@given(ages=st.lists(st.tuples(st.floats(0, 12), st.sampled_from(list(wxbot.State)),
+                               st.integers(0, 3)), max_size=40),
+       retention_days=st.integers(1, 8), ttl_days=st.integers(0, 7), batch=st.integers(1, 9))
+def test_retention_keeps_exactly_what_it_promises(ages, retention_days, ttl_days, batch):
+    with tempfile.TemporaryDirectory() as folder:
+        check_retention(folder, ages, retention_days, ttl_days, batch)
+
+
+def check_retention(folder, ages, retention_days, ttl_days, batch):
+    day, now = 86400.0, 1_000_000_000.0
+    path = os.path.join(folder, "wxbot.db")
+    store = wxbot.Store(path)
+    ages.sort(key=lambda age: -age[0])  # ids follow arrival: the oldest first
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        for n, (age, state, turns) in enumerate(ages, 1):
+            conn.execute("INSERT INTO messages (id, dedup_key, openid, msg_type, content, fields,"
+                         " received_at, state) VALUES (?, ?, 'oPROP', 'text', '问', '{}', ?, ?)",
+                         (n, str(n), now - age * day, state.value))
+            conn.execute("INSERT INTO segments (message_id, seq, content) VALUES (?, 0, '答')",
+                         (n,))
+            conn.executemany("INSERT INTO turns (openid, role, content, created_at, message_id)"
+                             " VALUES ('oPROP', 'user', '问', ?, ?)",
+                             [(now - age * day, n)] * turns)
+    janitor = wxbot.Janitor(settings_for(folder, WXBOT_RETENTION_DAYS=retention_days,
+                                         WXBOT_SESSION_TTL=ttl_days * day), store)
+    janitor.BATCH, janitor.PAUSE = batch, 0
+    janitor.sweep(now)
+    kept = {n for n, (age, state, _) in enumerate(ages, 1)
+            if age <= retention_days or state in (wxbot.State.QUEUED, wxbot.State.LEASED)
+            or n == len(ages)}
+    turns_kept = sum(turns for age, _, turns in ages if age <= max(retention_days, ttl_days))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert {row[0] for row in conn.execute("SELECT id FROM messages")} == kept
+        assert {row[0] for row in conn.execute("SELECT message_id FROM segments")} == kept
+        assert conn.execute("SELECT count(*) FROM turns").fetchone()[0] == turns_kept
+        counts = dict(conn.execute("SELECT state, count(*) FROM messages GROUP BY state"))
+    health = store.health(now)
+    assert (health["answered"], health["failed"], health["dead"], health["queued"]) == (
+        counts.get("done", 0), counts.get("failed", 0), counts.get("dead", 0),
+        counts.get("queued", 0) + counts.get("leased", 0))
     store.close()
 
 
@@ -3970,3 +4116,256 @@ def test_waiting_passive_replies_wake_only_for_their_own_user(start_bot, wechat,
     waiting.join()
     assert shown == ["答：慢问题"]
     assert looks.count("oSLOW") <= 8  # woken by its own answer's writes, not by the others'
+
+
+# Rich replies: drawing #######################################################
+
+DRAWING = {"WXBOT_IMAGE_MODEL": "dall-e-3"}
+
+
+def drawn(prompt):
+    """The picture the fake Images API draws for a prompt."""
+    return PNG + prompt.encode()
+
+
+@pytest.mark.parametrize("words", ["画一只猫", "画一张一只猫", "/draw 一只猫", "／ＤＲＡＷ：一只猫"])
+def test_a_draw_request_is_drawn_uploaded_and_sent_as_a_picture(start_bot, wechat, model,
+                                                                 words):
+    bot = start_bot(**DRAWING)
+    send_text(bot, "oDRAW1", words, 1)
+    wait_for(lambda: wechat.images_to("oDRAW1"), message="the picture")
+    assert wechat.images_to("oDRAW1") == [drawn("一只猫")]
+    assert [(d["model"], d["prompt"]) for d in model.drawings] == [("dall-e-3", "一只猫")]
+    assert wechat.uploads[0]["content_type"] == "image/png"
+    assert model.requests == [] and wechat.texts_to("oDRAW1") == []  # no chat, no text
+    assert ("oDRAW1", "Typing") in wechat.typing
+
+
+def test_a_picture_given_as_a_link_is_fetched_and_sent(start_bot, wechat, model):
+    jpeg = b"\xff\xd8\xff\xe0" + os.urandom(3000)
+    model.files["cat.jpg"] = jpeg
+    model.draw = lambda request: {"url": model.url + "/files/cat.jpg"}
+    bot = start_bot(**DRAWING)
+    send_text(bot, "oDRAW2", "画一只猫", 1)
+    wait_for(lambda: wechat.images_to("oDRAW2"), message="the picture")
+    assert wechat.images_to("oDRAW2") == [jpeg]
+    assert wechat.uploads[0]["content_type"] == "image/jpeg"
+
+
+def test_images_api_of_its_own_base_url_and_key(start_bot, wechat, model):
+    images = FakeModel()
+    try:
+        bot = start_bot(WXBOT_IMAGE_BASE_URL=images.url + "/v1",
+                        WXBOT_IMAGE_API_KEY="sk-images-0123456789", **DRAWING)
+        send_text(bot, "oDRAW3", "画 山", 1)
+        wait_for(lambda: wechat.images_to("oDRAW3"), message="the picture")
+        assert model.drawings == [] and len(images.drawings) == 1
+        assert images.images_authorization == "Bearer sk-images-0123456789"
+    finally:
+        images.close()
+
+
+@pytest.mark.parametrize("text", ["画一只猫", "/draw a cat"])
+def test_with_drawing_off_a_draw_request_is_a_question(start_bot, wechat, model, text):
+    bot = start_bot()
+    send_text(bot, "oDRAW4", text, 1)
+    wait_for(lambda: wechat.texts_to("oDRAW4"))
+    assert wechat.texts_to("oDRAW4") == ["答：" + text]
+    assert model.drawings == [] and wechat.uploads == []
+
+
+@given(st.text(max_size=30), st.sampled_from(["text", "voice", "image", "event"]))
+@hsettings(max_examples=300, deadline=None)
+def test_only_a_message_starting_with_a_draw_word_is_a_drawing(text, msg_type):
+    off = wxbot.classify(msg_type, text)
+    on = wxbot.classify(msg_type, text, drawing=True)
+    assert off.kind is not wxbot.Kind.DRAW
+    folded = unicodedata.normalize("NFKC", text.strip()).lower()
+    starts = folded.startswith(wxbot.DRAW_WORDS) and off.kind is wxbot.Kind.QUESTION
+    assert (on.kind is wxbot.Kind.DRAW) == (starts and msg_type in ("text", "voice"))
+    if on.kind is not wxbot.Kind.DRAW:
+        assert on == off
+
+
+def test_draw_without_a_subject_asks_what_to_draw(start_bot, wechat, model):
+    bot = start_bot(**DRAWING)
+    send_text(bot, "oDRAW5", "画", 1)
+    wait_for(lambda: wechat.texts_to("oDRAW5"))
+    assert wechat.texts_to("oDRAW5") == [wxbot.DRAW_HOW_LINE] and model.drawings == []
+
+
+def test_a_safety_refusal_gets_its_own_polite_line_and_is_not_counted(start_bot, wechat, model):
+    def draw(request):
+        if "坏" in request["prompt"]:
+            raise ModelFault(400, "Your request was rejected as a result of our safety system.",
+                             code="content_policy_violation")
+        return {"b64_json": base64.b64encode(drawn(request["prompt"])).decode()}
+    model.draw = draw
+    bot = start_bot(WXBOT_IMAGE_DAILY="1", **DRAWING)
+    send_text(bot, "oDRAW6", "画坏东西", 1)
+    wait_for(lambda: wechat.texts_to("oDRAW6"))
+    assert wechat.texts_to("oDRAW6") == [wxbot.DRAW_REFUSED_LINE] and len(model.drawings) == 1
+    send_text(bot, "oDRAW6", "画好东西", 2)  # the day's one picture is still there
+    wait_for(lambda: wechat.images_to("oDRAW6"))
+    assert wechat.images_to("oDRAW6") == [drawn("好东西")]
+
+
+def test_an_images_api_that_keeps_failing_gets_the_apology(start_bot, wechat, model, caplog):
+    def draw(request):
+        raise ModelFault(500, "upstream overloaded")
+    model.draw = draw
+    bot = start_bot(**DRAWING)
+    send_text(bot, "oDRAW7", "画一只猫", 1)
+    wait_for(lambda: wechat.texts_to("oDRAW7"))
+    assert wechat.texts_to("oDRAW7") == [wxbot.APOLOGY_LINE]
+    assert len(model.drawings) == wxbot.Worker.MODEL_TRIES and wechat.uploads == []
+
+
+def test_a_picture_wechat_cannot_take_gets_a_clear_line(start_bot, wechat, model, caplog):
+    model.draw = lambda request: {"b64_json": base64.b64encode(b"RIFF0000WEBPVP8 ").decode()}
+    bot = start_bot(**DRAWING)
+    send_text(bot, "oDRAW8", "画一只猫", 1)
+    wait_for(lambda: wechat.texts_to("oDRAW8"))
+    assert wechat.texts_to("oDRAW8") == [wxbot.IMAGE_UNUSABLE_LINE] and wechat.uploads == []
+    assert "JPEG or PNG up to 10 MB" in caplog.text
+
+
+def test_no_media_permission_gets_one_clear_line_and_the_log_says_why(start_bot, wechat, model,
+                                                                     caplog):
+    wechat.intercept = lambda path, body: 48001 if path == "/cgi-bin/media/upload" else None
+    bot = start_bot(**DRAWING)
+    for n in (1, 2):
+        send_text(bot, "oDRAW9", f"画第{n}张", n)
+    wait_for(lambda: len(wechat.texts_to("oDRAW9")) == 2)
+    assert wechat.texts_to("oDRAW9") == [wxbot.IMAGE_NOT_ALLOWED_LINE] * 2
+    assert caplog.text.count("48001 from media/upload") == 1 and wechat.images == []
+
+
+def test_images_per_user_per_day_are_capped(start_bot, wechat, model):
+    bot = start_bot(WXBOT_IMAGE_DAILY="2", **DRAWING)
+    for n in (1, 2, 3):
+        send_text(bot, "oDRAW10", f"画第{n}张", n)
+        wait_for(lambda: len(wechat.images_to("oDRAW10")) + len(wechat.texts_to("oDRAW10"))
+                 == n)
+    assert len(wechat.images_to("oDRAW10")) == 2 and len(model.drawings) == 2
+    assert wechat.texts_to("oDRAW10") == [wxbot.DRAW_DAILY_LINE.format(limit=2, hours=24)]
+    send_text(bot, "oDRAW10", "还能聊天吗", 4)  # questions are not drawings
+    wait_for(lambda: len(wechat.texts_to("oDRAW10")) == 2)
+    send_text(bot, "oDRAW11", "画另一个人的", 1)  # nor is another user's day
+    wait_for(lambda: wechat.images_to("oDRAW11"))
+
+
+def test_an_expired_upload_is_made_again_and_never_drawn_again(start_bot, wechat, model,
+                                                               tmp_path):
+    wechat.failures["/cgi-bin/message/custom/send"] = [45015]  # the picture waits
+    bot = start_bot(**DRAWING)
+    send_text(bot, "oDRAW12", "画一只猫", 1)
+    wait_for(lambda: wechat.rejected_sends == 1 and bot.store.health(time.time())["queued"] == 0)
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn, conn:
+        conn.execute("UPDATE images SET uploaded_at = uploaded_at - 3 * 86400")
+    send_text(bot, "oDRAW12", "你好", 2)  # what the user is owed goes first
+    wait_for(lambda: wechat.texts_to("oDRAW12"))
+    assert wechat.images_to("oDRAW12") == [drawn("一只猫")]
+    assert len(wechat.uploads) == 2 and len(model.drawings) == 1
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
+        assert conn.execute("SELECT bytes FROM images").fetchall() == [(None,)]  # sent: gone
+
+
+def passive_shown(response):
+    """What a passive reply shows: its text, or ("image", media_id)."""
+    fields = wxbot.parse_xml(response.content)
+    if fields["MsgType"] == "image":
+        return "image", re.search(r"<MediaId><!\[CDATA\[(.*?)\]\]>", response.text).group(1)
+    return fields["Content"]
+
+
+def test_passive_picture_is_the_image_reply_on_a_retry(start_bot, wechat, model,
+                                                        quick_wechat_clock):
+    model.draw = lambda request: time.sleep(1.2) or {
+        "b64_json": base64.b64encode(drawn(request["prompt"])).decode()}
+    bot = start_bot(WXBOT_MODE="passive", **DRAWING)
+    body = text_xml("oDRAW13", "画一只猫", 1)
+    shown = []
+    for _ in range(3):  # WeChat pushes again while the reply does not come
+        try:
+            response = post_push(bot, body, timeout=quick_wechat_clock)
+        except requests.Timeout:
+            continue
+        shown.append(passive_shown(response))
+        break
+    assert shown == [("image", "MEDIA_1")] and wechat.uploads[0]["data"] == drawn("一只猫")
+    assert wechat.images == [] and wechat.sent == []  # no customer-service API
+
+
+def test_passive_slow_picture_is_fetched_by_the_next_message(start_bot, wechat, model,
+                                                             quick_wechat_clock):
+    model.draw = lambda request: time.sleep(3) or {
+        "b64_json": base64.b64encode(drawn(request["prompt"])).decode()}
+    bot = start_bot(WXBOT_MODE="passive", **DRAWING)
+    user = WeChatUser(bot, "oDRAW14", quick_wechat_clock)
+    assert user.says("画一只猫") == wxbot.THINKING_LINE
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    response = post_push(bot, text_xml("oDRAW14", "继续", 2))
+    assert passive_shown(response) == ("image", "MEDIA_1") and len(model.drawings) == 1
+
+
+def test_check_reports_whether_drawing_will_work(tmp_path, wechat, model):
+    env = env_for(tmp_path, wechat, model, **DRAWING)
+    result = run_wxbot(["check"], env)
+    assert result.returncode == 0, result.stdout
+    assert "WeChat takes pictures" in result.stdout and model.drawings == []
+    wechat.intercept = lambda path, body: 48001 if path == "/cgi-bin/media/upload" else None
+    result = run_wxbot(["check"], env)
+    assert result.returncode == 1 and "drawing will not work" in result.stdout
+
+
+@pytest.mark.parametrize("step", ["upload", "send"])
+def test_killed_between_drawing_and_sending_draws_once_and_sends_once(tmp_path, wechat, model,
+                                                                      step):
+    holding, killed = threading.Event(), threading.Event()
+    path = "/cgi-bin/media/upload" if step == "upload" else "/cgi-bin/message/custom/send"
+
+    def hold(called, body):  # the first process dies while WeChat holds this call
+        if called == path and not killed.is_set():
+            holding.set()
+            killed.wait(15)
+            return "drop"
+        return None
+    wechat.hold = hold
+    env = env_for(tmp_path, wechat, model, **DRAWING)
+    process, port, _ = start_process(env, tmp_path)
+    try:
+        assert post_push(port, text_xml("oDRAWKILL", "画一只猫", 1)).text == "success"
+        wait_for(holding.is_set, message=f"the {step} after the drawing")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        killed.set()
+        process, port, _ = start_process(env, tmp_path)
+        wait_for(lambda: wechat.images_to("oDRAWKILL"), message="the picture after restart")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    finally:
+        killed.set()
+        process.kill()
+    assert wechat.images_to("oDRAWKILL") == [drawn("一只猫")]
+    assert len(model.drawings) == 1
+    assert len(wechat.uploads) == 1  # a held upload was dropped; a stored media_id is reused
+
+
+def test_database_of_schema_2_gets_pictures_and_keeps_its_answers(tmp_path):
+    path = str(tmp_path / "v2.db")
+    store = wxbot.Store(path)
+    message_id = stored_push(store, "oV2", "问", 1, 1000.0)
+    message = store.claim(1000.0, 60)
+    store.save_answer(message, ["旧回答"], 1000.0)
+    store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # as schema 2 left it
+        conn.executescript("DROP TABLE images; ALTER TABLE segments DROP COLUMN image;"
+                           " PRAGMA user_version = 2;")
+    store = wxbot.Store(path)
+    with store.connection() as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == wxbot.SCHEMA_VERSION
+    assert [(row["content"], row["image"]) for row in store.segments(message_id)] == \
+        [("旧回答", None)]
+    assert store.image(message_id) is None
+    store.close()

@@ -94,6 +94,17 @@ HELP_LINE = ("我是 AI 助手，直接发文字或语音给我就能对话。\n
              "发送“帮助”或 /help：显示这段说明")
 VOICE_UNRECOGNISED_LINE = "抱歉，没听清这条语音，请直接打字发给我。"
 IMAGE_PROMPT = "请看这张图片，简要说明图里有什么。"
+#: A message starting with one of these asks for a picture (WXBOT_IMAGE_MODEL); longest first.
+DRAW_WORDS = ("画一张", "画", "/draw")
+DRAW_HOW_LINE = "想画什么？请在“画”后面写上画面，例如：画一只在窗台上晒太阳的橘猫"
+DRAW_REFUSED_LINE = "抱歉，这个画面我不能画，换个描述试试吧。"
+DRAW_DAILY_LINE = "今天的画图次数已用完（每天 {limit} 张），请约 {hours} 小时后再来。"
+#: The account may not upload media (48001: unverified): a line instead of the picture.
+IMAGE_NOT_ALLOWED_LINE = "抱歉，这个公众号暂时不能发送图片。"
+IMAGE_UNUSABLE_LINE = "抱歉，这张图片的格式或大小微信发不了，请稍后再试。"
+IMAGE_GONE_LINE = "这张图片已经过期了，请重新画一次。"
+#: What an image stands as among the segments of an answer, where a text is needed.
+IMAGE_SEGMENT = "[图片]"
 CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
 NOTHING_MORE_LINE = "没有更多内容了，请直接提问吧。"
 THINKING_LINE = "正在思考，请稍后回复“继续”获取回答。"
@@ -285,6 +296,18 @@ SETTINGS: dict[str, Setting] = {
                              "what a user whose question has a blocked word gets"),
     "vision": Setting("WXBOT_VISION", "0", _flag,
                       "1: send images to the model (it must accept image input)"),
+    "image_model": Setting("WXBOT_IMAGE_MODEL", "", _optional_text,
+                           "model of the Images API that draws for 画 / 画一张 / /draw, e.g. "
+                           "dall-e-3 (empty: no drawing, 画 ... is a question)"),
+    "image_base_url": Setting("WXBOT_IMAGE_BASE_URL", "", _optional_url,
+                              "base URL of the Images API when the chat provider has none "
+                              "(empty: OPENAI_BASE_URL)"),
+    "image_api_key": Setting("WXBOT_IMAGE_API_KEY", "", _optional_text,
+                             "API key for WXBOT_IMAGE_BASE_URL (empty: OPENAI_API_KEY)",
+                             secret=True),
+    "image_daily": Setting("WXBOT_IMAGE_DAILY", "10", _int_between(0, 10000),
+                           "images one user may have drawn per 24 h, on top of the model call "
+                           "limits (0: no limit)"),
     "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
                            "earlier turns older than this many seconds are not sent to the model"),
     "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file"),
@@ -344,6 +367,10 @@ class Settings:
     blocked_words: str
     blocked_reply: str
     vision: bool
+    image_model: str
+    image_base_url: str
+    image_api_key: str
+    image_daily: int
     session_ttl: float
     db: str
     retention_days: int
@@ -537,6 +564,7 @@ class Kind(enum.Enum):
     HELP = "help"
     STATS = "stats"        # for admins; an ordinary question for everyone else
     KEYWORD = "keyword"    # one of the owner's keywords (WXBOT_REPLIES): a fixed reply
+    DRAW = "draw"          # 画 / 画一张 / /draw, when drawing is on: text is what to draw
     EVENT = "event"        # subscribe, CLICK, LOCATION...: answered as an event, never a question
 
 
@@ -567,18 +595,25 @@ WORDS: dict[str, Kind] = {normalise(word): kind for words, kind in [
     (("/stats",), Kind.STATS)] for word in words}
 
 
-def classify(msg_type: str, content: str | None, keywords: Container[str] = ()) -> Intent:
+def classify(msg_type: str, content: str | None, keywords: Container[str] = (),
+             drawing: bool = False) -> Intent:
     """What a message is. The one place that decides it: service and passive replies, the
     merging of quick follow-ups and the fixed replies all ask here. A spoken command counts
-    as typed. `keywords` are the owner's, normalised (Replies.keywords)."""
+    as typed. `keywords` are the owner's, normalised (Replies.keywords); `drawing`: whether
+    WXBOT_IMAGE_MODEL is set (when it is not, 画 ... is a question like any other)."""
     if msg_type == "event":
         return Intent(Kind.EVENT, "")
     text = (content or "").strip()
     if msg_type not in ("text", "voice"):
         return Intent(Kind.QUESTION, text)
     word = normalise(text)
-    kind = WORDS.get(word) or (Kind.KEYWORD if word in keywords else Kind.QUESTION)
-    return Intent(kind, text)
+    kind = WORDS.get(word) or (Kind.KEYWORD if word in keywords else None)
+    if kind is None and drawing:
+        folded = unicodedata.normalize("NFKC", text).translate(_ASCII_LOWER)
+        for draw_word in DRAW_WORDS:
+            if folded.startswith(draw_word):
+                return Intent(Kind.DRAW, folded[len(draw_word):].strip(" :：,，。.!！"))
+    return Intent(kind or Kind.QUESTION, text)
 
 
 ###############################################################################
@@ -662,6 +697,7 @@ CREATE TABLE IF NOT EXISTS segments (
     sent_at    REAL,
     replied_to INTEGER REFERENCES messages (id),
     moved_to   INTEGER REFERENCES messages (id),
+    image      INTEGER,  -- images.message_id: this segment is that picture, not its content
     PRIMARY KEY (message_id, seq)
 );
 CREATE INDEX IF NOT EXISTS segments_replied ON segments (replied_to)
@@ -686,13 +722,28 @@ CREATE TABLE IF NOT EXISTS model_calls (
 );
 CREATE INDEX IF NOT EXISTS model_calls_user ON model_calls (openid, called_at);
 
+-- A drawing (WXBOT_IMAGE_MODEL), one per message. Each step is stored before the next is
+-- taken, so a restart never pays for a second picture nor uploads one twice: the row
+-- (counted in WXBOT_IMAGE_DAILY), then the picture's bytes, then WeChat's media_id, which
+-- lives 3 days. The bytes are dropped once the picture went out.
+CREATE TABLE IF NOT EXISTS images (
+    message_id  INTEGER PRIMARY KEY REFERENCES messages (id),
+    openid      TEXT NOT NULL,
+    prompt      TEXT NOT NULL,
+    asked_at    REAL NOT NULL,
+    bytes       BLOB,
+    media_id    TEXT,
+    uploaded_at REAL
+);
+CREATE INDEX IF NOT EXISTS images_user ON images (openid, asked_at);
+
 CREATE TABLE IF NOT EXISTS kv (
     key        TEXT PRIMARY KEY,
     value      TEXT NOT NULL,
     expires_at REAL
 );
 """
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: What brings a database written by an earlier wxbot up to date, by the version it has;
 #: SCHEMA then adds the tables and indexes that are new.
 MIGRATIONS = {
@@ -703,6 +754,9 @@ ALTER TABLE messages ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE state_counts (state TEXT PRIMARY KEY, messages INTEGER NOT NULL) WITHOUT ROWID;
 INSERT INTO state_counts (state, messages) SELECT column1, (SELECT count(*) FROM messages
     WHERE state = column1) FROM (VALUES {", ".join(f"('{s.value}')" for s in State)});
+""",
+    2: """
+ALTER TABLE segments ADD COLUMN image INTEGER;
 """,
 }
 #: A message interrupted this often (its lease expired, a restart, an internal error) ends
@@ -1159,7 +1213,8 @@ class Store:
                                      (message.id,)).fetchone():
             return 0
         earlier = conn.execute(
-            "SELECT s.message_id, s.seq, s.content, m.msg_type, m.error, EXISTS (SELECT 1"
+            "SELECT s.message_id, s.seq, s.content, s.image, m.msg_type, m.error, EXISTS"
+            " (SELECT 1"
             " FROM segments o WHERE o.message_id = m.id AND o.sent_at IS NOT NULL) AS begun"
             + EARLIER_UNSENT + " ORDER BY m.id, s.seq",
             {"openid": message.openid, "id": message.id}).fetchall()
@@ -1174,9 +1229,10 @@ class Store:
             if leftovers is not Leftovers.KEEP else []
         conn.executemany("UPDATE segments SET moved_to = ? WHERE message_id = ? AND seq = ?",
                          [(message.id, row[0], row[1]) for row in carried + dropped])
-        conn.executemany("INSERT INTO segments (message_id, seq, content, carried)"
-                         " VALUES (?, ?, ?, 1)",
-                         [(message.id, seq, row[2]) for seq, row in enumerate(carried)])
+        conn.executemany("INSERT INTO segments (message_id, seq, content, image, carried)"
+                         " VALUES (?, ?, ?, ?, 1)",
+                         [(message.id, seq, row["content"], row["image"])
+                          for seq, row in enumerate(carried)])
         return len(carried)
 
     def add_segments(self, message: Message, segments: list[str]) -> None:
@@ -1232,12 +1288,12 @@ class Store:
         return "\n\n".join(row[0] for row in rows)
 
     def merge_followups(self, message: Message, now: float,
-                        keywords: Container[str] = ()) -> list[str]:
+                        keywords: Container[str] = (), drawing: bool = False) -> list[str]:
         """Texts the user sent right after this one and that still wait: asked together.
 
         Phones split one question over several quick messages; they get one answer.
         Returns every text merged into this message so far, oldest first. `keywords` (the
-        owner's) are no question: they keep their fixed reply.
+        owner's) are no question: they keep their fixed reply; nor is a drawing (`drawing`).
         """
         with self.transaction() as conn:
             self._check_lease(conn, message)
@@ -1248,7 +1304,7 @@ class Store:
             merged, previous = [], message.received_at
             for row in waiting:  # up to the first that is no quick question typed
                 if row["msg_type"] != "text" or not (row["content"] or "").strip() or \
-                        classify(row["msg_type"], row["content"], keywords).kind \
+                        classify(row["msg_type"], row["content"], keywords, drawing).kind \
                         is not Kind.QUESTION \
                         or row["received_at"] - previous > MERGE_WINDOW:
                     break
@@ -1262,9 +1318,10 @@ class Store:
                 (message.id,))]
 
     def passive_reply(self, openid: str, message_id: int, now: float, hand_out_by: float
-                      ) -> tuple[str, bool] | None:
-        """The segment the reply to this push carries, and whether more waits after it; None
-        while there is none, or once `hand_out_by` (time.monotonic()) has passed.
+                      ) -> tuple[str, bool, int | None] | None:
+        """The segment the reply to this push carries, whether more waits after it, and the
+        picture it is (images.message_id), if it is one; None while there is none, or once
+        `hand_out_by` (time.monotonic()) has passed.
 
         The same push retried gets the same segment; otherwise the next unsent segment of
         this message's own answer (which carries what the user was still owed), or of the
@@ -1275,12 +1332,12 @@ class Store:
         while True:
             with self.connection() as conn:
                 rows = conn.execute(
-                    "SELECT message_id, seq, content, sent_at, replied_to, moved_to FROM segments"
-                    " WHERE message_id = (SELECT coalesce(merged_into, id) FROM messages"
-                    " WHERE id = ?) ORDER BY seq", (message_id,)).fetchall()
+                    "SELECT message_id, seq, content, image, sent_at, replied_to, moved_to"
+                    " FROM segments WHERE message_id = (SELECT coalesce(merged_into, id)"
+                    " FROM messages WHERE id = ?) ORDER BY seq", (message_id,)).fetchall()
                 replied = [row for row in rows if row["replied_to"] == message_id]
                 if replied:  # a retry of a push already answered
-                    return replied[0]["content"], self._more(conn, openid)
+                    return replied[0]["content"], self._more(conn, openid), replied[0]["image"]
             waiting = [row for row in rows if row["sent_at"] is None and row["moved_to"] is None]
             if not waiting:
                 return None
@@ -1293,17 +1350,18 @@ class Store:
                     (now, message_id, waiting[0]["message_id"], waiting[0]["seq"])).rowcount
             if taken:  # else another push of the same answer took it first: look again
                 with self.connection() as conn:
-                    return waiting[0]["content"], self._more(conn, openid)
+                    return waiting[0]["content"], self._more(conn, openid), waiting[0]["image"]
 
     @staticmethod
     def _more(conn: sqlite3.Connection, openid: str) -> bool:
-        """Whether more is coming for the user: a segment waiting, or a question still being
-        answered."""
+        """Whether more is coming for the user: a segment waiting, or a question (or a
+        drawing: with drawing off it is a question) still being answered."""
         return conn.execute(
             "SELECT 1 FROM segments s JOIN messages m ON m.id = s.message_id"
             " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL LIMIT 1",
             (openid,)).fetchone() is not None or any(
-            classify(*waiting).kind is Kind.QUESTION for waiting in conn.execute(
+            classify(*waiting, drawing=True).kind in (Kind.QUESTION, Kind.DRAW)
+            for waiting in conn.execute(
                 "SELECT msg_type, content FROM messages WHERE openid = ?"
                 " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,)))
 
@@ -1333,7 +1391,7 @@ class Store:
 
     def segments(self, message_id: int) -> list[sqlite3.Row]:
         with self.connection() as conn:
-            return conn.execute("SELECT seq, content, tried_at, sent_at FROM segments"
+            return conn.execute("SELECT seq, content, image, tried_at, sent_at FROM segments"
                                 " WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
@@ -1441,6 +1499,77 @@ class Store:
                          " (?, ?, ?)", (message.id, message.openid, now))
         return None
 
+    # Drawings ----------------------------------------------------------------
+
+    def reserve_image(self, message: Message, prompt: str, now: float, daily: int,
+                      windows: list[tuple[float, int]]) -> tuple[str, float] | None:
+        """Count the picture a message asks for, and the model call it is, unless the user's
+        WXBOT_IMAGE_DAILY or a call window is full: ("images" or "calls", seconds until a
+        place frees) then. None when it may be drawn (asked again after a restart: counted
+        once). The user's earlier answer's rest is dropped, as for a question."""
+        with self.transaction() as conn:
+            if conn.execute("SELECT 1 FROM images WHERE message_id = ?",
+                            (message.id,)).fetchone():
+                return None
+            if daily:
+                drawn = conn.execute(
+                    "SELECT asked_at FROM images WHERE openid = ? AND asked_at > ?"
+                    " ORDER BY asked_at DESC LIMIT ?",
+                    (message.openid, now - 86400, daily)).fetchall()
+                if len(drawn) >= daily:
+                    return "images", drawn[-1][0] + 86400 - now
+            wait = self.count_model_call(message, now, windows)
+            if wait is not None:
+                return "calls", wait
+            conn.execute("INSERT INTO images (message_id, openid, prompt, asked_at)"
+                         " VALUES (?, ?, ?, ?)", (message.id, message.openid, prompt, now))
+            self._start_answer(conn, message, True, Leftovers.DROP)
+        return None
+
+    def image(self, image_id: int) -> sqlite3.Row | None:
+        with self.connection() as conn:
+            return conn.execute("SELECT bytes, media_id, uploaded_at FROM images"
+                                " WHERE message_id = ?", (image_id,)).fetchone()
+
+    def keep_image(self, message: Message, data: bytes) -> None:
+        """The picture as the provider drew it, stored before anything else is done with it."""
+        with self.transaction() as conn:
+            self._check_lease(conn, message)
+            conn.execute("UPDATE images SET bytes = ? WHERE message_id = ?",
+                         (data, message.id))
+
+    def keep_media(self, image_id: int, media_id: str, now: float) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE images SET media_id = ?, uploaded_at = ? WHERE message_id = ?",
+                         (media_id, now, image_id))
+
+    def image_sent(self, image_id: int) -> None:
+        """The picture went out: its bytes are no longer needed (a retry reuses media_id)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE images SET bytes = NULL WHERE message_id = ?"
+                         " AND bytes IS NOT NULL", (image_id,))
+
+    def unreserve_image(self, message: Message) -> None:
+        """Nothing was drawn (refused, failed for good): it does not count as one of the day's."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM images WHERE message_id = ?", (message.id,))
+
+    def add_image(self, message: Message, now: float) -> int:
+        """End the message's answer with its picture; the number of segments it has to send."""
+        with self.transaction() as conn:
+            self._check_lease(conn, message)
+            conn.execute("INSERT INTO segments (message_id, seq, content, image) VALUES"
+                         " (?, (SELECT coalesce(max(seq) + 1, 0) FROM segments"
+                         " WHERE message_id = ?), ?, ?)",
+                         (message.id, message.id, IMAGE_SEGMENT, message.id))
+            return self._complete_answer(conn, message, now, [], None, None)
+
+    def image_as_text(self, message_id: int, seq: int, line: str) -> None:
+        """A picture that cannot be sent becomes a line saying so, sent in its place."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE segments SET content = ?, image = NULL WHERE message_id = ?"
+                         " AND seq = ?", (line, message_id, seq))
+
     # Retention ---------------------------------------------------------------
 
     def prune(self, now: float, keep_seconds: float, history_seconds: float,
@@ -1470,6 +1599,7 @@ class Store:
                 gone = [(row[0],) for row in old if row[2] not in ("queued", "leased")]
                 conn.executemany("DELETE FROM segments WHERE message_id = ?", gone)
                 conn.executemany("DELETE FROM model_calls WHERE message_id = ?", gone)
+                conn.executemany("DELETE FROM images WHERE message_id = ?", gone)
                 conn.executemany("DELETE FROM messages WHERE id = ?", gone)
                 turns = conn.execute("SELECT id, created_at FROM turns ORDER BY id LIMIT ?",
                                      (batch,)).fetchall()
@@ -1765,6 +1895,21 @@ TOKEN_INVALID = {40001, 40014, 42001}
 GIVE_UP = {40003, 43004, 45015, 45047, 48001}
 
 
+#: Temporary media: JPEG or PNG up to 10 MB, kept by WeChat for 3 days (WECHAT.md §8); an
+#: upload older than MEDIA_LIFETIME is made again (an hour's margin for the send).
+IMAGE_BYTES = 10 * 1024 * 1024
+MEDIA_LIFETIME = 3 * 86400 - 3600
+
+
+def image_type(data: bytes) -> str | None:
+    """The format ("jpeg" or "png") by the file's first bytes; None for any other."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    return None
+
+
 class WeChatError(Exception):
     """WeChat answered with a non-zero errcode, or not at all (errcode None)."""
 
@@ -1811,12 +1956,16 @@ class WeChatAPI:
             self._local.session = requests.Session()
         return self._local.session
 
-    def _post(self, path: str, body: dict | None, params: dict | None = None) -> dict:
-        """POST JSON as raw UTF-8 (escapes can fail with 40033), or GET when body is None;
-        raise WeChatError on failure."""
+    def _post(self, path: str, body: dict | None, params: dict | None = None,
+               files: dict | None = None) -> dict:
+        """POST JSON as raw UTF-8 (escapes can fail with 40033), or `files` as multipart, or
+        GET when there is neither; raise WeChatError on failure."""
         url = self.settings.api_base + path
         try:
-            if body is None:
+            if files is not None:  # up to 10 MB: more time than a JSON call
+                response = self._session().post(url, params=params, files=files,
+                                                timeout=self.timeout * 6)
+            elif body is None:
                 response = self._session().get(url, params=params, timeout=self.timeout)
             else:
                 response = self._session().post(
@@ -1869,21 +2018,37 @@ class WeChatAPI:
                 token = self._fetch_token(force=True)
             return token
 
-    def call(self, path: str, body: dict | None = None) -> dict:
+    def call(self, path: str, body: dict | None = None, params: dict | None = None,
+             files: dict | None = None) -> dict:
         """An authenticated call (GET without a body); on 40001, 40014 or 42001 refresh the
         token once and retry once."""
         token = self.access_token()
         try:
-            return self._post(path, body, {"access_token": token})
+            return self._post(path, body, {**(params or {}), "access_token": token}, files)
         except WeChatError as error:
             if error.errcode not in TOKEN_INVALID:
                 raise
             log_wechat.warning("access token rejected (%s); refreshing once", error.errcode)
-        return self._post(path, body, {"access_token": self.refresh_token(token)})
+        return self._post(path, body, {**(params or {}), "access_token":
+                                       self.refresh_token(token)}, files)
 
     def customer_service_send(self, openid: str, text: str) -> None:
         self.call("/cgi-bin/message/custom/send",
                   {"touser": openid, "msgtype": "text", "text": {"content": text}})
+
+    def upload_image(self, data: bytes) -> str:
+        """Upload a JPEG or PNG as temporary media (lives 3 days); its media_id."""
+        kind = image_type(data)
+        answer = self.call("/cgi-bin/media/upload", params={"type": "image"}, files={
+            "media": (f"image.{kind}", data, f"image/{kind}")})
+        media_id = answer.get("media_id")
+        if not isinstance(media_id, str) or not media_id:
+            raise WeChatError(None, "media/upload answered without media_id")
+        return media_id
+
+    def send_image(self, openid: str, media_id: str) -> None:
+        self.call("/cgi-bin/message/custom/send",
+                  {"touser": openid, "msgtype": "image", "image": {"media_id": media_id}})
 
     def menu_create(self, menu: dict) -> None:
         """Replace the custom menu with exactly this one (sent as raw UTF-8, as every call)."""
@@ -1947,7 +2112,26 @@ class ModelError(Exception):
 CONTEXT_TOO_LONG = re.compile(r"context.length|context_length|maximum context|too long|"
                               r"max_tokens|tokens? limit|超出|过长", re.I)
 CONTENT_FILTER = re.compile(r"content.filter|content_filter|content management|"
-                            r"data_inspection|inappropriate|sensitive|risk|违规|敏感", re.I)
+                            r"data_inspection|inappropriate|sensitive|risk|违规|敏感|"
+                            r"safety system|content.policy|moderation", re.I)
+
+
+def paced_lines(chunks: Iterator[bytes], every: float) -> Iterator[str]:
+    """The lines of a byte stream, read from the network at most once every `every` seconds.
+
+    Models send a token or a few characters at a time, each its own read (and thread wake-up)
+    at some 0.1 ms of CPU; what was sent in between waits in the socket's buffer and comes
+    in one read. A line is decoded whole, so a character split across reads is never cut.
+    """
+    rest, next_read = b"", time.monotonic() + every
+    for chunk in chunks:
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8")
+        time.sleep(max(0.0, next_read - time.monotonic()))
+        next_read = time.monotonic() + every
+    if rest:
+        yield rest.rstrip(b"\r").decode("utf-8")
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[dict]:
@@ -1971,11 +2155,23 @@ def sse_events(lines: Iterator[str]) -> Iterator[dict]:
         yield json.loads("\n".join(data))
 
 
+#: The SDK's HTTP response class (httpx's, or httpx2's from openai 3): asked for as the
+#: result of `client.post`, it comes back unread, as the SDK's README shows for raw calls.
+HTTP_RESPONSE = sys.modules[openai.DefaultHttpxClient.__base__.__module__.partition(".")[0]
+                            ].Response
+
+
 class Model:
     """An OpenAI-compatible chat.completions endpoint (OpenAI, DeepSeek, Qwen, Ollama, ...)."""
 
+    #: The settings an operator fixes when the provider refuses (named in the log).
+    KEY_SETTING, MODEL_SETTING, URL_SETTING = "OPENAI_API_KEY", "WXBOT_MODEL", "OPENAI_BASE_URL"
+    #: Seconds between reads of a stream: WeChat only ever sees whole segments of hundreds
+    #: of characters, so reading each token as it comes costs CPU and gains nothing.
+    READ_EVERY = 0.25
+
     def __init__(self, settings: Settings):
-        self.settings = settings
+        self.settings, self.name = settings, settings.model
         self.client = openai.OpenAI(api_key=settings.openai_api_key,
                                     base_url=settings.openai_base_url or None,
                                     timeout=settings.model_timeout, max_retries=0)
@@ -2001,15 +2197,16 @@ class Model:
     def stream(self, messages: list[dict]) -> Iterator[str]:
         """The answer's text as the model writes it; one piece where streaming is not offered.
 
-        The stream is read through the client's raw response (its base URL, auth, retries and
-        error types stay) and its server-sent events are parsed here: the SDK builds objects
-        for every chunk at about 0.2 ms of CPU each, json.loads takes a tenth of that, and a
-        burst streams hundreds of answers at once.
+        The request goes through the client's own `post` (its base URL, auth, retries and
+        error types stay) for the HTTP response unread, and the server-sent events are parsed
+        here: the SDK's typed request takes some 3 ms of CPU and its objects 0.2 ms a chunk,
+        where a burst streams hundreds of answers at once.
         """
         try:
-            response = self.client.chat.completions.with_raw_response.create(
-                model=self.settings.model, messages=messages,
-                max_tokens=self.settings.max_tokens, stream=True)
+            response = self.client.post("/chat/completions", cast_to=HTTP_RESPONSE, stream=True,
+                                        body={"model": self.settings.model,
+                                              "messages": messages, "stream": True,
+                                              "max_tokens": self.settings.max_tokens})
         except openai.APIStatusError as error:
             if error.status_code == 400 and "stream" in str(error.message).lower():
                 yield self.answer(messages)
@@ -2019,9 +2216,9 @@ class Model:
             raise ModelError(f"{type(error).__name__}: cannot reach the model at "
                              f"{self.client.base_url}") from None
         produced = finished = False
-        with contextlib.closing(response.http_response) as http:
+        with contextlib.closing(response) as http:
             try:
-                for chunk in sse_events(http.iter_lines()):
+                for chunk in sse_events(paced_lines(http.iter_bytes(), self.READ_EVERY)):
                     problem = chunk.get("error")
                     if problem:  # some providers report a failure inside the stream
                         detail = str(problem.get("message", problem) if isinstance(
@@ -2054,8 +2251,9 @@ class Model:
 
     def _status_error(self, error: openai.APIStatusError) -> ModelError:
         status = error.status_code
-        hint = {401: "check OPENAI_API_KEY", 403: "check OPENAI_API_KEY and the account",
-                404: f"check WXBOT_MODEL ({self.settings.model}) and OPENAI_BASE_URL"}
+        hint = {401: f"check {self.KEY_SETTING}",
+                403: f"check {self.KEY_SETTING} and the account",
+                404: f"check {self.MODEL_SETTING} ({self.name}) and {self.URL_SETTING}"}
         retry_after = None
         with contextlib.suppress(TypeError, ValueError):
             retry_after = float(error.response.headers.get("retry-after"))
@@ -2067,6 +2265,56 @@ class Model:
             kind = "refused"
         return ModelError(f"HTTP {status} from the model: {hint.get(status, 'provider error')}"
                           f" ({kind})", kind, retry_after, status, detail)
+
+
+class ImageModel(Model):
+    """An OpenAI-compatible Images API (images.generate): WXBOT_IMAGE_BASE_URL with its key,
+    or the chat provider's. Drawing takes longer than writing: twice WXBOT_MODEL_TIMEOUT."""
+
+    KEY_SETTING = "WXBOT_IMAGE_API_KEY (or OPENAI_API_KEY)"
+    MODEL_SETTING = "WXBOT_IMAGE_MODEL"
+    URL_SETTING = "WXBOT_IMAGE_BASE_URL (or OPENAI_BASE_URL)"
+
+    def __init__(self, settings: Settings):
+        self.settings, self.name = settings, settings.image_model
+        self.client = openai.OpenAI(
+            api_key=settings.image_api_key or settings.openai_api_key,
+            base_url=settings.image_base_url or settings.openai_base_url or None,
+            timeout=settings.model_timeout * 2, max_retries=0)
+
+    def draw(self, prompt: str) -> bytes:
+        """The picture's bytes, whether the provider returns them (b64_json) or a link (url);
+        ModelError "refused" when its safety system declines the prompt."""
+        try:
+            result = self.client.images.generate(model=self.name, prompt=prompt, n=1)
+        except openai.APIStatusError as error:
+            raise self._status_error(error) from None
+        except openai.APIError as error:
+            raise ModelError(f"{type(error).__name__}: cannot reach the Images API at "
+                             f"{self.client.base_url}") from None
+        picture = result.data[0] if result.data else None
+        if picture is not None and picture.b64_json:
+            try:
+                return base64.b64decode(picture.b64_json, validate=True)
+            except ValueError:
+                raise ModelError("the Images API returned b64_json that is not base64") \
+                    from None
+        if picture is not None and picture.url:
+            return self._download(picture.url)
+        raise ModelError("the Images API returned no image")
+
+    def _download(self, url: str) -> bytes:
+        """The picture behind the provider's link, read up to one byte over WeChat's limit."""
+        try:
+            with requests.get(url, stream=True, timeout=self.settings.model_timeout) as response:
+                if response.status_code != 200:
+                    raise ModelError(f"HTTP {response.status_code} fetching the image the "
+                                     f"Images API linked to")
+                data = response.raw.read(IMAGE_BYTES + 1, decode_content=True)
+        except requests.RequestException as error:
+            raise ModelError(f"{type(error).__name__} fetching the image the Images API "
+                             f"linked to") from None
+        return data
 
 
 ###############################################################################
@@ -2893,6 +3141,22 @@ def stats_text(stats: dict) -> str:
         f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
 
 
+def image_media_id(store: Store, wechat: WeChatAPI, image_id: int) -> str | None:
+    """A drawn picture's media_id, uploaded now if it never was or has expired (3 days), and
+    stored before it is used; None when its bytes are gone (it went out long ago)."""
+    image = store.image(image_id)
+    if image is None:
+        return None
+    if image["media_id"] and image["uploaded_at"] > time.time() - MEDIA_LIFETIME:
+        return image["media_id"]
+    if image["bytes"] is None:
+        return None
+    now = time.time()
+    media_id = wechat.upload_image(image["bytes"])
+    store.keep_media(image_id, media_id, now)
+    return media_id
+
+
 class Wakeup:
     """Wakes idle workers the moment the webhook stores a message: no polling delay."""
 
@@ -2936,6 +3200,7 @@ class Worker:
         self.wakeup, self.mode, self.name = wakeup, mode, name
         self.acknowledger = acknowledger
         self.owner = owner or OwnerFiles(settings)
+        self.image_model = ImageModel(settings) if settings.image_model else None
         self.stopping = threading.Event()
         self.lease_seconds = settings.model_timeout * 2 + 120
 
@@ -3039,7 +3304,8 @@ class Worker:
         prompt = replies.prompt_for(message.event, event_key)
         if prompt:
             return self.answer_text(message, prompt)
-        intent = classify(message.msg_type, message.content, replies.keywords)
+        intent = classify(message.msg_type, message.content, replies.keywords,
+                          drawing=bool(self.settings.image_model))
         text = intent.text
         if intent.kind is Kind.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
@@ -3054,6 +3320,8 @@ class Worker:
         if intent.kind is Kind.CONTINUE:  # fetches the rest; never a question for the model
             return self.store.save_answer(message, [], now, leftovers=Leftovers.TAKE,
                                           if_nothing=[NOTHING_MORE_LINE])
+        if intent.kind is Kind.DRAW:
+            return self.draw(message, intent.text)
         if message.msg_type == "voice" and not text:
             log_worker.warning("message %s: a voice message without Recognition; turn on "
                                "公众号后台 → 设置与开发 → 接口权限 → 接收语音识别结果", message.id)
@@ -3074,7 +3342,8 @@ class Worker:
         blocked = self.owner.blocked
         with self.store.transaction():  # one commit: follow-ups, the call counted, carried
             question = "\n".join(part for part in [question, *self.store.merge_followups(
-                message, time.time(), self.owner.replies.keywords)] if part) or IMAGE_PROMPT
+                message, time.time(), self.owner.replies.keywords,
+                bool(self.settings.image_model))] if part) or IMAGE_PROMPT
             if len(question) > MAX_QUESTION_CHARS:
                 question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
                     chars=MAX_QUESTION_CHARS)
@@ -3121,6 +3390,64 @@ class Worker:
         answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
         return self.store.complete_answer(message, time.time(), rest,
                                           f"[图片] {question}" if picture else question, answer)
+
+    def draw(self, message: Message, prompt: str) -> int | None:
+        """Have the Images API draw the prompt and upload the picture, each step stored before
+        the next; the answer is the picture (or the line that says why not).
+
+        Typing shows meanwhile, as for any message (Acknowledger); a restart resumes at the
+        first step not stored: it never pays for a second picture nor uploads it twice.
+        """
+        now = time.time()
+        if not prompt:
+            return self.store.save_answer(message, [DRAW_HOW_LINE], now)
+        if self.owner.blocked.found(prompt):
+            log_worker.warning("message %s from %s: drawing blocked (WXBOT_BLOCKED_WORDS)",
+                               message.id, short_id(message.openid))
+            self.store.bump("blocked", now)
+            return self.store.save_answer(message, [self.settings.blocked_reply], now)
+        full = self.store.reserve_image(message, prompt, now, self.settings.image_daily, [
+            (60, self.settings.user_rate), (86400, self.settings.user_daily)])
+        if full and full[0] == "images":
+            return self._over_limit(message, full[1], DRAW_DAILY_LINE.format(
+                limit=self.settings.image_daily, hours=max(1, round(full[1] / 3600))))
+        if full:
+            return self._over_limit(message, full[1])
+        image = self.store.image(message.id)
+        if image["bytes"] is None and image["media_id"] is None:
+            try:
+                data = self.image_model.draw(prompt)
+            except ModelError as error:
+                if error.kind != "transient" or message.model_failures + 1 >= self.MODEL_TRIES:
+                    self.store.unreserve_image(message)
+                return self._model_failed(message, error, None, DRAW_REFUSED_LINE)
+            if image_type(data) is None or len(data) > IMAGE_BYTES:
+                log_worker.error("message %s: the Images API returned %s; WeChat takes JPEG or "
+                                 "PNG up to 10 MB: choose a WXBOT_IMAGE_MODEL (or provider) "
+                                 "that returns one", message.id, f"{len(data)} bytes over "
+                                 "10 MB" if len(data) > IMAGE_BYTES else
+                                 f"another format (starting {data[:8]!r})")
+                return self.store.complete_answer(message, time.time(), [IMAGE_UNUSABLE_LINE])
+            self.store.keep_image(message, data)
+        try:
+            image_media_id(self.store, self.wechat, message.id)
+        except WeChatError as error:
+            if error.errcode != 48001:  # not sent yet: delivery retries the upload
+                log_worker.warning("message %s: picture not uploaded yet (%s)", message.id,
+                                   error.hint())
+            else:
+                return self.store.complete_answer(message, time.time(), [
+                    self._no_media(message)])
+        return self.store.add_image(message, time.time())
+
+    def _no_media(self, message: Message) -> str:
+        """WeChat refused the upload (48001): the line the user gets instead, logged once."""
+        if self.wechat.first_time(48001):
+            log_worker.error("message %s: WeChat refuses to take pictures (48001 from "
+                             "media/upload: only verified accounts, or the 测试号, may upload "
+                             "media): verify the account, or unset WXBOT_IMAGE_MODEL",
+                             message.id)
+        return IMAGE_NOT_ALLOWED_LINE
 
     def _ask(self, history: list[dict], ask: list[dict]) -> Iterator[str]:
         """The model's answer as it streams; a context-too-long error retries without history."""
@@ -3185,12 +3512,12 @@ class Worker:
         finally:
             abandoned.set()
 
-    def _over_limit(self, message: Message, wait: float) -> int:
+    def _over_limit(self, message: Message, wait: float, line: str = "") -> int:
         """One short notice per user and window; further messages in it get nothing."""
         now = time.time()
-        line = (RATE_LINE.format(wait=max(1, round(wait))) if wait <= 60
-                else DAILY_LINE.format(hours=max(1, round(wait / 3600))))
-        notice_key = f"limit-notice:{message.openid}"
+        line = line or (RATE_LINE.format(wait=max(1, round(wait))) if wait <= 60
+                        else DAILY_LINE.format(hours=max(1, round(wait / 3600))))
+        notice_key = f"limit-notice:{message.openid}:{'own' if line else 'calls'}"
         segments = [] if self.store.get_kv(notice_key, now) else [line]
         if segments:
             self.store.set_kv(notice_key, "1", now + wait)
@@ -3199,7 +3526,8 @@ class Worker:
                            short_id(message.openid), "notice sent" if segments else "silent")
         return self.store.save_answer(message, segments, now)
 
-    def _model_failed(self, message: Message, error: ModelError, question: str) -> int | None:
+    def _model_failed(self, message: Message, error: ModelError, question: str | None,
+                      refused_line: str = REFUSED_LINE) -> int | None:
         """Retry later, or end the answer with a polite line; what was sent stays sent."""
         partial = self.store.partial_answer(message.id)
         failures = message.model_failures + 1
@@ -3212,7 +3540,7 @@ class Worker:
             return None
         if error.kind == "refused":
             log_worker.warning("message %s: the model refused (content filter)", message.id)
-            line = REFUSED_LINE
+            line = refused_line
         else:
             log_worker.error("message %s from %s: model failed (%s); sending the apology",
                              message.id, short_id(message.openid), error)
@@ -3255,7 +3583,10 @@ class Worker:
                                    "ended; sending it again (the user may see it twice)",
                                    message.id, row["seq"])
             try:
-                self.wechat.customer_service_send(message.openid, text)
+                if row["image"]:
+                    self._send_image(message, row)
+                else:
+                    self.wechat.customer_service_send(message.openid, text)
             except WeChatError as error:
                 if not streaming:  # while streaming, the final delivery deals with it
                     self._send_failed(message, error)
@@ -3267,6 +3598,24 @@ class Worker:
                             f"{model_seconds:.2f}s" if model_seconds is not None else "-",
                             sum(row["sent_at"] is not None for row in rows), len(rows))
         return True
+
+    def _send_image(self, message: Message, row: sqlite3.Row) -> None:
+        """Send a picture, uploaded again if its media_id expired; a line in its place when
+        WeChat refuses the upload (48001) or the picture is gone."""
+        try:
+            media_id = image_media_id(self.store, self.wechat, row["image"])
+        except WeChatError as error:
+            if error.errcode != 48001:
+                raise
+            media_id, line = None, self._no_media(message)
+        else:
+            line = IMAGE_GONE_LINE
+        if media_id is None:
+            self.store.image_as_text(message.id, row["seq"], line)
+            self.wechat.customer_service_send(message.openid, line)
+            return
+        self.wechat.send_image(message.openid, media_id)
+        self.store.image_sent(row["image"])
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
         if error.errcode == 48001 and self.mode.no_permission():
@@ -3364,13 +3713,23 @@ def text_reply_xml(openid: str, account: str, content: str, now: float) -> bytes
             f"<Content><![CDATA[{content}]]></Content></xml>").encode("utf-8")
 
 
+def image_reply_xml(openid: str, account: str, media_id: str, now: float) -> bytes:
+    """WeChat's passive image reply (WECHAT.md §8)."""
+    return (f"<xml><ToUserName><![CDATA[{openid}]]></ToUserName>"
+            f"<FromUserName><![CDATA[{account}]]></FromUserName>"
+            f"<CreateTime>{int(now)}</CreateTime><MsgType><![CDATA[image]]></MsgType>"
+            f"<Image><MediaId><![CDATA[{media_id}]]></MediaId></Image></xml>").encode("utf-8")
+
+
 class Webhook:
     """Turns WeChat's HTTP calls into stored pushes; pure of I/O apart from the store."""
 
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
-                 acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None):
+                 acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None,
+                 wechat: WeChatAPI | None = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
+        self.wechat = wechat  # uploads a drawn picture again when its media_id expired
         self.mode = mode or DeliveryMode("service", store)
         self.acknowledger = acknowledger
         self.owner = owner or OwnerFiles(settings)
@@ -3475,7 +3834,9 @@ class Webhook:
                 reply = self.store.passive_reply(push.openid, message_id, time.time(),
                                                  hand_out_by)
                 if reply:
-                    text, more = reply
+                    text, more, image = reply
+                    if image:
+                        return self.image_reply(push, image, query)
                     return self.reply_body(push, text + CONTINUE_TAIL if more else text, query)
                 remaining = hand_out_by - time.monotonic()
                 if remaining <= 0:
@@ -3489,8 +3850,25 @@ class Webhook:
         time.sleep(max(0.0, arrived + WECHAT_TIMEOUT + 0.5 - time.monotonic()))
         return "success"
 
-    def reply_body(self, push: Push, text: str, query: Mapping[str, str]) -> str:
-        xml = text_reply_xml(push.openid, push.account, text, self.clock())
+    def image_reply(self, push: Push, image_id: int, query: Mapping[str, str]) -> str:
+        """A drawn picture as the reply; a line instead when it cannot be sent."""
+        try:
+            media_id = image_media_id(self.store, self.wechat, image_id) if self.wechat \
+                else None
+        except WeChatError as error:
+            log_web.error("a drawn picture was not uploaded: %s", error.hint())
+            return self.reply_body(push, IMAGE_NOT_ALLOWED_LINE if error.errcode == 48001
+                                   else APOLOGY_LINE, query)
+        if media_id is None:
+            return self.reply_body(push, IMAGE_GONE_LINE, query)
+        self.store.image_sent(image_id)
+        return self.reply_body(push, "", query, image_reply_xml(
+            push.openid, push.account, media_id, self.clock()))
+
+    def reply_body(self, push: Push, text: str, query: Mapping[str, str],
+                   xml: bytes = b"") -> str:
+        """The reply as WeChat takes it: `text` (or a ready `xml`), encrypted in 安全模式."""
+        xml = xml or text_reply_xml(push.openid, push.account, text, self.clock())
         if query.get("encrypt_type") == "aes" and self.crypto:
             xml = self.crypto.reply(self.settings.token, xml, query.get("timestamp", ""),
                                     query.get("nonce", ""))
@@ -3690,6 +4068,8 @@ class Janitor:
     and every hour, in small batches off the webhook's path."""
 
     EVERY = 3600.0
+    #: Messages looked at in one transaction (with their segments, turns and model calls).
+    BATCH = 500
     #: Between batches: the webhook and the workers get the write lock in between.
     PAUSE = 0.05
 
@@ -3703,7 +4083,7 @@ class Janitor:
         while after is not None and not self.stopping.is_set():
             after = self.store.prune(time.time() if now is None else now,
                                      self.settings.retention_days * 86400.0,
-                                     self.settings.session_ttl, after)
+                                     self.settings.session_ttl, after, self.BATCH)
             self.stopping.wait(self.PAUSE)
 
     def run(self) -> None:
@@ -3729,7 +4109,7 @@ class Bot:
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
-        self.webhook = Webhook(settings, self.store, self.wakeup, self.mode,
+        self.webhook = Webhook(settings, self.store, self.wakeup, self.mode, wechat=self.wechat,
                                acknowledger=self.acknowledger, owner=self.owner)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
@@ -3795,8 +4175,9 @@ class Console:
 def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int:
     """A console conversation with the real model, through wxbot's own worker."""
     root, ext = os.path.splitext(settings.db)
+    # No drawing here: the console shows no pictures.
     settings = dataclasses.replace(settings, db=f"{root}-chat{ext or '.db'}", user_rate=0,
-                                   user_daily=0)
+                                   user_daily=0, image_model="")
     store = Store(settings.db)
     worker = Worker(settings, store, Console(out), Model(settings), Wakeup(),
                     DeliveryMode("service", store), "chat", owner)
@@ -3909,6 +4290,11 @@ def retry(settings: Settings, message_id: int, out) -> int:
     return 0
 
 
+#: A 1x1 PNG that `check` uploads to learn whether WeChat takes pictures from this account.
+CHECK_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kg"
+             "AAAABJRU5ErkJggg==")
+
+
 def check(settings: Settings, out) -> int:
     """Try every setting for real: the database, an access token, one tiny model request."""
     failures = 0
@@ -3956,6 +4342,16 @@ def check(settings: Settings, out) -> int:
                           f"OPENAI_BASE_URL (it usually ends in /v1)")
         else:
             report(False, f"the model failed: {error}")
+    if settings.image_model:
+        try:  # a 1x1 PNG: temporary media costs nothing and is gone in 3 days
+            WeChatAPI(settings, store).upload_image(base64.b64decode(CHECK_PNG))
+            report(True, f"WeChat takes pictures (media/upload): 画 draws with "
+                         f"{settings.image_model}")
+        except WeChatError as error:
+            report(False, "drawing will not work: WeChat refuses media/upload (48001: only "
+                          "verified accounts, or the 测试号, may upload pictures); verify the "
+                          "account or unset WXBOT_IMAGE_MODEL" if error.errcode == 48001
+                   else f"drawing: WeChat refused a picture upload: {error.hint()}")
     store.close()
     for path, read, setting in [
             (settings.replies, Replies.read, "WXBOT_REPLIES"),
