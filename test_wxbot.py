@@ -4402,3 +4402,82 @@ def test_status_never_shows_the_model_urls_credentials(start_bot, tmp_path):
         return out.getvalue() if "cannot reach the model" in out.getvalue() else ""
     shown = wait_for(status_text, message="the failure in status")
     assert "hunter2pass" not in shown and "KEYINQUERY9" not in shown and "bob" not in shown
+
+
+# Operating safely: errors, connections, operator commands, upgrades ##########
+
+def test_an_unexpected_error_is_logged_masked_and_the_client_gets_a_bare_500(start_bot, caplog,
+                                                                            capfd):
+    caplog.handler.addFilter(wxbot.SECRET_FILTER)
+    bot = start_bot()
+
+    def broken(now):
+        raise RuntimeError(f"the store said {API_KEY}")
+    bot.store.health = broken
+    response = requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5)
+    assert response.status_code == 500 and response.text == "error"
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.err + printed.out and API_KEY not in printed.err
+    assert "internal error" in caplog.text and "RuntimeError" in caplog.text
+    assert API_KEY not in caplog.text
+
+
+def test_connections_over_the_cap_are_closed_at_once_and_logged_once(start_bot, monkeypatch,
+                                                                      caplog):
+    monkeypatch.setattr(wxbot.ThreadingServer, "max_connections", 3)
+    monkeypatch.setattr(wxbot.QuietHandler, "idle_timeout", 60.0)  # the idle ones stay open
+    bot = start_bot()
+    idle = [raw_connection(bot) for _ in range(3)]
+    over = [raw_connection(bot) for _ in range(5)]
+    for conn in over:
+        wait_for(lambda: closed_by_server(conn), message="a connection over the cap closed")
+    assert not any(closed_by_server(conn) for conn in idle)
+    refused = [r for r in caplog.records if "closed a new connection" in r.getMessage()]
+    assert len(refused) == 1 and "3 connections" in refused[0].getMessage()
+    for conn in idle + over:
+        conn.close()
+    # The slots are given back: a signed push is answered again.
+    wait_for(lambda: post_push(bot, text_xml("oCAP", "你好", 1)).status_code == 200,
+             message="a push answered once the idle connections are gone")
+
+
+def test_status_as_a_user_who_cannot_open_the_database_says_what_to_do(tmp_path, capsys):
+    unopenable = tmp_path / "wxbot.db"
+    unopenable.mkdir()  # as a file of another user's, mode 600: SQLite cannot open it
+    for command in (["status"], ["retry", "7"]):
+        assert wxbot.main(command, {"WXBOT_DB": str(unopenable)}) == 1
+        printed = capsys.readouterr()
+        assert "Traceback" not in printed.out + printed.err
+        assert len(printed.out.strip().splitlines()) == 1
+        assert "cannot open the database" in printed.out and "sudo -u wxbot" in printed.out
+
+
+def test_status_and_retry_need_only_the_database_path(tmp_path, capsys):
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path)
+    message_id = stored_push(store, "oOPS", "你好", 1, time.time())
+    assert wxbot.main(["status"], {"WXBOT_DB": path}) == 0
+    assert "waiting" in capsys.readouterr().out
+    assert wxbot.main(["retry", str(message_id)], {"WXBOT_DB": path}) != 2  # not dead: refused
+    assert "WXBOT_TOKEN" not in capsys.readouterr().err
+
+
+def test_an_old_database_without_room_to_compact_is_served_and_says_what_to_do(tmp_path,
+                                                                               caplog):
+    path = str(tmp_path / "old.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA_V1)
+        conn.execute("INSERT INTO messages (dedup_key, openid, msg_type, content, fields,"
+                     " received_at) VALUES ('k1', 'oOLD', 'text', '问', '{}', 1000)")
+        conn.commit()
+    seen = []
+    store = wxbot.Store(path, free_space=lambda folder: seen.append(folder) or 1000)
+    assert seen == [str(tmp_path)]
+    assert "not compacted" in caplog.text and "MB free" in caplog.text
+    assert store.health(2000.0)["queued"] == 1
+    with store.connection() as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == wxbot.SCHEMA_VERSION
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0  # not yet
+    later = wxbot.Store(path)  # with room: compacted at the next start
+    with later.connection() as conn:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2

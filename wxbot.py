@@ -40,6 +40,7 @@ import os
 import queue
 import random
 import re
+import shutil
 import signal
 import socket
 import socketserver
@@ -855,7 +856,8 @@ def create_private(path: str) -> None:
 class Store:
     """The SQLite database: queue, segments, history and the token cache."""
 
-    def __init__(self, path: str, busy_timeout: float = 15.0):
+    def __init__(self, path: str, busy_timeout: float = 15.0,
+                 free_space: Callable[[str], int] = lambda folder: shutil.disk_usage(folder).free):
         if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING claims a message
             raise RuntimeError(f"SQLite 3.35 or newer is needed; this Python has "
                                f"{sqlite3.sqlite_version} (use Debian 12 / Ubuntu 22.04 or newer)")
@@ -880,7 +882,7 @@ class Store:
         self.disk_full = False
         self._disk_lock = threading.Lock()
         with self.connection() as conn:
-            self._compactable(conn)
+            self._compactable(conn, free_space)
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
             # commit through a process crash (kill -9), losing at most the last ones on power loss.
             conn.execute("PRAGMA journal_mode=WAL")
@@ -894,20 +896,36 @@ class Store:
                 log.info("database %s brought up to date (schema %d to %d)", path, version,
                          SCHEMA_VERSION)
 
-    @staticmethod
-    def _compactable(conn: sqlite3.Connection) -> None:
+    def _compactable(self, conn: sqlite3.Connection, free_space: Callable[[str], int]) -> None:
         """Let the file shrink: rows deleted by retention give their pages back to the disk.
 
         auto_vacuum must be chosen before the first table exists; a database made by an
-        earlier wxbot is rewritten once (VACUUM: it locks the file while it runs).
+        earlier wxbot is rewritten once (VACUUM: it locks the file while it runs). The rewrite
+        needs room for a copy of the file and its journal; without that room it waits for a
+        later start, and the queue is served meanwhile (deleted rows' pages are reused).
         """
         if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL
             return
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
-            log.info("compacting the database once so that deleted rows free disk space "
-                     "(a large file takes a minute)")
-            conn.execute("VACUUM")
+        if not conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+            return
+        size = conn.execute("SELECT page_count * page_size FROM pragma_page_count, "
+                            "pragma_page_size").fetchone()[0]
+        needed = 2 * size  # the rewritten copy, then the journal that puts it in place
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            free = free_space(folder)
+            if free >= needed:
+                log.info("compacting the database once so that deleted rows free disk space "
+                         "(a large file takes a minute)")
+                conn.execute("VACUUM")
+                return
+            why = f"{free / 1e6:.0f} MB free in {folder}"
+        except (OSError, sqlite3.Error) as error:
+            why = str(error)
+        log.warning("database %s not compacted (%s): it needs %.0f MB free; free some space "
+                    "and restart wxbot to compact it, so that deleted rows give disk space "
+                    "back (wxbot runs meanwhile)", self.path, why, needed / 1e6 + 1)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -3925,6 +3943,22 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
         kind = "application/xml" if body.startswith("<xml>") else "text/plain"
         return bottle.HTTPResponse(body, status, {"Content-Type": f"{kind}; charset=utf-8"})
 
+    def logged_not_printed(callback):
+        """An unexpected error goes to the log, where secrets are masked, and the client gets
+        a bare 500: bottle's catchall would print the traceback to stderr, past the filter."""
+        def guarded(*args, **kwargs):
+            try:
+                return callback(*args, **kwargs)
+            except bottle.HTTPResponse:  # an answer, not an error
+                raise
+            except Exception:
+                log_web.exception("internal error answering %s %s", bottle.request.method,
+                                  bottle.request.path)
+                return text(500, "error")
+        return guarded
+
+    app.install(logged_not_printed)
+
     @app.get(settings.path)
     def verify():
         """WeChat's server check: the echostr back when the signature is valid."""
@@ -3967,12 +4001,6 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     def not_here(error):
         bottle.response.content_type = "text/plain; charset=utf-8"
         return "not found" if error.status_code == 404 else "method not allowed"
-
-    @app.error(500)
-    def internal(error):
-        log_web.error("internal error: %s", error.exception)
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        return "error"
 
     return app
 
@@ -4039,13 +4067,48 @@ class QuietHandler(WSGIRequestHandler):
 
 
 class ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
-    """One thread per connection, so a slow client never holds up WeChat's next push."""
+    """One thread per connection, so a slow client never holds up WeChat's next push.
+
+    At most `max_connections` at once: each holds a thread (and its stack) for up to the
+    request's deadline, so idle connections by the thousand would exhaust the process's
+    threads. One over the cap is closed at once, and the log says so once a minute at most.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
     # Python's default backlog is 5: under a burst the kernel drops connection attempts and
     # clients retry a second later, past WeChat's 5 s budget (BENCHMARKS.md).
     request_queue_size = 1024
+    max_connections = 512
+
+    def server_activate(self):
+        super().server_activate()
+        self.slots = threading.BoundedSemaphore(self.max_connections)
+        self.refusals = LogThrottle()
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.refuse(request, f"{self.max_connections} connections are open already")
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError as error:  # can't start new thread: the system's task limit
+            self.slots.release()
+            self.refuse(request, str(error))
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def refuse(self, request, why: str) -> None:
+        self.shutdown_request(request)
+        held_back = self.refusals.allow("connections", time.monotonic())
+        if held_back is not None:
+            log_web.warning("closed a new connection at once: %s (%d more since the last "
+                            "such line); if these are not an attack, look at what holds them "
+                            "open", why, held_back)
 
 
 class HttpServer:
@@ -4225,9 +4288,14 @@ def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
     if not os.path.exists(settings.db):
         print(f"no database at {settings.db} (check WXBOT_DB, or --env FILE)", file=out)
         return None
-    conn = sqlite3.connect(settings.db, timeout=15, isolation_level=None)
+    try:
+        conn = sqlite3.connect(settings.db, timeout=15, isolation_level=None)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as error:  # most often: the file is the service user's, mode 600
+        print(f"cannot open the database {settings.db} ({error}): run this as the service's "
+              f"user, e.g. sudo -u wxbot .venv/bin/python wxbot.py ...", file=out)
+        return None
     conn.row_factory = sqlite3.Row
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version != SCHEMA_VERSION:
         print(f"{settings.db} has schema {version}, this wxbot reads {SCHEMA_VERSION}: start "
               f"this wxbot once to bring it up to date", file=out)
@@ -4466,7 +4534,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
         if args.command in ("status", "retry"):  # the database only
-            env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+            env = {"WXBOT_TOKEN": "notusedbystatus", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
     except SettingsError as error:
