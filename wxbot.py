@@ -857,7 +857,7 @@ class Store:
     """The SQLite database: queue, segments, history and the token cache."""
 
     def __init__(self, path: str, busy_timeout: float = 15.0,
-                 free_space: Callable[[str], int] = lambda folder: shutil.disk_usage(folder).free):
+                 free_space: Callable[[str], int] = lambda dir: shutil.disk_usage(dir).free):
         if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING claims a message
             raise RuntimeError(f"SQLite 3.35 or newer is needed; this Python has "
                                f"{sqlite3.sqlite_version} (use Debian 12 / Ubuntu 22.04 or newer)")
