@@ -105,9 +105,16 @@ IMAGE_UNUSABLE_LINE = "抱歉，这张图片的格式或大小微信发不了，
 IMAGE_GONE_LINE = "这张图片已经过期了，请重新画一次。"
 #: What an image stands as among the segments of an answer, where a text is needed.
 IMAGE_SEGMENT = "[图片]"
-CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
+#: Tapping it sends 继续 as the user's own message, with <bizmsgmenuid> naming the answer
+#: whose rest it fetches (WECHAT.md §8); typing 继续 does the same for the latest answer.
+CONTINUE_LINK = ('<a href="weixin://bizmsgmenu?msgmenucontent=继续&msgmenuid={answer}">'
+                 '继续</a>')
+CONTINUE_TAIL = "\n\n（还有 {remaining} 段，点{link}查看）"
+#: The tail when how much follows is not known yet (an answer still being written).
+MORE_TAIL = "\n\n（点{link}查看剩余内容）"
+STALE_CONTINUE_LINE = "那条回答的剩余内容已经不再保留了，请直接提问吧。"
 NOTHING_MORE_LINE = "没有更多内容了，请直接提问吧。"
-THINKING_LINE = "正在思考，请稍后回复“继续”获取回答。"
+THINKING_LINE = "正在思考，请稍后点{link}获取回答。"
 #: Sent at once when a message will wait longer than WXBOT_QUEUE_NOTICE seconds for a worker.
 QUEUE_LINE = "收到！前面还有 {ahead} 人在排队，预计 {minutes} 分钟内回复。"
 RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
@@ -1038,8 +1045,10 @@ class Store:
                         " RETURNING id, pushes",
                         (push.dedup_key, push.openid, push.msg_type, push.msg_id, push.event,
                          push.content,
-                         # A text's fields are all in the columns: the hot path skips the JSON.
-                         "{}" if push.msg_type == "text" else
+                         # A text's fields are all in the columns: the hot path skips the
+                         # JSON; a tapped 继续 keeps which answer it was for.
+                         "{}" if push.msg_type == "text" and "bizmsgmenuid" not in push.fields
+                         else
                          json.dumps(push.fields, ensure_ascii=False), ticket["now"])
                     ).fetchone())
         except sqlite3.Error as error:
@@ -1283,8 +1292,9 @@ class Store:
                 (message.id,))]
 
     def passive_reply(self, openid: str, message_id: int, now: float
-                      ) -> tuple[str, bool, int | None] | None:
-        """The segment the reply to this push carries, whether more waits after it, and the
+                      ) -> tuple[str, tuple[int, int] | None, int | None] | None:
+        """The segment the reply to this push carries; what waits after it, if anything: how
+        many segments (0: not known yet, an answer is being written) of which answer; and the
         picture it is (images.message_id), if it is one.
 
         The same push retried gets the same segment; otherwise the next unsent segment of
@@ -1304,17 +1314,35 @@ class Store:
                     return None
                 conn.execute("UPDATE segments SET sent_at = ?, replied_to = ?"
                              " WHERE message_id = ? AND seq = ?", (now, message_id, row[0], row[1]))
-            # More: a segment waiting, or a question (or a drawing: with drawing off it is a
-            # question) of the user still being answered.
-            more = conn.execute(
-                "SELECT 1 FROM segments s JOIN messages m ON m.id = s.message_id"
-                " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL LIMIT 1",
-                (openid,)).fetchone() is not None or any(
-                classify(*waiting, drawing=True).kind in (Kind.QUESTION, Kind.DRAW)
-                for waiting in conn.execute(
-                    "SELECT msg_type, content FROM messages WHERE openid = ?"
-                    " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,)))
-        return row["content"], more, row["image"]
+            # More: a question (or a drawing: with drawing off it is a question) of the user
+            # still being answered, or else the segments waiting of the newest answer.
+            answering = [waiting["id"] for waiting in conn.execute(
+                "SELECT id, msg_type, content FROM messages WHERE openid = ?"
+                " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,))
+                if classify(waiting["msg_type"], waiting["content"], drawing=True).kind
+                in (Kind.QUESTION, Kind.DRAW)]
+            if answering:
+                more = (0, max(answering))
+            else:
+                newest = conn.execute(
+                    "SELECT max(s.message_id) FROM segments s JOIN messages m"
+                    " ON m.id = s.message_id WHERE m.openid = ? AND s.sent_at IS NULL"
+                    " AND s.moved_to IS NULL", (openid,)).fetchone()[0]
+                more = newest and (conn.execute(
+                    "SELECT count(*) FROM segments WHERE message_id = ? AND sent_at IS NULL"
+                    " AND moved_to IS NULL", (newest,)).fetchone()[0], newest)
+        return row["content"], more or None, row["image"]
+
+    def tap_current(self, message: Message, tapped: int) -> bool:
+        """Whether a tapped 继续 (<bizmsgmenuid>) belongs to the answer whose rest 继续 fetches
+        now: the newest with segments unsent. A tap on an older answer's link is not, nor one
+        on another user's; with nothing unsent at all, any tap gets the usual "nothing more"."""
+        with self.connection() as conn:
+            newest = conn.execute("SELECT max(s.message_id)" + EARLIER_UNSENT,
+                                  {"openid": message.openid, "id": message.id}).fetchone()[0]
+            answer = conn.execute("SELECT coalesce(merged_into, id) FROM messages WHERE id = ?"
+                                  " AND openid = ?", (tapped, message.openid)).fetchone()
+        return newest is None or (answer is not None and answer[0] == newest)
 
     def reply_at_once(self, message_id: int, text: str, now: float) -> bool:
         """Answer a message no worker has taken with one passive reply, sent as this push's
@@ -2251,7 +2279,8 @@ QUOTA = 5
 #: A follow, a menu click or a QR scan allows 3 messages within a minute (WECHAT.md §4).
 EVENT_QUOTA = 3
 #: Every segment leaves room for the "继续" line, which the 5th gets when more follows.
-SEGMENT_LIMIT = SEGMENT_BYTES - len(CONTINUE_TAIL.encode("utf-8"))
+SEGMENT_LIMIT = SEGMENT_BYTES - len(
+    CONTINUE_TAIL.format(remaining=10 ** 5, link=CONTINUE_LINK.format(answer=10 ** 15)).encode())
 #: Segments between the first and the last are at least this long wherever the text allows,
 #: and the first at least FIRST_LEAST, so that five hold a 3,000-character Chinese answer
 #: (9,000 bytes): 1650 + 3 × 1800 + 2007 ≥ 9000.
@@ -2320,19 +2349,29 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
     return end
 
 
-def next_send(rows: list, quota: int, streaming: bool) -> tuple[sqlite3.Row, str] | None:
-    """The segment to send next and its text; None when none may go now.
+def continue_tail(remaining: int, answer_id: int) -> str:
+    """The line that ends a cut-off answer: how many segments remain, and 继续 to tap."""
+    link = CONTINUE_LINK.format(answer=answer_id)
+    if remaining:
+        return CONTINUE_TAIL.format(remaining=remaining, link=link)
+    return MORE_TAIL.format(link=link)
+
+
+def next_send(rows: list, quota: int, streaming: bool, answer_id: int
+              ) -> tuple[sqlite3.Row, str] | None:
+    """The segment of answer `answer_id` to send next and its text; None when none may go now.
 
     WeChat allows `quota` customer-service messages for one user message (45047; Store.quota):
     the last one allowed says how to get the rest ("继续"), so while the model still writes,
-    it waits until it is known whether more follows.
+    it waits until it is known whether more follows, and how much.
     """
     sent = sum(row["sent_at"] is not None for row in rows)
     if sent >= quota or (streaming and sent == quota - 1):
         return None
     for row in rows:
         if row["sent_at"] is None:
-            tail = CONTINUE_TAIL if sent == quota - 1 and len(rows) > quota else ""
+            tail = continue_tail(len(rows) - quota, answer_id) \
+                if sent == quota - 1 and len(rows) > quota else ""
             return row, row["content"] + tail
     return None
 
@@ -3239,6 +3278,10 @@ class Worker:
             return self.store.save_answer(message, [HELP_LINE], now)
         if intent.kind is Kind.STATS and message.openid in self.settings.admins:
             return self.store.save_answer(message, [stats_text(self.store.stats(now))], now)
+        tapped = message.fields.get("bizmsgmenuid", "")
+        if intent.kind is Kind.CONTINUE and tapped.isdigit() and \
+                not self.store.tap_current(message, int(tapped)):
+            return self.store.save_answer(message, [STALE_CONTINUE_LINE], now)
         if intent.kind is Kind.CONTINUE:  # fetches the rest; never a question for the model
             return self.store.save_answer(message, [], now, leftovers=Leftovers.TAKE,
                                           if_nothing=[NOTHING_MORE_LINE])
@@ -3488,7 +3531,7 @@ class Worker:
                     self.store.mark_sent(message, sent_seq, now)
                 rows = self.store.segments(message.id)
                 pick = None if self.mode.passive else next_send(  # passive: the webhook's
-                    rows, self.store.quota(message), streaming)
+                    rows, self.store.quota(message), streaming, message.id)
                 if pick:
                     self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
                 elif not streaming:
@@ -3748,7 +3791,8 @@ class Webhook:
                 text, more, image = reply
                 if image:
                     return self.image_reply(push, image, query)
-                return self.reply_body(push, text + CONTINUE_TAIL if more else text, query)
+                return self.reply_body(push, text + continue_tail(*more) if more else text,
+                                       query)
             if settled:
                 return "success"
             remaining = deadline - time.monotonic()
@@ -3757,7 +3801,8 @@ class Webhook:
             with self.store.changed:
                 self.store.changed.wait(min(remaining, 0.5))
         if last_try:
-            return self.reply_body(push, THINKING_LINE, query)
+            return self.reply_body(push, THINKING_LINE.format(
+                link=CONTINUE_LINK.format(answer=message_id)), query)
         # Let this try lapse unanswered: WeChat then pushes the message again.
         time.sleep(max(0.0, started + WECHAT_TIMEOUT + 0.5 - time.monotonic()))
         return "success"
