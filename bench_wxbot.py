@@ -14,6 +14,7 @@ Usage:
                                    database once, about 9 GiB, in the temp folder)
   python bench_wxbot.py --blocked-words   only the blocked-words row
   python bench_wxbot.py --burst    only the burst rows (--burst-users N to try them small)
+  python bench_wxbot.py --passive  only the passive-reply row (--passive-users N, --quick)
 """
 
 from __future__ import annotations
@@ -318,6 +319,40 @@ def bench_first_message(workdir, wechat, args) -> tuple[list[str], float, float]
             f"{segments} segments"], peak, idle
 
 
+def bench_passive_wait(workdir, wechat, args) -> tuple[list[str], float]:
+    """Passive mode: users whose answers take `wait` seconds, all waiting in their replies at
+    once; what the waiting costs the wxbot process."""
+    users = args.passive_users or (50 if not args.quick else 10)
+    wait = 4.0 if not args.quick else 1.0
+    model = FakeModel(lambda request: time.sleep(wait) or  # the model's own latency
+                      "答：" + request["messages"][-1]["content"])
+    bot = Wxbot(workdir, wechat, model, WXBOT_MODE="passive", WXBOT_WORKERS=max(32, users))
+    replies = {}
+
+    def user(n):
+        response = requests.post(f"http://127.0.0.1:{bot.port}/wx", params=signed_query(),
+                                 data=text_xml(f"oWAIT{n:03d}", f"问题{n}", n), timeout=10)
+        fields = wxbot.parse_xml(response.content) if response.text.startswith("<xml>") else {}
+        replies[n] = fields.get("Content")
+    try:
+        threads = [threading.Thread(target=user, args=(n,)) for n in range(users)]
+        cpu_before, started = cpu_seconds(bot.process.pid), time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        cpu = cpu_seconds(bot.process.pid) - cpu_before
+        elapsed = time.monotonic() - started
+        peak = peak_rss_mib(bot.process.pid)
+    finally:
+        bot.stop()
+        model.close()
+    answered = sum(replies.get(n) == f"答：问题{n}" for n in range(users))
+    return [f"Passive replies: {users} users waiting at once for a {wait:.0f}-second answer: "
+            f"wxbot CPU {cpu:.2f} s in all over {elapsed:.1f} s (target < 0.5 s for 50); "
+            f"{answered}/{users} got their answer in the reply"], peak
+
+
 class BurstWatch:
     """What the fake WeChat saw of a burst: each user's first typing or message, each answer."""
 
@@ -608,6 +643,10 @@ def main() -> int:
                         help="only the burst rows (300 and 200 users; about 2 minutes)")
     parser.add_argument("--burst-users", type=int, default=None,
                         help="users in each burst instead of 300 and 200 (to try it small)")
+    parser.add_argument("--passive", action="store_true",
+                        help="only the passive-reply row (50 users waiting 4 s; seconds)")
+    parser.add_argument("--passive-users", type=int, default=None,
+                        help="users waiting at once in the passive row instead of 50")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.blocked_words:
@@ -629,6 +668,14 @@ def main() -> int:
     args.idle = args.idle or (10.0 if not args.quick else 2.0)
     if args.quick:
         args.latency = min(args.latency, 0.2)
+    if args.passive:
+        wechat = FakeWeChat()
+        with tempfile.TemporaryDirectory() as workdir:
+            try:
+                print("\n".join(bench_passive_wait(workdir, wechat, args)[0]))
+            finally:
+                wechat.close()
+        return 0
     if args.burst:
         wechat = FakeWeChat()
         with tempfile.TemporaryDirectory() as workdir:
@@ -648,15 +695,17 @@ def main() -> int:
             throughput, peak_throughput = bench_throughput(workdir, wechat, args)
             first, peak_first, idle = bench_first_message(workdir, wechat, args)
             bursts, peak_bursts = bench_bursts(workdir, wechat, args)
+            passive, peak_passive = bench_passive_wait(workdir, wechat, args)
         finally:
             wechat.close()
     blocked = bench_blocked_words(args)
     peak = max(peak_webhook, peak_pickup, peak_throughput, peak_first)
-    lines += webhook + ["", *pickup, "", *throughput, "", *first, "", *bursts, "", *blocked, "",
+    lines += webhook + ["", *pickup, "", *throughput, "", *first, "", *bursts, "", *passive,
+                        "", *blocked, "",
                         f"Peak RSS of the wxbot process: {peak:.0f} MiB (webhook load "
                         f"{peak_webhook:.0f}, pickup {peak_pickup:.0f}, throughput with 20 "
                         f"workers {peak_throughput:.0f}, long answer {peak_first:.0f}; bursts: "
-                        f"{peak_bursts:.0f}, target < 150); CPU "
+                        f"{peak_bursts:.0f}, target < 150; passive {peak_passive:.0f}); CPU "
                         f"while idle for {args.idle:.0f} s: {idle:.2%}"]
     print("\n".join(lines))
     return 0

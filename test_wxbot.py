@@ -1501,8 +1501,7 @@ UNAVAILABLE = "该公众号暂时无法提供服务，请稍后再试"
 def quick_wechat_clock(monkeypatch):
     """WeChat's 5 s, shortened: it waits 1 s for a reply before it pushes again."""
     monkeypatch.setattr(wxbot, "WECHAT_TIMEOUT", 1.0)
-    monkeypatch.setattr(wxbot, "PASSIVE_WAIT", 0.8)
-    monkeypatch.setattr(wxbot, "PASSIVE_LAST_WAIT", 0.7)
+    monkeypatch.setattr(wxbot, "HAND_OUT_MARGIN", 0.2)
     return 1.0
 
 
@@ -3119,6 +3118,31 @@ def test_stream_events_are_read_whatever_their_framing(events, spaced, comments,
     assert list(wxbot.sse_events(iter(lines))) == events
 
 
+@hsettings(max_examples=80, deadline=None)
+@given(lines=st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n",
+                                                     blacklist_categories=("Cs",)), max_size=30),
+                      max_size=8),
+       crlf=st.booleans(), cuts=st.lists(st.integers(0, 400), max_size=10))
+def test_stream_lines_survive_any_split_of_the_bytes(lines, crlf, cuts):
+    """A network read may end anywhere, inside a line or a UTF-8 character."""
+    data = "".join(line + ("\r\n" if crlf else "\n") for line in lines).encode()
+    edges = sorted({0, len(data), *(cut for cut in cuts if cut < len(data))})
+    reads = [data[start:end] for start, end in zip(edges, edges[1:])]
+    assert list(wxbot.paced_lines(iter(reads), 0)) == lines
+
+
+def test_a_stream_is_read_at_most_once_every_interval():
+    pulled = []
+
+    def reads():
+        for n in range(4):
+            pulled.append(time.monotonic())
+            yield f"data: {n}\n\n".encode()
+    assert list(wxbot.paced_lines(reads(), 0.05)) == ["data: 0", "", "data: 1", "", "data: 2",
+                                                      "", "data: 3", ""]
+    assert all(later - earlier >= 0.05 for earlier, later in zip(pulled, pulled[1:]))
+
+
 def test_error_event_in_the_stream_from_a_content_filter_gets_the_polite_line(start_bot, wechat,
                                                                                model):
     model.respond = lambda request: ["我来", {"error": {"message": "Output data may contain "
@@ -4089,6 +4113,47 @@ def test_systemd_unit_is_rated_ok_by_systemd_analyze():
     assert float(score.group(1)) <= 2.5, result.stdout
     unit = open(os.path.join(HERE, "wxbot.service"), encoding="utf-8").read()
     assert re.search(r"^UMask=0077$", unit, re.M)
+
+
+# Passive replies that cost nothing while they wait ###########################
+
+def test_passive_reply_too_late_for_wechat_takes_no_segment_with_it(start_bot, wechat, model,
+                                                                     quick_wechat_clock,
+                                                                     monkeypatch):
+    original = wxbot.Store.store_push
+
+    def slow_disk(store, push, now):  # this push takes longer to store than WeChat waits
+        if push.content == "慢慢存":
+            time.sleep(quick_wechat_clock + 0.1)
+        return original(store, push, now)
+    monkeypatch.setattr(wxbot.Store, "store_push", slow_disk)
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oLATE", quick_wechat_clock)
+    assert user.says("慢慢存") == UNAVAILABLE  # every try came too late for its reply
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    assert user.says("下一个") == tailed("答：慢慢存")  # it waited, not lost
+    assert user.says("继续") == "答：下一个"
+
+
+def test_waiting_passive_replies_wake_only_for_their_own_user(start_bot, wechat, model,
+                                                              quick_wechat_clock, monkeypatch):
+    release = hold_first_question(model, "慢问题")
+    looks, original = [], wxbot.Store.passive_reply
+    monkeypatch.setattr(wxbot.Store, "passive_reply", lambda store, openid, *args: (
+        looks.append(openid), original(store, openid, *args))[1])
+    bot = start_bot(WXBOT_MODE="passive", WXBOT_USER_RATE=0)
+    slow, shown = WeChatUser(bot, "oSLOW", quick_wechat_clock), []
+    waiting = threading.Thread(target=lambda: shown.append(slow.says("慢问题")))
+    waiting.start()
+    wait_for(lambda: model.requests)
+    busy, answered = WeChatUser(bot, "oBUSY", quick_wechat_clock), 0
+    while answered < 10:  # another user's answers are written meanwhile
+        assert busy.says(f"问{answered}") == f"答：问{answered}"
+        answered += 1
+    release.set()
+    waiting.join()
+    assert shown == ["答：慢问题"]
+    assert looks.count("oSLOW") <= 8  # woken by its own answer's writes, not by the others'
 
 
 # Rich replies: drawing #######################################################

@@ -51,7 +51,7 @@ import time
 import unicodedata
 import urllib.parse
 import xml.parsers.expat
-from typing import Callable, Container, Iterator, Mapping
+from typing import Callable, Container, Iterable, Iterator, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
@@ -807,6 +807,40 @@ def disk_full(error: Exception) -> bool:
     return isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)
 
 
+class UserWakeups:
+    """Wakes the webhook threads waiting for one user's passive reply, and no others.
+
+    A write that concerns a user (a segment stored, a message settled) rings that user's
+    bell; a waiting thread sleeps until its own rings or its time is up. No broadcast: with
+    many users waiting at once, one user's answer wakes one thread.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting: dict[str, set[threading.Event]] = {}
+
+    @contextlib.contextmanager
+    def listen(self, openid: str) -> Iterator[threading.Event]:
+        """An event set whenever something is written for the user, while in the block."""
+        bell = threading.Event()
+        with self._lock:
+            self._waiting.setdefault(openid, set()).add(bell)
+        try:
+            yield bell
+        finally:
+            with self._lock:
+                bells = self._waiting[openid]
+                bells.discard(bell)
+                if not bells:
+                    del self._waiting[openid]
+
+    def ring(self, openids: Iterable[str]) -> None:
+        with self._lock:
+            bells = [bell for openid in openids for bell in self._waiting.get(openid, ())]
+        for bell in bells:
+            bell.set()
+
+
 class LeaseLost(Exception):
     """The lease expired and the message went back to the queue: stop, another worker has it."""
 
@@ -847,8 +881,8 @@ class Store:
         self._writing = False
         self._pending: list[dict] = []  # pushes waiting for their group commit
         self._local = threading.local()  # the thread's open write transaction, if any
-        #: Notified after every write, for webhook threads waiting for a passive reply.
-        self.changed = threading.Condition()
+        #: Rung after a write for a user, for webhook threads waiting for a passive reply.
+        self.wakeups = UserWakeups()
         #: Set while writes fail for want of space; workers pause, the webhook answers 503.
         self.disk_full = False
         self._disk_lock = threading.Lock()
@@ -962,7 +996,7 @@ class Store:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction, one writer at a time and after any waiting push; webhook
-        threads waiting for a passive reply hear of it.
+        threads waiting for a passive reply of a user whose message it changed hear of it.
 
         Opened inside another of the same thread, it is part of that one: a worker joins the
         writes of one step into one commit, one short turn of the write lock.
@@ -971,14 +1005,14 @@ class Store:
         if joined is not None:
             yield joined
             return
+        touched = self._local.touched = set()
         with self._turn(), self._begin() as conn:
             self._local.conn = conn
             try:
                 yield conn
             finally:
                 self._local.conn = None
-        with self.changed:
-            self.changed.notify_all()
+        self.wakeups.ring(touched)
 
     @contextlib.contextmanager
     def _turn(self) -> Iterator[None]:
@@ -1093,6 +1127,7 @@ class Store:
             {"id": message.id, "attempts": message.attempts, **params})
         if cursor.rowcount != 1:
             raise LeaseLost(message.id)
+        self._local.touched.add(message.openid)  # every write of a worker passes here
 
     def _check_lease(self, conn: sqlite3.Connection, message: Message) -> None:
         """Raise LeaseLost unless the caller still holds the message's lease."""
@@ -1291,47 +1326,61 @@ class Store:
                 "SELECT content FROM messages WHERE merged_into = ? ORDER BY id",
                 (message.id,))]
 
-    def passive_reply(self, openid: str, message_id: int, now: float
+    def passive_reply(self, openid: str, message_id: int, now: float, hand_out_by: float
                       ) -> tuple[str, tuple[int, int] | None, int | None] | None:
-        """The segment the reply to this push carries; what waits after it, if anything: how
-        many segments (0: not known yet, an answer is being written) of which answer; and the
-        picture it is (images.message_id), if it is one.
+        """The segment the reply to this push carries; what waits after it, if anything
+        (Store._more); and the picture it is (images.message_id), if it is one. None while
+        there is none, or once `hand_out_by` (time.monotonic()) has passed.
 
         The same push retried gets the same segment; otherwise the next unsent segment of
         this message's own answer (which carries what the user was still owed), or of the
-        answer it was merged into. An event never takes another message's answer.
+        answer it was merged into. An event never takes another message's answer. Looking
+        costs a read; the one write is handing a segment out, and a segment is handed out
+        only while there is time for the reply to arrive.
         """
-        with self.transaction() as conn:
-            row = conn.execute("SELECT message_id, seq, content, image FROM segments"
-                               " WHERE replied_to = ?", (message_id,)).fetchone()
-            if row is None:
-                row = conn.execute(
-                    "SELECT message_id, seq, content, image FROM segments WHERE message_id ="
-                    " (SELECT coalesce(merged_into, id) FROM messages WHERE id = ?)"
-                    " AND sent_at IS NULL AND moved_to IS NULL ORDER BY seq LIMIT 1",
-                    (message_id,)).fetchone()
-                if row is None:
+        while True:
+            with self.connection() as conn:
+                rows = conn.execute(
+                    "SELECT message_id, seq, content, image, sent_at, replied_to, moved_to"
+                    " FROM segments WHERE message_id = (SELECT coalesce(merged_into, id)"
+                    " FROM messages WHERE id = ?) ORDER BY seq", (message_id,)).fetchall()
+                replied = [row for row in rows if row["replied_to"] == message_id]
+                if replied:  # a retry of a push already answered
+                    return replied[0]["content"], self._more(conn, openid), replied[0]["image"]
+            waiting = [row for row in rows if row["sent_at"] is None and row["moved_to"] is None]
+            if not waiting:
+                return None
+            with self.transaction() as conn:
+                if time.monotonic() > hand_out_by:
                     return None
-                conn.execute("UPDATE segments SET sent_at = ?, replied_to = ?"
-                             " WHERE message_id = ? AND seq = ?", (now, message_id, row[0], row[1]))
-            # More: a question (or a drawing: with drawing off it is a question) of the user
-            # still being answered, or else the segments waiting of the newest answer.
-            answering = [waiting["id"] for waiting in conn.execute(
-                "SELECT id, msg_type, content FROM messages WHERE openid = ?"
-                " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,))
-                if classify(waiting["msg_type"], waiting["content"], drawing=True).kind
-                in (Kind.QUESTION, Kind.DRAW)]
-            if answering:
-                more = (0, max(answering))
-            else:
-                newest = conn.execute(
-                    "SELECT max(s.message_id) FROM segments s JOIN messages m"
-                    " ON m.id = s.message_id WHERE m.openid = ? AND s.sent_at IS NULL"
-                    " AND s.moved_to IS NULL", (openid,)).fetchone()[0]
-                more = newest and (conn.execute(
-                    "SELECT count(*) FROM segments WHERE message_id = ? AND sent_at IS NULL"
-                    " AND moved_to IS NULL", (newest,)).fetchone()[0], newest)
-        return row["content"], more or None, row["image"]
+                taken = conn.execute(
+                    "UPDATE segments SET sent_at = ?, replied_to = ? WHERE message_id = ?"
+                    " AND seq = ? AND sent_at IS NULL AND moved_to IS NULL",
+                    (now, message_id, waiting[0]["message_id"], waiting[0]["seq"])).rowcount
+            if taken:  # else another push of the same answer took it first: look again
+                with self.connection() as conn:
+                    return waiting[0]["content"], self._more(conn, openid), waiting[0]["image"]
+
+    @staticmethod
+    def _more(conn: sqlite3.Connection, openid: str) -> tuple[int, int] | None:
+        """What more is coming for the user, as the 继续 line tells it: (segments left, the
+        answer they belong to). A question (or a drawing: with drawing off it is a question)
+        still being answered makes it (0, that message): how much is not known yet."""
+        answering = [waiting["id"] for waiting in conn.execute(
+            "SELECT id, msg_type, content FROM messages WHERE openid = ?"
+            " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,))
+            if classify(waiting["msg_type"], waiting["content"], drawing=True).kind
+            in (Kind.QUESTION, Kind.DRAW)]
+        if answering:
+            return 0, max(answering)
+        newest = conn.execute(
+            "SELECT max(s.message_id) FROM segments s JOIN messages m ON m.id = s.message_id"
+            " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL",
+            (openid,)).fetchone()[0]
+        if newest is None:
+            return None
+        return conn.execute("SELECT count(*) FROM segments WHERE message_id = ? AND sent_at"
+                            " IS NULL AND moved_to IS NULL", (newest,)).fetchone()[0], newest
 
     def tap_current(self, message: Message, tapped: int) -> bool:
         """Whether a tapped 继续 (<bizmsgmenuid>) belongs to the answer whose rest 继续 fetches
@@ -2095,6 +2144,24 @@ CONTENT_FILTER = re.compile(r"content.filter|content_filter|content management|"
                             r"safety system|content.policy|moderation", re.I)
 
 
+def paced_lines(chunks: Iterator[bytes], every: float) -> Iterator[str]:
+    """The lines of a byte stream, read from the network at most once every `every` seconds.
+
+    Models send a token or a few characters at a time, each its own read (and thread wake-up)
+    at some 0.1 ms of CPU; what was sent in between waits in the socket's buffer and comes
+    in one read. A line is decoded whole, so a character split across reads is never cut.
+    """
+    rest, next_read = b"", time.monotonic() + every
+    for chunk in chunks:
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8")
+        time.sleep(max(0.0, next_read - time.monotonic()))
+        next_read = time.monotonic() + every
+    if rest:
+        yield rest.rstrip(b"\r").decode("utf-8")
+
+
 def sse_events(lines: Iterator[str]) -> Iterator[dict]:
     """The JSON of each server-sent event in a stream of lines, up to `data: [DONE]`.
 
@@ -2116,11 +2183,20 @@ def sse_events(lines: Iterator[str]) -> Iterator[dict]:
         yield json.loads("\n".join(data))
 
 
+#: The SDK's HTTP response class (httpx's, or httpx2's from openai 3): asked for as the
+#: result of `client.post`, it comes back unread, as the SDK's README shows for raw calls.
+HTTP_RESPONSE = sys.modules[openai.DefaultHttpxClient.__base__.__module__.partition(".")[0]
+                            ].Response
+
+
 class Model:
     """An OpenAI-compatible chat.completions endpoint (OpenAI, DeepSeek, Qwen, Ollama, ...)."""
 
     #: The settings an operator fixes when the provider refuses (named in the log).
     KEY_SETTING, MODEL_SETTING, URL_SETTING = "OPENAI_API_KEY", "WXBOT_MODEL", "OPENAI_BASE_URL"
+    #: Seconds between reads of a stream: WeChat only ever sees whole segments of hundreds
+    #: of characters, so reading each token as it comes costs CPU and gains nothing.
+    READ_EVERY = 0.25
 
     def __init__(self, settings: Settings):
         self.settings, self.name = settings, settings.model
@@ -2149,15 +2225,16 @@ class Model:
     def stream(self, messages: list[dict]) -> Iterator[str]:
         """The answer's text as the model writes it; one piece where streaming is not offered.
 
-        The stream is read through the client's raw response (its base URL, auth, retries and
-        error types stay) and its server-sent events are parsed here: the SDK builds objects
-        for every chunk at about 0.2 ms of CPU each, json.loads takes a tenth of that, and a
-        burst streams hundreds of answers at once.
+        The request goes through the client's own `post` (its base URL, auth, retries and
+        error types stay) for the HTTP response unread, and the server-sent events are parsed
+        here: the SDK's typed request takes some 3 ms of CPU and its objects 0.2 ms a chunk,
+        where a burst streams hundreds of answers at once.
         """
         try:
-            response = self.client.chat.completions.with_raw_response.create(
-                model=self.settings.model, messages=messages,
-                max_tokens=self.settings.max_tokens, stream=True)
+            response = self.client.post("/chat/completions", cast_to=HTTP_RESPONSE, stream=True,
+                                        body={"model": self.settings.model,
+                                              "messages": messages, "stream": True,
+                                              "max_tokens": self.settings.max_tokens})
         except openai.APIStatusError as error:
             if error.status_code == 400 and "stream" in str(error.message).lower():
                 yield self.answer(messages)
@@ -2167,9 +2244,9 @@ class Model:
             raise ModelError(f"{type(error).__name__}: cannot reach the model at "
                              f"{self.client.base_url}") from None
         produced = finished = False
-        with contextlib.closing(response.http_response) as http:
+        with contextlib.closing(response) as http:
             try:
-                for chunk in sse_events(http.iter_lines()):
+                for chunk in sse_events(paced_lines(http.iter_bytes(), self.READ_EVERY)):
                     problem = chunk.get("error")
                     if problem:  # some providers report a failure inside the stream
                         detail = str(problem.get("message", problem) if isinstance(
@@ -2320,6 +2397,7 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
     never split: the segment ends before it. A longer one is cut at one of its line ends.
     `early`: the text goes on beyond what is here, so only a real end will do, else None.
     """
+    least = min(least, limit * 9 // 10)  # a smaller limit than WeChat's: still a natural end
     end = _chars_within(text, limit)
     low = _chars_within(text, least - 1) + 1
     long_blocks = []
@@ -3024,8 +3102,9 @@ class Acknowledger:
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
+        deadline = time.monotonic() + 5  # in all; a call still in flight ends with the process
         for thread in self._threads:
-            thread.join(5)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def pushed(self, message_id: int, openid: str, received_at: float) -> None:
         """A new message was stored: acknowledge it now."""
@@ -3665,8 +3744,8 @@ def query_dict(environ: dict) -> dict[str, str]:
 #: times in all. A reply not ready in time lets the try lapse so that the next one comes;
 #: the third try gets THINKING_LINE rather than nothing.
 WECHAT_TIMEOUT = 5.0
-PASSIVE_WAIT = 4.5
-PASSIVE_LAST_WAIT = 4.0
+#: A segment goes into a reply only while this much of WeChat's 5 s remains.
+HAND_OUT_MARGIN = 0.5
 
 
 def text_reply_xml(openid: str, account: str, content: str, now: float) -> bytes:
@@ -3742,8 +3821,11 @@ class Webhook:
                             if held else "")
         return status, REFUSALS[status]
 
-    def receive(self, query: Mapping[str, str], body: bytes, client: str = "") -> tuple[int, str]:
-        """POST: check, decrypt, parse, store; (status, body) for WeChat."""
+    def receive(self, query: Mapping[str, str], body: bytes, client: str = "",
+                arrived: float | None = None) -> tuple[int, str]:
+        """POST: check, decrypt, parse, store; (status, body) for WeChat. `arrived`: when the
+        request came (time.monotonic()), from which WeChat's 5 s run."""
+        arrived = time.monotonic() if arrived is None else arrived
         if not self.accepting:
             return 503, "stopping"
         try:
@@ -3763,7 +3845,7 @@ class Webhook:
                     self.owner.replies.prompt_for(push.event, push.fields.get("EventKey", ""))):
                 self.acknowledger.pushed(message_id, push.openid, now)
         if self.mode.passive:
-            return 200, self.passive_reply(push, message_id, pushes, query)
+            return 200, self.passive_reply(push, message_id, pushes, query, arrived)
         return 200, "success"
 
     def fixed_reply(self, push: Push, message_id: int) -> bool:
@@ -3779,32 +3861,39 @@ class Webhook:
         return True
 
     def passive_reply(self, push: Push, message_id: int, pushes: int,
-                      query: Mapping[str, str]) -> str:
-        """The reply to this push: the user's next segment, once it is ready."""
-        started = time.monotonic()
-        last_try = pushes >= 3
-        deadline = started + (PASSIVE_LAST_WAIT if last_try else PASSIVE_WAIT)
-        while True:
-            settled = self.store.settled(message_id)  # before the look, so nothing is missed
-            reply = self.store.passive_reply(push.openid, message_id, time.time())
-            if reply:
-                text, more, image = reply
-                if image:
-                    return self.image_reply(push, image, query)
-                return self.reply_body(push, text + continue_tail(*more) if more else text,
-                                       query)
-            if settled:
-                return "success"
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            with self.store.changed:
-                self.store.changed.wait(min(remaining, 0.5))
-        if last_try:
+                      query: Mapping[str, str], arrived: float) -> str:
+        """The reply to this push: its answer's next segment, once it is ready.
+
+        WeChat's 5 s run from the request's arrival (`arrived`, time.monotonic()). A segment
+        goes out only while HAND_OUT_MARGIN of them remain, so that a reply WeChat gives up
+        on never takes one with it; later, this try lapses (WeChat pushes again) or, on the
+        third, gets THINKING_LINE, and the segment waits for the user's next message. The
+        thread sleeps until something is written for this user: waiting costs nothing.
+        """
+        hand_out_by = arrived + WECHAT_TIMEOUT - HAND_OUT_MARGIN
+        with self.store.wakeups.listen(push.openid) as bell:
+            while True:
+                bell.clear()  # before the look, so that a write after it is not missed
+                settled = self.store.settled(message_id)
+                reply = self.store.passive_reply(push.openid, message_id, time.time(),
+                                                 hand_out_by)
+                if reply:
+                    text, more, image = reply
+                    if image:
+                        return self.image_reply(push, image, query)
+                    return self.reply_body(push, text + continue_tail(*more) if more else text,
+                                           query)
+                remaining = hand_out_by - time.monotonic()
+                if remaining <= 0:
+                    break
+                if settled:  # nothing to say (an event, a merged message)
+                    return "success"
+                bell.wait(remaining)
+        if pushes >= 3:
             return self.reply_body(push, THINKING_LINE.format(
                 link=CONTINUE_LINK.format(answer=message_id)), query)
         # Let this try lapse unanswered: WeChat then pushes the message again.
-        time.sleep(max(0.0, started + WECHAT_TIMEOUT + 0.5 - time.monotonic()))
+        time.sleep(max(0.0, arrived + WECHAT_TIMEOUT + 0.5 - time.monotonic()))
         return "success"
 
     def image_reply(self, push: Push, image_id: int, query: Mapping[str, str]) -> str:
@@ -3887,6 +3976,7 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     @app.post(settings.path)
     def receive():
         """A push: stored and answered "success" at once."""
+        arrived = time.monotonic()
         environ = bottle.request.environ
         query, client = query_dict(environ), environ.get("REMOTE_ADDR", "")
         length = environ.get("CONTENT_LENGTH", "")
@@ -3899,7 +3989,7 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
         except OSError:  # the request's deadline passed mid-body (HTTP server)
             return text(408, "request timeout")
         try:
-            return text(*webhook.receive(query, body, client))
+            return text(*webhook.receive(query, body, client, arrived))
         except sqlite3.Error as error:  # not answered: WeChat retries the push
             log_web.error("could not store a push: %s", error)
             return text(503, "busy")
