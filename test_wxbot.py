@@ -690,7 +690,8 @@ def without_space(text):
 
 #: The tappable 继续 as WeChat receives it, and the line that ends a cut-off answer.
 CONTINUE_LINK = (r'<a href="weixin://bizmsgmenu\?msgmenucontent=继续&msgmenuid=(\d+)">继续</a>')
-TAIL = re.compile(r"\n\n（(?:还有 (\d+) 段，)?点" + CONTINUE_LINK + r"查看(?:剩余内容)?）")
+TAIL = re.compile(r"\n\n（(?:(?:还有(\d+)段，)?点" + CONTINUE_LINK + r"查看(?:剩余内容)?|"
+                  r"回复“继续”查看剩余内容)）")
 
 
 def has_tail(text):
@@ -4418,14 +4419,35 @@ def tap_xml(openid, answer_id, msg_id):
 
 
 def tapped_answer(text):
-    """(segments said to remain, the answer the link names) of a text's 继续 line."""
+    """(segments said to remain, the answer the link names) of a text's 继续 line; None
+    when the line asks to type 继续 (the link did not fit the 2048 bytes)."""
     remaining, answer = re.search(TAIL.pattern + "$", text).groups()
+    if answer is None:
+        return None
     return int(remaining) if remaining else None, int(answer)
+
+
+def answer_of_paragraphs(n, chars=400):
+    """An answer whose segments each end well within 2048 bytes: paragraphs of `chars`."""
+    return "\n\n".join(f"第{k}段" + "文" * chars + "。" for k in range(n))
+
+
+@given(st.text(max_size=800), st.integers(1, 999), st.integers(1, 10 ** 11))
+@hsettings(max_examples=200, deadline=None)
+def test_the_continue_line_always_fits_and_is_tappable_where_it_can_be(text, remaining,
+                                                                      answer_id):
+    text = text.encode("utf-8")[:wxbot.SEGMENT_LIMIT].decode("utf-8", "ignore") or "答"
+    tail = wxbot.continue_tail(remaining, answer_id, text)
+    assert wxbot.utf8_len(text + tail) <= 2048
+    link = tapped_answer(text + tail)
+    tappable = wxbot.CONTINUE_TAIL.format(remaining=remaining, link=wxbot.CONTINUE_LINK.format(
+        answer=answer_id))
+    assert (link == (remaining, answer_id)) == (wxbot.utf8_len(text + tappable) <= 2048)
 
 
 def test_a_tap_on_continue_fetches_the_rest_and_the_line_says_how_much(start_bot, wechat,
                                                                       model):
-    answer = chinese_answer(14000)
+    answer = answer_of_paragraphs(14, 600)
     model.respond = lambda request: answer
     bot = start_bot()
     send_text(bot, "oTAP1", "写一本书", 1)
@@ -4455,7 +4477,7 @@ def stored_id(bot, openid, msg_id):
 
 def test_a_tap_on_an_older_answers_continue_says_its_rest_is_gone(start_bot, wechat, model):
     model.respond = lambda request: request["messages"][-1]["content"][0] * 3 + \
-        chinese_answer(12000)
+        answer_of_paragraphs(12, 600)
     bot = start_bot()
     links = []
     for n, question in ((1, "甲书"), (2, "乙书")):
@@ -4488,7 +4510,7 @@ def test_passive_placeholder_has_a_tappable_continue_that_fetches_the_answer(
 
 def test_passive_continue_line_names_the_segments_left_and_its_answer(start_bot, wechat, model,
                                                                       quick_wechat_clock):
-    model.respond = lambda request: chinese_answer(5000)
+    model.respond = lambda request: answer_of_paragraphs(5, 600)
     bot = start_bot(WXBOT_MODE="passive")
     user = WeChatUser(bot, "oTAP4", quick_wechat_clock)
     shown = [user.says("讲长一点")]
@@ -4497,5 +4519,5 @@ def test_passive_continue_line_names_the_segments_left_and_its_answer(start_bot,
         shown.append(user.push(tap_xml("oTAP4", tapped_answer(shown[-1])[1], msg_id)))
         msg_id += 1
     assert len(shown) >= 3 and all(len(t.encode()) <= 2048 for t in shown)
-    assert without_space(untail("".join(shown))) == without_space(chinese_answer(5000))
+    assert without_space(untail("".join(shown))) == without_space(answer_of_paragraphs(5, 600))
     assert [tapped_answer(t)[0] for t in shown[:-1]] == list(range(len(shown) - 1, 0, -1))

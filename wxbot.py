@@ -109,9 +109,11 @@ IMAGE_SEGMENT = "[图片]"
 #: whose rest it fetches (WECHAT.md §8); typing 继续 does the same for the latest answer.
 CONTINUE_LINK = ('<a href="weixin://bizmsgmenu?msgmenucontent=继续&msgmenuid={answer}">'
                  '继续</a>')
-CONTINUE_TAIL = "\n\n（还有 {remaining} 段，点{link}查看）"
+CONTINUE_TAIL = "\n\n（还有{remaining}段，点{link}查看）"
 #: The tail when how much follows is not known yet (an answer still being written).
 MORE_TAIL = "\n\n（点{link}查看剩余内容）"
+#: The tail when the tappable one does not fit the segment's 2048 bytes: room for it is kept.
+TYPED_TAIL = "\n\n（回复“继续”查看剩余内容）"
 STALE_CONTINUE_LINE = "那条回答的剩余内容已经不再保留了，请直接提问吧。"
 NOTHING_MORE_LINE = "没有更多内容了，请直接提问吧。"
 THINKING_LINE = "正在思考，请稍后点{link}获取回答。"
@@ -2356,8 +2358,9 @@ QUOTA = 5
 #: A follow, a menu click or a QR scan allows 3 messages within a minute (WECHAT.md §4).
 EVENT_QUOTA = 3
 #: Every segment leaves room for the "继续" line, which the 5th gets when more follows.
-SEGMENT_LIMIT = SEGMENT_BYTES - len(
-    CONTINUE_TAIL.format(remaining=10 ** 5, link=CONTINUE_LINK.format(answer=10 ** 15)).encode())
+#: (The tappable line goes where it fits, which is most places; room for it in every segment
+#: would leave too little for five to hold 3,000 Chinese characters.)
+SEGMENT_LIMIT = SEGMENT_BYTES - len(TYPED_TAIL.encode("utf-8"))
 #: Segments between the first and the last are at least this long wherever the text allows,
 #: and the first at least FIRST_LEAST, so that five hold a 3,000-character Chinese answer
 #: (9,000 bytes): 1650 + 3 × 1800 + 2007 ≥ 9000.
@@ -2427,12 +2430,13 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
     return end
 
 
-def continue_tail(remaining: int, answer_id: int) -> str:
-    """The line that ends a cut-off answer: how many segments remain, and 继续 to tap."""
+def continue_tail(remaining: int, answer_id: int, text: str) -> str:
+    """The line that ends a cut-off answer `text`: how many segments remain, and 继续 to tap;
+    where that does not fit WeChat's 2048 bytes, the line that asks to type 继续."""
     link = CONTINUE_LINK.format(answer=answer_id)
-    if remaining:
-        return CONTINUE_TAIL.format(remaining=remaining, link=link)
-    return MORE_TAIL.format(link=link)
+    tail = CONTINUE_TAIL.format(remaining=remaining, link=link) if remaining else \
+        MORE_TAIL.format(link=link)
+    return tail if utf8_len(text + tail) <= SEGMENT_BYTES else TYPED_TAIL
 
 
 def next_send(rows: list, quota: int, streaming: bool, answer_id: int
@@ -2448,7 +2452,7 @@ def next_send(rows: list, quota: int, streaming: bool, answer_id: int
         return None
     for row in rows:
         if row["sent_at"] is None:
-            tail = continue_tail(len(rows) - quota, answer_id) \
+            tail = continue_tail(len(rows) - quota, answer_id, row["content"]) \
                 if sent == quota - 1 and len(rows) > quota else ""
             return row, row["content"] + tail
     return None
@@ -3881,8 +3885,8 @@ class Webhook:
                     text, more, image = reply
                     if image:
                         return self.image_reply(push, image, query)
-                    return self.reply_body(push, text + continue_tail(*more) if more else text,
-                                           query)
+                    return self.reply_body(push, text + continue_tail(*more, text) if more
+                                           else text, query)
                 remaining = hand_out_by - time.monotonic()
                 if remaining <= 0:
                     break
