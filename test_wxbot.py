@@ -4423,3 +4423,36 @@ def test_a_day_later_an_event_with_nothing_to_say_does_not_hold_up_the_try(
     assert user.push(event_xml("oEVENTFIRST", "LOCATION", int(time.time()))) is None
     assert user.says("问") is None  # the customer-service API works: sent, not replied
     assert wechat.texts_to("oEVENTFIRST") == ["答：问"] and not bot.mode.passive
+
+
+# Request heads ##############################################################
+
+@pytest.mark.parametrize("length, signed_status", [("\xb2", 411), ("9" * 5000, 413)])
+def test_odd_content_length_is_refused_not_an_internal_error(start_bot, caplog, length,
+                                                              signed_status):
+    """A Content-Length of "²" (a digit to str.isdigit(), not to int()) or of 5,000 digits
+    (too many for int()) is refused like any other bad length, before the body is read."""
+    bot = start_bot()
+    for query, status in (({}, 403), (signed_query(), signed_status)):
+        head = request_head(query, 0).replace(b"Content-Length: 0",
+                                              b"Content-Length: " + length.encode("latin-1"))
+        with raw_connection(bot, head) as conn:
+            conn.settimeout(5)
+            assert conn.recv(100).split(b"\r\n")[0].split(b" ")[1] == str(status).encode()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_status_never_shows_the_model_urls_credentials(start_bot, tmp_path):
+    with socket.socket() as closed:  # a port nothing listens on: the model is unreachable
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    bot = start_bot(OPENAI_BASE_URL=f"http://bob:hunter2pass@127.0.0.1:{port}/v1"
+                                    f"?api-key=KEYINQUERY9", WXBOT_RETRY_BASE=60)
+    send_text(bot, "oUNREACH", "你好", 1)
+
+    def status_text():
+        out = io.StringIO()
+        wxbot.status(bot.settings, out)
+        return out.getvalue() if "cannot reach the model" in out.getvalue() else ""
+    shown = wait_for(status_text, message="the failure in status")
+    assert "hunter2pass" not in shown and "KEYINQUERY9" not in shown and "bob" not in shown
