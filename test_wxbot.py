@@ -4410,6 +4410,93 @@ def test_database_of_schema_2_gets_pictures_and_keeps_its_answers(tmp_path):
     store.close()
 
 
+# 48001 is not forever #########################################################
+
+def a_day_passes(bot):
+    """The last 48001 is a day old (the time of it is what the database keeps)."""
+    bot.store.set_kv("passive-since", str(time.time() - wxbot.DeliveryMode.RETRY_AFTER - 1),
+                     None)
+
+
+def mode_shown(bot):
+    return requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).json()["mode"]
+
+
+def test_auto_mode_tries_the_customer_service_api_again_a_day_later(start_bot, wechat, model,
+                                                                    caplog, quick_wechat_clock):
+    refusing = [True]
+    wechat.intercept = lambda path, body: 48001 if refusing[0] and path.startswith(
+        "/cgi-bin/message") else None
+    bot = start_bot(WXBOT_ADMINS="oADMIN")
+    user = WeChatUser(bot, "oBACK", quick_wechat_clock)
+    assert user.says("第一问") is None  # service mode: the answer is refused (48001)
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    assert mode_shown(bot) == "passive"
+    refused = wechat.rejected_sends
+    assert user.says("第二问") == tailed("答：第一问")  # passive, no API tried
+    assert user.says("继续") == "答：第二问" and wechat.rejected_sends == refused
+    a_day_passes(bot)  # WeChat still refuses: the answer comes in the reply all the same
+    assert user.says("第三问") == "答：第三问"
+    assert wechat.rejected_sends == refused + 1 and bot.mode.passive
+    assert user.says("第四问") == "答：第四问" and wechat.rejected_sends == refused + 1
+    refusing[0] = False  # the account is verified again
+    assert user.says("第五问") == "答：第五问"  # not a day since the last 48001: passive
+    a_day_passes(bot)
+    assert user.says("第六问") is None  # sent as a customer-service message instead
+    assert wechat.texts_to("oBACK") == ["答：第六问"]
+    assert caplog.text.count("switching back from passive replies") == 1
+    assert mode_shown(bot) == "service"
+    post_push(bot, text_xml("oADMIN", "/stats", 99))
+    wait_for(lambda: wechat.texts_to("oADMIN"))
+    assert "回复方式：客服消息" in wechat.texts_to("oADMIN")[0]
+    bot.stop(timeout=5)
+    assert not start_bot().mode.passive  # remembered across a restart
+
+
+def test_a_day_later_an_event_with_nothing_to_say_does_not_hold_up_the_try(
+        start_bot, wechat, model, quick_wechat_clock):
+    bot = start_bot()
+    bot.mode.no_permission(0, time.time())  # passive since a 48001 ...
+    a_day_passes(bot)  # ... a day ago
+    user = WeChatUser(bot, "oEVENTFIRST", quick_wechat_clock)
+    assert user.push(event_xml("oEVENTFIRST", "LOCATION", int(time.time()))) is None
+    assert user.says("问") is None  # the customer-service API works: sent, not replied
+    assert wechat.texts_to("oEVENTFIRST") == ["答：问"] and not bot.mode.passive
+
+
+# Request heads ##############################################################
+
+@pytest.mark.parametrize("length, signed_status", [("\xb2", 411), ("9" * 5000, 413)])
+def test_odd_content_length_is_refused_not_an_internal_error(start_bot, caplog, length,
+                                                              signed_status):
+    """A Content-Length of "²" (a digit to str.isdigit(), not to int()) or of 5,000 digits
+    (too many for int()) is refused like any other bad length, before the body is read."""
+    bot = start_bot()
+    for query, status in (({}, 403), (signed_query(), signed_status)):
+        head = request_head(query, 0).replace(b"Content-Length: 0",
+                                              b"Content-Length: " + length.encode("latin-1"))
+        with raw_connection(bot, head) as conn:
+            conn.settimeout(5)
+            assert conn.recv(100).split(b"\r\n")[0].split(b" ")[1] == str(status).encode()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_status_never_shows_the_model_urls_credentials(start_bot, tmp_path):
+    with socket.socket() as closed:  # a port nothing listens on: the model is unreachable
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    bot = start_bot(OPENAI_BASE_URL=f"http://bob:hunter2pass@127.0.0.1:{port}/v1"
+                                    f"?api-key=KEYINQUERY9", WXBOT_RETRY_BASE=60)
+    send_text(bot, "oUNREACH", "你好", 1)
+
+    def status_text():
+        out = io.StringIO()
+        wxbot.status(bot.settings, out)
+        return out.getvalue() if "cannot reach the model" in out.getvalue() else ""
+    shown = wait_for(status_text, message="the failure in status")
+    assert "hunter2pass" not in shown and "KEYINQUERY9" not in shown and "bob" not in shown
+
+
 # Rich replies: 继续 by a tap #################################################
 
 def tap_xml(openid, answer_id, msg_id):

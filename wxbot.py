@@ -1143,6 +1143,14 @@ class Store:
             conn.execute("UPDATE segments SET tried_at = ? WHERE message_id = ? AND seq = ?",
                          (now, message.id, seq))
 
+    def refused(self, message: Message) -> None:
+        """WeChat refused the segment being sent (48001): it never arrived, so a passive reply
+        may carry it."""
+        with self.transaction() as conn:
+            self._check_lease(conn, message)
+            conn.execute("UPDATE segments SET tried_at = NULL WHERE message_id = ?"
+                         " AND sent_at IS NULL", (message.id,))
+
     def renew_lease(self, message: Message, lease_until: float) -> None:
         """Keep the message while its answer takes long (a slow model): LeaseLost if too late."""
         with self.transaction() as conn:
@@ -1343,21 +1351,22 @@ class Store:
         while True:
             with self.connection() as conn:
                 rows = conn.execute(
-                    "SELECT message_id, seq, content, image, sent_at, replied_to, moved_to"
-                    " FROM segments WHERE message_id = (SELECT coalesce(merged_into, id)"
+                    "SELECT message_id, seq, content, image, tried_at, sent_at, replied_to,"
+                    " moved_to FROM segments WHERE message_id = (SELECT coalesce(merged_into, id)"
                     " FROM messages WHERE id = ?) ORDER BY seq", (message_id,)).fetchall()
                 replied = [row for row in rows if row["replied_to"] == message_id]
                 if replied:  # a retry of a push already answered
                     return replied[0]["content"], self._more(conn, openid), replied[0]["image"]
-            waiting = [row for row in rows if row["sent_at"] is None and row["moved_to"] is None]
+            waiting = [row for row in rows if row["sent_at"] is None and
+                       row["tried_at"] is None and row["moved_to"] is None]
             if not waiting:
                 return None
             with self.transaction() as conn:
                 if time.monotonic() > hand_out_by:
                     return None
-                taken = conn.execute(
+                taken = conn.execute(  # never one a worker is sending (tried_at)
                     "UPDATE segments SET sent_at = ?, replied_to = ? WHERE message_id = ?"
-                    " AND seq = ? AND sent_at IS NULL AND moved_to IS NULL",
+                    " AND seq = ? AND sent_at IS NULL AND tried_at IS NULL AND moved_to IS NULL",
                     (now, message_id, waiting[0]["message_id"], waiting[0]["seq"])).rowcount
             if taken:  # else another push of the same answer took it first: look again
                 with self.connection() as conn:
@@ -2103,23 +2112,76 @@ class DeliveryMode:
     """Whether answers go out through the customer-service API or as passive replies.
 
     Unverified accounts may not use the customer-service API (48001). With WXBOT_MODE=auto
-    the first 48001 switches to passive replies, remembered in the database.
+    the first 48001 switches to passive replies, remembered in the database. A permission
+    can come back (a verification renewed after 年审): the first message a day
+    (RETRY_AFTER) after the last 48001 tries the customer-service API again, while its push
+    waits for a passive reply as any other. If WeChat takes it, wxbot switches back; if not,
+    the answer goes out in the reply and the next try is a day later.
     """
+
+    RETRY_AFTER = 86400.0
 
     def __init__(self, setting: str, store: Store):
         self.setting, self.store = setting, store
         self.passive = setting == "passive" or (
             setting == "auto" and store.get_kv("mode", 0) == "passive")
+        self.trial: int | None = None  # the message trying the customer-service API again
+        self._lock = threading.Lock()
 
-    def no_permission(self) -> bool:
-        """WeChat said 48001; True when that switched wxbot to passive replies."""
-        if self.setting != "auto" or self.passive:
+    @property
+    def in_force(self) -> str:
+        """For /stats and /healthz: "service" or "passive"."""
+        return "passive" if self.passive else "service"
+
+    def try_service(self, message_id: int, now: float) -> bool:
+        """A new push in passive mode: whether its message tries the customer-service API
+        again (auto mode, the first message a day after the last 48001)."""
+        if self.setting != "auto" or not self.passive:
             return False
-        self.passive = True
-        self.store.set_kv("mode", "passive", None)
-        log_wechat.warning("WeChat refuses the customer-service API (48001: the account is not "
-                           "verified). Switching to passive replies for good (WXBOT_MODE=auto): "
-                           "each answer now goes out in the reply to the user's message.")
+        if now - float(self.store.get_kv("passive-since", 0) or 0) < self.RETRY_AFTER:
+            return False
+        with self._lock:
+            # A trial settled without sending anything (nothing to say) decided nothing.
+            if self.trial is not None and not self.store.settled(self.trial):
+                return False
+            self.trial = message_id
+        log_wechat.info("message %s tries the customer-service API again (a day after the "
+                        "last 48001)", message_id)
+        return True
+
+    def sends(self, message_id: int) -> bool:
+        """Whether the message's answer goes through the customer-service API."""
+        return not self.passive or message_id == self.trial
+
+    def service_works(self, message_id: int) -> None:
+        """A customer-service message went through: a trial that did switches back."""
+        with self._lock:
+            if message_id != self.trial:
+                return
+            self.passive, self.trial = False, None
+            self.store.set_kv("mode", "service", None)
+        log_wechat.warning("WeChat takes customer-service messages again: switching back from "
+                           "passive replies (WXBOT_MODE=auto)")
+
+    def no_permission(self, message_id: int, now: float) -> bool:
+        """WeChat said 48001; True when the message's answer now goes out passively."""
+        if self.setting != "auto":
+            return False
+        with self._lock:
+            trial, switched = message_id == self.trial, not self.passive
+            if trial:
+                self.trial = None
+            self.passive = True
+            self.store.set_kv("mode", "passive", None)
+            self.store.set_kv("passive-since", str(now), None)
+        if switched:
+            log_wechat.warning("WeChat refuses the customer-service API (48001: the account is "
+                               "not verified). Switching to passive replies (WXBOT_MODE=auto): "
+                               "each answer now goes out in the reply to the user's message; "
+                               "the API is tried again in a day.")
+        elif trial:
+            log_wechat.info("WeChat still refuses the customer-service API (48001): passive "
+                            "replies for another day")
         return True
 
 
@@ -2214,8 +2276,7 @@ class Model:
         except openai.APIStatusError as error:
             raise self._status_error(error) from None
         except openai.APIError as error:
-            raise ModelError(f"{type(error).__name__}: cannot reach the model at "
-                             f"{self.client.base_url}") from None
+            raise self._unreachable(error) from None
         choice = completion.choices[0] if completion.choices else None
         text = (choice.message.content or "").strip() if choice and choice.message else ""
         if not text and choice and choice.finish_reason == "content_filter":
@@ -2243,8 +2304,7 @@ class Model:
                 return
             raise self._status_error(error) from None
         except openai.APIError as error:
-            raise ModelError(f"{type(error).__name__}: cannot reach the model at "
-                             f"{self.client.base_url}") from None
+            raise self._unreachable(error) from None
         produced = finished = False
         with contextlib.closing(response) as http:
             try:
@@ -2278,6 +2338,12 @@ class Model:
             yield self.answer(messages)
         elif not finished:  # the connection ended without the model saying it was done
             raise ModelError("the answer stream ended before the answer was finished")
+
+    def _unreachable(self, error: openai.APIError, what: str = "the model") -> ModelError:
+        """No answer at all. The URL's credentials are masked here, not only in the log: the
+        reason is also stored with the message, and `status` prints it."""
+        return ModelError(f"{type(error).__name__}: cannot reach {what} at "
+                          f"{masked_url(str(self.client.base_url))}")
 
     def _status_error(self, error: openai.APIStatusError) -> ModelError:
         status = error.status_code
@@ -2320,8 +2386,7 @@ class ImageModel(Model):
         except openai.APIStatusError as error:
             raise self._status_error(error) from None
         except openai.APIError as error:
-            raise ModelError(f"{type(error).__name__}: cannot reach the Images API at "
-                             f"{self.client.base_url}") from None
+            raise self._unreachable(error, "the Images API") from None
         picture = result.data[0] if result.data else None
         if picture is not None and picture.b64_json:
             try:
@@ -3181,6 +3246,7 @@ def stats_text(stats: dict) -> str:
         f"平均回答用时：{stats['answer_seconds_avg']} 秒",
         f"access token：{'剩余 %d 秒' % token if token and token > 0 else '未获取或已过期'}",
         f"未发送的分段：{stats['unsent_segments']}",
+        f"回复方式：{'被动回复' if stats['mode'] == 'passive' else '客服消息'}",
         f"今日固定回复：关键词 {stats['keyword_replies_today']}，菜单 "
         f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
 
@@ -3360,7 +3426,8 @@ class Worker:
         if intent.kind is Kind.HELP:
             return self.store.save_answer(message, [HELP_LINE], now)
         if intent.kind is Kind.STATS and message.openid in self.settings.admins:
-            return self.store.save_answer(message, [stats_text(self.store.stats(now))], now)
+            return self.store.save_answer(message, [stats_text(
+                {**self.store.stats(now), "mode": self.mode.in_force})], now)
         tapped = message.fields.get("bizmsgmenuid", "")
         if intent.kind is Kind.CONTINUE and tapped.isdigit() and \
                 not self.store.tap_current(message, int(tapped)):
@@ -3613,8 +3680,8 @@ class Worker:
                 if sent_seq is not None:
                     self.store.mark_sent(message, sent_seq, now)
                 rows = self.store.segments(message.id)
-                pick = None if self.mode.passive else next_send(  # passive: the webhook's
-                    rows, self.store.quota(message), streaming, message.id)
+                pick = None if not self.mode.sends(message.id) else next_send(  # passive:
+                    rows, self.store.quota(message), streaming, message.id)  # the webhook's
                 if pick:
                     self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
                 elif not streaming:
@@ -3639,6 +3706,7 @@ class Worker:
                 if not streaming:  # while streaming, the final delivery deals with it
                     self._send_failed(message, error)
                 return False
+            self.mode.service_works(message.id)
             sent_seq = row["seq"]
         if not streaming:
             log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
@@ -3666,8 +3734,10 @@ class Worker:
         self.store.image_sent(row["image"])
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
-        if error.errcode == 48001 and self.mode.no_permission():
-            self.store.finish(message, State.DONE)  # what is unsent goes out passively
+        if error.errcode == 48001 and self.mode.no_permission(message.id, time.time()):
+            with self.store.transaction():  # what is unsent goes out passively
+                self.store.refused(message)
+                self.store.finish(message, State.DONE)
             return
         if error.errcode in GIVE_UP:
             if self.wechat.first_time(error.errcode):
@@ -3844,6 +3914,7 @@ class Webhook:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
         elif not (self.mode.passive and self.fixed_reply(push, message_id)):
+            self.mode.try_service(message_id, time.time())  # before a worker can take it
             self.wakeup.notify()
             if self.acknowledger and not self.mode.passive and (push.msg_type != "event" or
                     self.owner.replies.prompt_for(push.event, push.fields.get("EventKey", ""))):
@@ -3879,8 +3950,9 @@ class Webhook:
             while True:
                 bell.clear()  # before the look, so that a write after it is not missed
                 settled = self.store.settled(message_id)
-                reply = self.store.passive_reply(push.openid, message_id, time.time(),
-                                                 hand_out_by)
+                # A message trying the customer-service API: its reply waits for the outcome.
+                reply = None if message_id == self.mode.trial and not settled else \
+                    self.store.passive_reply(push.openid, message_id, time.time(), hand_out_by)
                 if reply:
                     text, more, image = reply
                     if image:
@@ -3983,8 +4055,11 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
         arrived = time.monotonic()
         environ = bottle.request.environ
         query, client = query_dict(environ), environ.get("REMOTE_ADDR", "")
-        length = environ.get("CONTENT_LENGTH", "")
-        length = int(length) if length.isdigit() else -1
+        # ASCII digits only: "²".isdigit() is true and int() refuses it, as it refuses a number
+        # of over 4,300 digits; either would be an error, logged at an unsigned client's pace.
+        digits = environ.get("CONTENT_LENGTH", "")
+        length = int(digits) if re.fullmatch("[0-9]{1,18}", digits) else \
+            MAX_BODY + 1 if re.fullmatch("[0-9]+", digits) else -1
         refusal = webhook.before_body(query, length, client)
         if refusal:
             return text(*refusal)
@@ -4001,7 +4076,7 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     @app.get("/healthz")
     def healthz():
         """Queue depth and the age of the oldest waiting message."""
-        health = {"status": "ok", **store.health(time.time())}
+        health = {"status": "ok", **store.health(time.time()), "mode": webhook.mode.in_force}
         return bottle.HTTPResponse(json.dumps(health), 200,
                                    {"Content-Type": "application/json"})
 
