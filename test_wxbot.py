@@ -3861,12 +3861,13 @@ def test_with_aes_key_a_plaintext_push_is_403_and_says_what_to_do(start_bot, mod
 
 def test_a_signed_url_is_good_for_one_body(start_bot, wechat, model, tmp_path):
     bot = start_bot()
-    query = signed_query()
-    assert post_push(bot, text_xml("oONCE", "原来的问题", 1), query=query).text == "success"
+    query, original = signed_query(), text_xml("oONCE", "原来的问题", 1)
+    assert post_push(bot, original, query=query).text == "success"
     for body in (text_xml("oONCE", "换了的问题", 2), text_xml("oINTRUDER", "花你的额度", 1)):
         assert post_push(bot, body, query=query).status_code == 403
-    # WeChat's own retry: the same URL with the same body, taken and answered once.
-    assert post_push(bot, text_xml("oONCE", "原来的问题", 1), query=query).text == "success"
+    # WeChat's own retry: the same URL with the same body (byte for byte: CreateTime too),
+    # taken and answered once.
+    assert post_push(bot, original, query=query).text == "success"
     wait_for(lambda: wechat.texts_to("oONCE"))
     assert model.questions() == ["原来的问题"]
     assert [row[:2] for row in stored_messages(tmp_path / "wxbot.db")] == [("oONCE", "1")]
@@ -4088,6 +4089,16 @@ def test_credentials_in_openai_base_url_are_masked_in_the_log_and_in_check(tmp_p
         for credential in ("apiuser", "pa55-word-x", "k3y-in-query"):
             assert credential not in text
     assert "OPENAI_BASE_URL=http://***@127.0.0.1:1/v1?api-key=***&v=2" in logged
+
+
+def test_check_never_prints_credentials_of_a_model_it_reaches(tmp_path, wechat, model):
+    url = model.url.replace("http://", "http://apiuser:pa55-word-x@") + "/v1"
+    result = run_wxbot(["check", "--log-level", "DEBUG"],
+                       env_for(tmp_path, wechat, model, OPENAI_BASE_URL=url))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert model.requests  # the model was reached, through the URL with its credentials
+    for credential in ("apiuser", "pa55-word-x", API_KEY, APPSECRET):
+        assert credential not in result.stdout + result.stderr
 
 
 def test_database_and_its_wal_files_are_readable_by_the_owner_only(start_bot, wechat, tmp_path):

@@ -272,7 +272,7 @@ class Setting:
 #: Every setting, in the order --help and the start-up log show them.
 SETTINGS: dict[str, Setting] = {
     "token": Setting("WXBOT_TOKEN", None, _token,
-                     "Token from 公众号后台 → 服务器配置 (signs every push)", secret=True),
+                     "a Token you choose (8–32 letters or digits), pasted in 公众号后台 → 服务器配置", secret=True),
     "appid": Setting("WXBOT_APPID", None, _text, "AppID (开发者ID) of the account"),
     "appsecret": Setting("WXBOT_APPSECRET", None, _text, "AppSecret (开发者密码)", secret=True),
     "aes_key": Setting("WXBOT_AES_KEY", "", _aes_key,
@@ -494,6 +494,11 @@ class SecretFilter(logging.Filter):
             with self._lock:
                 self._secrets.add(secret)
                 self._compile()
+
+    def add_settings(self, settings: "Settings") -> None:
+        """Every secret the settings hold, credentials in their URLs included."""
+        for secret in settings.secrets():
+            self.add(secret)
 
     def add_access_token(self, token: str) -> None:
         """The access token in use; called on every use, so it costs nothing when unchanged."""
@@ -4288,8 +4293,7 @@ class Bot:
 
     def __init__(self, settings: Settings, owner: OwnerFiles | None = None):
         self.settings = settings
-        for secret in settings.secrets():
-            SECRET_FILTER.add(secret)
+        SECRET_FILTER.add_settings(settings)
         self.owner = owner or OwnerFiles(settings)
         self.store = Store(settings.db)
         self.wakeup = Wakeup()
@@ -4639,7 +4643,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(SECRET_FILTER)
-    for noisy in ("httpx", "httpcore", "openai", "urllib3"):
+    # openai 3 brings its own copies of httpx and httpcore, logging under these names.
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     env = dict(os.environ if environ is None else environ)
@@ -4655,9 +4660,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             env = {"WXBOT_TOKEN": "notusedbystatus", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
+        SECRET_FILTER.add_settings(settings)  # every command, check and menu too
     except SettingsError as error:
         for problem in error.problems:
             print(f"wxbot: {problem}", file=sys.stderr)
+        print(f"wxbot: set them as KEY=VALUE lines in {args.env or 'the environment'}; "
+              "README → Settings says what each one is", file=sys.stderr)
         return 2
     except OSError as error:
         print(f"wxbot: cannot read --env file: {error}", file=sys.stderr)
