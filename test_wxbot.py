@@ -4402,3 +4402,69 @@ def test_status_never_shows_the_model_urls_credentials(start_bot, tmp_path):
         return out.getvalue() if "cannot reach the model" in out.getvalue() else ""
     shown = wait_for(status_text, message="the failure in status")
     assert "hunter2pass" not in shown and "KEYINQUERY9" not in shown and "bob" not in shown
+
+
+# Owner's files and forgetting: review fixes ##################################
+
+def unusable_json(kind, depth, where):
+    """JSON that is no syntax error yet that json cannot take: a number of thousands of
+    digits, or lists/objects nested deeper than the stack, at some place in a replies file."""
+    bad = {"number": "9" * depth, "list": "[" * depth + "]" * depth,
+           "object": '{"a":' * depth + "1" + "}" * depth}[kind]
+    return {"keywords": f'{{"keywords": {{"价格": {bad}}}}}',
+            "clicks": f'{{"clicks": {bad}}}', "top": bad}[where]
+
+
+@hsettings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(["number", "list", "object"]),
+       depth=st.integers(5000, 120000), where=st.sampled_from(["keywords", "clicks", "top"]))
+def test_json_that_json_cannot_take_is_a_file_problem(tmp_path_factory, kind, depth, where):
+    path = tmp_path_factory.mktemp("unusable") / "replies.json"
+    path.write_text(unusable_json(kind, depth, where), encoding="utf-8")
+    with pytest.raises(wxbot.FileProblem) as problem:
+        wxbot.Replies.read(str(path))
+    assert problem.value.problems and "Traceback" not in str(problem.value)
+    with pytest.raises(wxbot.FileProblem):
+        wxbot.load_menu(str(path))
+
+
+@pytest.mark.parametrize("kind, depth", [("number", 5000), ("list", 100000)])
+def test_a_replies_edit_json_cannot_take_is_logged_and_the_old_replies_stay(
+        start_bot, wechat, model, tmp_path, caplog, kind, depth):
+    path = replies_file(tmp_path)
+    bot = start_bot(WXBOT_REPLIES=path)
+    (tmp_path / "replies.json").write_text(unusable_json(kind, depth, "keywords"))
+    for n in (1, 2):
+        send_text(bot, "oUNUSABLE", "价格", n)
+        wait_for(lambda: len(wechat.texts_to("oUNUSABLE")) == n)
+    assert wechat.texts_to("oUNUSABLE") == [PRICE, PRICE]
+    assert "previous version stays" in caplog.text and "not usable JSON" in caplog.text
+    result = run_wxbot(["check"], env_for(tmp_path, wechat, model, WXBOT_REPLIES=path))
+    assert result.returncode == 1 and "FAIL WXBOT_REPLIES" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_reset_blanks_the_users_earlier_drawing_prompts(start_bot, wechat, model, tmp_path):
+    bot = start_bot(**DRAWING)
+    send_text(bot, "oDRAWN", "画我家在幸福路88号的样子", 1)
+    wait_for(lambda: wechat.images_to("oDRAWN"), message="the picture")
+    wait_for(lambda: bot.store.settled(1))
+    send_text(bot, "oDRAWN", "新对话", 2)
+    wait_for(lambda: bot.store.settled(2))
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
+        dump = "\n".join(conn.iterdump())
+        assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 1  # still counted
+    assert "幸福路88号" not in dump
+
+
+def test_menu_names_an_unreachable_wechat_with_its_credentials_masked(tmp_path, wechat, model):
+    (tmp_path / "menu.json").write_text(json.dumps(MENU), encoding="utf-8")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = wxbot.main(["menu", str(tmp_path / "menu.json")], env_for(
+            tmp_path, wechat, model, WXBOT_API_BASE=f"http://ops:pa55word@127.0.0.1:{port}"))
+    assert status == 1 and "cannot reach WeChat at http://***@127.0.0.1" in out.getvalue()
+    assert "pa55word" not in out.getvalue()

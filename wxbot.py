@@ -1447,9 +1447,10 @@ class Store:
 
     def forget(self, openid: str, before_id: int) -> int:
         """Forget the user's conversation before this message (/reset): the history sent to the
-        model, and the texts of their earlier messages and answers. The message rows stay (they
-        count in /stats and keep WeChat's retries from being answered twice); their answers'
-        segments go. Returns the number of turns forgotten."""
+        model, and the texts of their earlier messages, drawing prompts and answers. The message
+        rows stay (they count in /stats and keep WeChat's retries from being answered twice), so
+        do the drawing rows (they count in WXBOT_IMAGE_DAILY); their answers' segments go.
+        Returns the number of turns forgotten."""
         with self.transaction() as conn:
             earlier = ("SELECT id FROM messages WHERE openid = :openid AND id < :id"
                        " AND state NOT IN ('queued', 'leased')")
@@ -1457,6 +1458,8 @@ class Store:
             conn.execute(f"DELETE FROM segments WHERE message_id IN ({earlier})", params)
             conn.execute(f"UPDATE messages SET content = NULL, fields = '{{}}' WHERE id IN"
                          f" ({earlier}) AND (content IS NOT NULL OR fields != '{{}}')", params)
+            conn.execute(f"UPDATE images SET prompt = '' WHERE message_id IN ({earlier})"
+                         " AND prompt != ''", params)
             return conn.execute("DELETE FROM turns WHERE openid = ?", (openid,)).rowcount
 
     def stats(self, now: float) -> dict:
@@ -2641,7 +2644,8 @@ class FileProblem(Exception):
 
 
 def read_json_file(path: str) -> object:
-    """A JSON file's value; FileProblem names the line and column of a syntax error."""
+    """A JSON file's value; FileProblem names the line and column of a syntax error, and says
+    what else json cannot take (a huge number, nesting deeper than the stack)."""
     try:
         with open(path, encoding="utf-8-sig") as json_file:
             return json.load(json_file)
@@ -2650,6 +2654,10 @@ def read_json_file(path: str) -> object:
                                  f"not valid JSON ({error.msg})"]) from None
     except (OSError, UnicodeDecodeError) as error:
         raise FileProblem(path, [f"cannot read it: {error}"]) from None
+    except ValueError as error:  # a number of more than 4300 digits (sys.int_info)
+        raise FileProblem(path, [f"not usable JSON ({error})"]) from None
+    except RecursionError:
+        raise FileProblem(path, ["not usable JSON (lists or objects nested too deep)"]) from None
 
 
 def menu_problems(menu: object) -> list[str]:
@@ -4408,7 +4416,8 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
         return 0
     except WeChatError as error:
         if error.errcode is None:
-            print(f"cannot reach WeChat at {settings.api_base}: {error.errmsg}", file=out)
+            print(f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}",
+                  file=out)
         else:
             print(menu_error(error), file=out)
         return 1
