@@ -688,6 +688,45 @@ def without_space(text):
     return re.sub(r"\s", "", text)
 
 
+#: The tappable 继续 as WeChat receives it, and the line that ends a cut-off answer.
+CONTINUE_LINK = (r'<a href="weixin://bizmsgmenu\?msgmenucontent=继续&msgmenuid=(\d+)">继续</a>')
+TAIL = re.compile(r"\n\n（(?:(?:还有(\d+)段，)?点" + CONTINUE_LINK + r"查看(?:剩余内容)?|"
+                  r"回复“继续”查看剩余内容)）")
+
+
+def has_tail(text):
+    """Whether text ends with the tappable 继续 line."""
+    return bool(re.search(TAIL.pattern + "$", text))
+
+
+def untail(text):
+    """The text without its 继续 lines."""
+    return TAIL.sub("", text)
+
+
+class Matches:
+    """Equal to any text the regular expression matches whole."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+
+    def __eq__(self, other):
+        return isinstance(other, str) and re.fullmatch(self.pattern, other) is not None
+
+    def __repr__(self):
+        return f"Matches({self.pattern!r})"
+
+
+def tailed(text):
+    """Equal to text followed by the 继续 line (any count, any answer)."""
+    return Matches(re.escape(text) + TAIL.pattern)
+
+
+#: The passive placeholder, with its tappable 继续.
+THINKING = Matches(re.escape(wxbot.THINKING_LINE.split("{link}")[0]) + CONTINUE_LINK +
+                   re.escape(wxbot.THINKING_LINE.split("{link}")[1]))
+
+
 def test_long_answer_arrives_in_at_most_five_segments_that_join_back(start_bot, wechat, model):
     answer = chinese_answer(3000)
     assert len(answer.encode("utf-8")) > 8500
@@ -712,12 +751,12 @@ def test_very_long_answer_sends_five_and_keeps_the_rest_intact(start_bot, wechat
     sent = wechat.texts_to("oHUGE")
     assert len(sent) == 5
     assert all(len(s.encode("utf-8")) <= 2048 for s in sent)
-    assert sent[4].endswith(wxbot.CONTINUE_TAIL.strip())
+    assert has_tail(sent[4])
     with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
         unsent = [row[0] for row in conn.execute(
             "SELECT content FROM segments WHERE sent_at IS NULL ORDER BY seq")]
     assert unsent
-    delivered = "".join(sent).replace(wxbot.CONTINUE_TAIL.strip(), "")
+    delivered = untail("".join(sent))
     assert without_space(delivered + "".join(unsent)) == without_space(answer)
 
 
@@ -920,7 +959,7 @@ def test_more_than_five_segments_continue_on_request(start_bot, wechat, model):
     send_text(bot, "oMORE", "写一本书", 1)
     wait_for(lambda: len(wechat.texts_to("oMORE")) == 5)
     msg_id = 2
-    while wechat.texts_to("oMORE")[-1].endswith(wxbot.CONTINUE_TAIL.strip()):
+    while has_tail(wechat.texts_to("oMORE")[-1]):
         count = len(wechat.texts_to("oMORE"))
         send_text(bot, "oMORE", "继续", msg_id)
         msg_id += 1
@@ -928,7 +967,7 @@ def test_more_than_five_segments_continue_on_request(start_bot, wechat, model):
                  len(wechat.texts_to("oMORE")) > count)
         assert len(wechat.texts_to("oMORE")) - count <= 5
     texts = wechat.texts_to("oMORE")
-    delivered = "".join(texts).replace(wxbot.CONTINUE_TAIL.strip(), "")
+    delivered = untail("".join(texts))
     assert without_space(delivered) == without_space(answer)
     assert all(len(t.encode()) <= 2048 for t in texts)
     assert len(model.requests) == 1
@@ -1530,9 +1569,9 @@ def test_passive_very_slow_answer_is_fetched_by_the_next_message(start_bot, wech
         "答：" + request["messages"][-1]["content"]
     bot = start_bot(WXBOT_MODE="passive")
     user = WeChatUser(bot, "oP3", quick_wechat_clock)
-    assert user.says("很难的题") == wxbot.THINKING_LINE
+    assert user.says("很难的题") == THINKING
     wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
-    assert user.says("第二个问题") == "答：很难的题" + wxbot.CONTINUE_TAIL  # more is coming
+    assert user.says("第二个问题") == tailed("答：很难的题")  # more is coming
     assert user.says("继续") == "答：第二个问题"  # the second message was answered too
     assert model.questions() == ["很难的题", "第二个问题"]
 
@@ -1544,10 +1583,10 @@ def test_passive_long_answer_goes_a_segment_per_message(start_bot, wechat, model
     bot = start_bot(WXBOT_MODE="passive")
     user = WeChatUser(bot, "oP4", quick_wechat_clock)
     shown = [user.says("讲长一点")]
-    while shown[-1].endswith(wxbot.CONTINUE_TAIL):
+    while has_tail(shown[-1]):
         shown.append(user.says("继续"))
     assert len(shown) >= 3 and all(len(t.encode()) <= 2048 for t in shown)
-    text = "".join(shown).replace(wxbot.CONTINUE_TAIL, "")
+    text = untail("".join(shown))
     assert without_space(text) == without_space(answer) and len(model.requests) == 1
     assert user.says("继续") == wxbot.NOTHING_MORE_LINE  # a fetch, never a question
     assert len(model.requests) == 1
@@ -1578,7 +1617,7 @@ def test_auto_mode_switches_to_passive_on_48001_and_remembers(start_bot, wechat,
     assert caplog.text.count("Switching to passive replies") == 1
     user = WeChatUser(bot, "oP7", quick_wechat_clock)
     user.msg_id = 1
-    assert user.says("第二问") == "答：第一问" + wxbot.CONTINUE_TAIL  # nothing lost
+    assert user.says("第二问") == tailed("答：第一问")  # nothing lost
     assert user.says("继续") == "答：第二问"
     bot.stop(timeout=5)
     bot = start_bot()
@@ -1590,11 +1629,11 @@ def test_passive_answer_survives_a_restart(start_bot, wechat, model, quick_wecha
                                      "慢问题" else None) or "答：" + request["messages"][-1]["content"]
     bot = start_bot(WXBOT_MODE="passive")
     user = WeChatUser(bot, "oP8", quick_wechat_clock)
-    assert user.says("慢问题") == wxbot.THINKING_LINE
+    assert user.says("慢问题") == THINKING
     wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
     bot.stop(timeout=5)
     user.bot = start_bot(WXBOT_MODE="passive")
-    assert user.says("新问题") == "答：慢问题" + wxbot.CONTINUE_TAIL
+    assert user.says("新问题") == tailed("答：慢问题")
 
 
 # Processes ###################################################################
@@ -2258,7 +2297,7 @@ def test_continue_follows_the_most_recent_answer_only(start_bot, wechat, model, 
     wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and
              len(wechat.texts_to("oLATEST")) > 10)
     texts = wechat.texts_to("oLATEST")
-    b_so_far = without_space("".join(texts[5:]).replace(wxbot.CONTINUE_TAIL.strip(), ""))
+    b_so_far = without_space(untail("".join(texts[5:])))
     assert without_space(book_b).startswith(b_so_far)  # B goes on; nothing of A comes back
     assert len(b_so_far) > len(without_space("".join(texts[5:10])))
     before = leftovers_in_db(tmp_path / "wxbot.db")
@@ -2292,13 +2331,13 @@ def test_passive_continue_follows_the_most_recent_answer_only(start_bot, wechat,
     bot = start_bot(WXBOT_MODE="passive")
     user = WeChatUser(bot, "oPLATEST", quick_wechat_clock)
     first = user.says("讲长一点")
-    assert first.endswith(wxbot.CONTINUE_TAIL)
+    assert has_tail(first)
     assert user.says("短问题") == "答：短问题"  # not the rest of the first answer
     assert user.says("继续") == wxbot.NOTHING_MORE_LINE
     shown = [user.says("再讲一个")]
-    while shown[-1].endswith(wxbot.CONTINUE_TAIL):
+    while has_tail(shown[-1]):
         shown.append(user.says("继续"))
-    assert without_space("".join(shown).replace(wxbot.CONTINUE_TAIL, "")) == \
+    assert without_space(untail("".join(shown))) == \
         without_space(chinese_answer(2500))
     first = user.says("讲长一点")
     assert user.says("新对话") == wxbot.RESET_LINE
@@ -2316,11 +2355,11 @@ def test_passive_events_never_take_a_waiting_answer(start_bot, wechat, model,
     user = WeChatUser(bot, "oPEVENT", quick_wechat_clock)
     shown = [user.says("讲长一点")]
     reply = user.push(event_xml("oPEVENT", event, int(time.time()), key))
-    welcome = wxbot.DEFAULT_WELCOME + wxbot.CONTINUE_TAIL  # the rest still waits for 继续
+    welcome = tailed(wxbot.DEFAULT_WELCOME)  # the rest still waits for 继续
     assert reply == (welcome if event == "subscribe" else None)
-    while shown[-1].endswith(wxbot.CONTINUE_TAIL):
+    while has_tail(shown[-1]):
         shown.append(user.says("继续"))
-    assert without_space("".join(shown).replace(wxbot.CONTINUE_TAIL, "")) == \
+    assert without_space(untail("".join(shown))) == \
         without_space(chinese_answer(3000))
 
 
@@ -2968,7 +3007,7 @@ def test_a_clicks_answer_keeps_to_three_messages(start_bot, wechat, model, tmp_p
     post_push(bot, click_xml("oC2", "ASK"))
     wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
     sent = wechat.texts_to("oC2")
-    assert len(sent) == 3 and sent[-1].endswith(wxbot.CONTINUE_TAIL)
+    assert len(sent) == 3 and has_tail(sent[-1])
 
 
 def test_passive_keyword_and_click_are_answered_in_the_reply_itself(
@@ -2983,7 +3022,7 @@ def test_passive_keyword_and_click_are_answered_in_the_reply_itself(
         user = WeChatUser(bot, "oP1", quick_wechat_clock)
         started = time.monotonic()
         price = user.says("价格")  # not behind the question still being answered
-        assert price == PRICE + wxbot.CONTINUE_TAIL  # and the answer to it waits for 继续
+        assert price == tailed(PRICE)  # and the answer to it waits for 继续
         assert user.push(click_xml("oP1", "TODAY")).startswith(REPLIES["clicks"]["TODAY"])
         assert time.monotonic() - started < quick_wechat_clock  # each on its first try
         retried = post_push(bot, text_xml("oP1", "价格", user.msg_id))  # WeChat's retry
@@ -3191,16 +3230,16 @@ def test_a_long_wait_gets_one_queue_line_and_the_answer_keeps_within_five(start_
     wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
     texts = wechat.texts_to("oTHIRD")
     assert len(texts) == 5 and texts[0] == line[0]  # the line took one of WeChat's 5
-    assert texts[-1].endswith(wxbot.CONTINUE_TAIL) and all(
+    assert has_tail(texts[-1]) and all(
         len(text.encode()) <= 2048 for text in texts)
     msg_id = 4
-    while wechat.texts_to("oTHIRD")[-1].endswith(wxbot.CONTINUE_TAIL):  # the rest, intact
+    while has_tail(wechat.texts_to("oTHIRD")[-1]):  # the rest, intact
         count = len(wechat.texts_to("oTHIRD"))
         send_text(bot, "oTHIRD", "继续", msg_id)
         msg_id += 1
         wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and
                  len(wechat.texts_to("oTHIRD")) > count)
-    delivered = "".join(wechat.texts_to("oTHIRD")[1:]).replace(wxbot.CONTINUE_TAIL, "")
+    delivered = untail("".join(wechat.texts_to("oTHIRD")[1:]))
     assert without_space(delivered) == without_space(long_answer)
 
 
@@ -3215,7 +3254,7 @@ def test_no_segment_ever_goes_past_the_quota(segments, streamed, quota, sent):
     shown = []
 
     def deliver(streaming):
-        while (pick := wxbot.next_send(rows, quota, streaming)) is not None:
+        while (pick := wxbot.next_send(rows, quota, streaming, 7)) is not None:
             row, text = pick
             row["sent_at"] = 1.0
             shown.append(text)
@@ -3225,7 +3264,7 @@ def test_no_segment_ever_goes_past_the_quota(segments, streamed, quota, sent):
     deliver(streaming=False)
     total_sent = sum(row["sent_at"] is not None for row in rows)
     assert total_sent == min(len(rows), max(quota, min(sent, segments)))
-    tails = [text for text in shown if text.endswith(wxbot.CONTINUE_TAIL)]
+    tails = [text for text in shown if has_tail(text)]
     assert len(tails) == (1 if len(rows) > quota > min(sent, segments) else 0)
     assert not tails or shown[-1] == tails[0]
 
@@ -4093,7 +4132,7 @@ def test_passive_reply_too_late_for_wechat_takes_no_segment_with_it(start_bot, w
     user = WeChatUser(bot, "oLATE", quick_wechat_clock)
     assert user.says("慢慢存") == UNAVAILABLE  # every try came too late for its reply
     wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
-    assert user.says("下一个") == "答：慢慢存" + wxbot.CONTINUE_TAIL  # it waited, not lost
+    assert user.says("下一个") == tailed("答：慢慢存")  # it waited, not lost
     assert user.says("继续") == "答：下一个"
 
 
@@ -4303,7 +4342,7 @@ def test_passive_slow_picture_is_fetched_by_the_next_message(start_bot, wechat, 
         "b64_json": base64.b64encode(drawn(request["prompt"])).decode()}
     bot = start_bot(WXBOT_MODE="passive", **DRAWING)
     user = WeChatUser(bot, "oDRAW14", quick_wechat_clock)
-    assert user.says("画一只猫") == wxbot.THINKING_LINE
+    assert user.says("画一只猫") == THINKING
     wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
     response = post_push(bot, text_xml("oDRAW14", "继续", 2))
     assert passive_shown(response) == ("image", "MEDIA_1") and len(model.drawings) == 1
@@ -4371,6 +4410,60 @@ def test_database_of_schema_2_gets_pictures_and_keeps_its_answers(tmp_path):
     store.close()
 
 
+# 48001 is not forever #########################################################
+
+def a_day_passes(bot):
+    """The last 48001 is a day old (the time of it is what the database keeps)."""
+    bot.store.set_kv("passive-since", str(time.time() - wxbot.DeliveryMode.RETRY_AFTER - 1),
+                     None)
+
+
+def mode_shown(bot):
+    return requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).json()["mode"]
+
+
+def test_auto_mode_tries_the_customer_service_api_again_a_day_later(start_bot, wechat, model,
+                                                                    caplog, quick_wechat_clock):
+    refusing = [True]
+    wechat.intercept = lambda path, body: 48001 if refusing[0] and path.startswith(
+        "/cgi-bin/message") else None
+    bot = start_bot(WXBOT_ADMINS="oADMIN")
+    user = WeChatUser(bot, "oBACK", quick_wechat_clock)
+    assert user.says("第一问") is None  # service mode: the answer is refused (48001)
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    assert mode_shown(bot) == "passive"
+    refused = wechat.rejected_sends
+    assert user.says("第二问") == tailed("答：第一问")  # passive, no API tried
+    assert user.says("继续") == "答：第二问" and wechat.rejected_sends == refused
+    a_day_passes(bot)  # WeChat still refuses: the answer comes in the reply all the same
+    assert user.says("第三问") == "答：第三问"
+    assert wechat.rejected_sends == refused + 1 and bot.mode.passive
+    assert user.says("第四问") == "答：第四问" and wechat.rejected_sends == refused + 1
+    refusing[0] = False  # the account is verified again
+    assert user.says("第五问") == "答：第五问"  # not a day since the last 48001: passive
+    a_day_passes(bot)
+    assert user.says("第六问") is None  # sent as a customer-service message instead
+    assert wechat.texts_to("oBACK") == ["答：第六问"]
+    assert caplog.text.count("switching back from passive replies") == 1
+    assert mode_shown(bot) == "service"
+    post_push(bot, text_xml("oADMIN", "/stats", 99))
+    wait_for(lambda: wechat.texts_to("oADMIN"))
+    assert "回复方式：客服消息" in wechat.texts_to("oADMIN")[0]
+    bot.stop(timeout=5)
+    assert not start_bot().mode.passive  # remembered across a restart
+
+
+def test_a_day_later_an_event_with_nothing_to_say_does_not_hold_up_the_try(
+        start_bot, wechat, model, quick_wechat_clock):
+    bot = start_bot()
+    bot.mode.no_permission(0, time.time())  # passive since a 48001 ...
+    a_day_passes(bot)  # ... a day ago
+    user = WeChatUser(bot, "oEVENTFIRST", quick_wechat_clock)
+    assert user.push(event_xml("oEVENTFIRST", "LOCATION", int(time.time()))) is None
+    assert user.says("问") is None  # the customer-service API works: sent, not replied
+    assert wechat.texts_to("oEVENTFIRST") == ["答：问"] and not bot.mode.passive
+
+
 # Request heads ##############################################################
 
 @pytest.mark.parametrize("length, signed_status", [("\xb2", 411), ("9" * 5000, 413)])
@@ -4402,6 +4495,198 @@ def test_status_never_shows_the_model_urls_credentials(start_bot, tmp_path):
         return out.getvalue() if "cannot reach the model" in out.getvalue() else ""
     shown = wait_for(status_text, message="the failure in status")
     assert "hunter2pass" not in shown and "KEYINQUERY9" not in shown and "bob" not in shown
+
+
+# Rich replies: 继续 by a tap #################################################
+
+def tap_xml(openid, answer_id, msg_id):
+    """What WeChat pushes when the user taps a 继续 link: their own 继续, with bizmsgmenuid."""
+    return text_xml(openid, "继续", msg_id).replace(
+        b"</xml>", f"<bizmsgmenuid>{answer_id}</bizmsgmenuid></xml>".encode())
+
+
+def tapped_answer(text):
+    """(segments said to remain, the answer the link names) of a text's 继续 line; None
+    when the line asks to type 继续 (the link did not fit the 2048 bytes)."""
+    remaining, answer = re.search(TAIL.pattern + "$", text).groups()
+    if answer is None:
+        return None
+    return int(remaining) if remaining else None, int(answer)
+
+
+def answer_of_paragraphs(n, chars=400):
+    """An answer whose segments each end well within 2048 bytes: paragraphs of `chars`."""
+    return "\n\n".join(f"第{k}段" + "文" * chars + "。" for k in range(n))
+
+
+@given(st.text(max_size=800), st.integers(1, 999), st.integers(1, 10 ** 11))
+@hsettings(max_examples=200, deadline=None)
+def test_the_continue_line_always_fits_and_is_tappable_where_it_can_be(text, remaining,
+                                                                      answer_id):
+    text = text.encode("utf-8")[:wxbot.SEGMENT_LIMIT].decode("utf-8", "ignore") or "答"
+    tail = wxbot.continue_tail(remaining, answer_id, text)
+    assert wxbot.utf8_len(text + tail) <= 2048
+    link = tapped_answer(text + tail)
+    tappable = wxbot.CONTINUE_TAIL.format(remaining=remaining, link=wxbot.CONTINUE_LINK.format(
+        answer=answer_id))
+    assert (link == (remaining, answer_id)) == (wxbot.utf8_len(text + tappable) <= 2048)
+
+
+def test_a_tap_on_continue_fetches_the_rest_and_the_line_says_how_much(start_bot, wechat,
+                                                                      model):
+    answer = answer_of_paragraphs(14, 600)
+    model.respond = lambda request: answer
+    bot = start_bot()
+    send_text(bot, "oTAP1", "写一本书", 1)
+    wait_for(lambda: len(wechat.texts_to("oTAP1")) == 5)
+    msg_id, asked_id = 2, stored_id(bot, "oTAP1", "1")
+    while has_tail(wechat.texts_to("oTAP1")[-1]):
+        count = len(wechat.texts_to("oTAP1"))
+        remaining, answer_id = tapped_answer(wechat.texts_to("oTAP1")[-1])
+        assert answer_id == asked_id  # the link names the answer that holds the rest
+        assert post_push(bot, tap_xml("oTAP1", answer_id, msg_id)).text == "success"
+        wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and
+                 len(wechat.texts_to("oTAP1")) > count)
+        assert len(wechat.texts_to("oTAP1")) - count == min(5, remaining)  # as many as it said
+        asked_id = stored_id(bot, "oTAP1", str(msg_id))  # the rest now travels with the tap
+        msg_id += 1
+    texts = wechat.texts_to("oTAP1")
+    assert len(texts) > 10 and all(len(t.encode()) <= 2048 for t in texts)
+    assert without_space(untail("".join(texts))) == without_space(answer)
+    assert len(model.requests) == 1  # a tap is never a question
+
+
+def stored_id(bot, openid, msg_id):
+    with bot.store.connection() as conn:
+        return conn.execute("SELECT id FROM messages WHERE openid = ? AND msg_id = ?",
+                            (openid, msg_id)).fetchone()[0]
+
+
+def test_a_tap_on_an_older_answers_continue_says_its_rest_is_gone(start_bot, wechat, model):
+    model.respond = lambda request: request["messages"][-1]["content"][0] * 3 + \
+        answer_of_paragraphs(12, 600)
+    bot = start_bot()
+    links = []
+    for n, question in ((1, "甲书"), (2, "乙书")):
+        send_text(bot, "oTAP2", question, n)
+        wait_for(lambda: len(wechat.texts_to("oTAP2")) == 5 * n)
+        links.append(tapped_answer(wechat.texts_to("oTAP2")[-1])[1])
+    assert post_push(bot, tap_xml("oTAP2", links[0], 3)).text == "success"
+    wait_for(lambda: len(wechat.texts_to("oTAP2")) == 11)
+    assert wechat.texts_to("oTAP2")[10] == wxbot.STALE_CONTINUE_LINE  # never 乙's rest
+    assert post_push(bot, tap_xml("oTAP2", links[1], 4)).text == "success"  # 乙's still kept
+    wait_for(lambda: len(wechat.texts_to("oTAP2")) == 16)
+    assert len(model.requests) == 2
+    typed = send_text(bot, "oTAP2", "继续", 5)  # typing still works
+    wait_for(lambda: len(wechat.texts_to("oTAP2")) > 16)
+    assert typed and wechat.texts_to("oTAP2")[16] != wxbot.STALE_CONTINUE_LINE
+
+
+def test_passive_placeholder_has_a_tappable_continue_that_fetches_the_answer(
+        start_bot, wechat, model, quick_wechat_clock):
+    model.respond = lambda request: time.sleep(3) or "想好了"
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oTAP3", quick_wechat_clock)
+    shown = user.says("很难的题")
+    assert shown == THINKING
+    answer_id = int(re.search(CONTINUE_LINK, shown).group(1))
+    assert answer_id == stored_id(bot, "oTAP3", "1")
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    assert user.push(tap_xml("oTAP3", answer_id, 2)) == "想好了"
+
+
+def test_passive_continue_line_names_the_segments_left_and_its_answer(start_bot, wechat, model,
+                                                                      quick_wechat_clock):
+    model.respond = lambda request: answer_of_paragraphs(5, 600)
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oTAP4", quick_wechat_clock)
+    shown = [user.says("讲长一点")]
+    msg_id = 2
+    while has_tail(shown[-1]):
+        shown.append(user.push(tap_xml("oTAP4", tapped_answer(shown[-1])[1], msg_id)))
+        msg_id += 1
+    assert len(shown) >= 3 and all(len(t.encode()) <= 2048 for t in shown)
+    assert without_space(untail("".join(shown))) == without_space(answer_of_paragraphs(5, 600))
+    assert [tapped_answer(t)[0] for t in shown[:-1]] == list(range(len(shown) - 1, 0, -1))
+
+
+# Operating safely: errors, connections, operator commands, upgrades ##########
+
+def test_an_unexpected_error_is_logged_masked_and_the_client_gets_a_bare_500(start_bot, caplog,
+                                                                            capfd):
+    caplog.handler.addFilter(wxbot.SECRET_FILTER)
+    bot = start_bot()
+
+    def broken(now):
+        raise RuntimeError(f"the store said {API_KEY}")
+    bot.store.health = broken
+    response = requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5)
+    assert response.status_code == 500 and response.text == "error"
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.err + printed.out and API_KEY not in printed.err
+    assert "internal error" in caplog.text and "RuntimeError" in caplog.text
+    assert API_KEY not in caplog.text
+
+
+def test_connections_over_the_cap_are_closed_at_once_and_logged_once(start_bot, monkeypatch,
+                                                                      caplog):
+    monkeypatch.setattr(wxbot.ThreadingServer, "max_connections", 3)
+    monkeypatch.setattr(wxbot.QuietHandler, "idle_timeout", 60.0)  # the idle ones stay open
+    bot = start_bot()
+    idle = [raw_connection(bot) for _ in range(3)]
+    over = [raw_connection(bot) for _ in range(5)]
+    for conn in over:
+        wait_for(lambda: closed_by_server(conn), message="a connection over the cap closed")
+    assert not any(closed_by_server(conn) for conn in idle)
+    refused = [r for r in caplog.records if "closed a new connection" in r.getMessage()]
+    assert len(refused) == 1 and "3 connections" in refused[0].getMessage()
+    for conn in idle + over:
+        conn.close()
+    # The slots are given back: a signed push is answered again.
+    wait_for(lambda: post_push(bot, text_xml("oCAP", "你好", 1)).status_code == 200,
+             message="a push answered once the idle connections are gone")
+
+
+def test_status_as_a_user_who_cannot_open_the_database_says_what_to_do(tmp_path, capsys):
+    unopenable = tmp_path / "wxbot.db"
+    unopenable.mkdir()  # as a file of another user's, mode 600: SQLite cannot open it
+    for command in (["status"], ["retry", "7"]):
+        assert wxbot.main(command, {"WXBOT_DB": str(unopenable)}) == 1
+        printed = capsys.readouterr()
+        assert "Traceback" not in printed.out + printed.err
+        assert len(printed.out.strip().splitlines()) == 1
+        assert "cannot open the database" in printed.out and "sudo -u wxbot" in printed.out
+
+
+def test_status_and_retry_need_only_the_database_path(tmp_path, capsys):
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path)
+    message_id = stored_push(store, "oOPS", "你好", 1, time.time())
+    assert wxbot.main(["status"], {"WXBOT_DB": path}) == 0
+    assert "waiting" in capsys.readouterr().out
+    assert wxbot.main(["retry", str(message_id)], {"WXBOT_DB": path}) != 2  # not dead: refused
+    assert "WXBOT_TOKEN" not in capsys.readouterr().err
+
+
+def test_an_old_database_without_room_to_compact_is_served_and_says_what_to_do(tmp_path,
+                                                                               caplog):
+    path = str(tmp_path / "old.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA_V1)
+        conn.execute("INSERT INTO messages (dedup_key, openid, msg_type, content, fields,"
+                     " received_at) VALUES ('k1', 'oOLD', 'text', '问', '{}', 1000)")
+        conn.commit()
+    seen = []
+    store = wxbot.Store(path, free_space=lambda folder: seen.append(folder) or 1000)
+    assert seen == [str(tmp_path)]
+    assert "not compacted" in caplog.text and "MB free" in caplog.text
+    assert store.health(2000.0)["queued"] == 1
+    with store.connection() as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == wxbot.SCHEMA_VERSION
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0  # not yet
+    later = wxbot.Store(path)  # with room: compacted at the next start
+    with later.connection() as conn:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
 
 
 # Owner's files and forgetting: review fixes ##################################

@@ -40,6 +40,7 @@ import os
 import queue
 import random
 import re
+import shutil
 import signal
 import socket
 import socketserver
@@ -105,9 +106,18 @@ IMAGE_UNUSABLE_LINE = "抱歉，这张图片的格式或大小微信发不了，
 IMAGE_GONE_LINE = "这张图片已经过期了，请重新画一次。"
 #: What an image stands as among the segments of an answer, where a text is needed.
 IMAGE_SEGMENT = "[图片]"
-CONTINUE_TAIL = "\n\n（回复“继续”查看剩余内容）"
+#: Tapping it sends 继续 as the user's own message, with <bizmsgmenuid> naming the answer
+#: whose rest it fetches (WECHAT.md §8); typing 继续 does the same for the latest answer.
+CONTINUE_LINK = ('<a href="weixin://bizmsgmenu?msgmenucontent=继续&msgmenuid={answer}">'
+                 '继续</a>')
+CONTINUE_TAIL = "\n\n（还有{remaining}段，点{link}查看）"
+#: The tail when how much follows is not known yet (an answer still being written).
+MORE_TAIL = "\n\n（点{link}查看剩余内容）"
+#: The tail when the tappable one does not fit the segment's 2048 bytes: room for it is kept.
+TYPED_TAIL = "\n\n（回复“继续”查看剩余内容）"
+STALE_CONTINUE_LINE = "那条回答的剩余内容已经不再保留了，请直接提问吧。"
 NOTHING_MORE_LINE = "没有更多内容了，请直接提问吧。"
-THINKING_LINE = "正在思考，请稍后回复“继续”获取回答。"
+THINKING_LINE = "正在思考，请稍后点{link}获取回答。"
 #: Sent at once when a message will wait longer than WXBOT_QUEUE_NOTICE seconds for a worker.
 QUEUE_LINE = "收到！前面还有 {ahead} 人在排队，预计 {minutes} 分钟内回复。"
 RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
@@ -855,7 +865,8 @@ def create_private(path: str) -> None:
 class Store:
     """The SQLite database: queue, segments, history and the token cache."""
 
-    def __init__(self, path: str, busy_timeout: float = 15.0):
+    def __init__(self, path: str, busy_timeout: float = 15.0,
+                 free_space: Callable[[str], int] = lambda dir: shutil.disk_usage(dir).free):
         if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING claims a message
             raise RuntimeError(f"SQLite 3.35 or newer is needed; this Python has "
                                f"{sqlite3.sqlite_version} (use Debian 12 / Ubuntu 22.04 or newer)")
@@ -880,7 +891,7 @@ class Store:
         self.disk_full = False
         self._disk_lock = threading.Lock()
         with self.connection() as conn:
-            self._compactable(conn)
+            self._compactable(conn, free_space)
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
             # commit through a process crash (kill -9), losing at most the last ones on power loss.
             conn.execute("PRAGMA journal_mode=WAL")
@@ -894,20 +905,36 @@ class Store:
                 log.info("database %s brought up to date (schema %d to %d)", path, version,
                          SCHEMA_VERSION)
 
-    @staticmethod
-    def _compactable(conn: sqlite3.Connection) -> None:
+    def _compactable(self, conn: sqlite3.Connection, free_space: Callable[[str], int]) -> None:
         """Let the file shrink: rows deleted by retention give their pages back to the disk.
 
         auto_vacuum must be chosen before the first table exists; a database made by an
-        earlier wxbot is rewritten once (VACUUM: it locks the file while it runs).
+        earlier wxbot is rewritten once (VACUUM: it locks the file while it runs). The rewrite
+        needs room for a copy of the file and its journal; without that room it waits for a
+        later start, and the queue is served meanwhile (deleted rows' pages are reused).
         """
         if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL
             return
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
-            log.info("compacting the database once so that deleted rows free disk space "
-                     "(a large file takes a minute)")
-            conn.execute("VACUUM")
+        if not conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+            return
+        size = conn.execute("SELECT page_count * page_size FROM pragma_page_count, "
+                            "pragma_page_size").fetchone()[0]
+        needed = 2 * size  # the rewritten copy, then the journal that puts it in place
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            free = free_space(folder)
+            if free >= needed:
+                log.info("compacting the database once so that deleted rows free disk space "
+                         "(a large file takes a minute)")
+                conn.execute("VACUUM")
+                return
+            why = f"{free / 1e6:.0f} MB free in {folder}"
+        except (OSError, sqlite3.Error) as error:
+            why = str(error)
+        log.warning("database %s not compacted (%s): it needs %.0f MB free; free some space "
+                    "and restart wxbot to compact it, so that deleted rows give disk space "
+                    "back (wxbot runs meanwhile)", self.path, why, needed / 1e6 + 1)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -1072,8 +1099,10 @@ class Store:
                         " RETURNING id, pushes",
                         (push.dedup_key, push.openid, push.msg_type, push.msg_id, push.event,
                          push.content,
-                         # A text's fields are all in the columns: the hot path skips the JSON.
-                         "{}" if push.msg_type == "text" else
+                         # A text's fields are all in the columns: the hot path skips the
+                         # JSON; a tapped 继续 keeps which answer it was for.
+                         "{}" if push.msg_type == "text" and "bizmsgmenuid" not in push.fields
+                         else
                          json.dumps(push.fields, ensure_ascii=False), ticket["now"])
                     ).fetchone())
         except sqlite3.Error as error:
@@ -1131,6 +1160,14 @@ class Store:
                          until=lease_until)
             conn.execute("UPDATE segments SET tried_at = ? WHERE message_id = ? AND seq = ?",
                          (now, message.id, seq))
+
+    def refused(self, message: Message) -> None:
+        """WeChat refused the segment being sent (48001): it never arrived, so a passive reply
+        may carry it."""
+        with self.transaction() as conn:
+            self._check_lease(conn, message)
+            conn.execute("UPDATE segments SET tried_at = NULL WHERE message_id = ?"
+                         " AND sent_at IS NULL", (message.id,))
 
     def renew_lease(self, message: Message, lease_until: float) -> None:
         """Keep the message while its answer takes long (a slow model): LeaseLost if too late."""
@@ -1318,10 +1355,10 @@ class Store:
                 (message.id,))]
 
     def passive_reply(self, openid: str, message_id: int, now: float, hand_out_by: float
-                      ) -> tuple[str, bool, int | None] | None:
-        """The segment the reply to this push carries, whether more waits after it, and the
-        picture it is (images.message_id), if it is one; None while there is none, or once
-        `hand_out_by` (time.monotonic()) has passed.
+                      ) -> tuple[str, tuple[int, int] | None, int | None] | None:
+        """The segment the reply to this push carries; what waits after it, if anything
+        (Store._more); and the picture it is (images.message_id), if it is one. None while
+        there is none, or once `hand_out_by` (time.monotonic()) has passed.
 
         The same push retried gets the same segment; otherwise the next unsent segment of
         this message's own answer (which carries what the user was still owed), or of the
@@ -1332,38 +1369,58 @@ class Store:
         while True:
             with self.connection() as conn:
                 rows = conn.execute(
-                    "SELECT message_id, seq, content, image, sent_at, replied_to, moved_to"
-                    " FROM segments WHERE message_id = (SELECT coalesce(merged_into, id)"
+                    "SELECT message_id, seq, content, image, tried_at, sent_at, replied_to,"
+                    " moved_to FROM segments WHERE message_id = (SELECT coalesce(merged_into, id)"
                     " FROM messages WHERE id = ?) ORDER BY seq", (message_id,)).fetchall()
                 replied = [row for row in rows if row["replied_to"] == message_id]
                 if replied:  # a retry of a push already answered
                     return replied[0]["content"], self._more(conn, openid), replied[0]["image"]
-            waiting = [row for row in rows if row["sent_at"] is None and row["moved_to"] is None]
+            waiting = [row for row in rows if row["sent_at"] is None and
+                       row["tried_at"] is None and row["moved_to"] is None]
             if not waiting:
                 return None
             with self.transaction() as conn:
                 if time.monotonic() > hand_out_by:
                     return None
-                taken = conn.execute(
+                taken = conn.execute(  # never one a worker is sending (tried_at)
                     "UPDATE segments SET sent_at = ?, replied_to = ? WHERE message_id = ?"
-                    " AND seq = ? AND sent_at IS NULL AND moved_to IS NULL",
+                    " AND seq = ? AND sent_at IS NULL AND tried_at IS NULL AND moved_to IS NULL",
                     (now, message_id, waiting[0]["message_id"], waiting[0]["seq"])).rowcount
             if taken:  # else another push of the same answer took it first: look again
                 with self.connection() as conn:
                     return waiting[0]["content"], self._more(conn, openid), waiting[0]["image"]
 
     @staticmethod
-    def _more(conn: sqlite3.Connection, openid: str) -> bool:
-        """Whether more is coming for the user: a segment waiting, or a question (or a
-        drawing: with drawing off it is a question) still being answered."""
-        return conn.execute(
-            "SELECT 1 FROM segments s JOIN messages m ON m.id = s.message_id"
-            " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL LIMIT 1",
-            (openid,)).fetchone() is not None or any(
-            classify(*waiting, drawing=True).kind in (Kind.QUESTION, Kind.DRAW)
-            for waiting in conn.execute(
-                "SELECT msg_type, content FROM messages WHERE openid = ?"
-                " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,)))
+    def _more(conn: sqlite3.Connection, openid: str) -> tuple[int, int] | None:
+        """What more is coming for the user, as the 继续 line tells it: (segments left, the
+        answer they belong to). A question (or a drawing: with drawing off it is a question)
+        still being answered makes it (0, that message): how much is not known yet."""
+        answering = [waiting["id"] for waiting in conn.execute(
+            "SELECT id, msg_type, content FROM messages WHERE openid = ?"
+            " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,))
+            if classify(waiting["msg_type"], waiting["content"], drawing=True).kind
+            in (Kind.QUESTION, Kind.DRAW)]
+        if answering:
+            return 0, max(answering)
+        newest = conn.execute(
+            "SELECT max(s.message_id) FROM segments s JOIN messages m ON m.id = s.message_id"
+            " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL",
+            (openid,)).fetchone()[0]
+        if newest is None:
+            return None
+        return conn.execute("SELECT count(*) FROM segments WHERE message_id = ? AND sent_at"
+                            " IS NULL AND moved_to IS NULL", (newest,)).fetchone()[0], newest
+
+    def tap_current(self, message: Message, tapped: int) -> bool:
+        """Whether a tapped 继续 (<bizmsgmenuid>) belongs to the answer whose rest 继续 fetches
+        now: the newest with segments unsent. A tap on an older answer's link is not, nor one
+        on another user's; with nothing unsent at all, any tap gets the usual "nothing more"."""
+        with self.connection() as conn:
+            newest = conn.execute("SELECT max(s.message_id)" + EARLIER_UNSENT,
+                                  {"openid": message.openid, "id": message.id}).fetchone()[0]
+            answer = conn.execute("SELECT coalesce(merged_into, id) FROM messages WHERE id = ?"
+                                  " AND openid = ?", (tapped, message.openid)).fetchone()
+        return newest is None or (answer is not None and answer[0] == newest)
 
     def reply_at_once(self, message_id: int, text: str, now: float) -> bool:
         """Answer a message no worker has taken with one passive reply, sent as this push's
@@ -2076,23 +2133,76 @@ class DeliveryMode:
     """Whether answers go out through the customer-service API or as passive replies.
 
     Unverified accounts may not use the customer-service API (48001). With WXBOT_MODE=auto
-    the first 48001 switches to passive replies, remembered in the database.
+    the first 48001 switches to passive replies, remembered in the database. A permission
+    can come back (a verification renewed after 年审): the first message a day
+    (RETRY_AFTER) after the last 48001 tries the customer-service API again, while its push
+    waits for a passive reply as any other. If WeChat takes it, wxbot switches back; if not,
+    the answer goes out in the reply and the next try is a day later.
     """
+
+    RETRY_AFTER = 86400.0
 
     def __init__(self, setting: str, store: Store):
         self.setting, self.store = setting, store
         self.passive = setting == "passive" or (
             setting == "auto" and store.get_kv("mode", 0) == "passive")
+        self.trial: int | None = None  # the message trying the customer-service API again
+        self._lock = threading.Lock()
 
-    def no_permission(self) -> bool:
-        """WeChat said 48001; True when that switched wxbot to passive replies."""
-        if self.setting != "auto" or self.passive:
+    @property
+    def in_force(self) -> str:
+        """For /stats and /healthz: "service" or "passive"."""
+        return "passive" if self.passive else "service"
+
+    def try_service(self, message_id: int, now: float) -> bool:
+        """A new push in passive mode: whether its message tries the customer-service API
+        again (auto mode, the first message a day after the last 48001)."""
+        if self.setting != "auto" or not self.passive:
             return False
-        self.passive = True
-        self.store.set_kv("mode", "passive", None)
-        log_wechat.warning("WeChat refuses the customer-service API (48001: the account is not "
-                           "verified). Switching to passive replies for good (WXBOT_MODE=auto): "
-                           "each answer now goes out in the reply to the user's message.")
+        if now - float(self.store.get_kv("passive-since", 0) or 0) < self.RETRY_AFTER:
+            return False
+        with self._lock:
+            # A trial settled without sending anything (nothing to say) decided nothing.
+            if self.trial is not None and not self.store.settled(self.trial):
+                return False
+            self.trial = message_id
+        log_wechat.info("message %s tries the customer-service API again (a day after the "
+                        "last 48001)", message_id)
+        return True
+
+    def sends(self, message_id: int) -> bool:
+        """Whether the message's answer goes through the customer-service API."""
+        return not self.passive or message_id == self.trial
+
+    def service_works(self, message_id: int) -> None:
+        """A customer-service message went through: a trial that did switches back."""
+        with self._lock:
+            if message_id != self.trial:
+                return
+            self.passive, self.trial = False, None
+            self.store.set_kv("mode", "service", None)
+        log_wechat.warning("WeChat takes customer-service messages again: switching back from "
+                           "passive replies (WXBOT_MODE=auto)")
+
+    def no_permission(self, message_id: int, now: float) -> bool:
+        """WeChat said 48001; True when the message's answer now goes out passively."""
+        if self.setting != "auto":
+            return False
+        with self._lock:
+            trial, switched = message_id == self.trial, not self.passive
+            if trial:
+                self.trial = None
+            self.passive = True
+            self.store.set_kv("mode", "passive", None)
+            self.store.set_kv("passive-since", str(now), None)
+        if switched:
+            log_wechat.warning("WeChat refuses the customer-service API (48001: the account is "
+                               "not verified). Switching to passive replies (WXBOT_MODE=auto): "
+                               "each answer now goes out in the reply to the user's message; "
+                               "the API is tried again in a day.")
+        elif trial:
+            log_wechat.info("WeChat still refuses the customer-service API (48001): passive "
+                            "replies for another day")
         return True
 
 
@@ -2334,7 +2444,9 @@ QUOTA = 5
 #: A follow, a menu click or a QR scan allows 3 messages within a minute (WECHAT.md §4).
 EVENT_QUOTA = 3
 #: Every segment leaves room for the "继续" line, which the 5th gets when more follows.
-SEGMENT_LIMIT = SEGMENT_BYTES - len(CONTINUE_TAIL.encode("utf-8"))
+#: (The tappable line goes where it fits, which is most places; room for it in every segment
+#: would leave too little for five to hold 3,000 Chinese characters.)
+SEGMENT_LIMIT = SEGMENT_BYTES - len(TYPED_TAIL.encode("utf-8"))
 #: Segments between the first and the last are at least this long wherever the text allows,
 #: and the first at least FIRST_LEAST, so that five hold a 3,000-character Chinese answer
 #: (9,000 bytes): 1650 + 3 × 1800 + 2007 ≥ 9000.
@@ -2404,19 +2516,30 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
     return end
 
 
-def next_send(rows: list, quota: int, streaming: bool) -> tuple[sqlite3.Row, str] | None:
-    """The segment to send next and its text; None when none may go now.
+def continue_tail(remaining: int, answer_id: int, text: str) -> str:
+    """The line that ends a cut-off answer `text`: how many segments remain, and 继续 to tap;
+    where that does not fit WeChat's 2048 bytes, the line that asks to type 继续."""
+    link = CONTINUE_LINK.format(answer=answer_id)
+    tail = CONTINUE_TAIL.format(remaining=remaining, link=link) if remaining else \
+        MORE_TAIL.format(link=link)
+    return tail if utf8_len(text + tail) <= SEGMENT_BYTES else TYPED_TAIL
+
+
+def next_send(rows: list, quota: int, streaming: bool, answer_id: int
+              ) -> tuple[sqlite3.Row, str] | None:
+    """The segment of answer `answer_id` to send next and its text; None when none may go now.
 
     WeChat allows `quota` customer-service messages for one user message (45047; Store.quota):
     the last one allowed says how to get the rest ("继续"), so while the model still writes,
-    it waits until it is known whether more follows.
+    it waits until it is known whether more follows, and how much.
     """
     sent = sum(row["sent_at"] is not None for row in rows)
     if sent >= quota or (streaming and sent == quota - 1):
         return None
     for row in rows:
         if row["sent_at"] is None:
-            tail = CONTINUE_TAIL if sent == quota - 1 and len(rows) > quota else ""
+            tail = continue_tail(len(rows) - quota, answer_id, row["content"]) \
+                if sent == quota - 1 and len(rows) > quota else ""
             return row, row["content"] + tail
     return None
 
@@ -3149,6 +3272,7 @@ def stats_text(stats: dict) -> str:
         f"平均回答用时：{stats['answer_seconds_avg']} 秒",
         f"access token：{'剩余 %d 秒' % token if token and token > 0 else '未获取或已过期'}",
         f"未发送的分段：{stats['unsent_segments']}",
+        f"回复方式：{'被动回复' if stats['mode'] == 'passive' else '客服消息'}",
         f"今日固定回复：关键词 {stats['keyword_replies_today']}，菜单 "
         f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
 
@@ -3328,7 +3452,12 @@ class Worker:
         if intent.kind is Kind.HELP:
             return self.store.save_answer(message, [HELP_LINE], now)
         if intent.kind is Kind.STATS and message.openid in self.settings.admins:
-            return self.store.save_answer(message, [stats_text(self.store.stats(now))], now)
+            return self.store.save_answer(message, [stats_text(
+                {**self.store.stats(now), "mode": self.mode.in_force})], now)
+        tapped = message.fields.get("bizmsgmenuid", "")
+        if intent.kind is Kind.CONTINUE and tapped.isdigit() and \
+                not self.store.tap_current(message, int(tapped)):
+            return self.store.save_answer(message, [STALE_CONTINUE_LINE], now)
         if intent.kind is Kind.CONTINUE:  # fetches the rest; never a question for the model
             return self.store.save_answer(message, [], now, leftovers=Leftovers.TAKE,
                                           if_nothing=[NOTHING_MORE_LINE])
@@ -3577,8 +3706,8 @@ class Worker:
                 if sent_seq is not None:
                     self.store.mark_sent(message, sent_seq, now)
                 rows = self.store.segments(message.id)
-                pick = None if self.mode.passive else next_send(  # passive: the webhook's
-                    rows, self.store.quota(message), streaming)
+                pick = None if not self.mode.sends(message.id) else next_send(  # passive:
+                    rows, self.store.quota(message), streaming, message.id)  # the webhook's
                 if pick:
                     self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
                 elif not streaming:
@@ -3603,6 +3732,7 @@ class Worker:
                 if not streaming:  # while streaming, the final delivery deals with it
                     self._send_failed(message, error)
                 return False
+            self.mode.service_works(message.id)
             sent_seq = row["seq"]
         if not streaming:
             log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
@@ -3630,8 +3760,10 @@ class Worker:
         self.store.image_sent(row["image"])
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
-        if error.errcode == 48001 and self.mode.no_permission():
-            self.store.finish(message, State.DONE)  # what is unsent goes out passively
+        if error.errcode == 48001 and self.mode.no_permission(message.id, time.time()):
+            with self.store.transaction():  # what is unsent goes out passively
+                self.store.refused(message)
+                self.store.finish(message, State.DONE)
             return
         if error.errcode in GIVE_UP:
             if self.wechat.first_time(error.errcode):
@@ -3808,6 +3940,7 @@ class Webhook:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
         elif not (self.mode.passive and self.fixed_reply(push, message_id)):
+            self.mode.try_service(message_id, time.time())  # before a worker can take it
             self.wakeup.notify()
             if self.acknowledger and not self.mode.passive and (push.msg_type != "event" or
                     self.owner.replies.prompt_for(push.event, push.fields.get("EventKey", ""))):
@@ -3843,13 +3976,15 @@ class Webhook:
             while True:
                 bell.clear()  # before the look, so that a write after it is not missed
                 settled = self.store.settled(message_id)
-                reply = self.store.passive_reply(push.openid, message_id, time.time(),
-                                                 hand_out_by)
+                # A message trying the customer-service API: its reply waits for the outcome.
+                reply = None if message_id == self.mode.trial and not settled else \
+                    self.store.passive_reply(push.openid, message_id, time.time(), hand_out_by)
                 if reply:
                     text, more, image = reply
                     if image:
                         return self.image_reply(push, image, query)
-                    return self.reply_body(push, text + CONTINUE_TAIL if more else text, query)
+                    return self.reply_body(push, text + continue_tail(*more, text) if more
+                                           else text, query)
                 remaining = hand_out_by - time.monotonic()
                 if remaining <= 0:
                     break
@@ -3857,7 +3992,8 @@ class Webhook:
                     return "success"
                 bell.wait(remaining)
         if pushes >= 3:
-            return self.reply_body(push, THINKING_LINE, query)
+            return self.reply_body(push, THINKING_LINE.format(
+                link=CONTINUE_LINK.format(answer=message_id)), query)
         # Let this try lapse unanswered: WeChat then pushes the message again.
         time.sleep(max(0.0, arrived + WECHAT_TIMEOUT + 0.5 - time.monotonic()))
         return "success"
@@ -3933,6 +4069,22 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
         kind = "application/xml" if body.startswith("<xml>") else "text/plain"
         return bottle.HTTPResponse(body, status, {"Content-Type": f"{kind}; charset=utf-8"})
 
+    def logged_not_printed(callback):
+        """An unexpected error goes to the log, where secrets are masked, and the client gets
+        a bare 500: bottle's catchall would print the traceback to stderr, past the filter."""
+        def guarded(*args, **kwargs):
+            try:
+                return callback(*args, **kwargs)
+            except bottle.HTTPResponse:  # an answer, not an error
+                raise
+            except Exception:
+                log_web.exception("internal error answering %s %s", bottle.request.method,
+                                  bottle.request.path)
+                return text(500, "error")
+        return guarded
+
+    app.install(logged_not_printed)
+
     @app.get(settings.path)
     def verify():
         """WeChat's server check: the echostr back when the signature is valid."""
@@ -3966,7 +4118,7 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     @app.get("/healthz")
     def healthz():
         """Queue depth and the age of the oldest waiting message."""
-        health = {"status": "ok", **store.health(time.time())}
+        health = {"status": "ok", **store.health(time.time()), "mode": webhook.mode.in_force}
         return bottle.HTTPResponse(json.dumps(health), 200,
                                    {"Content-Type": "application/json"})
 
@@ -3975,12 +4127,6 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     def not_here(error):
         bottle.response.content_type = "text/plain; charset=utf-8"
         return "not found" if error.status_code == 404 else "method not allowed"
-
-    @app.error(500)
-    def internal(error):
-        log_web.error("internal error: %s", error.exception)
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        return "error"
 
     return app
 
@@ -4047,13 +4193,48 @@ class QuietHandler(WSGIRequestHandler):
 
 
 class ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
-    """One thread per connection, so a slow client never holds up WeChat's next push."""
+    """One thread per connection, so a slow client never holds up WeChat's next push.
+
+    At most `max_connections` at once: each holds a thread (and its stack) for up to the
+    request's deadline, so idle connections by the thousand would exhaust the process's
+    threads. One over the cap is closed at once, and the log says so once a minute at most.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
     # Python's default backlog is 5: under a burst the kernel drops connection attempts and
     # clients retry a second later, past WeChat's 5 s budget (BENCHMARKS.md).
     request_queue_size = 1024
+    max_connections = 512
+
+    def server_activate(self):
+        super().server_activate()
+        self.slots = threading.BoundedSemaphore(self.max_connections)
+        self.refusals = LogThrottle()
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.refuse(request, f"{self.max_connections} connections are open already")
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError as error:  # can't start new thread: the system's task limit
+            self.slots.release()
+            self.refuse(request, str(error))
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def refuse(self, request, why: str) -> None:
+        self.shutdown_request(request)
+        held_back = self.refusals.allow("connections", time.monotonic())
+        if held_back is not None:
+            log_web.warning("closed a new connection at once: %s (%d more since the last "
+                            "such line); if these are not an attack, look at what holds them "
+                            "open", why, held_back)
 
 
 class HttpServer:
@@ -4233,9 +4414,14 @@ def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
     if not os.path.exists(settings.db):
         print(f"no database at {settings.db} (check WXBOT_DB, or --env FILE)", file=out)
         return None
-    conn = sqlite3.connect(settings.db, timeout=15, isolation_level=None)
+    try:
+        conn = sqlite3.connect(settings.db, timeout=15, isolation_level=None)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as error:  # most often: the file is the service user's, mode 600
+        print(f"cannot open the database {settings.db} ({error}): run this as the service's "
+              f"user, e.g. sudo -u wxbot .venv/bin/python wxbot.py ...", file=out)
+        return None
     conn.row_factory = sqlite3.Row
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version != SCHEMA_VERSION:
         print(f"{settings.db} has schema {version}, this wxbot reads {SCHEMA_VERSION}: start "
               f"this wxbot once to bring it up to date", file=out)
@@ -4475,7 +4661,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
         if args.command in ("status", "retry"):  # the database only
-            env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+            env = {"WXBOT_TOKEN": "notusedbystatus", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
     except SettingsError as error:
