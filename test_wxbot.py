@@ -4718,3 +4718,148 @@ def test_a_link_on_a_long_line_being_written_is_taken_whole(chunk):
     text = ("说" * 120 + "：) 见[文档](https://a.cn/q?x=1;y) 后文。") * 3  # ? and ; end sentences
     segments = stream(text, [chunk])
     assert "".join(segments).count('<a href="https://a.cn/q?x=1;y">文档</a>') == 3
+
+
+# Operating safely: errors, connections, operator commands, upgrades ##########
+
+def test_an_unexpected_error_is_logged_masked_and_the_client_gets_a_bare_500(start_bot, caplog,
+                                                                            capfd):
+    caplog.handler.addFilter(wxbot.SECRET_FILTER)
+    bot = start_bot()
+
+    def broken(now):
+        raise RuntimeError(f"the store said {API_KEY}")
+    bot.store.health = broken
+    response = requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5)
+    assert response.status_code == 500 and response.text == "error"
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.err + printed.out and API_KEY not in printed.err
+    assert "internal error" in caplog.text and "RuntimeError" in caplog.text
+    assert API_KEY not in caplog.text
+
+
+def test_connections_over_the_cap_are_closed_at_once_and_logged_once(start_bot, monkeypatch,
+                                                                      caplog):
+    monkeypatch.setattr(wxbot.ThreadingServer, "max_connections", 3)
+    monkeypatch.setattr(wxbot.QuietHandler, "idle_timeout", 60.0)  # the idle ones stay open
+    bot = start_bot()
+    idle = [raw_connection(bot) for _ in range(3)]
+    over = [raw_connection(bot) for _ in range(5)]
+    for conn in over:
+        wait_for(lambda: closed_by_server(conn), message="a connection over the cap closed")
+    assert not any(closed_by_server(conn) for conn in idle)
+    refused = [r for r in caplog.records if "closed a new connection" in r.getMessage()]
+    assert len(refused) == 1 and "3 connections" in refused[0].getMessage()
+    for conn in idle + over:
+        conn.close()
+    # The slots are given back: a signed push is answered again.
+    wait_for(lambda: post_push(bot, text_xml("oCAP", "你好", 1)).status_code == 200,
+             message="a push answered once the idle connections are gone")
+
+
+def test_status_as_a_user_who_cannot_open_the_database_says_what_to_do(tmp_path, capsys):
+    unopenable = tmp_path / "wxbot.db"
+    unopenable.mkdir()  # as a file of another user's, mode 600: SQLite cannot open it
+    for command in (["status"], ["retry", "7"]):
+        assert wxbot.main(command, {"WXBOT_DB": str(unopenable)}) == 1
+        printed = capsys.readouterr()
+        assert "Traceback" not in printed.out + printed.err
+        assert len(printed.out.strip().splitlines()) == 1
+        assert "cannot open the database" in printed.out and "sudo -u wxbot" in printed.out
+
+
+def test_status_and_retry_need_only_the_database_path(tmp_path, capsys):
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path)
+    message_id = stored_push(store, "oOPS", "你好", 1, time.time())
+    assert wxbot.main(["status"], {"WXBOT_DB": path}) == 0
+    assert "waiting" in capsys.readouterr().out
+    assert wxbot.main(["retry", str(message_id)], {"WXBOT_DB": path}) != 2  # not dead: refused
+    assert "WXBOT_TOKEN" not in capsys.readouterr().err
+
+
+def test_an_old_database_without_room_to_compact_is_served_and_says_what_to_do(tmp_path,
+                                                                               caplog):
+    path = str(tmp_path / "old.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA_V1)
+        conn.execute("INSERT INTO messages (dedup_key, openid, msg_type, content, fields,"
+                     " received_at) VALUES ('k1', 'oOLD', 'text', '问', '{}', 1000)")
+        conn.commit()
+    seen = []
+    store = wxbot.Store(path, free_space=lambda folder: seen.append(folder) or 1000)
+    assert seen == [str(tmp_path)]
+    assert "not compacted" in caplog.text and "MB free" in caplog.text
+    assert store.health(2000.0)["queued"] == 1
+    with store.connection() as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == wxbot.SCHEMA_VERSION
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0  # not yet
+    later = wxbot.Store(path)  # with room: compacted at the next start
+    with later.connection() as conn:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+
+
+# Owner's files and forgetting: review fixes ##################################
+
+def unusable_json(kind, depth, where):
+    """JSON that is no syntax error yet that json cannot take: a number of thousands of
+    digits, or lists/objects nested deeper than the stack, at some place in a replies file."""
+    bad = {"number": "9" * depth, "list": "[" * depth + "]" * depth,
+           "object": '{"a":' * depth + "1" + "}" * depth}[kind]
+    return {"keywords": f'{{"keywords": {{"价格": {bad}}}}}',
+            "clicks": f'{{"clicks": {bad}}}', "top": bad}[where]
+
+
+@hsettings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(["number", "list", "object"]),
+       depth=st.integers(5000, 120000), where=st.sampled_from(["keywords", "clicks", "top"]))
+def test_json_that_json_cannot_take_is_a_file_problem(tmp_path_factory, kind, depth, where):
+    path = tmp_path_factory.mktemp("unusable") / "replies.json"
+    path.write_text(unusable_json(kind, depth, where), encoding="utf-8")
+    with pytest.raises(wxbot.FileProblem) as problem:
+        wxbot.Replies.read(str(path))
+    assert problem.value.problems and "Traceback" not in str(problem.value)
+    with pytest.raises(wxbot.FileProblem):
+        wxbot.load_menu(str(path))
+
+
+@pytest.mark.parametrize("kind, depth", [("number", 5000), ("list", 100000)])
+def test_a_replies_edit_json_cannot_take_is_logged_and_the_old_replies_stay(
+        start_bot, wechat, model, tmp_path, caplog, kind, depth):
+    path = replies_file(tmp_path)
+    bot = start_bot(WXBOT_REPLIES=path)
+    (tmp_path / "replies.json").write_text(unusable_json(kind, depth, "keywords"))
+    for n in (1, 2):
+        send_text(bot, "oUNUSABLE", "价格", n)
+        wait_for(lambda: len(wechat.texts_to("oUNUSABLE")) == n)
+    assert wechat.texts_to("oUNUSABLE") == [PRICE, PRICE]
+    assert "previous version stays" in caplog.text and "not usable JSON" in caplog.text
+    result = run_wxbot(["check"], env_for(tmp_path, wechat, model, WXBOT_REPLIES=path))
+    assert result.returncode == 1 and "FAIL WXBOT_REPLIES" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_reset_blanks_the_users_earlier_drawing_prompts(start_bot, wechat, model, tmp_path):
+    bot = start_bot(**DRAWING)
+    send_text(bot, "oDRAWN", "画我家在幸福路88号的样子", 1)
+    wait_for(lambda: wechat.images_to("oDRAWN"), message="the picture")
+    wait_for(lambda: bot.store.settled(1))
+    send_text(bot, "oDRAWN", "新对话", 2)
+    wait_for(lambda: bot.store.settled(2))
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
+        dump = "\n".join(conn.iterdump())
+        assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 1  # still counted
+    assert "幸福路88号" not in dump
+
+
+def test_menu_names_an_unreachable_wechat_with_its_credentials_masked(tmp_path, wechat, model):
+    (tmp_path / "menu.json").write_text(json.dumps(MENU), encoding="utf-8")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = wxbot.main(["menu", str(tmp_path / "menu.json")], env_for(
+            tmp_path, wechat, model, WXBOT_API_BASE=f"http://ops:pa55word@127.0.0.1:{port}"))
+    assert status == 1 and "cannot reach WeChat at http://***@127.0.0.1" in out.getvalue()
+    assert "pa55word" not in out.getvalue()

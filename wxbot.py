@@ -40,6 +40,7 @@ import os
 import queue
 import random
 import re
+import shutil
 import signal
 import socket
 import socketserver
@@ -864,7 +865,8 @@ def create_private(path: str) -> None:
 class Store:
     """The SQLite database: queue, segments, history and the token cache."""
 
-    def __init__(self, path: str, busy_timeout: float = 15.0):
+    def __init__(self, path: str, busy_timeout: float = 15.0,
+                 free_space: Callable[[str], int] = lambda dir: shutil.disk_usage(dir).free):
         if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING claims a message
             raise RuntimeError(f"SQLite 3.35 or newer is needed; this Python has "
                                f"{sqlite3.sqlite_version} (use Debian 12 / Ubuntu 22.04 or newer)")
@@ -889,7 +891,7 @@ class Store:
         self.disk_full = False
         self._disk_lock = threading.Lock()
         with self.connection() as conn:
-            self._compactable(conn)
+            self._compactable(conn, free_space)
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
             # commit through a process crash (kill -9), losing at most the last ones on power loss.
             conn.execute("PRAGMA journal_mode=WAL")
@@ -903,20 +905,36 @@ class Store:
                 log.info("database %s brought up to date (schema %d to %d)", path, version,
                          SCHEMA_VERSION)
 
-    @staticmethod
-    def _compactable(conn: sqlite3.Connection) -> None:
+    def _compactable(self, conn: sqlite3.Connection, free_space: Callable[[str], int]) -> None:
         """Let the file shrink: rows deleted by retention give their pages back to the disk.
 
         auto_vacuum must be chosen before the first table exists; a database made by an
-        earlier wxbot is rewritten once (VACUUM: it locks the file while it runs).
+        earlier wxbot is rewritten once (VACUUM: it locks the file while it runs). The rewrite
+        needs room for a copy of the file and its journal; without that room it waits for a
+        later start, and the queue is served meanwhile (deleted rows' pages are reused).
         """
         if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL
             return
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
-            log.info("compacting the database once so that deleted rows free disk space "
-                     "(a large file takes a minute)")
-            conn.execute("VACUUM")
+        if not conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+            return
+        size = conn.execute("SELECT page_count * page_size FROM pragma_page_count, "
+                            "pragma_page_size").fetchone()[0]
+        needed = 2 * size  # the rewritten copy, then the journal that puts it in place
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            free = free_space(folder)
+            if free >= needed:
+                log.info("compacting the database once so that deleted rows free disk space "
+                         "(a large file takes a minute)")
+                conn.execute("VACUUM")
+                return
+            why = f"{free / 1e6:.0f} MB free in {folder}"
+        except (OSError, sqlite3.Error) as error:
+            why = str(error)
+        log.warning("database %s not compacted (%s): it needs %.0f MB free; free some space "
+                    "and restart wxbot to compact it, so that deleted rows give disk space "
+                    "back (wxbot runs meanwhile)", self.path, why, needed / 1e6 + 1)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -1486,9 +1504,10 @@ class Store:
 
     def forget(self, openid: str, before_id: int) -> int:
         """Forget the user's conversation before this message (/reset): the history sent to the
-        model, and the texts of their earlier messages and answers. The message rows stay (they
-        count in /stats and keep WeChat's retries from being answered twice); their answers'
-        segments go. Returns the number of turns forgotten."""
+        model, and the texts of their earlier messages, drawing prompts and answers. The message
+        rows stay (they count in /stats and keep WeChat's retries from being answered twice), so
+        do the drawing rows (they count in WXBOT_IMAGE_DAILY); their answers' segments go.
+        Returns the number of turns forgotten."""
         with self.transaction() as conn:
             earlier = ("SELECT id FROM messages WHERE openid = :openid AND id < :id"
                        " AND state NOT IN ('queued', 'leased')")
@@ -1496,6 +1515,8 @@ class Store:
             conn.execute(f"DELETE FROM segments WHERE message_id IN ({earlier})", params)
             conn.execute(f"UPDATE messages SET content = NULL, fields = '{{}}' WHERE id IN"
                          f" ({earlier}) AND (content IS NOT NULL OR fields != '{{}}')", params)
+            conn.execute(f"UPDATE images SET prompt = '' WHERE message_id IN ({earlier})"
+                         " AND prompt != ''", params)
             return conn.execute("DELETE FROM turns WHERE openid = ?", (openid,)).rowcount
 
     def stats(self, now: float) -> dict:
@@ -2787,7 +2808,8 @@ class FileProblem(Exception):
 
 
 def read_json_file(path: str) -> object:
-    """A JSON file's value; FileProblem names the line and column of a syntax error."""
+    """A JSON file's value; FileProblem names the line and column of a syntax error, and says
+    what else json cannot take (a huge number, nesting deeper than the stack)."""
     try:
         with open(path, encoding="utf-8-sig") as json_file:
             return json.load(json_file)
@@ -2796,6 +2818,10 @@ def read_json_file(path: str) -> object:
                                  f"not valid JSON ({error.msg})"]) from None
     except (OSError, UnicodeDecodeError) as error:
         raise FileProblem(path, [f"cannot read it: {error}"]) from None
+    except ValueError as error:  # a number of more than 4300 digits (sys.int_info)
+        raise FileProblem(path, [f"not usable JSON ({error})"]) from None
+    except RecursionError:
+        raise FileProblem(path, ["not usable JSON (lists or objects nested too deep)"]) from None
 
 
 def menu_problems(menu: object) -> list[str]:
@@ -4085,6 +4111,22 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
         kind = "application/xml" if body.startswith("<xml>") else "text/plain"
         return bottle.HTTPResponse(body, status, {"Content-Type": f"{kind}; charset=utf-8"})
 
+    def logged_not_printed(callback):
+        """An unexpected error goes to the log, where secrets are masked, and the client gets
+        a bare 500: bottle's catchall would print the traceback to stderr, past the filter."""
+        def guarded(*args, **kwargs):
+            try:
+                return callback(*args, **kwargs)
+            except bottle.HTTPResponse:  # an answer, not an error
+                raise
+            except Exception:
+                log_web.exception("internal error answering %s %s", bottle.request.method,
+                                  bottle.request.path)
+                return text(500, "error")
+        return guarded
+
+    app.install(logged_not_printed)
+
     @app.get(settings.path)
     def verify():
         """WeChat's server check: the echostr back when the signature is valid."""
@@ -4127,12 +4169,6 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     def not_here(error):
         bottle.response.content_type = "text/plain; charset=utf-8"
         return "not found" if error.status_code == 404 else "method not allowed"
-
-    @app.error(500)
-    def internal(error):
-        log_web.error("internal error: %s", error.exception)
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        return "error"
 
     return app
 
@@ -4199,13 +4235,48 @@ class QuietHandler(WSGIRequestHandler):
 
 
 class ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
-    """One thread per connection, so a slow client never holds up WeChat's next push."""
+    """One thread per connection, so a slow client never holds up WeChat's next push.
+
+    At most `max_connections` at once: each holds a thread (and its stack) for up to the
+    request's deadline, so idle connections by the thousand would exhaust the process's
+    threads. One over the cap is closed at once, and the log says so once a minute at most.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
     # Python's default backlog is 5: under a burst the kernel drops connection attempts and
     # clients retry a second later, past WeChat's 5 s budget (BENCHMARKS.md).
     request_queue_size = 1024
+    max_connections = 512
+
+    def server_activate(self):
+        super().server_activate()
+        self.slots = threading.BoundedSemaphore(self.max_connections)
+        self.refusals = LogThrottle()
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.refuse(request, f"{self.max_connections} connections are open already")
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError as error:  # can't start new thread: the system's task limit
+            self.slots.release()
+            self.refuse(request, str(error))
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def refuse(self, request, why: str) -> None:
+        self.shutdown_request(request)
+        held_back = self.refusals.allow("connections", time.monotonic())
+        if held_back is not None:
+            log_web.warning("closed a new connection at once: %s (%d more since the last "
+                            "such line); if these are not an attack, look at what holds them "
+                            "open", why, held_back)
 
 
 class HttpServer:
@@ -4385,9 +4456,14 @@ def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
     if not os.path.exists(settings.db):
         print(f"no database at {settings.db} (check WXBOT_DB, or --env FILE)", file=out)
         return None
-    conn = sqlite3.connect(settings.db, timeout=15, isolation_level=None)
+    try:
+        conn = sqlite3.connect(settings.db, timeout=15, isolation_level=None)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as error:  # most often: the file is the service user's, mode 600
+        print(f"cannot open the database {settings.db} ({error}): run this as the service's "
+              f"user, e.g. sudo -u wxbot .venv/bin/python wxbot.py ...", file=out)
+        return None
     conn.row_factory = sqlite3.Row
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version != SCHEMA_VERSION:
         print(f"{settings.db} has schema {version}, this wxbot reads {SCHEMA_VERSION}: start "
               f"this wxbot once to bring it up to date", file=out)
@@ -4568,7 +4644,8 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
         return 0
     except WeChatError as error:
         if error.errcode is None:
-            print(f"cannot reach WeChat at {settings.api_base}: {error.errmsg}", file=out)
+            print(f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}",
+                  file=out)
         else:
             print(menu_error(error), file=out)
         return 1
@@ -4626,7 +4703,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
         if args.command in ("status", "retry"):  # the database only
-            env = {"WXBOT_TOKEN": "-", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+            env = {"WXBOT_TOKEN": "notusedbystatus", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
     except SettingsError as error:
