@@ -1509,9 +1509,10 @@ class Store:
 
     def forget(self, openid: str, before_id: int) -> int:
         """Forget the user's conversation before this message (/reset): the history sent to the
-        model, and the texts of their earlier messages and answers. The message rows stay (they
-        count in /stats and keep WeChat's retries from being answered twice); their answers'
-        segments go. Returns the number of turns forgotten."""
+        model, and the texts of their earlier messages, drawing prompts and answers. The message
+        rows stay (they count in /stats and keep WeChat's retries from being answered twice), so
+        do the drawing rows (they count in WXBOT_IMAGE_DAILY); their answers' segments go.
+        Returns the number of turns forgotten."""
         with self.transaction() as conn:
             earlier = ("SELECT id FROM messages WHERE openid = :openid AND id < :id"
                        " AND state NOT IN ('queued', 'leased')")
@@ -1519,6 +1520,8 @@ class Store:
             conn.execute(f"DELETE FROM segments WHERE message_id IN ({earlier})", params)
             conn.execute(f"UPDATE messages SET content = NULL, fields = '{{}}' WHERE id IN"
                          f" ({earlier}) AND (content IS NOT NULL OR fields != '{{}}')", params)
+            conn.execute(f"UPDATE images SET prompt = '' WHERE message_id IN ({earlier})"
+                         " AND prompt != ''", params)
             return conn.execute("DELETE FROM turns WHERE openid = ?", (openid,)).rowcount
 
     def stats(self, now: float) -> dict:
@@ -2464,6 +2467,17 @@ CLAUSE_END = re.compile(r"[，、,：:]+|(?<=\S)(?=[ \t])")
 BOUNDARIES = [(PARAGRAPH_END, True), (LINE_END, True), (SENTENCE_END, False),
               (CLAUSE_END, False)]
 CODE_FENCE = re.compile(r"^[ \t]*(```|~~~)")
+#: In HTML, "<" opens markup only right before a letter, "/", "!" or "?" (a tag, an end tag, a
+#: comment or declaration, a processing instruction); anywhere else it is text. WeChat renders
+#: <a> in a text as a link the account sent (a mini-program, a fake menu choice), so where the
+#: model wrote such a "<", code included (WeChat shows code as any text), it becomes the
+#: full-width "＜": the user reads the same character and a prompt injection plants no link,
+#: while "1 < 2" and "a <= b" stay as written.
+MARKUP_OPEN = re.compile(r"<(?=[A-Za-z/!?])")
+#: A link in a text as WeChat shows it: never cut across two segments.
+ANCHOR = re.compile(r"<a\s[^>]*>.*?</a>", re.S)
+#: A Markdown link whose <a> would be longer stays text: a link must fit one segment whole.
+LINK_MOST = 1024
 #: A line being written is cut at a sentence end each time it grows by this many characters:
 #: a paragraph longer than a segment must not hold the segments back until it ends.
 LONG_LINE = 100
@@ -2486,6 +2500,7 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
     end, then a comma or space, and only then a character boundary; each at least `least`
     bytes in, wherever the text allows. A code block (start, end) that fits one segment is
     never split: the segment ends before it. A longer one is cut at one of its line ends.
+    A link (ANCHOR) is never split.
     `early`: the text goes on beyond what is here, so only a real end will do, else None.
     """
     least = min(least, limit * 9 // 10)  # a smaller limit than WeChat's: still a natural end
@@ -2498,7 +2513,11 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
                 return start
             long_blocks.append((start, stop))
 
+    links = [match.span() for match in ANCHOR.finditer(text)]
+
     def allowed(at: int, line_end: bool) -> bool:
+        if any(start < at < stop for start, stop in links):
+            return False
         inside = [(start, stop) for start, stop in blocks if start < at < stop]
         return not inside or (line_end and inside[0] in long_blocks)
 
@@ -2515,7 +2534,8 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
                 return at
         if long_blocks and ends and pattern is LINE_END:
             return ends[-1]  # a line end of the code, though early: never inside a line
-    return end
+    starts = [start for start, stop in links if start < end < stop and text[:start].strip()]
+    return starts[0] if starts else end
 
 
 def continue_tail(remaining: int, answer_id: int, text: str) -> str:
@@ -2548,11 +2568,14 @@ def next_send(rows: list, quota: int, streaming: bool, answer_id: int
 
 class Markdown:
     """Turns a model's Markdown into plain text, one line at a time, since WeChat shows the
-    marks as they are. Code (inline and fenced) is taken out before any rule runs and put
-    back as written. Nothing it does makes a line longer."""
+    marks as they are. Markup the model wrote is shown as text (MARKUP_OPEN); its http(s)
+    links become <a> links, which WeChat shows. Code (inline and fenced) is taken out before
+    any rule runs and put back as written. Only links make a line longer."""
 
     TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
     INLINE_CODE = re.compile(r"(`+)(.+?)\1")
+    LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)[^)]*\)")
+    WEB = re.compile(r"https?://", re.I)
     #: Inline code waits in the Private Use Area while the rules run.
     PLACEHOLDER = re.compile("[\ue000-\uf8ff]")
     LINE_RULES = [
@@ -2564,7 +2587,6 @@ class Markdown:
     # Underscores mark emphasis only around Chinese (_强调_): __init__, _a and b_ are code.
     RULES = [
         (re.compile(r"!\[([^\]]*)\]\(([^)\s]+)[^)]*\)"), r"\1 \2"),          # images
-        (re.compile(r"\[([^\]]+)\]\(([^)\s]+)[^)]*\)"), r"\1 (\2)"),         # links
         (re.compile(r"(?<![A-Za-z0-9*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?![A-Za-z0-9*])"), r"\1"),
         (re.compile(r"(?<![A-Za-z0-9_])__(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])__"
                     r"(?![A-Za-z0-9_])"), r"\1"),
@@ -2583,16 +2605,18 @@ class Markdown:
         if line_start and CODE_FENCE.match(raw):
             self.in_code = not self.in_code
             return None
+        raw = MARKUP_OPEN.sub("＜", raw)
         if self.in_code:  # code stays as written, indentation and all
             return raw
         if line_start and "|" in raw and self.TABLE_RULE.match(raw):
             return None
-        if self.PLACEHOLDER.search(raw):  # nowhere to park inline code: leave it as it is
-            codes, line = [], raw
+        if self.PLACEHOLDER.search(raw):  # nowhere to park inline code nor links: as it is
+            kept, line = [], self.LINK.sub(r"\1 (\2)", raw)
         else:
-            codes = [match.group(2) for match in self.INLINE_CODE.finditer(raw)]
-            places = iter(range(len(codes)))
+            kept = [match.group(2) for match in self.INLINE_CODE.finditer(raw)]
+            places = iter(range(len(kept)))
             line = self.INLINE_CODE.sub(lambda match: chr(0xE000 + next(places)), raw)
+            line = self.LINK.sub(lambda match: self._link(match, kept), line)
         if line_start:
             stripped = line.strip()
             if len(stripped) > 1 and stripped[0] == "|" and stripped[-1] == "|":
@@ -2601,8 +2625,20 @@ class Markdown:
                 line = pattern.sub(replacement, line)
         for pattern, replacement in self.RULES:
             line = pattern.sub(replacement, line)
-        return self.PLACEHOLDER.sub(lambda match: codes[ord(match.group()) - 0xE000], line) \
-            if codes else line
+        return self.PLACEHOLDER.sub(lambda match: kept[ord(match.group()) - 0xE000], line) \
+            if kept else line
+
+    def _link(self, match: re.Match, kept: list[str]) -> str:
+        """A Markdown link: an http(s) one as <a>, its tags parked in `kept` so that no rule
+        touches the address (its text still reads as any text); any other as text (address)."""
+        text, url = match.groups()
+        tag = '<a href="{}">'.format(url.replace('"', "%22").replace("<", "%3C")
+                                     .replace(">", "%3E"))
+        if not self.WEB.match(url) or utf8_len(tag + text + "</a>") > LINK_MOST:
+            return f"{text} ({url})"
+        kept += [tag, "</a>"]
+        return chr(0xE000 + len(kept) - 2) + text.replace("<", "＜").replace(">", "＞") + \
+            chr(0xE000 + len(kept) - 1)
 
 
 class StreamCutter:
@@ -2614,9 +2650,10 @@ class StreamCutter:
     reached, as full as the text allows (_cut).
     """
 
-    def __init__(self, first_done: bool = False, limit: int = SEGMENT_LIMIT):
+    def __init__(self, first_done: bool = False, limit: int = SEGMENT_LIMIT,
+                 markdown: bool = True):
         self.first_done, self.limit = first_done, limit
-        self.markdown = Markdown()
+        self.markdown = Markdown() if markdown else None  # None: text the owner wrote
         self.line = ""           # the raw line being written
         self.line_start = True   # False once the start of self.line has been taken
         self.looked = 0          # how long self.line was when last looked at for a cut
@@ -2633,7 +2670,7 @@ class StreamCutter:
             self.looked = 0
         else:
             self.line += text
-        if len(self.line) >= self.looked + LONG_LINE and not self.markdown.in_code:
+        if len(self.line) >= self.looked + LONG_LINE and not self.in_code:
             self.looked = len(self.line)
             at = self._sentence_end(self.line)
             if at:
@@ -2651,28 +2688,34 @@ class StreamCutter:
             self.blocks[-1][1] = len(self.plain.rstrip("\n"))
         return self._segments(final=True)
 
+    @property
+    def in_code(self) -> bool:
+        return bool(self.markdown and self.markdown.in_code)
+
     @staticmethod
     def _sentence_end(line: str) -> int | None:
         """The last sentence end of a line being written where no inline code, emphasis or
-        link is open, so that both parts read the same as the whole."""
+        link is open, so that both parts read the same as the whole. (A "<" that opens
+        markup is never last in a part, so each part shows it as text.)"""
         for match in reversed(list(SENTENCE_END.finditer(line))):
             head = line[:match.end()]
             if head.count("`") % 2 == 0 and head.count("**") % 2 == 0 and \
-                    head.count("[") == head.count("]") and head.count("(") == head.count(")"):
+                    head.count("[") == head.count("]") and head.count("(") == head.count(")") \
+                    and head.rfind("[") <= head.rfind("]") and head.rfind("(") <= head.rfind(")"):
                 return match.end()
         return None
 
     def _take(self, raw: str, whole: bool) -> None:
-        was_code = self.markdown.in_code
-        plain = self.markdown.line(raw, self.line_start)
+        was_code = self.in_code
+        plain = self.markdown.line(raw, self.line_start) if self.markdown else raw
         self.line_start = whole
         if plain is None:
-            if self.markdown.in_code and not was_code:
+            if self.in_code and not was_code:
                 self.blocks.append([len(self.plain), None])
-            elif was_code and not self.markdown.in_code:
+            elif was_code and not self.in_code:
                 self.blocks[-1][1] = max(self.blocks[-1][0], len(self.plain) - 1)
             return
-        if whole and not plain.strip() and not self.markdown.in_code and \
+        if whole and not plain.strip() and not self.in_code and \
                 (not self.plain or self.plain.endswith("\n\n")):
             return  # one blank line between paragraphs is enough
         self.plain += plain + ("\n" if whole else "")
@@ -2711,9 +2754,10 @@ class StreamCutter:
         return [segment for segment in ready if segment]
 
 
-def split_segments(text: str, limit: int = SEGMENT_LIMIT) -> list[str]:
-    """A whole answer as plain-text segments of at most limit UTF-8 bytes (see _cut)."""
-    cutter = StreamCutter(first_done=True, limit=limit)
+def split_segments(text: str, limit: int = SEGMENT_LIMIT, markdown: bool = True) -> list[str]:
+    """A whole answer as plain-text segments of at most limit UTF-8 bytes (see _cut).
+    `markdown`: False for text the owner wrote, sent as written (links and all), only cut."""
+    cutter = StreamCutter(first_done=True, limit=limit, markdown=markdown)
     return cutter.feed(text) + cutter.finish()
 
 
@@ -2769,7 +2813,8 @@ class FileProblem(Exception):
 
 
 def read_json_file(path: str) -> object:
-    """A JSON file's value; FileProblem names the line and column of a syntax error."""
+    """A JSON file's value; FileProblem names the line and column of a syntax error, and says
+    what else json cannot take (a huge number, nesting deeper than the stack)."""
     try:
         with open(path, encoding="utf-8-sig") as json_file:
             return json.load(json_file)
@@ -2778,6 +2823,10 @@ def read_json_file(path: str) -> object:
                                  f"not valid JSON ({error.msg})"]) from None
     except (OSError, UnicodeDecodeError) as error:
         raise FileProblem(path, [f"cannot read it: {error}"]) from None
+    except ValueError as error:  # a number of more than 4300 digits (sys.int_info)
+        raise FileProblem(path, [f"not usable JSON ({error})"]) from None
+    except RecursionError:
+        raise FileProblem(path, ["not usable JSON (lists or objects nested too deep)"]) from None
 
 
 def menu_problems(menu: object) -> list[str]:
@@ -3442,7 +3491,8 @@ class Worker:
         text = intent.text
         if intent.kind is Kind.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
-            return self.store.save_answer(message, split_segments(line), now, carry=False)
+            return self.store.save_answer(message, split_segments(line, markdown=False), now,
+                                          carry=False)
         if intent.kind is Kind.RESET:
             self.store.forget(message.openid, message.id)
             return self.store.save_answer(message, [RESET_LINE], now, leftovers=Leftovers.DROP)
@@ -4598,7 +4648,8 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
         return 0
     except WeChatError as error:
         if error.errcode is None:
-            print(f"cannot reach WeChat at {settings.api_base}: {error.errmsg}", file=out)
+            print(f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}",
+                  file=out)
         else:
             print(menu_error(error), file=out)
         return 1
