@@ -668,19 +668,12 @@ def main() -> int:
     args.idle = args.idle or (10.0 if not args.quick else 2.0)
     if args.quick:
         args.latency = min(args.latency, 0.2)
-    if args.passive:
+    only = bench_passive_wait if args.passive else bench_bursts if args.burst else None
+    if only:
         wechat = FakeWeChat()
         with tempfile.TemporaryDirectory() as workdir:
             try:
-                print("\n".join(bench_passive_wait(workdir, wechat, args)[0]))
-            finally:
-                wechat.close()
-        return 0
-    if args.burst:
-        wechat = FakeWeChat()
-        with tempfile.TemporaryDirectory() as workdir:
-            try:
-                print("\n".join(bench_bursts(workdir, wechat, args)[0]))
+                print("\n".join(only(workdir, wechat, args)[0]))
             finally:
                 wechat.close()
         return 0
