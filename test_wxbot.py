@@ -1372,7 +1372,7 @@ def test_image_with_vision_off_gets_the_polite_line(start_bot, wechat, model):
     ("*斜体*和_强调_，但 snake_case_name 与 2*3*4 不变", "斜体和强调，但 snake_case_name 与 2*3*4 不变"),
     ("* 苹果\n+ 香蕉\n- 梨", "- 苹果\n- 香蕉\n- 梨"),
     ("1. 打开\n2. 关上", "1. 打开\n2. 关上"),
-    ("见[官方文档](https://developers.weixin.qq.com/doc)", "见官方文档 (https://developers.weixin.qq.com/doc)"),
+    ("见[官方文档](ftp://developers.weixin.qq.com/doc)", "见官方文档 (ftp://developers.weixin.qq.com/doc)"),
     ("运行 `pip install wxbot` 即可", "运行 pip install wxbot 即可"),
     ("```python\nprint(\"**hi**\")\n    return 1\n```", "print(\"**hi**\")\n    return 1"),
     ("| 名称 | 价格 |\n|:---|---:|\n| 苹果 | 5 |", "名称 | 价格\n苹果 | 5"),
@@ -1390,7 +1390,7 @@ def test_answer_reaches_the_user_without_markdown(start_bot, wechat, model):
     bot = start_bot()
     send_text(bot, "oMD", "问", 1)
     wait_for(lambda: wechat.texts_to("oMD"))
-    assert wechat.texts_to("oMD") == ["标题\n\n要点：见 链接 (https://a.cn)"]
+    assert wechat.texts_to("oMD") == ['标题\n\n要点：见 <a href="https://a.cn">链接</a>']
 
 
 def test_short_code_block_is_never_split():
@@ -2496,6 +2496,11 @@ def test_3000_characters_arrive_whole_in_five_messages_fast_model_or_slow(start_
     assert without_space("".join(texts)) == without_space(answer)
 
 
+def shown(text):
+    """Text the model wrote as the user sees it: a "<" that would open markup is full-width."""
+    return re.sub(r"<(?=[A-Za-z/!?])", "＜", text)
+
+
 CODE_CHARS = st.sampled_from("abcdefxyz_0123456789 =+-*/()[]{}:#'\"<>.,|`~")
 
 
@@ -2538,6 +2543,7 @@ def test_code_blocks_are_whole_or_cut_at_line_ends(shaped, chunks):
     for segments in (wxbot.split_segments(text), stream(text, chunks)):
         assert all(0 < wxbot.utf8_len(s) <= wxbot.SEGMENT_LIMIT for s in segments)
         lines = {line for segment in segments for line in segment.split("\n")}
+        blocks = [[shown(line) for line in code] for code in blocks]
         for code in blocks:
             assert set(code) <= lines  # each line of code whole, indentation and all
             if wxbot.utf8_len("\n".join(code)) <= wxbot.SEGMENT_LIMIT:
@@ -2568,7 +2574,7 @@ def test_code_identifiers_and_arithmetic_are_never_read_as_emphasis(tokens):
     plain = wxbot.split_segments(line)[0]
     position = 0
     for kind, text in tokens:  # each in order, exactly as written (code without its marks)
-        position = plain.index(text, position) + len(text)
+        position = plain.index(shown(text), position) + len(shown(text))
     assert all(mark not in plain for kind, text in tokens if kind == "emphasis"
                for mark in ("**" + text, "*" + text + "*", "_" + text + "_"))
 
@@ -3861,12 +3867,13 @@ def test_with_aes_key_a_plaintext_push_is_403_and_says_what_to_do(start_bot, mod
 
 def test_a_signed_url_is_good_for_one_body(start_bot, wechat, model, tmp_path):
     bot = start_bot()
-    query = signed_query()
-    assert post_push(bot, text_xml("oONCE", "原来的问题", 1), query=query).text == "success"
+    query, original = signed_query(), text_xml("oONCE", "原来的问题", 1)
+    assert post_push(bot, original, query=query).text == "success"
     for body in (text_xml("oONCE", "换了的问题", 2), text_xml("oINTRUDER", "花你的额度", 1)):
         assert post_push(bot, body, query=query).status_code == 403
-    # WeChat's own retry: the same URL with the same body, taken and answered once.
-    assert post_push(bot, text_xml("oONCE", "原来的问题", 1), query=query).text == "success"
+    # WeChat's own retry: the same URL with the same body (byte for byte: CreateTime too),
+    # taken and answered once.
+    assert post_push(bot, original, query=query).text == "success"
     wait_for(lambda: wechat.texts_to("oONCE"))
     assert model.questions() == ["原来的问题"]
     assert [row[:2] for row in stored_messages(tmp_path / "wxbot.db")] == [("oONCE", "1")]
@@ -4088,6 +4095,16 @@ def test_credentials_in_openai_base_url_are_masked_in_the_log_and_in_check(tmp_p
         for credential in ("apiuser", "pa55-word-x", "k3y-in-query"):
             assert credential not in text
     assert "OPENAI_BASE_URL=http://***@127.0.0.1:1/v1?api-key=***&v=2" in logged
+
+
+def test_check_never_prints_credentials_of_a_model_it_reaches(tmp_path, wechat, model):
+    url = model.url.replace("http://", "http://apiuser:pa55-word-x@") + "/v1"
+    result = run_wxbot(["check", "--log-level", "DEBUG"],
+                       env_for(tmp_path, wechat, model, OPENAI_BASE_URL=url))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert model.requests  # the model was reached, through the URL with its credentials
+    for credential in ("apiuser", "pa55-word-x", API_KEY, APPSECRET):
+        assert credential not in result.stdout + result.stderr
 
 
 def test_database_and_its_wal_files_are_readable_by_the_owner_only(start_bot, wechat, tmp_path):
@@ -4608,6 +4625,110 @@ def test_passive_continue_line_names_the_segments_left_and_its_answer(start_bot,
     assert len(shown) >= 3 and all(len(t.encode()) <= 2048 for t in shown)
     assert without_space(untail("".join(shown))) == without_space(answer_of_paragraphs(5, 600))
     assert [tapped_answer(t)[0] for t in shown[:-1]] == list(range(len(shown) - 1, 0, -1))
+
+
+# Links in answers ############################################################
+
+#: A link made from the model's Markdown, as WeChat receives it.
+WEB_LINK = re.compile(r'<a href="(?i:https?)://[^"<>]*">[^<>]*</a>')
+#: Markup a prompt injection may get the model to write.
+HOSTILE = st.sampled_from([
+    '<a href="weixin://bizmsgmenu?msgmenucontent=退款&msgmenuid=1">退款</a>',
+    '<a href="https://evil.example" data-miniprogram-appid="wx0" '
+    'data-miniprogram-path="pages/pay">领红包</a>',
+    '<A HREF="https://evil.example">点我</A>', "</a>", "<a", "<img src=x>", "<!--", "<?x",
+    "<b>粗</b>", "<", "a<b", "1 < 2", "<br/>", '<a href="https://x.cn/', '">', ":)", "]"])
+LINK_TEXT = st.text(st.sampled_from("链接官网文档ab <>&"), min_size=1, max_size=8).filter(
+    lambda text: text.strip() == text)
+URL = st.tuples(st.sampled_from(["https://", "http://", "HTTPS://", "weixin://", "ftp://",
+                                 "javascript:"]),
+                st.text(st.sampled_from('abc.xyz/?=&%-"'), min_size=1, max_size=900))
+
+
+@st.composite
+def answer_with_links(draw):
+    """A model's answer: prose, random markup and Markdown links of any length, on lines of
+    any length; and the links it holds as (text, url)."""
+    parts, links = [], []
+    for _ in range(draw(st.integers(1, 40))):
+        kind = draw(st.sampled_from(["prose", "markup", "link", "newline"]))
+        if kind == "prose":
+            parts.append(draw(st.text(CJK, min_size=1, max_size=draw(st.sampled_from([5, 400]))))
+                         + draw(st.sampled_from(["", "。", "，", " ", ". "])))
+        elif kind == "markup":
+            parts.append(draw(HOSTILE))
+        elif kind == "newline":
+            parts.append(draw(st.sampled_from(["\n", "\n\n"])))
+        else:
+            text, (scheme, rest) = draw(LINK_TEXT), draw(URL)
+            links.append((text, scheme + rest))
+            parts.append(f" [{text}]({scheme}{rest}) ")
+    return "".join(parts), links
+
+
+def as_link(text, url):
+    """An http(s) Markdown link as the user gets it."""
+    return '<a href="{}">{}</a>'.format(url.replace('"', "%22"),
+                                         text.replace("<", "＜").replace(">", "＞"))
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=BIG_INPUTS)
+@given(answer_with_links(), st.lists(st.integers(1, 300), min_size=1, max_size=8))
+def test_markup_the_model_writes_is_text_and_its_links_arrive_whole(shaped, chunks):
+    text, links = shaped
+    web = [as_link(text, url) for text, url in links if re.match("https?://", url, re.I)
+           and wxbot.utf8_len(as_link(text, url)) <= wxbot.LINK_MOST]
+    for segments in (wxbot.split_segments(text), stream(text, chunks)):
+        assert all(0 < wxbot.utf8_len(segment) <= wxbot.SEGMENT_LIMIT for segment in segments)
+        for segment in segments:  # no markup but the links made from Markdown
+            assert not re.search(r"<[A-Za-z/!?]", WEB_LINK.sub("", segment)), segment
+        made = [link for segment in segments for link in WEB_LINK.findall(segment)]
+        assert made == web  # each whole, in one segment, in order
+
+
+def test_a_link_is_never_cut_even_where_the_segment_would_end():
+    link = "[官方文档](https://developers.weixin.qq.com/doc/offiaccount/" + "a" * 300 + ")"
+    for at in range(1500, 2100, 7):  # the link everywhere around the end of the first segment
+        text = "说" * (at // 3) + link + "后面的话。" * 200
+        segments = wxbot.split_segments(text)
+        assert sum(WEB_LINK.search(segment) is not None for segment in segments) == 1, at
+        assert all(wxbot.utf8_len(segment) <= wxbot.SEGMENT_LIMIT for segment in segments)
+
+
+def test_an_injected_link_reaches_the_user_as_text_beside_the_tappable_continue(
+        start_bot, wechat, model):
+    injected = ('请点<a href="weixin://bizmsgmenu?msgmenucontent=退款&msgmenuid=9">退款</a>或'
+                '<a href="https://evil.example" data-miniprogram-appid="wx0" '
+                'data-miniprogram-path="pages/pay">领红包</a>，见[说明](https://a.cn/d)。\n\n')
+    model.respond = lambda request: injected * 150
+    bot = start_bot()
+    send_text(bot, "oINJ", "这张图里写了什么？", 1)
+    wait_for(lambda: len(wechat.texts_to("oINJ")) == wxbot.QUOTA)
+    texts = wechat.texts_to("oINJ")
+    assert has_tail(texts[-1])  # wxbot's own tappable 继续, where it fits, is no injection
+    for text in texts:
+        assert wxbot.utf8_len(text) <= wxbot.SEGMENT_BYTES
+        assert '＜a href="weixin://bizmsgmenu' in text and '<a href="https://a.cn/d">说明</a>' \
+            in text
+        assert not re.search(r"<[A-Za-z/!?]", WEB_LINK.sub("", re.sub(CONTINUE_LINK, "", text)))
+
+
+def test_the_owners_welcome_and_fixed_replies_keep_their_mini_program_links(
+        start_bot, wechat, model, tmp_path):
+    welcome = f"欢迎！**新人礼**在这里：{MINI}"
+    bot = start_bot(WXBOT_WELCOME=welcome, WXBOT_REPLIES=replies_file(tmp_path))
+    post_push(bot, event_xml("oOWNER", "subscribe"))
+    wait_for(lambda: wechat.texts_to("oOWNER"))
+    send_text(bot, "oOWNER", "mini program", 2)
+    wait_for(lambda: len(wechat.texts_to("oOWNER")) == 2)
+    assert wechat.texts_to("oOWNER") == [welcome, MINI]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50, 300])
+def test_a_link_on_a_long_line_being_written_is_taken_whole(chunk):
+    text = ("说" * 120 + "：) 见[文档](https://a.cn/q?x=1;y) 后文。") * 3  # ? and ; end sentences
+    segments = stream(text, [chunk])
+    assert "".join(segments).count('<a href="https://a.cn/q?x=1;y">文档</a>') == 3
 
 
 # Operating safely: errors, connections, operator commands, upgrades ##########

@@ -272,7 +272,7 @@ class Setting:
 #: Every setting, in the order --help and the start-up log show them.
 SETTINGS: dict[str, Setting] = {
     "token": Setting("WXBOT_TOKEN", None, _token,
-                     "Token from 公众号后台 → 服务器配置 (signs every push)", secret=True),
+                     "a Token you choose (8–32 letters or digits), pasted in 公众号后台 → 服务器配置", secret=True),
     "appid": Setting("WXBOT_APPID", None, _text, "AppID (开发者ID) of the account"),
     "appsecret": Setting("WXBOT_APPSECRET", None, _text, "AppSecret (开发者密码)", secret=True),
     "aes_key": Setting("WXBOT_AES_KEY", "", _aes_key,
@@ -494,6 +494,11 @@ class SecretFilter(logging.Filter):
             with self._lock:
                 self._secrets.add(secret)
                 self._compile()
+
+    def add_settings(self, settings: "Settings") -> None:
+        """Every secret the settings hold, credentials in their URLs included."""
+        for secret in settings.secrets():
+            self.add(secret)
 
     def add_access_token(self, token: str) -> None:
         """The access token in use; called on every use, so it costs nothing when unchanged."""
@@ -2469,6 +2474,17 @@ CLAUSE_END = re.compile(r"[，、,：:]+|(?<=\S)(?=[ \t])")
 BOUNDARIES = [(PARAGRAPH_END, True), (LINE_END, True), (SENTENCE_END, False),
               (CLAUSE_END, False)]
 CODE_FENCE = re.compile(r"^[ \t]*(```|~~~)")
+#: In HTML, "<" opens markup only right before a letter, "/", "!" or "?" (a tag, an end tag, a
+#: comment or declaration, a processing instruction); anywhere else it is text. WeChat renders
+#: <a> in a text as a link the account sent (a mini-program, a fake menu choice), so where the
+#: model wrote such a "<", code included (WeChat shows code as any text), it becomes the
+#: full-width "＜": the user reads the same character and a prompt injection plants no link,
+#: while "1 < 2" and "a <= b" stay as written.
+MARKUP_OPEN = re.compile(r"<(?=[A-Za-z/!?])")
+#: A link in a text as WeChat shows it: never cut across two segments.
+ANCHOR = re.compile(r"<a\s[^>]*>.*?</a>", re.S)
+#: A Markdown link whose <a> would be longer stays text: a link must fit one segment whole.
+LINK_MOST = 1024
 #: A line being written is cut at a sentence end each time it grows by this many characters:
 #: a paragraph longer than a segment must not hold the segments back until it ends.
 LONG_LINE = 100
@@ -2491,6 +2507,7 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
     end, then a comma or space, and only then a character boundary; each at least `least`
     bytes in, wherever the text allows. A code block (start, end) that fits one segment is
     never split: the segment ends before it. A longer one is cut at one of its line ends.
+    A link (ANCHOR) is never split.
     `early`: the text goes on beyond what is here, so only a real end will do, else None.
     """
     least = min(least, limit * 9 // 10)  # a smaller limit than WeChat's: still a natural end
@@ -2503,7 +2520,11 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
                 return start
             long_blocks.append((start, stop))
 
+    links = [match.span() for match in ANCHOR.finditer(text)]
+
     def allowed(at: int, line_end: bool) -> bool:
+        if any(start < at < stop for start, stop in links):
+            return False
         inside = [(start, stop) for start, stop in blocks if start < at < stop]
         return not inside or (line_end and inside[0] in long_blocks)
 
@@ -2520,7 +2541,8 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
                 return at
         if long_blocks and ends and pattern is LINE_END:
             return ends[-1]  # a line end of the code, though early: never inside a line
-    return end
+    starts = [start for start, stop in links if start < end < stop and text[:start].strip()]
+    return starts[0] if starts else end
 
 
 def continue_tail(remaining: int, answer_id: int, text: str) -> str:
@@ -2553,11 +2575,14 @@ def next_send(rows: list, quota: int, streaming: bool, answer_id: int
 
 class Markdown:
     """Turns a model's Markdown into plain text, one line at a time, since WeChat shows the
-    marks as they are. Code (inline and fenced) is taken out before any rule runs and put
-    back as written. Nothing it does makes a line longer."""
+    marks as they are. Markup the model wrote is shown as text (MARKUP_OPEN); its http(s)
+    links become <a> links, which WeChat shows. Code (inline and fenced) is taken out before
+    any rule runs and put back as written. Only links make a line longer."""
 
     TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
     INLINE_CODE = re.compile(r"(`+)(.+?)\1")
+    LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)[^)]*\)")
+    WEB = re.compile(r"https?://", re.I)
     #: Inline code waits in the Private Use Area while the rules run.
     PLACEHOLDER = re.compile("[\ue000-\uf8ff]")
     LINE_RULES = [
@@ -2569,7 +2594,6 @@ class Markdown:
     # Underscores mark emphasis only around Chinese (_强调_): __init__, _a and b_ are code.
     RULES = [
         (re.compile(r"!\[([^\]]*)\]\(([^)\s]+)[^)]*\)"), r"\1 \2"),          # images
-        (re.compile(r"\[([^\]]+)\]\(([^)\s]+)[^)]*\)"), r"\1 (\2)"),         # links
         (re.compile(r"(?<![A-Za-z0-9*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?![A-Za-z0-9*])"), r"\1"),
         (re.compile(r"(?<![A-Za-z0-9_])__(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])__"
                     r"(?![A-Za-z0-9_])"), r"\1"),
@@ -2588,16 +2612,18 @@ class Markdown:
         if line_start and CODE_FENCE.match(raw):
             self.in_code = not self.in_code
             return None
+        raw = MARKUP_OPEN.sub("＜", raw)
         if self.in_code:  # code stays as written, indentation and all
             return raw
         if line_start and "|" in raw and self.TABLE_RULE.match(raw):
             return None
-        if self.PLACEHOLDER.search(raw):  # nowhere to park inline code: leave it as it is
-            codes, line = [], raw
+        if self.PLACEHOLDER.search(raw):  # nowhere to park inline code nor links: as it is
+            kept, line = [], self.LINK.sub(r"\1 (\2)", raw)
         else:
-            codes = [match.group(2) for match in self.INLINE_CODE.finditer(raw)]
-            places = iter(range(len(codes)))
+            kept = [match.group(2) for match in self.INLINE_CODE.finditer(raw)]
+            places = iter(range(len(kept)))
             line = self.INLINE_CODE.sub(lambda match: chr(0xE000 + next(places)), raw)
+            line = self.LINK.sub(lambda match: self._link(match, kept), line)
         if line_start:
             stripped = line.strip()
             if len(stripped) > 1 and stripped[0] == "|" and stripped[-1] == "|":
@@ -2606,8 +2632,20 @@ class Markdown:
                 line = pattern.sub(replacement, line)
         for pattern, replacement in self.RULES:
             line = pattern.sub(replacement, line)
-        return self.PLACEHOLDER.sub(lambda match: codes[ord(match.group()) - 0xE000], line) \
-            if codes else line
+        return self.PLACEHOLDER.sub(lambda match: kept[ord(match.group()) - 0xE000], line) \
+            if kept else line
+
+    def _link(self, match: re.Match, kept: list[str]) -> str:
+        """A Markdown link: an http(s) one as <a>, its tags parked in `kept` so that no rule
+        touches the address (its text still reads as any text); any other as text (address)."""
+        text, url = match.groups()
+        tag = '<a href="{}">'.format(url.replace('"', "%22").replace("<", "%3C")
+                                     .replace(">", "%3E"))
+        if not self.WEB.match(url) or utf8_len(tag + text + "</a>") > LINK_MOST:
+            return f"{text} ({url})"
+        kept += [tag, "</a>"]
+        return chr(0xE000 + len(kept) - 2) + text.replace("<", "＜").replace(">", "＞") + \
+            chr(0xE000 + len(kept) - 1)
 
 
 class StreamCutter:
@@ -2619,9 +2657,10 @@ class StreamCutter:
     reached, as full as the text allows (_cut).
     """
 
-    def __init__(self, first_done: bool = False, limit: int = SEGMENT_LIMIT):
+    def __init__(self, first_done: bool = False, limit: int = SEGMENT_LIMIT,
+                 markdown: bool = True):
         self.first_done, self.limit = first_done, limit
-        self.markdown = Markdown()
+        self.markdown = Markdown() if markdown else None  # None: text the owner wrote
         self.line = ""           # the raw line being written
         self.line_start = True   # False once the start of self.line has been taken
         self.looked = 0          # how long self.line was when last looked at for a cut
@@ -2638,7 +2677,7 @@ class StreamCutter:
             self.looked = 0
         else:
             self.line += text
-        if len(self.line) >= self.looked + LONG_LINE and not self.markdown.in_code:
+        if len(self.line) >= self.looked + LONG_LINE and not self.in_code:
             self.looked = len(self.line)
             at = self._sentence_end(self.line)
             if at:
@@ -2656,28 +2695,34 @@ class StreamCutter:
             self.blocks[-1][1] = len(self.plain.rstrip("\n"))
         return self._segments(final=True)
 
+    @property
+    def in_code(self) -> bool:
+        return bool(self.markdown and self.markdown.in_code)
+
     @staticmethod
     def _sentence_end(line: str) -> int | None:
         """The last sentence end of a line being written where no inline code, emphasis or
-        link is open, so that both parts read the same as the whole."""
+        link is open, so that both parts read the same as the whole. (A "<" that opens
+        markup is never last in a part, so each part shows it as text.)"""
         for match in reversed(list(SENTENCE_END.finditer(line))):
             head = line[:match.end()]
             if head.count("`") % 2 == 0 and head.count("**") % 2 == 0 and \
-                    head.count("[") == head.count("]") and head.count("(") == head.count(")"):
+                    head.count("[") == head.count("]") and head.count("(") == head.count(")") \
+                    and head.rfind("[") <= head.rfind("]") and head.rfind("(") <= head.rfind(")"):
                 return match.end()
         return None
 
     def _take(self, raw: str, whole: bool) -> None:
-        was_code = self.markdown.in_code
-        plain = self.markdown.line(raw, self.line_start)
+        was_code = self.in_code
+        plain = self.markdown.line(raw, self.line_start) if self.markdown else raw
         self.line_start = whole
         if plain is None:
-            if self.markdown.in_code and not was_code:
+            if self.in_code and not was_code:
                 self.blocks.append([len(self.plain), None])
-            elif was_code and not self.markdown.in_code:
+            elif was_code and not self.in_code:
                 self.blocks[-1][1] = max(self.blocks[-1][0], len(self.plain) - 1)
             return
-        if whole and not plain.strip() and not self.markdown.in_code and \
+        if whole and not plain.strip() and not self.in_code and \
                 (not self.plain or self.plain.endswith("\n\n")):
             return  # one blank line between paragraphs is enough
         self.plain += plain + ("\n" if whole else "")
@@ -2716,9 +2761,10 @@ class StreamCutter:
         return [segment for segment in ready if segment]
 
 
-def split_segments(text: str, limit: int = SEGMENT_LIMIT) -> list[str]:
-    """A whole answer as plain-text segments of at most limit UTF-8 bytes (see _cut)."""
-    cutter = StreamCutter(first_done=True, limit=limit)
+def split_segments(text: str, limit: int = SEGMENT_LIMIT, markdown: bool = True) -> list[str]:
+    """A whole answer as plain-text segments of at most limit UTF-8 bytes (see _cut).
+    `markdown`: False for text the owner wrote, sent as written (links and all), only cut."""
+    cutter = StreamCutter(first_done=True, limit=limit, markdown=markdown)
     return cutter.feed(text) + cutter.finish()
 
 
@@ -3452,7 +3498,8 @@ class Worker:
         text = intent.text
         if intent.kind is Kind.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
-            return self.store.save_answer(message, split_segments(line), now, carry=False)
+            return self.store.save_answer(message, split_segments(line, markdown=False), now,
+                                          carry=False)
         if intent.kind is Kind.RESET:
             self.store.forget(message.openid, message.id)
             return self.store.save_answer(message, [RESET_LINE], now, leftovers=Leftovers.DROP)
@@ -4307,8 +4354,7 @@ class Bot:
 
     def __init__(self, settings: Settings, owner: OwnerFiles | None = None):
         self.settings = settings
-        for secret in settings.secrets():
-            SECRET_FILTER.add(secret)
+        SECRET_FILTER.add_settings(settings)
         self.owner = owner or OwnerFiles(settings)
         self.store = Store(settings.db)
         self.wakeup = Wakeup()
@@ -4659,7 +4705,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(SECRET_FILTER)
-    for noisy in ("httpx", "httpcore", "openai", "urllib3"):
+    # openai 3 brings its own copies of httpx and httpcore, logging under these names.
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     env = dict(os.environ if environ is None else environ)
@@ -4675,9 +4722,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             env = {"WXBOT_TOKEN": "notusedbystatus", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
+        SECRET_FILTER.add_settings(settings)  # every command, check and menu too
     except SettingsError as error:
         for problem in error.problems:
             print(f"wxbot: {problem}", file=sys.stderr)
+        print(f"wxbot: set them as KEY=VALUE lines in {args.env or 'the environment'}; "
+              "README → Settings says what each one is", file=sys.stderr)
         return 2
     except OSError as error:
         print(f"wxbot: cannot read --env file: {error}", file=sys.stderr)
