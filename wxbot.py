@@ -778,12 +778,13 @@ ALTER TABLE segments ADD COLUMN image INTEGER;
 #: dead: something about it stops every worker, and trying forever would hide that.
 INTERRUPTIONS_LIMIT = 5
 #: The oldest message a worker may take (:now): due, and its user has nothing earlier queued
-#: or in hand (one user's messages are answered in order), or its answer is stored already
-#: (a fixed reply, Store.reply_at_once): that one goes out at once, not after the model's.
+#: or in hand (one user's messages are answered in order). A message whose answer is stored
+#: already (a fixed reply, Store.reply_at_once) waits only for the user's other such ones:
+#: it goes out at once, not after the model's answer to an earlier question.
 CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_before <= :now"
-             " AND (m.answered_at IS NOT NULL OR NOT EXISTS (SELECT 1 FROM messages o"
-             " WHERE o.openid = m.openid AND o.state IN ('queued', 'leased')"
-             " AND (o.id < m.id OR o.state = 'leased')))"
+             " AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
+             " AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased')"
+             " AND (m.answered_at IS NULL OR o.answered_at IS NOT NULL))"
              " ORDER BY m.id LIMIT 1")
 #: The kv key noting that the queue line went out for a message: it used one of the 5.
 QUEUE_LINE_KEY = "queue-line:{}"
