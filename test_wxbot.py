@@ -4874,3 +4874,30 @@ def test_menu_names_an_unreachable_wechat_with_its_credentials_masked(tmp_path, 
             tmp_path, wechat, model, WXBOT_API_BASE=f"http://ops:pa55word@127.0.0.1:{port}"))
     assert status == 1 and "cannot reach WeChat at http://***@127.0.0.1" in out.getvalue()
     assert "pa55word" not in out.getvalue()
+
+
+# Fixed replies in service mode ###############################################
+
+@pytest.mark.parametrize("fixed", ["keyword", "click"])
+def test_a_fixed_reply_is_sent_while_the_users_question_is_with_the_model(
+        start_bot, wechat, model, tmp_path, fixed):
+    release = hold_first_question(model, "慢问题")
+    bot = start_bot(WXBOT_REPLIES=replies_file(tmp_path))
+    send_text(bot, "oFIXED", "慢问题", 1)
+    wait_for(lambda: model.requests, message="the question with the model")
+    if fixed == "keyword":
+        send_text(bot, "oFIXED", "价格", 2)
+    else:
+        post_push(bot, click_xml("oFIXED", "TODAY"))
+    send_text(bot, "oFIXED", "后一问", 3)
+    expected = PRICE if fixed == "keyword" else REPLIES["clicks"]["TODAY"]
+    try:
+        wait_for(lambda: wechat.texts_to("oFIXED"), message="the fixed reply")
+        assert wechat.texts_to("oFIXED") == [expected]  # while the model still holds
+    finally:
+        release.set()
+    wait_for(lambda: len(wechat.texts_to("oFIXED")) == 3, message="the answers")
+    # Once each, and the model's answers in the order of their questions.
+    assert wechat.texts_to("oFIXED") == [expected, "答：慢问题", "答：后一问"]
+    assert model.questions() == ["慢问题", "后一问"]
+    assert bot.store.stats(time.time())[f"{fixed}_replies_today"] == 1

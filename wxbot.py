@@ -778,10 +778,13 @@ ALTER TABLE segments ADD COLUMN image INTEGER;
 #: dead: something about it stops every worker, and trying forever would hide that.
 INTERRUPTIONS_LIMIT = 5
 #: The oldest message a worker may take (:now): due, and its user has nothing earlier queued
-#: or in hand (one user's messages are answered in order).
+#: or in hand (one user's messages are answered in order). A message whose answer is stored
+#: already (a fixed reply, Store.reply_at_once) waits only for the user's other such ones:
+#: it goes out at once, not after the model's answer to an earlier question.
 CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_before <= :now"
              " AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
-             " AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased'))"
+             " AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased')"
+             " AND (m.answered_at IS NULL OR o.answered_at IS NOT NULL))"
              " ORDER BY m.id LIMIT 1")
 #: The kv key noting that the queue line went out for a message: it used one of the 5.
 QUEUE_LINE_KEY = "queue-line:{}"
@@ -1427,16 +1430,21 @@ class Store:
                                   " AND openid = ?", (tapped, message.openid)).fetchone()
         return newest is None or (answer is not None and answer[0] == newest)
 
-    def reply_at_once(self, message_id: int, text: str, now: float) -> bool:
-        """Answer a message no worker has taken with one passive reply, sent as this push's
-        reply (its retries get it again); False when a worker took it first."""
+    def reply_at_once(self, message_id: int, text: str, now: float, passive: bool) -> bool:
+        """Store a fixed reply as the whole answer of a message no worker has taken; False
+        when a worker took it first. Passive: it is this push's reply, sent as it is stored
+        (its retries get it again). Otherwise it stays queued, unsent, for the next free
+        worker, which may take it while its user's question before it is in hand
+        (CLAIMABLE) and sends it as any answer (marked sent, within the message's quota)."""
         with self.transaction() as conn:
-            if conn.execute("UPDATE messages SET state = 'done', answered_at = :now"
-                            " WHERE id = :id AND state = 'queued'",
-                            {"id": message_id, "now": now}).rowcount != 1:
+            if conn.execute("UPDATE messages SET state = :state, answered_at = :now"
+                            " WHERE id = :id AND state = 'queued' AND answered_at IS NULL",
+                            {"id": message_id, "now": now,
+                             "state": "done" if passive else "queued"}).rowcount != 1:
                 return False
             conn.execute("INSERT INTO segments (message_id, seq, content, sent_at, replied_to)"
-                         " VALUES (?, 0, ?, ?, ?)", (message_id, text, now, message_id))
+                         " VALUES (?, 0, ?, ?, ?)", (message_id, text, now if passive else None,
+                                                      message_id if passive else None))
         return True
 
     def settled(self, message_id: int) -> bool:
@@ -3986,7 +3994,10 @@ class Webhook:
         if pushes > 1:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
-        elif not (self.mode.passive and self.fixed_reply(push, message_id)):
+        elif self.fixed_reply(push, message_id):
+            if not self.mode.passive:
+                self.wakeup.notify()  # a free worker sends it, whatever else it has in hand
+        else:
             self.mode.try_service(message_id, time.time())  # before a worker can take it
             self.wakeup.notify()
             if self.acknowledger and not self.mode.passive and (push.msg_type != "event" or
@@ -3997,13 +4008,14 @@ class Webhook:
         return 200, "success"
 
     def fixed_reply(self, push: Push, message_id: int) -> bool:
-        """Store a keyword's or a click's fixed reply as this push's passive reply, so that
-        it goes out at once, even while the user's question before it is being answered;
-        False when there is none, or a worker took the message first (its answer comes as
-        any other)."""
+        """Store a keyword's or a click's fixed reply as this push's answer, so that it goes
+        out at once (as the passive reply, or by the next free worker), even while the
+        user's question before it is being answered; False when there is none, or a worker
+        took the message first (its answer comes as any other)."""
         fixed = self.owner.replies.fixed_reply(push.msg_type, push.content, push.event,
                                                push.fields.get("EventKey", ""))
-        if not fixed or not self.store.reply_at_once(message_id, fixed[1], self.clock()):
+        if not fixed or not self.store.reply_at_once(message_id, fixed[1], self.clock(),
+                                                     self.mode.passive):
             return False
         self.store.bump(fixed[0], self.clock())
         return True
