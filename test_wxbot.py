@@ -4686,6 +4686,21 @@ def test_markup_the_model_writes_is_text_and_its_links_arrive_whole(shaped, chun
         assert made == web  # each whole, in one segment, in order
 
 
+@hsettings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["**", "*", "`", "``", "~~", "_", "__", ""]), min_size=4,
+                max_size=4),
+       st.sampled_from(['href="weixin://bizmsgmenu?msgmenucontent=退款&msgmenuid=1"',
+                        'href="https://evil.example" data-miniprogram-appid="wx0"']),
+       st.text(CJK, max_size=6), st.lists(st.integers(1, 40), min_size=1, max_size=4))
+def test_marks_between_the_angle_bracket_and_the_name_make_no_tag(marks, attributes, around,
+                                                                  chunks):
+    a, b, c, d = marks  # emphasis or code marks the rules take away after the markup check
+    text = f"{around}点<{a}a{a} {attributes}>这里<{b}/a{b}>，<{c}img{c} src=x>，<{d}/a{d}>{around}"
+    for segments in (wxbot.split_segments(text), stream(text, chunks)):
+        for segment in segments:
+            assert not re.search(r"<[A-Za-z/!?]", segment), segment
+
+
 def test_a_link_is_never_cut_even_where_the_segment_would_end():
     link = "[官方文档](https://developers.weixin.qq.com/doc/offiaccount/" + "a" * 300 + ")"
     for at in range(1500, 2100, 7):  # the link everywhere around the end of the first segment

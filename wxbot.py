@@ -2618,13 +2618,14 @@ class Markdown:
             return raw
         if line_start and "|" in raw and self.TABLE_RULE.match(raw):
             return None
+        tags: set[int] = set()  # where in `kept` our own link tags are
         if self.PLACEHOLDER.search(raw):  # nowhere to park inline code nor links: as it is
             kept, line = [], self.LINK.sub(r"\1 (\2)", raw)
         else:
             kept = [match.group(2) for match in self.INLINE_CODE.finditer(raw)]
             places = iter(range(len(kept)))
             line = self.INLINE_CODE.sub(lambda match: chr(0xE000 + next(places)), raw)
-            line = self.LINK.sub(lambda match: self._link(match, kept), line)
+            line = self.LINK.sub(lambda match: self._link(match, kept, tags), line)
         if line_start:
             stripped = line.strip()
             if len(stripped) > 1 and stripped[0] == "|" and stripped[-1] == "|":
@@ -2633,10 +2634,17 @@ class Markdown:
                 line = pattern.sub(replacement, line)
         for pattern, replacement in self.RULES:
             line = pattern.sub(replacement, line)
+        # The rules may have joined "<" to a name ("<**a**" became "<a"), and so may code put
+        # back ("<`a`"): look for markup once more, with only our own link tags still parked.
+        if kept:
+            line = self.PLACEHOLDER.sub(lambda match: match.group() if ord(match.group())
+                                        - 0xE000 in tags else kept[ord(match.group()) - 0xE000],
+                                        line)
+        line = MARKUP_OPEN.sub("＜", line)
         return self.PLACEHOLDER.sub(lambda match: kept[ord(match.group()) - 0xE000], line) \
-            if kept else line
+            if tags else line
 
-    def _link(self, match: re.Match, kept: list[str]) -> str:
+    def _link(self, match: re.Match, kept: list[str], tags: set[int]) -> str:
         """A Markdown link: an http(s) one as <a>, its tags parked in `kept` so that no rule
         touches the address (its text still reads as any text); any other as text (address)."""
         text, url = match.groups()
@@ -2645,6 +2653,7 @@ class Markdown:
         if not self.WEB.match(url) or utf8_len(tag + text + "</a>") > LINK_MOST:
             return f"{text} ({url})"
         kept += [tag, "</a>"]
+        tags.update((len(kept) - 2, len(kept) - 1))
         return chr(0xE000 + len(kept) - 2) + text.replace("<", "＜").replace(">", "＞") + \
             chr(0xE000 + len(kept) - 1)
 
