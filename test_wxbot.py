@@ -4238,9 +4238,20 @@ def test_only_a_message_starting_with_a_draw_word_is_a_drawing(text, msg_type):
     assert off.kind is not wxbot.Kind.DRAW
     folded = unicodedata.normalize("NFKC", text.strip()).lower()
     starts = folded.startswith(wxbot.DRAW_WORDS) and off.kind is wxbot.Kind.QUESTION
-    assert (on.kind is wxbot.Kind.DRAW) == (starts and msg_type in ("text", "voice"))
-    if on.kind is not wxbot.Kind.DRAW:
+    if on.kind is wxbot.Kind.DRAW:  # only a draw word's message, and never one that asks
+        assert starts and msg_type in ("text", "voice") and not wxbot.DRAW_QUESTION.search(folded)
+    else:
         assert on == off
+
+
+@pytest.mark.parametrize("text, subject", [
+    ("画一只猫", "一只猫"), ("画一张 山水", "山水"), ("/draw a cat", "a cat"), ("/draw:海", "海"),
+    ("画蛇添足是什么意思", None), ("画家梵高是谁？", None), ("画画怎么入门", None),
+    ("/drawing tips", None), ("画得好吗", None)])
+def test_a_question_that_starts_with_a_draw_word_is_a_question(text, subject):
+    intent = wxbot.classify("text", text, drawing=True)
+    assert (intent.kind, intent.text) == ((wxbot.Kind.DRAW, subject) if subject else
+                                          (wxbot.Kind.QUESTION, text))
 
 
 def test_draw_without_a_subject_asks_what_to_draw(start_bot, wechat, model):

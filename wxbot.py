@@ -97,6 +97,9 @@ VOICE_UNRECOGNISED_LINE = "抱歉，没听清这条语音，请直接打字发�
 IMAGE_PROMPT = "请看这张图片，简要说明图里有什么。"
 #: A message starting with one of these asks for a picture (WXBOT_IMAGE_MODEL); longest first.
 DRAW_WORDS = ("画一张", "画", "/draw")
+#: A message that starts with 画 but reads as a question (画蛇添足是什么意思, 画家梵高是谁？)
+#: is a question: a picture in its place would be a wrong answer and cost an image.
+DRAW_QUESTION = re.compile(r"[？?吗呢]\s*$|什么|怎么|为什么|是谁|哪|意思|如何")
 DRAW_HOW_LINE = "想画什么？请在“画”后面写上画面，例如：画一只在窗台上晒太阳的橘猫"
 DRAW_REFUSED_LINE = "抱歉，这个画面我不能画，换个描述试试吧。"
 DRAW_DAILY_LINE = "今天的画图次数已用完（每天 {limit} 张），请约 {hours} 小时后再来。"
@@ -626,8 +629,10 @@ def classify(msg_type: str, content: str | None, keywords: Container[str] = (),
     if kind is None and drawing:
         folded = unicodedata.normalize("NFKC", text).translate(_ASCII_LOWER)
         for draw_word in DRAW_WORDS:
-            if folded.startswith(draw_word):
-                return Intent(Kind.DRAW, folded[len(draw_word):].strip(" :：,，。.!！"))
+            rest = folded[len(draw_word):]
+            if folded.startswith(draw_word) and not DRAW_QUESTION.search(folded) and \
+                    (draw_word != "/draw" or rest[:1] in ("", " ", ":", "：")):
+                return Intent(Kind.DRAW, rest.strip(" :：,，。.!！"))
     return Intent(kind or Kind.QUESTION, text)
 
 
