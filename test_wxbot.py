@@ -4247,7 +4247,8 @@ def test_only_a_message_starting_with_a_draw_word_is_a_drawing(text, msg_type):
 @pytest.mark.parametrize("text, subject", [
     ("画一只猫", "一只猫"), ("画一张 山水", "山水"), ("/draw a cat", "a cat"), ("/draw:海", "海"),
     ("画蛇添足是什么意思", None), ("画家梵高是谁？", None), ("画画怎么入门", None),
-    ("/drawing tips", None), ("画得好吗", None)])
+    ("/drawing tips", None), ("画得好吗", None), ("画一个哪吒", "一个哪吒"),
+    ("画一幅有意思的小猫", "一幅有意思的小猫"), ("画在哪里最好", None)])
 def test_a_question_that_starts_with_a_draw_word_is_a_question(text, subject):
     intent = wxbot.classify("text", text, drawing=True)
     assert (intent.kind, intent.text) == ((wxbot.Kind.DRAW, subject) if subject else

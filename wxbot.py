@@ -99,7 +99,7 @@ IMAGE_PROMPT = "请看这张图片，简要说明图里有什么。"
 DRAW_WORDS = ("画一张", "画", "/draw")
 #: A message that starts with 画 but reads as a question (画蛇添足是什么意思, 画家梵高是谁？)
 #: is a question: a picture in its place would be a wrong answer and cost an image.
-DRAW_QUESTION = re.compile(r"[？?吗呢]\s*$|什么|怎么|为什么|是谁|哪|意思|如何")
+DRAW_QUESTION = re.compile(r"[？?吗呢]\s*$|什么|怎么|为什么|是谁|哪[里个些儿]|如何")
 DRAW_HOW_LINE = "想画什么？请在“画”后面写上画面，例如：画一只在窗台上晒太阳的橘猫"
 DRAW_REFUSED_LINE = "抱歉，这个画面我不能画，换个描述试试吧。"
 DRAW_DAILY_LINE = "今天的画图次数已用完（每天 {limit} 张），请约 {hours} 小时后再来。"
