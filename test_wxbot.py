@@ -10,12 +10,14 @@ from __future__ import annotations
 import codecs
 import base64
 import contextlib
+import datetime
 import email.parser
 import email.policy
 import hashlib
 import http.client
 import http.server
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -26,6 +28,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,9 @@ import urllib.parse
 
 import pytest
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 import wxbot
@@ -71,15 +77,23 @@ class FakeServer:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 self.body = self.rfile.read(length)
-                fake.route(self)
+                self.answer()
 
             def do_GET(self):
                 self.body = b""
+                self.answer()
+
+            def answer(self):
+                fake.peers.append(self.client_address)
                 fake.route(self)
+                if fake.hang_up:  # without a word, as a server closing idle connections
+                    self.close_connection = True
 
             def log_message(self, *args):
                 pass
 
+        self.peers = []         # the client's (address, port) of every request, in order
+        self.hang_up = False    # close each connection after its answer
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.server.handle_error = lambda request, address: None  # a client hung up
@@ -4928,3 +4942,97 @@ def test_a_fixed_reply_is_sent_while_the_users_question_is_with_the_model(
     assert wechat.texts_to("oFIXED") == [expected, "答：慢问题", "答：后一问"]
     assert model.questions() == ["慢问题", "后一问"]
     assert bot.store.stats(time.time())[f"{fixed}_replies_today"] == 1
+
+
+# WeChat connections ##########################################################
+
+class FakeProxy(FakeServer):
+    """A forward HTTP proxy: takes absolute-URL requests and passes them on."""
+
+    def __init__(self):
+        super().__init__()
+        self.session = requests.Session()
+        self.session.trust_env = False  # the tests' proxy settings point at this proxy
+        self.paths = []
+
+    def route(self, handler):
+        self.paths.append(urllib.parse.urlsplit(handler.path).path)
+        answer = self.session.request(handler.command, handler.path, data=handler.body or None,
+                                      headers={"Content-Type": handler.headers.get(
+                                          "Content-Type", "application/json")}, timeout=10)
+        self.reply(handler, answer.status_code, answer.content)
+
+
+def wechat_api(tmp_path, wechat, model):
+    settings = wxbot.Settings.from_env(env_for(tmp_path, wechat, model))
+    return wxbot.WeChatAPI(settings, wxbot.Store(settings.db))
+
+
+def test_wechat_calls_share_open_connections_and_go_on_when_wechat_closes_them(
+        tmp_path, wechat, model):
+    api = wechat_api(tmp_path, wechat, model)
+    for n in range(6):
+        api.customer_service_send("oCONN", f"第{n}条")
+    assert len(set(wechat.peers)) == 1  # the token and six sends on one connection
+    wechat.hang_up = True  # WeChat closes each connection once it has answered
+    for n in range(6, 10):
+        api.customer_service_send("oCONN", f"第{n}条")
+    assert wechat.texts_to("oCONN") == [f"第{n}条" for n in range(10)]
+    assert len(set(wechat.peers)) == 4  # the first on the kept one, then a new one each
+
+
+def test_wechat_calls_go_through_the_proxy_the_environment_names(tmp_path, wechat, model,
+                                                                 monkeypatch):
+    proxy = FakeProxy()
+    try:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        api = wechat_api(tmp_path, wechat, model)
+        api.typing("oPROXY")
+        api.customer_service_send("oPROXY", "经代理")
+        assert proxy.paths == ["/cgi-bin/stable_token", "/cgi-bin/message/custom/typing",
+                               "/cgi-bin/message/custom/send"]
+        assert wechat.texts_to("oPROXY") == ["经代理"]
+    finally:
+        proxy.close()
+
+
+def self_signed_certificate(folder) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, as PEM files in folder."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName(
+                       [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                  critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    with open(cert_path, "wb") as out:
+        out.write(certificate.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as out:
+        out.write(key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.TraditionalOpenSSL,
+                                    serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_wechat_over_https_is_verified_against_the_trusted_certificates(tmp_path, wechat,
+                                                                        model, monkeypatch):
+    cert, key = self_signed_certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    wechat.server.socket = context.wrap_socket(wechat.server.socket, server_side=True)
+    wechat.url = wechat.url.replace("http://", "https://")
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(wxbot.WeChatError, match="SSLCertVerificationError"):
+        wechat_api(tmp_path, wechat, model).customer_service_send("oTLS", "不可信")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", cert)  # as requests takes a private CA
+    wechat_api(tmp_path, wechat, model).customer_service_send("oTLS", "可信")
+    assert wechat.texts_to("oTLS") == ["可信"]
