@@ -4928,3 +4928,108 @@ def test_a_fixed_reply_is_sent_while_the_users_question_is_with_the_model(
     assert wechat.texts_to("oFIXED") == [expected, "答：慢问题", "答：后一问"]
     assert model.questions() == ["慢问题", "后一问"]
     assert bot.store.stats(time.time())[f"{fixed}_replies_today"] == 1
+
+
+# Fixed replies while every worker is busy ####################################
+
+def test_fixed_replies_go_out_while_every_worker_is_busy_with_the_model(start_bot, wechat,
+                                                                        model, tmp_path):
+    release = hold_first_question(model, "慢问题")
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_REPLIES=replies_file(tmp_path))
+    send_text(bot, "oBUSY", "慢问题", 1)
+    wait_for(lambda: model.requests, message="the only worker busy with the model")
+    wechat.failures[SEND] = [-1]  # WeChat busy once: tried again, as an answer is
+    try:
+        send_text(bot, "oBUSY", "价格", 2)
+        send_text(bot, "oKEY", "价格", 3)
+        post_push(bot, click_xml("oTAP", "TODAY"))
+        wait_for(lambda: all(wechat.texts_to(openid) for openid in ("oBUSY", "oKEY", "oTAP")),
+                 timeout=3, message="the fixed replies while the worker is busy")
+        assert wechat.rejected_sends == 1 and model.questions() == ["慢问题"]
+    finally:
+        release.set()
+    wait_for(lambda: all(bot.store.settled(n) for n in range(1, 5)), message="all answered")
+    assert wechat.texts_to("oBUSY") == [PRICE, "答：慢问题"]
+    assert wechat.texts_to("oKEY") == [PRICE]
+    assert wechat.texts_to("oTAP") == [REPLIES["clicks"]["TODAY"]]
+
+
+def test_fixed_replies_are_sent_once_across_a_kill_while_the_worker_is_busy(tmp_path, wechat,
+                                                                           model):
+    def respond(request):
+        if len(model.requests) == 1:
+            time.sleep(10)  # the first process is killed during this call
+        return "答：" + request["messages"][-1]["content"]
+    model.respond = respond
+    in_flight, killed = threading.Event(), threading.Event()
+
+    def hold(path, body):  # the click's reply is in flight when the process dies
+        if path == SEND and body["touser"] == "oTAP" and not killed.is_set():
+            in_flight.set()
+            killed.wait(15)
+            return "drop"  # WeChat never took it
+    wechat.hold = hold
+    env = env_for(tmp_path, wechat, model, WXBOT_WORKERS=1,
+                  WXBOT_REPLIES=replies_file(tmp_path))
+    process, port, _ = start_process(env, tmp_path)
+    try:
+        send_text(port, "oBUSY", "慢问题", 1)
+        wait_for(lambda: model.requests, message="the only worker busy with the model")
+        send_text(port, "oBUSY", "价格", 2)
+        wait_for(lambda: sent_segments(tmp_path / "wxbot.db") == 1, timeout=3,
+                 message="the keyword's reply sent and marked sent")
+        post_push(port, click_xml("oTAP", "TODAY"))
+        wait_for(in_flight.is_set, timeout=3, message="the click's reply in flight")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        killed.set()
+        process, port, _ = start_process(env, tmp_path)
+        wait_for(lambda: wechat.texts_to("oTAP") and len(wechat.texts_to("oBUSY")) == 2,
+                 message="what was owed, after the restart")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    finally:
+        process.kill()
+    assert wechat.texts_to("oBUSY") == [PRICE, "答：慢问题"]  # the keyword's reply not again
+    assert wechat.texts_to("oTAP") == [REPLIES["clicks"]["TODAY"]]  # nor lost
+
+
+def test_a_sender_takes_every_stored_reply_in_order_and_never_a_question(tmp_path):
+    databases = itertools.count()
+
+    @hsettings(max_examples=60, deadline=None, database=None)
+    @given(pushes=st.lists(st.tuples(st.sampled_from(["oA", "oB", "oC"]), st.booleans()),
+                           min_size=1, max_size=12),
+           busy=st.integers(0, 4))
+    def sending(pushes, busy):
+        store = wxbot.Store(str(tmp_path / f"sender-{next(databases)}.db"))
+        now, fixed = time.time(), set()
+        for n, (openid, is_fixed) in enumerate(pushes):
+            text = "价格" if is_fixed else f"问题{n}"
+            message_id, _ = store.store_push(wxbot.Push.from_fields(wxbot.parse_xml(
+                text_xml(openid, text, n))), now)
+            if is_fixed:
+                assert store.reply_at_once(message_id, "固定回复", now, passive=False)
+                fixed.add(message_id)
+        taken = []
+        for _ in range(busy):  # workers: a question stays in hand, with the model
+            message = store.claim(now, 60)
+            if message is None:
+                break
+            if message.id in fixed:
+                taken.append(message)
+                store.finish(message, wxbot.State.DONE)
+        while True:  # the sender, meanwhile
+            message = store.claim(now, 60, ready_only=True)
+            if message is None:
+                break
+            assert message.id in fixed  # never a question: it needs the model
+            taken.append(message)
+            store.finish(message, wxbot.State.DONE)
+        assert sorted(message.id for message in taken) == sorted(fixed)  # each, once
+        for openid in ("oA", "oB", "oC"):  # a user's fixed replies in the order they came
+            ids = [message.id for message in taken if message.openid == openid]
+            assert ids == sorted(ids)
+        store.close()
+
+    sending()

@@ -785,9 +785,10 @@ INTERRUPTIONS_LIMIT = 5
 #: The oldest message a worker may take (:now): due, and its user has nothing earlier queued
 #: or in hand (one user's messages are answered in order). A message whose answer is stored
 #: already (a fixed reply, Store.reply_at_once) waits only for the user's other such ones:
-#: it goes out at once, not after the model's answer to an earlier question.
+#: it goes out at once, not after the model's answer to an earlier question. :ready_only
+#: takes only those (Sender).
 CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_before <= :now"
-             " AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
+             " AND (m.answered_at IS NOT NULL OR NOT :ready_only) AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
              " AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased')"
              " AND (m.answered_at IS NULL OR o.answered_at IS NOT NULL))"
              " ORDER BY m.id LIMIT 1")
@@ -1122,12 +1123,14 @@ class Store:
             for ticket in batch:
                 ticket["stored"] = error
 
-    def claim(self, now: float, lease_seconds: float) -> Message | None:
-        """Lease the oldest message whose user has nothing earlier queued or in hand."""
+    def claim(self, now: float, lease_seconds: float, ready_only: bool = False
+              ) -> Message | None:
+        """Lease the oldest message whose user has nothing earlier queued or in hand;
+        `ready_only`: only one whose answer is stored whole, ready to send (Sender)."""
         with self.connection() as conn:  # a claim that finds nothing takes no turn to write
             if not conn.execute(f"SELECT EXISTS ({CLAIMABLE}) OR EXISTS (SELECT 1 FROM"
                                 " messages WHERE state = 'leased' AND lease_until < :now)",
-                                {"now": now}).fetchone()[0]:
+                                {"now": now, "ready_only": ready_only}).fetchone()[0]:
                 return None
         with self.transaction() as conn:
             self._interrupt(conn, "state = 'leased' AND lease_until < :now",
@@ -1137,20 +1140,23 @@ class Store:
                 f" attempts = attempts + 1 WHERE id = ({CLAIMABLE})"
                 " RETURNING id, openid, msg_type, msg_id, event, content, fields, received_at,"
                 " attempts, model_failures, delivery_failures, interruptions",
-                {"now": now, "until": now + lease_seconds}).fetchone()
+                {"now": now, "until": now + lease_seconds, "ready_only": ready_only}).fetchone()
         if row is None:
             return None
         return Message(**{**dict(row), "fields": json.loads(row["fields"])})
 
-    def next_due(self, now: float) -> float | None:
+    def next_due(self, now: float, ready_only: bool = False) -> float | None:
         """When a message that cannot be claimed now may become claimable: a retry's time or a
         lease's end. (A message waiting behind its user's message in hand becomes claimable
-        when that one finishes, and the worker that finishes it wakes the others.)"""
+        when that one finishes, and the worker that finishes it wakes the others.)
+        `ready_only`: the retry of an answer stored whole (Sender); lease ends are the
+        workers' to look at."""
         with self.connection() as conn:
             row = conn.execute(
                 "SELECT min(CASE state WHEN 'queued' THEN not_before ELSE lease_until END)"
-                " FROM messages WHERE state = 'leased' OR (state = 'queued' AND not_before > ?)",
-                (now,)).fetchone()
+                " FROM messages WHERE (state = 'leased' AND NOT :ready_only) OR (state ="
+                " 'queued' AND not_before > :now AND (answered_at IS NOT NULL OR NOT"
+                " :ready_only))", {"now": now, "ready_only": ready_only}).fetchone()
         return row[0]
 
     def _leased(self, conn: sqlite3.Connection, message: Message, sql: str, **params) -> None:
@@ -1438,9 +1444,9 @@ class Store:
     def reply_at_once(self, message_id: int, text: str, now: float, passive: bool) -> bool:
         """Store a fixed reply as the whole answer of a message no worker has taken; False
         when a worker took it first. Passive: it is this push's reply, sent as it is stored
-        (its retries get it again). Otherwise it stays queued, unsent, for the next free
-        worker, which may take it while its user's question before it is in hand
-        (CLAIMABLE) and sends it as any answer (marked sent, within the message's quota)."""
+        (its retries get it again). Otherwise it stays queued, unsent, for a Sender, which
+        takes it at once, even while its user's question before it is in hand (CLAIMABLE),
+        and sends it as any answer (marked sent, within the message's quota)."""
         with self.transaction() as conn:
             if conn.execute("UPDATE messages SET state = :state, answered_at = :now"
                             " WHERE id = :id AND state = 'queued' AND answered_at IS NULL",
@@ -3396,12 +3402,16 @@ class Worker:
     DISK_FULL_PAUSE = 5.0
     #: An idle worker looks at the queue this often even when nothing wakes it.
     IDLE_LOOK = 60.0
+    #: Whether it takes only messages whose answer is stored whole, ready to send (Sender).
+    READY_ONLY = False
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
-                 owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None):
+                 owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None,
+                 others: Wakeup | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
         self.wakeup, self.mode, self.name = wakeup, mode, name
+        self.others = others  # the threads of the other kind (workers, senders)
         self.acknowledger = acknowledger
         self.owner = owner or OwnerFiles(settings)
         self.image_model = ImageModel(settings) if settings.image_model else None
@@ -3412,13 +3422,17 @@ class Worker:
 
     def loop(self, now: float | None = None) -> bool:
         """Claim and handle one message; False when nothing was due."""
-        message = self.store.claim(time.time() if now is None else now, self.lease_seconds)
+        message = self.store.claim(time.time() if now is None else now, self.lease_seconds,
+                                   self.READY_ONLY)
         if message is None:
             return False
         started = time.monotonic()
         try:
             self.handle(message)
-            self.wakeup.notify()  # the user's next message, if any, may now be claimed
+            # The user's next message, if any, may now be claimed, by either kind of thread.
+            self.wakeup.notify()
+            if self.others:
+                self.others.notify()
             if self.acknowledger:
                 self.acknowledger.answered(time.monotonic() - started)
         except LeaseLost:
@@ -3442,7 +3456,7 @@ class Worker:
             try:
                 if self.loop():
                     continue
-                due = self.store.next_due(time.time())
+                due = self.store.next_due(time.time(), self.READY_ONLY)
             except sqlite3.Error as error:
                 if not disk_full(error):
                     log_worker.error("database error: %s; retrying in 1 s", error)
@@ -3855,6 +3869,19 @@ class Worker:
         self.store.release(message, time.time() + delay, str(error), "delivery_failures")
 
 
+class Sender(Worker):
+    """Sends the answers that are stored whole, ready to go: the owner's fixed replies,
+    which the webhook stores as they arrive (Store.reply_at_once), and answers whose
+    delivery is tried again. None of them needs the model, so none waits for a worker: in a
+    burst every worker may be busy with the model for minutes. Delivery is the worker's own
+    (Worker.deliver): each segment marked sent as WeChat confirms it, within the message's
+    quota, and a failure retried, logged or given up as for any answer."""
+
+    #: Sender threads: a send takes some 50 ms, so a few keep up with a burst of menu taps.
+    THREADS = 4
+    READY_ONLY = True
+
+
 ###############################################################################
 # Web app: the webhook ########################################################
 ###############################################################################
@@ -3940,8 +3967,9 @@ class Webhook:
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
                  acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None,
-                 wechat: WeChatAPI | None = None):
+                 wechat: WeChatAPI | None = None, ready: Wakeup | None = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
+        self.ready = ready or wakeup  # wakes the senders: a fixed reply is stored, ready
         self.wechat = wechat  # uploads a drawn picture again when its media_id expired
         self.mode = mode or DeliveryMode("service", store)
         self.acknowledger = acknowledger
@@ -4010,7 +4038,7 @@ class Webhook:
                           short_id(push.openid))
         elif self.fixed_reply(push, message_id):
             if not self.mode.passive:
-                self.wakeup.notify()  # a free worker sends it, whatever else it has in hand
+                self.ready.notify()  # a sender sends it, however busy the workers are
         else:
             self.mode.try_service(message_id, time.time())  # before a worker can take it
             self.wakeup.notify()
@@ -4023,9 +4051,9 @@ class Webhook:
 
     def fixed_reply(self, push: Push, message_id: int) -> bool:
         """Store a keyword's or a click's fixed reply as this push's answer, so that it goes
-        out at once (as the passive reply, or by the next free worker), even while the
-        user's question before it is being answered; False when there is none, or a worker
-        took the message first (its answer comes as any other)."""
+        out at once (as the passive reply, or by a Sender), even while the user's question
+        before it is being answered; False when there is none, or a worker took the message
+        first (its answer comes as any other)."""
         fixed = self.owner.replies.fixed_reply(push.msg_type, push.content, push.event,
                                                push.fields.get("EventKey", ""))
         if not fixed or not self.store.reply_at_once(message_id, fixed[1], self.clock(),
@@ -4365,7 +4393,7 @@ class Janitor:
 
 
 class Bot:
-    """Everything wired together: store, webhook, server, acknowledger, workers."""
+    """Everything wired together: store, webhook, server, acknowledger, workers, senders."""
 
     def __init__(self, settings: Settings, owner: OwnerFiles | None = None):
         self.settings = settings
@@ -4373,17 +4401,22 @@ class Bot:
         self.owner = owner or OwnerFiles(settings)
         self.store = Store(settings.db)
         self.wakeup = Wakeup()
+        self.ready = Wakeup()  # the senders'
         self.wechat = WeChatAPI(settings, self.store)
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode, wechat=self.wechat,
-                               acknowledger=self.acknowledger, owner=self.owner)
+                               acknowledger=self.acknowledger, owner=self.owner,
+                               ready=self.ready)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
-                               self.mode, f"worker-{n}", self.owner, self.acknowledger)
-                        for n in range(settings.workers)]
+                               self.mode, f"worker-{n}", self.owner, self.acknowledger,
+                               self.ready) for n in range(settings.workers)]
+        self.senders = [Sender(settings, self.store, self.wechat, self.model, self.ready,
+                               self.mode, f"sender-{n}", self.owner, others=self.wakeup)
+                        for n in range(Sender.THREADS)]
         self.janitor = Janitor(settings, self.store)
         self.threads: list[threading.Thread] = []
 
@@ -4397,7 +4430,7 @@ class Bot:
             log.info("resuming %d message(s) that were in progress at the last stop", recovered)
         self.acknowledger.start()
         self.server.start()
-        for worker in self.workers:
+        for worker in self.workers + self.senders:
             thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -4412,10 +4445,11 @@ class Bot:
         self.webhook.accepting = False
         self.server.stop()
         self.acknowledger.stop()
-        for worker in self.workers:
+        for worker in self.workers + self.senders:
             worker.stop()
         self.janitor.stopping.set()
         self.wakeup.notify_all()
+        self.ready.notify_all()
         deadline = time.monotonic() + timeout
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
