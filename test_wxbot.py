@@ -5033,3 +5033,17 @@ def test_a_sender_takes_every_stored_reply_in_order_and_never_a_question(tmp_pat
         store.close()
 
     sending()
+
+
+@pytest.mark.parametrize("drawing", [False, True])
+def test_help_says_how_to_ask_for_a_picture_when_drawing_is_on(start_bot, wechat, model,
+                                                               drawing):
+    bot = start_bot(**(DRAWING if drawing else {}))
+    send_text(bot, "oHELPDRAW", "帮助", 1)
+    wait_for(lambda: wechat.texts_to("oHELPDRAW"), message="the help")
+    (help_line,) = wechat.texts_to("oHELPDRAW")
+    drawn = [example for example in re.findall(r"“([^”]+)”", help_line)
+             if wxbot.classify("text", example, drawing=True).kind is wxbot.Kind.DRAW
+             and wxbot.classify("text", example, drawing=True).text]
+    assert bool(drawn) is drawing  # when on, an example that is itself drawn
+    assert ("画" in help_line) is drawing and model.requests == []
