@@ -790,7 +790,8 @@ INTERRUPTIONS_LIMIT = 5
 #: it goes out at once, not after the model's answer to an earlier question. :ready_only
 #: takes only those (Sender).
 CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_before <= :now"
-             " AND (m.answered_at IS NOT NULL OR NOT :ready_only) AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
+             " AND (m.answered_at IS NOT NULL OR NOT :ready_only)"
+             " AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
              " AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased')"
              " AND (m.answered_at IS NULL OR o.answered_at IS NOT NULL))"
              " ORDER BY m.id LIMIT 1")
@@ -1142,7 +1143,8 @@ class Store:
                 f" attempts = attempts + 1 WHERE id = ({CLAIMABLE})"
                 " RETURNING id, openid, msg_type, msg_id, event, content, fields, received_at,"
                 " attempts, model_failures, delivery_failures, interruptions",
-                {"now": now, "until": now + lease_seconds, "ready_only": ready_only}).fetchone()
+                {"now": now, "until": now + lease_seconds, "ready_only": ready_only}
+            ).fetchone()
         if row is None:
             return None
         return Message(**{**dict(row), "fields": json.loads(row["fields"])})
@@ -3543,8 +3545,8 @@ class Worker:
             self.store.forget(message.openid, message.id)
             return self.store.save_answer(message, [RESET_LINE], now, leftovers=Leftovers.DROP)
         if intent.kind is Kind.HELP:
-            return self.store.save_answer(message, [help_answer(bool(self.settings.image_model))],
-                                          now)
+            return self.store.save_answer(
+                message, [help_answer(bool(self.settings.image_model))], now)
         if intent.kind is Kind.STATS and message.openid in self.settings.admins:
             return self.store.save_answer(message, [stats_text(
                 {**self.store.stats(now), "mode": self.mode.in_force})], now)
