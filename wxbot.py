@@ -45,6 +45,7 @@ import signal
 import socket
 import socketserver
 import sqlite3
+import statistics
 import struct
 import sys
 import threading
@@ -797,6 +798,9 @@ CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_bef
              " ORDER BY m.id LIMIT 1")
 #: The kv key noting that the queue line went out for a message: it used one of the 5.
 QUEUE_LINE_KEY = "queue-line:{}"
+#: The kv key noting that a user over a limit was told so, until a place frees (kind:
+#: "calls", WXBOT_USER_RATE/WXBOT_USER_DAILY; "own", a limit with a line of its own).
+LIMIT_NOTICE_KEY = "limit-notice:{openid}:{kind}"
 #: The user's segments of earlier, finished answers that never went out (:openid, :id).
 EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
                   " WHERE m.openid = :openid AND m.id < :id AND m.state = 'done'"
@@ -1480,27 +1484,50 @@ class Store:
                                 " WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
-    def waiting_ahead(self, message_id: int) -> int:
-        """Messages queued before this one that no worker has taken yet."""
+    def waiting_ahead(self, message_id: int, openid: str, now: float) -> int:
+        """The people in the queue before a message: other users with a message queued before
+        it that a worker may take now and answer. Not counted: messages held back after a
+        failure (not_before), answers already stored (a fixed reply goes out at once),
+        events (answered at once or not at all), nor the user's own earlier messages (they
+        are answered first, quick follow-ups together with them)."""
         with self.connection() as conn:
-            return conn.execute("SELECT count(*) FROM messages WHERE state = 'queued'"
-                                " AND id < ?", (message_id,)).fetchone()[0]
+            return conn.execute(
+                "SELECT count(DISTINCT openid) FROM messages WHERE state = 'queued'"
+                " AND id < :id AND not_before <= :now AND answered_at IS NULL"
+                " AND msg_type != 'event' AND openid != :openid",
+                {"id": message_id, "now": now, "openid": openid}).fetchone()[0]
+
+    def answer_seconds(self) -> float | None:
+        """How long the model took over its last answers (the median of 20, from the call
+        to the answer complete); None before the first."""
+        with self.connection() as conn:
+            took = [row[0] for row in conn.execute(
+                "SELECT m.answered_at - c.called_at FROM model_calls c JOIN messages m"
+                " ON m.id = c.message_id WHERE m.answered_at IS NOT NULL"
+                " ORDER BY c.message_id DESC LIMIT 20")]
+        return statistics.median(took) if took else None
+
+    def awaiting_answer(self, since: float) -> list[sqlite3.Row]:
+        """Queued messages received since `since` whose answer is still to be written."""
+        with self.connection() as conn:
+            return conn.execute("SELECT id, openid, msg_type, event, fields, received_at"
+                                " FROM messages WHERE received_at >= ? AND state = 'queued'"
+                                " AND answered_at IS NULL ORDER BY id", (since,)).fetchall()
 
     def note_queue_lines(self, message_ids: list[int], now: float) -> list[int]:
         """Note, before it is sent, that the queue line goes out for these messages: it takes
         one of their 5 messages (quota). Those whose answer began to go out get none.
-        Returns the ids noted."""
+        Returns the ids noted now: not those noted before (a message resumed after a restart
+        has had its line)."""
         if not message_ids:
             return []
         with self.transaction() as conn:
-            noted = [message_id for message_id in message_ids if not conn.execute(
-                "SELECT 1 FROM segments WHERE message_id = ? AND tried_at IS NOT NULL LIMIT 1",
-                (message_id,)).fetchone()]
             # The quota of a user message lasts 48 h; the note need not outlive it.
-            conn.executemany("INSERT OR IGNORE INTO kv (key, value, expires_at) VALUES"
-                             " (?, ?, ?)", [(QUEUE_LINE_KEY.format(message_id), str(now),
-                                             now + 3 * 86400) for message_id in noted])
-        return noted
+            return [message_id for message_id in message_ids if not conn.execute(
+                "SELECT 1 FROM segments WHERE message_id = ? AND tried_at IS NOT NULL LIMIT 1",
+                (message_id,)).fetchone() and conn.execute(
+                "INSERT OR IGNORE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
+                (QUEUE_LINE_KEY.format(message_id), str(now), now + 3 * 86400)).rowcount]
 
     def quota(self, message: Message) -> int:
         """Customer-service messages the answer to a message may use: WeChat's 5 per user
@@ -3239,6 +3266,13 @@ def queue_line(ahead: int, wait: float, answer_seconds: float) -> str:
     return QUEUE_LINE.format(ahead=ahead, minutes=max(1, math.ceil((wait + answer_seconds) / 60)))
 
 
+def awaits_answer(replies: Replies, msg_type: str, event: str | None, fields: dict) -> bool:
+    """Whether the user waits for a worker's answer to a message, and so is shown typing:
+    any message, but of the events only a click that asks the model (the others are
+    answered at once or not at all: LOCATION may come every 5 s)."""
+    return msg_type != "event" or bool(replies.prompt_for(event, fields.get("EventKey", "")))
+
+
 class Acknowledger:
     """Shows every user at once that their message was seen, however deep the queue.
 
@@ -3247,6 +3281,7 @@ class Acknowledger:
     few threads of this sender's own, and is renewed once after 15 s while the answer is
     still coming. A message that will wait longer than WXBOT_QUEUE_NOTICE seconds gets one
     short line instead, saying how long; it takes one of the message's 5 (Store.quota).
+    A message that will get no answer (its user is over a limit and was told) gets neither.
     Passive mode has no customer-service API: nothing is sent.
     """
 
@@ -3255,12 +3290,17 @@ class Acknowledger:
     THREADS = 8
     #: Typing shows for 15 s and cannot be renewed while shown (45081).
     TYPING_RENEW = 15.5
-    #: How long an answer is taken to need until workers have timed some (seconds).
+    #: WeChat refuses typing this long after the user's message (45080).
+    TYPING_WINDOW = 30.0
+    #: How long an answer is taken to need while the database holds none (seconds).
     ANSWER_GUESS = 10.0
+    #: How often the time answers take is read again from the database (seconds).
+    ANSWER_LOOK = 10.0
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, mode: DeliveryMode):
         self.settings, self.store, self.wechat, self.mode = settings, store, wechat, mode
         self.answer_seconds = self.ANSWER_GUESS
+        self._timed_at = -math.inf  # when answer_seconds was read
         self._due: list[tuple[float, int, str, float, bool]] = []  # heap: when, id, openid, ...
         self._condition = threading.Condition()  # notified when a job is added or on stop
         self._stopping = False
@@ -3268,6 +3308,7 @@ class Acknowledger:
                                           daemon=True) for n in range(self.THREADS)]
 
     def start(self) -> None:
+        self._answer_time(time.time())  # a restart in a burst knows the answers' pace
         for thread in self._threads:
             thread.start()
 
@@ -3280,12 +3321,14 @@ class Acknowledger:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def pushed(self, message_id: int, openid: str, received_at: float) -> None:
-        """A new message was stored: acknowledge it now."""
+        """A message was stored (or found queued at start): acknowledge it now."""
         self._add(received_at, message_id, openid, received_at, True)
 
-    def answered(self, seconds: float) -> None:
-        """A worker took this long over a message: the queue line's estimate follows."""
-        self.answer_seconds += 0.2 * (seconds - self.answer_seconds)  # recent ones weigh most
+    def nothing_comes(self, openid: str, received_at: float) -> None:
+        """A message was settled with nothing to send: typing shown for it (before its user
+        was told of a limit) must not end in silence."""
+        if not self.mode.passive and time.time() - received_at < self.TYPING_WINDOW:
+            self.wechat.typing(openid, "CancelTyping")
 
     def _add(self, when: float, message_id: int, openid: str, received_at: float,
              first: bool) -> None:
@@ -3304,36 +3347,80 @@ class Acknowledger:
                 jobs = []
                 while self._due and self._due[0][0] <= time.time() and len(jobs) < 32:
                     jobs.append(heapq.heappop(self._due))
-            try:
+            if not self.mode.passive:
                 self._acknowledge(jobs)
-            except Exception:  # a typing line is never worth a thread
-                log_wechat.exception("typing or queue line for %d message(s) skipped", len(jobs))
 
     def _acknowledge(self, jobs: list[tuple[float, int, str, float, bool]]) -> None:
-        if self.mode.passive:
-            return
         lines = {}
         for _, message_id, openid, received_at, first in jobs:
-            if self.store.settled(message_id):  # answered already: typing would mislead
-                continue
-            if first:
-                self._add(received_at + self.TYPING_RENEW, message_id, openid, received_at,
-                          False)
-                ahead = self.store.waiting_ahead(message_id)
-                wait = ahead / self.settings.workers * self.answer_seconds
-                if self.settings.queue_notice and wait > self.settings.queue_notice:
-                    lines[message_id] = (openid, queue_line(ahead, wait, self.answer_seconds))
+            with self._alone(message_id, "typing or queue line"):
+                line = self._look(message_id, openid, received_at, first)
+                if line:
+                    lines[message_id] = (openid, line, received_at)
+        noted = self._note(list(lines))
+        for message_id, (openid, line, received_at) in lines.items():
+            with self._alone(message_id, "queue line"):
+                if message_id not in noted:  # not noted, not sent: typing says it was seen
+                    self._typing(openid, received_at)
                     continue
-            elif time.time() - received_at >= 30:  # too late for typing (45080)
-                continue
+                try:
+                    self.wechat.customer_service_send(openid, line)
+                except WeChatError as error:  # the answer still comes; the log says why not this
+                    log_wechat.warning("queue line for message %s not sent: %s", message_id,
+                                       error.hint())
+
+    def _look(self, message_id: int, openid: str, received_at: float, first: bool
+              ) -> str | None:
+        """Show typing for a message, or return its queue line when it will wait long."""
+        now = time.time()
+        if self.store.settled(message_id):  # answered already: typing would mislead
+            return None
+        if self.store.get_kv(LIMIT_NOTICE_KEY.format(openid=openid, kind="calls"), now):
+            return None  # over a limit and told so: no answer comes, nothing may promise one
+        if first:
+            self._add(now + self.TYPING_RENEW, message_id, openid, received_at, False)
+            if self.settings.queue_notice:
+                ahead = self.store.waiting_ahead(message_id, openid, now)
+                answer_seconds = self._answer_time(now)
+                wait = ahead / self.settings.workers * answer_seconds
+                if wait > self.settings.queue_notice:
+                    return queue_line(ahead, wait, answer_seconds)
+        self._typing(openid, received_at)
+        return None
+
+    def _typing(self, openid: str, received_at: float) -> None:
+        if time.time() - received_at < self.TYPING_WINDOW:  # else too late (45080)
             self.wechat.typing(openid)
-        for message_id in self.store.note_queue_lines(list(lines), time.time()):
-            openid, line = lines[message_id]
-            try:
-                self.wechat.customer_service_send(openid, line)
-            except WeChatError as error:  # the answer still comes; the log says why not this
-                log_wechat.warning("queue line for message %s not sent: %s", message_id,
-                                   error.hint())
+
+    def _answer_time(self, now: float) -> float:
+        """How long an answer takes, as the database last told (Store.answer_seconds)."""
+        if now - self._timed_at >= self.ANSWER_LOOK:
+            self._timed_at = now
+            self.answer_seconds = self.store.answer_seconds() or self.ANSWER_GUESS
+        return self.answer_seconds
+
+    def _note(self, message_ids: list[int]) -> set[int]:
+        """Note the queue lines of a batch in one commit; should it fail, one at a time, so
+        that a failure costs only its own message."""
+        try:
+            return set(self.store.note_queue_lines(message_ids, time.time()))
+        except sqlite3.Error:
+            noted = set()
+            for message_id in message_ids:
+                with self._alone(message_id, "queue line"):
+                    noted.update(self.store.note_queue_lines([message_id], time.time()))
+            return noted
+
+    @contextlib.contextmanager
+    def _alone(self, message_id: int, what: str) -> Iterator[None]:
+        """A failure costs the one message it concerns, and the log says which and why."""
+        try:
+            yield
+        except sqlite3.Error as error:
+            log_wechat.warning("message %s: %s skipped, the database failed (%s: %s)",
+                               message_id, what, type(error).__name__, error)
+        except Exception:  # a typing line is never worth a thread, nor the batch
+            log_wechat.exception("message %s: %s skipped", message_id, what)
 
 
 ###############################################################################
@@ -3438,15 +3525,12 @@ class Worker:
                                    self.READY_ONLY)
         if message is None:
             return False
-        started = time.monotonic()
         try:
             self.handle(message)
             # The user's next message, if any, may now be claimed, by either kind of thread.
             self.wakeup.notify()
             if self.others:
                 self.others.notify()
-            if self.acknowledger:
-                self.acknowledger.answered(time.monotonic() - started)
         except LeaseLost:
             log_worker.warning("message %s: lease lost, another worker has it", message.id)
         except Exception as error:  # one bad message never kills the thread
@@ -3752,12 +3836,15 @@ class Worker:
     def _over_limit(self, message: Message, wait: float, line: str = "") -> int:
         """One short notice per user and window; further messages in it get nothing."""
         now = time.time()
+        notice_key = LIMIT_NOTICE_KEY.format(openid=message.openid,
+                                             kind="own" if line else "calls")
         line = line or (RATE_LINE.format(wait=max(1, round(wait))) if wait <= 60
                         else DAILY_LINE.format(hours=max(1, round(wait / 3600))))
-        notice_key = f"limit-notice:{message.openid}:{'own' if line else 'calls'}"
         segments = [] if self.store.get_kv(notice_key, now) else [line]
         if segments:
             self.store.set_kv(notice_key, "1", now + wait)
+        elif self.acknowledger:
+            self.acknowledger.nothing_comes(message.openid, message.received_at)
         log_worker.warning("message %s from %s: over the per-user limit (WXBOT_USER_RATE/"
                            "WXBOT_USER_DAILY); no model call, %s", message.id,
                            short_id(message.openid), "notice sent" if segments else "silent")
@@ -4055,8 +4142,8 @@ class Webhook:
         else:
             self.mode.try_service(message_id, time.time())  # before a worker can take it
             self.wakeup.notify()
-            if self.acknowledger and not self.mode.passive and (push.msg_type != "event" or
-                    self.owner.replies.prompt_for(push.event, push.fields.get("EventKey", ""))):
+            if self.acknowledger and not self.mode.passive and awaits_answer(
+                    self.owner.replies, push.msg_type, push.event, push.fields):
                 self.acknowledger.pushed(message_id, push.openid, now)
         if self.mode.passive:
             return 200, self.passive_reply(push, message_id, pushes, query, arrived)
@@ -4441,6 +4528,11 @@ class Bot:
         recovered = self.store.release_all_leases()
         if recovered:
             log.info("resuming %d message(s) that were in progress at the last stop", recovered)
+        if not self.mode.passive:  # those still within WeChat's typing window see it now
+            for row in self.store.awaiting_answer(time.time() - Acknowledger.TYPING_WINDOW):
+                if awaits_answer(self.owner.replies, row["msg_type"], row["event"],
+                                 json.loads(row["fields"])):
+                    self.acknowledger.pushed(row["id"], row["openid"], row["received_at"])
         self.acknowledger.start()
         self.server.start()
         for worker in self.workers + self.senders:
