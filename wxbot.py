@@ -3190,6 +3190,8 @@ class StreamMask:
             masked[start:end] = [True] * (end - start)
         cut = len(text) if final else self._cut(text)
         self.held, self.masked = text[cut:], masked[cut:]
+        if True not in masked:  # the usual piece: nothing to hide
+            return text[:cut]
         return "".join(MASK if hide else char for char, hide in zip(text[:cut], masked))
 
     def finish(self) -> str:
@@ -3210,6 +3212,9 @@ class StreamMask:
 def masked_stream(pieces: Iterator[str], words: BlockedWords) -> Iterator[str]:
     """The answer's pieces with blocked words masked; what is held back still comes out
     when the stream breaks off, before the error."""
+    if not words.trie:  # no blocked words: the pieces as they come
+        yield from pieces
+        return
     mask = StreamMask(words)
     try:
         for piece in pieces:
