@@ -346,27 +346,37 @@ class FakeModel(FakeServer):
 
     @staticmethod
     def stream(handler, request, pieces):
+        """Server-sent events as providers send them: each in an HTTP chunk of its own, on a
+        connection kept open for the next request."""
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
-        handler.send_header("Connection", "close")
+        handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
-        handler.close_connection = True
+
+        def send(data):
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            handler.wfile.flush()
 
         def event(delta, finish=None):
             chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk",
                      "created": int(time.time()), "model": request["model"],
                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            handler.wfile.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode()
-                                + b"\n\n")
-            handler.wfile.flush()
+            send(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
         event({"role": "assistant", "content": ""})
-        for piece in pieces:  # a ModelFault here breaks the stream off mid-answer
-            if isinstance(piece, dict):  # an event as it is, such as {"error": {...}}
-                handler.wfile.write(b"data: " + json.dumps(piece).encode() + b"\n\n")
-                continue
-            event({"content": piece})
+        try:
+            for piece in pieces:
+                if isinstance(piece, dict):  # an event as it is, such as {"error": {...}}
+                    send(b"data: " + json.dumps(piece).encode() + b"\n\n")
+                    continue
+                event({"content": piece})
+        except ModelFault:  # the stream breaks off mid-answer: no last chunk, no more
+            handler.close_connection = True
+            with contextlib.suppress(OSError):
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            return
         event({}, "stop")
-        handler.wfile.write(b"data: [DONE]\n\n")
+        send(b"data: [DONE]\n\n")
+        handler.wfile.write(b"0\r\n\r\n")
         handler.wfile.flush()
 
     def questions(self):
@@ -3149,19 +3159,46 @@ def test_stream_lines_survive_any_split_of_the_bytes(lines, crlf, cuts):
     data = "".join(line + ("\r\n" if crlf else "\n") for line in lines).encode()
     edges = sorted({0, len(data), *(cut for cut in cuts if cut < len(data))})
     reads = [data[start:end] for start, end in zip(edges, edges[1:])]
-    assert list(wxbot.paced_lines(iter(reads), 0)) == lines
+    assert list(wxbot.stream_lines(iter(reads))) == lines
 
 
-def test_a_stream_is_read_at_most_once_every_interval():
-    pulled = []
+def test_a_streamed_response_is_read_from_the_network_at_most_once_every_interval():
+    class Network:
+        def __init__(self):
+            self.reads = []
 
-    def reads():
-        for n in range(4):
-            pulled.append(time.monotonic())
-            yield f"data: {n}\n\n".encode()
-    assert list(wxbot.paced_lines(reads(), 0.05)) == ["data: 0", "", "data: 1", "", "data: 2",
-                                                      "", "data: 3", ""]
-    assert all(later - earlier >= 0.05 for earlier, later in zip(pulled, pulled[1:]))
+        def read(self, max_bytes, timeout=None):
+            self.reads.append(time.monotonic())
+            return b"data"
+
+    class Response:
+        extensions = {"network_stream": Network()}
+    network = Response.extensions["network_stream"]
+    with wxbot.paced_reads(Response, 0.05):
+        assert [network.read(10) for _ in range(4)] == [b"data"] * 4
+    assert all(later - earlier >= 0.05 for earlier, later in zip(network.reads,
+                                                                  network.reads[1:]))
+    started = time.monotonic()
+    network.read(10)  # the connection's next request: not paced any more
+    assert "read" not in vars(network) and time.monotonic() - started < 0.05
+
+
+def test_a_model_writing_faster_than_reads_are_paced_is_read_as_fast_as_it_writes(
+        start_bot, wechat, model):
+    """Providers send each event in an HTTP chunk of its own: 400 of them in about a second
+    must not wait a read interval each (100 s), nor outlive a 10 s model timeout."""
+    answer = chinese_answer(2000)
+
+    def fast(request):
+        for i in range(0, len(answer), 5):
+            if i % 50 == 0:
+                time.sleep(0.025)  # the model's own pace, not a synchronisation
+            yield answer[i:i + 5]
+    model.respond = fast
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=10)
+    send_text(bot, "oFASTMODEL", "讲长一点", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1, timeout=20)
+    assert without_space("".join(wechat.texts_to("oFASTMODEL"))) == without_space(answer)
 
 
 def test_error_event_in_the_stream_from_a_content_filter_gets_the_polite_line(start_bot, wechat,

@@ -2392,22 +2392,49 @@ CONTENT_FILTER = re.compile(r"content.filter|content_filter|content management|"
                             r"safety system|content.policy|moderation", re.I)
 
 
-def paced_lines(chunks: Iterator[bytes], every: float) -> Iterator[str]:
-    """The lines of a byte stream, read from the network at most once every `every` seconds.
-
-    Models send a token or a few characters at a time, each its own read (and thread wake-up)
-    at some 0.1 ms of CPU; what was sent in between waits in the socket's buffer and comes
-    in one read. A line is decoded whole, so a character split across reads is never cut.
-    """
-    rest, next_read = b"", time.monotonic() + every
+def stream_lines(chunks: Iterator[bytes]) -> Iterator[str]:
+    """The lines of a byte stream; a line is decoded whole, so a character split across
+    chunks is never cut."""
+    rest = b""
     for chunk in chunks:
         *lines, rest = (rest + chunk).split(b"\n")
         for line in lines:
             yield line.rstrip(b"\r").decode("utf-8")
-        time.sleep(max(0.0, next_read - time.monotonic()))
-        next_read = time.monotonic() + every
     if rest:
         yield rest.rstrip(b"\r").decode("utf-8")
+
+
+@contextlib.contextmanager
+def paced_reads(response, every: float) -> Iterator[None]:
+    """Within it, the response is read from the network at most once every `every` seconds.
+
+    Models send a token or a few characters at a time, each its own write and HTTP chunk;
+    read as it comes, each costs a thread wake-up and some 0.1 ms of CPU. So the pause goes
+    before each read of the network stream the HTTP client exposes: what the model sent
+    meanwhile waits in the socket's buffer and comes in one read, and the client then hands
+    out all of its chunks at once. (A pause between chunks instead would hold back chunks
+    already received, one pause each, and read a fast model slower than it writes.)
+    """
+    stream = response.extensions.get("network_stream")
+    read = getattr(stream, "read", None)
+    if read is None:  # another transport: read as it comes
+        yield
+        return
+    next_read = time.monotonic()
+
+    def paced_read(*args, **kwargs):
+        nonlocal next_read
+        time.sleep(max(0.0, next_read - time.monotonic()))
+        try:
+            return read(*args, **kwargs)
+        finally:
+            next_read = time.monotonic() + every
+
+    stream.read = paced_read
+    try:
+        yield
+    finally:  # the connection may serve the client's next request, unpaced
+        del stream.read
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[dict]:
@@ -2490,9 +2517,9 @@ class Model:
         except openai.APIError as error:
             raise self._unreachable(error) from None
         produced = finished = False
-        with contextlib.closing(response) as http:
+        with contextlib.closing(response) as http, paced_reads(http, self.READ_EVERY):
             try:
-                for chunk in sse_events(paced_lines(http.iter_bytes(), self.READ_EVERY)):
+                for chunk in sse_events(stream_lines(http.iter_bytes())):
                     problem = chunk.get("error")
                     if problem:  # some providers report a failure inside the stream
                         detail = str(problem.get("message", problem) if isinstance(
