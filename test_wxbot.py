@@ -5021,19 +5021,27 @@ def test_at_the_deadline_the_model_is_hung_up_on_at_once(start_bot, wechat, mode
     assert len(model.requests) == 1
 
 
-def test_a_provider_that_does_not_stream_is_asked_again_only_until_the_deadline(
-        start_bot, wechat, model):
-    model.streams = False  # the first call answers whole, slowly; the second is too late
+@pytest.mark.parametrize("first", ["answered whole", "context too long"])
+def test_a_second_call_gets_only_the_time_left_to_answer(start_bot, wechat, model, first):
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=2)
+    send_text(bot, "oLEFT", "早先", 1)  # history, which a context too long is retried without
+    wait_for(lambda: bot.store.settled(1), message="the first answer")
+    calls = len(model.requests)
+    model.streams = first == "context too long"  # else a provider that ignores stream=True
 
-    def respond(request):
-        model.hold(1.5 if len(model.requests) == 1 else 10)
+    def respond(request):  # the first call ends slowly, the second is too late
+        if len(model.requests) == calls + 1:
+            model.hold(1.5)
+            if first == "context too long":
+                raise ModelFault(400, "This model's maximum context length is 8192 tokens")
+        else:
+            model.hold(10)
         return "晚了"
     model.respond = respond
-    bot = start_bot(WXBOT_MODEL_TIMEOUT=2)
     started = time.monotonic()
-    send_text(bot, "oWHOLE", "问", 1)
-    wait_for(lambda: bot.store.settled(1), timeout=3, message="the user's outcome")
-    assert wechat.texts_to("oWHOLE") == [wxbot.APOLOGY_LINE]
+    send_text(bot, "oLEFT", "问", 2)
+    wait_for(lambda: bot.store.settled(2), timeout=3, message="the user's outcome")
+    assert wechat.texts_to("oLEFT")[-1] == wxbot.APOLOGY_LINE
     wait_for(lambda: model.hangups, timeout=2.7 - (time.monotonic() - started),
              message="the second call given up at the deadline")
-    assert len(model.requests) == 2
+    assert len(model.requests) == calls + 2

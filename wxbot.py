@@ -2325,8 +2325,8 @@ class Deadline:
                           f" raise it for a slow model", "deadline")
 
     def left(self) -> float:
-        """Seconds left: the timeout of a request the watcher cannot hang up on (the SDK's
-        own, which reads the answer whole)."""
+        """Seconds left: each request's timeout, which bounds the wait for its response
+        (before there is one to hang up on) and a request read whole by the SDK."""
         return max(0.0, self.at - time.monotonic())
 
     def reading(self, response: HTTP_RESPONSE | None) -> None:
@@ -2346,9 +2346,9 @@ class Deadline:
     def _shut(self) -> None:
         stream = self._response and self._response.extensions.get("network_stream")
         sock = stream and stream.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):  # already closed by the other side
-                sock.shutdown(socket.SHUT_RDWR)
+        if sock is not None:  # TLS too: SSLSocket's own shutdown would drop the TLS state
+            with contextlib.suppress(OSError):  # under the read, which then reads ciphertext
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 class Model:
@@ -2398,7 +2398,8 @@ class Model:
             response = self.client.post("/chat/completions", cast_to=HTTP_RESPONSE, stream=True,
                                         body={"model": self.settings.model,
                                               "messages": messages, "stream": True,
-                                              "max_tokens": self.settings.max_tokens})
+                                              "max_tokens": self.settings.max_tokens},
+                                        options={"timeout": deadline.left()})
         except openai.APIStatusError as error:
             if error.status_code == 400 and "stream" in str(error.message).lower():
                 yield self.answer(messages, timeout=deadline.left())
