@@ -2407,8 +2407,9 @@ class Model:
             raise self._status_error(error) from None
         except openai.APIError as error:
             raise self._unreachable(error) from None
-        produced, streamed, finish = False, response.headers.get(
-            "content-type", "").startswith("text/event-stream"), None
+        # A provider that ignores stream=True answers in one JSON body: not an event stream.
+        streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+        produced, finish = False, None
         deadline.reading(response)
         try:
             with contextlib.closing(response) as http:
