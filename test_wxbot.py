@@ -10,12 +10,14 @@ from __future__ import annotations
 import codecs
 import base64
 import contextlib
+import datetime
 import email.parser
 import email.policy
 import hashlib
 import http.client
 import http.server
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -26,6 +28,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,9 @@ import urllib.parse
 
 import pytest
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 import wxbot
@@ -71,15 +77,23 @@ class FakeServer:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 self.body = self.rfile.read(length)
-                fake.route(self)
+                self.answer()
 
             def do_GET(self):
                 self.body = b""
+                self.answer()
+
+            def answer(self):
+                fake.peers.append(self.client_address)
                 fake.route(self)
+                if fake.hang_up:  # without a word, as a server closing idle connections
+                    self.close_connection = True
 
             def log_message(self, *args):
                 pass
 
+        self.peers = []         # the client's (address, port) of every request, in order
+        self.hang_up = False    # close each connection after its answer
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.server.handle_error = lambda request, address: None  # a client hung up
@@ -5045,3 +5059,443 @@ def test_a_second_call_gets_only_the_time_left_to_answer(start_bot, wechat, mode
     wait_for(lambda: model.hangups, timeout=2.7 - (time.monotonic() - started),
              message="the second call given up at the deadline")
     assert len(model.requests) == calls + 2
+
+
+# Who waits, and for how long: the queue line and typing ######################
+
+def queue_while_stopped(db, pushes):
+    """Store pushes as the webhook does while no bot runs: (xml, received_at) each; their ids."""
+    store = wxbot.Store(str(db))
+    try:
+        return [store.store_push(wxbot.Push.from_fields(wxbot.parse_xml(body)), received_at)[0]
+                for body, received_at in pushes]
+    finally:
+        store.close()
+
+
+def add_answered_history(db, answers, seconds):
+    """Questions the model answered before, each in `seconds`, as the database keeps them."""
+    started = time.time() - 3600
+    ids = queue_while_stopped(db, [(text_xml(f"oPAST{n}", "问", n), started + n)
+                                   for n in range(answers)])
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        for n, message_id in enumerate(ids):
+            conn.execute("UPDATE messages SET state = 'done', answered_at = ? WHERE id = ?",
+                         (started + n + seconds, message_id))
+            conn.execute("INSERT INTO model_calls (message_id, openid, called_at) VALUES"
+                         " (?, ?, ?)", (message_id, f"oPAST{n}", started + n))
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(queue=st.lists(st.tuples(st.integers(0, 4), st.sampled_from(["text", "event"]),
+                                st.sampled_from(["queued", "leased", "done"]),
+                                st.booleans(), st.booleans()), min_size=1, max_size=12))
+def test_the_people_ahead_are_those_a_worker_serves_first(queue):
+    """前面还有 N 人: other users with a message queued earlier that a worker may take now and
+    answer; not a message held back after a failure, one whose answer is stored, an event,
+    nor the user's own earlier ones; each user once however many messages they sent."""
+    now = time.time()
+    with tempfile.TemporaryDirectory() as folder:
+        store = wxbot.Store(os.path.join(folder, "wxbot.db"))
+        try:
+            ids = []
+            for n, (user, kind, state, held, answered) in enumerate(queue):
+                body = text_xml(f"oQ{user}", "问", n) if kind == "text" else \
+                    event_xml(f"oQ{user}", "CLICK", create_time=n, event_key="ASK")
+                message_id = store.store_push(wxbot.Push.from_fields(wxbot.parse_xml(body)),
+                                              now)[0]
+                with store.transaction() as conn:
+                    conn.execute("UPDATE messages SET state = ?, not_before = ?,"
+                                 " answered_at = ? WHERE id = ?",
+                                 (state, now + 60 if held else 0, now if answered else None,
+                                  message_id))
+                ids.append(message_id)
+            for n, message_id in enumerate(ids):
+                user = queue[n][0]
+                ahead = {other for other, kind, state, held, answered in queue[:n]
+                         if other != user and kind == "text" and state == "queued"
+                         and not held and not answered}
+                assert store.waiting_ahead(message_id, f"oQ{user}", now) == len(ahead)
+        finally:
+            store.close()
+
+
+def test_the_queue_line_counts_people_not_their_messages(start_bot, wechat, model):
+    release = hold_first_question(model, "一")
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=5)
+    send_text(bot, "oFIRST", "一", 1)
+    wait_for(lambda: model.requests)  # the only worker is busy from here on
+    for n in range(3):
+        send_text(bot, "oMANY", f"多{n}", 2 + n)  # one person ahead, with three messages
+    send_text(bot, "oLAST", "问", 9)
+    try:
+        line = wait_for(lambda: wechat.texts_to("oLAST"), timeout=5)
+        assert line == [wxbot.QUEUE_LINE.format(ahead=1, minutes=1)]
+        assert not wechat.texts_to("oMANY")  # nobody else ahead of them: typing only
+    finally:
+        release.set()
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+
+
+def test_a_restarted_bot_tells_the_wait_from_the_answers_it_gave(start_bot, wechat, model,
+                                                                 tmp_path):
+    add_answered_history(tmp_path / "wxbot.db", 5, 120)  # each answer took 2 minutes
+    release = hold_first_question(model, "一")
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=5)
+    send_text(bot, "oFIRST", "一", 1)
+    wait_for(lambda: model.requests)
+    send_text(bot, "oSECOND", "二", 2)
+    send_text(bot, "oTHIRD", "三", 3)  # one ahead: 2 minutes, then 2 for its own answer
+    try:
+        line = wait_for(lambda: wechat.texts_to("oTHIRD"), timeout=5)
+        assert line == [wxbot.QUEUE_LINE.format(ahead=1, minutes=4)]
+    finally:
+        release.set()
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+
+
+def test_messages_queued_at_a_restart_get_typing_within_wechats_window(start_bot, wechat,
+                                                                      model, tmp_path):
+    now = time.time()
+    queue_while_stopped(tmp_path / "wxbot.db", [
+        (text_xml("oSTALE", "旧问题", 1), now - 40),   # typing now would be refused (45080)
+        (text_xml("oFRESH", "新问题", 2), now - 5),
+        (event_xml("oWHERE", "LOCATION"), now - 1)])  # no answer is written for it
+    release = threading.Event()
+    model.respond = lambda request: release.wait(10) and "答"
+    bot = start_bot()
+    try:
+        wait_for(lambda: ("oFRESH", "Typing") in wechat.typing, timeout=5)
+        assert [to for to, command in wechat.typing] == ["oFRESH"]  # one batch, in order
+    finally:
+        release.set()
+    wait_for(lambda: wechat.texts_to("oSTALE") == ["答"] and wechat.texts_to("oFRESH") == ["答"])
+
+
+def test_a_queue_line_is_sent_once_even_across_a_restart(start_bot, wechat, model, tmp_path):
+    now = time.time()
+    ids = queue_while_stopped(tmp_path / "wxbot.db", [
+        (text_xml(f"oLINE{n}", "问", n), now - 4 + n) for n in range(4)])
+    store = wxbot.Store(str(tmp_path / "wxbot.db"))
+    assert store.note_queue_lines([ids[3]], now) == [ids[3]]  # its line went out before a stop
+    store.close()
+    release = threading.Event()
+    model.respond = lambda request: release.wait(10) and "答"
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=5)
+    try:
+        wait_for(lambda: ("oLINE3", "Typing") in wechat.typing, timeout=5)
+        assert wechat.texts_to("oLINE2") and not wechat.texts_to("oLINE3")
+    finally:
+        release.set()
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    assert wechat.texts_to("oLINE3")[0] == "答"
+
+
+def test_a_database_error_costs_the_typing_of_its_own_message_only(start_bot, wechat, model,
+                                                                  tmp_path, monkeypatch, caplog):
+    now = time.time()
+    ids = queue_while_stopped(tmp_path / "wxbot.db", [
+        (text_xml(f"oBATCH{n}", "机密的问题", n), now - 3 + n) for n in range(3)])
+    settled = wxbot.Store.settled
+
+    def failing(store, message_id):
+        if message_id == ids[1]:
+            raise sqlite3.OperationalError("disk I/O error")
+        return settled(store, message_id)
+    monkeypatch.setattr(wxbot.Store, "settled", failing)
+    release = threading.Event()
+    model.respond = lambda request: release.wait(10) and "答"
+    bot = start_bot()  # the three resumed messages are acknowledged together
+    try:
+        wait_for(lambda: {"oBATCH0", "oBATCH2"} <= {to for to, command in wechat.typing},
+                 timeout=5, message="typing for the others")
+    finally:
+        release.set()
+    assert ("oBATCH1", "Typing") not in wechat.typing
+    assert f"message {ids[1]}: typing or queue line skipped, the database failed " \
+        "(OperationalError: disk I/O error)" in caplog.text
+    assert "机密" not in caplog.text
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+
+
+def test_a_user_told_of_the_limit_sees_no_typing_for_what_gets_no_answer(start_bot, wechat,
+                                                                         model):
+    release = hold_first_question(model, "忙")
+    bot = start_bot(WXBOT_USER_RATE=1, WXBOT_WORKERS=1)
+    send_text(bot, "oOVER", "一", 1)
+    wait_for(lambda: wechat.texts_to("oOVER") == ["答：一"])
+    send_text(bot, "oOVER", "二", 2)  # over the limit: told once
+    wait_for(lambda: len(wechat.texts_to("oOVER")) == 2)
+    assert "秒后再问我" in wechat.texts_to("oOVER")[1]
+    typed = wechat.typing.count(("oOVER", "Typing"))
+    send_text(bot, "oBUSY", "忙", 3)
+    wait_for(lambda: "忙" in model.questions())  # the only worker is busy from here on
+    send_text(bot, "oOVER", "三", 4)  # no answer will come for this one
+    send_text(bot, "oNEXT", "问", 5)
+    try:
+        wait_for(lambda: ("oNEXT", "Typing") in wechat.typing, timeout=5)
+    finally:
+        release.set()
+    wait_for(lambda: wechat.texts_to("oNEXT") and
+             bot.store.health(time.time())["queued"] == 0)
+    assert wechat.typing.count(("oOVER", "Typing")) == typed
+    assert len(wechat.texts_to("oOVER")) == 2
+
+
+def test_typing_shown_before_the_limit_was_told_is_taken_back(start_bot, wechat, model):
+    release = hold_first_question(model, "忙")
+    bot = start_bot(WXBOT_USER_RATE=1, WXBOT_WORKERS=1)
+    send_text(bot, "oRACE", "一", 1)
+    wait_for(lambda: wechat.texts_to("oRACE") == ["答：一"])
+    typed = wechat.typing.count(("oRACE", "Typing"))
+    send_text(bot, "oBUSY", "忙", 2)
+    wait_for(lambda: "忙" in model.questions())
+    send_text(bot, "oRACE", "二", 3)
+    wait_for(lambda: wechat.typing.count(("oRACE", "Typing")) > typed, timeout=5)
+    # Told of the limit meanwhile (by a message handled in between): "二" gets no answer.
+    bot.store.set_kv(wxbot.LIMIT_NOTICE_KEY.format(openid="oRACE", kind="calls"), "1",
+                     time.time() + 60)
+    release.set()
+    wait_for(lambda: ("oRACE", "CancelTyping") in wechat.typing)
+    assert wechat.texts_to("oRACE") == ["答：一"]
+
+
+def test_the_queue_line_and_the_restart_read_the_database_by_index(tmp_path, monkeypatch):
+    statements = []
+    connect = wxbot.Store._connect
+
+    def traced(self):
+        conn = connect(self)
+        conn.set_trace_callback(statements.append)
+        return conn
+    db = tmp_path / "wxbot.db"
+    add_answered_history(db, 50, 7)
+    now = time.time()
+    last = queue_while_stopped(db, [(text_xml(f"oWAIT{n}", "问", n), now) for n in range(50)])[-1]
+    monkeypatch.setattr(wxbot.Store, "_connect", traced)
+    store = wxbot.Store(str(db))
+    try:
+        assert store.waiting_ahead(last, "oWAIT49", now) == 49
+        assert store.answer_seconds() == 7
+        assert len(store.awaiting_answer(now - 30)) == 50
+    finally:
+        store.close()
+    queries = [s for s in statements if "count(DISTINCT openid)" in s or "model_calls c" in s
+               or "answered_at IS NULL ORDER BY id" in s]
+    assert len(queries) == 3
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert {query: full_scans(conn, query) for query in queries} == \
+            {query: [] for query in queries}
+
+
+# Fixed replies while every worker is busy ####################################
+
+def test_fixed_replies_go_out_while_every_worker_is_busy_with_the_model(start_bot, wechat,
+                                                                        model, tmp_path):
+    release = hold_first_question(model, "慢问题")
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_REPLIES=replies_file(tmp_path))
+    send_text(bot, "oBUSY", "慢问题", 1)
+    wait_for(lambda: model.requests, message="the only worker busy with the model")
+    wechat.failures[SEND] = [-1]  # WeChat busy once: tried again, as an answer is
+    try:
+        send_text(bot, "oBUSY", "价格", 2)
+        send_text(bot, "oKEY", "价格", 3)
+        post_push(bot, click_xml("oTAP", "TODAY"))
+        wait_for(lambda: all(wechat.texts_to(openid) for openid in ("oBUSY", "oKEY", "oTAP")),
+                 timeout=3, message="the fixed replies while the worker is busy")
+        assert wechat.rejected_sends == 1 and model.questions() == ["慢问题"]
+    finally:
+        release.set()
+    wait_for(lambda: all(bot.store.settled(n) for n in range(1, 5)), message="all answered")
+    assert wechat.texts_to("oBUSY") == [PRICE, "答：慢问题"]
+    assert wechat.texts_to("oKEY") == [PRICE]
+    assert wechat.texts_to("oTAP") == [REPLIES["clicks"]["TODAY"]]
+
+
+def test_fixed_replies_are_sent_once_across_a_kill_while_the_worker_is_busy(tmp_path, wechat,
+                                                                           model):
+    def respond(request):
+        if len(model.requests) == 1:
+            time.sleep(10)  # the first process is killed during this call
+        return "答：" + request["messages"][-1]["content"]
+    model.respond = respond
+    in_flight, killed = threading.Event(), threading.Event()
+
+    def hold(path, body):  # the click's reply is in flight when the process dies
+        if path == SEND and body["touser"] == "oTAP" and not killed.is_set():
+            in_flight.set()
+            killed.wait(15)
+            return "drop"  # WeChat never took it
+    wechat.hold = hold
+    env = env_for(tmp_path, wechat, model, WXBOT_WORKERS=1,
+                  WXBOT_REPLIES=replies_file(tmp_path))
+    process, port, _ = start_process(env, tmp_path)
+    try:
+        send_text(port, "oBUSY", "慢问题", 1)
+        wait_for(lambda: model.requests, message="the only worker busy with the model")
+        send_text(port, "oBUSY", "价格", 2)
+        wait_for(lambda: sent_segments(tmp_path / "wxbot.db") == 1, timeout=3,
+                 message="the keyword's reply sent and marked sent")
+        post_push(port, click_xml("oTAP", "TODAY"))
+        wait_for(in_flight.is_set, timeout=3, message="the click's reply in flight")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        killed.set()
+        process, port, _ = start_process(env, tmp_path)
+        wait_for(lambda: wechat.texts_to("oTAP") and len(wechat.texts_to("oBUSY")) == 2,
+                 message="what was owed, after the restart")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    finally:
+        process.kill()
+    assert wechat.texts_to("oBUSY") == [PRICE, "答：慢问题"]  # the keyword's reply not again
+    assert wechat.texts_to("oTAP") == [REPLIES["clicks"]["TODAY"]]  # nor lost
+
+
+def test_a_sender_takes_every_stored_reply_in_order_and_never_a_question(tmp_path):
+    databases = itertools.count()
+
+    @hsettings(max_examples=60, deadline=None, database=None)
+    @given(pushes=st.lists(st.tuples(st.sampled_from(["oA", "oB", "oC"]), st.booleans()),
+                           min_size=1, max_size=12),
+           busy=st.integers(0, 4))
+    def sending(pushes, busy):
+        store = wxbot.Store(str(tmp_path / f"sender-{next(databases)}.db"))
+        now, fixed = time.time(), set()
+        for n, (openid, is_fixed) in enumerate(pushes):
+            text = "价格" if is_fixed else f"问题{n}"
+            message_id, _ = store.store_push(wxbot.Push.from_fields(wxbot.parse_xml(
+                text_xml(openid, text, n))), now)
+            if is_fixed:
+                assert store.reply_at_once(message_id, "固定回复", now, passive=False)
+                fixed.add(message_id)
+        taken = []
+        for _ in range(busy):  # workers: a question stays in hand, with the model
+            message = store.claim(now, 60)
+            if message is None:
+                break
+            if message.id in fixed:
+                taken.append(message)
+                store.finish(message, wxbot.State.DONE)
+        while True:  # the sender, meanwhile
+            message = store.claim(now, 60, ready_only=True)
+            if message is None:
+                break
+            assert message.id in fixed  # never a question: it needs the model
+            taken.append(message)
+            store.finish(message, wxbot.State.DONE)
+        assert sorted(message.id for message in taken) == sorted(fixed)  # each, once
+        for openid in ("oA", "oB", "oC"):  # a user's fixed replies in the order they came
+            ids = [message.id for message in taken if message.openid == openid]
+            assert ids == sorted(ids)
+        store.close()
+
+    sending()
+
+
+@pytest.mark.parametrize("drawing", [False, True])
+def test_help_says_how_to_ask_for_a_picture_when_drawing_is_on(start_bot, wechat, model,
+                                                               drawing):
+    bot = start_bot(**(DRAWING if drawing else {}))
+    send_text(bot, "oHELPDRAW", "帮助", 1)
+    wait_for(lambda: wechat.texts_to("oHELPDRAW"), message="the help")
+    (help_line,) = wechat.texts_to("oHELPDRAW")
+    drawn = [example for example in re.findall(r"“([^”]+)”", help_line)
+             if wxbot.classify("text", example, drawing=True).kind is wxbot.Kind.DRAW
+             and wxbot.classify("text", example, drawing=True).text]
+    assert bool(drawn) is drawing  # when on, an example that is itself drawn
+    assert ("画" in help_line) is drawing and model.requests == []
+
+
+# WeChat connections ##########################################################
+
+class FakeProxy(FakeServer):
+    """A forward HTTP proxy: takes absolute-URL requests and passes them on."""
+
+    def __init__(self):
+        super().__init__()
+        self.session = requests.Session()
+        self.session.trust_env = False  # the tests' proxy settings point at this proxy
+        self.paths = []
+
+    def route(self, handler):
+        self.paths.append(urllib.parse.urlsplit(handler.path).path)
+        answer = self.session.request(handler.command, handler.path, data=handler.body or None,
+                                      headers={"Content-Type": handler.headers.get(
+                                          "Content-Type", "application/json")}, timeout=10)
+        self.reply(handler, answer.status_code, answer.content)
+
+
+def wechat_api(tmp_path, wechat, model):
+    settings = wxbot.Settings.from_env(env_for(tmp_path, wechat, model))
+    return wxbot.WeChatAPI(settings, wxbot.Store(settings.db))
+
+
+def test_wechat_calls_share_open_connections_and_go_on_when_wechat_closes_them(
+        tmp_path, wechat, model):
+    api = wechat_api(tmp_path, wechat, model)
+    for n in range(6):
+        api.customer_service_send("oCONN", f"第{n}条")
+    assert len(set(wechat.peers)) == 1  # the token and six sends on one connection
+    wechat.hang_up = True  # WeChat closes each connection once it has answered
+    for n in range(6, 10):
+        api.customer_service_send("oCONN", f"第{n}条")
+    assert wechat.texts_to("oCONN") == [f"第{n}条" for n in range(10)]
+    assert len(set(wechat.peers)) == 4  # the first on the kept one, then a new one each
+
+
+def test_wechat_calls_go_through_the_proxy_the_environment_names(tmp_path, wechat, model,
+                                                                 monkeypatch):
+    proxy = FakeProxy()
+    try:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        api = wechat_api(tmp_path, wechat, model)
+        api.typing("oPROXY")
+        api.customer_service_send("oPROXY", "经代理")
+        assert proxy.paths == ["/cgi-bin/stable_token", "/cgi-bin/message/custom/typing",
+                               "/cgi-bin/message/custom/send"]
+        assert wechat.texts_to("oPROXY") == ["经代理"]
+    finally:
+        proxy.close()
+
+
+def self_signed_certificate(folder) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, as PEM files in folder."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName(
+                       [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                  critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    with open(cert_path, "wb") as out:
+        out.write(certificate.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as out:
+        out.write(key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.TraditionalOpenSSL,
+                                    serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_wechat_over_https_is_verified_against_the_trusted_certificates(tmp_path, wechat,
+                                                                        model, monkeypatch):
+    cert, key = self_signed_certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    wechat.server.socket = context.wrap_socket(wechat.server.socket, server_side=True)
+    wechat.url = wechat.url.replace("http://", "https://")
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(wxbot.WeChatError, match="SSLCertVerificationError"):
+        wechat_api(tmp_path, wechat, model).customer_service_send("oTLS", "不可信")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", cert)  # as requests takes a private CA
+    wechat_api(tmp_path, wechat, model).customer_service_send("oTLS", "可信")
+    assert wechat.texts_to("oTLS") == ["可信"]

@@ -31,6 +31,7 @@ import enum
 import hashlib
 import heapq
 import hmac
+import http.client
 import io
 import itertools
 import json
@@ -40,11 +41,14 @@ import os
 import queue
 import random
 import re
+import select
 import shutil
 import signal
 import socket
 import socketserver
 import sqlite3
+import ssl
+import statistics
 import struct
 import sys
 import threading
@@ -101,6 +105,8 @@ DRAW_WORDS = ("画一张", "画", "/draw")
 #: is a question: a picture in its place would be a wrong answer and cost an image.
 DRAW_QUESTION = re.compile(r"[？?吗呢]\s*$|什么|怎么|为什么|是谁|哪[里个些儿]|如何")
 DRAW_HOW_LINE = "想画什么？请在“画”后面写上画面，例如：画一只在窗台上晒太阳的橘猫"
+#: The line /help adds, after its first, when drawing is on.
+HELP_DRAW_LINE = "发送“画”加上画面（如“画一只橘猫”）：为你画一张图"
 DRAW_REFUSED_LINE = "抱歉，这个画面我不能画，换个描述试试吧。"
 DRAW_DAILY_LINE = "今天的画图次数已用完（每天 {limit} 张），请约 {hours} 小时后再来。"
 #: The account may not upload media (48001: unverified): a line instead of the picture.
@@ -785,14 +791,19 @@ INTERRUPTIONS_LIMIT = 5
 #: The oldest message a worker may take (:now): due, and its user has nothing earlier queued
 #: or in hand (one user's messages are answered in order). A message whose answer is stored
 #: already (a fixed reply, Store.reply_at_once) waits only for the user's other such ones:
-#: it goes out at once, not after the model's answer to an earlier question.
+#: it goes out at once, not after the model's answer to an earlier question. :ready_only
+#: takes only those (Sender).
 CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_before <= :now"
+             " AND (m.answered_at IS NOT NULL OR NOT :ready_only)"
              " AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
              " AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased')"
              " AND (m.answered_at IS NULL OR o.answered_at IS NOT NULL))"
              " ORDER BY m.id LIMIT 1")
 #: The kv key noting that the queue line went out for a message: it used one of the 5.
 QUEUE_LINE_KEY = "queue-line:{}"
+#: The kv key noting that a user over a limit was told so, until a place frees (kind:
+#: "calls", WXBOT_USER_RATE/WXBOT_USER_DAILY; "own", a limit with a line of its own).
+LIMIT_NOTICE_KEY = "limit-notice:{openid}:{kind}"
 #: The user's segments of earlier, finished answers that never went out (:openid, :id).
 EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
                   " WHERE m.openid = :openid AND m.id < :id AND m.state = 'done'"
@@ -1122,12 +1133,14 @@ class Store:
             for ticket in batch:
                 ticket["stored"] = error
 
-    def claim(self, now: float, lease_seconds: float) -> Message | None:
-        """Lease the oldest message whose user has nothing earlier queued or in hand."""
+    def claim(self, now: float, lease_seconds: float, ready_only: bool = False
+              ) -> Message | None:
+        """Lease the oldest message whose user has nothing earlier queued or in hand;
+        `ready_only`: only one whose answer is stored whole, ready to send (Sender)."""
         with self.connection() as conn:  # a claim that finds nothing takes no turn to write
             if not conn.execute(f"SELECT EXISTS ({CLAIMABLE}) OR EXISTS (SELECT 1 FROM"
                                 " messages WHERE state = 'leased' AND lease_until < :now)",
-                                {"now": now}).fetchone()[0]:
+                                {"now": now, "ready_only": ready_only}).fetchone()[0]:
                 return None
         with self.transaction() as conn:
             self._interrupt(conn, "state = 'leased' AND lease_until < :now",
@@ -1137,20 +1150,24 @@ class Store:
                 f" attempts = attempts + 1 WHERE id = ({CLAIMABLE})"
                 " RETURNING id, openid, msg_type, msg_id, event, content, fields, received_at,"
                 " attempts, model_failures, delivery_failures, interruptions",
-                {"now": now, "until": now + lease_seconds}).fetchone()
+                {"now": now, "until": now + lease_seconds, "ready_only": ready_only}
+            ).fetchone()
         if row is None:
             return None
         return Message(**{**dict(row), "fields": json.loads(row["fields"])})
 
-    def next_due(self, now: float) -> float | None:
+    def next_due(self, now: float, ready_only: bool = False) -> float | None:
         """When a message that cannot be claimed now may become claimable: a retry's time or a
         lease's end. (A message waiting behind its user's message in hand becomes claimable
-        when that one finishes, and the worker that finishes it wakes the others.)"""
+        when that one finishes, and the worker that finishes it wakes the others.)
+        `ready_only`: the retry of an answer stored whole (Sender); lease ends are the
+        workers' to look at."""
         with self.connection() as conn:
             row = conn.execute(
                 "SELECT min(CASE state WHEN 'queued' THEN not_before ELSE lease_until END)"
-                " FROM messages WHERE state = 'leased' OR (state = 'queued' AND not_before > ?)",
-                (now,)).fetchone()
+                " FROM messages WHERE (state = 'leased' AND NOT :ready_only) OR (state ="
+                " 'queued' AND not_before > :now AND (answered_at IS NOT NULL OR NOT"
+                " :ready_only))", {"now": now, "ready_only": ready_only}).fetchone()
         return row[0]
 
     def _leased(self, conn: sqlite3.Connection, message: Message, sql: str, **params) -> None:
@@ -1438,9 +1455,9 @@ class Store:
     def reply_at_once(self, message_id: int, text: str, now: float, passive: bool) -> bool:
         """Store a fixed reply as the whole answer of a message no worker has taken; False
         when a worker took it first. Passive: it is this push's reply, sent as it is stored
-        (its retries get it again). Otherwise it stays queued, unsent, for the next free
-        worker, which may take it while its user's question before it is in hand
-        (CLAIMABLE) and sends it as any answer (marked sent, within the message's quota)."""
+        (its retries get it again). Otherwise it stays queued, unsent, for a Sender, which
+        takes it at once, even while its user's question before it is in hand (CLAIMABLE),
+        and sends it as any answer (marked sent, within the message's quota)."""
         with self.transaction() as conn:
             if conn.execute("UPDATE messages SET state = :state, answered_at = :now"
                             " WHERE id = :id AND state = 'queued' AND answered_at IS NULL",
@@ -1470,27 +1487,50 @@ class Store:
                                 " WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
-    def waiting_ahead(self, message_id: int) -> int:
-        """Messages queued before this one that no worker has taken yet."""
+    def waiting_ahead(self, message_id: int, openid: str, now: float) -> int:
+        """The people in the queue before a message: other users with a message queued before
+        it that a worker may take now and answer. Not counted: messages held back after a
+        failure (not_before), answers already stored (a fixed reply goes out at once),
+        events (answered at once or not at all), nor the user's own earlier messages (they
+        are answered first, quick follow-ups together with them)."""
         with self.connection() as conn:
-            return conn.execute("SELECT count(*) FROM messages WHERE state = 'queued'"
-                                " AND id < ?", (message_id,)).fetchone()[0]
+            return conn.execute(
+                "SELECT count(DISTINCT openid) FROM messages WHERE state = 'queued'"
+                " AND id < :id AND not_before <= :now AND answered_at IS NULL"
+                " AND msg_type != 'event' AND openid != :openid",
+                {"id": message_id, "now": now, "openid": openid}).fetchone()[0]
+
+    def answer_seconds(self) -> float | None:
+        """How long the model took over its last answers (the median of 20, from the call
+        to the answer complete); None before the first."""
+        with self.connection() as conn:
+            took = [row[0] for row in conn.execute(
+                "SELECT m.answered_at - c.called_at FROM model_calls c JOIN messages m"
+                " ON m.id = c.message_id WHERE m.answered_at IS NOT NULL"
+                " ORDER BY c.message_id DESC LIMIT 20")]
+        return statistics.median(took) if took else None
+
+    def awaiting_answer(self, since: float) -> list[sqlite3.Row]:
+        """Queued messages received since `since` whose answer is still to be written."""
+        with self.connection() as conn:
+            return conn.execute("SELECT id, openid, msg_type, event, fields, received_at"
+                                " FROM messages WHERE received_at >= ? AND state = 'queued'"
+                                " AND answered_at IS NULL ORDER BY id", (since,)).fetchall()
 
     def note_queue_lines(self, message_ids: list[int], now: float) -> list[int]:
         """Note, before it is sent, that the queue line goes out for these messages: it takes
         one of their 5 messages (quota). Those whose answer began to go out get none.
-        Returns the ids noted."""
+        Returns the ids noted now: not those noted before (a message resumed after a restart
+        has had its line)."""
         if not message_ids:
             return []
         with self.transaction() as conn:
-            noted = [message_id for message_id in message_ids if not conn.execute(
-                "SELECT 1 FROM segments WHERE message_id = ? AND tried_at IS NOT NULL LIMIT 1",
-                (message_id,)).fetchone()]
             # The quota of a user message lasts 48 h; the note need not outlive it.
-            conn.executemany("INSERT OR IGNORE INTO kv (key, value, expires_at) VALUES"
-                             " (?, ?, ?)", [(QUEUE_LINE_KEY.format(message_id), str(now),
-                                             now + 3 * 86400) for message_id in noted])
-        return noted
+            return [message_id for message_id in message_ids if not conn.execute(
+                "SELECT 1 FROM segments WHERE message_id = ? AND tried_at IS NOT NULL LIMIT 1",
+                (message_id,)).fetchone() and conn.execute(
+                "INSERT OR IGNORE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
+                (QUEUE_LINE_KEY.format(message_id), str(now), now + 3 * 86400)).rowcount]
 
     def quota(self, message: Message) -> int:
         """Customer-service messages the answer to a message may use: WeChat's 5 per user
@@ -2007,6 +2047,88 @@ class WeChatError(Exception):
         return f"{self} — {template}" if template else str(self)
 
 
+class WeChatConnections:
+    """Kept-open connections to WeChat's API, for the JSON calls every answer makes.
+
+    An answer makes four to six calls (typing, its renewal, one per segment), hundreds at
+    once in a burst. requests spends some 0.9 ms of CPU on each, half of it reading the
+    proxy settings from the environment again; http.client on a kept-open connection spends
+    0.3 ms. Verified as requests verifies: its CA bundle, or REQUESTS_CA_BUNDLE.
+    """
+
+    #: Connections kept open between calls; more are opened while more calls are in flight.
+    IDLE = 16
+    #: A connection unused for longer is closed, not tried: WeChat's side, or a NAT between,
+    #: may have dropped it without a word, and a call on it would wait out its timeout.
+    IDLE_SECONDS = 30.0
+
+    def __init__(self, base: str):
+        parts = urllib.parse.urlsplit(base)
+        self.host, self.port, self.prefix = parts.hostname, parts.port, parts.path
+        self.context = ssl.create_default_context(
+            cafile=os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+            or requests.certs.where()) if parts.scheme == "https" else None
+        self._idle: list[tuple[float, http.client.HTTPConnection]] = []  # (since, connection)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def usable(base: str) -> bool:
+        """False behind a proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) or with credentials in
+        the URL: requests speaks to those."""
+        return not (urllib.parse.urlsplit(base).username
+                    or requests.utils.get_environ_proxies(base))
+
+    def request(self, method: str, target: str, body: bytes | None, headers: dict,
+                timeout: float) -> tuple[int, bytes]:
+        """One call: its HTTP status and body. Raises OSError or http.client.HTTPException
+        when WeChat cannot be reached or breaks off."""
+        for last in (False, True):
+            connection, kept = self._take(timeout)
+            try:
+                try:
+                    connection.request(method, self.prefix + target, body, headers)
+                    response = connection.getresponse()
+                except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                    # WeChat closed a kept-open connection as it was taken, before reading
+                    # the call: once more on a new one.
+                    if kept and not last:
+                        connection.close()
+                        continue
+                    raise
+                data = response.read()
+            except BaseException:
+                connection.close()  # never reused half-way through a call
+                raise
+            self._give(connection, response.will_close)
+            return response.status, data
+        raise AssertionError("unreachable")
+
+    def _take(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection, and whether it was kept open from an earlier call."""
+        while True:
+            with self._lock:
+                since, connection = self._idle.pop() if self._idle else (0.0, None)
+            if connection is None:
+                break
+            # Readable while idle means WeChat closed it (or sent what nobody asked for).
+            if (time.monotonic() - since < self.IDLE_SECONDS and connection.sock is not None
+                    and not select.select([connection.sock], [], [], 0)[0]):
+                connection.sock.settimeout(timeout)
+                return connection, True
+            connection.close()
+        if self.context is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                               context=self.context), False
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout), False
+
+    def _give(self, connection: http.client.HTTPConnection, closing: bool) -> None:
+        with self._lock:
+            if not closing and len(self._idle) < self.IDLE:
+                self._idle.append((time.monotonic(), connection))
+                return
+        connection.close()
+
+
 class WeChatAPI:
     """Calls to WeChat's API with an access token cached in SQLite across restarts."""
 
@@ -2019,6 +2141,8 @@ class WeChatAPI:
         self._local = threading.local()
         self._reported: set[int] = set()
         self._reported_lock = threading.Lock()
+        self._direct = (WeChatConnections(settings.api_base)
+                        if WeChatConnections.usable(settings.api_base) else None)
 
     def first_time(self, errcode: int) -> bool:
         """False for an account-wide error already logged (48001 would flood the log)."""
@@ -2038,6 +2162,8 @@ class WeChatAPI:
                files: dict | None = None) -> dict:
         """POST JSON as raw UTF-8 (escapes can fail with 40033), or `files` as multipart, or
         GET when there is neither; raise WeChatError on failure."""
+        if self._direct is not None and files is None:
+            return self._answer(path, *self._call_direct(path, body, params))
         url = self.settings.api_base + path
         try:
             if files is not None:  # up to 10 MB: more time than a JSON call
@@ -2052,12 +2178,31 @@ class WeChatAPI:
                     headers={"Content-Type": "application/json; charset=utf-8"})
         except requests.RequestException as error:
             raise WeChatError(None, f"{type(error).__name__} calling {path}") from None
-        if response.status_code != 200:
-            raise WeChatError(None, f"HTTP {response.status_code} from {path}")
+        return self._answer(path, response.status_code, response.content)
+
+    def _call_direct(self, path: str, body: dict | None, params: dict | None
+                     ) -> tuple[int, bytes]:
+        target = path + ("?" + urllib.parse.urlencode(params) if params else "")
         try:
-            answer = response.json()
+            if body is None:
+                return self._direct.request("GET", target, None, {}, self.timeout)
+            return self._direct.request(
+                "POST", target, json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                {"Content-Type": "application/json; charset=utf-8"}, self.timeout)
+        except (OSError, http.client.HTTPException) as error:
+            raise WeChatError(None, f"{type(error).__name__} calling {path}") from None
+
+    @staticmethod
+    def _answer(path: str, status: int, content: bytes) -> dict:
+        """WeChat's JSON answer; WeChatError for an HTTP error, a non-JSON body or an errcode."""
+        if status != 200:
+            raise WeChatError(None, f"HTTP {status} from {path}")
+        try:
+            answer = json.loads(content)
         except ValueError:
-            raise WeChatError(None, f"{path} answered something that is not JSON") from None
+            answer = None
+        if not isinstance(answer, dict):
+            raise WeChatError(None, f"{path} answered something that is not a JSON object")
         errcode = answer.get("errcode", 0)
         if errcode:
             raise WeChatError(errcode, str(answer.get("errmsg", ""))[:200])
@@ -3300,6 +3445,13 @@ def queue_line(ahead: int, wait: float, answer_seconds: float) -> str:
     return QUEUE_LINE.format(ahead=ahead, minutes=max(1, math.ceil((wait + answer_seconds) / 60)))
 
 
+def awaits_answer(replies: Replies, msg_type: str, event: str | None, fields: dict) -> bool:
+    """Whether the user waits for a worker's answer to a message, and so is shown typing:
+    any message, but of the events only a click that asks the model (the others are
+    answered at once or not at all: LOCATION may come every 5 s)."""
+    return msg_type != "event" or bool(replies.prompt_for(event, fields.get("EventKey", "")))
+
+
 class Acknowledger:
     """Shows every user at once that their message was seen, however deep the queue.
 
@@ -3308,6 +3460,7 @@ class Acknowledger:
     few threads of this sender's own, and is renewed once after 15 s while the answer is
     still coming. A message that will wait longer than WXBOT_QUEUE_NOTICE seconds gets one
     short line instead, saying how long; it takes one of the message's 5 (Store.quota).
+    A message that will get no answer (its user is over a limit and was told) gets neither.
     Passive mode has no customer-service API: nothing is sent.
     """
 
@@ -3316,12 +3469,17 @@ class Acknowledger:
     THREADS = 8
     #: Typing shows for 15 s and cannot be renewed while shown (45081).
     TYPING_RENEW = 15.5
-    #: How long an answer is taken to need until workers have timed some (seconds).
+    #: WeChat refuses typing this long after the user's message (45080).
+    TYPING_WINDOW = 30.0
+    #: How long an answer is taken to need while the database holds none (seconds).
     ANSWER_GUESS = 10.0
+    #: How often the time answers take is read again from the database (seconds).
+    ANSWER_LOOK = 10.0
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, mode: DeliveryMode):
         self.settings, self.store, self.wechat, self.mode = settings, store, wechat, mode
         self.answer_seconds = self.ANSWER_GUESS
+        self._timed_at = -math.inf  # when answer_seconds was read
         self._due: list[tuple[float, int, str, float, bool]] = []  # heap: when, id, openid, ...
         self._condition = threading.Condition()  # notified when a job is added or on stop
         self._stopping = False
@@ -3329,6 +3487,7 @@ class Acknowledger:
                                           daemon=True) for n in range(self.THREADS)]
 
     def start(self) -> None:
+        self._answer_time(time.time())  # a restart in a burst knows the answers' pace
         for thread in self._threads:
             thread.start()
 
@@ -3341,12 +3500,14 @@ class Acknowledger:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def pushed(self, message_id: int, openid: str, received_at: float) -> None:
-        """A new message was stored: acknowledge it now."""
+        """A message was stored (or found queued at start): acknowledge it now."""
         self._add(received_at, message_id, openid, received_at, True)
 
-    def answered(self, seconds: float) -> None:
-        """A worker took this long over a message: the queue line's estimate follows."""
-        self.answer_seconds += 0.2 * (seconds - self.answer_seconds)  # recent ones weigh most
+    def nothing_comes(self, openid: str, received_at: float) -> None:
+        """A message was settled with nothing to send: typing shown for it (before its user
+        was told of a limit) must not end in silence."""
+        if not self.mode.passive and time.time() - received_at < self.TYPING_WINDOW:
+            self.wechat.typing(openid, "CancelTyping")
 
     def _add(self, when: float, message_id: int, openid: str, received_at: float,
              first: bool) -> None:
@@ -3365,36 +3526,80 @@ class Acknowledger:
                 jobs = []
                 while self._due and self._due[0][0] <= time.time() and len(jobs) < 32:
                     jobs.append(heapq.heappop(self._due))
-            try:
+            if not self.mode.passive:
                 self._acknowledge(jobs)
-            except Exception:  # a typing line is never worth a thread
-                log_wechat.exception("typing or queue line for %d message(s) skipped", len(jobs))
 
     def _acknowledge(self, jobs: list[tuple[float, int, str, float, bool]]) -> None:
-        if self.mode.passive:
-            return
         lines = {}
         for _, message_id, openid, received_at, first in jobs:
-            if self.store.settled(message_id):  # answered already: typing would mislead
-                continue
-            if first:
-                self._add(received_at + self.TYPING_RENEW, message_id, openid, received_at,
-                          False)
-                ahead = self.store.waiting_ahead(message_id)
-                wait = ahead / self.settings.workers * self.answer_seconds
-                if self.settings.queue_notice and wait > self.settings.queue_notice:
-                    lines[message_id] = (openid, queue_line(ahead, wait, self.answer_seconds))
+            with self._alone(message_id, "typing or queue line"):
+                line = self._look(message_id, openid, received_at, first)
+                if line:
+                    lines[message_id] = (openid, line, received_at)
+        noted = self._note(list(lines))
+        for message_id, (openid, line, received_at) in lines.items():
+            with self._alone(message_id, "queue line"):
+                if message_id not in noted:  # not noted, not sent: typing says it was seen
+                    self._typing(openid, received_at)
                     continue
-            elif time.time() - received_at >= 30:  # too late for typing (45080)
-                continue
+                try:
+                    self.wechat.customer_service_send(openid, line)
+                except WeChatError as error:  # the answer still comes; the log says why not this
+                    log_wechat.warning("queue line for message %s not sent: %s", message_id,
+                                       error.hint())
+
+    def _look(self, message_id: int, openid: str, received_at: float, first: bool
+              ) -> str | None:
+        """Show typing for a message, or return its queue line when it will wait long."""
+        now = time.time()
+        if self.store.settled(message_id):  # answered already: typing would mislead
+            return None
+        if self.store.get_kv(LIMIT_NOTICE_KEY.format(openid=openid, kind="calls"), now):
+            return None  # over a limit and told so: no answer comes, nothing may promise one
+        if first:
+            self._add(now + self.TYPING_RENEW, message_id, openid, received_at, False)
+            if self.settings.queue_notice:
+                ahead = self.store.waiting_ahead(message_id, openid, now)
+                answer_seconds = self._answer_time(now)
+                wait = ahead / self.settings.workers * answer_seconds
+                if wait > self.settings.queue_notice:
+                    return queue_line(ahead, wait, answer_seconds)
+        self._typing(openid, received_at)
+        return None
+
+    def _typing(self, openid: str, received_at: float) -> None:
+        if time.time() - received_at < self.TYPING_WINDOW:  # else too late (45080)
             self.wechat.typing(openid)
-        for message_id in self.store.note_queue_lines(list(lines), time.time()):
-            openid, line = lines[message_id]
-            try:
-                self.wechat.customer_service_send(openid, line)
-            except WeChatError as error:  # the answer still comes; the log says why not this
-                log_wechat.warning("queue line for message %s not sent: %s", message_id,
-                                   error.hint())
+
+    def _answer_time(self, now: float) -> float:
+        """How long an answer takes, as the database last told (Store.answer_seconds)."""
+        if now - self._timed_at >= self.ANSWER_LOOK:
+            self._timed_at = now
+            self.answer_seconds = self.store.answer_seconds() or self.ANSWER_GUESS
+        return self.answer_seconds
+
+    def _note(self, message_ids: list[int]) -> set[int]:
+        """Note the queue lines of a batch in one commit; should it fail, one at a time, so
+        that a failure costs only its own message."""
+        try:
+            return set(self.store.note_queue_lines(message_ids, time.time()))
+        except sqlite3.Error:
+            noted = set()
+            for message_id in message_ids:
+                with self._alone(message_id, "queue line"):
+                    noted.update(self.store.note_queue_lines([message_id], time.time()))
+            return noted
+
+    @contextlib.contextmanager
+    def _alone(self, message_id: int, what: str) -> Iterator[None]:
+        """A failure costs the one message it concerns, and the log says which and why."""
+        try:
+            yield
+        except sqlite3.Error as error:
+            log_wechat.warning("message %s: %s skipped, the database failed (%s: %s)",
+                               message_id, what, type(error).__name__, error)
+        except Exception:  # a typing line is never worth a thread, nor the batch
+            log_wechat.exception("message %s: %s skipped", message_id, what)
 
 
 ###############################################################################
@@ -3414,6 +3619,14 @@ def stats_text(stats: dict) -> str:
         f"回复方式：{'被动回复' if stats['mode'] == 'passive' else '客服消息'}",
         f"今日固定回复：关键词 {stats['keyword_replies_today']}，菜单 "
         f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
+
+
+def help_answer(drawing: bool) -> str:
+    """/help's answer: HELP_LINE, saying how to ask for a picture when drawing is on."""
+    if not drawing:
+        return HELP_LINE
+    first, rest = HELP_LINE.split("\n", 1)
+    return f"{first}\n{HELP_DRAW_LINE}\n{rest}"
 
 
 def image_media_id(store: Store, wechat: WeChatAPI, image_id: int) -> str | None:
@@ -3467,12 +3680,16 @@ class Worker:
     DISK_FULL_PAUSE = 5.0
     #: An idle worker looks at the queue this often even when nothing wakes it.
     IDLE_LOOK = 60.0
+    #: Whether it takes only messages whose answer is stored whole, ready to send (Sender).
+    READY_ONLY = False
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
-                 owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None):
+                 owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None,
+                 others: Wakeup | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
         self.wakeup, self.mode, self.name = wakeup, mode, name
+        self.others = others  # the threads of the other kind (workers, senders)
         self.acknowledger = acknowledger
         self.owner = owner or OwnerFiles(settings)
         self.image_model = ImageModel(settings) if settings.image_model else None
@@ -3483,15 +3700,16 @@ class Worker:
 
     def loop(self, now: float | None = None) -> bool:
         """Claim and handle one message; False when nothing was due."""
-        message = self.store.claim(time.time() if now is None else now, self.lease_seconds)
+        message = self.store.claim(time.time() if now is None else now, self.lease_seconds,
+                                   self.READY_ONLY)
         if message is None:
             return False
-        started = time.monotonic()
         try:
             self.handle(message)
-            self.wakeup.notify()  # the user's next message, if any, may now be claimed
-            if self.acknowledger:
-                self.acknowledger.answered(time.monotonic() - started)
+            # The user's next message, if any, may now be claimed, by either kind of thread.
+            self.wakeup.notify()
+            if self.others:
+                self.others.notify()
         except LeaseLost:
             log_worker.warning("message %s: lease lost, another worker has it", message.id)
         except Exception as error:  # one bad message never kills the thread
@@ -3513,7 +3731,7 @@ class Worker:
             try:
                 if self.loop():
                     continue
-                due = self.store.next_due(time.time())
+                due = self.store.next_due(time.time(), self.READY_ONLY)
             except sqlite3.Error as error:
                 if not disk_full(error):
                     log_worker.error("database error: %s; retrying in 1 s", error)
@@ -3590,7 +3808,8 @@ class Worker:
             self.store.forget(message.openid, message.id)
             return self.store.save_answer(message, [RESET_LINE], now, leftovers=Leftovers.DROP)
         if intent.kind is Kind.HELP:
-            return self.store.save_answer(message, [HELP_LINE], now)
+            return self.store.save_answer(
+                message, [help_answer(bool(self.settings.image_model))], now)
         if intent.kind is Kind.STATS and message.openid in self.settings.admins:
             return self.store.save_answer(message, [stats_text(
                 {**self.store.stats(now), "mode": self.mode.in_force})], now)
@@ -3794,12 +4013,15 @@ class Worker:
     def _over_limit(self, message: Message, wait: float, line: str = "") -> int:
         """One short notice per user and window; further messages in it get nothing."""
         now = time.time()
+        notice_key = LIMIT_NOTICE_KEY.format(openid=message.openid,
+                                             kind="own" if line else "calls")
         line = line or (RATE_LINE.format(wait=max(1, round(wait))) if wait <= 60
                         else DAILY_LINE.format(hours=max(1, round(wait / 3600))))
-        notice_key = f"limit-notice:{message.openid}:{'own' if line else 'calls'}"
         segments = [] if self.store.get_kv(notice_key, now) else [line]
         if segments:
             self.store.set_kv(notice_key, "1", now + wait)
+        elif self.acknowledger:
+            self.acknowledger.nothing_comes(message.openid, message.received_at)
         log_worker.warning("message %s from %s: over the per-user limit (WXBOT_USER_RATE/"
                            "WXBOT_USER_DAILY); no model call, %s", message.id,
                            short_id(message.openid), "notice sent" if segments else "silent")
@@ -3924,6 +4146,19 @@ class Worker:
         self.store.release(message, time.time() + delay, str(error), "delivery_failures")
 
 
+class Sender(Worker):
+    """Sends the answers that are stored whole, ready to go: the owner's fixed replies,
+    which the webhook stores as they arrive (Store.reply_at_once), and answers whose
+    delivery is tried again. None of them needs the model, so none waits for a worker: in a
+    burst every worker may be busy with the model for minutes. Delivery is the worker's own
+    (Worker.deliver): each segment marked sent as WeChat confirms it, within the message's
+    quota, and a failure retried, logged or given up as for any answer."""
+
+    #: Sender threads: a send takes some 50 ms, so a few keep up with a burst of menu taps.
+    THREADS = 4
+    READY_ONLY = True
+
+
 ###############################################################################
 # Web app: the webhook ########################################################
 ###############################################################################
@@ -4009,8 +4244,9 @@ class Webhook:
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
                  acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None,
-                 wechat: WeChatAPI | None = None):
+                 wechat: WeChatAPI | None = None, ready: Wakeup | None = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
+        self.ready = ready or wakeup  # wakes the senders: a fixed reply is stored, ready
         self.wechat = wechat  # uploads a drawn picture again when its media_id expired
         self.mode = mode or DeliveryMode("service", store)
         self.acknowledger = acknowledger
@@ -4079,12 +4315,12 @@ class Webhook:
                           short_id(push.openid))
         elif self.fixed_reply(push, message_id):
             if not self.mode.passive:
-                self.wakeup.notify()  # a free worker sends it, whatever else it has in hand
+                self.ready.notify()  # a sender sends it, however busy the workers are
         else:
             self.mode.try_service(message_id, time.time())  # before a worker can take it
             self.wakeup.notify()
-            if self.acknowledger and not self.mode.passive and (push.msg_type != "event" or
-                    self.owner.replies.prompt_for(push.event, push.fields.get("EventKey", ""))):
+            if self.acknowledger and not self.mode.passive and awaits_answer(
+                    self.owner.replies, push.msg_type, push.event, push.fields):
                 self.acknowledger.pushed(message_id, push.openid, now)
         if self.mode.passive:
             return 200, self.passive_reply(push, message_id, pushes, query, arrived)
@@ -4092,9 +4328,9 @@ class Webhook:
 
     def fixed_reply(self, push: Push, message_id: int) -> bool:
         """Store a keyword's or a click's fixed reply as this push's answer, so that it goes
-        out at once (as the passive reply, or by the next free worker), even while the
-        user's question before it is being answered; False when there is none, or a worker
-        took the message first (its answer comes as any other)."""
+        out at once (as the passive reply, or by a Sender), even while the user's question
+        before it is being answered; False when there is none, or a worker took the message
+        first (its answer comes as any other)."""
         fixed = self.owner.replies.fixed_reply(push.msg_type, push.content, push.event,
                                                push.fields.get("EventKey", ""))
         if not fixed or not self.store.reply_at_once(message_id, fixed[1], self.clock(),
@@ -4434,7 +4670,7 @@ class Janitor:
 
 
 class Bot:
-    """Everything wired together: store, webhook, server, acknowledger, workers."""
+    """Everything wired together: store, webhook, server, acknowledger, workers, senders."""
 
     def __init__(self, settings: Settings, owner: OwnerFiles | None = None):
         self.settings = settings
@@ -4442,17 +4678,22 @@ class Bot:
         self.owner = owner or OwnerFiles(settings)
         self.store = Store(settings.db)
         self.wakeup = Wakeup()
+        self.ready = Wakeup()  # the senders'
         self.wechat = WeChatAPI(settings, self.store)
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode, wechat=self.wechat,
-                               acknowledger=self.acknowledger, owner=self.owner)
+                               acknowledger=self.acknowledger, owner=self.owner,
+                               ready=self.ready)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
-                               self.mode, f"worker-{n}", self.owner, self.acknowledger)
-                        for n in range(settings.workers)]
+                               self.mode, f"worker-{n}", self.owner, self.acknowledger,
+                               self.ready) for n in range(settings.workers)]
+        self.senders = [Sender(settings, self.store, self.wechat, self.model, self.ready,
+                               self.mode, f"sender-{n}", self.owner, others=self.wakeup)
+                        for n in range(Sender.THREADS)]
         self.janitor = Janitor(settings, self.store)
         self.threads: list[threading.Thread] = []
 
@@ -4464,9 +4705,14 @@ class Bot:
         recovered = self.store.release_all_leases()
         if recovered:
             log.info("resuming %d message(s) that were in progress at the last stop", recovered)
+        if not self.mode.passive:  # those still within WeChat's typing window see it now
+            for row in self.store.awaiting_answer(time.time() - Acknowledger.TYPING_WINDOW):
+                if awaits_answer(self.owner.replies, row["msg_type"], row["event"],
+                                 json.loads(row["fields"])):
+                    self.acknowledger.pushed(row["id"], row["openid"], row["received_at"])
         self.acknowledger.start()
         self.server.start()
-        for worker in self.workers:
+        for worker in self.workers + self.senders:
             thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -4481,10 +4727,11 @@ class Bot:
         self.webhook.accepting = False
         self.server.stop()
         self.acknowledger.stop()
-        for worker in self.workers:
+        for worker in self.workers + self.senders:
             worker.stop()
         self.janitor.stopping.set()
         self.wakeup.notify_all()
+        self.ready.notify_all()
         deadline = time.monotonic() + timeout
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
