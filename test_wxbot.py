@@ -4650,7 +4650,12 @@ def test_passive_continue_line_names_the_segments_left_and_its_answer(start_bot,
         msg_id += 1
     assert len(shown) >= 3 and all(len(t.encode()) <= 2048 for t in shown)
     assert without_space(untail("".join(shown))) == without_space(answer_of_paragraphs(5, 600))
-    assert [tapped_answer(t)[0] for t in shown[:-1]] == list(range(len(shown) - 1, 0, -1))
+    # While the model still writes, how much follows is not known yet: the line offers the
+    # rest without a count. Once the answer is whole, every line names the true count.
+    counts = [tapped_answer(t)[0] for t in shown[:-1]]
+    known = next((n for n, count in enumerate(counts) if count is not None), len(counts))
+    assert counts == [None] * known + list(range(len(shown) - 1 - known, 0, -1))
+    assert known < len(counts)  # the answer was whole by the last tap at the latest
 
 
 # Links in answers ############################################################
@@ -5382,3 +5387,30 @@ def test_wechat_over_https_is_verified_against_the_trusted_certificates(tmp_path
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", cert)  # as requests takes a private CA
     wechat_api(tmp_path, wechat, model).customer_service_send("oTLS", "可信")
     assert wechat.texts_to("oTLS") == ["可信"]
+
+
+# The 继续 line while an answer is being written ###############################
+
+def test_passive_continue_line_counts_nothing_while_the_answer_is_being_written(
+        start_bot, wechat, model, quick_wechat_clock):
+    paragraphs, whole = answer_of_paragraphs(5, 600).split("\n\n"), threading.Event()
+
+    def respond(request):  # the first segment is ready; the rest waits
+        yield "\n\n".join(paragraphs[:2]) + "\n\n"
+        whole.wait(10)
+        yield "\n\n".join(paragraphs[2:])
+    model.respond = respond
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oWRITING", quick_wechat_clock)
+    try:
+        shown = [user.says("讲长一点")]
+        assert tapped_answer(shown[0]) == (None, 1)  # how much follows is not known yet
+    finally:
+        whole.set()
+    wait_for(lambda: bot.store.answer_complete(1), message="the whole answer")
+    msg_id = 2
+    while has_tail(shown[-1]):
+        shown.append(user.push(tap_xml("oWRITING", tapped_answer(shown[-1])[1], msg_id)))
+        msg_id += 1
+    assert without_space(untail("".join(shown))) == without_space("".join(paragraphs))
+    assert [tapped_answer(t)[0] for t in shown[1:-1]] == list(range(len(shown) - 2, 0, -1))
