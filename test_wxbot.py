@@ -5414,3 +5414,20 @@ def test_passive_continue_line_counts_nothing_while_the_answer_is_being_written(
         msg_id += 1
     assert without_space(untail("".join(shown))) == without_space("".join(paragraphs))
     assert [tapped_answer(t)[0] for t in shown[1:-1]] == list(range(len(shown) - 2, 0, -1))
+
+
+# /help and pictures #########################################################
+
+@pytest.mark.parametrize("vision", [True, False])
+def test_help_says_a_photo_may_be_sent_only_when_the_model_sees_pictures(start_bot, wechat,
+                                                                        model, vision):
+    bot = start_bot(WXBOT_VISION=int(vision))
+    send_text(bot, "oEYES", "帮助", 1)
+    wait_for(lambda: wechat.texts_to("oEYES"))
+    [shown] = wechat.texts_to("oEYES")
+    lines, usual = shown.split("\n"), wxbot.HELP_LINE.split("\n")
+    if vision:  # one short line more, in Chinese, about pictures
+        assert [line for line in lines if line not in usual] == [Matches(r".*图片.{0,20}")]
+        assert len(lines) == len(usual) + 1
+    else:
+        assert shown == wxbot.HELP_LINE and "图" not in shown

@@ -107,6 +107,8 @@ DRAW_QUESTION = re.compile(r"[？?吗呢]\s*$|什么|怎么|为什么|是谁|哪
 DRAW_HOW_LINE = "想画什么？请在“画”后面写上画面，例如：画一只在窗台上晒太阳的橘猫"
 #: The line /help adds, after its first, when drawing is on.
 HELP_DRAW_LINE = "发送“画”加上画面（如“画一只橘猫”）：为你画一张图"
+#: The line /help adds, after its first, when the model sees pictures (WXBOT_VISION).
+HELP_VISION_LINE = "也可以直接发图片给我，我来看图回答"
 DRAW_REFUSED_LINE = "抱歉，这个画面我不能画，换个描述试试吧。"
 DRAW_DAILY_LINE = "今天的画图次数已用完（每天 {limit} 张），请约 {hours} 小时后再来。"
 #: The account may not upload media (48001: unverified): a line instead of the picture.
@@ -3550,12 +3552,12 @@ def stats_text(stats: dict) -> str:
         f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
 
 
-def help_answer(drawing: bool) -> str:
-    """/help's answer: HELP_LINE, saying how to ask for a picture when drawing is on."""
-    if not drawing:
-        return HELP_LINE
+def help_answer(drawing: bool, vision: bool) -> str:
+    """/help's answer: HELP_LINE, saying how to ask for a picture when drawing is on, and
+    that a photo may be sent when the model sees pictures (WXBOT_VISION)."""
     first, rest = HELP_LINE.split("\n", 1)
-    return f"{first}\n{HELP_DRAW_LINE}\n{rest}"
+    extra = [line for line, on in ((HELP_VISION_LINE, vision), (HELP_DRAW_LINE, drawing)) if on]
+    return "\n".join([first, *extra, rest])
 
 
 def image_media_id(store: Store, wechat: WeChatAPI, image_id: int) -> str | None:
@@ -3737,8 +3739,8 @@ class Worker:
             self.store.forget(message.openid, message.id)
             return self.store.save_answer(message, [RESET_LINE], now, leftovers=Leftovers.DROP)
         if intent.kind is Kind.HELP:
-            return self.store.save_answer(
-                message, [help_answer(bool(self.settings.image_model))], now)
+            return self.store.save_answer(message, [help_answer(
+                bool(self.settings.image_model), self.settings.vision)], now)
         if intent.kind is Kind.STATS and message.openid in self.settings.admins:
             return self.store.save_answer(message, [stats_text(
                 {**self.store.stats(now), "mode": self.mode.in_force})], now)
