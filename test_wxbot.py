@@ -5431,3 +5431,29 @@ def test_help_says_a_photo_may_be_sent_only_when_the_model_sees_pictures(start_b
         assert len(lines) == len(usual) + 1
     else:
         assert shown == wxbot.HELP_LINE and "图" not in shown
+
+
+# Sends WeChat declined ######################################################
+
+@pytest.mark.parametrize("answer", [-1, 500])
+def test_a_send_wechat_declined_is_tried_again_without_the_repeat_warning(start_bot, wechat,
+                                                                         model, caplog, answer):
+    wechat.failures[SEND] = [answer]  # WeChat said busy, or an HTTP error: it took nothing
+    bot = start_bot()
+    send_text(bot, "oBUSYWX", "问", 1)
+    wait_for(lambda: bot.store.settled(1), message="answered after the retry")
+    assert wechat.texts_to("oBUSYWX") == ["答：问"]
+    assert "the user may see it twice" not in caplog.text
+
+
+def test_a_send_broken_off_is_tried_again_with_the_repeat_warning(start_bot, wechat, model,
+                                                                  caplog):
+    # The connection broke off: WeChat may have taken it (twice: a kept-open connection
+    # found closed is tried once more at once).
+    wechat.failures[SEND] = ["drop", "drop"]
+    bot = start_bot()
+    send_text(bot, "oCUTOFF", "问", 1)
+    wait_for(lambda: bot.store.settled(1), message="answered after the retry")
+    assert wechat.texts_to("oCUTOFF") == ["答：问"]
+    assert "segment 0 was in flight when its last try ended; sending it again (the user " \
+        "may see it twice)" in caplog.text

@@ -1193,9 +1193,10 @@ class Store:
             conn.execute("UPDATE segments SET tried_at = ? WHERE message_id = ? AND seq = ?",
                          (now, message.id, seq))
 
-    def refused(self, message: Message) -> None:
-        """WeChat refused the segment being sent (48001): it never arrived, so a passive reply
-        may carry it."""
+    def declined(self, message: Message) -> None:
+        """WeChat answered that it did not take the segment being sent (an errcode: -1 busy,
+        48001...): it never arrived, so its next try is no repeat, and a passive reply may
+        carry it."""
         with self.transaction() as conn:
             self._check_lease(conn, message)
             conn.execute("UPDATE segments SET tried_at = NULL WHERE message_id = ?"
@@ -2031,11 +2032,17 @@ def image_type(data: bytes) -> str | None:
 
 
 class WeChatError(Exception):
-    """WeChat answered with a non-zero errcode, or not at all (errcode None)."""
+    """WeChat answered with a non-zero errcode, or not at all (errcode None).
 
-    def __init__(self, errcode: int | None, errmsg: str):
+    `declined`: WeChat answered that it did not take the call (an errcode, an HTTP error
+    status); otherwise (a timeout, a connection broken off, a body that makes no sense)
+    whether it took it is not known.
+    """
+
+    def __init__(self, errcode: int | None, errmsg: str, declined: bool | None = None):
         super().__init__(f"errcode {errcode}: {errmsg}")
         self.errcode, self.errmsg = errcode, errmsg
+        self.declined = errcode is not None if declined is None else declined
 
     def ip(self) -> str | None:
         """The server IP WeChat names in a 40164 ("invalid ip 1.2.3.4 ..., not in whitelist")."""
@@ -2198,7 +2205,7 @@ class WeChatAPI:
     def _answer(path: str, status: int, content: bytes) -> dict:
         """WeChat's JSON answer; WeChatError for an HTTP error, a non-JSON body or an errcode."""
         if status != 200:
-            raise WeChatError(None, f"HTTP {status} from {path}")
+            raise WeChatError(None, f"HTTP {status} from {path}", declined=True)
         try:
             answer = json.loads(content)
         except ValueError:
@@ -4022,6 +4029,8 @@ class Worker:
                 else:
                     self.wechat.customer_service_send(message.openid, text)
             except WeChatError as error:
+                if error.declined:  # it never arrived: its next try is no repeat
+                    self.store.declined(message)
                 if not streaming:  # while streaming, the final delivery deals with it
                     self._send_failed(message, error)
                 return False
@@ -4054,9 +4063,7 @@ class Worker:
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
         if error.errcode == 48001 and self.mode.no_permission(message.id, time.time()):
-            with self.store.transaction():  # what is unsent goes out passively
-                self.store.refused(message)
-                self.store.finish(message, State.DONE)
+            self.store.finish(message, State.DONE)  # what is unsent goes out passively
             return
         if error.errcode in GIVE_UP:
             if self.wechat.first_time(error.errcode):
