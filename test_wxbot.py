@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unicodedata
 import urllib.parse
 
@@ -5457,3 +5458,108 @@ def test_a_send_broken_off_is_tried_again_with_the_repeat_warning(start_bot, wec
     assert wechat.texts_to("oCUTOFF") == ["答：问"]
     assert "segment 0 was in flight when its last try ended; sending it again (the user " \
         "may see it twice)" in caplog.text
+
+
+# Replies that need no model #################################################
+
+def test_replies_that_need_no_model_go_out_while_the_only_worker_is_busy(start_bot, wechat,
+                                                                         model):
+    release = hold_first_question(model, "慢问题")
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_WELCOME="欢迎来到小店！", WXBOT_ADMINS="oBOSS")
+    send_text(bot, "oSLOW", "慢问题", 1)
+    wait_for(lambda: model.requests, message="the only worker busy with the model")
+    try:
+        post_push(bot, event_xml("oNEWFAN", "subscribe"))
+        send_text(bot, "oHELP", "/help", 2)
+        send_text(bot, "oMORE", "继续", 3)
+        send_text(bot, "oFRESH", "新对话", 4)
+        send_text(bot, "oBOSS", "/stats", 5)
+        users = ("oNEWFAN", "oHELP", "oMORE", "oFRESH", "oBOSS")
+        wait_for(lambda: all(wechat.texts_to(openid) for openid in users), timeout=3,
+                 message="the replies that need no model, while the worker is busy")
+        assert wechat.texts_to("oSLOW") == [] and model.questions() == ["慢问题"]
+    finally:
+        release.set()
+    wait_for(lambda: all(bot.store.settled(n) for n in range(1, 7)), message="all answered")
+    assert wechat.texts_to("oNEWFAN") == ["欢迎来到小店！"]
+    assert wechat.texts_to("oHELP") == [wxbot.HELP_LINE]
+    assert wechat.texts_to("oMORE") == [wxbot.NOTHING_MORE_LINE]
+    assert wechat.texts_to("oFRESH") == [wxbot.RESET_LINE]
+    assert len(wechat.texts_to("oBOSS")) == 1 and "排队中" in wechat.texts_to("oBOSS")[0]
+    assert wechat.texts_to("oSLOW") == ["答：慢问题"] and model.questions() == ["慢问题"]
+    assert {to for to, _ in wechat.typing} == {"oSLOW"}  # no typing for what is not written
+
+
+def test_a_command_waits_for_the_users_earlier_question(start_bot, wechat, model):
+    release = hold_first_question(model, "慢问题")
+    respond = model.respond
+    model.respond = lambda request: answer_of_paragraphs(7, 600) \
+        if request["messages"][-1]["content"] == "讲长一点" else respond(request)
+    bot = start_bot(WXBOT_WORKERS=1)
+    send_text(bot, "oORDER", "讲长一点", 1)
+    wait_for(lambda: bot.store.settled(1), message="a long answer, its rest kept")
+    send_text(bot, "oORDER", "慢问题", 2)
+    wait_for(lambda: len(model.requests) == 2, message="the slow question with the model")
+    try:
+        send_text(bot, "oORDER", "/help", 3)
+        send_text(bot, "oORDER", "继续", 4)
+        send_text(bot, "oORDER", "新对话", 5)
+        send_text(bot, "oOTHER", "/help", 6)
+        wait_for(lambda: wechat.texts_to("oOTHER"), timeout=3, message="another user's /help")
+        assert len(wechat.texts_to("oORDER")) == 5  # nothing overtook the slow question
+    finally:
+        release.set()
+    wait_for(lambda: all(bot.store.settled(n) for n in range(1, 7)), message="all answered")
+    # The question dropped the long answer's rest: 继续 after it has nothing to fetch; the
+    # reset came last, so the question and its answer were forgotten after they were made.
+    assert wechat.texts_to("oORDER")[5:] == ["答：慢问题", wxbot.HELP_LINE,
+                                             wxbot.NOTHING_MORE_LINE, wxbot.RESET_LINE]
+    send_text(bot, "oORDER", "我是谁", 7)
+    wait_for(lambda: len(model.requests) == 3)
+    assert [m["role"] for m in model.requests[-1]["messages"]] == ["system", "user"]
+
+
+KINDS_OF_PUSH = {"question": "问题", "help": "/help", "continue": "继续", "reset": "新对话",
+                 "keyword": "价格"}
+
+
+def test_a_sender_takes_only_what_needs_no_model_and_never_before_the_users_earlier(tmp_path):
+    databases = itertools.count()
+    nowhere = types.SimpleNamespace(url="http://127.0.0.1:9")
+    settings = wxbot.Settings.from_env(env_for(tmp_path, nowhere, nowhere))
+    replies = wxbot.Replies.read(replies_file(tmp_path))
+
+    @hsettings(max_examples=80, deadline=None, database=None)
+    @given(pushes=st.lists(st.tuples(st.sampled_from(["oA", "oB"]),
+                                     st.sampled_from(sorted(KINDS_OF_PUSH))),
+                           min_size=1, max_size=10),
+           busy=st.integers(0, 3))
+    def sending(pushes, busy):
+        store = wxbot.Store(str(tmp_path / f"nomodel-{next(databases)}.db"))
+        now, kinds = time.time(), {}
+        for n, (openid, kind) in enumerate(pushes):
+            push = wxbot.Push.from_fields(wxbot.parse_xml(text_xml(openid, KINDS_OF_PUSH[kind],
+                                                                   n)))
+            message_id, _ = store.store_push(push, now,
+                                             wxbot.needs_model(settings, replies, push))
+            kinds[message_id] = (openid, kind)
+        in_hand = []
+        for _ in range(busy):  # workers: each holds what it took, with the model
+            message = store.claim(now, 60)
+            if message is None:
+                break
+            in_hand.append(message)
+        while True:  # the sender, meanwhile
+            message = store.claim(now, 60, ready_only=True)
+            if message is None:
+                break
+            openid, kind = kinds[message.id]
+            assert kind != "question"  # it needs the model
+            earlier = [n for n, (who, _) in kinds.items() if who == openid and n < message.id]
+            assert all(store.settled(n) for n in earlier)  # the user's order kept
+            store.finish(message, wxbot.State.DONE)
+        for message in in_hand:
+            store.finish(message, wxbot.State.DONE)
+        store.close()
+
+    sending()
