@@ -269,14 +269,23 @@ class FakeWeChat(FakeServer):
         return None
 
 
+def chunk_event(delta, finish=None, model="gpt-4o-mini"):
+    """One event of a streamed answer, as providers send it."""
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
 class FakeModel(FakeServer):
     """An OpenAI-compatible /v1/chat/completions endpoint, streaming (SSE) when asked to, and
     /v1/images/generations.
 
     `respond(request)` returns the answer: a string, or an iterable of pieces that a stream
     sends one chunk each (a generator may pause between them: a slow model; a dict piece is
-    sent as an event of its own). It raises
-    ModelFault(status) to fail. Every request's JSON is kept in `requests`.
+    sent as an event of its own, bytes as they are). It raises
+    ModelFault(status) to fail. Every request's JSON is kept in `requests`. A stream opens
+    with the role's event and closes with finish_reason "stop" and [DONE]; with `framing`
+    off, the pieces are all it sends. `hold(seconds)`, called from `respond` or its pieces,
+    keeps the connection open and silent; `hangups` has when the client hung up on one.
 
     `draw(request)` answers an Images API request with one picture's item: {"b64_json": ...}
     or {"url": ...} (self.url + "/files/NAME" serves `files[NAME]`), or raises ModelFault.
@@ -292,6 +301,9 @@ class FakeModel(FakeServer):
         self.requests = []
         self.respond = respond or (lambda request: "答：" + request["messages"][-1]["content"])
         self.streams = True  # False: a provider that ignores stream=True
+        self.framing = True
+        self.hangups = []
+        self.local = threading.local()  # the handler of this thread's request
 
     def route(self, handler):
         if handler.command == "GET" and handler.path.startswith("/files/"):
@@ -303,6 +315,7 @@ class FakeModel(FakeServer):
             self.images_route(handler)
             return
         request = json.loads(handler.body)
+        self.local.handler = handler
         self.authorization = handler.headers.get("Authorization")
         with self.lock:
             self.requests.append(request)
@@ -345,8 +358,18 @@ class FakeModel(FakeServer):
         self.reply(handler, 200, json.dumps({"created": int(time.time()), "data": [item]}
                                             ).encode())
 
-    @staticmethod
-    def stream(handler, request, pieces):
+    def hold(self, seconds):
+        """Keep this request's connection open and silent for up to `seconds`; True (and the
+        time kept in `hangups`) when the client hangs up meanwhile."""
+        connection = self.local.handler.connection
+        if select.select([connection], [], [], seconds)[0] and \
+                not connection.recv(1, socket.MSG_PEEK):
+            with self.lock:
+                self.hangups.append(time.monotonic())
+            return True
+        return False
+
+    def stream(self, handler, request, pieces):
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Connection", "close")
@@ -354,20 +377,23 @@ class FakeModel(FakeServer):
         handler.close_connection = True
 
         def event(delta, finish=None):
-            chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk",
-                     "created": int(time.time()), "model": request["model"],
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            chunk = chunk_event(delta, finish, request["model"])
             handler.wfile.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode()
                                 + b"\n\n")
             handler.wfile.flush()
-        event({"role": "assistant", "content": ""})
+        if self.framing:
+            event({"role": "assistant", "content": ""})
         for piece in pieces:  # a ModelFault here breaks the stream off mid-answer
             if isinstance(piece, dict):  # an event as it is, such as {"error": {...}}
                 handler.wfile.write(b"data: " + json.dumps(piece).encode() + b"\n\n")
-                continue
-            event({"content": piece})
-        event({}, "stop")
-        handler.wfile.write(b"data: [DONE]\n\n")
+            elif isinstance(piece, bytes):
+                handler.wfile.write(piece)
+                handler.wfile.flush()
+            else:
+                event({"content": piece})
+        if self.framing:
+            event({}, "stop")
+            handler.wfile.write(b"data: [DONE]\n\n")
         handler.wfile.flush()
 
     def questions(self):
@@ -4948,6 +4974,97 @@ def test_a_fixed_reply_is_sent_while_the_users_question_is_with_the_model(
     assert wechat.texts_to("oFIXED") == [expected, "答：慢问题", "答：后一问"]
     assert model.questions() == ["慢问题", "后一问"]
     assert bot.store.stats(time.time())[f"{fixed}_replies_today"] == 1
+
+
+# Model calls: empty answers and the deadline #################################
+
+#: What a stream may carry that is no text.
+TEXTLESS = st.one_of(
+    st.sampled_from([chunk_event({"role": "assistant", "content": ""}),
+                     chunk_event({"content": None}), chunk_event({}),
+                     {"id": "chatcmpl-1", "choices": [], "usage": {"completion_tokens": 0}},
+                     b": keep-alive\n\n", b"event: message\nid: 7\n"]),
+    st.text(st.sampled_from(" \n\t\u3000"), min_size=1, max_size=4).map(
+        lambda blank: chunk_event({"content": blank})))
+
+
+def test_a_finished_stream_without_text_is_asked_once_and_says_why(start_bot, wechat, model,
+                                                                   caplog):
+    bot = start_bot()
+    model.framing = False
+    users = itertools.count(1)
+
+    @hsettings(max_examples=25, deadline=None, database=None,
+               suppress_health_check=[HealthCheck.too_slow])
+    @given(textless=st.lists(TEXTLESS, max_size=5),
+           finish=st.sampled_from([None, "stop", "length", "content_filter"]),
+           done=st.booleans())
+    def empty(textless, finish, done):
+        n = next(users)
+        model.respond = lambda request: textless + (
+            [chunk_event({}, finish)] if finish else []) + ([b"data: [DONE]\n\n"] if done else [])
+        calls = len(model.requests)
+        caplog.clear()
+        send_text(bot, f"oEMPTY{n}", "问", n)
+        wait_for(lambda: bot.store.settled(n), message="the empty answer settled")
+        assert len(model.requests) == calls + 1  # no second, paid, call
+        if finish == "content_filter":
+            assert wechat.texts_to(f"oEMPTY{n}") == [wxbot.REFUSED_LINE]
+            assert "content filter" in caplog.text
+        else:
+            assert wechat.texts_to(f"oEMPTY{n}") == [wxbot.APOLOGY_LINE]
+            assert ("raise WXBOT_MAX_TOKENS" if finish == "length" else "empty answer") \
+                in caplog.text
+
+    empty()
+
+
+@pytest.mark.parametrize("drip", [b": keep-alive\n\n",
+                                  b"data: " + json.dumps(chunk_event({"content": ""})).encode()
+                                  + b"\n\n"])
+def test_at_the_deadline_the_model_is_hung_up_on_at_once(start_bot, wechat, model, drip):
+    def respond(request):
+        yield "开头。"
+        for _ in range(300):  # a minute of something that is no answer
+            if model.hold(0.2):
+                return
+            yield drip
+    model.respond = respond
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1)
+    started = time.monotonic()
+    send_text(bot, "oDRIP", "问", 1)
+    wait_for(lambda: bot.store.settled(1), timeout=2.5, message="the user's outcome")
+    texts = wechat.texts_to("oDRIP")
+    assert texts[0].startswith("开头") and texts[-1] == wxbot.CUT_OFF_LINE
+    wait_for(lambda: model.hangups, timeout=2.5 - (time.monotonic() - started),
+             message="the model's connection closed")
+    assert len(model.requests) == 1
+
+
+@pytest.mark.parametrize("first", ["answered whole", "context too long"])
+def test_a_second_call_gets_only_the_time_left_to_answer(start_bot, wechat, model, first):
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=2)
+    send_text(bot, "oLEFT", "早先", 1)  # history, which a context too long is retried without
+    wait_for(lambda: bot.store.settled(1), message="the first answer")
+    calls = len(model.requests)
+    model.streams = first == "context too long"  # else a provider that ignores stream=True
+
+    def respond(request):  # the first call ends slowly, the second is too late
+        if len(model.requests) == calls + 1:
+            model.hold(1.5)
+            if first == "context too long":
+                raise ModelFault(400, "This model's maximum context length is 8192 tokens")
+        else:
+            model.hold(10)
+        return "晚了"
+    model.respond = respond
+    started = time.monotonic()
+    send_text(bot, "oLEFT", "问", 2)
+    wait_for(lambda: bot.store.settled(2), timeout=3, message="the user's outcome")
+    assert wechat.texts_to("oLEFT")[-1] == wxbot.APOLOGY_LINE
+    wait_for(lambda: model.hangups, timeout=2.7 - (time.monotonic() - started),
+             message="the second call given up at the deadline")
+    assert len(model.requests) == calls + 2
 
 
 # Who waits, and for how long: the queue line and typing ######################

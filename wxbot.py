@@ -2395,7 +2395,8 @@ class DeliveryMode:
 
 class ModelError(Exception):
     """The model gave no usable answer. kind: "transient" (try again later), "context" (the
-    conversation is too long), "refused" (a content filter), "deadline" (WXBOT_MODEL_TIMEOUT
+    conversation is too long), "refused" (a content filter), "empty" (a finished answer with
+    no text: asked again, it costs again and is as empty), "deadline" (WXBOT_MODEL_TIMEOUT
     passed: never asked again), or "fatal" (a setting is wrong)."""
 
     def __init__(self, reason: str, kind: str = "transient", retry_after: float | None = None,
@@ -2457,6 +2458,64 @@ HTTP_RESPONSE = sys.modules[openai.DefaultHttpxClient.__base__.__module__.partit
                             ].Response
 
 
+def no_text(finish_reason: str | None, max_tokens: int) -> ModelError:
+    """Why a finished answer has no text, as the operator can act on it."""
+    if finish_reason == "content_filter":
+        return ModelError("the provider's content filter stopped the answer", "refused")
+    if finish_reason == "length":
+        return ModelError(f"the model used all WXBOT_MAX_TOKENS ({max_tokens}) before writing "
+                          f"any answer (a reasoning model spends them thinking): raise "
+                          f"WXBOT_MAX_TOKENS", "empty")
+    return ModelError(f"the model returned an empty answer (finish_reason {finish_reason})",
+                      "empty")
+
+
+class Deadline:
+    """WXBOT_MODEL_TIMEOUT for a whole model call, kept by the thread that watches the call.
+
+    The HTTP client's timeout bounds each read, not the call, and a model that keeps writing
+    (even only keep-alives) never reaches it. So the watcher hangs up at the deadline: the
+    socket of the response being read is shut down, which wakes a read blocked on it at once
+    (closing a socket from another thread does not), and the model stops writing and billing.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds, self.at = seconds, time.monotonic() + seconds
+        self.hung_up = False
+        self._response: HTTP_RESPONSE | None = None
+        self._lock = threading.Lock()
+
+    def error(self) -> ModelError:
+        return ModelError(f"no complete answer within WXBOT_MODEL_TIMEOUT ({self.seconds:g} s);"
+                          f" raise it for a slow model", "deadline")
+
+    def left(self) -> float:
+        """Seconds left: each request's timeout, which bounds the wait for its response
+        (before there is one to hang up on) and a request read whole by the SDK."""
+        return max(0.0, self.at - time.monotonic())
+
+    def reading(self, response: HTTP_RESPONSE | None) -> None:
+        """The response now being read; None once it is closed, so that a hang-up never
+        reaches its connection, which the client may be reusing for another call."""
+        with self._lock:
+            self._response = response
+            if self.hung_up:
+                self._shut()
+
+    def hang_up(self) -> None:
+        """End the call: the read in progress returns now, and nothing more is read."""
+        with self._lock:
+            self.hung_up = True
+            self._shut()
+
+    def _shut(self) -> None:
+        stream = self._response and self._response.extensions.get("network_stream")
+        sock = stream and stream.get_extra_info("socket")
+        if sock is not None:  # TLS too: SSLSocket's own shutdown would drop the TLS state
+            with contextlib.suppress(OSError):  # under the read, which then reads ciphertext
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 class Model:
     """An OpenAI-compatible chat.completions endpoint (OpenAI, DeepSeek, Qwen, Ollama, ...)."""
 
@@ -2472,47 +2531,55 @@ class Model:
                                     base_url=settings.openai_base_url or None,
                                     timeout=settings.model_timeout, max_retries=0)
 
-    def answer(self, messages: list[dict], max_tokens: int | None = None) -> str:
+    def answer(self, messages: list[dict], max_tokens: int | None = None,
+               timeout: float | None = None) -> str:
+        """The whole answer in one piece; `timeout` (seconds) replaces the client's."""
         try:
             completion = self.client.chat.completions.create(
                 model=self.settings.model, messages=messages,
-                max_tokens=max_tokens or self.settings.max_tokens)
+                max_tokens=max_tokens or self.settings.max_tokens,
+                timeout=openai.NOT_GIVEN if timeout is None else timeout)
         except openai.APIStatusError as error:
             raise self._status_error(error) from None
         except openai.APIError as error:
             raise self._unreachable(error) from None
         choice = completion.choices[0] if completion.choices else None
         text = (choice.message.content or "").strip() if choice and choice.message else ""
-        if not text and choice and choice.finish_reason == "content_filter":
-            raise ModelError("the model's content filter stopped the answer", "refused")
         if not text:
-            raise ModelError("the model returned an empty answer")
+            raise no_text(choice and choice.finish_reason, max_tokens or self.settings.max_tokens)
         return text
 
-    def stream(self, messages: list[dict]) -> Iterator[str]:
+    def stream(self, messages: list[dict], deadline: Deadline) -> Iterator[str]:
         """The answer's text as the model writes it; one piece where streaming is not offered.
 
         The request goes through the client's own `post` (its base URL, auth, retries and
         error types stay) for the HTTP response unread, and the server-sent events are parsed
         here: the SDK's typed request takes some 3 ms of CPU and its objects 0.2 ms a chunk,
-        where a burst streams hundreds of answers at once.
+        where a burst streams hundreds of answers at once. `deadline` may hang up meanwhile.
         """
+        if deadline.hung_up:  # a retry (without history) that comes too late
+            raise deadline.error()
         try:
             response = self.client.post("/chat/completions", cast_to=HTTP_RESPONSE, stream=True,
                                         body={"model": self.settings.model,
                                               "messages": messages, "stream": True,
-                                              "max_tokens": self.settings.max_tokens})
+                                              "max_tokens": self.settings.max_tokens},
+                                        options={"timeout": deadline.left()})
         except openai.APIStatusError as error:
             if error.status_code == 400 and "stream" in str(error.message).lower():
-                yield self.answer(messages)
+                yield self.answer(messages, timeout=deadline.left())
                 return
             raise self._status_error(error) from None
         except openai.APIError as error:
             raise self._unreachable(error) from None
-        produced = finished = False
-        with contextlib.closing(response) as http:
-            try:
+        # A provider that ignores stream=True answers in one JSON body: not an event stream.
+        streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+        produced, finish = False, None
+        deadline.reading(response)
+        try:
+            with contextlib.closing(response) as http:
                 for chunk in sse_events(paced_lines(http.iter_bytes(), self.READ_EVERY)):
+                    streamed = True
                     problem = chunk.get("error")
                     if problem:  # some providers report a failure inside the stream
                         detail = str(problem.get("message", problem) if isinstance(
@@ -2526,21 +2593,25 @@ class Model:
                         continue
                     text = (choice.get("delta") or {}).get("content")
                     if text:
-                        produced = True
+                        produced = produced or not text.isspace()
                         yield text
                     reason = choice.get("finish_reason")
                     if reason == "content_filter":
-                        raise ModelError("the model's content filter stopped the answer",
-                                         "refused")
-                    finished |= bool(reason)
-            except ModelError:
-                raise
-            except Exception as error:  # the stream broke off: network, timeout, bad chunk
-                raise ModelError(f"the answer stream broke off ({type(error).__name__})"
-                                 ) from None
-        if not produced:  # a provider that ignored stream=True, or sent nothing
-            yield self.answer(messages)
-        elif not finished:  # the connection ended without the model saying it was done
+                        raise no_text(reason, self.settings.max_tokens)
+                    finish = reason or finish
+        except ModelError:
+            raise
+        except Exception as error:  # the stream broke off: network, timeout, bad chunk
+            raise ModelError(f"the answer stream broke off ({type(error).__name__})") from None
+        finally:
+            deadline.reading(None)
+        if deadline.hung_up:  # the watcher gave up on this call: nothing more is asked
+            raise deadline.error()
+        if not streamed:  # a provider that ignored stream=True: one JSON body, no event
+            yield self.answer(messages, timeout=deadline.left())
+        elif not produced:  # finished, or ended, with nothing to say: asking again costs
+            raise no_text(finish, self.settings.max_tokens)
+        elif not finish:  # the connection ended without the model saying it was done
             raise ModelError("the answer stream ended before the answer was finished")
 
     def _unreachable(self, error: openai.APIError, what: str = "the model") -> ModelError:
@@ -3830,9 +3901,10 @@ class Worker:
                     {"role": "user", "content": RESUME_PROMPT}]
         cutter = StreamCutter(first_done=bool(partial))
         written, sending = [], True
+        deadline = Deadline(self.settings.model_timeout)
         try:
-            for text in masked_stream(self._watched(message, self._ask(history, ask)),
-                                      blocked):
+            for text in masked_stream(self._watched(message, self._ask(history, ask, deadline),
+                                                    deadline), blocked):
                 written.append(text)
                 ready = cutter.feed(text)
                 if ready and sending:
@@ -3905,34 +3977,34 @@ class Worker:
                              message.id)
         return IMAGE_NOT_ALLOWED_LINE
 
-    def _ask(self, history: list[dict], ask: list[dict]) -> Iterator[str]:
+    def _ask(self, history: list[dict], ask: list[dict], deadline: Deadline) -> Iterator[str]:
         """The model's answer as it streams; a context-too-long error retries without history."""
         system = [{"role": "system", "content": self.settings.system_prompt}]
         try:
-            yield from self.model.stream(system + history + ask)
+            yield from self.model.stream(system + history + ask, deadline)
             return
         except ModelError as error:
             if error.kind != "context" or not history:
                 raise
         log_worker.warning("context too long for the model; retrying without history")
-        yield from self.model.stream(system + ask)
+        yield from self.model.stream(system + ask, deadline)
 
-    def _watched(self, message: Message, answer: Iterator[str]) -> Iterator[str]:
-        """The answer within WXBOT_MODEL_TIMEOUT for the whole call, the lease kept meanwhile.
+    def _watched(self, message: Message, answer: Iterator[str],
+                 deadline: Deadline) -> Iterator[str]:
+        """The answer within its deadline, the lease kept meanwhile.
 
-        The HTTP client's timeout bounds each read, not the call: a model that writes slowly,
-        or starts late, would outlive the lease, and another worker would ask it again. So the
-        model is read in a thread of its own while this one renews the lease every third of
-        it and, at the deadline, stops and closes the stream (at its next piece, or when that
-        read times out), so the model stops writing and billing.
+        A model that writes slowly, or starts late, would outlive the lease, and another
+        worker would ask it again. So the model is read in a thread of its own while this one
+        renews the lease every third of it and, at the deadline (or when the answer is no
+        longer wanted), hangs up: the model stops writing and billing, and what came in time
+        is all the answer has.
         """
         pieces: queue.SimpleQueue = queue.SimpleQueue()
-        abandoned = threading.Event()
 
         def read() -> None:
             try:
                 for text in answer:
-                    if abandoned.is_set():
+                    if deadline.hung_up:
                         return
                     pieces.put(("text", text))
                 pieces.put(("end", None))
@@ -3942,7 +4014,6 @@ class Worker:
                 answer.close()
 
         threading.Thread(target=read, name=f"{self.name}-model", daemon=True).start()
-        deadline = time.monotonic() + self.settings.model_timeout
         renew_every = self.lease_seconds / 3
         renew_at = time.monotonic() + renew_every
         try:
@@ -3952,21 +4023,19 @@ class Worker:
                     self.store.renew_lease(message, time.time() + self.lease_seconds)
                     renew_at = now + renew_every
                 try:
-                    kind, value = pieces.get(timeout=max(0.0, min(deadline, renew_at) - now))
+                    kind, value = pieces.get(timeout=max(0.0, min(deadline.at, renew_at) - now))
                 except queue.Empty:
                     kind, value = None, None
                 if kind == "text":
                     yield value
                 elif kind == "end":
                     return
-                elif time.monotonic() >= deadline:  # a read timeout is past it too
-                    raise ModelError(f"no complete answer within WXBOT_MODEL_TIMEOUT "
-                                     f"({self.settings.model_timeout:g} s); raise it for a "
-                                     f"slow model", "deadline")
+                elif time.monotonic() >= deadline.at:  # a read timeout is past it too
+                    raise deadline.error()
                 elif kind == "error":
                     raise value
         finally:
-            abandoned.set()
+            deadline.hang_up()
 
     def _over_limit(self, message: Message, wait: float, line: str = "") -> int:
         """One short notice per user and window; further messages in it get nothing."""
