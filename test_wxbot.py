@@ -4181,10 +4181,10 @@ def test_passive_reply_too_late_for_wechat_takes_no_segment_with_it(start_bot, w
                                                                      monkeypatch):
     original = wxbot.Store.store_push
 
-    def slow_disk(store, push, now):  # this push takes longer to store than WeChat waits
+    def slow_disk(store, push, now, *rest):  # this push takes longer to store than WeChat waits
         if push.content == "慢慢存":
             time.sleep(quick_wechat_clock + 0.1)
-        return original(store, push, now)
+        return original(store, push, now, *rest)
     monkeypatch.setattr(wxbot.Store, "store_push", slow_disk)
     bot = start_bot(WXBOT_MODE="passive")
     user = WeChatUser(bot, "oLATE", quick_wechat_clock)
@@ -4470,6 +4470,7 @@ def test_database_of_schema_2_gets_pictures_and_keeps_its_answers(tmp_path):
     store.close()
     with contextlib.closing(sqlite3.connect(path)) as conn:  # as schema 2 left it
         conn.executescript("DROP TABLE images; ALTER TABLE segments DROP COLUMN image;"
+                           " ALTER TABLE messages DROP COLUMN needs_model;"
                            " PRAGMA user_version = 2;")
     store = wxbot.Store(path)
     with store.connection() as conn:
