@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unicodedata
 import urllib.parse
 
@@ -4217,10 +4218,10 @@ def test_passive_reply_too_late_for_wechat_takes_no_segment_with_it(start_bot, w
                                                                      monkeypatch):
     original = wxbot.Store.store_push
 
-    def slow_disk(store, push, now):  # this push takes longer to store than WeChat waits
+    def slow_disk(store, push, now, *rest):  # this push takes longer to store than WeChat waits
         if push.content == "慢慢存":
             time.sleep(quick_wechat_clock + 0.1)
-        return original(store, push, now)
+        return original(store, push, now, *rest)
     monkeypatch.setattr(wxbot.Store, "store_push", slow_disk)
     bot = start_bot(WXBOT_MODE="passive")
     user = WeChatUser(bot, "oLATE", quick_wechat_clock)
@@ -4506,6 +4507,7 @@ def test_database_of_schema_2_gets_pictures_and_keeps_its_answers(tmp_path):
     store.close()
     with contextlib.closing(sqlite3.connect(path)) as conn:  # as schema 2 left it
         conn.executescript("DROP TABLE images; ALTER TABLE segments DROP COLUMN image;"
+                           " ALTER TABLE messages DROP COLUMN needs_model;"
                            " PRAGMA user_version = 2;")
     store = wxbot.Store(path)
     with store.connection() as conn:
@@ -4713,7 +4715,12 @@ def test_passive_continue_line_names_the_segments_left_and_its_answer(start_bot,
         msg_id += 1
     assert len(shown) >= 3 and all(len(t.encode()) <= 2048 for t in shown)
     assert without_space(untail("".join(shown))) == without_space(answer_of_paragraphs(5, 600))
-    assert [tapped_answer(t)[0] for t in shown[:-1]] == list(range(len(shown) - 1, 0, -1))
+    # While the model still writes, how much follows is not known yet: the line offers the
+    # rest without a count. Once the answer is whole, every line names the true count.
+    counts = [tapped_answer(t)[0] for t in shown[:-1]]
+    known = next((n for n, count in enumerate(counts) if count is not None), len(counts))
+    assert counts == [None] * known + list(range(len(shown) - 1 - known, 0, -1))
+    assert known < len(counts)  # the answer was whole by the last tap at the latest
 
 
 # Links in answers ############################################################
@@ -5536,3 +5543,178 @@ def test_wechat_over_https_is_verified_against_the_trusted_certificates(tmp_path
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", cert)  # as requests takes a private CA
     wechat_api(tmp_path, wechat, model).customer_service_send("oTLS", "可信")
     assert wechat.texts_to("oTLS") == ["可信"]
+
+
+# The 继续 line while an answer is being written ###############################
+
+def test_passive_continue_line_counts_nothing_while_the_answer_is_being_written(
+        start_bot, wechat, model, quick_wechat_clock):
+    paragraphs, whole = answer_of_paragraphs(5, 600).split("\n\n"), threading.Event()
+
+    def respond(request):  # the first segment is ready; the rest waits
+        yield "\n\n".join(paragraphs[:2]) + "\n\n"
+        whole.wait(10)
+        yield "\n\n".join(paragraphs[2:])
+    model.respond = respond
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oWRITING", quick_wechat_clock)
+    try:
+        shown = [user.says("讲长一点")]
+        assert tapped_answer(shown[0]) == (None, 1)  # how much follows is not known yet
+    finally:
+        whole.set()
+    wait_for(lambda: bot.store.answer_complete(1), message="the whole answer")
+    msg_id = 2
+    while has_tail(shown[-1]):
+        shown.append(user.push(tap_xml("oWRITING", tapped_answer(shown[-1])[1], msg_id)))
+        msg_id += 1
+    assert without_space(untail("".join(shown))) == without_space("".join(paragraphs))
+    assert [tapped_answer(t)[0] for t in shown[1:-1]] == list(range(len(shown) - 2, 0, -1))
+
+
+# /help and pictures #########################################################
+
+@pytest.mark.parametrize("vision", [True, False])
+def test_help_says_a_photo_may_be_sent_only_when_the_model_sees_pictures(start_bot, wechat,
+                                                                        model, vision):
+    bot = start_bot(WXBOT_VISION=int(vision))
+    send_text(bot, "oEYES", "帮助", 1)
+    wait_for(lambda: wechat.texts_to("oEYES"))
+    [shown] = wechat.texts_to("oEYES")
+    lines, usual = shown.split("\n"), wxbot.HELP_LINE.split("\n")
+    if vision:  # one short line more, in Chinese, about pictures
+        assert [line for line in lines if line not in usual] == [Matches(r".*图片.{0,20}")]
+        assert len(lines) == len(usual) + 1
+    else:
+        assert shown == wxbot.HELP_LINE and "图" not in shown
+
+
+# Sends WeChat declined ######################################################
+
+@pytest.mark.parametrize("answer", [-1, 500])
+def test_a_send_wechat_declined_is_tried_again_without_the_repeat_warning(start_bot, wechat,
+                                                                         model, caplog, answer):
+    wechat.failures[SEND] = [answer]  # WeChat said busy, or an HTTP error: it took nothing
+    bot = start_bot()
+    send_text(bot, "oBUSYWX", "问", 1)
+    wait_for(lambda: bot.store.settled(1), message="answered after the retry")
+    assert wechat.texts_to("oBUSYWX") == ["答：问"]
+    assert "the user may see it twice" not in caplog.text
+
+
+def test_a_send_broken_off_is_tried_again_with_the_repeat_warning(start_bot, wechat, model,
+                                                                  caplog):
+    # The connection broke off: WeChat may have taken it (twice: a kept-open connection
+    # found closed is tried once more at once).
+    wechat.failures[SEND] = ["drop", "drop"]
+    bot = start_bot()
+    send_text(bot, "oCUTOFF", "问", 1)
+    wait_for(lambda: bot.store.settled(1), message="answered after the retry")
+    assert wechat.texts_to("oCUTOFF") == ["答：问"]
+    assert "segment 0 was in flight when its last try ended; sending it again (the user " \
+        "may see it twice)" in caplog.text
+
+
+# Replies that need no model #################################################
+
+def test_replies_that_need_no_model_go_out_while_the_only_worker_is_busy(start_bot, wechat,
+                                                                         model):
+    release = hold_first_question(model, "慢问题")
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_WELCOME="欢迎来到小店！", WXBOT_ADMINS="oBOSS")
+    send_text(bot, "oSLOW", "慢问题", 1)
+    wait_for(lambda: model.requests, message="the only worker busy with the model")
+    try:
+        post_push(bot, event_xml("oNEWFAN", "subscribe"))
+        send_text(bot, "oHELP", "/help", 2)
+        send_text(bot, "oMORE", "继续", 3)
+        send_text(bot, "oFRESH", "新对话", 4)
+        send_text(bot, "oBOSS", "/stats", 5)
+        users = ("oNEWFAN", "oHELP", "oMORE", "oFRESH", "oBOSS")
+        wait_for(lambda: all(wechat.texts_to(openid) for openid in users), timeout=3,
+                 message="the replies that need no model, while the worker is busy")
+        assert wechat.texts_to("oSLOW") == [] and model.questions() == ["慢问题"]
+    finally:
+        release.set()
+    wait_for(lambda: all(bot.store.settled(n) for n in range(1, 7)), message="all answered")
+    assert wechat.texts_to("oNEWFAN") == ["欢迎来到小店！"]
+    assert wechat.texts_to("oHELP") == [wxbot.HELP_LINE]
+    assert wechat.texts_to("oMORE") == [wxbot.NOTHING_MORE_LINE]
+    assert wechat.texts_to("oFRESH") == [wxbot.RESET_LINE]
+    assert len(wechat.texts_to("oBOSS")) == 1 and "排队中" in wechat.texts_to("oBOSS")[0]
+    assert wechat.texts_to("oSLOW") == ["答：慢问题"] and model.questions() == ["慢问题"]
+    assert {to for to, _ in wechat.typing} == {"oSLOW"}  # no typing for what is not written
+
+
+def test_a_command_waits_for_the_users_earlier_question(start_bot, wechat, model):
+    release = hold_first_question(model, "慢问题")
+    respond = model.respond
+    model.respond = lambda request: answer_of_paragraphs(7, 600) \
+        if request["messages"][-1]["content"] == "讲长一点" else respond(request)
+    bot = start_bot(WXBOT_WORKERS=1)
+    send_text(bot, "oORDER", "讲长一点", 1)
+    wait_for(lambda: bot.store.settled(1), message="a long answer, its rest kept")
+    send_text(bot, "oORDER", "慢问题", 2)
+    wait_for(lambda: len(model.requests) == 2, message="the slow question with the model")
+    try:
+        send_text(bot, "oORDER", "/help", 3)
+        send_text(bot, "oORDER", "继续", 4)
+        send_text(bot, "oORDER", "新对话", 5)
+        send_text(bot, "oOTHER", "/help", 6)
+        wait_for(lambda: wechat.texts_to("oOTHER"), timeout=3, message="another user's /help")
+        assert len(wechat.texts_to("oORDER")) == 5  # nothing overtook the slow question
+    finally:
+        release.set()
+    wait_for(lambda: all(bot.store.settled(n) for n in range(1, 7)), message="all answered")
+    # The question dropped the long answer's rest: 继续 after it has nothing to fetch; the
+    # reset came last, so the question and its answer were forgotten after they were made.
+    assert wechat.texts_to("oORDER")[5:] == ["答：慢问题", wxbot.HELP_LINE,
+                                             wxbot.NOTHING_MORE_LINE, wxbot.RESET_LINE]
+    send_text(bot, "oORDER", "我是谁", 7)
+    wait_for(lambda: len(model.requests) == 3)
+    assert [m["role"] for m in model.requests[-1]["messages"]] == ["system", "user"]
+
+
+KINDS_OF_PUSH = {"question": "问题", "help": "/help", "continue": "继续", "reset": "新对话",
+                 "keyword": "价格"}
+
+
+def test_a_sender_takes_only_what_needs_no_model_and_never_before_the_users_earlier(tmp_path):
+    databases = itertools.count()
+    nowhere = types.SimpleNamespace(url="http://127.0.0.1:9")
+    settings = wxbot.Settings.from_env(env_for(tmp_path, nowhere, nowhere))
+    replies = wxbot.Replies.read(replies_file(tmp_path))
+
+    @hsettings(max_examples=80, deadline=None, database=None)
+    @given(pushes=st.lists(st.tuples(st.sampled_from(["oA", "oB"]),
+                                     st.sampled_from(sorted(KINDS_OF_PUSH))),
+                           min_size=1, max_size=10),
+           busy=st.integers(0, 3))
+    def sending(pushes, busy):
+        store = wxbot.Store(str(tmp_path / f"nomodel-{next(databases)}.db"))
+        now, kinds = time.time(), {}
+        for n, (openid, kind) in enumerate(pushes):
+            push = wxbot.Push.from_fields(wxbot.parse_xml(text_xml(openid, KINDS_OF_PUSH[kind],
+                                                                   n)))
+            message_id, _ = store.store_push(push, now,
+                                             wxbot.needs_model(settings, replies, push))
+            kinds[message_id] = (openid, kind)
+        in_hand = []
+        for _ in range(busy):  # workers: each holds what it took, with the model
+            message = store.claim(now, 60)
+            if message is None:
+                break
+            in_hand.append(message)
+        while True:  # the sender, meanwhile
+            message = store.claim(now, 60, ready_only=True)
+            if message is None:
+                break
+            openid, kind = kinds[message.id]
+            assert kind != "question"  # it needs the model
+            earlier = [n for n, (who, _) in kinds.items() if who == openid and n < message.id]
+            assert all(store.settled(n) for n in earlier)  # the user's order kept
+            store.finish(message, wxbot.State.DONE)
+        for message in in_hand:
+            store.finish(message, wxbot.State.DONE)
+        store.close()
+
+    sending()

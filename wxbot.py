@@ -107,6 +107,8 @@ DRAW_QUESTION = re.compile(r"[？?吗呢]\s*$|什么|怎么|为什么|是谁|哪
 DRAW_HOW_LINE = "想画什么？请在“画”后面写上画面，例如：画一只在窗台上晒太阳的橘猫"
 #: The line /help adds, after its first, when drawing is on.
 HELP_DRAW_LINE = "发送“画”加上画面（如“画一只橘猫”）：为你画一张图"
+#: The line /help adds, after its first, when the model sees pictures (WXBOT_VISION).
+HELP_VISION_LINE = "也可以直接发图片给我，我来看图回答"
 DRAW_REFUSED_LINE = "抱歉，这个画面我不能画，换个描述试试吧。"
 DRAW_DAILY_LINE = "今天的画图次数已用完（每天 {limit} 张），请约 {hours} 小时后再来。"
 #: The account may not upload media (48001: unverified): a line instead of the picture.
@@ -683,6 +685,7 @@ CREATE TABLE IF NOT EXISTS messages (
     not_before  REAL NOT NULL DEFAULT 0,
     answered_at REAL,
     merged_into INTEGER REFERENCES messages (id),
+    needs_model INTEGER NOT NULL DEFAULT 1,  -- 0: answered from what is stored (a Sender may)
     error       TEXT,
     model_failures    INTEGER NOT NULL DEFAULT 0,
     delivery_failures INTEGER NOT NULL DEFAULT 0,
@@ -769,7 +772,7 @@ CREATE TABLE IF NOT EXISTS kv (
     expires_at REAL
 );
 """
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: What brings a database written by an earlier wxbot up to date, by the version it has;
 #: SCHEMA then adds the tables and indexes that are new.
 MIGRATIONS = {
@@ -784,6 +787,9 @@ INSERT INTO state_counts (state, messages) SELECT column1, (SELECT count(*) FROM
     2: """
 ALTER TABLE segments ADD COLUMN image INTEGER;
 """,
+    3: """
+ALTER TABLE messages ADD COLUMN needs_model INTEGER NOT NULL DEFAULT 1;
+""",
 }
 #: A message interrupted this often (its lease expired, a restart, an internal error) ends
 #: dead: something about it stops every worker, and trying forever would hide that.
@@ -792,9 +798,10 @@ INTERRUPTIONS_LIMIT = 5
 #: or in hand (one user's messages are answered in order). A message whose answer is stored
 #: already (a fixed reply, Store.reply_at_once) waits only for the user's other such ones:
 #: it goes out at once, not after the model's answer to an earlier question. :ready_only
-#: takes only those (Sender).
+#: takes only messages that need no model (Sender): those, and the ones answered from what
+#: is stored (needs_model: 继续, /help, the welcome...), which keep the order rule.
 CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_before <= :now"
-             " AND (m.answered_at IS NOT NULL OR NOT :ready_only)"
+             " AND (m.answered_at IS NOT NULL OR NOT m.needs_model OR NOT :ready_only)"
              " AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
              " AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased')"
              " AND (m.answered_at IS NULL OR o.answered_at IS NOT NULL))"
@@ -1087,14 +1094,16 @@ class Store:
 
     # Queue ------------------------------------------------------------------
 
-    def store_push(self, push: "Push", now: float) -> tuple[int, int]:
-        """Commit a push once under its dedup key: (message id, times WeChat pushed it).
+    def store_push(self, push: "Push", now: float, needs_model: bool = True
+                   ) -> tuple[int, int]:
+        """Commit a push once under its dedup key: (message id, times WeChat pushed it);
+        `needs_model`: whether its answer takes the model (the webhook's needs_model()).
 
         Group commit: whichever webhook thread gets the next turn to write commits every push
         waiting at that moment in one transaction; the others find theirs done. Under a burst
         that is one commit for many pushes, each still committed before it is acknowledged.
         """
-        ticket, batch = {"push": push, "now": now}, []
+        ticket, batch = {"push": push, "now": now, "needs_model": needs_model}, []
         with self._turns:
             self._pending.append(ticket)
             while self._writing and "stored" not in ticket:
@@ -1118,7 +1127,8 @@ class Store:
                     push = ticket["push"]
                     ticket["stored"] = tuple(conn.execute(
                         "INSERT INTO messages (dedup_key, openid, msg_type, msg_id, event,"
-                        " content, fields, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                        " content, fields, received_at, needs_model)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                         " ON CONFLICT (dedup_key) DO UPDATE SET pushes = pushes + 1"
                         " RETURNING id, pushes",
                         (push.dedup_key, push.openid, push.msg_type, push.msg_id, push.event,
@@ -1127,7 +1137,8 @@ class Store:
                          # JSON; a tapped 继续 keeps which answer it was for.
                          "{}" if push.msg_type == "text" and "bizmsgmenuid" not in push.fields
                          else
-                         json.dumps(push.fields, ensure_ascii=False), ticket["now"])
+                         json.dumps(push.fields, ensure_ascii=False), ticket["now"],
+                         ticket["needs_model"])
                     ).fetchone())
         except sqlite3.Error as error:
             for ticket in batch:
@@ -1160,14 +1171,15 @@ class Store:
         """When a message that cannot be claimed now may become claimable: a retry's time or a
         lease's end. (A message waiting behind its user's message in hand becomes claimable
         when that one finishes, and the worker that finishes it wakes the others.)
-        `ready_only`: the retry of an answer stored whole (Sender); lease ends are the
-        workers' to look at."""
+        `ready_only`: the retry of a message that needs no model (Sender); lease ends are
+        the workers' to look at."""
         with self.connection() as conn:
             row = conn.execute(
                 "SELECT min(CASE state WHEN 'queued' THEN not_before ELSE lease_until END)"
                 " FROM messages WHERE (state = 'leased' AND NOT :ready_only) OR (state ="
                 " 'queued' AND not_before > :now AND (answered_at IS NOT NULL OR NOT"
-                " :ready_only))", {"now": now, "ready_only": ready_only}).fetchone()
+                " needs_model OR NOT :ready_only))", {"now": now, "ready_only": ready_only}
+            ).fetchone()
         return row[0]
 
     def _leased(self, conn: sqlite3.Connection, message: Message, sql: str, **params) -> None:
@@ -1191,9 +1203,10 @@ class Store:
             conn.execute("UPDATE segments SET tried_at = ? WHERE message_id = ? AND seq = ?",
                          (now, message.id, seq))
 
-    def refused(self, message: Message) -> None:
-        """WeChat refused the segment being sent (48001): it never arrived, so a passive reply
-        may carry it."""
+    def declined(self, message: Message) -> None:
+        """WeChat answered that it did not take the segment being sent (an errcode: -1 busy,
+        48001...): it never arrived, so its next try is no repeat, and a passive reply may
+        carry it."""
         with self.transaction() as conn:
             self._check_lease(conn, message)
             conn.execute("UPDATE segments SET tried_at = NULL WHERE message_id = ?"
@@ -1490,13 +1503,14 @@ class Store:
     def waiting_ahead(self, message_id: int, openid: str, now: float) -> int:
         """The people in the queue before a message: other users with a message queued before
         it that a worker may take now and answer. Not counted: messages held back after a
-        failure (not_before), answers already stored (a fixed reply goes out at once),
-        events (answered at once or not at all), nor the user's own earlier messages (they
-        are answered first, quick follow-ups together with them)."""
+        failure (not_before), answers already stored (a fixed reply goes out at once), messages
+        that need no model (继续, /help: a Sender answers them), events (answered at once or
+        not at all), nor the user's own earlier messages (they are answered first, quick
+        follow-ups together with them)."""
         with self.connection() as conn:
             return conn.execute(
                 "SELECT count(DISTINCT openid) FROM messages WHERE state = 'queued'"
-                " AND id < :id AND not_before <= :now AND answered_at IS NULL"
+                " AND id < :id AND not_before <= :now AND answered_at IS NULL AND needs_model"
                 " AND msg_type != 'event' AND openid != :openid",
                 {"id": message_id, "now": now, "openid": openid}).fetchone()[0]
 
@@ -1511,10 +1525,10 @@ class Store:
         return statistics.median(took) if took else None
 
     def awaiting_answer(self, since: float) -> list[sqlite3.Row]:
-        """Queued messages received since `since` whose answer is still to be written."""
+        """Queued messages received since `since` whose answer the model is still to write."""
         with self.connection() as conn:
-            return conn.execute("SELECT id, openid, msg_type, event, fields, received_at"
-                                " FROM messages WHERE received_at >= ? AND state = 'queued'"
+            return conn.execute("SELECT id, openid, received_at FROM messages"
+                                " WHERE received_at >= ? AND state = 'queued' AND needs_model"
                                 " AND answered_at IS NULL ORDER BY id", (since,)).fetchall()
 
     def note_queue_lines(self, message_ids: list[int], now: float) -> list[int]:
@@ -2029,11 +2043,17 @@ def image_type(data: bytes) -> str | None:
 
 
 class WeChatError(Exception):
-    """WeChat answered with a non-zero errcode, or not at all (errcode None)."""
+    """WeChat answered with a non-zero errcode, or not at all (errcode None).
 
-    def __init__(self, errcode: int | None, errmsg: str):
+    `declined`: WeChat answered that it did not take the call (an errcode, an HTTP error
+    status); otherwise (a timeout, a connection broken off, a body that makes no sense)
+    whether it took it is not known.
+    """
+
+    def __init__(self, errcode: int | None, errmsg: str, declined: bool | None = None):
         super().__init__(f"errcode {errcode}: {errmsg}")
         self.errcode, self.errmsg = errcode, errmsg
+        self.declined = errcode is not None if declined is None else declined
 
     def ip(self) -> str | None:
         """The server IP WeChat names in a 40164 ("invalid ip 1.2.3.4 ..., not in whitelist")."""
@@ -2196,7 +2216,7 @@ class WeChatAPI:
     def _answer(path: str, status: int, content: bytes) -> dict:
         """WeChat's JSON answer; WeChatError for an HTTP error, a non-JSON body or an errcode."""
         if status != 200:
-            raise WeChatError(None, f"HTTP {status} from {path}")
+            raise WeChatError(None, f"HTTP {status} from {path}", declined=True)
         try:
             answer = json.loads(content)
         except ValueError:
@@ -3477,11 +3497,18 @@ def queue_line(ahead: int, wait: float, answer_seconds: float) -> str:
     return QUEUE_LINE.format(ahead=ahead, minutes=max(1, math.ceil((wait + answer_seconds) / 60)))
 
 
-def awaits_answer(replies: Replies, msg_type: str, event: str | None, fields: dict) -> bool:
-    """Whether the user waits for a worker's answer to a message, and so is shown typing:
-    any message, but of the events only a click that asks the model (the others are
-    answered at once or not at all: LOCATION may come every 5 s)."""
-    return msg_type != "event" or bool(replies.prompt_for(event, fields.get("EventKey", "")))
+def needs_model(settings: Settings, replies: Replies, push: "Push") -> bool:
+    """Whether answering a push takes the model, as Worker.plan decides it: a question, a
+    drawing, /stats from anyone but an admin, a click the owner answers with a prompt. Only
+    those wait for a worker, and show typing meanwhile. 继续, /reset, /help, an admin's
+    /stats, a keyword, the welcome and the other events are answered from what is stored,
+    by a Sender, however busy the workers are (LOCATION may come every 5 s)."""
+    if push.msg_type == "event":
+        return bool(replies.prompt_for(push.event, push.fields.get("EventKey", "")))
+    kind = classify(push.msg_type, push.content, replies.keywords,
+                    bool(settings.image_model)).kind
+    return kind in (Kind.QUESTION, Kind.DRAW) or \
+        (kind is Kind.STATS and push.openid not in settings.admins)
 
 
 class Acknowledger:
@@ -3653,12 +3680,12 @@ def stats_text(stats: dict) -> str:
         f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
 
 
-def help_answer(drawing: bool) -> str:
-    """/help's answer: HELP_LINE, saying how to ask for a picture when drawing is on."""
-    if not drawing:
-        return HELP_LINE
+def help_answer(drawing: bool, vision: bool) -> str:
+    """/help's answer: HELP_LINE, saying how to ask for a picture when drawing is on, and
+    that a photo may be sent when the model sees pictures (WXBOT_VISION)."""
     first, rest = HELP_LINE.split("\n", 1)
-    return f"{first}\n{HELP_DRAW_LINE}\n{rest}"
+    extra = [line for line, on in ((HELP_VISION_LINE, vision), (HELP_DRAW_LINE, drawing)) if on]
+    return "\n".join([first, *extra, rest])
 
 
 def image_media_id(store: Store, wechat: WeChatAPI, image_id: int) -> str | None:
@@ -3840,8 +3867,8 @@ class Worker:
             self.store.forget(message.openid, message.id)
             return self.store.save_answer(message, [RESET_LINE], now, leftovers=Leftovers.DROP)
         if intent.kind is Kind.HELP:
-            return self.store.save_answer(
-                message, [help_answer(bool(self.settings.image_model))], now)
+            return self.store.save_answer(message, [help_answer(
+                bool(self.settings.image_model), self.settings.vision)], now)
         if intent.kind is Kind.STATS and message.openid in self.settings.admins:
             return self.store.save_answer(message, [stats_text(
                 {**self.store.stats(now), "mode": self.mode.in_force})], now)
@@ -4121,6 +4148,8 @@ class Worker:
                 else:
                     self.wechat.customer_service_send(message.openid, text)
             except WeChatError as error:
+                if error.declined:  # it never arrived: its next try is no repeat
+                    self.store.declined(message)
                 if not streaming:  # while streaming, the final delivery deals with it
                     self._send_failed(message, error)
                 return False
@@ -4153,9 +4182,7 @@ class Worker:
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
         if error.errcode == 48001 and self.mode.no_permission(message.id, time.time()):
-            with self.store.transaction():  # what is unsent goes out passively
-                self.store.refused(message)
-                self.store.finish(message, State.DONE)
+            self.store.finish(message, State.DONE)  # what is unsent goes out passively
             return
         if error.errcode in GIVE_UP:
             if self.wechat.first_time(error.errcode):
@@ -4179,12 +4206,13 @@ class Worker:
 
 
 class Sender(Worker):
-    """Sends the answers that are stored whole, ready to go: the owner's fixed replies,
-    which the webhook stores as they arrive (Store.reply_at_once), and answers whose
-    delivery is tried again. None of them needs the model, so none waits for a worker: in a
-    burst every worker may be busy with the model for minutes. Delivery is the worker's own
-    (Worker.deliver): each segment marked sent as WeChat confirms it, within the message's
-    quota, and a failure retried, logged or given up as for any answer."""
+    """Answers the messages that need no model: the owner's fixed replies, which the webhook
+    stores as they arrive (Store.reply_at_once), answers whose delivery is tried again, and
+    the replies made from what is stored (继续, /reset, /help, the welcome: needs_model()),
+    each after its user's earlier messages. None waits for a worker: in a burst every worker
+    may be busy with the model for minutes. Planning and delivery are the worker's own
+    (Worker.plan, Worker.deliver): each segment marked sent as WeChat confirms it, within the
+    message's quota, and a failure retried, logged or given up as for any answer."""
 
     #: Sender threads: a send takes some 50 ms, so a few keep up with a burst of menu taps.
     THREADS = 4
@@ -4341,7 +4369,8 @@ class Webhook:
         except BadPush as error:
             return self.refuse(client, "push", 400, error)
         now = self.clock()
-        message_id, pushes = self.store.store_push(push, now)
+        model = needs_model(self.settings, self.owner.replies, push)
+        message_id, pushes = self.store.store_push(push, now, model)
         if pushes > 1:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
@@ -4350,10 +4379,12 @@ class Webhook:
                 self.ready.notify()  # a sender sends it, however busy the workers are
         else:
             self.mode.try_service(message_id, time.time())  # before a worker can take it
-            self.wakeup.notify()
-            if self.acknowledger and not self.mode.passive and awaits_answer(
-                    self.owner.replies, push.msg_type, push.event, push.fields):
-                self.acknowledger.pushed(message_id, push.openid, now)
+            if model:
+                self.wakeup.notify()
+                if self.acknowledger and not self.mode.passive:
+                    self.acknowledger.pushed(message_id, push.openid, now)
+            else:  # 继续, /help, the welcome...: a sender, however busy the workers are
+                self.ready.notify()
         if self.mode.passive:
             return 200, self.passive_reply(push, message_id, pushes, query, arrived)
         return 200, "success"
@@ -4739,9 +4770,7 @@ class Bot:
             log.info("resuming %d message(s) that were in progress at the last stop", recovered)
         if not self.mode.passive:  # those still within WeChat's typing window see it now
             for row in self.store.awaiting_answer(time.time() - Acknowledger.TYPING_WINDOW):
-                if awaits_answer(self.owner.replies, row["msg_type"], row["event"],
-                                 json.loads(row["fields"])):
-                    self.acknowledger.pushed(row["id"], row["openid"], row["received_at"])
+                self.acknowledger.pushed(row["id"], row["openid"], row["received_at"])
         self.acknowledger.start()
         self.server.start()
         for worker in self.workers + self.senders:
