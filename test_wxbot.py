@@ -5132,22 +5132,25 @@ def add_answered_history(db, answers, seconds):
 
 @hsettings(max_examples=60, deadline=None)
 @given(queue=st.lists(st.tuples(st.integers(0, 4), st.sampled_from(["text", "event"]),
-                                st.sampled_from(["queued", "leased", "done"]),
+                                st.booleans(), st.sampled_from(["queued", "leased", "done"]),
                                 st.booleans(), st.booleans()), min_size=1, max_size=12))
 def test_the_people_ahead_are_those_a_worker_serves_first(queue):
     """前面还有 N 人: other users with a message queued earlier that a worker may take now and
-    answer; not a message held back after a failure, one whose answer is stored, an event,
-    nor the user's own earlier ones; each user once however many messages they sent."""
+    answer with the model (a click that asks it too); not a message held back after a
+    failure, one whose answer is stored, one answered without the model (继续, /help, a
+    click with a fixed reply), nor the user's own earlier ones; each user once however many
+    messages they sent."""
     now = time.time()
     with tempfile.TemporaryDirectory() as folder:
         store = wxbot.Store(os.path.join(folder, "wxbot.db"))
         try:
             ids = []
-            for n, (user, kind, state, held, answered) in enumerate(queue):
-                body = text_xml(f"oQ{user}", "问", n) if kind == "text" else \
-                    event_xml(f"oQ{user}", "CLICK", create_time=n, event_key="ASK")
+            for n, (user, kind, model, state, held, answered) in enumerate(queue):
+                body = text_xml(f"oQ{user}", "问" if model else "/help", n) if kind == "text" \
+                    else event_xml(f"oQ{user}", "CLICK", create_time=n,
+                                   event_key="ASK" if model else "PRICE")
                 message_id = store.store_push(wxbot.Push.from_fields(wxbot.parse_xml(body)),
-                                              now)[0]
+                                              now, model)[0]
                 with store.transaction() as conn:
                     conn.execute("UPDATE messages SET state = ?, not_before = ?,"
                                  " answered_at = ? WHERE id = ?",
@@ -5156,8 +5159,8 @@ def test_the_people_ahead_are_those_a_worker_serves_first(queue):
                 ids.append(message_id)
             for n, message_id in enumerate(ids):
                 user = queue[n][0]
-                ahead = {other for other, kind, state, held, answered in queue[:n]
-                         if other != user and kind == "text" and state == "queued"
+                ahead = {other for other, kind, model, state, held, answered in queue[:n]
+                         if other != user and model and state == "queued"
                          and not held and not answered}
                 assert store.waiting_ahead(message_id, f"oQ{user}", now) == len(ahead)
         finally:

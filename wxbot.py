@@ -1502,16 +1502,16 @@ class Store:
 
     def waiting_ahead(self, message_id: int, openid: str, now: float) -> int:
         """The people in the queue before a message: other users with a message queued before
-        it that a worker may take now and answer. Not counted: messages held back after a
-        failure (not_before), answers already stored (a fixed reply goes out at once), messages
-        that need no model (继续, /help: a Sender answers them), events (answered at once or
-        not at all), nor the user's own earlier messages (they are answered first, quick
-        follow-ups together with them)."""
+        it that a worker may take now and answer with the model (needs_model: a click that
+        asks it too). Not counted: messages held back after a failure (not_before), answers
+        already stored (a fixed reply goes out at once), messages a Sender answers (继续,
+        /help, the other events), nor the user's own earlier messages (they are answered
+        first, quick follow-ups together with them)."""
         with self.connection() as conn:
             return conn.execute(
                 "SELECT count(DISTINCT openid) FROM messages WHERE state = 'queued'"
                 " AND id < :id AND not_before <= :now AND answered_at IS NULL AND needs_model"
-                " AND msg_type != 'event' AND openid != :openid",
+                " AND openid != :openid",
                 {"id": message_id, "now": now, "openid": openid}).fetchone()[0]
 
     def answer_seconds(self) -> float | None:
