@@ -1266,6 +1266,7 @@ def test_provider_that_does_not_stream_still_answers(start_bot, wechat, model):
     send_text(bot, "oNOSTREAM", "问", 1)
     wait_for(lambda: wechat.texts_to("oNOSTREAM"))
     assert wechat.texts_to("oNOSTREAM") == ["答：问"]
+    assert len(model.requests) == 1  # the answer it sent is the answer: not asked again
 
 
 def test_stream_failing_midway_keeps_what_was_sent_and_completes(start_bot, wechat, model):
@@ -5274,9 +5275,12 @@ def test_a_user_told_of_the_limit_sees_no_typing_for_what_gets_no_answer(start_b
     send_text(bot, "oOVER", "二", 2)  # over the limit: told once
     wait_for(lambda: len(wechat.texts_to("oOVER")) == 2)
     assert "秒后再问我" in wechat.texts_to("oOVER")[1]
-    typed = wechat.typing.count(("oOVER", "Typing"))
     send_text(bot, "oBUSY", "忙", 3)
     wait_for(lambda: "忙" in model.questions())  # the only worker is busy from here on
+    # Counted once 忙 was acknowledged and taken: typing for 二 (pushed before the user was
+    # told) went out before that, whenever it landed.
+    wait_for(lambda: ("oBUSY", "Typing") in wechat.typing)
+    typed = wechat.typing.count(("oOVER", "Typing"))
     send_text(bot, "oOVER", "三", 4)  # no answer will come for this one
     send_text(bot, "oNEXT", "问", 5)
     try:

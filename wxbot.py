@@ -2571,10 +2571,16 @@ class Model:
             raise self._status_error(error) from None
         except openai.APIError as error:
             raise self._unreachable(error) from None
-        choice = completion.choices[0] if completion.choices else None
-        text = (choice.message.content or "").strip() if choice and choice.message else ""
+        return self._whole(completion.model_dump(), max_tokens or self.settings.max_tokens)
+
+    @staticmethod
+    def _whole(completion: dict, max_tokens: int) -> str:
+        """The text of a chat.completion answered in one piece."""
+        choices = completion.get("choices") or [None]
+        choice = choices[0] if isinstance(choices[0], dict) else {}
+        text = str((choice.get("message") or {}).get("content") or "").strip()
         if not text:
-            raise no_text(choice and choice.finish_reason, max_tokens or self.settings.max_tokens)
+            raise no_text(choice.get("finish_reason"), max_tokens)
         return text
 
     def stream(self, messages: list[dict], deadline: Deadline) -> Iterator[str]:
@@ -2601,7 +2607,11 @@ class Model:
         except openai.APIError as error:
             raise self._unreachable(error) from None
         # A provider that ignores stream=True answers in one JSON body: not an event stream.
-        streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+        content_type = response.headers.get("content-type", "")
+        if content_type.startswith("application/json"):
+            yield self._whole_body(response, deadline)
+            return
+        streamed = content_type.startswith("text/event-stream")
         produced, finish = False, None
         deadline.reading(response)
         try:
@@ -2641,6 +2651,23 @@ class Model:
             raise no_text(finish, self.settings.max_tokens)
         elif not finish:  # the connection ended without the model saying it was done
             raise ModelError("the answer stream ended before the answer was finished")
+
+    def _whole_body(self, response, deadline: Deadline) -> str:
+        """The answer of a provider that ignored stream=True: already paid for, read here."""
+        deadline.reading(response)
+        try:
+            with contextlib.closing(response) as http:
+                completion = json.loads(http.read())
+        except Exception as error:  # broken off, or not JSON after all
+            raise ModelError(f"the answer broke off or is not JSON ({type(error).__name__})"
+                             ) from None
+        finally:
+            deadline.reading(None)
+        if deadline.hung_up:
+            raise deadline.error()
+        if not isinstance(completion, dict):
+            raise ModelError("the answer is not a chat.completion")
+        return self._whole(completion, self.settings.max_tokens)
 
     def _unreachable(self, error: openai.APIError, what: str = "the model") -> ModelError:
         """No answer at all. The URL's credentials are masked here, not only in the log: the
