@@ -621,12 +621,15 @@ def test_signature_matches_wechat_vectors():
         "899cf89e464efb63f54ddac96b0a0a235f53aa78"
 
 
-def test_get_verification_answers_echostr_only_when_signed(start_bot):
+def test_get_verification_answers_echostr_only_when_signed(start_bot, caplog):
     bot = start_bot(WXBOT_MAX_SKEW=0)
     url = f"http://127.0.0.1:{bot.port}/wx"
     good = signed_query(timestamp="1714036504", echostr="4375120948345356249")
-    response = requests.get(url, params=good, timeout=5)
+    with caplog.at_level(logging.INFO, logger="wxbot.web"):
+        for _ in range(3):
+            response = requests.get(url, params=good, timeout=5)
     assert (response.status_code, response.text) == (200, "4375120948345356249")
+    assert caplog.text.count("URL verification from 127.0.0.1 passed") == 1  # then quiet
     bad = dict(good, signature=signed_query(timestamp="1714037059")["signature"])
     assert requests.get(url, params=bad, timeout=5).status_code == 403
     assert requests.get(url, params={"echostr": "1"}, timeout=5).status_code == 403
@@ -1485,6 +1488,21 @@ def test_check_passes_and_prints_what_to_paste(tmp_path, wechat, model):
     assert "all checks passed" in result.stdout
     assert "URL:   http://" in result.stdout and f"Token: {TOKEN}" in result.stdout
     assert model.requests[0]["max_tokens"] == 5
+
+
+def test_check_passes_a_model_that_answers_nothing_in_five_tokens(tmp_path, wechat, model):
+    model.respond = lambda request: ""  # a reasoning model still thinking at 5 tokens
+    result = run_wxbot(["check"], env_for(tmp_path, wechat, model))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WXBOT_MAX_TOKENS" in result.stdout and "OPENAI_BASE_URL" not in result.stdout
+
+
+def test_empty_lines_of_the_env_file_leave_the_environments_values(tmp_path, wechat, model):
+    env = env_for(tmp_path, wechat, model)
+    (tmp_path / "wxbot.env").write_text("WXBOT_TOKEN=\nWXBOT_APPID=\nWXBOT_MODEL=gpt-4o-mini\n",
+                                        encoding="utf-8")  # as the example file comes
+    result = run_wxbot(["check", "--env", str(tmp_path / "wxbot.env")], env)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_check_names_the_ip_to_whitelist(tmp_path, wechat, model):
@@ -4169,7 +4187,7 @@ def test_credentials_in_openai_base_url_are_masked_in_the_log_and_in_check(tmp_p
     logged = secret_filter.scrub(f"settings: {settings.describe()}; POST "
                                  f"{MODEL_URL_WITH_CREDENTIALS.replace('?', '/chat?')} failed")
     result = run_wxbot(["check"], env, cwd=tmp_path)  # the model is unreachable: check says where
-    assert "no OpenAI-compatible API at http://***@127.0.0.1:1/v1?api-key=***&v=2" in result.stdout
+    assert "cannot reach the model at http://***@127.0.0.1:1/v1/?api-key=***&v=2" in result.stdout
     for text in (logged, result.stdout + result.stderr):
         for credential in ("apiuser", "pa55-word-x", "k3y-in-query"):
             assert credential not in text

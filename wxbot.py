@@ -2210,7 +2210,8 @@ class WeChatAPI:
                 "POST", target, json.dumps(body, ensure_ascii=False).encode("utf-8"),
                 {"Content-Type": "application/json; charset=utf-8"}, self.timeout)
         except (OSError, http.client.HTTPException) as error:
-            raise WeChatError(None, f"{type(error).__name__} calling {path}") from None
+            why = f" ({error.strerror})" if isinstance(error, OSError) and error.strerror else ""
+            raise WeChatError(None, f"{type(error).__name__} calling {path}{why}") from None
 
     @staticmethod
     def _answer(path: str, status: int, content: bytes) -> dict:
@@ -4366,6 +4367,9 @@ class Webhook:
             check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
         except Forbidden as error:
             return self.refuse(client, "verification", 403, error)
+        if self.refusals.allow("verified:" + client, time.time()) is not None:
+            log_web.info("URL verification from %s passed: WeChat may push messages here now",
+                         client)
         return 200, query.get("echostr", "")
 
     def before_body(self, query: Mapping[str, str], length: int,
@@ -5028,11 +5032,17 @@ def check(settings: Settings, out) -> int:
         elif error.status in (400, 404) and mentions_model:
             report(False, f"the provider does not know the model {settings.model!r}: check "
                           f"WXBOT_MODEL against the provider's model list")
-        elif error.status is None or error.status == 404:
+        elif error.status == 404:
             report(False, f"no OpenAI-compatible API at "
                           f"{masked_url(settings.openai_base_url) or 'https://api.openai.com/v1'}"
                           f": check "
                           f"OPENAI_BASE_URL (it usually ends in /v1)")
+        elif error.kind in ("empty", "refused"):  # it answered, with nothing to show
+            report(True, f"the model {settings.model} answers (nothing in 5 tokens: a "
+                         f"reasoning model thinks first; leave it room in WXBOT_MAX_TOKENS)")
+        elif error.status is None:  # no HTTP answer at all
+            report(False, f"{error}: check OPENAI_BASE_URL, and that this server reaches it "
+                          f"(DNS, firewall, proxy)")
         else:
             report(False, f"the model failed: {error}")
     if settings.image_model:
@@ -5146,8 +5156,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
     env = dict(os.environ if environ is None else environ)
     try:
-        if args.env:
-            env.update(read_env_file(args.env))
+        if args.env:  # its values win, but an empty one (KEY=) leaves the environment's
+            env.update((key, value) for key, value in read_env_file(args.env).items()
+                       if value or key not in env)
         if args.command == "chat":  # no WeChat involved
             env = {"WXBOT_TOKEN": "not-used-in-chat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    **env}
