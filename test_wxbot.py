@@ -84,6 +84,11 @@ class FakeServer:
                 self.body = b""
                 self.answer()
 
+            def finish(self):
+                super().finish()
+                with fake.lock:
+                    fake.closed += 1
+
             def answer(self):
                 fake.peers.append(self.client_address)
                 fake.route(self)
@@ -95,6 +100,7 @@ class FakeServer:
 
         self.peers = []         # the client's (address, port) of every request, in order
         self.hang_up = False    # close each connection after its answer
+        self.closed = 0         # connections this server has closed
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.server.handle_error = lambda request, address: None  # a client hung up
@@ -197,8 +203,8 @@ class FakeWeChat(FakeServer):
         if errcode is not None:
             if errcode == "drop":
                 return None
-            if errcode == 500:
-                return 500
+            if isinstance(errcode, int) and 400 <= errcode < 600:  # an HTTP error status
+                return errcode
             if path.endswith("/send"):
                 self.rejected_sends += 1
             return {"errcode": errcode, "errmsg": ERRMSGS.get(errcode, f"scripted {errcode}")}
@@ -5508,9 +5514,27 @@ def test_wechat_calls_share_open_connections_and_go_on_when_wechat_closes_them(
     assert len(set(wechat.peers)) == 1  # the token and six sends on one connection
     wechat.hang_up = True  # WeChat closes each connection once it has answered
     for n in range(6, 10):
+        closed = wechat.closed
         api.customer_service_send("oCONN", f"第{n}条")
+        wait_for(lambda: wechat.closed == closed + 1, message="WeChat closing it")
     assert wechat.texts_to("oCONN") == [f"第{n}条" for n in range(10)]
     assert len(set(wechat.peers)) == 4  # the first on the kept one, then a new one each
+
+
+def test_a_send_cut_off_on_a_kept_connection_is_not_repeated_at_once(tmp_path, wechat, model):
+    """WeChat may have taken it: sent again it could show twice; the worker's retry, which
+    logs that, decides. Typing, taken twice, does no harm: tried once more at once."""
+    api = wechat_api(tmp_path, wechat, model)
+    api.customer_service_send("oCUT", "先一条")  # a kept-open connection from here on
+    requests_before = len(wechat.peers)
+    wechat.failures[SEND] = ["drop"]
+    with pytest.raises(wxbot.WeChatError) as caught:
+        api.customer_service_send("oCUT", "被切断")
+    assert not caught.value.declined and len(wechat.peers) == requests_before + 1
+    api.customer_service_send("oCUT", "再一条")  # a kept-open connection again
+    wechat.failures["/cgi-bin/message/custom/typing"] = ["drop"]
+    api.typing("oCUT")
+    assert wechat.typing == [("oCUT", "Typing")] and len(wechat.peers) == requests_before + 4
 
 
 def test_wechat_calls_go_through_the_proxy_the_environment_names(tmp_path, wechat, model,
@@ -5616,15 +5640,17 @@ def test_help_says_a_photo_may_be_sent_only_when_the_model_sees_pictures(start_b
 
 # Sends WeChat declined ######################################################
 
-@pytest.mark.parametrize("answer", [-1, 500])
+@pytest.mark.parametrize("answer", [-1, 403, 502])
 def test_a_send_wechat_declined_is_tried_again_without_the_repeat_warning(start_bot, wechat,
                                                                          model, caplog, answer):
-    wechat.failures[SEND] = [answer]  # WeChat said busy, or an HTTP error: it took nothing
+    # WeChat said busy, or refused (4xx): it took nothing. A 502 may come from a relay after
+    # WeChat took the message: not known, so its retry warns.
+    wechat.failures[SEND] = [answer]
     bot = start_bot()
     send_text(bot, "oBUSYWX", "问", 1)
     wait_for(lambda: bot.store.settled(1), message="answered after the retry")
     assert wechat.texts_to("oBUSYWX") == ["答：问"]
-    assert "the user may see it twice" not in caplog.text
+    assert ("the user may see it twice" in caplog.text) is (answer == 502)
 
 
 def test_a_send_broken_off_is_tried_again_with_the_repeat_warning(start_bot, wechat, model,
@@ -5743,3 +5769,28 @@ def test_a_sender_takes_only_what_needs_no_model_and_never_before_the_users_earl
         store.close()
 
     sending()
+
+
+def test_a_ca_bundle_setting_that_cannot_be_read_is_named_at_start(tmp_path, wechat, model):
+    env = env_for(tmp_path, wechat, model, WXBOT_API_BASE="https://api.weixin.qq.com",
+                  REQUESTS_CA_BUNDLE=str(tmp_path / "missing.pem"))
+    result = run_wxbot(["check"], env)
+    assert result.returncode == 2 and "REQUESTS_CA_BUNDLE" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("completion", [
+    {"choices": {"0": 1}}, {"choices": 3}, {"choices": [{"message": "答"}]},
+    {"choices": [{"message": {"content": ["答"]}}]}, {"choices": ["答"]}, {}])
+def test_an_answer_in_one_piece_of_any_shape_is_a_model_error(completion):
+    with pytest.raises(wxbot.ModelError):
+        wxbot.Model._whole(completion, 100)
+
+
+def test_an_answer_in_one_piece_is_read_up_to_a_limit(start_bot, wechat, model, monkeypatch):
+    model.streams = False  # a provider that ignores stream=True
+    model.respond = lambda request: "答" * (wxbot.Model.MAX_WHOLE // 3 + 10)
+    bot = start_bot()
+    send_text(bot, "oHUGE", "问", 1)
+    wait_for(lambda: bot.store.settled(1), message="the outcome")
+    assert wechat.texts_to("oHUGE") == [wxbot.APOLOGY_LINE] and len(model.requests) == 1

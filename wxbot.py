@@ -2045,9 +2045,9 @@ def image_type(data: bytes) -> str | None:
 class WeChatError(Exception):
     """WeChat answered with a non-zero errcode, or not at all (errcode None).
 
-    `declined`: WeChat answered that it did not take the call (an errcode, an HTTP error
-    status); otherwise (a timeout, a connection broken off, a body that makes no sense)
-    whether it took it is not known.
+    `declined`: WeChat answered that it did not take the call (an errcode, an HTTP 4xx);
+    otherwise (a 5xx, which a relay may answer after WeChat took it, a timeout, a connection
+    broken off, a body that makes no sense) whether it took it is not known.
     """
 
     def __init__(self, errcode: int | None, errmsg: str, declined: bool | None = None):
@@ -2076,20 +2076,36 @@ class WeChatConnections:
     0.3 ms. Verified as requests verifies: its CA bundle, or REQUESTS_CA_BUNDLE.
     """
 
-    #: Connections kept open between calls; more are opened while more calls are in flight.
-    IDLE = 16
+    #: Connections kept open between calls (as many as the threads that call WeChat at once,
+    #: so that a burst does not open and close them); more are opened while more are in use.
+    IDLE = 64
     #: A connection unused for longer is closed, not tried: WeChat's side, or a NAT between,
     #: may have dropped it without a word, and a call on it would wait out its timeout.
     IDLE_SECONDS = 30.0
 
     def __init__(self, base: str):
         parts = urllib.parse.urlsplit(base)
-        self.host, self.port, self.prefix = parts.hostname, parts.port, parts.path
-        self.context = ssl.create_default_context(
-            cafile=os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-            or requests.certs.where()) if parts.scheme == "https" else None
+        https = parts.scheme == "https"
+        self.host, self.prefix = parts.hostname, parts.path
+        self.port = parts.port or (443 if https else 80)
+        self.context = self.verifier() if https else None
         self._idle: list[tuple[float, http.client.HTTPConnection]] = []  # (since, connection)
         self._lock = threading.Lock()
+
+    @staticmethod
+    def verifier() -> ssl.SSLContext:
+        """The TLS context: SettingsError when the certificates it names cannot be read."""
+        setting = ("REQUESTS_CA_BUNDLE" if os.environ.get("REQUESTS_CA_BUNDLE") else
+                   "CURL_CA_BUNDLE" if os.environ.get("CURL_CA_BUNDLE") else None)
+        path = os.environ[setting] if setting else requests.certs.where()
+        try:
+            if os.path.isdir(path):  # a folder of certificates, as requests takes it too
+                return ssl.create_default_context(capath=path)
+            return ssl.create_default_context(cafile=path)
+        except (OSError, ssl.SSLError) as error:
+            raise SettingsError([f"{setting or 'the CA bundle'} ({path}): cannot read "
+                                 f"certificates from it ({error}); point it at a PEM file or "
+                                 f"a folder of them, or unset it"]) from None
 
     @staticmethod
     def usable(base: str) -> bool:
@@ -2099,19 +2115,24 @@ class WeChatConnections:
                     or requests.utils.get_environ_proxies(base))
 
     def request(self, method: str, target: str, body: bytes | None, headers: dict,
-                timeout: float) -> tuple[int, bytes]:
+                timeout: float, repeatable: bool) -> tuple[int, bytes]:
         """One call: its HTTP status and body. Raises OSError or http.client.HTTPException
-        when WeChat cannot be reached or breaks off."""
+        when WeChat cannot be reached or breaks off.
+
+        A kept-open connection WeChat closed as it was taken fails the call before any answer;
+        the call is then made once more on a new one if it cannot have been taken (the request
+        was not all sent), or if taking it twice does no harm (`repeatable`; never a message
+        sent to a user, which would show twice)."""
         for last in (False, True):
             connection, kept = self._take(timeout)
+            sent = False
             try:
                 try:
                     connection.request(method, self.prefix + target, body, headers)
+                    sent = True
                     response = connection.getresponse()
                 except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
-                    # WeChat closed a kept-open connection as it was taken, before reading
-                    # the call: once more on a new one.
-                    if kept and not last:
+                    if kept and not last and (repeatable or not sent):
                         connection.close()
                         continue
                     raise
@@ -2130,11 +2151,13 @@ class WeChatConnections:
                 since, connection = self._idle.pop() if self._idle else (0.0, None)
             if connection is None:
                 break
-            # Readable while idle means WeChat closed it (or sent what nobody asked for).
-            if (time.monotonic() - since < self.IDLE_SECONDS and connection.sock is not None
-                    and not select.select([connection.sock], [], [], 0)[0]):
-                connection.sock.settimeout(timeout)
-                return connection, True
+            if time.monotonic() - since < self.IDLE_SECONDS and connection.sock is not None:
+                # Readable while idle means WeChat closed it (or sent what nobody asked for).
+                poller = select.poll()  # not select(): any descriptor number
+                poller.register(connection.sock, select.POLLIN)
+                if not poller.poll(0):
+                    connection.sock.settimeout(timeout)
+                    return connection, True
             connection.close()
         if self.context is not None:
             return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
@@ -2203,13 +2226,14 @@ class WeChatAPI:
     def _call_direct(self, path: str, body: dict | None, params: dict | None
                      ) -> tuple[int, bytes]:
         target = path + ("?" + urllib.parse.urlencode(params) if params else "")
+        repeatable = path != "/cgi-bin/message/custom/send"  # a send taken twice shows twice
         try:
             if body is None:
-                return self._direct.request("GET", target, None, {}, self.timeout)
+                return self._direct.request("GET", target, None, {}, self.timeout, True)
             return self._direct.request(
                 "POST", target, json.dumps(body, ensure_ascii=False).encode("utf-8"),
-                {"Content-Type": "application/json; charset=utf-8"}, self.timeout)
-        except (OSError, http.client.HTTPException) as error:
+                {"Content-Type": "application/json; charset=utf-8"}, self.timeout, repeatable)
+        except (OSError, ValueError, http.client.HTTPException) as error:
             why = f" ({error.strerror})" if isinstance(error, OSError) and error.strerror else ""
             raise WeChatError(None, f"{type(error).__name__} calling {path}{why}") from None
 
@@ -2217,7 +2241,8 @@ class WeChatAPI:
     def _answer(path: str, status: int, content: bytes) -> dict:
         """WeChat's JSON answer; WeChatError for an HTTP error, a non-JSON body or an errcode."""
         if status != 200:
-            raise WeChatError(None, f"HTTP {status} from {path}", declined=True)
+            # A 4xx: refused. A 5xx may come from a relay after WeChat took the call.
+            raise WeChatError(None, f"HTTP {status} from {path}", declined=status < 500)
         try:
             answer = json.loads(content)
         except ValueError:
@@ -2397,8 +2422,8 @@ class DeliveryMode:
 class ModelError(Exception):
     """The model gave no usable answer. kind: "transient" (try again later), "context" (the
     conversation is too long), "refused" (a content filter), "empty" (a finished answer with
-    no text: asked again, it costs again and is as empty), "deadline" (WXBOT_MODEL_TIMEOUT
-    passed: never asked again), or "fatal" (a setting is wrong)."""
+    no text to use: asked again, it costs again and is as empty), "deadline"
+    (WXBOT_MODEL_TIMEOUT passed: never asked again), or "fatal" (a setting is wrong)."""
 
     def __init__(self, reason: str, kind: str = "transient", retry_after: float | None = None,
                  status: int | None = None, detail: str = ""):
@@ -2455,8 +2480,10 @@ def paced_reads(response, every: float) -> Iterator[None]:
     stream.read = paced_read
     try:
         yield
-    finally:  # the connection may serve the client's next request, unpaced
-        del stream.read
+    finally:  # the connection may serve the client's next request, unpaced; once the body
+        # is read the client may already have handed it to another call, which paces it too
+        if vars(stream).get("read") is paced_read:
+            del stream.read
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[dict]:
@@ -2553,6 +2580,9 @@ class Model:
     #: of characters, so reading each token as it comes costs CPU and gains nothing. A read
     #: costs some 0.08 ms in all; a segment waits at most this long for the read that ends it.
     READ_EVERY = 0.5
+    #: An answer in one piece (a provider that ignores stream=True) is read up to this many
+    #: bytes: far above any WXBOT_MAX_TOKENS, far below what would fill a small server.
+    MAX_WHOLE = 1 << 20
 
     def __init__(self, settings: Settings):
         self.settings, self.name = settings, settings.model
@@ -2577,9 +2607,12 @@ class Model:
     @staticmethod
     def _whole(completion: dict, max_tokens: int) -> str:
         """The text of a chat.completion answered in one piece."""
-        choices = completion.get("choices") or [None]
-        choice = choices[0] if isinstance(choices[0], dict) else {}
-        text = str((choice.get("message") or {}).get("content") or "").strip()
+        choices = completion.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices and \
+            isinstance(choices[0], dict) else {}
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, dict) else None
+        text = text.strip() if isinstance(text, str) else ""
         if not text:
             raise no_text(choice.get("finish_reason"), max_tokens)
         return text
@@ -2656,9 +2689,17 @@ class Model:
     def _whole_body(self, response, deadline: Deadline) -> str:
         """The answer of a provider that ignored stream=True: already paid for, read here."""
         deadline.reading(response)
+        body = bytearray()
         try:
             with contextlib.closing(response) as http:
-                completion = json.loads(http.read())
+                for chunk in http.iter_bytes():
+                    body += chunk
+                    if len(body) > self.MAX_WHOLE:
+                        raise ModelError(f"the provider's answer is over {self.MAX_WHOLE} "
+                                         f"bytes: not a chat answer", "empty")
+            completion = json.loads(body)
+        except ModelError:
+            raise
         except Exception as error:  # broken off, or not JSON after all
             raise ModelError(f"the answer broke off or is not JSON ({type(error).__name__})"
                              ) from None
@@ -5169,6 +5210,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                    "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
         SECRET_FILTER.add_settings(settings)  # every command, check and menu too
+        if args.command not in ("chat", "status", "retry") and \
+                settings.api_base.startswith("https:"):
+            WeChatConnections.verifier()  # the CA bundle a setting names is readable
     except SettingsError as error:
         for problem in error.problems:
             print(f"wxbot: {problem}", file=sys.stderr)
