@@ -5794,3 +5794,93 @@ def test_an_answer_in_one_piece_is_read_up_to_a_limit(start_bot, wechat, model, 
     send_text(bot, "oHUGE", "问", 1)
     wait_for(lambda: bot.store.settled(1), message="the outcome")
     assert wechat.texts_to("oHUGE") == [wxbot.APOLOGY_LINE] and len(model.requests) == 1
+
+
+# Which messages need the model ##############################################
+
+def message_xml(openid, msg_type, msg_id, **fields):
+    """A message push of any MsgType, with the fields given (Content, Recognition, PicUrl...)."""
+    extra = "".join(f"<{name}><![CDATA[{value}]]></{name}>" for name, value in fields.items())
+    return (f"<xml><ToUserName>gh</ToUserName><FromUserName>{openid}</FromUserName>"
+            f"<CreateTime>{int(time.time())}</CreateTime><MsgType>{msg_type}</MsgType>{extra}"
+            f"<MsgId>{msg_id}</MsgId></xml>").encode()
+
+
+WORDINGS = ["你好吗", "画", "画一只猫", "/draw", "继续", "/help", "新对话", "/stats", "价格",
+            "请介绍一下你自己", ""]
+PUSHES = st.one_of(
+    st.tuples(st.sampled_from(["text", "voice"]), st.sampled_from(WORDINGS)).map(
+        lambda kind: {"msg_type": kind[0], ("Content" if kind[0] == "text" else "Recognition"):
+                      kind[1]}),
+    st.just({"msg_type": "voice"}),  # Recognition off in the account's settings
+    st.sampled_from(["https://mmbiz.qpic.cn/pic.jpg", "", "ftp://x/pic.jpg"]).map(
+        lambda url: {"msg_type": "image", "PicUrl": url}),
+    st.sampled_from([{"msg_type": "location", "Location_X": "23.1", "Location_Y": "113.3",
+                      "Label": "广州"},
+                     {"msg_type": "link", "Title": "文章", "Url": "https://example.com/a"},
+                     {"msg_type": "video", "MediaId": "m", "ThumbMediaId": "t"},
+                     {"msg_type": "shortvideo", "MediaId": "m", "ThumbMediaId": "t"}]),
+    st.tuples(st.sampled_from(["subscribe", "CLICK", "LOCATION", "VIEW"]),
+              st.sampled_from(["", "TODAY", "ASK", "NOTHING"])).map(
+        lambda event: {"msg_type": "event", "event": event[0], "key": event[1]}))
+
+
+@pytest.mark.parametrize("vision", [False, True])
+@pytest.mark.parametrize("drawing", [False, True])
+def test_a_message_is_stored_as_needing_the_model_exactly_when_its_answer_takes_it(
+        start_bot, wechat, model, tmp_path, vision, drawing):
+    bot = start_bot(WXBOT_REPLIES=replies_file(tmp_path), WXBOT_VISION=int(vision),
+                    WXBOT_WELCOME="欢迎", WXBOT_ADMINS="oNEED0", WXBOT_IMAGE_DAILY=10000,
+                    **(DRAWING if drawing else {}))
+    users = itertools.count()
+    db = sqlite3.connect(bot.settings.db)
+
+    @hsettings(max_examples=40, deadline=None, database=None,
+               suppress_health_check=[HealthCheck.too_slow])
+    @given(push=PUSHES)
+    def answering(push):
+        openid, fields = f"oNEED{next(users)}", dict(push)
+        msg_type = fields.pop("msg_type")
+        calls = len(model.requests) + len(model.drawings)
+        if msg_type == "event":
+            body = event_xml(openid, fields["event"], int(time.time()), fields["key"])
+        else:
+            body = message_xml(openid, msg_type, 1, **fields)
+        assert post_push(bot, body).status_code == 200
+        [(message_id, stored)] = db.execute(
+            "SELECT id, needs_model FROM messages WHERE openid = ?", (openid,)).fetchall()
+        wait_for(lambda: bot.store.settled(message_id), message="answered")
+        assert bool(stored) == (len(model.requests) + len(model.drawings) > calls)
+
+    try:
+        answering()
+    finally:
+        db.close()
+
+
+FIXED_LINES = {  # a message answered with a fixed line, and the settings it is sent under
+    "voice without Recognition": ({}, voice_xml("oUNHEARD", "", 2), wxbot.VOICE_UNRECOGNISED_LINE),
+    "picture, vision off": ({}, image_xml("oUNSEEN", 2), wxbot.TEXT_ONLY_LINE),
+    "location": ({}, message_xml("oWHERE", "location", 2, Location_X="23.1", Location_Y="113.3",
+                                 Label="广州"), wxbot.TEXT_ONLY_LINE),
+    "画 alone": (DRAWING, text_xml("oDRAWHOW", "画", 2), wxbot.DRAW_HOW_LINE)}
+
+
+@pytest.mark.parametrize("case", sorted(FIXED_LINES))
+def test_a_fixed_line_goes_out_once_while_the_only_worker_is_busy(start_bot, wechat, model,
+                                                                  case):
+    overrides, body, line = FIXED_LINES[case]
+    openid = re.search(rb"<FromUserName>(?:<!\[CDATA\[)?(\w+)", body).group(1).decode()
+    release = hold_first_question(model, "慢问题")
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=1, **overrides)
+    send_text(bot, "oSLOW", "慢问题", 1)
+    wait_for(lambda: model.requests, message="the only worker busy with the model")
+    try:
+        assert post_push(bot, body).status_code == 200
+        wait_for(lambda: wechat.texts_to(openid), timeout=3,
+                 message="the fixed line, while the worker is busy")
+    finally:
+        release.set()
+    wait_for(lambda: all(bot.store.settled(n) for n in (1, 2)), message="all answered")
+    assert wechat.texts_to(openid) == [line]  # once, and no queue line before it
+    assert {to for to, _ in wechat.typing} == {"oSLOW"} and model.questions() == ["慢问题"]

@@ -3567,18 +3567,77 @@ def queue_line(ahead: int, wait: float, answer_seconds: float) -> str:
     return QUEUE_LINE.format(ahead=ahead, minutes=max(1, math.ceil((wait + answer_seconds) / 60)))
 
 
+class Route(enum.Enum):
+    """How a message is answered (route()): only MODEL_ROUTES take the model."""
+
+    FIXED = "fixed"        # a keyword's or a click's fixed reply (text; counter)
+    PROMPT = "prompt"      # a click the owner answers with a prompt (text: the prompt)
+    EVENT = "event"        # the welcome, or nothing (LOCATION every 5 s, VIEW...)
+    RESET = "reset"
+    HELP = "help"
+    STATS = "stats"        # an admin's /stats
+    CONTINUE = "continue"
+    DRAW = "draw"          # text: what to draw
+    DRAW_HOW = "draw_how"  # 画 with nothing to draw
+    UNHEARD = "unheard"    # a voice message without Recognition
+    PICTURE = "picture"    # a picture for the model (WXBOT_VISION; picture: its URL)
+    TEXT_ONLY = "text_only"  # a picture without vision, a location, a link, a video...
+    QUESTION = "question"  # text: the question
+
+
+#: The routes whose answer takes the model: only these wait for a worker and show typing.
+MODEL_ROUTES = frozenset({Route.PROMPT, Route.DRAW, Route.PICTURE, Route.QUESTION})
+#: The kinds of message answered one way whoever sends them, whatever they say.
+KIND_ROUTES = {Kind.EVENT: Route.EVENT, Kind.RESET: Route.RESET, Kind.HELP: Route.HELP,
+               Kind.CONTINUE: Route.CONTINUE}
+
+
+@dataclasses.dataclass(frozen=True)
+class Answering:
+    """route()'s decision: how, and what it needs (the question, the line, the picture)."""
+
+    route: Route
+    text: str = ""
+    picture: str = ""
+    counter: str = ""
+
+
+def route(settings: Settings, replies: Replies, message: "Push | Message") -> Answering:
+    """How a push or a stored message is answered. The one rule: the webhook stores
+    whether it needs the model (needs_model()), and Worker.plan answers it this way."""
+    event_key = message.fields.get("EventKey", "")
+    fixed = replies.fixed_reply(message.msg_type, message.content, message.event, event_key)
+    if fixed:
+        return Answering(Route.FIXED, fixed[1], counter=fixed[0])
+    prompt = replies.prompt_for(message.event, event_key)
+    if prompt:
+        return Answering(Route.PROMPT, prompt)
+    intent = classify(message.msg_type, message.content, replies.keywords,
+                      drawing=bool(settings.image_model))
+    if intent.kind in KIND_ROUTES:
+        return Answering(KIND_ROUTES[intent.kind])
+    if intent.kind is Kind.STATS and message.openid in settings.admins:
+        return Answering(Route.STATS)
+    if intent.kind is Kind.DRAW:
+        return Answering(Route.DRAW, intent.text) if intent.text else Answering(Route.DRAW_HOW)
+    if message.msg_type == "voice" and not intent.text:
+        return Answering(Route.UNHEARD)
+    picture = message.fields.get("PicUrl", "") if message.msg_type == "image" else ""
+    if settings.vision and picture.startswith(("http://", "https://")):
+        return Answering(Route.PICTURE, picture=picture)
+    if message.msg_type not in ("text", "voice") or not intent.text:
+        return Answering(Route.TEXT_ONLY)
+    return Answering(Route.QUESTION, intent.text)
+
+
 def needs_model(settings: Settings, replies: Replies, push: "Push") -> bool:
-    """Whether answering a push takes the model, as Worker.plan decides it: a question, a
-    drawing, /stats from anyone but an admin, a click the owner answers with a prompt. Only
-    those wait for a worker, and show typing meanwhile. 继续, /reset, /help, an admin's
-    /stats, a keyword, the welcome and the other events are answered from what is stored,
-    by a Sender, however busy the workers are (LOCATION may come every 5 s)."""
-    if push.msg_type == "event":
-        return bool(replies.prompt_for(push.event, push.fields.get("EventKey", "")))
-    kind = classify(push.msg_type, push.content, replies.keywords,
-                    bool(settings.image_model)).kind
-    return kind in (Kind.QUESTION, Kind.DRAW) or \
-        (kind is Kind.STATS and push.openid not in settings.admins)
+    """Whether answering a push takes the model (route()): a question, a drawing, a picture
+    with WXBOT_VISION, /stats from anyone but an admin, a click the owner answers with a
+    prompt. Only those wait for a worker, and show typing meanwhile. The rest (继续, /help, a
+    keyword, the welcome, a voice message without Recognition, a location...) is answered
+    from what is stored, by a Sender, however busy the workers are (LOCATION may come
+    every 5 s)."""
+    return route(settings, replies, push).route in MODEL_ROUTES
 
 
 class Acknowledger:
@@ -3914,53 +3973,45 @@ class Worker:
     def plan(self, message: Message) -> int | None:
         """Decide and store what to send; the number of segments, or None to retry later."""
         now = time.time()
-        replies = self.owner.replies
-        event_key = message.fields.get("EventKey", "")
-        fixed = replies.fixed_reply(message.msg_type, message.content, message.event, event_key)
-        if fixed:  # no model, and no count against the user's limits
-            counter, line = fixed
-            planned = self.store.save_answer(message, [line], now,
+        how = route(self.settings, self.owner.replies, message)
+        if how.route is Route.FIXED:  # no model, and no count against the user's limits
+            planned = self.store.save_answer(message, [how.text], now,
                                              carry=message.msg_type != "event")
-            self.store.bump(counter, now)
+            self.store.bump(how.counter, now)
             return planned
-        prompt = replies.prompt_for(message.event, event_key)
-        if prompt:
-            return self.answer_text(message, prompt)
-        intent = classify(message.msg_type, message.content, replies.keywords,
-                          drawing=bool(self.settings.image_model))
-        text = intent.text
-        if intent.kind is Kind.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
+        if how.route is Route.PROMPT or how.route is Route.QUESTION:
+            return self.answer_text(message, how.text)
+        if how.route is Route.PICTURE:
+            return self.answer_text(message, "", how.picture)
+        if how.route is Route.DRAW:
+            return self.draw(message, how.text)
+        if how.route is Route.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
             return self.store.save_answer(message, split_segments(line, markdown=False), now,
                                           carry=False)
-        if intent.kind is Kind.RESET:
+        if how.route is Route.RESET:
             self.store.forget(message.openid, message.id)
             return self.store.save_answer(message, [RESET_LINE], now, leftovers=Leftovers.DROP)
-        if intent.kind is Kind.HELP:
+        if how.route is Route.HELP:
             return self.store.save_answer(message, [help_answer(
                 bool(self.settings.image_model), self.settings.vision)], now)
-        if intent.kind is Kind.STATS and message.openid in self.settings.admins:
+        if how.route is Route.STATS:
             return self.store.save_answer(message, [stats_text(
                 {**self.store.stats(now), "mode": self.mode.in_force})], now)
         tapped = message.fields.get("bizmsgmenuid", "")
-        if intent.kind is Kind.CONTINUE and tapped.isdigit() and \
+        if how.route is Route.CONTINUE and tapped.isdigit() and \
                 not self.store.tap_current(message, int(tapped)):
             return self.store.save_answer(message, [STALE_CONTINUE_LINE], now)
-        if intent.kind is Kind.CONTINUE:  # fetches the rest; never a question for the model
+        if how.route is Route.CONTINUE:  # fetches the rest; never a question for the model
             return self.store.save_answer(message, [], now, leftovers=Leftovers.TAKE,
                                           if_nothing=[NOTHING_MORE_LINE])
-        if intent.kind is Kind.DRAW:
-            return self.draw(message, intent.text)
-        if message.msg_type == "voice" and not text:
+        if how.route is Route.UNHEARD:
             log_worker.warning("message %s: a voice message without Recognition; turn on "
                                "公众号后台 → 设置与开发 → 接口权限 → 接收语音识别结果", message.id)
             return self.store.save_answer(message, [VOICE_UNRECOGNISED_LINE], now)
-        picture = message.fields.get("PicUrl", "") if message.msg_type == "image" else ""
-        if self.settings.vision and picture.startswith(("http://", "https://")):
-            return self.answer_text(message, "", picture)
-        if message.msg_type not in ("text", "voice") or not text:
-            return self.store.save_answer(message, [TEXT_ONLY_LINE], now)
-        return self.answer_text(message, text)
+        if how.route is Route.DRAW_HOW:
+            return self.store.save_answer(message, [DRAW_HOW_LINE], now)
+        return self.store.save_answer(message, [TEXT_ONLY_LINE], now)  # Route.TEXT_ONLY
 
     def answer_text(self, message: Message, question: str, picture: str = "") -> int | None:
         """Ask the model, streaming: segments are stored and sent while it writes.
@@ -4029,8 +4080,6 @@ class Worker:
         first step not stored: it never pays for a second picture nor uploads it twice.
         """
         now = time.time()
-        if not prompt:
-            return self.store.save_answer(message, [DRAW_HOW_LINE], now)
         if self.owner.blocked.found(prompt):
             log_worker.warning("message %s from %s: drawing blocked (WXBOT_BLOCKED_WORDS)",
                                message.id, short_id(message.openid))
