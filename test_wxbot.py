@@ -5135,9 +5135,14 @@ def test_every_call_gets_only_the_time_left_to_answer(start_bot, wechat, model, 
 def queue_while_stopped(db, pushes):
     """Store pushes as the webhook does while no bot runs: (xml, received_at) each; their ids."""
     store = wxbot.Store(str(db))
+    settings = settings_for(os.path.dirname(str(db)))
     try:
-        return [store.store_push(wxbot.Push.from_fields(wxbot.parse_xml(body)), received_at)[0]
-                for body, received_at in pushes]
+        stored = []
+        for body, received_at in pushes:
+            push = wxbot.Push.from_fields(wxbot.parse_xml(body))
+            stored.append(store.store_push(push, received_at, wxbot.needs_model(
+                settings, wxbot.Replies(), push))[0])
+        return stored
     finally:
         store.close()
 
