@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import email.parser
 import email.policy
-import hashlib
 import http.client
 import http.server
 import io
@@ -5240,7 +5239,7 @@ def test_messages_queued_at_a_restart_get_typing_within_wechats_window(start_bot
         (event_xml("oWHERE", "LOCATION"), now - 1)])  # no answer is written for it
     release = threading.Event()
     model.respond = lambda request: release.wait(10) and "答"
-    bot = start_bot()
+    start_bot()
     try:
         wait_for(lambda: ("oFRESH", "Typing") in wechat.typing, timeout=5)
         assert [to for to, command in wechat.typing] == ["oFRESH"]  # one batch, in order
