@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import email.parser
 import email.policy
+import glob
 import http.client
 import http.server
 import io
@@ -5888,3 +5889,76 @@ def test_a_fixed_line_goes_out_once_while_the_only_worker_is_busy(start_bot, wec
     wait_for(lambda: all(bot.store.settled(n) for n in (1, 2)), message="all answered")
     assert wechat.texts_to(openid) == [line]  # once, and no queue line before it
     assert {to for to, _ in wechat.typing} == {"oSLOW"} and model.questions() == ["慢问题"]
+
+
+# Six months in production: old databases, the disk, backups, the stop #########
+
+#: Databases as each release that changed the schema made them (fixtures/make_fixtures.py).
+OLD_DATABASES = sorted(glob.glob(os.path.join(HERE, "fixtures", "*.sql")))
+
+
+def database_from(dump, path):
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(open(dump, encoding="utf-8").read())
+
+
+def rows_of(path, table, columns):
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute(f"SELECT {columns} FROM {table} ORDER BY rowid").fetchall()
+
+
+def test_there_is_a_database_of_every_schema_the_releases_made():
+    assert len(OLD_DATABASES) >= 9  # make_fixtures.py found nine schemas up to needs_model
+
+
+@pytest.mark.parametrize("dump", OLD_DATABASES, ids=os.path.basename)
+def test_a_database_of_any_earlier_release_is_taken_over_and_its_pending_answered_once(
+        start_bot, wechat, model, tmp_path, dump):
+    path = str(tmp_path / "wxbot.db")
+    database_from(dump, path)
+    messages = rows_of(path, "messages", "id, openid, content, state")
+    history = rows_of(path, "turns", "openid, role, content")
+    answered = rows_of(path, "segments", "message_id, seq, content, sent_at")
+    model.respond = lambda request: "接着回答"
+    bot = start_bot(WXBOT_RETENTION_DAYS=0)  # the fixtures' messages are months old
+    send_text(bot, "oNEWUSER", "新问题", 4)
+    wait_for(lambda: all(bot.store.settled(n) for n in (2, 3)) and bot.store.settled(
+        stored_id(bot, "oNEWUSER", 4)), message="the pending messages answered")
+    assert [wechat.texts_to(openid) for openid in ("oHELDUSER", "oOLDUSER", "oNEWUSER")] == [
+        ["接着回答"]] * 3
+    assert sorted(model.questions()) == sorted(["停下时正在回答的问题", "还在排队的问题", "新问题"])
+    assert rows_of(path, "messages", "id, openid, content, state")[:3] == [
+        row[:3] + ("done",) for row in messages]
+    assert rows_of(path, "turns", "openid, role, content")[:len(history)] == history
+    assert rows_of(path, "segments", "message_id, seq, content, sent_at")[:1] == answered
+    health = bot.store.health(time.time())
+    assert (health["answered"], health["queued"], health["dead"]) == (4, 0, 0)
+    bot.stop(timeout=5)
+    again = wxbot.Store(path)  # taken over once: opening it again changes nothing
+    assert again.health(time.time())["answered"] == 4
+    again.close()
+
+
+def test_tables_of_another_feature_are_left_alone_and_brought_up_to_date_by_their_own_schema(
+        tmp_path):
+    path = str(tmp_path / "wxbot.db")
+    database_from(OLD_DATABASES[0], path)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("CREATE TABLE articles (id INTEGER PRIMARY KEY, title TEXT NOT NULL)")
+        conn.execute("INSERT INTO articles (title) VALUES ('旧文章')")
+    store = wxbot.Store(path)
+    articles = """
+CREATE TABLE IF NOT EXISTS articles (
+    id      INTEGER PRIMARY KEY,
+    title   TEXT NOT NULL,
+    digest  TEXT NOT NULL DEFAULT '',  -- added later, as a feature's own column
+    url     TEXT
+);
+CREATE INDEX IF NOT EXISTS articles_title ON articles (title);
+"""
+    with store.transaction() as conn:
+        assert wxbot.upgrade_tables(conn, articles) == ["articles.digest", "articles.url"]
+    with store.transaction() as conn:
+        assert wxbot.upgrade_tables(conn, articles) == []
+    assert rows_of(path, "articles", "title, digest, url") == [("旧文章", "", None)]
+    store.close()

@@ -773,24 +773,73 @@ CREATE TABLE IF NOT EXISTS kv (
 );
 """
 SCHEMA_VERSION = 4
-#: What brings a database written by an earlier wxbot up to date, by the version it has;
-#: SCHEMA then adds the tables and indexes that are new.
-MIGRATIONS = {
-    1: f"""
-ALTER TABLE messages ADD COLUMN model_failures INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE messages ADD COLUMN delivery_failures INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE messages ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
-CREATE TABLE state_counts (state TEXT PRIMARY KEY, messages INTEGER NOT NULL) WITHOUT ROWID;
-INSERT INTO state_counts (state, messages) SELECT column1, (SELECT count(*) FROM messages
-    WHERE state = column1) FROM (VALUES {", ".join(f"('{s.value}')" for s in State)});
-""",
-    2: """
-ALTER TABLE segments ADD COLUMN image INTEGER;
-""",
-    3: """
-ALTER TABLE messages ADD COLUMN needs_model INTEGER NOT NULL DEFAULT 1;
-""",
-}
+#: After tables an earlier wxbot made were brought up to date: the state counts made exact
+#: (a database older than state_counts gets the table, and its counts, here).
+RECOUNT = ("UPDATE state_counts SET messages = (SELECT count(*) FROM messages m"
+           " WHERE m.state = state_counts.state)")
+
+
+def sql_statements(script: str) -> Iterator[str]:
+    """The statements of a schema string one by one (a trigger's body is part of its own)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+
+
+def table_columns(script: str) -> dict[str, dict[str, str]]:
+    """Each table a schema string creates: its columns' names and definitions, in order."""
+    tables = {}
+    for statement in sql_statements(script):
+        text = "\n".join(line.split("--")[0] for line in statement.splitlines())
+        head, _, body = text.partition("(")
+        words = head.split()
+        if words[:2] != ["CREATE", "TABLE"]:
+            continue
+        parts, depth, part = [], 0, ""
+        for char in body[:body.rindex(")")]:
+            depth += (char == "(") - (char == ")")
+            if char == "," and depth == 0:
+                parts.append(part)
+                part = ""
+            else:
+                part += char
+        parts.append(part)
+        tables[words[-1]] = {
+            part.split()[0]: " ".join(part.split()[1:]) for part in parts
+            if part.split()[0].upper() not in ("PRIMARY", "UNIQUE", "CHECK", "FOREIGN",
+                                               "CONSTRAINT")}
+    return tables
+
+
+def upgrade_tables(conn: sqlite3.Connection, script: str) -> list[str]:
+    """Bring the tables of a schema string up to date in the open transaction, whatever wxbot
+    made them: the columns a table lacks are added (the first releases added columns without
+    a new user_version, so only the columns present tell what a database holds), then the
+    script creates the tables and indexes that are new. Other tables are left as they are: a
+    feature with tables of its own calls this with its own schema string.
+
+    Returns what changed, as `table.column` and `table` names, for the log.
+    """
+    present = {name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    changed = []
+    for table, columns in table_columns(script).items():
+        if table not in present:
+            changed.append(table)
+            continue
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column, definition in columns.items():
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                changed.append(f"{table}.{column}")
+    for statement in sql_statements(script):
+        conn.execute(statement)
+    return changed
+
+
 #: A message interrupted this often (its lease expired, a restart, an internal error) ends
 #: dead: something about it stops every worker, and trying forever would hide that.
 INTERRUPTIONS_LIMIT = 5
@@ -926,15 +975,22 @@ class Store:
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
             # commit through a process crash (kill -9), losing at most the last ones on power loss.
             conn.execute("PRAGMA journal_mode=WAL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(f"{path} was written by a newer wxbot (schema {version})")
-            steps = [MIGRATIONS[n] for n in range(version, SCHEMA_VERSION)] if version else []
-            conn.executescript("BEGIN IMMEDIATE;" + "".join(steps) + SCHEMA +
-                               f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-            if steps:
-                log.info("database %s brought up to date (schema %d to %d)", path, version,
-                         SCHEMA_VERSION)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise RuntimeError(f"{path} was written by a newer wxbot (schema {version})")
+                changed = upgrade_tables(conn, SCHEMA)
+                if version and changed:
+                    conn.execute(RECOUNT)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.rollback()
+            if version and changed:
+                log.info("database %s brought up to date (schema %d to %d): added %s", path,
+                         version, SCHEMA_VERSION, ", ".join(changed))
 
     def _compactable(self, conn: sqlite3.Connection, free_space: Callable[[str], int]) -> None:
         """Let the file shrink: rows deleted by retention give their pages back to the disk.
