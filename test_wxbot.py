@@ -5962,3 +5962,30 @@ CREATE INDEX IF NOT EXISTS articles_title ON articles (title);
         assert wxbot.upgrade_tables(conn, articles) == []
     assert rows_of(path, "articles", "title, digest, url") == [("旧文章", "", None)]
     store.close()
+
+
+def disk_in_total(path):
+    return sum(os.path.getsize(name) for name in (path, path + "-wal") if os.path.exists(name))
+
+
+def test_a_retention_pass_gives_the_disk_back_wal_included_and_says_what_it_removed(
+        tmp_path, caplog, capsys):
+    caplog.set_level(logging.INFO)
+    day, now = 86400.0, time.time()
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path)
+    fill_history(path, "oAGED", 3000, now - 40 * day, 1)  # six months aged down to a month
+    fill_history(path, "oRECENT", 50, now - day, 5001)
+    filled = disk_in_total(path)
+    janitor = wxbot.Janitor(settings_for(tmp_path, WXBOT_RETENTION_DAYS=30), store)
+    janitor.PAUSE = 0
+    janitor.sweep(now)
+    assert rows_of(path, "messages", "DISTINCT openid") == [("oRECENT",)]
+    assert os.path.getsize(path + "-wal") <= wxbot.WAL_LIMIT
+    assert disk_in_total(path) < filled / 10
+    assert "removed 3000 messages with their answers, 6000 turns of history" in caplog.text
+    assert wxbot.main(["status"], {"WXBOT_DB": path}) == 0
+    shown = re.search(r"on disk: ([\d.]+) MB \(file ([\d.]+) MB, WAL ([\d.]+) MB\)",
+                      capsys.readouterr().out)
+    assert shown and abs(float(shown.group(1)) - disk_in_total(path) / 1e6) < 0.2
+    store.close()

@@ -885,6 +885,25 @@ class Message:
     interruptions: int
 
 
+#: Bytes the WAL file keeps once a checkpoint has copied it into the database.
+WAL_LIMIT = 4 << 20
+
+
+def database_bytes(path: str) -> tuple[int, int]:
+    """The database's bytes on disk: the file and its WAL (what `df` counts)."""
+    sizes = []
+    for name in (path, path + "-wal"):
+        try:
+            sizes.append(os.path.getsize(name))
+        except OSError:
+            sizes.append(0)
+    return sizes[0], sizes[1]
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
 def disk_full(error: Exception) -> bool:
     """Whether SQLite failed for want of space (SQLITE_FULL): the disk or max_page_count."""
     return isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)
@@ -1031,6 +1050,9 @@ class Store:
         # not fail: a push is still answered "success" once the lock is gone.
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         conn.execute("PRAGMA synchronous=NORMAL")
+        # The WAL keeps the size of the largest run of writes between checkpoints (a
+        # retention pass: tens of MB) unless told to give it back when it starts over.
+        conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
         # A page cache of 512 KiB a connection (SQLite's default is 2 MiB): the queue's hot
         # pages are few, and a busy webhook holds many connections (RSS under 100 MB).
         conn.execute("PRAGMA cache_size=-512")
@@ -1761,11 +1783,13 @@ class Store:
     # Retention ---------------------------------------------------------------
 
     def prune(self, now: float, keep_seconds: float, history_seconds: float,
-              after_id: int = 0, batch: int = 500) -> int | None:
+              after_id: int = 0, batch: int = 500,
+              removed: collections.Counter | None = None) -> int | None:
         """Delete one batch of what is older than keep_seconds: finished messages with their
         segments and model calls, turns (those within history_seconds stay: they are still
         sent to the model), expired keys; then give the freed pages back to the filesystem.
-        Returns the message id to go on after, or None when nothing old is left.
+        Returns the message id to go on after, or None when nothing old is left; `removed`
+        counts the rows deleted, by table.
 
         A few hundred rows a transaction keep the write lock short, so pushes arriving
         meanwhile wait milliseconds. Rows are walked oldest first by id, never found by a
@@ -1794,8 +1818,10 @@ class Store:
                 old_turns = list(itertools.takewhile(lambda row: row[1] < turns_before, turns))
                 conn.executemany("DELETE FROM turns WHERE id = ?",
                                  [(row[0],) for row in old_turns])
-                conn.execute("DELETE FROM kv WHERE expires_at < ?", (now,))
+                keys = conn.execute("DELETE FROM kv WHERE expires_at < ?", (now,)).rowcount
                 conn.execute("COMMIT")
+                if removed is not None:
+                    removed.update(messages=len(gone), turns=len(old_turns), keys=keys)
                 # sqlite3's execute() steps this once, freeing one page; executescript runs it
                 # to the end.
                 conn.executescript("PRAGMA incremental_vacuum")
@@ -1806,6 +1832,19 @@ class Store:
         if len(old) == batch:
             return old[-1][0]
         return after_id if len(old_turns) == batch else None
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy the WAL into the database file and cut the WAL to nothing, so that the pages
+        a retention pass freed leave the disk in total; returns database_bytes() after.
+
+        It waits for readers to finish with the WAL (SQLite's busy handler), holding the
+        write turn: pushes wait for it as for any write, once an hour.
+        """
+        with self._turn(), self.connection() as conn:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:
+            log.debug("the WAL was not emptied: a reader held it; the next pass will")
+        return database_bytes(self.path)
 
     # Key-value (the access token) -------------------------------------------
 
@@ -4894,9 +4933,12 @@ class HttpServer:
 ###############################################################################
 
 class Janitor:
-    """Keeps the database bounded: deletes what WXBOT_RETENTION_DAYS no longer keeps, at start
-    and every hour, in small batches off the webhook's path."""
+    """Keeps the database bounded on disk, WAL included: deletes what WXBOT_RETENTION_DAYS no
+    longer keeps, at start and every hour, in small batches off the webhook's path, then
+    empties the WAL."""
 
+    #: Retention is counted in days, so an hour late costs a twenty-fourth of a day's rows
+    #: at most; a pass that finds nothing old costs one indexed read.
     EVERY = 3600.0
     #: Messages looked at in one transaction (with their segments, turns and model calls).
     BATCH = 500
@@ -4908,13 +4950,27 @@ class Janitor:
         self.stopping = threading.Event()
 
     def sweep(self, now: float | None = None) -> None:
-        """Delete everything that is past retention now, batch by batch."""
-        after: int | None = 0 if self.settings.retention_days else None
+        """Delete everything that is past retention now, batch by batch, and say what went."""
+        if not self.settings.retention_days:
+            return
+        before = sum(database_bytes(self.store.path))
+        removed: collections.Counter = collections.Counter()
+        after: int | None = 0
         while after is not None and not self.stopping.is_set():
             after = self.store.prune(time.time() if now is None else now,
                                      self.settings.retention_days * 86400.0,
-                                     self.settings.session_ttl, after, self.BATCH)
+                                     self.settings.session_ttl, after, self.BATCH, removed)
             self.stopping.wait(self.PAUSE)
+        if not +removed:
+            return
+        # A stop under way closes the database: the next pass empties the WAL.
+        main, wal = (database_bytes(self.store.path) if self.stopping.is_set()
+                     else self.store.checkpoint())
+        log.info("retention (%d days): removed %d messages with their answers, %d turns of "
+                 "history, %d expired keys; the database takes %s on disk, was %s (file %s, "
+                 "WAL %s)", self.settings.retention_days, removed["messages"],
+                 removed["turns"], removed["keys"], megabytes(main + wal), megabytes(before),
+                 megabytes(main), megabytes(wal))
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -5079,7 +5135,10 @@ def status(settings: Settings, out, now: float | None = None) -> int:
     if conn is None:
         return 1
     with contextlib.closing(conn):
-        print(f"queue in {settings.db} at {time.strftime('%Y-%m-%d %H:%M:%S')}", file=out)
+        main, wal = database_bytes(settings.db)
+        print(f"queue in {settings.db} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+              f"on disk: {megabytes(main + wal)} (file {megabytes(main)}, WAL "
+              f"{megabytes(wal)})", file=out)
         for state, title in ((State.QUEUED, "waiting"), (State.LEASED, "in progress"),
                              (State.DEAD, "dead")):
             total = conn.execute("SELECT messages FROM state_counts WHERE state = ?",
