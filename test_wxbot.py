@@ -5989,3 +5989,28 @@ def test_a_retention_pass_gives_the_disk_back_wal_included_and_says_what_it_remo
                       capsys.readouterr().out)
     assert shown and abs(float(shown.group(1)) - disk_in_total(path) / 1e6) < 0.2
     store.close()
+
+
+def test_while_the_disk_is_full_healthz_says_so_and_refusals_are_one_line_a_minute(
+        start_bot, wechat, model, disk, caplog):
+    model.respond = lambda request: "收到"
+    bot = start_bot(WXBOT_MAX_SKEW=0)  # the webhook's clock is moved a minute on below
+    assert requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5).status_code == 200
+    disk.fill(bot.store)
+    bodies = [text_xml("oFULLDISK", f"很长的问题{n}。" * 400, n) for n in range(1, 7)]
+    assert [post_push(bot, body).status_code for body in bodies[:5]] == [503] * 5
+    health = requests.get(f"http://127.0.0.1:{bot.port}/healthz", timeout=5)
+    assert health.status_code == 503
+    assert health.json()["status"] == "disk full" and "free some space" in health.json()["reason"]
+    refusals = [r.getMessage() for r in caplog.records if "push refused (503)" in r.getMessage()]
+    assert refusals == ["push refused (503): the disk is full"]
+    clock = bot.webhook.clock
+    bot.webhook.clock = lambda: clock() + 61
+    assert post_push(bot, bodies[5]).status_code == 503
+    refusals = [r.getMessage() for r in caplog.records if "push refused (503)" in r.getMessage()]
+    assert refusals[1:] == ["push refused (503): the disk is full (4 more refused since the "
+                            "last line)"]
+    disk.free()
+    assert post_push(bot, bodies[0]).text == "success"
+    wait_for(lambda: requests.get(f"http://127.0.0.1:{bot.port}/healthz",
+                                  timeout=5).status_code == 200)

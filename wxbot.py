@@ -4587,6 +4587,18 @@ class Webhook:
                             if held else "")
         return status, REFUSALS[status]
 
+    def unstored(self, error: sqlite3.Error) -> tuple[int, str]:
+        """The answer to a push that could not be stored: 503, so that WeChat tries it again.
+        While the disk is full every push is refused: one line a minute says how many."""
+        if not disk_full(error):
+            log_web.error("could not store a push: %s", error)
+        else:
+            held = self.refusals.allow("the disk is full", self.clock())
+            if held is not None:
+                log_web.error("push refused (503): the disk is full%s", f" ({held} more "
+                              f"refused since the last line)" if held else "")
+        return 503, "busy"
+
     def receive(self, query: Mapping[str, str], body: bytes, client: str = "",
                 arrived: float | None = None) -> tuple[int, str]:
         """POST: check, decrypt, parse, store; (status, body) for WeChat. `arrived`: when the
@@ -4785,14 +4797,17 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
         try:
             return text(*webhook.receive(query, body, client, arrived))
         except sqlite3.Error as error:  # not answered: WeChat retries the push
-            log_web.error("could not store a push: %s", error)
-            return text(503, "busy")
+            return text(*webhook.unstored(error))
 
     @app.get("/healthz")
     def healthz():
-        """Queue depth and the age of the oldest waiting message."""
+        """Queue depth and the age of the oldest waiting message; 503 while the disk is full."""
         health = {"status": "ok", **store.health(time.time()), "mode": webhook.mode.in_force}
-        return bottle.HTTPResponse(json.dumps(health), 200,
+        if store.disk_full:  # cleared by the first write that finds room (workers try)
+            health.update(status="disk full", reason="the disk holding the database is "
+                          "full: pushes are answered 503 (WeChat retries them) and answers "
+                          "wait; free some space")
+        return bottle.HTTPResponse(json.dumps(health), 503 if store.disk_full else 200,
                                    {"Content-Type": "application/json"})
 
     @app.error(404)
