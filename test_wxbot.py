@@ -6014,3 +6014,50 @@ def test_while_the_disk_is_full_healthz_says_so_and_refusals_are_one_line_a_minu
     assert post_push(bot, bodies[0]).text == "success"
     wait_for(lambda: requests.get(f"http://127.0.0.1:{bot.port}/healthz",
                                   timeout=5).status_code == 200)
+
+
+def test_a_backup_taken_while_serving_is_a_private_checked_copy_that_restores(
+        start_bot, wechat, model, tmp_path, capsys):
+    model.respond = lambda request: "备份前的回答"
+    bot = start_bot()
+    for n in range(1, 4):  # one at a time: quick ones would be asked together
+        send_text(bot, "oBACKUP", f"问题{n}", n)
+        wait_for(lambda: len(wechat.texts_to("oBACKUP")) == n)
+    stop, statuses = threading.Event(), []
+
+    def pushing():  # traffic while the copy is made
+        for n in itertools.count(100):
+            if stop.is_set():
+                return
+            statuses.append(post_push(bot, text_xml("oDURING", f"问{n}", n)).status_code)
+    thread = threading.Thread(target=pushing)
+    thread.start()
+    try:
+        wait_for(lambda: len(statuses) >= 3)
+        target = str(tmp_path / "wxbot-backup.db")
+        assert wxbot.main(["backup", target], {"WXBOT_DB": str(tmp_path / "wxbot.db")}) == 0
+        during = len(statuses)
+        wait_for(lambda: len(statuses) > during + 2)  # the service goes on after it
+    finally:
+        stop.set()
+        thread.join()
+    assert set(statuses) == {200}
+    printed = capsys.readouterr().out
+    assert "integrity ok" in printed and "Traceback" not in printed
+    assert os.stat(target).st_mode & 0o777 == 0o600
+    assert not os.path.exists(target + "-wal") and not glob.glob(str(tmp_path / "*.partial"))
+    copied = rows_of(target, "messages", "openid, content, state")
+    assert [row for row in copied if row[0] == "oBACKUP"] == [
+        ("oBACKUP", f"问题{n}", "done") for n in range(1, 4)]
+    assert wxbot.main(["backup", target], {"WXBOT_DB": str(tmp_path / "wxbot.db")}) == 1
+    assert "exists" in capsys.readouterr().out and rows_of(target, "messages", "count(*)") == [
+        (len(copied),)]
+    bot.stop(timeout=5)
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    shutil.copy(target, restored / "wxbot.db")  # the README's restore: stop, copy, start
+    bot = start_bot(WXBOT_DB=restored / "wxbot.db")
+    send_text(bot, "oBACKUP", "恢复后的问题", 4)
+    wait_for(lambda: len(wechat.texts_to("oBACKUP")) == 4)
+    history = model.requests[-1]["messages"]
+    assert [m["content"] for m in history if m["role"] == "user"][-2:] == ["问题3", "恢复后的问题"]

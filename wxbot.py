@@ -14,6 +14,7 @@ Usage:
   python wxbot.py menu FILE.json   make FILE the account's custom menu (--show, --delete)
   python wxbot.py status           the queue: waiting, in progress, dead (safe while serving)
   python wxbot.py retry ID         queue a dead message again
+  python wxbot.py backup FILE      a checked copy of the database (safe while serving)
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -5207,6 +5208,45 @@ def retry(settings: Settings, message_id: int, out) -> int:
     return 0
 
 
+def backup(settings: Settings, target: str, out) -> int:
+    """A consistent copy of the database while the service runs, readable by its owner only,
+    checked before it is given its name.
+
+    VACUUM INTO reads one snapshot and writes it out whole: writers go on meanwhile (WAL),
+    and unlike SQLite's online backup it never starts over when they write.
+    """
+    if os.path.lexists(target):
+        print(f"{target} exists: give the backup a new name (nothing was written)",
+              file=out)
+        return 1
+    conn = open_for_operator(settings, out)
+    if conn is None:
+        return 1
+    partial = f"{target}.partial"
+    started = time.monotonic()
+    try:
+        with contextlib.closing(conn):
+            os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            conn.execute("VACUUM INTO ?", (partial,))
+        with contextlib.closing(sqlite3.connect(partial)) as copy:
+            problems = [row[0] for row in copy.execute("PRAGMA integrity_check")]
+            messages = copy.execute("SELECT count(*) FROM messages").fetchone()[0]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("the copy fails integrity_check: " +
+                                        "; ".join(problems[:3]))
+        os.replace(partial, target)
+    except (OSError, sqlite3.Error) as error:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        folder = os.path.dirname(os.path.abspath(target))
+        print(f"no backup written: {error} (is there room in {folder}, and may this user "
+              f"write there?)", file=out)
+        return 1
+    print(f"backup of {settings.db} written to {target}: {megabytes(os.path.getsize(target))}, "
+          f"{messages} messages, integrity ok, in {time.monotonic() - started:.1f} s", file=out)
+    return 0
+
+
 #: A 1x1 PNG that `check` uploads to learn whether WeChat takes pictures from this account.
 CHECK_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kg"
              "AAAABJRU5ErkJggg==")
@@ -5348,12 +5388,15 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="serve",
-                        choices=["serve", "check", "chat", "menu", "status", "retry"],
+                        choices=["serve", "check", "chat", "menu", "status", "retry",
+                                 "backup"],
                         help="serve (default): run the bot; check: try the settings for real; "
                              "chat: talk to the model in this console; menu FILE.json: make "
                              "the file the account's custom menu; status: the queue, with "
-                             "dead messages and why; retry ID: queue a dead message again")
-    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)  # menu's FILE, retry's ID
+                             "dead messages and why; retry ID: queue a dead message again; "
+                             "backup FILE: a checked copy of the database, while it serves")
+    # menu's and backup's FILE, retry's ID
+    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
     parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
@@ -5364,7 +5407,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         parser.error("menu takes one of: FILE.json, --show, --delete")
     elif args.command == "retry" and not (args.file or "").isdigit():
         parser.error("retry takes the id of a dead message, as `status` shows it")
-    elif args.command not in ("menu", "retry") and (args.file or args.show or args.delete):
+    elif args.command == "backup" and not args.file:
+        parser.error("backup takes the file to write the copy to")
+    elif args.command not in ("menu", "retry", "backup") and (args.file or args.show or
+                                                              args.delete):
         parser.error("FILE, --show and --delete go with the menu command")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -5384,12 +5430,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                    **env}
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
-        if args.command in ("status", "retry"):  # the database only
+        if args.command in ("status", "retry", "backup"):  # the database only
             env = {"WXBOT_TOKEN": "notusedbystatus", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
         SECRET_FILTER.add_settings(settings)  # every command, check and menu too
-        if args.command not in ("chat", "status", "retry") and \
+        if args.command not in ("chat", "status", "retry", "backup") and \
                 settings.api_base.startswith("https:"):
             WeChatConnections.verifier()  # the CA bundle a setting names is readable
     except SettingsError as error:
@@ -5408,6 +5454,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return status(settings, sys.stdout)
     if args.command == "retry":
         return retry(settings, int(args.file), sys.stdout)
+    if args.command == "backup":
+        return backup(settings, args.file, sys.stdout)
     if args.command == "menu":
         return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
     try:
