@@ -6061,3 +6061,59 @@ def test_a_backup_taken_while_serving_is_a_private_checked_copy_that_restores(
     wait_for(lambda: len(wechat.texts_to("oBACKUP")) == 4)
     history = model.requests[-1]["messages"]
     assert [m["content"] for m in history if m["role"] == "user"][-2:] == ["问题3", "恢复后的问题"]
+
+
+def worker_lines(caplog, text):
+    return [r.getMessage() for r in caplog.records
+            if r.name == "wxbot.worker" and text in r.getMessage()]
+
+
+def test_the_log_says_how_long_the_user_waited_for_the_first_message(start_bot, wechat, model,
+                                                                    caplog):
+    caplog.set_level(logging.INFO)
+    release = hold_first_question(model, "慢慢想")
+    bot = start_bot()
+    pushed = time.monotonic()
+    send_text(bot, "oWAITED", "慢慢想", 1)
+    wait_for(lambda: model.requests)
+    wait_for(lambda: time.monotonic() - pushed > 0.5)  # the user waits at least this
+    release.set()
+    wait_for(lambda: worker_lines(caplog, "segments sent"))
+    waited = time.monotonic() - pushed
+    line = worker_lines(caplog, "segments sent")[0]
+    shown = float(re.search(r"first message ([\d.]+)s after the push", line).group(1))
+    assert 0.5 <= shown <= waited + 1  # the stored times are wall-clock: a second's leeway
+
+
+def test_merged_follow_ups_and_a_cut_off_answer_leave_lines_that_say_so(start_bot, wechat,
+                                                                         model, caplog):
+    caplog.set_level(logging.INFO)
+    answer = chinese_answer(2500)
+    release = hold_first_question(model, "占着")
+    held = model.respond
+
+    def respond(request):
+        if request["messages"][-1]["content"] != "讲讲":
+            return held(request)
+
+        def pieces():  # part of an answer, then the provider fails for good
+            yield from (answer[i:i + 50] for i in range(0, 1400, 50))
+            raise ModelFault(500)
+        return pieces() if model.questions().count("讲讲") == 1 else (_ for _ in ()).throw(
+            ModelFault(503))
+    model.respond = respond
+    bot = start_bot(WXBOT_WORKERS=1)
+    send_text(bot, "oBUSY", "占着", 1)
+    wait_for(lambda: model.requests)  # the only worker is busy meanwhile
+    for n, part in enumerate(["我想问", "关于Python", "怎么学"]):
+        send_text(bot, "oSPLIT", part, 10 + n)
+    release.set()
+    wait_for(lambda: wechat.texts_to("oSPLIT"))
+    first, *merged = [stored_id(bot, "oSPLIT", 10 + n) for n in range(3)]
+    assert worker_lines(caplog, f"message {first} from") and worker_lines(
+        caplog, f"quick follow-up(s) {merged[0]}, {merged[1]} asked with it")
+    send_text(bot, "oGIVEUP", "讲讲", 20)
+    wait_for(lambda: wechat.texts_to("oGIVEUP")[-1:] == [wxbot.CUT_OFF_LINE])
+    wait_for(lambda: worker_lines(caplog, "model failed"))
+    failed = worker_lines(caplog, "model failed")[-1]
+    assert "cut-off line" in failed and "apology" not in failed

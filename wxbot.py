@@ -1472,6 +1472,10 @@ class Store:
             conn.executemany("UPDATE messages SET state = 'done', merged_into = ?,"
                              " answered_at = ? WHERE id = ?",
                              [(message.id, now, merged_id) for merged_id in merged])
+            if merged:  # they get no line of their own: their answer is this message's
+                log_worker.info("message %s from %s: quick follow-up(s) %s asked with it, one "
+                                "answer", message.id, short_id(message.openid),
+                                ", ".join(map(str, merged)))
             return [row[0] for row in conn.execute(
                 "SELECT content FROM messages WHERE merged_into = ? ORDER BY id",
                 (message.id,))]
@@ -4332,9 +4336,11 @@ class Worker:
             log_worker.warning("message %s: the model refused (content filter)", message.id)
             line = refused_line
         else:
-            log_worker.error("message %s from %s: model failed (%s); sending the apology",
-                             message.id, short_id(message.openid), error)
             line = CUT_OFF_LINE if partial else APOLOGY_LINE
+            log_worker.error("message %s from %s: model failed (%s); %s", message.id,
+                             short_id(message.openid), error, "the part already written is "
+                             "kept and ends with the cut-off line" if partial else
+                             "sending the apology")
         return self.store.complete_answer(message, time.time(), [line], question,
                                           partial or None)
 
@@ -4386,8 +4392,13 @@ class Worker:
             self.mode.service_works(message.id)
             sent_seq = row["seq"]
         if not streaming:
-            log_worker.info("message %s from %s (%s): model %s, segments sent %d/%d", message.id,
-                            short_id(message.openid), message.msg_id or message.event,
+            # What the user felt: from the push to the first message they saw.
+            first = min((row["sent_at"] for row in rows if row["sent_at"] is not None),
+                        default=None)
+            log_worker.info("message %s from %s (%s): first message %s after the push, model "
+                            "%s, segments sent %d/%d", message.id, short_id(message.openid),
+                            message.msg_id or message.event,
+                            f"{first - message.received_at:.2f}s" if first else "-",
                             f"{model_seconds:.2f}s" if model_seconds is not None else "-",
                             sum(row["sent_at"] is not None for row in rows), len(rows))
         return True
