@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import re
 import select
 import shutil
@@ -6117,3 +6118,56 @@ def test_merged_follow_ups_and_a_cut_off_answer_leave_lines_that_say_so(start_bo
     wait_for(lambda: worker_lines(caplog, "model failed"))
     failed = worker_lines(caplog, "model failed")[-1]
     assert "cut-off line" in failed and "apology" not in failed
+
+
+def threads_of(process):
+    """The ids of the process's threads, the main one first (Linux)."""
+    return [process.pid] + sorted(int(tid) for tid in os.listdir(f"/proc/{process.pid}/task")
+                                  if int(tid) != process.pid)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="threads are read from /proc")
+def test_sigterm_taken_by_any_thread_at_any_moment_of_start_up_or_load_stops_the_bot(
+        tmp_path, wechat, model):
+    """A signal sent to the process may be taken by any of its threads (the kernel's
+    choice); os.kill on a thread's id makes that thread the one."""
+    model.respond = lambda request: "答"
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    for run in range(5):
+        env = env_for(tmp_path / str(run), wechat, model, WXBOT_STOP_TIMEOUT=3)
+        os.makedirs(tmp_path / str(run))
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "wxbot.py")],
+                                   env={**os.environ, **env}, cwd=tmp_path, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        lines, stop = [], threading.Event()
+        threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+        try:
+            wait_for(lambda: any("starting" in line for line in lines), timeout=60)
+            if run == 0:  # serving, under pushes: the signal goes to a thread not the main
+                port = wait_for(lambda: next((int(m.group(1)) for line in lines for m in [
+                    re.search(r"listening on http://[^:]+:(\d+)", line)] if m), None))
+
+                def pushing():
+                    for n in itertools.count(1):
+                        if stop.is_set():
+                            return
+                        with contextlib.suppress(requests.RequestException):
+                            post_push(port, text_xml(f"oLOAD{n % 7}", f"问{n}", n), timeout=2)
+                threading.Thread(target=pushing, daemon=True).start()
+                wait_for(lambda: wechat.texts_to("oLOAD1"))
+                target = threads_of(process)[-1]
+            else:  # a random moment of start-up, a random thread
+                stop.wait(rng.uniform(0, 1.5))
+                target = rng.choice(threads_of(process))
+            serving = any("listening" in line for line in lines)
+            os.kill(target, signal.SIGTERM)
+            code = process.wait(30)
+        finally:
+            stop.set()
+            process.kill()
+        # Before it serves, the default action ends it; once it serves, the stop does.
+        assert code in ((0,) if serving else (0, -signal.SIGTERM)), (seed, run, lines[-5:])
+        if code == 0:
+            assert "stopping" in "".join(lines) and "stopped" in lines[-1], (seed, run)

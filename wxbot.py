@@ -5080,6 +5080,48 @@ class Bot:
         return finished
 
 
+class Signals:
+    """SIGTERM, SIGINT and SIGHUP as bytes on a socket that the main thread reads.
+
+    The kernel gives a signal sent to the process to any of its threads, and Python runs its
+    handlers in the main thread only, once that thread runs Python code again: a main thread
+    asleep in a wait stayed asleep when a worker's thread took the SIGTERM, and the stop
+    never began. The wakeup socket is written by the C-level handler whichever thread takes
+    the signal, and a read on it wakes at once.
+    """
+
+    #: Written when the stop is done; no signal has the number 0.
+    STOPPED = 0
+
+    def __init__(self):
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)  # the C handler must never block
+        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda signum, frame: None)  # the byte says which
+
+    def serve(self, bot: "Bot") -> None:
+        """Until SIGTERM or SIGINT (SIGHUP, systemctl reload: the owner's files are read
+        again); then the stop, during which a second signal exits at once."""
+        while (signum := self._read.recv(1)[0]) not in (signal.SIGTERM, signal.SIGINT):
+            bot.owner.stale()
+        log.info("stopping: no new pushes; finishing answers in flight (up to %.0f s)",
+                 bot.settings.stop_timeout)
+
+        def stop() -> None:
+            try:
+                bot.stop()
+            finally:
+                self._write.send(bytes([self.STOPPED]))
+        threading.Thread(target=stop, name="stop", daemon=True).start()
+        while (signum := self._read.recv(1)[0]) != self.STOPPED:
+            if signum != signal.SIGHUP:
+                log.warning("second signal: exiting now")
+                os._exit(1)
+        signal.set_wakeup_fd(-1)
+        log.info("stopped")
+
+
 class Console:
     """Stands in for WeChat in `chat`: prints each segment as WeChat would show it."""
 
@@ -5488,27 +5530,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         log.error("cannot open the database %s: %s", settings.db, error)
         return 1
 
-    stop_requested = threading.Event()
-
-    def on_signal(signum, frame):
-        if stop_requested.is_set():
-            log.warning("second signal: exiting now")
-            os._exit(1)
-        stop_requested.set()
-
-    def on_hangup(signum, frame):  # systemctl reload: re-read the owner's files
-        bot.owner.stale()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_hangup)
+    signals = Signals()  # before start: a signal that comes during it stops it after
     bot.start()
-    while not stop_requested.wait(3600):
-        pass
-    log.info("stopping: no new pushes; finishing answers in flight (up to %.0f s)",
-             settings.stop_timeout)
-    bot.stop()
-    log.info("stopped")
+    signals.serve(bot)
     return 0
 
 
