@@ -6171,3 +6171,36 @@ def test_sigterm_taken_by_any_thread_at_any_moment_of_start_up_or_load_stops_the
         assert code in ((0,) if serving else (0, -signal.SIGTERM)), (seed, run, lines[-5:])
         if code == 0:
             assert "stopping" in "".join(lines) and "stopped" in lines[-1], (seed, run)
+
+
+def directives(unit):
+    """The unit file's directives, in order, comments left out."""
+    with open(os.path.join(HERE, unit), encoding="utf-8") as file:
+        return [line.strip() for line in file if line.strip() and not line.startswith("#")]
+
+
+def test_the_template_for_several_accounts_keeps_the_units_directives_apart_from_its_own():
+    per_account = {
+        "Description=wxbot for the account %i: an OpenAI-compatible model behind a WeChat "
+        "Official Account", "EnvironmentFile=/opt/wxbot/%i.env", "StateDirectory=wxbot/%i",
+        "Environment=WXBOT_DB=/var/lib/wxbot/%i/wxbot.db", "SyslogIdentifier=wxbot-%i"}
+    template, unit = directives("wxbot@.service"), directives("wxbot.service")
+    assert per_account <= set(template)
+    assert [line for line in template if line not in per_account] == [
+        line for line in unit if not line.startswith(("Description=", "EnvironmentFile=",
+                                                      "StateDirectory=", "Environment=WXBOT_DB="))]
+
+
+def exposure(unit):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here")
+    result = subprocess.run([analyze, "security", "--offline=true", unit], cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
+    score = re.search(rf"Overall exposure level for {re.escape(unit)}: ([\d.]+)", result.stdout)
+    assert score, result.stdout + result.stderr
+    return float(score.group(1))
+
+
+def test_each_accounts_instance_is_hardened_as_the_single_unit():
+    assert exposure("wxbot@blog.service") <= exposure("wxbot.service") <= 2.5
