@@ -15,12 +15,14 @@ Usage:
   python bench_wxbot.py --blocked-words   only the blocked-words row
   python bench_wxbot.py --burst    only the burst rows (--burst-users N to try them small)
   python bench_wxbot.py --passive  only the passive-reply row (--passive-users N, --quick)
+  python bench_wxbot.py --operations   retention's disk, backup time, upgrades (--quick)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import http.client
 import math
 import os
@@ -503,9 +505,9 @@ SOAK_QUESTION = "请问公众号的客服消息最多能发多长？"
 SOAK_ANSWER = chinese_answer(1200)
 
 
-def build_soak_db(path: str, messages: int) -> float:
+def build_soak_db(path: str, messages: int, days: float = 29) -> float:
     """A database holding `messages` answered questions from 10,000 users over the last
-    29 days, with their segments and turns, built in big transactions; seconds taken.
+    `days` days, with their segments and turns, built in big transactions; seconds taken.
     One answer in fifty keeps a segment unsent (beyond the 5-message quota)."""
     started = time.monotonic()
     wxbot.Store(path).close()  # the real schema
@@ -515,7 +517,7 @@ def build_soak_db(path: str, messages: int) -> float:
         conn.execute("PRAGMA synchronous=OFF")
         for first in range(1, messages + 1, 100_000):
             ids = range(first, min(messages + 1, first + 100_000))
-            at = {n: now - 29 * 86400 * (1 - n / messages) for n in ids}
+            at = {n: now - days * 86400 * (1 - n / messages) for n in ids}
             openid = {n: f"oSOAK{n % 10000:05d}" + "x" * 18 for n in ids}
             conn.execute("BEGIN")
             conn.executemany(
@@ -622,6 +624,143 @@ def bench_soak(wechat, args) -> list[str]:
             f"every year."]
 
 
+# Operations: retention, backup, upgrades ####################################
+
+def on_disk(path: str) -> str:
+    main, wal = wxbot.database_bytes(path)
+    return f"{(main + wal) / 1e6:.1f} MB (file {main / 1e6:.1f} + WAL {wal / 1e6:.1f})"
+
+
+def serve_database(path: str, wechat, model, **settings):
+    """wxbot.py in its own process on the database at `path`."""
+    folder = os.path.dirname(path)
+    env = env_for(_Path(folder), wechat, model, WXBOT_DB=path, WXBOT_MAX_SKEW=0,
+                  WXBOT_USER_RATE=0, WXBOT_USER_DAILY=0, **settings)
+    return start_process(env, folder)
+
+
+def bench_retention(workdir, wechat, model, messages: int) -> list[str]:
+    """The disk in total before and after the retention pass at start, six months aged."""
+    path = os.path.join(workdir, "aged", "wxbot.db")
+    os.makedirs(os.path.dirname(path))
+    build_soak_db(path, messages, days=180)
+    before = on_disk(path)
+    process, _, lines = serve_database(path, wechat, model, WXBOT_RETENTION_DAYS=30)
+    try:
+        line = wait_for(lambda: next((line for line in lines if "retention (" in line), None),
+                        timeout=600, message="the retention pass")
+        after = on_disk(path)
+    finally:
+        process.terminate()
+        process.wait(60)
+    removed = re.search(r"removed (\d+) messages", line).group(1)
+    return [f"Retention on a database aged 180 days ({messages:,} messages, "
+            f"WXBOT_RETENTION_DAYS=30): on disk {before} before the pass at start, {after} "
+            f"after it while serving; {removed} messages removed"]
+
+
+def push_at(port: int, rate: float, stop: threading.Event, statuses: list) -> None:
+    """Signed pushes at `rate` a second (unique MsgIds, 50 users) until `stop`."""
+    started = time.monotonic()
+    for n in range(1, 10**9):
+        if stop.wait(max(0.0, started + n / rate - time.monotonic())):
+            return
+        body = text_xml(f"oOPS{n % 50:02d}", f"备份时的问题{n}", 7 * 10**12 + n)
+        with contextlib.suppress(requests.RequestException):
+            statuses.append(requests.post(f"http://127.0.0.1:{port}/wx", params=signed_query(),
+                                          data=body, timeout=5).status_code)
+
+
+def bench_backup(workdir, wechat, model, messages: int) -> list[str]:
+    """`wxbot.py backup` while serving, with no pushes and with 20 a second."""
+    path = os.path.join(workdir, "live", "wxbot.db")
+    os.makedirs(os.path.dirname(path))
+    build_soak_db(path, messages)
+    process, port, _ = serve_database(path, wechat, model, WXBOT_RETENTION_DAYS=0)
+    rows = []
+    try:
+        for rate in (0, 20):
+            stop, statuses = threading.Event(), []
+            pusher = threading.Thread(target=push_at, args=(port, rate, stop, statuses))
+            if rate:
+                pusher.start()
+                wait_for(lambda: len(statuses) >= 20, message="pushes flowing")
+            target = os.path.join(workdir, f"backup-{rate}.db")
+            started = time.monotonic()
+            done = subprocess.run([sys.executable, os.path.join(HERE, "wxbot.py"), "backup",
+                                   target], env={**os.environ, "WXBOT_DB": path},
+                                  capture_output=True, text=True, timeout=900)
+            took = time.monotonic() - started
+            stop.set()
+            if rate:
+                pusher.join()
+            ok = done.returncode == 0 and "integrity ok" in done.stdout
+            copied = re.search(r"in ([\d.]+) s", done.stdout)
+            said = (f"the copy and its check {copied.group(1)} s, integrity ok" if ok
+                    else "FAILED: " + done.stdout + done.stderr)
+            rows.append(f"{rate} pushes/s: {took:.1f} s in all ({said}, mode {os.stat(target).st_mode & 0o777:o}, "
+                        f"{os.path.getsize(target) / 1e6:.0f} MB"
+                        + (f"; {statuses.count(200)}/{len(statuses)} pushes answered 200 "
+                           f"meanwhile)" if rate else ")"))
+    finally:
+        process.terminate()
+        process.wait(60)
+    return [f"Backup (`wxbot.py backup`, the command run as its own process, wxbot serving) of "
+            f"a {os.path.getsize(path) / 1e6:.0f} MB database: " + "; ".join(rows)]
+
+
+def bench_upgrades(workdir, wechat) -> list[str]:
+    """A database of each earlier schema (fixtures/): rows kept, pending answered once."""
+    rows = []
+    for dump in sorted(glob.glob(os.path.join(HERE, "fixtures", "*.sql"))):
+        path = os.path.join(workdir, "upgrade-" + os.path.basename(dump)[:-4], "wxbot.db")
+        os.makedirs(os.path.dirname(path))
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.executescript(open(dump, encoding="utf-8").read())
+            kept = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                    for table in ("messages", "segments", "turns")}
+            pending = conn.execute("SELECT openid, content FROM messages"
+                                   " WHERE state IN ('queued', 'leased')").fetchall()
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        model = FakeModel(lambda request: "升级后的回答")
+        wechat.sent.clear()
+        started = time.monotonic()
+        process, _, lines = serve_database(path, wechat, model, WXBOT_RETENTION_DAYS=0)
+        try:
+            wait_for(lambda: all(wechat.texts_to(openid) for openid, _ in pending),
+                     timeout=60, message="the pending messages answered")
+            took = time.monotonic() - started
+        finally:
+            process.terminate()
+            process.wait(60)
+            model.close()
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            now = {table: conn.execute(f"SELECT count(*) FROM {table} WHERE rowid <= ?",
+                                       (count,)).fetchone()[0] for table, count in kept.items()}
+        asked = [model.questions().count(content) for _, content in pending]
+        sent = [len(wechat.texts_to(openid)) for openid, _ in pending]
+        rows.append(f"  {os.path.basename(dump)} (user_version {version}): rows kept "
+                    f"{sum(now.values())}/{sum(kept.values())}; pending {len(pending)}, asked "
+                    f"{asked}, answers sent {sent}; answered {took:.1f} s after the start")
+    return ["Upgrades: a database of every schema the releases made, served by this wxbot:",
+            *rows]
+
+
+def bench_operations(args) -> list[str]:
+    wechat, model = FakeWeChat(), FakeModel(lambda request: "答")
+    lines = [f"wxbot operations bench, {time.strftime('%Y-%m-%d %H:%M')}, "
+             f"{os.cpu_count()} cores (shared: figures move between runs)", ""]
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            lines += bench_retention(workdir, wechat, model, 600 if args.quick else 6000)
+            lines += bench_backup(workdir, wechat, model, 600 if args.quick else 30000)
+            lines += bench_upgrades(workdir, wechat)
+        finally:
+            wechat.close()
+            model.close()
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run: every phase, briefly")
@@ -649,8 +788,15 @@ def main() -> int:
                         help="only the passive-reply row (50 users waiting 4 s; seconds)")
     parser.add_argument("--passive-users", type=int, default=None,
                         help="users waiting at once in the passive row instead of 50")
+    parser.add_argument("--operations", action="store_true",
+                        help="only the operator's figures: disk before and after retention on "
+                             "a database aged 180 days, backup time at 0 and 20 pushes a "
+                             "second, upgrades from every earlier schema (a few minutes)")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.operations:
+        print("\n".join(bench_operations(args)))
+        return 0
     if args.blocked_words:
         print("\n".join(bench_blocked_words(args)))
         return 0
