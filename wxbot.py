@@ -1842,13 +1842,18 @@ class Store:
         """Copy the WAL into the database file and cut the WAL to nothing, so that the pages
         a retention pass freed leave the disk in total; returns database_bytes() after.
 
-        It waits for readers to finish with the WAL (SQLite's busy handler), holding the
-        write turn: pushes wait for it as for any write, once an hour.
+        It holds the write turn (pushes wait for it as for any write, once an hour) but never
+        waits for another process's reader (a backup): the WAL is then copied as far as it
+        can be and cut at a later pass, or kept within WAL_LIMIT meanwhile.
         """
         with self._turn(), self.connection() as conn:
-            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            conn.execute("PRAGMA busy_timeout=0")
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         if busy:
-            log.debug("the WAL was not emptied: a reader held it; the next pass will")
+            log.info("the WAL was not emptied: another process was reading the database")
         return database_bytes(self.path)
 
     # Key-value (the access token) -------------------------------------------
@@ -5104,7 +5109,8 @@ class Signals:
         """Until SIGTERM or SIGINT (SIGHUP, systemctl reload: the owner's files are read
         again); then the stop, during which a second signal exits at once."""
         while (signum := self._read.recv(1)[0]) not in (signal.SIGTERM, signal.SIGINT):
-            bot.owner.stale()
+            if signum == signal.SIGHUP:
+                bot.owner.stale()
         log.info("stopping: no new pushes; finishing answers in flight (up to %.0f s)",
                  bot.settings.stop_timeout)
 
@@ -5115,7 +5121,7 @@ class Signals:
                 self._write.send(bytes([self.STOPPED]))
         threading.Thread(target=stop, name="stop", daemon=True).start()
         while (signum := self._read.recv(1)[0]) != self.STOPPED:
-            if signum != signal.SIGHUP:
+            if signum in (signal.SIGTERM, signal.SIGINT):
                 log.warning("second signal: exiting now")
                 os._exit(1)
         signal.set_wakeup_fd(-1)
