@@ -6204,3 +6204,13 @@ def exposure(unit):
 
 def test_each_accounts_instance_is_hardened_as_the_single_unit():
     assert exposure("wxbot@blog.service") <= exposure("wxbot.service") <= 2.5
+
+
+def test_a_database_of_an_earlier_release_can_be_backed_up_before_the_upgrade(tmp_path,
+                                                                             capsys):
+    path, target = str(tmp_path / "wxbot.db"), str(tmp_path / "before-upgrade.db")
+    database_from(OLD_DATABASES[0], path)
+    assert wxbot.main(["backup", target], {"WXBOT_DB": path}) == 0
+    assert "integrity ok" in capsys.readouterr().out
+    assert rows_of(target, "messages", "id, content") == rows_of(path, "messages", "id, content")
+    assert rows_of(target, "sqlite_master", "sql") == rows_of(path, "sqlite_master", "sql")

@@ -5182,8 +5182,10 @@ def age_text(seconds: float) -> str:
 STATUS_ROWS = 20
 
 
-def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
-    """The database of a service that may be running: no migration, readers never block it."""
+def open_for_operator(settings: Settings, out, any_schema: bool = False
+                      ) -> sqlite3.Connection | None:
+    """The database of a service that may be running: no migration, readers never block it;
+    of this wxbot's schema unless `any_schema`."""
     if not os.path.exists(settings.db):
         print(f"no database at {settings.db} (check WXBOT_DB, or --env FILE)", file=out)
         return None
@@ -5195,7 +5197,7 @@ def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
               f"user, e.g. sudo -u wxbot .venv/bin/python wxbot.py ...", file=out)
         return None
     conn.row_factory = sqlite3.Row
-    if version != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION and not any_schema:
         print(f"{settings.db} has schema {version}, this wxbot reads {SCHEMA_VERSION}: start "
               f"this wxbot once to bring it up to date", file=out)
         conn.close()
@@ -5278,7 +5280,7 @@ def backup(settings: Settings, target: str, out) -> int:
         print(f"{target} exists: give the backup a new name (nothing was written)",
               file=out)
         return 1
-    conn = open_for_operator(settings, out)
+    conn = open_for_operator(settings, out, any_schema=True)  # before an upgrade, too
     if conn is None:
         return 1
     partial = f"{target}.partial"
