@@ -6214,3 +6214,29 @@ def test_a_database_of_an_earlier_release_can_be_backed_up_before_the_upgrade(tm
     assert "integrity ok" in capsys.readouterr().out
     assert rows_of(target, "messages", "id, content") == rows_of(path, "messages", "id, content")
     assert rows_of(target, "sqlite_master", "sql") == rows_of(path, "sqlite_master", "sql")
+
+
+def test_a_reader_in_another_process_never_holds_up_the_pass_and_the_next_pass_empties_the_wal(
+        tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(wxbot.Store, "CHECKPOINT_PAUSE", 0.01)
+    day, now = 86400.0, time.time()
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path, busy_timeout=120)  # a pass that waited for the reader: 120 s
+    fill_history(path, "oAGED", 600, now - 40 * day, 1)
+    fill_history(path, "oRECENT", 5, now - day, 1001)
+    janitor = wxbot.Janitor(settings_for(tmp_path, WXBOT_RETENTION_DAYS=30), store)
+    janitor.PAUSE = 0
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as backup:
+        backup.execute("BEGIN")  # a backup's snapshot, from before the pass
+        backup.execute("SELECT count(*) FROM messages").fetchone()
+        sweep = threading.Thread(target=janitor.sweep, args=(now,), daemon=True)
+        sweep.start()
+        wait_for(lambda: not sweep.is_alive(), timeout=60,
+                 message="the pass, while a backup reads the database")
+        assert "the WAL was not emptied" in caplog.text
+        assert os.path.getsize(path + "-wal") > wxbot.WAL_LIMIT
+        backup.execute("COMMIT")
+    janitor.sweep(now)  # nothing old left: the WAL is emptied all the same
+    assert os.path.getsize(path + "-wal") == 0
+    store.close()

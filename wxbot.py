@@ -965,6 +965,10 @@ def create_private(path: str) -> None:
 class Store:
     """The SQLite database: queue, segments, history and the token cache."""
 
+    #: Tries to empty the WAL after a retention pass, and the pause between them.
+    CHECKPOINT_TRIES = 20
+    CHECKPOINT_PAUSE = 0.05
+
     def __init__(self, path: str, busy_timeout: float = 15.0,
                  free_space: Callable[[str], int] = lambda dir: shutil.disk_usage(dir).free):
         if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING claims a message
@@ -1842,18 +1846,24 @@ class Store:
         """Copy the WAL into the database file and cut the WAL to nothing, so that the pages
         a retention pass freed leave the disk in total; returns database_bytes() after.
 
-        It holds the write turn (pushes wait for it as for any write, once an hour) but never
-        waits for another process's reader (a backup): the WAL is then copied as far as it
-        can be and cut at a later pass, or kept within WAL_LIMIT meanwhile.
+        Each try holds the write turn (pushes wait for it as for any write) but never waits
+        for a reader: one still on an older snapshot (a worker's read, a backup in another
+        process) makes the try copy what it can and give up, and the turn goes to the pushes
+        before the next try.
         """
-        with self._turn(), self.connection() as conn:
-            conn.execute("PRAGMA busy_timeout=0")
-            try:
-                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-            finally:
-                conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-        if busy:
-            log.info("the WAL was not emptied: another process was reading the database")
+        for _ in range(self.CHECKPOINT_TRIES):
+            with self._turn(), self.connection() as conn:
+                conn.execute("PRAGMA busy_timeout=0")
+                try:
+                    busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                finally:
+                    conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            if not busy:
+                break
+            time.sleep(self.CHECKPOINT_PAUSE)
+        else:
+            log.info("the WAL was not emptied: the database was being read throughout (a "
+                     "backup?); the next retention pass tries again")
         return database_bytes(self.path)
 
     # Key-value (the access token) -------------------------------------------
@@ -4993,11 +5003,14 @@ class Janitor:
                                      self.settings.retention_days * 86400.0,
                                      self.settings.session_ttl, after, self.BATCH, removed)
             self.stopping.wait(self.PAUSE)
+        if self.stopping.is_set():  # the stop closes the database: the next start goes on
+            return
+        # A WAL left over a limit (a reader held it at the last pass) is emptied even when
+        # nothing was old this time.
+        if +removed or database_bytes(self.store.path)[1] > WAL_LIMIT:
+            main, wal = self.store.checkpoint()
         if not +removed:
             return
-        # A stop under way closes the database: the next pass empties the WAL.
-        main, wal = (database_bytes(self.store.path) if self.stopping.is_set()
-                     else self.store.checkpoint())
         log.info("retention (%d days): removed %d messages with their answers, %d turns of "
                  "history, %d expired keys; the database takes %s on disk, was %s (file %s, "
                  "WAL %s)", self.settings.retention_days, removed["messages"],
