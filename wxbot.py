@@ -2912,6 +2912,12 @@ def next_send(rows: list, quota: int, streaming: bool, answer_id: int
     return None
 
 
+def anchor_tag(url: str) -> str:
+    """The <a> that opens a link to url, which can end neither the attribute nor the tag."""
+    return '<a href="{}">'.format(url.replace('"', "%22").replace("<", "%3C")
+                                  .replace(">", "%3E"))
+
+
 class Markdown:
     """Turns a model's Markdown into plain text, one line at a time, since WeChat shows the
     marks as they are. Markup the model wrote is shown as text (MARKUP_OPEN); its http(s)
@@ -2986,8 +2992,7 @@ class Markdown:
         """A Markdown link: an http(s) one as <a>, its tags parked in `kept` so that no rule
         touches the address (its text still reads as any text); any other as text (address)."""
         text, url = match.groups()
-        tag = '<a href="{}">'.format(url.replace('"', "%22").replace("<", "%3C")
-                                     .replace(">", "%3E"))
+        tag = anchor_tag(url)
         if not self.WEB.match(url) or utf8_len(tag + text + "</a>") > LINK_MOST:
             return f"{text} ({url})"
         kept += [tag, "</a>"]
@@ -3034,13 +3039,16 @@ class StreamCutter:
                 self.looked, taken = 0, True
         return self._segments(final=False) if taken else []  # nothing new to cut
 
-    def finish(self) -> list[str]:
-        """The rest, once the model has finished."""
+    def finish(self, tail: str = "") -> list[str]:
+        """The rest, once the model has finished. `tail`: plain text that ends the answer as
+        it is, after a blank line (the 来源 line, whose links are wxbot's own, not markup)."""
         if self.line:
             self._take(self.line, whole=True)
             self.line = ""
         if self.blocks and self.blocks[-1][1] is None:  # a code block never closed
             self.blocks[-1][1] = len(self.plain.rstrip("\n"))
+        if tail:
+            self.plain = self.plain.rstrip("\n") + "\n\n" + tail if self.plain.strip() else tail
         return self._segments(final=True)
 
     @property
@@ -3114,6 +3122,216 @@ def split_segments(text: str, limit: int = SEGMENT_LIMIT, markdown: bool = True)
     `markdown`: False for text the owner wrote, sent as written (links and all), only cut."""
     cutter = StreamCutter(first_done=True, limit=limit, markdown=markdown)
     return cutter.feed(text) + cutter.finish()
+
+
+###############################################################################
+# Citing articles: passages for the model, links for the reader ###############
+###############################################################################
+
+#: Added to the owner's WXBOT_SYSTEM_PROMPT when passages of the account's articles go with a
+#: question (and only then: a question no article covers costs no token more).
+ARTICLES_PROMPT = (
+    "用户的问题前附有本公众号文章的段落，每段以编号、标题和日期开头，如 [1] 《标题》 (2025-08-01)。"
+    "这些段落能回答问题时，请依据它们回答，并在用到的内容后标上段落的编号，如 [1] 或 [1][2]；"
+    "它们回答不了问题时，请说明公众号的文章里没有提到，不要编造。"
+    "两篇文章说法不一致时，以日期较新的为准，可以说明以前的说法已经更新。"
+    "不要自己写出处、标题或链接：回答末尾会附上所引文章的链接。"
+)
+PASSAGES_HEAD = "公众号文章中的相关段落："
+QUESTION_HEAD = "用户的问题："
+SOURCES_HEAD = "来源："
+#: The answer links to at most this many articles: the ones it cited first.
+MOST_SOURCES = 3
+
+
+def passage_heading(number: int, passage: Passage) -> str:
+    """`[1] 《标题》 (2025-08-01)`: how a passage is headed for the model."""
+    date = f" ({passage.date})" if passage.date else ""
+    return f"[{number}] 《{passage.title.strip('《》 ')}》{date}"
+
+
+def with_passages(question: str, passages: list[Passage]) -> str:
+    """The question as the model gets it: the passages first, numbered, then the question;
+    the question alone when no passage goes with it."""
+    if not passages:
+        return question
+    numbered = "\n\n".join(f"{passage_heading(number, passage)}\n{passage.text.strip()}"
+                           for number, passage in enumerate(passages, 1))
+    return f"{PASSAGES_HEAD}\n\n{numbered}\n\n{QUESTION_HEAD}{question}"
+
+
+def source_link(passage: Passage) -> str:
+    """An article as the 来源 line names it: its title as a link, or as text for a file with no
+    (web) URL or a link too long for one segment. Title and URL come from pages learned, so
+    neither may plant markup of its own (MARKUP_OPEN)."""
+    title = "《{}》".format(passage.title.strip("《》 ").replace("<", "＜").replace(">", "＞"))
+    tag = anchor_tag(passage.url)
+    if not Markdown.WEB.match(passage.url) or utf8_len(tag + title + "</a>") > LINK_MOST:
+        return title
+    return f"{tag}{title}</a>"
+
+
+class Citations:
+    """Turns the model's citation markers into the links of the 来源 line, while it streams.
+
+    The model cites the passages it was given as [1], [1][2], [1, 2], 【1】 or ［1］: each
+    marker leaves the text (with the spaces before it), and `sources()` names the articles
+    cited, in the order first cited, each once. A number no passage has (an invented [9])
+    goes too. A marker split across pieces is held back until it is whole, so the text and
+    the sources are the same whatever the pieces. A bracket that is no marker ([注意], a
+    year [2025], a link's [1](...)) and code (inline or fenced) stay as written.
+    Each character is looked at once: one regular expression finds the next one that
+    matters, and a marker is held back for MARKER_MOST characters at most.
+    """
+
+    OPEN, CLOSE = "[【［", "]】］"
+    #: Between the numbers of one marker: [1, 2], [1，2], [1、2].
+    SEPARATORS = ",，、 "
+    #: A longer bracket is text: how much may be held back.
+    MARKER_MOST = 16
+    #: Spaces held back before what may be a marker; more than this stay.
+    SPACES_MOST = 4
+    #: What may open a marker, a code fence or inline code, or end a line.
+    NOTABLE = re.compile("[\\[【［`~\n]")
+
+    def __init__(self, passages: list[Passage]):
+        self.passages = passages
+        self.cited: list[int] = []   # indices of the passages cited, in the order first cited
+        self.spaces = ""             # spaces written last, held back: a marker may follow
+        self.marker: str | None = None  # a marker being read, as written
+        self.numbers: list[str] = []    # its numbers so far
+        self.closed = False          # it is whole: one more character says it is no link
+        self.line_start = True       # nothing but spaces so far on this line
+        self.fence = ""              # the fence of the code block the text is in
+        self.run = ""                # fence characters opening this line so far
+        self.inline_code = False     # an odd number of ` so far on this line
+
+    def feed(self, piece: str) -> str:
+        """The text of the answer so far that can be shown, markers taken out."""
+        out: list[str] = []
+        at = 0
+        while at < len(piece):
+            if self.marker is not None:
+                self._marker_char(piece[at], out)
+                at += 1
+                continue
+            found = self.NOTABLE.search(piece, at)
+            end = found.start() if found else len(piece)
+            if end > at:
+                self._text(piece[at:end], out)
+            if found:
+                self._notable(found.group(), out)
+            at = end + 1
+        return "".join(out)
+
+    def finish(self) -> str:
+        """What was held back, once the model has finished."""
+        out: list[str] = []
+        if self.marker is not None and self.closed:
+            self._cite()
+        elif self.marker is not None:
+            self._not_marker(out)
+        out.append(self.spaces)
+        self.spaces = ""
+        return "".join(out)
+
+    def sources(self) -> str:
+        """The line that ends the answer: 来源： and the cited articles; "" when none."""
+        links, seen = [], set()
+        for index in self.cited:
+            passage = self.passages[index]
+            if passage.source_id not in seen and len(links) < MOST_SOURCES:
+                seen.add(passage.source_id)
+                links.append(source_link(passage))
+        return SOURCES_HEAD + "、".join(links) if links else ""
+
+    def _text(self, text: str, out: list[str]) -> None:
+        """Text with nothing notable in it: shown, but for the spaces that end it."""
+        body = text.rstrip(" \t")
+        if body:
+            self._line_goes_on()
+            out += [self.spaces, body]
+            self.spaces = ""
+        spaces = self.spaces + text[len(body):]
+        out.append(spaces[:-self.SPACES_MOST])
+        self.spaces = spaces[-self.SPACES_MOST:]
+
+    def _notable(self, char: str, out: list[str]) -> None:
+        if char == "\n":
+            self._line_goes_on()
+            self.line_start, self.inline_code = True, False
+        elif char in "`~" and self.line_start and self.run[:1] in ("", char):
+            self.run += char  # a fence (``` or ~~~) opens or closes a code block
+            if len(self.run) == 3:
+                self.fence = "" if self.fence == self.run else self.fence or self.run
+                self.line_start, self.run = False, ""
+        elif char in self.OPEN and not (self.fence or self.inline_code):
+            self._line_goes_on()
+            self.marker, self.numbers, self.closed = char, [], False
+            return  # the spaces before it wait with it
+        else:
+            self._line_goes_on()
+            if char == "`" and not self.fence:
+                self.inline_code = not self.inline_code
+        out += [self.spaces, char]
+        self.spaces = ""
+
+    def _line_goes_on(self) -> None:
+        """Something other than a fence character on this line: the backticks that opened
+        it were inline code."""
+        if self.run[:1] == "`" and not self.fence and len(self.run) % 2:
+            self.inline_code = not self.inline_code
+        self.line_start, self.run = False, ""
+
+    def _marker_char(self, char: str, out: list[str]) -> None:
+        """One more character after the opening of what may be a marker."""
+        if self.closed:
+            if char == "(":  # a Markdown link's text: [1](https://...)
+                self._not_marker(out)
+            else:
+                self._cite()
+            out.append(self.feed(char))
+            return
+        if len(self.marker) >= self.MARKER_MOST:
+            return self._give_up(char, out)
+        if char in "0123456789":
+            if self.marker[-1:].isdigit() and len(self.numbers[-1]) < 2:
+                self.numbers[-1] += char
+            elif self.marker[-1:].isdigit():  # three digits: a year, a price, no passage
+                return self._give_up(char, out)
+            else:
+                self.numbers.append(char)
+        elif char in self.SEPARATORS or (char == "^" and self.marker in self.OPEN):
+            pass
+        elif char in self.CLOSE and self.numbers:
+            self.closed = True
+        else:
+            return self._give_up(char, out)
+        self.marker += char
+
+    def _give_up(self, char: str, out: list[str]) -> None:
+        """What was held is text after all; the character that showed it is read anew."""
+        self._not_marker(out)
+        out.append(self.feed(char))
+
+    def _not_marker(self, out: list[str]) -> None:
+        out += [self.spaces, self.marker]
+        self.spaces, self.marker = "", None
+
+    def _cite(self) -> None:
+        """A whole marker: its passages are cited, it leaves the text with its spaces."""
+        for number in map(int, self.numbers):
+            index = number - 1
+            if 0 <= index < len(self.passages) and index not in self.cited:
+                self.cited.append(index)
+        self.spaces, self.marker = "", None
+
+
+def cited_stream(pieces: Iterator[str], citations: Citations) -> Iterator[str]:
+    """The answer's pieces with their citation markers taken out (Citations)."""
+    for piece in pieces:
+        yield citations.feed(piece)
+    yield citations.finish()
 
 
 ###############################################################################
@@ -3794,8 +4012,13 @@ class Acknowledger:
 # Worker ######################################################################
 ###############################################################################
 
+#: /stats counts the questions answered from the articles over this many seconds (7 days).
+ARTICLE_USES_SECONDS = 7 * 86400
+
+
 def stats_text(stats: dict) -> str:
-    """/stats for an admin, in the owner's words."""
+    """/stats for an admin, in the owner's words; with the articles learned and how they were
+    used when the worker has them."""
     token = stats["token_valid_s"]
     return "\n".join([
         f"排队中：{stats['queued']}（处理中 {stats['in_progress']}，最久 "
@@ -3806,7 +4029,10 @@ def stats_text(stats: dict) -> str:
         f"未发送的分段：{stats['unsent_segments']}",
         f"回复方式：{'被动回复' if stats['mode'] == 'passive' else '客服消息'}",
         f"今日固定回复：关键词 {stats['keyword_replies_today']}，菜单 "
-        f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
+        f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}",
+        *([] if "articles" not in stats else [
+            "已学文章：{} 篇；近 7 天 {} 个提问中，找到相关段落 {} 个，引用文章回答 {} 个".format(
+                stats["articles"], *stats["article_uses"])])])
 
 
 def help_answer(drawing: bool, vision: bool) -> str:
@@ -3870,12 +4096,16 @@ class Worker:
     IDLE_LOOK = 60.0
     #: Whether it takes only messages whose answer is stored whole, ready to send (Sender).
     READY_ONLY = False
+    #: A question is searched for in the articles with this many of the user's questions
+    #: before it: a follow-up (那哪种最少？) names nothing of its own.
+    EARLIER_QUESTIONS = 2
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
                  owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None,
-                 others: Wakeup | None = None):
+                 others: Wakeup | None = None, articles: Articles | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
+        self.articles = articles  # the account's own, searched for each question
         self.wakeup, self.mode, self.name = wakeup, mode, name
         self.others = others  # the threads of the other kind (workers, senders)
         self.acknowledger = acknowledger
@@ -3996,8 +4226,11 @@ class Worker:
             return self.store.save_answer(message, [help_answer(
                 bool(self.settings.image_model), self.settings.vision)], now)
         if how.route is Route.STATS:
+            articles = {} if not self.articles else {
+                "articles": len(self.articles.sources()),
+                "article_uses": self.articles.uses_since(now - ARTICLE_USES_SECONDS)}
             return self.store.save_answer(message, [stats_text(
-                {**self.store.stats(now), "mode": self.mode.in_force})], now)
+                {**self.store.stats(now), "mode": self.mode.in_force, **articles})], now)
         tapped = message.fields.get("bizmsgmenuid", "")
         if how.route is Route.CONTINUE and tapped.isdigit() and \
                 not self.store.tap_current(message, int(tapped)):
@@ -4045,8 +4278,11 @@ class Worker:
         history = self.store.history(message.openid, self.settings.history_turns,
                                      self.settings.context_chars,
                                      time.time() - self.settings.session_ttl)
-        ask = [{"role": "user", "content": question if not picture else [
-            {"type": "text", "text": question},
+        passages = self._passages(message, question, history) if question != IMAGE_PROMPT \
+            else []
+        asked = with_passages(question, passages)
+        ask = [{"role": "user", "content": asked if not picture else [
+            {"type": "text", "text": asked},
             {"type": "image_url", "image_url": {"url": picture}}]}]
         partial = self.store.partial_answer(message.id)
         if partial:  # a stream cut off before: ask for the rest, never for all of it again
@@ -4055,22 +4291,43 @@ class Worker:
         cutter = StreamCutter(first_done=bool(partial))
         written, sending = [], True
         deadline = Deadline(self.settings.model_timeout)
+        system = self.settings.system_prompt + ("\n\n" + ARTICLES_PROMPT if passages else "")
+        citations = Citations(passages)
+        pieces = masked_stream(self._watched(message, self._ask(system, history, ask, deadline),
+                                             deadline), blocked)
         try:
-            for text in masked_stream(self._watched(message, self._ask(history, ask, deadline),
-                                                    deadline), blocked):
+            for text in cited_stream(pieces, citations) if passages else pieces:
                 written.append(text)
                 ready = cutter.feed(text)
                 if ready and sending:
                     sending = self.deliver(message, streaming=True, add=ready)
                 elif ready:  # after a failed send, the rest waits for the end of the answer
                     self.store.add_segments(message, ready)
-            rest = cutter.finish()
+            # The 来源 line ends the answer's last segment, as any of its text would.
+            rest = cutter.finish(citations.sources())
         except ModelError as error:
             self.store.add_segments(message, cutter.finish())
             return self._model_failed(message, error, question)
         answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
-        return self.store.complete_answer(message, time.time(), rest,
-                                          f"[图片] {question}" if picture else question, answer)
+        planned = self.store.complete_answer(message, time.time(), rest,
+                                             f"[图片] {question}" if picture else question,
+                                             answer)
+        if self.articles:
+            self.articles.note_use(message.id, time.time(), len(passages), len(citations.cited))
+        return planned
+
+    def _passages(self, message: Message, question: str, history: list[dict]) -> list[Passage]:
+        """The passages of the account's articles that answer the question, searched with the
+        user's questions before it (a follow-up: 那哪种最少？); [] when none does."""
+        if not self.articles:
+            return []
+        earlier = [turn["content"] for turn in history if turn["role"] == "user"]
+        try:
+            return self.articles.find(question, earlier[-self.EARLIER_QUESTIONS:])
+        except sqlite3.Error as error:  # the articles are no reason to leave a user unanswered
+            log_worker.error("message %s: the articles could not be searched (%s); answering "
+                             "without them", message.id, error)
+            return []
 
     def draw(self, message: Message, prompt: str) -> int | None:
         """Have the Images API draw the prompt and upload the picture, each step stored before
@@ -4128,9 +4385,10 @@ class Worker:
                              message.id)
         return IMAGE_NOT_ALLOWED_LINE
 
-    def _ask(self, history: list[dict], ask: list[dict], deadline: Deadline) -> Iterator[str]:
+    def _ask(self, system_prompt: str, history: list[dict], ask: list[dict],
+             deadline: Deadline) -> Iterator[str]:
         """The model's answer as it streams; a context-too-long error retries without history."""
-        system = [{"role": "system", "content": self.settings.system_prompt}]
+        system = [{"role": "system", "content": system_prompt}]
         try:
             yield from self.model.stream(system + history + ask, deadline)
             return
@@ -4881,6 +5139,7 @@ class Bot:
         self.ready = Wakeup()  # the senders'
         self.wechat = WeChatAPI(settings, self.store)
         self.model = Model(settings)
+        self.articles = Articles(settings.db)
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode, wechat=self.wechat,
@@ -4890,9 +5149,10 @@ class Bot:
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
                                self.mode, f"worker-{n}", self.owner, self.acknowledger,
-                               self.ready) for n in range(settings.workers)]
+                               self.ready, self.articles) for n in range(settings.workers)]
         self.senders = [Sender(settings, self.store, self.wechat, self.model, self.ready,
-                               self.mode, f"sender-{n}", self.owner, others=self.wakeup)
+                               self.mode, f"sender-{n}", self.owner, others=self.wakeup,
+                               articles=self.articles)  # /stats
                         for n in range(Sender.THREADS)]
         self.janitor = Janitor(settings, self.store)
         self.threads: list[threading.Thread] = []
@@ -4938,6 +5198,7 @@ class Bot:
             log.warning("stop timeout reached; unfinished answers resume at the next start")
         self.store.release_all_leases()
         self.store.close()
+        self.articles.close()
         return finished
 
 
