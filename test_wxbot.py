@@ -5888,3 +5888,47 @@ def test_a_fixed_line_goes_out_once_while_the_only_worker_is_busy(start_bot, wec
     wait_for(lambda: all(bot.store.settled(n) for n in (1, 2)), message="all answered")
     assert wechat.texts_to(openid) == [line]  # once, and no queue line before it
     assert {to for to, _ in wechat.typing} == {"oSLOW"} and model.questions() == ["慢问题"]
+
+
+# Articles ####################################################################
+
+def test_an_article_is_found_by_its_two_character_words_and_learning_again_replaces_it(
+        tmp_path):
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.learn_text("file", "/notes/refund.md", "退款说明",
+                        "收到商品七天内可以申请退款。\n会员满99元包邮。", date="2025-03-01")
+    articles.learn_text("file", "/notes/hours.md", "营业时间", "周一到周五早上8点开门，周末9点开门。")
+    found = articles.find("能退款吗")
+    assert [(p.title, p.date) for p in found] == [("退款说明", "2025-03-01")]
+    assert "七天内" in found[0].text
+    assert [p.title for p in articles.find("会员包邮吗")] == ["退款说明"]
+    articles.learn_text("file", "/notes/refund.md", "退款说明", "定制蛋糕不支持退款。")
+    assert [p.text for p in articles.find("能退款吗")] == ["定制蛋糕不支持退款。"]
+    assert {(s.title, s.passages) for s in articles.sources()} == {("退款说明", 1),
+                                                                  ("营业时间", 1)}
+    assert articles.forget("/notes/refund.md") and not articles.forget("/notes/refund.md")
+    assert articles.find("能退款吗") == []
+    articles.close()
+
+
+def test_a_question_no_article_covers_gets_no_passage(tmp_path):
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.learn_text("url", "https://example.com/a", "V60 手冲入门",
+                        "V60 滤杯用92度的水，粉水比1:15，一杯39元。", url="https://example.com/a")
+    articles.learn_text("file", "/notes/hours.md", "营业时间", "周一到周五早上8点开门，周末9点开门。")
+    articles.learn_text("file", "/notes/cake.md", "生日蛋糕", "生日蛋糕请提前两天预订，6寸168元。")
+    assert articles.find("明天北京天气怎么样") == []
+    assert articles.find("") == [] and articles.find("？？") == []
+    assert [p.url for p in articles.find("v60用多少度的水")] == ["https://example.com/a"]
+    articles.close()
+
+
+def test_uses_are_counted_since_a_time(tmp_path):
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    assert articles.uses_since(0) == (0, 0, 0) and articles.last_sync() is None
+    articles.note_use(1, 100.0, 3, 1)
+    articles.note_use(2, 200.0, 0, 0)
+    articles.note_use(3, 300.0, 2, 0)
+    assert articles.uses_since(150.0) == (2, 1, 0)
+    assert articles.uses_since(0) == (3, 2, 1)
+    articles.close()

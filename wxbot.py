@@ -56,7 +56,7 @@ import time
 import unicodedata
 import urllib.parse
 import xml.parsers.expat
-from typing import Callable, Container, Iterable, Iterator, Mapping
+from typing import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
@@ -1796,6 +1796,416 @@ class Store:
             "dead": counts.get("dead", 0),
             "unsent_segments": unsent,
         }
+
+
+###############################################################################
+# Articles: the account's own writing #########################################
+###############################################################################
+
+@dataclasses.dataclass(frozen=True)
+class Passage:
+    """A piece of an article that may answer a question, with what names its article."""
+
+    source_id: int
+    title: str          # the article's title (or file name when it has none)
+    url: str            # "" for a file with no URL
+    date: str           # "YYYY-MM-DD" or ""
+    text: str           # a few hundred characters cut at paragraph/sentence ends
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One learned article, page or file."""
+
+    id: int
+    kind: str           # "published" | "url" | "file"
+    origin: str         # article_id / URL / absolute path: what identifies it when learned again
+    title: str
+    url: str
+    date: str
+    passages: int
+    learned_at: float
+
+
+class LearnError(Exception):
+    """A source could not be learned; the message says why, for the owner."""
+
+
+ARTICLES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS article_sources (
+    id         INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL CHECK (kind IN ('published', 'url', 'file')),
+    origin     TEXT NOT NULL UNIQUE,
+    title      TEXT NOT NULL,
+    url        TEXT NOT NULL DEFAULT '',
+    date       TEXT NOT NULL DEFAULT '',
+    passages   INTEGER NOT NULL,
+    chars      INTEGER NOT NULL,
+    digest     TEXT NOT NULL,  -- of title and text: a sync skips what did not change
+    learned_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS article_passages (
+    id        INTEGER PRIMARY KEY,  -- the rowid of its terms in article_terms
+    source_id INTEGER NOT NULL REFERENCES article_sources (id) ON DELETE CASCADE,
+    text      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS article_passages_source ON article_passages (source_id);
+-- The words of each passage and of its article's title as article_terms() spells them:
+-- characters and pairs of characters, so that a two-character word (退款) matches, which
+-- FTS5's trigram tokenizer cannot. Contentless (the text is in article_passages) and without
+-- positions (a pair is its own term, no phrase query is needed): the index stays small.
+CREATE VIRTUAL TABLE IF NOT EXISTS article_terms USING fts5 (
+    title, body, content='', detail='column', tokenize='unicode61 remove_diacritics 0');
+CREATE VIRTUAL TABLE IF NOT EXISTS article_vocabulary USING fts5vocab (article_terms, 'row');
+CREATE TABLE IF NOT EXISTS article_uses (
+    message_id INTEGER PRIMARY KEY,
+    at         REAL NOT NULL,
+    given      INTEGER NOT NULL,
+    cited      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS article_uses_at ON article_uses (at);
+CREATE TABLE IF NOT EXISTS article_state (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+#: Bumped when article_terms() spells terms differently: the index is then built again,
+#: since a contentless index can only delete a passage's terms spelled as they were added.
+TERMS_VERSION = 1
+
+#: Chinese, Japanese kana and Korean letters: a character of these is a word of its own.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+#: A run of CJK characters, or a Latin word or number (V60, 39, 4.5): linear, no overlap.
+_TERM_RUNS = re.compile(rf"([{_CJK}]+)|([0-9]+\.[0-9]+|[a-z0-9]+)")
+#: Characters that carry no meaning of their own in a question (particles, pronouns).
+QUESTION_FILLER = frozenset("的了吗呢吧啊呀哦嘛么是在和与或就都也还又很太我你他她它们这那哪个些请问想"
+                            "怎样什为把被给让从对到于之其及而哈嗯噢喔哎诶呗咋啥吶可以能会要有没不几")
+
+
+#: Words that ask rather than say: the answer holds a number or a name in their place.
+QUESTION_WORDS = re.compile("多少|几点|多久|多长时间|怎么样|怎么|什么|哪里|哪儿|哪些|哪个|为什么|"
+                            "是不是|有没有|能不能|可不可以|请问|一下")
+
+
+def _word(word: str) -> str:
+    """A Latin word or number as it is indexed: a number without leading zeros, its decimal
+    point a letter (the tokenizer splits at a point)."""
+    if word.isdigit() or "." in word:
+        word = (word.lstrip("0") or "0").replace(".", "p")
+    return word
+
+
+def article_terms(text: str) -> list[str]:
+    """The terms a text is indexed by: each CJK character and each pair of neighbours, each
+    Latin word and number (folded: full-width, case, leading zeros), and a number with the
+    character after it (39元, 8月)."""
+    folded = unicodedata.normalize("NFKC", text).lower()
+    terms: list[str] = []
+    last_end, last_number = -1, ""
+    for match in _TERM_RUNS.finditer(folded):
+        run, word = match.group(1), match.group(2)
+        if run:
+            terms.extend(run)
+            terms.extend(run[i:i + 2] for i in range(len(run) - 1))
+            if last_number and match.start() == last_end:
+                terms.append(last_number + run[0])
+            last_number = ""
+        else:
+            word = _word(word)
+            last_number = word if word[0].isdigit() else ""
+            terms.append(word)
+        last_end = match.end()
+    return terms
+
+
+def question_units(text: str) -> dict[str, set[str]]:
+    """What a question asks about, unit by unit: each meaningful CJK character and each Latin
+    word or number, with the terms that show the unit in the question's own context (the
+    character paired with a neighbour). A character found alone in a passage is weak
+    evidence; found in one of its pairs, strong. Pairs that span two words (周末几点 gives 末几)
+    need not exist anywhere: they simply show nothing."""
+    folded = QUESTION_WORDS.sub(" ", unicodedata.normalize("NFKC", text).lower())
+    units: dict[str, set[str]] = {}
+    for match in _TERM_RUNS.finditer(folded):
+        run, word = match.group(1), match.group(2)
+        if word:
+            units.setdefault(_word(word), set())
+            continue
+        for i, char in enumerate(run):
+            if char in QUESTION_FILLER:
+                continue
+            pairs = units.setdefault(char, set())
+            pairs.update(run[j:j + 2] for j in (i - 1, i) if j >= 0 and j + 2 <= len(run))
+            if len(run) == 1:
+                pairs.add(char)  # a word of one character: found alone is found
+    return units
+
+
+#: A passage is cut at the end of a paragraph or sentence once it has this many characters;
+#: a longer paragraph is cut at its sentence ends.
+PASSAGE_CHARS = 260
+PASSAGE_MAX = 500
+_SENTENCE_END = re.compile(r"(?<=[。！？!?；;…])")
+
+
+def passages_of(text: str) -> list[str]:
+    """The text cut into passages of about PASSAGE_CHARS, at paragraph and sentence ends."""
+    pieces: list[str] = []
+    for paragraph in (line.strip() for line in text.splitlines()):
+        if not paragraph:
+            continue
+        if len(paragraph) <= PASSAGE_MAX:
+            pieces.append(paragraph)
+            continue
+        sentence = ""
+        for part in _SENTENCE_END.split(paragraph):
+            if sentence and len(sentence) + len(part) > PASSAGE_CHARS:
+                pieces.append(sentence)
+                sentence = ""
+            sentence += part
+            while len(sentence) > PASSAGE_MAX:  # a run with no sentence end at all
+                pieces.append(sentence[:PASSAGE_MAX])
+                sentence = sentence[PASSAGE_MAX:]
+        if sentence:
+            pieces.append(sentence)
+    passages: list[str] = []
+    current = ""
+    for piece in pieces:
+        if current and len(current) + len(piece) > PASSAGE_CHARS:
+            passages.append(current)
+            current = ""
+        current = f"{current}\n{piece}" if current else piece
+    if current:
+        passages.append(current)
+    return passages
+
+
+class Articles:
+    """The account's articles in the bot's SQLite database: own tables, own connections.
+
+    Safe while the server runs and from several threads: each thread has its connection,
+    and the database is in WAL mode, so a `learn` in another process never blocks a search.
+    """
+
+    #: At most this many passages go with a question.
+    MOST = 5
+    #: Candidates BM25 brings before they are weighed against the question.
+    CANDIDATES = 40
+
+    def __init__(self, db_path: str, busy_timeout: float = 15.0):
+        create_private(db_path)
+        self.path, self.busy_timeout = db_path, busy_timeout
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        conn = self._conn()
+        # Before the first table, as the Store does: deleted rows give their pages back.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(f"BEGIN IMMEDIATE; {ARTICLES_SCHEMA} COMMIT;")
+        with self._write() as conn:
+            version = conn.execute("SELECT value FROM article_state WHERE key = 'terms'"
+                                   ).fetchone()
+            if version is None or int(version[0]) != TERMS_VERSION:
+                self._reindex(conn)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=self.busy_timeout)
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._opened.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for conn in opened:
+            conn.close()
+        self._local = threading.local()
+
+    # Learning ---------------------------------------------------------------
+
+    def _reindex(self, conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO article_terms (article_terms) VALUES ('delete-all')")
+        for row in conn.execute("SELECT p.id, p.text, s.title FROM article_passages p"
+                                " JOIN article_sources s ON s.id = p.source_id").fetchall():
+            conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
+                         (row[0], " ".join(article_terms(row[2])),
+                          " ".join(article_terms(row[1]))))
+        conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('terms', ?)",
+                     (str(TERMS_VERSION),))
+
+    @staticmethod
+    def _unindex(conn: sqlite3.Connection, source_id: int) -> None:
+        """Remove a source's passages and their terms (spelled as they were added)."""
+        title = conn.execute("SELECT title FROM article_sources WHERE id = ?",
+                             (source_id,)).fetchone()
+        if title is None:
+            return
+        title_terms = " ".join(article_terms(title[0]))
+        for passage_id, text in conn.execute(
+                "SELECT id, text FROM article_passages WHERE source_id = ?",
+                (source_id,)).fetchall():
+            conn.execute("INSERT INTO article_terms (article_terms, rowid, title, body)"
+                         " VALUES ('delete', ?, ?, ?)",
+                         (passage_id, title_terms, " ".join(article_terms(text))))
+        conn.execute("DELETE FROM article_passages WHERE source_id = ?", (source_id,))
+
+    def learn_text(self, kind: str, origin: str, title: str, text: str, url: str = "",
+                   date: str = "", now: float | None = None) -> Source:
+        """Learn a text as passages, replacing what was learned before from the same origin."""
+        title = " ".join(title.split()) or os.path.basename(origin) or origin
+        pieces = passages_of(text)
+        if not pieces:
+            raise LearnError("no text in it")
+        digest = hashlib.sha256(f"{title}\n{url}\n{date}\n{text}".encode("utf-8")).hexdigest()
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+                               (origin,)).fetchone()
+            if row:
+                self._unindex(conn, row[0])
+                conn.execute("UPDATE article_sources SET kind = ?, title = ?, url = ?,"
+                             " date = ?, passages = ?, chars = ?, digest = ?, learned_at = ?"
+                             " WHERE id = ?", (kind, title, url, date, len(pieces),
+                                               sum(map(len, pieces)), digest, now, row[0]))
+                source_id = row[0]
+            else:
+                source_id = conn.execute(
+                    "INSERT INTO article_sources (kind, origin, title, url, date, passages,"
+                    " chars, digest, learned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, origin, title, url, date, len(pieces), sum(map(len, pieces)),
+                     digest, now)).lastrowid
+            title_terms = " ".join(article_terms(title))
+            for piece in pieces:
+                passage_id = conn.execute("INSERT INTO article_passages (source_id, text)"
+                                          " VALUES (?, ?)", (source_id, piece)).lastrowid
+                conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
+                             (passage_id, title_terms, " ".join(article_terms(piece))))
+        return Source(source_id, kind, origin, title, url, date, len(pieces), now)
+
+    def forget(self, origin_or_id: str) -> bool:
+        """Forget a source by its origin (URL, path, article_id) or its id; False if unknown."""
+        origin_or_id = str(origin_or_id)
+        with self._write() as conn:
+            row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+                               (origin_or_id,)).fetchone()
+            if row is None and origin_or_id.isdigit():
+                row = conn.execute("SELECT id FROM article_sources WHERE id = ?",
+                                   (int(origin_or_id),)).fetchone()
+            if row is None and os.path.exists(origin_or_id):
+                row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+                                   (os.path.abspath(origin_or_id),)).fetchone()
+            if row is None:
+                return False
+            self._unindex(conn, row[0])
+            conn.execute("DELETE FROM article_sources WHERE id = ?", (row[0],))
+        return True
+
+    def sources(self) -> list[Source]:
+        """Every learned source, newest article first."""
+        return [Source(*row) for row in self._conn().execute(
+            "SELECT id, kind, origin, title, url, date, passages, learned_at"
+            " FROM article_sources ORDER BY date DESC, id DESC")]
+
+    def last_sync(self) -> float | None:
+        """When the published articles were last synced (None: never, so no sync)."""
+        row = self._conn().execute("SELECT value FROM article_state WHERE key = 'synced'"
+                                   ).fetchone()
+        return float(row[0]) if row else None
+
+    def note_sync(self, at: float) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES"
+                         " ('synced', ?)", (repr(at),))
+
+    # Use --------------------------------------------------------------------
+
+    def note_use(self, message_id: int, at: float, given: int, cited: int) -> None:
+        """Record, per answered question, how many passages went to the model and how many
+        the answer cited (0 given = a question no article covered)."""
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO article_uses (message_id, at, given, cited)"
+                         " VALUES (?, ?, ?, ?)", (message_id, at, given, cited))
+
+    def uses_since(self, since: float) -> tuple[int, int, int]:
+        """(questions asked, questions given passages, questions answered with a citation)."""
+        row = self._conn().execute(
+            "SELECT count(*), coalesce(sum(given > 0), 0), coalesce(sum(cited > 0), 0)"
+            " FROM article_uses WHERE at >= ?", (since,)).fetchone()
+        return row[0], row[1], row[2]
+
+    # Finding ----------------------------------------------------------------
+
+    #: A passage goes with the question only when what it shows of the question weighs this
+    #: share of the question (each unit weighed by how rare it is in the articles).
+    FLOOR = 0.5
+    #: What a character found alone in a passage (not beside its neighbour) counts for.
+    ALONE = 0.3
+    #: How much the earlier question's units weigh beside the question's own.
+    EARLIER_WEIGHT = 0.5
+
+    def find(self, question: str, earlier: Sequence[str] = ()) -> list[Passage]:
+        """Passages that answer `question` (with the user's earlier question(s) for a
+        follow-up), best first, at most a handful; [] when nothing relevant (relevance floor)."""
+        units = {unit: (1.0, pairs) for unit, pairs in question_units(question).items()}
+        for before in list(earlier)[-1:]:
+            for unit, pairs in question_units(before).items():
+                units.setdefault(unit, (self.EARLIER_WEIGHT, pairs))
+        if not units:
+            return []
+        conn = self._conn()
+        total = conn.execute("SELECT count(*) FROM article_passages").fetchone()[0]
+        terms = set(units) | {pair for _, pairs in units.values() for pair in pairs}
+        if not total:
+            return []
+        found_in = dict(conn.execute(
+            f"SELECT term, doc FROM article_vocabulary WHERE term IN"
+            f" ({', '.join('?' * len(terms))})", list(terms)).fetchall())
+        # Searched for: the pairs that exist, and a character only where none of its does.
+        searched = set()
+        for unit, (_, pairs) in units.items():
+            present = {pair for pair in pairs if pair in found_in}
+            searched |= present or ({unit} if unit in found_in else set())
+        if not searched:
+            return []
+        weight = {unit: importance * math.log((total - found_in.get(unit, 0) + 0.5) /
+                                              (found_in.get(unit, 0) + 0.5) + 1)
+                  for unit, (importance, _) in units.items()}
+        whole = sum(weight.values())
+        rows = conn.execute(
+            "SELECT p.id, p.text, s.id, s.title, s.url, s.date, bm25(article_terms, 3.0, 1.0)"
+            " FROM article_terms JOIN article_passages p ON p.id = article_terms.rowid"
+            " JOIN article_sources s ON s.id = p.source_id"
+            " WHERE article_terms MATCH ? ORDER BY rank LIMIT ?",
+            (" OR ".join(f'"{term}"' for term in searched), self.CANDIDATES)).fetchall()
+        scored = []
+        for passage_id, text, source_id, title, url, date, rank in rows:
+            shown = set(article_terms(text)) | set(article_terms(title))
+            share = sum(weight[unit] * (1.0 if unit in shown and (not pairs or pairs & shown)
+                                        else self.ALONE if unit in shown else 0.0)
+                        for unit, (_, pairs) in units.items()) / whole
+            if share >= self.FLOOR:
+                scored.append((share, -rank, Passage(source_id, title, url, date, text)))
+        scored.sort(key=lambda item: (item[0], item[1]), reverse=True)
+        return [passage for _, _, passage in scored[:self.MOST]]
 
 
 ###############################################################################
