@@ -5890,6 +5890,266 @@ def test_a_fixed_line_goes_out_once_while_the_only_worker_is_busy(start_bot, wec
     assert {to for to, _ in wechat.typing} == {"oSLOW"} and model.questions() == ["慢问题"]
 
 
+# Citing articles ##############################################################
+
+#: A coffee shop's account as its owner writes it: an old and a new rule, a file with no URL,
+#: an article of two passages.
+SHOP_ARTICLES = [
+    ("url", "https://mp.weixin.qq.com/s/hours-2025", "营业时间调整通知", "2025-08-01",
+     "自8月1日起，门店营业时间调整为：周一到周五早上8点开门，晚上9点关门；周末早上9点开门，"
+     "晚上10点关门。店里的手冲咖啡最后点单时间为关门前半小时。"),
+    ("url", "https://mp.weixin.qq.com/s/hours-2024", "营业时间", "2024-03-01",
+     "门店每天早上9点开门，晚上9点关门，节假日照常营业。"),
+    ("url", "https://mp.weixin.qq.com/s/member", "会员权益说明", "2025-05-10",
+     "会员在门店消费一律九折，生日当月送一杯手冲咖啡。\n积分每满100分可以换一包挂耳咖啡。"),
+    ("file", "/notes/refund.md", "退款与售后", "",
+     "未拆封的咖啡豆收货后七天内可以申请退款，运费由买家承担。已拆封的咖啡豆不支持退款。"
+     "店里手冲咖啡做得不满意，可以当场请咖啡师重做一杯。"),
+    ("url", "https://mp.weixin.qq.com/s/v60", "V60 手冲咖啡入门", "2025-06-01",
+     "V60 滤杯是最常见的手冲咖啡滤杯，锥形，底部一个大孔，水流快慢全看注水的手法。"
+     "冲煮时水温建议92度，浅烘的豆子可以到94度；粉水比1:15，15克粉配225毫升水；"
+     "研磨度接近细砂糖，太细会苦，太粗会酸。新手先固定粉量和水温，只调研磨度，一次只改一个变量。"
+     "滤纸要先用热水冲湿，既去掉纸味，也给滤杯和分享壶预热。\n"
+     "V60 手冲咖啡的第二步是闷蒸：先注入两倍粉量的水，也就是30克左右，等待30秒，"
+     "让咖啡粉里的二氧化碳充分排出。闷蒸时粉层会鼓起来，新鲜的豆子鼓得更明显；"
+     "放久的豆子几乎不鼓，这时闷蒸可以缩短到20秒。闷蒸之后分两到三次注水，每次绕圈注入，"
+     "水流细而稳，总时间控制在两分半到三分钟。最后把滤杯拿开，摇匀分享壶里的咖啡再倒进杯子。"),
+]
+SHOP_LINKS = {title: f'<a href="{origin}">《{title}》</a>'
+              for kind, origin, title, date, text in SHOP_ARTICLES if kind == "url"}
+
+
+def learn_shop_articles(db_path):
+    articles = wxbot.Articles(str(db_path))
+    for kind, origin, title, date, text in SHOP_ARTICLES:
+        articles.learn_text(kind, origin, title, text, url=origin if kind == "url" else "",
+                            date=date)
+    articles.close()
+
+
+def passage_numbers(request):
+    """The passages a model request carries, as the model reads them: {title: [numbers]}."""
+    numbers = {}
+    for number, title in re.findall(r"^\[(\d+)\] 《(.+?)》", request["messages"][-1]["content"],
+                                    re.M):
+        numbers.setdefault(title, []).append(int(number))
+    return numbers
+
+
+def passage(source_id, title, url="", number=0):
+    return wxbot.Passage(source_id, title, url, "2025-08-01", f"第{number}段正文。")
+
+
+#: Passages of four articles: 1 and 2 of one, 5 of a file with no URL.
+PASSAGES = [passage(1, "营业时间", "https://mp.weixin.qq.com/s/a", 1),
+            passage(1, "营业时间", "https://mp.weixin.qq.com/s/a", 2),
+            passage(2, "会员权益", "https://mp.weixin.qq.com/s/b", 3),
+            passage(3, "退款", "https://mp.weixin.qq.com/s/c", 4),
+            passage(4, "手冲指南.md", "", 5)]
+
+
+def cite(pieces, passages=PASSAGES):
+    """What a reader is shown of an answer streamed in these pieces: (text, 来源 line)."""
+    citations = wxbot.Citations(passages)
+    text = "".join(citations.feed(piece) for piece in pieces) + citations.finish()
+    return text, citations.sources()
+
+
+def split_at(text, cuts):
+    cuts = sorted({cut % (len(text) + 1) for cut in cuts})
+    return [text[start:end] for start, end in zip([0] + cuts, cuts + [len(text)])]
+
+
+#: Text as models write it around citations: brackets that cite and brackets that do not,
+#: code, links, spaces and line ends.
+CITED_TEXT = st.lists(st.sampled_from([
+    "[1]", "[2]", "[1][2]", "[3, 4]", "[1，5]", "[2、3]", "【4】", "［5］", "[9]", "[0]", "[^3]",
+    " ", "  ", "\t", "\n", "\n\n", "营业时间", "是9点", "。", "，", "[注意]", "[2025]", "[123]",
+    "[1](https://a.cn)", "`a[1]`", "```\n", "~~~\n", "[", "]", "【", "1", "2", ", ", "(", "`",
+    "[1", "[[1]", "[1[2]", "[1,", "[ 1 ]", "a", "**", "[" + "1" * 20]), max_size=40).map("".join)
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(text=CITED_TEXT, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+def test_citations_read_the_same_however_the_answer_is_streamed(text, cuts):
+    assert cite(split_at(text, cuts)) == cite([text]) == cite(list(text))
+
+
+#: Words of an answer with no bracket, no code and no space: what stays of it is all of it.
+PLAIN_WORDS = st.sampled_from(["门店", "9点开门", "会员九折", "。", "，", "\n", "V60", "92度"])
+MARKERS = st.lists(st.integers(min_value=0, max_value=12), min_size=1, max_size=3).flatmap(
+    lambda numbers: st.sampled_from([
+        "".join(f"[{n}]" for n in numbers), "[" + ", ".join(map(str, numbers)) + "]",
+        "【" + "、".join(map(str, numbers)) + "】", " [" + ",".join(map(str, numbers)) + "]"]
+    ).map(lambda marker: (marker, numbers)))
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.one_of(PLAIN_WORDS, MARKERS), max_size=20),
+       cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=10))
+def test_markers_leave_the_answer_and_name_the_articles_cited_first_once_each(parts, cuts):
+    answer = "".join(part if isinstance(part, str) else part[0] for part in parts)
+    text, sources = cite(split_at(answer, cuts))
+    assert text == "".join(part for part in parts if isinstance(part, str))
+    cited = [n for part in parts if not isinstance(part, str) for n in part[1]
+             if 1 <= n <= len(PASSAGES)]
+    articles = list(dict.fromkeys(PASSAGES[n - 1].source_id for n in cited))[:3]
+    links = [wxbot.source_link(PASSAGES[[p.source_id for p in PASSAGES].index(source)])
+             for source in articles]
+    assert sources == ("来源：" + "、".join(links) if links else "")
+
+
+def test_citations_become_links_as_a_reader_sees_them():
+    text, sources = cite(["9点开门 [", "1", "]，周末10点[2]", "。会员九折【3】，",
+                          "退款七天[9]。"])
+    assert text == "9点开门，周末10点。会员九折，退款七天。"  # the invented [9] is gone
+    assert sources == ('来源：<a href="https://mp.weixin.qq.com/s/a">《营业时间》</a>、'
+                       '<a href="https://mp.weixin.qq.com/s/b">《会员权益》</a>')
+    # At most three articles, the first cited; a file with no URL named by its title.
+    assert cite(["见[5][4][3][1][2]"]) == ("见", "来源：《手冲指南.md》、"
+                                          '<a href="https://mp.weixin.qq.com/s/c">《退款》</a>、'
+                                          '<a href="https://mp.weixin.qq.com/s/b">《会员权益》</a>')
+    assert cite(["a[1](https://x.cn) `b[1]` [注意]"]) == ("a[1](https://x.cn) `b[1]` [注意]", "")
+    # A title learned from a page plants no markup of its own.
+    assert cite(["见[1]"], [passage(1, '<a href="https://evil.cn">x</a>', "https://a.cn/\"x")]) \
+        == ("见", '来源：<a href="https://a.cn/%22x">《＜a href="https://evil.cn"＞x＜/a＞》</a>')
+
+
+def test_passages_reach_the_model_numbered_under_their_titles_with_the_owners_prompt(
+        start_bot, wechat, model, tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot(WXBOT_SYSTEM_PROMPT="你是「豆子咖啡」的店员小林，说话要热情。")
+    model.respond = lambda request: "周末早上9点开门。"
+    send_text(bot, "oREADER", "周末几点开门？", 1)
+    wait_for(lambda: wechat.texts_to("oREADER"))
+    system, *_, asked = model.requests[0]["messages"]
+    assert system["role"] == "system"
+    assert system["content"].startswith("你是「豆子咖啡」的店员小林，说话要热情。")
+    assert "[1]" in system["content"] and "较新" in system["content"]  # cite; newer wins
+    assert asked["role"] == "user" and asked["content"].endswith("周末几点开门？")
+    assert "[1] 《营业时间调整通知》 (2025-08-01)\n自8月1日起，门店营业时间调整为" \
+        in asked["content"]
+    # Nothing was cited: no passage, no source is shown.
+    assert wechat.texts_to("oREADER") == ["周末早上9点开门。"]
+
+
+def test_a_question_no_article_covers_goes_to_the_model_alone(start_bot, wechat, model,
+                                                              tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot(WXBOT_SYSTEM_PROMPT="你是店员小林。")
+    model.respond = lambda request: "我不知道明天的天气[1]。"
+    send_text(bot, "oREADER", "明天北京天气怎么样", 1)
+    wait_for(lambda: wechat.texts_to("oREADER"))
+    assert model.requests[0]["messages"] == [
+        {"role": "system", "content": "你是店员小林。"},
+        {"role": "user", "content": "明天北京天气怎么样"}]
+    assert wechat.texts_to("oREADER") == ["我不知道明天的天气[1]。"]  # no passage: as written
+
+
+def test_cited_passages_become_links_at_the_end_of_the_answer(start_bot, wechat, model,
+                                                              tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot()
+
+    def respond(request):
+        numbers = passage_numbers(request)
+        v60, = [n for title, n in numbers.items() if title.startswith("V60")]
+        refund, = numbers["退款与售后"]
+        return ["V60 用92度的水 [", str(v60[0]), "]，闷蒸30秒【", str(v60[1]), "】",
+                f"[{v60[0]}][", "9]。咖啡豆七天内可退", f"[{refund}, 1", "2]。"]
+    model.respond = respond
+    send_text(bot, "oREADER", "手冲咖啡", 1)
+    wait_for(lambda: wechat.texts_to("oREADER"))
+    given = passage_numbers(model.requests[0])
+    assert len(given["V60 手冲咖啡入门"]) == 2 and len(given) == 4  # four articles given
+    # Two passages of one article are one link; a file with no URL is named; the two
+    # articles given but not cited, and the invented [9] and [12], are nowhere.
+    assert wechat.texts_to("oREADER") == [
+        "V60 用92度的水，闷蒸30秒。咖啡豆七天内可退。\n\n来源："
+        + SHOP_LINKS["V60 手冲咖啡入门"] + "、《退款与售后》"]
+
+
+def test_an_answer_cites_at_most_three_articles(start_bot, wechat, model, tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot()
+    model.respond = lambda request: "都有手冲咖啡" + "".join(
+        f"[{n}]" for n in sorted(n for numbers in passage_numbers(request).values()
+                                 for n in numbers))
+    send_text(bot, "oREADER", "手冲咖啡", 1)
+    wait_for(lambda: wechat.texts_to("oREADER"))
+    text, = wechat.texts_to("oREADER")
+    assert text.startswith("都有手冲咖啡\n\n来源：") and "[" not in text
+    assert len(re.findall("<a href=", text)) + text.count("《退款与售后》") == 3
+
+
+def test_sources_come_with_the_last_segment_of_a_long_answer(start_bot, wechat, model,
+                                                             tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    answer = chinese_answer(4000)  # some 12,000 bytes: seven segments
+    model.respond = lambda request: [answer[:2000], " [", "1", "]", answer[2000:]]
+    bot = start_bot()
+    send_text(bot, "oLONG", "周末几点开门？", 1)
+    wait_for(lambda: len(wechat.texts_to("oLONG")) == 5)
+    assert "来源" not in "".join(wechat.texts_to("oLONG"))
+    send_text(bot, "oLONG", "继续", 2)
+    wait_for(lambda: bot.store.settled(2) and len(wechat.texts_to("oLONG")) > 5)
+    texts = wechat.texts_to("oLONG")
+    assert not has_tail(texts[-1])
+    assert texts[-1].endswith("\n\n来源：" + SHOP_LINKS["营业时间调整通知"])
+    assert without_space(untail("".join(texts[:-1]) + texts[-1].split("\n\n来源：")[0])) \
+        == without_space(answer)
+    assert all(len(text.encode()) <= 2048 for text in texts)
+
+
+def test_a_follow_up_is_searched_with_the_question_before_it(start_bot, wechat, model,
+                                                             tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot()
+    model.respond = lambda request: "好的"
+    send_text(bot, "oREADER", "咖啡豆能退款吗", 1)
+    wait_for(lambda: wechat.texts_to("oREADER"))
+    send_text(bot, "oREADER", "运费谁出？", 2)
+    wait_for(lambda: len(wechat.texts_to("oREADER")) == 2)
+    assert list(passage_numbers(model.requests[1])) == ["退款与售后"]
+    assert model.requests[1]["messages"][-1]["content"].endswith("运费谁出？")
+
+
+def test_passive_reply_cites_articles(start_bot, wechat, model, tmp_path, quick_wechat_clock):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot(WXBOT_MODE="passive")
+    model.respond = lambda request: ["周末9点开门[", "1]。"]
+    user = WeChatUser(bot, "oPASSIVE", quick_wechat_clock)
+    assert user.says("周末几点开门？") == \
+        "周末9点开门。\n\n来源：" + SHOP_LINKS["营业时间调整通知"]
+    assert wechat.sent == []
+
+
+def test_chat_cites_the_articles_the_server_learned(tmp_path, model):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": model.url + "/v1",
+           "WXBOT_DB": str(tmp_path / "wxbot.db")}
+    model.respond = lambda request: "周末9点开门[1]。" if passage_numbers(request) else "不清楚"
+    result = run_wxbot(["chat"], env, stdin="周末几点开门？\n")
+    assert result.returncode == 0, result.stderr
+    assert "周末9点开门。\n\n来源：" + SHOP_LINKS["营业时间调整通知"] in result.stdout
+    assert wxbot.Articles(str(tmp_path / "wxbot.db")).uses_since(0) == (0, 0, 0)
+
+
+def test_stats_shows_the_articles_and_the_questions_they_answered(start_bot, wechat, model,
+                                                                   tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot(WXBOT_ADMINS="oBOSS")
+    model.respond = lambda request: "周末9点开门[1]。" if request["messages"][-1][
+        "content"].endswith("周末几点开门？") else "好的"
+    for msg_id, question in enumerate(["周末几点开门？", "手冲咖啡", "明天天气怎么样"], 1):
+        send_text(bot, "oREADER", question, msg_id)
+        wait_for(lambda: len(wechat.texts_to("oREADER")) == msg_id)
+    send_text(bot, "oBOSS", "/stats", 9)
+    wait_for(lambda: wechat.texts_to("oBOSS"))
+    assert "已学文章：5 篇；近 7 天 3 个提问中，找到相关段落 2 个，引用文章回答 1 个" \
+        in wechat.texts_to("oBOSS")[0]
+
+
 # Articles ####################################################################
 
 def test_an_article_is_found_by_its_two_character_words_and_learning_again_replaces_it(

@@ -4506,9 +4506,6 @@ class Worker:
     IDLE_LOOK = 60.0
     #: Whether it takes only messages whose answer is stored whole, ready to send (Sender).
     READY_ONLY = False
-    #: A question is searched for in the articles with this many of the user's questions
-    #: before it: a follow-up (那哪种最少？) names nothing of its own.
-    EARLIER_QUESTIONS = 2
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
@@ -4516,6 +4513,9 @@ class Worker:
                  others: Wakeup | None = None, articles: Articles | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
         self.articles = articles  # the account's own, searched for each question
+        # Their use is counted beside the messages it names: `chat` searches the server's
+        # articles, but its messages are its own and stay out of /stats.
+        self.counts_uses = articles is not None and articles.path == store.path
         self.wakeup, self.mode, self.name = wakeup, mode, name
         self.others = others  # the threads of the other kind (workers, senders)
         self.acknowledger = acknowledger
@@ -4722,7 +4722,7 @@ class Worker:
         planned = self.store.complete_answer(message, time.time(), rest,
                                              f"[图片] {question}" if picture else question,
                                              answer)
-        if self.articles:
+        if self.counts_uses:
             self.articles.note_use(message.id, time.time(), len(passages), len(citations.cited))
         return planned
 
@@ -4733,7 +4733,7 @@ class Worker:
             return []
         earlier = [turn["content"] for turn in history if turn["role"] == "user"]
         try:
-            return self.articles.find(question, earlier[-self.EARLIER_QUESTIONS:])
+            return self.articles.find(question, earlier)
         except sqlite3.Error as error:  # the articles are no reason to leave a user unanswered
             log_worker.error("message %s: the articles could not be searched (%s); answering "
                              "without them", message.id, error)
@@ -5628,12 +5628,14 @@ class Console:
 def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int:
     """A console conversation with the real model, through wxbot's own worker."""
     root, ext = os.path.splitext(settings.db)
+    # The articles the server learned, where it has a database: answers cite them as in WeChat.
+    articles = Articles(settings.db) if os.path.exists(settings.db) else None
     # No drawing here: the console shows no pictures.
     settings = dataclasses.replace(settings, db=f"{root}-chat{ext or '.db'}", user_rate=0,
                                    user_daily=0, image_model="")
     store = Store(settings.db)
     worker = Worker(settings, store, Console(out), Model(settings), Wakeup(),
-                    DeliveryMode("service", store), "chat", owner)
+                    DeliveryMode("service", store), "chat", owner, articles=articles)
     print(f"wxbot chat with {settings.model} (history in {settings.db}; /reset forgets it, "
           f"Ctrl-D ends)", file=out, flush=True)
     for line in lines:
@@ -5647,6 +5649,8 @@ def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int
                 due = store.next_due(time.time()) or time.time() + 0.1
                 time.sleep(min(1.0, max(0.01, due - time.time())))
     store.close()
+    if articles:
+        articles.close()
     return 0
 
 
