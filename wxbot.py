@@ -14,6 +14,8 @@ Usage:
   python wxbot.py menu FILE.json   make FILE the account's custom menu (--show, --delete)
   python wxbot.py status           the queue: waiting, in progress, dead (safe while serving)
   python wxbot.py retry ID         queue a dead message again
+  python wxbot.py learn SOURCE...  learn the account's articles: URLs, files, folders,
+                                   --published (then kept in sync); --list; --forget SOURCE
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -31,6 +33,7 @@ import enum
 import hashlib
 import heapq
 import hmac
+import html.parser
 import http.client
 import io
 import itertools
@@ -365,6 +368,10 @@ SETTINGS: dict[str, Setting] = {
                             "timeout)"),
     "retry_base": Setting("WXBOT_RETRY_BASE", "2", _seconds,
                           "first retry delay in seconds; doubles each attempt, with jitter"),
+    "learn_published": Setting("WXBOT_LEARN_PUBLISHED", "1", _flag,
+                               "1: once `learn --published` has run, learn each article the "
+                               "account publishes as WeChat announces it, and check the whole "
+                               "list once a day (new, changed, deleted); 0: off"),
 }
 
 
@@ -409,6 +416,7 @@ class Settings:
     context_chars: int
     stop_timeout: float
     retry_base: float
+    learn_published: bool
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -1883,7 +1891,7 @@ QUESTION_FILLER = frozenset("的了吗呢吧啊呀哦嘛么是在和与或就都
 
 
 #: Words that ask rather than say: the answer holds a number or a name in their place.
-QUESTION_WORDS = re.compile("多少|几点|多久|多长时间|怎么样|怎么|什么|哪里|哪儿|哪些|哪个|为什么|"
+QUESTION_WORDS = re.compile("多少钱|几块钱|多少|几点|多久|多长时间|怎么样|怎么|什么|哪里|哪儿|哪些|哪个|为什么|"
                             "是不是|有没有|能不能|可不可以|请问|一下")
 
 
@@ -1980,6 +1988,204 @@ def passages_of(text: str) -> list[str]:
     return passages
 
 
+#: The kinds of file `learn` reads; a folder is searched for these, recursively.
+ARTICLE_FILES = (".md", ".markdown", ".txt", ".html", ".htm")
+
+
+def article_files(folder: str) -> Iterator[str]:
+    """The files `learn FOLDER` reads, in name order; hidden files and folders skipped."""
+    for root, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in ARTICLE_FILES:
+                yield os.path.join(root, name)
+
+
+_MARKDOWN_HEADING = re.compile(r"#{1,6}[ \t]+")
+
+
+def markdown_text(content: str) -> tuple[str, str]:
+    """A Markdown or plain-text file's title (its first heading, if any) and text."""
+    title, lines = "", []
+    for line in content.splitlines():
+        heading = _MARKDOWN_HEADING.match(line)
+        if heading:
+            line = line[heading.end():].strip().rstrip("#").strip()
+            title = title or line
+        lines.append(line)
+    return title, "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """A fetched web page: where it ended up (after redirects) and its HTML as text."""
+
+    url: str
+    html: str
+
+
+#: Sent with every page fetched: some sites refuse a client that does not name itself.
+USER_AGENT = (f"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+              f"Chrome/124.0 Safari/537.36 wxbot/{__version__}")
+#: A page larger than this is not an article.
+PAGE_BYTES = 5 * 1024 * 1024
+
+
+def fetch_page(url: str, timeout: float = 20.0) -> Page:
+    """GET a page as a browser would (one at a time: `learn` fetches in turn); LearnError
+    says why it could not be had."""
+    try:
+        with requests.get(url, timeout=timeout, stream=True, headers={
+                "User-Agent": USER_AGENT, "Accept": "text/html,application/xhtml+xml",
+                "Accept-Language": "zh-CN,zh;q=0.9"}) as response:
+            if response.status_code != 200:
+                raise LearnError(f"the server answered HTTP {response.status_code}")
+            kind = response.headers.get("Content-Type", "text/html")
+            if "html" not in kind and "text" not in kind:
+                raise LearnError(f"not a web page ({kind.split(';')[0]})")
+            body = response.raw.read(PAGE_BYTES + 1, decode_content=True)
+            if len(body) > PAGE_BYTES:
+                raise LearnError(f"the page is larger than {PAGE_BYTES // 1024 // 1024} MB")
+            final = response.url
+            declared = response.encoding if "charset" in kind.lower() else None
+    except requests.exceptions.SSLError:
+        raise LearnError("its HTTPS certificate is not valid") from None
+    except requests.Timeout:
+        raise LearnError(f"no answer within {timeout:.0f} s") from None
+    except requests.ConnectionError:
+        raise LearnError("cannot connect to its server") from None
+    except requests.RequestException as error:
+        raise LearnError(f"cannot fetch it ({type(error).__name__})") from None
+    found = re.search(rb"<meta[^>]{0,200}?charset=[\"']?([\w-]{1,20})", body[:4096], re.I)
+    charset = declared or (found.group(1).decode("ascii") if found else "utf-8")
+    try:
+        return Page(final, body.decode(charset, errors="replace"))
+    except LookupError:
+        return Page(final, body.decode("utf-8", errors="replace"))
+
+
+#: Elements whose content is no text of the article.
+_HIDDEN = {"script", "style", "noscript", "template", "svg", "iframe", "head", "nav", "aside",
+           "footer", "form", "button", "select", "textarea", "object", "canvas"}
+#: Elements that end a line: paragraphs, list items, headings, table rows, breaks.
+_BLOCKS = {"p", "div", "section", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr",
+           "blockquote", "article", "main", "header", "ul", "ol", "table", "pre", "hr", "dd",
+           "dt", "figcaption", "td", "th"}
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+         "source", "track", "wbr"}
+#: Where an article's text is, most telling first: a 公众号 article's body, then any page's.
+_TEXT_REGIONS = ("js_content", "article", "main", "body")
+
+
+_SPACES = re.compile(r"\s+")
+
+
+class _PageReader(html.parser.HTMLParser):
+    """Collects a page's title, its date when it says one, and the text of each region."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.title, self.og_title, self.h1_title = "", "", ""
+        self.published = ""
+        self.regions: dict[str, list[str]] = {name: [] for name in _TEXT_REGIONS}
+        self._open: list[tuple[str, str | None]] = []  # (tag, the region it opened)
+        self._hidden = 0
+        self._in_title = self._in_h1 = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "meta":
+            name = (attrs.get("property") or attrs.get("name") or "").lower()
+            if name == "og:title":
+                self.og_title = attrs.get("content") or ""
+            elif name in ("article:published_time", "og:article:published_time"):
+                self.published = (attrs.get("content") or "")[:10]
+            return
+        if tag in _VOID:
+            if tag in _BLOCKS:
+                self._text("\n")
+            return
+        region = ("js_content" if attrs.get("id") == "js_content" else
+                  tag if tag in ("article", "main", "body") else None)
+        self._open.append((tag, region))
+        self._hidden += tag in _HIDDEN
+        if tag == "title":
+            self._in_title = True
+        elif tag == "h1" and attrs.get("id") == "activity-name":
+            self._in_h1 = True
+        if tag in _BLOCKS:
+            self._text("\n")
+
+    def handle_endtag(self, tag):
+        if tag in _VOID or not any(name == tag for name, _ in self._open):
+            return  # a stray end tag
+        while self._open:
+            name, _ = self._open.pop()
+            self._hidden -= name in _HIDDEN
+            if name == "title":
+                self._in_title = False
+            elif name == "h1":
+                self._in_h1 = False
+            if name == tag:
+                break
+        if tag in _BLOCKS:
+            self._text("\n")
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title += data
+        if self._in_h1:
+            self.h1_title += data
+        if not self._hidden:  # a line break in the source is a space; blocks end lines
+            self._text(_SPACES.sub(" ", data))
+
+    def _text(self, data: str) -> None:
+        # Text in no region is the body's: a fragment of a page (a published article's
+        # content) has no <body>.
+        for region in {region for _, region in self._open if region} or {"body"}:
+            self.regions[region].append(data)
+
+
+def page_text(page: str, url: str) -> tuple[str, str, str]:
+    """A page's title, text and date (YYYY-MM-DD or ""): a 公众号 article's title from og:title
+    or h1#activity-name and text from #js_content; any other page's <title> and the text of
+    its <article>, <main> or <body>. Paragraphs and list items are lines; scripts, styles,
+    images and the editor's wrapper markup are dropped, entities decoded. LearnError for a
+    WeChat verification page."""
+    reader = _PageReader()
+    reader.feed(page)
+    reader.close()
+    text = ""
+    for region in _TEXT_REGIONS:
+        lines = (" ".join(line.split()) for line in "".join(reader.regions[region]).splitlines())
+        text = "\n".join(line for line in lines if line)
+        if text:
+            break
+    wechat = "mp.weixin.qq.com" in urllib.parse.urlsplit(url).netloc
+    if wechat and not reader.regions["js_content"] and re.search(
+            "环境异常|完成验证|去验证|访问过于频繁", text):
+        raise LearnError("WeChat answered with a verification page (环境异常) instead of the "
+                         "article: wait a while and learn it again, or save the page from a "
+                         "browser and learn the .html file")
+    title = " ".join((reader.og_title or reader.h1_title or reader.title).split())
+    date = reader.published if re.fullmatch(r"\d{4}-\d\d-\d\d", reader.published) else ""
+    created = re.search(r"""\bvar\s+ct\s*=\s*["']?(\d{9,11})""", page) \
+        if wechat or reader.regions["js_content"] else None  # a 公众号 article's publish time
+    if created and not date:
+        date = china_date(float(created.group(1)))
+    return title, text, date
+
+
+def china_date(timestamp: float) -> str:
+    """A Unix time as the date in China (UTC+8), where the account's readers are."""
+    return time.strftime("%Y-%m-%d", time.gmtime(timestamp + 8 * 3600))
+
+
+def article_digest(title: str, text: str, url: str, date: str) -> str:
+    """What tells a changed article from an unchanged one."""
+    return hashlib.sha256(f"{title}\n{url}\n{date}\n{text}".encode("utf-8")).hexdigest()
+
+
 class Articles:
     """The account's articles in the bot's SQLite database: own tables, own connections.
 
@@ -2072,10 +2278,12 @@ class Articles:
                    date: str = "", now: float | None = None) -> Source:
         """Learn a text as passages, replacing what was learned before from the same origin."""
         title = " ".join(title.split()) or os.path.basename(origin) or origin
+        if kind not in ("published", "url", "file"):
+            raise ValueError(f"kind must be published, url or file, not {kind!r}")
         pieces = passages_of(text)
         if not pieces:
             raise LearnError("no text in it")
-        digest = hashlib.sha256(f"{title}\n{url}\n{date}\n{text}".encode("utf-8")).hexdigest()
+        digest = article_digest(title, text, url, date)
         now = time.time() if now is None else now
         with self._write() as conn:
             row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
@@ -2115,9 +2323,20 @@ class Articles:
                                    (os.path.abspath(origin_or_id),)).fetchone()
             if row is None:
                 return False
-            self._unindex(conn, row[0])
-            conn.execute("DELETE FROM article_sources WHERE id = ?", (row[0],))
+            # A published post's second and later articles are article_id/2, article_id/3...
+            ids = [row[0]] + [other for (other,) in conn.execute(
+                "SELECT id FROM article_sources WHERE kind = 'published' AND origin > ?"
+                " AND origin < ?", (origin_or_id + "/", origin_or_id + "0"))]
+            for source_id in ids:
+                self._unindex(conn, source_id)
+                conn.execute("DELETE FROM article_sources WHERE id = ?", (source_id,))
         return True
+
+    def digests(self, kind: str) -> dict[str, str]:
+        """Each learned source of a kind, by origin: what it was learned from, as
+        article_digest() summed it up (a sync skips the unchanged ones)."""
+        return dict(self._conn().execute("SELECT origin, digest FROM article_sources"
+                                         " WHERE kind = ?", (kind,)))
 
     def sources(self) -> list[Source]:
         """Every learned source, newest article first."""
@@ -2135,6 +2354,83 @@ class Articles:
         with self._write() as conn:
             conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES"
                          " ('synced', ?)", (repr(at),))
+
+    # Learning from pages, files and folders ---------------------------------
+
+    def learn(self, source: str, fetch: Callable[[str], "Page"] | None = None,
+              now: float | None = None) -> Source:
+        """Learn a URL, a file (.md, .txt, .html) or a folder (its files of those kinds,
+        recursively): the CLI's `learn SOURCE`. A folder returns its last file's Source and
+        raises LearnError naming each file that failed, once the others are learned
+        (learn_many tells file by file). LearnError says why a source was not learned."""
+        failed, learned = [], None
+        for name, outcome in self.learn_many([source], fetch, now):
+            if isinstance(outcome, LearnError):
+                failed.append(f"{name}: {outcome}" if name != source else str(outcome))
+            else:
+                learned = outcome
+        if failed:
+            raise LearnError("; ".join(failed))
+        return learned
+
+    def learn_many(self, sources: Iterable[str], fetch: Callable[[str], "Page"] | None = None,
+                   now: float | None = None
+                   ) -> Iterator[tuple[str, Source | LearnError]]:
+        """Learn each source in turn (a folder's files one by one): (its name, the Source
+        learned, or the LearnError that says why not). One bad source stops no other."""
+        fetch = fetch or fetch_page
+        for source in sources:
+            if re.match(r"https?://", source, re.I):
+                yield source, self._catch(lambda: self._learn_url(source, fetch, now))
+            elif os.path.isdir(source):
+                files = list(article_files(source))
+                if not files:
+                    yield source, LearnError("no .md, .txt or .html file in this folder")
+                for path in files:
+                    yield path, self._catch(lambda: self._learn_file(path, now))
+            else:
+                yield source, self._catch(lambda: self._learn_file(source, now))
+
+    @staticmethod
+    def _catch(learn: Callable[[], Source]) -> Source | LearnError:
+        try:
+            return learn()
+        except LearnError as error:
+            return error
+
+    def _learn_url(self, url: str, fetch: Callable[[str], "Page"], now: float | None) -> Source:
+        page = fetch(url)
+        title, text, date = page_text(page.html, page.url)
+        if not text.strip():
+            raise LearnError("the page has no text")
+        return self.learn_text("url", url, title or page.url, text, url=page.url, date=date,
+                               now=now)
+
+    def _learn_file(self, path: str, now: float | None) -> Source:
+        path = os.path.abspath(path)
+        extension = os.path.splitext(path)[1].lower()
+        if extension not in ARTICLE_FILES:
+            raise LearnError(f"not a .md, .txt or .html file, nor a folder, nor an http(s) URL")
+        try:
+            with open(path, "rb") as file:
+                raw = file.read()
+            date = time.strftime("%Y-%m-%d", time.localtime(os.path.getmtime(path)))
+        except OSError as error:
+            raise LearnError(f"cannot read it: {error.strerror or error}") from None
+        try:
+            content = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise LearnError("not UTF-8 text: save it as UTF-8 and learn it again") from None
+        if not content.strip():
+            raise LearnError("the file is empty")
+        if extension in (".html", ".htm"):
+            title, text, _ = page_text(content, "")
+        else:
+            title, text = markdown_text(content)
+        if not text.strip():
+            raise LearnError("no text in it")
+        return self.learn_text("file", path, title or os.path.basename(path), text, date=date,
+                               now=now)
 
     # Use --------------------------------------------------------------------
 
@@ -2310,7 +2606,9 @@ BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def parse_xml(body: bytes) -> dict[str, str]:
-    """The fields of an <xml> push: each child's text; a child with children of its own is "".
+    """The fields of an <xml> push: each child's text; a child with children of its own is "",
+    and its own children's texts are fields too, under their names, when no child of <xml>
+    has the name (PUBLISHJOBFINISH's article_id is inside <PublishEventInfo>).
 
     UTF-8 only. The parser itself refuses a DOCTYPE or an entity declaration, so no entity is
     ever expanded (billion laughs, XXE), while markup quoted inside CDATA stays the user's text.
@@ -2321,6 +2619,7 @@ def parse_xml(body: bytes) -> dict[str, str]:
         raise BadPush("the body is not UTF-8 (a byte-order mark or a NUL byte)")
     fields: dict[str, str] = {}
     depth, text, nested = 0, [], False
+    inner: list = []  # [name, texts] of the grandchild being read, while it has no children
 
     def declaration(version, encoding, standalone):
         if encoding and encoding.lower() not in ("utf-8", "utf8"):
@@ -2341,6 +2640,10 @@ def parse_xml(body: bytes) -> dict[str, str]:
             text.clear()
             nested = False
         nested = nested or depth >= 2
+        if depth == 2:
+            inner[:] = [tag, []]
+        elif depth > 2:
+            inner.clear()
         depth += 1
 
     def end(tag):
@@ -2348,10 +2651,16 @@ def parse_xml(body: bytes) -> dict[str, str]:
         depth -= 1
         if depth == 1:
             fields[tag] = "" if nested else "".join(text).strip()
+        elif depth == 2 and inner:
+            if len(fields) < MAX_FIELDS:
+                fields.setdefault(inner[0], "".join(inner[1]).strip())
+            inner.clear()
 
     def characters(data):
         if depth == 2:
             text.append(data)
+        elif depth == 3 and inner:
+            inner[1].append(data)
 
     parser = xml.parsers.expat.ParserCreate("utf-8")
     parser.buffer_text = True
@@ -2739,6 +3048,15 @@ class WeChatAPI:
 
     def menu_delete(self) -> None:
         self.call("/cgi-bin/menu/delete")
+
+    def published(self, offset: int, count: int = 20) -> dict:
+        """A page of the articles published with 发布, their content included (WECHAT.md §9)."""
+        return self.call("/cgi-bin/freepublish/batchget",
+                         {"offset": offset, "count": count, "no_content": 0})
+
+    def published_article(self, article_id: str) -> dict:
+        """One published post's articles (news_item), as WeChat pushed its article_id."""
+        return self.call("/cgi-bin/freepublish/getarticle", {"article_id": article_id})
 
     def typing(self, openid: str, command: str = "Typing") -> None:
         """Show "typing"; every error is harmless (45080 too late, 45081 already shown)."""
@@ -5106,8 +5424,10 @@ class Webhook:
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
                  acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None,
-                 wechat: WeChatAPI | None = None, ready: Wakeup | None = None):
+                 wechat: WeChatAPI | None = None, ready: Wakeup | None = None,
+                 publishing: "ArticleSync | None" = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
+        self.publishing = publishing  # learns a newly published article, off the ack's path
         self.ready = ready or wakeup  # wakes the senders: a fixed reply is stored, ready
         self.wechat = wechat  # uploads a drawn picture again when its media_id expired
         self.mode = mode or DeliveryMode("service", store)
@@ -5176,6 +5496,8 @@ class Webhook:
         now = self.clock()
         model = needs_model(self.settings, self.owner.replies, push)
         message_id, pushes = self.store.store_push(push, now, model)
+        if pushes == 1 and push.event == "PUBLISHJOBFINISH" and self.publishing:
+            self.publishing.pushed(push.fields)  # an event like any other to the rest: no answer
         if pushes > 1:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
@@ -5537,6 +5859,161 @@ class Janitor:
             self.stopping.wait(self.EVERY)
 
 
+#: What a PUBLISHJOBFINISH's publish_status other than 0 (published) means (WECHAT.md §9).
+PUBLISH_STATUS = {"1": "still publishing", "2": "the 原创 check failed", "3": "publishing failed",
+                  "4": "rejected by review", "5": "deleted by the owner", "6": "banned"}
+
+
+def published_items(article_id: str, content: dict, fallback_time: float = 0
+                    ) -> Iterator[tuple[str, str, str, str, str]]:
+    """(origin, title, text, url, date) of each article of a published post that is not
+    deleted: the first is known by the post's article_id, the next by article_id/2, /3..."""
+    created = content.get("create_time") or content.get("update_time") or fallback_time
+    date = china_date(float(created)) if created else ""
+    for number, item in enumerate(content.get("news_item") or [], 1):
+        if not isinstance(item, dict) or item.get("is_deleted"):
+            continue
+        _, text, _ = page_text(str(item.get("content") or ""), "")
+        digest = " ".join(str(item.get("digest") or "").split())
+        if digest and digest not in text:
+            text = f"{digest}\n{text}"
+        origin = article_id if number == 1 else f"{article_id}/{number}"
+        yield origin, str(item.get("title") or ""), text, str(item.get("url") or ""), date
+
+
+@dataclasses.dataclass
+class SyncReport:
+    """What one sync of the published articles did."""
+
+    learned: int = 0      # new or changed
+    unchanged: int = 0
+    forgotten: int = 0    # deleted by the owner since the last sync
+    empty: int = 0        # no text to learn (a post of pictures only)
+
+
+class ArticleSync:
+    """Keeps the published articles learned: each new one as WeChat announces it
+    (PUBLISHJOBFINISH), and the whole list once a day (new, changed and deleted ones).
+
+    Only once the owner has run `learn --published` (Articles.last_sync), and while
+    WXBOT_LEARN_PUBLISHED is on. The webhook hands the push over (pushed()); this thread
+    fetches the article, so the ack never waits for WeChat's API.
+    """
+
+    EVERY = 86400.0
+    #: After a failed sync (45009, WeChat unreachable): the next try.
+    RETRY = 3600.0
+    #: batchget's most per call.
+    PAGE = 20
+
+    def __init__(self, settings: Settings, articles: Articles, wechat: WeChatAPI):
+        self.settings, self.articles, self.wechat = settings, articles, wechat
+        self.stopping = threading.Event()
+        self._jobs: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self._retry_at = 0.0
+
+    def pushed(self, fields: dict[str, str]) -> None:
+        """A PUBLISHJOBFINISH push: taken in at once, fetched by run()."""
+        self._jobs.put(fields)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._jobs.put(None)
+
+    def sync(self, now: float | None = None) -> SyncReport:
+        """Learn every published article that is new or changed, forget the deleted ones.
+        WeChatError when WeChat refuses (48001, 45009...): what was learned is kept, the
+        deleted ones are forgotten only after the whole list was read."""
+        now = time.time() if now is None else now
+        report, known, listed, offset = SyncReport(), self.articles.digests("published"), set(), 0
+        while True:
+            page = self.wechat.published(offset, self.PAGE)
+            posts = page.get("item") or []
+            for post in posts:
+                article_id = str(post.get("article_id") or "")
+                if not article_id:
+                    continue
+                for origin, title, text, url, date in published_items(
+                        article_id, post.get("content") or {}, post.get("update_time") or 0):
+                    listed.add(origin)
+                    if known.get(origin) == article_digest(
+                            " ".join(title.split()) or origin, text, url, date):
+                        report.unchanged += 1
+                        continue
+                    try:
+                        self.articles.learn_text("published", origin, title, text, url, date,
+                                                 now=now)
+                        report.learned += 1
+                    except LearnError:
+                        report.empty += 1
+            offset += len(posts)
+            if self.stopping.is_set():  # the server stops: the rest waits for the next sync
+                return report
+            if not posts or offset >= int(page.get("total_count") or 0):
+                break
+        for origin in known.keys() - listed:
+            report.forgotten += self.articles.forget(origin)
+        self.articles.note_sync(now)
+        return report
+
+    def learn_post(self, article_id: str) -> int:
+        """Learn one published post's articles (getarticle); how many were learned."""
+        answer = self.wechat.published_article(article_id)
+        learned = 0
+        for origin, title, text, url, date in published_items(article_id, answer, time.time()):
+            with contextlib.suppress(LearnError):
+                self.articles.learn_text("published", origin, title, text, url, date)
+                learned += 1
+        return learned
+
+    def announced(self, fields: dict) -> None:
+        """What a PUBLISHJOBFINISH asks: learn the post, forget it, or only say what befell it."""
+        status, article_id = fields.get("publish_status", ""), fields.get("article_id", "")
+        if self.articles.last_sync() is None:
+            log.info("an article was published; it is not learned, as `python wxbot.py learn "
+                     "--published` never ran (run it once to keep articles in sync)")
+        elif status == "5" and article_id:
+            self.articles.forget(article_id)
+            log.info("published post %s was deleted by the owner: forgotten", article_id)
+        elif status != "0" or not article_id:
+            log.info("a publish job ended without an article (publish_status %s: %s)",
+                     status or "?", PUBLISH_STATUS.get(status, "unknown"))
+        else:
+            try:
+                learned = self.learn_post(article_id)
+                log.info("learned %d article(s) of the post %s just published", learned,
+                         article_id)
+            except WeChatError as error:
+                log.error("the post %s just published was not learned: %s; the daily sync "
+                          "tries again", article_id, error.hint())
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            last = self.articles.last_sync()
+            due = max((last or 0) + self.EVERY, self._retry_at)
+            if last is not None and time.time() >= due:
+                try:
+                    report = self.sync()
+                    log.info("published articles synced: %d learned, %d unchanged, %d "
+                             "forgotten", report.learned, report.unchanged, report.forgotten)
+                except (WeChatError, sqlite3.Error) as error:
+                    self._retry_at = time.time() + self.RETRY
+                    log.error("syncing the published articles failed: %s; trying again in "
+                              "an hour", error.hint() if isinstance(error, WeChatError)
+                              else error)
+                continue
+            wait = min(3600.0, due - time.time()) if last is not None else 3600.0
+            try:
+                fields = self._jobs.get(timeout=max(1.0, wait))
+            except queue.Empty:
+                continue
+            if fields is not None:
+                try:
+                    self.announced(fields)
+                except (sqlite3.Error, LearnError) as error:
+                    log.error("a published article was not learned: %s", error)
+
+
 class Bot:
     """Everything wired together: store, webhook, server, acknowledger, workers, senders."""
 
@@ -5552,9 +6029,12 @@ class Bot:
         self.articles = Articles(settings.db)
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
+        self.articles = Articles(settings.db)
+        self.article_sync = (ArticleSync(settings, self.articles, self.wechat)
+                             if settings.learn_published else None)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode, wechat=self.wechat,
                                acknowledger=self.acknowledger, owner=self.owner,
-                               ready=self.ready)
+                               ready=self.ready, publishing=self.article_sync)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
@@ -5585,6 +6065,10 @@ class Bot:
             thread.start()
             self.threads.append(thread)
         threading.Thread(target=self.janitor.run, name="janitor", daemon=True).start()
+        if self.article_sync:
+            thread = threading.Thread(target=self.article_sync.run, name="articles", daemon=True)
+            thread.start()
+            self.threads.append(thread)
         log.info("listening on http://%s:%d%s with %d workers, answers by %s", self.settings.host,
                  self.port, self.settings.path, len(self.workers),
                  "passive reply" if self.mode.passive else "customer-service API")
@@ -5598,6 +6082,8 @@ class Bot:
         for worker in self.workers + self.senders:
             worker.stop()
         self.janitor.stopping.set()
+        if self.article_sync:
+            self.article_sync.stop()
         self.wakeup.notify_all()
         self.ready.notify_all()
         deadline = time.monotonic() + timeout
@@ -5878,6 +6364,77 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
         store.close()
 
 
+def published_error(error: WeChatError, settings: Settings) -> str:
+    """Why `learn --published` failed, in one sentence that says what to do."""
+    if error.errcode == 48001:
+        return ("WeChat does not let this account list its published articles (48001: the "
+                "account is not verified, or lacks the permission): learn them by URL instead, "
+                "python wxbot.py learn https://mp.weixin.qq.com/s/...")
+    if error.errcode == 45009:
+        return ("WeChat's daily limit of calls to the published-articles API is reached "
+                "(45009): what was learned so far is kept; run learn --published again tomorrow")
+    if error.errcode is None:
+        return f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}"
+    return f"WeChat refused to list the published articles: {error.hint()}"
+
+
+def learn_command(settings: Settings, sources: list[str], published: bool, listing: bool,
+                  forget: bool, out) -> int:
+    """`learn`: sources (URLs, files, folders) and --published; --list; --forget SOURCE.
+    Safe while the server runs. 1 when anything was not learned (each is named, with why)."""
+    articles = Articles(settings.db)
+    failures = 0
+    try:
+        if listing:
+            sources_learned = articles.sources()
+            for source in sources_learned:
+                print(f"{source.title}\n  {source.kind}: {source.origin}\n  "
+                      f"{source.passages} passage(s), {source.date or 'no date'}, learned "
+                      f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(source.learned_at))}",
+                      file=out)
+            synced = articles.last_sync()
+            print(f"{len(sources_learned)} source(s); published articles "
+                  + (f"last synced {time.strftime('%Y-%m-%d %H:%M', time.localtime(synced))}"
+                     if synced else "never synced (learn --published)"), file=out)
+            return 0
+        if forget:
+            for source in sources:
+                if articles.forget(source):
+                    print(f"forgot {source}", file=out)
+                else:
+                    failures += 1
+                    print(f"{source}: not learned (learn --list shows what is)", file=out)
+            return 1 if failures else 0
+        if published:
+            store = Store(settings.db)  # the access token cache, shared with the running bot
+            try:
+                report = ArticleSync(settings, articles, WeChatAPI(settings, store)).sync()
+                print(f"published articles: {report.learned} learned, {report.unchanged} "
+                      f"unchanged, {report.forgotten} forgotten (deleted since)"
+                      + (f", {report.empty} with no text" if report.empty else "")
+                      + ("; the server keeps them in sync" if settings.learn_published else
+                         "; WXBOT_LEARN_PUBLISHED=0: the server does not keep them in sync"),
+                      file=out)
+            except WeChatError as error:
+                failures += 1
+                print(published_error(error, settings), file=out)
+            finally:
+                store.close()
+        not_learned = 0
+        for name, outcome in articles.learn_many(sources):
+            if isinstance(outcome, LearnError):
+                not_learned += 1
+                print(f"{name}: not learned: {outcome}", file=out, flush=True)
+            else:
+                print(f"{name}: learned 《{outcome.title}》, {outcome.passages} passage(s)",
+                      file=out, flush=True)
+        if not_learned:
+            print(f"{not_learned} source(s) not learned", file=out)
+        return 1 if failures or not_learned else 0
+    finally:
+        articles.close()
+
+
 def help_text() -> str:
     lines = ["settings (environment variables, or KEY=VALUE lines in --env FILE):"]
     for setting in SETTINGS.values():
@@ -5893,23 +6450,44 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="serve",
-                        choices=["serve", "check", "chat", "menu", "status", "retry"],
+                        choices=["serve", "check", "chat", "menu", "status", "retry", "learn"],
                         help="serve (default): run the bot; check: try the settings for real; "
                              "chat: talk to the model in this console; menu FILE.json: make "
                              "the file the account's custom menu; status: the queue, with "
-                             "dead messages and why; retry ID: queue a dead message again")
-    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)  # menu's FILE, retry's ID
+                             "dead messages and why; retry ID: queue a dead message again; "
+                             "learn SOURCE...: learn the account's articles from URLs, .md/"
+                             ".txt/.html files and folders (again: replaces them)")
+    # menu's FILE, retry's ID, learn's SOURCEs
+    parser.add_argument("file", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
     parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
+    parser.add_argument("--published", action="store_true",
+                        help="with learn: every article published with 发布 (the server then "
+                             "keeps them in sync)")
+    parser.add_argument("--list", action="store_true", help="with learn: what is learned")
+    parser.add_argument("--forget", action="store_true",
+                        help="with learn: forget the SOURCEs (URL, path or article_id)")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
-    if args.command == "menu" and (args.file is not None) + args.show + args.delete != 1:
+    args = parser.parse_intermixed_args(argv)
+    sources, args.file = args.file, args.file[0] if len(args.file) == 1 else None
+    if args.command == "learn":
+        if args.show or args.delete:
+            parser.error("--show and --delete go with the menu command")
+        if args.list + args.forget + args.published > 1 or (args.list and sources) or not (
+                args.list or args.published or sources):
+            parser.error("learn takes SOURCEs (URLs, files, folders) and/or --published, or "
+                         "--list, or --forget SOURCE")
+        if args.forget and not sources:
+            parser.error("learn --forget takes the SOURCEs to forget (learn --list shows them)")
+    elif args.published or args.list or args.forget:
+        parser.error("--published, --list and --forget go with the learn command")
+    elif args.command == "menu" and (len(sources) == 1) + args.show + args.delete != 1:
         parser.error("menu takes one of: FILE.json, --show, --delete")
-    elif args.command == "retry" and not (args.file or "").isdigit():
+    elif args.command == "retry" and not (len(sources) == 1 and args.file.isdigit()):
         parser.error("retry takes the id of a dead message, as `status` shows it")
-    elif args.command not in ("menu", "retry") and (args.file or args.show or args.delete):
+    elif args.command not in ("menu", "retry") and (sources or args.show or args.delete):
         parser.error("FILE, --show and --delete go with the menu command")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -5929,12 +6507,16 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                    **env}
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
-        if args.command in ("status", "retry"):  # the database only
+        if args.command in ("status", "retry") or \
+                (args.command == "learn" and not args.published):  # the database only
             env = {"WXBOT_TOKEN": "notusedbystatus", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    "OPENAI_API_KEY": "-", **env}
+        if args.command == "learn":  # WeChat's API without pushes, no model
+            env = {"WXBOT_TOKEN": "notusedbylearn", "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
         SECRET_FILTER.add_settings(settings)  # every command, check and menu too
         if args.command not in ("chat", "status", "retry") and \
+                (args.command != "learn" or args.published) and \
                 settings.api_base.startswith("https:"):
             WeChatConnections.verifier()  # the CA bundle a setting names is readable
     except SettingsError as error:
@@ -5953,6 +6535,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return status(settings, sys.stdout)
     if args.command == "retry":
         return retry(settings, int(args.file), sys.stdout)
+    if args.command == "learn":
+        return learn_command(settings, sources, args.published, args.list, args.forget,
+                             sys.stdout)
     if args.command == "menu":
         return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
     try:
