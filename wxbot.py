@@ -6026,7 +6026,6 @@ class Bot:
         self.ready = Wakeup()  # the senders'
         self.wechat = WeChatAPI(settings, self.store)
         self.model = Model(settings)
-        self.articles = Articles(settings.db)
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
         self.articles = Articles(settings.db)
