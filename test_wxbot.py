@@ -6128,7 +6128,7 @@ def test_a_follow_up_is_searched_with_the_question_before_it(start_bot, wechat, 
 def test_passive_reply_cites_articles(start_bot, wechat, model, tmp_path, quick_wechat_clock):
     learn_shop_articles(tmp_path / "wxbot.db")
     bot = start_bot(WXBOT_MODE="passive")
-    model.respond = lambda request: ["周末9点开门[", "1]。"]
+    model.respond = lambda request: ["**周末9点开门", " [", "1]**。"]  # Markdown around it
     user = WeChatUser(bot, "oPASSIVE", quick_wechat_clock)
     assert user.says("周末几点开门？") == \
         "周末9点开门。\n\n来源：" + SHOP_LINKS["营业时间调整通知"]

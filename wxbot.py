@@ -3908,7 +3908,7 @@ class Citations:
     goes too. A marker split across pieces is held back until it is whole, so the text and
     the sources are the same whatever the pieces. A bracket that is no marker ([注意], a
     year [2025], a link's [1](...)) and code (inline or fenced) stay as written.
-    Each character is looked at once: one regular expression finds the next one that
+    Linear time: one regular expression (a character class) finds the next character that
     matters, and a marker is held back for MARKER_MOST characters at most.
     """
 
