@@ -3608,9 +3608,9 @@ class OwnerFile:
             os.stat(self.path)
         except FileNotFoundError:
             example = os.path.join(os.path.dirname(os.path.abspath(__file__)), self.example)
-            raise FileProblem(self.path, [f"there is no such file: start from the example, "
-                                          f"cp {example} {self.path}, or leave {self.setting} "
-                                          f"empty"], self.setting) from None
+            raise FileProblem(self.path, [f"there is no such file: leave {self.setting} "
+                                          f"empty, or start from the example: cp {example} "
+                                          f"{self.path}"], self.setting) from None
         except OSError:
             pass  # the reader says why it cannot read the file
         try:
