@@ -308,6 +308,7 @@ class FakeModel(FakeServer):
         self.respond = respond or (lambda request: "答：" + request["messages"][-1]["content"])
         self.streams = True  # False: a provider that ignores stream=True
         self.framing = True
+        self.stream_type = "text/event-stream"  # some providers label their stream otherwise
         self.hangups = []
         self.local = threading.local()  # the handler of this thread's request
 
@@ -379,7 +380,7 @@ class FakeModel(FakeServer):
         """Server-sent events as providers send them: each in an HTTP chunk of its own, on a
         connection kept open for the next request."""
         handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Content-Type", self.stream_type)
         handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
 
@@ -6088,3 +6089,17 @@ def test_a_missing_owners_file_names_its_setting_and_the_example_to_copy(tmp_pat
     shutil.copy(*copy.groups())  # as the line says: then the start goes on
     checked = run_wxbot(["check", "--env", str(tmp_path / "wxbot.env")], env)
     assert checked.returncode == 0, checked.stdout
+
+
+@pytest.mark.parametrize("stream_type", ["text/event-stream", "text/plain; charset=utf-8", ""])
+def test_a_stream_of_events_without_text_is_asked_once_however_it_is_labelled(
+        start_bot, wechat, model, stream_type):
+    model.stream_type, model.framing = stream_type, False
+    model.respond = lambda request: [chunk_event({"role": "assistant", "content": ""}),
+                                     chunk_event({"content": " "}), chunk_event({}, "stop"),
+                                     b"data: [DONE]\n\n"]
+    bot = start_bot()
+    send_text(bot, "oBLANK", "问", 1)
+    wait_for(lambda: bot.store.settled(1), message="the empty answer settled")
+    assert len(model.requests) == 1  # an event came: the stream was read, nothing to ask again
+    assert wechat.texts_to("oBLANK") == [wxbot.APOLOGY_LINE]
