@@ -5999,7 +5999,8 @@ def test_a_database_in_a_folder_this_user_may_not_write_names_wxbot_db_and_whose
         assert "Traceback" not in said and "cannot listen" not in said
         [line] = [line for line in said.splitlines() if "cannot open the database" in line]
         assert f"(WXBOT_DB): the folder {state} is root's (mode 755)" in line, line
-        assert "run wxbot as root, or set WXBOT_DB to a file in a folder" in line
+        assert line.endswith(f": give it to nobody (sudo chown nobody {state}), or set "
+                             f"WXBOT_DB to a file in a folder nobody may write")
     assert os.listdir(state) == []
 
 

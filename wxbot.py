@@ -915,26 +915,26 @@ def user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def access_problem(path: str, write: bool) -> tuple[str, str | None] | None:
-    """What keeps this user from reading the database at `path` (`write`: and changing it),
-    and the user who owns what stands in the way (None: nobody, it is missing); None when
-    the modes allow it. os.path.exists() says False alike for a missing file and for one in
+def access_problem(path: str, write: bool) -> tuple[str, str | None, str] | None:
+    """What keeps this user from reading the database at `path` (`write`: and changing it):
+    (the reason, the user who owns what stands in the way or None when it is missing, the
+    file or folder in the way); None when the modes allow it. os.path.exists() says False alike for a missing file and for one in
     a folder this user may not enter. In WAL mode a reader needs the -wal and -shm files
     too, or the right to create them in the folder."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
 
-    def whose(name: str) -> tuple[str, str]:
+    def whose(name: str) -> tuple[str, str, str]:
         found = os.stat(name)
         what = "the folder " if os.path.isdir(name) else ""
         owner = user_name(found.st_uid)
-        return f"{what}{name} is {owner}'s (mode {found.st_mode & 0o777:o})", owner
+        return f"{what}{name} is {owner}'s (mode {found.st_mode & 0o777:o})", owner, name
 
     step = ""
     for part in folder.split(os.sep):  # from / down: the first folder that shuts us out
         step = os.path.join(step, part) if step else os.sep
         if not os.path.isdir(step):
-            return f"there is no folder {step}", None
+            return f"there is no folder {step}", None, step
         if not os.access(step, os.X_OK):
             return whose(step)
     if not write and not os.path.exists(path):
@@ -954,14 +954,18 @@ class DatabaseUnusable(Exception):
     it is, and what to do."""
 
     def __init__(self, path: str, error: Exception):
-        reason, owner = access_problem(path, write=True) or (str(error), "")
-        if owner:
-            me = user_name(os.getuid())
+        reason, owner, where = access_problem(path, write=True) or (str(error), "", "")
+        me = user_name(os.getuid())
+        if owner is None:
+            advice = "correct WXBOT_DB, or create its folder"
+        elif not owner:  # the modes allow it: something else refused (a read-only disk...)
+            advice = "check WXBOT_DB and the folder's rights"
+        elif owner == "root":  # a folder made by root for a service that runs as another user
+            advice = (f"give it to {me} (sudo chown {me} {where}), or set WXBOT_DB to a "
+                      f"file in a folder {me} may write")
+        else:
             advice = (f"run wxbot as {owner}, or set WXBOT_DB to a file in a folder {me} "
                       f"may write")
-        else:
-            advice = "correct WXBOT_DB, or create its folder" if owner is None else \
-                "check WXBOT_DB and the folder's rights"
         super().__init__(f"cannot open the database {path} (WXBOT_DB): {reason}: {advice}")
 
 
@@ -5148,7 +5152,7 @@ def open_for_operator(settings: Settings, out, command: str = "status"
     `command` changes it (retry): this user must be allowed to write it."""
     problem = access_problem(settings.db, write=command != "status")
     if problem:
-        reason, owner = problem
+        reason, owner, _ = problem
         print(f"cannot {'read' if command == 'status' else 'change'} the database "
               f"{settings.db}: {reason}" + (
                   f": run this as {owner}, e.g. sudo -u {owner} .venv/bin/python wxbot.py "
@@ -5371,7 +5375,8 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
 
 
 def help_text() -> str:
-    lines = ["settings (environment variables, or KEY=VALUE lines in --env FILE):"]
+    lines = ["settings (environment variables, or KEY=VALUE lines in --env FILE;",
+             "a relative file name in FILE is read beside FILE):"]
     for setting in SETTINGS.values():
         default = "required" if setting.default is None else f"default {setting.default!r}"
         if setting.default and len(setting.default) > 40:
