@@ -485,7 +485,7 @@ def read_env_file(path: str) -> dict[str, str]:
                 if line.partition("=")[2].strip()[0] == '"':
                     value = re.sub(r'\\(["\\$`n])',
                                    lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
-            if key in beside and value.strip() and value.strip() != ":memory:" and \
+            if key in beside and value.strip() not in ("", ":memory:") and \
                     not value.startswith("file:"):  # SQLite's names for no file, a URI
                 value = os.path.join(folder, value.strip())
             values[key] = value
@@ -918,9 +918,12 @@ def user_name(uid: int) -> str:
 def access_problem(path: str, write: bool) -> tuple[str, str | None, str] | None:
     """What keeps this user from reading the database at `path` (`write`: and changing it):
     (the reason, the user who owns what stands in the way or None when it is missing, the
-    file or folder in the way); None when the modes allow it. os.path.exists() says False alike for a missing file and for one in
-    a folder this user may not enter. In WAL mode a reader needs the -wal and -shm files
-    too, or the right to create them in the folder."""
+    file or folder in the way); None when the modes allow it.
+
+    os.path.exists() says False alike for a missing file and for one in a folder this user
+    may not enter. In WAL mode a reader needs the -wal and -shm files too, or the right to
+    create them in the folder.
+    """
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
 
