@@ -6071,6 +6071,9 @@ def test_relative_paths_in_an_env_file_are_read_beside_it(tmp_path, wechat, mode
     assert "2 keyword replies" in checked.stdout and "1 blocked words" in checked.stdout
     status = run_wxbot(["status", "--env", str(conf / "wxbot.env")], {}, cwd=tmp_path)
     assert status.stdout.startswith(f"queue in {conf / 'wxbot.db'}")
+    (conf / "bare.env").write_text("WXBOT_MODEL=gpt-4o-mini\n", encoding="utf-8")
+    status = run_wxbot(["status", "--env", "../conf/bare.env"], {}, cwd=elsewhere)
+    assert status.stdout.startswith(f"queue in {conf / 'wxbot.db'}")  # WXBOT_DB's default
     assert os.listdir(elsewhere) == [] and not (tmp_path / "wxbot.db").exists()
 
 

@@ -5426,6 +5426,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if args.env:  # its values win, but an empty one (KEY=) leaves the environment's
             env.update((key, value) for key, value in read_env_file(args.env).items()
                        if value or key not in env)
+            # The database lives with its settings, wherever wxbot is started from.
+            env.setdefault(SETTINGS["db"].env, os.path.join(
+                os.path.dirname(os.path.abspath(args.env)), SETTINGS["db"].default))
         if args.command == "chat":  # no WeChat involved
             env = {"WXBOT_TOKEN": "notusedinchat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    **env}
