@@ -5226,16 +5226,10 @@ def retry(settings: Settings, message_id: int, out) -> int:
         return 1
     with contextlib.closing(conn):
         conn.execute("PRAGMA foreign_keys=ON")
-        try:
-            requeued = conn.execute(
-                "UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
-                " model_failures = 0, delivery_failures = 0, interruptions = 0, error = NULL"
-                " WHERE id = ? AND state = 'dead'", (message_id,)).rowcount
-        except sqlite3.OperationalError as error:  # read-only or locked past the timeout
-            print(f"cannot change the database {settings.db} ({error}): message "
-                  f"{message_id} is not queued again; run this as the service's user, e.g. "
-                  f"sudo -u wxbot .venv/bin/python wxbot.py retry {message_id}", file=out)
-            return 1
+        requeued = conn.execute(
+            "UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
+            " model_failures = 0, delivery_failures = 0, interruptions = 0, error = NULL"
+            " WHERE id = ? AND state = 'dead'", (message_id,)).rowcount
         if not requeued:
             row = conn.execute("SELECT state FROM messages WHERE id = ?",
                                (message_id,)).fetchone()
@@ -5402,9 +5396,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
     parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="INFO when serving; WARNING for the other commands, whose "
-                             "output is their report")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     if args.command == "menu" and (args.file is not None) + args.show + args.delete != 1:
         parser.error("menu takes one of: FILE.json, --show, --delete")
@@ -5412,8 +5405,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         parser.error("retry takes the id of a dead message, as `status` shows it")
     elif args.command not in ("menu", "retry") and (args.file or args.show or args.delete):
         parser.error("FILE, --show and --delete go with the menu command")
-    logging.basicConfig(level=args.log_level or ("INFO" if args.command == "serve" else
-                                                 "WARNING"),
+    # The other commands' output is their report: their log says what went wrong, no more.
+    quiet = args.command != "serve" and args.log_level == "INFO"
+    logging.basicConfig(level="WARNING" if quiet else args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(SECRET_FILTER)
