@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+import pathlib
 import re
 import select
 import shutil
@@ -318,6 +319,7 @@ class FakeModel(FakeServer):
         self.respond = respond or (lambda request: "答：" + request["messages"][-1]["content"])
         self.streams = True  # False: a provider that ignores stream=True
         self.framing = True
+        self.stream_type = "text/event-stream"  # some providers label their stream otherwise
         self.hangups = []
         self.local = threading.local()  # the handler of this thread's request
 
@@ -389,7 +391,7 @@ class FakeModel(FakeServer):
         """Server-sent events as providers send them: each in an HTTP chunk of its own, on a
         connection kept open for the next request."""
         handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Content-Type", self.stream_type)
         handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
 
@@ -6443,3 +6445,222 @@ def test_announced_articles_are_not_fetched_before_learn_published_or_when_turne
     bot.stop(timeout=5)
     assert [path for path, _ in calls if "freepublish" in path] == [
         "/cgi-bin/freepublish/batchget"]  # learn --published's, nothing else
+# The owner's settings, files and operator commands ###########################
+
+@pytest.fixture
+def shared_folder():
+    """A folder other users may enter: pytest's own are root's, mode 700."""
+    folder = tempfile.mkdtemp(prefix="wxbot-shared-")
+    os.chmod(folder, 0o755)
+    yield pathlib.Path(folder)
+    shutil.rmtree(folder)
+
+
+def run_as(user, args, env, cwd=None):
+    """`wxbot.py args` run as another OS user. Root may read and write any file whatever its
+    mode, so what another user meets is seen only by running as that user."""
+    if os.getuid() != 0:
+        pytest.skip("only root can run a command as another user")
+    # setpriv finds the interpreter with root's rights (a venv's python may live under
+    # /root) and runs it with the other user's.
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is needed to run a command as another user")
+    import pwd
+    account = pwd.getpwnam(user)
+    command = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}",
+               "--clear-groups", sys.executable]
+    base = {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1"}
+    probe = subprocess.run(command + [os.path.join(HERE, "wxbot.py"), "--help"], env=base,
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode:  # the checkout or the venv lies where that user may not read
+        pytest.skip(f"{user} cannot run wxbot.py here: {probe.stderr.strip()[-200:]}")
+    return subprocess.run(command + [os.path.join(HERE, "wxbot.py"), *args], env={**base, **env},
+                          capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_a_token_with_a_character_wechat_does_not_take_stops_the_start(tmp_path, wechat,
+                                                                       model):
+    result = run_wxbot([], env_for(tmp_path, wechat, model, WXBOT_TOKEN="my-token_2024"),
+                       cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "WXBOT_TOKEN" in line]
+    assert "letters or digits" in line and "服务器配置" in line
+    assert "my-token_2024" not in result.stderr  # a secret, even a refused one
+    assert not (tmp_path / "wxbot.db").exists()
+
+
+@hsettings(max_examples=300, deadline=None, database=None)
+@given(token=st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=8,
+                     max_size=32))
+def test_a_token_is_taken_exactly_when_wechats_console_would_take_it(token):
+    env = {"WXBOT_TOKEN": token, "WXBOT_APPID": APPID, "WXBOT_APPSECRET": APPSECRET,
+           "OPENAI_API_KEY": API_KEY}
+    takes = re.fullmatch(r"[A-Za-z0-9]{8,32}", token) is not None
+    try:
+        assert wxbot.Settings.from_env(env).token == token and takes
+    except wxbot.SettingsError as error:
+        assert not takes and error.problems == [Matches(r"WXBOT_TOKEN must be .*letters or "
+                                                        r"digits.*")]
+
+
+def test_chat_asks_for_each_message_and_shows_links_as_a_reader_sees_them(tmp_path, model):
+    long_answer = answer_of_paragraphs(8, 600)  # five messages, then three after 继续
+    model.respond = lambda request: {
+        "文档在哪": "详见[官方文档](https://developers.weixin.qq.com/doc)，或[菜单](weixin://x)。",
+        "写长一点": long_answer}[request["messages"][-1]["content"]]
+    env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": model.url + "/v1",
+           "WXBOT_DB": str(tmp_path / "wxbot.db")}
+    result = run_wxbot(["chat"], env, stdin="文档在哪\n写长一点\n继续\n")
+    assert result.returncode == 0, result.stderr
+    shown = result.stdout
+    assert "官方文档 (https://developers.weixin.qq.com/doc)" in shown
+    assert "菜单 (weixin://x)" in shown  # not a link in WeChat either: text as the model wrote
+    assert "<a" not in shown and "href" not in shown and "weixin://bizmsgmenu" not in shown
+    # a prompt before each message, and one more where Ctrl-D ended the conversation
+    assert shown.count(wxbot.CHAT_PROMPT) == 4
+    before_answer = shown.split("官方文档")[0]
+    assert before_answer.count(wxbot.CHAT_PROMPT) == 1
+    assert all(f"第{k}段" in shown for k in range(8))
+    assert len(model.requests) == 2  # 继续 fetched the rest, the model was not asked again
+
+
+def test_check_prints_its_report_and_no_log_lines(tmp_path, wechat, model):
+    result = run_wxbot(["check"], env_for(tmp_path, wechat, model))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert wechat.token_calls and result.stderr == ""  # the token it fetched is not a log line
+    assert " INFO " not in result.stdout
+
+
+def test_a_database_in_a_folder_that_does_not_exist_names_wxbot_db(tmp_path, wechat, model):
+    path = tmp_path / "no" / "such" / "wxbot.db"
+    for command in ([], ["check"], ["chat"]):
+        result = run_wxbot(command, env_for(tmp_path, wechat, model, WXBOT_DB=path),
+                           stdin="在吗\n")
+        said = result.stdout + result.stderr
+        assert result.returncode == (1 if command == ["check"] else 2), said
+        assert "Traceback" not in said and "cannot listen" not in said
+        [line] = [line for line in said.splitlines() if "cannot open the database" in line]
+        assert f"(WXBOT_DB): there is no folder {tmp_path / 'no'}" in line, line
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_database_in_a_folder_this_user_may_not_write_names_wxbot_db_and_whose_it_is(
+        shared_folder, wechat, model):
+    state = os.path.join(shared_folder, "state")
+    os.mkdir(state, 0o755)  # root's: nobody may enter it and read, not write
+    env = env_for(shared_folder, wechat, model, WXBOT_DB=os.path.join(state, "wxbot.db"))
+    for command in ([], ["check"]):
+        result = run_as("nobody", command, env)
+        said = result.stdout + result.stderr
+        assert result.returncode == (1 if command else 2), said
+        assert "Traceback" not in said and "cannot listen" not in said
+        [line] = [line for line in said.splitlines() if "cannot open the database" in line]
+        assert f"(WXBOT_DB): the folder {state} is root's (mode 755)" in line, line
+        assert line.endswith(f": give it to nobody (sudo chown nobody {state}), or set "
+                             f"WXBOT_DB to a file in a folder nobody may write")
+    assert os.listdir(state) == []
+
+
+def dead_message(path):
+    """A database at `path` with one message that ended dead; its id."""
+    store = wxbot.Store(path)
+    message_id = stored_push(store, "oDEAD", "你好", 1, time.time())
+    with store.transaction() as conn:
+        conn.execute("UPDATE messages SET state = 'dead', error = 'errcode 45015' "
+                     "WHERE id = ?", (message_id,))
+    return store, message_id
+
+
+def test_status_as_another_user_says_the_database_is_there_and_who_may_read_it(
+        shared_folder):
+    state = os.path.join(shared_folder, "state")
+    os.mkdir(state, 0o700)  # as systemd's StateDirectoryMode=0700 makes it
+    path = os.path.join(state, "wxbot.db")
+    store, message_id = dead_message(path)
+    store.close()
+    for command, verb in ((["status"], "read"), (["retry", str(message_id)], "change")):
+        result = run_as("nobody", command, {"WXBOT_DB": path})
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "no database" not in result.stdout
+        assert result.stdout.startswith(f"cannot {verb} the database {path}: the folder "
+                                        f"{state} is root's (mode 700): run this as root")
+    assert wxbot.main(["status"], {"WXBOT_DB": path}) == 0  # its owner reads it
+
+
+def test_retry_as_a_user_who_may_only_read_the_database_says_so_and_changes_nothing(
+        shared_folder, capsys):
+    path = os.path.join(shared_folder, "wxbot.db")
+    store, message_id = dead_message(path)  # kept open: the -wal and -shm files of a service
+    try:
+        for name in os.listdir(shared_folder):
+            os.chmod(os.path.join(shared_folder, name), 0o644)
+        shown = run_as("nobody", ["status"], {"WXBOT_DB": path})
+        assert shown.returncode == 0 and "dead: 1" in shown.stdout, shown.stdout + shown.stderr
+        result = run_as("nobody", ["retry", str(message_id)], {"WXBOT_DB": path})
+        assert result.returncode == 1 and result.stderr == ""
+        assert result.stdout == (f"cannot change the database {path}: {path} is root's (mode "
+                                 f"644): run this as root, e.g. sudo -u root .venv/bin/python "
+                                 f"wxbot.py retry ...\n")
+        with store.connection() as conn:
+            assert conn.execute("SELECT state FROM messages WHERE id = ?",
+                                (message_id,)).fetchone()[0] == "dead"
+    finally:
+        store.close()
+
+
+def test_relative_paths_in_an_env_file_are_read_beside_it(tmp_path, wechat, model):
+    conf, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    conf.mkdir()
+    elsewhere.mkdir()
+    replies_file(conf)
+    words_file(conf, "赌博", name="blocked_words.txt")
+    (conf / "wxbot.env").write_text("WXBOT_DB=wxbot.db\nWXBOT_REPLIES=replies.json\n"
+                                    "WXBOT_BLOCKED_WORDS=blocked_words.txt\n", encoding="utf-8")
+    env = env_for(tmp_path, wechat, model)
+    del env["WXBOT_DB"]
+    checked = run_wxbot(["check", "--env", "../conf/wxbot.env"], env, cwd=elsewhere)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"database {conf / 'wxbot.db'} opens" in checked.stdout
+    assert "2 keyword replies" in checked.stdout and "1 blocked words" in checked.stdout
+    status = run_wxbot(["status", "--env", str(conf / "wxbot.env")], {}, cwd=tmp_path)
+    assert status.stdout.startswith(f"queue in {conf / 'wxbot.db'}")
+    (conf / "bare.env").write_text("WXBOT_MODEL=gpt-4o-mini\n", encoding="utf-8")
+    status = run_wxbot(["status", "--env", "../conf/bare.env"], {}, cwd=elsewhere)
+    assert status.stdout.startswith(f"queue in {conf / 'wxbot.db'}")  # WXBOT_DB's default
+    assert os.listdir(elsewhere) == [] and not (tmp_path / "wxbot.db").exists()
+
+
+@pytest.mark.parametrize("setting, name, example", [
+    ("WXBOT_REPLIES", "replies.json", "replies.example.json"),
+    ("WXBOT_BLOCKED_WORDS", "blocked_words.txt", "blocked_words.example.txt")])
+def test_a_missing_owners_file_names_its_setting_and_the_example_to_copy(tmp_path, wechat,
+                                                                         model, setting, name,
+                                                                         example):
+    (tmp_path / "wxbot.env").write_text(f"{setting}={name}\n", encoding="utf-8")
+    env = env_for(tmp_path, wechat, model)
+    started = run_wxbot(["--env", str(tmp_path / "wxbot.env")], env, cwd=tmp_path)
+    assert started.returncode == 2 and "Traceback" not in started.stderr
+    [line] = started.stderr.splitlines()
+    assert line.startswith(f"wxbot: {setting}: {tmp_path / name}: there is no such file")
+    copy = re.search(r"cp (\S+) (\S+)", line)
+    assert copy.groups() == (os.path.join(HERE, example), str(tmp_path / name))
+    checked = run_wxbot(["check", "--env", str(tmp_path / "wxbot.env")], env)
+    assert checked.returncode == 1 and f"FAIL {setting}: " in checked.stdout
+    assert "cp " + os.path.join(HERE, example) in checked.stdout
+    shutil.copy(*copy.groups())  # as the line says: then the start goes on
+    checked = run_wxbot(["check", "--env", str(tmp_path / "wxbot.env")], env)
+    assert checked.returncode == 0, checked.stdout
+
+
+@pytest.mark.parametrize("stream_type", ["text/event-stream", "text/plain; charset=utf-8", ""])
+def test_a_stream_of_events_without_text_is_asked_once_however_it_is_labelled(
+        start_bot, wechat, model, stream_type):
+    model.stream_type, model.framing = stream_type, False
+    model.respond = lambda request: [chunk_event({"role": "assistant", "content": ""}),
+                                     chunk_event({"content": " "}), chunk_event({}, "stop"),
+                                     b"data: [DONE]\n\n"]
+    bot = start_bot()
+    send_text(bot, "oBLANK", "问", 1)
+    wait_for(lambda: bot.store.settled(1), message="the empty answer settled")
+    assert len(model.requests) == 1  # an event came: the stream was read, nothing to ask again
+    assert wechat.texts_to("oBLANK") == [wxbot.APOLOGY_LINE]

@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import pwd
 import queue
 import random
 import re
@@ -242,11 +243,16 @@ def _token(value: str) -> str:
     # WeChat allows 3 to 32 characters; one signed URL from a log is enough to recover a short
     # token by trying every candidate, and with it to sign any push.
     if not 8 <= len(value) <= 32:
-        raise ValueError(
-            f"must be 8 to 32 letters or digits, got {len(value)} characters: choose a new Token "
-            f"in 公众号后台 → 设置与开发 → 基本配置 → 服务器配置 → 修改配置, put the same value "
-            f"here, restart wxbot, then 提交 the 服务器配置")
-    return value
+        got = f"got {len(value)} characters"
+    # WeChat's console takes letters and digits only: no push would ever be signed with it.
+    elif not re.fullmatch(r"[A-Za-z0-9]+", value):
+        got = "got other characters too (such as - or _)"
+    else:
+        return value
+    raise ValueError(
+        f"must be 8 to 32 letters or digits, {got}: choose a new Token "
+        f"in 公众号后台 → 设置与开发 → 基本配置 → 服务器配置 → 修改配置, put the same value "
+        f"here, restart wxbot, then 提交 the 服务器配置")
 
 
 def _aes_key(value: str) -> str:
@@ -281,6 +287,8 @@ class Setting:
     parse: Callable[[str], object]
     help: str
     secret: bool = False
+    #: Names a file: a relative path in an env file is read beside that file.
+    file: bool = False
 
 
 #: Every setting, in the order --help and the start-up log show them.
@@ -312,10 +320,10 @@ SETTINGS: dict[str, Setting] = {
                       "openids (comma-separated) that may send /stats"),
     "replies": Setting("WXBOT_REPLIES", "", _optional_text,
                        "JSON file of fixed replies to keywords and menu clicks, no model "
-                       "(empty: none; re-read when it changes)"),
+                       "(empty: none; re-read when it changes)", file=True),
     "blocked_words": Setting("WXBOT_BLOCKED_WORDS", "", _optional_text,
                              "file of blocked words, one a line: questions with one are not "
-                             "asked, answers have them masked (empty: none)"),
+                             "asked, answers have them masked (empty: none)", file=True),
     "blocked_reply": Setting("WXBOT_BLOCKED_REPLY", REFUSED_LINE, _text,
                              "what a user whose question has a blocked word gets"),
     "vision": Setting("WXBOT_VISION", "0", _flag,
@@ -334,7 +342,7 @@ SETTINGS: dict[str, Setting] = {
                            "limits (0: no limit)"),
     "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
                            "earlier turns older than this many seconds are not sent to the model"),
-    "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file"),
+    "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file", file=True),
     "retention_days": Setting("WXBOT_RETENTION_DAYS", "30", _int_between(0, 36500),
                               "days messages, answers and history are kept (0: for ever); "
                               "older ones are deleted every hour, a few hundred at a time"),
@@ -462,8 +470,12 @@ class Settings:
 
 
 def read_env_file(path: str) -> dict[str, str]:
-    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (comments, quotes)."""
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (comments, quotes). A
+    relative path in a setting that names a file is read beside the env file, wherever
+    wxbot is started from (the unit starts it in the env file's folder)."""
     values = {}
+    beside = {setting.env for setting in SETTINGS.values() if setting.file}
+    folder = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as env_file:
         for number, line in enumerate(env_file, 1):
             line = line.strip()
@@ -481,6 +493,9 @@ def read_env_file(path: str) -> dict[str, str]:
                 if line.partition("=")[2].strip()[0] == '"':
                     value = re.sub(r'\\(["\\$`n])',
                                    lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+            if key in beside and value.strip() not in ("", ":memory:") and \
+                    not value.startswith("file:"):  # SQLite's names for no file, a URI
+                value = os.path.join(folder, value.strip())
             values[key] = value
     return values
 
@@ -901,6 +916,85 @@ def create_private(path: str) -> None:
                         "chmod 600 %s*", path, mode, path)
 
 
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid with no name on this system (a container's, a deleted user's)
+        return f"uid {uid}"
+
+
+def access_problem(path: str, write: bool) -> tuple[str, str | None, str] | None:
+    """What keeps this user from reading the database at `path` (`write`: and changing it):
+    (the reason, the user who owns what stands in the way or None when it is missing, the
+    file or folder in the way); None when the modes allow it.
+
+    os.path.exists() says False alike for a missing file and for one in a folder this user
+    may not enter. In WAL mode a reader needs the -wal and -shm files too, or the right to
+    create them in the folder.
+    """
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+
+    def whose(name: str) -> tuple[str, str, str]:
+        found = os.stat(name)
+        what = "the folder " if os.path.isdir(name) else ""
+        owner = user_name(found.st_uid)
+        return f"{what}{name} is {owner}'s (mode {found.st_mode & 0o777:o})", owner, name
+
+    step = ""
+    for part in folder.split(os.sep):  # from / down: the first folder that shuts us out
+        step = os.path.join(step, part) if step else os.sep
+        if not os.path.isdir(step):
+            return f"there is no folder {step}", None, step
+        if not os.access(step, os.X_OK):
+            return whose(step)
+    if not write and not os.path.exists(path):
+        return None  # nothing stands in the way: there is no database
+    rights = os.R_OK | (os.W_OK if write else 0)
+    for name in (path, path + "-wal", path + "-shm"):
+        if os.path.exists(name):
+            if not os.access(name, rights):
+                return whose(name)
+        elif not os.access(folder, os.W_OK | os.X_OK):  # SQLite must create it there
+            return whose(folder)
+    return None
+
+
+class DatabaseUnusable(Exception):
+    """This user may not open the database (WXBOT_DB) for writing; the text says why, whose
+    it is, and what to do."""
+
+    def __init__(self, path: str, error: Exception):
+        reason, owner, where = access_problem(path, write=True) or (str(error), "", "")
+        me = user_name(os.getuid())
+        if owner is None:
+            advice = "correct WXBOT_DB, or create its folder"
+        elif not owner:  # the modes allow it: something else refused (a read-only disk...)
+            advice = "check WXBOT_DB and the folder's rights"
+        elif owner == "root":  # a folder made by root for a service that runs as another user
+            advice = (f"give it to {me} (sudo chown {me} {where}), or set WXBOT_DB to a "
+                      f"file in a folder {me} may write")
+        else:
+            advice = (f"run wxbot as {owner}, or set WXBOT_DB to a file in a folder {me} "
+                      f"may write")
+        super().__init__(f"cannot open the database {path} (WXBOT_DB): {reason}: {advice}")
+
+
+@contextlib.contextmanager
+def opening_for(path: str) -> Iterator[None]:
+    """Around opening the database: DatabaseUnusable where this user may not write it (a
+    folder of another user's, a file of another user's, no folder at all)."""
+    try:
+        yield
+    except OSError as error:
+        raise DatabaseUnusable(path, error) from None
+    except sqlite3.OperationalError as error:  # "attempt to write a readonly database"...
+        if path == ":memory:" or path.startswith("file:") or \
+                not access_problem(path, write=True):
+            raise
+        raise DatabaseUnusable(path, error) from None
+
+
 class Store:
     """The SQLite database: queue, segments, history and the token cache."""
 
@@ -909,7 +1003,8 @@ class Store:
         if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING claims a message
             raise RuntimeError(f"SQLite 3.35 or newer is needed; this Python has "
                                f"{sqlite3.sqlite_version} (use Debian 12 / Ubuntu 22.04 or newer)")
-        create_private(path)
+        with opening_for(path):
+            create_private(path)
         self.path = path
         self.busy_timeout = busy_timeout
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
@@ -929,7 +1024,7 @@ class Store:
         #: Set while writes fail for want of space; workers pause, the webhook answers 503.
         self.disk_full = False
         self._disk_lock = threading.Lock()
-        with self.connection() as conn:
+        with opening_for(path), self.connection() as conn:
             self._compactable(conn, free_space)
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
             # commit through a process crash (kill -9), losing at most the last ones on power loss.
@@ -4108,9 +4203,14 @@ MENU_ERRORS = {
 class FileProblem(Exception):
     """An owner's file (menu, replies, blocked words) that cannot be used; each problem a line."""
 
-    def __init__(self, path: str, problems: list[str]):
+    def __init__(self, path: str, problems: list[str], setting: str = ""):
         super().__init__("; ".join(problems))
         self.path, self.problems = path, problems
+        self.setting = setting  # the setting that names the file, where one does
+
+    def where(self) -> str:
+        """The file as the owner named it: `WXBOT_REPLIES: /path`, or the path alone."""
+        return f"{self.setting}: {self.path}" if self.setting else self.path
 
 
 def read_json_file(path: str) -> object:
@@ -4447,10 +4547,30 @@ class OwnerFile:
     modification time, size or inode changes, or on SIGHUP. A broken edit keeps what was
     read before and the log says why; a broken file at start stops the start."""
 
-    def __init__(self, path: str, read: Callable[[str], object], empty: object):
-        self.path, self.read = path, read
+    def __init__(self, setting: str, path: str, read: Callable[[str], object], empty: object,
+                 example: str):
+        self.setting, self.path, self.read, self.example = setting, path, read, example
         self._lock = threading.Lock()
-        self.value, self._stamp = (read(path), self._look()) if path else (empty, None)
+        self.value, self._stamp = (self._first(), self._look()) if path else (empty, None)
+
+    def _first(self) -> object:
+        """The file at start; FileProblem names the setting, and for a missing file the
+        example that comes with wxbot.py to copy (the example settings name files that
+        are not shipped, so that the owner's edits are never overwritten by an update)."""
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
+            example = os.path.join(os.path.dirname(os.path.abspath(__file__)), self.example)
+            raise FileProblem(self.path, [f"there is no such file: leave {self.setting} "
+                                          f"empty, or start from the example: cp {example} "
+                                          f"{self.path}"], self.setting) from None
+        except OSError:
+            pass  # the reader says why it cannot read the file
+        try:
+            return self.read(self.path)
+        except FileProblem as error:
+            error.setting = self.setting
+            raise
 
     def _look(self) -> tuple | None:
         try:
@@ -4488,8 +4608,16 @@ class OwnerFiles:
     """The owner's fixed replies and blocked words, each re-read when its file changes."""
 
     def __init__(self, settings: Settings):
-        self.replies_file = OwnerFile(settings.replies, Replies.read, Replies())
-        self.blocked_file = OwnerFile(settings.blocked_words, BlockedWords.read, BlockedWords())
+        self.replies_file, self.blocked_file = (OwnerFile(*file)
+                                                for file in self.files(settings))
+
+    @staticmethod
+    def files(settings: Settings) -> list[tuple]:
+        """Each file: its setting, path, reader, value when unset and example beside wxbot.py."""
+        return [("WXBOT_REPLIES", settings.replies, Replies.read, Replies(),
+                 "replies.example.json"),
+                ("WXBOT_BLOCKED_WORDS", settings.blocked_words, BlockedWords.read,
+                 BlockedWords(), "blocked_words.example.txt")]
 
     @property
     def replies(self) -> Replies:
@@ -6100,14 +6228,30 @@ class Bot:
 class Console:
     """Stands in for WeChat in `chat`: prints each segment as WeChat would show it."""
 
+    #: A link as WeChat shows it: its text, underlined. Linear: no part runs past a "<".
+    LINK = re.compile(r"<a\s[^<>]*>([^<]*)</a>")
+    HREF = re.compile(r'\bhref="([^"]*)"')
+
     def __init__(self, out):
         self.out = out
 
     def customer_service_send(self, openid: str, text: str) -> None:
-        print(f"\n{text}\n{'─' * 20}", file=self.out, flush=True)
+        print(f"\n{self.LINK.sub(self._link, text)}\n{'─' * 20}", file=self.out, flush=True)
+
+    def _link(self, match: re.Match) -> str:
+        """A link's text, then where a tap on it goes; a tap that sends a word (继续) is
+        the word typed here."""
+        href = self.HREF.search(match.group())
+        url = href.group(1) if href else ""
+        return f"{match.group(1)} ({url})" if url.startswith(("http://", "https://")) \
+            else match.group(1)
 
     def first_time(self, errcode: int) -> bool:
         return True
+
+
+#: What `chat` shows when it waits for the next message.
+CHAT_PROMPT = "你> "
 
 
 def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int:
@@ -6118,12 +6262,22 @@ def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int
     # No drawing here: the console shows no pictures.
     settings = dataclasses.replace(settings, db=f"{root}-chat{ext or '.db'}", user_rate=0,
                                    user_daily=0, image_model="")
-    store = Store(settings.db)
+    try:
+        store = Store(settings.db)
+    except DatabaseUnusable as error:
+        print(f"wxbot: {error}", file=sys.stderr)
+        return 2
     worker = Worker(settings, store, Console(out), Model(settings), Wakeup(),
                     DeliveryMode("service", store), "chat", owner, articles=articles)
     print(f"wxbot chat with {settings.model} (history in {settings.db}; /reset forgets it, "
           f"Ctrl-D ends)", file=out, flush=True)
-    for line in lines:
+    lines = iter(lines)
+    while True:
+        print(CHAT_PROMPT, end="", file=out, flush=True)
+        line = next(lines, None)
+        if line is None:
+            print(file=out)  # the shell's prompt on a line of its own
+            break
         if not line.strip():
             continue
         now = time.time()
@@ -6155,8 +6309,18 @@ def age_text(seconds: float) -> str:
 STATUS_ROWS = 20
 
 
-def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
-    """The database of a service that may be running: no migration, readers never block it."""
+def open_for_operator(settings: Settings, out, command: str = "status"
+                      ) -> sqlite3.Connection | None:
+    """The database of a service that may be running: no migration, readers never block it.
+    `command` changes it (retry): this user must be allowed to write it."""
+    problem = access_problem(settings.db, write=command != "status")
+    if problem:
+        reason, owner, _ = problem
+        print(f"cannot {'read' if command == 'status' else 'change'} the database "
+              f"{settings.db}: {reason}" + (
+                  f": run this as {owner}, e.g. sudo -u {owner} .venv/bin/python wxbot.py "
+                  f"{command} ..." if owner else " (check WXBOT_DB, or --env FILE)"), file=out)
+        return None
     if not os.path.exists(settings.db):
         print(f"no database at {settings.db} (check WXBOT_DB, or --env FILE)", file=out)
         return None
@@ -6165,7 +6329,7 @@ def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.Error as error:  # most often: the file is the service user's, mode 600
         print(f"cannot open the database {settings.db} ({error}): run this as the service's "
-              f"user, e.g. sudo -u wxbot .venv/bin/python wxbot.py ...", file=out)
+              f"user, e.g. sudo -u wxbot .venv/bin/python wxbot.py {command} ...", file=out)
         return None
     conn.row_factory = sqlite3.Row
     if version != SCHEMA_VERSION:
@@ -6217,7 +6381,7 @@ def status(settings: Settings, out, now: float | None = None) -> int:
 def retry(settings: Settings, message_id: int, out) -> int:
     """Queue a dead message again, its failure counts cleared; the service takes it within
     a minute (Worker.IDLE_LOOK)."""
-    conn = open_for_operator(settings, out)
+    conn = open_for_operator(settings, out, "retry")
     if conn is None:
         return 1
     with contextlib.closing(conn):
@@ -6254,8 +6418,9 @@ def check(settings: Settings, out) -> int:
     try:
         store = Store(settings.db)
         report(True, f"database {settings.db} opens")
-    except (sqlite3.Error, OSError, RuntimeError) as error:
-        report(False, f"database {settings.db}: {error} (check WXBOT_DB and the folder's rights)")
+    except (DatabaseUnusable, sqlite3.Error, OSError, RuntimeError) as error:
+        report(False, str(error) if isinstance(error, DatabaseUnusable) else
+               f"database {settings.db}: {error} (check WXBOT_DB and the folder's rights)")
         store = Store(":memory:")
     try:
         WeChatAPI(settings, store)._fetch_token(force=False)
@@ -6306,16 +6471,15 @@ def check(settings: Settings, out) -> int:
                           "account or unset WXBOT_IMAGE_MODEL" if error.errcode == 48001
                    else f"drawing: WeChat refused a picture upload: {error.hint()}")
     store.close()
-    for path, read, setting in [
-            (settings.replies, Replies.read, "WXBOT_REPLIES"),
-            (settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
+    for setting, path, *how in OwnerFiles.files(settings):
         if not path:
             continue
         try:
-            report(True, f"{setting}: {path} has {read(path).describe()}")
+            report(True, f"{setting}: {path} has "
+                         f"{OwnerFile(setting, path, *how).value.describe()}")
         except FileProblem as error:
             for problem in error.problems:
-                report(False, f"{setting}: {path}: {problem}")
+                report(False, f"{error.where()}: {problem}")
     print(f"\nIn 公众号后台 → 设置与开发 → 基本配置 → 服务器配置, enter:\n"
           f"  URL:   http://<this server's domain or IP>{settings.path}  (port 80, or 443 "
           f"with https; wxbot listens on {settings.host}:{settings.port})\n"
@@ -6336,7 +6500,11 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
                 print(f"{path}: {problem}", file=out)
             print(f"{path}: not sent to WeChat: {len(error.problems)} problem(s)", file=out)
             return 1
-    store = Store(settings.db)  # the access token cache, shared with the running bot
+    try:
+        store = Store(settings.db)  # the access token cache, shared with the running bot
+    except DatabaseUnusable as error:
+        print(f"wxbot: {error}", file=sys.stderr)
+        return 2
     wechat = WeChatAPI(settings, store)
     try:
         if show:
@@ -6435,7 +6603,8 @@ def learn_command(settings: Settings, sources: list[str], published: bool, listi
 
 
 def help_text() -> str:
-    lines = ["settings (environment variables, or KEY=VALUE lines in --env FILE):"]
+    lines = ["settings (environment variables, or KEY=VALUE lines in --env FILE;",
+             "a relative file name in FILE is read beside FILE):"]
     for setting in SETTINGS.values():
         default = "required" if setting.default is None else f"default {setting.default!r}"
         if setting.default and len(setting.default) > 40:
@@ -6488,7 +6657,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         parser.error("retry takes the id of a dead message, as `status` shows it")
     elif args.command not in ("menu", "retry") and (sources or args.show or args.delete):
         parser.error("FILE, --show and --delete go with the menu command")
-    logging.basicConfig(level=args.log_level,
+    # The other commands' output is their report: their log says what went wrong, no more.
+    quiet = args.command != "serve" and args.log_level == "INFO"
+    logging.basicConfig(level="WARNING" if quiet else args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(SECRET_FILTER)
@@ -6501,8 +6672,11 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if args.env:  # its values win, but an empty one (KEY=) leaves the environment's
             env.update((key, value) for key, value in read_env_file(args.env).items()
                        if value or key not in env)
+            # The database lives with its settings, wherever wxbot is started from.
+            env.setdefault(SETTINGS["db"].env, os.path.join(
+                os.path.dirname(os.path.abspath(args.env)), SETTINGS["db"].default))
         if args.command == "chat":  # no WeChat involved
-            env = {"WXBOT_TOKEN": "not-used-in-chat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+            env = {"WXBOT_TOKEN": "notusedinchat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    **env}
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
@@ -6543,14 +6717,16 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         owner = OwnerFiles(settings)
     except FileProblem as error:
         for problem in error.problems:
-            print(f"wxbot: {error.path}: {problem}", file=sys.stderr)
+            print(f"wxbot: {error.where()}: {problem}", file=sys.stderr)
         return 2
     if args.command == "chat":
-        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
         return chat(settings, sys.stdin, sys.stdout, owner)
     log.info("wxbot %s starting: %s", __version__, settings.describe())
     try:
         bot = Bot(settings, owner)
+    except DatabaseUnusable as error:  # WXBOT_DB names a place this user may not write
+        log.error("%s", error)
+        return 2
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
         return 1
