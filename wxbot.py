@@ -234,6 +234,18 @@ def _flag(value: str) -> bool:
     raise ValueError(f"must be 1 or 0, got {value.strip()!r}")
 
 
+#: The console's password: long enough that 5 tries a minute (ConsoleGuard) never guess it.
+ADMIN_PASSWORD_MIN = 12
+
+
+def _admin_password(value: str) -> str:
+    if value and len(value) < ADMIN_PASSWORD_MIN:
+        raise ValueError(f"must be at least {ADMIN_PASSWORD_MIN} characters (or empty: no "
+                         f"console); e.g. python3 -c 'import secrets; "
+                         f"print(secrets.token_urlsafe(16))'")
+    return value
+
+
 def _token(value: str) -> str:
     value = _text(value)
     # WeChat allows 3 to 32 characters; one signed URL from a log is enough to recover a short
@@ -365,6 +377,13 @@ SETTINGS: dict[str, Setting] = {
                             "timeout)"),
     "retry_base": Setting("WXBOT_RETRY_BASE", "2", _seconds,
                           "first retry delay in seconds; doubles each attempt, with jitter"),
+    "admin_password": Setting("WXBOT_ADMIN_PASSWORD", "", _admin_password,
+                              "password of the owner's web console, at least 12 characters "
+                              "(empty: no console, nothing listens)", secret=True),
+    "admin_host": Setting("WXBOT_ADMIN_HOST", "127.0.0.1", _text,
+                          "address the console listens on (reach it by ssh -L or a proxy)"),
+    "admin_port": Setting("WXBOT_ADMIN_PORT", "8081", _int_between(0, 65535),
+                          "port the console listens on"),
 }
 
 
@@ -409,6 +428,9 @@ class Settings:
     context_chars: int
     stop_timeout: float
     retry_base: float
+    admin_password: str
+    admin_host: str
+    admin_port: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -438,6 +460,11 @@ class Settings:
 
     def describe(self) -> str:
         """The effective settings for the start-up log, secrets masked."""
+        return " ".join(f"{env}={value}" for env, value in self.shown())
+
+    def shown(self) -> list[tuple[str, str]]:
+        """Each setting's variable and its value as the log and the console show it: secrets
+        as (set), passwords in URLs masked, long texts by their length."""
         shown = []
         for name, setting in SETTINGS.items():
             value = getattr(self, name)
@@ -449,8 +476,8 @@ class Settings:
                 value = ",".join(short_id(openid) for openid in value)
             elif name in ("system_prompt", "welcome", "blocked_reply"):
                 value = f"({len(value)} chars)"
-            shown.append(f"{setting.env}={value}")
-        return " ".join(shown)
+            shown.append((setting.env, str(value)))
+        return shown
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -1796,6 +1823,17 @@ class Store:
             "dead": counts.get("dead", 0),
             "unsent_segments": unsent,
         }
+
+
+def requeue_dead(conn: sqlite3.Connection, message_id: int) -> str | None:
+    """Queue a dead message again, its failure counts cleared (the `retry` command, the
+    console's retry button). None when it is queued; else why not, to show the owner."""
+    if conn.execute("UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
+                    " model_failures = 0, delivery_failures = 0, interruptions = 0,"
+                    " error = NULL WHERE id = ? AND state = 'dead'", (message_id,)).rowcount:
+        return None
+    row = conn.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
+    return f"is {row[0]}, not dead: nothing to do" if row else "is not in the database"
 
 
 ###############################################################################
@@ -4639,6 +4677,22 @@ class Webhook:
         return self.crypto.decrypt(encrypted)
 
 
+def logged_not_printed(callback):
+    """A bottle plugin: an unexpected error goes to the log, where secrets are masked, and the
+    client gets a bare 500: bottle's catchall would print the traceback to stderr, past the
+    filter."""
+    def guarded(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except bottle.HTTPResponse:  # an answer, not an error
+            raise
+        except Exception:
+            log_web.exception("internal error answering %s %s", bottle.request.method,
+                              bottle.request.path)
+            return bottle.HTTPResponse("error", 500, {"Content-Type": "text/plain; charset=utf-8"})
+    return guarded
+
+
 def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottle:
     """The WSGI app: the webhook at WXBOT_PATH and /healthz."""
     app = bottle.Bottle(catchall=True)
@@ -4646,20 +4700,6 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     def text(status: int, body: str) -> bottle.HTTPResponse:
         kind = "application/xml" if body.startswith("<xml>") else "text/plain"
         return bottle.HTTPResponse(body, status, {"Content-Type": f"{kind}; charset=utf-8"})
-
-    def logged_not_printed(callback):
-        """An unexpected error goes to the log, where secrets are masked, and the client gets
-        a bare 500: bottle's catchall would print the traceback to stderr, past the filter."""
-        def guarded(*args, **kwargs):
-            try:
-                return callback(*args, **kwargs)
-            except bottle.HTTPResponse:  # an answer, not an error
-                raise
-            except Exception:
-                log_web.exception("internal error answering %s %s", bottle.request.method,
-                                  bottle.request.path)
-                return text(500, "error")
-        return guarded
 
     app.install(logged_not_printed)
 
@@ -5062,15 +5102,9 @@ def retry(settings: Settings, message_id: int, out) -> int:
         return 1
     with contextlib.closing(conn):
         conn.execute("PRAGMA foreign_keys=ON")
-        requeued = conn.execute(
-            "UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
-            " model_failures = 0, delivery_failures = 0, interruptions = 0, error = NULL"
-            " WHERE id = ? AND state = 'dead'", (message_id,)).rowcount
-        if not requeued:
-            row = conn.execute("SELECT state FROM messages WHERE id = ?",
-                               (message_id,)).fetchone()
-            print(f"message {message_id} " + (f"is {row[0]}, not dead: nothing to do" if row
-                                              else "is not in the database"), file=out)
+        refused = requeue_dead(conn, message_id)
+        if refused:
+            print(f"message {message_id} {refused}", file=out)
             return 1
     print(f"message {message_id} is queued again; the running wxbot takes it within a minute",
           file=out)
