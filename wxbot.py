@@ -28,11 +28,13 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import heapq
 import hmac
 import http.client
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -41,6 +43,7 @@ import os
 import queue
 import random
 import re
+import secrets
 import select
 import shutil
 import signal
@@ -4874,6 +4877,760 @@ class HttpServer:
 
 
 ###############################################################################
+# Owner's console #############################################################
+###############################################################################
+
+#: A console session ends this long after its login, however busy.
+CONSOLE_SESSION_SECONDS = 12 * 3600
+#: Wrong passwords from one address within a minute before its logins are answered 429.
+CONSOLE_WRONG_TRIES = 5
+#: The days before today that the Overview shows.
+CONSOLE_DAYS = 14
+#: Rows a console list shows; older ones are a link away.
+CONSOLE_ROWS = 50
+#: "Most asked" counts the latest this many questions: a count over every message ever
+#: stored would read the whole table on each look.
+CONSOLE_ASKED = 2000
+#: Conversations: at most this many of the latest messages are read to find the people who
+#: wrote last (a few people writing thousands of messages leave the list short, not slow).
+CONSOLE_PEOPLE_READ = 20000
+#: A past day's Overview figures are kept (kv) once the day ended this long ago: the answers
+#: to its last messages are in by then. Days since are counted afresh on each look.
+CONSOLE_DAY_SETTLED = 3600.0
+CONSOLE_DAY_KEY = "console-day:{}"
+CONSOLE_COOKIE = "wxbot_console"
+#: Sent with every console answer: no script runs (a reader's text shown by mistake as
+#: markup would run nothing), nothing loads from elsewhere, no other site frames the page.
+CONSOLE_HEADERS = [
+    ("Content-Security-Policy", "default-src 'none'; style-src 'self'; img-src 'self'; "
+                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+]
+
+CONSOLE_CSS = """
+body{margin:0;font:16px/1.45 system-ui,-apple-system,"PingFang SC","Microsoft YaHei",sans-serif;
+color:#0f172a;background:#fff}
+nav{display:flex;flex-wrap:wrap;align-items:center;gap:.2rem .9rem;padding:.5rem 1rem;
+background:#1e293b}
+nav a{color:#f8fafc;text-decoration:none;padding:.2rem 0}
+nav a.here{border-bottom:2px solid #38bdf8}
+nav form{margin-left:auto}
+nav button{background:none;border:1px solid #64748b;color:#f8fafc;border-radius:.3rem}
+main{max-width:64rem;margin:0 auto;padding:0 1rem 2rem}
+h1{font-size:1.35rem;margin:1rem 0 .5rem}
+h2{font-size:1.1rem;margin:1.4rem 0 .4rem}
+a{color:#0369a1}
+.wide{overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-size:.9rem}
+th,td{padding:.35rem .5rem;border-bottom:1px solid #e2e8f0;text-align:left;vertical-align:top}
+th{background:#f8fafc;white-space:nowrap}
+.n{text-align:right;white-space:nowrap}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(8.5rem,1fr));gap:.5rem}
+.card{border:1px solid #e2e8f0;border-radius:.4rem;padding:.45rem .6rem}
+.card b{display:block;font-size:1.35rem}
+.card span{font-size:.8rem;color:#475569}
+.said{white-space:pre-wrap;overflow-wrap:anywhere;word-break:break-word}
+.turn{border-left:3px solid #94a3b8;padding:.2rem .7rem;margin:1rem 0}
+.reply{background:#f1f5f9;border-radius:.4rem;padding:.35rem .6rem;margin:.35rem 0}
+.meta{font-size:.8rem;color:#475569}
+.bad{color:#b91c1c}
+.ok{color:#15803d}
+.note{background:#ecfeff;border:1px solid #a5f3fc;border-radius:.4rem;padding:.5rem .7rem}
+svg{display:block;width:100%;height:auto;max-height:15rem}
+input,button{font:inherit;padding:.4rem .6rem;border-radius:.3rem;border:1px solid #94a3b8}
+button{background:#e2e8f0;cursor:pointer}
+input[type=password],input[type=url],input[type=text]{width:100%;max-width:30rem;
+box-sizing:border-box}
+form.inline{display:inline}
+.login{max-width:22rem;margin:15vh auto 0;padding:0 1rem}
+.login p{margin:.7rem 0}
+""".strip()
+
+CONSOLE_LAYOUT = """<!DOCTYPE html>
+<html lang="zh-CN"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>{{title}} · wxbot</title>
+<link rel="stylesheet" href="/console.css">
+</head><body>
+% if csrf:
+<nav>
+% for path, name in pages:
+<a href="{{path}}"{{!' class="here"' if path == here else ''}}>{{name}}</a>
+% end
+<form method="post" action="/logout"><input type="hidden" name="csrf" value="{{csrf}}">\\
+<button>Log out</button></form>
+</nav>
+% end
+<main>
+<h1>{{title}}</h1>
+{{!body}}
+</main>
+</body></html>
+"""
+
+CONSOLE_LOGIN = """<div class="login">
+% if problem:
+<p class="bad">{{problem}}</p>
+% end
+<form method="post" action="/login">
+<p><label for="password">Password (WXBOT_ADMIN_PASSWORD)</label><br>
+<input type="password" id="password" name="password" autocomplete="current-password" autofocus></p>
+<p><button type="submit">Log in</button></p>
+</form>
+</div>
+"""
+
+CONSOLE_OVERVIEW = """<h2>Today</h2>
+<div class="cards">
+% for name, value in cards:
+<div class="card"><b>{{value}}</b><span>{{name}}</span></div>
+% end
+</div>
+<h2>Messages a day</h2>
+<svg viewBox="0 0 {{chart['width']}} {{chart['height']}}" role="img"
+ aria-label="messages a day for 15 days, the answered part in green">
+<line x1="0" y1="{{chart['base']}}" x2="{{chart['width']}}" y2="{{chart['base']}}" stroke="#94a3b8"/>
+% for bar in chart['bars']:
+<rect x="{{bar['x']}}" y="{{bar['y']}}" width="{{chart['bar']}}" height="{{bar['h']}}" fill="#cbd5e1">\\
+<title>{{bar['day']}}: {{bar['messages']}} messages, {{bar['answered']}} answered</title></rect>
+<rect x="{{bar['x']}}" y="{{bar['ay']}}" width="{{chart['bar']}}" height="{{bar['ah']}}" fill="#16a34a"/>
+<text x="{{bar['x'] + chart['bar'] / 2}}" y="{{chart['height'] - 4}}" font-size="9"
+ text-anchor="middle" fill="#475569">{{bar['label']}}</text>
+% end
+<text x="2" y="10" font-size="9" fill="#475569">{{chart['top']}}</text>
+</svg>
+<p class="meta">Grey: messages; green: answered. Local time, days from midnight.</p>
+<h2>Day by day</h2>
+<div class="wide"><table>
+<tr><th>Day</th><th class="n">Messages</th><th class="n">People</th><th class="n">Answered</th>
+<th class="n">Failed</th><th class="n">First reply, median</th><th class="n">95th</th>
+<th class="n">Service</th><th class="n">Passive</th><th class="n">From articles</th></tr>
+% for day in days:
+<tr><td>{{day['day']}}</td><td class="n">{{day['messages']}}</td><td class="n">{{day['people']}}</td>
+<td class="n">{{day['answered']}}</td><td class="n">{{day['failed']}}</td>
+<td class="n">{{seconds(day['first_median'])}}</td><td class="n">{{seconds(day['first_p95'])}}</td>
+<td class="n">{{day['service']}}</td><td class="n">{{day['passive']}}</td>
+<td class="n">{{articles_text(day)}}</td></tr>
+% end
+</table></div>
+<p class="meta">Messages: what readers wrote (menu clicks and follows not counted). First reply:
+from a message's arrival to the first message of its answer. Service: answers sent by the
+customer-service API; passive: in the reply to the reader's message. From articles: questions
+given passages of the account's articles / answers that cited one.</p>
+"""
+
+CONSOLE_PEOPLE = """<p class="meta">Everyone who wrote recently, the latest first (openids shortened).</p>
+<div class="wide"><table>
+<tr><th>Reader</th><th>Last message</th><th>When</th><th>State</th></tr>
+% for person in people:
+<tr><td><a href="/people/{{quote(person['openid'])}}">{{short(person['openid'])}}</a></td>
+<td class="said">{{said(person)}}</td><td class="n">{{when(person['received_at'])}}</td>
+<td>{{person['state']}}</td></tr>
+% end
+</table></div>
+% if not people:
+<p>No messages yet.</p>
+% end
+"""
+
+CONSOLE_CONVERSATION = """<p class="meta">Reader {{short(openid)}}: every message, what was sent for
+it and when, oldest first.</p>
+% if older:
+<p><a href="/people/{{quote(openid)}}?before={{older}}">Older messages</a></p>
+% end
+% for turn in turns:
+<div class="turn" id="m{{turn['id']}}">
+<div class="meta">#{{turn['id']}} · {{when(turn['received_at'])}} · {{turn['state']}}\\
+% if turn['first'] is not None:
+ · first reply after {{seconds(turn['first'])}}\\
+% end
+</div>
+<div class="said">{{said(turn)}}</div>
+% if turn['acknowledged']:
+<div class="meta">{{turn['acknowledged']}}</div>
+% end
+% if turn['merged_into']:
+<div class="meta">answered together with <a href="#m{{turn['merged_into']}}">#{{turn['merged_into']}}</a></div>
+% end
+% for reply in turn['replies']:
+<div class="reply"><div class="meta">{{reply['how']}}</div><div class="said">{{reply['content']}}</div></div>
+% end
+% if turn['error']:
+<div class="bad said">{{turn['error']}}</div>
+% end
+% if turn['failures']:
+<div class="meta bad">{{turn['failures']}}</div>
+% end
+</div>
+% end
+% if not turns:
+<p>No messages from this reader.</p>
+% end
+"""
+
+CONSOLE_QUESTIONS = """<h2>Most asked</h2>
+<p class="meta">Among the latest {{window}} questions, the same text (punctuation, width and case
+aside) asked more than once.</p>
+<div class="wide"><table>
+<tr><th class="n">Times</th><th>Question</th></tr>
+% for count, text in most:
+<tr><td class="n">{{count}}</td><td class="said">{{text}}</td></tr>
+% end
+</table></div>
+% if not most:
+<p>No question was asked twice.</p>
+% end
+% if uncovered is not None:
+<h2>Not covered by an article</h2>
+<p class="meta">Recent questions for which no passage of the account's articles was found: what
+to write next.</p>
+<div class="wide"><table>
+<tr><th>When</th><th>Reader</th><th>Question</th></tr>
+% for question in uncovered:
+<tr><td class="n">{{when(question['received_at'])}}</td>
+<td><a href="/people/{{quote(question['openid'])}}#m{{question['id']}}">{{short(question['openid'])}}</a></td>
+<td class="said">{{question['content']}}</td></tr>
+% end
+</table></div>
+% end
+<h2>Recent questions</h2>
+<div class="wide"><table>
+<tr><th>When</th><th>Reader</th><th>Question</th><th>State</th></tr>
+% for question in recent:
+<tr><td class="n">{{when(question['received_at'])}}</td>
+<td><a href="/people/{{quote(question['openid'])}}#m{{question['id']}}">{{short(question['openid'])}}</a></td>
+<td class="said">{{question['content']}}</td><td>{{question['state']}}</td></tr>
+% end
+</table></div>
+"""
+
+CONSOLE_QUEUE = """% if note:
+<p class="note">{{note}}</p>
+% end
+% for title, state, total, rows in states:
+<h2>{{title}}: {{total}}</h2>
+% if rows:
+<div class="wide"><table>
+<tr><th>#</th><th>Received</th><th>Reader</th><th>Message</th><th>Why</th>\\
+{{!'<th></th>' if state == 'dead' else ''}}</tr>
+% for row in rows:
+<tr><td class="n">{{row['id']}}</td><td class="n">{{when(row['received_at'])}}</td>
+<td><a href="/people/{{quote(row['openid'])}}#m{{row['id']}}">{{short(row['openid'])}}</a></td>
+<td class="said">{{said(row)}}</td><td class="said">{{why(row)}}</td>
+% if state == 'dead':
+<td><form method="post" action="/queue/retry" class="inline">\\
+<input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{row['id']}}">\\
+<button>Retry</button></form></td>
+% end
+</tr>
+% end
+</table></div>
+% if total > len(rows):
+<p class="meta">and {{total - len(rows)}} more (python wxbot.py status lists them)</p>
+% end
+% end
+% end
+"""
+
+CONSOLE_SETTINGS = """<h2>Owner's files</h2>
+<div class="wide"><table>
+<tr><th>Setting</th><th>File</th><th>State</th></tr>
+% for env, path, state, good in files:
+<tr><td>{{env}}</td><td class="said">{{path}}</td><td class="{{'ok' if good else 'bad'}} said">{{state}}</td></tr>
+% end
+</table></div>
+<h2>Effective settings</h2>
+<p class="meta">As the service reads them at start; secrets show as (set).</p>
+<div class="wide"><table>
+<tr><th>Variable</th><th>Value</th></tr>
+% for env, value in settings:
+<tr><td>{{env}}</td><td class="said">{{value}}</td></tr>
+% end
+</table></div>
+"""
+
+
+def client_address(environ: Mapping) -> str:
+    """Who sent a request: the peer, or the address a proxy on this machine names (nginx's
+    X-Real-IP); a header from anywhere else could be written by the client itself."""
+    peer = environ.get("REMOTE_ADDR", "")
+    return environ.get("HTTP_X_REAL_IP", peer) if local_address(peer) else peer
+
+
+def over_https(environ: Mapping) -> bool:
+    """Whether the browser reached the console over HTTPS: directly, or through a proxy on
+    this machine that says so (X-Forwarded-Proto)."""
+    return environ.get("wsgi.url_scheme") == "https" or (
+        local_address(environ.get("REMOTE_ADDR", "")) and
+        environ.get("HTTP_X_FORWARDED_PROTO", "").lower() == "https")
+
+
+def local_address(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class ConsoleGuard:
+    """The console's door: the password compared in constant time, at most 5 wrong tries a
+    minute from one address, sessions of 12 hours each with a token of its own that every
+    form sends back (a page of another site cannot know it)."""
+
+    #: Addresses remembered for their wrong tries; beyond it those of over a minute ago go.
+    ADDRESSES = 10000
+
+    def __init__(self, password: str):
+        self.password = password.encode("utf-8")
+        self._lock = threading.Lock()
+        self._sessions: dict[str, tuple[float, str]] = {}  # cookie: (ends at, form token)
+        self._wrong: dict[str, collections.deque] = {}  # address: times of wrong tries
+
+    def refused(self, address: str, now: float) -> bool:
+        """Whether this address tried 5 wrong passwords within the last minute."""
+        with self._lock:
+            tries = self._wrong.get(address)
+            while tries and tries[0] <= now - 60:
+                tries.popleft()
+            return bool(tries) and len(tries) >= CONSOLE_WRONG_TRIES
+
+    def log_in(self, address: str, password: str, now: float) -> str | None:
+        """A new session's cookie for the right password; None for a wrong one (counted)."""
+        if hmac.compare_digest(password.encode("utf-8", "replace"), self.password):
+            cookie = secrets.token_urlsafe(32)
+            with self._lock:
+                self._sessions = {key: value for key, value in self._sessions.items()
+                                  if value[0] > now}
+                self._sessions[cookie] = (now + CONSOLE_SESSION_SECONDS,
+                                          secrets.token_urlsafe(32))
+            return cookie
+        with self._lock:
+            if len(self._wrong) >= self.ADDRESSES:
+                self._wrong = {key: tries for key, tries in self._wrong.items()
+                               if tries and tries[-1] > now - 60}
+            self._wrong.setdefault(address, collections.deque()).append(now)
+        return None
+
+    def session(self, cookie: str | None, now: float) -> str | None:
+        """The form token of the session this cookie opened, while it lasts."""
+        with self._lock:
+            ends_at, token = self._sessions.get(cookie or "", (0.0, ""))
+        return token if ends_at > now else None
+
+    def log_out(self, cookie: str | None) -> None:
+        with self._lock:
+            self._sessions.pop(cookie or "", None)
+
+
+class OwnerConsole:
+    """The owner's web console (WXBOT_ADMIN_PASSWORD): what readers ask, how they were
+    answered, the queue with a retry for dead messages, the articles, the settings.
+
+    Served on a listener of its own (WXBOT_ADMIN_HOST:WXBOT_ADMIN_PORT), from the bot's
+    database; every page reads a bounded number of rows through an index, so that it answers
+    in milliseconds however many messages are stored.
+    """
+
+    PAGES = [("/", "Overview"), ("/people", "Conversations"), ("/questions", "Questions"),
+             ("/queue", "Queue"), ("/articles", "Articles"), ("/settings", "Settings")]
+
+    def __init__(self, settings: Settings, store: Store, owner: OwnerFiles, wakeup: Wakeup,
+                 articles=None, clock: Callable[[], float] = time.time):
+        self.settings, self.store, self.owner, self.wakeup = settings, store, owner, wakeup
+        self.articles, self.clock = articles, clock
+        self.guard = ConsoleGuard(settings.admin_password)
+        self.templates = {name: bottle.SimpleTemplate(source) for name, source in [
+            ("layout", CONSOLE_LAYOUT), ("login", CONSOLE_LOGIN),
+            ("overview", CONSOLE_OVERVIEW), ("people", CONSOLE_PEOPLE),
+            ("conversation", CONSOLE_CONVERSATION), ("questions", CONSOLE_QUESTIONS),
+            ("queue", CONSOLE_QUEUE), ("settings", CONSOLE_SETTINGS)]}
+
+    # Figures -----------------------------------------------------------------
+
+    @staticmethod
+    def midnight(now: float, days_back: int = 0) -> float:
+        """Local midnight starting the day `days_back` days before the one of `now`."""
+        year, month, day = time.localtime(now)[:3]
+        return time.mktime((year, month, day - days_back, 0, 0, 0, 0, 0, -1))
+
+    def day_figures(self, start: float, end: float) -> dict:
+        """One day's traffic: what readers wrote, how it was answered and how fast."""
+        with self.store.connection() as conn:
+            rows = conn.execute(
+                "SELECT m.openid, m.state, m.received_at, min(s.sent_at),"
+                " max(s.replied_to IS NOT NULL) FROM messages m LEFT JOIN segments s"
+                " ON s.message_id = m.id AND s.sent_at IS NOT NULL"
+                " WHERE m.received_at >= ? AND m.received_at < ? AND m.msg_type != 'event'"
+                " GROUP BY m.id", (start, end)).fetchall()
+        waits = sorted(row[3] - row[2] for row in rows if row[3] is not None)
+        asked_before = self.articles.uses_since(start) if self.articles else (0, 0, 0)
+        asked_after = self.articles.uses_since(end) if self.articles else (0, 0, 0)
+        return {
+            "messages": len(rows), "people": len({row[0] for row in rows}),
+            "answered": sum(row[1] == State.DONE.value for row in rows),
+            "failed": sum(row[1] in (State.FAILED.value, State.DEAD.value) for row in rows),
+            "first_median": statistics.median(waits) if waits else None,
+            "first_p95": waits[math.ceil(0.95 * len(waits)) - 1] if waits else None,
+            "service": sum(row[3] is not None and not row[4] for row in rows),
+            "passive": sum(bool(row[4]) for row in rows),
+            "given": asked_before[1] - asked_after[1], "cited": asked_before[2] - asked_after[2],
+        }
+
+    def overview(self, now: float) -> list[dict]:
+        """Today and the 14 days before, oldest first. A past day is counted once, when its
+        answers are in, and kept: only the latest day or two are read on each look."""
+        days = []
+        for back in range(CONSOLE_DAYS, -1, -1):
+            start, end = self.midnight(now, back), self.midnight(now, back - 1)
+            day = time.strftime("%Y-%m-%d", time.localtime(start))
+            settled = end + CONSOLE_DAY_SETTLED <= now
+            kept = self.store.get_kv(CONSOLE_DAY_KEY.format(day), now) if settled else None
+            if kept:
+                figures = json.loads(kept)
+            else:
+                figures = self.day_figures(start, min(end, now + 1))
+                if settled:
+                    self.store.set_kv(CONSOLE_DAY_KEY.format(day), json.dumps(figures),
+                                      end + (CONSOLE_DAYS + 2) * 86400)
+            days.append({"day": day, **figures})
+        return days
+
+    def people(self) -> list[sqlite3.Row]:
+        """The latest message of each of the people who wrote last, latest first."""
+        latest: dict[str, sqlite3.Row] = {}
+        before, read = 2 ** 63 - 1, 0
+        with self.store.connection() as conn:
+            while len(latest) < CONSOLE_ROWS and read < CONSOLE_PEOPLE_READ:
+                rows = conn.execute(
+                    "SELECT id, openid, msg_type, event, content, received_at, state"
+                    " FROM messages WHERE id < ? ORDER BY id DESC LIMIT 500",
+                    (before,)).fetchall()
+                for row in rows:
+                    latest.setdefault(row["openid"], row)
+                    if len(latest) == CONSOLE_ROWS:
+                        break
+                if len(rows) < 500:
+                    break
+                before, read = rows[-1]["id"], read + len(rows)
+        return list(latest.values())
+
+    def conversation(self, openid: str, before: int) -> tuple[list[dict], int | None]:
+        """One reader's messages before the id `before`, oldest first, each with what was
+        sent for it; and the id to read older ones before (None: there are none)."""
+        with self.store.connection() as conn:
+            rows = conn.execute(
+                "SELECT id, msg_type, event, content, received_at, state, error, merged_into,"
+                " needs_model, model_failures, delivery_failures, interruptions"
+                " FROM messages WHERE openid = ? AND id < ? ORDER BY id DESC LIMIT ?",
+                (openid, before, CONSOLE_ROWS + 1)).fetchall()
+            older = rows[CONSOLE_ROWS - 1]["id"] if len(rows) > CONSOLE_ROWS else None
+            rows = rows[:CONSOLE_ROWS][::-1]
+            ids = [row["id"] for row in rows]
+            marks = ",".join("?" * len(ids))
+            segments = conn.execute(
+                f"SELECT message_id, seq, content, carried, sent_at, replied_to, moved_to, image"
+                f" FROM segments WHERE message_id IN ({marks}) ORDER BY message_id, seq",
+                ids).fetchall()
+            lines = dict(conn.execute(
+                f"SELECT key, value FROM kv WHERE key IN ({marks})",
+                [QUEUE_LINE_KEY.format(message_id) for message_id in ids]).fetchall())
+        replies: dict[int, list[dict]] = collections.defaultdict(list)
+        first: dict[int, float] = {}
+        for segment in segments:
+            if segment["sent_at"] is not None:
+                first.setdefault(segment["message_id"], segment["sent_at"])
+            replies[segment["message_id"]].append(
+                {"content": segment["content"], "how": self.how_sent(segment)})
+        turns = []
+        for row in rows:
+            line = lines.get(QUEUE_LINE_KEY.format(row["id"]))
+            passive = any(segment["replied_to"] is not None for segment in segments
+                          if segment["message_id"] == row["id"])
+            turns.append({
+                **dict(row), "replies": replies[row["id"]],
+                "first": first[row["id"]] - row["received_at"] if row["id"] in first else None,
+                "acknowledged": f"queue line sent at {clock_text(float(line))}" if line else
+                "typing shown while the answer was written" if row["needs_model"] and
+                row["msg_type"] != "event" and not passive and row["state"] != "queued" else "",
+                "failures": ", ".join(f"{name} {row[column]}" for name, column in [
+                    ("model failures", "model_failures"),
+                    ("delivery failures", "delivery_failures"),
+                    ("interrupted", "interruptions")] if row[column]),
+            })
+        return turns, older
+
+    @staticmethod
+    def how_sent(segment: sqlite3.Row) -> str:
+        """Which message of WeChat's carried a segment of an answer, and when."""
+        what = f"message {segment['seq'] + 1}" + (" (a picture)" if segment["image"] else "") \
+            + (" (carried from an earlier answer)" if segment["carried"] else "")
+        if segment["moved_to"] is not None:
+            return f"{what}: moved to the answer of #{segment['moved_to']}"
+        if segment["sent_at"] is None:
+            return f"{what}: not sent"
+        by = (f"in the reply to #{segment['replied_to']}" if segment["replied_to"] is not None
+              else "by the customer-service API")
+        return f"{what}: sent {by} at {clock_text(segment['sent_at'])}"
+
+    def questions(self) -> tuple[list[sqlite3.Row], list[tuple[int, str]]]:
+        """The latest questions (commands and keywords aside), and the texts asked most often
+        among them, counted by their normalised form."""
+        keywords = self.owner.replies.keywords
+        with self.store.connection() as conn:
+            rows = conn.execute(
+                "SELECT id, openid, msg_type, content, received_at, state FROM messages"
+                " WHERE id < ? AND msg_type IN ('text', 'voice') AND content IS NOT NULL"
+                " ORDER BY id DESC LIMIT ?", (2 ** 63 - 1, CONSOLE_ASKED)).fetchall()
+        asked = [row for row in rows if classify(row["msg_type"], row["content"], keywords,
+                                                 bool(self.settings.image_model)).kind
+                 is Kind.QUESTION]
+        counts = collections.Counter(normalise(row["content"]) for row in asked)
+        shown = {}
+        for row in asked:  # each text as a reader wrote it most recently
+            shown.setdefault(normalise(row["content"]), row["content"])
+        most = [(count, shown[text]) for text, count in counts.most_common(20) if count > 1]
+        return asked[:CONSOLE_ROWS], most
+
+    def queue(self) -> list[tuple[str, str, int, list[sqlite3.Row]]]:
+        """Waiting, in progress and dead messages: how many, and the first of each."""
+        with self.store.connection() as conn:
+            counts = dict(conn.execute("SELECT state, messages FROM state_counts").fetchall())
+            found = []
+            for title, state, order in [("Waiting", State.QUEUED, "ASC"),
+                                        ("In progress", State.LEASED, "ASC"),
+                                        ("Dead", State.DEAD, "DESC")]:
+                rows = conn.execute(
+                    f"SELECT id, openid, msg_type, event, content, received_at, not_before,"
+                    f" lease_until, state, error, model_failures, delivery_failures, interruptions"
+                    f" FROM messages WHERE state = ? ORDER BY id {order} LIMIT ?",
+                    (state.value, CONSOLE_ROWS)).fetchall()
+                found.append((title, state.value, counts.get(state.value, 0), rows))
+        return found
+
+    def retry(self, message_id: int) -> str | None:
+        """Queue a dead message again, as `python wxbot.py retry ID` does, and wake a worker
+        for it; None when queued, else why not."""
+        with self.store.transaction() as conn:
+            refused = requeue_dead(conn, message_id)
+        if refused is None:
+            log.info("message %d queued again from the console", message_id)
+            self.wakeup.notify()
+        return refused
+
+    def files(self) -> list[tuple[str, str, str, bool]]:
+        """The owner's files: (setting, path, what is in force or what is wrong, fine)."""
+        shown = []
+        for env, owner_file, read in [
+                ("WXBOT_REPLIES", self.owner.replies_file, Replies.read),
+                ("WXBOT_BLOCKED_WORDS", self.owner.blocked_file, BlockedWords.read)]:
+            if not owner_file.path:
+                shown.append((env, "", "not set", True))
+                continue
+            try:
+                shown.append((env, owner_file.path, f"in force: {read(owner_file.path).describe()}",
+                              True))
+            except FileProblem as error:
+                shown.append((env, owner_file.path, "not used, the version read before stays in "
+                              "force: " + "; ".join(error.problems), False))
+        return shown
+
+    # Web ---------------------------------------------------------------------
+
+    def render(self, name: str, title: str, csrf: str = "", **values) -> str:
+        body = self.templates[name].render(
+            csrf=csrf, when=clock_text, seconds=seconds_text, short=short_id,
+            quote=urllib.parse.quote, said=said_text, **values)
+        return self.templates["layout"].render(title=title, csrf=csrf, body=body,
+                                               pages=self.PAGES,
+                                               here=bottle.request.path)
+
+    def app(self):
+        """The console's WSGI app: bottle routes behind the login, with CONSOLE_HEADERS."""
+        app = bottle.Bottle(catchall=True)
+        app.install(logged_not_printed)
+        app.install(self.door)
+        console = self
+
+        @app.get("/console.css", open=True)
+        def css():
+            return bottle.HTTPResponse(CONSOLE_CSS, 200, {
+                "Content-Type": "text/css; charset=utf-8", "Cache-Control": "max-age=3600"})
+
+        @app.get("/login", open=True)
+        def login_form():
+            return console.render("login", "wxbot console", problem="")
+
+        @app.post("/login", open=True)
+        def log_in():
+            now, address = console.clock(), client_address(bottle.request.environ)
+            if console.guard.refused(address, now):
+                log_web.warning("console login refused: %d wrong passwords from %s within a "
+                                "minute", CONSOLE_WRONG_TRIES, address)
+                return bottle.HTTPResponse(console.render(
+                    "login", "wxbot console",
+                    problem="Too many wrong passwords: wait a minute."), 429)
+            cookie = console.guard.log_in(
+                address, bottle.request.forms.getunicode("password") or "", now)
+            if cookie is None:
+                log_web.warning("console: wrong password from %s", address)
+                return bottle.HTTPResponse(console.render(
+                    "login", "wxbot console", problem="Wrong password."), 401)
+            log_web.info("console: logged in from %s", address)
+            answer = bottle.HTTPResponse(status=303, Location="/")
+            answer.set_cookie(CONSOLE_COOKIE, cookie, httponly=True, samesite="strict",
+                              secure=over_https(bottle.request.environ), path="/",
+                              maxage=CONSOLE_SESSION_SECONDS)
+            return answer
+
+        @app.post("/logout")
+        def log_out():
+            console.guard.log_out(bottle.request.get_cookie(CONSOLE_COOKIE))
+            answer = bottle.HTTPResponse(status=303, Location="/login")
+            answer.delete_cookie(CONSOLE_COOKIE, path="/")
+            return answer
+
+        @app.get("/")
+        def overview():
+            now = console.clock()
+            days = console.overview(now)
+            today = days[-1]
+            cards = [("messages", today["messages"]), ("people", today["people"]),
+                     ("answered", today["answered"]), ("failed", today["failed"]),
+                     ("first reply, median", seconds_text(today["first_median"])),
+                     ("first reply, 95th", seconds_text(today["first_p95"])),
+                     ("by service / passive", f"{today['service']} / {today['passive']}"),
+                     ("from articles", articles_text(today))]
+            return console.render("overview", "Overview", bottle.request.environ["csrf"],
+                                  days=days[::-1], cards=cards, chart=day_chart(days),
+                                  articles_text=articles_text)
+
+        @app.get("/people")
+        def people():
+            return console.render("people", "Conversations", bottle.request.environ["csrf"],
+                                  people=console.people())
+
+        @app.get("/people/<openid>")
+        def conversation(openid):
+            before = bottle.request.query.get("before", "")
+            turns, older = console.conversation(
+                openid, int(before) if before.isdigit() and len(before) < 19 else 2 ** 63 - 1)
+            return console.render("conversation", "Conversation", bottle.request.environ["csrf"],
+                                  openid=openid, turns=turns, older=older)
+
+        @app.get("/questions")
+        def questions():
+            recent, most = console.questions()
+            return console.render("questions", "Questions", bottle.request.environ["csrf"],
+                                  recent=recent, most=most, window=CONSOLE_ASKED,
+                                  uncovered=None)
+
+        @app.get("/queue")
+        def queue_page():
+            retried = bottle.request.query.get("retried", "")
+            return console.render(
+                "queue", "Queue", bottle.request.environ["csrf"], states=console.queue(),
+                why=why_text(console.clock()), note=f"Message #{retried} is queued again: a "
+                f"worker takes it now." if retried.isdigit() else "")
+
+        @app.post("/queue/retry")
+        def retry():
+            message_id = bottle.request.forms.get("id", "")
+            if not message_id.isdigit() or len(message_id) > 18:
+                return bottle.HTTPResponse("no such message", 400)
+            refused = console.retry(int(message_id))
+            if refused:
+                return bottle.HTTPResponse(console.render(
+                    "queue", "Queue", bottle.request.environ["csrf"], states=console.queue(),
+                    why=why_text(console.clock()),
+                    note=f"Message #{message_id} {refused}."), 409)
+            return bottle.HTTPResponse(status=303, Location=f"/queue?retried={message_id}")
+
+        @app.get("/settings")
+        def settings_page():
+            return console.render("settings", "Settings", bottle.request.environ["csrf"],
+                                  settings=console.settings.shown(), files=console.files())
+
+        @app.error(404)
+        @app.error(405)
+        def not_here(error):
+            bottle.response.content_type = "text/plain; charset=utf-8"
+            return "not found" if error.status_code == 404 else "method not allowed"
+
+        def with_headers(environ, start_response):
+            def start(status, headers, exc_info=None):
+                return start_response(status, headers + CONSOLE_HEADERS, exc_info)
+            return app(environ, start)
+        return with_headers
+
+    def door(self, callback):
+        """A bottle plugin: no page or action without a session, no POST without its token."""
+        @functools.wraps(callback)
+        def guarded(*args, **kwargs):
+            if bottle.request.route.config.get("open"):
+                return callback(*args, **kwargs)
+            token = self.guard.session(bottle.request.get_cookie(CONSOLE_COOKIE), self.clock())
+            if token is None:
+                if bottle.request.method == "GET":
+                    return bottle.HTTPResponse(status=303, Location="/login")
+                return bottle.HTTPResponse("log in first", 403)
+            if bottle.request.method == "POST" and not hmac.compare_digest(
+                    (bottle.request.forms.get("csrf") or "").encode("utf-8", "replace"),
+                    token.encode()):
+                log_web.warning("console: a form without its session's token refused (%s %s)",
+                                bottle.request.method, bottle.request.path)
+                return bottle.HTTPResponse("the form is stale: reload the page", 403)
+            bottle.request.environ["csrf"] = token
+            return callback(*args, **kwargs)
+        return guarded
+
+
+def clock_text(at: float) -> str:
+    """A moment as the console shows it: month, day and local time."""
+    return time.strftime("%m-%d %H:%M:%S", time.localtime(at))
+
+
+def seconds_text(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds:.1f} s"
+
+
+def said_text(row) -> str:
+    """What a reader sent, as text: their words, or what kind of message it was."""
+    if row["content"]:
+        return row["content"]
+    return f"({row['event'] or row['msg_type']})" if row["msg_type"] == "event" or \
+        row["event"] else f"({row['msg_type']})"
+
+
+def articles_text(day: dict) -> str:
+    return f"{day['given']} / {day['cited']}"
+
+
+def why_text(now: float) -> Callable[[sqlite3.Row], str]:
+    """queue_reason at `now`, for a template."""
+    return lambda row: queue_reason(row, now)
+
+
+def day_chart(days: list[dict]) -> dict:
+    """Bars for the Overview's SVG: a day's messages, the answered part in front."""
+    width, height, base, bar = 330, 130, 112, 16
+    top = max([day["messages"] for day in days] + [1])
+    bars = []
+    for number, day in enumerate(days):
+        tall = round(day["messages"] / top * (base - 14), 1)
+        answered = round(day["answered"] / top * (base - 14), 1)
+        bars.append({"x": 4 + number * 21.6, "y": base - tall, "h": tall,
+                     "ay": base - answered, "ah": answered, "day": day["day"],
+                     "label": day["day"][8:], "messages": day["messages"],
+                     "answered": day["answered"]})
+    return {"width": width, "height": height, "base": base, "bar": bar, "top": top,
+            "bars": bars}
+
+
+###############################################################################
 # Lifecycle and main ##########################################################
 ###############################################################################
 
@@ -4935,6 +5692,10 @@ class Bot:
                                self.mode, f"sender-{n}", self.owner, others=self.wakeup)
                         for n in range(Sender.THREADS)]
         self.janitor = Janitor(settings, self.store)
+        #: The owner's console, on a listener of its own; None without WXBOT_ADMIN_PASSWORD.
+        self.console = HttpServer(
+            OwnerConsole(settings, self.store, self.owner, self.wakeup).app(),
+            settings.admin_host, settings.admin_port) if settings.admin_password else None
         self.threads: list[threading.Thread] = []
 
     @property
@@ -4950,6 +5711,10 @@ class Bot:
                 self.acknowledger.pushed(row["id"], row["openid"], row["received_at"])
         self.acknowledger.start()
         self.server.start()
+        if self.console:
+            self.console.start()
+            log.info("owner's console on http://%s:%d/", self.settings.admin_host,
+                     self.console.port)
         for worker in self.workers + self.senders:
             thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
             thread.start()
@@ -4964,6 +5729,8 @@ class Bot:
         timeout = self.settings.stop_timeout if timeout is None else timeout
         self.webhook.accepting = False
         self.server.stop()
+        if self.console:
+            self.console.stop()
         self.acknowledger.stop()
         for worker in self.workers + self.senders:
             worker.stop()
@@ -5031,6 +5798,21 @@ def age_text(seconds: float) -> str:
     return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
 
 
+def queue_reason(row: sqlite3.Row, now: float) -> str:
+    """Why a message of the queue is where it is (`status`, the console's Queue page)."""
+    if row["state"] == State.LEASED.value:
+        note = f"lease ends in {age_text(row['lease_until'] - now)}"
+    elif row["state"] == State.QUEUED.value and row["not_before"] > now:
+        note = f"next try in {age_text(row['not_before'] - now)}"
+    else:
+        note = ""
+    failures = (f"failures: model {row['model_failures']}, delivery "
+                f"{row['delivery_failures']}, interrupted {row['interruptions']}"
+                if row["model_failures"] + row["delivery_failures"] +
+                row["interruptions"] else "")
+    return "; ".join(part for part in (note, failures, row["error"] or "") if part)
+
+
 #: `status` lists at most this many messages of each state, oldest first.
 STATUS_ROWS = 20
 
@@ -5071,19 +5853,9 @@ def status(settings: Settings, out, now: float | None = None) -> int:
             print(f"\n{title}: {total}", file=out)
             for row in conn.execute(
                     "SELECT id, openid, msg_type, event, received_at, not_before, lease_until,"
-                    " error, model_failures, delivery_failures, interruptions FROM messages"
-                    " WHERE state = ? ORDER BY id LIMIT ?", (state.value, STATUS_ROWS)):
-                if state is State.LEASED:
-                    note = f"lease ends in {age_text(row['lease_until'] - now)}"
-                elif state is State.QUEUED and row["not_before"] > now:
-                    note = f"next try in {age_text(row['not_before'] - now)}"
-                else:
-                    note = ""
-                failures = (f"failures: model {row['model_failures']}, delivery "
-                            f"{row['delivery_failures']}, interrupted {row['interruptions']}"
-                            if row["model_failures"] + row["delivery_failures"] +
-                            row["interruptions"] else "")
-                reason = "; ".join(part for part in (note, failures, row["error"] or "") if part)
+                    " state, error, model_failures, delivery_failures, interruptions FROM"
+                    " messages WHERE state = ? ORDER BY id LIMIT ?", (state.value, STATUS_ROWS)):
+                reason = queue_reason(row, now)
                 print(f"  #{row['id']:<6} {age_text(now - row['received_at']):>7} old  "
                       f"{short_id(row['openid']):<10} {row['event'] or row['msg_type']:<10}"
                       f" {reason}".rstrip(), file=out)
