@@ -5888,3 +5888,200 @@ def test_a_fixed_line_goes_out_once_while_the_only_worker_is_busy(start_bot, wec
     wait_for(lambda: all(bot.store.settled(n) for n in (1, 2)), message="all answered")
     assert wechat.texts_to(openid) == [line]  # once, and no queue line before it
     assert {to for to, _ in wechat.typing} == {"oSLOW"} and model.questions() == ["慢问题"]
+
+
+# Owner's console #############################################################
+
+CONSOLE_PASSWORD = "console-pass-0123456789"
+#: A reader's message that would run a script if the console showed it as markup.
+XSS = "<img src=x onerror=alert(1)>"
+#: Where the browser test leaves its screenshots (CONSOLE_SCREENSHOTS overrides).
+SCREENSHOTS = os.environ.get("CONSOLE_SCREENSHOTS",
+                             os.path.join(tempfile.gettempdir(), "wxbot-console-screenshots"))
+
+
+class LoggedIn(requests.Session):
+    """A client of the console at `base`, logged in; `token` is its session's form token."""
+
+    def __init__(self, base, password=CONSOLE_PASSWORD, **headers):
+        super().__init__()
+        self.base = base
+        self.headers.update(headers)
+        answer = self.post(base + "/login", data={"password": password}, allow_redirects=False,
+                           timeout=5)
+        assert answer.status_code == 303, answer.text
+        self.login = answer
+        self.token = re.search(r'name="csrf" value="([^"]+)"', self.page("/")).group(1)
+
+    def page(self, path):
+        answer = self.get(self.base + path, timeout=10, allow_redirects=False)
+        assert answer.status_code == 200, (path, answer.status_code, answer.text[:300])
+        return answer.text
+
+
+def console_base(bot):
+    return f"http://127.0.0.1:{bot.console.port}"
+
+
+def dead_message(bot, wechat, openid, text, msg_id, monkeypatch):
+    """A message whose answer WeChat keeps refusing until it is dead; WeChat then takes sends
+    again."""
+    monkeypatch.setattr(wxbot.Worker, "DELIVERY_TRIES", 2)
+    wechat.intercept = lambda path, body: 500 if path == SEND and \
+        body.get("touser") == openid else None
+    send_text(bot, openid, text, msg_id)
+    wait_for(lambda: bot.store.health(time.time())["dead"] >= 1)
+    wechat.intercept = None
+    with bot.store.connection() as conn:
+        return conn.execute("SELECT id FROM messages WHERE openid = ? AND msg_id = ?",
+                            (openid, str(msg_id))).fetchone()[0]
+
+
+def console_traffic(bot, wechat, model, monkeypatch):
+    """Readers' traffic as the suite makes it: answered questions, a question asked twice, a
+    message written as markup, a long answer in several messages, and a dead message."""
+    model.respond = lambda request: "答：" + request["messages"][-1]["content"]
+    for number, (openid, text) in enumerate([
+            ("oREADER-alice-0001", "怎么退款？"), ("oREADER-bob-000002", "怎么退款"),
+            ("oREADER-carol-0003", XSS), ("oREADER-alice-0001", "营业时间是几点？")], 1):
+        send_text(bot, openid, text, number)
+    wait_for(lambda: len(wechat.texts_to("oREADER-alice-0001")) == 2
+             and wechat.texts_to("oREADER-carol-0003"))
+    return dead_message(bot, wechat, "oREADER-dave-00004", "这条会失败", 9, monkeypatch)
+
+
+def test_console_is_off_without_a_password_and_refuses_a_short_one(start_bot, tmp_path):
+    bot = start_bot()
+    assert bot.console is None
+    assert "WXBOT_ADMIN_PASSWORD=(not set)" in bot.settings.describe()
+    with pytest.raises(wxbot.SettingsError, match="WXBOT_ADMIN_PASSWORD must be at least 12"):
+        wxbot.Settings.from_env({**env_for(tmp_path, types.SimpleNamespace(url="http://x"),
+                                           types.SimpleNamespace(url="http://x")),
+                                 "WXBOT_ADMIN_PASSWORD": "short"})
+
+
+def test_console_shows_nothing_and_does_nothing_without_a_login(start_bot, wechat, model,
+                                                                 monkeypatch):
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    dead = dead_message(bot, wechat, "oDEAD-console-01", "问", 1, monkeypatch)
+    base = console_base(bot)
+    for path in ["/", "/people", "/people/oDEAD-console-01", "/questions", "/queue",
+                 "/settings"]:
+        answer = requests.get(base + path, timeout=5, allow_redirects=False)
+        assert (answer.status_code, answer.headers["Location"]) == (303, "/login"), path
+        assert "oDEAD" not in answer.text
+    forged = requests.post(base + "/queue/retry", data={"id": dead}, timeout=5,
+                           cookies={"wxbot_console": "guessed"})
+    assert forged.status_code == 403
+    owner = LoggedIn(base)
+    without_token = owner.post(base + "/queue/retry", data={"id": dead}, timeout=5)
+    wrong_token = owner.post(base + "/queue/retry", data={"id": dead, "csrf": "x" * 43},
+                             timeout=5)
+    assert without_token.status_code == wrong_token.status_code == 403
+    assert bot.store.health(time.time())["dead"] == 1
+    retried = owner.post(base + "/queue/retry", data={"id": dead, "csrf": owner.token},
+                         timeout=5)
+    assert retried.status_code == 200 and f"Message #{dead} is queued again" in retried.text
+    wait_for(lambda: wechat.texts_to("oDEAD-console-01"))
+    again = owner.post(base + "/queue/retry", data={"id": dead, "csrf": owner.token}, timeout=5)
+    assert again.status_code == 409 and "not dead: nothing to do" in again.text
+    owner.post(base + "/logout", data={"csrf": owner.token}, timeout=5)
+    assert owner.get(base + "/queue", timeout=5, allow_redirects=False).status_code == 303
+
+
+def test_console_answers_429_after_five_wrong_passwords_from_one_address(tmp_path):
+    now = [1_800_000_000.0]
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    store = wxbot.Store(settings.db)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
+                                 clock=lambda: now[0])
+    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+
+    def log_in(password, address="198.51.100.7"):
+        return requests.post(base + "/login", data={"password": password}, timeout=5,
+                             allow_redirects=False, headers={"X-Real-IP": address}).status_code
+    try:
+        assert [log_in(f"guess-{n:08d}") for n in range(5)] == [401] * 5
+        assert log_in(CONSOLE_PASSWORD) == 429  # the right one too, until the minute is over
+        assert log_in(CONSOLE_PASSWORD, "198.51.100.8") == 303  # another address
+        now[0] += 61
+        assert log_in(CONSOLE_PASSWORD) == 303
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_console_session_cookie_is_httponly_strict_secure_behind_https_and_ends(tmp_path):
+    now = [1_800_000_000.0]
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    store = wxbot.Store(settings.db)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
+                                 clock=lambda: now[0])
+    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        owner = LoggedIn(base)
+        plain = owner.login.headers["Set-Cookie"].lower()
+        cookie = requests.post(base + "/login", data={"password": CONSOLE_PASSWORD}, timeout=5,
+                               allow_redirects=False, headers={"X-Forwarded-Proto": "https"}
+                               ).headers["Set-Cookie"].lower()
+        for attributes in (plain, cookie):
+            assert "httponly" in attributes and "samesite=strict" in attributes
+        assert "secure" not in plain and "; secure" in cookie
+        now[0] += 12 * 3600 - 60
+        owner.page("/queue")
+        now[0] += 61
+        ended = owner.get(base + "/queue", timeout=5, allow_redirects=False)
+        assert (ended.status_code, ended.headers["Location"]) == (303, "/login")
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_console_pages_show_readers_text_as_text_and_no_secret(start_bot, wechat, model,
+                                                               monkeypatch):
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0,
+                    WXBOT_IMAGE_API_KEY="sk-image-key-0123456789", OPENAI_BASE_URL=model.url.replace(
+                        "http://", "http://user:url-password-123@") + "/v1")
+    console_traffic(bot, wechat, model, monkeypatch)
+    owner = LoggedIn(console_base(bot))
+    pages = {path: owner.page(path) for path in [
+        "/", "/people", "/people/oREADER-carol-0003", "/questions", "/queue", "/settings"]}
+    for path in ["/people", "/people/oREADER-carol-0003", "/questions"]:
+        assert "&lt;img src=x onerror=alert(1)&gt;" in pages[path], path
+    for path, page in pages.items():
+        assert "<img" not in page, path
+        for secret in bot.settings.secrets() + [CONSOLE_PASSWORD]:
+            assert secret not in page, (path, secret[:4])
+        assert "default-src 'none'" in owner.get(owner.base + path).headers[
+            "Content-Security-Policy"]
+    assert "怎么退款" in pages["/questions"].split("Recent questions")[0]  # asked twice
+    assert "答：营业时间是几点？" in owner.page("/people/oREADER-alice-0001")
+
+
+def test_console_queries_read_no_whole_table(start_bot, wechat, model, tmp_path, monkeypatch):
+    statements = []
+    connect = wxbot.Store._connect
+
+    def traced(self):
+        conn = connect(self)
+        conn.set_trace_callback(statements.append)
+        return conn
+    monkeypatch.setattr(wxbot.Store, "_connect", traced)
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    dead = console_traffic(bot, wechat, model, monkeypatch)
+    owner = LoggedIn(console_base(bot))
+    del statements[:]
+    for path in ["/", "/people", "/people/oREADER-alice-0001", "/questions", "/queue",
+                 "/settings"]:
+        owner.page(path)
+    owner.post(owner.base + "/queue/retry", data={"id": dead, "csrf": owner.token}, timeout=5)
+    checked = [s for s in statements if re.match(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)", s,
+                                                  re.I)]
+    assert any("m.received_at >=" in s for s in checked) and any("IN (" in s for s in checked)
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
+        scans = {statement: full_scans(conn, statement) for statement in checked}
+    assert {statement: plan for statement, plan in scans.items() if plan} == {}

@@ -5261,11 +5261,12 @@ class OwnerConsole:
         """One day's traffic: what readers wrote, how it was answered and how fast."""
         with self.store.connection() as conn:
             rows = conn.execute(
-                "SELECT m.openid, m.state, m.received_at, min(s.sent_at),"
-                " max(s.replied_to IS NOT NULL) FROM messages m LEFT JOIN segments s"
-                " ON s.message_id = m.id AND s.sent_at IS NOT NULL"
-                " WHERE m.received_at >= ? AND m.received_at < ? AND m.msg_type != 'event'"
-                " GROUP BY m.id", (start, end)).fetchall()
+                "SELECT m.openid, m.state, m.received_at,"
+                " (SELECT min(sent_at) FROM segments WHERE message_id = m.id),"
+                " EXISTS (SELECT 1 FROM segments WHERE message_id = m.id"
+                " AND replied_to IS NOT NULL AND sent_at IS NOT NULL)"
+                " FROM messages m WHERE m.received_at >= ? AND m.received_at < ?"
+                " AND m.msg_type != 'event'", (start, end)).fetchall()
         waits = sorted(row[3] - row[2] for row in rows if row[3] is not None)
         asked_before = self.articles.uses_since(start) if self.articles else (0, 0, 0)
         asked_after = self.articles.uses_since(end) if self.articles else (0, 0, 0)
