@@ -6085,3 +6085,143 @@ def test_console_queries_read_no_whole_table(start_bot, wechat, model, tmp_path,
     with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
         scans = {statement: full_scans(conn, statement) for statement in checked}
     assert {statement: plan for statement, plan in scans.items() if plan} == {}
+
+
+# The console in a real browser ###############################################
+
+#: WebDriver's key for an element in its answers.
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage"]
+
+
+class Browser:
+    """Headless Chromium driven through chromedriver's WebDriver HTTP protocol."""
+
+    def __init__(self, driver_url, session):
+        self.url, self.session = f"{driver_url}/session/{session}", session
+
+    def command(self, method, path="", body=None):
+        answer = requests.request(method, self.url + path, json=body, timeout=60)
+        value = answer.json()["value"]
+        if answer.status_code != 200:
+            raise AssertionError(f"WebDriver {method} {path}: {value.get('error')}: "
+                                 f"{value.get('message', '')[:300]}")
+        return value
+
+    def go(self, url):
+        self.command("POST", "/url", {"url": url})
+
+    def find(self, css):
+        return self.command("POST", "/element", {"using": "css selector", "value": css})[ELEMENT]
+
+    def count(self, css):
+        return len(self.command("POST", "/elements", {"using": "css selector", "value": css}))
+
+    def type(self, css, text):
+        self.command("POST", f"/element/{self.find(css)}/value", {"text": text})
+
+    def click(self, css):
+        self.command("POST", f"/element/{self.find(css)}/click", {})
+
+    def text(self, css="body"):
+        return self.command("GET", f"/element/{self.find(css)}/text")
+
+    def script(self, source):
+        return self.command("POST", "/execute/sync", {"script": source, "args": []})
+
+    def width(self, pixels):
+        self.command("POST", "/window/rect", {"width": pixels, "height": 900})
+
+    def screenshot(self, path):
+        with open(path, "wb") as png:
+            png.write(base64.b64decode(self.command("GET", "/screenshot")))
+
+    def console_messages(self):
+        """What the page wrote to the browser's console since the last call."""
+        return self.command("POST", "/se/log", {"type": "browser"})
+
+    def alert(self):
+        """The text of an open alert, or None."""
+        answer = requests.get(self.url + "/alert/text", timeout=10)
+        return answer.json()["value"] if answer.status_code == 200 else None
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium from Debian's packages (installed here when missing, as root, as CI
+    does), a fresh profile, driven by chromedriver on a free port."""
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver) and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install "
+                       "-y -qq chromium chromium-driver", shell=True, check=False,
+                       capture_output=True, timeout=900)
+        binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("chromium and chromium-driver are not installed (apt-get install "
+                    "chromium chromium-driver, as root)")
+    port = free_port()
+    process = subprocess.Popen([driver, f"--port={port}"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    driver_url = f"http://127.0.0.1:{port}"
+    def ready():
+        assert process.poll() is None, "chromedriver ended"
+        try:
+            return requests.get(driver_url + "/status", timeout=2).json()["value"]["ready"]
+        except requests.ConnectionError:
+            return False
+    try:
+        wait_for(ready, timeout=30, message="chromedriver listening")
+        created = requests.post(driver_url + "/session", timeout=120, json={"capabilities": {
+            "alwaysMatch": {"browserName": "chrome", "unhandledPromptBehavior": "ignore",
+                            "goog:loggingPrefs": {"browser": "ALL"},
+                            "goog:chromeOptions": {
+                                "binary": binary,
+                                "args": CHROMIUM_FLAGS + [
+                                    f"--user-data-dir={tmp_path / 'chromium-profile'}"]}}}})
+        assert created.status_code == 200, created.text[:500]
+        browser = Browser(driver_url, created.json()["value"]["sessionId"])
+        yield browser
+        requests.delete(browser.url, timeout=30)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_console_works_in_a_real_browser_on_a_phone_and_a_desktop(start_bot, wechat, model,
+                                                                   browser, monkeypatch):
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    dead = console_traffic(bot, wechat, model, monkeypatch)
+    base = console_base(bot)
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    for width in (375, 1280):
+        browser.width(width)
+        browser.go(base + "/queue")  # not logged in: the login form
+        assert browser.count("input[type=password]") == 1
+        browser.type("#password", CONSOLE_PASSWORD)
+        browser.click("button[type=submit]")
+        wait_for(lambda: browser.count("nav") == 1)
+        for path, link in wxbot.OwnerConsole.PAGES:
+            browser.go(base + "/")
+            browser.click(f"nav a[href='{path}']")
+            wait_for(lambda: urllib.parse.urlsplit(browser.command("GET", "/url")).path == path)
+            assert browser.text("h1") == link
+            assert browser.script("return document.documentElement.scrollWidth") <= \
+                browser.script("return window.innerWidth"), (link, width)  # no sideways scroll
+            browser.screenshot(os.path.join(SCREENSHOTS, f"{link.lower()}-{width}.png"))
+        browser.go(base + "/people/oREADER-carol-0003")
+        assert XSS in browser.text("main") and browser.count("main img") == 0
+        assert browser.alert() is None
+        browser.screenshot(os.path.join(SCREENSHOTS, f"conversation-{width}.png"))
+        if width == 375:
+            browser.go(base + "/queue")
+            browser.click(f"form[action='/queue/retry'] button")
+            wait_for(lambda: f"Message #{dead} is queued again" in browser.text("main"))
+            wait_for(lambda: wechat.texts_to("oREADER-dave-00004"))
+        browser.click("nav form button")  # log out
+        wait_for(lambda: browser.count("input[type=password]") == 1)
+    problems = [entry for entry in browser.console_messages()
+                if entry["level"] in ("SEVERE", "WARNING")]
+    assert problems == []

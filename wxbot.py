@@ -4949,7 +4949,7 @@ form.inline{display:inline}
 .login p{margin:.7rem 0}
 """.strip()
 
-CONSOLE_LAYOUT = """<!DOCTYPE html>
+CONSOLE_LAYOUT = r"""<!DOCTYPE html>
 <html lang="zh-CN"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
@@ -4984,7 +4984,7 @@ CONSOLE_LOGIN = """<div class="login">
 </div>
 """
 
-CONSOLE_OVERVIEW = """<h2>Today</h2>
+CONSOLE_OVERVIEW = r"""<h2>Today</h2>
 <div class="cards">
 % for name, value in cards:
 <div class="card"><b>{{value}}</b><span>{{name}}</span></div>
@@ -5037,7 +5037,7 @@ CONSOLE_PEOPLE = """<p class="meta">Everyone who wrote recently, the latest firs
 % end
 """
 
-CONSOLE_CONVERSATION = """<p class="meta">Reader {{short(openid)}}: every message, what was sent for
+CONSOLE_CONVERSATION = r"""<p class="meta">Reader {{short(openid)}}: every message, what was sent for
 it and when, oldest first.</p>
 % if older:
 <p><a href="/people/{{quote(openid)}}?before={{older}}">Older messages</a></p>
@@ -5108,7 +5108,7 @@ to write next.</p>
 </table></div>
 """
 
-CONSOLE_QUEUE = """% if note:
+CONSOLE_QUEUE = r"""% if note:
 <p class="note">{{note}}</p>
 % end
 % for title, state, total, rows in states:
@@ -5460,6 +5460,10 @@ class OwnerConsole:
         def css():
             return bottle.HTTPResponse(CONSOLE_CSS, 200, {
                 "Content-Type": "text/css; charset=utf-8", "Cache-Control": "max-age=3600"})
+
+        @app.get("/favicon.ico", open=True)
+        def no_icon():  # browsers ask; a 404 would be an error in the browser's console
+            return bottle.HTTPResponse(status=204)
 
         @app.get("/login", open=True)
         def login_form():
