@@ -151,6 +151,7 @@ class FakeWeChat(FakeServer):
         self.menu_creates = []    # every menu/create body WeChat accepted
         self.uploads = []         # every media/upload WeChat accepted: its multipart field
         self.images = []          # (openid, media_id) per accepted image send, in order
+        self.published = []       # posts as freepublish/batchget lists them, newest first
         self.raw = {}
 
     def new_token(self):
@@ -242,6 +243,16 @@ class FakeWeChat(FakeServer):
         if path == "/cgi-bin/menu/delete":
             self.menu = None
             return {"errcode": 0, "errmsg": "ok"}
+        if path == "/cgi-bin/freepublish/batchget":
+            if not 1 <= body.get("count", 0) <= 20:
+                return {"errcode": 40097, "errmsg": "invalid args"}
+            page = self.published[body["offset"]:body["offset"] + body["count"]]
+            return {"total_count": len(self.published), "item_count": len(page), "item": page}
+        if path == "/cgi-bin/freepublish/getarticle":
+            for post in self.published:
+                if post["article_id"] == body.get("article_id"):
+                    return post["content"]
+            return {"errcode": 53600, "errmsg": "Article ID 无效"}
         if path == "/cgi-bin/get_current_selfmenu_info":
             if self.menu is None:
                 return {"is_menu_open": 0}
@@ -5947,6 +5958,8 @@ def console_traffic(bot, wechat, model, monkeypatch):
         send_text(bot, openid, text, number)
     wait_for(lambda: len(wechat.texts_to("oREADER-alice-0001")) == 2
              and wechat.texts_to("oREADER-carol-0003"))
+    for message_id, given in [(1, 2), (2, 2), (3, 0), (4, 0)]:  # as answering records them
+        bot.articles.note_use(message_id, time.time(), given, given // 2)
     return dead_message(bot, wechat, "oREADER-dave-00004", "这条会失败", 9, monkeypatch)
 
 
@@ -5966,7 +5979,7 @@ def test_console_shows_nothing_and_does_nothing_without_a_login(start_bot, wecha
     dead = dead_message(bot, wechat, "oDEAD-console-01", "问", 1, monkeypatch)
     base = console_base(bot)
     for path in ["/", "/people", "/people/oDEAD-console-01", "/questions", "/queue",
-                 "/settings"]:
+                 "/articles", "/settings"]:
         answer = requests.get(base + path, timeout=5, allow_redirects=False)
         assert (answer.status_code, answer.headers["Location"]) == (303, "/login"), path
         assert "oDEAD" not in answer.text
@@ -5974,6 +5987,8 @@ def test_console_shows_nothing_and_does_nothing_without_a_login(start_bot, wecha
                            cookies={"wxbot_console": "guessed"})
     assert forged.status_code == 403
     owner = LoggedIn(base)
+    assert owner.post(base + "/articles/learn", data={"url": "http://127.0.0.1:9/"},
+                      timeout=5).status_code == 403
     without_token = owner.post(base + "/queue/retry", data={"id": dead}, timeout=5)
     wrong_token = owner.post(base + "/queue/retry", data={"id": dead, "csrf": "x" * 43},
                              timeout=5)
@@ -6049,7 +6064,8 @@ def test_console_pages_show_readers_text_as_text_and_no_secret(start_bot, wechat
     console_traffic(bot, wechat, model, monkeypatch)
     owner = LoggedIn(console_base(bot))
     pages = {path: owner.page(path) for path in [
-        "/", "/people", "/people/oREADER-carol-0003", "/questions", "/queue", "/settings"]}
+        "/", "/people", "/people/oREADER-carol-0003", "/questions", "/queue", "/articles",
+        "/settings"]}
     for path in ["/people", "/people/oREADER-carol-0003", "/questions"]:
         assert "&lt;img src=x onerror=alert(1)&gt;" in pages[path], path
     for path, page in pages.items():
@@ -6058,7 +6074,11 @@ def test_console_pages_show_readers_text_as_text_and_no_secret(start_bot, wechat
             assert secret not in page, (path, secret[:4])
         assert "default-src 'none'" in owner.get(owner.base + path).headers[
             "Content-Security-Policy"]
-    assert "怎么退款" in pages["/questions"].split("Recent questions")[0]  # asked twice
+    asked_twice, uncovered = pages["/questions"].split("<h2>Recent questions")[0].split(
+        "<h2>Not covered by an article")
+    assert "怎么退款" in asked_twice and "营业时间是几点？" in uncovered
+    assert "怎么退款" not in uncovered
+    assert "<td class=\"n\">2 / 2</td>" in pages["/"]  # given passages / cited, today
     assert "答：营业时间是几点？" in owner.page("/people/oREADER-alice-0001")
 
 
@@ -6075,8 +6095,9 @@ def test_console_queries_read_no_whole_table(start_bot, wechat, model, tmp_path,
     dead = console_traffic(bot, wechat, model, monkeypatch)
     owner = LoggedIn(console_base(bot))
     del statements[:]
+    bot.articles.learn_text("url", "https://example.com/a", "退款说明", "退款在七天内办理。")
     for path in ["/", "/people", "/people/oREADER-alice-0001", "/questions", "/queue",
-                 "/settings"]:
+                 "/articles", "/settings"]:
         owner.page(path)
     owner.post(owner.base + "/queue/retry", data={"id": dead, "csrf": owner.token}, timeout=5)
     checked = [s for s in statements if re.match(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)", s,
@@ -6095,6 +6116,18 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage"]
+
+
+class ArticlePage(FakeServer):
+    """The owner's web page with an article, to learn from the console."""
+
+    TITLE = "退款须知"
+
+    def route(self, handler):
+        self.reply(handler, 200, (
+            f"<html><head><title>{self.TITLE}</title></head><body><article><h1>{self.TITLE}"
+            f"</h1><p>购买后七天内可以申请退款，在订单页点“退款”即可。</p><p>退款三个工作日内"
+            f"原路退回。</p></article></body></html>").encode("utf-8"), "text/html; charset=utf-8")
 
 
 class Browser:
@@ -6190,8 +6223,15 @@ def browser(tmp_path):
         process.wait(timeout=30)
 
 
+@pytest.fixture
+def page():
+    server = ArticlePage()
+    yield server
+    server.close()
+
+
 def test_console_works_in_a_real_browser_on_a_phone_and_a_desktop(start_bot, wechat, model,
-                                                                   browser, monkeypatch):
+                                                                   browser, page, monkeypatch):
     bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
     dead = console_traffic(bot, wechat, model, monkeypatch)
     base = console_base(bot)
@@ -6217,11 +6257,305 @@ def test_console_works_in_a_real_browser_on_a_phone_and_a_desktop(start_bot, wec
         browser.screenshot(os.path.join(SCREENSHOTS, f"conversation-{width}.png"))
         if width == 375:
             browser.go(base + "/queue")
-            browser.click(f"form[action='/queue/retry'] button")
+            browser.click("form[action='/queue/retry'] button")
             wait_for(lambda: f"Message #{dead} is queued again" in browser.text("main"))
             wait_for(lambda: wechat.texts_to("oREADER-dave-00004"))
+            browser.go(base + "/articles")
+            browser.type("#url", page.url + "/refunds")
+            browser.click("form[action='/articles/learn'] button")
+            wait_for(lambda: f"Learned «{ArticlePage.TITLE}»" in browser.text("main"))
+            assert [source.title for source in bot.articles.sources()] == [ArticlePage.TITLE]
+            assert bot.articles.find("怎么退款")
+            browser.screenshot(os.path.join(SCREENSHOTS, f"articles-learned-{width}.png"))
+        else:
+            browser.go(base + "/articles")
+            browser.click("form[action='/articles/forget'] button")
+            wait_for(lambda: "The source was forgotten" in browser.text("main"))
+            assert bot.articles.sources() == []
         browser.click("nav form button")  # log out
         wait_for(lambda: browser.count("input[type=password]") == 1)
     problems = [entry for entry in browser.console_messages()
                 if entry["level"] in ("SEVERE", "WARNING")]
     assert problems == []
+# Articles ####################################################################
+
+def test_an_article_is_found_by_its_two_character_words_and_learning_again_replaces_it(
+        tmp_path):
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.learn_text("file", "/notes/refund.md", "退款说明",
+                        "收到商品七天内可以申请退款。\n会员满99元包邮。", date="2025-03-01")
+    articles.learn_text("file", "/notes/hours.md", "营业时间", "周一到周五早上8点开门，周末9点开门。")
+    found = articles.find("能退款吗")
+    assert [(p.title, p.date) for p in found] == [("退款说明", "2025-03-01")]
+    assert "七天内" in found[0].text
+    assert [p.title for p in articles.find("会员包邮吗")] == ["退款说明"]
+    articles.learn_text("file", "/notes/refund.md", "退款说明", "定制蛋糕不支持退款。")
+    assert [p.text for p in articles.find("能退款吗")] == ["定制蛋糕不支持退款。"]
+    assert {(s.title, s.passages) for s in articles.sources()} == {("退款说明", 1),
+                                                                  ("营业时间", 1)}
+    assert articles.forget("/notes/refund.md") and not articles.forget("/notes/refund.md")
+    assert articles.find("能退款吗") == []
+    articles.close()
+
+
+def test_a_question_no_article_covers_gets_no_passage(tmp_path):
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.learn_text("url", "https://example.com/a", "V60 手冲入门",
+                        "V60 滤杯用92度的水，粉水比1:15，一杯39元。", url="https://example.com/a")
+    articles.learn_text("file", "/notes/hours.md", "营业时间", "周一到周五早上8点开门，周末9点开门。")
+    articles.learn_text("file", "/notes/cake.md", "生日蛋糕", "生日蛋糕请提前两天预订，6寸168元。")
+    assert articles.find("明天北京天气怎么样") == []
+    assert articles.find("") == [] and articles.find("？？") == []
+    assert [p.url for p in articles.find("v60用多少度的水")] == ["https://example.com/a"]
+    articles.close()
+
+
+def test_uses_are_counted_since_a_time(tmp_path):
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    assert articles.uses_since(0) == (0, 0, 0) and articles.last_sync() is None
+    articles.note_use(1, 100.0, 3, 1)
+    articles.note_use(2, 200.0, 0, 0)
+    articles.note_use(3, 300.0, 2, 0)
+    assert articles.uses_since(150.0) == (2, 1, 0)
+    assert articles.uses_since(0) == (3, 2, 1)
+    articles.close()
+
+
+def news_item(title, paragraphs, url="", deleted=False, digest=""):
+    """An article of a published post as freepublish returns it: the 公众号 editor's HTML."""
+    body = "".join(f'<section style="margin: 0px;"><p style="line-height: 1.75em;"><span '
+                   f'style="font-size: 15px;">{text}</span></p></section>' for text in paragraphs)
+    return {"title": title, "author": "小豆", "digest": digest, "content": body +
+            '<p><img data-src="https://mmbiz.qpic.cn/x.jpg" class="rich_pages"></p>'
+            '<script>var a = "不是正文";</script>', "content_source_url": "", "thumb_media_id": "T",
+            "url": url or f"https://mp.weixin.qq.com/s/{abs(hash(title))}",
+            "is_deleted": deleted}
+
+
+def published_post(article_id, *items, created=1754006400):
+    return {"article_id": article_id, "update_time": created,
+            "content": {"news_item": list(items), "create_time": created, "update_time": created}}
+
+
+def learn(tmp_path, wechat, model, *args):
+    """Run `python wxbot.py learn ARGS` against the fakes: (exit status, what it printed)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = wxbot.main(["learn", *args], env_for(tmp_path, wechat, model))
+    return status, out.getvalue()
+
+
+def test_learn_published_pages_through_every_post_and_skips_deleted_articles(tmp_path, wechat,
+                                                                             model):
+    wechat.published = [published_post(f"ID{n}", news_item(f"第{n}期 店里的新鲜事",
+                                                           [f"第{n}期：本周的手冲豆子是第{n}号。"]))
+                        for n in range(23)]
+    wechat.published.append(published_post(
+        "MULTI", news_item("会员日", ["每月8日会员日，全场饮品八折。"], digest="会员日八折"),
+        news_item("旧活动", ["这篇已经删掉了，不该被学到。"], deleted=True),
+        news_item("外卖说明", ["外卖满39元包邮，配送范围3公里。"]), created=1756684800))
+    status, printed = learn(tmp_path, wechat, model, "--published")
+    assert status == 0, printed
+    assert "25 learned" in printed
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        found = articles.find("外卖包邮吗")
+        assert [(p.title, p.date) for p in found][:1] == [("外卖说明", "2025-09-01")]
+        assert found[0].url == wechat.published[-1]["content"]["news_item"][2]["url"]
+        assert articles.find("会员日打几折")[0].title == "会员日"
+        assert articles.find("删掉的旧活动") == []
+        assert "不是正文" not in "".join(p.text for p in articles.find("第3期的豆子"))
+        assert articles.last_sync() is not None
+    finally:
+        articles.close()
+    assert {origin for origin in wxbot.Articles(str(tmp_path / "wxbot.db")).digests(
+        "published")} >= {"ID0", "ID22", "MULTI", "MULTI/3"}
+
+
+def test_learn_published_again_learns_the_changes_and_forgets_deleted_posts(tmp_path, wechat,
+                                                                           model):
+    wechat.published = [published_post("A", news_item("营业时间", ["每天早上8点开门。"])),
+                        published_post("B", news_item("中秋放假", ["中秋节放假一天。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    wechat.published = [published_post("A", news_item("营业时间", ["每天早上9点开门，周一店休。"]))]
+    status, printed = learn(tmp_path, wechat, model, "--published")
+    assert status == 0 and "1 learned, 0 unchanged, 1 forgotten" in printed
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        assert [p.text for p in articles.find("几点开门")] == ["每天早上9点开门，周一店休。"]
+        assert articles.find("中秋节放假吗") == []
+    finally:
+        articles.close()
+    status, printed = learn(tmp_path, wechat, model, "--published")
+    assert "0 learned, 1 unchanged, 0 forgotten" in printed
+
+
+@pytest.mark.parametrize("errcode, says", [
+    (48001, "learn them by URL instead"), (45009, "daily limit")])
+def test_learn_published_refused_says_what_to_do_in_one_sentence(tmp_path, wechat, model,
+                                                                 errcode, says):
+    wechat.failures["/cgi-bin/freepublish/batchget"] = [errcode]
+    status, printed = learn(tmp_path, wechat, model, "--published")
+    assert status == 1
+    assert says in printed and printed.count("\n") == 1 and "Traceback" not in printed
+    assert wxbot.Articles(str(tmp_path / "wxbot.db")).last_sync() is None
+
+
+class FakePages(FakeServer):
+    """Web pages on loopback: `pages[path]` is (status, HTML); the User-Agent of each GET."""
+
+    def __init__(self):
+        super().__init__()
+        self.pages, self.agents = {}, []
+
+    def route(self, handler):
+        self.agents.append(handler.headers.get("User-Agent", ""))
+        status, page = self.pages.get(handler.path, (404, "<h1>Not Found</h1>"))
+        self.reply(handler, status, page.encode("utf-8"), "text/html; charset=utf-8")
+
+
+WECHAT_ARTICLE_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
+<meta property="og:title" content="V60 手冲入门：水温与粉水比">
+<title></title><style>.rich_media_content{visibility:hidden}</style>
+<script>var ct = "1754006400"; var msg_title = "x";</script></head>
+<body><div class="rich_media_area_primary"><h1 class="rich_media_title" id="activity-name">
+V60 手冲入门：水温与粉水比</h1><div id="meta_content">小豆咖啡</div>
+<div class="rich_media_content js_underline_content" id="js_content" style="visibility: hidden;">
+<section data-tools="135编辑器"><section><p><span style="font-size:15px;">V60 滤杯用 <strong>92℃</strong>
+的水，粉水比 1:15。</span></p><p><img data-src="https://mmbiz.qpic.cn/a.jpg"/></p>
+<ul><li><span>浅烘豆子：水温高一点</span></li><li>深烘豆子：水温低一点&nbsp;&amp;&nbsp;研磨粗一点</li></ul>
+</section></section></div></div><div id="js_pc_qr_code">微信扫一扫关注该公众号</div>
+<script>window.not_text = "脚本里的字";</script></body></html>"""
+
+
+def test_learn_urls_reads_a_wechat_article_and_any_page_and_names_the_bad_ones(tmp_path,
+                                                                                wechat, model):
+    pages = FakePages()
+    pages.pages = {
+        "/s/v60": (200, WECHAT_ARTICLE_PAGE),
+        "/menu.html": (200, "<html><head><title>价目表 | 小豆咖啡</title></head><body><nav>首页 "
+                            "关于</nav><main><h2>饮品</h2><p>美式 18元</p><p>拿铁 ￥26</p></main>"
+                            "<footer>版权所有</footer></body></html>"),
+        "/empty.html": (200, "<html><body><script>x()</script></body></html>"),
+    }
+    try:
+        status, printed = learn(tmp_path, wechat, model, pages.url + "/s/v60",
+                                pages.url + "/menu.html", pages.url + "/gone",
+                                pages.url + "/empty.html")
+    finally:
+        pages.close()
+    assert status == 1
+    assert f"{pages.url}/gone: not learned: the server answered HTTP 404" in printed
+    assert f"{pages.url}/empty.html: not learned: the page has no text" in printed
+    assert all(agent.startswith("Mozilla/5.0") for agent in pages.agents)
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        v60 = articles.find("v60水温多少度")
+        assert (v60[0].title, v60[0].date, v60[0].url) == (
+            "V60 手冲入门：水温与粉水比", "2025-08-01", pages.url + "/s/v60")
+        assert v60[0].text.splitlines() == ["V60 滤杯用 92℃ 的水，粉水比 1:15。",
+                                            "浅烘豆子：水温高一点", "深烘豆子：水温低一点 & 研磨粗一点"]
+        menu = articles.find("拿铁多少钱")
+        assert [(p.title, p.text) for p in menu] == [("价目表 | 小豆咖啡", "饮品\n美式 18元\n拿铁 ￥26")]
+        assert articles.find("脚本里的字") == [] and articles.find("扫一扫关注") == []
+    finally:
+        articles.close()
+
+
+def test_a_wechat_verification_page_is_named_as_such(tmp_path, wechat, model):
+    page = ('<html><head><title>验证</title></head><body><div class="weui-msg"><h2>环境异常</h2>'
+            '<p>当前环境异常，完成验证后即可继续访问。</p><a>去验证</a></div></body></html>')
+    with pytest.raises(wxbot.LearnError, match="verification page"):
+        wxbot.page_text(page, "https://mp.weixin.qq.com/s/abc")
+
+
+def test_learn_files_and_folders_replaces_an_edited_file_and_names_each_bad_one(tmp_path,
+                                                                                 wechat, model):
+    notes = tmp_path / "notes"
+    (notes / "活动" / ".drafts").mkdir(parents=True)
+    (notes / "hours.md").write_text("# 营业时间\n\n周一到周五 8:00 开门。\n\n周末 9:00 开门。\n",
+                                    encoding="utf-8")
+    (notes / "活动" / "coupon.txt").write_text("新客券：首单立减5元。", encoding="utf-8")
+    (notes / "活动" / "cake.html").write_text(
+        "<html><head><title>生日蛋糕</title></head><body><p>6寸 168元，提前两天预订。</p></body>"
+        "</html>", encoding="utf-8")
+    (notes / "活动" / ".drafts" / "draft.md").write_text("草稿：不该学到。", encoding="utf-8")
+    (notes / "活动" / "photo.jpg").write_bytes(b"\xff\xd8\xff")
+    (notes / "gbk.txt").write_bytes("中文".encode("gbk"))
+    (notes / "empty.md").write_text("  \n", encoding="utf-8")
+    status, printed = learn(tmp_path, wechat, model, str(notes), str(tmp_path / "missing.md"))
+    assert status == 1
+    assert f"{notes / 'gbk.txt'}: not learned: not UTF-8 text" in printed
+    assert f"{notes / 'empty.md'}: not learned: the file is empty" in printed
+    assert f"{tmp_path / 'missing.md'}: not learned: cannot read it" in printed
+    assert "3 source(s) not learned" in printed
+    (notes / "hours.md").write_text("# 营业时间\n\n每天 10:00 开门。\n", encoding="utf-8")
+    assert learn(tmp_path, wechat, model, str(notes / "hours.md"))[0] == 0
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        assert [p.text for p in articles.find("周末几点开门")] == []
+        assert [p.text for p in articles.find("几点开门")] == ["营业时间\n每天 10:00 开门。"]
+        assert [p.title for p in articles.find("生日蛋糕多少钱")] == ["生日蛋糕"]
+        assert articles.find("草稿") == []
+        assert {s.title for s in articles.sources()} == {"营业时间", "coupon.txt", "生日蛋糕"}
+    finally:
+        articles.close()
+    status, printed = learn(tmp_path, wechat, model, "--list")
+    assert status == 0 and "营业时间\n  file: " + str(notes / "hours.md") in printed
+    assert learn(tmp_path, wechat, model, "--forget", str(notes / "hours.md"))[0] == 0
+    assert learn(tmp_path, wechat, model, "--forget", str(notes / "hours.md"))[0] == 1
+    assert "营业时间" not in learn(tmp_path, wechat, model, "--list")[1]
+
+
+def publish_event(article_id, status=0, openid="oMPHELPER"):
+    return nested_event("PUBLISHJOBFINISH", (
+        f"<PublishEventInfo><publish_id>2247503051</publish_id><publish_status>{status}"
+        f"</publish_status><article_id><![CDATA[{article_id}]]></article_id><article_detail>"
+        f"<count>1</count><item><idx>1</idx><article_url><![CDATA[https://mp.weixin.qq.com/s/x]]>"
+        f"</article_url></item></article_detail></PublishEventInfo>"), openid)
+
+
+def test_an_article_published_while_serving_is_learned_and_nobody_is_answered(
+        tmp_path, start_bot, wechat, model, caplog):
+    caplog.set_level(logging.INFO)
+    wechat.published = [published_post("OLD", news_item("营业时间", ["每天早上8点开门。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    calls = record_calls(wechat)
+    bot = start_bot()
+    wechat.published.insert(0, published_post("NEW", news_item("国庆放假通知",
+                                                               ["国庆节10月1日到3日店休。"])))
+    response = post_push(bot, publish_event("NEW"))
+    assert (response.status_code, response.text) == (200, "success")
+    post_push(bot, publish_event("NEW"))  # WeChat's retry: fetched once
+    wait_for(lambda: bot.articles.find("国庆放假吗"), message="the new article learned")
+    assert post_push(bot, publish_event("", status=4, openid="oMPHELPER2")).text == "success"
+    wait_for(lambda: "rejected by review" in caplog.text, message="the failed job logged")
+    assert [body for path, body in calls if path.endswith("getarticle")] == [
+        {"article_id": "NEW"}]
+    assert wechat.sent == [] and wechat.typing == [] and model.requests == []
+
+
+def record_calls(wechat):
+    """Every (path, body) the fake WeChat gets from now on."""
+    calls = []
+    wechat.intercept = lambda path, body: calls.append((path, body))  # None: answer as usual
+    return calls
+
+
+def test_announced_articles_are_not_fetched_before_learn_published_or_when_turned_off(
+        tmp_path, start_bot, wechat, model, caplog):
+    caplog.set_level(logging.INFO)
+    wechat.published = [published_post("NEW", news_item("国庆放假通知", ["国庆节店休。"]))]
+    calls = record_calls(wechat)
+    bot = start_bot()
+    assert post_push(bot, publish_event("NEW")).text == "success"
+    wait_for(lambda: "learn --published` never ran" in caplog.text, message="the reason logged")
+    bot.stop(timeout=5)
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    wechat.published.insert(0, published_post("NEWER", news_item("元旦放假", ["元旦店休。"])))
+    bot = start_bot(WXBOT_LEARN_PUBLISHED=0)
+    assert post_push(bot, publish_event("NEWER", openid="oMP2")).text == "success"
+    assert bot.article_sync is None
+    bot.stop(timeout=5)
+    assert [path for path, _ in calls if "freepublish" in path] == [
+        "/cgi-bin/freepublish/batchget"]  # learn --published's, nothing else

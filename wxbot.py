@@ -14,6 +14,8 @@ Usage:
   python wxbot.py menu FILE.json   make FILE the account's custom menu (--show, --delete)
   python wxbot.py status           the queue: waiting, in progress, dead (safe while serving)
   python wxbot.py retry ID         queue a dead message again
+  python wxbot.py learn SOURCE...  learn the account's articles: URLs, files, folders,
+                                   --published (then kept in sync); --list; --forget SOURCE
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -32,6 +34,7 @@ import functools
 import hashlib
 import heapq
 import hmac
+import html.parser
 import http.client
 import io
 import ipaddress
@@ -59,7 +62,7 @@ import time
 import unicodedata
 import urllib.parse
 import xml.parsers.expat
-from typing import Callable, Container, Iterable, Iterator, Mapping
+from typing import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
@@ -380,6 +383,10 @@ SETTINGS: dict[str, Setting] = {
                             "timeout)"),
     "retry_base": Setting("WXBOT_RETRY_BASE", "2", _seconds,
                           "first retry delay in seconds; doubles each attempt, with jitter"),
+    "learn_published": Setting("WXBOT_LEARN_PUBLISHED", "1", _flag,
+                               "1: once `learn --published` has run, learn each article the "
+                               "account publishes as WeChat announces it, and check the whole "
+                               "list once a day (new, changed, deleted); 0: off"),
     "admin_password": Setting("WXBOT_ADMIN_PASSWORD", "", _admin_password,
                               "password of the owner's web console, at least 12 characters "
                               "(empty: no console, nothing listens)", secret=True),
@@ -431,6 +438,7 @@ class Settings:
     context_chars: int
     stop_timeout: float
     retry_base: float
+    learn_published: bool
     admin_password: str
     admin_host: str
     admin_port: int
@@ -1840,6 +1848,704 @@ def requeue_dead(conn: sqlite3.Connection, message_id: int) -> str | None:
 
 
 ###############################################################################
+# Articles: the account's own writing #########################################
+###############################################################################
+
+@dataclasses.dataclass(frozen=True)
+class Passage:
+    """A piece of an article that may answer a question, with what names its article."""
+
+    source_id: int
+    title: str          # the article's title (or file name when it has none)
+    url: str            # "" for a file with no URL
+    date: str           # "YYYY-MM-DD" or ""
+    text: str           # a few hundred characters cut at paragraph/sentence ends
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One learned article, page or file."""
+
+    id: int
+    kind: str           # "published" | "url" | "file"
+    origin: str         # article_id / URL / absolute path: what identifies it when learned again
+    title: str
+    url: str
+    date: str
+    passages: int
+    learned_at: float
+
+
+class LearnError(Exception):
+    """A source could not be learned; the message says why, for the owner."""
+
+
+ARTICLES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS article_sources (
+    id         INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL CHECK (kind IN ('published', 'url', 'file')),
+    origin     TEXT NOT NULL UNIQUE,
+    title      TEXT NOT NULL,
+    url        TEXT NOT NULL DEFAULT '',
+    date       TEXT NOT NULL DEFAULT '',
+    passages   INTEGER NOT NULL,
+    chars      INTEGER NOT NULL,
+    digest     TEXT NOT NULL,  -- of title and text: a sync skips what did not change
+    learned_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS article_passages (
+    id        INTEGER PRIMARY KEY,  -- the rowid of its terms in article_terms
+    source_id INTEGER NOT NULL REFERENCES article_sources (id) ON DELETE CASCADE,
+    text      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS article_passages_source ON article_passages (source_id);
+-- The words of each passage and of its article's title as article_terms() spells them:
+-- characters and pairs of characters, so that a two-character word (退款) matches, which
+-- FTS5's trigram tokenizer cannot. Contentless (the text is in article_passages) and without
+-- positions (a pair is its own term, no phrase query is needed): the index stays small.
+CREATE VIRTUAL TABLE IF NOT EXISTS article_terms USING fts5 (
+    title, body, content='', detail='column', tokenize='unicode61 remove_diacritics 0');
+CREATE VIRTUAL TABLE IF NOT EXISTS article_vocabulary USING fts5vocab (article_terms, 'row');
+CREATE TABLE IF NOT EXISTS article_uses (
+    message_id INTEGER PRIMARY KEY,
+    at         REAL NOT NULL,
+    given      INTEGER NOT NULL,
+    cited      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS article_uses_at ON article_uses (at);
+CREATE TABLE IF NOT EXISTS article_state (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+#: Bumped when article_terms() spells terms differently: the index is then built again,
+#: since a contentless index can only delete a passage's terms spelled as they were added.
+TERMS_VERSION = 1
+
+#: Chinese, Japanese kana and Korean letters: a character of these is a word of its own.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+#: A run of CJK characters, or a Latin word or number (V60, 39, 4.5): linear, no overlap.
+_TERM_RUNS = re.compile(rf"([{_CJK}]+)|([0-9]+\.[0-9]+|[a-z0-9]+)")
+#: Characters that carry no meaning of their own in a question (particles, pronouns).
+QUESTION_FILLER = frozenset("的了吗呢吧啊呀哦嘛么是在和与或就都也还又很太我你他她它们这那哪个些请问想"
+                            "怎样什为把被给让从对到于之其及而哈嗯噢喔哎诶呗咋啥吶可以能会要有没不几")
+
+
+#: Words that ask rather than say: the answer holds a number or a name in their place.
+QUESTION_WORDS = re.compile("多少钱|几块钱|多少|几点|多久|多长时间|怎么样|怎么|什么|哪里|哪儿|哪些|哪个|为什么|"
+                            "是不是|有没有|能不能|可不可以|请问|一下")
+
+
+def _word(word: str) -> str:
+    """A Latin word or number as it is indexed: a number without leading zeros, its decimal
+    point a letter (the tokenizer splits at a point)."""
+    if word.isdigit() or "." in word:
+        word = (word.lstrip("0") or "0").replace(".", "p")
+    return word
+
+
+def article_terms(text: str) -> list[str]:
+    """The terms a text is indexed by: each CJK character and each pair of neighbours, each
+    Latin word and number (folded: full-width, case, leading zeros), and a number with the
+    character after it (39元, 8月)."""
+    folded = unicodedata.normalize("NFKC", text).lower()
+    terms: list[str] = []
+    last_end, last_number = -1, ""
+    for match in _TERM_RUNS.finditer(folded):
+        run, word = match.group(1), match.group(2)
+        if run:
+            terms.extend(run)
+            terms.extend(run[i:i + 2] for i in range(len(run) - 1))
+            if last_number and match.start() == last_end:
+                terms.append(last_number + run[0])
+            last_number = ""
+        else:
+            word = _word(word)
+            last_number = word if word[0].isdigit() else ""
+            terms.append(word)
+        last_end = match.end()
+    return terms
+
+
+def question_units(text: str) -> dict[str, set[str]]:
+    """What a question asks about, unit by unit: each meaningful CJK character and each Latin
+    word or number, with the terms that show the unit in the question's own context (the
+    character paired with a neighbour). A character found alone in a passage is weak
+    evidence; found in one of its pairs, strong. Pairs that span two words (周末几点 gives 末几)
+    need not exist anywhere: they simply show nothing."""
+    folded = QUESTION_WORDS.sub(" ", unicodedata.normalize("NFKC", text).lower())
+    units: dict[str, set[str]] = {}
+    for match in _TERM_RUNS.finditer(folded):
+        run, word = match.group(1), match.group(2)
+        if word:
+            units.setdefault(_word(word), set())
+            continue
+        for i, char in enumerate(run):
+            if char in QUESTION_FILLER:
+                continue
+            pairs = units.setdefault(char, set())
+            pairs.update(run[j:j + 2] for j in (i - 1, i) if j >= 0 and j + 2 <= len(run))
+            if len(run) == 1:
+                pairs.add(char)  # a word of one character: found alone is found
+    return units
+
+
+#: A passage is cut at the end of a paragraph or sentence once it has this many characters;
+#: a longer paragraph is cut at its sentence ends.
+PASSAGE_CHARS = 260
+PASSAGE_MAX = 500
+_SENTENCE_END = re.compile(r"(?<=[。！？!?；;…])")
+
+
+def passages_of(text: str) -> list[str]:
+    """The text cut into passages of about PASSAGE_CHARS, at paragraph and sentence ends."""
+    pieces: list[str] = []
+    for paragraph in (line.strip() for line in text.splitlines()):
+        if not paragraph:
+            continue
+        if len(paragraph) <= PASSAGE_MAX:
+            pieces.append(paragraph)
+            continue
+        sentence = ""
+        for part in _SENTENCE_END.split(paragraph):
+            if sentence and len(sentence) + len(part) > PASSAGE_CHARS:
+                pieces.append(sentence)
+                sentence = ""
+            sentence += part
+            while len(sentence) > PASSAGE_MAX:  # a run with no sentence end at all
+                pieces.append(sentence[:PASSAGE_MAX])
+                sentence = sentence[PASSAGE_MAX:]
+        if sentence:
+            pieces.append(sentence)
+    passages: list[str] = []
+    current = ""
+    for piece in pieces:
+        if current and len(current) + len(piece) > PASSAGE_CHARS:
+            passages.append(current)
+            current = ""
+        current = f"{current}\n{piece}" if current else piece
+    if current:
+        passages.append(current)
+    return passages
+
+
+#: The kinds of file `learn` reads; a folder is searched for these, recursively.
+ARTICLE_FILES = (".md", ".markdown", ".txt", ".html", ".htm")
+
+
+def article_files(folder: str) -> Iterator[str]:
+    """The files `learn FOLDER` reads, in name order; hidden files and folders skipped."""
+    for root, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in ARTICLE_FILES:
+                yield os.path.join(root, name)
+
+
+_MARKDOWN_HEADING = re.compile(r"#{1,6}[ \t]+")
+
+
+def markdown_text(content: str) -> tuple[str, str]:
+    """A Markdown or plain-text file's title (its first heading, if any) and text."""
+    title, lines = "", []
+    for line in content.splitlines():
+        heading = _MARKDOWN_HEADING.match(line)
+        if heading:
+            line = line[heading.end():].strip().rstrip("#").strip()
+            title = title or line
+        lines.append(line)
+    return title, "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """A fetched web page: where it ended up (after redirects) and its HTML as text."""
+
+    url: str
+    html: str
+
+
+#: Sent with every page fetched: some sites refuse a client that does not name itself.
+USER_AGENT = (f"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+              f"Chrome/124.0 Safari/537.36 wxbot/{__version__}")
+#: A page larger than this is not an article.
+PAGE_BYTES = 5 * 1024 * 1024
+
+
+def fetch_page(url: str, timeout: float = 20.0) -> Page:
+    """GET a page as a browser would (one at a time: `learn` fetches in turn); LearnError
+    says why it could not be had."""
+    try:
+        with requests.get(url, timeout=timeout, stream=True, headers={
+                "User-Agent": USER_AGENT, "Accept": "text/html,application/xhtml+xml",
+                "Accept-Language": "zh-CN,zh;q=0.9"}) as response:
+            if response.status_code != 200:
+                raise LearnError(f"the server answered HTTP {response.status_code}")
+            kind = response.headers.get("Content-Type", "text/html")
+            if "html" not in kind and "text" not in kind:
+                raise LearnError(f"not a web page ({kind.split(';')[0]})")
+            body = response.raw.read(PAGE_BYTES + 1, decode_content=True)
+            if len(body) > PAGE_BYTES:
+                raise LearnError(f"the page is larger than {PAGE_BYTES // 1024 // 1024} MB")
+            final = response.url
+            declared = response.encoding if "charset" in kind.lower() else None
+    except requests.exceptions.SSLError:
+        raise LearnError("its HTTPS certificate is not valid") from None
+    except requests.Timeout:
+        raise LearnError(f"no answer within {timeout:.0f} s") from None
+    except requests.ConnectionError:
+        raise LearnError("cannot connect to its server") from None
+    except requests.RequestException as error:
+        raise LearnError(f"cannot fetch it ({type(error).__name__})") from None
+    found = re.search(rb"<meta[^>]{0,200}?charset=[\"']?([\w-]{1,20})", body[:4096], re.I)
+    charset = declared or (found.group(1).decode("ascii") if found else "utf-8")
+    try:
+        return Page(final, body.decode(charset, errors="replace"))
+    except LookupError:
+        return Page(final, body.decode("utf-8", errors="replace"))
+
+
+#: Elements whose content is no text of the article.
+_HIDDEN = {"script", "style", "noscript", "template", "svg", "iframe", "head", "nav", "aside",
+           "footer", "form", "button", "select", "textarea", "object", "canvas"}
+#: Elements that end a line: paragraphs, list items, headings, table rows, breaks.
+_BLOCKS = {"p", "div", "section", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr",
+           "blockquote", "article", "main", "header", "ul", "ol", "table", "pre", "hr", "dd",
+           "dt", "figcaption", "td", "th"}
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+         "source", "track", "wbr"}
+#: Where an article's text is, most telling first: a 公众号 article's body, then any page's.
+_TEXT_REGIONS = ("js_content", "article", "main", "body")
+
+
+_SPACES = re.compile(r"\s+")
+
+
+class _PageReader(html.parser.HTMLParser):
+    """Collects a page's title, its date when it says one, and the text of each region."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.title, self.og_title, self.h1_title = "", "", ""
+        self.published = ""
+        self.regions: dict[str, list[str]] = {name: [] for name in _TEXT_REGIONS}
+        self._open: list[tuple[str, str | None]] = []  # (tag, the region it opened)
+        self._hidden = 0
+        self._in_title = self._in_h1 = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "meta":
+            name = (attrs.get("property") or attrs.get("name") or "").lower()
+            if name == "og:title":
+                self.og_title = attrs.get("content") or ""
+            elif name in ("article:published_time", "og:article:published_time"):
+                self.published = (attrs.get("content") or "")[:10]
+            return
+        if tag in _VOID:
+            if tag in _BLOCKS:
+                self._text("\n")
+            return
+        region = ("js_content" if attrs.get("id") == "js_content" else
+                  tag if tag in ("article", "main", "body") else None)
+        self._open.append((tag, region))
+        self._hidden += tag in _HIDDEN
+        if tag == "title":
+            self._in_title = True
+        elif tag == "h1" and attrs.get("id") == "activity-name":
+            self._in_h1 = True
+        if tag in _BLOCKS:
+            self._text("\n")
+
+    def handle_endtag(self, tag):
+        if tag in _VOID or not any(name == tag for name, _ in self._open):
+            return  # a stray end tag
+        while self._open:
+            name, _ = self._open.pop()
+            self._hidden -= name in _HIDDEN
+            if name == "title":
+                self._in_title = False
+            elif name == "h1":
+                self._in_h1 = False
+            if name == tag:
+                break
+        if tag in _BLOCKS:
+            self._text("\n")
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title += data
+        if self._in_h1:
+            self.h1_title += data
+        if not self._hidden:  # a line break in the source is a space; blocks end lines
+            self._text(_SPACES.sub(" ", data))
+
+    def _text(self, data: str) -> None:
+        # Text in no region is the body's: a fragment of a page (a published article's
+        # content) has no <body>.
+        for region in {region for _, region in self._open if region} or {"body"}:
+            self.regions[region].append(data)
+
+
+def page_text(page: str, url: str) -> tuple[str, str, str]:
+    """A page's title, text and date (YYYY-MM-DD or ""): a 公众号 article's title from og:title
+    or h1#activity-name and text from #js_content; any other page's <title> and the text of
+    its <article>, <main> or <body>. Paragraphs and list items are lines; scripts, styles,
+    images and the editor's wrapper markup are dropped, entities decoded. LearnError for a
+    WeChat verification page."""
+    reader = _PageReader()
+    reader.feed(page)
+    reader.close()
+    text = ""
+    for region in _TEXT_REGIONS:
+        lines = (" ".join(line.split()) for line in "".join(reader.regions[region]).splitlines())
+        text = "\n".join(line for line in lines if line)
+        if text:
+            break
+    wechat = "mp.weixin.qq.com" in urllib.parse.urlsplit(url).netloc
+    if wechat and not reader.regions["js_content"] and re.search(
+            "环境异常|完成验证|去验证|访问过于频繁", text):
+        raise LearnError("WeChat answered with a verification page (环境异常) instead of the "
+                         "article: wait a while and learn it again, or save the page from a "
+                         "browser and learn the .html file")
+    title = " ".join((reader.og_title or reader.h1_title or reader.title).split())
+    date = reader.published if re.fullmatch(r"\d{4}-\d\d-\d\d", reader.published) else ""
+    created = re.search(r"""\bvar\s+ct\s*=\s*["']?(\d{9,11})""", page) \
+        if wechat or reader.regions["js_content"] else None  # a 公众号 article's publish time
+    if created and not date:
+        date = china_date(float(created.group(1)))
+    return title, text, date
+
+
+def china_date(timestamp: float) -> str:
+    """A Unix time as the date in China (UTC+8), where the account's readers are."""
+    return time.strftime("%Y-%m-%d", time.gmtime(timestamp + 8 * 3600))
+
+
+def article_digest(title: str, text: str, url: str, date: str) -> str:
+    """What tells a changed article from an unchanged one."""
+    return hashlib.sha256(f"{title}\n{url}\n{date}\n{text}".encode("utf-8")).hexdigest()
+
+
+class Articles:
+    """The account's articles in the bot's SQLite database: own tables, own connections.
+
+    Safe while the server runs and from several threads: each thread has its connection,
+    and the database is in WAL mode, so a `learn` in another process never blocks a search.
+    """
+
+    #: At most this many passages go with a question.
+    MOST = 5
+    #: Candidates BM25 brings before they are weighed against the question.
+    CANDIDATES = 40
+
+    def __init__(self, db_path: str, busy_timeout: float = 15.0):
+        create_private(db_path)
+        self.path, self.busy_timeout = db_path, busy_timeout
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        conn = self._conn()
+        # Before the first table, as the Store does: deleted rows give their pages back.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(f"BEGIN IMMEDIATE; {ARTICLES_SCHEMA} COMMIT;")
+        with self._write() as conn:
+            version = conn.execute("SELECT value FROM article_state WHERE key = 'terms'"
+                                   ).fetchone()
+            if version is None or int(version[0]) != TERMS_VERSION:
+                self._reindex(conn)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=self.busy_timeout)
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._opened.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for conn in opened:
+            conn.close()
+        self._local = threading.local()
+
+    # Learning ---------------------------------------------------------------
+
+    def _reindex(self, conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO article_terms (article_terms) VALUES ('delete-all')")
+        for row in conn.execute("SELECT p.id, p.text, s.title FROM article_passages p"
+                                " JOIN article_sources s ON s.id = p.source_id").fetchall():
+            conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
+                         (row[0], " ".join(article_terms(row[2])),
+                          " ".join(article_terms(row[1]))))
+        conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('terms', ?)",
+                     (str(TERMS_VERSION),))
+
+    @staticmethod
+    def _unindex(conn: sqlite3.Connection, source_id: int) -> None:
+        """Remove a source's passages and their terms (spelled as they were added)."""
+        title = conn.execute("SELECT title FROM article_sources WHERE id = ?",
+                             (source_id,)).fetchone()
+        if title is None:
+            return
+        title_terms = " ".join(article_terms(title[0]))
+        for passage_id, text in conn.execute(
+                "SELECT id, text FROM article_passages WHERE source_id = ?",
+                (source_id,)).fetchall():
+            conn.execute("INSERT INTO article_terms (article_terms, rowid, title, body)"
+                         " VALUES ('delete', ?, ?, ?)",
+                         (passage_id, title_terms, " ".join(article_terms(text))))
+        conn.execute("DELETE FROM article_passages WHERE source_id = ?", (source_id,))
+
+    def learn_text(self, kind: str, origin: str, title: str, text: str, url: str = "",
+                   date: str = "", now: float | None = None) -> Source:
+        """Learn a text as passages, replacing what was learned before from the same origin."""
+        title = " ".join(title.split()) or os.path.basename(origin) or origin
+        if kind not in ("published", "url", "file"):
+            raise ValueError(f"kind must be published, url or file, not {kind!r}")
+        pieces = passages_of(text)
+        if not pieces:
+            raise LearnError("no text in it")
+        digest = article_digest(title, text, url, date)
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+                               (origin,)).fetchone()
+            if row:
+                self._unindex(conn, row[0])
+                conn.execute("UPDATE article_sources SET kind = ?, title = ?, url = ?,"
+                             " date = ?, passages = ?, chars = ?, digest = ?, learned_at = ?"
+                             " WHERE id = ?", (kind, title, url, date, len(pieces),
+                                               sum(map(len, pieces)), digest, now, row[0]))
+                source_id = row[0]
+            else:
+                source_id = conn.execute(
+                    "INSERT INTO article_sources (kind, origin, title, url, date, passages,"
+                    " chars, digest, learned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, origin, title, url, date, len(pieces), sum(map(len, pieces)),
+                     digest, now)).lastrowid
+            title_terms = " ".join(article_terms(title))
+            for piece in pieces:
+                passage_id = conn.execute("INSERT INTO article_passages (source_id, text)"
+                                          " VALUES (?, ?)", (source_id, piece)).lastrowid
+                conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
+                             (passage_id, title_terms, " ".join(article_terms(piece))))
+        return Source(source_id, kind, origin, title, url, date, len(pieces), now)
+
+    def forget(self, origin_or_id: str) -> bool:
+        """Forget a source by its origin (URL, path, article_id) or its id; False if unknown."""
+        origin_or_id = str(origin_or_id)
+        with self._write() as conn:
+            row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+                               (origin_or_id,)).fetchone()
+            if row is None and origin_or_id.isdigit():
+                row = conn.execute("SELECT id FROM article_sources WHERE id = ?",
+                                   (int(origin_or_id),)).fetchone()
+            if row is None and os.path.exists(origin_or_id):
+                row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+                                   (os.path.abspath(origin_or_id),)).fetchone()
+            if row is None:
+                return False
+            # A published post's second and later articles are article_id/2, article_id/3...
+            ids = [row[0]] + [other for (other,) in conn.execute(
+                "SELECT id FROM article_sources WHERE kind = 'published' AND origin > ?"
+                " AND origin < ?", (origin_or_id + "/", origin_or_id + "0"))]
+            for source_id in ids:
+                self._unindex(conn, source_id)
+                conn.execute("DELETE FROM article_sources WHERE id = ?", (source_id,))
+        return True
+
+    def digests(self, kind: str) -> dict[str, str]:
+        """Each learned source of a kind, by origin: what it was learned from, as
+        article_digest() summed it up (a sync skips the unchanged ones)."""
+        return dict(self._conn().execute("SELECT origin, digest FROM article_sources"
+                                         " WHERE kind = ?", (kind,)))
+
+    def sources(self) -> list[Source]:
+        """Every learned source, newest article first."""
+        return [Source(*row) for row in self._conn().execute(
+            "SELECT id, kind, origin, title, url, date, passages, learned_at"
+            " FROM article_sources ORDER BY date DESC, id DESC")]
+
+    def last_sync(self) -> float | None:
+        """When the published articles were last synced (None: never, so no sync)."""
+        row = self._conn().execute("SELECT value FROM article_state WHERE key = 'synced'"
+                                   ).fetchone()
+        return float(row[0]) if row else None
+
+    def note_sync(self, at: float) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES"
+                         " ('synced', ?)", (repr(at),))
+
+    # Learning from pages, files and folders ---------------------------------
+
+    def learn(self, source: str, fetch: Callable[[str], "Page"] | None = None,
+              now: float | None = None) -> Source:
+        """Learn a URL, a file (.md, .txt, .html) or a folder (its files of those kinds,
+        recursively): the CLI's `learn SOURCE`. A folder returns its last file's Source and
+        raises LearnError naming each file that failed, once the others are learned
+        (learn_many tells file by file). LearnError says why a source was not learned."""
+        failed, learned = [], None
+        for name, outcome in self.learn_many([source], fetch, now):
+            if isinstance(outcome, LearnError):
+                failed.append(f"{name}: {outcome}" if name != source else str(outcome))
+            else:
+                learned = outcome
+        if failed:
+            raise LearnError("; ".join(failed))
+        return learned
+
+    def learn_many(self, sources: Iterable[str], fetch: Callable[[str], "Page"] | None = None,
+                   now: float | None = None
+                   ) -> Iterator[tuple[str, Source | LearnError]]:
+        """Learn each source in turn (a folder's files one by one): (its name, the Source
+        learned, or the LearnError that says why not). One bad source stops no other."""
+        fetch = fetch or fetch_page
+        for source in sources:
+            if re.match(r"https?://", source, re.I):
+                yield source, self._catch(lambda: self._learn_url(source, fetch, now))
+            elif os.path.isdir(source):
+                files = list(article_files(source))
+                if not files:
+                    yield source, LearnError("no .md, .txt or .html file in this folder")
+                for path in files:
+                    yield path, self._catch(lambda: self._learn_file(path, now))
+            else:
+                yield source, self._catch(lambda: self._learn_file(source, now))
+
+    @staticmethod
+    def _catch(learn: Callable[[], Source]) -> Source | LearnError:
+        try:
+            return learn()
+        except LearnError as error:
+            return error
+
+    def _learn_url(self, url: str, fetch: Callable[[str], "Page"], now: float | None) -> Source:
+        page = fetch(url)
+        title, text, date = page_text(page.html, page.url)
+        if not text.strip():
+            raise LearnError("the page has no text")
+        return self.learn_text("url", url, title or page.url, text, url=page.url, date=date,
+                               now=now)
+
+    def _learn_file(self, path: str, now: float | None) -> Source:
+        path = os.path.abspath(path)
+        extension = os.path.splitext(path)[1].lower()
+        if extension not in ARTICLE_FILES:
+            raise LearnError(f"not a .md, .txt or .html file, nor a folder, nor an http(s) URL")
+        try:
+            with open(path, "rb") as file:
+                raw = file.read()
+            date = time.strftime("%Y-%m-%d", time.localtime(os.path.getmtime(path)))
+        except OSError as error:
+            raise LearnError(f"cannot read it: {error.strerror or error}") from None
+        try:
+            content = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise LearnError("not UTF-8 text: save it as UTF-8 and learn it again") from None
+        if not content.strip():
+            raise LearnError("the file is empty")
+        if extension in (".html", ".htm"):
+            title, text, _ = page_text(content, "")
+        else:
+            title, text = markdown_text(content)
+        if not text.strip():
+            raise LearnError("no text in it")
+        return self.learn_text("file", path, title or os.path.basename(path), text, date=date,
+                               now=now)
+
+    # Use --------------------------------------------------------------------
+
+    def note_use(self, message_id: int, at: float, given: int, cited: int) -> None:
+        """Record, per answered question, how many passages went to the model and how many
+        the answer cited (0 given = a question no article covered)."""
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO article_uses (message_id, at, given, cited)"
+                         " VALUES (?, ?, ?, ?)", (message_id, at, given, cited))
+
+    def uses_since(self, since: float) -> tuple[int, int, int]:
+        """(questions asked, questions given passages, questions answered with a citation)."""
+        row = self._conn().execute(
+            "SELECT count(*), coalesce(sum(given > 0), 0), coalesce(sum(cited > 0), 0)"
+            " FROM article_uses WHERE at >= ?", (since,)).fetchone()
+        return row[0], row[1], row[2]
+
+    # Finding ----------------------------------------------------------------
+
+    #: A passage goes with the question only when what it shows of the question weighs this
+    #: share of the question (each unit weighed by how rare it is in the articles).
+    FLOOR = 0.5
+    #: What a character found alone in a passage (not beside its neighbour) counts for.
+    ALONE = 0.3
+    #: How much the earlier question's units weigh beside the question's own.
+    EARLIER_WEIGHT = 0.5
+
+    def find(self, question: str, earlier: Sequence[str] = ()) -> list[Passage]:
+        """Passages that answer `question` (with the user's earlier question(s) for a
+        follow-up), best first, at most a handful; [] when nothing relevant (relevance floor)."""
+        units = {unit: (1.0, pairs) for unit, pairs in question_units(question).items()}
+        for before in list(earlier)[-1:]:
+            for unit, pairs in question_units(before).items():
+                units.setdefault(unit, (self.EARLIER_WEIGHT, pairs))
+        if not units:
+            return []
+        conn = self._conn()
+        total = conn.execute("SELECT count(*) FROM article_passages").fetchone()[0]
+        terms = set(units) | {pair for _, pairs in units.values() for pair in pairs}
+        if not total:
+            return []
+        found_in = dict(conn.execute(
+            f"SELECT term, doc FROM article_vocabulary WHERE term IN"
+            f" ({', '.join('?' * len(terms))})", list(terms)).fetchall())
+        # Searched for: the pairs that exist, and a character only where none of its does.
+        searched = set()
+        for unit, (_, pairs) in units.items():
+            present = {pair for pair in pairs if pair in found_in}
+            searched |= present or ({unit} if unit in found_in else set())
+        if not searched:
+            return []
+        weight = {unit: importance * math.log((total - found_in.get(unit, 0) + 0.5) /
+                                              (found_in.get(unit, 0) + 0.5) + 1)
+                  for unit, (importance, _) in units.items()}
+        whole = sum(weight.values())
+        rows = conn.execute(
+            "SELECT p.id, p.text, s.id, s.title, s.url, s.date, bm25(article_terms, 3.0, 1.0)"
+            " FROM article_terms JOIN article_passages p ON p.id = article_terms.rowid"
+            " JOIN article_sources s ON s.id = p.source_id"
+            " WHERE article_terms MATCH ? ORDER BY rank LIMIT ?",
+            (" OR ".join(f'"{term}"' for term in searched), self.CANDIDATES)).fetchall()
+        scored = []
+        for passage_id, text, source_id, title, url, date, rank in rows:
+            shown = set(article_terms(text)) | set(article_terms(title))
+            share = sum(weight[unit] * (1.0 if unit in shown and (not pairs or pairs & shown)
+                                        else self.ALONE if unit in shown else 0.0)
+                        for unit, (_, pairs) in units.items()) / whole
+            if share >= self.FLOOR:
+                scored.append((share, -rank, Passage(source_id, title, url, date, text)))
+        scored.sort(key=lambda item: (item[0], item[1]), reverse=True)
+        return [passage for _, _, passage in scored[:self.MOST]]
+
+
+###############################################################################
 # WeChat protocol: signatures, encryption, XML ################################
 ###############################################################################
 
@@ -1941,7 +2647,9 @@ BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def parse_xml(body: bytes) -> dict[str, str]:
-    """The fields of an <xml> push: each child's text; a child with children of its own is "".
+    """The fields of an <xml> push: each child's text; a child with children of its own is "",
+    and its own children's texts are fields too, under their names, when no child of <xml>
+    has the name (PUBLISHJOBFINISH's article_id is inside <PublishEventInfo>).
 
     UTF-8 only. The parser itself refuses a DOCTYPE or an entity declaration, so no entity is
     ever expanded (billion laughs, XXE), while markup quoted inside CDATA stays the user's text.
@@ -1952,6 +2660,7 @@ def parse_xml(body: bytes) -> dict[str, str]:
         raise BadPush("the body is not UTF-8 (a byte-order mark or a NUL byte)")
     fields: dict[str, str] = {}
     depth, text, nested = 0, [], False
+    inner: list = []  # [name, texts] of the grandchild being read, while it has no children
 
     def declaration(version, encoding, standalone):
         if encoding and encoding.lower() not in ("utf-8", "utf8"):
@@ -1972,6 +2681,10 @@ def parse_xml(body: bytes) -> dict[str, str]:
             text.clear()
             nested = False
         nested = nested or depth >= 2
+        if depth == 2:
+            inner[:] = [tag, []]
+        elif depth > 2:
+            inner.clear()
         depth += 1
 
     def end(tag):
@@ -1979,10 +2692,16 @@ def parse_xml(body: bytes) -> dict[str, str]:
         depth -= 1
         if depth == 1:
             fields[tag] = "" if nested else "".join(text).strip()
+        elif depth == 2 and inner:
+            if len(fields) < MAX_FIELDS:
+                fields.setdefault(inner[0], "".join(inner[1]).strip())
+            inner.clear()
 
     def characters(data):
         if depth == 2:
             text.append(data)
+        elif depth == 3 and inner:
+            inner[1].append(data)
 
     parser = xml.parsers.expat.ParserCreate("utf-8")
     parser.buffer_text = True
@@ -2370,6 +3089,15 @@ class WeChatAPI:
 
     def menu_delete(self) -> None:
         self.call("/cgi-bin/menu/delete")
+
+    def published(self, offset: int, count: int = 20) -> dict:
+        """A page of the articles published with 发布, their content included (WECHAT.md §9)."""
+        return self.call("/cgi-bin/freepublish/batchget",
+                         {"offset": offset, "count": count, "no_content": 0})
+
+    def published_article(self, article_id: str) -> dict:
+        """One published post's articles (news_item), as WeChat pushed its article_id."""
+        return self.call("/cgi-bin/freepublish/getarticle", {"article_id": article_id})
 
     def typing(self, openid: str, command: str = "Typing") -> None:
         """Show "typing"; every error is harmless (45080 too late, 45081 already shown)."""
@@ -4479,8 +5207,10 @@ class Webhook:
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
                  acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None,
-                 wechat: WeChatAPI | None = None, ready: Wakeup | None = None):
+                 wechat: WeChatAPI | None = None, ready: Wakeup | None = None,
+                 publishing: "ArticleSync | None" = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
+        self.publishing = publishing  # learns a newly published article, off the ack's path
         self.ready = ready or wakeup  # wakes the senders: a fixed reply is stored, ready
         self.wechat = wechat  # uploads a drawn picture again when its media_id expired
         self.mode = mode or DeliveryMode("service", store)
@@ -4549,6 +5279,8 @@ class Webhook:
         now = self.clock()
         model = needs_model(self.settings, self.owner.replies, push)
         message_id, pushes = self.store.store_push(push, now, model)
+        if pushes == 1 and push.event == "PUBLISHJOBFINISH" and self.publishing:
+            self.publishing.pushed(push.fields)  # an event like any other to the rest: no answer
         if pushes > 1:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
@@ -5136,6 +5868,45 @@ CONSOLE_QUEUE = r"""% if note:
 % end
 """
 
+CONSOLE_ARTICLES = r"""% if note:
+<p class="{{'bad' if failed else 'note'}} said">{{note}}</p>
+% end
+<p>{{total}} sources, {{passages}} passages.
+% if synced:
+Published articles last synced {{when(synced)}}.
+% else:
+Published articles never synced (python wxbot.py learn --published).
+% end
+</p>
+<h2>Learn a page</h2>
+<form method="post" action="/articles/learn">
+<input type="hidden" name="csrf" value="{{csrf}}">
+<p><label for="url">URL of an article or page</label><br>
+<input type="url" id="url" name="url" required placeholder="https://mp.weixin.qq.com/s/..."></p>
+<p><button type="submit">Learn</button></p>
+</form>
+<h2>Sources</h2>
+<div class="wide"><table>
+<tr><th>Title</th><th>Kind</th><th>Date</th><th class="n">Passages</th><th>Learned</th><th></th></tr>
+% for source in sources:
+<tr><td class="said">\\
+% if source['url'].startswith(('https://', 'http://')):
+<a href="{{source['url']}}" rel="noreferrer">{{source['title']}}</a>\\
+% else:
+{{source['title']}}\\
+% end
+</td><td>{{source['kind']}}</td><td>{{source['date']}}</td><td class="n">{{source['passages']}}</td>
+<td class="n">{{when(source['learned_at'])}}</td>
+<td><form method="post" action="/articles/forget" class="inline">\\
+<input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{source['id']}}">\\
+<button>Forget</button></form></td></tr>
+% end
+</table></div>
+% if total > len(sources):
+<p class="meta">and {{total - len(sources)}} older (python wxbot.py learn --list)</p>
+% end
+"""
+
 CONSOLE_SETTINGS = """<h2>Owner's files</h2>
 <div class="wide"><table>
 <tr><th>Setting</th><th>File</th><th>State</th></tr>
@@ -5247,7 +6018,12 @@ class OwnerConsole:
             ("layout", CONSOLE_LAYOUT), ("login", CONSOLE_LOGIN),
             ("overview", CONSOLE_OVERVIEW), ("people", CONSOLE_PEOPLE),
             ("conversation", CONSOLE_CONVERSATION), ("questions", CONSOLE_QUESTIONS),
-            ("queue", CONSOLE_QUEUE), ("settings", CONSOLE_SETTINGS)]}
+            ("queue", CONSOLE_QUEUE), ("articles", CONSOLE_ARTICLES),
+            ("settings", CONSOLE_SETTINGS)]}
+        if articles:
+            with store.transaction() as conn:  # the Questions page's "not covered"
+                conn.execute("CREATE INDEX IF NOT EXISTS article_uses_uncovered"
+                             " ON article_uses (at) WHERE given = 0")
 
     # Figures -----------------------------------------------------------------
 
@@ -5267,9 +6043,12 @@ class OwnerConsole:
                 " AND replied_to IS NOT NULL AND sent_at IS NOT NULL)"
                 " FROM messages m WHERE m.received_at >= ? AND m.received_at < ?"
                 " AND m.msg_type != 'event'", (start, end)).fetchall()
+            # Articles.uses_since counts up to now; a day is counted between its bounds.
+            uses = conn.execute(
+                "SELECT coalesce(sum(given > 0), 0), coalesce(sum(cited > 0), 0)"
+                " FROM article_uses WHERE at >= ? AND at < ?",
+                (start, end)).fetchone() if self.articles else (0, 0)
         waits = sorted(row[3] - row[2] for row in rows if row[3] is not None)
-        asked_before = self.articles.uses_since(start) if self.articles else (0, 0, 0)
-        asked_after = self.articles.uses_since(end) if self.articles else (0, 0, 0)
         return {
             "messages": len(rows), "people": len({row[0] for row in rows}),
             "answered": sum(row[1] == State.DONE.value for row in rows),
@@ -5278,7 +6057,7 @@ class OwnerConsole:
             "first_p95": waits[math.ceil(0.95 * len(waits)) - 1] if waits else None,
             "service": sum(row[3] is not None and not row[4] for row in rows),
             "passive": sum(bool(row[4]) for row in rows),
-            "given": asked_before[1] - asked_after[1], "cited": asked_before[2] - asked_after[2],
+            "given": uses[0], "cited": uses[1],
         }
 
     def overview(self, now: float) -> list[dict]:
@@ -5395,6 +6174,34 @@ class OwnerConsole:
             shown.setdefault(normalise(row["content"]), row["content"])
         most = [(count, shown[text]) for text, count in counts.most_common(20) if count > 1]
         return asked[:CONSOLE_ROWS], most
+
+    def uncovered(self) -> list[sqlite3.Row]:
+        """The latest questions for which no passage of the articles was found."""
+        with self.store.connection() as conn:
+            return conn.execute(
+                "SELECT m.id, m.openid, m.content, m.received_at FROM article_uses u"
+                " JOIN messages m ON m.id = u.message_id WHERE u.given = 0"
+                " ORDER BY u.at DESC LIMIT ?", (CONSOLE_ROWS,)).fetchall()
+
+    def sources(self) -> tuple[list[sqlite3.Row], int, int, float | None]:
+        """The articles learned, newest first (a page of them), how many sources and
+        passages in all, and when the published ones were last synced. Read through the
+        store's pooled connections: a request's thread is gone once it answered."""
+        with self.store.connection() as conn:
+            sources = conn.execute(
+                "SELECT id, kind, title, url, date, passages, learned_at FROM article_sources"
+                " ORDER BY date DESC, id DESC LIMIT ?", (CONSOLE_ROWS * 4,)).fetchall()
+            total, passages = conn.execute(
+                "SELECT count(*), coalesce(sum(passages), 0) FROM article_sources").fetchone()
+            synced = conn.execute("SELECT value FROM article_state WHERE key = 'synced'"
+                                  ).fetchone()
+        return sources, total, passages, float(synced[0]) if synced else None
+
+    def learn(self, url: str) -> str:
+        """Learn a page (the CLI's `learn URL`); what was learned, for the owner."""
+        source = self.articles.learn(url)
+        log.info("learned %s from the console: %d passages", url, source.passages)
+        return f"Learned «{source.title}»: {source.passages} passages."
 
     def queue(self) -> list[tuple[str, str, int, list[sqlite3.Row]]]:
         """Waiting, in progress and dead messages: how many, and the first of each."""
@@ -5531,7 +6338,41 @@ class OwnerConsole:
             recent, most = console.questions()
             return console.render("questions", "Questions", bottle.request.environ["csrf"],
                                   recent=recent, most=most, window=CONSOLE_ASKED,
-                                  uncovered=None)
+                                  uncovered=console.uncovered() if console.articles else None)
+
+        def articles_page(note="", failed=False, status=200):
+            if not console.articles:
+                return bottle.HTTPResponse("not found", 404)
+            sources, total, passages, synced = console.sources()
+            return bottle.HTTPResponse(console.render(
+                "articles", "Articles", bottle.request.environ["csrf"], sources=sources,
+                total=total, passages=passages, synced=synced, note=note, failed=failed),
+                status)
+
+        @app.get("/articles")
+        def articles():
+            forgot = bottle.request.query.get("forgot", "")
+            return articles_page("The source was forgotten." if forgot == "1" else "")
+
+        @app.post("/articles/learn")
+        def learn():
+            url = (bottle.request.forms.getunicode("url") or "").strip()
+            if not re.match(r"https?://[^\s/]", url, re.I) or len(url) > 2000:
+                return articles_page("Give the address of a web page (http:// or https://).",
+                                     True, 400)
+            try:
+                note = console.learn(url)
+            except LearnError as error:
+                return articles_page(f"Not learned: {error}", True, 422)
+            return articles_page(note)
+
+        @app.post("/articles/forget")
+        def forget():
+            source_id = bottle.request.forms.get("id", "")
+            if not source_id.isdigit() or not console.articles.forget(source_id):
+                return articles_page("No such source: it was forgotten already.", True, 404)
+            log.info("source %s forgotten from the console", source_id)
+            return bottle.HTTPResponse(status=303, Location="/articles?forgot=1")
 
         @app.get("/queue")
         def queue_page():
@@ -5671,6 +6512,161 @@ class Janitor:
             self.stopping.wait(self.EVERY)
 
 
+#: What a PUBLISHJOBFINISH's publish_status other than 0 (published) means (WECHAT.md §9).
+PUBLISH_STATUS = {"1": "still publishing", "2": "the 原创 check failed", "3": "publishing failed",
+                  "4": "rejected by review", "5": "deleted by the owner", "6": "banned"}
+
+
+def published_items(article_id: str, content: dict, fallback_time: float = 0
+                    ) -> Iterator[tuple[str, str, str, str, str]]:
+    """(origin, title, text, url, date) of each article of a published post that is not
+    deleted: the first is known by the post's article_id, the next by article_id/2, /3..."""
+    created = content.get("create_time") or content.get("update_time") or fallback_time
+    date = china_date(float(created)) if created else ""
+    for number, item in enumerate(content.get("news_item") or [], 1):
+        if not isinstance(item, dict) or item.get("is_deleted"):
+            continue
+        _, text, _ = page_text(str(item.get("content") or ""), "")
+        digest = " ".join(str(item.get("digest") or "").split())
+        if digest and digest not in text:
+            text = f"{digest}\n{text}"
+        origin = article_id if number == 1 else f"{article_id}/{number}"
+        yield origin, str(item.get("title") or ""), text, str(item.get("url") or ""), date
+
+
+@dataclasses.dataclass
+class SyncReport:
+    """What one sync of the published articles did."""
+
+    learned: int = 0      # new or changed
+    unchanged: int = 0
+    forgotten: int = 0    # deleted by the owner since the last sync
+    empty: int = 0        # no text to learn (a post of pictures only)
+
+
+class ArticleSync:
+    """Keeps the published articles learned: each new one as WeChat announces it
+    (PUBLISHJOBFINISH), and the whole list once a day (new, changed and deleted ones).
+
+    Only once the owner has run `learn --published` (Articles.last_sync), and while
+    WXBOT_LEARN_PUBLISHED is on. The webhook hands the push over (pushed()); this thread
+    fetches the article, so the ack never waits for WeChat's API.
+    """
+
+    EVERY = 86400.0
+    #: After a failed sync (45009, WeChat unreachable): the next try.
+    RETRY = 3600.0
+    #: batchget's most per call.
+    PAGE = 20
+
+    def __init__(self, settings: Settings, articles: Articles, wechat: WeChatAPI):
+        self.settings, self.articles, self.wechat = settings, articles, wechat
+        self.stopping = threading.Event()
+        self._jobs: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self._retry_at = 0.0
+
+    def pushed(self, fields: dict[str, str]) -> None:
+        """A PUBLISHJOBFINISH push: taken in at once, fetched by run()."""
+        self._jobs.put(fields)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._jobs.put(None)
+
+    def sync(self, now: float | None = None) -> SyncReport:
+        """Learn every published article that is new or changed, forget the deleted ones.
+        WeChatError when WeChat refuses (48001, 45009...): what was learned is kept, the
+        deleted ones are forgotten only after the whole list was read."""
+        now = time.time() if now is None else now
+        report, known, listed, offset = SyncReport(), self.articles.digests("published"), set(), 0
+        while True:
+            page = self.wechat.published(offset, self.PAGE)
+            posts = page.get("item") or []
+            for post in posts:
+                article_id = str(post.get("article_id") or "")
+                if not article_id:
+                    continue
+                for origin, title, text, url, date in published_items(
+                        article_id, post.get("content") or {}, post.get("update_time") or 0):
+                    listed.add(origin)
+                    if known.get(origin) == article_digest(
+                            " ".join(title.split()) or origin, text, url, date):
+                        report.unchanged += 1
+                        continue
+                    try:
+                        self.articles.learn_text("published", origin, title, text, url, date,
+                                                 now=now)
+                        report.learned += 1
+                    except LearnError:
+                        report.empty += 1
+            offset += len(posts)
+            if self.stopping.is_set():  # the server stops: the rest waits for the next sync
+                return report
+            if not posts or offset >= int(page.get("total_count") or 0):
+                break
+        for origin in known.keys() - listed:
+            report.forgotten += self.articles.forget(origin)
+        self.articles.note_sync(now)
+        return report
+
+    def learn_post(self, article_id: str) -> int:
+        """Learn one published post's articles (getarticle); how many were learned."""
+        answer = self.wechat.published_article(article_id)
+        learned = 0
+        for origin, title, text, url, date in published_items(article_id, answer, time.time()):
+            with contextlib.suppress(LearnError):
+                self.articles.learn_text("published", origin, title, text, url, date)
+                learned += 1
+        return learned
+
+    def announced(self, fields: dict) -> None:
+        """What a PUBLISHJOBFINISH asks: learn the post, forget it, or only say what befell it."""
+        status, article_id = fields.get("publish_status", ""), fields.get("article_id", "")
+        if self.articles.last_sync() is None:
+            log.info("an article was published; it is not learned, as `python wxbot.py learn "
+                     "--published` never ran (run it once to keep articles in sync)")
+        elif status == "5" and article_id:
+            self.articles.forget(article_id)
+            log.info("published post %s was deleted by the owner: forgotten", article_id)
+        elif status != "0" or not article_id:
+            log.info("a publish job ended without an article (publish_status %s: %s)",
+                     status or "?", PUBLISH_STATUS.get(status, "unknown"))
+        else:
+            try:
+                learned = self.learn_post(article_id)
+                log.info("learned %d article(s) of the post %s just published", learned,
+                         article_id)
+            except WeChatError as error:
+                log.error("the post %s just published was not learned: %s; the daily sync "
+                          "tries again", article_id, error.hint())
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            last = self.articles.last_sync()
+            due = max((last or 0) + self.EVERY, self._retry_at)
+            if last is not None and time.time() >= due:
+                try:
+                    report = self.sync()
+                    log.info("published articles synced: %d learned, %d unchanged, %d "
+                             "forgotten", report.learned, report.unchanged, report.forgotten)
+                except (WeChatError, sqlite3.Error) as error:
+                    self._retry_at = time.time() + self.RETRY
+                    log.error("syncing the published articles failed: %s; trying again in "
+                              "an hour", error.hint() if isinstance(error, WeChatError)
+                              else error)
+                continue
+            wait = min(3600.0, due - time.time()) if last is not None else 3600.0
+            try:
+                fields = self._jobs.get(timeout=max(1.0, wait))
+            except queue.Empty:
+                continue
+            if fields is not None:
+                try:
+                    self.announced(fields)
+                except (sqlite3.Error, LearnError) as error:
+                    log.error("a published article was not learned: %s", error)
+
+
 class Bot:
     """Everything wired together: store, webhook, server, acknowledger, workers, senders."""
 
@@ -5685,9 +6681,12 @@ class Bot:
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
+        self.articles = Articles(settings.db)
+        self.article_sync = (ArticleSync(settings, self.articles, self.wechat)
+                             if settings.learn_published else None)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode, wechat=self.wechat,
                                acknowledger=self.acknowledger, owner=self.owner,
-                               ready=self.ready)
+                               ready=self.ready, publishing=self.article_sync)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
@@ -5699,7 +6698,7 @@ class Bot:
         self.janitor = Janitor(settings, self.store)
         #: The owner's console, on a listener of its own; None without WXBOT_ADMIN_PASSWORD.
         self.console = HttpServer(
-            OwnerConsole(settings, self.store, self.owner, self.wakeup).app(),
+            OwnerConsole(settings, self.store, self.owner, self.wakeup, self.articles).app(),
             settings.admin_host, settings.admin_port) if settings.admin_password else None
         self.threads: list[threading.Thread] = []
 
@@ -5725,6 +6724,10 @@ class Bot:
             thread.start()
             self.threads.append(thread)
         threading.Thread(target=self.janitor.run, name="janitor", daemon=True).start()
+        if self.article_sync:
+            thread = threading.Thread(target=self.article_sync.run, name="articles", daemon=True)
+            thread.start()
+            self.threads.append(thread)
         log.info("listening on http://%s:%d%s with %d workers, answers by %s", self.settings.host,
                  self.port, self.settings.path, len(self.workers),
                  "passive reply" if self.mode.passive else "customer-service API")
@@ -5740,6 +6743,8 @@ class Bot:
         for worker in self.workers + self.senders:
             worker.stop()
         self.janitor.stopping.set()
+        if self.article_sync:
+            self.article_sync.stop()
         self.wakeup.notify_all()
         self.ready.notify_all()
         deadline = time.monotonic() + timeout
@@ -5750,6 +6755,7 @@ class Bot:
             log.warning("stop timeout reached; unfinished answers resume at the next start")
         self.store.release_all_leases()
         self.store.close()
+        self.articles.close()
         return finished
 
 
@@ -6014,6 +7020,77 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
         store.close()
 
 
+def published_error(error: WeChatError, settings: Settings) -> str:
+    """Why `learn --published` failed, in one sentence that says what to do."""
+    if error.errcode == 48001:
+        return ("WeChat does not let this account list its published articles (48001: the "
+                "account is not verified, or lacks the permission): learn them by URL instead, "
+                "python wxbot.py learn https://mp.weixin.qq.com/s/...")
+    if error.errcode == 45009:
+        return ("WeChat's daily limit of calls to the published-articles API is reached "
+                "(45009): what was learned so far is kept; run learn --published again tomorrow")
+    if error.errcode is None:
+        return f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}"
+    return f"WeChat refused to list the published articles: {error.hint()}"
+
+
+def learn_command(settings: Settings, sources: list[str], published: bool, listing: bool,
+                  forget: bool, out) -> int:
+    """`learn`: sources (URLs, files, folders) and --published; --list; --forget SOURCE.
+    Safe while the server runs. 1 when anything was not learned (each is named, with why)."""
+    articles = Articles(settings.db)
+    failures = 0
+    try:
+        if listing:
+            sources_learned = articles.sources()
+            for source in sources_learned:
+                print(f"{source.title}\n  {source.kind}: {source.origin}\n  "
+                      f"{source.passages} passage(s), {source.date or 'no date'}, learned "
+                      f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(source.learned_at))}",
+                      file=out)
+            synced = articles.last_sync()
+            print(f"{len(sources_learned)} source(s); published articles "
+                  + (f"last synced {time.strftime('%Y-%m-%d %H:%M', time.localtime(synced))}"
+                     if synced else "never synced (learn --published)"), file=out)
+            return 0
+        if forget:
+            for source in sources:
+                if articles.forget(source):
+                    print(f"forgot {source}", file=out)
+                else:
+                    failures += 1
+                    print(f"{source}: not learned (learn --list shows what is)", file=out)
+            return 1 if failures else 0
+        if published:
+            store = Store(settings.db)  # the access token cache, shared with the running bot
+            try:
+                report = ArticleSync(settings, articles, WeChatAPI(settings, store)).sync()
+                print(f"published articles: {report.learned} learned, {report.unchanged} "
+                      f"unchanged, {report.forgotten} forgotten (deleted since)"
+                      + (f", {report.empty} with no text" if report.empty else "")
+                      + ("; the server keeps them in sync" if settings.learn_published else
+                         "; WXBOT_LEARN_PUBLISHED=0: the server does not keep them in sync"),
+                      file=out)
+            except WeChatError as error:
+                failures += 1
+                print(published_error(error, settings), file=out)
+            finally:
+                store.close()
+        not_learned = 0
+        for name, outcome in articles.learn_many(sources):
+            if isinstance(outcome, LearnError):
+                not_learned += 1
+                print(f"{name}: not learned: {outcome}", file=out, flush=True)
+            else:
+                print(f"{name}: learned 《{outcome.title}》, {outcome.passages} passage(s)",
+                      file=out, flush=True)
+        if not_learned:
+            print(f"{not_learned} source(s) not learned", file=out)
+        return 1 if failures or not_learned else 0
+    finally:
+        articles.close()
+
+
 def help_text() -> str:
     lines = ["settings (environment variables, or KEY=VALUE lines in --env FILE):"]
     for setting in SETTINGS.values():
@@ -6029,23 +7106,44 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="serve",
-                        choices=["serve", "check", "chat", "menu", "status", "retry"],
+                        choices=["serve", "check", "chat", "menu", "status", "retry", "learn"],
                         help="serve (default): run the bot; check: try the settings for real; "
                              "chat: talk to the model in this console; menu FILE.json: make "
                              "the file the account's custom menu; status: the queue, with "
-                             "dead messages and why; retry ID: queue a dead message again")
-    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)  # menu's FILE, retry's ID
+                             "dead messages and why; retry ID: queue a dead message again; "
+                             "learn SOURCE...: learn the account's articles from URLs, .md/"
+                             ".txt/.html files and folders (again: replaces them)")
+    # menu's FILE, retry's ID, learn's SOURCEs
+    parser.add_argument("file", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
     parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
+    parser.add_argument("--published", action="store_true",
+                        help="with learn: every article published with 发布 (the server then "
+                             "keeps them in sync)")
+    parser.add_argument("--list", action="store_true", help="with learn: what is learned")
+    parser.add_argument("--forget", action="store_true",
+                        help="with learn: forget the SOURCEs (URL, path or article_id)")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
-    if args.command == "menu" and (args.file is not None) + args.show + args.delete != 1:
+    args = parser.parse_intermixed_args(argv)
+    sources, args.file = args.file, args.file[0] if len(args.file) == 1 else None
+    if args.command == "learn":
+        if args.show or args.delete:
+            parser.error("--show and --delete go with the menu command")
+        if args.list + args.forget + args.published > 1 or (args.list and sources) or not (
+                args.list or args.published or sources):
+            parser.error("learn takes SOURCEs (URLs, files, folders) and/or --published, or "
+                         "--list, or --forget SOURCE")
+        if args.forget and not sources:
+            parser.error("learn --forget takes the SOURCEs to forget (learn --list shows them)")
+    elif args.published or args.list or args.forget:
+        parser.error("--published, --list and --forget go with the learn command")
+    elif args.command == "menu" and (len(sources) == 1) + args.show + args.delete != 1:
         parser.error("menu takes one of: FILE.json, --show, --delete")
-    elif args.command == "retry" and not (args.file or "").isdigit():
+    elif args.command == "retry" and not (len(sources) == 1 and args.file.isdigit()):
         parser.error("retry takes the id of a dead message, as `status` shows it")
-    elif args.command not in ("menu", "retry") and (args.file or args.show or args.delete):
+    elif args.command not in ("menu", "retry") and (sources or args.show or args.delete):
         parser.error("FILE, --show and --delete go with the menu command")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -6065,12 +7163,16 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                    **env}
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
-        if args.command in ("status", "retry"):  # the database only
+        if args.command in ("status", "retry") or \
+                (args.command == "learn" and not args.published):  # the database only
             env = {"WXBOT_TOKEN": "notusedbystatus", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    "OPENAI_API_KEY": "-", **env}
+        if args.command == "learn":  # WeChat's API without pushes, no model
+            env = {"WXBOT_TOKEN": "notusedbylearn", "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
         SECRET_FILTER.add_settings(settings)  # every command, check and menu too
         if args.command not in ("chat", "status", "retry") and \
+                (args.command != "learn" or args.published) and \
                 settings.api_base.startswith("https:"):
             WeChatConnections.verifier()  # the CA bundle a setting names is readable
     except SettingsError as error:
@@ -6089,6 +7191,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return status(settings, sys.stdout)
     if args.command == "retry":
         return retry(settings, int(args.file), sys.stdout)
+    if args.command == "learn":
+        return learn_command(settings, sources, args.published, args.list, args.forget,
+                             sys.stdout)
     if args.command == "menu":
         return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
     try:
