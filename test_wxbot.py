@@ -6185,11 +6185,12 @@ class Browser:
 @pytest.fixture
 def browser(tmp_path):
     """Headless Chromium from Debian's packages (installed here when missing, as root, as CI
-    does), a fresh profile, driven by chromedriver on a free port."""
+    does, with a Chinese font for the screenshots), a fresh profile, driven by chromedriver
+    on a free port."""
     binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (binary and driver) and os.geteuid() == 0 and shutil.which("apt-get"):
         subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install "
-                       "-y -qq chromium chromium-driver", shell=True, check=False,
+                       "-y -qq chromium chromium-driver fonts-wqy-zenhei", shell=True, check=False,
                        capture_output=True, timeout=900)
         binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (binary and driver):

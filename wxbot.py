@@ -5679,9 +5679,15 @@ box-sizing:border-box}
 form.inline{display:inline}
 .login{max-width:22rem;margin:15vh auto 0;padding:0 1rem}
 .login p{margin:.7rem 0}
+@media (max-width:40rem){
+table.rows,table.rows tbody,table.rows tr,table.rows td{display:block}
+table.rows tr:first-child{display:none}
+table.rows tr{padding:.45rem 0;border-bottom:1px solid #e2e8f0}
+table.rows td{border:0;padding:.1rem 0;text-align:left}
+}
 """.strip()
 
-CONSOLE_LAYOUT = r"""<!DOCTYPE html>
+CONSOLE_LAYOUT = """<!DOCTYPE html>
 <html lang="zh-CN"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
@@ -5693,7 +5699,7 @@ CONSOLE_LAYOUT = r"""<!DOCTYPE html>
 % for path, name in pages:
 <a href="{{path}}"{{!' class="here"' if path == here else ''}}>{{name}}</a>
 % end
-<form method="post" action="/logout"><input type="hidden" name="csrf" value="{{csrf}}">\\
+<form method="post" action="/logout"><input type="hidden" name="csrf" value="{{csrf}}">
 <button>Log out</button></form>
 </nav>
 % end
@@ -5716,7 +5722,7 @@ CONSOLE_LOGIN = """<div class="login">
 </div>
 """
 
-CONSOLE_OVERVIEW = r"""<h2>Today</h2>
+CONSOLE_OVERVIEW = """<h2>Today</h2>
 <div class="cards">
 % for name, value in cards:
 <div class="card"><b>{{value}}</b><span>{{name}}</span></div>
@@ -5727,7 +5733,7 @@ CONSOLE_OVERVIEW = r"""<h2>Today</h2>
  aria-label="messages a day for 15 days, the answered part in green">
 <line x1="0" y1="{{chart['base']}}" x2="{{chart['width']}}" y2="{{chart['base']}}" stroke="#94a3b8"/>
 % for bar in chart['bars']:
-<rect x="{{bar['x']}}" y="{{bar['y']}}" width="{{chart['bar']}}" height="{{bar['h']}}" fill="#cbd5e1">\\
+<rect x="{{bar['x']}}" y="{{bar['y']}}" width="{{chart['bar']}}" height="{{bar['h']}}" fill="#cbd5e1">
 <title>{{bar['day']}}: {{bar['messages']}} messages, {{bar['answered']}} answered</title></rect>
 <rect x="{{bar['x']}}" y="{{bar['ay']}}" width="{{chart['bar']}}" height="{{bar['ah']}}" fill="#16a34a"/>
 <text x="{{bar['x'] + chart['bar'] / 2}}" y="{{chart['height'] - 4}}" font-size="9"
@@ -5756,7 +5762,7 @@ given passages of the account's articles / answers that cited one.</p>
 """
 
 CONSOLE_PEOPLE = """<p class="meta">Everyone who wrote recently, the latest first (openids shortened).</p>
-<div class="wide"><table>
+<div class="wide"><table class="rows">
 <tr><th>Reader</th><th>Last message</th><th>When</th><th>State</th></tr>
 % for person in people:
 <tr><td><a href="/people/{{quote(person['openid'])}}">{{short(person['openid'])}}</a></td>
@@ -5769,18 +5775,14 @@ CONSOLE_PEOPLE = """<p class="meta">Everyone who wrote recently, the latest firs
 % end
 """
 
-CONSOLE_CONVERSATION = r"""<p class="meta">Reader {{short(openid)}}: every message, what was sent for
+CONSOLE_CONVERSATION = """<p class="meta">Reader {{short(openid)}}: every message, what was sent for
 it and when, oldest first.</p>
 % if older:
 <p><a href="/people/{{quote(openid)}}?before={{older}}">Older messages</a></p>
 % end
 % for turn in turns:
 <div class="turn" id="m{{turn['id']}}">
-<div class="meta">#{{turn['id']}} · {{when(turn['received_at'])}} · {{turn['state']}}\\
-% if turn['first'] is not None:
- · first reply after {{seconds(turn['first'])}}\\
-% end
-</div>
+<div class="meta">#{{turn['id']}} · {{when(turn['received_at'])}} · {{turn['state']}}{{'' if turn['first'] is None else ' · first reply after ' + seconds(turn['first'])}}</div>
 <div class="said">{{said(turn)}}</div>
 % if turn['acknowledged']:
 <div class="meta">{{turn['acknowledged']}}</div>
@@ -5820,7 +5822,7 @@ aside) asked more than once.</p>
 <h2>Not covered by an article</h2>
 <p class="meta">Recent questions for which no passage of the account's articles was found: what
 to write next.</p>
-<div class="wide"><table>
+<div class="wide"><table class="rows">
 <tr><th>When</th><th>Reader</th><th>Question</th></tr>
 % for question in uncovered:
 <tr><td class="n">{{when(question['received_at'])}}</td>
@@ -5830,7 +5832,7 @@ to write next.</p>
 </table></div>
 % end
 <h2>Recent questions</h2>
-<div class="wide"><table>
+<div class="wide"><table class="rows">
 <tr><th>When</th><th>Reader</th><th>Question</th><th>State</th></tr>
 % for question in recent:
 <tr><td class="n">{{when(question['received_at'])}}</td>
@@ -5840,22 +5842,22 @@ to write next.</p>
 </table></div>
 """
 
-CONSOLE_QUEUE = r"""% if note:
+CONSOLE_QUEUE = """% if note:
 <p class="note">{{note}}</p>
 % end
 % for title, state, total, rows in states:
 <h2>{{title}}: {{total}}</h2>
 % if rows:
-<div class="wide"><table>
-<tr><th>#</th><th>Received</th><th>Reader</th><th>Message</th><th>Why</th>\\
+<div class="wide"><table class="rows">
+<tr><th>#</th><th>Received</th><th>Reader</th><th>Message</th><th>Why</th>
 {{!'<th></th>' if state == 'dead' else ''}}</tr>
 % for row in rows:
 <tr><td class="n">{{row['id']}}</td><td class="n">{{when(row['received_at'])}}</td>
 <td><a href="/people/{{quote(row['openid'])}}#m{{row['id']}}">{{short(row['openid'])}}</a></td>
 <td class="said">{{said(row)}}</td><td class="said">{{why(row)}}</td>
 % if state == 'dead':
-<td><form method="post" action="/queue/retry" class="inline">\\
-<input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{row['id']}}">\\
+<td><form method="post" action="/queue/retry" class="inline">
+<input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{row['id']}}">
 <button>Retry</button></form></td>
 % end
 </tr>
@@ -5868,7 +5870,7 @@ CONSOLE_QUEUE = r"""% if note:
 % end
 """
 
-CONSOLE_ARTICLES = r"""% if note:
+CONSOLE_ARTICLES = """% if note:
 <p class="{{'bad' if failed else 'note'}} said">{{note}}</p>
 % end
 <p>{{total}} sources, {{passages}} passages.
@@ -5886,19 +5888,18 @@ Published articles never synced (python wxbot.py learn --published).
 <p><button type="submit">Learn</button></p>
 </form>
 <h2>Sources</h2>
-<div class="wide"><table>
+<div class="wide"><table class="rows">
 <tr><th>Title</th><th>Kind</th><th>Date</th><th class="n">Passages</th><th>Learned</th><th></th></tr>
 % for source in sources:
-<tr><td class="said">\\
 % if source['url'].startswith(('https://', 'http://')):
-<a href="{{source['url']}}" rel="noreferrer">{{source['title']}}</a>\\
+<tr><td><a href="{{source['url']}}" rel="noreferrer">{{source['title']}}</a></td>
 % else:
-{{source['title']}}\\
+<tr><td>{{source['title']}}</td>
 % end
-</td><td>{{source['kind']}}</td><td>{{source['date']}}</td><td class="n">{{source['passages']}}</td>
+<td>{{source['kind']}}</td><td>{{source['date']}}</td><td class="n">{{source['passages']}}</td>
 <td class="n">{{when(source['learned_at'])}}</td>
-<td><form method="post" action="/articles/forget" class="inline">\\
-<input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{source['id']}}">\\
+<td><form method="post" action="/articles/forget" class="inline">
+<input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{source['id']}}">
 <button>Forget</button></form></td></tr>
 % end
 </table></div>
@@ -5908,7 +5909,7 @@ Published articles never synced (python wxbot.py learn --published).
 """
 
 CONSOLE_SETTINGS = """<h2>Owner's files</h2>
-<div class="wide"><table>
+<div class="wide"><table class="rows">
 <tr><th>Setting</th><th>File</th><th>State</th></tr>
 % for env, path, state, good in files:
 <tr><td>{{env}}</td><td class="said">{{path}}</td><td class="{{'ok' if good else 'bad'}} said">{{state}}</td></tr>
@@ -5916,7 +5917,7 @@ CONSOLE_SETTINGS = """<h2>Owner's files</h2>
 </table></div>
 <h2>Effective settings</h2>
 <p class="meta">As the service reads them at start; secrets show as (set).</p>
-<div class="wide"><table>
+<div class="wide"><table class="rows">
 <tr><th>Variable</th><th>Value</th></tr>
 % for env, value in settings:
 <tr><td>{{env}}</td><td class="said">{{value}}</td></tr>
