@@ -15,6 +15,8 @@ Usage:
   python bench_wxbot.py --blocked-words   only the blocked-words row
   python bench_wxbot.py --burst    only the burst rows (--burst-users N to try them small)
   python bench_wxbot.py --passive  only the passive-reply row (--passive-users N, --quick)
+  python bench_wxbot.py --console  each page of the owner's console on a database of a
+                                   million messages (--console-messages N; built once, reused)
 """
 
 from __future__ import annotations
@@ -622,6 +624,113 @@ def bench_soak(wechat, args) -> list[str]:
             f"every year."]
 
 
+# The owner's console on a big database #######################################
+
+def build_console_db(path: str, messages: int) -> float:
+    """A database of `messages` messages from 10,000 readers over the last 29 days, as the
+    console reads it: questions in several wordings, answers of two segments (one in ten by
+    passive reply), failed and dead ones, menu clicks, one reader who wrote 2% of them all,
+    article uses for the questions and 300 learned articles; seconds taken."""
+    started = time.monotonic()
+    wxbot.Store(path).close()
+    articles = wxbot.Articles(path)
+    for number in range(300):
+        articles.learn_text("url", f"https://example.com/{number}", f"文章 {number}",
+                            f"第 {number} 篇文章讲退款、发货和售后。" * 20)
+    articles.close()
+    asked = ["怎么退款？", "怎么退款", "发货要几天", "营业时间是几点？", "能开发票吗",
+             "<img src=x onerror=alert(1)>"]
+    now = time.time()
+    states = ["done"] * 96 + ["failed"] * 2 + ["dead", "queued"]
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA synchronous=OFF")
+        for first in range(1, messages + 1, 100_000):
+            ids = range(first, min(messages + 1, first + 100_000))
+            at = {n: now - 29 * 86400 * (1 - n / messages) for n in ids}
+            openid = {n: "oHEAVY" + "x" * 22 if n % 50 == 0 else
+                      f"oCONSOLE{n % 10000:05d}" + "x" * 15 for n in ids}
+            state = {n: states[n % 100] for n in ids}
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT INTO messages (id, dedup_key, openid, msg_type, msg_id, event, content,"
+                " fields, received_at, state, attempts, answered_at, error) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, '{}', ?, ?, 1, ?, ?)",
+                ((n, f"{openid[n]}:{10**18 + n}", openid[n],
+                  "event" if n % 97 == 0 else "text", str(10**18 + n),
+                  "CLICK" if n % 97 == 0 else None,
+                  None if n % 97 == 0 else asked[n % len(asked)] + str(n % 300),
+                  at[n], state[n], at[n] + 3 if state[n] == "done" else None,
+                  "errcode 45015: response out of time limit" if state[n] == "dead" else None)
+                 for n in ids))
+            conn.executemany(
+                "INSERT INTO segments (message_id, seq, content, tried_at, sent_at, replied_to)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                ((n, seq, f"答复第 {seq + 1} 段", at[n] + 1 + seq, at[n] + 1 + seq,
+                  n if n % 10 == 0 else None)
+                 for n in ids if state[n] == "done" for seq in range(2)))
+            conn.executemany(
+                "INSERT INTO article_uses (message_id, at, given, cited) VALUES (?, ?, ?, ?)",
+                ((n, at[n] + 3, n % 3, n % 3 // 2) for n in ids if state[n] == "done"
+                 and n % 97))
+            conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return time.monotonic() - started
+
+
+def bench_console(args) -> list[str]:
+    """Each console page, fetched over HTTP as the owner's browser does, on a big database:
+    the first look (a past day's Overview figures are counted then, and kept) and 20 more."""
+    path = args.console_db or os.path.join(tempfile.gettempdir(),
+                                           f"wxbot-console-{args.console_messages}.db")
+    built = "reused" if os.path.exists(path) else \
+        f"built in {build_console_db(path, args.console_messages):.0f} s"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("DELETE FROM kv WHERE key LIKE 'console-day:%'")  # a first look again
+        conn.commit()
+    settings = wxbot.Settings.from_env({
+        "WXBOT_TOKEN": TOKEN, "WXBOT_APPID": APPID, "WXBOT_APPSECRET": "-",
+        "OPENAI_API_KEY": "-", "WXBOT_DB": path, "WXBOT_ADMIN_PASSWORD": "bench-password-123"})
+    store, articles = wxbot.Store(path), wxbot.Articles(path)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
+                                 articles)
+    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    session = requests.Session()
+    session.post(base + "/login", data={"password": settings.admin_password}, timeout=10)
+    with store.connection() as conn:
+        dead = conn.execute("SELECT id FROM messages WHERE state = 'dead' ORDER BY id DESC"
+                            " LIMIT 1").fetchone()[0]
+    pages = ["/", "/people", "/people/oCONSOLE00007" + "x" * 15,
+             "/people/oHEAVY" + "x" * 22, "/questions", "/queue", "/articles", "/settings"]
+    rows = []
+    try:
+        for page in pages:
+            times = []
+            for _ in range(21):
+                started = time.perf_counter()
+                answer = session.get(base + page, timeout=60)
+                times.append((time.perf_counter() - started) * 1000)
+                assert answer.status_code == 200 and "<h1>" in answer.text, page
+            rows.append(f"| {page[:24]} | {times[0]:.1f} | {statistics.median(times[1:]):.1f} "
+                        f"| {max(times[1:]):.1f} |")
+        token = re.search(r'name="csrf" value="([^"]+)"', answer.text).group(1)
+        started = time.perf_counter()
+        answer = session.post(base + "/queue/retry", data={"id": dead, "csrf": token},
+                              timeout=60)
+        retry_ms = (time.perf_counter() - started) * 1000
+        assert answer.ok
+    finally:
+        server.stop()
+        store.close()
+        articles.close()
+    size = os.path.getsize(path)
+    return [f"Owner's console on {args.console_messages:,} messages from 10,000 readers over "
+            f"29 days ({path}, {size / 2**30:.2f} GiB, {built}), each page over HTTP, ms:",
+            "| page | first look | median of 20 more | slowest of 20 |", "|---|---|---|---|",
+            *rows, f"Retry of a dead message (POST, then the Queue page): {retry_ms:.1f} ms."]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run: every phase, briefly")
@@ -649,8 +758,17 @@ def main() -> int:
                         help="only the passive-reply row (50 users waiting 4 s; seconds)")
     parser.add_argument("--passive-users", type=int, default=None,
                         help="users waiting at once in the passive row instead of 50")
+    parser.add_argument("--console", action="store_true",
+                        help="only the owner's console pages on a big database")
+    parser.add_argument("--console-messages", type=int, default=1_000_000,
+                        help="messages in the console's database (default 1,000,000)")
+    parser.add_argument("--console-db", help="the console's database: built once, reused "
+                                             "after")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.console:
+        print("\n".join(bench_console(args)))
+        return 0
     if args.blocked_words:
         print("\n".join(bench_blocked_words(args)))
         return 0

@@ -5622,7 +5622,7 @@ CONSOLE_DAYS = 14
 CONSOLE_ROWS = 50
 #: "Most asked" counts the latest this many questions: a count over every message ever
 #: stored would read the whole table on each look.
-CONSOLE_ASKED = 2000
+CONSOLE_ASKED = 1000
 #: Conversations: at most this many of the latest messages are read to find the people who
 #: wrote last (a few people writing thousands of messages leave the list short, not slow).
 CONSOLE_PEOPLE_READ = 20000
@@ -6169,10 +6169,11 @@ class OwnerConsole:
         asked = [row for row in rows if classify(row["msg_type"], row["content"], keywords,
                                                  bool(self.settings.image_model)).kind
                  is Kind.QUESTION]
-        counts = collections.Counter(normalise(row["content"]) for row in asked)
-        shown = {}
-        for row in asked:  # each text as a reader wrote it most recently
-            shown.setdefault(normalise(row["content"]), row["content"])
+        counts, shown = collections.Counter(), {}
+        for row in asked:  # each text shown as a reader wrote it most recently
+            form = normalise(row["content"])
+            counts[form] += 1
+            shown.setdefault(form, row["content"])
         most = [(count, shown[text]) for text, count in counts.most_common(20) if count > 1]
         return asked[:CONSOLE_ROWS], most
 
