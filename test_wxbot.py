@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import email.parser
 import email.policy
+import html.parser
 import http.client
 import http.server
 import io
@@ -6004,6 +6005,51 @@ def test_console_shows_nothing_and_does_nothing_without_a_login(start_bot, wecha
     assert owner.get(base + "/queue", timeout=5, allow_redirects=False).status_code == 303
 
 
+class SaidTexts(html.parser.HTMLParser):
+    """The text of each element of class "said" in a page, as a browser shows it."""
+
+    def __init__(self, page):
+        super().__init__()
+        self.texts, self.depth = [], 0
+        self.feed(page)
+
+    def handle_starttag(self, tag, attributes):
+        if self.depth:
+            self.depth += 1
+        elif "said" in (dict(attributes).get("class") or "").split():
+            self.depth = 1
+            self.texts.append("")
+
+    def handle_endtag(self, tag):
+        self.depth = max(0, self.depth - 1)
+
+    def handle_data(self, data):
+        if self.depth:
+            self.texts[-1] += data
+
+
+@hsettings(max_examples=40, deadline=None,
+           suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(st.characters(blacklist_categories=("Cs", "Cc")) | st.sampled_from(
+    "<>&\"'\n/=`"), min_size=1, max_size=80).filter(str.strip))
+def test_console_shows_whatever_a_reader_wrote_as_that_text(tmp_path, said):
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    store = wxbot.Store(settings.db)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup())
+    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
+    server.start()
+    try:
+        openid = f"oSAID{time.time_ns()}"
+        store.store_push(wxbot.Push(openid, "gh", "text", "1", str(time.time_ns()), None, said,
+                                    {}), time.time())
+        owner = LoggedIn(f"http://127.0.0.1:{server.port}")
+        assert SaidTexts(owner.page(f"/people/{openid}")).texts[0] == said
+        assert said in SaidTexts(owner.page("/people")).texts
+    finally:
+        server.stop()
+        store.close()
+
+
 def test_console_answers_429_after_five_wrong_passwords_from_one_address(tmp_path):
     now = [1_800_000_000.0]
     settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
@@ -6560,3 +6606,50 @@ def test_announced_articles_are_not_fetched_before_learn_published_or_when_turne
     bot.stop(timeout=5)
     assert [path for path, _ in calls if "freepublish" in path] == [
         "/cgi-bin/freepublish/batchget"]  # learn --published's, nothing else
+
+
+def test_console_overview_counts_each_day_once_and_as_a_full_count_would(tmp_path):
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    store = wxbot.Store(settings.db)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup())
+    midnight = console.midnight(1_800_000_000.0)
+    ids = itertools.count(1)
+
+    def arrive(at, answered_after=None, passive=False, state="done", openid="oA"):
+        message_id = next(ids)
+        with store.transaction() as conn:
+            conn.execute("INSERT INTO messages (id, dedup_key, openid, msg_type, content, fields,"
+                         " received_at, state) VALUES (?, ?, ?, 'text', '问', '{}', ?, ?)",
+                         (message_id, str(message_id), openid, at, state))
+            if answered_after is not None:
+                conn.execute("INSERT INTO segments (message_id, seq, content, sent_at,"
+                             " replied_to) VALUES (?, 0, '答', ?, ?)",
+                             (message_id, at + answered_after, message_id if passive else None))
+
+    for second in range(1, 101):  # yesterday: 100 answers, 1 to 100 s after their question
+        arrive(midnight - 86400 + 600 * second, second, passive=second % 4 == 0,
+               openid=f"o{second % 7}")
+    arrive(midnight - 60, state="dead")
+    for minutes in (10, 20, 30):
+        arrive(midnight + 60 * minutes, 2.0)
+    looks = [midnight + 1800, midnight + 3000, midnight + 3700, midnight + 7200]
+    for number, now in enumerate(looks):
+        if number == 2:
+            arrive(midnight + 3650, 5.0, openid="oLATE")
+        days = console.overview(now)
+        assert len(days) == 15
+        for back, day in zip(range(14, -1, -1), days):
+            start = console.midnight(now, back)
+            full = console.figures(console.tally(start, min(console.midnight(now, back - 1),
+                                                            now + 1)))
+            assert {key: day[key] for key in full} == full, (number, back)
+    yesterday, today = days[-2], days[-1]
+    assert (yesterday["messages"], yesterday["people"], yesterday["answered"],
+            yesterday["failed"]) == (101, 8, 100, 1)
+    assert (yesterday["first_median"], yesterday["first_p95"]) == (50.5, 95)
+    assert (yesterday["service"], yesterday["passive"]) == (75, 25)
+    assert today["messages"] == 4 and today["first_p95"] == 5.0
+    kept = store.get_kv(wxbot.CONSOLE_DAY_KEY.format(yesterday["day"]), looks[-1])
+    assert json.loads(kept) == {
+        key: value for key, value in yesterday.items() if key != "day"}
+    store.close()

@@ -6015,6 +6015,10 @@ class OwnerConsole:
         self.settings, self.store, self.owner, self.wakeup = settings, store, owner, wakeup
         self.articles, self.clock = articles, clock
         self.guard = ConsoleGuard(settings.admin_password)
+        #: Each unsettled day's tally so far, by its midnight (today's, and yesterday's in
+        #: the hour after midnight).
+        self._settled: dict[float, dict] = {}
+        self._counting = threading.Lock()
         self.templates = {name: bottle.SimpleTemplate(source) for name, source in [
             ("layout", CONSOLE_LAYOUT), ("login", CONSOLE_LOGIN),
             ("overview", CONSOLE_OVERVIEW), ("people", CONSOLE_PEOPLE),
@@ -6034,8 +6038,9 @@ class OwnerConsole:
         year, month, day = time.localtime(now)[:3]
         return time.mktime((year, month, day - days_back, 0, 0, 0, 0, 0, -1))
 
-    def day_figures(self, start: float, end: float) -> dict:
-        """One day's traffic: what readers wrote, how it was answered and how fast."""
+    def tally(self, start: float, end: float) -> dict:
+        """What readers wrote between two moments, how it was answered and how fast: the
+        sums a day's figures are made of, ending at `end` ("until")."""
         with self.store.connection() as conn:
             rows = conn.execute(
                 "SELECT m.openid, m.state, m.received_at,"
@@ -6049,36 +6054,72 @@ class OwnerConsole:
                 "SELECT coalesce(sum(given > 0), 0), coalesce(sum(cited > 0), 0)"
                 " FROM article_uses WHERE at >= ? AND at < ?",
                 (start, end)).fetchone() if self.articles else (0, 0)
-        waits = sorted(row[3] - row[2] for row in rows if row[3] is not None)
         return {
-            "messages": len(rows), "people": len({row[0] for row in rows}),
+            "messages": len(rows), "openids": {row[0] for row in rows},
             "answered": sum(row[1] == State.DONE.value for row in rows),
             "failed": sum(row[1] in (State.FAILED.value, State.DEAD.value) for row in rows),
-            "first_median": statistics.median(waits) if waits else None,
-            "first_p95": waits[math.ceil(0.95 * len(waits)) - 1] if waits else None,
+            "waits": [row[3] - row[2] for row in rows if row[3] is not None],
             "service": sum(row[3] is not None and not row[4] for row in rows),
             "passive": sum(bool(row[4]) for row in rows),
-            "given": uses[0], "cited": uses[1],
+            "given": uses[0], "cited": uses[1], "until": end,
         }
 
+    @staticmethod
+    def added(tally: dict, more: dict) -> dict:
+        """Two tallies of consecutive spans as one."""
+        return {key: value | more[key] if key == "openids" else more[key] if key == "until"
+                else value + more[key] for key, value in tally.items()}
+
+    @staticmethod
+    def figures(tally: dict) -> dict:
+        """A day's figures from its tally, as the Overview shows them."""
+        waits = sorted(tally["waits"])
+        return {
+            **{key: tally[key] for key in ("messages", "answered", "failed", "service",
+                                           "passive", "given", "cited")},
+            "people": len(tally["openids"]),
+            "first_median": statistics.median(waits) if waits else None,
+            "first_p95": waits[math.ceil(0.95 * len(waits)) - 1] if waits else None,
+        }
+
+    def day(self, start: float, end: float, now: float) -> dict:
+        """One day's figures. The messages of over CONSOLE_DAY_SETTLED ago are added to the
+        day's tally once and kept in memory; only the latest are read at each look. A day
+        whose every message is settled is kept in the database, and read from there."""
+        key = CONSOLE_DAY_KEY.format(time.strftime("%Y-%m-%d", time.localtime(start)))
+        kept = self.store.get_kv(key, now)
+        if kept:
+            return json.loads(kept)
+        settled = self._settled.get(start) or self.tally(start, start)
+        upto = min(end, now - CONSOLE_DAY_SETTLED)
+        if upto > settled["until"]:
+            settled = self.added(settled, self.tally(settled["until"], upto))
+        if upto >= end:
+            self._settled.pop(start, None)
+            figures = self.figures(settled)
+            self.store.set_kv(key, json.dumps(figures), end + (CONSOLE_DAYS + 2) * 86400)
+            return figures
+        self._settled[start] = settled
+        return self.figures(self.added(settled, self.tally(settled["until"],
+                                                           min(end, now + 1))))
+
     def overview(self, now: float) -> list[dict]:
-        """Today and the 14 days before, oldest first. A past day is counted once, when its
-        answers are in, and kept: only the latest day or two are read on each look."""
-        days = []
-        for back in range(CONSOLE_DAYS, -1, -1):
-            start, end = self.midnight(now, back), self.midnight(now, back - 1)
-            day = time.strftime("%Y-%m-%d", time.localtime(start))
-            settled = end + CONSOLE_DAY_SETTLED <= now
-            kept = self.store.get_kv(CONSOLE_DAY_KEY.format(day), now) if settled else None
-            if kept:
-                figures = json.loads(kept)
-            else:
-                figures = self.day_figures(start, min(end, now + 1))
-                if settled:
-                    self.store.set_kv(CONSOLE_DAY_KEY.format(day), json.dumps(figures),
-                                      end + (CONSOLE_DAYS + 2) * 86400)
-            days.append({"day": day, **figures})
+        """Today and the 14 days before, oldest first."""
+        with self._counting:
+            days = [{"day": time.strftime("%Y-%m-%d", time.localtime(self.midnight(now, back))),
+                     **self.day(self.midnight(now, back), self.midnight(now, back - 1), now)}
+                    for back in range(CONSOLE_DAYS, -1, -1)]
+            for start in [start for start in self._settled if start < self.midnight(now, 1)]:
+                del self._settled[start]  # a day that left the window unsettled
         return days
+
+    def count_days(self) -> None:
+        """Count the past days not yet counted, and today's settled messages: at start, in
+        a thread of its own, so that the owner's first look is as quick as the next."""
+        try:
+            self.overview(self.clock())
+        except sqlite3.Error as error:
+            log.warning("the console's Overview figures were not counted at start: %s", error)
 
     def people(self) -> list[sqlite3.Row]:
         """The latest message of each of the people who wrote last, latest first."""
@@ -6103,11 +6144,14 @@ class OwnerConsole:
         """One reader's messages before the id `before`, oldest first, each with what was
         sent for it; and the id to read older ones before (None: there are none)."""
         with self.store.connection() as conn:
-            rows = conn.execute(
+            # State by state, each in the order of the index messages_user (openid, state,
+            # id): a reader with a hundred thousand messages costs no sort of them all.
+            rows = sorted((row for state in State for row in conn.execute(
                 "SELECT id, msg_type, event, content, received_at, state, error, merged_into,"
                 " needs_model, model_failures, delivery_failures, interruptions"
-                " FROM messages WHERE openid = ? AND id < ? ORDER BY id DESC LIMIT ?",
-                (openid, before, CONSOLE_ROWS + 1)).fetchall()
+                " FROM messages WHERE openid = ? AND state = ? AND id < ?"
+                " ORDER BY id DESC LIMIT ?", (openid, state.value, before, CONSOLE_ROWS + 1))),
+                key=lambda row: row["id"], reverse=True)[:CONSOLE_ROWS + 1]
             older = rows[CONSOLE_ROWS - 1]["id"] if len(rows) > CONSOLE_ROWS else None
             rows = rows[:CONSOLE_ROWS][::-1]
             ids = [row["id"] for row in rows]
@@ -6699,9 +6743,10 @@ class Bot:
                         for n in range(Sender.THREADS)]
         self.janitor = Janitor(settings, self.store)
         #: The owner's console, on a listener of its own; None without WXBOT_ADMIN_PASSWORD.
-        self.console = HttpServer(
-            OwnerConsole(settings, self.store, self.owner, self.wakeup, self.articles).app(),
-            settings.admin_host, settings.admin_port) if settings.admin_password else None
+        self.owner_console = OwnerConsole(settings, self.store, self.owner, self.wakeup,
+                                          self.articles) if settings.admin_password else None
+        self.console = HttpServer(self.owner_console.app(), settings.admin_host,
+                                  settings.admin_port) if self.owner_console else None
         self.threads: list[threading.Thread] = []
 
     @property
@@ -6718,6 +6763,8 @@ class Bot:
         self.acknowledger.start()
         self.server.start()
         if self.console:
+            threading.Thread(target=self.owner_console.count_days, name="console-days",
+                             daemon=True).start()
             self.console.start()
             log.info("owner's console on http://%s:%d/", self.settings.admin_host,
                      self.console.port)
@@ -7211,7 +7258,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     try:
         bot = Bot(settings, owner)
     except OSError as error:
-        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
+        log.error("cannot listen on %s:%d%s: %s", settings.host, settings.port,
+                  f" (webhook) or {settings.admin_host}:{settings.admin_port} (console)"
+                  if settings.admin_password else "", error)
         return 1
     except (sqlite3.Error, RuntimeError) as error:
         log.error("cannot open the database %s: %s", settings.db, error)
