@@ -6030,8 +6030,10 @@ class SaidTexts(html.parser.HTMLParser):
 
 @hsettings(max_examples=40, deadline=None,
            suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.text(st.characters(blacklist_categories=("Cs", "Cc")) | st.sampled_from(
-    "<>&\"'\n/=`"), min_size=1, max_size=80).filter(str.strip))
+@given(st.lists(st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=6) |
+                st.sampled_from(["<", ">", "&", "&amp;", "&lt;", "\"", "'", "\n", "<b>", "</div>",
+                                 "<!--", "<script>", XSS, "{{csrf}}", "%"]),
+                min_size=1, max_size=12).map("".join).filter(str.strip))
 def test_console_shows_whatever_a_reader_wrote_as_that_text(tmp_path, said):
     settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
     store = wxbot.Store(settings.db)
@@ -6652,4 +6654,22 @@ def test_console_overview_counts_each_day_once_and_as_a_full_count_would(tmp_pat
     kept = store.get_kv(wxbot.CONSOLE_DAY_KEY.format(yesterday["day"]), looks[-1])
     assert json.loads(kept) == {
         key: value for key, value in yesterday.items() if key != "day"}
+    store.close()
+
+
+def test_console_conversation_pages_through_every_message_in_order(tmp_path):
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    store = wxbot.Store(settings.db)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup())
+    states = [state.value for state in wxbot.State]
+    with store.transaction() as conn:
+        conn.executemany("INSERT INTO messages (id, dedup_key, openid, msg_type, content, fields,"
+                         " received_at, state) VALUES (?, ?, ?, 'text', ?, '{}', ?, ?)",
+                         [(n, str(n), "oMANY" if n % 3 else "oOTHER", f"第{n}条", n,
+                           states[n * 7 % len(states)]) for n in range(1, 181)])
+    seen, before = [], 2 ** 63 - 1
+    while before:
+        turns, before = console.conversation("oMANY", before)
+        seen = [turn["content"] for turn in turns] + seen
+    assert seen == [f"第{n}条" for n in range(1, 181) if n % 3]
     store.close()
