@@ -6015,6 +6015,7 @@ class OwnerConsole:
         self.settings, self.store, self.owner, self.wakeup = settings, store, owner, wakeup
         self.articles, self.clock = articles, clock
         self.guard = ConsoleGuard(settings.admin_password)
+        self.refusals = LogThrottle()  # refused logins come at an attacker's pace; lines do not
         #: Each unsettled day's tally so far, by its midnight (today's, and yesterday's in
         #: the hour after midnight).
         self._settled: dict[float, dict] = {}
@@ -6326,14 +6327,17 @@ class OwnerConsole:
         def log_in():
             now, address = console.clock(), client_address(bottle.request.environ)
             if console.guard.refused(address, now):
-                log_web.warning("console login refused: %d wrong passwords from %s within a "
-                                "minute", CONSOLE_WRONG_TRIES, address)
+                held = console.refusals.allow(address, now)
+                if held is not None:
+                    log_web.warning("console logins from %s refused for a minute: %d wrong "
+                                    "passwords (%d more tries since the last such line)",
+                                    address, CONSOLE_WRONG_TRIES, held)
                 return bottle.HTTPResponse(console.render(
                     "login", "wxbot console",
                     problem="Too many wrong passwords: wait a minute."), 429)
             cookie = console.guard.log_in(
                 address, bottle.request.forms.getunicode("password") or "", now)
-            if cookie is None:
+            if cookie is None:  # the 5 a minute allowed are all logged
                 log_web.warning("console: wrong password from %s", address)
                 return bottle.HTTPResponse(console.render(
                     "login", "wxbot console", problem="Wrong password."), 401)
