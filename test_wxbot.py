@@ -8,6 +8,7 @@ the internet, and nothing waits on a bare sleep: every wait is a condition with 
 from __future__ import annotations
 
 import codecs
+import collections
 import base64
 import contextlib
 import datetime
@@ -6148,9 +6149,10 @@ def test_an_article_published_while_serving_is_learned_and_nobody_is_answered(
     bot = start_bot()
     wechat.published.insert(0, published_post("NEW", news_item("国庆放假通知",
                                                                ["国庆节10月1日到3日店休。"])))
-    response = post_push(bot, publish_event("NEW"))
+    announcement = publish_event("NEW")
+    response = post_push(bot, announcement)
     assert (response.status_code, response.text) == (200, "success")
-    post_push(bot, publish_event("NEW"))  # WeChat's retry: fetched once
+    post_push(bot, announcement)  # WeChat's retry: fetched once
     wait_for(lambda: bot.articles.find("国庆放假吗"), message="the new article learned")
     assert post_push(bot, publish_event("", status=4, openid="oMPHELPER2")).text == "success"
     wait_for(lambda: "rejected by review" in caplog.text, message="the failed job logged")
@@ -6183,3 +6185,42 @@ def test_announced_articles_are_not_fetched_before_learn_published_or_when_turne
     bot.stop(timeout=5)
     assert [path for path, _ in calls if "freepublish" in path] == [
         "/cgi-bin/freepublish/batchget"]  # learn --published's, nothing else
+
+
+CORPUS = os.path.join(HERE, "articles_corpus.json")
+
+
+def learned_corpus(path, corpus):
+    """An Articles database holding the corpus's articles."""
+    articles = wxbot.Articles(path)
+    for article in corpus["articles"]:
+        articles.learn_text("published", article["id"], article["title"], article["text"],
+                            url=article["url"], date=article["date"])
+    return articles
+
+
+def corpus_quality(articles, corpus, sets=("dev", "held")):
+    """How often the passage that answers a corpus question is given, by tag ("all",
+    "two", "newer", "followup"...), and how often an unrelated question gets any passage:
+    {name: (hits, questions)}, and the questions missed."""
+    urls = {article["id"]: article["url"] for article in corpus["articles"]}
+    figures, missed = collections.defaultdict(lambda: [0, 0]), []
+    for question in corpus["questions"]:
+        if question["set"] not in sets:
+            continue
+        given = articles.find(question["q"], question["earlier"])
+        hit = any(p.url == urls[question["answer"]] and question["holds"] in p.text
+                  for p in given)
+        for tag in ["all", *question["tags"]]:
+            figures[tag][0] += hit
+            figures[tag][1] += 1
+        if not hit:
+            missed.append((question["q"], question["answer"], [p.title for p in given]))
+    for question in corpus["unrelated"]:
+        if question["set"] in sets:
+            given = articles.find(question["q"])
+            figures["unrelated"][0] += bool(given)
+            figures["unrelated"][1] += 1
+            if given:
+                missed.append((question["q"], None, [p.title for p in given]))
+    return {tag: tuple(counts) for tag, counts in figures.items()}, missed
