@@ -2276,6 +2276,37 @@ def article_digest(title: str, text: str, url: str, date: str) -> str:
     return hashlib.sha256(f"{title}\n{url}\n{date}\n{text}".encode("utf-8")).hexdigest()
 
 
+#: The passages a search brings, best by BM25 first (a match in the title weighs 3 times).
+PASSAGES_MATCHING = (
+    "SELECT s.id, s.title, s.url, s.date, p.text FROM (SELECT rowid FROM article_terms"
+    " WHERE article_terms MATCH :query ORDER BY bm25(article_terms, 3.0, 1.0) LIMIT :limit) m"
+    " JOIN article_passages p ON p.id = m.rowid JOIN article_sources s ON s.id = p.source_id")
+#: In how many passages each term is (fts5vocab looks each up in the index).
+VOCABULARY = "SELECT term, doc FROM article_vocabulary WHERE term IN ({terms})"
+#: How many passages there are, kept by learn_text and forget.
+COUNTED_PASSAGES = "SELECT coalesce((SELECT value FROM article_state WHERE key = 'passages'), 0)"
+
+_LATIN_WORD = re.compile(rf"([0-9]+\.[0-9]+|[a-z0-9]+)([{_CJK}]?)")
+
+
+def latin_terms(folded: str) -> set[str]:
+    """The Latin words and numbers article_terms() finds in a folded text, with the
+    number-and-character terms (39元)."""
+    terms: set[str] = set()
+    for match in _LATIN_WORD.finditer(folded):
+        parts = _word_parts(match.group(1))
+        terms.update(parts)
+        if match.group(2) and parts[0][0].isdigit():
+            terms.add(parts[0] + match.group(2))
+    return terms
+
+
+def shows(folded: str, latin: set[str], term: str) -> bool:
+    """Whether a folded text holds a term of article_terms(): a CJK character or pair is
+    there as written; a Latin word or number is one of its `latin` terms."""
+    return term in latin if term[0].isascii() else term in folded
+
+
 class Articles:
     """The account's articles in the bot's SQLite database: own tables, own connections.
 
@@ -2286,7 +2317,7 @@ class Articles:
     #: At most this many passages go with a question.
     MOST = 5
     #: Candidates BM25 brings before they are weighed against the question.
-    CANDIDATES = 40
+    CANDIDATES = 30
 
     def __init__(self, db_path: str, busy_timeout: float = 15.0):
         create_private(db_path)
@@ -2347,6 +2378,13 @@ class Articles:
                           " ".join(article_terms(row[1]))))
         conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('terms', ?)",
                      (str(TERMS_VERSION),))
+        self._count(conn)
+
+    @staticmethod
+    def _count(conn: sqlite3.Connection) -> None:
+        """Note how many passages there are, for find(): counting them there would read them."""
+        conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('passages',"
+                     " (SELECT count(*) FROM article_passages))")
 
     @staticmethod
     def _unindex(conn: sqlite3.Connection, source_id: int) -> None:
@@ -2397,6 +2435,7 @@ class Articles:
                                           " VALUES (?, ?)", (source_id, piece)).lastrowid
                 conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
                              (passage_id, title_terms, " ".join(article_terms(piece))))
+            self._count(conn)
         return Source(source_id, kind, origin, title, url, date, len(pieces), now)
 
     def forget(self, origin_or_id: str) -> bool:
@@ -2420,6 +2459,7 @@ class Articles:
             for source_id in ids:
                 self._unindex(conn, source_id)
                 conn.execute("DELETE FROM article_sources WHERE id = ?", (source_id,))
+            self._count(conn)
         return True
 
     def digests(self, kind: str) -> dict[str, str]:
@@ -2547,6 +2587,8 @@ class Articles:
     ALONE = 0.3
     #: How much the earlier question's units weigh beside the question's own.
     EARLIER_WEIGHT = 0.5
+    #: Passages BM25 may score for one question (about 3 µs each).
+    BUDGET = 2000
 
     def find(self, question: str, earlier: Sequence[str] = ()) -> list[Passage]:
         """Passages that answer `question` (with the user's earlier question(s) for a
@@ -2558,22 +2600,21 @@ class Articles:
         if not units:
             return []
         conn = self._conn()
-        total = conn.execute("SELECT count(*) FROM article_passages").fetchone()[0]
+        total = int(conn.execute(COUNTED_PASSAGES).fetchone()[0])
         if not total:
             return []
-        terms = {term for _, unit in units.values()
-                 for terms in (*unit.strong, unit.weak) for term in terms}
-        found_in = dict(conn.execute(
-            f"SELECT term, doc FROM article_vocabulary WHERE term IN"
-            f" ({', '.join('?' * len(terms))})", list(terms)).fetchall())
-        searched, weight = set(), {}
+        terms = sorted({term for _, unit in units.values()
+                        for terms in (*unit.strong, unit.weak) for term in terms})
+        found_in = dict(conn.execute(VOCABULARY.format(
+            terms=", ".join("?" * len(terms))), terms).fetchall())
+        searched, weight = {}, {}
         for key, (importance, unit) in units.items():
-            # Searched for: what shows the unit strongly, where it exists; else its weak terms.
-            strong = [shown for shown in unit.strong if all(term in found_in for term in shown)]
-            searched.update(" AND ".join(f'"{term}"' for term in sorted(shown))
-                            for shown in strong)
-            if not strong:
-                searched.update(f'"{term}"' for term in unit.weak if term in found_in)
+            # Searched for: what shows the unit strongly, where it exists (a passage that shows
+            # no unit strongly is not given, below).
+            for shown in unit.strong:
+                if all(term in found_in for term in shown):
+                        searched[" AND ".join(f'"{term}"' for term in sorted(shown))] = min(
+                        found_in[term] for term in shown)
             # Weighed by how rare it is: a character by itself, a group of words together.
             counted = [unit.weak] if unit.weak else unit.strong
             passages = min(total, sum(min(found_in.get(term, 0) for term in shown)
@@ -2581,26 +2622,37 @@ class Articles:
             weight[key] = importance * math.log((total - passages + 0.5) / (passages + 0.5) + 1)
         if not searched:
             return []
+        # The candidates come from the rarest terms, as many as keep BM25's work (a score for
+        # each passage holding one) within BUDGET; when even the rarest is common (咖啡 in an
+        # account about coffee), from passages holding the two rarest. The weighing below
+        # still counts every unit.
+        rare, brought = [], 0
+        for query in sorted(searched, key=searched.get):
+            if rare and brought + searched[query] > self.BUDGET:
+                break
+            rare.append(query)
+            brought += searched[query]
+        if brought > self.BUDGET and len(searched) > 1:
+            rare = [" AND ".join(f"({query})" for query in sorted(searched, key=searched.get)[:2])]
         whole = sum(weight.values())
-        rows = conn.execute(
-            "SELECT p.id, p.text, s.id, s.title, s.url, s.date, bm25(article_terms, 3.0, 1.0)"
-            " FROM article_terms JOIN article_passages p ON p.id = article_terms.rowid"
-            " JOIN article_sources s ON s.id = p.source_id"
-            " WHERE article_terms MATCH ? ORDER BY rank LIMIT ?",
-            (" OR ".join(f"({query})" for query in sorted(searched)),
-             self.CANDIDATES)).fetchall()
+        latin_asked = any(term[0].isascii() for term in terms)
         scored = []
-        for passage_id, text, source_id, title, url, date, rank in rows:
-            shown = set(article_terms(text)) | set(article_terms(title))
+        for source_id, title, url, date, text in conn.execute(PASSAGES_MATCHING, {
+                "query": " OR ".join(f"({query})" for query in rare),
+                "limit": self.CANDIDATES}):
+            folded = fold(f"{title}\n{text}")
+            latin = latin_terms(folded) if latin_asked else set()
             strongly = {key for key, (_, unit) in units.items()
-                        if any(terms <= shown for terms in unit.strong)}
-            share = sum(weight[key] * (1.0 if key in strongly else
-                                       self.ALONE if unit.weak & shown else 0.0)
+                        if any(all(shows(folded, latin, term) for term in terms)
+                               for terms in unit.strong)}
+            share = sum(weight[key] * (1.0 if key in strongly else self.ALONE
+                                       if any(shows(folded, latin, term) for term in unit.weak)
+                                       else 0.0)
                         for key, (_, unit) in units.items()) / whole
             # Characters found only one by one are no sign the passage is on the subject.
             if strongly and share >= self.FLOOR:
-                scored.append((share, -rank, Passage(source_id, title, url, date, text)))
-        scored.sort(key=lambda item: (item[0], item[1]), reverse=True)
+                scored.append((share, len(scored), Passage(source_id, title, url, date, text)))
+        scored.sort(key=lambda item: (-item[0], item[1]))
         return [passage for _, _, passage in scored[:self.MOST]]
 
 
