@@ -1944,11 +1944,32 @@ def _word(word: str) -> str:
     return word
 
 
+_LETTERS_DIGITS = re.compile(r"[a-z]+|[0-9]+")
+
+
+def _word_parts(word: str) -> list[str]:
+    """A Latin word or number as indexed: itself, and for letters and digits together (V60)
+    each run of either, so that "v 60" finds it."""
+    word = _word(word)
+    parts = _LETTERS_DIGITS.findall(word) if not word.isalpha() and not word.isdigit() \
+        and "p" not in word.strip("abcdefghijklmnoqrstuvwxyz") else []
+    return [word] + [_word(part) for part in parts] if len(parts) > 1 else [word]
+
+
+#: A price written with the sign before it (¥39, ￥39 folds to ¥39), as 39元 says it.
+_PRICE_SIGN = re.compile(r"¥ ?([0-9]+(?:\.[0-9]+)?)")
+
+
+def fold(text: str) -> str:
+    """Text as it is indexed and searched: full-width folded, lower case, ¥39 as 39元."""
+    return _PRICE_SIGN.sub(r"\1元", unicodedata.normalize("NFKC", text).lower())
+
+
 def article_terms(text: str) -> list[str]:
     """The terms a text is indexed by: each CJK character and each pair of neighbours, each
     Latin word and number (folded: full-width, case, leading zeros), and a number with the
     character after it (39元, 8月)."""
-    folded = unicodedata.normalize("NFKC", text).lower()
+    folded = fold(text)
     terms: list[str] = []
     last_end, last_number = -1, ""
     for match in _TERM_RUNS.finditer(folded):
@@ -1960,33 +1981,102 @@ def article_terms(text: str) -> list[str]:
                 terms.append(last_number + run[0])
             last_number = ""
         else:
-            word = _word(word)
-            last_number = word if word[0].isdigit() else ""
-            terms.append(word)
+            parts = _word_parts(word)
+            last_number = parts[0] if parts[0][0].isdigit() else ""
+            terms.extend(parts)
         last_end = match.end()
     return terms
 
 
-def question_units(text: str) -> dict[str, set[str]]:
+#: How readers ask and how articles say it: a question holding one of these words finds a
+#: passage holding any other of its group (开门 finds 营业时间, 包邮 finds 免配送费). The
+#: things people ask a shop, café, clinic or school account about, not one account's words.
+READER_WORDS = (
+    ("开门", "关门", "营业", "开店", "打烊", "店休", "休息", "歇业", "几点开", "开到几点"),
+    ("包邮", "免邮", "邮费", "运费", "免运费", "配送费", "免配送费", "快递费"),
+    ("在哪", "在哪里", "在哪儿", "地址", "位置", "怎么走", "怎么去", "怎么到", "门店"),
+    ("多少钱", "几块钱", "多钱", "价格", "价钱", "价位", "收费", "费用", "便宜", "贵", "元"),
+    ("退款", "退钱", "退货", "退单", "退换", "退费"),
+    ("优惠", "折扣", "打折", "便宜点", "减免", "优惠券", "活动价"),
+    ("外卖", "配送", "送货", "送餐", "外送", "送到", "上门"),
+    ("预约", "预订", "预定", "报名", "订位", "提前订"),
+    ("多久", "多长时间", "几天", "几分钟", "分钟", "小时", "时间"),
+    ("停车", "车位", "停车场", "停车费"),
+    ("狗", "狗狗", "猫", "猫咪", "宠物", "犬"),
+    ("小孩", "孩子", "儿童", "宝宝", "小朋友"),
+    ("工资", "薪资", "月薪", "时薪", "薪水", "待遇"),
+    ("招聘", "招人", "应聘", "招兼职", "求职"),
+    ("过年", "春节", "除夕", "大年", "年假"),
+    ("电话", "联系方式", "客服", "手机号"),
+    ("发票", "开票", "报销"),
+    ("能用", "可以用", "支持", "适用"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One thing a question asks about, and what shows it in a passage."""
+
+    strong: tuple[frozenset[str], ...]  # a passage showing all terms of one: it is there
+    weak: frozenset[str] = frozenset()  # showing one of these: it may be (a character alone)
+
+
+def _reader_word_pattern() -> re.Pattern:
+    words = sorted({word for group in READER_WORDS for word in group}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, words)))
+
+
+_READER_WORD = _reader_word_pattern()
+_READER_GROUP = {word: group for group in READER_WORDS for word in group}
+
+
+def _shown_by(word: str) -> frozenset[str]:
+    """The terms that show a word in a passage: its pairs (a one-character word: itself)."""
+    terms = article_terms(word)
+    pairs = frozenset(term for term in terms if len(term) > 1 or len(terms) == 1)
+    return pairs or frozenset(terms)
+
+
+def question_units(text: str) -> dict[str, Unit]:
     """What a question asks about, unit by unit: each meaningful CJK character and each Latin
     word or number, with the terms that show the unit in the question's own context (the
-    character paired with a neighbour). A character found alone in a passage is weak
-    evidence; found in one of its pairs, strong. Pairs that span two words (周末几点 gives 末几)
-    need not exist anywhere: they simply show nothing."""
-    folded = QUESTION_WORDS.sub(" ", unicodedata.normalize("NFKC", text).lower())
-    units: dict[str, set[str]] = {}
+    character paired with a neighbour), and each reader's word (READER_WORDS) with the words
+    of its group. A character found alone in a passage is weak evidence; found in one of its
+    pairs, strong. Pairs that span two words (周末几点 gives 末几) need not exist anywhere:
+    they simply show nothing."""
+    folded = fold(text)
+    units: dict[str, Unit] = {}
+    for found in _READER_WORD.finditer(folded):
+        group = _READER_GROUP[found.group()]
+        units[group[0]] = Unit(tuple(_shown_by(word) for word in group))
+    folded = QUESTION_WORDS.sub(" ", _READER_WORD.sub(" ", folded))
+    last_end, last_number = -1, ""
     for match in _TERM_RUNS.finditer(folded):
         run, word = match.group(1), match.group(2)
         if word:
-            units.setdefault(_word(word), set())
+            parts = _word_parts(word)
+            last_number = parts[0] if parts[0][0].isdigit() else ""
+            for part in parts:
+                # A number of one or two digits is a weak sign on its own (16 is in many a
+                # price), a strong one with its unit (16元, 8寸, 5公里): see below.
+                units.setdefault(part, Unit((frozenset([part]),)) if not part.isdigit() or
+                                 len(part) > 2 else Unit((), frozenset([part])))
+            last_end = match.end()
             continue
+        if last_number and match.start() == last_end and run[0] not in QUESTION_FILLER:
+            known = units[last_number]
+            units[last_number] = Unit((*known.strong, frozenset([last_number + run[0]])),
+                                      known.weak)
+        last_number = ""
         for i, char in enumerate(run):
             if char in QUESTION_FILLER:
                 continue
-            pairs = units.setdefault(char, set())
-            pairs.update(run[j:j + 2] for j in (i - 1, i) if j >= 0 and j + 2 <= len(run))
+            pairs = {run[j:j + 2] for j in (i - 1, i) if j >= 0 and j + 2 <= len(run)}
             if len(run) == 1:
                 pairs.add(char)  # a word of one character: found alone is found
+            known = units.get(char)
+            strong = {*(known.strong if known else ()), *(frozenset([pair]) for pair in pairs)}
+            units[char] = Unit(tuple(strong), frozenset([char]))
     return units
 
 
@@ -2227,6 +2317,37 @@ def article_digest(title: str, text: str, url: str, date: str) -> str:
     return hashlib.sha256(f"{title}\n{url}\n{date}\n{text}".encode("utf-8")).hexdigest()
 
 
+#: The passages a search brings, best by BM25 first (a match in the title weighs 3 times).
+PASSAGES_MATCHING = (
+    "SELECT s.id, s.title, s.url, s.date, p.text FROM (SELECT rowid FROM article_terms"
+    " WHERE article_terms MATCH :query ORDER BY bm25(article_terms, 3.0, 1.0) LIMIT :limit) m"
+    " JOIN article_passages p ON p.id = m.rowid JOIN article_sources s ON s.id = p.source_id")
+#: In how many passages each term is (fts5vocab looks each up in the index).
+VOCABULARY = "SELECT term, doc FROM article_vocabulary WHERE term IN ({terms})"
+#: How many passages there are, kept by learn_text and forget.
+COUNTED_PASSAGES = "SELECT coalesce((SELECT value FROM article_state WHERE key = 'passages'), 0)"
+
+_LATIN_WORD = re.compile(rf"([0-9]+\.[0-9]+|[a-z0-9]+)([{_CJK}]?)")
+
+
+def latin_terms(folded: str) -> set[str]:
+    """The Latin words and numbers article_terms() finds in a folded text, with the
+    number-and-character terms (39元)."""
+    terms: set[str] = set()
+    for match in _LATIN_WORD.finditer(folded):
+        parts = _word_parts(match.group(1))
+        terms.update(parts)
+        if match.group(2) and parts[0][0].isdigit():
+            terms.add(parts[0] + match.group(2))
+    return terms
+
+
+def shows(folded: str, latin: set[str], term: str) -> bool:
+    """Whether a folded text holds a term of article_terms(): a CJK character or pair is
+    there as written; a Latin word or number is one of its `latin` terms."""
+    return term in latin if term[0].isascii() else term in folded
+
+
 class Articles:
     """The account's articles in the bot's SQLite database: own tables, own connections.
 
@@ -2237,7 +2358,7 @@ class Articles:
     #: At most this many passages go with a question.
     MOST = 5
     #: Candidates BM25 brings before they are weighed against the question.
-    CANDIDATES = 40
+    CANDIDATES = 30
 
     def __init__(self, db_path: str, busy_timeout: float = 15.0):
         create_private(db_path)
@@ -2298,6 +2419,13 @@ class Articles:
                           " ".join(article_terms(row[1]))))
         conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('terms', ?)",
                      (str(TERMS_VERSION),))
+        self._count(conn)
+
+    @staticmethod
+    def _count(conn: sqlite3.Connection) -> None:
+        """Note how many passages there are, for find(): counting them there would read them."""
+        conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('passages',"
+                     " (SELECT count(*) FROM article_passages))")
 
     @staticmethod
     def _unindex(conn: sqlite3.Connection, source_id: int) -> None:
@@ -2348,6 +2476,7 @@ class Articles:
                                           " VALUES (?, ?)", (source_id, piece)).lastrowid
                 conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
                              (passage_id, title_terms, " ".join(article_terms(piece))))
+            self._count(conn)
         return Source(source_id, kind, origin, title, url, date, len(pieces), now)
 
     def forget(self, origin_or_id: str) -> bool:
@@ -2371,6 +2500,7 @@ class Articles:
             for source_id in ids:
                 self._unindex(conn, source_id)
                 conn.execute("DELETE FROM article_sources WHERE id = ?", (source_id,))
+            self._count(conn)
         return True
 
     def digests(self, kind: str) -> dict[str, str]:
@@ -2493,55 +2623,77 @@ class Articles:
 
     #: A passage goes with the question only when what it shows of the question weighs this
     #: share of the question (each unit weighed by how rare it is in the articles).
-    FLOOR = 0.5
+    FLOOR = 0.27
     #: What a character found alone in a passage (not beside its neighbour) counts for.
     ALONE = 0.3
     #: How much the earlier question's units weigh beside the question's own.
     EARLIER_WEIGHT = 0.5
+    #: Passages BM25 may score for one question (about 3 µs each).
+    BUDGET = 2000
 
     def find(self, question: str, earlier: Sequence[str] = ()) -> list[Passage]:
         """Passages that answer `question` (with the user's earlier question(s) for a
         follow-up), best first, at most a handful; [] when nothing relevant (relevance floor)."""
-        units = {unit: (1.0, pairs) for unit, pairs in question_units(question).items()}
+        units = {key: (1.0, unit) for key, unit in question_units(question).items()}
         for before in list(earlier)[-1:]:
-            for unit, pairs in question_units(before).items():
-                units.setdefault(unit, (self.EARLIER_WEIGHT, pairs))
+            for key, unit in question_units(before).items():
+                units.setdefault(key, (self.EARLIER_WEIGHT, unit))
         if not units:
             return []
         conn = self._conn()
-        total = conn.execute("SELECT count(*) FROM article_passages").fetchone()[0]
-        terms = set(units) | {pair for _, pairs in units.values() for pair in pairs}
+        total = int(conn.execute(COUNTED_PASSAGES).fetchone()[0])
         if not total:
             return []
-        found_in = dict(conn.execute(
-            f"SELECT term, doc FROM article_vocabulary WHERE term IN"
-            f" ({', '.join('?' * len(terms))})", list(terms)).fetchall())
-        # Searched for: the pairs that exist, and a character only where none of its does.
-        searched = set()
-        for unit, (_, pairs) in units.items():
-            present = {pair for pair in pairs if pair in found_in}
-            searched |= present or ({unit} if unit in found_in else set())
+        terms = sorted({term for _, unit in units.values()
+                        for terms in (*unit.strong, unit.weak) for term in terms})
+        found_in = dict(conn.execute(VOCABULARY.format(
+            terms=", ".join("?" * len(terms))), terms).fetchall())
+        searched, weight = {}, {}
+        for key, (importance, unit) in units.items():
+            # Searched for: what shows the unit strongly, where it exists (a passage that shows
+            # no unit strongly is not given, below).
+            for shown in unit.strong:
+                if all(term in found_in for term in shown):
+                        searched[" AND ".join(f'"{term}"' for term in sorted(shown))] = min(
+                        found_in[term] for term in shown)
+            # Weighed by how rare it is: a character by itself, a group of words together.
+            counted = [unit.weak] if unit.weak else unit.strong
+            passages = min(total, sum(min(found_in.get(term, 0) for term in shown)
+                                      for shown in counted))
+            weight[key] = importance * math.log((total - passages + 0.5) / (passages + 0.5) + 1)
         if not searched:
             return []
-        weight = {unit: importance * math.log((total - found_in.get(unit, 0) + 0.5) /
-                                              (found_in.get(unit, 0) + 0.5) + 1)
-                  for unit, (importance, _) in units.items()}
+        # The candidates come from the rarest terms, as many as keep BM25's work (a score for
+        # each passage holding one) within BUDGET; when even the rarest is common (咖啡 in an
+        # account about coffee), from passages holding the two rarest. The weighing below
+        # still counts every unit.
+        rare, brought = [], 0
+        for query in sorted(searched, key=searched.get):
+            if rare and brought + searched[query] > self.BUDGET:
+                break
+            rare.append(query)
+            brought += searched[query]
+        if brought > self.BUDGET and len(searched) > 1:
+            rare = [" AND ".join(f"({query})" for query in sorted(searched, key=searched.get)[:2])]
         whole = sum(weight.values())
-        rows = conn.execute(
-            "SELECT p.id, p.text, s.id, s.title, s.url, s.date, bm25(article_terms, 3.0, 1.0)"
-            " FROM article_terms JOIN article_passages p ON p.id = article_terms.rowid"
-            " JOIN article_sources s ON s.id = p.source_id"
-            " WHERE article_terms MATCH ? ORDER BY rank LIMIT ?",
-            (" OR ".join(f'"{term}"' for term in searched), self.CANDIDATES)).fetchall()
+        latin_asked = any(term[0].isascii() for term in terms)
         scored = []
-        for passage_id, text, source_id, title, url, date, rank in rows:
-            shown = set(article_terms(text)) | set(article_terms(title))
-            share = sum(weight[unit] * (1.0 if unit in shown and (not pairs or pairs & shown)
-                                        else self.ALONE if unit in shown else 0.0)
-                        for unit, (_, pairs) in units.items()) / whole
-            if share >= self.FLOOR:
-                scored.append((share, -rank, Passage(source_id, title, url, date, text)))
-        scored.sort(key=lambda item: (item[0], item[1]), reverse=True)
+        for source_id, title, url, date, text in conn.execute(PASSAGES_MATCHING, {
+                "query": " OR ".join(f"({query})" for query in rare),
+                "limit": self.CANDIDATES}):
+            folded = fold(f"{title}\n{text}")
+            latin = latin_terms(folded) if latin_asked else set()
+            strongly = {key for key, (_, unit) in units.items()
+                        if any(all(shows(folded, latin, term) for term in terms)
+                               for terms in unit.strong)}
+            share = sum(weight[key] * (1.0 if key in strongly else self.ALONE
+                                       if any(shows(folded, latin, term) for term in unit.weak)
+                                       else 0.0)
+                        for key, (_, unit) in units.items()) / whole
+            # Characters found only one by one are no sign the passage is on the subject.
+            if strongly and share >= self.FLOOR:
+                scored.append((share, len(scored), Passage(source_id, title, url, date, text)))
+        scored.sort(key=lambda item: (-item[0], item[1]))
         return [passage for _, _, passage in scored[:self.MOST]]
 
 
