@@ -6154,7 +6154,13 @@ def test_console_queries_read_no_whole_table(start_bot, wechat, model, tmp_path,
     assert any("m.received_at >=" in s for s in checked) and any("IN (" in s for s in checked)
     with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
         scans = {statement: full_scans(conn, statement) for statement in checked}
+        # One row a question answered: as big as messages in time.
+        uses = {statement: [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement)
+                            if re.match(r"SCAN (article_uses|u)\b", row[3])
+                            and "article_uses_uncovered" not in row[3]]
+                for statement in checked if "article_uses" in statement}
     assert {statement: plan for statement, plan in scans.items() if plan} == {}
+    assert len(uses) >= 2 and {statement: plan for statement, plan in uses.items() if plan} == {}
 
 
 # The console in a real browser ###############################################
