@@ -16,6 +16,8 @@ Usage:
   python wxbot.py retry ID         queue a dead message again
   python wxbot.py learn SOURCE...  learn the account's articles: URLs, files, folders,
                                    --published (then kept in sync); --list; --forget SOURCE
+With WXBOT_ADMIN_PASSWORD set, serve also runs the owner's console, a web page of what
+readers ask, the queue and the articles, on WXBOT_ADMIN_HOST:WXBOT_ADMIN_PORT (127.0.0.1:8081).
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
