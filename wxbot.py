@@ -5780,8 +5780,8 @@ CONSOLE_ASKED = 1000
 #: Conversations: at most this many of the latest messages are read to find the people who
 #: wrote last (a few people writing thousands of messages leave the list short, not slow).
 CONSOLE_PEOPLE_READ = 20000
-#: A past day's Overview figures are kept (kv) once the day ended this long ago: the answers
-#: to its last messages are in by then. Days since are counted afresh on each look.
+#: A message is added to its day's tally once it is this old: its answer is in by then. A day
+#: whose messages are all this old has its figures kept in the database (kv, CONSOLE_DAY_KEY).
 CONSOLE_DAY_SETTLED = 3600.0
 CONSOLE_DAY_KEY = "console-day:{}"
 CONSOLE_COOKIE = "wxbot_console"
@@ -6612,7 +6612,10 @@ class OwnerConsole:
 
         def with_headers(environ, start_response):
             def start(status, headers, exc_info=None):
-                return start_response(status, headers + CONSOLE_HEADERS, exc_info)
+                own = {name.lower() for name, _ in headers}  # the stylesheet's Cache-Control
+                return start_response(status, headers + [
+                    header for header in CONSOLE_HEADERS if header[0].lower() not in own],
+                                      exc_info)
             return app(environ, start)
         return with_headers
 
