@@ -6333,6 +6333,8 @@ def test_console_works_in_a_real_browser_on_a_phone_and_a_desktop(start_bot, wec
     problems = [entry for entry in browser.console_messages()
                 if entry["level"] in ("SEVERE", "WARNING")]
     assert problems == []
+    browser.go(base + "/no-such-page")  # the console's log does report an error
+    assert "404" in " ".join(entry["message"] for entry in browser.console_messages())
 # Articles ####################################################################
 
 def test_an_article_is_found_by_its_two_character_words_and_learning_again_replaces_it(

@@ -6334,8 +6334,10 @@ class OwnerConsole:
                 **dict(row), "replies": replies[row["id"]],
                 "first": first[row["id"]] - row["received_at"] if row["id"] in first else None,
                 "acknowledged": f"queue line sent at {clock_text(float(line))}" if line else
+                # Not stored: the Acknowledger shows typing for each such message it has no
+                # queue line for, in service mode.
                 "typing shown while the answer was written" if row["needs_model"] and
-                row["msg_type"] != "event" and not passive and row["state"] != "queued" else "",
+                row["msg_type"] != "event" and row["id"] in first and not passive else "",
                 "failures": ", ".join(f"{name} {row[column]}" for name, column in [
                     ("model failures", "model_failures"),
                     ("delivery failures", "delivery_failures"),
