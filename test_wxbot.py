@@ -6783,3 +6783,25 @@ def test_any_text_is_cut_into_passages_and_any_question_is_searched(tmp_path, te
         assert len(found) <= wxbot.Articles.MOST
     finally:
         articles.close()
+
+
+def test_the_daily_sync_learns_new_and_edited_articles_and_forgets_deleted_ones(
+        tmp_path, start_bot, wechat, model):
+    wechat.published = [published_post("A", news_item("营业时间", ["每天早上8点开门。"])),
+                        published_post("B", news_item("中秋放假", ["中秋节放假一天。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.note_sync(time.time() - 86400 - 60)  # the last sync was over a day ago
+    articles.close()
+    wechat.published = [published_post("C", news_item("国庆放假", ["国庆节10月1日到3日店休。"])),
+                        published_post("A", news_item("营业时间", ["每天早上9点开门。"]))]
+    notes = tmp_path / "faq.md"
+    notes.write_text("# 常见问题\n\n店里可以带狗狗，外摆区有水碗。\n", encoding="utf-8")
+    bot = start_bot()
+    wait_for(lambda: bot.articles.last_sync() > time.time() - 3600, message="the daily sync")
+    assert [p.text for p in bot.articles.find("几点开门")] == ["每天早上9点开门。"]
+    assert bot.articles.find("国庆放假吗")[0].title == "国庆放假"
+    assert "中秋放假" not in [source.title for source in bot.articles.sources()]
+    # `learn` while the server runs: the server finds what it learned at once.
+    assert learn(tmp_path, wechat, model, str(notes))[0] == 0
+    assert [p.title for p in bot.articles.find("能带狗吗")] == ["常见问题"]
