@@ -6144,9 +6144,9 @@ def test_console_queries_read_no_whole_table(start_bot, wechat, model, tmp_path,
     dead = console_traffic(bot, wechat, model, monkeypatch)
     owner = LoggedIn(console_base(bot))
     del statements[:]
-    bot.articles.learn_text("url", "https://example.com/a", "退款说明", "退款在七天内办理。")
+    learned = bot.articles.learn_text("url", "https://example.com/a", "退款说明", "退款在七天内办理。")
     for path in ["/", "/people", "/people/oREADER-alice-0001", "/questions", "/queue",
-                 "/articles", "/settings"]:
+                 "/articles", f"/articles/{learned.id}", "/settings"]:
         owner.page(path)
     owner.post(owner.base + "/queue/retry", data={"id": dead, "csrf": owner.token}, timeout=5)
     checked = [s for s in statements if re.match(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)", s,
@@ -6216,6 +6216,13 @@ class Browser:
 
     def text(self, css="body"):
         return self.command("GET", f"/element/{self.find(css)}/text")
+
+    def shows(self, text):
+        """Whether the page's main part shows `text` (False while a new page loads)."""
+        try:
+            return text in self.text("main")
+        except AssertionError:  # no such element, or a stale one: the page is changing
+            return False
 
     def script(self, source):
         return self.command("POST", "/execute/sync", {"script": source, "args": []})
@@ -6314,19 +6321,21 @@ def test_console_works_in_a_real_browser_on_a_phone_and_a_desktop(start_bot, wec
         if width == 375:
             browser.go(base + "/queue")
             browser.click("form[action='/queue/retry'] button")
-            wait_for(lambda: f"Message #{dead} is queued again" in browser.text("main"))
+            wait_for(lambda: browser.shows(f"Message #{dead} is queued again"))
             wait_for(lambda: wechat.texts_to("oREADER-dave-00004"))
             browser.go(base + "/articles")
             browser.type("#url", page.url + "/refunds")
             browser.click("form[action='/articles/learn'] button")
-            wait_for(lambda: f"Learned «{ArticlePage.TITLE}»" in browser.text("main"))
+            wait_for(lambda: browser.shows(f"Learned «{ArticlePage.TITLE}»"))
             assert [source.title for source in bot.articles.sources()] == [ArticlePage.TITLE]
             assert bot.articles.find("怎么退款")
+            browser.click("main table a[href^='/articles/']")  # its passages
+            wait_for(lambda: browser.shows("七天内可以申请退款"))
             browser.screenshot(os.path.join(SCREENSHOTS, f"articles-learned-{width}.png"))
         else:
             browser.go(base + "/articles")
             browser.click("form[action='/articles/forget'] button")
-            wait_for(lambda: "The source was forgotten" in browser.text("main"))
+            wait_for(lambda: browser.shows("The source was forgotten"))
             assert bot.articles.sources() == []
         browser.click("nav form button")  # log out
         wait_for(lambda: browser.count("input[type=password]") == 1)

@@ -6050,7 +6050,7 @@ Published articles never synced (python wxbot.py learn --published).
 % else:
 <tr><td>{{source['title']}}</td>
 % end
-<td>{{source['kind']}}</td><td>{{source['date']}}</td><td class="n">{{source['passages']}}</td>
+<td>{{source['kind']}}</td><td>{{source['date']}}</td><td class="n"><a href="/articles/{{source['id']}}">{{source['passages']}}</a></td>
 <td class="n">{{when(source['learned_at'])}}</td>
 <td><form method="post" action="/articles/forget" class="inline">
 <input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{source['id']}}">
@@ -6059,6 +6059,16 @@ Published articles never synced (python wxbot.py learn --published).
 </table></div>
 % if total > len(sources):
 <p class="meta">and {{total - len(sources)}} older (python wxbot.py learn --list)</p>
+% end
+"""
+
+CONSOLE_PASSAGES = """<p class="meta">{{source['kind']}} · {{source['date']}} · learned
+{{when(source['learned_at'])}} · {{len(passages)}} passages, as answers may quote them</p>
+% if source['url'].startswith(('https://', 'http://')):
+<p><a href="{{source['url']}}" rel="noreferrer">{{source['url']}}</a></p>
+% end
+% for number, passage in enumerate(passages, 1):
+<div class="reply"><div class="meta">{{number}}</div><div class="said">{{passage['text']}}</div></div>
 % end
 """
 
@@ -6179,6 +6189,7 @@ class OwnerConsole:
             ("overview", CONSOLE_OVERVIEW), ("people", CONSOLE_PEOPLE),
             ("conversation", CONSOLE_CONVERSATION), ("questions", CONSOLE_QUESTIONS),
             ("queue", CONSOLE_QUEUE), ("articles", CONSOLE_ARTICLES),
+            ("passages", CONSOLE_PASSAGES),
             ("settings", CONSOLE_SETTINGS)]}
         if articles:
             with store.transaction() as conn:  # the Questions page's "not covered"
@@ -6400,6 +6411,14 @@ class OwnerConsole:
                                   ).fetchone()
         return sources, total, passages, float(synced[0]) if synced else None
 
+    def passages(self, source_id: int) -> tuple[sqlite3.Row | None, list[sqlite3.Row]]:
+        """One learned source and its passages, in order."""
+        with self.store.connection() as conn:
+            source = conn.execute("SELECT id, kind, title, url, date, learned_at FROM"
+                                  " article_sources WHERE id = ?", (source_id,)).fetchone()
+            return source, conn.execute("SELECT text FROM article_passages WHERE source_id = ?"
+                                        " ORDER BY id", (source_id,)).fetchall()
+
     def learn(self, url: str) -> str:
         """Learn a page (the CLI's `learn URL`); what was learned, for the owner."""
         source = self.articles.learn(url)
@@ -6559,6 +6578,14 @@ class OwnerConsole:
         def articles():
             forgot = bottle.request.query.get("forgot", "")
             return articles_page("The source was forgotten." if forgot == "1" else "")
+
+        @app.get("/articles/<source_id:int>")
+        def passages(source_id):
+            source, passages = console.passages(source_id) if console.articles else (None, [])
+            if source is None:
+                return bottle.HTTPResponse("not found", 404)
+            return console.render("passages", source["title"], bottle.request.environ["csrf"],
+                                  source=source, passages=passages)
 
         @app.post("/articles/learn")
         def learn():
