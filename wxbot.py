@@ -6958,6 +6958,11 @@ class Bot:
             self.console.start()
             log.info("owner's console on http://%s:%d/", self.settings.admin_host,
                      self.console.port)
+            if not local_address(self.settings.admin_host):
+                log.warning("the console listens on %s, beyond this machine: without HTTPS "
+                            "its password crosses the network in clear; keep "
+                            "WXBOT_ADMIN_HOST=127.0.0.1 and use ssh -L or nginx with HTTPS "
+                            "(README, Console)", self.settings.admin_host)
         for worker in self.workers + self.senders:
             thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
             thread.start()
