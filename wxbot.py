@@ -6106,8 +6106,9 @@ def over_https(environ: Mapping) -> bool:
 
 
 def local_address(address: str) -> bool:
+    """Whether an address (or the name localhost) is this machine's loopback."""
     try:
-        return ipaddress.ip_address(address).is_loopback
+        return address == "localhost" or ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
 
