@@ -6814,3 +6814,13 @@ def test_the_daily_sync_learns_new_and_edited_articles_and_forgets_deleted_ones(
     # `learn` while the server runs: the server finds what it learned at once.
     assert learn(tmp_path, wechat, model, str(notes))[0] == 0
     assert [p.title for p in bot.articles.find("能带狗吗")] == ["常见问题"]
+
+
+def test_console_believes_forwarded_headers_only_from_a_proxy_on_this_machine():
+    forwarded = {"HTTP_X_REAL_IP": "198.51.100.7", "HTTP_X_FORWARDED_PROTO": "https"}
+    for proxy in ("127.0.0.1", "::1"):
+        environ = {"REMOTE_ADDR": proxy, **forwarded}
+        assert wxbot.client_address(environ) == "198.51.100.7" and wxbot.over_https(environ)
+    for stranger in ("203.0.113.9", "2001:db8::1", ""):
+        environ = {"REMOTE_ADDR": stranger, **forwarded}
+        assert wxbot.client_address(environ) == stranger and not wxbot.over_https(environ)
