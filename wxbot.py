@@ -5917,7 +5917,7 @@ given passages of the account's articles / answers that cited one.</p>
 
 CONSOLE_PEOPLE = """<p class="meta">Everyone who wrote recently, the latest first (openids shortened).</p>
 <div class="wide"><table class="rows">
-<tr><th>Reader</th><th>Last message</th><th>When</th><th>State</th></tr>
+<tr><th>Reader</th><th>Last message</th><th class="n">When</th><th>State</th></tr>
 % for person in people:
 <tr><td><a href="/people/{{quote(person['openid'])}}">{{short(person['openid'])}}</a></td>
 <td class="said">{{said(person)}}</td><td class="n">{{when(person['received_at'])}}</td>
@@ -5977,7 +5977,7 @@ aside) asked more than once.</p>
 <p class="meta">Recent questions for which no passage of the account's articles was found: what
 to write next.</p>
 <div class="wide"><table class="rows">
-<tr><th>When</th><th>Reader</th><th>Question</th></tr>
+<tr><th class="n">When</th><th>Reader</th><th>Question</th></tr>
 % for question in uncovered:
 <tr><td class="n">{{when(question['received_at'])}}</td>
 <td><a href="/people/{{quote(question['openid'])}}#m{{question['id']}}">{{short(question['openid'])}}</a></td>
@@ -5987,7 +5987,7 @@ to write next.</p>
 % end
 <h2>Recent questions</h2>
 <div class="wide"><table class="rows">
-<tr><th>When</th><th>Reader</th><th>Question</th><th>State</th></tr>
+<tr><th class="n">When</th><th>Reader</th><th>Question</th><th>State</th></tr>
 % for question in recent:
 <tr><td class="n">{{when(question['received_at'])}}</td>
 <td><a href="/people/{{quote(question['openid'])}}#m{{question['id']}}">{{short(question['openid'])}}</a></td>
@@ -6003,7 +6003,7 @@ CONSOLE_QUEUE = """% if note:
 <h2>{{title}}: {{total}}</h2>
 % if rows:
 <div class="wide"><table class="rows">
-<tr><th>#</th><th>Received</th><th>Reader</th><th>Message</th><th>Why</th>
+<tr><th class="n">#</th><th class="n">Received</th><th>Reader</th><th>Message</th><th>Why</th>
 {{!'<th></th>' if state == 'dead' else ''}}</tr>
 % for row in rows:
 <tr><td class="n">{{row['id']}}</td><td class="n">{{when(row['received_at'])}}</td>
