@@ -823,7 +823,8 @@ def bench_console(args) -> list[str]:
         dead = conn.execute("SELECT id FROM messages WHERE state = 'dead' ORDER BY id DESC"
                             " LIMIT 1").fetchone()[0]
     pages = ["/", "/people", "/people/oCONSOLE00007" + "x" * 15,
-             "/people/oHEAVY" + "x" * 22, "/questions", "/queue", "/articles", "/settings"]
+             "/people/oHEAVY" + "x" * 22, "/questions", "/queue", "/articles", "/articles/1",
+             "/settings"]
     rows = []
     try:
         for page in pages:

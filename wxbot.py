@@ -6176,7 +6176,7 @@ class OwnerConsole:
              ("/queue", "Queue"), ("/articles", "Articles"), ("/settings", "Settings")]
 
     def __init__(self, settings: Settings, store: Store, owner: OwnerFiles, wakeup: Wakeup,
-                 articles=None, clock: Callable[[], float] = time.time):
+                 articles: Articles | None = None, clock: Callable[[], float] = time.time):
         self.settings, self.store, self.owner, self.wakeup = settings, store, owner, wakeup
         self.articles, self.clock = articles, clock
         self.guard = ConsoleGuard(settings.admin_password)
