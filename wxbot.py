@@ -1909,10 +1909,8 @@ _LETTERS_DIGITS = re.compile(r"[a-z]+|[0-9]+")
 def _word_parts(word: str) -> list[str]:
     """A Latin word or number as indexed: itself, and for letters and digits together (V60)
     each run of either, so that "v 60" finds it."""
-    word = _word(word)
-    parts = _LETTERS_DIGITS.findall(word) if not word.isalpha() and not word.isdigit() \
-        and "p" not in word.strip("abcdefghijklmnoqrstuvwxyz") else []
-    return [word] + [_word(part) for part in parts] if len(parts) > 1 else [word]
+    parts = _LETTERS_DIGITS.findall(word) if "." not in word else []
+    return [_word(word)] + [_word(part) for part in parts] if len(parts) > 1 else [_word(word)]
 
 
 #: A price written with the sign before it (¥39, ￥39 folds to ¥39), as 39元 says it.
