@@ -1952,10 +1952,8 @@ _LETTERS_DIGITS = re.compile(r"[a-z]+|[0-9]+")
 def _word_parts(word: str) -> list[str]:
     """A Latin word or number as indexed: itself, and for letters and digits together (V60)
     each run of either, so that "v 60" finds it."""
-    word = _word(word)
-    parts = _LETTERS_DIGITS.findall(word) if not word.isalpha() and not word.isdigit() \
-        and "p" not in word.strip("abcdefghijklmnoqrstuvwxyz") else []
-    return [word] + [_word(part) for part in parts] if len(parts) > 1 else [word]
+    parts = _LETTERS_DIGITS.findall(word) if "." not in word else []
+    return [_word(word)] + [_word(part) for part in parts] if len(parts) > 1 else [_word(word)]
 
 
 #: A price written with the sign before it (¥39, ￥39 folds to ¥39), as 39元 says it.
@@ -2326,8 +2324,9 @@ PASSAGES_MATCHING = (
     " JOIN article_passages p ON p.id = m.rowid JOIN article_sources s ON s.id = p.source_id")
 #: In how many passages each term is (fts5vocab looks each up in the index).
 VOCABULARY = "SELECT term, doc FROM article_vocabulary WHERE term IN ({terms})"
-#: How many passages there are, kept by learn_text and forget.
-COUNTED_PASSAGES = "SELECT coalesce((SELECT value FROM article_state WHERE key = 'passages'), 0)"
+#: How many passages there are, and when the articles last changed (learn_text, forget).
+COUNTED_PASSAGES = ("SELECT coalesce((SELECT value FROM article_state WHERE key = 'passages'),"
+                    " 0), (SELECT value FROM article_state WHERE key = 'changed')")
 
 _LATIN_WORD = re.compile(rf"([0-9]+\.[0-9]+|[a-z0-9]+)([{_CJK}]?)")
 
@@ -2368,6 +2367,7 @@ class Articles:
         self._local = threading.local()
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._counts: dict[str, object] = {}  # term -> passages holding it; "" -> as of when
         conn = self._conn()
         # Before the first table, as the Store does: deleted rows give their pages back.
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -2387,6 +2387,9 @@ class Articles:
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
+            # A connection per worker thread: a small page cache each, as the Store's (the
+            # index's pages stay in the operating system's cache).
+            conn.execute("PRAGMA cache_size=-512")
             self._local.conn = conn
             with self._lock:
                 self._opened.append(conn)
@@ -2423,11 +2426,29 @@ class Articles:
                      (str(TERMS_VERSION),))
         self._count(conn)
 
+    def _passages_holding(self, terms: set[str], conn: sqlite3.Connection, changed: str
+                          ) -> dict[str, int]:
+        """In how many passages each term is (those in none left out). fts5vocab counts a
+        term by reading where it is, 0.2 ms for a common one: the counts are kept until the
+        articles change (any process's learn_text or forget)."""
+        known = self._counts
+        if known.get("") != changed or len(known) > self.COUNTS_KEPT:
+            known = self._counts = {"": changed}
+        asked = sorted(term for term in terms if term not in known)
+        if asked:
+            found = dict(conn.execute(VOCABULARY.format(terms=", ".join("?" * len(asked))),
+                                      asked).fetchall())
+            known.update((term, found.get(term, 0)) for term in asked)
+        return {term: known[term] for term in terms if known[term]}
+
     @staticmethod
     def _count(conn: sqlite3.Connection) -> None:
-        """Note how many passages there are, for find(): counting them there would read them."""
+        """Note how many passages there are, for find() (counting them there would read them
+        all), and that they changed (find() then counts its terms afresh)."""
         conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('passages',"
                      " (SELECT count(*) FROM article_passages))")
+        conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('changed', ?)",
+                     (str(time.time_ns()),))
 
     @staticmethod
     def _unindex(conn: sqlite3.Connection, source_id: int) -> None:
@@ -2632,6 +2653,8 @@ class Articles:
     EARLIER_WEIGHT = 0.5
     #: Passages BM25 may score for one question (about 3 µs each).
     BUDGET = 2000
+    #: Terms whose counts are kept between questions (a few MB at most).
+    COUNTS_KEPT = 50000
 
     def find(self, question: str, earlier: Sequence[str] = ()) -> list[Passage]:
         """Passages that answer `question` (with the user's earlier question(s) for a
@@ -2643,14 +2666,14 @@ class Articles:
         if not units:
             return []
         conn = self._conn()
-        total = int(conn.execute(COUNTED_PASSAGES).fetchone()[0])
+        total, changed = conn.execute(COUNTED_PASSAGES).fetchone()
+        total = int(total)
         if not total:
             return []
-        terms = sorted({term for _, unit in units.values()
-                        for terms in (*unit.strong, unit.weak) for term in terms})
-        found_in = dict(conn.execute(VOCABULARY.format(
-            terms=", ".join("?" * len(terms))), terms).fetchall())
-        searched, weight = {}, {}
+        terms = {term for _, unit in units.values() for shown in (*unit.strong, unit.weak)
+                 for term in shown}
+        found_in = self._passages_holding(terms, conn, changed)
+        searched, weight, reachable = {}, {}, {}
         for key, (importance, unit) in units.items():
             # Searched for: what shows the unit strongly, where it exists (a passage that shows
             # no unit strongly is not given, below).
@@ -2663,7 +2686,14 @@ class Articles:
             passages = min(total, sum(min(found_in.get(term, 0) for term in shown)
                                       for shown in counted))
             weight[key] = importance * math.log((total - passages + 0.5) / (passages + 0.5) + 1)
-        if not searched:
+            reachable[key] = 1.0 if any(all(term in found_in for term in shown)
+                                        for shown in unit.strong) else \
+                self.ALONE if any(term in found_in for term in unit.weak) else 0.0
+        whole = sum(weight.values())
+        # No passage can reach the floor when what the articles hold of the question weighs
+        # too little (咖啡渣: 咖啡 is everywhere, 渣 nowhere): nothing to search.
+        if not searched or sum(weight[key] * reachable[key] for key in units) < \
+                self.FLOOR * whole:
             return []
         # The candidates come from the rarest terms, as many as keep BM25's work (a score for
         # each passage holding one) within BUDGET; when even the rarest is common (咖啡 in an
@@ -2675,9 +2705,14 @@ class Articles:
                 break
             rare.append(query)
             brought += searched[query]
-        if brought > self.BUDGET and len(searched) > 1:
-            rare = [" AND ".join(f"({query})" for query in sorted(searched, key=searched.get)[:2])]
-        whole = sum(weight.values())
+        if brought > self.BUDGET:
+            # Even the rarest is common: the passages holding it and the next rarest term
+            # (a whole unit, or a character of one), 面包 and 酸 for 酸面包.
+            others = {**{f'"{term}"': found_in[term] for _, unit in units.values()
+                         for term in unit.weak if term in found_in}, **searched}
+            others.pop(rare[0], None)
+            if others:
+                rare = [f"({rare[0]}) AND ({min(others, key=others.get)})"]
         latin_asked = any(term[0].isascii() for term in terms)
         scored = []
         for source_id, title, url, date, text in conn.execute(PASSAGES_MATCHING, {
