@@ -5980,6 +5980,8 @@ def test_console_shows_nothing_and_does_nothing_without_a_login(start_bot, wecha
     bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
     dead = dead_message(bot, wechat, "oDEAD-console-01", "问", 1, monkeypatch)
     base = console_base(bot)
+    for path in ("/", "/login"):  # the webhook's listener serves no console
+        assert requests.get(f"http://127.0.0.1:{bot.port}{path}", timeout=5).status_code == 404
     for path in ["/", "/people", "/people/oDEAD-console-01", "/questions", "/queue",
                  "/articles", "/settings"]:
         answer = requests.get(base + path, timeout=5, allow_redirects=False)
