@@ -15,6 +15,10 @@ Usage:
   python wxbot.py status           the queue: waiting, in progress, dead (safe while serving)
   python wxbot.py retry ID         queue a dead message again
   python wxbot.py backup FILE      a checked copy of the database (safe while serving)
+  python wxbot.py learn SOURCE...  learn the account's articles: URLs, files, folders,
+                                   --published (then kept in sync); --list; --forget SOURCE
+With WXBOT_ADMIN_PASSWORD set, serve also runs the owner's console, a web page of what
+readers ask, the queue and the articles, on WXBOT_ADMIN_HOST:WXBOT_ADMIN_PORT (127.0.0.1:8081).
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -29,19 +33,24 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import heapq
 import hmac
+import html.parser
 import http.client
 import io
+import ipaddress
 import itertools
 import json
 import logging
 import math
 import os
+import pwd
 import queue
 import random
 import re
+import secrets
 import select
 import shutil
 import signal
@@ -57,7 +66,7 @@ import time
 import unicodedata
 import urllib.parse
 import xml.parsers.expat
-from typing import Callable, Container, Iterable, Iterator, Mapping
+from typing import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
@@ -235,16 +244,33 @@ def _flag(value: str) -> bool:
     raise ValueError(f"must be 1 or 0, got {value.strip()!r}")
 
 
+#: The console's password: long enough that 5 tries a minute (ConsoleGuard) never guess it.
+ADMIN_PASSWORD_MIN = 12
+
+
+def _admin_password(value: str) -> str:
+    if value and len(value) < ADMIN_PASSWORD_MIN:
+        raise ValueError(f"must be at least {ADMIN_PASSWORD_MIN} characters (or empty: no "
+                         f"console); e.g. python3 -c 'import secrets; "
+                         f"print(secrets.token_urlsafe(16))'")
+    return value
+
+
 def _token(value: str) -> str:
     value = _text(value)
     # WeChat allows 3 to 32 characters; one signed URL from a log is enough to recover a short
     # token by trying every candidate, and with it to sign any push.
     if not 8 <= len(value) <= 32:
-        raise ValueError(
-            f"must be 8 to 32 letters or digits, got {len(value)} characters: choose a new Token "
-            f"in 公众号后台 → 设置与开发 → 基本配置 → 服务器配置 → 修改配置, put the same value "
-            f"here, restart wxbot, then 提交 the 服务器配置")
-    return value
+        got = f"got {len(value)} characters"
+    # WeChat's console takes letters and digits only: no push would ever be signed with it.
+    elif not re.fullmatch(r"[A-Za-z0-9]+", value):
+        got = "got other characters too (such as - or _)"
+    else:
+        return value
+    raise ValueError(
+        f"must be 8 to 32 letters or digits, {got}: choose a new Token "
+        f"in 公众号后台 → 设置与开发 → 基本配置 → 服务器配置 → 修改配置, put the same value "
+        f"here, restart wxbot, then 提交 the 服务器配置")
 
 
 def _aes_key(value: str) -> str:
@@ -279,6 +305,8 @@ class Setting:
     parse: Callable[[str], object]
     help: str
     secret: bool = False
+    #: Names a file: a relative path in an env file is read beside that file.
+    file: bool = False
 
 
 #: Every setting, in the order --help and the start-up log show them.
@@ -310,10 +338,10 @@ SETTINGS: dict[str, Setting] = {
                       "openids (comma-separated) that may send /stats"),
     "replies": Setting("WXBOT_REPLIES", "", _optional_text,
                        "JSON file of fixed replies to keywords and menu clicks, no model "
-                       "(empty: none; re-read when it changes)"),
+                       "(empty: none; re-read when it changes)", file=True),
     "blocked_words": Setting("WXBOT_BLOCKED_WORDS", "", _optional_text,
                              "file of blocked words, one a line: questions with one are not "
-                             "asked, answers have them masked (empty: none)"),
+                             "asked, answers have them masked (empty: none)", file=True),
     "blocked_reply": Setting("WXBOT_BLOCKED_REPLY", REFUSED_LINE, _text,
                              "what a user whose question has a blocked word gets"),
     "vision": Setting("WXBOT_VISION", "0", _flag,
@@ -332,7 +360,7 @@ SETTINGS: dict[str, Setting] = {
                            "limits (0: no limit)"),
     "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
                            "earlier turns older than this many seconds are not sent to the model"),
-    "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file"),
+    "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file", file=True),
     "retention_days": Setting("WXBOT_RETENTION_DAYS", "30", _int_between(0, 36500),
                               "days messages, answers and history are kept (0: for ever); "
                               "older ones are deleted every hour, a few hundred at a time"),
@@ -366,6 +394,17 @@ SETTINGS: dict[str, Setting] = {
                             "timeout)"),
     "retry_base": Setting("WXBOT_RETRY_BASE", "2", _seconds,
                           "first retry delay in seconds; doubles each attempt, with jitter"),
+    "learn_published": Setting("WXBOT_LEARN_PUBLISHED", "1", _flag,
+                               "1: once `learn --published` has run, learn each article the "
+                               "account publishes as WeChat announces it, and check the whole "
+                               "list once a day (new, changed, deleted); 0: off"),
+    "admin_password": Setting("WXBOT_ADMIN_PASSWORD", "", _admin_password,
+                              "password of the owner's web console, at least 12 characters "
+                              "(empty: no console, nothing listens)", secret=True),
+    "admin_host": Setting("WXBOT_ADMIN_HOST", "127.0.0.1", _text,
+                          "address the console listens on (reach it by ssh -L or a proxy)"),
+    "admin_port": Setting("WXBOT_ADMIN_PORT", "8081", _int_between(0, 65535),
+                          "port the console listens on"),
 }
 
 
@@ -410,6 +449,10 @@ class Settings:
     context_chars: int
     stop_timeout: float
     retry_base: float
+    learn_published: bool
+    admin_password: str
+    admin_host: str
+    admin_port: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -439,6 +482,11 @@ class Settings:
 
     def describe(self) -> str:
         """The effective settings for the start-up log, secrets masked."""
+        return " ".join(f"{env}={value}" for env, value in self.shown())
+
+    def shown(self) -> list[tuple[str, str]]:
+        """Each setting's variable and its value as the log and the console show it: secrets
+        as (set), passwords in URLs masked, long texts by their length."""
         shown = []
         for name, setting in SETTINGS.items():
             value = getattr(self, name)
@@ -450,13 +498,17 @@ class Settings:
                 value = ",".join(short_id(openid) for openid in value)
             elif name in ("system_prompt", "welcome", "blocked_reply"):
                 value = f"({len(value)} chars)"
-            shown.append(f"{setting.env}={value}")
-        return " ".join(shown)
+            shown.append((setting.env, str(value)))
+        return shown
 
 
 def read_env_file(path: str) -> dict[str, str]:
-    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (comments, quotes)."""
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (comments, quotes). A
+    relative path in a setting that names a file is read beside the env file, wherever
+    wxbot is started from (the unit starts it in the env file's folder)."""
     values = {}
+    beside = {setting.env for setting in SETTINGS.values() if setting.file}
+    folder = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as env_file:
         for number, line in enumerate(env_file, 1):
             line = line.strip()
@@ -474,6 +526,9 @@ def read_env_file(path: str) -> dict[str, str]:
                 if line.partition("=")[2].strip()[0] == '"':
                     value = re.sub(r'\\(["\\$`n])',
                                    lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+            if key in beside and value.strip() not in ("", ":memory:") and \
+                    not value.startswith("file:"):  # SQLite's names for no file, a URI
+                value = os.path.join(folder, value.strip())
             values[key] = value
     return values
 
@@ -962,6 +1017,85 @@ def create_private(path: str) -> None:
                         "chmod 600 %s*", path, mode, path)
 
 
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid with no name on this system (a container's, a deleted user's)
+        return f"uid {uid}"
+
+
+def access_problem(path: str, write: bool) -> tuple[str, str | None, str] | None:
+    """What keeps this user from reading the database at `path` (`write`: and changing it):
+    (the reason, the user who owns what stands in the way or None when it is missing, the
+    file or folder in the way); None when the modes allow it.
+
+    os.path.exists() says False alike for a missing file and for one in a folder this user
+    may not enter. In WAL mode a reader needs the -wal and -shm files too, or the right to
+    create them in the folder.
+    """
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+
+    def whose(name: str) -> tuple[str, str, str]:
+        found = os.stat(name)
+        what = "the folder " if os.path.isdir(name) else ""
+        owner = user_name(found.st_uid)
+        return f"{what}{name} is {owner}'s (mode {found.st_mode & 0o777:o})", owner, name
+
+    step = ""
+    for part in folder.split(os.sep):  # from / down: the first folder that shuts us out
+        step = os.path.join(step, part) if step else os.sep
+        if not os.path.isdir(step):
+            return f"there is no folder {step}", None, step
+        if not os.access(step, os.X_OK):
+            return whose(step)
+    if not write and not os.path.exists(path):
+        return None  # nothing stands in the way: there is no database
+    rights = os.R_OK | (os.W_OK if write else 0)
+    for name in (path, path + "-wal", path + "-shm"):
+        if os.path.exists(name):
+            if not os.access(name, rights):
+                return whose(name)
+        elif not os.access(folder, os.W_OK | os.X_OK):  # SQLite must create it there
+            return whose(folder)
+    return None
+
+
+class DatabaseUnusable(Exception):
+    """This user may not open the database (WXBOT_DB) for writing; the text says why, whose
+    it is, and what to do."""
+
+    def __init__(self, path: str, error: Exception):
+        reason, owner, where = access_problem(path, write=True) or (str(error), "", "")
+        me = user_name(os.getuid())
+        if owner is None:
+            advice = "correct WXBOT_DB, or create its folder"
+        elif not owner:  # the modes allow it: something else refused (a read-only disk...)
+            advice = "check WXBOT_DB and the folder's rights"
+        elif owner == "root":  # a folder made by root for a service that runs as another user
+            advice = (f"give it to {me} (sudo chown {me} {where}), or set WXBOT_DB to a "
+                      f"file in a folder {me} may write")
+        else:
+            advice = (f"run wxbot as {owner}, or set WXBOT_DB to a file in a folder {me} "
+                      f"may write")
+        super().__init__(f"cannot open the database {path} (WXBOT_DB): {reason}: {advice}")
+
+
+@contextlib.contextmanager
+def opening_for(path: str) -> Iterator[None]:
+    """Around opening the database: DatabaseUnusable where this user may not write it (a
+    folder of another user's, a file of another user's, no folder at all)."""
+    try:
+        yield
+    except OSError as error:
+        raise DatabaseUnusable(path, error) from None
+    except sqlite3.OperationalError as error:  # "attempt to write a readonly database"...
+        if path == ":memory:" or path.startswith("file:") or \
+                not access_problem(path, write=True):
+            raise
+        raise DatabaseUnusable(path, error) from None
+
+
 class Store:
     """The SQLite database: queue, segments, history and the token cache."""
 
@@ -974,7 +1108,8 @@ class Store:
         if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING claims a message
             raise RuntimeError(f"SQLite 3.35 or newer is needed; this Python has "
                                f"{sqlite3.sqlite_version} (use Debian 12 / Ubuntu 22.04 or newer)")
-        create_private(path)
+        with opening_for(path):
+            create_private(path)
         self.path = path
         self.busy_timeout = busy_timeout
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
@@ -994,7 +1129,7 @@ class Store:
         #: Set while writes fail for want of space; workers pause, the webhook answers 503.
         self.disk_full = False
         self._disk_lock = threading.Lock()
-        with self.connection() as conn:
+        with opening_for(path), self.connection() as conn:
             self._compactable(conn, free_space)
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
             # commit through a process crash (kill -9), losing at most the last ones on power loss.
@@ -1913,6 +2048,902 @@ class Store:
         }
 
 
+def requeue_dead(conn: sqlite3.Connection, message_id: int) -> str | None:
+    """Queue a dead message again, its failure counts cleared (the `retry` command, the
+    console's retry button). None when it is queued; else why not, to show the owner."""
+    if conn.execute("UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
+                    " model_failures = 0, delivery_failures = 0, interruptions = 0,"
+                    " error = NULL WHERE id = ? AND state = 'dead'", (message_id,)).rowcount:
+        return None
+    row = conn.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
+    return f"is {row[0]}, not dead: nothing to do" if row else "is not in the database"
+
+
+###############################################################################
+# Articles: the account's own writing #########################################
+###############################################################################
+
+@dataclasses.dataclass(frozen=True)
+class Passage:
+    """A piece of an article that may answer a question, with what names its article."""
+
+    source_id: int
+    title: str          # the article's title (or file name when it has none)
+    url: str            # "" for a file with no URL
+    date: str           # "YYYY-MM-DD" or ""
+    text: str           # a few hundred characters cut at paragraph/sentence ends
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One learned article, page or file."""
+
+    id: int
+    kind: str           # "published" | "url" | "file"
+    origin: str         # article_id / URL / absolute path: what identifies it when learned again
+    title: str
+    url: str
+    date: str
+    passages: int
+    learned_at: float
+
+
+class LearnError(Exception):
+    """A source could not be learned; the message says why, for the owner."""
+
+
+ARTICLES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS article_sources (
+    id         INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL CHECK (kind IN ('published', 'url', 'file')),
+    origin     TEXT NOT NULL UNIQUE,
+    title      TEXT NOT NULL,
+    url        TEXT NOT NULL DEFAULT '',
+    date       TEXT NOT NULL DEFAULT '',
+    passages   INTEGER NOT NULL,
+    chars      INTEGER NOT NULL,
+    digest     TEXT NOT NULL,  -- of title and text: a sync skips what did not change
+    learned_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS article_passages (
+    id        INTEGER PRIMARY KEY,  -- the rowid of its terms in article_terms
+    source_id INTEGER NOT NULL REFERENCES article_sources (id) ON DELETE CASCADE,
+    text      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS article_passages_source ON article_passages (source_id);
+-- The words of each passage and of its article's title as article_terms() spells them:
+-- characters and pairs of characters, so that a two-character word (退款) matches, which
+-- FTS5's trigram tokenizer cannot. Contentless (the text is in article_passages) and without
+-- positions (a pair is its own term, no phrase query is needed): the index stays small.
+CREATE VIRTUAL TABLE IF NOT EXISTS article_terms USING fts5 (
+    title, body, content='', detail='column', tokenize='unicode61 remove_diacritics 0');
+CREATE VIRTUAL TABLE IF NOT EXISTS article_vocabulary USING fts5vocab (article_terms, 'row');
+CREATE TABLE IF NOT EXISTS article_uses (
+    message_id INTEGER PRIMARY KEY,
+    at         REAL NOT NULL,
+    given      INTEGER NOT NULL,
+    cited      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS article_uses_at ON article_uses (at);
+CREATE TABLE IF NOT EXISTS article_state (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+#: Bumped when article_terms() spells terms differently: the index is then built again,
+#: since a contentless index can only delete a passage's terms spelled as they were added.
+TERMS_VERSION = 1
+
+#: Chinese, Japanese kana and Korean letters: a character of these is a word of its own.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+#: A run of CJK characters, or a Latin word or number (V60, 39, 4.5): linear, no overlap.
+_TERM_RUNS = re.compile(rf"([{_CJK}]+)|([0-9]+\.[0-9]+|[a-z0-9]+)")
+#: Characters that carry no meaning of their own in a question (particles, pronouns).
+QUESTION_FILLER = frozenset("的了吗呢吧啊呀哦嘛么是在和与或就都也还又很太我你他她它们这那哪个些请问想"
+                            "怎样什为把被给让从对到于之其及而哈嗯噢喔哎诶呗咋啥吶可以能会要有没不几")
+
+
+#: Words that ask rather than say: the answer holds a number or a name in their place.
+QUESTION_WORDS = re.compile("多少钱|几块钱|多少|几点|多久|多长时间|怎么样|怎么|什么|哪里|哪儿|哪些|哪个|为什么|"
+                            "是不是|有没有|能不能|可不可以|请问|一下")
+
+
+def _word(word: str) -> str:
+    """A Latin word or number as it is indexed: a number without leading zeros, its decimal
+    point a letter (the tokenizer splits at a point)."""
+    if word.isdigit() or "." in word:
+        word = (word.lstrip("0") or "0").replace(".", "p")
+    return word
+
+
+_LETTERS_DIGITS = re.compile(r"[a-z]+|[0-9]+")
+
+
+def _word_parts(word: str) -> list[str]:
+    """A Latin word or number as indexed: itself, and for letters and digits together (V60)
+    each run of either, so that "v 60" finds it."""
+    parts = _LETTERS_DIGITS.findall(word) if "." not in word else []
+    return [_word(word)] + [_word(part) for part in parts] if len(parts) > 1 else [_word(word)]
+
+
+#: A price written with the sign before it (¥39, ￥39 folds to ¥39), as 39元 says it.
+_PRICE_SIGN = re.compile(r"¥ ?([0-9]+(?:\.[0-9]+)?)")
+
+
+def fold(text: str) -> str:
+    """Text as it is indexed and searched: full-width folded, lower case, ¥39 as 39元."""
+    return _PRICE_SIGN.sub(r"\1元", unicodedata.normalize("NFKC", text).lower())
+
+
+def article_terms(text: str) -> list[str]:
+    """The terms a text is indexed by: each CJK character and each pair of neighbours, each
+    Latin word and number (folded: full-width, case, leading zeros), and a number with the
+    character after it (39元, 8月)."""
+    folded = fold(text)
+    terms: list[str] = []
+    last_end, last_number = -1, ""
+    for match in _TERM_RUNS.finditer(folded):
+        run, word = match.group(1), match.group(2)
+        if run:
+            terms.extend(run)
+            terms.extend(run[i:i + 2] for i in range(len(run) - 1))
+            if last_number and match.start() == last_end:
+                terms.append(last_number + run[0])
+            last_number = ""
+        else:
+            parts = _word_parts(word)
+            last_number = parts[0] if parts[0][0].isdigit() else ""
+            terms.extend(parts)
+        last_end = match.end()
+    return terms
+
+
+#: How readers ask and how articles say it: a question holding one of these words finds a
+#: passage holding any other of its group (开门 finds 营业时间, 包邮 finds 免配送费). The
+#: things people ask a shop, café, clinic or school account about, not one account's words.
+READER_WORDS = (
+    ("开门", "关门", "营业", "开店", "打烊", "店休", "休息", "歇业", "几点开", "开到几点"),
+    ("包邮", "免邮", "邮费", "运费", "免运费", "配送费", "免配送费", "快递费"),
+    ("在哪", "在哪里", "在哪儿", "地址", "位置", "怎么走", "怎么去", "怎么到", "门店"),
+    ("多少钱", "几块钱", "多钱", "价格", "价钱", "价位", "收费", "费用", "便宜", "贵", "元"),
+    ("退款", "退钱", "退货", "退单", "退换", "退费"),
+    ("优惠", "折扣", "打折", "便宜点", "减免", "优惠券", "活动价"),
+    ("外卖", "配送", "送货", "送餐", "外送", "送到", "上门"),
+    ("预约", "预订", "预定", "报名", "订位", "提前订"),
+    ("多久", "多长时间", "几天", "几分钟", "分钟", "小时", "时间"),
+    ("停车", "车位", "停车场", "停车费"),
+    ("狗", "狗狗", "猫", "猫咪", "宠物", "犬"),
+    ("小孩", "孩子", "儿童", "宝宝", "小朋友"),
+    ("工资", "薪资", "月薪", "时薪", "薪水", "待遇"),
+    ("招聘", "招人", "应聘", "招兼职", "求职"),
+    ("过年", "春节", "除夕", "大年", "年假"),
+    ("电话", "联系方式", "客服", "手机号"),
+    ("发票", "开票", "报销"),
+    ("能用", "可以用", "支持", "适用"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One thing a question asks about, and what shows it in a passage."""
+
+    strong: tuple[frozenset[str], ...]  # a passage showing all terms of one: it is there
+    weak: frozenset[str] = frozenset()  # showing one of these: it may be (a character alone)
+
+
+def _reader_word_pattern() -> re.Pattern:
+    words = sorted({word for group in READER_WORDS for word in group}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, words)))
+
+
+_READER_WORD = _reader_word_pattern()
+_READER_GROUP = {word: group for group in READER_WORDS for word in group}
+
+
+def _shown_by(word: str) -> frozenset[str]:
+    """The terms that show a word in a passage: its pairs (a one-character word: itself)."""
+    terms = article_terms(word)
+    pairs = frozenset(term for term in terms if len(term) > 1 or len(terms) == 1)
+    return pairs or frozenset(terms)
+
+
+def question_units(text: str) -> dict[str, Unit]:
+    """What a question asks about, unit by unit: each meaningful CJK character and each Latin
+    word or number, with the terms that show the unit in the question's own context (the
+    character paired with a neighbour), and each reader's word (READER_WORDS) with the words
+    of its group. A character found alone in a passage is weak evidence; found in one of its
+    pairs, strong. Pairs that span two words (周末几点 gives 末几) need not exist anywhere:
+    they simply show nothing."""
+    folded = fold(text)
+    units: dict[str, Unit] = {}
+    for found in _READER_WORD.finditer(folded):
+        group = _READER_GROUP[found.group()]
+        units[group[0]] = Unit(tuple(_shown_by(word) for word in group))
+    folded = QUESTION_WORDS.sub(" ", _READER_WORD.sub(" ", folded))
+    last_end, last_number = -1, ""
+    for match in _TERM_RUNS.finditer(folded):
+        run, word = match.group(1), match.group(2)
+        if word:
+            parts = _word_parts(word)
+            last_number = parts[0] if parts[0][0].isdigit() else ""
+            for part in parts:
+                # A number of one or two digits is a weak sign on its own (16 is in many a
+                # price), a strong one with its unit (16元, 8寸, 5公里): see below.
+                units.setdefault(part, Unit((frozenset([part]),)) if not part.isdigit() or
+                                 len(part) > 2 else Unit((), frozenset([part])))
+            last_end = match.end()
+            continue
+        if last_number and match.start() == last_end and run[0] not in QUESTION_FILLER:
+            known = units[last_number]
+            units[last_number] = Unit((*known.strong, frozenset([last_number + run[0]])),
+                                      known.weak)
+        last_number = ""
+        for i, char in enumerate(run):
+            if char in QUESTION_FILLER:
+                continue
+            pairs = {run[j:j + 2] for j in (i - 1, i) if j >= 0 and j + 2 <= len(run)}
+            if len(run) == 1:
+                pairs.add(char)  # a word of one character: found alone is found
+            known = units.get(char)
+            strong = {*(known.strong if known else ()), *(frozenset([pair]) for pair in pairs)}
+            units[char] = Unit(tuple(strong), frozenset([char]))
+    return units
+
+
+#: A passage is cut at the end of a paragraph or sentence once it has this many characters;
+#: a longer paragraph is cut at its sentence ends.
+PASSAGE_CHARS = 260
+PASSAGE_MAX = 500
+_SENTENCE_END = re.compile(r"(?<=[。！？!?；;…])")
+
+
+def passages_of(text: str) -> list[str]:
+    """The text cut into passages of about PASSAGE_CHARS, at paragraph and sentence ends."""
+    pieces: list[str] = []
+    for paragraph in (line.strip() for line in text.splitlines()):
+        if not paragraph:
+            continue
+        if len(paragraph) <= PASSAGE_MAX:
+            pieces.append(paragraph)
+            continue
+        sentence = ""
+        for part in _SENTENCE_END.split(paragraph):
+            if sentence and len(sentence) + len(part) > PASSAGE_CHARS:
+                pieces.append(sentence)
+                sentence = ""
+            sentence += part
+            while len(sentence) > PASSAGE_MAX:  # a run with no sentence end at all
+                pieces.append(sentence[:PASSAGE_MAX])
+                sentence = sentence[PASSAGE_MAX:]
+        if sentence:
+            pieces.append(sentence)
+    passages: list[str] = []
+    current = ""
+    for piece in pieces:
+        if current and len(current) + len(piece) > PASSAGE_CHARS:
+            passages.append(current)
+            current = ""
+        current = f"{current}\n{piece}" if current else piece
+    if current:
+        passages.append(current)
+    return passages
+
+
+#: The kinds of file `learn` reads; a folder is searched for these, recursively.
+ARTICLE_FILES = (".md", ".markdown", ".txt", ".html", ".htm")
+
+
+def article_files(folder: str) -> Iterator[str]:
+    """The files `learn FOLDER` reads, in name order; hidden files and folders skipped."""
+    for root, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in ARTICLE_FILES:
+                yield os.path.join(root, name)
+
+
+_MARKDOWN_HEADING = re.compile(r"#{1,6}[ \t]+")
+
+
+def markdown_text(content: str) -> tuple[str, str]:
+    """A Markdown or plain-text file's title (its first heading, if any) and text."""
+    title, lines = "", []
+    for line in content.splitlines():
+        heading = _MARKDOWN_HEADING.match(line)
+        if heading:
+            line = line[heading.end():].strip().rstrip("#").strip()
+            title = title or line
+        lines.append(line)
+    return title, "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """A fetched web page: where it ended up (after redirects) and its HTML as text."""
+
+    url: str
+    html: str
+
+
+#: Sent with every page fetched: some sites refuse a client that does not name itself.
+USER_AGENT = (f"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+              f"Chrome/124.0 Safari/537.36 wxbot/{__version__}")
+#: A page larger than this is not an article.
+PAGE_BYTES = 5 * 1024 * 1024
+
+
+def fetch_page(url: str, timeout: float = 20.0) -> Page:
+    """GET a page as a browser would (one at a time: `learn` fetches in turn); LearnError
+    says why it could not be had."""
+    try:
+        with requests.get(url, timeout=timeout, stream=True, headers={
+                "User-Agent": USER_AGENT, "Accept": "text/html,application/xhtml+xml",
+                "Accept-Language": "zh-CN,zh;q=0.9"}) as response:
+            if response.status_code != 200:
+                raise LearnError(f"the server answered HTTP {response.status_code}")
+            kind = response.headers.get("Content-Type", "text/html")
+            if "html" not in kind and "text" not in kind:
+                raise LearnError(f"not a web page ({kind.split(';')[0]})")
+            body = response.raw.read(PAGE_BYTES + 1, decode_content=True)
+            if len(body) > PAGE_BYTES:
+                raise LearnError(f"the page is larger than {PAGE_BYTES // 1024 // 1024} MB")
+            final = response.url
+            declared = response.encoding if "charset" in kind.lower() else None
+    except requests.exceptions.SSLError:
+        raise LearnError("its HTTPS certificate is not valid") from None
+    except requests.Timeout:
+        raise LearnError(f"no answer within {timeout:.0f} s") from None
+    except requests.ConnectionError:
+        raise LearnError("cannot connect to its server") from None
+    except requests.RequestException as error:
+        raise LearnError(f"cannot fetch it ({type(error).__name__})") from None
+    found = re.search(rb"<meta[^>]{0,200}?charset=[\"']?([\w-]{1,20})", body[:4096], re.I)
+    charset = declared or (found.group(1).decode("ascii") if found else "utf-8")
+    try:
+        return Page(final, body.decode(charset, errors="replace"))
+    except LookupError:
+        return Page(final, body.decode("utf-8", errors="replace"))
+
+
+#: Elements whose content is no text of the article.
+_HIDDEN = {"script", "style", "noscript", "template", "svg", "iframe", "head", "nav", "aside",
+           "footer", "form", "button", "select", "textarea", "object", "canvas"}
+#: Elements that end a line: paragraphs, list items, headings, table rows, breaks.
+_BLOCKS = {"p", "div", "section", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr",
+           "blockquote", "article", "main", "header", "ul", "ol", "table", "pre", "hr", "dd",
+           "dt", "figcaption", "td", "th"}
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+         "source", "track", "wbr"}
+#: Where an article's text is, most telling first: a 公众号 article's body, then any page's.
+_TEXT_REGIONS = ("js_content", "article", "main", "body")
+
+
+_SPACES = re.compile(r"\s+")
+
+
+class _PageReader(html.parser.HTMLParser):
+    """Collects a page's title, its date when it says one, and the text of each region."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.title, self.og_title, self.h1_title = "", "", ""
+        self.published = ""
+        self.regions: dict[str, list[str]] = {name: [] for name in _TEXT_REGIONS}
+        self._open: list[tuple[str, str | None]] = []  # (tag, the region it opened)
+        self._hidden = 0
+        self._in_title = self._in_h1 = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "meta":
+            name = (attrs.get("property") or attrs.get("name") or "").lower()
+            if name == "og:title":
+                self.og_title = attrs.get("content") or ""
+            elif name in ("article:published_time", "og:article:published_time"):
+                self.published = (attrs.get("content") or "")[:10]
+            return
+        if tag in _VOID:
+            if tag in _BLOCKS:
+                self._text("\n")
+            return
+        region = ("js_content" if attrs.get("id") == "js_content" else
+                  tag if tag in ("article", "main", "body") else None)
+        self._open.append((tag, region))
+        self._hidden += tag in _HIDDEN
+        if tag == "title":
+            self._in_title = True
+        elif tag == "h1" and attrs.get("id") == "activity-name":
+            self._in_h1 = True
+        if tag in _BLOCKS:
+            self._text("\n")
+
+    def handle_endtag(self, tag):
+        if tag in _VOID or not any(name == tag for name, _ in self._open):
+            return  # a stray end tag
+        while self._open:
+            name, _ = self._open.pop()
+            self._hidden -= name in _HIDDEN
+            if name == "title":
+                self._in_title = False
+            elif name == "h1":
+                self._in_h1 = False
+            if name == tag:
+                break
+        if tag in _BLOCKS:
+            self._text("\n")
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title += data
+        if self._in_h1:
+            self.h1_title += data
+        if not self._hidden:  # a line break in the source is a space; blocks end lines
+            self._text(_SPACES.sub(" ", data))
+
+    def _text(self, data: str) -> None:
+        # Text in no region is the body's: a fragment of a page (a published article's
+        # content) has no <body>.
+        for region in {region for _, region in self._open if region} or {"body"}:
+            self.regions[region].append(data)
+
+
+def page_text(page: str, url: str) -> tuple[str, str, str]:
+    """A page's title, text and date (YYYY-MM-DD or ""): a 公众号 article's title from og:title
+    or h1#activity-name and text from #js_content; any other page's <title> and the text of
+    its <article>, <main> or <body>. Paragraphs and list items are lines; scripts, styles,
+    images and the editor's wrapper markup are dropped, entities decoded. LearnError for a
+    WeChat verification page."""
+    reader = _PageReader()
+    reader.feed(page)
+    reader.close()
+    text = ""
+    for region in _TEXT_REGIONS:
+        lines = (" ".join(line.split()) for line in "".join(reader.regions[region]).splitlines())
+        text = "\n".join(line for line in lines if line)
+        if text:
+            break
+    wechat = "mp.weixin.qq.com" in urllib.parse.urlsplit(url).netloc
+    if wechat and not reader.regions["js_content"] and re.search(
+            "环境异常|完成验证|去验证|访问过于频繁", text):
+        raise LearnError("WeChat answered with a verification page (环境异常) instead of the "
+                         "article: wait a while and learn it again, or save the page from a "
+                         "browser and learn the .html file")
+    title = " ".join((reader.og_title or reader.h1_title or reader.title).split())
+    date = reader.published if re.fullmatch(r"\d{4}-\d\d-\d\d", reader.published) else ""
+    created = re.search(r"""\bvar\s+ct\s*=\s*["']?(\d{9,11})""", page) \
+        if wechat or reader.regions["js_content"] else None  # a 公众号 article's publish time
+    if created and not date:
+        date = china_date(float(created.group(1)))
+    return title, text, date
+
+
+def china_date(timestamp: float) -> str:
+    """A Unix time as the date in China (UTC+8), where the account's readers are."""
+    return time.strftime("%Y-%m-%d", time.gmtime(timestamp + 8 * 3600))
+
+
+def article_digest(title: str, text: str, url: str, date: str) -> str:
+    """What tells a changed article from an unchanged one."""
+    return hashlib.sha256(f"{title}\n{url}\n{date}\n{text}".encode("utf-8")).hexdigest()
+
+
+#: The passages a search brings, best by BM25 first (a match in the title weighs 3 times).
+PASSAGES_MATCHING = (
+    "SELECT s.id, s.title, s.url, s.date, p.text FROM (SELECT rowid FROM article_terms"
+    " WHERE article_terms MATCH :query ORDER BY bm25(article_terms, 3.0, 1.0) LIMIT :limit) m"
+    " JOIN article_passages p ON p.id = m.rowid JOIN article_sources s ON s.id = p.source_id")
+#: In how many passages each term is (fts5vocab looks each up in the index).
+VOCABULARY = "SELECT term, doc FROM article_vocabulary WHERE term IN ({terms})"
+#: How many passages there are, and when the articles last changed (learn_text, forget).
+COUNTED_PASSAGES = ("SELECT coalesce((SELECT value FROM article_state WHERE key = 'passages'),"
+                    " 0), (SELECT value FROM article_state WHERE key = 'changed')")
+
+_LATIN_WORD = re.compile(rf"([0-9]+\.[0-9]+|[a-z0-9]+)([{_CJK}]?)")
+
+
+def latin_terms(folded: str) -> set[str]:
+    """The Latin words and numbers article_terms() finds in a folded text, with the
+    number-and-character terms (39元)."""
+    terms: set[str] = set()
+    for match in _LATIN_WORD.finditer(folded):
+        parts = _word_parts(match.group(1))
+        terms.update(parts)
+        if match.group(2) and parts[0][0].isdigit():
+            terms.add(parts[0] + match.group(2))
+    return terms
+
+
+def shows(folded: str, latin: set[str], term: str) -> bool:
+    """Whether a folded text holds a term of article_terms(): a CJK character or pair is
+    there as written; a Latin word or number is one of its `latin` terms."""
+    return term in latin if term[0].isascii() else term in folded
+
+
+class Articles:
+    """The account's articles in the bot's SQLite database: own tables, own connections.
+
+    Safe while the server runs and from several threads: each thread has its connection,
+    and the database is in WAL mode, so a `learn` in another process never blocks a search.
+    """
+
+    #: At most this many passages go with a question.
+    MOST = 5
+    #: Candidates BM25 brings before they are weighed against the question.
+    CANDIDATES = 30
+
+    def __init__(self, db_path: str, busy_timeout: float = 15.0):
+        create_private(db_path)
+        self.path, self.busy_timeout = db_path, busy_timeout
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._counts: dict[str, object] = {}  # term -> passages holding it; "" -> as of when
+        conn = self._conn()
+        # Before the first table, as the Store does: deleted rows give their pages back.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(f"BEGIN IMMEDIATE; {ARTICLES_SCHEMA} COMMIT;")
+        with self._write() as conn:
+            version = conn.execute("SELECT value FROM article_state WHERE key = 'terms'"
+                                   ).fetchone()
+            if version is None or int(version[0]) != TERMS_VERSION:
+                self._reindex(conn)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=self.busy_timeout)
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            # A connection per worker thread: a small page cache each, as the Store's (the
+            # index's pages stay in the operating system's cache).
+            conn.execute("PRAGMA cache_size=-512")
+            self._local.conn = conn
+            with self._lock:
+                self._opened.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for conn in opened:
+            conn.close()
+        self._local = threading.local()
+
+    # Learning ---------------------------------------------------------------
+
+    def _reindex(self, conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO article_terms (article_terms) VALUES ('delete-all')")
+        for row in conn.execute("SELECT p.id, p.text, s.title FROM article_passages p"
+                                " JOIN article_sources s ON s.id = p.source_id").fetchall():
+            conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
+                         (row[0], " ".join(article_terms(row[2])),
+                          " ".join(article_terms(row[1]))))
+        conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('terms', ?)",
+                     (str(TERMS_VERSION),))
+        self._count(conn)
+
+    def _passages_holding(self, terms: set[str], conn: sqlite3.Connection, changed: str
+                          ) -> dict[str, int]:
+        """In how many passages each term is (those in none left out). fts5vocab counts a
+        term by reading where it is, 0.2 ms for a common one: the counts are kept until the
+        articles change (any process's learn_text or forget)."""
+        known = self._counts
+        if known.get("") != changed or len(known) > self.COUNTS_KEPT:
+            known = self._counts = {"": changed}
+        asked = sorted(term for term in terms if term not in known)
+        if asked:
+            found = dict(conn.execute(VOCABULARY.format(terms=", ".join("?" * len(asked))),
+                                      asked).fetchall())
+            known.update((term, found.get(term, 0)) for term in asked)
+        return {term: known[term] for term in terms if known[term]}
+
+    @staticmethod
+    def _count(conn: sqlite3.Connection) -> None:
+        """Note how many passages there are, for find() (counting them there would read them
+        all), and that they changed (find() then counts its terms afresh)."""
+        conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('passages',"
+                     " (SELECT count(*) FROM article_passages))")
+        conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('changed', ?)",
+                     (str(time.time_ns()),))
+
+    @staticmethod
+    def _unindex(conn: sqlite3.Connection, source_id: int) -> None:
+        """Remove a source's passages and their terms (spelled as they were added)."""
+        title = conn.execute("SELECT title FROM article_sources WHERE id = ?",
+                             (source_id,)).fetchone()
+        if title is None:
+            return
+        title_terms = " ".join(article_terms(title[0]))
+        for passage_id, text in conn.execute(
+                "SELECT id, text FROM article_passages WHERE source_id = ?",
+                (source_id,)).fetchall():
+            conn.execute("INSERT INTO article_terms (article_terms, rowid, title, body)"
+                         " VALUES ('delete', ?, ?, ?)",
+                         (passage_id, title_terms, " ".join(article_terms(text))))
+        conn.execute("DELETE FROM article_passages WHERE source_id = ?", (source_id,))
+
+    def learn_text(self, kind: str, origin: str, title: str, text: str, url: str = "",
+                   date: str = "", now: float | None = None) -> Source:
+        """Learn a text as passages, replacing what was learned before from the same origin."""
+        title = " ".join(title.split()) or os.path.basename(origin) or origin
+        if kind not in ("published", "url", "file"):
+            raise ValueError(f"kind must be published, url or file, not {kind!r}")
+        pieces = passages_of(text)
+        if not pieces:
+            raise LearnError("no text in it")
+        digest = article_digest(title, text, url, date)
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+                               (origin,)).fetchone()
+            if row:
+                self._unindex(conn, row[0])
+                conn.execute("UPDATE article_sources SET kind = ?, title = ?, url = ?,"
+                             " date = ?, passages = ?, chars = ?, digest = ?, learned_at = ?"
+                             " WHERE id = ?", (kind, title, url, date, len(pieces),
+                                               sum(map(len, pieces)), digest, now, row[0]))
+                source_id = row[0]
+            else:
+                source_id = conn.execute(
+                    "INSERT INTO article_sources (kind, origin, title, url, date, passages,"
+                    " chars, digest, learned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, origin, title, url, date, len(pieces), sum(map(len, pieces)),
+                     digest, now)).lastrowid
+            title_terms = " ".join(article_terms(title))
+            for piece in pieces:
+                passage_id = conn.execute("INSERT INTO article_passages (source_id, text)"
+                                          " VALUES (?, ?)", (source_id, piece)).lastrowid
+                conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
+                             (passage_id, title_terms, " ".join(article_terms(piece))))
+            self._count(conn)
+        return Source(source_id, kind, origin, title, url, date, len(pieces), now)
+
+    def forget(self, origin_or_id: str) -> bool:
+        """Forget a source by its origin (URL, path, article_id) or its id; False if unknown."""
+        origin_or_id = str(origin_or_id)
+        with self._write() as conn:
+            row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+                               (origin_or_id,)).fetchone()
+            if row is None and origin_or_id.isdigit():
+                row = conn.execute("SELECT id FROM article_sources WHERE id = ?",
+                                   (int(origin_or_id),)).fetchone()
+            if row is None and os.path.exists(origin_or_id):
+                row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+                                   (os.path.abspath(origin_or_id),)).fetchone()
+            if row is None:
+                return False
+            # A published post's second and later articles are article_id/2, article_id/3...
+            ids = [row[0]] + [other for (other,) in conn.execute(
+                "SELECT id FROM article_sources WHERE kind = 'published' AND origin > ?"
+                " AND origin < ?", (origin_or_id + "/", origin_or_id + "0"))]
+            for source_id in ids:
+                self._unindex(conn, source_id)
+                conn.execute("DELETE FROM article_sources WHERE id = ?", (source_id,))
+            self._count(conn)
+        return True
+
+    def digests(self, kind: str) -> dict[str, str]:
+        """Each learned source of a kind, by origin: what it was learned from, as
+        article_digest() summed it up (a sync skips the unchanged ones)."""
+        return dict(self._conn().execute("SELECT origin, digest FROM article_sources"
+                                         " WHERE kind = ?", (kind,)))
+
+    def sources(self) -> list[Source]:
+        """Every learned source, newest article first."""
+        return [Source(*row) for row in self._conn().execute(
+            "SELECT id, kind, origin, title, url, date, passages, learned_at"
+            " FROM article_sources ORDER BY date DESC, id DESC")]
+
+    def last_sync(self) -> float | None:
+        """When the published articles were last synced (None: never, so no sync)."""
+        row = self._conn().execute("SELECT value FROM article_state WHERE key = 'synced'"
+                                   ).fetchone()
+        return float(row[0]) if row else None
+
+    def note_sync(self, at: float) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES"
+                         " ('synced', ?)", (repr(at),))
+
+    # Learning from pages, files and folders ---------------------------------
+
+    def learn(self, source: str, fetch: Callable[[str], "Page"] | None = None,
+              now: float | None = None) -> Source:
+        """Learn a URL, a file (.md, .txt, .html) or a folder (its files of those kinds,
+        recursively): the CLI's `learn SOURCE`. A folder returns its last file's Source and
+        raises LearnError naming each file that failed, once the others are learned
+        (learn_many tells file by file). LearnError says why a source was not learned."""
+        failed, learned = [], None
+        for name, outcome in self.learn_many([source], fetch, now):
+            if isinstance(outcome, LearnError):
+                failed.append(f"{name}: {outcome}" if name != source else str(outcome))
+            else:
+                learned = outcome
+        if failed:
+            raise LearnError("; ".join(failed))
+        return learned
+
+    def learn_many(self, sources: Iterable[str], fetch: Callable[[str], "Page"] | None = None,
+                   now: float | None = None
+                   ) -> Iterator[tuple[str, Source | LearnError]]:
+        """Learn each source in turn (a folder's files one by one): (its name, the Source
+        learned, or the LearnError that says why not). One bad source stops no other."""
+        fetch = fetch or fetch_page
+        for source in sources:
+            if re.match(r"https?://", source, re.I):
+                yield source, self._catch(lambda: self._learn_url(source, fetch, now))
+            elif os.path.isdir(source):
+                files = list(article_files(source))
+                if not files:
+                    yield source, LearnError("no .md, .txt or .html file in this folder")
+                for path in files:
+                    yield path, self._catch(lambda: self._learn_file(path, now))
+            else:
+                yield source, self._catch(lambda: self._learn_file(source, now))
+
+    @staticmethod
+    def _catch(learn: Callable[[], Source]) -> Source | LearnError:
+        try:
+            return learn()
+        except LearnError as error:
+            return error
+
+    def _learn_url(self, url: str, fetch: Callable[[str], "Page"], now: float | None) -> Source:
+        page = fetch(url)
+        title, text, date = page_text(page.html, page.url)
+        if not text.strip():
+            raise LearnError("the page has no text")
+        return self.learn_text("url", url, title or page.url, text, url=page.url, date=date,
+                               now=now)
+
+    def _learn_file(self, path: str, now: float | None) -> Source:
+        path = os.path.abspath(path)
+        extension = os.path.splitext(path)[1].lower()
+        if extension not in ARTICLE_FILES:
+            raise LearnError(f"not a .md, .txt or .html file, nor a folder, nor an http(s) URL")
+        try:
+            with open(path, "rb") as file:
+                raw = file.read()
+            date = time.strftime("%Y-%m-%d", time.localtime(os.path.getmtime(path)))
+        except OSError as error:
+            raise LearnError(f"cannot read it: {error.strerror or error}") from None
+        try:
+            content = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise LearnError("not UTF-8 text: save it as UTF-8 and learn it again") from None
+        if not content.strip():
+            raise LearnError("the file is empty")
+        if extension in (".html", ".htm"):
+            title, text, _ = page_text(content, "")
+        else:
+            title, text = markdown_text(content)
+        if not text.strip():
+            raise LearnError("no text in it")
+        return self.learn_text("file", path, title or os.path.basename(path), text, date=date,
+                               now=now)
+
+    # Use --------------------------------------------------------------------
+
+    def note_use(self, message_id: int, at: float, given: int, cited: int) -> None:
+        """Record, per answered question, how many passages went to the model and how many
+        the answer cited (0 given = a question no article covered)."""
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO article_uses (message_id, at, given, cited)"
+                         " VALUES (?, ?, ?, ?)", (message_id, at, given, cited))
+
+    def uses_since(self, since: float) -> tuple[int, int, int]:
+        """(questions asked, questions given passages, questions answered with a citation)."""
+        row = self._conn().execute(
+            "SELECT count(*), coalesce(sum(given > 0), 0), coalesce(sum(cited > 0), 0)"
+            " FROM article_uses WHERE at >= ?", (since,)).fetchone()
+        return row[0], row[1], row[2]
+
+    # Finding ----------------------------------------------------------------
+
+    #: A passage goes with the question only when what it shows of the question weighs this
+    #: share of the question (each unit weighed by how rare it is in the articles).
+    FLOOR = 0.27
+    #: What a character found alone in a passage (not beside its neighbour) counts for.
+    ALONE = 0.3
+    #: How much the earlier question's units weigh beside the question's own.
+    EARLIER_WEIGHT = 0.5
+    #: Passages BM25 may score for one question (about 3 µs each).
+    BUDGET = 2000
+    #: Terms whose counts are kept between questions (a few MB at most).
+    COUNTS_KEPT = 50000
+
+    def find(self, question: str, earlier: Sequence[str] = ()) -> list[Passage]:
+        """Passages that answer `question` (with the user's earlier question(s) for a
+        follow-up), best first, at most a handful; [] when nothing relevant (relevance floor)."""
+        units = {key: (1.0, unit) for key, unit in question_units(question).items()}
+        for before in list(earlier)[-1:]:
+            for key, unit in question_units(before).items():
+                units.setdefault(key, (self.EARLIER_WEIGHT, unit))
+        if not units:
+            return []
+        conn = self._conn()
+        total, changed = conn.execute(COUNTED_PASSAGES).fetchone()
+        total = int(total)
+        if not total:
+            return []
+        terms = {term for _, unit in units.values() for shown in (*unit.strong, unit.weak)
+                 for term in shown}
+        found_in = self._passages_holding(terms, conn, changed)
+        searched, weight, reachable = {}, {}, {}
+        for key, (importance, unit) in units.items():
+            # Searched for: what shows the unit strongly, where it exists (a passage that shows
+            # no unit strongly is not given, below).
+            for shown in unit.strong:
+                if all(term in found_in for term in shown):
+                        searched[" AND ".join(f'"{term}"' for term in sorted(shown))] = min(
+                        found_in[term] for term in shown)
+            # Weighed by how rare it is: a character by itself, a group of words together.
+            counted = [unit.weak] if unit.weak else unit.strong
+            passages = min(total, sum(min(found_in.get(term, 0) for term in shown)
+                                      for shown in counted))
+            weight[key] = importance * math.log((total - passages + 0.5) / (passages + 0.5) + 1)
+            reachable[key] = 1.0 if any(all(term in found_in for term in shown)
+                                        for shown in unit.strong) else \
+                self.ALONE if any(term in found_in for term in unit.weak) else 0.0
+        whole = sum(weight.values())
+        # No passage can reach the floor when what the articles hold of the question weighs
+        # too little (咖啡渣: 咖啡 is everywhere, 渣 nowhere): nothing to search.
+        if not searched or sum(weight[key] * reachable[key] for key in units) < \
+                self.FLOOR * whole:
+            return []
+        # The candidates come from the rarest terms, as many as keep BM25's work (a score for
+        # each passage holding one) within BUDGET; when even the rarest is common (咖啡 in an
+        # account about coffee), from passages holding the two rarest. The weighing below
+        # still counts every unit.
+        rare, brought = [], 0
+        for query in sorted(searched, key=searched.get):
+            if rare and brought + searched[query] > self.BUDGET:
+                break
+            rare.append(query)
+            brought += searched[query]
+        if brought > self.BUDGET:
+            # Even the rarest is common: the passages holding it and the next rarest term
+            # (a whole unit, or a character of one), 面包 and 酸 for 酸面包.
+            others = {**{f'"{term}"': found_in[term] for _, unit in units.values()
+                         for term in unit.weak if term in found_in}, **searched}
+            others.pop(rare[0], None)
+            if others:
+                rare = [f"({rare[0]}) AND ({min(others, key=others.get)})"]
+        latin_asked = any(term[0].isascii() for term in terms)
+        scored = []
+        for source_id, title, url, date, text in conn.execute(PASSAGES_MATCHING, {
+                "query": " OR ".join(f"({query})" for query in rare),
+                "limit": self.CANDIDATES}):
+            folded = fold(f"{title}\n{text}")
+            latin = latin_terms(folded) if latin_asked else set()
+            strongly = {key for key, (_, unit) in units.items()
+                        if any(all(shows(folded, latin, term) for term in terms)
+                               for terms in unit.strong)}
+            share = sum(weight[key] * (1.0 if key in strongly else self.ALONE
+                                       if any(shows(folded, latin, term) for term in unit.weak)
+                                       else 0.0)
+                        for key, (_, unit) in units.items()) / whole
+            # Characters found only one by one are no sign the passage is on the subject.
+            if strongly and share >= self.FLOOR:
+                scored.append((share, len(scored), Passage(source_id, title, url, date, text)))
+        scored.sort(key=lambda item: (-item[0], item[1]))
+        return [passage for _, _, passage in scored[:self.MOST]]
+
+
 ###############################################################################
 # WeChat protocol: signatures, encryption, XML ################################
 ###############################################################################
@@ -2015,7 +3046,9 @@ BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def parse_xml(body: bytes) -> dict[str, str]:
-    """The fields of an <xml> push: each child's text; a child with children of its own is "".
+    """The fields of an <xml> push: each child's text; a child with children of its own is "",
+    and its own children's texts are fields too, under their names, when no child of <xml>
+    has the name (PUBLISHJOBFINISH's article_id is inside <PublishEventInfo>).
 
     UTF-8 only. The parser itself refuses a DOCTYPE or an entity declaration, so no entity is
     ever expanded (billion laughs, XXE), while markup quoted inside CDATA stays the user's text.
@@ -2026,6 +3059,7 @@ def parse_xml(body: bytes) -> dict[str, str]:
         raise BadPush("the body is not UTF-8 (a byte-order mark or a NUL byte)")
     fields: dict[str, str] = {}
     depth, text, nested = 0, [], False
+    inner: list = []  # [name, texts] of the grandchild being read, while it has no children
 
     def declaration(version, encoding, standalone):
         if encoding and encoding.lower() not in ("utf-8", "utf8"):
@@ -2046,6 +3080,10 @@ def parse_xml(body: bytes) -> dict[str, str]:
             text.clear()
             nested = False
         nested = nested or depth >= 2
+        if depth == 2:
+            inner[:] = [tag, []]
+        elif depth > 2:
+            inner.clear()
         depth += 1
 
     def end(tag):
@@ -2053,10 +3091,16 @@ def parse_xml(body: bytes) -> dict[str, str]:
         depth -= 1
         if depth == 1:
             fields[tag] = "" if nested else "".join(text).strip()
+        elif depth == 2 and inner:
+            if len(fields) < MAX_FIELDS:
+                fields.setdefault(inner[0], "".join(inner[1]).strip())
+            inner.clear()
 
     def characters(data):
         if depth == 2:
             text.append(data)
+        elif depth == 3 and inner:
+            inner[1].append(data)
 
     parser = xml.parsers.expat.ParserCreate("utf-8")
     parser.buffer_text = True
@@ -2444,6 +3488,15 @@ class WeChatAPI:
 
     def menu_delete(self) -> None:
         self.call("/cgi-bin/menu/delete")
+
+    def published(self, offset: int, count: int = 20) -> dict:
+        """A page of the articles published with 发布, their content included (WECHAT.md §9)."""
+        return self.call("/cgi-bin/freepublish/batchget",
+                         {"offset": offset, "count": count, "no_content": 0})
+
+    def published_article(self, article_id: str) -> dict:
+        """One published post's articles (news_item), as WeChat pushed its article_id."""
+        return self.call("/cgi-bin/freepublish/getarticle", {"article_id": article_id})
 
     def typing(self, openid: str, command: str = "Typing") -> None:
         """Show "typing"; every error is harmless (45080 too late, 45081 already shown)."""
@@ -3027,6 +4080,12 @@ def next_send(rows: list, quota: int, streaming: bool, answer_id: int
     return None
 
 
+def anchor_tag(url: str) -> str:
+    """The <a> that opens a link to url, which can end neither the attribute nor the tag."""
+    return '<a href="{}">'.format(url.replace('"', "%22").replace("<", "%3C")
+                                  .replace(">", "%3E"))
+
+
 class Markdown:
     """Turns a model's Markdown into plain text, one line at a time, since WeChat shows the
     marks as they are. Markup the model wrote is shown as text (MARKUP_OPEN); its http(s)
@@ -3101,8 +4160,7 @@ class Markdown:
         """A Markdown link: an http(s) one as <a>, its tags parked in `kept` so that no rule
         touches the address (its text still reads as any text); any other as text (address)."""
         text, url = match.groups()
-        tag = '<a href="{}">'.format(url.replace('"', "%22").replace("<", "%3C")
-                                     .replace(">", "%3E"))
+        tag = anchor_tag(url)
         if not self.WEB.match(url) or utf8_len(tag + text + "</a>") > LINK_MOST:
             return f"{text} ({url})"
         kept += [tag, "</a>"]
@@ -3149,13 +4207,16 @@ class StreamCutter:
                 self.looked, taken = 0, True
         return self._segments(final=False) if taken else []  # nothing new to cut
 
-    def finish(self) -> list[str]:
-        """The rest, once the model has finished."""
+    def finish(self, tail: str = "") -> list[str]:
+        """The rest, once the model has finished. `tail`: plain text that ends the answer as
+        it is, after a blank line (the 来源 line, whose links are wxbot's own, not markup)."""
         if self.line:
             self._take(self.line, whole=True)
             self.line = ""
         if self.blocks and self.blocks[-1][1] is None:  # a code block never closed
             self.blocks[-1][1] = len(self.plain.rstrip("\n"))
+        if tail:
+            self.plain = self.plain.rstrip("\n") + "\n\n" + tail if self.plain.strip() else tail
         return self._segments(final=True)
 
     @property
@@ -3232,6 +4293,216 @@ def split_segments(text: str, limit: int = SEGMENT_LIMIT, markdown: bool = True)
 
 
 ###############################################################################
+# Citing articles: passages for the model, links for the reader ###############
+###############################################################################
+
+#: Added to the owner's WXBOT_SYSTEM_PROMPT when passages of the account's articles go with a
+#: question (and only then: a question no article covers costs no token more).
+ARTICLES_PROMPT = (
+    "用户的问题前附有本公众号文章的段落，每段以编号、标题和日期开头，如 [1] 《标题》 (2025-08-01)。"
+    "这些段落能回答问题时，请依据它们回答，并在用到的内容后标上段落的编号，如 [1] 或 [1][2]；"
+    "它们回答不了问题时，请说明公众号的文章里没有提到，不要编造。"
+    "两篇文章说法不一致时，以日期较新的为准，可以说明以前的说法已经更新。"
+    "不要自己写出处、标题或链接：回答末尾会附上所引文章的链接。"
+)
+PASSAGES_HEAD = "公众号文章中的相关段落："
+QUESTION_HEAD = "用户的问题："
+SOURCES_HEAD = "来源："
+#: The answer links to at most this many articles: the ones it cited first.
+MOST_SOURCES = 3
+
+
+def passage_heading(number: int, passage: Passage) -> str:
+    """`[1] 《标题》 (2025-08-01)`: how a passage is headed for the model."""
+    date = f" ({passage.date})" if passage.date else ""
+    return f"[{number}] 《{passage.title.strip('《》 ')}》{date}"
+
+
+def with_passages(question: str, passages: list[Passage]) -> str:
+    """The question as the model gets it: the passages first, numbered, then the question;
+    the question alone when no passage goes with it."""
+    if not passages:
+        return question
+    numbered = "\n\n".join(f"{passage_heading(number, passage)}\n{passage.text.strip()}"
+                           for number, passage in enumerate(passages, 1))
+    return f"{PASSAGES_HEAD}\n\n{numbered}\n\n{QUESTION_HEAD}{question}"
+
+
+def source_link(passage: Passage) -> str:
+    """An article as the 来源 line names it: its title as a link, or as text for a file with no
+    (web) URL or a link too long for one segment. Title and URL come from pages learned, so
+    neither may plant markup of its own (MARKUP_OPEN)."""
+    title = "《{}》".format(passage.title.strip("《》 ").replace("<", "＜").replace(">", "＞"))
+    tag = anchor_tag(passage.url)
+    if not Markdown.WEB.match(passage.url) or utf8_len(tag + title + "</a>") > LINK_MOST:
+        return title
+    return f"{tag}{title}</a>"
+
+
+class Citations:
+    """Turns the model's citation markers into the links of the 来源 line, while it streams.
+
+    The model cites the passages it was given as [1], [1][2], [1, 2], 【1】 or ［1］: each
+    marker leaves the text (with the spaces before it), and `sources()` names the articles
+    cited, in the order first cited, each once. A number no passage has (an invented [9])
+    goes too. A marker split across pieces is held back until it is whole, so the text and
+    the sources are the same whatever the pieces. A bracket that is no marker ([注意], a
+    year [2025], a link's [1](...)) and code (inline or fenced) stay as written.
+    Linear time: one regular expression (a character class) finds the next character that
+    matters, and a marker is held back for MARKER_MOST characters at most.
+    """
+
+    OPEN, CLOSE = "[【［", "]】］"
+    #: Between the numbers of one marker: [1, 2], [1，2], [1、2].
+    SEPARATORS = ",，、 "
+    #: A longer bracket is text: how much may be held back.
+    MARKER_MOST = 16
+    #: Spaces held back before what may be a marker; more than this stay.
+    SPACES_MOST = 4
+    #: What may open a marker, a code fence or inline code, or end a line.
+    NOTABLE = re.compile("[\\[【［`~\n]")
+
+    def __init__(self, passages: list[Passage]):
+        self.passages = passages
+        self.cited: list[int] = []   # indices of the passages cited, in the order first cited
+        self.spaces = ""             # spaces written last, held back: a marker may follow
+        self.marker: str | None = None  # a marker being read, as written
+        self.numbers: list[str] = []    # its numbers so far
+        self.closed = False          # it is whole: one more character says it is no link
+        self.line_start = True       # nothing but spaces so far on this line
+        self.fence = ""              # the fence of the code block the text is in
+        self.run = ""                # fence characters opening this line so far
+        self.inline_code = False     # an odd number of ` so far on this line
+
+    def feed(self, piece: str) -> str:
+        """The text of the answer so far that can be shown, markers taken out."""
+        out: list[str] = []
+        at = 0
+        while at < len(piece):
+            if self.marker is not None:
+                self._marker_char(piece[at], out)
+                at += 1
+                continue
+            found = self.NOTABLE.search(piece, at)
+            end = found.start() if found else len(piece)
+            if end > at:
+                self._text(piece[at:end], out)
+            if found:
+                self._notable(found.group(), out)
+            at = end + 1
+        return "".join(out)
+
+    def finish(self) -> str:
+        """What was held back, once the model has finished."""
+        out: list[str] = []
+        if self.marker is not None and self.closed:
+            self._cite()
+        elif self.marker is not None:
+            self._not_marker(out)
+        out.append(self.spaces)
+        self.spaces = ""
+        return "".join(out)
+
+    def sources(self) -> str:
+        """The line that ends the answer: 来源： and the cited articles; "" when none."""
+        links, seen = [], set()
+        for index in self.cited:
+            passage = self.passages[index]
+            if passage.source_id not in seen and len(links) < MOST_SOURCES:
+                seen.add(passage.source_id)
+                links.append(source_link(passage))
+        return SOURCES_HEAD + "、".join(links) if links else ""
+
+    def _text(self, text: str, out: list[str]) -> None:
+        """Text with nothing notable in it: shown, but for the spaces that end it."""
+        body = text.rstrip(" \t")
+        if body:
+            self._line_goes_on()
+            out += [self.spaces, body]
+            self.spaces = ""
+        spaces = self.spaces + text[len(body):]
+        out.append(spaces[:-self.SPACES_MOST])
+        self.spaces = spaces[-self.SPACES_MOST:]
+
+    def _notable(self, char: str, out: list[str]) -> None:
+        if char == "\n":
+            self._line_goes_on()
+            self.line_start, self.inline_code = True, False
+        elif char in "`~" and self.line_start and self.run[:1] in ("", char):
+            self.run += char  # a fence (``` or ~~~) opens or closes a code block
+            if len(self.run) == 3:
+                self.fence = "" if self.fence == self.run else self.fence or self.run
+                self.line_start, self.run = False, ""
+        elif char in self.OPEN and not (self.fence or self.inline_code):
+            self._line_goes_on()
+            self.marker, self.numbers, self.closed = char, [], False
+            return  # the spaces before it wait with it
+        else:
+            self._line_goes_on()
+            if char == "`" and not self.fence:
+                self.inline_code = not self.inline_code
+        out += [self.spaces, char]
+        self.spaces = ""
+
+    def _line_goes_on(self) -> None:
+        """Something other than a fence character on this line: the backticks that opened
+        it were inline code."""
+        if self.run[:1] == "`" and not self.fence and len(self.run) % 2:
+            self.inline_code = not self.inline_code
+        self.line_start, self.run = False, ""
+
+    def _marker_char(self, char: str, out: list[str]) -> None:
+        """One more character after the opening of what may be a marker."""
+        if self.closed:
+            if char == "(":  # a Markdown link's text: [1](https://...)
+                self._not_marker(out)
+            else:
+                self._cite()
+            out.append(self.feed(char))
+            return
+        if len(self.marker) >= self.MARKER_MOST:
+            return self._give_up(char, out)
+        if char in "0123456789":
+            if self.marker[-1:].isdigit() and len(self.numbers[-1]) < 2:
+                self.numbers[-1] += char
+            elif self.marker[-1:].isdigit():  # three digits: a year, a price, no passage
+                return self._give_up(char, out)
+            else:
+                self.numbers.append(char)
+        elif char in self.SEPARATORS or (char == "^" and self.marker in self.OPEN):
+            pass
+        elif char in self.CLOSE and self.numbers:
+            self.closed = True
+        else:
+            return self._give_up(char, out)
+        self.marker += char
+
+    def _give_up(self, char: str, out: list[str]) -> None:
+        """What was held is text after all; the character that showed it is read anew."""
+        self._not_marker(out)
+        out.append(self.feed(char))
+
+    def _not_marker(self, out: list[str]) -> None:
+        out += [self.spaces, self.marker]
+        self.spaces, self.marker = "", None
+
+    def _cite(self) -> None:
+        """A whole marker: its passages are cited, it leaves the text with its spaces."""
+        for number in map(int, self.numbers):
+            index = number - 1
+            if 0 <= index < len(self.passages) and index not in self.cited:
+                self.cited.append(index)
+        self.spaces, self.marker = "", None
+
+
+def cited_stream(pieces: Iterator[str], citations: Citations) -> Iterator[str]:
+    """The answer's pieces with their citation markers taken out (Citations)."""
+    for piece in pieces:
+        yield citations.feed(piece)
+    yield citations.finish()
+
+
+###############################################################################
 # Menus, fixed replies and blocked words ######################################
 ###############################################################################
 
@@ -3277,9 +4548,14 @@ MENU_ERRORS = {
 class FileProblem(Exception):
     """An owner's file (menu, replies, blocked words) that cannot be used; each problem a line."""
 
-    def __init__(self, path: str, problems: list[str]):
+    def __init__(self, path: str, problems: list[str], setting: str = ""):
         super().__init__("; ".join(problems))
         self.path, self.problems = path, problems
+        self.setting = setting  # the setting that names the file, where one does
+
+    def where(self) -> str:
+        """The file as the owner named it: `WXBOT_REPLIES: /path`, or the path alone."""
+        return f"{self.setting}: {self.path}" if self.setting else self.path
 
 
 def read_json_file(path: str) -> object:
@@ -3616,10 +4892,30 @@ class OwnerFile:
     modification time, size or inode changes, or on SIGHUP. A broken edit keeps what was
     read before and the log says why; a broken file at start stops the start."""
 
-    def __init__(self, path: str, read: Callable[[str], object], empty: object):
-        self.path, self.read = path, read
+    def __init__(self, setting: str, path: str, read: Callable[[str], object], empty: object,
+                 example: str):
+        self.setting, self.path, self.read, self.example = setting, path, read, example
         self._lock = threading.Lock()
-        self.value, self._stamp = (read(path), self._look()) if path else (empty, None)
+        self.value, self._stamp = (self._first(), self._look()) if path else (empty, None)
+
+    def _first(self) -> object:
+        """The file at start; FileProblem names the setting, and for a missing file the
+        example that comes with wxbot.py to copy (the example settings name files that
+        are not shipped, so that the owner's edits are never overwritten by an update)."""
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
+            example = os.path.join(os.path.dirname(os.path.abspath(__file__)), self.example)
+            raise FileProblem(self.path, [f"there is no such file: leave {self.setting} "
+                                          f"empty, or start from the example: cp {example} "
+                                          f"{self.path}"], self.setting) from None
+        except OSError:
+            pass  # the reader says why it cannot read the file
+        try:
+            return self.read(self.path)
+        except FileProblem as error:
+            error.setting = self.setting
+            raise
 
     def _look(self) -> tuple | None:
         try:
@@ -3657,8 +4953,16 @@ class OwnerFiles:
     """The owner's fixed replies and blocked words, each re-read when its file changes."""
 
     def __init__(self, settings: Settings):
-        self.replies_file = OwnerFile(settings.replies, Replies.read, Replies())
-        self.blocked_file = OwnerFile(settings.blocked_words, BlockedWords.read, BlockedWords())
+        self.replies_file, self.blocked_file = (OwnerFile(*file)
+                                                for file in self.files(settings))
+
+    @staticmethod
+    def files(settings: Settings) -> list[tuple]:
+        """Each file: its setting, path, reader, value when unset and example beside wxbot.py."""
+        return [("WXBOT_REPLIES", settings.replies, Replies.read, Replies(),
+                 "replies.example.json"),
+                ("WXBOT_BLOCKED_WORDS", settings.blocked_words, BlockedWords.read,
+                 BlockedWords(), "blocked_words.example.txt")]
 
     @property
     def replies(self) -> Replies:
@@ -3909,8 +5213,13 @@ class Acknowledger:
 # Worker ######################################################################
 ###############################################################################
 
+#: /stats counts the questions answered from the articles over this many seconds (7 days).
+ARTICLE_USES_SECONDS = 7 * 86400
+
+
 def stats_text(stats: dict) -> str:
-    """/stats for an admin, in the owner's words."""
+    """/stats for an admin, in the owner's words; with the articles learned and how they were
+    used when the worker has them."""
     token = stats["token_valid_s"]
     return "\n".join([
         f"排队中：{stats['queued']}（处理中 {stats['in_progress']}，最久 "
@@ -3921,7 +5230,10 @@ def stats_text(stats: dict) -> str:
         f"未发送的分段：{stats['unsent_segments']}",
         f"回复方式：{'被动回复' if stats['mode'] == 'passive' else '客服消息'}",
         f"今日固定回复：关键词 {stats['keyword_replies_today']}，菜单 "
-        f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
+        f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}",
+        *([] if "articles" not in stats else [
+            "已学文章：{} 篇；近 7 天 {} 个提问中，找到相关段落 {} 个，引用文章回答 {} 个".format(
+                stats["articles"], *stats["article_uses"])])])
 
 
 def help_answer(drawing: bool, vision: bool) -> str:
@@ -3989,8 +5301,12 @@ class Worker:
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
                  owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None,
-                 others: Wakeup | None = None):
+                 others: Wakeup | None = None, articles: Articles | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
+        self.articles = articles  # the account's own, searched for each question
+        # Their use is counted beside the messages it names: `chat` searches the server's
+        # articles, but its messages are its own and stay out of /stats.
+        self.counts_uses = articles is not None and articles.path == store.path
         self.wakeup, self.mode, self.name = wakeup, mode, name
         self.others = others  # the threads of the other kind (workers, senders)
         self.acknowledger = acknowledger
@@ -4111,8 +5427,11 @@ class Worker:
             return self.store.save_answer(message, [help_answer(
                 bool(self.settings.image_model), self.settings.vision)], now)
         if how.route is Route.STATS:
+            articles = {} if not self.articles else {
+                "articles": len(self.articles.sources()),
+                "article_uses": self.articles.uses_since(now - ARTICLE_USES_SECONDS)}
             return self.store.save_answer(message, [stats_text(
-                {**self.store.stats(now), "mode": self.mode.in_force})], now)
+                {**self.store.stats(now), "mode": self.mode.in_force, **articles})], now)
         tapped = message.fields.get("bizmsgmenuid", "")
         if how.route is Route.CONTINUE and tapped.isdigit() and \
                 not self.store.tap_current(message, int(tapped)):
@@ -4160,8 +5479,11 @@ class Worker:
         history = self.store.history(message.openid, self.settings.history_turns,
                                      self.settings.context_chars,
                                      time.time() - self.settings.session_ttl)
-        ask = [{"role": "user", "content": question if not picture else [
-            {"type": "text", "text": question},
+        passages = self._passages(message, question, history) if question != IMAGE_PROMPT \
+            else []
+        asked = with_passages(question, passages)
+        ask = [{"role": "user", "content": asked if not picture else [
+            {"type": "text", "text": asked},
             {"type": "image_url", "image_url": {"url": picture}}]}]
         partial = self.store.partial_answer(message.id)
         if partial:  # a stream cut off before: ask for the rest, never for all of it again
@@ -4170,22 +5492,43 @@ class Worker:
         cutter = StreamCutter(first_done=bool(partial))
         written, sending = [], True
         deadline = Deadline(self.settings.model_timeout)
+        system = self.settings.system_prompt + ("\n\n" + ARTICLES_PROMPT if passages else "")
+        citations = Citations(passages)
+        pieces = masked_stream(self._watched(message, self._ask(system, history, ask, deadline),
+                                             deadline), blocked)
         try:
-            for text in masked_stream(self._watched(message, self._ask(history, ask, deadline),
-                                                    deadline), blocked):
+            for text in cited_stream(pieces, citations) if passages else pieces:
                 written.append(text)
                 ready = cutter.feed(text)
                 if ready and sending:
                     sending = self.deliver(message, streaming=True, add=ready)
                 elif ready:  # after a failed send, the rest waits for the end of the answer
                     self.store.add_segments(message, ready)
-            rest = cutter.finish()
+            # The 来源 line ends the answer's last segment, as any of its text would.
+            rest = cutter.finish(citations.sources())
         except ModelError as error:
             self.store.add_segments(message, cutter.finish())
             return self._model_failed(message, error, question)
         answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
-        return self.store.complete_answer(message, time.time(), rest,
-                                          f"[图片] {question}" if picture else question, answer)
+        planned = self.store.complete_answer(message, time.time(), rest,
+                                             f"[图片] {question}" if picture else question,
+                                             answer)
+        if self.counts_uses:
+            self.articles.note_use(message.id, time.time(), len(passages), len(citations.cited))
+        return planned
+
+    def _passages(self, message: Message, question: str, history: list[dict]) -> list[Passage]:
+        """The passages of the account's articles that answer the question, searched with the
+        user's questions before it (a follow-up: 那哪种最少？); [] when none does."""
+        if not self.articles:
+            return []
+        earlier = [turn["content"] for turn in history if turn["role"] == "user"]
+        try:
+            return self.articles.find(question, earlier)
+        except sqlite3.Error as error:  # the articles are no reason to leave a user unanswered
+            log_worker.error("message %s: the articles could not be searched (%s); answering "
+                             "without them", message.id, error)
+            return []
 
     def draw(self, message: Message, prompt: str) -> int | None:
         """Have the Images API draw the prompt and upload the picture, each step stored before
@@ -4243,9 +5586,10 @@ class Worker:
                              message.id)
         return IMAGE_NOT_ALLOWED_LINE
 
-    def _ask(self, history: list[dict], ask: list[dict], deadline: Deadline) -> Iterator[str]:
+    def _ask(self, system_prompt: str, history: list[dict], ask: list[dict],
+             deadline: Deadline) -> Iterator[str]:
         """The model's answer as it streams; a context-too-long error retries without history."""
-        system = [{"role": "system", "content": self.settings.system_prompt}]
+        system = [{"role": "system", "content": system_prompt}]
         try:
             yield from self.model.stream(system + history + ask, deadline)
             return
@@ -4560,8 +5904,10 @@ class Webhook:
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
                  acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None,
-                 wechat: WeChatAPI | None = None, ready: Wakeup | None = None):
+                 wechat: WeChatAPI | None = None, ready: Wakeup | None = None,
+                 publishing: "ArticleSync | None" = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
+        self.publishing = publishing  # learns a newly published article, off the ack's path
         self.ready = ready or wakeup  # wakes the senders: a fixed reply is stored, ready
         self.wechat = wechat  # uploads a drawn picture again when its media_id expired
         self.mode = mode or DeliveryMode("service", store)
@@ -4642,6 +5988,8 @@ class Webhook:
         now = self.clock()
         model = needs_model(self.settings, self.owner.replies, push)
         message_id, pushes = self.store.store_push(push, now, model)
+        if pushes == 1 and push.event == "PUBLISHJOBFINISH" and self.publishing:
+            self.publishing.pushed(push.fields)  # an event like any other to the rest: no answer
         if pushes > 1:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
@@ -4773,6 +6121,22 @@ class Webhook:
         return self.crypto.decrypt(encrypted)
 
 
+def logged_not_printed(callback):
+    """A bottle plugin: an unexpected error goes to the log, where secrets are masked, and the
+    client gets a bare 500: bottle's catchall would print the traceback to stderr, past the
+    filter."""
+    def guarded(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except bottle.HTTPResponse:  # an answer, not an error
+            raise
+        except Exception:
+            log_web.exception("internal error answering %s %s", bottle.request.method,
+                              bottle.request.path)
+            return bottle.HTTPResponse("error", 500, {"Content-Type": "text/plain; charset=utf-8"})
+    return guarded
+
+
 def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottle:
     """The WSGI app: the webhook at WXBOT_PATH and /healthz."""
     app = bottle.Bottle(catchall=True)
@@ -4780,20 +6144,6 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     def text(status: int, body: str) -> bottle.HTTPResponse:
         kind = "application/xml" if body.startswith("<xml>") else "text/plain"
         return bottle.HTTPResponse(body, status, {"Content-Type": f"{kind}; charset=utf-8"})
-
-    def logged_not_printed(callback):
-        """An unexpected error goes to the log, where secrets are masked, and the client gets
-        a bare 500: bottle's catchall would print the traceback to stderr, past the filter."""
-        def guarded(*args, **kwargs):
-            try:
-                return callback(*args, **kwargs)
-            except bottle.HTTPResponse:  # an answer, not an error
-                raise
-            except Exception:
-                log_web.exception("internal error answering %s %s", bottle.request.method,
-                                  bottle.request.path)
-                return text(500, "error")
-        return guarded
 
     app.install(logged_not_printed)
 
@@ -4971,6 +6321,957 @@ class HttpServer:
 
 
 ###############################################################################
+# Owner's console #############################################################
+###############################################################################
+
+#: A console session ends this long after its login, however busy.
+CONSOLE_SESSION_SECONDS = 12 * 3600
+#: Wrong passwords from one address within a minute before its logins are answered 429.
+CONSOLE_WRONG_TRIES = 5
+#: The days before today that the Overview shows.
+CONSOLE_DAYS = 14
+#: Rows a console list shows; older ones are a link away.
+CONSOLE_ROWS = 50
+#: "Most asked" counts the latest this many questions: a count over every message ever
+#: stored would read the whole table on each look.
+CONSOLE_ASKED = 1000
+#: Conversations: at most this many of the latest messages are read to find the people who
+#: wrote last (a few people writing thousands of messages leave the list short, not slow).
+CONSOLE_PEOPLE_READ = 20000
+#: A message is added to its day's tally once it is this old: its answer is in by then. A day
+#: whose messages are all this old has its figures kept in the database (kv, CONSOLE_DAY_KEY).
+CONSOLE_DAY_SETTLED = 3600.0
+CONSOLE_DAY_KEY = "console-day:{}"
+CONSOLE_COOKIE = "wxbot_console"
+#: Sent with every console answer: no script runs (a reader's text shown by mistake as
+#: markup would run nothing), nothing loads from elsewhere, no other site frames the page.
+CONSOLE_HEADERS = [
+    ("Content-Security-Policy", "default-src 'none'; style-src 'self'; img-src 'self'; "
+                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+]
+
+CONSOLE_CSS = """
+body{margin:0;font:16px/1.45 system-ui,-apple-system,"PingFang SC","Microsoft YaHei",sans-serif;
+color:#0f172a;background:#fff}
+nav{display:flex;flex-wrap:wrap;align-items:center;gap:.2rem .9rem;padding:.5rem 1rem;
+background:#1e293b}
+nav a{color:#f8fafc;text-decoration:none;padding:.2rem 0}
+nav a.here{border-bottom:2px solid #38bdf8}
+nav form{margin-left:auto}
+nav button{background:none;border:1px solid #64748b;color:#f8fafc;border-radius:.3rem}
+main{max-width:64rem;margin:0 auto;padding:0 1rem 2rem}
+h1{font-size:1.35rem;margin:1rem 0 .5rem}
+h2{font-size:1.1rem;margin:1.4rem 0 .4rem}
+a{color:#0369a1}
+.wide{overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-size:.9rem}
+th,td{padding:.35rem .5rem;border-bottom:1px solid #e2e8f0;text-align:left;vertical-align:top}
+th{background:#f8fafc;white-space:nowrap}
+.n{text-align:right;white-space:nowrap}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(8.5rem,1fr));gap:.5rem}
+.card{border:1px solid #e2e8f0;border-radius:.4rem;padding:.45rem .6rem}
+.card b{display:block;font-size:1.35rem}
+.card span{font-size:.8rem;color:#475569}
+.said{white-space:pre-wrap;overflow-wrap:anywhere;word-break:break-word}
+.turn{border-left:3px solid #94a3b8;padding:.2rem .7rem;margin:1rem 0}
+.reply{background:#f1f5f9;border-radius:.4rem;padding:.35rem .6rem;margin:.35rem 0}
+.meta{font-size:.8rem;color:#475569}
+.bad{color:#b91c1c}
+.ok{color:#15803d}
+.note{background:#ecfeff;border:1px solid #a5f3fc;border-radius:.4rem;padding:.5rem .7rem}
+svg{display:block;width:100%;height:auto;max-height:15rem}
+input,button{font:inherit;padding:.4rem .6rem;border-radius:.3rem;border:1px solid #94a3b8}
+button{background:#e2e8f0;cursor:pointer}
+input[type=password],input[type=url],input[type=text]{width:100%;max-width:30rem;
+box-sizing:border-box}
+form.inline{display:inline}
+.login{max-width:22rem;margin:15vh auto 0;padding:0 1rem}
+.login p{margin:.7rem 0}
+@media (max-width:40rem){
+table.rows,table.rows tbody,table.rows tr,table.rows td{display:block}
+table.rows tr:first-child{display:none}
+table.rows tr{padding:.45rem 0;border-bottom:1px solid #e2e8f0}
+table.rows td{border:0;padding:.1rem 0;text-align:left}
+}
+""".strip()
+
+CONSOLE_LAYOUT = """<!DOCTYPE html>
+<html lang="zh-CN"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>{{title}} · wxbot</title>
+<link rel="stylesheet" href="/console.css">
+</head><body>
+% if csrf:
+<nav>
+% for path, name in pages:
+<a href="{{path}}"{{!' class="here"' if path == here else ''}}>{{name}}</a>
+% end
+<form method="post" action="/logout"><input type="hidden" name="csrf" value="{{csrf}}">
+<button>Log out</button></form>
+</nav>
+% end
+<main>
+<h1>{{title}}</h1>
+{{!body}}
+</main>
+</body></html>
+"""
+
+CONSOLE_LOGIN = """<div class="login">
+% if problem:
+<p class="bad">{{problem}}</p>
+% end
+<form method="post" action="/login">
+<p><label for="password">Password (WXBOT_ADMIN_PASSWORD)</label><br>
+<input type="password" id="password" name="password" autocomplete="current-password" autofocus></p>
+<p><button type="submit">Log in</button></p>
+</form>
+</div>
+"""
+
+CONSOLE_OVERVIEW = """<h2>Today</h2>
+<div class="cards">
+% for name, value in cards:
+<div class="card"><b>{{value}}</b><span>{{name}}</span></div>
+% end
+</div>
+<h2>Messages a day</h2>
+<svg viewBox="0 0 {{chart['width']}} {{chart['height']}}" role="img"
+ aria-label="messages a day for 15 days, the answered part in green">
+<line x1="0" y1="{{chart['base']}}" x2="{{chart['width']}}" y2="{{chart['base']}}" stroke="#94a3b8"/>
+% for bar in chart['bars']:
+<rect x="{{bar['x']}}" y="{{bar['y']}}" width="{{chart['bar']}}" height="{{bar['h']}}" fill="#cbd5e1">
+<title>{{bar['day']}}: {{bar['messages']}} messages, {{bar['answered']}} answered</title></rect>
+<rect x="{{bar['x']}}" y="{{bar['ay']}}" width="{{chart['bar']}}" height="{{bar['ah']}}" fill="#16a34a"/>
+<text x="{{bar['x'] + chart['bar'] / 2}}" y="{{chart['height'] - 4}}" font-size="9"
+ text-anchor="middle" fill="#475569">{{bar['label']}}</text>
+% end
+<text x="2" y="10" font-size="9" fill="#475569">{{chart['top']}}</text>
+</svg>
+<p class="meta">Grey: messages; green: answered. Local time, days from midnight.</p>
+<h2>Day by day</h2>
+<div class="wide"><table>
+<tr><th>Day</th><th class="n">Messages</th><th class="n">People</th><th class="n">Answered</th>
+<th class="n">Failed</th><th class="n">First reply, median</th><th class="n">95th</th>
+<th class="n">Service</th><th class="n">Passive</th><th class="n">From articles</th></tr>
+% for day in days:
+<tr><td>{{day['day']}}</td><td class="n">{{day['messages']}}</td><td class="n">{{day['people']}}</td>
+<td class="n">{{day['answered']}}</td><td class="n">{{day['failed']}}</td>
+<td class="n">{{seconds(day['first_median'])}}</td><td class="n">{{seconds(day['first_p95'])}}</td>
+<td class="n">{{day['service']}}</td><td class="n">{{day['passive']}}</td>
+<td class="n">{{articles_text(day)}}</td></tr>
+% end
+</table></div>
+<p class="meta">Messages: what readers wrote (menu clicks and follows not counted). First reply:
+from a message's arrival to the first message of its answer. Service: answers sent by the
+customer-service API; passive: in the reply to the reader's message. From articles: questions
+given passages of the account's articles / answers that cited one.</p>
+"""
+
+CONSOLE_PEOPLE = """<p class="meta">Everyone who wrote recently, the latest first (openids shortened).</p>
+<div class="wide"><table class="rows">
+<tr><th>Reader</th><th>Last message</th><th class="n">When</th><th>State</th></tr>
+% for person in people:
+<tr><td><a href="/people/{{quote(person['openid'])}}">{{short(person['openid'])}}</a></td>
+<td class="said">{{said(person)}}</td><td class="n">{{when(person['received_at'])}}</td>
+<td>{{person['state']}}</td></tr>
+% end
+</table></div>
+% if not people:
+<p>No messages yet.</p>
+% end
+"""
+
+CONSOLE_CONVERSATION = """<p class="meta">Reader {{short(openid)}}: every message, what was sent for
+it and when, oldest first.</p>
+% if older:
+<p><a href="/people/{{quote(openid)}}?before={{older}}">Older messages</a></p>
+% end
+% for turn in turns:
+<div class="turn" id="m{{turn['id']}}">
+<div class="meta">#{{turn['id']}} · {{when(turn['received_at'])}} · {{turn['state']}}{{'' if turn['first'] is None else ' · first reply after ' + seconds(turn['first'])}}</div>
+<div class="said">{{said(turn)}}</div>
+% if turn['acknowledged']:
+<div class="meta">{{turn['acknowledged']}}</div>
+% end
+% if turn['merged_into']:
+<div class="meta">answered together with <a href="#m{{turn['merged_into']}}">#{{turn['merged_into']}}</a></div>
+% end
+% for reply in turn['replies']:
+<div class="reply"><div class="meta">{{reply['how']}}</div><div class="said">{{reply['content']}}</div></div>
+% end
+% if turn['error']:
+<div class="bad said">{{turn['error']}}</div>
+% end
+% if turn['failures']:
+<div class="meta bad">{{turn['failures']}}</div>
+% end
+</div>
+% end
+% if not turns:
+<p>No messages from this reader.</p>
+% end
+"""
+
+CONSOLE_QUESTIONS = """<h2>Most asked</h2>
+<p class="meta">Among the latest {{window}} questions, the same text (punctuation, width and case
+aside) asked more than once.</p>
+<div class="wide"><table>
+<tr><th class="n">Times</th><th>Question</th></tr>
+% for count, text in most:
+<tr><td class="n">{{count}}</td><td class="said">{{text}}</td></tr>
+% end
+</table></div>
+% if not most:
+<p>No question was asked twice.</p>
+% end
+% if uncovered is not None:
+<h2>Not covered by an article</h2>
+<p class="meta">Recent questions for which no passage of the account's articles was found: what
+to write next.</p>
+<div class="wide"><table class="rows">
+<tr><th class="n">When</th><th>Reader</th><th>Question</th></tr>
+% for question in uncovered:
+<tr><td class="n">{{when(question['received_at'])}}</td>
+<td><a href="/people/{{quote(question['openid'])}}#m{{question['id']}}">{{short(question['openid'])}}</a></td>
+<td class="said">{{question['content']}}</td></tr>
+% end
+</table></div>
+% end
+<h2>Recent questions</h2>
+<div class="wide"><table class="rows">
+<tr><th class="n">When</th><th>Reader</th><th>Question</th><th>State</th></tr>
+% for question in recent:
+<tr><td class="n">{{when(question['received_at'])}}</td>
+<td><a href="/people/{{quote(question['openid'])}}#m{{question['id']}}">{{short(question['openid'])}}</a></td>
+<td class="said">{{question['content']}}</td><td>{{question['state']}}</td></tr>
+% end
+</table></div>
+"""
+
+CONSOLE_QUEUE = """% if note:
+<p class="note">{{note}}</p>
+% end
+% for title, state, total, rows in states:
+<h2>{{title}}: {{total}}</h2>
+% if rows:
+<div class="wide"><table class="rows">
+<tr><th class="n">#</th><th class="n">Received</th><th>Reader</th><th>Message</th><th>Why</th>
+{{!'<th></th>' if state == 'dead' else ''}}</tr>
+% for row in rows:
+<tr><td class="n">{{row['id']}}</td><td class="n">{{when(row['received_at'])}}</td>
+<td><a href="/people/{{quote(row['openid'])}}#m{{row['id']}}">{{short(row['openid'])}}</a></td>
+<td class="said">{{said(row)}}</td><td class="said">{{why(row)}}</td>
+% if state == 'dead':
+<td><form method="post" action="/queue/retry" class="inline">
+<input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{row['id']}}">
+<button>Retry</button></form></td>
+% end
+</tr>
+% end
+</table></div>
+% if total > len(rows):
+<p class="meta">and {{total - len(rows)}} more (python wxbot.py status lists them)</p>
+% end
+% end
+% end
+"""
+
+CONSOLE_ARTICLES = """% if note:
+<p class="{{'bad' if failed else 'note'}} said">{{note}}</p>
+% end
+<p>{{total}} sources, {{passages}} passages.
+% if synced:
+Published articles last synced {{when(synced)}}.
+% else:
+Published articles never synced (python wxbot.py learn --published).
+% end
+</p>
+<h2>Learn a page</h2>
+<form method="post" action="/articles/learn">
+<input type="hidden" name="csrf" value="{{csrf}}">
+<p><label for="url">URL of an article or page</label><br>
+<input type="url" id="url" name="url" required placeholder="https://mp.weixin.qq.com/s/..."></p>
+<p><button type="submit">Learn</button></p>
+</form>
+<h2>Sources</h2>
+<div class="wide"><table class="rows">
+<tr><th>Title</th><th>Kind</th><th>Date</th><th class="n">Passages</th><th>Learned</th><th></th></tr>
+% for source in sources:
+% if source['url'].startswith(('https://', 'http://')):
+<tr><td><a href="{{source['url']}}" rel="noreferrer">{{source['title']}}</a></td>
+% else:
+<tr><td>{{source['title']}}</td>
+% end
+<td>{{source['kind']}}</td><td>{{source['date']}}</td><td class="n"><a href="/articles/{{source['id']}}">{{source['passages']}}</a></td>
+<td class="n">{{when(source['learned_at'])}}</td>
+<td><form method="post" action="/articles/forget" class="inline">
+<input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{source['id']}}">
+<button>Forget</button></form></td></tr>
+% end
+</table></div>
+% if total > len(sources):
+<p class="meta">and {{total - len(sources)}} older (python wxbot.py learn --list)</p>
+% end
+"""
+
+CONSOLE_PASSAGES = """<p class="meta">{{source['kind']}} · {{source['date']}} · learned
+{{when(source['learned_at'])}} · {{len(passages)}} passages, as answers may quote them</p>
+% if source['url'].startswith(('https://', 'http://')):
+<p><a href="{{source['url']}}" rel="noreferrer">{{source['url']}}</a></p>
+% end
+% for number, passage in enumerate(passages, 1):
+<div class="reply"><div class="meta">{{number}}</div><div class="said">{{passage['text']}}</div></div>
+% end
+"""
+
+CONSOLE_SETTINGS = """<h2>Owner's files</h2>
+<div class="wide"><table class="rows">
+<tr><th>Setting</th><th>File</th><th>State</th></tr>
+% for env, path, state, good in files:
+<tr><td>{{env}}</td><td class="said">{{path}}</td><td class="{{'ok' if good else 'bad'}} said">{{state}}</td></tr>
+% end
+</table></div>
+<h2>Effective settings</h2>
+<p class="meta">As the service reads them at start; secrets show as (set).</p>
+<div class="wide"><table class="rows">
+<tr><th>Variable</th><th>Value</th></tr>
+% for env, value in settings:
+<tr><td>{{env}}</td><td class="said">{{value}}</td></tr>
+% end
+</table></div>
+"""
+
+
+def client_address(environ: Mapping) -> str:
+    """Who sent a request: the peer, or the address a proxy on this machine names (nginx's
+    X-Real-IP); a header from anywhere else could be written by the client itself."""
+    peer = environ.get("REMOTE_ADDR", "")
+    return environ.get("HTTP_X_REAL_IP", peer) if local_address(peer) else peer
+
+
+def over_https(environ: Mapping) -> bool:
+    """Whether the browser reached the console over HTTPS: directly, or through a proxy on
+    this machine that says so (X-Forwarded-Proto)."""
+    return environ.get("wsgi.url_scheme") == "https" or (
+        local_address(environ.get("REMOTE_ADDR", "")) and
+        environ.get("HTTP_X_FORWARDED_PROTO", "").lower() == "https")
+
+
+def local_address(address: str) -> bool:
+    """Whether an address (or the name localhost) is this machine's loopback."""
+    try:
+        return address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class ConsoleGuard:
+    """The console's door: the password compared in constant time, at most 5 wrong tries a
+    minute from one address, sessions of 12 hours each with a token of its own that every
+    form sends back (a page of another site cannot know it)."""
+
+    #: Addresses remembered for their wrong tries; beyond it those of over a minute ago go.
+    ADDRESSES = 10000
+
+    def __init__(self, password: str):
+        self.password = password.encode("utf-8")
+        self._lock = threading.Lock()
+        self._sessions: dict[str, tuple[float, str]] = {}  # cookie: (ends at, form token)
+        self._wrong: dict[str, collections.deque] = {}  # address: times of wrong tries
+
+    def refused(self, address: str, now: float) -> bool:
+        """Whether this address tried 5 wrong passwords within the last minute."""
+        with self._lock:
+            tries = self._wrong.get(address)
+            while tries and tries[0] <= now - 60:
+                tries.popleft()
+            return bool(tries) and len(tries) >= CONSOLE_WRONG_TRIES
+
+    def log_in(self, address: str, password: str, now: float) -> str | None:
+        """A new session's cookie for the right password; None for a wrong one (counted)."""
+        if hmac.compare_digest(password.encode("utf-8", "replace"), self.password):
+            cookie = secrets.token_urlsafe(32)
+            with self._lock:
+                self._sessions = {key: value for key, value in self._sessions.items()
+                                  if value[0] > now}
+                self._sessions[cookie] = (now + CONSOLE_SESSION_SECONDS,
+                                          secrets.token_urlsafe(32))
+            return cookie
+        with self._lock:
+            if len(self._wrong) >= self.ADDRESSES:
+                self._wrong = {key: tries for key, tries in self._wrong.items()
+                               if tries and tries[-1] > now - 60}
+            self._wrong.setdefault(address, collections.deque()).append(now)
+        return None
+
+    def session(self, cookie: str | None, now: float) -> str | None:
+        """The form token of the session this cookie opened, while it lasts."""
+        with self._lock:
+            ends_at, token = self._sessions.get(cookie or "", (0.0, ""))
+        return token if ends_at > now else None
+
+    def log_out(self, cookie: str | None) -> None:
+        with self._lock:
+            self._sessions.pop(cookie or "", None)
+
+
+class OwnerConsole:
+    """The owner's web console (WXBOT_ADMIN_PASSWORD): what readers ask, how they were
+    answered, the queue with a retry for dead messages, the articles, the settings.
+
+    Served on a listener of its own (WXBOT_ADMIN_HOST:WXBOT_ADMIN_PORT), from the bot's
+    database; every page reads a bounded number of rows through an index, so that it answers
+    in milliseconds however many messages are stored.
+    """
+
+    PAGES = [("/", "Overview"), ("/people", "Conversations"), ("/questions", "Questions"),
+             ("/queue", "Queue"), ("/articles", "Articles"), ("/settings", "Settings")]
+
+    def __init__(self, settings: Settings, store: Store, owner: OwnerFiles, wakeup: Wakeup,
+                 articles: Articles | None = None, clock: Callable[[], float] = time.time):
+        self.settings, self.store, self.owner, self.wakeup = settings, store, owner, wakeup
+        self.articles, self.clock = articles, clock
+        self.guard = ConsoleGuard(settings.admin_password)
+        self.refusals = LogThrottle()  # refused logins come at an attacker's pace; lines do not
+        #: Each unsettled day's tally so far, by its midnight (today's, and yesterday's in
+        #: the hour after midnight).
+        self._settled: dict[float, dict] = {}
+        self._counting = threading.Lock()
+        self.templates = {name: bottle.SimpleTemplate(source) for name, source in [
+            ("layout", CONSOLE_LAYOUT), ("login", CONSOLE_LOGIN),
+            ("overview", CONSOLE_OVERVIEW), ("people", CONSOLE_PEOPLE),
+            ("conversation", CONSOLE_CONVERSATION), ("questions", CONSOLE_QUESTIONS),
+            ("queue", CONSOLE_QUEUE), ("articles", CONSOLE_ARTICLES),
+            ("passages", CONSOLE_PASSAGES),
+            ("settings", CONSOLE_SETTINGS)]}
+        if articles:
+            with store.transaction() as conn:  # the Questions page's "not covered"
+                conn.execute("CREATE INDEX IF NOT EXISTS article_uses_uncovered"
+                             " ON article_uses (at) WHERE given = 0")
+
+    # Figures -----------------------------------------------------------------
+
+    @staticmethod
+    def midnight(now: float, days_back: int = 0) -> float:
+        """Local midnight starting the day `days_back` days before the one of `now`."""
+        year, month, day = time.localtime(now)[:3]
+        return time.mktime((year, month, day - days_back, 0, 0, 0, 0, 0, -1))
+
+    def tally(self, start: float, end: float) -> dict:
+        """What readers wrote between two moments, how it was answered and how fast: the
+        sums a day's figures are made of, ending at `end` ("until")."""
+        with self.store.connection() as conn:
+            rows = conn.execute(
+                "SELECT m.openid, m.state, m.received_at,"
+                " (SELECT min(sent_at) FROM segments WHERE message_id = m.id),"
+                " EXISTS (SELECT 1 FROM segments WHERE message_id = m.id"
+                " AND replied_to IS NOT NULL AND sent_at IS NOT NULL)"
+                " FROM messages m WHERE m.received_at >= ? AND m.received_at < ?"
+                " AND m.msg_type != 'event'", (start, end)).fetchall()
+            # Articles.uses_since counts up to now; a day is counted between its bounds.
+            uses = conn.execute(
+                "SELECT coalesce(sum(given > 0), 0), coalesce(sum(cited > 0), 0)"
+                " FROM article_uses WHERE at >= ? AND at < ?",
+                (start, end)).fetchone() if self.articles else (0, 0)
+        return {
+            "messages": len(rows), "openids": {row[0] for row in rows},
+            "answered": sum(row[1] == State.DONE.value for row in rows),
+            "failed": sum(row[1] in (State.FAILED.value, State.DEAD.value) for row in rows),
+            "waits": [row[3] - row[2] for row in rows if row[3] is not None],
+            "service": sum(row[3] is not None and not row[4] for row in rows),
+            "passive": sum(bool(row[4]) for row in rows),
+            "given": uses[0], "cited": uses[1], "until": end,
+        }
+
+    @staticmethod
+    def added(tally: dict, more: dict) -> dict:
+        """Two tallies of consecutive spans as one."""
+        return {key: value | more[key] if key == "openids" else more[key] if key == "until"
+                else value + more[key] for key, value in tally.items()}
+
+    @staticmethod
+    def figures(tally: dict) -> dict:
+        """A day's figures from its tally, as the Overview shows them."""
+        waits = sorted(tally["waits"])
+        return {
+            **{key: tally[key] for key in ("messages", "answered", "failed", "service",
+                                           "passive", "given", "cited")},
+            "people": len(tally["openids"]),
+            "first_median": statistics.median(waits) if waits else None,
+            "first_p95": waits[math.ceil(0.95 * len(waits)) - 1] if waits else None,
+        }
+
+    def day(self, start: float, end: float, now: float) -> dict:
+        """One day's figures. The messages of over CONSOLE_DAY_SETTLED ago are added to the
+        day's tally once and kept in memory; only the latest are read at each look. A day
+        whose every message is settled is kept in the database, and read from there."""
+        key = CONSOLE_DAY_KEY.format(time.strftime("%Y-%m-%d", time.localtime(start)))
+        kept = self.store.get_kv(key, now)
+        if kept:
+            return json.loads(kept)
+        settled = self._settled.get(start) or self.tally(start, start)
+        upto = min(end, now - CONSOLE_DAY_SETTLED)
+        if upto > settled["until"]:
+            settled = self.added(settled, self.tally(settled["until"], upto))
+        if upto >= end:
+            self._settled.pop(start, None)
+            figures = self.figures(settled)
+            self.store.set_kv(key, json.dumps(figures), end + (CONSOLE_DAYS + 2) * 86400)
+            return figures
+        self._settled[start] = settled
+        return self.figures(self.added(settled, self.tally(settled["until"],
+                                                           min(end, now + 1))))
+
+    def overview(self, now: float) -> list[dict]:
+        """Today and the 14 days before, oldest first."""
+        with self._counting:
+            days = [{"day": time.strftime("%Y-%m-%d", time.localtime(self.midnight(now, back))),
+                     **self.day(self.midnight(now, back), self.midnight(now, back - 1), now)}
+                    for back in range(CONSOLE_DAYS, -1, -1)]
+            for start in [start for start in self._settled if start < self.midnight(now, 1)]:
+                del self._settled[start]  # a day that left the window unsettled
+        return days
+
+    def count_days(self) -> None:
+        """Count the past days not yet counted, and today's settled messages: at start, in
+        a thread of its own, so that the owner's first look is as quick as the next."""
+        try:
+            self.overview(self.clock())
+        except sqlite3.Error as error:
+            log.warning("the console's Overview figures were not counted at start: %s", error)
+
+    def people(self) -> list[sqlite3.Row]:
+        """The latest message of each of the people who wrote last, latest first."""
+        latest: dict[str, sqlite3.Row] = {}
+        before, read = 2 ** 63 - 1, 0
+        with self.store.connection() as conn:
+            while len(latest) < CONSOLE_ROWS and read < CONSOLE_PEOPLE_READ:
+                rows = conn.execute(
+                    "SELECT id, openid, msg_type, event, content, received_at, state"
+                    " FROM messages WHERE id < ? ORDER BY id DESC LIMIT 500",
+                    (before,)).fetchall()
+                for row in rows:
+                    latest.setdefault(row["openid"], row)
+                    if len(latest) == CONSOLE_ROWS:
+                        break
+                if len(rows) < 500:
+                    break
+                before, read = rows[-1]["id"], read + len(rows)
+        return list(latest.values())
+
+    def conversation(self, openid: str, before: int) -> tuple[list[dict], int | None]:
+        """One reader's messages before the id `before`, oldest first, each with what was
+        sent for it; and the id to read older ones before (None: there are none)."""
+        with self.store.connection() as conn:
+            # State by state, each in the order of the index messages_user (openid, state,
+            # id): a reader with a hundred thousand messages costs no sort of them all.
+            rows = sorted((row for state in State for row in conn.execute(
+                "SELECT id, msg_type, event, content, received_at, state, error, merged_into,"
+                " needs_model, model_failures, delivery_failures, interruptions"
+                " FROM messages WHERE openid = ? AND state = ? AND id < ?"
+                " ORDER BY id DESC LIMIT ?", (openid, state.value, before, CONSOLE_ROWS + 1))),
+                key=lambda row: row["id"], reverse=True)[:CONSOLE_ROWS + 1]
+            older = rows[CONSOLE_ROWS - 1]["id"] if len(rows) > CONSOLE_ROWS else None
+            rows = rows[:CONSOLE_ROWS][::-1]
+            ids = [row["id"] for row in rows]
+            marks = ",".join("?" * len(ids))
+            segments = conn.execute(
+                f"SELECT message_id, seq, content, carried, sent_at, replied_to, moved_to, image"
+                f" FROM segments WHERE message_id IN ({marks}) ORDER BY message_id, seq",
+                ids).fetchall()
+            lines = dict(conn.execute(
+                f"SELECT key, value FROM kv WHERE key IN ({marks})",
+                [QUEUE_LINE_KEY.format(message_id) for message_id in ids]).fetchall())
+        replies: dict[int, list[dict]] = collections.defaultdict(list)
+        first: dict[int, float] = {}
+        for segment in segments:
+            if segment["sent_at"] is not None:
+                first.setdefault(segment["message_id"], segment["sent_at"])
+            replies[segment["message_id"]].append(
+                {"content": segment["content"], "how": self.how_sent(segment)})
+        turns = []
+        for row in rows:
+            line = lines.get(QUEUE_LINE_KEY.format(row["id"]))
+            passive = any(segment["replied_to"] is not None for segment in segments
+                          if segment["message_id"] == row["id"])
+            turns.append({
+                **dict(row), "replies": replies[row["id"]],
+                "first": first[row["id"]] - row["received_at"] if row["id"] in first else None,
+                "acknowledged": f"queue line sent at {clock_text(float(line))}" if line else
+                # Not stored: the Acknowledger shows typing for each such message it has no
+                # queue line for, in service mode.
+                "typing shown while the answer was written" if row["needs_model"] and
+                row["msg_type"] != "event" and row["id"] in first and not passive else "",
+                "failures": ", ".join(f"{name} {row[column]}" for name, column in [
+                    ("model failures", "model_failures"),
+                    ("delivery failures", "delivery_failures"),
+                    ("interrupted", "interruptions")] if row[column]),
+            })
+        return turns, older
+
+    @staticmethod
+    def how_sent(segment: sqlite3.Row) -> str:
+        """Which message of WeChat's carried a segment of an answer, and when."""
+        what = f"message {segment['seq'] + 1}" + (" (a picture)" if segment["image"] else "") \
+            + (" (carried from an earlier answer)" if segment["carried"] else "")
+        if segment["moved_to"] is not None:
+            return f"{what}: moved to the answer of #{segment['moved_to']}"
+        if segment["sent_at"] is None:
+            return f"{what}: not sent"
+        by = (f"in the reply to #{segment['replied_to']}" if segment["replied_to"] is not None
+              else "by the customer-service API")
+        return f"{what}: sent {by} at {clock_text(segment['sent_at'])}"
+
+    def questions(self) -> tuple[list[sqlite3.Row], list[tuple[int, str]]]:
+        """The latest questions (commands and keywords aside), and the texts asked most often
+        among them, counted by their normalised form."""
+        keywords = self.owner.replies.keywords
+        with self.store.connection() as conn:
+            rows = conn.execute(
+                "SELECT id, openid, msg_type, content, received_at, state FROM messages"
+                " WHERE id < ? AND msg_type IN ('text', 'voice') AND content IS NOT NULL"
+                " ORDER BY id DESC LIMIT ?", (2 ** 63 - 1, CONSOLE_ASKED)).fetchall()
+        asked = [row for row in rows if classify(row["msg_type"], row["content"], keywords,
+                                                 bool(self.settings.image_model)).kind
+                 is Kind.QUESTION]
+        counts, shown = collections.Counter(), {}
+        for row in asked:  # each text shown as a reader wrote it most recently
+            form = normalise(row["content"])
+            counts[form] += 1
+            shown.setdefault(form, row["content"])
+        most = [(count, shown[text]) for text, count in counts.most_common(20) if count > 1]
+        return asked[:CONSOLE_ROWS], most
+
+    def uncovered(self) -> list[sqlite3.Row]:
+        """The latest questions for which no passage of the articles was found."""
+        with self.store.connection() as conn:
+            return conn.execute(
+                "SELECT m.id, m.openid, m.content, m.received_at FROM article_uses u"
+                " JOIN messages m ON m.id = u.message_id WHERE u.given = 0"
+                " ORDER BY u.at DESC LIMIT ?", (CONSOLE_ROWS,)).fetchall()
+
+    def sources(self) -> tuple[list[sqlite3.Row], int, int, float | None]:
+        """The articles learned, newest first (a page of them), how many sources and
+        passages in all, and when the published ones were last synced. Read through the
+        store's pooled connections: a request's thread is gone once it answered."""
+        with self.store.connection() as conn:
+            sources = conn.execute(
+                "SELECT id, kind, title, url, date, passages, learned_at FROM article_sources"
+                " ORDER BY date DESC, id DESC LIMIT ?", (CONSOLE_ROWS * 4,)).fetchall()
+            total, passages = conn.execute(
+                "SELECT count(*), coalesce(sum(passages), 0) FROM article_sources").fetchone()
+            synced = conn.execute("SELECT value FROM article_state WHERE key = 'synced'"
+                                  ).fetchone()
+        return sources, total, passages, float(synced[0]) if synced else None
+
+    def passages(self, source_id: int) -> tuple[sqlite3.Row | None, list[sqlite3.Row]]:
+        """One learned source and its passages, in order."""
+        with self.store.connection() as conn:
+            source = conn.execute("SELECT id, kind, title, url, date, learned_at FROM"
+                                  " article_sources WHERE id = ?", (source_id,)).fetchone()
+            return source, conn.execute("SELECT text FROM article_passages WHERE source_id = ?"
+                                        " ORDER BY id", (source_id,)).fetchall()
+
+    def learn(self, url: str) -> str:
+        """Learn a page (the CLI's `learn URL`); what was learned, for the owner."""
+        source = self.articles.learn(url)
+        log.info("learned %s from the console: %d passages", url, source.passages)
+        return f"Learned «{source.title}»: {source.passages} passages."
+
+    def queue(self) -> list[tuple[str, str, int, list[sqlite3.Row]]]:
+        """Waiting, in progress and dead messages: how many, and the first of each."""
+        with self.store.connection() as conn:
+            counts = dict(conn.execute("SELECT state, messages FROM state_counts").fetchall())
+            found = []
+            for title, state, order in [("Waiting", State.QUEUED, "ASC"),
+                                        ("In progress", State.LEASED, "ASC"),
+                                        ("Dead", State.DEAD, "DESC")]:
+                rows = conn.execute(
+                    f"SELECT id, openid, msg_type, event, content, received_at, not_before,"
+                    f" lease_until, state, error, model_failures, delivery_failures, interruptions"
+                    f" FROM messages WHERE state = ? ORDER BY id {order} LIMIT ?",
+                    (state.value, CONSOLE_ROWS)).fetchall()
+                found.append((title, state.value, counts.get(state.value, 0), rows))
+        return found
+
+    def retry(self, message_id: int) -> str | None:
+        """Queue a dead message again, as `python wxbot.py retry ID` does, and wake a worker
+        for it; None when queued, else why not."""
+        with self.store.transaction() as conn:
+            refused = requeue_dead(conn, message_id)
+        if refused is None:
+            log.info("message %d queued again from the console", message_id)
+            self.wakeup.notify()
+        return refused
+
+    def files(self) -> list[tuple[str, str, str, bool]]:
+        """The owner's files: (setting, path, what is in force or what is wrong, fine)."""
+        shown = []
+        for env, owner_file, read in [
+                ("WXBOT_REPLIES", self.owner.replies_file, Replies.read),
+                ("WXBOT_BLOCKED_WORDS", self.owner.blocked_file, BlockedWords.read)]:
+            if not owner_file.path:
+                shown.append((env, "", "not set", True))
+                continue
+            try:
+                shown.append((env, owner_file.path, f"in force: {read(owner_file.path).describe()}",
+                              True))
+            except FileProblem as error:
+                shown.append((env, owner_file.path, "not used, the version read before stays in "
+                              "force: " + "; ".join(error.problems), False))
+        return shown
+
+    # Web ---------------------------------------------------------------------
+
+    def render(self, name: str, title: str, csrf: str = "", **values) -> str:
+        body = self.templates[name].render(
+            csrf=csrf, when=clock_text, seconds=seconds_text, short=short_id,
+            quote=urllib.parse.quote, said=said_text, **values)
+        return self.templates["layout"].render(title=title, csrf=csrf, body=body,
+                                               pages=self.PAGES,
+                                               here=bottle.request.path)
+
+    def app(self):
+        """The console's WSGI app: bottle routes behind the login, with CONSOLE_HEADERS."""
+        app = bottle.Bottle(catchall=True)
+        app.install(logged_not_printed)
+        app.install(self.door)
+        console = self
+
+        @app.get("/console.css", open=True)
+        def css():
+            return bottle.HTTPResponse(CONSOLE_CSS, 200, {
+                "Content-Type": "text/css; charset=utf-8", "Cache-Control": "max-age=3600"})
+
+        @app.get("/favicon.ico", open=True)
+        def no_icon():  # browsers ask; a 404 would be an error in the browser's console
+            return bottle.HTTPResponse(status=204)
+
+        @app.get("/login", open=True)
+        def login_form():
+            return console.render("login", "wxbot console", problem="")
+
+        @app.post("/login", open=True)
+        def log_in():
+            now, address = console.clock(), client_address(bottle.request.environ)
+            if console.guard.refused(address, now):
+                held = console.refusals.allow(address, now)
+                if held is not None:
+                    log_web.warning("console logins from %s refused for a minute: %d wrong "
+                                    "passwords (%d more tries since the last such line)",
+                                    address, CONSOLE_WRONG_TRIES, held)
+                return bottle.HTTPResponse(console.render(
+                    "login", "wxbot console",
+                    problem="Too many wrong passwords: wait a minute."), 429)
+            cookie = console.guard.log_in(
+                address, bottle.request.forms.getunicode("password") or "", now)
+            if cookie is None:  # the 5 a minute allowed are all logged
+                log_web.warning("console: wrong password from %s", address)
+                return bottle.HTTPResponse(console.render(
+                    "login", "wxbot console", problem="Wrong password."), 401)
+            log_web.info("console: logged in from %s", address)
+            answer = bottle.HTTPResponse(status=303, Location="/")
+            answer.set_cookie(CONSOLE_COOKIE, cookie, httponly=True, samesite="strict",
+                              secure=over_https(bottle.request.environ), path="/",
+                              maxage=CONSOLE_SESSION_SECONDS)
+            return answer
+
+        @app.post("/logout")
+        def log_out():
+            console.guard.log_out(bottle.request.get_cookie(CONSOLE_COOKIE))
+            answer = bottle.HTTPResponse(status=303, Location="/login")
+            answer.delete_cookie(CONSOLE_COOKIE, path="/")
+            return answer
+
+        @app.get("/")
+        def overview():
+            now = console.clock()
+            days = console.overview(now)
+            today = days[-1]
+            cards = [("messages", today["messages"]), ("people", today["people"]),
+                     ("answered", today["answered"]), ("failed", today["failed"]),
+                     ("first reply, median", seconds_text(today["first_median"])),
+                     ("first reply, 95th", seconds_text(today["first_p95"])),
+                     ("by service / passive", f"{today['service']} / {today['passive']}"),
+                     ("from articles", articles_text(today))]
+            return console.render("overview", "Overview", bottle.request.environ["csrf"],
+                                  days=days[::-1], cards=cards, chart=day_chart(days),
+                                  articles_text=articles_text)
+
+        @app.get("/people")
+        def people():
+            return console.render("people", "Conversations", bottle.request.environ["csrf"],
+                                  people=console.people())
+
+        @app.get("/people/<openid>")
+        def conversation(openid):
+            before = bottle.request.query.get("before", "")
+            turns, older = console.conversation(
+                openid, int(before) if before.isdigit() and len(before) < 19 else 2 ** 63 - 1)
+            return console.render("conversation", "Conversation", bottle.request.environ["csrf"],
+                                  openid=openid, turns=turns, older=older)
+
+        @app.get("/questions")
+        def questions():
+            recent, most = console.questions()
+            return console.render("questions", "Questions", bottle.request.environ["csrf"],
+                                  recent=recent, most=most, window=CONSOLE_ASKED,
+                                  uncovered=console.uncovered() if console.articles else None)
+
+        def articles_page(note="", failed=False, status=200):
+            if not console.articles:
+                return bottle.HTTPResponse("not found", 404)
+            sources, total, passages, synced = console.sources()
+            return bottle.HTTPResponse(console.render(
+                "articles", "Articles", bottle.request.environ["csrf"], sources=sources,
+                total=total, passages=passages, synced=synced, note=note, failed=failed),
+                status)
+
+        @app.get("/articles")
+        def articles():
+            forgot = bottle.request.query.get("forgot", "")
+            return articles_page("The source was forgotten." if forgot == "1" else "")
+
+        @app.get("/articles/<source_id:int>")
+        def passages(source_id):
+            source, passages = console.passages(source_id) if console.articles else (None, [])
+            if source is None:
+                return bottle.HTTPResponse("not found", 404)
+            return console.render("passages", source["title"], bottle.request.environ["csrf"],
+                                  source=source, passages=passages)
+
+        @app.post("/articles/learn")
+        def learn():
+            url = (bottle.request.forms.getunicode("url") or "").strip()
+            if not re.match(r"https?://[^\s/]", url, re.I) or len(url) > 2000:
+                return articles_page("Give the address of a web page (http:// or https://).",
+                                     True, 400)
+            try:
+                note = console.learn(url)
+            except LearnError as error:
+                return articles_page(f"Not learned: {error}", True, 422)
+            return articles_page(note)
+
+        @app.post("/articles/forget")
+        def forget():
+            source_id = bottle.request.forms.get("id", "")
+            if not source_id.isdigit() or not console.articles.forget(source_id):
+                return articles_page("No such source: it was forgotten already.", True, 404)
+            log.info("source %s forgotten from the console", source_id)
+            return bottle.HTTPResponse(status=303, Location="/articles?forgot=1")
+
+        @app.get("/queue")
+        def queue_page():
+            retried = bottle.request.query.get("retried", "")
+            return console.render(
+                "queue", "Queue", bottle.request.environ["csrf"], states=console.queue(),
+                why=why_text(console.clock()), note=f"Message #{retried} is queued again: a "
+                f"worker takes it now." if retried.isdigit() else "")
+
+        @app.post("/queue/retry")
+        def retry():
+            message_id = bottle.request.forms.get("id", "")
+            if not message_id.isdigit() or len(message_id) > 18:
+                return bottle.HTTPResponse("no such message", 400)
+            refused = console.retry(int(message_id))
+            if refused:
+                return bottle.HTTPResponse(console.render(
+                    "queue", "Queue", bottle.request.environ["csrf"], states=console.queue(),
+                    why=why_text(console.clock()),
+                    note=f"Message #{message_id} {refused}."), 409)
+            return bottle.HTTPResponse(status=303, Location=f"/queue?retried={message_id}")
+
+        @app.get("/settings")
+        def settings_page():
+            return console.render("settings", "Settings", bottle.request.environ["csrf"],
+                                  settings=console.settings.shown(), files=console.files())
+
+        @app.error(404)
+        @app.error(405)
+        def not_here(error):
+            bottle.response.content_type = "text/plain; charset=utf-8"
+            return "not found" if error.status_code == 404 else "method not allowed"
+
+        def with_headers(environ, start_response):
+            def start(status, headers, exc_info=None):
+                own = {name.lower() for name, _ in headers}  # the stylesheet's Cache-Control
+                return start_response(status, headers + [
+                    header for header in CONSOLE_HEADERS if header[0].lower() not in own],
+                                      exc_info)
+            return app(environ, start)
+        return with_headers
+
+    def door(self, callback):
+        """A bottle plugin: no page or action without a session, no POST without its token."""
+        @functools.wraps(callback)
+        def guarded(*args, **kwargs):
+            if bottle.request.route.config.get("open"):
+                return callback(*args, **kwargs)
+            token = self.guard.session(bottle.request.get_cookie(CONSOLE_COOKIE), self.clock())
+            if token is None:
+                if bottle.request.method == "GET":
+                    return bottle.HTTPResponse(status=303, Location="/login")
+                return bottle.HTTPResponse("log in first", 403)
+            if bottle.request.method == "POST" and not hmac.compare_digest(
+                    (bottle.request.forms.get("csrf") or "").encode("utf-8", "replace"),
+                    token.encode()):
+                log_web.warning("console: a form without its session's token refused (%s %s)",
+                                bottle.request.method, bottle.request.path)
+                return bottle.HTTPResponse("the form is stale: reload the page", 403)
+            bottle.request.environ["csrf"] = token
+            return callback(*args, **kwargs)
+        return guarded
+
+
+def clock_text(at: float) -> str:
+    """A moment as the console shows it: month, day and local time."""
+    return time.strftime("%m-%d %H:%M:%S", time.localtime(at))
+
+
+def seconds_text(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds:.1f} s"
+
+
+def said_text(row) -> str:
+    """What a reader sent, as text: their words, or what kind of message it was."""
+    if row["content"]:
+        return row["content"]
+    return f"({row['event'] or row['msg_type']})" if row["msg_type"] == "event" or \
+        row["event"] else f"({row['msg_type']})"
+
+
+def articles_text(day: dict) -> str:
+    return f"{day['given']} / {day['cited']}"
+
+
+def why_text(now: float) -> Callable[[sqlite3.Row], str]:
+    """queue_reason at `now`, for a template."""
+    return lambda row: queue_reason(row, now)
+
+
+def day_chart(days: list[dict]) -> dict:
+    """Bars for the Overview's SVG: a day's messages, the answered part in front."""
+    width, height, base, bar = 330, 130, 112, 16
+    top = max([day["messages"] for day in days] + [1])
+    bars = []
+    for number, day in enumerate(days):
+        tall = round(day["messages"] / top * (base - 14), 1)
+        answered = round(day["answered"] / top * (base - 14), 1)
+        bars.append({"x": 4 + number * 21.6, "y": base - tall, "h": tall,
+                     "ay": base - answered, "ah": answered, "day": day["day"],
+                     "label": day["day"][8:], "messages": day["messages"],
+                     "answered": day["answered"]})
+    return {"width": width, "height": height, "base": base, "bar": bar, "top": top,
+            "bars": bars}
+
+
+###############################################################################
 # Lifecycle and main ##########################################################
 ###############################################################################
 
@@ -5026,6 +7327,161 @@ class Janitor:
             self.stopping.wait(self.EVERY)
 
 
+#: What a PUBLISHJOBFINISH's publish_status other than 0 (published) means (WECHAT.md §9).
+PUBLISH_STATUS = {"1": "still publishing", "2": "the 原创 check failed", "3": "publishing failed",
+                  "4": "rejected by review", "5": "deleted by the owner", "6": "banned"}
+
+
+def published_items(article_id: str, content: dict, fallback_time: float = 0
+                    ) -> Iterator[tuple[str, str, str, str, str]]:
+    """(origin, title, text, url, date) of each article of a published post that is not
+    deleted: the first is known by the post's article_id, the next by article_id/2, /3..."""
+    created = content.get("create_time") or content.get("update_time") or fallback_time
+    date = china_date(float(created)) if created else ""
+    for number, item in enumerate(content.get("news_item") or [], 1):
+        if not isinstance(item, dict) or item.get("is_deleted"):
+            continue
+        _, text, _ = page_text(str(item.get("content") or ""), "")
+        digest = " ".join(str(item.get("digest") or "").split())
+        if digest and digest not in text:
+            text = f"{digest}\n{text}"
+        origin = article_id if number == 1 else f"{article_id}/{number}"
+        yield origin, str(item.get("title") or ""), text, str(item.get("url") or ""), date
+
+
+@dataclasses.dataclass
+class SyncReport:
+    """What one sync of the published articles did."""
+
+    learned: int = 0      # new or changed
+    unchanged: int = 0
+    forgotten: int = 0    # deleted by the owner since the last sync
+    empty: int = 0        # no text to learn (a post of pictures only)
+
+
+class ArticleSync:
+    """Keeps the published articles learned: each new one as WeChat announces it
+    (PUBLISHJOBFINISH), and the whole list once a day (new, changed and deleted ones).
+
+    Only once the owner has run `learn --published` (Articles.last_sync), and while
+    WXBOT_LEARN_PUBLISHED is on. The webhook hands the push over (pushed()); this thread
+    fetches the article, so the ack never waits for WeChat's API.
+    """
+
+    EVERY = 86400.0
+    #: After a failed sync (45009, WeChat unreachable): the next try.
+    RETRY = 3600.0
+    #: batchget's most per call.
+    PAGE = 20
+
+    def __init__(self, settings: Settings, articles: Articles, wechat: WeChatAPI):
+        self.settings, self.articles, self.wechat = settings, articles, wechat
+        self.stopping = threading.Event()
+        self._jobs: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self._retry_at = 0.0
+
+    def pushed(self, fields: dict[str, str]) -> None:
+        """A PUBLISHJOBFINISH push: taken in at once, fetched by run()."""
+        self._jobs.put(fields)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._jobs.put(None)
+
+    def sync(self, now: float | None = None) -> SyncReport:
+        """Learn every published article that is new or changed, forget the deleted ones.
+        WeChatError when WeChat refuses (48001, 45009...): what was learned is kept, the
+        deleted ones are forgotten only after the whole list was read."""
+        now = time.time() if now is None else now
+        report, known, listed, offset = SyncReport(), self.articles.digests("published"), set(), 0
+        while True:
+            page = self.wechat.published(offset, self.PAGE)
+            posts = page.get("item") or []
+            for post in posts:
+                article_id = str(post.get("article_id") or "")
+                if not article_id:
+                    continue
+                for origin, title, text, url, date in published_items(
+                        article_id, post.get("content") or {}, post.get("update_time") or 0):
+                    listed.add(origin)
+                    if known.get(origin) == article_digest(
+                            " ".join(title.split()) or origin, text, url, date):
+                        report.unchanged += 1
+                        continue
+                    try:
+                        self.articles.learn_text("published", origin, title, text, url, date,
+                                                 now=now)
+                        report.learned += 1
+                    except LearnError:
+                        report.empty += 1
+            offset += len(posts)
+            if self.stopping.is_set():  # the server stops: the rest waits for the next sync
+                return report
+            if not posts or offset >= int(page.get("total_count") or 0):
+                break
+        for origin in known.keys() - listed:
+            report.forgotten += self.articles.forget(origin)
+        self.articles.note_sync(now)
+        return report
+
+    def learn_post(self, article_id: str) -> int:
+        """Learn one published post's articles (getarticle); how many were learned."""
+        answer = self.wechat.published_article(article_id)
+        learned = 0
+        for origin, title, text, url, date in published_items(article_id, answer, time.time()):
+            with contextlib.suppress(LearnError):
+                self.articles.learn_text("published", origin, title, text, url, date)
+                learned += 1
+        return learned
+
+    def announced(self, fields: dict) -> None:
+        """What a PUBLISHJOBFINISH asks: learn the post, forget it, or only say what befell it."""
+        status, article_id = fields.get("publish_status", ""), fields.get("article_id", "")
+        if self.articles.last_sync() is None:
+            log.info("an article was published; it is not learned, as `python wxbot.py learn "
+                     "--published` never ran (run it once to keep articles in sync)")
+        elif status == "5" and article_id:
+            self.articles.forget(article_id)
+            log.info("published post %s was deleted by the owner: forgotten", article_id)
+        elif status != "0" or not article_id:
+            log.info("a publish job ended without an article (publish_status %s: %s)",
+                     status or "?", PUBLISH_STATUS.get(status, "unknown"))
+        else:
+            try:
+                learned = self.learn_post(article_id)
+                log.info("learned %d article(s) of the post %s just published", learned,
+                         article_id)
+            except WeChatError as error:
+                log.error("the post %s just published was not learned: %s; the daily sync "
+                          "tries again", article_id, error.hint())
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            last = self.articles.last_sync()
+            due = max((last or 0) + self.EVERY, self._retry_at)
+            if last is not None and time.time() >= due:
+                try:
+                    report = self.sync()
+                    log.info("published articles synced: %d learned, %d unchanged, %d "
+                             "forgotten", report.learned, report.unchanged, report.forgotten)
+                except (WeChatError, sqlite3.Error) as error:
+                    self._retry_at = time.time() + self.RETRY
+                    log.error("syncing the published articles failed: %s; trying again in "
+                              "an hour", error.hint() if isinstance(error, WeChatError)
+                              else error)
+                continue
+            wait = min(3600.0, due - time.time()) if last is not None else 3600.0
+            try:
+                fields = self._jobs.get(timeout=max(1.0, wait))
+            except queue.Empty:
+                continue
+            if fields is not None:
+                try:
+                    self.announced(fields)
+                except (sqlite3.Error, LearnError) as error:
+                    log.error("a published article was not learned: %s", error)
+
+
 class Bot:
     """Everything wired together: store, webhook, server, acknowledger, workers, senders."""
 
@@ -5040,18 +7496,27 @@ class Bot:
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
+        self.articles = Articles(settings.db)
+        self.article_sync = (ArticleSync(settings, self.articles, self.wechat)
+                             if settings.learn_published else None)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode, wechat=self.wechat,
                                acknowledger=self.acknowledger, owner=self.owner,
-                               ready=self.ready)
+                               ready=self.ready, publishing=self.article_sync)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
                                self.mode, f"worker-{n}", self.owner, self.acknowledger,
-                               self.ready) for n in range(settings.workers)]
+                               self.ready, self.articles) for n in range(settings.workers)]
         self.senders = [Sender(settings, self.store, self.wechat, self.model, self.ready,
-                               self.mode, f"sender-{n}", self.owner, others=self.wakeup)
+                               self.mode, f"sender-{n}", self.owner, others=self.wakeup,
+                               articles=self.articles)  # /stats
                         for n in range(Sender.THREADS)]
         self.janitor = Janitor(settings, self.store)
+        #: The owner's console, on a listener of its own; None without WXBOT_ADMIN_PASSWORD.
+        self.owner_console = OwnerConsole(settings, self.store, self.owner, self.wakeup,
+                                          self.articles) if settings.admin_password else None
+        self.console = HttpServer(self.owner_console.app(), settings.admin_host,
+                                  settings.admin_port) if self.owner_console else None
         self.threads: list[threading.Thread] = []
 
     @property
@@ -5067,11 +7532,26 @@ class Bot:
                 self.acknowledger.pushed(row["id"], row["openid"], row["received_at"])
         self.acknowledger.start()
         self.server.start()
+        if self.console:
+            threading.Thread(target=self.owner_console.count_days, name="console-days",
+                             daemon=True).start()
+            self.console.start()
+            log.info("owner's console on http://%s:%d/", self.settings.admin_host,
+                     self.console.port)
+            if not local_address(self.settings.admin_host):
+                log.warning("the console listens on %s, beyond this machine: without HTTPS "
+                            "its password crosses the network in clear; keep "
+                            "WXBOT_ADMIN_HOST=127.0.0.1 and use ssh -L or nginx with HTTPS "
+                            "(README, Console)", self.settings.admin_host)
         for worker in self.workers + self.senders:
             thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
             thread.start()
             self.threads.append(thread)
         threading.Thread(target=self.janitor.run, name="janitor", daemon=True).start()
+        if self.article_sync:
+            thread = threading.Thread(target=self.article_sync.run, name="articles", daemon=True)
+            thread.start()
+            self.threads.append(thread)
         log.info("listening on http://%s:%d%s with %d workers, answers by %s", self.settings.host,
                  self.port, self.settings.path, len(self.workers),
                  "passive reply" if self.mode.passive else "customer-service API")
@@ -5081,10 +7561,14 @@ class Bot:
         timeout = self.settings.stop_timeout if timeout is None else timeout
         self.webhook.accepting = False
         self.server.stop()
+        if self.console:
+            self.console.stop()
         self.acknowledger.stop()
         for worker in self.workers + self.senders:
             worker.stop()
         self.janitor.stopping.set()
+        if self.article_sync:
+            self.article_sync.stop()
         self.wakeup.notify_all()
         self.ready.notify_all()
         deadline = time.monotonic() + timeout
@@ -5095,6 +7579,7 @@ class Bot:
             log.warning("stop timeout reached; unfinished answers resume at the next start")
         self.store.release_all_leases()
         self.store.close()
+        self.articles.close()
         return finished
 
 
@@ -5144,28 +7629,56 @@ class Signals:
 class Console:
     """Stands in for WeChat in `chat`: prints each segment as WeChat would show it."""
 
+    #: A link as WeChat shows it: its text, underlined. Linear: no part runs past a "<".
+    LINK = re.compile(r"<a\s[^<>]*>([^<]*)</a>")
+    HREF = re.compile(r'\bhref="([^"]*)"')
+
     def __init__(self, out):
         self.out = out
 
     def customer_service_send(self, openid: str, text: str) -> None:
-        print(f"\n{text}\n{'─' * 20}", file=self.out, flush=True)
+        print(f"\n{self.LINK.sub(self._link, text)}\n{'─' * 20}", file=self.out, flush=True)
+
+    def _link(self, match: re.Match) -> str:
+        """A link's text, then where a tap on it goes; a tap that sends a word (继续) is
+        the word typed here."""
+        href = self.HREF.search(match.group())
+        url = href.group(1) if href else ""
+        return f"{match.group(1)} ({url})" if url.startswith(("http://", "https://")) \
+            else match.group(1)
 
     def first_time(self, errcode: int) -> bool:
         return True
 
 
+#: What `chat` shows when it waits for the next message.
+CHAT_PROMPT = "你> "
+
+
 def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int:
     """A console conversation with the real model, through wxbot's own worker."""
     root, ext = os.path.splitext(settings.db)
+    # The articles the server learned, where it has a database: answers cite them as in WeChat.
+    articles = Articles(settings.db) if os.path.exists(settings.db) else None
     # No drawing here: the console shows no pictures.
     settings = dataclasses.replace(settings, db=f"{root}-chat{ext or '.db'}", user_rate=0,
                                    user_daily=0, image_model="")
-    store = Store(settings.db)
+    try:
+        store = Store(settings.db)
+    except DatabaseUnusable as error:
+        print(f"wxbot: {error}", file=sys.stderr)
+        return 2
     worker = Worker(settings, store, Console(out), Model(settings), Wakeup(),
-                    DeliveryMode("service", store), "chat", owner)
+                    DeliveryMode("service", store), "chat", owner, articles=articles)
     print(f"wxbot chat with {settings.model} (history in {settings.db}; /reset forgets it, "
           f"Ctrl-D ends)", file=out, flush=True)
-    for line in lines:
+    lines = iter(lines)
+    while True:
+        print(CHAT_PROMPT, end="", file=out, flush=True)
+        line = next(lines, None)
+        if line is None:
+            print(file=out)  # the shell's prompt on a line of its own
+            break
         if not line.strip():
             continue
         now = time.time()
@@ -5176,6 +7689,8 @@ def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int
                 due = store.next_due(time.time()) or time.time() + 0.1
                 time.sleep(min(1.0, max(0.01, due - time.time())))
     store.close()
+    if articles:
+        articles.close()
     return 0
 
 
@@ -5191,14 +7706,39 @@ def age_text(seconds: float) -> str:
     return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
 
 
+def queue_reason(row: sqlite3.Row, now: float) -> str:
+    """Why a message of the queue is where it is (`status`, the console's Queue page)."""
+    if row["state"] == State.LEASED.value:
+        note = f"lease ends in {age_text(row['lease_until'] - now)}"
+    elif row["state"] == State.QUEUED.value and row["not_before"] > now:
+        note = f"next try in {age_text(row['not_before'] - now)}"
+    else:
+        note = ""
+    failures = (f"failures: model {row['model_failures']}, delivery "
+                f"{row['delivery_failures']}, interrupted {row['interruptions']}"
+                if row["model_failures"] + row["delivery_failures"] +
+                row["interruptions"] else "")
+    return "; ".join(part for part in (note, failures, row["error"] or "") if part)
+
+
 #: `status` lists at most this many messages of each state, oldest first.
 STATUS_ROWS = 20
 
 
-def open_for_operator(settings: Settings, out, any_schema: bool = False
-                      ) -> sqlite3.Connection | None:
+def open_for_operator(settings: Settings, out, command: str = "status",
+                      any_schema: bool = False) -> sqlite3.Connection | None:
     """The database of a service that may be running: no migration, readers never block it;
-    of this wxbot's schema unless `any_schema`."""
+    of this wxbot's schema unless `any_schema`. `command` changes it (retry): this user must
+    be allowed to write it."""
+    changes = command == "retry"
+    problem = access_problem(settings.db, write=changes)
+    if problem:
+        reason, owner, _ = problem
+        print(f"cannot {'change' if changes else 'read'} the database "
+              f"{settings.db}: {reason}" + (
+                  f": run this as {owner}, e.g. sudo -u {owner} .venv/bin/python wxbot.py "
+                  f"{command} ..." if owner else " (check WXBOT_DB, or --env FILE)"), file=out)
+        return None
     if not os.path.exists(settings.db):
         print(f"no database at {settings.db} (check WXBOT_DB, or --env FILE)", file=out)
         return None
@@ -5207,7 +7747,7 @@ def open_for_operator(settings: Settings, out, any_schema: bool = False
         version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.Error as error:  # most often: the file is the service user's, mode 600
         print(f"cannot open the database {settings.db} ({error}): run this as the service's "
-              f"user, e.g. sudo -u wxbot .venv/bin/python wxbot.py ...", file=out)
+              f"user, e.g. sudo -u wxbot .venv/bin/python wxbot.py {command} ...", file=out)
         return None
     conn.row_factory = sqlite3.Row
     if version != SCHEMA_VERSION and not any_schema:
@@ -5236,19 +7776,9 @@ def status(settings: Settings, out, now: float | None = None) -> int:
             print(f"\n{title}: {total}", file=out)
             for row in conn.execute(
                     "SELECT id, openid, msg_type, event, received_at, not_before, lease_until,"
-                    " error, model_failures, delivery_failures, interruptions FROM messages"
-                    " WHERE state = ? ORDER BY id LIMIT ?", (state.value, STATUS_ROWS)):
-                if state is State.LEASED:
-                    note = f"lease ends in {age_text(row['lease_until'] - now)}"
-                elif state is State.QUEUED and row["not_before"] > now:
-                    note = f"next try in {age_text(row['not_before'] - now)}"
-                else:
-                    note = ""
-                failures = (f"failures: model {row['model_failures']}, delivery "
-                            f"{row['delivery_failures']}, interrupted {row['interruptions']}"
-                            if row["model_failures"] + row["delivery_failures"] +
-                            row["interruptions"] else "")
-                reason = "; ".join(part for part in (note, failures, row["error"] or "") if part)
+                    " state, error, model_failures, delivery_failures, interruptions FROM"
+                    " messages WHERE state = ? ORDER BY id LIMIT ?", (state.value, STATUS_ROWS)):
+                reason = queue_reason(row, now)
                 print(f"  #{row['id']:<6} {age_text(now - row['received_at']):>7} old  "
                       f"{short_id(row['openid']):<10} {row['event'] or row['msg_type']:<10}"
                       f" {reason}".rstrip(), file=out)
@@ -5262,20 +7792,14 @@ def status(settings: Settings, out, now: float | None = None) -> int:
 def retry(settings: Settings, message_id: int, out) -> int:
     """Queue a dead message again, its failure counts cleared; the service takes it within
     a minute (Worker.IDLE_LOOK)."""
-    conn = open_for_operator(settings, out)
+    conn = open_for_operator(settings, out, "retry")
     if conn is None:
         return 1
     with contextlib.closing(conn):
         conn.execute("PRAGMA foreign_keys=ON")
-        requeued = conn.execute(
-            "UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
-            " model_failures = 0, delivery_failures = 0, interruptions = 0, error = NULL"
-            " WHERE id = ? AND state = 'dead'", (message_id,)).rowcount
-        if not requeued:
-            row = conn.execute("SELECT state FROM messages WHERE id = ?",
-                               (message_id,)).fetchone()
-            print(f"message {message_id} " + (f"is {row[0]}, not dead: nothing to do" if row
-                                              else "is not in the database"), file=out)
+        refused = requeue_dead(conn, message_id)
+        if refused:
+            print(f"message {message_id} {refused}", file=out)
             return 1
     print(f"message {message_id} is queued again; the running wxbot takes it within a minute",
           file=out)
@@ -5293,7 +7817,7 @@ def backup(settings: Settings, target: str, out) -> int:
         print(f"{target} exists: give the backup a new name (nothing was written)",
               file=out)
         return 1
-    conn = open_for_operator(settings, out, any_schema=True)  # before an upgrade, too
+    conn = open_for_operator(settings, out, "backup", any_schema=True)  # before upgrades too
     if conn is None:
         return 1
     partial = f"{target}.partial"
@@ -5338,8 +7862,9 @@ def check(settings: Settings, out) -> int:
     try:
         store = Store(settings.db)
         report(True, f"database {settings.db} opens")
-    except (sqlite3.Error, OSError, RuntimeError) as error:
-        report(False, f"database {settings.db}: {error} (check WXBOT_DB and the folder's rights)")
+    except (DatabaseUnusable, sqlite3.Error, OSError, RuntimeError) as error:
+        report(False, str(error) if isinstance(error, DatabaseUnusable) else
+               f"database {settings.db}: {error} (check WXBOT_DB and the folder's rights)")
         store = Store(":memory:")
     try:
         WeChatAPI(settings, store)._fetch_token(force=False)
@@ -5390,16 +7915,15 @@ def check(settings: Settings, out) -> int:
                           "account or unset WXBOT_IMAGE_MODEL" if error.errcode == 48001
                    else f"drawing: WeChat refused a picture upload: {error.hint()}")
     store.close()
-    for path, read, setting in [
-            (settings.replies, Replies.read, "WXBOT_REPLIES"),
-            (settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
+    for setting, path, *how in OwnerFiles.files(settings):
         if not path:
             continue
         try:
-            report(True, f"{setting}: {path} has {read(path).describe()}")
+            report(True, f"{setting}: {path} has "
+                         f"{OwnerFile(setting, path, *how).value.describe()}")
         except FileProblem as error:
             for problem in error.problems:
-                report(False, f"{setting}: {path}: {problem}")
+                report(False, f"{error.where()}: {problem}")
     print(f"\nIn 公众号后台 → 设置与开发 → 基本配置 → 服务器配置, enter:\n"
           f"  URL:   http://<this server's domain or IP>{settings.path}  (port 80, or 443 "
           f"with https; wxbot listens on {settings.host}:{settings.port})\n"
@@ -5420,7 +7944,11 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
                 print(f"{path}: {problem}", file=out)
             print(f"{path}: not sent to WeChat: {len(error.problems)} problem(s)", file=out)
             return 1
-    store = Store(settings.db)  # the access token cache, shared with the running bot
+    try:
+        store = Store(settings.db)  # the access token cache, shared with the running bot
+    except DatabaseUnusable as error:
+        print(f"wxbot: {error}", file=sys.stderr)
+        return 2
     wechat = WeChatAPI(settings, store)
     try:
         if show:
@@ -5447,8 +7975,80 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
         store.close()
 
 
+def published_error(error: WeChatError, settings: Settings) -> str:
+    """Why `learn --published` failed, in one sentence that says what to do."""
+    if error.errcode == 48001:
+        return ("WeChat does not let this account list its published articles (48001: the "
+                "account is not verified, or lacks the permission): learn them by URL instead, "
+                "python wxbot.py learn https://mp.weixin.qq.com/s/...")
+    if error.errcode == 45009:
+        return ("WeChat's daily limit of calls to the published-articles API is reached "
+                "(45009): what was learned so far is kept; run learn --published again tomorrow")
+    if error.errcode is None:
+        return f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}"
+    return f"WeChat refused to list the published articles: {error.hint()}"
+
+
+def learn_command(settings: Settings, sources: list[str], published: bool, listing: bool,
+                  forget: bool, out) -> int:
+    """`learn`: sources (URLs, files, folders) and --published; --list; --forget SOURCE.
+    Safe while the server runs. 1 when anything was not learned (each is named, with why)."""
+    articles = Articles(settings.db)
+    failures = 0
+    try:
+        if listing:
+            sources_learned = articles.sources()
+            for source in sources_learned:
+                print(f"{source.title}\n  {source.kind}: {source.origin}\n  "
+                      f"{source.passages} passage(s), {source.date or 'no date'}, learned "
+                      f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(source.learned_at))}",
+                      file=out)
+            synced = articles.last_sync()
+            print(f"{len(sources_learned)} source(s); published articles "
+                  + (f"last synced {time.strftime('%Y-%m-%d %H:%M', time.localtime(synced))}"
+                     if synced else "never synced (learn --published)"), file=out)
+            return 0
+        if forget:
+            for source in sources:
+                if articles.forget(source):
+                    print(f"forgot {source}", file=out)
+                else:
+                    failures += 1
+                    print(f"{source}: not learned (learn --list shows what is)", file=out)
+            return 1 if failures else 0
+        if published:
+            store = Store(settings.db)  # the access token cache, shared with the running bot
+            try:
+                report = ArticleSync(settings, articles, WeChatAPI(settings, store)).sync()
+                print(f"published articles: {report.learned} learned, {report.unchanged} "
+                      f"unchanged, {report.forgotten} forgotten (deleted since)"
+                      + (f", {report.empty} with no text" if report.empty else "")
+                      + ("; the server keeps them in sync" if settings.learn_published else
+                         "; WXBOT_LEARN_PUBLISHED=0: the server does not keep them in sync"),
+                      file=out)
+            except WeChatError as error:
+                failures += 1
+                print(published_error(error, settings), file=out)
+            finally:
+                store.close()
+        not_learned = 0
+        for name, outcome in articles.learn_many(sources):
+            if isinstance(outcome, LearnError):
+                not_learned += 1
+                print(f"{name}: not learned: {outcome}", file=out, flush=True)
+            else:
+                print(f"{name}: learned 《{outcome.title}》, {outcome.passages} passage(s)",
+                      file=out, flush=True)
+        if not_learned:
+            print(f"{not_learned} source(s) not learned", file=out)
+        return 1 if failures or not_learned else 0
+    finally:
+        articles.close()
+
+
 def help_text() -> str:
-    lines = ["settings (environment variables, or KEY=VALUE lines in --env FILE):"]
+    lines = ["settings (environment variables, or KEY=VALUE lines in --env FILE;",
+             "a relative file name in FILE is read beside FILE):"]
     for setting in SETTINGS.values():
         default = "required" if setting.default is None else f"default {setting.default!r}"
         if setting.default and len(setting.default) > 40:
@@ -5463,30 +8063,52 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="serve",
                         choices=["serve", "check", "chat", "menu", "status", "retry",
-                                 "backup"],
+                                 "backup", "learn"],
                         help="serve (default): run the bot; check: try the settings for real; "
                              "chat: talk to the model in this console; menu FILE.json: make "
                              "the file the account's custom menu; status: the queue, with "
                              "dead messages and why; retry ID: queue a dead message again; "
-                             "backup FILE: a checked copy of the database, while it serves")
-    # menu's and backup's FILE, retry's ID
-    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)
+                             "backup FILE: a checked copy of the database, while it serves; "
+                             "learn SOURCE...: learn the account's articles from URLs, .md/"
+                             ".txt/.html files and folders (again: replaces them)")
+    # menu's and backup's FILE, retry's ID, learn's SOURCEs
+    parser.add_argument("file", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
     parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
+    parser.add_argument("--published", action="store_true",
+                        help="with learn: every article published with 发布 (the server then "
+                             "keeps them in sync)")
+    parser.add_argument("--list", action="store_true", help="with learn: what is learned")
+    parser.add_argument("--forget", action="store_true",
+                        help="with learn: forget the SOURCEs (URL, path or article_id)")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
-    if args.command == "menu" and (args.file is not None) + args.show + args.delete != 1:
+    args = parser.parse_intermixed_args(argv)
+    sources, args.file = args.file, args.file[0] if len(args.file) == 1 else None
+    if args.command == "learn":
+        if args.show or args.delete:
+            parser.error("--show and --delete go with the menu command")
+        if args.list + args.forget + args.published > 1 or (args.list and sources) or not (
+                args.list or args.published or sources):
+            parser.error("learn takes SOURCEs (URLs, files, folders) and/or --published, or "
+                         "--list, or --forget SOURCE")
+        if args.forget and not sources:
+            parser.error("learn --forget takes the SOURCEs to forget (learn --list shows them)")
+    elif args.published or args.list or args.forget:
+        parser.error("--published, --list and --forget go with the learn command")
+    elif args.command == "menu" and (len(sources) == 1) + args.show + args.delete != 1:
         parser.error("menu takes one of: FILE.json, --show, --delete")
-    elif args.command == "retry" and not (args.file or "").isdigit():
+    elif args.command == "retry" and not (len(sources) == 1 and args.file.isdigit()):
         parser.error("retry takes the id of a dead message, as `status` shows it")
-    elif args.command == "backup" and not args.file:
+    elif args.command == "backup" and len(sources) != 1:
         parser.error("backup takes the file to write the copy to")
-    elif args.command not in ("menu", "retry", "backup") and (args.file or args.show or
+    elif args.command not in ("menu", "retry", "backup") and (sources or args.show or
                                                               args.delete):
         parser.error("FILE, --show and --delete go with the menu command")
-    logging.basicConfig(level=args.log_level,
+    # The other commands' output is their report: their log says what went wrong, no more.
+    quiet = args.command != "serve" and args.log_level == "INFO"
+    logging.basicConfig(level="WARNING" if quiet else args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(SECRET_FILTER)
@@ -5499,17 +8121,24 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if args.env:  # its values win, but an empty one (KEY=) leaves the environment's
             env.update((key, value) for key, value in read_env_file(args.env).items()
                        if value or key not in env)
+            # The database lives with its settings, wherever wxbot is started from.
+            env.setdefault(SETTINGS["db"].env, os.path.join(
+                os.path.dirname(os.path.abspath(args.env)), SETTINGS["db"].default))
         if args.command == "chat":  # no WeChat involved
-            env = {"WXBOT_TOKEN": "not-used-in-chat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+            env = {"WXBOT_TOKEN": "notusedinchat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    **env}
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
-        if args.command in ("status", "retry", "backup"):  # the database only
+        if args.command in ("status", "retry", "backup") or \
+                (args.command == "learn" and not args.published):  # the database only
             env = {"WXBOT_TOKEN": "notusedbystatus", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    "OPENAI_API_KEY": "-", **env}
+        if args.command == "learn":  # WeChat's API without pushes, no model
+            env = {"WXBOT_TOKEN": "notusedbylearn", "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
         SECRET_FILTER.add_settings(settings)  # every command, check and menu too
         if args.command not in ("chat", "status", "retry", "backup") and \
+                (args.command != "learn" or args.published) and \
                 settings.api_base.startswith("https:"):
             WeChatConnections.verifier()  # the CA bundle a setting names is readable
     except SettingsError as error:
@@ -5530,22 +8159,29 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return retry(settings, int(args.file), sys.stdout)
     if args.command == "backup":
         return backup(settings, args.file, sys.stdout)
+    if args.command == "learn":
+        return learn_command(settings, sources, args.published, args.list, args.forget,
+                             sys.stdout)
     if args.command == "menu":
         return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
     try:
         owner = OwnerFiles(settings)
     except FileProblem as error:
         for problem in error.problems:
-            print(f"wxbot: {error.path}: {problem}", file=sys.stderr)
+            print(f"wxbot: {error.where()}: {problem}", file=sys.stderr)
         return 2
     if args.command == "chat":
-        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
         return chat(settings, sys.stdin, sys.stdout, owner)
     log.info("wxbot %s starting: %s", __version__, settings.describe())
     try:
         bot = Bot(settings, owner)
+    except DatabaseUnusable as error:  # WXBOT_DB names a place this user may not write
+        log.error("%s", error)
+        return 2
     except OSError as error:
-        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
+        log.error("cannot listen on %s:%d%s: %s", settings.host, settings.port,
+                  f" (webhook) or {settings.admin_host}:{settings.admin_port} (console)"
+                  if settings.admin_password else "", error)
         return 1
     except (sqlite3.Error, RuntimeError) as error:
         log.error("cannot open the database %s: %s", settings.db, error)
