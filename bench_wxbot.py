@@ -817,7 +817,8 @@ def bench_backup(workdir, wechat, model, messages: int) -> list[str]:
             copied = re.search(r"in ([\d.]+) s", done.stdout)
             said = (f"the copy and its check {copied.group(1)} s, integrity ok" if ok
                     else "FAILED: " + done.stdout + done.stderr)
-            rows.append(f"{rate} pushes/s: {took:.1f} s in all ({said}, mode {os.stat(target).st_mode & 0o777:o}, "
+            mode = os.stat(target).st_mode & 0o777
+            rows.append(f"{rate} pushes/s: {took:.1f} s in all ({said}, mode {mode:o}, "
                         f"{os.path.getsize(target) / 1e6:.0f} MB"
                         + (f"; {statuses.count(200)}/{len(statuses)} pushes answered 200 "
                            f"meanwhile)" if rate else ")"))

@@ -5968,7 +5968,8 @@ CREATE TABLE IF NOT EXISTS articles (
     id      INTEGER PRIMARY KEY,
     title   TEXT NOT NULL,
     digest  TEXT NOT NULL DEFAULT '',  -- added later, as a feature's own column
-    url     TEXT
+    url     TEXT CHECK (url != 'a, (b'),
+    CHECK (title != '')
 );
 CREATE INDEX IF NOT EXISTS articles_title ON articles (title);
 """
@@ -5977,6 +5978,8 @@ CREATE INDEX IF NOT EXISTS articles_title ON articles (title);
     with store.transaction() as conn:
         assert wxbot.upgrade_tables(conn, articles) == []
     assert rows_of(path, "articles", "title, digest, url") == [("旧文章", "", None)]
+    with pytest.raises(sqlite3.IntegrityError), contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("INSERT INTO articles (title, url) VALUES ('新', 'a, (b')")
     store.close()
 
 

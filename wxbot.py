@@ -854,10 +854,11 @@ def table_columns(script: str) -> dict[str, dict[str, str]]:
         words = head.split()
         if words[:2] != ["CREATE", "TABLE"]:
             continue
-        parts, depth, part = [], 0, ""
+        parts, depth, quoted, part = [], 0, False, ""
         for char in body[:body.rindex(")")]:
-            depth += (char == "(") - (char == ")")
-            if char == "," and depth == 0:
+            quoted ^= char == "'"  # a comma or a bracket in DEFAULT 'a,(b' is text
+            depth += (not quoted) * ((char == "(") - (char == ")"))
+            if char == "," and depth == 0 and not quoted:
                 parts.append(part)
                 part = ""
             else:
