@@ -6041,7 +6041,7 @@ def test_a_backup_taken_while_serving_is_a_private_checked_copy_that_restores(
     bot = start_bot()
     for n in range(1, 4):  # one at a time: quick ones would be asked together
         send_text(bot, "oBACKUP", f"问题{n}", n)
-        wait_for(lambda: len(wechat.texts_to("oBACKUP")) == n)
+        wait_for(lambda: bot.store.health(time.time())["answered"] == n)
     stop, statuses = threading.Event(), []
 
     def pushing():  # traffic while the copy is made
@@ -6078,8 +6078,9 @@ def test_a_backup_taken_while_serving_is_a_private_checked_copy_that_restores(
     bot = start_bot(WXBOT_DB=restored / "wxbot.db")
     send_text(bot, "oBACKUP", "恢复后的问题", 4)
     wait_for(lambda: len(wechat.texts_to("oBACKUP")) == 4)
-    history = model.requests[-1]["messages"]
-    assert [m["content"] for m in history if m["role"] == "user"][-2:] == ["问题3", "恢复后的问题"]
+    asked = next(request["messages"] for request in model.requests
+                 if request["messages"][-1]["content"] == "恢复后的问题")
+    assert [m["content"] for m in asked if m["role"] == "user"][-2:] == ["问题3", "恢复后的问题"]
 
 
 def worker_lines(caplog, text):
