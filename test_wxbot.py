@@ -6309,3 +6309,15 @@ def test_the_daily_sync_learns_new_and_edited_articles_and_forgets_deleted_ones(
     # `learn` while the server runs: the server finds what it learned at once.
     assert learn(tmp_path, wechat, model, str(notes))[0] == 0
     assert [p.title for p in bot.articles.find("能带狗吗")] == ["常见问题"]
+
+
+def test_uses_older_than_the_retention_are_deleted(tmp_path):
+    settings = settings_for(tmp_path, WXBOT_RETENTION_DAYS=30)
+    store, articles = wxbot.Store(settings.db), wxbot.Articles(settings.db)
+    now = time.time()
+    articles.note_use(1, now - 31 * 86400, 2, 1)
+    articles.note_use(2, now - 29 * 86400, 0, 0)
+    wxbot.Janitor(settings, store, articles).sweep(now)
+    assert articles.uses_since(0) == (1, 0, 0)
+    articles.close()
+    store.close()

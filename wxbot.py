@@ -2592,6 +2592,15 @@ class Articles:
             conn.execute("INSERT OR REPLACE INTO article_uses (message_id, at, given, cited)"
                          " VALUES (?, ?, ?, ?)", (message_id, at, given, cited))
 
+    def forget_uses(self, before: float) -> None:
+        """Drop the uses noted before a time (WXBOT_RETENTION_DAYS), a few thousand a time."""
+        while True:
+            with self._write() as conn:
+                if not conn.execute("DELETE FROM article_uses WHERE message_id IN (SELECT"
+                                    " message_id FROM article_uses WHERE at < ? LIMIT 5000)",
+                                    (before,)).rowcount:
+                    return
+
     def uses_since(self, since: float) -> tuple[int, int, int]:
         """(questions asked, questions given passages, questions answered with a citation)."""
         row = self._conn().execute(
@@ -5766,12 +5775,15 @@ class Janitor:
     #: Between batches: the webhook and the workers get the write lock in between.
     PAUSE = 0.05
 
-    def __init__(self, settings: Settings, store: Store):
-        self.settings, self.store = settings, store
+    def __init__(self, settings: Settings, store: Store, articles: Articles | None = None):
+        self.settings, self.store, self.articles = settings, store, articles
         self.stopping = threading.Event()
 
     def sweep(self, now: float | None = None) -> None:
         """Delete everything that is past retention now, batch by batch."""
+        if self.articles and self.settings.retention_days:
+            self.articles.forget_uses((time.time() if now is None else now) -
+                                      self.settings.retention_days * 86400.0)
         after: int | None = 0 if self.settings.retention_days else None
         while after is not None and not self.stopping.is_set():
             after = self.store.prune(time.time() if now is None else now,
@@ -5971,7 +5983,7 @@ class Bot:
         self.senders = [Sender(settings, self.store, self.wechat, self.model, self.ready,
                                self.mode, f"sender-{n}", self.owner, others=self.wakeup)
                         for n in range(Sender.THREADS)]
-        self.janitor = Janitor(settings, self.store)
+        self.janitor = Janitor(settings, self.store, self.articles)
         self.threads: list[threading.Thread] = []
 
     @property
