@@ -6150,10 +6150,19 @@ def test_an_article_published_while_serving_is_learned_and_nobody_is_answered(
     bot = start_bot()
     wechat.published.insert(0, published_post("NEW", news_item("国庆放假通知",
                                                                ["国庆节10月1日到3日店休。"])))
+    fetching, release = threading.Event(), threading.Event()
+
+    def hold(path, body):  # WeChat's getarticle answers only once the ack went out
+        if path.endswith("/getarticle"):
+            fetching.set()
+            release.wait(10)
+    wechat.hold = hold
     announcement = publish_event("NEW")
     response = post_push(bot, announcement)
     assert (response.status_code, response.text) == (200, "success")
+    wait_for(fetching.is_set, message="the article fetched after the ack")
     post_push(bot, announcement)  # WeChat's retry: fetched once
+    release.set()
     wait_for(lambda: bot.articles.find("国庆放假吗"), message="the new article learned")
     assert post_push(bot, publish_event("", status=4, openid="oMPHELPER2")).text == "success"
     wait_for(lambda: "rejected by review" in caplog.text, message="the failed job logged")
@@ -6321,3 +6330,20 @@ def test_uses_older_than_the_retention_are_deleted(tmp_path):
     assert articles.uses_since(0) == (1, 0, 0)
     articles.close()
     store.close()
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(parts=st.lists(st.one_of(
+    st.sampled_from(["<p>", "</p>", "<section style='a'>", "</section>", "<br>", "<li>", "</ul>",
+                     "<script>", "</script>", "<style>", "</style>", "<img data-src='x'>",
+                     "<div id='js_content'>", "</div>", "&amp;", "&nbsp;", "&#x4e2d;", "<",
+                     ">", "</", "<!--", "-->", "<title>", "</title>", "<body>", "<main>"]),
+    st.text(alphabet=st.sampled_from(list("退款包邮 \n会员ab1。")), max_size=12)), max_size=40))
+def test_any_html_gives_text_without_scripts_or_markup(parts):
+    page = "".join(parts)
+    title, text, date = wxbot.page_text(page, "https://example.com/a")
+    assert "<p>" not in text and "<br>" not in text and "\n\n" not in text
+    assert all(line == line.strip() and line for line in text.splitlines())
+    secret = wxbot.page_text("<p>可见</p><script>不可见</script><style>也不可见</style>" + page,
+                             "")[1]
+    assert "不可见" not in secret

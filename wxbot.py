@@ -1848,7 +1848,6 @@ CREATE TABLE IF NOT EXISTS article_sources (
     url        TEXT NOT NULL DEFAULT '',
     date       TEXT NOT NULL DEFAULT '',
     passages   INTEGER NOT NULL,
-    chars      INTEGER NOT NULL,
     digest     TEXT NOT NULL,  -- of title and text: a sync skips what did not change
     learned_at REAL NOT NULL
 );
@@ -2240,6 +2239,9 @@ def page_text(page: str, url: str) -> tuple[str, str, str]:
     its <article>, <main> or <body>. Paragraphs and list items are lines; scripts, styles,
     images and the editor's wrapper markup are dropped, entities decoded. LearnError for a
     WeChat verification page."""
+    opened = page.rfind("<!--")
+    if opened >= 0 and page.find("-->", opened + 4) < 0:
+        page = page[:opened]  # a comment left open hides the rest, as in a browser
     reader = _PageReader()
     reader.feed(page)
     reader.close()
@@ -2440,16 +2442,14 @@ class Articles:
             if row:
                 self._unindex(conn, row[0])
                 conn.execute("UPDATE article_sources SET kind = ?, title = ?, url = ?,"
-                             " date = ?, passages = ?, chars = ?, digest = ?, learned_at = ?"
-                             " WHERE id = ?", (kind, title, url, date, len(pieces),
-                                               sum(map(len, pieces)), digest, now, row[0]))
+                             " date = ?, passages = ?, digest = ?, learned_at = ? WHERE id = ?",
+                             (kind, title, url, date, len(pieces), digest, now, row[0]))
                 source_id = row[0]
             else:
                 source_id = conn.execute(
                     "INSERT INTO article_sources (kind, origin, title, url, date, passages,"
-                    " chars, digest, learned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (kind, origin, title, url, date, len(pieces), sum(map(len, pieces)),
-                     digest, now)).lastrowid
+                    " digest, learned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, origin, title, url, date, len(pieces), digest, now)).lastrowid
             title_terms = " ".join(article_terms(title))
             for piece in pieces:
                 passage_id = conn.execute("INSERT INTO article_passages (source_id, text)"
