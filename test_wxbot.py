@@ -6347,3 +6347,17 @@ def test_any_html_gives_text_without_scripts_or_markup(parts):
     secret = wxbot.page_text("<p>可见</p><script>不可见</script><style>也不可见</style>" + page,
                              "")[1]
     assert "不可见" not in secret
+
+
+def test_a_daily_sync_wechat_refuses_is_logged_as_what_to_do_and_tried_a_day_later(
+        tmp_path, start_bot, wechat, model, caplog):
+    wechat.published = [published_post("A", news_item("营业时间", ["每天早上8点开门。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.note_sync(time.time() - 86400 - 60)
+    articles.close()
+    wechat.failures["/cgi-bin/freepublish/batchget"] = [48001]
+    bot = start_bot()
+    wait_for(lambda: "learn them by URL instead" in caplog.text, message="the refusal logged")
+    assert "trying again in 1d" in caplog.text
+    assert [p.title for p in bot.articles.find("几点开门")] == ["营业时间"]  # still known

@@ -5822,6 +5822,20 @@ def published_items(article_id: str, content: dict, fallback_time: float = 0
         yield origin, str(item.get("title") or ""), text, str(item.get("url") or ""), date
 
 
+def published_error(error: WeChatError, settings: Settings) -> str:
+    """Why `learn --published` failed, in one sentence that says what to do."""
+    if error.errcode == 48001:
+        return ("WeChat does not let this account list its published articles (48001: the "
+                "account is not verified, or lacks the permission): learn them by URL instead, "
+                "python wxbot.py learn https://mp.weixin.qq.com/s/...")
+    if error.errcode == 45009:
+        return ("WeChat's daily limit of calls to the published-articles API is reached "
+                "(45009): what was learned so far is kept; run learn --published again tomorrow")
+    if error.errcode is None:
+        return f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}"
+    return f"WeChat refused to list the published articles: {error.hint()}"
+
+
 @dataclasses.dataclass
 class SyncReport:
     """What one sync of the published articles did."""
@@ -5938,10 +5952,13 @@ class ArticleSync:
                     log.info("published articles synced: %d learned, %d unchanged, %d "
                              "forgotten", report.learned, report.unchanged, report.forgotten)
                 except (WeChatError, sqlite3.Error) as error:
-                    self._retry_at = time.time() + self.RETRY
+                    # The account's permission or its daily limit: tomorrow; else an hour.
+                    later = self.EVERY if getattr(error, "errcode", None) in (48001, 45009) \
+                        else self.RETRY
+                    self._retry_at = time.time() + later
                     log.error("syncing the published articles failed: %s; trying again in "
-                              "an hour", error.hint() if isinstance(error, WeChatError)
-                              else error)
+                              "%s", published_error(error, self.settings)
+                              if isinstance(error, WeChatError) else error, age_text(later))
                 continue
             wait = min(3600.0, due - time.time()) if last is not None else 3600.0
             try:
@@ -6297,20 +6314,6 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
         return 1
     finally:
         store.close()
-
-
-def published_error(error: WeChatError, settings: Settings) -> str:
-    """Why `learn --published` failed, in one sentence that says what to do."""
-    if error.errcode == 48001:
-        return ("WeChat does not let this account list its published articles (48001: the "
-                "account is not verified, or lacks the permission): learn them by URL instead, "
-                "python wxbot.py learn https://mp.weixin.qq.com/s/...")
-    if error.errcode == 45009:
-        return ("WeChat's daily limit of calls to the published-articles API is reached "
-                "(45009): what was learned so far is kept; run learn --published again tomorrow")
-    if error.errcode is None:
-        return f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}"
-    return f"WeChat refused to list the published articles: {error.hint()}"
 
 
 def learn_command(settings: Settings, sources: list[str], published: bool, listing: bool,
