@@ -6320,7 +6320,12 @@ def learn_command(settings: Settings, sources: list[str], published: bool, listi
                   forget: bool, out) -> int:
     """`learn`: sources (URLs, files, folders) and --published; --list; --forget SOURCE.
     Safe while the server runs. 1 when anything was not learned (each is named, with why)."""
-    articles = Articles(settings.db)
+    try:
+        articles = Articles(settings.db)
+    except (sqlite3.Error, OSError) as error:  # most often: the service user's file, mode 600
+        print(f"cannot open the database {settings.db} ({error}): run this as the service's "
+              f"user, e.g. sudo -u wxbot .venv/bin/python wxbot.py learn ...", file=out)
+        return 1
     failures = 0
     try:
         if listing:
