@@ -6323,8 +6323,9 @@ def learn_command(settings: Settings, sources: list[str], published: bool, listi
     try:
         articles = Articles(settings.db)
     except (sqlite3.Error, OSError) as error:  # most often: the service user's file, mode 600
-        print(f"cannot open the database {settings.db} ({error}): run this as the service's "
-              f"user, e.g. sudo -u wxbot .venv/bin/python wxbot.py learn ...", file=out)
+        print(f"cannot open the database {settings.db} ({error}): check WXBOT_DB (or --env "
+              f"FILE), and run this as the service's user, e.g. sudo -u wxbot "
+              f".venv/bin/python wxbot.py learn ...", file=out)
         return 1
     failures = 0
     try:
