@@ -6361,3 +6361,17 @@ def test_a_daily_sync_wechat_refuses_is_logged_as_what_to_do_and_tried_a_day_lat
     wait_for(lambda: "learn them by URL instead" in caplog.text, message="the refusal logged")
     assert "trying again in 1d" in caplog.text
     assert [p.title for p in bot.articles.find("几点开门")] == ["营业时间"]  # still known
+
+
+def test_a_post_the_owner_deleted_is_forgotten_with_all_its_articles(tmp_path, start_bot,
+                                                                      wechat, model):
+    wechat.published = [
+        published_post("POST", news_item("中秋放假", ["中秋节放假一天。"]),
+                       news_item("中秋月饼", ["月饼礼盒168元。"])),
+        published_post("POSTER", news_item("营业时间", ["每天早上8点开门。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    bot = start_bot()
+    assert bot.articles.find("月饼多少钱") and bot.articles.find("中秋节放假吗")
+    assert post_push(bot, publish_event("POST", status=5)).text == "success"
+    wait_for(lambda: not bot.articles.find("月饼多少钱"), message="the deleted post forgotten")
+    assert [s.origin for s in bot.articles.sources()] == ["POSTER"]
