@@ -6375,3 +6375,15 @@ def test_a_post_the_owner_deleted_is_forgotten_with_all_its_articles(tmp_path, s
     assert post_push(bot, publish_event("POST", status=5)).text == "success"
     wait_for(lambda: not bot.articles.find("月饼多少钱"), message="the deleted post forgotten")
     assert [s.origin for s in bot.articles.sources()] == ["POSTER"]
+
+
+def test_in_passive_mode_the_announcement_gets_success_and_the_article_is_learned(
+        tmp_path, start_bot, wechat, model):
+    wechat.published = [published_post("OLD", news_item("营业时间", ["每天早上8点开门。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    bot = start_bot(WXBOT_MODE="passive")
+    wechat.published.insert(0, published_post("NEW", news_item("元旦放假", ["元旦店休一天。"])))
+    response = post_push(bot, publish_event("NEW"))
+    assert (response.status_code, response.text) == (200, "success")
+    wait_for(lambda: bot.articles.find("元旦放假吗"), message="the new article learned")
+    assert wechat.sent == [] and model.requests == []
