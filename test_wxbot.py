@@ -6858,10 +6858,19 @@ def test_an_article_published_while_serving_is_learned_and_nobody_is_answered(
     bot = start_bot()
     wechat.published.insert(0, published_post("NEW", news_item("国庆放假通知",
                                                                ["国庆节10月1日到3日店休。"])))
+    fetching, release = threading.Event(), threading.Event()
+
+    def hold(path, body):  # WeChat's getarticle answers only once the ack went out
+        if path.endswith("/getarticle"):
+            fetching.set()
+            release.wait(10)
+    wechat.hold = hold
     announcement = publish_event("NEW")
     response = post_push(bot, announcement)
     assert (response.status_code, response.text) == (200, "success")
+    wait_for(fetching.is_set, message="the article fetched after the ack")
     post_push(bot, announcement)  # WeChat's retry: fetched once
+    release.set()
     wait_for(lambda: bot.articles.find("国庆放假吗"), message="the new article learned")
     assert post_push(bot, publish_event("", status=4, openid="oMPHELPER2")).text == "success"
     wait_for(lambda: "rejected by review" in caplog.text, message="the failed job logged")
@@ -7309,3 +7318,70 @@ def test_console_believes_forwarded_headers_only_from_a_proxy_on_this_machine():
     for stranger in ("203.0.113.9", "2001:db8::1", ""):
         environ = {"REMOTE_ADDR": stranger, **forwarded}
         assert wxbot.client_address(environ) == stranger and not wxbot.over_https(environ)
+def test_uses_older_than_the_retention_are_deleted(tmp_path):
+    settings = settings_for(tmp_path, WXBOT_RETENTION_DAYS=30)
+    store, articles = wxbot.Store(settings.db), wxbot.Articles(settings.db)
+    now = time.time()
+    articles.note_use(1, now - 31 * 86400, 2, 1)
+    articles.note_use(2, now - 29 * 86400, 0, 0)
+    wxbot.Janitor(settings, store, articles).sweep(now)
+    assert articles.uses_since(0) == (1, 0, 0)
+    articles.close()
+    store.close()
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(parts=st.lists(st.one_of(
+    st.sampled_from(["<p>", "</p>", "<section style='a'>", "</section>", "<br>", "<li>", "</ul>",
+                     "<script>", "</script>", "<style>", "</style>", "<img data-src='x'>",
+                     "<div id='js_content'>", "</div>", "&amp;", "&nbsp;", "&#x4e2d;", "<",
+                     ">", "</", "<!--", "-->", "<title>", "</title>", "<body>", "<main>"]),
+    st.text(alphabet=st.sampled_from(list("退款包邮 \n会员ab1。")), max_size=12)), max_size=40))
+def test_any_html_gives_text_without_scripts_or_markup(parts):
+    page = "".join(parts)
+    title, text, date = wxbot.page_text(page, "https://example.com/a")
+    assert "<p>" not in text and "<br>" not in text and "\n\n" not in text
+    assert all(line == line.strip() and line for line in text.splitlines())
+    secret = wxbot.page_text("<p>可见</p><script>不可见</script><style>也不可见</style>" + page,
+                             "")[1]
+    assert "不可见" not in secret
+
+
+def test_a_daily_sync_wechat_refuses_is_logged_as_what_to_do_and_tried_a_day_later(
+        tmp_path, start_bot, wechat, model, caplog):
+    wechat.published = [published_post("A", news_item("营业时间", ["每天早上8点开门。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.note_sync(time.time() - 86400 - 60)
+    articles.close()
+    wechat.failures["/cgi-bin/freepublish/batchget"] = [48001]
+    bot = start_bot()
+    wait_for(lambda: "learn them by URL instead" in caplog.text, message="the refusal logged")
+    assert "trying again in 1d" in caplog.text
+    assert [p.title for p in bot.articles.find("几点开门")] == ["营业时间"]  # still known
+
+
+def test_a_post_the_owner_deleted_is_forgotten_with_all_its_articles(tmp_path, start_bot,
+                                                                      wechat, model):
+    wechat.published = [
+        published_post("POST", news_item("中秋放假", ["中秋节放假一天。"]),
+                       news_item("中秋月饼", ["月饼礼盒168元。"])),
+        published_post("POSTER", news_item("营业时间", ["每天早上8点开门。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    bot = start_bot()
+    assert bot.articles.find("月饼多少钱") and bot.articles.find("中秋节放假吗")
+    assert post_push(bot, publish_event("POST", status=5)).text == "success"
+    wait_for(lambda: not bot.articles.find("月饼多少钱"), message="the deleted post forgotten")
+    assert [s.origin for s in bot.articles.sources()] == ["POSTER"]
+
+
+def test_in_passive_mode_the_announcement_gets_success_and_the_article_is_learned(
+        tmp_path, start_bot, wechat, model):
+    wechat.published = [published_post("OLD", news_item("营业时间", ["每天早上8点开门。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    bot = start_bot(WXBOT_MODE="passive")
+    wechat.published.insert(0, published_post("NEW", news_item("元旦放假", ["元旦店休一天。"])))
+    response = post_push(bot, publish_event("NEW"))
+    assert (response.status_code, response.text) == (200, "success")
+    wait_for(lambda: bot.articles.find("元旦放假吗"), message="the new article learned")
+    assert wechat.sent == [] and model.requests == []

@@ -1986,7 +1986,6 @@ CREATE TABLE IF NOT EXISTS article_sources (
     url        TEXT NOT NULL DEFAULT '',
     date       TEXT NOT NULL DEFAULT '',
     passages   INTEGER NOT NULL,
-    chars      INTEGER NOT NULL,
     digest     TEXT NOT NULL,  -- of title and text: a sync skips what did not change
     learned_at REAL NOT NULL
 );
@@ -2378,6 +2377,9 @@ def page_text(page: str, url: str) -> tuple[str, str, str]:
     its <article>, <main> or <body>. Paragraphs and list items are lines; scripts, styles,
     images and the editor's wrapper markup are dropped, entities decoded. LearnError for a
     WeChat verification page."""
+    opened = page.rfind("<!--")
+    if opened >= 0 and page.find("-->", opened + 4) < 0:
+        page = page[:opened]  # a comment left open hides the rest, as in a browser
     reader = _PageReader()
     reader.feed(page)
     reader.close()
@@ -2578,16 +2580,14 @@ class Articles:
             if row:
                 self._unindex(conn, row[0])
                 conn.execute("UPDATE article_sources SET kind = ?, title = ?, url = ?,"
-                             " date = ?, passages = ?, chars = ?, digest = ?, learned_at = ?"
-                             " WHERE id = ?", (kind, title, url, date, len(pieces),
-                                               sum(map(len, pieces)), digest, now, row[0]))
+                             " date = ?, passages = ?, digest = ?, learned_at = ? WHERE id = ?",
+                             (kind, title, url, date, len(pieces), digest, now, row[0]))
                 source_id = row[0]
             else:
                 source_id = conn.execute(
                     "INSERT INTO article_sources (kind, origin, title, url, date, passages,"
-                    " chars, digest, learned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (kind, origin, title, url, date, len(pieces), sum(map(len, pieces)),
-                     digest, now)).lastrowid
+                    " digest, learned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, origin, title, url, date, len(pieces), digest, now)).lastrowid
             title_terms = " ".join(article_terms(title))
             for piece in pieces:
                 passage_id = conn.execute("INSERT INTO article_passages (source_id, text)"
@@ -2729,6 +2729,15 @@ class Articles:
         with self._write() as conn:
             conn.execute("INSERT OR REPLACE INTO article_uses (message_id, at, given, cited)"
                          " VALUES (?, ?, ?, ?)", (message_id, at, given, cited))
+
+    def forget_uses(self, before: float) -> None:
+        """Drop the uses noted before a time (WXBOT_RETENTION_DAYS), a few thousand a time."""
+        while True:
+            with self._write() as conn:
+                if not conn.execute("DELETE FROM article_uses WHERE message_id IN (SELECT"
+                                    " message_id FROM article_uses WHERE at < ? LIMIT 5000)",
+                                    (before,)).rowcount:
+                    return
 
     def uses_since(self, since: float) -> tuple[int, int, int]:
         """(questions asked, questions given passages, questions answered with a citation)."""
@@ -7148,12 +7157,15 @@ class Janitor:
     #: Between batches: the webhook and the workers get the write lock in between.
     PAUSE = 0.05
 
-    def __init__(self, settings: Settings, store: Store):
-        self.settings, self.store = settings, store
+    def __init__(self, settings: Settings, store: Store, articles: Articles | None = None):
+        self.settings, self.store, self.articles = settings, store, articles
         self.stopping = threading.Event()
 
     def sweep(self, now: float | None = None) -> None:
         """Delete everything that is past retention now, batch by batch."""
+        if self.articles and self.settings.retention_days:
+            self.articles.forget_uses((time.time() if now is None else now) -
+                                      self.settings.retention_days * 86400.0)
         after: int | None = 0 if self.settings.retention_days else None
         while after is not None and not self.stopping.is_set():
             after = self.store.prune(time.time() if now is None else now,
@@ -7190,6 +7202,20 @@ def published_items(article_id: str, content: dict, fallback_time: float = 0
             text = f"{digest}\n{text}"
         origin = article_id if number == 1 else f"{article_id}/{number}"
         yield origin, str(item.get("title") or ""), text, str(item.get("url") or ""), date
+
+
+def published_error(error: WeChatError, settings: Settings) -> str:
+    """Why `learn --published` failed, in one sentence that says what to do."""
+    if error.errcode == 48001:
+        return ("WeChat does not let this account list its published articles (48001: the "
+                "account is not verified, or lacks the permission): learn them by URL instead, "
+                "python wxbot.py learn https://mp.weixin.qq.com/s/...")
+    if error.errcode == 45009:
+        return ("WeChat's daily limit of calls to the published-articles API is reached "
+                "(45009): what was learned so far is kept; run learn --published again tomorrow")
+    if error.errcode is None:
+        return f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}"
+    return f"WeChat refused to list the published articles: {error.hint()}"
 
 
 @dataclasses.dataclass
@@ -7308,10 +7334,13 @@ class ArticleSync:
                     log.info("published articles synced: %d learned, %d unchanged, %d "
                              "forgotten", report.learned, report.unchanged, report.forgotten)
                 except (WeChatError, sqlite3.Error) as error:
-                    self._retry_at = time.time() + self.RETRY
+                    # The account's permission or its daily limit: tomorrow; else an hour.
+                    later = self.EVERY if getattr(error, "errcode", None) in (48001, 45009) \
+                        else self.RETRY
+                    self._retry_at = time.time() + later
                     log.error("syncing the published articles failed: %s; trying again in "
-                              "an hour", error.hint() if isinstance(error, WeChatError)
-                              else error)
+                              "%s", published_error(error, self.settings)
+                              if isinstance(error, WeChatError) else error, age_text(later))
                 continue
             wait = min(3600.0, due - time.time()) if last is not None else 3600.0
             try:
@@ -7354,7 +7383,7 @@ class Bot:
                                self.mode, f"sender-{n}", self.owner, others=self.wakeup,
                                articles=self.articles)  # /stats
                         for n in range(Sender.THREADS)]
-        self.janitor = Janitor(settings, self.store)
+        self.janitor = Janitor(settings, self.store, self.articles)
         #: The owner's console, on a listener of its own; None without WXBOT_ADMIN_PASSWORD.
         self.owner_console = OwnerConsole(settings, self.store, self.owner, self.wakeup,
                                           self.articles) if settings.admin_password else None
@@ -7731,25 +7760,17 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
         store.close()
 
 
-def published_error(error: WeChatError, settings: Settings) -> str:
-    """Why `learn --published` failed, in one sentence that says what to do."""
-    if error.errcode == 48001:
-        return ("WeChat does not let this account list its published articles (48001: the "
-                "account is not verified, or lacks the permission): learn them by URL instead, "
-                "python wxbot.py learn https://mp.weixin.qq.com/s/...")
-    if error.errcode == 45009:
-        return ("WeChat's daily limit of calls to the published-articles API is reached "
-                "(45009): what was learned so far is kept; run learn --published again tomorrow")
-    if error.errcode is None:
-        return f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}"
-    return f"WeChat refused to list the published articles: {error.hint()}"
-
-
 def learn_command(settings: Settings, sources: list[str], published: bool, listing: bool,
                   forget: bool, out) -> int:
     """`learn`: sources (URLs, files, folders) and --published; --list; --forget SOURCE.
     Safe while the server runs. 1 when anything was not learned (each is named, with why)."""
-    articles = Articles(settings.db)
+    try:
+        articles = Articles(settings.db)
+    except (sqlite3.Error, OSError) as error:  # most often: the service user's file, mode 600
+        print(f"cannot open the database {settings.db} ({error}): check WXBOT_DB (or --env "
+              f"FILE), and run this as the service's user, e.g. sudo -u wxbot "
+              f".venv/bin/python wxbot.py learn ...", file=out)
+        return 1
     failures = 0
     try:
         if listing:
