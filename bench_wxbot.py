@@ -575,11 +575,13 @@ def bench_articles(args) -> list[str]:
                 cpu_timings.append((time.thread_time() - cpu) * 1000)
                 if not repeat:
                     first_round.append(timings[-1])
-        plans = {name: [row[3] for row in articles._conn().execute(
-                    "EXPLAIN QUERY PLAN " + statement, parameters)]
-                 for name, statement, parameters in [
-                     ("vocabulary", wxbot.VOCABULARY.format(terms="?, ?"), ("退款", "包邮")),
-                     ("passages", wxbot.PASSAGES_MATCHING, {"query": '"退款"', "limit": 30})]}
+        with articles._reading() as conn:
+            plans = {name: [row[3] for row in conn.execute(
+                        "EXPLAIN QUERY PLAN " + statement, parameters)]
+                     for name, statement, parameters in [
+                         ("vocabulary", wxbot.VOCABULARY.format(terms="?, ?"), ("退款", "包邮")),
+                         ("passages", wxbot.PASSAGES_MATCHING,
+                          {"query": '"退款"', "limit": 30})]}
         articles.close()
         load = os.getloadavg()[0]
         lines.append(

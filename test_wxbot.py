@@ -7254,11 +7254,11 @@ def test_find_searches_a_follow_up_with_the_question_before_it(tmp_path):
 
 def test_finding_passages_reads_indexes_only(tmp_path):
     articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
-    conn = articles._conn()
-    vocabulary = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + wxbot.VOCABULARY.format(
-        terms="?, ?"), ("退款", "包邮"))]
-    passages = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + wxbot.PASSAGES_MATCHING,
-                                               {"query": '"退款"', "limit": 30})]
+    with articles._reading() as conn:
+        vocabulary = [row[3] for row in conn.execute(
+            "EXPLAIN QUERY PLAN " + wxbot.VOCABULARY.format(terms="?, ?"), ("退款", "包邮"))]
+        passages = [row[3] for row in conn.execute(
+            "EXPLAIN QUERY PLAN " + wxbot.PASSAGES_MATCHING, {"query": '"退款"', "limit": 30})]
     articles.close()
     # fts5vocab looks the terms up (a constraint on term: idxNum > 0), not the whole index.
     assert len(vocabulary) == 1 and re.fullmatch(r"SCAN article_vocabulary VIRTUAL TABLE INDEX "
@@ -7385,3 +7385,20 @@ def test_in_passive_mode_the_announcement_gets_success_and_the_article_is_learne
     assert (response.status_code, response.text) == (200, "success")
     wait_for(lambda: bot.articles.find("元旦放假吗"), message="the new article learned")
     assert wechat.sent == [] and model.requests == []
+
+
+def test_articles_keep_no_connection_for_each_thread_that_ever_asked(tmp_path):
+    """The console serves each request on a thread of its own: a connection per thread would
+    stay open for every request ever served."""
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        articles.learn_text("file", "/notes/hours.md", "营业时间", "周末早上9点开门。")
+        for _ in range(50):
+            thread = threading.Thread(target=lambda: (articles.find("周末几点开门"),
+                                                      articles.sources()))
+            thread.start()
+            thread.join()
+        assert len(articles._opened) <= 2
+    finally:
+        articles.close()
+

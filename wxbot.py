@@ -2449,8 +2449,10 @@ def shows(folded: str, latin: set[str], term: str) -> bool:
 class Articles:
     """The account's articles in the bot's SQLite database: own tables, own connections.
 
-    Safe while the server runs and from several threads: each thread has its connection,
-    and the database is in WAL mode, so a `learn` in another process never blocks a search.
+    Safe while the server runs and from several threads: a thread borrows a connection
+    from a pool for each call (the console serves each request on a thread of its own, so
+    a connection per thread would stay open for every request ever served), and the
+    database is in WAL mode, so a `learn` in another process never blocks a search.
     """
 
     #: At most this many passages go with a question.
@@ -2461,24 +2463,28 @@ class Articles:
     def __init__(self, db_path: str, busy_timeout: float = 15.0):
         create_private(db_path)
         self.path, self.busy_timeout = db_path, busy_timeout
-        self._local = threading.local()
+        self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._counts: dict[str, object] = {}  # term -> passages holding it; "" -> as of when
-        conn = self._conn()
-        # Before the first table, as the Store does: deleted rows give their pages back.
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(f"BEGIN IMMEDIATE; {ARTICLES_SCHEMA} COMMIT;")
+        with self._reading() as conn:
+            # Before the first table, as the Store does: deleted rows give their pages back.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(f"BEGIN IMMEDIATE; {ARTICLES_SCHEMA} COMMIT;")
         with self._write() as conn:
             version = conn.execute("SELECT value FROM article_state WHERE key = 'terms'"
                                    ).fetchone()
             if version is None or int(version[0]) != TERMS_VERSION:
                 self._reindex(conn)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A connection of the pool for this call only: as many stay open as calls ever ran
+        at once."""
+        try:
+            conn = self._pool.get_nowait()
+        except queue.Empty:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                    timeout=self.busy_timeout)
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
@@ -2487,28 +2493,30 @@ class Articles:
             # A connection per worker thread: a small page cache each, as the Store's (the
             # index's pages stay in the operating system's cache).
             conn.execute("PRAGMA cache_size=-512")
-            self._local.conn = conn
             with self._lock:
                 self._opened.append(conn)
-        return conn
+        try:
+            yield conn
+        finally:
+            self._pool.put(conn)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.rollback()
-            raise
-        conn.execute("COMMIT")
+        with self._reading() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
             opened, self._opened = self._opened, []
         for conn in opened:
             conn.close()
-        self._local = threading.local()
+        self._pool = queue.SimpleQueue()
 
     # Learning ---------------------------------------------------------------
 
@@ -2624,19 +2632,22 @@ class Articles:
     def digests(self, kind: str) -> dict[str, str]:
         """Each learned source of a kind, by origin: what it was learned from, as
         article_digest() summed it up (a sync skips the unchanged ones)."""
-        return dict(self._conn().execute("SELECT origin, digest FROM article_sources"
-                                         " WHERE kind = ?", (kind,)))
+        with self._reading() as conn:
+            return dict(conn.execute("SELECT origin, digest FROM article_sources"
+                                     " WHERE kind = ?", (kind,)))
 
     def sources(self) -> list[Source]:
         """Every learned source, newest article first."""
-        return [Source(*row) for row in self._conn().execute(
-            "SELECT id, kind, origin, title, url, date, passages, learned_at"
-            " FROM article_sources ORDER BY date DESC, id DESC")]
+        with self._reading() as conn:
+            return [Source(*row) for row in conn.execute(
+                "SELECT id, kind, origin, title, url, date, passages, learned_at"
+                " FROM article_sources ORDER BY date DESC, id DESC")]
 
     def last_sync(self) -> float | None:
         """When the published articles were last synced (None: never, so no sync)."""
-        row = self._conn().execute("SELECT value FROM article_state WHERE key = 'synced'"
-                                   ).fetchone()
+        with self._reading() as conn:
+            row = conn.execute("SELECT value FROM article_state WHERE key = 'synced'"
+                               ).fetchone()
         return float(row[0]) if row else None
 
     def note_sync(self, at: float) -> None:
@@ -2741,9 +2752,10 @@ class Articles:
 
     def uses_since(self, since: float) -> tuple[int, int, int]:
         """(questions asked, questions given passages, questions answered with a citation)."""
-        row = self._conn().execute(
-            "SELECT count(*), coalesce(sum(given > 0), 0), coalesce(sum(cited > 0), 0)"
-            " FROM article_uses WHERE at >= ?", (since,)).fetchone()
+        with self._reading() as conn:
+            row = conn.execute(
+                "SELECT count(*), coalesce(sum(given > 0), 0), coalesce(sum(cited > 0), 0)"
+                " FROM article_uses WHERE at >= ?", (since,)).fetchone()
         return row[0], row[1], row[2]
 
     # Finding ----------------------------------------------------------------
@@ -2769,7 +2781,10 @@ class Articles:
                 units.setdefault(key, (self.EARLIER_WEIGHT, unit))
         if not units:
             return []
-        conn = self._conn()
+        with self._reading() as conn:
+            return self._find(conn, units)
+
+    def _find(self, conn: sqlite3.Connection, units: dict) -> list[Passage]:
         total, changed = conn.execute(COUNTED_PASSAGES).fetchone()
         total = int(total)
         if not total:
