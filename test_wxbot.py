@@ -5888,3 +5888,18 @@ def test_a_fixed_line_goes_out_once_while_the_only_worker_is_busy(start_bot, wec
     wait_for(lambda: all(bot.store.settled(n) for n in (1, 2)), message="all answered")
     assert wechat.texts_to(openid) == [line]  # once, and no queue line before it
     assert {to for to, _ in wechat.typing} == {"oSLOW"} and model.questions() == ["慢问题"]
+
+
+# Readers: answers owed in order, the tappable 继续, one line per wait ########
+
+@pytest.mark.parametrize("words", ["请问违禁词怎么买？", "画一只违禁的猫", "违禁"])
+def test_a_refused_question_shows_no_typing(start_bot, wechat, model, tmp_path, words):
+    bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁"), **DRAWING)
+    send_text(bot, "oREFUSED", words, 1)
+    wait_for(lambda: wechat.texts_to("oREFUSED") == [wxbot.REFUSED_LINE])
+    send_text(bot, "oASKED", "你好", 2)  # a question asked after it: its typing came and went
+    wait_for(lambda: wechat.texts_to("oASKED") == ["答：你好"])
+    assert ("oASKED", "Typing") in wechat.typing
+    assert [to for to, command in wechat.typing if to == "oREFUSED"] == []
+    assert model.requests == [] or model.questions() == ["你好"]
+    assert model.drawings == []

@@ -3582,6 +3582,7 @@ class Route(enum.Enum):
     UNHEARD = "unheard"    # a voice message without Recognition
     PICTURE = "picture"    # a picture for the model (WXBOT_VISION; picture: its URL)
     TEXT_ONLY = "text_only"  # a picture without vision, a location, a link, a video...
+    BLOCKED = "blocked"    # a question or a drawing with a blocked word (WXBOT_BLOCKED_WORDS)
     QUESTION = "question"  # text: the question
 
 
@@ -3602,9 +3603,12 @@ class Answering:
     counter: str = ""
 
 
-def route(settings: Settings, replies: Replies, message: "Push | Message") -> Answering:
+def route(settings: Settings, replies: Replies, message: "Push | Message",
+          blocked: BlockedWords | None = None) -> Answering:
     """How a push or a stored message is answered. The one rule: the webhook stores
-    whether it needs the model (needs_model()), and Worker.plan answers it this way."""
+    whether it needs the model (needs_model()), and Worker.plan answers it this way.
+    A question or a drawing with a blocked word is refused without the model: no typing
+    promises an answer that never comes."""
     event_key = message.fields.get("EventKey", "")
     fixed = replies.fixed_reply(message.msg_type, message.content, message.event, event_key)
     if fixed:
@@ -3618,6 +3622,8 @@ def route(settings: Settings, replies: Replies, message: "Push | Message") -> An
         return Answering(KIND_ROUTES[intent.kind])
     if intent.kind is Kind.STATS and message.openid in settings.admins:
         return Answering(Route.STATS)
+    if intent.kind in (Kind.DRAW, Kind.QUESTION) and blocked and blocked.found(intent.text):
+        return Answering(Route.BLOCKED)
     if intent.kind is Kind.DRAW:
         return Answering(Route.DRAW, intent.text) if intent.text else Answering(Route.DRAW_HOW)
     if message.msg_type == "voice" and not intent.text:
@@ -3630,14 +3636,15 @@ def route(settings: Settings, replies: Replies, message: "Push | Message") -> An
     return Answering(Route.QUESTION, intent.text)
 
 
-def needs_model(settings: Settings, replies: Replies, push: "Push") -> bool:
+def needs_model(settings: Settings, replies: Replies, push: "Push",
+                blocked: BlockedWords | None = None) -> bool:
     """Whether answering a push takes the model (route()): a question, a drawing, a picture
     with WXBOT_VISION, /stats from anyone but an admin, a click the owner answers with a
     prompt. Only those wait for a worker, and show typing meanwhile. The rest (继续, /help, a
-    keyword, the welcome, a voice message without Recognition, a location...) is answered
-    from what is stored, by a Sender, however busy the workers are (LOCATION may come
-    every 5 s)."""
-    return route(settings, replies, push).route in MODEL_ROUTES
+    keyword, the welcome, a voice message without Recognition, a location, a question with a
+    blocked word...) is answered from what is stored, by a Sender, however busy the workers
+    are (LOCATION may come every 5 s)."""
+    return route(settings, replies, push, blocked).route in MODEL_ROUTES
 
 
 class Acknowledger:
@@ -3973,7 +3980,7 @@ class Worker:
     def plan(self, message: Message) -> int | None:
         """Decide and store what to send; the number of segments, or None to retry later."""
         now = time.time()
-        how = route(self.settings, self.owner.replies, message)
+        how = route(self.settings, self.owner.replies, message, self.owner.blocked)
         if how.route is Route.FIXED:  # no model, and no count against the user's limits
             planned = self.store.save_answer(message, [how.text], now,
                                              carry=message.msg_type != "event")
@@ -3985,6 +3992,8 @@ class Worker:
             return self.answer_text(message, "", how.picture)
         if how.route is Route.DRAW:
             return self.draw(message, how.text)
+        if how.route is Route.BLOCKED:
+            return self._refuse(message)
         if how.route is Route.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
             return self.store.save_answer(message, split_segments(line, markdown=False), now,
@@ -4035,11 +4044,8 @@ class Worker:
                 # A menu click's answer opens no quota that earlier answers could use.
                 self.store.start_answer(message, carry=message.msg_type != "event",
                                         leftovers=Leftovers.DROP)
-        if refused:
-            log_worker.warning("message %s from %s: question blocked (WXBOT_BLOCKED_WORDS)",
-                               message.id, short_id(message.openid))
-            self.store.bump("blocked", time.time())
-            return self.store.save_answer(message, [self.settings.blocked_reply], time.time())
+        if refused:  # a follow-up asked with it has a blocked word
+            return self._refuse(message)
         if wait is not None:
             return self._over_limit(message, wait)
         history = self.store.history(message.openid, self.settings.history_turns,
@@ -4072,6 +4078,13 @@ class Worker:
         return self.store.complete_answer(message, time.time(), rest,
                                           f"[图片] {question}" if picture else question, answer)
 
+    def _refuse(self, message: Message) -> int:
+        """A question or drawing with a blocked word: the refusal, and no model call."""
+        log_worker.warning("message %s from %s: question blocked (WXBOT_BLOCKED_WORDS)",
+                           message.id, short_id(message.openid))
+        self.store.bump("blocked", time.time())
+        return self.store.save_answer(message, [self.settings.blocked_reply], time.time())
+
     def draw(self, message: Message, prompt: str) -> int | None:
         """Have the Images API draw the prompt and upload the picture, each step stored before
         the next; the answer is the picture (or the line that says why not).
@@ -4080,11 +4093,6 @@ class Worker:
         first step not stored: it never pays for a second picture nor uploads it twice.
         """
         now = time.time()
-        if self.owner.blocked.found(prompt):
-            log_worker.warning("message %s from %s: drawing blocked (WXBOT_BLOCKED_WORDS)",
-                               message.id, short_id(message.openid))
-            self.store.bump("blocked", now)
-            return self.store.save_answer(message, [self.settings.blocked_reply], now)
         full = self.store.reserve_image(message, prompt, now, self.settings.image_daily, [
             (60, self.settings.user_rate), (86400, self.settings.user_daily)])
         if full and full[0] == "images":
@@ -4506,7 +4514,7 @@ class Webhook:
         except BadPush as error:
             return self.refuse(client, "push", 400, error)
         now = self.clock()
-        model = needs_model(self.settings, self.owner.replies, push)
+        model = needs_model(self.settings, self.owner.replies, push, self.owner.blocked)
         message_id, pushes = self.store.store_push(push, now, model)
         if pushes > 1:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
