@@ -5903,3 +5903,26 @@ def test_a_refused_question_shows_no_typing(start_bot, wechat, model, tmp_path, 
     assert [to for to, command in wechat.typing if to == "oREFUSED"] == []
     assert model.requests == [] or model.questions() == ["你好"]
     assert model.drawings == []
+
+
+def test_a_user_waiting_in_the_queue_gets_one_line_however_many_follow_ups(start_bot, wechat,
+                                                                         model):
+    release = hold_first_question(model, "一")
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=5)
+    send_text(bot, "oHELD", "一", 1)
+    wait_for(lambda: model.requests)  # the only worker is busy from here on
+    for n, openid in enumerate(["oAHEAD1", "oAHEAD2", "oWAITS"]):
+        send_text(bot, openid, "慢问题", 2 + n)
+    line = wxbot.QUEUE_LINE.format(ahead=2, minutes=1)
+    try:
+        wait_for(lambda: wechat.texts_to("oWAITS") == [line], timeout=5)
+        send_text(bot, "oWAITS", "补充一句", 5)
+        send_text(bot, "oWAITS", "还有一个问题", 6)
+        wait_for(lambda: wechat.typing.count(("oWAITS", "Typing")) +
+                 len(wechat.texts_to("oWAITS")) >= 3, timeout=5,
+                 message="the follow-ups acknowledged")
+        assert wechat.texts_to("oWAITS") == [line]  # typing says they were seen
+    finally:
+        release.set()
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    assert wechat.texts_to("oWAITS") == [line, "答：慢问题\n补充一句\n还有一个问题"]

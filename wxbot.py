@@ -1533,18 +1533,32 @@ class Store:
 
     def note_queue_lines(self, message_ids: list[int], now: float) -> list[int]:
         """Note, before it is sent, that the queue line goes out for these messages: it takes
-        one of their 5 messages (quota). Those whose answer began to go out get none.
+        one of their 5 messages (quota). Those whose answer began to go out get none, nor
+        those whose user has a line for an earlier message still waiting for its answer
+        (one line per wait: the follow-ups are answered with it, or after it).
         Returns the ids noted now: not those noted before (a message resumed after a restart
         has had its line)."""
         if not message_ids:
             return []
         with self.transaction() as conn:
-            # The quota of a user message lasts 48 h; the note need not outlive it.
-            return [message_id for message_id in message_ids if not conn.execute(
-                "SELECT 1 FROM segments WHERE message_id = ? AND tried_at IS NOT NULL LIMIT 1",
-                (message_id,)).fetchone() and conn.execute(
-                "INSERT OR IGNORE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
-                (QUEUE_LINE_KEY.format(message_id), str(now), now + 3 * 86400)).rowcount]
+            noted = []
+            for message_id in message_ids:
+                if conn.execute("SELECT 1 FROM segments WHERE message_id = ?"
+                                " AND tried_at IS NOT NULL LIMIT 1", (message_id,)).fetchone():
+                    continue
+                if conn.execute(
+                        "SELECT 1 FROM messages m JOIN messages o ON o.openid = m.openid"
+                        " AND o.state IN ('queued', 'leased') AND o.id < m.id"
+                        " AND o.answered_at IS NULL JOIN kv ON kv.key = ? || o.id"
+                        " WHERE m.id = ? LIMIT 1",
+                        (QUEUE_LINE_KEY.format(""), message_id)).fetchone():
+                    continue
+                # The quota of a user message lasts 48 h; the note need not outlive it.
+                if conn.execute("INSERT OR IGNORE INTO kv (key, value, expires_at)"
+                                " VALUES (?, ?, ?)", (QUEUE_LINE_KEY.format(message_id),
+                                                      str(now), now + 3 * 86400)).rowcount:
+                    noted.append(message_id)
+            return noted
 
     def quota(self, message: Message) -> int:
         """Customer-service messages the answer to a message may use: WeChat's 5 per user
