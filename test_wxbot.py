@@ -1309,8 +1309,9 @@ def test_stream_failing_for_good_ends_with_a_note_not_a_repeat(start_bot, wechat
     send_text(bot, "oGIVEUP", "讲讲", 1)
     wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
     texts = wechat.texts_to("oGIVEUP")
-    assert texts[-1] == wxbot.CUT_OFF_LINE
-    assert answer.replace("\n", "").startswith(without_space("".join(texts[:-1])))
+    assert texts[-1].endswith(wxbot.CUT_OFF_LINE)
+    assert answer.replace("\n", "").startswith(
+        without_space("".join(texts)[:-len(wxbot.CUT_OFF_LINE)]))
 
 
 def test_quick_messages_waiting_together_get_one_answer(start_bot, wechat, model):
@@ -3533,8 +3534,9 @@ def test_a_model_past_the_timeout_is_cut_and_not_asked_again(start_bot, wechat, 
     send_text(bot, "oCUT", "讲讲", 1)
     wait_for(lambda: bot.store.settled(1))
     texts = wechat.texts_to("oCUT")
-    assert texts[-1] == wxbot.CUT_OFF_LINE and len(texts) >= 2
-    assert without_space(answer).startswith(without_space("".join(texts[:-1])))
+    assert texts[-1].endswith(wxbot.CUT_OFF_LINE) and len(texts) >= 2
+    assert without_space(answer).startswith(
+        without_space("".join(texts)[:-len(wxbot.CUT_OFF_LINE)]))
     assert len(model.requests) == 1
 
 
@@ -5097,7 +5099,7 @@ def test_at_the_deadline_the_model_is_hung_up_on_at_once(start_bot, wechat, mode
     send_text(bot, "oDRIP", "问", 1)
     wait_for(lambda: bot.store.settled(1), timeout=2.5, message="the user's outcome")
     texts = wechat.texts_to("oDRIP")
-    assert texts[0].startswith("开头") and texts[-1] == wxbot.CUT_OFF_LINE
+    assert texts == ["开头。\n\n" + wxbot.CUT_OFF_LINE]
     wait_for(lambda: model.hangups, timeout=2.5 - (time.monotonic() - started),
              message="the model's connection closed")
     assert len(model.requests) == 1
@@ -5926,3 +5928,40 @@ def test_a_user_waiting_in_the_queue_gets_one_line_however_many_follow_ups(start
         release.set()
     wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
     assert wechat.texts_to("oWAITS") == [line, "答：慢问题\n补充一句\n还有一个问题"]
+
+
+def test_an_answer_cut_at_the_model_timeout_ends_with_the_note_in_its_last_message(
+        start_bot, wechat, model):
+    answer = chinese_answer(1500)
+
+    def respond(request):
+        yield answer[:800]  # one segment goes out, the next is begun
+        model.hold(10)  # the model stalls past WXBOT_MODEL_TIMEOUT
+    model.respond = respond
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1.5)
+    send_text(bot, "oCUTNOTE", "讲讲", 1)
+    wait_for(lambda: bot.store.settled(1))
+    texts = wechat.texts_to("oCUTNOTE")
+    assert len(texts) == 2 and texts[1].endswith("\n\n" + wxbot.CUT_OFF_LINE)
+    assert without_space("".join(texts)) == without_space(answer[:800] + wxbot.CUT_OFF_LINE)
+    assert all(wxbot.utf8_len(text) <= 2048 for text in texts)
+
+
+@pytest.mark.parametrize("limit", [{"WXBOT_USER_RATE": 1}, {"WXBOT_USER_DAILY": 1}])
+def test_messages_over_a_users_limit_are_said_to_be_dropped_and_are(start_bot, wechat, model,
+                                                                   limit):
+    bot = start_bot(**limit)
+    for n in range(3):  # one after another: quick follow-ups would be asked together
+        send_text(bot, "oOVERLIMIT", f"第{n}条", n + 1)
+        wait_for(lambda: bot.store.settled(n + 1))
+    texts = wechat.texts_to("oOVERLIMIT")
+    assert texts[0] == "答：第0条" and len(texts) == 2  # one notice, then silence
+    assert "这条和" in texts[1] and "再发的消息都不会回答" in texts[1]
+    with contextlib.closing(sqlite3.connect(bot.settings.db)) as conn:
+        conn.execute("DELETE FROM model_calls")  # the limit frees
+        conn.execute("DELETE FROM kv WHERE key LIKE 'limit-notice:%'")
+        conn.commit()
+    send_text(bot, "oOVERLIMIT", "第3条", 4)
+    wait_for(lambda: bot.store.settled(4))
+    assert wechat.texts_to("oOVERLIMIT")[2:] == ["答：第3条"]  # the dropped ones stay dropped
+    assert model.questions() == ["第0条", "第3条"]

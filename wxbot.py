@@ -131,8 +131,10 @@ NOTHING_MORE_LINE = "没有更多内容了，请直接提问吧。"
 THINKING_LINE = "正在思考，请稍后点{link}获取回答。"
 #: Sent at once when a message will wait longer than WXBOT_QUEUE_NOTICE seconds for a worker.
 QUEUE_LINE = "收到！前面还有 {ahead} 人在排队，预计 {minutes} 分钟内回复。"
-RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
-DAILY_LINE = "今天的提问次数已用完，请约 {hours} 小时后再来。"
+#: The notices of a user's limits say that what they send meanwhile is not kept: it is
+#: never answered, not even once the limit frees.
+RATE_LINE = "你发得有点快，这条和 {wait} 秒内再发的消息都不会回答，请 {wait} 秒后再问我。"
+DAILY_LINE = "今天的提问次数已用完，这条和约 {hours} 小时内再发的消息都不会回答，请到时再来。"
 #: Messages a user sends within this many seconds of each other, still waiting when the
 #: model is called, are one question split over several messages: asked and answered once.
 MERGE_WINDOW = 20.0
@@ -1329,12 +1331,27 @@ class Store:
                          [(message.id, first + n, text) for n, text in enumerate(segments)])
 
     def complete_answer(self, message: Message, now: float, segments: list[str] = (),
-                        question: str | None = None, answer: str | None = None) -> int:
+                        question: str | None = None, answer: str | None = None,
+                        note: str = "") -> int:
         """Add the last segments, mark the answer complete and keep the exchange as history.
+        `note` ends the answer: in its last segment, when that is text still unsent and it
+        fits; else as a segment of its own.
 
         Returns the number of segments the message has to send.
         """
         with self.transaction() as conn:
+            if note:
+                last = conn.execute(
+                    "SELECT seq, content FROM segments WHERE message_id = ? AND carried = 0"
+                    " AND image IS NULL AND sent_at IS NULL AND tried_at IS NULL"
+                    " AND moved_to IS NULL AND seq = (SELECT max(seq) FROM segments"
+                    " WHERE message_id = ?)", (message.id, message.id)).fetchone()
+                if last and utf8_len(last["content"] + "\n\n" + note) <= SEGMENT_LIMIT:
+                    conn.execute("UPDATE segments SET content = ? WHERE message_id = ?"
+                                 " AND seq = ?", (last["content"] + "\n\n" + note, message.id,
+                                                  last["seq"]))
+                else:
+                    segments = [*segments, note]
             return self._complete_answer(conn, message, now, segments, question, answer)
 
     def _complete_answer(self, conn: sqlite3.Connection, message: Message, now: float,
@@ -4260,7 +4277,10 @@ class Worker:
         else:
             log_worker.error("message %s from %s: model failed (%s); sending the apology",
                              message.id, short_id(message.openid), error)
-            line = CUT_OFF_LINE if partial else APOLOGY_LINE
+            if partial:  # the note ends the last segment where it fits: no message of its own
+                return self.store.complete_answer(message, time.time(), [], question, partial,
+                                                  note=CUT_OFF_LINE)
+            line = APOLOGY_LINE
         return self.store.complete_answer(message, time.time(), [line], question,
                                           partial or None)
 
