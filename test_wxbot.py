@@ -5965,3 +5965,101 @@ def test_messages_over_a_users_limit_are_said_to_be_dropped_and_are(start_bot, w
     wait_for(lambda: bot.store.settled(4))
     assert wechat.texts_to("oOVERLIMIT")[2:] == ["答：第3条"]  # the dropped ones stay dropped
     assert model.questions() == ["第0条", "第3条"]
+
+
+def english_answer(chars):
+    """An answer in English, as a model writes one: paragraphs of sentences, a list."""
+    sentence = ("The customer-service API takes at most 2048 bytes of text in one message, "
+                "so a long answer goes out in segments. ")
+    text, paragraph = "", 0
+    while len(text) < chars:
+        paragraph += 1
+        text += f"Part {paragraph}. " + sentence * 4 + "\n- one point\n- another point\n\n"
+    return text[:chars].strip()
+
+
+def tappable_tail(text):
+    """How many segments the 继续 link at the end of text says remain; None when there is none
+    (no line, or the line that asks to type 继续)."""
+    found = tapped_answer(text) if has_tail(text) else None
+    return found and found[0]
+
+
+def chinese_prose(chars):
+    """Chinese as a model writes an essay: long paragraphs, several segments each."""
+    sentences = ["长回答要分段发送，每段不超过两千零四十八字节。", "用户点“继续”就能看到剩下的内容，",
+                 "而不必重新提问；", "这样既不浪费额度，也不会漏掉任何一段。"]
+    text, n = "", 0
+    while len(text) < chars:
+        text += sentences[n % len(sentences)]
+        n += 1
+        if n % 120 == 0:
+            text += "\n\n"
+    return text[:chars].strip()
+
+
+LONG_ANSWERS = {"LONG5000": chinese_prose(5000), "LONG6000": chinese_answer(6000),
+                "LONG12000": chinese_prose(12000), "ENGLISH14000": english_answer(14000)}
+
+
+@pytest.mark.parametrize("name", sorted(LONG_ANSWERS))
+def test_the_fifth_message_of_a_long_answer_ends_with_the_link_to_tap(start_bot, wechat, model,
+                                                                     name):
+    answer = LONG_ANSWERS[name]
+    model.respond = lambda request: answer
+    bot = start_bot()
+    send_text(bot, "oTAP", "讲长一点", 1)
+    wait_for(lambda: bot.store.settled(1))
+    msg_id = 2
+    while True:
+        texts = wechat.texts_to("oTAP")
+        assert len(texts) % 5 == 0 or not has_tail(texts[-1])
+        if not has_tail(texts[-1]):
+            break
+        remaining = tappable_tail(texts[-1])  # the link, saying how many remain
+        assert remaining is not None, texts[-1][-200:]
+        send_text(bot, "oTAP", "继续", msg_id)
+        wait_for(lambda: bot.store.settled(msg_id))
+        msg_id += 1
+        assert len(wechat.texts_to("oTAP")) - len(texts) == min(5, remaining)
+        after = wechat.texts_to("oTAP")[-1]
+        assert tappable_tail(after) == (remaining - 5 if remaining > 5 else None), after[-200:]
+    assert msg_id > 2 and all(wxbot.utf8_len(text) <= 2048 for text in texts)
+    assert without_space(untail("".join(texts))) == without_space(answer)
+
+
+@pytest.mark.parametrize("name", ["LONG5000", "ENGLISH14000"])
+def test_each_passive_reply_of_a_long_answer_ends_with_the_link_to_tap(start_bot, wechat, model,
+                                                                       quick_wechat_clock, name):
+    answer = LONG_ANSWERS[name][:4000]
+    model.respond = lambda request: answer
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oPTAP", quick_wechat_clock)
+    shown = [user.says("讲长一点")]
+    wait_for(lambda: bot.store.answer_complete(1), message="the whole answer")
+    while has_tail(shown[-1]):
+        assert tappable_tail(shown[-1]) is not None or tapped_answer(shown[-1]), \
+            shown[-1][-200:]
+        shown.append(user.says("继续"))
+    assert len(shown) >= 3 and all(wxbot.utf8_len(text) <= 2048 for text in shown)
+    assert without_space(untail("".join(shown))) == without_space(answer)
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=BIG_INPUTS)
+@given(paragraphs=st.lists(st.tuples(st.integers(1, 400), st.sampled_from(["。", "，", ". ", " ", ""]),
+                                     st.sampled_from(["答", "a", "長", "é"])),
+                           min_size=1, max_size=30),
+       chunks=st.lists(st.integers(1, 300), min_size=1, max_size=5))
+def test_a_segment_that_closes_a_batch_has_room_for_the_link(paragraphs, chunks):
+    text = "\n\n".join((char * 7 + end) * count for count, end, char in paragraphs)
+    cutter, segments, position = wxbot.StreamCutter(closing=lambda n: n % 5 == 4), [], 0
+    while position < len(text):
+        segments += cutter.feed(text[position:position + chunks[position % len(chunks)]])
+        position += chunks[position % len(chunks)]
+    segments += cutter.finish()
+    for n, segment in enumerate(segments[:-1]):
+        tail = wxbot.continue_tail(len(segments) - n - 1, 10 ** 19, segment)
+        assert wxbot.utf8_len(segment + tail) <= 2048
+        if n % 5 == 4:
+            assert "<a href=" in tail
+    assert without_space("".join(segments)) == without_space(text)

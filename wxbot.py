@@ -124,6 +124,8 @@ CONTINUE_LINK = ('<a href="weixin://bizmsgmenu?msgmenucontent=继续&msgmenuid={
 CONTINUE_TAIL = "\n\n（还有{remaining}段，点{link}查看）"
 #: The tail when how much follows is not known yet (an answer still being written).
 MORE_TAIL = "\n\n（点{link}查看剩余内容）"
+#: The tail when this answer is whole and what follows is the answer to a later question.
+NEXT_TAIL = "\n\n（这个回答完了，点{link}查看你下一个问题的回答）"
 #: The tail when the tappable one does not fit the segment's 2048 bytes: room for it is kept.
 TYPED_TAIL = "\n\n（回复“继续”查看剩余内容）"
 STALE_CONTINUE_LINE = "那条回答的剩余内容已经不再保留了，请直接提问吧。"
@@ -2829,6 +2831,12 @@ EVENT_QUOTA = 3
 #: (The tappable line goes where it fits, which is most places; room for it in every segment
 #: would leave too little for five to hold 3,000 Chinese characters.)
 SEGMENT_LIMIT = SEGMENT_BYTES - len(TYPED_TAIL.encode("utf-8"))
+#: The segment that closes a batch (the 5th of an answer, the 10th...; every one in a passive
+#: reply) keeps room for the tappable line: that is where it goes. Its answer id is counted
+#: at 20 digits, its count at 3.
+CLOSING_LIMIT = SEGMENT_BYTES - max(
+    len(tail.format(remaining=999, link=CONTINUE_LINK.format(answer="9" * 20)).encode("utf-8"))
+    for tail in (CONTINUE_TAIL, MORE_TAIL, NEXT_TAIL))
 #: Segments between the first and the last are at least this long wherever the text allows,
 #: and the first at least FIRST_LEAST, so that five hold a 3,000-character Chinese answer
 #: (9,000 bytes): 1650 + 3 × 1800 + 2007 ≥ 9000.
@@ -3037,8 +3045,10 @@ class StreamCutter:
     """
 
     def __init__(self, first_done: bool = False, limit: int = SEGMENT_LIMIT,
-                 markdown: bool = True):
+                 markdown: bool = True, closing: Callable[[int], bool] = lambda n: False):
         self.first_done, self.limit = first_done, limit
+        self.closing = closing   # whether the nth segment cut from here closes a batch
+        self.cut = 0             # segments cut so far
         self.markdown = Markdown() if markdown else None  # None: text the owner wrote
         self.line = ""           # the raw line being written
         self.line_start = True   # False once the start of self.line has been taken
@@ -3115,15 +3125,17 @@ class StreamCutter:
             if size <= self.limit and (final or self.first_done):
                 if not final:
                     break
-                at = len(self.plain)
+                at = len(self.plain)  # the last segment: no 继续 line, no room kept for it
             elif not self.first_done and size < FIRST_LEAST and not final:
                 break
             else:
                 least = SEGMENT_LEAST if self.first_done else FIRST_LEAST
-                at = _cut(self.plain, self.limit, least, blocks, early=size <= self.limit)
+                limit = min(self.limit, CLOSING_LIMIT) if self.closing(self.cut) else self.limit
+                at = _cut(self.plain, limit, least, blocks, early=size <= self.limit)
                 if at is None:
                     break
             ready.append(self.plain[:at].rstrip())
+            self.cut += bool(ready[-1])
             self.first_done = True
             code_next = [start for start, _ in blocks
                          if start >= at and not self.plain[at:start].strip()]
@@ -4089,7 +4101,7 @@ class Worker:
         if partial:  # a stream cut off before: ask for the rest, never for all of it again
             ask += [{"role": "assistant", "content": partial},
                     {"role": "user", "content": RESUME_PROMPT}]
-        cutter = StreamCutter(first_done=bool(partial))
+        cutter = StreamCutter(first_done=bool(partial), closing=self._closing(message))
         written, sending = [], True
         deadline = Deadline(self.settings.model_timeout)
         try:
@@ -4115,6 +4127,15 @@ class Worker:
                            message.id, short_id(message.openid))
         self.store.bump("blocked", time.time())
         return self.store.save_answer(message, [self.settings.blocked_reply], time.time())
+
+    def _closing(self, message: Message) -> Callable[[int], bool]:
+        """Which segments of the answer about to be written close a batch, and so end with
+        the 继续 line when more follows (next_send): the last the message's quota allows, and
+        every 5th after it, each fetched by a 继续; in a passive reply, every one."""
+        passive = not self.mode.sends(message.id)
+        before, quota = len(self.store.segments(message.id)), self.store.quota(message)
+        return lambda n: passive or (before + n >= quota - 1 and
+                                     (before + n - quota + 1) % QUOTA == 0)
 
     def draw(self, message: Message, prompt: str) -> int | None:
         """Have the Images API draw the prompt and upload the picture, each step stored before
