@@ -749,8 +749,8 @@ def without_space(text):
 
 #: The tappable 继续 as WeChat receives it, and the line that ends a cut-off answer.
 CONTINUE_LINK = (r'<a href="weixin://bizmsgmenu\?msgmenucontent=继续&msgmenuid=(\d+)">继续</a>')
-TAIL = re.compile(r"\n\n（(?:(?:还有(\d+)段，)?点" + CONTINUE_LINK + r"查看(?:剩余内容)?|"
-                  r"回复“继续”查看剩余内容)）")
+TAIL = re.compile(r"\n\n（(?:(?:还有(\d+)段，|这个回答完了，)?点" + CONTINUE_LINK +
+                  r"查看(?:剩余内容|你下一个问题的回答)?|回复“继续”查看剩余内容)）")
 
 
 def has_tail(text):
@@ -3358,8 +3358,8 @@ def test_a_long_wait_gets_one_queue_line_and_the_answer_keeps_within_five(start_
 def test_no_segment_ever_goes_past_the_quota(segments, streamed, quota, sent):
     """Whatever is already sent and whatever streams in, next_send keeps to the quota and
     puts the 继续 line on the last message allowed exactly when more waits."""
-    rows = [{"seq": n, "content": f"段{n}", "sent_at": 1.0 if n < min(sent, segments) else None}
-            for n in range(segments)]
+    rows = [{"seq": n, "content": f"段{n}", "sent_at": 1.0 if n < min(sent, segments) else None,
+             "answer": 7} for n in range(segments)]
     shown = []
 
     def deliver(streaming):
@@ -3368,7 +3368,8 @@ def test_no_segment_ever_goes_past_the_quota(segments, streamed, quota, sent):
             row["sent_at"] = 1.0
             shown.append(text)
     for n in range(streamed):  # segments arriving while the model writes
-        rows.append({"seq": len(rows), "content": f"段{len(rows)}", "sent_at": None})
+        rows.append({"seq": len(rows), "content": f"段{len(rows)}", "sent_at": None,
+                     "answer": 7})
         deliver(streaming=True)
     deliver(streaming=False)
     total_sent = sum(row["sent_at"] is not None for row in rows)
@@ -4534,6 +4535,7 @@ def test_database_of_schema_2_gets_pictures_and_keeps_its_answers(tmp_path):
     with contextlib.closing(sqlite3.connect(path)) as conn:  # as schema 2 left it
         conn.executescript("DROP TABLE images; ALTER TABLE segments DROP COLUMN image;"
                            " ALTER TABLE messages DROP COLUMN needs_model;"
+                           " DROP INDEX segments_origin; ALTER TABLE segments DROP COLUMN origin;"
                            " PRAGMA user_version = 2;")
     store = wxbot.Store(path)
     with store.connection() as conn:
@@ -4735,6 +4737,7 @@ def test_passive_continue_line_names_the_segments_left_and_its_answer(start_bot,
     bot = start_bot(WXBOT_MODE="passive")
     user = WeChatUser(bot, "oTAP4", quick_wechat_clock)
     shown = [user.says("讲长一点")]
+    wait_for(lambda: bot.store.answer_complete(1), message="the whole answer")
     msg_id = 2
     while has_tail(shown[-1]):
         shown.append(user.push(tap_xml("oTAP4", tapped_answer(shown[-1])[1], msg_id)))
@@ -6063,3 +6066,82 @@ def test_a_segment_that_closes_a_batch_has_room_for_the_link(paragraphs, chunks)
         if n % 5 == 4:
             assert "<a href=" in tail
     assert without_space("".join(segments)) == without_space(text)
+
+
+def next_tailed(text):
+    """Equal to text followed by the line offering the answer to a later question."""
+    return Matches(re.escape(text) + r"\n\n（这个回答完了，点" + CONTINUE_LINK +
+                   r"查看你下一个问题的回答）")
+
+
+def test_passive_answers_owed_reach_the_user_in_order(start_bot, wechat, model,
+                                                      quick_wechat_clock):
+    release = threading.Event()
+
+    def respond(request):
+        question = request["messages"][-1]["content"]
+        if question.startswith("SLOW"):
+            release.wait(10)
+        return "答：" + question
+    model.respond = respond
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oOWED", quick_wechat_clock)
+    try:  # no answer shown: the third try gets the placeholder (unless the machine is slow)
+        assert user.says("SLOW 问题一") in (THINKING, UNAVAILABLE)
+    finally:
+        release.set()
+    wait_for(lambda: bot.store.answer_complete(1), message="问题一 answered")
+    assert user.says("问题二") == next_tailed("答：SLOW 问题一")
+    assert user.says("问题三") == next_tailed("答：问题二")
+    assert user.says("继续") == "答：问题三"
+    assert user.says("继续") == wxbot.NOTHING_MORE_LINE
+    assert model.questions() == ["SLOW 问题一", "问题二", "问题三"]
+
+
+def test_passive_continue_gets_the_next_segment_while_the_answer_is_being_written(
+        start_bot, wechat, model, quick_wechat_clock):
+    paragraphs, whole = answer_of_paragraphs(6, 600).split("\n\n"), threading.Event()
+
+    def respond(request):  # two segments are ready; the rest waits
+        yield "\n\n".join(paragraphs[:3]) + "\n\n"
+        whole.wait(10)
+        yield "\n\n".join(paragraphs[3:])
+    model.respond = respond
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oSTREAMING", quick_wechat_clock)
+    try:
+        first = user.says("讲长一点")
+        assert untail(first) == paragraphs[0] and tapped_answer(first) == (None, 1)
+        tapped = user.push(tap_xml("oSTREAMING", 1, 2))
+        assert untail(tapped) == paragraphs[1] and tapped_answer(tapped) == (None, 1)
+        assert not bot.store.answer_complete(1)  # handed out while the model still writes
+    finally:
+        whole.set()
+    wait_for(lambda: bot.store.answer_complete(1), message="the whole answer")
+    shown, msg_id = [first, tapped], 3
+    while has_tail(shown[-1]):
+        shown.append(user.push(tap_xml("oSTREAMING", tapped_answer(shown[-1])[1], msg_id)))
+        msg_id += 1
+    assert without_space(untail("".join(shown))) == without_space("".join(paragraphs))
+    user.msg_id = msg_id
+    assert user.says("继续") == wxbot.NOTHING_MORE_LINE
+    assert len(model.requests) == 1
+
+
+@given(first=st.integers(1, 9), second=st.integers(0, 9), quota=st.integers(1, 5))
+def test_the_continue_line_says_whether_it_offers_this_answer_or_a_later_one(first, second,
+                                                                            quota):
+    rows = [{"seq": n, "content": f"段{n}", "sent_at": None, "answer": 3 if n < first else 8}
+            for n in range(first + second)]
+    shown = []
+    while (pick := wxbot.next_send(rows, quota, False, 8)) is not None:
+        pick[0]["sent_at"] = 1.0
+        shown.append(pick[1])
+    closing = rows[len(shown) - 1]
+    later = [row["answer"] for row in rows[len(shown):]]
+    if not later:
+        assert not has_tail(shown[-1])
+    elif later[0] == closing["answer"]:
+        assert tappable_tail(shown[-1]) == later.count(closing["answer"])
+    else:
+        assert shown[-1] == next_tailed(closing["content"])

@@ -731,10 +731,14 @@ CREATE TABLE IF NOT EXISTS segments (
     replied_to INTEGER REFERENCES messages (id),
     moved_to   INTEGER REFERENCES messages (id),
     image      INTEGER,  -- images.message_id: this segment is that picture, not its content
+    -- A carried segment: the message whose answer it is (NULL: this message's own).
+    origin     INTEGER REFERENCES messages (id),
     PRIMARY KEY (message_id, seq)
 );
 CREATE INDEX IF NOT EXISTS segments_replied ON segments (replied_to)
     WHERE replied_to IS NOT NULL;
+CREATE INDEX IF NOT EXISTS segments_origin ON segments (origin)
+    WHERE origin IS NOT NULL;
 CREATE INDEX IF NOT EXISTS segments_unsent ON segments (message_id)
     WHERE sent_at IS NULL AND moved_to IS NULL;
 
@@ -776,7 +780,7 @@ CREATE TABLE IF NOT EXISTS kv (
     expires_at REAL
 );
 """
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: What brings a database written by an earlier wxbot up to date, by the version it has;
 #: SCHEMA then adds the tables and indexes that are new.
 MIGRATIONS = {
@@ -793,6 +797,9 @@ ALTER TABLE segments ADD COLUMN image INTEGER;
 """,
     3: """
 ALTER TABLE messages ADD COLUMN needs_model INTEGER NOT NULL DEFAULT 1;
+""",
+    4: """
+ALTER TABLE segments ADD COLUMN origin INTEGER REFERENCES messages (id);
 """,
 }
 #: A message interrupted this often (its lease expired, a restart, an internal error) ends
@@ -819,6 +826,11 @@ LIMIT_NOTICE_KEY = "limit-notice:{openid}:{kind}"
 EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
                   " WHERE m.openid = :openid AND m.id < :id AND m.state = 'done'"
                   " AND s.sent_at IS NULL AND s.moved_to IS NULL")
+#: The answer a segment `s` is part of: the message asked, wherever the segment was carried.
+ANSWER_OF = "coalesce(s.origin, s.message_id)"
+#: Whether any segment of the answer :answer went out, wherever it was carried.
+ANSWER_BEGUN = ("EXISTS (SELECT 1 FROM segments b WHERE b.sent_at IS NOT NULL AND"
+                " ((b.message_id = :answer AND b.origin IS NULL) OR b.origin = :answer))")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1297,25 +1309,27 @@ class Store:
                                      (message.id,)).fetchone():
             return 0
         earlier = conn.execute(
-            "SELECT s.message_id, s.seq, s.content, s.image, m.msg_type, m.error, EXISTS"
-            " (SELECT 1"
-            " FROM segments o WHERE o.message_id = m.id AND o.sent_at IS NOT NULL) AS begun"
-            + EARLIER_UNSENT + " ORDER BY m.id, s.seq",
+            f"SELECT s.message_id, s.seq, s.content, s.image, {ANSWER_OF} AS answer,"
+            " m.msg_type, m.error" + EARLIER_UNSENT + " ORDER BY m.id, s.seq",
             {"openid": message.openid, "id": message.id}).fetchall()
-        left = [row for row in earlier if row["error"] is None and row["begun"]]
-        latest = left[-1]["message_id"] if left and leftovers is Leftovers.TAKE else None
+        # Begun or not is a matter of each answer (the message asked), not of the message
+        # that carries it: a passive reply that carried an earlier answer began that one only.
+        begun = {answer: conn.execute(f"SELECT {ANSWER_BEGUN}", {"answer": answer}).fetchone()[0]
+                 for answer in {row["answer"] for row in earlier}}
+        left = [row for row in earlier if row["error"] is None and begun[row["answer"]]]
+        latest = left[-1]["answer"] if left and leftovers is Leftovers.TAKE else None
         carried = [row for row in earlier if row["error"] in ("errcode 45047", "errcode 45015")
                    or (row["error"] is None and row["msg_type"] != "event" and
-                       (not row["begun"] or row["message_id"] == latest))]
+                       (not begun[row["answer"]] or row["answer"] == latest))]
         # A superseded leftover is kept, never sent: moved_to names the message that
         # superseded it, and no copy is made.
-        dropped = [row for row in left if row["message_id"] != latest] \
+        dropped = [row for row in left if row["answer"] != latest] \
             if leftovers is not Leftovers.KEEP else []
         conn.executemany("UPDATE segments SET moved_to = ? WHERE message_id = ? AND seq = ?",
                          [(message.id, row[0], row[1]) for row in carried + dropped])
-        conn.executemany("INSERT INTO segments (message_id, seq, content, image, carried)"
-                         " VALUES (?, ?, ?, ?, 1)",
-                         [(message.id, seq, row["content"], row["image"])
+        conn.executemany("INSERT INTO segments (message_id, seq, content, image, carried, origin)"
+                         " VALUES (?, ?, ?, ?, 1, ?)",
+                         [(message.id, seq, row["content"], row["image"], row["answer"])
                           for seq, row in enumerate(carried)])
         return len(carried)
 
@@ -1416,62 +1430,88 @@ class Store:
                 "SELECT content FROM messages WHERE merged_into = ? ORDER BY id",
                 (message.id,))]
 
-    def passive_reply(self, openid: str, message_id: int, now: float, hand_out_by: float
-                      ) -> tuple[str, tuple[int, int] | None, int | None] | None:
-        """The segment the reply to this push carries; what waits after it, if anything
-        (Store._more); and the picture it is (images.message_id), if it is one. None while
-        there is none, or once `hand_out_by` (time.monotonic()) has passed.
+    def passive_reply(self, openid: str, message_id: int, now: float, hand_out_by: float,
+                      fetch: bool = False
+                      ) -> tuple[str, tuple[int | None, int] | None, int | None] | None:
+        """The segment the reply to this push carries; what follows it, if anything, as the
+        继续 line tells it (Store._more); and the picture it is (images.message_id), if it is
+        one. None while there is none, or once `hand_out_by` (time.monotonic()) has passed.
 
         The same push retried gets the same segment; otherwise the next unsent segment of
         this message's own answer (which carries what the user was still owed), or of the
-        answer it was merged into. An event never takes another message's answer. Looking
-        costs a read; the one write is handing a segment out, and a segment is handed out
-        only while there is time for the reply to arrive.
+        answer it was merged into. `fetch` (a 继续) also takes the next segment of an earlier
+        answer still being written, and is answered by it: the rest needs no waiting for the
+        whole. An event never takes another message's answer. Looking costs a read; the one
+        write is handing a segment out, and a segment is handed out only while there is time
+        for the reply to arrive.
         """
         while True:
             with self.connection() as conn:
-                rows = conn.execute(
-                    "SELECT message_id, seq, content, image, tried_at, sent_at, replied_to,"
-                    " moved_to FROM segments WHERE message_id = (SELECT coalesce(merged_into, id)"
-                    " FROM messages WHERE id = ?) ORDER BY seq", (message_id,)).fetchall()
-                replied = [row for row in rows if row["replied_to"] == message_id]
+                replied = conn.execute(
+                    "SELECT message_id, seq, content, image, origin FROM segments"
+                    " WHERE replied_to = ?", (message_id,)).fetchone()
                 if replied:  # a retry of a push already answered
-                    return replied[0]["content"], self._more(conn, openid), replied[0]["image"]
-            waiting = [row for row in rows if row["sent_at"] is None and
-                       row["tried_at"] is None and row["moved_to"] is None]
-            if not waiting:
+                    return replied["content"], self._more(conn, openid, replied), \
+                        replied["image"]
+                waiting = conn.execute(
+                    "SELECT message_id, seq, content, image, origin FROM segments"
+                    " WHERE message_id = (SELECT coalesce(merged_into, id) FROM messages"
+                    " WHERE id = ?) AND sent_at IS NULL AND tried_at IS NULL AND moved_to IS NULL"
+                    " ORDER BY seq LIMIT 1", (message_id,)).fetchone()
+                writing = None if waiting or not fetch else conn.execute(
+                    "SELECT s.message_id, s.seq, s.content, s.image, s.origin FROM messages m"
+                    " JOIN segments s ON s.message_id = m.id WHERE m.openid = ? AND m.id < ?"
+                    " AND m.state IN ('queued', 'leased') AND m.answered_at IS NULL"
+                    " AND s.sent_at IS NULL AND s.tried_at IS NULL AND s.moved_to IS NULL"
+                    " ORDER BY m.id, s.seq LIMIT 1", (openid, message_id)).fetchone()
+            segment = waiting or writing
+            if segment is None:
                 return None
             with self.transaction() as conn:
                 if time.monotonic() > hand_out_by:
                     return None
-                taken = conn.execute(  # never one a worker is sending (tried_at)
+                # A 继续 answered from an answer still being written has had its answer.
+                taken = not writing or conn.execute(
+                    "UPDATE messages SET state = 'done', answered_at = ? WHERE id = ?"
+                    " AND state = 'queued'", (now, message_id)).rowcount
+                taken = taken and conn.execute(  # never one a worker is sending (tried_at)
                     "UPDATE segments SET sent_at = ?, replied_to = ? WHERE message_id = ?"
                     " AND seq = ? AND sent_at IS NULL AND tried_at IS NULL AND moved_to IS NULL",
-                    (now, message_id, waiting[0]["message_id"], waiting[0]["seq"])).rowcount
+                    (now, message_id, segment["message_id"], segment["seq"])).rowcount
+                if writing and not taken:
+                    conn.execute("UPDATE messages SET state = 'queued', answered_at = NULL"
+                                 " WHERE id = ?", (message_id,))
             if taken:  # else another push of the same answer took it first: look again
                 with self.connection() as conn:
-                    return waiting[0]["content"], self._more(conn, openid), waiting[0]["image"]
+                    return segment["content"], self._more(conn, openid, segment), \
+                        segment["image"]
 
     @staticmethod
-    def _more(conn: sqlite3.Connection, openid: str) -> tuple[int, int] | None:
-        """What more is coming for the user, as the 继续 line tells it: (segments left, the
-        answer they belong to). A question (or a drawing: with drawing off it is a question)
-        still being answered makes it (0, that message): how much is not known yet."""
+    def _more(conn: sqlite3.Connection, openid: str, segment: sqlite3.Row
+              ) -> tuple[int | None, int] | None:
+        """What follows a segment handed out, as the 继续 line tells it: (how many segments
+        of its answer remain: 0 while that is not known yet, None when its answer is whole
+        and what follows is the answer to a later question; the answer the link names), or
+        None when nothing follows."""
+        carrier = segment["message_id"]
+        answer = segment["origin"] or carrier
+        rest = conn.execute(
+            f"SELECT count(*) FROM segments s WHERE s.message_id = :carrier AND {ANSWER_OF}"
+            " = :answer AND s.sent_at IS NULL AND s.moved_to IS NULL",
+            {"carrier": carrier, "answer": answer}).fetchone()[0]
         answering = [waiting["id"] for waiting in conn.execute(
             "SELECT id, msg_type, content FROM messages WHERE openid = ?"
             " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,))
             if classify(waiting["msg_type"], waiting["content"], drawing=True).kind
             in (Kind.QUESTION, Kind.DRAW)]
-        if answering:
-            return 0, max(answering)
-        newest = conn.execute(
+        writing = answer == carrier and carrier in answering  # how much follows: not known
+        newest = max(answering) if answering else conn.execute(
             "SELECT max(s.message_id) FROM segments s JOIN messages m ON m.id = s.message_id"
             " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL",
             (openid,)).fetchone()[0]
-        if newest is None:
-            return None
-        return conn.execute("SELECT count(*) FROM segments WHERE message_id = ? AND sent_at"
-                            " IS NULL AND moved_to IS NULL", (newest,)).fetchone()[0], newest
+        if rest or writing:
+            return (0 if writing else rest), newest
+        return None if newest is None else (None, newest)
 
     def tap_current(self, message: Message, tapped: int) -> bool:
         """Whether a tapped 继续 (<bizmsgmenuid>) belongs to the answer whose rest 继续 fetches
@@ -1514,9 +1554,11 @@ class Store:
                                 (message_id,)).fetchone()[0] is not None
 
     def segments(self, message_id: int) -> list[sqlite3.Row]:
+        """The message's segments to send, in order; `answer`: the message whose answer each
+        is part of (ANSWER_OF)."""
         with self.connection() as conn:
-            return conn.execute("SELECT seq, content, image, tried_at, sent_at FROM segments"
-                                " WHERE message_id = ?"
+            return conn.execute("SELECT seq, content, image, tried_at, sent_at,"
+                                f" {ANSWER_OF} AS answer FROM segments s WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
     def waiting_ahead(self, message_id: int, openid: str, now: float) -> int:
@@ -2923,11 +2965,14 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
     return starts[0] if starts else end
 
 
-def continue_tail(remaining: int, answer_id: int, text: str) -> str:
-    """The line that ends a cut-off answer `text`: how many segments remain, and 继续 to tap;
-    where that does not fit WeChat's 2048 bytes, the line that asks to type 继续."""
+def continue_tail(remaining: int | None, answer_id: int, text: str) -> str:
+    """The line that ends `text` when more follows, with 继续 to tap: how many segments of
+    its answer remain (0: not known yet); None: its answer is whole, and 继续 brings the
+    answer to a later question. Where that does not fit WeChat's 2048 bytes, the line that
+    asks to type 继续."""
     link = CONTINUE_LINK.format(answer=answer_id)
-    tail = CONTINUE_TAIL.format(remaining=remaining, link=link) if remaining else \
+    tail = NEXT_TAIL.format(link=link) if remaining is None else \
+        CONTINUE_TAIL.format(remaining=remaining, link=link) if remaining else \
         MORE_TAIL.format(link=link)
     return tail if utf8_len(text + tail) <= SEGMENT_BYTES else TYPED_TAIL
 
@@ -2943,10 +2988,11 @@ def next_send(rows: list, quota: int, streaming: bool, answer_id: int
     sent = sum(row["sent_at"] is not None for row in rows)
     if sent >= quota or (streaming and sent == quota - 1):
         return None
-    for row in rows:
+    for at, row in enumerate(rows):
         if row["sent_at"] is None:
-            tail = continue_tail(len(rows) - quota, answer_id, row["content"]) \
-                if sent == quota - 1 and len(rows) > quota else ""
+            rest = [later["answer"] == row["answer"] for later in rows[at + 1:]]
+            tail = continue_tail(sum(rest) if rest[0] else None, answer_id, row["content"]) \
+                if sent == quota - 1 and rest else ""
             return row, row["content"] + tail
     return None
 
@@ -4613,13 +4659,15 @@ class Webhook:
         thread sleeps until something is written for this user: waiting costs nothing.
         """
         hand_out_by = arrived + WECHAT_TIMEOUT - HAND_OUT_MARGIN
+        fetch = route(self.settings, self.owner.replies, push).route is Route.CONTINUE
         with self.store.wakeups.listen(push.openid) as bell:
             while True:
                 bell.clear()  # before the look, so that a write after it is not missed
                 settled = self.store.settled(message_id)
                 # A message trying the customer-service API: its reply waits for the outcome.
                 reply = None if message_id == self.mode.trial and not settled else \
-                    self.store.passive_reply(push.openid, message_id, time.time(), hand_out_by)
+                    self.store.passive_reply(push.openid, message_id, time.time(), hand_out_by,
+                                             fetch)
                 if reply:
                     text, more, image = reply
                     if image:
