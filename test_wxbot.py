@@ -42,7 +42,7 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
 
 import wxbot
 
@@ -1987,7 +1987,7 @@ def wsgi_call(app, method, query, body):
 
 
 def test_fuzzed_pushes_never_cause_5xx_and_store_only_valid_ones(tmp_path, wechat, model):
-    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+    from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
 
     apps, stores = {}, []
     for mode, key in (("plain", ""), ("safe", VECTOR_KEY)):  # 明文模式 and 安全模式
@@ -2799,7 +2799,7 @@ BREAKAGES = ["too many buttons", "too many sub-buttons", "long top name", "long 
 
 
 def test_generated_menus_valid_are_sent_exactly_invalid_never(tmp_path, wechat, model):
-    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+    from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
     path = tmp_path / "menu.json"
 
     @hsettings(max_examples=60, deadline=None, database=None,
@@ -6145,3 +6145,33 @@ def test_the_continue_line_says_whether_it_offers_this_answer_or_a_later_one(fir
         assert tappable_tail(shown[-1]) == later.count(closing["answer"])
     else:
         assert shown[-1] == next_tailed(closing["content"])
+
+
+def test_passive_user_gets_every_answer_once_in_order_whatever_they_send(
+        start_bot, wechat, model, quick_wechat_clock):
+    """Questions quick and slow, and 继续 at any point: once the user has fetched all with 继续,
+    they have seen the answer to every question the model was asked, each once, in order."""
+    model.respond = lambda request: (time.sleep(3) if "SLOW" in request["messages"][-1][
+        "content"] else None) or "答：" + request["messages"][-1]["content"]
+    bot = start_bot(WXBOT_MODE="passive")
+    users = itertools.count()
+
+    @hsettings(max_examples=5, deadline=None, database=None,
+               suppress_health_check=[HealthCheck.too_slow])
+    @given(said=st.lists(st.sampled_from(["问", "SLOW问", "继续"]), min_size=2, max_size=3))
+    @example(said=["SLOW问", "问", "问"])  # an answer carried by the next question's reply
+    def conversation(said):
+        tag = f"u{next(users)}-"
+        user = WeChatUser(bot, "oORDER" + tag, quick_wechat_clock)
+        shown = [user.says(tag + text if text != "继续" else text) for text in said]
+        for _ in range(8):
+            wait_for(lambda: not bot.store.health(time.time())["queued"], message="all asked")
+            shown.append(user.says("继续"))
+            if shown[-1] == wxbot.NOTHING_MORE_LINE:
+                break
+        answers = [untail(text) for text in shown if text not in (
+            None, THINKING, UNAVAILABLE, wxbot.NOTHING_MORE_LINE)]
+        assert answers == ["答：" + question for question in model.questions()
+                           if question.startswith(tag)]
+
+    conversation()
