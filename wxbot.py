@@ -1470,17 +1470,19 @@ class Store:
             with self.transaction() as conn:
                 if time.monotonic() > hand_out_by:
                     return None
-                # A 继续 answered from an answer still being written has had its answer.
-                taken = not writing or conn.execute(
-                    "UPDATE messages SET state = 'done', answered_at = ? WHERE id = ?"
-                    " AND state = 'queued'", (now, message_id)).rowcount
-                taken = taken and conn.execute(  # never one a worker is sending (tried_at)
+                taken = conn.execute(  # never one a worker is sending (tried_at)
                     "UPDATE segments SET sent_at = ?, replied_to = ? WHERE message_id = ?"
                     " AND seq = ? AND sent_at IS NULL AND tried_at IS NULL AND moved_to IS NULL",
                     (now, message_id, segment["message_id"], segment["seq"])).rowcount
-                if writing and not taken:
-                    conn.execute("UPDATE messages SET state = 'queued', answered_at = NULL"
-                                 " WHERE id = ?", (message_id,))
+                # A 继续 answered from an answer still being written has had its answer: no
+                # Sender answers it again. One a Sender has in hand already keeps its own.
+                if taken and writing and not conn.execute(
+                        "UPDATE messages SET state = 'done', answered_at = ? WHERE id = ?"
+                        " AND state = 'queued'", (now, message_id)).rowcount:
+                    conn.execute("UPDATE segments SET sent_at = NULL, replied_to = NULL"
+                                 " WHERE message_id = ? AND seq = ?",
+                                 (segment["message_id"], segment["seq"]))
+                    taken = 0
             if taken:  # else another push of the same answer took it first: look again
                 with self.connection() as conn:
                     return segment["content"], self._more(conn, openid, segment), \
