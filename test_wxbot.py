@@ -6175,3 +6175,23 @@ def test_passive_user_gets_every_answer_once_in_order_whatever_they_send(
                            if question.startswith(tag)]
 
     conversation()
+
+
+def test_after_a_queue_line_the_fourth_message_ends_with_the_link(start_bot, wechat, model):
+    answer = LONG_ANSWERS["LONG12000"]
+    release = threading.Event()
+    model.respond = lambda request: answer if request["messages"][-1]["content"] == "写长文" \
+        else release.wait(10) and "答"
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=5)
+    send_text(bot, "oHOLD", "一", 1)
+    wait_for(lambda: model.requests)  # the only worker is busy from here on
+    send_text(bot, "oAHEAD", "二", 2)
+    send_text(bot, "oLINED", "写长文", 3)
+    try:
+        wait_for(lambda: wechat.texts_to("oLINED"), timeout=5)
+    finally:
+        release.set()
+    wait_for(lambda: bot.store.settled(3))
+    texts = wechat.texts_to("oLINED")
+    assert texts[0] == wxbot.QUEUE_LINE.format(ahead=1, minutes=1) and len(texts) == 5
+    assert tappable_tail(texts[4]) is not None, texts[4][-200:]
