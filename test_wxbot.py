@@ -6049,7 +6049,8 @@ def test_each_passive_reply_of_a_long_answer_ends_with_the_link_to_tap(start_bot
 
 
 @hsettings(max_examples=60, deadline=None, suppress_health_check=BIG_INPUTS)
-@given(paragraphs=st.lists(st.tuples(st.integers(1, 400), st.sampled_from(["。", "，", ". ", " ", ""]),
+@given(paragraphs=st.lists(st.tuples(st.integers(1, 400),
+                                     st.sampled_from(["。", "，", ". ", " ", ""]),
                                      st.sampled_from(["答", "a", "長", "é"])),
                            min_size=1, max_size=30),
        chunks=st.lists(st.integers(1, 300), min_size=1, max_size=5))
