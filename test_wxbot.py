@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+import pathlib
 import re
 import select
 import shutil
@@ -151,6 +152,7 @@ class FakeWeChat(FakeServer):
         self.menu_creates = []    # every menu/create body WeChat accepted
         self.uploads = []         # every media/upload WeChat accepted: its multipart field
         self.images = []          # (openid, media_id) per accepted image send, in order
+        self.published = []       # posts as freepublish/batchget lists them, newest first
         self.raw = {}
 
     def new_token(self):
@@ -242,6 +244,16 @@ class FakeWeChat(FakeServer):
         if path == "/cgi-bin/menu/delete":
             self.menu = None
             return {"errcode": 0, "errmsg": "ok"}
+        if path == "/cgi-bin/freepublish/batchget":
+            if not 1 <= body.get("count", 0) <= 20:
+                return {"errcode": 40097, "errmsg": "invalid args"}
+            page = self.published[body["offset"]:body["offset"] + body["count"]]
+            return {"total_count": len(self.published), "item_count": len(page), "item": page}
+        if path == "/cgi-bin/freepublish/getarticle":
+            for post in self.published:
+                if post["article_id"] == body.get("article_id"):
+                    return post["content"]
+            return {"errcode": 53600, "errmsg": "Article ID 无效"}
         if path == "/cgi-bin/get_current_selfmenu_info":
             if self.menu is None:
                 return {"is_menu_open": 0}
@@ -307,6 +319,7 @@ class FakeModel(FakeServer):
         self.respond = respond or (lambda request: "答：" + request["messages"][-1]["content"])
         self.streams = True  # False: a provider that ignores stream=True
         self.framing = True
+        self.stream_type = "text/event-stream"  # some providers label their stream otherwise
         self.hangups = []
         self.local = threading.local()  # the handler of this thread's request
 
@@ -378,7 +391,7 @@ class FakeModel(FakeServer):
         """Server-sent events as providers send them: each in an HTTP chunk of its own, on a
         connection kept open for the next request."""
         handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Content-Type", self.stream_type)
         handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
 
@@ -6196,3 +6209,766 @@ def test_after_a_queue_line_the_fourth_message_ends_with_the_link(start_bot, wec
     texts = wechat.texts_to("oLINED")
     assert texts[0] == wxbot.QUEUE_LINE.format(ahead=1, minutes=1) and len(texts) == 5
     assert tappable_tail(texts[4]) is not None, texts[4][-200:]
+# Citing articles ##############################################################
+
+#: A coffee shop's account as its owner writes it: an old and a new rule, a file with no URL,
+#: an article of two passages.
+SHOP_ARTICLES = [
+    ("url", "https://mp.weixin.qq.com/s/hours-2025", "营业时间调整通知", "2025-08-01",
+     "自8月1日起，门店营业时间调整为：周一到周五早上8点开门，晚上9点关门；周末早上9点开门，"
+     "晚上10点关门。店里的手冲咖啡最后点单时间为关门前半小时。"),
+    ("url", "https://mp.weixin.qq.com/s/hours-2024", "营业时间", "2024-03-01",
+     "门店每天早上9点开门，晚上9点关门，节假日照常营业。"),
+    ("url", "https://mp.weixin.qq.com/s/member", "会员权益说明", "2025-05-10",
+     "会员在门店消费一律九折，生日当月送一杯手冲咖啡。\n积分每满100分可以换一包挂耳咖啡。"),
+    ("file", "/notes/refund.md", "退款与售后", "",
+     "未拆封的咖啡豆收货后七天内可以申请退款，运费由买家承担。已拆封的咖啡豆不支持退款。"
+     "店里手冲咖啡做得不满意，可以当场请咖啡师重做一杯。"),
+    ("url", "https://mp.weixin.qq.com/s/v60", "V60 手冲咖啡入门", "2025-06-01",
+     "V60 滤杯是最常见的手冲咖啡滤杯，锥形，底部一个大孔，水流快慢全看注水的手法。"
+     "冲煮时水温建议92度，浅烘的豆子可以到94度；粉水比1:15，15克粉配225毫升水；"
+     "研磨度接近细砂糖，太细会苦，太粗会酸。新手先固定粉量和水温，只调研磨度，一次只改一个变量。"
+     "滤纸要先用热水冲湿，既去掉纸味，也给滤杯和分享壶预热。\n"
+     "V60 手冲咖啡的第二步是闷蒸：先注入两倍粉量的水，也就是30克左右，等待30秒，"
+     "让咖啡粉里的二氧化碳充分排出。闷蒸时粉层会鼓起来，新鲜的豆子鼓得更明显；"
+     "放久的豆子几乎不鼓，这时闷蒸可以缩短到20秒。闷蒸之后分两到三次注水，每次绕圈注入，"
+     "水流细而稳，总时间控制在两分半到三分钟。最后把滤杯拿开，摇匀分享壶里的咖啡再倒进杯子。"),
+]
+SHOP_LINKS = {title: f'<a href="{origin}">《{title}》</a>'
+              for kind, origin, title, date, text in SHOP_ARTICLES if kind == "url"}
+
+
+def learn_shop_articles(db_path):
+    articles = wxbot.Articles(str(db_path))
+    for kind, origin, title, date, text in SHOP_ARTICLES:
+        articles.learn_text(kind, origin, title, text, url=origin if kind == "url" else "",
+                            date=date)
+    articles.close()
+
+
+def passage_numbers(request):
+    """The passages a model request carries, as the model reads them: {title: [numbers]}."""
+    numbers = {}
+    for number, title in re.findall(r"^\[(\d+)\] 《(.+?)》", request["messages"][-1]["content"],
+                                    re.M):
+        numbers.setdefault(title, []).append(int(number))
+    return numbers
+
+
+def passage(source_id, title, url="", number=0):
+    return wxbot.Passage(source_id, title, url, "2025-08-01", f"第{number}段正文。")
+
+
+#: Passages of four articles: 1 and 2 of one, 5 of a file with no URL.
+PASSAGES = [passage(1, "营业时间", "https://mp.weixin.qq.com/s/a", 1),
+            passage(1, "营业时间", "https://mp.weixin.qq.com/s/a", 2),
+            passage(2, "会员权益", "https://mp.weixin.qq.com/s/b", 3),
+            passage(3, "退款", "https://mp.weixin.qq.com/s/c", 4),
+            passage(4, "手冲指南.md", "", 5)]
+
+
+def cite(pieces, passages=PASSAGES):
+    """What a reader is shown of an answer streamed in these pieces: (text, 来源 line)."""
+    citations = wxbot.Citations(passages)
+    text = "".join(citations.feed(piece) for piece in pieces) + citations.finish()
+    return text, citations.sources()
+
+
+def split_at(text, cuts):
+    cuts = sorted({cut % (len(text) + 1) for cut in cuts})
+    return [text[start:end] for start, end in zip([0] + cuts, cuts + [len(text)])]
+
+
+#: Text as models write it around citations: brackets that cite and brackets that do not,
+#: code, links, spaces and line ends.
+CITED_TEXT = st.lists(st.sampled_from([
+    "[1]", "[2]", "[1][2]", "[3, 4]", "[1，5]", "[2、3]", "【4】", "［5］", "[9]", "[0]", "[^3]",
+    " ", "  ", "\t", "\n", "\n\n", "营业时间", "是9点", "。", "，", "[注意]", "[2025]", "[123]",
+    "[1](https://a.cn)", "`a[1]`", "```\n", "~~~\n", "[", "]", "【", "1", "2", ", ", "(", "`",
+    "[1", "[[1]", "[1[2]", "[1,", "[ 1 ]", "a", "**", "[" + "1" * 20]), max_size=40).map("".join)
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(text=CITED_TEXT, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+def test_citations_read_the_same_however_the_answer_is_streamed(text, cuts):
+    assert cite(split_at(text, cuts)) == cite([text]) == cite(list(text))
+
+
+#: Words of an answer with no bracket, no code and no space: what stays of it is all of it.
+PLAIN_WORDS = st.sampled_from(["门店", "9点开门", "会员九折", "。", "，", "\n", "V60", "92度"])
+MARKERS = st.lists(st.integers(min_value=0, max_value=12), min_size=1, max_size=3).flatmap(
+    lambda numbers: st.sampled_from([
+        "".join(f"[{n}]" for n in numbers), "[" + ", ".join(map(str, numbers)) + "]",
+        "【" + "、".join(map(str, numbers)) + "】", " [" + ",".join(map(str, numbers)) + "]"]
+    ).map(lambda marker: (marker, numbers)))
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.one_of(PLAIN_WORDS, MARKERS), max_size=20),
+       cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=10))
+def test_markers_leave_the_answer_and_name_the_articles_cited_first_once_each(parts, cuts):
+    answer = "".join(part if isinstance(part, str) else part[0] for part in parts)
+    text, sources = cite(split_at(answer, cuts))
+    assert text == "".join(part for part in parts if isinstance(part, str))
+    cited = [n for part in parts if not isinstance(part, str) for n in part[1]
+             if 1 <= n <= len(PASSAGES)]
+    articles = list(dict.fromkeys(PASSAGES[n - 1].source_id for n in cited))[:3]
+    links = [wxbot.source_link(PASSAGES[[p.source_id for p in PASSAGES].index(source)])
+             for source in articles]
+    assert sources == ("来源：" + "、".join(links) if links else "")
+
+
+def test_citations_become_links_as_a_reader_sees_them():
+    text, sources = cite(["9点开门 [", "1", "]，周末10点[2]", "。会员九折【3】，",
+                          "退款七天[9]。"])
+    assert text == "9点开门，周末10点。会员九折，退款七天。"  # the invented [9] is gone
+    assert sources == ('来源：<a href="https://mp.weixin.qq.com/s/a">《营业时间》</a>、'
+                       '<a href="https://mp.weixin.qq.com/s/b">《会员权益》</a>')
+    # At most three articles, the first cited; a file with no URL named by its title.
+    assert cite(["见[5][4][3][1][2]"]) == ("见", "来源：《手冲指南.md》、"
+                                          '<a href="https://mp.weixin.qq.com/s/c">《退款》</a>、'
+                                          '<a href="https://mp.weixin.qq.com/s/b">《会员权益》</a>')
+    assert cite(["a[1](https://x.cn) `b[1]` [注意]"]) == ("a[1](https://x.cn) `b[1]` [注意]", "")
+    # A title learned from a page plants no markup of its own.
+    assert cite(["见[1]"], [passage(1, '<a href="https://evil.cn">x</a>', "https://a.cn/\"x")]) \
+        == ("见", '来源：<a href="https://a.cn/%22x">《＜a href="https://evil.cn"＞x＜/a＞》</a>')
+
+
+def test_passages_reach_the_model_numbered_under_their_titles_with_the_owners_prompt(
+        start_bot, wechat, model, tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot(WXBOT_SYSTEM_PROMPT="你是「豆子咖啡」的店员小林，说话要热情。")
+    model.respond = lambda request: "周末早上9点开门。"
+    send_text(bot, "oREADER", "周末几点开门？", 1)
+    wait_for(lambda: wechat.texts_to("oREADER"))
+    system, *_, asked = model.requests[0]["messages"]
+    assert system["role"] == "system"
+    assert system["content"].startswith("你是「豆子咖啡」的店员小林，说话要热情。")
+    assert "[1]" in system["content"] and "较新" in system["content"]  # cite; newer wins
+    assert asked["role"] == "user" and asked["content"].endswith("周末几点开门？")
+    assert "[1] 《营业时间调整通知》 (2025-08-01)\n自8月1日起，门店营业时间调整为" \
+        in asked["content"]
+    # Nothing was cited: no passage, no source is shown.
+    assert wechat.texts_to("oREADER") == ["周末早上9点开门。"]
+
+
+def test_a_question_no_article_covers_goes_to_the_model_alone(start_bot, wechat, model,
+                                                              tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot(WXBOT_SYSTEM_PROMPT="你是店员小林。")
+    model.respond = lambda request: "我不知道明天的天气[1]。"
+    send_text(bot, "oREADER", "明天北京天气怎么样", 1)
+    wait_for(lambda: wechat.texts_to("oREADER"))
+    assert model.requests[0]["messages"] == [
+        {"role": "system", "content": "你是店员小林。"},
+        {"role": "user", "content": "明天北京天气怎么样"}]
+    assert wechat.texts_to("oREADER") == ["我不知道明天的天气[1]。"]  # no passage: as written
+
+
+def test_cited_passages_become_links_at_the_end_of_the_answer(start_bot, wechat, model,
+                                                              tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot()
+
+    def respond(request):
+        numbers = passage_numbers(request)
+        v60, = [n for title, n in numbers.items() if title.startswith("V60")]
+        refund, = numbers["退款与售后"]
+        return ["V60 用92度的水 [", str(v60[0]), "]，闷蒸30秒【", str(v60[1]), "】",
+                f"[{v60[0]}][", "9]。咖啡豆七天内可退", f"[{refund}, 1", "2]。"]
+    model.respond = respond
+    send_text(bot, "oREADER", "手冲咖啡", 1)
+    wait_for(lambda: wechat.texts_to("oREADER"))
+    given = passage_numbers(model.requests[0])
+    assert len(given["V60 手冲咖啡入门"]) == 2 and len(given) == 4  # four articles given
+    # Two passages of one article are one link; a file with no URL is named; the two
+    # articles given but not cited, and the invented [9] and [12], are nowhere.
+    assert wechat.texts_to("oREADER") == [
+        "V60 用92度的水，闷蒸30秒。咖啡豆七天内可退。\n\n来源："
+        + SHOP_LINKS["V60 手冲咖啡入门"] + "、《退款与售后》"]
+
+
+def test_an_answer_cites_at_most_three_articles(start_bot, wechat, model, tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot()
+    model.respond = lambda request: "都有手冲咖啡" + "".join(
+        f"[{n}]" for n in sorted(n for numbers in passage_numbers(request).values()
+                                 for n in numbers))
+    send_text(bot, "oREADER", "手冲咖啡", 1)
+    wait_for(lambda: wechat.texts_to("oREADER"))
+    text, = wechat.texts_to("oREADER")
+    assert text.startswith("都有手冲咖啡\n\n来源：") and "[" not in text
+    assert len(re.findall("<a href=", text)) + text.count("《退款与售后》") == 3
+
+
+def test_sources_come_with_the_last_segment_of_a_long_answer(start_bot, wechat, model,
+                                                             tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    answer = chinese_answer(4000)  # some 12,000 bytes: seven segments
+    model.respond = lambda request: [answer[:2000], " [", "1", "]", answer[2000:]]
+    bot = start_bot()
+    send_text(bot, "oLONG", "周末几点开门？", 1)
+    wait_for(lambda: len(wechat.texts_to("oLONG")) == 5)
+    assert "来源" not in "".join(wechat.texts_to("oLONG"))
+    send_text(bot, "oLONG", "继续", 2)
+    wait_for(lambda: bot.store.settled(2) and len(wechat.texts_to("oLONG")) > 5)
+    texts = wechat.texts_to("oLONG")
+    assert not has_tail(texts[-1])
+    assert texts[-1].endswith("\n\n来源：" + SHOP_LINKS["营业时间调整通知"])
+    assert without_space(untail("".join(texts[:-1]) + texts[-1].split("\n\n来源：")[0])) \
+        == without_space(answer)
+    assert all(len(text.encode()) <= 2048 for text in texts)
+
+
+def test_a_follow_up_is_searched_with_the_question_before_it(start_bot, wechat, model,
+                                                             tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot()
+    model.respond = lambda request: "好的"
+    send_text(bot, "oREADER", "咖啡豆能退款吗", 1)
+    wait_for(lambda: wechat.texts_to("oREADER"))
+    send_text(bot, "oREADER", "运费谁出？", 2)
+    wait_for(lambda: len(wechat.texts_to("oREADER")) == 2)
+    assert list(passage_numbers(model.requests[1])) == ["退款与售后"]
+    assert model.requests[1]["messages"][-1]["content"].endswith("运费谁出？")
+
+
+def test_passive_reply_cites_articles(start_bot, wechat, model, tmp_path, quick_wechat_clock):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot(WXBOT_MODE="passive")
+    model.respond = lambda request: ["**周末9点开门", " [", "1]**。"]  # Markdown around it
+    user = WeChatUser(bot, "oPASSIVE", quick_wechat_clock)
+    assert user.says("周末几点开门？") == \
+        "周末9点开门。\n\n来源：" + SHOP_LINKS["营业时间调整通知"]
+    assert wechat.sent == []
+
+
+def test_chat_cites_the_articles_the_server_learned(tmp_path, model):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": model.url + "/v1",
+           "WXBOT_DB": str(tmp_path / "wxbot.db")}
+    model.respond = lambda request: "周末9点开门[1]。" if passage_numbers(request) else "不清楚"
+    result = run_wxbot(["chat"], env, stdin="周末几点开门？\n")
+    assert result.returncode == 0, result.stderr
+    # The console shows a link as a reader sees it: its text, then the address.
+    assert ("周末9点开门。\n\n来源：《营业时间调整通知》 (https://mp.weixin.qq.com/s/hours-2025)"
+            in result.stdout)
+    assert wxbot.Articles(str(tmp_path / "wxbot.db")).uses_since(0) == (0, 0, 0)
+
+
+def test_stats_shows_the_articles_and_the_questions_they_answered(start_bot, wechat, model,
+                                                                   tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot(WXBOT_ADMINS="oBOSS")
+    model.respond = lambda request: "周末9点开门[1]。" if request["messages"][-1][
+        "content"].endswith("周末几点开门？") else "好的"
+    for msg_id, question in enumerate(["周末几点开门？", "手冲咖啡", "明天天气怎么样"], 1):
+        send_text(bot, "oREADER", question, msg_id)
+        wait_for(lambda: len(wechat.texts_to("oREADER")) == msg_id)
+    send_text(bot, "oBOSS", "/stats", 9)
+    wait_for(lambda: wechat.texts_to("oBOSS"))
+    assert "已学文章：5 篇；近 7 天 3 个提问中，找到相关段落 2 个，引用文章回答 1 个" \
+        in wechat.texts_to("oBOSS")[0]
+
+
+# Articles ####################################################################
+
+def test_an_article_is_found_by_its_two_character_words_and_learning_again_replaces_it(
+        tmp_path):
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.learn_text("file", "/notes/refund.md", "退款说明",
+                        "收到商品七天内可以申请退款。\n会员满99元包邮。", date="2025-03-01")
+    articles.learn_text("file", "/notes/hours.md", "营业时间", "周一到周五早上8点开门，周末9点开门。")
+    found = articles.find("能退款吗")
+    assert [(p.title, p.date) for p in found] == [("退款说明", "2025-03-01")]
+    assert "七天内" in found[0].text
+    assert [p.title for p in articles.find("会员包邮吗")] == ["退款说明"]
+    articles.learn_text("file", "/notes/refund.md", "退款说明", "定制蛋糕不支持退款。")
+    assert [p.text for p in articles.find("能退款吗")] == ["定制蛋糕不支持退款。"]
+    assert {(s.title, s.passages) for s in articles.sources()} == {("退款说明", 1),
+                                                                  ("营业时间", 1)}
+    assert articles.forget("/notes/refund.md") and not articles.forget("/notes/refund.md")
+    assert articles.find("能退款吗") == []
+    articles.close()
+
+
+def test_a_question_no_article_covers_gets_no_passage(tmp_path):
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.learn_text("url", "https://example.com/a", "V60 手冲入门",
+                        "V60 滤杯用92度的水，粉水比1:15，一杯39元。", url="https://example.com/a")
+    articles.learn_text("file", "/notes/hours.md", "营业时间", "周一到周五早上8点开门，周末9点开门。")
+    articles.learn_text("file", "/notes/cake.md", "生日蛋糕", "生日蛋糕请提前两天预订，6寸168元。")
+    assert articles.find("明天北京天气怎么样") == []
+    assert articles.find("") == [] and articles.find("？？") == []
+    assert [p.url for p in articles.find("v60用多少度的水")] == ["https://example.com/a"]
+    articles.close()
+
+
+def test_uses_are_counted_since_a_time(tmp_path):
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    assert articles.uses_since(0) == (0, 0, 0) and articles.last_sync() is None
+    articles.note_use(1, 100.0, 3, 1)
+    articles.note_use(2, 200.0, 0, 0)
+    articles.note_use(3, 300.0, 2, 0)
+    assert articles.uses_since(150.0) == (2, 1, 0)
+    assert articles.uses_since(0) == (3, 2, 1)
+    articles.close()
+
+
+def news_item(title, paragraphs, url="", deleted=False, digest=""):
+    """An article of a published post as freepublish returns it: the 公众号 editor's HTML."""
+    body = "".join(f'<section style="margin: 0px;"><p style="line-height: 1.75em;"><span '
+                   f'style="font-size: 15px;">{text}</span></p></section>' for text in paragraphs)
+    return {"title": title, "author": "小豆", "digest": digest, "content": body +
+            '<p><img data-src="https://mmbiz.qpic.cn/x.jpg" class="rich_pages"></p>'
+            '<script>var a = "不是正文";</script>', "content_source_url": "", "thumb_media_id": "T",
+            "url": url or f"https://mp.weixin.qq.com/s/{abs(hash(title))}",
+            "is_deleted": deleted}
+
+
+def published_post(article_id, *items, created=1754006400):
+    return {"article_id": article_id, "update_time": created,
+            "content": {"news_item": list(items), "create_time": created, "update_time": created}}
+
+
+def learn(tmp_path, wechat, model, *args):
+    """Run `python wxbot.py learn ARGS` against the fakes: (exit status, what it printed)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = wxbot.main(["learn", *args], env_for(tmp_path, wechat, model))
+    return status, out.getvalue()
+
+
+def test_learn_published_pages_through_every_post_and_skips_deleted_articles(tmp_path, wechat,
+                                                                             model):
+    wechat.published = [published_post(f"ID{n}", news_item(f"第{n}期 店里的新鲜事",
+                                                           [f"第{n}期：本周的手冲豆子是第{n}号。"]))
+                        for n in range(23)]
+    wechat.published.append(published_post(
+        "MULTI", news_item("会员日", ["每月8日会员日，全场饮品八折。"], digest="会员日八折"),
+        news_item("旧活动", ["这篇已经删掉了，不该被学到。"], deleted=True),
+        news_item("外卖说明", ["外卖满39元包邮，配送范围3公里。"]), created=1756684800))
+    status, printed = learn(tmp_path, wechat, model, "--published")
+    assert status == 0, printed
+    assert "25 learned" in printed
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        found = articles.find("外卖包邮吗")
+        assert [(p.title, p.date) for p in found][:1] == [("外卖说明", "2025-09-01")]
+        assert found[0].url == wechat.published[-1]["content"]["news_item"][2]["url"]
+        assert articles.find("会员日打几折")[0].title == "会员日"
+        assert articles.find("删掉的旧活动") == []
+        assert "不是正文" not in "".join(p.text for p in articles.find("第3期的豆子"))
+        assert articles.last_sync() is not None
+    finally:
+        articles.close()
+    assert {origin for origin in wxbot.Articles(str(tmp_path / "wxbot.db")).digests(
+        "published")} >= {"ID0", "ID22", "MULTI", "MULTI/3"}
+
+
+def test_learn_published_again_learns_the_changes_and_forgets_deleted_posts(tmp_path, wechat,
+                                                                           model):
+    wechat.published = [published_post("A", news_item("营业时间", ["每天早上8点开门。"])),
+                        published_post("B", news_item("中秋放假", ["中秋节放假一天。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    wechat.published = [published_post("A", news_item("营业时间", ["每天早上9点开门，周一店休。"]))]
+    status, printed = learn(tmp_path, wechat, model, "--published")
+    assert status == 0 and "1 learned, 0 unchanged, 1 forgotten" in printed
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        assert [p.text for p in articles.find("几点开门")] == ["每天早上9点开门，周一店休。"]
+        assert articles.find("中秋节放假吗") == []
+    finally:
+        articles.close()
+    status, printed = learn(tmp_path, wechat, model, "--published")
+    assert "0 learned, 1 unchanged, 0 forgotten" in printed
+
+
+@pytest.mark.parametrize("errcode, says", [
+    (48001, "learn them by URL instead"), (45009, "daily limit")])
+def test_learn_published_refused_says_what_to_do_in_one_sentence(tmp_path, wechat, model,
+                                                                 errcode, says):
+    wechat.failures["/cgi-bin/freepublish/batchget"] = [errcode]
+    status, printed = learn(tmp_path, wechat, model, "--published")
+    assert status == 1
+    assert says in printed and printed.count("\n") == 1 and "Traceback" not in printed
+    assert wxbot.Articles(str(tmp_path / "wxbot.db")).last_sync() is None
+
+
+class FakePages(FakeServer):
+    """Web pages on loopback: `pages[path]` is (status, HTML); the User-Agent of each GET."""
+
+    def __init__(self):
+        super().__init__()
+        self.pages, self.agents = {}, []
+
+    def route(self, handler):
+        self.agents.append(handler.headers.get("User-Agent", ""))
+        status, page = self.pages.get(handler.path, (404, "<h1>Not Found</h1>"))
+        self.reply(handler, status, page.encode("utf-8"), "text/html; charset=utf-8")
+
+
+WECHAT_ARTICLE_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
+<meta property="og:title" content="V60 手冲入门：水温与粉水比">
+<title></title><style>.rich_media_content{visibility:hidden}</style>
+<script>var ct = "1754006400"; var msg_title = "x";</script></head>
+<body><div class="rich_media_area_primary"><h1 class="rich_media_title" id="activity-name">
+V60 手冲入门：水温与粉水比</h1><div id="meta_content">小豆咖啡</div>
+<div class="rich_media_content js_underline_content" id="js_content" style="visibility: hidden;">
+<section data-tools="135编辑器"><section><p><span style="font-size:15px;">V60 滤杯用 <strong>92℃</strong>
+的水，粉水比 1:15。</span></p><p><img data-src="https://mmbiz.qpic.cn/a.jpg"/></p>
+<ul><li><span>浅烘豆子：水温高一点</span></li><li>深烘豆子：水温低一点&nbsp;&amp;&nbsp;研磨粗一点</li></ul>
+</section></section></div></div><div id="js_pc_qr_code">微信扫一扫关注该公众号</div>
+<script>window.not_text = "脚本里的字";</script></body></html>"""
+
+
+def test_learn_urls_reads_a_wechat_article_and_any_page_and_names_the_bad_ones(tmp_path,
+                                                                                wechat, model):
+    pages = FakePages()
+    pages.pages = {
+        "/s/v60": (200, WECHAT_ARTICLE_PAGE),
+        "/menu.html": (200, "<html><head><title>价目表 | 小豆咖啡</title></head><body><nav>首页 "
+                            "关于</nav><main><h2>饮品</h2><p>美式 18元</p><p>拿铁 ￥26</p></main>"
+                            "<footer>版权所有</footer></body></html>"),
+        "/empty.html": (200, "<html><body><script>x()</script></body></html>"),
+    }
+    try:
+        status, printed = learn(tmp_path, wechat, model, pages.url + "/s/v60",
+                                pages.url + "/menu.html", pages.url + "/gone",
+                                pages.url + "/empty.html")
+    finally:
+        pages.close()
+    assert status == 1
+    assert f"{pages.url}/gone: not learned: the server answered HTTP 404" in printed
+    assert f"{pages.url}/empty.html: not learned: the page has no text" in printed
+    assert all(agent.startswith("Mozilla/5.0") for agent in pages.agents)
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        v60 = articles.find("v60水温多少度")
+        assert (v60[0].title, v60[0].date, v60[0].url) == (
+            "V60 手冲入门：水温与粉水比", "2025-08-01", pages.url + "/s/v60")
+        assert v60[0].text.splitlines() == ["V60 滤杯用 92℃ 的水，粉水比 1:15。",
+                                            "浅烘豆子：水温高一点", "深烘豆子：水温低一点 & 研磨粗一点"]
+        menu = articles.find("拿铁多少钱")
+        assert [(p.title, p.text) for p in menu] == [("价目表 | 小豆咖啡", "饮品\n美式 18元\n拿铁 ￥26")]
+        assert articles.find("脚本里的字") == [] and articles.find("扫一扫关注") == []
+    finally:
+        articles.close()
+
+
+def test_a_wechat_verification_page_is_named_as_such(tmp_path, wechat, model):
+    page = ('<html><head><title>验证</title></head><body><div class="weui-msg"><h2>环境异常</h2>'
+            '<p>当前环境异常，完成验证后即可继续访问。</p><a>去验证</a></div></body></html>')
+    with pytest.raises(wxbot.LearnError, match="verification page"):
+        wxbot.page_text(page, "https://mp.weixin.qq.com/s/abc")
+
+
+def test_learn_files_and_folders_replaces_an_edited_file_and_names_each_bad_one(tmp_path,
+                                                                                 wechat, model):
+    notes = tmp_path / "notes"
+    (notes / "活动" / ".drafts").mkdir(parents=True)
+    (notes / "hours.md").write_text("# 营业时间\n\n周一到周五 8:00 开门。\n\n周末 9:00 开门。\n",
+                                    encoding="utf-8")
+    (notes / "活动" / "coupon.txt").write_text("新客券：首单立减5元。", encoding="utf-8")
+    (notes / "活动" / "cake.html").write_text(
+        "<html><head><title>生日蛋糕</title></head><body><p>6寸 168元，提前两天预订。</p></body>"
+        "</html>", encoding="utf-8")
+    (notes / "活动" / ".drafts" / "draft.md").write_text("草稿：不该学到。", encoding="utf-8")
+    (notes / "活动" / "photo.jpg").write_bytes(b"\xff\xd8\xff")
+    (notes / "gbk.txt").write_bytes("中文".encode("gbk"))
+    (notes / "empty.md").write_text("  \n", encoding="utf-8")
+    status, printed = learn(tmp_path, wechat, model, str(notes), str(tmp_path / "missing.md"))
+    assert status == 1
+    assert f"{notes / 'gbk.txt'}: not learned: not UTF-8 text" in printed
+    assert f"{notes / 'empty.md'}: not learned: the file is empty" in printed
+    assert f"{tmp_path / 'missing.md'}: not learned: cannot read it" in printed
+    assert "3 source(s) not learned" in printed
+    (notes / "hours.md").write_text("# 营业时间\n\n每天 10:00 开门。\n", encoding="utf-8")
+    assert learn(tmp_path, wechat, model, str(notes / "hours.md"))[0] == 0
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        assert [p.text for p in articles.find("周末几点开门")] == []
+        assert [p.text for p in articles.find("几点开门")] == ["营业时间\n每天 10:00 开门。"]
+        assert [p.title for p in articles.find("生日蛋糕多少钱")] == ["生日蛋糕"]
+        assert articles.find("草稿") == []
+        assert {s.title for s in articles.sources()} == {"营业时间", "coupon.txt", "生日蛋糕"}
+    finally:
+        articles.close()
+    status, printed = learn(tmp_path, wechat, model, "--list")
+    assert status == 0 and "营业时间\n  file: " + str(notes / "hours.md") in printed
+    assert learn(tmp_path, wechat, model, "--forget", str(notes / "hours.md"))[0] == 0
+    assert learn(tmp_path, wechat, model, "--forget", str(notes / "hours.md"))[0] == 1
+    assert "营业时间" not in learn(tmp_path, wechat, model, "--list")[1]
+
+
+def publish_event(article_id, status=0, openid="oMPHELPER"):
+    return nested_event("PUBLISHJOBFINISH", (
+        f"<PublishEventInfo><publish_id>2247503051</publish_id><publish_status>{status}"
+        f"</publish_status><article_id><![CDATA[{article_id}]]></article_id><article_detail>"
+        f"<count>1</count><item><idx>1</idx><article_url><![CDATA[https://mp.weixin.qq.com/s/x]]>"
+        f"</article_url></item></article_detail></PublishEventInfo>"), openid)
+
+
+def test_an_article_published_while_serving_is_learned_and_nobody_is_answered(
+        tmp_path, start_bot, wechat, model, caplog):
+    caplog.set_level(logging.INFO)
+    wechat.published = [published_post("OLD", news_item("营业时间", ["每天早上8点开门。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    calls = record_calls(wechat)
+    bot = start_bot()
+    wechat.published.insert(0, published_post("NEW", news_item("国庆放假通知",
+                                                               ["国庆节10月1日到3日店休。"])))
+    response = post_push(bot, publish_event("NEW"))
+    assert (response.status_code, response.text) == (200, "success")
+    post_push(bot, publish_event("NEW"))  # WeChat's retry: fetched once
+    wait_for(lambda: bot.articles.find("国庆放假吗"), message="the new article learned")
+    assert post_push(bot, publish_event("", status=4, openid="oMPHELPER2")).text == "success"
+    wait_for(lambda: "rejected by review" in caplog.text, message="the failed job logged")
+    assert [body for path, body in calls if path.endswith("getarticle")] == [
+        {"article_id": "NEW"}]
+    assert wechat.sent == [] and wechat.typing == [] and model.requests == []
+
+
+def record_calls(wechat):
+    """Every (path, body) the fake WeChat gets from now on."""
+    calls = []
+    wechat.intercept = lambda path, body: calls.append((path, body))  # None: answer as usual
+    return calls
+
+
+def test_announced_articles_are_not_fetched_before_learn_published_or_when_turned_off(
+        tmp_path, start_bot, wechat, model, caplog):
+    caplog.set_level(logging.INFO)
+    wechat.published = [published_post("NEW", news_item("国庆放假通知", ["国庆节店休。"]))]
+    calls = record_calls(wechat)
+    bot = start_bot()
+    assert post_push(bot, publish_event("NEW")).text == "success"
+    wait_for(lambda: "learn --published` never ran" in caplog.text, message="the reason logged")
+    bot.stop(timeout=5)
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    wechat.published.insert(0, published_post("NEWER", news_item("元旦放假", ["元旦店休。"])))
+    bot = start_bot(WXBOT_LEARN_PUBLISHED=0)
+    assert post_push(bot, publish_event("NEWER", openid="oMP2")).text == "success"
+    assert bot.article_sync is None
+    bot.stop(timeout=5)
+    assert [path for path, _ in calls if "freepublish" in path] == [
+        "/cgi-bin/freepublish/batchget"]  # learn --published's, nothing else
+# The owner's settings, files and operator commands ###########################
+
+@pytest.fixture
+def shared_folder():
+    """A folder other users may enter: pytest's own are root's, mode 700."""
+    folder = tempfile.mkdtemp(prefix="wxbot-shared-")
+    os.chmod(folder, 0o755)
+    yield pathlib.Path(folder)
+    shutil.rmtree(folder)
+
+
+def run_as(user, args, env, cwd=None):
+    """`wxbot.py args` run as another OS user. Root may read and write any file whatever its
+    mode, so what another user meets is seen only by running as that user."""
+    if os.getuid() != 0:
+        pytest.skip("only root can run a command as another user")
+    # setpriv finds the interpreter with root's rights (a venv's python may live under
+    # /root) and runs it with the other user's.
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is needed to run a command as another user")
+    import pwd
+    account = pwd.getpwnam(user)
+    command = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}",
+               "--clear-groups", sys.executable]
+    base = {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1"}
+    probe = subprocess.run(command + [os.path.join(HERE, "wxbot.py"), "--help"], env=base,
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode:  # the checkout or the venv lies where that user may not read
+        pytest.skip(f"{user} cannot run wxbot.py here: {probe.stderr.strip()[-200:]}")
+    return subprocess.run(command + [os.path.join(HERE, "wxbot.py"), *args], env={**base, **env},
+                          capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_a_token_with_a_character_wechat_does_not_take_stops_the_start(tmp_path, wechat,
+                                                                       model):
+    result = run_wxbot([], env_for(tmp_path, wechat, model, WXBOT_TOKEN="my-token_2024"),
+                       cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "WXBOT_TOKEN" in line]
+    assert "letters or digits" in line and "服务器配置" in line
+    assert "my-token_2024" not in result.stderr  # a secret, even a refused one
+    assert not (tmp_path / "wxbot.db").exists()
+
+
+@hsettings(max_examples=300, deadline=None, database=None)
+@given(token=st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=8,
+                     max_size=32))
+def test_a_token_is_taken_exactly_when_wechats_console_would_take_it(token):
+    env = {"WXBOT_TOKEN": token, "WXBOT_APPID": APPID, "WXBOT_APPSECRET": APPSECRET,
+           "OPENAI_API_KEY": API_KEY}
+    takes = re.fullmatch(r"[A-Za-z0-9]{8,32}", token) is not None
+    try:
+        assert wxbot.Settings.from_env(env).token == token and takes
+    except wxbot.SettingsError as error:
+        assert not takes and error.problems == [Matches(r"WXBOT_TOKEN must be .*letters or "
+                                                        r"digits.*")]
+
+
+def test_chat_asks_for_each_message_and_shows_links_as_a_reader_sees_them(tmp_path, model):
+    long_answer = answer_of_paragraphs(8, 600)  # five messages, then three after 继续
+    model.respond = lambda request: {
+        "文档在哪": "详见[官方文档](https://developers.weixin.qq.com/doc)，或[菜单](weixin://x)。",
+        "写长一点": long_answer}[request["messages"][-1]["content"]]
+    env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": model.url + "/v1",
+           "WXBOT_DB": str(tmp_path / "wxbot.db")}
+    result = run_wxbot(["chat"], env, stdin="文档在哪\n写长一点\n继续\n")
+    assert result.returncode == 0, result.stderr
+    shown = result.stdout
+    assert "官方文档 (https://developers.weixin.qq.com/doc)" in shown
+    assert "菜单 (weixin://x)" in shown  # not a link in WeChat either: text as the model wrote
+    assert "<a" not in shown and "href" not in shown and "weixin://bizmsgmenu" not in shown
+    # a prompt before each message, and one more where Ctrl-D ended the conversation
+    assert shown.count(wxbot.CHAT_PROMPT) == 4
+    before_answer = shown.split("官方文档")[0]
+    assert before_answer.count(wxbot.CHAT_PROMPT) == 1
+    assert all(f"第{k}段" in shown for k in range(8))
+    assert len(model.requests) == 2  # 继续 fetched the rest, the model was not asked again
+
+
+def test_check_prints_its_report_and_no_log_lines(tmp_path, wechat, model):
+    result = run_wxbot(["check"], env_for(tmp_path, wechat, model))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert wechat.token_calls and result.stderr == ""  # the token it fetched is not a log line
+    assert " INFO " not in result.stdout
+
+
+def test_a_database_in_a_folder_that_does_not_exist_names_wxbot_db(tmp_path, wechat, model):
+    path = tmp_path / "no" / "such" / "wxbot.db"
+    for command in ([], ["check"], ["chat"]):
+        result = run_wxbot(command, env_for(tmp_path, wechat, model, WXBOT_DB=path),
+                           stdin="在吗\n")
+        said = result.stdout + result.stderr
+        assert result.returncode == (1 if command == ["check"] else 2), said
+        assert "Traceback" not in said and "cannot listen" not in said
+        [line] = [line for line in said.splitlines() if "cannot open the database" in line]
+        assert f"(WXBOT_DB): there is no folder {tmp_path / 'no'}" in line, line
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_database_in_a_folder_this_user_may_not_write_names_wxbot_db_and_whose_it_is(
+        shared_folder, wechat, model):
+    state = os.path.join(shared_folder, "state")
+    os.mkdir(state, 0o755)  # root's: nobody may enter it and read, not write
+    env = env_for(shared_folder, wechat, model, WXBOT_DB=os.path.join(state, "wxbot.db"))
+    for command in ([], ["check"]):
+        result = run_as("nobody", command, env)
+        said = result.stdout + result.stderr
+        assert result.returncode == (1 if command else 2), said
+        assert "Traceback" not in said and "cannot listen" not in said
+        [line] = [line for line in said.splitlines() if "cannot open the database" in line]
+        assert f"(WXBOT_DB): the folder {state} is root's (mode 755)" in line, line
+        assert line.endswith(f": give it to nobody (sudo chown nobody {state}), or set "
+                             f"WXBOT_DB to a file in a folder nobody may write")
+    assert os.listdir(state) == []
+
+
+def dead_message(path):
+    """A database at `path` with one message that ended dead; its id."""
+    store = wxbot.Store(path)
+    message_id = stored_push(store, "oDEAD", "你好", 1, time.time())
+    with store.transaction() as conn:
+        conn.execute("UPDATE messages SET state = 'dead', error = 'errcode 45015' "
+                     "WHERE id = ?", (message_id,))
+    return store, message_id
+
+
+def test_status_as_another_user_says_the_database_is_there_and_who_may_read_it(
+        shared_folder):
+    state = os.path.join(shared_folder, "state")
+    os.mkdir(state, 0o700)  # as systemd's StateDirectoryMode=0700 makes it
+    path = os.path.join(state, "wxbot.db")
+    store, message_id = dead_message(path)
+    store.close()
+    for command, verb in ((["status"], "read"), (["retry", str(message_id)], "change")):
+        result = run_as("nobody", command, {"WXBOT_DB": path})
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "no database" not in result.stdout
+        assert result.stdout.startswith(f"cannot {verb} the database {path}: the folder "
+                                        f"{state} is root's (mode 700): run this as root")
+    assert wxbot.main(["status"], {"WXBOT_DB": path}) == 0  # its owner reads it
+
+
+def test_retry_as_a_user_who_may_only_read_the_database_says_so_and_changes_nothing(
+        shared_folder, capsys):
+    path = os.path.join(shared_folder, "wxbot.db")
+    store, message_id = dead_message(path)  # kept open: the -wal and -shm files of a service
+    try:
+        for name in os.listdir(shared_folder):
+            os.chmod(os.path.join(shared_folder, name), 0o644)
+        shown = run_as("nobody", ["status"], {"WXBOT_DB": path})
+        assert shown.returncode == 0 and "dead: 1" in shown.stdout, shown.stdout + shown.stderr
+        result = run_as("nobody", ["retry", str(message_id)], {"WXBOT_DB": path})
+        assert result.returncode == 1 and result.stderr == ""
+        assert result.stdout == (f"cannot change the database {path}: {path} is root's (mode "
+                                 f"644): run this as root, e.g. sudo -u root .venv/bin/python "
+                                 f"wxbot.py retry ...\n")
+        with store.connection() as conn:
+            assert conn.execute("SELECT state FROM messages WHERE id = ?",
+                                (message_id,)).fetchone()[0] == "dead"
+    finally:
+        store.close()
+
+
+def test_relative_paths_in_an_env_file_are_read_beside_it(tmp_path, wechat, model):
+    conf, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    conf.mkdir()
+    elsewhere.mkdir()
+    replies_file(conf)
+    words_file(conf, "赌博", name="blocked_words.txt")
+    (conf / "wxbot.env").write_text("WXBOT_DB=wxbot.db\nWXBOT_REPLIES=replies.json\n"
+                                    "WXBOT_BLOCKED_WORDS=blocked_words.txt\n", encoding="utf-8")
+    env = env_for(tmp_path, wechat, model)
+    del env["WXBOT_DB"]
+    checked = run_wxbot(["check", "--env", "../conf/wxbot.env"], env, cwd=elsewhere)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"database {conf / 'wxbot.db'} opens" in checked.stdout
+    assert "2 keyword replies" in checked.stdout and "1 blocked words" in checked.stdout
+    status = run_wxbot(["status", "--env", str(conf / "wxbot.env")], {}, cwd=tmp_path)
+    assert status.stdout.startswith(f"queue in {conf / 'wxbot.db'}")
+    (conf / "bare.env").write_text("WXBOT_MODEL=gpt-4o-mini\n", encoding="utf-8")
+    status = run_wxbot(["status", "--env", "../conf/bare.env"], {}, cwd=elsewhere)
+    assert status.stdout.startswith(f"queue in {conf / 'wxbot.db'}")  # WXBOT_DB's default
+    assert os.listdir(elsewhere) == [] and not (tmp_path / "wxbot.db").exists()
+
+
+@pytest.mark.parametrize("setting, name, example", [
+    ("WXBOT_REPLIES", "replies.json", "replies.example.json"),
+    ("WXBOT_BLOCKED_WORDS", "blocked_words.txt", "blocked_words.example.txt")])
+def test_a_missing_owners_file_names_its_setting_and_the_example_to_copy(tmp_path, wechat,
+                                                                         model, setting, name,
+                                                                         example):
+    (tmp_path / "wxbot.env").write_text(f"{setting}={name}\n", encoding="utf-8")
+    env = env_for(tmp_path, wechat, model)
+    started = run_wxbot(["--env", str(tmp_path / "wxbot.env")], env, cwd=tmp_path)
+    assert started.returncode == 2 and "Traceback" not in started.stderr
+    [line] = started.stderr.splitlines()
+    assert line.startswith(f"wxbot: {setting}: {tmp_path / name}: there is no such file")
+    copy = re.search(r"cp (\S+) (\S+)", line)
+    assert copy.groups() == (os.path.join(HERE, example), str(tmp_path / name))
+    checked = run_wxbot(["check", "--env", str(tmp_path / "wxbot.env")], env)
+    assert checked.returncode == 1 and f"FAIL {setting}: " in checked.stdout
+    assert "cp " + os.path.join(HERE, example) in checked.stdout
+    shutil.copy(*copy.groups())  # as the line says: then the start goes on
+    checked = run_wxbot(["check", "--env", str(tmp_path / "wxbot.env")], env)
+    assert checked.returncode == 0, checked.stdout
+
+
+@pytest.mark.parametrize("stream_type", ["text/event-stream", "text/plain; charset=utf-8", ""])
+def test_a_stream_of_events_without_text_is_asked_once_however_it_is_labelled(
+        start_bot, wechat, model, stream_type):
+    model.stream_type, model.framing = stream_type, False
+    model.respond = lambda request: [chunk_event({"role": "assistant", "content": ""}),
+                                     chunk_event({"content": " "}), chunk_event({}, "stop"),
+                                     b"data: [DONE]\n\n"]
+    bot = start_bot()
+    send_text(bot, "oBLANK", "问", 1)
+    wait_for(lambda: bot.store.settled(1), message="the empty answer settled")
+    assert len(model.requests) == 1  # an event came: the stream was read, nothing to ask again
+    assert wechat.texts_to("oBLANK") == [wxbot.APOLOGY_LINE]

@@ -14,6 +14,8 @@ Usage:
   python wxbot.py menu FILE.json   make FILE the account's custom menu (--show, --delete)
   python wxbot.py status           the queue: waiting, in progress, dead (safe while serving)
   python wxbot.py retry ID         queue a dead message again
+  python wxbot.py learn SOURCE...  learn the account's articles: URLs, files, folders,
+                                   --published (then kept in sync); --list; --forget SOURCE
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -31,6 +33,7 @@ import enum
 import hashlib
 import heapq
 import hmac
+import html.parser
 import http.client
 import io
 import itertools
@@ -38,6 +41,7 @@ import json
 import logging
 import math
 import os
+import pwd
 import queue
 import random
 import re
@@ -56,7 +60,7 @@ import time
 import unicodedata
 import urllib.parse
 import xml.parsers.expat
-from typing import Callable, Container, Iterable, Iterator, Mapping
+from typing import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
@@ -243,11 +247,16 @@ def _token(value: str) -> str:
     # WeChat allows 3 to 32 characters; one signed URL from a log is enough to recover a short
     # token by trying every candidate, and with it to sign any push.
     if not 8 <= len(value) <= 32:
-        raise ValueError(
-            f"must be 8 to 32 letters or digits, got {len(value)} characters: choose a new Token "
-            f"in 公众号后台 → 设置与开发 → 基本配置 → 服务器配置 → 修改配置, put the same value "
-            f"here, restart wxbot, then 提交 the 服务器配置")
-    return value
+        got = f"got {len(value)} characters"
+    # WeChat's console takes letters and digits only: no push would ever be signed with it.
+    elif not re.fullmatch(r"[A-Za-z0-9]+", value):
+        got = "got other characters too (such as - or _)"
+    else:
+        return value
+    raise ValueError(
+        f"must be 8 to 32 letters or digits, {got}: choose a new Token "
+        f"in 公众号后台 → 设置与开发 → 基本配置 → 服务器配置 → 修改配置, put the same value "
+        f"here, restart wxbot, then 提交 the 服务器配置")
 
 
 def _aes_key(value: str) -> str:
@@ -282,6 +291,8 @@ class Setting:
     parse: Callable[[str], object]
     help: str
     secret: bool = False
+    #: Names a file: a relative path in an env file is read beside that file.
+    file: bool = False
 
 
 #: Every setting, in the order --help and the start-up log show them.
@@ -313,10 +324,10 @@ SETTINGS: dict[str, Setting] = {
                       "openids (comma-separated) that may send /stats"),
     "replies": Setting("WXBOT_REPLIES", "", _optional_text,
                        "JSON file of fixed replies to keywords and menu clicks, no model "
-                       "(empty: none; re-read when it changes)"),
+                       "(empty: none; re-read when it changes)", file=True),
     "blocked_words": Setting("WXBOT_BLOCKED_WORDS", "", _optional_text,
                              "file of blocked words, one a line: questions with one are not "
-                             "asked, answers have them masked (empty: none)"),
+                             "asked, answers have them masked (empty: none)", file=True),
     "blocked_reply": Setting("WXBOT_BLOCKED_REPLY", REFUSED_LINE, _text,
                              "what a user whose question has a blocked word gets"),
     "vision": Setting("WXBOT_VISION", "0", _flag,
@@ -335,7 +346,7 @@ SETTINGS: dict[str, Setting] = {
                            "limits (0: no limit)"),
     "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
                            "earlier turns older than this many seconds are not sent to the model"),
-    "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file"),
+    "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file", file=True),
     "retention_days": Setting("WXBOT_RETENTION_DAYS", "30", _int_between(0, 36500),
                               "days messages, answers and history are kept (0: for ever); "
                               "older ones are deleted every hour, a few hundred at a time"),
@@ -369,6 +380,10 @@ SETTINGS: dict[str, Setting] = {
                             "timeout)"),
     "retry_base": Setting("WXBOT_RETRY_BASE", "2", _seconds,
                           "first retry delay in seconds; doubles each attempt, with jitter"),
+    "learn_published": Setting("WXBOT_LEARN_PUBLISHED", "1", _flag,
+                               "1: once `learn --published` has run, learn each article the "
+                               "account publishes as WeChat announces it, and check the whole "
+                               "list once a day (new, changed, deleted); 0: off"),
 }
 
 
@@ -413,6 +428,7 @@ class Settings:
     context_chars: int
     stop_timeout: float
     retry_base: float
+    learn_published: bool
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -458,8 +474,12 @@ class Settings:
 
 
 def read_env_file(path: str) -> dict[str, str]:
-    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (comments, quotes)."""
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (comments, quotes). A
+    relative path in a setting that names a file is read beside the env file, wherever
+    wxbot is started from (the unit starts it in the env file's folder)."""
     values = {}
+    beside = {setting.env for setting in SETTINGS.values() if setting.file}
+    folder = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as env_file:
         for number, line in enumerate(env_file, 1):
             line = line.strip()
@@ -477,6 +497,9 @@ def read_env_file(path: str) -> dict[str, str]:
                 if line.partition("=")[2].strip()[0] == '"':
                     value = re.sub(r'\\(["\\$`n])',
                                    lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+            if key in beside and value.strip() not in ("", ":memory:") and \
+                    not value.startswith("file:"):  # SQLite's names for no file, a URI
+                value = os.path.join(folder, value.strip())
             values[key] = value
     return values
 
@@ -909,6 +932,85 @@ def create_private(path: str) -> None:
                         "chmod 600 %s*", path, mode, path)
 
 
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid with no name on this system (a container's, a deleted user's)
+        return f"uid {uid}"
+
+
+def access_problem(path: str, write: bool) -> tuple[str, str | None, str] | None:
+    """What keeps this user from reading the database at `path` (`write`: and changing it):
+    (the reason, the user who owns what stands in the way or None when it is missing, the
+    file or folder in the way); None when the modes allow it.
+
+    os.path.exists() says False alike for a missing file and for one in a folder this user
+    may not enter. In WAL mode a reader needs the -wal and -shm files too, or the right to
+    create them in the folder.
+    """
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+
+    def whose(name: str) -> tuple[str, str, str]:
+        found = os.stat(name)
+        what = "the folder " if os.path.isdir(name) else ""
+        owner = user_name(found.st_uid)
+        return f"{what}{name} is {owner}'s (mode {found.st_mode & 0o777:o})", owner, name
+
+    step = ""
+    for part in folder.split(os.sep):  # from / down: the first folder that shuts us out
+        step = os.path.join(step, part) if step else os.sep
+        if not os.path.isdir(step):
+            return f"there is no folder {step}", None, step
+        if not os.access(step, os.X_OK):
+            return whose(step)
+    if not write and not os.path.exists(path):
+        return None  # nothing stands in the way: there is no database
+    rights = os.R_OK | (os.W_OK if write else 0)
+    for name in (path, path + "-wal", path + "-shm"):
+        if os.path.exists(name):
+            if not os.access(name, rights):
+                return whose(name)
+        elif not os.access(folder, os.W_OK | os.X_OK):  # SQLite must create it there
+            return whose(folder)
+    return None
+
+
+class DatabaseUnusable(Exception):
+    """This user may not open the database (WXBOT_DB) for writing; the text says why, whose
+    it is, and what to do."""
+
+    def __init__(self, path: str, error: Exception):
+        reason, owner, where = access_problem(path, write=True) or (str(error), "", "")
+        me = user_name(os.getuid())
+        if owner is None:
+            advice = "correct WXBOT_DB, or create its folder"
+        elif not owner:  # the modes allow it: something else refused (a read-only disk...)
+            advice = "check WXBOT_DB and the folder's rights"
+        elif owner == "root":  # a folder made by root for a service that runs as another user
+            advice = (f"give it to {me} (sudo chown {me} {where}), or set WXBOT_DB to a "
+                      f"file in a folder {me} may write")
+        else:
+            advice = (f"run wxbot as {owner}, or set WXBOT_DB to a file in a folder {me} "
+                      f"may write")
+        super().__init__(f"cannot open the database {path} (WXBOT_DB): {reason}: {advice}")
+
+
+@contextlib.contextmanager
+def opening_for(path: str) -> Iterator[None]:
+    """Around opening the database: DatabaseUnusable where this user may not write it (a
+    folder of another user's, a file of another user's, no folder at all)."""
+    try:
+        yield
+    except OSError as error:
+        raise DatabaseUnusable(path, error) from None
+    except sqlite3.OperationalError as error:  # "attempt to write a readonly database"...
+        if path == ":memory:" or path.startswith("file:") or \
+                not access_problem(path, write=True):
+            raise
+        raise DatabaseUnusable(path, error) from None
+
+
 class Store:
     """The SQLite database: queue, segments, history and the token cache."""
 
@@ -917,7 +1019,8 @@ class Store:
         if sqlite3.sqlite_version_info < (3, 35):  # UPDATE ... RETURNING claims a message
             raise RuntimeError(f"SQLite 3.35 or newer is needed; this Python has "
                                f"{sqlite3.sqlite_version} (use Debian 12 / Ubuntu 22.04 or newer)")
-        create_private(path)
+        with opening_for(path):
+            create_private(path)
         self.path = path
         self.busy_timeout = busy_timeout
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
@@ -937,7 +1040,7 @@ class Store:
         #: Set while writes fail for want of space; workers pause, the webhook answers 503.
         self.disk_full = False
         self._disk_lock = threading.Lock()
-        with self.connection() as conn:
+        with opening_for(path), self.connection() as conn:
             self._compactable(conn, free_space)
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
             # commit through a process crash (kill -9), losing at most the last ones on power loss.
@@ -1876,6 +1979,704 @@ class Store:
 
 
 ###############################################################################
+# Articles: the account's own writing #########################################
+###############################################################################
+
+@dataclasses.dataclass(frozen=True)
+class Passage:
+    """A piece of an article that may answer a question, with what names its article."""
+
+    source_id: int
+    title: str          # the article's title (or file name when it has none)
+    url: str            # "" for a file with no URL
+    date: str           # "YYYY-MM-DD" or ""
+    text: str           # a few hundred characters cut at paragraph/sentence ends
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One learned article, page or file."""
+
+    id: int
+    kind: str           # "published" | "url" | "file"
+    origin: str         # article_id / URL / absolute path: what identifies it when learned again
+    title: str
+    url: str
+    date: str
+    passages: int
+    learned_at: float
+
+
+class LearnError(Exception):
+    """A source could not be learned; the message says why, for the owner."""
+
+
+ARTICLES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS article_sources (
+    id         INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL CHECK (kind IN ('published', 'url', 'file')),
+    origin     TEXT NOT NULL UNIQUE,
+    title      TEXT NOT NULL,
+    url        TEXT NOT NULL DEFAULT '',
+    date       TEXT NOT NULL DEFAULT '',
+    passages   INTEGER NOT NULL,
+    chars      INTEGER NOT NULL,
+    digest     TEXT NOT NULL,  -- of title and text: a sync skips what did not change
+    learned_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS article_passages (
+    id        INTEGER PRIMARY KEY,  -- the rowid of its terms in article_terms
+    source_id INTEGER NOT NULL REFERENCES article_sources (id) ON DELETE CASCADE,
+    text      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS article_passages_source ON article_passages (source_id);
+-- The words of each passage and of its article's title as article_terms() spells them:
+-- characters and pairs of characters, so that a two-character word (退款) matches, which
+-- FTS5's trigram tokenizer cannot. Contentless (the text is in article_passages) and without
+-- positions (a pair is its own term, no phrase query is needed): the index stays small.
+CREATE VIRTUAL TABLE IF NOT EXISTS article_terms USING fts5 (
+    title, body, content='', detail='column', tokenize='unicode61 remove_diacritics 0');
+CREATE VIRTUAL TABLE IF NOT EXISTS article_vocabulary USING fts5vocab (article_terms, 'row');
+CREATE TABLE IF NOT EXISTS article_uses (
+    message_id INTEGER PRIMARY KEY,
+    at         REAL NOT NULL,
+    given      INTEGER NOT NULL,
+    cited      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS article_uses_at ON article_uses (at);
+CREATE TABLE IF NOT EXISTS article_state (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+#: Bumped when article_terms() spells terms differently: the index is then built again,
+#: since a contentless index can only delete a passage's terms spelled as they were added.
+TERMS_VERSION = 1
+
+#: Chinese, Japanese kana and Korean letters: a character of these is a word of its own.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+#: A run of CJK characters, or a Latin word or number (V60, 39, 4.5): linear, no overlap.
+_TERM_RUNS = re.compile(rf"([{_CJK}]+)|([0-9]+\.[0-9]+|[a-z0-9]+)")
+#: Characters that carry no meaning of their own in a question (particles, pronouns).
+QUESTION_FILLER = frozenset("的了吗呢吧啊呀哦嘛么是在和与或就都也还又很太我你他她它们这那哪个些请问想"
+                            "怎样什为把被给让从对到于之其及而哈嗯噢喔哎诶呗咋啥吶可以能会要有没不几")
+
+
+#: Words that ask rather than say: the answer holds a number or a name in their place.
+QUESTION_WORDS = re.compile("多少钱|几块钱|多少|几点|多久|多长时间|怎么样|怎么|什么|哪里|哪儿|哪些|哪个|为什么|"
+                            "是不是|有没有|能不能|可不可以|请问|一下")
+
+
+def _word(word: str) -> str:
+    """A Latin word or number as it is indexed: a number without leading zeros, its decimal
+    point a letter (the tokenizer splits at a point)."""
+    if word.isdigit() or "." in word:
+        word = (word.lstrip("0") or "0").replace(".", "p")
+    return word
+
+
+def article_terms(text: str) -> list[str]:
+    """The terms a text is indexed by: each CJK character and each pair of neighbours, each
+    Latin word and number (folded: full-width, case, leading zeros), and a number with the
+    character after it (39元, 8月)."""
+    folded = unicodedata.normalize("NFKC", text).lower()
+    terms: list[str] = []
+    last_end, last_number = -1, ""
+    for match in _TERM_RUNS.finditer(folded):
+        run, word = match.group(1), match.group(2)
+        if run:
+            terms.extend(run)
+            terms.extend(run[i:i + 2] for i in range(len(run) - 1))
+            if last_number and match.start() == last_end:
+                terms.append(last_number + run[0])
+            last_number = ""
+        else:
+            word = _word(word)
+            last_number = word if word[0].isdigit() else ""
+            terms.append(word)
+        last_end = match.end()
+    return terms
+
+
+def question_units(text: str) -> dict[str, set[str]]:
+    """What a question asks about, unit by unit: each meaningful CJK character and each Latin
+    word or number, with the terms that show the unit in the question's own context (the
+    character paired with a neighbour). A character found alone in a passage is weak
+    evidence; found in one of its pairs, strong. Pairs that span two words (周末几点 gives 末几)
+    need not exist anywhere: they simply show nothing."""
+    folded = QUESTION_WORDS.sub(" ", unicodedata.normalize("NFKC", text).lower())
+    units: dict[str, set[str]] = {}
+    for match in _TERM_RUNS.finditer(folded):
+        run, word = match.group(1), match.group(2)
+        if word:
+            units.setdefault(_word(word), set())
+            continue
+        for i, char in enumerate(run):
+            if char in QUESTION_FILLER:
+                continue
+            pairs = units.setdefault(char, set())
+            pairs.update(run[j:j + 2] for j in (i - 1, i) if j >= 0 and j + 2 <= len(run))
+            if len(run) == 1:
+                pairs.add(char)  # a word of one character: found alone is found
+    return units
+
+
+#: A passage is cut at the end of a paragraph or sentence once it has this many characters;
+#: a longer paragraph is cut at its sentence ends.
+PASSAGE_CHARS = 260
+PASSAGE_MAX = 500
+_SENTENCE_END = re.compile(r"(?<=[。！？!?；;…])")
+
+
+def passages_of(text: str) -> list[str]:
+    """The text cut into passages of about PASSAGE_CHARS, at paragraph and sentence ends."""
+    pieces: list[str] = []
+    for paragraph in (line.strip() for line in text.splitlines()):
+        if not paragraph:
+            continue
+        if len(paragraph) <= PASSAGE_MAX:
+            pieces.append(paragraph)
+            continue
+        sentence = ""
+        for part in _SENTENCE_END.split(paragraph):
+            if sentence and len(sentence) + len(part) > PASSAGE_CHARS:
+                pieces.append(sentence)
+                sentence = ""
+            sentence += part
+            while len(sentence) > PASSAGE_MAX:  # a run with no sentence end at all
+                pieces.append(sentence[:PASSAGE_MAX])
+                sentence = sentence[PASSAGE_MAX:]
+        if sentence:
+            pieces.append(sentence)
+    passages: list[str] = []
+    current = ""
+    for piece in pieces:
+        if current and len(current) + len(piece) > PASSAGE_CHARS:
+            passages.append(current)
+            current = ""
+        current = f"{current}\n{piece}" if current else piece
+    if current:
+        passages.append(current)
+    return passages
+
+
+#: The kinds of file `learn` reads; a folder is searched for these, recursively.
+ARTICLE_FILES = (".md", ".markdown", ".txt", ".html", ".htm")
+
+
+def article_files(folder: str) -> Iterator[str]:
+    """The files `learn FOLDER` reads, in name order; hidden files and folders skipped."""
+    for root, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in ARTICLE_FILES:
+                yield os.path.join(root, name)
+
+
+_MARKDOWN_HEADING = re.compile(r"#{1,6}[ \t]+")
+
+
+def markdown_text(content: str) -> tuple[str, str]:
+    """A Markdown or plain-text file's title (its first heading, if any) and text."""
+    title, lines = "", []
+    for line in content.splitlines():
+        heading = _MARKDOWN_HEADING.match(line)
+        if heading:
+            line = line[heading.end():].strip().rstrip("#").strip()
+            title = title or line
+        lines.append(line)
+    return title, "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """A fetched web page: where it ended up (after redirects) and its HTML as text."""
+
+    url: str
+    html: str
+
+
+#: Sent with every page fetched: some sites refuse a client that does not name itself.
+USER_AGENT = (f"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+              f"Chrome/124.0 Safari/537.36 wxbot/{__version__}")
+#: A page larger than this is not an article.
+PAGE_BYTES = 5 * 1024 * 1024
+
+
+def fetch_page(url: str, timeout: float = 20.0) -> Page:
+    """GET a page as a browser would (one at a time: `learn` fetches in turn); LearnError
+    says why it could not be had."""
+    try:
+        with requests.get(url, timeout=timeout, stream=True, headers={
+                "User-Agent": USER_AGENT, "Accept": "text/html,application/xhtml+xml",
+                "Accept-Language": "zh-CN,zh;q=0.9"}) as response:
+            if response.status_code != 200:
+                raise LearnError(f"the server answered HTTP {response.status_code}")
+            kind = response.headers.get("Content-Type", "text/html")
+            if "html" not in kind and "text" not in kind:
+                raise LearnError(f"not a web page ({kind.split(';')[0]})")
+            body = response.raw.read(PAGE_BYTES + 1, decode_content=True)
+            if len(body) > PAGE_BYTES:
+                raise LearnError(f"the page is larger than {PAGE_BYTES // 1024 // 1024} MB")
+            final = response.url
+            declared = response.encoding if "charset" in kind.lower() else None
+    except requests.exceptions.SSLError:
+        raise LearnError("its HTTPS certificate is not valid") from None
+    except requests.Timeout:
+        raise LearnError(f"no answer within {timeout:.0f} s") from None
+    except requests.ConnectionError:
+        raise LearnError("cannot connect to its server") from None
+    except requests.RequestException as error:
+        raise LearnError(f"cannot fetch it ({type(error).__name__})") from None
+    found = re.search(rb"<meta[^>]{0,200}?charset=[\"']?([\w-]{1,20})", body[:4096], re.I)
+    charset = declared or (found.group(1).decode("ascii") if found else "utf-8")
+    try:
+        return Page(final, body.decode(charset, errors="replace"))
+    except LookupError:
+        return Page(final, body.decode("utf-8", errors="replace"))
+
+
+#: Elements whose content is no text of the article.
+_HIDDEN = {"script", "style", "noscript", "template", "svg", "iframe", "head", "nav", "aside",
+           "footer", "form", "button", "select", "textarea", "object", "canvas"}
+#: Elements that end a line: paragraphs, list items, headings, table rows, breaks.
+_BLOCKS = {"p", "div", "section", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr",
+           "blockquote", "article", "main", "header", "ul", "ol", "table", "pre", "hr", "dd",
+           "dt", "figcaption", "td", "th"}
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+         "source", "track", "wbr"}
+#: Where an article's text is, most telling first: a 公众号 article's body, then any page's.
+_TEXT_REGIONS = ("js_content", "article", "main", "body")
+
+
+_SPACES = re.compile(r"\s+")
+
+
+class _PageReader(html.parser.HTMLParser):
+    """Collects a page's title, its date when it says one, and the text of each region."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.title, self.og_title, self.h1_title = "", "", ""
+        self.published = ""
+        self.regions: dict[str, list[str]] = {name: [] for name in _TEXT_REGIONS}
+        self._open: list[tuple[str, str | None]] = []  # (tag, the region it opened)
+        self._hidden = 0
+        self._in_title = self._in_h1 = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "meta":
+            name = (attrs.get("property") or attrs.get("name") or "").lower()
+            if name == "og:title":
+                self.og_title = attrs.get("content") or ""
+            elif name in ("article:published_time", "og:article:published_time"):
+                self.published = (attrs.get("content") or "")[:10]
+            return
+        if tag in _VOID:
+            if tag in _BLOCKS:
+                self._text("\n")
+            return
+        region = ("js_content" if attrs.get("id") == "js_content" else
+                  tag if tag in ("article", "main", "body") else None)
+        self._open.append((tag, region))
+        self._hidden += tag in _HIDDEN
+        if tag == "title":
+            self._in_title = True
+        elif tag == "h1" and attrs.get("id") == "activity-name":
+            self._in_h1 = True
+        if tag in _BLOCKS:
+            self._text("\n")
+
+    def handle_endtag(self, tag):
+        if tag in _VOID or not any(name == tag for name, _ in self._open):
+            return  # a stray end tag
+        while self._open:
+            name, _ = self._open.pop()
+            self._hidden -= name in _HIDDEN
+            if name == "title":
+                self._in_title = False
+            elif name == "h1":
+                self._in_h1 = False
+            if name == tag:
+                break
+        if tag in _BLOCKS:
+            self._text("\n")
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title += data
+        if self._in_h1:
+            self.h1_title += data
+        if not self._hidden:  # a line break in the source is a space; blocks end lines
+            self._text(_SPACES.sub(" ", data))
+
+    def _text(self, data: str) -> None:
+        # Text in no region is the body's: a fragment of a page (a published article's
+        # content) has no <body>.
+        for region in {region for _, region in self._open if region} or {"body"}:
+            self.regions[region].append(data)
+
+
+def page_text(page: str, url: str) -> tuple[str, str, str]:
+    """A page's title, text and date (YYYY-MM-DD or ""): a 公众号 article's title from og:title
+    or h1#activity-name and text from #js_content; any other page's <title> and the text of
+    its <article>, <main> or <body>. Paragraphs and list items are lines; scripts, styles,
+    images and the editor's wrapper markup are dropped, entities decoded. LearnError for a
+    WeChat verification page."""
+    reader = _PageReader()
+    reader.feed(page)
+    reader.close()
+    text = ""
+    for region in _TEXT_REGIONS:
+        lines = (" ".join(line.split()) for line in "".join(reader.regions[region]).splitlines())
+        text = "\n".join(line for line in lines if line)
+        if text:
+            break
+    wechat = "mp.weixin.qq.com" in urllib.parse.urlsplit(url).netloc
+    if wechat and not reader.regions["js_content"] and re.search(
+            "环境异常|完成验证|去验证|访问过于频繁", text):
+        raise LearnError("WeChat answered with a verification page (环境异常) instead of the "
+                         "article: wait a while and learn it again, or save the page from a "
+                         "browser and learn the .html file")
+    title = " ".join((reader.og_title or reader.h1_title or reader.title).split())
+    date = reader.published if re.fullmatch(r"\d{4}-\d\d-\d\d", reader.published) else ""
+    created = re.search(r"""\bvar\s+ct\s*=\s*["']?(\d{9,11})""", page) \
+        if wechat or reader.regions["js_content"] else None  # a 公众号 article's publish time
+    if created and not date:
+        date = china_date(float(created.group(1)))
+    return title, text, date
+
+
+def china_date(timestamp: float) -> str:
+    """A Unix time as the date in China (UTC+8), where the account's readers are."""
+    return time.strftime("%Y-%m-%d", time.gmtime(timestamp + 8 * 3600))
+
+
+def article_digest(title: str, text: str, url: str, date: str) -> str:
+    """What tells a changed article from an unchanged one."""
+    return hashlib.sha256(f"{title}\n{url}\n{date}\n{text}".encode("utf-8")).hexdigest()
+
+
+class Articles:
+    """The account's articles in the bot's SQLite database: own tables, own connections.
+
+    Safe while the server runs and from several threads: each thread has its connection,
+    and the database is in WAL mode, so a `learn` in another process never blocks a search.
+    """
+
+    #: At most this many passages go with a question.
+    MOST = 5
+    #: Candidates BM25 brings before they are weighed against the question.
+    CANDIDATES = 40
+
+    def __init__(self, db_path: str, busy_timeout: float = 15.0):
+        create_private(db_path)
+        self.path, self.busy_timeout = db_path, busy_timeout
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        conn = self._conn()
+        # Before the first table, as the Store does: deleted rows give their pages back.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(f"BEGIN IMMEDIATE; {ARTICLES_SCHEMA} COMMIT;")
+        with self._write() as conn:
+            version = conn.execute("SELECT value FROM article_state WHERE key = 'terms'"
+                                   ).fetchone()
+            if version is None or int(version[0]) != TERMS_VERSION:
+                self._reindex(conn)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=self.busy_timeout)
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._opened.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for conn in opened:
+            conn.close()
+        self._local = threading.local()
+
+    # Learning ---------------------------------------------------------------
+
+    def _reindex(self, conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO article_terms (article_terms) VALUES ('delete-all')")
+        for row in conn.execute("SELECT p.id, p.text, s.title FROM article_passages p"
+                                " JOIN article_sources s ON s.id = p.source_id").fetchall():
+            conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
+                         (row[0], " ".join(article_terms(row[2])),
+                          " ".join(article_terms(row[1]))))
+        conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('terms', ?)",
+                     (str(TERMS_VERSION),))
+
+    @staticmethod
+    def _unindex(conn: sqlite3.Connection, source_id: int) -> None:
+        """Remove a source's passages and their terms (spelled as they were added)."""
+        title = conn.execute("SELECT title FROM article_sources WHERE id = ?",
+                             (source_id,)).fetchone()
+        if title is None:
+            return
+        title_terms = " ".join(article_terms(title[0]))
+        for passage_id, text in conn.execute(
+                "SELECT id, text FROM article_passages WHERE source_id = ?",
+                (source_id,)).fetchall():
+            conn.execute("INSERT INTO article_terms (article_terms, rowid, title, body)"
+                         " VALUES ('delete', ?, ?, ?)",
+                         (passage_id, title_terms, " ".join(article_terms(text))))
+        conn.execute("DELETE FROM article_passages WHERE source_id = ?", (source_id,))
+
+    def learn_text(self, kind: str, origin: str, title: str, text: str, url: str = "",
+                   date: str = "", now: float | None = None) -> Source:
+        """Learn a text as passages, replacing what was learned before from the same origin."""
+        title = " ".join(title.split()) or os.path.basename(origin) or origin
+        if kind not in ("published", "url", "file"):
+            raise ValueError(f"kind must be published, url or file, not {kind!r}")
+        pieces = passages_of(text)
+        if not pieces:
+            raise LearnError("no text in it")
+        digest = article_digest(title, text, url, date)
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+                               (origin,)).fetchone()
+            if row:
+                self._unindex(conn, row[0])
+                conn.execute("UPDATE article_sources SET kind = ?, title = ?, url = ?,"
+                             " date = ?, passages = ?, chars = ?, digest = ?, learned_at = ?"
+                             " WHERE id = ?", (kind, title, url, date, len(pieces),
+                                               sum(map(len, pieces)), digest, now, row[0]))
+                source_id = row[0]
+            else:
+                source_id = conn.execute(
+                    "INSERT INTO article_sources (kind, origin, title, url, date, passages,"
+                    " chars, digest, learned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, origin, title, url, date, len(pieces), sum(map(len, pieces)),
+                     digest, now)).lastrowid
+            title_terms = " ".join(article_terms(title))
+            for piece in pieces:
+                passage_id = conn.execute("INSERT INTO article_passages (source_id, text)"
+                                          " VALUES (?, ?)", (source_id, piece)).lastrowid
+                conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
+                             (passage_id, title_terms, " ".join(article_terms(piece))))
+        return Source(source_id, kind, origin, title, url, date, len(pieces), now)
+
+    def forget(self, origin_or_id: str) -> bool:
+        """Forget a source by its origin (URL, path, article_id) or its id; False if unknown."""
+        origin_or_id = str(origin_or_id)
+        with self._write() as conn:
+            row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+                               (origin_or_id,)).fetchone()
+            if row is None and origin_or_id.isdigit():
+                row = conn.execute("SELECT id FROM article_sources WHERE id = ?",
+                                   (int(origin_or_id),)).fetchone()
+            if row is None and os.path.exists(origin_or_id):
+                row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+                                   (os.path.abspath(origin_or_id),)).fetchone()
+            if row is None:
+                return False
+            # A published post's second and later articles are article_id/2, article_id/3...
+            ids = [row[0]] + [other for (other,) in conn.execute(
+                "SELECT id FROM article_sources WHERE kind = 'published' AND origin > ?"
+                " AND origin < ?", (origin_or_id + "/", origin_or_id + "0"))]
+            for source_id in ids:
+                self._unindex(conn, source_id)
+                conn.execute("DELETE FROM article_sources WHERE id = ?", (source_id,))
+        return True
+
+    def digests(self, kind: str) -> dict[str, str]:
+        """Each learned source of a kind, by origin: what it was learned from, as
+        article_digest() summed it up (a sync skips the unchanged ones)."""
+        return dict(self._conn().execute("SELECT origin, digest FROM article_sources"
+                                         " WHERE kind = ?", (kind,)))
+
+    def sources(self) -> list[Source]:
+        """Every learned source, newest article first."""
+        return [Source(*row) for row in self._conn().execute(
+            "SELECT id, kind, origin, title, url, date, passages, learned_at"
+            " FROM article_sources ORDER BY date DESC, id DESC")]
+
+    def last_sync(self) -> float | None:
+        """When the published articles were last synced (None: never, so no sync)."""
+        row = self._conn().execute("SELECT value FROM article_state WHERE key = 'synced'"
+                                   ).fetchone()
+        return float(row[0]) if row else None
+
+    def note_sync(self, at: float) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES"
+                         " ('synced', ?)", (repr(at),))
+
+    # Learning from pages, files and folders ---------------------------------
+
+    def learn(self, source: str, fetch: Callable[[str], "Page"] | None = None,
+              now: float | None = None) -> Source:
+        """Learn a URL, a file (.md, .txt, .html) or a folder (its files of those kinds,
+        recursively): the CLI's `learn SOURCE`. A folder returns its last file's Source and
+        raises LearnError naming each file that failed, once the others are learned
+        (learn_many tells file by file). LearnError says why a source was not learned."""
+        failed, learned = [], None
+        for name, outcome in self.learn_many([source], fetch, now):
+            if isinstance(outcome, LearnError):
+                failed.append(f"{name}: {outcome}" if name != source else str(outcome))
+            else:
+                learned = outcome
+        if failed:
+            raise LearnError("; ".join(failed))
+        return learned
+
+    def learn_many(self, sources: Iterable[str], fetch: Callable[[str], "Page"] | None = None,
+                   now: float | None = None
+                   ) -> Iterator[tuple[str, Source | LearnError]]:
+        """Learn each source in turn (a folder's files one by one): (its name, the Source
+        learned, or the LearnError that says why not). One bad source stops no other."""
+        fetch = fetch or fetch_page
+        for source in sources:
+            if re.match(r"https?://", source, re.I):
+                yield source, self._catch(lambda: self._learn_url(source, fetch, now))
+            elif os.path.isdir(source):
+                files = list(article_files(source))
+                if not files:
+                    yield source, LearnError("no .md, .txt or .html file in this folder")
+                for path in files:
+                    yield path, self._catch(lambda: self._learn_file(path, now))
+            else:
+                yield source, self._catch(lambda: self._learn_file(source, now))
+
+    @staticmethod
+    def _catch(learn: Callable[[], Source]) -> Source | LearnError:
+        try:
+            return learn()
+        except LearnError as error:
+            return error
+
+    def _learn_url(self, url: str, fetch: Callable[[str], "Page"], now: float | None) -> Source:
+        page = fetch(url)
+        title, text, date = page_text(page.html, page.url)
+        if not text.strip():
+            raise LearnError("the page has no text")
+        return self.learn_text("url", url, title or page.url, text, url=page.url, date=date,
+                               now=now)
+
+    def _learn_file(self, path: str, now: float | None) -> Source:
+        path = os.path.abspath(path)
+        extension = os.path.splitext(path)[1].lower()
+        if extension not in ARTICLE_FILES:
+            raise LearnError(f"not a .md, .txt or .html file, nor a folder, nor an http(s) URL")
+        try:
+            with open(path, "rb") as file:
+                raw = file.read()
+            date = time.strftime("%Y-%m-%d", time.localtime(os.path.getmtime(path)))
+        except OSError as error:
+            raise LearnError(f"cannot read it: {error.strerror or error}") from None
+        try:
+            content = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise LearnError("not UTF-8 text: save it as UTF-8 and learn it again") from None
+        if not content.strip():
+            raise LearnError("the file is empty")
+        if extension in (".html", ".htm"):
+            title, text, _ = page_text(content, "")
+        else:
+            title, text = markdown_text(content)
+        if not text.strip():
+            raise LearnError("no text in it")
+        return self.learn_text("file", path, title or os.path.basename(path), text, date=date,
+                               now=now)
+
+    # Use --------------------------------------------------------------------
+
+    def note_use(self, message_id: int, at: float, given: int, cited: int) -> None:
+        """Record, per answered question, how many passages went to the model and how many
+        the answer cited (0 given = a question no article covered)."""
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO article_uses (message_id, at, given, cited)"
+                         " VALUES (?, ?, ?, ?)", (message_id, at, given, cited))
+
+    def uses_since(self, since: float) -> tuple[int, int, int]:
+        """(questions asked, questions given passages, questions answered with a citation)."""
+        row = self._conn().execute(
+            "SELECT count(*), coalesce(sum(given > 0), 0), coalesce(sum(cited > 0), 0)"
+            " FROM article_uses WHERE at >= ?", (since,)).fetchone()
+        return row[0], row[1], row[2]
+
+    # Finding ----------------------------------------------------------------
+
+    #: A passage goes with the question only when what it shows of the question weighs this
+    #: share of the question (each unit weighed by how rare it is in the articles).
+    FLOOR = 0.5
+    #: What a character found alone in a passage (not beside its neighbour) counts for.
+    ALONE = 0.3
+    #: How much the earlier question's units weigh beside the question's own.
+    EARLIER_WEIGHT = 0.5
+
+    def find(self, question: str, earlier: Sequence[str] = ()) -> list[Passage]:
+        """Passages that answer `question` (with the user's earlier question(s) for a
+        follow-up), best first, at most a handful; [] when nothing relevant (relevance floor)."""
+        units = {unit: (1.0, pairs) for unit, pairs in question_units(question).items()}
+        for before in list(earlier)[-1:]:
+            for unit, pairs in question_units(before).items():
+                units.setdefault(unit, (self.EARLIER_WEIGHT, pairs))
+        if not units:
+            return []
+        conn = self._conn()
+        total = conn.execute("SELECT count(*) FROM article_passages").fetchone()[0]
+        terms = set(units) | {pair for _, pairs in units.values() for pair in pairs}
+        if not total:
+            return []
+        found_in = dict(conn.execute(
+            f"SELECT term, doc FROM article_vocabulary WHERE term IN"
+            f" ({', '.join('?' * len(terms))})", list(terms)).fetchall())
+        # Searched for: the pairs that exist, and a character only where none of its does.
+        searched = set()
+        for unit, (_, pairs) in units.items():
+            present = {pair for pair in pairs if pair in found_in}
+            searched |= present or ({unit} if unit in found_in else set())
+        if not searched:
+            return []
+        weight = {unit: importance * math.log((total - found_in.get(unit, 0) + 0.5) /
+                                              (found_in.get(unit, 0) + 0.5) + 1)
+                  for unit, (importance, _) in units.items()}
+        whole = sum(weight.values())
+        rows = conn.execute(
+            "SELECT p.id, p.text, s.id, s.title, s.url, s.date, bm25(article_terms, 3.0, 1.0)"
+            " FROM article_terms JOIN article_passages p ON p.id = article_terms.rowid"
+            " JOIN article_sources s ON s.id = p.source_id"
+            " WHERE article_terms MATCH ? ORDER BY rank LIMIT ?",
+            (" OR ".join(f'"{term}"' for term in searched), self.CANDIDATES)).fetchall()
+        scored = []
+        for passage_id, text, source_id, title, url, date, rank in rows:
+            shown = set(article_terms(text)) | set(article_terms(title))
+            share = sum(weight[unit] * (1.0 if unit in shown and (not pairs or pairs & shown)
+                                        else self.ALONE if unit in shown else 0.0)
+                        for unit, (_, pairs) in units.items()) / whole
+            if share >= self.FLOOR:
+                scored.append((share, -rank, Passage(source_id, title, url, date, text)))
+        scored.sort(key=lambda item: (item[0], item[1]), reverse=True)
+        return [passage for _, _, passage in scored[:self.MOST]]
+
+
+###############################################################################
 # WeChat protocol: signatures, encryption, XML ################################
 ###############################################################################
 
@@ -1977,7 +2778,9 @@ BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def parse_xml(body: bytes) -> dict[str, str]:
-    """The fields of an <xml> push: each child's text; a child with children of its own is "".
+    """The fields of an <xml> push: each child's text; a child with children of its own is "",
+    and its own children's texts are fields too, under their names, when no child of <xml>
+    has the name (PUBLISHJOBFINISH's article_id is inside <PublishEventInfo>).
 
     UTF-8 only. The parser itself refuses a DOCTYPE or an entity declaration, so no entity is
     ever expanded (billion laughs, XXE), while markup quoted inside CDATA stays the user's text.
@@ -1988,6 +2791,7 @@ def parse_xml(body: bytes) -> dict[str, str]:
         raise BadPush("the body is not UTF-8 (a byte-order mark or a NUL byte)")
     fields: dict[str, str] = {}
     depth, text, nested = 0, [], False
+    inner: list = []  # [name, texts] of the grandchild being read, while it has no children
 
     def declaration(version, encoding, standalone):
         if encoding and encoding.lower() not in ("utf-8", "utf8"):
@@ -2008,6 +2812,10 @@ def parse_xml(body: bytes) -> dict[str, str]:
             text.clear()
             nested = False
         nested = nested or depth >= 2
+        if depth == 2:
+            inner[:] = [tag, []]
+        elif depth > 2:
+            inner.clear()
         depth += 1
 
     def end(tag):
@@ -2015,10 +2823,16 @@ def parse_xml(body: bytes) -> dict[str, str]:
         depth -= 1
         if depth == 1:
             fields[tag] = "" if nested else "".join(text).strip()
+        elif depth == 2 and inner:
+            if len(fields) < MAX_FIELDS:
+                fields.setdefault(inner[0], "".join(inner[1]).strip())
+            inner.clear()
 
     def characters(data):
         if depth == 2:
             text.append(data)
+        elif depth == 3 and inner:
+            inner[1].append(data)
 
     parser = xml.parsers.expat.ParserCreate("utf-8")
     parser.buffer_text = True
@@ -2406,6 +3220,15 @@ class WeChatAPI:
 
     def menu_delete(self) -> None:
         self.call("/cgi-bin/menu/delete")
+
+    def published(self, offset: int, count: int = 20) -> dict:
+        """A page of the articles published with 发布, their content included (WECHAT.md §9)."""
+        return self.call("/cgi-bin/freepublish/batchget",
+                         {"offset": offset, "count": count, "no_content": 0})
+
+    def published_article(self, article_id: str) -> dict:
+        """One published post's articles (news_item), as WeChat pushed its article_id."""
+        return self.call("/cgi-bin/freepublish/getarticle", {"article_id": article_id})
 
     def typing(self, openid: str, command: str = "Typing") -> None:
         """Show "typing"; every error is harmless (45080 too late, 45081 already shown)."""
@@ -2999,6 +3822,12 @@ def next_send(rows: list, quota: int, streaming: bool, answer_id: int
     return None
 
 
+def anchor_tag(url: str) -> str:
+    """The <a> that opens a link to url, which can end neither the attribute nor the tag."""
+    return '<a href="{}">'.format(url.replace('"', "%22").replace("<", "%3C")
+                                  .replace(">", "%3E"))
+
+
 class Markdown:
     """Turns a model's Markdown into plain text, one line at a time, since WeChat shows the
     marks as they are. Markup the model wrote is shown as text (MARKUP_OPEN); its http(s)
@@ -3073,8 +3902,7 @@ class Markdown:
         """A Markdown link: an http(s) one as <a>, its tags parked in `kept` so that no rule
         touches the address (its text still reads as any text); any other as text (address)."""
         text, url = match.groups()
-        tag = '<a href="{}">'.format(url.replace('"', "%22").replace("<", "%3C")
-                                     .replace(">", "%3E"))
+        tag = anchor_tag(url)
         if not self.WEB.match(url) or utf8_len(tag + text + "</a>") > LINK_MOST:
             return f"{text} ({url})"
         kept += [tag, "</a>"]
@@ -3123,13 +3951,16 @@ class StreamCutter:
                 self.looked, taken = 0, True
         return self._segments(final=False) if taken else []  # nothing new to cut
 
-    def finish(self) -> list[str]:
-        """The rest, once the model has finished."""
+    def finish(self, tail: str = "") -> list[str]:
+        """The rest, once the model has finished. `tail`: plain text that ends the answer as
+        it is, after a blank line (the 来源 line, whose links are wxbot's own, not markup)."""
         if self.line:
             self._take(self.line, whole=True)
             self.line = ""
         if self.blocks and self.blocks[-1][1] is None:  # a code block never closed
             self.blocks[-1][1] = len(self.plain.rstrip("\n"))
+        if tail:
+            self.plain = self.plain.rstrip("\n") + "\n\n" + tail if self.plain.strip() else tail
         return self._segments(final=True)
 
     @property
@@ -3208,6 +4039,216 @@ def split_segments(text: str, limit: int = SEGMENT_LIMIT, markdown: bool = True)
 
 
 ###############################################################################
+# Citing articles: passages for the model, links for the reader ###############
+###############################################################################
+
+#: Added to the owner's WXBOT_SYSTEM_PROMPT when passages of the account's articles go with a
+#: question (and only then: a question no article covers costs no token more).
+ARTICLES_PROMPT = (
+    "用户的问题前附有本公众号文章的段落，每段以编号、标题和日期开头，如 [1] 《标题》 (2025-08-01)。"
+    "这些段落能回答问题时，请依据它们回答，并在用到的内容后标上段落的编号，如 [1] 或 [1][2]；"
+    "它们回答不了问题时，请说明公众号的文章里没有提到，不要编造。"
+    "两篇文章说法不一致时，以日期较新的为准，可以说明以前的说法已经更新。"
+    "不要自己写出处、标题或链接：回答末尾会附上所引文章的链接。"
+)
+PASSAGES_HEAD = "公众号文章中的相关段落："
+QUESTION_HEAD = "用户的问题："
+SOURCES_HEAD = "来源："
+#: The answer links to at most this many articles: the ones it cited first.
+MOST_SOURCES = 3
+
+
+def passage_heading(number: int, passage: Passage) -> str:
+    """`[1] 《标题》 (2025-08-01)`: how a passage is headed for the model."""
+    date = f" ({passage.date})" if passage.date else ""
+    return f"[{number}] 《{passage.title.strip('《》 ')}》{date}"
+
+
+def with_passages(question: str, passages: list[Passage]) -> str:
+    """The question as the model gets it: the passages first, numbered, then the question;
+    the question alone when no passage goes with it."""
+    if not passages:
+        return question
+    numbered = "\n\n".join(f"{passage_heading(number, passage)}\n{passage.text.strip()}"
+                           for number, passage in enumerate(passages, 1))
+    return f"{PASSAGES_HEAD}\n\n{numbered}\n\n{QUESTION_HEAD}{question}"
+
+
+def source_link(passage: Passage) -> str:
+    """An article as the 来源 line names it: its title as a link, or as text for a file with no
+    (web) URL or a link too long for one segment. Title and URL come from pages learned, so
+    neither may plant markup of its own (MARKUP_OPEN)."""
+    title = "《{}》".format(passage.title.strip("《》 ").replace("<", "＜").replace(">", "＞"))
+    tag = anchor_tag(passage.url)
+    if not Markdown.WEB.match(passage.url) or utf8_len(tag + title + "</a>") > LINK_MOST:
+        return title
+    return f"{tag}{title}</a>"
+
+
+class Citations:
+    """Turns the model's citation markers into the links of the 来源 line, while it streams.
+
+    The model cites the passages it was given as [1], [1][2], [1, 2], 【1】 or ［1］: each
+    marker leaves the text (with the spaces before it), and `sources()` names the articles
+    cited, in the order first cited, each once. A number no passage has (an invented [9])
+    goes too. A marker split across pieces is held back until it is whole, so the text and
+    the sources are the same whatever the pieces. A bracket that is no marker ([注意], a
+    year [2025], a link's [1](...)) and code (inline or fenced) stay as written.
+    Linear time: one regular expression (a character class) finds the next character that
+    matters, and a marker is held back for MARKER_MOST characters at most.
+    """
+
+    OPEN, CLOSE = "[【［", "]】］"
+    #: Between the numbers of one marker: [1, 2], [1，2], [1、2].
+    SEPARATORS = ",，、 "
+    #: A longer bracket is text: how much may be held back.
+    MARKER_MOST = 16
+    #: Spaces held back before what may be a marker; more than this stay.
+    SPACES_MOST = 4
+    #: What may open a marker, a code fence or inline code, or end a line.
+    NOTABLE = re.compile("[\\[【［`~\n]")
+
+    def __init__(self, passages: list[Passage]):
+        self.passages = passages
+        self.cited: list[int] = []   # indices of the passages cited, in the order first cited
+        self.spaces = ""             # spaces written last, held back: a marker may follow
+        self.marker: str | None = None  # a marker being read, as written
+        self.numbers: list[str] = []    # its numbers so far
+        self.closed = False          # it is whole: one more character says it is no link
+        self.line_start = True       # nothing but spaces so far on this line
+        self.fence = ""              # the fence of the code block the text is in
+        self.run = ""                # fence characters opening this line so far
+        self.inline_code = False     # an odd number of ` so far on this line
+
+    def feed(self, piece: str) -> str:
+        """The text of the answer so far that can be shown, markers taken out."""
+        out: list[str] = []
+        at = 0
+        while at < len(piece):
+            if self.marker is not None:
+                self._marker_char(piece[at], out)
+                at += 1
+                continue
+            found = self.NOTABLE.search(piece, at)
+            end = found.start() if found else len(piece)
+            if end > at:
+                self._text(piece[at:end], out)
+            if found:
+                self._notable(found.group(), out)
+            at = end + 1
+        return "".join(out)
+
+    def finish(self) -> str:
+        """What was held back, once the model has finished."""
+        out: list[str] = []
+        if self.marker is not None and self.closed:
+            self._cite()
+        elif self.marker is not None:
+            self._not_marker(out)
+        out.append(self.spaces)
+        self.spaces = ""
+        return "".join(out)
+
+    def sources(self) -> str:
+        """The line that ends the answer: 来源： and the cited articles; "" when none."""
+        links, seen = [], set()
+        for index in self.cited:
+            passage = self.passages[index]
+            if passage.source_id not in seen and len(links) < MOST_SOURCES:
+                seen.add(passage.source_id)
+                links.append(source_link(passage))
+        return SOURCES_HEAD + "、".join(links) if links else ""
+
+    def _text(self, text: str, out: list[str]) -> None:
+        """Text with nothing notable in it: shown, but for the spaces that end it."""
+        body = text.rstrip(" \t")
+        if body:
+            self._line_goes_on()
+            out += [self.spaces, body]
+            self.spaces = ""
+        spaces = self.spaces + text[len(body):]
+        out.append(spaces[:-self.SPACES_MOST])
+        self.spaces = spaces[-self.SPACES_MOST:]
+
+    def _notable(self, char: str, out: list[str]) -> None:
+        if char == "\n":
+            self._line_goes_on()
+            self.line_start, self.inline_code = True, False
+        elif char in "`~" and self.line_start and self.run[:1] in ("", char):
+            self.run += char  # a fence (``` or ~~~) opens or closes a code block
+            if len(self.run) == 3:
+                self.fence = "" if self.fence == self.run else self.fence or self.run
+                self.line_start, self.run = False, ""
+        elif char in self.OPEN and not (self.fence or self.inline_code):
+            self._line_goes_on()
+            self.marker, self.numbers, self.closed = char, [], False
+            return  # the spaces before it wait with it
+        else:
+            self._line_goes_on()
+            if char == "`" and not self.fence:
+                self.inline_code = not self.inline_code
+        out += [self.spaces, char]
+        self.spaces = ""
+
+    def _line_goes_on(self) -> None:
+        """Something other than a fence character on this line: the backticks that opened
+        it were inline code."""
+        if self.run[:1] == "`" and not self.fence and len(self.run) % 2:
+            self.inline_code = not self.inline_code
+        self.line_start, self.run = False, ""
+
+    def _marker_char(self, char: str, out: list[str]) -> None:
+        """One more character after the opening of what may be a marker."""
+        if self.closed:
+            if char == "(":  # a Markdown link's text: [1](https://...)
+                self._not_marker(out)
+            else:
+                self._cite()
+            out.append(self.feed(char))
+            return
+        if len(self.marker) >= self.MARKER_MOST:
+            return self._give_up(char, out)
+        if char in "0123456789":
+            if self.marker[-1:].isdigit() and len(self.numbers[-1]) < 2:
+                self.numbers[-1] += char
+            elif self.marker[-1:].isdigit():  # three digits: a year, a price, no passage
+                return self._give_up(char, out)
+            else:
+                self.numbers.append(char)
+        elif char in self.SEPARATORS or (char == "^" and self.marker in self.OPEN):
+            pass
+        elif char in self.CLOSE and self.numbers:
+            self.closed = True
+        else:
+            return self._give_up(char, out)
+        self.marker += char
+
+    def _give_up(self, char: str, out: list[str]) -> None:
+        """What was held is text after all; the character that showed it is read anew."""
+        self._not_marker(out)
+        out.append(self.feed(char))
+
+    def _not_marker(self, out: list[str]) -> None:
+        out += [self.spaces, self.marker]
+        self.spaces, self.marker = "", None
+
+    def _cite(self) -> None:
+        """A whole marker: its passages are cited, it leaves the text with its spaces."""
+        for number in map(int, self.numbers):
+            index = number - 1
+            if 0 <= index < len(self.passages) and index not in self.cited:
+                self.cited.append(index)
+        self.spaces, self.marker = "", None
+
+
+def cited_stream(pieces: Iterator[str], citations: Citations) -> Iterator[str]:
+    """The answer's pieces with their citation markers taken out (Citations)."""
+    for piece in pieces:
+        yield citations.feed(piece)
+    yield citations.finish()
+
+
+###############################################################################
 # Menus, fixed replies and blocked words ######################################
 ###############################################################################
 
@@ -3253,9 +4294,14 @@ MENU_ERRORS = {
 class FileProblem(Exception):
     """An owner's file (menu, replies, blocked words) that cannot be used; each problem a line."""
 
-    def __init__(self, path: str, problems: list[str]):
+    def __init__(self, path: str, problems: list[str], setting: str = ""):
         super().__init__("; ".join(problems))
         self.path, self.problems = path, problems
+        self.setting = setting  # the setting that names the file, where one does
+
+    def where(self) -> str:
+        """The file as the owner named it: `WXBOT_REPLIES: /path`, or the path alone."""
+        return f"{self.setting}: {self.path}" if self.setting else self.path
 
 
 def read_json_file(path: str) -> object:
@@ -3592,10 +4638,30 @@ class OwnerFile:
     modification time, size or inode changes, or on SIGHUP. A broken edit keeps what was
     read before and the log says why; a broken file at start stops the start."""
 
-    def __init__(self, path: str, read: Callable[[str], object], empty: object):
-        self.path, self.read = path, read
+    def __init__(self, setting: str, path: str, read: Callable[[str], object], empty: object,
+                 example: str):
+        self.setting, self.path, self.read, self.example = setting, path, read, example
         self._lock = threading.Lock()
-        self.value, self._stamp = (read(path), self._look()) if path else (empty, None)
+        self.value, self._stamp = (self._first(), self._look()) if path else (empty, None)
+
+    def _first(self) -> object:
+        """The file at start; FileProblem names the setting, and for a missing file the
+        example that comes with wxbot.py to copy (the example settings name files that
+        are not shipped, so that the owner's edits are never overwritten by an update)."""
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
+            example = os.path.join(os.path.dirname(os.path.abspath(__file__)), self.example)
+            raise FileProblem(self.path, [f"there is no such file: leave {self.setting} "
+                                          f"empty, or start from the example: cp {example} "
+                                          f"{self.path}"], self.setting) from None
+        except OSError:
+            pass  # the reader says why it cannot read the file
+        try:
+            return self.read(self.path)
+        except FileProblem as error:
+            error.setting = self.setting
+            raise
 
     def _look(self) -> tuple | None:
         try:
@@ -3633,8 +4699,16 @@ class OwnerFiles:
     """The owner's fixed replies and blocked words, each re-read when its file changes."""
 
     def __init__(self, settings: Settings):
-        self.replies_file = OwnerFile(settings.replies, Replies.read, Replies())
-        self.blocked_file = OwnerFile(settings.blocked_words, BlockedWords.read, BlockedWords())
+        self.replies_file, self.blocked_file = (OwnerFile(*file)
+                                                for file in self.files(settings))
+
+    @staticmethod
+    def files(settings: Settings) -> list[tuple]:
+        """Each file: its setting, path, reader, value when unset and example beside wxbot.py."""
+        return [("WXBOT_REPLIES", settings.replies, Replies.read, Replies(),
+                 "replies.example.json"),
+                ("WXBOT_BLOCKED_WORDS", settings.blocked_words, BlockedWords.read,
+                 BlockedWords(), "blocked_words.example.txt")]
 
     @property
     def replies(self) -> Replies:
@@ -3892,8 +4966,13 @@ class Acknowledger:
 # Worker ######################################################################
 ###############################################################################
 
+#: /stats counts the questions answered from the articles over this many seconds (7 days).
+ARTICLE_USES_SECONDS = 7 * 86400
+
+
 def stats_text(stats: dict) -> str:
-    """/stats for an admin, in the owner's words."""
+    """/stats for an admin, in the owner's words; with the articles learned and how they were
+    used when the worker has them."""
     token = stats["token_valid_s"]
     return "\n".join([
         f"排队中：{stats['queued']}（处理中 {stats['in_progress']}，最久 "
@@ -3904,7 +4983,10 @@ def stats_text(stats: dict) -> str:
         f"未发送的分段：{stats['unsent_segments']}",
         f"回复方式：{'被动回复' if stats['mode'] == 'passive' else '客服消息'}",
         f"今日固定回复：关键词 {stats['keyword_replies_today']}，菜单 "
-        f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}"])
+        f"{stats['click_replies_today']}；拦截的提问：{stats['blocked_today']}",
+        *([] if "articles" not in stats else [
+            "已学文章：{} 篇；近 7 天 {} 个提问中，找到相关段落 {} 个，引用文章回答 {} 个".format(
+                stats["articles"], *stats["article_uses"])])])
 
 
 def help_answer(drawing: bool, vision: bool) -> str:
@@ -3972,8 +5054,12 @@ class Worker:
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
                  owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None,
-                 others: Wakeup | None = None):
+                 others: Wakeup | None = None, articles: Articles | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
+        self.articles = articles  # the account's own, searched for each question
+        # Their use is counted beside the messages it names: `chat` searches the server's
+        # articles, but its messages are its own and stay out of /stats.
+        self.counts_uses = articles is not None and articles.path == store.path
         self.wakeup, self.mode, self.name = wakeup, mode, name
         self.others = others  # the threads of the other kind (workers, senders)
         self.acknowledger = acknowledger
@@ -4096,8 +5182,11 @@ class Worker:
             return self.store.save_answer(message, [help_answer(
                 bool(self.settings.image_model), self.settings.vision)], now)
         if how.route is Route.STATS:
+            articles = {} if not self.articles else {
+                "articles": len(self.articles.sources()),
+                "article_uses": self.articles.uses_since(now - ARTICLE_USES_SECONDS)}
             return self.store.save_answer(message, [stats_text(
-                {**self.store.stats(now), "mode": self.mode.in_force})], now)
+                {**self.store.stats(now), "mode": self.mode.in_force, **articles})], now)
         tapped = message.fields.get("bizmsgmenuid", "")
         if how.route is Route.CONTINUE and tapped.isdigit() and \
                 not self.store.tap_current(message, int(tapped)):
@@ -4142,8 +5231,11 @@ class Worker:
         history = self.store.history(message.openid, self.settings.history_turns,
                                      self.settings.context_chars,
                                      time.time() - self.settings.session_ttl)
-        ask = [{"role": "user", "content": question if not picture else [
-            {"type": "text", "text": question},
+        passages = self._passages(message, question, history) if question != IMAGE_PROMPT \
+            else []
+        asked = with_passages(question, passages)
+        ask = [{"role": "user", "content": asked if not picture else [
+            {"type": "text", "text": asked},
             {"type": "image_url", "image_url": {"url": picture}}]}]
         partial = self.store.partial_answer(message.id)
         if partial:  # a stream cut off before: ask for the rest, never for all of it again
@@ -4152,22 +5244,43 @@ class Worker:
         cutter = StreamCutter(first_done=bool(partial), closing=self._closing(message))
         written, sending = [], True
         deadline = Deadline(self.settings.model_timeout)
+        system = self.settings.system_prompt + ("\n\n" + ARTICLES_PROMPT if passages else "")
+        citations = Citations(passages)
+        pieces = masked_stream(self._watched(message, self._ask(system, history, ask, deadline),
+                                             deadline), blocked)
         try:
-            for text in masked_stream(self._watched(message, self._ask(history, ask, deadline),
-                                                    deadline), blocked):
+            for text in cited_stream(pieces, citations) if passages else pieces:
                 written.append(text)
                 ready = cutter.feed(text)
                 if ready and sending:
                     sending = self.deliver(message, streaming=True, add=ready)
                 elif ready:  # after a failed send, the rest waits for the end of the answer
                     self.store.add_segments(message, ready)
-            rest = cutter.finish()
+            # The 来源 line ends the answer's last segment, as any of its text would.
+            rest = cutter.finish(citations.sources())
         except ModelError as error:
             self.store.add_segments(message, cutter.finish())
             return self._model_failed(message, error, question)
         answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
-        return self.store.complete_answer(message, time.time(), rest,
-                                          f"[图片] {question}" if picture else question, answer)
+        planned = self.store.complete_answer(message, time.time(), rest,
+                                             f"[图片] {question}" if picture else question,
+                                             answer)
+        if self.counts_uses:
+            self.articles.note_use(message.id, time.time(), len(passages), len(citations.cited))
+        return planned
+
+    def _passages(self, message: Message, question: str, history: list[dict]) -> list[Passage]:
+        """The passages of the account's articles that answer the question, searched with the
+        user's questions before it (a follow-up: 那哪种最少？); [] when none does."""
+        if not self.articles:
+            return []
+        earlier = [turn["content"] for turn in history if turn["role"] == "user"]
+        try:
+            return self.articles.find(question, earlier)
+        except sqlite3.Error as error:  # the articles are no reason to leave a user unanswered
+            log_worker.error("message %s: the articles could not be searched (%s); answering "
+                             "without them", message.id, error)
+            return []
 
     def _refuse(self, message: Message) -> int:
         """A question or drawing with a blocked word: the refusal, and no model call."""
@@ -4236,9 +5349,10 @@ class Worker:
                              message.id)
         return IMAGE_NOT_ALLOWED_LINE
 
-    def _ask(self, history: list[dict], ask: list[dict], deadline: Deadline) -> Iterator[str]:
+    def _ask(self, system_prompt: str, history: list[dict], ask: list[dict],
+             deadline: Deadline) -> Iterator[str]:
         """The model's answer as it streams; a context-too-long error retries without history."""
-        system = [{"role": "system", "content": self.settings.system_prompt}]
+        system = [{"role": "system", "content": system_prompt}]
         try:
             yield from self.model.stream(system + history + ask, deadline)
             return
@@ -4549,8 +5663,10 @@ class Webhook:
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
                  acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None,
-                 wechat: WeChatAPI | None = None, ready: Wakeup | None = None):
+                 wechat: WeChatAPI | None = None, ready: Wakeup | None = None,
+                 publishing: "ArticleSync | None" = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
+        self.publishing = publishing  # learns a newly published article, off the ack's path
         self.ready = ready or wakeup  # wakes the senders: a fixed reply is stored, ready
         self.wechat = wechat  # uploads a drawn picture again when its media_id expired
         self.mode = mode or DeliveryMode("service", store)
@@ -4619,6 +5735,8 @@ class Webhook:
         now = self.clock()
         model = needs_model(self.settings, self.owner.replies, push, self.owner.blocked)
         message_id, pushes = self.store.store_push(push, now, model)
+        if pushes == 1 and push.event == "PUBLISHJOBFINISH" and self.publishing:
+            self.publishing.pushed(push.fields)  # an event like any other to the rest: no answer
         if pushes > 1:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
@@ -4982,6 +6100,161 @@ class Janitor:
             self.stopping.wait(self.EVERY)
 
 
+#: What a PUBLISHJOBFINISH's publish_status other than 0 (published) means (WECHAT.md §9).
+PUBLISH_STATUS = {"1": "still publishing", "2": "the 原创 check failed", "3": "publishing failed",
+                  "4": "rejected by review", "5": "deleted by the owner", "6": "banned"}
+
+
+def published_items(article_id: str, content: dict, fallback_time: float = 0
+                    ) -> Iterator[tuple[str, str, str, str, str]]:
+    """(origin, title, text, url, date) of each article of a published post that is not
+    deleted: the first is known by the post's article_id, the next by article_id/2, /3..."""
+    created = content.get("create_time") or content.get("update_time") or fallback_time
+    date = china_date(float(created)) if created else ""
+    for number, item in enumerate(content.get("news_item") or [], 1):
+        if not isinstance(item, dict) or item.get("is_deleted"):
+            continue
+        _, text, _ = page_text(str(item.get("content") or ""), "")
+        digest = " ".join(str(item.get("digest") or "").split())
+        if digest and digest not in text:
+            text = f"{digest}\n{text}"
+        origin = article_id if number == 1 else f"{article_id}/{number}"
+        yield origin, str(item.get("title") or ""), text, str(item.get("url") or ""), date
+
+
+@dataclasses.dataclass
+class SyncReport:
+    """What one sync of the published articles did."""
+
+    learned: int = 0      # new or changed
+    unchanged: int = 0
+    forgotten: int = 0    # deleted by the owner since the last sync
+    empty: int = 0        # no text to learn (a post of pictures only)
+
+
+class ArticleSync:
+    """Keeps the published articles learned: each new one as WeChat announces it
+    (PUBLISHJOBFINISH), and the whole list once a day (new, changed and deleted ones).
+
+    Only once the owner has run `learn --published` (Articles.last_sync), and while
+    WXBOT_LEARN_PUBLISHED is on. The webhook hands the push over (pushed()); this thread
+    fetches the article, so the ack never waits for WeChat's API.
+    """
+
+    EVERY = 86400.0
+    #: After a failed sync (45009, WeChat unreachable): the next try.
+    RETRY = 3600.0
+    #: batchget's most per call.
+    PAGE = 20
+
+    def __init__(self, settings: Settings, articles: Articles, wechat: WeChatAPI):
+        self.settings, self.articles, self.wechat = settings, articles, wechat
+        self.stopping = threading.Event()
+        self._jobs: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self._retry_at = 0.0
+
+    def pushed(self, fields: dict[str, str]) -> None:
+        """A PUBLISHJOBFINISH push: taken in at once, fetched by run()."""
+        self._jobs.put(fields)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._jobs.put(None)
+
+    def sync(self, now: float | None = None) -> SyncReport:
+        """Learn every published article that is new or changed, forget the deleted ones.
+        WeChatError when WeChat refuses (48001, 45009...): what was learned is kept, the
+        deleted ones are forgotten only after the whole list was read."""
+        now = time.time() if now is None else now
+        report, known, listed, offset = SyncReport(), self.articles.digests("published"), set(), 0
+        while True:
+            page = self.wechat.published(offset, self.PAGE)
+            posts = page.get("item") or []
+            for post in posts:
+                article_id = str(post.get("article_id") or "")
+                if not article_id:
+                    continue
+                for origin, title, text, url, date in published_items(
+                        article_id, post.get("content") or {}, post.get("update_time") or 0):
+                    listed.add(origin)
+                    if known.get(origin) == article_digest(
+                            " ".join(title.split()) or origin, text, url, date):
+                        report.unchanged += 1
+                        continue
+                    try:
+                        self.articles.learn_text("published", origin, title, text, url, date,
+                                                 now=now)
+                        report.learned += 1
+                    except LearnError:
+                        report.empty += 1
+            offset += len(posts)
+            if self.stopping.is_set():  # the server stops: the rest waits for the next sync
+                return report
+            if not posts or offset >= int(page.get("total_count") or 0):
+                break
+        for origin in known.keys() - listed:
+            report.forgotten += self.articles.forget(origin)
+        self.articles.note_sync(now)
+        return report
+
+    def learn_post(self, article_id: str) -> int:
+        """Learn one published post's articles (getarticle); how many were learned."""
+        answer = self.wechat.published_article(article_id)
+        learned = 0
+        for origin, title, text, url, date in published_items(article_id, answer, time.time()):
+            with contextlib.suppress(LearnError):
+                self.articles.learn_text("published", origin, title, text, url, date)
+                learned += 1
+        return learned
+
+    def announced(self, fields: dict) -> None:
+        """What a PUBLISHJOBFINISH asks: learn the post, forget it, or only say what befell it."""
+        status, article_id = fields.get("publish_status", ""), fields.get("article_id", "")
+        if self.articles.last_sync() is None:
+            log.info("an article was published; it is not learned, as `python wxbot.py learn "
+                     "--published` never ran (run it once to keep articles in sync)")
+        elif status == "5" and article_id:
+            self.articles.forget(article_id)
+            log.info("published post %s was deleted by the owner: forgotten", article_id)
+        elif status != "0" or not article_id:
+            log.info("a publish job ended without an article (publish_status %s: %s)",
+                     status or "?", PUBLISH_STATUS.get(status, "unknown"))
+        else:
+            try:
+                learned = self.learn_post(article_id)
+                log.info("learned %d article(s) of the post %s just published", learned,
+                         article_id)
+            except WeChatError as error:
+                log.error("the post %s just published was not learned: %s; the daily sync "
+                          "tries again", article_id, error.hint())
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            last = self.articles.last_sync()
+            due = max((last or 0) + self.EVERY, self._retry_at)
+            if last is not None and time.time() >= due:
+                try:
+                    report = self.sync()
+                    log.info("published articles synced: %d learned, %d unchanged, %d "
+                             "forgotten", report.learned, report.unchanged, report.forgotten)
+                except (WeChatError, sqlite3.Error) as error:
+                    self._retry_at = time.time() + self.RETRY
+                    log.error("syncing the published articles failed: %s; trying again in "
+                              "an hour", error.hint() if isinstance(error, WeChatError)
+                              else error)
+                continue
+            wait = min(3600.0, due - time.time()) if last is not None else 3600.0
+            try:
+                fields = self._jobs.get(timeout=max(1.0, wait))
+            except queue.Empty:
+                continue
+            if fields is not None:
+                try:
+                    self.announced(fields)
+                except (sqlite3.Error, LearnError) as error:
+                    log.error("a published article was not learned: %s", error)
+
+
 class Bot:
     """Everything wired together: store, webhook, server, acknowledger, workers, senders."""
 
@@ -4996,16 +6269,20 @@ class Bot:
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
+        self.articles = Articles(settings.db)
+        self.article_sync = (ArticleSync(settings, self.articles, self.wechat)
+                             if settings.learn_published else None)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode, wechat=self.wechat,
                                acknowledger=self.acknowledger, owner=self.owner,
-                               ready=self.ready)
+                               ready=self.ready, publishing=self.article_sync)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
                                self.mode, f"worker-{n}", self.owner, self.acknowledger,
-                               self.ready) for n in range(settings.workers)]
+                               self.ready, self.articles) for n in range(settings.workers)]
         self.senders = [Sender(settings, self.store, self.wechat, self.model, self.ready,
-                               self.mode, f"sender-{n}", self.owner, others=self.wakeup)
+                               self.mode, f"sender-{n}", self.owner, others=self.wakeup,
+                               articles=self.articles)  # /stats
                         for n in range(Sender.THREADS)]
         self.janitor = Janitor(settings, self.store)
         self.threads: list[threading.Thread] = []
@@ -5028,6 +6305,10 @@ class Bot:
             thread.start()
             self.threads.append(thread)
         threading.Thread(target=self.janitor.run, name="janitor", daemon=True).start()
+        if self.article_sync:
+            thread = threading.Thread(target=self.article_sync.run, name="articles", daemon=True)
+            thread.start()
+            self.threads.append(thread)
         log.info("listening on http://%s:%d%s with %d workers, answers by %s", self.settings.host,
                  self.port, self.settings.path, len(self.workers),
                  "passive reply" if self.mode.passive else "customer-service API")
@@ -5041,6 +6322,8 @@ class Bot:
         for worker in self.workers + self.senders:
             worker.stop()
         self.janitor.stopping.set()
+        if self.article_sync:
+            self.article_sync.stop()
         self.wakeup.notify_all()
         self.ready.notify_all()
         deadline = time.monotonic() + timeout
@@ -5051,34 +6334,63 @@ class Bot:
             log.warning("stop timeout reached; unfinished answers resume at the next start")
         self.store.release_all_leases()
         self.store.close()
+        self.articles.close()
         return finished
 
 
 class Console:
     """Stands in for WeChat in `chat`: prints each segment as WeChat would show it."""
 
+    #: A link as WeChat shows it: its text, underlined. Linear: no part runs past a "<".
+    LINK = re.compile(r"<a\s[^<>]*>([^<]*)</a>")
+    HREF = re.compile(r'\bhref="([^"]*)"')
+
     def __init__(self, out):
         self.out = out
 
     def customer_service_send(self, openid: str, text: str) -> None:
-        print(f"\n{text}\n{'─' * 20}", file=self.out, flush=True)
+        print(f"\n{self.LINK.sub(self._link, text)}\n{'─' * 20}", file=self.out, flush=True)
+
+    def _link(self, match: re.Match) -> str:
+        """A link's text, then where a tap on it goes; a tap that sends a word (继续) is
+        the word typed here."""
+        href = self.HREF.search(match.group())
+        url = href.group(1) if href else ""
+        return f"{match.group(1)} ({url})" if url.startswith(("http://", "https://")) \
+            else match.group(1)
 
     def first_time(self, errcode: int) -> bool:
         return True
 
 
+#: What `chat` shows when it waits for the next message.
+CHAT_PROMPT = "你> "
+
+
 def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int:
     """A console conversation with the real model, through wxbot's own worker."""
     root, ext = os.path.splitext(settings.db)
+    # The articles the server learned, where it has a database: answers cite them as in WeChat.
+    articles = Articles(settings.db) if os.path.exists(settings.db) else None
     # No drawing here: the console shows no pictures.
     settings = dataclasses.replace(settings, db=f"{root}-chat{ext or '.db'}", user_rate=0,
                                    user_daily=0, image_model="")
-    store = Store(settings.db)
+    try:
+        store = Store(settings.db)
+    except DatabaseUnusable as error:
+        print(f"wxbot: {error}", file=sys.stderr)
+        return 2
     worker = Worker(settings, store, Console(out), Model(settings), Wakeup(),
-                    DeliveryMode("service", store), "chat", owner)
+                    DeliveryMode("service", store), "chat", owner, articles=articles)
     print(f"wxbot chat with {settings.model} (history in {settings.db}; /reset forgets it, "
           f"Ctrl-D ends)", file=out, flush=True)
-    for line in lines:
+    lines = iter(lines)
+    while True:
+        print(CHAT_PROMPT, end="", file=out, flush=True)
+        line = next(lines, None)
+        if line is None:
+            print(file=out)  # the shell's prompt on a line of its own
+            break
         if not line.strip():
             continue
         now = time.time()
@@ -5089,6 +6401,8 @@ def chat(settings: Settings, lines, out, owner: OwnerFiles | None = None) -> int
                 due = store.next_due(time.time()) or time.time() + 0.1
                 time.sleep(min(1.0, max(0.01, due - time.time())))
     store.close()
+    if articles:
+        articles.close()
     return 0
 
 
@@ -5108,8 +6422,18 @@ def age_text(seconds: float) -> str:
 STATUS_ROWS = 20
 
 
-def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
-    """The database of a service that may be running: no migration, readers never block it."""
+def open_for_operator(settings: Settings, out, command: str = "status"
+                      ) -> sqlite3.Connection | None:
+    """The database of a service that may be running: no migration, readers never block it.
+    `command` changes it (retry): this user must be allowed to write it."""
+    problem = access_problem(settings.db, write=command != "status")
+    if problem:
+        reason, owner, _ = problem
+        print(f"cannot {'read' if command == 'status' else 'change'} the database "
+              f"{settings.db}: {reason}" + (
+                  f": run this as {owner}, e.g. sudo -u {owner} .venv/bin/python wxbot.py "
+                  f"{command} ..." if owner else " (check WXBOT_DB, or --env FILE)"), file=out)
+        return None
     if not os.path.exists(settings.db):
         print(f"no database at {settings.db} (check WXBOT_DB, or --env FILE)", file=out)
         return None
@@ -5118,7 +6442,7 @@ def open_for_operator(settings: Settings, out) -> sqlite3.Connection | None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.Error as error:  # most often: the file is the service user's, mode 600
         print(f"cannot open the database {settings.db} ({error}): run this as the service's "
-              f"user, e.g. sudo -u wxbot .venv/bin/python wxbot.py ...", file=out)
+              f"user, e.g. sudo -u wxbot .venv/bin/python wxbot.py {command} ...", file=out)
         return None
     conn.row_factory = sqlite3.Row
     if version != SCHEMA_VERSION:
@@ -5170,7 +6494,7 @@ def status(settings: Settings, out, now: float | None = None) -> int:
 def retry(settings: Settings, message_id: int, out) -> int:
     """Queue a dead message again, its failure counts cleared; the service takes it within
     a minute (Worker.IDLE_LOOK)."""
-    conn = open_for_operator(settings, out)
+    conn = open_for_operator(settings, out, "retry")
     if conn is None:
         return 1
     with contextlib.closing(conn):
@@ -5207,8 +6531,9 @@ def check(settings: Settings, out) -> int:
     try:
         store = Store(settings.db)
         report(True, f"database {settings.db} opens")
-    except (sqlite3.Error, OSError, RuntimeError) as error:
-        report(False, f"database {settings.db}: {error} (check WXBOT_DB and the folder's rights)")
+    except (DatabaseUnusable, sqlite3.Error, OSError, RuntimeError) as error:
+        report(False, str(error) if isinstance(error, DatabaseUnusable) else
+               f"database {settings.db}: {error} (check WXBOT_DB and the folder's rights)")
         store = Store(":memory:")
     try:
         WeChatAPI(settings, store)._fetch_token(force=False)
@@ -5259,16 +6584,15 @@ def check(settings: Settings, out) -> int:
                           "account or unset WXBOT_IMAGE_MODEL" if error.errcode == 48001
                    else f"drawing: WeChat refused a picture upload: {error.hint()}")
     store.close()
-    for path, read, setting in [
-            (settings.replies, Replies.read, "WXBOT_REPLIES"),
-            (settings.blocked_words, BlockedWords.read, "WXBOT_BLOCKED_WORDS")]:
+    for setting, path, *how in OwnerFiles.files(settings):
         if not path:
             continue
         try:
-            report(True, f"{setting}: {path} has {read(path).describe()}")
+            report(True, f"{setting}: {path} has "
+                         f"{OwnerFile(setting, path, *how).value.describe()}")
         except FileProblem as error:
             for problem in error.problems:
-                report(False, f"{setting}: {path}: {problem}")
+                report(False, f"{error.where()}: {problem}")
     print(f"\nIn 公众号后台 → 设置与开发 → 基本配置 → 服务器配置, enter:\n"
           f"  URL:   http://<this server's domain or IP>{settings.path}  (port 80, or 443 "
           f"with https; wxbot listens on {settings.host}:{settings.port})\n"
@@ -5289,7 +6613,11 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
                 print(f"{path}: {problem}", file=out)
             print(f"{path}: not sent to WeChat: {len(error.problems)} problem(s)", file=out)
             return 1
-    store = Store(settings.db)  # the access token cache, shared with the running bot
+    try:
+        store = Store(settings.db)  # the access token cache, shared with the running bot
+    except DatabaseUnusable as error:
+        print(f"wxbot: {error}", file=sys.stderr)
+        return 2
     wechat = WeChatAPI(settings, store)
     try:
         if show:
@@ -5316,8 +6644,80 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
         store.close()
 
 
+def published_error(error: WeChatError, settings: Settings) -> str:
+    """Why `learn --published` failed, in one sentence that says what to do."""
+    if error.errcode == 48001:
+        return ("WeChat does not let this account list its published articles (48001: the "
+                "account is not verified, or lacks the permission): learn them by URL instead, "
+                "python wxbot.py learn https://mp.weixin.qq.com/s/...")
+    if error.errcode == 45009:
+        return ("WeChat's daily limit of calls to the published-articles API is reached "
+                "(45009): what was learned so far is kept; run learn --published again tomorrow")
+    if error.errcode is None:
+        return f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}"
+    return f"WeChat refused to list the published articles: {error.hint()}"
+
+
+def learn_command(settings: Settings, sources: list[str], published: bool, listing: bool,
+                  forget: bool, out) -> int:
+    """`learn`: sources (URLs, files, folders) and --published; --list; --forget SOURCE.
+    Safe while the server runs. 1 when anything was not learned (each is named, with why)."""
+    articles = Articles(settings.db)
+    failures = 0
+    try:
+        if listing:
+            sources_learned = articles.sources()
+            for source in sources_learned:
+                print(f"{source.title}\n  {source.kind}: {source.origin}\n  "
+                      f"{source.passages} passage(s), {source.date or 'no date'}, learned "
+                      f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(source.learned_at))}",
+                      file=out)
+            synced = articles.last_sync()
+            print(f"{len(sources_learned)} source(s); published articles "
+                  + (f"last synced {time.strftime('%Y-%m-%d %H:%M', time.localtime(synced))}"
+                     if synced else "never synced (learn --published)"), file=out)
+            return 0
+        if forget:
+            for source in sources:
+                if articles.forget(source):
+                    print(f"forgot {source}", file=out)
+                else:
+                    failures += 1
+                    print(f"{source}: not learned (learn --list shows what is)", file=out)
+            return 1 if failures else 0
+        if published:
+            store = Store(settings.db)  # the access token cache, shared with the running bot
+            try:
+                report = ArticleSync(settings, articles, WeChatAPI(settings, store)).sync()
+                print(f"published articles: {report.learned} learned, {report.unchanged} "
+                      f"unchanged, {report.forgotten} forgotten (deleted since)"
+                      + (f", {report.empty} with no text" if report.empty else "")
+                      + ("; the server keeps them in sync" if settings.learn_published else
+                         "; WXBOT_LEARN_PUBLISHED=0: the server does not keep them in sync"),
+                      file=out)
+            except WeChatError as error:
+                failures += 1
+                print(published_error(error, settings), file=out)
+            finally:
+                store.close()
+        not_learned = 0
+        for name, outcome in articles.learn_many(sources):
+            if isinstance(outcome, LearnError):
+                not_learned += 1
+                print(f"{name}: not learned: {outcome}", file=out, flush=True)
+            else:
+                print(f"{name}: learned 《{outcome.title}》, {outcome.passages} passage(s)",
+                      file=out, flush=True)
+        if not_learned:
+            print(f"{not_learned} source(s) not learned", file=out)
+        return 1 if failures or not_learned else 0
+    finally:
+        articles.close()
+
+
 def help_text() -> str:
-    lines = ["settings (environment variables, or KEY=VALUE lines in --env FILE):"]
+    lines = ["settings (environment variables, or KEY=VALUE lines in --env FILE;",
+             "a relative file name in FILE is read beside FILE):"]
     for setting in SETTINGS.values():
         default = "required" if setting.default is None else f"default {setting.default!r}"
         if setting.default and len(setting.default) > 40:
@@ -5331,25 +6731,48 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="serve",
-                        choices=["serve", "check", "chat", "menu", "status", "retry"],
+                        choices=["serve", "check", "chat", "menu", "status", "retry", "learn"],
                         help="serve (default): run the bot; check: try the settings for real; "
                              "chat: talk to the model in this console; menu FILE.json: make "
                              "the file the account's custom menu; status: the queue, with "
-                             "dead messages and why; retry ID: queue a dead message again")
-    parser.add_argument("file", nargs="?", help=argparse.SUPPRESS)  # menu's FILE, retry's ID
+                             "dead messages and why; retry ID: queue a dead message again; "
+                             "learn SOURCE...: learn the account's articles from URLs, .md/"
+                             ".txt/.html files and folders (again: replaces them)")
+    # menu's FILE, retry's ID, learn's SOURCEs
+    parser.add_argument("file", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--show", action="store_true", help="with menu: print the menu in force")
     parser.add_argument("--delete", action="store_true", help="with menu: remove the menu")
+    parser.add_argument("--published", action="store_true",
+                        help="with learn: every article published with 发布 (the server then "
+                             "keeps them in sync)")
+    parser.add_argument("--list", action="store_true", help="with learn: what is learned")
+    parser.add_argument("--forget", action="store_true",
+                        help="with learn: forget the SOURCEs (URL, path or article_id)")
     parser.add_argument("--env", metavar="FILE", help="read KEY=VALUE settings from FILE")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
-    if args.command == "menu" and (args.file is not None) + args.show + args.delete != 1:
+    args = parser.parse_intermixed_args(argv)
+    sources, args.file = args.file, args.file[0] if len(args.file) == 1 else None
+    if args.command == "learn":
+        if args.show or args.delete:
+            parser.error("--show and --delete go with the menu command")
+        if args.list + args.forget + args.published > 1 or (args.list and sources) or not (
+                args.list or args.published or sources):
+            parser.error("learn takes SOURCEs (URLs, files, folders) and/or --published, or "
+                         "--list, or --forget SOURCE")
+        if args.forget and not sources:
+            parser.error("learn --forget takes the SOURCEs to forget (learn --list shows them)")
+    elif args.published or args.list or args.forget:
+        parser.error("--published, --list and --forget go with the learn command")
+    elif args.command == "menu" and (len(sources) == 1) + args.show + args.delete != 1:
         parser.error("menu takes one of: FILE.json, --show, --delete")
-    elif args.command == "retry" and not (args.file or "").isdigit():
+    elif args.command == "retry" and not (len(sources) == 1 and args.file.isdigit()):
         parser.error("retry takes the id of a dead message, as `status` shows it")
-    elif args.command not in ("menu", "retry") and (args.file or args.show or args.delete):
+    elif args.command not in ("menu", "retry") and (sources or args.show or args.delete):
         parser.error("FILE, --show and --delete go with the menu command")
-    logging.basicConfig(level=args.log_level,
+    # The other commands' output is their report: their log says what went wrong, no more.
+    quiet = args.command != "serve" and args.log_level == "INFO"
+    logging.basicConfig(level="WARNING" if quiet else args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(SECRET_FILTER)
@@ -5362,17 +6785,24 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if args.env:  # its values win, but an empty one (KEY=) leaves the environment's
             env.update((key, value) for key, value in read_env_file(args.env).items()
                        if value or key not in env)
+            # The database lives with its settings, wherever wxbot is started from.
+            env.setdefault(SETTINGS["db"].env, os.path.join(
+                os.path.dirname(os.path.abspath(args.env)), SETTINGS["db"].default))
         if args.command == "chat":  # no WeChat involved
-            env = {"WXBOT_TOKEN": "not-used-in-chat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
+            env = {"WXBOT_TOKEN": "notusedinchat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    **env}
         if args.command == "menu":  # no model involved
             env = {"OPENAI_API_KEY": "-", **env}
-        if args.command in ("status", "retry"):  # the database only
+        if args.command in ("status", "retry") or \
+                (args.command == "learn" and not args.published):  # the database only
             env = {"WXBOT_TOKEN": "notusedbystatus", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    "OPENAI_API_KEY": "-", **env}
+        if args.command == "learn":  # WeChat's API without pushes, no model
+            env = {"WXBOT_TOKEN": "notusedbylearn", "OPENAI_API_KEY": "-", **env}
         settings = Settings.from_env(env)
         SECRET_FILTER.add_settings(settings)  # every command, check and menu too
         if args.command not in ("chat", "status", "retry") and \
+                (args.command != "learn" or args.published) and \
                 settings.api_base.startswith("https:"):
             WeChatConnections.verifier()  # the CA bundle a setting names is readable
     except SettingsError as error:
@@ -5391,20 +6821,25 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return status(settings, sys.stdout)
     if args.command == "retry":
         return retry(settings, int(args.file), sys.stdout)
+    if args.command == "learn":
+        return learn_command(settings, sources, args.published, args.list, args.forget,
+                             sys.stdout)
     if args.command == "menu":
         return menu_command(settings, args.file, args.show, args.delete, sys.stdout)
     try:
         owner = OwnerFiles(settings)
     except FileProblem as error:
         for problem in error.problems:
-            print(f"wxbot: {error.path}: {problem}", file=sys.stderr)
+            print(f"wxbot: {error.where()}: {problem}", file=sys.stderr)
         return 2
     if args.command == "chat":
-        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
         return chat(settings, sys.stdin, sys.stdout, owner)
     log.info("wxbot %s starting: %s", __version__, settings.describe())
     try:
         bot = Bot(settings, owner)
+    except DatabaseUnusable as error:  # WXBOT_DB names a place this user may not write
+        log.error("%s", error)
+        return 2
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
         return 1
