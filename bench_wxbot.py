@@ -15,6 +15,11 @@ Usage:
   python bench_wxbot.py --blocked-words   only the blocked-words row
   python bench_wxbot.py --burst    only the burst rows (--burst-users N to try them small)
   python bench_wxbot.py --passive  only the passive-reply row (--passive-users N, --quick)
+  python bench_wxbot.py --articles the articles rows: answer quality on the corpus, search
+                                   time with 20,000 passages, learning 1,000 published
+                                   articles, index size (--articles-count N to try it small)
+  python bench_wxbot.py --console  each page of the owner's console on a database of a
+                                   million messages (--console-messages N; built once, reused)
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import contextlib
 import http.client
 import math
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -40,8 +46,9 @@ import bottle
 import requests
 
 import wxbot
-from test_wxbot import (APPID, FakeModel, FakeWeChat, TOKEN, VECTOR_KEY, chinese_answer,
-                        env_for, paced, signed_query, start_process, text_xml, wait_for)
+from test_wxbot import (APPID, CORPUS, FakeModel, FakeWeChat, TOKEN, VECTOR_KEY, chinese_answer,
+                        corpus_quality, env_for, learned_corpus, news_item, paced, published_post,
+                        signed_query, start_process, text_xml, wait_for)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -496,6 +503,118 @@ def bench_blocked_words(args) -> list[str]:
             f"{per_answer * 1000:.2f} ms"]
 
 
+# Articles: the account's own writing ########################################
+
+def synthetic_articles(corpus: dict, count: int, seed: int = 7) -> list[tuple[str, str, str]]:
+    """(title, text, date) of `count` articles of about 2,600 characters (10 passages or so),
+    made of the corpus's sentences with words of their own mixed in, so that the index holds
+    as many distinct terms as an account's years of writing."""
+    rng = random.Random(seed)
+    sentences = [s for article in corpus["articles"]
+                 for s in re.split(r"(?<=[。！？\n])", article["text"]) if s.strip()]
+    common = [chr(code) for code in range(0x4E00, 0x4E00 + 3500)]
+    words = ["".join(rng.choices(common, k=rng.randint(2, 4))) for _ in range(8000)]
+    titles = [article["title"] for article in corpus["articles"]]
+    made = []
+    for n in range(count):
+        paragraphs = []
+        for _ in range(rng.randint(8, 12)):
+            paragraph = ""
+            while len(paragraph) < 230:
+                sentence = rng.choice(sentences).strip()
+                at = rng.randint(0, len(sentence))
+                paragraph += (sentence[:at] + rng.choice(words) + str(rng.randint(1, 500)) +
+                              sentence[at:])
+            paragraphs.append(paragraph)
+        made.append((f"{rng.choice(titles)}（第{n + 1}期）", "\n".join(paragraphs),
+                     f"20{rng.randint(18, 25)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"))
+    return made
+
+
+def bench_articles(args) -> list[str]:
+    """Answer quality on the corpus; search time, index size and learning time at scale."""
+    import json
+    corpus = json.load(open(CORPUS, encoding="utf-8"))
+    lines = []
+    with tempfile.TemporaryDirectory() as workdir:
+        articles = learned_corpus(os.path.join(workdir, "corpus.db"), corpus)
+        for sets, name in ((("dev",), "dev (tuned on)"), (("held",), "held out"),
+                           (("dev", "held"), "all")):
+            figures, _ = corpus_quality(articles, corpus, sets)
+            shown = ", ".join(f"{tag} {hits}/{total} ({hits / total:.0%})"
+                              for tag, (hits, total) in sorted(figures.items(),
+                                                               key=lambda item: item[0] != "all"))
+            lines.append(f"Articles quality, {name} questions: answering passage given: {shown}")
+        articles.close()
+
+        count = args.articles_count
+        made = synthetic_articles(corpus, count)
+        path = os.path.join(workdir, "scale.db")
+        articles = wxbot.Articles(path)
+        started, learning_cpu = time.perf_counter(), time.process_time()
+        for n, (title, text, date) in enumerate(made):
+            articles.learn_text("url", f"https://example.com/{n}", title, text, date=date)
+        learned, learning_cpu = (time.perf_counter() - started,
+                                 time.process_time() - learning_cpu)
+        conn = sqlite3.connect(path)
+        passages, text_bytes = conn.execute(
+            "SELECT count(*), sum(length(CAST(text AS BLOB))) FROM article_passages").fetchone()
+        index_bytes = conn.execute("SELECT sum(pgsize) FROM dbstat WHERE name LIKE"
+                                   " 'article_terms%'").fetchone()[0]
+        file_bytes = os.path.getsize(path)
+        conn.close()
+        questions = [(q["q"], q["earlier"]) for q in corpus["questions"]] + \
+                    [(q["q"], []) for q in corpus["unrelated"]]
+        timings, cpu_timings = [], []
+        for _ in range(3 if args.quick else 10):
+            for question, earlier in questions:
+                started, cpu = time.perf_counter(), time.thread_time()
+                articles.find(question, earlier)
+                timings.append((time.perf_counter() - started) * 1000)
+                cpu_timings.append((time.thread_time() - cpu) * 1000)
+        plans = {name: [row[3] for row in articles._conn().execute(
+                    "EXPLAIN QUERY PLAN " + statement, parameters)]
+                 for name, statement, parameters in [
+                     ("vocabulary", wxbot.VOCABULARY.format(terms="?, ?"), ("退款", "包邮")),
+                     ("passages", wxbot.PASSAGES_MATCHING, {"query": '"退款"', "limit": 30})]}
+        articles.close()
+        load = os.getloadavg()[0]
+        lines.append(
+            f"Articles search: {passages:,} passages of {count:,} articles "
+            f"({text_bytes / 1e6:.1f} MB of text): find() p50 {percentile(timings, 50):.1f} ms, "
+            f"p99 {percentile(timings, 99):.1f} ms, max {max(timings):.1f} ms wall; CPU p50 "
+            f"{percentile(cpu_timings, 50):.1f} ms, p99 {percentile(cpu_timings, 99):.1f} ms; over "
+            f"{len(timings)} questions, load average {load:.1f} (target p99 <= 20 ms)")
+        lines.append("Articles query plans: " + "; ".join(
+            f"{name}: {' / '.join(plan)}" for name, plan in plans.items()))
+        lines.append(
+            f"Articles index: {index_bytes / 1e6:.1f} MB of FTS5 terms for {text_bytes / 1e6:.1f} "
+            f"MB of text ({index_bytes / text_bytes:.2f}x; the whole file, text included, "
+            f"{file_bytes / text_bytes:.2f}x; target index <= 3x); learn_text of {count:,} "
+            f"articles {learned:.1f} s wall, {learning_cpu:.1f} CPU-s")
+
+        wechat = FakeWeChat()
+        try:
+            published = min(count, 1000)
+            wechat.published = [
+                published_post(f"ID{n}", news_item(title, text.split("\n"),
+                                                   url=f"https://mp.weixin.qq.com/s/{n}"))
+                for n, (title, text, _) in enumerate(made[:published])]
+            env = env_for(pathlib.Path(workdir), wechat, wechat,
+                          WXBOT_DB=os.path.join(workdir, "pub.db"))
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, os.path.join(HERE, "wxbot.py"), "learn",
+                                   "--published"], env={**os.environ, **env},
+                                  capture_output=True, text=True, timeout=600)
+            took = time.perf_counter() - started
+        finally:
+            wechat.close()
+        lines.append(f"Articles learning: `learn --published` of {published:,} articles from the "
+                     f"fake freepublish API ({published // 20} pages): {took:.1f} s "
+                     f"(target <= 60 s); it said: {done.stdout.strip() or done.stderr.strip()}")
+    return lines
+
+
 # Soak: a database after months of traffic #####################################
 
 #: What one stored exchange looks like: a question, its answer in segments, two turns.
@@ -622,6 +741,120 @@ def bench_soak(wechat, args) -> list[str]:
             f"every year."]
 
 
+# The owner's console on a big database #######################################
+
+def build_console_db(path: str, messages: int) -> float:
+    """A database of `messages` messages from 10,000 readers over the last 29 days, as the
+    console reads it: questions in several wordings, answers of two segments (one in ten by
+    passive reply), failed and dead ones, menu clicks, one reader who wrote 2% of them all,
+    article uses for the questions and 300 learned articles; seconds taken."""
+    started = time.monotonic()
+    wxbot.Store(path).close()
+    articles = wxbot.Articles(path)
+    for number in range(300):
+        articles.learn_text("url", f"https://example.com/{number}", f"文章 {number}",
+                            f"第 {number} 篇文章讲退款、发货和售后。" * 20)
+    articles.close()
+    asked = ["怎么退款？", "怎么退款", "发货要几天", "营业时间是几点？", "能开发票吗",
+             "<img src=x onerror=alert(1)>"]
+    now = time.time()
+    states = ["done"] * 96 + ["failed"] * 2 + ["dead", "queued"]
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA synchronous=OFF")
+        for first in range(1, messages + 1, 100_000):
+            ids = range(first, min(messages + 1, first + 100_000))
+            at = {n: now - 29 * 86400 * (1 - n / messages) for n in ids}
+            openid = {n: "oHEAVY" + "x" * 22 if n % 50 == 0 else
+                      f"oCONSOLE{n % 10000:05d}" + "x" * 15 for n in ids}
+            state = {n: states[n % 100] for n in ids}
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT INTO messages (id, dedup_key, openid, msg_type, msg_id, event, content,"
+                " fields, received_at, state, attempts, answered_at, error) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, '{}', ?, ?, 1, ?, ?)",
+                ((n, f"{openid[n]}:{10**18 + n}", openid[n],
+                  "event" if n % 97 == 0 else "text", str(10**18 + n),
+                  "CLICK" if n % 97 == 0 else None,
+                  None if n % 97 == 0 else asked[n % len(asked)] + str(n % 300),
+                  at[n], state[n], at[n] + 3 if state[n] == "done" else None,
+                  "errcode 45015: response out of time limit" if state[n] == "dead" else None)
+                 for n in ids))
+            conn.executemany(
+                "INSERT INTO segments (message_id, seq, content, tried_at, sent_at, replied_to)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                ((n, seq, f"答复第 {seq + 1} 段", at[n] + 1 + seq, at[n] + 1 + seq,
+                  n if n % 10 == 0 else None)
+                 for n in ids if state[n] == "done" for seq in range(2)))
+            conn.executemany(
+                "INSERT INTO article_uses (message_id, at, given, cited) VALUES (?, ?, ?, ?)",
+                ((n, at[n] + 3, n % 3, n % 3 // 2) for n in ids if state[n] == "done"
+                 and n % 97))
+            conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return time.monotonic() - started
+
+
+def bench_console(args) -> list[str]:
+    """Each console page, fetched over HTTP as the owner's browser does, on a big database,
+    once the Overview's past days are counted (as at start): the first look and 20 more."""
+    path = args.console_db or os.path.join(tempfile.gettempdir(),
+                                           f"wxbot-console-{args.console_messages}.db")
+    built = "reused" if os.path.exists(path) else \
+        f"built in {build_console_db(path, args.console_messages):.0f} s"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("DELETE FROM kv WHERE key LIKE 'console-day:%'")  # a first look again
+        conn.commit()
+    settings = wxbot.Settings.from_env({
+        "WXBOT_TOKEN": TOKEN, "WXBOT_APPID": APPID, "WXBOT_APPSECRET": "-",
+        "OPENAI_API_KEY": "-", "WXBOT_DB": path, "WXBOT_ADMIN_PASSWORD": "bench-password-123"})
+    store, articles = wxbot.Store(path), wxbot.Articles(path)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
+                                 articles)
+    started = time.perf_counter()
+    console.count_days()  # as the service does at start, in a thread of its own
+    counted = time.perf_counter() - started
+    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    session = requests.Session()
+    session.post(base + "/login", data={"password": settings.admin_password}, timeout=10,
+                 allow_redirects=False)
+    with store.connection() as conn:
+        dead = conn.execute("SELECT id FROM messages WHERE state = 'dead' ORDER BY id DESC"
+                            " LIMIT 1").fetchone()[0]
+    pages = ["/", "/people", "/people/oCONSOLE00007" + "x" * 15,
+             "/people/oHEAVY" + "x" * 22, "/questions", "/queue", "/articles", "/articles/1",
+             "/settings"]
+    rows = []
+    try:
+        for page in pages:
+            times = []
+            for _ in range(21):
+                started = time.perf_counter()
+                answer = session.get(base + page, timeout=60)
+                times.append((time.perf_counter() - started) * 1000)
+                assert answer.status_code == 200 and "<h1>" in answer.text, page
+            rows.append(f"| {page[:24]} | {times[0]:.1f} | {statistics.median(times[1:]):.1f} "
+                        f"| {max(times[1:]):.1f} |")
+        token = re.search(r'name="csrf" value="([^"]+)"', answer.text).group(1)
+        started = time.perf_counter()
+        answer = session.post(base + "/queue/retry", data={"id": dead, "csrf": token},
+                              timeout=60)
+        retry_ms = (time.perf_counter() - started) * 1000
+        assert answer.ok
+    finally:
+        server.stop()
+        store.close()
+        articles.close()
+    size = os.path.getsize(path)
+    return [f"Owner's console on {args.console_messages:,} messages from 10,000 readers over "
+            f"29 days ({path}, {size / 2**30:.2f} GiB, {built}), each page over HTTP, ms:",
+            "| page | first look | median of 20 more | slowest of 20 |", "|---|---|---|---|",
+            *rows, f"Retry of a dead message (POST, then the Queue page): {retry_ms:.1f} ms.",
+            f"Counting the 14 past days and today's settled messages at start, once (a thread "
+            f"of its own; past days are kept in the database after): {counted:.1f} s."]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run: every phase, briefly")
@@ -649,8 +882,24 @@ def main() -> int:
                         help="only the passive-reply row (50 users waiting 4 s; seconds)")
     parser.add_argument("--passive-users", type=int, default=None,
                         help="users waiting at once in the passive row instead of 50")
+    parser.add_argument("--articles", action="store_true",
+                        help="only the articles rows (quality, search, learning; a few minutes)")
+    parser.add_argument("--articles-count", type=int, default=2000,
+                        help="articles in the search row (default 2,000: about 20,000 passages)")
+    parser.add_argument("--console", action="store_true",
+                        help="only the owner's console pages on a big database")
+    parser.add_argument("--console-messages", type=int, default=1_000_000,
+                        help="messages in the console's database (default 1,000,000)")
+    parser.add_argument("--console-db", help="the console's database: built once, reused "
+                                             "after")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.articles:
+        print("\n".join(bench_articles(args)))
+        return 0
+    if args.console:
+        print("\n".join(bench_console(args)))
+        return 0
     if args.blocked_words:
         print("\n".join(bench_blocked_words(args)))
         return 0

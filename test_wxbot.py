@@ -8,11 +8,13 @@ the internet, and nothing waits on a bare sleep: every wait is a condition with 
 from __future__ import annotations
 
 import codecs
+import collections
 import base64
 import contextlib
 import datetime
 import email.parser
 import email.policy
+import html.parser
 import http.client
 import http.server
 import io
@@ -6471,6 +6473,449 @@ def test_stats_shows_the_articles_and_the_questions_they_answered(start_bot, wec
         in wechat.texts_to("oBOSS")[0]
 
 
+# Owner's console #############################################################
+
+CONSOLE_PASSWORD = "console-pass-0123456789"
+#: A reader's message that would run a script if the console showed it as markup.
+XSS = "<img src=x onerror=alert(1)>"
+#: Where the browser test leaves its screenshots (CONSOLE_SCREENSHOTS overrides).
+SCREENSHOTS = os.environ.get("CONSOLE_SCREENSHOTS",
+                             os.path.join(tempfile.gettempdir(), "wxbot-console-screenshots"))
+
+
+class LoggedIn(requests.Session):
+    """A client of the console at `base`, logged in; `token` is its session's form token."""
+
+    def __init__(self, base, password=CONSOLE_PASSWORD, **headers):
+        super().__init__()
+        self.base = base
+        self.headers.update(headers)
+        answer = self.post(base + "/login", data={"password": password}, allow_redirects=False,
+                           timeout=5)
+        assert answer.status_code == 303, answer.text
+        self.login = answer
+        self.token = re.search(r'name="csrf" value="([^"]+)"', self.page("/")).group(1)
+
+    def page(self, path):
+        answer = self.get(self.base + path, timeout=10, allow_redirects=False)
+        assert answer.status_code == 200, (path, answer.status_code, answer.text[:300])
+        return answer.text
+
+
+def console_base(bot):
+    return f"http://127.0.0.1:{bot.console.port}"
+
+
+def dead_message(bot, wechat, openid, text, msg_id, monkeypatch):
+    """A message whose answer WeChat keeps refusing until it is dead; WeChat then takes sends
+    again."""
+    monkeypatch.setattr(wxbot.Worker, "DELIVERY_TRIES", 2)
+    wechat.intercept = lambda path, body: 500 if path == SEND and \
+        body.get("touser") == openid else None
+    send_text(bot, openid, text, msg_id)
+    wait_for(lambda: bot.store.health(time.time())["dead"] >= 1)
+    wechat.intercept = None
+    with bot.store.connection() as conn:
+        return conn.execute("SELECT id FROM messages WHERE openid = ? AND msg_id = ?",
+                            (openid, str(msg_id))).fetchone()[0]
+
+
+def console_traffic(bot, wechat, model, monkeypatch):
+    """Readers' traffic as the suite makes it: answered questions, a question asked twice, a
+    message written as markup, a long answer in several messages, and a dead message."""
+    model.respond = lambda request: "答：" + request["messages"][-1]["content"]
+    for number, (openid, text) in enumerate([
+            ("oREADER-alice-0001", "怎么退款？"), ("oREADER-bob-000002", "怎么退款"),
+            ("oREADER-carol-0003", XSS), ("oREADER-alice-0001", "营业时间是几点？")], 1):
+        send_text(bot, openid, text, number)
+    wait_for(lambda: len(wechat.texts_to("oREADER-alice-0001")) == 2
+             and wechat.texts_to("oREADER-carol-0003"))
+    for message_id, given in [(1, 2), (2, 2), (3, 0), (4, 0)]:  # as answering records them
+        bot.articles.note_use(message_id, time.time(), given, given // 2)
+    return dead_message(bot, wechat, "oREADER-dave-00004", "这条会失败", 9, monkeypatch)
+
+
+def test_console_is_off_without_a_password_and_refuses_a_short_one(start_bot, tmp_path):
+    bot = start_bot()
+    assert bot.console is None
+    assert "WXBOT_ADMIN_PASSWORD=(not set)" in bot.settings.describe()
+    with pytest.raises(wxbot.SettingsError, match="WXBOT_ADMIN_PASSWORD must be at least 12"):
+        wxbot.Settings.from_env({**env_for(tmp_path, types.SimpleNamespace(url="http://x"),
+                                           types.SimpleNamespace(url="http://x")),
+                                 "WXBOT_ADMIN_PASSWORD": "short"})
+
+
+def test_console_shows_nothing_and_does_nothing_without_a_login(start_bot, wechat, model,
+                                                                 monkeypatch):
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    dead = dead_message(bot, wechat, "oDEAD-console-01", "问", 1, monkeypatch)
+    base = console_base(bot)
+    for path in ("/", "/login"):  # the webhook's listener serves no console
+        assert requests.get(f"http://127.0.0.1:{bot.port}{path}", timeout=5).status_code == 404
+    for path in ["/", "/people", "/people/oDEAD-console-01", "/questions", "/queue",
+                 "/articles", "/settings"]:
+        answer = requests.get(base + path, timeout=5, allow_redirects=False)
+        assert (answer.status_code, answer.headers["Location"]) == (303, "/login"), path
+        assert "oDEAD" not in answer.text
+    forged = requests.post(base + "/queue/retry", data={"id": dead}, timeout=5,
+                           cookies={"wxbot_console": "guessed"})
+    assert forged.status_code == 403
+    owner = LoggedIn(base)
+    assert owner.post(base + "/articles/learn", data={"url": "http://127.0.0.1:9/"},
+                      timeout=5).status_code == 403
+    without_token = owner.post(base + "/queue/retry", data={"id": dead}, timeout=5)
+    wrong_token = owner.post(base + "/queue/retry", data={"id": dead, "csrf": "x" * 43},
+                             timeout=5)
+    assert without_token.status_code == wrong_token.status_code == 403
+    assert bot.store.health(time.time())["dead"] == 1
+    retried = owner.post(base + "/queue/retry", data={"id": dead, "csrf": owner.token},
+                         timeout=5)
+    assert retried.status_code == 200 and f"Message #{dead} is queued again" in retried.text
+    wait_for(lambda: wechat.texts_to("oDEAD-console-01"))
+    again = owner.post(base + "/queue/retry", data={"id": dead, "csrf": owner.token}, timeout=5)
+    assert again.status_code == 409 and "not dead: nothing to do" in again.text
+    owner.post(base + "/logout", data={"csrf": owner.token}, timeout=5)
+    assert owner.get(base + "/queue", timeout=5, allow_redirects=False).status_code == 303
+
+
+class SaidTexts(html.parser.HTMLParser):
+    """The text of each element of class "said" in a page, as a browser shows it."""
+
+    def __init__(self, page):
+        super().__init__()
+        self.texts, self.depth = [], 0
+        self.feed(page)
+
+    def handle_starttag(self, tag, attributes):
+        if self.depth:
+            self.depth += 1
+        elif "said" in (dict(attributes).get("class") or "").split():
+            self.depth = 1
+            self.texts.append("")
+
+    def handle_endtag(self, tag):
+        self.depth = max(0, self.depth - 1)
+
+    def handle_data(self, data):
+        if self.depth:
+            self.texts[-1] += data
+
+
+@hsettings(max_examples=40, deadline=None,
+           suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=6) |
+                st.sampled_from(["<", ">", "&", "&amp;", "&lt;", "\"", "'", "\n", "<b>", "</div>",
+                                 "<!--", "<script>", XSS, "{{csrf}}", "%"]),
+                min_size=1, max_size=12).map("".join).filter(str.strip))
+def test_console_shows_whatever_a_reader_wrote_as_that_text(tmp_path, said):
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    store = wxbot.Store(settings.db)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup())
+    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
+    server.start()
+    try:
+        openid = f"oSAID{time.time_ns()}"
+        store.store_push(wxbot.Push(openid, "gh", "text", "1", str(time.time_ns()), None, said,
+                                    {}), time.time())
+        owner = LoggedIn(f"http://127.0.0.1:{server.port}")
+        assert SaidTexts(owner.page(f"/people/{openid}")).texts[0] == said
+        assert said in SaidTexts(owner.page("/people")).texts
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_console_answers_429_after_five_wrong_passwords_from_one_address(tmp_path):
+    now = [1_800_000_000.0]
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    store = wxbot.Store(settings.db)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
+                                 clock=lambda: now[0])
+    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+
+    def log_in(password, address="198.51.100.7"):
+        return requests.post(base + "/login", data={"password": password}, timeout=5,
+                             allow_redirects=False, headers={"X-Real-IP": address}).status_code
+    try:
+        assert [log_in(f"guess-{n:08d}") for n in range(5)] == [401] * 5
+        assert log_in(CONSOLE_PASSWORD) == 429  # the right one too, until the minute is over
+        assert log_in(CONSOLE_PASSWORD, "198.51.100.8") == 303  # another address
+        now[0] += 61
+        assert log_in(CONSOLE_PASSWORD) == 303
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_console_session_cookie_is_httponly_strict_secure_behind_https_and_ends(tmp_path):
+    now = [1_800_000_000.0]
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    store = wxbot.Store(settings.db)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
+                                 clock=lambda: now[0])
+    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        owner = LoggedIn(base)
+        plain = owner.login.headers["Set-Cookie"].lower()
+        cookie = requests.post(base + "/login", data={"password": CONSOLE_PASSWORD}, timeout=5,
+                               allow_redirects=False, headers={"X-Forwarded-Proto": "https"}
+                               ).headers["Set-Cookie"].lower()
+        for attributes in (plain, cookie):
+            assert "httponly" in attributes and "samesite=strict" in attributes
+        assert "secure" not in plain and "; secure" in cookie
+        now[0] += 12 * 3600 - 60
+        owner.page("/queue")
+        now[0] += 61
+        ended = owner.get(base + "/queue", timeout=5, allow_redirects=False)
+        assert (ended.status_code, ended.headers["Location"]) == (303, "/login")
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_console_pages_show_readers_text_as_text_and_no_secret(start_bot, wechat, model,
+                                                               monkeypatch):
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0,
+                    WXBOT_IMAGE_API_KEY="sk-image-key-0123456789", OPENAI_BASE_URL=model.url.replace(
+                        "http://", "http://user:url-password-123@") + "/v1")
+    console_traffic(bot, wechat, model, monkeypatch)
+    owner = LoggedIn(console_base(bot))
+    pages = {path: owner.page(path) for path in [
+        "/", "/people", "/people/oREADER-carol-0003", "/questions", "/queue", "/articles",
+        "/settings"]}
+    for path in ["/people", "/people/oREADER-carol-0003", "/questions"]:
+        assert "&lt;img src=x onerror=alert(1)&gt;" in pages[path], path
+    for path, page in pages.items():
+        assert "<img" not in page, path
+        for secret in bot.settings.secrets() + [CONSOLE_PASSWORD]:
+            assert secret not in page, (path, secret[:4])
+        assert "default-src 'none'" in owner.get(owner.base + path).headers[
+            "Content-Security-Policy"]
+    asked_twice, uncovered = pages["/questions"].split("<h2>Recent questions")[0].split(
+        "<h2>Not covered by an article")
+    assert "怎么退款" in asked_twice and "营业时间是几点？" in uncovered
+    assert "怎么退款" not in uncovered
+    assert "<td class=\"n\">2 / 2</td>" in pages["/"]  # given passages / cited, today
+    assert "答：营业时间是几点？" in owner.page("/people/oREADER-alice-0001")
+
+
+def test_console_queries_read_no_whole_table(start_bot, wechat, model, tmp_path, monkeypatch):
+    statements = []
+    connect = wxbot.Store._connect
+
+    def traced(self):
+        conn = connect(self)
+        conn.set_trace_callback(statements.append)
+        return conn
+    monkeypatch.setattr(wxbot.Store, "_connect", traced)
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    dead = console_traffic(bot, wechat, model, monkeypatch)
+    owner = LoggedIn(console_base(bot))
+    del statements[:]
+    learned = bot.articles.learn_text("url", "https://example.com/a", "退款说明", "退款在七天内办理。")
+    for path in ["/", "/people", "/people/oREADER-alice-0001", "/questions", "/queue",
+                 "/articles", f"/articles/{learned.id}", "/settings"]:
+        owner.page(path)
+    owner.post(owner.base + "/queue/retry", data={"id": dead, "csrf": owner.token}, timeout=5)
+    checked = [s for s in statements if re.match(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)", s,
+                                                  re.I)]
+    assert any("m.received_at >=" in s for s in checked) and any("IN (" in s for s in checked)
+    with contextlib.closing(sqlite3.connect(tmp_path / "wxbot.db")) as conn:
+        scans = {statement: full_scans(conn, statement) for statement in checked}
+        # One row a question answered: as big as messages in time.
+        uses = {statement: [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement)
+                            if re.match(r"SCAN (article_uses|u)\b", row[3])
+                            and "article_uses_uncovered" not in row[3]]
+                for statement in checked if "article_uses" in statement}
+    assert {statement: plan for statement, plan in scans.items() if plan} == {}
+    assert len(uses) >= 2 and {statement: plan for statement, plan in uses.items() if plan} == {}
+
+
+# The console in a real browser ###############################################
+
+#: WebDriver's key for an element in its answers.
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage"]
+
+
+class ArticlePage(FakeServer):
+    """The owner's web page with an article, to learn from the console."""
+
+    TITLE = "退款须知"
+
+    def route(self, handler):
+        self.reply(handler, 200, (
+            f"<html><head><title>{self.TITLE}</title></head><body><article><h1>{self.TITLE}"
+            f"</h1><p>购买后七天内可以申请退款，在订单页点“退款”即可。</p><p>退款三个工作日内"
+            f"原路退回。</p></article></body></html>").encode("utf-8"), "text/html; charset=utf-8")
+
+
+class Browser:
+    """Headless Chromium driven through chromedriver's WebDriver HTTP protocol."""
+
+    def __init__(self, driver_url, session):
+        self.url, self.session = f"{driver_url}/session/{session}", session
+
+    def command(self, method, path="", body=None):
+        answer = requests.request(method, self.url + path, json=body, timeout=60)
+        value = answer.json()["value"]
+        if answer.status_code != 200:
+            raise AssertionError(f"WebDriver {method} {path}: {value.get('error')}: "
+                                 f"{value.get('message', '')[:300]}")
+        return value
+
+    def go(self, url):
+        self.command("POST", "/url", {"url": url})
+
+    def find(self, css):
+        return self.command("POST", "/element", {"using": "css selector", "value": css})[ELEMENT]
+
+    def count(self, css):
+        return len(self.command("POST", "/elements", {"using": "css selector", "value": css}))
+
+    def type(self, css, text):
+        self.command("POST", f"/element/{self.find(css)}/value", {"text": text})
+
+    def click(self, css):
+        self.command("POST", f"/element/{self.find(css)}/click", {})
+
+    def text(self, css="body"):
+        return self.command("GET", f"/element/{self.find(css)}/text")
+
+    def shows(self, text):
+        """Whether the page's main part shows `text` (False while a new page loads)."""
+        try:
+            return text in self.text("main")
+        except AssertionError:  # no such element, or a stale one: the page is changing
+            return False
+
+    def script(self, source):
+        return self.command("POST", "/execute/sync", {"script": source, "args": []})
+
+    def width(self, pixels):
+        self.command("POST", "/window/rect", {"width": pixels, "height": 900})
+
+    def screenshot(self, path):
+        with open(path, "wb") as png:
+            png.write(base64.b64decode(self.command("GET", "/screenshot")))
+
+    def console_messages(self):
+        """What the page wrote to the browser's console since the last call."""
+        return self.command("POST", "/se/log", {"type": "browser"})
+
+    def alert(self):
+        """The text of an open alert, or None."""
+        answer = requests.get(self.url + "/alert/text", timeout=10)
+        return answer.json()["value"] if answer.status_code == 200 else None
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium from Debian's packages (installed here when missing, as root, as CI
+    does, with a Chinese font for the screenshots), a fresh profile, driven by chromedriver
+    on a free port."""
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver) and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install "
+                       "-y -qq chromium chromium-driver fonts-wqy-zenhei", shell=True, check=False,
+                       capture_output=True, timeout=900)
+        binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("chromium and chromium-driver are not installed (apt-get install "
+                    "chromium chromium-driver, as root)")
+    port = free_port()
+    process = subprocess.Popen([driver, f"--port={port}"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    driver_url = f"http://127.0.0.1:{port}"
+    def ready():
+        assert process.poll() is None, "chromedriver ended"
+        try:
+            return requests.get(driver_url + "/status", timeout=2).json()["value"]["ready"]
+        except requests.ConnectionError:
+            return False
+    try:
+        wait_for(ready, timeout=30, message="chromedriver listening")
+        created = requests.post(driver_url + "/session", timeout=120, json={"capabilities": {
+            "alwaysMatch": {"browserName": "chrome", "unhandledPromptBehavior": "ignore",
+                            "goog:loggingPrefs": {"browser": "ALL"},
+                            "goog:chromeOptions": {
+                                "binary": binary,
+                                "args": CHROMIUM_FLAGS + [
+                                    f"--user-data-dir={tmp_path / 'chromium-profile'}"]}}}})
+        assert created.status_code == 200, created.text[:500]
+        browser = Browser(driver_url, created.json()["value"]["sessionId"])
+        yield browser
+        requests.delete(browser.url, timeout=30)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def page():
+    server = ArticlePage()
+    yield server
+    server.close()
+
+
+def test_console_works_in_a_real_browser_on_a_phone_and_a_desktop(start_bot, wechat, model,
+                                                                   browser, page, monkeypatch):
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    dead = console_traffic(bot, wechat, model, monkeypatch)
+    base = console_base(bot)
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    for width in (375, 1280):
+        browser.width(width)
+        browser.go(base + "/queue")  # not logged in: the login form
+        assert browser.count("input[type=password]") == 1
+        browser.type("#password", CONSOLE_PASSWORD)
+        browser.click("button[type=submit]")
+        wait_for(lambda: browser.count("nav") == 1)
+        for path, link in wxbot.OwnerConsole.PAGES:
+            browser.go(base + "/")
+            browser.click(f"nav a[href='{path}']")
+            wait_for(lambda: urllib.parse.urlsplit(browser.command("GET", "/url")).path == path)
+            assert browser.text("h1") == link
+            assert browser.script("return document.documentElement.scrollWidth") <= \
+                browser.script("return window.innerWidth"), (link, width)  # no sideways scroll
+            browser.screenshot(os.path.join(SCREENSHOTS, f"{link.lower()}-{width}.png"))
+        browser.go(base + "/people/oREADER-carol-0003")
+        assert XSS in browser.text("main") and browser.count("main img") == 0
+        assert browser.alert() is None
+        browser.screenshot(os.path.join(SCREENSHOTS, f"conversation-{width}.png"))
+        if width == 375:
+            browser.go(base + "/queue")
+            browser.click("form[action='/queue/retry'] button")
+            wait_for(lambda: browser.shows(f"Message #{dead} is queued again"))
+            wait_for(lambda: wechat.texts_to("oREADER-dave-00004"))
+            browser.go(base + "/articles")
+            browser.type("#url", page.url + "/refunds")
+            browser.click("form[action='/articles/learn'] button")
+            wait_for(lambda: browser.shows(f"Learned «{ArticlePage.TITLE}»"))
+            assert [source.title for source in bot.articles.sources()] == [ArticlePage.TITLE]
+            assert bot.articles.find("怎么退款")
+            browser.click("main table a[href^='/articles/']")  # its passages
+            wait_for(lambda: browser.shows("七天内可以申请退款"))
+            browser.screenshot(os.path.join(SCREENSHOTS, f"articles-learned-{width}.png"))
+        else:
+            browser.go(base + "/articles")
+            browser.click("form[action='/articles/forget'] button")
+            wait_for(lambda: browser.shows("The source was forgotten"))
+            assert bot.articles.sources() == []
+        browser.click("nav form button")  # log out
+        wait_for(lambda: browser.count("input[type=password]") == 1)
+    problems = [entry for entry in browser.console_messages()
+                if entry["level"] in ("SEVERE", "WARNING")]
+    assert problems == []
+    browser.go(base + "/no-such-page")  # the console's log does report an error
+    assert "404" in " ".join(entry["message"] for entry in browser.console_messages())
 # Articles ####################################################################
 
 def test_an_article_is_found_by_its_two_character_words_and_learning_again_replaces_it(
@@ -6499,6 +6944,7 @@ def test_a_question_no_article_covers_gets_no_passage(tmp_path):
     articles.learn_text("file", "/notes/hours.md", "营业时间", "周一到周五早上8点开门，周末9点开门。")
     articles.learn_text("file", "/notes/cake.md", "生日蛋糕", "生日蛋糕请提前两天预订，6寸168元。")
     assert articles.find("明天北京天气怎么样") == []
+    assert articles.find("北京哪里过生日好玩") == [] and articles.find("周末去爬山好吗") == []
     assert articles.find("") == [] and articles.find("？？") == []
     assert [p.url for p in articles.find("v60用多少度的水")] == ["https://example.com/a"]
     articles.close()
@@ -6718,9 +7164,10 @@ def test_an_article_published_while_serving_is_learned_and_nobody_is_answered(
     bot = start_bot()
     wechat.published.insert(0, published_post("NEW", news_item("国庆放假通知",
                                                                ["国庆节10月1日到3日店休。"])))
-    response = post_push(bot, publish_event("NEW"))
+    announcement = publish_event("NEW")
+    response = post_push(bot, announcement)
     assert (response.status_code, response.text) == (200, "success")
-    post_push(bot, publish_event("NEW"))  # WeChat's retry: fetched once
+    post_push(bot, announcement)  # WeChat's retry: fetched once
     wait_for(lambda: bot.articles.find("国庆放假吗"), message="the new article learned")
     assert post_push(bot, publish_event("", status=4, openid="oMPHELPER2")).text == "success"
     wait_for(lambda: "rejected by review" in caplog.text, message="the failed job logged")
@@ -6869,7 +7316,7 @@ def test_a_database_in_a_folder_this_user_may_not_write_names_wxbot_db_and_whose
     assert os.listdir(state) == []
 
 
-def dead_message(path):
+def stored_dead_message(path):
     """A database at `path` with one message that ended dead; its id."""
     store = wxbot.Store(path)
     message_id = stored_push(store, "oDEAD", "你好", 1, time.time())
@@ -6884,7 +7331,7 @@ def test_status_as_another_user_says_the_database_is_there_and_who_may_read_it(
     state = os.path.join(shared_folder, "state")
     os.mkdir(state, 0o700)  # as systemd's StateDirectoryMode=0700 makes it
     path = os.path.join(state, "wxbot.db")
-    store, message_id = dead_message(path)
+    store, message_id = stored_dead_message(path)
     store.close()
     for command, verb in ((["status"], "read"), (["retry", str(message_id)], "change")):
         result = run_as("nobody", command, {"WXBOT_DB": path})
@@ -6898,7 +7345,7 @@ def test_status_as_another_user_says_the_database_is_there_and_who_may_read_it(
 def test_retry_as_a_user_who_may_only_read_the_database_says_so_and_changes_nothing(
         shared_folder, capsys):
     path = os.path.join(shared_folder, "wxbot.db")
-    store, message_id = dead_message(path)  # kept open: the -wal and -shm files of a service
+    store, message_id = stored_dead_message(path)  # kept open: the -wal and -shm files of a service
     try:
         for name in os.listdir(shared_folder):
             os.chmod(os.path.join(shared_folder, name), 0o644)
@@ -6972,3 +7419,199 @@ def test_a_stream_of_events_without_text_is_asked_once_however_it_is_labelled(
     wait_for(lambda: bot.store.settled(1), message="the empty answer settled")
     assert len(model.requests) == 1  # an event came: the stream was read, nothing to ask again
     assert wechat.texts_to("oBLANK") == [wxbot.APOLOGY_LINE]
+
+
+def test_console_overview_counts_each_day_once_and_as_a_full_count_would(tmp_path):
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    store = wxbot.Store(settings.db)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup())
+    midnight = console.midnight(1_800_000_000.0)
+    ids = itertools.count(1)
+
+    def arrive(at, answered_after=None, passive=False, state="done", openid="oA"):
+        message_id = next(ids)
+        with store.transaction() as conn:
+            conn.execute("INSERT INTO messages (id, dedup_key, openid, msg_type, content, fields,"
+                         " received_at, state) VALUES (?, ?, ?, 'text', '问', '{}', ?, ?)",
+                         (message_id, str(message_id), openid, at, state))
+            if answered_after is not None:
+                conn.execute("INSERT INTO segments (message_id, seq, content, sent_at,"
+                             " replied_to) VALUES (?, 0, '答', ?, ?)",
+                             (message_id, at + answered_after, message_id if passive else None))
+
+    for second in range(1, 101):  # yesterday: 100 answers, 1 to 100 s after their question
+        arrive(midnight - 86400 + 600 * second, second, passive=second % 4 == 0,
+               openid=f"o{second % 7}")
+    arrive(midnight - 60, state="dead")
+    for minutes in (10, 20, 30):
+        arrive(midnight + 60 * minutes, 2.0)
+    looks = [midnight + 1800, midnight + 3000, midnight + 3700, midnight + 7200]
+    for number, now in enumerate(looks):
+        if number == 2:
+            arrive(midnight + 3650, 5.0, openid="oLATE")
+        days = console.overview(now)
+        assert len(days) == 15
+        for back, day in zip(range(14, -1, -1), days):
+            start = console.midnight(now, back)
+            full = console.figures(console.tally(start, min(console.midnight(now, back - 1),
+                                                            now + 1)))
+            assert {key: day[key] for key in full} == full, (number, back)
+    yesterday, today = days[-2], days[-1]
+    assert (yesterday["messages"], yesterday["people"], yesterday["answered"],
+            yesterday["failed"]) == (101, 8, 100, 1)
+    assert (yesterday["first_median"], yesterday["first_p95"]) == (50.5, 95)
+    assert (yesterday["service"], yesterday["passive"]) == (75, 25)
+    assert today["messages"] == 4 and today["first_p95"] == 5.0
+    kept = store.get_kv(wxbot.CONSOLE_DAY_KEY.format(yesterday["day"]), looks[-1])
+    assert json.loads(kept) == {
+        key: value for key, value in yesterday.items() if key != "day"}
+    store.close()
+
+
+def test_console_conversation_pages_through_every_message_in_order(tmp_path):
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    store = wxbot.Store(settings.db)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup())
+    states = [state.value for state in wxbot.State]
+    with store.transaction() as conn:
+        conn.executemany("INSERT INTO messages (id, dedup_key, openid, msg_type, content, fields,"
+                         " received_at, state) VALUES (?, ?, ?, 'text', ?, '{}', ?, ?)",
+                         [(n, str(n), "oMANY" if n % 3 else "oOTHER", f"第{n}条", n,
+                           states[n * 7 % len(states)]) for n in range(1, 181)])
+    seen, before = [], 2 ** 63 - 1
+    while before:
+        turns, before = console.conversation("oMANY", before)
+        seen = [turn["content"] for turn in turns] + seen
+    assert seen == [f"第{n}条" for n in range(1, 181) if n % 3]
+    store.close()
+CORPUS = os.path.join(HERE, "articles_corpus.json")
+
+
+def learned_corpus(path, corpus):
+    """An Articles database holding the corpus's articles."""
+    articles = wxbot.Articles(path)
+    for article in corpus["articles"]:
+        articles.learn_text("published", article["id"], article["title"], article["text"],
+                            url=article["url"], date=article["date"])
+    return articles
+
+
+def corpus_quality(articles, corpus, sets=("dev", "held")):
+    """How often the passage that answers a corpus question is given, by tag ("all",
+    "two", "newer", "followup"...), and how often an unrelated question gets any passage:
+    {name: (hits, questions)}, and the questions missed."""
+    urls = {article["id"]: article["url"] for article in corpus["articles"]}
+    figures, missed = collections.defaultdict(lambda: [0, 0]), []
+    for question in corpus["questions"]:
+        if question["set"] not in sets:
+            continue
+        given = articles.find(question["q"], question["earlier"])
+        hit = any(p.url == urls[question["answer"]] and question["holds"] in p.text
+                  for p in given)
+        for tag in ["all", *question["tags"]]:
+            figures[tag][0] += hit
+            figures[tag][1] += 1
+        if not hit:
+            missed.append((question["q"], question["answer"], [p.title for p in given]))
+    for question in corpus["unrelated"]:
+        if question["set"] in sets:
+            given = articles.find(question["q"])
+            figures["unrelated"][0] += bool(given)
+            figures["unrelated"][1] += 1
+            if given:
+                missed.append((question["q"], None, [p.title for p in given]))
+    return {tag: tuple(counts) for tag, counts in figures.items()}, missed
+
+
+def test_the_corpus_questions_find_their_passages_and_unrelated_ones_mostly_none(tmp_path):
+    corpus = json.load(open(CORPUS, encoding="utf-8"))
+    articles = learned_corpus(str(tmp_path / "wxbot.db"), corpus)
+    try:
+        figures, missed = corpus_quality(articles, corpus)
+    finally:
+        articles.close()
+    share = {tag: hits / total for tag, (hits, total) in figures.items()}
+    # Loose floors under the measured figures (bench_wxbot.py --articles): a regression shows.
+    assert share["all"] >= 0.85, missed
+    assert share["two"] >= 0.8 and share["newer"] >= 0.8 and share["followup"] >= 0.8, missed
+    assert share["unrelated"] <= 0.35, missed
+
+
+def test_find_searches_a_follow_up_with_the_question_before_it(tmp_path):
+    corpus = json.load(open(CORPUS, encoding="utf-8"))
+    articles = learned_corpus(str(tmp_path / "wxbot.db"), corpus)
+    try:
+        assert articles.find("那哪种最便宜？") == []  # alone, it says too little
+        found = articles.find("那哪种最便宜？", ["你们有什么咖啡豆"])
+        assert ("本季豆单", "2025-03-01") in [(p.title, p.date) for p in found]
+        assert any("68元" in p.text for p in found)
+    finally:
+        articles.close()
+
+
+def test_finding_passages_reads_indexes_only(tmp_path):
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    conn = articles._conn()
+    vocabulary = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + wxbot.VOCABULARY.format(
+        terms="?, ?"), ("退款", "包邮"))]
+    passages = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + wxbot.PASSAGES_MATCHING,
+                                               {"query": '"退款"', "limit": 30})]
+    articles.close()
+    # fts5vocab looks the terms up (a constraint on term: idxNum > 0), not the whole index.
+    assert len(vocabulary) == 1 and re.fullmatch(r"SCAN article_vocabulary VIRTUAL TABLE INDEX "
+                                                 r"[1-9].*", vocabulary[0]), vocabulary
+    assert any(re.match(r"SCAN article_terms VIRTUAL TABLE INDEX \d+:M", step)
+               for step in passages), passages
+    assert "SEARCH p USING INTEGER PRIMARY KEY (rowid=?)" in passages
+    assert "SEARCH s USING INTEGER PRIMARY KEY (rowid=?)" in passages
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet=st.sampled_from(list("退款包邮会员的了。！？\n ，V60¥39元\"*()-:^"
+                                                  "ANDORNEAR的是咖啡豆abc123.")), max_size=1500))
+def test_any_text_is_cut_into_passages_and_any_question_is_searched(tmp_path, text):
+    pieces = wxbot.passages_of(text)
+    assert all(0 < len(piece) <= wxbot.PASSAGE_MAX for piece in pieces)
+    assert "".join("".join(piece.split()) for piece in pieces) == "".join(text.split())
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        articles.learn_text("file", "/notes/a.md", "退款包邮", "会员退款包邮。V60 39元。")
+        if pieces:
+            articles.learn_text("file", "/notes/b.md", text[:20], text)
+        found = articles.find(text[:200], [text[200:400]])  # never an FTS5 syntax error
+        assert len(found) <= wxbot.Articles.MOST
+    finally:
+        articles.close()
+
+
+def test_the_daily_sync_learns_new_and_edited_articles_and_forgets_deleted_ones(
+        tmp_path, start_bot, wechat, model):
+    wechat.published = [published_post("A", news_item("营业时间", ["每天早上8点开门。"])),
+                        published_post("B", news_item("中秋放假", ["中秋节放假一天。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.note_sync(time.time() - 86400 - 60)  # the last sync was over a day ago
+    articles.close()
+    wechat.published = [published_post("C", news_item("国庆放假", ["国庆节10月1日到3日店休。"])),
+                        published_post("A", news_item("营业时间", ["每天早上9点开门。"]))]
+    notes = tmp_path / "faq.md"
+    notes.write_text("# 常见问题\n\n店里可以带狗狗，外摆区有水碗。\n", encoding="utf-8")
+    bot = start_bot()
+    wait_for(lambda: bot.articles.last_sync() > time.time() - 3600, message="the daily sync")
+    assert [p.text for p in bot.articles.find("几点开门")] == ["每天早上9点开门。"]
+    assert bot.articles.find("国庆放假吗")[0].title == "国庆放假"
+    assert "中秋放假" not in [source.title for source in bot.articles.sources()]
+    # `learn` while the server runs: the server finds what it learned at once.
+    assert learn(tmp_path, wechat, model, str(notes))[0] == 0
+    assert [p.title for p in bot.articles.find("能带狗吗")] == ["常见问题"]
+
+
+def test_console_believes_forwarded_headers_only_from_a_proxy_on_this_machine():
+    forwarded = {"HTTP_X_REAL_IP": "198.51.100.7", "HTTP_X_FORWARDED_PROTO": "https"}
+    for proxy in ("127.0.0.1", "::1"):
+        environ = {"REMOTE_ADDR": proxy, **forwarded}
+        assert wxbot.client_address(environ) == "198.51.100.7" and wxbot.over_https(environ)
+    for stranger in ("203.0.113.9", "2001:db8::1", ""):
+        environ = {"REMOTE_ADDR": stranger, **forwarded}
+        assert wxbot.client_address(environ) == stranger and not wxbot.over_https(environ)

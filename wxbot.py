@@ -16,6 +16,8 @@ Usage:
   python wxbot.py retry ID         queue a dead message again
   python wxbot.py learn SOURCE...  learn the account's articles: URLs, files, folders,
                                    --published (then kept in sync); --list; --forget SOURCE
+With WXBOT_ADMIN_PASSWORD set, serve also runs the owner's console, a web page of what
+readers ask, the queue and the articles, on WXBOT_ADMIN_HOST:WXBOT_ADMIN_PORT (127.0.0.1:8081).
 Stop with SIGTERM or Ctrl-C: pushes stop being taken, answers in flight finish within
 WXBOT_STOP_TIMEOUT seconds, and what was not finished is answered after the next start.
 A second signal exits at once.
@@ -30,12 +32,14 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import heapq
 import hmac
 import html.parser
 import http.client
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -45,6 +49,7 @@ import pwd
 import queue
 import random
 import re
+import secrets
 import select
 import shutil
 import signal
@@ -242,6 +247,18 @@ def _flag(value: str) -> bool:
     raise ValueError(f"must be 1 or 0, got {value.strip()!r}")
 
 
+#: The console's password: long enough that 5 tries a minute (ConsoleGuard) never guess it.
+ADMIN_PASSWORD_MIN = 12
+
+
+def _admin_password(value: str) -> str:
+    if value and len(value) < ADMIN_PASSWORD_MIN:
+        raise ValueError(f"must be at least {ADMIN_PASSWORD_MIN} characters (or empty: no "
+                         f"console); e.g. python3 -c 'import secrets; "
+                         f"print(secrets.token_urlsafe(16))'")
+    return value
+
+
 def _token(value: str) -> str:
     value = _text(value)
     # WeChat allows 3 to 32 characters; one signed URL from a log is enough to recover a short
@@ -384,6 +401,13 @@ SETTINGS: dict[str, Setting] = {
                                "1: once `learn --published` has run, learn each article the "
                                "account publishes as WeChat announces it, and check the whole "
                                "list once a day (new, changed, deleted); 0: off"),
+    "admin_password": Setting("WXBOT_ADMIN_PASSWORD", "", _admin_password,
+                              "password of the owner's web console, at least 12 characters "
+                              "(empty: no console, nothing listens)", secret=True),
+    "admin_host": Setting("WXBOT_ADMIN_HOST", "127.0.0.1", _text,
+                          "address the console listens on (reach it by ssh -L or a proxy)"),
+    "admin_port": Setting("WXBOT_ADMIN_PORT", "8081", _int_between(0, 65535),
+                          "port the console listens on"),
 }
 
 
@@ -429,6 +453,9 @@ class Settings:
     stop_timeout: float
     retry_base: float
     learn_published: bool
+    admin_password: str
+    admin_host: str
+    admin_port: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -458,6 +485,11 @@ class Settings:
 
     def describe(self) -> str:
         """The effective settings for the start-up log, secrets masked."""
+        return " ".join(f"{env}={value}" for env, value in self.shown())
+
+    def shown(self) -> list[tuple[str, str]]:
+        """Each setting's variable and its value as the log and the console show it: secrets
+        as (set), passwords in URLs masked, long texts by their length."""
         shown = []
         for name, setting in SETTINGS.items():
             value = getattr(self, name)
@@ -469,8 +501,8 @@ class Settings:
                 value = ",".join(short_id(openid) for openid in value)
             elif name in ("system_prompt", "welcome", "blocked_reply"):
                 value = f"({len(value)} chars)"
-            shown.append(f"{setting.env}={value}")
-        return " ".join(shown)
+            shown.append((setting.env, str(value)))
+        return shown
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -1978,6 +2010,17 @@ class Store:
         }
 
 
+def requeue_dead(conn: sqlite3.Connection, message_id: int) -> str | None:
+    """Queue a dead message again, its failure counts cleared (the `retry` command, the
+    console's retry button). None when it is queued; else why not, to show the owner."""
+    if conn.execute("UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
+                    " model_failures = 0, delivery_failures = 0, interruptions = 0,"
+                    " error = NULL WHERE id = ? AND state = 'dead'", (message_id,)).rowcount:
+        return None
+    row = conn.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
+    return f"is {row[0]}, not dead: nothing to do" if row else "is not in the database"
+
+
 ###############################################################################
 # Articles: the account's own writing #########################################
 ###############################################################################
@@ -2075,11 +2118,30 @@ def _word(word: str) -> str:
     return word
 
 
+_LETTERS_DIGITS = re.compile(r"[a-z]+|[0-9]+")
+
+
+def _word_parts(word: str) -> list[str]:
+    """A Latin word or number as indexed: itself, and for letters and digits together (V60)
+    each run of either, so that "v 60" finds it."""
+    parts = _LETTERS_DIGITS.findall(word) if "." not in word else []
+    return [_word(word)] + [_word(part) for part in parts] if len(parts) > 1 else [_word(word)]
+
+
+#: A price written with the sign before it (¥39, ￥39 folds to ¥39), as 39元 says it.
+_PRICE_SIGN = re.compile(r"¥ ?([0-9]+(?:\.[0-9]+)?)")
+
+
+def fold(text: str) -> str:
+    """Text as it is indexed and searched: full-width folded, lower case, ¥39 as 39元."""
+    return _PRICE_SIGN.sub(r"\1元", unicodedata.normalize("NFKC", text).lower())
+
+
 def article_terms(text: str) -> list[str]:
     """The terms a text is indexed by: each CJK character and each pair of neighbours, each
     Latin word and number (folded: full-width, case, leading zeros), and a number with the
     character after it (39元, 8月)."""
-    folded = unicodedata.normalize("NFKC", text).lower()
+    folded = fold(text)
     terms: list[str] = []
     last_end, last_number = -1, ""
     for match in _TERM_RUNS.finditer(folded):
@@ -2091,33 +2153,102 @@ def article_terms(text: str) -> list[str]:
                 terms.append(last_number + run[0])
             last_number = ""
         else:
-            word = _word(word)
-            last_number = word if word[0].isdigit() else ""
-            terms.append(word)
+            parts = _word_parts(word)
+            last_number = parts[0] if parts[0][0].isdigit() else ""
+            terms.extend(parts)
         last_end = match.end()
     return terms
 
 
-def question_units(text: str) -> dict[str, set[str]]:
+#: How readers ask and how articles say it: a question holding one of these words finds a
+#: passage holding any other of its group (开门 finds 营业时间, 包邮 finds 免配送费). The
+#: things people ask a shop, café, clinic or school account about, not one account's words.
+READER_WORDS = (
+    ("开门", "关门", "营业", "开店", "打烊", "店休", "休息", "歇业", "几点开", "开到几点"),
+    ("包邮", "免邮", "邮费", "运费", "免运费", "配送费", "免配送费", "快递费"),
+    ("在哪", "在哪里", "在哪儿", "地址", "位置", "怎么走", "怎么去", "怎么到", "门店"),
+    ("多少钱", "几块钱", "多钱", "价格", "价钱", "价位", "收费", "费用", "便宜", "贵", "元"),
+    ("退款", "退钱", "退货", "退单", "退换", "退费"),
+    ("优惠", "折扣", "打折", "便宜点", "减免", "优惠券", "活动价"),
+    ("外卖", "配送", "送货", "送餐", "外送", "送到", "上门"),
+    ("预约", "预订", "预定", "报名", "订位", "提前订"),
+    ("多久", "多长时间", "几天", "几分钟", "分钟", "小时", "时间"),
+    ("停车", "车位", "停车场", "停车费"),
+    ("狗", "狗狗", "猫", "猫咪", "宠物", "犬"),
+    ("小孩", "孩子", "儿童", "宝宝", "小朋友"),
+    ("工资", "薪资", "月薪", "时薪", "薪水", "待遇"),
+    ("招聘", "招人", "应聘", "招兼职", "求职"),
+    ("过年", "春节", "除夕", "大年", "年假"),
+    ("电话", "联系方式", "客服", "手机号"),
+    ("发票", "开票", "报销"),
+    ("能用", "可以用", "支持", "适用"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One thing a question asks about, and what shows it in a passage."""
+
+    strong: tuple[frozenset[str], ...]  # a passage showing all terms of one: it is there
+    weak: frozenset[str] = frozenset()  # showing one of these: it may be (a character alone)
+
+
+def _reader_word_pattern() -> re.Pattern:
+    words = sorted({word for group in READER_WORDS for word in group}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, words)))
+
+
+_READER_WORD = _reader_word_pattern()
+_READER_GROUP = {word: group for group in READER_WORDS for word in group}
+
+
+def _shown_by(word: str) -> frozenset[str]:
+    """The terms that show a word in a passage: its pairs (a one-character word: itself)."""
+    terms = article_terms(word)
+    pairs = frozenset(term for term in terms if len(term) > 1 or len(terms) == 1)
+    return pairs or frozenset(terms)
+
+
+def question_units(text: str) -> dict[str, Unit]:
     """What a question asks about, unit by unit: each meaningful CJK character and each Latin
     word or number, with the terms that show the unit in the question's own context (the
-    character paired with a neighbour). A character found alone in a passage is weak
-    evidence; found in one of its pairs, strong. Pairs that span two words (周末几点 gives 末几)
-    need not exist anywhere: they simply show nothing."""
-    folded = QUESTION_WORDS.sub(" ", unicodedata.normalize("NFKC", text).lower())
-    units: dict[str, set[str]] = {}
+    character paired with a neighbour), and each reader's word (READER_WORDS) with the words
+    of its group. A character found alone in a passage is weak evidence; found in one of its
+    pairs, strong. Pairs that span two words (周末几点 gives 末几) need not exist anywhere:
+    they simply show nothing."""
+    folded = fold(text)
+    units: dict[str, Unit] = {}
+    for found in _READER_WORD.finditer(folded):
+        group = _READER_GROUP[found.group()]
+        units[group[0]] = Unit(tuple(_shown_by(word) for word in group))
+    folded = QUESTION_WORDS.sub(" ", _READER_WORD.sub(" ", folded))
+    last_end, last_number = -1, ""
     for match in _TERM_RUNS.finditer(folded):
         run, word = match.group(1), match.group(2)
         if word:
-            units.setdefault(_word(word), set())
+            parts = _word_parts(word)
+            last_number = parts[0] if parts[0][0].isdigit() else ""
+            for part in parts:
+                # A number of one or two digits is a weak sign on its own (16 is in many a
+                # price), a strong one with its unit (16元, 8寸, 5公里): see below.
+                units.setdefault(part, Unit((frozenset([part]),)) if not part.isdigit() or
+                                 len(part) > 2 else Unit((), frozenset([part])))
+            last_end = match.end()
             continue
+        if last_number and match.start() == last_end and run[0] not in QUESTION_FILLER:
+            known = units[last_number]
+            units[last_number] = Unit((*known.strong, frozenset([last_number + run[0]])),
+                                      known.weak)
+        last_number = ""
         for i, char in enumerate(run):
             if char in QUESTION_FILLER:
                 continue
-            pairs = units.setdefault(char, set())
-            pairs.update(run[j:j + 2] for j in (i - 1, i) if j >= 0 and j + 2 <= len(run))
+            pairs = {run[j:j + 2] for j in (i - 1, i) if j >= 0 and j + 2 <= len(run)}
             if len(run) == 1:
                 pairs.add(char)  # a word of one character: found alone is found
+            known = units.get(char)
+            strong = {*(known.strong if known else ()), *(frozenset([pair]) for pair in pairs)}
+            units[char] = Unit(tuple(strong), frozenset([char]))
     return units
 
 
@@ -2358,6 +2489,38 @@ def article_digest(title: str, text: str, url: str, date: str) -> str:
     return hashlib.sha256(f"{title}\n{url}\n{date}\n{text}".encode("utf-8")).hexdigest()
 
 
+#: The passages a search brings, best by BM25 first (a match in the title weighs 3 times).
+PASSAGES_MATCHING = (
+    "SELECT s.id, s.title, s.url, s.date, p.text FROM (SELECT rowid FROM article_terms"
+    " WHERE article_terms MATCH :query ORDER BY bm25(article_terms, 3.0, 1.0) LIMIT :limit) m"
+    " JOIN article_passages p ON p.id = m.rowid JOIN article_sources s ON s.id = p.source_id")
+#: In how many passages each term is (fts5vocab looks each up in the index).
+VOCABULARY = "SELECT term, doc FROM article_vocabulary WHERE term IN ({terms})"
+#: How many passages there are, and when the articles last changed (learn_text, forget).
+COUNTED_PASSAGES = ("SELECT coalesce((SELECT value FROM article_state WHERE key = 'passages'),"
+                    " 0), (SELECT value FROM article_state WHERE key = 'changed')")
+
+_LATIN_WORD = re.compile(rf"([0-9]+\.[0-9]+|[a-z0-9]+)([{_CJK}]?)")
+
+
+def latin_terms(folded: str) -> set[str]:
+    """The Latin words and numbers article_terms() finds in a folded text, with the
+    number-and-character terms (39元)."""
+    terms: set[str] = set()
+    for match in _LATIN_WORD.finditer(folded):
+        parts = _word_parts(match.group(1))
+        terms.update(parts)
+        if match.group(2) and parts[0][0].isdigit():
+            terms.add(parts[0] + match.group(2))
+    return terms
+
+
+def shows(folded: str, latin: set[str], term: str) -> bool:
+    """Whether a folded text holds a term of article_terms(): a CJK character or pair is
+    there as written; a Latin word or number is one of its `latin` terms."""
+    return term in latin if term[0].isascii() else term in folded
+
+
 class Articles:
     """The account's articles in the bot's SQLite database: own tables, own connections.
 
@@ -2368,7 +2531,7 @@ class Articles:
     #: At most this many passages go with a question.
     MOST = 5
     #: Candidates BM25 brings before they are weighed against the question.
-    CANDIDATES = 40
+    CANDIDATES = 30
 
     def __init__(self, db_path: str, busy_timeout: float = 15.0):
         create_private(db_path)
@@ -2376,6 +2539,7 @@ class Articles:
         self._local = threading.local()
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._counts: dict[str, object] = {}  # term -> passages holding it; "" -> as of when
         conn = self._conn()
         # Before the first table, as the Store does: deleted rows give their pages back.
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -2395,6 +2559,9 @@ class Articles:
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
+            # A connection per worker thread: a small page cache each, as the Store's (the
+            # index's pages stay in the operating system's cache).
+            conn.execute("PRAGMA cache_size=-512")
             self._local.conn = conn
             with self._lock:
                 self._opened.append(conn)
@@ -2429,6 +2596,31 @@ class Articles:
                           " ".join(article_terms(row[1]))))
         conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('terms', ?)",
                      (str(TERMS_VERSION),))
+        self._count(conn)
+
+    def _passages_holding(self, terms: set[str], conn: sqlite3.Connection, changed: str
+                          ) -> dict[str, int]:
+        """In how many passages each term is (those in none left out). fts5vocab counts a
+        term by reading where it is, 0.2 ms for a common one: the counts are kept until the
+        articles change (any process's learn_text or forget)."""
+        known = self._counts
+        if known.get("") != changed or len(known) > self.COUNTS_KEPT:
+            known = self._counts = {"": changed}
+        asked = sorted(term for term in terms if term not in known)
+        if asked:
+            found = dict(conn.execute(VOCABULARY.format(terms=", ".join("?" * len(asked))),
+                                      asked).fetchall())
+            known.update((term, found.get(term, 0)) for term in asked)
+        return {term: known[term] for term in terms if known[term]}
+
+    @staticmethod
+    def _count(conn: sqlite3.Connection) -> None:
+        """Note how many passages there are, for find() (counting them there would read them
+        all), and that they changed (find() then counts its terms afresh)."""
+        conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('passages',"
+                     " (SELECT count(*) FROM article_passages))")
+        conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('changed', ?)",
+                     (str(time.time_ns()),))
 
     @staticmethod
     def _unindex(conn: sqlite3.Connection, source_id: int) -> None:
@@ -2479,6 +2671,7 @@ class Articles:
                                           " VALUES (?, ?)", (source_id, piece)).lastrowid
                 conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
                              (passage_id, title_terms, " ".join(article_terms(piece))))
+            self._count(conn)
         return Source(source_id, kind, origin, title, url, date, len(pieces), now)
 
     def forget(self, origin_or_id: str) -> bool:
@@ -2502,6 +2695,7 @@ class Articles:
             for source_id in ids:
                 self._unindex(conn, source_id)
                 conn.execute("DELETE FROM article_sources WHERE id = ?", (source_id,))
+            self._count(conn)
         return True
 
     def digests(self, kind: str) -> dict[str, str]:
@@ -2624,55 +2818,91 @@ class Articles:
 
     #: A passage goes with the question only when what it shows of the question weighs this
     #: share of the question (each unit weighed by how rare it is in the articles).
-    FLOOR = 0.5
+    FLOOR = 0.27
     #: What a character found alone in a passage (not beside its neighbour) counts for.
     ALONE = 0.3
     #: How much the earlier question's units weigh beside the question's own.
     EARLIER_WEIGHT = 0.5
+    #: Passages BM25 may score for one question (about 3 µs each).
+    BUDGET = 2000
+    #: Terms whose counts are kept between questions (a few MB at most).
+    COUNTS_KEPT = 50000
 
     def find(self, question: str, earlier: Sequence[str] = ()) -> list[Passage]:
         """Passages that answer `question` (with the user's earlier question(s) for a
         follow-up), best first, at most a handful; [] when nothing relevant (relevance floor)."""
-        units = {unit: (1.0, pairs) for unit, pairs in question_units(question).items()}
+        units = {key: (1.0, unit) for key, unit in question_units(question).items()}
         for before in list(earlier)[-1:]:
-            for unit, pairs in question_units(before).items():
-                units.setdefault(unit, (self.EARLIER_WEIGHT, pairs))
+            for key, unit in question_units(before).items():
+                units.setdefault(key, (self.EARLIER_WEIGHT, unit))
         if not units:
             return []
         conn = self._conn()
-        total = conn.execute("SELECT count(*) FROM article_passages").fetchone()[0]
-        terms = set(units) | {pair for _, pairs in units.values() for pair in pairs}
+        total, changed = conn.execute(COUNTED_PASSAGES).fetchone()
+        total = int(total)
         if not total:
             return []
-        found_in = dict(conn.execute(
-            f"SELECT term, doc FROM article_vocabulary WHERE term IN"
-            f" ({', '.join('?' * len(terms))})", list(terms)).fetchall())
-        # Searched for: the pairs that exist, and a character only where none of its does.
-        searched = set()
-        for unit, (_, pairs) in units.items():
-            present = {pair for pair in pairs if pair in found_in}
-            searched |= present or ({unit} if unit in found_in else set())
-        if not searched:
-            return []
-        weight = {unit: importance * math.log((total - found_in.get(unit, 0) + 0.5) /
-                                              (found_in.get(unit, 0) + 0.5) + 1)
-                  for unit, (importance, _) in units.items()}
+        terms = {term for _, unit in units.values() for shown in (*unit.strong, unit.weak)
+                 for term in shown}
+        found_in = self._passages_holding(terms, conn, changed)
+        searched, weight, reachable = {}, {}, {}
+        for key, (importance, unit) in units.items():
+            # Searched for: what shows the unit strongly, where it exists (a passage that shows
+            # no unit strongly is not given, below).
+            for shown in unit.strong:
+                if all(term in found_in for term in shown):
+                        searched[" AND ".join(f'"{term}"' for term in sorted(shown))] = min(
+                        found_in[term] for term in shown)
+            # Weighed by how rare it is: a character by itself, a group of words together.
+            counted = [unit.weak] if unit.weak else unit.strong
+            passages = min(total, sum(min(found_in.get(term, 0) for term in shown)
+                                      for shown in counted))
+            weight[key] = importance * math.log((total - passages + 0.5) / (passages + 0.5) + 1)
+            reachable[key] = 1.0 if any(all(term in found_in for term in shown)
+                                        for shown in unit.strong) else \
+                self.ALONE if any(term in found_in for term in unit.weak) else 0.0
         whole = sum(weight.values())
-        rows = conn.execute(
-            "SELECT p.id, p.text, s.id, s.title, s.url, s.date, bm25(article_terms, 3.0, 1.0)"
-            " FROM article_terms JOIN article_passages p ON p.id = article_terms.rowid"
-            " JOIN article_sources s ON s.id = p.source_id"
-            " WHERE article_terms MATCH ? ORDER BY rank LIMIT ?",
-            (" OR ".join(f'"{term}"' for term in searched), self.CANDIDATES)).fetchall()
+        # No passage can reach the floor when what the articles hold of the question weighs
+        # too little (咖啡渣: 咖啡 is everywhere, 渣 nowhere): nothing to search.
+        if not searched or sum(weight[key] * reachable[key] for key in units) < \
+                self.FLOOR * whole:
+            return []
+        # The candidates come from the rarest terms, as many as keep BM25's work (a score for
+        # each passage holding one) within BUDGET; when even the rarest is common (咖啡 in an
+        # account about coffee), from passages holding the two rarest. The weighing below
+        # still counts every unit.
+        rare, brought = [], 0
+        for query in sorted(searched, key=searched.get):
+            if rare and brought + searched[query] > self.BUDGET:
+                break
+            rare.append(query)
+            brought += searched[query]
+        if brought > self.BUDGET:
+            # Even the rarest is common: the passages holding it and the next rarest term
+            # (a whole unit, or a character of one), 面包 and 酸 for 酸面包.
+            others = {**{f'"{term}"': found_in[term] for _, unit in units.values()
+                         for term in unit.weak if term in found_in}, **searched}
+            others.pop(rare[0], None)
+            if others:
+                rare = [f"({rare[0]}) AND ({min(others, key=others.get)})"]
+        latin_asked = any(term[0].isascii() for term in terms)
         scored = []
-        for passage_id, text, source_id, title, url, date, rank in rows:
-            shown = set(article_terms(text)) | set(article_terms(title))
-            share = sum(weight[unit] * (1.0 if unit in shown and (not pairs or pairs & shown)
-                                        else self.ALONE if unit in shown else 0.0)
-                        for unit, (_, pairs) in units.items()) / whole
-            if share >= self.FLOOR:
-                scored.append((share, -rank, Passage(source_id, title, url, date, text)))
-        scored.sort(key=lambda item: (item[0], item[1]), reverse=True)
+        for source_id, title, url, date, text in conn.execute(PASSAGES_MATCHING, {
+                "query": " OR ".join(f"({query})" for query in rare),
+                "limit": self.CANDIDATES}):
+            folded = fold(f"{title}\n{text}")
+            latin = latin_terms(folded) if latin_asked else set()
+            strongly = {key for key, (_, unit) in units.items()
+                        if any(all(shows(folded, latin, term) for term in terms)
+                               for terms in unit.strong)}
+            share = sum(weight[key] * (1.0 if key in strongly else self.ALONE
+                                       if any(shows(folded, latin, term) for term in unit.weak)
+                                       else 0.0)
+                        for key, (_, unit) in units.items()) / whole
+            # Characters found only one by one are no sign the passage is on the subject.
+            if strongly and share >= self.FLOOR:
+                scored.append((share, len(scored), Passage(source_id, title, url, date, text)))
+        scored.sort(key=lambda item: (-item[0], item[1]))
         return [passage for _, _, passage in scored[:self.MOST]]
 
 
@@ -5870,6 +6100,22 @@ class Webhook:
         return self.crypto.decrypt(encrypted)
 
 
+def logged_not_printed(callback):
+    """A bottle plugin: an unexpected error goes to the log, where secrets are masked, and the
+    client gets a bare 500: bottle's catchall would print the traceback to stderr, past the
+    filter."""
+    def guarded(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except bottle.HTTPResponse:  # an answer, not an error
+            raise
+        except Exception:
+            log_web.exception("internal error answering %s %s", bottle.request.method,
+                              bottle.request.path)
+            return bottle.HTTPResponse("error", 500, {"Content-Type": "text/plain; charset=utf-8"})
+    return guarded
+
+
 def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottle:
     """The WSGI app: the webhook at WXBOT_PATH and /healthz."""
     app = bottle.Bottle(catchall=True)
@@ -5877,20 +6123,6 @@ def make_app(settings: Settings, store: Store, webhook: Webhook) -> bottle.Bottl
     def text(status: int, body: str) -> bottle.HTTPResponse:
         kind = "application/xml" if body.startswith("<xml>") else "text/plain"
         return bottle.HTTPResponse(body, status, {"Content-Type": f"{kind}; charset=utf-8"})
-
-    def logged_not_printed(callback):
-        """An unexpected error goes to the log, where secrets are masked, and the client gets
-        a bare 500: bottle's catchall would print the traceback to stderr, past the filter."""
-        def guarded(*args, **kwargs):
-            try:
-                return callback(*args, **kwargs)
-            except bottle.HTTPResponse:  # an answer, not an error
-                raise
-            except Exception:
-                log_web.exception("internal error answering %s %s", bottle.request.method,
-                                  bottle.request.path)
-                return text(500, "error")
-        return guarded
 
     app.install(logged_not_printed)
 
@@ -6062,6 +6294,957 @@ class HttpServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
+
+
+###############################################################################
+# Owner's console #############################################################
+###############################################################################
+
+#: A console session ends this long after its login, however busy.
+CONSOLE_SESSION_SECONDS = 12 * 3600
+#: Wrong passwords from one address within a minute before its logins are answered 429.
+CONSOLE_WRONG_TRIES = 5
+#: The days before today that the Overview shows.
+CONSOLE_DAYS = 14
+#: Rows a console list shows; older ones are a link away.
+CONSOLE_ROWS = 50
+#: "Most asked" counts the latest this many questions: a count over every message ever
+#: stored would read the whole table on each look.
+CONSOLE_ASKED = 1000
+#: Conversations: at most this many of the latest messages are read to find the people who
+#: wrote last (a few people writing thousands of messages leave the list short, not slow).
+CONSOLE_PEOPLE_READ = 20000
+#: A message is added to its day's tally once it is this old: its answer is in by then. A day
+#: whose messages are all this old has its figures kept in the database (kv, CONSOLE_DAY_KEY).
+CONSOLE_DAY_SETTLED = 3600.0
+CONSOLE_DAY_KEY = "console-day:{}"
+CONSOLE_COOKIE = "wxbot_console"
+#: Sent with every console answer: no script runs (a reader's text shown by mistake as
+#: markup would run nothing), nothing loads from elsewhere, no other site frames the page.
+CONSOLE_HEADERS = [
+    ("Content-Security-Policy", "default-src 'none'; style-src 'self'; img-src 'self'; "
+                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+]
+
+CONSOLE_CSS = """
+body{margin:0;font:16px/1.45 system-ui,-apple-system,"PingFang SC","Microsoft YaHei",sans-serif;
+color:#0f172a;background:#fff}
+nav{display:flex;flex-wrap:wrap;align-items:center;gap:.2rem .9rem;padding:.5rem 1rem;
+background:#1e293b}
+nav a{color:#f8fafc;text-decoration:none;padding:.2rem 0}
+nav a.here{border-bottom:2px solid #38bdf8}
+nav form{margin-left:auto}
+nav button{background:none;border:1px solid #64748b;color:#f8fafc;border-radius:.3rem}
+main{max-width:64rem;margin:0 auto;padding:0 1rem 2rem}
+h1{font-size:1.35rem;margin:1rem 0 .5rem}
+h2{font-size:1.1rem;margin:1.4rem 0 .4rem}
+a{color:#0369a1}
+.wide{overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-size:.9rem}
+th,td{padding:.35rem .5rem;border-bottom:1px solid #e2e8f0;text-align:left;vertical-align:top}
+th{background:#f8fafc;white-space:nowrap}
+.n{text-align:right;white-space:nowrap}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(8.5rem,1fr));gap:.5rem}
+.card{border:1px solid #e2e8f0;border-radius:.4rem;padding:.45rem .6rem}
+.card b{display:block;font-size:1.35rem}
+.card span{font-size:.8rem;color:#475569}
+.said{white-space:pre-wrap;overflow-wrap:anywhere;word-break:break-word}
+.turn{border-left:3px solid #94a3b8;padding:.2rem .7rem;margin:1rem 0}
+.reply{background:#f1f5f9;border-radius:.4rem;padding:.35rem .6rem;margin:.35rem 0}
+.meta{font-size:.8rem;color:#475569}
+.bad{color:#b91c1c}
+.ok{color:#15803d}
+.note{background:#ecfeff;border:1px solid #a5f3fc;border-radius:.4rem;padding:.5rem .7rem}
+svg{display:block;width:100%;height:auto;max-height:15rem}
+input,button{font:inherit;padding:.4rem .6rem;border-radius:.3rem;border:1px solid #94a3b8}
+button{background:#e2e8f0;cursor:pointer}
+input[type=password],input[type=url],input[type=text]{width:100%;max-width:30rem;
+box-sizing:border-box}
+form.inline{display:inline}
+.login{max-width:22rem;margin:15vh auto 0;padding:0 1rem}
+.login p{margin:.7rem 0}
+@media (max-width:40rem){
+table.rows,table.rows tbody,table.rows tr,table.rows td{display:block}
+table.rows tr:first-child{display:none}
+table.rows tr{padding:.45rem 0;border-bottom:1px solid #e2e8f0}
+table.rows td{border:0;padding:.1rem 0;text-align:left}
+}
+""".strip()
+
+CONSOLE_LAYOUT = """<!DOCTYPE html>
+<html lang="zh-CN"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>{{title}} · wxbot</title>
+<link rel="stylesheet" href="/console.css">
+</head><body>
+% if csrf:
+<nav>
+% for path, name in pages:
+<a href="{{path}}"{{!' class="here"' if path == here else ''}}>{{name}}</a>
+% end
+<form method="post" action="/logout"><input type="hidden" name="csrf" value="{{csrf}}">
+<button>Log out</button></form>
+</nav>
+% end
+<main>
+<h1>{{title}}</h1>
+{{!body}}
+</main>
+</body></html>
+"""
+
+CONSOLE_LOGIN = """<div class="login">
+% if problem:
+<p class="bad">{{problem}}</p>
+% end
+<form method="post" action="/login">
+<p><label for="password">Password (WXBOT_ADMIN_PASSWORD)</label><br>
+<input type="password" id="password" name="password" autocomplete="current-password" autofocus></p>
+<p><button type="submit">Log in</button></p>
+</form>
+</div>
+"""
+
+CONSOLE_OVERVIEW = """<h2>Today</h2>
+<div class="cards">
+% for name, value in cards:
+<div class="card"><b>{{value}}</b><span>{{name}}</span></div>
+% end
+</div>
+<h2>Messages a day</h2>
+<svg viewBox="0 0 {{chart['width']}} {{chart['height']}}" role="img"
+ aria-label="messages a day for 15 days, the answered part in green">
+<line x1="0" y1="{{chart['base']}}" x2="{{chart['width']}}" y2="{{chart['base']}}" stroke="#94a3b8"/>
+% for bar in chart['bars']:
+<rect x="{{bar['x']}}" y="{{bar['y']}}" width="{{chart['bar']}}" height="{{bar['h']}}" fill="#cbd5e1">
+<title>{{bar['day']}}: {{bar['messages']}} messages, {{bar['answered']}} answered</title></rect>
+<rect x="{{bar['x']}}" y="{{bar['ay']}}" width="{{chart['bar']}}" height="{{bar['ah']}}" fill="#16a34a"/>
+<text x="{{bar['x'] + chart['bar'] / 2}}" y="{{chart['height'] - 4}}" font-size="9"
+ text-anchor="middle" fill="#475569">{{bar['label']}}</text>
+% end
+<text x="2" y="10" font-size="9" fill="#475569">{{chart['top']}}</text>
+</svg>
+<p class="meta">Grey: messages; green: answered. Local time, days from midnight.</p>
+<h2>Day by day</h2>
+<div class="wide"><table>
+<tr><th>Day</th><th class="n">Messages</th><th class="n">People</th><th class="n">Answered</th>
+<th class="n">Failed</th><th class="n">First reply, median</th><th class="n">95th</th>
+<th class="n">Service</th><th class="n">Passive</th><th class="n">From articles</th></tr>
+% for day in days:
+<tr><td>{{day['day']}}</td><td class="n">{{day['messages']}}</td><td class="n">{{day['people']}}</td>
+<td class="n">{{day['answered']}}</td><td class="n">{{day['failed']}}</td>
+<td class="n">{{seconds(day['first_median'])}}</td><td class="n">{{seconds(day['first_p95'])}}</td>
+<td class="n">{{day['service']}}</td><td class="n">{{day['passive']}}</td>
+<td class="n">{{articles_text(day)}}</td></tr>
+% end
+</table></div>
+<p class="meta">Messages: what readers wrote (menu clicks and follows not counted). First reply:
+from a message's arrival to the first message of its answer. Service: answers sent by the
+customer-service API; passive: in the reply to the reader's message. From articles: questions
+given passages of the account's articles / answers that cited one.</p>
+"""
+
+CONSOLE_PEOPLE = """<p class="meta">Everyone who wrote recently, the latest first (openids shortened).</p>
+<div class="wide"><table class="rows">
+<tr><th>Reader</th><th>Last message</th><th class="n">When</th><th>State</th></tr>
+% for person in people:
+<tr><td><a href="/people/{{quote(person['openid'])}}">{{short(person['openid'])}}</a></td>
+<td class="said">{{said(person)}}</td><td class="n">{{when(person['received_at'])}}</td>
+<td>{{person['state']}}</td></tr>
+% end
+</table></div>
+% if not people:
+<p>No messages yet.</p>
+% end
+"""
+
+CONSOLE_CONVERSATION = """<p class="meta">Reader {{short(openid)}}: every message, what was sent for
+it and when, oldest first.</p>
+% if older:
+<p><a href="/people/{{quote(openid)}}?before={{older}}">Older messages</a></p>
+% end
+% for turn in turns:
+<div class="turn" id="m{{turn['id']}}">
+<div class="meta">#{{turn['id']}} · {{when(turn['received_at'])}} · {{turn['state']}}{{'' if turn['first'] is None else ' · first reply after ' + seconds(turn['first'])}}</div>
+<div class="said">{{said(turn)}}</div>
+% if turn['acknowledged']:
+<div class="meta">{{turn['acknowledged']}}</div>
+% end
+% if turn['merged_into']:
+<div class="meta">answered together with <a href="#m{{turn['merged_into']}}">#{{turn['merged_into']}}</a></div>
+% end
+% for reply in turn['replies']:
+<div class="reply"><div class="meta">{{reply['how']}}</div><div class="said">{{reply['content']}}</div></div>
+% end
+% if turn['error']:
+<div class="bad said">{{turn['error']}}</div>
+% end
+% if turn['failures']:
+<div class="meta bad">{{turn['failures']}}</div>
+% end
+</div>
+% end
+% if not turns:
+<p>No messages from this reader.</p>
+% end
+"""
+
+CONSOLE_QUESTIONS = """<h2>Most asked</h2>
+<p class="meta">Among the latest {{window}} questions, the same text (punctuation, width and case
+aside) asked more than once.</p>
+<div class="wide"><table>
+<tr><th class="n">Times</th><th>Question</th></tr>
+% for count, text in most:
+<tr><td class="n">{{count}}</td><td class="said">{{text}}</td></tr>
+% end
+</table></div>
+% if not most:
+<p>No question was asked twice.</p>
+% end
+% if uncovered is not None:
+<h2>Not covered by an article</h2>
+<p class="meta">Recent questions for which no passage of the account's articles was found: what
+to write next.</p>
+<div class="wide"><table class="rows">
+<tr><th class="n">When</th><th>Reader</th><th>Question</th></tr>
+% for question in uncovered:
+<tr><td class="n">{{when(question['received_at'])}}</td>
+<td><a href="/people/{{quote(question['openid'])}}#m{{question['id']}}">{{short(question['openid'])}}</a></td>
+<td class="said">{{question['content']}}</td></tr>
+% end
+</table></div>
+% end
+<h2>Recent questions</h2>
+<div class="wide"><table class="rows">
+<tr><th class="n">When</th><th>Reader</th><th>Question</th><th>State</th></tr>
+% for question in recent:
+<tr><td class="n">{{when(question['received_at'])}}</td>
+<td><a href="/people/{{quote(question['openid'])}}#m{{question['id']}}">{{short(question['openid'])}}</a></td>
+<td class="said">{{question['content']}}</td><td>{{question['state']}}</td></tr>
+% end
+</table></div>
+"""
+
+CONSOLE_QUEUE = """% if note:
+<p class="note">{{note}}</p>
+% end
+% for title, state, total, rows in states:
+<h2>{{title}}: {{total}}</h2>
+% if rows:
+<div class="wide"><table class="rows">
+<tr><th class="n">#</th><th class="n">Received</th><th>Reader</th><th>Message</th><th>Why</th>
+{{!'<th></th>' if state == 'dead' else ''}}</tr>
+% for row in rows:
+<tr><td class="n">{{row['id']}}</td><td class="n">{{when(row['received_at'])}}</td>
+<td><a href="/people/{{quote(row['openid'])}}#m{{row['id']}}">{{short(row['openid'])}}</a></td>
+<td class="said">{{said(row)}}</td><td class="said">{{why(row)}}</td>
+% if state == 'dead':
+<td><form method="post" action="/queue/retry" class="inline">
+<input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{row['id']}}">
+<button>Retry</button></form></td>
+% end
+</tr>
+% end
+</table></div>
+% if total > len(rows):
+<p class="meta">and {{total - len(rows)}} more (python wxbot.py status lists them)</p>
+% end
+% end
+% end
+"""
+
+CONSOLE_ARTICLES = """% if note:
+<p class="{{'bad' if failed else 'note'}} said">{{note}}</p>
+% end
+<p>{{total}} sources, {{passages}} passages.
+% if synced:
+Published articles last synced {{when(synced)}}.
+% else:
+Published articles never synced (python wxbot.py learn --published).
+% end
+</p>
+<h2>Learn a page</h2>
+<form method="post" action="/articles/learn">
+<input type="hidden" name="csrf" value="{{csrf}}">
+<p><label for="url">URL of an article or page</label><br>
+<input type="url" id="url" name="url" required placeholder="https://mp.weixin.qq.com/s/..."></p>
+<p><button type="submit">Learn</button></p>
+</form>
+<h2>Sources</h2>
+<div class="wide"><table class="rows">
+<tr><th>Title</th><th>Kind</th><th>Date</th><th class="n">Passages</th><th>Learned</th><th></th></tr>
+% for source in sources:
+% if source['url'].startswith(('https://', 'http://')):
+<tr><td><a href="{{source['url']}}" rel="noreferrer">{{source['title']}}</a></td>
+% else:
+<tr><td>{{source['title']}}</td>
+% end
+<td>{{source['kind']}}</td><td>{{source['date']}}</td><td class="n"><a href="/articles/{{source['id']}}">{{source['passages']}}</a></td>
+<td class="n">{{when(source['learned_at'])}}</td>
+<td><form method="post" action="/articles/forget" class="inline">
+<input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{source['id']}}">
+<button>Forget</button></form></td></tr>
+% end
+</table></div>
+% if total > len(sources):
+<p class="meta">and {{total - len(sources)}} older (python wxbot.py learn --list)</p>
+% end
+"""
+
+CONSOLE_PASSAGES = """<p class="meta">{{source['kind']}} · {{source['date']}} · learned
+{{when(source['learned_at'])}} · {{len(passages)}} passages, as answers may quote them</p>
+% if source['url'].startswith(('https://', 'http://')):
+<p><a href="{{source['url']}}" rel="noreferrer">{{source['url']}}</a></p>
+% end
+% for number, passage in enumerate(passages, 1):
+<div class="reply"><div class="meta">{{number}}</div><div class="said">{{passage['text']}}</div></div>
+% end
+"""
+
+CONSOLE_SETTINGS = """<h2>Owner's files</h2>
+<div class="wide"><table class="rows">
+<tr><th>Setting</th><th>File</th><th>State</th></tr>
+% for env, path, state, good in files:
+<tr><td>{{env}}</td><td class="said">{{path}}</td><td class="{{'ok' if good else 'bad'}} said">{{state}}</td></tr>
+% end
+</table></div>
+<h2>Effective settings</h2>
+<p class="meta">As the service reads them at start; secrets show as (set).</p>
+<div class="wide"><table class="rows">
+<tr><th>Variable</th><th>Value</th></tr>
+% for env, value in settings:
+<tr><td>{{env}}</td><td class="said">{{value}}</td></tr>
+% end
+</table></div>
+"""
+
+
+def client_address(environ: Mapping) -> str:
+    """Who sent a request: the peer, or the address a proxy on this machine names (nginx's
+    X-Real-IP); a header from anywhere else could be written by the client itself."""
+    peer = environ.get("REMOTE_ADDR", "")
+    return environ.get("HTTP_X_REAL_IP", peer) if local_address(peer) else peer
+
+
+def over_https(environ: Mapping) -> bool:
+    """Whether the browser reached the console over HTTPS: directly, or through a proxy on
+    this machine that says so (X-Forwarded-Proto)."""
+    return environ.get("wsgi.url_scheme") == "https" or (
+        local_address(environ.get("REMOTE_ADDR", "")) and
+        environ.get("HTTP_X_FORWARDED_PROTO", "").lower() == "https")
+
+
+def local_address(address: str) -> bool:
+    """Whether an address (or the name localhost) is this machine's loopback."""
+    try:
+        return address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class ConsoleGuard:
+    """The console's door: the password compared in constant time, at most 5 wrong tries a
+    minute from one address, sessions of 12 hours each with a token of its own that every
+    form sends back (a page of another site cannot know it)."""
+
+    #: Addresses remembered for their wrong tries; beyond it those of over a minute ago go.
+    ADDRESSES = 10000
+
+    def __init__(self, password: str):
+        self.password = password.encode("utf-8")
+        self._lock = threading.Lock()
+        self._sessions: dict[str, tuple[float, str]] = {}  # cookie: (ends at, form token)
+        self._wrong: dict[str, collections.deque] = {}  # address: times of wrong tries
+
+    def refused(self, address: str, now: float) -> bool:
+        """Whether this address tried 5 wrong passwords within the last minute."""
+        with self._lock:
+            tries = self._wrong.get(address)
+            while tries and tries[0] <= now - 60:
+                tries.popleft()
+            return bool(tries) and len(tries) >= CONSOLE_WRONG_TRIES
+
+    def log_in(self, address: str, password: str, now: float) -> str | None:
+        """A new session's cookie for the right password; None for a wrong one (counted)."""
+        if hmac.compare_digest(password.encode("utf-8", "replace"), self.password):
+            cookie = secrets.token_urlsafe(32)
+            with self._lock:
+                self._sessions = {key: value for key, value in self._sessions.items()
+                                  if value[0] > now}
+                self._sessions[cookie] = (now + CONSOLE_SESSION_SECONDS,
+                                          secrets.token_urlsafe(32))
+            return cookie
+        with self._lock:
+            if len(self._wrong) >= self.ADDRESSES:
+                self._wrong = {key: tries for key, tries in self._wrong.items()
+                               if tries and tries[-1] > now - 60}
+            self._wrong.setdefault(address, collections.deque()).append(now)
+        return None
+
+    def session(self, cookie: str | None, now: float) -> str | None:
+        """The form token of the session this cookie opened, while it lasts."""
+        with self._lock:
+            ends_at, token = self._sessions.get(cookie or "", (0.0, ""))
+        return token if ends_at > now else None
+
+    def log_out(self, cookie: str | None) -> None:
+        with self._lock:
+            self._sessions.pop(cookie or "", None)
+
+
+class OwnerConsole:
+    """The owner's web console (WXBOT_ADMIN_PASSWORD): what readers ask, how they were
+    answered, the queue with a retry for dead messages, the articles, the settings.
+
+    Served on a listener of its own (WXBOT_ADMIN_HOST:WXBOT_ADMIN_PORT), from the bot's
+    database; every page reads a bounded number of rows through an index, so that it answers
+    in milliseconds however many messages are stored.
+    """
+
+    PAGES = [("/", "Overview"), ("/people", "Conversations"), ("/questions", "Questions"),
+             ("/queue", "Queue"), ("/articles", "Articles"), ("/settings", "Settings")]
+
+    def __init__(self, settings: Settings, store: Store, owner: OwnerFiles, wakeup: Wakeup,
+                 articles: Articles | None = None, clock: Callable[[], float] = time.time):
+        self.settings, self.store, self.owner, self.wakeup = settings, store, owner, wakeup
+        self.articles, self.clock = articles, clock
+        self.guard = ConsoleGuard(settings.admin_password)
+        self.refusals = LogThrottle()  # refused logins come at an attacker's pace; lines do not
+        #: Each unsettled day's tally so far, by its midnight (today's, and yesterday's in
+        #: the hour after midnight).
+        self._settled: dict[float, dict] = {}
+        self._counting = threading.Lock()
+        self.templates = {name: bottle.SimpleTemplate(source) for name, source in [
+            ("layout", CONSOLE_LAYOUT), ("login", CONSOLE_LOGIN),
+            ("overview", CONSOLE_OVERVIEW), ("people", CONSOLE_PEOPLE),
+            ("conversation", CONSOLE_CONVERSATION), ("questions", CONSOLE_QUESTIONS),
+            ("queue", CONSOLE_QUEUE), ("articles", CONSOLE_ARTICLES),
+            ("passages", CONSOLE_PASSAGES),
+            ("settings", CONSOLE_SETTINGS)]}
+        if articles:
+            with store.transaction() as conn:  # the Questions page's "not covered"
+                conn.execute("CREATE INDEX IF NOT EXISTS article_uses_uncovered"
+                             " ON article_uses (at) WHERE given = 0")
+
+    # Figures -----------------------------------------------------------------
+
+    @staticmethod
+    def midnight(now: float, days_back: int = 0) -> float:
+        """Local midnight starting the day `days_back` days before the one of `now`."""
+        year, month, day = time.localtime(now)[:3]
+        return time.mktime((year, month, day - days_back, 0, 0, 0, 0, 0, -1))
+
+    def tally(self, start: float, end: float) -> dict:
+        """What readers wrote between two moments, how it was answered and how fast: the
+        sums a day's figures are made of, ending at `end` ("until")."""
+        with self.store.connection() as conn:
+            rows = conn.execute(
+                "SELECT m.openid, m.state, m.received_at,"
+                " (SELECT min(sent_at) FROM segments WHERE message_id = m.id),"
+                " EXISTS (SELECT 1 FROM segments WHERE message_id = m.id"
+                " AND replied_to IS NOT NULL AND sent_at IS NOT NULL)"
+                " FROM messages m WHERE m.received_at >= ? AND m.received_at < ?"
+                " AND m.msg_type != 'event'", (start, end)).fetchall()
+            # Articles.uses_since counts up to now; a day is counted between its bounds.
+            uses = conn.execute(
+                "SELECT coalesce(sum(given > 0), 0), coalesce(sum(cited > 0), 0)"
+                " FROM article_uses WHERE at >= ? AND at < ?",
+                (start, end)).fetchone() if self.articles else (0, 0)
+        return {
+            "messages": len(rows), "openids": {row[0] for row in rows},
+            "answered": sum(row[1] == State.DONE.value for row in rows),
+            "failed": sum(row[1] in (State.FAILED.value, State.DEAD.value) for row in rows),
+            "waits": [row[3] - row[2] for row in rows if row[3] is not None],
+            "service": sum(row[3] is not None and not row[4] for row in rows),
+            "passive": sum(bool(row[4]) for row in rows),
+            "given": uses[0], "cited": uses[1], "until": end,
+        }
+
+    @staticmethod
+    def added(tally: dict, more: dict) -> dict:
+        """Two tallies of consecutive spans as one."""
+        return {key: value | more[key] if key == "openids" else more[key] if key == "until"
+                else value + more[key] for key, value in tally.items()}
+
+    @staticmethod
+    def figures(tally: dict) -> dict:
+        """A day's figures from its tally, as the Overview shows them."""
+        waits = sorted(tally["waits"])
+        return {
+            **{key: tally[key] for key in ("messages", "answered", "failed", "service",
+                                           "passive", "given", "cited")},
+            "people": len(tally["openids"]),
+            "first_median": statistics.median(waits) if waits else None,
+            "first_p95": waits[math.ceil(0.95 * len(waits)) - 1] if waits else None,
+        }
+
+    def day(self, start: float, end: float, now: float) -> dict:
+        """One day's figures. The messages of over CONSOLE_DAY_SETTLED ago are added to the
+        day's tally once and kept in memory; only the latest are read at each look. A day
+        whose every message is settled is kept in the database, and read from there."""
+        key = CONSOLE_DAY_KEY.format(time.strftime("%Y-%m-%d", time.localtime(start)))
+        kept = self.store.get_kv(key, now)
+        if kept:
+            return json.loads(kept)
+        settled = self._settled.get(start) or self.tally(start, start)
+        upto = min(end, now - CONSOLE_DAY_SETTLED)
+        if upto > settled["until"]:
+            settled = self.added(settled, self.tally(settled["until"], upto))
+        if upto >= end:
+            self._settled.pop(start, None)
+            figures = self.figures(settled)
+            self.store.set_kv(key, json.dumps(figures), end + (CONSOLE_DAYS + 2) * 86400)
+            return figures
+        self._settled[start] = settled
+        return self.figures(self.added(settled, self.tally(settled["until"],
+                                                           min(end, now + 1))))
+
+    def overview(self, now: float) -> list[dict]:
+        """Today and the 14 days before, oldest first."""
+        with self._counting:
+            days = [{"day": time.strftime("%Y-%m-%d", time.localtime(self.midnight(now, back))),
+                     **self.day(self.midnight(now, back), self.midnight(now, back - 1), now)}
+                    for back in range(CONSOLE_DAYS, -1, -1)]
+            for start in [start for start in self._settled if start < self.midnight(now, 1)]:
+                del self._settled[start]  # a day that left the window unsettled
+        return days
+
+    def count_days(self) -> None:
+        """Count the past days not yet counted, and today's settled messages: at start, in
+        a thread of its own, so that the owner's first look is as quick as the next."""
+        try:
+            self.overview(self.clock())
+        except sqlite3.Error as error:
+            log.warning("the console's Overview figures were not counted at start: %s", error)
+
+    def people(self) -> list[sqlite3.Row]:
+        """The latest message of each of the people who wrote last, latest first."""
+        latest: dict[str, sqlite3.Row] = {}
+        before, read = 2 ** 63 - 1, 0
+        with self.store.connection() as conn:
+            while len(latest) < CONSOLE_ROWS and read < CONSOLE_PEOPLE_READ:
+                rows = conn.execute(
+                    "SELECT id, openid, msg_type, event, content, received_at, state"
+                    " FROM messages WHERE id < ? ORDER BY id DESC LIMIT 500",
+                    (before,)).fetchall()
+                for row in rows:
+                    latest.setdefault(row["openid"], row)
+                    if len(latest) == CONSOLE_ROWS:
+                        break
+                if len(rows) < 500:
+                    break
+                before, read = rows[-1]["id"], read + len(rows)
+        return list(latest.values())
+
+    def conversation(self, openid: str, before: int) -> tuple[list[dict], int | None]:
+        """One reader's messages before the id `before`, oldest first, each with what was
+        sent for it; and the id to read older ones before (None: there are none)."""
+        with self.store.connection() as conn:
+            # State by state, each in the order of the index messages_user (openid, state,
+            # id): a reader with a hundred thousand messages costs no sort of them all.
+            rows = sorted((row for state in State for row in conn.execute(
+                "SELECT id, msg_type, event, content, received_at, state, error, merged_into,"
+                " needs_model, model_failures, delivery_failures, interruptions"
+                " FROM messages WHERE openid = ? AND state = ? AND id < ?"
+                " ORDER BY id DESC LIMIT ?", (openid, state.value, before, CONSOLE_ROWS + 1))),
+                key=lambda row: row["id"], reverse=True)[:CONSOLE_ROWS + 1]
+            older = rows[CONSOLE_ROWS - 1]["id"] if len(rows) > CONSOLE_ROWS else None
+            rows = rows[:CONSOLE_ROWS][::-1]
+            ids = [row["id"] for row in rows]
+            marks = ",".join("?" * len(ids))
+            segments = conn.execute(
+                f"SELECT message_id, seq, content, carried, sent_at, replied_to, moved_to, image"
+                f" FROM segments WHERE message_id IN ({marks}) ORDER BY message_id, seq",
+                ids).fetchall()
+            lines = dict(conn.execute(
+                f"SELECT key, value FROM kv WHERE key IN ({marks})",
+                [QUEUE_LINE_KEY.format(message_id) for message_id in ids]).fetchall())
+        replies: dict[int, list[dict]] = collections.defaultdict(list)
+        first: dict[int, float] = {}
+        for segment in segments:
+            if segment["sent_at"] is not None:
+                first.setdefault(segment["message_id"], segment["sent_at"])
+            replies[segment["message_id"]].append(
+                {"content": segment["content"], "how": self.how_sent(segment)})
+        turns = []
+        for row in rows:
+            line = lines.get(QUEUE_LINE_KEY.format(row["id"]))
+            passive = any(segment["replied_to"] is not None for segment in segments
+                          if segment["message_id"] == row["id"])
+            turns.append({
+                **dict(row), "replies": replies[row["id"]],
+                "first": first[row["id"]] - row["received_at"] if row["id"] in first else None,
+                "acknowledged": f"queue line sent at {clock_text(float(line))}" if line else
+                # Not stored: the Acknowledger shows typing for each such message it has no
+                # queue line for, in service mode.
+                "typing shown while the answer was written" if row["needs_model"] and
+                row["msg_type"] != "event" and row["id"] in first and not passive else "",
+                "failures": ", ".join(f"{name} {row[column]}" for name, column in [
+                    ("model failures", "model_failures"),
+                    ("delivery failures", "delivery_failures"),
+                    ("interrupted", "interruptions")] if row[column]),
+            })
+        return turns, older
+
+    @staticmethod
+    def how_sent(segment: sqlite3.Row) -> str:
+        """Which message of WeChat's carried a segment of an answer, and when."""
+        what = f"message {segment['seq'] + 1}" + (" (a picture)" if segment["image"] else "") \
+            + (" (carried from an earlier answer)" if segment["carried"] else "")
+        if segment["moved_to"] is not None:
+            return f"{what}: moved to the answer of #{segment['moved_to']}"
+        if segment["sent_at"] is None:
+            return f"{what}: not sent"
+        by = (f"in the reply to #{segment['replied_to']}" if segment["replied_to"] is not None
+              else "by the customer-service API")
+        return f"{what}: sent {by} at {clock_text(segment['sent_at'])}"
+
+    def questions(self) -> tuple[list[sqlite3.Row], list[tuple[int, str]]]:
+        """The latest questions (commands and keywords aside), and the texts asked most often
+        among them, counted by their normalised form."""
+        keywords = self.owner.replies.keywords
+        with self.store.connection() as conn:
+            rows = conn.execute(
+                "SELECT id, openid, msg_type, content, received_at, state FROM messages"
+                " WHERE id < ? AND msg_type IN ('text', 'voice') AND content IS NOT NULL"
+                " ORDER BY id DESC LIMIT ?", (2 ** 63 - 1, CONSOLE_ASKED)).fetchall()
+        asked = [row for row in rows if classify(row["msg_type"], row["content"], keywords,
+                                                 bool(self.settings.image_model)).kind
+                 is Kind.QUESTION]
+        counts, shown = collections.Counter(), {}
+        for row in asked:  # each text shown as a reader wrote it most recently
+            form = normalise(row["content"])
+            counts[form] += 1
+            shown.setdefault(form, row["content"])
+        most = [(count, shown[text]) for text, count in counts.most_common(20) if count > 1]
+        return asked[:CONSOLE_ROWS], most
+
+    def uncovered(self) -> list[sqlite3.Row]:
+        """The latest questions for which no passage of the articles was found."""
+        with self.store.connection() as conn:
+            return conn.execute(
+                "SELECT m.id, m.openid, m.content, m.received_at FROM article_uses u"
+                " JOIN messages m ON m.id = u.message_id WHERE u.given = 0"
+                " ORDER BY u.at DESC LIMIT ?", (CONSOLE_ROWS,)).fetchall()
+
+    def sources(self) -> tuple[list[sqlite3.Row], int, int, float | None]:
+        """The articles learned, newest first (a page of them), how many sources and
+        passages in all, and when the published ones were last synced. Read through the
+        store's pooled connections: a request's thread is gone once it answered."""
+        with self.store.connection() as conn:
+            sources = conn.execute(
+                "SELECT id, kind, title, url, date, passages, learned_at FROM article_sources"
+                " ORDER BY date DESC, id DESC LIMIT ?", (CONSOLE_ROWS * 4,)).fetchall()
+            total, passages = conn.execute(
+                "SELECT count(*), coalesce(sum(passages), 0) FROM article_sources").fetchone()
+            synced = conn.execute("SELECT value FROM article_state WHERE key = 'synced'"
+                                  ).fetchone()
+        return sources, total, passages, float(synced[0]) if synced else None
+
+    def passages(self, source_id: int) -> tuple[sqlite3.Row | None, list[sqlite3.Row]]:
+        """One learned source and its passages, in order."""
+        with self.store.connection() as conn:
+            source = conn.execute("SELECT id, kind, title, url, date, learned_at FROM"
+                                  " article_sources WHERE id = ?", (source_id,)).fetchone()
+            return source, conn.execute("SELECT text FROM article_passages WHERE source_id = ?"
+                                        " ORDER BY id", (source_id,)).fetchall()
+
+    def learn(self, url: str) -> str:
+        """Learn a page (the CLI's `learn URL`); what was learned, for the owner."""
+        source = self.articles.learn(url)
+        log.info("learned %s from the console: %d passages", url, source.passages)
+        return f"Learned «{source.title}»: {source.passages} passages."
+
+    def queue(self) -> list[tuple[str, str, int, list[sqlite3.Row]]]:
+        """Waiting, in progress and dead messages: how many, and the first of each."""
+        with self.store.connection() as conn:
+            counts = dict(conn.execute("SELECT state, messages FROM state_counts").fetchall())
+            found = []
+            for title, state, order in [("Waiting", State.QUEUED, "ASC"),
+                                        ("In progress", State.LEASED, "ASC"),
+                                        ("Dead", State.DEAD, "DESC")]:
+                rows = conn.execute(
+                    f"SELECT id, openid, msg_type, event, content, received_at, not_before,"
+                    f" lease_until, state, error, model_failures, delivery_failures, interruptions"
+                    f" FROM messages WHERE state = ? ORDER BY id {order} LIMIT ?",
+                    (state.value, CONSOLE_ROWS)).fetchall()
+                found.append((title, state.value, counts.get(state.value, 0), rows))
+        return found
+
+    def retry(self, message_id: int) -> str | None:
+        """Queue a dead message again, as `python wxbot.py retry ID` does, and wake a worker
+        for it; None when queued, else why not."""
+        with self.store.transaction() as conn:
+            refused = requeue_dead(conn, message_id)
+        if refused is None:
+            log.info("message %d queued again from the console", message_id)
+            self.wakeup.notify()
+        return refused
+
+    def files(self) -> list[tuple[str, str, str, bool]]:
+        """The owner's files: (setting, path, what is in force or what is wrong, fine)."""
+        shown = []
+        for env, owner_file, read in [
+                ("WXBOT_REPLIES", self.owner.replies_file, Replies.read),
+                ("WXBOT_BLOCKED_WORDS", self.owner.blocked_file, BlockedWords.read)]:
+            if not owner_file.path:
+                shown.append((env, "", "not set", True))
+                continue
+            try:
+                shown.append((env, owner_file.path, f"in force: {read(owner_file.path).describe()}",
+                              True))
+            except FileProblem as error:
+                shown.append((env, owner_file.path, "not used, the version read before stays in "
+                              "force: " + "; ".join(error.problems), False))
+        return shown
+
+    # Web ---------------------------------------------------------------------
+
+    def render(self, name: str, title: str, csrf: str = "", **values) -> str:
+        body = self.templates[name].render(
+            csrf=csrf, when=clock_text, seconds=seconds_text, short=short_id,
+            quote=urllib.parse.quote, said=said_text, **values)
+        return self.templates["layout"].render(title=title, csrf=csrf, body=body,
+                                               pages=self.PAGES,
+                                               here=bottle.request.path)
+
+    def app(self):
+        """The console's WSGI app: bottle routes behind the login, with CONSOLE_HEADERS."""
+        app = bottle.Bottle(catchall=True)
+        app.install(logged_not_printed)
+        app.install(self.door)
+        console = self
+
+        @app.get("/console.css", open=True)
+        def css():
+            return bottle.HTTPResponse(CONSOLE_CSS, 200, {
+                "Content-Type": "text/css; charset=utf-8", "Cache-Control": "max-age=3600"})
+
+        @app.get("/favicon.ico", open=True)
+        def no_icon():  # browsers ask; a 404 would be an error in the browser's console
+            return bottle.HTTPResponse(status=204)
+
+        @app.get("/login", open=True)
+        def login_form():
+            return console.render("login", "wxbot console", problem="")
+
+        @app.post("/login", open=True)
+        def log_in():
+            now, address = console.clock(), client_address(bottle.request.environ)
+            if console.guard.refused(address, now):
+                held = console.refusals.allow(address, now)
+                if held is not None:
+                    log_web.warning("console logins from %s refused for a minute: %d wrong "
+                                    "passwords (%d more tries since the last such line)",
+                                    address, CONSOLE_WRONG_TRIES, held)
+                return bottle.HTTPResponse(console.render(
+                    "login", "wxbot console",
+                    problem="Too many wrong passwords: wait a minute."), 429)
+            cookie = console.guard.log_in(
+                address, bottle.request.forms.getunicode("password") or "", now)
+            if cookie is None:  # the 5 a minute allowed are all logged
+                log_web.warning("console: wrong password from %s", address)
+                return bottle.HTTPResponse(console.render(
+                    "login", "wxbot console", problem="Wrong password."), 401)
+            log_web.info("console: logged in from %s", address)
+            answer = bottle.HTTPResponse(status=303, Location="/")
+            answer.set_cookie(CONSOLE_COOKIE, cookie, httponly=True, samesite="strict",
+                              secure=over_https(bottle.request.environ), path="/",
+                              maxage=CONSOLE_SESSION_SECONDS)
+            return answer
+
+        @app.post("/logout")
+        def log_out():
+            console.guard.log_out(bottle.request.get_cookie(CONSOLE_COOKIE))
+            answer = bottle.HTTPResponse(status=303, Location="/login")
+            answer.delete_cookie(CONSOLE_COOKIE, path="/")
+            return answer
+
+        @app.get("/")
+        def overview():
+            now = console.clock()
+            days = console.overview(now)
+            today = days[-1]
+            cards = [("messages", today["messages"]), ("people", today["people"]),
+                     ("answered", today["answered"]), ("failed", today["failed"]),
+                     ("first reply, median", seconds_text(today["first_median"])),
+                     ("first reply, 95th", seconds_text(today["first_p95"])),
+                     ("by service / passive", f"{today['service']} / {today['passive']}"),
+                     ("from articles", articles_text(today))]
+            return console.render("overview", "Overview", bottle.request.environ["csrf"],
+                                  days=days[::-1], cards=cards, chart=day_chart(days),
+                                  articles_text=articles_text)
+
+        @app.get("/people")
+        def people():
+            return console.render("people", "Conversations", bottle.request.environ["csrf"],
+                                  people=console.people())
+
+        @app.get("/people/<openid>")
+        def conversation(openid):
+            before = bottle.request.query.get("before", "")
+            turns, older = console.conversation(
+                openid, int(before) if before.isdigit() and len(before) < 19 else 2 ** 63 - 1)
+            return console.render("conversation", "Conversation", bottle.request.environ["csrf"],
+                                  openid=openid, turns=turns, older=older)
+
+        @app.get("/questions")
+        def questions():
+            recent, most = console.questions()
+            return console.render("questions", "Questions", bottle.request.environ["csrf"],
+                                  recent=recent, most=most, window=CONSOLE_ASKED,
+                                  uncovered=console.uncovered() if console.articles else None)
+
+        def articles_page(note="", failed=False, status=200):
+            if not console.articles:
+                return bottle.HTTPResponse("not found", 404)
+            sources, total, passages, synced = console.sources()
+            return bottle.HTTPResponse(console.render(
+                "articles", "Articles", bottle.request.environ["csrf"], sources=sources,
+                total=total, passages=passages, synced=synced, note=note, failed=failed),
+                status)
+
+        @app.get("/articles")
+        def articles():
+            forgot = bottle.request.query.get("forgot", "")
+            return articles_page("The source was forgotten." if forgot == "1" else "")
+
+        @app.get("/articles/<source_id:int>")
+        def passages(source_id):
+            source, passages = console.passages(source_id) if console.articles else (None, [])
+            if source is None:
+                return bottle.HTTPResponse("not found", 404)
+            return console.render("passages", source["title"], bottle.request.environ["csrf"],
+                                  source=source, passages=passages)
+
+        @app.post("/articles/learn")
+        def learn():
+            url = (bottle.request.forms.getunicode("url") or "").strip()
+            if not re.match(r"https?://[^\s/]", url, re.I) or len(url) > 2000:
+                return articles_page("Give the address of a web page (http:// or https://).",
+                                     True, 400)
+            try:
+                note = console.learn(url)
+            except LearnError as error:
+                return articles_page(f"Not learned: {error}", True, 422)
+            return articles_page(note)
+
+        @app.post("/articles/forget")
+        def forget():
+            source_id = bottle.request.forms.get("id", "")
+            if not source_id.isdigit() or not console.articles.forget(source_id):
+                return articles_page("No such source: it was forgotten already.", True, 404)
+            log.info("source %s forgotten from the console", source_id)
+            return bottle.HTTPResponse(status=303, Location="/articles?forgot=1")
+
+        @app.get("/queue")
+        def queue_page():
+            retried = bottle.request.query.get("retried", "")
+            return console.render(
+                "queue", "Queue", bottle.request.environ["csrf"], states=console.queue(),
+                why=why_text(console.clock()), note=f"Message #{retried} is queued again: a "
+                f"worker takes it now." if retried.isdigit() else "")
+
+        @app.post("/queue/retry")
+        def retry():
+            message_id = bottle.request.forms.get("id", "")
+            if not message_id.isdigit() or len(message_id) > 18:
+                return bottle.HTTPResponse("no such message", 400)
+            refused = console.retry(int(message_id))
+            if refused:
+                return bottle.HTTPResponse(console.render(
+                    "queue", "Queue", bottle.request.environ["csrf"], states=console.queue(),
+                    why=why_text(console.clock()),
+                    note=f"Message #{message_id} {refused}."), 409)
+            return bottle.HTTPResponse(status=303, Location=f"/queue?retried={message_id}")
+
+        @app.get("/settings")
+        def settings_page():
+            return console.render("settings", "Settings", bottle.request.environ["csrf"],
+                                  settings=console.settings.shown(), files=console.files())
+
+        @app.error(404)
+        @app.error(405)
+        def not_here(error):
+            bottle.response.content_type = "text/plain; charset=utf-8"
+            return "not found" if error.status_code == 404 else "method not allowed"
+
+        def with_headers(environ, start_response):
+            def start(status, headers, exc_info=None):
+                own = {name.lower() for name, _ in headers}  # the stylesheet's Cache-Control
+                return start_response(status, headers + [
+                    header for header in CONSOLE_HEADERS if header[0].lower() not in own],
+                                      exc_info)
+            return app(environ, start)
+        return with_headers
+
+    def door(self, callback):
+        """A bottle plugin: no page or action without a session, no POST without its token."""
+        @functools.wraps(callback)
+        def guarded(*args, **kwargs):
+            if bottle.request.route.config.get("open"):
+                return callback(*args, **kwargs)
+            token = self.guard.session(bottle.request.get_cookie(CONSOLE_COOKIE), self.clock())
+            if token is None:
+                if bottle.request.method == "GET":
+                    return bottle.HTTPResponse(status=303, Location="/login")
+                return bottle.HTTPResponse("log in first", 403)
+            if bottle.request.method == "POST" and not hmac.compare_digest(
+                    (bottle.request.forms.get("csrf") or "").encode("utf-8", "replace"),
+                    token.encode()):
+                log_web.warning("console: a form without its session's token refused (%s %s)",
+                                bottle.request.method, bottle.request.path)
+                return bottle.HTTPResponse("the form is stale: reload the page", 403)
+            bottle.request.environ["csrf"] = token
+            return callback(*args, **kwargs)
+        return guarded
+
+
+def clock_text(at: float) -> str:
+    """A moment as the console shows it: month, day and local time."""
+    return time.strftime("%m-%d %H:%M:%S", time.localtime(at))
+
+
+def seconds_text(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds:.1f} s"
+
+
+def said_text(row) -> str:
+    """What a reader sent, as text: their words, or what kind of message it was."""
+    if row["content"]:
+        return row["content"]
+    return f"({row['event'] or row['msg_type']})" if row["msg_type"] == "event" or \
+        row["event"] else f"({row['msg_type']})"
+
+
+def articles_text(day: dict) -> str:
+    return f"{day['given']} / {day['cited']}"
+
+
+def why_text(now: float) -> Callable[[sqlite3.Row], str]:
+    """queue_reason at `now`, for a template."""
+    return lambda row: queue_reason(row, now)
+
+
+def day_chart(days: list[dict]) -> dict:
+    """Bars for the Overview's SVG: a day's messages, the answered part in front."""
+    width, height, base, bar = 330, 130, 112, 16
+    top = max([day["messages"] for day in days] + [1])
+    bars = []
+    for number, day in enumerate(days):
+        tall = round(day["messages"] / top * (base - 14), 1)
+        answered = round(day["answered"] / top * (base - 14), 1)
+        bars.append({"x": 4 + number * 21.6, "y": base - tall, "h": tall,
+                     "ay": base - answered, "ah": answered, "day": day["day"],
+                     "label": day["day"][8:], "messages": day["messages"],
+                     "answered": day["answered"]})
+    return {"width": width, "height": height, "base": base, "bar": bar, "top": top,
+            "bars": bars}
 
 
 ###############################################################################
@@ -6285,6 +7468,11 @@ class Bot:
                                articles=self.articles)  # /stats
                         for n in range(Sender.THREADS)]
         self.janitor = Janitor(settings, self.store)
+        #: The owner's console, on a listener of its own; None without WXBOT_ADMIN_PASSWORD.
+        self.owner_console = OwnerConsole(settings, self.store, self.owner, self.wakeup,
+                                          self.articles) if settings.admin_password else None
+        self.console = HttpServer(self.owner_console.app(), settings.admin_host,
+                                  settings.admin_port) if self.owner_console else None
         self.threads: list[threading.Thread] = []
 
     @property
@@ -6300,6 +7488,17 @@ class Bot:
                 self.acknowledger.pushed(row["id"], row["openid"], row["received_at"])
         self.acknowledger.start()
         self.server.start()
+        if self.console:
+            threading.Thread(target=self.owner_console.count_days, name="console-days",
+                             daemon=True).start()
+            self.console.start()
+            log.info("owner's console on http://%s:%d/", self.settings.admin_host,
+                     self.console.port)
+            if not local_address(self.settings.admin_host):
+                log.warning("the console listens on %s, beyond this machine: without HTTPS "
+                            "its password crosses the network in clear; keep "
+                            "WXBOT_ADMIN_HOST=127.0.0.1 and use ssh -L or nginx with HTTPS "
+                            "(README, Console)", self.settings.admin_host)
         for worker in self.workers + self.senders:
             thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
             thread.start()
@@ -6318,6 +7517,8 @@ class Bot:
         timeout = self.settings.stop_timeout if timeout is None else timeout
         self.webhook.accepting = False
         self.server.stop()
+        if self.console:
+            self.console.stop()
         self.acknowledger.stop()
         for worker in self.workers + self.senders:
             worker.stop()
@@ -6418,6 +7619,21 @@ def age_text(seconds: float) -> str:
     return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
 
 
+def queue_reason(row: sqlite3.Row, now: float) -> str:
+    """Why a message of the queue is where it is (`status`, the console's Queue page)."""
+    if row["state"] == State.LEASED.value:
+        note = f"lease ends in {age_text(row['lease_until'] - now)}"
+    elif row["state"] == State.QUEUED.value and row["not_before"] > now:
+        note = f"next try in {age_text(row['not_before'] - now)}"
+    else:
+        note = ""
+    failures = (f"failures: model {row['model_failures']}, delivery "
+                f"{row['delivery_failures']}, interrupted {row['interruptions']}"
+                if row["model_failures"] + row["delivery_failures"] +
+                row["interruptions"] else "")
+    return "; ".join(part for part in (note, failures, row["error"] or "") if part)
+
+
 #: `status` lists at most this many messages of each state, oldest first.
 STATUS_ROWS = 20
 
@@ -6468,19 +7684,9 @@ def status(settings: Settings, out, now: float | None = None) -> int:
             print(f"\n{title}: {total}", file=out)
             for row in conn.execute(
                     "SELECT id, openid, msg_type, event, received_at, not_before, lease_until,"
-                    " error, model_failures, delivery_failures, interruptions FROM messages"
-                    " WHERE state = ? ORDER BY id LIMIT ?", (state.value, STATUS_ROWS)):
-                if state is State.LEASED:
-                    note = f"lease ends in {age_text(row['lease_until'] - now)}"
-                elif state is State.QUEUED and row["not_before"] > now:
-                    note = f"next try in {age_text(row['not_before'] - now)}"
-                else:
-                    note = ""
-                failures = (f"failures: model {row['model_failures']}, delivery "
-                            f"{row['delivery_failures']}, interrupted {row['interruptions']}"
-                            if row["model_failures"] + row["delivery_failures"] +
-                            row["interruptions"] else "")
-                reason = "; ".join(part for part in (note, failures, row["error"] or "") if part)
+                    " state, error, model_failures, delivery_failures, interruptions FROM"
+                    " messages WHERE state = ? ORDER BY id LIMIT ?", (state.value, STATUS_ROWS)):
+                reason = queue_reason(row, now)
                 print(f"  #{row['id']:<6} {age_text(now - row['received_at']):>7} old  "
                       f"{short_id(row['openid']):<10} {row['event'] or row['msg_type']:<10}"
                       f" {reason}".rstrip(), file=out)
@@ -6499,15 +7705,9 @@ def retry(settings: Settings, message_id: int, out) -> int:
         return 1
     with contextlib.closing(conn):
         conn.execute("PRAGMA foreign_keys=ON")
-        requeued = conn.execute(
-            "UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
-            " model_failures = 0, delivery_failures = 0, interruptions = 0, error = NULL"
-            " WHERE id = ? AND state = 'dead'", (message_id,)).rowcount
-        if not requeued:
-            row = conn.execute("SELECT state FROM messages WHERE id = ?",
-                               (message_id,)).fetchone()
-            print(f"message {message_id} " + (f"is {row[0]}, not dead: nothing to do" if row
-                                              else "is not in the database"), file=out)
+        refused = requeue_dead(conn, message_id)
+        if refused:
+            print(f"message {message_id} {refused}", file=out)
             return 1
     print(f"message {message_id} is queued again; the running wxbot takes it within a minute",
           file=out)
@@ -6841,7 +8041,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         log.error("%s", error)
         return 2
     except OSError as error:
-        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
+        log.error("cannot listen on %s:%d%s: %s", settings.host, settings.port,
+                  f" (webhook) or {settings.admin_host}:{settings.admin_port} (console)"
+                  if settings.admin_password else "", error)
         return 1
     except (sqlite3.Error, RuntimeError) as error:
         log.error("cannot open the database %s: %s", settings.db, error)
