@@ -7708,3 +7708,17 @@ def test_articles_keep_no_connection_for_each_thread_that_ever_asked(tmp_path):
     finally:
         articles.close()
 
+
+def test_an_answer_cut_off_keeps_the_articles_it_cited(start_bot, wechat, model, tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+
+    def respond(request):
+        yield "周末9点开门[1]。"
+        model.hold(10)  # the model stalls past WXBOT_MODEL_TIMEOUT
+    model.respond = respond
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1.5)
+    send_text(bot, "oREADER", "周末几点开门？", 1)
+    wait_for(lambda: bot.store.settled(1))
+    assert wechat.texts_to("oREADER") == [
+        "周末9点开门。\n\n来源：" + SHOP_LINKS["营业时间调整通知"] + "\n\n" + wxbot.CUT_OFF_LINE]
+

@@ -5514,7 +5514,7 @@ class Worker:
             rest = cutter.finish(citations.sources())
         except ModelError as error:
             self.store.add_segments(message, cutter.finish())
-            return self._model_failed(message, error, question)
+            return self._model_failed(message, error, question, cited=citations.sources())
         answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
         planned = self.store.complete_answer(message, time.time(), rest,
                                              f"[图片] {question}" if picture else question,
@@ -5697,8 +5697,9 @@ class Worker:
         return self.store.save_answer(message, segments, now)
 
     def _model_failed(self, message: Message, error: ModelError, question: str | None,
-                      refused_line: str = REFUSED_LINE) -> int | None:
-        """Retry later, or end the answer with a polite line; what was sent stays sent."""
+                      refused_line: str = REFUSED_LINE, cited: str = "") -> int | None:
+        """Retry later, or end the answer with a polite line; what was sent stays sent (and
+        `cited`, the 来源 line of what it cited, ends it before the cut-off note)."""
         partial = self.store.partial_answer(message.id)
         failures = message.model_failures + 1
         if error.kind == "transient" and failures < self.MODEL_TRIES:
@@ -5715,8 +5716,9 @@ class Worker:
             log_worker.error("message %s from %s: model failed (%s); sending the apology",
                              message.id, short_id(message.openid), error)
             if partial:  # the note ends the last segment where it fits: no message of its own
+                note = "\n\n".join(line for line in (cited, CUT_OFF_LINE) if line)
                 return self.store.complete_answer(message, time.time(), [], question, partial,
-                                                  note=CUT_OFF_LINE)
+                                                  note=note)
             line = APOLOGY_LINE
         return self.store.complete_answer(message, time.time(), [line], question,
                                           partial or None)
