@@ -47,7 +47,7 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
 
 import wxbot
 
@@ -766,8 +766,8 @@ def without_space(text):
 
 #: The tappable 继续 as WeChat receives it, and the line that ends a cut-off answer.
 CONTINUE_LINK = (r'<a href="weixin://bizmsgmenu\?msgmenucontent=继续&msgmenuid=(\d+)">继续</a>')
-TAIL = re.compile(r"\n\n（(?:(?:还有(\d+)段，)?点" + CONTINUE_LINK + r"查看(?:剩余内容)?|"
-                  r"回复“继续”查看剩余内容)）")
+TAIL = re.compile(r"\n\n（(?:(?:还有(\d+)段，|这个回答完了，)?点" + CONTINUE_LINK +
+                  r"查看(?:剩余内容|你下一个问题的回答)?|回复“继续”查看剩余内容)）")
 
 
 def has_tail(text):
@@ -1326,8 +1326,9 @@ def test_stream_failing_for_good_ends_with_a_note_not_a_repeat(start_bot, wechat
     send_text(bot, "oGIVEUP", "讲讲", 1)
     wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
     texts = wechat.texts_to("oGIVEUP")
-    assert texts[-1] == wxbot.CUT_OFF_LINE
-    assert answer.replace("\n", "").startswith(without_space("".join(texts[:-1])))
+    assert texts[-1].endswith(wxbot.CUT_OFF_LINE)
+    assert answer.replace("\n", "").startswith(
+        without_space("".join(texts)[:-len(wxbot.CUT_OFF_LINE)]))
 
 
 def test_quick_messages_waiting_together_get_one_answer(start_bot, wechat, model):
@@ -2003,7 +2004,7 @@ def wsgi_call(app, method, query, body):
 
 
 def test_fuzzed_pushes_never_cause_5xx_and_store_only_valid_ones(tmp_path, wechat, model):
-    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+    from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
 
     apps, stores = {}, []
     for mode, key in (("plain", ""), ("safe", VECTOR_KEY)):  # 明文模式 and 安全模式
@@ -2815,7 +2816,7 @@ BREAKAGES = ["too many buttons", "too many sub-buttons", "long top name", "long 
 
 
 def test_generated_menus_valid_are_sent_exactly_invalid_never(tmp_path, wechat, model):
-    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+    from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
     path = tmp_path / "menu.json"
 
     @hsettings(max_examples=60, deadline=None, database=None,
@@ -3374,8 +3375,8 @@ def test_a_long_wait_gets_one_queue_line_and_the_answer_keeps_within_five(start_
 def test_no_segment_ever_goes_past_the_quota(segments, streamed, quota, sent):
     """Whatever is already sent and whatever streams in, next_send keeps to the quota and
     puts the 继续 line on the last message allowed exactly when more waits."""
-    rows = [{"seq": n, "content": f"段{n}", "sent_at": 1.0 if n < min(sent, segments) else None}
-            for n in range(segments)]
+    rows = [{"seq": n, "content": f"段{n}", "sent_at": 1.0 if n < min(sent, segments) else None,
+             "answer": 7} for n in range(segments)]
     shown = []
 
     def deliver(streaming):
@@ -3384,7 +3385,8 @@ def test_no_segment_ever_goes_past_the_quota(segments, streamed, quota, sent):
             row["sent_at"] = 1.0
             shown.append(text)
     for n in range(streamed):  # segments arriving while the model writes
-        rows.append({"seq": len(rows), "content": f"段{len(rows)}", "sent_at": None})
+        rows.append({"seq": len(rows), "content": f"段{len(rows)}", "sent_at": None,
+                     "answer": 7})
         deliver(streaming=True)
     deliver(streaming=False)
     total_sent = sum(row["sent_at"] is not None for row in rows)
@@ -3550,8 +3552,9 @@ def test_a_model_past_the_timeout_is_cut_and_not_asked_again(start_bot, wechat, 
     send_text(bot, "oCUT", "讲讲", 1)
     wait_for(lambda: bot.store.settled(1))
     texts = wechat.texts_to("oCUT")
-    assert texts[-1] == wxbot.CUT_OFF_LINE and len(texts) >= 2
-    assert without_space(answer).startswith(without_space("".join(texts[:-1])))
+    assert texts[-1].endswith(wxbot.CUT_OFF_LINE) and len(texts) >= 2
+    assert without_space(answer).startswith(
+        without_space("".join(texts)[:-len(wxbot.CUT_OFF_LINE)]))
     assert len(model.requests) == 1
 
 
@@ -4549,6 +4552,7 @@ def test_database_of_schema_2_gets_pictures_and_keeps_its_answers(tmp_path):
     with contextlib.closing(sqlite3.connect(path)) as conn:  # as schema 2 left it
         conn.executescript("DROP TABLE images; ALTER TABLE segments DROP COLUMN image;"
                            " ALTER TABLE messages DROP COLUMN needs_model;"
+                           " DROP INDEX segments_origin; ALTER TABLE segments DROP COLUMN origin;"
                            " PRAGMA user_version = 2;")
     store = wxbot.Store(path)
     with store.connection() as conn:
@@ -4750,6 +4754,7 @@ def test_passive_continue_line_names_the_segments_left_and_its_answer(start_bot,
     bot = start_bot(WXBOT_MODE="passive")
     user = WeChatUser(bot, "oTAP4", quick_wechat_clock)
     shown = [user.says("讲长一点")]
+    wait_for(lambda: bot.store.answer_complete(1), message="the whole answer")
     msg_id = 2
     while has_tail(shown[-1]):
         shown.append(user.push(tap_xml("oTAP4", tapped_answer(shown[-1])[1], msg_id)))
@@ -5114,7 +5119,7 @@ def test_at_the_deadline_the_model_is_hung_up_on_at_once(start_bot, wechat, mode
     send_text(bot, "oDRIP", "问", 1)
     wait_for(lambda: bot.store.settled(1), timeout=2.5, message="the user's outcome")
     texts = wechat.texts_to("oDRIP")
-    assert texts[0].startswith("开头") and texts[-1] == wxbot.CUT_OFF_LINE
+    assert texts == ["开头。\n\n" + wxbot.CUT_OFF_LINE]
     wait_for(lambda: model.hangups, timeout=2.5 - (time.monotonic() - started),
              message="the model's connection closed")
     assert len(model.requests) == 1
@@ -6133,7 +6138,8 @@ def test_merged_follow_ups_and_a_cut_off_answer_leave_lines_that_say_so(start_bo
     assert worker_lines(caplog, f"message {first} from") and worker_lines(
         caplog, f"quick follow-up(s) {merged[0]}, {merged[1]} asked with it")
     send_text(bot, "oGIVEUP", "讲讲", 20)
-    wait_for(lambda: wechat.texts_to("oGIVEUP")[-1:] == [wxbot.CUT_OFF_LINE])
+    wait_for(lambda: wechat.texts_to("oGIVEUP") and wechat.texts_to("oGIVEUP")[-1].endswith(
+        wxbot.CUT_OFF_LINE))
     wait_for(lambda: worker_lines(caplog, "model failed"))
     failed = worker_lines(caplog, "model failed")[-1]
     assert "cut-off line" in failed and "apology" not in failed
@@ -6259,6 +6265,307 @@ def test_a_reader_in_another_process_never_holds_up_the_pass_and_the_next_pass_e
     janitor.sweep(now)  # nothing old left: the WAL is emptied all the same
     assert os.path.getsize(path + "-wal") == 0
     store.close()
+# Readers: answers owed in order, the tappable 继续, one line per wait ########
+
+@pytest.mark.parametrize("words", ["请问违禁词怎么买？", "画一只违禁的猫", "违禁"])
+def test_a_refused_question_shows_no_typing(start_bot, wechat, model, tmp_path, words):
+    bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁"), **DRAWING)
+    send_text(bot, "oREFUSED", words, 1)
+    wait_for(lambda: wechat.texts_to("oREFUSED") == [wxbot.REFUSED_LINE])
+    send_text(bot, "oASKED", "你好", 2)  # a question asked after it: its typing came and went
+    wait_for(lambda: wechat.texts_to("oASKED") == ["答：你好"])
+    assert ("oASKED", "Typing") in wechat.typing
+    assert [to for to, command in wechat.typing if to == "oREFUSED"] == []
+    assert model.requests == [] or model.questions() == ["你好"]
+    assert model.drawings == []
+
+
+def test_a_user_waiting_in_the_queue_gets_one_line_however_many_follow_ups(start_bot, wechat,
+                                                                         model):
+    release = hold_first_question(model, "一")
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=5)
+    send_text(bot, "oHELD", "一", 1)
+    wait_for(lambda: model.requests)  # the only worker is busy from here on
+    for n, openid in enumerate(["oAHEAD1", "oAHEAD2", "oWAITS"]):
+        send_text(bot, openid, "慢问题", 2 + n)
+    line = wxbot.QUEUE_LINE.format(ahead=2, minutes=1)
+    try:
+        wait_for(lambda: wechat.texts_to("oWAITS") == [line], timeout=5)
+        send_text(bot, "oWAITS", "补充一句", 5)
+        send_text(bot, "oWAITS", "还有一个问题", 6)
+        wait_for(lambda: wechat.typing.count(("oWAITS", "Typing")) +
+                 len(wechat.texts_to("oWAITS")) >= 3, timeout=5,
+                 message="the follow-ups acknowledged")
+        assert wechat.texts_to("oWAITS") == [line]  # typing says they were seen
+    finally:
+        release.set()
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
+    assert wechat.texts_to("oWAITS") == [line, "答：慢问题\n补充一句\n还有一个问题"]
+
+
+def test_an_answer_cut_at_the_model_timeout_ends_with_the_note_in_its_last_message(
+        start_bot, wechat, model):
+    answer = chinese_answer(1500)
+
+    def respond(request):
+        yield answer[:800]  # one segment goes out, the next is begun
+        model.hold(10)  # the model stalls past WXBOT_MODEL_TIMEOUT
+    model.respond = respond
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1.5)
+    send_text(bot, "oCUTNOTE", "讲讲", 1)
+    wait_for(lambda: bot.store.settled(1))
+    texts = wechat.texts_to("oCUTNOTE")
+    assert len(texts) == 2 and texts[1].endswith("\n\n" + wxbot.CUT_OFF_LINE)
+    assert without_space("".join(texts)) == without_space(answer[:800] + wxbot.CUT_OFF_LINE)
+    assert all(wxbot.utf8_len(text) <= 2048 for text in texts)
+
+
+@pytest.mark.parametrize("limit", [{"WXBOT_USER_RATE": 1}, {"WXBOT_USER_DAILY": 1}])
+def test_messages_over_a_users_limit_are_said_to_be_dropped_and_are(start_bot, wechat, model,
+                                                                   limit):
+    bot = start_bot(**limit)
+    for n in range(3):  # one after another: quick follow-ups would be asked together
+        send_text(bot, "oOVERLIMIT", f"第{n}条", n + 1)
+        wait_for(lambda: bot.store.settled(n + 1))
+    texts = wechat.texts_to("oOVERLIMIT")
+    assert texts[0] == "答：第0条" and len(texts) == 2  # one notice, then silence
+    assert "这条和" in texts[1] and "再发的消息都不会回答" in texts[1]
+    with contextlib.closing(sqlite3.connect(bot.settings.db)) as conn:
+        conn.execute("DELETE FROM model_calls")  # the limit frees
+        conn.execute("DELETE FROM kv WHERE key LIKE 'limit-notice:%'")
+        conn.commit()
+    send_text(bot, "oOVERLIMIT", "第3条", 4)
+    wait_for(lambda: bot.store.settled(4))
+    assert wechat.texts_to("oOVERLIMIT")[2:] == ["答：第3条"]  # the dropped ones stay dropped
+    assert model.questions() == ["第0条", "第3条"]
+
+
+def english_answer(chars):
+    """An answer in English, as a model writes one: paragraphs of sentences, a list."""
+    sentence = ("The customer-service API takes at most 2048 bytes of text in one message, "
+                "so a long answer goes out in segments. ")
+    text, paragraph = "", 0
+    while len(text) < chars:
+        paragraph += 1
+        text += f"Part {paragraph}. " + sentence * 4 + "\n- one point\n- another point\n\n"
+    return text[:chars].strip()
+
+
+def tappable_tail(text):
+    """How many segments the 继续 link at the end of text says remain; None when there is none
+    (no line, or the line that asks to type 继续)."""
+    found = tapped_answer(text) if has_tail(text) else None
+    return found and found[0]
+
+
+def chinese_prose(chars):
+    """Chinese as a model writes an essay: long paragraphs, several segments each."""
+    sentences = ["长回答要分段发送，每段不超过两千零四十八字节。", "用户点“继续”就能看到剩下的内容，",
+                 "而不必重新提问；", "这样既不浪费额度，也不会漏掉任何一段。"]
+    text, n = "", 0
+    while len(text) < chars:
+        text += sentences[n % len(sentences)]
+        n += 1
+        if n % 120 == 0:
+            text += "\n\n"
+    return text[:chars].strip()
+
+
+LONG_ANSWERS = {"LONG5000": chinese_prose(5000), "LONG6000": chinese_answer(6000),
+                "LONG12000": chinese_prose(12000), "ENGLISH14000": english_answer(14000)}
+
+
+@pytest.mark.parametrize("name", sorted(LONG_ANSWERS))
+def test_the_fifth_message_of_a_long_answer_ends_with_the_link_to_tap(start_bot, wechat, model,
+                                                                     name):
+    answer = LONG_ANSWERS[name]
+    model.respond = lambda request: answer
+    bot = start_bot()
+    send_text(bot, "oTAP", "讲长一点", 1)
+    wait_for(lambda: bot.store.settled(1))
+    msg_id = 2
+    while True:
+        texts = wechat.texts_to("oTAP")
+        assert len(texts) % 5 == 0 or not has_tail(texts[-1])
+        if not has_tail(texts[-1]):
+            break
+        remaining = tappable_tail(texts[-1])  # the link, saying how many remain
+        assert remaining is not None, texts[-1][-200:]
+        send_text(bot, "oTAP", "继续", msg_id)
+        wait_for(lambda: bot.store.settled(msg_id))
+        msg_id += 1
+        assert len(wechat.texts_to("oTAP")) - len(texts) == min(5, remaining)
+        after = wechat.texts_to("oTAP")[-1]
+        assert tappable_tail(after) == (remaining - 5 if remaining > 5 else None), after[-200:]
+    assert msg_id > 2 and all(wxbot.utf8_len(text) <= 2048 for text in texts)
+    assert without_space(untail("".join(texts))) == without_space(answer)
+
+
+@pytest.mark.parametrize("name", ["LONG5000", "ENGLISH14000"])
+def test_each_passive_reply_of_a_long_answer_ends_with_the_link_to_tap(start_bot, wechat, model,
+                                                                       quick_wechat_clock, name):
+    answer = LONG_ANSWERS[name][:4000]
+    model.respond = lambda request: answer
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oPTAP", quick_wechat_clock)
+    shown = [user.says("讲长一点")]
+    wait_for(lambda: bot.store.answer_complete(1), message="the whole answer")
+    while has_tail(shown[-1]):
+        assert tappable_tail(shown[-1]) is not None or tapped_answer(shown[-1]), \
+            shown[-1][-200:]
+        shown.append(user.says("继续"))
+    assert len(shown) >= 3 and all(wxbot.utf8_len(text) <= 2048 for text in shown)
+    assert without_space(untail("".join(shown))) == without_space(answer)
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=BIG_INPUTS)
+@given(paragraphs=st.lists(st.tuples(st.integers(1, 400),
+                                     st.sampled_from(["。", "，", ". ", " ", ""]),
+                                     st.sampled_from(["答", "a", "長", "é"])),
+                           min_size=1, max_size=30),
+       chunks=st.lists(st.integers(1, 300), min_size=1, max_size=5))
+def test_a_segment_that_closes_a_batch_has_room_for_the_link(paragraphs, chunks):
+    text = "\n\n".join((char * 7 + end) * count for count, end, char in paragraphs)
+    cutter, segments, position = wxbot.StreamCutter(closing=lambda n: n % 5 == 4), [], 0
+    while position < len(text):
+        segments += cutter.feed(text[position:position + chunks[position % len(chunks)]])
+        position += chunks[position % len(chunks)]
+    segments += cutter.finish()
+    for n, segment in enumerate(segments[:-1]):
+        tail = wxbot.continue_tail(len(segments) - n - 1, 10 ** 19, segment)
+        assert wxbot.utf8_len(segment + tail) <= 2048
+        if n % 5 == 4:
+            assert "<a href=" in tail
+    assert without_space("".join(segments)) == without_space(text)
+
+
+def next_tailed(text):
+    """Equal to text followed by the line offering the answer to a later question."""
+    return Matches(re.escape(text) + r"\n\n（这个回答完了，点" + CONTINUE_LINK +
+                   r"查看你下一个问题的回答）")
+
+
+def test_passive_answers_owed_reach_the_user_in_order(start_bot, wechat, model,
+                                                      quick_wechat_clock):
+    release = threading.Event()
+
+    def respond(request):
+        question = request["messages"][-1]["content"]
+        if question.startswith("SLOW"):
+            release.wait(10)
+        return "答：" + question
+    model.respond = respond
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oOWED", quick_wechat_clock)
+    try:  # no answer shown: the third try gets the placeholder (unless the machine is slow)
+        assert user.says("SLOW 问题一") in (THINKING, UNAVAILABLE)
+    finally:
+        release.set()
+    wait_for(lambda: bot.store.answer_complete(1), message="问题一 answered")
+    assert user.says("问题二") == next_tailed("答：SLOW 问题一")
+    assert user.says("问题三") == next_tailed("答：问题二")
+    assert user.says("继续") == "答：问题三"
+    assert user.says("继续") == wxbot.NOTHING_MORE_LINE
+    assert model.questions() == ["SLOW 问题一", "问题二", "问题三"]
+
+
+def test_passive_continue_gets_the_next_segment_while_the_answer_is_being_written(
+        start_bot, wechat, model, quick_wechat_clock):
+    paragraphs, whole = answer_of_paragraphs(6, 600).split("\n\n"), threading.Event()
+
+    def respond(request):  # two segments are ready; the rest waits
+        yield "\n\n".join(paragraphs[:3]) + "\n\n"
+        whole.wait(10)
+        yield "\n\n".join(paragraphs[3:])
+    model.respond = respond
+    bot = start_bot(WXBOT_MODE="passive")
+    user = WeChatUser(bot, "oSTREAMING", quick_wechat_clock)
+    try:
+        first = user.says("讲长一点")
+        assert untail(first) == paragraphs[0] and tapped_answer(first) == (None, 1)
+        tapped = user.push(tap_xml("oSTREAMING", 1, 2))
+        assert untail(tapped) == paragraphs[1] and tapped_answer(tapped) == (None, 1)
+        assert not bot.store.answer_complete(1)  # handed out while the model still writes
+    finally:
+        whole.set()
+    wait_for(lambda: bot.store.answer_complete(1), message="the whole answer")
+    shown, msg_id = [first, tapped], 3
+    while has_tail(shown[-1]):
+        shown.append(user.push(tap_xml("oSTREAMING", tapped_answer(shown[-1])[1], msg_id)))
+        msg_id += 1
+    assert without_space(untail("".join(shown))) == without_space("".join(paragraphs))
+    user.msg_id = msg_id
+    assert user.says("继续") == wxbot.NOTHING_MORE_LINE
+    assert len(model.requests) == 1
+
+
+@given(first=st.integers(1, 9), second=st.integers(0, 9), quota=st.integers(1, 5))
+def test_the_continue_line_says_whether_it_offers_this_answer_or_a_later_one(first, second,
+                                                                            quota):
+    rows = [{"seq": n, "content": f"段{n}", "sent_at": None, "answer": 3 if n < first else 8}
+            for n in range(first + second)]
+    shown = []
+    while (pick := wxbot.next_send(rows, quota, False, 8)) is not None:
+        pick[0]["sent_at"] = 1.0
+        shown.append(pick[1])
+    closing = rows[len(shown) - 1]
+    later = [row["answer"] for row in rows[len(shown):]]
+    if not later:
+        assert not has_tail(shown[-1])
+    elif later[0] == closing["answer"]:
+        assert tappable_tail(shown[-1]) == later.count(closing["answer"])
+    else:
+        assert shown[-1] == next_tailed(closing["content"])
+
+
+def test_passive_user_gets_every_answer_once_in_order_whatever_they_send(
+        start_bot, wechat, model, quick_wechat_clock):
+    """Questions quick and slow, and 继续 at any point: once the user has fetched all with 继续,
+    they have seen the answer to every question the model was asked, each once, in order."""
+    model.respond = lambda request: (time.sleep(3) if "SLOW" in request["messages"][-1][
+        "content"] else None) or "答：" + request["messages"][-1]["content"]
+    bot = start_bot(WXBOT_MODE="passive")
+    users = itertools.count()
+
+    @hsettings(max_examples=5, deadline=None, database=None,
+               suppress_health_check=[HealthCheck.too_slow])
+    @given(said=st.lists(st.sampled_from(["问", "SLOW问", "继续"]), min_size=2, max_size=3))
+    @example(said=["SLOW问", "问", "问"])  # an answer carried by the next question's reply
+    def conversation(said):
+        tag = f"u{next(users)}-"
+        user = WeChatUser(bot, "oORDER" + tag, quick_wechat_clock)
+        shown = [user.says(tag + text if text != "继续" else text) for text in said]
+        for _ in range(8):
+            wait_for(lambda: not bot.store.health(time.time())["queued"], message="all asked")
+            shown.append(user.says("继续"))
+            if shown[-1] == wxbot.NOTHING_MORE_LINE:
+                break
+        answers = [untail(text) for text in shown if text not in (
+            None, THINKING, UNAVAILABLE, wxbot.NOTHING_MORE_LINE)]
+        assert answers == ["答：" + question for question in model.questions()
+                           if question.startswith(tag)]
+
+    conversation()
+
+
+def test_after_a_queue_line_the_fourth_message_ends_with_the_link(start_bot, wechat, model):
+    answer = LONG_ANSWERS["LONG12000"]
+    release = threading.Event()
+    model.respond = lambda request: answer if request["messages"][-1]["content"] == "写长文" \
+        else release.wait(10) and "答"
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=5)
+    send_text(bot, "oHOLD", "一", 1)
+    wait_for(lambda: model.requests)  # the only worker is busy from here on
+    send_text(bot, "oAHEAD", "二", 2)
+    send_text(bot, "oLINED", "写长文", 3)
+    try:
+        wait_for(lambda: wechat.texts_to("oLINED"), timeout=5)
+    finally:
+        release.set()
+    wait_for(lambda: bot.store.settled(3))
+    texts = wechat.texts_to("oLINED")
+    assert texts[0] == wxbot.QUEUE_LINE.format(ahead=1, minutes=1) and len(texts) == 5
+    assert tappable_tail(texts[4]) is not None, texts[4][-200:]
 # Citing articles ##############################################################
 
 #: A coffee shop's account as its owner writes it: an old and a new rule, a file with no URL,
@@ -7212,10 +7519,19 @@ def test_an_article_published_while_serving_is_learned_and_nobody_is_answered(
     bot = start_bot()
     wechat.published.insert(0, published_post("NEW", news_item("国庆放假通知",
                                                                ["国庆节10月1日到3日店休。"])))
+    fetching, release = threading.Event(), threading.Event()
+
+    def hold(path, body):  # WeChat's getarticle answers only once the ack went out
+        if path.endswith("/getarticle"):
+            fetching.set()
+            release.wait(10)
+    wechat.hold = hold
     announcement = publish_event("NEW")
     response = post_push(bot, announcement)
     assert (response.status_code, response.text) == (200, "success")
+    wait_for(fetching.is_set, message="the article fetched after the ack")
     post_push(bot, announcement)  # WeChat's retry: fetched once
+    release.set()
     wait_for(lambda: bot.articles.find("国庆放假吗"), message="the new article learned")
     assert post_push(bot, publish_event("", status=4, openid="oMPHELPER2")).text == "success"
     wait_for(lambda: "rejected by review" in caplog.text, message="the failed job logged")
@@ -7599,11 +7915,11 @@ def test_find_searches_a_follow_up_with_the_question_before_it(tmp_path):
 
 def test_finding_passages_reads_indexes_only(tmp_path):
     articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
-    conn = articles._conn()
-    vocabulary = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + wxbot.VOCABULARY.format(
-        terms="?, ?"), ("退款", "包邮"))]
-    passages = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + wxbot.PASSAGES_MATCHING,
-                                               {"query": '"退款"', "limit": 30})]
+    with articles._reading() as conn:
+        vocabulary = [row[3] for row in conn.execute(
+            "EXPLAIN QUERY PLAN " + wxbot.VOCABULARY.format(terms="?, ?"), ("退款", "包邮"))]
+        passages = [row[3] for row in conn.execute(
+            "EXPLAIN QUERY PLAN " + wxbot.PASSAGES_MATCHING, {"query": '"退款"', "limit": 30})]
     articles.close()
     # fts5vocab looks the terms up (a constraint on term: idxNum > 0), not the whole index.
     assert len(vocabulary) == 1 and re.fullmatch(r"SCAN article_vocabulary VIRTUAL TABLE INDEX "
@@ -7663,3 +7979,101 @@ def test_console_believes_forwarded_headers_only_from_a_proxy_on_this_machine():
     for stranger in ("203.0.113.9", "2001:db8::1", ""):
         environ = {"REMOTE_ADDR": stranger, **forwarded}
         assert wxbot.client_address(environ) == stranger and not wxbot.over_https(environ)
+def test_uses_older_than_the_retention_are_deleted(tmp_path):
+    settings = settings_for(tmp_path, WXBOT_RETENTION_DAYS=30)
+    store, articles = wxbot.Store(settings.db), wxbot.Articles(settings.db)
+    now = time.time()
+    articles.note_use(1, now - 31 * 86400, 2, 1)
+    articles.note_use(2, now - 29 * 86400, 0, 0)
+    wxbot.Janitor(settings, store, articles).sweep(now)
+    assert articles.uses_since(0) == (1, 0, 0)
+    articles.close()
+    store.close()
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(parts=st.lists(st.one_of(
+    st.sampled_from(["<p>", "</p>", "<section style='a'>", "</section>", "<br>", "<li>", "</ul>",
+                     "<script>", "</script>", "<style>", "</style>", "<img data-src='x'>",
+                     "<div id='js_content'>", "</div>", "&amp;", "&nbsp;", "&#x4e2d;", "<",
+                     ">", "</", "<!--", "-->", "<title>", "</title>", "<body>", "<main>"]),
+    st.text(alphabet=st.sampled_from(list("退款包邮 \n会员ab1。")), max_size=12)), max_size=40))
+def test_any_html_gives_text_without_scripts_or_markup(parts):
+    page = "".join(parts)
+    title, text, date = wxbot.page_text(page, "https://example.com/a")
+    assert "<p>" not in text and "<br>" not in text and "\n\n" not in text
+    assert all(line == line.strip() and line for line in text.splitlines())
+    secret = wxbot.page_text("<p>可见</p><script>不可见</script><style>也不可见</style>" + page,
+                             "")[1]
+    assert "不可见" not in secret
+
+
+def test_a_daily_sync_wechat_refuses_is_logged_as_what_to_do_and_tried_a_day_later(
+        tmp_path, start_bot, wechat, model, caplog):
+    wechat.published = [published_post("A", news_item("营业时间", ["每天早上8点开门。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.note_sync(time.time() - 86400 - 60)
+    articles.close()
+    wechat.failures["/cgi-bin/freepublish/batchget"] = [48001]
+    bot = start_bot()
+    wait_for(lambda: "learn them by URL instead" in caplog.text, message="the refusal logged")
+    assert "trying again in 1d" in caplog.text
+    assert [p.title for p in bot.articles.find("几点开门")] == ["营业时间"]  # still known
+
+
+def test_a_post_the_owner_deleted_is_forgotten_with_all_its_articles(tmp_path, start_bot,
+                                                                      wechat, model):
+    wechat.published = [
+        published_post("POST", news_item("中秋放假", ["中秋节放假一天。"]),
+                       news_item("中秋月饼", ["月饼礼盒168元。"])),
+        published_post("POSTER", news_item("营业时间", ["每天早上8点开门。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    bot = start_bot()
+    assert bot.articles.find("月饼多少钱") and bot.articles.find("中秋节放假吗")
+    assert post_push(bot, publish_event("POST", status=5)).text == "success"
+    wait_for(lambda: not bot.articles.find("月饼多少钱"), message="the deleted post forgotten")
+    assert [s.origin for s in bot.articles.sources()] == ["POSTER"]
+
+
+def test_in_passive_mode_the_announcement_gets_success_and_the_article_is_learned(
+        tmp_path, start_bot, wechat, model):
+    wechat.published = [published_post("OLD", news_item("营业时间", ["每天早上8点开门。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    bot = start_bot(WXBOT_MODE="passive")
+    wechat.published.insert(0, published_post("NEW", news_item("元旦放假", ["元旦店休一天。"])))
+    response = post_push(bot, publish_event("NEW"))
+    assert (response.status_code, response.text) == (200, "success")
+    wait_for(lambda: bot.articles.find("元旦放假吗"), message="the new article learned")
+    assert wechat.sent == [] and model.requests == []
+
+
+def test_articles_keep_no_connection_for_each_thread_that_ever_asked(tmp_path):
+    """The console serves each request on a thread of its own: a connection per thread would
+    stay open for every request ever served."""
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        articles.learn_text("file", "/notes/hours.md", "营业时间", "周末早上9点开门。")
+        for _ in range(50):
+            thread = threading.Thread(target=lambda: (articles.find("周末几点开门"),
+                                                      articles.sources()))
+            thread.start()
+            thread.join()
+        assert len(articles._opened) <= 2
+    finally:
+        articles.close()
+
+
+def test_an_answer_cut_off_keeps_the_articles_it_cited(start_bot, wechat, model, tmp_path):
+    learn_shop_articles(tmp_path / "wxbot.db")
+
+    def respond(request):
+        yield "周末9点开门[1]。"
+        model.hold(10)  # the model stalls past WXBOT_MODEL_TIMEOUT
+    model.respond = respond
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1.5)
+    send_text(bot, "oREADER", "周末几点开门？", 1)
+    wait_for(lambda: bot.store.settled(1))
+    assert wechat.texts_to("oREADER") == [
+        "周末9点开门。\n\n来源：" + SHOP_LINKS["营业时间调整通知"] + "\n\n" + wxbot.CUT_OFF_LINE]
+

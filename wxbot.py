@@ -134,6 +134,8 @@ CONTINUE_LINK = ('<a href="weixin://bizmsgmenu?msgmenucontent=继续&msgmenuid={
 CONTINUE_TAIL = "\n\n（还有{remaining}段，点{link}查看）"
 #: The tail when how much follows is not known yet (an answer still being written).
 MORE_TAIL = "\n\n（点{link}查看剩余内容）"
+#: The tail when this answer is whole and what follows is the answer to a later question.
+NEXT_TAIL = "\n\n（这个回答完了，点{link}查看你下一个问题的回答）"
 #: The tail when the tappable one does not fit the segment's 2048 bytes: room for it is kept.
 TYPED_TAIL = "\n\n（回复“继续”查看剩余内容）"
 STALE_CONTINUE_LINE = "那条回答的剩余内容已经不再保留了，请直接提问吧。"
@@ -141,8 +143,10 @@ NOTHING_MORE_LINE = "没有更多内容了，请直接提问吧。"
 THINKING_LINE = "正在思考，请稍后点{link}获取回答。"
 #: Sent at once when a message will wait longer than WXBOT_QUEUE_NOTICE seconds for a worker.
 QUEUE_LINE = "收到！前面还有 {ahead} 人在排队，预计 {minutes} 分钟内回复。"
-RATE_LINE = "你发得有点快，请 {wait} 秒后再问我。"
-DAILY_LINE = "今天的提问次数已用完，请约 {hours} 小时后再来。"
+#: The notices of a user's limits say that what they send meanwhile is not kept: it is
+#: never answered, not even once the limit frees.
+RATE_LINE = "你发得有点快，这条和 {wait} 秒内再发的消息都不会回答，请 {wait} 秒后再问我。"
+DAILY_LINE = "今天的提问次数已用完，这条和约 {hours} 小时内再发的消息都不会回答，请到时再来。"
 #: Messages a user sends within this many seconds of each other, still waiting when the
 #: model is called, are one question split over several messages: asked and answered once.
 MERGE_WINDOW = 20.0
@@ -783,10 +787,14 @@ CREATE TABLE IF NOT EXISTS segments (
     replied_to INTEGER REFERENCES messages (id),
     moved_to   INTEGER REFERENCES messages (id),
     image      INTEGER,  -- images.message_id: this segment is that picture, not its content
+    -- A carried segment: the message whose answer it is (NULL: this message's own).
+    origin     INTEGER REFERENCES messages (id),
     PRIMARY KEY (message_id, seq)
 );
 CREATE INDEX IF NOT EXISTS segments_replied ON segments (replied_to)
     WHERE replied_to IS NOT NULL;
+CREATE INDEX IF NOT EXISTS segments_origin ON segments (origin)
+    WHERE origin IS NOT NULL;
 CREATE INDEX IF NOT EXISTS segments_unsent ON segments (message_id)
     WHERE sent_at IS NULL AND moved_to IS NULL;
 
@@ -828,7 +836,7 @@ CREATE TABLE IF NOT EXISTS kv (
     expires_at REAL
 );
 """
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: After tables an earlier wxbot made were brought up to date: the state counts made exact
 #: (a database older than state_counts gets the table, and its counts, here).
 RECOUNT = ("UPDATE state_counts SET messages = (SELECT count(*) FROM messages m"
@@ -921,6 +929,11 @@ LIMIT_NOTICE_KEY = "limit-notice:{openid}:{kind}"
 EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
                   " WHERE m.openid = :openid AND m.id < :id AND m.state = 'done'"
                   " AND s.sent_at IS NULL AND s.moved_to IS NULL")
+#: The answer a segment `s` is part of: the message asked, wherever the segment was carried.
+ANSWER_OF = "coalesce(s.origin, s.message_id)"
+#: Whether any segment of the answer :answer went out, wherever it was carried.
+ANSWER_BEGUN = ("EXISTS (SELECT 1 FROM segments b WHERE b.sent_at IS NOT NULL AND"
+                " ((b.message_id = :answer AND b.origin IS NULL) OR b.origin = :answer))")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1512,25 +1525,27 @@ class Store:
                                      (message.id,)).fetchone():
             return 0
         earlier = conn.execute(
-            "SELECT s.message_id, s.seq, s.content, s.image, m.msg_type, m.error, EXISTS"
-            " (SELECT 1"
-            " FROM segments o WHERE o.message_id = m.id AND o.sent_at IS NOT NULL) AS begun"
-            + EARLIER_UNSENT + " ORDER BY m.id, s.seq",
+            f"SELECT s.message_id, s.seq, s.content, s.image, {ANSWER_OF} AS answer,"
+            " m.msg_type, m.error" + EARLIER_UNSENT + " ORDER BY m.id, s.seq",
             {"openid": message.openid, "id": message.id}).fetchall()
-        left = [row for row in earlier if row["error"] is None and row["begun"]]
-        latest = left[-1]["message_id"] if left and leftovers is Leftovers.TAKE else None
+        # Begun or not is a matter of each answer (the message asked), not of the message
+        # that carries it: a passive reply that carried an earlier answer began that one only.
+        begun = {answer: conn.execute(f"SELECT {ANSWER_BEGUN}", {"answer": answer}).fetchone()[0]
+                 for answer in {row["answer"] for row in earlier}}
+        left = [row for row in earlier if row["error"] is None and begun[row["answer"]]]
+        latest = left[-1]["answer"] if left and leftovers is Leftovers.TAKE else None
         carried = [row for row in earlier if row["error"] in ("errcode 45047", "errcode 45015")
                    or (row["error"] is None and row["msg_type"] != "event" and
-                       (not row["begun"] or row["message_id"] == latest))]
+                       (not begun[row["answer"]] or row["answer"] == latest))]
         # A superseded leftover is kept, never sent: moved_to names the message that
         # superseded it, and no copy is made.
-        dropped = [row for row in left if row["message_id"] != latest] \
+        dropped = [row for row in left if row["answer"] != latest] \
             if leftovers is not Leftovers.KEEP else []
         conn.executemany("UPDATE segments SET moved_to = ? WHERE message_id = ? AND seq = ?",
                          [(message.id, row[0], row[1]) for row in carried + dropped])
-        conn.executemany("INSERT INTO segments (message_id, seq, content, image, carried)"
-                         " VALUES (?, ?, ?, ?, 1)",
-                         [(message.id, seq, row["content"], row["image"])
+        conn.executemany("INSERT INTO segments (message_id, seq, content, image, carried, origin)"
+                         " VALUES (?, ?, ?, ?, 1, ?)",
+                         [(message.id, seq, row["content"], row["image"], row["answer"])
                           for seq, row in enumerate(carried)])
         return len(carried)
 
@@ -1548,12 +1563,27 @@ class Store:
                          [(message.id, first + n, text) for n, text in enumerate(segments)])
 
     def complete_answer(self, message: Message, now: float, segments: list[str] = (),
-                        question: str | None = None, answer: str | None = None) -> int:
+                        question: str | None = None, answer: str | None = None,
+                        note: str = "") -> int:
         """Add the last segments, mark the answer complete and keep the exchange as history.
+        `note` ends the answer: in its last segment, when that is text still unsent and it
+        fits; else as a segment of its own.
 
         Returns the number of segments the message has to send.
         """
         with self.transaction() as conn:
+            if note:
+                last = conn.execute(
+                    "SELECT seq, content FROM segments WHERE message_id = ? AND carried = 0"
+                    " AND image IS NULL AND sent_at IS NULL AND tried_at IS NULL"
+                    " AND moved_to IS NULL AND seq = (SELECT max(seq) FROM segments"
+                    " WHERE message_id = ?)", (message.id, message.id)).fetchone()
+                if last and utf8_len(last["content"] + "\n\n" + note) <= SEGMENT_LIMIT:
+                    conn.execute("UPDATE segments SET content = ? WHERE message_id = ?"
+                                 " AND seq = ?", (last["content"] + "\n\n" + note, message.id,
+                                                  last["seq"]))
+                else:
+                    segments = [*segments, note]
             return self._complete_answer(conn, message, now, segments, question, answer)
 
     def _complete_answer(self, conn: sqlite3.Connection, message: Message, now: float,
@@ -1620,30 +1650,42 @@ class Store:
                 "SELECT content FROM messages WHERE merged_into = ? ORDER BY id",
                 (message.id,))]
 
-    def passive_reply(self, openid: str, message_id: int, now: float, hand_out_by: float
-                      ) -> tuple[str, tuple[int, int] | None, int | None] | None:
-        """The segment the reply to this push carries; what waits after it, if anything
-        (Store._more); and the picture it is (images.message_id), if it is one. None while
-        there is none, or once `hand_out_by` (time.monotonic()) has passed.
+    def passive_reply(self, openid: str, message_id: int, now: float, hand_out_by: float,
+                      fetch: bool = False
+                      ) -> tuple[str, tuple[int | None, int] | None, int | None] | None:
+        """The segment the reply to this push carries; what follows it, if anything, as the
+        继续 line tells it (Store._more); and the picture it is (images.message_id), if it is
+        one. None while there is none, or once `hand_out_by` (time.monotonic()) has passed.
 
         The same push retried gets the same segment; otherwise the next unsent segment of
         this message's own answer (which carries what the user was still owed), or of the
-        answer it was merged into. An event never takes another message's answer. Looking
-        costs a read; the one write is handing a segment out, and a segment is handed out
-        only while there is time for the reply to arrive.
+        answer it was merged into. `fetch` (a 继续) also takes the next segment of an earlier
+        answer still being written, and is answered by it: the rest needs no waiting for the
+        whole. An event never takes another message's answer. Looking costs a read; the one
+        write is handing a segment out, and a segment is handed out only while there is time
+        for the reply to arrive.
         """
         while True:
             with self.connection() as conn:
-                rows = conn.execute(
-                    "SELECT message_id, seq, content, image, tried_at, sent_at, replied_to,"
-                    " moved_to FROM segments WHERE message_id = (SELECT coalesce(merged_into, id)"
-                    " FROM messages WHERE id = ?) ORDER BY seq", (message_id,)).fetchall()
-                replied = [row for row in rows if row["replied_to"] == message_id]
+                replied = conn.execute(
+                    "SELECT message_id, seq, content, image, origin FROM segments"
+                    " WHERE replied_to = ?", (message_id,)).fetchone()
                 if replied:  # a retry of a push already answered
-                    return replied[0]["content"], self._more(conn, openid), replied[0]["image"]
-            waiting = [row for row in rows if row["sent_at"] is None and
-                       row["tried_at"] is None and row["moved_to"] is None]
-            if not waiting:
+                    return replied["content"], self._more(conn, openid, replied), \
+                        replied["image"]
+                waiting = conn.execute(
+                    "SELECT message_id, seq, content, image, origin FROM segments"
+                    " WHERE message_id = (SELECT coalesce(merged_into, id) FROM messages"
+                    " WHERE id = ?) AND sent_at IS NULL AND tried_at IS NULL AND moved_to IS NULL"
+                    " ORDER BY seq LIMIT 1", (message_id,)).fetchone()
+                writing = None if waiting or not fetch else conn.execute(
+                    "SELECT s.message_id, s.seq, s.content, s.image, s.origin FROM messages m"
+                    " JOIN segments s ON s.message_id = m.id WHERE m.openid = ? AND m.id < ?"
+                    " AND m.state IN ('queued', 'leased') AND m.answered_at IS NULL"
+                    " AND s.sent_at IS NULL AND s.tried_at IS NULL AND s.moved_to IS NULL"
+                    " ORDER BY m.id, s.seq LIMIT 1", (openid, message_id)).fetchone()
+            segment = waiting or writing
+            if segment is None:
                 return None
             with self.transaction() as conn:
                 if time.monotonic() > hand_out_by:
@@ -1651,31 +1693,47 @@ class Store:
                 taken = conn.execute(  # never one a worker is sending (tried_at)
                     "UPDATE segments SET sent_at = ?, replied_to = ? WHERE message_id = ?"
                     " AND seq = ? AND sent_at IS NULL AND tried_at IS NULL AND moved_to IS NULL",
-                    (now, message_id, waiting[0]["message_id"], waiting[0]["seq"])).rowcount
+                    (now, message_id, segment["message_id"], segment["seq"])).rowcount
+                # A 继续 answered from an answer still being written has had its answer: no
+                # Sender answers it again. One a Sender has in hand already keeps its own.
+                if taken and writing and not conn.execute(
+                        "UPDATE messages SET state = 'done', answered_at = ? WHERE id = ?"
+                        " AND state = 'queued'", (now, message_id)).rowcount:
+                    conn.execute("UPDATE segments SET sent_at = NULL, replied_to = NULL"
+                                 " WHERE message_id = ? AND seq = ?",
+                                 (segment["message_id"], segment["seq"]))
+                    taken = 0
             if taken:  # else another push of the same answer took it first: look again
                 with self.connection() as conn:
-                    return waiting[0]["content"], self._more(conn, openid), waiting[0]["image"]
+                    return segment["content"], self._more(conn, openid, segment), \
+                        segment["image"]
 
     @staticmethod
-    def _more(conn: sqlite3.Connection, openid: str) -> tuple[int, int] | None:
-        """What more is coming for the user, as the 继续 line tells it: (segments left, the
-        answer they belong to). A question (or a drawing: with drawing off it is a question)
-        still being answered makes it (0, that message): how much is not known yet."""
+    def _more(conn: sqlite3.Connection, openid: str, segment: sqlite3.Row
+              ) -> tuple[int | None, int] | None:
+        """What follows a segment handed out, as the 继续 line tells it: (how many segments
+        of its answer remain: 0 while that is not known yet, None when its answer is whole
+        and what follows is the answer to a later question; the answer the link names), or
+        None when nothing follows."""
+        carrier = segment["message_id"]
+        answer = segment["origin"] or carrier
+        rest = conn.execute(
+            f"SELECT count(*) FROM segments s WHERE s.message_id = :carrier AND {ANSWER_OF}"
+            " = :answer AND s.sent_at IS NULL AND s.moved_to IS NULL",
+            {"carrier": carrier, "answer": answer}).fetchone()[0]
         answering = [waiting["id"] for waiting in conn.execute(
             "SELECT id, msg_type, content FROM messages WHERE openid = ?"
             " AND state IN ('queued', 'leased') AND answered_at IS NULL", (openid,))
             if classify(waiting["msg_type"], waiting["content"], drawing=True).kind
             in (Kind.QUESTION, Kind.DRAW)]
-        if answering:
-            return 0, max(answering)
-        newest = conn.execute(
+        writing = answer == carrier and carrier in answering  # how much follows: not known
+        newest = max(answering) if answering else conn.execute(
             "SELECT max(s.message_id) FROM segments s JOIN messages m ON m.id = s.message_id"
             " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL",
             (openid,)).fetchone()[0]
-        if newest is None:
-            return None
-        return conn.execute("SELECT count(*) FROM segments WHERE message_id = ? AND sent_at"
-                            " IS NULL AND moved_to IS NULL", (newest,)).fetchone()[0], newest
+        if rest or writing:
+            return (0 if writing else rest), newest
+        return None if newest is None else (None, newest)
 
     def tap_current(self, message: Message, tapped: int) -> bool:
         """Whether a tapped 继续 (<bizmsgmenuid>) belongs to the answer whose rest 继续 fetches
@@ -1718,9 +1776,11 @@ class Store:
                                 (message_id,)).fetchone()[0] is not None
 
     def segments(self, message_id: int) -> list[sqlite3.Row]:
+        """The message's segments to send, in order; `answer`: the message whose answer each
+        is part of (ANSWER_OF)."""
         with self.connection() as conn:
-            return conn.execute("SELECT seq, content, image, tried_at, sent_at FROM segments"
-                                " WHERE message_id = ?"
+            return conn.execute("SELECT seq, content, image, tried_at, sent_at,"
+                                f" {ANSWER_OF} AS answer FROM segments s WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
     def waiting_ahead(self, message_id: int, openid: str, now: float) -> int:
@@ -1756,18 +1816,32 @@ class Store:
 
     def note_queue_lines(self, message_ids: list[int], now: float) -> list[int]:
         """Note, before it is sent, that the queue line goes out for these messages: it takes
-        one of their 5 messages (quota). Those whose answer began to go out get none.
+        one of their 5 messages (quota). Those whose answer began to go out get none, nor
+        those whose user has a line for an earlier message still waiting for its answer
+        (one line per wait: the follow-ups are answered with it, or after it).
         Returns the ids noted now: not those noted before (a message resumed after a restart
         has had its line)."""
         if not message_ids:
             return []
         with self.transaction() as conn:
-            # The quota of a user message lasts 48 h; the note need not outlive it.
-            return [message_id for message_id in message_ids if not conn.execute(
-                "SELECT 1 FROM segments WHERE message_id = ? AND tried_at IS NOT NULL LIMIT 1",
-                (message_id,)).fetchone() and conn.execute(
-                "INSERT OR IGNORE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
-                (QUEUE_LINE_KEY.format(message_id), str(now), now + 3 * 86400)).rowcount]
+            noted = []
+            for message_id in message_ids:
+                if conn.execute("SELECT 1 FROM segments WHERE message_id = ?"
+                                " AND tried_at IS NOT NULL LIMIT 1", (message_id,)).fetchone():
+                    continue
+                if conn.execute(
+                        "SELECT 1 FROM messages m JOIN messages o ON o.openid = m.openid"
+                        " AND o.state IN ('queued', 'leased') AND o.id < m.id"
+                        " AND o.answered_at IS NULL JOIN kv ON kv.key = ? || o.id"
+                        " WHERE m.id = ? LIMIT 1",
+                        (QUEUE_LINE_KEY.format(""), message_id)).fetchone():
+                    continue
+                # The quota of a user message lasts 48 h; the note need not outlive it.
+                if conn.execute("INSERT OR IGNORE INTO kv (key, value, expires_at)"
+                                " VALUES (?, ?, ?)", (QUEUE_LINE_KEY.format(message_id),
+                                                      str(now), now + 3 * 86400)).rowcount:
+                    noted.append(message_id)
+            return noted
 
     def quota(self, message: Message) -> int:
         """Customer-service messages the answer to a message may use: WeChat's 5 per user
@@ -2102,7 +2176,6 @@ CREATE TABLE IF NOT EXISTS article_sources (
     url        TEXT NOT NULL DEFAULT '',
     date       TEXT NOT NULL DEFAULT '',
     passages   INTEGER NOT NULL,
-    chars      INTEGER NOT NULL,
     digest     TEXT NOT NULL,  -- of title and text: a sync skips what did not change
     learned_at REAL NOT NULL
 );
@@ -2494,6 +2567,9 @@ def page_text(page: str, url: str) -> tuple[str, str, str]:
     its <article>, <main> or <body>. Paragraphs and list items are lines; scripts, styles,
     images and the editor's wrapper markup are dropped, entities decoded. LearnError for a
     WeChat verification page."""
+    opened = page.rfind("<!--")
+    if opened >= 0 and page.find("-->", opened + 4) < 0:
+        page = page[:opened]  # a comment left open hides the rest, as in a browser
     reader = _PageReader()
     reader.feed(page)
     reader.close()
@@ -2563,8 +2639,10 @@ def shows(folded: str, latin: set[str], term: str) -> bool:
 class Articles:
     """The account's articles in the bot's SQLite database: own tables, own connections.
 
-    Safe while the server runs and from several threads: each thread has its connection,
-    and the database is in WAL mode, so a `learn` in another process never blocks a search.
+    Safe while the server runs and from several threads: a thread borrows a connection
+    from a pool for each call (the console serves each request on a thread of its own, so
+    a connection per thread would stay open for every request ever served), and the
+    database is in WAL mode, so a `learn` in another process never blocks a search.
     """
 
     #: At most this many passages go with a question.
@@ -2575,24 +2653,28 @@ class Articles:
     def __init__(self, db_path: str, busy_timeout: float = 15.0):
         create_private(db_path)
         self.path, self.busy_timeout = db_path, busy_timeout
-        self._local = threading.local()
+        self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._counts: dict[str, object] = {}  # term -> passages holding it; "" -> as of when
-        conn = self._conn()
-        # Before the first table, as the Store does: deleted rows give their pages back.
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(f"BEGIN IMMEDIATE; {ARTICLES_SCHEMA} COMMIT;")
+        with self._reading() as conn:
+            # Before the first table, as the Store does: deleted rows give their pages back.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(f"BEGIN IMMEDIATE; {ARTICLES_SCHEMA} COMMIT;")
         with self._write() as conn:
             version = conn.execute("SELECT value FROM article_state WHERE key = 'terms'"
                                    ).fetchone()
             if version is None or int(version[0]) != TERMS_VERSION:
                 self._reindex(conn)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A connection of the pool for this call only: as many stay open as calls ever ran
+        at once."""
+        try:
+            conn = self._pool.get_nowait()
+        except queue.Empty:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                    timeout=self.busy_timeout)
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
@@ -2601,28 +2683,30 @@ class Articles:
             # A connection per worker thread: a small page cache each, as the Store's (the
             # index's pages stay in the operating system's cache).
             conn.execute("PRAGMA cache_size=-512")
-            self._local.conn = conn
             with self._lock:
                 self._opened.append(conn)
-        return conn
+        try:
+            yield conn
+        finally:
+            self._pool.put(conn)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.rollback()
-            raise
-        conn.execute("COMMIT")
+        with self._reading() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
             opened, self._opened = self._opened, []
         for conn in opened:
             conn.close()
-        self._local = threading.local()
+        self._pool = queue.SimpleQueue()
 
     # Learning ---------------------------------------------------------------
 
@@ -2694,16 +2778,14 @@ class Articles:
             if row:
                 self._unindex(conn, row[0])
                 conn.execute("UPDATE article_sources SET kind = ?, title = ?, url = ?,"
-                             " date = ?, passages = ?, chars = ?, digest = ?, learned_at = ?"
-                             " WHERE id = ?", (kind, title, url, date, len(pieces),
-                                               sum(map(len, pieces)), digest, now, row[0]))
+                             " date = ?, passages = ?, digest = ?, learned_at = ? WHERE id = ?",
+                             (kind, title, url, date, len(pieces), digest, now, row[0]))
                 source_id = row[0]
             else:
                 source_id = conn.execute(
                     "INSERT INTO article_sources (kind, origin, title, url, date, passages,"
-                    " chars, digest, learned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (kind, origin, title, url, date, len(pieces), sum(map(len, pieces)),
-                     digest, now)).lastrowid
+                    " digest, learned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, origin, title, url, date, len(pieces), digest, now)).lastrowid
             title_terms = " ".join(article_terms(title))
             for piece in pieces:
                 passage_id = conn.execute("INSERT INTO article_passages (source_id, text)"
@@ -2740,19 +2822,22 @@ class Articles:
     def digests(self, kind: str) -> dict[str, str]:
         """Each learned source of a kind, by origin: what it was learned from, as
         article_digest() summed it up (a sync skips the unchanged ones)."""
-        return dict(self._conn().execute("SELECT origin, digest FROM article_sources"
-                                         " WHERE kind = ?", (kind,)))
+        with self._reading() as conn:
+            return dict(conn.execute("SELECT origin, digest FROM article_sources"
+                                     " WHERE kind = ?", (kind,)))
 
     def sources(self) -> list[Source]:
         """Every learned source, newest article first."""
-        return [Source(*row) for row in self._conn().execute(
-            "SELECT id, kind, origin, title, url, date, passages, learned_at"
-            " FROM article_sources ORDER BY date DESC, id DESC")]
+        with self._reading() as conn:
+            return [Source(*row) for row in conn.execute(
+                "SELECT id, kind, origin, title, url, date, passages, learned_at"
+                " FROM article_sources ORDER BY date DESC, id DESC")]
 
     def last_sync(self) -> float | None:
         """When the published articles were last synced (None: never, so no sync)."""
-        row = self._conn().execute("SELECT value FROM article_state WHERE key = 'synced'"
-                                   ).fetchone()
+        with self._reading() as conn:
+            row = conn.execute("SELECT value FROM article_state WHERE key = 'synced'"
+                               ).fetchone()
         return float(row[0]) if row else None
 
     def note_sync(self, at: float) -> None:
@@ -2846,11 +2931,21 @@ class Articles:
             conn.execute("INSERT OR REPLACE INTO article_uses (message_id, at, given, cited)"
                          " VALUES (?, ?, ?, ?)", (message_id, at, given, cited))
 
+    def forget_uses(self, before: float) -> None:
+        """Drop the uses noted before a time (WXBOT_RETENTION_DAYS), a few thousand a time."""
+        while True:
+            with self._write() as conn:
+                if not conn.execute("DELETE FROM article_uses WHERE message_id IN (SELECT"
+                                    " message_id FROM article_uses WHERE at < ? LIMIT 5000)",
+                                    (before,)).rowcount:
+                    return
+
     def uses_since(self, since: float) -> tuple[int, int, int]:
         """(questions asked, questions given passages, questions answered with a citation)."""
-        row = self._conn().execute(
-            "SELECT count(*), coalesce(sum(given > 0), 0), coalesce(sum(cited > 0), 0)"
-            " FROM article_uses WHERE at >= ?", (since,)).fetchone()
+        with self._reading() as conn:
+            row = conn.execute(
+                "SELECT count(*), coalesce(sum(given > 0), 0), coalesce(sum(cited > 0), 0)"
+                " FROM article_uses WHERE at >= ?", (since,)).fetchone()
         return row[0], row[1], row[2]
 
     # Finding ----------------------------------------------------------------
@@ -2876,7 +2971,10 @@ class Articles:
                 units.setdefault(key, (self.EARLIER_WEIGHT, unit))
         if not units:
             return []
-        conn = self._conn()
+        with self._reading() as conn:
+            return self._find(conn, units)
+
+    def _find(self, conn: sqlite3.Connection, units: dict) -> list[Passage]:
         total, changed = conn.execute(COUNTED_PASSAGES).fetchone()
         total = int(total)
         if not total:
@@ -3967,6 +4065,12 @@ EVENT_QUOTA = 3
 #: (The tappable line goes where it fits, which is most places; room for it in every segment
 #: would leave too little for five to hold 3,000 Chinese characters.)
 SEGMENT_LIMIT = SEGMENT_BYTES - len(TYPED_TAIL.encode("utf-8"))
+#: The segment that closes a batch (the 5th of an answer, the 10th...; every one in a passive
+#: reply) keeps room for the tappable line: that is where it goes. Its answer id is counted
+#: at 20 digits, its count at 3.
+CLOSING_LIMIT = SEGMENT_BYTES - max(
+    len(tail.format(remaining=999, link=CONTINUE_LINK.format(answer="9" * 20)).encode("utf-8"))
+    for tail in (CONTINUE_TAIL, MORE_TAIL, NEXT_TAIL))
 #: Segments between the first and the last are at least this long wherever the text allows,
 #: and the first at least FIRST_LEAST, so that five hold a 3,000-character Chinese answer
 #: (9,000 bytes): 1650 + 3 × 1800 + 2007 ≥ 9000.
@@ -4053,11 +4157,14 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
     return starts[0] if starts else end
 
 
-def continue_tail(remaining: int, answer_id: int, text: str) -> str:
-    """The line that ends a cut-off answer `text`: how many segments remain, and 继续 to tap;
-    where that does not fit WeChat's 2048 bytes, the line that asks to type 继续."""
+def continue_tail(remaining: int | None, answer_id: int, text: str) -> str:
+    """The line that ends `text` when more follows, with 继续 to tap: how many segments of
+    its answer remain (0: not known yet); None: its answer is whole, and 继续 brings the
+    answer to a later question. Where that does not fit WeChat's 2048 bytes, the line that
+    asks to type 继续."""
     link = CONTINUE_LINK.format(answer=answer_id)
-    tail = CONTINUE_TAIL.format(remaining=remaining, link=link) if remaining else \
+    tail = NEXT_TAIL.format(link=link) if remaining is None else \
+        CONTINUE_TAIL.format(remaining=remaining, link=link) if remaining else \
         MORE_TAIL.format(link=link)
     return tail if utf8_len(text + tail) <= SEGMENT_BYTES else TYPED_TAIL
 
@@ -4073,10 +4180,11 @@ def next_send(rows: list, quota: int, streaming: bool, answer_id: int
     sent = sum(row["sent_at"] is not None for row in rows)
     if sent >= quota or (streaming and sent == quota - 1):
         return None
-    for row in rows:
+    for at, row in enumerate(rows):
         if row["sent_at"] is None:
-            tail = continue_tail(len(rows) - quota, answer_id, row["content"]) \
-                if sent == quota - 1 and len(rows) > quota else ""
+            rest = [later["answer"] == row["answer"] for later in rows[at + 1:]]
+            tail = continue_tail(sum(rest) if rest[0] else None, answer_id, row["content"]) \
+                if sent == quota - 1 and rest else ""
             return row, row["content"] + tail
     return None
 
@@ -4180,8 +4288,10 @@ class StreamCutter:
     """
 
     def __init__(self, first_done: bool = False, limit: int = SEGMENT_LIMIT,
-                 markdown: bool = True):
+                 markdown: bool = True, closing: Callable[[int], bool] = lambda n: False):
         self.first_done, self.limit = first_done, limit
+        self.closing = closing   # whether the nth segment cut from here closes a batch
+        self.cut = 0             # segments cut so far
         self.markdown = Markdown() if markdown else None  # None: text the owner wrote
         self.line = ""           # the raw line being written
         self.line_start = True   # False once the start of self.line has been taken
@@ -4261,15 +4371,17 @@ class StreamCutter:
             if size <= self.limit and (final or self.first_done):
                 if not final:
                     break
-                at = len(self.plain)
+                at = len(self.plain)  # the last segment: no 继续 line, no room kept for it
             elif not self.first_done and size < FIRST_LEAST and not final:
                 break
             else:
                 least = SEGMENT_LEAST if self.first_done else FIRST_LEAST
-                at = _cut(self.plain, self.limit, least, blocks, early=size <= self.limit)
+                limit = min(self.limit, CLOSING_LIMIT) if self.closing(self.cut) else self.limit
+                at = _cut(self.plain, limit, least, blocks, early=size <= self.limit)
                 if at is None:
                     break
             ready.append(self.plain[:at].rstrip())
+            self.cut += bool(ready[-1])
             self.first_done = True
             code_next = [start for start, _ in blocks
                          if start >= at and not self.plain[at:start].strip()]
@@ -5002,6 +5114,7 @@ class Route(enum.Enum):
     UNHEARD = "unheard"    # a voice message without Recognition
     PICTURE = "picture"    # a picture for the model (WXBOT_VISION; picture: its URL)
     TEXT_ONLY = "text_only"  # a picture without vision, a location, a link, a video...
+    BLOCKED = "blocked"    # a question or a drawing with a blocked word (WXBOT_BLOCKED_WORDS)
     QUESTION = "question"  # text: the question
 
 
@@ -5022,9 +5135,12 @@ class Answering:
     counter: str = ""
 
 
-def route(settings: Settings, replies: Replies, message: "Push | Message") -> Answering:
+def route(settings: Settings, replies: Replies, message: "Push | Message",
+          blocked: BlockedWords | None = None) -> Answering:
     """How a push or a stored message is answered. The one rule: the webhook stores
-    whether it needs the model (needs_model()), and Worker.plan answers it this way."""
+    whether it needs the model (needs_model()), and Worker.plan answers it this way.
+    A question or a drawing with a blocked word is refused without the model: no typing
+    promises an answer that never comes."""
     event_key = message.fields.get("EventKey", "")
     fixed = replies.fixed_reply(message.msg_type, message.content, message.event, event_key)
     if fixed:
@@ -5038,6 +5154,8 @@ def route(settings: Settings, replies: Replies, message: "Push | Message") -> An
         return Answering(KIND_ROUTES[intent.kind])
     if intent.kind is Kind.STATS and message.openid in settings.admins:
         return Answering(Route.STATS)
+    if intent.kind in (Kind.DRAW, Kind.QUESTION) and blocked and blocked.found(intent.text):
+        return Answering(Route.BLOCKED)
     if intent.kind is Kind.DRAW:
         return Answering(Route.DRAW, intent.text) if intent.text else Answering(Route.DRAW_HOW)
     if message.msg_type == "voice" and not intent.text:
@@ -5050,14 +5168,15 @@ def route(settings: Settings, replies: Replies, message: "Push | Message") -> An
     return Answering(Route.QUESTION, intent.text)
 
 
-def needs_model(settings: Settings, replies: Replies, push: "Push") -> bool:
+def needs_model(settings: Settings, replies: Replies, push: "Push",
+                blocked: BlockedWords | None = None) -> bool:
     """Whether answering a push takes the model (route()): a question, a drawing, a picture
     with WXBOT_VISION, /stats from anyone but an admin, a click the owner answers with a
     prompt. Only those wait for a worker, and show typing meanwhile. The rest (继续, /help, a
-    keyword, the welcome, a voice message without Recognition, a location...) is answered
-    from what is stored, by a Sender, however busy the workers are (LOCATION may come
-    every 5 s)."""
-    return route(settings, replies, push).route in MODEL_ROUTES
+    keyword, the welcome, a voice message without Recognition, a location, a question with a
+    blocked word...) is answered from what is stored, by a Sender, however busy the workers
+    are (LOCATION may come every 5 s)."""
+    return route(settings, replies, push, blocked).route in MODEL_ROUTES
 
 
 class Acknowledger:
@@ -5405,7 +5524,7 @@ class Worker:
     def plan(self, message: Message) -> int | None:
         """Decide and store what to send; the number of segments, or None to retry later."""
         now = time.time()
-        how = route(self.settings, self.owner.replies, message)
+        how = route(self.settings, self.owner.replies, message, self.owner.blocked)
         if how.route is Route.FIXED:  # no model, and no count against the user's limits
             planned = self.store.save_answer(message, [how.text], now,
                                              carry=message.msg_type != "event")
@@ -5417,6 +5536,8 @@ class Worker:
             return self.answer_text(message, "", how.picture)
         if how.route is Route.DRAW:
             return self.draw(message, how.text)
+        if how.route is Route.BLOCKED:
+            return self._refuse(message)
         if how.route is Route.EVENT:  # LOCATION (every 5 s), VIEW and the rest: nothing
             line = self.settings.welcome if message.event == "subscribe" else ""
             return self.store.save_answer(message, split_segments(line, markdown=False), now,
@@ -5470,11 +5591,8 @@ class Worker:
                 # A menu click's answer opens no quota that earlier answers could use.
                 self.store.start_answer(message, carry=message.msg_type != "event",
                                         leftovers=Leftovers.DROP)
-        if refused:
-            log_worker.warning("message %s from %s: question blocked (WXBOT_BLOCKED_WORDS)",
-                               message.id, short_id(message.openid))
-            self.store.bump("blocked", time.time())
-            return self.store.save_answer(message, [self.settings.blocked_reply], time.time())
+        if refused:  # a follow-up asked with it has a blocked word
+            return self._refuse(message)
         if wait is not None:
             return self._over_limit(message, wait)
         history = self.store.history(message.openid, self.settings.history_turns,
@@ -5490,7 +5608,7 @@ class Worker:
         if partial:  # a stream cut off before: ask for the rest, never for all of it again
             ask += [{"role": "assistant", "content": partial},
                     {"role": "user", "content": RESUME_PROMPT}]
-        cutter = StreamCutter(first_done=bool(partial))
+        cutter = StreamCutter(first_done=bool(partial), closing=self._closing(message))
         written, sending = [], True
         deadline = Deadline(self.settings.model_timeout)
         system = self.settings.system_prompt + ("\n\n" + ARTICLES_PROMPT if passages else "")
@@ -5509,7 +5627,7 @@ class Worker:
             rest = cutter.finish(citations.sources())
         except ModelError as error:
             self.store.add_segments(message, cutter.finish())
-            return self._model_failed(message, error, question)
+            return self._model_failed(message, error, question, cited=citations.sources())
         answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
         planned = self.store.complete_answer(message, time.time(), rest,
                                              f"[图片] {question}" if picture else question,
@@ -5531,6 +5649,22 @@ class Worker:
                              "without them", message.id, error)
             return []
 
+    def _refuse(self, message: Message) -> int:
+        """A question or drawing with a blocked word: the refusal, and no model call."""
+        log_worker.warning("message %s from %s: question blocked (WXBOT_BLOCKED_WORDS)",
+                           message.id, short_id(message.openid))
+        self.store.bump("blocked", time.time())
+        return self.store.save_answer(message, [self.settings.blocked_reply], time.time())
+
+    def _closing(self, message: Message) -> Callable[[int], bool]:
+        """Which segments of the answer about to be written close a batch, and so end with
+        the 继续 line when more follows (next_send): the last the message's quota allows, and
+        every 5th after it, each fetched by a 继续; in a passive reply, every one."""
+        passive = not self.mode.sends(message.id)
+        before, quota = len(self.store.segments(message.id)), self.store.quota(message)
+        return lambda n: passive or (before + n >= quota - 1 and
+                                     (before + n - quota + 1) % QUOTA == 0)
+
     def draw(self, message: Message, prompt: str) -> int | None:
         """Have the Images API draw the prompt and upload the picture, each step stored before
         the next; the answer is the picture (or the line that says why not).
@@ -5539,11 +5673,6 @@ class Worker:
         first step not stored: it never pays for a second picture nor uploads it twice.
         """
         now = time.time()
-        if self.owner.blocked.found(prompt):
-            log_worker.warning("message %s from %s: drawing blocked (WXBOT_BLOCKED_WORDS)",
-                               message.id, short_id(message.openid))
-            self.store.bump("blocked", now)
-            return self.store.save_answer(message, [self.settings.blocked_reply], now)
         full = self.store.reserve_image(message, prompt, now, self.settings.image_daily, [
             (60, self.settings.user_rate), (86400, self.settings.user_daily)])
         if full and full[0] == "images":
@@ -5681,8 +5810,9 @@ class Worker:
         return self.store.save_answer(message, segments, now)
 
     def _model_failed(self, message: Message, error: ModelError, question: str | None,
-                      refused_line: str = REFUSED_LINE) -> int | None:
-        """Retry later, or end the answer with a polite line; what was sent stays sent."""
+                      refused_line: str = REFUSED_LINE, cited: str = "") -> int | None:
+        """Retry later, or end the answer with a polite line; what was sent stays sent (and
+        `cited`, the 来源 line of what it cited, ends it before the cut-off note)."""
         partial = self.store.partial_answer(message.id)
         failures = message.model_failures + 1
         if error.kind == "transient" and failures < self.MODEL_TRIES:
@@ -5696,11 +5826,15 @@ class Worker:
             log_worker.warning("message %s: the model refused (content filter)", message.id)
             line = refused_line
         else:
-            line = CUT_OFF_LINE if partial else APOLOGY_LINE
             log_worker.error("message %s from %s: model failed (%s); %s", message.id,
                              short_id(message.openid), error, "the part already written is "
                              "kept and ends with the cut-off line" if partial else
                              "sending the apology")
+            if partial:  # the note ends the last segment where it fits: no message of its own
+                note = "\n\n".join(line for line in (cited, CUT_OFF_LINE) if line)
+                return self.store.complete_answer(message, time.time(), [], question, partial,
+                                                  note=note)
+            line = APOLOGY_LINE
         return self.store.complete_answer(message, time.time(), [line], question,
                                           partial or None)
 
@@ -5987,7 +6121,7 @@ class Webhook:
         except BadPush as error:
             return self.refuse(client, "push", 400, error)
         now = self.clock()
-        model = needs_model(self.settings, self.owner.replies, push)
+        model = needs_model(self.settings, self.owner.replies, push, self.owner.blocked)
         message_id, pushes = self.store.store_push(push, now, model)
         if pushes == 1 and push.event == "PUBLISHJOBFINISH" and self.publishing:
             self.publishing.pushed(push.fields)  # an event like any other to the rest: no answer
@@ -6033,13 +6167,15 @@ class Webhook:
         thread sleeps until something is written for this user: waiting costs nothing.
         """
         hand_out_by = arrived + WECHAT_TIMEOUT - HAND_OUT_MARGIN
+        fetch = route(self.settings, self.owner.replies, push).route is Route.CONTINUE
         with self.store.wakeups.listen(push.openid) as bell:
             while True:
                 bell.clear()  # before the look, so that a write after it is not missed
                 settled = self.store.settled(message_id)
                 # A message trying the customer-service API: its reply waits for the outcome.
                 reply = None if message_id == self.mode.trial and not settled else \
-                    self.store.passive_reply(push.openid, message_id, time.time(), hand_out_by)
+                    self.store.passive_reply(push.openid, message_id, time.time(), hand_out_by,
+                                             fetch)
                 if reply:
                     text, more, image = reply
                     if image:
@@ -7289,14 +7425,17 @@ class Janitor:
     #: Between batches: the webhook and the workers get the write lock in between.
     PAUSE = 0.05
 
-    def __init__(self, settings: Settings, store: Store):
-        self.settings, self.store = settings, store
+    def __init__(self, settings: Settings, store: Store, articles: Articles | None = None):
+        self.settings, self.store, self.articles = settings, store, articles
         self.stopping = threading.Event()
 
     def sweep(self, now: float | None = None) -> None:
         """Delete everything that is past retention now, batch by batch, and say what went."""
         if not self.settings.retention_days:
             return
+        if self.articles:
+            self.articles.forget_uses((time.time() if now is None else now) -
+                                      self.settings.retention_days * 86400.0)
         before = sum(database_bytes(self.store.path))
         removed: collections.Counter = collections.Counter()
         after: int | None = 0
@@ -7348,6 +7487,20 @@ def published_items(article_id: str, content: dict, fallback_time: float = 0
             text = f"{digest}\n{text}"
         origin = article_id if number == 1 else f"{article_id}/{number}"
         yield origin, str(item.get("title") or ""), text, str(item.get("url") or ""), date
+
+
+def published_error(error: WeChatError, settings: Settings) -> str:
+    """Why `learn --published` failed, in one sentence that says what to do."""
+    if error.errcode == 48001:
+        return ("WeChat does not let this account list its published articles (48001: the "
+                "account is not verified, or lacks the permission): learn them by URL instead, "
+                "python wxbot.py learn https://mp.weixin.qq.com/s/...")
+    if error.errcode == 45009:
+        return ("WeChat's daily limit of calls to the published-articles API is reached "
+                "(45009): what was learned so far is kept; run learn --published again tomorrow")
+    if error.errcode is None:
+        return f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}"
+    return f"WeChat refused to list the published articles: {error.hint()}"
 
 
 @dataclasses.dataclass
@@ -7466,10 +7619,13 @@ class ArticleSync:
                     log.info("published articles synced: %d learned, %d unchanged, %d "
                              "forgotten", report.learned, report.unchanged, report.forgotten)
                 except (WeChatError, sqlite3.Error) as error:
-                    self._retry_at = time.time() + self.RETRY
+                    # The account's permission or its daily limit: tomorrow; else an hour.
+                    later = self.EVERY if getattr(error, "errcode", None) in (48001, 45009) \
+                        else self.RETRY
+                    self._retry_at = time.time() + later
                     log.error("syncing the published articles failed: %s; trying again in "
-                              "an hour", error.hint() if isinstance(error, WeChatError)
-                              else error)
+                              "%s", published_error(error, self.settings)
+                              if isinstance(error, WeChatError) else error, age_text(later))
                 continue
             wait = min(3600.0, due - time.time()) if last is not None else 3600.0
             try:
@@ -7512,7 +7668,7 @@ class Bot:
                                self.mode, f"sender-{n}", self.owner, others=self.wakeup,
                                articles=self.articles)  # /stats
                         for n in range(Sender.THREADS)]
-        self.janitor = Janitor(settings, self.store)
+        self.janitor = Janitor(settings, self.store, self.articles)
         #: The owner's console, on a listener of its own; None without WXBOT_ADMIN_PASSWORD.
         self.owner_console = OwnerConsole(settings, self.store, self.owner, self.wakeup,
                                           self.articles) if settings.admin_password else None
@@ -7976,25 +8132,17 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
         store.close()
 
 
-def published_error(error: WeChatError, settings: Settings) -> str:
-    """Why `learn --published` failed, in one sentence that says what to do."""
-    if error.errcode == 48001:
-        return ("WeChat does not let this account list its published articles (48001: the "
-                "account is not verified, or lacks the permission): learn them by URL instead, "
-                "python wxbot.py learn https://mp.weixin.qq.com/s/...")
-    if error.errcode == 45009:
-        return ("WeChat's daily limit of calls to the published-articles API is reached "
-                "(45009): what was learned so far is kept; run learn --published again tomorrow")
-    if error.errcode is None:
-        return f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}"
-    return f"WeChat refused to list the published articles: {error.hint()}"
-
-
 def learn_command(settings: Settings, sources: list[str], published: bool, listing: bool,
                   forget: bool, out) -> int:
     """`learn`: sources (URLs, files, folders) and --published; --list; --forget SOURCE.
     Safe while the server runs. 1 when anything was not learned (each is named, with why)."""
-    articles = Articles(settings.db)
+    try:
+        articles = Articles(settings.db)
+    except (sqlite3.Error, OSError) as error:  # most often: the service user's file, mode 600
+        print(f"cannot open the database {settings.db} ({error}): check WXBOT_DB (or --env "
+              f"FILE), and run this as the service's user, e.g. sudo -u wxbot "
+              f".venv/bin/python wxbot.py learn ...", file=out)
+        return 1
     failures = 0
     try:
         if listing:
