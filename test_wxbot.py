@@ -5888,3 +5888,179 @@ def test_a_fixed_line_goes_out_once_while_the_only_worker_is_busy(start_bot, wec
     wait_for(lambda: all(bot.store.settled(n) for n in (1, 2)), message="all answered")
     assert wechat.texts_to(openid) == [line]  # once, and no queue line before it
     assert {to for to, _ in wechat.typing} == {"oSLOW"} and model.questions() == ["慢问题"]
+
+
+# Hostile text ################################################################
+# A model can be made to write any string ("repeat this 10,000 times"), and a user can send one:
+# every rule that reads such text runs in time linear in it.
+
+#: 100,000-character lines built to make a backtracking pattern try every start and length.
+HOSTILE_LINES = {
+    "[a](": "[a](" * 25000, "![": "![" * 50000, "![a](": "![a](" * 20000, "[": "[" * 100000,
+    "[[a](b": "[[a](b" * 16667, "[a](b ": "[a](b " * 16667, "**": "*" * 100000,
+    "** a": "** a" * 25000, "*a ": "*a " * 33334, "`": "`" * 100000, "``a": "``a" * 33334,
+    "` + x": "`" * 50000 + "x" * 50000, "__中 ": "__中 " * 25000, "_中 ": "_中 " * 33334,
+    "~~a ": "~~a " * 25000, "spaces": " " * 100000, "a spaces b": "a" + " " * 100000 + "b",
+    "# heading": "# a" + " " * 100000 + "b", "table": "---" + " " * 100000 + "|x",
+    "table cells": "|---" + " " * 50000 + "|" + " " * 50000 + "x", "[a。": "[a。" * 33334,
+    "!!": "!" * 100000, "<a ": "<a " * 33334, "? spaces": "？" + " " * 100000 + "x",
+    "mixed": "[*`_~!(<a ]" * 10000, "。 spaces": ("。" + " " * 999) * 100,
+    "> quote": ">" * 100000, "- - -": "- " * 50000 + "x", "access_token=": "access_token=" * 7693,
+}
+
+
+def stream_in_chunks(text, size=50):
+    cutter = wxbot.StreamCutter()
+    return [segment for at in range(0, len(text), size)
+            for segment in cutter.feed(text[at:at + size])] + cutter.finish()
+
+
+#: Each function that runs a pattern over a model's or a user's text, as the product calls it.
+TEXT_READERS = {
+    "markdown line": lambda text: wxbot.Markdown().line(text),
+    "segments": wxbot.split_segments,
+    "segments while streamed": stream_in_chunks,
+    "owner's text cut": lambda text: wxbot.split_segments(text, markdown=False),
+    "command words": wxbot.normalise,
+    "what a message is": lambda text: wxbot.classify("text", "画" + text, drawing=True),
+    "log scrubbing": wxbot.SECRET_FILTER.scrub,
+    "provider errors": lambda text: (wxbot.CONTEXT_TOO_LONG.search(text),
+                                     wxbot.CONTENT_FILTER.search(text)),
+}
+
+
+class TooSlow(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def cpu_budget(seconds, what):
+    """Fails when the block takes more than `seconds` of this thread's CPU. A pattern that
+    backtracks takes minutes on 100,000 characters, so a wall-clock alarm at ten times the
+    budget stops it (the regular expression engine checks for signals as it runs)."""
+    def alarm(signum, frame):
+        raise TooSlow(f"{what}: still running after {seconds * 10} s")
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds * 10)
+    started = time.thread_time()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    used = time.thread_time() - started
+    assert used < seconds, f"{what}: {used:.1f} s of CPU"
+
+
+@pytest.mark.parametrize("reader", sorted(TEXT_READERS))
+def test_hostile_text_is_read_in_linear_time(reader):
+    read = TEXT_READERS[reader]
+    for name, line in HOSTILE_LINES.items():
+        with cpu_budget(2.0, f"{reader} on {name!r}"):
+            read(line)
+
+
+def substitution(pattern, replacement):
+    compiled = re.compile(pattern)
+    return lambda line: compiled.sub(replacement, line)
+
+
+def pattern_matches(pattern):
+    compiled = re.compile(pattern)
+    return lambda line, image=False: ((match.start(), match.end(), match.groups())
+                                      for match in compiled.finditer(line))
+
+
+class PatternMarkdown(wxbot.Markdown):
+    """Markdown read by the backtracking patterns the linear rules replaced: on short lines,
+    what the linear rules must agree with."""
+
+    TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
+    LINE_RULES = [substitution(r"^(\s*)#{1,6}\s+(.*?)[\s#]*$", r"\1\2"),
+                  *wxbot.Markdown.LINE_RULES[1:]]
+    RULES = [substitution(pattern, replacement) for pattern, replacement in [
+        (r"!\[([^\]]*)\]\(([^)\s]+)[^)]*\)", r"\1 \2"),
+        (r"(?<![A-Za-z0-9*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?![A-Za-z0-9*])", r"\1"),
+        (r"(?<![A-Za-z0-9_])__(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])__(?![A-Za-z0-9_])", r"\1"),
+        (r"(?<![A-Za-z0-9*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![A-Za-z0-9*])", r"\1"),
+        (r"(?<![A-Za-z0-9_])_(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])_(?![A-Za-z0-9_])", r"\1"),
+        (r"~~(?=\S)(.+?)(?<=\S)~~", r"\1")]]
+
+
+class RescanningCutter(wxbot.StreamCutter):
+    """Looks for a sentence end from the start of the line each time, as it once did."""
+
+    def _sentence_end(self):
+        line = self.line
+        for match in reversed(list(wxbot.SENTENCE_END.finditer(line))):
+            head = line[:match.end()]
+            if head.count("`") % 2 == 0 and head.count("**") % 2 == 0 and \
+                    head.count("[") == head.count("]") and head.count("(") == head.count(")") \
+                    and head.rfind("[") <= head.rfind("]") and head.rfind("(") <= head.rfind(")"):
+                return match.end()
+        return None
+
+
+@contextlib.contextmanager
+def backtracking_patterns():
+    """wxbot as it read Markdown with backtracking patterns, for the duration."""
+    patched = {"Markdown": PatternMarkdown, "ANCHOR": re.compile(r"<a\s[^>]*>.*?</a>", re.S),
+               "code_spans": pattern_matches(r"(`+)(.+?)\1"),
+               "bracket_links": pattern_matches(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)[^)]*\)")}
+    saved = {name: getattr(wxbot, name) for name in patched}
+    vars(wxbot).update(patched)
+    try:
+        yield
+    finally:
+        vars(wxbot).update(saved)
+
+
+#: What models write, and the marks that trip patterns up, as pieces of lines.
+MARKDOWN_PIECES = [
+    "中文", "强调", "word", "snake_case", "2*3", "2**10", " ", "  ", "\t", "*", "**", "***", "_",
+    "__", "~~", "`", "``", "```", "[", "]", "(", ")", "![", "](", "http://x.cn/a", "https://例.cn",
+    ' "标题"', "#", "## ", "> ", "- ", "+ ", "|", "---", ":", "。", "！", "？", "」", ".", ". ",
+    "<", "<a ", "</a>", "<b>", "1 < 2", "，", "：", "…", "\ue000", "[链接](http://x.cn/a)",
+    "[](http://x.cn/a)", "[a](b c)", "](http://x.cn/a 'title')", "![图](http://x.cn/p.png)",
+    "![](", "`code`", "``a`b``", "**粗体**", "*斜体*", "~~删~~", "_强调_", "__强调__", "# 标题 #",
+    "| --- ", "|:---:", "(见上)", "（注）"]
+markdown_lines = st.lists(st.sampled_from(MARKDOWN_PIECES), max_size=40).map("".join)
+#: Long lines are cut at sentence ends while written: mostly sentences, some stray marks.
+long_markdown_lines = st.lists(st.one_of(
+    st.sampled_from(["这是一句话。", "Yes. ", "好！」", "[链接](http://x.cn/a)。", "**粗体**；"]),
+    st.sampled_from(MARKDOWN_PIECES)), min_size=10, max_size=120).map("".join)
+markdown_documents = st.lists(st.one_of(long_markdown_lines, st.sampled_from(
+    ["```", "", "|---|---|", "| --- | :---: |"])), max_size=8).map("\n".join)
+
+
+@hsettings(max_examples=2000, deadline=None, database=None)
+@given(st.lists(markdown_lines, min_size=1, max_size=4), st.booleans())
+def test_markdown_reads_as_it_did_with_backtracking_patterns(lines, line_start):
+    linear = wxbot.Markdown()
+    with backtracking_patterns():
+        backtracking = wxbot.Markdown()
+        expected = [backtracking.line(line, line_start) for line in lines]
+    assert [linear.line(line, line_start) for line in lines] == expected
+
+
+@hsettings(max_examples=300, deadline=None, database=None)
+@given(markdown_documents, st.integers(1, 80), st.sampled_from([120, 300, wxbot.SEGMENT_LIMIT]))
+def test_answers_are_cut_as_they_were_with_backtracking_patterns(document, chunk, limit):
+    def cut(cutter_class):
+        """What the cutter has made of the answer after each chunk: segments, and where
+        it took the line being written apart."""
+        cutter = cutter_class(limit=limit)
+        steps = [(cutter.feed(document[at:at + chunk]), cutter.line, cutter.plain)
+                 for at in range(0, len(document), chunk)]
+        return steps + [cutter.finish()]
+    with backtracking_patterns():
+        expected = cut(RescanningCutter)
+    assert cut(wxbot.StreamCutter) == expected
+
+
+@hsettings(max_examples=2000, deadline=None, database=None)
+@given(st.text(st.sampled_from(" /_!a继。\n\t－／Ａ1²「」\u3000Ⅻ٠"), max_size=12))
+def test_command_words_are_found_as_before(text):
+    edges = re.compile(r"^(?:[^\w/]|_)+|(?:\W|_)+$")
+    folded = unicodedata.normalize("NFKC", text)
+    assert wxbot.normalise(text) == edges.sub("", folded).translate(wxbot._ASCII_LOWER)

@@ -28,6 +28,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import heapq
 import hmac
@@ -602,17 +603,24 @@ class Intent:
     text: str
 
 
-#: Surrounding spaces, punctuation and symbols ("继续。", " /reset ", "「帮助」!"); a leading
-#: "/" stays, it belongs to the command.
-_EDGES = re.compile(r"^(?:[^\w/]|_)+|(?:\W|_)+$")
 _ASCII_LOWER = {code: code + 32 for code in range(ord("A"), ord("Z") + 1)}
 
 
 def normalise(text: str) -> str:
     """The form in which a message is compared with the command words: full-width forms folded
     (NFKC: "／ＲＥＳＥＴ" is "/RESET"), surrounding spaces and punctuation dropped, ASCII
-    lower-cased."""
-    return _EDGES.sub("", unicodedata.normalize("NFKC", text)).translate(_ASCII_LOWER)
+    lower-cased.
+
+    Surrounding means anything but letters and digits ("继续。", " /reset ", "「帮助」!"); a
+    leading "/" stays, it belongs to the command. Scanned from both ends: a pattern anchored
+    at the end is tried from every character, quadratic on "a", many spaces, "b"."""
+    text = unicodedata.normalize("NFKC", text)
+    start, end = 0, len(text)
+    while start < end and not text[start].isalnum() and text[start] != "/":
+        start += 1
+    while end > start and not text[end - 1].isalnum():
+        end -= 1
+    return text[start:end].translate(_ASCII_LOWER)
 
 
 #: Each command word, normalised, and the kind of message it makes.
@@ -2820,13 +2828,19 @@ CODE_FENCE = re.compile(r"^[ \t]*(```|~~~)")
 #: full-width "＜": the user reads the same character and a prompt injection plants no link,
 #: while "1 < 2" and "a <= b" stay as written.
 MARKUP_OPEN = re.compile(r"<(?=[A-Za-z/!?])")
-#: A link in a text as WeChat shows it: never cut across two segments.
-ANCHOR = re.compile(r"<a\s[^>]*>.*?</a>", re.S)
+#: A link in a text as WeChat shows it: never cut across two segments. (No "<" inside: the
+#: model's are MARKUP_OPEN's "＜" by now; and so a text of "<a " repeated is linear.)
+ANCHOR = re.compile(r"<a\s[^<>]*>[^<]*</a>")
 #: A Markdown link whose <a> would be longer stays text: a link must fit one segment whole.
 LINK_MOST = 1024
 #: A line being written is cut at a sentence end each time it grows by this many characters:
 #: a paragraph longer than a segment must not hold the segments back until it ends.
 LONG_LINE = 100
+#: What must be balanced before a sentence end for a line to be cut there: inline code,
+#: bold, links (counted, and for [] and () where the last of each is).
+MARKS = ("`", "**", "[", "]", "(", ")")
+#: A line just begun: counted up to 0, ends looked for from 0, no marks, none last anywhere.
+NOTHING_COUNTED = (0, 0, (0,) * len(MARKS), (-1,) * 4)
 
 
 def utf8_len(text: str) -> int:
@@ -2859,7 +2873,11 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
                 return start
             long_blocks.append((start, stop))
 
-    links = [match.span() for match in ANCHOR.finditer(text)]
+    links = []  # those that start before the cut: not every link of a long text each time
+    for match in ANCHOR.finditer(text):
+        if match.start() >= end:
+            break
+        links.append(match.span())
 
     def allowed(at: int, line_end: bool) -> bool:
         if any(start < at < stop for start, stop in links):
@@ -2912,34 +2930,154 @@ def next_send(rows: list, quota: int, streaming: bool, answer_id: int
     return None
 
 
+def _substitute(line: str, matches: Iterable[tuple[int, int, tuple[str, ...]]],
+                replace: Callable[..., str]) -> str:
+    """`line` with each match (start, end, groups), in order and apart, replaced by
+    replace(*groups): what re.sub does, for the scanners below."""
+    parts, at = [], 0
+    for start, end, groups in matches:
+        parts += [line[at:start], replace(*groups)]
+        at = end
+    parts.append(line[at:])
+    return "".join(parts)
+
+
+#: A run of backticks, which opens or closes inline code.
+BACKTICKS = re.compile("`+")
+#: The address of a Markdown link: up to a space or ")".
+LINK_ADDRESS = re.compile(r"[^)\s]*")
+
+
+def code_spans(line: str) -> Iterator[tuple[int, int, tuple[str, str]]]:
+    """Inline code, each as (start, end, (marks, code)): a run of backticks, at least one
+    character, and the first as many backticks; a run too long to be closed is tried shorter,
+    down to one backtick (what the pattern "(`+)(.+?)" and the marks again would find).
+    Found from the runs, in linear time: that pattern scans to the end of the line for each
+    shorter run, cubic on a line of backticks."""
+    runs = [match.span() for match in BACKTICKS.finditer(line)]
+    longest_after = [0] * (len(runs) + 1)  # the longest run among runs[i:]
+    for i in range(len(runs) - 1, -1, -1):
+        longest_after[i] = max(longest_after[i + 1], runs[i][1] - runs[i][0])
+    i, at = 0, 0  # runs[i] holds or follows `at`
+    while i < len(runs):
+        start = max(at, runs[i][0])
+        if start >= runs[i][1]:
+            i += 1
+            continue
+        length = runs[i][1] - start
+        closed_within = (length - 1) // 2  # the longest marks the rest of this run closes
+        closed_later = min(length, longest_after[i + 1])
+        marks = max(closed_within, closed_later)
+        if not marks:
+            at = start + 1
+            continue
+        if closed_within >= closed_later:
+            close = start + marks + 1
+        else:
+            i += 1
+            while runs[i][1] - runs[i][0] < marks:
+                i += 1
+            close = runs[i][0]
+        yield start, close + marks, (line[start:start + marks], line[start + marks:close])
+        at = close + marks
+
+
+def bracket_links(line: str, image: bool = False) -> Iterator[tuple[int, int, tuple[str, str]]]:
+    """Markdown links [text](address "title"), each as (start, end, (text, address)); with
+    `image`, images ![text](address) (their text may be empty). The address ends at a space
+    or ")"; a title may follow it up to the ")".
+
+    Scanned, in linear time: a pattern tried from each "[" scans on to the end of the line
+    when no ")" comes, cubic on "[a](" repeated. Every "[" before a "]" meets that "]" and
+    what follows it alike, so a "]" that fails one fails them all; a ")" missing after one
+    address is missing after all the later ones."""
+    opening = "![" if image else "["
+    at = 0
+    while (start := line.find(opening, at)) >= 0:
+        if not image and start and line[start - 1] == "!":
+            at = start + 1
+            continue
+        text = start + len(opening)
+        close = line.find("]", text)
+        if close < 0:
+            return
+        at = close + 1
+        if (image or close > text) and line.startswith("(", close + 1):
+            address = LINK_ADDRESS.match(line, close + 2).end()
+            end = line.find(")", address)
+            if end < 0:
+                return
+            if address > close + 2:
+                yield start, end + 1, (line[text:close], line[close + 2:address])
+                at = end + 1
+
+
+class Paired:
+    """Text between two marks, as OPENING(.+?)CLOSING finds it (the first closing mark after at
+    least one character), the marks taken away. A closing mark does not depend on where its
+    opening was: one search for it from each opening keeps this linear, where the expression
+    scans to the end of the line from every opening mark that is never closed."""
+
+    def __init__(self, opening: str, closing: str):
+        self.opening, self.closing = re.compile(opening), re.compile(closing)
+
+    def __call__(self, line: str) -> str:
+        parts, at = [], 0
+        while opening := self.opening.search(line, at):
+            closing = self.closing.search(line, opening.end() + 1)
+            if not closing:
+                break
+            parts += [line[at:opening.start()], line[opening.end():closing.start()]]
+            at = closing.end()
+        return "".join(parts) + line[at:]
+
+
+#: A heading's marks; what follows is its text, less the spaces and #s that end it.
+HEADING = re.compile(r"(\s*)#{1,6}\s+")
+
+
+def heading(line: str) -> str:
+    """A heading as its text, indentation kept. Its end is scanned from the right: a pattern
+    for the spaces and #s at the end is tried from every character, quadratic on a heading
+    of many spaces and then a letter."""
+    match = HEADING.match(line)
+    if not match:
+        return line
+    end = len(line)
+    while end > match.end() and (line[end - 1].isspace() or line[end - 1] == "#"):
+        end -= 1
+    return match.group(1) + line[match.end():end]
+
+
 class Markdown:
     """Turns a model's Markdown into plain text, one line at a time, since WeChat shows the
     marks as they are. Markup the model wrote is shown as text (MARKUP_OPEN); its http(s)
     links become <a> links, which WeChat shows. Code (inline and fenced) is taken out before
-    any rule runs and put back as written. Only links make a line longer."""
+    any rule runs and put back as written. Only links make a line longer.
 
-    TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
-    INLINE_CODE = re.compile(r"(`+)(.+?)\1")
-    LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)[^)]*\)")
+    A model can be made to write anything, a line of "[a](" or of spaces included, so every
+    rule takes time linear in the line: no pattern here has two unbounded parts that can
+    match the same characters, and a mark that may be closed far away is found by scanning
+    (code_spans, bracket_links, Paired), never by backtracking."""
+
+    TABLE_RULE = re.compile(r"\s*(?:\|\s*)?:?-{3,}:?(?:\s*\|\s*:?-{3,}:?)*\s*(?:\|\s*)?$")
     WEB = re.compile(r"https?://", re.I)
     #: Inline code waits in the Private Use Area while the rules run.
     PLACEHOLDER = re.compile("[\ue000-\uf8ff]")
     LINE_RULES = [
-        (re.compile(r"^(\s*)#{1,6}\s+(.*?)[\s#]*$"), r"\1\2"),            # headings
-        (re.compile(r"^(\s*)[*+](\s+)"), r"\1-\2"),                        # bullets
-        (re.compile(r"^\s*>\s?"), ""),                                      # quotes
+        heading,
+        functools.partial(re.compile(r"^(\s*)[*+](\s+)").sub, r"\1-\2"),    # bullets
+        functools.partial(re.compile(r"^\s*>\s?").sub, ""),                  # quotes
     ]
     # Emphasis never inside ASCII words: snake_case_names, 2*3*4 and 2**10 stay as written.
     # Underscores mark emphasis only around Chinese (_强调_): __init__, _a and b_ are code.
     RULES = [
-        (re.compile(r"!\[([^\]]*)\]\(([^)\s]+)[^)]*\)"), r"\1 \2"),          # images
-        (re.compile(r"(?<![A-Za-z0-9*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?![A-Za-z0-9*])"), r"\1"),
-        (re.compile(r"(?<![A-Za-z0-9_])__(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])__"
-                    r"(?![A-Za-z0-9_])"), r"\1"),
-        (re.compile(r"(?<![A-Za-z0-9*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![A-Za-z0-9*])"), r"\1"),
-        (re.compile(r"(?<![A-Za-z0-9_])_(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])_"
-                    r"(?![A-Za-z0-9_])"), r"\1"),
-        (re.compile(r"~~(?=\S)(.+?)(?<=\S)~~"), r"\1"),                     # strike-through
+        lambda line: _substitute(line, bracket_links(line, image=True), "{} {}".format),
+        Paired(r"(?<![A-Za-z0-9*])\*\*(?=\S)", r"(?<=\S)\*\*(?![A-Za-z0-9*])"),
+        Paired(r"(?<![A-Za-z0-9_])__(?=[^\x00-\x7f])", r"(?<=[^\x00-\x7f])__(?![A-Za-z0-9_])"),
+        Paired(r"(?<![A-Za-z0-9*])\*(?=[^\s*])", r"(?<=[^\s*])\*(?![A-Za-z0-9*])"),
+        Paired(r"(?<![A-Za-z0-9_])_(?=[^\x00-\x7f])", r"(?<=[^\x00-\x7f])_(?![A-Za-z0-9_])"),
+        Paired(r"~~(?=\S)", r"(?<=\S)~~"),                                     # strike-through
     ]
 
     def __init__(self):
@@ -2958,20 +3096,22 @@ class Markdown:
             return None
         tags: set[int] = set()  # where in `kept` our own link tags are
         if self.PLACEHOLDER.search(raw):  # nowhere to park inline code nor links: as it is
-            kept, line = [], self.LINK.sub(r"\1 (\2)", raw)
+            kept, line = [], _substitute(raw, bracket_links(raw), "{} ({})".format)
         else:
-            kept = [match.group(2) for match in self.INLINE_CODE.finditer(raw)]
+            spans = list(code_spans(raw))
+            kept = [code for _, _, (_, code) in spans]
             places = iter(range(len(kept)))
-            line = self.INLINE_CODE.sub(lambda match: chr(0xE000 + next(places)), raw)
-            line = self.LINK.sub(lambda match: self._link(match, kept, tags), line)
+            line = _substitute(raw, spans, lambda marks, code: chr(0xE000 + next(places)))
+            line = _substitute(line, bracket_links(line),
+                               lambda text, url: self._link(text, url, kept, tags))
         if line_start:
             stripped = line.strip()
             if len(stripped) > 1 and stripped[0] == "|" and stripped[-1] == "|":
                 line = " | ".join(cell.strip() for cell in stripped[1:-1].split("|"))
-            for pattern, replacement in self.LINE_RULES:
-                line = pattern.sub(replacement, line)
-        for pattern, replacement in self.RULES:
-            line = pattern.sub(replacement, line)
+            for rule in self.LINE_RULES:
+                line = rule(line)
+        for rule in self.RULES:
+            line = rule(line)
         # The rules may have joined "<" to a name ("<**a**" became "<a"), and so may code put
         # back ("<`a`"): look for markup once more, with only our own link tags still parked.
         if kept:
@@ -2982,10 +3122,9 @@ class Markdown:
         return self.PLACEHOLDER.sub(lambda match: kept[ord(match.group()) - 0xE000], line) \
             if tags else line
 
-    def _link(self, match: re.Match, kept: list[str], tags: set[int]) -> str:
+    def _link(self, text: str, url: str, kept: list[str], tags: set[int]) -> str:
         """A Markdown link: an http(s) one as <a>, its tags parked in `kept` so that no rule
         touches the address (its text still reads as any text); any other as text (address)."""
-        text, url = match.groups()
         tag = '<a href="{}">'.format(url.replace('"', "%22").replace("<", "%3C")
                                      .replace(">", "%3E"))
         if not self.WEB.match(url) or utf8_len(tag + text + "</a>") > LINK_MOST:
@@ -3012,6 +3151,7 @@ class StreamCutter:
         self.line = ""           # the raw line being written
         self.line_start = True   # False once the start of self.line has been taken
         self.looked = 0          # how long self.line was when last looked at for a cut
+        self.counted = NOTHING_COUNTED  # marks in self.line up to a sentence end (_sentence_end)
         self.plain = ""          # plain text not cut into segments yet
         self.blocks: list[list[int | None]] = []  # code blocks in self.plain: [start, end]
 
@@ -3022,16 +3162,16 @@ class StreamCutter:
             *lines, self.line = (self.line + text).split("\n")
             for line in lines:
                 self._take(line, whole=True)
-            self.looked = 0
+            self.looked, self.counted = 0, NOTHING_COUNTED
         else:
             self.line += text
         if len(self.line) >= self.looked + LONG_LINE and not self.in_code:
             self.looked = len(self.line)
-            at = self._sentence_end(self.line)
+            at = self._sentence_end()
             if at:
                 self._take(self.line[:at], whole=False)
                 self.line = self.line[at:]
-                self.looked, taken = 0, True
+                self.looked, self.counted, taken = 0, NOTHING_COUNTED, True
         return self._segments(final=False) if taken else []  # nothing new to cut
 
     def finish(self) -> list[str]:
@@ -3047,18 +3187,38 @@ class StreamCutter:
     def in_code(self) -> bool:
         return bool(self.markdown and self.markdown.in_code)
 
-    @staticmethod
-    def _sentence_end(line: str) -> int | None:
-        """The last sentence end of a line being written where no inline code, emphasis or
+    def _sentence_end(self) -> int | None:
+        """The last sentence end of the line being written where no inline code, emphasis or
         link is open, so that both parts read the same as the whole. (A "<" that opens
-        markup is never last in a part, so each part shows it as text.)"""
-        for match in reversed(list(SENTENCE_END.finditer(line))):
-            head = line[:match.end()]
-            if head.count("`") % 2 == 0 and head.count("**") % 2 == 0 and \
-                    head.count("[") == head.count("]") and head.count("(") == head.count(")") \
-                    and head.rfind("[") <= head.rfind("]") and head.rfind("(") <= head.rfind(")"):
-                return match.end()
-        return None
+        markup is never last in a part, so each part shows it as text.)
+
+        Each look goes on from where the last left off (self.counted: the marks counted up
+        to a sentence end, and how far ends were looked for), not from the start of the line:
+        a long line with a "[" never closed would otherwise be searched and counted whole
+        every LONG_LINE characters."""
+        line = self.line
+        at, looked, counts, lasts = self.counted
+        counts, lasts = list(counts), list(lasts)
+        looked_next = len(line) - 1  # an end may still start at the last character (". ")
+        found = None
+        for match in SENTENCE_END.finditer(line, max(at, looked)):
+            end = match.end()
+            if end == len(line):  # it may grow ("。" then "」"): looked at again next time
+                looked_next = match.start()
+            for i, mark in enumerate(MARKS):  # no end is a "*": no "**" spans two counts
+                counts[i] += line.count(mark, at, end)
+            for i, mark in enumerate("[]()"):
+                lasts[i] = max(lasts[i], line.rfind(mark, at, end))
+            at = end
+            if end < len(line):
+                self.counted = at, at, tuple(counts), tuple(lasts)
+            ticks, stars, opened, closed, opened_round, closed_round = counts
+            if ticks % 2 == 0 and stars % 2 == 0 and opened == closed and \
+                    opened_round == closed_round and lasts[0] <= lasts[1] and lasts[2] <= lasts[3]:
+                found = end
+        at, _, counts, lasts = self.counted
+        self.counted = at, max(at, looked_next), counts, lasts
+        return found
 
     def _take(self, raw: str, whole: bool) -> None:
         was_code = self.in_code
