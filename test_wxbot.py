@@ -6064,3 +6064,46 @@ def test_command_words_are_found_as_before(text):
     edges = re.compile(r"^(?:[^\w/]|_)+|(?:\W|_)+$")
     folded = unicodedata.normalize("NFKC", text)
     assert wxbot.normalise(text) == edges.sub("", folded).translate(wxbot._ASCII_LOWER)
+
+
+# An answer in one piece ######################################################
+
+@pytest.mark.parametrize("pace", ["flood", "trickle"])
+def test_an_answer_in_one_piece_that_never_ends_is_read_no_further_than_a_stream(
+        start_bot, wechat, model, pace):
+    """A provider that refuses to stream and then sends a body that never ends, as fast as it
+    can or a byte at a time: read up to the 1 MiB cap, or hung up on at the deadline."""
+    most = 32 << 20  # far above the cap and what the sockets hold between the two
+    outcome = {}
+
+    def route(handler):
+        if json.loads(handler.body).get("stream"):
+            error = {"error": {"message": "stream is not supported", "type": "invalid_request"}}
+            model.reply(handler, 400, json.dumps(error).encode())
+            return
+        handler.close_connection = True
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()
+        written, started = 0, time.monotonic()
+        try:
+            handler.wfile.write(b'{"choices": [{"message": {"content": "')
+            while written < most and time.monotonic() < started + 30:
+                piece = b"a" * (65536 if pace == "flood" else 1)
+                handler.wfile.write(piece)
+                handler.wfile.flush()
+                written += len(piece)
+                if pace == "trickle":
+                    time.sleep(0.2)  # the pace of the body, not a wait for the bot
+        except OSError:
+            outcome.setdefault("ended", ("hung up", written, time.monotonic() - started))
+        outcome.setdefault("ended", ("still reading", written, time.monotonic() - started))
+
+    model.route = route
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=2)
+    send_text(bot, "oENDLESS", "问", 1)
+    wait_for(lambda: "ended" in outcome, timeout=40, message="the body no longer read")
+    how, written, seconds = outcome["ended"]
+    assert how == "hung up" and written < most, outcome
+    wait_for(lambda: bot.store.settled(1), message="the outcome")
+    assert wechat.texts_to("oENDLESS")[-1] == wxbot.APOLOGY_LINE

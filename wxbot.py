@@ -2598,19 +2598,24 @@ class Model:
                                     base_url=settings.openai_base_url or None,
                                     timeout=settings.model_timeout, max_retries=0)
 
-    def answer(self, messages: list[dict], max_tokens: int | None = None,
-               timeout: float | None = None) -> str:
-        """The whole answer in one piece; `timeout` (seconds) replaces the client's."""
+    def answer(self, messages: list[dict], deadline: Deadline, max_tokens: int | None = None
+               ) -> str:
+        """The whole answer in one piece, not streamed. Read as a stream is: the body up to
+        MAX_WHOLE bytes, and hung up on at the deadline. (The SDK's own call reads a body
+        whole, however long, and no hang-up reaches it: an endless body filled the memory.)"""
+        if deadline.hung_up:
+            raise deadline.error()
+        max_tokens = max_tokens or self.settings.max_tokens
         try:
-            completion = self.client.chat.completions.create(
-                model=self.settings.model, messages=messages,
-                max_tokens=max_tokens or self.settings.max_tokens,
-                timeout=openai.NOT_GIVEN if timeout is None else timeout)
+            response = self.client.post("/chat/completions", cast_to=HTTP_RESPONSE, stream=True,
+                                        body={"model": self.settings.model,
+                                              "messages": messages, "max_tokens": max_tokens},
+                                        options={"timeout": deadline.left()})
         except openai.APIStatusError as error:
             raise self._status_error(error) from None
         except openai.APIError as error:
             raise self._unreachable(error) from None
-        return self._whole(completion.model_dump(), max_tokens or self.settings.max_tokens)
+        return self._whole_body(response, deadline, max_tokens)
 
     @staticmethod
     def _whole(completion: dict, max_tokens: int) -> str:
@@ -2643,7 +2648,7 @@ class Model:
                                         options={"timeout": deadline.left()})
         except openai.APIStatusError as error:
             if error.status_code == 400 and "stream" in str(error.message).lower():
-                yield self.answer(messages, timeout=deadline.left())
+                yield self.answer(messages, deadline)
                 return
             raise self._status_error(error) from None
         except openai.APIError as error:
@@ -2688,14 +2693,15 @@ class Model:
         if deadline.hung_up:  # the watcher gave up on this call: nothing more is asked
             raise deadline.error()
         if not streamed:  # a provider that ignored stream=True: one JSON body, no event
-            yield self.answer(messages, timeout=deadline.left())
+            yield self.answer(messages, deadline)
         elif not produced:  # finished, or ended, with nothing to say: asking again costs
             raise no_text(finish, self.settings.max_tokens)
         elif not finish:  # the connection ended without the model saying it was done
             raise ModelError("the answer stream ended before the answer was finished")
 
-    def _whole_body(self, response, deadline: Deadline) -> str:
-        """The answer of a provider that ignored stream=True: already paid for, read here."""
+    def _whole_body(self, response, deadline: Deadline, max_tokens: int | None = None) -> str:
+        """An answer in one JSON body (a provider that ignored stream=True: already paid for,
+        read here)."""
         deadline.reading(response)
         body = bytearray()
         try:
@@ -2717,7 +2723,7 @@ class Model:
             raise deadline.error()
         if not isinstance(completion, dict):
             raise ModelError("the answer is not a chat.completion")
-        return self._whole(completion, self.settings.max_tokens)
+        return self._whole(completion, max_tokens or self.settings.max_tokens)
 
     def _unreachable(self, error: openai.APIError, what: str = "the model") -> ModelError:
         """No answer at all. The URL's credentials are masked here, not only in the log: the
@@ -5273,7 +5279,8 @@ def check(settings: Settings, out) -> int:
         else:
             report(False, f"WeChat refused the access token: {error.hint()}")
     try:
-        Model(settings).answer([{"role": "user", "content": "ping"}], max_tokens=5)
+        Model(settings).answer([{"role": "user", "content": "ping"}],
+                               Deadline(settings.model_timeout), max_tokens=5)
         report(True, f"the model {settings.model} answers")
     except ModelError as error:
         mentions_model = "model" in error.detail.lower()
