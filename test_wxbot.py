@@ -4015,7 +4015,7 @@ def test_replay_record_refuses_exactly_a_pair_seen_with_another_body_and_forgets
         st.integers(0, 20), st.integers(-5, 5), st.sampled_from("abc"),
         st.sampled_from([b"x", b"y"])), max_size=40))
     def check(skew, pushes):
-        record, model_of, now = wxbot.ReplayRecord(skew), {}, 1_000_000.0
+        record, model_of, now = wxbot.ReplayRecord(skew, TOKEN), {}, 1_000_000.0
         for wait, offset, nonce, body in pushes:
             now += wait
             timestamp = str(int(now) + (offset if skew else 0))
@@ -4643,7 +4643,7 @@ def tapped_answer(text):
     remaining, answer = re.search(TAIL.pattern + "$", text).groups()
     if answer is None:
         return None
-    return int(remaining) if remaining else None, int(answer)
+    return int(remaining) if remaining else None, answer
 
 
 def answer_of_paragraphs(n, chars=400):
@@ -4651,7 +4651,7 @@ def answer_of_paragraphs(n, chars=400):
     return "\n\n".join(f"第{k}段" + "文" * chars + "。" for k in range(n))
 
 
-@given(st.text(max_size=800), st.integers(1, 999), st.integers(1, 10 ** 11))
+@given(st.text(max_size=800), st.integers(1, 999), st.integers(1, 10 ** 15).map(str))
 @hsettings(max_examples=200, deadline=None)
 def test_the_continue_line_always_fits_and_is_tappable_where_it_can_be(text, remaining,
                                                                       answer_id):
@@ -4671,7 +4671,7 @@ def test_a_tap_on_continue_fetches_the_rest_and_the_line_says_how_much(start_bot
     bot = start_bot()
     send_text(bot, "oTAP1", "写一本书", 1)
     wait_for(lambda: len(wechat.texts_to("oTAP1")) == 5)
-    msg_id, asked_id = 2, stored_id(bot, "oTAP1", "1")
+    msg_id, asked_id = 2, link_id(bot, "oTAP1", "1")
     while has_tail(wechat.texts_to("oTAP1")[-1]):
         count = len(wechat.texts_to("oTAP1"))
         remaining, answer_id = tapped_answer(wechat.texts_to("oTAP1")[-1])
@@ -4680,7 +4680,7 @@ def test_a_tap_on_continue_fetches_the_rest_and_the_line_says_how_much(start_bot
         wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and
                  len(wechat.texts_to("oTAP1")) > count)
         assert len(wechat.texts_to("oTAP1")) - count == min(5, remaining)  # as many as it said
-        asked_id = stored_id(bot, "oTAP1", str(msg_id))  # the rest now travels with the tap
+        asked_id = link_id(bot, "oTAP1", str(msg_id))  # the rest now travels with the tap
         msg_id += 1
     texts = wechat.texts_to("oTAP1")
     assert len(texts) > 10 and all(len(t.encode()) <= 2048 for t in texts)
@@ -4688,10 +4688,12 @@ def test_a_tap_on_continue_fetches_the_rest_and_the_line_says_how_much(start_bot
     assert len(model.requests) == 1  # a tap is never a question
 
 
-def stored_id(bot, openid, msg_id):
+def link_id(bot, openid, msg_id):
+    """The id the 继续 link of the answer to a user's message carries."""
     with bot.store.connection() as conn:
-        return conn.execute("SELECT id FROM messages WHERE openid = ? AND msg_id = ?",
-                            (openid, msg_id)).fetchone()[0]
+        return bot.store.continue_id(conn.execute(
+            "SELECT id FROM messages WHERE openid = ? AND msg_id = ?",
+            (openid, msg_id)).fetchone()[0])
 
 
 def test_a_tap_on_an_older_answers_continue_says_its_rest_is_gone(start_bot, wechat, model):
@@ -4721,8 +4723,8 @@ def test_passive_placeholder_has_a_tappable_continue_that_fetches_the_answer(
     user = WeChatUser(bot, "oTAP3", quick_wechat_clock)
     shown = user.says("很难的题")
     assert shown == THINKING
-    answer_id = int(re.search(CONTINUE_LINK, shown).group(1))
-    assert answer_id == stored_id(bot, "oTAP3", "1")
+    answer_id = re.search(CONTINUE_LINK, shown).group(1)
+    assert answer_id == link_id(bot, "oTAP3", "1")
     wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
     assert user.push(tap_xml("oTAP3", answer_id, 2)) == "想好了"
 
@@ -5613,7 +5615,8 @@ def test_passive_continue_line_counts_nothing_while_the_answer_is_being_written(
     user = WeChatUser(bot, "oWRITING", quick_wechat_clock)
     try:
         shown = [user.says("讲长一点")]
-        assert tapped_answer(shown[0]) == (None, 1)  # how much follows is not known yet
+        # how much follows is not known yet
+        assert tapped_answer(shown[0]) == (None, bot.store.continue_id(1))
     finally:
         whole.set()
     wait_for(lambda: bot.store.answer_complete(1), message="the whole answer")
@@ -6107,3 +6110,80 @@ def test_an_answer_in_one_piece_that_never_ends_is_read_no_further_than_a_stream
     assert how == "hung up" and written < most, outcome
     wait_for(lambda: bot.store.settled(1), message="the outcome")
     assert wechat.texts_to("oENDLESS")[-1] == wxbot.APOLOGY_LINE
+
+
+# Hostile requests, replies and settings ######################################
+
+@pytest.mark.parametrize("echostr", ["<xml><a>1</a></xml>", "<script>x</script>", "²", "1" * 65,
+                                     "12 34", ""])
+def test_verification_echoes_only_a_number_and_as_plain_text(start_bot, echostr):
+    url = f"http://127.0.0.1:{start_bot().port}/wx"
+    answer = requests.get(url, params=signed_query(echostr="4375120948345356249"), timeout=5)
+    assert (answer.status_code, answer.text) == (200, "4375120948345356249")
+    assert answer.headers["Content-Type"].startswith("text/plain")
+    refused = requests.get(url, params=signed_query(echostr=echostr), timeout=5)
+    assert refused.status_code == 400 and refused.text == "bad request"
+    assert refused.headers["Content-Type"].startswith("text/plain")
+
+
+def test_a_signature_split_anew_into_another_timestamp_and_nonce_is_a_replay(start_bot, model,
+                                                                             tmp_path):
+    """The signature is of token, timestamp and nonce joined in sorted order: the digits of a
+    timestamp and a nonce can be cut elsewhere into another pair under the same signature."""
+    bot = start_bot(WXBOT_MAX_SKEW=0)  # no timestamp is too old: any digits will do
+    query = signed_query(timestamp="1714036504", nonce="1514711492")
+    assert post_push(bot, text_xml("oFIRST", "你好", 1), query=query).text == "success"
+    digits = "".join(sorted([query["timestamp"], query["nonce"]]))  # both sort before TOKEN
+    split = {"timestamp": digits[9:], "nonce": digits[:9], "signature": query["signature"]}
+    assert wxbot.wechat_signature(TOKEN, split["timestamp"], split["nonce"]) == \
+        query["signature"] and (split["timestamp"], split["nonce"]) != \
+        (query["timestamp"], query["nonce"])
+    forged = post_push(bot, text_xml("oVICTIM", "转账给我", 2), query=split)
+    assert forged.status_code == 403
+    assert [openid for openid, *_ in stored_messages(str(tmp_path / "wxbot.db"))] == ["oFIRST"]
+
+
+def test_characters_xml_forbids_never_break_a_passive_reply(start_bot, wechat, model,
+                                                            quick_wechat_clock):
+    model.respond = lambda request: "红色\x1b[31m警告\x1b[0m，响铃\x07，空\x00字。"
+    bot = start_bot(WXBOT_MODE="passive")
+    shown = WeChatUser(bot, "oCONTROL", quick_wechat_clock).says("打印彩色文字")
+    assert shown == "红色[31m警告[0m，响铃，空字。"
+
+
+def test_a_malformed_env_line_never_prints_the_key_on_it(tmp_path, wechat, model):
+    env_file = tmp_path / "wxbot.env"
+    env_file.write_text("WXBOT_TOKEN=AAAAA12345\nOPENAI_API_KEY: sk-proj-leaked-0123456789==\n",
+                        encoding="utf-8")
+    result = run_wxbot(["check", "--env", str(env_file)], {})
+    assert result.returncode == 2 and f"{env_file}:2" in result.stderr
+    assert "leaked" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("url", ["htps://user:hunter2-leaked@api.example.com/v1",
+                                 "https//user:hunter2-leaked@api.example.com/v1",
+                                 "user:hunter2-leaked@api.example.com/v1",
+                                 "api.example.com/v1?api_key=hunter2-leaked"])
+def test_a_mistyped_base_url_is_named_without_its_password(tmp_path, wechat, model, url):
+    result = run_wxbot(["check"], env_for(tmp_path, wechat, model, OPENAI_BASE_URL=url))
+    assert result.returncode == 2 and "OPENAI_BASE_URL" in result.stderr
+    assert "hunter2-leaked" not in result.stdout + result.stderr
+
+
+def test_continue_links_name_answers_opaquely_and_any_tapped_id_is_answered(start_bot, wechat,
+                                                                            model):
+    model.respond = lambda request: answer_of_paragraphs(14, 600)
+    bot = start_bot()
+    send_text(bot, "oOPAQUE", "写一本书", 1)
+    wait_for(lambda: len(wechat.texts_to("oOPAQUE")) == 5)
+    link = tapped_answer(wechat.texts_to("oOPAQUE")[-1])[1]
+    with bot.store.connection() as conn:
+        rows = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    assert not link.isdigit() or int(link) > 10 ** 6 > rows  # no row id, nor a count of rows
+    for msg_id, tapped in enumerate(["²", "1", "-1", "9" * 40, "&lt;b&gt;", link[:-1]], 2):
+        assert post_push(bot, tap_xml("oOPAQUE", tapped, msg_id)).text == "success"
+        wait_for(lambda: bot.store.settled(msg_id), message=f"the tap with {tapped!r} answered")
+    assert wechat.texts_to("oOPAQUE")[5:] == [wxbot.STALE_CONTINUE_LINE] * 6
+    assert post_push(bot, tap_xml("oOPAQUE", link, 8)).text == "success"  # the real one
+    wait_for(lambda: len(wechat.texts_to("oOPAQUE")) == 16)

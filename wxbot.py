@@ -186,7 +186,10 @@ def _url(value: str) -> str:
     value = value.strip().rstrip("/")
     parts = urllib.parse.urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        shown = masked_url(value)
+        if "@" in shown.replace("***@", ""):  # a password where no URL can be read
+            shown = "***@" + shown.rpartition("@")[2]
+        raise ValueError(f"must be an http:// or https:// URL, got {shown!r}")
     return value
 
 
@@ -467,7 +470,9 @@ def read_env_file(path: str) -> dict[str, str]:
             if key.startswith("export "):
                 key = key[len("export "):].strip()
             if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-                raise SettingsError([f"{path}:{number}: expected KEY=VALUE, got {line[:40]!r}"])
+                raise SettingsError([f"{path}:{number}: expected KEY=VALUE, such as "
+                                     f"WXBOT_PORT=8080 (the line is not shown: it may hold a "
+                                     f"key; a name is letters, digits and _, then =)"])
             value = value.strip()
             if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
                 value = value[1:-1]
@@ -943,6 +948,10 @@ class Store:
             if steps:
                 log.info("database %s brought up to date (schema %d to %d)", path, version,
                          SCHEMA_VERSION)
+        with self.transaction() as conn:  # kept with the answers: links outlive a restart
+            conn.execute("INSERT OR IGNORE INTO kv (key, value) VALUES ('continue-key', ?)",
+                         (os.urandom(16).hex(),))
+        self._continue_key = bytes.fromhex(self.get_kv("continue-key", 0))
 
     def _compactable(self, conn: sqlite3.Connection, free_space: Callable[[str], int]) -> None:
         """Let the file shrink: rows deleted by retention give their pages back to the disk.
@@ -1462,16 +1471,25 @@ class Store:
         return conn.execute("SELECT count(*) FROM segments WHERE message_id = ? AND sent_at"
                             " IS NULL AND moved_to IS NULL", (newest,)).fetchone()[0], newest
 
-    def tap_current(self, message: Message, tapped: int) -> bool:
-        """Whether a tapped 继续 (<bizmsgmenuid>) belongs to the answer whose rest 继续 fetches
-        now: the newest with segments unsent. A tap on an older answer's link is not, nor one
-        on another user's; with nothing unsent at all, any tap gets the usual "nothing more"."""
+    def continue_id(self, answer_id: int) -> str:
+        """The id a 继续 link carries for an answer (msgmenuid, back as <bizmsgmenuid>): digits
+        that name the answer to this database alone, where the row id would tell anyone how
+        many messages came before and name the answers around it."""
+        digest = hmac.digest(self._continue_key, str(answer_id).encode(), "sha256")
+        return str(int.from_bytes(digest[:6], "big"))
+
+    def tap_current(self, message: Message, tapped: str) -> bool:
+        """Whether a tapped 继续 (<bizmsgmenuid>, any text) belongs to the answer whose rest 继续
+        fetches now: the newest with segments unsent (its link may name a message merged into
+        it). A tap on an older answer's link is not, nor one on another user's; with nothing
+        unsent at all, any tap gets the usual "nothing more"."""
         with self.connection() as conn:
             newest = conn.execute("SELECT max(s.message_id)" + EARLIER_UNSENT,
                                   {"openid": message.openid, "id": message.id}).fetchone()[0]
-            answer = conn.execute("SELECT coalesce(merged_into, id) FROM messages WHERE id = ?"
-                                  " AND openid = ?", (tapped, message.openid)).fetchone()
-        return newest is None or (answer is not None and answer[0] == newest)
+            named = [row[0] for row in conn.execute(
+                "SELECT id FROM messages WHERE openid = ? AND (id = ? OR merged_into = ?)",
+                (message.openid, newest, newest))] if newest is not None else []
+        return newest is None or tapped in {self.continue_id(answer) for answer in named}
 
     def reply_at_once(self, message_id: int, text: str, now: float, passive: bool) -> bool:
         """Store a fixed reply as the whole answer of a message no worker has taken; False
@@ -2908,18 +2926,20 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
     return starts[0] if starts else end
 
 
-def continue_tail(remaining: int, answer_id: int, text: str) -> str:
-    """The line that ends a cut-off answer `text`: how many segments remain, and 继续 to tap;
-    where that does not fit WeChat's 2048 bytes, the line that asks to type 继续."""
+def continue_tail(remaining: int, answer_id: str, text: str) -> str:
+    """The line that ends a cut-off answer `text`: how many segments remain, and 继续 to tap
+    (`answer_id`: Store.continue_id); where that does not fit WeChat's 2048 bytes, the line
+    that asks to type 继续."""
     link = CONTINUE_LINK.format(answer=answer_id)
     tail = CONTINUE_TAIL.format(remaining=remaining, link=link) if remaining else \
         MORE_TAIL.format(link=link)
     return tail if utf8_len(text + tail) <= SEGMENT_BYTES else TYPED_TAIL
 
 
-def next_send(rows: list, quota: int, streaming: bool, answer_id: int
+def next_send(rows: list, quota: int, streaming: bool, answer_id: str
               ) -> tuple[sqlite3.Row, str] | None:
-    """The segment of answer `answer_id` to send next and its text; None when none may go now.
+    """The segment of an answer to send next and its text (`answer_id` as its 继续 link names
+    it: Store.continue_id); None when none may go now.
 
     WeChat allows `quota` customer-service messages for one user message (45047; Store.quota):
     the last one allowed says how to get the rest ("继续"), so while the model still writes,
@@ -4165,8 +4185,8 @@ class Worker:
             return self.store.save_answer(message, [stats_text(
                 {**self.store.stats(now), "mode": self.mode.in_force})], now)
         tapped = message.fields.get("bizmsgmenuid", "")
-        if how.route is Route.CONTINUE and tapped.isdigit() and \
-                not self.store.tap_current(message, int(tapped)):
+        if how.route is Route.CONTINUE and tapped and \
+                not self.store.tap_current(message, tapped):
             return self.store.save_answer(message, [STALE_CONTINUE_LINE], now)
         if how.route is Route.CONTINUE:  # fetches the rest; never a question for the model
             return self.store.save_answer(message, [], now, leftovers=Leftovers.TAKE,
@@ -4426,7 +4446,8 @@ class Worker:
                     self.store.mark_sent(message, sent_seq, now)
                 rows = self.store.segments(message.id)
                 pick = None if not self.mode.sends(message.id) else next_send(  # passive:
-                    rows, self.store.quota(message), streaming, message.id)  # the webhook's
+                    rows, self.store.quota(message), streaming,  # the webhook's
+                    self.store.continue_id(message.id))
                 if pick:
                     self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
                 elif not streaming:
@@ -4532,25 +4553,29 @@ UNCHECKED_REPLAY_WINDOW = 300
 
 
 class ReplayRecord:
-    """The (timestamp, nonce) pairs of recent pushes, each with a digest of its message.
+    """The signatures of recent pushes, each with a digest of its message.
 
     WeChat's signature covers token, timestamp and nonce, not the body, so one captured query
-    string (an access log, a proxy) would sign any body. The same pair with the same body is
-    WeChat retrying; with another body it is a replay, refused. A pair is kept until its
-    timestamp is older than WXBOT_MAX_SKEW, when the signature check refuses it anyway: memory
-    holds one window of pushes. In memory only: a restart forgets it (see README, Security).
+    string (an access log, a proxy) would sign any body. The same signature with the same body
+    is WeChat retrying; with another body it is a replay, refused. Kept by signature, not by
+    (timestamp, nonce): the signature is of the three joined in sorted order, so the digits
+    of a timestamp and a nonce can be split anew ("1714036504", "123" as "17140365",
+    "04123" and the like) into another pair with the same signature. A signature is kept
+    until its timestamp is older than WXBOT_MAX_SKEW, when the signature check refuses it
+    anyway: memory holds one window of pushes. In memory only: a restart forgets it (see
+    README, Security).
     """
 
-    def __init__(self, max_skew: int):
-        self.max_skew = max_skew
-        self._digests: dict[tuple[str, str], bytes] = {}
-        self._expiry: list[tuple[float, tuple[str, str]]] = []  # a heap, soonest first
+    def __init__(self, max_skew: int, token: str):
+        self.max_skew, self.token = max_skew, token
+        self._digests: dict[str, bytes] = {}
+        self._expiry: list[tuple[float, str]] = []  # a heap, soonest first
         self._lock = threading.Lock()
 
     def check(self, timestamp: str, nonce: str, body: bytes, now: float) -> None:
-        """Record this pair; raise Forbidden when it was seen with another body."""
+        """Record this push's signature; raise Forbidden when it came with another body."""
         digest = hashlib.blake2b(body, digest_size=16).digest()
-        pair = (timestamp, nonce)
+        pair = wechat_signature(self.token, timestamp, nonce)
         expires = (int(timestamp) + self.max_skew if self.max_skew
                    else now + UNCHECKED_REPLAY_WINDOW)
         with self._lock:
@@ -4560,11 +4585,11 @@ class ReplayRecord:
             if seen is digest:
                 heapq.heappush(self._expiry, (expires, pair))
         if seen != digest:
-            raise Forbidden("this signed URL (timestamp and nonce) already came with another "
+            raise Forbidden("this signature (timestamp and nonce) already came with another "
                             "body: a replayed URL, refused")
 
     def __len__(self) -> int:
-        """How many pairs are held: one window of pushes."""
+        """How many signatures are held: one window of pushes."""
         return len(self._digests)
 
 
@@ -4581,9 +4606,15 @@ WECHAT_TIMEOUT = 5.0
 HAND_OUT_MARGIN = 0.5
 
 
+#: Characters XML 1.0 does not allow anywhere, CDATA included: a model may write them (an
+#: escape "\x1b[0m", a bell), and one of them makes the whole reply unreadable to WeChat.
+NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def text_reply_xml(openid: str, account: str, content: str, now: float) -> bytes:
     """WeChat's passive text reply; Content is never empty."""
-    content = (content or APOLOGY_LINE).replace("]]>", "]]]]><![CDATA[>")
+    content = NOT_XML.sub("", content or "") or APOLOGY_LINE
+    content = content.replace("]]>", "]]]]><![CDATA[>")
     return (f"<xml><ToUserName><![CDATA[{openid}]]></ToUserName>"
             f"<FromUserName><![CDATA[{account}]]></FromUserName>"
             f"<CreateTime>{int(now)}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
@@ -4613,7 +4644,7 @@ class Webhook:
         self.owner = owner or OwnerFiles(settings)
         self.crypto = (WeChatCrypto(settings.aes_key, settings.appid)
                        if settings.aes_key else None)
-        self.replays = ReplayRecord(settings.max_skew)
+        self.replays = ReplayRecord(settings.max_skew, settings.token)
         self.refusals = LogThrottle()
         self.accepting = True
 
@@ -4623,10 +4654,15 @@ class Webhook:
             check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
         except Forbidden as error:
             return self.refuse(client, "verification", 403, error)
+        echostr = query.get("echostr", "")
+        # WeChat's echostr is a number; anything else echoed would be a signed URL serving
+        # whatever page its holder wrote into it.
+        if not re.fullmatch("[0-9]{1,64}", echostr):
+            return self.refuse(client, "verification", 400, BadPush("echostr is not a number"))
         if self.refusals.allow("verified:" + client, time.time()) is not None:
             log_web.info("URL verification from %s passed: WeChat may push messages here now",
                          client)
-        return 200, query.get("echostr", "")
+        return 200, echostr
 
     def before_body(self, query: Mapping[str, str], length: int,
                     client: str = "") -> tuple[int, str] | None:
@@ -4727,8 +4763,8 @@ class Webhook:
                     text, more, image = reply
                     if image:
                         return self.image_reply(push, image, query)
-                    return self.reply_body(push, text + continue_tail(*more, text) if more
-                                           else text, query)
+                    return self.reply_body(push, text + continue_tail(
+                        more[0], self.store.continue_id(more[1]), text) if more else text, query)
                 remaining = hand_out_by - time.monotonic()
                 if remaining <= 0:
                     break
@@ -4737,7 +4773,8 @@ class Webhook:
                 bell.wait(remaining)
         if pushes >= 3:
             return self.reply_body(push, THINKING_LINE.format(
-                link=CONTINUE_LINK.format(answer=message_id)), query)
+                link=CONTINUE_LINK.format(answer=self.store.continue_id(message_id))),
+                query)
         # Let this try lapse unanswered: WeChat then pushes the message again.
         time.sleep(max(0.0, arrived + WECHAT_TIMEOUT + 0.5 - time.monotonic()))
         return "success"
