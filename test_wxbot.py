@@ -5898,17 +5898,19 @@ def test_a_fixed_line_goes_out_once_while_the_only_worker_is_busy(start_bot, wec
 # every rule that reads such text runs in time linear in it.
 
 #: 100,000-character lines built to make a backtracking pattern try every start and length.
+#: (A line that starts with three backticks is a code fence: the backticks follow a letter.)
 HOSTILE_LINES = {
     "[a](": "[a](" * 25000, "![": "![" * 50000, "![a](": "![a](" * 20000, "[": "[" * 100000,
     "[[a](b": "[[a](b" * 16667, "[a](b ": "[a](b " * 16667, "**": "*" * 100000,
-    "** a": "** a" * 25000, "*a ": "*a " * 33334, "`": "`" * 100000, "``a": "``a" * 33334,
-    "` + x": "`" * 50000 + "x" * 50000, "__中 ": "__中 " * 25000, "_中 ": "_中 " * 33334,
+    "** a": "** a" * 25000, "*a ": "*a " * 33334, "`": "a" + "`" * 99999, "``a": "``a" * 33334,
+    "` + x": "a" + "`" * 50000 + "x" * 49999, "__中 ": "__中 " * 25000, "_中 ": "_中 " * 33334,
     "~~a ": "~~a " * 25000, "spaces": " " * 100000, "a spaces b": "a" + " " * 100000 + "b",
     "# heading": "# a" + " " * 100000 + "b", "table": "---" + " " * 100000 + "|x",
     "table cells": "|---" + " " * 50000 + "|" + " " * 50000 + "x", "[a。": "[a。" * 33334,
     "!!": "!" * 100000, "<a ": "<a " * 33334, "? spaces": "？" + " " * 100000 + "x",
     "mixed": "[*`_~!(<a ]" * 10000, "。 spaces": ("。" + " " * 999) * 100,
     "> quote": ">" * 100000, "- - -": "- " * 50000 + "x", "access_token=": "access_token=" * 7693,
+    "code blocks": "```\nx\n```\n" * 10000, "newlines": "\n" * 100000,
 }
 
 

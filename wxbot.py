@@ -2890,6 +2890,8 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
     least = min(least, limit * 9 // 10)  # a smaller limit than WeChat's: still a natural end
     end = _chars_within(text, limit)
     low = _chars_within(text, least - 1) + 1
+    # Only blocks that start before the cut matter: a place is not checked against them all.
+    blocks = [(start, stop) for start, stop in blocks if start < end]
     long_blocks = []
     for start, stop in blocks:
         if start < end < stop:  # the cut would split this block
