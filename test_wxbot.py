@@ -5929,6 +5929,7 @@ TEXT_READERS = {
     "command words": wxbot.normalise,
     "what a message is": lambda text: wxbot.classify("text", "画" + text, drawing=True),
     "log scrubbing": wxbot.SECRET_FILTER.scrub,
+    "blocked words": lambda text: wxbot.BlockedWords(["敏感词", "a  b", "[a]("]).mask(text),
     "provider errors": lambda text: (wxbot.CONTEXT_TOO_LONG.search(text),
                                      wxbot.CONTENT_FILTER.search(text)),
 }

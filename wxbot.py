@@ -3118,7 +3118,8 @@ class Markdown:
             self.in_code = not self.in_code
             return None
         raw = MARKUP_OPEN.sub("＜", raw)
-        if self.in_code:  # code stays as written, indentation and all
+        # Code stays as written, indentation and all; a blank line has nothing to clean.
+        if self.in_code or not raw.strip():
             return raw
         if line_start and "|" in raw and self.TABLE_RULE.match(raw):
             return None
