@@ -13,6 +13,7 @@ Usage:
   python bench_wxbot.py --soak     ack and pickup with a million messages stored (builds the
                                    database once, about 9 GiB, in the temp folder)
   python bench_wxbot.py --blocked-words   only the blocked-words row
+  python bench_wxbot.py --hostile-text    only the hostile-text row (text cleanup, worst case)
   python bench_wxbot.py --burst    only the burst rows (--burst-users N to try them small)
   python bench_wxbot.py --passive  only the passive-reply row (--passive-users N, --quick)
   python bench_wxbot.py --operations   retention's disk, backup time, upgrades (--quick)
@@ -48,9 +49,10 @@ import bottle
 import requests
 
 import wxbot
-from test_wxbot import (APPID, CORPUS, FakeModel, FakeWeChat, TOKEN, VECTOR_KEY, chinese_answer,
-                        corpus_quality, env_for, learned_corpus, news_item, paced, published_post,
-                        signed_query, start_process, text_xml, wait_for)
+from test_wxbot import (APPID, CORPUS, FakeModel, FakeWeChat, HOSTILE_LINES, TEXT_READERS, TOKEN,
+                        VECTOR_KEY, chinese_answer, corpus_quality, env_for, learned_corpus,
+                        news_item, paced, published_post, signed_query, start_process, text_xml,
+                        wait_for)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -624,6 +626,21 @@ def bench_articles(args) -> list[str]:
     return lines
 
 
+def bench_hostile_text(args) -> list[str]:
+    """In this process: the worst time the text cleanup takes on 100,000 hostile characters."""
+    worst = {}
+    for reader, read in TEXT_READERS.items():
+        for name, line in HOSTILE_LINES.items():
+            started = time.thread_time()
+            read(line)
+            worst[reader] = max(worst.get(reader, (0.0, "")), (time.thread_time() - started,
+                                                                  name))
+    return [f"Hostile text: the worst of {len(HOSTILE_LINES)} shapes of 100,000 characters "
+            f"(\"[a](\" repeated, spaces, backticks...), CPU; backtracking patterns took minutes:",
+            *(f"  {reader}: {seconds * 1000:.0f} ms ({name!r})"
+              for reader, (seconds, name) in worst.items())]
+
+
 # Soak: a database after months of traffic #####################################
 
 #: What one stored exchange looks like: a question, its answer in segments, two turns.
@@ -1014,6 +1031,8 @@ def main() -> int:
                         "generator even where wrk is installed")
     parser.add_argument("--blocked-words", action="store_true",
                         help="only the blocked-words row (in this process, a few seconds)")
+    parser.add_argument("--hostile-text", action="store_true",
+                        help="only the hostile-text row (in this process, a few seconds)")
     parser.add_argument("--soak", action="store_true",
                         help="only the soak row: ack and pickup on a database holding "
                              "--soak-messages messages, against an empty one")
@@ -1057,6 +1076,9 @@ def main() -> int:
     if args.blocked_words:
         print("\n".join(bench_blocked_words(args)))
         return 0
+    if args.hostile_text:
+        print("\n".join(bench_hostile_text(args)))
+        return 0
     if args.soak:
         args.seconds = args.seconds or (10.0 if not args.quick else 1.0)
         wechat = FakeWeChat()
@@ -1097,9 +1119,10 @@ def main() -> int:
         finally:
             wechat.close()
     blocked = bench_blocked_words(args)
+    hostile = bench_hostile_text(args)
     peak = max(peak_webhook, peak_pickup, peak_throughput, peak_first)
     lines += webhook + ["", *pickup, "", *throughput, "", *first, "", *bursts, "", *passive,
-                        "", *blocked, "",
+                        "", *blocked, "", *hostile, "",
                         f"Peak RSS of the wxbot process: {peak:.0f} MiB (webhook load "
                         f"{peak_webhook:.0f}, pickup {peak_pickup:.0f}, throughput with 20 "
                         f"workers {peak_throughput:.0f}, long answer {peak_first:.0f}; bursts: "

@@ -4035,7 +4035,7 @@ def test_replay_record_refuses_exactly_a_pair_seen_with_another_body_and_forgets
         st.integers(0, 20), st.integers(-5, 5), st.sampled_from("abc"),
         st.sampled_from([b"x", b"y"])), max_size=40))
     def check(skew, pushes):
-        record, model_of, now = wxbot.ReplayRecord(skew), {}, 1_000_000.0
+        record, model_of, now = wxbot.ReplayRecord(skew, TOKEN), {}, 1_000_000.0
         for wait, offset, nonce, body in pushes:
             now += wait
             timestamp = str(int(now) + (offset if skew else 0))
@@ -4664,7 +4664,7 @@ def tapped_answer(text):
     remaining, answer = re.search(TAIL.pattern + "$", text).groups()
     if answer is None:
         return None
-    return int(remaining) if remaining else None, int(answer)
+    return int(remaining) if remaining else None, answer
 
 
 def answer_of_paragraphs(n, chars=400):
@@ -4672,7 +4672,7 @@ def answer_of_paragraphs(n, chars=400):
     return "\n\n".join(f"第{k}段" + "文" * chars + "。" for k in range(n))
 
 
-@given(st.text(max_size=800), st.integers(1, 999), st.integers(1, 10 ** 11))
+@given(st.text(max_size=800), st.integers(1, 999), st.integers(1, 10 ** 15).map(str))
 @hsettings(max_examples=200, deadline=None)
 def test_the_continue_line_always_fits_and_is_tappable_where_it_can_be(text, remaining,
                                                                       answer_id):
@@ -4692,7 +4692,7 @@ def test_a_tap_on_continue_fetches_the_rest_and_the_line_says_how_much(start_bot
     bot = start_bot()
     send_text(bot, "oTAP1", "写一本书", 1)
     wait_for(lambda: len(wechat.texts_to("oTAP1")) == 5)
-    msg_id, asked_id = 2, stored_id(bot, "oTAP1", "1")
+    msg_id, asked_id = 2, link_id(bot, "oTAP1", "1")
     while has_tail(wechat.texts_to("oTAP1")[-1]):
         count = len(wechat.texts_to("oTAP1"))
         remaining, answer_id = tapped_answer(wechat.texts_to("oTAP1")[-1])
@@ -4701,7 +4701,7 @@ def test_a_tap_on_continue_fetches_the_rest_and_the_line_says_how_much(start_bot
         wait_for(lambda: bot.store.health(time.time())["queued"] == 0 and
                  len(wechat.texts_to("oTAP1")) > count)
         assert len(wechat.texts_to("oTAP1")) - count == min(5, remaining)  # as many as it said
-        asked_id = stored_id(bot, "oTAP1", str(msg_id))  # the rest now travels with the tap
+        asked_id = link_id(bot, "oTAP1", str(msg_id))  # the rest now travels with the tap
         msg_id += 1
     texts = wechat.texts_to("oTAP1")
     assert len(texts) > 10 and all(len(t.encode()) <= 2048 for t in texts)
@@ -4709,10 +4709,12 @@ def test_a_tap_on_continue_fetches_the_rest_and_the_line_says_how_much(start_bot
     assert len(model.requests) == 1  # a tap is never a question
 
 
-def stored_id(bot, openid, msg_id):
+def link_id(bot, openid, msg_id):
+    """The id the 继续 link of the answer to a user's message carries."""
     with bot.store.connection() as conn:
-        return conn.execute("SELECT id FROM messages WHERE openid = ? AND msg_id = ?",
-                            (openid, msg_id)).fetchone()[0]
+        return bot.store.continue_id(conn.execute(
+            "SELECT id FROM messages WHERE openid = ? AND msg_id = ?",
+            (openid, msg_id)).fetchone()[0])
 
 
 def test_a_tap_on_an_older_answers_continue_says_its_rest_is_gone(start_bot, wechat, model):
@@ -4742,8 +4744,8 @@ def test_passive_placeholder_has_a_tappable_continue_that_fetches_the_answer(
     user = WeChatUser(bot, "oTAP3", quick_wechat_clock)
     shown = user.says("很难的题")
     assert shown == THINKING
-    answer_id = int(re.search(CONTINUE_LINK, shown).group(1))
-    assert answer_id == stored_id(bot, "oTAP3", "1")
+    answer_id = re.search(CONTINUE_LINK, shown).group(1)
+    assert answer_id == link_id(bot, "oTAP3", "1")
     wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
     assert user.push(tap_xml("oTAP3", answer_id, 2)) == "想好了"
 
@@ -5635,7 +5637,8 @@ def test_passive_continue_line_counts_nothing_while_the_answer_is_being_written(
     user = WeChatUser(bot, "oWRITING", quick_wechat_clock)
     try:
         shown = [user.says("讲长一点")]
-        assert tapped_answer(shown[0]) == (None, 1)  # how much follows is not known yet
+        # how much follows is not known yet
+        assert tapped_answer(shown[0]) == (None, bot.store.continue_id(1))
     finally:
         whole.set()
     wait_for(lambda: bot.store.answer_complete(1), message="the whole answer")
@@ -6482,9 +6485,10 @@ def test_passive_continue_gets_the_next_segment_while_the_answer_is_being_writte
     user = WeChatUser(bot, "oSTREAMING", quick_wechat_clock)
     try:
         first = user.says("讲长一点")
-        assert untail(first) == paragraphs[0] and tapped_answer(first) == (None, 1)
-        tapped = user.push(tap_xml("oSTREAMING", 1, 2))
-        assert untail(tapped) == paragraphs[1] and tapped_answer(tapped) == (None, 1)
+        link = bot.store.continue_id(1)
+        assert untail(first) == paragraphs[0] and tapped_answer(first) == (None, link)
+        tapped = user.push(tap_xml("oSTREAMING", link, 2))
+        assert untail(tapped) == paragraphs[1] and tapped_answer(tapped) == (None, link)
         assert not bot.store.answer_complete(1)  # handed out while the model still writes
     finally:
         whole.set()
@@ -8077,3 +8081,304 @@ def test_an_answer_cut_off_keeps_the_articles_it_cited(start_bot, wechat, model,
     assert wechat.texts_to("oREADER") == [
         "周末9点开门。\n\n来源：" + SHOP_LINKS["营业时间调整通知"] + "\n\n" + wxbot.CUT_OFF_LINE]
 
+# Hostile text ################################################################
+# A model can be made to write any string ("repeat this 10,000 times"), and a user can send one:
+# every rule that reads such text runs in time linear in it.
+
+#: 100,000-character lines built to make a backtracking pattern try every start and length.
+#: (A line that starts with three backticks is a code fence: the backticks follow a letter.)
+HOSTILE_LINES = {
+    "[a](": "[a](" * 25000, "![": "![" * 50000, "![a](": "![a](" * 20000, "[": "[" * 100000,
+    "[[a](b": "[[a](b" * 16667, "[a](b ": "[a](b " * 16667, "**": "*" * 100000,
+    "** a": "** a" * 25000, "*a ": "*a " * 33334, "`": "a" + "`" * 99999, "``a": "``a" * 33334,
+    "` + x": "a" + "`" * 50000 + "x" * 49999, "__中 ": "__中 " * 25000, "_中 ": "_中 " * 33334,
+    "~~a ": "~~a " * 25000, "spaces": " " * 100000, "a spaces b": "a" + " " * 100000 + "b",
+    "# heading": "# a" + " " * 100000 + "b", "table": "---" + " " * 100000 + "|x",
+    "table cells": "|---" + " " * 50000 + "|" + " " * 50000 + "x", "[a。": "[a。" * 33334,
+    "!!": "!" * 100000, "<a ": "<a " * 33334, "? spaces": "？" + " " * 100000 + "x",
+    "mixed": "[*`_~!(<a ]" * 10000, "。 spaces": ("。" + " " * 999) * 100,
+    "> quote": ">" * 100000, "- - -": "- " * 50000 + "x", "access_token=": "access_token=" * 7693,
+    "code blocks": "```\nx\n```\n" * 10000, "newlines": "\n" * 100000,
+}
+
+
+def stream_in_chunks(text, size=50):
+    cutter = wxbot.StreamCutter()
+    return [segment for at in range(0, len(text), size)
+            for segment in cutter.feed(text[at:at + size])] + cutter.finish()
+
+
+#: Each function that runs a pattern over a model's or a user's text, as the product calls it.
+TEXT_READERS = {
+    "markdown line": lambda text: wxbot.Markdown().line(text),
+    "segments": wxbot.split_segments,
+    "segments while streamed": stream_in_chunks,
+    "owner's text cut": lambda text: wxbot.split_segments(text, markdown=False),
+    "command words": wxbot.normalise,
+    "what a message is": lambda text: wxbot.classify("text", "画" + text, drawing=True),
+    "log scrubbing": wxbot.SECRET_FILTER.scrub,
+    "blocked words": lambda text: wxbot.BlockedWords(["敏感词", "a  b", "[a]("]).mask(text),
+    "provider errors": lambda text: (wxbot.CONTEXT_TOO_LONG.search(text),
+                                     wxbot.CONTENT_FILTER.search(text)),
+}
+
+
+class TooSlow(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def cpu_budget(seconds, what):
+    """Fails when the block takes more than `seconds` of this thread's CPU. A pattern that
+    backtracks takes minutes on 100,000 characters, so a wall-clock alarm at ten times the
+    budget stops it (the regular expression engine checks for signals as it runs)."""
+    def alarm(signum, frame):
+        raise TooSlow(f"{what}: still running after {seconds * 10} s")
+    previous = signal.signal(signal.SIGALRM, alarm)
+    # pytest-timeout's own alarm, if set, is put back with what was left of it
+    left, interval = signal.setitimer(signal.ITIMER_REAL, seconds * 10)
+    started, armed = time.thread_time(), time.monotonic()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if left:
+            signal.setitimer(signal.ITIMER_REAL, max(0.001, left - (time.monotonic() - armed)),
+                             interval)
+    used = time.thread_time() - started
+    assert used < seconds, f"{what}: {used:.1f} s of CPU"
+
+
+@pytest.mark.parametrize("reader", sorted(TEXT_READERS))
+def test_hostile_text_is_read_in_linear_time(reader):
+    read = TEXT_READERS[reader]
+    for name, line in HOSTILE_LINES.items():
+        with cpu_budget(2.0, f"{reader} on {name!r}"):
+            read(line)
+
+
+def substitution(pattern, replacement):
+    compiled = re.compile(pattern)
+    return lambda line: compiled.sub(replacement, line)
+
+
+def pattern_matches(pattern):
+    compiled = re.compile(pattern)
+    return lambda line, image=False: ((match.start(), match.end(), match.groups())
+                                      for match in compiled.finditer(line))
+
+
+class PatternMarkdown(wxbot.Markdown):
+    """Markdown read by the backtracking patterns the linear rules replaced: on short lines,
+    what the linear rules must agree with."""
+
+    TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
+    LINE_RULES = [substitution(r"^(\s*)#{1,6}\s+(.*?)[\s#]*$", r"\1\2"),
+                  *wxbot.Markdown.LINE_RULES[1:]]
+    RULES = [substitution(pattern, replacement) for pattern, replacement in [
+        (r"!\[([^\]]*)\]\(([^)\s]+)[^)]*\)", r"\1 \2"),
+        (r"(?<![A-Za-z0-9*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?![A-Za-z0-9*])", r"\1"),
+        (r"(?<![A-Za-z0-9_])__(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])__(?![A-Za-z0-9_])", r"\1"),
+        (r"(?<![A-Za-z0-9*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![A-Za-z0-9*])", r"\1"),
+        (r"(?<![A-Za-z0-9_])_(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])_(?![A-Za-z0-9_])", r"\1"),
+        (r"~~(?=\S)(.+?)(?<=\S)~~", r"\1")]]
+
+
+class RescanningCutter(wxbot.StreamCutter):
+    """Looks for a sentence end from the start of the line each time, as it once did."""
+
+    def _sentence_end(self):
+        line = self.line
+        for match in reversed(list(wxbot.SENTENCE_END.finditer(line))):
+            head = line[:match.end()]
+            if head.count("`") % 2 == 0 and head.count("**") % 2 == 0 and \
+                    head.count("[") == head.count("]") and head.count("(") == head.count(")") \
+                    and head.rfind("[") <= head.rfind("]") and head.rfind("(") <= head.rfind(")"):
+                return match.end()
+        return None
+
+
+@contextlib.contextmanager
+def backtracking_patterns():
+    """wxbot as it read Markdown with backtracking patterns, for the duration."""
+    patched = {"Markdown": PatternMarkdown, "ANCHOR": re.compile(r"<a\s[^>]*>.*?</a>", re.S),
+               "code_spans": pattern_matches(r"(`+)(.+?)\1"),
+               "bracket_links": pattern_matches(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)[^)]*\)")}
+    saved = {name: getattr(wxbot, name) for name in patched}
+    vars(wxbot).update(patched)
+    try:
+        yield
+    finally:
+        vars(wxbot).update(saved)
+
+
+#: What models write, and the marks that trip patterns up, as pieces of lines.
+MARKDOWN_PIECES = [
+    "中文", "强调", "word", "snake_case", "2*3", "2**10", " ", "  ", "\t", "*", "**", "***", "_",
+    "__", "~~", "`", "``", "```", "[", "]", "(", ")", "![", "](", "http://x.cn/a", "https://例.cn",
+    ' "标题"', "#", "## ", "> ", "- ", "+ ", "|", "---", ":", "。", "！", "？", "」", ".", ". ",
+    "<", "<a ", "</a>", "<b>", "1 < 2", "，", "：", "…", "\ue000", "[链接](http://x.cn/a)",
+    "[](http://x.cn/a)", "[a](b c)", "](http://x.cn/a 'title')", "![图](http://x.cn/p.png)",
+    "![](", "`code`", "``a`b``", "**粗体**", "*斜体*", "~~删~~", "_强调_", "__强调__", "# 标题 #",
+    "| --- ", "|:---:", "(见上)", "（注）"]
+markdown_lines = st.lists(st.sampled_from(MARKDOWN_PIECES), max_size=40).map("".join)
+#: Long lines are cut at sentence ends while written: mostly sentences, some stray marks.
+long_markdown_lines = st.lists(st.one_of(
+    st.sampled_from(["这是一句话。", "Yes. ", "好！」", "[链接](http://x.cn/a)。", "**粗体**；"]),
+    st.sampled_from(MARKDOWN_PIECES)), min_size=10, max_size=120).map("".join)
+markdown_documents = st.lists(st.one_of(long_markdown_lines, st.sampled_from(
+    ["```", "", "|---|---|", "| --- | :---: |"])), max_size=8).map("\n".join)
+
+
+@hsettings(max_examples=1000, deadline=None, database=None)
+@given(st.lists(markdown_lines, min_size=1, max_size=4), st.booleans())
+def test_markdown_reads_as_it_did_with_backtracking_patterns(lines, line_start):
+    linear = wxbot.Markdown()
+    with backtracking_patterns():
+        backtracking = wxbot.Markdown()
+        expected = [backtracking.line(line, line_start) for line in lines]
+    assert [linear.line(line, line_start) for line in lines] == expected
+
+
+@hsettings(max_examples=300, deadline=None, database=None)
+@given(markdown_documents, st.integers(1, 80), st.sampled_from([120, 300, wxbot.SEGMENT_LIMIT]))
+def test_answers_are_cut_as_they_were_with_backtracking_patterns(document, chunk, limit):
+    def cut(cutter_class):
+        """What the cutter has made of the answer after each chunk: segments, and where
+        it took the line being written apart."""
+        cutter = cutter_class(limit=limit)
+        steps = [(cutter.feed(document[at:at + chunk]), cutter.line, cutter.plain)
+                 for at in range(0, len(document), chunk)]
+        return steps + [cutter.finish()]
+    with backtracking_patterns():
+        expected = cut(RescanningCutter)
+    assert cut(wxbot.StreamCutter) == expected
+
+
+@hsettings(max_examples=2000, deadline=None, database=None)
+@given(st.text(st.sampled_from(" /_!a继。\n\t－／Ａ1²「」\u3000Ⅻ٠"), max_size=12))
+def test_command_words_are_found_as_before(text):
+    edges = re.compile(r"^(?:[^\w/]|_)+|(?:\W|_)+$")
+    folded = unicodedata.normalize("NFKC", text)
+    assert wxbot.normalise(text) == edges.sub("", folded).translate(wxbot._ASCII_LOWER)
+
+
+# An answer in one piece ######################################################
+
+@pytest.mark.parametrize("pace", ["flood", "trickle"])
+def test_an_answer_in_one_piece_that_never_ends_is_read_no_further_than_a_stream(
+        start_bot, wechat, model, pace):
+    """A provider that refuses to stream and then sends a body that never ends, as fast as it
+    can or a byte at a time: read up to the 1 MiB cap, or hung up on at the deadline."""
+    most = 32 << 20  # far above the cap and what the sockets hold between the two
+    outcome = {}
+
+    def route(handler):
+        if json.loads(handler.body).get("stream"):
+            error = {"error": {"message": "stream is not supported", "type": "invalid_request"}}
+            model.reply(handler, 400, json.dumps(error).encode())
+            return
+        handler.close_connection = True
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()
+        written, started = 0, time.monotonic()
+        try:
+            handler.wfile.write(b'{"choices": [{"message": {"content": "')
+            while written < most and time.monotonic() < started + 30:
+                piece = b"a" * (65536 if pace == "flood" else 1)
+                handler.wfile.write(piece)
+                handler.wfile.flush()
+                written += len(piece)
+                if pace == "trickle":
+                    time.sleep(0.2)  # the pace of the body, not a wait for the bot
+        except OSError:
+            outcome.setdefault("ended", ("hung up", written, time.monotonic() - started))
+        outcome.setdefault("ended", ("still reading", written, time.monotonic() - started))
+
+    model.route = route
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=2)
+    send_text(bot, "oENDLESS", "问", 1)
+    wait_for(lambda: "ended" in outcome, timeout=40, message="the body no longer read")
+    how, written, seconds = outcome["ended"]
+    assert how == "hung up" and written < most, outcome
+    wait_for(lambda: bot.store.settled(1), message="the outcome")
+    assert wechat.texts_to("oENDLESS")[-1] == wxbot.APOLOGY_LINE
+
+
+# Hostile requests, replies and settings ######################################
+
+@pytest.mark.parametrize("echostr", ["<xml><a>1</a></xml>", "<script>x</script>", "²", "1" * 65,
+                                     "12 34", ""])
+def test_verification_echoes_only_a_number_and_as_plain_text(start_bot, echostr):
+    url = f"http://127.0.0.1:{start_bot().port}/wx"
+    answer = requests.get(url, params=signed_query(echostr="4375120948345356249"), timeout=5)
+    assert (answer.status_code, answer.text) == (200, "4375120948345356249")
+    assert answer.headers["Content-Type"].startswith("text/plain")
+    refused = requests.get(url, params=signed_query(echostr=echostr), timeout=5)
+    assert refused.status_code == 400 and refused.text == "bad request"
+    assert refused.headers["Content-Type"].startswith("text/plain")
+
+
+def test_a_signature_split_anew_into_another_timestamp_and_nonce_is_a_replay(start_bot, model,
+                                                                             tmp_path):
+    """The signature is of token, timestamp and nonce joined in sorted order: the digits of a
+    timestamp and a nonce can be cut elsewhere into another pair under the same signature."""
+    bot = start_bot(WXBOT_MAX_SKEW=0)  # no timestamp is too old: any digits will do
+    query = signed_query(timestamp="1714036504", nonce="1514711492")
+    assert post_push(bot, text_xml("oFIRST", "你好", 1), query=query).text == "success"
+    digits = "".join(sorted([query["timestamp"], query["nonce"]]))  # both sort before TOKEN
+    split = {"timestamp": digits[9:], "nonce": digits[:9], "signature": query["signature"]}
+    assert wxbot.wechat_signature(TOKEN, split["timestamp"], split["nonce"]) == \
+        query["signature"] and (split["timestamp"], split["nonce"]) != \
+        (query["timestamp"], query["nonce"])
+    forged = post_push(bot, text_xml("oVICTIM", "转账给我", 2), query=split)
+    assert forged.status_code == 403
+    assert [openid for openid, *_ in stored_messages(str(tmp_path / "wxbot.db"))] == ["oFIRST"]
+
+
+def test_characters_xml_forbids_never_break_a_passive_reply(start_bot, wechat, model,
+                                                            quick_wechat_clock):
+    model.respond = lambda request: "红色\x1b[31m警告\x1b[0m，响铃\x07，空\x00字。"
+    bot = start_bot(WXBOT_MODE="passive")
+    shown = WeChatUser(bot, "oCONTROL", quick_wechat_clock).says("打印彩色文字")
+    assert shown == "红色[31m警告[0m，响铃，空字。"
+
+
+def test_a_malformed_env_line_never_prints_the_key_on_it(tmp_path, wechat, model):
+    env_file = tmp_path / "wxbot.env"
+    env_file.write_text("WXBOT_TOKEN=AAAAA12345\nOPENAI_API_KEY: sk-proj-leaked-0123456789==\n",
+                        encoding="utf-8")
+    result = run_wxbot(["check", "--env", str(env_file)], {})
+    assert result.returncode == 2 and f"{env_file}:2" in result.stderr
+    assert "leaked" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("url", ["htps://user:hunter2-leaked@api.example.com/v1",
+                                 "https//user:hunter2-leaked@api.example.com/v1",
+                                 "user:hunter2-leaked@api.example.com/v1",
+                                 "api.example.com/v1?api_key=hunter2-leaked"])
+def test_a_mistyped_base_url_is_named_without_its_password(tmp_path, wechat, model, url):
+    result = run_wxbot(["check"], env_for(tmp_path, wechat, model, OPENAI_BASE_URL=url))
+    assert result.returncode == 2 and "OPENAI_BASE_URL" in result.stderr
+    assert "hunter2-leaked" not in result.stdout + result.stderr
+
+
+def test_continue_links_name_answers_opaquely_and_any_tapped_id_is_answered(start_bot, wechat,
+                                                                            model):
+    model.respond = lambda request: answer_of_paragraphs(14, 600)
+    bot = start_bot()
+    send_text(bot, "oOPAQUE", "写一本书", 1)
+    wait_for(lambda: len(wechat.texts_to("oOPAQUE")) == 5)
+    link = tapped_answer(wechat.texts_to("oOPAQUE")[-1])[1]
+    with bot.store.connection() as conn:
+        rows = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    assert not link.isdigit() or int(link) > 10 ** 6 > rows  # no row id, nor a count of rows
+    for msg_id, tapped in enumerate(["²", "1", "-1", "9" * 40, "&lt;b&gt;", link[:-1]], 2):
+        assert post_push(bot, tap_xml("oOPAQUE", tapped, msg_id)).text == "success"
+        wait_for(lambda: bot.store.settled(msg_id), message=f"the tap with {tapped!r} answered")
+    assert wechat.texts_to("oOPAQUE")[5:] == [wxbot.STALE_CONTINUE_LINE] * 6
+    assert post_push(bot, tap_xml("oOPAQUE", link, 8)).text == "success"  # the real one
+    wait_for(lambda: len(wechat.texts_to("oOPAQUE")) == 16)

@@ -199,7 +199,10 @@ def _url(value: str) -> str:
     value = value.strip().rstrip("/")
     parts = urllib.parse.urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        shown = masked_url(value)
+        if "@" in shown.replace("***@", ""):  # a password where no URL can be read
+            shown = "***@" + shown.rpartition("@")[2]
+        raise ValueError(f"must be an http:// or https:// URL, got {shown!r}")
     return value
 
 
@@ -523,7 +526,9 @@ def read_env_file(path: str) -> dict[str, str]:
             if key.startswith("export "):
                 key = key[len("export "):].strip()
             if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-                raise SettingsError([f"{path}:{number}: expected KEY=VALUE, got {line[:40]!r}"])
+                raise SettingsError([f"{path}:{number}: expected KEY=VALUE, such as "
+                                     f"WXBOT_PORT=8080 (the line is not shown: it may hold a "
+                                     f"key; a name is letters, digits and _, then =)"])
             value = value.strip()
             if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
                 value = value[1:-1]
@@ -662,17 +667,24 @@ class Intent:
     text: str
 
 
-#: Surrounding spaces, punctuation and symbols ("继续。", " /reset ", "「帮助」!"); a leading
-#: "/" stays, it belongs to the command.
-_EDGES = re.compile(r"^(?:[^\w/]|_)+|(?:\W|_)+$")
 _ASCII_LOWER = {code: code + 32 for code in range(ord("A"), ord("Z") + 1)}
 
 
 def normalise(text: str) -> str:
     """The form in which a message is compared with the command words: full-width forms folded
     (NFKC: "／ＲＥＳＥＴ" is "/RESET"), surrounding spaces and punctuation dropped, ASCII
-    lower-cased."""
-    return _EDGES.sub("", unicodedata.normalize("NFKC", text)).translate(_ASCII_LOWER)
+    lower-cased.
+
+    Surrounding means anything but letters and digits ("继续。", " /reset ", "「帮助」!"); a
+    leading "/" stays, it belongs to the command. Scanned from both ends: a pattern anchored
+    at the end is tried from every character, quadratic on "a", many spaces, "b"."""
+    text = unicodedata.normalize("NFKC", text)
+    start, end = 0, len(text)
+    while start < end and not text[start].isalnum() and text[start] != "/":
+        start += 1
+    while end > start and not text[end - 1].isalnum():
+        end -= 1
+    return text[start:end].translate(_ASCII_LOWER)
 
 
 #: Each command word, normalised, and the kind of message it makes.
@@ -1164,6 +1176,10 @@ class Store:
             if version and changed:
                 log.info("database %s brought up to date (schema %d to %d): added %s", path,
                          version, SCHEMA_VERSION, ", ".join(changed))
+        with self.transaction() as conn:  # kept with the answers: links outlive a restart
+            conn.execute("INSERT OR IGNORE INTO kv (key, value) VALUES ('continue-key', ?)",
+                         (os.urandom(16).hex(),))
+        self._continue_key = bytes.fromhex(self.get_kv("continue-key", 0))
 
     def _compactable(self, conn: sqlite3.Connection, free_space: Callable[[str], int]) -> None:
         """Let the file shrink: rows deleted by retention give their pages back to the disk.
@@ -1735,16 +1751,25 @@ class Store:
             return (0 if writing else rest), newest
         return None if newest is None else (None, newest)
 
-    def tap_current(self, message: Message, tapped: int) -> bool:
-        """Whether a tapped 继续 (<bizmsgmenuid>) belongs to the answer whose rest 继续 fetches
-        now: the newest with segments unsent. A tap on an older answer's link is not, nor one
-        on another user's; with nothing unsent at all, any tap gets the usual "nothing more"."""
+    def continue_id(self, answer_id: int) -> str:
+        """The id a 继续 link carries for an answer (msgmenuid, back as <bizmsgmenuid>): digits
+        that name the answer to this database alone, where the row id would tell anyone how
+        many messages came before and name the answers around it."""
+        digest = hmac.digest(self._continue_key, str(answer_id).encode(), "sha256")
+        return str(int.from_bytes(digest[:6], "big"))
+
+    def tap_current(self, message: Message, tapped: str) -> bool:
+        """Whether a tapped 继续 (<bizmsgmenuid>, any text) belongs to the answer whose rest 继续
+        fetches now: the newest with segments unsent (its link may name a message merged into
+        it). A tap on an older answer's link is not, nor one on another user's; with nothing
+        unsent at all, any tap gets the usual "nothing more"."""
         with self.connection() as conn:
             newest = conn.execute("SELECT max(s.message_id)" + EARLIER_UNSENT,
                                   {"openid": message.openid, "id": message.id}).fetchone()[0]
-            answer = conn.execute("SELECT coalesce(merged_into, id) FROM messages WHERE id = ?"
-                                  " AND openid = ?", (tapped, message.openid)).fetchone()
-        return newest is None or (answer is not None and answer[0] == newest)
+            named = [row[0] for row in conn.execute(
+                "SELECT id FROM messages WHERE openid = ? AND (id = ? OR merged_into = ?)",
+                (message.openid, newest, newest))] if newest is not None else []
+        return newest is None or tapped in {self.continue_id(answer) for answer in named}
 
     def reply_at_once(self, message_id: int, text: str, now: float, passive: bool) -> bool:
         """Store a fixed reply as the whole answer of a message no worker has taken; False
@@ -3857,19 +3882,24 @@ class Model:
                                     base_url=settings.openai_base_url or None,
                                     timeout=settings.model_timeout, max_retries=0)
 
-    def answer(self, messages: list[dict], max_tokens: int | None = None,
-               timeout: float | None = None) -> str:
-        """The whole answer in one piece; `timeout` (seconds) replaces the client's."""
+    def answer(self, messages: list[dict], deadline: Deadline, max_tokens: int | None = None
+               ) -> str:
+        """The whole answer in one piece, not streamed. Read as a stream is: the body up to
+        MAX_WHOLE bytes, and hung up on at the deadline. (The SDK's own call reads a body
+        whole, however long, and no hang-up reaches it: an endless body filled the memory.)"""
+        if deadline.hung_up:
+            raise deadline.error()
+        max_tokens = max_tokens or self.settings.max_tokens
         try:
-            completion = self.client.chat.completions.create(
-                model=self.settings.model, messages=messages,
-                max_tokens=max_tokens or self.settings.max_tokens,
-                timeout=openai.NOT_GIVEN if timeout is None else timeout)
+            response = self.client.post("/chat/completions", cast_to=HTTP_RESPONSE, stream=True,
+                                        body={"model": self.settings.model,
+                                              "messages": messages, "max_tokens": max_tokens},
+                                        options={"timeout": deadline.left()})
         except openai.APIStatusError as error:
             raise self._status_error(error) from None
         except openai.APIError as error:
             raise self._unreachable(error) from None
-        return self._whole(completion.model_dump(), max_tokens or self.settings.max_tokens)
+        return self._whole_body(response, deadline, max_tokens)
 
     @staticmethod
     def _whole(completion: dict, max_tokens: int) -> str:
@@ -3902,7 +3932,7 @@ class Model:
                                         options={"timeout": deadline.left()})
         except openai.APIStatusError as error:
             if error.status_code == 400 and "stream" in str(error.message).lower():
-                yield self.answer(messages, timeout=deadline.left())
+                yield self.answer(messages, deadline)
                 return
             raise self._status_error(error) from None
         except openai.APIError as error:
@@ -3947,14 +3977,15 @@ class Model:
         if deadline.hung_up:  # the watcher gave up on this call: nothing more is asked
             raise deadline.error()
         if not streamed:  # a provider that ignored stream=True: one JSON body, no event
-            yield self.answer(messages, timeout=deadline.left())
+            yield self.answer(messages, deadline)
         elif not produced:  # finished, or ended, with nothing to say: asking again costs
             raise no_text(finish, self.settings.max_tokens)
         elif not finish:  # the connection ended without the model saying it was done
             raise ModelError("the answer stream ended before the answer was finished")
 
-    def _whole_body(self, response, deadline: Deadline) -> str:
-        """The answer of a provider that ignored stream=True: already paid for, read here."""
+    def _whole_body(self, response, deadline: Deadline, max_tokens: int | None = None) -> str:
+        """An answer in one JSON body (a provider that ignored stream=True: already paid for,
+        read here)."""
         deadline.reading(response)
         body = bytearray()
         try:
@@ -3976,7 +4007,7 @@ class Model:
             raise deadline.error()
         if not isinstance(completion, dict):
             raise ModelError("the answer is not a chat.completion")
-        return self._whole(completion, self.settings.max_tokens)
+        return self._whole(completion, max_tokens or self.settings.max_tokens)
 
     def _unreachable(self, error: openai.APIError, what: str = "the model") -> ModelError:
         """No answer at all. The URL's credentials are masked here, not only in the log: the
@@ -4093,13 +4124,19 @@ CODE_FENCE = re.compile(r"^[ \t]*(```|~~~)")
 #: full-width "＜": the user reads the same character and a prompt injection plants no link,
 #: while "1 < 2" and "a <= b" stay as written.
 MARKUP_OPEN = re.compile(r"<(?=[A-Za-z/!?])")
-#: A link in a text as WeChat shows it: never cut across two segments.
-ANCHOR = re.compile(r"<a\s[^>]*>.*?</a>", re.S)
+#: A link in a text as WeChat shows it: never cut across two segments. (No "<" inside: the
+#: model's are MARKUP_OPEN's "＜" by now; and so a text of "<a " repeated is linear.)
+ANCHOR = re.compile(r"<a\s[^<>]*>[^<]*</a>")
 #: A Markdown link whose <a> would be longer stays text: a link must fit one segment whole.
 LINK_MOST = 1024
 #: A line being written is cut at a sentence end each time it grows by this many characters:
 #: a paragraph longer than a segment must not hold the segments back until it ends.
 LONG_LINE = 100
+#: What must be balanced before a sentence end for a line to be cut there: inline code,
+#: bold, links (counted, and for [] and () where the last of each is).
+MARKS = ("`", "**", "[", "]", "(", ")")
+#: A line just begun: counted up to 0, ends looked for from 0, no marks, none last anywhere.
+NOTHING_COUNTED = (0, 0, (0,) * len(MARKS), (-1,) * 4)
 
 
 def utf8_len(text: str) -> int:
@@ -4125,6 +4162,8 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
     least = min(least, limit * 9 // 10)  # a smaller limit than WeChat's: still a natural end
     end = _chars_within(text, limit)
     low = _chars_within(text, least - 1) + 1
+    # Only blocks that start before the cut matter: a place is not checked against them all.
+    blocks = [(start, stop) for start, stop in blocks if start < end]
     long_blocks = []
     for start, stop in blocks:
         if start < end < stop:  # the cut would split this block
@@ -4132,7 +4171,11 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
                 return start
             long_blocks.append((start, stop))
 
-    links = [match.span() for match in ANCHOR.finditer(text)]
+    links = []  # those that start before the cut: not every link of a long text each time
+    for match in ANCHOR.finditer(text):
+        if match.start() >= end:
+            break
+        links.append(match.span())
 
     def allowed(at: int, line_end: bool) -> bool:
         if any(start < at < stop for start, stop in links):
@@ -4157,11 +4200,11 @@ def _cut(text: str, limit: int, least: int, blocks: list[tuple[int, int]] = (),
     return starts[0] if starts else end
 
 
-def continue_tail(remaining: int | None, answer_id: int, text: str) -> str:
-    """The line that ends `text` when more follows, with 继续 to tap: how many segments of
-    its answer remain (0: not known yet); None: its answer is whole, and 继续 brings the
-    answer to a later question. Where that does not fit WeChat's 2048 bytes, the line that
-    asks to type 继续."""
+def continue_tail(remaining: int | None, answer_id: str, text: str) -> str:
+    """The line that ends `text` when more follows, with 继续 to tap (`answer_id`:
+    Store.continue_id): how many segments of its answer remain (0: not known yet); None: its
+    answer is whole, and 继续 brings the answer to a later question. Where that does not fit
+    WeChat's 2048 bytes, the line that asks to type 继续."""
     link = CONTINUE_LINK.format(answer=answer_id)
     tail = NEXT_TAIL.format(link=link) if remaining is None else \
         CONTINUE_TAIL.format(remaining=remaining, link=link) if remaining else \
@@ -4169,9 +4212,10 @@ def continue_tail(remaining: int | None, answer_id: int, text: str) -> str:
     return tail if utf8_len(text + tail) <= SEGMENT_BYTES else TYPED_TAIL
 
 
-def next_send(rows: list, quota: int, streaming: bool, answer_id: int
+def next_send(rows: list, quota: int, streaming: bool, answer_id: str
               ) -> tuple[sqlite3.Row, str] | None:
-    """The segment of answer `answer_id` to send next and its text; None when none may go now.
+    """The segment of an answer to send next and its text (`answer_id` as its 继续 link names
+    it: Store.continue_id); None when none may go now.
 
     WeChat allows `quota` customer-service messages for one user message (45047; Store.quota):
     the last one allowed says how to get the rest ("继续"), so while the model still writes,
@@ -4195,34 +4239,154 @@ def anchor_tag(url: str) -> str:
                                   .replace(">", "%3E"))
 
 
+def _substitute(line: str, matches: Iterable[tuple[int, int, tuple[str, ...]]],
+                replace: Callable[..., str]) -> str:
+    """`line` with each match (start, end, groups), in order and apart, replaced by
+    replace(*groups): what re.sub does, for the scanners below."""
+    parts, at = [], 0
+    for start, end, groups in matches:
+        parts += [line[at:start], replace(*groups)]
+        at = end
+    parts.append(line[at:])
+    return "".join(parts)
+
+
+#: A run of backticks, which opens or closes inline code.
+BACKTICKS = re.compile("`+")
+#: The address of a Markdown link: up to a space or ")".
+LINK_ADDRESS = re.compile(r"[^)\s]*")
+
+
+def code_spans(line: str) -> Iterator[tuple[int, int, tuple[str, str]]]:
+    """Inline code, each as (start, end, (marks, code)): a run of backticks, at least one
+    character, and the first as many backticks; a run too long to be closed is tried shorter,
+    down to one backtick (what the pattern "(`+)(.+?)" and the marks again would find).
+    Found from the runs, in linear time: that pattern scans to the end of the line for each
+    shorter run, cubic on a line of backticks."""
+    runs = [match.span() for match in BACKTICKS.finditer(line)]
+    longest_after = [0] * (len(runs) + 1)  # the longest run among runs[i:]
+    for i in range(len(runs) - 1, -1, -1):
+        longest_after[i] = max(longest_after[i + 1], runs[i][1] - runs[i][0])
+    i, at = 0, 0  # runs[i] holds or follows `at`
+    while i < len(runs):
+        start = max(at, runs[i][0])
+        if start >= runs[i][1]:
+            i += 1
+            continue
+        length = runs[i][1] - start
+        closed_within = (length - 1) // 2  # the longest marks the rest of this run closes
+        closed_later = min(length, longest_after[i + 1])
+        marks = max(closed_within, closed_later)
+        if not marks:
+            at = start + 1
+            continue
+        if closed_within >= closed_later:
+            close = start + marks + 1
+        else:
+            i += 1
+            while runs[i][1] - runs[i][0] < marks:
+                i += 1
+            close = runs[i][0]
+        yield start, close + marks, (line[start:start + marks], line[start + marks:close])
+        at = close + marks
+
+
+def bracket_links(line: str, image: bool = False) -> Iterator[tuple[int, int, tuple[str, str]]]:
+    """Markdown links [text](address "title"), each as (start, end, (text, address)); with
+    `image`, images ![text](address) (their text may be empty). The address ends at a space
+    or ")"; a title may follow it up to the ")".
+
+    Scanned, in linear time: a pattern tried from each "[" scans on to the end of the line
+    when no ")" comes, cubic on "[a](" repeated. Every "[" before a "]" meets that "]" and
+    what follows it alike, so a "]" that fails one fails them all; a ")" missing after one
+    address is missing after all the later ones."""
+    opening = "![" if image else "["
+    at = 0
+    while (start := line.find(opening, at)) >= 0:
+        if not image and start and line[start - 1] == "!":
+            at = start + 1
+            continue
+        text = start + len(opening)
+        close = line.find("]", text)
+        if close < 0:
+            return
+        at = close + 1
+        if (image or close > text) and line.startswith("(", close + 1):
+            address = LINK_ADDRESS.match(line, close + 2).end()
+            end = line.find(")", address)
+            if end < 0:
+                return
+            if address > close + 2:
+                yield start, end + 1, (line[text:close], line[close + 2:address])
+                at = end + 1
+
+
+class Paired:
+    """Text between two marks, as OPENING(.+?)CLOSING finds it (the first closing mark after at
+    least one character), the marks taken away. A closing mark does not depend on where its
+    opening was: one search for it from each opening keeps this linear, where the expression
+    scans to the end of the line from every opening mark that is never closed."""
+
+    def __init__(self, opening: str, closing: str):
+        self.opening, self.closing = re.compile(opening), re.compile(closing)
+
+    def __call__(self, line: str) -> str:
+        parts, at = [], 0
+        while opening := self.opening.search(line, at):
+            closing = self.closing.search(line, opening.end() + 1)
+            if not closing:
+                break
+            parts += [line[at:opening.start()], line[opening.end():closing.start()]]
+            at = closing.end()
+        return "".join(parts) + line[at:]
+
+
+#: A heading's marks; what follows is its text, less the spaces and #s that end it.
+HEADING = re.compile(r"(\s*)#{1,6}\s+")
+
+
+def heading(line: str) -> str:
+    """A heading as its text, indentation kept. Its end is scanned from the right: a pattern
+    for the spaces and #s at the end is tried from every character, quadratic on a heading
+    of many spaces and then a letter."""
+    match = HEADING.match(line)
+    if not match:
+        return line
+    end = len(line)
+    while end > match.end() and (line[end - 1].isspace() or line[end - 1] == "#"):
+        end -= 1
+    return match.group(1) + line[match.end():end]
+
+
 class Markdown:
     """Turns a model's Markdown into plain text, one line at a time, since WeChat shows the
     marks as they are. Markup the model wrote is shown as text (MARKUP_OPEN); its http(s)
     links become <a> links, which WeChat shows. Code (inline and fenced) is taken out before
-    any rule runs and put back as written. Only links make a line longer."""
+    any rule runs and put back as written. Only links make a line longer.
 
-    TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
-    INLINE_CODE = re.compile(r"(`+)(.+?)\1")
-    LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)[^)]*\)")
+    A model can be made to write anything, a line of "[a](" or of spaces included, so every
+    rule takes time linear in the line: no pattern here has two unbounded parts that can
+    match the same characters, and a mark that may be closed far away is found by scanning
+    (code_spans, bracket_links, Paired), never by backtracking."""
+
+    TABLE_RULE = re.compile(r"\s*(?:\|\s*)?:?-{3,}:?(?:\s*\|\s*:?-{3,}:?)*\s*(?:\|\s*)?$")
     WEB = re.compile(r"https?://", re.I)
     #: Inline code waits in the Private Use Area while the rules run.
     PLACEHOLDER = re.compile("[\ue000-\uf8ff]")
     LINE_RULES = [
-        (re.compile(r"^(\s*)#{1,6}\s+(.*?)[\s#]*$"), r"\1\2"),            # headings
-        (re.compile(r"^(\s*)[*+](\s+)"), r"\1-\2"),                        # bullets
-        (re.compile(r"^\s*>\s?"), ""),                                      # quotes
+        heading,
+        functools.partial(re.compile(r"^(\s*)[*+](\s+)").sub, r"\1-\2"),    # bullets
+        functools.partial(re.compile(r"^\s*>\s?").sub, ""),                  # quotes
     ]
     # Emphasis never inside ASCII words: snake_case_names, 2*3*4 and 2**10 stay as written.
     # Underscores mark emphasis only around Chinese (_强调_): __init__, _a and b_ are code.
     RULES = [
-        (re.compile(r"!\[([^\]]*)\]\(([^)\s]+)[^)]*\)"), r"\1 \2"),          # images
-        (re.compile(r"(?<![A-Za-z0-9*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?![A-Za-z0-9*])"), r"\1"),
-        (re.compile(r"(?<![A-Za-z0-9_])__(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])__"
-                    r"(?![A-Za-z0-9_])"), r"\1"),
-        (re.compile(r"(?<![A-Za-z0-9*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![A-Za-z0-9*])"), r"\1"),
-        (re.compile(r"(?<![A-Za-z0-9_])_(?=[^\x00-\x7f])(.+?)(?<=[^\x00-\x7f])_"
-                    r"(?![A-Za-z0-9_])"), r"\1"),
-        (re.compile(r"~~(?=\S)(.+?)(?<=\S)~~"), r"\1"),                     # strike-through
+        lambda line: _substitute(line, bracket_links(line, image=True), "{} {}".format),
+        Paired(r"(?<![A-Za-z0-9*])\*\*(?=\S)", r"(?<=\S)\*\*(?![A-Za-z0-9*])"),
+        Paired(r"(?<![A-Za-z0-9_])__(?=[^\x00-\x7f])", r"(?<=[^\x00-\x7f])__(?![A-Za-z0-9_])"),
+        Paired(r"(?<![A-Za-z0-9*])\*(?=[^\s*])", r"(?<=[^\s*])\*(?![A-Za-z0-9*])"),
+        Paired(r"(?<![A-Za-z0-9_])_(?=[^\x00-\x7f])", r"(?<=[^\x00-\x7f])_(?![A-Za-z0-9_])"),
+        Paired(r"~~(?=\S)", r"(?<=\S)~~"),                                     # strike-through
     ]
 
     def __init__(self):
@@ -4235,26 +4399,29 @@ class Markdown:
             self.in_code = not self.in_code
             return None
         raw = MARKUP_OPEN.sub("＜", raw)
-        if self.in_code:  # code stays as written, indentation and all
+        # Code stays as written, indentation and all; a blank line has nothing to clean.
+        if self.in_code or not raw.strip():
             return raw
         if line_start and "|" in raw and self.TABLE_RULE.match(raw):
             return None
         tags: set[int] = set()  # where in `kept` our own link tags are
         if self.PLACEHOLDER.search(raw):  # nowhere to park inline code nor links: as it is
-            kept, line = [], self.LINK.sub(r"\1 (\2)", raw)
+            kept, line = [], _substitute(raw, bracket_links(raw), "{} ({})".format)
         else:
-            kept = [match.group(2) for match in self.INLINE_CODE.finditer(raw)]
+            spans = list(code_spans(raw))
+            kept = [code for _, _, (_, code) in spans]
             places = iter(range(len(kept)))
-            line = self.INLINE_CODE.sub(lambda match: chr(0xE000 + next(places)), raw)
-            line = self.LINK.sub(lambda match: self._link(match, kept, tags), line)
+            line = _substitute(raw, spans, lambda marks, code: chr(0xE000 + next(places)))
+            line = _substitute(line, bracket_links(line),
+                               lambda text, url: self._link(text, url, kept, tags))
         if line_start:
             stripped = line.strip()
             if len(stripped) > 1 and stripped[0] == "|" and stripped[-1] == "|":
                 line = " | ".join(cell.strip() for cell in stripped[1:-1].split("|"))
-            for pattern, replacement in self.LINE_RULES:
-                line = pattern.sub(replacement, line)
-        for pattern, replacement in self.RULES:
-            line = pattern.sub(replacement, line)
+            for rule in self.LINE_RULES:
+                line = rule(line)
+        for rule in self.RULES:
+            line = rule(line)
         # The rules may have joined "<" to a name ("<**a**" became "<a"), and so may code put
         # back ("<`a`"): look for markup once more, with only our own link tags still parked.
         if kept:
@@ -4265,10 +4432,9 @@ class Markdown:
         return self.PLACEHOLDER.sub(lambda match: kept[ord(match.group()) - 0xE000], line) \
             if tags else line
 
-    def _link(self, match: re.Match, kept: list[str], tags: set[int]) -> str:
+    def _link(self, text: str, url: str, kept: list[str], tags: set[int]) -> str:
         """A Markdown link: an http(s) one as <a>, its tags parked in `kept` so that no rule
         touches the address (its text still reads as any text); any other as text (address)."""
-        text, url = match.groups()
         tag = anchor_tag(url)
         if not self.WEB.match(url) or utf8_len(tag + text + "</a>") > LINK_MOST:
             return f"{text} ({url})"
@@ -4296,6 +4462,7 @@ class StreamCutter:
         self.line = ""           # the raw line being written
         self.line_start = True   # False once the start of self.line has been taken
         self.looked = 0          # how long self.line was when last looked at for a cut
+        self.counted = NOTHING_COUNTED  # marks in self.line up to a sentence end (_sentence_end)
         self.plain = ""          # plain text not cut into segments yet
         self.blocks: list[list[int | None]] = []  # code blocks in self.plain: [start, end]
 
@@ -4306,16 +4473,16 @@ class StreamCutter:
             *lines, self.line = (self.line + text).split("\n")
             for line in lines:
                 self._take(line, whole=True)
-            self.looked = 0
+            self.looked, self.counted = 0, NOTHING_COUNTED
         else:
             self.line += text
         if len(self.line) >= self.looked + LONG_LINE and not self.in_code:
             self.looked = len(self.line)
-            at = self._sentence_end(self.line)
+            at = self._sentence_end()
             if at:
                 self._take(self.line[:at], whole=False)
                 self.line = self.line[at:]
-                self.looked, taken = 0, True
+                self.looked, self.counted, taken = 0, NOTHING_COUNTED, True
         return self._segments(final=False) if taken else []  # nothing new to cut
 
     def finish(self, tail: str = "") -> list[str]:
@@ -4334,18 +4501,38 @@ class StreamCutter:
     def in_code(self) -> bool:
         return bool(self.markdown and self.markdown.in_code)
 
-    @staticmethod
-    def _sentence_end(line: str) -> int | None:
-        """The last sentence end of a line being written where no inline code, emphasis or
+    def _sentence_end(self) -> int | None:
+        """The last sentence end of the line being written where no inline code, emphasis or
         link is open, so that both parts read the same as the whole. (A "<" that opens
-        markup is never last in a part, so each part shows it as text.)"""
-        for match in reversed(list(SENTENCE_END.finditer(line))):
-            head = line[:match.end()]
-            if head.count("`") % 2 == 0 and head.count("**") % 2 == 0 and \
-                    head.count("[") == head.count("]") and head.count("(") == head.count(")") \
-                    and head.rfind("[") <= head.rfind("]") and head.rfind("(") <= head.rfind(")"):
-                return match.end()
-        return None
+        markup is never last in a part, so each part shows it as text.)
+
+        Each look goes on from where the last left off (self.counted: the marks counted up
+        to a sentence end, and how far ends were looked for), not from the start of the line:
+        a long line with a "[" never closed would otherwise be searched and counted whole
+        every LONG_LINE characters."""
+        line = self.line
+        at, looked, counts, lasts = self.counted
+        counts, lasts = list(counts), list(lasts)
+        looked_next = len(line) - 1  # an end may still start at the last character (". ")
+        found = None
+        for match in SENTENCE_END.finditer(line, max(at, looked)):
+            end = match.end()
+            if end == len(line):  # it may grow ("。" then "」"): looked at again next time
+                looked_next = match.start()
+            for i, mark in enumerate(MARKS):  # no end is a "*": no "**" spans two counts
+                counts[i] += line.count(mark, at, end)
+            for i, mark in enumerate("[]()"):
+                lasts[i] = max(lasts[i], line.rfind(mark, at, end))
+            at = end
+            if end < len(line):
+                self.counted = at, at, tuple(counts), tuple(lasts)
+            ticks, stars, opened, closed, opened_round, closed_round = counts
+            if ticks % 2 == 0 and stars % 2 == 0 and opened == closed and \
+                    opened_round == closed_round and lasts[0] <= lasts[1] and lasts[2] <= lasts[3]:
+                found = end
+        at, _, counts, lasts = self.counted
+        self.counted = at, max(at, looked_next), counts, lasts
+        return found
 
     def _take(self, raw: str, whole: bool) -> None:
         was_code = self.in_code
@@ -5555,8 +5742,8 @@ class Worker:
             return self.store.save_answer(message, [stats_text(
                 {**self.store.stats(now), "mode": self.mode.in_force, **articles})], now)
         tapped = message.fields.get("bizmsgmenuid", "")
-        if how.route is Route.CONTINUE and tapped.isdigit() and \
-                not self.store.tap_current(message, int(tapped)):
+        if how.route is Route.CONTINUE and tapped and \
+                not self.store.tap_current(message, tapped):
             return self.store.save_answer(message, [STALE_CONTINUE_LINE], now)
         if how.route is Route.CONTINUE:  # fetches the rest; never a question for the model
             return self.store.save_answer(message, [], now, leftovers=Leftovers.TAKE,
@@ -5856,7 +6043,8 @@ class Worker:
                     self.store.mark_sent(message, sent_seq, now)
                 rows = self.store.segments(message.id)
                 pick = None if not self.mode.sends(message.id) else next_send(  # passive:
-                    rows, self.store.quota(message), streaming, message.id)  # the webhook's
+                    rows, self.store.quota(message), streaming,  # the webhook's
+                    self.store.continue_id(message.id))
                 if pick:
                     self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
                 elif not streaming:
@@ -5967,25 +6155,29 @@ UNCHECKED_REPLAY_WINDOW = 300
 
 
 class ReplayRecord:
-    """The (timestamp, nonce) pairs of recent pushes, each with a digest of its message.
+    """The signatures of recent pushes, each with a digest of its message.
 
     WeChat's signature covers token, timestamp and nonce, not the body, so one captured query
-    string (an access log, a proxy) would sign any body. The same pair with the same body is
-    WeChat retrying; with another body it is a replay, refused. A pair is kept until its
-    timestamp is older than WXBOT_MAX_SKEW, when the signature check refuses it anyway: memory
-    holds one window of pushes. In memory only: a restart forgets it (see README, Security).
+    string (an access log, a proxy) would sign any body. The same signature with the same body
+    is WeChat retrying; with another body it is a replay, refused. Kept by signature, not by
+    (timestamp, nonce): the signature is of the three joined in sorted order, so the digits
+    of a timestamp and a nonce can be split anew ("1714036504", "123" as "17140365",
+    "04123" and the like) into another pair with the same signature. A signature is kept
+    until its timestamp is older than WXBOT_MAX_SKEW, when the signature check refuses it
+    anyway: memory holds one window of pushes. In memory only: a restart forgets it (see
+    README, Security).
     """
 
-    def __init__(self, max_skew: int):
-        self.max_skew = max_skew
-        self._digests: dict[tuple[str, str], bytes] = {}
-        self._expiry: list[tuple[float, tuple[str, str]]] = []  # a heap, soonest first
+    def __init__(self, max_skew: int, token: str):
+        self.max_skew, self.token = max_skew, token
+        self._digests: dict[str, bytes] = {}
+        self._expiry: list[tuple[float, str]] = []  # a heap, soonest first
         self._lock = threading.Lock()
 
     def check(self, timestamp: str, nonce: str, body: bytes, now: float) -> None:
-        """Record this pair; raise Forbidden when it was seen with another body."""
+        """Record this push's signature; raise Forbidden when it came with another body."""
         digest = hashlib.blake2b(body, digest_size=16).digest()
-        pair = (timestamp, nonce)
+        pair = wechat_signature(self.token, timestamp, nonce)
         expires = (int(timestamp) + self.max_skew if self.max_skew
                    else now + UNCHECKED_REPLAY_WINDOW)
         with self._lock:
@@ -5995,11 +6187,11 @@ class ReplayRecord:
             if seen is digest:
                 heapq.heappush(self._expiry, (expires, pair))
         if seen != digest:
-            raise Forbidden("this signed URL (timestamp and nonce) already came with another "
+            raise Forbidden("this signature (timestamp and nonce) already came with another "
                             "body: a replayed URL, refused")
 
     def __len__(self) -> int:
-        """How many pairs are held: one window of pushes."""
+        """How many signatures are held: one window of pushes."""
         return len(self._digests)
 
 
@@ -6016,9 +6208,15 @@ WECHAT_TIMEOUT = 5.0
 HAND_OUT_MARGIN = 0.5
 
 
+#: Characters XML 1.0 does not allow anywhere, CDATA included: a model may write them (an
+#: escape "\x1b[0m", a bell), and one of them makes the whole reply unreadable to WeChat.
+NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def text_reply_xml(openid: str, account: str, content: str, now: float) -> bytes:
     """WeChat's passive text reply; Content is never empty."""
-    content = (content or APOLOGY_LINE).replace("]]>", "]]]]><![CDATA[>")
+    content = NOT_XML.sub("", content or "") or APOLOGY_LINE
+    content = content.replace("]]>", "]]]]><![CDATA[>")
     return (f"<xml><ToUserName><![CDATA[{openid}]]></ToUserName>"
             f"<FromUserName><![CDATA[{account}]]></FromUserName>"
             f"<CreateTime>{int(now)}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
@@ -6050,7 +6248,7 @@ class Webhook:
         self.owner = owner or OwnerFiles(settings)
         self.crypto = (WeChatCrypto(settings.aes_key, settings.appid)
                        if settings.aes_key else None)
-        self.replays = ReplayRecord(settings.max_skew)
+        self.replays = ReplayRecord(settings.max_skew, settings.token)
         self.refusals = LogThrottle()
         self.accepting = True
 
@@ -6060,10 +6258,15 @@ class Webhook:
             check_signature(self.settings.token, query, self.clock(), self.settings.max_skew)
         except Forbidden as error:
             return self.refuse(client, "verification", 403, error)
+        echostr = query.get("echostr", "")
+        # WeChat's echostr is a number; anything else echoed would be a signed URL serving
+        # whatever page its holder wrote into it.
+        if not re.fullmatch("[0-9]{1,64}", echostr):
+            return self.refuse(client, "verification", 400, BadPush("echostr is not a number"))
         if self.refusals.allow("verified:" + client, time.time()) is not None:
             log_web.info("URL verification from %s passed: WeChat may push messages here now",
                          client)
-        return 200, query.get("echostr", "")
+        return 200, echostr
 
     def before_body(self, query: Mapping[str, str], length: int,
                     client: str = "") -> tuple[int, str] | None:
@@ -6180,8 +6383,8 @@ class Webhook:
                     text, more, image = reply
                     if image:
                         return self.image_reply(push, image, query)
-                    return self.reply_body(push, text + continue_tail(*more, text) if more
-                                           else text, query)
+                    return self.reply_body(push, text + continue_tail(
+                        more[0], self.store.continue_id(more[1]), text) if more else text, query)
                 remaining = hand_out_by - time.monotonic()
                 if remaining <= 0:
                     break
@@ -6190,7 +6393,8 @@ class Webhook:
                 bell.wait(remaining)
         if pushes >= 3:
             return self.reply_body(push, THINKING_LINE.format(
-                link=CONTINUE_LINK.format(answer=message_id)), query)
+                link=CONTINUE_LINK.format(answer=self.store.continue_id(message_id))),
+                query)
         # Let this try lapse unanswered: WeChat then pushes the message again.
         time.sleep(max(0.0, arrived + WECHAT_TIMEOUT + 0.5 - time.monotonic()))
         return "success"
@@ -8039,7 +8243,8 @@ def check(settings: Settings, out) -> int:
         else:
             report(False, f"WeChat refused the access token: {error.hint()}")
     try:
-        Model(settings).answer([{"role": "user", "content": "ping"}], max_tokens=5)
+        Model(settings).answer([{"role": "user", "content": "ping"}],
+                               Deadline(settings.model_timeout), max_tokens=5)
         report(True, f"the model {settings.model} answers")
     except ModelError as error:
         mentions_model = "model" in error.detail.lower()
