@@ -5926,6 +5926,13 @@ def database_from(dump, path):
         conn.executescript(open(dump, encoding="utf-8").read())
 
 
+def message_id_of(bot, openid, msg_id):
+    """The id under which the bot stored a user's message."""
+    with bot.store.connection() as conn:
+        return conn.execute("SELECT id FROM messages WHERE openid = ? AND msg_id = ?",
+                            (openid, str(msg_id))).fetchone()[0]
+
+
 def rows_of(path, table, columns):
     with contextlib.closing(sqlite3.connect(path)) as conn:
         return conn.execute(f"SELECT {columns} FROM {table} ORDER BY rowid").fetchall()
@@ -5947,7 +5954,7 @@ def test_a_database_of_any_earlier_release_is_taken_over_and_its_pending_answere
     bot = start_bot(WXBOT_RETENTION_DAYS=0)  # the fixtures' messages are months old
     send_text(bot, "oNEWUSER", "新问题", 4)
     wait_for(lambda: all(bot.store.settled(n) for n in (2, 3)) and bot.store.settled(
-        stored_id(bot, "oNEWUSER", 4)), message="the pending messages answered")
+        message_id_of(bot, "oNEWUSER", 4)), message="the pending messages answered")
     assert [wechat.texts_to(openid) for openid in ("oHELDUSER", "oOLDUSER", "oNEWUSER")] == [
         ["接着回答"]] * 3
     assert sorted(model.questions()) == sorted(["停下时正在回答的问题", "还在排队的问题", "新问题"])
@@ -6137,7 +6144,7 @@ def test_merged_follow_ups_and_a_cut_off_answer_leave_lines_that_say_so(start_bo
         send_text(bot, "oSPLIT", part, 10 + n)
     release.set()
     wait_for(lambda: wechat.texts_to("oSPLIT"))
-    first, *merged = [stored_id(bot, "oSPLIT", 10 + n) for n in range(3)]
+    first, *merged = [message_id_of(bot, "oSPLIT", 10 + n) for n in range(3)]
     assert worker_lines(caplog, f"message {first} from") and worker_lines(
         caplog, f"quick follow-up(s) {merged[0]}, {merged[1]} asked with it")
     send_text(bot, "oGIVEUP", "讲讲", 20)
