@@ -2176,9 +2176,14 @@ class WeChatAPI:
 
     #: Refresh this long before WeChat says the token expires.
     REFRESH_AHEAD = 300.0
+    #: "Typing" shows this long and cannot be shown again meanwhile (45081), unless a
+    #: message to the user ends it first.
+    TYPING_SHOWN = 15.0
 
     def __init__(self, settings: Settings, store: Store, timeout: float = 10.0):
         self.settings, self.store, self.timeout = settings, store, timeout
+        self._typing_since: dict[str, float] = {}  # openid: when typing was shown
+        self._typing_lock = threading.Lock()
         self._lock = threading.Lock()  # one token refresh at a time
         self._local = threading.local()
         self._reported: set[int] = set()
@@ -2300,9 +2305,25 @@ class WeChatAPI:
         return self._post(path, body, {**(params or {}), "access_token":
                                        self.refresh_token(token)}, files)
 
+    def _typing_shown(self, openid: str, command: str) -> bool:
+        """Whether typing still shows for `openid`; for "Typing", note that it shows from now
+        unless it showed already (a message sent ends it: "sent", or "CancelTyping")."""
+        now = time.monotonic()
+        with self._typing_lock:
+            shown = now - self._typing_since.get(openid, -math.inf) < self.TYPING_SHOWN
+            if len(self._typing_since) >= 10000:  # the users of the last 15 s, no more
+                self._typing_since = {user: since for user, since in self._typing_since.items()
+                                      if now - since < self.TYPING_SHOWN}
+            if command != "Typing":
+                self._typing_since.pop(openid, None)
+            elif not shown:
+                self._typing_since[openid] = now
+            return shown
+
     def customer_service_send(self, openid: str, text: str) -> None:
         self.call("/cgi-bin/message/custom/send",
                   {"touser": openid, "msgtype": "text", "text": {"content": text}})
+        self._typing_shown(openid, "sent")
 
     def upload_image(self, data: bytes) -> str:
         """Upload a JPEG or PNG as temporary media (lives 3 days); its media_id."""
@@ -2317,6 +2338,7 @@ class WeChatAPI:
     def send_image(self, openid: str, media_id: str) -> None:
         self.call("/cgi-bin/message/custom/send",
                   {"touser": openid, "msgtype": "image", "image": {"media_id": media_id}})
+        self._typing_shown(openid, "sent")
 
     def menu_create(self, menu: dict) -> None:
         """Replace the custom menu with exactly this one (sent as raw UTF-8, as every call)."""
@@ -2330,10 +2352,19 @@ class WeChatAPI:
         self.call("/cgi-bin/menu/delete")
 
     def typing(self, openid: str, command: str = "Typing") -> None:
-        """Show "typing"; every error is harmless (45080 too late, 45081 already shown)."""
+        """Show "typing"; every error is harmless (45080 too late, 45081 already shown).
+
+        A user whose typing still shows gets no call: WeChat would refuse it (45081), and a
+        user who sends ten messages in a second would cost ten calls.
+        """
+        # Noted before the call, so that a message sent meanwhile (which ends it) counts.
+        if self._typing_shown(openid, command) and command == "Typing":
+            return
         try:
             self.call("/cgi-bin/message/custom/typing", {"touser": openid, "command": command})
         except WeChatError as error:
+            if command == "Typing":  # not shown: the next message may try again
+                self._typing_shown(openid, "failed")
             log_wechat.debug("typing for %s not shown: %s", short_id(openid), error)
 
 
