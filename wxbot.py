@@ -67,7 +67,6 @@ import unicodedata
 import urllib.parse
 import xml.parsers.expat
 from typing import Callable, Container, Iterable, Iterator, Mapping, Sequence
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
 import openai
@@ -3460,9 +3459,14 @@ class WeChatAPI:
 
     #: Refresh this long before WeChat says the token expires.
     REFRESH_AHEAD = 300.0
+    #: "Typing" shows this long and cannot be shown again meanwhile (45081), unless a
+    #: message to the user ends it first.
+    TYPING_SHOWN = 15.0
 
     def __init__(self, settings: Settings, store: Store, timeout: float = 10.0):
         self.settings, self.store, self.timeout = settings, store, timeout
+        self._typing_since: dict[str, float] = {}  # openid: when typing was shown
+        self._typing_lock = threading.Lock()
         self._lock = threading.Lock()  # one token refresh at a time
         self._local = threading.local()
         self._reported: set[int] = set()
@@ -3584,9 +3588,25 @@ class WeChatAPI:
         return self._post(path, body, {**(params or {}), "access_token":
                                        self.refresh_token(token)}, files)
 
+    def _typing_shown(self, openid: str, command: str) -> bool:
+        """Whether typing still shows for `openid`; for "Typing", note that it shows from now
+        unless it showed already (a message sent ends it: "sent", or "CancelTyping")."""
+        now = time.monotonic()
+        with self._typing_lock:
+            shown = now - self._typing_since.get(openid, -math.inf) < self.TYPING_SHOWN
+            if len(self._typing_since) >= 10000:  # the users of the last 15 s, no more
+                self._typing_since = {user: since for user, since in self._typing_since.items()
+                                      if now - since < self.TYPING_SHOWN}
+            if command != "Typing":
+                self._typing_since.pop(openid, None)
+            elif not shown:
+                self._typing_since[openid] = now
+            return shown
+
     def customer_service_send(self, openid: str, text: str) -> None:
         self.call("/cgi-bin/message/custom/send",
                   {"touser": openid, "msgtype": "text", "text": {"content": text}})
+        self._typing_shown(openid, "sent")
 
     def upload_image(self, data: bytes) -> str:
         """Upload a JPEG or PNG as temporary media (lives 3 days); its media_id."""
@@ -3601,6 +3621,7 @@ class WeChatAPI:
     def send_image(self, openid: str, media_id: str) -> None:
         self.call("/cgi-bin/message/custom/send",
                   {"touser": openid, "msgtype": "image", "image": {"media_id": media_id}})
+        self._typing_shown(openid, "sent")
 
     def menu_create(self, menu: dict) -> None:
         """Replace the custom menu with exactly this one (sent as raw UTF-8, as every call)."""
@@ -3623,10 +3644,19 @@ class WeChatAPI:
         return self.call("/cgi-bin/freepublish/getarticle", {"article_id": article_id})
 
     def typing(self, openid: str, command: str = "Typing") -> None:
-        """Show "typing"; every error is harmless (45080 too late, 45081 already shown)."""
+        """Show "typing"; every error is harmless (45080 too late, 45081 already shown).
+
+        A user whose typing still shows gets no call: WeChat would refuse it (45081), and a
+        user who sends ten messages in a second would cost ten calls.
+        """
+        # Noted before the call, so that a message sent meanwhile (which ends it) counts.
+        if self._typing_shown(openid, command) and command == "Typing":
+            return
         try:
             self.call("/cgi-bin/message/custom/typing", {"touser": openid, "command": command})
         except WeChatError as error:
+            if command == "Typing":  # not shown: the next message may try again
+                self._typing_shown(openid, "failed")
             log_wechat.debug("typing for %s not shown: %s", short_id(openid), error)
 
 
@@ -6572,67 +6602,217 @@ class RequestReader(io.RawIOBase):
         return count
 
 
-class QuietHandler(WSGIRequestHandler):
-    """One request per connection, read under deadlines; access lines go to DEBUG.
+class BadRequest(Exception):
+    """A request head that is not HTTP/1.x as a client writes it: answered 400, closed."""
+
+
+class QuietHandler:
+    """One request per connection, read under deadlines, handed to the WSGI app.
 
     A connection is closed once its answer is written (HTTP/1.0 style: no idle keep-alive),
     when no byte came within `idle_timeout`, or when the request was not complete within
-    `request_timeout` of its first byte.
+    `request_timeout` of its first byte. The head is read here and the body by the app, so a
+    push refused on its query string costs no read (Webhook.before_body). Only what WeChat,
+    a reverse proxy and /healthz need: no chunked bodies, no keep-alive, no Date or Server
+    header. wsgiref's handler did the same in three times the CPU, a third of a push's cost.
     """
 
     idle_timeout = 5.0
     request_timeout = 10.0
     timeout = 10  # each write of the answer
+    #: The request line and headers together: WeChat's are a few hundred bytes.
+    MAX_HEAD = 16 * 1024
 
-    def setup(self):
-        super().setup()
-        self.rfile.close()  # the plain reader: it would keep the socket open after close()
-        self.rfile = io.BufferedReader(RequestReader(
-            self.connection, self.idle_timeout, self.request_timeout, self.timeout))
+    def __init__(self, request: socket.socket, client_address, server: "ThreadingServer"):
+        self.connection, self.client_address, self.server = request, client_address, server
+        with contextlib.suppress(OSError):  # the client hung up, or a deadline passed
+            self.handle()
 
-    def log_message(self, format, *args):
-        log_web.debug("%s %s", self.address_string(), format % args)
+    def handle(self) -> None:
+        rfile = io.BufferedReader(RequestReader(self.connection, self.idle_timeout,
+                                                self.request_timeout, self.timeout))
+        try:
+            environ = self.read_head(rfile)
+        except BadRequest as error:
+            log_web.debug("%s bad request: %s", self.client_address[0], error)
+            self.answer("400 Bad Request", [("Content-Type", "text/plain")], b"bad request")
+            return
+        if environ is None:  # closed without a request
+            return
+        status, headers, body = self.run_app(environ)
+        if log_web.isEnabledFor(logging.DEBUG):
+            log_web.debug("%s %s %s %s", self.client_address[0], environ["REQUEST_METHOD"],
+                          environ["PATH_INFO"], status.split(" ", 1)[0])
+        self.answer(status, headers, body)
 
-    def handle(self):
-        with contextlib.suppress(socket.timeout, ConnectionError):
-            super().handle()
+    def read_head(self, rfile: io.BufferedReader) -> dict | None:
+        """The WSGI environ of the request whose head comes next; None when the client
+        closed before a byte."""
+        line = rfile.readline(self.MAX_HEAD + 1)
+        if not line:
+            return None
+        parts = line.split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or len(line) > self.MAX_HEAD:
+            raise BadRequest("not an HTTP/1.x request line")
+        method, target, version = (part.decode("latin-1") for part in parts)
+        path, _, query = target.partition("?")
+        environ = {
+            "REQUEST_METHOD": method, "SCRIPT_NAME": "", "QUERY_STRING": query,
+            "PATH_INFO": urllib.parse.unquote(path, "iso-8859-1"), "SERVER_PROTOCOL": version,
+            "SERVER_NAME": self.server.server_address[0],
+            "SERVER_PORT": str(self.server.server_address[1]),
+            "REMOTE_ADDR": self.client_address[0], "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http", "wsgi.input": rfile, "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False}
+        size = len(line)
+        while True:
+            line = rfile.readline(self.MAX_HEAD + 1)
+            size += len(line)
+            if size > self.MAX_HEAD:
+                raise BadRequest(f"a head over {self.MAX_HEAD} bytes")
+            if line in (b"\r\n", b"\n"):
+                return environ
+            if not line:
+                return None  # closed mid-head
+            name, colon, value = line.decode("latin-1").partition(":")
+            if not colon or not name or name != name.strip():
+                raise BadRequest("a header line without a name")
+            if "_" in name:  # as wsgiref: X_Forwarded would pass for X-Forwarded
+                continue
+            key = name.upper().replace("-", "_")
+            key = key if key in ("CONTENT_LENGTH", "CONTENT_TYPE") else "HTTP_" + key
+            value = value.strip()
+            environ[key] = f"{environ[key]},{value}" if key in environ else value
+
+    def run_app(self, environ: dict) -> tuple[str, list, bytes]:
+        started: list = []
+
+        def start_response(status, headers, exc_info=None):
+            if exc_info and started:
+                raise exc_info[1].with_traceback(exc_info[2])
+            started[:] = [status, headers]
+            return chunks.append
+
+        chunks: list[bytes] = []
+        try:
+            result = self.server.app(environ, start_response)
+            try:
+                chunks.extend(result)
+            finally:
+                if hasattr(result, "close"):
+                    result.close()
+        except OSError:
+            raise
+        except Exception:  # the app's own guard (make_app) answers what it can
+            log_web.exception("internal error answering %s %s", environ["REQUEST_METHOD"],
+                              environ["PATH_INFO"])
+            return "500 Internal Server Error", [("Content-Type", "text/plain")], b"error"
+        return started[0], started[1], b"".join(chunks)
+
+    def answer(self, status: str, headers: list, body: bytes) -> None:
+        """The whole answer in one write: status line, headers, body."""
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers
+                       if name.lower() not in ("content-length", "connection"))
+        self.connection.sendall(f"HTTP/1.1 {status}\r\n{head}Content-Length: {len(body)}\r\n"
+                                f"Connection: close\r\n\r\n".encode("latin-1") + body)
 
 
-class ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
-    """One thread per connection, so a slow client never holds up WeChat's next push.
+#: Where a reverse proxy on this machine connects from: every request through nginx comes
+#: from here, so these are never capped per address.
+PROXY_ADDRESSES = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+
+
+class ThreadingServer(socketserver.TCPServer):
+    """A thread for each open connection, so a slow client never holds up WeChat's next
+    push; threads are kept and reused, not started per connection.
 
     At most `max_connections` at once: each holds a thread (and its stack) for up to the
     request's deadline, so idle connections by the thousand would exhaust the process's
-    threads. One over the cap is closed at once, and the log says so once a minute at most.
+    threads. Of those, one address may hold `max_per_address`, so that one client opening
+    idle connections in a loop cannot take the slots WeChat's pushes need; a reverse proxy
+    on this machine (PROXY_ADDRESSES) is not capped, and caps its clients itself (README).
+    One over a cap is closed at once, and the log says so once a minute at most.
     """
 
-    daemon_threads = True
     allow_reuse_address = True
     # Python's default backlog is 5: under a burst the kernel drops connection attempts and
     # clients retry a second later, past WeChat's 5 s budget (BENCHMARKS.md).
     request_queue_size = 1024
     max_connections = 512
+    max_per_address = 128
+
+    def __init__(self, address: tuple[str, int], app, handler=QuietHandler):
+        self.app = app
+        super().__init__(address, handler)
 
     def server_activate(self):
         super().server_activate()
         self.slots = threading.BoundedSemaphore(self.max_connections)
         self.refusals = LogThrottle()
+        self.per_address: collections.Counter[str] = collections.Counter()
+        self.spare = 0  # threads waiting for a connection
+        self.handed: queue.SimpleQueue = queue.SimpleQueue()  # connections for them
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
 
     def process_request(self, request, client_address):
+        address = client_address[0]
         if not self.slots.acquire(blocking=False):
             self.refuse(request, f"{self.max_connections} connections are open already")
             return
+        with self.lock:
+            if address not in PROXY_ADDRESSES:
+                if self.per_address[address] >= self.max_per_address:
+                    self.slots.release()
+                    self.refuse(request, f"{address} holds {self.max_per_address} "
+                                         "connections already")
+                    return
+                self.per_address[address] += 1
+            spare = self.spare > 0
+            self.spare -= spare
+        if spare:
+            self.handed.put((request, client_address))
+            return
         try:
-            super().process_request(request, client_address)
+            thread = threading.Thread(target=self.serve_connections, name="http-connection",
+                                      args=(request, client_address), daemon=True)
+            thread.start()
         except RuntimeError as error:  # can't start new thread: the system's task limit
-            self.slots.release()
+            self.release(address)
             self.refuse(request, str(error))
+            return
+        self.threads.append(thread)
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+    def serve_connections(self, request, client_address) -> None:
+        """One connection after another, until server_close() hands this thread None."""
+        while request is not None:
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+                self.release(client_address[0])
+            with self.lock:
+                self.spare += 1
+            request, client_address = self.handed.get() or (None, None)
+
+    def release(self, address: str) -> None:
+        """Give back the slots a connection from `address` held."""
+        with self.lock:
+            if address not in PROXY_ADDRESSES:
+                self.per_address[address] -= 1
+                if not self.per_address[address]:
+                    del self.per_address[address]
+        self.slots.release()
+
+    def handle_error(self, request, client_address):
+        log_web.exception("internal error serving %s", client_address[0])
+
+    def server_close(self):
+        super().server_close()
+        for _ in self.threads:  # each thread takes one, once its connection is answered
+            self.handed.put(None)
 
     def refuse(self, request, why: str) -> None:
         self.shutdown_request(request)
@@ -6644,13 +6824,15 @@ class ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
 
 
 class HttpServer:
-    """make_server + serve_forever in a thread, with a clean stop (bottle.run has none)."""
+    """The server and serve_forever in a thread, with a clean stop (bottle.run has none)."""
 
     def __init__(self, app, host: str, port: int):
-        self.server = make_server(host, port, app, ThreadingServer, QuietHandler)
+        self.server = ThreadingServer((host, port), app)
         self.port = self.server.server_address[1]
+        # How soon serve_forever sees stop(): twenty idle looks a second cost nothing
+        # measurable, and stop() (each restart, each test) takes 50 ms rather than 500.
         self.thread = threading.Thread(target=self.server.serve_forever, name="http",
-                                       kwargs={"poll_interval": 0.5}, daemon=True)
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
 
     def start(self) -> None:
         self.thread.start()
