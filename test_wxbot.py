@@ -6975,6 +6975,23 @@ class SaidTexts(html.parser.HTMLParser):
             self.texts[-1] += data
 
 
+@contextlib.contextmanager
+def console_alone(tmp_path, clock=time.time):
+    """An owner's console on its own listener, over a database of its own: (its address, the
+    database's Store)."""
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    store = wxbot.Store(settings.db)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
+                                 clock=clock)
+    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}", store
+    finally:
+        server.stop()
+        store.close()
+
+
 @hsettings(max_examples=40, deadline=None,
            suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=6) |
@@ -6982,57 +6999,32 @@ class SaidTexts(html.parser.HTMLParser):
                                  "<!--", "<script>", XSS, "{{csrf}}", "%"]),
                 min_size=1, max_size=12).map("".join).filter(str.strip))
 def test_console_shows_whatever_a_reader_wrote_as_that_text(tmp_path, said):
-    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
-    store = wxbot.Store(settings.db)
-    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup())
-    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
-    server.start()
-    try:
+    with console_alone(tmp_path) as (base, store):
         openid = f"oSAID{time.time_ns()}"
         store.store_push(wxbot.Push(openid, "gh", "text", "1", str(time.time_ns()), None, said,
                                     {}), time.time())
-        owner = LoggedIn(f"http://127.0.0.1:{server.port}")
+        owner = LoggedIn(base)
         assert SaidTexts(owner.page(f"/people/{openid}")).texts[0] == said
         assert said in SaidTexts(owner.page("/people")).texts
-    finally:
-        server.stop()
-        store.close()
 
 
 def test_console_answers_429_after_five_wrong_passwords_from_one_address(tmp_path):
     now = [1_800_000_000.0]
-    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
-    store = wxbot.Store(settings.db)
-    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
-                                 clock=lambda: now[0])
-    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
-    server.start()
-    base = f"http://127.0.0.1:{server.port}"
-
-    def log_in(password, address="198.51.100.7"):
-        return requests.post(base + "/login", data={"password": password}, timeout=5,
-                             allow_redirects=False, headers={"X-Real-IP": address}).status_code
-    try:
+    with console_alone(tmp_path, clock=lambda: now[0]) as (base, _):
+        def log_in(password, address="198.51.100.7"):
+            return requests.post(base + "/login", data={"password": password}, timeout=5,
+                                 allow_redirects=False, headers={"X-Real-IP": address}
+                                 ).status_code
         assert [log_in(f"guess-{n:08d}") for n in range(5)] == [401] * 5
         assert log_in(CONSOLE_PASSWORD) == 429  # the right one too, until the minute is over
         assert log_in(CONSOLE_PASSWORD, "198.51.100.8") == 303  # another address
         now[0] += 61
         assert log_in(CONSOLE_PASSWORD) == 303
-    finally:
-        server.stop()
-        store.close()
 
 
 def test_console_session_cookie_is_httponly_strict_secure_behind_https_and_ends(tmp_path):
     now = [1_800_000_000.0]
-    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
-    store = wxbot.Store(settings.db)
-    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
-                                 clock=lambda: now[0])
-    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
-    server.start()
-    base = f"http://127.0.0.1:{server.port}"
-    try:
+    with console_alone(tmp_path, clock=lambda: now[0]) as (base, _):
         owner = LoggedIn(base)
         plain = owner.login.headers["Set-Cookie"].lower()
         cookie = requests.post(base + "/login", data={"password": CONSOLE_PASSWORD}, timeout=5,
@@ -7046,9 +7038,6 @@ def test_console_session_cookie_is_httponly_strict_secure_behind_https_and_ends(
         now[0] += 61
         ended = owner.get(base + "/queue", timeout=5, allow_redirects=False)
         assert (ended.status_code, ended.headers["Location"]) == (303, "/login")
-    finally:
-        server.stop()
-        store.close()
 
 
 def test_console_pages_show_readers_text_as_text_and_no_secret(start_bot, wechat, model,
