@@ -7402,3 +7402,34 @@ def test_articles_keep_no_connection_for_each_thread_that_ever_asked(tmp_path):
     finally:
         articles.close()
 
+
+
+# Articles, console and citations under attack ###############################
+
+#: Pages a hostile server may send to `learn URL`: markup that never closes, nests without
+#: end, or ends what was never opened.
+HOSTILE_PAGES = {
+    "end tags never closed": "</" * 100_000,
+    "processing instructions never closed": "<?" * 100_000,
+    "declarations never closed": "<!" * 100_000,
+    "nesting without end": "<div>" * 40_000 + "正文",
+    "stray end tags in deep nesting": "<section>" * 20_000 + "</span>" * 20_000,
+    "a tag left open": '<p><a title="' + "标题" * 100_000,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_PAGES))
+def test_a_hostile_page_is_read_in_linear_time(name):
+    """A page's markup never makes reading it quadratic: 200,000 characters of it are read
+    in a small fraction of the CPU time that quadratic work would take (seconds)."""
+    started = time.process_time()
+    wxbot.page_text(HOSTILE_PAGES[name], "https://example.com/a")
+    assert time.process_time() - started < 1.5, name
+
+
+def test_text_beside_stray_angle_brackets_is_kept():
+    title, text, _ = wxbot.page_text(
+        "<title>价格 < 40元</title><body><!-- 旧价格 <b>39元</b> --><p>拿铁 < 美式 < 手冲</p>"
+        "<p>a<b>b</b>c</p></body>", "https://example.com/a")
+    assert title == "价格 < 40元"
+    assert text.splitlines()[-2:] == ["拿铁 < 美式 < 手冲", "abc"] and "39元" not in text

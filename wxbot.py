@@ -2303,6 +2303,13 @@ _TEXT_REGIONS = ("js_content", "article", "main", "body")
 
 
 _SPACES = re.compile(r"\s+")
+#: A comment: lazy up to its first end, which exists (page_text cuts one left open).
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+#: A "<" that no ">" closes before the next "<": no markup, only text. The standard
+#: library's parser looks for the end of each such "<" through the rest of the page (a page
+#: of "</</</..." takes quadratic time); as text, it is passed over once. Linear: each
+#: look stops at the next "<" or ">".
+_STRAY_LT = re.compile(r"<(?=[^<>]*(?:<|\Z))")
 
 
 class _PageReader(html.parser.HTMLParser):
@@ -2314,6 +2321,10 @@ class _PageReader(html.parser.HTMLParser):
         self.published = ""
         self.regions: dict[str, list[str]] = {name: [] for name in _TEXT_REGIONS}
         self._open: list[tuple[str, str | None]] = []  # (tag, the region it opened)
+        # How many of each tag and region are open: a hostile page nests thousands of
+        # elements, and looking through them at each tag would take quadratic time.
+        self._open_tags: collections.Counter = collections.Counter()
+        self._open_regions: collections.Counter = collections.Counter()
         self._hidden = 0
         self._in_title = self._in_h1 = False
 
@@ -2333,6 +2344,8 @@ class _PageReader(html.parser.HTMLParser):
         region = ("js_content" if attrs.get("id") == "js_content" else
                   tag if tag in ("article", "main", "body") else None)
         self._open.append((tag, region))
+        self._open_tags[tag] += 1
+        self._open_regions[region] += 1
         self._hidden += tag in _HIDDEN
         if tag == "title":
             self._in_title = True
@@ -2342,10 +2355,12 @@ class _PageReader(html.parser.HTMLParser):
             self._text("\n")
 
     def handle_endtag(self, tag):
-        if tag in _VOID or not any(name == tag for name, _ in self._open):
+        if tag in _VOID or not self._open_tags[tag]:
             return  # a stray end tag
         while self._open:
-            name, _ = self._open.pop()
+            name, region = self._open.pop()
+            self._open_tags[name] -= 1
+            self._open_regions[region] -= 1
             self._hidden -= name in _HIDDEN
             if name == "title":
                 self._in_title = False
@@ -2367,7 +2382,8 @@ class _PageReader(html.parser.HTMLParser):
     def _text(self, data: str) -> None:
         # Text in no region is the body's: a fragment of a page (a published article's
         # content) has no <body>.
-        for region in {region for _, region in self._open if region} or {"body"}:
+        regions = [region for region in _TEXT_REGIONS if self._open_regions[region]]
+        for region in regions or ["body"]:
             self.regions[region].append(data)
 
 
@@ -2381,7 +2397,7 @@ def page_text(page: str, url: str) -> tuple[str, str, str]:
     if opened >= 0 and page.find("-->", opened + 4) < 0:
         page = page[:opened]  # a comment left open hides the rest, as in a browser
     reader = _PageReader()
-    reader.feed(page)
+    reader.feed(_STRAY_LT.sub("&lt;", _COMMENT.sub("", page)))
     reader.close()
     text = ""
     for region in _TEXT_REGIONS:
