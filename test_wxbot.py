@@ -7433,3 +7433,54 @@ def test_text_beside_stray_angle_brackets_is_kept():
         "<p>a<b>b</b>c</p></body>", "https://example.com/a")
     assert title == "价格 < 40元"
     assert text.splitlines()[-2:] == ["拿铁 < 美式 < 手冲", "abc"] and "39元" not in text
+
+
+class TricklingPage(FakeServer):
+    """A page that never ends: a few bytes every 50 ms, each well within any read timeout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stop = threading.Event()
+
+    def route(self, handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html; charset=utf-8")
+        handler.end_headers()
+        handler.wfile.write(b"<html><body><p>")
+        while not self.stop.wait(0.05):
+            try:
+                handler.wfile.write("无尽".encode("utf-8"))
+                handler.wfile.flush()
+            except OSError:
+                return
+
+
+def test_a_page_that_never_ends_is_given_up_at_the_deadline():
+    page = TricklingPage()
+    try:
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(
+            pytest.raises(wxbot.LearnError, wxbot.fetch_page, page.url + "/", timeout=1.0)),
+            daemon=True)
+        thread.start()
+        thread.join(30)
+        assert outcome, "the fetch went on past its deadline"
+        assert "within 1 s" in str(outcome[0].value)
+    finally:
+        page.stop.set()
+        page.close()
+
+
+def test_a_url_with_a_password_is_not_learned_logged_or_linked(tmp_path, caplog):
+    pages = FakePages()
+    pages.pages = {"/a": (200, "<p>会员价 30元。</p>")}
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    url = pages.url.replace("http://", "http://owner:hunter2@") + "/a"
+    try:
+        with pytest.raises(wxbot.LearnError, match="password"):
+            articles.learn(url)
+        assert articles.sources() == [] and pages.agents == []
+        assert "hunter2" not in caplog.text
+    finally:
+        articles.close()
+        pages.close()

@@ -2257,8 +2257,13 @@ PAGE_BYTES = 5 * 1024 * 1024
 
 
 def fetch_page(url: str, timeout: float = 20.0) -> Page:
-    """GET a page as a browser would (one at a time: `learn` fetches in turn); LearnError
-    says why it could not be had."""
+    """GET a page as a browser would (one at a time: `learn` fetches in turn), all of it
+    within `timeout`; LearnError says why it could not be had."""
+    if urllib.parse.urlsplit(url).password is not None:
+        # It would be logged, listed and linked in the 来源 line that readers see.
+        raise LearnError("the URL holds a password (user:password@): learn a page readers "
+                         "can open without one")
+    deadline = time.monotonic() + timeout
     try:
         with requests.get(url, timeout=timeout, stream=True, headers={
                 "User-Agent": USER_AGENT, "Accept": "text/html,application/xhtml+xml",
@@ -2268,7 +2273,18 @@ def fetch_page(url: str, timeout: float = 20.0) -> Page:
             kind = response.headers.get("Content-Type", "text/html")
             if "html" not in kind and "text" not in kind:
                 raise LearnError(f"not a web page ({kind.split(';')[0]})")
-            body = response.raw.read(PAGE_BYTES + 1, decode_content=True)
+            # A byte at a time, each within the read timeout, would never end: the page is
+            # read as it comes, under one deadline.
+            chunks, size = [], 0
+            while size <= PAGE_BYTES:
+                if time.monotonic() > deadline:
+                    raise requests.Timeout()
+                chunk = response.raw.read1(PAGE_BYTES + 1 - size, decode_content=True)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            body = b"".join(chunks)
             if len(body) > PAGE_BYTES:
                 raise LearnError(f"the page is larger than {PAGE_BYTES // 1024 // 1024} MB")
             final = response.url
@@ -2276,7 +2292,7 @@ def fetch_page(url: str, timeout: float = 20.0) -> Page:
     except requests.exceptions.SSLError:
         raise LearnError("its HTTPS certificate is not valid") from None
     except requests.Timeout:
-        raise LearnError(f"no answer within {timeout:.0f} s") from None
+        raise LearnError(f"the page did not arrive within {timeout:.0f} s") from None
     except requests.ConnectionError:
         raise LearnError("cannot connect to its server") from None
     except requests.RequestException as error:
