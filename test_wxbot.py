@@ -7484,3 +7484,27 @@ def test_a_url_with_a_password_is_not_learned_logged_or_linked(tmp_path, caplog)
     finally:
         articles.close()
         pages.close()
+
+
+def test_learn_names_a_pipe_and_a_huge_file_and_learns_the_rest(tmp_path):
+    """A folder may hold a named pipe (opening it would wait for a writer forever) or a huge
+    export: each is named with its reason, the other files are learned."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "hours.md").write_text("# 营业时间\n周末早上9点开门。", encoding="utf-8")
+    os.mkfifo(folder / "pipe.txt")
+    with open(folder / "huge.txt", "wb") as file:
+        file.truncate(wxbot.PAGE_BYTES + 1)
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.extend(
+            articles.learn_many([str(folder)])), daemon=True)
+        thread.start()
+        thread.join(30)
+        assert outcome, "learning the folder never ended"
+        said = {os.path.basename(name): str(result) for name, result in outcome}
+        assert "not a regular file" in said["pipe.txt"] and "MB" in said["huge.txt"]
+        assert [source.title for source in articles.sources()] == ["营业时间"]
+    finally:
+        articles.close()

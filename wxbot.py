@@ -57,6 +57,7 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import stat
 import statistics
 import struct
 import sys
@@ -2744,9 +2745,15 @@ class Articles:
         if extension not in ARTICLE_FILES:
             raise LearnError(f"not a .md, .txt or .html file, nor a folder, nor an http(s) URL")
         try:
+            found = os.stat(path)
+            # A pipe or device would block or never end; a log is no article.
+            if not stat.S_ISREG(found.st_mode):
+                raise LearnError("not a regular file")
+            if found.st_size > PAGE_BYTES:
+                raise LearnError(f"larger than {PAGE_BYTES // 1024 // 1024} MB: no article")
             with open(path, "rb") as file:
-                raw = file.read()
-            date = time.strftime("%Y-%m-%d", time.localtime(os.path.getmtime(path)))
+                raw = file.read(PAGE_BYTES + 1)
+            date = time.strftime("%Y-%m-%d", time.localtime(found.st_mtime))
         except OSError as error:
             raise LearnError(f"cannot read it: {error.strerror or error}") from None
         try:
