@@ -7508,3 +7508,26 @@ def test_learn_names_a_pipe_and_a_huge_file_and_learns_the_rest(tmp_path):
         assert [source.title for source in articles.sources()] == ["营业时间"]
     finally:
         articles.close()
+
+
+def test_console_counts_wrong_passwords_from_one_ipv6_subscriber_together(tmp_path):
+    """A subscriber holds a whole /64 of IPv6 addresses: changing address within it buys no
+    more tries."""
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    store = wxbot.Store(settings.db)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
+                                 clock=lambda: 1_800_000_000.0)
+    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
+    server.start()
+
+    def log_in(password, address):
+        return requests.post(f"http://127.0.0.1:{server.port}/login", data={"password": password},
+                             timeout=5, allow_redirects=False,
+                             headers={"X-Real-IP": address}).status_code
+    try:
+        assert [log_in(f"guess-{n}", f"2001:db8:1:2::{n + 1:x}") for n in range(5)] == [401] * 5
+        assert log_in("guess-6", "2001:db8:1:2:ffff::6") == 429
+        assert log_in(CONSOLE_PASSWORD, "2001:db8:1:3::1") == 303  # another subscriber
+    finally:
+        server.stop()
+        store.close()

@@ -6611,10 +6611,24 @@ class ConsoleGuard:
         self._sessions: dict[str, tuple[float, str]] = {}  # cookie: (ends at, form token)
         self._wrong: dict[str, collections.deque] = {}  # address: times of wrong tries
 
+    @staticmethod
+    def subscriber(address: str) -> str:
+        """Whose tries an address's are: an IPv6 address counts as its /64, since one
+        subscriber holds all of its 2^64 addresses and would otherwise get 5 tries from each."""
+        try:
+            found = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if found.version == 4:
+            return str(found)
+        if found.ipv4_mapped:
+            return str(found.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{found}/64", strict=False))
+
     def refused(self, address: str, now: float) -> bool:
         """Whether this address tried 5 wrong passwords within the last minute."""
         with self._lock:
-            tries = self._wrong.get(address)
+            tries = self._wrong.get(self.subscriber(address))
             while tries and tries[0] <= now - 60:
                 tries.popleft()
             return bool(tries) and len(tries) >= CONSOLE_WRONG_TRIES
@@ -6633,7 +6647,7 @@ class ConsoleGuard:
             if len(self._wrong) >= self.ADDRESSES:
                 self._wrong = {key: tries for key, tries in self._wrong.items()
                                if tries and tries[-1] > now - 60}
-            self._wrong.setdefault(address, collections.deque()).append(now)
+            self._wrong.setdefault(self.subscriber(address), collections.deque()).append(now)
         return None
 
     def session(self, cookie: str | None, now: float) -> str | None:
