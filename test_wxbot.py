@@ -7531,3 +7531,22 @@ def test_console_counts_wrong_passwords_from_one_ipv6_subscriber_together(tmp_pa
     finally:
         server.stop()
         store.close()
+
+
+def test_a_malformed_answer_from_wechat_leaves_the_sync_running(tmp_path, start_bot, wechat,
+                                                                 model, caplog):
+    """A post whose fields are not as documented fails that sync, logged; the thread that
+    keeps the articles in sync goes on, and learns the next post announced."""
+    wechat.published = [published_post("A", news_item("营业时间", ["每天早上8点开门。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.note_sync(time.time() - 86400 - 60)
+    articles.close()
+    odd = published_post("ODD", news_item("奇怪", ["内容。"]))
+    odd["content"]["create_time"] = "soon"
+    wechat.published.insert(0, odd)
+    bot = start_bot()
+    wait_for(lambda: "was not as documented" in caplog.text, message="the failure logged")
+    wechat.published.insert(0, published_post("NEW", news_item("元旦放假", ["元旦店休一天。"])))
+    assert post_push(bot, publish_event("NEW")).text == "success"
+    wait_for(lambda: bot.articles.find("元旦放假吗"), message="the announced post learned")

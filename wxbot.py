@@ -7401,14 +7401,13 @@ class ArticleSync:
                     report = self.sync()
                     log.info("published articles synced: %d learned, %d unchanged, %d "
                              "forgotten", report.learned, report.unchanged, report.forgotten)
-                except (WeChatError, sqlite3.Error) as error:
+                except Exception as error:  # one odd answer never ends this thread
                     # The account's permission or its daily limit: tomorrow; else an hour.
                     later = self.EVERY if getattr(error, "errcode", None) in (48001, 45009) \
                         else self.RETRY
                     self._retry_at = time.time() + later
                     log.error("syncing the published articles failed: %s; trying again in "
-                              "%s", published_error(error, self.settings)
-                              if isinstance(error, WeChatError) else error, age_text(later))
+                              "%s", self.why_failed(error), age_text(later))
                 continue
             wait = min(3600.0, due - time.time()) if last is not None else 3600.0
             try:
@@ -7418,8 +7417,18 @@ class ArticleSync:
             if fields is not None:
                 try:
                     self.announced(fields)
-                except (sqlite3.Error, LearnError) as error:
-                    log.error("a published article was not learned: %s", error)
+                except Exception as error:  # as above
+                    log.error("a published article was not learned: %s; the daily sync tries "
+                              "again", self.why_failed(error))
+
+    def why_failed(self, error: Exception) -> str:
+        """A sync's failure for the log. An answer of WeChat's shaped otherwise than documented
+        (a field of another type) must not end the thread that keeps the articles in sync."""
+        if isinstance(error, WeChatError):
+            return published_error(error, self.settings)
+        if isinstance(error, (sqlite3.Error, LearnError)):
+            return str(error)
+        return f"WeChat's answer was not as documented ({type(error).__name__}: {error})"
 
 
 class Bot:
