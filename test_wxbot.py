@@ -7550,3 +7550,44 @@ def test_a_malformed_answer_from_wechat_leaves_the_sync_running(tmp_path, start_
     wechat.published.insert(0, published_post("NEW", news_item("元旦放假", ["元旦店休一天。"])))
     assert post_push(bot, publish_event("NEW")).text == "success"
     wait_for(lambda: bot.articles.find("元旦放假吗"), message="the announced post learned")
+
+
+class RedirectingPages(FakePages):
+    """FakePages whose `redirects[path]` answer 302 to another address."""
+
+    def __init__(self):
+        super().__init__()
+        self.redirects = {}
+
+    def route(self, handler):
+        if handler.path in self.redirects:
+            self.agents.append(handler.headers.get("User-Agent", ""))
+            handler.send_response(302)
+            handler.send_header("Location", self.redirects[handler.path])
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        super().route(handler)
+
+
+def test_a_page_cannot_redirect_learn_to_another_host_on_this_machine(tmp_path):
+    """A page's server may redirect to any public page, and within its own host; a redirect
+    to another host on this machine or a private network (a cloud's 169.254.169.254, a
+    local admin page) is refused, so what only the server can reach never reaches readers."""
+    inside = FakePages()
+    inside.pages = {"/secret": (200, "<p>内部密钥 abc123。</p>")}
+    pages = RedirectingPages()
+    pages.pages = {"/moved": (200, "<p>新地址的文章。</p>")}
+    pages.redirects = {"/old": "/moved",
+                       "/evil": inside.url.replace("127.0.0.1", "localhost") + "/secret"}
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        assert articles.learn(pages.url + "/old").url == pages.url + "/moved"
+        with pytest.raises(wxbot.LearnError, match="private network"):
+            articles.learn(pages.url + "/evil")
+        assert inside.agents == []
+        assert [source.url for source in articles.sources()] == [pages.url + "/moved"]
+    finally:
+        articles.close()
+        pages.close()
+        inside.close()

@@ -2257,6 +2257,43 @@ USER_AGENT = (f"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like 
 PAGE_BYTES = 5 * 1024 * 1024
 
 
+#: Redirects followed to reach a page, as a browser would (it follows 20).
+PAGE_REDIRECTS = 5
+
+
+def private_host(host: str) -> bool:
+    """Whether a host is this machine or on a private network (loopback, 10/8, 192.168/16,
+    169.254/16 where clouds answer with their credentials...)."""
+    try:
+        found = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False  # not found: fetching it fails on its own
+    return any(not ipaddress.ip_address(info[4][0].split("%")[0]).is_global for info in found)
+
+
+def _followed(url: str, timeout: float) -> requests.Response:
+    """The answer at url, its redirects followed; a redirect to another host on this machine
+    or a private network is refused: a page's server must not make wxbot read what only wxbot
+    can reach (and give it to readers). A URL the owner names is theirs to choose."""
+    named = urllib.parse.urlsplit(url).hostname
+    for _ in range(PAGE_REDIRECTS + 1):
+        response = requests.get(url, timeout=timeout, stream=True, allow_redirects=False,
+                                headers={"User-Agent": USER_AGENT,
+                                         "Accept": "text/html,application/xhtml+xml",
+                                         "Accept-Language": "zh-CN,zh;q=0.9"})
+        if not response.is_redirect:
+            return response
+        response.close()
+        target = urllib.parse.urlsplit(urllib.parse.urljoin(url, response.headers["Location"]))
+        if target.scheme not in ("http", "https") or target.password is not None:
+            raise LearnError("it redirects to a link that is not an http(s) page")
+        if target.hostname != named and private_host(target.hostname or ""):
+            raise LearnError(f"it redirects to {target.hostname}, on this machine or a private "
+                             f"network: not followed")
+        url = target.geturl()
+    raise LearnError(f"more than {PAGE_REDIRECTS} redirects")
+
+
 def fetch_page(url: str, timeout: float = 20.0) -> Page:
     """GET a page as a browser would (one at a time: `learn` fetches in turn), all of it
     within `timeout`; LearnError says why it could not be had."""
@@ -2266,9 +2303,7 @@ def fetch_page(url: str, timeout: float = 20.0) -> Page:
                          "can open without one")
     deadline = time.monotonic() + timeout
     try:
-        with requests.get(url, timeout=timeout, stream=True, headers={
-                "User-Agent": USER_AGENT, "Accept": "text/html,application/xhtml+xml",
-                "Accept-Language": "zh-CN,zh;q=0.9"}) as response:
+        with _followed(url, timeout) as response:
             if response.status_code != 200:
                 raise LearnError(f"the server answered HTTP {response.status_code}")
             kind = response.headers.get("Content-Type", "text/html")
