@@ -8488,3 +8488,191 @@ def test_typing_is_not_asked_for_again_while_it_still_shows(tmp_path, wechat, mo
         assert wechat.typing[-1] == ("oFAIL", "Typing")
     finally:
         store.close()
+
+# Articles, console and citations under attack ###############################
+
+#: Pages a hostile server may send to `learn URL`: markup that never closes, nests without
+#: end, or ends what was never opened.
+HOSTILE_PAGES = {
+    "end tags never closed": "</" * 100_000,
+    "processing instructions never closed": "<?" * 100_000,
+    "declarations never closed": "<!" * 100_000,
+    "nesting without end": "<div>" * 40_000 + "正文",
+    "stray end tags in deep nesting": "<section>" * 20_000 + "</span>" * 20_000,
+    "a tag left open": '<p><a title="' + "标题" * 100_000,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_PAGES))
+def test_a_hostile_page_is_read_in_linear_time(name):
+    """A page's markup never makes reading it quadratic: 200,000 characters of it are read
+    in a small fraction of the CPU time that quadratic work would take (seconds)."""
+    started = time.process_time()
+    wxbot.page_text(HOSTILE_PAGES[name], "https://example.com/a")
+    assert time.process_time() - started < 1.5, name
+
+
+def test_text_beside_stray_angle_brackets_is_kept():
+    title, text, _ = wxbot.page_text(
+        "<title>价格 < 40元</title><body><!-- 旧价格 <b>39元</b> --><p>拿铁 < 美式 < 手冲</p>"
+        "<p>a<b>b</b>c</p></body>", "https://example.com/a")
+    assert title == "价格 < 40元"
+    assert text.splitlines()[-2:] == ["拿铁 < 美式 < 手冲", "abc"] and "39元" not in text
+
+
+class TricklingPage(FakeServer):
+    """A page that never ends: a few bytes every 50 ms, each well within any read timeout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stop = threading.Event()
+
+    def route(self, handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html; charset=utf-8")
+        handler.end_headers()
+        handler.wfile.write(b"<html><body><p>")
+        while not self.stop.wait(0.05):
+            try:
+                handler.wfile.write("无尽".encode("utf-8"))
+                handler.wfile.flush()
+            except OSError:
+                return
+
+
+def test_a_page_that_never_ends_is_given_up_at_the_deadline():
+    page = TricklingPage()
+    try:
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(
+            pytest.raises(wxbot.LearnError, wxbot.fetch_page, page.url + "/", timeout=1.0)),
+            daemon=True)
+        thread.start()
+        thread.join(30)
+        assert outcome, "the fetch went on past its deadline"
+        assert "within 1 s" in str(outcome[0].value)
+    finally:
+        page.stop.set()
+        page.close()
+
+
+def test_a_url_with_a_password_is_not_learned_logged_or_linked(tmp_path, caplog):
+    pages = FakePages()
+    pages.pages = {"/a": (200, "<p>会员价 30元。</p>")}
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    url = pages.url.replace("http://", "http://owner:hunter2@") + "/a"
+    try:
+        with pytest.raises(wxbot.LearnError, match="password"):
+            articles.learn(url)
+        assert articles.sources() == [] and pages.agents == []
+        assert "hunter2" not in caplog.text
+    finally:
+        articles.close()
+        pages.close()
+
+
+def test_learn_names_a_pipe_and_a_huge_file_and_learns_the_rest(tmp_path):
+    """A folder may hold a named pipe (opening it would wait for a writer forever) or a huge
+    export: each is named with its reason, the other files are learned."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "hours.md").write_text("# 营业时间\n周末早上9点开门。", encoding="utf-8")
+    os.mkfifo(folder / "pipe.txt")
+    with open(folder / "huge.txt", "wb") as file:
+        file.truncate(wxbot.PAGE_BYTES + 1)
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.extend(
+            articles.learn_many([str(folder)])), daemon=True)
+        thread.start()
+        thread.join(30)
+        assert outcome, "learning the folder never ended"
+        said = {os.path.basename(name): str(result) for name, result in outcome}
+        assert "not a regular file" in said["pipe.txt"] and "MB" in said["huge.txt"]
+        assert [source.title for source in articles.sources()] == ["营业时间"]
+    finally:
+        articles.close()
+
+
+def test_console_counts_wrong_passwords_from_one_ipv6_subscriber_together(tmp_path):
+    """A subscriber holds a whole /64 of IPv6 addresses: changing address within it buys no
+    more tries."""
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    store = wxbot.Store(settings.db)
+    console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
+                                 clock=lambda: 1_800_000_000.0)
+    server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
+    server.start()
+
+    def log_in(password, address):
+        return requests.post(f"http://127.0.0.1:{server.port}/login", data={"password": password},
+                             timeout=5, allow_redirects=False,
+                             headers={"X-Real-IP": address}).status_code
+    try:
+        assert [log_in(f"guess-{n}", f"2001:db8:1:2::{n + 1:x}") for n in range(5)] == [401] * 5
+        assert log_in("guess-6", "2001:db8:1:2:ffff::6") == 429
+        assert log_in(CONSOLE_PASSWORD, "2001:db8:1:3::1") == 303  # another subscriber
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_a_malformed_answer_from_wechat_leaves_the_sync_running(tmp_path, start_bot, wechat,
+                                                                 model, caplog):
+    """A post whose fields are not as documented fails that sync, logged; the thread that
+    keeps the articles in sync goes on, and learns the next post announced."""
+    wechat.published = [published_post("A", news_item("营业时间", ["每天早上8点开门。"]))]
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.note_sync(time.time() - 86400 - 60)
+    articles.close()
+    odd = published_post("ODD", news_item("奇怪", ["内容。"]))
+    odd["content"]["create_time"] = "soon"
+    wechat.published.insert(0, odd)
+    bot = start_bot()
+    wait_for(lambda: "was not as documented" in caplog.text, message="the failure logged")
+    wechat.published.insert(0, published_post("NEW", news_item("元旦放假", ["元旦店休一天。"])))
+    assert post_push(bot, publish_event("NEW")).text == "success"
+    wait_for(lambda: bot.articles.find("元旦放假吗"), message="the announced post learned")
+
+
+class RedirectingPages(FakePages):
+    """FakePages whose `redirects[path]` answer 302 to another address."""
+
+    def __init__(self):
+        super().__init__()
+        self.redirects = {}
+
+    def route(self, handler):
+        if handler.path in self.redirects:
+            self.agents.append(handler.headers.get("User-Agent", ""))
+            handler.send_response(302)
+            handler.send_header("Location", self.redirects[handler.path])
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        super().route(handler)
+
+
+def test_a_page_cannot_redirect_learn_to_another_host_on_this_machine(tmp_path):
+    """A page's server may redirect to any public page, and within its own host; a redirect
+    to another host on this machine or a private network (a cloud's 169.254.169.254, a
+    local admin page) is refused, so what only the server can reach never reaches readers."""
+    inside = FakePages()
+    inside.pages = {"/secret": (200, "<p>内部密钥 abc123。</p>")}
+    pages = RedirectingPages()
+    pages.pages = {"/moved": (200, "<p>新地址的文章。</p>")}
+    pages.redirects = {"/old": "/moved",
+                       "/evil": inside.url.replace("127.0.0.1", "localhost") + "/secret"}
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        assert articles.learn(pages.url + "/old").url == pages.url + "/moved"
+        with pytest.raises(wxbot.LearnError, match="private network"):
+            articles.learn(pages.url + "/evil")
+        assert inside.agents == []
+        assert [source.url for source in articles.sources()] == [pages.url + "/moved"]
+    finally:
+        articles.close()
+        pages.close()
+        inside.close()

@@ -58,6 +58,7 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import stat
 import statistics
 import struct
 import sys
@@ -2470,19 +2471,70 @@ USER_AGENT = (f"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like 
 PAGE_BYTES = 5 * 1024 * 1024
 
 
-def fetch_page(url: str, timeout: float = 20.0) -> Page:
-    """GET a page as a browser would (one at a time: `learn` fetches in turn); LearnError
-    says why it could not be had."""
+#: Redirects followed to reach a page, as a browser would (it follows 20).
+PAGE_REDIRECTS = 5
+
+
+def private_host(host: str) -> bool:
+    """Whether a host is this machine or on a private network (loopback, 10/8, 192.168/16,
+    169.254/16 where clouds answer with their credentials...)."""
     try:
-        with requests.get(url, timeout=timeout, stream=True, headers={
-                "User-Agent": USER_AGENT, "Accept": "text/html,application/xhtml+xml",
-                "Accept-Language": "zh-CN,zh;q=0.9"}) as response:
+        found = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False  # not found: fetching it fails on its own
+    return any(not ipaddress.ip_address(info[4][0].split("%")[0]).is_global for info in found)
+
+
+def _followed(url: str, timeout: float) -> requests.Response:
+    """The answer at url, its redirects followed; a redirect to another host on this machine
+    or a private network is refused: a page's server must not make wxbot read what only wxbot
+    can reach (and give it to readers). A URL the owner names is theirs to choose."""
+    named = urllib.parse.urlsplit(url).hostname
+    for _ in range(PAGE_REDIRECTS + 1):
+        response = requests.get(url, timeout=timeout, stream=True, allow_redirects=False,
+                                headers={"User-Agent": USER_AGENT,
+                                         "Accept": "text/html,application/xhtml+xml",
+                                         "Accept-Language": "zh-CN,zh;q=0.9"})
+        if not response.is_redirect:
+            return response
+        response.close()
+        target = urllib.parse.urlsplit(urllib.parse.urljoin(url, response.headers["Location"]))
+        if target.scheme not in ("http", "https") or target.password is not None:
+            raise LearnError("it redirects to a link that is not an http(s) page")
+        if target.hostname != named and private_host(target.hostname or ""):
+            raise LearnError(f"it redirects to {target.hostname}, on this machine or a private "
+                             f"network: not followed")
+        url = target.geturl()
+    raise LearnError(f"more than {PAGE_REDIRECTS} redirects")
+
+
+def fetch_page(url: str, timeout: float = 20.0) -> Page:
+    """GET a page as a browser would (one at a time: `learn` fetches in turn), all of it
+    within `timeout`; LearnError says why it could not be had."""
+    if urllib.parse.urlsplit(url).password is not None:
+        # It would be logged, listed and linked in the 来源 line that readers see.
+        raise LearnError("the URL holds a password (user:password@): learn a page readers "
+                         "can open without one")
+    deadline = time.monotonic() + timeout
+    try:
+        with _followed(url, timeout) as response:
             if response.status_code != 200:
                 raise LearnError(f"the server answered HTTP {response.status_code}")
             kind = response.headers.get("Content-Type", "text/html")
             if "html" not in kind and "text" not in kind:
                 raise LearnError(f"not a web page ({kind.split(';')[0]})")
-            body = response.raw.read(PAGE_BYTES + 1, decode_content=True)
+            # A byte at a time, each within the read timeout, would never end: the page is
+            # read as it comes, under one deadline.
+            chunks, size = [], 0
+            while size <= PAGE_BYTES:
+                if time.monotonic() > deadline:
+                    raise requests.Timeout()
+                chunk = response.raw.read1(PAGE_BYTES + 1 - size, decode_content=True)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            body = b"".join(chunks)
             if len(body) > PAGE_BYTES:
                 raise LearnError(f"the page is larger than {PAGE_BYTES // 1024 // 1024} MB")
             final = response.url
@@ -2490,7 +2542,7 @@ def fetch_page(url: str, timeout: float = 20.0) -> Page:
     except requests.exceptions.SSLError:
         raise LearnError("its HTTPS certificate is not valid") from None
     except requests.Timeout:
-        raise LearnError(f"no answer within {timeout:.0f} s") from None
+        raise LearnError(f"the page did not arrive within {timeout:.0f} s") from None
     except requests.ConnectionError:
         raise LearnError("cannot connect to its server") from None
     except requests.RequestException as error:
@@ -2517,6 +2569,13 @@ _TEXT_REGIONS = ("js_content", "article", "main", "body")
 
 
 _SPACES = re.compile(r"\s+")
+#: A comment: lazy up to its first end, which exists (page_text cuts one left open).
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+#: A "<" that no ">" closes before the next "<": no markup, only text. The standard
+#: library's parser looks for the end of each such "<" through the rest of the page (a page
+#: of "</</</..." takes quadratic time); as text, it is passed over once. Linear: each
+#: look stops at the next "<" or ">".
+_STRAY_LT = re.compile(r"<(?=[^<>]*(?:<|\Z))")
 
 
 class _PageReader(html.parser.HTMLParser):
@@ -2528,6 +2587,10 @@ class _PageReader(html.parser.HTMLParser):
         self.published = ""
         self.regions: dict[str, list[str]] = {name: [] for name in _TEXT_REGIONS}
         self._open: list[tuple[str, str | None]] = []  # (tag, the region it opened)
+        # How many of each tag and region are open: a hostile page nests thousands of
+        # elements, and looking through them at each tag would take quadratic time.
+        self._open_tags: collections.Counter = collections.Counter()
+        self._open_regions: collections.Counter = collections.Counter()
         self._hidden = 0
         self._in_title = self._in_h1 = False
 
@@ -2547,6 +2610,8 @@ class _PageReader(html.parser.HTMLParser):
         region = ("js_content" if attrs.get("id") == "js_content" else
                   tag if tag in ("article", "main", "body") else None)
         self._open.append((tag, region))
+        self._open_tags[tag] += 1
+        self._open_regions[region] += 1
         self._hidden += tag in _HIDDEN
         if tag == "title":
             self._in_title = True
@@ -2556,10 +2621,12 @@ class _PageReader(html.parser.HTMLParser):
             self._text("\n")
 
     def handle_endtag(self, tag):
-        if tag in _VOID or not any(name == tag for name, _ in self._open):
+        if tag in _VOID or not self._open_tags[tag]:
             return  # a stray end tag
         while self._open:
-            name, _ = self._open.pop()
+            name, region = self._open.pop()
+            self._open_tags[name] -= 1
+            self._open_regions[region] -= 1
             self._hidden -= name in _HIDDEN
             if name == "title":
                 self._in_title = False
@@ -2581,7 +2648,8 @@ class _PageReader(html.parser.HTMLParser):
     def _text(self, data: str) -> None:
         # Text in no region is the body's: a fragment of a page (a published article's
         # content) has no <body>.
-        for region in {region for _, region in self._open if region} or {"body"}:
+        regions = [region for region in _TEXT_REGIONS if self._open_regions[region]]
+        for region in regions or ["body"]:
             self.regions[region].append(data)
 
 
@@ -2595,7 +2663,7 @@ def page_text(page: str, url: str) -> tuple[str, str, str]:
     if opened >= 0 and page.find("-->", opened + 4) < 0:
         page = page[:opened]  # a comment left open hides the rest, as in a browser
     reader = _PageReader()
-    reader.feed(page)
+    reader.feed(_STRAY_LT.sub("&lt;", _COMMENT.sub("", page)))
     reader.close()
     text = ""
     for region in _TEXT_REGIONS:
@@ -2926,9 +2994,15 @@ class Articles:
         if extension not in ARTICLE_FILES:
             raise LearnError(f"not a .md, .txt or .html file, nor a folder, nor an http(s) URL")
         try:
+            found = os.stat(path)
+            # A pipe or device would block or never end; a log is no article.
+            if not stat.S_ISREG(found.st_mode):
+                raise LearnError("not a regular file")
+            if found.st_size > PAGE_BYTES:
+                raise LearnError(f"larger than {PAGE_BYTES // 1024 // 1024} MB: no article")
             with open(path, "rb") as file:
-                raw = file.read()
-            date = time.strftime("%Y-%m-%d", time.localtime(os.path.getmtime(path)))
+                raw = file.read(PAGE_BYTES + 1)
+            date = time.strftime("%Y-%m-%d", time.localtime(found.st_mtime))
         except OSError as error:
             raise LearnError(f"cannot read it: {error.strerror or error}") from None
         try:
@@ -7208,10 +7282,24 @@ class ConsoleGuard:
         self._sessions: dict[str, tuple[float, str]] = {}  # cookie: (ends at, form token)
         self._wrong: dict[str, collections.deque] = {}  # address: times of wrong tries
 
+    @staticmethod
+    def subscriber(address: str) -> str:
+        """Whose tries an address's are: an IPv6 address counts as its /64, since one
+        subscriber holds all of its 2^64 addresses and would otherwise get 5 tries from each."""
+        try:
+            found = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if found.version == 4:
+            return str(found)
+        if found.ipv4_mapped:
+            return str(found.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{found}/64", strict=False))
+
     def refused(self, address: str, now: float) -> bool:
         """Whether this address tried 5 wrong passwords within the last minute."""
         with self._lock:
-            tries = self._wrong.get(address)
+            tries = self._wrong.get(self.subscriber(address))
             while tries and tries[0] <= now - 60:
                 tries.popleft()
             return bool(tries) and len(tries) >= CONSOLE_WRONG_TRIES
@@ -7230,7 +7318,7 @@ class ConsoleGuard:
             if len(self._wrong) >= self.ADDRESSES:
                 self._wrong = {key: tries for key, tries in self._wrong.items()
                                if tries and tries[-1] > now - 60}
-            self._wrong.setdefault(address, collections.deque()).append(now)
+            self._wrong.setdefault(self.subscriber(address), collections.deque()).append(now)
         return None
 
     def session(self, cookie: str | None, now: float) -> str | None:
@@ -8004,14 +8092,13 @@ class ArticleSync:
                     report = self.sync()
                     log.info("published articles synced: %d learned, %d unchanged, %d "
                              "forgotten", report.learned, report.unchanged, report.forgotten)
-                except (WeChatError, sqlite3.Error) as error:
+                except Exception as error:  # one odd answer never ends this thread
                     # The account's permission or its daily limit: tomorrow; else an hour.
                     later = self.EVERY if getattr(error, "errcode", None) in (48001, 45009) \
                         else self.RETRY
                     self._retry_at = time.time() + later
                     log.error("syncing the published articles failed: %s; trying again in "
-                              "%s", published_error(error, self.settings)
-                              if isinstance(error, WeChatError) else error, age_text(later))
+                              "%s", self.why_failed(error), age_text(later))
                 continue
             wait = min(3600.0, due - time.time()) if last is not None else 3600.0
             try:
@@ -8021,8 +8108,18 @@ class ArticleSync:
             if fields is not None:
                 try:
                     self.announced(fields)
-                except (sqlite3.Error, LearnError) as error:
-                    log.error("a published article was not learned: %s", error)
+                except Exception as error:  # as above
+                    log.error("a published article was not learned: %s; the daily sync tries "
+                              "again", self.why_failed(error))
+
+    def why_failed(self, error: Exception) -> str:
+        """A sync's failure for the log. An answer of WeChat's shaped otherwise than documented
+        (a field of another type) must not end the thread that keeps the articles in sync."""
+        if isinstance(error, WeChatError):
+            return published_error(error, self.settings)
+        if isinstance(error, (sqlite3.Error, LearnError)):
+            return str(error)
+        return f"WeChat's answer was not as documented ({type(error).__name__}: {error})"
 
 
 class Bot:
