@@ -6311,10 +6311,10 @@ def test_a_user_waiting_in_the_queue_gets_one_line_however_many_follow_ups(start
         wait_for(lambda: wechat.texts_to("oWAITS") == [line], timeout=5)
         send_text(bot, "oWAITS", "补充一句", 5)
         send_text(bot, "oWAITS", "还有一个问题", 6)
-        wait_for(lambda: wechat.typing.count(("oWAITS", "Typing")) +
-                 len(wechat.texts_to("oWAITS")) >= 3, timeout=5,
+        # Typing says they were seen (once: WeChat refuses a second while it shows, 45081).
+        wait_for(lambda: wechat.typing.count(("oWAITS", "Typing")) >= 1, timeout=5,
                  message="the follow-ups acknowledged")
-        assert wechat.texts_to("oWAITS") == [line]  # typing says they were seen
+        assert wechat.texts_to("oWAITS") == [line]
     finally:
         release.set()
     wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
