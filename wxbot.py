@@ -2568,6 +2568,7 @@ _VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "me
 _TEXT_REGIONS = ("js_content", "article", "main", "body")
 
 
+#: A run of white space (pages' text, blocked words).
 _SPACES = re.compile(r"\s+")
 #: A comment: lazy up to its first end, which exists (page_text cuts one left open).
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
@@ -5083,7 +5084,6 @@ for _code in (0x3000, *range(0xFF01, 0xFFEF)):
     if len(_folded) == 1:
         _FOLD[_code] = _folded.lower() if _folded.isascii() else _folded
 del _code, _folded
-_SPACES = re.compile(r"\s+")
 #: Replaces each character of a blocked word in an answer.
 MASK = "＊"
 
