@@ -2224,6 +2224,8 @@ CREATE TABLE IF NOT EXISTS article_uses (
     cited      INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS article_uses_at ON article_uses (at);
+-- The console's questions no article covered.
+CREATE INDEX IF NOT EXISTS article_uses_uncovered ON article_uses (at) WHERE given = 0;
 CREATE TABLE IF NOT EXISTS article_state (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -7361,10 +7363,6 @@ class OwnerConsole:
             ("queue", CONSOLE_QUEUE), ("articles", CONSOLE_ARTICLES),
             ("passages", CONSOLE_PASSAGES),
             ("settings", CONSOLE_SETTINGS)]}
-        if articles:
-            with store.transaction() as conn:  # the Questions page's "not covered"
-                conn.execute("CREATE INDEX IF NOT EXISTS article_uses_uncovered"
-                             " ON article_uses (at) WHERE given = 0")
 
     # Figures -----------------------------------------------------------------
 
