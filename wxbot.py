@@ -32,6 +32,7 @@ import codecs
 import collections
 import contextlib
 import dataclasses
+import datetime
 import enum
 import functools
 import hashlib
@@ -2396,35 +2397,83 @@ def question_units(text: str) -> dict[str, Unit]:
 PASSAGE_CHARS = 260
 PASSAGE_MAX = 500
 _SENTENCE_END = re.compile(r"(?<=[。！？!?；;…])")
+#: A line that heads what follows it, and its level: a Markdown heading (## 价格), 「三、价格」,
+#: 「（二）报名」, 「1. 费用」, a bold line (**价格**), 【价格】, and a question of a Q&A
+#: (Q：… / 问：…), which heads its answer. Short, and not a sentence of its own.
+_HEADINGS = (
+    (re.compile(r"(#{1,6})[ \t]+\S"), None),
+    (re.compile(r"[一二三四五六七八九十]{1,3}[、.．]"), 2),
+    (re.compile(r"[（(][一二三四五六七八九十]{1,3}[)）]"), 3),
+    (re.compile(r"(?:\*\*|__)[^*_]{1,40}(?:\*\*|__)[:：]?$|【[^】]{1,40}】$"), 3),
+    (re.compile(r"[0-9]{1,2}[、.．](?![0-9])"), 4),
+    (re.compile(r"(?:Q|q|问)[0-9]{0,2}[:：.．、]"), 5),
+)
+HEADING_CHARS = 40
+#: A title at the most, as WeChat's own (a page's <title> may be any length).
+TITLE_CHARS = 64
+#: What a passage carries of the headings above it, at the most.
+SECTION_CHARS = 64
+
+
+def heading_level(line: str) -> int | None:
+    """How deep a line heads the text below it (1 the highest), or None: no heading."""
+    if len(line) > HEADING_CHARS and not line[:1] in "Qq问":
+        return None
+    for pattern, level in _HEADINGS:
+        match = pattern.match(line)
+        if match:
+            if level is None:  # Markdown: by its number of #
+                return len(match.group(1))
+            if level == 5 and len(line) > 120:
+                return None
+            # A numbered sentence is an item of a list, not a heading (1. 带上身份证。).
+            return None if level in (2, 4) and line.endswith(("。", "；", ";")) else level
+    return None
 
 
 def passages_of(text: str) -> list[str]:
-    """The text cut into passages of about PASSAGE_CHARS, at paragraph and sentence ends."""
-    pieces: list[str] = []
+    """The text cut into passages of about PASSAGE_CHARS, at paragraph and sentence ends and
+    before each heading; a passage that starts inside a section begins with that section's
+    headings (「二、收费标准」), so that it is found, and read, as what it is."""
+    pieces: list[tuple[str, str]] = []  # (the headings over it, a paragraph or part of one)
+    headings: dict[int, str] = {}
     for paragraph in (line.strip() for line in text.splitlines()):
         if not paragraph:
             continue
+        level = heading_level(paragraph)
+        if level is not None:
+            headings = {deeper: line for deeper, line in headings.items() if deeper < level}
+            headings[level] = paragraph[:HEADING_CHARS]
+        over = " · ".join(headings[key] for key in sorted(headings))[-SECTION_CHARS:]
         if len(paragraph) <= PASSAGE_MAX:
-            pieces.append(paragraph)
+            pieces.append((over, paragraph))
             continue
         sentence = ""
         for part in _SENTENCE_END.split(paragraph):
             if sentence and len(sentence) + len(part) > PASSAGE_CHARS:
-                pieces.append(sentence)
+                pieces.append((over, sentence))
                 sentence = ""
             sentence += part
             while len(sentence) > PASSAGE_MAX:  # a run with no sentence end at all
-                pieces.append(sentence[:PASSAGE_MAX])
+                pieces.append((over, sentence[:PASSAGE_MAX]))
                 sentence = sentence[PASSAGE_MAX:]
         if sentence:
-            pieces.append(sentence)
+            pieces.append((over, sentence))
     passages: list[str] = []
-    current = ""
-    for piece in pieces:
-        if current and len(current) + len(piece) > PASSAGE_CHARS:
+    current, only_headings = "", False
+    for over, piece in pieces:
+        heading = heading_level(piece) is not None
+        if current and (len(current) + len(piece) > PASSAGE_CHARS or
+                        heading and not only_headings):
             passages.append(current)
             current = ""
-        current = f"{current}\n{piece}" if current else piece
+        if not current:
+            # Its headings go first (a passage that starts with a heading: those above it).
+            above = over.rsplit(" · ", 1)[0] if heading and " · " in over else \
+                "" if heading else over
+            current, only_headings = (f"{above}\n{piece}" if above else piece), heading
+        else:
+            current, only_headings = f"{current}\n{piece}", only_headings and heading
     if current:
         passages.append(current)
     return passages
@@ -2444,18 +2493,56 @@ def article_files(folder: str) -> Iterator[str]:
 
 
 _MARKDOWN_HEADING = re.compile(r"#{1,6}[ \t]+")
+#: A Markdown file's front matter (---, key: value lines, ---), as static site generators write.
+_FRONT_MATTER = re.compile(r"---[ \t]*\n((?:[^\n]*\n){0,40}?)---[ \t]*(?:\n|$)")
+_FRONT_FIELD = re.compile(r"""(title|date)[ \t]*:[ \t]*["']?([^"'\n]*)""", re.I)
+#: A date as articles write it: 2025年4月25日, 2025-04-25, 2025/4/25, 2025.4.25.
+_DATE = re.compile(r"(20[0-9]{2}|19[0-9]{2})(?:年|[-/.])([01]?[0-9])(?:月|[-/.])([0-3]?[0-9])日?")
+#: A line that only dates the article: the date, with at most a word or two around it
+#: (发布于 2025年4月25日, 2025-04-25 小麦与豆): not a sentence that names a date.
+_DATE_LINE = re.compile(rf"(?:[^\d\n。，,]{{0,8}}[:： ]?)?\s*{_DATE.pattern}\s*[^\d\n。，,]{{0,12}}")
 
 
-def markdown_text(content: str) -> tuple[str, str]:
-    """A Markdown or plain-text file's title (its first heading, if any) and text."""
-    title, lines = "", []
+def found_date(text: str) -> str:
+    """The first date in a text as YYYY-MM-DD, or "" (none, or no such day)."""
+    match = _DATE.search(text)
+    if not match:
+        return ""
+    try:
+        return datetime.date(*(int(part) for part in match.groups())).isoformat()
+    except ValueError:
+        return ""
+
+
+def text_date(text: str) -> str:
+    """The article's date as a line of its own says it, among its first and last few lines
+    (「2025年4月25日」 under the title, 「发布于 2025-04-25」 at the end), or ""."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines[:5] + lines[-3:]:
+        if len(line) <= 40 and _DATE_LINE.fullmatch(line):
+            date = found_date(line)
+            if date:
+                return date
+    return ""
+
+
+def markdown_text(content: str) -> tuple[str, str, str]:
+    """A Markdown or plain-text file's title (its front matter's, or its first heading), text
+    and date (its front matter's, or a line that dates it; "" if none). Headings stay in the
+    text as written: passages_of() knows them."""
+    title, date = "", ""
+    front = _FRONT_MATTER.match(content)
+    if front:
+        fields = {key.lower(): value.strip() for key, value in
+                  _FRONT_FIELD.findall(front.group(1))}
+        title, date = fields.get("title", ""), found_date(fields.get("date", ""))
+        content = content[front.end():]
     for line in content.splitlines():
         heading = _MARKDOWN_HEADING.match(line)
         if heading:
-            line = line[heading.end():].strip().rstrip("#").strip()
-            title = title or line
-        lines.append(line)
-    return title, "\n".join(lines)
+            title = title or line[heading.end():].strip().rstrip("#").strip()
+            break
+    return title, content, date or text_date(content)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2595,7 +2682,8 @@ class _PageReader(html.parser.HTMLParser):
         self._open_tags: collections.Counter = collections.Counter()
         self._open_regions: collections.Counter = collections.Counter()
         self._hidden = 0
-        self._in_title = self._in_h1 = False
+        self._in_title = self._in_h1 = self._in_time = False
+        self.shown_time = ""
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -2620,6 +2708,7 @@ class _PageReader(html.parser.HTMLParser):
             self._in_title = True
         elif tag == "h1" and attrs.get("id") == "activity-name":
             self._in_h1 = True
+        self._in_time = attrs.get("id") == "publish_time" or self._in_time
         if tag in _BLOCKS:
             self._text("\n")
 
@@ -2635,6 +2724,7 @@ class _PageReader(html.parser.HTMLParser):
                 self._in_title = False
             elif name == "h1":
                 self._in_h1 = False
+            self._in_time = False
             if name == tag:
                 break
         if tag in _BLOCKS:
@@ -2645,6 +2735,8 @@ class _PageReader(html.parser.HTMLParser):
             self.title += data
         if self._in_h1:
             self.h1_title += data
+        if self._in_time and len(self.shown_time) < 40:  # <em id="publish_time">2025-04-25
+            self.shown_time += data
         if not self._hidden:  # a line break in the source is a space; blocks end lines
             self._text(_SPACES.sub(" ", data))
 
@@ -2686,7 +2778,7 @@ def page_text(page: str, url: str) -> tuple[str, str, str]:
         if wechat or reader.regions["js_content"] else None  # a 公众号 article's publish time
     if created and not date:
         date = china_date(float(created.group(1)))
-    return title, text, date
+    return title, text, date or found_date(reader.shown_time)
 
 
 def china_date(timestamp: float) -> str:
@@ -2699,11 +2791,12 @@ def article_digest(title: str, text: str, url: str, date: str) -> str:
     return hashlib.sha256(f"{title}\n{url}\n{date}\n{text}".encode("utf-8")).hexdigest()
 
 
-#: The passages a search brings, best by BM25 first (a match in the title weighs 3 times).
-PASSAGES_MATCHING = (
-    "SELECT s.id, s.title, s.url, s.date, p.text FROM (SELECT rowid FROM article_terms"
-    " WHERE article_terms MATCH :query ORDER BY bm25(article_terms, 3.0, 1.0) LIMIT :limit) m"
-    " JOIN article_passages p ON p.id = m.rowid JOIN article_sources s ON s.id = p.source_id")
+#: The passages holding a term (or all of a few), read from the index alone.
+TERM_PASSAGES = "SELECT rowid FROM article_terms WHERE article_terms MATCH ?"
+#: The candidates' text and what names their article, by passage id.
+PASSAGES_BY_ID = (
+    "SELECT p.id, s.id, s.title, s.url, s.date, p.text FROM article_passages p"
+    " JOIN article_sources s ON s.id = p.source_id WHERE p.id IN ({ids})")
 #: In how many passages each term is (fts5vocab looks each up in the index).
 VOCABULARY = "SELECT term, doc FROM article_vocabulary WHERE term IN ({terms})"
 #: How many passages there are, and when the articles last changed (learn_text, forget).
@@ -2859,7 +2952,8 @@ class Articles:
     def learn_text(self, kind: str, origin: str, title: str, text: str, url: str = "",
                    date: str = "", now: float | None = None) -> Source:
         """Learn a text as passages, replacing what was learned before from the same origin."""
-        title = " ".join(title.split()) or os.path.basename(origin) or origin
+        # WeChat's own titles are at most 64 characters: a page's <title> is not bounded.
+        title = (" ".join(title.split()) or os.path.basename(origin) or origin)[:TITLE_CHARS]
         if kind not in ("published", "url", "file"):
             raise ValueError(f"kind must be published, url or file, not {kind!r}")
         pieces = passages_of(text)
@@ -2988,8 +3082,8 @@ class Articles:
         title, text, date = page_text(page.html, page.url)
         if not text.strip():
             raise LearnError("the page has no text")
-        return self.learn_text("url", url, title or page.url, text, url=page.url, date=date,
-                               now=now)
+        return self.learn_text("url", url, title or page.url, text, url=page.url,
+                               date=date or text_date(text), now=now)
 
     def _learn_file(self, path: str, now: float | None) -> Source:
         path = os.path.abspath(path)
@@ -3005,7 +3099,7 @@ class Articles:
                 raise LearnError(f"larger than {PAGE_BYTES // 1024 // 1024} MB: no article")
             with open(path, "rb") as file:
                 raw = file.read(PAGE_BYTES + 1)
-            date = time.strftime("%Y-%m-%d", time.localtime(found.st_mtime))
+            modified = time.strftime("%Y-%m-%d", time.localtime(found.st_mtime))
         except OSError as error:
             raise LearnError(f"cannot read it: {error.strerror or error}") from None
         try:
@@ -3015,13 +3109,15 @@ class Articles:
         if not content.strip():
             raise LearnError("the file is empty")
         if extension in (".html", ".htm"):
-            title, text, _ = page_text(content, "")
+            title, text, date = page_text(content, "")
+            date = date or text_date(text)
         else:
-            title, text = markdown_text(content)
+            title, text, date = markdown_text(content)
         if not text.strip():
             raise LearnError("no text in it")
-        return self.learn_text("file", path, title or os.path.basename(path), text, date=date,
-                               now=now)
+        # The article's own date: the file's time says when it was last saved, not written.
+        return self.learn_text("file", path, title or os.path.basename(path), text,
+                               date=date or modified, now=now)
 
     # Use --------------------------------------------------------------------
 
@@ -3089,8 +3185,8 @@ class Articles:
             # no unit strongly is not given, below).
             for shown in unit.strong:
                 if all(term in found_in for term in shown):
-                        searched[" AND ".join(f'"{term}"' for term in sorted(shown))] = min(
-                        found_in[term] for term in shown)
+                    searched.setdefault(shown, [min(found_in[term] for term in shown), set()]
+                                        )[1].add(key)
             # Weighed by how rare it is: a character by itself, a group of words together.
             counted = [unit.weak] if unit.weak else unit.strong
             passages = min(total, sum(min(found_in.get(term, 0) for term in shown)
@@ -3105,29 +3201,28 @@ class Articles:
         if not searched or sum(weight[key] * reachable[key] for key in units) < \
                 self.FLOOR * whole:
             return []
-        # The candidates come from the rarest terms, as many as keep BM25's work (a score for
-        # each passage holding one) within BUDGET; when even the rarest is common (咖啡 in an
-        # account about coffee), from passages holding the two rarest. The weighing below
-        # still counts every unit.
-        rare, brought = [], 0
-        for query in sorted(searched, key=searched.get):
-            if rare and brought + searched[query] > self.BUDGET:
+        # Candidates: every passage that shows a unit strongly, each weighed by the units it
+        # shows, read from the index term by term, the rarest first, until BUDGET passages
+        # were read (a term in most passages says little about which to read). The best
+        # CANDIDATES are then weighed against the whole question, text in hand.
+        found: dict[int, dict[str, float]] = collections.defaultdict(dict)
+        read = 0
+        for shown, (count, keys) in sorted(searched.items(), key=lambda item: item[1][0]):
+            if read and read + count > self.BUDGET:
                 break
-            rare.append(query)
-            brought += searched[query]
-        if brought > self.BUDGET:
-            # Even the rarest is common: the passages holding it and the next rarest term
-            # (a whole unit, or a character of one), 面包 and 酸 for 酸面包.
-            others = {**{f'"{term}"': found_in[term] for _, unit in units.values()
-                         for term in unit.weak if term in found_in}, **searched}
-            others.pop(rare[0], None)
-            if others:
-                rare = [f"({rare[0]}) AND ({min(others, key=others.get)})"]
+            read += count
+            query = " AND ".join(f'"{term}"' for term in sorted(shown))
+            for (rowid,) in conn.execute(TERM_PASSAGES, (query,)):
+                found[rowid].update((key, weight[key]) for key in keys)
+        best = heapq.nlargest(self.CANDIDATES, found.items(),
+                              key=lambda item: (sum(item[1].values()), item[0]))
+        if not best:
+            return []
+        rows = conn.execute(PASSAGES_BY_ID.format(ids=", ".join("?" * len(best))),
+                            [rowid for rowid, _ in best]).fetchall()
         latin_asked = any(term[0].isascii() for term in terms)
         scored = []
-        for source_id, title, url, date, text in conn.execute(PASSAGES_MATCHING, {
-                "query": " OR ".join(f"({query})" for query in rare),
-                "limit": self.CANDIDATES}):
+        for passage_id, source_id, title, url, date, text in rows:
             folded = fold(f"{title}\n{text}")
             latin = latin_terms(folded) if latin_asked else set()
             strongly = {key for key, (_, unit) in units.items()
@@ -3139,9 +3234,27 @@ class Articles:
                         for key, (_, unit) in units.items()) / whole
             # Characters found only one by one are no sign the passage is on the subject.
             if strongly and share >= self.FLOOR:
-                scored.append((share, len(scored), Passage(source_id, title, url, date, text)))
-        scored.sort(key=lambda item: (-item[0], item[1]))
-        return [passage for _, _, passage in scored[:self.MOST]]
+                scored.append([share, date, passage_id,
+                               Passage(source_id, title, url, date, text)])
+        return [passage for *_, passage in self._newer_first(scored)[:self.MOST]]
+
+    #: Passages whose share of the question is within this of the best are as good an answer:
+    #: among them the newer article goes first (a price, an opening hour changed since).
+    SAME_ANSWER = 0.12
+
+    def _newer_first(self, scored: list[list]) -> list[list]:
+        """The scored passages best first, and among those about as good, newer first; a
+        passage of an older article is never given without the newer one that answers as
+        well (it holds what the older said before it changed)."""
+        scored.sort(key=lambda item: (-item[0], -item[2]))
+        ordered = []
+        while scored:
+            top = scored[0][0]
+            near = [item for item in scored if item[0] >= top - self.SAME_ANSWER]
+            near.sort(key=lambda item: (item[1] or "", item[0], item[2]), reverse=True)
+            ordered.append(near[0])
+            scored.remove(near[0])
+        return ordered
 
 
 ###############################################################################
