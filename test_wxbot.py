@@ -320,6 +320,8 @@ class FakeModel(FakeServer):
         self.draw = lambda request: {"b64_json": base64.b64encode(
             PNG + request["prompt"].encode()).decode()}
         self.requests = []
+        self.embedded = []
+        self.embed = meaning_vector
         self.respond = respond or (lambda request: "答：" + request["messages"][-1]["content"])
         self.streams = True  # False: a provider that ignores stream=True
         self.framing = True
@@ -335,6 +337,9 @@ class FakeModel(FakeServer):
             return
         if handler.path.endswith("/images/generations"):
             self.images_route(handler)
+            return
+        if handler.path.endswith("/embeddings"):
+            self.embeddings_route(handler)
             return
         request = json.loads(handler.body)
         self.local.handler = handler
@@ -364,6 +369,23 @@ class FakeModel(FakeServer):
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
         self.reply(handler, 200, json.dumps(completion, ensure_ascii=False).encode("utf-8"))
+
+    def embeddings_route(self, handler):
+        """/v1/embeddings: each input's vector from `embed(text)`; ModelFault fails the call.
+        Every input is kept in `embedded`."""
+        request = json.loads(handler.body)
+        inputs = request["input"] if isinstance(request["input"], list) else [request["input"]]
+        with self.lock:
+            self.embedded.extend(inputs)
+        try:
+            data = [{"object": "embedding", "index": n, "embedding": self.embed(text)}
+                    for n, text in enumerate(inputs)]
+        except ModelFault as fault:
+            self.reply(handler, fault.status, json.dumps({"error": {
+                "message": fault.message, "type": "server_error"}}).encode())
+            return
+        self.reply(handler, 200, json.dumps({"object": "list", "data": data, "model": request[
+            "model"], "usage": {"prompt_tokens": 1, "total_tokens": 1}}).encode())
 
     def images_route(self, handler):
         request = json.loads(handler.body)
@@ -7908,6 +7930,146 @@ def test_the_corpus_questions_find_their_passages_and_unrelated_ones_mostly_none
     assert share["all"] >= 0.85, missed
     assert share["two"] >= 0.8 and share["newer"] >= 0.8 and share["followup"] >= 0.8, missed
     assert share["unrelated"] <= 0.35, missed
+
+
+#: The fake embeddings model's meanings: a text holding any word of a group is near the others.
+MEANINGS = (("牙医", "口腔科", "看牙", "补牙"), ("美林", "布洛芬", "退烧"), ("怀孕", "孕妇", "产检"),
+            ("看病人", "探视", "探望"))
+
+
+def meaning_vector(text):
+    """A deterministic stand-in for an embeddings model: 16 dimensions for each meaning, + for
+    a text that holds it, and 64 of its characters (so that unrelated texts are not alike)."""
+    vector = [1.0 if any(word in text for word in group) else -1.0 for group in MEANINGS
+              for _ in range(16)]
+    noise = [-0.1] * 64
+    for char in text:
+        noise[ord(char) * 7 % 64] = -noise[ord(char) * 7 % 64]
+    return vector + noise
+
+
+def meaning_settings(model, **changes):
+    return types.SimpleNamespace(**{"embed_model": "fake-embed", "embed_api_key": "sk-embed",
+                                    "openai_api_key": "sk-chat", "embed_base_url": model.url +
+                                    "/v1", "openai_base_url": "", **changes})
+
+
+def test_more_than_thirty_matching_passages_still_find_the_article_learned_last(tmp_path):
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        for n in range(300):  # years of articles that all speak of prices and coffee
+            articles.learn_text("url", f"https://example.com/{n}", f"咖啡价格说明（{n}）",
+                                f"第{n}期：本店咖啡价格实惠，每包价格以门店为准。节假日咖啡照常供应。",
+                                date="2020-01-01")
+        articles.learn_text("published", "geisha", "瑰夏到店", "新到巴拿马瑰夏咖啡豆，168元一包，"
+                            "每包100克。", url="https://mp.weixin.qq.com/s/geisha",
+                            date="2025-05-01")
+        found = articles.find("瑰夏多少钱一包")
+        assert found and found[0].title == "瑰夏到店" and "168元" in found[0].text
+    finally:
+        articles.close()
+
+
+def test_the_newer_article_goes_before_the_older_that_answers_as_well(tmp_path):
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        for n in range(20):
+            articles.learn_text("url", f"https://example.com/{n}", f"新品{n}", f"第{n}款新品上市，"
+                                "欢迎品尝。", date="2024-01-01")
+        articles.learn_text("url", "https://example.com/new", "烘焙安排", "现在每周烘豆三次：周二、"
+                            "周四、周六。", date="2025-03-01")
+        articles.learn_text("url", "https://example.com/old", "烘焙安排", "现在每周烘豆两次：周二、"
+                            "周五。", date="2023-03-01")
+        assert [p.date for p in articles.find("一周烘几次豆")][:1] == ["2025-03-01"]
+    finally:
+        articles.close()
+
+
+def test_passages_carry_the_headings_of_their_section():
+    text = ("一、门诊时间\n周一至周五 8:00-17:00。\n二、收费标准\n（一）检查费用\n项目 | 价格\n"
+            "CT | 200元\n（二）挂号\n" + "普通号 5元，专家号 20元。" * 50 + "\nQ：可以刷医保吗？\n"
+            "A：可以。")
+    passages = wxbot.passages_of(text)
+    assert "二、收费标准\n（一）检查费用\n项目 | 价格\nCT | 200元" in passages
+    # A long section cut in several: each piece says what section it is.
+    fees = [p for p in passages if "专家号" in p]
+    assert len(fees) > 1 and all(p.startswith("二、收费标准 · （二）挂号") or
+                                 p.startswith("二、收费标准\n（二）挂号") for p in fees)
+    assert passages[-1].endswith("Q：可以刷医保吗？\nA：可以。")
+
+
+def test_an_article_is_dated_by_its_own_date_not_the_file_time(tmp_path):
+    (tmp_path / "a.md").write_text("---\ntitle: 停车\ndate: 2024-05-06\n---\n可以停车。",
+                                   encoding="utf-8")
+    (tmp_path / "b.md").write_text("# 放假\n\n2023年4月5日\n\n5月1日起放假。", encoding="utf-8")
+    (tmp_path / "c.md").write_text("# 报名\n\n2026年6月1日起报名。", encoding="utf-8")
+    (tmp_path / "d.html").write_text('<html><head><title>通知</title></head><body><em id='
+                                     '"publish_time">2022年7月8日</em><p>通知正文</p></body></html>',
+                                     encoding="utf-8")
+    long_title = "标" * 5000
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        for name in "abcd":
+            articles.learn(str(tmp_path / f"{name}.{'html' if name == 'd' else 'md'}"))
+        articles.learn_text("url", "https://example.com/t", long_title, "正文", date="")
+        dates = {s.title: s.date for s in articles.sources()}
+        assert dates["停车"] == "2024-05-06" and dates["放假"] == "2023-04-05"
+        assert dates["通知"] == "2022-07-08"
+        # A date in a sentence is not the article's: the file's time is the last resort.
+        assert dates["报名"] == time.strftime("%Y-%m-%d")
+        assert max(len(s.title) for s in articles.sources()) == wxbot.TITLE_CHARS == 64
+    finally:
+        articles.close()
+
+
+def test_meaning_finds_what_readers_call_otherwise_and_falls_back_to_words(tmp_path):
+    model = FakeModel()
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        articles.learn_text("url", "https://example.com/dental", "口腔科开诊", "本院口腔科周二、周四"
+                            "上午开诊，可拔牙、洗牙。", date="2025-01-01")
+        for n in range(20):
+            articles.learn_text("url", f"https://example.com/{n}", f"通知{n}", f"第{n}号通知：门诊"
+                                f"时间调整，请留意。", date="2024-01-01")
+        assert articles.find("牙医哪天在") == []  # the articles never say 牙医
+        articles.meaning = meaning = wxbot.Meaning(meaning_settings(model))
+        assert meaning.learn(articles) == 21
+        assert meaning.learn(articles) == 0  # each passage once
+        found = articles.find("牙医哪天在")
+        assert [p.title for p in found][:1] == ["口腔科开诊"]
+        asked = len(model.embedded)
+        articles.find("今天天气怎么样")
+        assert len(model.embedded) == asked + 1  # one call per question
+        # A failing embeddings API: the word search alone, logged once.
+        model.embed = lambda text: (_ for _ in ()).throw(ModelFault(503))
+        with assert_logs_once("searched by words alone"):
+            assert [p.title for p in articles.find("口腔科几点开诊")][:1] == ["口腔科开诊"]
+            articles.find("口腔科周二开吗")
+        # A re-learned article's passages get vectors again; a forgotten one's go.
+        model.embed = meaning_vector
+        articles.learn_text("url", "https://example.com/dental", "口腔科开诊", "口腔科周三开诊。",
+                            date="2025-02-01")
+        assert meaning.learn(articles) == 1
+        with articles._reading() as conn:
+            assert conn.execute("SELECT count(*) FROM article_vectors").fetchone()[0] == 21
+    finally:
+        articles.close()
+        model.close()
+
+
+@contextlib.contextmanager
+def assert_logs_once(text):
+    """The block logs a record holding `text` exactly once."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("wxbot").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("wxbot").removeHandler(handler)
+    assert sum(text in record.getMessage() for record in records) == 1, \
+        [record.getMessage() for record in records]
 
 
 def test_find_searches_a_follow_up_with_the_question_before_it(tmp_path):

@@ -27,6 +27,7 @@ A second signal exits at once.
 from __future__ import annotations
 
 import argparse
+import array
 import base64
 import codecs
 import collections
@@ -46,6 +47,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import pwd
 import queue
@@ -402,6 +404,16 @@ SETTINGS: dict[str, Setting] = {
                             "timeout)"),
     "retry_base": Setting("WXBOT_RETRY_BASE", "2", _seconds,
                           "first retry delay in seconds; doubles each attempt, with jitter"),
+    "embed_model": Setting("WXBOT_EMBED_MODEL", "", _optional_text,
+                           "embeddings model that also searches the articles by meaning, e.g. "
+                           "text-embedding-3-small, text-embedding-v3, BAAI/bge-m3, bge-m3 "
+                           "(empty: the word search alone)"),
+    "embed_base_url": Setting("WXBOT_EMBED_BASE_URL", "", _optional_url,
+                              "base URL of the embeddings API when the chat provider has none "
+                              "(DeepSeek) (empty: OPENAI_BASE_URL)"),
+    "embed_api_key": Setting("WXBOT_EMBED_API_KEY", "", _optional_text,
+                             "API key for WXBOT_EMBED_BASE_URL (empty: OPENAI_API_KEY)",
+                             secret=True),
     "learn_published": Setting("WXBOT_LEARN_PUBLISHED", "1", _flag,
                                "1: once `learn --published` has run, learn each article the "
                                "account publishes as WeChat announces it, and check the whole "
@@ -439,6 +451,9 @@ class Settings:
     image_model: str
     image_base_url: str
     image_api_key: str
+    embed_model: str
+    embed_base_url: str
+    embed_api_key: str
     image_daily: int
     session_ttl: float
     db: str
@@ -2218,6 +2233,13 @@ CREATE INDEX IF NOT EXISTS article_passages_source ON article_passages (source_i
 CREATE VIRTUAL TABLE IF NOT EXISTS article_terms USING fts5 (
     title, body, content='', detail='column', tokenize='unicode61 remove_diacritics 0');
 CREATE VIRTUAL TABLE IF NOT EXISTS article_vocabulary USING fts5vocab (article_terms, 'row');
+-- Each passage's meaning as the embeddings model (WXBOT_EMBED_MODEL) gives it: the vector
+-- scaled to signed bytes (meaning_bytes()), for find() to compare the question's with.
+CREATE TABLE IF NOT EXISTS article_vectors (
+    passage_id INTEGER PRIMARY KEY REFERENCES article_passages (id) ON DELETE CASCADE,
+    model      TEXT NOT NULL,
+    vector     BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS article_uses (
     message_id INTEGER PRIMARY KEY,
     at         REAL NOT NULL,
@@ -2793,6 +2815,11 @@ def article_digest(title: str, text: str, url: str, date: str) -> str:
 
 #: The passages holding a term (or all of a few), read from the index alone.
 TERM_PASSAGES = "SELECT rowid FROM article_terms WHERE article_terms MATCH ?"
+#: The passages nearest in meaning, with their vectors.
+PASSAGES_WITH_VECTORS = (
+    "SELECT p.id, s.id, s.title, s.url, s.date, p.text, v.vector FROM article_vectors v"
+    " JOIN article_passages p ON p.id = v.passage_id JOIN article_sources s ON"
+    " s.id = p.source_id WHERE v.passage_id IN ({ids})")
 #: The candidates' text and what names their article, by passage id.
 PASSAGES_BY_ID = (
     "SELECT p.id, s.id, s.title, s.url, s.date, p.text FROM article_passages p"
@@ -2845,6 +2872,7 @@ class Articles:
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._counts: dict[str, object] = {}  # term -> passages holding it; "" -> as of when
+        self.meaning: Meaning | None = None  # WXBOT_EMBED_MODEL: find() searches by meaning too
         with self._reading() as conn:
             # Before the first table, as the Store does: deleted rows give their pages back.
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -3161,17 +3189,31 @@ class Articles:
 
     def find(self, question: str, earlier: Sequence[str] = ()) -> list[Passage]:
         """Passages that answer `question` (with the user's earlier question(s) for a
-        follow-up), best first, at most a handful; [] when nothing relevant (relevance floor)."""
+        follow-up), best first, at most a handful; [] when nothing relevant (relevance floor).
+        With a Meaning (WXBOT_EMBED_MODEL), the passages nearest the question's meaning join
+        those of the word search (reciprocal rank fusion): 牙医 finds 口腔科."""
         units = {key: (1.0, unit) for key, unit in question_units(question).items()}
         for before in list(earlier)[-1:]:
             for key, unit in question_units(before).items():
                 units.setdefault(key, (self.EARLIER_WEIGHT, unit))
-        if not units:
-            return []
         with self._reading() as conn:
-            return self._find(conn, units)
+            words = self._find(conn, units) if units else []
+            near = self.meaning.nearest(conn, question, earlier, bool(words)) \
+                if self.meaning else []
+            if not near:
+                return [passage for *_, passage in words[:self.MOST]]
+            fused: dict[int, list] = {}
+            for ranked in (words, near):
+                for rank, (*_, passage_id, passage) in enumerate(ranked):
+                    fused.setdefault(passage_id, [0.0, passage])[0] += 1 / (self.FUSION + rank)
+            best = sorted(fused.values(), key=lambda item: -item[0])
+            return [passage for _, passage in best[:self.MOST]]
 
-    def _find(self, conn: sqlite3.Connection, units: dict) -> list[Passage]:
+    #: Reciprocal rank fusion's constant: a passage's weight in a list is 1 / (FUSION + rank).
+    FUSION = 10
+
+    def _find(self, conn: sqlite3.Connection, units: dict) -> list[list]:
+        """The word search: [share, date, passage id, Passage] best first."""
         total, changed = conn.execute(COUNTED_PASSAGES).fetchone()
         total = int(total)
         if not total:
@@ -3236,7 +3278,7 @@ class Articles:
             if strongly and share >= self.FLOOR:
                 scored.append([share, date, passage_id,
                                Passage(source_id, title, url, date, text)])
-        return [passage for *_, passage in self._newer_first(scored)[:self.MOST]]
+        return self._newer_first(scored)
 
     #: Passages whose share of the question is within this of the best are as good an answer:
     #: among them the newer article goes first (a price, an opening hour changed since).
@@ -3255,6 +3297,184 @@ class Articles:
             ordered.append(near[0])
             scored.remove(near[0])
         return ordered
+
+
+###############################################################################
+# Articles: search by meaning (optional) ######################################
+###############################################################################
+
+def meaning_bytes(vector: Sequence[float]) -> bytes:
+    """A vector as stored: each component scaled to a signed byte (a quarter of the room of
+    floats, the same nearest passages)."""
+    scale = 127.0 / (max(abs(x) for x in vector) or 1.0)
+    return bytes(round(x * scale) & 0xFF for x in vector)
+
+
+def meaning_signs(vector: Sequence[float] | bytes) -> int:
+    """A vector's signs as the bits of an int: the distance between two (the bits that differ)
+    says how near they are, 20,000 compared in a few milliseconds."""
+    if isinstance(vector, bytes):
+        return int("".join("1" if 0 < byte < 128 else "0" for byte in vector) or "0", 2)
+    return int("".join("1" if x > 0 else "0" for x in vector) or "0", 2)
+
+
+def meaning_cosine(question: Sequence[float], stored: bytes) -> float:
+    values = array.array("b", stored)
+    norm = math.sqrt(sum(x * x for x in values)) or 1.0
+    return sum(map(operator.mul, question, values)) / norm
+
+
+class Meaning:
+    """The articles searched by meaning as well as by words, through the provider's
+    OpenAI-compatible /embeddings (WXBOT_EMBED_MODEL): readers' words that articles do not
+    use (牙医 / 口腔科, 美林 / 布洛芬) find their passage.
+
+    Each passage's vector is computed once, in batches, by the thread that runs learn()
+    (never on the webhook's path); a question costs one call. A failed or slow call leaves
+    the word search alone for that question, logged once until the calls work again.
+    """
+
+    #: The question's call: beyond this the answer goes on with the word search alone.
+    ASK_TIMEOUT = 3.0
+    #: Passages a learning call sends at once, and its deadline.
+    BATCH, LEARN_TIMEOUT = 32, 60.0
+    #: Products of components the exact weighing of the nearest by their signs may cost.
+    PRODUCTS = 60000
+    #: When the words found nothing, a passage is near only when it stands this many
+    #: deviations out from the passages as a whole (a question about the weather is about as
+    #: near to all of them).
+    STANDOUT = 3.0
+    #: At most this many passages come from the meaning search.
+    MOST = 10
+
+    def __init__(self, settings: Settings):
+        self.model = settings.embed_model
+        self.client = openai.OpenAI(
+            api_key=settings.embed_api_key or settings.openai_api_key,
+            base_url=settings.embed_base_url or settings.openai_base_url or None,
+            timeout=self.LEARN_TIMEOUT, max_retries=0)
+        self._index: tuple = ("", [], [])  # (as of when, passage ids, their signs)
+        self._lock = threading.Lock()
+        self._failing = False
+
+    def vectors(self, texts: list[str], timeout: float) -> list[list[float]]:
+        """The model's vectors of the texts, in their order. ModelError when the call fails."""
+        try:
+            answer = self.client.embeddings.create(model=self.model, input=texts,
+                                                   encoding_format="float", timeout=timeout)
+            found = sorted(answer.data, key=lambda item: item.index)
+            vectors = [list(map(float, item.embedding)) for item in found]
+        except openai.APIStatusError as error:
+            raise ModelError(f"the embeddings API answered HTTP {error.status_code}",
+                             "fatal" if error.status_code in (400, 401, 403, 404) else
+                             "transient") from None
+        except openai.APIError as error:
+            raise ModelError(f"the embeddings API could not be reached ({type(error).__name__})"
+                             ) from None
+        except (TypeError, ValueError, AttributeError) as error:
+            raise ModelError(f"the embeddings API answered otherwise than documented ({error})"
+                             ) from None
+        if len(vectors) != len(texts) or not all(vectors):
+            raise ModelError("the embeddings API answered with another number of vectors")
+        return vectors
+
+    def _worked(self, error: ModelError | None) -> None:
+        if error and not self._failing:
+            log.error("articles are searched by words alone: %s (WXBOT_EMBED_MODEL=%s; check "
+                      "it, WXBOT_EMBED_BASE_URL and WXBOT_EMBED_API_KEY, or `python wxbot.py "
+                      "check`)", error, self.model)
+        elif not error and self._failing:
+            log.info("the embeddings API works again: articles are searched by meaning too")
+        self._failing = bool(error)
+
+    def learn(self, articles: "Articles", stopping: threading.Event | None = None) -> int:
+        """Compute the vectors of the passages that have none (or another model's), a batch
+        at a time, each batch written in a short transaction of its own. How many were
+        computed; stops at the first failed call (the next run goes on from there)."""
+        done = 0
+        while not (stopping and stopping.is_set()):
+            with articles._reading() as conn:
+                batch = conn.execute(
+                    "SELECT p.id, s.title, p.text FROM article_passages p JOIN article_sources"
+                    " s ON s.id = p.source_id LEFT JOIN article_vectors v ON v.passage_id ="
+                    " p.id WHERE v.passage_id IS NULL OR v.model != ? LIMIT ?",
+                    (self.model, self.BATCH)).fetchall()
+            if not batch:
+                return done
+            try:
+                vectors = self.vectors([f"{title}\n{text}" for _, title, text in batch],
+                                       self.LEARN_TIMEOUT)
+            except ModelError as error:
+                self._worked(error)
+                return done
+            self._worked(None)
+            with articles._write() as conn:
+                conn.executemany("INSERT OR REPLACE INTO article_vectors (passage_id, model,"
+                                 " vector) SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM"
+                                 " article_passages WHERE id = ?)",
+                                 [(row[0], self.model, meaning_bytes(vector), row[0])
+                                  for row, vector in zip(batch, vectors)])
+            done += len(batch)
+        return done
+
+    def run(self, articles: "Articles", stopping: threading.Event, every: float = 60.0
+            ) -> None:
+        """The server's thread: the vectors of what was learned since, once a minute."""
+        while not stopping.is_set():
+            try:
+                learned = self.learn(articles, stopping)
+                if learned:
+                    log.info("articles: %d passage(s) can now be found by meaning", learned)
+            except sqlite3.Error as error:
+                log.error("articles: vectors not stored (%s); trying again in a minute", error)
+            stopping.wait(every)
+
+    def _signs(self, conn: sqlite3.Connection) -> tuple[list[int], list[int]]:
+        """Every passage's id and vector signs, read again when the articles changed."""
+        changed = conn.execute("SELECT coalesce((SELECT value FROM article_state WHERE key ="
+                               " 'changed'), '') || ':' || (SELECT count(*) FROM"
+                               " article_vectors)").fetchone()[0]
+        with self._lock:
+            if self._index[0] != changed:
+                rows = conn.execute("SELECT passage_id, vector FROM article_vectors WHERE"
+                                    " model = ?", (self.model,)).fetchall()
+                self._index = (changed, [row[0] for row in rows],
+                               [meaning_signs(row[1]) for row in rows])
+            return self._index[1], self._index[2]
+
+    def nearest(self, conn: sqlite3.Connection, question: str, earlier: Sequence[str],
+                found_by_words: bool) -> list[list]:
+        """The passages nearest the question's meaning that stand out from the rest:
+        [cosine, date, passage id, Passage] nearest first; [] when the call fails."""
+        ids, signs = self._signs(conn)
+        if len(ids) < 2:
+            return []
+        try:
+            asked = self.vectors([" ".join([*list(earlier)[-1:], question])],
+                                 self.ASK_TIMEOUT)[0]
+        except ModelError as error:
+            self._worked(error)
+            return []
+        self._worked(None)
+        mine = meaning_signs(asked)
+        distances = [(mine ^ theirs).bit_count() for theirs in signs]
+        mean, spread = statistics.fmean(distances), statistics.pstdev(distances) or 1.0
+        # Signs alone rank roughly (384 of a small model's more roughly than 1,536): the
+        # nearest few hundred are weighed exactly, as many as cost about 60,000 products.
+        shortlist = heapq.nsmallest(max(self.MOST, self.PRODUCTS // len(asked)),
+                                    range(len(ids)), key=distances.__getitem__)
+        if not found_by_words and (mean - distances[shortlist[0]]) / spread < self.STANDOUT:
+            return []  # nothing the words found, and nothing stands out: not on the subject
+        chosen = [ids[at] for at in shortlist]
+        rows = conn.execute(PASSAGES_WITH_VECTORS.format(ids=", ".join("?" * len(chosen))),
+                            chosen).fetchall()
+        norm = math.sqrt(sum(x * x for x in asked)) or 1.0
+        asked = [x / norm for x in asked]
+        found = sorted(([meaning_cosine(asked, vector), date, passage_id,
+                         Passage(source_id, title, url, date, text)]
+                        for passage_id, source_id, title, url, date, text, vector in rows),
+                       key=lambda item: -item[0])
+        return found[:self.MOST]
 
 
 ###############################################################################
@@ -8248,6 +8468,8 @@ class Bot:
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
         self.articles = Articles(settings.db)
+        self.articles.meaning = Meaning(settings) if settings.embed_model else None
+        self._meaning_stop = threading.Event()
         self.article_sync = (ArticleSync(settings, self.articles, self.wechat)
                              if settings.learn_published else None)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode, wechat=self.wechat,
@@ -8303,6 +8525,9 @@ class Bot:
             thread = threading.Thread(target=self.article_sync.run, name="articles", daemon=True)
             thread.start()
             self.threads.append(thread)
+        if self.articles.meaning:
+            threading.Thread(target=self.articles.meaning.run, name="meaning", daemon=True,
+                             args=(self.articles, self._meaning_stop)).start()
         log.info("listening on http://%s:%d%s with %d workers, answers by %s", self.settings.host,
                  self.port, self.settings.path, len(self.workers),
                  "passive reply" if self.mode.passive else "customer-service API")
@@ -8320,6 +8545,7 @@ class Bot:
         self.janitor.stopping.set()
         if self.article_sync:
             self.article_sync.stop()
+        self._meaning_stop.set()
         self.wakeup.notify_all()
         self.ready.notify_all()
         deadline = time.monotonic() + timeout
@@ -8656,6 +8882,15 @@ def check(settings: Settings, out) -> int:
                           f"(DNS, firewall, proxy)")
         else:
             report(False, f"the model failed: {error}")
+    if settings.embed_model:
+        try:
+            dimensions = len(Meaning(settings).vectors(["营业时间"], Meaning.LEARN_TIMEOUT)[0])
+            report(True, f"the embeddings model {settings.embed_model} answers ({dimensions} "
+                         f"dimensions): articles are searched by meaning too")
+        except ModelError as error:
+            report(False, f"{error}: check WXBOT_EMBED_MODEL, WXBOT_EMBED_BASE_URL and "
+                          f"WXBOT_EMBED_API_KEY (DeepSeek has no embeddings: point them at "
+                          f"another provider, or unset WXBOT_EMBED_MODEL)")
     if settings.image_model:
         try:  # a 1x1 PNG: temporary media costs nothing and is gone in 3 days
             WeChatAPI(settings, store).upload_image(base64.b64decode(CHECK_PNG))
@@ -8785,6 +9020,13 @@ def learn_command(settings: Settings, sources: list[str], published: bool, listi
                       file=out, flush=True)
         if not_learned:
             print(f"{not_learned} source(s) not learned", file=out)
+        if settings.embed_model and (sources or published):
+            meaning = Meaning(settings)
+            computed = meaning.learn(articles)
+            print(f"{computed} passage(s) can now be found by meaning ({settings.embed_model})"
+                  if not meaning._failing else
+                  f"{computed} passage(s) can now be found by meaning; the embeddings API failed"
+                  f" (the log says how): the server tries again each minute", file=out)
         return 1 if failures or not_learned else 0
     finally:
         articles.close()
