@@ -2863,7 +2863,7 @@ class Articles:
     #: At most this many passages go with a question.
     MOST = 5
     #: Candidates BM25 brings before they are weighed against the question.
-    CANDIDATES = 30
+    CANDIDATES = 100
 
     def __init__(self, db_path: str, busy_timeout: float = 15.0):
         create_private(db_path)
@@ -3183,7 +3183,7 @@ class Articles:
     #: How much the earlier question's units weigh beside the question's own.
     EARLIER_WEIGHT = 0.5
     #: Passages BM25 may score for one question (about 3 µs each).
-    BUDGET = 2000
+    BUDGET = 20000
     #: Terms whose counts are kept between questions (a few MB at most).
     COUNTS_KEPT = 50000
 
