@@ -6944,10 +6944,12 @@ def test_console_shows_nothing_and_does_nothing_without_a_login(start_bot, wecha
     assert bot.store.health(time.time())["dead"] == 1
     retried = owner.post(base + "/queue/retry", data={"id": dead, "csrf": owner.token},
                          timeout=5)
-    assert retried.status_code == 200 and f"Message #{dead} is queued again" in retried.text
+    assert retried.status_code == 200 and f"消息 #{dead} 已重新排队" in retried.text
+    assert retried.history[0].status_code == 303  # a reload asks nothing again
+    assert f"消息 #{dead} 已重新排队" not in owner.page("/queue")
     wait_for(lambda: wechat.texts_to("oDEAD-console-01"))
     again = owner.post(base + "/queue/retry", data={"id": dead, "csrf": owner.token}, timeout=5)
-    assert again.status_code == 409 and "not dead: nothing to do" in again.text
+    assert "无需重试" in again.text
     owner.post(base + "/logout", data={"csrf": owner.token}, timeout=5)
     assert owner.get(base + "/queue", timeout=5, allow_redirects=False).status_code == 303
 
@@ -7058,11 +7060,11 @@ def test_console_pages_show_readers_text_as_text_and_no_secret(start_bot, wechat
             assert secret not in page, (path, secret[:4])
         assert "default-src 'none'" in owner.get(owner.base + path).headers[
             "Content-Security-Policy"]
-    asked_twice, uncovered = pages["/questions"].split("<h2>Recent questions")[0].split(
-        "<h2>Not covered by an article")
+    uncovered, asked_twice = pages["/questions"].split("<h2>最近的问题")[0].split(
+        "<h2>问得最多")
     assert "怎么退款" in asked_twice and "营业时间是几点？" in uncovered
     assert "怎么退款" not in uncovered
-    assert "<td class=\"n\">2 / 2</td>" in pages["/"]  # given passages / cited, today
+    assert '<td class="n" data-label="用到文章">2 / 2</td>' in pages["/"]  # given / cited
     assert "答：营业时间是几点？" in owner.page("/people/oREADER-alice-0001")
 
 
