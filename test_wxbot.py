@@ -15,6 +15,7 @@ import datetime
 import email.parser
 import email.policy
 import glob
+import html
 import html.parser
 import http.client
 import http.server
@@ -6978,13 +6979,13 @@ class SaidTexts(html.parser.HTMLParser):
 
 
 @contextlib.contextmanager
-def console_alone(tmp_path, clock=time.time):
+def console_alone(tmp_path, clock=time.time, articles=False):
     """An owner's console on its own listener, over a database of its own: (its address, the
-    database's Store)."""
+    database's Store); with the articles' tables when `articles`."""
     settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
     store = wxbot.Store(settings.db)
     console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
-                                 clock=clock)
+                                 wxbot.Articles(settings.db) if articles else None, clock=clock)
     server = wxbot.HttpServer(console.app(), "127.0.0.1", 0)
     server.start()
     try:
@@ -6992,6 +6993,8 @@ def console_alone(tmp_path, clock=time.time):
     finally:
         server.stop()
         store.close()
+        if console.articles:
+            console.articles.close()
 
 
 @hsettings(max_examples=40, deadline=None,
@@ -7098,6 +7101,312 @@ def test_console_queries_read_no_whole_table(start_bot, wechat, model, tmp_path,
                 for statement in checked if "article_uses" in statement}
     assert {statement: plan for statement, plan in scans.items() if plan} == {}
     assert len(uses) >= 2 and {statement: plan for statement, plan in uses.items() if plan} == {}
+
+
+# The owner steps in ##########################################################
+
+class NotifyServer(FakeServer):
+    """The owner's notify URL (a group robot's webhook): keeps each POST's JSON."""
+
+    def __init__(self, status=200):
+        super().__init__()
+        self.posts, self.status = [], status
+
+    def route(self, handler):
+        with self.lock:
+            self.posts.append(json.loads(handler.body.decode("utf-8")))
+        self.reply(handler, self.status, b'{"errcode": 0}')
+
+    def kinds(self):
+        with self.lock:
+            return [post["kind"] for post in self.posts]
+
+
+@pytest.fixture
+def notify():
+    server = NotifyServer()
+    yield server
+    server.close()
+
+
+def message_state(bot, openid, msg_id):
+    with bot.store.connection() as conn:
+        row = conn.execute("SELECT state FROM messages WHERE openid = ? AND msg_id = ?",
+                           (openid, str(msg_id))).fetchone()
+    return row[0] if row else None
+
+
+def owner_answers(owner, openid, text):
+    """The owner writes to a reader from the conversation page: the page after the send."""
+    return owner.post(f"{owner.base}/people/{urllib.parse.quote(openid)}/answer",
+                      data={"text": text, "csrf": owner.token}, timeout=10)
+
+
+def test_owner_answers_a_reader_in_person_and_the_bot_stays_quiet_until_given_back(
+        start_bot, wechat, model):
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    reader = "oREADER-cake-00001"
+    send_text(bot, reader, "能帮我留两个蛋糕吗", 1)
+    wait_for(lambda: message_state(bot, reader, 1) == "done")
+    owner = LoggedIn(console_base(bot))
+    page = owner.page(f"/people/{reader}")
+    assert "5 条额度还剩 4 条" in page and "微信允许在" in page
+    forged = owner.post(f"{owner.base}/people/{reader}/answer", data={"text": "假的"}, timeout=5)
+    assert forged.status_code == 403 and "假的" not in wechat.texts_to(reader)
+    sent = owner_answers(owner, reader, "好的，给你留两个<b>草莓</b>蛋糕")
+    assert sent.history[0].status_code == 303 and "已发出 1 条" in sent.text
+    assert wechat.texts_to(reader)[-1] == "好的，给你留两个<b>草莓</b>蛋糕"
+    assert "好的，给你留两个&lt;b&gt;草莓&lt;/b&gt;蛋糕" in sent.text and "你亲自回复" in sent.text
+    assert "交还机器人" in sent.text
+    send_text(bot, reader, "几点来拿？", 2)
+    wait_for(lambda: message_state(bot, reader, 2) == "done")
+    assert len(wechat.texts_to(reader)) == 2 and len(model.requests) == 1
+    page = owner.page(f"/people/{reader}")
+    assert 'class="turn waiting"' in page and "几点来拿？" in page
+    given = owner.post(f"{owner.base}/people/{reader}/give-back", data={"csrf": owner.token},
+                       timeout=5)
+    assert "已交还机器人" in given.text
+    send_text(bot, reader, "那明天下午三点可以吗", 3)
+    wait_for(lambda: len(wechat.texts_to(reader)) == 3)
+    seen = model.requests[-1]["messages"]
+    assert {"role": "assistant", "content": "好的，给你留两个<b>草莓</b>蛋糕"} in seen
+    assert {"role": "user", "content": "几点来拿？"} in seen
+
+
+def test_owner_messages_are_split_and_count_against_the_readers_five(start_bot, wechat,
+                                                                     model):
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    reader = "oREADER-long-00001"
+    send_text(bot, reader, "说说你们的蛋糕", 1)
+    wait_for(lambda: wechat.texts_to(reader))  # the bot's answer: one of the 5
+    owner = LoggedIn(console_base(bot))
+    long_text = "我们的蛋糕每天现做。" * 200  # 6000 bytes: 3 messages
+    sent = owner_answers(owner, reader, long_text)
+    pieces = wechat.texts_to(reader)[1:]
+    assert len(pieces) >= 2 and all(len(piece.encode("utf-8")) <= 2048 for piece in pieces)
+    assert "".join(pieces) == long_text and f"已发出 {len(pieces)} 条" in sent.text
+    left = 4 - len(pieces)
+    assert f"还剩 {left} 条" in owner.page(f"/people/{reader}")
+    over = owner_answers(owner, reader, "\n\n".join(["多说一句。" * 300] * (left + 1)))
+    assert "额度只剩" in over.text and len(wechat.texts_to(reader)) == 1 + len(pieces)
+
+
+def test_owner_cannot_write_once_wechats_48_hours_are_over(tmp_path):
+    with console_alone(tmp_path, clock=lambda: time.time() + 49 * 3600) as (base, store):
+        store.store_push(wxbot.Push("oOLD-reader-0001", "gh", "text", "1", "1", None, "在吗", {}),
+                         time.time())
+        owner = LoggedIn(base)
+        assert "48 小时内" in owner.page("/people/oOLD-reader-0001")
+        refused = owner_answers(owner, "oOLD-reader-0001", "你好")
+        assert "没有发出：读者最后一条消息已超过 48 小时" in refused.text
+
+
+@pytest.mark.parametrize("text, person", [
+    ("转人工", True), ("人工", True), ("我要找真人！", True), ("人工客服", True),
+    ("人工智能是什么", False), ("请问你们的人工客服几点上班，我想问问能不能退款", False)])
+def test_asking_for_a_person_is_its_own_kind_of_message(text, person):
+    settings_words = wxbot._words("人工,转人工,人工客服,找真人")
+    kind = wxbot.classify("text", text, person_words=settings_words).kind
+    assert (kind is wxbot.Kind.PERSON) == person
+
+
+def test_reader_asking_for_a_person_is_told_once_and_the_owner_is_told(start_bot, wechat,
+                                                                       model, notify):
+    bot = start_bot(WXBOT_NOTIFY_URL=notify.url)
+    reader = "oREADER-human-0001"
+    send_text(bot, reader, "转人工", 1)
+    wait_for(lambda: wechat.texts_to(reader) and notify.posts)
+    send_text(bot, reader, "人工客服", 2)
+    send_text(bot, reader, "有人吗", 3)
+    wait_for(lambda: message_state(bot, reader, 3) == "done")
+    assert wechat.texts_to(reader) == [wxbot.PERSON_LINE] and model.requests == []
+    assert notify.kinds() == ["person"] and "转人工" in notify.posts[0]["text"]
+
+
+def test_handoff_to_wechat_passes_the_readers_messages_to_its_customer_service(
+        start_bot, wechat, model):
+    bot = start_bot(WXBOT_HANDOFF="wechat")
+    reader = "oREADER-kf-000001"
+    first = post_push(bot, text_xml(reader, "转人工", 1))
+    assert "<MsgType><![CDATA[transfer_customer_service]]></MsgType>" in first.text
+    second = post_push(bot, text_xml(reader, "我的订单号是 123", 2))
+    assert "transfer_customer_service" in second.text
+    wait_for(lambda: message_state(bot, reader, 2) == "done")
+    assert model.requests == [] and wechat.texts_to(reader) == [wxbot.PERSON_LINE]
+    other = post_push(bot, text_xml("oREADER-other-0001", "你好", 3))
+    assert other.text == "success"
+
+
+@pytest.mark.parametrize("url, body", [
+    ("https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=K",
+     {"msgtype": "text", "text": {"content": "【wxbot】读者要找人工\n有人找"}}),
+    ("https://oapi.dingtalk.com/robot/send?access_token=T",
+     {"msgtype": "text", "text": {"content": "【wxbot】读者要找人工\n有人找"}}),
+    ("https://open.feishu.cn/open-apis/bot/v2/hook/H",
+     {"msg_type": "text", "content": {"text": "【wxbot】读者要找人工\n有人找"}})])
+def test_notifications_take_each_group_robots_own_shape(url, body):
+    assert wxbot.notify_body(url, "person", "有人找", 0) == body
+    plain = wxbot.notify_body("https://example.com/hook", "person", "有人找", 0)
+    assert plain["kind"] == "person" and plain["text"] == "有人找"
+
+
+def test_notifications_come_at_most_once_a_minute_of_each_kind(tmp_path, notify):
+    now = [1_800_000_000.0]
+    settings = settings_for(tmp_path, WXBOT_NOTIFY_URL=notify.url)
+    store = wxbot.Store(settings.db)
+    notifier = wxbot.Notifier(settings, store, clock=lambda: now[0])
+    thread = threading.Thread(target=notifier.run, daemon=True)
+    thread.start()
+    try:
+        assert notifier.tell("undelivered", "一") and not notifier.tell("undelivered", "二")
+        assert notifier.tell("disk", "满了")
+        now[0] += 61
+        assert notifier.tell("undelivered", "三")
+        wait_for(lambda: len(notify.posts) == 3)
+        assert notify.kinds() == ["undelivered", "disk", "undelivered"]
+        assert "还有 1 次同类情况" in notify.posts[2]["text"]
+        for _ in range(3):
+            notifier.model_failed("HTTP 503")
+        now[0] += wxbot.MODEL_FAILING_SECONDS
+        notifier.model_failed("HTTP 503")
+        wait_for(lambda: len(notify.posts) == 4)
+        assert notify.kinds()[-1] == "model"
+    finally:
+        notifier.stop()
+        thread.join(5)
+        store.close()
+
+
+def test_a_failing_notify_url_is_logged_once_and_never_delays_an_answer(start_bot, wechat,
+                                                                        model, caplog):
+    stuck = NotifyServer(status=500)
+    try:
+        bot = start_bot(WXBOT_NOTIFY_URL=stuck.url + "/hook")
+        send_text(bot, "oREADER-a-000001", "转人工", 1)
+        send_text(bot, "oREADER-b-000001", "转人工", 2)
+        wait_for(lambda: wechat.texts_to("oREADER-a-000001") and
+                 wechat.texts_to("oREADER-b-000001"))
+        send_text(bot, "oREADER-c-000001", "你好", 3)
+        wait_for(lambda: wechat.texts_to("oREADER-c-000001"))
+        wait_for(lambda: "refused a notification" in caplog.text)
+        bot.notifier.tell("undelivered", "再来一次")
+        wait_for(lambda: len(stuck.posts) == 2)
+        wait_for(lambda: bot.notifier._outbox.empty())
+        assert caplog.text.count("refused a notification") == 1
+    finally:
+        stuck.close()
+
+
+def test_check_sends_a_test_notification(tmp_path, wechat, model, notify):
+    out = io.StringIO()
+    wxbot.check(wxbot.Settings.from_env(env_for(tmp_path, wechat, model,
+                                                 WXBOT_NOTIFY_URL=notify.url)), out)
+    assert notify.kinds() == ["test"] and "WXBOT_NOTIFY_URL took a test notification" in \
+        out.getvalue()
+
+
+def test_owner_note_is_found_like_an_article_cited_without_a_link_and_sent_once(
+        start_bot, wechat, model):
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    model.respond = lambda request: "答：" + request["messages"][-1]["content"][-20:]
+    for number, reader in enumerate(["oREADER-park-0001", "oREADER-park-0002"], 1):
+        send_text(bot, reader, "店门口可以停车吗", number)
+        wait_for(lambda: wechat.texts_to(reader))
+        bot.articles.note_use(number, time.time(), 0, 0)  # as answering records it
+    send_text(bot, "oREADER-hi-000001", "你好", 3)
+    wait_for(lambda: wechat.texts_to("oREADER-hi-000001"))
+    bot.articles.note_use(3, time.time(), 0, 0)
+    owner = LoggedIn(console_base(bot))
+    questions = owner.page("/questions")
+    uncovered = questions.split("<h2>问得最多")[0]
+    assert "店门口可以停车吗" in uncovered and "2 次 · 2 位读者" in uncovered
+    assert "你好" not in uncovered  # small talk is no gap
+    taught = owner.post(owner.base + "/questions/teach", data={
+        "csrf": owner.token, "question": "店门口可以停车吗",
+        "answer": "店门口有三个免费车位，停车不超过两小时免费。"}, timeout=5)
+    assert taught.history[0].status_code == 303 and "来源：公众号说明" in taught.text
+    assert "2 位" in taught.text
+    note_path = urllib.parse.urlsplit(taught.url).path
+    assert "公众号说明" in owner.page("/articles")
+    model.respond = lambda request: "有三个免费车位[1]。"
+    send_text(bot, "oREADER-new-00001", "门口能停车吗？", 4)
+    wait_for(lambda: wechat.texts_to("oREADER-new-00001"))
+    assert wechat.texts_to("oREADER-new-00001")[0].endswith("来源：公众号说明")
+    assert "免费车位" in model.requests[-1]["messages"][-1]["content"]
+    owner.post(owner.base + note_path + "/send", data={"csrf": owner.token}, timeout=10)
+    owner.post(owner.base + note_path + "/send", data={"csrf": owner.token}, timeout=10)
+    for reader in ["oREADER-park-0001", "oREADER-park-0002"]:
+        assert wechat.texts_to(reader)[1:] == ["店门口有三个免费车位，停车不超过两小时免费。"]
+    edited = owner.post(owner.base + note_path + "/note", data={
+        "csrf": owner.token, "question": "店门口可以停车吗", "answer": "门口车位已取消，请停在对面商场。"},
+        timeout=5)
+    assert "已保存修改" in edited.text
+    assert [p.text for p in bot.articles.find("门口可以停车吗")] == ["门口车位已取消，请停在对面商场。"]
+    source_id = note_path.rsplit("/", 1)[1]
+    owner.post(owner.base + "/articles/forget", data={"csrf": owner.token, "id": source_id},
+               timeout=5)
+    assert bot.articles.find("门口可以停车吗") == []
+
+
+def test_articles_learned_before_notes_take_notes(tmp_path):
+    path = str(tmp_path / "old.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(wxbot.ARTICLES_SCHEMA.replace(", 'note')", ")"))
+    articles = wxbot.Articles(path)
+    try:
+        articles.learn_text("note", "note:停车", "停车", "门口有车位。", url=wxbot.NOTE_URL)
+        assert [p.url for p in articles.find("停车吗")] == [wxbot.NOTE_URL]
+    finally:
+        articles.close()
+
+
+def test_a_message_that_got_the_apology_is_asked_again_from_the_console(start_bot, wechat,
+                                                                        model):
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    failing = {"on": True}
+
+    def respond(request):
+        if failing["on"]:
+            raise ModelFault(503)
+        return "营业到晚上九点。"
+    model.respond = respond
+    send_text(bot, "oREADER-fail-0001", "几点关门", 1)
+    wait_for(lambda: message_state(bot, "oREADER-fail-0001", 1) == "failed")
+    owner = LoggedIn(console_base(bot))
+    assert "失败，已致歉" in owner.page("/people/oREADER-fail-0001")
+    failing["on"] = False
+    retried = owner.post(owner.base + "/queue/retry", data={"id": 1, "csrf": owner.token},
+                         timeout=5)
+    assert "已重新排队" in retried.text
+    wait_for(lambda: len(wechat.texts_to("oREADER-fail-0001")) == 2)
+    assert wechat.texts_to("oREADER-fail-0001") == [wxbot.APOLOGY_LINE, "营业到晚上九点。"]
+    # The apology stays counted in the reader's 5.
+    assert bot.handoff.window("oREADER-fail-0001", time.time()).left == 3
+
+
+def test_console_shows_links_as_links_folds_long_texts_and_speaks_chinese(tmp_path):
+    with console_alone(tmp_path, articles=True) as (base, store):
+        now = time.mktime((2025, 12, 7, 14, 5, 0, 0, 0, -1))
+        message_id, _ = store.store_push(wxbot.Push("oREADER-link-0001", "gh", "text", "1", "1",
+                                                    None, "退款" * 400, {}), now)
+        with store.transaction() as conn:
+            conn.execute("INSERT INTO segments (message_id, seq, content, sent_at) VALUES"
+                         " (?, 0, ?, ?)", (message_id, '七天内可退。\n\n来源：<a href="https://'
+                                           'example.com/r?a=1&b=2">《退款须知》</a>', now))
+            conn.execute("UPDATE messages SET state = 'done' WHERE id = ?", (message_id,))
+        owner = LoggedIn(base)
+        page = owner.page("/people/oREADER-link-0001")
+        assert '<a href="https://example.com/r?a=1&amp;b=2" rel="noreferrer">《退款须知》</a>' in page
+        assert "&lt;a href" not in page and "12月7日 14:05" in page and "已回答" in page
+        assert '<details class="long"><summary>展开全文（共 800 字）' in page
+        settings = owner.page("/settings")
+        assert html.escape(wxbot.DEFAULT_SYSTEM_PROMPT, quote=True) in settings and "（默认）" in settings
+        assert "False" not in settings and "86400.0" not in settings
+        failed = owner.post(base + "/articles/learn", data={"csrf": owner.token,
+                                                            "url": "ftp://example.com/x"})
+        assert "没有学习 ftp://example.com/x" in failed.text
+        assert 'value="ftp://example.com/x"' in failed.text
+        assert "1 passages" not in owner.page("/articles")
 
 
 # The console in a real browser ###############################################

@@ -9378,6 +9378,12 @@ def check(settings: Settings, out) -> int:
                           "verified accounts, or the 测试号, may upload pictures); verify the "
                           "account or unset WXBOT_IMAGE_MODEL" if error.errcode == 48001
                    else f"drawing: WeChat refused a picture upload: {error.hint()}")
+    if settings.notify_url:
+        problem = Notifier(settings, store).send("test", "这是一条测试通知：以后读者找人工、消息未送达、"
+                                                 "模型持续失败、磁盘满了，都会发到这里。", time.time())
+        report(problem is None, "WXBOT_NOTIFY_URL took a test notification" if problem is None
+               else f"WXBOT_NOTIFY_URL {masked_url(settings.notify_url)} refused a test "
+                    f"notification ({problem}): check the group robot's webhook address")
     store.close()
     for setting, path, *how in OwnerFiles.files(settings):
         if not path:
