@@ -7559,7 +7559,8 @@ def test_console_works_in_a_real_browser_on_a_phone_and_a_desktop(start_bot, wec
             assert browser.text("h1") == link
             assert browser.script("return document.documentElement.scrollWidth") <= \
                 browser.script("return window.innerWidth"), (link, width)  # no sideways scroll
-            browser.screenshot(os.path.join(SCREENSHOTS, f"{link.lower()}-{width}.png"))
+            browser.screenshot(os.path.join(SCREENSHOTS, f"{path.strip('/') or 'overview'}"
+                                                         f"-{width}.png"))
         browser.go(base + "/people/oREADER-carol-0003")
         assert XSS in browser.text("main") and browser.count("main img") == 0
         assert browser.alert() is None
@@ -7567,12 +7568,12 @@ def test_console_works_in_a_real_browser_on_a_phone_and_a_desktop(start_bot, wec
         if width == 375:
             browser.go(base + "/queue")
             browser.click("form[action='/queue/retry'] button")
-            wait_for(lambda: browser.shows(f"Message #{dead} is queued again"))
+            wait_for(lambda: browser.shows(f"消息 #{dead} 已重新排队"))
             wait_for(lambda: wechat.texts_to("oREADER-dave-00004"))
             browser.go(base + "/articles")
             browser.type("#url", page.url + "/refunds")
             browser.click("form[action='/articles/learn'] button")
-            wait_for(lambda: browser.shows(f"Learned «{ArticlePage.TITLE}»"))
+            wait_for(lambda: browser.shows(f"已学习《{ArticlePage.TITLE}》"))
             assert [source.title for source in bot.articles.sources()] == [ArticlePage.TITLE]
             assert bot.articles.find("怎么退款")
             browser.click("main table a[href^='/articles/']")  # its passages
@@ -7581,7 +7582,7 @@ def test_console_works_in_a_real_browser_on_a_phone_and_a_desktop(start_bot, wec
         else:
             browser.go(base + "/articles")
             browser.click("form[action='/articles/forget'] button")
-            wait_for(lambda: browser.shows("The source was forgotten"))
+            wait_for(lambda: browser.shows("已删除这个来源"))
             assert bot.articles.sources() == []
         browser.click("nav form button")  # log out
         wait_for(lambda: browser.count("input[type=password]") == 1)
@@ -7590,6 +7591,84 @@ def test_console_works_in_a_real_browser_on_a_phone_and_a_desktop(start_bot, wec
     assert problems == []
     browser.go(base + "/no-such-page")  # the console's log does report an error
     assert "404" in " ".join(entry["message"] for entry in browser.console_messages())
+
+
+#: Where the owner's loop leaves the README's screenshots (docs/ of the checkout).
+DOCS = os.environ.get("CONSOLE_DOCS", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                   "docs"))
+
+
+def test_owner_loop_in_a_real_browser(start_bot, wechat, model, browser, notify):
+    """A reader asks; the owner answers from the conversation page; the reader's next
+    message is not answered by the bot; 交还机器人; the bot answers again. A reader types 转人工:
+    the notify URL gets one message. The owner teaches an answer; a new reader is answered
+    from it, with the note's 来源."""
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0,
+                    WXBOT_NOTIFY_URL=notify.url)
+    base = console_base(bot)
+    reader = "oREADER-bakery-01"
+    send_text(bot, reader, "能帮我留两个蛋糕吗", 1)
+    wait_for(lambda: message_state(bot, reader, 1) == "done")
+    bot.articles.note_use(1, time.time(), 0, 0)  # no article covered it
+    browser.width(1280)
+    browser.go(base + "/login")
+    browser.type("#password", CONSOLE_PASSWORD)
+    browser.click("button[type=submit]")
+    wait_for(lambda: browser.count("nav") == 1)
+    browser.go(base + f"/people/{reader}")
+    assert "微信允许在" in browser.text("main")
+    browser.type("#text", "可以，给你留两个草莓蛋糕，下午五点前来拿。")
+    browser.click("form[action$='/answer'] button")
+    wait_for(lambda: browser.shows("已发出 1 条"))
+    assert wechat.texts_to(reader)[-1] == "可以，给你留两个草莓蛋糕，下午五点前来拿。"
+    send_text(bot, reader, "好的，我叫小王", 2)
+    wait_for(lambda: message_state(bot, reader, 2) == "done")
+    assert len(wechat.texts_to(reader)) == 2  # the bot stayed quiet
+    for width in (375, 1280):
+        browser.width(width)
+        browser.go(base + f"/people/{reader}")
+        wait_for(lambda: browser.shows("好的，我叫小王"))
+        assert browser.script("return document.documentElement.scrollWidth") <= \
+            browser.script("return window.innerWidth")
+        browser.screenshot(os.path.join(DOCS, f"console-conversation-{width}.png"))
+    browser.click("form[action$='/give-back'] button")
+    wait_for(lambda: browser.shows("已交还机器人"))
+    send_text(bot, reader, "蛋糕多少钱？", 3)
+    wait_for(lambda: len(wechat.texts_to(reader)) == 3)
+    assert wechat.texts_to(reader)[-1] == "答：蛋糕多少钱？"
+    send_text(bot, "oREADER-human-01", "转人工", 4)
+    wait_for(lambda: notify.posts)
+    wait_for(lambda: message_state(bot, "oREADER-human-01", 4) == "done")
+    assert notify.kinds() == ["person"]
+    send_text(bot, "oREADER-park-0001", "店门口可以停车吗", 5)
+    wait_for(lambda: message_state(bot, "oREADER-park-0001", 5) == "done")
+    bot.articles.note_use(5, time.time(), 0, 0)
+    for width in (375, 1280):
+        browser.width(width)
+        browser.go(base + "/questions")
+        wait_for(lambda: browser.shows("店门口可以停车吗"))
+        browser.screenshot(os.path.join(DOCS, f"console-questions-{width}.png"))
+    browser.script("document.querySelectorAll('details').forEach(d => d.open = true)")
+    assert browser.count("textarea[id^=answer]") >= 2  # one a question
+    browser.script("""const forms = [...document.querySelectorAll("form[action='/questions/teach']")];
+        forms.find(f => f.question.value === '店门口可以停车吗').querySelector('textarea').id = 'teach';""")
+    browser.type("#teach", "店门口有三个免费车位，停车两小时内免费。")
+    browser.script("document.querySelector('#teach').form.querySelector('button').click()")
+    wait_for(lambda: browser.shows("来源：公众号说明"))
+    browser.screenshot(os.path.join(DOCS, "console-note-1280.png"))
+    model.respond = lambda request: "门口有三个免费车位[1]。"
+    send_text(bot, "oREADER-new-00001", "门口能停车吗", 6)
+    wait_for(lambda: wechat.texts_to("oREADER-new-00001"))
+    assert wechat.texts_to("oREADER-new-00001") == ["门口有三个免费车位。\n\n来源：公众号说明"]
+    browser.width(375)
+    browser.go(base + "/articles")
+    wait_for(lambda: browser.shows("公众号说明"))
+    browser.screenshot(os.path.join(DOCS, "console-articles-375.png"))
+    problems = [entry for entry in browser.console_messages()
+                if entry["level"] in ("SEVERE", "WARNING")]
+    assert problems == []
+
+
 # Articles ####################################################################
 
 def test_an_article_is_found_by_its_two_character_words_and_learning_again_replaces_it(
