@@ -2411,28 +2411,16 @@ def article_terms(text: str) -> list[str]:
     return terms
 
 
-#: How readers ask and how articles say it: a question holding one of these words finds a
-#: passage holding any other of its group (开门 finds 营业时间, 包邮 finds 免配送费). The
-#: things people ask a shop, café, clinic or school account about, not one account's words.
-READER_WORDS = (
-    ("开门", "关门", "营业", "开店", "打烊", "店休", "休息", "歇业", "几点开", "开到几点"),
-    ("包邮", "免邮", "邮费", "运费", "免运费", "配送费", "免配送费", "快递费"),
-    ("在哪", "在哪里", "在哪儿", "地址", "位置", "怎么走", "怎么去", "怎么到", "门店"),
-    ("多少钱", "几块钱", "多钱", "价格", "价钱", "价位", "收费", "费用", "便宜", "贵", "元"),
-    ("退款", "退钱", "退货", "退单", "退换", "退费"),
-    ("优惠", "折扣", "打折", "便宜点", "减免", "优惠券", "活动价"),
-    ("外卖", "配送", "送货", "送餐", "外送", "送到", "上门"),
-    ("预约", "预订", "预定", "报名", "订位", "提前订"),
+#: How Chinese asks for a place, a price, a length of time and a phone number, and how
+#: any account's articles answer: a question holding one of these words finds a passage
+#: holding any other of its group (在哪 finds 地址, 多少钱 finds 费用). Words of the language,
+#: not of one kind of account: what readers call a thing otherwise (牙医 for 口腔科) is found
+#: by meaning (WXBOT_EMBED_MODEL) or by the search words the model writes (search_words()).
+ASKING_WORDS = (
+    ("在哪", "在哪里", "在哪儿", "地址", "位置", "怎么走", "怎么去", "怎么到"),
+    ("多少钱", "几块钱", "多钱", "价格", "价钱", "收费", "费用", "便宜", "贵", "元"),
     ("多久", "多长时间", "几天", "几分钟", "分钟", "小时", "时间"),
-    ("停车", "车位", "停车场", "停车费"),
-    ("狗", "狗狗", "猫", "猫咪", "宠物", "犬"),
-    ("小孩", "孩子", "儿童", "宝宝", "小朋友"),
-    ("工资", "薪资", "月薪", "时薪", "薪水", "待遇"),
-    ("招聘", "招人", "应聘", "招兼职", "求职"),
-    ("过年", "春节", "除夕", "大年", "年假"),
-    ("电话", "联系方式", "客服", "手机号"),
-    ("发票", "开票", "报销"),
-    ("能用", "可以用", "支持", "适用"),
+    ("电话", "联系方式", "手机号"),
 )
 
 
@@ -2444,13 +2432,13 @@ class Unit:
     weak: frozenset[str] = frozenset()  # showing one of these: it may be (a character alone)
 
 
-def _reader_word_pattern() -> re.Pattern:
-    words = sorted({word for group in READER_WORDS for word in group}, key=len, reverse=True)
+def _asking_word_pattern() -> re.Pattern:
+    words = sorted({word for group in ASKING_WORDS for word in group}, key=len, reverse=True)
     return re.compile("|".join(map(re.escape, words)))
 
 
-_READER_WORD = _reader_word_pattern()
-_READER_GROUP = {word: group for group in READER_WORDS for word in group}
+_ASKING_WORD = _asking_word_pattern()
+_ASKING_GROUP = {word: group for group in ASKING_WORDS for word in group}
 
 
 def _shown_by(word: str) -> frozenset[str]:
@@ -2463,16 +2451,16 @@ def _shown_by(word: str) -> frozenset[str]:
 def question_units(text: str) -> dict[str, Unit]:
     """What a question asks about, unit by unit: each meaningful CJK character and each Latin
     word or number, with the terms that show the unit in the question's own context (the
-    character paired with a neighbour), and each reader's word (READER_WORDS) with the words
+    character paired with a neighbour), and each asking word (ASKING_WORDS) with the words
     of its group. A character found alone in a passage is weak evidence; found in one of its
     pairs, strong. Pairs that span two words (周末几点 gives 末几) need not exist anywhere:
     they simply show nothing."""
     folded = fold(text)
     units: dict[str, Unit] = {}
-    for found in _READER_WORD.finditer(folded):
-        group = _READER_GROUP[found.group()]
+    for found in _ASKING_WORD.finditer(folded):
+        group = _ASKING_GROUP[found.group()]
         units[group[0]] = Unit(tuple(_shown_by(word) for word in group))
-    folded = QUESTION_WORDS.sub(" ", _READER_WORD.sub(" ", folded))
+    folded = QUESTION_WORDS.sub(" ", _ASKING_WORD.sub(" ", folded))
     last_end, last_number = -1, ""
     for match in _TERM_RUNS.finditer(folded):
         run, word = match.group(1), match.group(2)
@@ -2504,9 +2492,10 @@ def question_units(text: str) -> dict[str, Unit]:
 
 
 #: A passage is cut at the end of a paragraph or sentence once it has this many characters;
-#: a longer paragraph is cut at its sentence ends.
-PASSAGE_CHARS = 260
-PASSAGE_MAX = 500
+#: a longer paragraph is cut at its sentence ends. (Measured on accounts' articles: passages
+#: of 260 characters split an answer from what it answers as often as they held it.)
+PASSAGE_CHARS = 500
+PASSAGE_MAX = 1000
 _SENTENCE_END = re.compile(r"(?<=[。！？!?；;…])")
 #: A line that heads what follows it, and its level: a Markdown heading (## 价格), 「三、价格」,
 #: 「（二）报名」, 「1. 费用」, a bold line (**价格**), 【价格】, and a question of a Q&A
@@ -2543,9 +2532,9 @@ def heading_level(line: str) -> int | None:
 
 
 def passages_of(text: str) -> list[str]:
-    """The text cut into passages of about PASSAGE_CHARS, at paragraph and sentence ends and
-    before each heading; a passage that starts inside a section begins with that section's
-    headings (「二、收费标准」), so that it is found, and read, as what it is."""
+    """The text cut into passages of about PASSAGE_CHARS, at paragraph and sentence ends; a
+    passage that starts inside a section begins with that section's headings (「二、收费标准
+    · （二）挂号」), so that it is found, and read, as what it is."""
     pieces: list[tuple[str, str]] = []  # (the headings over it, a paragraph or part of one)
     headings: dict[int, str] = {}
     for paragraph in (line.strip() for line in text.splitlines()):
@@ -2571,20 +2560,19 @@ def passages_of(text: str) -> list[str]:
         if sentence:
             pieces.append((over, sentence))
     passages: list[str] = []
-    current, only_headings = "", False
+    current = ""
     for over, piece in pieces:
-        heading = heading_level(piece) is not None
-        if current and (len(current) + len(piece) > PASSAGE_CHARS or
-                        heading and not only_headings):
+        if current and len(current) + len(piece) > PASSAGE_CHARS:
             passages.append(current)
             current = ""
         if not current:
             # Its headings go first (a passage that starts with a heading: those above it).
+            heading = heading_level(piece) is not None
             above = over.rsplit(" · ", 1)[0] if heading and " · " in over else \
                 "" if heading else over
-            current, only_headings = (f"{above}\n{piece}" if above else piece), heading
+            current = f"{above}\n{piece}" if above else piece
         else:
-            current, only_headings = f"{current}\n{piece}", only_headings and heading
+            current = f"{current}\n{piece}"
     if current:
         passages.append(current)
     return passages
@@ -2952,7 +2940,7 @@ class Articles:
     #: At most this many passages go with a question.
     MOST = 5
     #: Candidates BM25 brings before they are weighed against the question.
-    CANDIDATES = 100
+    CANDIDATES = 60
 
     def __init__(self, db_path: str, busy_timeout: float = 15.0):
         create_private(db_path)
@@ -3301,6 +3289,9 @@ class Articles:
         With a Meaning (WXBOT_EMBED_MODEL), the passages nearest the question's meaning join
         those of the word search (reciprocal rank fusion): 牙医 finds 口腔科."""
         units = {key: (1.0, unit) for key, unit in question_units(question).items()}
+        if not earlier and sum(0.5 if len(key) == 1 and not key.isascii() else 1
+                               for key in units) < 1:
+            return []  # 谢谢, 在吗, 你是谁: a word of one character says nothing to search for
         for before in list(earlier)[-1:]:
             for key, unit in question_units(before).items():
                 units.setdefault(key, (self.EARLIER_WEIGHT, unit))
@@ -3384,26 +3375,28 @@ class Articles:
                         for key, (_, unit) in units.items()) / whole
             # Characters found only one by one are no sign the passage is on the subject.
             if strongly and share >= self.FLOOR:
-                scored.append([share, date, passage_id,
+                scored.append([share, date, passage_id, frozenset(strongly),
                                Passage(source_id, title, url, date, text)])
-        return self._newer_first(scored)
+        return [[share, date, passage_id, passage] for share, date, passage_id, _, passage
+                in self._newer_first(scored)]
 
     #: Passages whose share of the question is within this of the best are as good an answer:
     #: among them the newer article goes first (a price, an opening hour changed since).
-    SAME_ANSWER = 0.12
+    SAME_ANSWER = 0.05
 
     def _newer_first(self, scored: list[list]) -> list[list]:
-        """The scored passages best first, and among those about as good, newer first; a
-        passage of an older article is never given without the newer one that answers as
-        well (it holds what the older said before it changed)."""
+        """The scored passages ([share, date, id, words shown, Passage]) best first; among
+        those about as good that show the same words of the question, the newer article
+        first: it holds what the older said before it changed."""
         scored.sort(key=lambda item: (-item[0], -item[2]))
         ordered = []
         while scored:
-            top = scored[0][0]
-            near = [item for item in scored if item[0] >= top - self.SAME_ANSWER]
-            near.sort(key=lambda item: (item[1] or "", item[0], item[2]), reverse=True)
-            ordered.append(near[0])
-            scored.remove(near[0])
+            top = scored[0]
+            near = [item for item in scored if item[0] >= top[0] - self.SAME_ANSWER and
+                    item[3] == top[3]]
+            chosen = max(near, key=lambda item: (item[1] or "", item[0], item[2]))
+            scored.remove(chosen)
+            ordered.append(chosen)
         return ordered
 
 
