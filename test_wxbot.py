@@ -507,6 +507,9 @@ def env_for(tmp_path, wechat, model, **overrides):
         "OPENAI_BASE_URL": model.url + "/v1", "WXBOT_DB": str(tmp_path / "wxbot.db"),
         "WXBOT_HOST": "127.0.0.1", "WXBOT_PORT": "0", "WXBOT_MODEL_TIMEOUT": "5",
         "WXBOT_RETRY_BASE": "0.05", "WXBOT_STOP_TIMEOUT": "5",
+        # One model request per question, as most tests count them: the search words' own
+        # call is tested where it is asked for.
+        "WXBOT_SEARCH_WORDS": "0",
     }
     env.update({key: str(value) for key, value in overrides.items()})
     return env
@@ -8449,6 +8452,39 @@ def test_meaning_finds_what_readers_call_otherwise_and_falls_back_to_words(tmp_p
     finally:
         articles.close()
         model.close()
+
+
+def test_the_model_writes_search_words_when_the_question_meets_no_article_well(
+        start_bot, wechat, model, tmp_path):
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.learn_text("url", "https://example.com/dental", "口腔科开诊", "本院口腔科周二、周四"
+                        "上午开诊，可拔牙、洗牙，挂号费5元。", date="2025-01-01")
+    articles.learn_text("url", "https://example.com/hours", "门诊时间", "门诊时间：周一至周五"
+                        " 8:00-17:00，周六上午 8:00-12:00。", date="2025-01-01")
+    articles.close()
+
+    def respond(request):
+        if request["messages"][0]["content"] == wxbot.SEARCH_WORDS_PROMPT:
+            asked = request["messages"][-1]["content"]
+            return "口腔科 拔牙 开诊" if "牙" in asked else wxbot.NOT_ABOUT_THE_ACCOUNT
+        return "好的[1]。" if wxbot.PASSAGES_HEAD in request["messages"][-1]["content"] else "好的。"
+    model.respond = respond
+    bot = start_bot(WXBOT_SEARCH_WORDS="1")
+    send_text(bot, "oTOOTH", "牙医哪天在", 1)  # 牙医: a word the articles never use
+    wait_for(lambda: wechat.texts_to("oTOOTH"))
+    search, answer = model.requests
+    assert search["max_tokens"] == 60 and search["messages"][-1]["content"] == "牙医哪天在"
+    assert "[1] 《口腔科开诊》" in answer["messages"][-1]["content"]
+    assert wechat.texts_to("oTOOTH") == ["好的。\n\n来源：《口腔科开诊》"]
+    # A question the words answer well asks for no search words; small talk gets no passage.
+    send_text(bot, "oHOURS", "门诊时间周六几点", 2)
+    wait_for(lambda: wechat.texts_to("oHOURS"))
+    assert len(model.requests) == 3 and wxbot.PASSAGES_HEAD in \
+        model.requests[-1]["messages"][-1]["content"]
+    send_text(bot, "oCHAT", "周四天气怎么样", 3)
+    wait_for(lambda: wechat.texts_to("oCHAT"))
+    assert model.requests[-2]["messages"][0]["content"] == wxbot.SEARCH_WORDS_PROMPT
+    assert wxbot.PASSAGES_HEAD not in model.requests[-1]["messages"][-1]["content"]
 
 
 @contextlib.contextmanager

@@ -420,6 +420,10 @@ SETTINGS: dict[str, Setting] = {
                             "timeout)"),
     "retry_base": Setting("WXBOT_RETRY_BASE", "2", _seconds,
                           "first retry delay in seconds; doubles each attempt, with jitter"),
+    "search_words": Setting("WXBOT_SEARCH_WORDS", "1", _flag,
+                            "1: when a question's own words meet no article well, one short "
+                            "model call writes the words an article would use (牙医 → 口腔科) "
+                            "and the articles are searched again; 0: off"),
     "embed_model": Setting("WXBOT_EMBED_MODEL", "", _optional_text,
                            "embeddings model that also searches the articles by meaning, e.g. "
                            "text-embedding-3-small, text-embedding-v3, BAAI/bge-m3, bge-m3 "
@@ -481,6 +485,7 @@ class Settings:
     image_model: str
     image_base_url: str
     image_api_key: str
+    search_words: bool
     embed_model: str
     embed_base_url: str
     embed_api_key: str
@@ -3283,11 +3288,18 @@ class Articles:
     #: Terms whose counts are kept between questions (a few MB at most).
     COUNTS_KEPT = 50000
 
-    def find(self, question: str, earlier: Sequence[str] = ()) -> list[Passage]:
+    def find(self, question: str, earlier: Sequence[str] = (),
+             search_words: Callable[[str, Sequence[str]], str | None] | None = None
+             ) -> list[Passage]:
         """Passages that answer `question` (with the user's earlier question(s) for a
         follow-up), best first, at most a handful; [] when nothing relevant (relevance floor).
         With a Meaning (WXBOT_EMBED_MODEL), the passages nearest the question's meaning join
-        those of the word search (reciprocal rank fusion): 牙医 finds 口腔科."""
+        those of the word search (reciprocal rank fusion): 牙医 finds 口腔科.
+
+        `search_words(question, earlier)` is asked, when the question's own words meet no
+        passage well (below CONFIDENT), for the words an article would use (the model's
+        search_words()): they join the question's, weighing SEARCH_WORDS_WEIGHT. It returns
+        None for a question about nothing the account writes of (small talk): no passage."""
         units = {key: (1.0, unit) for key, unit in question_units(question).items()}
         if not earlier and sum(0.5 if len(key) == 1 and not key.isascii() else 1
                                for key in units) < 1:
@@ -3297,6 +3309,14 @@ class Articles:
                 units.setdefault(key, (self.EARLIER_WEIGHT, unit))
         with self._reading() as conn:
             words = self._find(conn, units) if units else []
+            if search_words and (not words or words[0][0] < self.CONFIDENT) and \
+                    int(conn.execute(COUNTED_PASSAGES).fetchone()[0]):
+                written = search_words(question, earlier)
+                if written is None:
+                    return []
+                for key, unit in question_units(written).items():
+                    units.setdefault(key, (self.SEARCH_WORDS_WEIGHT, unit))
+                words = self._find(conn, units) if written.strip() else words
             near = self.meaning.nearest(conn, question, earlier, bool(words)) \
                 if self.meaning else []
             if not near:
@@ -3310,6 +3330,10 @@ class Articles:
 
     #: Reciprocal rank fusion's constant: a passage's weight in a list is 1 / (FUSION + rank).
     FUSION = 10
+    #: A best passage showing this share of the question: no search words are asked for.
+    CONFIDENT = 0.6
+    #: What a search word the model wrote weighs beside the question's own.
+    SEARCH_WORDS_WEIGHT = 0.7
 
     def _find(self, conn: sqlite3.Connection, units: dict) -> list[list]:
         """The word search: [share, date, passage id, Passage] best first."""
@@ -3362,6 +3386,7 @@ class Articles:
         rows = conn.execute(PASSAGES_BY_ID.format(ids=", ".join("?" * len(best))),
                             [rowid for rowid, _ in best]).fetchall()
         latin_asked = any(term[0].isascii() for term in terms)
+        own = {key for key, (importance, _) in units.items() if importance == 1.0}
         scored = []
         for passage_id, source_id, title, url, date, text in rows:
             folded = fold(f"{title}\n{text}")
@@ -3373,8 +3398,11 @@ class Articles:
                                        if any(shows(folded, latin, term) for term in unit.weak)
                                        else 0.0)
                         for key, (_, unit) in units.items()) / whole
-            # Characters found only one by one are no sign the passage is on the subject.
-            if strongly and share >= self.FLOOR:
+            # Characters found only one by one are no sign the passage is on the subject;
+            # nor are the earlier question's words alone, when the question says enough of
+            # its own to stand alone (明天天气怎么样 after 手冲咖啡 is not about 手冲咖啡;
+            # 收费吗 after 能停车吗 is about parking).
+            if strongly and share >= self.FLOOR and (strongly & own or len(own) < 3):
                 scored.append([share, date, passage_id, frozenset(strongly),
                                Passage(source_id, title, url, date, text)])
         return [[share, date, passage_id, passage] for share, date, passage_id, _, passage
@@ -4442,6 +4470,32 @@ class Model:
             raise self._unreachable(error) from None
         return self._whole_body(response, deadline, max_tokens)
 
+    #: The search words' call: beyond this, the question is searched with its own words.
+    SEARCH_WORDS_TIMEOUT = 8.0
+    _search_words_failing = False
+
+    def search_words(self, question: str, earlier: Sequence[str] = ()) -> str | None:
+        """The words an article of the account would use to answer the question (what a
+        reader calls 牙医 an article calls 口腔科), in one short call; None when the model
+        says the question is about nothing an account writes of (small talk, general
+        knowledge); "" when the call fails (logged once until it works again)."""
+        asked = "\n".join([*(f"（之前问过：{line[:200]}）" for line in list(earlier)[-1:]),
+                           question[:500]])
+        try:
+            written = self.answer([{"role": "system", "content": SEARCH_WORDS_PROMPT},
+                                   {"role": "user", "content": asked}],
+                                  Deadline(min(self.SEARCH_WORDS_TIMEOUT,
+                                               self.settings.model_timeout)), max_tokens=60)
+        except ModelError as error:
+            if not Model._search_words_failing:
+                log_worker.warning("search words not written (%s): articles are searched with "
+                                   "the question's own words", error)
+            Model._search_words_failing = True
+            return ""
+        Model._search_words_failing = False
+        words = written.strip().splitlines()[0][:200] if written.strip() else ""
+        return None if words.strip("。. ") == NOT_ABOUT_THE_ACCOUNT else words
+
     @staticmethod
     def _whole(completion: dict, max_tokens: int) -> str:
         """The text of a chat.completion answered in one piece."""
@@ -5145,6 +5199,13 @@ ARTICLES_PROMPT = (
     "它们回答不了问题时，请说明公众号的文章里没有提到，不要编造。"
     "两篇文章说法不一致时，以日期较新的为准，可以说明以前的说法已经更新。"
     "不要自己写出处、标题或链接：回答末尾会附上所引文章的链接。"
+)
+#: Asked of the model when a question's own words meet no article well (Model.search_words).
+NOT_ABOUT_THE_ACCOUNT = "无关"
+SEARCH_WORDS_PROMPT = (
+    "你帮一个微信公众号在它的文章里找答案。读者的问题往往用口语、别称或错别字，文章用的是正式说法。"
+    "请写出文章里回答这个问题时很可能出现的3到6个词语（正式名称、同义词、相关说法），只写词语，用空格"
+    f"分隔，不要解释。如果问题是闲聊或与任何公众号的文章都无关的常识问题，只写：{NOT_ABOUT_THE_ACCOUNT}"
 )
 PASSAGES_HEAD = "公众号文章中的相关段落："
 QUESTION_HEAD = "用户的问题："
@@ -6782,7 +6843,8 @@ class Worker:
             return []
         earlier = [turn["content"] for turn in history if turn["role"] == "user"]
         try:
-            return self.articles.find(question, earlier)
+            return self.articles.find(question, earlier, self.model.search_words
+                                      if self.settings.search_words else None)
         except sqlite3.Error as error:  # the articles are no reason to leave a user unanswered
             log_worker.error("message %s: the articles could not be searched (%s); answering "
                              "without them", message.id, error)
