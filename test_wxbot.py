@@ -886,15 +886,21 @@ def test_token_is_cached_in_the_database_across_restarts(start_bot, wechat):
     assert len(wechat.token_calls) == 1
 
 
-def test_failing_model_gets_apology_then_next_message_is_answered(start_bot, wechat, model,
-                                                                  caplog):
+def failing_model(model, answer):
+    """The model fails (HTTP 503) while the switch returned is on, then answers `answer`."""
     failing = {"on": True}
 
     def respond(request):
         if failing["on"]:
             raise ModelFault(503)
-        return "恢复了"
+        return answer
     model.respond = respond
+    return failing
+
+
+def test_failing_model_gets_apology_then_next_message_is_answered(start_bot, wechat, model,
+                                                                  caplog):
+    failing = failing_model(model, "恢复了")
     bot = start_bot()
     send_text(bot, "oFAIL", "在吗", 1)
     wait_for(lambda: wechat.texts_to("oFAIL"))
@@ -7326,6 +7332,29 @@ def test_a_failing_notify_url_is_logged_once_and_never_delays_an_answer(start_bo
         stuck.close()
 
 
+def test_the_owner_is_told_the_days_uncovered_questions_once_and_a_full_disk(tmp_path,
+                                                                              notify):
+    settings = settings_for(tmp_path, WXBOT_NOTIFY_URL=notify.url)
+    store, articles = wxbot.Store(settings.db), wxbot.Articles(settings.db)
+    notifier = wxbot.Notifier(settings, store)
+    try:
+        for number, text in enumerate(["可以寄到外地吗", "可以寄到外地吗？", "谢谢"], 1):
+            store.store_push(wxbot.Push(f"oR{number}", "gh", "text", str(number), str(number),
+                                        None, text, {}), time.time())
+            articles.note_use(number, time.time(), 0, 0)
+        assert notifier.uncovered_today(time.time())
+        kind, text, at = notifier._outbox.get_nowait()
+        assert kind == "uncovered" and "2× 可以寄到外地吗" in text and "谢谢" not in text
+        notifier.send(kind, text, at)
+        assert not notifier.uncovered_today(time.time())  # once a day
+        store.on_disk_full = lambda: notifier.tell("disk", "满了")
+        store._note_disk(True)
+        assert notifier._outbox.get_nowait()[0] == "disk"
+    finally:
+        articles.close()
+        store.close()
+
+
 def test_check_sends_a_test_notification(tmp_path, wechat, model, notify):
     out = io.StringIO()
     wxbot.check(wxbot.Settings.from_env(env_for(tmp_path, wechat, model,
@@ -7392,13 +7421,7 @@ def test_articles_learned_before_notes_take_notes(tmp_path):
 def test_a_message_that_got_the_apology_is_asked_again_from_the_console(start_bot, wechat,
                                                                         model):
     bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
-    failing = {"on": True}
-
-    def respond(request):
-        if failing["on"]:
-            raise ModelFault(503)
-        return "营业到晚上九点。"
-    model.respond = respond
+    failing = failing_model(model, "营业到晚上九点。")
     send_text(bot, "oREADER-fail-0001", "几点关门", 1)
     wait_for(lambda: message_state(bot, "oREADER-fail-0001", 1) == "failed")
     owner = LoggedIn(console_base(bot))
@@ -7407,7 +7430,7 @@ def test_a_message_that_got_the_apology_is_asked_again_from_the_console(start_bo
     retried = owner.post(owner.base + "/queue/retry", data={"id": 1, "csrf": owner.token},
                          timeout=5)
     assert "已重新排队" in retried.text
-    wait_for(lambda: len(wechat.texts_to("oREADER-fail-0001")) == 2)
+    wait_for(lambda: message_state(bot, "oREADER-fail-0001", 1) == "done")
     assert wechat.texts_to("oREADER-fail-0001") == [wxbot.APOLOGY_LINE, "营业到晚上九点。"]
     # The apology stays counted in the reader's 5.
     assert bot.handoff.window("oREADER-fail-0001", time.time()).left == 3
@@ -7622,9 +7645,9 @@ def test_console_works_in_a_real_browser_on_a_phone_and_a_desktop(start_bot, wec
     assert "404" in " ".join(entry["message"] for entry in browser.console_messages())
 
 
-#: Where the owner's loop leaves the README's screenshots (docs/ of the checkout).
-DOCS = os.environ.get("CONSOLE_DOCS", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                   "docs"))
+#: Where the owner's loop leaves the README's screenshots: beside the others, or docs/ of the
+#: checkout with CONSOLE_DOCS=docs (a test run leaves the checkout as it was).
+DOCS = os.environ.get("CONSOLE_DOCS", SCREENSHOTS)
 
 
 def test_owner_loop_in_a_real_browser(start_bot, wechat, model, browser, notify):
@@ -7635,6 +7658,7 @@ def test_owner_loop_in_a_real_browser(start_bot, wechat, model, browser, notify)
     bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0,
                     WXBOT_NOTIFY_URL=notify.url)
     base = console_base(bot)
+    os.makedirs(DOCS, exist_ok=True)
     reader = "oREADER-bakery-01"
     send_text(bot, reader, "能帮我留两个蛋糕吗", 1)
     wait_for(lambda: message_state(bot, reader, 1) == "done")

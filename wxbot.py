@@ -2242,13 +2242,13 @@ def requeue(conn: sqlite3.Connection, message_id: int, now: float) -> str | None
     """Ask a message again, its failure counts cleared (the `retry` command, the console's
     retry button), in the caller's transaction: a dead one, or one that failed and got the
     apology, whose segments go (the apology stays counted in its 5 messages: QUOTA_USED_KEY)
-    so that the model is asked anew. None when it is queued; else why not, to show the
-    owner."""
+    so that the model is asked anew. None when it is queued; else the state it is in, which
+    leaves nothing to do ("" when there is no such message)."""
     row = conn.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
     if row is None:
-        return "不在数据库里"
+        return ""
     if row[0] not in (State.DEAD.value, State.FAILED.value):
-        return f"是{STATE_WORDS[State(row[0])]}，无需重试"
+        return row[0]
     if row[0] == State.FAILED.value:
         sent = conn.execute("SELECT count(*) FROM segments WHERE message_id = ? AND sent_at"
                             " IS NOT NULL", (message_id,)).fetchone()[0]
@@ -8679,7 +8679,8 @@ class OwnerConsole:
         if refused is None:
             log.info("message %d queued again from the console", message_id)
             self.wakeup.notify()
-        return refused
+            return None
+        return f"是{STATE_WORDS[State(refused)]}，无需重试" if refused else "不在数据库里"
 
     def files(self) -> list[tuple[str, str, str, bool]]:
         """The owner's files: (setting, path, what is in force or what is wrong, fine)."""
@@ -9655,8 +9656,10 @@ def retry(settings: Settings, message_id: int, out) -> int:
         conn.execute("BEGIN IMMEDIATE")
         refused = requeue(conn, message_id, time.time())
         conn.execute("COMMIT")
-        if refused:
-            print(f"message {message_id} {refused}", file=out)
+        if refused is not None:
+            print(f"message {message_id} " + (f"is {refused}, not dead or failed: nothing to do"
+                                              if refused else "is not in the database"),
+                  file=out)
             return 1
     print(f"message {message_id} is queued again; the running wxbot takes it within a minute",
           file=out)
