@@ -2388,9 +2388,17 @@ def _word_parts(word: str) -> list[str]:
 _PRICE_SIGN = re.compile(r"¥ ?([0-9]+(?:\.[0-9]+)?)")
 
 
+#: Full-width Latin letters, digits and punctuation (，：（）) as NFKC spells them: Chinese
+#: text is full of them, and mapping them first leaves NFKC nothing to do (a quick check).
+_FULL_WIDTH = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
+
+
 def fold(text: str) -> str:
-    """Text as it is indexed and searched: full-width folded, lower case, ¥39 as 39元."""
-    return _PRICE_SIGN.sub(r"\1元", unicodedata.normalize("NFKC", text).lower())
+    """Text as it is indexed and searched (NFKC: full-width folded), lower case, ¥39 as 39元."""
+    text = text.translate(_FULL_WIDTH)
+    if not unicodedata.is_normalized("NFKC", text):
+        text = unicodedata.normalize("NFKC", text)
+    return _PRICE_SIGN.sub(r"\1元", text.lower())
 
 
 def article_terms(text: str) -> list[str]:
@@ -2944,8 +2952,9 @@ class Articles:
 
     #: At most this many passages go with a question.
     MOST = 5
-    #: Candidates BM25 brings before they are weighed against the question.
-    CANDIDATES = 60
+    #: Passages read from the index that are weighed against the whole question, text in
+    #: hand: those showing most of it strongly, the newer article's first.
+    CANDIDATES = 120
 
     def __init__(self, db_path: str, busy_timeout: float = 15.0):
         create_private(db_path)
@@ -2955,6 +2964,7 @@ class Articles:
         self._lock = threading.Lock()
         self._counts: dict[str, object] = {}  # term -> passages holding it; "" -> as of when
         self.meaning: Meaning | None = None  # WXBOT_EMBED_MODEL: find() searches by meaning too
+        self._passage_dates: tuple[str | None, dict[int, str]] = (None, {})
         with self._reading() as conn:
             # Before the first table, as the Store does: deleted rows give their pages back.
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -3052,6 +3062,15 @@ class Articles:
                                       asked).fetchall())
             known.update((term, found.get(term, 0)) for term in asked)
         return {term: known[term] for term in terms if known[term]}
+
+    def _dates(self, conn: sqlite3.Connection, changed: str) -> dict[int, str]:
+        """Each passage's article date, read again when the articles changed."""
+        with self._lock:
+            if self._passage_dates[0] != changed:
+                self._passage_dates = (changed, dict(conn.execute(
+                    "SELECT p.id, s.date FROM article_passages p JOIN article_sources s"
+                    " ON s.id = p.source_id")))
+            return self._passage_dates[1]
 
     @staticmethod
     def _count(conn: sqlite3.Connection) -> None:
@@ -3379,17 +3398,24 @@ class Articles:
             query = " AND ".join(f'"{term}"' for term in sorted(shown))
             for (rowid,) in conn.execute(TERM_PASSAGES, (query,)):
                 found[rowid].update((key, weight[key]) for key in keys)
-        best = heapq.nlargest(self.CANDIDATES, found.items(),
-                              key=lambda item: (sum(item[1].values()), item[0]))
+        # Among passages that show as much, the newer article's (a passage's place in the
+        # index says only when it was learned).
+        dates = self._dates(conn, changed)
+        best = [rowid for rowid, _ in heapq.nlargest(
+            self.CANDIDATES, found.items(), key=lambda item: (sum(item[1].values()),
+                                                              dates.get(item[0], ""), item[0]))]
         if not best:
             return []
         rows = conn.execute(PASSAGES_BY_ID.format(ids=", ".join("?" * len(best))),
-                            [rowid for rowid, _ in best]).fetchall()
+                            best).fetchall()
         latin_asked = any(term[0].isascii() for term in terms)
-        own = {key for key, (importance, _) in units.items() if importance == 1.0}
+        # The question's own units, and the search words written for it.
+        own = {key for key, (importance, _) in units.items() if importance > self.EARLIER_WEIGHT}
         scored = []
         for passage_id, source_id, title, url, date, text in rows:
-            folded = fold(f"{title}\n{text}")
+            # CJK characters are as NFKC and lower() leave them: a question of Chinese words
+            # alone reads the text as it is (folding each candidate cost more than the rest).
+            folded = fold(f"{title}\n{text}") if latin_asked else f"{title}\n{text}"
             latin = latin_terms(folded) if latin_asked else set()
             strongly = {key for key, (_, unit) in units.items()
                         if any(all(shows(folded, latin, term) for term in terms)
@@ -3403,10 +3429,30 @@ class Articles:
             # its own to stand alone (明天天气怎么样 after 手冲咖啡 is not about 手冲咖啡;
             # 收费吗 after 能停车吗 is about parking).
             if strongly and share >= self.FLOOR and (strongly & own or len(own) < 3):
+                share += self.SATURATED * self._saturated(folded, latin, units, weight) / whole
                 scored.append([share, date, passage_id, frozenset(strongly),
                                Passage(source_id, title, url, date, text)])
         return [[share, date, passage_id, passage] for share, date, passage_id, _, passage
                 in self._newer_first(scored)]
+
+    #: How much a passage's BM25 weighing (how often it shows each word, for its length)
+    #: counts beside its share of the question: among passages showing as much of the
+    #: question, the one about it rather than mentioning it in passing.
+    SATURATED = 2.0
+    K1, B, AVERAGE = 1.2, 0.75, 400.0
+
+    def _saturated(self, folded: str, latin: set[str], units: dict, weight: dict) -> float:
+        """BM25's weighing of how often a passage shows each unit, for its length."""
+        norm = self.K1 * (1 - self.B + self.B * len(folded) / self.AVERAGE)
+        total = 0.0
+        for key, (_, unit) in units.items():
+            often = max((min(len(latin) and term in latin if term.isascii() else
+                             folded.count(term) for term in shown) for shown in unit.strong),
+                        default=0)
+            if not often and unit.weak:
+                often = self.ALONE * max(folded.count(term) for term in unit.weak)
+            total += weight[key] * often * (self.K1 + 1) / (often + norm)
+        return total / (self.K1 + 1)
 
     #: Passages whose share of the question is within this of the best are as good an answer:
     #: among them the newer article goes first (a price, an opening hour changed since).
@@ -3418,7 +3464,7 @@ class Articles:
         first: it holds what the older said before it changed."""
         scored.sort(key=lambda item: (-item[0], -item[2]))
         ordered = []
-        while scored:
+        while scored and len(ordered) < 2 * self.MOST:  # the few that can be given
             top = scored[0]
             near = [item for item in scored if item[0] >= top[0] - self.SAME_ANSWER and
                     item[3] == top[3]]
