@@ -7568,6 +7568,24 @@ def test_owner_note_is_found_like_an_article_cited_without_a_link_and_sent_once(
     assert bot.articles.find("门口可以停车吗") == []
 
 
+def test_console_lists_answers_that_cited_none_of_the_passages_found(start_bot, wechat, model):
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    model.respond = lambda request: "答"
+    asked = [("oREADER-miss-0001", "瑰夏多少钱一包", 3, 0), ("oREADER-miss-0002", "瑰夏多少钱一包", 2, 0),
+             ("oREADER-cite-0001", "周末几点开门", 3, 1), ("oREADER-none-0001", "能开发票吗", 0, 0),
+             ("oREADER-thanks-001", "谢谢", 2, 0)]
+    for number, (reader, question, given, cited) in enumerate(asked, 1):
+        send_text(bot, reader, question, number)
+        wait_for(lambda: wechat.texts_to(reader))
+        bot.articles.note_use(number, time.time(), given, cited)  # as answering records it
+    page = LoggedIn(console_base(bot)).page("/questions")
+    uncovered, missed = page.split("<h2>问得最多")[0].split('<h2 id="missed">段落可能不对</h2>')
+    assert "能开发票吗" in uncovered and "瑰夏" not in uncovered
+    assert "瑰夏多少钱一包" in missed and "2 次 · 2 位读者" in missed
+    assert "周末几点开门" not in missed and "谢谢" not in missed and "能开发票吗" not in missed
+    assert 'action="/questions/teach"' in missed  # the owner may write the answer there too
+
+
 def test_articles_learned_before_notes_take_notes(tmp_path):
     path = str(tmp_path / "old.db")
     with contextlib.closing(sqlite3.connect(path)) as conn:

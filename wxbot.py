@@ -6365,13 +6365,16 @@ class Notifier:
 
 
 def uncovered_questions(conn: sqlite3.Connection, since: float,
-                        limit: int = 200) -> list[dict]:
+                        limit: int = 200, missed: bool = False) -> list[dict]:
     """The questions no article covered since a moment, small talk aside, each text once
-    (by its normalised form): how often, by whom, the latest first."""
+    (by its normalised form): how often, by whom, the latest first. `missed`: instead, the
+    questions whose answer was given passages and cited none of them, where the search
+    may have found the wrong ones."""
     rows = conn.execute(
         "SELECT m.id, m.openid, m.content, m.received_at FROM article_uses u"
-        " JOIN messages m ON m.id = u.message_id WHERE u.given = 0 AND u.at >= ?"
-        " ORDER BY u.at DESC LIMIT ?", (since, limit)).fetchall()
+        " JOIN messages m ON m.id = u.message_id WHERE u.at >= ? AND "
+        + ("u.given > 0 AND u.cited = 0" if missed else "u.given = 0")
+        + " ORDER BY u.at DESC LIMIT ?", (since, limit)).fetchall()
     groups: dict[str, dict] = {}
     for row in sorted(rows, key=lambda row: row["received_at"], reverse=True):
         if not row["content"] or small_talk(row["content"]):
@@ -8207,10 +8210,9 @@ CONSOLE_CONVERSATION = """<p class="meta">读者 {{short(openid)}}：每条消�
 % end
 """
 
-CONSOLE_QUESTIONS = """% if uncovered is not None:
-<h2 id="uncovered">没有文章覆盖</h2>
-<p class="meta">最近 7 天找不到公众号文章段落的问题（寒暄不算），最新的在前。写下答案，机器人以后就按它回答，
-并注明「来源：公众号说明」。</p>
+CONSOLE_QUESTIONS = """% for anchor, heading, about, uncovered, none in gaps:
+<h2 id="{{anchor}}">{{heading}}</h2>
+<p class="meta">{{about}}写下答案，机器人以后就按它回答，并注明「来源：公众号说明」。</p>
 % for number, question in enumerate(uncovered):
 <div class="box">
 <div class="meta">{{when(question['received_at'])}} · {{question['count']}} 次 · {{len(question['openids'])}} 位读者 ·
@@ -8220,14 +8222,14 @@ CONSOLE_QUESTIONS = """% if uncovered is not None:
 <form method="post" action="/questions/teach">
 <input type="hidden" name="csrf" value="{{csrf}}">
 <input type="hidden" name="question" value="{{question['content']}}">
-<p><label for="answer{{number}}">答案</label><br>
-<textarea id="answer{{number}}" name="answer" required maxlength="20000"></textarea></p>
+<p><label for="{{anchor}}{{number}}">答案</label><br>
+<textarea id="{{anchor}}{{number}}" name="answer" required maxlength="20000"></textarea></p>
 <p><button type="submit">保存答案</button></p>
 </form></details>
 </div>
 % end
 % if not uncovered:
-<p>没有：每个问题都找到了文章。</p>
+<p>{{none}}</p>
 % end
 % end
 <h2>问得最多</h2>
@@ -8688,11 +8690,13 @@ class OwnerConsole:
         most = [(count, shown[text]) for text, count in counts.most_common(20) if count > 1]
         return asked[:CONSOLE_ROWS], most
 
-    def uncovered(self) -> list[dict]:
+    def uncovered(self, missed: bool = False) -> list[dict]:
         """The questions of the last week no passage of the articles was found for, small
-        talk aside, each text once, the latest first."""
+        talk aside, each text once, the latest first; `missed`: those whose answer cited none
+        of the passages found (uncovered_questions)."""
         with self.store.connection() as conn:
-            return uncovered_questions(conn, self.clock() - 7 * 86400)[:CONSOLE_ROWS]
+            return uncovered_questions(conn, self.clock() - 7 * 86400,
+                                       missed=missed)[:CONSOLE_ROWS]
 
     def sources(self) -> tuple[list[sqlite3.Row], int, int, float | None]:
         """The articles learned, newest first (a page of them), how many sources and
@@ -8981,9 +8985,13 @@ class OwnerConsole:
         @app.get("/questions")
         def questions():
             recent, most = console.questions()
+            gaps = [("uncovered", "没有文章覆盖", "最近 7 天找不到公众号文章段落的问题（寒暄不算），"
+                     "最新的在前。", console.uncovered(), "没有：每个问题都找到了文章。"),
+                    ("missed", "段落可能不对", "最近 7 天找到了文章段落、回答却一段也没有引用的问题："
+                     "搜索可能找错了段落，或者文章里没有答案。", console.uncovered(missed=True),
+                     "没有：找到段落的回答都引用了文章。")] if console.articles else []
             return console.render("questions", "问题", bottle.request.environ["csrf"],
-                                  recent=recent, most=most, window=CONSOLE_ASKED,
-                                  uncovered=console.uncovered() if console.articles else None)
+                                  recent=recent, most=most, window=CONSOLE_ASKED, gaps=gaps)
 
         @app.post("/questions/teach")
         def teach():
