@@ -1001,30 +1001,42 @@ def test_an_ack_from_a_worker_that_lost_its_lease_is_refused(tmp_path):
     store.close()
 
 
-def test_restart_resumes_at_the_first_unsent_segment(tmp_path, wechat, model):
-    answer = chinese_answer(1800)  # three segments
-    model.respond = lambda request: answer
+def killed_while_sending(tmp_path, wechat, model, openid, question, sending, done):
+    """Run wxbot as a process, ask `question`, and kill it (-9) while the send that
+    `sending(body)` picks is on its way, so that WeChat never takes it; start it again and
+    wait until `done(port)`. What the user had been sent when it was killed."""
     stuck, killed = threading.Event(), threading.Event()
 
-    def hold(path, body):  # the last segment goes out after the whole answer is stored
-        if path == SEND and len(wechat.sent) == 2 and not stuck.is_set():
+    def hold(path, body):
+        if path == SEND and sending(body) and not stuck.is_set():
             stuck.set()
             killed.wait(15)
-            return "drop"  # the process died before WeChat took the segment
+            return "drop"  # the process died before WeChat took it
     wechat.hold = hold
     env = env_for(tmp_path, wechat, model)
     process, port, _ = start_process(env, tmp_path)
     try:
-        send_text(port, "oRESUME", "长一点", 1)
-        wait_for(stuck.is_set, message="the last segment in flight")
+        send_text(port, openid, question, 1)
+        wait_for(stuck.is_set, message="the send in flight")
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         killed.set()
-        assert len(wechat.texts_to("oRESUME")) == 2
+        before = wechat.texts_to(openid)
         process, port, _ = start_process(env, tmp_path)
-        wait_for(lambda: len(wechat.texts_to("oRESUME")) == 3, message="the rest")
+        wait_for(lambda: done(port), message="the rest after the restart")
     finally:
         process.kill()
+    return before
+
+
+def test_restart_resumes_at_the_first_unsent_segment(tmp_path, wechat, model):
+    answer = chinese_answer(1800)  # three segments
+    model.respond = lambda request: answer
+    # The last segment goes out after the whole answer is stored.
+    before = killed_while_sending(tmp_path, wechat, model, "oRESUME", "长一点",
+                                  lambda body: len(wechat.sent) == 2,
+                                  lambda port: len(wechat.texts_to("oRESUME")) == 3)
+    assert len(before) == 2
     segments = wechat.texts_to("oRESUME")
     assert without_space("".join(segments)) == without_space(answer)
     assert len(model.requests) == 1  # the stored answer was not asked for again
@@ -6989,29 +7001,12 @@ def test_a_card_in_flight_at_a_crash_goes_once_after_restart_and_the_text_not_ag
     publish_card_posts(wechat)
     assert learn(tmp_path, wechat, model, "--published")[0] == 0
     model.respond = cite_first
-    stuck, killed = threading.Event(), threading.Event()
-
-    def hold(path, body):  # the process dies while the card is on its way: WeChat never has it
-        if path == SEND and body.get("msgtype") == "mpnewsarticle" and not stuck.is_set():
-            stuck.set()
-            killed.wait(15)
-            return "drop"
-    wechat.hold = hold
-    env = env_for(tmp_path, wechat, model)
-    process, port, _ = start_process(env, tmp_path)
-    try:
-        send_text(port, "oCRASH", "国庆放假吗", 1)
-        wait_for(stuck.is_set, message="the card in flight")
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-        killed.set()
-        process, port, _ = start_process(env, tmp_path)
-        wait_for(lambda: wechat.cards, message="the card after the restart")
-        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
-                 ["answered"] == 1, message="the answer done")
-    finally:
-        process.kill()
-    assert wechat.texts_to("oCRASH") == ["按文章说的办。"]
+    before = killed_while_sending(  # the process dies while the card is on its way
+        tmp_path, wechat, model, "oCRASH", "国庆放假吗",
+        lambda body: body.get("msgtype") == "mpnewsarticle",
+        lambda port: wechat.cards and requests.get(f"http://127.0.0.1:{port}/healthz",
+                                                   timeout=5).json()["answered"] == 1)
+    assert before == wechat.texts_to("oCRASH") == ["按文章说的办。"]
     assert [card[:3] for card in wechat.cards] == [
         ("oCRASH", "mpnewsarticle", {"article_id": "CARD1"})]
     assert len(model.requests) == 1
