@@ -8222,8 +8222,8 @@ CONSOLE_QUESTIONS = """% for anchor, heading, about, uncovered, none in gaps:
 <form method="post" action="/questions/teach">
 <input type="hidden" name="csrf" value="{{csrf}}">
 <input type="hidden" name="question" value="{{question['content']}}">
-<p><label for="{{anchor}}{{number}}">答案</label><br>
-<textarea id="{{anchor}}{{number}}" name="answer" required maxlength="20000"></textarea></p>
+<p><label for="answer-{{anchor}}{{number}}">答案</label><br>
+<textarea id="answer-{{anchor}}{{number}}" name="answer" required maxlength="20000"></textarea></p>
 <p><button type="submit">保存答案</button></p>
 </form></details>
 </div>
