@@ -155,6 +155,12 @@ MAX_QUESTION_CHARS = 4000
 TRUNCATED_NOTE = "\n\n（以上消息过长，已截断，只保留了前 {chars} 字。）"
 
 
+#: Sent once to a reader whose question waits for the model to come back (WXBOT_HOLD).
+HOLD_LINE = "模型服务暂时中断了，你的问题已记下，恢复后我会第一时间回答你。"
+#: The longest WXBOT_HOLD: an answer must still fit in WeChat's 48 h window after it.
+HOLD_LIMIT = 47 * 3600.0
+
+
 class SettingsError(Exception):
     """One or more settings are missing or invalid; each problem is one line."""
 
@@ -193,6 +199,14 @@ def _seconds(value: str) -> float:
     if not 0 <= number <= 86400 * 7:
         raise ValueError(f"must be between 0 and 604800 seconds, got {number}")
     return number
+
+
+def _hold_seconds(value: str) -> float:
+    seconds = _seconds(value)
+    if seconds > HOLD_LIMIT:  # customer-service messages reach a reader for 48 h (45015)
+        raise ValueError(f"must be at most {HOLD_LIMIT:.0f} seconds (47 h): WeChat lets an "
+                         f"answer reach its reader for 48 h after the question")
+    return seconds
 
 
 def _url(value: str) -> str:
@@ -401,6 +415,10 @@ SETTINGS: dict[str, Setting] = {
                             "timeout)"),
     "retry_base": Setting("WXBOT_RETRY_BASE", "2", _seconds,
                           "first retry delay in seconds; doubles each attempt, with jitter"),
+    "hold": Setting("WXBOT_HOLD", "1800", _hold_seconds,
+                    "seconds a question waits for a model that fails for everyone (an "
+                    "outage) before its reader gets the apology; at most 47 h, inside "
+                    "WeChat's 48 h window (0: apologise after 3 tries)"),
     "learn_published": Setting("WXBOT_LEARN_PUBLISHED", "1", _flag,
                                "1: once `learn --published` has run, learn each article the "
                                "account publishes as WeChat announces it, and check the whole "
@@ -412,6 +430,8 @@ SETTINGS: dict[str, Setting] = {
                           "address the console listens on (reach it by ssh -L or a proxy)"),
     "admin_port": Setting("WXBOT_ADMIN_PORT", "8081", _int_between(0, 65535),
                           "port the console listens on"),
+    "backup_keep": Setting("WXBOT_BACKUP_KEEP", "7", _int_between(1, 10000),
+                           "`backup FOLDER` keeps this many of its latest copies there"),
 }
 
 
@@ -456,10 +476,12 @@ class Settings:
     context_chars: int
     stop_timeout: float
     retry_base: float
+    hold: float
     learn_published: bool
     admin_password: str
     admin_host: str
     admin_port: int
+    backup_keep: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -3822,12 +3844,25 @@ class ModelError(Exception):
     """The model gave no usable answer. kind: "transient" (try again later), "context" (the
     conversation is too long), "refused" (a content filter), "empty" (a finished answer with
     no text to use: asked again, it costs again and is as empty), "deadline"
-    (WXBOT_MODEL_TIMEOUT passed: never asked again), or "fatal" (a setting is wrong)."""
+    (WXBOT_MODEL_TIMEOUT passed: never asked again), or "fatal" (a setting is wrong).
+    `failed` says what failed, in OUTAGE_SIGNS when it is the provider's and not the
+    question's (Outage counts those), or "answer" for what the answer itself was."""
 
     def __init__(self, reason: str, kind: str = "transient", retry_after: float | None = None,
-                 status: int | None = None, detail: str = ""):
+                 status: int | None = None, detail: str = "", failed: str = "answer"):
         super().__init__(reason)
         self.kind, self.retry_after, self.status, self.detail = kind, retry_after, status, detail
+        self.failed = failed
+
+
+#: What fails when the provider fails, whatever the question: no connection (refused, DNS,
+#: a black hole), a connection on which no answer begins, a stream that stops part-way, its
+#: 5xx, its rate limit (429). Metrics count model errors by these names (and "answer").
+OUTAGE_SIGNS = ("no connection", "no first byte", "stalled stream", "provider error",
+                "rate limited")
+#: Seconds to open a connection to the model: a provider that is up connects in well under
+#: one; a black-holed one is named as such this soon, not at WXBOT_MODEL_TIMEOUT.
+CONNECT_SECONDS = 10.0
 
 
 #: How providers say a request was too long, or blocked by their content filter (HTTP 400).
@@ -3908,8 +3943,8 @@ def sse_events(lines: Iterator[str]) -> Iterator[dict]:
 
 #: The SDK's HTTP response class (httpx's, or httpx2's from openai 3): asked for as the
 #: result of `client.post`, it comes back unread, as the SDK's README shows for raw calls.
-HTTP_RESPONSE = sys.modules[openai.DefaultHttpxClient.__base__.__module__.partition(".")[0]
-                            ].Response
+HTTPX = sys.modules[openai.DefaultHttpxClient.__base__.__module__.partition(".")[0]]
+HTTP_RESPONSE = HTTPX.Response
 
 
 def no_text(finish_reason: str | None, max_tokens: int) -> ModelError:
@@ -3936,12 +3971,28 @@ class Deadline:
     def __init__(self, seconds: float):
         self.seconds, self.at = seconds, time.monotonic() + seconds
         self.hung_up = False
+        self.responded = False  # an HTTP response came: what it said ran past the deadline
         self._response: HTTP_RESPONSE | None = None
         self._lock = threading.Lock()
 
-    def error(self) -> ModelError:
-        return ModelError(f"no complete answer within WXBOT_MODEL_TIMEOUT ({self.seconds:g} s);"
-                          f" raise it for a slow model", "deadline")
+    def error(self, begun: bool = True) -> ModelError:
+        """What the deadline ended: an answer that had begun (a stalled stream, or a slow
+        model: never asked again, it was writing and billing), or none at all (no first byte:
+        the provider took the call and said nothing, as in an outage; asked again)."""
+        if not begun:
+            return ModelError(f"no first byte of an answer within WXBOT_MODEL_TIMEOUT "
+                              f"({self.seconds:g} s): the provider took the request and said "
+                              f"nothing; check its status page and any proxy in between",
+                              failed="no first byte")
+        return ModelError(f"the answer stalled: not complete within WXBOT_MODEL_TIMEOUT "
+                          f"({self.seconds:g} s); if answers often end so, the model writes "
+                          f"slowly: raise it", "deadline", failed="stalled stream")
+
+    def timeout(self) -> object:
+        """The HTTP client's timeout for a request now: what is left of the deadline, and at
+        most CONNECT_SECONDS of it to connect."""
+        left = self.left()
+        return HTTPX.Timeout(left, connect=min(left, CONNECT_SECONDS))
 
     def left(self) -> float:
         """Seconds left: each request's timeout, which bounds the wait for its response
@@ -3953,6 +4004,7 @@ class Deadline:
         reaches its connection, which the client may be reusing for another call."""
         with self._lock:
             self._response = response
+            self.responded = self.responded or response is not None
             if self.hung_up:
                 self._shut()
 
@@ -4001,7 +4053,7 @@ class Model:
             response = self.client.post("/chat/completions", cast_to=HTTP_RESPONSE, stream=True,
                                         body={"model": self.settings.model,
                                               "messages": messages, "max_tokens": max_tokens},
-                                        options={"timeout": deadline.left()})
+                                        options={"timeout": deadline.timeout()})
         except openai.APIStatusError as error:
             raise self._status_error(error) from None
         except openai.APIError as error:
@@ -4036,7 +4088,7 @@ class Model:
                                         body={"model": self.settings.model,
                                               "messages": messages, "stream": True,
                                               "max_tokens": self.settings.max_tokens},
-                                        options={"timeout": deadline.left()})
+                                        options={"timeout": deadline.timeout()})
         except openai.APIStatusError as error:
             if error.status_code == 400 and "stream" in str(error.message).lower():
                 yield self.answer(messages, deadline)
@@ -4078,7 +4130,8 @@ class Model:
         except ModelError:
             raise
         except Exception as error:  # the stream broke off: network, timeout, bad chunk
-            raise ModelError(f"the answer stream broke off ({type(error).__name__})") from None
+            raise ModelError(f"the answer stream broke off ({type(error).__name__})",
+                             failed="stalled stream") from None
         finally:
             deadline.reading(None)
         if deadline.hung_up:  # the watcher gave up on this call: nothing more is asked
@@ -4088,7 +4141,8 @@ class Model:
         elif not produced:  # finished, or ended, with nothing to say: asking again costs
             raise no_text(finish, self.settings.max_tokens)
         elif not finish:  # the connection ended without the model saying it was done
-            raise ModelError("the answer stream ended before the answer was finished")
+            raise ModelError("the answer stream ended before the answer was finished",
+                             failed="stalled stream")
 
     def _whole_body(self, response, deadline: Deadline, max_tokens: int | None = None) -> str:
         """An answer in one JSON body (a provider that ignored stream=True: already paid for,
@@ -4117,10 +4171,18 @@ class Model:
         return self._whole(completion, max_tokens or self.settings.max_tokens)
 
     def _unreachable(self, error: openai.APIError, what: str = "the model") -> ModelError:
-        """No answer at all. The URL's credentials are masked here, not only in the log: the
-        reason is also stored with the message, and `status` prints it."""
-        return ModelError(f"{type(error).__name__}: cannot reach {what} at "
-                          f"{masked_url(str(self.client.base_url))}")
+        """No answer at all: no connection, or one on which nothing came back. The URL's
+        credentials are masked here, not only in the log: the reason is also stored with the
+        message, and `status` prints it."""
+        cause, where = error.__cause__, masked_url(str(self.client.base_url))
+        if isinstance(cause, (HTTPX.ConnectError, HTTPX.ConnectTimeout)):
+            return ModelError(f"no connection to {what} at {where} ({type(cause).__name__}: "
+                              f"refused, unresolved or unanswered); check {self.URL_SETTING}, "
+                              f"DNS, the firewall and the provider's status page",
+                              failed="no connection")
+        return ModelError(f"no answer from {what} at {where} ({type(cause or error).__name__}"
+                          f"): connected, but nothing came back; check the provider's status "
+                          f"page and any proxy in between", failed="no first byte")
 
     def _status_error(self, error: openai.APIStatusError) -> ModelError:
         status = error.status_code
@@ -4136,8 +4198,10 @@ class Model:
             kind = "context"
         elif status == 400 and CONTENT_FILTER.search(detail):
             kind = "refused"
+        failed = "rate limited" if status == 429 else "provider error" if status >= 500 \
+            else "answer"
         return ModelError(f"HTTP {status} from the model: {hint.get(status, 'provider error')}"
-                          f" ({kind})", kind, retry_after, status, detail)
+                          f" ({kind})", kind, retry_after, status, detail, failed)
 
 
 class ImageModel(Model):
@@ -5623,6 +5687,198 @@ class Acknowledger:
 
 
 ###############################################################################
+# Model outages: questions held until the model is back #######################
+###############################################################################
+
+OUTAGE_SCHEMA = """
+-- The questions held while the model fails for everyone: parked in the queue (not_before at
+-- the end of their WXBOT_HOLD) until an answer shows the model is back.
+CREATE TABLE IF NOT EXISTS held_questions (
+    message_id INTEGER PRIMARY KEY,
+    openid     TEXT NOT NULL,
+    held_at    REAL NOT NULL,
+    told_at    REAL,  -- its reader was told (HOLD_LINE): once a reader and outage
+    probed_at  REAL   -- when it was last the one question tried
+);
+CREATE INDEX IF NOT EXISTS held_questions_user ON held_questions (openid)
+    WHERE told_at IS NOT NULL;
+"""
+
+
+class Outage:
+    """Whether the model fails for everyone, and the questions held while it does.
+
+    One question's failure is tried again a few times, then apologised for. But when the
+    provider fails (OUTAGE_SIGNS: no connection, no first byte, a stalled stream, its 5xx or
+    429) OUTAGE_AFTER times in a row, with no answer in between, for two questions or more
+    (or with no connection at all, which no question causes), an apology helps no one: a
+    reader would rather have the answer late. So questions are held:
+    parked in the queue, each reader told once (HOLD_LINE), and one question at a time is
+    tried, paced from WXBOT_RETRY_BASE doubling up to PROBE_MOST (a model that is down is not
+    asked 3 times a message). The first answer ends the outage: the held questions go back to
+    the queue in their order, each asked once more. A question still held after WXBOT_HOLD
+    gets the apology. The held questions are in the database: a restart goes on with them.
+    The log has one line when it begins, one a minute with counts while it lasts (the held
+    questions say nothing of their own), and one when it ends.
+    """
+
+    OUTAGE_AFTER = 3
+    #: The longest pause between two tries of the model while it is down, in retry bases.
+    PROBE_MOST = 30
+    #: Seconds between two lines of the log while it lasts.
+    REPORT_EVERY = 60.0
+
+    def __init__(self, settings: Settings, store: Store):
+        self.settings, self.store = settings, store
+        self._lock = threading.Lock()
+        self.in_row = 0        # outage signs since the last answer
+        self.failing: set[int] = set()  # the messages they came from
+        self.probing: int | None = None  # the message tried now, while down
+        self.probe_started = 0.0
+        self.probe_longest = settings.model_timeout * 2 + 120  # as a worker's lease
+        self.probe_at = 0.0    # when the next one may be
+        self.offered = -1.0    # the probe_at for which a held question was put back in line
+        self.probes = 0        # tries failed since it began
+        self.apologised = 0    # questions held past WXBOT_HOLD since it began
+        self.last: ModelError | None = None
+        self.down_since: float | None = None
+        self.reported_at = 0.0
+        with store.transaction() as conn:
+            upgrade_tables(conn, OUTAGE_SCHEMA)
+            since = conn.execute("SELECT min(held_at) FROM held_questions").fetchone()[0]
+        if since is not None:  # stopped during an outage: it goes on, the model tried at once
+            self.down_since, self.reported_at = since, time.time()
+            log_model.warning("questions were held for the model at the last stop: trying it "
+                              "again now")
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def _pause(self) -> float:
+        base = self.settings.retry_base
+        return min(base * 2 ** self.probes, base * self.PROBE_MOST)
+
+    def admit(self, message: Message, now: float) -> bool:
+        """Whether the model may be asked for this message now: it is up, or this is the one
+        try while it is down (the first to come once the pause is over)."""
+        with self._lock:
+            if self.down_since is None or self.probing == message.id:
+                return True
+            if self.probing is not None and now > self.probe_started + self.probe_longest:
+                self.probing = None  # its worker never said how it went (stopped, a bug)
+            if self.probing is None and now >= self.probe_at:
+                self.probing, self.probe_started = message.id, now
+                return True
+            return False
+
+    def failed(self, message: Message, error: ModelError, now: float) -> bool:
+        """A model call failed; True when the model is down for everyone: hold the question."""
+        if error.failed not in OUTAGE_SIGNS:
+            return False
+        with self._lock:
+            self.in_row += 1
+            self.failing.add(message.id)
+            self.last = error
+            if self.probing == message.id:
+                self.probing, self.probes = None, self.probes + 1
+                self.probe_at = now + self._pause()
+            if self.down_since is None and self.in_row >= self.OUTAGE_AFTER and (
+                    len(self.failing) > 1 or error.failed == "no connection"):
+                self.down_since = self.reported_at = now
+                self.probes, self.apologised = 0, 0
+                self.probe_at = now + self._pause()
+                log_model.error("the model fails for everyone: %d calls in a row, the last %s; "
+                                "questions are held (each reader is told once) and answered "
+                                "when it is back, or apologised for after WXBOT_HOLD (%s)",
+                                self.in_row, error, age_text(self.settings.hold))
+            return self.down_since is not None
+
+    def answered(self, now: float) -> bool:
+        """A model call answered: an outage is over. True when held questions went back to
+        the queue (the workers are to be woken)."""
+        with self._lock:
+            self.in_row = 0
+            self.failing.clear()
+            since, self.down_since, self.probing = self.down_since, None, None
+        if since is None:
+            return False
+        with self.store.transaction() as conn:  # after any hold in progress: none is left
+            back = conn.execute("UPDATE messages SET not_before = 0, model_failures = 0 WHERE"
+                                " id IN (SELECT message_id FROM held_questions) AND"
+                                " state = 'queued'").rowcount
+            conn.execute("DELETE FROM held_questions")
+        log_model.warning("the model answers again after %s: %d held question(s) are answered "
+                          "now, in order; %d were apologised for after WXBOT_HOLD",
+                          age_text(now - since), back, self.apologised)
+        return True
+
+    def hold(self, message: Message, now: float) -> bool | None:
+        """Park the message until the end of its WXBOT_HOLD (or the model's return). Whether
+        to tell its reader: the first question of theirs held in this outage, and no line
+        yet before its answer (one of the 5: note_queue_lines). None: the model is back."""
+        with self.store.transaction() as conn:
+            if self.down_since is None:  # answered() ran, or runs next and un-parks this one
+                return None
+            self.store.release(message, message.received_at + self.settings.hold,
+                               f"held: the model is down ({self.last})", None)
+            conn.execute("INSERT OR IGNORE INTO held_questions (message_id, openid, held_at)"
+                         " VALUES (?, ?, ?)", (message.id, message.openid, now))
+            if conn.execute("SELECT 1 FROM held_questions WHERE openid = ? AND told_at IS"
+                            " NOT NULL", (message.openid,)).fetchone() or \
+                    not self.store.note_queue_lines([message.id], now):
+                return False
+            conn.execute("UPDATE held_questions SET told_at = ? WHERE message_id = ?",
+                         (now, message.id))
+            return True
+
+    def gave_up(self, message: Message) -> None:
+        """The message was held past WXBOT_HOLD: it gets the apology."""
+        with self.store.transaction() as conn:
+            conn.execute("DELETE FROM held_questions WHERE message_id = ?", (message.id,))
+        with self._lock:
+            self.apologised += 1
+
+    def tick(self, now: float) -> float | None:
+        """While the model is down: the line of the minute, and a held question put back in
+        line when the next try is due. Seconds until there is more to do; None when up."""
+        with self._lock:
+            if self.down_since is None:
+                return None
+            report = now >= self.reported_at + self.REPORT_EVERY
+            if report:
+                self.reported_at = now
+            offer = self.probing is None and now >= self.probe_at and \
+                self.offered != self.probe_at
+            if offer:
+                self.offered = self.probe_at
+            since, last = self.down_since, self.last
+        if offer:  # the one tried least lately, oldest first: one question the model
+            with self.store.transaction() as conn:  # fails on cannot hold the others back
+                row = conn.execute(
+                    "SELECT h.message_id FROM held_questions h JOIN messages m ON m.id ="
+                    " h.message_id WHERE m.state = 'queued' ORDER BY h.probed_at IS NOT NULL,"
+                    " h.probed_at, h.message_id LIMIT 1").fetchone()
+                if row:
+                    conn.execute("UPDATE held_questions SET probed_at = ? WHERE message_id = ?",
+                                 (now, row[0]))
+                    conn.execute("UPDATE messages SET not_before = 0 WHERE id = ?", (row[0],))
+        if report:
+            with self.store.connection() as conn:
+                held, told = conn.execute("SELECT count(*), count(told_at) FROM"
+                                          " held_questions").fetchone()
+            log_model.error("the model is still down after %s: %d question(s) held, %d "
+                            "reader(s) told, %d tries failed, %d apologised for after "
+                            "WXBOT_HOLD; the last failure: %s", age_text(now - since), held,
+                            told, self.probes, self.apologised, last)
+        with self._lock:
+            waits = [self.reported_at + self.REPORT_EVERY - now]
+            if self.probing is None and self.offered != self.probe_at:
+                waits.append(self.probe_at - now)
+            return 0.0 if offer else max(0.01, min(waits))
+
+
+###############################################################################
 # Worker ######################################################################
 ###############################################################################
 
@@ -5714,8 +5970,10 @@ class Worker:
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
                  owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None,
-                 others: Wakeup | None = None, articles: Articles | None = None):
+                 others: Wakeup | None = None, articles: Articles | None = None,
+                 outage: Outage | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
+        self.outage = outage  # shared by the workers; None: no question is held (chat)
         self.articles = articles  # the account's own, searched for each question
         # Their use is counted beside the messages it names: `chat` searches the server's
         # articles, but its messages are its own and stay out of /stats.
@@ -5771,6 +6029,13 @@ class Worker:
             # Another process (`wxbot.py retry`) may queue a message: look once a minute.
             timeout = max(0.01, min(due - time.time(), self.IDLE_LOOK)) if due else \
                 self.IDLE_LOOK
+            if self.outage and not self.READY_ONLY:  # the model tried again when due
+                with contextlib.suppress(sqlite3.Error):
+                    wait = self.outage.tick(time.time())
+                    if wait is not None and wait < timeout:
+                        timeout = wait
+                if timeout <= 0:
+                    continue
             self.wakeup.wait(timeout)
 
     def _room_again(self) -> bool:
@@ -5868,6 +6133,8 @@ class Worker:
         A picture (WXBOT_VISION) goes as an image part, with the texts that follow it or, on
         its own, a short instruction.
         """
+        if self.outage and not self.outage.admit(message, time.time()):
+            return self._held(message)  # the model is down: another question tries it
         blocked = self.owner.blocked
         with self.store.transaction():  # one commit: follow-ups, the call counted, carried
             question = "\n".join(part for part in [question, *self.store.merge_followups(
@@ -5925,6 +6192,8 @@ class Worker:
         planned = self.store.complete_answer(message, time.time(), rest,
                                              f"[图片] {question}" if picture else question,
                                              answer)
+        if self.outage and self.outage.answered(time.time()):
+            self.wakeup.notify_all()  # the held questions are in the queue again
         if self.counts_uses:
             self.articles.note_use(message.id, time.time(), len(passages), len(citations.cited))
         return planned
@@ -5980,7 +6249,8 @@ class Worker:
             except ModelError as error:
                 if error.kind != "transient" or message.model_failures + 1 >= self.MODEL_TRIES:
                     self.store.unreserve_image(message)
-                return self._model_failed(message, error, None, DRAW_REFUSED_LINE)
+                return self._model_failed(message, error, None, DRAW_REFUSED_LINE,
+                                          chat_model=False)
             if image_type(data) is None or len(data) > IMAGE_BYTES:
                 log_worker.error("message %s: the Images API returned %s; WeChat takes JPEG or "
                                  "PNG up to 10 MB: choose a WXBOT_IMAGE_MODEL (or provider) "
@@ -6050,6 +6320,7 @@ class Worker:
         renew_every = self.lease_seconds / 3
         renew_at = time.monotonic() + renew_every
         held = None  # what came after the last piece: the end, or an error
+        begun = False  # whether any text came: at the deadline, a stall, or no first byte
         try:
             while True:
                 now = time.monotonic()
@@ -6075,11 +6346,12 @@ class Worker:
                             texts.append(value)
                         else:
                             held = kind, value
+                    begun = True
                     yield "".join(texts)
                 elif kind == "end":
                     return
                 elif time.monotonic() >= deadline.at:  # a read timeout is past it too
-                    raise deadline.error()
+                    raise deadline.error(begun or deadline.responded)
                 elif kind == "error":
                     raise value
         finally:
@@ -6103,10 +6375,15 @@ class Worker:
         return self.store.save_answer(message, segments, now)
 
     def _model_failed(self, message: Message, error: ModelError, question: str | None,
-                      refused_line: str = REFUSED_LINE, cited: str = "") -> int | None:
-        """Retry later, or end the answer with a polite line; what was sent stays sent (and
-        `cited`, the 来源 line of what it cited, ends it before the cut-off note)."""
+                      refused_line: str = REFUSED_LINE, cited: str = "",
+                      chat_model: bool = True) -> int | None:
+        """Retry later, hold the question through an outage of the chat model, or end the
+        answer with a polite line; what was sent stays sent (and `cited`, the 来源 line of
+        what it cited, ends it before the cut-off note)."""
         partial = self.store.partial_answer(message.id)
+        if chat_model and self.outage and not partial and \
+                self.outage.failed(message, error, time.time()):
+            return self._held(message)
         failures = message.model_failures + 1
         if error.kind == "transient" and failures < self.MODEL_TRIES:
             delay = max(error.retry_after or 0, self._backoff(failures))
@@ -6130,6 +6407,25 @@ class Worker:
             line = APOLOGY_LINE
         return self.store.complete_answer(message, time.time(), [line], question,
                                           partial or None)
+
+    def _held(self, message: Message) -> int | None:
+        """The model is down for everyone: the message waits for it (Outage), its reader
+        told once; past WXBOT_HOLD, the apology."""
+        now = time.time()
+        if now >= message.received_at + self.settings.hold:
+            self.outage.gave_up(message)
+            return self.store.complete_answer(message, now, [APOLOGY_LINE])
+        tell = self.outage.hold(message, now)
+        if tell is None:  # the model answered meanwhile: asked again now
+            self.store.release(message, now, "", None)
+            self.wakeup.notify()
+        elif tell and self.mode.sends(message.id):
+            try:
+                self.wechat.customer_service_send(message.openid, HOLD_LINE)
+            except WeChatError as error:  # the answer comes all the same
+                log_worker.info("message %s: the line that it is held was not sent (%s)",
+                                message.id, error.hint())
+        return None
 
     def deliver(self, message: Message, model_seconds: float | None = None,
                 streaming: bool = False, add: list[str] = ()) -> bool:
@@ -8142,9 +8438,12 @@ class Bot:
                                ready=self.ready, publishing=self.article_sync)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
+        #: Questions held while the model fails for everyone; WXBOT_HOLD=0: none is.
+        self.outage = Outage(settings, self.store) if settings.hold else None
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
                                self.mode, f"worker-{n}", self.owner, self.acknowledger,
-                               self.ready, self.articles) for n in range(settings.workers)]
+                               self.ready, self.articles, self.outage)
+                        for n in range(settings.workers)]
         self.senders = [Sender(settings, self.store, self.wechat, self.model, self.ready,
                                self.mode, f"sender-{n}", self.owner, others=self.wakeup,
                                articles=self.articles)  # /stats
