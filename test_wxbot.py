@@ -929,6 +929,29 @@ def test_a_question_held_past_wxbot_hold_gets_the_apology(start_bot, wechat, mod
     assert wechat.texts_to("oLONG1") == [wxbot.HOLD_LINE, wxbot.APOLOGY_LINE]
 
 
+def test_the_log_says_what_failed_and_what_to_check(start_bot, wechat, model, caplog):
+    """No connection, no first byte and a stalled stream are told apart; none of them is
+    blamed on WXBOT_MODEL_TIMEOUT being too short."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    bot = start_bot(OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1", WXBOT_HOLD=0)
+    send_text(bot, "oNOCONN", "在吗", 1)
+    wait_for(lambda: bot.store.settled(1))
+    assert "no connection to the model" in caplog.text and "OPENAI_BASE_URL" in caplog.text
+    bot.stop(timeout=5)
+    caplog.clear()
+    def stalling(request):
+        yield "开始写了"
+        model.hold(3)
+    model.respond = stalling
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1, WXBOT_HOLD=0, WXBOT_DB=bot.settings.db + "2")
+    send_text(bot, "oSTALL", "在吗", 2)
+    wait_for(lambda: bot.store.settled(1))
+    assert "the answer stalled" in caplog.text
+    assert "raise it for a slow model" not in caplog.text
+
+
 def test_one_question_the_model_fails_on_is_no_outage(start_bot, wechat, model):
     def respond(request):
         if "坏" in request["messages"][-1]["content"]:
@@ -6126,6 +6149,7 @@ def test_while_the_disk_is_full_healthz_says_so_and_refusals_are_one_line_a_minu
     assert post_push(bot, bodies[0]).text == "success"
     wait_for(lambda: requests.get(f"http://127.0.0.1:{bot.port}/healthz",
                                   timeout=5).status_code == 200)
+    assert "6 push(es) were refused meanwhile" in caplog.text  # how many, once room is back
 
 
 def test_a_backup_taken_while_serving_is_a_private_checked_copy_that_restores(

@@ -1177,6 +1177,7 @@ class Store:
         #: Set while writes fail for want of space; workers pause, the webhook answers 503.
         self.disk_full = False
         self._disk_lock = threading.Lock()
+        self._full_since, self._refused = 0.0, 0  # pushes answered 503 while it is full
         with opening_for(path), self.connection() as conn:
             self._compactable(conn, free_space)
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
@@ -1295,11 +1296,22 @@ class Store:
             if self.disk_full == full:
                 return
             self.disk_full = full
+            refused, since = self._refused, self._full_since
+            if full:
+                self._full_since, self._refused = time.time(), 0
         if full:
             log.error("the disk holding %s is full: pushes are answered 503 so that WeChat "
                       "tries them again, and workers pause; free some space (df -h)", self.path)
         else:
-            log.info("there is room on the disk again: pushes are stored and answered")
+            log.warning("there is room on the disk again after %s: pushes are stored and "
+                        "answered; %d push(es) were refused meanwhile (WeChat tries a push 3 "
+                        "times within 15 s: one refused each time is lost)",
+                        age_text(time.time() - since), refused)
+
+    def refused_push(self) -> None:
+        """A push was answered 503 for want of space: counted for the line when room is back."""
+        with self._disk_lock:
+            self._refused += 1
 
     def has_room(self) -> bool:
         """Whether a write that needs new space succeeds now (after the disk was full)."""
@@ -6706,6 +6718,7 @@ class Webhook:
         if not disk_full(error):
             log_web.error("could not store a push: %s", error)
         else:
+            self.store.refused_push()
             held = self.refusals.allow("the disk is full", self.clock())
             if held is not None:
                 log_web.error("push refused (503): the disk is full%s", f" ({held} more "
