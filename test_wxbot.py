@@ -483,7 +483,7 @@ def env_for(tmp_path, wechat, model, **overrides):
         "WXBOT_API_BASE": wechat.url, "OPENAI_API_KEY": API_KEY,
         "OPENAI_BASE_URL": model.url + "/v1", "WXBOT_DB": str(tmp_path / "wxbot.db"),
         "WXBOT_HOST": "127.0.0.1", "WXBOT_PORT": "0", "WXBOT_MODEL_TIMEOUT": "5",
-        "WXBOT_RETRY_BASE": "0.05", "WXBOT_STOP_TIMEOUT": "5",
+        "WXBOT_RETRY_BASE": "0.05", "WXBOT_STOP_TIMEOUT": "5", "WXBOT_ADMIN_PORT": "0",
     }
     env.update({key: str(value) for key, value in overrides.items()})
     return env
@@ -714,6 +714,83 @@ def test_text_message_gets_typing_then_answer_to_that_user(start_bot, wechat, mo
     request = model.requests[0]
     assert request["messages"][0] == {"role": "system", "content": wxbot.DEFAULT_SYSTEM_PROMPT}
     assert request["model"] == "gpt-4o-mini" and request["max_tokens"] == 2000
+
+#: A sample line of Prometheus' text format: name, optional {labels}, value.
+SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|'
+                    r'\\[\\"n])*",?)*)\})? (-?[0-9.e+]+|NaN|\+Inf|-Inf)')
+
+
+def parse_metrics(text):
+    """Prometheus' text format (0.0.4), strictly: every sample of a family declared by its
+    # HELP and # TYPE lines; a histogram's buckets cumulative, +Inf equal to its _count.
+    Returns {(name, frozenset of labels): value}."""
+    assert text.endswith("\n")
+    samples, types_of, histograms = {}, {}, collections.defaultdict(list)
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            parts = line.split(" ", 3)
+            if parts[1] == "TYPE":
+                assert parts[3] in ("counter", "gauge", "histogram"), line
+                assert parts[2] not in types_of, f"family declared twice: {line}"
+                types_of[parts[2]] = parts[3]
+            continue
+        match = SAMPLE.fullmatch(line)
+        assert match, f"not a sample line: {line!r}"
+        name, labels, value = match.groups()
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types_of else name
+        assert family in types_of, f"{name} has no # TYPE"
+        pairs = frozenset(re.findall(r'([a-zA-Z_]\w*)="([^"]*)"', labels or ""))
+        assert (name, pairs) not in samples, f"sample twice: {line}"
+        samples[name, pairs] = float(value)
+        if name.endswith("_bucket"):
+            histograms[family].append((float(dict(pairs)["le"]), float(value)))
+    for family, buckets in histograms.items():
+        assert types_of[family] == "histogram"
+        assert buckets == sorted(buckets) and buckets[-1][0] == float("inf")
+        assert buckets[-1][1] == samples[f"{family}_count", frozenset()]
+    return samples
+
+
+def test_metrics_are_scraped_from_the_admin_listener_without_a_console(start_bot, wechat,
+                                                                        model, tmp_path):
+    model.respond = lambda request: "答：" + request["messages"][-1]["content"]
+    bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁词"))
+    assert bot.owner_console is None  # no password: metrics all the same
+    for n, (openid, text) in enumerate([("oM1", "你好"), ("oM2", "你好啊"), ("oM3", "违禁词")]):
+        send_text(bot, openid, text, n + 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 3)
+    url = f"http://127.0.0.1:{bot.console.port}/metrics"
+    answer = requests.get(url, timeout=5)
+    assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = parse_metrics(answer.text)
+    assert samples["wxbot_pushes_total", frozenset()] == 3
+    answers = {dict(labels)["outcome"]: value for (name, labels), value in samples.items()
+               if name == "wxbot_answers_total"}
+    assert answers == {"answered": 2, "apology": 0, "refused": 1, "undelivered": 0, "dead": 0}
+    assert samples["wxbot_first_message_seconds_count", frozenset()] == 3
+    assert samples["wxbot_model_seconds_count", frozenset()] == 3
+    assert samples["wxbot_queue_messages", frozenset()] == 0
+    assert samples["wxbot_disk_free_bytes", frozenset()] > 0
+    assert samples["wxbot_model_tokens_total", frozenset({("type", "prompt")})] >= 0
+    # never on the webhook's port, and the console's pages are not there without a password
+    assert requests.get(f"http://127.0.0.1:{bot.port}/metrics", timeout=5).status_code == 404
+    assert requests.get(f"http://127.0.0.1:{bot.console.port}/", timeout=5).status_code == 404
+
+
+def test_metrics_count_model_errors_by_what_failed_and_the_queue_while_down(start_bot, wechat,
+                                                                            model):
+    model.respond = lambda request: (_ for _ in ()).throw(ModelFault(503))
+    bot = start_bot()
+    for n in range(3):
+        send_text(bot, f"oMDOWN{n}", "在吗", n + 1)
+    wait_for(lambda: bot.outage.down and bot.outage.held() == 3)
+    samples = parse_metrics(requests.get(f"http://127.0.0.1:{bot.console.port}/metrics",
+                                         timeout=5).text)
+    assert samples["wxbot_model_errors_total", frozenset({("kind", "provider_error")})] >= 3
+    assert samples["wxbot_model_down", frozenset()] == 1
+    assert samples["wxbot_held_questions", frozenset()] == 3
+    assert samples["wxbot_queue_messages", frozenset()] == 3
+    assert samples["wxbot_queue_oldest_age_seconds", frozenset()] > 0
 
 
 def test_model_gets_the_users_earlier_turns_and_no_one_elses(start_bot, wechat, model):
@@ -7005,7 +7082,8 @@ def console_traffic(bot, wechat, model, monkeypatch):
 
 def test_console_is_off_without_a_password_and_refuses_a_short_one(start_bot, tmp_path):
     bot = start_bot()
-    assert bot.console is None
+    assert bot.owner_console is None  # the admin listener serves /metrics alone
+    assert requests.get(f"http://127.0.0.1:{bot.console.port}/", timeout=5).status_code == 404
     assert "WXBOT_ADMIN_PASSWORD=(not set)" in bot.settings.describe()
     with pytest.raises(wxbot.SettingsError, match="WXBOT_ADMIN_PASSWORD must be at least 12"):
         wxbot.Settings.from_env({**env_for(tmp_path, types.SimpleNamespace(url="http://x"),

@@ -4046,6 +4046,17 @@ class Model:
     #: An answer in one piece (a provider that ignores stream=True) is read up to this many
     #: bytes: far above any WXBOT_MAX_TOKENS, far below what would fill a small server.
     MAX_WHOLE = 1 << 20
+    #: Where the tokens a provider reports using are counted (Bot sets it).
+    metrics: "Metrics | None" = None
+
+    def _used(self, event: dict) -> None:
+        """Count the tokens an answer (or its stream's last event) says it used, if it says."""
+        usage = event.get("usage")
+        if self.metrics and isinstance(usage, dict):
+            for kind in ("prompt", "completion"):
+                tokens = usage.get(f"{kind}_tokens")
+                if isinstance(tokens, int):
+                    self.metrics.count("wxbot_model_tokens_total", kind, tokens)
 
     def __init__(self, settings: Settings):
         self.settings, self.name = settings, settings.model
@@ -4120,6 +4131,7 @@ class Model:
             with contextlib.closing(response) as http, paced_reads(http, self.READ_EVERY):
                 for chunk in sse_events(stream_lines(http.iter_bytes())):
                     streamed = True
+                    self._used(chunk)
                     problem = chunk.get("error")
                     if problem:  # some providers report a failure inside the stream
                         detail = str(problem.get("message", problem) if isinstance(
@@ -4180,6 +4192,7 @@ class Model:
             raise deadline.error()
         if not isinstance(completion, dict):
             raise ModelError("the answer is not a chat.completion")
+        self._used(completion)
         return self._whole(completion, max_tokens or self.settings.max_tokens)
 
     def _unreachable(self, error: openai.APIError, what: str = "the model") -> ModelError:
@@ -5844,6 +5857,11 @@ class Outage:
                          (now, message.id))
             return True
 
+    def held(self) -> int:
+        """How many questions are held now."""
+        with self.store.connection() as conn:
+            return conn.execute("SELECT count(*) FROM held_questions").fetchone()[0]
+
     def gave_up(self, message: Message) -> None:
         """The message was held past WXBOT_HOLD: it gets the apology."""
         with self.store.transaction() as conn:
@@ -5978,6 +5996,8 @@ class Worker:
     IDLE_LOOK = 60.0
     #: Whether it takes only messages whose answer is stored whole, ready to send (Sender).
     READY_ONLY = False
+    #: Where answers, model and WeChat errors and timings are counted (Bot sets it).
+    metrics: "Metrics | None" = None
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
@@ -6217,7 +6237,11 @@ class Worker:
             return []
         earlier = [turn["content"] for turn in history if turn["role"] == "user"]
         try:
-            return self.articles.find(question, earlier)
+            passages = self.articles.find(question, earlier)
+            if self.metrics:
+                self.metrics.count("wxbot_article_searches_total")
+                self.metrics.count("wxbot_article_search_hits_total", amount=bool(passages))
+            return passages
         except sqlite3.Error as error:  # the articles are no reason to leave a user unanswered
             log_worker.error("message %s: the articles could not be searched (%s); answering "
                              "without them", message.id, error)
@@ -6392,6 +6416,8 @@ class Worker:
         """Retry later, hold the question through an outage of the chat model, or end the
         answer with a polite line; what was sent stays sent (and `cited`, the 来源 line of
         what it cited, ends it before the cut-off note)."""
+        if self.metrics:
+            self.metrics.count("wxbot_model_errors_total", error.failed.replace(" ", "_"))
         partial = self.store.partial_answer(message.id)
         if chat_model and self.outage and not partial and \
                 self.outage.failed(message, error, time.time()):
@@ -6462,7 +6488,11 @@ class Worker:
                 if pick:
                     self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
                 elif not streaming:
-                    apology = [row["content"] for row in rows] == [APOLOGY_LINE]
+                    texts = [row["content"] for row in rows]
+                    apology = texts == [APOLOGY_LINE]
+                    outcome = "apology" if apology else "refused" if texts in (
+                        [self.settings.blocked_reply], [REFUSED_LINE], [DRAW_REFUSED_LINE]) \
+                        else "answered"
                     self.store.finish(message, State.FAILED if apology else State.DONE)
             add = ()
             if not pick:
@@ -6491,6 +6521,13 @@ class Worker:
             # What the user felt: from the push to the first message they saw.
             first = min((row["sent_at"] for row in rows if row["sent_at"] is not None),
                         default=None)
+            if self.metrics:
+                self.metrics.count("wxbot_answers_total", outcome)
+                if first:
+                    self.metrics.observe("wxbot_first_message_seconds",
+                                         first - message.received_at)
+                if model_seconds is not None:
+                    self.metrics.observe("wxbot_model_seconds", model_seconds)
             log_worker.info("message %s from %s (%s): first message %s after the push, model "
                             "%s, segments sent %d/%d", message.id, short_id(message.openid),
                             message.msg_id or message.event,
@@ -6518,6 +6555,8 @@ class Worker:
         self.store.image_sent(row["image"])
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
+        if self.metrics:
+            self.metrics.count("wxbot_wechat_errors_total", str(error.errcode or "unreachable"))
         if error.errcode == 48001 and self.mode.no_permission(message.id, time.time()):
             self.store.finish(message, State.DONE)  # what is unsent goes out passively
             return
@@ -6526,6 +6565,8 @@ class Worker:
                 log_worker.error("message %s to %s not delivered: %s", message.id,
                                  short_id(message.openid), error.hint())
             self.store.finish(message, State.DONE, f"errcode {error.errcode}")
+            if self.metrics:
+                self.metrics.count("wxbot_answers_total", "undelivered")
             return
         failures = message.delivery_failures + 1
         if failures >= self.DELIVERY_TRIES:
@@ -6533,6 +6574,8 @@ class Worker:
                              "kept: `python wxbot.py status`, `python wxbot.py retry %s`): %s",
                              message.id, failures, message.id, error.hint())
             self.store.finish(message, State.DEAD, str(error), "delivery_failures")
+            if self.metrics:
+                self.metrics.count("wxbot_answers_total", "dead")
             return
         delay = self._backoff(failures)
         if error.errcode in (40164, 45011):  # whitelist or per-minute limit: not a hot loop
@@ -6648,6 +6691,9 @@ def image_reply_xml(openid: str, account: str, media_id: str, now: float) -> byt
 class Webhook:
     """Turns WeChat's HTTP calls into stored pushes; pure of I/O apart from the store."""
 
+    #: Where pushes are counted (Bot sets it).
+    metrics: "Metrics | None" = None
+
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
                  acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None,
@@ -6719,6 +6765,8 @@ class Webhook:
             log_web.error("could not store a push: %s", error)
         else:
             self.store.refused_push()
+            if self.metrics:
+                self.metrics.count("wxbot_pushes_refused_total", "disk_full")
             held = self.refusals.allow("the disk is full", self.clock())
             if held is not None:
                 log_web.error("push refused (503): the disk is full%s", f" ({held} more "
@@ -6741,6 +6789,8 @@ class Webhook:
         now = self.clock()
         model = needs_model(self.settings, self.owner.replies, push, self.owner.blocked)
         message_id, pushes = self.store.store_push(push, now, model)
+        if pushes == 1 and self.metrics:
+            self.metrics.count("wxbot_pushes_total")
         if pushes == 1 and push.event == "PUBLISHJOBFINISH" and self.publishing:
             self.publishing.pushed(push.fields)  # an event like any other to the rest: no answer
         if pushes > 1:
@@ -7226,6 +7276,138 @@ class HttpServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
+
+
+###############################################################################
+# Metrics: what an operator can watch #########################################
+###############################################################################
+
+class Metrics:
+    """Counts and timings since the start, and the queue and the disk as they are, in
+    Prometheus' text exposition format (version 0.0.4) at /metrics on the admin listener.
+
+    Written here rather than with prometheus_client: the format is a few line shapes, fixed
+    since 2014, and wxbot needs three kinds (counter, gauge, histogram) of one process, no
+    registry, push gateway or multiprocess mode; one file and four dependencies stay so.
+    Counts live in memory (Prometheus reads a restart as a counter reset); what the
+    database holds (the queue) is read at each scrape from the kept state counts.
+    """
+
+    #: Seconds: from WeChat's 5 s and a typing reader's patience to a slow model's minutes.
+    BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+    #: name -> (type, help, the label and its values shown from the start (at 0)).
+    FAMILIES = {
+        "wxbot_pushes_total": ("counter", "pushes from WeChat stored (retries of one not "
+                               "counted)", None),
+        "wxbot_pushes_refused_total": ("counter", "pushes answered 503 so that WeChat tries "
+                                       "them again, by reason", ("reason", ("disk_full",))),
+        "wxbot_answers_total": ("counter", "messages settled, by outcome",
+                                ("outcome", ("answered", "apology", "refused", "undelivered",
+                                             "dead"))),
+        "wxbot_model_errors_total": ("counter", "failed model calls, by what failed",
+                                     ("kind", tuple(sign.replace(" ", "_") for sign in
+                                                    OUTAGE_SIGNS) + ("answer",))),
+        "wxbot_wechat_errors_total": ("counter", "failed sends to WeChat, by errcode "
+                                      "(unreachable: no answer)", ("kind", ())),
+        "wxbot_model_tokens_total": ("counter", "tokens the provider reported using, by "
+                                     "type", ("type", ("prompt", "completion"))),
+        "wxbot_article_searches_total": ("counter", "questions searched in the articles",
+                                         None),
+        "wxbot_article_search_hits_total": ("counter", "searches that found passages", None),
+        "wxbot_first_message_seconds": ("histogram", "from the push to the first message "
+                                        "of its answer the reader saw", None),
+        "wxbot_model_seconds": ("histogram", "from taking a message to its answer written",
+                                None),
+    }
+
+    def __init__(self, store: Store, outage: Outage | None = None):
+        self.store, self.outage = store, outage
+        self._lock = threading.Lock()
+        self._counts: collections.Counter = collections.Counter()  # (name, label) -> n
+        self._histograms: dict[str, list] = {}  # name -> [count per bucket..., sum, count]
+        for name, (kind, _, label) in self.FAMILIES.items():
+            if kind == "histogram":
+                self._histograms[name] = [0] * len(self.BUCKETS) + [0.0, 0]
+            for value in label[1] if label else ("",):
+                self._counts[name, value] += 0
+
+    def count(self, name: str, label: str = "", amount: int = 1) -> None:
+        with self._lock:
+            self._counts[name, label] += amount
+
+    def observe(self, name: str, seconds: float) -> None:
+        """One timing into its histogram: the first bucket it fits (made cumulative when read)."""
+        with self._lock:
+            buckets = self._histograms[name]
+            for n, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    buckets[n] += 1
+                    break
+            buckets[-2] += seconds
+            buckets[-1] += 1
+
+    def exposition(self, now: float) -> str:
+        """The page Prometheus reads."""
+        lines = []
+        with self._lock:
+            counts, histograms = dict(self._counts), {name: list(values) for name, values
+                                                      in self._histograms.items()}
+        for name, (kind, text, label) in self.FAMILIES.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            if kind == "histogram":
+                buckets, running = histograms[name], 0
+                for bound, inside in zip(self.BUCKETS, buckets):
+                    running += inside
+                    lines.append(f'{name}_bucket{{le="{bound:g}"}} {running}')
+                lines += [f'{name}_bucket{{le="+Inf"}} {buckets[-1]}',
+                          f"{name}_sum {buckets[-2]:.3f}", f"{name}_count {buckets[-1]}"]
+                continue
+            for (family, value), number in sorted(counts.items()):
+                if family == name:
+                    where = f'{{{label[0]}="{value}"}}' if label else ""
+                    lines.append(f"{name}{where} {number}")
+        health = self.store.health(now)
+        main, wal = database_bytes(self.store.path)
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.store.path))).free
+        except OSError:
+            free = float("nan")
+        gauges = [
+            ("wxbot_queue_messages", "messages waiting or in progress", health["queued"]),
+            ("wxbot_queue_oldest_age_seconds", "age of the oldest message waiting or in "
+             "progress", health["oldest_queued_age_s"]),
+            ("wxbot_dead_messages", "messages given up on, kept for `retry`", health["dead"]),
+            ("wxbot_model_down", "1 while the model fails for everyone (questions held)",
+             int(bool(self.outage and self.outage.down))),
+            ("wxbot_held_questions", "questions held until the model is back",
+             self.outage.held() if self.outage else 0),
+            ("wxbot_disk_full", "1 while pushes cannot be stored for want of space",
+             int(self.store.disk_full)),
+            ("wxbot_disk_free_bytes", "free space where the database is", free),
+            ("wxbot_database_bytes", "the database on disk, its WAL included", main + wal),
+        ]
+        for name, text, value in gauges:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value:g}"]
+        return "\n".join(lines) + "\n"
+
+    def wsgi(self, console: Callable | None = None) -> Callable:
+        """The admin listener's app: /metrics here, the rest the owner's console's (none
+        without WXBOT_ADMIN_PASSWORD: 404)."""
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") == "/metrics":
+                if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+                    start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+                    return [b"method not allowed"]
+                body = self.exposition(time.time()).encode()
+                start_response("200 OK", [
+                    ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                    ("Content-Length", str(len(body)))])
+                return [body]
+            if console is not None:
+                return console(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found"]
+        return app
 
 
 ###############################################################################
@@ -8462,11 +8644,25 @@ class Bot:
                                articles=self.articles)  # /stats
                         for n in range(Sender.THREADS)]
         self.janitor = Janitor(settings, self.store, self.articles)
-        #: The owner's console, on a listener of its own; None without WXBOT_ADMIN_PASSWORD.
+        self.metrics = Metrics(self.store, self.outage)
+        for counted in [self.webhook, self.model, *self.workers, *self.senders]:
+            counted.metrics = self.metrics
+        #: The owner's console; None without WXBOT_ADMIN_PASSWORD.
         self.owner_console = OwnerConsole(settings, self.store, self.owner, self.wakeup,
                                           self.articles) if settings.admin_password else None
-        self.console = HttpServer(self.owner_console.app(), settings.admin_host,
-                                  settings.admin_port) if self.owner_console else None
+        #: The admin listener: /metrics, and the console when there is one; never the
+        #: webhook's port. Without a console, a port taken (a second wxbot left at the
+        #: default) costs the metrics only.
+        try:
+            self.console: HttpServer | None = HttpServer(self.metrics.wsgi(
+                self.owner_console and self.owner_console.app()), settings.admin_host,
+                settings.admin_port)
+        except OSError as error:
+            if self.owner_console:
+                raise
+            log.warning("no /metrics: cannot listen on %s:%d (%s); give each wxbot its own "
+                        "WXBOT_ADMIN_PORT", settings.admin_host, settings.admin_port, error)
+            self.console = None
         self.threads: list[threading.Thread] = []
 
     @property
@@ -8483,9 +8679,12 @@ class Bot:
         self.acknowledger.start()
         self.server.start()
         if self.console:
+            self.console.start()
+            log.info("metrics on http://%s:%d/metrics", self.settings.admin_host,
+                     self.console.port)
+        if self.owner_console:
             threading.Thread(target=self.owner_console.count_days, name="console-days",
                              daemon=True).start()
-            self.console.start()
             log.info("owner's console on http://%s:%d/", self.settings.admin_host,
                      self.console.port)
             if not local_address(self.settings.admin_host):
