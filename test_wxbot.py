@@ -6277,6 +6277,49 @@ def test_a_backup_taken_while_serving_is_a_private_checked_copy_that_restores(
     assert [m["content"] for m in asked if m["role"] == "user"][-2:] == ["问题3", "恢复后的问题"]
 
 
+def test_the_daily_backup_unit_keeps_the_latest_private_copies_and_one_restores(
+        start_bot, wechat, model, tmp_path, capsys):
+    model.respond = lambda request: "备份的回答"
+    bot = start_bot()
+    send_text(bot, "oTIMER", "问题1", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    unit = open(os.path.join(HERE, "wxbot-backup@.service"), encoding="utf-8").read()
+    timer = open(os.path.join(HERE, "wxbot-backup@.timer"), encoding="utf-8").read()
+    assert "OnCalendar=*-*-* 04:30:00" in timer and "Persistent=true" in timer
+    assert "StateDirectory=wxbot-backup/%i" in unit and "UMask=0077" in unit
+    # The unit's own command, its paths on this machine: an env file naming the database.
+    folder, env_file = tmp_path / "wxbot-backup" / "blog", tmp_path / "blog.env"
+    folder.mkdir(parents=True)
+    env_file.write_text(f"WXBOT_DB={bot.settings.db}\nWXBOT_BACKUP_KEEP=2\n")
+    for day in ("20261201", "20261202", "20261203"):  # earlier days' copies
+        (folder / f"wxbot-{day}-043000.db").write_bytes(b"old")
+    (folder / "notes.txt").write_text("the operator's own")
+    command = re.search(r"^ExecStart=\S+ \S+ (.*)$", unit, re.M).group(1)
+    args = command.replace("/var/lib/wxbot-backup/%i", str(folder)).replace(
+        "/opt/wxbot/%i.env", str(env_file)).split()
+    assert args[0] == "backup"
+    assert wxbot.main(args, {}) == 0
+    printed = capsys.readouterr().out
+    assert "integrity ok" in printed and "removed the older copy wxbot-20261201-043000.db" \
+        in printed
+    copies = sorted(name for name in os.listdir(folder) if name.endswith(".db"))
+    assert copies[0] == "wxbot-20261203-043000.db" and len(copies) == 2
+    assert (folder / "notes.txt").exists()
+    newest = folder / copies[-1]
+    assert os.stat(newest).st_mode & 0o777 == 0o600
+    bot.stop(timeout=5)
+    # README's restore, with the newest copy: stop, remove the old WAL, copy, start.
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(bot.settings.db + suffix)
+    shutil.copy(newest, bot.settings.db)
+    bot = start_bot()
+    send_text(bot, "oTIMER", "问题2", 2)
+    wait_for(lambda: len(wechat.texts_to("oTIMER")) == 2)
+    asked = model.requests[-1]["messages"]
+    assert [m["content"] for m in asked if m["role"] == "user"] == ["问题1", "问题2"]
+
+
 def worker_lines(caplog, text):
     return [r.getMessage() for r in caplog.records
             if r.name == "wxbot.worker" and text in r.getMessage()]

@@ -8955,13 +8955,22 @@ def retry(settings: Settings, message_id: int, out) -> int:
     return 0
 
 
+#: The name `backup FOLDER` gives each copy: sorted by name, oldest first.
+BACKUP_NAME = "wxbot-%Y%m%d-%H%M%S.db"
+BACKUP_FILES = re.compile(r"wxbot-\d{8}-\d{6}\.db")
+
+
 def backup(settings: Settings, target: str, out) -> int:
     """A consistent copy of the database while the service runs, readable by its owner only,
-    checked before it is given its name.
+    checked before it is given its name. Into a folder (the daily timer), a copy named by
+    the time, and only the latest WXBOT_BACKUP_KEEP copies of the folder kept.
 
     VACUUM INTO reads one snapshot and writes it out whole: writers go on meanwhile (WAL),
     and unlike SQLite's online backup it never starts over when they write.
     """
+    folder = target if os.path.isdir(target) else None
+    if folder:
+        target = os.path.join(folder, time.strftime(BACKUP_NAME))
     if os.path.lexists(target):
         print(f"{target} exists: give the backup a new name (nothing was written)",
               file=out)
@@ -8991,6 +9000,12 @@ def backup(settings: Settings, target: str, out) -> int:
         return 1
     print(f"backup of {settings.db} written to {target}: {megabytes(os.path.getsize(target))}, "
           f"{messages} messages, integrity ok, in {time.monotonic() - started:.1f} s", file=out)
+    if folder:  # only the copies this command names: nothing else of the folder's
+        copies = sorted(name for name in os.listdir(folder) if BACKUP_FILES.fullmatch(name))
+        for name in copies[:-settings.backup_keep]:
+            os.remove(os.path.join(folder, name))
+            print(f"removed the older copy {name} (WXBOT_BACKUP_KEEP={settings.backup_keep})",
+                  file=out)
     return 0
 
 
