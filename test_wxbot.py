@@ -7971,6 +7971,30 @@ def test_relative_paths_in_an_env_file_are_read_beside_it(tmp_path, wechat, mode
     assert status.stdout.startswith(f"queue in {conf / 'wxbot.db'}")  # WXBOT_DB's default
     assert os.listdir(elsewhere) == [] and not (tmp_path / "wxbot.db").exists()
 
+def test_operator_commands_given_an_instances_env_file_reach_its_database(tmp_path, capsys):
+    """As the README sets up wxbot@blog: /opt/wxbot/blog.env names /var/lib/wxbot/blog's."""
+    opt, state = tmp_path / "opt", tmp_path / "var-lib-wxbot" / "blog"
+    opt.mkdir()
+    state.mkdir(parents=True)
+    (opt / "faq.md").write_text("# 营业时间\n\n每天九点开门，晚上九点关门。\n", encoding="utf-8")
+    (opt / "blog.env").write_text(f"WXBOT_DB={state / 'wxbot.db'}\nWXBOT_PORT=8101\n",
+                                  encoding="utf-8")
+    wxbot.Store(str(state / "wxbot.db")).close()  # the service made it
+    assert wxbot.main(["learn", str(opt / "faq.md"), "--env", str(opt / "blog.env")], {}) == 0
+    assert wxbot.main(["status", "--env", str(opt / "blog.env")], {}) == 0
+    assert f"queue in {state / 'wxbot.db'}" in capsys.readouterr().out
+    assert wxbot.main(["backup", str(tmp_path / "copy.db"), "--env", str(opt / "blog.env")],
+                      {}) == 0
+    assert rows_of(str(tmp_path / "copy.db"), "article_sources", "count(*)") == [(1,)]
+    assert not (opt / "wxbot.db").exists()
+    # An env file without WXBOT_DB (the unit's Environment= set it for the service): no
+    # stray database beside the file, and the line to add.
+    (opt / "shop.env").write_text("WXBOT_PORT=8102\n", encoding="utf-8")
+    for command in (["learn", str(opt / "faq.md")], ["status"], ["menu", "--show"]):
+        assert wxbot.main([*command, "--env", str(opt / "shop.env")], {}) == 2
+        assert "does not name the database (WXBOT_DB)" in capsys.readouterr().err
+    assert not (opt / "wxbot.db").exists()
+
 
 @pytest.mark.parametrize("setting, name, example", [
     ("WXBOT_REPLIES", "replies.json", "replies.example.json"),

@@ -9214,6 +9214,20 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+#: Commands on a service's database: given its env file, they must find that database.
+OPERATOR_COMMANDS = ("status", "retry", "backup", "learn", "menu")
+
+
+def unnamed_database(env_file: str, beside: str) -> str:
+    """Why an operator command given an env file without WXBOT_DB does nothing. A unit sets
+    WXBOT_DB for its service (Environment=): without the line in the file, the command would
+    make a new, empty database beside the file and report on that one."""
+    return (f"wxbot: {env_file} does not name the database (WXBOT_DB) and there is none beside "
+            f"it ({beside}): add the service's, e.g. WXBOT_DB=/var/lib/wxbot/wxbot.db (or "
+            f"/var/lib/wxbot/NAME/wxbot.db for wxbot@NAME; `systemctl cat` shows the unit's); "
+            f"nothing was done")
+
+
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="wxbot.py", description=__doc__.split("\n")[0], epilog=help_text(),
@@ -9279,8 +9293,13 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             env.update((key, value) for key, value in read_env_file(args.env).items()
                        if value or key not in env)
             # The database lives with its settings, wherever wxbot is started from.
+            named = SETTINGS["db"].env in env
             env.setdefault(SETTINGS["db"].env, os.path.join(
                 os.path.dirname(os.path.abspath(args.env)), SETTINGS["db"].default))
+            if not named and args.command in OPERATOR_COMMANDS and \
+                    not os.path.exists(env[SETTINGS["db"].env]):
+                print(unnamed_database(args.env, env[SETTINGS["db"].env]), file=sys.stderr)
+                return 2
         if args.command == "chat":  # no WeChat involved
             env = {"WXBOT_TOKEN": "notusedinchat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    **env}
