@@ -5145,6 +5145,10 @@ def test_an_old_database_without_room_to_compact_is_served_and_says_what_to_do(t
     later = wxbot.Store(path)  # with room: compacted at the next start
     with later.connection() as conn:
         assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+    # before it listens: the log says how long to expect, and how long it took
+    assert re.search(r"compacting the database once .*: [0-9.]+ MB, about \d+ s .*quiet hour",
+                     caplog.text)
+    assert re.search(r"compacted .*old\.db in [0-9.]+ s", caplog.text)
 
 
 # Owner's files and forgetting: review fixes ##################################
