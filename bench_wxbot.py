@@ -23,6 +23,8 @@ Usage:
   python bench_wxbot.py --console  each page of the owner's console on a database of a
                                    million messages (--console-messages N; built once, reused)
   python bench_wxbot.py --webhook  only the webhook rows (--seconds N, --quick)
+  python bench_wxbot.py --outage   readers through a model outage (--outage-seconds N), and
+                                   what a /metrics scrape costs
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ import wsgiref.simple_server
 import bottle
 import requests
 
+import test_wxbot
 import wxbot
 from test_wxbot import (APPID, CORPUS, FakeModel, FakeWeChat, HOSTILE_LINES, TEXT_READERS, TOKEN,
                         VECTOR_KEY, chinese_answer, corpus_quality, env_for, learned_corpus,
-                        news_item, paced, published_post, signed_query, start_process, text_xml,
-                        wait_for)
+                        news_item, paced, post_push, published_post, signed_query, start_process,
+                        text_xml, wait_for)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -950,6 +953,79 @@ def bench_operations(args) -> list[str]:
     return lines
 
 
+# A model outage, and the metrics ###########################################
+
+def bench_outage(args) -> list[str]:
+    """Readers ask through a model outage (503 for everyone), then it comes back: what they
+    got, how often the model was asked, the log's lines; then what a /metrics scrape costs."""
+    import collections
+    import logging
+    seconds = args.outage_seconds or (10.0 if args.quick else 60.0)
+    readers = 50 if args.quick else 200
+    down, answered, failed = threading.Event(), collections.Counter(), [0]
+    down.set()
+
+    def respond(request):
+        if down.is_set():
+            failed[0] += 1
+            raise test_wxbot.ModelFault(503)
+        answered[request["messages"][-1]["content"]] += 1
+        return "答：" + request["messages"][-1]["content"]
+    wechat, model = FakeWeChat(), FakeModel(respond)
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record)
+    logging.getLogger("wxbot").addHandler(handler)
+    lines = [f"wxbot outage bench, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores "
+             f"(shared): the model answers 503 for {seconds:.0f} s, {readers} readers ask "
+             f"during it (WXBOT_RETRY_BASE=2, WXBOT_WORKERS=32, as shipped)", ""]
+    with tempfile.TemporaryDirectory() as workdir:
+        bot = wxbot.Bot(wxbot.Settings.from_env(env_for(
+            _Path(workdir), wechat, model, WXBOT_RETRY_BASE=2, WXBOT_WORKERS=32,
+            WXBOT_USER_RATE=0, WXBOT_MAX_SKEW=0)))
+        bot.start()
+        try:
+            started = time.monotonic()
+            for n in range(readers):  # spread over the first half of the outage
+                time.sleep(seconds / 2 / readers)
+                post_push(bot, text_xml(f"oBENCH{n:04d}", f"问题{n}", n + 1))
+            time.sleep(max(0.0, started + seconds - time.monotonic()))
+            during, lines_during = failed[0], len(logged)
+            told = sum(wechat.texts_to(f"oBENCH{n:04d}")[:1] == [wxbot.HOLD_LINE]
+                       for n in range(readers))
+            down.clear()
+            back = time.monotonic()
+            wait_for(lambda: all(len(wechat.texts_to(f"oBENCH{n:04d}")) >= 2
+                                 for n in range(readers)), timeout=600)
+            caught_up = time.monotonic() - back
+            apologies = sum(wxbot.APOLOGY_LINE in wechat.texts_to(f"oBENCH{n:04d}")
+                            for n in range(readers))
+            lines += [
+                f"readers told once that the answer comes later: {told}/{readers}",
+                f"model calls during the outage: {during} (without holding: 3 a question, "
+                f"{3 * readers}); log lines during it: {lines_during}",
+                f"after it: every question answered in {caught_up:.1f} s; asked once each: "
+                f"{sorted(set(answered.values())) == [1] and len(answered) == readers}; "
+                f"apologies: {apologies}", ""]
+            scrape = f"http://127.0.0.1:{bot.console.port}/metrics"
+            times, cpu = [], time.process_time()
+            for _ in range(200):
+                begun = time.perf_counter()
+                requests.get(scrape, timeout=5).raise_for_status()
+                times.append((time.perf_counter() - begun) * 1000)
+            cpu = (time.process_time() - cpu) / 200 * 1000
+            size = len(requests.get(scrape, timeout=5).content)
+            lines.append(f"/metrics scrape ({size} bytes), 200 in a row: p50 "
+                         f"{percentile(times, 50):.1f} ms, p99 {percentile(times, 99):.1f} ms, "
+                         f"{cpu:.1f} ms CPU each (client included)")
+        finally:
+            bot.stop(timeout=10)
+            logging.getLogger("wxbot").removeHandler(handler)
+            wechat.close()
+            model.close()
+    return lines
+
+
 # The owner's console on a big database #######################################
 
 def build_console_db(path: str, messages: int) -> float:
@@ -1109,8 +1185,16 @@ def main() -> int:
                                              "after")
     parser.add_argument("--webhook", action="store_true",
                         help="only the webhook rows (about a minute)")
+    parser.add_argument("--outage", action="store_true",
+                        help="only the outage rows: readers through a model outage, and what "
+                             "a /metrics scrape costs (about 2 minutes; --quick: 20 s)")
+    parser.add_argument("--outage-seconds", type=float, default=None,
+                        help="how long the model is down (default 60 s)")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.outage:
+        print("\n".join(bench_outage(args)))
+        return 0
     if args.operations:
         print("\n".join(bench_operations(args)))
         return 0
