@@ -995,6 +995,21 @@ def test_a_model_outage_holds_questions_and_answers_each_once_when_it_is_back(
     assert not bot.store.health(time.time())["failed"]
 
 
+def test_questions_held_at_a_stop_are_answered_after_the_next_start(start_bot, wechat, model):
+    down = threading.Event()
+    down.set()
+    model.respond = lambda request: (_ for _ in ()).throw(ModelFault(503)) if down.is_set() \
+        else "答：" + request["messages"][-1]["content"]
+    bot = start_bot()
+    for n in range(3):
+        send_text(bot, f"oRESTART{n}", f"问{n}", n + 1)
+    wait_for(lambda: bot.outage.down and bot.outage.held() == 3)
+    bot.stop(timeout=5)
+    down.clear()
+    bot = start_bot()
+    wait_for(lambda: all(wechat.texts_to(f"oRESTART{n}") == [wxbot.HOLD_LINE, f"答：问{n}"]
+                         for n in range(3)), message="the held questions answered")
+
 def test_a_question_held_past_wxbot_hold_gets_the_apology(start_bot, wechat, model):
     model.respond = lambda request: (_ for _ in ()).throw(ModelFault(503))
     bot = start_bot(WXBOT_HOLD=2)
