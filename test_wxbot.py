@@ -2420,8 +2420,10 @@ def test_model_failing_30_percent_answers_or_apologises_for_everything(start_bot
     users = [f"oMDL{n}" for n in range(48)]
     for n, user in enumerate(users):
         send_text(bot, user, f"{user}-问", n)
-    wait_for(lambda: len(wechat.sent) == 48, timeout=90)
-    outcomes = [wechat.texts_to(user) for user in users]
+    # A run of failures that looks like an outage may hold a question: a line, then its answer.
+    wait_for(lambda: all(bot.store.settled(n) for n in range(1, 49)), timeout=90)
+    outcomes = [[text for text in wechat.texts_to(user) if text != wxbot.HOLD_LINE]
+                for user in users]
     assert all(texts in ([f"答：{user}-问"], [wxbot.APOLOGY_LINE])
                for user, texts in zip(users, outcomes)), outcomes
     assert [wxbot.APOLOGY_LINE] in outcomes or len(model.requests) > 48  # faults did happen
@@ -3746,16 +3748,15 @@ def test_a_model_past_the_timeout_is_cut_and_not_asked_again(start_bot, wechat, 
     assert len(model.requests) == 1
 
 
-def test_a_model_that_never_starts_in_time_is_asked_again_then_apologised_once(
-        start_bot, wechat, model, caplog):
-    # No first byte is no answer begun (nothing billed for an answer): as in an outage, the
-    # question is asked again; each call is hung up on at the deadline.
-    model.respond = lambda request: model.hold(3) or "迟到的回答"
-    bot = start_bot(WXBOT_MODEL_TIMEOUT=0.5, WXBOT_HOLD=0)
+def test_a_model_that_starts_too_late_gets_the_apology_once(start_bot, wechat, model, caplog):
+    model.respond = lambda request: time.sleep(3) or "迟到的回答"
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1)
     send_text(bot, "oLATE", "问", 1)
+    started = time.monotonic()
     wait_for(lambda: bot.store.settled(1))
+    assert time.monotonic() - started < 2.5
     assert wechat.texts_to("oLATE") == [wxbot.APOLOGY_LINE]
-    assert len(model.requests) == wxbot.Worker.MODEL_TRIES
+    assert len(model.requests) == 1
     assert "no first byte" in caplog.text and "raise it" not in caplog.text
 
 
@@ -4403,7 +4404,8 @@ def test_credentials_in_openai_base_url_are_masked_in_the_log_and_in_check(tmp_p
     logged = secret_filter.scrub(f"settings: {settings.describe()}; POST "
                                  f"{MODEL_URL_WITH_CREDENTIALS.replace('?', '/chat?')} failed")
     result = run_wxbot(["check"], env, cwd=tmp_path)  # the model is unreachable: check says where
-    assert "cannot reach the model at http://***@127.0.0.1:1/v1/?api-key=***&v=2" in result.stdout
+    assert "no connection to the model at http://***@127.0.0.1:1/v1/?api-key=***&v=2" in \
+        result.stdout
     for text in (logged, result.stdout + result.stderr):
         for credential in ("apiuser", "pa55-word-x", "k3y-in-query"):
             assert credential not in text

@@ -3998,13 +3998,13 @@ class Deadline:
 
     def error(self, begun: bool = True) -> ModelError:
         """What the deadline ended: an answer that had begun (a stalled stream, or a slow
-        model: never asked again, it was writing and billing), or none at all (no first byte:
-        the provider took the call and said nothing, as in an outage; asked again)."""
-        if not begun:
+        model), or none at all (no first byte: the provider took the call and said nothing).
+        Either way the question is not asked again: it may have been billed."""
+        if not begun:  # one question's: not asked again; an outage's when it is everyone's
             return ModelError(f"no first byte of an answer within WXBOT_MODEL_TIMEOUT "
                               f"({self.seconds:g} s): the provider took the request and said "
                               f"nothing; check its status page and any proxy in between",
-                              failed="no first byte")
+                              "deadline", failed="no first byte")
         return ModelError(f"the answer stalled: not complete within WXBOT_MODEL_TIMEOUT "
                           f"({self.seconds:g} s); if answers often end so, the model writes "
                           f"slowly: raise it", "deadline", failed="stalled stream")
@@ -5744,9 +5744,10 @@ class Outage:
 
     One question's failure is tried again a few times, then apologised for. But when the
     provider fails (OUTAGE_SIGNS: no connection, no first byte, a stalled stream, its 5xx or
-    429) OUTAGE_AFTER times in a row, with no answer in between, for two questions or more
-    (or with no connection at all, which no question causes), an apology helps no one: a
-    reader would rather have the answer late. So questions are held:
+    429) OUTAGE_AFTER times in a row and for a retry base (2 s) at least, with no answer in
+    between, for two questions or more (or with no connection at all, which no question
+    causes), an apology helps no one: a reader would rather have the answer late. (A
+    provider failing now and then answers in between: no outage.) So questions are held:
     parked in the queue, each reader told once (HOLD_LINE), and one question at a time is
     tried, paced from WXBOT_RETRY_BASE doubling up to PROBE_MOST (a model that is down is not
     asked 3 times a message). The first answer ends the outage: the held questions go back to
@@ -5767,6 +5768,7 @@ class Outage:
         self._lock = threading.Lock()
         self.in_row = 0        # outage signs since the last answer
         self.failing: set[int] = set()  # the messages they came from
+        self.run_began = 0.0   # when the first of them came
         self.probing: int | None = None  # the message tried now, while down
         self.probe_started = 0.0
         self.probe_longest = settings.model_timeout * 2 + 120  # as a worker's lease
@@ -5811,13 +5813,16 @@ class Outage:
         if error.failed not in OUTAGE_SIGNS:
             return False
         with self._lock:
+            if not self.in_row:
+                self.run_began = now
             self.in_row += 1
             self.failing.add(message.id)
             self.last = error
             if self.probing == message.id:
                 self.probing, self.probes = None, self.probes + 1
                 self.probe_at = now + self._pause()
-            if self.down_since is None and self.in_row >= self.OUTAGE_AFTER and (
+            if self.down_since is None and self.in_row >= self.OUTAGE_AFTER and \
+                    now - self.run_began >= self.settings.retry_base and (
                     len(self.failing) > 1 or error.failed == "no connection"):
                 self.down_since = self.reported_at = now
                 self.probes, self.apologised = 0, 0
