@@ -7746,6 +7746,30 @@ def test_learn_files_and_folders_replaces_an_edited_file_and_names_each_bad_one(
     assert "营业时间" not in learn(tmp_path, wechat, model, "--list")[1]
 
 
+def test_learning_unchanged_files_again_writes_nothing(tmp_path, wechat, model):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for n in range(30):
+        (notes / f"note{n}.md").write_text(f"# 第{n}篇\n\n" + "店里的新鲜事，每天都有。" * 40,
+                                           encoding="utf-8")
+    assert learn(tmp_path, wechat, model, str(notes))[0] == 0
+    db = str(tmp_path / "wxbot.db")
+    size = sum(os.path.getsize(db + suffix) for suffix in ("", "-wal") if
+               os.path.exists(db + suffix))
+    learned = rows_of(db, "article_sources", "id, learned_at")
+    passages = rows_of(db, "article_passages", "max(id), count(*)")
+    for _ in range(3):
+        status, printed = learn(tmp_path, wechat, model, str(notes))
+        assert status == 0 and printed.count("unchanged since it was learned") == 30
+    assert rows_of(db, "article_sources", "id, learned_at") == learned  # nothing rewritten
+    assert rows_of(db, "article_passages", "max(id), count(*)") == passages
+    assert sum(os.path.getsize(db + suffix) for suffix in ("", "-wal") if
+               os.path.exists(db + suffix)) == size
+    (notes / "note7.md").write_text("# 第7篇\n\n改过了。", encoding="utf-8")
+    status, printed = learn(tmp_path, wechat, model, str(notes))
+    assert f"{notes / 'note7.md'}: learned 《第7篇》" in printed
+    assert printed.count("unchanged since it was learned") == 29
+
 def publish_event(article_id, status=0, openid="oMPHELPER"):
     return nested_event("PUBLISHJOBFINISH", (
         f"<PublishEventInfo><publish_id>2247503051</publish_id><publish_status>{status}"

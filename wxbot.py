@@ -2229,6 +2229,8 @@ class Source:
     date: str
     passages: int
     learned_at: float
+    #: Learned before from the same text: left as it was, nothing written.
+    unchanged: bool = False
 
 
 class LearnError(Exception):
@@ -2901,7 +2903,9 @@ class Articles:
 
     def learn_text(self, kind: str, origin: str, title: str, text: str, url: str = "",
                    date: str = "", now: float | None = None) -> Source:
-        """Learn a text as passages, replacing what was learned before from the same origin."""
+        """Learn a text as passages, replacing what was learned before from the same origin;
+        the same text from the same origin is left as it is: no write, no write lock (a
+        rerun of `learn` over a thousand files rewrote them all, and grew the file)."""
         title = " ".join(title.split()) or os.path.basename(origin) or origin
         if kind not in ("published", "url", "file"):
             raise ValueError(f"kind must be published, url or file, not {kind!r}")
@@ -2910,6 +2914,12 @@ class Articles:
             raise LearnError("no text in it")
         digest = article_digest(title, text, url, date)
         now = time.time() if now is None else now
+        with self._reading() as conn:
+            row = conn.execute("SELECT id, kind, origin, title, url, date, passages, learned_at"
+                               " FROM article_sources WHERE origin = ? AND kind = ? AND"
+                               " digest = ?", (origin, kind, digest)).fetchone()
+        if row:
+            return Source(*row, unchanged=True)
         with self._write() as conn:
             row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
                                (origin,)).fetchone()
@@ -9208,8 +9218,9 @@ def learn_command(settings: Settings, sources: list[str], published: bool, listi
                 not_learned += 1
                 print(f"{name}: not learned: {outcome}", file=out, flush=True)
             else:
-                print(f"{name}: learned 《{outcome.title}》, {outcome.passages} passage(s)",
-                      file=out, flush=True)
+                print(f"{name}: unchanged since it was learned, 《{outcome.title}》" if
+                      outcome.unchanged else f"{name}: learned 《{outcome.title}》, "
+                      f"{outcome.passages} passage(s)", file=out, flush=True)
         if not_learned:
             print(f"{not_learned} source(s) not learned", file=out)
         return 1 if failures or not_learned else 0
