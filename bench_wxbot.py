@@ -25,6 +25,8 @@ Usage:
   python bench_wxbot.py --webhook  only the webhook rows (--seconds N, --quick)
   python bench_wxbot.py --outage   readers through a model outage (--outage-seconds N), and
                                    what a /metrics scrape costs
+  python bench_wxbot.py --memory   RSS each minute for an hour at 5 pushes/s, retention
+                                   compressed by WXBOT_RETENTION_DAYS (--memory-minutes N)
 """
 
 from __future__ import annotations
@@ -1026,6 +1028,49 @@ def bench_outage(args) -> list[str]:
     return lines
 
 
+# Memory over time ###########################################################
+
+def rss_mib(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def bench_memory(args) -> list[str]:
+    """wxbot as wxbot.service runs it (MALLOC_ARENA_MAX=2), 5 pushes a second from readers who
+    come back, answered by a fake model; retention compressed by the setting alone
+    (WXBOT_RETENTION_DAYS, swept a 24th of it apart), so the database turns over as in
+    months. RSS each minute; the last half of the run should be flat within 5 %."""
+    minutes = args.memory_minutes or (2.0 if args.quick else 60.0)
+    every = 60.0 if minutes >= 10 else 10.0
+    wechat, model = FakeWeChat(), FakeModel(lambda request: chinese_answer(300))
+    samples = []
+    with tempfile.TemporaryDirectory() as workdir:
+        bot = Wxbot(workdir, wechat, model, WXBOT_RETENTION_DAYS=minutes / 4 / 1440,
+                    WXBOT_SESSION_TTL=60, WXBOT_QUEUE_NOTICE=0)
+        stop, statuses = threading.Event(), []
+        pusher = threading.Thread(target=push_at, args=(bot.port, 5.0, stop, statuses))
+        started = time.monotonic()
+        pusher.start()
+        try:
+            while time.monotonic() - started < minutes * 60:
+                time.sleep(every)  # a sample a period: nothing to wait for
+                samples.append((time.monotonic() - started, rss_mib(bot.process.pid)))
+        finally:
+            stop.set()
+            pusher.join()
+            bot.stop()
+            wechat.close()
+            model.close()
+    half = [rss for at, rss in samples if at >= minutes * 30]
+    drift = (max(half) - min(half)) / min(half) if half else float("nan")
+    return [f"wxbot memory over {minutes:g} min at 5 pushes/s, retention {minutes / 4:g} min "
+            f"(WXBOT_RETENTION_DAYS), MALLOC_ARENA_MAX=2, {time.strftime('%Y-%m-%d %H:%M')}",
+            "RSS MiB: " + ", ".join(f"{at / 60:.0f}m {rss:.0f}" if every >= 60 else
+                                    f"{at:.0f}s {rss:.0f}" for at, rss in samples),
+            f"pushes answered 200: {statuses.count(200)}/{len(statuses)}; last half of the "
+            f"run: {min(half):.0f}–{max(half):.0f} MiB, {drift:.1%} apart (target within 5 %)"]
+
+
 # The owner's console on a big database #######################################
 
 def build_console_db(path: str, messages: int) -> float:
@@ -1190,8 +1235,16 @@ def main() -> int:
                              "a /metrics scrape costs (about 2 minutes; --quick: 20 s)")
     parser.add_argument("--outage-seconds", type=float, default=None,
                         help="how long the model is down (default 60 s)")
+    parser.add_argument("--memory", action="store_true",
+                        help="only the memory soak: RSS each minute at 5 pushes/s (an hour; "
+                             "--quick: 2 minutes)")
+    parser.add_argument("--memory-minutes", type=float, default=None,
+                        help="how long the memory soak runs (default 60)")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory:
+        print("\n".join(bench_memory(args)))
+        return 0
     if args.outage:
         print("\n".join(bench_outage(args)))
         return 0

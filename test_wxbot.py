@@ -3873,6 +3873,27 @@ def test_retention_deletes_old_rows_in_batches_and_the_file_shrinks(tmp_path):
     assert store.health(now)["answered"] == 20
     store.close()
 
+def test_a_retention_of_a_fraction_of_a_day_is_swept_a_24th_of_it_apart(tmp_path):
+    """A soak compresses retention by the setting alone: 0.001 days (86 s), swept every 3.6 s."""
+    settings = settings_for(tmp_path, WXBOT_RETENTION_DAYS=0.001)
+    store = wxbot.Store(settings.db)
+    janitor = wxbot.Janitor(settings, store)
+    thread = threading.Thread(target=janitor.run, daemon=True)
+    thread.start()
+    try:
+        now = time.time()
+        old = stored_push(store, "oSOAK", "旧的", 1, now - 100)
+        recent = stored_push(store, "oSOAK", "新的", 2, now - 10)
+        with store.transaction() as conn:
+            conn.execute("UPDATE messages SET state = 'done'")
+        wait_for(lambda: [row[0] for row in rows_of(settings.db, "messages", "id")] == [recent],
+                 timeout=10, message="the old message swept by a later pass")
+        assert old != recent
+    finally:
+        janitor.stopping.set()
+        thread.join(5)
+        store.close()
+
 
 @hsettings(max_examples=40, deadline=None)
 @given(ages=st.lists(st.tuples(st.floats(0, 12), st.sampled_from(list(wxbot.State)),

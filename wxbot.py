@@ -209,6 +209,16 @@ def _hold_seconds(value: str) -> float:
     return seconds
 
 
+def _days(value: str) -> float:
+    try:
+        days = float(value.strip())
+    except ValueError:
+        raise ValueError(f"must be a number of days, got {value.strip()!r}") from None
+    if not 0 <= days <= 36500:
+        raise ValueError(f"must be between 0 and 36500 days, got {days:g}")
+    return days
+
+
 def _url(value: str) -> str:
     value = value.strip().rstrip("/")
     parts = urllib.parse.urlsplit(value)
@@ -382,9 +392,11 @@ SETTINGS: dict[str, Setting] = {
     "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
                            "earlier turns older than this many seconds are not sent to the model"),
     "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file", file=True),
-    "retention_days": Setting("WXBOT_RETENTION_DAYS", "30", _int_between(0, 36500),
-                              "days messages, answers and history are kept (0: for ever); "
-                              "older ones are deleted every hour, a few hundred at a time"),
+    "retention_days": Setting("WXBOT_RETENTION_DAYS", "30", _days,
+                              "days messages, answers and history are kept (0: for ever; a "
+                              "fraction such as 0.01 for a soak test); older ones are deleted "
+                              "every hour (a 24th of the retention if shorter), a few hundred "
+                              "at a time"),
     "host": Setting("WXBOT_HOST", "0.0.0.0", _text, "address to listen on"),
     "port": Setting("WXBOT_PORT", "8080", _int_between(0, 65535), "port to listen on"),
     "path": Setting("WXBOT_PATH", "/wx", _url_path, "URL path WeChat calls"),
@@ -461,7 +473,7 @@ class Settings:
     image_daily: int
     session_ttl: float
     db: str
-    retention_days: int
+    retention_days: float
     host: str
     port: int
     path: str
@@ -8405,7 +8417,8 @@ class Janitor:
     empties the WAL."""
 
     #: Retention is counted in days, so an hour late costs a twenty-fourth of a day's rows
-    #: at most; a pass that finds nothing old costs one indexed read.
+    #: at most; a pass that finds nothing old costs one indexed read. A retention shorter
+    #: than a day (a soak test's) is swept a 24th of it apart.
     EVERY = 3600.0
     #: Messages looked at in one transaction (with their segments, turns and model calls).
     BATCH = 500
@@ -8439,7 +8452,7 @@ class Janitor:
             main, wal = self.store.checkpoint()
         if not +removed:
             return
-        log.info("retention (%d days): removed %d messages with their answers, %d turns of "
+        log.info("retention (%g days): removed %d messages with their answers, %d turns of "
                  "history, %d expired keys; the database takes %s on disk, was %s (file %s, "
                  "WAL %s)", self.settings.retention_days, removed["messages"],
                  removed["turns"], removed["keys"], megabytes(main + wal), megabytes(before),
@@ -8451,7 +8464,8 @@ class Janitor:
                 self.sweep()
             except sqlite3.Error as error:
                 log.error("deleting old messages failed: %s; trying again in an hour", error)
-            self.stopping.wait(self.EVERY)
+            self.stopping.wait(min(self.EVERY, self.settings.retention_days * 86400 / 24)
+                               if self.settings.retention_days else self.EVERY)
 
 
 #: What a PUBLISHJOBFINISH's publish_status other than 0 (published) means (WECHAT.md §9).
