@@ -5882,7 +5882,8 @@ class Outage:
             if self.down_since is None:  # answered() ran, or runs next and un-parks this one
                 return None
             self.store.release(message, message.received_at + self.settings.hold,
-                               f"held: the model is down ({self.last})", None)
+                               f"held: the model is down ({self.last or 'at the last stop'})",
+                               None)
             conn.execute("INSERT OR IGNORE INTO held_questions (message_id, openid, held_at)"
                          " VALUES (?, ?, ?)", (message.id, message.openid, now))
             if conn.execute("SELECT 1 FROM held_questions WHERE openid = ? AND told_at IS"
@@ -5936,7 +5937,7 @@ class Outage:
             log_model.error("the model is still down after %s: %d question(s) held, %d "
                             "reader(s) told, %d tries failed, %d apologised for after "
                             "WXBOT_HOLD; the last failure: %s", age_text(now - since), held,
-                            told, self.probes, self.apologised, last)
+                            told, self.probes, self.apologised, last or "before the last stop")
         with self._lock:
             waits = [self.reported_at + self.REPORT_EVERY - now]
             if self.probing is None and self.offered != self.probe_at:
