@@ -1469,30 +1469,19 @@ def main() -> int:
                         help="how long the memory soak runs (default 60)")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory:
-        print("\n".join(bench_memory(args)))
-        return 0
-    if args.outage:
-        print("\n".join(bench_outage(args)))
-        return 0
-    if args.operations:
-        print("\n".join(bench_operations(args)))
-        return 0
+    for flag, bench in (("memory", bench_memory), ("outage", bench_outage),
+                        ("operations", bench_operations), ("console", bench_console),
+                        ("blocked_words", bench_blocked_words),
+                        ("hostile_text", bench_hostile_text)):
+        if getattr(args, flag):  # a phase of its own: its rows alone
+            print("\n".join(bench(args)))
+            return 0
     if args.corpora:
         with embeddings_server(args):
             print("\n".join(bench_corpora(args)))
         return 0
     if args.articles:
         print("\n".join(bench_corpora(args) + bench_articles(args)))
-        return 0
-    if args.console:
-        print("\n".join(bench_console(args)))
-        return 0
-    if args.blocked_words:
-        print("\n".join(bench_blocked_words(args)))
-        return 0
-    if args.hostile_text:
-        print("\n".join(bench_hostile_text(args)))
         return 0
     if args.soak:
         args.seconds = args.seconds or (10.0 if not args.quick else 1.0)

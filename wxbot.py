@@ -194,14 +194,21 @@ def _int_between(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(value: str) -> float:
-    try:
-        number = float(value.strip())
-    except ValueError:
-        raise ValueError(f"must be a number of seconds, got {value.strip()!r}") from None
-    if not 0 <= number <= 86400 * 7:
-        raise ValueError(f"must be between 0 and 604800 seconds, got {number}")
-    return number
+def _number_between(low: float, high: float, unit: str) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ValueError(f"must be a number of {unit}, got {value.strip()!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high} {unit}, got {number}")
+        return number
+    return parse
+
+
+_seconds = _number_between(0, 86400 * 7, "seconds")
+#: Retention: a fraction of a day compresses it for a soak test.
+_days = _number_between(0, 36500, "days")
 
 
 def _hold_seconds(value: str) -> float:
@@ -210,16 +217,6 @@ def _hold_seconds(value: str) -> float:
         raise ValueError(f"must be at most {HOLD_LIMIT:.0f} seconds (47 h): WeChat lets an "
                          f"answer reach its reader for 48 h after the question")
     return seconds
-
-
-def _days(value: str) -> float:
-    try:
-        days = float(value.strip())
-    except ValueError:
-        raise ValueError(f"must be a number of days, got {value.strip()!r}") from None
-    if not 0 <= days <= 36500:
-        raise ValueError(f"must be between 0 and 36500 days, got {days:g}")
-    return days
 
 
 def _url(value: str) -> str:
@@ -470,7 +467,7 @@ SETTINGS: dict[str, Setting] = {
                                "list once a day (new, changed, deleted); 0: off"),
     "admin_password": Setting("WXBOT_ADMIN_PASSWORD", "", _admin_password,
                               "password of the owner's web console, at least 12 characters "
-                              "(empty: no console, nothing listens)", secret=True),
+                              "(empty: no console; /metrics alone listens)", secret=True),
     "admin_host": Setting("WXBOT_ADMIN_HOST", "127.0.0.1", _text,
                           "address the console listens on (reach it by ssh -L or a proxy)"),
     "admin_port": Setting("WXBOT_ADMIN_PORT", "8081", _int_between(0, 65535),
