@@ -728,7 +728,7 @@ def bench_corpora(args) -> list[str]:
                 articles.learn_text("published", f"other-{n}", rng.choice(
                     corpus["articles"])["title"] + f"（{n}）", text,
                     url=f"https://mp.weixin.qq.com/s/other-{n}",
-                    date=f"20{rng.randint(15, 20)}-{rng.randint(1, 12):02d}-"
+                    date=f"20{rng.randint(15, 26)}-{rng.randint(1, 12):02d}-"
                          f"{rng.randint(1, 28):02d}")
             if args.embed_url:
                 articles.meaning = meaning = wxbot.Meaning(types.SimpleNamespace(
@@ -771,9 +771,14 @@ def bench_corpora(args) -> list[str]:
             asked_for_answered = len(asked)
             for kind in ("unrelated", "near"):
                 for question in corpus.get(kind, []):
+                    before = len(asked)
                     given = ours(question["q"])
                     found["wxbot"][kind][0] += bool(given)
                     found["wxbot"][kind][1] += 1
+                    # Given a passage without the model being asked: the model's 无关 could
+                    # not have withheld it.
+                    found["wxbot"][kind + " confident"][0] += bool(given) and len(asked) == before
+                    found["wxbot"][kind + " confident"][1] += 1
                     if given and args.verbose:
                         missed.append(f"{kind}:{question['q']}[{given[0].title[:10]}]")
             articles.close()
@@ -783,15 +788,17 @@ def bench_corpora(args) -> list[str]:
             hits, total = counts[tag]
             return f"{hits}/{total} ({hits / total:.0%})" if total else "-"
 
-        tags = sorted(tag for tag in mine if tag not in ("all", "unrelated", "near"))
+        tags = sorted(tag for tag in mine if tag not in ("all", "unrelated", "near",
+                                                         "unrelated confident", "near confident"))
         lines.append(
             f"Articles found, {os.path.basename(name)[:-5]} ({corpus['account'].split(' (')[0]}, "
             f"{len(corpus['articles'])} articles among {args.corpora_others:,} others, "
             f"{len(rows):,} passages): wxbot {share(mine, 'all')}, bigram BM25 "
             f"{share(theirs, 'all')}; by kind (wxbot / BM25): " +
             ", ".join(f"{tag} {share(mine, tag)} / {share(theirs, tag)}" for tag in tags) +
-            f"; unrelated given a passage {share(mine, 'unrelated')}, near-topic "
-            f"{share(mine, 'near')}; search p50 {percentile(timings, 50):.1f} ms, p99 "
+            f"; unrelated given a passage {share(mine, 'unrelated')} (of which the model is "
+            f"not asked: {share(mine, 'unrelated confident')}), near-topic "
+            f"{share(mine, 'near')} ({share(mine, 'near confident')}); search p50 {percentile(timings, 50):.1f} ms, p99 "
             f"{percentile(timings, 99):.1f} ms; search words asked of the model for "
             f"{asked_for_answered}/{len(corpus['questions'])} questions and "
             f"{len(asked) - asked_for_answered}/{len(corpus['unrelated']) + len(corpus.get('near', []))}"

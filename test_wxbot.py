@@ -135,8 +135,8 @@ ERRMSGS = {40164: "invalid ip 203.0.113.9 ipv6 ::ffff:203.0.113.9, not in whitel
 
 
 class FakeWeChat(FakeServer):
-    """WeChat's API: stable_token, custom/send (text and image), custom/typing, media/upload,
-    with scripted errors.
+    """WeChat's API: stable_token, custom/send (text, image and the article cards
+    mpnewsarticle and news), custom/typing, media/upload, with scripted errors.
 
     `failures[path]` is a list of errcodes to answer, one per call, before succeeding.
     """
@@ -157,6 +157,8 @@ class FakeWeChat(FakeServer):
         self.menu_creates = []    # every menu/create body WeChat accepted
         self.uploads = []         # every media/upload WeChat accepted: its multipart field
         self.images = []          # (openid, media_id) per accepted image send, in order
+        # (openid, msgtype, card, how many texts the user had been sent before it) per card
+        self.cards = []
         self.published = []       # posts as freepublish/batchget lists them, newest first
         self.raw = {}
 
@@ -230,6 +232,18 @@ class FakeWeChat(FakeServer):
                     int(media_id[6:]) > len(self.uploads):
                 return {"errcode": 40007, "errmsg": "invalid media_id"}
             self.images.append((body["touser"], media_id))
+            return {"errcode": 0, "errmsg": "ok"}
+        if path == "/cgi-bin/message/custom/send" and body.get("msgtype") in (
+                "mpnewsarticle", "news"):
+            card = body[body["msgtype"]]
+            if body["msgtype"] == "mpnewsarticle" and card.get("article_id") not in {
+                    post["article_id"] for post in self.published}:
+                return {"errcode": 40007, "errmsg": "invalid media_id"}
+            if body["msgtype"] == "news" and (len(card.get("articles") or []) != 1 or not all(
+                    card["articles"][0].get(field) for field in ("title", "url"))):
+                return {"errcode": 45008, "errmsg": "article size out of limit"}
+            self.cards.append((body["touser"], body["msgtype"], card,
+                               sum(to == body["touser"] for to, _ in self.sent)))
             return {"errcode": 0, "errmsg": "ok"}
         if path == "/cgi-bin/message/custom/send":
             content = body["text"]["content"]
@@ -1170,30 +1184,42 @@ def test_an_ack_from_a_worker_that_lost_its_lease_is_refused(tmp_path):
     store.close()
 
 
-def test_restart_resumes_at_the_first_unsent_segment(tmp_path, wechat, model):
-    answer = chinese_answer(1800)  # three segments
-    model.respond = lambda request: answer
+def killed_while_sending(tmp_path, wechat, model, openid, question, sending, done):
+    """Run wxbot as a process, ask `question`, and kill it (-9) while the send that
+    `sending(body)` picks is on its way, so that WeChat never takes it; start it again and
+    wait until `done(port)`. What the user had been sent when it was killed."""
     stuck, killed = threading.Event(), threading.Event()
 
-    def hold(path, body):  # the last segment goes out after the whole answer is stored
-        if path == SEND and len(wechat.sent) == 2 and not stuck.is_set():
+    def hold(path, body):
+        if path == SEND and sending(body) and not stuck.is_set():
             stuck.set()
             killed.wait(15)
-            return "drop"  # the process died before WeChat took the segment
+            return "drop"  # the process died before WeChat took it
     wechat.hold = hold
     env = env_for(tmp_path, wechat, model)
     process, port, _ = start_process(env, tmp_path)
     try:
-        send_text(port, "oRESUME", "长一点", 1)
-        wait_for(stuck.is_set, message="the last segment in flight")
+        send_text(port, openid, question, 1)
+        wait_for(stuck.is_set, message="the send in flight")
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         killed.set()
-        assert len(wechat.texts_to("oRESUME")) == 2
+        before = wechat.texts_to(openid)
         process, port, _ = start_process(env, tmp_path)
-        wait_for(lambda: len(wechat.texts_to("oRESUME")) == 3, message="the rest")
+        wait_for(lambda: done(port), message="the rest after the restart")
     finally:
         process.kill()
+    return before
+
+
+def test_restart_resumes_at_the_first_unsent_segment(tmp_path, wechat, model):
+    answer = chinese_answer(1800)  # three segments
+    model.respond = lambda request: answer
+    # The last segment goes out after the whole answer is stored.
+    before = killed_while_sending(tmp_path, wechat, model, "oRESUME", "长一点",
+                                  lambda body: len(wechat.sent) == 2,
+                                  lambda port: len(wechat.texts_to("oRESUME")) == 3)
+    assert len(before) == 2
     segments = wechat.texts_to("oRESUME")
     assert without_space("".join(segments)) == without_space(answer)
     assert len(model.requests) == 1  # the stored answer was not asked for again
@@ -3597,8 +3623,9 @@ def test_a_long_wait_gets_one_queue_line_and_the_answer_keeps_within_five(start_
 def test_no_segment_ever_goes_past_the_quota(segments, streamed, quota, sent):
     """Whatever is already sent and whatever streams in, next_send keeps to the quota and
     puts the 继续 line on the last message allowed exactly when more waits."""
-    rows = [{"seq": n, "content": f"段{n}", "sent_at": 1.0 if n < min(sent, segments) else None,
-             "answer": 7} for n in range(segments)]
+    rows = [{"seq": n, "content": f"段{n}", "card": None,
+             "sent_at": 1.0 if n < min(sent, segments) else None, "answer": 7}
+            for n in range(segments)]
     shown = []
 
     def deliver(streaming):
@@ -3607,8 +3634,8 @@ def test_no_segment_ever_goes_past_the_quota(segments, streamed, quota, sent):
             row["sent_at"] = 1.0
             shown.append(text)
     for n in range(streamed):  # segments arriving while the model writes
-        rows.append({"seq": len(rows), "content": f"段{len(rows)}", "sent_at": None,
-                     "answer": 7})
+        rows.append({"seq": len(rows), "content": f"段{len(rows)}", "card": None,
+                     "sent_at": None, "answer": 7})
         deliver(streaming=True)
     deliver(streaming=False)
     total_sent = sum(row["sent_at"] is not None for row in rows)
@@ -6809,8 +6836,8 @@ def test_passive_continue_gets_the_next_segment_while_the_answer_is_being_writte
 @given(first=st.integers(1, 9), second=st.integers(0, 9), quota=st.integers(1, 5))
 def test_the_continue_line_says_whether_it_offers_this_answer_or_a_later_one(first, second,
                                                                             quota):
-    rows = [{"seq": n, "content": f"段{n}", "sent_at": None, "answer": 3 if n < first else 8}
-            for n in range(first + second)]
+    rows = [{"seq": n, "content": f"段{n}", "card": None, "sent_at": None,
+             "answer": 3 if n < first else 8} for n in range(first + second)]
     shown = []
     while (pick := wxbot.next_send(rows, quota, False, 8)) is not None:
         pick[0]["sent_at"] = 1.0
@@ -7109,6 +7136,136 @@ def test_passive_reply_cites_articles(start_bot, wechat, model, tmp_path, quick_
     assert user.says("周末几点开门？") == \
         "周末9点开门。\n\n来源：" + SHOP_LINKS["营业时间调整通知"]
     assert wechat.sent == []
+
+
+#: A coffee shop's published posts: one article, and a post of two whose second has a cover.
+CARD_POSTS = [("CARD1", "国庆放假通知", "国庆节10月1日到3日店休，4日照常营业。"),
+              ("MULTI", "会员日", "每月8日会员日，全场饮品八折。"),
+              ("MULTI/2", "外卖说明", "外卖满39元包邮，配送范围3公里。")]
+
+
+def publish_card_posts(wechat):
+    delivery = news_item("外卖说明", [CARD_POSTS[2][2]], digest="满39元包邮",
+                         url="https://mp.weixin.qq.com/s/delivery")
+    delivery["thumb_url"] = "https://mmbiz.qpic.cn/delivery.jpg"
+    wechat.published = [published_post("CARD1", news_item("国庆放假通知", [CARD_POSTS[0][2]])),
+                        published_post("MULTI", news_item("会员日", [CARD_POSTS[1][2]]),
+                                       delivery)]
+
+
+def cite_first(request):
+    """The model's answer: the first passage given, cited."""
+    return "按文章说的办[1]。" if passage_numbers(request) else "不清楚"
+
+
+def test_an_answer_citing_a_published_article_is_followed_by_its_card(start_bot, wechat, model,
+                                                                      tmp_path):
+    publish_card_posts(wechat)
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    bot = start_bot()
+    model.respond = cite_first
+    send_text(bot, "oCARD", "国庆放假吗", 1)
+    wait_for(lambda: wechat.cards and bot.store.settled(1), message="the card")
+    # The text first, then the post's card; the 来源 line does not name it again.
+    assert wechat.texts_to("oCARD") == ["按文章说的办。"]
+    assert wechat.cards == [("oCARD", "mpnewsarticle", {"article_id": "CARD1"}, 1)]
+    # A later article of a post: WeChat would show the post's first; its own card instead.
+    send_text(bot, "oCARD", "外卖包邮吗", 2)
+    wait_for(lambda: len(wechat.cards) == 2 and bot.store.settled(2), message="the news card")
+    assert wechat.cards[1] == ("oCARD", "news", {"articles": [{
+        "title": "外卖说明", "description": "满39元包邮", "url": "https://mp.weixin.qq.com/s/delivery",
+        "picurl": "https://mmbiz.qpic.cn/delivery.jpg"}]}, 2)
+    assert wechat.texts_to("oCARD")[1] == "按文章说的办。"
+
+
+def test_an_answer_that_fills_the_quota_gets_no_card_and_keeps_its_source(start_bot, wechat,
+                                                                          model, tmp_path):
+    publish_card_posts(wechat)
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    answer = chinese_answer(4000)  # seven segments: five now, the rest after 继续
+    model.respond = lambda request: [answer[:2000], "[1]", answer[2000:]]
+    bot = start_bot()
+    send_text(bot, "oFULL", "国庆放假吗", 1)
+    wait_for(lambda: len(wechat.texts_to("oFULL")) == 5)
+    assert has_tail(wechat.texts_to("oFULL")[-1])  # the last message tells of the rest
+    send_text(bot, "oFULL", "继续", 2)
+    wait_for(lambda: bot.store.settled(2) and len(wechat.texts_to("oFULL")) > 5)
+    texts = wechat.texts_to("oFULL")
+    assert texts[-1].endswith("\n\n来源：<a href=\"https://mp.weixin.qq.com/s/"
+                              f"{abs(hash('国庆放假通知'))}\">《国庆放假通知》</a>")
+    assert wechat.cards == [] and not has_tail(texts[-1])
+    send_text(bot, "oFULL", "继续", 3)  # no card is left over for a 继续 either
+    wait_for(lambda: wechat.texts_to("oFULL")[-1] == wxbot.NOTHING_MORE_LINE)
+    assert wechat.cards == []
+
+
+def test_a_page_with_a_picture_gets_a_news_card_and_one_without_keeps_its_link(
+        start_bot, wechat, model, tmp_path):
+    pages = FakePages()
+    try:
+        pages.pages = {
+            "/beans": (200, '<html><head><title>新豆上架</title><meta property="og:image" '
+                            'content="/img/beans.png"><meta property="og:description" '
+                            'content="埃塞俄比亚 瑰夏，限量50包"></head><body><article>'
+                            '<p>瑰夏每包198元，限量50包，售完即止。</p></article></body></html>'),
+            "/plain": (200, "<html><head><title>停车说明</title></head><body>"
+                            "<p>门店对面的停车场前两小时免费。</p></body></html>")}
+        for path in pages.pages:
+            assert learn(tmp_path, wechat, model, pages.url + path)[0] == 0
+    finally:
+        pages.close()
+    bot = start_bot()
+    model.respond = cite_first
+    send_text(bot, "oPAGE", "瑰夏多少钱", 1)
+    wait_for(lambda: wechat.cards and bot.store.settled(1), message="the news card")
+    assert wechat.cards == [("oPAGE", "news", {"articles": [{
+        "title": "新豆上架", "description": "埃塞俄比亚 瑰夏，限量50包", "url": pages.url + "/beans",
+        "picurl": pages.url + "/img/beans.png"}]}, 1)]
+    assert wechat.texts_to("oPAGE") == ["按文章说的办。"]
+    send_text(bot, "oPAGE", "停车免费吗", 2)
+    wait_for(lambda: bot.store.settled(2) and len(wechat.texts_to("oPAGE")) == 2)
+    assert wechat.texts_to("oPAGE")[1] == \
+        f'按文章说的办。\n\n来源：<a href="{pages.url}/plain">《停车说明》</a>'
+    assert len(wechat.cards) == 1
+
+
+def test_a_refused_card_becomes_its_source_line(start_bot, wechat, model, tmp_path):
+    publish_card_posts(wechat)
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    wechat.published = []  # deleted since: WeChat refuses the card
+    bot = start_bot()
+    model.respond = cite_first
+    send_text(bot, "oGONE", "国庆放假吗", 1)
+    wait_for(lambda: bot.store.settled(1) and len(wechat.texts_to("oGONE")) == 2)
+    assert wechat.texts_to("oGONE")[1].startswith("来源：<a href=")
+    assert wechat.cards == [] and bot.store.health(time.time())["unsent_segments"] == 0
+
+
+def test_in_passive_mode_an_answer_is_one_text_naming_its_published_article(
+        start_bot, wechat, model, tmp_path, quick_wechat_clock):
+    publish_card_posts(wechat)
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    bot = start_bot(WXBOT_MODE="passive")
+    model.respond = cite_first
+    user = WeChatUser(bot, "oPASSIVE", quick_wechat_clock)
+    assert user.says("国庆放假吗").startswith("按文章说的办。\n\n来源：<a href=")
+    assert wechat.sent == [] and wechat.cards == []
+
+
+def test_a_card_in_flight_at_a_crash_goes_once_after_restart_and_the_text_not_again(
+        tmp_path, wechat, model):
+    publish_card_posts(wechat)
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    model.respond = cite_first
+    before = killed_while_sending(  # the process dies while the card is on its way
+        tmp_path, wechat, model, "oCRASH", "国庆放假吗",
+        lambda body: body.get("msgtype") == "mpnewsarticle",
+        lambda port: wechat.cards and requests.get(f"http://127.0.0.1:{port}/healthz",
+                                                   timeout=5).json()["answered"] == 1)
+    assert before == wechat.texts_to("oCRASH") == ["按文章说的办。"]
+    assert [card[:3] for card in wechat.cards] == [
+        ("oCRASH", "mpnewsarticle", {"article_id": "CARD1"})]
+    assert len(model.requests) == 1
 
 
 def test_chat_cites_the_articles_the_server_learned(tmp_path, model):
@@ -7661,6 +7818,24 @@ def test_owner_note_is_found_like_an_article_cited_without_a_link_and_sent_once(
     owner.post(owner.base + "/articles/forget", data={"csrf": owner.token, "id": source_id},
                timeout=5)
     assert bot.articles.find("门口可以停车吗") == []
+
+
+def test_console_lists_answers_that_cited_none_of_the_passages_found(start_bot, wechat, model):
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    model.respond = lambda request: "答"
+    asked = [("oREADER-miss-0001", "瑰夏多少钱一包", 3, 0), ("oREADER-miss-0002", "瑰夏多少钱一包", 2, 0),
+             ("oREADER-cite-0001", "周末几点开门", 3, 1), ("oREADER-none-0001", "能开发票吗", 0, 0),
+             ("oREADER-thanks-001", "谢谢", 2, 0)]
+    for number, (reader, question, given, cited) in enumerate(asked, 1):
+        send_text(bot, reader, question, number)
+        wait_for(lambda: wechat.texts_to(reader))
+        bot.articles.note_use(number, time.time(), given, cited)  # as answering records it
+    page = LoggedIn(console_base(bot)).page("/questions")
+    uncovered, missed = page.split("<h2>问得最多")[0].split('<h2 id="missed">段落可能不对</h2>')
+    assert "能开发票吗" in uncovered and "瑰夏" not in uncovered
+    assert "瑰夏多少钱一包" in missed and "2 次 · 2 位读者" in missed
+    assert "周末几点开门" not in missed and "谢谢" not in missed and "能开发票吗" not in missed
+    assert 'action="/questions/teach"' in missed  # the owner may write the answer there too
 
 
 def test_articles_learned_before_notes_take_notes(tmp_path):

@@ -32,6 +32,7 @@ import base64
 import codecs
 import collections
 import contextlib
+import copy
 import dataclasses
 import datetime
 import enum
@@ -905,6 +906,10 @@ CREATE TABLE IF NOT EXISTS segments (
     image      INTEGER,  -- images.message_id: this segment is that picture, not its content
     -- A carried segment: the message whose answer it is (NULL: this message's own).
     origin     INTEGER REFERENCES messages (id),
+    -- An article's card (WECHAT.md §9): the custom/send message it is, as JSON without
+    -- touser. Its content is the 来源 line the card stands for, sent if WeChat refuses the card.
+    -- A card goes only within its answer's quota: never carried, never handed out passively.
+    card       TEXT,
     PRIMARY KEY (message_id, seq)
 );
 CREATE INDEX IF NOT EXISTS segments_replied ON segments (replied_to)
@@ -952,7 +957,7 @@ CREATE TABLE IF NOT EXISTS kv (
     expires_at REAL
 );
 """
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: After tables an earlier wxbot made were brought up to date: the state counts made exact
 #: (a database older than state_counts gets the table, and its counts, here).
 RECOUNT = ("UPDATE state_counts SET messages = (SELECT count(*) FROM messages m"
@@ -1047,7 +1052,7 @@ LIMIT_NOTICE_KEY = "limit-notice:{openid}:{kind}"
 #: The user's segments of earlier, finished answers that never went out (:openid, :id).
 EARLIER_UNSENT = (" FROM segments s JOIN messages m ON m.id = s.message_id"
                   " WHERE m.openid = :openid AND m.id < :id AND m.state = 'done'"
-                  " AND s.sent_at IS NULL AND s.moved_to IS NULL")
+                  " AND s.sent_at IS NULL AND s.moved_to IS NULL AND s.card IS NULL")
 #: The answer a segment `s` is part of: the message asked, wherever the segment was carried.
 ANSWER_OF = "coalesce(s.origin, s.message_id)"
 #: Whether any segment of the answer :answer went out, wherever it was carried.
@@ -1712,10 +1717,10 @@ class Store:
 
     def complete_answer(self, message: Message, now: float, segments: list[str] = (),
                         question: str | None = None, answer: str | None = None,
-                        note: str = "") -> int:
+                        note: str = "", card: "Card | None" = None) -> int:
         """Add the last segments, mark the answer complete and keep the exchange as history.
         `note` ends the answer: in its last segment, when that is text still unsent and it
-        fits; else as a segment of its own.
+        fits; else as a segment of its own. `card`, an article's, follows them all.
 
         Returns the number of segments the message has to send.
         """
@@ -1732,7 +1737,27 @@ class Store:
                                                   last["seq"]))
                 else:
                     segments = [*segments, note]
-            return self._complete_answer(conn, message, now, segments, question, answer)
+            planned = self._complete_answer(conn, message, now, segments, question, answer)
+            if card:
+                conn.execute("INSERT INTO segments (message_id, seq, content, card) VALUES"
+                             " (?, (SELECT coalesce(max(seq) + 1, 0) FROM segments WHERE message_id = ?),"
+                             " ?, ?)", (message.id, message.id, card.line,
+                                        json.dumps(card.message, ensure_ascii=False)))
+                planned += 1
+            return planned
+
+    def answer_room(self, message: Message) -> int:
+        """How many more segments the message's answer may have within its quota."""
+        with self.connection() as conn:
+            planned = conn.execute("SELECT count(*) FROM segments WHERE message_id = ?"
+                                   " AND moved_to IS NULL", (message.id,)).fetchone()[0]
+        return self.quota(message) - planned
+
+    def card_as_text(self, message_id: int, seq: int) -> None:
+        """WeChat refused an article's card: the segment is the 来源 line it stands for."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE segments SET card = NULL WHERE message_id = ? AND seq = ?",
+                         (message_id, seq))
 
     def _complete_answer(self, conn: sqlite3.Connection, message: Message, now: float,
                          segments: list[str], question: str | None, answer: str | None) -> int:
@@ -1825,13 +1850,14 @@ class Store:
                     "SELECT message_id, seq, content, image, origin FROM segments"
                     " WHERE message_id = (SELECT coalesce(merged_into, id) FROM messages"
                     " WHERE id = ?) AND sent_at IS NULL AND tried_at IS NULL AND moved_to IS NULL"
-                    " ORDER BY seq LIMIT 1", (message_id,)).fetchone()
+                    " AND card IS NULL ORDER BY seq LIMIT 1", (message_id,)).fetchone()
                 writing = None if waiting or not fetch else conn.execute(
                     "SELECT s.message_id, s.seq, s.content, s.image, s.origin FROM messages m"
                     " JOIN segments s ON s.message_id = m.id WHERE m.openid = ? AND m.id < ?"
                     " AND m.state IN ('queued', 'leased') AND m.answered_at IS NULL"
                     " AND s.sent_at IS NULL AND s.tried_at IS NULL AND s.moved_to IS NULL"
-                    " ORDER BY m.id, s.seq LIMIT 1", (openid, message_id)).fetchone()
+                    " AND s.card IS NULL ORDER BY m.id, s.seq LIMIT 1",
+                    (openid, message_id)).fetchone()
             segment = waiting or writing
             if segment is None:
                 return None
@@ -1867,7 +1893,7 @@ class Store:
         answer = segment["origin"] or carrier
         rest = conn.execute(
             f"SELECT count(*) FROM segments s WHERE s.message_id = :carrier AND {ANSWER_OF}"
-            " = :answer AND s.sent_at IS NULL AND s.moved_to IS NULL",
+            " = :answer AND s.sent_at IS NULL AND s.moved_to IS NULL AND s.card IS NULL",
             {"carrier": carrier, "answer": answer}).fetchone()[0]
         answering = [waiting["id"] for waiting in conn.execute(
             "SELECT id, msg_type, content FROM messages WHERE openid = ?"
@@ -1877,7 +1903,8 @@ class Store:
         writing = answer == carrier and carrier in answering  # how much follows: not known
         newest = max(answering) if answering else conn.execute(
             "SELECT max(s.message_id) FROM segments s JOIN messages m ON m.id = s.message_id"
-            " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL",
+            " WHERE m.openid = ? AND s.sent_at IS NULL AND s.moved_to IS NULL"
+            " AND s.card IS NULL",
             (openid,)).fetchone()[0]
         if rest or writing:
             return (0 if writing else rest), newest
@@ -1936,7 +1963,7 @@ class Store:
         """The message's segments to send, in order; `answer`: the message whose answer each
         is part of (ANSWER_OF)."""
         with self.connection() as conn:
-            return conn.execute("SELECT seq, content, image, tried_at, sent_at,"
+            return conn.execute("SELECT seq, content, image, card, tried_at, sent_at,"
                                 f" {ANSWER_OF} AS answer FROM segments s WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
@@ -2278,7 +2305,7 @@ class Store:
             oldest = conn.execute("SELECT min(received_at) FROM messages"
                                   " WHERE state IN ('queued', 'leased')").fetchone()[0]
             unsent = conn.execute("SELECT count(*) FROM segments WHERE sent_at IS NULL"
-                                  " AND moved_to IS NULL").fetchone()[0]
+                                  " AND moved_to IS NULL AND card IS NULL").fetchone()[0]
         return {
             "queued": counts.get("queued", 0) + counts.get("leased", 0),
             "in_progress": counts.get("leased", 0),
@@ -2345,6 +2372,17 @@ class Source:
     unchanged: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """An article as a card of its own (WECHAT.md §9), one of the quota's messages."""
+
+    source_id: int
+    message: dict       # what custom/send takes besides touser
+    line: str           # the 来源 line naming the article: sent instead if the card is refused
+
+
+#: A card's description, at most (WeChat shows two lines of it).
+SUMMARY_CHARS = 120
 #: What a learned source can be; a note is the owner's answer written in the console.
 SOURCE_KINDS = ("published", "url", "file", "note")
 #: The url of an owner's note: no page, and the 来源 line names it NOTE_SOURCE, unlinked.
@@ -2366,7 +2404,11 @@ CREATE TABLE IF NOT EXISTS article_sources (
     date       TEXT NOT NULL DEFAULT '',
     passages   INTEGER NOT NULL,
     digest     TEXT NOT NULL,  -- of title and text: a sync skips what did not change
-    learned_at REAL NOT NULL
+    learned_at REAL NOT NULL,
+    -- What its card shows (Articles.card): a published article's digest or a page's
+    -- og:description, and its picture (thumb_url, og:image); '' when it had none.
+    summary    TEXT NOT NULL DEFAULT '',
+    cover      TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS article_passages (
     id        INTEGER PRIMARY KEY,  -- the rowid of its terms in article_terms
@@ -2442,9 +2484,17 @@ def _word_parts(word: str) -> list[str]:
 _PRICE_SIGN = re.compile(r"¥ ?([0-9]+(?:\.[0-9]+)?)")
 
 
+#: Full-width Latin letters, digits and punctuation (，：（）) as NFKC spells them: Chinese
+#: text is full of them, and mapping them first leaves NFKC nothing to do (a quick check).
+_FULL_WIDTH = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
+
+
 def fold(text: str) -> str:
-    """Text as it is indexed and searched: full-width folded, lower case, ¥39 as 39元."""
-    return _PRICE_SIGN.sub(r"\1元", unicodedata.normalize("NFKC", text).lower())
+    """Text as it is indexed and searched (NFKC: full-width folded), lower case, ¥39 as 39元."""
+    text = text.translate(_FULL_WIDTH)
+    if not unicodedata.is_normalized("NFKC", text):
+        text = unicodedata.normalize("NFKC", text)
+    return _PRICE_SIGN.sub(r"\1元", text.lower())
 
 
 def article_terms(text: str) -> list[str]:
@@ -2832,6 +2882,7 @@ class _PageReader(html.parser.HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.title, self.og_title, self.h1_title = "", "", ""
+        self.meta: dict[str, str] = {}
         self.published = ""
         self.regions: dict[str, list[str]] = {name: [] for name in _TEXT_REGIONS}
         self._open: list[tuple[str, str | None]] = []  # (tag, the region it opened)
@@ -2849,6 +2900,8 @@ class _PageReader(html.parser.HTMLParser):
             name = (attrs.get("property") or attrs.get("name") or "").lower()
             if name == "og:title":
                 self.og_title = attrs.get("content") or ""
+            elif name in ("og:image", "og:description"):  # its card's (Articles.card)
+                self.meta[name[3:]] = attrs.get("content") or ""
             elif name in ("article:published_time", "og:article:published_time"):
                 self.published = (attrs.get("content") or "")[:10]
             return
@@ -2906,12 +2959,13 @@ class _PageReader(html.parser.HTMLParser):
             self.regions[region].append(data)
 
 
-def page_text(page: str, url: str) -> tuple[str, str, str]:
+def page_text(page: str, url: str, card: dict | None = None) -> tuple[str, str, str]:
     """A page's title, text and date (YYYY-MM-DD or ""): a 公众号 article's title from og:title
     or h1#activity-name and text from #js_content; any other page's <title> and the text of
     its <article>, <main> or <body>. Paragraphs and list items are lines; scripts, styles,
     images and the editor's wrapper markup are dropped, entities decoded. LearnError for a
-    WeChat verification page."""
+    WeChat verification page. `card`, when given, gets the page's og:description and
+    og:image (its address made whole) as learn_text's summary and cover."""
     opened = page.rfind("<!--")
     if opened >= 0 and page.find("-->", opened + 4) < 0:
         page = page[:opened]  # a comment left open hides the rest, as in a browser
@@ -2936,6 +2990,9 @@ def page_text(page: str, url: str) -> tuple[str, str, str]:
         if wechat or reader.regions["js_content"] else None  # a 公众号 article's publish time
     if created and not date:
         date = china_date(float(created.group(1)))
+    if card is not None:
+        card.update(summary=reader.meta.get("description", ""), cover=urllib.parse.urljoin(
+            url, reader.meta["image"].strip()) if reader.meta.get("image") else "")
     return title, text, date or found_date(reader.shown_time)
 
 
@@ -2998,8 +3055,9 @@ class Articles:
 
     #: At most this many passages go with a question.
     MOST = 5
-    #: Candidates BM25 brings before they are weighed against the question.
-    CANDIDATES = 60
+    #: Passages read from the index that are weighed against the whole question, text in
+    #: hand: those showing most of it strongly, the newer article's first.
+    CANDIDATES = 120
 
     def __init__(self, db_path: str, busy_timeout: float = 15.0):
         create_private(db_path)
@@ -3009,11 +3067,14 @@ class Articles:
         self._lock = threading.Lock()
         self._counts: dict[str, object] = {}  # term -> passages holding it; "" -> as of when
         self.meaning: Meaning | None = None  # WXBOT_EMBED_MODEL: find() searches by meaning too
+        self._passage_dates: tuple[str | None, dict[int, str]] = (None, {})
         with self._reading() as conn:
             # Before the first table, as the Store does: deleted rows give their pages back.
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(f"BEGIN IMMEDIATE; {ARTICLES_SCHEMA} COMMIT;")
+            conn.execute("BEGIN IMMEDIATE")
+            upgrade_tables(conn, ARTICLES_SCHEMA)
+            conn.execute("COMMIT")
             self._allow_notes(conn)
         with self._write() as conn:
             version = conn.execute("SELECT value FROM article_state WHERE key = 'terms'"
@@ -3107,6 +3168,15 @@ class Articles:
             known.update((term, found.get(term, 0)) for term in asked)
         return {term: known[term] for term in terms if known[term]}
 
+    def _dates(self, conn: sqlite3.Connection, changed: str) -> dict[int, str]:
+        """Each passage's article date, read again when the articles changed."""
+        with self._lock:
+            if self._passage_dates[0] != changed:
+                self._passage_dates = (changed, dict(conn.execute(
+                    "SELECT p.id, s.date FROM article_passages p JOIN article_sources s"
+                    " ON s.id = p.source_id")))
+            return self._passage_dates[1]
+
     @staticmethod
     def _count(conn: sqlite3.Connection) -> None:
         """Note how many passages there are, for find() (counting them there would read them
@@ -3133,10 +3203,12 @@ class Articles:
         conn.execute("DELETE FROM article_passages WHERE source_id = ?", (source_id,))
 
     def learn_text(self, kind: str, origin: str, title: str, text: str, url: str = "",
-                   date: str = "", now: float | None = None) -> Source:
+                   date: str = "", now: float | None = None, summary: str = "",
+                   cover: str = "") -> Source:
         """Learn a text as passages, replacing what was learned before from the same origin;
-        the same text from the same origin is left as it is: no write, no write lock (a
-        rerun of `learn` over a thousand files rewrote them all, and grew the file)."""
+        `summary` and `cover` are what its card shows (Articles.card). The same text from the
+        same origin is left as it is: no write, no write lock (a rerun of `learn` over a
+        thousand files rewrote them all, and grew the file)."""
         # WeChat's own titles are at most 64 characters: a page's <title> is not bounded.
         title = (" ".join(title.split()) or os.path.basename(origin) or origin)[:TITLE_CHARS]
         if kind not in SOURCE_KINDS:
@@ -3144,12 +3216,16 @@ class Articles:
         pieces = passages_of(text)
         if not pieces:
             raise LearnError("no text in it")
+        summary = " ".join(summary.split())[:SUMMARY_CHARS]
+        # WeChat fetches the picture itself: a web address that fits its field, or none.
+        cover = cover if re.match(r"https?://\S+\Z", cover) and len(cover) <= LINK_MOST else ""
         digest = article_digest(title, text, url, date)
         now = time.time() if now is None else now
         with self._reading() as conn:
             row = conn.execute("SELECT id, kind, origin, title, url, date, passages, learned_at"
                                " FROM article_sources WHERE origin = ? AND kind = ? AND"
-                               " digest = ?", (origin, kind, digest)).fetchone()
+                               " digest = ? AND summary = ? AND cover = ?",
+                               (origin, kind, digest, summary, cover)).fetchone()
         if row:
             return Source(*row, unchanged=True)
         with self._write() as conn:
@@ -3158,14 +3234,16 @@ class Articles:
             if row:
                 self._unindex(conn, row[0])
                 conn.execute("UPDATE article_sources SET kind = ?, title = ?, url = ?,"
-                             " date = ?, passages = ?, digest = ?, learned_at = ? WHERE id = ?",
-                             (kind, title, url, date, len(pieces), digest, now, row[0]))
+                             " date = ?, passages = ?, digest = ?, learned_at = ?, summary = ?,"
+                             " cover = ? WHERE id = ?", (kind, title, url, date, len(pieces),
+                                                        digest, now, summary, cover, row[0]))
                 source_id = row[0]
             else:
                 source_id = conn.execute(
                     "INSERT INTO article_sources (kind, origin, title, url, date, passages,"
-                    " digest, learned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (kind, origin, title, url, date, len(pieces), digest, now)).lastrowid
+                    " digest, learned_at, summary, cover) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, origin, title, url, date, len(pieces), digest, now, summary,
+                     cover)).lastrowid
             title_terms = " ".join(article_terms(title))
             for piece in pieces:
                 passage_id = conn.execute("INSERT INTO article_passages (source_id, text)"
@@ -3270,11 +3348,12 @@ class Articles:
 
     def _learn_url(self, url: str, fetch: Callable[[str], "Page"], now: float | None) -> Source:
         page = fetch(url)
-        title, text, date = page_text(page.html, page.url)
+        card: dict[str, str] = {}
+        title, text, date = page_text(page.html, page.url, card)
         if not text.strip():
             raise LearnError("the page has no text")
         return self.learn_text("url", url, title or page.url, text, url=page.url,
-                               date=date or text_date(text), now=now)
+                               date=date or text_date(text), now=now, **card)
 
     def _learn_file(self, path: str, now: float | None) -> Source:
         path = os.path.abspath(path)
@@ -3309,6 +3388,29 @@ class Articles:
         # The article's own date: the file's time says when it was last saved, not written.
         return self.learn_text("file", path, title or os.path.basename(path), text,
                                date=date or modified, now=now)
+
+    def card(self, source_ids: Sequence[int]) -> Card | None:
+        """The card of the first of these articles that has one. A published post's first
+        article is sent by its article_id (mpnewsarticle); WeChat shows a post by its first
+        article, so a later one (article_id/2...) and a page learned by URL are a `news` card
+        of their own: title, summary, link and picture, only where there is a picture (the
+        pages without one keep the 来源 line's link). Files and notes have none."""
+        with self._reading() as conn:
+            for source_id in source_ids:
+                row = conn.execute("SELECT kind, origin, title, url, summary, cover FROM"
+                                   " article_sources WHERE id = ?", (source_id,)).fetchone()
+                if row is None or row[0] not in ("published", "url"):
+                    continue
+                kind, origin, title, url, summary, cover = row
+                line = SOURCES_HEAD + source_link(Passage(source_id, title, url, "", ""))
+                if kind == "published" and "/" not in origin:
+                    return Card(source_id, {"msgtype": "mpnewsarticle",
+                                            "mpnewsarticle": {"article_id": origin}}, line)
+                if cover and Markdown.WEB.match(url):
+                    return Card(source_id, {"msgtype": "news", "news": {"articles": [{
+                        "title": title, "description": summary, "url": url,
+                        "picurl": cover}]}}, line)
+        return None
 
     # Use --------------------------------------------------------------------
 
@@ -3441,17 +3543,24 @@ class Articles:
             query = " AND ".join(f'"{term}"' for term in sorted(shown))
             for (rowid,) in conn.execute(TERM_PASSAGES, (query,)):
                 found[rowid].update((key, weight[key]) for key in keys)
-        best = heapq.nlargest(self.CANDIDATES, found.items(),
-                              key=lambda item: (sum(item[1].values()), item[0]))
+        # Among passages that show as much, the newer article's (a passage's place in the
+        # index says only when it was learned).
+        dates = self._dates(conn, changed)
+        best = [rowid for rowid, _ in heapq.nlargest(
+            self.CANDIDATES, found.items(), key=lambda item: (sum(item[1].values()),
+                                                              dates.get(item[0], ""), item[0]))]
         if not best:
             return []
         rows = conn.execute(PASSAGES_BY_ID.format(ids=", ".join("?" * len(best))),
-                            [rowid for rowid, _ in best]).fetchall()
+                            best).fetchall()
         latin_asked = any(term[0].isascii() for term in terms)
-        own = {key for key, (importance, _) in units.items() if importance == 1.0}
+        # The question's own units, and the search words written for it.
+        own = {key for key, (importance, _) in units.items() if importance > self.EARLIER_WEIGHT}
         scored = []
         for passage_id, source_id, title, url, date, text in rows:
-            folded = fold(f"{title}\n{text}")
+            # CJK characters are as NFKC and lower() leave them: a question of Chinese words
+            # alone reads the text as it is (folding each candidate cost more than the rest).
+            folded = fold(f"{title}\n{text}") if latin_asked else f"{title}\n{text}"
             latin = latin_terms(folded) if latin_asked else set()
             strongly = {key for key, (_, unit) in units.items()
                         if any(all(shows(folded, latin, term) for term in terms)
@@ -3465,10 +3574,30 @@ class Articles:
             # its own to stand alone (明天天气怎么样 after 手冲咖啡 is not about 手冲咖啡;
             # 收费吗 after 能停车吗 is about parking).
             if strongly and share >= self.FLOOR and (strongly & own or len(own) < 3):
+                share += self.SATURATED * self._saturated(folded, latin, units, weight) / whole
                 scored.append([share, date, passage_id, frozenset(strongly),
                                Passage(source_id, title, url, date, text)])
         return [[share, date, passage_id, passage] for share, date, passage_id, _, passage
                 in self._newer_first(scored)]
+
+    #: How much a passage's BM25 weighing (how often it shows each word, for its length)
+    #: counts beside its share of the question: among passages showing as much of the
+    #: question, the one about it rather than mentioning it in passing.
+    SATURATED = 2.0
+    K1, B, AVERAGE = 1.2, 0.75, 400.0
+
+    def _saturated(self, folded: str, latin: set[str], units: dict, weight: dict) -> float:
+        """BM25's weighing of how often a passage shows each unit, for its length."""
+        norm = self.K1 * (1 - self.B + self.B * len(folded) / self.AVERAGE)
+        total = 0.0
+        for key, (_, unit) in units.items():
+            often = max((min(len(latin) and term in latin if term.isascii() else
+                             folded.count(term) for term in shown) for shown in unit.strong),
+                        default=0)
+            if not often and unit.weak:
+                often = self.ALONE * max(folded.count(term) for term in unit.weak)
+            total += weight[key] * often * (self.K1 + 1) / (often + norm)
+        return total / (self.K1 + 1)
 
     #: Passages whose share of the question is within this of the best are as good an answer:
     #: among them the newer article goes first (a price, an opening hour changed since).
@@ -3480,7 +3609,7 @@ class Articles:
         first: it holds what the older said before it changed."""
         scored.sort(key=lambda item: (-item[0], -item[2]))
         ordered = []
-        while scored:
+        while scored and len(ordered) < 2 * self.MOST:  # the few that can be given
             top = scored[0]
             near = [item for item in scored if item[0] >= top[0] - self.SAME_ANSWER and
                     item[3] == top[3]]
@@ -4224,6 +4353,11 @@ class WeChatAPI:
                   {"touser": openid, "msgtype": "image", "image": {"media_id": media_id}})
         self._typing_shown(openid, "sent")
 
+    def send_card(self, openid: str, card: dict) -> None:
+        """An article's card (Card.message: mpnewsarticle or news)."""
+        self.call("/cgi-bin/message/custom/send", {"touser": openid, **card})
+        self._typing_shown(openid, "sent")
+
     def menu_create(self, menu: dict) -> None:
         """Replace the custom menu with exactly this one (sent as raw UTF-8, as every call)."""
         self.call("/cgi-bin/menu/create", menu)
@@ -4938,7 +5072,9 @@ def next_send(rows: list, quota: int, streaming: bool, answer_id: str
         return None
     for at, row in enumerate(rows):
         if row["sent_at"] is None:
-            rest = [later["answer"] == row["answer"] for later in rows[at + 1:]]
+            # A card follows its answer's text only where a message is free for it: no 继续.
+            rest = [later["answer"] == row["answer"] for later in rows[at + 1:]
+                    if not later["card"]]
             tail = continue_tail(sum(rest) if rest[0] else None, answer_id, row["content"]) \
                 if sent == quota - 1 and rest else ""
             return row, row["content"] + tail
@@ -5424,9 +5560,10 @@ class Citations:
         self.spaces = ""
         return "".join(out)
 
-    def sources(self) -> str:
-        """The line that ends the answer: 来源： and the cited articles; "" when none."""
-        links, seen = [], set()
+    def sources(self, carded: int | None = None) -> str:
+        """The line that ends the answer: 来源： and the cited articles; "" when none. The
+        article whose card follows the answer (source id `carded`) is not named again."""
+        links, seen = [], {carded}
         for index in self.cited:
             passage = self.passages[index]
             if passage.source_id not in seen and len(links) < MOST_SOURCES:
@@ -6392,13 +6529,16 @@ class Notifier:
 
 
 def uncovered_questions(conn: sqlite3.Connection, since: float,
-                        limit: int = 200) -> list[dict]:
+                        limit: int = 200, missed: bool = False) -> list[dict]:
     """The questions no article covered since a moment, small talk aside, each text once
-    (by its normalised form): how often, by whom, the latest first."""
+    (by its normalised form): how often, by whom, the latest first. `missed`: instead, the
+    questions whose answer was given passages and cited none of them, where the search
+    may have found the wrong ones."""
     rows = conn.execute(
         "SELECT m.id, m.openid, m.content, m.received_at FROM article_uses u"
-        " JOIN messages m ON m.id = u.message_id WHERE u.given = 0 AND u.at >= ?"
-        " ORDER BY u.at DESC LIMIT ?", (since, limit)).fetchall()
+        " JOIN messages m ON m.id = u.message_id WHERE u.at >= ? AND "
+        + ("u.given > 0 AND u.cited = 0" if missed else "u.given = 0")
+        + " ORDER BY u.at DESC LIMIT ?", (since, limit)).fetchall()
     groups: dict[str, dict] = {}
     for row in sorted(rows, key=lambda row: row["received_at"], reverse=True):
         if not row["content"] or small_talk(row["content"]):
@@ -7154,15 +7294,14 @@ class Worker:
                     sending = self.deliver(message, streaming=True, add=ready)
                 elif ready:  # after a failed send, the rest waits for the end of the answer
                     self.store.add_segments(message, ready)
-            # The 来源 line ends the answer's last segment, as any of its text would.
-            rest = cutter.finish(citations.sources())
+            rest, card = self._last_segments(message, cutter, citations)
         except ModelError as error:
             self.store.add_segments(message, cutter.finish())
             return self._model_failed(message, error, question, cited=citations.sources())
         answer = "\n\n".join(part for part in (partial, "".join(written).strip()) if part)
         planned = self.store.complete_answer(message, time.time(), rest,
                                              f"[图片] {question}" if picture else question,
-                                             answer)
+                                             answer, card=card)
         if self.outage and self.outage.answered(time.time()):
             self.wakeup.notify_all()  # the held questions are in the queue again
         if self.counts_uses:
@@ -7170,6 +7309,23 @@ class Worker:
         if self.notifier:
             self.notifier.model_answered()
         return planned
+
+    def _last_segments(self, message: Message, cutter: StreamCutter, citations: Citations
+                       ) -> tuple[list[str], Card | None]:
+        """The answer's last segments, the 来源 line ending them as any of its text would;
+        and the card of the first article cited that has one (Articles.card), when a message
+        of the quota is still free after them all: it never takes the place of the answer's
+        text, nor the last message, which tells of the rest (继续). That article then leaves
+        the 来源 line. A passive reply is one message, the text: no card."""
+        card = self.articles.card(list(dict.fromkeys(
+            citations.passages[index].source_id for index in citations.cited))) \
+            if self.articles and citations.cited and self.mode.sends(message.id) else None
+        if card:
+            trial = copy.deepcopy(cutter)
+            rest = trial.finish(citations.sources(carded=card.source_id))
+            if len(rest) < self.store.answer_room(message):
+                return rest, card
+        return cutter.finish(citations.sources()), None
 
     def _passages(self, message: Message, question: str, history: list[dict]) -> list[Passage]:
         """The passages of the account's articles that answer the question, searched with the
@@ -7451,6 +7607,8 @@ class Worker:
             try:
                 if row["image"]:
                     self._send_image(message, row)
+                elif row["card"]:
+                    self._send_card(message, row)
                 else:
                     self.wechat.customer_service_send(message.openid, text)
             except WeChatError as error:
@@ -7497,6 +7655,20 @@ class Worker:
             return
         self.wechat.send_image(message.openid, media_id)
         self.store.image_sent(row["image"])
+
+    def _send_card(self, message: Message, row: sqlite3.Row) -> None:
+        """Send an article's card; its 来源 line instead when WeChat refuses the card itself
+        (an article since deleted, a card type the account may not send). What fails any
+        message (the quota, the window, the network) fails it as it would a text."""
+        try:
+            self.wechat.send_card(message.openid, json.loads(row["card"]))
+        except WeChatError as error:
+            if error.errcode in (None, -1, 45011, 40164) or error.errcode in GIVE_UP:
+                raise
+            log_worker.warning("message %s: WeChat refused the article's card (%s); its 来源 "
+                               "line goes instead", message.id, error.hint())
+            self.store.card_as_text(message.id, row["seq"])
+            self.wechat.customer_service_send(message.openid, row["content"])
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
         if self.metrics:
@@ -8610,10 +8782,9 @@ CONSOLE_CONVERSATION = """<p class="meta">读者 {{short(openid)}}：每条消�
 % end
 """
 
-CONSOLE_QUESTIONS = """% if uncovered is not None:
-<h2 id="uncovered">没有文章覆盖</h2>
-<p class="meta">最近 7 天找不到公众号文章段落的问题（寒暄不算），最新的在前。写下答案，机器人以后就按它回答，
-并注明「来源：公众号说明」。</p>
+CONSOLE_QUESTIONS = """% for anchor, heading, about, uncovered, none in gaps:
+<h2 id="{{anchor}}">{{heading}}</h2>
+<p class="meta">{{about}}写下答案，机器人以后就按它回答，并注明「来源：公众号说明」。</p>
 % for number, question in enumerate(uncovered):
 <div class="box">
 <div class="meta">{{when(question['received_at'])}} · {{question['count']}} 次 · {{len(question['openids'])}} 位读者 ·
@@ -8623,14 +8794,14 @@ CONSOLE_QUESTIONS = """% if uncovered is not None:
 <form method="post" action="/questions/teach">
 <input type="hidden" name="csrf" value="{{csrf}}">
 <input type="hidden" name="question" value="{{question['content']}}">
-<p><label for="answer{{number}}">答案</label><br>
-<textarea id="answer{{number}}" name="answer" required maxlength="20000"></textarea></p>
+<p><label for="answer-{{anchor}}{{number}}">答案</label><br>
+<textarea id="answer-{{anchor}}{{number}}" name="answer" required maxlength="20000"></textarea></p>
 <p><button type="submit">保存答案</button></p>
 </form></details>
 </div>
 % end
 % if not uncovered:
-<p>没有：每个问题都找到了文章。</p>
+<p>{{none}}</p>
 % end
 % end
 <h2>问得最多</h2>
@@ -9014,8 +9185,8 @@ class OwnerConsole:
             ids = [row["id"] for row in rows]
             marks = ",".join("?" * len(ids))
             segments = conn.execute(
-                f"SELECT message_id, seq, content, carried, sent_at, replied_to, moved_to, image"
-                f" FROM segments WHERE message_id IN ({marks}) ORDER BY message_id, seq",
+                f"SELECT message_id, seq, content, carried, sent_at, replied_to, moved_to, image,"
+                f" card FROM segments WHERE message_id IN ({marks}) ORDER BY message_id, seq",
                 ids).fetchall()
             lines = dict(conn.execute(
                 f"SELECT key, value FROM kv WHERE key IN ({marks})",
@@ -9061,6 +9232,7 @@ class OwnerConsole:
     def how_sent(segment: sqlite3.Row) -> str:
         """Which message of WeChat's carried a segment of an answer, and when."""
         what = f"第 {segment['seq'] + 1} 条" + ("（图片）" if segment["image"] else "") \
+            + ("（文章卡片）" if segment["card"] else "") \
             + ("（接着之前的回答）" if segment["carried"] else "")
         if segment["moved_to"] is not None:
             return f"{what}：移到了 #{segment['moved_to']} 的回答里"
@@ -9090,11 +9262,13 @@ class OwnerConsole:
         most = [(count, shown[text]) for text, count in counts.most_common(20) if count > 1]
         return asked[:CONSOLE_ROWS], most
 
-    def uncovered(self) -> list[dict]:
+    def uncovered(self, missed: bool = False) -> list[dict]:
         """The questions of the last week no passage of the articles was found for, small
-        talk aside, each text once, the latest first."""
+        talk aside, each text once, the latest first; `missed`: those whose answer cited none
+        of the passages found (uncovered_questions)."""
         with self.store.connection() as conn:
-            return uncovered_questions(conn, self.clock() - 7 * 86400)[:CONSOLE_ROWS]
+            return uncovered_questions(conn, self.clock() - 7 * 86400,
+                                       missed=missed)[:CONSOLE_ROWS]
 
     def sources(self) -> tuple[list[sqlite3.Row], int, int, float | None]:
         """The articles learned, newest first (a page of them), how many sources and
@@ -9383,9 +9557,13 @@ class OwnerConsole:
         @app.get("/questions")
         def questions():
             recent, most = console.questions()
+            gaps = [("uncovered", "没有文章覆盖", "最近 7 天找不到公众号文章段落的问题（寒暄不算），"
+                     "最新的在前。", console.uncovered(), "没有：每个问题都找到了文章。"),
+                    ("missed", "段落可能不对", "最近 7 天找到了文章段落、回答却一段也没有引用的问题："
+                     "搜索可能找错了段落，或者文章里没有答案。", console.uncovered(missed=True),
+                     "没有：找到段落的回答都引用了文章。")] if console.articles else []
             return console.render("questions", "问题", bottle.request.environ["csrf"],
-                                  recent=recent, most=most, window=CONSOLE_ASKED,
-                                  uncovered=console.uncovered() if console.articles else None)
+                                  recent=recent, most=most, window=CONSOLE_ASKED, gaps=gaps)
 
         @app.post("/questions/teach")
         def teach():
@@ -9673,9 +9851,10 @@ PUBLISH_STATUS = {"1": "still publishing", "2": "the 原创 check failed", "3": 
 
 
 def published_items(article_id: str, content: dict, fallback_time: float = 0
-                    ) -> Iterator[tuple[str, str, str, str, str]]:
-    """(origin, title, text, url, date) of each article of a published post that is not
-    deleted: the first is known by the post's article_id, the next by article_id/2, /3..."""
+                    ) -> Iterator[tuple[str, str, str, str, str, dict]]:
+    """(origin, title, text, url, date, its card's summary and cover) of each article of a
+    published post that is not deleted: the first is known by the post's article_id, the
+    next by article_id/2, /3..."""
     created = content.get("create_time") or content.get("update_time") or fallback_time
     date = china_date(float(created)) if created else ""
     for number, item in enumerate(content.get("news_item") or [], 1):
@@ -9686,7 +9865,8 @@ def published_items(article_id: str, content: dict, fallback_time: float = 0
         if digest and digest not in text:
             text = f"{digest}\n{text}"
         origin = article_id if number == 1 else f"{article_id}/{number}"
-        yield origin, str(item.get("title") or ""), text, str(item.get("url") or ""), date
+        yield origin, str(item.get("title") or ""), text, str(item.get("url") or ""), date, \
+            {"summary": digest, "cover": str(item.get("thumb_url") or "")}
 
 
 def published_error(error: WeChatError, settings: Settings) -> str:
@@ -9755,7 +9935,7 @@ class ArticleSync:
                 article_id = str(post.get("article_id") or "")
                 if not article_id:
                     continue
-                for origin, title, text, url, date in published_items(
+                for origin, title, text, url, date, card in published_items(
                         article_id, post.get("content") or {}, post.get("update_time") or 0):
                     listed.add(origin)
                     if known.get(origin) == article_digest(
@@ -9764,7 +9944,7 @@ class ArticleSync:
                         continue
                     try:
                         self.articles.learn_text("published", origin, title, text, url, date,
-                                                 now=now)
+                                                 now=now, **card)
                         report.learned += 1
                     except LearnError:
                         report.empty += 1
@@ -9782,9 +9962,10 @@ class ArticleSync:
         """Learn one published post's articles (getarticle); how many were learned."""
         answer = self.wechat.published_article(article_id)
         learned = 0
-        for origin, title, text, url, date in published_items(article_id, answer, time.time()):
+        for origin, title, text, url, date, card in published_items(article_id, answer,
+                                                                   time.time()):
             with contextlib.suppress(LearnError):
-                self.articles.learn_text("published", origin, title, text, url, date)
+                self.articles.learn_text("published", origin, title, text, url, date, **card)
                 learned += 1
         return learned
 
@@ -10041,6 +10222,13 @@ class Console:
 
     def customer_service_send(self, openid: str, text: str) -> None:
         print(f"\n{self.LINK.sub(self._link, text)}\n{'─' * 20}", file=self.out, flush=True)
+
+    def send_card(self, openid: str, card: dict) -> None:
+        """A card as a line: the article's title and address (a published one's id)."""
+        news = (card.get("news") or {}).get("articles") or [{}]
+        shown = f"《{news[0].get('title', '')}》 ({news[0].get('url', '')})" if "news" in card \
+            else f"文章 {card['mpnewsarticle']['article_id']}"
+        self.customer_service_send(openid, f"[文章卡片] {shown}")
 
     def _link(self, match: re.Match) -> str:
         """A link's text, then where a tap on it goes; a tap that sends a word (继续) is
