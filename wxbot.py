@@ -183,28 +183,24 @@ def _optional_text(value: str) -> str:
     return value.strip()
 
 
-def _int_between(low: int, high: int) -> Callable[[str], int]:
-    def parse(value: str) -> int:
-        try:
-            number = int(value.strip())
-        except ValueError:
-            raise ValueError(f"must be a whole number, got {value.strip()!r}") from None
-        if not low <= number <= high:
-            raise ValueError(f"must be between {low} and {high}, got {number}")
-        return number
-    return parse
+def _number_between(low: float, high: float, unit: str = "",
+                    number: type = float) -> Callable[[str], float]:
+    """A parser of a number (float, or int: a whole one) from low to high, in `unit`."""
+    what, unit = (f"a number of {unit}", f" {unit}") if unit else ("a whole number", "")
 
-
-def _number_between(low: float, high: float, unit: str) -> Callable[[str], float]:
     def parse(value: str) -> float:
         try:
-            number = float(value.strip())
+            parsed = number(value.strip())
         except ValueError:
-            raise ValueError(f"must be a number of {unit}, got {value.strip()!r}") from None
-        if not low <= number <= high:
-            raise ValueError(f"must be between {low} and {high} {unit}, got {number}")
-        return number
+            raise ValueError(f"must be {what}, got {value.strip()!r}") from None
+        if not low <= parsed <= high:
+            raise ValueError(f"must be between {low} and {high}{unit}, got {parsed}")
+        return parsed
     return parse
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    return _number_between(low, high, number=int)
 
 
 _seconds = _number_between(0, 86400 * 7, "seconds")
