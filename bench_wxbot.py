@@ -28,6 +28,10 @@ Usage:
   python bench_wxbot.py --console  each page of the owner's console on a database of a
                                    million messages (--console-messages N; built once, reused)
   python bench_wxbot.py --webhook  only the webhook rows (--seconds N, --quick)
+  python bench_wxbot.py --outage   readers through a model outage (--outage-seconds N), and
+                                   what a /metrics scrape costs
+  python bench_wxbot.py --memory   RSS each minute for an hour at 5 pushes/s, retention
+                                   compressed by WXBOT_RETENTION_DAYS (--memory-minutes N)
 """
 
 from __future__ import annotations
@@ -59,11 +63,12 @@ import wsgiref.simple_server
 import bottle
 import requests
 
+import test_wxbot
 import wxbot
 from test_wxbot import (APPID, CORPUS, FakeModel, FakeWeChat, HOSTILE_LINES, TEXT_READERS, TOKEN,
                         VECTOR_KEY, chinese_answer, corpus_quality, env_for, learned_corpus,
-                        news_item, paced, published_post, signed_query, start_process, text_xml,
-                        wait_for)
+                        news_item, paced, post_push, published_post, signed_query, start_process,
+                        text_xml, wait_for)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1217,6 +1222,122 @@ def bench_operations(args) -> list[str]:
     return lines
 
 
+# A model outage, and the metrics ###########################################
+
+def bench_outage(args) -> list[str]:
+    """Readers ask through a model outage (503 for everyone), then it comes back: what they
+    got, how often the model was asked, the log's lines; then what a /metrics scrape costs."""
+    import collections
+    import logging
+    seconds = args.outage_seconds or (10.0 if args.quick else 60.0)
+    readers = 50 if args.quick else 200
+    down, answered, failed = threading.Event(), collections.Counter(), [0]
+    down.set()
+
+    def respond(request):
+        if down.is_set():
+            failed[0] += 1
+            raise test_wxbot.ModelFault(503)
+        answered[request["messages"][-1]["content"]] += 1
+        return "答：" + request["messages"][-1]["content"]
+    wechat, model = FakeWeChat(), FakeModel(respond)
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record)
+    logging.getLogger("wxbot").addHandler(handler)
+    lines = [f"wxbot outage bench, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores "
+             f"(shared): the model answers 503 for {seconds:.0f} s, {readers} readers ask "
+             f"during it (WXBOT_RETRY_BASE=2, WXBOT_WORKERS=32, as shipped)", ""]
+    with tempfile.TemporaryDirectory() as workdir:
+        bot = wxbot.Bot(wxbot.Settings.from_env(env_for(
+            _Path(workdir), wechat, model, WXBOT_RETRY_BASE=2, WXBOT_WORKERS=32,
+            WXBOT_USER_RATE=0, WXBOT_MAX_SKEW=0)))
+        bot.start()
+        try:
+            started = time.monotonic()
+            for n in range(readers):  # spread over the first half of the outage
+                time.sleep(seconds / 2 / readers)
+                post_push(bot, text_xml(f"oBENCH{n:04d}", f"问题{n}", n + 1))
+            time.sleep(max(0.0, started + seconds - time.monotonic()))
+            during, lines_during = failed[0], len(logged)
+            told = sum(wechat.texts_to(f"oBENCH{n:04d}")[:1] == [wxbot.HOLD_LINE]
+                       for n in range(readers))
+            down.clear()
+            back = time.monotonic()
+            wait_for(lambda: all(len(wechat.texts_to(f"oBENCH{n:04d}")) >= 2
+                                 for n in range(readers)), timeout=600)
+            caught_up = time.monotonic() - back
+            apologies = sum(wxbot.APOLOGY_LINE in wechat.texts_to(f"oBENCH{n:04d}")
+                            for n in range(readers))
+            lines += [
+                f"readers told once that the answer comes later: {told}/{readers}",
+                f"model calls during the outage: {during} (without holding: 3 a question, "
+                f"{3 * readers}); log lines during it: {lines_during}",
+                f"after it: every question answered in {caught_up:.1f} s; asked once each: "
+                f"{sorted(set(answered.values())) == [1] and len(answered) == readers}; "
+                f"apologies: {apologies}", ""]
+            scrape = f"http://127.0.0.1:{bot.console.port}/metrics"
+            times, cpu = [], time.process_time()
+            for _ in range(200):
+                begun = time.perf_counter()
+                requests.get(scrape, timeout=5).raise_for_status()
+                times.append((time.perf_counter() - begun) * 1000)
+            cpu = (time.process_time() - cpu) / 200 * 1000
+            size = len(requests.get(scrape, timeout=5).content)
+            lines.append(f"/metrics scrape ({size} bytes), 200 in a row: p50 "
+                         f"{percentile(times, 50):.1f} ms, p99 {percentile(times, 99):.1f} ms, "
+                         f"{cpu:.1f} ms CPU each (client included)")
+        finally:
+            bot.stop(timeout=10)
+            logging.getLogger("wxbot").removeHandler(handler)
+            wechat.close()
+            model.close()
+    return lines
+
+
+# Memory over time ###########################################################
+
+def rss_mib(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def bench_memory(args) -> list[str]:
+    """wxbot as wxbot.service runs it (MALLOC_ARENA_MAX=2), 5 pushes a second from readers who
+    come back, answered by a fake model; retention compressed by the setting alone
+    (WXBOT_RETENTION_DAYS, swept a 24th of it apart), so the database turns over as in
+    months. RSS each minute; the last half of the run should be flat within 5 %."""
+    minutes = args.memory_minutes or (2.0 if args.quick else 60.0)
+    every = 60.0 if minutes >= 10 else 10.0
+    wechat, model = FakeWeChat(), FakeModel(lambda request: chinese_answer(300))
+    samples = []
+    with tempfile.TemporaryDirectory() as workdir:
+        bot = Wxbot(workdir, wechat, model, WXBOT_RETENTION_DAYS=minutes / 4 / 1440,
+                    WXBOT_SESSION_TTL=60, WXBOT_QUEUE_NOTICE=0)
+        stop, statuses = threading.Event(), []
+        pusher = threading.Thread(target=push_at, args=(bot.port, 5.0, stop, statuses))
+        started = time.monotonic()
+        pusher.start()
+        try:
+            while time.monotonic() - started < minutes * 60:
+                time.sleep(every)  # a sample a period: nothing to wait for
+                samples.append((time.monotonic() - started, rss_mib(bot.process.pid)))
+        finally:
+            stop.set()
+            pusher.join()
+            bot.stop()
+            wechat.close()
+            model.close()
+    half = [rss for at, rss in samples if at >= minutes * 30]
+    drift = (max(half) - min(half)) / min(half) if half else float("nan")
+    return [f"wxbot memory over {minutes:g} min at 5 pushes/s, retention {minutes / 4:g} min "
+            f"(WXBOT_RETENTION_DAYS), MALLOC_ARENA_MAX=2, {time.strftime('%Y-%m-%d %H:%M')}",
+            "RSS MiB: " + ", ".join(f"{at / 60:.0f}m {rss:.0f}" if every >= 60 else
+                                    f"{at:.0f}s {rss:.0f}" for at, rss in samples),
+            f"pushes answered 200: {statuses.count(200)}/{len(statuses)}; last half of the "
+            f"run: {min(half):.0f}–{max(half):.0f} MiB, {drift:.1%} apart (target within 5 %)"]
+
+
 # The owner's console on a big database #######################################
 
 def build_console_db(path: str, messages: int) -> float:
@@ -1387,26 +1508,31 @@ def main() -> int:
                                              "after")
     parser.add_argument("--webhook", action="store_true",
                         help="only the webhook rows (about a minute)")
+    parser.add_argument("--outage", action="store_true",
+                        help="only the outage rows: readers through a model outage, and what "
+                             "a /metrics scrape costs (about 2 minutes; --quick: 20 s)")
+    parser.add_argument("--outage-seconds", type=float, default=None,
+                        help="how long the model is down (default 60 s)")
+    parser.add_argument("--memory", action="store_true",
+                        help="only the memory soak: RSS each minute at 5 pushes/s (an hour; "
+                             "--quick: 2 minutes)")
+    parser.add_argument("--memory-minutes", type=float, default=None,
+                        help="how long the memory soak runs (default 60)")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.operations:
-        print("\n".join(bench_operations(args)))
-        return 0
+    for flag, bench in (("memory", bench_memory), ("outage", bench_outage),
+                        ("operations", bench_operations), ("console", bench_console),
+                        ("blocked_words", bench_blocked_words),
+                        ("hostile_text", bench_hostile_text)):
+        if getattr(args, flag):  # a phase of its own: its rows alone
+            print("\n".join(bench(args)))
+            return 0
     if args.corpora:
         with embeddings_server(args):
             print("\n".join(bench_corpora(args)))
         return 0
     if args.articles:
         print("\n".join(bench_corpora(args) + bench_articles(args)))
-        return 0
-    if args.console:
-        print("\n".join(bench_console(args)))
-        return 0
-    if args.blocked_words:
-        print("\n".join(bench_blocked_words(args)))
-        return 0
-    if args.hostile_text:
-        print("\n".join(bench_hostile_text(args)))
         return 0
     if args.soak:
         args.seconds = args.seconds or (10.0 if not args.quick else 1.0)

@@ -520,7 +520,7 @@ def env_for(tmp_path, wechat, model, **overrides):
         "WXBOT_API_BASE": wechat.url, "OPENAI_API_KEY": API_KEY,
         "OPENAI_BASE_URL": model.url + "/v1", "WXBOT_DB": str(tmp_path / "wxbot.db"),
         "WXBOT_HOST": "127.0.0.1", "WXBOT_PORT": "0", "WXBOT_MODEL_TIMEOUT": "5",
-        "WXBOT_RETRY_BASE": "0.05", "WXBOT_STOP_TIMEOUT": "5",
+        "WXBOT_RETRY_BASE": "0.05", "WXBOT_STOP_TIMEOUT": "5", "WXBOT_ADMIN_PORT": "0",
         # One model request per question, as most tests count them: the search words' own
         # call is tested where it is asked for.
         "WXBOT_SEARCH_WORDS": "0",
@@ -755,6 +755,83 @@ def test_text_message_gets_typing_then_answer_to_that_user(start_bot, wechat, mo
     assert request["messages"][0] == {"role": "system", "content": wxbot.DEFAULT_SYSTEM_PROMPT}
     assert request["model"] == "gpt-4o-mini" and request["max_tokens"] == 2000
 
+#: A sample line of Prometheus' text format: name, optional {labels}, value.
+SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|'
+                    r'\\[\\"n])*",?)*)\})? (-?[0-9.e+]+|NaN|\+Inf|-Inf)')
+
+
+def parse_metrics(text):
+    """Prometheus' text format (0.0.4), strictly: every sample of a family declared by its
+    # HELP and # TYPE lines; a histogram's buckets cumulative, +Inf equal to its _count.
+    Returns {(name, frozenset of labels): value}."""
+    assert text.endswith("\n")
+    samples, types_of, histograms = {}, {}, collections.defaultdict(list)
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            parts = line.split(" ", 3)
+            if parts[1] == "TYPE":
+                assert parts[3] in ("counter", "gauge", "histogram"), line
+                assert parts[2] not in types_of, f"family declared twice: {line}"
+                types_of[parts[2]] = parts[3]
+            continue
+        match = SAMPLE.fullmatch(line)
+        assert match, f"not a sample line: {line!r}"
+        name, labels, value = match.groups()
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types_of else name
+        assert family in types_of, f"{name} has no # TYPE"
+        pairs = frozenset(re.findall(r'([a-zA-Z_]\w*)="([^"]*)"', labels or ""))
+        assert (name, pairs) not in samples, f"sample twice: {line}"
+        samples[name, pairs] = float(value)
+        if name.endswith("_bucket"):
+            histograms[family].append((float(dict(pairs)["le"]), float(value)))
+    for family, buckets in histograms.items():
+        assert types_of[family] == "histogram"
+        assert buckets == sorted(buckets) and buckets[-1][0] == float("inf")
+        assert buckets[-1][1] == samples[f"{family}_count", frozenset()]
+    return samples
+
+
+def test_metrics_are_scraped_from_the_admin_listener_without_a_console(start_bot, wechat,
+                                                                        model, tmp_path):
+    model.respond = lambda request: "答：" + request["messages"][-1]["content"]
+    bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁词"))
+    assert bot.owner_console is None  # no password: metrics all the same
+    for n, (openid, text) in enumerate([("oM1", "你好"), ("oM2", "你好啊"), ("oM3", "违禁词")]):
+        send_text(bot, openid, text, n + 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 3)
+    url = f"http://127.0.0.1:{bot.console.port}/metrics"
+    answer = requests.get(url, timeout=5)
+    assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = parse_metrics(answer.text)
+    assert samples["wxbot_pushes_total", frozenset()] == 3
+    answers = {dict(labels)["outcome"]: value for (name, labels), value in samples.items()
+               if name == "wxbot_answers_total"}
+    assert answers == {"answered": 2, "apology": 0, "refused": 1, "undelivered": 0, "dead": 0}
+    assert samples["wxbot_first_message_seconds_count", frozenset()] == 3
+    assert samples["wxbot_model_seconds_count", frozenset()] == 3
+    assert samples["wxbot_queue_messages", frozenset()] == 0
+    assert samples["wxbot_disk_free_bytes", frozenset()] > 0
+    assert samples["wxbot_model_tokens_total", frozenset({("type", "prompt")})] >= 0
+    # never on the webhook's port, and the console's pages are not there without a password
+    assert requests.get(f"http://127.0.0.1:{bot.port}/metrics", timeout=5).status_code == 404
+    assert requests.get(f"http://127.0.0.1:{bot.console.port}/", timeout=5).status_code == 404
+
+
+def test_metrics_count_model_errors_by_what_failed_and_the_queue_while_down(start_bot, wechat,
+                                                                            model):
+    model.respond = lambda request: (_ for _ in ()).throw(ModelFault(503))
+    bot = start_bot()
+    for n in range(3):
+        send_text(bot, f"oMDOWN{n}", "在吗", n + 1)
+    wait_for(lambda: bot.outage.down and bot.outage.held() == 3)
+    samples = parse_metrics(requests.get(f"http://127.0.0.1:{bot.console.port}/metrics",
+                                         timeout=5).text)
+    assert samples["wxbot_model_errors_total", frozenset({("kind", "provider_error")})] >= 3
+    assert samples["wxbot_model_down", frozenset()] == 1
+    assert samples["wxbot_held_questions", frozenset()] == 3
+    assert samples["wxbot_queue_messages", frozenset()] == 3
+    assert samples["wxbot_queue_oldest_age_seconds", frozenset()] > 0
+
 
 def test_model_gets_the_users_earlier_turns_and_no_one_elses(start_bot, wechat, model):
     bot = start_bot(WXBOT_HISTORY_TURNS=2)
@@ -915,7 +992,7 @@ def failing_model(model, answer):
 def test_failing_model_gets_apology_then_next_message_is_answered(start_bot, wechat, model,
                                                                   caplog):
     failing = failing_model(model, "恢复了")
-    bot = start_bot()
+    bot = start_bot(WXBOT_HOLD=0)  # no question held through an outage
     send_text(bot, "oFAIL", "在吗", 1)
     wait_for(lambda: wechat.texts_to("oFAIL"))
     assert wechat.texts_to("oFAIL") == [wxbot.APOLOGY_LINE]
@@ -925,6 +1002,112 @@ def test_failing_model_gets_apology_then_next_message_is_answered(start_bot, wec
     send_text(bot, "oFAIL", "现在呢", 2)
     wait_for(lambda: len(wechat.texts_to("oFAIL")) == 2)
     assert wechat.texts_to("oFAIL")[1] == "恢复了"
+
+
+def test_a_model_outage_holds_questions_and_answers_each_once_when_it_is_back(
+        start_bot, wechat, model, caplog, monkeypatch):
+    """Minutes of outage, compressed: 200 readers ask while the model fails for everyone."""
+    monkeypatch.setattr(wxbot.Outage, "REPORT_EVERY", 0.5)  # the minute's line, compressed
+    down, answered, failed = threading.Event(), collections.Counter(), []
+    down.set()
+
+    def respond(request):
+        if down.is_set():
+            failed.append(1)
+            raise ModelFault(503)
+        answered[request["messages"][-1]["content"]] += 1
+        return "答：" + request["messages"][-1]["content"]
+    model.respond = respond
+    bot = start_bot(WXBOT_WORKERS=8, WXBOT_QUEUE_NOTICE=0)
+    readers = [f"oOUTAGE{n:03d}" for n in range(200)]
+    for n, openid in enumerate(readers):
+        send_text(bot, openid, f"问题{n}", n + 1)
+    wait_for(lambda: all(wechat.texts_to(openid) for openid in readers), timeout=60,
+             message="every reader told once that the answer comes later")
+    wait_for(lambda: bot.outage.probes >= 5, message="the model tried, paced, while down")
+    during = len(failed)
+    assert during < 60  # not 3 tries a question: 600
+    outage_lines = [r for r in caplog.records if r.name in ("wxbot.worker", "wxbot.model")]
+    assert len(outage_lines) < 30  # not lines a question
+    assert any("still down" in r.getMessage() and "question(s) held" in r.getMessage()
+               for r in outage_lines)
+    down.clear()
+    wait_for(lambda: all(len(wechat.texts_to(openid)) == 2 for openid in readers), timeout=60,
+             message="every held question answered")
+    for n, openid in enumerate(readers):
+        assert wechat.texts_to(openid) == [wxbot.HOLD_LINE, f"答：问题{n}"]
+    assert answered == {f"问题{n}": 1 for n in range(200)}  # once each, after it
+    assert "the model answers again" in caplog.text
+    assert not bot.store.health(time.time())["failed"]
+
+
+def test_questions_held_at_a_stop_are_answered_after_the_next_start(start_bot, wechat, model):
+    down = threading.Event()
+    down.set()
+    model.respond = lambda request: (_ for _ in ()).throw(ModelFault(503)) if down.is_set() \
+        else "答：" + request["messages"][-1]["content"]
+    bot = start_bot()
+    for n in range(3):
+        send_text(bot, f"oRESTART{n}", f"问{n}", n + 1)
+    wait_for(lambda: bot.outage.down and bot.outage.held() == 3)
+    bot.stop(timeout=5)
+    down.clear()
+    bot = start_bot()
+    wait_for(lambda: all(wechat.texts_to(f"oRESTART{n}") == [wxbot.HOLD_LINE, f"答：问{n}"]
+                         for n in range(3)), message="the held questions answered")
+
+def test_a_question_held_past_wxbot_hold_gets_the_apology(start_bot, wechat, model):
+    model.respond = lambda request: (_ for _ in ()).throw(ModelFault(503))
+    bot = start_bot(WXBOT_HOLD=2)
+    for n, openid in enumerate(["oLONG1", "oLONG2"]):
+        send_text(bot, openid, "在吗", n + 1)
+    wait_for(lambda: wechat.texts_to("oLONG1")[-1:] == [wxbot.APOLOGY_LINE] and
+             wechat.texts_to("oLONG2")[-1:] == [wxbot.APOLOGY_LINE], timeout=20,
+             message="the apology after WXBOT_HOLD")
+    assert wechat.texts_to("oLONG1") == [wxbot.HOLD_LINE, wxbot.APOLOGY_LINE]
+
+
+def test_the_log_says_what_failed_and_what_to_check(start_bot, wechat, model, caplog):
+    """No connection, no first byte and a stalled stream are told apart; none of them is
+    blamed on WXBOT_MODEL_TIMEOUT being too short."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    bot = start_bot(OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1", WXBOT_HOLD=0)
+    send_text(bot, "oNOCONN", "在吗", 1)
+    wait_for(lambda: bot.store.settled(1))
+    assert "no connection to the model" in caplog.text and "OPENAI_BASE_URL" in caplog.text
+    bot.stop(timeout=5)
+    caplog.clear()
+    def stalling(request):
+        yield "开始写了"
+        model.hold(3)
+    model.respond = stalling
+    bot = start_bot(WXBOT_MODEL_TIMEOUT=1, WXBOT_HOLD=0, WXBOT_DB=bot.settings.db + "2")
+    send_text(bot, "oSTALL", "在吗", 2)
+    wait_for(lambda: bot.store.settled(1))
+    assert "the answer stalled" in caplog.text
+    assert "raise it for a slow model" not in caplog.text
+
+
+def test_one_question_the_model_fails_on_is_no_outage(start_bot, wechat, model):
+    def respond(request):
+        if "坏" in request["messages"][-1]["content"]:
+            raise ModelFault(500)
+        return "好的"
+    model.respond = respond
+    bot = start_bot()
+    send_text(bot, "oPOISON", "坏问题", 1)
+    wait_for(lambda: wechat.texts_to("oPOISON"), message="the apology")
+    assert wechat.texts_to("oPOISON") == [wxbot.APOLOGY_LINE]
+    send_text(bot, "oFINE", "好问题", 2)
+    wait_for(lambda: wechat.texts_to("oFINE") == ["好的"], message="the next answer")
+
+
+def test_hold_is_kept_inside_wechats_48_hour_window(tmp_path):
+    nowhere = types.SimpleNamespace(url="http://127.0.0.1:9")
+    with pytest.raises(wxbot.SettingsError, match="WXBOT_HOLD.*47 h"):
+        wxbot.Settings.from_env(env_for(tmp_path, nowhere, nowhere, WXBOT_HOLD=48 * 3600))
 
 
 def test_two_users_in_parallel_one_users_messages_in_order(start_bot, wechat, model):
@@ -2295,8 +2478,10 @@ def test_model_failing_30_percent_answers_or_apologises_for_everything(start_bot
     users = [f"oMDL{n}" for n in range(48)]
     for n, user in enumerate(users):
         send_text(bot, user, f"{user}-问", n)
-    wait_for(lambda: len(wechat.sent) == 48, timeout=90)
-    outcomes = [wechat.texts_to(user) for user in users]
+    # A run of failures that looks like an outage may hold a question: a line, then its answer.
+    wait_for(lambda: all(bot.store.settled(n) for n in range(1, 49)), timeout=90)
+    outcomes = [[text for text in wechat.texts_to(user) if text != wxbot.HOLD_LINE]
+                for user in users]
     assert all(texts in ([f"答：{user}-问"], [wxbot.APOLOGY_LINE])
                for user, texts in zip(users, outcomes)), outcomes
     assert [wxbot.APOLOGY_LINE] in outcomes or len(model.requests) > 48  # faults did happen
@@ -3622,7 +3807,7 @@ def test_a_model_past_the_timeout_is_cut_and_not_asked_again(start_bot, wechat, 
     assert len(model.requests) == 1
 
 
-def test_a_model_that_starts_too_late_gets_the_apology_once(start_bot, wechat, model):
+def test_a_model_that_starts_too_late_gets_the_apology_once(start_bot, wechat, model, caplog):
     model.respond = lambda request: time.sleep(3) or "迟到的回答"
     bot = start_bot(WXBOT_MODEL_TIMEOUT=1)
     send_text(bot, "oLATE", "问", 1)
@@ -3631,6 +3816,7 @@ def test_a_model_that_starts_too_late_gets_the_apology_once(start_bot, wechat, m
     assert time.monotonic() - started < 2.5
     assert wechat.texts_to("oLATE") == [wxbot.APOLOGY_LINE]
     assert len(model.requests) == 1
+    assert "no first byte" in caplog.text and "raise it" not in caplog.text
 
 
 HOT_TABLES = ("messages", "segments", "turns")
@@ -3745,6 +3931,27 @@ def test_retention_deletes_old_rows_in_batches_and_the_file_shrinks(tmp_path):
         assert conn.execute("PRAGMA page_count").fetchone()[0] < pages * 0.7
     assert store.health(now)["answered"] == 20
     store.close()
+
+def test_a_retention_of_a_fraction_of_a_day_is_swept_a_24th_of_it_apart(tmp_path):
+    """A soak compresses retention by the setting alone: 0.001 days (86 s), swept every 3.6 s."""
+    settings = settings_for(tmp_path, WXBOT_RETENTION_DAYS=0.001)
+    store = wxbot.Store(settings.db)
+    janitor = wxbot.Janitor(settings, store)
+    thread = threading.Thread(target=janitor.run, daemon=True)
+    thread.start()
+    try:
+        now = time.time()
+        old = stored_push(store, "oSOAK", "旧的", 1, now - 100)
+        recent = stored_push(store, "oSOAK", "新的", 2, now - 10)
+        with store.transaction() as conn:
+            conn.execute("UPDATE messages SET state = 'done'")
+        wait_for(lambda: [row[0] for row in rows_of(settings.db, "messages", "id")] == [recent],
+                 timeout=10, message="the old message swept by a later pass")
+        assert old != recent
+    finally:
+        janitor.stopping.set()
+        thread.join(5)
+        store.close()
 
 
 @hsettings(max_examples=40, deadline=None)
@@ -4277,7 +4484,8 @@ def test_credentials_in_openai_base_url_are_masked_in_the_log_and_in_check(tmp_p
     logged = secret_filter.scrub(f"settings: {settings.describe()}; POST "
                                  f"{MODEL_URL_WITH_CREDENTIALS.replace('?', '/chat?')} failed")
     result = run_wxbot(["check"], env, cwd=tmp_path)  # the model is unreachable: check says where
-    assert "cannot reach the model at http://***@127.0.0.1:1/v1/?api-key=***&v=2" in result.stdout
+    assert "no connection to the model at http://***@127.0.0.1:1/v1/?api-key=***&v=2" in \
+        result.stdout
     for text in (logged, result.stdout + result.stderr):
         for credential in ("apiuser", "pa55-word-x", "k3y-in-query"):
             assert credential not in text
@@ -4710,7 +4918,7 @@ def test_status_never_shows_the_model_urls_credentials(start_bot, tmp_path):
     def status_text():
         out = io.StringIO()
         wxbot.status(bot.settings, out)
-        return out.getvalue() if "cannot reach the model" in out.getvalue() else ""
+        return out.getvalue() if "no connection to the model" in out.getvalue() else ""
     shown = wait_for(status_text, message="the failure in status")
     assert "hunter2pass" not in shown and "KEYINQUERY9" not in shown and "bob" not in shown
 
@@ -5034,6 +5242,10 @@ def test_an_old_database_without_room_to_compact_is_served_and_says_what_to_do(t
     later = wxbot.Store(path)  # with room: compacted at the next start
     with later.connection() as conn:
         assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+    # before it listens: the log says how long to expect, and how long it took
+    assert re.search(r"compacting the database once .*: [0-9.]+ MB, about \d+ s .*quiet hour",
+                     caplog.text)
+    assert re.search(r"compacted .*old\.db in [0-9.]+ s", caplog.text)
 
 
 # Owner's files and forgetting: review fixes ##################################
@@ -6115,6 +6327,7 @@ def test_while_the_disk_is_full_healthz_says_so_and_refusals_are_one_line_a_minu
     assert post_push(bot, bodies[0]).text == "success"
     wait_for(lambda: requests.get(f"http://127.0.0.1:{bot.port}/healthz",
                                   timeout=5).status_code == 200)
+    assert "6 push(es) were refused meanwhile" in caplog.text  # how many, once room is back
 
 
 def test_a_backup_taken_while_serving_is_a_private_checked_copy_that_restores(
@@ -6163,6 +6376,49 @@ def test_a_backup_taken_while_serving_is_a_private_checked_copy_that_restores(
     asked = next(request["messages"] for request in model.requests
                  if request["messages"][-1]["content"] == "恢复后的问题")
     assert [m["content"] for m in asked if m["role"] == "user"][-2:] == ["问题3", "恢复后的问题"]
+
+
+def test_the_daily_backup_unit_keeps_the_latest_private_copies_and_one_restores(
+        start_bot, wechat, model, tmp_path, capsys):
+    model.respond = lambda request: "备份的回答"
+    bot = start_bot()
+    send_text(bot, "oTIMER", "问题1", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    unit = open(os.path.join(HERE, "wxbot-backup@.service"), encoding="utf-8").read()
+    timer = open(os.path.join(HERE, "wxbot-backup@.timer"), encoding="utf-8").read()
+    assert "OnCalendar=*-*-* 04:30:00" in timer and "Persistent=true" in timer
+    assert "StateDirectory=wxbot-backup/%i" in unit and "UMask=0077" in unit
+    # The unit's own command, its paths on this machine: an env file naming the database.
+    folder, env_file = tmp_path / "wxbot-backup" / "blog", tmp_path / "blog.env"
+    folder.mkdir(parents=True)
+    env_file.write_text(f"WXBOT_DB={bot.settings.db}\nWXBOT_BACKUP_KEEP=2\n")
+    for day in ("20261201", "20261202", "20261203"):  # earlier days' copies
+        (folder / f"wxbot-{day}-043000.db").write_bytes(b"old")
+    (folder / "notes.txt").write_text("the operator's own")
+    command = re.search(r"^ExecStart=\S+ \S+ (.*)$", unit, re.M).group(1)
+    args = command.replace("/var/lib/wxbot-backup/%i", str(folder)).replace(
+        "/opt/wxbot/%i.env", str(env_file)).split()
+    assert args[0] == "backup"
+    assert wxbot.main(args, {}) == 0
+    printed = capsys.readouterr().out
+    assert "integrity ok" in printed and "removed the older copy wxbot-20261201-043000.db" \
+        in printed
+    copies = sorted(name for name in os.listdir(folder) if name.endswith(".db"))
+    assert copies[0] == "wxbot-20261203-043000.db" and len(copies) == 2
+    assert (folder / "notes.txt").exists()
+    newest = folder / copies[-1]
+    assert os.stat(newest).st_mode & 0o777 == 0o600
+    bot.stop(timeout=5)
+    # README's restore, with the newest copy: stop, remove the old WAL, copy, start.
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(bot.settings.db + suffix)
+    shutil.copy(newest, bot.settings.db)
+    bot = start_bot()
+    send_text(bot, "oTIMER", "问题2", 2)
+    wait_for(lambda: len(wechat.texts_to("oTIMER")) == 2)
+    asked = model.requests[-1]["messages"]
+    assert [m["content"] for m in asked if m["role"] == "user"] == ["问题1", "问题2"]
 
 
 def worker_lines(caplog, text):
@@ -7104,7 +7360,8 @@ def console_traffic(bot, wechat, model, monkeypatch):
 
 def test_console_is_off_without_a_password_and_refuses_a_short_one(start_bot, tmp_path):
     bot = start_bot()
-    assert bot.console is None
+    assert bot.owner_console is None  # the admin listener serves /metrics alone
+    assert requests.get(f"http://127.0.0.1:{bot.console.port}/", timeout=5).status_code == 404
     assert "WXBOT_ADMIN_PASSWORD=(not set)" in bot.settings.describe()
     with pytest.raises(wxbot.SettingsError, match="WXBOT_ADMIN_PASSWORD must be at least 12"):
         wxbot.Settings.from_env({**env_for(tmp_path, types.SimpleNamespace(url="http://x"),
@@ -8129,6 +8386,30 @@ def test_learn_files_and_folders_replaces_an_edited_file_and_names_each_bad_one(
     assert "营业时间" not in learn(tmp_path, wechat, model, "--list")[1]
 
 
+def test_learning_unchanged_files_again_writes_nothing(tmp_path, wechat, model):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for n in range(30):
+        (notes / f"note{n}.md").write_text(f"# 第{n}篇\n\n" + "店里的新鲜事，每天都有。" * 40,
+                                           encoding="utf-8")
+    assert learn(tmp_path, wechat, model, str(notes))[0] == 0
+    db = str(tmp_path / "wxbot.db")
+    size = sum(os.path.getsize(db + suffix) for suffix in ("", "-wal") if
+               os.path.exists(db + suffix))
+    learned = rows_of(db, "article_sources", "id, learned_at")
+    passages = rows_of(db, "article_passages", "max(id), count(*)")
+    for _ in range(3):
+        status, printed = learn(tmp_path, wechat, model, str(notes))
+        assert status == 0 and printed.count("unchanged since it was learned") == 30
+    assert rows_of(db, "article_sources", "id, learned_at") == learned  # nothing rewritten
+    assert rows_of(db, "article_passages", "max(id), count(*)") == passages
+    assert sum(os.path.getsize(db + suffix) for suffix in ("", "-wal") if
+               os.path.exists(db + suffix)) == size
+    (notes / "note7.md").write_text("# 第7篇\n\n改过了。", encoding="utf-8")
+    status, printed = learn(tmp_path, wechat, model, str(notes))
+    assert f"{notes / 'note7.md'}: learned 《第7篇》" in printed
+    assert printed.count("unchanged since it was learned") == 29
+
 def publish_event(article_id, status=0, openid="oMPHELPER"):
     return nested_event("PUBLISHJOBFINISH", (
         f"<PublishEventInfo><publish_id>2247503051</publish_id><publish_status>{status}"
@@ -8374,6 +8655,30 @@ def test_relative_paths_in_an_env_file_are_read_beside_it(tmp_path, wechat, mode
     status = run_wxbot(["status", "--env", "../conf/bare.env"], {}, cwd=elsewhere)
     assert status.stdout.startswith(f"queue in {conf / 'wxbot.db'}")  # WXBOT_DB's default
     assert os.listdir(elsewhere) == [] and not (tmp_path / "wxbot.db").exists()
+
+def test_operator_commands_given_an_instances_env_file_reach_its_database(tmp_path, capsys):
+    """As the README sets up wxbot@blog: /opt/wxbot/blog.env names /var/lib/wxbot/blog's."""
+    opt, state = tmp_path / "opt", tmp_path / "var-lib-wxbot" / "blog"
+    opt.mkdir()
+    state.mkdir(parents=True)
+    (opt / "faq.md").write_text("# 营业时间\n\n每天九点开门，晚上九点关门。\n", encoding="utf-8")
+    (opt / "blog.env").write_text(f"WXBOT_DB={state / 'wxbot.db'}\nWXBOT_PORT=8101\n",
+                                  encoding="utf-8")
+    wxbot.Store(str(state / "wxbot.db")).close()  # the service made it
+    assert wxbot.main(["learn", str(opt / "faq.md"), "--env", str(opt / "blog.env")], {}) == 0
+    assert wxbot.main(["status", "--env", str(opt / "blog.env")], {}) == 0
+    assert f"queue in {state / 'wxbot.db'}" in capsys.readouterr().out
+    assert wxbot.main(["backup", str(tmp_path / "copy.db"), "--env", str(opt / "blog.env")],
+                      {}) == 0
+    assert rows_of(str(tmp_path / "copy.db"), "article_sources", "count(*)") == [(1,)]
+    assert not (opt / "wxbot.db").exists()
+    # An env file without WXBOT_DB (the unit's Environment= set it for the service): no
+    # stray database beside the file, and the line to add.
+    (opt / "shop.env").write_text("WXBOT_PORT=8102\n", encoding="utf-8")
+    for command in (["learn", str(opt / "faq.md")], ["status"], ["menu", "--show"]):
+        assert wxbot.main([*command, "--env", str(opt / "shop.env")], {}) == 2
+        assert "does not name the database (WXBOT_DB)" in capsys.readouterr().err
+    assert not (opt / "wxbot.db").exists()
 
 
 @pytest.mark.parametrize("setting, name, example", [

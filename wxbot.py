@@ -159,6 +159,12 @@ MAX_QUESTION_CHARS = 4000
 TRUNCATED_NOTE = "\n\n（以上消息过长，已截断，只保留了前 {chars} 字。）"
 
 
+#: Sent once to a reader whose question waits for the model to come back (WXBOT_HOLD).
+HOLD_LINE = "模型服务暂时中断了，你的问题已记下，恢复后我会第一时间回答你。"
+#: The longest WXBOT_HOLD: an answer must still fit in WeChat's 48 h window after it.
+HOLD_LIMIT = 47 * 3600.0
+
+
 class SettingsError(Exception):
     """One or more settings are missing or invalid; each problem is one line."""
 
@@ -177,26 +183,37 @@ def _optional_text(value: str) -> str:
     return value.strip()
 
 
-def _int_between(low: int, high: int) -> Callable[[str], int]:
-    def parse(value: str) -> int:
+def _number_between(low: float, high: float, unit: str = "",
+                    number: type = float) -> Callable[[str], float]:
+    """A parser of a number (float, or int: a whole one) from low to high, in `unit`."""
+    what, unit = (f"a number of {unit}", f" {unit}") if unit else ("a whole number", "")
+
+    def parse(value: str) -> float:
         try:
-            number = int(value.strip())
+            parsed = number(value.strip())
         except ValueError:
-            raise ValueError(f"must be a whole number, got {value.strip()!r}") from None
-        if not low <= number <= high:
-            raise ValueError(f"must be between {low} and {high}, got {number}")
-        return number
+            raise ValueError(f"must be {what}, got {value.strip()!r}") from None
+        if not low <= parsed <= high:
+            raise ValueError(f"must be between {low} and {high}{unit}, got {parsed}")
+        return parsed
     return parse
 
 
-def _seconds(value: str) -> float:
-    try:
-        number = float(value.strip())
-    except ValueError:
-        raise ValueError(f"must be a number of seconds, got {value.strip()!r}") from None
-    if not 0 <= number <= 86400 * 7:
-        raise ValueError(f"must be between 0 and 604800 seconds, got {number}")
-    return number
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    return _number_between(low, high, number=int)
+
+
+_seconds = _number_between(0, 86400 * 7, "seconds")
+#: Retention: a fraction of a day compresses it for a soak test.
+_days = _number_between(0, 36500, "days")
+
+
+def _hold_seconds(value: str) -> float:
+    seconds = _seconds(value)
+    if seconds > HOLD_LIMIT:  # customer-service messages reach a reader for 48 h (45015)
+        raise ValueError(f"must be at most {HOLD_LIMIT:.0f} seconds (47 h): WeChat lets an "
+                         f"answer reach its reader for 48 h after the question")
+    return seconds
 
 
 def _url(value: str) -> str:
@@ -388,9 +405,11 @@ SETTINGS: dict[str, Setting] = {
     "session_ttl": Setting("WXBOT_SESSION_TTL", "86400", _seconds,
                            "earlier turns older than this many seconds are not sent to the model"),
     "db": Setting("WXBOT_DB", "wxbot.db", _text, "SQLite database file", file=True),
-    "retention_days": Setting("WXBOT_RETENTION_DAYS", "30", _int_between(0, 36500),
-                              "days messages, answers and history are kept (0: for ever); "
-                              "older ones are deleted every hour, a few hundred at a time"),
+    "retention_days": Setting("WXBOT_RETENTION_DAYS", "30", _days,
+                              "days messages, answers and history are kept (0: for ever; a "
+                              "fraction such as 0.01 for a soak test); older ones are deleted "
+                              "every hour (a 24th of the retention if shorter), a few hundred "
+                              "at a time"),
     "host": Setting("WXBOT_HOST", "0.0.0.0", _text, "address to listen on"),
     "port": Setting("WXBOT_PORT", "8080", _int_between(0, 65535), "port to listen on"),
     "path": Setting("WXBOT_PATH", "/wx", _url_path, "URL path WeChat calls"),
@@ -421,6 +440,10 @@ SETTINGS: dict[str, Setting] = {
                             "timeout)"),
     "retry_base": Setting("WXBOT_RETRY_BASE", "2", _seconds,
                           "first retry delay in seconds; doubles each attempt, with jitter"),
+    "hold": Setting("WXBOT_HOLD", "1800", _hold_seconds,
+                    "seconds a question waits for a model that fails for everyone (an "
+                    "outage) before its reader gets the apology; at most 47 h, inside "
+                    "WeChat's 48 h window (0: apologise after 3 tries)"),
     "search_words": Setting("WXBOT_SEARCH_WORDS", "1", _flag,
                             "1: when a question's own words meet no article well, one short "
                             "model call writes the words an article would use (牙医 → 口腔科) "
@@ -441,11 +464,13 @@ SETTINGS: dict[str, Setting] = {
                                "list once a day (new, changed, deleted); 0: off"),
     "admin_password": Setting("WXBOT_ADMIN_PASSWORD", "", _admin_password,
                               "password of the owner's web console, at least 12 characters "
-                              "(empty: no console, nothing listens)", secret=True),
+                              "(empty: no console; /metrics alone listens)", secret=True),
     "admin_host": Setting("WXBOT_ADMIN_HOST", "127.0.0.1", _text,
                           "address the console listens on (reach it by ssh -L or a proxy)"),
     "admin_port": Setting("WXBOT_ADMIN_PORT", "8081", _int_between(0, 65535),
                           "port the console listens on"),
+    "backup_keep": Setting("WXBOT_BACKUP_KEEP", "7", _int_between(1, 10000),
+                           "`backup FOLDER` keeps this many of its latest copies there"),
     "handoff": Setting("WXBOT_HANDOFF", "console", _choice("console", "wechat"),
                        "who answers a reader handed to a person: console (the owner writes "
                        "from the console's conversation page); wechat (their messages go to "
@@ -493,7 +518,7 @@ class Settings:
     image_daily: int
     session_ttl: float
     db: str
-    retention_days: int
+    retention_days: float
     host: str
     port: int
     path: str
@@ -508,10 +533,12 @@ class Settings:
     context_chars: int
     stop_timeout: float
     retry_base: float
+    hold: float
     learn_published: bool
     admin_password: str
     admin_host: str
     admin_port: int
+    backup_keep: int
     handoff: str
     handoff_hours: float
     handoff_words: tuple
@@ -1048,6 +1075,8 @@ class Message:
     interruptions: int
 
 
+#: Bytes a second VACUUM rewrites on a small VPS (353 MB took 3.8 s): for the log's estimate.
+COMPACT_RATE = 90e6
 #: Bytes the WAL file keeps once a checkpoint has copied it into the database.
 WAL_LIMIT = 4 << 20
 
@@ -1236,6 +1265,7 @@ class Store:
         #: Set while writes fail for want of space; workers pause, the webhook answers 503.
         self.disk_full = False
         self._disk_lock = threading.Lock()
+        self._full_since, self._refused = 0.0, 0  # pushes answered 503 while it is full
         #: Called when the disk fills up (the owner is told: Notifier).
         self.on_disk_full: Callable[[], object] | None = None
         with opening_for(path), self.connection() as conn:
@@ -1268,9 +1298,11 @@ class Store:
         """Let the file shrink: rows deleted by retention give their pages back to the disk.
 
         auto_vacuum must be chosen before the first table exists; a database made by an
-        earlier wxbot is rewritten once (VACUUM: it locks the file while it runs). The rewrite
-        needs room for a copy of the file and its journal; without that room it waits for a
-        later start, and the queue is served meanwhile (deleted rows' pages are reused).
+        earlier wxbot is rewritten once (VACUUM: it locks the file while it runs, before wxbot
+        listens, so WeChat's pushes meanwhile are not taken and it tries each again for 15 s:
+        the log says how long to expect, and the README to upgrade in a quiet hour). The
+        rewrite needs room for a copy of the file and its journal; without that room it waits
+        for a later start, and the queue is served meanwhile (deleted rows' pages are reused).
         """
         if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL
             return
@@ -1284,9 +1316,14 @@ class Store:
         try:
             free = free_space(folder)
             if free >= needed:
-                log.info("compacting the database once so that deleted rows free disk space "
-                         "(a large file takes a minute)")
+                log.warning("compacting the database once so that deleted rows free disk "
+                            "space: %s, about %.0f s (at %d MB/s), before wxbot listens; "
+                            "pushes meanwhile are retried by WeChat for 15 s only: upgrade a "
+                            "large database in a quiet hour", megabytes(size),
+                            size / COMPACT_RATE, COMPACT_RATE / 1e6)
+                started = time.monotonic()
                 conn.execute("VACUUM")
+                log.warning("compacted %s in %.1f s", self.path, time.monotonic() - started)
                 return
             why = f"{free / 1e6:.0f} MB free in {folder}"
         except (OSError, sqlite3.Error) as error:
@@ -1356,13 +1393,24 @@ class Store:
             if self.disk_full == full:
                 return
             self.disk_full = full
+            refused, since = self._refused, self._full_since
+            if full:
+                self._full_since, self._refused = time.time(), 0
         if full:
             log.error("the disk holding %s is full: pushes are answered 503 so that WeChat "
                       "tries them again, and workers pause; free some space (df -h)", self.path)
             if self.on_disk_full:
                 self.on_disk_full()
         else:
-            log.info("there is room on the disk again: pushes are stored and answered")
+            log.warning("there is room on the disk again after %s: pushes are stored and "
+                        "answered; %d push(es) were refused meanwhile (WeChat tries a push 3 "
+                        "times within 15 s: one refused each time is lost)",
+                        age_text(time.time() - since), refused)
+
+    def refused_push(self) -> None:
+        """A push was answered 503 for want of space: counted for the line when room is back."""
+        with self._disk_lock:
+            self._refused += 1
 
     def has_room(self) -> bool:
         """Whether a write that needs new space succeeds now (after the disk was full)."""
@@ -2316,6 +2364,8 @@ class Source:
     date: str
     passages: int
     learned_at: float
+    #: Learned before from the same text: left as it was, nothing written.
+    unchanged: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3152,7 +3202,9 @@ class Articles:
                    date: str = "", now: float | None = None, summary: str = "",
                    cover: str = "") -> Source:
         """Learn a text as passages, replacing what was learned before from the same origin;
-        `summary` and `cover` are what its card shows (Articles.card)."""
+        `summary` and `cover` are what its card shows (Articles.card). The same text from the
+        same origin is left as it is: no write, no write lock (a rerun of `learn` over a
+        thousand files rewrote them all, and grew the file)."""
         # WeChat's own titles are at most 64 characters: a page's <title> is not bounded.
         title = (" ".join(title.split()) or os.path.basename(origin) or origin)[:TITLE_CHARS]
         if kind not in SOURCE_KINDS:
@@ -3165,6 +3217,13 @@ class Articles:
         cover = cover if re.match(r"https?://\S+\Z", cover) and len(cover) <= LINK_MOST else ""
         digest = article_digest(title, text, url, date)
         now = time.time() if now is None else now
+        with self._reading() as conn:
+            row = conn.execute("SELECT id, kind, origin, title, url, date, passages, learned_at"
+                               " FROM article_sources WHERE origin = ? AND kind = ? AND"
+                               " digest = ? AND summary = ? AND cover = ?",
+                               (origin, kind, digest, summary, cover)).fetchone()
+        if row:
+            return Source(*row, unchanged=True)
         with self._write() as conn:
             row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
                                (origin,)).fetchone()
@@ -4420,12 +4479,25 @@ class ModelError(Exception):
     """The model gave no usable answer. kind: "transient" (try again later), "context" (the
     conversation is too long), "refused" (a content filter), "empty" (a finished answer with
     no text to use: asked again, it costs again and is as empty), "deadline"
-    (WXBOT_MODEL_TIMEOUT passed: never asked again), or "fatal" (a setting is wrong)."""
+    (WXBOT_MODEL_TIMEOUT passed: never asked again), or "fatal" (a setting is wrong).
+    `failed` says what failed, in OUTAGE_SIGNS when it is the provider's and not the
+    question's (Outage counts those), or "answer" for what the answer itself was."""
 
     def __init__(self, reason: str, kind: str = "transient", retry_after: float | None = None,
-                 status: int | None = None, detail: str = ""):
+                 status: int | None = None, detail: str = "", failed: str = "answer"):
         super().__init__(reason)
         self.kind, self.retry_after, self.status, self.detail = kind, retry_after, status, detail
+        self.failed = failed
+
+
+#: What fails when the provider fails, whatever the question: no connection (refused, DNS,
+#: a black hole), a connection on which no answer begins, a stream that stops part-way, its
+#: 5xx, its rate limit (429). Metrics count model errors by these names (and "answer").
+OUTAGE_SIGNS = ("no connection", "no first byte", "stalled stream", "provider error",
+                "rate limited")
+#: Seconds to open a connection to the model: a provider that is up connects in well under
+#: one; a black-holed one is named as such this soon, not at WXBOT_MODEL_TIMEOUT.
+CONNECT_SECONDS = 10.0
 
 
 #: How providers say a request was too long, or blocked by their content filter (HTTP 400).
@@ -4506,8 +4578,8 @@ def sse_events(lines: Iterator[str]) -> Iterator[dict]:
 
 #: The SDK's HTTP response class (httpx's, or httpx2's from openai 3): asked for as the
 #: result of `client.post`, it comes back unread, as the SDK's README shows for raw calls.
-HTTP_RESPONSE = sys.modules[openai.DefaultHttpxClient.__base__.__module__.partition(".")[0]
-                            ].Response
+HTTPX = sys.modules[openai.DefaultHttpxClient.__base__.__module__.partition(".")[0]]
+HTTP_RESPONSE = HTTPX.Response
 
 
 def no_text(finish_reason: str | None, max_tokens: int) -> ModelError:
@@ -4534,12 +4606,28 @@ class Deadline:
     def __init__(self, seconds: float):
         self.seconds, self.at = seconds, time.monotonic() + seconds
         self.hung_up = False
+        self.responded = False  # an HTTP response came: what it said ran past the deadline
         self._response: HTTP_RESPONSE | None = None
         self._lock = threading.Lock()
 
-    def error(self) -> ModelError:
-        return ModelError(f"no complete answer within WXBOT_MODEL_TIMEOUT ({self.seconds:g} s);"
-                          f" raise it for a slow model", "deadline")
+    def error(self, begun: bool = True) -> ModelError:
+        """What the deadline ended: an answer that had begun (a stalled stream, or a slow
+        model), or none at all (no first byte: the provider took the call and said nothing).
+        Either way the question is not asked again: it may have been billed."""
+        if not begun:  # one question's: not asked again; an outage's when it is everyone's
+            return ModelError(f"no first byte of an answer within WXBOT_MODEL_TIMEOUT "
+                              f"({self.seconds:g} s): the provider took the request and said "
+                              f"nothing; check its status page and any proxy in between",
+                              "deadline", failed="no first byte")
+        return ModelError(f"the answer stalled: not complete within WXBOT_MODEL_TIMEOUT "
+                          f"({self.seconds:g} s); if answers often end so, the model writes "
+                          f"slowly: raise it", "deadline", failed="stalled stream")
+
+    def timeout(self) -> object:
+        """The HTTP client's timeout for a request now: what is left of the deadline, and at
+        most CONNECT_SECONDS of it to connect."""
+        left = self.left()
+        return HTTPX.Timeout(left, connect=min(left, CONNECT_SECONDS))
 
     def left(self) -> float:
         """Seconds left: each request's timeout, which bounds the wait for its response
@@ -4551,6 +4639,7 @@ class Deadline:
         reaches its connection, which the client may be reusing for another call."""
         with self._lock:
             self._response = response
+            self.responded = self.responded or response is not None
             if self.hung_up:
                 self._shut()
 
@@ -4580,6 +4669,17 @@ class Model:
     #: An answer in one piece (a provider that ignores stream=True) is read up to this many
     #: bytes: far above any WXBOT_MAX_TOKENS, far below what would fill a small server.
     MAX_WHOLE = 1 << 20
+    #: Where the tokens a provider reports using are counted (Bot sets it).
+    metrics: "Metrics | None" = None
+
+    def _used(self, event: dict) -> None:
+        """Count the tokens an answer (or its stream's last event) says it used, if it says."""
+        usage = event.get("usage")
+        if self.metrics and isinstance(usage, dict):
+            for kind in ("prompt", "completion"):
+                tokens = usage.get(f"{kind}_tokens")
+                if isinstance(tokens, int):
+                    self.metrics.count("wxbot_model_tokens_total", kind, tokens)
 
     def __init__(self, settings: Settings):
         self.settings, self.name = settings, settings.model
@@ -4599,7 +4699,7 @@ class Model:
             response = self.client.post("/chat/completions", cast_to=HTTP_RESPONSE, stream=True,
                                         body={"model": self.settings.model,
                                               "messages": messages, "max_tokens": max_tokens},
-                                        options={"timeout": deadline.left()})
+                                        options={"timeout": deadline.timeout()})
         except openai.APIStatusError as error:
             raise self._status_error(error) from None
         except openai.APIError as error:
@@ -4660,7 +4760,7 @@ class Model:
                                         body={"model": self.settings.model,
                                               "messages": messages, "stream": True,
                                               "max_tokens": self.settings.max_tokens},
-                                        options={"timeout": deadline.left()})
+                                        options={"timeout": deadline.timeout()})
         except openai.APIStatusError as error:
             if error.status_code == 400 and "stream" in str(error.message).lower():
                 yield self.answer(messages, deadline)
@@ -4680,6 +4780,7 @@ class Model:
             with contextlib.closing(response) as http, paced_reads(http, self.READ_EVERY):
                 for chunk in sse_events(stream_lines(http.iter_bytes())):
                     streamed = True
+                    self._used(chunk)
                     problem = chunk.get("error")
                     if problem:  # some providers report a failure inside the stream
                         detail = str(problem.get("message", problem) if isinstance(
@@ -4702,7 +4803,8 @@ class Model:
         except ModelError:
             raise
         except Exception as error:  # the stream broke off: network, timeout, bad chunk
-            raise ModelError(f"the answer stream broke off ({type(error).__name__})") from None
+            raise ModelError(f"the answer stream broke off ({type(error).__name__})",
+                             failed="stalled stream") from None
         finally:
             deadline.reading(None)
         if deadline.hung_up:  # the watcher gave up on this call: nothing more is asked
@@ -4712,7 +4814,8 @@ class Model:
         elif not produced:  # finished, or ended, with nothing to say: asking again costs
             raise no_text(finish, self.settings.max_tokens)
         elif not finish:  # the connection ended without the model saying it was done
-            raise ModelError("the answer stream ended before the answer was finished")
+            raise ModelError("the answer stream ended before the answer was finished",
+                             failed="stalled stream")
 
     def _whole_body(self, response, deadline: Deadline, max_tokens: int | None = None) -> str:
         """An answer in one JSON body (a provider that ignored stream=True: already paid for,
@@ -4738,13 +4841,22 @@ class Model:
             raise deadline.error()
         if not isinstance(completion, dict):
             raise ModelError("the answer is not a chat.completion")
+        self._used(completion)
         return self._whole(completion, max_tokens or self.settings.max_tokens)
 
     def _unreachable(self, error: openai.APIError, what: str = "the model") -> ModelError:
-        """No answer at all. The URL's credentials are masked here, not only in the log: the
-        reason is also stored with the message, and `status` prints it."""
-        return ModelError(f"{type(error).__name__}: cannot reach {what} at "
-                          f"{masked_url(str(self.client.base_url))}")
+        """No answer at all: no connection, or one on which nothing came back. The URL's
+        credentials are masked here, not only in the log: the reason is also stored with the
+        message, and `status` prints it."""
+        cause, where = error.__cause__, masked_url(str(self.client.base_url))
+        if isinstance(cause, (HTTPX.ConnectError, HTTPX.ConnectTimeout)):
+            return ModelError(f"no connection to {what} at {where} ({type(cause).__name__}: "
+                              f"refused, unresolved or unanswered); check {self.URL_SETTING}, "
+                              f"DNS, the firewall and the provider's status page",
+                              failed="no connection")
+        return ModelError(f"no answer from {what} at {where} ({type(cause or error).__name__}"
+                          f"): connected, but nothing came back; check the provider's status "
+                          f"page and any proxy in between", failed="no first byte")
 
     def _status_error(self, error: openai.APIStatusError) -> ModelError:
         status = error.status_code
@@ -4760,8 +4872,10 @@ class Model:
             kind = "context"
         elif status == 400 and CONTENT_FILTER.search(detail):
             kind = "refused"
+        failed = "rate limited" if status == 429 else "provider error" if status >= 500 \
+            else "answer"
         return ModelError(f"HTTP {status} from the model: {hint.get(status, 'provider error')}"
-                          f" ({kind})", kind, retry_after, status, detail)
+                          f" ({kind})", kind, retry_after, status, detail, failed)
 
 
 class ImageModel(Model):
@@ -6658,6 +6772,209 @@ def owner_send_problem(error: "WeChatError") -> str:
 
 
 ###############################################################################
+# Model outages: questions held until the model is back #######################
+###############################################################################
+
+OUTAGE_SCHEMA = """
+-- The questions held while the model fails for everyone: parked in the queue (not_before at
+-- the end of their WXBOT_HOLD) until an answer shows the model is back.
+CREATE TABLE IF NOT EXISTS held_questions (
+    message_id INTEGER PRIMARY KEY,
+    openid     TEXT NOT NULL,
+    held_at    REAL NOT NULL,
+    told_at    REAL,  -- its reader was told (HOLD_LINE): once a reader and outage
+    probed_at  REAL   -- when it was last the one question tried
+);
+CREATE INDEX IF NOT EXISTS held_questions_user ON held_questions (openid)
+    WHERE told_at IS NOT NULL;
+"""
+
+
+class Outage:
+    """Whether the model fails for everyone, and the questions held while it does.
+
+    One question's failure is tried again a few times, then apologised for. But when the
+    provider fails (OUTAGE_SIGNS: no connection, no first byte, a stalled stream, its 5xx or
+    429) OUTAGE_AFTER times in a row and for a retry base (2 s) at least, with no answer in
+    between, for two questions or more (or with no connection at all, which no question
+    causes), an apology helps no one: a reader would rather have the answer late. (A
+    provider failing now and then answers in between: no outage.) So questions are held:
+    parked in the queue, each reader told once (HOLD_LINE), and one question at a time is
+    tried, paced from WXBOT_RETRY_BASE doubling up to PROBE_MOST (a model that is down is not
+    asked 3 times a message). The first answer ends the outage: the held questions go back to
+    the queue in their order, each asked once more. A question still held after WXBOT_HOLD
+    gets the apology. The held questions are in the database: a restart goes on with them.
+    The log has one line when it begins, one a minute with counts while it lasts (the held
+    questions say nothing of their own), and one when it ends.
+    """
+
+    OUTAGE_AFTER = 3
+    #: The longest pause between two tries of the model while it is down, in retry bases.
+    PROBE_MOST = 30
+    #: Seconds between two lines of the log while it lasts.
+    REPORT_EVERY = 60.0
+
+    def __init__(self, settings: Settings, store: Store):
+        self.settings, self.store = settings, store
+        self._lock = threading.Lock()
+        self.in_row = 0        # outage signs since the last answer
+        self.failing: set[int] = set()  # the messages they came from
+        self.run_began = 0.0   # when the first of them came
+        self.probing: int | None = None  # the message tried now, while down
+        self.probe_started = 0.0
+        self.probe_longest = settings.model_timeout * 2 + 120  # as a worker's lease
+        self.probe_at = 0.0    # when the next one may be
+        self.offered = -1.0    # the probe_at for which a held question was put back in line
+        self.probes = 0        # tries failed since it began
+        self.apologised = 0    # questions held past WXBOT_HOLD since it began
+        self.last: ModelError | None = None
+        self.down_since: float | None = None
+        self.reported_at = 0.0
+        with store.transaction() as conn:
+            upgrade_tables(conn, OUTAGE_SCHEMA)
+            since = conn.execute("SELECT min(held_at) FROM held_questions").fetchone()[0]
+        if since is not None:  # stopped during an outage: it goes on, the model tried at once
+            self.down_since, self.reported_at = since, time.time()
+            log_model.warning("questions were held for the model at the last stop: trying it "
+                              "again now")
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def _pause(self) -> float:
+        base = self.settings.retry_base
+        return min(base * 2 ** self.probes, base * self.PROBE_MOST)
+
+    def admit(self, message: Message, now: float) -> bool:
+        """Whether the model may be asked for this message now: it is up, or this is the one
+        try while it is down (the first to come once the pause is over)."""
+        with self._lock:
+            if self.down_since is None or self.probing == message.id:
+                return True
+            if self.probing is not None and now > self.probe_started + self.probe_longest:
+                self.probing = None  # its worker never said how it went (stopped, a bug)
+            if self.probing is None and now >= self.probe_at:
+                self.probing, self.probe_started = message.id, now
+                return True
+            return False
+
+    def failed(self, message: Message, error: ModelError, now: float) -> bool:
+        """A model call failed; True when the model is down for everyone: hold the question."""
+        if error.failed not in OUTAGE_SIGNS:
+            return False
+        with self._lock:
+            if not self.in_row:
+                self.run_began = now
+            self.in_row += 1
+            self.failing.add(message.id)
+            self.last = error
+            if self.probing == message.id:
+                self.probing, self.probes = None, self.probes + 1
+                self.probe_at = now + self._pause()
+            if self.down_since is None and self.in_row >= self.OUTAGE_AFTER and \
+                    now - self.run_began >= self.settings.retry_base and (
+                    len(self.failing) > 1 or error.failed == "no connection"):
+                self.down_since = self.reported_at = now
+                self.probes, self.apologised = 0, 0
+                self.probe_at = now + self._pause()
+                log_model.error("the model fails for everyone: %d calls in a row, the last %s; "
+                                "questions are held (each reader is told once) and answered "
+                                "when it is back, or apologised for after WXBOT_HOLD (%s)",
+                                self.in_row, error, age_text(self.settings.hold))
+            return self.down_since is not None
+
+    def answered(self, now: float) -> bool:
+        """A model call answered: an outage is over. True when held questions went back to
+        the queue (the workers are to be woken)."""
+        with self._lock:
+            self.in_row = 0
+            self.failing.clear()
+            since, self.down_since, self.probing = self.down_since, None, None
+        if since is None:
+            return False
+        with self.store.transaction() as conn:  # after any hold in progress: none is left
+            back = conn.execute("UPDATE messages SET not_before = 0, model_failures = 0 WHERE"
+                                " id IN (SELECT message_id FROM held_questions) AND"
+                                " state = 'queued'").rowcount
+            conn.execute("DELETE FROM held_questions")
+        log_model.warning("the model answers again after %s: %d held question(s) are answered "
+                          "now, in order; %d were apologised for after WXBOT_HOLD",
+                          age_text(now - since), back, self.apologised)
+        return True
+
+    def hold(self, message: Message, now: float) -> bool | None:
+        """Park the message until the end of its WXBOT_HOLD (or the model's return). Whether
+        to tell its reader: the first question of theirs held in this outage, and no line
+        yet before its answer (one of the 5: note_queue_lines). None: the model is back."""
+        with self.store.transaction() as conn:
+            if self.down_since is None:  # answered() ran, or runs next and un-parks this one
+                return None
+            self.store.release(message, message.received_at + self.settings.hold,
+                               f"held: the model is down ({self.last or 'at the last stop'})",
+                               None)
+            conn.execute("INSERT OR IGNORE INTO held_questions (message_id, openid, held_at)"
+                         " VALUES (?, ?, ?)", (message.id, message.openid, now))
+            if conn.execute("SELECT 1 FROM held_questions WHERE openid = ? AND told_at IS"
+                            " NOT NULL", (message.openid,)).fetchone() or \
+                    not self.store.note_queue_lines([message.id], now):
+                return False
+            conn.execute("UPDATE held_questions SET told_at = ? WHERE message_id = ?",
+                         (now, message.id))
+            return True
+
+    def held(self) -> int:
+        """How many questions are held now."""
+        with self.store.connection() as conn:
+            return conn.execute("SELECT count(*) FROM held_questions").fetchone()[0]
+
+    def gave_up(self, message: Message) -> None:
+        """The message was held past WXBOT_HOLD: it gets the apology."""
+        with self.store.transaction() as conn:
+            conn.execute("DELETE FROM held_questions WHERE message_id = ?", (message.id,))
+        with self._lock:
+            self.apologised += 1
+
+    def tick(self, now: float) -> float | None:
+        """While the model is down: the line of the minute, and a held question put back in
+        line when the next try is due. Seconds until there is more to do; None when up."""
+        with self._lock:
+            if self.down_since is None:
+                return None
+            report = now >= self.reported_at + self.REPORT_EVERY
+            if report:
+                self.reported_at = now
+            offer = self.probing is None and now >= self.probe_at and \
+                self.offered != self.probe_at
+            if offer:
+                self.offered = self.probe_at
+            since, last = self.down_since, self.last
+        if offer:  # the one tried least lately, oldest first: one question the model
+            with self.store.transaction() as conn:  # fails on cannot hold the others back
+                row = conn.execute(
+                    "SELECT h.message_id FROM held_questions h JOIN messages m ON m.id ="
+                    " h.message_id WHERE m.state = 'queued' ORDER BY h.probed_at IS NOT NULL,"
+                    " h.probed_at, h.message_id LIMIT 1").fetchone()
+                if row:
+                    conn.execute("UPDATE held_questions SET probed_at = ? WHERE message_id = ?",
+                                 (now, row[0]))
+                    conn.execute("UPDATE messages SET not_before = 0 WHERE id = ?", (row[0],))
+        if report:
+            with self.store.connection() as conn:
+                held, told = conn.execute("SELECT count(*), count(told_at) FROM"
+                                          " held_questions").fetchone()
+            log_model.error("the model is still down after %s: %d question(s) held, %d "
+                            "reader(s) told, %d tries failed, %d apologised for after "
+                            "WXBOT_HOLD; the last failure: %s", age_text(now - since), held,
+                            told, self.probes, self.apologised, last or "before the last stop")
+        with self._lock:
+            waits = [self.reported_at + self.REPORT_EVERY - now]
+            if self.probing is None and self.offered != self.probe_at:
+                waits.append(self.probe_at - now)
+            return 0.0 if offer else max(0.01, min(waits))
+
+
+###############################################################################
 # Worker ######################################################################
 ###############################################################################
 
@@ -6745,14 +7062,18 @@ class Worker:
     IDLE_LOOK = 60.0
     #: Whether it takes only messages whose answer is stored whole, ready to send (Sender).
     READY_ONLY = False
+    #: Where answers, model and WeChat errors and timings are counted (Bot sets it).
+    metrics: "Metrics | None" = None
 
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
                  owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None,
                  others: Wakeup | None = None, articles: Articles | None = None,
-                 handoff: Handoff | None = None, notifier: Notifier | None = None):
+                 handoff: Handoff | None = None, notifier: Notifier | None = None,
+                 outage: Outage | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
         self.handoff, self.notifier = handoff, notifier
+        self.outage = outage  # shared by the workers; None: no question is held (chat)
         self.articles = articles  # the account's own, searched for each question
         # Their use is counted beside the messages it names: `chat` searches the server's
         # articles, but its messages are its own and stay out of /stats.
@@ -6808,6 +7129,13 @@ class Worker:
             # Another process (`wxbot.py retry`) may queue a message: look once a minute.
             timeout = max(0.01, min(due - time.time(), self.IDLE_LOOK)) if due else \
                 self.IDLE_LOOK
+            if self.outage and not self.READY_ONLY:  # the model tried again when due
+                with contextlib.suppress(sqlite3.Error):
+                    wait = self.outage.tick(time.time())
+                    if wait is not None and wait < timeout:
+                        timeout = wait
+                if timeout <= 0:
+                    continue
             self.wakeup.wait(timeout)
 
     def _room_again(self) -> bool:
@@ -6915,6 +7243,8 @@ class Worker:
         A picture (WXBOT_VISION) goes as an image part, with the texts that follow it or, on
         its own, a short instruction.
         """
+        if self.outage and not self.outage.admit(message, time.time()):
+            return self._held(message)  # the model is down: another question tries it
         blocked = self.owner.blocked
         with self.store.transaction():  # one commit: follow-ups, the call counted, carried
             question = "\n".join(part for part in [question, *self.store.merge_followups(
@@ -6971,6 +7301,8 @@ class Worker:
         planned = self.store.complete_answer(message, time.time(), rest,
                                              f"[图片] {question}" if picture else question,
                                              answer, card=card)
+        if self.outage and self.outage.answered(time.time()):
+            self.wakeup.notify_all()  # the held questions are in the queue again
         if self.counts_uses:
             self.articles.note_use(message.id, time.time(), len(passages), len(citations.cited))
         if self.notifier:
@@ -7001,8 +7333,12 @@ class Worker:
             return []
         earlier = [turn["content"] for turn in history if turn["role"] == "user"]
         try:
-            return self.articles.find(question, earlier, self.model.search_words
-                                      if self.settings.search_words else None)
+            passages = self.articles.find(question, earlier, self.model.search_words
+                                          if self.settings.search_words else None)
+            if self.metrics:
+                self.metrics.count("wxbot_article_searches_total")
+                self.metrics.count("wxbot_article_search_hits_total", amount=bool(passages))
+            return passages
         except sqlite3.Error as error:  # the articles are no reason to leave a user unanswered
             log_worker.error("message %s: the articles could not be searched (%s); answering "
                              "without them", message.id, error)
@@ -7046,7 +7382,8 @@ class Worker:
             except ModelError as error:
                 if error.kind != "transient" or message.model_failures + 1 >= self.MODEL_TRIES:
                     self.store.unreserve_image(message)
-                return self._model_failed(message, error, None, DRAW_REFUSED_LINE)
+                return self._model_failed(message, error, None, DRAW_REFUSED_LINE,
+                                          chat_model=False)
             if image_type(data) is None or len(data) > IMAGE_BYTES:
                 log_worker.error("message %s: the Images API returned %s; WeChat takes JPEG or "
                                  "PNG up to 10 MB: choose a WXBOT_IMAGE_MODEL (or provider) "
@@ -7116,6 +7453,7 @@ class Worker:
         renew_every = self.lease_seconds / 3
         renew_at = time.monotonic() + renew_every
         held = None  # what came after the last piece: the end, or an error
+        begun = False  # whether any text came: at the deadline, a stall, or no first byte
         try:
             while True:
                 now = time.monotonic()
@@ -7141,11 +7479,12 @@ class Worker:
                             texts.append(value)
                         else:
                             held = kind, value
+                    begun = True
                     yield "".join(texts)
                 elif kind == "end":
                     return
                 elif time.monotonic() >= deadline.at:  # a read timeout is past it too
-                    raise deadline.error()
+                    raise deadline.error(begun or deadline.responded)
                 elif kind == "error":
                     raise value
         finally:
@@ -7169,13 +7508,20 @@ class Worker:
         return self.store.save_answer(message, segments, now)
 
     def _model_failed(self, message: Message, error: ModelError, question: str | None,
-                      refused_line: str = REFUSED_LINE, cited: str = "") -> int | None:
-        """Retry later, or end the answer with a polite line; what was sent stays sent (and
-        `cited`, the 来源 line of what it cited, ends it before the cut-off note)."""
-        partial = self.store.partial_answer(message.id)
-        failures = message.model_failures + 1
-        if self.notifier and error.kind != "refused":
+                      refused_line: str = REFUSED_LINE, cited: str = "",
+                      chat_model: bool = True) -> int | None:
+        """Retry later, hold the question through an outage of the chat model, or end the
+        answer with a polite line; what was sent stays sent (and `cited`, the 来源 line of
+        what it cited, ends it before the cut-off note)."""
+        if self.metrics:
+            self.metrics.count("wxbot_model_errors_total", error.failed.replace(" ", "_"))
+        if self.notifier and error.kind != "refused":  # held or not: the owner hears of it
             self.notifier.model_failed(str(error))
+        partial = self.store.partial_answer(message.id)
+        if chat_model and self.outage and not partial and \
+                self.outage.failed(message, error, time.time()):
+            return self._held(message)
+        failures = message.model_failures + 1
         if error.kind == "transient" and failures < self.MODEL_TRIES:
             delay = max(error.retry_after or 0, self._backoff(failures))
             log_worker.warning("message %s: model failed (%s); retry %d/%d in %.1f s",
@@ -7198,6 +7544,25 @@ class Worker:
             line = APOLOGY_LINE
         return self.store.complete_answer(message, time.time(), [line], question,
                                           partial or None)
+
+    def _held(self, message: Message) -> int | None:
+        """The model is down for everyone: the message waits for it (Outage), its reader
+        told once; past WXBOT_HOLD, the apology."""
+        now = time.time()
+        if now >= message.received_at + self.settings.hold:
+            self.outage.gave_up(message)
+            return self.store.complete_answer(message, now, [APOLOGY_LINE])
+        tell = self.outage.hold(message, now)
+        if tell is None:  # the model answered meanwhile: asked again now
+            self.store.release(message, now, "", None)
+            self.wakeup.notify()
+        elif tell and self.mode.sends(message.id):
+            try:
+                self.wechat.customer_service_send(message.openid, HOLD_LINE)
+            except WeChatError as error:  # the answer comes all the same
+                log_worker.info("message %s: the line that it is held was not sent (%s)",
+                                message.id, error.hint())
+        return None
 
     def deliver(self, message: Message, model_seconds: float | None = None,
                 streaming: bool = False, add: list[str] = ()) -> bool:
@@ -7222,7 +7587,11 @@ class Worker:
                 if pick:
                     self.store.mark_trying(message, pick[0]["seq"], now, now + self.lease_seconds)
                 elif not streaming:
-                    apology = [row["content"] for row in rows] == [APOLOGY_LINE]
+                    texts = [row["content"] for row in rows]
+                    apology = texts == [APOLOGY_LINE]
+                    outcome = "apology" if apology else "refused" if texts in (
+                        [self.settings.blocked_reply], [REFUSED_LINE], [DRAW_REFUSED_LINE]) \
+                        else "answered"
                     self.store.finish(message, State.FAILED if apology else State.DONE)
             add = ()
             if not pick:
@@ -7253,6 +7622,13 @@ class Worker:
             # What the user felt: from the push to the first message they saw.
             first = min((row["sent_at"] for row in rows if row["sent_at"] is not None),
                         default=None)
+            if self.metrics:
+                self.metrics.count("wxbot_answers_total", outcome)
+                if first:
+                    self.metrics.observe("wxbot_first_message_seconds",
+                                         first - message.received_at)
+                if model_seconds is not None:
+                    self.metrics.observe("wxbot_model_seconds", model_seconds)
             log_worker.info("message %s from %s (%s): first message %s after the push, model "
                             "%s, segments sent %d/%d", message.id, short_id(message.openid),
                             message.msg_id or message.event,
@@ -7294,6 +7670,8 @@ class Worker:
             self.wechat.customer_service_send(message.openid, row["content"])
 
     def _send_failed(self, message: Message, error: WeChatError) -> None:
+        if self.metrics:
+            self.metrics.count("wxbot_wechat_errors_total", str(error.errcode or "unreachable"))
         if error.errcode == 48001 and self.mode.no_permission(message.id, time.time()):
             self.store.finish(message, State.DONE)  # what is unsent goes out passively
             return
@@ -7302,6 +7680,8 @@ class Worker:
                 log_worker.error("message %s to %s not delivered: %s", message.id,
                                  short_id(message.openid), error.hint())
             self.store.finish(message, State.DONE, f"errcode {error.errcode}")
+            if self.metrics:
+                self.metrics.count("wxbot_answers_total", "undelivered")
             if self.notifier and error.errcode != 45047:  # 45047: the rest waits, kept
                 self.notifier.tell("undelivered", f"给读者 {short_id(message.openid)} 的回答（消息 "
                                    f"#{message.id}）未送达：错误码 {error.errcode}")
@@ -7312,6 +7692,8 @@ class Worker:
                              "kept: `python wxbot.py status`, `python wxbot.py retry %s`): %s",
                              message.id, failures, message.id, error.hint())
             self.store.finish(message, State.DEAD, str(error), "delivery_failures")
+            if self.metrics:
+                self.metrics.count("wxbot_answers_total", "dead")
             if self.notifier:
                 self.notifier.tell("undelivered", f"给读者 {short_id(message.openid)} 的回答（消息 "
                                    f"#{message.id}）{failures} 次都没发出去，已放弃；可在控制台 "
@@ -7439,6 +7821,9 @@ def transfer_reply_xml(openid: str, account: str, now: float) -> bytes:
 class Webhook:
     """Turns WeChat's HTTP calls into stored pushes; pure of I/O apart from the store."""
 
+    #: Where pushes are counted (Bot sets it).
+    metrics: "Metrics | None" = None
+
     def __init__(self, settings: Settings, store: Store, wakeup: Wakeup,
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
                  acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None,
@@ -7510,6 +7895,9 @@ class Webhook:
         if not disk_full(error):
             log_web.error("could not store a push: %s", error)
         else:
+            self.store.refused_push()
+            if self.metrics:
+                self.metrics.count("wxbot_pushes_refused_total", "disk_full")
             held = self.refusals.allow("the disk is full", self.clock())
             if held is not None:
                 log_web.error("push refused (503): the disk is full%s", f" ({held} more "
@@ -7533,6 +7921,8 @@ class Webhook:
         how = route(self.settings, self.owner.replies, push, self.owner.blocked, self.handoff)
         model = how.route in MODEL_ROUTES
         message_id, pushes = self.store.store_push(push, now, model)
+        if pushes == 1 and self.metrics:
+            self.metrics.count("wxbot_pushes_total")
         person = how.route in (Route.HELD, Route.PERSON)
         if pushes == 1 and push.event == "PUBLISHJOBFINISH" and self.publishing:
             self.publishing.pushed(push.fields)  # an event like any other to the rest: no answer
@@ -8022,6 +8412,138 @@ class HttpServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
+
+
+###############################################################################
+# Metrics: what an operator can watch #########################################
+###############################################################################
+
+class Metrics:
+    """Counts and timings since the start, and the queue and the disk as they are, in
+    Prometheus' text exposition format (version 0.0.4) at /metrics on the admin listener.
+
+    Written here rather than with prometheus_client: the format is a few line shapes, fixed
+    since 2014, and wxbot needs three kinds (counter, gauge, histogram) of one process, no
+    registry, push gateway or multiprocess mode; one file and four dependencies stay so.
+    Counts live in memory (Prometheus reads a restart as a counter reset); what the
+    database holds (the queue) is read at each scrape from the kept state counts.
+    """
+
+    #: Seconds: from WeChat's 5 s and a typing reader's patience to a slow model's minutes.
+    BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+    #: name -> (type, help, the label and its values shown from the start (at 0)).
+    FAMILIES = {
+        "wxbot_pushes_total": ("counter", "pushes from WeChat stored (retries of one not "
+                               "counted)", None),
+        "wxbot_pushes_refused_total": ("counter", "pushes answered 503 so that WeChat tries "
+                                       "them again, by reason", ("reason", ("disk_full",))),
+        "wxbot_answers_total": ("counter", "messages settled, by outcome",
+                                ("outcome", ("answered", "apology", "refused", "undelivered",
+                                             "dead"))),
+        "wxbot_model_errors_total": ("counter", "failed model calls, by what failed",
+                                     ("kind", tuple(sign.replace(" ", "_") for sign in
+                                                    OUTAGE_SIGNS) + ("answer",))),
+        "wxbot_wechat_errors_total": ("counter", "failed sends to WeChat, by errcode "
+                                      "(unreachable: no answer)", ("kind", ())),
+        "wxbot_model_tokens_total": ("counter", "tokens the provider reported using, by "
+                                     "type", ("type", ("prompt", "completion"))),
+        "wxbot_article_searches_total": ("counter", "questions searched in the articles",
+                                         None),
+        "wxbot_article_search_hits_total": ("counter", "searches that found passages", None),
+        "wxbot_first_message_seconds": ("histogram", "from the push to the first message "
+                                        "of its answer the reader saw", None),
+        "wxbot_model_seconds": ("histogram", "from taking a message to its answer written",
+                                None),
+    }
+
+    def __init__(self, store: Store, outage: Outage | None = None):
+        self.store, self.outage = store, outage
+        self._lock = threading.Lock()
+        self._counts: collections.Counter = collections.Counter()  # (name, label) -> n
+        self._histograms: dict[str, list] = {}  # name -> [count per bucket..., sum, count]
+        for name, (kind, _, label) in self.FAMILIES.items():
+            if kind == "histogram":
+                self._histograms[name] = [0] * len(self.BUCKETS) + [0.0, 0]
+            for value in label[1] if label else ("",):
+                self._counts[name, value] += 0
+
+    def count(self, name: str, label: str = "", amount: int = 1) -> None:
+        with self._lock:
+            self._counts[name, label] += amount
+
+    def observe(self, name: str, seconds: float) -> None:
+        """One timing into its histogram: the first bucket it fits (made cumulative when read)."""
+        with self._lock:
+            buckets = self._histograms[name]
+            for n, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    buckets[n] += 1
+                    break
+            buckets[-2] += seconds
+            buckets[-1] += 1
+
+    def exposition(self, now: float) -> str:
+        """The page Prometheus reads."""
+        lines = []
+        with self._lock:
+            counts, histograms = dict(self._counts), {name: list(values) for name, values
+                                                      in self._histograms.items()}
+        for name, (kind, text, label) in self.FAMILIES.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            if kind == "histogram":
+                buckets, running = histograms[name], 0
+                for bound, inside in zip(self.BUCKETS, buckets):
+                    running += inside
+                    lines.append(f'{name}_bucket{{le="{bound:g}"}} {running}')
+                lines += [f'{name}_bucket{{le="+Inf"}} {buckets[-1]}',
+                          f"{name}_sum {buckets[-2]:.3f}", f"{name}_count {buckets[-1]}"]
+                continue
+            for (family, value), number in sorted(counts.items()):
+                if family == name:
+                    where = f'{{{label[0]}="{value}"}}' if label else ""
+                    lines.append(f"{name}{where} {number}")
+        health = self.store.health(now)
+        main, wal = database_bytes(self.store.path)
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.store.path))).free
+        except OSError:
+            free = float("nan")
+        gauges = [
+            ("wxbot_queue_messages", "messages waiting or in progress", health["queued"]),
+            ("wxbot_queue_oldest_age_seconds", "age of the oldest message waiting or in "
+             "progress", health["oldest_queued_age_s"]),
+            ("wxbot_dead_messages", "messages given up on, kept for `retry`", health["dead"]),
+            ("wxbot_model_down", "1 while the model fails for everyone (questions held)",
+             int(bool(self.outage and self.outage.down))),
+            ("wxbot_held_questions", "questions held until the model is back",
+             self.outage.held() if self.outage else 0),
+            ("wxbot_disk_full", "1 while pushes cannot be stored for want of space",
+             int(self.store.disk_full)),
+            ("wxbot_disk_free_bytes", "free space where the database is", free),
+            ("wxbot_database_bytes", "the database on disk, its WAL included", main + wal),
+        ]
+        for name, text, value in gauges:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value:g}"]
+        return "\n".join(lines) + "\n"
+
+    def wsgi(self, console: Callable | None = None) -> Callable:
+        """The admin listener's app: /metrics here, the rest the owner's console's (none
+        without WXBOT_ADMIN_PASSWORD: 404)."""
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") == "/metrics":
+                if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+                    start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+                    return [b"method not allowed"]
+                body = self.exposition(time.time()).encode()
+                start_response("200 OK", [
+                    ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                    ("Content-Length", str(len(body)))])
+                return [body]
+            if console is not None:
+                return console(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found"]
+        return app
 
 
 ###############################################################################
@@ -9271,7 +9793,8 @@ class Janitor:
     empties the WAL."""
 
     #: Retention is counted in days, so an hour late costs a twenty-fourth of a day's rows
-    #: at most; a pass that finds nothing old costs one indexed read.
+    #: at most; a pass that finds nothing old costs one indexed read. A retention shorter
+    #: than a day (a soak test's) is swept a 24th of it apart.
     EVERY = 3600.0
     #: Messages looked at in one transaction (with their segments, turns and model calls).
     BATCH = 500
@@ -9305,7 +9828,7 @@ class Janitor:
             main, wal = self.store.checkpoint()
         if not +removed:
             return
-        log.info("retention (%d days): removed %d messages with their answers, %d turns of "
+        log.info("retention (%g days): removed %d messages with their answers, %d turns of "
                  "history, %d expired keys; the database takes %s on disk, was %s (file %s, "
                  "WAL %s)", self.settings.retention_days, removed["messages"],
                  removed["turns"], removed["keys"], megabytes(main + wal), megabytes(before),
@@ -9317,7 +9840,8 @@ class Janitor:
                 self.sweep()
             except sqlite3.Error as error:
                 log.error("deleting old messages failed: %s; trying again in an hour", error)
-            self.stopping.wait(self.EVERY)
+            self.stopping.wait(min(self.EVERY, self.settings.retention_days * 86400 / 24)
+                               if self.settings.retention_days else self.EVERY)
 
 
 #: What a PUBLISHJOBFINISH's publish_status other than 0 (published) means (WECHAT.md §9).
@@ -9533,9 +10057,12 @@ class Bot:
                                handoff=self.handoff)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
+        #: Questions held while the model fails for everyone; WXBOT_HOLD=0: none is.
+        self.outage = Outage(settings, self.store) if settings.hold else None
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
                                self.mode, f"worker-{n}", self.owner, self.acknowledger,
-                               self.ready, self.articles, self.handoff, self.notifier)
+                               self.ready, self.articles, self.handoff, self.notifier,
+                               outage=self.outage)
                         for n in range(settings.workers)]
         self.senders = [Sender(settings, self.store, self.wechat, self.model, self.ready,
                                self.mode, f"sender-{n}", self.owner, others=self.wakeup,
@@ -9543,12 +10070,26 @@ class Bot:
                                handoff=self.handoff, notifier=self.notifier)
                         for n in range(Sender.THREADS)]
         self.janitor = Janitor(settings, self.store, self.articles)
-        #: The owner's console, on a listener of its own; None without WXBOT_ADMIN_PASSWORD.
+        self.metrics = Metrics(self.store, self.outage)
+        for counted in [self.webhook, self.model, *self.workers, *self.senders]:
+            counted.metrics = self.metrics
+        #: The owner's console; None without WXBOT_ADMIN_PASSWORD.
         self.owner_console = OwnerConsole(
             settings, self.store, self.owner, self.wakeup, self.articles, handoff=self.handoff,
             wechat=self.wechat) if settings.admin_password else None
-        self.console = HttpServer(self.owner_console.app(), settings.admin_host,
-                                  settings.admin_port) if self.owner_console else None
+        #: The admin listener: /metrics, and the console when there is one; never the
+        #: webhook's port. Without a console, a port taken (a second wxbot left at the
+        #: default) costs the metrics only.
+        try:
+            self.console: HttpServer | None = HttpServer(self.metrics.wsgi(
+                self.owner_console and self.owner_console.app()), settings.admin_host,
+                settings.admin_port)
+        except OSError as error:
+            if self.owner_console:
+                raise
+            log.warning("no /metrics: cannot listen on %s:%d (%s); give each wxbot its own "
+                        "WXBOT_ADMIN_PORT", settings.admin_host, settings.admin_port, error)
+            self.console = None
         self.threads: list[threading.Thread] = []
 
     @property
@@ -9565,9 +10106,12 @@ class Bot:
         self.acknowledger.start()
         self.server.start()
         if self.console:
+            self.console.start()
+            log.info("metrics on http://%s:%d/metrics", self.settings.admin_host,
+                     self.console.port)
+        if self.owner_console:
             threading.Thread(target=self.owner_console.count_days, name="console-days",
                              daemon=True).start()
-            self.console.start()
             log.info("owner's console on http://%s:%d/", self.settings.admin_host,
                      self.console.port)
             if not local_address(self.settings.admin_host):
@@ -9856,13 +10400,22 @@ def retry(settings: Settings, message_id: int, out) -> int:
     return 0
 
 
+#: The name `backup FOLDER` gives each copy: sorted by name, oldest first.
+BACKUP_NAME = "wxbot-%Y%m%d-%H%M%S.db"
+BACKUP_FILES = re.compile(r"wxbot-\d{8}-\d{6}\.db")
+
+
 def backup(settings: Settings, target: str, out) -> int:
     """A consistent copy of the database while the service runs, readable by its owner only,
-    checked before it is given its name.
+    checked before it is given its name. Into a folder (the daily timer), a copy named by
+    the time, and only the latest WXBOT_BACKUP_KEEP copies of the folder kept.
 
     VACUUM INTO reads one snapshot and writes it out whole: writers go on meanwhile (WAL),
     and unlike SQLite's online backup it never starts over when they write.
     """
+    folder = target if os.path.isdir(target) else None
+    if folder:
+        target = os.path.join(folder, time.strftime(BACKUP_NAME))
     if os.path.lexists(target):
         print(f"{target} exists: give the backup a new name (nothing was written)",
               file=out)
@@ -9892,6 +10445,12 @@ def backup(settings: Settings, target: str, out) -> int:
         return 1
     print(f"backup of {settings.db} written to {target}: {megabytes(os.path.getsize(target))}, "
           f"{messages} messages, integrity ok, in {time.monotonic() - started:.1f} s", file=out)
+    if folder:  # only the copies this command names: nothing else of the folder's
+        copies = sorted(name for name in os.listdir(folder) if BACKUP_FILES.fullmatch(name))
+        for name in copies[:-settings.backup_keep]:
+            os.remove(os.path.join(folder, name))
+            print(f"removed the older copy {name} (WXBOT_BACKUP_KEEP={settings.backup_keep})",
+                  file=out)
     return 0
 
 
@@ -10095,8 +10654,9 @@ def learn_command(settings: Settings, sources: list[str], published: bool, listi
                 not_learned += 1
                 print(f"{name}: not learned: {outcome}", file=out, flush=True)
             else:
-                print(f"{name}: learned 《{outcome.title}》, {outcome.passages} passage(s)",
-                      file=out, flush=True)
+                print(f"{name}: unchanged since it was learned, 《{outcome.title}》" if
+                      outcome.unchanged else f"{name}: learned 《{outcome.title}》, "
+                      f"{outcome.passages} passage(s)", file=out, flush=True)
         if not_learned:
             print(f"{not_learned} source(s) not learned", file=out)
         if settings.embed_model and (sources or published):
@@ -10120,6 +10680,20 @@ def help_text() -> str:
             default = "default: see README"
         lines.append(f"  {setting.env:<22} {setting.help} ({default})")
     return "\n".join(lines)
+
+
+#: Commands on a service's database: given its env file, they must find that database.
+OPERATOR_COMMANDS = ("status", "retry", "backup", "learn", "menu")
+
+
+def unnamed_database(env_file: str, beside: str) -> str:
+    """Why an operator command given an env file without WXBOT_DB does nothing. A unit sets
+    WXBOT_DB for its service (Environment=): without the line in the file, the command would
+    make a new, empty database beside the file and report on that one."""
+    return (f"wxbot: {env_file} does not name the database (WXBOT_DB) and there is none beside "
+            f"it ({beside}): add the service's, e.g. WXBOT_DB=/var/lib/wxbot/wxbot.db (or "
+            f"/var/lib/wxbot/NAME/wxbot.db for wxbot@NAME; `systemctl cat` shows the unit's); "
+            f"nothing was done")
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -10187,8 +10761,13 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             env.update((key, value) for key, value in read_env_file(args.env).items()
                        if value or key not in env)
             # The database lives with its settings, wherever wxbot is started from.
+            named = SETTINGS["db"].env in env
             env.setdefault(SETTINGS["db"].env, os.path.join(
                 os.path.dirname(os.path.abspath(args.env)), SETTINGS["db"].default))
+            if not named and args.command in OPERATOR_COMMANDS and \
+                    not os.path.exists(env[SETTINGS["db"].env]):
+                print(unnamed_database(args.env, env[SETTINGS["db"].env]), file=sys.stderr)
+                return 2
         if args.command == "chat":  # no WeChat involved
             env = {"WXBOT_TOKEN": "notusedinchat", "WXBOT_APPID": "-", "WXBOT_APPSECRET": "-",
                    **env}
