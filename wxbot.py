@@ -2395,7 +2395,17 @@ def question_units(text: str) -> dict[str, Unit]:
 #: a longer paragraph is cut at its sentence ends.
 PASSAGE_CHARS = 260
 PASSAGE_MAX = 500
-_SENTENCE_END = re.compile(r"(?<=[。！？!?；;…])")
+_SENTENCE_END = re.compile(r"[。！？!?；;…]")
+
+
+def sentences(paragraph: str) -> Iterator[str]:
+    """A paragraph's sentences, each with its end mark, found one at a time: a split of a
+    5 MB paragraph at once would hold the interpreter (and the webhook) for a quarter second."""
+    at = 0
+    for end in _SENTENCE_END.finditer(paragraph):
+        yield paragraph[at:end.end()]
+        at = end.end()
+    yield paragraph[at:]
 
 
 def passages_of(text: str) -> list[str]:
@@ -2408,14 +2418,15 @@ def passages_of(text: str) -> list[str]:
             pieces.append(paragraph)
             continue
         sentence = ""
-        for part in _SENTENCE_END.split(paragraph):
+        for part in sentences(paragraph):
             if sentence and len(sentence) + len(part) > PASSAGE_CHARS:
                 pieces.append(sentence)
                 sentence = ""
             sentence += part
-            while len(sentence) > PASSAGE_MAX:  # a run with no sentence end at all
-                pieces.append(sentence[:PASSAGE_MAX])
-                sentence = sentence[PASSAGE_MAX:]
+            if len(sentence) > PASSAGE_MAX:  # a run with no sentence end at all
+                cut = (len(sentence) - 1) // PASSAGE_MAX * PASSAGE_MAX
+                pieces.extend(sentence[at:at + PASSAGE_MAX] for at in range(0, cut, PASSAGE_MAX))
+                sentence = sentence[cut:]
         if sentence:
             pieces.append(sentence)
     passages: list[str] = []
@@ -2568,17 +2579,28 @@ _VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "me
          "source", "track", "wbr"}
 #: Where an article's text is, most telling first: a 公众号 article's body, then any page's.
 _TEXT_REGIONS = ("js_content", "article", "main", "body")
+#: Tags read of a page (start and end): an article has a few thousand; a hostile page of a
+#: million would hold the interpreter for seconds, so the rest of it is not read.
+PAGE_TAGS = 150_000
+#: Characters kept of a title as it is read: a title that never closes swallows the page.
+TITLE_CHARS = 500
 
 
-#: A run of white space (pages' text, blocked words).
+class _EnoughRead(Exception):
+    """PAGE_TAGS were read: the page's text is what came before."""
+
+
+#: A run of white space (pages' text, blocked words), and a run of anything else.
 _SPACES = re.compile(r"\s+")
-#: A comment: lazy up to its first end, which exists (page_text cuts one left open).
-_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_WORD = re.compile(r"\S+")
 #: A "<" that no ">" closes before the next "<": no markup, only text. The standard
 #: library's parser looks for the end of each such "<" through the rest of the page (a page
 #: of "</</</..." takes quadratic time); as text, it is passed over once. Linear: each
-#: look stops at the next "<" or ">".
+#: look stops at the next "<" or ">". It is read as _LT and handed back as "<" (an "&lt;"
+#: each would cost the parser a call per entity).
 _STRAY_LT = re.compile(r"<(?=[^<>]*(?:<|\Z))")
+#: What a stray "<" is while the page is read (a NUL in a page is U+FFFD, as in a browser).
+_LT = "\x00"
 
 
 class _PageReader(html.parser.HTMLParser):
@@ -2596,8 +2618,15 @@ class _PageReader(html.parser.HTMLParser):
         self._open_regions: collections.Counter = collections.Counter()
         self._hidden = 0
         self._in_title = self._in_h1 = False
+        self._tags = 0
+
+    def _count_tag(self) -> None:
+        self._tags += 1
+        if self._tags > PAGE_TAGS:
+            raise _EnoughRead()
 
     def handle_starttag(self, tag, attrs):
+        self._count_tag()
         attrs = dict(attrs)
         if tag == "meta":
             name = (attrs.get("property") or attrs.get("name") or "").lower()
@@ -2624,6 +2653,7 @@ class _PageReader(html.parser.HTMLParser):
             self._text("\n")
 
     def handle_endtag(self, tag):
+        self._count_tag()
         if tag in _VOID or not self._open_tags[tag]:
             return  # a stray end tag
         while self._open:
@@ -2641,9 +2671,10 @@ class _PageReader(html.parser.HTMLParser):
             self._text("\n")
 
     def handle_data(self, data):
-        if self._in_title:
+        data = data.replace(_LT, "<")
+        if self._in_title and len(self.title) < TITLE_CHARS:
             self.title += data
-        if self._in_h1:
+        if self._in_h1 and len(self.h1_title) < TITLE_CHARS:
             self.h1_title += data
         if not self._hidden:  # a line break in the source is a space; blocks end lines
             self._text(_SPACES.sub(" ", data))
@@ -2656,36 +2687,74 @@ class _PageReader(html.parser.HTMLParser):
             self.regions[region].append(data)
 
 
+#: Characters of a page handled at a time. C code holds the interpreter while it runs (a
+#: pattern over 5 MB for a tenth of a second): in steps, the webhook's threads run between.
+PAGE_STEP = 32 * 1024
+
+
+def page_steps(page: str) -> Iterator[str]:
+    """The page in pieces of PAGE_STEP characters or more, each cut just before a "<": a
+    piece's end is then where _STRAY_LT would find the next "<"."""
+    at = 0
+    while at < len(page):
+        cut = page.find("<", at + PAGE_STEP)
+        cut = len(page) if cut < 0 else cut
+        yield page[at:cut]
+        at = cut
+
+
+def without_comments(page: str) -> str:
+    """The page without its comments; one left open hides the rest, as in a browser. Each
+    comment's end is looked for once, from its start: a pattern would look for it from every
+    "<!--" of a page of unclosed ones, to the end each time (quadratic)."""
+    kept, at = [], 0
+    while (opened := page.find("<!--", at)) >= 0:
+        kept.append(page[at:opened])
+        closed = page.find("-->", opened + 4)
+        if closed < 0:
+            return "".join(kept)
+        at = closed + 3
+    kept.append(page[at:])
+    return "".join(kept)
+
+
+#: What WeChat's verification page says instead of the article.
+_VERIFICATION = re.compile("环境异常|完成验证|去验证|访问过于频繁")
+#: Where a 公众号 article's page says when it was published (in a script, so in one step).
+_CREATED = re.compile(r"""\bvar\s+ct\s*=\s*["']?(\d{9,11})""")
+
+
 def page_text(page: str, url: str) -> tuple[str, str, str]:
     """A page's title, text and date (YYYY-MM-DD or ""): a 公众号 article's title from og:title
     or h1#activity-name and text from #js_content; any other page's <title> and the text of
     its <article>, <main> or <body>. Paragraphs and list items are lines; scripts, styles,
     images and the editor's wrapper markup are dropped, entities decoded. LearnError for a
     WeChat verification page."""
-    opened = page.rfind("<!--")
-    if opened >= 0 and page.find("-->", opened + 4) < 0:
-        page = page[:opened]  # a comment left open hides the rest, as in a browser
     reader = _PageReader()
-    reader.feed(_STRAY_LT.sub("&lt;", _COMMENT.sub("", page)))
-    reader.close()
+    try:
+        for piece in page_steps(without_comments(page)):
+            reader.feed(_STRAY_LT.sub(_LT, piece.replace(_LT, "\ufffd")))
+        reader.close()
+    except _EnoughRead:
+        pass
     text = ""
     for region in _TEXT_REGIONS:
-        lines = (" ".join(line.split()) for line in "".join(reader.regions[region]).splitlines())
+        # Word by word: a split of a 5 MB line at once would hold the interpreter.
+        lines = (" ".join(word.group() for word in _WORD.finditer(line))
+                 for line in "".join(reader.regions[region]).splitlines())
         text = "\n".join(line for line in lines if line)
         if text:
             break
     wechat = "mp.weixin.qq.com" in urllib.parse.urlsplit(url).netloc
-    if wechat and not reader.regions["js_content"] and re.search(
-            "环境异常|完成验证|去验证|访问过于频繁", text):
+    if wechat and not reader.regions["js_content"] and _VERIFICATION.search(text[:PAGE_STEP]):
         raise LearnError("WeChat answered with a verification page (环境异常) instead of the "
                          "article: wait a while and learn it again, or save the page from a "
                          "browser and learn the .html file")
     title = " ".join((reader.og_title or reader.h1_title or reader.title).split())
     date = reader.published if re.fullmatch(r"\d{4}-\d\d-\d\d", reader.published) else ""
-    created = re.search(r"""\bvar\s+ct\s*=\s*["']?(\d{9,11})""", page) \
-        if wechat or reader.regions["js_content"] else None  # a 公众号 article's publish time
-    if created and not date:
-        date = china_date(float(created.group(1)))
+    if (wechat or reader.regions["js_content"]) and not date:  # a 公众号 article's publish time
+        created = next(filter(None, map(_CREATED.search, page_steps(page))), None)
+        date = china_date(float(created.group(1))) if created else ""
     return title, text, date
 
 
