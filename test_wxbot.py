@@ -8491,6 +8491,41 @@ def test_typing_is_not_asked_for_again_while_it_still_shows(tmp_path, wechat, mo
 
 # Articles, console and citations under attack ###############################
 
+@pytest.mark.parametrize("same_process", [True, False], ids=["in the server", "from the console"])
+def test_a_push_waits_little_behind_learning_and_forgetting_a_large_article(tmp_path,
+                                                                           same_process):
+    """Learning, learning again and forgetting an article of thousands of passages hold the
+    database in short turns: a push arriving meanwhile is stored within a fraction of a
+    second (WeChat gives up after 5 s), whether the server or another process learns."""
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path)
+    articles = wxbot.Articles(path, turn=store.write_turn if same_process else
+                              contextlib.nullcontext)
+    text = "\n".join(f"第{n}段：拿铁咖啡的做法与价格说明，门店营业时间和会员积分规则。" * 8
+                     for n in range(4000))
+    waits, done = [], threading.Event()
+
+    def pushes():
+        while not done.is_set():
+            started = time.monotonic()
+            stored_push(store, "oPUSH", "你好", len(waits), time.time())
+            waits.append(time.monotonic() - started)
+            done.wait(0.005)
+
+    thread = threading.Thread(target=pushes)
+    thread.start()
+    try:
+        articles.learn_text("url", "https://example.com/big", "大文章", text)
+        articles.learn_text("url", "https://example.com/big", "大文章", text + "\n结尾")
+        assert articles.forget("https://example.com/big")
+    finally:
+        done.set()
+        thread.join()
+        store.close()
+    assert len(waits) > 20 and max(waits) < 0.5, max(waits)
+    assert articles.sources() == [] and articles.find("拿铁价格") == []
+
+
 #: Pages a hostile server may send to `learn URL`: markup that never closes, nests without
 #: end, or ends what was never opened; 5 MB of each, the most a page may be.
 HOSTILE_SHAPES = {

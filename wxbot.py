@@ -67,7 +67,7 @@ import time
 import unicodedata
 import urllib.parse
 import xml.parsers.expat
-from typing import Callable, Container, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Container, Generator, Iterable, Iterator, Mapping, Sequence
 
 import bottle
 import openai
@@ -1305,7 +1305,7 @@ class Store:
             yield joined
             return
         touched = self._local.touched = set()
-        with self._turn(), self._begin() as conn:
+        with self.write_turn(), self._begin() as conn:
             self._local.conn = conn
             try:
                 yield conn
@@ -1314,9 +1314,9 @@ class Store:
         self.wakeups.ring(touched)
 
     @contextlib.contextmanager
-    def _turn(self) -> Iterator[None]:
+    def write_turn(self) -> Iterator[None]:
         """A turn to write that is not a push's: after the write in progress and any waiting
-        push."""
+        push (the articles' writes take theirs here too)."""
         with self._turns:
             while self._writing or self._pending:
                 self._worker_turn.wait()
@@ -2041,7 +2041,7 @@ class Store:
         """
         before = now - keep_seconds
         turns_before = min(before, now - history_seconds)
-        with self._turn(), self.connection() as conn:
+        with self.write_turn(), self.connection() as conn:
             # Links into deleted history (a segment carried to a later message, a follow-up
             # merged into an earlier one) may point nowhere: nothing reads them any more.
             conn.execute("PRAGMA foreign_keys=OFF")
@@ -2087,7 +2087,7 @@ class Store:
         before the next try.
         """
         for _ in range(self.CHECKPOINT_TRIES):
-            with self._turn(), self.connection() as conn:
+            with self.write_turn(), self.connection() as conn:
                 conn.execute("PRAGMA busy_timeout=0")
                 try:
                     busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
@@ -2814,9 +2814,16 @@ class Articles:
     #: Candidates BM25 brings before they are weighed against the question.
     CANDIDATES = 30
 
-    def __init__(self, db_path: str, busy_timeout: float = 15.0):
+    #: How long one write of learn_text or forget holds the database: a push waiting for it
+    #: is acknowledged a little later, never after WeChat's 5 s. A large article is written in
+    #: as many transactions as it takes.
+    HOLD = 0.02
+
+    def __init__(self, db_path: str, busy_timeout: float = 15.0,
+                 turn: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        """`turn`: the Store's write_turn() in the server, so that pushes write first."""
         create_private(db_path)
-        self.path, self.busy_timeout = db_path, busy_timeout
+        self.path, self.busy_timeout, self._turn = db_path, busy_timeout, turn
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -2856,7 +2863,7 @@ class Articles:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._reading() as conn:
+        with self._turn(), self._reading() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -2909,25 +2916,43 @@ class Articles:
         conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('changed', ?)",
                      (str(time.time_ns()),))
 
+    def _in_steps(self, work: Generator[None, sqlite3.Connection, None]) -> None:
+        """Run a write given the connection at each of its steps (`conn = yield`), as many
+        steps in one transaction as HOLD allows: a small article is learned at once, a large
+        one in turns, with as long a pause between them as the last was held, in which a
+        push in another process (learn from the console, the server's webhook) writes."""
+        next(work)
+        while True:
+            with self._write() as conn:
+                began = time.monotonic()
+                try:
+                    while time.monotonic() - began < self.HOLD:
+                        work.send(conn)
+                except StopIteration:
+                    return
+                held = time.monotonic() - began
+            time.sleep(held)
+
     @staticmethod
-    def _unindex(conn: sqlite3.Connection, source_id: int) -> None:
-        """Remove a source's passages and their terms (spelled as they were added)."""
-        title = conn.execute("SELECT title FROM article_sources WHERE id = ?",
-                             (source_id,)).fetchone()
-        if title is None:
-            return
-        title_terms = " ".join(article_terms(title[0]))
+    def _unindexing(conn: sqlite3.Connection, source_id: int, title: str
+                    ) -> Generator[None, sqlite3.Connection, sqlite3.Connection]:
+        """Remove a source's passages and their terms (spelled as they were added), a step
+        each; returns the connection of the last step."""
+        title_terms = " ".join(article_terms(title))
         for passage_id, text in conn.execute(
                 "SELECT id, text FROM article_passages WHERE source_id = ?",
                 (source_id,)).fetchall():
             conn.execute("INSERT INTO article_terms (article_terms, rowid, title, body)"
                          " VALUES ('delete', ?, ?, ?)",
                          (passage_id, title_terms, " ".join(article_terms(text))))
-        conn.execute("DELETE FROM article_passages WHERE source_id = ?", (source_id,))
+            conn.execute("DELETE FROM article_passages WHERE id = ?", (passage_id,))
+            conn = yield
+        return conn
 
     def learn_text(self, kind: str, origin: str, title: str, text: str, url: str = "",
                    date: str = "", now: float | None = None) -> Source:
-        """Learn a text as passages, replacing what was learned before from the same origin."""
+        """Learn a text as passages, replacing what was learned before from the same origin.
+        Until it is all written, the source has no digest (a sync learns it again)."""
         title = " ".join(title.split()) or os.path.basename(origin) or origin
         if kind not in ("published", "url", "file"):
             raise ValueError(f"kind must be published, url or file, not {kind!r}")
@@ -2936,33 +2961,44 @@ class Articles:
             raise LearnError("no text in it")
         digest = article_digest(title, text, url, date)
         now = time.time() if now is None else now
-        with self._write() as conn:
-            row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+        # The words are found before the database is held.
+        title_terms = " ".join(article_terms(title))
+        passages = [(piece, " ".join(article_terms(piece))) for piece in pieces]
+        learned: list[int] = []
+
+        def learning() -> Generator[None, sqlite3.Connection, None]:
+            conn = yield
+            row = conn.execute("SELECT id, title FROM article_sources WHERE origin = ?",
                                (origin,)).fetchone()
             if row:
-                self._unindex(conn, row[0])
-                conn.execute("UPDATE article_sources SET kind = ?, title = ?, url = ?,"
-                             " date = ?, passages = ?, digest = ?, learned_at = ? WHERE id = ?",
-                             (kind, title, url, date, len(pieces), digest, now, row[0]))
                 source_id = row[0]
+                conn.execute("UPDATE article_sources SET kind = ?, title = ?, url = ?,"
+                             " date = ?, digest = '', learned_at = ? WHERE id = ?",
+                             (kind, title, url, date, now, source_id))
+                conn = yield from self._unindexing(conn, source_id, row[1])
             else:
                 source_id = conn.execute(
                     "INSERT INTO article_sources (kind, origin, title, url, date, passages,"
-                    " digest, learned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (kind, origin, title, url, date, len(pieces), digest, now)).lastrowid
-            title_terms = " ".join(article_terms(title))
-            for piece in pieces:
+                    " digest, learned_at) VALUES (?, ?, ?, ?, ?, 0, '', ?)",
+                    (kind, origin, title, url, date, now)).lastrowid
+            learned.append(source_id)
+            for piece, terms in passages:
                 passage_id = conn.execute("INSERT INTO article_passages (source_id, text)"
                                           " VALUES (?, ?)", (source_id, piece)).lastrowid
                 conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
-                             (passage_id, title_terms, " ".join(article_terms(piece))))
+                             (passage_id, title_terms, terms))
+                conn = yield
+            conn.execute("UPDATE article_sources SET passages = ?, digest = ? WHERE id = ?",
+                         (len(pieces), digest, source_id))
             self._count(conn)
-        return Source(source_id, kind, origin, title, url, date, len(pieces), now)
+
+        self._in_steps(learning())
+        return Source(learned[0], kind, origin, title, url, date, len(pieces), now)
 
     def forget(self, origin_or_id: str) -> bool:
         """Forget a source by its origin (URL, path, article_id) or its id; False if unknown."""
         origin_or_id = str(origin_or_id)
-        with self._write() as conn:
+        with self._reading() as conn:
             row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
                                (origin_or_id,)).fetchone()
             if row is None and origin_or_id.isdigit():
@@ -2977,11 +3013,20 @@ class Articles:
             ids = [row[0]] + [other for (other,) in conn.execute(
                 "SELECT id FROM article_sources WHERE kind = 'published' AND origin > ?"
                 " AND origin < ?", (origin_or_id + "/", origin_or_id + "0"))]
-            for source_id in ids:
-                self._unindex(conn, source_id)
-                conn.execute("DELETE FROM article_sources WHERE id = ?", (source_id,))
-            self._count(conn)
+        self._in_steps(self._forgetting(ids))
         return True
+
+    def _forgetting(self, ids: list[int]) -> Generator[None, sqlite3.Connection, None]:
+        conn = yield
+        for source_id in ids:
+            row = conn.execute("SELECT title FROM article_sources WHERE id = ?",
+                               (source_id,)).fetchone()
+            if row is None:
+                continue  # forgotten meanwhile
+            conn.execute("UPDATE article_sources SET digest = '' WHERE id = ?", (source_id,))
+            conn = yield from self._unindexing(conn, source_id, row[0])
+            conn.execute("DELETE FROM article_sources WHERE id = ?", (source_id,))
+        self._count(conn)
 
     def digests(self, kind: str) -> dict[str, str]:
         """Each learned source of a kind, by origin: what it was learned from, as
@@ -8203,7 +8248,7 @@ class Bot:
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
-        self.articles = Articles(settings.db)
+        self.articles = Articles(settings.db, turn=self.store.write_turn)
         self.article_sync = (ArticleSync(settings, self.articles, self.wechat)
                              if settings.learn_published else None)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode, wechat=self.wechat,
