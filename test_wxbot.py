@@ -71,9 +71,10 @@ def wait_for(condition, timeout=15.0, message="condition"):
 # Loopback fakes ##############################################################
 
 class FakeServer:
-    """A threaded HTTP server on 127.0.0.1:0 whose handler calls self.route(handler)."""
+    """A threaded HTTP server on 127.0.0.1:0 (or another loopback `host`) whose handler calls
+    self.route(handler)."""
 
-    def __init__(self):
+    def __init__(self, host="127.0.0.1"):
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -105,10 +106,10 @@ class FakeServer:
         self.peers = []         # the client's (address, port) of every request, in order
         self.hang_up = False    # close each connection after its answer
         self.closed = 0         # connections this server has closed
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
         self.server.handle_error = lambda request, address: None  # a client hung up
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"http://{host}:{self.server.server_address[1]}"
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
                                        kwargs={"poll_interval": 0.05})
@@ -484,6 +485,7 @@ def env_for(tmp_path, wechat, model, **overrides):
         "OPENAI_BASE_URL": model.url + "/v1", "WXBOT_DB": str(tmp_path / "wxbot.db"),
         "WXBOT_HOST": "127.0.0.1", "WXBOT_PORT": "0", "WXBOT_MODEL_TIMEOUT": "5",
         "WXBOT_RETRY_BASE": "0.05", "WXBOT_STOP_TIMEOUT": "5",
+        "WXBOT_LEARN_PRIVATE": "1",  # the pages learned are served on 127.0.0.1
     }
     env.update({key: str(value) for key, value in overrides.items()})
     return env
@@ -7407,8 +7409,8 @@ def test_learn_published_refused_says_what_to_do_in_one_sentence(tmp_path, wecha
 class FakePages(FakeServer):
     """Web pages on loopback: `pages[path]` is (status, HTML); the User-Agent of each GET."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, host="127.0.0.1"):
+        super().__init__(host)
         self.pages, self.agents = {}, []
 
     def route(self, handler):
@@ -8597,7 +8599,8 @@ def test_a_page_that_never_ends_is_given_up_at_the_deadline():
     try:
         outcome = []
         thread = threading.Thread(target=lambda: outcome.append(
-            pytest.raises(wxbot.LearnError, wxbot.fetch_page, page.url + "/", timeout=1.0)),
+            pytest.raises(wxbot.LearnError, wxbot.fetch_page, page.url + "/", timeout=1.0,
+                          private=True)),
             daemon=True)
         thread.start()
         thread.join(30)
@@ -8707,24 +8710,92 @@ class RedirectingPages(FakePages):
         super().route(handler)
 
 
-def test_a_page_cannot_redirect_learn_to_another_host_on_this_machine(tmp_path):
+@pytest.fixture
+def internet_on_loopback(monkeypatch):
+    """127.0.0.1 stands for the internet (the test's public pages are served there); every
+    other address is what it is (127.0.0.2: this machine). A name `rebinding.test` resolves
+    to 127.0.0.1 the first time and to 127.0.0.2 after, as a hostile DNS server answers."""
+    monkeypatch.setattr(wxbot, "private_address", lambda address: address != "127.0.0.1" and
+                        not ipaddress.ip_address(address).is_global)
+    resolve, asked = socket.getaddrinfo, []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "rebinding.test":
+            asked.append(host)
+            host = "127.0.0.1" if len(asked) == 1 else "127.0.0.2"
+        return resolve(host, port, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_a_page_cannot_redirect_learn_to_this_machine(tmp_path, internet_on_loopback):
     """A page's server may redirect to any public page, and within its own host; a redirect
-    to another host on this machine or a private network (a cloud's 169.254.169.254, a
-    local admin page) is refused, so what only the server can reach never reaches readers."""
-    inside = FakePages()
+    to this machine or a private network (a cloud's 169.254.169.254, a local admin page) is
+    refused, as is one that parsers read differently (127.0.0.2\\x) and one to the page's
+    own name that now resolves inside (DNS rebinding). What only the server can reach never
+    reaches readers."""
+    inside = FakePages("127.0.0.2")
     inside.pages = {"/secret": (200, "<p>内部密钥 abc123。</p>")}
     pages = RedirectingPages()
     pages.pages = {"/moved": (200, "<p>新地址的文章。</p>")}
-    pages.redirects = {"/old": "/moved",
-                       "/evil": inside.url.replace("127.0.0.1", "localhost") + "/secret"}
+    port, inside_port = pages.url.rsplit(":", 1)[1], inside.url.rsplit(":", 1)[1]
+    pages.redirects = {"/old": "/moved", "/evil": inside.url + "/secret",
+                       "/parsers": f"http://127.0.0.2:{inside_port}\\x/secret",
+                       "/rebinding": f"http://rebinding.test:{port}/rebound",
+                       "/rebound": f"http://rebinding.test:{port}/moved"}
     articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
     try:
         assert articles.learn(pages.url + "/old").url == pages.url + "/moved"
-        with pytest.raises(wxbot.LearnError, match="private network"):
-            articles.learn(pages.url + "/evil")
-        assert inside.agents == []
+        for path in ("/evil", "/parsers", "/rebinding"):
+            with pytest.raises(wxbot.LearnError, match="private network|read differently"):
+                articles.learn(pages.url + path)
+        assert inside.peers == []
         assert [source.url for source in articles.sources()] == [pages.url + "/moved"]
     finally:
         articles.close()
         pages.close()
         inside.close()
+
+
+def test_learn_url_reaches_this_machine_only_when_the_owner_allows_it(tmp_path):
+    """The URL the owner types is checked too (a name whose address is 169.254.169.254 or
+    127.0.0.1 is refused); WXBOT_LEARN_PRIVATE=1 lets an owner learn their own intranet."""
+    pages = FakePages()
+    pages.pages = {"/wiki": (200, "<p>内部文档。</p>")}
+    refusing = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    allowing = wxbot.Articles(str(tmp_path / "wxbot.db"), private=True)
+    try:
+        with pytest.raises(wxbot.LearnError, match="WXBOT_LEARN_PRIVATE=1"):
+            refusing.learn(pages.url.replace("127.0.0.1", "localhost") + "/wiki")
+        assert pages.peers == []
+        assert allowing.learn(pages.url + "/wiki").passages == 1
+    finally:
+        refusing.close()
+        allowing.close()
+        pages.close()
+
+
+class SlowHeaders(FakeServer):
+    """A server that sends its answer's headers a byte at a time, each well within any read
+    timeout."""
+
+    def route(self, handler):
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"z" * 1000:
+            try:
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.1)
+
+
+def test_a_page_whose_headers_never_end_is_given_up_at_the_deadline():
+    """One deadline for the whole fetch, redirects and headers included: headers sent a
+    byte at a time do not keep learn waiting past it."""
+    page = SlowHeaders()
+    try:
+        started = time.monotonic()
+        with pytest.raises(wxbot.LearnError, match="within 1 s"):
+            wxbot.fetch_page(page.url + "/", timeout=1.0, private=True)
+        assert time.monotonic() - started < 5
+    finally:
+        page.close()

@@ -72,6 +72,7 @@ from typing import Callable, Container, Generator, Iterable, Iterator, Mapping, 
 import bottle
 import openai
 import requests
+import urllib3
 
 __version__ = "0.1.0"
 
@@ -405,6 +406,10 @@ SETTINGS: dict[str, Setting] = {
                                "1: once `learn --published` has run, learn each article the "
                                "account publishes as WeChat announces it, and check the whole "
                                "list once a day (new, changed, deleted); 0: off"),
+    "learn_private": Setting("WXBOT_LEARN_PRIVATE", "0", _flag,
+                             "1: `learn URL` may read pages on this machine and private networks "
+                             "(an intranet wiki); 0: such addresses are refused, whoever names "
+                             "them (a page's redirect, a name that points inside)"),
     "admin_password": Setting("WXBOT_ADMIN_PASSWORD", "", _admin_password,
                               "password of the owner's web console, at least 12 characters "
                               "(empty: no console, nothing listens)", secret=True),
@@ -457,6 +462,7 @@ class Settings:
     stop_timeout: float
     retry_base: float
     learn_published: bool
+    learn_private: bool
     admin_password: str
     admin_host: str
     admin_port: int
@@ -2488,84 +2494,145 @@ PAGE_BYTES = 5 * 1024 * 1024
 PAGE_REDIRECTS = 5
 
 
-def private_host(host: str) -> bool:
-    """Whether a host is this machine or on a private network (loopback, 10/8, 192.168/16,
-    169.254/16 where clouds answer with their credentials...)."""
-    try:
-        found = socket.getaddrinfo(host, None)
-    except (OSError, UnicodeError):
-        return False  # not found: fetching it fails on its own
-    return any(not ipaddress.ip_address(info[4][0].split("%")[0]).is_global for info in found)
+def private_address(address: str) -> bool:
+    """Whether an IP address is this machine's or a private network's (loopback, 10/8,
+    192.168/16, 169.254/16, fc00::/7, an IPv4 address mapped in IPv6...)."""
+    return not ipaddress.ip_address(address).is_global
 
 
-def _followed(url: str, timeout: float) -> requests.Response:
-    """The answer at url, its redirects followed; a redirect to another host on this machine
-    or a private network is refused: a page's server must not make wxbot read what only wxbot
-    can reach (and give it to readers). A URL the owner names is theirs to choose."""
-    named = urllib.parse.urlsplit(url).hostname
-    for _ in range(PAGE_REDIRECTS + 1):
-        response = requests.get(url, timeout=timeout, stream=True, allow_redirects=False,
-                                headers={"User-Agent": USER_AGENT,
-                                         "Accept": "text/html,application/xhtml+xml",
-                                         "Accept-Language": "zh-CN,zh;q=0.9"})
-        if not response.is_redirect:
-            return response
-        response.close()
-        target = urllib.parse.urlsplit(urllib.parse.urljoin(url, response.headers["Location"]))
-        if target.scheme not in ("http", "https") or target.password is not None:
-            raise LearnError("it redirects to a link that is not an http(s) page")
-        if target.hostname != named and private_host(target.hostname or ""):
-            raise LearnError(f"it redirects to {target.hostname}, on this machine or a private "
-                             f"network: not followed")
-        url = target.geturl()
-    raise LearnError(f"more than {PAGE_REDIRECTS} redirects")
+class _Late(Exception):
+    """The fetch's deadline passed."""
 
 
-def fetch_page(url: str, timeout: float = 20.0) -> Page:
-    """GET a page as a browser would (one at a time: `learn` fetches in turn), all of it
-    within `timeout`; LearnError says why it could not be had."""
-    if urllib.parse.urlsplit(url).password is not None:
+def _address(url: str, private: bool) -> tuple[urllib.parse.SplitResult, str]:
+    """The URL's parts and the address to connect to: its host resolved once, every address
+    checked. LearnError for what is not an http(s) page readers can open, what two parsers
+    read as different hosts (one checked, the other connected to), a name that does not
+    resolve, and, unless `private`, any address on this machine or a private network (a
+    cloud's 169.254.169.254 answers with its credentials)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise LearnError("it leads to a link that is not an http(s) page")
+    if parts.password is not None:
         # It would be logged, listed and linked in the 来源 line that readers see.
         raise LearnError("the URL holds a password (user:password@): learn a page readers "
                          "can open without one")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        other = (urllib3.util.parse_url(url).host or "").strip("[]").lower()
+    except (ValueError, urllib3.exceptions.LocationParseError):
+        other, port = None, 0
+    if other != parts.hostname or not _HOST.fullmatch(parts.hostname):
+        raise LearnError(f"its address ({parts.netloc[:80]!r}) is read differently by "
+                         f"different programs: not fetched")
+    try:
+        found = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise LearnError(f"{parts.hostname} is not found (DNS)") from None
+    addresses = [info[4][0].split("%")[0] for info in found]
+    if not private and any(map(private_address, addresses)):
+        raise LearnError(f"{parts.hostname} is on this machine or a private network: not "
+                         f"fetched (WXBOT_LEARN_PRIVATE=1 allows it)")
+    return parts, addresses[0]
+
+
+#: A host name or address as every parser reads it alike.
+_HOST = re.compile(r"[a-z0-9._-]+|[0-9a-f:.]+")
+
+
+def _get(parts: urllib.parse.SplitResult, address: str, deadline: float, close_at: list
+         ) -> urllib3.BaseHTTPResponse:
+    """GET the page at the address that was checked (with its name for the Host header and
+    the certificate); `close_at` gets the connection, which is shut at the deadline."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _Late()
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if parts.scheme == "https":
+        conn = urllib3.connection.HTTPSConnection(
+            address, port, timeout=remaining, server_hostname=parts.hostname,
+            assert_hostname=parts.hostname, cert_reqs="CERT_REQUIRED",
+            ca_certs=requests.certs.where())
+    else:
+        conn = urllib3.connection.HTTPConnection(address, port, timeout=remaining)
+    close_at.append(conn)
+    target = requests.utils.requote_uri(
+        (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+    conn.request("GET", target, preload_content=False, decode_content=True, headers={
+        "Host": parts.netloc.rpartition("@")[2], "User-Agent": USER_AGENT,
+        "Accept": "text/html,application/xhtml+xml", "Accept-Language": "zh-CN,zh;q=0.9",
+        "Accept-Encoding": "gzip, deflate", "Connection": "close"})
+    return conn.getresponse()
+
+
+def _shut(conn: urllib3.connection.HTTPConnection) -> None:
+    """End a connection another thread waits on (closing it would not wake that thread)."""
+    with contextlib.suppress(OSError, AttributeError):
+        conn.sock.shutdown(socket.SHUT_RDWR)
+
+
+def fetch_page(url: str, timeout: float = 20.0, private: bool = False) -> Page:
+    """GET a page as a browser would (one at a time: `learn` fetches in turn), all of it,
+    redirects and headers included, within `timeout`. Each hop's host is resolved once and
+    checked (_address), and that address is the one connected to: a name that resolves
+    elsewhere the second time reaches nothing. A redirect is followed as a browser would
+    (PAGE_REDIRECTS); LearnError says why the page could not be had."""
     deadline = time.monotonic() + timeout
+    connections: list = []
+    # A header a byte at a time, each within the read timeout, would never end: at the
+    # deadline the connection is shut, whatever it waits for.
+    watchdog = threading.Timer(timeout, lambda: [_shut(conn) for conn in connections])
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        with _followed(url, timeout) as response:
-            if response.status_code != 200:
-                raise LearnError(f"the server answered HTTP {response.status_code}")
-            kind = response.headers.get("Content-Type", "text/html")
-            if "html" not in kind and "text" not in kind:
-                raise LearnError(f"not a web page ({kind.split(';')[0]})")
-            # A byte at a time, each within the read timeout, would never end: the page is
-            # read as it comes, under one deadline.
-            chunks, size = [], 0
-            while size <= PAGE_BYTES:
-                if time.monotonic() > deadline:
-                    raise requests.Timeout()
-                chunk = response.raw.read1(PAGE_BYTES + 1 - size, decode_content=True)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            body = b"".join(chunks)
-            if len(body) > PAGE_BYTES:
-                raise LearnError(f"the page is larger than {PAGE_BYTES // 1024 // 1024} MB")
-            final = response.url
-            declared = response.encoding if "charset" in kind.lower() else None
-    except requests.exceptions.SSLError:
+        for _ in range(PAGE_REDIRECTS + 1):
+            parts, address = _address(url, private)
+            response = _get(parts, address, deadline, connections)
+            location = response.headers.get("Location")
+            if response.status not in (301, 302, 303, 307, 308) or location is None:
+                break
+            response.release_conn()
+            url = urllib.parse.urljoin(url, location)
+        else:
+            raise LearnError(f"more than {PAGE_REDIRECTS} redirects")
+        if response.status != 200:
+            raise LearnError(f"the server answered HTTP {response.status}")
+        kind = response.headers.get("Content-Type", "text/html")
+        if "html" not in kind and "text" not in kind:
+            raise LearnError(f"not a web page ({kind.split(';')[0]})")
+        # Read as it comes, decompressed a bounded step at a time: a small gzip may unpack
+        # to gigabytes.
+        chunks, size = [], 0
+        while size <= PAGE_BYTES:
+            if time.monotonic() > deadline:
+                raise _Late()
+            chunk = response.read1(PAGE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        body = b"".join(chunks)
+        if len(body) > PAGE_BYTES:
+            raise LearnError(f"the page is larger than {PAGE_BYTES // 1024 // 1024} MB")
+    except (ssl.SSLError, urllib3.exceptions.SSLError, ssl.CertificateError):
         raise LearnError("its HTTPS certificate is not valid") from None
-    except requests.Timeout:
-        raise LearnError(f"the page did not arrive within {timeout:.0f} s") from None
-    except requests.ConnectionError:
+    except (_Late, OSError, http.client.HTTPException, urllib3.exceptions.HTTPError):
+        if time.monotonic() >= deadline - 0.05:
+            raise LearnError(f"the page did not arrive within {timeout:.0f} s") from None
         raise LearnError("cannot connect to its server") from None
-    except requests.RequestException as error:
-        raise LearnError(f"cannot fetch it ({type(error).__name__})") from None
-    found = re.search(rb"<meta[^>]{0,200}?charset=[\"']?([\w-]{1,20})", body[:4096], re.I)
-    charset = declared or (found.group(1).decode("ascii") if found else "utf-8")
+    finally:
+        watchdog.cancel()
+        for conn in connections:
+            conn.close()
+    declared = re.search(r"charset=[\"']?([\w-]{1,20})", kind, re.I)
+    found = declared or re.search(rb"<meta[^>]{0,200}?charset=[\"']?([\w-]{1,20})",
+                                  body[:4096], re.I)
+    charset = found.group(1) if found else "utf-8"
+    charset = charset if isinstance(charset, str) else charset.decode("ascii")
     try:
-        return Page(final, body.decode(charset, errors="replace"))
+        return Page(url, body.decode(charset, errors="replace"))
     except LookupError:
-        return Page(final, body.decode("utf-8", errors="replace"))
+        return Page(url, body.decode("utf-8", errors="replace"))
 
 
 #: Elements whose content is no text of the article.
@@ -2816,14 +2883,21 @@ class Articles:
 
     #: How long one write of learn_text or forget holds the database: a push waiting for it
     #: is acknowledged a little later, never after WeChat's 5 s. A large article is written in
-    #: as many transactions as it takes.
+    #: as many transactions as it takes, PAUSE apart: a writer in another process that found
+    #: the database held tries again every 25 to 50 ms (SQLite's busy handler), so it finds
+    #: it free within one pause.
     HOLD = 0.02
+    PAUSE = 0.05
 
     def __init__(self, db_path: str, busy_timeout: float = 15.0,
-                 turn: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
-        """`turn`: the Store's write_turn() in the server, so that pushes write first."""
+                 turn: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 private: bool = False):
+        """`turn`: the Store's write_turn() in the server, so that pushes write first;
+        `private`: pages on this machine and private networks may be learned
+        (WXBOT_LEARN_PRIVATE)."""
         create_private(db_path)
         self.path, self.busy_timeout, self._turn = db_path, busy_timeout, turn
+        self.private = private
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -2919,8 +2993,8 @@ class Articles:
     def _in_steps(self, work: Generator[None, sqlite3.Connection, None]) -> None:
         """Run a write given the connection at each of its steps (`conn = yield`), as many
         steps in one transaction as HOLD allows: a small article is learned at once, a large
-        one in turns, with as long a pause between them as the last was held, in which a
-        push in another process (learn from the console, the server's webhook) writes."""
+        one in turns, with a PAUSE between them in which a push in another process writes
+        (`learn` run from the console while the server runs)."""
         next(work)
         while True:
             with self._write() as conn:
@@ -2930,8 +3004,7 @@ class Articles:
                         work.send(conn)
                 except StopIteration:
                     return
-                held = time.monotonic() - began
-            time.sleep(held)
+            time.sleep(self.PAUSE)
 
     @staticmethod
     def _unindexing(conn: sqlite3.Connection, source_id: int, title: str
@@ -3077,7 +3150,7 @@ class Articles:
                    ) -> Iterator[tuple[str, Source | LearnError]]:
         """Learn each source in turn (a folder's files one by one): (its name, the Source
         learned, or the LearnError that says why not). One bad source stops no other."""
-        fetch = fetch or fetch_page
+        fetch = fetch or functools.partial(fetch_page, private=self.private)
         for source in sources:
             if re.match(r"https?://", source, re.I):
                 yield source, self._catch(lambda: self._learn_url(source, fetch, now))
@@ -8248,7 +8321,8 @@ class Bot:
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
-        self.articles = Articles(settings.db, turn=self.store.write_turn)
+        self.articles = Articles(settings.db, turn=self.store.write_turn,
+                                 private=settings.learn_private)
         self.article_sync = (ArticleSync(settings, self.articles, self.wechat)
                              if settings.learn_published else None)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode, wechat=self.wechat,
@@ -8733,7 +8807,7 @@ def learn_command(settings: Settings, sources: list[str], published: bool, listi
     """`learn`: sources (URLs, files, folders) and --published; --list; --forget SOURCE.
     Safe while the server runs. 1 when anything was not learned (each is named, with why)."""
     try:
-        articles = Articles(settings.db)
+        articles = Articles(settings.db, private=settings.learn_private)
     except (sqlite3.Error, OSError) as error:  # most often: the service user's file, mode 600
         print(f"cannot open the database {settings.db} ({error}): check WXBOT_DB (or --env "
               f"FILE), and run this as the service's user, e.g. sudo -u wxbot "
