@@ -4227,6 +4227,23 @@ def test_credentials_in_openai_base_url_are_masked_in_the_log_and_in_check(tmp_p
     assert "OPENAI_BASE_URL=http://***@127.0.0.1:1/v1?api-key=***&v=2" in logged
 
 
+@pytest.mark.parametrize("url, secret", [
+    ("https://api.example.com/v1?sk=s3cret-value&v=2", "s3cret-value"),
+    ("https://api.example.com/v1?ak=s3cret-value", "s3cret-value"),
+    ("https://api.example.com/v1;key=s3cret-value?v=2", "s3cret-value"),
+    ("https://api.example.com/v1?v=2;key=s3cret-value", "s3cret-value"),
+    ("https://api.example.com/sk-9f8e7d6c5b4a39281706/v1", "sk-9f8e7d6c5b4a39281706"),
+    ("https://gw.example.com/k/4f9a0c1b2d3e4f5a6b7c8d9e0f1a2b3c/v1", "4f9a0c1b2d3e4f5a6b7c8d9e0f1a2b3c"),
+])
+def test_a_model_urls_keys_are_masked_wherever_it_holds_them(url, secret):
+    """A key in a short parameter (sk=, ak=), after a semicolon or in the path never shows
+    where the URL is shown (the start log, the console, check), and the log filter knows it."""
+    assert secret not in wxbot.masked_url(url) and "***" in wxbot.masked_url(url)
+    assert secret in wxbot.url_credentials(url)
+    assert wxbot.masked_url("https://api.deepseek.com/v1/chat?task=2") == \
+        "https://api.deepseek.com/v1/chat?task=2"
+
+
 def test_check_never_prints_credentials_of_a_model_it_reaches(tmp_path, wechat, model):
     url = model.url.replace("http://", "http://apiuser:pa55-word-x@") + "/v1"
     result = run_wxbot(["check", "--log-level", "DEBUG"],
@@ -8046,6 +8063,25 @@ def test_a_post_the_owner_deleted_is_forgotten_with_all_its_articles(tmp_path, s
     assert [s.origin for s in bot.articles.sources()] == ["POSTER"]
 
 
+def test_a_deleted_post_announced_forgets_only_the_published_article_of_that_id(
+        tmp_path, start_bot, wechat, model, caplog):
+    """PUBLISHJOBFINISH with status 5 names a post by its article_id: a learned file whose
+    row id or path reads the same is not forgotten with it."""
+    caplog.set_level(logging.INFO, logger="wxbot")
+    notes = tmp_path / "hours.md"
+    notes.write_text("# 营业时间\n周末早上9点开门。", encoding="utf-8")
+    wechat.published = []
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    assert learn(tmp_path, wechat, model, str(notes))[0] == 0
+    bot = start_bot()
+    row_id = str(bot.articles.sources()[0].id)
+    for n, article_id in enumerate((row_id, str(notes))):  # each its own push (dedup key)
+        assert post_push(bot, publish_event(article_id, 5, f"oMP{n}")).text == "success"
+    assert post_push(bot, publish_event("LAST", 1, "oMPLAST")).text == "success"
+    wait_for(lambda: "without an article" in caplog.text, message="the announcements read")
+    assert [source.origin for source in bot.articles.sources()] == [str(notes)]
+
+
 def test_in_passive_mode_the_announcement_gets_success_and_the_article_is_learned(
         tmp_path, start_bot, wechat, model):
     wechat.published = [published_post("OLD", news_item("营业时间", ["每天早上8点开门。"]))]
@@ -8621,6 +8657,21 @@ def test_a_url_with_a_password_is_not_learned_logged_or_linked(tmp_path, caplog)
             articles.learn(url)
         assert articles.sources() == [] and pages.agents == []
         assert "hunter2" not in caplog.text
+    finally:
+        articles.close()
+        pages.close()
+
+
+def test_a_token_in_a_learned_urls_query_is_not_linked_for_readers(tmp_path):
+    """The owner's link may carry a token (?token=..., ?sk=...): the page is learned with it,
+    and the 来源 link readers see is the page's without it."""
+    pages = FakePages()
+    pages.pages = {"/a?token=t0ken-of-owner&id=7": (200, "<p>会员价 30元。</p>")}
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"), private=True)
+    try:
+        source = articles.learn(pages.url + "/a?token=t0ken-of-owner&id=7")
+        assert source.url == pages.url + "/a?id=7"
+        assert "t0ken" not in wxbot.source_link(articles.find("会员价多少")[0])
     finally:
         articles.close()
         pages.close()

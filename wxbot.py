@@ -211,29 +211,63 @@ def _optional_url(value: str) -> str:
     return _url(value) if value.strip() else ""
 
 
-#: Query parameters that carry a credential (?api_key=..., Azure's ?code=...).
-CREDENTIAL_PARAM = re.compile(r"key|token|secret|sig|pass|auth|code|credential", re.I)
+#: Parameters that carry a credential (?api_key=..., Azure's ?code=..., ?sk=..., ;key=...).
+CREDENTIAL_PARAM = re.compile(r"key|token|secret|sig|pass|pwd|auth|code|credential|"
+                              r"(?:^|[_-])[as]k(?:$|[_-])", re.I)
+#: A parameter in a URL's path or query: ?name=value, &name=value, ;name=value.
+_URL_PARAM = re.compile(r"(?<=[?&;])([^=&;#/?]+)=([^&;#/?]*)")
+#: A path segment that is a key rather than a name: sk-..., or a long run of letters and
+#: digits mixed (/bot123456:AAH.../, /v1/keys/4f9a0c...).
+_KEY_SEGMENT = re.compile(r"(?:sk|ak|key|token)[-_:][\w:-]{6,}|"
+                          r"(?=[\w:-]*[0-9])(?=[\w:-]*[A-Za-z])[\w:-]{24,}", re.I | re.A)
+
+
+def _url_secrets(url: str) -> tuple[urllib.parse.SplitResult, str, list[tuple[int, int]]]:
+    """The URL's parts, its user:password@ (or ""), and where in its path and query (after
+    "scheme://host") its credentials are, as (start, end) of each."""
+    parts = urllib.parse.urlsplit(url)
+    rest = url[url.index(parts.netloc) + len(parts.netloc):] if parts.netloc else url
+    found = [match.span(2) for match in _URL_PARAM.finditer(rest)
+             if match.group(2) and CREDENTIAL_PARAM.search(match.group(1))]
+    found += [match.span() for match in re.finditer(r"[^/?#;]+", rest.split("?")[0])
+              if _KEY_SEGMENT.fullmatch(match.group())]
+    return parts, parts.netloc.rpartition("@")[0], sorted(found)
+
+
+def _replaced(rest: str, spans: list[tuple[int, int]], by: str) -> str:
+    for start, end in reversed(spans):
+        rest = rest[:start] + by + rest[end:]
+    return rest
 
 
 def url_credentials(url: str) -> list[str]:
-    """The credentials written into a URL: user:password@ and key-like query values."""
-    parts = urllib.parse.urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    found = userinfo.split(":", 1) if userinfo else []
-    found += [value for name, _, value in (pair.partition("=") for pair in parts.query.split("&"))
-              if CREDENTIAL_PARAM.search(name)]
+    """The credentials written into a URL: user:password@, key-like parameters' values and
+    key-like path segments."""
+    parts, userinfo, spans = _url_secrets(url)
+    rest = url[url.index(parts.netloc) + len(parts.netloc):] if parts.netloc else url
+    found = (userinfo.split(":", 1) if userinfo else []) + [rest[a:b] for a, b in spans]
     return [form for raw in found if raw for form in {raw, urllib.parse.unquote(raw)}]
 
 
 def masked_url(url: str) -> str:
     """The URL with its credentials replaced by ***, for the log and the console."""
-    parts = urllib.parse.urlsplit(url)
+    parts, userinfo, spans = _url_secrets(url)
+    if not parts.netloc:
+        return _replaced(url, spans, "***")
+    at = url.index(parts.netloc)
     host = parts.netloc.rpartition("@")[2]
-    query = "&".join(f"{name}=***" if sep and CREDENTIAL_PARAM.search(name) else pair
-                     for pair in parts.query.split("&") if pair
-                     for name, sep, _ in [pair.partition("=")])
-    return urllib.parse.urlunsplit(parts._replace(
-        netloc=host if host == parts.netloc else f"***@{host}", query=query))
+    return (url[:at] + (f"***@{host}" if userinfo else host)
+            + _replaced(url[at + len(parts.netloc):], spans, "***"))
+
+
+def shown_url(url: str) -> str:
+    """A learned page's URL as readers are shown it: without user:password@ and without the
+    parameters that carry a credential (the link a reader opens holds no one's token)."""
+    parts = urllib.parse.urlsplit(url)
+    query = "&".join(pair for pair in re.split("[&;]", parts.query) if pair and not
+                     CREDENTIAL_PARAM.search(pair.partition("=")[0]))
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2],
+                                                  query=query))
 
 
 def _url_path(value: str) -> str:
@@ -3068,16 +3102,18 @@ class Articles:
         self._in_steps(learning())
         return Source(learned[0], kind, origin, title, url, date, len(pieces), now)
 
-    def forget(self, origin_or_id: str) -> bool:
-        """Forget a source by its origin (URL, path, article_id) or its id; False if unknown."""
+    def forget(self, origin_or_id: str, published: bool = False) -> bool:
+        """Forget a source by its origin (URL, path, article_id) or its id; False if unknown.
+        `published`: only the published post of that article_id (WeChat names a post; a
+        number it sends is no row id, nor a file's name)."""
         origin_or_id = str(origin_or_id)
         with self._reading() as conn:
-            row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
-                               (origin_or_id,)).fetchone()
-            if row is None and origin_or_id.isdigit():
+            row = conn.execute("SELECT id FROM article_sources WHERE origin = ? AND (kind ="
+                               " 'published' OR NOT ?)", (origin_or_id, published)).fetchone()
+            if row is None and not published and origin_or_id.isdigit():
                 row = conn.execute("SELECT id FROM article_sources WHERE id = ?",
                                    (int(origin_or_id),)).fetchone()
-            if row is None and os.path.exists(origin_or_id):
+            if row is None and not published and os.path.exists(origin_or_id):
                 row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
                                    (os.path.abspath(origin_or_id),)).fetchone()
             if row is None:
@@ -3175,8 +3211,8 @@ class Articles:
         title, text, date = page_text(page.html, page.url)
         if not text.strip():
             raise LearnError("the page has no text")
-        return self.learn_text("url", url, title or page.url, text, url=page.url, date=date,
-                               now=now)
+        shown = shown_url(page.url)
+        return self.learn_text("url", url, title or shown, text, url=shown, date=date, now=now)
 
     def _learn_file(self, path: str, now: float | None) -> Source:
         path = os.path.abspath(path)
@@ -8233,7 +8269,7 @@ class ArticleSync:
             if not posts or offset >= int(page.get("total_count") or 0):
                 break
         for origin in known.keys() - listed:
-            report.forgotten += self.articles.forget(origin)
+            report.forgotten += self.articles.forget(origin, published=True)
         self.articles.note_sync(now)
         return report
 
@@ -8254,7 +8290,7 @@ class ArticleSync:
             log.info("an article was published; it is not learned, as `python wxbot.py learn "
                      "--published` never ran (run it once to keep articles in sync)")
         elif status == "5" and article_id:
-            self.articles.forget(article_id)
+            self.articles.forget(article_id, published=True)
             log.info("published post %s was deleted by the owner: forgotten", article_id)
         elif status != "0" or not article_id:
             log.info("a publish job ended without an article (publish_status %s: %s)",
