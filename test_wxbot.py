@@ -6995,10 +6995,10 @@ class SaidTexts(html.parser.HTMLParser):
 
 
 @contextlib.contextmanager
-def console_alone(tmp_path, clock=time.time):
+def console_alone(tmp_path, clock=time.time, **settings):
     """An owner's console on its own listener, over a database of its own: (its address, the
     database's Store)."""
-    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, **settings)
     store = wxbot.Store(settings.db)
     console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
                                  clock=clock)
@@ -7029,7 +7029,8 @@ def test_console_shows_whatever_a_reader_wrote_as_that_text(tmp_path, said):
 
 def test_console_answers_429_after_five_wrong_passwords_from_one_address(tmp_path):
     now = [1_800_000_000.0]
-    with console_alone(tmp_path, clock=lambda: now[0]) as (base, _):
+    with console_alone(tmp_path, clock=lambda: now[0],
+                       WXBOT_TRUSTED_PROXIES="127.0.0.1") as (base, _):
         def log_in(password, address="198.51.100.7"):
             return requests.post(base + "/login", data={"password": password}, timeout=5,
                                  allow_redirects=False, headers={"X-Real-IP": address}
@@ -7041,9 +7042,35 @@ def test_console_answers_429_after_five_wrong_passwords_from_one_address(tmp_pat
         assert log_in(CONSOLE_PASSWORD) == 303
 
 
-def test_console_session_cookie_is_httponly_strict_secure_behind_https_and_ends(tmp_path):
+def test_console_believes_forwarded_addresses_only_from_the_proxies_the_owner_names(tmp_path,
+                                                                                   caplog):
+    """Through an SSH tunnel every local user is a loopback peer: an X-Real-IP from a peer
+    that is no named proxy is not believed (rotating it buys no tries), a value that is no
+    address never reaches the log, and guesses from many addresses are limited together."""
     now = [1_800_000_000.0]
     with console_alone(tmp_path, clock=lambda: now[0]) as (base, _):
+        def log_in(password, address):
+            return requests.post(base + "/login", data={"password": password}, timeout=5,
+                                 allow_redirects=False, headers={"X-Real-IP": address}
+                                 ).status_code
+        assert [log_in(f"guess-{n:08d}", f"198.51.100.{n}") for n in range(6)] == \
+            [401] * 5 + [429]
+    now[0] += 61
+    with console_alone(tmp_path, clock=lambda: now[0],
+                       WXBOT_TRUSTED_PROXIES="127.0.0.0/8, ::1") as (base, _):
+        assert log_in("guess", "\x1b[31mforged") == 401
+        assert "forged" not in caplog.text and "wrong password from 127.0.0.1" in caplog.text
+        said = [log_in(f"guess-{n:08d}", f"203.0.113.{n}")
+                for n in range(wxbot.CONSOLE_WRONG_TOTAL + 1)]
+        assert said == [401] * (wxbot.CONSOLE_WRONG_TOTAL - 1) + [429] * 2
+        now[0] += 61
+        assert log_in(CONSOLE_PASSWORD, "203.0.113.200") == 303
+
+
+def test_console_session_cookie_is_httponly_strict_secure_behind_https_and_ends(tmp_path):
+    now = [1_800_000_000.0]
+    with console_alone(tmp_path, clock=lambda: now[0],
+                       WXBOT_TRUSTED_PROXIES="127.0.0.1") as (base, _):
         owner = LoggedIn(base)
         plain = owner.login.headers["Set-Cookie"].lower()
         cookie = requests.post(base + "/login", data={"password": CONSOLE_PASSWORD}, timeout=5,
@@ -7998,14 +8025,21 @@ def test_the_daily_sync_learns_new_and_edited_articles_and_forgets_deleted_ones(
     assert [p.title for p in bot.articles.find("能带狗吗")] == ["常见问题"]
 
 
-def test_console_believes_forwarded_headers_only_from_a_proxy_on_this_machine():
+def test_console_believes_forwarded_headers_only_from_a_named_proxy():
     forwarded = {"HTTP_X_REAL_IP": "198.51.100.7", "HTTP_X_FORWARDED_PROTO": "https"}
+    proxies = ("127.0.0.1/32", "::1/128")
     for proxy in ("127.0.0.1", "::1"):
         environ = {"REMOTE_ADDR": proxy, **forwarded}
-        assert wxbot.client_address(environ) == "198.51.100.7" and wxbot.over_https(environ)
-    for stranger in ("203.0.113.9", "2001:db8::1", ""):
+        assert wxbot.client_address(environ, proxies) == "198.51.100.7"
+        assert wxbot.over_https(environ, proxies)
+    for stranger in ("203.0.113.9", "2001:db8::1", "", "127.0.0.2"):
         environ = {"REMOTE_ADDR": stranger, **forwarded}
-        assert wxbot.client_address(environ) == stranger and not wxbot.over_https(environ)
+        assert wxbot.client_address(environ, proxies) == stranger
+        assert not wxbot.over_https(environ, proxies)
+    local = {"REMOTE_ADDR": "127.0.0.1", **forwarded}  # a tunnel's peer, no proxy named
+    assert wxbot.client_address(local) == "127.0.0.1" and not wxbot.over_https(local)
+
+
 def test_uses_older_than_the_retention_are_deleted(tmp_path):
     settings = settings_for(tmp_path, WXBOT_RETENTION_DAYS=30)
     store, articles = wxbot.Store(settings.db), wxbot.Articles(settings.db)
@@ -8704,7 +8738,8 @@ def test_learn_names_a_pipe_and_a_huge_file_and_learns_the_rest(tmp_path):
 def test_console_counts_wrong_passwords_from_one_ipv6_subscriber_together(tmp_path):
     """A subscriber holds a whole /64 of IPv6 addresses: changing address within it buys no
     more tries."""
-    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD,
+                            WXBOT_TRUSTED_PROXIES="127.0.0.1")
     store = wxbot.Store(settings.db)
     console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
                                  clock=lambda: 1_800_000_000.0)

@@ -298,6 +298,15 @@ def _admin_password(value: str) -> str:
     return value
 
 
+def _networks(value: str) -> tuple[str, ...]:
+    try:
+        return tuple(str(ipaddress.ip_network(part.strip(), strict=False))
+                     for part in value.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"must be IP addresses or networks, comma-separated (127.0.0.1, "
+                         f"10.0.0.0/8), got {value!r}") from None
+
+
 def _token(value: str) -> str:
     value = _text(value)
     # WeChat allows 3 to 32 characters; one signed URL from a log is enough to recover a short
@@ -451,6 +460,10 @@ SETTINGS: dict[str, Setting] = {
                           "address the console listens on (reach it by ssh -L or a proxy)"),
     "admin_port": Setting("WXBOT_ADMIN_PORT", "8081", _int_between(0, 65535),
                           "port the console listens on"),
+    "trusted_proxies": Setting("WXBOT_TRUSTED_PROXIES", "", _networks,
+                               "addresses of the proxies (nginx) in front of the console, "
+                               "comma-separated (127.0.0.1, 10.0.0.0/8): only their X-Real-IP "
+                               "and X-Forwarded-Proto are believed; empty: no one's"),
 }
 
 
@@ -500,6 +513,7 @@ class Settings:
     admin_password: str
     admin_host: str
     admin_port: int
+    trusted_proxies: tuple[str, ...]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -7148,8 +7162,10 @@ class HttpServer:
 
 #: A console session ends this long after its login, however busy.
 CONSOLE_SESSION_SECONDS = 12 * 3600
-#: Wrong passwords from one address within a minute before its logins are answered 429.
+#: Wrong passwords from one address within a minute before its logins are answered 429,
+#: and from all addresses together before every login is.
 CONSOLE_WRONG_TRIES = 5
+CONSOLE_WRONG_TOTAL = 20
 #: The days before today that the Overview shows.
 CONSOLE_DAYS = 14
 #: Rows a console list shows; older ones are a link away.
@@ -7470,18 +7486,34 @@ CONSOLE_SETTINGS = """<h2>Owner's files</h2>
 """
 
 
-def client_address(environ: Mapping) -> str:
-    """Who sent a request: the peer, or the address a proxy on this machine names (nginx's
-    X-Real-IP); a header from anywhere else could be written by the client itself."""
+def from_proxy(environ: Mapping, proxies: Sequence[str]) -> bool:
+    """Whether the peer is a proxy the owner named (WXBOT_TRUSTED_PROXIES): its forwarded
+    headers are believed; anyone else's could be written by the client itself (through an
+    SSH tunnel every local user is a loopback peer)."""
+    try:
+        peer = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
+    except ValueError:
+        return False
+    return any(peer in ipaddress.ip_network(proxy) for proxy in proxies)
+
+
+def client_address(environ: Mapping, proxies: Sequence[str] = ()) -> str:
+    """Who sent a request: the peer, or the address a trusted proxy names (nginx's X-Real-IP)
+    when it is an IP address (nothing else reaches the log)."""
     peer = environ.get("REMOTE_ADDR", "")
-    return environ.get("HTTP_X_REAL_IP", peer) if local_address(peer) else peer
+    if not from_proxy(environ, proxies):
+        return peer
+    try:
+        return str(ipaddress.ip_address(environ.get("HTTP_X_REAL_IP", "").strip()))
+    except ValueError:
+        return peer
 
 
-def over_https(environ: Mapping) -> bool:
-    """Whether the browser reached the console over HTTPS: directly, or through a proxy on
-    this machine that says so (X-Forwarded-Proto)."""
+def over_https(environ: Mapping, proxies: Sequence[str] = ()) -> bool:
+    """Whether the browser reached the console over HTTPS: directly, or through a trusted
+    proxy that says so (X-Forwarded-Proto)."""
     return environ.get("wsgi.url_scheme") == "https" or (
-        local_address(environ.get("REMOTE_ADDR", "")) and
+        from_proxy(environ, proxies) and
         environ.get("HTTP_X_FORWARDED_PROTO", "").lower() == "https")
 
 
@@ -7498,14 +7530,20 @@ class ConsoleGuard:
     minute from one address, sessions of 12 hours each with a token of its own that every
     form sends back (a page of another site cannot know it)."""
 
-    #: Addresses remembered for their wrong tries; beyond it those of over a minute ago go.
+    #: Addresses remembered for their wrong tries; beyond it the one that tried least
+    #: recently is forgotten (each wrong try costs the same however many are remembered).
     ADDRESSES = 10000
 
     def __init__(self, password: str):
         self.password = password.encode("utf-8")
         self._lock = threading.Lock()
         self._sessions: dict[str, tuple[float, str]] = {}  # cookie: (ends at, form token)
-        self._wrong: dict[str, collections.deque] = {}  # address: times of wrong tries
+        # address: times of its last wrong tries, the least recent address first
+        self._wrong: collections.OrderedDict[str, collections.deque] = \
+            collections.OrderedDict()
+        # Times of the last wrong tries from anyone: addresses are many (rotated in a
+        # header, an IPv6 subscriber's /64s); guesses are not.
+        self._anyone = collections.deque(maxlen=CONSOLE_WRONG_TOTAL)
 
     @staticmethod
     def subscriber(address: str) -> str:
@@ -7522,12 +7560,12 @@ class ConsoleGuard:
         return str(ipaddress.ip_network(f"{found}/64", strict=False))
 
     def refused(self, address: str, now: float) -> bool:
-        """Whether this address tried 5 wrong passwords within the last minute."""
+        """Whether this address tried CONSOLE_WRONG_TRIES wrong passwords within the last
+        minute, or all addresses together CONSOLE_WRONG_TOTAL."""
         with self._lock:
-            tries = self._wrong.get(self.subscriber(address))
-            while tries and tries[0] <= now - 60:
-                tries.popleft()
-            return bool(tries) and len(tries) >= CONSOLE_WRONG_TRIES
+            tries = self._wrong.get(self.subscriber(address), ())
+            return any(len(times) == times.maxlen and times[0] > now - 60
+                       for times in (tries, self._anyone) if times)
 
     def log_in(self, address: str, password: str, now: float) -> str | None:
         """A new session's cookie for the right password; None for a wrong one (counted)."""
@@ -7540,10 +7578,13 @@ class ConsoleGuard:
                                           secrets.token_urlsafe(32))
             return cookie
         with self._lock:
-            if len(self._wrong) >= self.ADDRESSES:
-                self._wrong = {key: tries for key, tries in self._wrong.items()
-                               if tries and tries[-1] > now - 60}
-            self._wrong.setdefault(self.subscriber(address), collections.deque()).append(now)
+            key = self.subscriber(address)
+            tries = self._wrong.pop(key, None) or collections.deque(maxlen=CONSOLE_WRONG_TRIES)
+            tries.append(now)
+            self._wrong[key] = tries
+            if len(self._wrong) > self.ADDRESSES:
+                self._wrong.popitem(last=False)
+            self._anyone.append(now)
         return None
 
     def session(self, cookie: str | None, now: float) -> str | None:
@@ -7891,13 +7932,15 @@ class OwnerConsole:
 
         @app.post("/login", open=True)
         def log_in():
-            now, address = console.clock(), client_address(bottle.request.environ)
+            now = console.clock()
+            address = client_address(bottle.request.environ, console.settings.trusted_proxies)
             if console.guard.refused(address, now):
                 held = console.refusals.allow(address, now)
                 if held is not None:
                     log_web.warning("console logins from %s refused for a minute: %d wrong "
-                                    "passwords (%d more tries since the last such line)",
-                                    address, CONSOLE_WRONG_TRIES, held)
+                                    "passwords from it, or %d from all addresses (%d more "
+                                    "tries since the last such line)", address,
+                                    CONSOLE_WRONG_TRIES, CONSOLE_WRONG_TOTAL, held)
                 return bottle.HTTPResponse(console.render(
                     "login", "wxbot console",
                     problem="Too many wrong passwords: wait a minute."), 429)
@@ -7910,7 +7953,8 @@ class OwnerConsole:
             log_web.info("console: logged in from %s", address)
             answer = bottle.HTTPResponse(status=303, Location="/")
             answer.set_cookie(CONSOLE_COOKIE, cookie, httponly=True, samesite="strict",
-                              secure=over_https(bottle.request.environ), path="/",
+                              secure=over_https(bottle.request.environ,
+                                                console.settings.trusted_proxies), path="/",
                               maxage=CONSOLE_SESSION_SECONDS)
             return answer
 
