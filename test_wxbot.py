@@ -3776,7 +3776,7 @@ def disk(monkeypatch):
 
     class Disk:
         def fill(self, store):
-            with store._turn(), connection(store) as conn:
+            with store.write_turn(), connection(store) as conn:
                 conn.executescript("PRAGMA incremental_vacuum")  # no free page left inside
             limit[0] = 1
 
@@ -4220,7 +4220,9 @@ def test_credentials_in_openai_base_url_are_masked_in_the_log_and_in_check(tmp_p
     logged = secret_filter.scrub(f"settings: {settings.describe()}; POST "
                                  f"{MODEL_URL_WITH_CREDENTIALS.replace('?', '/chat?')} failed")
     result = run_wxbot(["check"], env, cwd=tmp_path)  # the model is unreachable: check says where
-    assert "cannot reach the model at http://***@127.0.0.1:1/v1/?api-key=***&v=2" in result.stdout
+    # (older openai releases put their "/" after the query)
+    assert re.search(r"cannot reach the model at http://\*\*\*@127\.0\.0\.1:1/v1/?"
+                     r"\?api-key=\*\*\*&v=2/?:", result.stdout)
     for text in (logged, result.stdout + result.stderr):
         for credential in ("apiuser", "pa55-word-x", "k3y-in-query"):
             assert credential not in text
