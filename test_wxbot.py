@@ -8475,37 +8475,53 @@ def raw_connection_from(source, bot):
                                     source_address=(source, 0))
 
 
-def test_one_address_cannot_take_the_connections_wechats_pushes_need(start_bot, wechat,
-                                                                     monkeypatch, caplog):
+def test_a_few_addresses_cannot_take_the_connections_wechats_pushes_need(start_bot, wechat,
+                                                                         monkeypatch, caplog):
+    """Addresses holding every connection, idle or sending a byte at a time, this machine's
+    loopback among them: a push from an address that holds fewer takes the place of one of
+    theirs that has not sent its request, and is answered."""
     monkeypatch.setattr(wxbot.ThreadingServer, "max_connections", 40)
-    monkeypatch.setattr(wxbot.ThreadingServer, "max_per_address", 10)
     monkeypatch.setattr(wxbot.QuietHandler, "idle_timeout", 60.0)  # the idle ones stay open
     bot = start_bot()
-    flood = [raw_connection_from("127.0.0.2", bot) for _ in range(60)]
+    flood = [raw_connection_from(f"127.0.0.{2 + n % 4}", bot) for n in range(40)]
+    flood += [raw_connection(bot, b"POST /wx HTTP/1.1\r\n") for _ in range(20)]  # loopback
     try:
-        wait_for(lambda: sum(closed_by_server(conn) for conn in flood) == 50,
-                 message="all but 10 of one address's connections closed")
-        assert any("127.0.0.2 holds 10 connections" in record.getMessage()
-                   for record in caplog.records)
-        # Another address, and a reverse proxy on this machine, are still answered...
-        assert post_from("127.0.0.3", bot, text_xml("oOTHER", "你好", 1), signed_query()) == \
-            (200, "success")
-        # ...and the proxy's address is not capped: every request through it comes from there.
-        proxied = [raw_connection(bot) for _ in range(20)]
-        try:
-            send_text(bot, "oPROXIED", "你好", 2)
-            assert not any(closed_by_server(conn) for conn in proxied)
-        finally:
-            for conn in proxied:
-                conn.close()
-        wait_for(lambda: wechat.texts_to("oOTHER") and wechat.texts_to("oPROXIED"))
+        wait_for(lambda: sum(closed_by_server(conn) for conn in flood) >= 20,
+                 message="connections over the cap closed")
+        for n in range(10):
+            assert post_from(f"127.0.0.{10 + n}", bot, text_xml(f"oOTHER{n}", "你好", n),
+                             signed_query()) == (200, "success")
+        wait_for(lambda: all(wechat.texts_to(f"oOTHER{n}") for n in range(10)))
     finally:
         for conn in flood:
             conn.close()
     # The slots are given back when the connections go.
-    wait_for(lambda: answered(lambda: post_from("127.0.0.2", bot, text_xml("oBACK", "你好", 3),
+    wait_for(lambda: answered(lambda: post_from("127.0.0.2", bot, text_xml("oBACK", "你好", 30),
                                                 signed_query())) == (200, "success"),
              message="the address served again once its connections are gone")
+
+
+def test_an_ipv6_subscriber_holds_connections_as_one_client(monkeypatch):
+    """One /64 is one client: connections from a thousand of its addresses make room for a
+    connection from anywhere else, as connections from one address would."""
+    monkeypatch.setattr(wxbot.QuietHandler, "idle_timeout", 60.0)
+    server = wxbot.ThreadingServer(("127.0.0.1", 0), lambda environ, start: [b""])
+    server.max_connections = 8
+    pairs = [socket.socketpair() for _ in range(12)]
+    try:
+        for n, (ours, _) in enumerate(pairs[:11]):
+            server.process_request(ours, (f"2001:db8:1:2::{n + 1:x}", 443))
+        assert server.held == {"2001:db8:1:2::/64": 8}
+        server.process_request(pairs[11][0], ("2001:db8:9:9::1", 443))
+        assert server.held["2001:db8:9:9::/64"] == 1
+        wait_for(lambda: sum(closed_by_server(theirs) for _, theirs in pairs[:11]) == 4,
+                 message="three closed over the cap at once, one to make room")
+        assert not closed_by_server(pairs[11][1])
+    finally:
+        server.server_close()
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
 
 
 @pytest.mark.parametrize("head", [

@@ -6952,6 +6952,7 @@ class QuietHandler:
             return
         if environ is None:  # closed without a request
             return
+        self.server.heard(self.connection, self.client_address[0])
         status, headers, body = self.run_app(environ)
         if log_web.isEnabledFor(logging.DEBUG):
             log_web.debug("%s %s %s %s", self.client_address[0], environ["REQUEST_METHOD"],
@@ -7030,9 +7031,18 @@ class QuietHandler:
                                 f"Connection: close\r\n\r\n".encode("latin-1") + body)
 
 
-#: Where a reverse proxy on this machine connects from: every request through nginx comes
-#: from here, so these are never capped per address.
-PROXY_ADDRESSES = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+def address_group(address: str) -> str:
+    """Whose an address is, for a limit per client: an IPv6 address counts as its /64, since
+    one subscriber holds all of its 2^64 addresses."""
+    try:
+        found = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if found.version == 4:
+        return str(found)
+    if found.ipv4_mapped:
+        return str(found.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{found}/64", strict=False))
 
 
 class ThreadingServer(socketserver.TCPServer):
@@ -7041,10 +7051,13 @@ class ThreadingServer(socketserver.TCPServer):
 
     At most `max_connections` at once: each holds a thread (and its stack) for up to the
     request's deadline, so idle connections by the thousand would exhaust the process's
-    threads. Of those, one address may hold `max_per_address`, so that one client opening
-    idle connections in a loop cannot take the slots WeChat's pushes need; a reverse proxy
-    on this machine (PROXY_ADDRESSES) is not capped, and caps its clients itself (README).
-    One over a cap is closed at once, and the log says so once a minute at most.
+    threads. When all are taken, a new connection from a client (an address, an IPv6 /64)
+    that holds fewer than another takes the place of one of that other's that has not sent
+    its request yet (idle, or a byte at a time): however many addresses an attacker fills
+    the slots from, each push of WeChat's (from addresses holding one or two) gets one. A
+    connection of a client that holds the most is closed at once, and the log says so once a
+    minute at most. A reverse proxy on this machine is a client like any other: its requests
+    arrive whole at once, so they are never the ones waiting for theirs.
     """
 
     allow_reuse_address = True
@@ -7052,7 +7065,6 @@ class ThreadingServer(socketserver.TCPServer):
     # clients retry a second later, past WeChat's 5 s budget (BENCHMARKS.md).
     request_queue_size = 1024
     max_connections = 512
-    max_per_address = 128
 
     def __init__(self, address: tuple[str, int], app, handler=QuietHandler):
         self.app = app
@@ -7060,29 +7072,30 @@ class ThreadingServer(socketserver.TCPServer):
 
     def server_activate(self):
         super().server_activate()
-        self.slots = threading.BoundedSemaphore(self.max_connections)
+        self.open = 0
         self.refusals = LogThrottle()
-        self.per_address: collections.Counter[str] = collections.Counter()
+        self.held: collections.Counter[str] = collections.Counter()  # connections per client
+        # Each client's connections that have not sent their request yet, oldest first.
+        self.waiting: dict[str, dict[socket.socket, None]] = collections.defaultdict(dict)
         self.spare = 0  # threads waiting for a connection
         self.handed: queue.SimpleQueue = queue.SimpleQueue()  # connections for them
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
 
     def process_request(self, request, client_address):
-        address = client_address[0]
-        if not self.slots.acquire(blocking=False):
-            self.refuse(request, f"{self.max_connections} connections are open already")
-            return
+        group = address_group(client_address[0])
         with self.lock:
-            if address not in PROXY_ADDRESSES:
-                if self.per_address[address] >= self.max_per_address:
-                    self.slots.release()
-                    self.refuse(request, f"{address} holds {self.max_per_address} "
-                                         "connections already")
-                    return
-                self.per_address[address] += 1
-            spare = self.spare > 0
-            self.spare -= spare
+            full = self.open >= self.max_connections and not self._make_room(group)
+            if not full:
+                self.open += 1
+                self.held[group] += 1
+                self.waiting[group][request] = None
+                spare = self.spare > 0
+                self.spare -= spare
+        if full:
+            self.refuse(request, f"{self.max_connections} connections are open already, "
+                                 f"{self.held[group]} of them from {group}")
+            return
         if spare:
             self.handed.put((request, client_address))
             return
@@ -7091,10 +7104,28 @@ class ThreadingServer(socketserver.TCPServer):
                                       args=(request, client_address), daemon=True)
             thread.start()
         except RuntimeError as error:  # can't start new thread: the system's task limit
-            self.release(address)
+            self.release(request, client_address[0])
             self.refuse(request, str(error))
             return
         self.threads.append(thread)
+
+    def _make_room(self, group: str) -> bool:
+        """Close the oldest connection still waiting for its request of the client that
+        holds the most, if it holds more than `group` would with one more."""
+        most = max((other for other, waiting in self.waiting.items() if waiting),
+                   key=self.held.__getitem__, default=None)
+        if most is None or self.held[most] <= self.held[group] + 1:
+            return False
+        victim = next(iter(self.waiting[most]))
+        del self.waiting[most][victim]
+        with contextlib.suppress(OSError):  # its thread wakes, ends it and releases its slot
+            victim.shutdown(socket.SHUT_RDWR)
+        return True
+
+    def heard(self, request: socket.socket, address: str) -> None:
+        """The connection's request has arrived: it is no longer one that may make room."""
+        with self.lock:
+            self.waiting.get(address_group(address), {}).pop(request, None)
 
     def serve_connections(self, request, client_address) -> None:
         """One connection after another, until server_close() hands this thread None."""
@@ -7104,20 +7135,25 @@ class ThreadingServer(socketserver.TCPServer):
             except Exception:
                 self.handle_error(request, client_address)
             finally:
+                self.release(request, client_address[0])
                 self.shutdown_request(request)
-                self.release(client_address[0])
             with self.lock:
                 self.spare += 1
             request, client_address = self.handed.get() or (None, None)
 
-    def release(self, address: str) -> None:
-        """Give back the slots a connection from `address` held."""
+    def release(self, request: socket.socket, address: str) -> None:
+        """Give back the slot a connection from `address` held."""
+        group = address_group(address)
         with self.lock:
-            if address not in PROXY_ADDRESSES:
-                self.per_address[address] -= 1
-                if not self.per_address[address]:
-                    del self.per_address[address]
-        self.slots.release()
+            self.open -= 1
+            self.held[group] -= 1
+            if not self.held[group]:
+                del self.held[group]
+            waiting = self.waiting.get(group)
+            if waiting is not None:
+                waiting.pop(request, None)
+                if not waiting:
+                    del self.waiting[group]
 
     def handle_error(self, request, client_address):
         log_web.exception("internal error serving %s", client_address[0])
@@ -7527,7 +7563,7 @@ def local_address(address: str) -> bool:
 
 class ConsoleGuard:
     """The console's door: the password compared in constant time, at most 5 wrong tries a
-    minute from one address, sessions of 12 hours each with a token of its own that every
+    minute from one address (an IPv6 /64, address_group), sessions of 12 hours each with a token of its own that every
     form sends back (a page of another site cannot know it)."""
 
     #: Addresses remembered for their wrong tries; beyond it the one that tried least
@@ -7545,25 +7581,11 @@ class ConsoleGuard:
         # header, an IPv6 subscriber's /64s); guesses are not.
         self._anyone = collections.deque(maxlen=CONSOLE_WRONG_TOTAL)
 
-    @staticmethod
-    def subscriber(address: str) -> str:
-        """Whose tries an address's are: an IPv6 address counts as its /64, since one
-        subscriber holds all of its 2^64 addresses and would otherwise get 5 tries from each."""
-        try:
-            found = ipaddress.ip_address(address)
-        except ValueError:
-            return address
-        if found.version == 4:
-            return str(found)
-        if found.ipv4_mapped:
-            return str(found.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{found}/64", strict=False))
-
     def refused(self, address: str, now: float) -> bool:
         """Whether this address tried CONSOLE_WRONG_TRIES wrong passwords within the last
         minute, or all addresses together CONSOLE_WRONG_TOTAL."""
         with self._lock:
-            tries = self._wrong.get(self.subscriber(address), ())
+            tries = self._wrong.get(address_group(address), ())
             return any(len(times) == times.maxlen and times[0] > now - 60
                        for times in (tries, self._anyone) if times)
 
@@ -7578,7 +7600,7 @@ class ConsoleGuard:
                                           secrets.token_urlsafe(32))
             return cookie
         with self._lock:
-            key = self.subscriber(address)
+            key = address_group(address)
             tries = self._wrong.pop(key, None) or collections.deque(maxlen=CONSOLE_WRONG_TRIES)
             tries.append(now)
             self._wrong[key] = tries
