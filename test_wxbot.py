@@ -6953,7 +6953,7 @@ def test_console_shows_nothing_and_does_nothing_without_a_login(start_bot, wecha
         assert (answer.status_code, answer.headers["Location"]) == (303, "/login"), path
         assert "oDEAD" not in answer.text
     forged = requests.post(base + "/queue/retry", data={"id": dead}, timeout=5,
-                           cookies={"wxbot_console": "guessed"})
+                           cookies={"wxbot_console_0": "guessed"})
     assert forged.status_code == 403
     owner = LoggedIn(base)
     assert owner.post(base + "/articles/learn", data={"url": "http://127.0.0.1:9/"},
@@ -7067,6 +7067,49 @@ def test_console_believes_forwarded_addresses_only_from_the_proxies_the_owner_na
         assert said == [401] * (wxbot.CONSOLE_WRONG_TOTAL - 1) + [429] * 2
         now[0] += 61
         assert log_in(CONSOLE_PASSWORD, "203.0.113.200") == 303
+
+
+def test_console_refuses_pages_of_other_sites(tmp_path):
+    """A page of another site reaches the console through the owner's tunnel by pointing its
+    name at 127.0.0.1 (DNS rebinding): it names its own host and is refused. Its login posts
+    are refused uncounted, so they cannot lock the owner out."""
+    with console_alone(tmp_path) as (base, _):
+        assert requests.get(base + "/login", timeout=5).status_code == 200
+        assert requests.get(base + "/login", headers={"Host": "localhost:8081"},
+                            timeout=5).status_code == 200
+        assert requests.get(base + "/login", headers={"Host": "evil.example:8081"},
+                            timeout=5).status_code == 421
+        cross_site = [requests.post(base + "/login", data={"password": f"guess-{n:08d}"},
+                                    headers={"Origin": "https://evil.example"}, timeout=5,
+                                    allow_redirects=False).status_code for n in range(6)]
+        assert cross_site == [403] * 6
+        owner = LoggedIn(base, Origin=base)
+        assert owner.get(base + "/articles/99999999999999999999999",
+                         timeout=5).status_code == 404
+    with console_alone(tmp_path, WXBOT_TRUSTED_PROXIES="127.0.0.1") as (base, _):
+        assert requests.get(base + "/login", headers={"Host": "console.example.com"},
+                            timeout=5).status_code == 200  # the proxy answers for its names
+
+
+def test_two_consoles_on_one_host_keep_their_own_sessions(tmp_path):
+    """Cookies know no port: each console's has a name of its own, a __Host- one over
+    HTTPS."""
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    with console_alone(tmp_path / "a", WXBOT_ADMIN_PORT=8111) as (one, _), \
+            console_alone(tmp_path / "b", WXBOT_ADMIN_PORT=8112) as (other, _):
+        first, second = LoggedIn(one), LoggedIn(other)
+        assert set(first.cookies.keys()) != set(second.cookies.keys())
+        both = requests.Session()  # one browser: localhost's cookies go to every port
+        both.cookies.update(first.cookies)
+        both.cookies.update(second.cookies)
+        for base in (one, other):
+            assert both.get(base + "/", timeout=5, allow_redirects=False).status_code == 200
+    with console_alone(tmp_path / "c", WXBOT_TRUSTED_PROXIES="127.0.0.1") as (base, _):
+        cookie = requests.post(base + "/login", data={"password": CONSOLE_PASSWORD}, timeout=5,
+                               allow_redirects=False, headers={"X-Forwarded-Proto": "https"}
+                               ).headers["Set-Cookie"]
+        assert cookie.startswith("__Host-wxbot_console_") and "secure" in cookie.lower()
 
 
 def test_console_session_cookie_is_httponly_strict_secure_behind_https_and_ends(tmp_path):

@@ -7216,7 +7216,10 @@ CONSOLE_PEOPLE_READ = 20000
 #: whose messages are all this old has its figures kept in the database (kv, CONSOLE_DAY_KEY).
 CONSOLE_DAY_SETTLED = 3600.0
 CONSOLE_DAY_KEY = "console-day:{}"
-CONSOLE_COOKIE = "wxbot_console"
+#: The session cookie's name, with the console's port: cookies know no port, and two consoles
+#: on one host would overwrite each other's. Over HTTPS it is a __Host- cookie, which no other
+#: site (nor a page of this host's served over plain HTTP) can set.
+CONSOLE_COOKIE = "wxbot_console_{port}"
 #: Sent with every console answer: no script runs (a reader's text shown by mistake as
 #: markup would run nothing), nothing loads from elsewhere, no other site frames the page.
 CONSOLE_HEADERS = [
@@ -7543,6 +7546,14 @@ def client_address(environ: Mapping, proxies: Sequence[str] = ()) -> str:
         return str(ipaddress.ip_address(environ.get("HTTP_X_REAL_IP", "").strip()))
     except ValueError:
         return peer
+
+
+def host_name(url: str) -> str:
+    """The host an URL (or "//Host: header") names, lower case; "" for none or a bad one."""
+    try:
+        return urllib.parse.urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
 
 
 def over_https(environ: Mapping, proxies: Sequence[str] = ()) -> bool:
@@ -7954,6 +7965,12 @@ class OwnerConsole:
 
         @app.post("/login", open=True)
         def log_in():
+            origin = bottle.request.headers.get("Origin")
+            if origin is not None and host_name(origin) != host_name(
+                    "//" + bottle.request.headers.get("Host", "")):
+                # A page of another site posting guesses through the owner's browser: not
+                # counted, or five would lock the owner out.
+                return bottle.HTTPResponse("a login from another site's page is refused", 403)
             now = console.clock()
             address = client_address(bottle.request.environ, console.settings.trusted_proxies)
             if console.guard.refused(address, now):
@@ -7974,17 +7991,16 @@ class OwnerConsole:
                     "login", "wxbot console", problem="Wrong password."), 401)
             log_web.info("console: logged in from %s", address)
             answer = bottle.HTTPResponse(status=303, Location="/")
-            answer.set_cookie(CONSOLE_COOKIE, cookie, httponly=True, samesite="strict",
-                              secure=over_https(bottle.request.environ,
-                                                console.settings.trusted_proxies), path="/",
+            answer.set_cookie(console.cookie_name(), cookie, httponly=True, samesite="strict",
+                              secure=console.secure(), path="/",
                               maxage=CONSOLE_SESSION_SECONDS)
             return answer
 
         @app.post("/logout")
         def log_out():
-            console.guard.log_out(bottle.request.get_cookie(CONSOLE_COOKIE))
+            console.guard.log_out(bottle.request.get_cookie(console.cookie_name()))
             answer = bottle.HTTPResponse(status=303, Location="/login")
-            answer.delete_cookie(CONSOLE_COOKIE, path="/")
+            answer.delete_cookie(console.cookie_name(), path="/", secure=console.secure())
             return answer
 
         @app.get("/")
@@ -8038,7 +8054,8 @@ class OwnerConsole:
 
         @app.get("/articles/<source_id:int>")
         def passages(source_id):
-            source, passages = console.passages(source_id) if console.articles else (None, [])
+            source, passages = console.passages(source_id) if console.articles and \
+                source_id < 2**63 else (None, [])  # SQLite's integers are 64-bit
             if source is None:
                 return bottle.HTTPResponse("not found", 404)
             return console.render("passages", source["title"], bottle.request.environ["csrf"],
@@ -8105,13 +8122,38 @@ class OwnerConsole:
             return app(environ, start)
         return with_headers
 
+    def secure(self) -> bool:
+        """Whether this request came over HTTPS (its cookie is then Secure)."""
+        return over_https(bottle.request.environ, self.settings.trusted_proxies)
+
+    def cookie_name(self) -> str:
+        name = CONSOLE_COOKIE.format(port=self.settings.admin_port)
+        return f"__Host-{name}" if self.secure() else name
+
+    def own_host(self) -> bool:
+        """Whether the request names this console as its host: localhost or an IP address
+        (what the owner's browser names through an SSH tunnel), or any name through a named
+        proxy (it answers for its own names). A page of another site whose name was made to
+        point at 127.0.0.1 (DNS rebinding) names its own, and is refused."""
+        if from_proxy(bottle.request.environ, self.settings.trusted_proxies):
+            return True
+        name = host_name("//" + bottle.request.headers.get("Host", ""))
+        with contextlib.suppress(ValueError):
+            return name == "localhost" or bool(ipaddress.ip_address(name))
+        return False
+
     def door(self, callback):
         """A bottle plugin: no page or action without a session, no POST without its token."""
         @functools.wraps(callback)
         def guarded(*args, **kwargs):
+            if not self.own_host():
+                return bottle.HTTPResponse(
+                    "this console answers to localhost or its IP address; behind a proxy, "
+                    "name the proxy in WXBOT_TRUSTED_PROXIES", 421)
             if bottle.request.route.config.get("open"):
                 return callback(*args, **kwargs)
-            token = self.guard.session(bottle.request.get_cookie(CONSOLE_COOKIE), self.clock())
+            token = self.guard.session(bottle.request.get_cookie(self.cookie_name()),
+                                       self.clock())
             if token is None:
                 if bottle.request.method == "GET":
                     return bottle.HTTPResponse(status=303, Location="/login")
