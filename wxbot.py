@@ -4733,8 +4733,15 @@ class Markdown:
         Paired(r"~~(?=\S)", r"(?<=\S)~~"),                                     # strike-through
     ]
 
+    #: A line of the model's that begins as wxbot's 来源 line does (SOURCES_HEAD). Its links
+    #: are shown as their text alone and its addresses dropped: only wxbot's own 来源 line
+    #: links to articles, and a page learned may ask the model to write one to its own site.
+    SOURCES_LIKE = re.compile(r"[\s>#*_~`|+-]*(?:\[\s*)?来\s*源")
+    ADDRESS = re.compile(r"(?:https?://|www\.)[^\s<>\"'，。；）)\]]*", re.I)
+
     def __init__(self):
         self.in_code = False
+        self.sources_like = False  # the line in hand begins as a 来源 line
 
     def line(self, raw: str, line_start: bool = True) -> str | None:
         """One line as plain text; None for a line that goes (a code fence, a table rule).
@@ -4748,8 +4755,13 @@ class Markdown:
             return raw
         if line_start and "|" in raw and self.TABLE_RULE.match(raw):
             return None
+        if line_start:
+            self.sources_like = bool(self.SOURCES_LIKE.match(raw))
         tags: set[int] = set()  # where in `kept` our own link tags are
-        if self.PLACEHOLDER.search(raw):  # nowhere to park inline code nor links: as it is
+        if self.sources_like:
+            kept, line = [], self.ADDRESS.sub("", _substitute(raw, bracket_links(raw),
+                                                              lambda text, url: text))
+        elif self.PLACEHOLDER.search(raw):  # nowhere to park inline code nor links: as it is
             kept, line = [], _substitute(raw, bracket_links(raw), "{} ({})".format)
         else:
             spans = list(code_spans(raw))
