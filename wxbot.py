@@ -27,11 +27,13 @@ A second signal exits at once.
 from __future__ import annotations
 
 import argparse
+import array
 import base64
 import codecs
 import collections
 import contextlib
 import dataclasses
+import datetime
 import enum
 import functools
 import hashlib
@@ -45,6 +47,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import pwd
 import queue
@@ -347,6 +350,22 @@ def _openids(value: str) -> tuple[str, ...]:
     return tuple(part for part in re.split(r"[\s,]+", value.strip()) if part)
 
 
+def _words(value: str) -> tuple[str, ...]:
+    """Comma-separated words (either comma), as classify() compares them: normalised."""
+    return tuple(word for word in (normalise(part) for part in re.split(r"[,，]", value))
+                 if word)
+
+
+def _hours(value: str) -> float:
+    try:
+        hours = float(value)
+    except ValueError:
+        hours = math.nan
+    if not 0 < hours <= 48 * 30:
+        raise ValueError(f"must be hours above 0, not {value!r}")
+    return hours
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """How one setting is read: its variable, default (None: required), parser and help."""
@@ -445,6 +464,20 @@ SETTINGS: dict[str, Setting] = {
                             "timeout)"),
     "retry_base": Setting("WXBOT_RETRY_BASE", "2", _seconds,
                           "first retry delay in seconds; doubles each attempt, with jitter"),
+    "search_words": Setting("WXBOT_SEARCH_WORDS", "1", _flag,
+                            "1: when a question's own words meet no article well, one short "
+                            "model call writes the words an article would use (牙医 → 口腔科) "
+                            "and the articles are searched again; 0: off"),
+    "embed_model": Setting("WXBOT_EMBED_MODEL", "", _optional_text,
+                           "embeddings model that also searches the articles by meaning, e.g. "
+                           "text-embedding-3-small, text-embedding-v3, BAAI/bge-m3, bge-m3 "
+                           "(empty: the word search alone)"),
+    "embed_base_url": Setting("WXBOT_EMBED_BASE_URL", "", _optional_url,
+                              "base URL of the embeddings API when the chat provider has none "
+                              "(DeepSeek) (empty: OPENAI_BASE_URL)"),
+    "embed_api_key": Setting("WXBOT_EMBED_API_KEY", "", _optional_text,
+                             "API key for WXBOT_EMBED_BASE_URL (empty: OPENAI_API_KEY)",
+                             secret=True),
     "learn_published": Setting("WXBOT_LEARN_PUBLISHED", "1", _flag,
                                "1: once `learn --published` has run, learn each article the "
                                "account publishes as WeChat announces it, and check the whole "
@@ -464,6 +497,20 @@ SETTINGS: dict[str, Setting] = {
                                "addresses of the proxies (nginx) in front of the console, "
                                "comma-separated (127.0.0.1, 10.0.0.0/8): only their X-Real-IP "
                                "and X-Forwarded-Proto are believed; empty: no one's"),
+    "handoff": Setting("WXBOT_HANDOFF", "console", _choice("console", "wechat"),
+                       "who answers a reader handed to a person: console (the owner writes "
+                       "from the console's conversation page); wechat (their messages go to "
+                       "WeChat's own 客服 by the passive transfer_customer_service reply)"),
+    "handoff_hours": Setting("WXBOT_HANDOFF_HOURS", "12", _hours,
+                             "hours the bot stays quiet for a reader once a person answers or "
+                             "is asked for (交还机器人 in the console ends it sooner)"),
+    "handoff_words": Setting("WXBOT_HANDOFF_WORDS", "人工,转人工,人工客服,找真人,真人客服",
+                             _words, "what a reader writes to ask for a person "
+                             "(comma-separated; empty: readers cannot ask)"),
+    "notify_url": Setting("WXBOT_NOTIFY_URL", "", _optional_url,
+                          "where the owner is told what matters: a 企业微信, 飞书 or 钉钉 group "
+                          "robot's webhook, or any URL (plain JSON) (empty: not told)",
+                          secret=True),
 }
 
 
@@ -490,6 +537,10 @@ class Settings:
     image_model: str
     image_base_url: str
     image_api_key: str
+    search_words: bool
+    embed_model: str
+    embed_base_url: str
+    embed_api_key: str
     image_daily: int
     session_ttl: float
     db: str
@@ -514,6 +565,10 @@ class Settings:
     admin_host: str
     admin_port: int
     trusted_proxies: tuple[str, ...]
+    handoff: str
+    handoff_hours: float
+    handoff_words: tuple
+    notify_url: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -711,6 +766,7 @@ class Kind(enum.Enum):
     KEYWORD = "keyword"    # one of the owner's keywords (WXBOT_REPLIES): a fixed reply
     DRAW = "draw"          # 画 / 画一张 / /draw, when drawing is on: text is what to draw
     EVENT = "event"        # subscribe, CLICK, LOCATION...: answered as an event, never a question
+    PERSON = "person"      # asks for a person (WXBOT_HANDOFF_WORDS): 转人工
 
 
 @dataclasses.dataclass(frozen=True)
@@ -741,25 +797,37 @@ def normalise(text: str) -> str:
     return text[start:end].translate(_ASCII_LOWER)
 
 
+#: A message longer than this (normalised) is a question, whatever person word it holds.
+PERSON_MESSAGE_MOST = 12
+
 #: Each command word, normalised, and the kind of message it makes.
 WORDS: dict[str, Kind] = {normalise(word): kind for words, kind in [
     (CONTINUE_WORDS, Kind.CONTINUE), (RESET_WORDS, Kind.RESET), (HELP_WORDS, Kind.HELP),
     (("/stats",), Kind.STATS)] for word in words}
 
 
+def asks_for_person(word: str, person_words: Sequence[str]) -> bool:
+    """Whether a normalised message asks for a person: it is one of the words, or holds one
+    of three characters or more in a short message (我要转人工); 人工智能是什么 does not."""
+    return word in person_words or len(word) <= PERSON_MESSAGE_MOST and any(
+        len(person) >= 3 and person in word for person in person_words)
+
+
 def classify(msg_type: str, content: str | None, keywords: Container[str] = (),
-             drawing: bool = False) -> Intent:
+             drawing: bool = False, person_words: Sequence[str] = ()) -> Intent:
     """What a message is. The one place that decides it: service and passive replies, the
     merging of quick follow-ups and the fixed replies all ask here. A spoken command counts
     as typed. `keywords` are the owner's, normalised (Replies.keywords); `drawing`: whether
-    WXBOT_IMAGE_MODEL is set (when it is not, 画 ... is a question like any other)."""
+    WXBOT_IMAGE_MODEL is set (when it is not, 画 ... is a question like any other);
+    `person_words`: WXBOT_HANDOFF_WORDS."""
     if msg_type == "event":
         return Intent(Kind.EVENT, "")
     text = (content or "").strip()
     if msg_type not in ("text", "voice"):
         return Intent(Kind.QUESTION, text)
     word = normalise(text)
-    kind = WORDS.get(word) or (Kind.KEYWORD if word in keywords else None)
+    kind = WORDS.get(word) or (Kind.KEYWORD if word in keywords else None) or (
+        Kind.PERSON if asks_for_person(word, person_words) else None)
     if kind is None and drawing:
         folded = unicodedata.normalize("NFKC", text).translate(_ASCII_LOWER)
         for draw_word in DRAW_WORDS:
@@ -782,6 +850,11 @@ class State(str, enum.Enum):
     DONE = "done"        # answered (segments beyond the quota stay stored, unsent)
     FAILED = "failed"    # the model failed; the user got the apology
     DEAD = "dead"        # gave up (delivery failures or interruptions); kept for the operator
+
+
+#: Each state in the owner's words (the console).
+STATE_WORDS = {State.QUEUED: "排队中", State.LEASED: "回答中", State.DONE: "已回答",
+               State.FAILED: "失败，已致歉", State.DEAD: "未送达"}
 
 
 class Leftovers(enum.Enum):
@@ -988,6 +1061,9 @@ CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_bef
              " ORDER BY m.id LIMIT 1")
 #: The kv key noting that the queue line went out for a message: it used one of the 5.
 QUEUE_LINE_KEY = "queue-line:{}"
+#: The kv key counting the messages sent on a user message's quota that are not segments
+#: of its answer: the owner's own (OwnerAnswers), the apology of an answer asked again.
+QUOTA_USED_KEY = "quota-used:{}"
 #: The kv key noting that a user over a limit was told so, until a place frees (kind:
 #: "calls", WXBOT_USER_RATE/WXBOT_USER_DAILY; "own", a limit with a line of its own).
 LIMIT_NOTICE_KEY = "limit-notice:{openid}:{kind}"
@@ -1209,6 +1285,8 @@ class Store:
         #: Set while writes fail for want of space; workers pause, the webhook answers 503.
         self.disk_full = False
         self._disk_lock = threading.Lock()
+        #: Called when the disk fills up (the owner is told: Notifier).
+        self.on_disk_full: Callable[[], object] | None = None
         with opening_for(path), self.connection() as conn:
             self._compactable(conn, free_space)
             # WAL lets the webhook commit while a worker reads; synchronous=NORMAL keeps every
@@ -1330,6 +1408,8 @@ class Store:
         if full:
             log.error("the disk holding %s is full: pushes are answered 503 so that WeChat "
                       "tries them again, and workers pause; free some space (df -h)", self.path)
+            if self.on_disk_full:
+                self.on_disk_full()
         else:
             log.info("there is room on the disk again: pushes are stored and answered")
 
@@ -1924,9 +2004,19 @@ class Store:
 
     def quota(self, message: Message) -> int:
         """Customer-service messages the answer to a message may use: WeChat's 5 per user
-        message, 3 per menu click or follow (45047), less the queue line if one went out."""
+        message, 3 per menu click or follow (45047), less the queue line if one went out and
+        the messages sent on the message's quota besides its answer (QUOTA_USED_KEY)."""
         allowed = EVENT_QUOTA if message.msg_type == "event" else QUOTA
-        return allowed - (self.get_kv(QUEUE_LINE_KEY.format(message.id), 0) is not None)
+        return allowed - (self.get_kv(QUEUE_LINE_KEY.format(message.id), 0) is not None) - \
+            int(self.get_kv(QUOTA_USED_KEY.format(message.id), 0) or 0)
+
+    @staticmethod
+    def use_quota(conn: sqlite3.Connection, message_id: int, sent: int, now: float) -> None:
+        """Count `sent` messages against a message's quota that are not segments of its
+        answer (the owner's own, an apology before an answer asked again)."""
+        conn.execute("INSERT INTO kv (key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT"
+                     " (key) DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value",
+                     (QUOTA_USED_KEY.format(message_id), str(sent), now + 3 * 86400))
 
     def mark_sent(self, message: Message, seq: int, now: float) -> None:
         with self.transaction() as conn:
@@ -2202,15 +2292,28 @@ class Store:
         }
 
 
-def requeue_dead(conn: sqlite3.Connection, message_id: int) -> str | None:
-    """Queue a dead message again, its failure counts cleared (the `retry` command, the
-    console's retry button). None when it is queued; else why not, to show the owner."""
-    if conn.execute("UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
-                    " model_failures = 0, delivery_failures = 0, interruptions = 0,"
-                    " error = NULL WHERE id = ? AND state = 'dead'", (message_id,)).rowcount:
-        return None
+def requeue(conn: sqlite3.Connection, message_id: int, now: float) -> str | None:
+    """Ask a message again, its failure counts cleared (the `retry` command, the console's
+    retry button), in the caller's transaction: a dead one, or one that failed and got the
+    apology, whose segments go (the apology stays counted in its 5 messages: QUOTA_USED_KEY)
+    so that the model is asked anew. None when it is queued; else the state it is in, which
+    leaves nothing to do ("" when there is no such message)."""
     row = conn.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
-    return f"is {row[0]}, not dead: nothing to do" if row else "is not in the database"
+    if row is None:
+        return ""
+    if row[0] not in (State.DEAD.value, State.FAILED.value):
+        return row[0]
+    if row[0] == State.FAILED.value:
+        sent = conn.execute("SELECT count(*) FROM segments WHERE message_id = ? AND sent_at"
+                            " IS NOT NULL", (message_id,)).fetchone()[0]
+        if sent:
+            Store.use_quota(conn, message_id, sent, now)
+        conn.execute("DELETE FROM segments WHERE message_id = ?", (message_id,))
+        conn.execute("UPDATE messages SET answered_at = NULL WHERE id = ?", (message_id,))
+    conn.execute("UPDATE messages SET state = 'queued', not_before = 0, lease_until = NULL,"
+                 " model_failures = 0, delivery_failures = 0, interruptions = 0,"
+                 " error = NULL WHERE id = ?", (message_id,))
+    return None
 
 
 ###############################################################################
@@ -2233,13 +2336,20 @@ class Source:
     """One learned article, page or file."""
 
     id: int
-    kind: str           # "published" | "url" | "file"
+    kind: str           # "published" | "url" | "file" | "note" (the owner's, NOTE_URL)
     origin: str         # article_id / URL / absolute path: what identifies it when learned again
     title: str
     url: str
     date: str
     passages: int
     learned_at: float
+
+
+#: What a learned source can be; a note is the owner's answer written in the console.
+SOURCE_KINDS = ("published", "url", "file", "note")
+#: The url of an owner's note: no page, and the 来源 line names it NOTE_SOURCE, unlinked.
+NOTE_URL = "note:"
+NOTE_SOURCE = "公众号说明"
 
 
 class LearnError(Exception):
@@ -2249,7 +2359,7 @@ class LearnError(Exception):
 ARTICLES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS article_sources (
     id         INTEGER PRIMARY KEY,
-    kind       TEXT NOT NULL CHECK (kind IN ('published', 'url', 'file')),
+    kind       TEXT NOT NULL CHECK (kind IN ('published', 'url', 'file', 'note')),
     origin     TEXT NOT NULL UNIQUE,
     title      TEXT NOT NULL,
     url        TEXT NOT NULL DEFAULT '',
@@ -2271,6 +2381,13 @@ CREATE INDEX IF NOT EXISTS article_passages_source ON article_passages (source_i
 CREATE VIRTUAL TABLE IF NOT EXISTS article_terms USING fts5 (
     title, body, content='', detail='column', tokenize='unicode61 remove_diacritics 0');
 CREATE VIRTUAL TABLE IF NOT EXISTS article_vocabulary USING fts5vocab (article_terms, 'row');
+-- Each passage's meaning as the embeddings model (WXBOT_EMBED_MODEL) gives it: the vector
+-- scaled to signed bytes (meaning_bytes()), for find() to compare the question's with.
+CREATE TABLE IF NOT EXISTS article_vectors (
+    passage_id INTEGER PRIMARY KEY REFERENCES article_passages (id) ON DELETE CASCADE,
+    model      TEXT NOT NULL,
+    vector     BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS article_uses (
     message_id INTEGER PRIMARY KEY,
     at         REAL NOT NULL,
@@ -2353,28 +2470,16 @@ def article_terms(text: str) -> list[str]:
     return terms
 
 
-#: How readers ask and how articles say it: a question holding one of these words finds a
-#: passage holding any other of its group (开门 finds 营业时间, 包邮 finds 免配送费). The
-#: things people ask a shop, café, clinic or school account about, not one account's words.
-READER_WORDS = (
-    ("开门", "关门", "营业", "开店", "打烊", "店休", "休息", "歇业", "几点开", "开到几点"),
-    ("包邮", "免邮", "邮费", "运费", "免运费", "配送费", "免配送费", "快递费"),
-    ("在哪", "在哪里", "在哪儿", "地址", "位置", "怎么走", "怎么去", "怎么到", "门店"),
-    ("多少钱", "几块钱", "多钱", "价格", "价钱", "价位", "收费", "费用", "便宜", "贵", "元"),
-    ("退款", "退钱", "退货", "退单", "退换", "退费"),
-    ("优惠", "折扣", "打折", "便宜点", "减免", "优惠券", "活动价"),
-    ("外卖", "配送", "送货", "送餐", "外送", "送到", "上门"),
-    ("预约", "预订", "预定", "报名", "订位", "提前订"),
+#: How Chinese asks for a place, a price, a length of time and a phone number, and how
+#: any account's articles answer: a question holding one of these words finds a passage
+#: holding any other of its group (在哪 finds 地址, 多少钱 finds 费用). Words of the language,
+#: not of one kind of account: what readers call a thing otherwise (牙医 for 口腔科) is found
+#: by meaning (WXBOT_EMBED_MODEL) or by the search words the model writes (search_words()).
+ASKING_WORDS = (
+    ("在哪", "在哪里", "在哪儿", "地址", "位置", "怎么走", "怎么去", "怎么到"),
+    ("多少钱", "几块钱", "多钱", "价格", "价钱", "收费", "费用", "便宜", "贵", "元"),
     ("多久", "多长时间", "几天", "几分钟", "分钟", "小时", "时间"),
-    ("停车", "车位", "停车场", "停车费"),
-    ("狗", "狗狗", "猫", "猫咪", "宠物", "犬"),
-    ("小孩", "孩子", "儿童", "宝宝", "小朋友"),
-    ("工资", "薪资", "月薪", "时薪", "薪水", "待遇"),
-    ("招聘", "招人", "应聘", "招兼职", "求职"),
-    ("过年", "春节", "除夕", "大年", "年假"),
-    ("电话", "联系方式", "客服", "手机号"),
-    ("发票", "开票", "报销"),
-    ("能用", "可以用", "支持", "适用"),
+    ("电话", "联系方式", "手机号"),
 )
 
 
@@ -2386,13 +2491,13 @@ class Unit:
     weak: frozenset[str] = frozenset()  # showing one of these: it may be (a character alone)
 
 
-def _reader_word_pattern() -> re.Pattern:
-    words = sorted({word for group in READER_WORDS for word in group}, key=len, reverse=True)
+def _asking_word_pattern() -> re.Pattern:
+    words = sorted({word for group in ASKING_WORDS for word in group}, key=len, reverse=True)
     return re.compile("|".join(map(re.escape, words)))
 
 
-_READER_WORD = _reader_word_pattern()
-_READER_GROUP = {word: group for group in READER_WORDS for word in group}
+_ASKING_WORD = _asking_word_pattern()
+_ASKING_GROUP = {word: group for group in ASKING_WORDS for word in group}
 
 
 def _shown_by(word: str) -> frozenset[str]:
@@ -2405,16 +2510,16 @@ def _shown_by(word: str) -> frozenset[str]:
 def question_units(text: str) -> dict[str, Unit]:
     """What a question asks about, unit by unit: each meaningful CJK character and each Latin
     word or number, with the terms that show the unit in the question's own context (the
-    character paired with a neighbour), and each reader's word (READER_WORDS) with the words
+    character paired with a neighbour), and each asking word (ASKING_WORDS) with the words
     of its group. A character found alone in a passage is weak evidence; found in one of its
     pairs, strong. Pairs that span two words (周末几点 gives 末几) need not exist anywhere:
     they simply show nothing."""
     folded = fold(text)
     units: dict[str, Unit] = {}
-    for found in _READER_WORD.finditer(folded):
-        group = _READER_GROUP[found.group()]
+    for found in _ASKING_WORD.finditer(folded):
+        group = _ASKING_GROUP[found.group()]
         units[group[0]] = Unit(tuple(_shown_by(word) for word in group))
-    folded = QUESTION_WORDS.sub(" ", _READER_WORD.sub(" ", folded))
+    folded = QUESTION_WORDS.sub(" ", _ASKING_WORD.sub(" ", folded))
     last_end, last_number = -1, ""
     for match in _TERM_RUNS.finditer(folded):
         run, word = match.group(1), match.group(2)
@@ -2446,9 +2551,10 @@ def question_units(text: str) -> dict[str, Unit]:
 
 
 #: A passage is cut at the end of a paragraph or sentence once it has this many characters;
-#: a longer paragraph is cut at its sentence ends.
-PASSAGE_CHARS = 260
-PASSAGE_MAX = 500
+#: a longer paragraph is cut at its sentence ends. (Measured on accounts' articles: passages
+#: of 260 characters split an answer from what it answers as often as they held it.)
+PASSAGE_CHARS = 500
+PASSAGE_MAX = 1000
 _SENTENCE_END = re.compile(r"[。！？!?；;…]")
 
 
@@ -2462,34 +2568,84 @@ def sentences(paragraph: str) -> Iterator[str]:
     yield paragraph[at:]
 
 
+#: A line that heads what follows it, and its level: a Markdown heading (## 价格), 「三、价格」,
+#: 「（二）报名」, 「1. 费用」, a bold line (**价格**), 【价格】, and a question of a Q&A
+#: (Q：… / 问：…), which heads its answer. Short, and not a sentence of its own.
+_HEADINGS = (
+    (re.compile(r"(#{1,6})[ \t]+\S"), None),
+    (re.compile(r"[一二三四五六七八九十]{1,3}[、.．]"), 2),
+    (re.compile(r"[（(][一二三四五六七八九十]{1,3}[)）]"), 3),
+    (re.compile(r"(?:\*\*|__)[^*_]{1,40}(?:\*\*|__)[:：]?$|【[^】]{1,40}】$"), 3),
+    (re.compile(r"[0-9]{1,2}[、.．](?![0-9])"), 4),
+    (re.compile(r"(?:Q|q|问)[0-9]{0,2}[:：.．、]"), 5),
+)
+HEADING_CHARS = 40
+#: A title at the most, as WeChat's own (a page's <title> may be any length).
+TITLE_CHARS = 64
+#: What a passage carries of the headings above it, at the most.
+SECTION_CHARS = 64
+
+
+def heading_level(line: str) -> int | None:
+    """How deep a line heads the text below it (1 the highest), or None: no heading."""
+    if len(line) > HEADING_CHARS and not line[:1] in "Qq问":
+        return None
+    for pattern, level in _HEADINGS:
+        match = pattern.match(line)
+        if match:
+            if level is None:  # Markdown: by its number of #
+                return len(match.group(1))
+            if level == 5 and len(line) > 120:
+                return None
+            # A numbered sentence is an item of a list, not a heading (1. 带上身份证。).
+            return None if level in (2, 4) and line.endswith(("。", "；", ";")) else level
+    return None
+
+
 def passages_of(text: str) -> list[str]:
-    """The text cut into passages of about PASSAGE_CHARS, at paragraph and sentence ends."""
-    pieces: list[str] = []
+    """The text cut into passages of about PASSAGE_CHARS, at paragraph and sentence ends; a
+    passage that starts inside a section begins with that section's headings (「二、收费标准
+    · （二）挂号」), so that it is found, and read, as what it is."""
+    pieces: list[tuple[str, str]] = []  # (the headings over it, a paragraph or part of one)
+    headings: dict[int, str] = {}
     for paragraph in (line.strip() for line in text.splitlines()):
         if not paragraph:
             continue
+        level = heading_level(paragraph)
+        if level is not None:
+            headings = {deeper: line for deeper, line in headings.items() if deeper < level}
+            headings[level] = paragraph[:HEADING_CHARS]
+        over = " · ".join(headings[key] for key in sorted(headings))[-SECTION_CHARS:]
         if len(paragraph) <= PASSAGE_MAX:
-            pieces.append(paragraph)
+            pieces.append((over, paragraph))
             continue
         sentence = ""
         for part in sentences(paragraph):
             if sentence and len(sentence) + len(part) > PASSAGE_CHARS:
-                pieces.append(sentence)
+                pieces.append((over, sentence))
                 sentence = ""
             sentence += part
             if len(sentence) > PASSAGE_MAX:  # a run with no sentence end at all
                 cut = (len(sentence) - 1) // PASSAGE_MAX * PASSAGE_MAX
-                pieces.extend(sentence[at:at + PASSAGE_MAX] for at in range(0, cut, PASSAGE_MAX))
+                pieces.extend((over, sentence[at:at + PASSAGE_MAX])
+                              for at in range(0, cut, PASSAGE_MAX))
                 sentence = sentence[cut:]
         if sentence:
-            pieces.append(sentence)
+            pieces.append((over, sentence))
     passages: list[str] = []
     current = ""
-    for piece in pieces:
+    for over, piece in pieces:
         if current and len(current) + len(piece) > PASSAGE_CHARS:
             passages.append(current)
             current = ""
-        current = f"{current}\n{piece}" if current else piece
+        if not current:
+            # Its headings go first (a passage that starts with a heading: those above it).
+            heading = heading_level(piece) is not None
+            above = over.rsplit(" · ", 1)[0] if heading and " · " in over else \
+                "" if heading else over
+            current = f"{above}\n{piece}" if above else piece
+        else:
+            current = f"{current}\n{piece}"
     if current:
         passages.append(current)
     return passages
@@ -2509,18 +2665,56 @@ def article_files(folder: str) -> Iterator[str]:
 
 
 _MARKDOWN_HEADING = re.compile(r"#{1,6}[ \t]+")
+#: A Markdown file's front matter (---, key: value lines, ---), as static site generators write.
+_FRONT_MATTER = re.compile(r"---[ \t]*\n((?:[^\n]*\n){0,40}?)---[ \t]*(?:\n|$)")
+_FRONT_FIELD = re.compile(r"""(title|date)[ \t]*:[ \t]*["']?([^"'\n]*)""", re.I)
+#: A date as articles write it: 2025年4月25日, 2025-04-25, 2025/4/25, 2025.4.25.
+_DATE = re.compile(r"(20[0-9]{2}|19[0-9]{2})(?:年|[-/.])([01]?[0-9])(?:月|[-/.])([0-3]?[0-9])日?")
+#: A line that only dates the article: the date, with at most a word or two around it
+#: (发布于 2025年4月25日, 2025-04-25 小麦与豆): not a sentence that names a date.
+_DATE_LINE = re.compile(rf"(?:[^\d\n。，,]{{0,8}}[:： ]?)?\s*{_DATE.pattern}\s*[^\d\n。，,]{{0,12}}")
 
 
-def markdown_text(content: str) -> tuple[str, str]:
-    """A Markdown or plain-text file's title (its first heading, if any) and text."""
-    title, lines = "", []
+def found_date(text: str) -> str:
+    """The first date in a text as YYYY-MM-DD, or "" (none, or no such day)."""
+    match = _DATE.search(text)
+    if not match:
+        return ""
+    try:
+        return datetime.date(*(int(part) for part in match.groups())).isoformat()
+    except ValueError:
+        return ""
+
+
+def text_date(text: str) -> str:
+    """The article's date as a line of its own says it, among its first and last few lines
+    (「2025年4月25日」 under the title, 「发布于 2025-04-25」 at the end), or ""."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines[:5] + lines[-3:]:
+        if len(line) <= 40 and _DATE_LINE.fullmatch(line):
+            date = found_date(line)
+            if date:
+                return date
+    return ""
+
+
+def markdown_text(content: str) -> tuple[str, str, str]:
+    """A Markdown or plain-text file's title (its front matter's, or its first heading), text
+    and date (its front matter's, or a line that dates it; "" if none). Headings stay in the
+    text as written: passages_of() knows them."""
+    title, date = "", ""
+    front = _FRONT_MATTER.match(content)
+    if front:
+        fields = {key.lower(): value.strip() for key, value in
+                  _FRONT_FIELD.findall(front.group(1))}
+        title, date = fields.get("title", ""), found_date(fields.get("date", ""))
+        content = content[front.end():]
     for line in content.splitlines():
         heading = _MARKDOWN_HEADING.match(line)
         if heading:
-            line = line[heading.end():].strip().rstrip("#").strip()
-            title = title or line
-        lines.append(line)
-    return title, "\n".join(lines)
+            title = title or line[heading.end():].strip().rstrip("#").strip()
+            break
+    return title, content, date or text_date(content)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2697,8 +2891,6 @@ _TEXT_REGIONS = ("js_content", "article", "main", "body")
 #: Tags read of a page (start and end): an article has a few thousand; a hostile page of a
 #: million would hold the interpreter for seconds, so the rest of it is not read.
 PAGE_TAGS = 150_000
-#: Characters kept of a title as it is read: a title that never closes swallows the page.
-TITLE_CHARS = 500
 
 
 class _EnoughRead(Exception):
@@ -2732,7 +2924,8 @@ class _PageReader(html.parser.HTMLParser):
         self._open_tags: collections.Counter = collections.Counter()
         self._open_regions: collections.Counter = collections.Counter()
         self._hidden = 0
-        self._in_title = self._in_h1 = False
+        self._in_title = self._in_h1 = self._in_time = False
+        self.shown_time = ""
         self._tags = 0
 
     def _count_tag(self) -> None:
@@ -2764,6 +2957,7 @@ class _PageReader(html.parser.HTMLParser):
             self._in_title = True
         elif tag == "h1" and attrs.get("id") == "activity-name":
             self._in_h1 = True
+        self._in_time = attrs.get("id") == "publish_time" or self._in_time
         if tag in _BLOCKS:
             self._text("\n")
 
@@ -2780,6 +2974,7 @@ class _PageReader(html.parser.HTMLParser):
                 self._in_title = False
             elif name == "h1":
                 self._in_h1 = False
+            self._in_time = False
             if name == tag:
                 break
         if tag in _BLOCKS:
@@ -2791,6 +2986,8 @@ class _PageReader(html.parser.HTMLParser):
             self.title += data
         if self._in_h1 and len(self.h1_title) < TITLE_CHARS:
             self.h1_title += data
+        if self._in_time and len(self.shown_time) < 40:  # <em id="publish_time">2025-04-25
+            self.shown_time += data
         if not self._hidden:  # a line break in the source is a space; blocks end lines
             self._text(_SPACES.sub(" ", data))
 
@@ -2870,7 +3067,7 @@ def page_text(page: str, url: str) -> tuple[str, str, str]:
     if (wechat or reader.regions["js_content"]) and not date:  # a 公众号 article's publish time
         created = next(filter(None, map(_CREATED.search, page_steps(page))), None)
         date = china_date(float(created.group(1))) if created else ""
-    return title, text, date
+    return title, text, date or found_date(reader.shown_time)
 
 
 def china_date(timestamp: float) -> str:
@@ -2883,11 +3080,17 @@ def article_digest(title: str, text: str, url: str, date: str) -> str:
     return hashlib.sha256(f"{title}\n{url}\n{date}\n{text}".encode("utf-8")).hexdigest()
 
 
-#: The passages a search brings, best by BM25 first (a match in the title weighs 3 times).
-PASSAGES_MATCHING = (
-    "SELECT s.id, s.title, s.url, s.date, p.text FROM (SELECT rowid FROM article_terms"
-    " WHERE article_terms MATCH :query ORDER BY bm25(article_terms, 3.0, 1.0) LIMIT :limit) m"
-    " JOIN article_passages p ON p.id = m.rowid JOIN article_sources s ON s.id = p.source_id")
+#: The passages holding a term (or all of a few), read from the index alone.
+TERM_PASSAGES = "SELECT rowid FROM article_terms WHERE article_terms MATCH ?"
+#: The passages nearest in meaning, with their vectors.
+PASSAGES_WITH_VECTORS = (
+    "SELECT p.id, s.id, s.title, s.url, s.date, p.text, v.vector FROM article_vectors v"
+    " JOIN article_passages p ON p.id = v.passage_id JOIN article_sources s ON"
+    " s.id = p.source_id WHERE v.passage_id IN ({ids})")
+#: The candidates' text and what names their article, by passage id.
+PASSAGES_BY_ID = (
+    "SELECT p.id, s.id, s.title, s.url, s.date, p.text FROM article_passages p"
+    " JOIN article_sources s ON s.id = p.source_id WHERE p.id IN ({ids})")
 #: In how many passages each term is (fts5vocab looks each up in the index).
 VOCABULARY = "SELECT term, doc FROM article_vocabulary WHERE term IN ({terms})"
 #: How many passages there are, and when the articles last changed (learn_text, forget).
@@ -2927,7 +3130,7 @@ class Articles:
     #: At most this many passages go with a question.
     MOST = 5
     #: Candidates BM25 brings before they are weighed against the question.
-    CANDIDATES = 30
+    CANDIDATES = 60
 
     #: How long one write of learn_text or forget holds the database: a push waiting for it
     #: is acknowledged a little later, never after WeChat's 5 s. A large article is written in
@@ -2950,16 +3153,36 @@ class Articles:
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._counts: dict[str, object] = {}  # term -> passages holding it; "" -> as of when
+        self.meaning: Meaning | None = None  # WXBOT_EMBED_MODEL: find() searches by meaning too
         with self._reading() as conn:
             # Before the first table, as the Store does: deleted rows give their pages back.
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(f"BEGIN IMMEDIATE; {ARTICLES_SCHEMA} COMMIT;")
+            self._allow_notes(conn)
         with self._write() as conn:
             version = conn.execute("SELECT value FROM article_state WHERE key = 'terms'"
                                    ).fetchone()
             if version is None or int(version[0]) != TERMS_VERSION:
                 self._reindex(conn)
+
+    @staticmethod
+    def _allow_notes(conn: sqlite3.Connection) -> None:
+        """A database learned before the owner's notes checks kind against the three kinds
+        it knew; SQLite changes no CHECK in place, so the table's definition is rewritten
+        (the rows are the same: nothing is copied)."""
+        made = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'article_sources'"
+                            ).fetchone()[0]
+        if "'note'" in made:
+            return
+        version = conn.execute("PRAGMA schema_version").fetchone()[0]
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("PRAGMA writable_schema=ON")
+        conn.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'article_sources'",
+                     (made.replace("'file')", "'file', 'note')"),))
+        conn.execute(f"PRAGMA schema_version={version + 1}")
+        conn.execute("PRAGMA writable_schema=OFF")
+        conn.execute("COMMIT")
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
@@ -3074,9 +3297,10 @@ class Articles:
                    date: str = "", now: float | None = None) -> Source:
         """Learn a text as passages, replacing what was learned before from the same origin.
         Until it is all written, the source has no digest (a sync learns it again)."""
-        title = " ".join(title.split()) or os.path.basename(origin) or origin
-        if kind not in ("published", "url", "file"):
-            raise ValueError(f"kind must be published, url or file, not {kind!r}")
+        # WeChat's own titles are at most 64 characters: a page's <title> is not bounded.
+        title = (" ".join(title.split()) or os.path.basename(origin) or origin)[:TITLE_CHARS]
+        if kind not in SOURCE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(SOURCE_KINDS)}, not {kind!r}")
         pieces = passages_of(text)
         if not pieces:
             raise LearnError("no text in it")
@@ -3226,7 +3450,8 @@ class Articles:
         if not text.strip():
             raise LearnError("the page has no text")
         shown = shown_url(page.url)
-        return self.learn_text("url", url, title or shown, text, url=shown, date=date, now=now)
+        return self.learn_text("url", url, title or shown, text, url=shown,
+                               date=date or text_date(text), now=now)
 
     def _learn_file(self, path: str, now: float | None) -> Source:
         path = os.path.abspath(path)
@@ -3242,7 +3467,7 @@ class Articles:
                 raise LearnError(f"larger than {PAGE_BYTES // 1024 // 1024} MB: no article")
             with open(path, "rb") as file:
                 raw = file.read(PAGE_BYTES + 1)
-            date = time.strftime("%Y-%m-%d", time.localtime(found.st_mtime))
+            modified = time.strftime("%Y-%m-%d", time.localtime(found.st_mtime))
         except OSError as error:
             raise LearnError(f"cannot read it: {error.strerror or error}") from None
         try:
@@ -3252,13 +3477,15 @@ class Articles:
         if not content.strip():
             raise LearnError("the file is empty")
         if extension in (".html", ".htm"):
-            title, text, _ = page_text(content, "")
+            title, text, date = page_text(content, "")
+            date = date or text_date(text)
         else:
-            title, text = markdown_text(content)
+            title, text, date = markdown_text(content)
         if not text.strip():
             raise LearnError("no text in it")
-        return self.learn_text("file", path, title or os.path.basename(path), text, date=date,
-                               now=now)
+        # The article's own date: the file's time says when it was last saved, not written.
+        return self.learn_text("file", path, title or os.path.basename(path), text,
+                               date=date or modified, now=now)
 
     # Use --------------------------------------------------------------------
 
@@ -3296,23 +3523,59 @@ class Articles:
     #: How much the earlier question's units weigh beside the question's own.
     EARLIER_WEIGHT = 0.5
     #: Passages BM25 may score for one question (about 3 µs each).
-    BUDGET = 2000
+    BUDGET = 20000
     #: Terms whose counts are kept between questions (a few MB at most).
     COUNTS_KEPT = 50000
 
-    def find(self, question: str, earlier: Sequence[str] = ()) -> list[Passage]:
+    def find(self, question: str, earlier: Sequence[str] = (),
+             search_words: Callable[[str, Sequence[str]], str | None] | None = None
+             ) -> list[Passage]:
         """Passages that answer `question` (with the user's earlier question(s) for a
-        follow-up), best first, at most a handful; [] when nothing relevant (relevance floor)."""
+        follow-up), best first, at most a handful; [] when nothing relevant (relevance floor).
+        With a Meaning (WXBOT_EMBED_MODEL), the passages nearest the question's meaning join
+        those of the word search (reciprocal rank fusion): 牙医 finds 口腔科.
+
+        `search_words(question, earlier)` is asked, when the question's own words meet no
+        passage well (below CONFIDENT), for the words an article would use (the model's
+        search_words()): they join the question's, weighing SEARCH_WORDS_WEIGHT. It returns
+        None for a question about nothing the account writes of (small talk): no passage."""
         units = {key: (1.0, unit) for key, unit in question_units(question).items()}
+        if not earlier and sum(0.5 if len(key) == 1 and not key.isascii() else 1
+                               for key in units) < 1:
+            return []  # 谢谢, 在吗, 你是谁: a word of one character says nothing to search for
         for before in list(earlier)[-1:]:
             for key, unit in question_units(before).items():
                 units.setdefault(key, (self.EARLIER_WEIGHT, unit))
-        if not units:
-            return []
         with self._reading() as conn:
-            return self._find(conn, units)
+            words = self._find(conn, units) if units else []
+            if search_words and (not words or words[0][0] < self.CONFIDENT) and \
+                    int(conn.execute(COUNTED_PASSAGES).fetchone()[0]):
+                written = search_words(question, earlier)
+                if written is None:
+                    return []
+                for key, unit in question_units(written).items():
+                    units.setdefault(key, (self.SEARCH_WORDS_WEIGHT, unit))
+                words = self._find(conn, units) if written.strip() else words
+            near = self.meaning.nearest(conn, question, earlier, bool(words)) \
+                if self.meaning else []
+            if not near:
+                return [passage for *_, passage in words[:self.MOST]]
+            fused: dict[int, list] = {}
+            for ranked in (words, near):
+                for rank, (*_, passage_id, passage) in enumerate(ranked):
+                    fused.setdefault(passage_id, [0.0, passage])[0] += 1 / (self.FUSION + rank)
+            best = sorted(fused.values(), key=lambda item: -item[0])
+            return [passage for _, passage in best[:self.MOST]]
 
-    def _find(self, conn: sqlite3.Connection, units: dict) -> list[Passage]:
+    #: Reciprocal rank fusion's constant: a passage's weight in a list is 1 / (FUSION + rank).
+    FUSION = 10
+    #: A best passage showing this share of the question: no search words are asked for.
+    CONFIDENT = 0.6
+    #: What a search word the model wrote weighs beside the question's own.
+    SEARCH_WORDS_WEIGHT = 0.7
+
+    def _find(self, conn: sqlite3.Connection, units: dict) -> list[list]:
+        """The word search: [share, date, passage id, Passage] best first."""
         total, changed = conn.execute(COUNTED_PASSAGES).fetchone()
         total = int(total)
         if not total:
@@ -3326,8 +3589,8 @@ class Articles:
             # no unit strongly is not given, below).
             for shown in unit.strong:
                 if all(term in found_in for term in shown):
-                        searched[" AND ".join(f'"{term}"' for term in sorted(shown))] = min(
-                        found_in[term] for term in shown)
+                    searched.setdefault(shown, [min(found_in[term] for term in shown), set()]
+                                        )[1].add(key)
             # Weighed by how rare it is: a character by itself, a group of words together.
             counted = [unit.weak] if unit.weak else unit.strong
             passages = min(total, sum(min(found_in.get(term, 0) for term in shown)
@@ -3342,29 +3605,29 @@ class Articles:
         if not searched or sum(weight[key] * reachable[key] for key in units) < \
                 self.FLOOR * whole:
             return []
-        # The candidates come from the rarest terms, as many as keep BM25's work (a score for
-        # each passage holding one) within BUDGET; when even the rarest is common (咖啡 in an
-        # account about coffee), from passages holding the two rarest. The weighing below
-        # still counts every unit.
-        rare, brought = [], 0
-        for query in sorted(searched, key=searched.get):
-            if rare and brought + searched[query] > self.BUDGET:
+        # Candidates: every passage that shows a unit strongly, each weighed by the units it
+        # shows, read from the index term by term, the rarest first, until BUDGET passages
+        # were read (a term in most passages says little about which to read). The best
+        # CANDIDATES are then weighed against the whole question, text in hand.
+        found: dict[int, dict[str, float]] = collections.defaultdict(dict)
+        read = 0
+        for shown, (count, keys) in sorted(searched.items(), key=lambda item: item[1][0]):
+            if read and read + count > self.BUDGET:
                 break
-            rare.append(query)
-            brought += searched[query]
-        if brought > self.BUDGET:
-            # Even the rarest is common: the passages holding it and the next rarest term
-            # (a whole unit, or a character of one), 面包 and 酸 for 酸面包.
-            others = {**{f'"{term}"': found_in[term] for _, unit in units.values()
-                         for term in unit.weak if term in found_in}, **searched}
-            others.pop(rare[0], None)
-            if others:
-                rare = [f"({rare[0]}) AND ({min(others, key=others.get)})"]
+            read += count
+            query = " AND ".join(f'"{term}"' for term in sorted(shown))
+            for (rowid,) in conn.execute(TERM_PASSAGES, (query,)):
+                found[rowid].update((key, weight[key]) for key in keys)
+        best = heapq.nlargest(self.CANDIDATES, found.items(),
+                              key=lambda item: (sum(item[1].values()), item[0]))
+        if not best:
+            return []
+        rows = conn.execute(PASSAGES_BY_ID.format(ids=", ".join("?" * len(best))),
+                            [rowid for rowid, _ in best]).fetchall()
         latin_asked = any(term[0].isascii() for term in terms)
+        own = {key for key, (importance, _) in units.items() if importance == 1.0}
         scored = []
-        for source_id, title, url, date, text in conn.execute(PASSAGES_MATCHING, {
-                "query": " OR ".join(f"({query})" for query in rare),
-                "limit": self.CANDIDATES}):
+        for passage_id, source_id, title, url, date, text in rows:
             folded = fold(f"{title}\n{text}")
             latin = latin_terms(folded) if latin_asked else set()
             strongly = {key for key, (_, unit) in units.items()
@@ -3374,11 +3637,212 @@ class Articles:
                                        if any(shows(folded, latin, term) for term in unit.weak)
                                        else 0.0)
                         for key, (_, unit) in units.items()) / whole
-            # Characters found only one by one are no sign the passage is on the subject.
-            if strongly and share >= self.FLOOR:
-                scored.append((share, len(scored), Passage(source_id, title, url, date, text)))
-        scored.sort(key=lambda item: (-item[0], item[1]))
-        return [passage for _, _, passage in scored[:self.MOST]]
+            # Characters found only one by one are no sign the passage is on the subject;
+            # nor are the earlier question's words alone, when the question says enough of
+            # its own to stand alone (明天天气怎么样 after 手冲咖啡 is not about 手冲咖啡;
+            # 收费吗 after 能停车吗 is about parking).
+            if strongly and share >= self.FLOOR and (strongly & own or len(own) < 3):
+                scored.append([share, date, passage_id, frozenset(strongly),
+                               Passage(source_id, title, url, date, text)])
+        return [[share, date, passage_id, passage] for share, date, passage_id, _, passage
+                in self._newer_first(scored)]
+
+    #: Passages whose share of the question is within this of the best are as good an answer:
+    #: among them the newer article goes first (a price, an opening hour changed since).
+    SAME_ANSWER = 0.05
+
+    def _newer_first(self, scored: list[list]) -> list[list]:
+        """The scored passages ([share, date, id, words shown, Passage]) best first; among
+        those about as good that show the same words of the question, the newer article
+        first: it holds what the older said before it changed."""
+        scored.sort(key=lambda item: (-item[0], -item[2]))
+        ordered = []
+        while scored:
+            top = scored[0]
+            near = [item for item in scored if item[0] >= top[0] - self.SAME_ANSWER and
+                    item[3] == top[3]]
+            chosen = max(near, key=lambda item: (item[1] or "", item[0], item[2]))
+            scored.remove(chosen)
+            ordered.append(chosen)
+        return ordered
+
+
+###############################################################################
+# Articles: search by meaning (optional) ######################################
+###############################################################################
+
+def meaning_bytes(vector: Sequence[float]) -> bytes:
+    """A vector as stored: each component scaled to a signed byte (a quarter of the room of
+    floats, the same nearest passages)."""
+    scale = 127.0 / (max(abs(x) for x in vector) or 1.0)
+    return bytes(round(x * scale) & 0xFF for x in vector)
+
+
+def meaning_signs(vector: Sequence[float] | bytes) -> int:
+    """A vector's signs as the bits of an int: the distance between two (the bits that differ)
+    says how near they are, 20,000 compared in a few milliseconds."""
+    if isinstance(vector, bytes):
+        return int("".join("1" if 0 < byte < 128 else "0" for byte in vector) or "0", 2)
+    return int("".join("1" if x > 0 else "0" for x in vector) or "0", 2)
+
+
+def meaning_cosine(question: Sequence[float], stored: bytes) -> float:
+    values = array.array("b", stored)
+    norm = math.sqrt(sum(x * x for x in values)) or 1.0
+    return sum(map(operator.mul, question, values)) / norm
+
+
+class Meaning:
+    """The articles searched by meaning as well as by words, through the provider's
+    OpenAI-compatible /embeddings (WXBOT_EMBED_MODEL): readers' words that articles do not
+    use (牙医 / 口腔科, 美林 / 布洛芬) find their passage.
+
+    Each passage's vector is computed once, in batches, by the thread that runs learn()
+    (never on the webhook's path); a question costs one call. A failed or slow call leaves
+    the word search alone for that question, logged once until the calls work again.
+    """
+
+    #: The question's call: beyond this the answer goes on with the word search alone.
+    ASK_TIMEOUT = 3.0
+    #: Passages a learning call sends at once, and its deadline.
+    BATCH, LEARN_TIMEOUT = 32, 60.0
+    #: Products of components the exact weighing of the nearest by their signs may cost.
+    PRODUCTS = 60000
+    #: When the words found nothing, a passage is near only when it stands this many
+    #: deviations out from the passages as a whole (a question about the weather is about as
+    #: near to all of them).
+    STANDOUT = 3.0
+    #: At most this many passages come from the meaning search.
+    MOST = 10
+
+    def __init__(self, settings: Settings):
+        self.model = settings.embed_model
+        self.client = openai.OpenAI(
+            api_key=settings.embed_api_key or settings.openai_api_key,
+            base_url=settings.embed_base_url or settings.openai_base_url or None,
+            timeout=self.LEARN_TIMEOUT, max_retries=0)
+        self._index: tuple = ("", [], [])  # (as of when, passage ids, their signs)
+        self._lock = threading.Lock()
+        self._failing = False
+
+    def vectors(self, texts: list[str], timeout: float) -> list[list[float]]:
+        """The model's vectors of the texts, in their order. ModelError when the call fails."""
+        try:
+            answer = self.client.embeddings.create(model=self.model, input=texts,
+                                                   encoding_format="float", timeout=timeout)
+            found = sorted(answer.data, key=lambda item: item.index)
+            vectors = [list(map(float, item.embedding)) for item in found]
+        except openai.APIStatusError as error:
+            raise ModelError(f"the embeddings API answered HTTP {error.status_code}",
+                             "fatal" if error.status_code in (400, 401, 403, 404) else
+                             "transient") from None
+        except openai.APIError as error:
+            raise ModelError(f"the embeddings API could not be reached ({type(error).__name__})"
+                             ) from None
+        except (TypeError, ValueError, AttributeError) as error:
+            raise ModelError(f"the embeddings API answered otherwise than documented ({error})"
+                             ) from None
+        if len(vectors) != len(texts) or not all(vectors):
+            raise ModelError("the embeddings API answered with another number of vectors")
+        return vectors
+
+    def _worked(self, error: ModelError | None) -> None:
+        if error and not self._failing:
+            log.error("articles are searched by words alone: %s (WXBOT_EMBED_MODEL=%s; check "
+                      "it, WXBOT_EMBED_BASE_URL and WXBOT_EMBED_API_KEY, or `python wxbot.py "
+                      "check`)", error, self.model)
+        elif not error and self._failing:
+            log.info("the embeddings API works again: articles are searched by meaning too")
+        self._failing = bool(error)
+
+    def learn(self, articles: "Articles", stopping: threading.Event | None = None) -> int:
+        """Compute the vectors of the passages that have none (or another model's), a batch
+        at a time, each batch written in a short transaction of its own. How many were
+        computed; stops at the first failed call (the next run goes on from there)."""
+        done = 0
+        while not (stopping and stopping.is_set()):
+            with articles._reading() as conn:
+                batch = conn.execute(
+                    "SELECT p.id, s.title, p.text FROM article_passages p JOIN article_sources"
+                    " s ON s.id = p.source_id LEFT JOIN article_vectors v ON v.passage_id ="
+                    " p.id WHERE v.passage_id IS NULL OR v.model != ? LIMIT ?",
+                    (self.model, self.BATCH)).fetchall()
+            if not batch:
+                return done
+            try:
+                vectors = self.vectors([f"{title}\n{text}" for _, title, text in batch],
+                                       self.LEARN_TIMEOUT)
+            except ModelError as error:
+                self._worked(error)
+                return done
+            self._worked(None)
+            with articles._write() as conn:
+                conn.executemany("INSERT OR REPLACE INTO article_vectors (passage_id, model,"
+                                 " vector) SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM"
+                                 " article_passages WHERE id = ?)",
+                                 [(row[0], self.model, meaning_bytes(vector), row[0])
+                                  for row, vector in zip(batch, vectors)])
+            done += len(batch)
+        return done
+
+    def run(self, articles: "Articles", stopping: threading.Event, every: float = 60.0
+            ) -> None:
+        """The server's thread: the vectors of what was learned since, once a minute."""
+        while not stopping.is_set():
+            try:
+                learned = self.learn(articles, stopping)
+                if learned:
+                    log.info("articles: %d passage(s) can now be found by meaning", learned)
+            except sqlite3.Error as error:
+                log.error("articles: vectors not stored (%s); trying again in a minute", error)
+            stopping.wait(every)
+
+    def _signs(self, conn: sqlite3.Connection) -> tuple[list[int], list[int]]:
+        """Every passage's id and vector signs, read again when the articles changed."""
+        changed = conn.execute("SELECT coalesce((SELECT value FROM article_state WHERE key ="
+                               " 'changed'), '') || ':' || (SELECT count(*) FROM"
+                               " article_vectors)").fetchone()[0]
+        with self._lock:
+            if self._index[0] != changed:
+                rows = conn.execute("SELECT passage_id, vector FROM article_vectors WHERE"
+                                    " model = ?", (self.model,)).fetchall()
+                self._index = (changed, [row[0] for row in rows],
+                               [meaning_signs(row[1]) for row in rows])
+            return self._index[1], self._index[2]
+
+    def nearest(self, conn: sqlite3.Connection, question: str, earlier: Sequence[str],
+                found_by_words: bool) -> list[list]:
+        """The passages nearest the question's meaning that stand out from the rest:
+        [cosine, date, passage id, Passage] nearest first; [] when the call fails."""
+        ids, signs = self._signs(conn)
+        if len(ids) < 2:
+            return []
+        try:
+            asked = self.vectors([" ".join([*list(earlier)[-1:], question])],
+                                 self.ASK_TIMEOUT)[0]
+        except ModelError as error:
+            self._worked(error)
+            return []
+        self._worked(None)
+        mine = meaning_signs(asked)
+        distances = [(mine ^ theirs).bit_count() for theirs in signs]
+        mean, spread = statistics.fmean(distances), statistics.pstdev(distances) or 1.0
+        # Signs alone rank roughly (384 of a small model's more roughly than 1,536): the
+        # nearest few hundred are weighed exactly, as many as cost about 60,000 products.
+        shortlist = heapq.nsmallest(max(self.MOST, self.PRODUCTS // len(asked)),
+                                    range(len(ids)), key=distances.__getitem__)
+        if not found_by_words and (mean - distances[shortlist[0]]) / spread < self.STANDOUT:
+            return []  # nothing the words found, and nothing stands out: not on the subject
+        chosen = [ids[at] for at in shortlist]
+        rows = conn.execute(PASSAGES_WITH_VECTORS.format(ids=", ".join("?" * len(chosen))),
+                            chosen).fetchall()
+        norm = math.sqrt(sum(x * x for x in asked)) or 1.0
+        asked = [x / norm for x in asked]
+        found = sorted(([meaning_cosine(asked, vector), date, passage_id,
+                         Passage(source_id, title, url, date, text)]
+                        for passage_id, source_id, title, url, date, text, vector in rows),
+                       key=lambda item: -item[0])
+        return found[:self.MOST]
 
 
 ###############################################################################
@@ -4245,6 +4709,32 @@ class Model:
             raise self._unreachable(error) from None
         return self._whole_body(response, deadline, max_tokens)
 
+    #: The search words' call: beyond this, the question is searched with its own words.
+    SEARCH_WORDS_TIMEOUT = 8.0
+    _search_words_failing = False
+
+    def search_words(self, question: str, earlier: Sequence[str] = ()) -> str | None:
+        """The words an article of the account would use to answer the question (what a
+        reader calls 牙医 an article calls 口腔科), in one short call; None when the model
+        says the question is about nothing an account writes of (small talk, general
+        knowledge); "" when the call fails (logged once until it works again)."""
+        asked = "\n".join([*(f"（之前问过：{line[:200]}）" for line in list(earlier)[-1:]),
+                           question[:500]])
+        try:
+            written = self.answer([{"role": "system", "content": SEARCH_WORDS_PROMPT},
+                                   {"role": "user", "content": asked}],
+                                  Deadline(min(self.SEARCH_WORDS_TIMEOUT,
+                                               self.settings.model_timeout)), max_tokens=60)
+        except ModelError as error:
+            if not Model._search_words_failing:
+                log_worker.warning("search words not written (%s): articles are searched with "
+                                   "the question's own words", error)
+            Model._search_words_failing = True
+            return ""
+        Model._search_words_failing = False
+        words = written.strip().splitlines()[0][:200] if written.strip() else ""
+        return None if words.strip("。. ") == NOT_ABOUT_THE_ACCOUNT else words
+
     @staticmethod
     def _whole(completion: dict, max_tokens: int) -> str:
         """The text of a chat.completion answered in one piece."""
@@ -4961,6 +5451,13 @@ ARTICLES_PROMPT = (
     "两篇文章说法不一致时，以日期较新的为准，可以说明以前的说法已经更新。"
     "不要自己写出处、标题或链接：回答末尾会附上所引文章的链接。"
 )
+#: Asked of the model when a question's own words meet no article well (Model.search_words).
+NOT_ABOUT_THE_ACCOUNT = "无关"
+SEARCH_WORDS_PROMPT = (
+    "你帮一个微信公众号在它的文章里找答案。读者的问题往往用口语、别称或错别字，文章用的是正式说法。"
+    "请写出文章里回答这个问题时很可能出现的3到6个词语（正式名称、同义词、相关说法），只写词语，用空格"
+    f"分隔，不要解释。如果问题是闲聊或与任何公众号的文章都无关的常识问题，只写：{NOT_ABOUT_THE_ACCOUNT}"
+)
 PASSAGES_HEAD = "公众号文章中的相关段落："
 QUESTION_HEAD = "用户的问题："
 SOURCES_HEAD = "来源："
@@ -4988,6 +5485,8 @@ def source_link(passage: Passage) -> str:
     """An article as the 来源 line names it: its title as a link, or as text for a file with no
     (web) URL or a link too long for one segment. Title and URL come from pages learned, so
     neither may plant markup of its own (MARKUP_OPEN)."""
+    if passage.url == NOTE_URL:  # the owner's note: the account itself says so
+        return NOTE_SOURCE
     title = "《{}》".format(passage.title.strip("《》 ").replace("<", "＜").replace(">", "＞"))
     tag = anchor_tag(passage.url)
     if not Markdown.WEB.match(passage.url) or utf8_len(tag + title + "</a>") > LINK_MOST:
@@ -5657,6 +6156,8 @@ class Route(enum.Enum):
     PICTURE = "picture"    # a picture for the model (WXBOT_VISION; picture: its URL)
     TEXT_ONLY = "text_only"  # a picture without vision, a location, a link, a video...
     BLOCKED = "blocked"    # a question or a drawing with a blocked word (WXBOT_BLOCKED_WORDS)
+    PERSON = "person"      # asks for a person: told once, the owner told, the bot quiet
+    HELD = "held"          # a reader a person answers (Handoff): kept, no answer
     QUESTION = "question"  # text: the question
 
 
@@ -5678,11 +6179,14 @@ class Answering:
 
 
 def route(settings: Settings, replies: Replies, message: "Push | Message",
-          blocked: BlockedWords | None = None) -> Answering:
+          blocked: BlockedWords | None = None, handoff: "Handoff | None" = None) -> Answering:
     """How a push or a stored message is answered. The one rule: the webhook stores
     whether it needs the model (needs_model()), and Worker.plan answers it this way.
     A question or a drawing with a blocked word is refused without the model: no typing
-    promises an answer that never comes."""
+    promises an answer that never comes. A reader handed to a person (`handoff`) gets
+    nothing from the bot but for events (the welcome)."""
+    if handoff and message.msg_type != "event" and handoff.holds(message.openid, time.time()):
+        return Answering(Route.HELD)
     event_key = message.fields.get("EventKey", "")
     fixed = replies.fixed_reply(message.msg_type, message.content, message.event, event_key)
     if fixed:
@@ -5691,7 +6195,9 @@ def route(settings: Settings, replies: Replies, message: "Push | Message",
     if prompt:
         return Answering(Route.PROMPT, prompt)
     intent = classify(message.msg_type, message.content, replies.keywords,
-                      drawing=bool(settings.image_model))
+                      drawing=bool(settings.image_model), person_words=settings.handoff_words)
+    if intent.kind is Kind.PERSON:
+        return Answering(Route.PERSON)
     if intent.kind in KIND_ROUTES:
         return Answering(KIND_ROUTES[intent.kind])
     if intent.kind is Kind.STATS and message.openid in settings.admins:
@@ -5711,14 +6217,14 @@ def route(settings: Settings, replies: Replies, message: "Push | Message",
 
 
 def needs_model(settings: Settings, replies: Replies, push: "Push",
-                blocked: BlockedWords | None = None) -> bool:
+                blocked: BlockedWords | None = None, handoff: "Handoff | None" = None) -> bool:
     """Whether answering a push takes the model (route()): a question, a drawing, a picture
     with WXBOT_VISION, /stats from anyone but an admin, a click the owner answers with a
     prompt. Only those wait for a worker, and show typing meanwhile. The rest (继续, /help, a
     keyword, the welcome, a voice message without Recognition, a location, a question with a
     blocked word...) is answered from what is stored, by a Sender, however busy the workers
     are (LOCATION may come every 5 s)."""
-    return route(settings, replies, push, blocked).route in MODEL_ROUTES
+    return route(settings, replies, push, blocked, handoff).route in MODEL_ROUTES
 
 
 class Acknowledger:
@@ -5872,6 +6378,395 @@ class Acknowledger:
 
 
 ###############################################################################
+# Telling the owner: notifications ############################################
+###############################################################################
+
+#: What the owner is told of (WXBOT_NOTIFY_URL), each kind at most once a minute.
+NOTIFY_KINDS = {"person": "读者要找人工", "undelivered": "消息未送达", "model": "模型持续失败",
+                "disk": "磁盘已满", "uncovered": "今天没有文章覆盖的问题", "test": "测试通知"}
+#: The model failing this long, whatever it is asked, is worth the owner's attention.
+MODEL_FAILING_SECONDS = 180.0
+
+NOTIFY_SCHEMA = """
+-- What the owner was told, or was to be told (sent = 0: the URL failed): the daily list of
+-- questions no article covered goes once a day by this record.
+CREATE TABLE IF NOT EXISTS notifications (
+    id      INTEGER PRIMARY KEY,
+    kind    TEXT NOT NULL,
+    text    TEXT NOT NULL,
+    at      REAL NOT NULL,
+    sent    INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS notifications_kind ON notifications (kind, at);
+"""
+
+
+def notify_body(url: str, kind: str, text: str, at: float) -> dict:
+    """The POST's JSON as the URL's host takes it: a group robot of 企业微信 or 钉钉 (msgtype
+    text), 飞书/Lark (msg_type text), or anything else (plain JSON)."""
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    line = f"【wxbot】{NOTIFY_KINDS.get(kind, kind)}\n{text}"
+    if host in ("qyapi.weixin.qq.com", "oapi.dingtalk.com"):
+        return {"msgtype": "text", "text": {"content": line}}
+    if host.endswith(("feishu.cn", "larksuite.com")):
+        return {"msg_type": "text", "content": {"text": line}}
+    return {"kind": kind, "title": NOTIFY_KINDS.get(kind, kind), "text": text,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(at))}
+
+
+class Notifier:
+    """Tells the owner what matters by a POST to WXBOT_NOTIFY_URL, from a thread of its own:
+    an answer never waits for it. At most one message a minute of each kind (the rest are
+    counted in the next); a failing URL is logged once, until it works again."""
+
+    #: Seconds between two messages of one kind.
+    EVERY = 60.0
+    #: How often the thread looks for the day's uncovered questions.
+    DAILY_LOOK = 3600.0
+
+    def __init__(self, settings: Settings, store: Store, clock: Callable[[], float] = time.time):
+        self.url, self.store, self.clock = settings.notify_url, store, clock
+        self._last: dict[str, float] = {}
+        self._held: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._failing = False
+        self._model_failing_since: float | None = None
+        self.stopping = threading.Event()
+        with store.transaction() as conn:
+            upgrade_tables(conn, NOTIFY_SCHEMA)
+
+    def tell(self, kind: str, text: str) -> bool:
+        """Queue a message for the owner; False when none goes (no URL, or one of this kind
+        went within the minute: it is counted in the next)."""
+        if not self.url:
+            return False
+        now = self.clock()
+        with self._lock:
+            if now - self._last.get(kind, -self.EVERY) < self.EVERY:
+                self._held[kind] += 1
+                return False
+            self._last[kind] = now
+            held, self._held[kind] = self._held[kind], 0
+        if held:
+            text += f"\n（上一条之后还有 {held} 次同类情况）"
+        self._outbox.put((kind, text, now))
+        return True
+
+    def send(self, kind: str, text: str, at: float) -> str | None:
+        """POST one message now; None when the URL took it, else why not (for `check`)."""
+        problem = None
+        try:
+            answer = requests.post(self.url, json=notify_body(self.url, kind, text, at),
+                                   timeout=10)
+            body = answer.json() if "json" in answer.headers.get("Content-Type", "") else {}
+            code = body.get("errcode", body.get("code", 0)) if isinstance(body, dict) else 0
+            if answer.status_code >= 300 or code:
+                problem = f"HTTP {answer.status_code}" + (f", errcode {code}" if code else "")
+        except (requests.RequestException, ValueError) as error:
+            problem = type(error).__name__
+        with contextlib.suppress(sqlite3.Error):  # a full disk is itself worth a message
+            with self.store.transaction() as conn:
+                conn.execute("INSERT INTO notifications (kind, text, at, sent) VALUES"
+                             " (?, ?, ?, ?)", (kind, text, at, problem is None))
+        if problem and not self._failing:
+            log.error("WXBOT_NOTIFY_URL %s refused a notification (%s): the owner is not told "
+                      "until it works; check the URL (`python wxbot.py check` sends a test)",
+                      masked_url(self.url), problem)
+        elif not problem and self._failing:
+            log.info("WXBOT_NOTIFY_URL works again")
+        self._failing = problem is not None
+        return problem
+
+    def run(self) -> None:
+        """Send what is queued; once an hour, the day's uncovered questions."""
+        next_look = self.clock() + 60
+        while not self.stopping.is_set():
+            try:
+                kind, text, at = self._outbox.get(timeout=max(0.1, min(
+                    self.DAILY_LOOK, next_look - self.clock())))
+            except queue.Empty:
+                kind = None
+            if kind == "stop":
+                return
+            if kind:
+                self.send(kind, text, at)
+            if self.clock() >= next_look:
+                next_look = self.clock() + self.DAILY_LOOK
+                with contextlib.suppress(sqlite3.Error):
+                    self.uncovered_today(self.clock())
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._outbox.put(("stop", "", 0.0))
+
+    def uncovered_today(self, now: float) -> bool:
+        """Once a day: the questions of the last 24 h that no article covered, grouped."""
+        with self.store.connection() as conn:
+            if conn.execute("SELECT 1 FROM notifications WHERE kind = 'uncovered' AND at > ?",
+                            (now - 86400,)).fetchone():
+                return False
+            groups = uncovered_questions(conn, now - 86400)
+        if not groups:
+            return False
+        lines = [f"{group['count']}× {group['content'][:60]}" for group in groups[:10]]
+        return self.tell("uncovered", "\n".join(lines) + "\n在控制台 问题 → 没有文章覆盖 写下答案。")
+
+    def model_failed(self, error: str) -> None:
+        """The model failed once more: the owner is told once it has failed for minutes."""
+        now = self.clock()
+        with self._lock:
+            since = self._model_failing_since = self._model_failing_since or now
+        if now - since >= MODEL_FAILING_SECONDS:
+            self.tell("model", f"模型已连续失败 {round((now - since) / 60)} 分钟：{error[:200]}")
+
+    def model_answered(self) -> None:
+        with self._lock:
+            self._model_failing_since = None
+
+
+def uncovered_questions(conn: sqlite3.Connection, since: float,
+                        limit: int = 200) -> list[dict]:
+    """The questions no article covered since a moment, small talk aside, each text once
+    (by its normalised form): how often, by whom, the latest first."""
+    rows = conn.execute(
+        "SELECT m.id, m.openid, m.content, m.received_at FROM article_uses u"
+        " JOIN messages m ON m.id = u.message_id WHERE u.given = 0 AND u.at >= ?"
+        " ORDER BY u.at DESC LIMIT ?", (since, limit)).fetchall()
+    groups: dict[str, dict] = {}
+    for row in sorted(rows, key=lambda row: row["received_at"], reverse=True):
+        if not row["content"] or small_talk(row["content"]):
+            continue
+        group = groups.setdefault(normalise(row["content"]), {
+            "content": row["content"], "id": row["id"], "openid": row["openid"],
+            "received_at": row["received_at"], "count": 0, "openids": set()})
+        group["count"] += 1
+        group["openids"].add(row["openid"])
+    return list(groups.values())
+
+
+#: What readers say that asks nothing: greetings, thanks, assent. Not worth an article.
+SMALL_TALK = frozenset(normalise(word) for word in (
+    "你好", "您好", "嗨", "哈喽", "hello", "hi", "在吗", "在不在", "谢谢", "多谢", "谢谢你", "感谢",
+    "好的", "好", "嗯", "嗯嗯", "哦", "行", "可以", "收到", "ok", "okay", "哈哈", "哈哈哈", "再见",
+    "拜拜", "晚安", "早上好", "早", "晚上好", "中午好", "你是谁", "你叫什么", "测试", "test"))
+
+
+def small_talk(text: str) -> bool:
+    """Whether a message is small talk rather than a question: a greeting or thanks, or
+    nothing but emoji and punctuation."""
+    word = normalise(text)
+    return not word or word in SMALL_TALK or not any(char.isalnum() for char in word)
+
+
+###############################################################################
+# Handing a conversation to a person ##########################################
+###############################################################################
+
+#: A reader who asked for a person is told this, once a handoff.
+PERSON_LINE = "好的，已经通知了工作人员，会尽快由真人回复你。"
+#: WeChat's window for customer-service messages after a reader's message (45015).
+WINDOW_SECONDS = 48 * 3600
+
+HANDOFF_SCHEMA = """
+-- Readers a person answers: the bot stays quiet for them until `until` (交还机器人 ends it).
+CREATE TABLE IF NOT EXISTS handoffs (
+    openid     TEXT PRIMARY KEY,
+    started_at REAL NOT NULL,
+    until      REAL NOT NULL,
+    asked_at   REAL  -- the reader asked for a person (and was told so) in this handoff
+) WITHOUT ROWID;
+-- What the owner sent a reader in person, one row a message (segment), on the quota of the
+-- reader's message `quota_of`; `note_id`: the owner's note it sent (each reader once).
+CREATE TABLE IF NOT EXISTS owner_messages (
+    id       INTEGER PRIMARY KEY,
+    openid   TEXT NOT NULL,
+    content  TEXT NOT NULL,
+    sent_at  REAL NOT NULL,
+    quota_of INTEGER NOT NULL,
+    note_id  INTEGER
+);
+CREATE INDEX IF NOT EXISTS owner_messages_user ON owner_messages (openid, id);
+CREATE UNIQUE INDEX IF NOT EXISTS owner_messages_note ON owner_messages (note_id, openid, id)
+    WHERE note_id IS NOT NULL;
+-- Readers' messages the bot left to a person (handed off): waiting for the owner.
+CREATE TABLE IF NOT EXISTS held_messages (
+    message_id INTEGER PRIMARY KEY,
+    openid     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS held_messages_user ON held_messages (openid, message_id);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """What the owner may still send a reader: the message whose quota it uses, how many
+    are left of its 5, and when WeChat's 48 h close."""
+
+    message_id: int
+    left: int
+    closes_at: float
+
+
+class OwnerSendError(Exception):
+    """The owner's message was not sent; the text says why, in the owner's words."""
+
+
+class Handoff:
+    """Conversations a person answers: the owner from the console (answer()), or WeChat's
+    own 客服 (WXBOT_HANDOFF=wechat). While a reader is handed off the bot answers nothing of
+    theirs; what they send is kept, as history the model sees later, and shown to the owner
+    as waiting."""
+
+    def __init__(self, settings: Settings, store: Store, notifier: Notifier | None = None):
+        self.settings, self.store, self.notifier = settings, store, notifier
+        with store.transaction() as conn:
+            upgrade_tables(conn, HANDOFF_SCHEMA)
+
+    def holds(self, openid: str, now: float) -> bool:
+        """Whether the bot leaves this reader to a person now."""
+        with self.store.connection() as conn:
+            return conn.execute("SELECT 1 FROM handoffs WHERE openid = ? AND until > ?",
+                                (openid, now)).fetchone() is not None
+
+    def until(self, openid: str, now: float) -> float | None:
+        with self.store.connection() as conn:
+            row = conn.execute("SELECT until FROM handoffs WHERE openid = ? AND until > ?",
+                               (openid, now)).fetchone()
+        return row[0] if row else None
+
+    def _begin(self, conn: sqlite3.Connection, openid: str, now: float) -> None:
+        conn.execute("INSERT INTO handoffs (openid, started_at, until) VALUES (?, ?, ?)"
+                     " ON CONFLICT (openid) DO UPDATE SET until = excluded.until,"
+                     " started_at = CASE WHEN until > excluded.started_at THEN started_at"
+                     " ELSE excluded.started_at END, asked_at = CASE WHEN until >"
+                     " excluded.started_at THEN asked_at END",
+                     (openid, now, now + self.settings.handoff_hours * 3600))
+
+    def give_back(self, openid: str) -> bool:
+        """交还机器人: the bot answers this reader again from their next message."""
+        with self.store.transaction() as conn:
+            return conn.execute("DELETE FROM handoffs WHERE openid = ?", (openid,)).rowcount > 0
+
+    def asked(self, message: Message, now: float) -> bool:
+        """A reader asked for a person: the bot goes quiet for them; True when they are to
+        be told so (once a handoff), and then the owner is told too."""
+        with self.store.transaction() as conn:
+            self._begin(conn, message.openid, now)
+            told = conn.execute("UPDATE handoffs SET asked_at = ? WHERE openid = ? AND asked_at"
+                                " IS NULL", (now, message.openid)).rowcount > 0
+            self._hold(conn, message)
+        if told and self.notifier:
+            self.notifier.tell("person", f"读者 {short_id(message.openid)} 说「"
+                                         f"{(message.content or '')[:100]}」，等你回复。")
+        return told
+
+    def hold(self, message: Message) -> None:
+        """A handed-off reader's message: kept for the owner, and for the model later."""
+        with self.store.transaction() as conn:
+            self._hold(conn, message)
+
+    @staticmethod
+    def _hold(conn: sqlite3.Connection, message: Message) -> None:
+        conn.execute("INSERT OR IGNORE INTO held_messages (message_id, openid) VALUES (?, ?)",
+                     (message.id, message.openid))
+        if message.content:
+            conn.execute("INSERT INTO turns (openid, role, content, created_at, message_id)"
+                         " VALUES (?, 'user', ?, ?, ?)", (message.openid, message.content,
+                                                          message.received_at, message.id))
+
+    def window(self, openid: str, now: float) -> Window | None:
+        """What may still be sent this reader by the customer-service API (45015, 45047);
+        None when WeChat's window is closed."""
+        with self.store.connection() as conn:
+            row = conn.execute(
+                "SELECT id, msg_type, received_at FROM messages WHERE openid = ? AND"
+                " msg_type != 'event' ORDER BY received_at DESC, id DESC LIMIT 1",
+                (openid,)).fetchone()
+            if row is None or row["received_at"] + WINDOW_SECONDS <= now:
+                return None
+            sent = conn.execute("SELECT count(*) FROM segments WHERE message_id = ? AND"
+                                " sent_at IS NOT NULL", (row["id"],)).fetchone()[0]
+        quota = self.store.quota(Message(row["id"], openid, row["msg_type"], None, None, None,
+                                         {}, row["received_at"], 0, 0, 0, 0))
+        return Window(row["id"], max(0, quota - sent), row["received_at"] + WINDOW_SECONDS)
+
+    def answer(self, wechat: "WeChatAPI", openid: str, text: str, now: float,
+               note_id: int | None = None) -> int:
+        """Send the owner's text to a reader as customer-service messages (split as answers
+        are), each stored as it goes; the owner's words join the turns the model sees. A
+        message written in person (not a note) hands the reader to the owner. Returns how
+        many messages went; OwnerSendError says why none could."""
+        segments = split_segments(text.strip(), markdown=False)
+        if not segments:
+            raise OwnerSendError("没有内容可发送")
+        window = self.window(openid, now)
+        if window is None:
+            raise OwnerSendError("读者最后一条消息已超过 48 小时，微信不再允许发给他，"
+                                 "等他再发消息后才能回复")
+        if len(segments) > window.left:
+            raise OwnerSendError(f"这条要分 {len(segments)} 条发送，但读者这条消息的 5 条额度只剩 "
+                                 f"{window.left} 条：请写短一些，或等读者再发消息")
+        sent = 0
+        for segment in segments:
+            try:
+                wechat.customer_service_send(openid, segment)
+            except WeChatError as error:
+                if not sent:
+                    raise OwnerSendError(owner_send_problem(error)) from error
+                break
+            with self.store.transaction() as conn:
+                conn.execute("INSERT INTO owner_messages (openid, content, sent_at, quota_of,"
+                             " note_id) VALUES (?, ?, ?, ?, ?)",
+                             (openid, segment, now, window.message_id,
+                              note_id))
+                Store.use_quota(conn, window.message_id, 1, now)
+            sent += 1
+        with self.store.transaction() as conn:
+            conn.execute("INSERT INTO turns (openid, role, content, created_at, message_id)"
+                         " VALUES (?, 'assistant', ?, ?, NULL)",
+                         (openid, "".join(segments[:sent]), now))
+            if note_id is None:
+                self._begin(conn, openid, now)
+        log.info("the owner sent %s %d message(s)%s", short_id(openid), sent,
+                 f" of note {note_id}" if note_id else " in person")
+        return sent
+
+    def owner_messages(self, openid: str, after: float) -> list[sqlite3.Row]:
+        with self.store.connection() as conn:
+            return conn.execute("SELECT content, sent_at, note_id FROM owner_messages"
+                                " WHERE openid = ? AND sent_at >= ? ORDER BY id LIMIT 500",
+                                (openid, after)).fetchall()
+
+    def waiting(self, openid: str) -> set[int]:
+        """The held messages of this reader that no message of the owner's followed."""
+        with self.store.connection() as conn:
+            last = conn.execute("SELECT max(sent_at) FROM owner_messages WHERE openid = ?",
+                                (openid,)).fetchone()[0] or 0
+            return {row[0] for row in conn.execute(
+                "SELECT h.message_id FROM held_messages h JOIN messages m ON"
+                " m.id = h.message_id WHERE h.openid = ? AND m.received_at > ?",
+                (openid, last))}
+
+    def sent_note(self, note_id: int, openid: str) -> bool:
+        with self.store.connection() as conn:
+            return conn.execute("SELECT 1 FROM owner_messages WHERE note_id = ? AND"
+                                " openid = ?", (note_id, openid)).fetchone() is not None
+
+
+def owner_send_problem(error: "WeChatError") -> str:
+    """Why WeChat refused the owner's message, in the owner's words."""
+    if error.errcode == 45015:
+        return "读者已超过 48 小时没有发消息（或已取消关注），微信不允许再发给他"
+    if error.errcode == 45047:
+        return "读者这条消息的 5 条额度已用完，等他再发消息后才能回复"
+    if error.errcode == 48001:
+        return "这个公众号没有客服消息权限（需要微信认证），只能在公众号后台回复"
+    return f"微信拒绝了这条消息（错误码 {error.errcode}）" if error.errcode else \
+        "暂时连不上微信，请稍后再试"
+
+
+###############################################################################
 # Worker ######################################################################
 ###############################################################################
 
@@ -5963,8 +6858,10 @@ class Worker:
     def __init__(self, settings: Settings, store: Store, wechat: WeChatAPI, model: Model,
                  wakeup: Wakeup, mode: DeliveryMode, name: str = "worker",
                  owner: OwnerFiles | None = None, acknowledger: Acknowledger | None = None,
-                 others: Wakeup | None = None, articles: Articles | None = None):
+                 others: Wakeup | None = None, articles: Articles | None = None,
+                 handoff: Handoff | None = None, notifier: Notifier | None = None):
         self.settings, self.store, self.wechat, self.model = settings, store, wechat, model
+        self.handoff, self.notifier = handoff, notifier
         self.articles = articles  # the account's own, searched for each question
         # Their use is counted beside the messages it names: `chat` searches the server's
         # articles, but its messages are its own and stay out of /stats.
@@ -6066,7 +6963,17 @@ class Worker:
     def plan(self, message: Message) -> int | None:
         """Decide and store what to send; the number of segments, or None to retry later."""
         now = time.time()
-        how = route(self.settings, self.owner.replies, message, self.owner.blocked)
+        how = route(self.settings, self.owner.replies, message, self.owner.blocked,
+                    self.handoff)
+        if how.route is Route.HELD:
+            self.handoff.hold(message)
+            log_worker.info("message %s from %s: left to a person (handed off)", message.id,
+                            short_id(message.openid))
+            return self.store.save_answer(message, [], now, carry=False)
+        if how.route is Route.PERSON:
+            told = self.handoff.asked(message, now) if self.handoff else False
+            return self.store.save_answer(message, [PERSON_LINE] if told else [], now,
+                                          carry=False)
         if how.route is Route.FIXED:  # no model, and no count against the user's limits
             planned = self.store.save_answer(message, [how.text], now,
                                              carry=message.msg_type != "event")
@@ -6176,6 +7083,8 @@ class Worker:
                                              answer)
         if self.counts_uses:
             self.articles.note_use(message.id, time.time(), len(passages), len(citations.cited))
+        if self.notifier:
+            self.notifier.model_answered()
         return planned
 
     def _passages(self, message: Message, question: str, history: list[dict]) -> list[Passage]:
@@ -6185,7 +7094,8 @@ class Worker:
             return []
         earlier = [turn["content"] for turn in history if turn["role"] == "user"]
         try:
-            return self.articles.find(question, earlier)
+            return self.articles.find(question, earlier, self.model.search_words
+                                      if self.settings.search_words else None)
         except sqlite3.Error as error:  # the articles are no reason to leave a user unanswered
             log_worker.error("message %s: the articles could not be searched (%s); answering "
                              "without them", message.id, error)
@@ -6357,6 +7267,8 @@ class Worker:
         `cited`, the 来源 line of what it cited, ends it before the cut-off note)."""
         partial = self.store.partial_answer(message.id)
         failures = message.model_failures + 1
+        if self.notifier and error.kind != "refused":
+            self.notifier.model_failed(str(error))
         if error.kind == "transient" and failures < self.MODEL_TRIES:
             delay = max(error.retry_after or 0, self._backoff(failures))
             log_worker.warning("message %s: model failed (%s); retry %d/%d in %.1f s",
@@ -6467,6 +7379,9 @@ class Worker:
                 log_worker.error("message %s to %s not delivered: %s", message.id,
                                  short_id(message.openid), error.hint())
             self.store.finish(message, State.DONE, f"errcode {error.errcode}")
+            if self.notifier and error.errcode != 45047:  # 45047: the rest waits, kept
+                self.notifier.tell("undelivered", f"给读者 {short_id(message.openid)} 的回答（消息 "
+                                   f"#{message.id}）未送达：错误码 {error.errcode}")
             return
         failures = message.delivery_failures + 1
         if failures >= self.DELIVERY_TRIES:
@@ -6474,6 +7389,10 @@ class Worker:
                              "kept: `python wxbot.py status`, `python wxbot.py retry %s`): %s",
                              message.id, failures, message.id, error.hint())
             self.store.finish(message, State.DEAD, str(error), "delivery_failures")
+            if self.notifier:
+                self.notifier.tell("undelivered", f"给读者 {short_id(message.openid)} 的回答（消息 "
+                                   f"#{message.id}）{failures} 次都没发出去，已放弃；可在控制台 "
+                                   f"队列 里重试。")
             return
         delay = self._backoff(failures)
         if error.errcode in (40164, 45011):  # whitelist or per-minute limit: not a hot loop
@@ -6586,6 +7505,14 @@ def image_reply_xml(openid: str, account: str, media_id: str, now: float) -> byt
             f"<Image><MediaId><![CDATA[{media_id}]]></MediaId></Image></xml>").encode("utf-8")
 
 
+def transfer_reply_xml(openid: str, account: str, now: float) -> bytes:
+    """The passive reply that hands a message to WeChat's own 客服 (WECHAT.md §9)."""
+    return (f"<xml><ToUserName><![CDATA[{openid}]]></ToUserName>"
+            f"<FromUserName><![CDATA[{account}]]></FromUserName>"
+            f"<CreateTime>{int(now)}</CreateTime>"
+            f"<MsgType><![CDATA[transfer_customer_service]]></MsgType></xml>").encode("utf-8")
+
+
 class Webhook:
     """Turns WeChat's HTTP calls into stored pushes; pure of I/O apart from the store."""
 
@@ -6593,8 +7520,9 @@ class Webhook:
                  mode: DeliveryMode | None = None, clock: Callable[[], float] = time.time,
                  acknowledger: Acknowledger | None = None, owner: OwnerFiles | None = None,
                  wechat: WeChatAPI | None = None, ready: Wakeup | None = None,
-                 publishing: "ArticleSync | None" = None):
+                 publishing: "ArticleSync | None" = None, handoff: Handoff | None = None):
         self.settings, self.store, self.wakeup, self.clock = settings, store, wakeup, clock
+        self.handoff = handoff  # readers a person answers: no answer from the bot
         self.publishing = publishing  # learns a newly published article, off the ack's path
         self.ready = ready or wakeup  # wakes the senders: a fixed reply is stored, ready
         self.wechat = wechat  # uploads a drawn picture again when its media_id expired
@@ -6679,14 +7607,16 @@ class Webhook:
         except BadPush as error:
             return self.refuse(client, "push", 400, error)
         now = self.clock()
-        model = needs_model(self.settings, self.owner.replies, push, self.owner.blocked)
+        how = route(self.settings, self.owner.replies, push, self.owner.blocked, self.handoff)
+        model = how.route in MODEL_ROUTES
         message_id, pushes = self.store.store_push(push, now, model)
+        person = how.route in (Route.HELD, Route.PERSON)
         if pushes == 1 and push.event == "PUBLISHJOBFINISH" and self.publishing:
             self.publishing.pushed(push.fields)  # an event like any other to the rest: no answer
         if pushes > 1:
             log_web.debug("retried push %s from %s already stored", push.dedup_key,
                           short_id(push.openid))
-        elif self.fixed_reply(push, message_id):
+        elif not person and self.fixed_reply(push, message_id):
             if not self.mode.passive:
                 self.ready.notify()  # a sender sends it, however busy the workers are
         else:
@@ -6697,6 +7627,9 @@ class Webhook:
                     self.acknowledger.pushed(message_id, push.openid, now)
             else:  # 继续, /help, the welcome...: a sender, however busy the workers are
                 self.ready.notify()
+        if person and self.settings.handoff == "wechat":  # WeChat's own 客服 takes it
+            return 200, self.reply_body(push, "", query, transfer_reply_xml(
+                push.openid, push.account, self.clock()))
         if self.mode.passive:
             return 200, self.passive_reply(push, message_id, pushes, query, arrived)
         return 200, "success"
@@ -7266,17 +8199,22 @@ th{background:#f8fafc;white-space:nowrap}
 .card b{display:block;font-size:1.35rem}
 .card span{font-size:.8rem;color:#475569}
 .said{white-space:pre-wrap;overflow-wrap:anywhere;word-break:break-word}
+details.long summary{cursor:pointer;color:#0369a1;font-size:.85rem}
 .turn{border-left:3px solid #94a3b8;padding:.2rem .7rem;margin:1rem 0}
+.turn.waiting{border-left-color:#f59e0b;background:#fffbeb}
+.turn.owner{border-left-color:#16a34a;background:#f0fdf4}
 .reply{background:#f1f5f9;border-radius:.4rem;padding:.35rem .6rem;margin:.35rem 0}
 .meta{font-size:.8rem;color:#475569}
 .bad{color:#b91c1c}
 .ok{color:#15803d}
 .note{background:#ecfeff;border:1px solid #a5f3fc;border-radius:.4rem;padding:.5rem .7rem}
+.box{border:1px solid #cbd5e1;border-radius:.4rem;padding:.6rem .8rem;margin:1rem 0}
 svg{display:block;width:100%;height:auto;max-height:15rem}
-input,button{font:inherit;padding:.4rem .6rem;border-radius:.3rem;border:1px solid #94a3b8}
+input,button,textarea{font:inherit;padding:.4rem .6rem;border-radius:.3rem;border:1px solid #94a3b8}
 button{background:#e2e8f0;cursor:pointer}
-input[type=password],input[type=url],input[type=text]{width:100%;max-width:30rem;
+input[type=password],input[type=url],input[type=text],textarea{width:100%;max-width:40rem;
 box-sizing:border-box}
+textarea{min-height:5rem}
 form.inline{display:inline}
 .login{max-width:22rem;margin:15vh auto 0;padding:0 1rem}
 .login p{margin:.7rem 0}
@@ -7285,6 +8223,7 @@ table.rows,table.rows tbody,table.rows tr,table.rows td{display:block}
 table.rows tr:first-child{display:none}
 table.rows tr{padding:.45rem 0;border-bottom:1px solid #e2e8f0}
 table.rows td{border:0;padding:.1rem 0;text-align:left}
+table.rows td[data-label]::before{content:attr(data-label) "：";color:#475569;font-size:.8rem}
 }
 """.strip()
 
@@ -7301,11 +8240,14 @@ CONSOLE_LAYOUT = """<!DOCTYPE html>
 <a href="{{path}}"{{!' class="here"' if path == here else ''}}>{{name}}</a>
 % end
 <form method="post" action="/logout"><input type="hidden" name="csrf" value="{{csrf}}">
-<button>Log out</button></form>
+<button>退出</button></form>
 </nav>
 % end
 <main>
 <h1>{{title}}</h1>
+% if flash:
+<p class="{{'bad' if flash[1] else 'note'}} said">{{flash[0]}}</p>
+% end
 {{!body}}
 </main>
 </body></html>
@@ -7316,83 +8258,106 @@ CONSOLE_LOGIN = """<div class="login">
 <p class="bad">{{problem}}</p>
 % end
 <form method="post" action="/login">
-<p><label for="password">Password (WXBOT_ADMIN_PASSWORD)</label><br>
+<p><label for="password">密码（WXBOT_ADMIN_PASSWORD）</label><br>
 <input type="password" id="password" name="password" autocomplete="current-password" autofocus></p>
-<p><button type="submit">Log in</button></p>
+<p><button type="submit">登录</button></p>
 </form>
 </div>
 """
 
-CONSOLE_OVERVIEW = """<h2>Today</h2>
+CONSOLE_OVERVIEW = """<h2>今天</h2>
 <div class="cards">
 % for name, value in cards:
 <div class="card"><b>{{value}}</b><span>{{name}}</span></div>
 % end
 </div>
-<h2>Messages a day</h2>
+<h2>每天的消息</h2>
 <svg viewBox="0 0 {{chart['width']}} {{chart['height']}}" role="img"
- aria-label="messages a day for 15 days, the answered part in green">
+ aria-label="15 天里每天的消息，绿色是已回答的">
 <line x1="0" y1="{{chart['base']}}" x2="{{chart['width']}}" y2="{{chart['base']}}" stroke="#94a3b8"/>
 % for bar in chart['bars']:
 <rect x="{{bar['x']}}" y="{{bar['y']}}" width="{{chart['bar']}}" height="{{bar['h']}}" fill="#cbd5e1">
-<title>{{bar['day']}}: {{bar['messages']}} messages, {{bar['answered']}} answered</title></rect>
+<title>{{bar['day']}}：{{bar['messages']}} 条消息，已回答 {{bar['answered']}} 条</title></rect>
 <rect x="{{bar['x']}}" y="{{bar['ay']}}" width="{{chart['bar']}}" height="{{bar['ah']}}" fill="#16a34a"/>
 <text x="{{bar['x'] + chart['bar'] / 2}}" y="{{chart['height'] - 4}}" font-size="9"
  text-anchor="middle" fill="#475569">{{bar['label']}}</text>
 % end
 <text x="2" y="10" font-size="9" fill="#475569">{{chart['top']}}</text>
 </svg>
-<p class="meta">Grey: messages; green: answered. Local time, days from midnight.</p>
-<h2>Day by day</h2>
-<div class="wide"><table>
-<tr><th>Day</th><th class="n">Messages</th><th class="n">People</th><th class="n">Answered</th>
-<th class="n">Failed</th><th class="n">First reply, median</th><th class="n">95th</th>
-<th class="n">Service</th><th class="n">Passive</th><th class="n">From articles</th></tr>
+<p class="meta">灰色：消息；绿色：已回答。本地时间，按自然日计算。</p>
+<h2>每天明细</h2>
+<div class="wide"><table class="rows">
+<tr><th>日期</th><th class="n">消息</th><th class="n">读者</th><th class="n">已回答</th>
+<th class="n">失败</th><th class="n">首条回复（中位）</th><th class="n">首条回复（95%）</th>
+<th class="n">客服消息</th><th class="n">被动回复</th><th class="n">用到文章</th></tr>
 % for day in days:
-<tr><td>{{day['day']}}</td><td class="n">{{day['messages']}}</td><td class="n">{{day['people']}}</td>
-<td class="n">{{day['answered']}}</td><td class="n">{{day['failed']}}</td>
-<td class="n">{{seconds(day['first_median'])}}</td><td class="n">{{seconds(day['first_p95'])}}</td>
-<td class="n">{{day['service']}}</td><td class="n">{{day['passive']}}</td>
-<td class="n">{{articles_text(day)}}</td></tr>
+<tr><td data-label="日期">{{day['day']}}</td><td class="n" data-label="消息">{{day['messages']}}</td>
+<td class="n" data-label="读者">{{day['people']}}</td>
+<td class="n" data-label="已回答">{{day['answered']}}</td><td class="n" data-label="失败">{{day['failed']}}</td>
+<td class="n" data-label="首条回复（中位）">{{seconds(day['first_median'])}}</td>
+<td class="n" data-label="首条回复（95%）">{{seconds(day['first_p95'])}}</td>
+<td class="n" data-label="客服消息">{{day['service']}}</td><td class="n" data-label="被动回复">{{day['passive']}}</td>
+<td class="n" data-label="用到文章">{{articles_text(day)}}</td></tr>
 % end
 </table></div>
-<p class="meta">Messages: what readers wrote (menu clicks and follows not counted). First reply:
-from a message's arrival to the first message of its answer. Service: answers sent by the
-customer-service API; passive: in the reply to the reader's message. From articles: questions
-given passages of the account's articles / answers that cited one.</p>
+<p class="meta">消息：读者发来的（菜单点击和关注不算）。首条回复：从消息到达到回答的第一条发出。
+客服消息：用客服消息接口发出的回答；被动回复：在回复读者消息时带出的回答。用到文章：
+找到了公众号文章段落的问题 / 回答里引用了文章的。</p>
 """
 
-CONSOLE_PEOPLE = """<p class="meta">Everyone who wrote recently, the latest first (openids shortened).</p>
+CONSOLE_PEOPLE = """<p class="meta">最近发消息的读者，最新的在前（openid 已缩短）。</p>
 <div class="wide"><table class="rows">
-<tr><th>Reader</th><th>Last message</th><th class="n">When</th><th>State</th></tr>
+<tr><th>读者</th><th>最后一条消息</th><th class="n">时间</th><th>状态</th></tr>
 % for person in people:
-<tr><td><a href="/people/{{quote(person['openid'])}}">{{short(person['openid'])}}</a></td>
-<td class="said">{{said(person)}}</td><td class="n">{{when(person['received_at'])}}</td>
-<td>{{person['state']}}</td></tr>
+<tr><td data-label="读者"><a href="/people/{{quote(person['openid'])}}">{{short(person['openid'])}}</a></td>
+<td class="said" data-label="消息">{{said(person)}}</td><td class="n" data-label="时间">{{when(person['received_at'])}}</td>
+<td data-label="状态">{{state(person)}}</td></tr>
 % end
 </table></div>
 % if not people:
-<p>No messages yet.</p>
+<p>还没有消息。</p>
 % end
 """
 
-CONSOLE_CONVERSATION = """<p class="meta">Reader {{short(openid)}}: every message, what was sent for
-it and when, oldest first.</p>
+CONSOLE_CONVERSATION = """<p class="meta">读者 {{short(openid)}}：每条消息、为它发出的回复和时间，最早的在前。</p>
+<div class="box" id="answer">
+% if handed_until:
+<p><b>由你回复中</b>：机器人到 {{when(handed_until)}} 之前不回答这位读者。</p>
+<form method="post" action="/people/{{quote(openid)}}/give-back" class="inline">
+<input type="hidden" name="csrf" value="{{csrf}}"><button>交还机器人</button></form>
+% end
+% if window:
+<p class="meta">微信允许在 {{when(window.closes_at)}} 之前给这位读者发客服消息；读者这条消息的 5 条额度还剩 {{window.left}} 条。</p>
+<form method="post" action="/people/{{quote(openid)}}/answer">
+<input type="hidden" name="csrf" value="{{csrf}}">
+<p><label for="text">亲自回复这位读者（回复后机器人暂停 {{hours}} 小时）</label><br>
+<textarea id="text" name="text" required maxlength="10000">{{draft}}</textarea></p>
+<p><button type="submit">发送</button></p>
+</form>
+% else:
+<p class="meta">不能再发给这位读者：微信只允许在读者最后一条消息后 48 小时内发客服消息，等他再发消息后才能回复。</p>
+% end
+</div>
 % if older:
-<p><a href="/people/{{quote(openid)}}?before={{older}}">Older messages</a></p>
+<p><a href="/people/{{quote(openid)}}?before={{older}}">更早的消息</a></p>
 % end
 % for turn in turns:
-<div class="turn" id="m{{turn['id']}}">
-<div class="meta">#{{turn['id']}} · {{when(turn['received_at'])}} · {{turn['state']}}{{'' if turn['first'] is None else ' · first reply after ' + seconds(turn['first'])}}</div>
-<div class="said">{{said(turn)}}</div>
+% if turn.get('owner'):
+<div class="turn owner"><div class="meta">你亲自回复 · {{when(turn['sent_at'])}}</div>
+<div class="said">{{!shown(turn['content'])}}</div></div>
+% continue
+% end
+<div class="turn{{' waiting' if turn['waiting'] else ''}}" id="m{{turn['id']}}">
+<div class="meta">#{{turn['id']}} · {{when(turn['received_at'])}} · {{state(turn)}}{{'' if turn['first'] is None else ' · 首条回复用时 ' + seconds(turn['first'])}}</div>
+<div class="said">{{!shown(said(turn))}}</div>
 % if turn['acknowledged']:
 <div class="meta">{{turn['acknowledged']}}</div>
 % end
 % if turn['merged_into']:
-<div class="meta">answered together with <a href="#m{{turn['merged_into']}}">#{{turn['merged_into']}}</a></div>
+<div class="meta">与 <a href="#m{{turn['merged_into']}}">#{{turn['merged_into']}}</a> 一起回答</div>
 % end
 % for reply in turn['replies']:
-<div class="reply"><div class="meta">{{reply['how']}}</div><div class="said">{{reply['content']}}</div></div>
+<div class="reply"><div class="meta">{{reply['how']}}</div><div class="said">{{!shown(reply['content'])}}</div></div>
 % end
 % if turn['error']:
 <div class="bad said">{{turn['error']}}</div>
@@ -7400,138 +8365,167 @@ it and when, oldest first.</p>
 % if turn['failures']:
 <div class="meta bad">{{turn['failures']}}</div>
 % end
+% if turn['state'] in ('failed', 'dead'):
+<form method="post" action="/queue/retry" class="inline">
+<input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{turn['id']}}">
+<button>重试</button></form>
+% end
 </div>
 % end
 % if not turns:
-<p>No messages from this reader.</p>
+<p>这位读者没有消息。</p>
 % end
 """
 
-CONSOLE_QUESTIONS = """<h2>Most asked</h2>
-<p class="meta">Among the latest {{window}} questions, the same text (punctuation, width and case
-aside) asked more than once.</p>
-<div class="wide"><table>
-<tr><th class="n">Times</th><th>Question</th></tr>
+CONSOLE_QUESTIONS = """% if uncovered is not None:
+<h2 id="uncovered">没有文章覆盖</h2>
+<p class="meta">最近 7 天找不到公众号文章段落的问题（寒暄不算），最新的在前。写下答案，机器人以后就按它回答，
+并注明「来源：公众号说明」。</p>
+% for number, question in enumerate(uncovered):
+<div class="box">
+<div class="meta">{{when(question['received_at'])}} · {{question['count']}} 次 · {{len(question['openids'])}} 位读者 ·
+<a href="/people/{{quote(question['openid'])}}#m{{question['id']}}">{{short(question['openid'])}}</a></div>
+<div class="said">{{!shown(question['content'])}}</div>
+<details><summary>写答案</summary>
+<form method="post" action="/questions/teach">
+<input type="hidden" name="csrf" value="{{csrf}}">
+<input type="hidden" name="question" value="{{question['content']}}">
+<p><label for="answer{{number}}">答案</label><br>
+<textarea id="answer{{number}}" name="answer" required maxlength="20000"></textarea></p>
+<p><button type="submit">保存答案</button></p>
+</form></details>
+</div>
+% end
+% if not uncovered:
+<p>没有：每个问题都找到了文章。</p>
+% end
+% end
+<h2>问得最多</h2>
+<p class="meta">最近 {{window}} 个问题里，同样的文字（标点、全半角、大小写不计）问过不止一次的。</p>
+<div class="wide"><table class="rows">
+<tr><th class="n">次数</th><th>问题</th></tr>
 % for count, text in most:
-<tr><td class="n">{{count}}</td><td class="said">{{text}}</td></tr>
+<tr><td class="n" data-label="次数">{{count}}</td><td class="said" data-label="问题">{{!shown(text)}}</td></tr>
 % end
 </table></div>
 % if not most:
-<p>No question was asked twice.</p>
+<p>还没有问题被问过两次。</p>
 % end
-% if uncovered is not None:
-<h2>Not covered by an article</h2>
-<p class="meta">Recent questions for which no passage of the account's articles was found: what
-to write next.</p>
+<h2>最近的问题</h2>
 <div class="wide"><table class="rows">
-<tr><th class="n">When</th><th>Reader</th><th>Question</th></tr>
-% for question in uncovered:
-<tr><td class="n">{{when(question['received_at'])}}</td>
-<td><a href="/people/{{quote(question['openid'])}}#m{{question['id']}}">{{short(question['openid'])}}</a></td>
-<td class="said">{{question['content']}}</td></tr>
-% end
-</table></div>
-% end
-<h2>Recent questions</h2>
-<div class="wide"><table class="rows">
-<tr><th class="n">When</th><th>Reader</th><th>Question</th><th>State</th></tr>
+<tr><th class="n">时间</th><th>读者</th><th>问题</th><th>状态</th></tr>
 % for question in recent:
-<tr><td class="n">{{when(question['received_at'])}}</td>
-<td><a href="/people/{{quote(question['openid'])}}#m{{question['id']}}">{{short(question['openid'])}}</a></td>
-<td class="said">{{question['content']}}</td><td>{{question['state']}}</td></tr>
+<tr><td class="n" data-label="时间">{{when(question['received_at'])}}</td>
+<td data-label="读者"><a href="/people/{{quote(question['openid'])}}#m{{question['id']}}">{{short(question['openid'])}}</a></td>
+<td class="said" data-label="问题">{{!shown(question['content'])}}</td><td data-label="状态">{{state(question)}}</td></tr>
 % end
 </table></div>
 """
 
-CONSOLE_QUEUE = """% if note:
-<p class="note">{{note}}</p>
-% end
-% for title, state, total, rows in states:
-<h2>{{title}}: {{total}}</h2>
+CONSOLE_QUEUE = """% for title, state_name, total, rows in states:
+<h2>{{title}}：{{total}} 条</h2>
 % if rows:
 <div class="wide"><table class="rows">
-<tr><th class="n">#</th><th class="n">Received</th><th>Reader</th><th>Message</th><th>Why</th>
-{{!'<th></th>' if state == 'dead' else ''}}</tr>
+<tr><th class="n">#</th><th class="n">收到</th><th>读者</th><th>消息</th><th>原因</th>
+{{!'<th></th>' if state_name in ('dead', 'failed') else ''}}</tr>
 % for row in rows:
-<tr><td class="n">{{row['id']}}</td><td class="n">{{when(row['received_at'])}}</td>
-<td><a href="/people/{{quote(row['openid'])}}#m{{row['id']}}">{{short(row['openid'])}}</a></td>
-<td class="said">{{said(row)}}</td><td class="said">{{why(row)}}</td>
-% if state == 'dead':
+<tr><td class="n" data-label="#">{{row['id']}}</td><td class="n" data-label="收到">{{when(row['received_at'])}}</td>
+<td data-label="读者"><a href="/people/{{quote(row['openid'])}}#m{{row['id']}}">{{short(row['openid'])}}</a></td>
+<td class="said" data-label="消息">{{!shown(said(row))}}</td><td class="said" data-label="原因">{{why(row)}}</td>
+% if state_name in ('dead', 'failed'):
 <td><form method="post" action="/queue/retry" class="inline">
 <input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{row['id']}}">
-<button>Retry</button></form></td>
+<button>重试</button></form></td>
 % end
 </tr>
 % end
 </table></div>
 % if total > len(rows):
-<p class="meta">and {{total - len(rows)}} more (python wxbot.py status lists them)</p>
+<p class="meta">还有 {{total - len(rows)}} 条（python wxbot.py status 列出全部）</p>
 % end
 % end
 % end
 """
 
-CONSOLE_ARTICLES = """% if note:
-<p class="{{'bad' if failed else 'note'}} said">{{note}}</p>
-% end
-<p>{{total}} sources, {{passages}} passages.
+CONSOLE_ARTICLES = """<p>{{total}} 个来源，{{passages}} 段。
 % if synced:
-Published articles last synced {{when(synced)}}.
+已发布文章上次同步于 {{when(synced)}}。
 % else:
-Published articles never synced (python wxbot.py learn --published).
+已发布文章还没同步过（python wxbot.py learn --published）。
 % end
 </p>
-<h2>Learn a page</h2>
+<h2>学习一个网页</h2>
 <form method="post" action="/articles/learn">
 <input type="hidden" name="csrf" value="{{csrf}}">
-<p><label for="url">URL of an article or page</label><br>
-<input type="url" id="url" name="url" required placeholder="https://mp.weixin.qq.com/s/..."></p>
-<p><button type="submit">Learn</button></p>
+<p><label for="url">文章或网页的地址</label><br>
+<input type="url" id="url" name="url" required value="{{url}}" placeholder="https://mp.weixin.qq.com/s/..."></p>
+<p><button type="submit">学习</button></p>
 </form>
-<h2>Sources</h2>
+<h2>来源</h2>
 <div class="wide"><table class="rows">
-<tr><th>Title</th><th>Kind</th><th>Date</th><th class="n">Passages</th><th>Learned</th><th></th></tr>
+<tr><th>标题</th><th>类型</th><th>日期</th><th class="n">段落</th><th>学习于</th><th></th></tr>
 % for source in sources:
 % if source['url'].startswith(('https://', 'http://')):
-<tr><td><a href="{{source['url']}}" rel="noreferrer">{{source['title']}}</a></td>
+<tr><td data-label="标题"><a href="{{source['url']}}" rel="noreferrer">{{source['title']}}</a></td>
 % else:
-<tr><td>{{source['title']}}</td>
+<tr><td data-label="标题">{{source['title']}}</td>
 % end
-<td>{{source['kind']}}</td><td>{{source['date']}}</td><td class="n"><a href="/articles/{{source['id']}}">{{source['passages']}}</a></td>
-<td class="n">{{when(source['learned_at'])}}</td>
+<td data-label="类型">{{kinds.get(source['kind'], source['kind'])}}</td><td data-label="日期">{{source['date'] or '–'}}</td>
+<td class="n" data-label="段落"><a href="/articles/{{source['id']}}">{{source['passages']}} 段{{'，修改' if source['kind'] == 'note' else ''}}</a></td>
+<td class="n" data-label="学习于">{{when(source['learned_at'])}}</td>
 <td><form method="post" action="/articles/forget" class="inline">
 <input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="id" value="{{source['id']}}">
-<button>Forget</button></form></td></tr>
+<button>删除</button></form></td></tr>
 % end
 </table></div>
 % if total > len(sources):
-<p class="meta">and {{total - len(sources)}} older (python wxbot.py learn --list)</p>
+<p class="meta">还有 {{total - len(sources)}} 个更早的（python wxbot.py learn --list）</p>
 % end
 """
 
-CONSOLE_PASSAGES = """<p class="meta">{{source['kind']}} · {{source['date']}} · learned
-{{when(source['learned_at'])}} · {{len(passages)}} passages, as answers may quote them</p>
+CONSOLE_PASSAGES = """<p class="meta">{{' · '.join(facts)}}</p>
 % if source['url'].startswith(('https://', 'http://')):
 <p><a href="{{source['url']}}" rel="noreferrer">{{source['url']}}</a></p>
 % end
+% if source['kind'] == 'note':
+<div class="box">
+<form method="post" action="/articles/{{source['id']}}/note">
+<input type="hidden" name="csrf" value="{{csrf}}">
+<p><label for="question">问题</label><br>
+<input type="text" id="question" name="question" required maxlength="500" value="{{source['title']}}"></p>
+<p><label for="answer">答案</label><br>
+<textarea id="answer" name="answer" required maxlength="20000">{{note_text}}</textarea></p>
+<p><button type="submit">保存修改</button></p>
+</form>
+% if askers:
+<form method="post" action="/articles/{{source['id']}}/send">
+<input type="hidden" name="csrf" value="{{csrf}}">
+<p>48 小时内问过这个问题、还没收到这条答案的读者：{{len(askers)}} 位。
+<button>把答案发给他们</button></p>
+</form>
+% else:
+<p class="meta">48 小时内没有其他问过这个问题、还没收到答案的读者。</p>
+% end
+</div>
+% end
 % for number, passage in enumerate(passages, 1):
-<div class="reply"><div class="meta">{{number}}</div><div class="said">{{passage['text']}}</div></div>
+<div class="reply"><div class="meta">第 {{number}} 段</div><div class="said">{{passage['text']}}</div></div>
 % end
 """
 
-CONSOLE_SETTINGS = """<h2>Owner's files</h2>
+CONSOLE_SETTINGS = """<h2>店主的文件</h2>
 <div class="wide"><table class="rows">
-<tr><th>Setting</th><th>File</th><th>State</th></tr>
-% for env, path, state, good in files:
-<tr><td>{{env}}</td><td class="said">{{path}}</td><td class="{{'ok' if good else 'bad'}} said">{{state}}</td></tr>
+<tr><th>设置</th><th>文件</th><th>状态</th></tr>
+% for env, path, state_text, good in files:
+<tr><td data-label="设置">{{env}}</td><td class="said" data-label="文件">{{path or '未设置'}}</td><td class="{{'ok' if good else 'bad'}} said" data-label="状态">{{state_text}}</td></tr>
 % end
 </table></div>
-<h2>Effective settings</h2>
-<p class="meta">As the service reads them at start; secrets show as (set).</p>
+<h2>生效的设置</h2>
+<p class="meta">服务启动时读到的值；密钥只显示“已设置”。标“默认”的是没有改过的。</p>
 <div class="wide"><table class="rows">
-<tr><th>Variable</th><th>Value</th></tr>
-% for env, value in settings:
-<tr><td>{{env}}</td><td class="said">{{value}}</td></tr>
+<tr><th>变量</th><th>值</th></tr>
+% for env, value, default in settings:
+<tr><td data-label="变量">{{env}}</td><td class="said" data-label="值">{{!shown(value)}}{{!' <span class="meta">（默认）</span>' if default else ''}}</td></tr>
 % end
 </table></div>
 """
@@ -7652,14 +8646,20 @@ class OwnerConsole:
     in milliseconds however many messages are stored.
     """
 
-    PAGES = [("/", "Overview"), ("/people", "Conversations"), ("/questions", "Questions"),
-             ("/queue", "Queue"), ("/articles", "Articles"), ("/settings", "Settings")]
+    PAGES = [("/", "概览"), ("/people", "对话"), ("/questions", "问题"),
+             ("/queue", "队列"), ("/articles", "文章"), ("/settings", "设置")]
 
     def __init__(self, settings: Settings, store: Store, owner: OwnerFiles, wakeup: Wakeup,
-                 articles: Articles | None = None, clock: Callable[[], float] = time.time):
+                 articles: Articles | None = None, clock: Callable[[], float] = time.time,
+                 handoff: Handoff | None = None, wechat: "WeChatAPI | None" = None):
         self.settings, self.store, self.owner, self.wakeup = settings, store, owner, wakeup
         self.articles, self.clock = articles, clock
+        self.handoff = handoff or Handoff(settings, store)
+        self.wechat = wechat or WeChatAPI(settings, store)
         self.guard = ConsoleGuard(settings.admin_password)
+        #: What the page after a POST says (redirect after POST), by session cookie: the
+        #: line, whether it is a failure, and the field to fill again.
+        self._flash: dict[str, tuple[str, bool, str]] = {}
         self.refusals = LogThrottle()  # refused logins come at an attacker's pace; lines do not
         #: Each unsettled day's tally so far, by its midnight (today's, and yesterday's in
         #: the hour after midnight).
@@ -7808,6 +8808,7 @@ class OwnerConsole:
                 [QUEUE_LINE_KEY.format(message_id) for message_id in ids]).fetchall())
         replies: dict[int, list[dict]] = collections.defaultdict(list)
         first: dict[int, float] = {}
+        waiting = self.handoff.waiting(openid)
         for segment in segments:
             if segment["sent_at"] is not None:
                 first.setdefault(segment["message_id"], segment["sent_at"])
@@ -7821,30 +8822,39 @@ class OwnerConsole:
             turns.append({
                 **dict(row), "replies": replies[row["id"]],
                 "first": first[row["id"]] - row["received_at"] if row["id"] in first else None,
-                "acknowledged": f"queue line sent at {clock_text(float(line))}" if line else
+                "acknowledged": f"{clock_text(float(line))} 发出了排队提示" if line else
                 # Not stored: the Acknowledger shows typing for each such message it has no
                 # queue line for, in service mode.
-                "typing shown while the answer was written" if row["needs_model"] and
+                "写回答时显示了“对方正在输入”" if row["needs_model"] and
                 row["msg_type"] != "event" and row["id"] in first and not passive else "",
-                "failures": ", ".join(f"{name} {row[column]}" for name, column in [
-                    ("model failures", "model_failures"),
-                    ("delivery failures", "delivery_failures"),
-                    ("interrupted", "interruptions")] if row[column]),
+                "failures": "，".join(f"{name} {row[column]} 次" for name, column in [
+                    ("模型失败", "model_failures"), ("发送失败", "delivery_failures"),
+                    ("中断", "interruptions")] if row[column]),
+                "waiting": row["id"] in waiting,
             })
-        return turns, older
+        # The owner's own messages, in their place among the reader's.
+        owned = self.handoff.owner_messages(openid, rows[0]["received_at"] if rows and older
+                                            else 0)
+        if before < 2 ** 63 - 1 and rows:  # an older page: up to its last message
+            owned = [row for row in owned if row["sent_at"] <= rows[-1]["received_at"]]
+        merged = sorted([(turn["received_at"], 0, turn) for turn in turns] + [
+            (row["sent_at"], 1, {"owner": True, "content": row["content"],
+                                 "sent_at": row["sent_at"]}) for row in owned],
+            key=lambda item: item[:2])
+        return [turn for _, _, turn in merged], older
 
     @staticmethod
     def how_sent(segment: sqlite3.Row) -> str:
         """Which message of WeChat's carried a segment of an answer, and when."""
-        what = f"message {segment['seq'] + 1}" + (" (a picture)" if segment["image"] else "") \
-            + (" (carried from an earlier answer)" if segment["carried"] else "")
+        what = f"第 {segment['seq'] + 1} 条" + ("（图片）" if segment["image"] else "") \
+            + ("（接着之前的回答）" if segment["carried"] else "")
         if segment["moved_to"] is not None:
-            return f"{what}: moved to the answer of #{segment['moved_to']}"
+            return f"{what}：移到了 #{segment['moved_to']} 的回答里"
         if segment["sent_at"] is None:
-            return f"{what}: not sent"
-        by = (f"in the reply to #{segment['replied_to']}" if segment["replied_to"] is not None
-              else "by the customer-service API")
-        return f"{what}: sent {by} at {clock_text(segment['sent_at'])}"
+            return f"{what}：未发出"
+        by = (f"随 #{segment['replied_to']} 的被动回复" if segment["replied_to"] is not None
+              else "用客服消息")
+        return f"{what}：{clock_text(segment['sent_at'])} {by}发出"
 
     def questions(self) -> tuple[list[sqlite3.Row], list[tuple[int, str]]]:
         """The latest questions (commands and keywords aside), and the texts asked most often
@@ -7866,13 +8876,11 @@ class OwnerConsole:
         most = [(count, shown[text]) for text, count in counts.most_common(20) if count > 1]
         return asked[:CONSOLE_ROWS], most
 
-    def uncovered(self) -> list[sqlite3.Row]:
-        """The latest questions for which no passage of the articles was found."""
+    def uncovered(self) -> list[dict]:
+        """The questions of the last week no passage of the articles was found for, small
+        talk aside, each text once, the latest first."""
         with self.store.connection() as conn:
-            return conn.execute(
-                "SELECT m.id, m.openid, m.content, m.received_at FROM article_uses u"
-                " JOIN messages m ON m.id = u.message_id WHERE u.given = 0"
-                " ORDER BY u.at DESC LIMIT ?", (CONSOLE_ROWS,)).fetchall()
+            return uncovered_questions(conn, self.clock() - 7 * 86400)[:CONSOLE_ROWS]
 
     def sources(self) -> tuple[list[sqlite3.Row], int, int, float | None]:
         """The articles learned, newest first (a page of them), how many sources and
@@ -7900,16 +8908,72 @@ class OwnerConsole:
         """Learn a page (the CLI's `learn URL`); what was learned, for the owner."""
         source = self.articles.learn(url)
         log.info("learned %s from the console: %d passages", url, source.passages)
-        return f"Learned «{source.title}»: {source.passages} passages."
+        return f"已学习《{source.title}》：{source.passages} 段。"
+
+    def teach(self, question: str, answer: str, source_id: int | None = None) -> Source:
+        """Keep the owner's answer to a question as a note, found like an article (and
+        replace the note `source_id`, edited)."""
+        origin = f"{NOTE_URL}{normalise(question)}"
+        if source_id is not None:
+            with self.store.connection() as conn:
+                row = conn.execute("SELECT origin FROM article_sources WHERE id = ? AND"
+                                   " kind = 'note'", (source_id,)).fetchone()
+            if row is None:
+                raise LearnError("这条说明已经不在了")
+            if row[0] != origin:
+                self.articles.forget(row[0])
+        note = self.articles.learn_text("note", origin, question, answer, url=NOTE_URL,
+                                        date=time.strftime("%Y-%m-%d",
+                                                           time.localtime(self.clock())))
+        log.info("the owner's note %d kept from the console (%d passages)", note.id,
+                 note.passages)
+        return note
+
+    def askers(self, note_id: int, question: str) -> list[str]:
+        """The readers who asked a note's question (by its normalised form) in the last
+        48 h, no article covering it, and have not been sent the note."""
+        with self.store.connection() as conn:
+            rows = conn.execute(
+                "SELECT m.openid, m.content FROM article_uses u JOIN messages m ON"
+                " m.id = u.message_id WHERE u.given = 0 AND u.at >= ? ORDER BY u.at DESC"
+                " LIMIT 1000", (self.clock() - WINDOW_SECONDS,)).fetchall()
+        form, found = normalise(question), []
+        for row in rows:
+            if row["content"] and normalise(row["content"]) == form and \
+                    row["openid"] not in found and not self.handoff.sent_note(note_id,
+                                                                               row["openid"]):
+                found.append(row["openid"])
+        return found
+
+    def send_note(self, note_id: int) -> tuple[int, list[str]]:
+        """Send a note to the readers who asked it (askers()), each once, within their
+        quota: how many got it, and why the others did not."""
+        source, passages = self.passages(note_id)
+        if source is None or source["kind"] != "note":
+            return 0, ["这条说明已经不在了"]
+        text = self.note_text(passages)
+        sent, problems = 0, []
+        for openid in self.askers(note_id, source["title"]):
+            try:
+                self.handoff.answer(self.wechat, openid, text, self.clock(), note_id=note_id)
+                sent += 1
+            except OwnerSendError as error:
+                problems.append(f"{short_id(openid)}：{error}")
+        return sent, problems
+
+    @staticmethod
+    def note_text(passages: list[sqlite3.Row]) -> str:
+        return "\n\n".join(passage["text"] for passage in passages)
 
     def queue(self) -> list[tuple[str, str, int, list[sqlite3.Row]]]:
         """Waiting, in progress and dead messages: how many, and the first of each."""
         with self.store.connection() as conn:
             counts = dict(conn.execute("SELECT state, messages FROM state_counts").fetchall())
             found = []
-            for title, state, order in [("Waiting", State.QUEUED, "ASC"),
-                                        ("In progress", State.LEASED, "ASC"),
-                                        ("Dead", State.DEAD, "DESC")]:
+            for title, state, order in [("排队中", State.QUEUED, "ASC"),
+                                        ("回答中", State.LEASED, "ASC"),
+                                        ("未送达", State.DEAD, "DESC"),
+                                        ("失败，已致歉", State.FAILED, "DESC")]:
                 rows = conn.execute(
                     f"SELECT id, openid, msg_type, event, content, received_at, not_before,"
                     f" lease_until, state, error, model_failures, delivery_failures, interruptions"
@@ -7919,14 +8983,15 @@ class OwnerConsole:
         return found
 
     def retry(self, message_id: int) -> str | None:
-        """Queue a dead message again, as `python wxbot.py retry ID` does, and wake a worker
-        for it; None when queued, else why not."""
+        """Ask a dead or failed message again, as `python wxbot.py retry ID` does, and wake a
+        worker for it; None when queued, else why not."""
         with self.store.transaction() as conn:
-            refused = requeue_dead(conn, message_id)
+            refused = requeue(conn, message_id, self.clock())
         if refused is None:
             log.info("message %d queued again from the console", message_id)
             self.wakeup.notify()
-        return refused
+            return None
+        return f"是{STATE_WORDS[State(refused)]}，无需重试" if refused else "不在数据库里"
 
     def files(self) -> list[tuple[str, str, str, bool]]:
         """The owner's files: (setting, path, what is in force or what is wrong, fine)."""
@@ -7935,25 +9000,67 @@ class OwnerConsole:
                 ("WXBOT_REPLIES", self.owner.replies_file, Replies.read),
                 ("WXBOT_BLOCKED_WORDS", self.owner.blocked_file, BlockedWords.read)]:
             if not owner_file.path:
-                shown.append((env, "", "not set", True))
+                shown.append((env, "", "未设置", True))
                 continue
             try:
-                shown.append((env, owner_file.path, f"in force: {read(owner_file.path).describe()}",
+                shown.append((env, owner_file.path, f"生效中：{read(owner_file.path).describe()}",
                               True))
             except FileProblem as error:
-                shown.append((env, owner_file.path, "not used, the version read before stays in "
-                              "force: " + "; ".join(error.problems), False))
+                shown.append((env, owner_file.path, "没有用：它有问题，之前读到的版本继续生效："
+                              + "；".join(error.problems), False))
         return shown
 
     # Web ---------------------------------------------------------------------
 
     def render(self, name: str, title: str, csrf: str = "", **values) -> str:
+        flash = self._flash.pop(bottle.request.get_cookie(self.cookie_name()) or "", None) \
+            if csrf else None
         body = self.templates[name].render(
             csrf=csrf, when=clock_text, seconds=seconds_text, short=short_id,
-            quote=urllib.parse.quote, said=said_text, **values)
+            quote=urllib.parse.quote, said=said_text, state=state_text, shown=shown_html,
+            **values)
         return self.templates["layout"].render(title=title, csrf=csrf, body=body,
-                                               pages=self.PAGES,
+                                               pages=self.PAGES, flash=flash,
                                                here=bottle.request.path)
+
+    def after_post(self, location: str, line: str = "", failed: bool = False,
+                   field: str = "") -> bottle.HTTPResponse:
+        """Redirect after a POST (reloading the page sends nothing again); the next page
+        says `line`, and fills `field` in again."""
+        if line:
+            cookie = bottle.request.get_cookie(self.cookie_name()) or ""
+            if len(self._flash) > 1000:  # sessions that never looked again
+                self._flash.clear()
+            self._flash[cookie] = (line, failed, field)
+        return bottle.HTTPResponse(status=303, Location=location)
+
+    def field(self) -> str:
+        """The field a failed POST asked to fill in again (after_post), if it is still due."""
+        flash = self._flash.get(bottle.request.get_cookie(self.cookie_name()) or "")
+        return flash[2] if flash else ""
+
+    def settings_shown(self) -> list[tuple[str, str, bool]]:
+        """Each setting as the owner reads it: its value in words (secrets as 已设置), and
+        whether it is the default. The prompt and the welcome are no secrets: shown."""
+        shown = []
+        for name, setting in SETTINGS.items():
+            value = getattr(self.settings, name)
+            default = setting.default is not None and value == setting.parse(setting.default)
+            if setting.secret:
+                text = "已设置" if value else "未设置"
+            elif isinstance(value, bool):
+                text = "开" if value else "关"
+            elif isinstance(value, float):
+                text = f"{value:g}"
+            elif isinstance(value, tuple):
+                text = "，".join(short_id(item) if name == "admins" else item
+                                for item in value) or "（空）"
+            elif setting.parse in (_url, _optional_url):
+                text = masked_url(value) or "（空）"
+            else:
+                text = str(value) if value != "" else "（空）"
+            shown.append((setting.env, text, default))
+        return shown
 
     def app(self):
         """The console's WSGI app: bottle routes behind the login, with CONSOLE_HEADERS."""
@@ -7973,13 +9080,11 @@ class OwnerConsole:
 
         @app.get("/login", open=True)
         def login_form():
-            return console.render("login", "wxbot console", problem="")
+            return console.render("login", "wxbot 控制台", problem="")
 
         @app.post("/login", open=True)
         def log_in():
-            origin = bottle.request.headers.get("Origin")
-            if origin is not None and host_name(origin) != host_name(
-                    "//" + bottle.request.headers.get("Host", "")):
+            if console.cross_site():
                 # A page of another site posting guesses through the owner's browser: not
                 # counted, or five would lock the owner out.
                 return bottle.HTTPResponse("a login from another site's page is refused", 403)
@@ -7993,14 +9098,13 @@ class OwnerConsole:
                                     "tries since the last such line)", address,
                                     CONSOLE_WRONG_TRIES, CONSOLE_WRONG_TOTAL, held)
                 return bottle.HTTPResponse(console.render(
-                    "login", "wxbot console",
-                    problem="Too many wrong passwords: wait a minute."), 429)
+                    "login", "wxbot 控制台", problem="密码错误次数太多，请等一分钟再试。"), 429)
             cookie = console.guard.log_in(
                 address, bottle.request.forms.getunicode("password") or "", now)
             if cookie is None:  # the 5 a minute allowed are all logged
                 log_web.warning("console: wrong password from %s", address)
                 return bottle.HTTPResponse(console.render(
-                    "login", "wxbot console", problem="Wrong password."), 401)
+                    "login", "wxbot 控制台", problem="密码不对。"), 401)
             log_web.info("console: logged in from %s", address)
             answer = bottle.HTTPResponse(status=303, Location="/")
             answer.set_cookie(console.cookie_name(), cookie, httponly=True, samesite="strict",
@@ -8020,49 +9124,85 @@ class OwnerConsole:
             now = console.clock()
             days = console.overview(now)
             today = days[-1]
-            cards = [("messages", today["messages"]), ("people", today["people"]),
-                     ("answered", today["answered"]), ("failed", today["failed"]),
-                     ("first reply, median", seconds_text(today["first_median"])),
-                     ("first reply, 95th", seconds_text(today["first_p95"])),
-                     ("by service / passive", f"{today['service']} / {today['passive']}"),
-                     ("from articles", articles_text(today))]
-            return console.render("overview", "Overview", bottle.request.environ["csrf"],
+            cards = [("消息", today["messages"]), ("读者", today["people"]),
+                     ("已回答", today["answered"]), ("失败", today["failed"]),
+                     ("首条回复（中位）", seconds_text(today["first_median"])),
+                     ("首条回复（95%）", seconds_text(today["first_p95"])),
+                     ("客服消息 / 被动回复", f"{today['service']} / {today['passive']}"),
+                     ("用到文章", articles_text(today))]
+            return console.render("overview", "概览", bottle.request.environ["csrf"],
                                   days=days[::-1], cards=cards, chart=day_chart(days),
                                   articles_text=articles_text)
 
         @app.get("/people")
         def people():
-            return console.render("people", "Conversations", bottle.request.environ["csrf"],
+            return console.render("people", "对话", bottle.request.environ["csrf"],
                                   people=console.people())
 
         @app.get("/people/<openid>")
         def conversation(openid):
             before = bottle.request.query.get("before", "")
+            now = console.clock()
             turns, older = console.conversation(
                 openid, int(before) if before.isdigit() and len(before) < 19 else 2 ** 63 - 1)
-            return console.render("conversation", "Conversation", bottle.request.environ["csrf"],
-                                  openid=openid, turns=turns, older=older)
+            return console.render("conversation", "对话", bottle.request.environ["csrf"],
+                                  openid=openid, turns=turns, older=older,
+                                  window=console.handoff.window(openid, now),
+                                  handed_until=console.handoff.until(openid, now),
+                                  hours=f"{console.settings.handoff_hours:g}",
+                                  draft=console.field())
+
+        @app.post("/people/<openid>/answer")
+        def answer(openid):
+            text = (bottle.request.forms.getunicode("text") or "").strip()
+            here = f"/people/{urllib.parse.quote(openid)}"
+            if len(text) > 10000:
+                return console.after_post(here, "太长了：一次最多 10000 字。", True, text[:10000])
+            try:
+                sent = console.handoff.answer(console.wechat, openid, text, console.clock())
+            except OwnerSendError as error:
+                return console.after_post(here + "#answer", f"没有发出：{error}", True, text)
+            return console.after_post(here + "#answer", f"已发出 {sent} 条。机器人暂停回答这位读者 "
+                                      f"{console.settings.handoff_hours:g} 小时，或到你按“交还机器人”。")
+
+        @app.post("/people/<openid>/give-back")
+        def give_back(openid):
+            console.handoff.give_back(openid)
+            log.info("%s given back to the bot from the console", short_id(openid))
+            return console.after_post(f"/people/{urllib.parse.quote(openid)}",
+                                      "已交还机器人：读者的下一条消息由机器人回答。")
 
         @app.get("/questions")
         def questions():
             recent, most = console.questions()
-            return console.render("questions", "Questions", bottle.request.environ["csrf"],
+            return console.render("questions", "问题", bottle.request.environ["csrf"],
                                   recent=recent, most=most, window=CONSOLE_ASKED,
                                   uncovered=console.uncovered() if console.articles else None)
 
-        def articles_page(note="", failed=False, status=200):
-            if not console.articles:
-                return bottle.HTTPResponse("not found", 404)
-            sources, total, passages, synced = console.sources()
-            return bottle.HTTPResponse(console.render(
-                "articles", "Articles", bottle.request.environ["csrf"], sources=sources,
-                total=total, passages=passages, synced=synced, note=note, failed=failed),
-                status)
+        @app.post("/questions/teach")
+        def teach():
+            question = " ".join((bottle.request.forms.getunicode("question") or "").split())
+            answer = (bottle.request.forms.getunicode("answer") or "").strip()
+            if not console.articles or not question or not answer or len(question) > 500 \
+                    or len(answer) > 20000:
+                return console.after_post("/questions#uncovered", "问题和答案都要写（问题最多 500 "
+                                          "字，答案最多 20000 字）。", True)
+            try:
+                note = console.teach(question, answer)
+            except LearnError as error:
+                return console.after_post("/questions#uncovered", f"没有保存：{error}", True)
+            return console.after_post(f"/articles/{note.id}", "已保存。以后有人问到，机器人按这条答案"
+                                      f"回答，并注明「{SOURCES_HEAD}{NOTE_SOURCE}」。")
 
         @app.get("/articles")
         def articles():
-            forgot = bottle.request.query.get("forgot", "")
-            return articles_page("The source was forgotten." if forgot == "1" else "")
+            if not console.articles:
+                return bottle.HTTPResponse("not found", 404)
+            sources, total, passages, synced = console.sources()
+            return console.render(
+                "articles", "文章", bottle.request.environ["csrf"], sources=sources,
+                total=total, passages=passages, synced=synced, url=console.field(),
+                kinds=SOURCE_KIND_WORDS)
 
         @app.get("/articles/<source_id:int>")
         def passages(source_id):
@@ -8070,36 +9210,63 @@ class OwnerConsole:
                 source_id < 2**63 else (None, [])  # SQLite's integers are 64-bit
             if source is None:
                 return bottle.HTTPResponse("not found", 404)
-            return console.render("passages", source["title"], bottle.request.environ["csrf"],
-                                  source=source, passages=passages)
+            facts = [SOURCE_KIND_WORDS.get(source["kind"], source["kind"]), source["date"],
+                     f"学习于 {clock_text(source['learned_at'])}",
+                     f"{len(passages)} 段，回答时可能引用"]
+            note = source["kind"] == "note"
+            return console.render(
+                "passages", source["title"], bottle.request.environ["csrf"], source=source,
+                passages=passages, facts=[fact for fact in facts if fact],
+                note_text=console.note_text(passages) if note else "",
+                askers=console.askers(source_id, source["title"]) if note else [])
+
+        @app.post("/articles/<source_id:int>/note")
+        def edit_note(source_id):
+            question = " ".join((bottle.request.forms.getunicode("question") or "").split())
+            answer = (bottle.request.forms.getunicode("answer") or "").strip()
+            if not console.articles or not question or not answer or len(question) > 500 \
+                    or len(answer) > 20000:
+                return console.after_post(f"/articles/{source_id}", "问题和答案都要写。", True)
+            try:
+                note = console.teach(question, answer, source_id)
+            except LearnError as error:
+                return console.after_post("/articles", f"没有保存：{error}", True)
+            return console.after_post(f"/articles/{note.id}", "已保存修改。")
+
+        @app.post("/articles/<source_id:int>/send")
+        def send_note(source_id):
+            sent, problems = console.send_note(source_id) if console.articles else (0, [])
+            line = f"已发给 {sent} 位读者。" + ("没发出的：" + "；".join(problems) if problems
+                                          else "")
+            return console.after_post(f"/articles/{source_id}", line, bool(problems))
 
         @app.post("/articles/learn")
         def learn():
             url = (bottle.request.forms.getunicode("url") or "").strip()
+            if not console.articles:
+                return bottle.HTTPResponse("not found", 404)
             if not re.match(r"https?://[^\s/]", url, re.I) or len(url) > 2000:
-                return articles_page("Give the address of a web page (http:// or https://).",
-                                     True, 400)
+                return console.after_post("/articles", f"没有学习 {url[:200]}：请给一个网页地址"
+                                          f"（http:// 或 https:// 开头）。", True, url[:2000])
             try:
-                note = console.learn(url)
+                line = console.learn(url)
             except LearnError as error:
-                return articles_page(f"Not learned: {error}", True, 422)
-            return articles_page(note)
+                return console.after_post("/articles", f"没有学习 {url}：{error}", True, url)
+            return console.after_post("/articles", line)
 
         @app.post("/articles/forget")
         def forget():
             source_id = bottle.request.forms.get("id", "")
-            if not source_id.isdigit() or not console.articles.forget(source_id):
-                return articles_page("No such source: it was forgotten already.", True, 404)
+            if not source_id.isdigit() or not console.articles or \
+                    not console.articles.forget(source_id):
+                return console.after_post("/articles", "没有这个来源：它已经删除了。", True)
             log.info("source %s forgotten from the console", source_id)
-            return bottle.HTTPResponse(status=303, Location="/articles?forgot=1")
+            return console.after_post("/articles", "已删除这个来源。")
 
         @app.get("/queue")
         def queue_page():
-            retried = bottle.request.query.get("retried", "")
-            return console.render(
-                "queue", "Queue", bottle.request.environ["csrf"], states=console.queue(),
-                why=why_text(console.clock()), note=f"Message #{retried} is queued again: a "
-                f"worker takes it now." if retried.isdigit() else "")
+            return console.render("queue", "队列", bottle.request.environ["csrf"],
+                                  states=console.queue(), why=why_text(console.clock()))
 
         @app.post("/queue/retry")
         def retry():
@@ -8108,16 +9275,13 @@ class OwnerConsole:
                 return bottle.HTTPResponse("no such message", 400)
             refused = console.retry(int(message_id))
             if refused:
-                return bottle.HTTPResponse(console.render(
-                    "queue", "Queue", bottle.request.environ["csrf"], states=console.queue(),
-                    why=why_text(console.clock()),
-                    note=f"Message #{message_id} {refused}."), 409)
-            return bottle.HTTPResponse(status=303, Location=f"/queue?retried={message_id}")
+                return console.after_post("/queue", f"消息 #{message_id} {refused}。", True)
+            return console.after_post("/queue", f"消息 #{message_id} 已重新排队：马上重新回答。")
 
         @app.get("/settings")
         def settings_page():
-            return console.render("settings", "Settings", bottle.request.environ["csrf"],
-                                  settings=console.settings.shown(), files=console.files())
+            return console.render("settings", "设置", bottle.request.environ["csrf"],
+                                  settings=console.settings_shown(), files=console.files())
 
         @app.error(404)
         @app.error(405)
@@ -8141,6 +9305,18 @@ class OwnerConsole:
     def cookie_name(self) -> str:
         name = CONSOLE_COOKIE.format(port=self.settings.admin_port)
         return f"__Host-{name}" if self.secure() else name
+
+    @staticmethod
+    def cross_site() -> bool:
+        """Whether a page of another site sent this request, as the browser says: by
+        Sec-Fetch-Site, or else by an Origin naming another host ("null", which the console's
+        own pages send under no-referrer, is no sign either way)."""
+        fetched_from = bottle.request.headers.get("Sec-Fetch-Site")
+        if fetched_from is not None:
+            return fetched_from not in ("same-origin", "none")
+        origin = bottle.request.headers.get("Origin", "null")
+        return origin != "null" and host_name(origin) != host_name(
+            "//" + bottle.request.headers.get("Host", ""))
 
     def own_host(self) -> bool:
         """Whether the request names this console as its host: localhost or an IP address
@@ -8182,12 +9358,49 @@ class OwnerConsole:
 
 
 def clock_text(at: float) -> str:
-    """A moment as the console shows it: month, day and local time."""
-    return time.strftime("%m-%d %H:%M:%S", time.localtime(at))
+    """A moment as the console shows it: month, day and local time (12月7日 14:05)."""
+    moment = time.localtime(at)
+    return f"{moment.tm_mon}月{moment.tm_mday}日 {moment.tm_hour:02d}:{moment.tm_min:02d}"
 
 
 def seconds_text(seconds: float | None) -> str:
-    return "–" if seconds is None else f"{seconds:.1f} s"
+    return "–" if seconds is None else f"{seconds:.1f} 秒"
+
+
+def state_text(row) -> str:
+    """A message's state in the owner's words: an answer WeChat refused is 未送达."""
+    if row["state"] == State.DONE.value and "error" in row.keys() and row["error"]:
+        return STATE_WORDS[State.DEAD]
+    return STATE_WORDS[State(row["state"])]
+
+
+#: Each kind of learned source in the owner's words.
+SOURCE_KIND_WORDS = {"published": "已发布文章", "url": "网页", "file": "文件", "note": NOTE_SOURCE}
+#: A text longer than this shows its beginning, the rest folded away.
+FOLD_CHARS = 300
+#: The links an answer may hold, as they read once escaped: <a href="https://...">text</a>.
+ESCAPED_LINK = re.compile(r"&lt;a href=&quot;((?:https?|weixin)://(?:(?!&quot;)[^\s<>])+)&quot;"
+                          r"(?: (?:(?!&gt;)[^<>])*)?&gt;((?:(?!&lt;)[^<>]){1,300}?)&lt;/a&gt;")
+
+
+def shown_html(text: str) -> str:
+    """A stored text as the console shows it: escaped, the links of the 来源 line (and of
+    any answer) as links, 继续's tap as its word; a long one folded after FOLD_CHARS."""
+    def linked(part: str) -> str:
+        return ESCAPED_LINK.sub(lambda match: match.group(2) if match.group(1).startswith(
+            "weixin") else f'<a href="{match.group(1)}" rel="noreferrer">{match.group(2)}</a>',
+            html.escape(part))
+    text = text or ""
+    if len(text) <= FOLD_CHARS:
+        return linked(text)
+    cut = text.rfind("\n", FOLD_CHARS // 2, FOLD_CHARS)
+    cut = cut if cut > 0 else FOLD_CHARS
+    # A link cut in two would show as markup: the cut moves before it.
+    opened = text.rfind("<a ", 0, cut)
+    if opened > text.rfind("</a>", 0, cut):
+        cut = opened or cut
+    return (f'{linked(text[:cut])}<details class="long"><summary>展开全文（共 {len(text)} 字）'
+            f'</summary>{linked(text[cut:])}</details>')
 
 
 def said_text(row) -> str:
@@ -8479,24 +9692,34 @@ class Bot:
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
         self.articles = Articles(settings.db, turn=self.store.write_turn,
                                  private=settings.learn_private)
+        self.articles.meaning = Meaning(settings) if settings.embed_model else None
+        self._meaning_stop = threading.Event()
+        self.notifier = Notifier(settings, self.store)
+        self.store.on_disk_full = lambda: self.notifier.tell(
+            "disk", f"数据库所在的磁盘满了（{settings.db}）：新消息暂时收不下，请清理空间（df -h）。")
+        self.handoff = Handoff(settings, self.store, self.notifier)
         self.article_sync = (ArticleSync(settings, self.articles, self.wechat)
                              if settings.learn_published else None)
         self.webhook = Webhook(settings, self.store, self.wakeup, self.mode, wechat=self.wechat,
                                acknowledger=self.acknowledger, owner=self.owner,
-                               ready=self.ready, publishing=self.article_sync)
+                               ready=self.ready, publishing=self.article_sync,
+                               handoff=self.handoff)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
                                self.mode, f"worker-{n}", self.owner, self.acknowledger,
-                               self.ready, self.articles) for n in range(settings.workers)]
+                               self.ready, self.articles, self.handoff, self.notifier)
+                        for n in range(settings.workers)]
         self.senders = [Sender(settings, self.store, self.wechat, self.model, self.ready,
                                self.mode, f"sender-{n}", self.owner, others=self.wakeup,
-                               articles=self.articles)  # /stats
+                               articles=self.articles,  # /stats
+                               handoff=self.handoff, notifier=self.notifier)
                         for n in range(Sender.THREADS)]
         self.janitor = Janitor(settings, self.store, self.articles)
         #: The owner's console, on a listener of its own; None without WXBOT_ADMIN_PASSWORD.
-        self.owner_console = OwnerConsole(settings, self.store, self.owner, self.wakeup,
-                                          self.articles) if settings.admin_password else None
+        self.owner_console = OwnerConsole(
+            settings, self.store, self.owner, self.wakeup, self.articles, handoff=self.handoff,
+            wechat=self.wechat) if settings.admin_password else None
         self.console = HttpServer(self.owner_console.app(), settings.admin_host,
                                   settings.admin_port) if self.owner_console else None
         self.threads: list[threading.Thread] = []
@@ -8530,10 +9753,15 @@ class Bot:
             thread.start()
             self.threads.append(thread)
         threading.Thread(target=self.janitor.run, name="janitor", daemon=True).start()
+        if self.settings.notify_url:
+            threading.Thread(target=self.notifier.run, name="notifier", daemon=True).start()
         if self.article_sync:
             thread = threading.Thread(target=self.article_sync.run, name="articles", daemon=True)
             thread.start()
             self.threads.append(thread)
+        if self.articles.meaning:
+            threading.Thread(target=self.articles.meaning.run, name="meaning", daemon=True,
+                             args=(self.articles, self._meaning_stop)).start()
         log.info("listening on http://%s:%d%s with %d workers, answers by %s", self.settings.host,
                  self.port, self.settings.path, len(self.workers),
                  "passive reply" if self.mode.passive else "customer-service API")
@@ -8549,8 +9777,10 @@ class Bot:
         for worker in self.workers + self.senders:
             worker.stop()
         self.janitor.stopping.set()
+        self.notifier.stop()
         if self.article_sync:
             self.article_sync.stop()
+        self._meaning_stop.set()
         self.wakeup.notify_all()
         self.ready.notify_all()
         deadline = time.monotonic() + timeout
@@ -8779,9 +10009,13 @@ def retry(settings: Settings, message_id: int, out) -> int:
         return 1
     with contextlib.closing(conn):
         conn.execute("PRAGMA foreign_keys=ON")
-        refused = requeue_dead(conn, message_id)
-        if refused:
-            print(f"message {message_id} {refused}", file=out)
+        conn.execute("BEGIN IMMEDIATE")
+        refused = requeue(conn, message_id, time.time())
+        conn.execute("COMMIT")
+        if refused is not None:
+            print(f"message {message_id} " + (f"is {refused}, not dead or failed: nothing to do"
+                                              if refused else "is not in the database"),
+                  file=out)
             return 1
     print(f"message {message_id} is queued again; the running wxbot takes it within a minute",
           file=out)
@@ -8887,6 +10121,15 @@ def check(settings: Settings, out) -> int:
                           f"(DNS, firewall, proxy)")
         else:
             report(False, f"the model failed: {error}")
+    if settings.embed_model:
+        try:
+            dimensions = len(Meaning(settings).vectors(["营业时间"], Meaning.LEARN_TIMEOUT)[0])
+            report(True, f"the embeddings model {settings.embed_model} answers ({dimensions} "
+                         f"dimensions): articles are searched by meaning too")
+        except ModelError as error:
+            report(False, f"{error}: check WXBOT_EMBED_MODEL, WXBOT_EMBED_BASE_URL and "
+                          f"WXBOT_EMBED_API_KEY (DeepSeek has no embeddings: point them at "
+                          f"another provider, or unset WXBOT_EMBED_MODEL)")
     if settings.image_model:
         try:  # a 1x1 PNG: temporary media costs nothing and is gone in 3 days
             WeChatAPI(settings, store).upload_image(base64.b64decode(CHECK_PNG))
@@ -8897,6 +10140,12 @@ def check(settings: Settings, out) -> int:
                           "verified accounts, or the 测试号, may upload pictures); verify the "
                           "account or unset WXBOT_IMAGE_MODEL" if error.errcode == 48001
                    else f"drawing: WeChat refused a picture upload: {error.hint()}")
+    if settings.notify_url:
+        problem = Notifier(settings, store).send("test", "这是一条测试通知：以后读者找人工、消息未送达、"
+                                                 "模型持续失败、磁盘满了，都会发到这里。", time.time())
+        report(problem is None, "WXBOT_NOTIFY_URL took a test notification" if problem is None
+               else f"WXBOT_NOTIFY_URL {masked_url(settings.notify_url)} refused a test "
+                    f"notification ({problem}): check the group robot's webhook address")
     store.close()
     for setting, path, *how in OwnerFiles.files(settings):
         if not path:
@@ -9016,6 +10265,13 @@ def learn_command(settings: Settings, sources: list[str], published: bool, listi
                       file=out, flush=True)
         if not_learned:
             print(f"{not_learned} source(s) not learned", file=out)
+        if settings.embed_model and (sources or published):
+            meaning = Meaning(settings)
+            computed = meaning.learn(articles)
+            print(f"{computed} passage(s) can now be found by meaning ({settings.embed_model})"
+                  if not meaning._failing else
+                  f"{computed} passage(s) can now be found by meaning; the embeddings API failed"
+                  f" (the log says how): the server tries again each minute", file=out)
         return 1 if failures or not_learned else 0
     finally:
         articles.close()
