@@ -32,6 +32,8 @@ Usage:
                                    what a /metrics scrape costs
   python bench_wxbot.py --memory   RSS each minute for an hour at 5 pushes/s, retention
                                    compressed by WXBOT_RETENTION_DAYS (--memory-minutes N)
+  python bench_wxbot.py --attack   hostile pages, pushes while learning and forgetting large
+                                   articles and while 40 addresses hold the connections
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import pathlib
 import random
 import re
 import shutil
+import socket
 import socketserver
 import sqlite3
 import statistics
@@ -65,10 +68,10 @@ import requests
 
 import test_wxbot
 import wxbot
-from test_wxbot import (APPID, CORPUS, FakeModel, FakeWeChat, HOSTILE_LINES, TEXT_READERS, TOKEN,
-                        VECTOR_KEY, chinese_answer, corpus_quality, env_for, learned_corpus,
-                        news_item, paced, post_push, published_post, signed_query, start_process,
-                        text_xml, wait_for)
+from test_wxbot import (APPID, CORPUS, HOSTILE_LINES, HOSTILE_PAGES, TEXT_READERS, TOKEN,
+                        VECTOR_KEY, FakeModel, FakeWeChat, chinese_answer, corpus_quality,
+                        env_for, learned_corpus, news_item, paced, post_push, publish_event,
+                        published_post, signed_query, start_process, text_xml, wait_for)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -958,6 +961,188 @@ def bench_hostile_text(args) -> list[str]:
               for reader, (seconds, name) in worst.items())]
 
 
+# Attacks: hostile pages, learning while serving, connections held ############
+
+def timed_pushes(port: int, rate: float, stop: threading.Event, took: list,
+                 source: str = "127.0.0.1") -> None:
+    """Signed pushes at `rate` a second until `stop`: each one's seconds to its answer
+    (None: no answer)."""
+    started = time.monotonic()
+    for n in range(1, 10**9):
+        if stop.wait(max(0.0, started + n / rate - time.monotonic())):
+            return
+        body = text_xml(f"oATK{n % 50:02d}", f"问题{n}", 9 * 10**12 + n)
+        sent = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5,
+                                          source_address=(source, 0))
+        try:
+            conn.request("POST", "/wx?" + urllib.parse.urlencode(signed_query()), body)
+            ok = conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
+            ok = False
+        finally:
+            conn.close()
+        took.append(time.monotonic() - sent if ok else None)
+
+
+def push_figures(took: list) -> str:
+    answered = sorted(t for t in took if t is not None)
+    if not answered:
+        return f"{len(took)} pushes, none answered"
+    within = sum(t <= 1.0 for t in answered)
+    return (f"{len(took)} pushes: p50 {percentile(answered, 50) * 1000:.0f} ms, p99 "
+            f"{percentile(answered, 99) * 1000:.0f} ms, max {answered[-1] * 1000:.0f} ms, "
+            f"{within / len(took):.1%} answered within 1 s")
+
+
+def while_pushing(port: int, work, rate: float = 20.0, source: str = "127.0.0.1") -> str:
+    """The pushes' figures while work() runs (pushes start a second before it)."""
+    stop, took = threading.Event(), []
+    pusher = threading.Thread(target=timed_pushes, args=(port, rate, stop, took, source))
+    pusher.start()
+    try:
+        time.sleep(1.0)  # pushes flowing before the work starts
+        work()
+    finally:
+        stop.set()
+        pusher.join()
+    return push_figures(took)
+
+
+def bench_attack(args) -> list[str]:
+    """What an attacker can do to the pushes: hostile pages learned in the server, learning
+    and forgetting large articles (in the server and from the console), connections held."""
+    lines = ["Hostile pages, 5 MB of each shape, page_text() CPU (every pass linear):"]
+    for name, page in HOSTILE_PAGES.items():
+        started = time.process_time()
+        wxbot.page_text(page, "https://mp.weixin.qq.com/s/x")
+        lines.append(f"  {name}: {(time.process_time() - started) * 1000:.0f} ms")
+    wechat, model = FakeWeChat(), FakeModel(lambda request: "好")
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            lines += bench_learning_while_serving(workdir, wechat, model, args)
+            lines += bench_held_connections(workdir, wechat, args)
+        finally:
+            wechat.close()
+            model.close()
+    return lines
+
+
+def bench_learning_while_serving(workdir, wechat, model, args) -> list[str]:
+    paragraphs = 2000 if args.quick else 10000
+    text = "\n\n".join(f"第{n}段：拿铁咖啡的做法与价格说明，门店营业时间和会员积分规则。" * 8
+                       for n in range(paragraphs))
+    # The write lock as one writer holds it: each transaction of learn, learn again, forget.
+    path = os.path.join(workdir, "held.db")
+    articles, held = wxbot.Articles(path), []
+    write = articles._write
+
+    @contextlib.contextmanager
+    def timed():
+        with write() as conn:
+            began = time.perf_counter()
+            yield conn
+        held.append(time.perf_counter() - began)
+    articles._write = timed
+    rows = []
+    for what, step in (("learn", lambda: articles.learn_text("file", "big", "大文章", text)),
+                       ("learn again", lambda: articles.learn_text("file", "big", "大文章",
+                                                                   text + "\n\n结尾")),
+                       ("forget", lambda: articles.forget("big"))):
+        held.clear()
+        started = time.perf_counter()
+        step()
+        rows.append(f"{what} {time.perf_counter() - started:.1f} s in {len(held)} "
+                    f"transactions, longest {max(held) * 1000:.0f} ms")
+    articles.close()
+    lines = [f"Learning an article of {paragraphs:,} paragraphs ({len(text) / 1e6:.1f} M "
+             f"characters), the write lock: " + "; ".join(rows)]
+    folder = os.path.join(workdir, "serving")
+    os.makedirs(folder)
+    big = os.path.join(folder, "big.md")
+    with open(big, "w", encoding="utf-8") as file:  # within the 5 MB a file may be
+        file.write("# 大文章\n\n" + text[:wxbot.PAGE_BYTES // 3 - 100])
+    env = env_for(_Path(folder), wechat, model, WXBOT_USER_RATE=0, WXBOT_USER_DAILY=0,
+                  WXBOT_MAX_SKEW=0, WXBOT_LEARN_PRIVATE=1)
+    cli = [sys.executable, os.path.join(HERE, "wxbot.py"), "learn"]
+    def run(*more):
+        done = subprocess.run(cli + list(more), env={**os.environ, **env}, cwd=folder,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+    wechat.published = []
+    run("--published")  # the server learns what is published from then on
+    process, port, said = start_process(env, folder)
+    try:
+        lines.append(f"Signed pushes at 20/s while the console (another process) learns "
+                     f"{os.path.getsize(big) / 1e6:.1f} MB of it: "
+                     + while_pushing(port, lambda: run(big)))
+        lines.append("... learns it again: " + while_pushing(port, lambda: run(big)))
+        lines.append("... forgets it: " + while_pushing(port, lambda: run("--forget", big)))
+        hostile = "".join(shape * (wxbot.PAGE_BYTES // 6 // len(shape)) for shape in
+                          ("<!--", "<a ", "<![CDATA[", "<div>", "<title>标题", "<?"))
+        item = news_item("恶意文章", ["正文。"])
+        item["content"] = hostile
+        wechat.published = [published_post("HOSTILE", item)]
+
+        def announce():
+            requests.post(f"http://127.0.0.1:{port}/wx", params=signed_query(),
+                          data=publish_event("HOSTILE"), timeout=5)
+            wait_for(lambda: any("HOSTILE" in line or "published article" in line
+                                 for line in said) or len(said) > 10**6, timeout=120)
+            time.sleep(3.0)
+        lines.append(f"... while the server learns an announced post of "
+                     f"{len(hostile) / 1e6:.1f} MB of hostile markup: " + while_pushing(
+                         port, announce))
+    finally:
+        process.terminate()
+        process.wait(60)
+    return lines
+
+
+def bench_held_connections(workdir, wechat, args) -> list[str]:
+    """40 addresses holding every connection, idle or a byte a second; signed pushes from
+    addresses of their own."""
+    model = FakeModel(lambda request: "好")
+    bot = Wxbot(workdir, wechat, model)
+    held, stop = [], threading.Event()
+    try:
+        for n in range(520):
+            with contextlib.suppress(OSError):
+                conn = socket.create_connection(("127.0.0.1", bot.port), timeout=5,
+                                                source_address=(f"127.0.1.{n % 40 + 1}", 0))
+                if n % 2:
+                    conn.send(b"POST /wx HTTP/1.1\r\n")
+                held.append(conn)
+
+        def refill():  # the attackers open again what is closed, and trickle a byte
+            while not stop.wait(1.0):
+                for n, conn in enumerate(held):
+                    try:
+                        conn.send(b"X")
+                    except OSError:
+                        with contextlib.suppress(OSError):
+                            held[n] = socket.create_connection(
+                                ("127.0.0.1", bot.port), timeout=5,
+                                source_address=(f"127.0.1.{n % 40 + 1}", 0))
+        attacker = threading.Thread(target=refill, daemon=True)
+        attacker.start()
+        pushes = 100 if args.quick else 400
+        took: list = []
+        for n in range(pushes // 20):
+            pushing = threading.Event()
+            threading.Timer(1.0, pushing.set).start()
+            timed_pushes(bot.port, 20.0, pushing, took, f"127.0.2.{n % 200 + 1}")
+        return [f"Connections: 40 addresses holding {len(held)} connections (the cap is 512), "
+                f"idle or a byte a second and opened again when closed; signed pushes at "
+                f"20/s from other addresses: " + push_figures(took)]
+    finally:
+        stop.set()
+        for conn in held:
+            conn.close()
+        bot.stop()
+        model.close()
+
+
 # Soak: a database after months of traffic #####################################
 
 #: What one stored exchange looks like: a question, its answer in segments, two turns.
@@ -1506,6 +1691,10 @@ def main() -> int:
                         help="messages in the console's database (default 1,000,000)")
     parser.add_argument("--console-db", help="the console's database: built once, reused "
                                              "after")
+    parser.add_argument("--attack", action="store_true",
+                        help="only the attacker's rows: hostile pages, pushes while learning "
+                             "and forgetting large articles, pushes while 40 addresses hold "
+                             "the connections (about a minute; --quick)")
     parser.add_argument("--webhook", action="store_true",
                         help="only the webhook rows (about a minute)")
     parser.add_argument("--outage", action="store_true",
@@ -1521,6 +1710,7 @@ def main() -> int:
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     for flag, bench in (("memory", bench_memory), ("outage", bench_outage),
+                        ("attack", bench_attack),
                         ("operations", bench_operations), ("console", bench_console),
                         ("blocked_words", bench_blocked_words),
                         ("hostile_text", bench_hostile_text)):

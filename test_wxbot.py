@@ -72,9 +72,10 @@ def wait_for(condition, timeout=15.0, message="condition"):
 # Loopback fakes ##############################################################
 
 class FakeServer:
-    """A threaded HTTP server on 127.0.0.1:0 whose handler calls self.route(handler)."""
+    """A threaded HTTP server on 127.0.0.1:0 (or another loopback `host`) whose handler calls
+    self.route(handler)."""
 
-    def __init__(self):
+    def __init__(self, host="127.0.0.1"):
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -106,10 +107,10 @@ class FakeServer:
         self.peers = []         # the client's (address, port) of every request, in order
         self.hang_up = False    # close each connection after its answer
         self.closed = 0         # connections this server has closed
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
         self.server.handle_error = lambda request, address: None  # a client hung up
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"http://{host}:{self.server.server_address[1]}"
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
                                        kwargs={"poll_interval": 0.05})
@@ -521,6 +522,7 @@ def env_for(tmp_path, wechat, model, **overrides):
         "OPENAI_BASE_URL": model.url + "/v1", "WXBOT_DB": str(tmp_path / "wxbot.db"),
         "WXBOT_HOST": "127.0.0.1", "WXBOT_PORT": "0", "WXBOT_MODEL_TIMEOUT": "5",
         "WXBOT_RETRY_BASE": "0.05", "WXBOT_STOP_TIMEOUT": "5", "WXBOT_ADMIN_PORT": "0",
+        "WXBOT_LEARN_PRIVATE": "1",  # the pages learned are served on 127.0.0.1
         # One model request per question, as most tests count them: the search words' own
         # call is tested where it is asked for.
         "WXBOT_SEARCH_WORDS": "0",
@@ -4040,7 +4042,7 @@ def disk(monkeypatch):
 
     class Disk:
         def fill(self, store):
-            with store._turn(), connection(store) as conn:
+            with store.write_turn(), connection(store) as conn:
                 conn.executescript("PRAGMA incremental_vacuum")  # no free page left inside
             limit[0] = 1
 
@@ -4484,12 +4486,30 @@ def test_credentials_in_openai_base_url_are_masked_in_the_log_and_in_check(tmp_p
     logged = secret_filter.scrub(f"settings: {settings.describe()}; POST "
                                  f"{MODEL_URL_WITH_CREDENTIALS.replace('?', '/chat?')} failed")
     result = run_wxbot(["check"], env, cwd=tmp_path)  # the model is unreachable: check says where
-    assert "no connection to the model at http://***@127.0.0.1:1/v1/?api-key=***&v=2" in \
-        result.stdout
+    # (older openai releases put their "/" after the query)
+    assert re.search(r"no connection to the model at http://\*\*\*@127\.0\.0\.1:1/v1/?"
+                     r"\?api-key=\*\*\*&v=2", result.stdout), result.stdout
     for text in (logged, result.stdout + result.stderr):
         for credential in ("apiuser", "pa55-word-x", "k3y-in-query"):
             assert credential not in text
     assert "OPENAI_BASE_URL=http://***@127.0.0.1:1/v1?api-key=***&v=2" in logged
+
+
+@pytest.mark.parametrize("url, secret", [
+    ("https://api.example.com/v1?sk=s3cret-value&v=2", "s3cret-value"),
+    ("https://api.example.com/v1?ak=s3cret-value", "s3cret-value"),
+    ("https://api.example.com/v1;key=s3cret-value?v=2", "s3cret-value"),
+    ("https://api.example.com/v1?v=2;key=s3cret-value", "s3cret-value"),
+    ("https://api.example.com/sk-9f8e7d6c5b4a39281706/v1", "sk-9f8e7d6c5b4a39281706"),
+    ("https://gw.example.com/k/4f9a0c1b2d3e4f5a6b7c8d9e0f1a2b3c/v1", "4f9a0c1b2d3e4f5a6b7c8d9e0f1a2b3c"),
+])
+def test_a_model_urls_keys_are_masked_wherever_it_holds_them(url, secret):
+    """A key in a short parameter (sk=, ak=), after a semicolon or in the path never shows
+    where the URL is shown (the start log, the console, check), and the log filter knows it."""
+    assert secret not in wxbot.masked_url(url) and "***" in wxbot.masked_url(url)
+    assert secret in wxbot.url_credentials(url)
+    assert wxbot.masked_url("https://api.deepseek.com/v1/chat?task=2") == \
+        "https://api.deepseek.com/v1/chat?task=2"
 
 
 def test_check_never_prints_credentials_of_a_model_it_reaches(tmp_path, wechat, model):
@@ -7083,6 +7103,24 @@ def test_cited_passages_become_links_at_the_end_of_the_answer(start_bot, wechat,
         + SHOP_LINKS["V60 手冲咖啡入门"] + "、《退款与售后》"]
 
 
+def test_only_wxbots_own_sources_line_links_to_articles(start_bot, wechat, model, tmp_path):
+    """An answer may end with a 来源 line of the model's own (a page learned can ask for one,
+    to a phishing page): it reads as text, without links or addresses, above wxbot's own."""
+    learn_shop_articles(tmp_path / "wxbot.db")
+    bot = start_bot()
+
+    def respond(request):
+        refund, = passage_numbers(request)["退款与售后"]
+        return [f"咖啡豆七天内可退[{refund}]。\n\n来源：[《营业时间调整通知》]",
+                "(https://evil.example/phish)\n**来源**: 见 https://evil.example/x 页面"]
+    model.respond = respond
+    send_text(bot, "oREADER", "咖啡豆能退吗", 1)
+    wait_for(lambda: wechat.texts_to("oREADER"))
+    said = "".join(wechat.texts_to("oREADER"))
+    assert "evil.example" not in said and "来源：《营业时间调整通知》" in said
+    assert said.endswith("\n\n来源：《退款与售后》")
+
+
 def test_an_answer_cites_at_most_three_articles(start_bot, wechat, model, tmp_path):
     learn_shop_articles(tmp_path / "wxbot.db")
     bot = start_bot()
@@ -7382,7 +7420,7 @@ def test_console_shows_nothing_and_does_nothing_without_a_login(start_bot, wecha
         assert (answer.status_code, answer.headers["Location"]) == (303, "/login"), path
         assert "oDEAD" not in answer.text
     forged = requests.post(base + "/queue/retry", data={"id": dead}, timeout=5,
-                           cookies={"wxbot_console": "guessed"})
+                           cookies={"wxbot_console_0": "guessed"})
     assert forged.status_code == 403
     owner = LoggedIn(base)
     assert owner.post(base + "/articles/learn", data={"url": "http://127.0.0.1:9/"},
@@ -7428,10 +7466,10 @@ class SaidTexts(html.parser.HTMLParser):
 
 
 @contextlib.contextmanager
-def console_alone(tmp_path, clock=time.time, articles=False):
+def console_alone(tmp_path, clock=time.time, articles=False, **settings):
     """An owner's console on its own listener, over a database of its own: (its address, the
     database's Store); with the articles' tables when `articles`."""
-    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, **settings)
     store = wxbot.Store(settings.db)
     console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
                                  wxbot.Articles(settings.db) if articles else None, clock=clock)
@@ -7464,7 +7502,8 @@ def test_console_shows_whatever_a_reader_wrote_as_that_text(tmp_path, said):
 
 def test_console_answers_429_after_five_wrong_passwords_from_one_address(tmp_path):
     now = [1_800_000_000.0]
-    with console_alone(tmp_path, clock=lambda: now[0]) as (base, _):
+    with console_alone(tmp_path, clock=lambda: now[0],
+                       WXBOT_TRUSTED_PROXIES="127.0.0.1") as (base, _):
         def log_in(password, address="198.51.100.7"):
             return requests.post(base + "/login", data={"password": password}, timeout=5,
                                  allow_redirects=False, headers={"X-Real-IP": address}
@@ -7476,9 +7515,80 @@ def test_console_answers_429_after_five_wrong_passwords_from_one_address(tmp_pat
         assert log_in(CONSOLE_PASSWORD) == 303
 
 
-def test_console_session_cookie_is_httponly_strict_secure_behind_https_and_ends(tmp_path):
+def test_console_believes_forwarded_addresses_only_from_the_proxies_the_owner_names(tmp_path,
+                                                                                   caplog):
+    """Through an SSH tunnel every local user is a loopback peer: an X-Real-IP from a peer
+    that is no named proxy is not believed (rotating it buys no tries), a value that is no
+    address never reaches the log, and guesses from many addresses are limited together."""
     now = [1_800_000_000.0]
     with console_alone(tmp_path, clock=lambda: now[0]) as (base, _):
+        def log_in(password, address):
+            return requests.post(base + "/login", data={"password": password}, timeout=5,
+                                 allow_redirects=False, headers={"X-Real-IP": address}
+                                 ).status_code
+        assert [log_in(f"guess-{n:08d}", f"198.51.100.{n}") for n in range(6)] == \
+            [401] * 5 + [429]
+    now[0] += 61
+    with console_alone(tmp_path, clock=lambda: now[0],
+                       WXBOT_TRUSTED_PROXIES="127.0.0.0/8, ::1") as (base, _):
+        assert log_in("guess", "\x1b[31mforged") == 401
+        assert "forged" not in caplog.text and "wrong password from 127.0.0.1" in caplog.text
+        said = [log_in(f"guess-{n:08d}", f"203.0.113.{n}")
+                for n in range(wxbot.CONSOLE_WRONG_TOTAL + 1)]
+        assert said == [401] * (wxbot.CONSOLE_WRONG_TOTAL - 1) + [429] * 2
+        now[0] += 61
+        assert log_in(CONSOLE_PASSWORD, "203.0.113.200") == 303
+
+
+def test_console_refuses_pages_of_other_sites(tmp_path):
+    """A page of another site reaches the console through the owner's tunnel by pointing its
+    name at 127.0.0.1 (DNS rebinding): it names its own host and is refused. Its login posts
+    are refused uncounted, so they cannot lock the owner out."""
+    with console_alone(tmp_path) as (base, _):
+        assert requests.get(base + "/login", timeout=5).status_code == 200
+        assert requests.get(base + "/login", headers={"Host": "localhost:8081"},
+                            timeout=5).status_code == 200
+        assert requests.get(base + "/login", headers={"Host": "evil.example:8081"},
+                            timeout=5).status_code == 421
+        cross_site = [requests.post(base + "/login", data={"password": f"guess-{n:08d}"},
+                                    headers=headers, timeout=5, allow_redirects=False
+                                    ).status_code for n in range(3) for headers in (
+            {"Origin": "https://evil.example"},
+            {"Origin": "null", "Sec-Fetch-Site": "cross-site"})]
+        assert cross_site == [403] * 6
+        owner = LoggedIn(base, Origin=base)
+        assert owner.get(base + "/articles/99999999999999999999999",
+                         timeout=5).status_code == 404
+    with console_alone(tmp_path, WXBOT_TRUSTED_PROXIES="127.0.0.1") as (base, _):
+        assert requests.get(base + "/login", headers={"Host": "console.example.com"},
+                            timeout=5).status_code == 200  # the proxy answers for its names
+
+
+def test_two_consoles_on_one_host_keep_their_own_sessions(tmp_path):
+    """Cookies know no port: each console's has a name of its own, a __Host- one over
+    HTTPS."""
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    with console_alone(tmp_path / "a", WXBOT_ADMIN_PORT=8111) as (one, _), \
+            console_alone(tmp_path / "b", WXBOT_ADMIN_PORT=8112) as (other, _):
+        first, second = LoggedIn(one), LoggedIn(other)
+        assert set(first.cookies.keys()) != set(second.cookies.keys())
+        both = requests.Session()  # one browser: localhost's cookies go to every port
+        both.cookies.update(first.cookies)
+        both.cookies.update(second.cookies)
+        for base in (one, other):
+            assert both.get(base + "/", timeout=5, allow_redirects=False).status_code == 200
+    with console_alone(tmp_path / "c", WXBOT_TRUSTED_PROXIES="127.0.0.1") as (base, _):
+        cookie = requests.post(base + "/login", data={"password": CONSOLE_PASSWORD}, timeout=5,
+                               allow_redirects=False, headers={"X-Forwarded-Proto": "https"}
+                               ).headers["Set-Cookie"]
+        assert cookie.startswith("__Host-wxbot_console_") and "secure" in cookie.lower()
+
+
+def test_console_session_cookie_is_httponly_strict_secure_behind_https_and_ends(tmp_path):
+    now = [1_800_000_000.0]
+    with console_alone(tmp_path, clock=lambda: now[0],
+                       WXBOT_TRUSTED_PROXIES="127.0.0.1") as (base, _):
         owner = LoggedIn(base)
         plain = owner.login.headers["Set-Cookie"].lower()
         cookie = requests.post(base + "/login", data={"password": CONSOLE_PASSWORD}, timeout=5,
@@ -8282,8 +8392,8 @@ def test_learn_published_refused_says_what_to_do_in_one_sentence(tmp_path, wecha
 class FakePages(FakeServer):
     """Web pages on loopback: `pages[path]` is (status, HTML); the User-Agent of each GET."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, host="127.0.0.1"):
+        super().__init__(host)
         self.pages, self.agents = {}, []
 
     def route(self, handler):
@@ -9078,14 +9188,21 @@ def test_the_daily_sync_learns_new_and_edited_articles_and_forgets_deleted_ones(
     assert [p.title for p in bot.articles.find("能带狗吗")] == ["常见问题"]
 
 
-def test_console_believes_forwarded_headers_only_from_a_proxy_on_this_machine():
+def test_console_believes_forwarded_headers_only_from_a_named_proxy():
     forwarded = {"HTTP_X_REAL_IP": "198.51.100.7", "HTTP_X_FORWARDED_PROTO": "https"}
+    proxies = ("127.0.0.1/32", "::1/128")
     for proxy in ("127.0.0.1", "::1"):
         environ = {"REMOTE_ADDR": proxy, **forwarded}
-        assert wxbot.client_address(environ) == "198.51.100.7" and wxbot.over_https(environ)
-    for stranger in ("203.0.113.9", "2001:db8::1", ""):
+        assert wxbot.client_address(environ, proxies) == "198.51.100.7"
+        assert wxbot.over_https(environ, proxies)
+    for stranger in ("203.0.113.9", "2001:db8::1", "", "127.0.0.2"):
         environ = {"REMOTE_ADDR": stranger, **forwarded}
-        assert wxbot.client_address(environ) == stranger and not wxbot.over_https(environ)
+        assert wxbot.client_address(environ, proxies) == stranger
+        assert not wxbot.over_https(environ, proxies)
+    local = {"REMOTE_ADDR": "127.0.0.1", **forwarded}  # a tunnel's peer, no proxy named
+    assert wxbot.client_address(local) == "127.0.0.1" and not wxbot.over_https(local)
+
+
 def test_uses_older_than_the_retention_are_deleted(tmp_path):
     settings = settings_for(tmp_path, WXBOT_RETENTION_DAYS=30)
     store, articles = wxbot.Store(settings.db), wxbot.Articles(settings.db)
@@ -9141,6 +9258,25 @@ def test_a_post_the_owner_deleted_is_forgotten_with_all_its_articles(tmp_path, s
     assert post_push(bot, publish_event("POST", status=5)).text == "success"
     wait_for(lambda: not bot.articles.find("月饼多少钱"), message="the deleted post forgotten")
     assert [s.origin for s in bot.articles.sources()] == ["POSTER"]
+
+
+def test_a_deleted_post_announced_forgets_only_the_published_article_of_that_id(
+        tmp_path, start_bot, wechat, model, caplog):
+    """PUBLISHJOBFINISH with status 5 names a post by its article_id: a learned file whose
+    row id or path reads the same is not forgotten with it."""
+    caplog.set_level(logging.INFO, logger="wxbot")
+    notes = tmp_path / "hours.md"
+    notes.write_text("# 营业时间\n周末早上9点开门。", encoding="utf-8")
+    wechat.published = []
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    assert learn(tmp_path, wechat, model, str(notes))[0] == 0
+    bot = start_bot()
+    row_id = str(bot.articles.sources()[0].id)
+    for n, article_id in enumerate((row_id, str(notes))):  # each its own push (dedup key)
+        assert post_push(bot, publish_event(article_id, 5, f"oMP{n}")).text == "success"
+    assert post_push(bot, publish_event("LAST", 1, "oMPLAST")).text == "success"
+    wait_for(lambda: "without an article" in caplog.text, message="the announcements read")
+    assert [source.origin for source in bot.articles.sources()] == [str(notes)]
 
 
 def test_in_passive_mode_the_announcement_gets_success_and_the_article_is_learned(
@@ -9500,37 +9636,53 @@ def raw_connection_from(source, bot):
                                     source_address=(source, 0))
 
 
-def test_one_address_cannot_take_the_connections_wechats_pushes_need(start_bot, wechat,
-                                                                     monkeypatch, caplog):
+def test_a_few_addresses_cannot_take_the_connections_wechats_pushes_need(start_bot, wechat,
+                                                                         monkeypatch, caplog):
+    """Addresses holding every connection, idle or sending a byte at a time, this machine's
+    loopback among them: a push from an address that holds fewer takes the place of one of
+    theirs that has not sent its request, and is answered."""
     monkeypatch.setattr(wxbot.ThreadingServer, "max_connections", 40)
-    monkeypatch.setattr(wxbot.ThreadingServer, "max_per_address", 10)
     monkeypatch.setattr(wxbot.QuietHandler, "idle_timeout", 60.0)  # the idle ones stay open
     bot = start_bot()
-    flood = [raw_connection_from("127.0.0.2", bot) for _ in range(60)]
+    flood = [raw_connection_from(f"127.0.0.{2 + n % 4}", bot) for n in range(40)]
+    flood += [raw_connection(bot, b"POST /wx HTTP/1.1\r\n") for _ in range(20)]  # loopback
     try:
-        wait_for(lambda: sum(closed_by_server(conn) for conn in flood) == 50,
-                 message="all but 10 of one address's connections closed")
-        assert any("127.0.0.2 holds 10 connections" in record.getMessage()
-                   for record in caplog.records)
-        # Another address, and a reverse proxy on this machine, are still answered...
-        assert post_from("127.0.0.3", bot, text_xml("oOTHER", "你好", 1), signed_query()) == \
-            (200, "success")
-        # ...and the proxy's address is not capped: every request through it comes from there.
-        proxied = [raw_connection(bot) for _ in range(20)]
-        try:
-            send_text(bot, "oPROXIED", "你好", 2)
-            assert not any(closed_by_server(conn) for conn in proxied)
-        finally:
-            for conn in proxied:
-                conn.close()
-        wait_for(lambda: wechat.texts_to("oOTHER") and wechat.texts_to("oPROXIED"))
+        wait_for(lambda: sum(closed_by_server(conn) for conn in flood) >= 20,
+                 message="connections over the cap closed")
+        for n in range(10):
+            assert post_from(f"127.0.0.{10 + n}", bot, text_xml(f"oOTHER{n}", "你好", n),
+                             signed_query()) == (200, "success")
+        wait_for(lambda: all(wechat.texts_to(f"oOTHER{n}") for n in range(10)))
     finally:
         for conn in flood:
             conn.close()
     # The slots are given back when the connections go.
-    wait_for(lambda: answered(lambda: post_from("127.0.0.2", bot, text_xml("oBACK", "你好", 3),
+    wait_for(lambda: answered(lambda: post_from("127.0.0.2", bot, text_xml("oBACK", "你好", 30),
                                                 signed_query())) == (200, "success"),
              message="the address served again once its connections are gone")
+
+
+def test_an_ipv6_subscriber_holds_connections_as_one_client(monkeypatch):
+    """One /64 is one client: connections from a thousand of its addresses make room for a
+    connection from anywhere else, as connections from one address would."""
+    monkeypatch.setattr(wxbot.QuietHandler, "idle_timeout", 60.0)
+    server = wxbot.ThreadingServer(("127.0.0.1", 0), lambda environ, start: [b""])
+    server.max_connections = 8
+    pairs = [socket.socketpair() for _ in range(12)]
+    try:
+        for n, (ours, _) in enumerate(pairs[:11]):
+            server.process_request(ours, (f"2001:db8:1:2::{n + 1:x}", 443))
+        assert server.held == {"2001:db8:1:2::/64": 8}
+        server.process_request(pairs[11][0], ("2001:db8:9:9::1", 443))
+        assert server.held["2001:db8:9:9::/64"] == 1
+        wait_for(lambda: sum(closed_by_server(theirs) for _, theirs in pairs[:11]) == 4,
+                 message="three closed over the cap at once, one to make room")
+        assert not closed_by_server(pairs[11][1])
+    finally:
+        server.server_close()
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
 
 
 @pytest.mark.parametrize("head", [
@@ -9590,25 +9742,84 @@ def test_typing_is_not_asked_for_again_while_it_still_shows(tmp_path, wechat, mo
 
 # Articles, console and citations under attack ###############################
 
+@pytest.mark.parametrize("same_process", [True, False], ids=["in the server", "from the console"])
+def test_a_push_waits_little_behind_learning_and_forgetting_a_large_article(tmp_path,
+                                                                           same_process):
+    """Learning, learning again and forgetting an article of thousands of passages hold the
+    database in short turns: pushes arriving meanwhile are stored while it goes on, each
+    well within WeChat's 5 s, whether the server or another process learns."""
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path)
+    articles = wxbot.Articles(path, turn=store.write_turn if same_process else
+                              contextlib.nullcontext)
+    text = "\n".join(f"第{n}段：拿铁咖啡的做法与价格说明，门店营业时间和会员积分规则。" * 8
+                     for n in range(4000))
+    pushes, done = [], threading.Event()  # (sent, stored) of each
+
+    def push():
+        while not done.is_set():
+            sent = time.monotonic()
+            stored_push(store, "oPUSH", "你好", len(pushes), time.time())
+            pushes.append((sent, time.monotonic()))
+            done.wait(0.005)
+
+    thread = threading.Thread(target=push)
+    thread.start()
+    during = []
+    try:
+        for write in (lambda: articles.learn_text("url", "https://example.com/big", "大文章", text),
+                      lambda: articles.learn_text("url", "https://example.com/big", "大文章",
+                                                  text + "\n结尾"),
+                      lambda: articles.forget("https://example.com/big")):
+            began = time.monotonic()
+            write()
+            ended = time.monotonic()
+            during.append(sum(began < sent and stored < ended for sent, stored in pushes))
+    finally:
+        done.set()
+        thread.join()
+        store.close()
+    assert min(during) >= 5, during  # stored while the article was written, not after
+    assert max(stored - sent for sent, stored in pushes) < 1.0
+    assert articles.sources() == [] and articles.find("拿铁价格") == []
+
+
 #: Pages a hostile server may send to `learn URL`: markup that never closes, nests without
-#: end, or ends what was never opened.
-HOSTILE_PAGES = {
-    "end tags never closed": "</" * 100_000,
-    "processing instructions never closed": "<?" * 100_000,
-    "declarations never closed": "<!" * 100_000,
-    "nesting without end": "<div>" * 40_000 + "正文",
-    "stray end tags in deep nesting": "<section>" * 20_000 + "</span>" * 20_000,
-    "a tag left open": '<p><a title="' + "标题" * 100_000,
+#: end, or ends what was never opened; 5 MB of each, the most a page may be.
+HOSTILE_SHAPES = {
+    "end tags never closed": "</",
+    "processing instructions never closed": "<?",
+    "declarations never closed": "<!",
+    "comments never closed": "<!--",
+    "comments never quite closed": "<!--x--",
+    "CDATA never closed": "<![CDATA[",
+    "scripts never opened": "<script",
+    "styles never opened": "<style",
+    "titles never opened": "<title",
+    "titles opened without end": "<title>标题",
+    "nesting without end": "<div>",
+    "nesting of two kinds": "<b><i>正文",
+    "stray end tags in deep nesting": "<section></span>",
+    "a tag left open": '<p><a title="标题',
+    "stray angle brackets": "<a ",
 }
+HOSTILE_PAGES = {name: shape * (wxbot.PAGE_BYTES // len(shape))
+                 for name, shape in HOSTILE_SHAPES.items()}
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE_PAGES))
 def test_a_hostile_page_is_read_in_linear_time(name):
-    """A page's markup never makes reading it quadratic: 200,000 characters of it are read
-    in a small fraction of the CPU time that quadratic work would take (seconds)."""
+    """A page's markup never makes reading it quadratic: 5 MB of it are read in a small
+    fraction of the CPU time that quadratic work would take (minutes)."""
     started = time.process_time()
     wxbot.page_text(HOSTILE_PAGES[name], "https://example.com/a")
     assert time.process_time() - started < 1.5, name
+
+
+def test_a_page_of_many_tags_keeps_the_text_before_them():
+    title, text, _ = wxbot.page_text("<head><title>标题</title></head><body><p>正文在前</p>"
+                                     + "<b>" * (wxbot.PAGE_TAGS + 10) + "后", "")
+    assert (title, text) == ("标题", "正文在前")
 
 
 def test_text_beside_stray_angle_brackets_is_kept():
@@ -9644,7 +9855,8 @@ def test_a_page_that_never_ends_is_given_up_at_the_deadline():
     try:
         outcome = []
         thread = threading.Thread(target=lambda: outcome.append(
-            pytest.raises(wxbot.LearnError, wxbot.fetch_page, page.url + "/", timeout=1.0)),
+            pytest.raises(wxbot.LearnError, wxbot.fetch_page, page.url + "/", timeout=1.0,
+                          private=True)),
             daemon=True)
         thread.start()
         thread.join(30)
@@ -9665,6 +9877,21 @@ def test_a_url_with_a_password_is_not_learned_logged_or_linked(tmp_path, caplog)
             articles.learn(url)
         assert articles.sources() == [] and pages.agents == []
         assert "hunter2" not in caplog.text
+    finally:
+        articles.close()
+        pages.close()
+
+
+def test_a_token_in_a_learned_urls_query_is_not_linked_for_readers(tmp_path):
+    """The owner's link may carry a token (?token=..., ?sk=...): the page is learned with it,
+    and the 来源 link readers see is the page's without it."""
+    pages = FakePages()
+    pages.pages = {"/a?token=t0ken-of-owner&id=7": (200, "<p>会员价 30元。</p>")}
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"), private=True)
+    try:
+        source = articles.learn(pages.url + "/a?token=t0ken-of-owner&id=7")
+        assert source.url == pages.url + "/a?id=7"
+        assert "t0ken" not in wxbot.source_link(articles.find("会员价多少")[0])
     finally:
         articles.close()
         pages.close()
@@ -9697,7 +9924,8 @@ def test_learn_names_a_pipe_and_a_huge_file_and_learns_the_rest(tmp_path):
 def test_console_counts_wrong_passwords_from_one_ipv6_subscriber_together(tmp_path):
     """A subscriber holds a whole /64 of IPv6 addresses: changing address within it buys no
     more tries."""
-    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD)
+    settings = settings_for(tmp_path, WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD,
+                            WXBOT_TRUSTED_PROXIES="127.0.0.1")
     store = wxbot.Store(settings.db)
     console = wxbot.OwnerConsole(settings, store, wxbot.OwnerFiles(settings), wxbot.Wakeup(),
                                  clock=lambda: 1_800_000_000.0)
@@ -9754,24 +9982,92 @@ class RedirectingPages(FakePages):
         super().route(handler)
 
 
-def test_a_page_cannot_redirect_learn_to_another_host_on_this_machine(tmp_path):
+@pytest.fixture
+def internet_on_loopback(monkeypatch):
+    """127.0.0.1 stands for the internet (the test's public pages are served there); every
+    other address is what it is (127.0.0.2: this machine). A name `rebinding.test` resolves
+    to 127.0.0.1 the first time and to 127.0.0.2 after, as a hostile DNS server answers."""
+    monkeypatch.setattr(wxbot, "private_address", lambda address: address != "127.0.0.1" and
+                        not ipaddress.ip_address(address).is_global)
+    resolve, asked = socket.getaddrinfo, []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "rebinding.test":
+            asked.append(host)
+            host = "127.0.0.1" if len(asked) == 1 else "127.0.0.2"
+        return resolve(host, port, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_a_page_cannot_redirect_learn_to_this_machine(tmp_path, internet_on_loopback):
     """A page's server may redirect to any public page, and within its own host; a redirect
-    to another host on this machine or a private network (a cloud's 169.254.169.254, a
-    local admin page) is refused, so what only the server can reach never reaches readers."""
-    inside = FakePages()
+    to this machine or a private network (a cloud's 169.254.169.254, a local admin page) is
+    refused, as is one that parsers read differently (127.0.0.2\\x) and one to the page's
+    own name that now resolves inside (DNS rebinding). What only the server can reach never
+    reaches readers."""
+    inside = FakePages("127.0.0.2")
     inside.pages = {"/secret": (200, "<p>内部密钥 abc123。</p>")}
     pages = RedirectingPages()
     pages.pages = {"/moved": (200, "<p>新地址的文章。</p>")}
-    pages.redirects = {"/old": "/moved",
-                       "/evil": inside.url.replace("127.0.0.1", "localhost") + "/secret"}
+    port, inside_port = pages.url.rsplit(":", 1)[1], inside.url.rsplit(":", 1)[1]
+    pages.redirects = {"/old": "/moved", "/evil": inside.url + "/secret",
+                       "/parsers": f"http://127.0.0.2:{inside_port}\\x/secret",
+                       "/rebinding": f"http://rebinding.test:{port}/rebound",
+                       "/rebound": f"http://rebinding.test:{port}/moved"}
     articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
     try:
         assert articles.learn(pages.url + "/old").url == pages.url + "/moved"
-        with pytest.raises(wxbot.LearnError, match="private network"):
-            articles.learn(pages.url + "/evil")
-        assert inside.agents == []
+        for path in ("/evil", "/parsers", "/rebinding"):
+            with pytest.raises(wxbot.LearnError, match="private network|read differently"):
+                articles.learn(pages.url + path)
+        assert inside.peers == []
         assert [source.url for source in articles.sources()] == [pages.url + "/moved"]
     finally:
         articles.close()
         pages.close()
         inside.close()
+
+
+def test_learn_url_reaches_this_machine_only_when_the_owner_allows_it(tmp_path):
+    """The URL the owner types is checked too (a name whose address is 169.254.169.254 or
+    127.0.0.1 is refused); WXBOT_LEARN_PRIVATE=1 lets an owner learn their own intranet."""
+    pages = FakePages()
+    pages.pages = {"/wiki": (200, "<p>内部文档。</p>")}
+    refusing = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    allowing = wxbot.Articles(str(tmp_path / "wxbot.db"), private=True)
+    try:
+        with pytest.raises(wxbot.LearnError, match="WXBOT_LEARN_PRIVATE=1"):
+            refusing.learn(pages.url.replace("127.0.0.1", "localhost") + "/wiki")
+        assert pages.peers == []
+        assert allowing.learn(pages.url + "/wiki").passages == 1
+    finally:
+        refusing.close()
+        allowing.close()
+        pages.close()
+
+
+class SlowHeaders(FakeServer):
+    """A server that sends its answer's headers a byte at a time, each well within any read
+    timeout."""
+
+    def route(self, handler):
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"z" * 1000:
+            try:
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.1)
+
+
+def test_a_page_whose_headers_never_end_is_given_up_at_the_deadline():
+    """One deadline for the whole fetch, redirects and headers included: headers sent a
+    byte at a time do not keep learn waiting past it."""
+    page = SlowHeaders()
+    try:
+        started = time.monotonic()
+        with pytest.raises(wxbot.LearnError, match="within 1 s"):
+            wxbot.fetch_page(page.url + "/", timeout=1.0, private=True)
+        assert time.monotonic() - started < 5
+    finally:
+        page.close()

@@ -71,11 +71,12 @@ import time
 import unicodedata
 import urllib.parse
 import xml.parsers.expat
-from typing import Callable, Container, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Container, Generator, Iterable, Iterator, Mapping, Sequence
 
 import bottle
 import openai
 import requests
+import urllib3
 
 __version__ = "0.1.0"
 
@@ -231,29 +232,63 @@ def _optional_url(value: str) -> str:
     return _url(value) if value.strip() else ""
 
 
-#: Query parameters that carry a credential (?api_key=..., Azure's ?code=...).
-CREDENTIAL_PARAM = re.compile(r"key|token|secret|sig|pass|auth|code|credential", re.I)
+#: Parameters that carry a credential (?api_key=..., Azure's ?code=..., ?sk=..., ;key=...).
+CREDENTIAL_PARAM = re.compile(r"key|token|secret|sig|pass|pwd|auth|code|credential|"
+                              r"(?:^|[_-])[as]k(?:$|[_-])", re.I)
+#: A parameter in a URL's path or query: ?name=value, &name=value, ;name=value.
+_URL_PARAM = re.compile(r"(?<=[?&;])([^=&;#/?]+)=([^&;#/?]*)")
+#: A path segment that is a key rather than a name: sk-..., or a long run of letters and
+#: digits mixed (/bot123456:AAH.../, /v1/keys/4f9a0c...).
+_KEY_SEGMENT = re.compile(r"(?:sk|ak|key|token)[-_:][\w:-]{6,}|"
+                          r"(?=[\w:-]*[0-9])(?=[\w:-]*[A-Za-z])[\w:-]{24,}", re.I | re.A)
+
+
+def _url_secrets(url: str) -> tuple[urllib.parse.SplitResult, str, list[tuple[int, int]]]:
+    """The URL's parts, its user:password@ (or ""), and where in its path and query (after
+    "scheme://host") its credentials are, as (start, end) of each."""
+    parts = urllib.parse.urlsplit(url)
+    rest = url[url.index(parts.netloc) + len(parts.netloc):] if parts.netloc else url
+    found = [match.span(2) for match in _URL_PARAM.finditer(rest)
+             if match.group(2) and CREDENTIAL_PARAM.search(match.group(1))]
+    found += [match.span() for match in re.finditer(r"[^/?#;]+", rest.split("?")[0])
+              if _KEY_SEGMENT.fullmatch(match.group())]
+    return parts, parts.netloc.rpartition("@")[0], sorted(found)
+
+
+def _replaced(rest: str, spans: list[tuple[int, int]], by: str) -> str:
+    for start, end in reversed(spans):
+        rest = rest[:start] + by + rest[end:]
+    return rest
 
 
 def url_credentials(url: str) -> list[str]:
-    """The credentials written into a URL: user:password@ and key-like query values."""
-    parts = urllib.parse.urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    found = userinfo.split(":", 1) if userinfo else []
-    found += [value for name, _, value in (pair.partition("=") for pair in parts.query.split("&"))
-              if CREDENTIAL_PARAM.search(name)]
+    """The credentials written into a URL: user:password@, key-like parameters' values and
+    key-like path segments."""
+    parts, userinfo, spans = _url_secrets(url)
+    rest = url[url.index(parts.netloc) + len(parts.netloc):] if parts.netloc else url
+    found = (userinfo.split(":", 1) if userinfo else []) + [rest[a:b] for a, b in spans]
     return [form for raw in found if raw for form in {raw, urllib.parse.unquote(raw)}]
 
 
 def masked_url(url: str) -> str:
     """The URL with its credentials replaced by ***, for the log and the console."""
-    parts = urllib.parse.urlsplit(url)
+    parts, userinfo, spans = _url_secrets(url)
+    if not parts.netloc:
+        return _replaced(url, spans, "***")
+    at = url.index(parts.netloc)
     host = parts.netloc.rpartition("@")[2]
-    query = "&".join(f"{name}=***" if sep and CREDENTIAL_PARAM.search(name) else pair
-                     for pair in parts.query.split("&") if pair
-                     for name, sep, _ in [pair.partition("=")])
-    return urllib.parse.urlunsplit(parts._replace(
-        netloc=host if host == parts.netloc else f"***@{host}", query=query))
+    return (url[:at] + (f"***@{host}" if userinfo else host)
+            + _replaced(url[at + len(parts.netloc):], spans, "***"))
+
+
+def shown_url(url: str) -> str:
+    """A learned page's URL as readers are shown it: without user:password@ and without the
+    parameters that carry a credential (the link a reader opens holds no one's token)."""
+    parts = urllib.parse.urlsplit(url)
+    query = "&".join(pair for pair in re.split("[&;]", parts.query) if pair and not
+                     CREDENTIAL_PARAM.search(pair.partition("=")[0]))
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2],
+                                                  query=query))
 
 
 def _url_path(value: str) -> str:
@@ -282,6 +317,15 @@ def _admin_password(value: str) -> str:
                          f"console); e.g. python3 -c 'import secrets; "
                          f"print(secrets.token_urlsafe(16))'")
     return value
+
+
+def _networks(value: str) -> tuple[str, ...]:
+    try:
+        return tuple(str(ipaddress.ip_network(part.strip(), strict=False))
+                     for part in value.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"must be IP addresses or networks, comma-separated (127.0.0.1, "
+                         f"10.0.0.0/8), got {value!r}") from None
 
 
 def _token(value: str) -> str:
@@ -462,6 +506,10 @@ SETTINGS: dict[str, Setting] = {
                                "1: once `learn --published` has run, learn each article the "
                                "account publishes as WeChat announces it, and check the whole "
                                "list once a day (new, changed, deleted); 0: off"),
+    "learn_private": Setting("WXBOT_LEARN_PRIVATE", "0", _flag,
+                             "1: `learn URL` may read pages on this machine and private networks "
+                             "(an intranet wiki); 0: such addresses are refused, whoever names "
+                             "them (a page's redirect, a name that points inside)"),
     "admin_password": Setting("WXBOT_ADMIN_PASSWORD", "", _admin_password,
                               "password of the owner's web console, at least 12 characters "
                               "(empty: no console; /metrics alone listens)", secret=True),
@@ -471,6 +519,10 @@ SETTINGS: dict[str, Setting] = {
                           "port the console listens on"),
     "backup_keep": Setting("WXBOT_BACKUP_KEEP", "7", _int_between(1, 10000),
                            "`backup FOLDER` keeps this many of its latest copies there"),
+    "trusted_proxies": Setting("WXBOT_TRUSTED_PROXIES", "", _networks,
+                               "addresses of the proxies (nginx) in front of the console, "
+                               "comma-separated (127.0.0.1, 10.0.0.0/8): only their X-Real-IP "
+                               "and X-Forwarded-Proto are believed; empty: no one's"),
     "handoff": Setting("WXBOT_HANDOFF", "console", _choice("console", "wechat"),
                        "who answers a reader handed to a person: console (the owner writes "
                        "from the console's conversation page); wechat (their messages go to "
@@ -535,10 +587,12 @@ class Settings:
     retry_base: float
     hold: float
     learn_published: bool
+    learn_private: bool
     admin_password: str
     admin_host: str
     admin_port: int
     backup_keep: int
+    trusted_proxies: tuple[str, ...]
     handoff: str
     handoff_hours: float
     handoff_words: tuple
@@ -1438,7 +1492,7 @@ class Store:
             yield joined
             return
         touched = self._local.touched = set()
-        with self._turn(), self._begin() as conn:
+        with self.write_turn(), self._begin() as conn:
             self._local.conn = conn
             try:
                 yield conn
@@ -1447,9 +1501,9 @@ class Store:
         self.wakeups.ring(touched)
 
     @contextlib.contextmanager
-    def _turn(self) -> Iterator[None]:
+    def write_turn(self) -> Iterator[None]:
         """A turn to write that is not a push's: after the write in progress and any waiting
-        push."""
+        push (the articles' writes take theirs here too)."""
         with self._turns:
             while self._writing or self._pending:
                 self._worker_turn.wait()
@@ -2206,7 +2260,7 @@ class Store:
         """
         before = now - keep_seconds
         turns_before = min(before, now - history_seconds)
-        with self._turn(), self.connection() as conn:
+        with self.write_turn(), self.connection() as conn:
             # Links into deleted history (a segment carried to a later message, a follow-up
             # merged into an earlier one) may point nowhere: nothing reads them any more.
             conn.execute("PRAGMA foreign_keys=OFF")
@@ -2252,7 +2306,7 @@ class Store:
         before the next try.
         """
         for _ in range(self.CHECKPOINT_TRIES):
-            with self._turn(), self.connection() as conn:
+            with self.write_turn(), self.connection() as conn:
                 conn.execute("PRAGMA busy_timeout=0")
                 try:
                     busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
@@ -2601,7 +2655,19 @@ def question_units(text: str) -> dict[str, Unit]:
 #: of 260 characters split an answer from what it answers as often as they held it.)
 PASSAGE_CHARS = 500
 PASSAGE_MAX = 1000
-_SENTENCE_END = re.compile(r"(?<=[。！？!?；;…])")
+_SENTENCE_END = re.compile(r"[。！？!?；;…]")
+
+
+def sentences(paragraph: str) -> Iterator[str]:
+    """A paragraph's sentences, each with its end mark, found one at a time: a split of a
+    5 MB paragraph at once would hold the interpreter (and the webhook) for a quarter second."""
+    at = 0
+    for end in _SENTENCE_END.finditer(paragraph):
+        yield paragraph[at:end.end()]
+        at = end.end()
+    yield paragraph[at:]
+
+
 #: A line that heads what follows it, and its level: a Markdown heading (## 价格), 「三、价格」,
 #: 「（二）报名」, 「1. 费用」, a bold line (**价格**), 【价格】, and a question of a Q&A
 #: (Q：… / 问：…), which heads its answer. Short, and not a sentence of its own.
@@ -2654,14 +2720,16 @@ def passages_of(text: str) -> list[str]:
             pieces.append((over, paragraph))
             continue
         sentence = ""
-        for part in _SENTENCE_END.split(paragraph):
+        for part in sentences(paragraph):
             if sentence and len(sentence) + len(part) > PASSAGE_CHARS:
                 pieces.append((over, sentence))
                 sentence = ""
             sentence += part
-            while len(sentence) > PASSAGE_MAX:  # a run with no sentence end at all
-                pieces.append((over, sentence[:PASSAGE_MAX]))
-                sentence = sentence[PASSAGE_MAX:]
+            if len(sentence) > PASSAGE_MAX:  # a run with no sentence end at all
+                cut = (len(sentence) - 1) // PASSAGE_MAX * PASSAGE_MAX
+                pieces.extend((over, sentence[at:at + PASSAGE_MAX])
+                              for at in range(0, cut, PASSAGE_MAX))
+                sentence = sentence[cut:]
         if sentence:
             pieces.append((over, sentence))
     passages: list[str] = []
@@ -2768,84 +2836,145 @@ PAGE_BYTES = 5 * 1024 * 1024
 PAGE_REDIRECTS = 5
 
 
-def private_host(host: str) -> bool:
-    """Whether a host is this machine or on a private network (loopback, 10/8, 192.168/16,
-    169.254/16 where clouds answer with their credentials...)."""
-    try:
-        found = socket.getaddrinfo(host, None)
-    except (OSError, UnicodeError):
-        return False  # not found: fetching it fails on its own
-    return any(not ipaddress.ip_address(info[4][0].split("%")[0]).is_global for info in found)
+def private_address(address: str) -> bool:
+    """Whether an IP address is this machine's or a private network's (loopback, 10/8,
+    192.168/16, 169.254/16, fc00::/7, an IPv4 address mapped in IPv6...)."""
+    return not ipaddress.ip_address(address).is_global
 
 
-def _followed(url: str, timeout: float) -> requests.Response:
-    """The answer at url, its redirects followed; a redirect to another host on this machine
-    or a private network is refused: a page's server must not make wxbot read what only wxbot
-    can reach (and give it to readers). A URL the owner names is theirs to choose."""
-    named = urllib.parse.urlsplit(url).hostname
-    for _ in range(PAGE_REDIRECTS + 1):
-        response = requests.get(url, timeout=timeout, stream=True, allow_redirects=False,
-                                headers={"User-Agent": USER_AGENT,
-                                         "Accept": "text/html,application/xhtml+xml",
-                                         "Accept-Language": "zh-CN,zh;q=0.9"})
-        if not response.is_redirect:
-            return response
-        response.close()
-        target = urllib.parse.urlsplit(urllib.parse.urljoin(url, response.headers["Location"]))
-        if target.scheme not in ("http", "https") or target.password is not None:
-            raise LearnError("it redirects to a link that is not an http(s) page")
-        if target.hostname != named and private_host(target.hostname or ""):
-            raise LearnError(f"it redirects to {target.hostname}, on this machine or a private "
-                             f"network: not followed")
-        url = target.geturl()
-    raise LearnError(f"more than {PAGE_REDIRECTS} redirects")
+class _Late(Exception):
+    """The fetch's deadline passed."""
 
 
-def fetch_page(url: str, timeout: float = 20.0) -> Page:
-    """GET a page as a browser would (one at a time: `learn` fetches in turn), all of it
-    within `timeout`; LearnError says why it could not be had."""
-    if urllib.parse.urlsplit(url).password is not None:
+def _address(url: str, private: bool) -> tuple[urllib.parse.SplitResult, str]:
+    """The URL's parts and the address to connect to: its host resolved once, every address
+    checked. LearnError for what is not an http(s) page readers can open, what two parsers
+    read as different hosts (one checked, the other connected to), a name that does not
+    resolve, and, unless `private`, any address on this machine or a private network (a
+    cloud's 169.254.169.254 answers with its credentials)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise LearnError("it leads to a link that is not an http(s) page")
+    if parts.password is not None:
         # It would be logged, listed and linked in the 来源 line that readers see.
         raise LearnError("the URL holds a password (user:password@): learn a page readers "
                          "can open without one")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        other = (urllib3.util.parse_url(url).host or "").strip("[]").lower()
+    except (ValueError, urllib3.exceptions.LocationParseError):
+        other, port = None, 0
+    if other != parts.hostname or not _HOST.fullmatch(parts.hostname):
+        raise LearnError(f"its address ({parts.netloc[:80]!r}) is read differently by "
+                         f"different programs: not fetched")
+    try:
+        found = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise LearnError(f"{parts.hostname} is not found (DNS)") from None
+    addresses = [info[4][0].split("%")[0] for info in found]
+    if not private and any(map(private_address, addresses)):
+        raise LearnError(f"{parts.hostname} is on this machine or a private network: not "
+                         f"fetched (WXBOT_LEARN_PRIVATE=1 allows it)")
+    return parts, addresses[0]
+
+
+#: A host name or address as every parser reads it alike.
+_HOST = re.compile(r"[a-z0-9._-]+|[0-9a-f:.]+")
+
+
+def _get(parts: urllib.parse.SplitResult, address: str, deadline: float, close_at: list
+         ) -> urllib3.BaseHTTPResponse:
+    """GET the page at the address that was checked (with its name for the Host header and
+    the certificate); `close_at` gets the connection, which is shut at the deadline."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _Late()
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if parts.scheme == "https":
+        conn = urllib3.connection.HTTPSConnection(
+            address, port, timeout=remaining, server_hostname=parts.hostname,
+            assert_hostname=parts.hostname, cert_reqs="CERT_REQUIRED",
+            ca_certs=requests.certs.where())
+    else:
+        conn = urllib3.connection.HTTPConnection(address, port, timeout=remaining)
+    close_at.append(conn)
+    target = requests.utils.requote_uri(
+        (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+    conn.request("GET", target, preload_content=False, decode_content=True, headers={
+        "Host": parts.netloc.rpartition("@")[2], "User-Agent": USER_AGENT,
+        "Accept": "text/html,application/xhtml+xml", "Accept-Language": "zh-CN,zh;q=0.9",
+        "Accept-Encoding": "gzip, deflate", "Connection": "close"})
+    return conn.getresponse()
+
+
+def _shut(conn: urllib3.connection.HTTPConnection) -> None:
+    """End a connection another thread waits on (closing it would not wake that thread)."""
+    with contextlib.suppress(OSError, AttributeError):
+        conn.sock.shutdown(socket.SHUT_RDWR)
+
+
+def fetch_page(url: str, timeout: float = 20.0, private: bool = False) -> Page:
+    """GET a page as a browser would (one at a time: `learn` fetches in turn), all of it,
+    redirects and headers included, within `timeout`. Each hop's host is resolved once and
+    checked (_address), and that address is the one connected to: a name that resolves
+    elsewhere the second time reaches nothing. A redirect is followed as a browser would
+    (PAGE_REDIRECTS); LearnError says why the page could not be had."""
     deadline = time.monotonic() + timeout
+    connections: list = []
+    # A header a byte at a time, each within the read timeout, would never end: at the
+    # deadline the connection is shut, whatever it waits for.
+    watchdog = threading.Timer(timeout, lambda: [_shut(conn) for conn in connections])
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        with _followed(url, timeout) as response:
-            if response.status_code != 200:
-                raise LearnError(f"the server answered HTTP {response.status_code}")
-            kind = response.headers.get("Content-Type", "text/html")
-            if "html" not in kind and "text" not in kind:
-                raise LearnError(f"not a web page ({kind.split(';')[0]})")
-            # A byte at a time, each within the read timeout, would never end: the page is
-            # read as it comes, under one deadline.
-            chunks, size = [], 0
-            while size <= PAGE_BYTES:
-                if time.monotonic() > deadline:
-                    raise requests.Timeout()
-                chunk = response.raw.read1(PAGE_BYTES + 1 - size, decode_content=True)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            body = b"".join(chunks)
-            if len(body) > PAGE_BYTES:
-                raise LearnError(f"the page is larger than {PAGE_BYTES // 1024 // 1024} MB")
-            final = response.url
-            declared = response.encoding if "charset" in kind.lower() else None
-    except requests.exceptions.SSLError:
+        for _ in range(PAGE_REDIRECTS + 1):
+            parts, address = _address(url, private)
+            response = _get(parts, address, deadline, connections)
+            location = response.headers.get("Location")
+            if response.status not in (301, 302, 303, 307, 308) or location is None:
+                break
+            response.release_conn()
+            url = urllib.parse.urljoin(url, location)
+        else:
+            raise LearnError(f"more than {PAGE_REDIRECTS} redirects")
+        if response.status != 200:
+            raise LearnError(f"the server answered HTTP {response.status}")
+        kind = response.headers.get("Content-Type", "text/html")
+        if "html" not in kind and "text" not in kind:
+            raise LearnError(f"not a web page ({kind.split(';')[0]})")
+        # Read as it comes, decompressed a bounded step at a time: a small gzip may unpack
+        # to gigabytes.
+        chunks, size = [], 0
+        while size <= PAGE_BYTES:
+            if time.monotonic() > deadline:
+                raise _Late()
+            chunk = response.read1(PAGE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        body = b"".join(chunks)
+        if len(body) > PAGE_BYTES:
+            raise LearnError(f"the page is larger than {PAGE_BYTES // 1024 // 1024} MB")
+    except (ssl.SSLError, urllib3.exceptions.SSLError, ssl.CertificateError):
         raise LearnError("its HTTPS certificate is not valid") from None
-    except requests.Timeout:
-        raise LearnError(f"the page did not arrive within {timeout:.0f} s") from None
-    except requests.ConnectionError:
+    except (_Late, OSError, http.client.HTTPException, urllib3.exceptions.HTTPError):
+        if time.monotonic() >= deadline - 0.05:
+            raise LearnError(f"the page did not arrive within {timeout:.0f} s") from None
         raise LearnError("cannot connect to its server") from None
-    except requests.RequestException as error:
-        raise LearnError(f"cannot fetch it ({type(error).__name__})") from None
-    found = re.search(rb"<meta[^>]{0,200}?charset=[\"']?([\w-]{1,20})", body[:4096], re.I)
-    charset = declared or (found.group(1).decode("ascii") if found else "utf-8")
+    finally:
+        watchdog.cancel()
+        for conn in connections:
+            conn.close()
+    declared = re.search(r"charset=[\"']?([\w-]{1,20})", kind, re.I)
+    found = declared or re.search(rb"<meta[^>]{0,200}?charset=[\"']?([\w-]{1,20})",
+                                  body[:4096], re.I)
+    charset = found.group(1) if found else "utf-8"
+    charset = charset if isinstance(charset, str) else charset.decode("ascii")
     try:
-        return Page(final, body.decode(charset, errors="replace"))
+        return Page(url, body.decode(charset, errors="replace"))
     except LookupError:
-        return Page(final, body.decode("utf-8", errors="replace"))
+        return Page(url, body.decode("utf-8", errors="replace"))
 
 
 #: Elements whose content is no text of the article.
@@ -2859,17 +2988,26 @@ _VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "me
          "source", "track", "wbr"}
 #: Where an article's text is, most telling first: a 公众号 article's body, then any page's.
 _TEXT_REGIONS = ("js_content", "article", "main", "body")
+#: Tags read of a page (start and end): an article has a few thousand; a hostile page of a
+#: million would hold the interpreter for seconds, so the rest of it is not read.
+PAGE_TAGS = 150_000
 
 
-#: A run of white space (pages' text, blocked words).
+class _EnoughRead(Exception):
+    """PAGE_TAGS were read: the page's text is what came before."""
+
+
+#: A run of white space (pages' text, blocked words), and a run of anything else.
 _SPACES = re.compile(r"\s+")
-#: A comment: lazy up to its first end, which exists (page_text cuts one left open).
-_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_WORD = re.compile(r"\S+")
 #: A "<" that no ">" closes before the next "<": no markup, only text. The standard
 #: library's parser looks for the end of each such "<" through the rest of the page (a page
 #: of "</</</..." takes quadratic time); as text, it is passed over once. Linear: each
-#: look stops at the next "<" or ">".
+#: look stops at the next "<" or ">". It is read as _LT and handed back as "<" (an "&lt;"
+#: each would cost the parser a call per entity).
 _STRAY_LT = re.compile(r"<(?=[^<>]*(?:<|\Z))")
+#: What a stray "<" is while the page is read (a NUL in a page is U+FFFD, as in a browser).
+_LT = "\x00"
 
 
 class _PageReader(html.parser.HTMLParser):
@@ -2889,8 +3027,15 @@ class _PageReader(html.parser.HTMLParser):
         self._hidden = 0
         self._in_title = self._in_h1 = self._in_time = False
         self.shown_time = ""
+        self._tags = 0
+
+    def _count_tag(self) -> None:
+        self._tags += 1
+        if self._tags > PAGE_TAGS:
+            raise _EnoughRead()
 
     def handle_starttag(self, tag, attrs):
+        self._count_tag()
         attrs = dict(attrs)
         if tag == "meta":
             name = (attrs.get("property") or attrs.get("name") or "").lower()
@@ -2920,6 +3065,7 @@ class _PageReader(html.parser.HTMLParser):
             self._text("\n")
 
     def handle_endtag(self, tag):
+        self._count_tag()
         if tag in _VOID or not self._open_tags[tag]:
             return  # a stray end tag
         while self._open:
@@ -2938,9 +3084,10 @@ class _PageReader(html.parser.HTMLParser):
             self._text("\n")
 
     def handle_data(self, data):
-        if self._in_title:
+        data = data.replace(_LT, "<")
+        if self._in_title and len(self.title) < TITLE_CHARS:
             self.title += data
-        if self._in_h1:
+        if self._in_h1 and len(self.h1_title) < TITLE_CHARS:
             self.h1_title += data
         if self._in_time and len(self.shown_time) < 40:  # <em id="publish_time">2025-04-25
             self.shown_time += data
@@ -2955,6 +3102,43 @@ class _PageReader(html.parser.HTMLParser):
             self.regions[region].append(data)
 
 
+#: Characters of a page handled at a time. C code holds the interpreter while it runs (a
+#: pattern over 5 MB for a tenth of a second): in steps, the webhook's threads run between.
+PAGE_STEP = 32 * 1024
+
+
+def page_steps(page: str) -> Iterator[str]:
+    """The page in pieces of PAGE_STEP characters or more, each cut just before a "<": a
+    piece's end is then where _STRAY_LT would find the next "<"."""
+    at = 0
+    while at < len(page):
+        cut = page.find("<", at + PAGE_STEP)
+        cut = len(page) if cut < 0 else cut
+        yield page[at:cut]
+        at = cut
+
+
+def without_comments(page: str) -> str:
+    """The page without its comments; one left open hides the rest, as in a browser. Each
+    comment's end is looked for once, from its start: a pattern would look for it from every
+    "<!--" of a page of unclosed ones, to the end each time (quadratic)."""
+    kept, at = [], 0
+    while (opened := page.find("<!--", at)) >= 0:
+        kept.append(page[at:opened])
+        closed = page.find("-->", opened + 4)
+        if closed < 0:
+            return "".join(kept)
+        at = closed + 3
+    kept.append(page[at:])
+    return "".join(kept)
+
+
+#: What WeChat's verification page says instead of the article.
+_VERIFICATION = re.compile("环境异常|完成验证|去验证|访问过于频繁")
+#: Where a 公众号 article's page says when it was published (in a script, so in one step).
+_CREATED = re.compile(r"""\bvar\s+ct\s*=\s*["']?(\d{9,11})""")
+
+
 def page_text(page: str, url: str, card: dict | None = None) -> tuple[str, str, str]:
     """A page's title, text and date (YYYY-MM-DD or ""): a 公众号 article's title from og:title
     or h1#activity-name and text from #js_content; any other page's <title> and the text of
@@ -2962,30 +3146,31 @@ def page_text(page: str, url: str, card: dict | None = None) -> tuple[str, str, 
     images and the editor's wrapper markup are dropped, entities decoded. LearnError for a
     WeChat verification page. `card`, when given, gets the page's og:description and
     og:image (its address made whole) as learn_text's summary and cover."""
-    opened = page.rfind("<!--")
-    if opened >= 0 and page.find("-->", opened + 4) < 0:
-        page = page[:opened]  # a comment left open hides the rest, as in a browser
     reader = _PageReader()
-    reader.feed(_STRAY_LT.sub("&lt;", _COMMENT.sub("", page)))
-    reader.close()
+    try:
+        for piece in page_steps(without_comments(page)):
+            reader.feed(_STRAY_LT.sub(_LT, piece.replace(_LT, "\ufffd")))
+        reader.close()
+    except _EnoughRead:
+        pass
     text = ""
     for region in _TEXT_REGIONS:
-        lines = (" ".join(line.split()) for line in "".join(reader.regions[region]).splitlines())
+        # Word by word: a split of a 5 MB line at once would hold the interpreter.
+        lines = (" ".join(word.group() for word in _WORD.finditer(line))
+                 for line in "".join(reader.regions[region]).splitlines())
         text = "\n".join(line for line in lines if line)
         if text:
             break
     wechat = "mp.weixin.qq.com" in urllib.parse.urlsplit(url).netloc
-    if wechat and not reader.regions["js_content"] and re.search(
-            "环境异常|完成验证|去验证|访问过于频繁", text):
+    if wechat and not reader.regions["js_content"] and _VERIFICATION.search(text[:PAGE_STEP]):
         raise LearnError("WeChat answered with a verification page (环境异常) instead of the "
                          "article: wait a while and learn it again, or save the page from a "
                          "browser and learn the .html file")
     title = " ".join((reader.og_title or reader.h1_title or reader.title).split())
     date = reader.published if re.fullmatch(r"\d{4}-\d\d-\d\d", reader.published) else ""
-    created = re.search(r"""\bvar\s+ct\s*=\s*["']?(\d{9,11})""", page) \
-        if wechat or reader.regions["js_content"] else None  # a 公众号 article's publish time
-    if created and not date:
-        date = china_date(float(created.group(1)))
+    if (wechat or reader.regions["js_content"]) and not date:  # a 公众号 article's publish time
+        created = next(filter(None, map(_CREATED.search, page_steps(page))), None)
+        date = china_date(float(created.group(1))) if created else ""
     if card is not None:
         card.update(summary=reader.meta.get("description", ""), cover=urllib.parse.urljoin(
             url, reader.meta["image"].strip()) if reader.meta.get("image") else "")
@@ -3055,9 +3240,23 @@ class Articles:
     #: hand: those showing most of it strongly, the newer article's first.
     CANDIDATES = 120
 
-    def __init__(self, db_path: str, busy_timeout: float = 15.0):
+    #: How long one write of learn_text or forget holds the database: a push waiting for it
+    #: is acknowledged a little later, never after WeChat's 5 s. A large article is written in
+    #: as many transactions as it takes, PAUSE apart: a writer in another process that found
+    #: the database held tries again every 25 to 50 ms (SQLite's busy handler), so it finds
+    #: it free within one pause.
+    HOLD = 0.02
+    PAUSE = 0.05
+
+    def __init__(self, db_path: str, busy_timeout: float = 15.0,
+                 turn: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 private: bool = False):
+        """`turn`: the Store's write_turn() in the server, so that pushes write first;
+        `private`: pages on this machine and private networks may be learned
+        (WXBOT_LEARN_PRIVATE)."""
         create_private(db_path)
-        self.path, self.busy_timeout = db_path, busy_timeout
+        self.path, self.busy_timeout, self._turn = db_path, busy_timeout, turn
+        self.private = private
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -3111,6 +3310,8 @@ class Articles:
             # A connection per worker thread: a small page cache each, as the Store's (the
             # index's pages stay in the operating system's cache).
             conn.execute("PRAGMA cache_size=-512")
+            # The articles' writes leave the WAL to _in_steps' checkpoints and the Store's.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             with self._lock:
                 self._opened.append(conn)
         try:
@@ -3120,7 +3321,7 @@ class Articles:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._reading() as conn:
+        with self._turn(), self._reading() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -3182,21 +3383,43 @@ class Articles:
         conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('changed', ?)",
                      (str(time.time_ns()),))
 
+    def _in_steps(self, work: Generator[None, sqlite3.Connection, None]) -> None:
+        """Run a write given the connection at each of its steps (`conn = yield`), as many
+        steps in one transaction as HOLD allows: a small article is learned at once, a large
+        one in turns, with a PAUSE between them in which a push in another process writes
+        (`learn` run from the console while the server runs)."""
+        next(work)
+        done = False
+        while not done:
+            with self._write() as conn:
+                began = time.monotonic()
+                try:
+                    while time.monotonic() - began < self.HOLD:
+                        work.send(conn)
+                except StopIteration:
+                    done = True
+            # The WAL goes into the database file here, beside the writers, not in a commit of
+            # ours while the database is held (fsync and all: half a second on a busy disk).
+            with self._reading() as conn:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            if not done:
+                time.sleep(self.PAUSE)
+
     @staticmethod
-    def _unindex(conn: sqlite3.Connection, source_id: int) -> None:
-        """Remove a source's passages and their terms (spelled as they were added)."""
-        title = conn.execute("SELECT title FROM article_sources WHERE id = ?",
-                             (source_id,)).fetchone()
-        if title is None:
-            return
-        title_terms = " ".join(article_terms(title[0]))
+    def _unindexing(conn: sqlite3.Connection, source_id: int, title: str
+                    ) -> Generator[None, sqlite3.Connection, sqlite3.Connection]:
+        """Remove a source's passages and their terms (spelled as they were added), a step
+        each; returns the connection of the last step."""
+        title_terms = " ".join(article_terms(title))
         for passage_id, text in conn.execute(
                 "SELECT id, text FROM article_passages WHERE source_id = ?",
                 (source_id,)).fetchall():
             conn.execute("INSERT INTO article_terms (article_terms, rowid, title, body)"
                          " VALUES ('delete', ?, ?, ?)",
                          (passage_id, title_terms, " ".join(article_terms(text))))
-        conn.execute("DELETE FROM article_passages WHERE source_id = ?", (source_id,))
+            conn.execute("DELETE FROM article_passages WHERE id = ?", (passage_id,))
+            conn = yield
+        return conn
 
     def learn_text(self, kind: str, origin: str, title: str, text: str, url: str = "",
                    date: str = "", now: float | None = None, summary: str = "",
@@ -3204,7 +3427,8 @@ class Articles:
         """Learn a text as passages, replacing what was learned before from the same origin;
         `summary` and `cover` are what its card shows (Articles.card). The same text from the
         same origin is left as it is: no write, no write lock (a rerun of `learn` over a
-        thousand files rewrote them all, and grew the file)."""
+        thousand files rewrote them all, and grew the file). Until it is all written, the
+        source has no digest (a sync learns it again)."""
         # WeChat's own titles are at most 64 characters: a page's <title> is not bounded.
         title = (" ".join(title.split()) or os.path.basename(origin) or origin)[:TITLE_CHARS]
         if kind not in SOURCE_KINDS:
@@ -3224,41 +3448,53 @@ class Articles:
                                (origin, kind, digest, summary, cover)).fetchone()
         if row:
             return Source(*row, unchanged=True)
-        with self._write() as conn:
-            row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
+        # The words are found before the database is held.
+        title_terms = " ".join(article_terms(title))
+        passages = [(piece, " ".join(article_terms(piece))) for piece in pieces]
+        learned: list[int] = []
+
+        def learning() -> Generator[None, sqlite3.Connection, None]:
+            conn = yield
+            row = conn.execute("SELECT id, title FROM article_sources WHERE origin = ?",
                                (origin,)).fetchone()
             if row:
-                self._unindex(conn, row[0])
-                conn.execute("UPDATE article_sources SET kind = ?, title = ?, url = ?,"
-                             " date = ?, passages = ?, digest = ?, learned_at = ?, summary = ?,"
-                             " cover = ? WHERE id = ?", (kind, title, url, date, len(pieces),
-                                                        digest, now, summary, cover, row[0]))
                 source_id = row[0]
+                conn.execute("UPDATE article_sources SET kind = ?, title = ?, url = ?,"
+                             " date = ?, digest = '', learned_at = ?, summary = ?, cover = ?"
+                             " WHERE id = ?", (kind, title, url, date, now, summary, cover,
+                                               source_id))
+                conn = yield from self._unindexing(conn, source_id, row[1])
             else:
                 source_id = conn.execute(
                     "INSERT INTO article_sources (kind, origin, title, url, date, passages,"
-                    " digest, learned_at, summary, cover) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (kind, origin, title, url, date, len(pieces), digest, now, summary,
-                     cover)).lastrowid
-            title_terms = " ".join(article_terms(title))
-            for piece in pieces:
+                    " digest, learned_at, summary, cover) VALUES (?, ?, ?, ?, ?, 0, '', ?, ?, ?)",
+                    (kind, origin, title, url, date, now, summary, cover)).lastrowid
+            learned.append(source_id)
+            for piece, terms in passages:
                 passage_id = conn.execute("INSERT INTO article_passages (source_id, text)"
                                           " VALUES (?, ?)", (source_id, piece)).lastrowid
                 conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
-                             (passage_id, title_terms, " ".join(article_terms(piece))))
+                             (passage_id, title_terms, terms))
+                conn = yield
+            conn.execute("UPDATE article_sources SET passages = ?, digest = ? WHERE id = ?",
+                         (len(pieces), digest, source_id))
             self._count(conn)
-        return Source(source_id, kind, origin, title, url, date, len(pieces), now)
 
-    def forget(self, origin_or_id: str) -> bool:
-        """Forget a source by its origin (URL, path, article_id) or its id; False if unknown."""
+        self._in_steps(learning())
+        return Source(learned[0], kind, origin, title, url, date, len(pieces), now)
+
+    def forget(self, origin_or_id: str, published: bool = False) -> bool:
+        """Forget a source by its origin (URL, path, article_id) or its id; False if unknown.
+        `published`: only the published post of that article_id (WeChat names a post; a
+        number it sends is no row id, nor a file's name)."""
         origin_or_id = str(origin_or_id)
-        with self._write() as conn:
-            row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
-                               (origin_or_id,)).fetchone()
-            if row is None and origin_or_id.isdigit():
+        with self._reading() as conn:
+            row = conn.execute("SELECT id FROM article_sources WHERE origin = ? AND (kind ="
+                               " 'published' OR NOT ?)", (origin_or_id, published)).fetchone()
+            if row is None and not published and origin_or_id.isdigit():
                 row = conn.execute("SELECT id FROM article_sources WHERE id = ?",
                                    (int(origin_or_id),)).fetchone()
-            if row is None and os.path.exists(origin_or_id):
+            if row is None and not published and os.path.exists(origin_or_id):
                 row = conn.execute("SELECT id FROM article_sources WHERE origin = ?",
                                    (os.path.abspath(origin_or_id),)).fetchone()
             if row is None:
@@ -3267,11 +3503,20 @@ class Articles:
             ids = [row[0]] + [other for (other,) in conn.execute(
                 "SELECT id FROM article_sources WHERE kind = 'published' AND origin > ?"
                 " AND origin < ?", (origin_or_id + "/", origin_or_id + "0"))]
-            for source_id in ids:
-                self._unindex(conn, source_id)
-                conn.execute("DELETE FROM article_sources WHERE id = ?", (source_id,))
-            self._count(conn)
+        self._in_steps(self._forgetting(ids))
         return True
+
+    def _forgetting(self, ids: list[int]) -> Generator[None, sqlite3.Connection, None]:
+        conn = yield
+        for source_id in ids:
+            row = conn.execute("SELECT title FROM article_sources WHERE id = ?",
+                               (source_id,)).fetchone()
+            if row is None:
+                continue  # forgotten meanwhile
+            conn.execute("UPDATE article_sources SET digest = '' WHERE id = ?", (source_id,))
+            conn = yield from self._unindexing(conn, source_id, row[0])
+            conn.execute("DELETE FROM article_sources WHERE id = ?", (source_id,))
+        self._count(conn)
 
     def digests(self, kind: str) -> dict[str, str]:
         """Each learned source of a kind, by origin: what it was learned from, as
@@ -3322,7 +3567,7 @@ class Articles:
                    ) -> Iterator[tuple[str, Source | LearnError]]:
         """Learn each source in turn (a folder's files one by one): (its name, the Source
         learned, or the LearnError that says why not). One bad source stops no other."""
-        fetch = fetch or fetch_page
+        fetch = fetch or functools.partial(fetch_page, private=self.private)
         for source in sources:
             if re.match(r"https?://", source, re.I):
                 yield source, self._catch(lambda: self._learn_url(source, fetch, now))
@@ -3348,7 +3593,8 @@ class Articles:
         title, text, date = page_text(page.html, page.url, card)
         if not text.strip():
             raise LearnError("the page has no text")
-        return self.learn_text("url", url, title or page.url, text, url=page.url,
+        shown = shown_url(page.url)
+        return self.learn_text("url", url, title or shown, text, url=shown,
                                date=date or text_date(text), now=now, **card)
 
     def _learn_file(self, path: str, now: float | None) -> Source:
@@ -5236,8 +5482,15 @@ class Markdown:
         Paired(r"~~(?=\S)", r"(?<=\S)~~"),                                     # strike-through
     ]
 
+    #: A line of the model's that begins as wxbot's 来源 line does (SOURCES_HEAD). Its links
+    #: are shown as their text alone and its addresses dropped: only wxbot's own 来源 line
+    #: links to articles, and a page learned may ask the model to write one to its own site.
+    SOURCES_LIKE = re.compile(r"[\s>#*_~`|+-]*(?:\[\s*)?来\s*源")
+    ADDRESS = re.compile(r"(?:https?://|www\.)[^\s<>\"'，。；）)\]]*", re.I)
+
     def __init__(self):
         self.in_code = False
+        self.sources_like = False  # the line in hand begins as a 来源 line
 
     def line(self, raw: str, line_start: bool = True) -> str | None:
         """One line as plain text; None for a line that goes (a code fence, a table rule).
@@ -5251,8 +5504,13 @@ class Markdown:
             return raw
         if line_start and "|" in raw and self.TABLE_RULE.match(raw):
             return None
+        if line_start:
+            self.sources_like = bool(self.SOURCES_LIKE.match(raw))
         tags: set[int] = set()  # where in `kept` our own link tags are
-        if self.PLACEHOLDER.search(raw):  # nowhere to park inline code nor links: as it is
+        if self.sources_like:
+            kept, line = [], self.ADDRESS.sub("", _substitute(raw, bracket_links(raw),
+                                                              lambda text, url: text))
+        elif self.PLACEHOLDER.search(raw):  # nowhere to park inline code nor links: as it is
             kept, line = [], _substitute(raw, bracket_links(raw), "{} ({})".format)
         else:
             spans = list(code_spans(raw))
@@ -8210,6 +8468,7 @@ class QuietHandler:
             return
         if environ is None:  # closed without a request
             return
+        self.server.heard(self.connection, self.client_address[0])
         status, headers, body = self.run_app(environ)
         if log_web.isEnabledFor(logging.DEBUG):
             log_web.debug("%s %s %s %s", self.client_address[0], environ["REQUEST_METHOD"],
@@ -8288,9 +8547,18 @@ class QuietHandler:
                                 f"Connection: close\r\n\r\n".encode("latin-1") + body)
 
 
-#: Where a reverse proxy on this machine connects from: every request through nginx comes
-#: from here, so these are never capped per address.
-PROXY_ADDRESSES = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+def address_group(address: str) -> str:
+    """Whose an address is, for a limit per client: an IPv6 address counts as its /64, since
+    one subscriber holds all of its 2^64 addresses."""
+    try:
+        found = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if found.version == 4:
+        return str(found)
+    if found.ipv4_mapped:
+        return str(found.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{found}/64", strict=False))
 
 
 class ThreadingServer(socketserver.TCPServer):
@@ -8299,10 +8567,13 @@ class ThreadingServer(socketserver.TCPServer):
 
     At most `max_connections` at once: each holds a thread (and its stack) for up to the
     request's deadline, so idle connections by the thousand would exhaust the process's
-    threads. Of those, one address may hold `max_per_address`, so that one client opening
-    idle connections in a loop cannot take the slots WeChat's pushes need; a reverse proxy
-    on this machine (PROXY_ADDRESSES) is not capped, and caps its clients itself (README).
-    One over a cap is closed at once, and the log says so once a minute at most.
+    threads. When all are taken, a new connection from a client (an address, an IPv6 /64)
+    that holds fewer than another takes the place of one of that other's that has not sent
+    its request yet (idle, or a byte at a time): however many addresses an attacker fills
+    the slots from, each push of WeChat's (from addresses holding one or two) gets one. A
+    connection of a client that holds the most is closed at once, and the log says so once a
+    minute at most. A reverse proxy on this machine is a client like any other: its requests
+    arrive whole at once, so they are never the ones waiting for theirs.
     """
 
     allow_reuse_address = True
@@ -8310,7 +8581,6 @@ class ThreadingServer(socketserver.TCPServer):
     # clients retry a second later, past WeChat's 5 s budget (BENCHMARKS.md).
     request_queue_size = 1024
     max_connections = 512
-    max_per_address = 128
 
     def __init__(self, address: tuple[str, int], app, handler=QuietHandler):
         self.app = app
@@ -8318,29 +8588,30 @@ class ThreadingServer(socketserver.TCPServer):
 
     def server_activate(self):
         super().server_activate()
-        self.slots = threading.BoundedSemaphore(self.max_connections)
+        self.open = 0
         self.refusals = LogThrottle()
-        self.per_address: collections.Counter[str] = collections.Counter()
+        self.held: collections.Counter[str] = collections.Counter()  # connections per client
+        # Each client's connections that have not sent their request yet, oldest first.
+        self.waiting: dict[str, dict[socket.socket, None]] = collections.defaultdict(dict)
         self.spare = 0  # threads waiting for a connection
         self.handed: queue.SimpleQueue = queue.SimpleQueue()  # connections for them
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
 
     def process_request(self, request, client_address):
-        address = client_address[0]
-        if not self.slots.acquire(blocking=False):
-            self.refuse(request, f"{self.max_connections} connections are open already")
-            return
+        group = address_group(client_address[0])
         with self.lock:
-            if address not in PROXY_ADDRESSES:
-                if self.per_address[address] >= self.max_per_address:
-                    self.slots.release()
-                    self.refuse(request, f"{address} holds {self.max_per_address} "
-                                         "connections already")
-                    return
-                self.per_address[address] += 1
-            spare = self.spare > 0
-            self.spare -= spare
+            full = self.open >= self.max_connections and not self._make_room(group)
+            if not full:
+                self.open += 1
+                self.held[group] += 1
+                self.waiting[group][request] = None
+                spare = self.spare > 0
+                self.spare -= spare
+        if full:
+            self.refuse(request, f"{self.max_connections} connections are open already, "
+                                 f"{self.held[group]} of them from {group}")
+            return
         if spare:
             self.handed.put((request, client_address))
             return
@@ -8349,10 +8620,28 @@ class ThreadingServer(socketserver.TCPServer):
                                       args=(request, client_address), daemon=True)
             thread.start()
         except RuntimeError as error:  # can't start new thread: the system's task limit
-            self.release(address)
+            self.release(request, client_address[0])
             self.refuse(request, str(error))
             return
         self.threads.append(thread)
+
+    def _make_room(self, group: str) -> bool:
+        """Close the oldest connection still waiting for its request of the client that
+        holds the most, if it holds more than `group` would with one more."""
+        most = max((other for other, waiting in self.waiting.items() if waiting),
+                   key=self.held.__getitem__, default=None)
+        if most is None or self.held[most] <= self.held[group] + 1:
+            return False
+        victim = next(iter(self.waiting[most]))
+        del self.waiting[most][victim]
+        with contextlib.suppress(OSError):  # its thread wakes, ends it and releases its slot
+            victim.shutdown(socket.SHUT_RDWR)
+        return True
+
+    def heard(self, request: socket.socket, address: str) -> None:
+        """The connection's request has arrived: it is no longer one that may make room."""
+        with self.lock:
+            self.waiting.get(address_group(address), {}).pop(request, None)
 
     def serve_connections(self, request, client_address) -> None:
         """One connection after another, until server_close() hands this thread None."""
@@ -8362,20 +8651,25 @@ class ThreadingServer(socketserver.TCPServer):
             except Exception:
                 self.handle_error(request, client_address)
             finally:
+                self.release(request, client_address[0])
                 self.shutdown_request(request)
-                self.release(client_address[0])
             with self.lock:
                 self.spare += 1
             request, client_address = self.handed.get() or (None, None)
 
-    def release(self, address: str) -> None:
-        """Give back the slots a connection from `address` held."""
+    def release(self, request: socket.socket, address: str) -> None:
+        """Give back the slot a connection from `address` held."""
+        group = address_group(address)
         with self.lock:
-            if address not in PROXY_ADDRESSES:
-                self.per_address[address] -= 1
-                if not self.per_address[address]:
-                    del self.per_address[address]
-        self.slots.release()
+            self.open -= 1
+            self.held[group] -= 1
+            if not self.held[group]:
+                del self.held[group]
+            waiting = self.waiting.get(group)
+            if waiting is not None:
+                waiting.pop(request, None)
+                if not waiting:
+                    del self.waiting[group]
 
     def handle_error(self, request, client_address):
         log_web.exception("internal error serving %s", client_address[0])
@@ -8552,8 +8846,10 @@ class Metrics:
 
 #: A console session ends this long after its login, however busy.
 CONSOLE_SESSION_SECONDS = 12 * 3600
-#: Wrong passwords from one address within a minute before its logins are answered 429.
+#: Wrong passwords from one address within a minute before its logins are answered 429,
+#: and from all addresses together before every login is.
 CONSOLE_WRONG_TRIES = 5
+CONSOLE_WRONG_TOTAL = 20
 #: The days before today that the Overview shows.
 CONSOLE_DAYS = 14
 #: Rows a console list shows; older ones are a link away.
@@ -8568,7 +8864,10 @@ CONSOLE_PEOPLE_READ = 20000
 #: whose messages are all this old has its figures kept in the database (kv, CONSOLE_DAY_KEY).
 CONSOLE_DAY_SETTLED = 3600.0
 CONSOLE_DAY_KEY = "console-day:{}"
-CONSOLE_COOKIE = "wxbot_console"
+#: The session cookie's name, with the console's port: cookies know no port, and two consoles
+#: on one host would overwrite each other's. Over HTTPS it is a __Host- cookie, which no other
+#: site (nor a page of this host's served over plain HTTP) can set.
+CONSOLE_COOKIE = "wxbot_console_{port}"
 #: Sent with every console answer: no script runs (a reader's text shown by mistake as
 #: markup would run nothing), nothing loads from elsewhere, no other site frames the page.
 CONSOLE_HEADERS = [
@@ -8934,18 +9233,42 @@ CONSOLE_SETTINGS = """<h2>店主的文件</h2>
 """
 
 
-def client_address(environ: Mapping) -> str:
-    """Who sent a request: the peer, or the address a proxy on this machine names (nginx's
-    X-Real-IP); a header from anywhere else could be written by the client itself."""
+def from_proxy(environ: Mapping, proxies: Sequence[str]) -> bool:
+    """Whether the peer is a proxy the owner named (WXBOT_TRUSTED_PROXIES): its forwarded
+    headers are believed; anyone else's could be written by the client itself (through an
+    SSH tunnel every local user is a loopback peer)."""
+    try:
+        peer = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
+    except ValueError:
+        return False
+    return any(peer in ipaddress.ip_network(proxy) for proxy in proxies)
+
+
+def client_address(environ: Mapping, proxies: Sequence[str] = ()) -> str:
+    """Who sent a request: the peer, or the address a trusted proxy names (nginx's X-Real-IP)
+    when it is an IP address (nothing else reaches the log)."""
     peer = environ.get("REMOTE_ADDR", "")
-    return environ.get("HTTP_X_REAL_IP", peer) if local_address(peer) else peer
+    if not from_proxy(environ, proxies):
+        return peer
+    try:
+        return str(ipaddress.ip_address(environ.get("HTTP_X_REAL_IP", "").strip()))
+    except ValueError:
+        return peer
 
 
-def over_https(environ: Mapping) -> bool:
-    """Whether the browser reached the console over HTTPS: directly, or through a proxy on
-    this machine that says so (X-Forwarded-Proto)."""
+def host_name(url: str) -> str:
+    """The host an URL (or "//Host: header") names, lower case; "" for none or a bad one."""
+    try:
+        return urllib.parse.urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+
+
+def over_https(environ: Mapping, proxies: Sequence[str] = ()) -> bool:
+    """Whether the browser reached the console over HTTPS: directly, or through a trusted
+    proxy that says so (X-Forwarded-Proto)."""
     return environ.get("wsgi.url_scheme") == "https" or (
-        local_address(environ.get("REMOTE_ADDR", "")) and
+        from_proxy(environ, proxies) and
         environ.get("HTTP_X_FORWARDED_PROTO", "").lower() == "https")
 
 
@@ -8959,39 +9282,31 @@ def local_address(address: str) -> bool:
 
 class ConsoleGuard:
     """The console's door: the password compared in constant time, at most 5 wrong tries a
-    minute from one address, sessions of 12 hours each with a token of its own that every
+    minute from one address (an IPv6 /64, address_group), sessions of 12 hours each with a token of its own that every
     form sends back (a page of another site cannot know it)."""
 
-    #: Addresses remembered for their wrong tries; beyond it those of over a minute ago go.
+    #: Addresses remembered for their wrong tries; beyond it the one that tried least
+    #: recently is forgotten (each wrong try costs the same however many are remembered).
     ADDRESSES = 10000
 
     def __init__(self, password: str):
         self.password = password.encode("utf-8")
         self._lock = threading.Lock()
         self._sessions: dict[str, tuple[float, str]] = {}  # cookie: (ends at, form token)
-        self._wrong: dict[str, collections.deque] = {}  # address: times of wrong tries
-
-    @staticmethod
-    def subscriber(address: str) -> str:
-        """Whose tries an address's are: an IPv6 address counts as its /64, since one
-        subscriber holds all of its 2^64 addresses and would otherwise get 5 tries from each."""
-        try:
-            found = ipaddress.ip_address(address)
-        except ValueError:
-            return address
-        if found.version == 4:
-            return str(found)
-        if found.ipv4_mapped:
-            return str(found.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{found}/64", strict=False))
+        # address: times of its last wrong tries, the least recent address first
+        self._wrong: collections.OrderedDict[str, collections.deque] = \
+            collections.OrderedDict()
+        # Times of the last wrong tries from anyone: addresses are many (rotated in a
+        # header, an IPv6 subscriber's /64s); guesses are not.
+        self._anyone = collections.deque(maxlen=CONSOLE_WRONG_TOTAL)
 
     def refused(self, address: str, now: float) -> bool:
-        """Whether this address tried 5 wrong passwords within the last minute."""
+        """Whether this address tried CONSOLE_WRONG_TRIES wrong passwords within the last
+        minute, or all addresses together CONSOLE_WRONG_TOTAL."""
         with self._lock:
-            tries = self._wrong.get(self.subscriber(address))
-            while tries and tries[0] <= now - 60:
-                tries.popleft()
-            return bool(tries) and len(tries) >= CONSOLE_WRONG_TRIES
+            tries = self._wrong.get(address_group(address), ())
+            return any(len(times) == times.maxlen and times[0] > now - 60
+                       for times in (tries, self._anyone) if times)
 
     def log_in(self, address: str, password: str, now: float) -> str | None:
         """A new session's cookie for the right password; None for a wrong one (counted)."""
@@ -9004,10 +9319,13 @@ class ConsoleGuard:
                                           secrets.token_urlsafe(32))
             return cookie
         with self._lock:
-            if len(self._wrong) >= self.ADDRESSES:
-                self._wrong = {key: tries for key, tries in self._wrong.items()
-                               if tries and tries[-1] > now - 60}
-            self._wrong.setdefault(self.subscriber(address), collections.deque()).append(now)
+            key = address_group(address)
+            tries = self._wrong.pop(key, None) or collections.deque(maxlen=CONSOLE_WRONG_TRIES)
+            tries.append(now)
+            self._wrong[key] = tries
+            if len(self._wrong) > self.ADDRESSES:
+                self._wrong.popitem(last=False)
+            self._anyone.append(now)
         return None
 
     def session(self, cookie: str | None, now: float) -> str | None:
@@ -9400,7 +9718,7 @@ class OwnerConsole:
     # Web ---------------------------------------------------------------------
 
     def render(self, name: str, title: str, csrf: str = "", **values) -> str:
-        flash = self._flash.pop(bottle.request.get_cookie(CONSOLE_COOKIE) or "", None) \
+        flash = self._flash.pop(bottle.request.get_cookie(self.cookie_name()) or "", None) \
             if csrf else None
         body = self.templates[name].render(
             csrf=csrf, when=clock_text, seconds=seconds_text, short=short_id,
@@ -9415,7 +9733,7 @@ class OwnerConsole:
         """Redirect after a POST (reloading the page sends nothing again); the next page
         says `line`, and fills `field` in again."""
         if line:
-            cookie = bottle.request.get_cookie(CONSOLE_COOKIE) or ""
+            cookie = bottle.request.get_cookie(self.cookie_name()) or ""
             if len(self._flash) > 1000:  # sessions that never looked again
                 self._flash.clear()
             self._flash[cookie] = (line, failed, field)
@@ -9423,7 +9741,7 @@ class OwnerConsole:
 
     def field(self) -> str:
         """The field a failed POST asked to fill in again (after_post), if it is still due."""
-        flash = self._flash.get(bottle.request.get_cookie(CONSOLE_COOKIE) or "")
+        flash = self._flash.get(bottle.request.get_cookie(self.cookie_name()) or "")
         return flash[2] if flash else ""
 
     def settings_shown(self) -> list[tuple[str, str, bool]]:
@@ -9471,13 +9789,19 @@ class OwnerConsole:
 
         @app.post("/login", open=True)
         def log_in():
-            now, address = console.clock(), client_address(bottle.request.environ)
+            if console.cross_site():
+                # A page of another site posting guesses through the owner's browser: not
+                # counted, or five would lock the owner out.
+                return bottle.HTTPResponse("a login from another site's page is refused", 403)
+            now = console.clock()
+            address = client_address(bottle.request.environ, console.settings.trusted_proxies)
             if console.guard.refused(address, now):
                 held = console.refusals.allow(address, now)
                 if held is not None:
                     log_web.warning("console logins from %s refused for a minute: %d wrong "
-                                    "passwords (%d more tries since the last such line)",
-                                    address, CONSOLE_WRONG_TRIES, held)
+                                    "passwords from it, or %d from all addresses (%d more "
+                                    "tries since the last such line)", address,
+                                    CONSOLE_WRONG_TRIES, CONSOLE_WRONG_TOTAL, held)
                 return bottle.HTTPResponse(console.render(
                     "login", "wxbot 控制台", problem="密码错误次数太多，请等一分钟再试。"), 429)
             cookie = console.guard.log_in(
@@ -9488,16 +9812,16 @@ class OwnerConsole:
                     "login", "wxbot 控制台", problem="密码不对。"), 401)
             log_web.info("console: logged in from %s", address)
             answer = bottle.HTTPResponse(status=303, Location="/")
-            answer.set_cookie(CONSOLE_COOKIE, cookie, httponly=True, samesite="strict",
-                              secure=over_https(bottle.request.environ), path="/",
+            answer.set_cookie(console.cookie_name(), cookie, httponly=True, samesite="strict",
+                              secure=console.secure(), path="/",
                               maxage=CONSOLE_SESSION_SECONDS)
             return answer
 
         @app.post("/logout")
         def log_out():
-            console.guard.log_out(bottle.request.get_cookie(CONSOLE_COOKIE))
+            console.guard.log_out(bottle.request.get_cookie(console.cookie_name()))
             answer = bottle.HTTPResponse(status=303, Location="/login")
-            answer.delete_cookie(CONSOLE_COOKIE, path="/")
+            answer.delete_cookie(console.cookie_name(), path="/", secure=console.secure())
             return answer
 
         @app.get("/")
@@ -9591,7 +9915,8 @@ class OwnerConsole:
 
         @app.get("/articles/<source_id:int>")
         def passages(source_id):
-            source, passages = console.passages(source_id) if console.articles else (None, [])
+            source, passages = console.passages(source_id) if console.articles and \
+                source_id < 2**63 else (None, [])  # SQLite's integers are 64-bit
             if source is None:
                 return bottle.HTTPResponse("not found", 404)
             facts = [SOURCE_KIND_WORDS.get(source["kind"], source["kind"]), source["date"],
@@ -9682,13 +10007,50 @@ class OwnerConsole:
             return app(environ, start)
         return with_headers
 
+    def secure(self) -> bool:
+        """Whether this request came over HTTPS (its cookie is then Secure)."""
+        return over_https(bottle.request.environ, self.settings.trusted_proxies)
+
+    def cookie_name(self) -> str:
+        name = CONSOLE_COOKIE.format(port=self.settings.admin_port)
+        return f"__Host-{name}" if self.secure() else name
+
+    @staticmethod
+    def cross_site() -> bool:
+        """Whether a page of another site sent this request, as the browser says: by
+        Sec-Fetch-Site, or else by an Origin naming another host ("null", which the console's
+        own pages send under no-referrer, is no sign either way)."""
+        fetched_from = bottle.request.headers.get("Sec-Fetch-Site")
+        if fetched_from is not None:
+            return fetched_from not in ("same-origin", "none")
+        origin = bottle.request.headers.get("Origin", "null")
+        return origin != "null" and host_name(origin) != host_name(
+            "//" + bottle.request.headers.get("Host", ""))
+
+    def own_host(self) -> bool:
+        """Whether the request names this console as its host: localhost or an IP address
+        (what the owner's browser names through an SSH tunnel), or any name through a named
+        proxy (it answers for its own names). A page of another site whose name was made to
+        point at 127.0.0.1 (DNS rebinding) names its own, and is refused."""
+        if from_proxy(bottle.request.environ, self.settings.trusted_proxies):
+            return True
+        name = host_name("//" + bottle.request.headers.get("Host", ""))
+        with contextlib.suppress(ValueError):
+            return name == "localhost" or bool(ipaddress.ip_address(name))
+        return False
+
     def door(self, callback):
         """A bottle plugin: no page or action without a session, no POST without its token."""
         @functools.wraps(callback)
         def guarded(*args, **kwargs):
+            if not self.own_host():
+                return bottle.HTTPResponse(
+                    "this console answers to localhost or its IP address; behind a proxy, "
+                    "name the proxy in WXBOT_TRUSTED_PROXIES", 421)
             if bottle.request.route.config.get("open"):
                 return callback(*args, **kwargs)
-            token = self.guard.session(bottle.request.get_cookie(CONSOLE_COOKIE), self.clock())
+            token = self.guard.session(bottle.request.get_cookie(self.cookie_name()),
+                                       self.clock())
             if token is None:
                 if bottle.request.method == "GET":
                     return bottle.HTTPResponse(status=303, Location="/login")
@@ -9953,7 +10315,7 @@ class ArticleSync:
             if not posts or offset >= int(page.get("total_count") or 0):
                 break
         for origin in known.keys() - listed:
-            report.forgotten += self.articles.forget(origin)
+            report.forgotten += self.articles.forget(origin, published=True)
         self.articles.note_sync(now)
         return report
 
@@ -9975,7 +10337,7 @@ class ArticleSync:
             log.info("an article was published; it is not learned, as `python wxbot.py learn "
                      "--published` never ran (run it once to keep articles in sync)")
         elif status == "5" and article_id:
-            self.articles.forget(article_id)
+            self.articles.forget(article_id, published=True)
             log.info("published post %s was deleted by the owner: forgotten", article_id)
         elif status != "0" or not article_id:
             log.info("a publish job ended without an article (publish_status %s: %s)",
@@ -10042,7 +10404,8 @@ class Bot:
         self.model = Model(settings)
         self.mode = DeliveryMode(settings.mode, self.store)
         self.acknowledger = Acknowledger(settings, self.store, self.wechat, self.mode)
-        self.articles = Articles(settings.db)
+        self.articles = Articles(settings.db, turn=self.store.write_turn,
+                                 private=settings.learn_private)
         self.articles.meaning = Meaning(settings) if settings.embed_model else None
         self._meaning_stop = threading.Event()
         self.notifier = Notifier(settings, self.store)
@@ -10605,7 +10968,7 @@ def learn_command(settings: Settings, sources: list[str], published: bool, listi
     """`learn`: sources (URLs, files, folders) and --published; --list; --forget SOURCE.
     Safe while the server runs. 1 when anything was not learned (each is named, with why)."""
     try:
-        articles = Articles(settings.db)
+        articles = Articles(settings.db, private=settings.learn_private)
     except (sqlite3.Error, OSError) as error:  # most often: the service user's file, mode 600
         print(f"cannot open the database {settings.db} ({error}): check WXBOT_DB (or --env "
               f"FILE), and run this as the service's user, e.g. sudo -u wxbot "
