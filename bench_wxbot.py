@@ -1722,7 +1722,8 @@ def main() -> int:
             print("\n".join(bench_corpora(args)))
         return 0
     if args.articles:
-        print("\n".join(bench_corpora(args) + bench_articles(args)))
+        with embeddings_server(args):
+            print("\n".join(bench_corpora(args) + bench_articles(args)))
         return 0
     if args.soak:
         args.seconds = args.seconds or (10.0 if not args.quick else 1.0)
