@@ -1820,6 +1820,20 @@ def test_chat_talks_to_the_model_in_the_console(tmp_path, model):
     assert not (tmp_path / "wxbot.db").exists()  # its own database, never WeChat's queue
 
 
+def test_the_example_env_file_with_only_the_model_filled_runs_chat_and_learn(tmp_path, model):
+    # Its empty WXBOT_TOKEN= / WXBOT_APPID= / WXBOT_APPSECRET= are unset for commands that
+    # never call WeChat, not values that fail.
+    example = open(os.path.join(HERE, "wxbot.env.example"), encoding="utf-8").read()
+    example = re.sub(r"(?m)^OPENAI_API_KEY=.*$", f"OPENAI_API_KEY={API_KEY}", example)
+    example += f"\nOPENAI_BASE_URL={model.url}/v1\nWXBOT_DB={tmp_path / 'wxbot.db'}\n"
+    (tmp_path / "wxbot.env").write_text(example, encoding="utf-8")
+    assert re.search(r"(?m)^WXBOT_APPID=$", example)  # the file leaves them empty
+    result = run_wxbot(["--env", str(tmp_path / "wxbot.env"), "chat"], {}, stdin="在吗\n")
+    assert result.returncode == 0 and "答：在吗" in result.stdout, result.stdout + result.stderr
+    result = run_wxbot(["--env", str(tmp_path / "wxbot.env"), "learn", "--list"], {})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_chat_shows_the_apology_when_the_model_keeps_failing(tmp_path, model):
     model.respond = lambda request: (_ for _ in ()).throw(ModelFault(503))
     env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": model.url + "/v1",
@@ -7762,11 +7776,21 @@ def test_owner_cannot_write_once_wechats_48_hours_are_over(tmp_path):
 
 @pytest.mark.parametrize("text, person", [
     ("转人工", True), ("人工", True), ("我要找真人！", True), ("人工客服", True),
-    ("人工智能是什么", False), ("请问你们的人工客服几点上班，我想问问能不能退款", False)])
+    ("人工智能是什么", False), ("请问你们的人工客服几点上班，我想问问能不能退款", False),
+    ("人工客服电话是多少", False), ("我要转人工", True), ("请帮我找真人吧", True)])
 def test_asking_for_a_person_is_its_own_kind_of_message(text, person):
     settings_words = wxbot._words("人工,转人工,人工客服,找真人")
     kind = wxbot.classify("text", text, person_words=settings_words).kind
     assert (kind is wxbot.Kind.PERSON) == person
+
+
+def test_asking_for_a_person_with_nobody_to_answer_is_a_question(start_bot, wechat, model):
+    # No console, no notify URL, no WeChat 客服: nobody would answer, nobody would be told.
+    bot = start_bot()
+    send_text(bot, "oREADER-nobody-01", "转人工", 1)
+    wait_for(lambda: wechat.texts_to("oREADER-nobody-01"))
+    assert wechat.texts_to("oREADER-nobody-01") != [wxbot.PERSON_LINE]
+    assert [r["messages"][-1]["content"] for r in model.requests] == ["转人工"]
 
 
 def test_reader_asking_for_a_person_is_told_once_and_the_owner_is_told(start_bot, wechat,
@@ -7788,6 +7812,7 @@ def test_handoff_to_wechat_passes_the_readers_messages_to_its_customer_service(
     reader = "oREADER-kf-000001"
     first = post_push(bot, text_xml(reader, "转人工", 1))
     assert "<MsgType><![CDATA[transfer_customer_service]]></MsgType>" in first.text
+    wait_for(lambda: message_state(bot, reader, 1) == "done")  # the handoff has begun
     second = post_push(bot, text_xml(reader, "我的订单号是 123", 2))
     assert "transfer_customer_service" in second.text
     wait_for(lambda: message_state(bot, reader, 2) == "done")
