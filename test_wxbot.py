@@ -7742,8 +7742,10 @@ def test_owner_answers_a_reader_in_person_and_the_bot_stays_quiet_until_given_ba
     send_text(bot, reader, "那明天下午三点可以吗", 3)
     wait_for(lambda: len(wechat.texts_to(reader)) == 3)
     seen = model.requests[-1]["messages"]
-    assert {"role": "assistant", "content": "好的，给你留两个<b>草莓</b>蛋糕"} in seen
-    assert {"role": "user", "content": "几点来拿？"} in seen
+    assert any(turn["role"] == "assistant" and "好的，给你留两个<b>草莓</b>蛋糕" in turn["content"]
+               for turn in seen)  # the owner's words, in the model's turn (roles alternate)
+    assert any(turn["role"] == "user" and "几点来拿？" in turn["content"] for turn in seen)
+    assert all(a["role"] != b["role"] for a, b in zip(seen[1:], seen[2:]))
 
 
 def test_owner_messages_are_split_and_count_against_the_readers_five(start_bot, wechat,
@@ -7782,6 +7784,15 @@ def test_asking_for_a_person_is_its_own_kind_of_message(text, person):
     settings_words = wxbot._words("人工,转人工,人工客服,找真人")
     kind = wxbot.classify("text", text, person_words=settings_words).kind
     assert (kind is wxbot.Kind.PERSON) == person
+
+
+def test_turns_sent_to_the_model_alternate_whoever_wrote_them():
+    turns = [{"role": "user", "content": "在吗"}, {"role": "user", "content": "订单123"},
+             {"role": "assistant", "content": "您好"}, {"role": "assistant", "content": "已处理"},
+             {"role": "user", "content": "谢谢"}]
+    assert wxbot.alternating(turns) == [
+        {"role": "user", "content": "在吗\n\n订单123"},
+        {"role": "assistant", "content": "您好\n\n已处理"}, {"role": "user", "content": "谢谢"}]
 
 
 def test_asking_for_a_person_with_nobody_to_answer_is_a_question(start_bot, wechat, model):

@@ -2597,6 +2597,21 @@ class Unit:
     weak: frozenset[str] = frozenset()  # showing one of these: it may be (a character alone)
 
 
+def alternating(messages: list[dict]) -> list[dict]:
+    """The turns with each run of one role's text made one turn: a reader's messages kept
+    while the owner answered, or the owner's several answers, follow each other, and many
+    providers refuse a conversation whose roles do not alternate (HTTP 400)."""
+    merged: list[dict] = []
+    for message in messages:
+        if merged and merged[-1]["role"] == message["role"] and \
+                isinstance(merged[-1]["content"], str) and isinstance(message["content"], str):
+            merged[-1] = {**merged[-1], "content": f"{merged[-1]['content']}\n\n"
+                                                  f"{message['content']}"}
+        else:
+            merged.append(message)
+    return merged
+
+
 def _asking_word_pattern() -> re.Pattern:
     words = sorted({word for group in ASKING_WORDS for word in group}, key=len, reverse=True)
     return re.compile("|".join(map(re.escape, words)))
@@ -7693,7 +7708,7 @@ class Worker:
         """The model's answer as it streams; a context-too-long error retries without history."""
         system = [{"role": "system", "content": system_prompt}]
         try:
-            yield from self.model.stream(system + history + ask, deadline)
+            yield from self.model.stream(system + alternating(history + ask), deadline)
             return
         except ModelError as error:
             if error.kind != "context" or not history:
