@@ -9099,6 +9099,12 @@ def test_meaning_finds_what_readers_call_otherwise_and_falls_back_to_words(tmp_p
         assert meaning.learn(articles) == 1
         with articles._reading() as conn:
             assert conn.execute("SELECT count(*) FROM article_vectors").fetchone()[0] == 21
+        # The provider gives the same model name other dimensions: the vectors are made
+        # again, and searched once they are.
+        model.embed = lambda text: meaning_vector(text)[:80]
+        articles.meaning = meaning = wxbot.Meaning(meaning_settings(model))
+        assert meaning.learn(articles) == 21
+        assert [p.title for p in articles.find("牙医哪天在")][:1] == ["口腔科开诊"]
     finally:
         articles.close()
         model.close()
