@@ -9032,6 +9032,11 @@ def test_the_newer_article_goes_before_the_older_that_answers_as_well(tmp_path):
         articles.close()
 
 
+def test_asking_words_of_one_character_ask_nothing_by_themselves():
+    assert "多少钱" not in wxbot.question_units("元旦放假吗")  # 元旦 is no price
+    assert "多少钱" in wxbot.question_units("体检要多少钱")
+
+
 def test_passages_carry_the_headings_of_their_section():
     text = ("一、门诊时间\n周一至周五 8:00-17:00。\n二、收费标准\n（一）检查费用\n项目 | 价格\n"
             "CT | 200元\n（二）挂号\n" + "普通号 5元，专家号 20元。" * 100 + "\nQ：可以刷医保吗？\n"
@@ -9053,10 +9058,12 @@ def test_an_article_is_dated_by_its_own_date_not_the_file_time(tmp_path):
     (tmp_path / "d.html").write_text('<html><head><title>通知</title></head><body><em id='
                                      '"publish_time">2022年7月8日</em><p>通知正文</p></body></html>',
                                      encoding="utf-8")
+    (tmp_path / "e.md").write_text("# 跨年活动\n\n活动时间：2099年1月1日\n\n欢迎参加。",
+                                   encoding="utf-8")
     long_title = "标" * 5000
     articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
     try:
-        for name in "abcd":
+        for name in "abcde":
             articles.learn(str(tmp_path / f"{name}.{'html' if name == 'd' else 'md'}"))
         articles.learn_text("url", "https://example.com/t", long_title, "正文", date="")
         dates = {s.title: s.date for s in articles.sources()}
@@ -9064,6 +9071,7 @@ def test_an_article_is_dated_by_its_own_date_not_the_file_time(tmp_path):
         assert dates["通知"] == "2022-07-08"
         # A date in a sentence is not the article's: the file's time is the last resort.
         assert dates["报名"] == time.strftime("%Y-%m-%d")
+        assert dates["跨年活动"] == time.strftime("%Y-%m-%d")  # an event's date to come
         assert max(len(s.title) for s in articles.sources()) == wxbot.TITLE_CHARS == 64
     finally:
         articles.close()

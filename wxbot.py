@@ -2613,7 +2613,10 @@ def alternating(messages: list[dict]) -> list[dict]:
 
 
 def _asking_word_pattern() -> re.Pattern:
-    words = sorted({word for group in ASKING_WORDS for word in group}, key=len, reverse=True)
+    # A word of one character asks nothing by itself (元旦, 贵宾): it is only looked for in
+    # the passages.
+    words = sorted({word for group in ASKING_WORDS for word in group if len(word) > 1},
+                   key=len, reverse=True)
     return re.compile("|".join(map(re.escape, words)))
 
 
@@ -2701,6 +2704,8 @@ _HEADINGS = (
     (re.compile(r"(?:Q|q|问)[0-9]{0,2}[:：.．、]"), 5),
 )
 HEADING_CHARS = 40
+#: The characters of a question (and of the one before it) that are searched.
+QUESTION_SEARCHED = 300
 #: A title at the most, as WeChat's own (a page's <title> may be any length).
 TITLE_CHARS = 64
 #: What a passage carries of the headings above it, at the most.
@@ -2811,10 +2816,12 @@ def text_date(text: str) -> str:
     """The article's date as a line of its own says it, among its first and last few lines
     (「2025年4月25日」 under the title, 「发布于 2025-04-25」 at the end), or ""."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    today = china_date(time.time())
     for line in lines[:5] + lines[-3:]:
         if len(line) <= 40 and _DATE_LINE.fullmatch(line):
             date = found_date(line)
-            if date:
+            # A date to come is an event's (活动时间：2027年1月1日), not the article's.
+            if date and date <= today:
                 return date
     return ""
 
@@ -3203,9 +3210,15 @@ def china_date(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(timestamp + 8 * 3600))
 
 
+#: Bumped when passages_of() cuts a text otherwise: an article learned before is then not
+#: "unchanged", and is cut anew the next time it is learned or synced.
+PASSAGES_VERSION = 2
+
+
 def article_digest(title: str, text: str, url: str, date: str) -> str:
-    """What tells a changed article from an unchanged one."""
-    return hashlib.sha256(f"{title}\n{url}\n{date}\n{text}".encode("utf-8")).hexdigest()
+    """What tells a changed article from an unchanged one (and one cut as passages were)."""
+    return hashlib.sha256(f"{PASSAGES_VERSION}\n{title}\n{url}\n{date}\n{text}".encode(
+        "utf-8")).hexdigest()
 
 
 #: The passages holding a term (or all of a few), read from the index alone.
@@ -3480,11 +3493,16 @@ class Articles:
                                (origin,)).fetchone()
             if row:
                 source_id = row[0]
-                conn.execute("UPDATE article_sources SET kind = ?, title = ?, url = ?,"
-                             " date = ?, digest = '', learned_at = ?, summary = ?, cover = ?"
-                             " WHERE id = ?", (kind, title, url, date, now, summary, cover,
-                                               source_id))
+                conn.execute("UPDATE article_sources SET kind = ?, url = ?, date = ?,"
+                             " digest = '', learned_at = ?, summary = ?, cover = ? WHERE id = ?",
+                             (kind, url, date, now, summary, cover, source_id))
                 conn = yield from self._unindexing(conn, source_id, row[1])
+                # The new title only once no passage indexed with the old one is left: a
+                # learn cut short is finished by the next, which removes what is left of
+                # the passages with the terms they were indexed with (else FTS5's
+                # contentless index is corrupted).
+                conn.execute("UPDATE article_sources SET title = ? WHERE id = ?",
+                             (title, source_id))
             else:
                 source_id = conn.execute(
                     "INSERT INTO article_sources (kind, origin, title, url, date, passages,"
@@ -3727,6 +3745,9 @@ class Articles:
         passage well (below CONFIDENT), for the words an article would use (the model's
         search_words()): they join the question's, weighing SEARCH_WORDS_WEIGHT. It returns
         None for a question about nothing the account writes of (small talk): no passage."""
+        # A question is searched by its beginning: 4,000 characters took a third of a second.
+        question, earlier = question[:QUESTION_SEARCHED], [line[:QUESTION_SEARCHED]
+                                                           for line in list(earlier)[-1:]]
         units = {key: (1.0, unit) for key, unit in question_units(question).items()}
         if not earlier and sum(0.5 if len(key) == 1 and not key.isascii() else 1
                                for key in units) < 1:
