@@ -7786,6 +7786,17 @@ def test_asking_for_a_person_is_its_own_kind_of_message(text, person):
     assert (kind is wxbot.Kind.PERSON) == person
 
 
+def test_the_chat_key_is_never_sent_to_another_embeddings_provider(tmp_path, wechat, model):
+    env = env_for(tmp_path, wechat, model, WXBOT_EMBED_MODEL="bge-m3",
+                  WXBOT_EMBED_BASE_URL="https://api.siliconflow.cn/v1")
+    with pytest.raises(wxbot.SettingsError) as raised:
+        wxbot.Settings.from_env(env)
+    assert any("WXBOT_EMBED_API_KEY" in problem for problem in raised.value.problems)
+    assert wxbot.Settings.from_env({**env, "WXBOT_EMBED_API_KEY": "sk-sf"}).embed_model
+    # The chat provider's own embeddings (no other URL) take its key.
+    assert wxbot.Settings.from_env({**env, "WXBOT_EMBED_BASE_URL": ""}).embed_model
+
+
 def test_turns_sent_to_the_model_alternate_whoever_wrote_them():
     turns = [{"role": "user", "content": "在吗"}, {"role": "user", "content": "订单123"},
              {"role": "assistant", "content": "您好"}, {"role": "assistant", "content": "已处理"},
@@ -9149,6 +9160,15 @@ def test_the_model_writes_search_words_when_the_question_meets_no_article_well(
     wait_for(lambda: wechat.texts_to("oCHAT"))
     assert model.requests[-2]["messages"][0]["content"] == wxbot.SEARCH_WORDS_PROMPT
     assert wxbot.PASSAGES_HEAD not in model.requests[-1]["messages"][-1]["content"]
+
+
+def test_search_words_that_keep_failing_are_not_asked_for_a_while(tmp_path, wechat, model):
+    model.respond = lambda request: (_ for _ in ()).throw(ModelFault(500))
+    asking = wxbot.Model(wxbot.Settings.from_env(env_for(tmp_path, wechat, model)))
+    with assert_logs_once("search words not written"):
+        for question in ["牙医哪天在", "拔牙疼吗", "洗牙多少钱", "补牙要多久", "看牙要预约吗"]:
+            assert asking.search_words(question) == ""
+    assert len(model.requests) == wxbot.Model.SEARCH_WORDS_TRIES  # then none for a while
 
 
 @contextlib.contextmanager

@@ -613,6 +613,12 @@ class Settings:
                 values[name] = setting.parse(raw)
             except ValueError as error:
                 problems.append(f"{setting.env} {error}")
+        if values.get("embed_base_url") and not values.get("embed_api_key") and \
+                urllib.parse.urlsplit(values["embed_base_url"]).hostname != urllib.parse.urlsplit(
+                    values.get("openai_base_url") or "https://api.openai.com/v1").hostname:
+            problems.append("WXBOT_EMBED_API_KEY is missing: WXBOT_EMBED_BASE_URL names another "
+                            "provider than OPENAI_BASE_URL, and the chat provider's key is not "
+                            "sent to another (set that provider's key)")
         if problems:
             raise SettingsError(problems)
         return cls(**values)
@@ -5020,13 +5026,20 @@ class Model:
 
     #: The search words' call: beyond this, the question is searched with its own words.
     SEARCH_WORDS_TIMEOUT = 8.0
-    _search_words_failing = False
+    #: After this many failed in a row, none is asked for SEARCH_WORDS_PAUSE seconds: each
+    #: would cost a reader up to the timeout for nothing.
+    SEARCH_WORDS_TRIES, SEARCH_WORDS_PAUSE = 3, 600.0
+    _search_words_failing = False  # (instances keep their own, from the first failure)
+    _search_words_failures = 0
+    _search_words_resume = 0.0
 
     def search_words(self, question: str, earlier: Sequence[str] = ()) -> str | None:
         """The words an article of the account would use to answer the question (what a
         reader calls 牙医 an article calls 口腔科), in one short call; None when the model
         says the question is about nothing an account writes of (small talk, general
         knowledge); "" when the call fails (logged once until it works again)."""
+        if time.monotonic() < self._search_words_resume:
+            return ""  # it failed again and again: the question's own words for a while
         asked = "\n".join([*(f"（之前问过：{line[:200]}）" for line in list(earlier)[-1:]),
                            question[:500]])
         try:
@@ -5035,12 +5048,17 @@ class Model:
                                   Deadline(min(self.SEARCH_WORDS_TIMEOUT,
                                                self.settings.model_timeout)), max_tokens=60)
         except ModelError as error:
-            if not Model._search_words_failing:
+            if not self._search_words_failing:
                 log_worker.warning("search words not written (%s): articles are searched with "
-                                   "the question's own words", error)
-            Model._search_words_failing = True
+                                   "the question's own words%s", error, "; a reasoning model "
+                                   "needs more than 60 tokens: set WXBOT_SEARCH_WORDS=0"
+                                   if error.kind == "empty" else "")
+            self._search_words_failing = True
+            self._search_words_failures += 1
+            if self._search_words_failures >= self.SEARCH_WORDS_TRIES:  # not one more call
+                self._search_words_resume = time.monotonic() + self.SEARCH_WORDS_PAUSE
             return ""
-        Model._search_words_failing = False
+        self._search_words_failing, self._search_words_failures = False, 0
         words = written.strip().splitlines()[0][:200] if written.strip() else ""
         return None if words.strip("。. ") == NOT_ABOUT_THE_ACCOUNT else words
 
