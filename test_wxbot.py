@@ -3948,6 +3948,36 @@ def test_retention_deletes_old_rows_in_batches_and_the_file_shrinks(tmp_path):
     assert store.health(now)["answered"] == 20
     store.close()
 
+def test_retention_removes_the_owners_loop_rows_as_old_as_the_messages(tmp_path):
+    day, now = 86400.0, 1_000_000_000.0
+    path = str(tmp_path / "wxbot.db")
+    store = wxbot.Store(path)
+    fill_history(path, "oOLD", 10, now - 10 * day, 1)
+    fill_history(path, "oNEW", 5, now - day / 2, 101)
+    with store.connection() as conn:
+        conn.executescript(wxbot.HANDOFF_SCHEMA + wxbot.NOTIFY_SCHEMA)
+        conn.executemany("INSERT INTO held_messages (message_id, openid) VALUES (?, ?)",
+                         [(1, "oOLD"), (101, "oNEW")])
+        conn.executemany("INSERT INTO owner_messages (openid, content, sent_at, quota_of)"
+                         " VALUES (?, ?, ?, 1)", [("oOLD", "旧", now - 10 * day),
+                                                   ("oNEW", "新", now - day / 2)])
+        conn.executemany("INSERT INTO notifications (kind, text, at) VALUES ('person', ?, ?)",
+                         [("读者oOLD要人工", now - 10 * day), ("读者oNEW要人工", now - 60)])
+        conn.executemany("INSERT INTO handoffs (openid, started_at, until) VALUES (?, ?, ?)",
+                         [("oOLD", now - 10 * day, now - 9 * day), ("oNEW", now - 60,
+                                                                    now + day)])
+    janitor = wxbot.Janitor(settings_for(tmp_path, WXBOT_RETENTION_DAYS=1), store)
+    janitor.PAUSE = 0
+    janitor.sweep(now)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for table, column in (("held_messages", "message_id"), ("owner_messages", "content"),
+                              ("notifications", "text"), ("handoffs", "openid")):
+            assert [row[0] for row in conn.execute(f"SELECT {column} FROM {table}")] == [
+                {"held_messages": 101, "owner_messages": "新", "notifications": "读者oNEW要人工",
+                 "handoffs": "oNEW"}[table]], table
+    store.close()
+
+
 def test_a_retention_of_a_fraction_of_a_day_is_swept_a_24th_of_it_apart(tmp_path):
     """A soak compresses retention by the setting alone: 0.001 days (86 s), swept every 3.6 s."""
     settings = settings_for(tmp_path, WXBOT_RETENTION_DAYS=0.001)

@@ -2257,6 +2257,34 @@ class Store:
 
     # Retention ---------------------------------------------------------------
 
+    #: Tables of other rooms (the owner's loop, notifications) that hold readers' words and
+    #: are kept as long as messages are: (table, its time column); each oldest first by id.
+    KEPT_LIKE_MESSAGES = (("owner_messages", "sent_at"), ("notifications", "at"))
+
+    @staticmethod
+    def _prune_others(conn: sqlite3.Connection, gone: list[tuple[int]], before: float,
+                      now: float, batch: int) -> dict[str, int]:
+        """One batch of the other rooms' old rows, in the prune's transaction: a reader's
+        words kept while handed to the owner go with their message; the owner's messages and
+        the notifications by their time; handoffs that ended."""
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type ="
+                                                 " 'table'")}
+        removed = collections.Counter()
+        if "held_messages" in tables:
+            conn.executemany("DELETE FROM held_messages WHERE message_id = ?", gone)
+        for table, column in Store.KEPT_LIKE_MESSAGES:
+            if table in tables:
+                rows = conn.execute(f"SELECT id, {column} FROM {table} ORDER BY id LIMIT ?",
+                                    (batch,)).fetchall()
+                old = [(row[0],) for row in itertools.takewhile(lambda row: row[1] < before,
+                                                                 rows)]
+                conn.executemany(f"DELETE FROM {table} WHERE id = ?", old)
+                removed[table] += len(old)
+        if "handoffs" in tables:
+            removed["handoffs"] += conn.execute("DELETE FROM handoffs WHERE until < ?",
+                                                (now,)).rowcount
+        return removed
+
     def prune(self, now: float, keep_seconds: float, history_seconds: float,
               after_id: int = 0, batch: int = 500,
               removed: collections.Counter | None = None) -> int | None:
@@ -2294,9 +2322,11 @@ class Store:
                 conn.executemany("DELETE FROM turns WHERE id = ?",
                                  [(row[0],) for row in old_turns])
                 keys = conn.execute("DELETE FROM kv WHERE expires_at < ?", (now,)).rowcount
+                others = self._prune_others(conn, gone, before, now, batch)
                 conn.execute("COMMIT")
                 if removed is not None:
-                    removed.update(messages=len(gone), turns=len(old_turns), keys=keys)
+                    removed.update(messages=len(gone), turns=len(old_turns), keys=keys,
+                                   **others)
                 # sqlite3's execute() steps this once, freeing one page; executescript runs it
                 # to the end.
                 conn.executescript("PRAGMA incremental_vacuum")
@@ -7141,8 +7171,8 @@ class Outage:
     """Whether the model fails for everyone, and the questions held while it does.
 
     One question's failure is tried again a few times, then apologised for. But when the
-    provider fails (OUTAGE_SIGNS: no connection, no first byte, a stalled stream, its 5xx or
-    429) OUTAGE_AFTER times in a row and for a retry base (2 s) at least, with no answer in
+    provider fails (OUTAGE_SIGNS: no connection, no first byte, a stalled stream, its 5xx;
+    not its 429, which says it is up) OUTAGE_AFTER times in a row and for a retry base (2 s) at least, with no answer in
     between, for two questions or more (or with no connection at all, which no question
     causes), an apology helps no one: a reader would rather have the answer late. (A
     provider failing now and then answers in between: no outage.) So questions are held:
@@ -7208,7 +7238,9 @@ class Outage:
 
     def failed(self, message: Message, error: ModelError, now: float) -> bool:
         """A model call failed; True when the model is down for everyone: hold the question."""
-        if error.failed not in OUTAGE_SIGNS:
+        # A rate limit says the provider is up and busy: a burst of 429s while other answers
+        # stream is no outage (each question is retried with its own backoff).
+        if error.failed not in OUTAGE_SIGNS or error.failed == "rate limited":
             return False
         with self._lock:
             if not self.in_row:
