@@ -8745,6 +8745,38 @@ def test_check_prints_its_report_and_no_log_lines(tmp_path, wechat, model):
     assert " INFO " not in result.stdout
 
 
+def test_a_port_in_use_is_one_sentence_and_exit_2(tmp_path, wechat, model):
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    try:
+        for overrides, setting in (
+                ({"WXBOT_PORT": port}, "WXBOT_PORT"),
+                ({"WXBOT_ADMIN_PORT": port, "WXBOT_ADMIN_PASSWORD": "a-long-password-1"},
+                 "WXBOT_ADMIN_PORT")):
+            result = run_wxbot([], env_for(tmp_path, wechat, model, **overrides))
+            said = result.stdout + result.stderr
+            assert result.returncode == 2, said
+            assert "Traceback" not in said
+            [line] = [line for line in said.splitlines() if "cannot listen" in line]
+            assert f"cannot listen on 127.0.0.1:{port}: in use" in line
+            assert f"set {setting} to a free port" in line
+    finally:
+        held.close()
+    # The admin listener on the webhook's own port: a mistake, even without a console.
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    result = run_wxbot([], env_for(tmp_path, wechat, model, WXBOT_PORT=port,
+                                   WXBOT_ADMIN_PORT=port))
+    said = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in said, said
+    assert f"cannot listen on 127.0.0.1:{port}: in use" in said
+    assert "WXBOT_ADMIN_PORT" in said
+
+
 def test_a_database_in_a_folder_that_does_not_exist_names_wxbot_db(tmp_path, wechat, model):
     path = tmp_path / "no" / "such" / "wxbot.db"
     for command in ([], ["check"], ["chat"]):

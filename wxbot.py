@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import datetime
 import enum
+import errno
 import functools
 import hashlib
 import heapq
@@ -8705,6 +8706,8 @@ class ThreadingServer(socketserver.TCPServer):
 
     def __init__(self, address: tuple[str, int], app, handler=QuietHandler):
         self.app = app
+        # Before the bind: a bind that fails calls server_close(), which reads it.
+        self.threads: list[threading.Thread] = []
         super().__init__(address, handler)
 
     def server_activate(self):
@@ -8717,7 +8720,6 @@ class ThreadingServer(socketserver.TCPServer):
         self.spare = 0  # threads waiting for a connection
         self.handed: queue.SimpleQueue = queue.SimpleQueue()  # connections for them
         self.lock = threading.Lock()
-        self.threads: list[threading.Thread] = []
 
     def process_request(self, request, client_address):
         group = address_group(client_address[0])
@@ -8809,11 +8811,24 @@ class ThreadingServer(socketserver.TCPServer):
                             "open", why, held_back)
 
 
+class CannotListen(OSError):
+    """A listener's address cannot be had; the message is the sentence for the owner."""
+
+
 class HttpServer:
     """The server and serve_forever in a thread, with a clean stop (bottle.run has none)."""
 
-    def __init__(self, app, host: str, port: int):
-        self.server = ThreadingServer((host, port), app)
+    def __init__(self, app, host: str, port: int, setting: str = "WXBOT_PORT"):
+        try:
+            self.server = ThreadingServer((host, port), app)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise CannotListen(
+                    f"cannot listen on {host}:{port}: in use; another program holds it (a "
+                    f"second wxbot? `ss -ltnp | grep :{port}` names it): stop it, or set "
+                    f"{setting} to a free port") from None
+            raise CannotListen(f"cannot listen on {host}:{port}: {error.strerror or error}; "
+                               f"check {setting} and the host it goes with") from None
         self.port = self.server.server_address[1]
         # How soon serve_forever sees stop(): twenty idle looks a second cost nothing
         # measurable, and stop() (each restart, each test) takes 50 ms rather than 500.
@@ -10567,12 +10582,13 @@ class Bot:
         try:
             self.console: HttpServer | None = HttpServer(self.metrics.wsgi(
                 self.owner_console and self.owner_console.app()), settings.admin_host,
-                settings.admin_port)
-        except OSError as error:
-            if self.owner_console:
+                settings.admin_port, "WXBOT_ADMIN_PORT")
+        except CannotListen as error:
+            # The webhook's own port: a mistake in the settings, not a second wxbot.
+            if self.owner_console or settings.admin_port == self.port:
+                self.server.server.server_close()
                 raise
-            log.warning("no /metrics: cannot listen on %s:%d (%s); give each wxbot its own "
-                        "WXBOT_ADMIN_PORT", settings.admin_host, settings.admin_port, error)
+            log.warning("no /metrics: %s", error)
             self.console = None
         self.threads: list[threading.Thread] = []
 
@@ -11310,10 +11326,11 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     except DatabaseUnusable as error:  # WXBOT_DB names a place this user may not write
         log.error("%s", error)
         return 2
+    except CannotListen as error:
+        log.error("%s", error)
+        return 2
     except OSError as error:
-        log.error("cannot listen on %s:%d%s: %s", settings.host, settings.port,
-                  f" (webhook) or {settings.admin_host}:{settings.admin_port} (console)"
-                  if settings.admin_password else "", error)
+        log.error("cannot start: %s", error)
         return 1
     except (sqlite3.Error, RuntimeError) as error:
         log.error("cannot open the database %s: %s", settings.db, error)
