@@ -3514,6 +3514,27 @@ def test_a_streamed_response_is_read_from_the_network_at_most_once_every_interva
     assert "read" not in vars(network) and time.monotonic() - started < 0.05
 
 
+def test_an_answer_the_model_has_finished_goes_out_without_waiting_for_the_next_read(
+        start_bot, wechat, model, monkeypatch):
+    """Reads are paced (here every 3 s, to tell the two apart under any load): an answer
+    whose last words came while a read was paced is read once the model went quiet."""
+    monkeypatch.setattr(wxbot.Model, "READ_EVERY", 3.0)
+    marks, arrivals = {}, []
+
+    def short(request):
+        for piece in ("你好", "，", "我在。"):  # the model's own pace: the last words come
+            time.sleep(0.1)  # while the read after the first is paced
+            yield piece
+        marks["end"] = time.monotonic()
+    model.respond = short
+    wechat.hold = lambda path, body: arrivals.append(time.monotonic()) if path == SEND else None
+    bot = start_bot()
+    send_text(bot, "oQUICK", "在吗", 1)
+    wait_for(lambda: bot.store.health(time.time())["answered"] == 1)
+    assert wechat.texts_to("oQUICK") == ["你好，我在。"]
+    assert arrivals[0] - marks["end"] < 1.5  # not the 3 s the paced read would wait
+
+
 def test_a_model_writing_faster_than_reads_are_paced_is_read_as_fast_as_it_writes(
         start_bot, wechat, model):
     """Providers send each event in an HTTP chunk of its own: 400 of them in about a second

@@ -37,6 +37,7 @@ import dataclasses
 import datetime
 import enum
 import errno
+import fcntl
 import functools
 import hashlib
 import heapq
@@ -67,6 +68,7 @@ import stat
 import statistics
 import struct
 import sys
+import termios
 import threading
 import time
 import unicodedata
@@ -4879,17 +4881,22 @@ def paced_reads(response, every: float) -> Iterator[None]:
     meanwhile waits in the socket's buffer and comes in one read, and the client then hands
     out all of its chunks at once. (A pause between chunks instead would hold back chunks
     already received, one pause each, and read a fast model slower than it writes.)
+
+    The pause ends early once the model has sent and gone quiet: the end of an answer (a
+    short one is all end) is read when it comes, not up to `every` later.
     """
     stream = response.extensions.get("network_stream")
     read = getattr(stream, "read", None)
     if read is None:  # another transport: read as it comes
         yield
         return
+    get_extra_info = getattr(stream, "get_extra_info", None)
+    sock = get_extra_info("socket") if get_extra_info else None
     next_read = time.monotonic()
 
     def paced_read(*args, **kwargs):
         nonlocal next_read
-        time.sleep(max(0.0, next_read - time.monotonic()))
+        until_quiet(sock, next_read)
         try:
             return read(*args, **kwargs)
         finally:
@@ -4902,6 +4909,32 @@ def paced_reads(response, every: float) -> Iterator[None]:
         # is read the client may already have handed it to another call, which paces it too
         if vars(stream).get("read") is paced_read:
             del stream.read
+
+
+#: How often a paced read looks whether the model went quiet with bytes waiting.
+QUIET_LOOK = 0.04
+
+
+def until_quiet(sock: socket.socket | None, until: float) -> None:
+    """Sleep until `until`, or less: until bytes wait on `sock` and no more came during a
+    look's time (the sender paused or finished), or the TLS layer holds some already."""
+    waiting = 0
+    while (left := until - time.monotonic()) > 0:
+        if sock is None:
+            time.sleep(left)
+            return
+        try:
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return
+            # The kernel's count of bytes received and not read yet (ciphertext under TLS).
+            now = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD,
+                                                 b"\0\0\0\0"))[0]
+        except (OSError, ValueError):  # closed under it: the read says how
+            return
+        if now and now == waiting:
+            return
+        waiting = now
+        time.sleep(min(left, QUIET_LOOK))
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[dict]:
