@@ -1838,6 +1838,59 @@ def test_the_example_env_file_with_only_the_model_filled_runs_chat_and_learn(tmp
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_example_env_file_with_only_wechat_filled_shows_the_menu(tmp_path, wechat, model):
+    # Its empty OPENAI_API_KEY= and WXBOT_TOKEN= are unset for menu, which uses neither.
+    example = open(os.path.join(HERE, "wxbot.env.example"), encoding="utf-8").read()
+    example = re.sub(r"(?m)^WXBOT_APPID=.*$", f"WXBOT_APPID={APPID}", example)
+    example = re.sub(r"(?m)^WXBOT_APPSECRET=.*$", f"WXBOT_APPSECRET={APPSECRET}", example)
+    example += f"\nWXBOT_API_BASE={wechat.url}\nWXBOT_DB={tmp_path / 'wxbot.db'}\n"
+    (tmp_path / "wxbot.env").write_text(example, encoding="utf-8")
+    assert re.search(r"(?m)^OPENAI_API_KEY=$", example) and re.search(r"(?m)^WXBOT_TOKEN=$",
+                                                                      example)
+    wechat.menu = MENU
+    result = run_wxbot(["--env", str(tmp_path / "wxbot.env"), "menu", "--show"], {})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout) == MENU
+
+
+def test_commands_that_read_the_database_make_none_where_there_is_none(tmp_path):
+    env = {"OPENAI_API_KEY": API_KEY}  # no WXBOT_DB: wxbot.db in the current folder
+    for command in (["learn", "--list"], ["learn", "--forget", "a.md"], ["status"],
+                    ["retry", "1"], ["backup", str(tmp_path / "copy.db")]):
+        result = run_wxbot(command, env, cwd=tmp_path)
+        said = result.stdout + result.stderr
+        assert result.returncode == (command != ["learn", "--list"]), (command, said)
+        assert "Traceback" not in said, (command, said)
+        assert "no database at wxbot.db" in said, (command, said)
+        assert os.listdir(tmp_path) == [], command
+
+
+def test_a_database_setting_that_names_a_folder_says_so(tmp_path, wechat, model):
+    folder = tmp_path / "state"
+    folder.mkdir()
+    env = env_for(tmp_path, wechat, model, WXBOT_DB=folder)
+    (tmp_path / "a.md").write_text("# 标题\n\n正文。\n", encoding="utf-8")
+    for command in ([], ["check"], ["status"], ["learn", str(tmp_path / "a.md")],
+                    ["learn", "--list"]):
+        result = run_wxbot(command, env)
+        said = result.stdout + result.stderr
+        assert result.returncode in (1, 2) and "Traceback" not in said, (command, said)
+        assert f"it is a folder: WXBOT_DB names the database file, e.g. " \
+               f"{folder / 'wxbot.db'}" in said, (command, said)
+        assert "chmod" not in said and "unable to open" not in said, (command, said)
+    assert os.listdir(folder) == []
+
+
+def test_a_backup_into_a_folder_that_does_not_exist_says_so(tmp_path):
+    wxbot.Store(str(tmp_path / "wxbot.db")).close()
+    result = run_wxbot(["backup", str(tmp_path / "no" / "copy.db")],
+                       {"OPENAI_API_KEY": API_KEY, "WXBOT_DB": str(tmp_path / "wxbot.db")})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.strip() == f"there is no folder {tmp_path / 'no'}: create it first, " \
+                                    f"or name a file in a folder that exists (nothing was " \
+                                    f"written)"
+
+
 def test_chat_shows_the_apology_when_the_model_keeps_failing(tmp_path, model):
     model.respond = lambda request: (_ for _ in ()).throw(ModelFault(503))
     env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": model.url + "/v1",
@@ -5293,7 +5346,7 @@ def test_connections_over_the_cap_are_closed_at_once_and_logged_once(start_bot, 
 
 def test_status_as_a_user_who_cannot_open_the_database_says_what_to_do(tmp_path, capsys):
     unopenable = tmp_path / "wxbot.db"
-    unopenable.mkdir()  # as a file of another user's, mode 600: SQLite cannot open it
+    unopenable.write_bytes(b"\0" * 4096)  # as a file of another user's: SQLite cannot open it
     for command in (["status"], ["retry", "7"]):
         assert wxbot.main(command, {"WXBOT_DB": str(unopenable)}) == 1
         printed = capsys.readouterr()
@@ -8882,6 +8935,19 @@ def test_status_as_another_user_says_the_database_is_there_and_who_may_read_it(
         assert result.stdout.startswith(f"cannot {verb} the database {path}: the folder "
                                         f"{state} is root's (mode 700): run this as root")
     assert wxbot.main(["status"], {"WXBOT_DB": path}) == 0  # its owner reads it
+
+
+def test_learn_as_a_user_who_may_not_write_the_database_says_whose_it_is(shared_folder):
+    path = os.path.join(shared_folder, "wxbot.db")
+    wxbot.Articles(path).close()  # root's, mode 600, as the service leaves it
+    page = shared_folder / "a.md"
+    page.write_text("# 标题\n\n正文。\n", encoding="utf-8")
+    page.chmod(0o644)
+    result = run_as("nobody", ["learn", str(page)], {"WXBOT_DB": path, "OPENAI_API_KEY": "-"})
+    said = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in said and "Errno" not in said, said
+    assert result.stdout.startswith(f"cannot open the database {path} (WXBOT_DB): {path} is "
+                                    f"root's (mode 600): give it to nobody"), said
 
 
 def test_retry_as_a_user_who_may_only_read_the_database_says_so_and_changes_nothing(

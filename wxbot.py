@@ -1213,6 +1213,8 @@ def create_private(path: str) -> None:
     gives the -wal and -shm files the database file's permissions. Messages are private."""
     if path == ":memory:" or path.startswith("file:"):
         return
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a database file", path)
     try:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:
@@ -1240,6 +1242,9 @@ def access_problem(path: str, write: bool) -> tuple[str, str | None, str] | None
     """
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        return (f"it is a folder: WXBOT_DB names the database file, e.g. "
+                f"{os.path.join(path, SETTINGS['db'].default)}", "", path)
 
     def whose(name: str) -> tuple[str, str, str]:
         found = os.stat(name)
@@ -1275,6 +1280,8 @@ class DatabaseUnusable(Exception):
         me = user_name(os.getuid())
         if owner is None:
             advice = "correct WXBOT_DB, or create its folder"
+        elif os.path.isdir(path):
+            advice = "correct WXBOT_DB"
         elif not owner:  # the modes allow it: something else refused (a read-only disk...)
             advice = "check WXBOT_DB and the folder's rights"
         elif owner == "root":  # a folder made by root for a service that runs as another user
@@ -3327,7 +3334,8 @@ class Articles:
         """`turn`: the Store's write_turn() in the server, so that pushes write first;
         `private`: pages on this machine and private networks may be learned
         (WXBOT_LEARN_PRIVATE)."""
-        create_private(db_path)
+        with opening_for(db_path):
+            create_private(db_path)
         self.path, self.busy_timeout, self._turn = db_path, busy_timeout, turn
         self.private = private
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
@@ -3336,7 +3344,7 @@ class Articles:
         self._counts: dict[str, object] = {}  # term -> passages holding it; "" -> as of when
         self.meaning: Meaning | None = None  # WXBOT_EMBED_MODEL: find() searches by meaning too
         self._passage_dates: tuple[str | None, dict[int, str]] = (None, {})
-        with self._reading() as conn:
+        with opening_for(db_path), self._reading() as conn:
             # Before the first table, as the Store does: deleted rows give their pages back.
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
@@ -10949,6 +10957,10 @@ def backup(settings: Settings, target: str, out) -> int:
     folder = target if os.path.isdir(target) else None
     if folder:
         target = os.path.join(folder, time.strftime(BACKUP_NAME))
+    elif not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+        print(f"there is no folder {os.path.dirname(os.path.abspath(target))}: create it "
+              f"first, or name a file in a folder that exists (nothing was written)", file=out)
+        return 1
     if os.path.lexists(target):
         print(f"{target} exists: give the backup a new name (nothing was written)",
               file=out)
@@ -11137,8 +11149,15 @@ def learn_command(settings: Settings, sources: list[str], published: bool, listi
                   forget: bool, out) -> int:
     """`learn`: sources (URLs, files, folders) and --published; --list; --forget SOURCE.
     Safe while the server runs. 1 when anything was not learned (each is named, with why)."""
+    if (listing or forget) and not os.path.exists(settings.db):  # nothing to list: none made
+        print(f"no database at {settings.db} (check WXBOT_DB, or --env FILE): nothing is "
+              f"learned there yet", file=out)
+        return 1 if forget else 0
     try:
         articles = Articles(settings.db, private=settings.learn_private)
+    except DatabaseUnusable as error:
+        print(error, file=out)
+        return 1
     except (sqlite3.Error, OSError) as error:  # most often: the service user's file, mode 600
         print(f"cannot open the database {settings.db} ({error}): check WXBOT_DB (or --env "
               f"FILE), and run this as the service's user, e.g. sudo -u wxbot "
@@ -11305,8 +11324,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         if args.command == "chat":  # no WeChat involved
             unneeded = {"WXBOT_TOKEN": "notusedinchat", "WXBOT_APPID": "-",
                         "WXBOT_APPSECRET": "-"}
-        if args.command == "menu":  # no model involved
-            unneeded = {"OPENAI_API_KEY": "-"}
+        if args.command == "menu":  # no model involved, nor pushes
+            unneeded = {"WXBOT_TOKEN": "notusedbymenu", "OPENAI_API_KEY": "-"}
         if args.command in ("status", "retry", "backup") or \
                 (args.command == "learn" and not args.published):  # the database only
             unneeded = {"WXBOT_TOKEN": "notusedbystatus", "WXBOT_APPID": "-",
