@@ -2099,6 +2099,35 @@ def test_sigterm_exits_zero(tmp_path, wechat, model):
 
 # Files #######################################################################
 
+def test_the_readmes_try_it_block_runs_as_written(tmp_path, model):
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    assert readme.index("## Try it in two minutes") < readme.index("## How it works")
+    block = re.search(r"## Try it in two minutes\n.*?```sh\n(.*?)```", readme, re.S).group(1)
+    shutil.copy(os.path.join(HERE, "wxbot.env.example"), tmp_path)
+    shutil.copy(os.path.join(HERE, "wxbot.py"), tmp_path)
+    model.respond = lambda request: "周日休息。" if "周日休息" in json.dumps(
+        request["messages"], ensure_ascii=False) else "在的。"
+    chats = []
+    for line in block.splitlines():
+        command = re.split(r"\s{2,}#", line)[0].strip()  # not the comments
+        if not command:
+            continue
+        shell = re.sub(r"^python ", f"{sys.executable} ", command)
+        result = subprocess.run(["bash", "-c", shell], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=60, input="周日营业吗\n")
+        assert result.returncode == 0, (command, result.stdout + result.stderr)
+        if command.startswith("cp "):  # the owner fills in the model's settings
+            with open(tmp_path / "wxbot.env", "a", encoding="utf-8") as env:
+                env.write(f"OPENAI_API_KEY={API_KEY}\nOPENAI_BASE_URL={model.url}/v1\n")
+        if " chat " in command:
+            chats.append(result.stdout)
+    assert len(chats) == 2 and "在的。" in chats[0] and "周日休息。" in chats[1], chats
+    assert "learn" in block and "--env wxbot.env" in block
+    table = readme[readme.index("## Commands"):readme.index("## How it works")]
+    rows = [row for row in table.splitlines() if row.startswith("| `python wxbot.py")]
+    assert len(rows) == 8 and all("--env wxbot.env`" in row for row in rows)
+
+
 def test_readme_commands_use_the_shipped_files():
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     top = readme[:2500]
