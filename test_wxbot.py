@@ -2032,11 +2032,18 @@ def test_auto_mode_switches_to_passive_on_48001_and_remembers(start_bot, wechat,
 
 
 def test_passive_answer_survives_a_restart(start_bot, wechat, model, quick_wechat_clock):
-    model.respond = lambda request: (time.sleep(3) if request["messages"][-1]["content"] ==
-                                     "慢问题" else None) or "答：" + request["messages"][-1]["content"]
+    thought = threading.Event()  # the model answers once WeChat has given up waiting
+
+    def respond(request):
+        question = request["messages"][-1]["content"]
+        if question == "慢问题":
+            thought.wait(10)
+        return "答：" + question
+    model.respond = respond
     bot = start_bot(WXBOT_MODE="passive")
     user = WeChatUser(bot, "oP8", quick_wechat_clock)
     assert user.says("慢问题") == THINKING
+    thought.set()
     wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
     bot.stop(timeout=5)
     user.bot = start_bot(WXBOT_MODE="passive")
