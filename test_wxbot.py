@@ -4760,6 +4760,12 @@ def drawn(prompt):
 @pytest.mark.parametrize("words", ["画一只猫", "画一张一只猫", "/draw 一只猫", "／ＤＲＡＷ：一只猫"])
 def test_a_draw_request_is_drawn_uploaded_and_sent_as_a_picture(start_bot, wechat, model,
                                                                  words):
+    drawing = model.draw
+
+    def draw(request):  # a picture takes a while: typing shows meanwhile
+        wait_for(lambda: ("oDRAW1", "Typing") in wechat.typing, message="typing")
+        return drawing(request)
+    model.draw = draw
     bot = start_bot(**DRAWING)
     send_text(bot, "oDRAW1", words, 1)
     wait_for(lambda: wechat.images_to("oDRAW1"), message="the picture")
