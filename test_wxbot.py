@@ -3440,8 +3440,19 @@ def click_xml(openid, key, create_time=None):
                      key)
 
 
+def answers_once_typing_shows(wechat, openid):
+    """The fake model's answer, once typing shows for `openid`: a real model takes long
+    enough for it, an instant fake could be done before the acknowledger looks (and then,
+    rightly, shows none)."""
+    def respond(request):
+        wait_for(lambda: (openid, "Typing") in wechat.typing, message="typing")
+        return "答：" + request["messages"][-1]["content"]
+    return respond
+
+
 def test_click_gets_its_reply_and_a_prompt_click_asks_the_model(start_bot, wechat, model,
                                                                 tmp_path):
+    model.respond = answers_once_typing_shows(wechat, "oC1")
     bot = start_bot(WXBOT_REPLIES=replies_file(tmp_path))
     post_push(bot, click_xml("oC1", "TODAY", 1714036504))
     wait_for(lambda: wechat.texts_to("oC1"))
@@ -6786,6 +6797,7 @@ def test_a_reader_in_another_process_never_holds_up_the_pass_and_the_next_pass_e
 
 @pytest.mark.parametrize("words", ["请问违禁词怎么买？", "画一只违禁的猫", "违禁"])
 def test_a_refused_question_shows_no_typing(start_bot, wechat, model, tmp_path, words):
+    model.respond = answers_once_typing_shows(wechat, "oASKED")
     bot = start_bot(WXBOT_BLOCKED_WORDS=words_file(tmp_path, "违禁"), **DRAWING)
     send_text(bot, "oREFUSED", words, 1)
     wait_for(lambda: wechat.texts_to("oREFUSED") == [wxbot.REFUSED_LINE])
