@@ -3764,8 +3764,9 @@ class Articles:
     ALONE = 0.3
     #: How much the earlier question's units weigh beside the question's own.
     EARLIER_WEIGHT = 0.5
-    #: Passages BM25 may score for one question (about 3 µs each).
-    BUDGET = 20000
+    #: Passages read from the index for one question, the rarest words' first (each costs
+    #: about a microsecond; a word in thousands of passages says little which to weigh).
+    BUDGET = 8000
     #: Terms whose counts are kept between questions (a few MB at most).
     COUNTS_KEPT = 50000
 
@@ -3990,7 +3991,7 @@ class Meaning:
     #: Passages a learning call sends at once, and its deadline.
     BATCH, LEARN_TIMEOUT = 32, 60.0
     #: Products of components the exact weighing of the nearest by their signs may cost.
-    PRODUCTS = 60000
+    PRODUCTS = 40000
     #: When the words found nothing, a passage is near only when it stands this many
     #: deviations out from the passages as a whole (a question about the weather is about as
     #: near to all of them).
@@ -4122,17 +4123,18 @@ class Meaning:
             return []  # the model changed its dimensions: learn() makes the vectors again
         mine = meaning_signs(asked)
         distances = [(mine ^ theirs).bit_count() for theirs in signs]
-        # By hand: statistics.pstdev is exact, in fractions, and took 20 ms for 20,000.
-        mean = sum(distances) / len(distances)
-        spread = math.sqrt(max(0.0, sum(d * d for d in distances) / len(distances) - mean * mean)
-                           ) or 1.0
         # Signs alone rank roughly (384 of a small model's more roughly than 1,536): the
-        # nearest few hundred are weighed exactly, as many as cost about 60,000 products.
+        # nearest few dozen are weighed exactly, as many as cost about PRODUCTS products.
         shortlist = heapq.nsmallest(max(self.MOST, self.PRODUCTS // len(asked)),
-                                    range(len(ids)), key=distances.__getitem__)
-        if not found_by_words and (mean - distances[shortlist[0]]) / spread < self.STANDOUT:
-            return []  # nothing the words found, and nothing stands out: not on the subject
-        chosen = [ids[at] for at in shortlist]
+                                    zip(distances, range(len(ids))))
+        if not found_by_words:
+            # By hand: statistics.pstdev is exact, in fractions, and took 20 ms for 20,000.
+            mean = sum(distances) / len(distances)
+            spread = math.sqrt(max(0.0, sum(d * d for d in distances) / len(distances) -
+                                   mean * mean)) or 1.0
+            if (mean - shortlist[0][0]) / spread < self.STANDOUT:
+                return []  # nothing the words found, and nothing stands out: off the subject
+        chosen = [ids[at] for _, at in shortlist]
         rows = conn.execute(PASSAGES_WITH_VECTORS.format(ids=", ".join("?" * len(chosen))),
                             chosen).fetchall()
         norm = math.sqrt(sum(x * x for x in asked)) or 1.0
