@@ -9216,6 +9216,35 @@ def assert_logs_once(text):
         [record.getMessage() for record in records]
 
 
+@pytest.mark.parametrize("name", sorted(os.path.basename(path)[:-5] for path in glob.glob(
+    os.path.join(HERE, "corpora", "*.json"))))
+def test_each_accounts_questions_find_their_passage_as_well_as_a_plain_bm25(tmp_path, name):
+    # Accounts written without reading the search (corpora/): loose floors under the
+    # figures bench_wxbot.py --corpora measures, so that a regression shows.
+    import bench_wxbot
+    corpus = json.load(open(os.path.join(HERE, "corpora", f"{name}.json"), encoding="utf-8"))
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        urls = bench_wxbot.learn_corpus_three_ways(articles, corpus, str(tmp_path))
+        with articles._reading() as conn:
+            rows = conn.execute("SELECT s.id, s.title, s.url, s.date, p.text, s.origin FROM"
+                                " article_passages p JOIN article_sources s ON"
+                                " s.id = p.source_id").fetchall()
+        origin = {row[0]: row[5] for row in rows}
+        baseline = bench_wxbot.BigramBM25([row[:5] for row in rows])
+
+        def found(search):
+            return sum(any((p.url or origin[p.source_id]) == urls[q["answer"]] and
+                           q["holds"] in p.text for p in search(q["q"], q["earlier"]))
+                       for q in corpus["questions"]) / len(corpus["questions"])
+        ours, theirs = found(articles.find), found(baseline.find)
+        assert ours >= 0.83 and ours >= theirs - 0.04, (ours, theirs)
+        assert sum(bool(articles.find(q["q"])) for q in corpus["unrelated"]) <= \
+            0.5 * len(corpus["unrelated"])
+    finally:
+        articles.close()
+
+
 def test_find_searches_a_follow_up_with_the_question_before_it(tmp_path):
     corpus = json.load(open(CORPUS, encoding="utf-8"))
     articles = learned_corpus(str(tmp_path / "wxbot.db"), corpus)
