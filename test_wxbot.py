@@ -1058,6 +1058,28 @@ def test_questions_held_at_a_stop_are_answered_after_the_next_start(start_bot, w
     wait_for(lambda: all(wechat.texts_to(f"oRESTART{n}") == [wxbot.HOLD_LINE, f"答：问{n}"]
                          for n in range(3)), message="the held questions answered")
 
+def test_a_held_question_holds_back_none_of_its_readers_messages_that_need_no_model(
+        start_bot, wechat, model, notify):
+    down = threading.Event()
+    down.set()
+    model.respond = lambda request: (_ for _ in ()).throw(ModelFault(503)) if down.is_set() \
+        else "答：" + request["messages"][-1]["content"]
+    bot = start_bot(WXBOT_NOTIFY_URL=notify.url)
+    for n in range(2):
+        send_text(bot, f"oHELD-OTHER{n}", "你好", n + 1)
+    wait_for(lambda: bot.outage.down, message="the model down for everyone")
+    reader = "oREADER-held-0001"
+    send_text(bot, reader, "在吗", 3)
+    wait_for(lambda: wechat.texts_to(reader) == [wxbot.HOLD_LINE], message="the question held")
+    send_text(bot, reader, "/help", 4)
+    wait_for(lambda: len(wechat.texts_to(reader)) == 2, message="/help answered at once")
+    assert wechat.texts_to(reader)[1].startswith(wxbot.HELP_LINE.split("\n")[0])
+    send_text(bot, reader, "转人工", 5)
+    wait_for(lambda: wechat.texts_to(reader)[-1:] == [wxbot.PERSON_LINE],
+             message="the reader asking for a person is told at once")
+    assert message_state(bot, reader, 3) == "queued"  # the question waits for the model
+
+
 def test_a_question_held_past_wxbot_hold_gets_the_apology(start_bot, wechat, model):
     model.respond = lambda request: (_ for _ in ()).throw(ModelFault(503))
     bot = start_bot(WXBOT_HOLD=2)

@@ -1096,12 +1096,16 @@ INTERRUPTIONS_LIMIT = 5
 #: already (a fixed reply, Store.reply_at_once) waits only for the user's other such ones:
 #: it goes out at once, not after the model's answer to an earlier question. :ready_only
 #: takes only messages that need no model (Sender): those, and the ones answered from what
-#: is stored (needs_model: 继续, /help, the welcome...), which keep the order rule.
+#: is stored (needs_model: 继续, /help, the welcome...), which keep the order rule; but such
+#: a message passes a question waiting for the model's next try (not_before: held through an
+#: outage for up to WXBOT_HOLD, Outage), or 转人工 would wait as long as the model is down.
 CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_before <= :now"
              " AND (m.answered_at IS NOT NULL OR NOT m.needs_model OR NOT :ready_only)"
              " AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
              " AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased')"
-             " AND (m.answered_at IS NULL OR o.answered_at IS NOT NULL))"
+             " AND (m.answered_at IS NULL OR o.answered_at IS NOT NULL)"
+             " AND (m.needs_model OR o.state = 'leased' OR o.not_before <= :now"
+             " OR o.answered_at IS NOT NULL OR NOT o.needs_model))"
              " ORDER BY m.id LIMIT 1")
 #: The kv key noting that the queue line went out for a message: it used one of the 5.
 QUEUE_LINE_KEY = "queue-line:{}"
