@@ -7914,12 +7914,12 @@ def test_notifications_come_at_most_once_a_minute_of_each_kind(tmp_path, notify)
     store = wxbot.Store(settings.db)
     notifier = wxbot.Notifier(settings, store, clock=lambda: now[0])
     thread = threading.Thread(target=notifier.run, daemon=True)
-    thread.start()
     try:
         assert notifier.tell("undelivered", "一") and not notifier.tell("undelivered", "二")
         assert notifier.tell("disk", "满了")
         now[0] += 61
-        assert notifier.tell("undelivered", "三")
+        assert notifier.tell("undelivered", "三")  # the one held goes with it
+        thread.start()
         wait_for(lambda: len(notify.posts) == 3)
         assert notify.kinds() == ["undelivered", "disk", "undelivered"]
         assert "还有 1 次同类情况" in notify.posts[2]["text"]
@@ -7929,6 +7929,28 @@ def test_notifications_come_at_most_once_a_minute_of_each_kind(tmp_path, notify)
         notifier.model_failed("HTTP 503")
         wait_for(lambda: len(notify.posts) == 4)
         assert notify.kinds()[-1] == "model"
+    finally:
+        notifier.stop()
+        thread.join(5)
+        store.close()
+
+
+def test_what_was_held_back_in_the_minute_is_told_once_it_is_over(tmp_path, notify,
+                                                                    monkeypatch):
+    monkeypatch.setattr(wxbot.Notifier, "EVERY", 0.5)  # the minute, compressed
+    settings = settings_for(tmp_path, WXBOT_NOTIFY_URL=notify.url)
+    store = wxbot.Store(settings.db)
+    notifier = wxbot.Notifier(settings, store)
+    thread = threading.Thread(target=notifier.run, daemon=True)
+    thread.start()
+    try:
+        assert notifier.tell("undelivered", "一")
+        assert not notifier.tell("undelivered", "二") and not notifier.tell("undelivered", "三")
+        wait_for(lambda: len(notify.posts) == 2, message="the held ones told, no next needed")
+        assert notify.posts[1]["text"].startswith("三") and "共 2 次" in notify.posts[1]["text"]
+        assert notifier.tell("undelivered", "四") is False  # within the new minute: held
+        wait_for(lambda: len(notify.posts) == 3)
+        assert notify.posts[2]["text"].startswith("四") and "共 1 次" in notify.posts[2]["text"]
     finally:
         notifier.stop()
         thread.join(5)

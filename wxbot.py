@@ -6799,8 +6799,9 @@ def notify_body(url: str, kind: str, text: str, at: float) -> dict:
 
 class Notifier:
     """Tells the owner what matters by a POST to WXBOT_NOTIFY_URL, from a thread of its own:
-    an answer never waits for it. At most one message a minute of each kind (the rest are
-    counted in the next); a failing URL is logged once, until it works again."""
+    an answer never waits for it. At most one message a minute of each kind: the rest are
+    counted, and the last of them goes with their count once the minute is over (flush), or
+    with the next of its kind; a failing URL is logged once, until it works again."""
 
     #: Seconds between two messages of one kind.
     EVERY = 60.0
@@ -6811,6 +6812,7 @@ class Notifier:
         self.url, self.store, self.clock = settings.notify_url, store, clock
         self._last: dict[str, float] = {}
         self._held: collections.Counter = collections.Counter()
+        self._held_text: dict[str, str] = {}  # the last of those held back, by kind
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._failing = False
@@ -6828,6 +6830,9 @@ class Notifier:
         with self._lock:
             if now - self._last.get(kind, -self.EVERY) < self.EVERY:
                 self._held[kind] += 1
+                self._held_text[kind] = text
+                if self._held[kind] == 1:  # the thread is to flush it at the minute's end
+                    self._outbox.put(("", "", now))
                 return False
             self._last[kind] = now
             held, self._held[kind] = self._held[kind], 0
@@ -6835,6 +6840,20 @@ class Notifier:
             text += f"\n（上一条之后还有 {held} 次同类情况）"
         self._outbox.put((kind, text, now))
         return True
+
+    def flush(self) -> float:
+        """Queue what was held back of each kind whose minute is over: its last message, and
+        how many there were. Seconds until the next minute ends with something held."""
+        now, due = self.clock(), []
+        with self._lock:
+            for kind in [kind for kind, held in self._held.items() if held]:
+                if now - self._last[kind] < self.EVERY:
+                    due.append(self._last[kind] + self.EVERY - now)
+                    continue
+                held, self._held[kind], self._last[kind] = self._held[kind], 0, now
+                self._outbox.put((kind, f"{self._held_text.pop(kind)}\n（上一条之后共 {held} "
+                                        f"次同类情况，这是最近一次）", now))
+        return min(due, default=self.DAILY_LOOK)
 
     def send(self, kind: str, text: str, at: float) -> str | None:
         """POST one message now; None when the URL took it, else why not (for `check`)."""
@@ -6867,7 +6886,7 @@ class Notifier:
         while not self.stopping.is_set():
             try:
                 kind, text, at = self._outbox.get(timeout=max(0.1, min(
-                    self.DAILY_LOOK, next_look - self.clock())))
+                    self.flush(), next_look - self.clock())))
             except queue.Empty:
                 kind = None
             if kind == "stop":
