@@ -7923,12 +7923,6 @@ def test_notifications_come_at_most_once_a_minute_of_each_kind(tmp_path, notify)
         wait_for(lambda: len(notify.posts) == 3)
         assert notify.kinds() == ["undelivered", "disk", "undelivered"]
         assert "还有 1 次同类情况" in notify.posts[2]["text"]
-        for _ in range(3):
-            notifier.model_failed("HTTP 503")
-        now[0] += wxbot.MODEL_FAILING_SECONDS
-        notifier.model_failed("HTTP 503")
-        wait_for(lambda: len(notify.posts) == 4)
-        assert notify.kinds()[-1] == "model"
     finally:
         notifier.stop()
         thread.join(5)
@@ -7951,6 +7945,46 @@ def test_what_was_held_back_in_the_minute_is_told_once_it_is_over(tmp_path, noti
         assert notifier.tell("undelivered", "四") is False  # within the new minute: held
         wait_for(lambda: len(notify.posts) == 3)
         assert notify.posts[2]["text"].startswith("四") and "共 1 次" in notify.posts[2]["text"]
+    finally:
+        notifier.stop()
+        thread.join(5)
+        store.close()
+
+
+@pytest.mark.parametrize("hold", [1800, 0])
+def test_the_owner_is_told_of_a_model_outage_when_it_begins_after_10_minutes_hourly_and_when_it_ends(
+        tmp_path, notify, hold):
+    now = [1_800_000_000.0]
+    settings = settings_for(tmp_path, WXBOT_NOTIFY_URL=notify.url, WXBOT_HOLD=hold)
+    store = wxbot.Store(settings.db)
+    notifier = wxbot.Notifier(settings, store, clock=lambda: now[0])
+    outage = wxbot.Outage(settings, store, notifier)
+    thread = threading.Thread(target=notifier.run, daemon=True)
+    thread.start()
+    down = wxbot.ModelError("HTTP 503", failed="provider error")
+    try:
+        outage.failed(types.SimpleNamespace(id=1), down, now[0])  # one question's, 2 h ago
+        now[0] += 7200
+        outage.failed(types.SimpleNamespace(id=2), down, now[0])
+        assert notify.posts == []  # no outage: not "failing for 120 minutes"
+        for message_id in (3, 4):
+            now[0] += 10
+            outage.failed(types.SimpleNamespace(id=message_id), down, now[0])
+        assert outage.down
+        wait_for(lambda: len(notify.posts) == 1, message="told when it begins")
+        assert "分钟" not in notify.posts[0]["text"] and "HTTP 503" in notify.posts[0]["text"]
+        for minute in range(1, 181):  # the workers' tick, each minute for 3 hours
+            now[0] += 60
+            outage.tick(now[0])
+            if minute % 7 == 0:
+                outage.failed(types.SimpleNamespace(id=9), down, now[0])
+        outage.answered(now[0])
+        wait_for(lambda: len(notify.posts) == 6)
+        texts = [post["text"] for post in notify.posts]
+        assert notify.kinds() == ["model"] * 5 + ["model_back"]
+        assert [re.search(r"失败 (\d+) 分钟", text)[1] for text in texts[1:5]] == [
+            "10", "60", "120", "180"]
+        assert "180 分钟后恢复" in texts[5]
     finally:
         notifier.stop()
         thread.join(5)

@@ -6766,9 +6766,7 @@ class Acknowledger:
 
 #: What the owner is told of (WXBOT_NOTIFY_URL), each kind at most once a minute.
 NOTIFY_KINDS = {"person": "读者要找人工", "undelivered": "消息未送达", "model": "模型持续失败",
-                "disk": "磁盘已满", "uncovered": "今天没有文章覆盖的问题", "test": "测试通知"}
-#: The model failing this long, whatever it is asked, is worth the owner's attention.
-MODEL_FAILING_SECONDS = 180.0
+                "model_back": "模型已恢复", "disk": "磁盘已满", "uncovered": "今天没有文章覆盖的问题", "test": "测试通知"}
 
 NOTIFY_SCHEMA = """
 -- What the owner was told, or was to be told (sent = 0: the URL failed): the daily list of
@@ -6816,7 +6814,6 @@ class Notifier:
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._failing = False
-        self._model_failing_since: float | None = None
         self.stopping = threading.Event()
         with store.transaction() as conn:
             upgrade_tables(conn, NOTIFY_SCHEMA)
@@ -6913,18 +6910,6 @@ class Notifier:
             return False
         lines = [f"{group['count']}× {group['content'][:60]}" for group in groups[:10]]
         return self.tell("uncovered", "\n".join(lines) + "\n在控制台 问题 → 没有文章覆盖 写下答案。")
-
-    def model_failed(self, error: str) -> None:
-        """The model failed once more: the owner is told once it has failed for minutes."""
-        now = self.clock()
-        with self._lock:
-            since = self._model_failing_since = self._model_failing_since or now
-        if now - since >= MODEL_FAILING_SECONDS:
-            self.tell("model", f"模型已连续失败 {round((now - since) / 60)} 分钟：{error[:200]}")
-
-    def model_answered(self) -> None:
-        with self._lock:
-            self._model_failing_since = None
 
 
 def uncovered_questions(conn: sqlite3.Connection, since: float,
@@ -7205,7 +7190,10 @@ class Outage:
     the queue in their order, each asked once more. A question still held after WXBOT_HOLD
     gets the apology. The held questions are in the database: a restart goes on with them.
     The log has one line when it begins, one a minute with counts while it lasts (the held
-    questions say nothing of their own), and one when it ends.
+    questions say nothing of their own), and one when it ends. The owner (WXBOT_NOTIFY_URL)
+    is told when it begins, after 10 minutes, then hourly, and when it ends. WXBOT_HOLD=0
+    holds nothing (each question is tried and apologised for as before): the outage is only
+    told.
     """
 
     OUTAGE_AFTER = 3
@@ -7213,9 +7201,13 @@ class Outage:
     PROBE_MOST = 30
     #: Seconds between two lines of the log while it lasts.
     REPORT_EVERY = 60.0
+    #: When the owner is told it lasts, in seconds from its start: these, then every hour.
+    NOTICES = (0.0, 600.0)
+    NOTICE_EVERY = 3600.0
 
-    def __init__(self, settings: Settings, store: Store):
-        self.settings, self.store = settings, store
+    def __init__(self, settings: Settings, store: Store, notifier: "Notifier | None" = None):
+        self.settings, self.store, self.notifier = settings, store, notifier
+        self.notices = 0       # the owner told this many times in this outage
         self._lock = threading.Lock()
         self.in_row = 0        # outage signs since the last answer
         self.failing: set[int] = set()  # the messages they came from
@@ -7235,6 +7227,8 @@ class Outage:
             since = conn.execute("SELECT min(held_at) FROM held_questions").fetchone()[0]
         if since is not None:  # stopped during an outage: it goes on, the model tried at once
             self.down_since, self.reported_at = since, time.time()
+            while self._notice_at(self.notices) <= self.reported_at - since:
+                self.notices += 1  # told before the stop
             log_model.warning("questions were held for the model at the last stop: trying it "
                               "again now")
 
@@ -7246,11 +7240,31 @@ class Outage:
         base = self.settings.retry_base
         return min(base * 2 ** self.probes, base * self.PROBE_MOST)
 
+    def _notice_at(self, notices: int) -> float:
+        """Seconds from its start when the owner is told of the outage once more."""
+        if notices < len(self.NOTICES):
+            return self.NOTICES[notices]
+        return self.NOTICE_EVERY * (notices - len(self.NOTICES) + 1)
+
+    def _tell_owner(self, now: float) -> None:
+        """Tell the owner the model is down, when a notice is due (NOTICES)."""
+        with self._lock:
+            since, last = self.down_since, self.last
+            if self.notifier is None or since is None or \
+                    now - since < self._notice_at(self.notices):
+                return
+            self.notices += 1
+        minutes = round((now - since) / 60)
+        self.notifier.tell("model", "".join((
+            f"模型已连续失败 {minutes} 分钟" if minutes else "模型对所有提问都失败了",
+            "，读者的提问暂存到恢复后回答" if self.settings.hold else "，读者收到道歉",
+            f"：{str(last or '停止前已失败')[:200]}")))
+
     def admit(self, message: Message, now: float) -> bool:
         """Whether the model may be asked for this message now: it is up, or this is the one
         try while it is down (the first to come once the pause is over)."""
         with self._lock:
-            if self.down_since is None or self.probing == message.id:
+            if self.down_since is None or self.probing == message.id or not self.settings.hold:
                 return True
             if self.probing is not None and now > self.probe_started + self.probe_longest:
                 self.probing = None  # its worker never said how it went (stopped, a bug)
@@ -7278,13 +7292,17 @@ class Outage:
                     now - self.run_began >= self.settings.retry_base and (
                     len(self.failing) > 1 or error.failed == "no connection"):
                 self.down_since = self.reported_at = now
-                self.probes, self.apologised = 0, 0
+                self.probes, self.apologised, self.notices = 0, 0, 0
                 self.probe_at = now + self._pause()
                 log_model.error("the model fails for everyone: %d calls in a row, the last %s; "
+                                "%s", self.in_row, error,
                                 "questions are held (each reader is told once) and answered "
-                                "when it is back, or apologised for after WXBOT_HOLD (%s)",
-                                self.in_row, error, age_text(self.settings.hold))
-            return self.down_since is not None
+                                f"when it is back, or apologised for after WXBOT_HOLD "
+                                f"({age_text(self.settings.hold)})" if self.settings.hold else
+                                "each question gets the apology (WXBOT_HOLD=0)")
+            down = self.down_since is not None
+        self._tell_owner(now)
+        return down and self.settings.hold > 0
 
     def answered(self, now: float) -> bool:
         """A model call answered: an outage is over. True when held questions went back to
@@ -7303,6 +7321,9 @@ class Outage:
         log_model.warning("the model answers again after %s: %d held question(s) are answered "
                           "now, in order; %d were apologised for after WXBOT_HOLD",
                           age_text(now - since), back, self.apologised)
+        if self.notifier:
+            self.notifier.tell("model_back", f"模型在中断 {round((now - since) / 60)} 分钟后恢复"
+                                             f"：{back} 个暂存的提问现在回答。")
         return True
 
     def hold(self, message: Message, now: float) -> bool | None:
@@ -7361,6 +7382,7 @@ class Outage:
                     conn.execute("UPDATE held_questions SET probed_at = ? WHERE message_id = ?",
                                  (now, row[0]))
                     conn.execute("UPDATE messages SET not_before = 0 WHERE id = ?", (row[0],))
+        self._tell_owner(now)
         if report:
             with self.store.connection() as conn:
                 held, told = conn.execute("SELECT count(*), count(told_at) FROM"
@@ -7707,8 +7729,6 @@ class Worker:
             self.wakeup.notify_all()  # the held questions are in the queue again
         if self.counts_uses:
             self.articles.note_use(message.id, time.time(), len(passages), len(citations.cited))
-        if self.notifier:
-            self.notifier.model_answered()
         return planned
 
     def _last_segments(self, message: Message, cutter: StreamCutter, citations: Citations
@@ -7917,8 +7937,6 @@ class Worker:
         what it cited, ends it before the cut-off note)."""
         if self.metrics:
             self.metrics.count("wxbot_model_errors_total", error.failed.replace(" ", "_"))
-        if self.notifier and error.kind != "refused":  # held or not: the owner hears of it
-            self.notifier.model_failed(str(error))
         partial = self.store.partial_answer(message.id)
         if chat_model and self.outage and not partial and \
                 self.outage.failed(message, error, time.time()):
@@ -10564,8 +10582,9 @@ class Bot:
                                handoff=self.handoff)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
                                  settings.host, settings.port)
-        #: Questions held while the model fails for everyone; WXBOT_HOLD=0: none is.
-        self.outage = Outage(settings, self.store) if settings.hold else None
+        #: Questions held while the model fails for everyone (WXBOT_HOLD=0: none is), and
+        #: the owner told of it.
+        self.outage = Outage(settings, self.store, self.notifier)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
                                self.mode, f"worker-{n}", self.owner, self.acknowledger,
                                self.ready, self.articles, self.handoff, self.notifier,
