@@ -7345,6 +7345,22 @@ def test_a_refused_card_becomes_its_source_line(start_bot, wechat, model, tmp_pa
     assert wechat.cards == [] and bot.store.health(time.time())["unsent_segments"] == 0
 
 
+def test_a_card_refused_with_48001_becomes_its_source_line_and_the_bot_stays_on_the_api(
+        start_bot, wechat, model, tmp_path):
+    publish_card_posts(wechat)
+    assert learn(tmp_path, wechat, model, "--published")[0] == 0
+    # An account allowed texts but not this card type: the card alone is refused.
+    wechat.intercept = lambda path, body: 48001 if path == SEND and \
+        body.get("msgtype") in ("mpnewsarticle", "news") else None
+    bot = start_bot()
+    model.respond = cite_first
+    send_text(bot, "oNOCARD", "国庆放假吗", 1)
+    wait_for(lambda: bot.store.settled(1) and len(wechat.texts_to("oNOCARD")) == 2,
+             message="the answer and the 来源 line instead of the card")
+    assert wechat.texts_to("oNOCARD")[1].startswith("来源：<a href=")
+    assert not bot.mode.passive and bot.store.health(time.time())["unsent_segments"] == 0
+
+
 def test_in_passive_mode_an_answer_is_one_text_naming_its_published_article(
         start_bot, wechat, model, tmp_path, quick_wechat_clock):
     publish_card_posts(wechat)

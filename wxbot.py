@@ -8077,12 +8077,15 @@ class Worker:
 
     def _send_card(self, message: Message, row: sqlite3.Row) -> None:
         """Send an article's card; its 来源 line instead when WeChat refuses the card itself
-        (an article since deleted, a card type the account may not send). What fails any
-        message (the quota, the window, the network) fails it as it would a text."""
+        (an article since deleted, a card type the account may not send: 48001 too, which
+        says nothing of texts, so it never makes the replies passive; the line, if refused
+        as well, does). What fails any message (the quota, the window, the network) fails it
+        as it would a text."""
         try:
             self.wechat.send_card(message.openid, json.loads(row["card"]))
         except WeChatError as error:
-            if error.errcode in (None, -1, 45011, 40164) or error.errcode in GIVE_UP:
+            if error.errcode in (None, -1, 45011, 40164) or \
+                    error.errcode in GIVE_UP and error.errcode != 48001:
                 raise
             log_worker.warning("message %s: WeChat refused the article's card (%s); its 来源 "
                                "line goes instead", message.id, error.hint())
