@@ -819,6 +819,23 @@ def test_metrics_are_scraped_from_the_admin_listener_without_a_console(start_bot
     assert requests.get(f"http://127.0.0.1:{bot.console.port}/", timeout=5).status_code == 404
 
 
+def test_metrics_answer_only_to_their_own_host_and_beyond_this_machine_are_warned_of(
+        start_bot, caplog):
+    """A page of another site whose name points at 127.0.0.1 (DNS rebinding) reads no
+    metrics; listening beyond this machine without a console is logged as the console is."""
+    bot = start_bot()
+    url = f"http://127.0.0.1:{bot.console.port}/metrics"
+    assert requests.get(url, timeout=5).status_code == 200
+    assert requests.get(url, headers={"Host": f"localhost:{bot.console.port}"},
+                        timeout=5).status_code == 200
+    rebound = requests.get(url, headers={"Host": "evil.example"}, timeout=5)
+    assert rebound.status_code == 421 and "wxbot_" not in rebound.text
+    assert "beyond this machine" not in caplog.text
+    bot.stop(timeout=5)
+    bot = start_bot(WXBOT_ADMIN_HOST="0.0.0.0", WXBOT_DB=bot.settings.db + "2")
+    assert "/metrics listens on 0.0.0.0, beyond this machine" in caplog.text
+
+
 def test_metrics_count_model_errors_by_what_failed_and_the_queue_while_down(start_bot, wechat,
                                                                             model):
     model.respond = lambda request: (_ for _ in ()).throw(ModelFault(503))

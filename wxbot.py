@@ -8985,11 +8985,15 @@ class Metrics:
             lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value:g}"]
         return "\n".join(lines) + "\n"
 
-    def wsgi(self, console: Callable | None = None) -> Callable:
-        """The admin listener's app: /metrics here, the rest the owner's console's (none
-        without WXBOT_ADMIN_PASSWORD: 404)."""
+    def wsgi(self, console: Callable | None = None, proxies: Sequence[str] = ()) -> Callable:
+        """The admin listener's app: /metrics here, to its own host only (own_host), the rest
+        the owner's console's (none without WXBOT_ADMIN_PASSWORD: 404)."""
         def app(environ, start_response):
             if environ.get("PATH_INFO") == "/metrics":
+                if not own_host(environ, proxies):
+                    start_response("421 Misdirected Request",
+                                   [("Content-Type", "text/plain; charset=utf-8")])
+                    return [NOT_OWN_HOST.encode()]
                 if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
                     start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
                     return [b"method not allowed"]
@@ -9427,6 +9431,24 @@ def host_name(url: str) -> str:
         return urllib.parse.urlsplit(url).hostname or ""
     except ValueError:
         return ""
+
+
+#: What the admin listener answers (421) a request naming another host than its own.
+NOT_OWN_HOST = ("the admin listener answers to localhost or its IP address; behind a proxy, "
+                "name the proxy in WXBOT_TRUSTED_PROXIES")
+
+
+def own_host(environ: Mapping, proxies: Sequence[str]) -> bool:
+    """Whether a request names the admin listener (console, /metrics) as its host: localhost
+    or an IP address (what the owner's browser names through an SSH tunnel), or any name
+    through a named proxy (it answers for its own names). A page of another site whose name
+    was made to point at 127.0.0.1 (DNS rebinding) names its own, and is refused."""
+    if from_proxy(environ, proxies):
+        return True
+    name = host_name("//" + environ.get("HTTP_HOST", ""))
+    with contextlib.suppress(ValueError):
+        return name == "localhost" or bool(ipaddress.ip_address(name))
+    return False
 
 
 def over_https(environ: Mapping, proxies: Sequence[str] = ()) -> bool:
@@ -10192,26 +10214,12 @@ class OwnerConsole:
         return origin != "null" and host_name(origin) != host_name(
             "//" + bottle.request.headers.get("Host", ""))
 
-    def own_host(self) -> bool:
-        """Whether the request names this console as its host: localhost or an IP address
-        (what the owner's browser names through an SSH tunnel), or any name through a named
-        proxy (it answers for its own names). A page of another site whose name was made to
-        point at 127.0.0.1 (DNS rebinding) names its own, and is refused."""
-        if from_proxy(bottle.request.environ, self.settings.trusted_proxies):
-            return True
-        name = host_name("//" + bottle.request.headers.get("Host", ""))
-        with contextlib.suppress(ValueError):
-            return name == "localhost" or bool(ipaddress.ip_address(name))
-        return False
-
     def door(self, callback):
         """A bottle plugin: no page or action without a session, no POST without its token."""
         @functools.wraps(callback)
         def guarded(*args, **kwargs):
-            if not self.own_host():
-                return bottle.HTTPResponse(
-                    "this console answers to localhost or its IP address; behind a proxy, "
-                    "name the proxy in WXBOT_TRUSTED_PROXIES", 421)
+            if not own_host(bottle.request.environ, self.settings.trusted_proxies):
+                return bottle.HTTPResponse(NOT_OWN_HOST, 421)
             if bottle.request.route.config.get("open"):
                 return callback(*args, **kwargs)
             token = self.guard.session(bottle.request.get_cookie(self.cookie_name()),
@@ -10611,8 +10619,8 @@ class Bot:
         #: default) costs the metrics only.
         try:
             self.console: HttpServer | None = HttpServer(self.metrics.wsgi(
-                self.owner_console and self.owner_console.app()), settings.admin_host,
-                settings.admin_port)
+                self.owner_console and self.owner_console.app(), settings.trusted_proxies),
+                settings.admin_host, settings.admin_port)
         except OSError as error:
             if self.owner_console:
                 raise
@@ -10638,6 +10646,11 @@ class Bot:
             self.console.start()
             log.info("metrics on http://%s:%d/metrics", self.settings.admin_host,
                      self.console.port)
+            if not self.owner_console and not local_address(self.settings.admin_host):
+                log.warning("/metrics listens on %s, beyond this machine: anyone who reaches "
+                            "the port reads the bot's counts; keep WXBOT_ADMIN_HOST=127.0.0.1 "
+                            "and scrape through ssh -L or nginx (README, Console)",
+                            self.settings.admin_host)
         if self.owner_console:
             threading.Thread(target=self.owner_console.count_days, name="console-days",
                              daemon=True).start()
