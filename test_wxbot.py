@@ -9896,6 +9896,28 @@ def test_an_ipv6_subscriber_holds_connections_as_one_client(monkeypatch):
             theirs.close()
 
 
+def test_the_connections_of_a_trusted_proxy_are_never_closed_to_make_room(monkeypatch):
+    """nginx on this machine holds many connections for many readers: a connection from
+    elsewhere takes none of their places."""
+    monkeypatch.setattr(wxbot.QuietHandler, "idle_timeout", 60.0)
+    server = wxbot.ThreadingServer(("127.0.0.1", 0), lambda environ, start: [b""],
+                                   proxies=("127.0.0.1/32",))
+    server.max_connections = 8
+    pairs = [socket.socketpair() for _ in range(9)]
+    try:
+        for ours, _ in pairs[:8]:
+            server.process_request(ours, ("127.0.0.1", 50000))
+        assert server.held == {"127.0.0.1": 8}
+        server.process_request(pairs[8][0], ("203.0.113.5", 443))
+        wait_for(lambda: closed_by_server(pairs[8][1]), message="the newcomer turned away")
+        assert not any(closed_by_server(theirs) for _, theirs in pairs[:8])
+    finally:
+        server.server_close()
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+
 @pytest.mark.parametrize("head", [
     b"GET\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS hello
     b"POST /wx HTTP/1.1\r\nno colon here\r\n\r\n",

@@ -8737,8 +8737,8 @@ class ThreadingServer(socketserver.TCPServer):
     its request yet (idle, or a byte at a time): however many addresses an attacker fills
     the slots from, each push of WeChat's (from addresses holding one or two) gets one. A
     connection of a client that holds the most is closed at once, and the log says so once a
-    minute at most. A reverse proxy on this machine is a client like any other: its requests
-    arrive whole at once, so they are never the ones waiting for theirs.
+    minute at most. A proxy the owner named (WXBOT_TRUSTED_PROXIES: nginx in front) speaks
+    for many clients over its many connections: none of its connections makes room.
     """
 
     allow_reuse_address = True
@@ -8747,8 +8747,9 @@ class ThreadingServer(socketserver.TCPServer):
     request_queue_size = 1024
     max_connections = 512
 
-    def __init__(self, address: tuple[str, int], app, handler=QuietHandler):
-        self.app = app
+    def __init__(self, address: tuple[str, int], app, handler=QuietHandler,
+                 proxies: Sequence[str] = ()):
+        self.app, self.proxies = app, proxies
         super().__init__(address, handler)
 
     def server_activate(self):
@@ -8765,12 +8766,14 @@ class ThreadingServer(socketserver.TCPServer):
 
     def process_request(self, request, client_address):
         group = address_group(client_address[0])
+        proxy = trusted_proxy(client_address[0], self.proxies)
         with self.lock:
             full = self.open >= self.max_connections and not self._make_room(group)
             if not full:
                 self.open += 1
                 self.held[group] += 1
-                self.waiting[group][request] = None
+                if not proxy:
+                    self.waiting[group][request] = None
                 spare = self.spare > 0
                 self.spare -= spare
         if full:
@@ -8856,8 +8859,8 @@ class ThreadingServer(socketserver.TCPServer):
 class HttpServer:
     """The server and serve_forever in a thread, with a clean stop (bottle.run has none)."""
 
-    def __init__(self, app, host: str, port: int):
-        self.server = ThreadingServer((host, port), app)
+    def __init__(self, app, host: str, port: int, proxies: Sequence[str] = ()):
+        self.server = ThreadingServer((host, port), app, proxies=proxies)
         self.port = self.server.server_address[1]
         # How soon serve_forever sees stop(): twenty idle looks a second cost nothing
         # measurable, and stop() (each restart, each test) takes 50 ms rather than 500.
@@ -9406,8 +9409,13 @@ def from_proxy(environ: Mapping, proxies: Sequence[str]) -> bool:
     """Whether the peer is a proxy the owner named (WXBOT_TRUSTED_PROXIES): its forwarded
     headers are believed; anyone else's could be written by the client itself (through an
     SSH tunnel every local user is a loopback peer)."""
+    return trusted_proxy(environ.get("REMOTE_ADDR", ""), proxies)
+
+
+def trusted_proxy(address: str, proxies: Sequence[str]) -> bool:
+    """Whether an address is in WXBOT_TRUSTED_PROXIES."""
     try:
-        peer = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
+        peer = ipaddress.ip_address(address)
     except ValueError:
         return False
     return any(peer in ipaddress.ip_network(proxy) for proxy in proxies)
@@ -10592,7 +10600,7 @@ class Bot:
                                ready=self.ready, publishing=self.article_sync,
                                handoff=self.handoff)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
-                                 settings.host, settings.port)
+                                 settings.host, settings.port, settings.trusted_proxies)
         #: Questions held while the model fails for everyone (WXBOT_HOLD=0: none is), and
         #: the owner told of it.
         self.outage = Outage(settings, self.store, self.notifier)
@@ -10620,7 +10628,7 @@ class Bot:
         try:
             self.console: HttpServer | None = HttpServer(self.metrics.wsgi(
                 self.owner_console and self.owner_console.app(), settings.trusted_proxies),
-                settings.admin_host, settings.admin_port)
+                settings.admin_host, settings.admin_port, settings.trusted_proxies)
         except OSError as error:
             if self.owner_console:
                 raise
