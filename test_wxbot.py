@@ -8418,7 +8418,9 @@ def test_owner_loop_in_a_real_browser(start_bot, wechat, model, browser, notify)
     wait_for(lambda: browser.shows("已交还机器人"))
     send_text(bot, reader, "蛋糕多少钱？", 3)
     wait_for(lambda: len(wechat.texts_to(reader)) == 3)
-    assert wechat.texts_to(reader)[-1] == "答：蛋糕多少钱？"
+    # The model hears what the reader said while a person answered, with the new question,
+    # as one turn (turns alternate).
+    assert wechat.texts_to(reader)[-1] == "答：好的，我叫小王\n\n蛋糕多少钱？"
     send_text(bot, "oREADER-human-01", "转人工", 4)
     wait_for(lambda: notify.posts)
     wait_for(lambda: message_state(bot, "oREADER-human-01", 4) == "done")
