@@ -1099,12 +1099,16 @@ INTERRUPTIONS_LIMIT = 5
 #: already (a fixed reply, Store.reply_at_once) waits only for the user's other such ones:
 #: it goes out at once, not after the model's answer to an earlier question. :ready_only
 #: takes only messages that need no model (Sender): those, and the ones answered from what
-#: is stored (needs_model: 继续, /help, the welcome...), which keep the order rule.
+#: is stored (needs_model: 继续, /help, the welcome...), which keep the order rule; but such
+#: a message passes a question waiting for the model's next try (not_before: held through an
+#: outage for up to WXBOT_HOLD, Outage), or 转人工 would wait as long as the model is down.
 CLAIMABLE = ("SELECT m.id FROM messages m WHERE m.state = 'queued' AND m.not_before <= :now"
              " AND (m.answered_at IS NOT NULL OR NOT m.needs_model OR NOT :ready_only)"
              " AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.openid = m.openid"
              " AND o.state IN ('queued', 'leased') AND (o.id < m.id OR o.state = 'leased')"
-             " AND (m.answered_at IS NULL OR o.answered_at IS NOT NULL))"
+             " AND (m.answered_at IS NULL OR o.answered_at IS NOT NULL)"
+             " AND (m.needs_model OR o.state = 'leased' OR o.not_before <= :now"
+             " OR o.answered_at IS NOT NULL OR NOT o.needs_model))"
              " ORDER BY m.id LIMIT 1")
 #: The kv key noting that the queue line went out for a message: it used one of the 5.
 QUEUE_LINE_KEY = "queue-line:{}"
@@ -3775,8 +3779,9 @@ class Articles:
     ALONE = 0.3
     #: How much the earlier question's units weigh beside the question's own.
     EARLIER_WEIGHT = 0.5
-    #: Passages BM25 may score for one question (about 3 µs each).
-    BUDGET = 20000
+    #: Passages read from the index for one question, the rarest words' first (each costs
+    #: about a microsecond; a word in thousands of passages says little which to weigh).
+    BUDGET = 8000
     #: Terms whose counts are kept between questions (a few MB at most).
     COUNTS_KEPT = 50000
 
@@ -4001,7 +4006,7 @@ class Meaning:
     #: Passages a learning call sends at once, and its deadline.
     BATCH, LEARN_TIMEOUT = 32, 60.0
     #: Products of components the exact weighing of the nearest by their signs may cost.
-    PRODUCTS = 60000
+    PRODUCTS = 40000
     #: When the words found nothing, a passage is near only when it stands this many
     #: deviations out from the passages as a whole (a question about the weather is about as
     #: near to all of them).
@@ -4133,17 +4138,18 @@ class Meaning:
             return []  # the model changed its dimensions: learn() makes the vectors again
         mine = meaning_signs(asked)
         distances = [(mine ^ theirs).bit_count() for theirs in signs]
-        # By hand: statistics.pstdev is exact, in fractions, and took 20 ms for 20,000.
-        mean = sum(distances) / len(distances)
-        spread = math.sqrt(max(0.0, sum(d * d for d in distances) / len(distances) - mean * mean)
-                           ) or 1.0
         # Signs alone rank roughly (384 of a small model's more roughly than 1,536): the
-        # nearest few hundred are weighed exactly, as many as cost about 60,000 products.
+        # nearest few dozen are weighed exactly, as many as cost about PRODUCTS products.
         shortlist = heapq.nsmallest(max(self.MOST, self.PRODUCTS // len(asked)),
-                                    range(len(ids)), key=distances.__getitem__)
-        if not found_by_words and (mean - distances[shortlist[0]]) / spread < self.STANDOUT:
-            return []  # nothing the words found, and nothing stands out: not on the subject
-        chosen = [ids[at] for at in shortlist]
+                                    zip(distances, range(len(ids))))
+        if not found_by_words:
+            # By hand: statistics.pstdev is exact, in fractions, and took 20 ms for 20,000.
+            mean = sum(distances) / len(distances)
+            spread = math.sqrt(max(0.0, sum(d * d for d in distances) / len(distances) -
+                                   mean * mean)) or 1.0
+            if (mean - shortlist[0][0]) / spread < self.STANDOUT:
+                return []  # nothing the words found, and nothing stands out: off the subject
+        chosen = [ids[at] for _, at in shortlist]
         rows = conn.execute(PASSAGES_WITH_VECTORS.format(ids=", ".join("?" * len(chosen))),
                             chosen).fetchall()
         norm = math.sqrt(sum(x * x for x in asked)) or 1.0
@@ -6804,9 +6810,7 @@ class Acknowledger:
 
 #: What the owner is told of (WXBOT_NOTIFY_URL), each kind at most once a minute.
 NOTIFY_KINDS = {"person": "读者要找人工", "undelivered": "消息未送达", "model": "模型持续失败",
-                "disk": "磁盘已满", "uncovered": "今天没有文章覆盖的问题", "test": "测试通知"}
-#: The model failing this long, whatever it is asked, is worth the owner's attention.
-MODEL_FAILING_SECONDS = 180.0
+                "model_back": "模型已恢复", "disk": "磁盘已满", "uncovered": "今天没有文章覆盖的问题", "test": "测试通知"}
 
 NOTIFY_SCHEMA = """
 -- What the owner was told, or was to be told (sent = 0: the URL failed): the daily list of
@@ -6837,8 +6841,9 @@ def notify_body(url: str, kind: str, text: str, at: float) -> dict:
 
 class Notifier:
     """Tells the owner what matters by a POST to WXBOT_NOTIFY_URL, from a thread of its own:
-    an answer never waits for it. At most one message a minute of each kind (the rest are
-    counted in the next); a failing URL is logged once, until it works again."""
+    an answer never waits for it. At most one message a minute of each kind: the rest are
+    counted, and the last of them goes with their count once the minute is over (flush), or
+    with the next of its kind; a failing URL is logged once, until it works again."""
 
     #: Seconds between two messages of one kind.
     EVERY = 60.0
@@ -6849,10 +6854,10 @@ class Notifier:
         self.url, self.store, self.clock = settings.notify_url, store, clock
         self._last: dict[str, float] = {}
         self._held: collections.Counter = collections.Counter()
+        self._held_text: dict[str, str] = {}  # the last of those held back, by kind
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._failing = False
-        self._model_failing_since: float | None = None
         self.stopping = threading.Event()
         with store.transaction() as conn:
             upgrade_tables(conn, NOTIFY_SCHEMA)
@@ -6866,6 +6871,9 @@ class Notifier:
         with self._lock:
             if now - self._last.get(kind, -self.EVERY) < self.EVERY:
                 self._held[kind] += 1
+                self._held_text[kind] = text
+                if self._held[kind] == 1:  # the thread is to flush it at the minute's end
+                    self._outbox.put(("", "", now))
                 return False
             self._last[kind] = now
             held, self._held[kind] = self._held[kind], 0
@@ -6873,6 +6881,20 @@ class Notifier:
             text += f"\n（上一条之后还有 {held} 次同类情况）"
         self._outbox.put((kind, text, now))
         return True
+
+    def flush(self) -> float:
+        """Queue what was held back of each kind whose minute is over: its last message, and
+        how many there were. Seconds until the next minute ends with something held."""
+        now, due = self.clock(), []
+        with self._lock:
+            for kind in [kind for kind, held in self._held.items() if held]:
+                if now - self._last[kind] < self.EVERY:
+                    due.append(self._last[kind] + self.EVERY - now)
+                    continue
+                held, self._held[kind], self._last[kind] = self._held[kind], 0, now
+                self._outbox.put((kind, f"{self._held_text.pop(kind)}\n（上一条之后共 {held} "
+                                        f"次同类情况，这是最近一次）", now))
+        return min(due, default=self.DAILY_LOOK)
 
     def send(self, kind: str, text: str, at: float) -> str | None:
         """POST one message now; None when the URL took it, else why not (for `check`)."""
@@ -6905,7 +6927,7 @@ class Notifier:
         while not self.stopping.is_set():
             try:
                 kind, text, at = self._outbox.get(timeout=max(0.1, min(
-                    self.DAILY_LOOK, next_look - self.clock())))
+                    self.flush(), next_look - self.clock())))
             except queue.Empty:
                 kind = None
             if kind == "stop":
@@ -6932,18 +6954,6 @@ class Notifier:
             return False
         lines = [f"{group['count']}× {group['content'][:60]}" for group in groups[:10]]
         return self.tell("uncovered", "\n".join(lines) + "\n在控制台 问题 → 没有文章覆盖 写下答案。")
-
-    def model_failed(self, error: str) -> None:
-        """The model failed once more: the owner is told once it has failed for minutes."""
-        now = self.clock()
-        with self._lock:
-            since = self._model_failing_since = self._model_failing_since or now
-        if now - since >= MODEL_FAILING_SECONDS:
-            self.tell("model", f"模型已连续失败 {round((now - since) / 60)} 分钟：{error[:200]}")
-
-    def model_answered(self) -> None:
-        with self._lock:
-            self._model_failing_since = None
 
 
 def uncovered_questions(conn: sqlite3.Connection, since: float,
@@ -7224,7 +7234,10 @@ class Outage:
     the queue in their order, each asked once more. A question still held after WXBOT_HOLD
     gets the apology. The held questions are in the database: a restart goes on with them.
     The log has one line when it begins, one a minute with counts while it lasts (the held
-    questions say nothing of their own), and one when it ends.
+    questions say nothing of their own), and one when it ends. The owner (WXBOT_NOTIFY_URL)
+    is told when it begins, after 10 minutes, then hourly, and when it ends. WXBOT_HOLD=0
+    holds nothing (each question is tried and apologised for as before): the outage is only
+    told.
     """
 
     OUTAGE_AFTER = 3
@@ -7232,9 +7245,13 @@ class Outage:
     PROBE_MOST = 30
     #: Seconds between two lines of the log while it lasts.
     REPORT_EVERY = 60.0
+    #: When the owner is told it lasts, in seconds from its start: these, then every hour.
+    NOTICES = (0.0, 600.0)
+    NOTICE_EVERY = 3600.0
 
-    def __init__(self, settings: Settings, store: Store):
-        self.settings, self.store = settings, store
+    def __init__(self, settings: Settings, store: Store, notifier: "Notifier | None" = None):
+        self.settings, self.store, self.notifier = settings, store, notifier
+        self.notices = 0       # the owner told this many times in this outage
         self._lock = threading.Lock()
         self.in_row = 0        # outage signs since the last answer
         self.failing: set[int] = set()  # the messages they came from
@@ -7254,6 +7271,8 @@ class Outage:
             since = conn.execute("SELECT min(held_at) FROM held_questions").fetchone()[0]
         if since is not None:  # stopped during an outage: it goes on, the model tried at once
             self.down_since, self.reported_at = since, time.time()
+            while self._notice_at(self.notices) <= self.reported_at - since:
+                self.notices += 1  # told before the stop
             log_model.warning("questions were held for the model at the last stop: trying it "
                               "again now")
 
@@ -7265,11 +7284,31 @@ class Outage:
         base = self.settings.retry_base
         return min(base * 2 ** self.probes, base * self.PROBE_MOST)
 
+    def _notice_at(self, notices: int) -> float:
+        """Seconds from its start when the owner is told of the outage once more."""
+        if notices < len(self.NOTICES):
+            return self.NOTICES[notices]
+        return self.NOTICE_EVERY * (notices - len(self.NOTICES) + 1)
+
+    def _tell_owner(self, now: float) -> None:
+        """Tell the owner the model is down, when a notice is due (NOTICES)."""
+        with self._lock:
+            since, last = self.down_since, self.last
+            if self.notifier is None or since is None or \
+                    now - since < self._notice_at(self.notices):
+                return
+            self.notices += 1
+        minutes = round((now - since) / 60)
+        self.notifier.tell("model", "".join((
+            f"模型已连续失败 {minutes} 分钟" if minutes else "模型对所有提问都失败了",
+            "，读者的提问暂存到恢复后回答" if self.settings.hold else "，读者收到道歉",
+            f"：{str(last or '停止前已失败')[:200]}")))
+
     def admit(self, message: Message, now: float) -> bool:
         """Whether the model may be asked for this message now: it is up, or this is the one
         try while it is down (the first to come once the pause is over)."""
         with self._lock:
-            if self.down_since is None or self.probing == message.id:
+            if self.down_since is None or self.probing == message.id or not self.settings.hold:
                 return True
             if self.probing is not None and now > self.probe_started + self.probe_longest:
                 self.probing = None  # its worker never said how it went (stopped, a bug)
@@ -7297,13 +7336,17 @@ class Outage:
                     now - self.run_began >= self.settings.retry_base and (
                     len(self.failing) > 1 or error.failed == "no connection"):
                 self.down_since = self.reported_at = now
-                self.probes, self.apologised = 0, 0
+                self.probes, self.apologised, self.notices = 0, 0, 0
                 self.probe_at = now + self._pause()
                 log_model.error("the model fails for everyone: %d calls in a row, the last %s; "
+                                "%s", self.in_row, error,
                                 "questions are held (each reader is told once) and answered "
-                                "when it is back, or apologised for after WXBOT_HOLD (%s)",
-                                self.in_row, error, age_text(self.settings.hold))
-            return self.down_since is not None
+                                f"when it is back, or apologised for after WXBOT_HOLD "
+                                f"({age_text(self.settings.hold)})" if self.settings.hold else
+                                "each question gets the apology (WXBOT_HOLD=0)")
+            down = self.down_since is not None
+        self._tell_owner(now)
+        return down and self.settings.hold > 0
 
     def answered(self, now: float) -> bool:
         """A model call answered: an outage is over. True when held questions went back to
@@ -7322,6 +7365,9 @@ class Outage:
         log_model.warning("the model answers again after %s: %d held question(s) are answered "
                           "now, in order; %d were apologised for after WXBOT_HOLD",
                           age_text(now - since), back, self.apologised)
+        if self.notifier:
+            self.notifier.tell("model_back", f"模型在中断 {round((now - since) / 60)} 分钟后恢复"
+                                             f"：{back} 个暂存的提问现在回答。")
         return True
 
     def hold(self, message: Message, now: float) -> bool | None:
@@ -7380,6 +7426,7 @@ class Outage:
                     conn.execute("UPDATE held_questions SET probed_at = ? WHERE message_id = ?",
                                  (now, row[0]))
                     conn.execute("UPDATE messages SET not_before = 0 WHERE id = ?", (row[0],))
+        self._tell_owner(now)
         if report:
             with self.store.connection() as conn:
                 held, told = conn.execute("SELECT count(*), count(told_at) FROM"
@@ -7726,8 +7773,6 @@ class Worker:
             self.wakeup.notify_all()  # the held questions are in the queue again
         if self.counts_uses:
             self.articles.note_use(message.id, time.time(), len(passages), len(citations.cited))
-        if self.notifier:
-            self.notifier.model_answered()
         return planned
 
     def _last_segments(self, message: Message, cutter: StreamCutter, citations: Citations
@@ -7936,8 +7981,6 @@ class Worker:
         what it cited, ends it before the cut-off note)."""
         if self.metrics:
             self.metrics.count("wxbot_model_errors_total", error.failed.replace(" ", "_"))
-        if self.notifier and error.kind != "refused":  # held or not: the owner hears of it
-            self.notifier.model_failed(str(error))
         partial = self.store.partial_answer(message.id)
         if chat_model and self.outage and not partial and \
                 self.outage.failed(message, error, time.time()):
@@ -8078,12 +8121,15 @@ class Worker:
 
     def _send_card(self, message: Message, row: sqlite3.Row) -> None:
         """Send an article's card; its 来源 line instead when WeChat refuses the card itself
-        (an article since deleted, a card type the account may not send). What fails any
-        message (the quota, the window, the network) fails it as it would a text."""
+        (an article since deleted, a card type the account may not send: 48001 too, which
+        says nothing of texts, so it never makes the replies passive; the line, if refused
+        as well, does). What fails any message (the quota, the window, the network) fails it
+        as it would a text."""
         try:
             self.wechat.send_card(message.openid, json.loads(row["card"]))
         except WeChatError as error:
-            if error.errcode in (None, -1, 45011, 40164) or error.errcode in GIVE_UP:
+            if error.errcode in (None, -1, 45011, 40164) or \
+                    error.errcode in GIVE_UP and error.errcode != 48001:
                 raise
             log_worker.warning("message %s: WeChat refused the article's card (%s); its 来源 "
                                "line goes instead", message.id, error.hint())
@@ -8735,8 +8781,8 @@ class ThreadingServer(socketserver.TCPServer):
     its request yet (idle, or a byte at a time): however many addresses an attacker fills
     the slots from, each push of WeChat's (from addresses holding one or two) gets one. A
     connection of a client that holds the most is closed at once, and the log says so once a
-    minute at most. A reverse proxy on this machine is a client like any other: its requests
-    arrive whole at once, so they are never the ones waiting for theirs.
+    minute at most. A proxy the owner named (WXBOT_TRUSTED_PROXIES: nginx in front) speaks
+    for many clients over its many connections: none of its connections makes room.
     """
 
     allow_reuse_address = True
@@ -8745,8 +8791,9 @@ class ThreadingServer(socketserver.TCPServer):
     request_queue_size = 1024
     max_connections = 512
 
-    def __init__(self, address: tuple[str, int], app, handler=QuietHandler):
-        self.app = app
+    def __init__(self, address: tuple[str, int], app, handler=QuietHandler,
+                 proxies: Sequence[str] = ()):
+        self.app, self.proxies = app, proxies
         # Before the bind: a bind that fails calls server_close(), which reads it.
         self.threads: list[threading.Thread] = []
         super().__init__(address, handler)
@@ -8764,12 +8811,14 @@ class ThreadingServer(socketserver.TCPServer):
 
     def process_request(self, request, client_address):
         group = address_group(client_address[0])
+        proxy = trusted_proxy(client_address[0], self.proxies)
         with self.lock:
             full = self.open >= self.max_connections and not self._make_room(group)
             if not full:
                 self.open += 1
                 self.held[group] += 1
-                self.waiting[group][request] = None
+                if not proxy:
+                    self.waiting[group][request] = None
                 spare = self.spare > 0
                 self.spare -= spare
         if full:
@@ -8859,9 +8908,10 @@ class CannotListen(OSError):
 class HttpServer:
     """The server and serve_forever in a thread, with a clean stop (bottle.run has none)."""
 
-    def __init__(self, app, host: str, port: int, setting: str = "WXBOT_PORT"):
+    def __init__(self, app, host: str, port: int, proxies: Sequence[str] = (),
+                 setting: str = "WXBOT_PORT"):
         try:
-            self.server = ThreadingServer((host, port), app)
+            self.server = ThreadingServer((host, port), app, proxies=proxies)
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
                 raise CannotListen(
@@ -8997,11 +9047,15 @@ class Metrics:
             lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value:g}"]
         return "\n".join(lines) + "\n"
 
-    def wsgi(self, console: Callable | None = None) -> Callable:
-        """The admin listener's app: /metrics here, the rest the owner's console's (none
-        without WXBOT_ADMIN_PASSWORD: 404)."""
+    def wsgi(self, console: Callable | None = None, proxies: Sequence[str] = ()) -> Callable:
+        """The admin listener's app: /metrics here, to its own host only (own_host), the rest
+        the owner's console's (none without WXBOT_ADMIN_PASSWORD: 404)."""
         def app(environ, start_response):
             if environ.get("PATH_INFO") == "/metrics":
+                if not own_host(environ, proxies):
+                    start_response("421 Misdirected Request",
+                                   [("Content-Type", "text/plain; charset=utf-8")])
+                    return [NOT_OWN_HOST.encode()]
                 if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
                     start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
                     return [b"method not allowed"]
@@ -9414,8 +9468,13 @@ def from_proxy(environ: Mapping, proxies: Sequence[str]) -> bool:
     """Whether the peer is a proxy the owner named (WXBOT_TRUSTED_PROXIES): its forwarded
     headers are believed; anyone else's could be written by the client itself (through an
     SSH tunnel every local user is a loopback peer)."""
+    return trusted_proxy(environ.get("REMOTE_ADDR", ""), proxies)
+
+
+def trusted_proxy(address: str, proxies: Sequence[str]) -> bool:
+    """Whether an address is in WXBOT_TRUSTED_PROXIES."""
     try:
-        peer = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
+        peer = ipaddress.ip_address(address)
     except ValueError:
         return False
     return any(peer in ipaddress.ip_network(proxy) for proxy in proxies)
@@ -9439,6 +9498,24 @@ def host_name(url: str) -> str:
         return urllib.parse.urlsplit(url).hostname or ""
     except ValueError:
         return ""
+
+
+#: What the admin listener answers (421) a request naming another host than its own.
+NOT_OWN_HOST = ("the admin listener answers to localhost or its IP address; behind a proxy, "
+                "name the proxy in WXBOT_TRUSTED_PROXIES")
+
+
+def own_host(environ: Mapping, proxies: Sequence[str]) -> bool:
+    """Whether a request names the admin listener (console, /metrics) as its host: localhost
+    or an IP address (what the owner's browser names through an SSH tunnel), or any name
+    through a named proxy (it answers for its own names). A page of another site whose name
+    was made to point at 127.0.0.1 (DNS rebinding) names its own, and is refused."""
+    if from_proxy(environ, proxies):
+        return True
+    name = host_name("//" + environ.get("HTTP_HOST", ""))
+    with contextlib.suppress(ValueError):
+        return name == "localhost" or bool(ipaddress.ip_address(name))
+    return False
 
 
 def over_https(environ: Mapping, proxies: Sequence[str] = ()) -> bool:
@@ -10204,26 +10281,12 @@ class OwnerConsole:
         return origin != "null" and host_name(origin) != host_name(
             "//" + bottle.request.headers.get("Host", ""))
 
-    def own_host(self) -> bool:
-        """Whether the request names this console as its host: localhost or an IP address
-        (what the owner's browser names through an SSH tunnel), or any name through a named
-        proxy (it answers for its own names). A page of another site whose name was made to
-        point at 127.0.0.1 (DNS rebinding) names its own, and is refused."""
-        if from_proxy(bottle.request.environ, self.settings.trusted_proxies):
-            return True
-        name = host_name("//" + bottle.request.headers.get("Host", ""))
-        with contextlib.suppress(ValueError):
-            return name == "localhost" or bool(ipaddress.ip_address(name))
-        return False
-
     def door(self, callback):
         """A bottle plugin: no page or action without a session, no POST without its token."""
         @functools.wraps(callback)
         def guarded(*args, **kwargs):
-            if not self.own_host():
-                return bottle.HTTPResponse(
-                    "this console answers to localhost or its IP address; behind a proxy, "
-                    "name the proxy in WXBOT_TRUSTED_PROXIES", 421)
+            if not own_host(bottle.request.environ, self.settings.trusted_proxies):
+                return bottle.HTTPResponse(NOT_OWN_HOST, 421)
             if bottle.request.route.config.get("open"):
                 return callback(*args, **kwargs)
             token = self.guard.session(bottle.request.get_cookie(self.cookie_name()),
@@ -10596,9 +10659,10 @@ class Bot:
                                ready=self.ready, publishing=self.article_sync,
                                handoff=self.handoff)
         self.server = HttpServer(make_app(settings, self.store, self.webhook),
-                                 settings.host, settings.port)
-        #: Questions held while the model fails for everyone; WXBOT_HOLD=0: none is.
-        self.outage = Outage(settings, self.store) if settings.hold else None
+                                 settings.host, settings.port, settings.trusted_proxies)
+        #: Questions held while the model fails for everyone (WXBOT_HOLD=0: none is), and
+        #: the owner told of it.
+        self.outage = Outage(settings, self.store, self.notifier)
         self.workers = [Worker(settings, self.store, self.wechat, self.model, self.wakeup,
                                self.mode, f"worker-{n}", self.owner, self.acknowledger,
                                self.ready, self.articles, self.handoff, self.notifier,
@@ -10622,8 +10686,9 @@ class Bot:
         #: default) costs the metrics only.
         try:
             self.console: HttpServer | None = HttpServer(self.metrics.wsgi(
-                self.owner_console and self.owner_console.app()), settings.admin_host,
-                settings.admin_port, "WXBOT_ADMIN_PORT")
+                self.owner_console and self.owner_console.app(), settings.trusted_proxies),
+                settings.admin_host, settings.admin_port, settings.trusted_proxies,
+                "WXBOT_ADMIN_PORT")
         except CannotListen as error:
             # The webhook's own port: a mistake in the settings, not a second wxbot.
             if self.owner_console or settings.admin_port == self.port:
@@ -10650,6 +10715,11 @@ class Bot:
             self.console.start()
             log.info("metrics on http://%s:%d/metrics", self.settings.admin_host,
                      self.console.port)
+            if not self.owner_console and not local_address(self.settings.admin_host):
+                log.warning("/metrics listens on %s, beyond this machine: anyone who reaches "
+                            "the port reads the bot's counts; keep WXBOT_ADMIN_HOST=127.0.0.1 "
+                            "and scrape through ssh -L or nginx (README, Console)",
+                            self.settings.admin_host)
         if self.owner_console:
             threading.Thread(target=self.owner_console.count_days, name="console-days",
                              daemon=True).start()
