@@ -3809,8 +3809,8 @@ class Articles:
                 units.setdefault(key, (self.EARLIER_WEIGHT, unit))
         with self._reading() as conn:
             words = self._find(conn, units) if units else []
-            if search_words and max((item[4] for item in words), default=0) < self.CONFIDENT \
-                    and \
+            shown = max((item[4] for item in words), default=0.0)  # of the question, at best
+            if search_words and shown < self.CONFIDENT and \
                     int(conn.execute(COUNTED_PASSAGES).fetchone()[0]):
                 written = search_words(question, earlier)
                 if written is None:
