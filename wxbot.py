@@ -617,8 +617,8 @@ class Settings:
             except ValueError as error:
                 problems.append(f"{setting.env} {error}")
         if values.get("embed_base_url") and not values.get("embed_api_key") and \
-                urllib.parse.urlsplit(values["embed_base_url"]).hostname != urllib.parse.urlsplit(
-                    values.get("openai_base_url") or "https://api.openai.com/v1").hostname:
+                host_name(values["embed_base_url"]) != host_name(
+                    values.get("openai_base_url") or "https://api.openai.com/v1"):
             problems.append("WXBOT_EMBED_API_KEY is missing: WXBOT_EMBED_BASE_URL names another "
                             "provider than OPENAI_BASE_URL, and the chat provider's key is not "
                             "sent to another (set that provider's key)")
@@ -2862,12 +2862,21 @@ def found_date(text: str) -> str:
         return ""
 
 
+#: Characters at each end of a text where text_date() looks for the line that dates it.
+DATE_LOOK = 4096
+
+
 def text_date(text: str) -> str:
     """The article's date as a line of its own says it, among its first and last few lines
     (「2025年4月25日」 under the title, 「发布于 2025-04-25」 at the end), or ""."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # Its ends only: a page's 5 MB of text split whole would hold the interpreter.
+    head = [line.strip() for line in text[:DATE_LOOK].splitlines() if line.strip()][:5]
+    tail = text[-DATE_LOOK:].splitlines()
+    if len(text) > DATE_LOOK:
+        tail = tail[1:]  # the first line of the tail may be the end of a longer one
+    tail = [line.strip() for line in tail if line.strip()][-3:]
     today = china_date(time.time())
-    for line in lines[:5] + lines[-3:]:
+    for line in head + tail:
         if len(line) <= 40 and _DATE_LINE.fullmatch(line):
             date = found_date(line)
             # A date to come is an event's (活动时间：2027年1月1日), not the article's.
@@ -3222,8 +3231,10 @@ def page_text(page: str, url: str, card: dict | None = None) -> tuple[str, str, 
     or h1#activity-name and text from #js_content; any other page's <title> and the text of
     its <article>, <main> or <body>. Paragraphs and list items are lines; scripts, styles,
     images and the editor's wrapper markup are dropped, entities decoded. LearnError for a
-    WeChat verification page. `card`, when given, gets the page's og:description and
-    og:image (its address made whole) as learn_text's summary and cover."""
+    WeChat verification page. The date: article:published_time, a 公众号 article's `var ct`
+    or #publish_time, else a line of the text that dates it (text_date). `card`, when given,
+    gets the page's og:description and og:image (its address made whole) as learn_text's
+    summary and cover."""
     reader = _PageReader()
     try:
         for piece in page_steps(without_comments(page)):
@@ -3252,7 +3263,7 @@ def page_text(page: str, url: str, card: dict | None = None) -> tuple[str, str, 
     if card is not None:
         card.update(summary=reader.meta.get("description", ""), cover=urllib.parse.urljoin(
             url, reader.meta["image"].strip()) if reader.meta.get("image") else "")
-    return title, text, date or found_date(reader.shown_time)
+    return title, text, date or found_date(reader.shown_time) or text_date(text)
 
 
 def china_date(timestamp: float) -> str:
@@ -3685,7 +3696,7 @@ class Articles:
             raise LearnError("the page has no text")
         shown = shown_url(page.url)
         return self.learn_text("url", url, title or shown, text, url=shown,
-                               date=date or text_date(text), now=now, **card)
+                               date=date, now=now, **card)
 
     def _learn_file(self, path: str, now: float | None) -> Source:
         path = os.path.abspath(path)
@@ -3712,7 +3723,6 @@ class Articles:
             raise LearnError("the file is empty")
         if extension in (".html", ".htm"):
             title, text, date = page_text(content, "")
-            date = date or text_date(text)
         else:
             title, text, date = markdown_text(content)
         if not text.strip():
@@ -3804,7 +3814,7 @@ class Articles:
         if not earlier and sum(0.5 if len(key) == 1 and not key.isascii() else 1
                                for key in units) < 1:
             return []  # 谢谢, 在吗, 你是谁: a word of one character says nothing to search for
-        for before in list(earlier)[-1:]:
+        for before in earlier:
             for key, unit in question_units(before).items():
                 units.setdefault(key, (self.EARLIER_WEIGHT, unit))
         with self._reading() as conn:
