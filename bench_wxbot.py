@@ -255,6 +255,7 @@ def bench_webhook(workdir, wechat, args) -> tuple[list[str], float]:
     files = {"plain": pushes_file(workdir, count, False),
              "encrypted": pushes_file(workdir, count, True)}
     stalled = FakeModel(lambda request: time.sleep(600) or "")  # workers out of the way
+    fast = FakeModel(lambda request: "好")  # every push answered at once, while the load runs
     rows, peak = [], 0.0
     try:
         bare, bare_port = start_bare(workdir)
@@ -269,12 +270,14 @@ def bench_webhook(workdir, wechat, args) -> tuple[list[str], float]:
                     1, ceiling[connections]["requests"])
         finally:
             bare.kill()
-        for kind, path in files.items():
+        for kind, path, model in (("plain", files["plain"], stalled),
+                                  ("encrypted", files["encrypted"], stalled),
+                                  ("plain, each answered", files["plain"], fast)):
             # With WXBOT_AES_KEY set only encrypted pushes are taken (安全模式 means encrypted).
             key = VECTOR_KEY if kind == "encrypted" else ""
-            bot = Wxbot(workdir, wechat, stalled, WXBOT_AES_KEY=key)
+            bot = Wxbot(workdir, wechat, model, WXBOT_AES_KEY=key)
             try:
-                load(bot.port, files[kind], 16, 1)  # warm up: imports, first token, pools
+                load(bot.port, path, 16, 1)  # warm up: imports, first token, pools
                 settled_cpu(bot.process.pid)
                 for connections in (1, 16, 64):
                     cpu_from = cpu_seconds(bot.process.pid)
@@ -294,14 +297,18 @@ def bench_webhook(workdir, wechat, args) -> tuple[list[str], float]:
                 bot.stop()
     finally:
         stalled.close()
+        fast.close()
     header = [f"Webhook ack (load: {'wrk' if load is load_wrk else 'Python, sharing the cores'}"
               f", {args.seconds:.0f} s per row; ceiling = bare Bottle on threaded wsgiref, "
-              f"backlog 1024; CPU: the server process's, all threads, until the acknowledger "
-              f"is done, per acknowledged push):", "",
+              f"backlog 1024; plain and encrypted: the model never answers, so the rows are "
+              f"the webhook's and the typing's; each answered: a model that answers at once, "
+              f"every push's answer sent while the load runs; CPU: the server process's, all "
+              f"threads, until it is quiet again, per acknowledged push):", "",
               "| push | conns | req/s | ceiling req/s | ratio | p50 ms | p99 ms | ceiling p99 ms"
               " | p99 ratio | non-2xx | CPU ms a push | ceiling CPU ms |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    return header + rows, peak
+    return header + rows + ["", f"Peak RSS of the wxbot process under this load: {peak:.0f} MiB "
+                                f"(VmHWM, the start included)"], peak
 
 
 def pickup_delays(workdir, wechat, pushes: int, **settings) -> tuple[list[float], float]:
