@@ -77,7 +77,7 @@ import urllib.parse
 import xml.parsers.expat
 from typing import Callable, Container, Generator, Iterable, Iterator, Mapping, Sequence
 
-if __name__ == "__main__" and __spec__ is None and sys.executable:
+if __name__ == "__main__" and __spec__ is None and sys.executable and os.path.isfile(__file__):
     # A script's syntax tree is kept for as long as the script runs: some 20 MB of this
     # file's, for the server's whole life. An imported module's is freed once compiled
     # (and the code is read from __pycache__ where it can be written). So `python
