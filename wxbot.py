@@ -4012,8 +4012,7 @@ _SIGN_DIGITS = bytes(ord("1") if 0 < byte < 128 else ord("0") for byte in range(
 
 def meaning_cosine(question: Sequence[float], stored: bytes) -> float:
     values = array.array("b", stored)
-    norm = math.sqrt(sum(x * x for x in values)) or 1.0
-    return sum(map(operator.mul, question, values)) / norm
+    return sum(map(operator.mul, question, values)) / (math.hypot(*values) or 1.0)
 
 
 class Meaning:
