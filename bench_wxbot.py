@@ -161,36 +161,47 @@ class _Path(str):
 # Webhook load ###############################################################
 
 WRK_SCRIPT = """
-local requests, n = {}, 0
+local requests, n, counter = {}, 0, 0
 for line in io.lines("%s") do
   local path, body = line:match("([^\\t]*)\\t(.*)")
   requests[#requests + 1] = wrk.format("POST", path, {["Content-Type"] = "text/xml"}, body)
 end
+function setup(thread)
+  thread:set("first", counter)
+  counter = counter + 1
+end
+function init(args)
+  n = first
+end
 request = function()
-  n = n + 1
-  return requests[(n - 1) %% #requests + 1]
+  local next = requests[n %% #requests + 1]
+  n = n + %d
+  return next
 end
 """
 
 
-def pushes_file(workdir: str, count: int, encrypted: bool) -> str:
-    """count signed pushes, one per line (path TAB body), unique MsgIds from 100 openids.
+def pushes_file(workdir: str, count: int, encrypted: bool, first: int = 10**12,
+                users: int = 100) -> str:
+    """count signed pushes, one per line (path TAB body), unique MsgIds from `first`, from
+    `users` openids.
 
     Each push has its own nonce, as WeChat's do: wxbot refuses a signed URL used for a second
-    body. wrk cycles through the file, so a long run also sends WeChat-style retries.
+    body. Each of wrk's threads sends its own share of the file (thread k: pushes k, k + 2,
+    ...); a run longer than the file sends WeChat-style retries after.
     """
     crypto = wxbot.WeChatCrypto(VECTOR_KEY, APPID)
-    path = os.path.join(workdir, f"pushes-{'aes' if encrypted else 'plain'}.txt")
+    path = os.path.join(workdir, f"pushes-{'aes' if encrypted else 'plain'}-{first}-{users}.txt")
     timestamp = str(int(time.time()))
     with open(path, "w", encoding="utf-8") as out:
         for n in range(count):
-            body = text_xml(f"oBENCH{n % 100:03d}", "你好，请问今天天气怎么样？", 10**12 + n,
+            body = text_xml(f"oBENCH{n % users:06d}", "你好，请问今天天气怎么样？", first + n,
                             create_time=int(timestamp))
-            query = signed_query(timestamp=timestamp, nonce=str(n))
+            query = signed_query(timestamp=timestamp, nonce=str(first + n))
             if encrypted:
                 encrypt = crypto.encrypt(body)
                 query.update(encrypt_type="aes", msg_signature=wxbot.wechat_signature(
-                    TOKEN, timestamp, str(n), encrypt))
+                    TOKEN, timestamp, str(first + n), encrypt))
                 body = (f"<xml><ToUserName><![CDATA[gh_10f6c3c3ac5a]]></ToUserName>"
                         f"<Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>").encode()
             out.write(f"/wx?{urllib.parse.urlencode(query)}\t{body.decode()}\n")
@@ -200,7 +211,7 @@ def pushes_file(workdir: str, count: int, encrypted: bool) -> str:
 def load_wrk(port: int, pushes: str, connections: int, seconds: float) -> dict:
     script = pushes + ".lua"
     with open(script, "w") as out:
-        out.write(WRK_SCRIPT % pushes)
+        out.write(WRK_SCRIPT % (pushes, min(2, connections)))
     result = subprocess.run(
         ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
          "--latency", "-s", script, f"http://127.0.0.1:{port}"],
@@ -253,14 +264,19 @@ def bench_webhook(workdir, wechat, args) -> tuple[list[str], float]:
     load = load_wrk if shutil.which("wrk") and not args.python_load else load_python
     count = 30000 if not args.quick else 3000
     files = {"plain": pushes_file(workdir, count, False),
-             "encrypted": pushes_file(workdir, count, True)}
+             "encrypted": pushes_file(workdir, count, True),
+             # A reader of its own for each push: each gets an answer of its own (a reader's
+             # messages sent while one is answered are answered together).
+             "readers": pushes_file(workdir, count, False, users=count)}
+    warm = {"plain": pushes_file(workdir, 3000, False, first=10**13),  # MsgIds of their own
+            "encrypted": pushes_file(workdir, 3000, True, first=10**13)}
     stalled = FakeModel(lambda request: time.sleep(600) or "")  # workers out of the way
     fast = FakeModel(lambda request: "好")  # every push answered at once, while the load runs
     rows, peak = [], 0.0
     try:
         bare, bare_port = start_bare(workdir)
         try:
-            load(bare_port, files["plain"], 16, 1)  # warm up
+            load(bare_port, warm["plain"], 16, 1)
             ceiling = {}
             for connections in (1, 16, 64):
                 cpu_from = cpu_seconds(bare.pid)
@@ -270,43 +286,50 @@ def bench_webhook(workdir, wechat, args) -> tuple[list[str], float]:
                     1, ceiling[connections]["requests"])
         finally:
             bare.kill()
-        for kind, path, model in (("plain", files["plain"], stalled),
-                                  ("encrypted", files["encrypted"], stalled),
-                                  ("plain, each answered", files["plain"], fast)):
-            # With WXBOT_AES_KEY set only encrypted pushes are taken (安全模式 means encrypted).
-            key = VECTOR_KEY if kind == "encrypted" else ""
-            bot = Wxbot(workdir, wechat, model, WXBOT_AES_KEY=key)
-            try:
-                load(bot.port, path, 16, 1)  # warm up: imports, first token, pools
-                settled_cpu(bot.process.pid)
-                for connections in (1, 16, 64):
-                    cpu_from = cpu_seconds(bot.process.pid)
-                    result = load(bot.port, path, connections, args.seconds)
-                    # Until the acknowledger has sent the typing and queue lines it owes.
-                    cpu = settled_cpu(bot.process.pid) - cpu_from
-                    acked = result["requests"] - result["errors"]
-                    top = ceiling[connections]
-                    rows.append(
-                        f"| {kind} | {connections} | {result['rps']:.0f} | {top['rps']:.0f} | "
-                        f"{result['rps'] / top['rps']:.0%} | {result['p50']:.1f} | "
-                        f"{result['p99']:.1f} | {top['p99']:.1f} | "
-                        f"{result['p99'] / top['p99']:.1f}x | {result['errors']} | "
-                        f"{cpu / max(1, acked) * 1000:.2f} | {top['cpu'] * 1000:.2f} |")
-                peak = max(peak, peak_rss_mib(bot.process.pid))
-            finally:
-                bot.stop()
+        for kind, encryption, pushes, model in (
+                ("plain", "plain", "plain", stalled),
+                ("encrypted", "encrypted", "encrypted", stalled),
+                ("plain, each answered", "plain", "readers", fast)):
+            for connections in (1, 16, 64):
+                # A wxbot of its own for each row: every push of the row is new to it, not a
+                # retry of the row before. With WXBOT_AES_KEY set only encrypted pushes are
+                # taken (安全模式 means encrypted).
+                bot = Wxbot(workdir, wechat, model,
+                            WXBOT_AES_KEY=VECTOR_KEY if encryption == "encrypted" else "")
+                try:
+                    load(bot.port, warm[encryption], 16, 1)  # imports, first token, pools
+                    settled_cpu(bot.process.pid)
+                    answers_from, cpu_from = len(wechat.sent), cpu_seconds(bot.process.pid)
+                    result = load(bot.port, files[pushes], connections, args.seconds)
+                    # Until the acknowledger (and the workers) have sent all they owe.
+                    cpu = settled_cpu(bot.process.pid, most=120) - cpu_from
+                    answers = sum(text == "好" for _, text in wechat.sent[answers_from:])
+                    peak = max(peak, peak_rss_mib(bot.process.pid))
+                finally:
+                    bot.stop()
+                acked = result["requests"] - result["errors"]
+                top = ceiling[connections]
+                rows.append(
+                    f"| {kind} | {connections} | {result['rps']:.0f} | {top['rps']:.0f} | "
+                    f"{result['rps'] / top['rps']:.0%} | {result['p50']:.1f} | "
+                    f"{result['p99']:.1f} | {top['p99']:.1f} | "
+                    f"{result['p99'] / top['p99']:.1f}x | {result['errors']} | "
+                    f"{min(acked, count)} | {answers} | "
+                    f"{cpu / max(1, acked) * 1000:.2f} | {top['cpu'] * 1000:.2f} |")
     finally:
         stalled.close()
         fast.close()
     header = [f"Webhook ack (load: {'wrk' if load is load_wrk else 'Python, sharing the cores'}"
               f", {args.seconds:.0f} s per row; ceiling = bare Bottle on threaded wsgiref, "
-              f"backlog 1024; plain and encrypted: the model never answers, so the rows are "
-              f"the webhook's and the typing's; each answered: a model that answers at once, "
-              f"every push's answer sent while the load runs; CPU: the server process's, all "
-              f"threads, until it is quiet again, per acknowledged push):", "",
+              f"backlog 1024; a wxbot of its own for each row; plain and encrypted: 100 "
+              f"readers, the model never answers, so the rows are the webhook's and the "
+              f"typing's; each answered: a reader of its own for each push, a model that "
+              f"answers at once, the answers sent while the load runs and after; CPU: the "
+              f"server process's, all threads, until it is quiet again, per acknowledged "
+              f"push):", "",
               "| push | conns | req/s | ceiling req/s | ratio | p50 ms | p99 ms | ceiling p99 ms"
-              " | p99 ratio | non-2xx | CPU ms a push | ceiling CPU ms |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              " | p99 ratio | non-2xx | new pushes | answers sent | CPU ms a push | ceiling CPU "
+              "ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     return header + rows + ["", f"Peak RSS of the wxbot process under this load: {peak:.0f} MiB "
                                 f"(VmHWM, the start included)"], peak
 

@@ -2188,6 +2188,21 @@ def test_readme_commands_use_the_shipped_files():
         assert f"| `{setting.env}` |" in readme, setting.env
 
 
+
+def test_python_wxbot_py_imports_from_its_own_folder_whatever_the_working_directory(tmp_path):
+    """`python wxbot.py` hands itself over to the file imported as a module (its syntax tree
+    freed): as a script, its own folder comes first on sys.path, never the working
+    directory's modules; a link without .py and `python --` run it too."""
+    (tmp_path / "json.py").write_text("raise SystemExit('json.py of the working directory')\n")
+    link = tmp_path / "wxbot-link"
+    link.symlink_to(os.path.join(HERE, "wxbot.py"))
+    for command in ([sys.executable, os.path.join(HERE, "wxbot.py"), "--help"],
+                    [sys.executable, "-W", "error", "--", str(link), "--help"]):
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0 and "usage: wxbot.py" in result.stdout, (
+            command, result.stdout + result.stderr)
+
 # 安全模式: encryption ###################################################
 
 VECTOR_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"

@@ -33,7 +33,6 @@ import codecs
 import collections
 import contextlib
 import copy
-import ctypes
 import dataclasses
 import datetime
 import enum
@@ -77,19 +76,27 @@ import urllib.parse
 import xml.parsers.expat
 from typing import Callable, Container, Generator, Iterable, Iterator, Mapping, Sequence
 
+#: How `python wxbot.py` runs this file as the module wxbot (below): its folder first on
+#: sys.path before anything is imported, its path taken from the arguments.
+HAND_OVER = ("import sys, os.path; path = sys.argv.pop(1); "
+             "sys.path[0] = os.path.dirname(path); "
+             "import importlib.machinery, importlib.util; "
+             "loader = importlib.machinery.SourceFileLoader('wxbot', path); "
+             "spec = importlib.util.spec_from_loader('wxbot', loader); "
+             "module = sys.modules['wxbot'] = importlib.util.module_from_spec(spec); "
+             "loader.exec_module(module); sys.exit(module.main())")
+
 if __name__ == "__main__" and __spec__ is None and sys.executable and os.path.isfile(__file__):
     # A script's syntax tree is kept for as long as the script runs: some 20 MB of this
     # file's, for the server's whole life. An imported module's is freed once compiled
     # (and the code is read from __pycache__ where it can be written). So `python
     # wxbot.py` hands over at once to this file imported as a module: the same process
-    # (exec), interpreter options and arguments; `python -m wxbot` needs no hand-over.
+    # (exec), interpreter options and arguments, the file's folder first on sys.path as a
+    # script's is (never the working directory's modules); `python -m wxbot` needs none.
     os.execv(sys.executable, [
-        sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)], "-c",
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('wxbot', {os.path.abspath(__file__)!r})\n"
-        "module = sys.modules['wxbot'] = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
-        "sys.exit(module.main())", *sys.argv[1:]])
+        sys.executable, *[option for option in
+                          sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)] if option != "--"],
+        "-c", HAND_OVER, os.path.realpath(__file__), *sys.argv[1:]])
 
 import bottle
 import openai
@@ -3717,7 +3724,7 @@ class Articles:
         path = os.path.abspath(path)
         extension = os.path.splitext(path)[1].lower()
         if extension not in ARTICLE_FILES:
-            raise LearnError(f"not a .md, .txt or .html file, nor a folder, nor an http(s) URL")
+            raise LearnError("not a .md, .txt or .html file, nor a folder, nor an http(s) URL")
         try:
             found = os.stat(path)
             # A pipe or device would block or never end; a log is no article.
@@ -8235,7 +8242,7 @@ class ReplayRecord:
     "04123" and the like) into another pair with the same signature. A signature is kept
     until its timestamp is older than WXBOT_MAX_SKEW, when the signature check refuses it
     anyway: memory holds one window of pushes. In memory only: a restart forgets it (see
-    README, Security).
+    docs/security.md).
     """
 
     def __init__(self, max_skew: int, token: str):
@@ -10417,8 +10424,10 @@ def give_back_memory() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim): what compiling
     this file at start and learning a large page in the server left behind, freed but
     still counted in the process's RSS. Elsewhere (musl): nothing."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(ImportError, OSError, AttributeError):
+            import ctypes  # here: a Python built without it still runs wxbot
+            ctypes.CDLL(None).malloc_trim(0)
 
 
 class Janitor:
