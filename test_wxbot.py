@@ -8661,6 +8661,22 @@ def test_a_question_no_article_covers_gets_no_passage(tmp_path):
     articles.close()
 
 
+
+def test_a_question_that_goes_on_from_the_earlier_one_is_carried_by_its_words(tmp_path):
+    """三个人一起报呢 after 训练营怎么收费 asks for the training camp's price for three: its own
+    words (三个人, 一起, 报) are in no article; 呢 says the earlier question's words carry it.
+    A question of as many words that does not go on stands alone."""
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles.learn_text("file", "/notes/camp.md", "训练营报名",
+                        "训练营收费：单人报名1299元；三人同行每人999元。")
+    articles.learn_text("file", "/notes/hours.md", "营业时间", "周一到周五早上8点开门。")
+    earlier = ["训练营怎么收费"]
+    assert [p.title for p in articles.find("三个人一起报呢", earlier)] == ["训练营报名"]
+    assert [p.title for p in articles.find("那三个人一起报名", earlier)] == ["训练营报名"]
+    assert articles.find("明天北京天气怎么样", earlier) == []
+    assert articles.find("三个人一起去爬山", earlier) == []
+    articles.close()
+
 def test_uses_are_counted_since_a_time(tmp_path):
     articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
     assert articles.uses_since(0) == (0, 0, 0) and articles.last_sync() is None

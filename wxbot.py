@@ -2648,6 +2648,10 @@ def article_terms(text: str) -> list[str]:
     return terms
 
 
+#: How Chinese says a question goes on from the one before (那我呢, 三个人呢, 还要…吗).
+GOES_ON = re.compile(r"^(那|那么|还|还有|另外)|呢[？?。!！]*$")
+
+
 #: How Chinese asks for a place, a price, a length of time and a phone number, and how
 #: any account's articles answer: a question holding one of these words finds a passage
 #: holding any other of its group (在哪 finds 地址, 多少钱 finds 费用). Words of the language,
@@ -3840,7 +3844,9 @@ class Articles:
             for key, unit in question_units(before).items():
                 units.setdefault(key, (self.EARLIER_WEIGHT, unit))
         with self._reading() as conn:
-            words = self._find(conn, units) if units else []
+            # 那…, …呢, 还…: the question goes on from the earlier one, whose words may carry it.
+            alone = not (earlier and GOES_ON.search(question.strip()))
+            words = self._find(conn, units, alone) if units else []
             shown = max((item[4] for item in words), default=0.0)  # of the question, at best
             if search_words and shown < self.CONFIDENT and \
                     int(conn.execute(COUNTED_PASSAGES).fetchone()[0]):
@@ -3849,7 +3855,7 @@ class Articles:
                     return []
                 for key, unit in question_units(written).items():
                     units.setdefault(key, (self.SEARCH_WORDS_WEIGHT, unit))
-                words = self._find(conn, units) if written.strip() else words
+                words = self._find(conn, units, alone) if written.strip() else words
             near = self.meaning.nearest(conn, question, earlier, bool(words)) \
                 if self.meaning else []
             if not near:
@@ -3868,7 +3874,7 @@ class Articles:
     #: What a search word the model wrote weighs beside the question's own.
     SEARCH_WORDS_WEIGHT = 0.7
 
-    def _find(self, conn: sqlite3.Connection, units: dict) -> list[list]:
+    def _find(self, conn: sqlite3.Connection, units: dict, alone: bool = True) -> list[list]:
         """The word search: [score, date, passage id, Passage, share of the question shown]
         best first."""
         total, changed = conn.execute(COUNTED_PASSAGES).fetchone()
@@ -3947,7 +3953,8 @@ class Articles:
             # nor are the earlier question's words alone, when the question says enough of
             # its own to stand alone (明天天气怎么样 after 手冲咖啡 is not about 手冲咖啡;
             # 收费吗 after 能停车吗 is about parking).
-            if strongly and share >= self.FLOOR and (strongly & own or len(own) < 3):
+            if strongly and share >= self.FLOOR and (strongly & own or len(own) < 3 or
+                                                     not alone):
                 score = share + self.SATURATED * self._saturated(folded, latin, units,
                                                                  weight) / whole
                 scored.append([score, date, passage_id, frozenset(strongly),
