@@ -5472,6 +5472,16 @@ def test_status_and_retry_need_only_the_database_path(tmp_path, capsys):
     assert "WXBOT_TOKEN" not in capsys.readouterr().err
 
 
+
+def test_status_of_a_database_learn_made_says_the_queue_is_empty(tmp_path, capsys):
+    """As the README's try-it block leaves it: articles learned, wxbot never served."""
+    (tmp_path / "hours.md").write_text("# 营业时间\n\n周一到周五早上8点开门。\n", encoding="utf-8")
+    env = {"WXBOT_DB": str(tmp_path / "wxbot.db")}
+    assert wxbot.main(["learn", str(tmp_path / "hours.md")], env) == 0
+    capsys.readouterr()
+    assert wxbot.main(["status"], env) == 0
+    assert "empty" in capsys.readouterr().out
+
 def test_an_old_database_without_room_to_compact_is_served_and_says_what_to_do(tmp_path,
                                                                                caplog):
     path = str(tmp_path / "old.db")

@@ -11009,9 +11009,24 @@ def open_for_operator(settings: Settings, out, command: str = "status",
     return conn
 
 
+def never_served(path: str) -> bool:
+    """Whether the database holds no queue at all: only what `learn` keeps (the articles)."""
+    try:
+        with contextlib.closing(sqlite3.connect(
+                f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True)) as conn:
+            return conn.execute("PRAGMA user_version").fetchone()[0] == 0 and not conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone()
+    except sqlite3.Error:
+        return False  # open_for_operator says why
+
+
 def status(settings: Settings, out, now: float | None = None) -> int:
     """The queue from the database: waiting, in progress and dead messages, oldest first."""
     now = time.time() if now is None else now
+    if os.path.isfile(settings.db) and never_served(settings.db):
+        print(f"queue in {settings.db}: empty; wxbot has not served from this database yet "
+              f"(`learn` keeps the articles there)", file=out)
+        return 0
     conn = open_for_operator(settings, out)
     if conn is None:
         return 1
