@@ -5750,10 +5750,16 @@ def test_the_people_ahead_are_those_a_worker_serves_first(queue):
                 ids.append(message_id)
             for n, message_id in enumerate(ids):
                 user = queue[n][0]
-                ahead = {other for other, kind, model, state, held, answered in queue[:n]
+                ahead = [other for other, kind, model, state, held, answered in queue[:n]
                          if other != user and model and state == "queued"
-                         and not held and not answered}
-                assert store.waiting_ahead(message_id, f"oQ{user}", now) == len(ahead)
+                         and not held and not answered]
+                store.AHEAD_READ = 1000
+                assert store.waiting_ahead(message_id, f"oQ{user}", now) == (len(set(ahead)),
+                                                                             False)
+                # A long queue is read only as far as the AHEAD_READ messages nearest.
+                store.AHEAD_READ = 3
+                assert store.waiting_ahead(message_id, f"oQ{user}", now) == (
+                    len(set(ahead[-3:])), len(ahead) >= 3)
         finally:
             store.close()
 
@@ -5916,7 +5922,7 @@ def test_the_queue_line_and_the_restart_read_the_database_by_index(tmp_path, mon
     monkeypatch.setattr(wxbot.Store, "_connect", traced)
     store = wxbot.Store(str(db))
     try:
-        assert store.waiting_ahead(last, "oWAIT49", now) == 49
+        assert store.waiting_ahead(last, "oWAIT49", now) == (49, False)
         assert store.answer_seconds() == 7
         assert len(store.awaiting_answer(now - 30)) == 50
     finally:

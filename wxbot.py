@@ -2065,19 +2065,26 @@ class Store:
                                 f" {ANSWER_OF} AS answer FROM segments s WHERE message_id = ?"
                                 " AND moved_to IS NULL ORDER BY seq", (message_id,)).fetchall()
 
-    def waiting_ahead(self, message_id: int, openid: str, now: float) -> int:
+    #: Queued messages read to count the people ahead of one: a queue of thousands costs each
+    #: push a bounded read (0.2 ms), not one of the whole queue (4.6 ms at 20,000).
+    AHEAD_READ = 1000
+
+    def waiting_ahead(self, message_id: int, openid: str, now: float) -> tuple[int, bool]:
         """The people in the queue before a message: other users with a message queued before
         it that a worker may take now and answer with the model (needs_model: a click that
         asks it too). Not counted: messages held back after a failure (not_before), answers
         already stored (a fixed reply goes out at once), messages a Sender answers (继续,
         /help, the other events), nor the user's own earlier messages (they are answered
-        first, quick follow-ups together with them)."""
+        first, quick follow-ups together with them). Counted among the AHEAD_READ such
+        messages nearest it: (people, whether there are more messages before those)."""
         with self.connection() as conn:
-            return conn.execute(
-                "SELECT count(DISTINCT openid) FROM messages WHERE state = 'queued'"
-                " AND id < :id AND not_before <= :now AND answered_at IS NULL AND needs_model"
-                " AND openid != :openid",
-                {"id": message_id, "now": now, "openid": openid}).fetchone()[0]
+            people, read = conn.execute(
+                "SELECT count(DISTINCT openid), count(*) FROM (SELECT openid FROM messages"
+                " WHERE state = 'queued' AND id < :id AND not_before <= :now AND answered_at"
+                " IS NULL AND needs_model AND openid != :openid ORDER BY id DESC LIMIT :most)",
+                {"id": message_id, "now": now, "openid": openid, "most": self.AHEAD_READ}
+            ).fetchone()
+        return people, read >= self.AHEAD_READ
 
     def answer_seconds(self) -> float | None:
         """How long the model took over its last answers (the median of 20, from the call
@@ -6595,8 +6602,9 @@ class OwnerFiles:
 # Acknowledgement: typing and the queue line ##################################
 ###############################################################################
 
-def queue_line(ahead: int, wait: float, answer_seconds: float) -> str:
-    """The line for a message that waits: how many are ahead and when the answer comes."""
+def queue_line(ahead: int | str, wait: float, answer_seconds: float) -> str:
+    """The line for a message that waits: how many are ahead (1000+: at least) and when the
+    answer comes."""
     return QUEUE_LINE.format(ahead=ahead, minutes=max(1, math.ceil((wait + answer_seconds) / 60)))
 
 
@@ -6799,11 +6807,11 @@ class Acknowledger:
         if first:
             self._add(now + self.TYPING_RENEW, message_id, openid, received_at, False)
             if self.settings.queue_notice:
-                ahead = self.store.waiting_ahead(message_id, openid, now)
+                ahead, more = self.store.waiting_ahead(message_id, openid, now)
                 answer_seconds = self._answer_time(now)
                 wait = ahead / self.settings.workers * answer_seconds
                 if wait > self.settings.queue_notice:
-                    return queue_line(ahead, wait, answer_seconds)
+                    return queue_line(f"{ahead}+" if more else ahead, wait, answer_seconds)
         self._typing(openid, received_at)
         return None
 
