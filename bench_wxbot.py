@@ -322,8 +322,8 @@ def bench_webhook(workdir, wechat, args) -> tuple[list[str], float]:
     header = [f"Webhook ack (load: {'wrk' if load is load_wrk else 'Python, sharing the cores'}"
               f", {args.seconds:.0f} s per row; ceiling = bare Bottle on threaded wsgiref, "
               f"backlog 1024; a wxbot of its own for each row; plain and encrypted: 100 "
-              f"readers, the model never answers, so the rows are the webhook's and the "
-              f"typing's; each answered: a reader of its own for each push, a model that "
+              f"readers, the model never answers, so the rows are the webhook's, the "
+              f"typing's and the queue lines'; each answered: a reader of its own for each push, a model that "
               f"answers at once, the answers sent while the load runs and after; CPU: the "
               f"server process's, all threads, until it is quiet again, per acknowledged "
               f"push):", "",

@@ -5481,6 +5481,9 @@ def test_status_of_a_database_learn_made_says_the_queue_is_empty(tmp_path, capsy
     capsys.readouterr()
     assert wxbot.main(["status"], env) == 0
     assert "empty" in capsys.readouterr().out
+    (tmp_path / "truncated.db").write_bytes(b"")  # not learn's: the queue is not said empty
+    assert wxbot.main(["status"], {"WXBOT_DB": str(tmp_path / "truncated.db")}) != 0
+    assert "empty" not in capsys.readouterr().out
 
 def test_an_old_database_without_room_to_compact_is_served_and_says_what_to_do(tmp_path,
                                                                                caplog):
@@ -5750,16 +5753,20 @@ def test_the_people_ahead_are_those_a_worker_serves_first(queue):
                 ids.append(message_id)
             for n, message_id in enumerate(ids):
                 user = queue[n][0]
-                ahead = [other for other, kind, model, state, held, answered in queue[:n]
-                         if other != user and model and state == "queued"
-                         and not held and not answered]
+                queued = [(other, model, held, answered) for other, kind, model, state, held,
+                          answered in queue[:n] if state == "queued"]
+
+                def people(window):
+                    return len({other for other, model, held, answered in window
+                                if other != user and model and not held and not answered})
                 store.AHEAD_READ = 1000
-                assert store.waiting_ahead(message_id, f"oQ{user}", now) == (len(set(ahead)),
+                assert store.waiting_ahead(message_id, f"oQ{user}", now) == (people(queued),
                                                                              False)
-                # A long queue is read only as far as the AHEAD_READ messages nearest.
+                # A long queue is read only as far as the AHEAD_READ queued messages nearest,
+                # held ones included: the people among them, and whether more are queued.
                 store.AHEAD_READ = 3
                 assert store.waiting_ahead(message_id, f"oQ{user}", now) == (
-                    len(set(ahead[-3:])), len(ahead) >= 3)
+                    people(queued[-4:]), len(queued) > 3)
         finally:
             store.close()
 
@@ -5780,6 +5787,28 @@ def test_the_queue_line_counts_people_not_their_messages(start_bot, wechat, mode
         release.set()
     wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
 
+
+
+def test_a_queue_longer_than_is_counted_gets_the_line_that_says_so(start_bot, wechat, model,
+                                                                    monkeypatch):
+    """Past Store.AHEAD_READ queued messages the people ahead are not all counted: the wait
+    is longer than any count would say, so the line says the queue is long, however short a
+    wait the counted part would give."""
+    monkeypatch.setattr(wxbot.Store, "AHEAD_READ", 2)
+    release = hold_first_question(model, "一")
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=600)
+    send_text(bot, "oFIRST", "一", 1)
+    wait_for(lambda: model.requests)  # the only worker is busy from here on
+    for n in range(3):
+        send_text(bot, f"oAHEAD{n}", "问", 2 + n)
+    send_text(bot, "oLAST", "问", 9)
+    try:
+        line = wait_for(lambda: wechat.texts_to("oLAST"), timeout=5)
+        assert line == [wxbot.QUEUE_LINE_LONG.format(minutes=1)]
+        assert not wechat.texts_to("oAHEAD0")  # nobody ahead of the first: typing only
+    finally:
+        release.set()
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
 
 def test_a_restarted_bot_tells_the_wait_from_the_answers_it_gave(start_bot, wechat, model,
                                                                  tmp_path):
@@ -8688,7 +8717,8 @@ def test_a_question_that_goes_on_from_the_earlier_one_is_carried_by_its_words(tm
     articles.learn_text("file", "/notes/hours.md", "营业时间", "周一到周五早上8点开门。")
     earlier = ["训练营怎么收费"]
     assert [p.title for p in articles.find("三个人一起报呢", earlier)] == ["训练营报名"]
-    assert [p.title for p in articles.find("那三个人一起报名", earlier)] == ["训练营报名"]
+    assert [p.title for p in articles.find("那要是三个人一起", earlier)] == ["训练营报名"]
+    assert [p.title for p in articles.find("还能三个人一起吗", earlier)] == ["训练营报名"]
     assert articles.find("明天北京天气怎么样", earlier) == []
     assert articles.find("三个人一起去爬山", earlier) == []
     articles.close()

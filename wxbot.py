@@ -77,9 +77,10 @@ import xml.parsers.expat
 from typing import Callable, Container, Generator, Iterable, Iterator, Mapping, Sequence
 
 #: How `python wxbot.py` runs this file as the module wxbot (below): its folder first on
-#: sys.path before anything is imported, its path taken from the arguments.
-HAND_OVER = ("import sys, os.path; path = sys.argv.pop(1); "
-             "sys.path[0] = os.path.dirname(path); "
+#: sys.path (in place of the working directory `-c` puts there) before anything else is
+#: imported, its path taken from the arguments.
+HAND_OVER = ("import sys; path = sys.argv.pop(1); folder = path.rpartition('/')[0] or '/'; "
+             "sys.path[:1 if sys.path[:1] == [''] else 0] = [folder]; "
              "import importlib.machinery, importlib.util; "
              "loader = importlib.machinery.SourceFileLoader('wxbot', path); "
              "spec = importlib.util.spec_from_loader('wxbot', loader); "
@@ -93,10 +94,14 @@ if __name__ == "__main__" and __spec__ is None and sys.executable and os.path.is
     # wxbot.py` hands over at once to this file imported as a module: the same process
     # (exec), interpreter options and arguments, the file's folder first on sys.path as a
     # script's is (never the working directory's modules); `python -m wxbot` needs none.
-    os.execv(sys.executable, [
-        sys.executable, *[option for option in
-                          sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)] if option != "--"],
-        "-c", HAND_OVER, os.path.realpath(__file__), *sys.argv[1:]])
+    # Where the interpreter cannot be run again by its path (a folder this user may not
+    # enter), the script goes on as it is.
+    with contextlib.suppress(OSError):
+        os.execv(sys.executable, [
+            sys.executable, *[option for option in
+                              sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+                              if option != "--"],
+            "-c", HAND_OVER, os.path.realpath(__file__), *sys.argv[1:]])
 
 import bottle
 import openai
@@ -173,6 +178,8 @@ NOTHING_MORE_LINE = "没有更多内容了，请直接提问吧。"
 THINKING_LINE = "正在思考，请稍后点{link}获取回答。"
 #: Sent at once when a message will wait longer than WXBOT_QUEUE_NOTICE seconds for a worker.
 QUEUE_LINE = "收到！前面还有 {ahead} 人在排队，预计 {minutes} 分钟内回复。"
+#: The same when the queue is longer than was counted (Store.AHEAD_READ).
+QUEUE_LINE_LONG = "收到！现在排队的人很多，回复可能要 {minutes} 分钟以上，请耐心等待。"
 #: The notices of a user's limits say that what they send meanwhile is not kept: it is
 #: never answered, not even once the limit frees.
 RATE_LINE = "你发得有点快，这条和 {wait} 秒内再发的消息都不会回答，请 {wait} 秒后再问我。"
@@ -2075,16 +2082,17 @@ class Store:
         asks it too). Not counted: messages held back after a failure (not_before), answers
         already stored (a fixed reply goes out at once), messages a Sender answers (继续,
         /help, the other events), nor the user's own earlier messages (they are answered
-        first, quick follow-ups together with them). Counted among the AHEAD_READ such
-        messages nearest it: (people, whether there are more messages before those)."""
+        first, quick follow-ups together with them). Read among the AHEAD_READ queued
+        messages nearest it (held ones included): (people, whether more are queued before)."""
         with self.connection() as conn:
             people, read = conn.execute(
-                "SELECT count(DISTINCT openid), count(*) FROM (SELECT openid FROM messages"
-                " WHERE state = 'queued' AND id < :id AND not_before <= :now AND answered_at"
-                " IS NULL AND needs_model AND openid != :openid ORDER BY id DESC LIMIT :most)",
+                "SELECT count(DISTINCT openid) FILTER (WHERE not_before <= :now AND answered_at"
+                " IS NULL AND needs_model AND openid != :openid), count(*) FROM (SELECT openid,"
+                " not_before, answered_at, needs_model FROM messages WHERE state = 'queued'"
+                " AND id < :id ORDER BY id DESC LIMIT :most + 1)",
                 {"id": message_id, "now": now, "openid": openid, "most": self.AHEAD_READ}
             ).fetchone()
-        return people, read >= self.AHEAD_READ
+        return people, read > self.AHEAD_READ
 
     def answer_seconds(self) -> float | None:
         """How long the model took over its last answers (the median of 20, from the call
@@ -2656,7 +2664,7 @@ def article_terms(text: str) -> list[str]:
 
 
 #: How Chinese says a question goes on from the one before (那我呢, 三个人呢, 还要…吗).
-GOES_ON = re.compile(r"^(那|那么|还|还有|另外)|呢[？?。!！]*$")
+GOES_ON = re.compile(r"^(那|还|另外)|呢[？?。!！～~…]*$")
 
 
 #: How Chinese asks for a place, a price, a length of time and a phone number, and how
@@ -6602,10 +6610,11 @@ class OwnerFiles:
 # Acknowledgement: typing and the queue line ##################################
 ###############################################################################
 
-def queue_line(ahead: int | str, wait: float, answer_seconds: float) -> str:
-    """The line for a message that waits: how many are ahead (1000+: at least) and when the
-    answer comes."""
-    return QUEUE_LINE.format(ahead=ahead, minutes=max(1, math.ceil((wait + answer_seconds) / 60)))
+def queue_line(ahead: int, wait: float, answer_seconds: float, more: bool = False) -> str:
+    """The line for a message that waits: how many are ahead and when the answer comes; `more`:
+    more are queued than were counted, so both are at least that."""
+    minutes = max(1, math.ceil((wait + answer_seconds) / 60))
+    return (QUEUE_LINE_LONG if more else QUEUE_LINE).format(ahead=ahead, minutes=minutes)
 
 
 class Route(enum.Enum):
@@ -6810,8 +6819,8 @@ class Acknowledger:
                 ahead, more = self.store.waiting_ahead(message_id, openid, now)
                 answer_seconds = self._answer_time(now)
                 wait = ahead / self.settings.workers * answer_seconds
-                if wait > self.settings.queue_notice:
-                    return queue_line(f"{ahead}+" if more else ahead, wait, answer_seconds)
+                if more or wait > self.settings.queue_notice:
+                    return queue_line(ahead, wait, answer_seconds, more)
         self._typing(openid, received_at)
         return None
 
@@ -11021,9 +11030,11 @@ def never_served(path: str) -> bool:
     """Whether the database holds no queue at all: only what `learn` keeps (the articles)."""
     try:
         with contextlib.closing(sqlite3.connect(
-                f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True)) as conn:
-            return conn.execute("PRAGMA user_version").fetchone()[0] == 0 and not conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone()
+                f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True,
+                timeout=1)) as conn:
+            names = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+            return conn.execute("PRAGMA user_version").fetchone()[0] == 0 and \
+                "messages" not in names and "article_passages" in names
     except sqlite3.Error:
         return False  # open_for_operator says why
 
