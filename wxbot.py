@@ -783,6 +783,19 @@ class SecretFilter(logging.Filter):
 SECRET_FILTER = SecretFilter()
 
 
+class Failing:
+    """Something that fails again and again (a provider, a URL) is logged when it starts to
+    fail and when it works again, not at each failure."""
+
+    def __init__(self):
+        self.failing = False
+
+    def turned(self, failed: bool) -> bool:
+        """Note how a try went; True when it went otherwise than the last (a line is due)."""
+        turned, self.failing = failed != self.failing, failed
+        return turned
+
+
 class LogThrottle:
     """At most one log line per key (a client address) per `period` seconds.
 
@@ -4076,7 +4089,7 @@ class Meaning:
         self._index: tuple = ("", [], [])  # (as of when, passage ids, their signs)
         self._dimensions: int | None = None  # the model's, once it answered
         self._lock = threading.Lock()
-        self._failing = False
+        self.failure = Failing()
 
     def vectors(self, texts: list[str], timeout: float) -> list[list[float]]:
         """The model's vectors of the texts, in their order. ModelError when the call fails."""
@@ -4100,13 +4113,14 @@ class Meaning:
         return vectors
 
     def _worked(self, error: ModelError | None) -> None:
-        if error and not self._failing:
+        if not self.failure.turned(error is not None):
+            return
+        if error:
             log.error("articles are searched by words alone: %s (WXBOT_EMBED_MODEL=%s; check "
                       "it, WXBOT_EMBED_BASE_URL and WXBOT_EMBED_API_KEY, or `python wxbot.py "
                       "check`)", error, self.model)
-        elif not error and self._failing:
+        else:
             log.info("the embeddings API works again: articles are searched by meaning too")
-        self._failing = bool(error)
 
     def learn(self, articles: "Articles", stopping: threading.Event | None = None) -> int:
         """Compute the vectors of the passages that have none (or another model's), a batch
@@ -5135,6 +5149,7 @@ class Model:
         self.client = openai.OpenAI(api_key=settings.openai_api_key,
                                     base_url=settings.openai_base_url or None,
                                     timeout=settings.model_timeout, max_retries=0)
+        self._search_words_failure = Failing()
 
     def answer(self, messages: list[dict], deadline: Deadline, max_tokens: int | None = None
                ) -> str:
@@ -5160,7 +5175,6 @@ class Model:
     #: After this many failed in a row, none is asked for SEARCH_WORDS_PAUSE seconds: each
     #: would cost a reader up to the timeout for nothing.
     SEARCH_WORDS_TRIES, SEARCH_WORDS_PAUSE = 3, 600.0
-    _search_words_failing = False  # (instances keep their own, from the first failure)
     _search_words_failures = 0
     _search_words_resume = 0.0
 
@@ -5179,17 +5193,17 @@ class Model:
                                   Deadline(min(self.SEARCH_WORDS_TIMEOUT,
                                                self.settings.model_timeout)), max_tokens=60)
         except ModelError as error:
-            if not self._search_words_failing:
+            if self._search_words_failure.turned(True):
                 log_worker.warning("search words not written (%s): articles are searched with "
                                    "the question's own words%s", error, "; a reasoning model "
                                    "needs more than 60 tokens: set WXBOT_SEARCH_WORDS=0"
                                    if error.kind == "empty" else "")
-            self._search_words_failing = True
             self._search_words_failures += 1
             if self._search_words_failures >= self.SEARCH_WORDS_TRIES:  # not one more call
                 self._search_words_resume = time.monotonic() + self.SEARCH_WORDS_PAUSE
             return ""
-        self._search_words_failing, self._search_words_failures = False, 0
+        self._search_words_failure.turned(False)
+        self._search_words_failures = 0
         words = written.strip().splitlines()[0][:200] if written.strip() else ""
         return None if words.strip("。. ") == NOT_ABOUT_THE_ACCOUNT else words
 
@@ -6912,7 +6926,7 @@ class Notifier:
         self._held_text: dict[str, str] = {}  # the last of those held back, by kind
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._failing = False
+        self.failure = Failing()
         self.stopping = threading.Event()
         with store.transaction() as conn:
             upgrade_tables(conn, NOTIFY_SCHEMA)
@@ -6967,13 +6981,13 @@ class Notifier:
             with self.store.transaction() as conn:
                 conn.execute("INSERT INTO notifications (kind, text, at, sent) VALUES"
                              " (?, ?, ?, ?)", (kind, text, at, problem is None))
-        if problem and not self._failing:
-            log.error("WXBOT_NOTIFY_URL %s refused a notification (%s): the owner is not told "
-                      "until it works; check the URL (`python wxbot.py check` sends a test)",
-                      masked_url(self.url), problem)
-        elif not problem and self._failing:
-            log.info("WXBOT_NOTIFY_URL works again")
-        self._failing = problem is not None
+        if self.failure.turned(problem is not None):
+            if problem:
+                log.error("WXBOT_NOTIFY_URL %s refused a notification (%s): the owner is not "
+                          "told until it works; check the URL (`python wxbot.py check` sends "
+                          "a test)", masked_url(self.url), problem)
+            else:
+                log.info("WXBOT_NOTIFY_URL works again")
         return problem
 
     def run(self) -> None:
@@ -9984,16 +9998,15 @@ class OwnerConsole:
         with self.store.connection() as conn:
             counts = dict(conn.execute("SELECT state, messages FROM state_counts").fetchall())
             found = []
-            for title, state, order in [("排队中", State.QUEUED, "ASC"),
-                                        ("回答中", State.LEASED, "ASC"),
-                                        ("未送达", State.DEAD, "DESC"),
-                                        ("失败，已致歉", State.FAILED, "DESC")]:
+            for state, order in [(State.QUEUED, "ASC"), (State.LEASED, "ASC"),
+                                 (State.DEAD, "DESC"), (State.FAILED, "DESC")]:
                 rows = conn.execute(
                     f"SELECT id, openid, msg_type, event, content, received_at, not_before,"
                     f" lease_until, state, error, model_failures, delivery_failures, interruptions"
                     f" FROM messages WHERE state = ? ORDER BY id {order} LIMIT ?",
                     (state.value, CONSOLE_ROWS)).fetchall()
-                found.append((title, state.value, counts.get(state.value, 0), rows))
+                found.append((STATE_WORDS[state], state.value, counts.get(state.value, 0),
+                              rows))
         return found
 
     def retry(self, message_id: int) -> str | None:
@@ -11369,7 +11382,7 @@ def learn_command(settings: Settings, sources: list[str], published: bool, listi
             meaning = Meaning(settings)
             computed = meaning.learn(articles)
             print(f"{computed} passage(s) can now be found by meaning ({settings.embed_model})"
-                  if not meaning._failing else
+                  if not meaning.failure.failing else
                   f"{computed} passage(s) can now be found by meaning; the embeddings API failed"
                   f" (the log says how): the server tries again each minute", file=out)
         return 1 if failures or not_learned else 0
