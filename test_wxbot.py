@@ -3052,6 +3052,14 @@ def test_code_blocks_are_whole_or_cut_at_line_ends(shaped, chunks):
                 assert any("\n".join(code) in segment for segment in segments)
 
 
+
+def test_a_line_of_tildes_inside_code_fenced_with_backticks_is_code():
+    """``` is closed by ``` only (CommonMark): a ~~~ line in such code is a line of it, and
+    the text after the block is not taken for code."""
+    text = "```python\nx = 1\n~~~00000\ny = **2**\n```\n这是**正文**。"
+    shown_lines = "\n".join(wxbot.split_segments(text)).split("\n")
+    assert shown_lines == ["x = 1", "~~~00000", "y = **2**", "这是正文。"]
+
 # Plain text that keeps code intact ###########################################
 
 IDENTIFIER = st.from_regex(r"_{0,2}[a-z]+(_[a-z0-9]+){0,3}_{0,2}", fullmatch=True).filter(

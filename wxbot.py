@@ -5719,13 +5719,16 @@ class Markdown:
 
     def __init__(self):
         self.in_code = False
+        self.fence = ""  # the character of the fence the code in hand opened with: ` or ~
         self.sources_like = False  # the line in hand begins as a 来源 line
 
     def line(self, raw: str, line_start: bool = True) -> str | None:
         """One line as plain text; None for a line that goes (a code fence, a table rule).
         `line_start`: False for the rest of a line whose beginning was taken already."""
-        if line_start and CODE_FENCE.match(raw):
-            self.in_code = not self.in_code
+        fence = CODE_FENCE.match(raw) if line_start else None
+        # Code opened with ``` is closed by ``` only: a line of ~~~ in it is code (CommonMark).
+        if fence and (not self.in_code or fence.group(1)[0] == self.fence):
+            self.in_code, self.fence = not self.in_code, fence.group(1)[0]
             return None
         raw = MARKUP_OPEN.sub("＜", raw)
         # Code stays as written, indentation and all; a blank line has nothing to clean.
