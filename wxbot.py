@@ -10213,16 +10213,24 @@ class OwnerConsole:
             return console.render("questions", "问题", bottle.request.environ["csrf"],
                                   recent=recent, most=most, window=CONSOLE_ASKED, gaps=gaps)
 
-        @app.post("/questions/teach")
-        def teach():
+        def note_form() -> tuple[str, str] | None:
+            """A note's question and answer as its form sent them; None when either is
+            missing or too long, or there are no articles to keep it among."""
             question = " ".join((bottle.request.forms.getunicode("question") or "").split())
             answer = (bottle.request.forms.getunicode("answer") or "").strip()
             if not console.articles or not question or not answer or len(question) > 500 \
                     or len(answer) > 20000:
+                return None
+            return question, answer
+
+        @app.post("/questions/teach")
+        def teach():
+            form = note_form()
+            if form is None:
                 return console.after_post("/questions#uncovered", "问题和答案都要写（问题最多 500 "
                                           "字，答案最多 20000 字）。", True)
             try:
-                note = console.teach(question, answer)
+                note = console.teach(*form)
             except LearnError as error:
                 return console.after_post("/questions#uncovered", f"没有保存：{error}", True)
             return console.after_post(f"/articles/{note.id}", "已保存。以后有人问到，机器人按这条答案"
@@ -10256,13 +10264,11 @@ class OwnerConsole:
 
         @app.post("/articles/<source_id:int>/note")
         def edit_note(source_id):
-            question = " ".join((bottle.request.forms.getunicode("question") or "").split())
-            answer = (bottle.request.forms.getunicode("answer") or "").strip()
-            if not console.articles or not question or not answer or len(question) > 500 \
-                    or len(answer) > 20000:
+            form = note_form()
+            if form is None:
                 return console.after_post(f"/articles/{source_id}", "问题和答案都要写。", True)
             try:
-                note = console.teach(question, answer, source_id)
+                note = console.teach(*form, source_id)
             except LearnError as error:
                 return console.after_post("/articles", f"没有保存：{error}", True)
             return console.after_post(f"/articles/{note.id}", "已保存修改。")
