@@ -8715,6 +8715,34 @@ def test_a_question_no_article_covers_gets_no_passage(tmp_path):
 
 
 
+def test_latin_words_are_found_as_written_in_any_width_and_case_in_a_database_learned_before(
+        tmp_path):
+    """ＣＴ in an article answers ct; Ｖ６０ answers v60; ¥168 answers 168元 — for passages
+    learned now and for those a database learned before their Latin words were stored."""
+    path = str(tmp_path / "wxbot.db")
+    articles = wxbot.Articles(path)
+    articles.learn_text("file", "/notes/ct.md", "检查项目", "胸部ＣＴ平扫每次168元，当天出片。")
+    articles.learn_text("file", "/notes/v60.md", "手冲入门", "Ｖ６０滤杯用92度的水。卡片¥168。")
+    articles.learn_text("file", "/notes/hours.md", "门诊时间", "门诊早上8点开始，胸部检查请预约。")
+    articles.close()
+
+    def found() -> list[list[str]]:
+        articles = wxbot.Articles(path)
+        try:
+            return [[p.title for p in articles.find(question)]
+                    for question in ("胸部ct多少钱", "v60几度水", "168元的是什么")]
+        finally:
+            articles.close()
+    now = found()
+    assert [titles[0] for titles in now] == ["检查项目", "手冲入门", "检查项目"], now
+    assert "门诊时间" not in now[1] and "手冲入门" in now[2]
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE article_passages SET latin = NULL")  # as learned before
+    conn.close()
+    assert found() == now
+
+
 def test_a_question_that_goes_on_from_the_earlier_one_is_carried_by_its_words(tmp_path):
     """三个人一起报呢 after 训练营怎么收费 asks for the training camp's price for three: its own
     words (三个人, 一起, 报) are in no article; 呢 says the earlier question's words carry it.

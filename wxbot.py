@@ -2569,7 +2569,10 @@ CREATE TABLE IF NOT EXISTS article_sources (
 CREATE TABLE IF NOT EXISTS article_passages (
     id        INTEGER PRIMARY KEY,  -- the rowid of its terms in article_terms
     source_id INTEGER NOT NULL REFERENCES article_sources (id) ON DELETE CASCADE,
-    text      TEXT NOT NULL
+    text      TEXT NOT NULL,
+    -- Its Latin words and numbers as latin_terms() finds them, space-separated: a question
+    -- of V60 or CT weighs a hundred candidates without folding each (NULL: learned before).
+    latin     TEXT
 );
 CREATE INDEX IF NOT EXISTS article_passages_source ON article_passages (source_id);
 -- The words of each passage and of its article's title as article_terms() spells them:
@@ -2629,11 +2632,20 @@ def _word(word: str) -> str:
 _LETTERS_DIGITS = re.compile(r"[a-z]+|[0-9]+")
 
 
-def _word_parts(word: str) -> list[str]:
+def _word_parts(word: str) -> tuple[str, ...]:
     """A Latin word or number as indexed: itself, and for letters and digits together (V60)
     each run of either, so that "v 60" finds it."""
+    # The short ones are kept: the same words and numbers come back in passage after
+    # passage, and a search splits those of a hundred candidates.
+    return _short_word_parts(word) if len(word) <= 32 else _split_word(word)
+
+
+def _split_word(word: str) -> tuple[str, ...]:
     parts = _LETTERS_DIGITS.findall(word) if "." not in word else []
-    return [_word(word)] + [_word(part) for part in parts] if len(parts) > 1 else [_word(word)]
+    return (_word(word), *map(_word, parts)) if len(parts) > 1 else (_word(word),)
+
+
+_short_word_parts = functools.lru_cache(maxsize=4096)(_split_word)
 
 
 #: A price written with the sign before it (¥39, ￥39 folds to ¥39), as 39元 says it.
@@ -2643,6 +2655,14 @@ _PRICE_SIGN = re.compile(r"¥ ?([0-9]+(?:\.[0-9]+)?)")
 #: Full-width Latin letters, digits and punctuation (，：（）) as NFKC spells them: Chinese
 #: text is full of them, and mapping them first leaves NFKC nothing to do (a quick check).
 _FULL_WIDTH = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
+
+
+def priced(text: str) -> str:
+    """The text with a price's sign read as fold() reads it (¥39, ￥39 as 39元), the rest as
+    written: what a passage's CJK terms are matched in."""
+    if "¥" in text or "￥" in text:
+        text = _PRICE_SIGN.sub(r"\1元", text.replace("￥", "¥"))
+    return text
 
 
 def fold(text: str) -> str:
@@ -3345,7 +3365,7 @@ PASSAGES_WITH_VECTORS = (
     " s.id = p.source_id WHERE v.passage_id IN ({ids})")
 #: The candidates' text and what names their article, by passage id.
 PASSAGES_BY_ID = (
-    "SELECT p.id, s.id, s.title, s.url, s.date, p.text FROM article_passages p"
+    "SELECT p.id, s.id, s.title, s.url, s.date, p.text, p.latin FROM article_passages p"
     " JOIN article_sources s ON s.id = p.source_id WHERE p.id IN ({ids})")
 #: In how many passages each term is (fts5vocab looks each up in the index).
 VOCABULARY = "SELECT term, doc FROM article_vocabulary WHERE term IN ({terms})"
@@ -3360,11 +3380,11 @@ def latin_terms(folded: str) -> set[str]:
     """The Latin words and numbers article_terms() finds in a folded text, with the
     number-and-character terms (39元)."""
     terms: set[str] = set()
-    for match in _LATIN_WORD.finditer(folded):
-        parts = _word_parts(match.group(1))
+    for word, after in _LATIN_WORD.findall(folded):
+        parts = _word_parts(word)
         terms.update(parts)
-        if match.group(2) and parts[0][0].isdigit():
-            terms.add(parts[0] + match.group(2))
+        if after and parts[0][0].isdigit():
+            terms.add(parts[0] + after)
     return terms
 
 
@@ -3372,6 +3392,11 @@ def shows(folded: str, latin: set[str], term: str) -> bool:
     """Whether a folded text holds a term of article_terms(): a CJK character or pair is
     there as written; a Latin word or number is one of its `latin` terms."""
     return term in latin if term[0].isascii() else term in folded
+
+
+def times_shown(folded: str, latin: set[str], term: str) -> int:
+    """How often a text shows a term, as shows() finds it: a Latin word or number once."""
+    return int(term in latin) if term[0].isascii() else folded.count(term)
 
 
 class Articles:
@@ -3600,7 +3625,8 @@ class Articles:
             return Source(*row, unchanged=True)
         # The words are found before the database is held.
         title_terms = " ".join(article_terms(title))
-        passages = [(piece, " ".join(article_terms(piece))) for piece in pieces]
+        passages = [(piece, " ".join(article_terms(piece)),
+                     " ".join(sorted(latin_terms(fold(piece))))) for piece in pieces]
         learned: list[int] = []
 
         def learning() -> Generator[None, sqlite3.Connection, None]:
@@ -3625,9 +3651,10 @@ class Articles:
                     " digest, learned_at, summary, cover) VALUES (?, ?, ?, ?, ?, 0, '', ?, ?, ?)",
                     (kind, origin, title, url, date, now, summary, cover)).lastrowid
             learned.append(source_id)
-            for piece, terms in passages:
-                passage_id = conn.execute("INSERT INTO article_passages (source_id, text)"
-                                          " VALUES (?, ?)", (source_id, piece)).lastrowid
+            for piece, terms, latin in passages:
+                passage_id = conn.execute("INSERT INTO article_passages (source_id, text, latin)"
+                                          " VALUES (?, ?, ?)", (source_id, piece, latin)
+                                          ).lastrowid
                 conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
                              (passage_id, title_terms, terms))
                 conn = yield
@@ -3965,11 +3992,12 @@ class Articles:
         # The question's own units, and the search words written for it.
         own = {key for key, (importance, _) in units.items() if importance > self.EARLIER_WEIGHT}
         scored = []
-        for passage_id, source_id, title, url, date, text in rows:
-            # CJK characters are as NFKC and lower() leave them: a question of Chinese words
-            # alone reads the text as it is (folding each candidate cost more than the rest).
-            folded = fold(f"{title}\n{text}") if latin_asked else f"{title}\n{text}"
-            latin = latin_terms(folded) if latin_asked else set()
+        for passage_id, source_id, title, url, date, text, latin in rows:
+            # CJK characters are as NFKC and lower() leave them: the text is read as it is
+            # (folding each candidate cost more than the rest), its Latin words as stored.
+            folded = priced(f"{title}\n{text}")
+            latin = set() if not latin_asked else latin_terms(fold(title)).union(
+                latin.split() if latin is not None else latin_terms(fold(text)))
             strongly = {key for key, (_, unit) in units.items()
                         if any(all(shows(folded, latin, term) for term in terms)
                                for terms in unit.strong)}
@@ -4001,11 +4029,10 @@ class Articles:
         norm = self.K1 * (1 - self.B + self.B * len(folded) / self.AVERAGE)
         total = 0.0
         for key, (_, unit) in units.items():
-            often = max((min(len(latin) and term in latin if term.isascii() else
-                             folded.count(term) for term in shown) for shown in unit.strong),
-                        default=0)
+            often = max((min(times_shown(folded, latin, term) for term in shown)
+                         for shown in unit.strong), default=0)
             if not often and unit.weak:
-                often = self.ALONE * max(folded.count(term) for term in unit.weak)
+                often = self.ALONE * max(times_shown(folded, latin, term) for term in unit.weak)
             total += weight[key] * often * (self.K1 + 1) / (often + norm)
         return total / (self.K1 + 1)
 
@@ -4208,15 +4235,15 @@ class Meaning:
         # Signs alone rank roughly (384 of a small model's more roughly than 1,536): the
         # nearest few dozen are weighed exactly, as many as cost about PRODUCTS products.
         shortlist = heapq.nsmallest(max(self.MOST, self.PRODUCTS // len(asked)),
-                                    zip(distances, range(len(ids))))
+                                    range(len(ids)), key=distances.__getitem__)
         if not found_by_words:
             # By hand: statistics.pstdev is exact, in fractions, and took 20 ms for 20,000.
             mean = sum(distances) / len(distances)
-            spread = math.sqrt(max(0.0, sum(d * d for d in distances) / len(distances) -
-                                   mean * mean)) or 1.0
-            if (mean - shortlist[0][0]) / spread < self.STANDOUT:
+            spread = math.sqrt(max(0.0, sum(map(operator.mul, distances, distances)) /
+                                   len(distances) - mean * mean)) or 1.0
+            if (mean - distances[shortlist[0]]) / spread < self.STANDOUT:
                 return []  # nothing the words found, and nothing stands out: off the subject
-        chosen = [ids[at] for _, at in shortlist]
+        chosen = [ids[at] for at in shortlist]
         rows = conn.execute(PASSAGES_WITH_VECTORS.format(ids=", ".join("?" * len(chosen))),
                             chosen).fetchall()
         norm = math.sqrt(sum(x * x for x in asked)) or 1.0
