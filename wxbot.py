@@ -2107,6 +2107,14 @@ class Store:
             ).fetchone()
         return people, read > self.AHEAD_READ
 
+    def queued_at_most(self, message_id: int) -> int:
+        """At most how many messages are queued before one: the ids since the oldest queued
+        (one step in the index, however long the queue)."""
+        with self.connection() as conn:
+            oldest = conn.execute("SELECT min(id) FROM messages WHERE state = 'queued'"
+                                  ).fetchone()[0]
+        return max(0, message_id - oldest) if oldest is not None else 0
+
     def answer_seconds(self) -> float | None:
         """How long the model took over its last answers (the median of 20, from the call
         to the answer complete); None before the first."""
@@ -6859,9 +6867,13 @@ class Acknowledger:
             return None  # over a limit and told so: no answer comes, nothing may promise one
         if first:
             self._add(now + self.TYPING_RENEW, message_id, openid, received_at, False)
-            if self.settings.queue_notice:
+            answer_seconds = self._answer_time(now) if self.settings.queue_notice else 0.0
+            # The people ahead are counted only where as many messages could make the reader
+            # wait: a fast model's queue of thousands is gone in seconds, and counting them
+            # for each push cost the webhook its CPU.
+            if self.settings.queue_notice and self.store.queued_at_most(message_id) / \
+                    self.settings.workers * answer_seconds > self.settings.queue_notice:
                 ahead, more = self.store.waiting_ahead(message_id, openid, now)
-                answer_seconds = self._answer_time(now)
                 wait = ahead / self.settings.workers * answer_seconds
                 if more or wait > self.settings.queue_notice:
                     return queue_line(ahead, wait, answer_seconds, more)
