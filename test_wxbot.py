@@ -8764,9 +8764,16 @@ def test_latin_words_are_found_as_written_in_any_width_and_case_in_a_database_le
     assert "门诊时间" not in now[1] and "手冲入门" in now[2]
     conn = sqlite3.connect(path)
     with conn:
-        conn.execute("UPDATE article_passages SET latin = NULL")  # as learned before
-    conn.close()
+        conn.execute("UPDATE article_passages SET latin = NULL")  # as if learned before
     assert found() == now
+    with conn:  # a database learned before: its passages' Latin words are stored at start
+        conn.execute("DELETE FROM article_state WHERE key = 'latin'")
+    assert found() == now
+    assert conn.execute("SELECT count(*) FROM article_passages WHERE latin IS NULL"
+                        ).fetchone()[0] == 0
+    assert "ct" in conn.execute("SELECT latin FROM article_passages WHERE text LIKE '%ＣＴ%'"
+                                ).fetchone()[0].split()
+    conn.close()
 
 
 def test_a_question_that_goes_on_from_the_earlier_one_is_carried_by_its_words(tmp_path):

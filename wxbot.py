@@ -3459,6 +3459,7 @@ class Articles:
                                    ).fetchone()
             if version is None or int(version[0]) != TERMS_VERSION:
                 self._reindex(conn)
+        self._store_latin()
 
     @staticmethod
     def _allow_notes(conn: sqlite3.Connection) -> None:
@@ -3532,6 +3533,29 @@ class Articles:
         conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('terms', ?)",
                      (str(TERMS_VERSION),))
         self._count(conn)
+
+    def _store_latin(self) -> None:
+        """A database learned before each passage's Latin words were stored (the latin
+        column) has them found once, in steps: else a question of V60 or CT folds each
+        candidate's text again."""
+        with self._reading() as conn:
+            if conn.execute("SELECT 1 FROM article_state WHERE key = 'latin'").fetchone():
+                return
+
+        def storing() -> Generator[None, sqlite3.Connection, None]:
+            conn, after = (yield), 0
+            while True:
+                rows = conn.execute("SELECT id, text FROM article_passages WHERE id > ? AND"
+                                    " latin IS NULL ORDER BY id LIMIT 50", (after,)).fetchall()
+                if not rows:
+                    break
+                conn.executemany("UPDATE article_passages SET latin = ? WHERE id = ?", [
+                    (" ".join(sorted(latin_terms(fold(text)))), passage_id)
+                    for passage_id, text in rows])
+                after = rows[-1][0]
+                conn = yield
+            conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('latin', '1')")
+        self._in_steps(storing())
 
     def _passages_holding(self, terms: set[str], conn: sqlite3.Connection, changed: str
                           ) -> dict[str, int]:
