@@ -804,13 +804,21 @@ def bench_corpora(args) -> list[str]:
                 meaning.vectors = timed
             baseline, answers = plain_baseline(articles, urls)
             found = {"wxbot": collections.defaultdict(lambda: [0, 0]),
-                     "bm25": collections.defaultdict(lambda: [0, 0])}
+                     "bm25": collections.defaultdict(lambda: [0, 0]),
+                     "judged": collections.defaultdict(lambda: [0, 0])}
             timings, missed, asked = [], [], []
 
             def ours(question, earlier=()):
                 # As the server searches: the model would be asked for search words where the
                 # question's own words meet no passage well (counted; none written here).
                 return articles.find(question, earlier, lambda *_: asked.append(question) or "")
+            unrelated = {question["q"] for question in corpus["unrelated"]}
+
+            def judged(question, earlier=()):
+                # The model's judgement taken as right: 无关 for the unrelated questions, and
+                # for the rest, search words that add nothing (the question's own).
+                return articles.find(question, earlier, lambda asked, _: None
+                                     if asked in unrelated else asked)
             for question in corpus["questions"]:
                 for who, search in (("wxbot", ours), ("bm25", baseline.find)):
                     started, called = time.perf_counter(), sum(calls)
@@ -826,6 +834,9 @@ def bench_corpora(args) -> list[str]:
                     if who == "wxbot" and not hit:
                         missed.append(f"{question['q']}→{question['answer']}"
                                       f"[{'/'.join(p.title[:8] for p in given)}]")
+                found["judged"]["all"][0] += answers(judged(question["q"], question["earlier"]),
+                                                     question)
+                found["judged"]["all"][1] += 1
             asked_for_answered = len(asked)
             for kind in ("unrelated", "near"):
                 for question in corpus.get(kind, []):
@@ -837,6 +848,8 @@ def bench_corpora(args) -> list[str]:
                     # not have withheld it.
                     found["wxbot"][kind + " confident"][0] += bool(given) and len(asked) == before
                     found["wxbot"][kind + " confident"][1] += 1
+                    found["judged"][kind][0] += bool(judged(question["q"]))
+                    found["judged"][kind][1] += 1
                     if given and args.verbose:
                         missed.append(f"{kind}:{question['q']}[{given[0].title[:10]}]")
             articles.close()
@@ -861,7 +874,10 @@ def bench_corpora(args) -> list[str]:
             f"{percentile(timings, 99):.1f} ms; search words asked of the model for "
             f"{asked_for_answered}/{len(corpus['questions'])} questions and "
             f"{len(asked) - asked_for_answered}/{len(corpus['unrelated']) + len(corpus.get('near', []))}"
-            f" unrelated or near-topic")
+            f" unrelated or near-topic; with the model's judgement taken as right (无关 for the "
+            f"unrelated, on the subject for the rest): found {share(found['judged'], 'all')}, "
+            f"unrelated given a passage {share(found['judged'], 'unrelated')}, near-topic "
+            f"{share(found['judged'], 'near')}")
         if args.verbose:
             lines.append("  missed: " + "; ".join(missed))
     return lines

@@ -9580,6 +9580,34 @@ def test_an_article_is_dated_by_its_own_date_not_the_file_time(tmp_path):
         articles.close()
 
 
+def test_meaning_gives_its_nearest_when_the_model_says_the_question_is_about_the_articles(
+        tmp_path, monkeypatch):
+    """km4难吗 finds no word of the articles (科目四); by meaning, when no passage stands out
+    from the rest, it is withheld as small talk is, unless the model, asked for search words,
+    wrote some (it is about the account): then the nearest passages by meaning go."""
+    monkeypatch.setattr(wxbot.Meaning, "STANDOUT", 1000.0)  # nothing stands out
+    model = FakeModel()
+    model.embed = lambda text: [1.0 if "科目四" in text or "km4" in text else -1.0] * 16 + \
+        meaning_vector(text)[-64:]
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        articles.learn_text("url", "https://example.com/km4", "科目四考试说明", "科目四是安全文明"
+                            "驾驶常识考试，共50题，90分及格。", date="2025-01-01")
+        for n, topic in enumerate(["练车时间调整", "班车线路", "春节放假", "体检地点", "报名材料"]):
+            articles.learn_text("url", f"https://example.com/{n}", topic, f"关于{topic}的通知，"
+                                "请学员留意。", date="2024-01-01")
+        articles.meaning = meaning = wxbot.Meaning(meaning_settings(model))
+        meaning.learn(articles)
+        question = "km4难吗"
+        assert articles.find(question) == []  # no one said it is about the account
+        assert articles.find(question, (), lambda *_: None) == []  # the model: 无关
+        assert articles.find(question, (), lambda *_: "") == []  # the model's call failed
+        found = articles.find(question, (), lambda *_: "驾考 题量")  # words no article has
+        assert [p.title for p in found][:1] == ["科目四考试说明"]
+    finally:
+        articles.close()
+
+
 def test_meaning_finds_what_readers_call_otherwise_and_falls_back_to_words(tmp_path):
     model = FakeModel()
     articles = wxbot.Articles(str(tmp_path / "wxbot.db"))

@@ -3935,15 +3935,18 @@ class Articles:
             alone = not (earlier and GOES_ON.search(question.strip()))
             words = self._find(conn, units, alone) if units else []
             shown = max((item[4] for item in words), default=0.0)  # of the question, at best
+            about_articles = bool(words)
             if search_words and shown < self.CONFIDENT and \
                     int(conn.execute(COUNTED_PASSAGES).fetchone()[0]):
                 written = search_words(question, earlier)
                 if written is None:
                     return []
+                # The model wrote the words an article would use: it is no small talk.
+                about_articles = about_articles or bool(written.strip())
                 for key, unit in question_units(written).items():
                     units.setdefault(key, (self.SEARCH_WORDS_WEIGHT, unit))
                 words = self._find(conn, units, alone) if written.strip() else words
-            near = self.meaning.nearest(conn, question, earlier, bool(words)) \
+            near = self.meaning.nearest(conn, question, earlier, about_articles) \
                 if self.meaning else []
             if not near:
                 return [item[3] for item in words[:self.MOST]]
@@ -4247,9 +4250,11 @@ class Meaning:
             return self._index[1], self._index[2]
 
     def nearest(self, conn: sqlite3.Connection, question: str, earlier: Sequence[str],
-                found_by_words: bool) -> list[list]:
-        """The passages nearest the question's meaning that stand out from the rest:
-        [cosine, date, passage id, Passage] nearest first; [] when the call fails."""
+                about_articles: bool) -> list[list]:
+        """The passages nearest the question's meaning, [cosine, date, passage id, Passage]
+        nearest first; [] when the call fails. Unless the question is `about_articles` (the
+        words found passages, or the model wrote search words for it), only those that stand
+        out from the rest: a question about the weather is about as near to all of them."""
         ids, signs = self._signs(conn)
         if len(ids) < 2:
             return []
@@ -4268,7 +4273,7 @@ class Meaning:
         # nearest few dozen are weighed exactly, as many as cost about PRODUCTS products.
         shortlist = heapq.nsmallest(max(self.MOST, self.PRODUCTS // len(asked)),
                                     range(len(ids)), key=distances.__getitem__)
-        if not found_by_words:
+        if not about_articles:
             # By hand: statistics.pstdev is exact, in fractions, and took 20 ms for 20,000.
             mean = sum(distances) / len(distances)
             spread = math.sqrt(max(0.0, sum(map(operator.mul, distances, distances)) /
