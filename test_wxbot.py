@@ -9710,8 +9710,8 @@ def assert_logs_once(text):
     os.path.join(HERE, "corpora", "*.json"))))
 def test_each_accounts_questions_find_their_passage_as_well_as_a_plain_bm25(tmp_path, name):
     # Accounts written without reading the search (corpora/): loose floors under the
-    # figures bench_wxbot.py --corpora measures, so that a regression shows. The two written
-    # after all tuning (measured once: 73 % and 80 %) have floors of their own.
+    # figures bench_wxbot.py --corpora measures, so that a regression shows. Those written
+    # after the tuning they judged (measured once as they came) have floors of their own.
     import bench_wxbot
     corpus = json.load(open(os.path.join(HERE, "corpora", f"{name}.json"), encoding="utf-8"))
     articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
@@ -9723,7 +9723,7 @@ def test_each_accounts_questions_find_their_passage_as_well_as_a_plain_bm25(tmp_
             return sum(answers(search(q["q"], q["earlier"]), q)
                        for q in corpus["questions"]) / len(corpus["questions"])
         ours, theirs = found(articles.find), found(baseline.find)
-        assert ours >= {"driving": 0.70, "property": 0.77}.get(name, 0.83) and \
+        assert ours >= {"driving": 0.70, "property": 0.77, "kids": 0.79}.get(name, 0.83) and \
             ours >= theirs - 0.04, (ours, theirs)
         assert sum(bool(articles.find(q["q"])) for q in corpus["unrelated"]) <= \
             0.5 * len(corpus["unrelated"])
