@@ -5797,20 +5797,28 @@ def test_the_queue_line_counts_people_not_their_messages(start_bot, wechat, mode
 
 
 
+def queue_behind_a_busy_worker(start_bot, model, db, answer_seconds, notice, ahead):
+    """The only worker busy with oFIRST's question, `ahead` readers (oAHEAD0...) queued
+    behind it, then oLAST; each answer before took `answer_seconds`. (bot, release)."""
+    add_answered_history(db, 5, answer_seconds)
+    release = hold_first_question(model, "一")
+    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=notice)
+    send_text(bot, "oFIRST", "一", 1)
+    wait_for(lambda: model.requests)  # the only worker is busy from here on
+    for n in range(ahead):
+        send_text(bot, f"oAHEAD{n}", "问", 2 + n)
+    send_text(bot, "oLAST", "问", 9)
+    return bot, release
+
+
 def test_a_queue_longer_than_is_counted_gets_the_line_that_says_so(start_bot, wechat, model,
                                                                     monkeypatch, tmp_path):
     """Past Store.AHEAD_READ queued messages the people ahead are not all counted: the wait
     is longer than any count would say, so the line says the queue is long, however short a
     wait the counted part would give."""
     monkeypatch.setattr(wxbot.Store, "AHEAD_READ", 1)
-    add_answered_history(tmp_path / "wxbot.db", 5, 250)  # each answer took 250 s
-    release = hold_first_question(model, "一")
-    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=600)
-    send_text(bot, "oFIRST", "一", 1)
-    wait_for(lambda: model.requests)  # the only worker is busy from here on
-    for n in range(3):
-        send_text(bot, f"oAHEAD{n}", "问", 2 + n)
-    send_text(bot, "oLAST", "问", 9)
+    bot, release = queue_behind_a_busy_worker(start_bot, model, tmp_path / "wxbot.db", 250,
+                                              600, 3)
     try:
         line = wait_for(lambda: wechat.texts_to("oLAST"), timeout=5)
         # Two counted ahead: 500 s, under the notice's 600; more queued than counted.
@@ -5826,14 +5834,8 @@ def test_a_queue_a_fast_model_gets_through_in_seconds_gets_no_line_however_long(
     """A queue longer than is counted, behind a model that answers in a tenth of a second:
     the reader would wait a second, not the long wait the line promises."""
     monkeypatch.setattr(wxbot.Store, "AHEAD_READ", 1)
-    add_answered_history(tmp_path / "wxbot.db", 5, 0.1)
-    release = hold_first_question(model, "一")
-    bot = start_bot(WXBOT_WORKERS=1, WXBOT_QUEUE_NOTICE=5)
-    send_text(bot, "oFIRST", "一", 1)
-    wait_for(lambda: model.requests)  # the only worker is busy from here on
-    for n in range(4):
-        send_text(bot, f"oAHEAD{n}", "问", 2 + n)
-    send_text(bot, "oLAST", "问", 9)
+    bot, release = queue_behind_a_busy_worker(start_bot, model, tmp_path / "wxbot.db", 0.1,
+                                              5, 4)
     try:
         wait_for(lambda: ("oLAST", "Typing") in wechat.typing,
                  timeout=5, message="typing for the last reader")
@@ -5842,7 +5844,6 @@ def test_a_queue_a_fast_model_gets_through_in_seconds_gets_no_line_however_long(
     finally:
         release.set()
     wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
-
 
 def test_a_restarted_bot_tells_the_wait_from_the_answers_it_gave(start_bot, wechat, model,
                                                                  tmp_path):
