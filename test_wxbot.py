@@ -7715,8 +7715,10 @@ def console_traffic(bot, wechat, model, monkeypatch):
             ("oREADER-alice-0001", "怎么退款？"), ("oREADER-bob-000002", "怎么退款"),
             ("oREADER-carol-0003", XSS), ("oREADER-alice-0001", "营业时间是几点？")], 1):
         send_text(bot, openid, text, number)
+    # Every one answered (and its use noted) before the uses below replace what was noted.
     wait_for(lambda: len(wechat.texts_to("oREADER-alice-0001")) == 2
-             and wechat.texts_to("oREADER-carol-0003"))
+             and wechat.texts_to("oREADER-bob-000002") and wechat.texts_to("oREADER-carol-0003"))
+    wait_for(lambda: bot.store.health(time.time())["queued"] == 0)
     for message_id, given in [(1, 2), (2, 2), (3, 0), (4, 0)]:  # as answering records them
         bot.articles.note_use(message_id, time.time(), given, given // 2)
     return dead_message(bot, wechat, "oREADER-dave-00004", "这条会失败", 9, monkeypatch)
@@ -8777,6 +8779,21 @@ def test_latin_words_are_found_as_written_in_any_width_and_case_in_a_database_le
     conn.close()
 
 
+def test_text_copied_out_of_a_pdf_reads_and_is_found_as_the_characters_it_shows(tmp_path):
+    """A PDF's copied text writes 用 and 水 as the radicals ⽤ and ⽔ (they look the same): the
+    passage reads, and answers 水温, as the characters; ￥３８ is 38元 as ¥38 is."""
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        articles.learn_text("file", "/notes/v60.md", "手冲⼊门", "⽤V60滤杯冲煮，⽔温92度。滤纸￥３８一包。")
+        articles.learn_text("file", "/notes/beans.md", "豆单", "V60适合浅烘豆子，一包68元。")
+        found = articles.find("v60水温多少")
+        assert [p.title for p in found][:1] == ["手冲入门"]
+        assert found[0].text == "用V60滤杯冲煮，水温92度。滤纸￥３８一包。"
+        assert [p.title for p in articles.find("38元的是什么")][:1] == ["手冲入门"]
+    finally:
+        articles.close()
+
+
 def test_a_question_that_goes_on_from_the_earlier_one_is_carried_by_its_words(tmp_path):
     """三个人一起报呢 after 训练营怎么收费 asks for the training camp's price for three: its own
     words (三个人, 一起, 报) are in no article; 呢 says the earlier question's words carry it.
@@ -9585,7 +9602,7 @@ def test_meaning_gives_its_nearest_when_the_model_says_the_question_is_about_the
         tmp_path, monkeypatch):
     """km4难吗 finds no word of the articles (科目四); by meaning, when no passage stands out
     from the rest, it is withheld as small talk is, unless the model, asked for search words,
-    wrote some (it is about the account): then the nearest passages by meaning go."""
+    wrote some the articles use (it is about the account): then the nearest by meaning go."""
     monkeypatch.setattr(wxbot.Meaning, "STANDOUT", 1000.0)  # nothing stands out
     model = FakeModel()
     model.embed = lambda text: [1.0 if "科目四" in text or "km4" in text else -1.0] * 16 + \
@@ -9603,7 +9620,9 @@ def test_meaning_gives_its_nearest_when_the_model_says_the_question_is_about_the
         assert articles.find(question) == []  # no one said it is about the account
         assert articles.find(question, (), lambda *_: None) == []  # the model: 无关
         assert articles.find(question, (), lambda *_: "") == []  # the model's call failed
-        found = articles.find(question, (), lambda *_: "驾考 题量")  # words no article has
+        # Words no article has: the model judged wrong, or the account writes of none of it.
+        assert articles.find(question, (), lambda *_: "天气 预报") == []
+        found = articles.find(question, (), lambda *_: "考试 数量")  # 考试: the articles' word
         assert [p.title for p in found][:1] == ["科目四考试说明"]
     finally:
         articles.close()
@@ -9662,7 +9681,8 @@ def test_the_model_writes_search_words_when_the_question_meets_no_article_well(
     def respond(request):
         if request["messages"][0]["content"] == wxbot.SEARCH_WORDS_PROMPT:
             asked = request["messages"][-1]["content"]
-            return "口腔科 拔牙 开诊" if "牙" in asked else wxbot.NOT_ABOUT_THE_ACCOUNT
+            # 无关 as models dress it: quoted, in bold, with a reason.
+            return "口腔科 拔牙 开诊" if "牙" in asked else "**“无关”**（闲聊）"
         return "好的[1]。" if wxbot.PASSAGES_HEAD in request["messages"][-1]["content"] else "好的。"
     model.respond = respond
     bot = start_bot(WXBOT_SEARCH_WORDS="1")

@@ -2665,11 +2665,22 @@ _PRICE_SIGN = re.compile(r"¥ ?([0-9]+(?:\.[0-9]+)?)")
 _FULL_WIDTH = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
 
 
+#: Radicals and compatibility ideographs: text copied out of a PDF writes 用水人 as ⽤⽔⼈.
+_CJK_VARIANTS = re.compile("[\u2e80-\u2fdf\uf900-\ufaff\U0002f800-\U0002fa1f]+")
+
+
+def unified_cjk(text: str) -> str:
+    """The text with its radicals and compatibility ideographs as the characters they stand
+    for (NFKC's, as fold() indexes them), the rest as written: a passage reads, and is
+    weighed, as it is searched."""
+    return _CJK_VARIANTS.sub(lambda found: unicodedata.normalize("NFKC", found.group()), text)
+
+
 def priced(text: str) -> str:
     """The text with a price's sign read as fold() reads it (¥39, ￥39 as 39元), the rest as
     written: what a passage's CJK terms are matched in."""
-    if "¥" in text or "￥" in text:
-        text = _PRICE_SIGN.sub(r"\1元", text.replace("￥", "¥"))
+    if "¥" in text or "￥" in text:  # ￥３８ as fold() reads it: the width folded first
+        text = _PRICE_SIGN.sub(r"\1元", text.translate(_FULL_WIDTH).replace("￥", "¥"))
     return text
 
 
@@ -3532,30 +3543,45 @@ class Articles:
                           " ".join(article_terms(row[1]))))
         conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('terms', ?)",
                      (str(TERMS_VERSION),))
+        # Spelled as the terms are: found again (_store_latin) as this wxbot spells them.
+        conn.execute("UPDATE article_passages SET latin = NULL")
+        conn.execute("DELETE FROM article_state WHERE key = 'latin'")
         self._count(conn)
 
     def _store_latin(self) -> None:
         """A database learned before each passage's Latin words were stored (the latin
-        column) has them found once, in steps: else a question of V60 or CT folds each
-        candidate's text again."""
+        column) has them found once: else a question of V60 or CT folds each candidate's
+        text again. Found outside the write lock, written a batch at a time; a failure
+        leaves the search reading the text as before."""
         with self._reading() as conn:
             if conn.execute("SELECT 1 FROM article_state WHERE key = 'latin'").fetchone():
                 return
-
-        def storing() -> Generator[None, sqlite3.Connection, None]:
-            conn, after = (yield), 0
+            missing = conn.execute("SELECT count(*) FROM article_passages WHERE latin IS NULL"
+                                   ).fetchone()[0]
+        if missing:
+            log_worker.info("articles: storing the Latin words of %d passages learned by an "
+                            "earlier wxbot (once; about a second a 10,000)", missing)
+        after = 0
+        try:
             while True:
-                rows = conn.execute("SELECT id, text FROM article_passages WHERE id > ? AND"
-                                    " latin IS NULL ORDER BY id LIMIT 50", (after,)).fetchall()
+                with self._reading() as conn:
+                    rows = conn.execute("SELECT id, text FROM article_passages WHERE id > ? AND"
+                                        " latin IS NULL ORDER BY id LIMIT 200", (after,)
+                                        ).fetchall()
                 if not rows:
                     break
-                conn.executemany("UPDATE article_passages SET latin = ? WHERE id = ?", [
-                    (" ".join(sorted(latin_terms(fold(text)))), passage_id)
-                    for passage_id, text in rows])
+                found = [(" ".join(sorted(latin_terms(fold(text)))), passage_id)
+                         for passage_id, text in rows]
+                with self._write() as conn:  # a passage learned again meanwhile keeps its own
+                    conn.executemany("UPDATE article_passages SET latin = ? WHERE id = ? AND"
+                                     " latin IS NULL", found)
                 after = rows[-1][0]
-                conn = yield
-            conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('latin', '1')")
-        self._in_steps(storing())
+            with self._write() as conn:
+                conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES"
+                             " ('latin', '1')")
+        except sqlite3.Error as error:
+            log_worker.warning("articles: the Latin words of earlier passages not stored (%s);"
+                               " they are found from the text at each search", error)
 
     def _passages_holding(self, terms: set[str], conn: sqlite3.Connection, changed: str
                           ) -> dict[str, int]:
@@ -3637,7 +3663,9 @@ class Articles:
         thousand files rewrote them all, and grew the file). Until it is all written, the
         source has no digest (a sync learns it again)."""
         # WeChat's own titles are at most 64 characters: a page's <title> is not bounded.
-        title = (" ".join(title.split()) or os.path.basename(origin) or origin)[:TITLE_CHARS]
+        title = (" ".join(unified_cjk(title).split()) or os.path.basename(origin) or origin
+                 )[:TITLE_CHARS]
+        text = unified_cjk(text)
         if kind not in SOURCE_KINDS:
             raise ValueError(f"kind must be one of {', '.join(SOURCE_KINDS)}, not {kind!r}")
         pieces = passages_of(text)
@@ -3941,8 +3969,9 @@ class Articles:
                 written = search_words(question, earlier)
                 if written is None:
                     return []
-                # The model wrote the words an article would use: it is no small talk.
-                about_articles = about_articles or bool(written.strip())
+                # The model wrote words the articles use: the question is no small talk.
+                about_articles = about_articles or self._meets_articles(
+                    conn, question_units(written))
                 for key, unit in question_units(written).items():
                     units.setdefault(key, (self.SEARCH_WORDS_WEIGHT, unit))
                 words = self._find(conn, units, alone) if written.strip() else words
@@ -3956,6 +3985,15 @@ class Articles:
                     fused.setdefault(passage_id, [0.0, passage])[0] += 1 / (self.FUSION + rank)
             best = sorted(fused.values(), key=lambda item: -item[0])
             return [passage for _, passage in best[:self.MOST]]
+
+    def _meets_articles(self, conn: sqlite3.Connection, units: dict) -> bool:
+        """Whether the articles hold any of these units' words (a pair of characters or
+        more, a Latin word), not one character alone."""
+        terms = {term for unit in units.values() for shown in unit.strong for term in shown}
+        found_in = self._passages_holding(terms, conn, conn.execute(COUNTED_PASSAGES
+                                                                    ).fetchone()[1])
+        return any(all(term in found_in for term in shown)
+                   for unit in units.values() for shown in unit.strong)
 
     #: Reciprocal rank fusion's constant: a passage's weight in a list is 1 / (FUSION + rank).
     FUSION = 10
@@ -5269,7 +5307,9 @@ class Model:
         self._search_words_failure.turned(False)
         self._search_words_failures = 0
         words = written.strip().splitlines()[0][:200] if written.strip() else ""
-        return None if words.strip("。. ") == NOT_ABOUT_THE_ACCOUNT else words
+        # 无关, “无关”, **无关**, 无关（闲聊）: the model's word for small talk, however dressed.
+        return None if "".join(re.findall(r"\w+", words)).startswith(NOT_ABOUT_THE_ACCOUNT) \
+            else words
 
     @staticmethod
     def _whole(completion: dict, max_tokens: int) -> str:
