@@ -11338,9 +11338,8 @@ def check(settings: Settings, out) -> int:
         elif error.kind in ("empty", "refused"):  # it answered, with nothing to show
             report(True, f"the model {settings.model} answers (nothing in 5 tokens: a "
                          f"reasoning model thinks first; leave it room in WXBOT_MAX_TOKENS)")
-        elif error.status is None:  # no HTTP answer at all
-            report(False, f"{error}: check OPENAI_BASE_URL, and that this server reaches it "
-                          f"(DNS, firewall, proxy)")
+        elif error.status is None:  # no HTTP answer at all: the error says what to check
+            report(False, str(error))
         else:
             report(False, f"the model failed: {error}")
     if settings.embed_model:
