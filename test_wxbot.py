@@ -6290,6 +6290,18 @@ def test_a_send_wechat_declined_is_tried_again_without_the_repeat_warning(start_
     assert ("the user may see it twice" in caplog.text) is (answer == 502)
 
 
+def test_a_send_never_made_for_want_of_a_token_is_tried_again_without_the_repeat_warning(
+        start_bot, wechat, model, caplog):
+    wechat.token_reply = 502  # the token cannot be had: no send is made
+    bot = start_bot()
+    send_text(bot, "oNOTOKEN", "问", 1)
+    wait_for(lambda: len(wechat.token_calls) >= 3, message="the typing and a send tried")
+    wechat.token_reply = None
+    wait_for(lambda: bot.store.settled(1), timeout=30, message="answered once the token came")
+    assert wechat.texts_to("oNOTOKEN") == ["答：问"]
+    assert "the user may see it twice" not in caplog.text
+
+
 def test_a_send_broken_off_is_tried_again_with_the_repeat_warning(start_bot, wechat, model,
                                                                   caplog):
     # The connection broke off: WeChat may have taken it (twice: a kept-open connection

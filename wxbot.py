@@ -4841,7 +4841,7 @@ class WeChatAPI:
              files: dict | None = None) -> dict:
         """An authenticated call (GET without a body); on 40001, 40014 or 42001 refresh the
         token once and retry once."""
-        token = self.access_token()
+        token = self._before_the_call(self.access_token)
         try:
             return self._post(path, body, {**(params or {}), "access_token": token}, files)
         except WeChatError as error:
@@ -4849,7 +4849,17 @@ class WeChatAPI:
                 raise
             log_wechat.warning("access token rejected (%s); refreshing once", error.errcode)
         return self._post(path, body, {**(params or {}), "access_token":
-                                       self.refresh_token(token)}, files)
+                                       self._before_the_call(self.refresh_token, token)}, files)
+
+    @staticmethod
+    def _before_the_call(get: Callable[..., str], *args: str) -> str:
+        """The token for a call: when it cannot be had, the call was never made (declined:
+        a message's next try is no repeat)."""
+        try:
+            return get(*args)
+        except WeChatError as error:
+            error.declined = True
+            raise
 
     def _typing_shown(self, openid: str, command: str) -> bool:
         """Whether typing still shows for `openid`; for "Typing", note that it shows from now
