@@ -8819,6 +8819,9 @@ def test_a_question_that_goes_on_from_the_earlier_one_is_carried_by_its_words(tm
     assert [p.title for p in articles.find("那要是三个人一起", earlier)] == ["训练营报名"]
     assert [p.title for p in articles.find("还能三个人一起吗", earlier)] == ["训练营报名"]
     assert articles.find("明天北京天气怎么样", earlier) == []
+    # A question on another subject finds, after the earlier one, what it finds alone.
+    articles.learn_text("file", "/notes/prices.md", "价格", "拿铁28元，美式22元。")
+    assert "价格" in [p.title for p in articles.find("价格多少钱", ["周日营业吗"])]
     assert articles.find("三个人一起去爬山", earlier) == []
     articles.close()
 

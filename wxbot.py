@@ -4064,6 +4064,7 @@ class Articles:
         latin_asked = any(term[0].isascii() for term in terms)
         # The question's own units, and the search words written for it.
         own = {key for key, (importance, _) in units.items() if importance > self.EARLIER_WEIGHT}
+        own_whole = sum(weight[key] for key in own)
         scored = []
         for passage_id, source_id, title, url, date, text, latin in rows:
             # CJK characters are as NFKC and lower() leave them: the text is read as it is
@@ -4082,8 +4083,14 @@ class Articles:
             # nor are the earlier question's words alone, when the question says enough of
             # its own to stand alone (明天天气怎么样 after 手冲咖啡 is not about 手冲咖啡;
             # 收费吗 after 能停车吗 is about parking).
-            if strongly and share >= self.FLOOR and (strongly & own or len(own) < 3 or
-                                                     not alone):
+            # What the question alone would find, the earlier question's words take nothing
+            # from (价格多少钱 after 周日营业吗 still finds the prices).
+            alone_share = sum(weight[key] * (1.0 if key in strongly else self.ALONE if any(
+                shows(folded, latin, term) for term in units[key][1].weak) else 0.0)
+                for key in own) / own_whole if own_whole else 0.0
+            if strongly and (share >= self.FLOOR and (strongly & own or len(own) < 3 or
+                                                      not alone) or
+                             alone_share >= self.FLOOR and strongly & own):
                 score = share + self.SATURATED * self._saturated(folded, latin, units,
                                                                  weight) / whole
                 scored.append([score, date, passage_id, frozenset(strongly),
