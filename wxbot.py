@@ -3576,9 +3576,10 @@ class Articles:
                     conn.executemany("UPDATE article_passages SET latin = ? WHERE id = ? AND"
                                      " latin IS NULL", found)
                 after = rows[-1][0]
-            with self._write() as conn:
-                conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES"
-                             " ('latin', '1')")
+            with self._write() as conn:  # not while another process left some to find
+                conn.execute("INSERT OR REPLACE INTO article_state (key, value) SELECT"
+                             " 'latin', '1' WHERE NOT EXISTS (SELECT 1 FROM article_passages"
+                             " WHERE latin IS NULL)")
         except sqlite3.Error as error:
             log_worker.warning("articles: the Latin words of earlier passages not stored (%s);"
                                " they are found from the text at each search", error)
@@ -3952,16 +3953,17 @@ class Articles:
         question, earlier = question[:QUESTION_SEARCHED], [line[:QUESTION_SEARCHED]
                                                            for line in list(earlier)[-1:]]
         units = {key: (1.0, unit) for key, unit in question_units(question).items()}
-        if not earlier and sum(0.5 if len(key) == 1 and not key.isascii() else 1
-                               for key in units) < 1:
-            return []  # 谢谢, 在吗, 你是谁: a word of one character says nothing to search for
+        # 谢谢, 在吗, 你是谁: a word of one character says nothing to search for.
+        says = sum(0.5 if len(key) == 1 and not key.isascii() else 1 for key in units) >= 1
+        if not earlier and not says:
+            return []
         for before in earlier:
             for key, unit in question_units(before).items():
                 units.setdefault(key, (self.EARLIER_WEIGHT, unit))
         with self._reading() as conn:
             # 那…, …呢, 还…: the question goes on from the earlier one, whose words may carry it.
             alone = not (earlier and GOES_ON.search(question.strip()))
-            words = self._find(conn, units, alone) if units else []
+            words = self._find(conn, units, alone, says) if units else []
             shown = max((item[4] for item in words), default=0.0)  # of the question, at best
             about_articles = bool(words)
             if search_words and shown < self.CONFIDENT and \
@@ -3974,7 +3976,7 @@ class Articles:
                     conn, question_units(written))
                 for key, unit in question_units(written).items():
                     units.setdefault(key, (self.SEARCH_WORDS_WEIGHT, unit))
-                words = self._find(conn, units, alone) if written.strip() else words
+                words = self._find(conn, units, alone, says) if written.strip() else words
             near = self.meaning.nearest(conn, question, earlier, about_articles) \
                 if self.meaning else []
             if not near:
@@ -4002,9 +4004,10 @@ class Articles:
     #: What a search word the model wrote weighs beside the question's own.
     SEARCH_WORDS_WEIGHT = 0.7
 
-    def _find(self, conn: sqlite3.Connection, units: dict, alone: bool = True) -> list[list]:
+    def _find(self, conn: sqlite3.Connection, units: dict, alone: bool = True,
+              says: bool = True) -> list[list]:
         """The word search: [score, date, passage id, Passage, share of the question shown]
-        best first."""
+        best first. `says`: the question says enough to be searched alone (not 谢谢)."""
         total, changed = conn.execute(COUNTED_PASSAGES).fetchone()
         total = int(total)
         if not total:
@@ -4087,7 +4090,7 @@ class Articles:
             # from (价格多少钱 after 周日营业吗 still finds the prices).
             alone_share = sum(weight[key] * (1.0 if key in strongly else self.ALONE if any(
                 shows(folded, latin, term) for term in units[key][1].weak) else 0.0)
-                for key in own) / own_whole if own_whole else 0.0
+                for key in own) / own_whole if own_whole and says else 0.0
             if strongly and (share >= self.FLOOR and (strongly & own or len(own) < 3 or
                                                       not alone) or
                              alone_share >= self.FLOOR and strongly & own):
@@ -4855,15 +4858,17 @@ class WeChatAPI:
             if error.errcode not in TOKEN_INVALID:
                 raise
             log_wechat.warning("access token rejected (%s); refreshing once", error.errcode)
+        # No declined here: the connection may have sent the call before WeChat refused the
+        # token (a kept-open connection found closed sends it once more).
         return self._post(path, body, {**(params or {}), "access_token":
-                                       self._before_the_call(self.refresh_token, token)}, files)
+                                       self.refresh_token(token)}, files)
 
     @staticmethod
-    def _before_the_call(get: Callable[..., str], *args: str) -> str:
+    def _before_the_call(get: Callable[[], str]) -> str:
         """The token for a call: when it cannot be had, the call was never made (declined:
         a message's next try is no repeat)."""
         try:
-            return get(*args)
+            return get()
         except WeChatError as error:
             error.declined = True
             raise
@@ -5325,7 +5330,7 @@ class Model:
         self._search_words_failures = 0
         words = written.strip().splitlines()[0][:200] if written.strip() else ""
         # 无关, “无关”, **无关**, 无关（闲聊）: the model's word for small talk, however dressed.
-        return None if "".join(re.findall(r"\w+", words)).startswith(NOT_ABOUT_THE_ACCOUNT) \
+        return None if (re.findall(r"\w+", words)[:1] or [""])[0] == NOT_ABOUT_THE_ACCOUNT \
             else words
 
     @staticmethod
@@ -8272,7 +8277,9 @@ class Worker:
                 else:
                     self.wechat.customer_service_send(message.openid, text)
             except WeChatError as error:
-                if error.declined:  # it never arrived: its next try is no repeat
+                # It never arrived: its next try is no repeat, unless a try before this one
+                # may have arrived (the mark of that one stays).
+                if error.declined and row["tried_at"] is None:
                     self.store.declined(message)
                 if not streaming:  # while streaming, the final delivery deals with it
                     self._send_failed(message, error)
