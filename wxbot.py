@@ -4068,6 +4068,7 @@ class Articles:
         # The question's own units, and the search words written for it.
         own = {key for key, (importance, _) in units.items() if importance > self.EARLIER_WEIGHT}
         own_whole = sum(weight[key] for key in own)
+        after_earlier = own_whole > 0 and len(own) < len(units)
         scored = []
         for passage_id, source_id, title, url, date, text, latin in rows:
             # CJK characters are as NFKC and lower() leave them: the text is read as it is
@@ -4085,12 +4086,12 @@ class Articles:
             # Characters found only one by one are no sign the passage is on the subject;
             # nor are the earlier question's words alone, when the question says enough of
             # its own to stand alone (明天天气怎么样 after 手冲咖啡 is not about 手冲咖啡;
-            # 收费吗 after 能停车吗 is about parking).
-            # What the question alone would find, the earlier question's words take nothing
-            # from (价格多少钱 after 周日营业吗 still finds the prices).
+            # 收费吗 after 能停车吗 is about parking). What the question alone would find,
+            # the earlier question's words take nothing from (价格多少钱 after 周日营业吗
+            # still finds the prices).
             alone_share = sum(weight[key] * (1.0 if key in strongly else self.ALONE if any(
                 shows(folded, latin, term) for term in units[key][1].weak) else 0.0)
-                for key in own) / own_whole if own_whole and says else 0.0
+                for key in own) / own_whole if after_earlier and says else 0.0
             if strongly and (share >= self.FLOOR and (strongly & own or len(own) < 3 or
                                                       not alone) or
                              alone_share >= self.FLOOR and strongly & own):
