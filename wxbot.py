@@ -3971,10 +3971,10 @@ class Articles:
                 written = search_words(question, earlier)
                 if written is None:
                     return []
+                written_units = question_units(written)
                 # The model wrote words the articles use: the question is no small talk.
-                about_articles = about_articles or self._meets_articles(
-                    conn, question_units(written))
-                for key, unit in question_units(written).items():
+                about_articles = about_articles or self._meets_articles(conn, written_units)
+                for key, unit in written_units.items():
                     units.setdefault(key, (self.SEARCH_WORDS_WEIGHT, unit))
                 words = self._find(conn, units, alone, says) if written.strip() else words
             near = self.meaning.nearest(conn, question, earlier, about_articles) \
@@ -4079,19 +4079,19 @@ class Articles:
             strongly = {key for key, (_, unit) in units.items()
                         if any(all(shows(folded, latin, term) for term in terms)
                                for terms in unit.strong)}
-            share = sum(weight[key] * (1.0 if key in strongly else self.ALONE
-                                       if any(shows(folded, latin, term) for term in unit.weak)
-                                       else 0.0)
-                        for key, (_, unit) in units.items()) / whole
+            # What each unit counts for here: shown strongly, by its characters alone, or not.
+            counts = {key: weight[key] * (1.0 if key in strongly else self.ALONE if any(
+                shows(folded, latin, term) for term in unit.weak) else 0.0)
+                for key, (_, unit) in units.items()}
+            share = sum(counts.values()) / whole
             # Characters found only one by one are no sign the passage is on the subject;
             # nor are the earlier question's words alone, when the question says enough of
             # its own to stand alone (明天天气怎么样 after 手冲咖啡 is not about 手冲咖啡;
             # 收费吗 after 能停车吗 is about parking). What the question alone would find,
             # the earlier question's words take nothing from (价格多少钱 after 周日营业吗
             # still finds the prices).
-            alone_share = sum(weight[key] * (1.0 if key in strongly else self.ALONE if any(
-                shows(folded, latin, term) for term in units[key][1].weak) else 0.0)
-                for key in own) / own_whole if after_earlier and says else 0.0
+            alone_share = sum(counts[key] for key in own) / own_whole \
+                if after_earlier and says else 0.0
             if strongly and (share >= self.FLOOR and (strongly & own or len(own) < 3 or
                                                       not alone) or
                              alone_share >= self.FLOOR and strongly & own):
