@@ -4135,6 +4135,33 @@ def test_retention_deletes_old_rows_in_batches_and_the_file_shrinks(tmp_path):
     assert store.health(now)["answered"] == 20
     store.close()
 
+def test_a_handoff_holds_the_reader_after_a_restart_and_ends_on_time(tmp_path):
+    """The bot stays quiet for a handed-off reader whether the handoff began in this run or
+    the one before, and answers them again once it ends; other readers are answered."""
+    path, now = str(tmp_path / "wxbot.db"), time.time()
+    settings = settings_for(tmp_path, WXBOT_HANDOFF_HOURS=1)
+
+    def asked(handoff, openid, message_id, at):
+        handoff.asked(wxbot.Message(message_id, openid, "text", str(message_id), None, None,
+                                    {}, at, 1, 0, 0, 0), at)
+
+    store = wxbot.Store(path)
+    handoff = wxbot.Handoff(settings, store)
+    assert not handoff.holds("oA", now)
+    asked(handoff, "oA", 1, now)
+    assert handoff.holds("oA", now + 60) and not handoff.holds("oB", now + 60)
+    store.close()
+    store = wxbot.Store(path)  # a restart
+    handoff = wxbot.Handoff(settings, store)
+    assert handoff.holds("oA", now + 60) and not handoff.holds("oB", now + 60)
+    assert not handoff.holds("oA", now + 3601)
+    asked(handoff, "oB", 2, now + 3600)
+    assert handoff.holds("oB", now + 3700) and not handoff.holds("oA", now + 3700)
+    handoff.give_back("oB")
+    assert not handoff.holds("oB", now + 3700)
+    store.close()
+
+
 def test_retention_removes_the_owners_loop_rows_as_old_as_the_messages(tmp_path):
     day, now = 86400.0, 1_000_000_000.0
     path = str(tmp_path / "wxbot.db")

@@ -1465,9 +1465,11 @@ class Store:
         # The WAL keeps the size of the largest run of writes between checkpoints (a
         # retention pass: tens of MB) unless told to give it back when it starts over.
         conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
-        # A page cache of 512 KiB a connection (SQLite's default is 2 MiB): the queue's hot
-        # pages are few, and a busy webhook holds many connections (RSS under 100 MB).
-        conn.execute("PRAGMA cache_size=-512")
+        # A page cache of 128 KiB a connection (SQLite's default is 2 MiB): a push or a step
+        # of a worker touches a few pages of the queue's indexes, the rest is in the operating
+        # system's cache, and a busy webhook holds a connection a thread (64 connections at
+        # 512 KiB took the RSS past 100 MB).
+        conn.execute("PRAGMA cache_size=-128")
         conn.execute("PRAGMA foreign_keys=ON")
         return conn
 
@@ -7259,9 +7261,15 @@ class Handoff:
         self.settings, self.store, self.notifier = settings, store, notifier
         with store.transaction() as conn:
             upgrade_tables(conn, HANDOFF_SCHEMA)
+            # When the last handoff ends, at the latest: until then a push's reader is looked
+            # up; after it (most accounts, most of the time) no push reads the table. Every
+            # handoff starts in this process (_begin), which moves it.
+            self._latest = conn.execute("SELECT max(until) FROM handoffs").fetchone()[0] or 0.0
 
     def holds(self, openid: str, now: float) -> bool:
         """Whether the bot leaves this reader to a person now."""
+        if now >= self._latest:
+            return False
         with self.store.connection() as conn:
             return conn.execute("SELECT 1 FROM handoffs WHERE openid = ? AND until > ?",
                                 (openid, now)).fetchone() is not None
@@ -7273,12 +7281,14 @@ class Handoff:
         return row[0] if row else None
 
     def _begin(self, conn: sqlite3.Connection, openid: str, now: float) -> None:
+        until = now + self.settings.handoff_hours * 3600
+        self._latest = max(self._latest, until)  # before the commit: never behind the table
         conn.execute("INSERT INTO handoffs (openid, started_at, until) VALUES (?, ?, ?)"
                      " ON CONFLICT (openid) DO UPDATE SET until = excluded.until,"
                      " started_at = CASE WHEN until > excluded.started_at THEN started_at"
                      " ELSE excluded.started_at END, asked_at = CASE WHEN until >"
                      " excluded.started_at THEN asked_at END",
-                     (openid, now, now + self.settings.handoff_hours * 3600))
+                     (openid, now, until))
 
     def give_back(self, openid: str) -> bool:
         """交还机器人: the bot answers this reader again from their next message."""
