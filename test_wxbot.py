@@ -9580,6 +9580,32 @@ def test_more_than_thirty_matching_passages_still_find_the_article_learned_last(
         articles.close()
 
 
+def test_a_question_about_the_articles_also_gets_the_best_passages_below_the_floor(tmp_path):
+    """今年物业费还涨吗: only the dog rules (今年…涨价) reach the floor; the fee's own passage
+    says 物业服务费, not 物业费, and is given beside them. Small talk still gets nothing."""
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        for n, (title, text) in enumerate([
+                ("养犬管理规定", "今年起，养犬的业主请到物业登记。狗粮今年又涨价了，请大家理性囤货。"),
+                ("物业服务费标准（业主大会）", "经业主大会表决，物业服务费标准维持不变，仍为每月每平方米2.2元。"),
+                ("快递驿站搬迁", "菜鸟驿站搬到3号楼底商，营业时间早八点到晚九点。"),
+                ("游泳池开放", "游泳池七月开放，物业服务中心办理游泳卡。"),
+                ("门禁卡补办", "门禁卡丢了请带身份证到物业补办。"),
+                ("装修须知", "装修前请到物业办理登记，缴纳装修押金。"),
+                ("燃气安全检查", "物业配合燃气公司入户检查，请业主留人在家。"),
+                ("电梯维修", "电梯维修由物业从公共维修基金支出。"),
+                ("停车收费公告", "访客车辆可免费停车2小时，超过后每小时5元，物业可开发票。"),
+                ("公共收益公示", "物业公布公共收益，广告和场地收入共八万元，按规定缴税。")]):
+            articles.learn_text("url", f"https://example.com/{n}", title, text,
+                                date=f"2025-0{n % 9 + 1}-01")
+        found = articles.find("今年物业费还涨吗")
+        assert "仍为每月每平方米2.2元" in "".join(p.text for p in found), [p.title for p in found]
+        assert len(found) <= wxbot.Articles.MOST
+        assert articles.find("今天天气怎么样") == [] and articles.find("你好") == []
+    finally:
+        articles.close()
+
+
 def test_the_newer_article_goes_before_the_older_that_answers_as_well(tmp_path):
     articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
     try:

@@ -4071,7 +4071,7 @@ class Articles:
         own = {key for key, (importance, _) in units.items() if importance > self.EARLIER_WEIGHT}
         own_whole = sum(weight[key] for key in own)
         after_earlier = own_whole > 0 and len(own) < len(units)
-        scored = []
+        scored, below = [], []
         for passage_id, source_id, title, url, date, text, latin in rows:
             # CJK characters are as NFKC and lower() leave them: the text is read as it is
             # (folding each candidate cost more than the rest), its Latin words as stored.
@@ -4094,15 +4094,24 @@ class Articles:
             # still finds the prices).
             alone_share = sum(counts[key] for key in own) / own_whole \
                 if after_earlier and says else 0.0
-            if strongly and (share >= self.FLOOR and (strongly & own or len(own) < 3 or
-                                                      not alone) or
-                             alone_share >= self.FLOOR and strongly & own):
+            if not strongly:
+                continue
+            above = share >= self.FLOOR and (strongly & own or len(own) < 3 or not alone) \
+                or alone_share >= self.FLOOR and strongly & own
+            if above or strongly & own:  # below the floor: the question's own words shown
                 score = share + self.SATURATED * self._saturated(folded, latin, units,
                                                                  weight) / whole
-                scored.append([score, date, passage_id, frozenset(strongly),
-                               Passage(source_id, title, url, date, text), share])
+                (scored if above else below).append([
+                    score, date, passage_id, frozenset(strongly),
+                    Passage(source_id, title, url, date, text), share])
+        # The floor says whether the question is about the articles at all. When it is, the
+        # few passages above it are joined by the best of those below (今年物业费还涨吗 found
+        # the dog rules that say 今年 and 涨; the fee's passage says 物业服务费).
+        ordered = self._newer_first(scored)
+        if ordered and len(ordered) < self.MOST:
+            ordered += self._newer_first(below)[:self.MOST - len(ordered)]
         return [[score, date, passage_id, passage, share] for score, date, passage_id, _,
-                passage, share in self._newer_first(scored)]
+                passage, share in ordered]
 
     #: How much a passage's BM25 weighing (how often it shows each word, for its length)
     #: counts beside its share of the question: among passages showing as much of the
