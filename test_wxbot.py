@@ -9606,6 +9606,24 @@ def test_a_question_about_the_articles_also_gets_the_best_passages_below_the_flo
         articles.close()
 
 
+def test_a_readers_abbreviation_finds_the_word_it_shortens(tmp_path):
+    """科四 is in no article; 科目四 is: a pair no passage holds is looked for a character apart."""
+    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    try:
+        for n, (title, text) in enumerate([
+                ("科目一怎么考", "科目一在县车管所考，共100题，每题1分，90分及格。"),
+                ("科目二五个项目", "科目二考倒车入库、坡道起步等五项，满分100分，80分及格。"),
+                ("科目三路考", "科目三考场在高新区，送考班车早上6:50发车。"),
+                ("科目四考试说明", "科目四共50题，每题2分，90分及格，考完当天发证。"),
+                ("报名须知", "报名只需身份证原件，体检在县医院。")]):
+            articles.learn_text("url", f"https://example.com/{n}", title, text, date="2025-01-01")
+        assert [p.title for p in articles.find("科四几道题")][:1] == ["科目四考试说明"]
+        assert [p.title for p in articles.find("科二多少分过")][:1] == ["科目二五个项目"]
+        assert articles.find("今天天气怎么样") == []
+    finally:
+        articles.close()
+
+
 def test_the_newer_article_goes_before_the_older_that_answers_as_well(tmp_path):
     articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
     try:

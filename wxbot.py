@@ -3999,6 +3999,11 @@ class Articles:
         return any(all(term in found_in for term in shown)
                    for unit in units.values() for shown in unit.strong)
 
+    def _a_word(self, conn: sqlite3.Connection, changed: str, apart: str) -> bool:
+        """Whether three characters found for a pair a character apart (科目四 for 科四) begin
+        with a pair the articles use elsewhere too (科目), not by chance (三天排气 for 天气)."""
+        return self._passages_holding({apart[:2]}, conn, changed).get(apart[:2], 0) > 1
+
     #: Reciprocal rank fusion's constant: a passage's weight in a list is 1 / (FUSION + rank).
     FUSION = 10
     #: A best passage showing this share of the question: no search words are asked for.
@@ -4033,6 +4038,22 @@ class Articles:
             reachable[key] = 1.0 if any(all(term in found_in for term in shown)
                                         for shown in unit.strong) else \
                 self.ALONE if any(term in found_in for term in unit.weak) else 0.0
+        # A pair of the question's own that no passage holds, though its characters are there:
+        # perhaps the reader's abbreviation of a word that has one between them (科四 for
+        # 科目四, 社保 for 社会保险). Passages with both characters are read, and a passage
+        # showing them a character apart shows the unit.
+        apart: dict[str, list[str]] = collections.defaultdict(list)  # unit -> patterns
+        for key, (importance, unit) in units.items():
+            for (pair, *more) in unit.strong if importance == 1.0 else ():
+                if not more and len(pair) == 2 and not pair.isascii() and \
+                        pair not in found_in and pair[0] != pair[1] and \
+                        pair[0] in found_in and pair[1] in found_in:
+                    apart[key].append(f"{re.escape(pair[0])}[{_CJK}]{re.escape(pair[1])}")
+                    searched.setdefault(frozenset(pair), [min(found_in[pair[0]],
+                                                              found_in[pair[1]]), set()]
+                                        )[1].add(key)
+                    reachable[key] = 1.0
+        shown_apart = {key: re.compile("|".join(patterns)) for key, patterns in apart.items()}
         whole = sum(weight.values())
         # No passage can reach the floor when what the articles hold of the question weighs
         # too little (咖啡渣: 咖啡 is everywhere, 渣 nowhere): nothing to search.
@@ -4081,6 +4102,9 @@ class Articles:
             strongly = {key for key, (_, unit) in units.items()
                         if any(all(shows(folded, latin, term) for term in terms)
                                for terms in unit.strong)}
+            strongly |= {key for key, pattern in shown_apart.items()
+                         if any(self._a_word(conn, changed, found.group())
+                                for found in pattern.finditer(folded))}
             # What each unit counts for here: shown strongly, by its characters alone, or not.
             counts = {key: weight[key] * (1.0 if key in strongly else self.ALONE if any(
                 shows(folded, latin, term) for term in unit.weak) else 0.0)
