@@ -4135,6 +4135,7 @@ def test_retention_deletes_old_rows_in_batches_and_the_file_shrinks(tmp_path):
     assert store.health(now)["answered"] == 20
     store.close()
 
+
 def test_a_handoff_holds_the_reader_after_a_restart_and_ends_on_time(tmp_path):
     """The bot stays quiet for a handed-off reader whether the handoff began in this run or
     the one before, and answers them again once it ends; other readers are answered."""
@@ -4159,6 +4160,11 @@ def test_a_handoff_holds_the_reader_after_a_restart_and_ends_on_time(tmp_path):
     assert handoff.holds("oB", now + 3700) and not handoff.holds("oA", now + 3700)
     handoff.give_back("oB")
     assert not handoff.holds("oB", now + 3700)
+    # A handoff another Handoff on the database began (the end of the last one is read again
+    # every LOOK seconds while none holds anyone).
+    handoff.LOOK = 0.0
+    asked(wxbot.Handoff(settings, store), "oC", 3, now + 3700)
+    assert handoff.holds("oC", now + 3800)
     store.close()
 
 
@@ -9582,12 +9588,14 @@ def test_more_than_thirty_matching_passages_still_find_the_article_learned_last(
 
 def test_a_question_about_the_articles_also_gets_the_best_passages_below_the_floor(tmp_path):
     """今年物业费还涨吗: only the dog rules (今年…涨价) reach the floor; the fee's own passage
-    says 物业服务费, not 物业费, and is given beside them. Small talk still gets nothing."""
+    says 物业服务费, not 物业费, and 不上涨: it is given beside them. Small talk still gets
+    nothing."""
     articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
     try:
         for n, (title, text) in enumerate([
                 ("养犬管理规定", "今年起，养犬的业主请到物业登记。狗粮今年又涨价了，请大家理性囤货。"),
-                ("物业服务费标准（业主大会）", "经业主大会表决，物业服务费标准维持不变，仍为每月每平方米2.2元。"),
+                ("物业服务费标准（业主大会）", "经业主大会表决，物业服务费标准维持不变，不上涨，仍为每月每平方"
+                                            "米2.2元。"),
                 ("快递驿站搬迁", "菜鸟驿站搬到3号楼底商，营业时间早八点到晚九点。"),
                 ("游泳池开放", "游泳池七月开放，物业服务中心办理游泳卡。"),
                 ("门禁卡补办", "门禁卡丢了请带身份证到物业补办。"),
@@ -9598,9 +9606,9 @@ def test_a_question_about_the_articles_also_gets_the_best_passages_below_the_flo
                 ("公共收益公示", "物业公布公共收益，广告和场地收入共八万元，按规定缴税。")]):
             articles.learn_text("url", f"https://example.com/{n}", title, text,
                                 date=f"2025-0{n % 9 + 1}-01")
-        found = articles.find("今年物业费还涨吗")
-        assert "仍为每月每平方米2.2元" in "".join(p.text for p in found), [p.title for p in found]
-        assert len(found) <= wxbot.Articles.MOST
+        # Passages that say only 物业 (in every one) are not given: half the floor at least.
+        assert [p.title for p in articles.find("今年物业费还涨吗")] == ["养犬管理规定",
+                                                                 "物业服务费标准（业主大会）"]
         assert articles.find("今天天气怎么样") == [] and articles.find("你好") == []
     finally:
         articles.close()
@@ -9615,11 +9623,16 @@ def test_a_readers_abbreviation_finds_the_word_it_shortens(tmp_path):
                 ("科目二五个项目", "科目二考倒车入库、坡道起步等五项，满分100分，80分及格。"),
                 ("科目三路考", "科目三考场在高新区，送考班车早上6:50发车。"),
                 ("科目四考试说明", "科目四共50题，每题2分，90分及格，考完当天发证。"),
-                ("报名须知", "报名只需身份证原件，体检在县医院。")]):
+                ("报名须知", "报名只需身份证原件，体检在县医院。科目一到科目四依次考，"
+                             "科目二和科目三可以一起约。"),
+                ("结业典礼", "上周六的结业典礼上，当天的气氛很热烈，天的尽头是晚霞。"),
+                ("教练风采", "王教练带过的学员，当天的通过率最高，车里没有难闻的气味。")]):
             articles.learn_text("url", f"https://example.com/{n}", title, text, date="2025-01-01")
         assert [p.title for p in articles.find("科四几道题")][:1] == ["科目四考试说明"]
         assert [p.title for p in articles.find("科二多少分过")][:1] == ["科目二五个项目"]
-        assert articles.find("今天天气怎么样") == []
+        # 天的 and 的气 are pairs of two passages each, but 的 is no part of a word: 当天的气氛
+        # holds no 天气.
+        assert articles.find("明天天气怎么样") == [] and articles.find("天气预报") == []
     finally:
         articles.close()
 
@@ -9830,7 +9843,8 @@ def test_each_accounts_questions_find_their_passage_as_well_as_a_plain_bm25(tmp_
             return sum(answers(search(q["q"], q["earlier"]), q)
                        for q in corpus["questions"]) / len(corpus["questions"])
         ours, theirs = found(articles.find), found(baseline.find)
-        assert ours >= {"driving": 0.70, "property": 0.77, "kids": 0.79}.get(name, 0.83) and \
+        assert ours >= {"driving": 0.76, "property": 0.77, "kids": 0.79, "gym": 0.75,
+                        "library": 0.72}.get(name, 0.83) and \
             ours >= theirs - 0.04, (ours, theirs)
         assert sum(bool(articles.find(q["q"])) for q in corpus["unrelated"]) <= \
             0.5 * len(corpus["unrelated"])

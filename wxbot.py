@@ -2624,6 +2624,7 @@ _TERM_RUNS = re.compile(rf"([{_CJK}]+)|([0-9]+\.[0-9]+|[a-z0-9]+)")
 #: Characters that carry no meaning of their own in a question (particles, pronouns).
 QUESTION_FILLER = frozenset("的了吗呢吧啊呀哦嘛么是在和与或就都也还又很太我你他她它们这那哪个些请问想"
                             "怎样什为把被给让从对到于之其及而哈嗯噢喔哎诶呗咋啥吶可以能会要有没不几")
+FILLER_CLASS = re.escape("".join(sorted(QUESTION_FILLER)))
 
 
 #: Words that ask rather than say: the answer holds a number or a name in their place.
@@ -3999,10 +4000,17 @@ class Articles:
         return any(all(term in found_in for term in shown)
                    for unit in units.values() for shown in unit.strong)
 
-    def _a_word(self, conn: sqlite3.Connection, changed: str, apart: str) -> bool:
-        """Whether three characters found for a pair a character apart (科目四 for 科四) begin
-        with a pair the articles use elsewhere too (科目), not by chance (三天排气 for 天气)."""
-        return self._passages_holding({apart[:2]}, conn, changed).get(apart[:2], 0) > 1
+    def _spelled_out(self, conn: sqlite3.Connection, changed: str, found: set[str]) -> bool:
+        """Whether any of these three characters found for a pair a character apart (科目四 for
+        科四) is made of two pairs the articles use elsewhere too (科目, 目四), not met by
+        chance (三天排气 for 天气)."""
+        counts = self._passages_holding({part for three in found
+                                         for part in (three[:2], three[1:])}, conn, changed)
+        return any(counts.get(three[:2], 0) > 1 and counts.get(three[1:], 0) > 1
+                   for three in found)
+
+    #: At most this many of a question's pairs are looked for a character apart.
+    APART = 8
 
     #: Reciprocal rank fusion's constant: a passage's weight in a list is 1 / (FUSION + rank).
     FUSION = 10
@@ -4041,18 +4049,20 @@ class Articles:
         # A pair of the question's own that no passage holds, though its characters are there:
         # perhaps the reader's abbreviation of a word that has one between them (科四 for
         # 科目四, 社保 for 社会保险). Passages with both characters are read, and a passage
-        # showing them a character apart shows the unit.
+        # showing them a character apart, in two pairs the articles use, shows the unit.
         apart: dict[str, list[str]] = collections.defaultdict(list)  # unit -> patterns
         for key, (importance, unit) in units.items():
             for (pair, *more) in unit.strong if importance == 1.0 else ():
                 if not more and len(pair) == 2 and not pair.isascii() and \
                         pair not in found_in and pair[0] != pair[1] and \
-                        pair[0] in found_in and pair[1] in found_in:
-                    apart[key].append(f"{re.escape(pair[0])}[{_CJK}]{re.escape(pair[1])}")
+                        pair[0] in found_in and pair[1] in found_in and \
+                        sum(map(len, apart.values())) < self.APART:
+                    # Not 的, 了, 是 between them (当天的气氛 holds no 天气).
+                    apart[key].append(f"{re.escape(pair[0])}(?![{FILLER_CLASS}])[{_CJK}]"
+                                      f"{re.escape(pair[1])}")
                     searched.setdefault(frozenset(pair), [min(found_in[pair[0]],
                                                               found_in[pair[1]]), set()]
                                         )[1].add(key)
-                    reachable[key] = 1.0
         shown_apart = {key: re.compile("|".join(patterns)) for key, patterns in apart.items()}
         whole = sum(weight.values())
         # No passage can reach the floor when what the articles hold of the question weighs
@@ -4102,9 +4112,8 @@ class Articles:
             strongly = {key for key, (_, unit) in units.items()
                         if any(all(shows(folded, latin, term) for term in terms)
                                for terms in unit.strong)}
-            strongly |= {key for key, pattern in shown_apart.items()
-                         if any(self._a_word(conn, changed, found.group())
-                                for found in pattern.finditer(folded))}
+            strongly |= {key for key, pattern in shown_apart.items() if key not in strongly
+                         and self._spelled_out(conn, changed, set(pattern.findall(folded)))}
             # What each unit counts for here: shown strongly, by its characters alone, or not.
             counts = {key: weight[key] * (1.0 if key in strongly else self.ALONE if any(
                 shows(folded, latin, term) for term in unit.weak) else 0.0)
@@ -4122,7 +4131,8 @@ class Articles:
                 continue
             above = share >= self.FLOOR and (strongly & own or len(own) < 3 or not alone) \
                 or alone_share >= self.FLOOR and strongly & own
-            if above or strongly & own:  # below the floor: the question's own words shown
+            # Below the floor: some of the question's own words, half the floor's share.
+            if above or strongly & own and share >= self.FLOOR / 2:
                 score = share + self.SATURATED * self._saturated(folded, latin, units,
                                                                  weight) / whole
                 (scored if above else below).append([
@@ -7294,18 +7304,32 @@ class Handoff:
         self.settings, self.store, self.notifier = settings, store, notifier
         with store.transaction() as conn:
             upgrade_tables(conn, HANDOFF_SCHEMA)
-            # When the last handoff ends, at the latest: until then a push's reader is looked
-            # up; after it (most accounts, most of the time) no push reads the table. Every
-            # handoff starts in this process (_begin), which moves it.
-            self._latest = conn.execute("SELECT max(until) FROM handoffs").fetchone()[0] or 0.0
+        # When the last handoff ends, at the latest: until then a push's reader is looked up;
+        # after it (most accounts, most of the time) a push reads nothing but, every LOOK
+        # seconds, when that is (a handoff begun by another Handoff on the database).
+        self._latest, self._looked = 0.0, -math.inf
+        self._latest_lock = threading.Lock()
+
+    #: How often the end of the last handoff is read again while none holds anyone (s).
+    LOOK = 5.0
 
     def holds(self, openid: str, now: float) -> bool:
         """Whether the bot leaves this reader to a person now."""
-        if now >= self._latest:
+        if now >= self._latest and time.monotonic() < self._looked + self.LOOK:
             return False
         with self.store.connection() as conn:
+            if now >= self._latest:
+                looked = time.monotonic()
+                self._later(conn.execute("SELECT max(until) FROM handoffs").fetchone()[0] or 0.0)
+                self._looked = looked
+                if now >= self._latest:
+                    return False
             return conn.execute("SELECT 1 FROM handoffs WHERE openid = ? AND until > ?",
                                 (openid, now)).fetchone() is not None
+
+    def _later(self, until: float) -> None:
+        with self._latest_lock:  # a read of the table never undoes a handoff just begun
+            self._latest = max(self._latest, until)
 
     def until(self, openid: str, now: float) -> float | None:
         with self.store.connection() as conn:
@@ -7315,7 +7339,7 @@ class Handoff:
 
     def _begin(self, conn: sqlite3.Connection, openid: str, now: float) -> None:
         until = now + self.settings.handoff_hours * 3600
-        self._latest = max(self._latest, until)  # before the commit: never behind the table
+        self._later(until)  # before the commit: never behind the table
         conn.execute("INSERT INTO handoffs (openid, started_at, until) VALUES (?, ?, ?)"
                      " ON CONFLICT (openid) DO UPDATE SET until = excluded.until,"
                      " started_at = CASE WHEN until > excluded.started_at THEN started_at"
