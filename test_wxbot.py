@@ -4163,8 +4163,9 @@ def test_a_handoff_holds_the_reader_after_a_restart_and_ends_on_time(tmp_path):
     # A handoff another Handoff on the database began (the end of the last one is read again
     # every LOOK seconds while none holds anyone).
     handoff.LOOK = 0.0
-    asked(wxbot.Handoff(settings, store), "oC", 3, now + 3700)
-    assert handoff.holds("oC", now + 3800)
+    assert not handoff.holds("oC", now + 7300)  # oB's handoff would have ended by now
+    asked(wxbot.Handoff(settings, store), "oC", 3, now + 7300)
+    assert handoff.holds("oC", now + 7400)
     store.close()
 
 
@@ -9588,14 +9589,12 @@ def test_more_than_thirty_matching_passages_still_find_the_article_learned_last(
 
 def test_a_question_about_the_articles_also_gets_the_best_passages_below_the_floor(tmp_path):
     """今年物业费还涨吗: only the dog rules (今年…涨价) reach the floor; the fee's own passage
-    says 物业服务费, not 物业费, and 不上涨: it is given beside them. Small talk still gets
-    nothing."""
+    says 物业服务费, not 物业费, and is given beside them. Small talk still gets nothing."""
     articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
     try:
         for n, (title, text) in enumerate([
                 ("养犬管理规定", "今年起，养犬的业主请到物业登记。狗粮今年又涨价了，请大家理性囤货。"),
-                ("物业服务费标准（业主大会）", "经业主大会表决，物业服务费标准维持不变，不上涨，仍为每月每平方"
-                                            "米2.2元。"),
+                ("物业服务费标准（业主大会）", "经业主大会表决，物业服务费标准维持不变，仍为每月每平方米2.2元。"),
                 ("快递驿站搬迁", "菜鸟驿站搬到3号楼底商，营业时间早八点到晚九点。"),
                 ("游泳池开放", "游泳池七月开放，物业服务中心办理游泳卡。"),
                 ("门禁卡补办", "门禁卡丢了请带身份证到物业补办。"),
@@ -9606,9 +9605,11 @@ def test_a_question_about_the_articles_also_gets_the_best_passages_below_the_flo
                 ("公共收益公示", "物业公布公共收益，广告和场地收入共八万元，按规定缴税。")]):
             articles.learn_text("url", f"https://example.com/{n}", title, text,
                                 date=f"2025-0{n % 9 + 1}-01")
-        # Passages that say only 物业 (in every one) are not given: half the floor at least.
-        assert [p.title for p in articles.find("今年物业费还涨吗")] == ["养犬管理规定",
-                                                                 "物业服务费标准（业主大会）"]
+        titles = [p.title for p in articles.find("今年物业费还涨吗")]
+        assert titles[0] == "养犬管理规定" and "物业服务费标准（业主大会）" in titles, titles
+        # Nor are the passages that say only 物业 (in every one): nothing of the question.
+        assert not {"游泳池开放", "门禁卡补办", "装修须知", "燃气安全检查", "电梯维修",
+                    "公共收益公示"} & set(titles), titles
         assert articles.find("今天天气怎么样") == [] and articles.find("你好") == []
     finally:
         articles.close()
@@ -9626,13 +9627,18 @@ def test_a_readers_abbreviation_finds_the_word_it_shortens(tmp_path):
                 ("报名须知", "报名只需身份证原件，体检在县医院。科目一到科目四依次考，"
                              "科目二和科目三可以一起约。"),
                 ("结业典礼", "上周六的结业典礼上，当天的气氛很热烈，天的尽头是晚霞。"),
-                ("教练风采", "王教练带过的学员，当天的通过率最高，车里没有难闻的气味。")]):
+                ("教练风采", "王教练带过的学员，当天的通过率最高，车里没有难闻的气味。"),
+                ("排课说明", "教练每三天排课一次，学员在App上看课表。"),
+                ("车辆保养", "新车前三天排气管会有异味，属正常现象。"),
+                ("学员保险", "学员意外险由社会保险中心代办，报名时一并办理。"),
+                ("退费说明", "退费时不需要社会保险证明，带身份证即可。")]):
             articles.learn_text("url", f"https://example.com/{n}", title, text, date="2025-01-01")
         assert [p.title for p in articles.find("科四几道题")][:1] == ["科目四考试说明"]
         assert [p.title for p in articles.find("科二多少分过")][:1] == ["科目二五个项目"]
+        assert [p.title for p in articles.find("社保")][:1] in (["学员保险"], ["退费说明"])
         # 天的 and 的气 are pairs of two passages each, but 的 is no part of a word: 当天的气氛
-        # holds no 天气.
-        assert articles.find("明天天气怎么样") == [] and articles.find("天气预报") == []
+        # holds no 天气; nor does 三天排气 (排气 is in one passage: no word of the articles').
+        assert articles.find("明天天气怎么样") == []
     finally:
         articles.close()
 

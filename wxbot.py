@@ -2624,7 +2624,8 @@ _TERM_RUNS = re.compile(rf"([{_CJK}]+)|([0-9]+\.[0-9]+|[a-z0-9]+)")
 #: Characters that carry no meaning of their own in a question (particles, pronouns).
 QUESTION_FILLER = frozenset("的了吗呢吧啊呀哦嘛么是在和与或就都也还又很太我你他她它们这那哪个些请问想"
                             "怎样什为把被给让从对到于之其及而哈嗯噢喔哎诶呗咋啥吶可以能会要有没不几")
-FILLER_CLASS = re.escape("".join(sorted(QUESTION_FILLER)))
+#: Characters that join words rather than make them (当天的气氛: 天的气 is no 天气).
+BETWEEN_WORDS = "的了是和与及或也都着过吗呢吧啊之"
 
 
 #: Words that ask rather than say: the answer holds a number or a name in their place.
@@ -4000,17 +4001,20 @@ class Articles:
         return any(all(term in found_in for term in shown)
                    for unit in units.values() for shown in unit.strong)
 
-    def _spelled_out(self, conn: sqlite3.Connection, changed: str, found: set[str]) -> bool:
-        """Whether any of these three characters found for a pair a character apart (科目四 for
-        科四) is made of two pairs the articles use elsewhere too (科目, 目四), not met by
-        chance (三天排气 for 天气)."""
+    def _spelled_out(self, conn: sqlite3.Connection, changed: str, found: set[str]
+                     ) -> set[str]:
+        """Those of the three characters found for a pair a character apart (科目四 for 科四)
+        made of two pairs the articles use elsewhere too (科目, 目四), not met by chance
+        (三天排气 for 天气); the first SPELLED_OUT of them, in one look at the index."""
+        found = set(sorted(found)[:self.SPELLED_OUT])
         counts = self._passages_holding({part for three in found
                                          for part in (three[:2], three[1:])}, conn, changed)
-        return any(counts.get(three[:2], 0) > 1 and counts.get(three[1:], 0) > 1
-                   for three in found)
+        return {three for three in found
+                if counts.get(three[:2], 0) > 1 and counts.get(three[1:], 0) > 1}
 
-    #: At most this many of a question's pairs are looked for a character apart.
-    APART = 8
+    #: At most this many of a question's pairs are looked for a character apart, and this
+    #: many different spellings of them in its candidates are looked up in the index.
+    APART, SPELLED_OUT = 8, 64
 
     #: Reciprocal rank fusion's constant: a passage's weight in a list is 1 / (FUSION + rank).
     FUSION = 10
@@ -4057,8 +4061,7 @@ class Articles:
                         pair not in found_in and pair[0] != pair[1] and \
                         pair[0] in found_in and pair[1] in found_in and \
                         sum(map(len, apart.values())) < self.APART:
-                    # Not 的, 了, 是 between them (当天的气氛 holds no 天气).
-                    apart[key].append(f"{re.escape(pair[0])}(?![{FILLER_CLASS}])[{_CJK}]"
+                    apart[key].append(f"{re.escape(pair[0])}(?![{BETWEEN_WORDS}])[{_CJK}]"
                                       f"{re.escape(pair[1])}")
                     searched.setdefault(frozenset(pair), [min(found_in[pair[0]],
                                                               found_in[pair[1]]), set()]
@@ -4101,19 +4104,24 @@ class Articles:
         # The question's own units, and the search words written for it.
         own = {key for key, (importance, _) in units.items() if importance > self.EARLIER_WEIGHT}
         own_whole = sum(weight[key] for key in own)
+        named = {key for key in own if key not in _ASKING_GROUP}
         after_earlier = own_whole > 0 and len(own) < len(units)
         scored, below = [], []
-        for passage_id, source_id, title, url, date, text, latin in rows:
-            # CJK characters are as NFKC and lower() leave them: the text is read as it is
-            # (folding each candidate cost more than the rest), its Latin words as stored.
-            folded = priced(f"{title}\n{text}")
+        # CJK characters are as NFKC and lower() leave them: the text is read as it is
+        # (folding each candidate cost more than the rest), its Latin words as stored.
+        texts = [priced(f"{row[2]}\n{row[5]}") for row in rows]
+        apart_in = [{key: set(pattern.findall(folded)) for key, pattern in shown_apart.items()}
+                    for folded in texts] if shown_apart else [{}] * len(rows)
+        spelled = self._spelled_out(conn, changed, set().union(
+            *(found for shown in apart_in for found in shown.values())))
+        for (passage_id, source_id, title, url, date, text, latin), folded, shown_apart_here \
+                in zip(rows, texts, apart_in):
             latin = set() if not latin_asked else latin_terms(fold(title)).union(
                 latin.split() if latin is not None else latin_terms(fold(text)))
             strongly = {key for key, (_, unit) in units.items()
                         if any(all(shows(folded, latin, term) for term in terms)
                                for terms in unit.strong)}
-            strongly |= {key for key, pattern in shown_apart.items() if key not in strongly
-                         and self._spelled_out(conn, changed, set(pattern.findall(folded)))}
+            strongly |= {key for key, found in shown_apart_here.items() if found & spelled}
             # What each unit counts for here: shown strongly, by its characters alone, or not.
             counts = {key: weight[key] * (1.0 if key in strongly else self.ALONE if any(
                 shows(folded, latin, term) for term in unit.weak) else 0.0)
@@ -4131,8 +4139,9 @@ class Articles:
                 continue
             above = share >= self.FLOOR and (strongly & own or len(own) < 3 or not alone) \
                 or alone_share >= self.FLOOR and strongly & own
-            # Below the floor: some of the question's own words, half the floor's share.
-            if above or strongly & own and share >= self.FLOOR / 2:
+            # Below the floor: a word of the question's own, not only how it asks (多少钱 is
+            # in every price) nor only words in every passage.
+            if above or strongly & named and share >= self.FLOOR / 4:
                 score = share + self.SATURATED * self._saturated(folded, latin, units,
                                                                  weight) / whole
                 (scored if above else below).append([
