@@ -9508,6 +9508,15 @@ def learned_corpus(path, corpus):
     return articles
 
 
+def learned_texts(path, pieces, dated=lambda n: "2025-01-01"):
+    """An Articles database holding (title, text) pieces, each a page of its own, the nth
+    dated dated(n)."""
+    articles = wxbot.Articles(path)
+    for n, (title, text) in enumerate(pieces):
+        articles.learn_text("url", f"https://example.com/{n}", title, text, date=dated(n))
+    return articles
+
+
 def corpus_quality(articles, corpus, sets=("dev", "held")):
     """How often the passage that answers a corpus question is given, by tag ("all",
     "two", "newer", "followup"...), and how often an unrelated question gets any passage:
@@ -9590,21 +9599,19 @@ def test_more_than_thirty_matching_passages_still_find_the_article_learned_last(
 def test_a_question_about_the_articles_also_gets_the_best_passages_below_the_floor(tmp_path):
     """今年物业费还涨吗: only the dog rules (今年…涨价) reach the floor; the fee's own passage
     says 物业服务费, not 物业费, and is given beside them. Small talk still gets nothing."""
-    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles = learned_texts(str(tmp_path / "wxbot.db"), [
+        ("养犬管理规定", "今年起，养犬的业主请到物业登记。狗粮今年又涨价了，请大家理性囤货。"),
+        ("物业服务费标准（业主大会）", "经业主大会表决，物业服务费标准维持不变，仍为每月每平方米2.2元。"),
+        ("快递驿站搬迁", "菜鸟驿站搬到3号楼底商，营业时间早八点到晚九点。"),
+        ("游泳池开放", "游泳池七月开放，物业服务中心办理游泳卡。"),
+        ("门禁卡补办", "门禁卡丢了请带身份证到物业补办。"),
+        ("装修须知", "装修前请到物业办理登记，缴纳装修押金。"),
+        ("燃气安全检查", "物业配合燃气公司入户检查，请业主留人在家。"),
+        ("电梯维修", "电梯维修由物业从公共维修基金支出。"),
+        ("停车收费公告", "访客车辆可免费停车2小时，超过后每小时5元，物业可开发票。"),
+        ("公共收益公示", "物业公布公共收益，广告和场地收入共八万元，按规定缴税。")],
+        dated=lambda n: f"2025-0{n % 9 + 1}-01")
     try:
-        for n, (title, text) in enumerate([
-                ("养犬管理规定", "今年起，养犬的业主请到物业登记。狗粮今年又涨价了，请大家理性囤货。"),
-                ("物业服务费标准（业主大会）", "经业主大会表决，物业服务费标准维持不变，仍为每月每平方米2.2元。"),
-                ("快递驿站搬迁", "菜鸟驿站搬到3号楼底商，营业时间早八点到晚九点。"),
-                ("游泳池开放", "游泳池七月开放，物业服务中心办理游泳卡。"),
-                ("门禁卡补办", "门禁卡丢了请带身份证到物业补办。"),
-                ("装修须知", "装修前请到物业办理登记，缴纳装修押金。"),
-                ("燃气安全检查", "物业配合燃气公司入户检查，请业主留人在家。"),
-                ("电梯维修", "电梯维修由物业从公共维修基金支出。"),
-                ("停车收费公告", "访客车辆可免费停车2小时，超过后每小时5元，物业可开发票。"),
-                ("公共收益公示", "物业公布公共收益，广告和场地收入共八万元，按规定缴税。")]):
-            articles.learn_text("url", f"https://example.com/{n}", title, text,
-                                date=f"2025-0{n % 9 + 1}-01")
         titles = [p.title for p in articles.find("今年物业费还涨吗")]
         assert titles[0] == "养犬管理规定" and "物业服务费标准（业主大会）" in titles, titles
         # Nor are the passages that say only 物业 (in every one): nothing of the question.
@@ -9617,22 +9624,20 @@ def test_a_question_about_the_articles_also_gets_the_best_passages_below_the_flo
 
 def test_a_readers_abbreviation_finds_the_word_it_shortens(tmp_path):
     """科四 is in no article; 科目四 is: a pair no passage holds is looked for a character apart."""
-    articles = wxbot.Articles(str(tmp_path / "wxbot.db"))
+    articles = learned_texts(str(tmp_path / "wxbot.db"), [
+        ("科目一怎么考", "科目一在县车管所考，共100题，每题1分，90分及格。"),
+        ("科目二五个项目", "科目二考倒车入库、坡道起步等五项，满分100分，80分及格。"),
+        ("科目三路考", "科目三考场在高新区，送考班车早上6:50发车。"),
+        ("科目四考试说明", "科目四共50题，每题2分，90分及格，考完当天发证。"),
+        ("报名须知", "报名只需身份证原件，体检在县医院。科目一到科目四依次考，"
+                     "科目二和科目三可以一起约。"),
+        ("结业典礼", "上周六的结业典礼上，当天的气氛很热烈，天的尽头是晚霞。"),
+        ("教练风采", "王教练带过的学员，当天的通过率最高，车里没有难闻的气味。"),
+        ("排课说明", "教练每三天排课一次，学员在App上看课表。"),
+        ("车辆保养", "新车前三天排气管会有异味，属正常现象。"),
+        ("学员保险", "学员意外险由社会保险中心代办，报名时一并办理。"),
+        ("退费说明", "退费时不需要社会保险证明，带身份证即可。")])
     try:
-        for n, (title, text) in enumerate([
-                ("科目一怎么考", "科目一在县车管所考，共100题，每题1分，90分及格。"),
-                ("科目二五个项目", "科目二考倒车入库、坡道起步等五项，满分100分，80分及格。"),
-                ("科目三路考", "科目三考场在高新区，送考班车早上6:50发车。"),
-                ("科目四考试说明", "科目四共50题，每题2分，90分及格，考完当天发证。"),
-                ("报名须知", "报名只需身份证原件，体检在县医院。科目一到科目四依次考，"
-                             "科目二和科目三可以一起约。"),
-                ("结业典礼", "上周六的结业典礼上，当天的气氛很热烈，天的尽头是晚霞。"),
-                ("教练风采", "王教练带过的学员，当天的通过率最高，车里没有难闻的气味。"),
-                ("排课说明", "教练每三天排课一次，学员在App上看课表。"),
-                ("车辆保养", "新车前三天排气管会有异味，属正常现象。"),
-                ("学员保险", "学员意外险由社会保险中心代办，报名时一并办理。"),
-                ("退费说明", "退费时不需要社会保险证明，带身份证即可。")]):
-            articles.learn_text("url", f"https://example.com/{n}", title, text, date="2025-01-01")
         assert [p.title for p in articles.find("科四几道题")][:1] == ["科目四考试说明"]
         assert [p.title for p in articles.find("科二多少分过")][:1] == ["科目二五个项目"]
         assert [p.title for p in articles.find("社保")][:1] in (["学员保险"], ["退费说明"])

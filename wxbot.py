@@ -3998,8 +3998,12 @@ class Articles:
         terms = {term for unit in units.values() for shown in unit.strong for term in shown}
         found_in = self._passages_holding(terms, conn, conn.execute(COUNTED_PASSAGES
                                                                     ).fetchone()[1])
-        return any(all(term in found_in for term in shown)
-                   for unit in units.values() for shown in unit.strong)
+        return any(self._held(unit, found_in) for unit in units.values())
+
+    @staticmethod
+    def _held(unit: Unit, found_in: dict[str, int]) -> bool:
+        """Whether the articles hold each term of one of the unit's strong forms."""
+        return any(all(term in found_in for term in shown) for shown in unit.strong)
 
     def _spelled_out(self, conn: sqlite3.Connection, changed: str, found: set[str]
                      ) -> set[str]:
@@ -4047,8 +4051,7 @@ class Articles:
             passages = min(total, sum(min(found_in.get(term, 0) for term in shown)
                                       for shown in counted))
             weight[key] = importance * math.log((total - passages + 0.5) / (passages + 0.5) + 1)
-            reachable[key] = 1.0 if any(all(term in found_in for term in shown)
-                                        for shown in unit.strong) else \
+            reachable[key] = 1.0 if self._held(unit, found_in) else \
                 self.ALONE if any(term in found_in for term in unit.weak) else 0.0
         # A pair of the question's own that no passage holds, though its characters are there:
         # perhaps the reader's abbreviation of a word that has one between them (科四 for
