@@ -8825,6 +8825,42 @@ def test_latin_words_are_found_as_written_in_any_width_and_case_in_a_database_le
     conn.close()
 
 
+def test_a_word_written_with_a_hyphen_answers_the_reader_who_types_it_without(tmp_path):
+    """Articles write Wi-Fi and e-mail, readers type wifi and email: found, also in a database
+    indexed before such words were joined (its index is built again when it opens); a date or
+    a telephone number written with hyphens joins into no number."""
+    path = str(tmp_path / "wxbot.db")
+    articles = learned_texts(path, [
+        ("读者常见问题", "Q：馆里有Wi-Fi吗？\nA：有。连接QXLIB-Free，输入手机号获取验证码即可上网。"),
+        ("联系我们", "投稿请发E-mail到service@example.com，电话0570-7712。"),
+        ("开放时间", "每天9:00开放，2025-03-01起周一闭馆。"),
+    ])
+    try:
+        assert [p.title for p in articles.find("有wifi吗")][:1] == ["读者常见问题"]
+        assert [p.title for p in articles.find("email多少")][:1] == ["联系我们"]
+        assert articles.find("05707712") == [] and articles.find("20250301") == []
+        with articles._write() as conn:  # as indexed before: without the joined words
+            conn.execute("INSERT INTO article_terms (article_terms) VALUES ('delete-all')")
+            for passage_id, text, title in conn.execute(
+                    "SELECT p.id, p.text, s.title FROM article_passages p JOIN"
+                    " article_sources s ON s.id = p.source_id").fetchall():
+                conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
+                             (passage_id, " ".join(set(wxbot.article_terms(title)) -
+                                                   set(wxbot.hyphen_joined(wxbot.fold(title)))),
+                              " ".join(set(wxbot.article_terms(text)) -
+                                       set(wxbot.hyphen_joined(wxbot.fold(text))))))
+            conn.execute("UPDATE article_passages SET latin = NULL")
+            conn.execute("UPDATE article_state SET value = '1' WHERE key = 'terms'")
+            conn.execute("DELETE FROM article_state WHERE key = 'latin'")
+    finally:
+        articles.close()
+    articles = wxbot.Articles(path)
+    try:
+        assert [p.title for p in articles.find("有wifi吗")][:1] == ["读者常见问题"]
+    finally:
+        articles.close()
+
+
 def test_text_copied_out_of_a_pdf_reads_and_is_found_as_the_characters_it_shows(tmp_path):
     """A PDF's copied text writes 用 and 水 as the radicals ⽤ and ⽔ (they look the same): the
     passage reads, and answers 水温, as the characters; ￥３８ is 38元 as ¥38 is."""
