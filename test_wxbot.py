@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import collections
 import base64
+import concurrent.futures
 import contextlib
 import datetime
 import email.parser
@@ -8106,6 +8107,37 @@ def test_owner_answers_a_reader_in_person_and_the_bot_stays_quiet_until_given_ba
                for turn in seen)  # the owner's words, in the model's turn (roles alternate)
     assert any(turn["role"] == "user" and "几点来拿？" in turn["content"] for turn in seen)
     assert all(a["role"] != b["role"] for a, b in zip(seen[1:], seen[2:]))
+
+
+def test_two_presses_of_send_at_once_reach_the_reader_once(start_bot, wechat, model):
+    """A double click on 发送, or on a note's 发给这些读者, sends two POSTs at once: each
+    reader gets the words once (WeChat's sends take a while, so both requests are in flight
+    together), and the second press says it sent nothing again."""
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    reader = "oREADER-twice-0001"
+    send_text(bot, reader, "包间还有吗", 1)
+    wait_for(lambda: message_state(bot, reader, 1) == "done")
+    bot.articles.note_use(1, time.time(), 0, 0)  # as answering records it: no article covered
+    owner = LoggedIn(console_base(bot))
+    wechat.intercept = lambda path, body: time.sleep(0.5) if path == SEND else None
+
+    def together(*posts):
+        with concurrent.futures.ThreadPoolExecutor(len(posts)) as pool:
+            return [answer.text for answer in pool.map(lambda post: post(), posts)]
+    pages = together(*[lambda: owner_answers(owner, reader, "还有一间，给你留着")] * 2)
+    assert wechat.texts_to(reader)[1:] == ["还有一间，给你留着"]
+    assert sum("已发出 1 条" in page for page in pages) == 1
+    assert sum("没有重复发送" in page for page in pages) == 1
+    taught = owner.post(owner.base + "/questions/teach", data={
+        "csrf": owner.token, "question": "包间还有吗", "answer": "包间需提前一天预订。"},
+        timeout=10)
+    note_path = urllib.parse.urlsplit(taught.url).path
+    together(*[lambda: owner.post(owner.base + note_path + "/send",
+                                  data={"csrf": owner.token}, timeout=10)] * 2)
+    assert wechat.texts_to(reader)[1:] == ["还有一间，给你留着", "包间需提前一天预订。"]
+    wechat.intercept = None
+    assert "已发出 1 条" in owner_answers(owner, reader, "明天见").text  # other words go
+    assert wechat.texts_to(reader)[3:] == ["明天见"]
 
 
 def test_owner_messages_are_split_and_count_against_the_readers_five(start_bot, wechat,

@@ -7344,6 +7344,9 @@ class Handoff:
         # seconds, when that is (a handoff begun by another Handoff on the database).
         self._latest, self._looked = 0.0, -math.inf
         self._latest_lock = threading.Lock()
+        # The owner's sends one at a time: a second press of 发送 (or of a note's 发给这些读者)
+        # sees what the first sent, and the reader gets it once.
+        self._sending = threading.Lock()
 
     #: How often the end of the last handoff is read again while none holds anyone (s).
     LOOK = 5.0
@@ -7439,6 +7442,20 @@ class Handoff:
         segments = split_segments(text.strip(), markdown=False)
         if not segments:
             raise OwnerSendError("没有内容可发送")
+        with self._sending:
+            return self._answer(wechat, openid, segments, now, note_id)
+
+    #: The same words sent the same reader within this many seconds: a second press of 发送.
+    PRESSED_TWICE = 30.0
+
+    def _answer(self, wechat: "WeChatAPI", openid: str, segments: list[str], now: float,
+                note_id: int | None) -> int:
+        with self.store.connection() as conn:
+            if conn.execute("SELECT 1 FROM owner_messages WHERE openid = ? AND (note_id = ? OR"
+                            " note_id IS NULL AND ? IS NULL AND content = ? AND sent_at >= ?)"
+                            " LIMIT 1", (openid, note_id, note_id, segments[0],
+                                         now - self.PRESSED_TWICE)).fetchone():
+                raise OwnerSendError("刚刚已经发给这位读者了，没有重复发送")
         window = self.window(openid, now)
         if window is None:
             raise OwnerSendError("读者最后一条消息已超过 48 小时，微信不再允许发给他，"
