@@ -8235,6 +8235,28 @@ def test_handoff_to_wechat_passes_the_readers_messages_to_its_customer_service(
     assert other.text == "success"
 
 
+def test_a_message_sent_right_after_asking_for_a_person_goes_to_wechats_customer_service(
+        start_bot, wechat, model, monkeypatch):
+    """转人工, then at once the question: the second push is answered with WeChat's transfer
+    too, though no worker has taken the first yet (the webhook begins the handoff); the reader
+    is told once that a person will answer, and the bot answers neither."""
+    gate, plan = threading.Event(), wxbot.Worker.plan
+
+    def plan_after_the_gate(self, message):
+        gate.wait(10)
+        return plan(self, message)
+    monkeypatch.setattr(wxbot.Worker, "plan", plan_after_the_gate)
+    bot = start_bot(WXBOT_HANDOFF="wechat")
+    reader = "oREADER-kf-000002"
+    first = post_push(bot, text_xml(reader, "转人工", 1))
+    second = post_push(bot, text_xml(reader, "我的订单号是 123", 2))
+    assert "transfer_customer_service" in first.text
+    assert "transfer_customer_service" in second.text
+    gate.set()
+    wait_for(lambda: message_state(bot, reader, 2) == "done")
+    assert model.requests == [] and wechat.texts_to(reader) == [wxbot.PERSON_LINE]
+
+
 @pytest.mark.parametrize("url, body", [
     ("https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=K",
      {"msgtype": "text", "text": {"content": "【wxbot】读者要找人工\n有人找"}}),

@@ -6885,9 +6885,17 @@ def route(settings: Settings, replies: Replies, message: "Push | Message",
     whether it needs the model (needs_model()), and Worker.plan answers it this way.
     A question or a drawing with a blocked word is refused without the model: no typing
     promises an answer that never comes. A reader handed to a person (`handoff`) gets
-    nothing from the bot but for events (the welcome)."""
+    nothing from the bot but for events (the welcome); asking for one again is asking (the
+    webhook began the handoff as 转人工 arrived: the worker still tells the reader, once)."""
+    # A reader is handed to a person only where one can answer and hears of it: from the
+    # console, through the notify URL, or in WeChat's own 客服. Else 转人工 is a question.
+    someone = settings.handoff == "wechat" or bool(settings.admin_password or
+                                                   settings.notify_url)
+    person_words = settings.handoff_words if someone else ()
     if handoff and message.msg_type != "event" and handoff.holds(message.openid, time.time()):
-        return Answering(Route.HELD)
+        return Answering(Route.PERSON if classify(
+            message.msg_type, message.content, replies.keywords,
+            person_words=person_words).kind is Kind.PERSON else Route.HELD)
     event_key = message.fields.get("EventKey", "")
     fixed = replies.fixed_reply(message.msg_type, message.content, message.event, event_key)
     if fixed:
@@ -6895,13 +6903,8 @@ def route(settings: Settings, replies: Replies, message: "Push | Message",
     prompt = replies.prompt_for(message.event, event_key)
     if prompt:
         return Answering(Route.PROMPT, prompt)
-    # A reader is handed to a person only where one can answer and hears of it: from the
-    # console, through the notify URL, or in WeChat's own 客服. Else 转人工 is a question.
-    someone = settings.handoff == "wechat" or bool(settings.admin_password or
-                                                   settings.notify_url)
     intent = classify(message.msg_type, message.content, replies.keywords,
-                      drawing=bool(settings.image_model),
-                      person_words=settings.handoff_words if someone else ())
+                      drawing=bool(settings.image_model), person_words=person_words)
     if intent.kind is Kind.PERSON:
         return Answering(Route.PERSON)
     if intent.kind in KIND_ROUTES:
@@ -7384,6 +7387,13 @@ class Handoff:
                      " ELSE excluded.started_at END, asked_at = CASE WHEN until >"
                      " excluded.started_at THEN asked_at END",
                      (openid, now, until))
+
+    def begin(self, openid: str, now: float) -> None:
+        """A reader asked for a person (the webhook, as the push arrives): what they send next
+        is left to the person even before a worker takes this message, which then tells them
+        and the owner (asked())."""
+        with self.store.transaction() as conn:
+            self._begin(conn, openid, now)
 
     def give_back(self, openid: str) -> bool:
         """交还机器人: the bot answers this reader again from their next message."""
@@ -8715,6 +8725,10 @@ class Webhook:
         if pushes == 1 and self.metrics:
             self.metrics.count("wxbot_pushes_total")
         person = how.route in (Route.HELD, Route.PERSON)
+        if pushes == 1 and how.route is Route.PERSON and self.handoff:
+            # Begun here, not when a worker takes the message: with WXBOT_HANDOFF=wechat the
+            # reader's next message, sent before that, goes to WeChat's 客服 too.
+            self.handoff.begin(push.openid, now)
         if pushes == 1 and push.event == "PUBLISHJOBFINISH" and self.publishing:
             self.publishing.pushed(push.fields)  # an event like any other to the rest: no answer
         if pushes > 1:
