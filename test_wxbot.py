@@ -9949,6 +9949,14 @@ def test_each_accounts_questions_find_their_passage_as_well_as_a_plain_bm25(tmp_
             ours >= theirs - 0.04, (ours, theirs)
         assert sum(bool(articles.find(q["q"])) for q in corpus["unrelated"]) <= \
             0.5 * len(corpus["unrelated"])
+        # With the search words a chat model wrote for the questions it would be asked
+        # (corpora/replies/): as the server searches when the words meet no passage well.
+        written, unrecorded = bench_wxbot.recorded_search_words(name)
+        if written:
+            with_words = found(lambda question, earlier: articles.find(question, earlier,
+                                                                        written))
+            assert with_words >= max(ours, 0.83), (with_words, ours)
+            assert len(unrecorded) <= 0.1 * len(corpus["questions"]), unrecorded
     finally:
         articles.close()
 

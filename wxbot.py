@@ -5390,11 +5390,10 @@ class Model:
         knowledge); "" when the call fails (logged once until it works again)."""
         if time.monotonic() < self._search_words_resume:
             return ""  # it failed again and again: the question's own words for a while
-        asked = "\n".join([*(f"（之前问过：{line[:200]}）" for line in list(earlier)[-1:]),
-                           question[:500]])
         try:
             written = self.answer([{"role": "system", "content": SEARCH_WORDS_PROMPT},
-                                   {"role": "user", "content": asked}],
+                                   {"role": "user", "content": search_words_asked(question,
+                                                                                  earlier)}],
                                   Deadline(min(self.SEARCH_WORDS_TIMEOUT,
                                                self.settings.model_timeout)), max_tokens=60)
         except ModelError as error:
@@ -5409,10 +5408,7 @@ class Model:
             return ""
         self._search_words_failure.turned(False)
         self._search_words_failures = 0
-        words = written.strip().splitlines()[0][:200] if written.strip() else ""
-        # 无关, “无关”, **无关**, 无关（闲聊）: the model's word for small talk, however dressed.
-        return None if (re.findall(r"\w+", words)[:1] or [""])[0] == NOT_ABOUT_THE_ACCOUNT \
-            else words
+        return search_words_read(written)
 
     @staticmethod
     def _whole(completion: dict, max_tokens: int) -> str:
@@ -6156,6 +6152,23 @@ SEARCH_WORDS_PROMPT = (
     "请写出文章里回答这个问题时很可能出现的3到6个词语（正式名称、同义词、相关说法），只写词语，用空格"
     f"分隔，不要解释。如果问题是闲聊或与任何公众号的文章都无关的常识问题，只写：{NOT_ABOUT_THE_ACCOUNT}"
 )
+
+
+def search_words_asked(question: str, earlier: Sequence[str] = ()) -> str:
+    """What the model is asked for search words (after SEARCH_WORDS_PROMPT): the question,
+    after the earlier one when there is one."""
+    return "\n".join([*(f"（之前问过：{line[:200]}）" for line in list(earlier)[-1:]),
+                      question[:500]])
+
+
+def search_words_read(written: str) -> str | None:
+    """The search words in the model's reply (its first line), or None for 无关."""
+    words = written.strip().splitlines()[0][:200] if written.strip() else ""
+    # 无关, “无关”, **无关**, 无关（闲聊）: the model's word for small talk, however dressed.
+    return None if (re.findall(r"\w+", words)[:1] or [""])[0] == NOT_ABOUT_THE_ACCOUNT \
+        else words
+
+
 PASSAGES_HEAD = "公众号文章中的相关段落："
 QUESTION_HEAD = "用户的问题："
 SOURCES_HEAD = "来源："
