@@ -9955,7 +9955,7 @@ def test_each_accounts_questions_find_their_passage_as_well_as_a_plain_bm25(tmp_
         if written:
             with_words = found(lambda question, earlier: articles.find(question, earlier,
                                                                         written))
-            assert with_words >= max(ours, 0.83), (with_words, ours)
+            assert with_words >= max(ours - 0.03, 0.87), (with_words, ours)
             assert len(unrecorded) <= 0.1 * len(corpus["questions"]), unrecorded
     finally:
         articles.close()

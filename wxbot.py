@@ -4046,7 +4046,7 @@ class Articles:
     #: Reciprocal rank fusion's constant: a passage's weight in a list is 1 / (FUSION + rank).
     FUSION = 10
     #: A best passage showing this share of the question: no search words are asked for.
-    CONFIDENT = 0.6
+    CONFIDENT = 0.9
     #: What a search word the model wrote weighs beside the question's own.
     SEARCH_WORDS_WEIGHT = 0.7
 
