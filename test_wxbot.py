@@ -9903,6 +9903,22 @@ def test_the_model_writes_search_words_when_the_question_meets_no_article_well(
     assert wxbot.PASSAGES_HEAD not in model.requests[-1]["messages"][-1]["content"]
 
 
+def test_one_of_the_models_search_words_finds_the_passage_the_rest_do_not_dilute(tmp_path):
+    """有宵夜吗 → 夜宵 宵夜 营业时间 深夜食堂: the menu's passage says 夜宵 and nothing else of
+    those words, too little of them all to pass; those of the model's words the articles use,
+    searched by themselves, give it in the places the question's words and theirs left (时间
+    is how 营业时间 asks, not what about)."""
+    articles = learned_texts(str(tmp_path / "wxbot.db"), [
+        ("夜宵档来了", "每晚22:00以后开放夜宵菜单：烤串、冒菜、凉面。"),
+        ("停车指南", "门口停车位有限，建议停在对面商场地下车库，凭小票免费两小时。"),
+        ("会员积分", "每消费1元积1分，100分抵5元。")])
+    try:
+        found = articles.find("有宵夜吗", (), lambda question, earlier: "夜宵 宵夜 营业时间 深夜食堂")
+        assert [p.title for p in found] == ["夜宵档来了"]  # not 两小时's, for 时间
+    finally:
+        articles.close()
+
+
 def test_search_words_that_keep_failing_are_not_asked_for_a_while(tmp_path, wechat, model):
     model.respond = lambda request: (_ for _ in ()).throw(ModelFault(500))
     asking = wxbot.Model(wxbot.Settings.from_env(env_for(tmp_path, wechat, model)))

@@ -4000,10 +4000,22 @@ class Articles:
                     return []
                 written_units = question_units(written)
                 # The model wrote words the articles use: the question is no small talk.
-                about_articles = about_articles or self._meets_articles(conn, written_units)
+                held = self._held_units(conn, written_units)
+                about_articles = about_articles or bool(held)
                 for key, unit in written_units.items():
                     units.setdefault(key, (self.SEARCH_WORDS_WEIGHT, unit))
-                words = self._find(conn, units, alone, says) if written.strip() else words
+                if written.strip():
+                    words = self._find(conn, units, alone, says)
+                if held and len(words) < self.MOST:
+                    # Places left: filled by those of the model's words the articles use,
+                    # searched alone. Beside the question's, a passage showing one of them
+                    # shows too little of all (有宵夜吗 → 夜宵 宵夜 营业时间 深夜食堂: the
+                    # 夜宵 menu's passage); the words no article uses weigh most, and are
+                    # only the model's guesses; 时间 asks (小时 is in every opening time).
+                    given = {item[2] for item in words}
+                    words += [item for item in self._find(conn, {
+                        key: (1.0, unit) for key, unit in held.items()
+                        if key not in _ASKING_GROUP}) if item[2] not in given]
             near = self.meaning.nearest(conn, question, earlier, about_articles) \
                 if self.meaning else []
             if not near:
@@ -4015,13 +4027,14 @@ class Articles:
             best = sorted(fused.values(), key=lambda item: -item[0])
             return [passage for _, passage in best[:self.MOST]]
 
-    def _meets_articles(self, conn: sqlite3.Connection, units: dict) -> bool:
-        """Whether the articles hold any of these units' words (a pair of characters or
-        more, a Latin word), not one character alone."""
+    def _held_units(self, conn: sqlite3.Connection, units: dict[str, Unit]
+                    ) -> dict[str, Unit]:
+        """Those of the units whose words the articles hold (a pair of characters or more,
+        a Latin word), not one character alone."""
         terms = {term for unit in units.values() for shown in unit.strong for term in shown}
         found_in = self._passages_holding(terms, conn, conn.execute(COUNTED_PASSAGES
                                                                     ).fetchone()[1])
-        return any(self._held(unit, found_in) for unit in units.values())
+        return {key: unit for key, unit in units.items() if self._held(unit, found_in)}
 
     @staticmethod
     def _held(unit: Unit, found_in: dict[str, int]) -> bool:
