@@ -8237,24 +8237,35 @@ def test_handoff_to_wechat_passes_the_readers_messages_to_its_customer_service(
 
 def test_a_message_sent_right_after_asking_for_a_person_goes_to_wechats_customer_service(
         start_bot, wechat, model, monkeypatch):
-    """转人工, then at once the question: the second push is answered with WeChat's transfer
-    too, though no worker has taken the first yet (the webhook begins the handoff); the reader
-    is told once that a person will answer, and the bot answers neither."""
+    """A question, 转人工, and at once another question, all before a worker takes the first:
+    the second question is answered with WeChat's transfer too (the webhook marks the reader
+    as asking); the first, sent before 转人工, is answered by the bot as before, and 转人工 is
+    not merged into it as a quick follow-up; the reader is told once that a person will
+    answer."""
     gate, plan = threading.Event(), wxbot.Worker.plan
 
     def plan_after_the_gate(self, message):
         gate.wait(10)
         return plan(self, message)
     monkeypatch.setattr(wxbot.Worker, "plan", plan_after_the_gate)
+    model.respond = lambda request: "包裹明天到"
     bot = start_bot(WXBOT_HANDOFF="wechat")
     reader = "oREADER-kf-000002"
-    first = post_push(bot, text_xml(reader, "转人工", 1))
-    second = post_push(bot, text_xml(reader, "我的订单号是 123", 2))
-    assert "transfer_customer_service" in first.text
-    assert "transfer_customer_service" in second.text
+    before = post_push(bot, text_xml(reader, "我的包裹到哪了", 1))
+    asked = post_push(bot, text_xml(reader, "转人工", 2))
+    after = post_push(bot, text_xml(reader, "我的订单号是 123", 3))
+    assert before.text == "success"
+    assert "transfer_customer_service" in asked.text and "transfer_customer_service" in after.text
     gate.set()
-    wait_for(lambda: message_state(bot, reader, 2) == "done")
-    assert model.requests == [] and wechat.texts_to(reader) == [wxbot.PERSON_LINE]
+    wait_for(lambda: message_state(bot, reader, 3) == "done")
+    assert len(model.requests) == 1 and "转人工" not in json.dumps(model.requests[0],
+                                                                ensure_ascii=False)
+    assert wechat.texts_to(reader) == ["包裹明天到", wxbot.PERSON_LINE]
+    # 转人工 again while handed off: still asking, told nothing more.
+    again = post_push(bot, text_xml(reader, "人工客服", 4))
+    assert "transfer_customer_service" in again.text
+    wait_for(lambda: message_state(bot, reader, 4) == "done")
+    assert wechat.texts_to(reader) == ["包裹明天到", wxbot.PERSON_LINE]
 
 
 @pytest.mark.parametrize("url, body", [

@@ -1909,13 +1909,14 @@ class Store:
                                 " AND carried = 0 ORDER BY seq", (message_id,)).fetchall()
         return "\n\n".join(row[0] for row in rows)
 
-    def merge_followups(self, message: Message, now: float,
-                        keywords: Container[str] = (), drawing: bool = False) -> list[str]:
+    def merge_followups(self, message: Message, now: float, keywords: Container[str] = (),
+                        drawing: bool = False, person_words: Sequence[str] = ()) -> list[str]:
         """Texts the user sent right after this one and that still wait: asked together.
 
         Phones split one question over several quick messages; they get one answer.
         Returns every text merged into this message so far, oldest first. `keywords` (the
-        owner's) are no question: they keep their fixed reply; nor is a drawing (`drawing`).
+        owner's) are no question: they keep their fixed reply; nor is a drawing (`drawing`),
+        nor 转人工 (`person_words`): it hands the reader to a person.
         """
         with self.transaction() as conn:
             self._check_lease(conn, message)
@@ -1926,8 +1927,8 @@ class Store:
             merged, previous = [], message.received_at
             for row in waiting:  # up to the first that is no quick question typed
                 if row["msg_type"] != "text" or not (row["content"] or "").strip() or \
-                        classify(row["msg_type"], row["content"], keywords, drawing).kind \
-                        is not Kind.QUESTION \
+                        classify(row["msg_type"], row["content"], keywords, drawing,
+                                 person_words).kind is not Kind.QUESTION \
                         or row["received_at"] - previous > MERGE_WINDOW:
                     break
                 merged.append(row["id"])
@@ -6905,6 +6906,15 @@ class Answering:
     counter: str = ""
 
 
+def person_words(settings: Settings) -> Sequence[str]:
+    """The words that ask for a person (WXBOT_HANDOFF_WORDS), where one can answer and hears
+    of it: from the console, through the notify URL, or in WeChat's own 客服. Else 转人工 is
+    a question."""
+    someone = settings.handoff == "wechat" or bool(settings.admin_password or
+                                                   settings.notify_url)
+    return settings.handoff_words if someone else ()
+
+
 def route(settings: Settings, replies: Replies, message: "Push | Message",
           blocked: BlockedWords | None = None, handoff: "Handoff | None" = None) -> Answering:
     """How a push or a stored message is answered. The one rule: the webhook stores
@@ -6913,15 +6923,12 @@ def route(settings: Settings, replies: Replies, message: "Push | Message",
     promises an answer that never comes. A reader handed to a person (`handoff`) gets
     nothing from the bot but for events (the welcome); asking for one again is asking (the
     webhook began the handoff as 转人工 arrived: the worker still tells the reader, once)."""
-    # A reader is handed to a person only where one can answer and hears of it: from the
-    # console, through the notify URL, or in WeChat's own 客服. Else 转人工 is a question.
-    someone = settings.handoff == "wechat" or bool(settings.admin_password or
-                                                   settings.notify_url)
-    person_words = settings.handoff_words if someone else ()
-    if handoff and message.msg_type != "event" and handoff.holds(message.openid, time.time()):
+    words = person_words(settings)
+    if handoff and message.msg_type != "event" and handoff.holds(
+            message.openid, time.time(), getattr(message, "received_at", None)):
         return Answering(Route.PERSON if classify(
             message.msg_type, message.content, replies.keywords,
-            person_words=person_words).kind is Kind.PERSON else Route.HELD)
+            person_words=words).kind is Kind.PERSON else Route.HELD)
     event_key = message.fields.get("EventKey", "")
     fixed = replies.fixed_reply(message.msg_type, message.content, message.event, event_key)
     if fixed:
@@ -6930,7 +6937,7 @@ def route(settings: Settings, replies: Replies, message: "Push | Message",
     if prompt:
         return Answering(Route.PROMPT, prompt)
     intent = classify(message.msg_type, message.content, replies.keywords,
-                      drawing=bool(settings.image_model), person_words=person_words)
+                      drawing=bool(settings.image_model), person_words=words)
     if intent.kind is Kind.PERSON:
         return Answering(Route.PERSON)
     if intent.kind in KIND_ROUTES:
@@ -7373,6 +7380,7 @@ class Handoff:
         # seconds, when that is (a handoff begun by another Handoff on the database).
         self._latest, self._looked = 0.0, -math.inf
         self._latest_lock = threading.Lock()
+        self._asking: dict[str, float] = {}  # reader -> when their 转人工 came (asking())
         # The owner's sends one at a time: a second press of 发送 (or of a note's 发给这些读者)
         # sees what the first sent, and the reader gets it once.
         self._sending = threading.Lock()
@@ -7380,8 +7388,14 @@ class Handoff:
     #: How often the end of the last handoff is read again while none holds anyone (s).
     LOOK = 5.0
 
-    def holds(self, openid: str, now: float) -> bool:
-        """Whether the bot leaves this reader to a person now."""
+    def holds(self, openid: str, now: float, since: float | None = None) -> bool:
+        """Whether the bot leaves this reader to a person now; `since`: when a stored message
+        came (a push comes now). A reader whose 转人工 no worker has taken yet is left to the
+        person from it on: what they sent before it is answered as before (asking())."""
+        asked_at = self._asking.get(openid)
+        if asked_at is not None and now - asked_at < self.settings.handoff_hours * 3600 and \
+                (since is None or since >= asked_at):
+            return True
         if now >= self._latest and time.monotonic() < self._looked + self.LOOK:
             return False
         with self.store.connection() as conn:
@@ -7414,12 +7428,18 @@ class Handoff:
                      " excluded.started_at THEN asked_at END",
                      (openid, now, until))
 
-    def begin(self, openid: str, now: float) -> None:
-        """A reader asked for a person (the webhook, as the push arrives): what they send next
-        is left to the person even before a worker takes this message, which then tells them
-        and the owner (asked())."""
-        with self.store.transaction() as conn:
-            self._begin(conn, openid, now)
+    #: Readers whose 转人工 waits for a worker, at most (the oldest forgotten first).
+    ASKING_MOST = 10000
+
+    def asking(self, openid: str, now: float) -> None:
+        """A reader's 转人工 arrived (the webhook): what they send from now on is left to the
+        person though no worker has taken it yet (with WXBOT_HANDOFF=wechat it goes to WeChat's
+        客服); the worker then begins the handoff and tells them and the owner (asked()). Kept
+        in memory, no write while WeChat waits: after a restart the queued 转人工 begins it."""
+        with self._latest_lock:
+            if openid not in self._asking and len(self._asking) >= self.ASKING_MOST:
+                del self._asking[next(iter(self._asking))]
+            self._asking.setdefault(openid, now)
 
     def give_back(self, openid: str) -> bool:
         """交还机器人: the bot answers this reader again from their next message."""
@@ -7434,6 +7454,8 @@ class Handoff:
             told = conn.execute("UPDATE handoffs SET asked_at = ? WHERE openid = ? AND asked_at"
                                 " IS NULL", (now, message.openid)).rowcount > 0
             self._hold(conn, message)
+        with self._latest_lock:  # in the table now
+            self._asking.pop(message.openid, None)
         if told and self.notifier:
             self.notifier.tell("person", f"读者 {short_id(message.openid)} 说「"
                                          f"{(message.content or '')[:100]}」，等你回复。")
@@ -8075,7 +8097,8 @@ class Worker:
         with self.store.transaction():  # one commit: follow-ups, the call counted, carried
             question = "\n".join(part for part in [question, *self.store.merge_followups(
                 message, time.time(), self.owner.replies.keywords,
-                bool(self.settings.image_model))] if part) or IMAGE_PROMPT
+                bool(self.settings.image_model), person_words(self.settings))] if part) \
+                or IMAGE_PROMPT
             if len(question) > MAX_QUESTION_CHARS:
                 question = question[:MAX_QUESTION_CHARS] + TRUNCATED_NOTE.format(
                     chars=MAX_QUESTION_CHARS)
@@ -8752,9 +8775,9 @@ class Webhook:
             self.metrics.count("wxbot_pushes_total")
         person = how.route in (Route.HELD, Route.PERSON)
         if pushes == 1 and how.route is Route.PERSON and self.handoff:
-            # Begun here, not when a worker takes the message: with WXBOT_HANDOFF=wechat the
+            # From here, not when a worker takes the message: with WXBOT_HANDOFF=wechat the
             # reader's next message, sent before that, goes to WeChat's 客服 too.
-            self.handoff.begin(push.openid, now)
+            self.handoff.asking(push.openid, now)
         if pushes == 1 and push.event == "PUBLISHJOBFINISH" and self.publishing:
             self.publishing.pushed(push.fields)  # an event like any other to the rest: no answer
         if pushes > 1:
