@@ -4035,7 +4035,9 @@ class Articles:
         terms = {term for unit in units.values() for shown in unit.strong for term in shown}
         found_in = self._passages_holding(terms, conn, conn.execute(COUNTED_PASSAGES
                                                                     ).fetchone()[1])
-        return {key: unit for key, unit in units.items() if self._held(unit, found_in)}
+        return {key: unit for key, unit in units.items() if any(
+            all(term in found_in for term in shown) and
+            any(len(term) > 1 or term.isascii() for term in shown) for shown in unit.strong)}
 
     @staticmethod
     def _held(unit: Unit, found_in: dict[str, int]) -> bool:
