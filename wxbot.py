@@ -7383,9 +7383,12 @@ class Handoff:
         self._latest, self._looked = 0.0, -math.inf
         self._latest_lock = threading.Lock()
         self._asking: dict[str, float] = {}  # reader -> when their 转人工 came (asking())
-        # The owner's sends one at a time: a second press of 发送 (or of a note's 发给这些读者)
-        # sees what the first sent, and the reader gets it once.
-        self._sending = threading.Lock()
+        # The owner's sends to a reader one at a time (a lock for each of SENDING readers'
+        # groups, so that a note going to many keeps no other reader waiting): a second press
+        # of 发送 (the same form, `once`) or of a note's 发给这些读者 sees what the first sent,
+        # and the reader gets it once.
+        self._sending = [threading.Lock() for _ in range(self.SENDING)]
+        self._sent_once: dict[str, int] = {}  # a form's `once` -> messages it sent
 
     #: How often the end of the last handoff is read again while none holds anyone (s).
     LOOK = 5.0
@@ -7493,29 +7496,34 @@ class Handoff:
                                          {}, row["received_at"], 0, 0, 0, 0))
         return Window(row["id"], max(0, quota - sent), row["received_at"] + WINDOW_SECONDS)
 
+    #: Locks for the owner's sends, and forms (`once`) remembered as sent.
+    SENDING, SENT_ONCE_KEPT = 64, 1000
+
     def answer(self, wechat: "WeChatAPI", openid: str, text: str, now: float,
-               note_id: int | None = None) -> int:
+               note_id: int | None = None, once: str = "") -> int:
         """Send the owner's text to a reader as customer-service messages (split as answers
         are), each stored as it goes; the owner's words join the turns the model sees. A
         message written in person (not a note) hands the reader to the owner. Returns how
-        many messages went; OwnerSendError says why none could."""
+        many messages went; OwnerSendError says why none could. The same form sent again
+        (`once`: a double click), or a note the reader has, goes no second time: what went
+        is counted as sent."""
         segments = split_segments(text.strip(), markdown=False)
         if not segments:
             raise OwnerSendError("没有内容可发送")
-        with self._sending:
-            return self._answer(wechat, openid, segments, now, note_id)
-
-    #: The same words sent the same reader within this many seconds: a second press of 发送.
-    PRESSED_TWICE = 30.0
+        with self._sending[hash(openid) % self.SENDING]:
+            if once and once in self._sent_once:
+                return self._sent_once[once]
+            if note_id is not None and self.sent_note(note_id, openid):
+                return 1
+            sent = self._answer(wechat, openid, segments, now, note_id)
+            if once:
+                if len(self._sent_once) >= self.SENT_ONCE_KEPT:
+                    self._sent_once.pop(next(iter(self._sent_once)), None)
+                self._sent_once[once] = sent
+            return sent
 
     def _answer(self, wechat: "WeChatAPI", openid: str, segments: list[str], now: float,
                 note_id: int | None) -> int:
-        with self.store.connection() as conn:
-            if conn.execute("SELECT 1 FROM owner_messages WHERE openid = ? AND (note_id = ? OR"
-                            " note_id IS NULL AND ? IS NULL AND content = ? AND sent_at >= ?)"
-                            " LIMIT 1", (openid, note_id, note_id, segments[0],
-                                         now - self.PRESSED_TWICE)).fetchone():
-                raise OwnerSendError("刚刚已经发给这位读者了，没有重复发送")
         window = self.window(openid, now)
         if window is None:
             raise OwnerSendError("读者最后一条消息已超过 48 小时，微信不再允许发给他，"
@@ -9652,7 +9660,7 @@ CONSOLE_CONVERSATION = """<p class="meta">读者 {{short(openid)}}：每条消�
 % if window:
 <p class="meta">微信允许在 {{when(window.closes_at)}} 之前给这位读者发客服消息；读者这条消息的 5 条额度还剩 {{window.left}} 条。</p>
 <form method="post" action="/people/{{quote(openid)}}/answer">
-<input type="hidden" name="csrf" value="{{csrf}}">
+<input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="once" value="{{once}}">
 <p><label for="text">亲自回复这位读者（回复后机器人暂停 {{hours}} 小时）</label><br>
 <textarea id="text" name="text" required maxlength="10000">{{draft}}</textarea></p>
 <p><button type="submit">发送</button></p>
@@ -10497,7 +10505,7 @@ class OwnerConsole:
                                   window=console.handoff.window(openid, now),
                                   handed_until=console.handoff.until(openid, now),
                                   hours=f"{console.settings.handoff_hours:g}",
-                                  draft=console.field())
+                                  draft=console.field(), once=secrets.token_hex(8))
 
         @app.post("/people/<openid>/answer")
         def answer(openid):
@@ -10505,8 +10513,10 @@ class OwnerConsole:
             here = f"/people/{urllib.parse.quote(openid)}"
             if len(text) > 10000:
                 return console.after_post(here, "太长了：一次最多 10000 字。", True, text[:10000])
+            once = (bottle.request.forms.get("once") or "")[:32]
             try:
-                sent = console.handoff.answer(console.wechat, openid, text, console.clock())
+                sent = console.handoff.answer(console.wechat, openid, text, console.clock(),
+                                              once=once)
             except OwnerSendError as error:
                 return console.after_post(here + "#answer", f"没有发出：{error}", True, text)
             return console.after_post(here + "#answer", f"已发出 {sent} 条。机器人暂停回答这位读者 "
