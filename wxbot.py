@@ -3563,14 +3563,17 @@ class Articles:
                         "wxbot: %d passage(s), about %.0f s, before wxbot listens (pushes "
                         "meanwhile are retried by WeChat for 15 s only: upgrade in a quiet "
                         "hour)", passages, passages / self.REINDEX_RATE)
+        started = time.monotonic()
         conn.execute("INSERT INTO article_terms (article_terms) VALUES ('delete-all')")
         for row in conn.execute("SELECT p.id, p.text, s.title FROM article_passages p"
-                                " JOIN article_sources s ON s.id = p.source_id").fetchall():
+                                " JOIN article_sources s ON s.id = p.source_id"):
             conn.execute("INSERT INTO article_terms (rowid, title, body) VALUES (?, ?, ?)",
                          (row[0], " ".join(article_terms(row[2])),
                           " ".join(article_terms(row[1]))))
         conn.execute("INSERT OR REPLACE INTO article_state (key, value) VALUES ('terms', ?)",
                      (str(TERMS_VERSION),))
+        if passages:
+            log.warning("articles: search index built again in %.1f s", time.monotonic() - started)
         # Spelled as the terms are: found again (_store_latin) as this wxbot spells them.
         conn.execute("UPDATE article_passages SET latin = NULL")
         conn.execute("DELETE FROM article_state WHERE key = 'latin'")
