@@ -770,12 +770,15 @@ SEARCH_WORDS = os.path.join(CORPORA, "replies", "search_words.json")
 
 def recorded_search_words(corpus_name: str):
     """search_words(question, earlier) as the model answered it, from SEARCH_WORDS, and the
-    list of questions asked that it holds no answer for (those are searched without)."""
+    list of questions asked that it holds no answer for (those are searched without); None
+    for the first when none is recorded, or they answered another prompt than wxbot's."""
     import json
     try:
-        recorded = json.load(open(SEARCH_WORDS, encoding="utf-8"))["replies"].get(corpus_name, {})
+        kept = json.load(open(SEARCH_WORDS, encoding="utf-8"))
     except FileNotFoundError:
-        recorded = {}
+        kept = {}
+    recorded = kept.get("replies", {}).get(corpus_name, {}) \
+        if kept.get("prompt") == wxbot.SEARCH_WORDS_PROMPT else {}
     unrecorded: list[str] = []
 
     def search_words(question, earlier):
@@ -800,6 +803,8 @@ def record_search_words(args) -> list[str]:
         kept = json.load(open(SEARCH_WORDS, encoding="utf-8"))
     except FileNotFoundError:
         kept = {"about": "", "replies": {}}
+    if kept.get("prompt") != wxbot.SEARCH_WORDS_PROMPT:  # replies to another prompt: anew
+        kept = {"prompt": wxbot.SEARCH_WORDS_PROMPT, "replies": {}}
     kept["about"] = (f"Replies of {settings.model} to Model.search_words, recorded by "
                      f"bench_wxbot.py --record-search-words")
     lines = []
