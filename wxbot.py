@@ -2830,6 +2830,12 @@ def question_units(text: str) -> dict[str, Unit]:
             known = units.get(char)
             strong = {*(known.strong if known else ()), *(frozenset([pair]) for pair in pairs)}
             units[char] = Unit(tuple(strong), frozenset([char]))
+    # Wi-Fi is one word, written WiFi or Wi-Fi alike (article_terms() joins it too).
+    for first, second in _HYPHENATED.findall(folded):
+        if (first + second).isdigit() or first not in units or second not in units:
+            continue
+        del units[first], units[second]
+        units[first + second] = Unit((frozenset([first + second]), frozenset([first, second])))
     return units
 
 
