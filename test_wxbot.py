@@ -6807,8 +6807,8 @@ def test_the_log_says_how_long_the_user_waited_for_the_first_message(start_bot, 
     caplog.set_level(logging.INFO)
     release = hold_first_question(model, "慢慢想")
     bot = start_bot()
-    pushed = time.monotonic()
     send_text(bot, "oWAITED", "慢慢想", 1)
+    pushed = time.monotonic()  # stored by now: the push arrived before this
     wait_for(lambda: model.requests)
     wait_for(lambda: time.monotonic() - pushed > 0.5)  # the user waits at least this
     release.set()
@@ -8277,6 +8277,19 @@ def test_a_message_sent_right_after_asking_for_a_person_goes_to_wechats_customer
     assert wechat.texts_to(reader) == ["包裹明天到", wxbot.PERSON_LINE]
 
 
+def test_a_reader_marked_as_asking_for_a_person_is_given_back_and_forgotten_in_time(tmp_path):
+    """转人工 marks the reader before a worker takes it: what they send from it on is held,
+    what came before is not; 交还机器人 clears the mark, and a mark no worker took lapses."""
+    settings = settings_for(tmp_path, WXBOT_HANDOFF="wechat")
+    handoff = wxbot.Handoff(settings, wxbot.Store(settings.db))
+    now = time.time()
+    handoff.asking("oASK-000001", now)
+    assert handoff.holds("oASK-000001", now) and handoff.holds("oASK-000001", now + 1, now)
+    assert not handoff.holds("oASK-000001", now + 1, now - 1)  # sent before 转人工
+    assert not handoff.holds("oASK-000001", now + handoff.ASKING_SECONDS)
+    assert handoff.give_back("oASK-000001") is False and not handoff.holds("oASK-000001", now)
+
+
 @pytest.mark.parametrize("url, body", [
     ("https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=K",
      {"msgtype": "text", "text": {"content": "【wxbot】读者要找人工\n有人找"}}),
@@ -8915,6 +8928,8 @@ def test_a_word_written_with_a_hyphen_answers_the_reader_who_types_it_without(tm
         articles.learn_text("url", "https://example.com/cafe", "店内服务", "店里有免费WiFi，"
                             "密码贴在收银台。", date="2025-01-01")
         assert {p.title for p in articles.find("有Wi-Fi吗")} == {"读者常见问题", "店内服务"}
+        assert articles.find("bye-bye是什么") == []  # a word said twice is one word
+        assert articles.find("有宵夜吗", (), lambda question, earlier: "so-so wi-fi") != []
         assert articles.find("05707712") == [] and articles.find("202503") == []
         with articles._write() as conn:  # as indexed before: without the joined words
             conn.execute("INSERT INTO article_terms (article_terms) VALUES ('delete-all')")

@@ -2832,7 +2832,8 @@ def question_units(text: str) -> dict[str, Unit]:
             units[char] = Unit(tuple(strong), frozenset([char]))
     # Wi-Fi is one word, written WiFi or Wi-Fi alike (article_terms() joins it too).
     for first, second in _HYPHENATED.findall(folded):
-        if (first + second).isdigit() or first not in units or second not in units:
+        if (first + second).isdigit() or first == second or first not in units or \
+                second not in units:  # bye-bye: a word said twice, no other
             continue
         del units[first], units[second]
         units[first + second] = Unit((frozenset([first + second]), frozenset([first, second])))
@@ -4045,8 +4046,8 @@ class Articles:
         found_in = self._passages_holding(terms, conn, conn.execute(COUNTED_PASSAGES
                                                                     ).fetchone()[1])
         return {key: unit for key, unit in units.items() if any(
-            all(term in found_in for term in shown) and
-            any(len(term) > 1 or term.isascii() for term in shown) for shown in unit.strong)}
+            all(term in found_in for term in shown) and any(len(term) > 1 for term in shown)
+            for shown in unit.strong)}
 
     @staticmethod
     def _held(unit: Unit, found_in: dict[str, int]) -> bool:
@@ -6933,7 +6934,7 @@ def route(settings: Settings, replies: Replies, message: "Push | Message",
     A question or a drawing with a blocked word is refused without the model: no typing
     promises an answer that never comes. A reader handed to a person (`handoff`) gets
     nothing from the bot but for events (the welcome); asking for one again is asking (the
-    webhook began the handoff as 转人工 arrived: the worker still tells the reader, once)."""
+    webhook marked the reader as asking as 转人工 arrived: the worker still tells them, once)."""
     words = person_words(settings)
     if handoff and message.msg_type != "event" and handoff.holds(
             message.openid, time.time(), getattr(message, "received_at", None)):
@@ -7397,7 +7398,7 @@ class Handoff:
         # of 发送 (the same form, `once`) or of a note's 发给这些读者 sees what the first sent,
         # and the reader gets it once.
         self._sending = [threading.Lock() for _ in range(self.SENDING)]
-        self._sent_once: dict[str, int] = {}  # a form's `once` -> messages it sent
+        self._sent_once: dict[tuple[str, str], int] = {}  # (reader, a form's once) -> sent
 
     #: How often the end of the last handoff is read again while none holds anyone (s).
     LOOK = 5.0
@@ -7407,7 +7408,7 @@ class Handoff:
         came (a push comes now). A reader whose 转人工 no worker has taken yet is left to the
         person from it on: what they sent before it is answered as before (asking())."""
         asked_at = self._asking.get(openid)
-        if asked_at is not None and now - asked_at < self.settings.handoff_hours * 3600 and \
+        if asked_at is not None and now - asked_at < self.ASKING_SECONDS and \
                 (since is None or since >= asked_at):
             return True
         if now >= self._latest and time.monotonic() < self._looked + self.LOOK:
@@ -7442,8 +7443,9 @@ class Handoff:
                      " excluded.started_at THEN asked_at END",
                      (openid, now, until))
 
-    #: Readers whose 转人工 waits for a worker, at most (the oldest forgotten first).
-    ASKING_MOST = 10000
+    #: Readers whose 转人工 waits for a worker, at most (the oldest forgotten first), and
+    #: for how long (s): a worker takes a message that needs no model within seconds.
+    ASKING_MOST, ASKING_SECONDS = 10000, 900.0
 
     def asking(self, openid: str, now: float) -> None:
         """A reader's 转人工 arrived (the webhook): what they send from now on is left to the
@@ -7457,6 +7459,8 @@ class Handoff:
 
     def give_back(self, openid: str) -> bool:
         """交还机器人: the bot answers this reader again from their next message."""
+        with self._latest_lock:
+            self._asking.pop(openid, None)
         with self.store.transaction() as conn:
             return conn.execute("DELETE FROM handoffs WHERE openid = ?", (openid,)).rowcount > 0
 
@@ -7520,15 +7524,16 @@ class Handoff:
         if not segments:
             raise OwnerSendError("没有内容可发送")
         with self._sending[hash(openid) % self.SENDING]:
-            if once and once in self._sent_once:
-                return self._sent_once[once]
+            if once and (openid, once) in self._sent_once:
+                return self._sent_once[openid, once]
             if note_id is not None and self.sent_note(note_id, openid):
                 return 1
             sent = self._answer(wechat, openid, segments, now, note_id)
             if once:
-                if len(self._sent_once) >= self.SENT_ONCE_KEPT:
-                    self._sent_once.pop(next(iter(self._sent_once)), None)
-                self._sent_once[once] = sent
+                with self._latest_lock:
+                    if len(self._sent_once) >= self.SENT_ONCE_KEPT:
+                        del self._sent_once[next(iter(self._sent_once))]
+                    self._sent_once[openid, once] = sent
             return sent
 
     def _answer(self, wechat: "WeChatAPI", openid: str, segments: list[str], now: float,
