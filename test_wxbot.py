@@ -9907,6 +9907,23 @@ def test_meaning_finds_what_readers_call_otherwise_and_falls_back_to_words(tmp_p
         model.close()
 
 
+def test_a_fault_in_the_article_search_leaves_no_reader_unanswered(start_bot, wechat, model,
+                                                                     monkeypatch, caplog):
+    """A bug in the search (bye-bye once raised KeyError) is no reason to retry the message
+    until it is dead: the reader is answered without the articles, once, and the log says so
+    with the traceback for the operator to report."""
+    def broken(self, question, earlier=(), search_words=None):
+        raise KeyError("bye")
+    monkeypatch.setattr(wxbot.Articles, "find", broken)
+    model.respond = lambda request: "再见"
+    bot = start_bot()
+    bot.articles.learn_text("url", "https://example.com/a", "告别", "再见是常用语。")
+    send_text(bot, "oBYE-000001", "bye-bye是什么", 1)
+    wait_for(lambda: message_state(bot, "oBYE-000001", 1) == "done")
+    assert wechat.texts_to("oBYE-000001") == ["再见"] and len(model.requests) == 1
+    assert any("article search failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
 def test_the_model_writes_search_words_when_the_question_meets_no_article_well(
         start_bot, wechat, model, tmp_path):
     articles = wxbot.Articles(str(tmp_path / "wxbot.db"))

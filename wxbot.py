@@ -8214,6 +8214,11 @@ class Worker:
             log_worker.error("message %s: the articles could not be searched (%s); answering "
                              "without them", message.id, error)
             return []
+        except Exception:  # nor is a fault of the search's own (tried again, it fails again)
+            log_worker.exception("message %s: the article search failed on this question; "
+                                 "answering without the articles (a fault in wxbot: please "
+                                 "report this line and the question)", message.id)
+            return []
 
     def _refuse(self, message: Message) -> int:
         """A question or drawing with a blocked word: the refusal, and no model call."""
