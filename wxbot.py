@@ -2701,11 +2701,16 @@ def fold(text: str) -> str:
 _HYPHENATED = re.compile(r"(?<![a-z0-9])([a-z0-9]+)-(?=([a-z0-9]+))")
 
 
-def hyphen_joined(folded: str) -> list[str]:
-    """Words written with a hyphen as readers type them without (Wi-Fi: wifi, e-mail), each
-    two neighbours of a chain; not numbers alone (a date, a telephone number)."""
-    return [first + second for first, second in _HYPHENATED.findall(folded)
+def hyphen_pairs(folded: str) -> list[tuple[str, str]]:
+    """The words a hyphen joins (wi, fi in Wi-Fi), each two neighbours of a chain; not numbers
+    alone (a date, a telephone number)."""
+    return [(first, second) for first, second in _HYPHENATED.findall(folded)
             if not (first + second).isdigit()]
+
+
+def hyphen_joined(folded: str) -> list[str]:
+    """Words written with a hyphen as readers type them without (Wi-Fi: wifi, e-mail)."""
+    return [first + second for first, second in hyphen_pairs(folded)]
 
 
 def article_terms(text: str) -> list[str]:
@@ -2831,10 +2836,9 @@ def question_units(text: str) -> dict[str, Unit]:
             strong = {*(known.strong if known else ()), *(frozenset([pair]) for pair in pairs)}
             units[char] = Unit(tuple(strong), frozenset([char]))
     # Wi-Fi is one word, written WiFi or Wi-Fi alike (article_terms() joins it too).
-    for first, second in _HYPHENATED.findall(folded):
-        if (first + second).isdigit() or first == second or first not in units or \
-                second not in units:  # bye-bye: a word said twice, no other
-            continue
+    for first, second in hyphen_pairs(folded):
+        if first == second or first not in units or second not in units:
+            continue  # bye-bye: a word said twice, no other
         del units[first], units[second]
         units[first + second] = Unit((frozenset([first + second]), frozenset([first, second])))
     return units
@@ -4164,7 +4168,7 @@ class Articles:
         texts = [priced(f"{row[2]}\n{row[5]}") for row in rows]
         apart_in = [{key: set(pattern.findall(folded)) for key, pattern in shown_apart.items()}
                     for folded in texts] if shown_apart else [{}] * len(rows)
-        spelled = self._spelled_out(conn, changed, set().union(
+        spelled = set() if not shown_apart else self._spelled_out(conn, changed, set().union(
             *(found for shown in apart_in for found in shown.values())))
         for (passage_id, source_id, title, url, date, text, latin), folded, shown_apart_here \
                 in zip(rows, texts, apart_in):
@@ -7391,7 +7395,8 @@ class Handoff:
         # after it (most accounts, most of the time) a push reads nothing but, every LOOK
         # seconds, when that is (a handoff begun by another Handoff on the database).
         self._latest, self._looked = 0.0, -math.inf
-        self._latest_lock = threading.Lock()
+        # Guards what is kept in memory: _latest, _asking and _sent_once.
+        self._memory = threading.Lock()
         self._asking: dict[str, float] = {}  # reader -> when their 转人工 came (asking())
         # The owner's sends to a reader one at a time (a lock for each of SENDING readers'
         # groups, so that a note going to many keeps no other reader waiting): a second press
@@ -7424,7 +7429,7 @@ class Handoff:
                                 (openid, now)).fetchone() is not None
 
     def _later(self, until: float) -> None:
-        with self._latest_lock:  # a read of the table never undoes a handoff just begun
+        with self._memory:  # a read of the table never undoes a handoff just begun
             self._latest = max(self._latest, until)
 
     def until(self, openid: str, now: float) -> float | None:
@@ -7452,14 +7457,14 @@ class Handoff:
         person though no worker has taken it yet (with WXBOT_HANDOFF=wechat it goes to WeChat's
         客服); the worker then begins the handoff and tells them and the owner (asked()). Kept
         in memory, no write while WeChat waits: after a restart the queued 转人工 begins it."""
-        with self._latest_lock:
+        with self._memory:
             if openid not in self._asking and len(self._asking) >= self.ASKING_MOST:
                 del self._asking[next(iter(self._asking))]
             self._asking.setdefault(openid, now)
 
     def give_back(self, openid: str) -> bool:
         """交还机器人: the bot answers this reader again from their next message."""
-        with self._latest_lock:
+        with self._memory:
             self._asking.pop(openid, None)
         with self.store.transaction() as conn:
             return conn.execute("DELETE FROM handoffs WHERE openid = ?", (openid,)).rowcount > 0
@@ -7472,7 +7477,7 @@ class Handoff:
             told = conn.execute("UPDATE handoffs SET asked_at = ? WHERE openid = ? AND asked_at"
                                 " IS NULL", (now, message.openid)).rowcount > 0
             self._hold(conn, message)
-        with self._latest_lock:  # in the table now
+        with self._memory:  # in the table now
             self._asking.pop(message.openid, None)
         if told and self.notifier:
             self.notifier.tell("person", f"读者 {short_id(message.openid)} 说「"
@@ -7530,7 +7535,7 @@ class Handoff:
                 return 1
             sent = self._answer(wechat, openid, segments, now, note_id)
             if once:
-                with self._latest_lock:
+                with self._memory:
                     if len(self._sent_once) >= self.SENT_ONCE_KEPT:
                         del self._sent_once[next(iter(self._sent_once))]
                     self._sent_once[openid, once] = sent
