@@ -3445,6 +3445,25 @@ def times_shown(folded: str, latin: set[str], term: str) -> int:
     return int(term in latin) if term[0].isascii() else folded.count(term)
 
 
+def unit_times(folded: str, latin: set[str], unit: Unit) -> tuple[int, int]:
+    """How often a text shows a unit strongly (its form shown most, by its term shown
+    least; 0: not strongly) and, when not strongly, by its characters alone (the one shown
+    most)."""
+    strongly = max((min(times_shown(folded, latin, term) for term in terms)
+                    for terms in unit.strong), default=0)
+    return strongly, 0 if strongly else max((times_shown(folded, latin, term)
+                                             for term in unit.weak), default=0)
+
+
+class SearchMemory:
+    """What one question's search read, that a search of it with more words reads again:
+    each term's passages in the index, each passage's times shown of each unit."""
+
+    def __init__(self) -> None:
+        self.passages: dict[str, set[int]] = {}
+        self.times: dict[tuple[int, int], tuple[int, int]] = {}
+
+
 class Articles:
     """The account's articles in the bot's SQLite database: own tables, own connections.
 
@@ -3483,7 +3502,7 @@ class Articles:
         self._lock = threading.Lock()
         self._counts: dict[str, object] = {}  # term -> passages holding it; "" -> as of when
         self.meaning: Meaning | None = None  # WXBOT_EMBED_MODEL: find() searches by meaning too
-        self._passage_dates: tuple[str | None, dict[int, str]] = (None, {})
+        self._passage_dates: tuple[str | None, dict[int, int]] = (None, {})
         with opening_for(db_path), self._reading() as conn:
             # Before the first table, as the Store does: deleted rows give their pages back.
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -3641,13 +3660,15 @@ class Articles:
             known.update((term, found.get(term, 0)) for term in asked)
         return {term: known[term] for term in terms if known[term]}
 
-    def _dates(self, conn: sqlite3.Connection, changed: str) -> dict[int, str]:
-        """Each passage's article date, read again when the articles changed."""
+    def _dates(self, conn: sqlite3.Connection, changed: str) -> dict[int, int]:
+        """Each passage's place in the order of its article's date (then of when it was
+        learned): the greater, the newer. Read again when the articles changed."""
         with self._lock:
             if self._passage_dates[0] != changed:
-                self._passage_dates = (changed, dict(conn.execute(
-                    "SELECT p.id, s.date FROM article_passages p JOIN article_sources s"
-                    " ON s.id = p.source_id")))
+                dated = conn.execute("SELECT p.id, s.date FROM article_passages p JOIN"
+                                     " article_sources s ON s.id = p.source_id").fetchall()
+                dated.sort(key=lambda row: (row[1] or "", row[0]))
+                self._passage_dates = (changed, {row[0]: at for at, row in enumerate(dated)})
             return self._passage_dates[1]
 
     @staticmethod
@@ -4005,7 +4026,8 @@ class Articles:
         with self._reading() as conn:
             # 那…, …呢, 还…: the question goes on from the earlier one, whose words may carry it.
             alone = not (earlier and GOES_ON.search(question.strip()))
-            words = self._find(conn, units, alone, says) if units else []
+            read = SearchMemory()  # what this search read, the searches below read again
+            words = self._find(conn, units, alone, says, read) if units else []
             shown = max((item[4] for item in words), default=0.0)  # of the question, at best
             about_articles = bool(words)
             if search_words and shown < self.CONFIDENT and \
@@ -4020,7 +4042,7 @@ class Articles:
                 for key, unit in written_units.items():
                     units.setdefault(key, (self.SEARCH_WORDS_WEIGHT, unit))
                 if written.strip():
-                    words = self._find(conn, units, alone, says)
+                    words = self._find(conn, units, alone, says, read)
                 if held and len(words) < self.MOST:
                     # Places left: filled by those of the model's words the articles use,
                     # searched alone. Beside the question's, a passage showing one of them
@@ -4030,7 +4052,7 @@ class Articles:
                     given = {item[2] for item in words}
                     words += [item for item in self._find(conn, {
                         key: (1.0, unit) for key, unit in held.items()
-                        if key not in _ASKING_GROUP}) if item[2] not in given]
+                        if key not in _ASKING_GROUP}, memory=read) if item[2] not in given]
             near = self.meaning.nearest(conn, question, earlier, about_articles) \
                 if self.meaning else []
             if not near:
@@ -4081,9 +4103,12 @@ class Articles:
     SEARCH_WORDS_WEIGHT = 0.7
 
     def _find(self, conn: sqlite3.Connection, units: dict, alone: bool = True,
-              says: bool = True) -> list[list]:
+              says: bool = True, memory: "SearchMemory | None" = None) -> list[list]:
         """The word search: [score, date, passage id, Passage, share of the question shown]
-        best first. `says`: the question says enough to be searched alone (not 谢谢)."""
+        best first. `says`: the question says enough to be searched alone (not 谢谢);
+        `memory`: what earlier searches of the same question read (its search words' search
+        reads the index and the passages once)."""
+        memory = memory or SearchMemory()
         total, changed = conn.execute(COUNTED_PASSAGES).fetchone()
         total = int(total)
         if not total:
@@ -4140,18 +4165,20 @@ class Articles:
                 break
             read += count
             query = " AND ".join(f'"{term}"' for term in sorted(shown))
-            rowids = {rowid for (rowid,) in conn.execute(TERM_PASSAGES, (query,))}
+            rowids = memory.passages.get(query)
+            if rowids is None:
+                rowids = memory.passages[query] = {
+                    rowid for (rowid,) in conn.execute(TERM_PASSAGES, (query,))}
             for key in keys:
                 showing[key] |= rowids
         found: dict[int, float] = {}
         for key, rowids in showing.items():
-            for rowid in rowids:
-                found[rowid] = found.get(rowid, 0.0) + weight[key]
-        # Among passages that show as much, the newer article's (a passage's place in the
-        # index says only when it was learned).
-        dates = self._dates(conn, changed)
-        best = heapq.nlargest(self.CANDIDATES, found, key=lambda rowid: (
-            found[rowid], dates.get(rowid, ""), rowid))
+            # Added unit by unit, as sets: most passages show one unit.
+            both = rowids & found.keys()
+            found.update(dict.fromkeys(rowids - both, weight[key]))
+            for rowid in both:
+                found[rowid] += weight[key]
+        best = self._candidates(found, self._dates(conn, changed))
         if not best:
             return []
         rows = conn.execute(PASSAGES_BY_ID.format(ids=", ".join("?" * len(best))),
@@ -4174,14 +4201,18 @@ class Articles:
                 in zip(rows, texts, apart_in):
             latin = set() if not latin_asked else latin_terms(fold(title)).union(
                 latin.split() if latin is not None else latin_terms(fold(text)))
-            strongly = {key for key, (_, unit) in units.items()
-                        if any(all(shows(folded, latin, term) for term in terms)
-                               for terms in unit.strong)}
+            shown = {}  # unit -> how often shown: strongly, by its characters alone
+            for key, (_, unit) in units.items():
+                known = (passage_id, id(unit))
+                if known not in memory.times:
+                    memory.times[known] = unit_times(folded, latin, unit)
+                shown[key] = memory.times[known]
+            strongly = {key for key, (often, _) in shown.items() if often}
             strongly |= {key for key, found in shown_apart_here.items() if found & spelled}
             # What each unit counts for here: shown strongly, by its characters alone, or not.
-            counts = {key: weight[key] * (1.0 if key in strongly else self.ALONE if any(
-                shows(folded, latin, term) for term in unit.weak) else 0.0)
-                for key, (_, unit) in units.items()}
+            counts = {key: weight[key] * (1.0 if key in strongly else self.ALONE if alone_times
+                                          else 0.0)
+                      for key, (_, alone_times) in shown.items()}
             share = sum(counts.values()) / whole
             # Characters found only one by one are no sign the passage is on the subject;
             # nor are the earlier question's words alone, when the question says enough of
@@ -4198,7 +4229,7 @@ class Articles:
             # Below the floor: a word of the question's own, not only how it asks (多少钱 is
             # in every price) nor only words in every passage.
             if above or strongly & named and share >= self.FLOOR / 4:
-                score = share + self.SATURATED * self._saturated(folded, latin, units,
+                score = share + self.SATURATED * self._saturated(len(folded), shown,
                                                                  weight) / whole
                 (scored if above else below).append([
                     score, date, passage_id, frozenset(strongly),
@@ -4212,21 +4243,35 @@ class Articles:
         return [[score, date, passage_id, passage, share] for score, date, passage_id, _,
                 passage, share in ordered]
 
+    def _candidates(self, found: dict[int, float], newer: dict[int, int]) -> list[int]:
+        """The CANDIDATES passages found weighing most; among those weighing as much, the
+        newer article's (a passage's place in the index says only when it was learned)."""
+        if len(found) <= self.CANDIDATES:
+            return list(found)
+        taken, least = 0, 0.0
+        for least, count in sorted(collections.Counter(found.values()).items(), reverse=True):
+            taken += count
+            if taken >= self.CANDIDATES:
+                break
+        best = [rowid for rowid, weighs in found.items() if weighs > least]
+        tied = [rowid for rowid, weighs in found.items() if weighs == least]
+        return best + heapq.nlargest(self.CANDIDATES - len(best), tied,
+                                     key=lambda rowid: newer.get(rowid, -1))
+
     #: How much a passage's BM25 weighing (how often it shows each word, for its length)
     #: counts beside its share of the question: among passages showing as much of the
     #: question, the one about it rather than mentioning it in passing.
     SATURATED = 2.0
     K1, B, AVERAGE = 1.2, 0.75, 400.0
 
-    def _saturated(self, folded: str, latin: set[str], units: dict, weight: dict) -> float:
-        """BM25's weighing of how often a passage shows each unit, for its length."""
-        norm = self.K1 * (1 - self.B + self.B * len(folded) / self.AVERAGE)
+    def _saturated(self, length: int, shown: dict[str, tuple[int, int]], weight: dict
+                   ) -> float:
+        """BM25's weighing of how often a passage (of `length` characters) shows each unit
+        (unit_times()), for its length."""
+        norm = self.K1 * (1 - self.B + self.B * length / self.AVERAGE)
         total = 0.0
-        for key, (_, unit) in units.items():
-            often = max((min(times_shown(folded, latin, term) for term in shown)
-                         for shown in unit.strong), default=0)
-            if not often and unit.weak:
-                often = self.ALONE * max(times_shown(folded, latin, term) for term in unit.weak)
+        for key, (strongly, alone) in shown.items():
+            often = strongly or self.ALONE * alone
             total += weight[key] * often * (self.K1 + 1) / (often + norm)
         return total / (self.K1 + 1)
 
