@@ -3434,14 +3434,9 @@ def latin_terms(folded: str) -> set[str]:
     return terms
 
 
-def shows(folded: str, latin: set[str], term: str) -> bool:
-    """Whether a folded text holds a term of article_terms(): a CJK character or pair is
-    there as written; a Latin word or number is one of its `latin` terms."""
-    return term in latin if term[0].isascii() else term in folded
-
-
 def times_shown(folded: str, latin: set[str], term: str) -> int:
-    """How often a text shows a term, as shows() finds it: a Latin word or number once."""
+    """How often a folded text shows a term of article_terms(): a CJK character or pair as
+    written; a Latin word or number once, when it is one of its `latin` terms."""
     return int(term in latin) if term[0].isascii() else folded.count(term)
 
 
