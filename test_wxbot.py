@@ -8167,6 +8167,34 @@ def test_owner_messages_are_split_and_count_against_the_readers_five(start_bot, 
     assert "额度只剩" in over.text and len(wechat.texts_to(reader)) == 1 + len(pieces)
 
 
+def test_owner_message_refused_midway_says_what_went_and_keeps_the_rest_to_send(
+        start_bot, wechat, model, caplog):
+    """WeChat takes the first of the owner's three messages and refuses the second: the page
+    says only the first went (not "已发出"), the box holds the words that did not go, and
+    sending them again completes the text, nothing twice."""
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    reader = "oREADER-part-00001"
+    send_text(bot, reader, "说说你们的蛋糕", 1)
+    wait_for(lambda: wechat.texts_to(reader))  # the bot's answer
+    owner = LoggedIn(console_base(bot))
+    long_text = "".join(f"第{n}句：我们的蛋糕每天现做。" for n in range(120))  # 3 messages
+    sends = itertools.count()  # the fake's lock is held here: count, don't read its list
+    wechat.intercept = lambda path, body: 45015 if path == SEND and next(sends) >= 1 else None
+    with caplog.at_level(logging.INFO, logger="wxbot"):
+        page = owner_answers(owner, reader, long_text).text
+    went = wechat.texts_to(reader)[1:]
+    assert len(went) == 1 and long_text.startswith(went[0])
+    assert "只发出了前 1 条（共 3 条）" in page and "已发出" not in page
+    assert "48 小时" in page  # why, in the owner's words
+    rest = html.unescape(re.search(r'<textarea id="text"[^>]*>([^<]*)</textarea>', page)[1])
+    assert rest == long_text[len(went[0]):]
+    assert "went in part: 1 of 3 sent" in caplog.text
+    wechat.intercept = None
+    again = owner_answers(owner, reader, rest)
+    assert "已发出 2 条" in again.text
+    assert "".join(wechat.texts_to(reader)[1:]) == long_text
+
+
 def test_owner_cannot_write_once_wechats_48_hours_are_over(tmp_path):
     with console_alone(tmp_path, clock=lambda: time.time() + 49 * 3600) as (base, store):
         store.store_push(wxbot.Push("oOLD-reader-0001", "gh", "text", "1", "1", None, "在吗", {}),

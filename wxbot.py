@@ -7418,7 +7418,12 @@ class Window:
 
 
 class OwnerSendError(Exception):
-    """The owner's message was not sent; the text says why, in the owner's words."""
+    """The owner's message was not sent, or only its first `sent` messages were (`rest`:
+    the words that did not go); the text says why, in the owner's words."""
+
+    def __init__(self, text: str, sent: int = 0, rest: str = ""):
+        super().__init__(text)
+        self.sent, self.rest = sent, rest
 
 
 class Handoff:
@@ -7562,23 +7567,33 @@ class Handoff:
         """Send the owner's text to a reader as customer-service messages (split as answers
         are), each stored as it goes; the owner's words join the turns the model sees. A
         message written in person (not a note) hands the reader to the owner. Returns how
-        many messages went; OwnerSendError says why none could. The same form sent again
-        (`once`: a double click), or a note the reader has, goes no second time: what went
-        is counted as sent."""
+        many messages went; OwnerSendError says why none could, or why only the first went
+        (what did not go is in it). The same form sent again (`once`: a double click), or a
+        note the reader has, goes no second time: what went is counted as sent."""
         segments = split_segments(text.strip(), markdown=False)
         if not segments:
             raise OwnerSendError("没有内容可发送")
         with self._sending[hash(openid) % self.SENDING]:
             if once and (openid, once) in self._sent_once:
-                return self._sent_once[openid, once]
+                went = self._sent_once[openid, once]
+                if isinstance(went, OwnerSendError):
+                    raise went  # what went in part, as the first press was told
+                return went
             if note_id is not None and self.sent_note(note_id, openid):
                 return 1
-            sent = self._answer(wechat, openid, segments, now, note_id)
+            try:
+                went = sent = self._answer(wechat, openid, segments, now, note_id)
+            except OwnerSendError as error:
+                if not error.sent:
+                    raise
+                went = error
             if once:
                 with self._memory:
                     if len(self._sent_once) >= self.SENT_ONCE_KEPT:
                         del self._sent_once[next(iter(self._sent_once))]
-                    self._sent_once[openid, once] = sent
+                    self._sent_once[openid, once] = went
+            if isinstance(went, OwnerSendError):
+                raise went
             return sent
 
     def _answer(self, wechat: "WeChatAPI", openid: str, segments: list[str], now: float,
@@ -7590,13 +7605,14 @@ class Handoff:
         if len(segments) > window.left:
             raise OwnerSendError(f"这条要分 {len(segments)} 条发送，但读者这条消息的 5 条额度只剩 "
                                  f"{window.left} 条：请写短一些，或等读者再发消息")
-        sent = 0
+        sent, refused = 0, None
         for segment in segments:
             try:
                 wechat.customer_service_send(openid, segment)
             except WeChatError as error:
                 if not sent:
                     raise OwnerSendError(owner_send_problem(error)) from error
+                refused = error
                 break
             with self.store.transaction() as conn:
                 conn.execute("INSERT INTO owner_messages (openid, content, sent_at, quota_of,"
@@ -7613,6 +7629,13 @@ class Handoff:
                 self._begin(conn, openid, now)
         log.info("the owner sent %s %d message(s)%s", short_id(openid), sent,
                  f" of note {note_id}" if note_id else " in person")
+        if refused:
+            log.warning("the owner's message to %s went in part: %d of %d sent, WeChat refused"
+                        " the next (%s); the console shows the rest to send again",
+                        short_id(openid), sent, len(segments), refused)
+            raise OwnerSendError(f"只发出了前 {sent} 条（共 {len(segments)} 条），其余没有发出："
+                                 f"{owner_send_problem(refused)}", sent,
+                                 "".join(segments[sent:]))
         return sent
 
     def owner_messages(self, openid: str, after: float) -> list[sqlite3.Row]:
@@ -10582,6 +10605,9 @@ class OwnerConsole:
                 sent = console.handoff.answer(console.wechat, openid, text, console.clock(),
                                               once=once)
             except OwnerSendError as error:
+                if error.sent:  # the rest is in the box, to send again
+                    return console.after_post(here + "#answer", f"{error}。没发出的部分在下面，"
+                                              f"可以再发。", True, error.rest)
                 return console.after_post(here + "#answer", f"没有发出：{error}", True, text)
             return console.after_post(here + "#answer", f"已发出 {sent} 条。机器人暂停回答这位读者 "
                                       f"{console.settings.handoff_hours:g} 小时，或到你按“交还机器人”。")
