@@ -1922,13 +1922,17 @@ def test_a_database_setting_that_names_a_folder_says_so(tmp_path, wechat, model)
 
 
 def test_a_backup_into_a_folder_that_does_not_exist_says_so(tmp_path):
+    """A file in a missing folder, or a missing folder itself (backups/, as the README's
+    table writes it): the folder is named, to be created; nothing is written."""
     wxbot.Store(str(tmp_path / "wxbot.db")).close()
-    result = run_wxbot(["backup", str(tmp_path / "no" / "copy.db")],
-                       {"OPENAI_API_KEY": API_KEY, "WXBOT_DB": str(tmp_path / "wxbot.db")})
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert result.stdout.strip() == f"there is no folder {tmp_path / 'no'}: create it first, " \
-                                    f"or name a file in a folder that exists (nothing was " \
-                                    f"written)"
+    for target in (str(tmp_path / "no" / "copy.db"), str(tmp_path / "no") + "/"):
+        result = run_wxbot(["backup", target],
+                           {"OPENAI_API_KEY": API_KEY, "WXBOT_DB": str(tmp_path / "wxbot.db")})
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert result.stdout.strip() == f"there is no folder {tmp_path / 'no'}: create it " \
+                                        f"first (mkdir -p {tmp_path / 'no'}), or name a file " \
+                                        f"in a folder that exists (nothing was written)"
+    assert "no" not in os.listdir(tmp_path)
 
 
 def test_chat_shows_the_apology_when_the_model_keeps_failing(tmp_path, model):
@@ -5616,6 +5620,7 @@ def test_menu_names_an_unreachable_wechat_with_its_credentials_masked(tmp_path, 
         status = wxbot.main(["menu", str(tmp_path / "menu.json")], env_for(
             tmp_path, wechat, model, WXBOT_API_BASE=f"http://ops:pa55word@127.0.0.1:{port}"))
     assert status == 1 and "cannot reach WeChat at http://***@127.0.0.1" in out.getvalue()
+    assert "must reach 127.0.0.1 over HTTPS: check its DNS" in out.getvalue()  # what to do
     assert "pa55word" not in out.getvalue()
 
 

@@ -10985,8 +10985,15 @@ def published_error(error: WeChatError, settings: Settings) -> str:
         return ("WeChat's daily limit of calls to the published-articles API is reached "
                 "(45009): what was learned so far is kept; run learn --published again tomorrow")
     if error.errcode is None:
-        return f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}"
+        return unreachable_wechat(settings, error)
     return f"WeChat refused to list the published articles: {error.hint()}"
+
+
+def unreachable_wechat(settings: Settings, error: "WeChatError") -> str:
+    """What a command says when WeChat's API could not be reached at all, and what to do."""
+    return (f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}; this "
+            f"server must reach {urllib.parse.urlsplit(settings.api_base).hostname} over "
+            f"HTTPS: check its DNS (getent hosts NAME) and that the firewall lets it out")
 
 
 @dataclasses.dataclass
@@ -11548,11 +11555,13 @@ def backup(settings: Settings, target: str, out) -> int:
     and unlike SQLite's online backup it never starts over when they write.
     """
     folder = target if os.path.isdir(target) else None
+    missing = os.path.abspath(target) if target.endswith(("/", os.sep)) else \
+        os.path.dirname(os.path.abspath(target))  # backups/ names a folder, even a missing one
     if folder:
         target = os.path.join(folder, time.strftime(BACKUP_NAME))
-    elif not os.path.isdir(os.path.dirname(os.path.abspath(target))):
-        print(f"there is no folder {os.path.dirname(os.path.abspath(target))}: create it "
-              f"first, or name a file in a folder that exists (nothing was written)", file=out)
+    elif not os.path.isdir(missing):
+        print(f"there is no folder {missing}: create it first (mkdir -p {missing}), or name a "
+              f"file in a folder that exists (nothing was written)", file=out)
         return 1
     if os.path.lexists(target):
         print(f"{target} exists: give the backup a new name (nothing was written)",
@@ -11618,8 +11627,7 @@ def check(settings: Settings, out) -> int:
         report(True, f"WeChat gave an access token for AppID {settings.appid}")
     except WeChatError as error:
         if error.errcode is None:
-            report(False, f"cannot reach WeChat at {masked_url(settings.api_base)}: "
-                          f"{error.errmsg}")
+            report(False, unreachable_wechat(settings, error))
         elif error.errcode == 40164:
             report(False, f"WeChat saw this server as {error.ip() or 'an IP'} and it "
                           f"is not whitelisted: add it in 公众号后台 → 设置与开发 → 基本配置 → "
@@ -11728,8 +11736,7 @@ def menu_command(settings: Settings, path: str | None, show: bool, delete: bool,
         return 0
     except WeChatError as error:
         if error.errcode is None:
-            print(f"cannot reach WeChat at {masked_url(settings.api_base)}: {error.errmsg}",
-                  file=out)
+            print(unreachable_wechat(settings, error), file=out)
         else:
             print(menu_error(error), file=out)
         return 1
@@ -11836,8 +11843,8 @@ def unnamed_database(env_file: str, beside: str) -> str:
     make a new, empty database beside the file and report on that one."""
     return (f"wxbot: {env_file} does not name the database (WXBOT_DB) and there is none beside "
             f"it ({beside}): add the service's, e.g. WXBOT_DB=/var/lib/wxbot/wxbot.db (or "
-            f"/var/lib/wxbot/NAME/wxbot.db for wxbot@NAME; `systemctl cat` shows the unit's); "
-            f"nothing was done")
+            f"/var/lib/wxbot/NAME/wxbot.db for wxbot@NAME; `systemctl cat` shows the unit's), "
+            f"or WXBOT_DB=wxbot.db to begin one beside it; nothing was done")
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
