@@ -2175,7 +2175,8 @@ def test_the_readmes_try_it_block_runs_as_written(tmp_path, model):
     assert len(chats) == 2 and "在的。" in chats[0] and "周日休息。" in chats[1], chats
     assert "learn" in block and "--env wxbot.env" in block
     table = readme[readme.index("## Commands"):readme.index("## How it works")]
-    rows = [row for row in table.splitlines() if row.startswith("| `python wxbot.py")]
+    rows = [row for row in table.splitlines()
+            if row.startswith("| `") and "python wxbot.py" in row.split("|")[1]]
     assert len(rows) == 8 and all("--env wxbot.env`" in row for row in rows)
 
 
