@@ -8176,29 +8176,71 @@ def test_owner_messages_are_split_and_count_against_the_readers_five(start_bot, 
 def test_owner_message_refused_midway_says_what_went_and_keeps_the_rest_to_send(
         start_bot, wechat, model, caplog):
     """WeChat takes the first of the owner's three messages and refuses the second: the page
-    says only the first went (not "已发出"), the box holds the words that did not go, and
-    sending them again completes the text, nothing twice."""
+    says only the first went (not "已发出"), the box holds the words that did not go as they
+    were written (another reader's page does not), and sending them again completes the
+    text, nothing twice. When WeChat does not answer for the second, the page says it may
+    have arrived, and the box holds only the third."""
     bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
-    reader = "oREADER-part-00001"
-    send_text(bot, reader, "说说你们的蛋糕", 1)
-    wait_for(lambda: wechat.texts_to(reader))  # the bot's answer
+    reader, other = "oREADER-part-00001", "oREADER-part-00002"
+    for openid in (reader, other):
+        send_text(bot, openid, "说说你们的蛋糕", 1)
+        wait_for(lambda: wechat.texts_to(openid))  # the bot's answer
     owner = LoggedIn(console_base(bot))
-    long_text = "".join(f"第{n}句：我们的蛋糕每天现做。" for n in range(120))  # 3 messages
+    long_text = "".join(f"第{n}句：我们的蛋糕每天现做。\n" for n in range(120))  # 3 messages
+    box = r'<textarea id="text"[^>]*>([^<]*)</textarea>'
     sends = itertools.count()  # the fake's lock is held here: count, don't read its list
     wechat.intercept = lambda path, body: 45015 if path == SEND and next(sends) >= 1 else None
     with caplog.at_level(logging.INFO, logger="wxbot"):
         page = owner_answers(owner, reader, long_text).text
     went = wechat.texts_to(reader)[1:]
     assert len(went) == 1 and long_text.startswith(went[0])
-    assert "只发出了前 1 条（共 3 条）" in page and "已发出" not in page
-    assert "48 小时" in page  # why, in the owner's words
-    rest = html.unescape(re.search(r'<textarea id="text"[^>]*>([^<]*)</textarea>', page)[1])
-    assert rest == long_text[len(went[0]):]
-    assert "went in part: 1 of 3 sent" in caplog.text
+    assert "3 条中只发出了前 1 条，其余没有发出" in page and "已发出" not in page
+    assert "48 小时" in page and "等读者再发消息后可以再发" in page  # why, and when
+    rest = html.unescape(re.search(box, page)[1])
+    assert rest == long_text[len(went[0]):].strip() and rest.count("\n") > 10  # as written
+    assert "went in part: 1 of 3 sent; the next was refused" in caplog.text
     wechat.intercept = None
     again = owner_answers(owner, reader, rest)
     assert "已发出 2 条" in again.text
-    assert "".join(wechat.texts_to(reader)[1:]) == long_text
+    assert "".join(wechat.texts_to(reader)[1:]).replace("\n", "") == long_text.replace("\n", "")
+    sends = itertools.count()
+    wechat.intercept = lambda path, body: "drop" if path == SEND and next(sends) == 1 else None
+    page = owner_answers(owner, other, long_text).text
+    pieces = wxbot.split_segments(long_text.strip(), markdown=False)
+    assert wechat.texts_to(other)[1:] == pieces[:1]  # the second was dropped unanswered
+    assert "第 2 条微信没有回应，可能已经发出" in page and "其余没有发出" in page
+    assert html.unescape(re.search(box, page)[1]) == pieces[2].strip()
+    # A send refused on this reader's page, and another reader's page opened before the
+    # redirect's: the words are not put in the other reader's box.
+    wechat.intercept = lambda path, body: 45047 if path == SEND else None
+    refused = owner.post(f"{owner.base}/people/{other}/answer", allow_redirects=False,
+                         data={"text": "给你留了一个", "csrf": owner.token}, timeout=10)
+    assert refused.status_code == 303
+    assert re.search(box, owner.page(f"/people/{reader}"))[1] == ""
+
+
+def test_a_note_that_went_in_part_goes_on_from_where_it_stopped(start_bot, wechat, model):
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    reader = "oREADER-note-part1"
+    send_text(bot, reader, "包间怎么订", 1)
+    wait_for(lambda: message_state(bot, reader, 1) == "done")
+    bot.articles.note_use(1, time.time(), 0, 0)  # as answering records it: no article covered
+    owner = LoggedIn(console_base(bot))
+    answer = "".join(f"第{n}条：包间需提前一天预订，押金两百元。" for n in range(100))
+    taught = owner.post(owner.base + "/questions/teach", data={
+        "csrf": owner.token, "question": "包间怎么订", "answer": answer}, timeout=10)
+    note_path = urllib.parse.urlsplit(taught.url).path
+    sends = itertools.count()  # the fake's lock is held here: count, don't read its list
+    wechat.intercept = lambda path, body: 45009 if path == SEND and next(sends) == 1 else None
+    first = owner.post(owner.base + note_path + "/send", data={"csrf": owner.token}, timeout=10)
+    assert "只发出了前 1 条" in first.text and len(wechat.texts_to(reader)) == 2
+    wechat.intercept = None
+    owner.post(owner.base + note_path + "/send", data={"csrf": owner.token}, timeout=10)
+    got = wechat.texts_to(reader)[1:]
+    assert len(got) >= 3 and len(set(got)) == len(got)  # the rest, nothing twice
+    assert "".join(got).replace("\n", "") == answer
+    owner.post(owner.base + note_path + "/send", data={"csrf": owner.token}, timeout=10)
+    assert wechat.texts_to(reader)[1:] == got  # all went: never again
 
 
 def test_owner_cannot_write_once_wechats_48_hours_are_over(tmp_path):

@@ -3497,7 +3497,7 @@ class Articles:
         self._lock = threading.Lock()
         self._counts: dict[str, object] = {}  # term -> passages holding it; "" -> as of when
         self.meaning: Meaning | None = None  # WXBOT_EMBED_MODEL: find() searches by meaning too
-        self._passage_dates: tuple[str | None, dict[int, int]] = (None, {})
+        self._passage_dates: tuple[str | None, dict[int, str]] = (None, {})
         with opening_for(db_path), self._reading() as conn:
             # Before the first table, as the Store does: deleted rows give their pages back.
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -3655,15 +3655,13 @@ class Articles:
             known.update((term, found.get(term, 0)) for term in asked)
         return {term: known[term] for term in terms if known[term]}
 
-    def _dates(self, conn: sqlite3.Connection, changed: str) -> dict[int, int]:
-        """Each passage's place in the order of its article's date (then of when it was
-        learned): the greater, the newer. Read again when the articles changed."""
+    def _dates(self, conn: sqlite3.Connection, changed: str) -> dict[int, str]:
+        """Each passage's article date, read again when the articles changed."""
         with self._lock:
             if self._passage_dates[0] != changed:
-                dated = conn.execute("SELECT p.id, s.date FROM article_passages p JOIN"
-                                     " article_sources s ON s.id = p.source_id").fetchall()
-                dated.sort(key=lambda row: (row[1] or "", row[0]))
-                self._passage_dates = (changed, {row[0]: at for at, row in enumerate(dated)})
+                self._passage_dates = (changed, dict(conn.execute(
+                    "SELECT p.id, s.date FROM article_passages p JOIN article_sources s"
+                    " ON s.id = p.source_id")))
             return self._passage_dates[1]
 
     @staticmethod
@@ -4238,7 +4236,7 @@ class Articles:
         return [[score, date, passage_id, passage, share] for score, date, passage_id, _,
                 passage, share in ordered]
 
-    def _candidates(self, found: dict[int, float], newer: dict[int, int]) -> list[int]:
+    def _candidates(self, found: dict[int, float], dates: dict[int, str]) -> list[int]:
         """The CANDIDATES passages found weighing most; among those weighing as much, the
         newer article's (a passage's place in the index says only when it was learned)."""
         if len(found) <= self.CANDIDATES:
@@ -4251,7 +4249,7 @@ class Articles:
         best = [rowid for rowid, weighs in found.items() if weighs > least]
         tied = [rowid for rowid, weighs in found.items() if weighs == least]
         return best + heapq.nlargest(self.CANDIDATES - len(best), tied,
-                                     key=lambda rowid: newer.get(rowid, -1))
+                                     key=lambda rowid: (dates.get(rowid, ""), rowid))
 
     #: How much a passage's BM25 weighing (how often it shows each word, for its length)
     #: counts beside its share of the question: among passages showing as much of the
@@ -7421,9 +7419,12 @@ class OwnerSendError(Exception):
     """The owner's message was not sent, or only its first `sent` messages were (`rest`:
     the words that did not go); the text says why, in the owner's words."""
 
-    def __init__(self, text: str, sent: int = 0, rest: str = ""):
+    def __init__(self, text: str, sent: int = 0, rest: str = "", later: bool = False,
+                 partial: bool = False):
         super().__init__(text)
         self.sent, self.rest = sent, rest
+        self.later = later  # the rest can go only once the reader writes again
+        self.partial = partial  # some of it went, or may have
 
 
 class Handoff:
@@ -7567,37 +7568,42 @@ class Handoff:
         """Send the owner's text to a reader as customer-service messages (split as answers
         are), each stored as it goes; the owner's words join the turns the model sees. A
         message written in person (not a note) hands the reader to the owner. Returns how
-        many messages went; OwnerSendError says why none could, or why only the first went
-        (what did not go is in it). The same form sent again (`once`: a double click), or a
-        note the reader has, goes no second time: what went is counted as sent."""
+        many messages went; OwnerSendError says why none could, or which went (`partial`:
+        the first, and perhaps the next, which WeChat did not answer) and what did not (its
+        `rest`, as written). The same form sent again (`once`: a double click), or a note the
+        reader has, goes no second time: what went is counted as sent; a note that went in
+        part goes on from where it stopped."""
         segments = split_segments(text.strip(), markdown=False)
         if not segments:
             raise OwnerSendError("没有内容可发送")
         with self._sending[hash(openid) % self.SENDING]:
             if once and (openid, once) in self._sent_once:
                 went = self._sent_once[openid, once]
-                if isinstance(went, OwnerSendError):
-                    raise went  # what went in part, as the first press was told
+                if isinstance(went, tuple):  # what went in part, as the first press was told
+                    raise OwnerSendError(*went)
                 return went
-            if note_id is not None and self.sent_note(note_id, openid):
-                return 1
+            if note_id is not None:
+                done = self.note_sent(note_id, openid)
+                if done >= len(segments):
+                    return 1
+                segments = segments[done:]  # a note that went in part goes on from there
             try:
-                went = sent = self._answer(wechat, openid, segments, now, note_id)
+                went = sent = self._answer(wechat, openid, text.strip(), segments, now, note_id)
             except OwnerSendError as error:
-                if not error.sent:
+                if not error.partial:
                     raise
-                went = error
+                went = (str(error), error.sent, error.rest, error.later, True)
             if once:
                 with self._memory:
                     if len(self._sent_once) >= self.SENT_ONCE_KEPT:
                         del self._sent_once[next(iter(self._sent_once))]
                     self._sent_once[openid, once] = went
-            if isinstance(went, OwnerSendError):
-                raise went
+            if isinstance(went, tuple):
+                raise OwnerSendError(*went)
             return sent
 
-    def _answer(self, wechat: "WeChatAPI", openid: str, segments: list[str], now: float,
-                note_id: int | None) -> int:
+    def _answer(self, wechat: "WeChatAPI", openid: str, text: str, segments: list[str],
+                now: float, note_id: int | None) -> int:
         window = self.window(openid, now)
         if window is None:
             raise OwnerSendError("读者最后一条消息已超过 48 小时，微信不再允许发给他，"
@@ -7610,9 +7616,9 @@ class Handoff:
             try:
                 wechat.customer_service_send(openid, segment)
             except WeChatError as error:
-                if not sent:
+                if not sent and error.declined:
                     raise OwnerSendError(owner_send_problem(error)) from error
-                refused = error
+                refused = error  # refused, or perhaps taken: WeChat did not answer
                 break
             with self.store.transaction() as conn:
                 conn.execute("INSERT INTO owner_messages (openid, content, sent_at, quota_of,"
@@ -7621,22 +7627,32 @@ class Handoff:
                               note_id))
                 Store.use_quota(conn, window.message_id, 1, now)
             sent += 1
-        with self.store.transaction() as conn:
-            conn.execute("INSERT INTO turns (openid, role, content, created_at, message_id)"
-                         " VALUES (?, 'assistant', ?, ?, NULL)",
-                         (openid, "".join(segments[:sent]), now))
-            if note_id is None:
-                self._begin(conn, openid, now)
-        log.info("the owner sent %s %d message(s)%s", short_id(openid), sent,
-                 f" of note {note_id}" if note_id else " in person")
-        if refused:
-            log.warning("the owner's message to %s went in part: %d of %d sent, WeChat refused"
-                        " the next (%s); the console shows the rest to send again",
-                        short_id(openid), sent, len(segments), refused)
-            raise OwnerSendError(f"只发出了前 {sent} 条（共 {len(segments)} 条），其余没有发出："
-                                 f"{owner_send_problem(refused)}", sent,
-                                 "".join(segments[sent:]))
-        return sent
+        if sent:
+            with self.store.transaction() as conn:
+                conn.execute("INSERT INTO turns (openid, role, content, created_at,"
+                             " message_id) VALUES (?, 'assistant', ?, ?, NULL)",
+                             (openid, "".join(segments[:sent]), now))
+                if note_id is None:
+                    self._begin(conn, openid, now)
+            log.info("the owner sent %s %d message(s)%s", short_id(openid), sent,
+                     f" of note {note_id}" if note_id else " in person")
+        if refused is None:
+            return sent
+        unsure = not refused.declined  # the next one may have reached the reader
+        rest = rest_after(text, segments, sent + unsure)
+        log.warning("the owner's message to %s went in part: %d of %d sent; the next %s (%s)",
+                    short_id(openid), sent, len(segments),
+                    "may have arrived: WeChat did not answer" if unsure else
+                    "was refused", refused)
+        said = [f"给读者 {short_id(openid)} 的 {len(segments)} 条中"
+                + (f"只发出了前 {sent} 条" if sent else "")]
+        if unsure:
+            said.append(f"第 {sent + 1} 条微信没有回应，可能已经发出（不在下面的框里，可以问读者"
+                        f"是否收到）")
+        if rest:
+            said.append("其余没有发出")
+        raise OwnerSendError("，".join(said) + "：" + owner_send_problem(refused), sent, rest,
+                             later=refused.errcode in (45015, 45047), partial=True)
 
     def owner_messages(self, openid: str, after: float) -> list[sqlite3.Row]:
         with self.store.connection() as conn:
@@ -7654,10 +7670,28 @@ class Handoff:
                 " m.id = h.message_id WHERE h.openid = ? AND m.received_at > ?",
                 (openid, last))}
 
-    def sent_note(self, note_id: int, openid: str) -> bool:
+    def note_sent(self, note_id: int, openid: str) -> int:
+        """How many of a note's messages the reader was sent."""
         with self.store.connection() as conn:
-            return conn.execute("SELECT 1 FROM owner_messages WHERE note_id = ? AND"
-                                " openid = ?", (note_id, openid)).fetchone() is not None
+            return conn.execute("SELECT count(*) FROM owner_messages WHERE note_id = ? AND"
+                                " openid = ?", (note_id, openid)).fetchone()[0]
+
+    def sent_note(self, note_id: int, openid: str, messages: int) -> bool:
+        """Whether the reader was sent all of a note's `messages` (one that went in part
+        goes on from where it stopped)."""
+        return self.note_sent(note_id, openid) >= messages
+
+
+def rest_after(text: str, segments: list[str], went: int) -> str:
+    """The text after its first `went` segments (split_segments() cut it there, dropping
+    the spaces at each cut), as it was written: its lines and paragraphs kept."""
+    at = 0
+    for segment in segments[:went]:
+        found = text.find(segment, at)
+        if found < 0:  # not cut as written: the segments left, as they are
+            return "".join(segments[went:])
+        at = found + len(segment)
+    return text[at:].strip()
 
 
 def owner_send_problem(error: "WeChatError") -> str:
@@ -10099,7 +10133,7 @@ class OwnerConsole:
         self.guard = ConsoleGuard(settings.admin_password)
         #: What the page after a POST says (redirect after POST), by session cookie: the
         #: line, whether it is a failure, and the field to fill again.
-        self._flash: dict[str, tuple[str, bool, str]] = {}
+        self._flash: dict[str, tuple[str, bool, str, str]] = {}
         self.refusals = LogThrottle()  # refused logins come at an attacker's pace; lines do not
         #: Each unsettled day's tally so far, by its midnight (today's, and yesterday's in
         #: the hour after midnight).
@@ -10381,10 +10415,12 @@ class OwnerConsole:
                 " m.id = u.message_id WHERE u.given = 0 AND u.at >= ? ORDER BY u.at DESC"
                 " LIMIT 1000", (self.clock() - WINDOW_SECONDS,)).fetchall()
         form, found = normalise(question), []
+        messages = len(split_segments(self.note_text(self.passages(note_id)[1]).strip(),
+                                      markdown=False))
         for row in rows:
             if row["content"] and normalise(row["content"]) == form and \
-                    row["openid"] not in found and not self.handoff.sent_note(note_id,
-                                                                               row["openid"]):
+                    row["openid"] not in found and not self.handoff.sent_note(
+                        note_id, row["openid"], messages):
                 found.append(row["openid"])
         return found
 
@@ -10468,18 +10504,20 @@ class OwnerConsole:
     def after_post(self, location: str, line: str = "", failed: bool = False,
                    field: str = "") -> bottle.HTTPResponse:
         """Redirect after a POST (reloading the page sends nothing again); the next page
-        says `line`, and fills `field` in again."""
+        says `line`, and the page redirected to (only) fills `field` in again."""
         if line:
             cookie = bottle.request.get_cookie(self.cookie_name()) or ""
             if len(self._flash) > 1000:  # sessions that never looked again
                 self._flash.clear()
-            self._flash[cookie] = (line, failed, field)
+            self._flash[cookie] = (line, failed, field, location.split("#")[0])
         return bottle.HTTPResponse(status=303, Location=location)
 
     def field(self) -> str:
         """The field a failed POST asked to fill in again (after_post), if it is still due."""
         flash = self._flash.get(bottle.request.get_cookie(self.cookie_name()) or "")
-        return flash[2] if flash else ""
+        # Another reader's page, opened before the redirect came: not their words.
+        return flash[2] if flash and urllib.parse.quote(bottle.request.path) == \
+            urllib.parse.quote(urllib.parse.unquote(flash[3])) else ""
 
     def settings_shown(self) -> list[tuple[str, str, bool]]:
         """Each setting as the owner reads it: its value in words (secrets as 已设置), and
@@ -10605,9 +10643,10 @@ class OwnerConsole:
                 sent = console.handoff.answer(console.wechat, openid, text, console.clock(),
                                               once=once)
             except OwnerSendError as error:
-                if error.sent:  # the rest is in the box, to send again
-                    return console.after_post(here + "#answer", f"{error}。没发出的部分在下面，"
-                                              f"可以再发。", True, error.rest)
+                if error.partial:  # what did not go is in the box, to send again
+                    return console.after_post(here + "#answer", f"{error}。" + (
+                        "" if not error.rest else "没发出的部分在下面，等读者再发消息后可以再发。"
+                        if error.later else "没发出的部分在下面，可以再发。"), True, error.rest)
                 return console.after_post(here + "#answer", f"没有发出：{error}", True, text)
             return console.after_post(here + "#answer", f"已发出 {sent} 条。机器人暂停回答这位读者 "
                                       f"{console.settings.handoff_hours:g} 小时，或到你按“交还机器人”。")
