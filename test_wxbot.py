@@ -8115,16 +8115,22 @@ def test_owner_answers_a_reader_in_person_and_the_bot_stays_quiet_until_given_ba
     assert all(a["role"] != b["role"] for a, b in zip(seen[1:], seen[2:]))
 
 
+def asked_uncovered(start_bot, reader, question):
+    """A bot with its console, whose first message, from `reader`, asked what no article
+    covers; the owner logged in to the console."""
+    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
+    send_text(bot, reader, question, 1)
+    wait_for(lambda: message_state(bot, reader, 1) == "done")
+    bot.articles.note_use(1, time.time(), 0, 0)  # as answering records it: no article covered
+    return bot, LoggedIn(console_base(bot))
+
+
 def test_two_presses_of_send_at_once_reach_the_reader_once(start_bot, wechat, model):
     """A double click on 发送, or on a note's 发给这些读者, sends two POSTs at once: each
     reader gets the words once (WeChat's sends take a while, so both requests are in flight
     together), and the page after says they went; the same words written again go again."""
-    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
     reader = "oREADER-twice-0001"
-    send_text(bot, reader, "包间还有吗", 1)
-    wait_for(lambda: message_state(bot, reader, 1) == "done")
-    bot.articles.note_use(1, time.time(), 0, 0)  # as answering records it: no article covered
-    owner = LoggedIn(console_base(bot))
+    bot, owner = asked_uncovered(start_bot, reader, "包间还有吗")
     wechat.intercept = lambda path, body: time.sleep(0.5) if path == SEND else None
 
     def together(*posts):
@@ -8220,12 +8226,8 @@ def test_owner_message_refused_midway_says_what_went_and_keeps_the_rest_to_send(
 
 
 def test_a_note_that_went_in_part_goes_on_from_where_it_stopped(start_bot, wechat, model):
-    bot = start_bot(WXBOT_ADMIN_PASSWORD=CONSOLE_PASSWORD, WXBOT_ADMIN_PORT=0)
     reader = "oREADER-note-part1"
-    send_text(bot, reader, "包间怎么订", 1)
-    wait_for(lambda: message_state(bot, reader, 1) == "done")
-    bot.articles.note_use(1, time.time(), 0, 0)  # as answering records it: no article covered
-    owner = LoggedIn(console_base(bot))
+    bot, owner = asked_uncovered(start_bot, reader, "包间怎么订")
     answer = "".join(f"第{n}条：包间需提前一天预订，押金两百元。" for n in range(100))
     taught = owner.post(owner.base + "/questions/teach", data={
         "csrf": owner.token, "question": "包间怎么订", "answer": answer}, timeout=10)
