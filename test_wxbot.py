@@ -7767,6 +7767,8 @@ def console_traffic(bot, wechat, model, monkeypatch):
     for number, (openid, text) in enumerate([
             ("oREADER-alice-0001", "怎么退款？"), ("oREADER-bob-000002", "怎么退款"),
             ("oREADER-carol-0003", XSS), ("oREADER-alice-0001", "营业时间是几点？")], 1):
+        if number == 4:  # after her first is answered: else both are answered as one
+            wait_for(lambda: wechat.texts_to("oREADER-alice-0001"))
         send_text(bot, openid, text, number)
     # Every one answered (and its use noted) before the uses below replace what was noted.
     wait_for(lambda: len(wechat.texts_to("oREADER-alice-0001")) == 2
