@@ -10481,8 +10481,10 @@ def test_markdown_reads_as_it_did_with_backtracking_patterns(lines, line_start):
 
 
 # The same 300 examples each run (derandomize): a random draw once found a line the two cut
-# apart differently (an unclosed "![](" before a link, fed a character at a time, limit 120),
-# a difference not yet understood; CI must not turn on the draw meanwhile.
+# apart differently (an unclosed "![](" before a link, fed a character at a time, limit 120):
+# its plain text holds an <a> never closed before another link's, which the old ANCHOR
+# (<a ...>.*?</a>) kept whole with the next link and the linear one ([^<]* inside) does not,
+# so the stream cuts inside it. CI must not turn on the draw until that is settled.
 @hsettings(max_examples=300, deadline=None, database=None, derandomize=True)
 @given(markdown_documents, st.integers(1, 80), st.sampled_from([120, 300, wxbot.SEGMENT_LIMIT]))
 def test_answers_are_cut_as_they_were_with_backtracking_patterns(document, chunk, limit):
