@@ -7573,7 +7573,7 @@ class Handoff:
         `rest`, as written). The same form sent again (`once`: a double click), or a note the
         reader has, goes no second time: what went is counted as sent; a note that went in
         part goes on from where it stopped."""
-        segments = split_segments(text.strip(), markdown=False)
+        segments = owner_segments(text)
         if not segments:
             raise OwnerSendError("没有内容可发送")
         with self._sending[hash(openid) % self.SENDING]:
@@ -7676,10 +7676,15 @@ class Handoff:
             return conn.execute("SELECT count(*) FROM owner_messages WHERE note_id = ? AND"
                                 " openid = ?", (note_id, openid)).fetchone()[0]
 
-    def sent_note(self, note_id: int, openid: str, messages: int) -> bool:
-        """Whether the reader was sent all of a note's `messages` (one that went in part
-        goes on from where it stopped)."""
-        return self.note_sent(note_id, openid) >= messages
+    def sent_note(self, note_id: int, openid: str, text: str) -> bool:
+        """Whether the reader was sent all of a note (its `text`) as answer() sends it: one
+        that went in part goes on from where it stopped."""
+        return self.note_sent(note_id, openid) >= len(owner_segments(text))
+
+
+def owner_segments(text: str) -> list[str]:
+    """The messages an owner's text (or a note) goes as: cut as answers are, not Markdown."""
+    return split_segments(text.strip(), markdown=False)
 
 
 def rest_after(text: str, segments: list[str], went: int) -> str:
@@ -10415,12 +10420,11 @@ class OwnerConsole:
                 " m.id = u.message_id WHERE u.given = 0 AND u.at >= ? ORDER BY u.at DESC"
                 " LIMIT 1000", (self.clock() - WINDOW_SECONDS,)).fetchall()
         form, found = normalise(question), []
-        messages = len(split_segments(self.note_text(self.passages(note_id)[1]).strip(),
-                                      markdown=False))
+        text = self.note_text(self.passages(note_id)[1])
         for row in rows:
             if row["content"] and normalise(row["content"]) == form and \
                     row["openid"] not in found and not self.handoff.sent_note(
-                        note_id, row["openid"], messages):
+                        note_id, row["openid"], text):
                 found.append(row["openid"])
         return found
 
@@ -10509,15 +10513,15 @@ class OwnerConsole:
             cookie = bottle.request.get_cookie(self.cookie_name()) or ""
             if len(self._flash) > 1000:  # sessions that never looked again
                 self._flash.clear()
-            self._flash[cookie] = (line, failed, field, location.split("#")[0])
+            self._flash[cookie] = (line, failed, field,
+                                   urllib.parse.unquote(location.split("#")[0]))
         return bottle.HTTPResponse(status=303, Location=location)
 
     def field(self) -> str:
         """The field a failed POST asked to fill in again (after_post), if it is still due."""
         flash = self._flash.get(bottle.request.get_cookie(self.cookie_name()) or "")
         # Another reader's page, opened before the redirect came: not their words.
-        return flash[2] if flash and urllib.parse.quote(bottle.request.path) == \
-            urllib.parse.quote(urllib.parse.unquote(flash[3])) else ""
+        return flash[2] if flash and bottle.request.path == flash[3] else ""
 
     def settings_shown(self) -> list[tuple[str, str, bool]]:
         """Each setting as the owner reads it: its value in words (secrets as 已设置), and
